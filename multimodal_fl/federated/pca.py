@@ -53,6 +53,8 @@ from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, Transfo
 from sklearn.utils.extmath import svd_flip
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
+from multimodal_fl.federated.messages import InvalidReply
+
 __all__ = [
     "SUMMARY_KEYS",
     "FederatedPCA",
@@ -649,6 +651,8 @@ class FederatedPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         -------
         self
         """
+        if hasattr(self, "summary_"):
+            X = validate_data(self, X, dtype=np.float64, reset=False)
         return self.partial_fit_summary(self.local_summary(X))
 
     def fit_sites(self, sites: Sequence[Any]) -> FederatedPCA:
@@ -872,18 +876,22 @@ def server_pca_merge(
 
     Raises
     ------
-    SummaryError
+    multimodal_fl.federated.messages.InvalidReply
         Naming the site whose reply is malformed or has a different feature count.
     """
     if not replies:
         raise ValueError("server_pca_merge needs at least one site reply; got none")
     names = sorted(replies)
-    summaries = [PCASummary.from_arrays(replies[name], site=name) for name in names]
-    for name, summary in zip(names, summaries, strict=True):
-        if summary.n_features != summaries[0].n_features:
-            raise SummaryError(
+    summaries: list[PCASummary] = []
+    for name in names:
+        try:
+            summaries.append(PCASummary.from_arrays(replies[name], site=name))
+        except SummaryError as exc:
+            raise InvalidReply(name, exc.reason) from exc
+        if summaries[-1].n_features != summaries[0].n_features:
+            raise InvalidReply(
                 name,
-                f"summary has {summary.n_features} features but site {names[0]!r} has "
+                f"PCA summary has {summaries[-1].n_features} features but site {names[0]!r} has "
                 f"{summaries[0].n_features}; all sites must share the feature space",
             )
     est = FederatedPCA(n_components, whiten=whiten)

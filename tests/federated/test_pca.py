@@ -1,0 +1,369 @@
+"""Tests for multimodal_fl.federated.pca: the oracle is scikit-learn's PCA on the pooled data."""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from scipy import linalg
+from sklearn.base import clone
+from sklearn.decomposition import PCA
+from sklearn.utils.estimator_checks import check_estimator
+
+from multimodal_fl.federated.messages import InvalidReply
+from multimodal_fl.federated.pca import (
+    SUMMARY_KEYS,
+    FederatedPCA,
+    PCASummary,
+    SummaryError,
+    TruncationWarning,
+    local_summary,
+    merge,
+    server_pca_merge,
+    site_pca_reply,
+    subspace_error,
+)
+
+TOL = 1e-10
+
+
+def make_sites(
+    sizes: list[int],
+    d: int,
+    *,
+    seed: int = 0,
+    signal: int = 5,
+    shift: float = 3.0,
+) -> list[np.ndarray]:
+    """Sites sharing a low-rank structure with a clear spectral gap, each with its own mean."""
+    rng = np.random.default_rng(seed)
+    basis = linalg.qr(rng.normal(size=(d, d)))[0]
+    scales = np.concatenate([np.linspace(10.0, 5.0, signal), np.full(d - signal, 0.1)])
+    return [
+        (rng.normal(size=(n, d)) * scales) @ basis.T + shift * rng.normal(size=d) for n in sizes
+    ]
+
+
+def pooled(sites: list[np.ndarray], k: int | None) -> PCA:
+    return PCA(n_components=k, svd_solver="full").fit(np.vstack(sites))
+
+
+def assert_same_fit(a: FederatedPCA | PCA, b: FederatedPCA | PCA, *, tol: float = TOL) -> None:
+    assert subspace_error(a.components_, b.components_) <= tol
+    # each component individually equal up to sign (spectrum with distinct values)
+    dots = np.abs(np.sum(a.components_ * b.components_, axis=1))
+    np.testing.assert_allclose(dots, 1.0, rtol=0, atol=tol)
+    np.testing.assert_allclose(a.explained_variance_, b.explained_variance_, rtol=tol)
+    np.testing.assert_allclose(a.explained_variance_ratio_, b.explained_variance_ratio_, rtol=tol)
+    np.testing.assert_allclose(a.singular_values_, b.singular_values_, rtol=tol)
+    np.testing.assert_allclose(a.mean_, b.mean_, rtol=tol, atol=tol)
+    assert a.n_samples_ == b.n_samples_
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize(
+    ("sizes", "d", "k"),
+    [
+        ([200, 15, 90, 7], 40, 5),  # different sizes; d > two sites' n
+        ([3, 4, 120], 30, 5),  # tiny sites
+        ([60, 60], 8, 8),  # all components, n > d
+        ([30, 25, 20], 100, 5),  # d > every site's n and > half the pooled n
+    ],
+)
+def test_matches_pooled_sklearn_pca(sizes: list[int], d: int, k: int) -> None:
+    sites = make_sites(sizes, d, seed=sum(sizes))
+    ref = pooled(sites, k)
+    fed = FederatedPCA(k).fit_sites(sites)
+    assert_same_fit(fed, ref)
+    assert fed.n_components_ == k and fed.n_features_in_ == d
+    np.testing.assert_allclose(fed.noise_variance_, ref.noise_variance_, rtol=1e-8, atol=1e-12)
+    assert not fed.truncated_ and fed.subspace_error_bound_ == 0.0
+    # same sign convention as scikit-learn (svd_flip on the rows of Vt)
+    np.testing.assert_allclose(fed.components_, ref.components_, atol=TOL)
+
+
+def test_naive_merge_without_correction_rows_is_wrong() -> None:
+    """Stacking the blocks alone loses between-site scatter: wrong when site means differ."""
+    sites = make_sites([80, 50, 120], 20, seed=3, shift=15.0)
+    k = 4
+    ref = pooled(sites, k)
+    summaries = [local_summary(x) for x in sites]
+    # naive variant, written here on purpose (the package never does this)
+    stacked = np.vstack([s.block for s in summaries])
+    _, s_naive, vt_naive = linalg.svd(stacked, full_matrices=False)
+    n = sum(x.shape[0] for x in sites)
+    naive_ev = s_naive[:k] ** 2 / (n - 1)
+    assert subspace_error(vt_naive[:k], ref.components_) > 0.1
+    assert not np.allclose(naive_ev, ref.explained_variance_, rtol=0.01)
+    # the real merge, with correction rows, is right on the same summaries
+    fed = FederatedPCA(k).fit_from_summaries(summaries)
+    assert_same_fit(fed, ref)
+
+
+def test_single_site_fit_equals_sklearn_and_transforms() -> None:
+    (x,) = make_sites([150], 12, seed=5)
+    for whiten in (False, True):
+        ref = PCA(6, svd_solver="full", whiten=whiten).fit(x)
+        fed = FederatedPCA(6, whiten=whiten).fit(x)
+        assert_same_fit(fed, ref)
+        np.testing.assert_allclose(fed.transform(x), ref.transform(x), atol=1e-9)
+        z = ref.transform(x[:5])
+        np.testing.assert_allclose(fed.inverse_transform(z), ref.inverse_transform(z), atol=1e-9)
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_transform_inverse_round_trip_with_all_components(whiten: bool) -> None:
+    sites = make_sites([40, 35], 10, seed=7)
+    fed = FederatedPCA(10, whiten=whiten).fit_sites(sites)
+    x = np.vstack(sites)
+    np.testing.assert_allclose(fed.inverse_transform(fed.transform(x)), x, atol=1e-9)
+    if whiten:
+        np.testing.assert_allclose(np.var(fed.transform(x), axis=0, ddof=1), 1.0, rtol=1e-9)
+
+
+# --------------------------------------------------------------------------- merge algebra
+
+
+def test_merge_is_associative_any_order_and_tree() -> None:
+    sites = make_sites([50, 9, 70, 33], 25, seed=11)
+    summaries = [local_summary(x) for x in sites]
+    k = 5
+    ref = FederatedPCA(k).fit_from_summaries(summaries)
+    for order in itertools.permutations(range(4)):
+        fed = FederatedPCA(k).fit_from_summaries([summaries[i] for i in order])
+        assert_same_fit(fed, ref)
+    a, b, c, d = summaries
+    trees = [
+        [merge([a, b]), merge([c, d])],
+        [merge([merge([d, a]), c]), b],
+        [a, merge([b, merge([c, d])])],
+    ]
+    for tree in trees:
+        fed = FederatedPCA(k).fit_from_summaries(tree)
+        assert_same_fit(fed, ref)
+        np.testing.assert_allclose(merge(tree).total_ss, merge(summaries).total_ss, rtol=TOL)
+    # pairwise sequential merging equals the one-shot merge
+    running = a
+    for s in (b, c, d):
+        running = merge([running, s])
+    whole = merge(summaries)
+    assert running.n == whole.n
+    np.testing.assert_allclose(running.mean, whole.mean, rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(
+        running.block.T @ running.block,
+        whole.block.T @ whole.block,
+        rtol=1e-9,
+        atol=1e-9 * np.abs(whole.block).max() ** 2,
+    )
+    assert_same_fit(ref, pooled(sites, k))
+
+
+def test_incremental_site_adds_data_equals_refit() -> None:
+    a, b, c, b_new = make_sites([60, 40, 55, 25], 18, seed=13)
+    k = 4
+    fed = FederatedPCA(k).fit_sites([a, b, c])
+    fed.partial_fit_summary(fed.local_summary(b_new))
+    assert_same_fit(fed, pooled([a, np.vstack([b, b_new]), c], k))
+    # partial_fit on raw data, starting unfitted, is the same thing
+    inc = FederatedPCA(k)
+    for x in (a, b, c, b_new):
+        inc.partial_fit(x)
+    assert_same_fit(inc, fed)
+
+
+# --------------------------------------------------------------------------- truncation
+
+
+def test_site_rank_truncation_is_reported_and_bounded() -> None:
+    sites = make_sites([200, 150, 180], 30, seed=17)
+    k = 5
+    ref = pooled(sites, k)
+    with pytest.warns(TruncationWarning, match="site_rank=7"):
+        fed = FederatedPCA(k, site_rank=7).fit_sites(sites)
+    assert fed.truncated_
+    err = subspace_error(fed.components_, ref.components_)
+    assert 0 < fed.subspace_error_bound_ < 1
+    assert err <= fed.subspace_error_bound_
+    # discarded variance is the sum of the singular values each site dropped
+    dropped = 0.0
+    for x in sites:
+        s = linalg.svdvals(x - x.mean(axis=0))
+        dropped += float(np.sum(s[7:] ** 2))
+    n = sum(x.shape[0] for x in sites)
+    np.testing.assert_allclose(fed.discarded_variance_, dropped / (n - 1), rtol=1e-8)
+    # the ratio is still relative to the exact total variance
+    total_var = float(np.sum(np.var(np.vstack(sites), axis=0, ddof=1)))
+    np.testing.assert_allclose(
+        fed.explained_variance_ratio_, fed.explained_variance_ / total_var, rtol=1e-10
+    )
+    # a truncated fit reports the bound honestly when it is far from exact
+    with pytest.warns(TruncationWarning):
+        crude = FederatedPCA(k, site_rank=1).fit_sites(sites)
+    assert subspace_error(crude.components_, ref.components_) <= crude.subspace_error_bound_
+
+
+def test_site_rank_at_or_above_rank_is_exact_without_warning() -> None:
+    sites = make_sites([20, 30], 12, seed=19)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TruncationWarning)
+        fed = FederatedPCA(4, site_rank=12).fit_sites(sites)
+    assert not fed.truncated_
+    assert_same_fit(fed, pooled(sites, 4))
+
+
+def test_n_components_beyond_truncated_rank_is_refused() -> None:
+    sites = make_sites([20, 30], 12, seed=19)
+    with pytest.raises(ValueError, match="raise site_rank"):
+        FederatedPCA(6, site_rank=2).fit_sites(sites)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_n_components_beyond_min_n_d_is_a_clear_error() -> None:
+    sites = make_sites([3, 4], 20, seed=23)
+    with pytest.raises(ValueError, match=r"min\(n_samples, n_features\)=min\(7, 20\)=7"):
+        FederatedPCA(8).fit_sites(sites)
+    FederatedPCA(7).fit_sites(sites)  # the limit itself is accepted
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (np.full((5, 6), np.nan), r"site 1 .*NaN"),
+        (np.ones(6), r"site 1 .*2-D"),
+        (np.ones((5, 7)), r"site 1 .*7 features but site 0 has 6"),
+        (np.array([["a"] * 6] * 5), r"site 1 .*dtype"),
+        (np.ones((0, 6)), r"site 1 .*at least one sample"),
+    ],
+)
+def test_bad_site_data_names_the_site(bad: np.ndarray, match: str) -> None:
+    good = np.random.default_rng(0).normal(size=(10, 6))
+    with pytest.raises(SummaryError, match=match) as info:
+        FederatedPCA(2).fit_sites([good, bad])
+    assert info.value.site == 1
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"n_components": 0}, {"n_components": 2.5}, {"site_rank": 0}, {"whiten": "yes"}],
+)
+def test_bad_parameters_are_refused_at_fit(params: dict[str, object]) -> None:
+    x = np.random.default_rng(0).normal(size=(10, 4))
+    est = FederatedPCA(2).set_params(**params)
+    with pytest.raises(ValueError, match=next(iter(params))):
+        est.fit(x)
+
+
+def test_fit_sites_refuses_a_bare_array_and_too_few_samples() -> None:
+    x = np.random.default_rng(0).normal(size=(10, 4))
+    with pytest.raises(ValueError, match="list of 2-D arrays"):
+        FederatedPCA(2).fit_sites(x)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        FederatedPCA(1).fit_sites([x[:1]])
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def test_summary_message_round_trip_and_bytes() -> None:
+    (x,) = make_sites([30], 9, seed=29)
+    s = local_summary(x, site_rank=4)
+    msg = s.to_arrays()
+    assert set(msg) == set(SUMMARY_KEYS)
+    assert all(isinstance(v, np.ndarray) for v in msg.values())
+    back = PCASummary.from_arrays(msg)
+    assert back.n == 30 and back.n_features == 9 and back.rank == 4
+    np.testing.assert_array_equal(back.block, s.block)
+    np.testing.assert_array_equal(back.mean, s.mean)
+    assert back.total_ss == s.total_ss and back.discarded_norm == s.discarded_norm > 0
+    assert s.nbytes == sum(v.nbytes for v in msg.values()) == 8 * (4 * 9 + 9 + 3)
+    assert s.nbytes < x.nbytes
+    with pytest.raises(ValueError, match="read-only"):
+        s.block[0, 0] = 1.0
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda m: m.pop("block"), "missing"),
+        (lambda m: m.update(extra=np.zeros(1)), "unexpected"),
+        (lambda m: m.update(n=np.asarray(0)), "positive sample count"),
+        (lambda m: m.update(n=np.asarray(2.5)), "integer"),
+        (lambda m: m.update(block=np.zeros((2, 5))), "columns"),
+        (lambda m: m.update(mean=np.full(9, np.inf)), "NaN or infinite"),
+        (lambda m: m.update(total_ss=np.asarray(-1.0)), "non-negative"),
+    ],
+)
+def test_malformed_message_is_rejected_naming_the_site(
+    edit: Callable[[dict[str, np.ndarray]], object], match: str
+) -> None:
+    msg = site_pca_reply(np.random.default_rng(1).normal(size=(12, 9)))
+    edit(msg)
+    with pytest.raises(SummaryError, match=match) as info:
+        PCASummary.from_arrays(msg, site="hospital_b")
+    assert info.value.site == "hospital_b"
+    assert "hospital_b" in str(info.value)
+
+
+def test_server_merge_is_deterministic_and_exact() -> None:
+    sites = make_sites([40, 25, 60], 16, seed=31)
+    names = ["st_olav", "charite", "mayo"]
+    replies = {name: site_pca_reply(x) for name, x in zip(names, sites, strict=True)}
+    est = server_pca_merge(replies, 4)
+    assert est.site_names_ == sorted(names)
+    assert est.site_bytes_["mayo"] == local_summary(sites[2]).nbytes
+    reversed_replies = dict(reversed(list(replies.items())))
+    again = server_pca_merge(reversed_replies, 4)
+    np.testing.assert_array_equal(again.components_, est.components_)
+    np.testing.assert_array_equal(again.explained_variance_, est.explained_variance_)
+    assert_same_fit(est, pooled(sites, 4))
+
+
+def test_server_merge_rejects_a_bad_reply_with_invalid_reply() -> None:
+    sites = make_sites([40, 25], 16, seed=37)
+    replies = {"a": site_pca_reply(sites[0]), "b": site_pca_reply(sites[1][:, :10])}
+    with pytest.raises(InvalidReply, match=r"'b'.*10 features") as info:
+        server_pca_merge(replies, 3)
+    assert info.value.site == "b"
+    replies["b"] = {"n": np.asarray(3)}
+    with pytest.raises(InvalidReply, match="missing"):
+        server_pca_merge(replies, 3)
+
+
+# --------------------------------------------------------------------------- scikit-learn contract
+
+
+def test_clone_params_and_pickle_round_trip() -> None:
+    sites = make_sites([50, 40], 10, seed=41)
+    est = FederatedPCA(3, site_rank=None, whiten=True)
+    assert est.get_params() == {"n_components": 3, "site_rank": None, "whiten": True}
+    twin = clone(est).set_params(n_components=2)
+    assert twin.n_components == 2 and est.n_components == 3
+    assert not hasattr(twin, "components_")
+    est.fit_sites(sites)
+    restored = pickle.loads(pickle.dumps(est))
+    x = np.vstack(sites)
+    np.testing.assert_array_equal(restored.transform(x), est.transform(x))
+    assert restored.summary_.n == est.summary_.n
+    assert list(est.get_feature_names_out()) == ["federatedpca0", "federatedpca1", "federatedpca2"]
+
+
+def test_transform_refuses_wrong_feature_count() -> None:
+    est = FederatedPCA(2).fit_sites(make_sites([20, 20], 6, seed=43))
+    with pytest.raises(ValueError, match="6 features"):
+        est.transform(np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="2 components"):
+        est.inverse_transform(np.zeros((3, 3)))
+
+
+def test_scikit_learn_check_estimator() -> None:
+    results = check_estimator(FederatedPCA(), on_fail=None)
+    failed = [(r["check_name"], str(r["exception"])) for r in results if r["status"] == "failed"]
+    assert failed == []
