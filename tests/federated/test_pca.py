@@ -192,9 +192,13 @@ def test_site_rank_truncation_is_reported_and_bounded() -> None:
     assert err <= fed.subspace_error_bound_
     # discarded variance is the sum of the singular values each site dropped
     dropped = 0.0
+    largest_dropped = 0.0
     for x in sites:
         s = linalg.svdvals(x - x.mean(axis=0))
         dropped += float(np.sum(s[7:] ** 2))
+        largest_dropped += float(s[7] ** 2)
+    # the bound's perturbation norm adds up every site's largest dropped squared value
+    np.testing.assert_allclose(fed.summary_.discarded_norm, largest_dropped, rtol=1e-8)
     n = sum(x.shape[0] for x in sites)
     np.testing.assert_allclose(fed.discarded_variance_, dropped / (n - 1), rtol=1e-8)
     # the ratio is still relative to the exact total variance
