@@ -6,12 +6,53 @@ receives :class:`~.messages.Reply` objects, checks and aggregates state dicts of
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Protocol, runtime_checkable
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
-from multimodal_fl.federated.messages import Reply, Request, SiteFailure
+import numpy as np
 
-__all__ = ["Federation", "Site"]
+from multimodal_fl.federated.aggregation import (
+    ServerOptimizer,
+    aggregate,
+    check_evaluate_reply,
+    check_fit_reply,
+    server_step,
+)
+from multimodal_fl.federated.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from multimodal_fl.federated.messages import (
+    EVALUATE,
+    FIT,
+    INFO,
+    ConfigValue,
+    InvalidReply,
+    Reply,
+    Request,
+    SiteFailure,
+    StateDict,
+)
+
+__all__ = [
+    "FederatedResult",
+    "Federation",
+    "RoundFailed",
+    "RoundRecord",
+    "RunConfig",
+    "Site",
+    "run_federated",
+    "select_sites",
+]
+
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -73,3 +114,521 @@ class Federation(Protocol):
             (the site raised, timed out or is unknown). Never raises for a site's fault.
         """
         ...
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One federated run's server-side settings.
+
+    Parameters
+    ----------
+    rounds : int
+        Number of federated rounds.
+    optimizer : ServerOptimizer
+        Server update (FedAvg / FedProx / FedAdam / FedYogi / FedAdagrad) and its
+        hyper-parameters.
+    proximal_mu : float
+        FedProx ``mu``, sent to sites as ``config["proximal_mu"]`` (0: no proximal term).
+    fedbn : bool
+        Keep normalisation layers local (sent as ``config["fedbn"]``; sites list them in
+        ``Reply.local_keys``). Off: buffers are averaged with the weights.
+    min_sites : int
+        A round completes only with at least this many valid fit replies.
+    fraction : float
+        Share of the reachable sites asked to fit each round, in (0, 1]: ``max(min_sites,
+        ceil(fraction * n_sites))`` sites, drawn without replacement by
+        ``numpy.random.default_rng([seed, round, attempt])``.
+    timeout : float or None
+        Seconds to wait for each site's reply (None: no limit).
+    max_attempts : int
+        Tries of a round (each with a fresh site draw) before :class:`RoundFailed` is raised.
+    evaluate_every : int
+        Send evaluation requests (the new global weights, to every reachable site) after every
+        this-many rounds and after the last; 0: never.
+    ask_sizes : bool
+        Send an ``"info"`` request before round 1; each site's ``n_samples`` then caps its later
+        fit replies' ``n_samples`` (plausibility check).
+    seed : int
+        Run seed: site draws per round, and sent to sites as ``config["seed"]``.
+    fit_config : Mapping[str, int | float | str | bool]
+        Extra config for fit requests (e.g. ``local_steps``, ``lr``).
+    evaluate_config : Mapping[str, int | float | str | bool]
+        Extra config for evaluation requests.
+    """
+
+    rounds: int
+    optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
+    proximal_mu: float = 0.0
+    fedbn: bool = False
+    min_sites: int = 1
+    fraction: float = 1.0
+    timeout: float | None = None
+    max_attempts: int = 1
+    evaluate_every: int = 1
+    ask_sizes: bool = True
+    seed: int = 0
+    fit_config: Mapping[str, ConfigValue] = field(default_factory=dict)
+    evaluate_config: Mapping[str, ConfigValue] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Validate the settings."""
+        problems = []
+        if self.rounds < 0:
+            problems.append(f"rounds={self.rounds} (expected >= 0)")
+        if self.min_sites < 1:
+            problems.append(f"min_sites={self.min_sites} (expected >= 1)")
+        if not 0 < self.fraction <= 1:
+            problems.append(f"fraction={self.fraction} (expected 0 < fraction <= 1)")
+        if self.timeout is not None and not self.timeout > 0:
+            problems.append(f"timeout={self.timeout} (expected > 0 seconds or None)")
+        if self.max_attempts < 1:
+            problems.append(f"max_attempts={self.max_attempts} (expected >= 1)")
+        if self.evaluate_every < 0:
+            problems.append(f"evaluate_every={self.evaluate_every} (expected >= 0)")
+        if not (self.proximal_mu >= 0 and math.isfinite(self.proximal_mu)):
+            problems.append(f"proximal_mu={self.proximal_mu} (expected a finite number >= 0)")
+        if problems:
+            raise ValueError("invalid federated run config: " + "; ".join(problems))
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the config as a JSON-able dict (stored in checkpoints).
+
+        Returns
+        -------
+        dict[str, Any]
+            Field name -> value.
+        """
+        out = asdict(self)
+        out["fit_config"] = dict(self.fit_config)
+        out["evaluate_config"] = dict(self.evaluate_config)
+        return out
+
+
+# Settings that may change between an interrupted run and its resumption.
+_RESUMABLE_CHANGES = ("rounds", "timeout", "max_attempts")
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round (one row of the history).
+
+    Parameters
+    ----------
+    round : int
+        The round number (1-based).
+    attempts : int
+        Tries it took (1 unless too few sites replied).
+    selected : list[str]
+        Sites asked to fit in the successful attempt.
+    replied : list[str]
+        Sites whose fit replies were valid and aggregated.
+    failed : dict[str, str]
+        Site -> reason, for sites that raised, timed out or were unreachable (last attempt).
+    rejected : dict[str, str]
+        Site -> reason, for replies that failed the checks (last attempt).
+    n_samples : dict[str, int]
+        Site -> the sample count it reported.
+    train_loss : float or None
+        Sample-weighted mean of the replies' ``"loss"`` metric.
+    fit_metrics : dict[str, dict[str, float]]
+        Site -> its fit metrics.
+    eval_metrics : dict[str, dict[str, float]]
+        Site -> its evaluation metrics (empty when not evaluated this round).
+    eval_failed : dict[str, str]
+        Site -> reason, for evaluation requests that failed or were rejected.
+    earlier_attempts : list[str]
+        One line per failed earlier attempt of this round.
+    seconds : float
+        Wall time of the round (not deterministic; left out of equality checks).
+    server_seconds : float
+        Time spent in checks, aggregation and the server step (the engine's own cost).
+    """
+
+    round: int
+    attempts: int = 1
+    selected: list[str] = field(default_factory=list)
+    replied: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    n_samples: dict[str, int] = field(default_factory=dict)
+    train_loss: float | None = None
+    fit_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    eval_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    eval_failed: dict[str, str] = field(default_factory=dict)
+    earlier_attempts: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    server_seconds: float = 0.0
+
+    def deterministic(self) -> dict[str, Any]:
+        """Return the record without its timings (equal across identical runs).
+
+        Returns
+        -------
+        dict[str, Any]
+            The record as a dict, ``seconds`` and ``server_seconds`` removed.
+        """
+        out = asdict(self)
+        out.pop("seconds")
+        out.pop("server_seconds")
+        return out
+
+
+@dataclass
+class FederatedResult:
+    """What :func:`run_federated` returns.
+
+    Parameters
+    ----------
+    weights : dict[str, numpy.ndarray]
+        The final global state dict.
+    history : list[RoundRecord]
+        One record per completed round (resumed runs include the rounds before the crash).
+    optimizer_state : dict[str, numpy.ndarray]
+        The server optimiser's final state.
+    completed_rounds : int
+        The last completed round.
+    site_sizes : dict[str, int]
+        Training-set sizes the sites declared (``"info"``).
+    """
+
+    weights: StateDict
+    history: list[RoundRecord]
+    optimizer_state: StateDict
+    completed_rounds: int
+    site_sizes: dict[str, int] = field(default_factory=dict)
+
+
+class RoundFailed(RuntimeError):
+    """A round got fewer than ``min_sites`` valid replies in all its attempts.
+
+    Parameters
+    ----------
+    round : int
+        The round.
+    message : str
+        What happened, site by site.
+    """
+
+    def __init__(self, round: int, message: str) -> None:
+        super().__init__(message)
+        self.round = round
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def select_sites(
+    sites: list[str], *, fraction: float, min_sites: int, seed: int, round: int, attempt: int = 0
+) -> list[str]:
+    """Draw the sites asked to fit in one round, deterministically.
+
+    Parameters
+    ----------
+    sites : list[str]
+        Reachable sites (any order; sorted here).
+    fraction : float
+        Share of sites to ask.
+    min_sites : int
+        Never ask fewer than this (if that many are reachable).
+    seed, round, attempt : int
+        Seed the draw with ``numpy.random.default_rng([seed, round, attempt])``.
+
+    Returns
+    -------
+    list[str]
+        The chosen sites, sorted.
+    """
+    pool = sorted(sites)
+    k = min(len(pool), max(min_sites, math.ceil(fraction * len(pool) - 1e-9)))
+    if k >= len(pool):
+        return pool
+    rng = np.random.default_rng([seed, round, attempt])
+    chosen = rng.choice(len(pool), size=k, replace=False)
+    return sorted(pool[int(i)] for i in chosen)
+
+
+def _reason(exc: InvalidReply) -> str:
+    return f"InvalidReply: {exc.reason}"
+
+
+def _check_compatible(
+    initial: Mapping[str, np.ndarray], loaded: Mapping[str, np.ndarray], where: Path
+) -> None:
+    if set(initial) != set(loaded):
+        diff = sorted(set(initial) ^ set(loaded))
+        raise CheckpointError(
+            f"{where}: checkpoint weights have different keys from the model "
+            f"(e.g. {diff[:5]}); resume with the same model or use a new directory"
+        )
+    for key, value in initial.items():
+        other = loaded[key]
+        if value.shape != other.shape or value.dtype != other.dtype:
+            raise CheckpointError(
+                f"{where}: {key!r} is {other.dtype}{list(other.shape)} in the checkpoint, "
+                f"{value.dtype}{list(value.shape)} in the model"
+            )
+
+
+def _history_from_json(rows: list[dict[str, Any]]) -> list[RoundRecord]:
+    return [RoundRecord(**row) for row in rows]
+
+
+def run_federated(
+    federation: Federation,
+    initial_weights: Mapping[str, np.ndarray],
+    config: RunConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    stop_after_round: int | None = None,
+    on_round: Callable[[RoundRecord, StateDict], None] | None = None,
+) -> FederatedResult:
+    """Run federated training: the one server loop every engine uses.
+
+    Per round: draw sites (:func:`select_sites`), send each a ``"fit"`` request with the global
+    weights, check every reply (:func:`~.aggregation.check_fit_reply`; a bad one is logged,
+    recorded under ``rejected`` and left out), aggregate the valid ones in sorted site order
+    (:func:`~.aggregation.aggregate`), apply the server optimiser, evaluate if due, checkpoint,
+    call ``on_round``. A site that fails is simply asked again when next drawn.
+
+    Parameters
+    ----------
+    federation : Federation
+        How to reach the sites.
+    initial_weights : Mapping[str, numpy.ndarray]
+        The initial global state dict (every site must reply with these keys, shapes, dtypes).
+    config : RunConfig
+        Server settings.
+    checkpoint_dir : str or Path or None
+        Where to checkpoint after every round (None: no checkpoints).
+    resume : bool
+        Continue from the checkpoint in ``checkpoint_dir`` (from round 1 if it holds none).
+    stop_after_round : int or None
+        Return after this round is completed and checkpointed (for tests and staged runs).
+    on_round : callable or None
+        Called as ``on_round(record, weights)`` after each completed round.
+
+    Returns
+    -------
+    FederatedResult
+        Final weights, per-round history, optimiser state.
+
+    Raises
+    ------
+    RoundFailed
+        If a round gets fewer than ``min_sites`` valid replies in ``max_attempts`` tries. The
+        checkpoint of the last completed round stays, so the run can be resumed.
+    CheckpointError
+        If resuming from a checkpoint of another model or another config, or if
+        ``checkpoint_dir`` already holds a checkpoint and ``resume`` is False.
+    """
+    weights: StateDict = {k: np.array(v, copy=True) for k, v in initial_weights.items()}
+    opt_state: StateDict = {}
+    history: list[RoundRecord] = []
+    site_sizes: dict[str, int] = {}
+    start = 1
+    ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    config_json = config.to_json()
+
+    if ckpt_root is not None:
+        found = load_checkpoint(ckpt_root)
+        if found is not None and not resume:
+            raise CheckpointError(
+                f"{ckpt_root} already holds a checkpoint (round {found.round}); pass resume=True "
+                "to continue it, or use an empty directory"
+            )
+        if found is not None:
+            _check_compatible(initial_weights, found.weights, ckpt_root)
+            saved = dict(found.meta.get("config", {}))
+            changed = sorted(
+                k
+                for k in set(saved) | set(config_json)
+                if k not in _RESUMABLE_CHANGES and saved.get(k) != config_json.get(k)
+            )
+            if changed:
+                raise CheckpointError(
+                    f"{ckpt_root}: the run config differs from the checkpoint's in {changed} "
+                    f"(checkpoint: {[saved.get(k) for k in changed]}, now: "
+                    f"{[config_json.get(k) for k in changed]}); only {list(_RESUMABLE_CHANGES)} "
+                    "may change on resume"
+                )
+            weights = {k: found.weights[k] for k in initial_weights}
+            opt_state = found.optimizer_state
+            history = _history_from_json(found.meta.get("history", []))
+            site_sizes = {k: int(v) for k, v in found.meta.get("site_sizes", {}).items()}
+            start = found.round + 1
+            log.info("resuming from %s after round %d", ckpt_root, found.round)
+        elif resume:
+            log.info("no completed round in %s; starting at round 1", ckpt_root)
+
+    if config.ask_sizes and start == 1:
+        site_sizes = _ask_sizes(federation, config)
+
+    last = config.rounds if stop_after_round is None else min(config.rounds, stop_after_round)
+    for rnd in range(start, last + 1):
+        record, weights, opt_state = _fit_round(
+            federation, weights, opt_state, config, rnd, site_sizes
+        )
+        due = config.evaluate_every > 0 and (
+            rnd % config.evaluate_every == 0 or rnd == config.rounds
+        )
+        if due:
+            _evaluate(federation, weights, config, record)
+        history.append(record)
+        if ckpt_root is not None:
+            meta = {
+                "config": config_json,
+                "history": [asdict(r) for r in history],
+                "site_sizes": site_sizes,
+                "rng": {
+                    "seed": config.seed,
+                    "scheme": "site draw: numpy.random.default_rng([seed, round, attempt]); "
+                    "sites: messages.site_seed(seed, site, round); no other server randomness",
+                },
+            }
+            save_checkpoint(ckpt_root, Checkpoint(rnd, weights, opt_state, meta))
+        log.info(
+            "round %d: %d/%d sites replied, train loss %s",
+            rnd,
+            len(record.replied),
+            len(record.selected),
+            "n/a" if record.train_loss is None else f"{record.train_loss:.4f}",
+        )
+        if on_round is not None:
+            on_round(record, weights)
+    completed = history[-1].round if history else 0
+    return FederatedResult(weights, history, opt_state, completed, site_sizes)
+
+
+def _base_config(config: RunConfig) -> dict[str, ConfigValue]:
+    return {"seed": int(config.seed)}
+
+
+def _ask_sizes(federation: Federation, config: RunConfig) -> dict[str, int]:
+    sites = sorted(federation.sites())
+    requests = {s: Request(INFO, 0, {}, _base_config(config)) for s in sites}
+    sizes: dict[str, int] = {}
+    for site, reply in sorted(federation.broadcast(requests, config.timeout).items()):
+        if isinstance(reply, SiteFailure):
+            log.info("site %s gave no size (%s); no cap on its sample count", site, reply.reason)
+            continue
+        n = reply.n_samples
+        if reply.site == site and isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            sizes[site] = n
+        else:
+            log.warning("site %s declared an implausible size %r; ignored", site, n)
+    return sizes
+
+
+def _fit_round(
+    federation: Federation,
+    weights: StateDict,
+    opt_state: StateDict,
+    config: RunConfig,
+    rnd: int,
+    site_sizes: Mapping[str, int],
+) -> tuple[RoundRecord, StateDict, StateDict]:
+    t_round = time.perf_counter()
+    record = RoundRecord(round=rnd)
+    fit_config: dict[str, ConfigValue] = {
+        **dict(config.fit_config),
+        **_base_config(config),
+        "proximal_mu": float(config.proximal_mu),
+        "fedbn": bool(config.fedbn),
+    }
+    for attempt in range(config.max_attempts):
+        reachable = federation.sites()
+        selected = select_sites(
+            reachable,
+            fraction=config.fraction,
+            min_sites=config.min_sites,
+            seed=config.seed,
+            round=rnd,
+            attempt=attempt,
+        )
+        requests = {s: Request(FIT, rnd, weights, dict(fit_config)) for s in selected}
+        answers = federation.broadcast(requests, config.timeout)
+        t_server = time.perf_counter()
+        valid: list[Reply] = []
+        failed: dict[str, str] = {}
+        rejected: dict[str, str] = {}
+        for site in selected:
+            answer = answers.get(site, SiteFailure(site, "no answer from the federation"))
+            if isinstance(answer, SiteFailure):
+                failed[site] = answer.reason
+                log.warning("round %d: site %s failed: %s", rnd, site, answer.reason)
+                continue
+            try:
+                check_fit_reply(
+                    answer,
+                    site=site,
+                    round=rnd,
+                    reference=weights,
+                    allow_local_keys=config.fedbn,
+                    max_samples=site_sizes.get(site),
+                )
+            except InvalidReply as exc:
+                rejected[site] = _reason(exc)
+                log.warning("round %d: %s", rnd, exc)
+                continue
+            valid.append(answer)
+        record.server_seconds += time.perf_counter() - t_server
+        record.attempts = attempt + 1
+        record.selected, record.failed, record.rejected = selected, failed, rejected
+        if len(valid) >= config.min_sites:
+            break
+        line = (
+            f"attempt {attempt + 1}: {len(valid)} valid of {len(selected)} asked "
+            f"({len(reachable)} reachable), min_sites={config.min_sites}; "
+            f"failed: {failed or 'none'}; rejected: {rejected or 'none'}"
+        )
+        record.earlier_attempts.append(line)
+        log.warning("round %d %s", rnd, line)
+    else:
+        raise RoundFailed(
+            rnd,
+            f"round {rnd} did not complete: fewer than min_sites={config.min_sites} valid replies "
+            f"in {config.max_attempts} attempt(s): " + " | ".join(record.earlier_attempts),
+        )
+    t_server = time.perf_counter()
+    valid.sort(key=lambda r: r.site)
+    averaged = aggregate(valid, weights)
+    new_weights, new_state = server_step(weights, averaged, opt_state, config.optimizer)
+    record.server_seconds += time.perf_counter() - t_server
+    record.replied = [r.site for r in valid]
+    record.n_samples = {r.site: int(r.n_samples) for r in valid}
+    record.fit_metrics = {r.site: {k: float(v) for k, v in r.metrics.items()} for r in valid}
+    with_loss = [r for r in valid if "loss" in r.metrics]
+    if with_loss:
+        total = sum(r.n_samples for r in with_loss)
+        record.train_loss = float(
+            sum(r.n_samples * float(r.metrics["loss"]) for r in with_loss) / total
+        )
+    record.seconds = time.perf_counter() - t_round
+    return record, new_weights, new_state
+
+
+def _evaluate(
+    federation: Federation, weights: StateDict, config: RunConfig, record: RoundRecord
+) -> None:
+    t0 = time.perf_counter()
+    sites = sorted(federation.sites())
+    eval_config = {**dict(config.evaluate_config), **_base_config(config), "fedbn": config.fedbn}
+    requests = {s: Request(EVALUATE, record.round, weights, dict(eval_config)) for s in sites}
+    answers = federation.broadcast(requests, config.timeout)
+    for site in sites:
+        answer = answers.get(site, SiteFailure(site, "no answer from the federation"))
+        if isinstance(answer, SiteFailure):
+            record.eval_failed[site] = answer.reason
+            continue
+        try:
+            check_evaluate_reply(answer, site=site, round=record.round)
+        except InvalidReply as exc:
+            record.eval_failed[site] = _reason(exc)
+            log.warning("round %d evaluation: %s", record.round, exc)
+            continue
+        record.eval_metrics[site] = {k: float(v) for k, v in answer.metrics.items()}
+    record.seconds += time.perf_counter() - t0

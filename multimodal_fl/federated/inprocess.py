@@ -1,0 +1,121 @@
+"""The embedded federation: sites are objects in this process, asked one after another."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from multimodal_fl.federated.messages import Reply, Request, SiteFailure
+from multimodal_fl.federated.server import Site
+
+__all__ = ["InProcessFederation"]
+
+log = logging.getLogger(__name__)
+
+
+def _copy_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.array(v, copy=True) for k, v in arrays.items()}
+
+
+class InProcessFederation:
+    """A :class:`~.server.Federation` whose sites live in this process (the default engine).
+
+    Requests go to the sites sequentially in sorted site order. Each site gets its own copy of
+    the request's arrays and the server gets a copy of the reply's, so no array is shared
+    between a site and the server (as across a network).
+
+    Parameters
+    ----------
+    sites : Mapping[str, Site]
+        Site name -> site object (anything with ``handle(request) -> Reply``).
+
+    Notes
+    -----
+    A site that raises becomes a :class:`~.messages.SiteFailure` carrying the exception's type
+    and message. The timeout is measured per site: a site cannot be interrupted in this
+    process, so one that takes longer than ``timeout`` runs to its end and its reply is then
+    discarded as timed out.
+    """
+
+    def __init__(self, sites: Mapping[str, Site]) -> None:
+        if not sites:
+            raise ValueError("InProcessFederation needs at least one site; got none")
+        for name, site in sites.items():
+            if not callable(getattr(site, "handle", None)):
+                raise TypeError(
+                    f"site {name!r} is a {type(site).__name__} without a handle(request) method; "
+                    "expected an object implementing multimodal_fl.federated.server.Site"
+                )
+        self._sites = dict(sites)
+
+    def sites(self) -> list[str]:
+        """Return the site names, sorted.
+
+        Returns
+        -------
+        list[str]
+            Site names.
+        """
+        return sorted(self._sites)
+
+    def broadcast(
+        self, requests: Mapping[str, Request], timeout: float | None = None
+    ) -> dict[str, Reply | SiteFailure]:
+        """Hand each request to its site, one after another, and collect the answers.
+
+        Parameters
+        ----------
+        requests : Mapping[str, Request]
+            Site name -> request.
+        timeout : float or None
+            Per-site limit in seconds (None: none).
+
+        Returns
+        -------
+        dict[str, Reply | SiteFailure]
+            One answer per requested site.
+        """
+        answers: dict[str, Reply | SiteFailure] = {}
+        for name in sorted(requests):
+            site = self._sites.get(name)
+            if site is None:
+                answers[name] = SiteFailure(
+                    name, f"unknown site {name!r}; this federation has {sorted(self._sites)}"
+                )
+                continue
+            request = requests[name]
+            own = Request(
+                request.kind, request.round, _copy_arrays(request.weights), dict(request.config)
+            )
+            started = time.perf_counter()
+            try:
+                reply = site.handle(own)
+            except Exception as exc:  # a site's fault must never stop the server
+                log.debug("site %s raised", name, exc_info=True)
+                answers[name] = SiteFailure(name, f"{type(exc).__name__}: {exc}")
+                continue
+            elapsed = time.perf_counter() - started
+            if timeout is not None and elapsed > timeout:
+                answers[name] = SiteFailure(
+                    name, f"timed out: replied after {elapsed:.2f} s, timeout {timeout:g} s"
+                )
+            elif not isinstance(reply, Reply):
+                answers[name] = SiteFailure(
+                    name, f"handle() returned a {type(reply).__name__}, expected a Reply"
+                )
+            else:
+                answers[name] = Reply(
+                    site=reply.site,
+                    kind=reply.kind,
+                    round=reply.round,
+                    weights=_copy_arrays(reply.weights),
+                    group_counts=dict(reply.group_counts),
+                    n_samples=reply.n_samples,
+                    metrics=dict(reply.metrics),
+                    arrays=_copy_arrays(reply.arrays),
+                    local_keys=list(reply.local_keys),
+                )
+        return answers
