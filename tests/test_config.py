@@ -1,0 +1,189 @@
+"""Tests for multimodal_fl.config: loading, overrides, did-you-mean errors, docs in sync."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from multimodal_fl.cli import app
+from multimodal_fl.config import (
+    ConfigError,
+    ExperimentConfig,
+    available_tasks,
+    load_config,
+    load_task,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, data: dict, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def minimal(**extra: object) -> dict:
+    return {"task": "covid_oxygen_24h", "sites": [{"name": "a", "path": "site_a"}], **extra}
+
+
+def test_shipped_tasks_load_by_name() -> None:
+    assert {"covid_oxygen_24h", "covid_oxygen_72h", "alzheimers"} <= set(available_tasks())
+    t24, t72 = load_task("covid_oxygen_24h"), load_task("covid_oxygen_72h")
+    assert t24.label.window_hours == 24 and t72.label.window_hours == 72
+    assert load_task("alzheimers").index.kind == "reference_date"
+
+
+@pytest.mark.parametrize("name", ["covid_oxygen.yaml", "alzheimers.yaml"])
+def test_shipped_configs_validate(name: str) -> None:
+    cfg = load_config(ROOT / "configs" / name)
+    assert len(cfg.sites) >= 4
+    assert all(s.path.is_absolute() for s in cfg.sites)
+    assert cfg.name == name.removesuffix(".yaml")
+
+
+def test_relative_site_paths_resolve_against_config_file(tmp_path: Path) -> None:
+    sub = tmp_path / "cfgs"
+    sub.mkdir()
+    cfg = load_config(write(sub, minimal()))
+    assert cfg.sites[0].path == (sub / "site_a").resolve()
+
+
+def test_misspelt_key_names_key_file_and_suggestion(tmp_path: Path) -> None:
+    path = write(tmp_path, minimal(fusion={"knd": "late"}))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert str(path) in msg and "fusion.knd" in msg and "did you mean 'kind'" in msg
+
+
+def test_misspelt_top_level_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="did you mean 'federated'"):
+        load_config(write(tmp_path, minimal(federatd={"rounds": 2})))
+
+
+def test_misspelt_key_inside_list_item(tmp_path: Path) -> None:
+    data = minimal()
+    data["sites"] = [{"name": "a", "pth": "x"}]
+    with pytest.raises(ConfigError, match="did you mean 'path'"):
+        load_config(write(tmp_path, data))
+
+
+def test_invalid_value_names_field(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"fusion\.kind"):
+        load_config(write(tmp_path, minimal(fusion={"kind": "sum"})))
+
+
+def test_overrides_typed_and_nested(tmp_path: Path) -> None:
+    path = write(tmp_path, minimal())
+    cfg = load_config(
+        path, ["federated.rounds=3", "evaluation.sensitive=[sex]", "sites.0.name=b", "seed=7"]
+    )
+    assert cfg.federated.rounds == 3
+    assert cfg.evaluation.sensitive == ["sex"]
+    assert cfg.sites[0].name == "b" and cfg.seed == 7
+
+
+def test_override_unknown_key_suggests(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="did you mean 'rounds'"):
+        load_config(write(tmp_path, minimal()), ["federated.rouds=3"])
+
+
+def test_override_without_equals(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(write(tmp_path, minimal()), ["federated.rounds"])
+
+
+def test_unknown_task_suggests_shipped_name(tmp_path: Path) -> None:
+    data = minimal()
+    data["task"] = "covid_oxygen_42h"
+    with pytest.raises(ConfigError, match="did you mean 'covid_oxygen_"):
+        load_config(write(tmp_path, data))
+
+
+def test_inline_and_file_tasks(tmp_path: Path) -> None:
+    task = yaml.safe_load(
+        (ROOT / "multimodal_fl" / "tasks" / "covid_oxygen_24h.yaml").read_text()
+    )
+    task["name"] = "my_task"
+    (tmp_path / "my_task.yaml").write_text(yaml.safe_dump(task))
+    from_file = load_config(write(tmp_path, {**minimal(), "task": "my_task.yaml"}))
+    inline = load_config(write(tmp_path, {**minimal(), "task": task}, "b.yaml"))
+    assert from_file.task == inline.task and inline.task.name == "my_task"
+
+
+def test_label_codes_cannot_be_features(tmp_path: Path) -> None:
+    task = load_task("covid_oxygen_24h").model_dump()
+    task["features"]["conditions"].append({"name": "o2", "codes": ["371908008"]})
+    with pytest.raises(ConfigError, match="371908008"):
+        load_task(task)
+
+
+def test_duplicate_site_names_rejected(tmp_path: Path) -> None:
+    data = minimal()
+    data["sites"] = [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]
+    with pytest.raises(ConfigError, match="unique"):
+        load_config(write(tmp_path, data))
+
+
+def test_not_built_fields_are_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from multimodal_fl import config as config_mod
+
+    monkeypatch.setattr(
+        config_mod,
+        "NOT_BUILT",
+        [("federated.pca.enabled", bool, "the federated PCA stage is not built yet")],
+    )
+    path = write(tmp_path, minimal(federated={"pca": {"enabled": True}}))
+    with pytest.raises(ConfigError, match="not built yet"):
+        load_config(path)
+    assert load_config(write(tmp_path, minimal(), "ok.yaml")).federated.pca.enabled is False
+
+
+def test_cli_config_show_and_schema(tmp_path: Path) -> None:
+    runner = CliRunner()
+    path = write(tmp_path, minimal())
+    shown = runner.invoke(app, ["config", "show", str(path), "--set", "federated.rounds=4"])
+    assert shown.exit_code == 0, shown.output
+    data = yaml.safe_load(shown.stdout)
+    assert data["federated"]["rounds"] == 4 and data["task"]["name"] == "covid_oxygen_24h"
+    ExperimentConfig.model_validate(data)  # the shown config round-trips
+    schema = runner.invoke(app, ["config", "schema"])
+    assert schema.exit_code == 0 and '"ExperimentConfig"' in schema.stdout
+
+
+def test_cli_bad_config_exits_2_without_traceback(tmp_path: Path) -> None:
+    path = write(tmp_path, minimal(fusion={"knd": "late"}))
+    result = CliRunner().invoke(app, ["config", "show", str(path)])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output and "did you mean 'kind'" in result.output
+
+
+def test_configuration_docs_match_code() -> None:
+    spec = importlib.util.spec_from_file_location("gen", ROOT / "scripts" / "gen_config_docs.py")
+    assert spec is not None and spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert gen.generate().strip() in page, "run: python scripts/gen_config_docs.py"
+
+
+def test_every_config_field_is_documented() -> None:
+    from pydantic import BaseModel
+
+    from multimodal_fl import config as config_mod
+
+    missing = [
+        f"{obj.__name__}.{name}"
+        for obj in vars(config_mod).values()
+        if isinstance(obj, type)
+        and issubclass(obj, BaseModel)
+        and obj.__module__ == config_mod.__name__
+        for name, field in obj.model_fields.items()
+        if not field.description
+    ]
+    assert not missing, f"fields without a description: {missing}"
