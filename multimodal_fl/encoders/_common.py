@@ -36,7 +36,8 @@ class LoadReport:
     unexpected : tuple of str
         Keys in the file that the module does not have (ignored).
     mismatched : tuple of str
-        Keys present in both whose shapes differ (not loaded), as ``"key: file_shape != module_shape"``.
+        Keys present in both whose shapes differ (not loaded), as
+        ``"key: file_shape != module_shape"``.
     """
 
     path: str
@@ -86,7 +87,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             state: Any = load_file(str(p))
         else:
             state = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+    except Exception as exc:
         raise ValueError(
             f"could not read weights from {str(p)!r}: {exc}. Accepted: a safetensors file or a "
             "torch state dict saved with torch.save(module.state_dict(), path)"
@@ -97,12 +98,8 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if not isinstance(state, Mapping) or not all(
         isinstance(v, torch.Tensor) for v in state.values()
     ):
-        raise ValueError(
-            f"{str(p)!r} does not hold a state dict (a mapping of names to tensors)"
-        )
-    return {
-        (k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()
-    }
+        raise ValueError(f"{str(p)!r} does not hold a state dict (a mapping of names to tensors)")
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
 def load_weights_into(
@@ -158,7 +155,8 @@ def load_weights_into(
     module.load_state_dict(usable, strict=False)
     if not report.ok:
         logger.warning(
-            "loaded %d tensors from %s into %s; %d missing %s, %d unexpected %s, %d shape-mismatched %s",
+            "loaded %d tensors from %s into %s; %d missing %s, %d unexpected %s, "
+            "%d shape-mismatched %s",
             len(report.loaded),
             path,
             type(module).__name__,
@@ -228,7 +226,9 @@ def section_to_kwargs(
     elif isinstance(section, Mapping):
         data = dict(section)
     else:
-        raise TypeError(f"{where}: expected a mapping or a pydantic model, got {type(section).__name__}")
+        raise TypeError(
+            f"{where}: expected a mapping or a pydantic model, got {type(section).__name__}"
+        )
     acc, ign = set(accepted), set(ignored)
     out: dict[str, Any] = {}
     for key, value in data.items():

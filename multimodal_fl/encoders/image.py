@@ -50,7 +50,11 @@ class SmallCNN(nn.Module):
         layers: list[nn.Module] = []
         c_in = in_channels
         for i, c_out in enumerate(channels):
-            layers += [conv(c_in, c_out, kernel_size=3, padding=1, bias=False), norm(c_out), nn.ReLU()]
+            layers += [
+                conv(c_in, c_out, kernel_size=3, padding=1, bias=False),
+                norm(c_out),
+                nn.ReLU(),
+            ]
             if i < len(channels) - 1:
                 layers.append(pool(kernel_size=2, ceil_mode=True))
             c_in = c_out
@@ -68,7 +72,8 @@ def _densenet121(spatial_dims: int, in_channels: int) -> tuple[nn.Module, int]:
     from monai.networks.nets import DenseNet121
 
     net = DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1)
-    width = int(net.class_layers.out.in_features)
+    out_layer: Any = net.class_layers.out
+    width = int(out_layer.in_features)
     net.class_layers.out = nn.Identity()  # keep relu -> pool -> flatten; drop the classifier
     return net, width
 
@@ -192,14 +197,18 @@ class ImageEncoder(nn.Module):
         self.encoder = encoder
         self.spatial_dims = int(spatial_dims)
         self.in_channels = int(in_channels)
-        self.backbone, self.feature_dim = build_backbone(encoder, self.spatial_dims, self.in_channels)
+        self.backbone, self.feature_dim = build_backbone(
+            encoder, self.spatial_dims, self.in_channels
+        )
         if embed_dim is None:
             self.head: nn.Module = nn.Identity()
             self.output_dim = self.feature_dim
         else:
             if int(embed_dim) < 1:
                 raise ValueError(f"embed_dim must be a positive integer or None, got {embed_dim!r}")
-            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.feature_dim, int(embed_dim)))
+            self.head = nn.Sequential(
+                nn.Dropout(dropout), nn.Linear(self.feature_dim, int(embed_dim))
+            )
             self.output_dim = int(embed_dim)
         self.frozen = bool(frozen)
         if self.frozen:
@@ -221,7 +230,13 @@ class ImageEncoder(nn.Module):
         kwargs = section_to_kwargs(
             section,
             accepted=(
-                "encoder", "spatial_dims", "in_channels", "embed_dim", "dropout", "frozen", "weights",
+                "encoder",
+                "spatial_dims",
+                "in_channels",
+                "embed_dim",
+                "dropout",
+                "frozen",
+                "weights",
             ),
             ignored=("size", "pixdim", "modality", "augment", "cache", "batch_size"),
             where="modalities.image",

@@ -1,0 +1,373 @@
+"""MONAI transform pipelines for the image encoder: read, convert, resize, normalise, augment.
+
+Two pipelines from one spec (:class:`ImageTransformSpec`):
+
+* 2D (e.g. chest X-ray, PNG/JPEG/DICOM): read -> channel first -> greyscale (RGB/RGBA/LA
+  converted by luminance) -> resize to ``size x size`` -> min-max intensity to [0, 1].
+* 3D (e.g. brain MRI, NIfTI or a DICOM series folder): read -> channel first -> reorient
+  to RAS -> optional resampling to ``pixdim`` mm -> resize (or pad/crop after resampling)
+  to ``size`` cubed -> z-score intensity over non-zero voxels.
+
+Training adds small random rotations, flips and intensity scale/shift. MONAI is imported
+when a pipeline is built, not when this module is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageReadError",
+    "ImageTransformSpec",
+    "apply_transform",
+    "build_transform",
+    "load_image",
+    "reader_for",
+]
+
+#: File suffixes the readers accept, by reader.
+IMAGE_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "PILReader": (".png", ".jpg", ".jpeg", ".bmp"),
+    "PydicomReader": (".dcm", ".dicom"),
+    "NibabelReader": (".nii", ".nii.gz"),
+}
+
+_TRANSFORM_VERSION = "1"
+
+
+class ImageReadError(ValueError):
+    """An image file could not be read or converted; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ImageTransformSpec:
+    """Everything that decides how an image file becomes a tensor (hashable, JSON-describable).
+
+    Parameters
+    ----------
+    spatial_dims : int, default 2
+        2 or 3.
+    size : int, default 64
+        Output side length (``size``, ``size x size`` or ``size`` cubed).
+    channels : int, default 1
+        Output channels: 1 (greyscale; colour is converted by luminance) or 3 (grey repeated).
+    pixdim : float or None, default None
+        3D only: resample to this isotropic spacing (mm) before padding/cropping to ``size``
+        cubed; ``None`` resizes the whole volume to ``size`` cubed.
+    orientation : str, default "RAS"
+        3D only: axis codes to reorient to.
+    normalize : {"minmax", "zscore", None}, default None
+        Intensity normalisation; ``None`` picks ``minmax`` in 2D and ``zscore`` in 3D.
+    rotate_deg : float, default 10.0
+        Training: maximum absolute random rotation (degrees, each axis).
+    flip_prob : float, default 0.5
+        Training: probability of a flip along the first spatial axis.
+    intensity : float, default 0.1
+        Training: random intensity scale factor and shift range.
+    """
+
+    spatial_dims: int = 2
+    size: int = 64
+    channels: int = 1
+    pixdim: float | None = None
+    orientation: str = "RAS"
+    normalize: Literal["minmax", "zscore"] | None = None
+    rotate_deg: float = 10.0
+    flip_prob: float = 0.5
+    intensity: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims!r}")
+        if int(self.size) < 1:
+            raise ValueError(f"size must be a positive integer, got {self.size!r}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels!r}")
+        if self.normalize not in (None, "minmax", "zscore"):
+            raise ValueError(
+                f"normalize must be 'minmax', 'zscore' or None, got {self.normalize!r}"
+            )
+
+    @property
+    def norm(self) -> str:
+        """The normalisation in effect (``normalize`` or the per-dimension default)."""
+        return self.normalize or ("minmax" if self.spatial_dims == 2 else "zscore")
+
+    def describe(self, *, train: bool = False) -> str:
+        """Return a stable JSON description (for encoder fingerprints and caches)."""
+        d: dict[str, Any] = asdict(self)
+        d.update(normalize=self.norm, train=train, version=_TRANSFORM_VERSION)
+        if not train:
+            for k in ("rotate_deg", "flip_prob", "intensity"):
+                d.pop(k)
+        return json.dumps(d, sort_keys=True)
+
+
+def _pil_converter(image: Any) -> Any:
+    """Convert PIL modes MONAI would read wrongly (palette, CMYK, 1-bit) to RGB/L."""
+    if image.mode in ("P", "PA", "CMYK", "YCbCr", "HSV", "LAB"):
+        return image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
+    if image.mode == "1":
+        return image.convert("L")
+    return image
+
+
+def reader_for(path: str | os.PathLike[str]) -> Any:
+    """Return a MONAI reader instance for a file (or DICOM series folder) by its suffix.
+
+    Parameters
+    ----------
+    path : path-like
+        ``.png/.jpg/.jpeg/.bmp`` -> ``PILReader``; ``.dcm/.dicom`` or a folder ->
+        ``PydicomReader``; ``.nii/.nii.gz`` -> ``NibabelReader``.
+
+    Raises
+    ------
+    ImageReadError
+        For another suffix.
+    """
+    import logging
+
+    # MONAI logs a warning on every PydicomReader when the optional GPU decoder is absent
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    from monai.data import NibabelReader, PILReader, PydicomReader
+
+    p = Path(path)
+    name = p.name.lower()
+    if p.is_dir() or name.endswith(IMAGE_SUFFIXES["PydicomReader"]):
+        return PydicomReader()
+    if name.endswith(IMAGE_SUFFIXES["NibabelReader"]):
+        return NibabelReader()
+    if name.endswith(IMAGE_SUFFIXES["PILReader"]):
+        return PILReader(converter=_pil_converter)
+    accepted = sorted(s for v in IMAGE_SUFFIXES.values() for s in v)
+    raise ImageReadError(
+        f"{str(p)!r}: unsupported image file type; accepted suffixes: {accepted} "
+        "(or a folder holding one DICOM series)"
+    )
+
+
+class _ToSpatialDims:
+    """Drop singleton spatial axes beyond ``spatial_dims`` or fail with the file's shape."""
+
+    def __init__(self, spatial_dims: int) -> None:
+        self.spatial_dims = spatial_dims
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        while img.ndim - 1 > self.spatial_dims and img.shape[-1] == 1:
+            img = img[..., 0]
+        if img.ndim - 1 != self.spatial_dims:
+            raise ValueError(
+                f"image has {img.ndim - 1} spatial axes (shape {tuple(img.shape[1:])}) but the "
+                f"pipeline expects spatial_dims={self.spatial_dims}"
+            )
+        return img
+
+    def __repr__(self) -> str:
+        return f"_ToSpatialDims({self.spatial_dims})"
+
+
+class _ToChannels:
+    """Convert channel-first images to 1 (luminance) or 3 channels."""
+
+    _LUMA = (0.299, 0.587, 0.114)
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        c = img.shape[0]
+        if c == self.channels:
+            return img
+        if c in (3, 4):  # RGB / RGBA: alpha dropped
+            w = torch.tensor(self._LUMA, dtype=img.dtype, device=img.device)
+            grey = (img[:3] * w.view(3, *([1] * (img.ndim - 1)))).sum(0, keepdim=True)
+        elif c == 2:  # LA: luminance + alpha
+            grey = img[:1]
+        else:
+            grey = img.mean(0, keepdim=True)
+        return grey if self.channels == 1 else grey.repeat(self.channels, *([1] * (img.ndim - 1)))
+
+    def __repr__(self) -> str:
+        return f"_ToChannels({self.channels})"
+
+
+def build_transform(
+    spec: ImageTransformSpec, *, train: bool = False, load: bool = True
+) -> Callable[[Any], torch.Tensor]:
+    """Build the MONAI ``Compose`` for a spec.
+
+    Parameters
+    ----------
+    spec : ImageTransformSpec
+        The preprocessing description.
+    train : bool, default False
+        Add random augmentation (rotation, flip, intensity scale/shift).
+    load : bool, default True
+        Start with ``LoadImage`` (the input is then a path, read by the reader for its
+        suffix). With ``load=False`` the input is a channel-first array/tensor.
+
+    Returns
+    -------
+    monai.transforms.Compose
+        Call it on a path (or array) to get ``Tensor[channels, *spatial]`` (float32).
+    """
+    import math
+
+    from monai import transforms as mt
+
+    d = spec.spatial_dims
+    steps: list[Any] = []
+    if load:
+        steps.append(_Load())
+    steps += [_ToSpatialDims(d), _ToChannels(spec.channels)]
+    if d == 3:
+        steps.append(mt.Orientation(axcodes=spec.orientation))
+        if spec.pixdim is not None:
+            steps.append(mt.Spacing(pixdim=(float(spec.pixdim),) * 3, mode="bilinear"))
+            steps.append(mt.ResizeWithPadOrCrop(spatial_size=(spec.size,) * 3))
+        else:
+            steps.append(mt.Resize(spatial_size=(spec.size,) * 3, mode="trilinear"))
+    else:
+        steps.append(mt.Resize(spatial_size=(spec.size,) * 2, mode="bilinear"))
+    if spec.norm == "minmax":
+        steps.append(mt.ScaleIntensity(minv=0.0, maxv=1.0))
+    else:
+        steps.append(mt.NormalizeIntensity(nonzero=True))
+    if train:
+        rad = math.radians(spec.rotate_deg)
+        rng = (-rad, rad)
+        if d == 2:
+            steps.append(mt.RandRotate(range_x=rng, prob=0.5, keep_size=True, padding_mode="zeros"))
+        else:
+            steps.append(
+                mt.RandRotate(range_x=rng, range_y=rng, range_z=rng, prob=0.5, keep_size=True)
+            )
+        steps.append(mt.RandFlip(prob=spec.flip_prob, spatial_axis=0))
+        steps.append(mt.RandScaleIntensity(factors=spec.intensity, prob=0.5))
+        steps.append(mt.RandShiftIntensity(offsets=spec.intensity, prob=0.5))
+    steps.append(mt.EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False))
+    return mt.Compose(steps)
+
+
+class _Load:
+    """``LoadImage`` with the reader for the path's suffix and an error naming the file."""
+
+    def __init__(self) -> None:
+        self._loader: Any = None
+        self._readers: dict[str, Any] = {}
+
+    def __call__(self, path: str | os.PathLike[str]) -> torch.Tensor:
+        p = Path(path)
+        kind = "dir" if p.is_dir() else "".join(p.suffixes[-2:]).lower() or p.name
+        if kind not in self._readers:
+            self._readers[kind] = reader_for(p)  # raises on an unsupported suffix
+        reader = self._readers[kind]
+        if not p.exists():
+            raise ImageReadError(f"{str(p)!r}: image file does not exist")
+        if self._loader is None:
+            from monai.transforms import LoadImage
+
+            self._loader = LoadImage(image_only=True, ensure_channel_first=True)
+        try:
+            img: torch.Tensor = self._loader(str(p), reader=reader)
+        except Exception as exc:
+            raise ImageReadError(
+                f"{str(p)!r}: could not be read by MONAI {type(reader).__name__} "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        if not torch.isfinite(torch.as_tensor(img)).all():
+            raise ImageReadError(f"{str(p)!r}: image contains NaN or infinite values")
+        return img
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # readers are rebuilt lazily (picklable for DataLoader workers)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return "_Load()"
+
+
+def load_image(
+    path: str | os.PathLike[str],
+    *,
+    spatial_dims: int = 2,
+    size: int = 64,
+    channels: int = 1,
+    train: bool = False,
+    seed: int | None = None,
+    spec: ImageTransformSpec | None = None,
+) -> torch.Tensor:
+    """Read one image file and preprocess it like the encoder's pipeline does.
+
+    Parameters
+    ----------
+    path : path-like
+        A PNG/JPEG/BMP, DICOM (``.dcm``), NIfTI (``.nii``/``.nii.gz``) file or a DICOM folder.
+    spatial_dims, size, channels : int
+        See :class:`ImageTransformSpec` (ignored when ``spec`` is given).
+    train : bool, default False
+        Apply the random training augmentation.
+    seed : int or None
+        Seed for the augmentation's random state (reproducible augmentation).
+    spec : ImageTransformSpec or None
+        Full preprocessing spec; overrides ``spatial_dims``, ``size`` and ``channels``.
+
+    Returns
+    -------
+    Tensor[channels, *spatial]
+        float32.
+
+    Raises
+    ------
+    ImageReadError
+        When the file is missing, of an unsupported type, unreadable, or has the wrong
+        number of spatial axes; the message names the file.
+    """
+    spec = spec or ImageTransformSpec(spatial_dims=spatial_dims, size=size, channels=channels)
+    pipeline: Any = build_transform(spec, train=train)
+    if seed is not None:
+        pipeline.set_random_state(seed=seed)
+    return apply_transform(pipeline, path)
+
+
+def apply_transform(
+    pipeline: Callable[[Any], torch.Tensor], path: str | os.PathLike[str]
+) -> torch.Tensor:
+    """Run a pipeline from :func:`build_transform` on a path, raising :class:`ImageReadError`.
+
+    Parameters
+    ----------
+    pipeline : callable
+        Built by :func:`build_transform` (``load=True``).
+    path : path-like
+        The image file.
+
+    Returns
+    -------
+    Tensor[channels, *spatial]
+    """
+    try:
+        out: torch.Tensor = pipeline(path)
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        cause: BaseException = exc
+        while True:
+            if isinstance(cause, ImageReadError):
+                raise cause from exc
+            if cause.__cause__ is None:
+                break
+            cause = cause.__cause__
+        raise ImageReadError(f"{str(path)!r}: preprocessing failed: {cause}") from exc
+    return out
