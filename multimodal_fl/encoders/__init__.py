@@ -1,7 +1,8 @@
 """Encoders for images, tabular EHR features and clinical text, and their scikit-learn featurizers.
 
 Each encoder is an ``nn.Module`` with ``output_dim`` and
-``forward(batch) -> Tensor[B, output_dim]``, built from keyword arguments or its config section (``from_config``):
+``forward(batch) -> Tensor[B, output_dim]``, built from keyword arguments or its config
+section (``from_config``):
 
 >>> from multimodal_fl.encoders import ImageEncoder, TabularEncoder, TextEncoder
 
