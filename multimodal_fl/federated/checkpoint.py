@@ -103,9 +103,9 @@ def save_checkpoint(directory: str | os.PathLike[str], checkpoint: Checkpoint) -
     """
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    tensors = {_WEIGHTS + k: np.ascontiguousarray(v) for k, v in checkpoint.weights.items()}
+    tensors = {_WEIGHTS + k: np.asarray(v, order="C") for k, v in checkpoint.weights.items()}
     tensors.update(
-        {_OPTIMIZER + k: np.ascontiguousarray(v) for k, v in checkpoint.optimizer_state.items()}
+        {_OPTIMIZER + k: np.asarray(v, order="C") for k, v in checkpoint.optimizer_state.items()}
     )
     blob = st_save(tensors, metadata={"round": str(checkpoint.round)})
     name = f"round_{checkpoint.round:05d}.safetensors"

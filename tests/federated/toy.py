@@ -35,7 +35,9 @@ class ToyNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(N_FEATURES, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.ReLU())
+        self.encoder = nn.Sequential(
+            nn.Linear(N_FEATURES, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.ReLU()
+        )
         self.head = nn.Linear(HIDDEN, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,6 +142,8 @@ class ToySite:
         Seconds to sleep in each fit (timeouts; killing mid-round).
     state_dir : Path or None
         Where FedBN local state is kept per round (else in memory).
+    name_data_as : str or None
+        Make this site an exact clone of the site of that name (data and random draws).
     """
 
     def __init__(
@@ -157,6 +161,8 @@ class ToySite:
         name_data_as: str | None = None,
     ) -> None:
         self.name = name
+        # a clone of another site (same data, same random draws) when name_data_as is given
+        self.seed_name = name_data_as or name
         self.n = n
         self.x, self.y = make_data(name_data_as or name, data_seed, n, shift)
         self.xv, self.yv = make_data("val:" + (name_data_as or name), data_seed, n, shift)
@@ -176,7 +182,7 @@ class ToySite:
         folder = self.state_dir / self.name
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".local_{rnd:05d}.tmp"
-        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
+        save_file({k: np.asarray(v, order="C") for k, v in state.items()}, str(tmp))
         os.replace(tmp, folder / f"local_{rnd:05d}.safetensors")
 
     def _load_local(self, before: int) -> dict[str, np.ndarray] | None:
@@ -228,9 +234,9 @@ class ToySite:
             time.sleep(self.sleep)
         model = self._model(request, upto=request.round)
         g = torch.Generator().manual_seed(
-            site_seed(int(request.config["seed"]), self.name, request.round)
+            site_seed(int(request.config["seed"]), self.seed_name, request.round)
         )
-        loss = train_steps(
+        train_loss = train_steps(
             model,
             self.x,
             self.y,
@@ -254,7 +260,7 @@ class ToySite:
             weights=weights,
             n_samples=self.n,
             group_counts={} if self.train_encoder else {"encoder.": 0},
-            metrics={"loss": loss},
+            metrics={"loss": train_loss},
             local_keys=local_keys,
         )
         if faulty:
