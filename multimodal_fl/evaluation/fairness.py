@@ -52,10 +52,19 @@ from multimodal_fl.evaluation.metrics import (
     check_binary_inputs,
     choose_threshold,
     derive_seed,
+    paired_bootstrap_difference,
     undefined_reason,
 )
 
-__all__ = ["FairnessReport", "cell_reason", "fairness_report", "resolve_thresholds"]
+__all__ = [
+    "CrossSiteResult",
+    "FairnessReport",
+    "cell_reason",
+    "cross_site_matrix",
+    "fairness_report",
+    "local_vs_federated",
+    "resolve_thresholds",
+]
 
 CELL_COLUMNS: tuple[str, ...] = (
     "scope",
@@ -704,3 +713,208 @@ def fairness_report(
         "interval": "stratified percentile bootstrap",
     }
     return FairnessReport(cells_df, summary_df, disp_df, thresholds, source, settings)
+
+
+# --------------------------------------------------------------------------------------------
+# generalisability: cross-site matrix and local -> federated change
+
+
+@dataclass
+class CrossSiteResult:
+    """A model x test-site table of one metric (EXAM-style generalisability).
+
+    Attributes
+    ----------
+    long : pandas.DataFrame
+        One row per (model, test_site): ``value``, ``lo``, ``hi``, ``n``, ``suppressed``,
+        ``reason``.
+    metric : str
+        The metric.
+    """
+
+    long: pd.DataFrame
+    metric: str
+
+    @property
+    def matrix(self) -> pd.DataFrame:
+        """Values as a model x test-site matrix (NaN where suppressed)."""
+        return self.long.pivot(index="model", columns="test_site", values="value")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        return {"metric": self.metric, "cells": _records(self.long)}
+
+
+def cross_site_matrix(
+    predictions: pd.DataFrame,
+    *,
+    metric: str = "auc",
+    model_col: str = "model",
+    test_site_col: str = "site",
+    label_col: str = "label",
+    score_col: str = "score",
+    split_col: str = "split",
+    split: str | None = "test",
+    threshold: float | None = None,
+    min_cell: int = 10,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> CrossSiteResult:
+    """Each model tested on each site's test set: the cross-site matrix with intervals.
+
+    Parameters
+    ----------
+    predictions : pandas.DataFrame
+        Long table: one row per (model, patient) with ``model`` (e.g. ``local:site_a``,
+        ``federated``), ``site`` (the test site), ``label``, ``score`` and ``split``.
+    metric : str
+        A built-in metric name.
+    model_col, test_site_col, label_col, score_col, split_col : str
+        Column names.
+    split : str or None
+        Rows used (default ``test``; ``None`` for all).
+    threshold : float or None
+        For threshold metrics.
+    min_cell : int
+        Small-cell rule for each (model, test site) cell.
+    n_boot, alpha, seed
+        Stratified bootstrap settings.
+
+    Returns
+    -------
+    CrossSiteResult
+    """
+    needed = [model_col, test_site_col, label_col, score_col] + ([split_col] if split else [])
+    missing = [c for c in needed if c not in predictions.columns]
+    if missing:
+        raise ValueError(
+            f"cross_site_matrix: predictions lack column(s) {missing}; present: "
+            f"{list(predictions.columns)}"
+        )
+    df = predictions if split is None else predictions[predictions[split_col] == split]
+    rows: list[dict[str, Any]] = []
+    for (model, site), d in df.groupby([model_col, test_site_col], sort=True):
+        y, s = check_binary_inputs(d[label_col].to_numpy(), d[score_col].to_numpy(),
+                                   where=f"model {model!r} on site {site!r}")
+        reason = cell_reason(y, min_cell)
+        base = {"model": str(model), "test_site": str(site)}
+        if reason is not None:
+            hide = y.size < min_cell
+            rows.append(base | {"value": None, "lo": None, "hi": None,
+                                "n": None if hide else int(y.size), "suppressed": True,
+                                "reason": reason})
+            continue
+        v = binary_metrics(y, s, metrics=(metric,), threshold=threshold, n_boot=n_boot,
+                           alpha=alpha, seed=derive_seed(seed, model, site))[metric]
+        rows.append(base | {"value": v.value, "lo": v.lo, "hi": v.hi, "n": int(y.size),
+                            "suppressed": v.value is None, "reason": v.reason})
+    long = pd.DataFrame(rows, columns=["model", "test_site", "value", "lo", "hi", "n",
+                                       "suppressed", "reason"])
+    for c in ("value", "lo", "hi"):
+        long[c] = pd.to_numeric(long[c], errors="coerce").astype(np.float64)
+    long["n"] = pd.array(long["n"].tolist(), dtype="Int64")
+    return CrossSiteResult(long, metric)
+
+
+def local_vs_federated(
+    local: pd.DataFrame,
+    federated: pd.DataFrame,
+    *,
+    metric: str = "auc",
+    site_col: str = "site",
+    id_col: str = "patient_id",
+    label_col: str = "label",
+    score_col: str = "score",
+    split_col: str = "split",
+    split: str | None = "test",
+    threshold: float | None = None,
+    min_cell: int = 10,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Per-site change from the site's local-only model to the federated model.
+
+    Both models are scored on the same patients (joined on site and patient id), and the
+    interval of the change comes from a paired stratified bootstrap.
+
+    Parameters
+    ----------
+    local : pandas.DataFrame
+        Each site's own local-only model's predictions on its own patients.
+    federated : pandas.DataFrame
+        The federated (or any comparison) model's predictions on the same patients.
+    metric : str
+        A built-in metric name.
+    site_col, id_col, label_col, score_col, split_col : str
+        Column names.
+    split : str or None
+        Rows compared (default ``test``).
+    threshold : float or None
+        For threshold metrics.
+    min_cell : int
+        Small-cell rule per site.
+    n_boot, alpha, seed
+        Bootstrap settings.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per site: ``local``, ``local_lo``, ``local_hi``, ``federated``,
+        ``federated_lo``, ``federated_hi``, ``change``, ``change_lo``, ``change_hi``, ``n``,
+        ``suppressed``, ``reason``.
+
+    Raises
+    ------
+    ValueError
+        On missing columns or labels that disagree between the two tables.
+    """
+    cols = [site_col, id_col, label_col, score_col] + ([split_col] if split else [])
+    for name, d in (("local", local), ("federated", federated)):
+        missing = [c for c in cols if c not in d.columns]
+        if missing:
+            raise ValueError(
+                f"local_vs_federated: {name} predictions lack column(s) {missing}; present: "
+                f"{list(d.columns)}"
+            )
+    a = local if split is None else local[local[split_col] == split]
+    b = federated if split is None else federated[federated[split_col] == split]
+    a = a[[site_col, id_col, label_col, score_col]].astype({site_col: str, id_col: str})
+    b = b[[site_col, id_col, label_col, score_col]].astype({site_col: str, id_col: str})
+    m = a.merge(b, on=[site_col, id_col], suffixes=("_local", "_fed"), validate="one_to_one")
+    bad = m[label_col + "_local"] != m[label_col + "_fed"]
+    if bad.any():
+        ex = m.loc[bad, [site_col, id_col]].head(3).to_dict("records")
+        raise ValueError(f"local_vs_federated: labels differ between the runs for {ex}")
+    rows: list[dict[str, Any]] = []
+    for site, d in m.groupby(site_col, sort=True):
+        y = d[label_col + "_local"].to_numpy()
+        sl = d[score_col + "_local"].to_numpy()
+        sf = d[score_col + "_fed"].to_numpy()
+        row: dict[str, Any] = {"site": str(site)}
+        reason = cell_reason(y, min_cell)
+        if reason is not None:
+            rows.append(row | {"n": None if len(y) < min_cell else len(y), "suppressed": True,
+                               "reason": reason})
+            continue
+        cell_seed = derive_seed(seed, site)
+        vl = binary_metrics(y, sl, metrics=(metric,), threshold=threshold, n_boot=n_boot,
+                            alpha=alpha, seed=cell_seed)[metric]
+        vf = binary_metrics(y, sf, metrics=(metric,), threshold=threshold, n_boot=n_boot,
+                            alpha=alpha, seed=cell_seed)[metric]
+        dv = paired_bootstrap_difference(y, sl, sf, metric=metric, threshold=threshold,
+                                         n_boot=n_boot, alpha=alpha, seed=cell_seed)
+        rows.append(row | {
+            "local": vl.value, "local_lo": vl.lo, "local_hi": vl.hi,
+            "federated": vf.value, "federated_lo": vf.lo, "federated_hi": vf.hi,
+            "change": dv.value, "change_lo": dv.lo, "change_hi": dv.hi,
+            "n": len(y), "suppressed": False, "reason": None,
+        })
+    out = pd.DataFrame(rows, columns=[
+        "site", "local", "local_lo", "local_hi", "federated", "federated_lo", "federated_hi",
+        "change", "change_lo", "change_hi", "n", "suppressed", "reason"])
+    for c in out.columns[1:10]:
+        out[c] = pd.to_numeric(out[c], errors="coerce").astype(np.float64)
+    out["n"] = pd.array(out["n"].tolist(), dtype="Int64")
+    return out
