@@ -5,9 +5,9 @@ Everything here works on ``dict[str, numpy.ndarray]`` and knows no modality, mod
 Rules (also in ``docs/federated.md``):
 
 * **Weights.** A site's weight for a key is the sample count of the key's parameter group:
-  ``Reply.group_counts[g]`` for the longest prefix ``g`` (over all replies' groups) that the key
-  starts with; ``Reply.n_samples`` when the key is in no group or the site does not list the
-  group. A site with count 0 for a group does not contribute to it. A key no site contributed
+  ``Reply.group_counts[g]`` for the longest prefix ``g`` among the groups *that site* lists
+  which the key starts with; ``Reply.n_samples`` when the key is in none of its groups. A site
+  with count 0 for a group does not contribute to it. A key no site contributed
   to keeps its old global value (and the server optimiser leaves it and its state untouched).
 * **Floating arrays** (parameters and buffers such as BatchNorm running statistics alike) are
   averaged as ``sum_i (c_i / C) * w_i`` in float64 and cast back to their dtype, in sorted site
@@ -296,21 +296,17 @@ def aggregate(replies: Sequence[Reply], global_weights: Mapping[str, np.ndarray]
     """
     ordered = sorted(replies, key=lambda r: r.site)
     local: set[str] = set()
-    groups: set[str] = set()
     for reply in ordered:
         local.update(reply.local_keys)
-        groups.update(g for g in reply.group_counts)
     out: StateDict = {}
     for key in global_weights:
         if key in local:
             continue
-        group = group_of(key, groups)
         values: list[np.ndarray] = []
         weights: list[float] = []
         for reply in ordered:
-            count = (
-                reply.n_samples if group is None else reply.group_counts.get(group, reply.n_samples)
-            )
+            group = group_of(key, reply.group_counts)
+            count = reply.n_samples if group is None else reply.group_counts[group]
             if count > 0:
                 values.append(reply.weights[key])
                 weights.append(float(count))

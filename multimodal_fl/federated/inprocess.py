@@ -50,6 +50,8 @@ class InProcessFederation:
                     "expected an object implementing multimodal_fl.federated.server.Site"
                 )
         self._sites = dict(sites)
+        #: Seconds each site's ``handle`` took in the last broadcast (for overhead benchmarks).
+        self.last_site_seconds: dict[str, float] = {}
 
     def sites(self) -> list[str]:
         """Return the site names, sorted.
@@ -79,6 +81,7 @@ class InProcessFederation:
             One answer per requested site.
         """
         answers: dict[str, Reply | SiteFailure] = {}
+        self.last_site_seconds = {}
         for name in sorted(requests):
             site = self._sites.get(name)
             if site is None:
@@ -96,8 +99,10 @@ class InProcessFederation:
             except Exception as exc:  # a site's fault must never stop the server
                 log.debug("site %s raised", name, exc_info=True)
                 answers[name] = SiteFailure(name, f"{type(exc).__name__}: {exc}")
+                self.last_site_seconds[name] = time.perf_counter() - started
                 continue
             elapsed = time.perf_counter() - started
+            self.last_site_seconds[name] = elapsed
             if timeout is not None and elapsed > timeout:
                 answers[name] = SiteFailure(
                     name, f"timed out: replied after {elapsed:.2f} s, timeout {timeout:g} s"

@@ -107,6 +107,20 @@ def test_group_counts_exclude_sites_that_did_not_train() -> None:
     np.testing.assert_allclose(out["enc.img.w"], img, rtol=1e-6)
 
 
+def test_each_site_resolves_groups_among_its_own_prefixes() -> None:
+    g, a, b = _state(), _state(), _state()
+    replies = [
+        _reply("a", a, 10, group_counts={"enc.text.": 4}),
+        _reply("b", b, 30, group_counts={"enc.": 0}),  # b trained no encoder at all
+    ]
+    out = aggregate(replies, g)
+    np.testing.assert_array_equal(out["enc.text.w"], a["enc.text.w"])
+    np.testing.assert_array_equal(out["enc.img.w"], a["enc.img.w"])
+    np.testing.assert_allclose(
+        out["head.b"], (10 * a["head.b"] + 30 * b["head.b"]) / 40, rtol=1e-12
+    )
+
+
 def test_group_nobody_trained_keeps_global_value() -> None:
     g = _state()
     replies = [

@@ -299,6 +299,7 @@ def test_inprocess_failures_and_copies() -> None:
     assert isinstance(answers["m"], Reply)
     assert isinstance(answers["x"], SiteFailure) and "expected a Reply" in answers["x"].reason
     assert isinstance(answers["zz"], SiteFailure) and "unknown site 'zz'" in answers["zz"].reason
+    assert set(fed.last_site_seconds) == {"m", "x"}  # per-site handle time, unknown sites aside
     with pytest.raises(TypeError, match="handle"):
         InProcessFederation({"bad": object()})  # type: ignore[dict-item]
 
