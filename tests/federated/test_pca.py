@@ -371,3 +371,25 @@ def test_scikit_learn_check_estimator() -> None:
     results = check_estimator(FederatedPCA(), on_fail=None)
     failed = [(r["check_name"], str(r["exception"])) for r in results if r["status"] == "failed"]
     assert failed == []
+
+
+def test_reply_survives_flower_array_serialisation() -> None:
+    flwr_app = pytest.importorskip("flwr.app")
+    x = make_sites([30], 7, seed=47)[0]
+    reply = site_pca_reply(x)
+    record = flwr_app.ArrayRecord({k: flwr_app.Array(v) for k, v in reply.items()})
+    back = {k: record[k].numpy() for k in record}
+    est = server_pca_merge({"only": back}, 3)
+    assert_same_fit(est, PCA(3, svd_solver="full").fit(x))
+
+
+def test_accepts_float32_lists_and_dataframes() -> None:
+    pd = pytest.importorskip("pandas")
+    x = make_sites([40], 5, seed=53)[0]
+    ref = FederatedPCA(2).fit_sites([x])
+    from_lists = FederatedPCA(2).fit_sites([x[:25].tolist(), x[25:].astype(np.float32)])
+    assert subspace_error(from_lists.components_, ref.components_) < 1e-6
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(5)])
+    est = FederatedPCA(2).fit(frame)
+    assert list(est.feature_names_in_) == list(frame.columns)
+    np.testing.assert_allclose(est.transform(frame), ref.transform(x), atol=1e-9)
