@@ -505,7 +505,8 @@ class FederatedPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
     Parameters
     ----------
     n_components : int or None, default=None
-        Number of components to keep; None keeps ``min(n_samples, n_features)``.
+        Number of components to keep; None keeps ``min(n_samples, n_features)``
+        (or all the merged summary carries, when ``site_rank`` truncates).
         Must not exceed ``min(n_samples, n_features)`` of the pooled data.
     site_rank : int or None, default=None
         Rows of ``S · Vᵀ`` each site keeps in :meth:`local_summary`; None is
@@ -614,7 +615,10 @@ class FederatedPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         self
         """
         self._validate_params_()
-        self._fit_merged(merge(summaries))
+        merged = merge(summaries)
+        if hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        self._fit_merged(merged)
         return self
 
     def partial_fit_summary(self, summary: PCASummary) -> FederatedPCA:
@@ -722,7 +726,7 @@ class FederatedPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         if n < 2:
             raise ValueError(f"PCA needs at least 2 samples over all sites; got {n}")
         limit = min(n, d)
-        k = limit if self.n_components is None else int(self.n_components)
+        k = min(limit, merged.rank) if self.n_components is None else int(self.n_components)
         if k > limit:
             raise ValueError(
                 f"n_components={k} must be between 1 and min(n_samples, n_features)="

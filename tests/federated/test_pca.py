@@ -393,3 +393,11 @@ def test_accepts_float32_lists_and_dataframes() -> None:
     est = FederatedPCA(2).fit(frame)
     assert list(est.feature_names_in_) == list(frame.columns)
     np.testing.assert_allclose(est.transform(frame), ref.transform(x), atol=1e-9)
+
+
+def test_default_n_components_keeps_what_truncated_summaries_carry() -> None:
+    sites = make_sites([30, 40], 12, seed=59)
+    with pytest.warns(TruncationWarning):
+        est = FederatedPCA(site_rank=3).fit_sites(sites)
+    assert est.n_components_ == 3 + 3 + 1  # two blocks of 3 rows and one correction row
+    assert FederatedPCA().fit_sites(sites).n_components_ == 12
