@@ -164,8 +164,8 @@ class Reply:
         The site's state dict after local training (fit), minus ``local_keys`` if it likes.
     group_counts : dict[str, int]
         Samples that trained each parameter group, keyed by key prefix (e.g. ``"encoders.text."``).
-        A key belongs to the longest matching prefix; keys in no listed group, and groups a site
-        does not list, count ``n_samples``. A count of 0 means "did not train it".
+        A key takes the count of the longest prefix listed here that it starts with; a key in
+        none of these groups counts ``n_samples``. A count of 0 means "did not train it".
     n_samples : int
         The site's training-set size (fit) or evaluation-set size (evaluate); the FedAvg weight.
     metrics : dict[str, float]
