@@ -230,7 +230,9 @@ def build_transform(
         steps.append(_Load())
     steps += [_ToSpatialDims(d), _ToChannels(spec.channels)]
     if d == 3:
-        steps.append(mt.Orientation(axcodes=spec.orientation))
+        steps.append(
+            mt.Orientation(axcodes=spec.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))
+        )
         if spec.pixdim is not None:
             steps.append(mt.Spacing(pixdim=(float(spec.pixdim),) * 3, mode="bilinear"))
             steps.append(mt.ResizeWithPadOrCrop(spatial_size=(spec.size,) * 3))

@@ -1,0 +1,109 @@
+"""TabularEncoder and Standardizer: pooled vs federated statistics, missing values, state dict."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from multimodal_fl.encoders import Standardizer, TabularEncoder, combine_moments
+
+
+def _data(seed: int = 0, n: int = 60, f: int = 4) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    X = rng.normal(loc=[0, 10, -5, 100], scale=[1, 2, 0.5, 30], size=(n, f))
+    X[rng.random((n, f)) < 0.25] = np.nan
+    X[:, 2][: n // 2] = np.nan  # a feature one site never observes
+    return X
+
+
+def test_federated_moments_equal_pooled_fit() -> None:
+    X = _data()
+    sites = [X[:30], X[30:45], X[45:]]
+    pooled = Standardizer(4).fit(X)
+    fed = Standardizer.from_moments(*combine_moments(Standardizer.site_moments(s) for s in sites))
+    np.testing.assert_allclose(fed.mean.numpy(), np.nanmean(X, axis=0), rtol=1e-10)
+    np.testing.assert_allclose(fed.scale.numpy(), np.nanstd(X, axis=0), rtol=1e-8)
+    np.testing.assert_allclose(fed.mean.numpy(), pooled.mean.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(fed.scale.numpy(), pooled.scale.numpy(), rtol=1e-12)
+    np.testing.assert_array_equal(fed.count.numpy(), (~np.isnan(X)).sum(0))
+
+
+def test_unobserved_and_constant_features() -> None:
+    X = np.array([[1.0, np.nan, 3.0], [1.0, np.nan, 5.0]])
+    s = Standardizer(3).fit(X)
+    assert s.mean.tolist()[:2] == [1.0, 0.0] and s.scale.tolist()[:2] == [1.0, 1.0]
+    out = s(torch.tensor(X))
+    assert torch.isnan(out[:, 1]).all() and torch.isfinite(out[:, [0, 2]]).all()
+    with pytest.raises(ValueError, match="3 entries"):
+        s.set_moments([1.0], [1.0], [1.0])
+    with pytest.raises(ValueError, match="infinite"):
+        Standardizer.site_moments(np.array([[np.inf]]))
+    with pytest.raises(ValueError, match="different feature counts"):
+        combine_moments([Standardizer.site_moments(X), Standardizer.site_moments(X[:, :2])])
+
+
+def test_statistics_travel_in_state_dict() -> None:
+    enc = TabularEncoder(4, hidden=[8])
+    enc.standardizer.fit(_data())
+    state = enc.state_dict()
+    assert {"standardizer.mean", "standardizer.scale", "standardizer.count"} <= set(state)
+    other = TabularEncoder(4, hidden=[8])
+    other.load_state_dict(state)
+    assert torch.equal(other.standardizer.mean, enc.standardizer.mean)
+
+
+def test_missing_values_are_imputed_with_indicators() -> None:
+    torch.manual_seed(0)
+    enc = TabularEncoder(4, hidden=[16, 8], dropout=0.0).eval()
+    enc.standardizer.fit(_data())
+    x = torch.tensor(_data(1, n=5), dtype=torch.float32)
+    out = enc(x)
+    assert out.shape == (5, 8) and enc.output_dim == 8 and torch.isfinite(out).all()
+    prepared = enc.prepare(x)
+    assert prepared.shape == (5, 8)
+    np.testing.assert_array_equal(prepared[:, 4:].numpy(), np.isnan(x.numpy()).astype(np.float32))
+    # "missing" differs from "observed at the mean" only through the indicator
+    mean_row = enc.standardizer.mean.to(torch.float32).unsqueeze(0)
+    missing_row = torch.full((1, 4), float("nan"))
+    assert not torch.allclose(enc(mean_row), enc(missing_row))
+    no_ind = TabularEncoder(4, hidden=[8], missing_indicators=False).eval()
+    no_ind.load_state_dict(no_ind.state_dict())
+    assert no_ind.prepare(missing_row).shape == (1, 4)
+
+
+def test_embed_dim_config_and_errors() -> None:
+    enc = TabularEncoder.from_config(
+        {"encoder": "mlp", "hidden": [8], "embed_dim": 3}, n_features=2
+    )
+    assert enc.output_dim == 3 and enc(torch.zeros(2, 2)).shape == (2, 3)
+    with pytest.raises(ValueError, match="accepted: \\['mlp'\\]"):
+        TabularEncoder.from_config({"encoder": "xgb"}, n_features=2)
+    with pytest.raises(ValueError, match="did you mean 'hidden'"):
+        TabularEncoder.from_config({"hiden": [3]}, n_features=2)
+    with pytest.raises(ValueError, match=r"Tensor\[B, 2\]"):
+        enc(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="infinite"):
+        enc(torch.tensor([[float("inf"), 0.0]]))
+    with pytest.raises(ValueError, match="feature_names"):
+        TabularEncoder(2, feature_names=["a"])
+
+
+def test_trains_to_fit_a_signal() -> None:
+    """The MLP learns a rule that depends on missingness (sanity check of the wiring)."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 3))
+    X[rng.random(400) < 0.5, 1] = np.nan
+    y = torch.tensor((np.isnan(X[:, 1]) ^ (X[:, 0] > 0)).astype(np.float32))
+    enc = TabularEncoder(3, hidden=[16], embed_dim=1, dropout=0.0)
+    enc.standardizer.fit(X)
+    xt = torch.tensor(X, dtype=torch.float32)
+    opt = torch.optim.Adam(enc.parameters(), lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(enc(xt)[:, 0], y)
+        loss.backward()
+        opt.step()
+    acc = float(((enc(xt)[:, 0] > 0).float() == y).float().mean())
+    assert acc > 0.95

@@ -1,0 +1,105 @@
+"""Image transforms: readers per format, channel conversion, 3D reorientation, errors, augmentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from multimodal_fl.encoders import ImageReadError, ImageTransformSpec, load_image
+
+
+@pytest.mark.parametrize(
+    "key", ["grey_png", "rgb_jpg", "rgba_png", "palette_png", "grey16_png", "dicom"]
+)
+def test_2d_formats_give_one_channel_resized_minmax(image_files: dict[str, Path], key: str) -> None:
+    x = load_image(image_files[key], spatial_dims=2, size=24)
+    assert x.shape == (1, 24, 24) and x.dtype == torch.float32
+    assert float(x.min()) == pytest.approx(0.0, abs=1e-6)
+    assert float(x.max()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_rgb_is_converted_by_luminance(tmp_path: Path) -> None:
+    from PIL import Image
+
+    arr = np.zeros((8, 8, 3), dtype=np.uint8)
+    arr[:, :4] = (255, 0, 0)  # red half
+    arr[:, 4:] = (0, 255, 0)  # green half: brighter in luminance
+    Image.fromarray(arr).save(tmp_path / "rg.png")
+    x = load_image(tmp_path / "rg.png", spatial_dims=2, size=8)
+    # PILReader swaps axes: columns of the PNG are the first spatial axis
+    assert float(x[0, :4].mean()) < float(x[0, 4:].mean())
+    rgb = load_image(tmp_path / "rg.png", spatial_dims=2, size=8, channels=3)
+    assert rgb.shape == (3, 8, 8) and not torch.equal(rgb[0], rgb[1])  # colour kept
+
+
+def test_grey_repeated_to_three_channels(image_files: dict[str, Path]) -> None:
+    three = load_image(image_files["grey_png"], spatial_dims=2, size=8, channels=3)
+    assert three.shape == (3, 8, 8)
+    assert torch.equal(three[0], three[1]) and torch.equal(three[0], three[2])
+
+
+def test_3d_nifti_zscore_and_resize(image_files: dict[str, Path]) -> None:
+    x = load_image(image_files["nifti"], spatial_dims=3, size=12)
+    assert x.shape == (1, 12, 12, 12)
+    assert float(x.mean()) == pytest.approx(0.0, abs=1e-3)
+    assert float(x.std()) == pytest.approx(1.0, abs=2e-2)
+    y = load_image(
+        image_files["nifti"], spec=ImageTransformSpec(spatial_dims=3, size=12, pixdim=3.0)
+    )
+    assert y.shape == (1, 12, 12, 12)
+    assert not torch.allclose(x, y)  # resampling by spacing differs from plain resizing
+
+
+def test_3d_reorientation_to_ras(tmp_path: Path) -> None:
+    """A volume stored left-right flipped (LAS affine) comes out like its RAS twin."""
+    rng = np.random.default_rng(1)
+    vol = rng.random((10, 12, 14)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "ras.nii.gz"))
+    las = np.diag([-1.0, 1.0, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(vol[::-1].copy(), las), str(tmp_path / "las.nii.gz"))
+    spec = ImageTransformSpec(spatial_dims=3, size=10, normalize="minmax")
+    a = load_image(tmp_path / "ras.nii.gz", spec=spec)
+    b = load_image(tmp_path / "las.nii.gz", spec=spec)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_training_augmentation_is_seeded_and_random(image_files: dict[str, Path]) -> None:
+    f = image_files["grey_png"]
+    a = load_image(f, spatial_dims=2, size=24, train=True, seed=3)
+    b = load_image(f, spatial_dims=2, size=24, train=True, seed=3)
+    evals = load_image(f, spatial_dims=2, size=24)
+    assert torch.equal(a, b)
+    outs = [load_image(f, spatial_dims=2, size=24, train=True, seed=s) for s in range(6)]
+    assert any(not torch.allclose(o, evals) for o in outs)
+    vol = load_image(image_files["nifti"], spatial_dims=3, size=8, train=True, seed=0)
+    assert vol.shape == (1, 8, 8, 8)
+
+
+def test_errors_name_the_file(image_files: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ImageReadError, match=r"corrupt\.png.*PILReader"):
+        load_image(image_files["corrupt_png"], spatial_dims=2, size=8)
+    with pytest.raises(ImageReadError, match=r"missing\.png.*does not exist"):
+        load_image(tmp_path / "missing.png", spatial_dims=2, size=8)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    with pytest.raises(ImageReadError, match=r"notes\.txt.*accepted suffixes"):
+        load_image(notes, spatial_dims=2, size=8)
+    with pytest.raises(ImageReadError, match=r"brain\.nii\.gz.*3 spatial axes"):
+        load_image(image_files["nifti"], spatial_dims=2, size=8)
+    with pytest.raises(ImageReadError, match=r"grey\.png.*spatial_dims=3"):
+        load_image(image_files["grey_png"], spatial_dims=3, size=8)
+
+
+def test_spec_validation_and_description() -> None:
+    with pytest.raises(ValueError, match="spatial_dims"):
+        ImageTransformSpec(spatial_dims=4)
+    with pytest.raises(ValueError, match="channels"):
+        ImageTransformSpec(channels=2)
+    a, b = ImageTransformSpec(size=32), ImageTransformSpec(size=64)
+    assert a.describe() != b.describe()
+    assert a.describe() == ImageTransformSpec(size=32).describe()
+    assert ImageTransformSpec(spatial_dims=3).norm == "zscore"
