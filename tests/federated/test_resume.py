@@ -157,3 +157,36 @@ def test_sigkill_mid_round_then_resume_is_bit_identical(tmp_path: Path) -> None:
     _same_bits(resumed.weights, full.weights)
     _same_bits(resumed.optimizer_state, full.optimizer_state)
     _same_history(resumed.history, full.history)
+
+
+class _Killed(BaseException):
+    """Stands in for a SIGKILL between two file writes."""
+
+
+def test_crash_between_weights_and_record_keeps_last_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import multimodal_fl.federated.checkpoint as ck
+
+    real = ck._atomic_write
+
+    def dying(path: Path, data: bytes) -> None:
+        if path.name == CHECKPOINT_JSON and json.loads(data)["round"] == 2:
+            (path.parent / f".{path.name}.torn.tmp").write_bytes(data[:10])  # a half-written temp
+            raise _Killed
+        real(path, data)
+
+    monkeypatch.setattr(ck, "_atomic_write", dying)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(_Killed):
+        run_federated(toy_federation(), initial_weights(0), toy_config(ROUNDS), checkpoint_dir=ckpt)
+    monkeypatch.setattr(ck, "_atomic_write", real)
+    last = load_checkpoint(ckpt)
+    assert last is not None and last.round == 1  # round 2's weights file exists but is not named
+    assert (ckpt / "round_00002.safetensors").exists()
+    resumed = run_federated(
+        toy_federation(), initial_weights(0), toy_config(ROUNDS), checkpoint_dir=ckpt, resume=True
+    )
+    full = _uninterrupted()
+    _same_bits(resumed.weights, full.weights)
+    _same_history(resumed.history, full.history)
