@@ -176,7 +176,7 @@ def test_cross_site_matrix_and_local_vs_federated() -> None:
     assert m.shape == (3, 3)
     d = long[(long.model == "local:a") & (long.site == "b")]
     assert m.loc["local:a", "b"] == pytest.approx(roc_auc_score(d.label, d.score))
-    assert pd.isna(m.at["federated", "s"])  # 8 patients: suppressed
+    assert bool(m.isna().loc["federated"].loc["s"])  # 8 patients: suppressed
     assert "NaN" not in json.dumps(res.to_dict())
     local = pd.concat([long[(long.model == f"local:{s}") & (long.site == s)] for s in "ab"])
     fed = long[long.model == "federated"]
