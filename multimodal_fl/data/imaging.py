@@ -1,8 +1,9 @@
 """Linking image files to patients (no transforms: those live in ``encoders``).
 
-Linking rules, tried in this order; the first that links an image to a patient wins
-and later rules never override it (one image per patient: the latest acquired, else the
-first by path):
+Linking rules (an image file linked by an earlier rule is not linked again by a later
+one); all images linked to a patient are candidates, and the one used is the latest
+acquired on or before the feature cut-off (index + allowance), else the first undated one
+by path. An image acquired after the cut-off is never used.
 
 1. ``images.csv`` (``patient_id,path[,modality,view,acquired]``): ``path`` is relative to
    the site directory (e.g. ``images/p001.png``).
@@ -26,3 +27,163 @@ are refused and reported, never read. A linked image must be readable at header 
 (DICOM header, NIfTI header, PNG/JPEG header via Pillow); an unreadable image counts as
 absent and is reported.
 """
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+
+from multimodal_fl.data.errors import ErrorSink
+from multimodal_fl.data.fhir import SiteRecords, parse_time
+from multimodal_fl.data.sites import SiteFiles, image_suffix, read_csv, resolve_inside
+
+__all__ = ["check_readable", "link_images", "select_image"]
+
+IMAGE_PATH_SYSTEM = "urn:mmfl:image-path"
+
+
+def check_readable(path: Path) -> str | None:
+    """Header-level readability check of an image file.
+
+    DICOM: ``pydicom.dcmread(stop_before_pixels=True)``; NIfTI: ``nibabel.load`` (header
+    only, the array proxy is not read); PNG/JPEG: ``PIL.Image.open`` + ``verify``.
+
+    Returns
+    -------
+    str or None
+        None when readable, else why not.
+    """
+    suffix = image_suffix(path)
+    if not path.is_file():
+        return "file does not exist"
+    try:
+        if suffix == ".dcm":
+            import pydicom
+
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            if "Rows" not in ds and "PixelData" not in ds:
+                return "DICOM file has no image (no Rows / PixelData)"
+        elif suffix in {".nii", ".nii.gz"}:
+            import nibabel as nib
+
+            img = nib.load(str(path))
+            if len(img.shape) < 2:  # type: ignore[attr-defined]
+                return f"NIfTI image has shape {img.shape}"  # type: ignore[attr-defined]
+        elif suffix in {".png", ".jpg", ".jpeg"}:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.verify()
+        else:
+            return "unsupported image type (accepted: .dcm .nii .nii.gz .png .jpg .jpeg)"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _dicom_link(path: Path) -> tuple[str | None, datetime | None]:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[
+            "PatientID", "StudyDate", "AcquisitionDate", "ContentDate"])
+    except Exception:
+        return None, None
+    pid = str(ds.get("PatientID", "") or "").strip() or None
+    when = None
+    for tag in ("AcquisitionDate", "StudyDate", "ContentDate"):
+        v = str(ds.get(tag, "") or "")
+        if len(v) == 8 and v.isdigit():
+            when = parse_time(f"{v[:4]}-{v[4:6]}-{v[6:]}")
+            break
+    return pid, when
+
+
+def link_images(records: SiteRecords, site: SiteFiles, sink: ErrorSink,
+                known: Iterable[str]) -> dict[str, list[tuple[Path, datetime | None, str]]]:
+    """Link image files to patients by the rules in the module docstring.
+
+    Parameters
+    ----------
+    records
+        The site's FHIR records (ImagingStudy references in ``records.images``).
+    site
+        The site's files.
+    sink
+        Receives refused paths, unknown patients and bad dates.
+    known
+        Patient ids read from FHIR.
+
+    Returns
+    -------
+    dict
+        Patient id -> list of ``(absolute path, acquired time or None, rule)``.
+    """
+    known_ids = set(known)
+    out: dict[str, list[tuple[Path, datetime | None, str]]] = {}
+    linked: set[Path] = set()
+
+    def add(pid: str, path: Path, when: datetime | None, rule: str) -> None:
+        out.setdefault(pid, []).append((path, when, rule))
+        linked.add(path)
+
+    if site.images_csv is not None:
+        for row in read_csv(site.images_csv, "images.csv", sink):
+            rid = f"row {row['_row']}"
+            pid = row.get("patient_id", "")
+            if pid not in known_ids:
+                sink.report("images.csv", rid, "patient_id", "missing_patient",
+                            f"patient '{pid}' has no Patient resource at this site")
+                continue
+            path = resolve_inside(site.root, row.get("path", ""), file="images.csv", row=rid,
+                                  field="path", sink=sink)
+            if path is None:
+                continue
+            when = None
+            if row.get("acquired"):
+                try:
+                    when = parse_time(row["acquired"])
+                except ValueError as exc:
+                    sink.report("images.csv", rid, "acquired", "bad_date", str(exc))
+                    continue
+            add(pid, path, when, "images.csv")
+    for pid, refs in records.images.items():
+        for ref in refs:
+            path = resolve_inside(site.root, ref.path, file=ref.source, row=ref.resource_id,
+                                  field="identifier.value", sink=sink)
+            if path is not None and path not in linked:
+                add(pid, path, ref.time, "ImagingStudy")
+    for path in site.image_files:
+        if image_suffix(path) != ".dcm" or path.resolve() in linked:
+            continue
+        if not path.resolve().is_relative_to(site.root):
+            sink.report(site.rel(path), "", "<file>", "path_outside_site",
+                        f"{path} is a symlink leading outside the site directory; refused")
+            continue
+        dicom_pid, when = _dicom_link(path)
+        if dicom_pid is None:
+            continue
+        if dicom_pid not in known_ids:
+            sink.report(site.rel(path), dicom_pid, "PatientID", "missing_patient",
+                        f"DICOM PatientID '{dicom_pid}' has no Patient resource at this site")
+            continue
+        add(dicom_pid, path.resolve(), when, "DICOM PatientID")
+    return out
+
+
+def select_image(candidates: list[tuple[Path, datetime | None, str]], cutoff: datetime
+                 ) -> tuple[list[tuple[Path, datetime | None, str]], int]:
+    """Order a patient's images for use: dated on/before ``cutoff`` (latest first), then undated.
+
+    Returns
+    -------
+    tuple
+        The usable candidates in preference order, and how many were dropped because they
+        were acquired after the cut-off.
+    """
+    dated = sorted((c for c in candidates if c[1] is not None and c[1] <= cutoff),
+                   key=lambda c: c[1], reverse=True)  # type: ignore[arg-type, return-value]
+    undated = sorted((c for c in candidates if c[1] is None), key=lambda c: str(c[0]))
+    late = sum(1 for c in candidates if c[1] is not None and c[1] > cutoff)
+    return [*dated, *undated], late

@@ -1,0 +1,226 @@
+"""One table per site: patients, index time, label, features, images, notes, modality mask.
+
+``build_cohort(site, task, data=..., site_name=...)`` reads a site directory (see
+:mod:`multimodal_fl.data.sites`) and applies a task; ``build_cohorts(cfg)`` does it for
+every site of an experiment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from multimodal_fl.config import DataConfig, ExperimentConfig, SiteConfig, TaskSpec
+from multimodal_fl.data.errors import DataError, ErrorSink, Skip
+from multimodal_fl.data.fhir import FHIRReader, Note
+from multimodal_fl.data.imaging import link_images
+from multimodal_fl.data.sites import SiteFiles, discover_site, read_csv
+from multimodal_fl.data.tasks import apply_task, feature_names
+from multimodal_fl.data.text import load_url_notes, notes_from_csv
+
+__all__ = ["META_COLUMNS", "SiteCohort", "build_cohort", "build_cohorts", "empty_table"]
+
+META_COLUMNS = ["patient_id", "site", "index_time", "label", "image_path", "notes",
+                "has_image", "has_text", "has_tabular", "sex", "age", "age_band",
+                "max_feature_time"]
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class SiteCohort:
+    """The cohort table of one site and how it was read.
+
+    Attributes
+    ----------
+    site
+        Site name.
+    table
+        One row per patient: ``patient_id, site, index_time, label`` (0/1), one float
+        column per feature (NaN when missing), ``missing_<name>`` indicators,
+        ``image_path`` (absolute path or None), ``notes`` (list of str), ``has_image``,
+        ``has_text``, ``has_tabular``, ``sex``, ``age``, ``age_band``, ``max_feature_time``.
+    feature_names
+        The model input columns, in a stable order.
+    skipped
+        Every skipped file or record.
+    counts
+        Resources read / used / validated, skips by reason, exclusions by reason.
+    """
+
+    site: str
+    table: pd.DataFrame
+    feature_names: list[str]
+    skipped: list[Skip] = field(default_factory=list)
+    counts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_patients(self) -> int:
+        """Patients in the cohort."""
+        return len(self.table)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready summary: patients, positives, coverage, missingness, skips."""
+        t = self.table
+        n = len(t)
+        pos = int(t["label"].sum()) if n else 0
+        obs = [c for c in self.feature_names if f"missing_{c}" in t.columns]
+        missing = {c: (float(t[c].isna().mean()) if n else None) for c in obs}
+        return {
+            "site": self.site,
+            "patients": n,
+            "positives": pos,
+            "prevalence": pos / n if n else None,
+            "coverage": {m: (float(t[f"has_{m}"].mean()) if n else None)
+                         for m in ("image", "text", "tabular")},
+            "missingness": missing,
+            "counts": self.counts,
+            "skipped": [s.to_dict() for s in self.skipped],
+        }
+
+
+def empty_table(names: list[str]) -> pd.DataFrame:
+    """An empty cohort table with the right columns."""
+    return pd.DataFrame(columns=[*META_COLUMNS[:4], *[n for n in names if n not in META_COLUMNS],
+                                 *META_COLUMNS[4:]])
+
+
+def _read_labels(site: SiteFiles, sink: ErrorSink, known: set[str]) -> dict[str, int]:
+    if site.labels_csv is None:
+        return {}
+    out: dict[str, int] = {}
+    for row in read_csv(site.labels_csv, "labels.csv", sink):
+        rid = f"row {row['_row']}"
+        pid = row.get("patient_id", "")
+        if pid not in known:
+            sink.report("labels.csv", rid, "patient_id", "missing_patient",
+                        f"patient '{pid}' has no Patient resource at this site")
+            continue
+        raw = row.get("label", "").lower()
+        if raw not in {"0", "1", "true", "false", "0.0", "1.0"}:
+            sink.report("labels.csv", rid, "label", "bad_label",
+                        f"label '{row.get('label')}' is not 0/1 (true/false accepted)")
+            continue
+        value = int(raw in {"1", "true", "1.0"})
+        if pid in out and out[pid] != value:
+            sink.report("labels.csv", rid, "label", "conflicting_label",
+                        f"patient '{pid}' has conflicting labels; kept the first")
+            continue
+        out[pid] = value
+    return out
+
+
+def _to_table(rows: list[dict[str, Any]], names: list[str]) -> pd.DataFrame:
+    if not rows:
+        return empty_table(names)
+    table = pd.DataFrame(rows)
+    order = [*META_COLUMNS[:4], *[n for n in names if n not in META_COLUMNS],
+             *META_COLUMNS[4:]]
+    table = table[order]
+    table["index_time"] = pd.to_datetime(table["index_time"], utc=True)
+    table["max_feature_time"] = pd.to_datetime(table["max_feature_time"], utc=True)
+    table["label"] = table["label"].astype(int)
+    for n in names:
+        table[n] = table[n].astype(float)
+    for b in ("has_image", "has_text", "has_tabular"):
+        table[b] = table[b].astype(bool)
+    table["image_path"] = table["image_path"].astype(object)
+    return table.reset_index(drop=True)
+
+
+def build_cohort(
+    site: SiteConfig | Path | str,
+    task: TaskSpec,
+    *,
+    data: DataConfig | None = None,
+    site_name: str | None = None,
+    progress: ProgressFn | None = None,
+    check_images: bool = True,
+) -> SiteCohort:
+    """Read one site directory and build its cohort table for ``task``.
+
+    Parameters
+    ----------
+    site
+        A :class:`SiteConfig` or the site directory.
+    task
+        The task (cohort, index, features, label).
+    data
+        Error policy (``on_error``) and validation scope; default ``DataConfig()``.
+    site_name
+        Name for the ``site`` column (default: the SiteConfig name or the folder name).
+    progress
+        Called as ``progress(site_name, files_done, files_total)`` while reading FHIR.
+    check_images
+        Check each used image is readable (header level).
+
+    Returns
+    -------
+    SiteCohort
+        The table, feature names, skipped records and counts.
+
+    Raises
+    ------
+    DataError
+        When the site directory is missing or empty, or (``on_error: fail``) at the first
+        bad file or record.
+    """
+    data = data or DataConfig()
+    if isinstance(site, SiteConfig):
+        site_name = site_name or site.name
+        path = site.path
+    else:
+        path = Path(site)
+        site_name = site_name or path.name
+    files = discover_site(path)
+    sink = ErrorSink(on_error=data.on_error)
+    reader = FHIRReader(task, sink, validation=data.validation)
+    n = len(files.fhir_files)
+    for i, f in enumerate(files.fhir_files, start=1):
+        reader.read_file(f, files.rel(f))
+        if progress is not None:
+            progress(site_name, i, n)
+    records = reader.finish()
+    known = set(records.patients)
+    load_url_notes(records, files, sink)
+    notes: dict[str, list[Note]] = {pid: list(v) for pid, v in records.notes.items()}
+    if files.notes_csv is not None:
+        for pid, extra in notes_from_csv(files.notes_csv, sink, known).items():
+            notes.setdefault(pid, []).extend(extra)
+    images = link_images(records, files, sink, known)
+    labels = _read_labels(files, sink, known)
+    names = feature_names(task)
+    result = apply_task(task, records, site=site_name, sink=sink, notes=notes, images=images,
+                        labels_csv=labels, check_images=check_images)
+    table = _to_table(result.rows, names)
+    counts: dict[str, Any] = dict(records.counts)
+    counts["patients_read"] = len(records.patients)
+    counts["skipped_by_reason"] = dict(sorted(sink.by_reason.items()))
+    counts["excluded_by_reason"] = dict(sorted(result.excluded.items()))
+    counts.update({k: v for k, v in result.counts.items() if v})
+    return SiteCohort(site=site_name, table=table, feature_names=names,
+                      skipped=list(sink.skipped), counts=counts)
+
+
+def build_cohorts(cfg: ExperimentConfig, *, progress: ProgressFn | None = None
+                  ) -> dict[str, SiteCohort]:
+    """Build the cohort of every site of an experiment (``cfg.sites``, ``cfg.task``, ``cfg.data``).
+
+    Returns
+    -------
+    dict
+        Site name -> :class:`SiteCohort`, in the config's site order.
+    """
+    out: dict[str, SiteCohort] = {}
+    for site in cfg.sites:
+        out[site.name] = build_cohort(site, cfg.task, data=cfg.data, progress=progress)
+    return out
+
+
+
+
+__all__ += ["DataError"]

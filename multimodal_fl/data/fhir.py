@@ -1,0 +1,739 @@
+"""FHIR R4 Bundles / NDJSON -> per-patient records the task needs.
+
+Reading is two-pass by design:
+
+1. a fast dict-level pass (``orjson``) over every resource, which keeps only the
+   resources the task uses: ``Patient``; ``Encounter`` (for ``condition_encounter``
+   index times); ``Condition`` with a cohort, comorbidity or label code; ``Observation``
+   with a feature code (also as a ``component`` code, e.g. the blood-pressure panel
+   85354-9 with components 8480-6 / 8462-4); ``Procedure`` with a label code; ``Device``
+   with a label code and the ``DeviceUseStatement`` that dates it; ``MedicationRequest``
+   with a medication code (``medicationCodeableConcept``); ``DocumentReference``;
+   ``DiagnosticReport`` with ``presentedForm`` or ``conclusion``; ``ImagingStudy``;
+2. validation of only those resources with ``fhir.resources.R4B`` pydantic models
+   (``DataConfig.validation == "task"``), or of every resource (``"all"``).
+
+Patients are joined by ``Patient.id``; references may be ``Patient/<id>``,
+``urn:uuid:<id>`` (Synthea's transaction bundles) or any ``fullUrl`` of a bundle entry.
+All times become timezone-aware UTC datetimes (a date without a time is its midnight UTC;
+a time without an offset is taken as UTC).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from pydantic import ValidationError
+
+from multimodal_fl.config import CodeSet, TaskSpec
+from multimodal_fl.data.errors import ErrorSink
+from multimodal_fl.data.units import UnitError, convert
+
+__all__ = [
+    "Coded",
+    "FHIRReader",
+    "ObservationValue",
+    "PatientRecord",
+    "SiteRecords",
+    "iter_file_resources",
+    "known_resource_types",
+    "parse_time",
+]
+
+Coding = tuple[str, str]  # (system, code)
+
+
+@functools.cache
+def known_resource_types() -> frozenset[str]:
+    """Resource type names of FHIR R4B (classes deriving from Resource / DomainResource).
+
+    Read from the ``fhir.resources.R4B`` module sources (importing every model class
+    would take seconds).
+    """
+    import fhir.resources.R4B as r4b
+
+    pattern = re.compile(
+        r"^class (\w+)\((?:domainresource\.DomainResource|resource\.Resource)\)", re.M)
+    names: set[str] = set()
+    for folder in r4b.__path__:
+        for path in Path(folder).glob("*.py"):
+            names.update(pattern.findall(path.read_text(encoding="utf-8")))
+    names.discard("DomainResource")
+    return frozenset(names)
+
+
+@functools.cache
+def _model(resource_type: str) -> Any:
+    from fhir.resources.R4B import get_fhir_model_class
+
+    return get_fhir_model_class(resource_type)
+
+
+def parse_time(value: Any) -> datetime:
+    """Parse a FHIR date / dateTime / instant into an aware UTC datetime.
+
+    Parameters
+    ----------
+    value
+        ``YYYY``, ``YYYY-MM``, ``YYYY-MM-DD`` or a full dateTime (``Z`` or an offset).
+
+    Returns
+    -------
+    datetime
+        Timezone-aware, UTC.
+
+    Raises
+    ------
+    ValueError
+        When the value is not a FHIR date/dateTime.
+    """
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a FHIR date/dateTime string, got {value!r}")
+    s = value.strip()
+    if len(s) == 4 and s.isdigit():
+        s = f"{s}-01-01"
+    elif len(s) == 7 and s[4] == "-":
+        s = f"{s}-01"
+    try:
+        dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"'{value}' is not a FHIR date/dateTime (expected e.g. 2020-03-01 or "
+            "2020-03-01T10:00:00+01:00)"
+        ) from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC)
+
+
+def _codings(concept: Any) -> list[Coding]:
+    if not isinstance(concept, dict):
+        return []
+    out = []
+    for c in concept.get("coding") or []:
+        if isinstance(c, dict) and c.get("code") is not None:
+            out.append((str(c.get("system") or ""), str(c["code"])))
+    return out
+
+
+def matches(codings: Iterable[Coding], codeset: CodeSet) -> bool:
+    """True when any coding belongs to ``codeset`` (system-restricted when it names one)."""
+    codes = set(codeset.codes)
+    return any(code in codes and (codeset.system is None or system == codeset.system)
+               for system, code in codings)
+
+
+@dataclass
+class PatientRecord:
+    """One patient's demographics."""
+
+    id: str
+    file: str
+    birth: datetime | None = None
+    gender: str | None = None
+    deceased: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Coded:
+    """A coded, timed fact (condition, procedure, device use, medication request)."""
+
+    resource_id: str
+    file: str
+    codings: tuple[Coding, ...]
+    time: datetime | None
+    end: datetime | None = None
+    encounter: str | None = None
+
+
+@dataclass(frozen=True)
+class ObservationValue:
+    """One observation value of one feature, in the feature's canonical unit."""
+
+    feature: str
+    value: float
+    time: datetime
+    resource_id: str
+
+
+@dataclass(frozen=True)
+class Note:
+    """One clinical note with its date (None when undated) and where it came from."""
+
+    text: str
+    time: datetime | None
+    source: str
+    resource_id: str
+    url: str | None = None
+    kind: str = ""
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image file referenced by the FHIR data (ImagingStudy) or a CSV."""
+
+    path: str
+    time: datetime | None
+    source: str
+    resource_id: str
+
+
+@dataclass
+class SiteRecords:
+    """What the task needs from one site's FHIR data, grouped by patient id."""
+
+    patients: dict[str, PatientRecord] = field(default_factory=dict)
+    encounters: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
+    encounter_by_id: dict[str, Coded] = field(default_factory=dict)
+    conditions: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
+    procedures: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
+    devices: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
+    medications: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
+    observations: dict[str, list[ObservationValue]] = field(
+        default_factory=lambda: defaultdict(list))
+    notes: dict[str, list[Note]] = field(default_factory=lambda: defaultdict(list))
+    images: dict[str, list[ImageRef]] = field(default_factory=lambda: defaultdict(list))
+    counts: Counter[str] = field(default_factory=Counter)
+
+
+def iter_file_resources(path: Path, label: str, sink: ErrorSink
+                        ) -> Iterator[tuple[dict[str, Any], str | None]]:
+    """Yield ``(resource, fullUrl)`` from a ``.json`` Bundle/resource or an ``.ndjson`` file.
+
+    Invalid JSON and JSON that is not FHIR are reported to ``sink`` (file, line or entry)
+    and skipped; the rest of the file is still read.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        sink.report(label, "", "<file>", "unreadable_file", f"cannot read file: {exc}")
+        return
+    if path.suffix.lower() == ".ndjson":
+        for lineno, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                sink.report(label, f"line {lineno}", "<json>", "invalid_json",
+                            f"line {lineno} is not valid JSON ({exc}); NDJSON needs one "
+                            "resource object per line")
+                continue
+            yield from _unpack(obj, label, sink, where=f"line {lineno}")
+        return
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        sink.report(label, "", "<json>", "invalid_json",
+                    f"not valid JSON ({exc}); expected a FHIR Bundle or resource")
+        return
+    yield from _unpack(obj, label, sink, where="")
+
+
+def _unpack(obj: Any, label: str, sink: ErrorSink, where: str
+            ) -> Iterator[tuple[dict[str, Any], str | None]]:
+    if not isinstance(obj, dict) or not isinstance(obj.get("resourceType"), str):
+        sink.report(label, where, "resourceType", "not_fhir",
+                    "JSON is not a FHIR resource: expected an object with a 'resourceType' "
+                    "(a Bundle or a single resource)")
+        return
+    if obj["resourceType"] != "Bundle":
+        yield obj, None
+        return
+    entries = obj.get("entry") or []
+    if not isinstance(entries, list):
+        sink.report(label, str(obj.get("id") or where), "entry", "not_fhir",
+                    "Bundle.entry must be a list")
+        return
+    for i, entry in enumerate(entries):
+        res = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
+            sink.report(label, f"entry[{i}]", "entry.resource.resourceType", "not_fhir",
+                        "bundle entry has no resource with a 'resourceType'")
+            continue
+        yield res, entry.get("fullUrl")
+
+
+def _ref_key(ref: Any) -> str | None:
+    """Reference -> lookup key: 'Type/id', 'urn:uuid:x' or the literal reference."""
+    if not isinstance(ref, dict):
+        return None
+    r = ref.get("reference")
+    if not isinstance(r, str) or not r:
+        return None
+    return r
+
+
+def _first_time(res: dict[str, Any], fields: Iterable[str]) -> tuple[datetime | None, str]:
+    """The first present time among dotted ``fields``; raises ValueError naming the field."""
+    for f in fields:
+        node: Any = res
+        for part in f.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            try:
+                return parse_time(node), f
+            except ValueError as exc:
+                raise _BadField(f, str(exc)) from None
+    return None, ""
+
+
+class _BadField(ValueError):
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+
+
+_SUBJECT_FIELD = {"Device": "patient", "Patient": ""}
+_DEFERRED = {"Encounter", "Observation"}
+_Deferred = tuple[dict[str, Any], str, str, str, datetime | None]
+
+
+class FHIRReader:
+    """Reads FHIR files of one site into :class:`SiteRecords` for one task.
+
+    Parameters
+    ----------
+    task
+        The task: its codes decide which resources are kept and validated.
+    sink
+        Error policy and skip collection.
+    validation
+        ``"task"``: validate only kept resources with R4B models; ``"all"``: every resource.
+    """
+
+    def __init__(self, task: TaskSpec, sink: ErrorSink, *,
+                 validation: Literal["task", "all"] = "task") -> None:
+        self.task = task
+        self.sink = sink
+        self.validation = validation
+        self.records = SiteRecords()
+        lab = task.label
+        self._cond_sets = [*task.cohort.conditions, *task.features.conditions, *lab.conditions]
+        self._cond_codes = {c for s in self._cond_sets for c in s.codes}
+        self._proc_codes = {c for s in lab.procedures for c in s.codes}
+        self._dev_codes = {c for s in lab.devices for c in s.codes}
+        self._med_codes = {c for s in task.features.medications for c in s.codes}
+        self._obs: dict[str, list[tuple[str, str]]] = defaultdict(list)  # code -> (name, unit)
+        for feat in task.features.observations:
+            for code in feat.codes:
+                self._obs[code].append((feat.name, feat.unit))
+        self._need_encounters = task.index.kind == "condition_encounter"
+        # pending items whose references are resolved in finish()
+        self._alias: dict[str, str] = {}  # fullUrl / 'Patient/id' -> patient id
+        self._enc_alias: dict[str, str] = {}
+        self._dev_alias: dict[str, str] = {}
+        self._pending: list[tuple[str, str, str, str, Any]] = []  # kind, ref, file, rid, item
+        self._device_types: dict[str, Coded] = {}
+        self._device_uses: list[tuple[str, str, str, str, datetime]] = []
+        self._known = known_resource_types()
+        self._deferred_enc: list[_Deferred] = []
+        self._deferred_obs: list[_Deferred] = []
+        self._dated_devices: set[str | None] = set()
+
+    # ------------------------------------------------------------------ reading
+
+    def read_file(self, path: Path, label: str) -> None:
+        """Read one ``.json`` / ``.ndjson`` file (``label``: its name in reports)."""
+        self.records.counts["files_read"] += 1
+        self.records.counts["bytes_read"] += path.stat().st_size if path.exists() else 0
+        for res, full_url in iter_file_resources(path, label, self.sink):
+            self.add_resource(res, label, full_url)
+
+    def add_resource(self, res: dict[str, Any], label: str, full_url: str | None = None) -> None:
+        """Select, validate and record one resource dict."""
+        counts = self.records.counts
+        counts["resources_read"] += 1
+        rt = res["resourceType"]
+        rid = str(res.get("id") or "")
+        if rt not in self._known:
+            self.sink.report(label, rid, "resourceType", "unknown_resource_type",
+                             f"unknown resourceType '{rt}' (not a FHIR R4/R4B resource)")
+            return
+        wanted = self._wanted(rt, res)
+        if wanted and self.validation == "task" and rt in _DEFERRED:
+            counts["resources_selected"] += 1
+            try:
+                self._defer(rt, res, label, rid, full_url)
+            except _BadField as exc:
+                self.sink.report(label, rid, exc.field, "bad_date", str(exc))
+            return
+        if wanted or self.validation == "all":
+            if not self._validate(rt, res, label, rid):
+                return
+        if not wanted:
+            counts["resources_not_used"] += 1
+            return
+        counts["resources_selected"] += 1
+        counts["resources_used"] += 1
+        counts[f"used_{rt}"] += 1
+        try:
+            self._record(rt, res, label, rid, full_url)
+        except _BadField as exc:
+            self.sink.report(label, rid, exc.field, "bad_date", str(exc))
+
+    def _defer(self, rt: str, res: dict[str, Any], label: str, rid: str,
+               full_url: str | None) -> None:
+        """Keep an Encounter / Observation unvalidated until the index time is known."""
+        ref = self._subject(rt, res, label, rid)
+        if ref is None:
+            return
+        if rt == "Encounter":
+            start, _ = _first_time(res, ("period.start", "period.end"))
+            for key in (full_url, f"Encounter/{rid}"):
+                if key:
+                    self._enc_alias[key] = rid
+            self._deferred_enc.append((res, label, rid, ref, start))
+        else:
+            t, _ = _first_time(res, ("effectiveDateTime", "effectivePeriod.start",
+                                     "effectiveInstant", "issued"))
+            self._deferred_obs.append((res, label, rid, ref, t))
+
+    def _use(self, rt: str, res: dict[str, Any], label: str, rid: str) -> bool:
+        """Validate a deferred resource now that it is needed; record it when valid."""
+        if not self._validate(rt, res, label, rid):
+            return False
+        self.records.counts["resources_used"] += 1
+        self.records.counts[f"used_{rt}"] += 1
+        try:
+            self._record(rt, res, label, rid, None)
+        except _BadField as exc:
+            self.sink.report(label, rid, exc.field, "bad_date", str(exc))
+            return False
+        return True
+
+    def _wanted(self, rt: str, res: dict[str, Any]) -> bool:
+        if rt == "Patient":
+            return True
+        if rt == "Encounter":
+            return self._need_encounters
+        if rt == "Condition":
+            return any(c in self._cond_codes for _, c in _codings(res.get("code")))
+        if rt == "Observation":
+            if any(c in self._obs for _, c in _codings(res.get("code"))):
+                return True
+            return any(
+                c in self._obs
+                for comp in res.get("component") or [] if isinstance(comp, dict)
+                for _, c in _codings(comp.get("code"))
+            )
+        if rt == "Procedure":
+            return any(c in self._proc_codes for _, c in _codings(res.get("code")))
+        if rt == "Device":
+            return any(c in self._dev_codes for _, c in _codings(res.get("type")))
+        if rt == "DeviceUseStatement":
+            return bool(self._dev_codes)
+        if rt == "MedicationRequest":
+            return any(c in self._med_codes
+                       for _, c in _codings(res.get("medicationCodeableConcept")))
+        if rt == "DiagnosticReport":
+            return bool(res.get("presentedForm") or res.get("conclusion"))
+        return rt in {"DocumentReference", "ImagingStudy"}
+
+    def _validate(self, rt: str, res: dict[str, Any], label: str, rid: str) -> bool:
+        self.records.counts["resources_validated"] += 1
+        try:
+            _model(rt).model_validate(res)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err.get("loc", ())) or "<resource>"
+            more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+            self.sink.report(label, rid, loc, "invalid_fhir",
+                             f"not a valid FHIR R4B {rt}: {err.get('msg')}{more}")
+            return False
+        except Exception as exc:
+            self.sink.report(label, rid, "<resource>", "invalid_fhir",
+                             f"not a valid FHIR R4B {rt}: {exc}")
+            return False
+        return True
+
+    def _subject(self, rt: str, res: dict[str, Any], label: str, rid: str) -> str | None:
+        fld = _SUBJECT_FIELD.get(rt, "subject")
+        ref = _ref_key(res.get(fld))
+        if ref is None and rt != "Device":
+            ref = _ref_key(res.get("patient"))
+        if ref is None:
+            self.sink.report(label, rid, fld, "no_subject",
+                             f"{rt} has no {fld} reference; expected "
+                             "{'reference': 'Patient/<id>'} or 'urn:uuid:<id>'")
+        return ref
+
+    def _record(self, rt: str, res: dict[str, Any], label: str, rid: str,
+                full_url: str | None) -> None:
+        if rt == "Patient":
+            self._record_patient(res, label, rid, full_url)
+            return
+        if rt == "DeviceUseStatement":
+            self._record_device_use(res, label, rid)
+            return
+        ref = self._subject(rt, res, label, rid)
+        if ref is None:
+            return
+        if rt == "Encounter":
+            start, _ = _first_time(res, ("period.start", "period.end"))
+            end, _ = _first_time(res, ("period.end",))
+            enc = Coded(rid, label, tuple(_codings((res.get("type") or [{}])[0])), start, end)
+            for key in (full_url, f"Encounter/{rid}"):
+                if key:
+                    self._enc_alias[key] = rid
+            self._pending.append(("encounter", ref, label, rid, enc))
+        elif rt == "Condition":
+            onset, _ = _first_time(res, ("onsetDateTime", "onsetPeriod.start", "recordedDate"))
+            abate, _ = _first_time(res, ("abatementDateTime", "abatementPeriod.end"))
+            enc_ref = _ref_key(res.get("encounter"))
+            self._pending.append(("condition", ref, label, rid,
+                                  Coded(rid, label, tuple(_codings(res.get("code"))), onset,
+                                        abate, enc_ref)))
+        elif rt == "Procedure":
+            t, _ = _first_time(res, ("performedDateTime", "performedPeriod.start"))
+            self._pending.append(("procedure", ref, label, rid,
+                                  Coded(rid, label, tuple(_codings(res.get("code"))), t)))
+        elif rt == "Device":
+            dev = Coded(rid, label, tuple(_codings(res.get("type"))), None)
+            self._device_types[rid] = dev
+            for key in (full_url, f"Device/{rid}"):
+                if key:
+                    self._dev_alias[key] = rid
+            self._pending.append(("device_owner", ref, label, rid, dev))
+        elif rt == "MedicationRequest":
+            t, _ = _first_time(res, ("authoredOn",))
+            self._pending.append(("medication", ref, label, rid, Coded(
+                rid, label, tuple(_codings(res.get("medicationCodeableConcept"))), t)))
+        elif rt == "Observation":
+            self._record_observation(res, ref, label, rid)
+        elif rt in {"DocumentReference", "DiagnosticReport"}:
+            from multimodal_fl.data.text import notes_from_resource
+
+            for note in notes_from_resource(res, label, self.sink):
+                self._pending.append(("note", ref, label, rid, note))
+        elif rt == "ImagingStudy":
+            t, _ = _first_time(res, ("started",))
+            for ident in res.get("identifier") or []:
+                if isinstance(ident, dict) and ident.get("system") == "urn:mmfl:image-path" \
+                        and isinstance(ident.get("value"), str):
+                    self._pending.append(("image", ref, label, rid,
+                                          ImageRef(ident["value"], t, label, rid)))
+
+    def _record_patient(self, res: dict[str, Any], label: str, rid: str,
+                        full_url: str | None) -> None:
+        if not rid:
+            self.sink.report(label, "", "id", "no_id", "Patient has no id; patients are "
+                             "joined by Patient.id")
+            return
+        birth, _ = _first_time(res, ("birthDate",))
+        deceased, _ = _first_time(res, ("deceasedDateTime",))
+        rec = PatientRecord(rid, label, birth, res.get("gender"), deceased)
+        if deceased is None and res.get("deceasedBoolean") is True:
+            rec.deceased = None  # known dead, unknown date: no event time
+        old = self.records.patients.get(rid)
+        if old is not None:
+            diff = [f for f in ("birth", "gender", "deceased")
+                    if getattr(old, f) != getattr(rec, f)]
+            if diff:
+                names = {"birth": "birthDate", "gender": "gender", "deceased": "deceasedDateTime"}
+                fld = ",".join(names[f] for f in diff)
+                self.sink.report(
+                    label, rid, fld, "conflicting_patient",
+                    f"Patient '{rid}' conflicts with the same id in {old.file} on {fld} "
+                    f"({', '.join(f'{getattr(old, f)} vs {getattr(rec, f)}' for f in diff)}); "
+                    f"kept the first ({old.file})")
+            return
+        self.records.patients[rid] = rec
+        for key in (full_url, f"Patient/{rid}", f"urn:uuid:{rid}"):
+            if key:
+                self._alias[key] = rid
+
+    def _record_device_use(self, res: dict[str, Any], label: str, rid: str) -> None:
+        ref = self._subject("DeviceUseStatement", res, label, rid)
+        dev = _ref_key(res.get("device"))
+        if ref is None:
+            return
+        if dev is None:
+            self.sink.report(label, rid, "device", "no_device",
+                             "DeviceUseStatement has no device reference")
+            return
+        t, _ = _first_time(res, ("timingDateTime", "timingPeriod.start", "recordedOn"))
+        if t is None:
+            self.sink.report(label, rid, "timingDateTime", "undated_event",
+                             "DeviceUseStatement has no timingDateTime, timingPeriod.start or "
+                             "recordedOn; its device use cannot be placed in time")
+            return
+        self._device_uses.append((ref, dev, label, rid, t))
+
+    def _record_observation(self, res: dict[str, Any], ref: str, label: str, rid: str) -> None:
+        t, _ = _first_time(res, ("effectiveDateTime", "effectivePeriod.start",
+                                 "effectiveInstant", "issued"))
+        if t is None:
+            self.sink.report(label, rid, "effectiveDateTime", "undated_event",
+                             "Observation has no effective[x] or issued time")
+            return
+        parts: list[tuple[dict[str, Any], str]] = [(res, "valueQuantity")]
+        for i, comp in enumerate(res.get("component") or []):
+            if isinstance(comp, dict):
+                parts.append((comp, f"component[{i}].valueQuantity"))
+        for node, fld in parts:
+            codes = [c for _, c in _codings(node.get("code")) if c in self._obs]
+            if not codes:
+                continue
+            vq = node.get("valueQuantity")
+            if not isinstance(vq, dict) or not isinstance(vq.get("value"), int | float):
+                self.records.counts["observations_without_quantity"] += 1
+                continue
+            unit = vq.get("code") or vq.get("unit")
+            for name, target in self._obs[codes[0]]:
+                if not unit:
+                    self.sink.report(label, rid, f"{fld}.code", "unknown_unit",
+                                     f"value for feature '{name}' has no unit (expected UCUM "
+                                     f"'{target}' or a convertible unit)")
+                    continue
+                try:
+                    value = convert(float(vq["value"]), str(unit), target)
+                except UnitError as exc:
+                    self.sink.report(label, rid, f"{fld}.code", "unknown_unit",
+                                     f"feature '{name}': {exc}")
+                    continue
+                self._pending.append(("observation", ref, label, rid,
+                                      ObservationValue(name, value, t, rid)))
+
+    # ------------------------------------------------------------------ finishing
+
+    def resolve_patient(self, ref: str) -> str | None:
+        """Patient id for a reference string, or None when no such Patient was read."""
+        if ref in self._alias:
+            return self._alias[ref]
+        tail = ref.rsplit("/", 1)[-1]
+        if ref.endswith(f"Patient/{tail}") and tail in self.records.patients:
+            return tail
+        return None
+
+    def finish(self) -> SiteRecords:
+        """Resolve references (patients, encounters, devices) and return the records.
+
+        Deferred Encounters and Observations (``validation="task"``) are validated and
+        recorded only when the task can use them: the encounters that can be a patient's
+        index encounter, and the observations inside some feature window
+        ``[index - lookback, index + allowance]``.
+        """
+        self._resolve_pending()
+        self._finish_deferred()
+        self._resolve_pending()
+        return self.records
+
+    def _finish_deferred(self) -> None:
+        from multimodal_fl.data.tasks import index_time
+
+        rec = self.records
+        task = self.task
+        by_pid: dict[str, list[_Deferred]] = defaultdict(list)
+        for item in self._deferred_enc:
+            pid = self.resolve_patient(item[3])
+            if pid is None:
+                self.sink.report(item[1], item[2], "subject", "missing_patient",
+                                 f"references patient '{item[3]}', but no Patient with that "
+                                 "id was read at this site")
+                continue
+            by_pid[pid].append(item)
+        for pid, items in by_pid.items():
+            conds = [c for c in rec.conditions.get(pid, [])
+                     if any(matches(c.codings, cs) for cs in task.cohort.conditions)]
+            if not conds:
+                continue
+            enc_ids = {c.encounter for c in conds} - {None}
+            wanted = [it for it in items if it[2] in enc_ids]
+            onset = min((c.time for c in conds if c.time is not None), default=None)
+            if onset is not None:
+                wanted += sorted((it for it in items if it[4] is not None and it[4] >= onset
+                                  and it[2] not in enc_ids), key=lambda it: it[4])  # type: ignore[arg-type, return-value]
+            for res, label, rid, _, _ in wanted:
+                if self._use("Encounter", res, label, rid) and rid not in enc_ids:
+                    break  # the first valid encounter after onset is the only fallback
+        self._resolve_pending()
+        self._deferred_enc.clear()
+        max_lookback = max([task.features.lookback_days,
+                            *[o.lookback_days or 0.0 for o in task.features.observations]])
+        allowance = timedelta(hours=task.index.allowance_hours)
+        windows: dict[str, tuple[datetime, datetime] | None] = {}
+        for res, label, rid, ref, t in self._deferred_obs:
+            pid = self.resolve_patient(ref)
+            if pid is None:
+                self.sink.report(label, rid, "subject", "missing_patient",
+                                 f"references patient '{ref}', but no Patient with that id "
+                                 "was read at this site")
+                continue
+            if pid not in windows:
+                index, _ = index_time(task, pid, rec)
+                windows[pid] = None if index is None else (
+                    index - timedelta(days=max_lookback), index + allowance)
+            win = windows[pid]
+            if t is not None and (win is None or not win[0] <= t <= win[1]):
+                rec.counts["observations_outside_window"] += 1
+                continue
+            self._use("Observation", res, label, rid)
+        self._deferred_obs.clear()
+
+    def _resolve_pending(self) -> None:
+        rec = self.records
+        dev_owner: dict[str, str] = {}
+        pending = sorted(self._pending, key=lambda p: p[0] != "encounter")  # encounters first
+        for kind, ref, label, rid, item in pending:
+            pid = self.resolve_patient(ref)
+            if pid is None:
+                field_name = "patient" if kind == "device_owner" else "subject"
+                self.sink.report(label, rid, field_name, "missing_patient",
+                                 f"references patient '{ref}', but no Patient with that id "
+                                 "was read at this site")
+                continue
+            if kind == "encounter":
+                rec.encounters[pid].append(item)
+                rec.encounter_by_id[item.resource_id] = item
+            elif kind == "condition":
+                enc_id = self.encounter_id(item.encounter)
+                rec.conditions[pid].append(replace(item, encounter=enc_id))
+            elif kind == "procedure":
+                rec.procedures[pid].append(item)
+            elif kind == "medication":
+                rec.medications[pid].append(item)
+            elif kind == "observation":
+                rec.observations[pid].append(item)
+            elif kind == "note":
+                rec.notes[pid].append(item)
+            elif kind == "image":
+                rec.images[pid].append(item)
+            elif kind == "device_owner":
+                dev_owner[item.resource_id] = pid
+        for ref, dev_ref, label, rid, t in self._device_uses:
+            pid = self.resolve_patient(ref)
+            if pid is None:
+                self.sink.report(label, rid, "subject", "missing_patient",
+                                 f"references patient '{ref}', but no Patient with that id "
+                                 "was read at this site")
+                continue
+            dev_id = self._dev_alias.get(dev_ref)
+            if dev_id is None:
+                continue  # a device the task does not ask for
+            dev = self._device_types[dev_id]
+            rec.devices[pid].append(Coded(rid, label, dev.codings, t))
+        self._dated_devices.update(
+            self._dev_alias.get(d) for _, d, _, _, _ in self._device_uses)
+        undated = set(self._device_types) - self._dated_devices
+        if undated:
+            rec.counts["devices_without_use_statement"] = len(undated)
+        self._pending.clear()
+        self._device_uses.clear()
+
+    def encounter_id(self, ref: str | None) -> str | None:
+        """Encounter id for a reference (``Encounter/<id>``, ``urn:uuid:<id>``)."""
+        if not ref:
+            return None
+        if ref in self._enc_alias:
+            return self._enc_alias[ref]
+        tail = ref.rsplit("/", 1)[-1].removeprefix("urn:uuid:")
+        return tail if tail in self.records.encounter_by_id else None

@@ -1,0 +1,323 @@
+"""Applying a :class:`~multimodal_fl.config.TaskSpec` to one site's records.
+
+Per patient: cohort rule -> index time -> feature cut-off (index + allowance) -> features
+from data recorded up to the cut-off only -> label from events after it.
+
+Boundaries (also in ``docs/data-contract.md``):
+
+- index: ``condition_encounter``: the start of the encounter the (earliest) cohort
+  Condition points to, else of the first encounter starting on or after its onset, else
+  the onset; ``reference_date``: the configured date (00:00 UTC) for every patient, who
+  must be born and alive then.
+- feature window: ``[index - lookback, index + allowance]``, both ends inclusive;
+  comorbidities: onset on or before the cut-off and not abated before the index;
+  medications: authored on or before the cut-off; age at the index; sex.
+- label window (``events_after_index``): ``(cut-off, cut-off + window_hours]``; a label
+  procedure/device event, or death when ``death_is_positive``, inside it is positive.
+  A patient with such an event (or death) at or before the cut-off is excluded when
+  ``exclude_prior_events`` (already on oxygen).
+- ``condition_at_index``: positive when a label condition has onset on or before the
+  cut-off.
+- ``labels.csv``: ``prefer`` overrides the rule, ``fallback`` labels only patients the rule
+  cannot label, ``ignore``; label kind ``labels_csv`` uses it alone.
+
+Leakage is impossible by construction: every feature value is taken from a record whose
+time is at most the cut-off; the largest such time is kept per patient
+(``max_feature_time``) so tests can check it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from multimodal_fl.config import TaskSpec
+from multimodal_fl.data.errors import ErrorSink
+from multimodal_fl.data.fhir import Note, SiteRecords, matches
+from multimodal_fl.data.imaging import check_readable, select_image
+
+__all__ = ["TaskResult", "age_band", "apply_task", "feature_names", "index_time"]
+
+_UNKNOWN_SEX = "unknown"
+_IMAGE_FIELD = {"images.csv": "images.csv:path", "ImagingStudy": "ImagingStudy.identifier",
+                "DICOM PatientID": "DICOM PatientID"}
+
+
+def feature_names(task: TaskSpec) -> list[str]:
+    """The model input columns of ``task``, in a stable order.
+
+    Order: demographics (``age``, ``sex_female``), observation features, their
+    ``missing_<name>`` indicators (when enabled), comorbidities, medications.
+    """
+    names: list[str] = []
+    if "age" in task.features.demographics:
+        names.append("age")
+    if "sex" in task.features.demographics:
+        names.append("sex_female")
+    obs = [o.name for o in task.features.observations]
+    names += obs
+    if task.features.missing_indicators:
+        names += [f"missing_{n}" for n in obs]
+    names += [c.name for c in task.features.conditions]
+    names += [m.name for m in task.features.medications]
+    return names
+
+
+def age_band(age: float | None, edges: list[float]) -> str:
+    """Age band label such as ``'40-59'`` from band edges ``[0, 40, 60, ...]``."""
+    if age is None or math.isnan(age):
+        return "unknown"
+    for lo, hi in itertools.pairwise(edges):
+        if lo <= age < hi:
+            return f"{lo:g}+" if hi >= 150 else f"{lo:g}-{hi - 1:g}"
+    return "unknown"
+
+
+def _years(a: datetime, b: datetime) -> float:
+    return (b - a).total_seconds() / (365.25 * 86400)
+
+
+def index_time(task: TaskSpec, pid: str, records: SiteRecords) -> tuple[datetime | None, str]:
+    """The index time of one patient, or None with the exclusion reason."""
+    rule = task.index
+    if rule.kind == "reference_date":
+        assert rule.reference_date is not None  # guaranteed by IndexRule's validator
+        from datetime import UTC
+
+        return datetime(rule.reference_date.year, rule.reference_date.month,
+                        rule.reference_date.day, tzinfo=UTC), ""
+    conds = [c for c in records.conditions.get(pid, [])
+             if any(matches(c.codings, s) for s in task.cohort.conditions)]
+    conds = [c for c in conds if c.time is not None or c.encounter is not None]
+    if not conds:
+        return None, "no_index_condition"
+    first = min(conds, key=lambda c: (c.time is None, c.time or datetime.max))
+    if first.encounter and first.encounter in records.encounter_by_id:
+        enc = records.encounter_by_id[first.encounter]
+        if enc.time is not None:
+            return enc.time, ""
+    if first.time is None:
+        return None, "no_index_time"
+    later = sorted(e.time for e in records.encounters.get(pid, [])
+                   if e.time is not None and e.time >= first.time)
+    return (later[0] if later else first.time), ""
+
+
+@dataclass
+class TaskResult:
+    """Rows of the cohort table and the exclusions, for one site."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    excluded: Counter[str] = field(default_factory=Counter)
+    counts: Counter[str] = field(default_factory=Counter)
+
+
+def _in_cohort(task: TaskSpec, pid: str, records: SiteRecords, cutoff: datetime | None) -> bool:
+    if not task.cohort.conditions:
+        return True
+    for c in records.conditions.get(pid, []):
+        if any(matches(c.codings, s) for s in task.cohort.conditions):
+            if task.index.kind != "reference_date" or cutoff is None:
+                return True
+            if c.time is not None and c.time <= cutoff:
+                return True
+    return False
+
+
+def _events(task: TaskSpec, pid: str, records: SiteRecords) -> list[tuple[datetime, str]]:
+    lab = task.label
+    out: list[tuple[datetime, str]] = []
+    for p in records.procedures.get(pid, []):
+        if p.time is not None and any(matches(p.codings, s) for s in lab.procedures):
+            out.append((p.time, f"Procedure/{p.resource_id}"))
+    for d in records.devices.get(pid, []):
+        if d.time is not None and any(matches(d.codings, s) for s in lab.devices):
+            out.append((d.time, f"DeviceUseStatement/{d.resource_id}"))
+    return out
+
+
+def apply_task(
+    task: TaskSpec,
+    records: SiteRecords,
+    *,
+    site: str,
+    sink: ErrorSink,
+    notes: dict[str, list[Note]] | None = None,
+    images: dict[str, list[tuple[Path, datetime | None, str]]] | None = None,
+    labels_csv: dict[str, int] | None = None,
+    check_images: bool = True,
+) -> TaskResult:
+    """Build the per-patient rows of ``task`` from one site's records.
+
+    Parameters
+    ----------
+    task
+        The task.
+    records
+        The site's FHIR records.
+    site
+        Site name (a column of the table).
+    sink
+        Receives unreadable images.
+    notes
+        Notes by patient id (FHIR and notes.csv merged).
+    images
+        Linked image candidates by patient id.
+    labels_csv
+        ``labels.csv`` labels by patient id.
+    check_images
+        Check the chosen image is readable (header level).
+
+    Returns
+    -------
+    TaskResult
+        Rows (one per patient in the cohort), exclusions by reason, counts.
+    """
+    notes = notes or {}
+    images = images or {}
+    labels_csv = labels_csv or {}
+    res = TaskResult()
+    feats = task.features
+    allowance = timedelta(hours=task.index.allowance_hours)
+    label_rule = task.label
+    for pid in sorted(records.patients):
+        pat = records.patients[pid]
+        index, why = index_time(task, pid, records)
+        if index is None:
+            if task.cohort.conditions and not _in_cohort(task, pid, records, None):
+                res.excluded["not_in_cohort"] += 1
+            else:
+                res.excluded[why] += 1
+            continue
+        cutoff = index + allowance
+        if not _in_cohort(task, pid, records, cutoff):
+            res.excluded["not_in_cohort"] += 1
+            continue
+        if pat.birth is not None and pat.birth > index:
+            res.excluded["born_after_index"] += 1
+            continue
+        if pat.deceased is not None and pat.deceased <= cutoff:
+            res.excluded["died_before_index"] += 1
+            continue
+        age = _years(pat.birth, index) if pat.birth is not None else float("nan")
+        if task.cohort.min_age is not None and not (age >= task.cohort.min_age):
+            res.excluded["under_min_age"] += 1
+            continue
+
+        # ---------------- label
+        label: int | None = None
+        if label_rule.kind == "events_after_index":
+            assert label_rule.window_hours is not None  # guaranteed by LabelRule's validator
+            end = cutoff + timedelta(hours=label_rule.window_hours)
+            events = _events(task, pid, records)
+            if label_rule.exclude_prior_events and any(t <= cutoff for t, _ in events):
+                res.excluded["prior_event"] += 1
+                continue
+            positive = any(cutoff < t <= end for t, _ in events)
+            if label_rule.death_is_positive and pat.deceased is not None:
+                positive = positive or cutoff < pat.deceased <= end
+            label = int(positive)
+        elif label_rule.kind == "condition_at_index":
+            label = int(any(
+                c.time is not None and c.time <= cutoff
+                and any(matches(c.codings, s) for s in label_rule.conditions)
+                for c in records.conditions.get(pid, [])))
+        csv_label = labels_csv.get(pid)
+        if label_rule.kind == "labels_csv" or label_rule.labels_csv == "prefer":
+            if csv_label is not None:
+                label = csv_label
+            elif label_rule.kind == "labels_csv":
+                label = None
+        elif label_rule.labels_csv == "fallback" and label is None:
+            label = csv_label
+        if label is None:
+            res.excluded["no_label"] += 1
+            continue
+
+        # ---------------- features (only records at or before the cut-off)
+        row: dict[str, Any] = {"patient_id": pid, "site": site, "index_time": index,
+                               "label": label}
+        times: list[datetime] = []
+        sex = pat.gender if pat.gender in {"female", "male", "other"} else _UNKNOWN_SEX
+        if "sex" in feats.demographics:
+            row["sex_female"] = (float(sex == "female") if sex in {"female", "male"}
+                                 else float("nan"))
+        obs = records.observations.get(pid, [])
+        for spec in feats.observations:
+            lookback = timedelta(days=spec.lookback_days if spec.lookback_days is not None
+                                 else feats.lookback_days)
+            start = index - lookback
+            vals = sorted(((o.time, o.value) for o in obs
+                           if o.feature == spec.name and start <= o.time <= cutoff),
+                          key=lambda tv: tv[0])
+            if vals:
+                times.append(vals[-1][0] if spec.agg != "first" else vals[0][0])
+                if spec.agg in {"min", "max", "mean"}:
+                    times.append(max(t for t, _ in vals))
+                arr = np.array([v for _, v in vals], dtype=float)
+                value = {"last": arr[-1], "first": arr[0], "min": arr.min(), "max": arr.max(),
+                         "mean": arr.mean()}[spec.agg]
+                row[spec.name] = float(value)
+            else:
+                row[spec.name] = float("nan")
+            if feats.missing_indicators:
+                row[f"missing_{spec.name}"] = float(not vals)
+        conds = records.conditions.get(pid, [])
+        for cs in feats.conditions:
+            hits = [c for c in conds if c.time is not None and c.time <= cutoff
+                    and (c.end is None or c.end >= index) and matches(c.codings, cs)]
+            row[cs.name] = float(bool(hits))
+            times += [c.time for c in hits if c.time is not None]
+        meds = records.medications.get(pid, [])
+        for ms in feats.medications:
+            hits_m = [m for m in meds if m.time is not None and m.time <= cutoff
+                      and matches(m.codings, ms)]
+            row[ms.name] = float(bool(hits_m))
+            times += [m.time for m in hits_m if m.time is not None]
+
+        # ---------------- notes (dated on/before the cut-off; see text.py for undated)
+        kept_notes: list[str] = []
+        for note in notes.get(pid, []):
+            if note.time is None or note.time <= cutoff:
+                kept_notes.append(note.text)
+                if note.time is not None:
+                    times.append(note.time)
+            else:
+                res.counts["notes_after_cutoff"] += 1
+        row["notes"] = kept_notes
+
+        # ---------------- image
+        image_path: str | None = None
+        ordered, late = select_image(images.get(pid, []), cutoff)
+        res.counts["images_after_cutoff"] += late
+        for path, when, rule in ordered:
+            problem = check_readable(path) if check_images else None
+            if problem is not None:
+                sink.report(str(path), pid, _IMAGE_FIELD.get(rule, rule), "unreadable_image",
+                            f"image '{path}' linked to patient '{pid}' is unreadable: "
+                            f"{problem}")
+                continue
+            image_path = str(path)
+            if when is not None:
+                times.append(when)
+            break
+        row["image_path"] = image_path
+
+        row["sex"] = sex
+        row["age"] = age
+        row["age_band"] = age_band(age, task.age_bands)
+        row["max_feature_time"] = max(times) if times else None
+        row["has_image"] = image_path is not None
+        row["has_text"] = bool(kept_notes)
+        obs_names = [o.name for o in feats.observations]
+        row["has_tabular"] = any(not math.isnan(row[n]) for n in obs_names) if obs_names \
+            else True
+        res.rows.append(row)
+    return res
