@@ -1,0 +1,336 @@
+"""The Flower engine: records on the wire, the federation over a fake grid, and a real loopback run.
+
+The loopback test (marker ``flower``) starts one SuperLink and three SuperNodes on free loopback
+ports, runs two rounds of the toy site through ``flwr run``, and checks the final weights equal
+the in-process engine's bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from flwr.supercore.task_identity import TaskIdentity
+
+from multimodal_fl.federated.flower import (
+    FlowerFederation,
+    LoopbackDeployment,
+    ServerJob,
+    client_app,
+    content_to_reply,
+    content_to_request,
+    load_result,
+    reply_to_content,
+    request_to_content,
+    write_app_dir,
+)
+from multimodal_fl.federated.messages import ConfigValue, Reply, Request, SiteFailure
+from multimodal_fl.federated.server import run_federated
+
+REPO = Path(__file__).resolve().parents[2]
+SITES = ("a", "b", "c")
+
+
+# --------------------------------------------------------------------------- factories
+# Imported by name ("tests.federated.test_flower:toy_site") in the ServerApp / ClientApp processes.
+
+
+def toy_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> Any:
+    """The toy site of ``tests/federated/toy.py``'s ``toy_federation`` for ``name``."""
+    from tests.federated.toy import ToySite
+
+    i = SITES.index(name)
+    fault = str(run_config.get("fault-site", ""))
+    return ToySite(name, n=32 + 16 * i, shift=0.3 * i, fault="raise" if fault == name else None)
+
+
+def toy_job(run_config: Mapping[str, Any]) -> ServerJob:
+    """The toy server job: ``toy_config`` with ``rounds`` from the run config."""
+    from tests.federated.toy import initial_weights, toy_config
+
+    return ServerJob(initial_weights(0), toy_config(rounds=int(run_config["rounds"])))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def over_the_wire(content: RecordDict) -> RecordDict:
+    """Serialise a RecordDict into Flower's wire objects and back, as the SuperLink stores it."""
+    objects = get_all_nested_objects(content)
+    wire = {object_id: obj.deflate() for object_id, obj in objects.items()}
+    back = inflate_object_from_contents(content.object_id, wire)
+    assert isinstance(back, RecordDict)
+    return back
+
+
+class FakeGrid:
+    """A Grid whose nodes run the package's ClientApp in this process (no SuperLink)."""
+
+    def __init__(self, node_config: Mapping[int, dict[str, Any]], run_config: dict[str, Any]):
+        self.node_config = dict(node_config)
+        self.run_config = run_config
+        self.replies: dict[str, Message] = {}
+        self.silent: set[int] = set()
+        self.pulls = 0
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_config)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            node = msg.metadata.dst_node_id
+            sent = Message(
+                over_the_wire(msg.content), node, msg.metadata.message_type
+            )  # what the node receives
+            sent.metadata.__dict__["_message_id"] = msg.object_id
+            sent.metadata.__dict__["_src_node_id"] = 0
+            context = Context(1, node, self.node_config[node], RecordDict(), self.run_config)
+            try:
+                reply = client_app(message=sent, context=context)
+                reply = Message(over_the_wire(reply.content), reply_to=sent)
+            except Exception as exc:  # the SuperNode turns a raising ClientApp into an error
+                reply = Message(
+                    Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}"),
+                    reply_to=sent,
+                )
+            if node not in self.silent:
+                self.replies[msg.object_id] = reply
+            ids.append(msg.object_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        self.pulls += 1
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+def fake_federation(run_config: dict[str, Any], **kwargs: Any) -> tuple[FlowerFederation, FakeGrid]:
+    # node ids deliberately not in site order
+    nodes = {30: "a", 10: "b", 20: "c"}
+    grid = FakeGrid(
+        {n: {"site-name": s, "site-dir": f"/nowhere/{s}"} for n, s in nodes.items()}, run_config
+    )
+    return FlowerFederation(grid, poll_interval=0.01, **kwargs), grid  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def task_identity() -> Iterable[None]:
+    """Messages made outside a ServerApp process need Flower's task identity set."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+RUN_CONFIG: dict[str, ConfigValue] = {
+    "site-factory": "tests.federated.test_flower:toy_site",
+    "torch-threads": 1,
+}
+
+
+# --------------------------------------------------------------------------- unit tests
+
+
+def test_request_survives_the_wire_exactly() -> None:
+    weights = {
+        "w": np.arange(6, dtype=np.float32).reshape(2, 3) / 7,
+        "bn.num_batches_tracked": np.array(5, dtype=np.int64),  # 0-d stays 0-d
+        "h": np.array([1.5, np.pi], dtype=np.float64),
+    }
+    config: dict[str, ConfigValue] = {
+        "seed": 2**62 + 1,
+        "fedbn": True,
+        "lr": 0.1,
+        "name": "x",
+        "steps": 3,
+    }
+    back = content_to_request(over_the_wire(request_to_content(Request("fit", 3, weights, config))))
+    assert (back.kind, back.round, back.config) == ("fit", 3, config)
+    assert all(type(back.config[k]) is type(v) for k, v in config.items())  # bool stays bool
+    assert set(back.weights) == set(weights)
+    for k, v in weights.items():
+        assert back.weights[k].dtype == v.dtype and back.weights[k].shape == v.shape
+        assert back.weights[k].tobytes() == v.tobytes()
+
+
+def test_reply_survives_the_wire_exactly() -> None:
+    reply = Reply(
+        "site_a",
+        "fit",
+        2,
+        weights={"w": np.linspace(0, 1, 5, dtype=np.float32)},
+        group_counts={"encoders.text.": 0, "encoders.image.": 12},
+        n_samples=12,
+        metrics={"loss": 0.125},
+        arrays={"pca/s_vt": np.eye(3)},
+        local_keys=["bn.running_mean", "bn.running_var"],
+    )
+    back = content_to_reply(over_the_wire(reply_to_content(reply)))
+    assert back.weights["w"].tobytes() == reply.weights["w"].tobytes()
+    assert np.array_equal(back.arrays["pca/s_vt"], reply.arrays["pca/s_vt"])
+    for attr in ("site", "kind", "round", "group_counts", "n_samples", "metrics", "local_keys"):
+        assert getattr(back, attr) == getattr(reply, attr), attr
+    empty = content_to_reply(over_the_wire(reply_to_content(Reply("b", "info", 0, n_samples=3))))
+    assert (empty.weights, empty.local_keys, empty.n_samples) == ({}, [], 3)
+
+
+def test_content_without_records_is_rejected_with_the_reason() -> None:
+    with pytest.raises(ValueError, match="'config'"):
+        content_to_request(RecordDict())
+    with pytest.raises(ValueError, match="lacks record"):
+        content_to_reply(RecordDict())
+
+
+def test_sites_are_named_by_their_nodes_answers_in_site_order(task_identity: None) -> None:
+    federation, grid = fake_federation(dict(RUN_CONFIG))
+    assert federation.sites() == ["a", "b", "c"]
+    assert federation.site_nodes() == {"a": 30, "b": 10, "c": 20}
+    requests = {s: Request("info", 0, {}, {"seed": 1}) for s in ("c", "a", "b")}
+    answers = federation.broadcast(requests, timeout=5)
+    assert list(answers) == ["a", "b", "c"]
+    assert {s: a.n_samples for s, a in answers.items() if isinstance(a, Reply)} == {
+        "a": 32,
+        "b": 48,
+        "c": 64,
+    }
+    # a node that leaves is no longer a site; an unknown site is a failure, not an exception
+    del grid.node_config[20]
+    assert federation.sites() == ["a", "b"]
+    answer = federation.broadcast({"c": Request("info", 0, {}, {"seed": 1})}, timeout=1)["c"]
+    assert isinstance(answer, SiteFailure) and "unknown site" in answer.reason
+
+
+def test_a_raising_site_and_a_silent_site_become_failures(task_identity: None) -> None:
+    federation, grid = fake_federation({**RUN_CONFIG, "fault-site": "b"})
+    federation.sites()
+    grid.silent.add(20)  # site c never answers
+    from tests.federated.toy import initial_weights
+
+    requests = {s: Request("fit", 1, initial_weights(0), {"seed": 3}) for s in SITES}
+    started = time.monotonic()
+    answers = federation.broadcast(requests, timeout=0.3)
+    assert time.monotonic() - started < 5
+    assert isinstance(answers["a"], Reply) and answers["a"].site == "a"
+    assert isinstance(answers["b"], SiteFailure) and "crashed on purpose" in answers["b"].reason
+    assert isinstance(answers["c"], SiteFailure) and "timed out" in answers["c"].reason
+
+
+def test_duplicate_site_name_keeps_the_first_node(task_identity: None) -> None:
+    grid = FakeGrid(
+        {5: {"site-name": "a", "site-dir": "/x"}, 3: {"site-name": "a", "site-dir": "/y"}},
+        dict(RUN_CONFIG),
+    )
+    federation = FlowerFederation(grid, poll_interval=0.01)  # type: ignore[arg-type]
+    assert federation.site_nodes() == {"a": 3}
+
+
+def test_describe_needs_no_site_factory_but_a_site_dir(task_identity: None) -> None:
+    federation, _ = fake_federation({})  # no site-factory: describing still works
+    assert federation.sites() == ["a", "b", "c"]
+    grid = FakeGrid({1: {"site-name": "a"}}, {})
+    lonely = FlowerFederation(grid, poll_interval=0.01, describe_timeout=1)  # type: ignore[arg-type]
+    assert lonely.sites() == []  # the ClientApp raised: no site-dir in its node config
+
+
+def test_server_loop_over_fake_grid_equals_in_process(task_identity: None) -> None:
+    torch = pytest.importorskip("torch")
+    from tests.federated.toy import initial_weights, toy_config, toy_federation
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = run_federated(toy_federation(), initial_weights(0), toy_config(rounds=2))
+        federation, _ = fake_federation(dict(RUN_CONFIG))
+        over_flower = run_federated(federation, initial_weights(0), toy_config(rounds=2))
+    finally:
+        torch.set_num_threads(threads)
+    assert set(over_flower.weights) == set(reference.weights)
+    for key, value in reference.weights.items():
+        assert over_flower.weights[key].tobytes() == value.tobytes(), key
+    assert [r.deterministic() for r in over_flower.history] == [
+        r.deterministic() for r in reference.history
+    ]
+
+
+def test_app_dir_is_a_valid_flower_app(tmp_path: Path) -> None:
+    from flwr.cli.config_utils import load_and_validate
+
+    app = write_app_dir(tmp_path / "app", {**RUN_CONFIG, "rounds": 2, "out-dir": "/tmp/x y"})
+    config, _ = load_and_validate(app / "pyproject.toml", check_module=True)
+    run_config = config["tool"]["flwr"]["app"]["config"]
+    assert run_config["rounds"] == 2 and run_config["out-dir"] == "/tmp/x y"
+    assert run_config["torch-threads"] == 1 and run_config["poll-interval"] == 0.2
+    components = config["tool"]["flwr"]["app"]["components"]
+    assert components["serverapp"] == "multimodal_fl.federated.flower:server_app"
+
+
+# --------------------------------------------------------------------------- loopback deployment
+
+
+@pytest.mark.flower
+@pytest.mark.timeout(150)
+def test_loopback_deployment_equals_in_process(tmp_path: Path) -> None:
+    """SuperLink + 3 SuperNodes on loopback, 2 rounds: the same weights as in process."""
+    torch = pytest.importorskip("torch")
+    from tests.federated.toy import initial_weights, toy_config, toy_federation
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the Flower processes get torch-threads = 1 too
+    try:
+        reference = run_federated(toy_federation(), initial_weights(0), toy_config(rounds=2))
+    finally:
+        torch.set_num_threads(threads)
+
+    out = tmp_path / "out"
+    app = write_app_dir(
+        tmp_path / "app",
+        {
+            "server-factory": "tests.federated.test_flower:toy_job",
+            "site-factory": "tests.federated.test_flower:toy_site",
+            "out-dir": str(out),
+            "min-nodes": 3,
+            "node-wait": 60.0,
+            "torch-threads": 1,
+            "rounds": 2,
+        },
+    )
+    sites = {s: tmp_path / "sites" / s for s in SITES}
+    for path in sites.values():
+        path.mkdir(parents=True)
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    started = time.monotonic()
+    with LoopbackDeployment(
+        sites, home=tmp_path / "flwr_home", env={"PYTHONPATH": pythonpath}
+    ) as deployment:
+        done = deployment.run(app, timeout=120)
+        seconds = time.monotonic() - started
+        if not (out / "result.json").is_file():
+            pytest.fail(
+                f"the Flower run wrote no result (flwr run exit {done.returncode}):\n"
+                f"{done.stdout[-4000:]}\n{done.stderr[-2000:]}\n{deployment.logs()[-8000:]}"
+            )
+    result = load_result(out)
+    print(f"loopback run: {seconds:.1f} s, server loop {result.seconds:.1f} s")
+    assert result.completed_rounds == 2
+    assert sorted(result.site_nodes) == list(SITES)
+    assert set(result.weights) == set(reference.weights)
+    for key, value in reference.weights.items():
+        got = result.weights[key]
+        assert got.dtype == value.dtype and got.shape == value.shape, key
+        assert got.tobytes() == value.tobytes(), f"{key} differs from the in-process engine"
+    drop = ("seconds", "server_seconds")
+    flower_history = [{k: v for k, v in r.items() if k not in drop} for r in result.history]
+    assert flower_history == [r.deterministic() for r in reference.history]
