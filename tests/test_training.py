@@ -1,0 +1,303 @@
+"""training: splits, datasets, train/evaluate/predict, determinism, undefined AUC, proximal hook."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save
+
+from multimodal_fl.config import SplitConfig, TrainingConfig
+from multimodal_fl.encoders.tabular import TabularEncoder
+from multimodal_fl.fusion import FusionModel, NoModalityError
+from multimodal_fl.training import (
+    CohortDataset,
+    SiteData,
+    evaluate,
+    fit_tabular_standardizer,
+    local_update,
+    predict,
+    split_patients,
+    train,
+)
+
+torch.set_num_threads(1)
+
+N_FEATURES = 4
+TEXT_DIM = 6
+
+
+def make_table(n: int = 120, *, seed: int = 0, site: str = "site_a",
+               signal: float = 1.5, pos_rate: float = 0.4) -> tuple[pd.DataFrame, list[str]]:
+    """A synthetic cohort table shaped like ``SiteCohort.table`` (no images)."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < pos_rate).astype(int)
+    x = rng.normal(size=(n, N_FEATURES)) + signal * y[:, None]
+    x[rng.random((n, N_FEATURES)) < 0.2] = np.nan
+    names = [f"f{i}" for i in range(N_FEATURES)]
+    table = pd.DataFrame(x, columns=names)
+    for c in names:
+        table[f"missing_{c}"] = table[c].isna().astype(float)
+    has_text = rng.random(n) < 0.7
+    has_tab = ~np.isnan(x).all(1)
+    has_text[~has_tab] = True
+    table = table.assign(
+        patient_id=[f"{site}-p{i:03d}" for i in range(n)],
+        site=site,
+        label=y,
+        has_tabular=has_tab,
+        has_text=has_text,
+        has_image=False,
+        image_path=None,
+        notes=[["note"] if t else [] for t in has_text],
+        sex=rng.choice(["female", "male"], n),
+        age=rng.integers(20, 90, n).astype(float),
+    )
+    table["age_band"] = pd.cut(table["age"], [0, 40, 60, 75, 200], right=False).astype(str)
+    return table, names + [f"missing_{c}" for c in names]
+
+
+def text_embeddings(table: pd.DataFrame, seed: int = 0, signal: float = 1.0) -> np.ndarray:
+    rng = np.random.default_rng(seed + 100)
+    emb = rng.normal(size=(len(table), TEXT_DIM)) + signal * table["label"].to_numpy()[:, None]
+    emb[~table["has_text"].to_numpy()] = 0.0
+    return emb.astype(np.float32)
+
+
+def make_site(n: int = 120, *, seed: int = 0, site: str = "site_a", **kw: float) -> SiteData:
+    table, names = make_table(n, seed=seed, site=site, **kw)
+    ds = CohortDataset.from_table(
+        table, modalities=["tabular", "text"], feature_names=names,
+        embeddings={"text": text_embeddings(table, seed)},
+    )
+    splits = split_patients(ds.patient_ids, ds.labels.numpy().astype(int), seed=0, site=site,
+                            fractions=SplitConfig())
+    return SiteData(site, ds, splits, names)
+
+
+def make_model(
+    kind: str = "concat", *, seed: int = 0, modality_dropout: float = 0.2
+) -> FusionModel:
+    torch.manual_seed(seed)
+    return FusionModel(
+        {"tabular": TabularEncoder(2 * N_FEATURES, hidden=[8]), "text": TEXT_DIM},
+        kind=kind, dim=8, heads=2, modality_dropout=modality_dropout, dropout=0.1,
+    )
+
+
+def tcfg(**kw: object) -> TrainingConfig:
+    base: dict[str, object] = dict(steps=40, batch_size=16, lr=3e-3, eval_every=10, patience=0,
+                                   device="cpu")
+    base.update(kw)
+    return TrainingConfig(**base)  # type: ignore[arg-type]
+
+
+def state_bytes(model: torch.nn.Module) -> bytes:
+    return save({k: v.contiguous() for k, v in model.state_dict().items()})
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def test_split_is_deterministic_stratified_and_order_independent() -> None:
+    rng = np.random.default_rng(1)
+    ids = [f"p{i}" for i in range(200)]
+    y = (rng.random(200) < 0.3).astype(int)
+    a = split_patients(ids, y, seed=0, site="s", fractions=SplitConfig())
+    assert a == split_patients(ids, y, seed=0, site="s", fractions=(0.6, 0.2, 0.2))
+    perm = rng.permutation(200)
+    shuffled = split_patients([ids[i] for i in perm], y[perm], seed=0, site="s",
+                              fractions={"train": 0.6, "val": 0.2, "test": 0.2})
+    assert shuffled == a
+    for cls in (0, 1):
+        members = [p for p, lab in zip(ids, y, strict=True) if lab == cls]
+        counts = Counter(a[p] for p in members)
+        for split, frac in (("train", 0.6), ("val", 0.2), ("test", 0.2)):
+            assert abs(counts[split] - frac * len(members)) <= 1, (cls, split, counts)
+    assert split_patients(ids, y, seed=1, site="s", fractions=SplitConfig()) != a
+    assert split_patients(ids, y, seed=0, site="t", fractions=SplitConfig()) != a
+
+
+def test_split_puts_a_positive_in_each_split_when_there_are_three() -> None:
+    ids = [f"p{i}" for i in range(30)]
+    y = np.zeros(30, dtype=int)
+    y[[3, 11, 27]] = 1
+    out = split_patients(ids, y, seed=5, site="s", fractions=SplitConfig())
+    assert sorted(out[ids[i]] for i in (3, 11, 27)) == ["test", "train", "val"]
+
+
+def test_split_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="unique"):
+        split_patients(["a", "a"], [0, 1], seed=0, site="s", fractions=SplitConfig())
+    with pytest.raises(ValueError, match="0 or 1"):
+        split_patients(["a", "b"], [0, 2], seed=0, site="s", fractions=SplitConfig())
+    with pytest.raises(ValueError, match="sum to 1"):
+        split_patients(["a", "b"], [0, 1], seed=0, site="s", fractions=(0.5, 0.2, 0.2))
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def test_dataset_from_table_masks_and_batches() -> None:
+    table, names = make_table(20)
+    ds = CohortDataset.from_table(table, modalities=["text", "tabular"], feature_names=names,
+                                  embeddings={"text": text_embeddings(table)})
+    assert ds.modalities == ("tabular", "text")
+    assert ds.precomputed == ("text",)
+    assert torch.equal(ds.mask[:, 1], torch.tensor(table["has_text"].to_numpy(dtype=bool)))
+    assert torch.isnan(ds.inputs["tabular"]).any()  # missing values stay NaN for the encoder
+    b = ds.batch([3, 1])
+    assert b.patient_ids == [ds.patient_ids[3], ds.patient_ids[1]]
+    assert b.inputs["text"].shape == (2, TEXT_DIM) and b.mask.shape == (2, 2)
+    pooled = CohortDataset.concat([ds.subset([0, 1]), ds.subset([2])])
+    assert pooled.patient_ids == ds.patient_ids[:3] and len(pooled.meta) == 3
+    assert set(ds.meta.columns) >= {"patient_id", "sex", "age", "age_band"}
+
+
+def test_dataset_names_patients_without_any_modality() -> None:
+    table, names = make_table(10)
+    table.loc[[2, 7], "has_tabular"] = False
+    table.loc[[2, 7], "has_text"] = False
+    with pytest.raises(NoModalityError, match="site_a-p002, site_a-p007"):
+        CohortDataset.from_table(table, modalities=["tabular", "text"], feature_names=names,
+                                 embeddings={"text": text_embeddings(table)})
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("kind", ["concat", "attention", "late"])
+def test_same_seed_gives_identical_weights_bit_for_bit(kind: str) -> None:
+    site = make_site()
+    outs = []
+    for _ in range(2):
+        model = make_model(kind)
+        fit_tabular_standardizer(model, [site.train])
+        train(model, site.train, site.val, tcfg(), generator=torch.Generator().manual_seed(7))
+        outs.append(state_bytes(model))
+    assert outs[0] == outs[1]
+    other = make_model(kind)
+    fit_tabular_standardizer(other, [site.train])
+    train(other, site.train, site.val, tcfg(), generator=torch.Generator().manual_seed(8))
+    assert state_bytes(other) != outs[0]  # the generator really drives training
+
+
+def test_train_leaves_the_global_rng_alone() -> None:
+    site = make_site(60)
+    model = make_model()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train(model, site.train, None, tcfg(steps=5), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_train_learns_an_easy_task() -> None:
+    site = make_site(240, signal=2.0)
+    model = make_model("attention")
+    fit_tabular_standardizer(model, [site.train])
+    loss_fn = torch.nn.BCELoss()
+    y = site.test.labels.double()
+    before = float(loss_fn(torch.from_numpy(predict(model, site.test)), y))
+    result = train(model, site.train, site.val, tcfg(steps=150),
+                   generator=torch.Generator().manual_seed(0))
+    after = float(loss_fn(torch.from_numpy(predict(model, site.test)), y))
+    assert after < 0.7 * before
+    auc = evaluate(model, site.test)["auc"]
+    assert auc.value is not None and auc.value > 0.9
+    assert result.history and result.history[0]["val_auc"] is not None
+    assert result.n_samples == len(site.train)
+    assert result.pos_weight == pytest.approx(
+        float((1 - site.train.labels).sum() / site.train.labels.sum()))
+
+
+def test_undefined_auc_is_reported_and_does_not_stop_training() -> None:
+    site = make_site(120)
+    val = site.val
+    no_pos = val.subset([i for i in range(len(val)) if val.labels[i] == 0])
+    metrics = evaluate(make_model(), no_pos)
+    assert metrics["auc"].value is None and metrics["auc"].reason == "no positives"
+    assert metrics["average_precision"].value is None
+    assert metrics["brier"].value is not None  # defined without positives
+    model = make_model()
+    result = train(model, site.train, no_pos, tcfg(steps=30, eval_every=5, patience=1),
+                   generator=torch.Generator().manual_seed(0))
+    assert result.steps == 30 and not result.stopped_early
+    assert all(h["val_auc"] is None and h["val_auc_reason"] == "no positives"
+               for h in result.history)
+    assert any("undefined" in n for n in result.notes)
+    assert result.best_step is None
+
+
+def test_early_stopping_restores_the_best_weights() -> None:
+    site = make_site(120)
+    model = make_model()
+    fit_tabular_standardizer(model, [site.train])
+    result = train(model, site.train, site.val, tcfg(steps=400, eval_every=5, patience=2,
+                                                      lr=5e-2),
+                   generator=torch.Generator().manual_seed(0))
+    assert result.stopped_early and result.steps < 400
+    assert result.best_step is not None and result.best_val_auc is not None
+    val_auc = evaluate(model, site.val)["auc"].value
+    assert val_auc == pytest.approx(result.best_val_auc)
+
+
+def test_local_update_fresh_optimiser_and_untouched_absent_modality() -> None:
+    table, names = make_table(60)
+    table["has_text"] = False  # this site has no notes
+    table["has_tabular"] = True
+    table[names[0]] = table[names[0]].fillna(0.0)
+    ds = CohortDataset.from_table(table, modalities=["tabular", "text"], feature_names=names,
+                                  embeddings={"text": np.zeros((60, TEXT_DIM), np.float32)})
+    start = {k: v.clone() for k, v in make_model().state_dict().items()}
+    mu = 10.0
+
+    def proximal(model: torch.nn.Module) -> torch.Tensor:
+        terms = [((p - start[n]) ** 2).sum() for n, p in model.named_parameters()]
+        return 0.5 * mu * torch.stack(terms).sum()
+
+    runs = []
+    for _ in range(2):
+        model = make_model(seed=99)  # different init: weights come from `start`
+        res = local_update(model, start, ds, tcfg(steps=20, weight_decay=0.1), steps=20,
+                           generator=torch.Generator().manual_seed(3), proximal=proximal)
+        runs.append(model.state_dict())
+        assert res.modality_counts == {"tabular": 60, "text": 0}
+        assert model.group_counts(res.modality_counts, res.n_samples)["proj.text."] == 0
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k])  # fresh optimiser + same generator
+        if k.startswith("proj.text."):
+            assert torch.equal(runs[0][k], start[k]), f"{k} moved without any text"
+    moved = [k for k in start if k.startswith("proj.tabular.") and
+             not torch.equal(runs[0][k], start[k])]
+    assert moved
+
+
+def test_proximal_term_pulls_towards_the_start() -> None:
+    site = make_site(80)
+    start = make_model().state_dict()
+
+    def dist(model: torch.nn.Module) -> float:
+        return sum(float(((p.detach() - start[n]) ** 2).sum()) for n, p in model.named_parameters())
+
+    def proximal(model: torch.nn.Module) -> torch.Tensor:
+        return 50.0 * sum(((p - start[n]) ** 2).sum() for n, p in model.named_parameters())
+
+    free, prox = make_model(), make_model()
+    local_update(free, start, site.train, tcfg(), steps=30,
+                 generator=torch.Generator().manual_seed(0))
+    local_update(prox, start, site.train, tcfg(), steps=30,
+                 generator=torch.Generator().manual_seed(0), proximal=proximal)
+    assert dist(prox) < 0.5 * dist(free)
+
+
+def test_predict_restores_mode_and_gives_probabilities() -> None:
+    site = make_site(30)
+    model = make_model().train()
+    s = predict(model, site.dataset, batch_size=7)
+    assert model.training
+    assert s.shape == (30,) and ((s >= 0) & (s <= 1)).all()
+    assert np.array_equal(predict(model, site.dataset), s)
