@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -42,20 +43,22 @@ def make_table(n: int = 120, *, seed: int = 0, site: str = "site_a",
     for c in names:
         table[f"missing_{c}"] = table[c].isna().astype(float)
     has_text = rng.random(n) < 0.7
-    has_tab = ~np.isnan(x).all(1)
+    has_tab = np.asarray(~np.isnan(x).all(1))
     has_text[~has_tab] = True
-    table = table.assign(
-        patient_id=[f"{site}-p{i:03d}" for i in range(n)],
-        site=site,
-        label=y,
-        has_tabular=has_tab,
-        has_text=has_text,
-        has_image=False,
-        image_path=None,
-        notes=[["note"] if t else [] for t in has_text],
-        sex=rng.choice(["female", "male"], n),
-        age=rng.integers(20, 90, n).astype(float),
-    )
+    cols: dict[str, Any] = {
+        "patient_id": [f"{site}-p{i:03d}" for i in range(n)],
+        "site": site,
+        "label": y,
+        "has_tabular": has_tab,
+        "has_text": has_text,
+        "has_image": False,
+        "image_path": None,
+        "notes": pd.Series([["note"] if t else [] for t in has_text], dtype=object),
+        "sex": rng.choice(["female", "male"], n),
+        "age": rng.integers(20, 90, n).astype(float),
+    }
+    for key, value in cols.items():
+        table[key] = value
     table["age_band"] = pd.cut(table["age"], [0, 40, 60, 75, 200], right=False).astype(str)
     return table, names + [f"missing_{c}" for c in names]
 
