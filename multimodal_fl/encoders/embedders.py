@@ -30,6 +30,12 @@ __all__ = ["ImageEmbedder", "TextEmbedder"]
 
 def _column(X: Any, where: str) -> list[Any]:
     """One entry per sample from a 1-D sequence or a single-column 2-D container."""
+    if hasattr(X, "tocsr") or hasattr(X, "sparse"):
+        raise TypeError(
+            f"{where}: sparse input is not supported; give one text / image path per sample"
+        )
+    if isinstance(X, np.ndarray) and np.iscomplexobj(X):
+        raise ValueError(f"{where}: Complex data not supported")
     if isinstance(X, str | bytes | os.PathLike):
         raise TypeError(f"{where}: expected a sequence of samples, got a single {type(X).__name__}")
     if hasattr(X, "iloc") and getattr(X, "ndim", 1) == 2:  # DataFrame

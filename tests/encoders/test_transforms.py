@@ -1,4 +1,4 @@
-"""Image transforms: readers per format, channel conversion, 3D reorientation, errors, augmentation."""
+"""Image transforms: readers, channel conversion, 3D reorientation, errors, augmentation."""
 
 from __future__ import annotations
 
