@@ -128,7 +128,7 @@ def _to_table(rows: list[dict[str, Any]], names: list[str]) -> pd.DataFrame:
         table[n] = table[n].astype(float)
     for b in ("has_image", "has_text", "has_tabular"):
         table[b] = table[b].astype(bool)
-    table["image_path"] = table["image_path"].astype(object)
+    table["image_path"] = pd.Series([r["image_path"] for r in rows], dtype=object)
     return table.reset_index(drop=True)
 
 

@@ -1,0 +1,144 @@
+"""Bad input: each case is skipped and counted (naming file, resource id and field) without
+losing the good data, or stops the run with a DataError under ``on_error: fail``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from multimodal_fl.config import DataConfig, load_task
+from multimodal_fl.data import DataError, build_cohort
+from tests.data import factory as f
+
+Writer = Callable[[Path], None]
+
+
+def _good(root: Path) -> None:
+    f.write_json(root / "fhir" / "good.json",
+                 f.bundle(f.covid_patient("good", oxygen_at="2020-03-01T12:00:00Z")))
+
+
+def _invalid_json(root: Path) -> None:
+    (root / "fhir" / "bad.json").write_text('{"resourceType": "Bundle", "entry": [')
+
+
+def _not_fhir(root: Path) -> None:
+    f.write_json(root / "fhir" / "bad.json", {"hello": "world"})
+
+
+def _unknown_type(root: Path) -> None:
+    f.write_json(root / "fhir" / "bad.json", f.bundle([{"resourceType": "Spaceship",
+                                                         "id": "ufo1"}]))
+
+
+def _no_subject(root: Path) -> None:
+    obs = f.observation("obs-nosubj", "good", "8867-4", 70.0, "/min", "2020-03-01T09:00:00Z")
+    del obs["subject"]
+    f.write_json(root / "fhir" / "bad.json", obs)
+
+
+def _missing_patient(root: Path) -> None:
+    f.write_json(root / "fhir" / "bad.json", f.condition("c-ghost", "ghost", f.COVID,
+                                                          "2020-03-01"))
+
+
+def _unknown_unit(root: Path) -> None:
+    f.write_json(root / "fhir" / "bad.json", f.observation(
+        "obs-unit", "good", "8867-4", 70.0, "furlongs/fortnight", "2020-03-01T09:00:00Z"))
+
+
+def _unconvertible_unit(root: Path) -> None:
+    f.write_json(root / "fhir" / "bad.json", f.observation(
+        "obs-glu", "good", "2345-7", 5.5, "mmol/L", "2020-03-01T09:00:00Z"))
+
+
+def _bad_date(root: Path) -> None:
+    f.write_json(root / "fhir" / "bad.json", f.observation(
+        "obs-date", "good", "8867-4", 70.0, "/min", "yesterday at noon"))
+
+
+def _ndjson_bad_line(root: Path) -> None:
+    good = f.observation("obs-ok", "good", "9279-1", 20.0, "/min", "2020-03-01T09:00:00Z")
+    (root / "fhir" / "bad.ndjson").write_text(json.dumps(good) + "\n{not json\n")
+
+
+def _conflicting_patient(root: Path) -> None:
+    f.write_json(root / "fhir" / "zz-dup.json", f.patient("good", birth="1999-01-01"))
+
+
+def _unreadable_image(root: Path) -> None:
+    (root / "images").mkdir()
+    (root / "images" / "good.png").write_bytes(b"\x89PNG broken")
+    (root / "images.csv").write_text("patient_id,path\ngood,images/good.png\n")
+
+
+# case -> (writer, reason, file, resource id, field)
+CASES: dict[str, tuple[Writer, str, str, str, str]] = {
+    "invalid_json": (_invalid_json, "invalid_json", "fhir/bad.json", "", "<json>"),
+    "not_fhir": (_not_fhir, "not_fhir", "fhir/bad.json", "", "resourceType"),
+    "unknown_resource_type": (_unknown_type, "unknown_resource_type", "fhir/bad.json", "ufo1",
+                              "resourceType"),
+    "no_subject": (_no_subject, "no_subject", "fhir/bad.json", "obs-nosubj", "subject"),
+    "missing_patient": (_missing_patient, "missing_patient", "fhir/bad.json", "c-ghost",
+                        "subject"),
+    "unknown_unit": (_unknown_unit, "unknown_unit", "fhir/bad.json", "obs-unit",
+                     "valueQuantity.code"),
+    "unconvertible_unit": (_unconvertible_unit, "unknown_unit", "fhir/bad.json", "obs-glu",
+                           "valueQuantity.code"),
+    "unparseable_date": (_bad_date, "bad_date", "fhir/bad.json", "obs-date",
+                         "effectiveDateTime"),
+    "ndjson_bad_line": (_ndjson_bad_line, "invalid_json", "fhir/bad.ndjson", "line 2",
+                        "<json>"),
+    "conflicting_patient": (_conflicting_patient, "conflicting_patient", "fhir/zz-dup.json",
+                            "good", "birthDate"),
+    "unreadable_image": (_unreadable_image, "unreadable_image", "images/good.png", "good",
+                         "images.csv:path"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_skipped_and_counted(tmp_path: Path, case: str) -> None:
+    writer, reason, file, rid, field = CASES[case]
+    root = tmp_path / "site"
+    _good(root)
+    writer(root)
+    cohort = build_cohort(root, load_task("covid_oxygen_24h"), data=DataConfig(on_error="skip"))
+    assert [s.reason for s in cohort.skipped] == [reason]
+    skip = cohort.skipped[0]
+    assert skip.file.endswith(file) and skip.resource_id == rid and skip.field == field
+    assert cohort.counts["skipped_by_reason"] == {reason: 1}
+    # the good data is still there
+    good = cohort.table[cohort.table.patient_id == "good"]
+    assert len(good) == 1 and good.iloc[0]["label"] == 1 and good.iloc[0]["heart_rate"] == 80.0
+    if case == "conflicting_patient":
+        assert good.iloc[0]["age"] > 50  # the first Patient (born 1960) was kept
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_fails_with_location(tmp_path: Path, case: str) -> None:
+    writer, reason, file, rid, field = CASES[case]
+    root = tmp_path / "site"
+    _good(root)
+    writer(root)
+    with pytest.raises(DataError) as info:
+        build_cohort(root, load_task("covid_oxygen_24h"), data=DataConfig(on_error="fail"))
+    msg = str(info.value)
+    assert file in msg and f"field '{field}'" in msg and (rid in msg)
+    assert info.value.skip is not None and info.value.skip.reason == reason
+
+
+def test_bad_date_without_validation_is_reported_by_parser(tmp_path: Path) -> None:
+    """Dates are also checked by our own parser (e.g. Condition.onsetDateTime)."""
+    from multimodal_fl.data.errors import ErrorSink
+    from multimodal_fl.data.fhir import FHIRReader
+
+    sink = ErrorSink()
+    reader = FHIRReader(load_task("covid_oxygen_24h"), sink)
+    reader._validate = lambda *a: True  # type: ignore[method-assign]
+    reader.add_resource(f.patient("p"), "x.json")
+    reader.add_resource(f.condition("c", "p", f.COVID, "March 2020"), "x.json")
+    assert [(s.reason, s.resource_id, s.field) for s in sink.skipped] == [
+        ("bad_date", "c", "onsetDateTime")]

@@ -1,0 +1,288 @@
+"""Cohort building on small hand-made sites: index, windows, labels, units, modalities."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from multimodal_fl.config import DataConfig, TaskSpec, load_task
+from multimodal_fl.data import build_cohort, feature_names
+from tests.data import factory as f
+
+
+@pytest.fixture(scope="module")
+def covid_task() -> TaskSpec:
+    return load_task("covid_oxygen_24h")
+
+
+def _site(tmp_path: Path, resources: list[dict], name: str = "site") -> Path:
+    root = tmp_path / name
+    f.write_json(root / "fhir" / "bundle.json", f.bundle(resources))
+    return root
+
+
+def _row(cohort, pid: str) -> pd.Series:
+    rows = cohort.table[cohort.table.patient_id == pid]
+    assert len(rows) == 1, f"patient {pid} not in cohort"
+    return rows.iloc[0]
+
+
+def test_labels_windows_and_exclusions(tmp_path: Path, covid_task: TaskSpec) -> None:
+    res = [
+        *f.covid_patient("pos", oxygen_at="2020-03-01T20:00:00+00:00"),
+        *f.covid_patient("late", oxygen_at="2020-03-03T10:00:01+00:00"),  # after 24 h
+        *f.covid_patient("prior", oxygen_at="2020-02-28T10:00:00+00:00"),  # before index
+        *f.covid_patient("died", deceased="2020-03-01T22:00:00+00:00"),
+        *f.covid_patient("neg"),
+        f.patient("nocovid"),
+    ]
+    cohort = build_cohort(_site(tmp_path, res), covid_task)
+    labels = dict(zip(cohort.table.patient_id, cohort.table.label, strict=True))
+    assert labels == {"pos": 1, "late": 0, "died": 1, "neg": 0}
+    assert cohort.counts["excluded_by_reason"] == {"not_in_cohort": 1, "prior_event": 1}
+
+
+def test_features_only_up_to_cutoff(tmp_path: Path, covid_task: TaskSpec) -> None:
+    res = f.covid_patient("p1", extra=[
+        f.observation("t-f", "p1", "8310-5", 100.4, "[degF]", "2020-03-01T08:00:00+00:00"),
+        f.observation("crp-dl", "p1", "1988-5", 1.5, "mg/dL", "2020-03-01T10:00:00+00:00"),
+        f.bp_panel("bp", "p1", 131, 85, "2020-03-01T09:30:00+00:00"),
+        f.observation("hr-old", "p1", "8867-4", 60.0, "/min", "2018-01-01T00:00:00+00:00"),
+        f.condition("htn", "p1", f.HYPERTENSION, "2015-01-01"),
+        f.condition("ob-late", "p1", "162864005", "2020-03-05"),
+    ])
+    cohort = build_cohort(_site(tmp_path, res), covid_task)
+    row = _row(cohort, "p1")
+    assert row["heart_rate"] == 80.0  # the 2018 value is outside the 365-day lookback
+    assert row["temperature"] == pytest.approx(38.0)  # 100.4 °F
+    assert row["crp"] == pytest.approx(15.0)  # 1.5 mg/dL at exactly the index (inclusive)
+    assert (row["systolic_bp"], row["diastolic_bp"]) == (131.0, 85.0)
+    assert row["hypertension"] == 1.0 and row["obesity"] == 0.0
+    assert row["missing_crp"] == 0.0 and row["missing_ldh"] == 1.0 and math.isnan(row["ldh"])
+    assert row["age"] == pytest.approx(59.83, abs=0.01) and row["age_band"] == "40-59"
+    assert row["sex_female"] == 1.0 and row["sex"] == "female"
+    assert row["max_feature_time"] <= row["index_time"]
+    assert cohort.feature_names == feature_names(covid_task)
+    assert list(cohort.table[cohort.feature_names].dtypes.unique()) == [np.dtype(float)]
+
+
+def test_allowance_moves_the_cutoff(tmp_path: Path, covid_task: TaskSpec) -> None:
+    res = f.covid_patient("p1", oxygen_at="2020-03-01T20:00:00+00:00")
+    site = _site(tmp_path, res)
+    task48 = covid_task.model_copy(
+        update={"index": covid_task.index.model_copy(update={"allowance_hours": 48.0})})
+    base = _row(build_cohort(site, covid_task), "p1")
+    assert math.isnan(base["crp"]) and base["label"] == 1
+    # with 48 h the CRP of day 2 becomes a feature and the oxygen is a prior event
+    cohort48 = build_cohort(site, task48)
+    assert cohort48.counts["excluded_by_reason"] == {"prior_event": 1}
+    task48_keep = task48.model_copy(update={"label": task48.label.model_copy(
+        update={"exclude_prior_events": False})})
+    row = _row(build_cohort(site, task48_keep), "p1")
+    assert row["crp"] == 50.0
+    assert row["max_feature_time"] <= row["index_time"] + pd.Timedelta(hours=48)
+
+
+def test_index_falls_back_to_first_encounter_after_onset(tmp_path: Path,
+                                                         covid_task: TaskSpec) -> None:
+    res = [f.patient("p1"),
+           f.encounter("e-before", "p1", "2020-02-01T10:00:00+00:00"),
+           f.encounter("e-after", "p1", "2020-03-04T08:00:00+00:00"),
+           f.encounter("e-later", "p1", "2020-03-09T08:00:00+00:00"),
+           f.condition("c", "p1", f.COVID, "2020-03-03T12:00:00+00:00")]
+    row = _row(build_cohort(_site(tmp_path, res), covid_task), "p1")
+    assert row["index_time"] == pd.Timestamp("2020-03-04T08:00:00Z")
+
+
+def test_urn_uuid_ndjson_and_single_resources(tmp_path: Path, covid_task: TaskSpec) -> None:
+    root = tmp_path / "site"
+    res = f.covid_patient("aaaa-1", oxygen_at="2020-03-01T12:00:00+00:00")
+    for r in res[1:]:  # references as urn:uuid (Synthea)
+        if "subject" in r:
+            r["subject"]["reference"] = "urn:uuid:aaaa-1"
+    res[2]["encounter"]["reference"] = "urn:uuid:aaaa-1-enc"
+    f.write_json(root / "fhir" / "a.json", f.bundle(res, kind="transaction", urn=True))
+    ndjson = [*f.covid_patient("b1"), *f.covid_patient("b2")]
+    (root / "fhir" / "b.ndjson").write_text("\n".join(json.dumps(r) for r in ndjson) + "\n")
+    for r in f.covid_patient("c1"):
+        f.write_json(root / "fhir" / f"c1-{r['id']}.json", r)
+    cohort = build_cohort(root, covid_task)
+    assert sorted(cohort.table.patient_id) == ["aaaa-1", "b1", "b2", "c1"]
+    assert _row(cohort, "aaaa-1")["label"] == 1
+    assert _row(cohort, "aaaa-1")["index_time"] == pd.Timestamp("2020-03-01T10:00:00Z")
+    assert cohort.skipped == []
+
+
+def test_task_validation_equals_full_validation(tmp_path: Path, covid_task: TaskSpec) -> None:
+    noise = [{"resourceType": "Claim", "id": f"claim{i}", "status": "active"} for i in range(5)]
+    res = [*f.covid_patient("p1", oxygen_at="2020-03-01T12:00:00+00:00"),
+           *f.covid_patient("p2"), *noise]
+    site = _site(tmp_path, res)
+    fast = build_cohort(site, covid_task, data=DataConfig(validation="task"))
+    full = build_cohort(site, covid_task, data=DataConfig(validation="all"))
+    pd.testing.assert_frame_equal(fast.table, full.table)
+    assert full.counts["resources_validated"] == full.counts["resources_read"] == len(res)
+    assert fast.counts["resources_validated"] < full.counts["resources_validated"]
+    # the invalid Claims are reported only when everything is validated
+    assert full.counts["skipped_by_reason"] == {"invalid_fhir": 5}
+    assert fast.skipped == []
+
+
+def test_devices_dated_by_use_statement(tmp_path: Path, covid_task: TaskSpec) -> None:
+    res = [*f.covid_patient("p1"), f.device("d1", "p1", f.VENTILATOR),
+           f.device_use("u1", "p1", "d1", "2020-03-01T15:00:00+00:00"),
+           *f.covid_patient("p2"), f.device("d2", "p2", f.VENTILATOR)]  # no use: undated
+    cohort = build_cohort(_site(tmp_path, res), covid_task)
+    assert _row(cohort, "p1")["label"] == 1 and _row(cohort, "p2")["label"] == 0
+    assert cohort.counts["devices_without_use_statement"] == 1
+
+
+def test_notes_dated_before_cutoff_only(tmp_path: Path, covid_task: TaskSpec) -> None:
+    res = f.covid_patient("p1", extra=[
+        f.document("n-before", "p1", "cough for three days", "2020-03-01T09:00:00+00:00"),
+        f.document("n-after", "p1", "intubated on day two", "2020-03-02T09:00:00+00:00"),
+        f.document("n-url", "p1", None, "2020-03-01T09:30:00+00:00", url="notes/p1.txt"),
+        f.document("n-escape", "p1", None, "2020-03-01T09:30:00+00:00", url="../secret.txt"),
+        f.document("n-undated", "p1", "undated text", None),
+        f.report("r1", "p1", "bilateral opacities", "2020-03-01T09:45:00+00:00"),
+    ])
+    root = _site(tmp_path, res)
+    (root / "notes").mkdir()
+    (root / "notes" / "p1.txt").write_text("short of breath")
+    (tmp_path / "secret.txt").write_text("must never be read")
+    cohort = build_cohort(root, covid_task)
+    row = _row(cohort, "p1")
+    assert sorted(row["notes"]) == ["bilateral opacities", "cough for three days",
+                                    "short of breath"]
+    assert row["has_text"]
+    reasons = cohort.counts["skipped_by_reason"]
+    assert reasons == {"path_outside_site": 1, "undated_note": 1}
+    assert cohort.counts["notes_after_cutoff"] == 1
+    escaped = next(s for s in cohort.skipped if s.reason == "path_outside_site")
+    assert escaped.resource_id == "n-escape" and "../secret.txt" in escaped.detail
+
+
+def test_notes_csv_with_and_without_dates(tmp_path: Path, covid_task: TaskSpec) -> None:
+    root = _site(tmp_path, [*f.covid_patient("p1"), *f.covid_patient("p2")])
+    (root / "notes.csv").write_text(
+        "patient_id,text,date\np1,early note,2020-02-29\np1,late note,2020-03-05\n"
+        "p2,no date,\nghost,who is this,2020-01-01\n")
+    cohort = build_cohort(root, covid_task)
+    assert _row(cohort, "p1")["notes"] == ["early note"]
+    assert _row(cohort, "p2")["notes"] == []
+    assert cohort.counts["skipped_by_reason"] == {"missing_patient": 1, "undated_note": 1}
+    (root / "notes.csv").write_text("patient_id,text\np2,site vouches it is pre-index\n")
+    assert _row(build_cohort(root, covid_task), "p2")["notes"] == ["site vouches it is "
+                                                                   "pre-index"]
+
+
+def _png(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(path)
+    return path
+
+
+def _dicom(path: Path, patient_id: str, study_date: str = "20200301") -> Path:
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # type: ignore[assignment]
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.PatientID = patient_id
+    ds.StudyDate = study_date
+    ds.Rows, ds.Columns = 8, 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.SamplesPerPixel, ds.PixelRepresentation = 1, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = bytes(64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_image_linking_rules(tmp_path: Path, covid_task: TaskSpec) -> None:
+    res = [*f.covid_patient("csv"), *f.covid_patient("study"), *f.covid_patient("dicom"),
+           *f.covid_patient("late"), *f.covid_patient("none"), *f.covid_patient("broken"),
+           f.imaging_study("is1", "study", "images/study/x.png", "2020-03-01T09:00:00Z"),
+           f.imaging_study("is2", "late", "images/late.png", "2020-03-04T09:00:00Z")]
+    root = _site(tmp_path, res)
+    _png(root / "images" / "a.png")
+    _png(root / "images" / "study" / "x.png")
+    _png(root / "images" / "late.png")
+    _dicom(root / "images" / "d" / "1.dcm", "dicom")
+    (root / "images" / "broken.png").write_bytes(b"not a png")
+    (root / "images.csv").write_text("patient_id,path\ncsv,images/a.png\n"
+                                     "broken,images/broken.png\ncsv,/etc/passwd\n")
+    cohort = build_cohort(root, covid_task)
+    paths = dict(zip(cohort.table.patient_id, cohort.table.image_path, strict=True))
+    assert paths["csv"] == str(root / "images" / "a.png")
+    assert paths["study"] == str(root / "images" / "study" / "x.png")
+    assert paths["dicom"] == str(root / "images" / "d" / "1.dcm")
+    assert paths["late"] is None and paths["none"] is None and paths["broken"] is None
+    assert cohort.counts["images_after_cutoff"] == 1
+    assert cohort.counts["skipped_by_reason"] == {"path_outside_site": 1,
+                                                  "unreadable_image": 1}
+    assert int(cohort.table.has_image.sum()) == 3
+
+
+def test_symlink_escaping_site_is_refused(tmp_path: Path, covid_task: TaskSpec) -> None:
+    root = _site(tmp_path, f.covid_patient("p1"))
+    outside = _png(tmp_path / "outside.png")
+    (root / "images").mkdir()
+    (root / "images" / "link.png").symlink_to(outside)
+    (root / "images.csv").write_text("patient_id,path\np1,images/link.png\n")
+    cohort = build_cohort(root, covid_task)
+    assert _row(cohort, "p1")["image_path"] is None
+    assert [s.reason for s in cohort.skipped] == ["path_outside_site"]
+
+
+def test_labels_csv_prefer_fallback_ignore(tmp_path: Path, covid_task: TaskSpec) -> None:
+    root = _site(tmp_path, [*f.covid_patient("p1"), *f.covid_patient("p2")])
+    (root / "labels.csv").write_text("patient_id,label\np1,1\n")
+    labels = {}
+    for mode in ("prefer", "fallback", "ignore"):
+        task = covid_task.model_copy(update={"label": covid_task.label.model_copy(
+            update={"labels_csv": mode})})
+        t = build_cohort(root, task).table
+        labels[mode] = dict(zip(t.patient_id, t.label, strict=True))
+    assert labels["prefer"] == {"p1": 1, "p2": 0}
+    assert labels["fallback"] == labels["ignore"] == {"p1": 0, "p2": 0}
+
+
+def test_reference_date_task(tmp_path: Path) -> None:
+    task = load_task("alzheimers")  # reference date 2020-01-01, min age 50
+    res = [f.patient("ad", birth="1940-01-01"),
+           f.condition("c-ad", "ad", f.ALZHEIMERS, "2015-06-01"),
+           f.patient("later", birth="1940-01-01"),
+           f.condition("c-later", "later", f.ALZHEIMERS, "2021-06-01"),  # after: not a label
+           f.observation("bmi", "later", "39156-5", 24.0, "kg/m2", "2019-05-01"),
+           f.observation("bmi2", "later", "39156-5", 30.0, "kg/m2", "2020-06-01"),
+           f.patient("young", birth="1990-01-01"),
+           f.patient("dead", birth="1930-01-01", deceased="2019-01-01T00:00:00Z")]
+    cohort = build_cohort(_site(tmp_path, res), task)
+    labels = dict(zip(cohort.table.patient_id, cohort.table.label, strict=True))
+    assert labels == {"ad": 1, "later": 0}
+    assert _row(cohort, "later")["bmi"] == 24.0
+    assert cohort.counts["excluded_by_reason"] == {"died_before_index": 1, "under_min_age": 1}
+    assert (cohort.table.max_feature_time.dropna() <= cohort.table.index_time.iloc[0]).all()
+
+
+def test_summary_is_json_ready(tmp_path: Path, covid_task: TaskSpec) -> None:
+    cohort = build_cohort(_site(tmp_path, [*f.covid_patient("p1", oxygen_at=
+                                          "2020-03-01T12:00:00Z"), *f.covid_patient("p2")]),
+                          covid_task)
+    s = json.loads(json.dumps(cohort.summary()))
+    assert (s["patients"], s["positives"], s["prevalence"]) == (2, 1, 0.5)
+    assert s["missingness"]["heart_rate"] == 0.0 and s["missingness"]["crp"] == 1.0
+    assert s["coverage"] == {"image": 0.0, "text": 0.0, "tabular": 1.0}
