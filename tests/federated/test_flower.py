@@ -60,7 +60,10 @@ def toy_job(run_config: Mapping[str, Any]) -> ServerJob:
     """The toy server job: ``toy_config`` with ``rounds`` from the run config."""
     from tests.federated.toy import initial_weights, toy_config
 
-    return ServerJob(initial_weights(0), toy_config(rounds=int(run_config["rounds"])))
+    config = toy_config(
+        rounds=int(run_config["rounds"]), evaluate_every=int(run_config["evaluate-every"])
+    )
+    return ServerJob(initial_weights(0), config)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -287,10 +290,13 @@ def test_loopback_deployment_equals_in_process(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     from tests.federated.toy import initial_weights, toy_config, toy_federation
 
+    # No evaluation rounds: each message costs a ClientApp process start (~5-10 s on a loaded
+    # 2-core runner); evaluation over Flower is covered by the fake-grid test above.
+    config = toy_config(rounds=2, evaluate_every=0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the Flower processes get torch-threads = 1 too
     try:
-        reference = run_federated(toy_federation(), initial_weights(0), toy_config(rounds=2))
+        reference = run_federated(toy_federation(), initial_weights(0), config)
     finally:
         torch.set_num_threads(threads)
 
@@ -304,7 +310,8 @@ def test_loopback_deployment_equals_in_process(tmp_path: Path) -> None:
             "min-nodes": 3,
             "node-wait": 60.0,
             "torch-threads": 1,
-            "rounds": 2,
+            "rounds": config.rounds,
+            "evaluate-every": config.evaluate_every,
         },
     )
     sites = {s: tmp_path / "sites" / s for s in SITES}
