@@ -243,6 +243,12 @@ class ImageEncoder(nn.Module):
         )
         return cls(**kwargs)
 
+    @property
+    def projection(self) -> nn.Linear | None:
+        """The head's linear layer (``None`` when ``embed_dim`` is None)."""
+        layers = [m for m in self.head.modules() if isinstance(m, nn.Linear)]
+        return layers[0] if layers else None
+
     def train(self, mode: bool = True) -> ImageEncoder:
         """Set training mode; a frozen backbone stays in eval mode (fixed BatchNorm statistics)."""
         super().train(mode)

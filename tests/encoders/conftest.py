@@ -23,12 +23,14 @@ VOCAB = [
 
 def make_tiny_text_model(folder: Path, *, seed: int = 0, max_len: int = 64) -> Path:
     """Save a random 2-layer BERT and a WordPiece tokenizer to ``folder`` (offline)."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel, BertTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(VOCAB) + "\n")
-    tok = BertTokenizerFast(vocab=str(vocab), model_max_length=max_len)
+    tok = BertTokenizer(  # transformers 5: the tokenizers-backed (fast) class
+        vocab=str(vocab), model_max_length=max_len
+    )
     torch.manual_seed(seed)
     cfg = BertConfig(
         vocab_size=len(VOCAB),

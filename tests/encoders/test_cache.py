@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,20 +20,26 @@ from multimodal_fl.encoders import (
 )
 
 
+def _proj(enc: ImageEncoder) -> torch.nn.Linear:
+    proj = enc.projection
+    assert proj is not None
+    return proj
+
+
 class Counter:
     """compute_fn that records the items it was asked for."""
 
     def __init__(self, fn: object) -> None:
         self.fn = fn
-        self.calls: list[list[object]] = []
+        self.calls: list[list[Any]] = []
 
-    def __call__(self, items: list[object]) -> np.ndarray:
+    def __call__(self, items: Sequence[Any]) -> np.ndarray:
         self.calls.append(list(items))
         return self.fn(items)  # type: ignore[operator]
 
 
 def _image_fn(enc: ImageEncoder, spec: ImageTransformSpec) -> Counter:
-    def fn(paths: list[Path]) -> np.ndarray:
+    def fn(paths: Sequence[Path]) -> np.ndarray:
         with torch.no_grad():
             return enc(torch.stack([load_image(p, spec=spec) for p in paths])).numpy()
 
@@ -74,7 +82,7 @@ def test_changed_weights_invalidate(tmp_path: Path, image_files: dict[str, Path]
         paths, _image_fn(enc, spec)
     )
     with torch.no_grad():
-        enc.head[1].weight.mul_(2.0)
+        _proj(enc).weight.mul_(2.0)
     fn = _image_fn(enc, spec)
     cache = EmbeddingCache(tmp_path, fingerprint=enc.fingerprint(spec.describe()))
     out = cache.get_or_compute(paths, fn)
@@ -114,9 +122,9 @@ def test_text_encoder_through_cache(tmp_path: Path, tiny_text_model: Path) -> No
     enc = TextEncoder(tiny_text_model)
     notes = ["fever and cough", "", ["oxygen low", "chest pain"], "fever and cough"]
 
-    def compute(items: list[object]) -> np.ndarray:
+    def compute(items: Sequence[Any]) -> np.ndarray:
         with torch.no_grad():
-            return enc(items).numpy()  # type: ignore[arg-type]
+            return enc(items).numpy()
 
     fn = Counter(compute)
     cache = EmbeddingCache(tmp_path, fingerprint=enc.fingerprint(), site="s")
