@@ -339,6 +339,7 @@ def _cell_fn(
     alpha: float,
     seed: int,
     ece_bins: int,
+    cache: dict[bytes, dict[str, MetricValue]],
 ) -> dict[str, Any]:
     """Everything about one cell (counts, metrics with intervals), or its suppression reason."""
     y, s = check_binary_inputs(y_true, y_pred, where="fairness cell")
@@ -356,7 +357,15 @@ def _cell_fn(
         y, s, threshold=np.asarray(thr, dtype=np.float64), metrics=metrics, n_bins=ece_bins,
         n_boot=n_boot, alpha=alpha, seed=cell_seed,
     )
+    cache[_cell_key(y, s, thr)] = vals
     return {"reason": None, "n": int(y.size), "n_pos": int(y.sum()), "metrics": vals}
+
+
+def _cell_key(y: npt.ArrayLike, s: npt.ArrayLike, thr: npt.ArrayLike) -> bytes:
+    """Identity of a cell's data, so the numeric MetricFrame reuses the computed values."""
+    return b"|".join(
+        np.ascontiguousarray(np.asarray(a, dtype=np.float64)).tobytes() for a in (y, s, thr)
+    )
 
 
 def _numeric_fn(
@@ -367,11 +376,16 @@ def _numeric_fn(
     metric: str,
     min_cell: int,
     ece_bins: int,
+    cache: dict[bytes, dict[str, MetricValue]],
 ) -> float:
     """Point estimate of one metric for MetricFrame's aggregations; NaN when suppressed."""
     y, s = check_binary_inputs(y_true, y_pred, where="fairness cell")
     if cell_reason(y, min_cell) is not None:
         return math.nan
+    hit = cache.get(_cell_key(y, s, thr))
+    if hit is not None and metric in hit:
+        v = hit[metric]
+        return math.nan if v.value is None else float(v.value)
     v = binary_metrics(
         y, s, threshold=np.asarray(thr, dtype=np.float64), metrics=(metric,), n_bins=ece_bins
     )[metric]
@@ -394,9 +408,10 @@ def _frames(
     y = df["__y"].to_numpy()
     s = df["__s"].to_numpy()
     thr = df["__t"].to_numpy()
+    cache: dict[bytes, dict[str, MetricValue]] = {}
     cell = partial(
         _cell_fn, metrics=metrics, min_cell=min_cell, n_boot=n_boot, alpha=alpha, seed=seed,
-        ece_bins=ece_bins,
+        ece_bins=ece_bins, cache=cache,
     )
     records = MetricFrame(
         metrics={"cell": cell},
@@ -407,7 +422,8 @@ def _frames(
         sample_params={"cell": {"thr": thr}},
     )
     numeric_fns: dict[str, Callable[..., float]] = {
-        m: partial(_numeric_fn, metric=m, min_cell=min_cell, ece_bins=ece_bins) for m in metrics
+        m: partial(_numeric_fn, metric=m, min_cell=min_cell, ece_bins=ece_bins, cache=cache)
+        for m in metrics
     }
     numeric = MetricFrame(
         metrics=numeric_fns,

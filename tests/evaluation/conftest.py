@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import zlib
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -38,3 +42,53 @@ def make_predictions(
 def predictions() -> pd.DataFrame:
     """Three sites, one small (c: 60 patients, ~18 in test)."""
     return make_predictions()
+
+
+def write_run_dir(
+    root: os.PathLike[str] | str,
+    engine: str,
+    *,
+    seed: int = 0,
+    noise: float = 0.2,
+    sites: tuple[tuple[str, int, float], ...] = (("a", 400, 1.6), ("b", 300, 1.4), ("c", 60, 1.2)),
+) -> Path:
+    """A run directory in the layout `mmfl train` writes (config, metrics, per-site predictions).
+
+    The same patients (same seed) in every engine's run; ``noise`` perturbs the scores so
+    engines differ. The local engine's small site gets extra noise (it learns least alone).
+    """
+
+    import json
+
+    import yaml
+
+    base = make_predictions(seed, sites=sites)
+    rng = np.random.default_rng(zlib.crc32(engine.encode()))
+    run = Path(root) / f"cfg-{engine}"
+    run.mkdir(parents=True)
+    cfg = {"name": "cfg", "seed": seed, "federated": {"engine": engine},
+           "evaluation": {"sensitive": ["sex", "age_band"], "min_cell": 10, "n_boot": 100,
+                          "histogram_bins": 100, "threshold": "youden"}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    for site, d in base.groupby("site"):
+        extra = 0.25 if (engine == "local" and site == "c") else 0.0
+        logit = np.log(d.score / (1 - d.score)) + rng.normal(0, noise + extra, len(d))
+        out = d.drop(columns=["site"]).assign(score=1 / (1 + np.exp(-logit)))
+        (run / "sites" / str(site)).mkdir(parents=True)
+        out.to_csv(run / "sites" / str(site) / "predictions.csv", index=False)
+    metrics: dict = {"engine": engine, "config": "cfg"}
+    if engine in ("inprocess", "flower"):
+        metrics["rounds"] = [
+            {"round": r, "train_loss": 0.7 - 0.02 * r,
+             "eval_metrics": {s: {"val_auc": 0.6 + 0.01 * r, "loss": 0.5} for s in "abc"}}
+            for r in range(1, 11)
+        ]
+    else:
+        names = ["a", "b", "c"] if engine == "local" else ["centralized"]
+        metrics["history"] = {
+            n: [{"step": 10 * k, "train_loss": 0.7 - 0.01 * k, "val_auc": 0.6 + 0.02 * k}
+                for k in range(1, 8)]
+            for n in names
+        }
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
