@@ -42,6 +42,7 @@ import hashlib
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -654,8 +655,11 @@ def _load_images(
     cache_root: Path | None,
     site: str,
 ) -> tuple[torch.Tensor, np.ndarray, dict[int, str]]:
-    """Read and preprocess images once (through the cache when given); zeros where absent."""
-    from multimodal_fl.encoders.cache import EmbeddingCache
+    """Read and preprocess images once (through the cache when given); zeros where absent.
+
+    An unreadable file is cached as a NaN row (the same bytes fail the same way), so it is
+    reported, not re-read, by later runs.
+    """
     from multimodal_fl.encoders.transforms import ImageReadError, load_image
 
     shape = (spec.channels, *([spec.size] * spec.spatial_dims))
@@ -673,6 +677,8 @@ def _load_images(
     if not readable:
         return out, ok, errors
 
+    reasons: dict[str, str] = {}
+
     def compute(items: list[Path]) -> np.ndarray:
         arrs = []
         for item in items:
@@ -680,24 +686,42 @@ def _load_images(
                 arrs.append(load_image(item, spec=spec).reshape(-1).numpy())
             except ImageReadError as exc:
                 arrs.append(np.full(int(np.prod(shape)), np.nan, dtype=np.float32))
+                reasons[str(item)] = str(exc)
                 logger.warning("site %s: %s", site, exc)
         return np.stack(arrs).astype(np.float32)
 
     items = [paths[i] for i in readable]
-    if cache_root is not None:
-        fp = hashlib.sha256(("pixels|" + spec.describe()).encode()).hexdigest()
-        cache = EmbeddingCache(cache_root, fingerprint=fp, site=site,
-                               description="preprocessed image pixels " + spec.describe())
-        flat = cache.get_or_compute(items, compute)
-    else:
-        flat = compute(items)  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        # MONAI's DICOM reader warns on import when an optional GPU decoder is absent
+        warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+        flat = _cached_pixels(items, compute, spec, cache_root=cache_root, site=site)
     for row, i in zip(flat, readable, strict=True):
         if np.isnan(row).any():
-            errors[i] = f"image file {str(paths[i])!r} could not be read"
+            errors[i] = reasons.get(
+                str(paths[i]), f"image file {str(paths[i])!r} could not be read (cached result)"
+            )
             continue
         out[i] = torch.from_numpy(row.reshape(shape))
         ok[i] = True
     return out, ok, errors
+
+
+def _cached_pixels(
+    items: list[Path | None],
+    compute: Callable[[list[Path]], np.ndarray],
+    spec: ImageTransformSpec,
+    *,
+    cache_root: Path | None,
+    site: str,
+) -> np.ndarray:
+    from multimodal_fl.encoders.cache import EmbeddingCache
+
+    if cache_root is not None:
+        fp = hashlib.sha256(("pixels|" + spec.describe()).encode()).hexdigest()
+        cache = EmbeddingCache(cache_root, fingerprint=fp, site=site,
+                               description="preprocessed image pixels " + spec.describe())
+        return cache.get_or_compute(items, compute)
+    return compute(items)  # type: ignore[arg-type]
 
 
 def prepare_site_data(

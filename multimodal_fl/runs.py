@@ -1,0 +1,562 @@
+"""Run directories, and the two non-federated engines: local-only and centralized.
+
+Every engine writes the same layout, so runs compare directly::
+
+    RUN_DIR/                      default runs/<config-name>-<YYYYmmdd-HHMMSS>
+      config.yaml                 the resolved configuration
+      metrics.json                engine, per-site metrics per split, training history
+      model.safetensors           the model (centralized, federated)
+      cache/<site>/...            embedding cache (unless data.cache_dir or $MMFL_CACHE is set)
+      sites/<site>/
+        splits.json               patient -> train/val/test, with counts
+        predictions.csv           patient_id, split, label, score, sex, age_band, age, ...
+        model.safetensors         the site's own model (local engine)
+
+Patient-level rows (splits, predictions) are written only under ``sites/<site>/``: in a
+deployment that folder is at the hospital.
+
+``run_local(cfg)`` trains one model per site on its own data. ``run_centralized(cfg)`` pools
+every site's patients into one training set: it moves data between hospitals and is only a
+research baseline (it says so when it runs). Both use the same per-site splits
+(:func:`~multimodal_fl.training.split_patients`) as the federated engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from safetensors.torch import save_file
+from torch import nn
+
+from multimodal_fl.config import ExperimentConfig
+from multimodal_fl.evaluation.metrics import MetricValue, binary_metrics, derive_seed
+from multimodal_fl.fusion import FusionModel
+from multimodal_fl.training import (
+    EVAL_METRICS,
+    SPLITS,
+    CohortDataset,
+    FrozenEncoders,
+    SiteData,
+    TrainResult,
+    batch_augmenter,
+    build_model,
+    fit_tabular_standardizer,
+    predict,
+    prepare_site_data,
+    train,
+)
+
+__all__ = [
+    "CENTRALIZED_WARNING",
+    "RunOutcome",
+    "RunWriter",
+    "cache_root",
+    "default_run_dir",
+    "load_site_data",
+    "metrics_by_split",
+    "predictions_frame",
+    "run_centralized",
+    "run_local",
+    "save_model",
+]
+
+logger = logging.getLogger("multimodal_fl.runs")
+
+CENTRALIZED_WARNING = (
+    "centralized engine: pools every site's patient data in one place. This moves data "
+    "between hospitals and is only a research baseline for comparison, never a deployment."
+)
+
+
+def default_run_dir(cfg: ExperimentConfig, root: str | os.PathLike[str] = "runs",
+                    *, now: datetime | None = None) -> Path:
+    """``<root>/<config-name>-<YYYYmmdd-HHMMSS>`` (UTC); a numeric suffix avoids collisions.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        Its ``name`` (the config file stem by default) names the run.
+    root : path-like, default "runs"
+    now : datetime or None
+        Timestamp (default: now, UTC).
+
+    Returns
+    -------
+    Path
+        A directory that does not exist yet.
+    """
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
+    base = Path(root) / f"{cfg.name or 'run'}-{stamp}"
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
+
+
+def cache_root(cfg: ExperimentConfig, run_dir: Path) -> Path:
+    """Embedding-cache root: ``data.cache_dir``, else ``$MMFL_CACHE``, else ``RUN_DIR/cache``."""
+    if cfg.data.cache_dir is not None:
+        return Path(cfg.data.cache_dir).expanduser()
+    env = os.environ.get("MMFL_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return run_dir / "cache"
+
+
+def _contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_model(model: nn.Module, path: str | os.PathLike[str],
+               metadata: Mapping[str, str] | None = None) -> Path:
+    """Write the model's ``state_dict`` (buffers included) to a safetensors file.
+
+    Parameters
+    ----------
+    model : nn.Module
+    path : path-like
+    metadata : mapping of str to str or None
+        Stored in the file header as one JSON string under the key ``multimodal_fl``
+        (one key, sorted: safetensors writes several keys in a random order, which would
+        make equal weights give different files). Keep timestamps out of it.
+
+    Returns
+    -------
+    Path
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    header = {"multimodal_fl": json.dumps(dict(metadata or {}), sort_keys=True)}
+    save_file(_contiguous_state(model), str(p), metadata=header)
+    return p
+
+
+class RunWriter:
+    """Writes one run directory (see the module docstring for the layout).
+
+    Parameters
+    ----------
+    run_dir : path-like
+        Created if needed.
+    cfg : ExperimentConfig
+        The resolved configuration.
+    engine : str
+        ``local``, ``centralized``, ``inprocess`` or ``flower``.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], cfg: ExperimentConfig, engine: str) -> None:
+        self.run_dir = Path(run_dir)
+        self.cfg = cfg
+        self.engine = engine
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def site_dir(self, site: str) -> Path:
+        """``RUN_DIR/sites/<site>`` (created)."""
+        d = self.run_dir / "sites" / site
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def write_config(self) -> Path:
+        """Write ``config.yaml`` (the resolved configuration, engine included)."""
+        data = self.cfg.resolved_dict()
+        data.setdefault("federated", {})["engine"] = self.engine
+        path = self.run_dir / "config.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    def save_model(self, model: nn.Module, site: str | None = None) -> Path:
+        """Write ``model.safetensors`` (``sites/<site>/model.safetensors`` for a site's model)."""
+        folder = self.site_dir(site) if site is not None else self.run_dir
+        meta = {"engine": self.engine, "config": self.cfg.name or ""}
+        if site is not None:
+            meta["site"] = site
+        return save_model(model, folder / "model.safetensors", meta)
+
+    def write_splits(self, site: str, data: SiteData) -> Path:
+        """Write ``sites/<site>/splits.json``: seed, fractions, counts and the assignment."""
+        labels = dict(zip(data.dataset.patient_ids, data.dataset.labels.int().tolist(),
+                          strict=True))
+        counts = {
+            s: {
+                "n": sum(1 for v in data.splits.values() if v == s),
+                "n_pos": sum(labels[p] for p, v in data.splits.items() if v == s),
+            }
+            for s in SPLITS
+        }
+        doc = {
+            "site": site,
+            "seed": self.cfg.seed,
+            "fractions": self.cfg.training.split.model_dump(),
+            "rule": "sha256(seed, site, patient_id), stratified by label (training.split_patients)",
+            "counts": counts,
+            "dropped": data.dropped,
+            "image_unreadable": data.image_errors,
+            "splits": dict(sorted(data.splits.items())),
+        }
+        path = self.site_dir(site) / "splits.json"
+        path.write_text(json.dumps(doc, indent=2))
+        return path
+
+    def write_predictions(self, site: str, frame: pd.DataFrame) -> Path:
+        """Write ``sites/<site>/predictions.csv``."""
+        path = self.site_dir(site) / "predictions.csv"
+        frame.to_csv(path, index=False)
+        return path
+
+    def write_metrics(self, metrics: Mapping[str, Any]) -> Path:
+        """Write ``metrics.json`` (``engine`` and ``config`` added)."""
+        doc = {"engine": self.engine, "config": self.cfg.name, **metrics}
+        path = self.run_dir / "metrics.json"
+        path.write_text(json.dumps(_jsonable(doc), indent=2))
+        return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, MetricValue):
+        return obj.to_dict()
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    return obj
+
+
+# ============================================================================ evaluation
+
+
+def predictions_frame(model: FusionModel, data: SiteData, *,
+                      sensitive: tuple[str, ...] | list[str] = ()) -> pd.DataFrame:
+    """One row per patient: ``patient_id, split, label, score`` and the sensitive attributes.
+
+    Parameters
+    ----------
+    model : FusionModel
+    data : SiteData
+    sensitive : sequence of str
+        Extra attribute columns to copy when present (``sex``, ``age_band`` and ``age`` are
+        always copied when present).
+
+    Returns
+    -------
+    DataFrame
+    """
+    ds = data.dataset
+    scores = predict(model, ds)
+    frame = pd.DataFrame({
+        "patient_id": ds.patient_ids,
+        "split": [data.splits[p] for p in ds.patient_ids],
+        "label": ds.labels.int().numpy(),
+        "score": scores,
+    })
+    for col in ("sex", "age_band", "age", *sensitive):
+        if col in ds.meta.columns and col not in frame.columns:
+            frame[col] = ds.meta[col].to_numpy()
+    return frame
+
+
+def metrics_by_split(frame: pd.DataFrame, *, n_boot: int = 0, seed: int = 0,
+                     where: str = "") -> dict[str, dict[str, MetricValue]]:
+    """AUC, AP, Brier and ECE per split of a :func:`predictions_frame` (undefined ones say why).
+
+    Parameters
+    ----------
+    frame : DataFrame
+        With ``split``, ``label`` and ``score`` columns.
+    n_boot : int, default 0
+        Bootstrap resamples for 95% intervals.
+    seed : int, default 0
+    where : str
+        Names the cell in derived bootstrap seeds.
+
+    Returns
+    -------
+    dict
+        ``{split: {metric: MetricValue}}`` for train, val, test.
+    """
+    out: dict[str, dict[str, MetricValue]] = {}
+    for s in SPLITS:
+        part = frame[frame["split"] == s]
+        out[s] = binary_metrics(
+            part["label"].to_numpy(dtype=np.int64), part["score"].to_numpy(dtype=np.float64),
+            metrics=list(EVAL_METRICS), n_boot=n_boot, seed=derive_seed(seed, where, s),
+        )
+    return out
+
+
+# ============================================================================ engines
+
+
+@dataclass
+class RunOutcome:
+    """Result of an engine run.
+
+    Attributes
+    ----------
+    run_dir : Path
+        The run directory written.
+    metrics : dict
+        What ``metrics.json`` holds.
+    """
+
+    run_dir: Path
+    metrics: dict[str, Any]
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def load_site_data(cfg: ExperimentConfig, run_dir: Path, *,
+                   cohorts: Mapping[str, Any] | None = None) -> dict[str, SiteData]:
+    """Build every site's cohort (unless given) and prepare it as tensors.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+    run_dir : Path
+        Where the default embedding cache goes (see :func:`cache_root`).
+    cohorts : mapping of site name to SiteCohort or None
+        Pre-built cohorts (default: ``data.cohort.build_cohorts(cfg)``).
+
+    Returns
+    -------
+    dict of str to SiteData
+        In the config's site order.
+    """
+    if cohorts is None:
+        from multimodal_fl.data.cohort import build_cohorts
+
+        cohorts = build_cohorts(cfg)
+    frozen = FrozenEncoders(cfg)
+    root = cache_root(cfg, run_dir)
+    out: dict[str, SiteData] = {}
+    for name, cohort in cohorts.items():
+        out[name] = prepare_site_data(cohort, cfg, cache=root, site=name, frozen=frozen)
+    return out
+
+
+def _progress_bar(enabled: bool) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def _train_one(cfg: ExperimentConfig, data_train: CohortDataset, data_val: CohortDataset,
+               model: Any, *, seed_key: str, bar: Any, label: str) -> TrainResult:
+    task = bar.add_task(label, total=cfg.training.steps, loss=float("nan"))
+
+    def tick(step: int, loss: float) -> None:
+        bar.update(task, advance=1, loss=loss)
+
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "train", seed_key))
+    result = train(model, data_train, data_val, cfg.training, generator=gen,
+                   augment=batch_augmenter(cfg, model), progress=tick)
+    bar.update(task, total=result.steps, completed=result.steps)
+    return result
+
+
+def _site_summary(data: SiteData) -> dict[str, Any]:
+    return {
+        "n_patients": len(data.dataset),
+        "n_positive": int(data.dataset.labels.sum()),
+        "modality_counts": data.dataset.modality_counts(),
+        "dropped": len(data.dropped),
+        "image_errors": len(data.image_errors),
+    }
+
+
+def _finish(writer: RunWriter, cfg: ExperimentConfig, sites: Mapping[str, SiteData],
+            models: Mapping[str, FusionModel], extra: dict[str, Any]) -> dict[str, Any]:
+    """Write splits, predictions and metrics for every site; return the metrics document."""
+    per_site: dict[str, Any] = {}
+    frames = []
+    for name, data in sites.items():
+        if name not in models:
+            continue
+        writer.write_splits(name, data)
+        frame = predictions_frame(models[name], data, sensitive=cfg.evaluation.sensitive)
+        writer.write_predictions(name, frame)
+        frames.append(frame.assign(site=name))
+        per_site[name] = {
+            **_site_summary(data),
+            "metrics": metrics_by_split(frame, n_boot=cfg.evaluation.n_boot, seed=cfg.seed,
+                                        where=name),
+        }
+    pooled = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["split", "label", "score"])
+    doc = {
+        "seed": cfg.seed,
+        "sites": per_site,
+        "pooled": metrics_by_split(pooled, n_boot=cfg.evaluation.n_boot, seed=cfg.seed,
+                                   where="pooled"),
+        **extra,
+    }
+    writer.write_metrics(doc)
+    out: dict[str, Any] = _jsonable({"engine": writer.engine, "config": cfg.name, **doc})
+    return out
+
+
+def run_local(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | None = None, *,
+              cohorts: Mapping[str, Any] | None = None,
+              data: Mapping[str, SiteData] | None = None,
+              progress: bool = True) -> RunOutcome:
+    """Local-only baseline: one model per site, trained and evaluated on that site's data.
+
+    Each site's model starts from the same seeded initial weights, uses the site's own
+    tabular standardisation (its training split) and a generator seeded from (seed, site).
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+    out_dir : path-like or None
+        Run directory (default :func:`default_run_dir`).
+    cohorts : mapping of site name to SiteCohort or None
+        Pre-built cohorts (default: built from ``cfg.sites``).
+    data : mapping of site name to SiteData or None
+        Prepared site data (skips cohort building and preparation).
+    progress : bool, default True
+        Show a progress bar per site.
+
+    Returns
+    -------
+    RunOutcome
+    """
+    t0 = time.perf_counter()
+    run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
+    writer = RunWriter(run_dir, cfg, "local")
+    writer.write_config()
+    with _threads(cfg.training.num_threads):
+        sites = dict(data) if data is not None else load_site_data(cfg, run_dir, cohorts=cohorts)
+        t_prep = time.perf_counter() - t0
+        models: dict[str, FusionModel] = {}
+        results: dict[str, Any] = {}
+        notes: dict[str, str] = {}
+        with _progress_bar(progress) as bar:
+            for name, sd in sites.items():
+                train_part, val_part = sd.train, sd.val
+                if len(train_part) == 0:
+                    notes[name] = "no training patients: no local model"
+                    logger.warning("site %s: no training patients; skipped", name)
+                    continue
+                model = build_model(cfg, sd)
+                fit_tabular_standardizer(model, [train_part])
+                results[name] = _train_one(cfg, train_part, val_part, model, seed_key=name,
+                                           bar=bar, label=f"local {name}").to_dict()
+                models[name] = model
+                writer.save_model(model, site=name)
+        t_train = time.perf_counter() - t0 - t_prep
+        doc = _finish(writer, cfg, sites, models, {
+            "training": results,
+            "history": {k: v["history"] for k, v in results.items()},
+            "notes": notes,
+            "timing_s": {"prepare": t_prep, "train": t_train,
+                         "total": time.perf_counter() - t0},
+        })
+    return RunOutcome(run_dir, doc)
+
+
+def run_centralized(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | None = None, *,
+                    cohorts: Mapping[str, Any] | None = None,
+                    data: Mapping[str, SiteData] | None = None,
+                    progress: bool = True,
+                    warn: Callable[[str], None] | None = None) -> RunOutcome:
+    """Centralized baseline: pool every site's training patients and train one model.
+
+    It moves patient data between hospitals and is only a research baseline: it prints
+    :data:`CENTRALIZED_WARNING` when it starts. Splits are the per-site splits (the same as
+    every other engine); validation uses the pooled validation patients; metrics are
+    reported per site and pooled.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+    out_dir : path-like or None
+        Run directory (default :func:`default_run_dir`).
+    cohorts : mapping of site name to SiteCohort or None
+    data : mapping of site name to SiteData or None
+    progress : bool, default True
+    warn : callable or None
+        Where the warning goes (default: printed to stderr in yellow).
+
+    Returns
+    -------
+    RunOutcome
+    """
+    if warn is None:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+
+        def warn(msg: str) -> None:
+            console.print(f"[bold yellow]WARNING[/]: {msg}")
+
+    warn(CENTRALIZED_WARNING)
+    t0 = time.perf_counter()
+    run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
+    writer = RunWriter(run_dir, cfg, "centralized")
+    writer.write_config()
+    with _threads(cfg.training.num_threads):
+        sites = dict(data) if data is not None else load_site_data(cfg, run_dir, cohorts=cohorts)
+        t_prep = time.perf_counter() - t0
+        trains = [sd.train for sd in sites.values()]
+        vals = [sd.val for sd in sites.values()]
+        pooled_train = CohortDataset.concat(trains)
+        pooled_val = CohortDataset.concat(vals)
+        if len(pooled_train) == 0:
+            raise ValueError("centralized engine: no training patients at any site")
+        model = build_model(cfg, pooled_train)
+        fit_tabular_standardizer(model, trains)
+        with _progress_bar(progress) as bar:
+            result = _train_one(cfg, pooled_train, pooled_val, model, seed_key="centralized",
+                                bar=bar, label="centralized")
+        writer.save_model(model)
+        t_train = time.perf_counter() - t0 - t_prep
+        doc = _finish(writer, cfg, sites, dict.fromkeys(sites, model), {
+            "training": {"centralized": result.to_dict()},
+            "history": {"centralized": result.history},
+            "warning": CENTRALIZED_WARNING,
+            "timing_s": {"prepare": t_prep, "train": t_train,
+                         "total": time.perf_counter() - t0},
+        })
+    return RunOutcome(run_dir, doc)
