@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -71,6 +71,217 @@ def config_show(
 def config_schema_cmd() -> None:
     """Print the JSON schema of an experiment configuration."""
     sys.stdout.write(json.dumps(config_schema(), indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- mmfl flower
+
+flower_app = typer.Typer(
+    help="Run the package's ServerApp / ClientApp on Flower: one SuperLink, one SuperNode per "
+    "site (docs/deployment.md).",
+    no_args_is_help=True,
+)
+app.add_typer(flower_app, name="flower")
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+ServerFactoryOpt = Annotated[
+    str,
+    typer.Option(
+        "--server-factory", help="'module:callable' returning a ServerJob (the ServerApp calls it)."
+    ),
+]
+SiteFactoryOpt = Annotated[
+    str,
+    typer.Option(
+        "--site-factory",
+        help="'module:callable' taking (site_name, site_dir, run_config), returning a Site.",
+    ),
+]
+RunConfigOpt = Annotated[
+    list[str] | None,
+    typer.Option("--run-config", "-c", help="A run-config entry key=value (repeatable)."),
+]
+FlowerOutOpt = Annotated[
+    Path, typer.Option("--out", help="Where the ServerApp writes weights and result.json.")
+]
+
+
+def _flower_module() -> Any:
+    try:
+        from multimodal_fl.federated import flower
+    except ImportError as exc:
+        fail(f"the Flower engine needs Flower 1.42: pip install 'multimodal_fl[flower]' ({exc})")
+    return flower
+
+
+def _flower_run_config(pairs: list[str] | None) -> dict[str, bool | int | float | str]:
+    import tomllib
+
+    out: dict[str, bool | int | float | str] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            fail(f"--run-config {pair!r}: expected key=value, e.g. rounds=3 or name='x'")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw  # a bare word is a string
+        if not isinstance(value, bool | int | float | str):
+            fail(f"--run-config {pair!r}: the value must be a bool, number or string")
+        out[key.strip()] = value
+    return out
+
+
+def _flower_exec(cmd: list[str]) -> None:
+    import os
+    import shlex
+
+    env = _flower_module().flower_env()
+    err_console.print("$ " + " ".join(shlex.quote(c) for c in cmd), highlight=False)
+    os.execve(cmd[0], cmd, env)
+
+
+def _flower_table(result: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Flower run: {result.completed_rounds} round(s), {result.seconds:.1f} s")
+    for column in ("round", "sites replied", "failed", "train loss", "seconds"):
+        table.add_column(column)
+    for row in result.history:
+        loss = row.get("train_loss")
+        table.add_row(
+            str(row["round"]),
+            ", ".join(row["replied"]),
+            ", ".join(sorted(row["failed"]) + sorted(row["rejected"])) or "-",
+            "-" if loss is None else f"{loss:.4f}",
+            f"{row['seconds']:.1f}",
+        )
+    console.print(table)
+
+
+@flower_app.command("superlink", context_settings=_PASS_THROUGH)
+def flower_superlink(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The one HTTP port (Fleet, Control, apps).")] = 8000,
+    insecure: Annotated[bool, typer.Option(help="Plain HTTP (loopback trials only).")] = False,
+) -> None:
+    """Start a SuperLink, runtime dependency installation off.
+
+    Extra options go to flower-superlink (--ssl-certfile, --ssl-keyfile, --database, ...).
+    """
+    flower = _flower_module()
+    _flower_exec(flower.superlink_command(port, host=host, insecure=insecure) + list(ctx.args))
+
+
+@flower_app.command("supernode", context_settings=_PASS_THROUGH)
+def flower_supernode(
+    ctx: typer.Context,
+    site_dir: Annotated[Path, typer.Argument(help="This site's data directory.")],
+    superlink: Annotated[str, typer.Option(help="host:port of the SuperLink.")] = "127.0.0.1:8000",
+    name: Annotated[str | None, typer.Option(help="Site name (default: the dir's name).")] = None,
+    port: Annotated[int, typer.Option(help="This SuperNode's own port (one per node).")] = 9094,
+    insecure: Annotated[bool, typer.Option(help="Plain HTTP to the SuperLink.")] = False,
+) -> None:
+    """Start the SuperNode of one site (node config site-name, site-dir).
+
+    Extra options go to flower-supernode (--root-certificates, ...).
+    """
+    if not site_dir.is_dir():
+        fail(f"site directory {site_dir} does not exist or is not a directory")
+    flower = _flower_module()
+    cmd = flower.supernode_command(superlink, port, site_dir, site_name=name, insecure=insecure)
+    _flower_exec(cmd + list(ctx.args))
+
+
+@flower_app.command("app")
+def flower_app_cmd(
+    dest: Annotated[Path, typer.Argument(help="Directory to write the Flower App into.")],
+    server_factory: ServerFactoryOpt,
+    site_factory: SiteFactoryOpt,
+    run_config: RunConfigOpt = None,
+) -> None:
+    """Write the package's Flower App (a pyproject.toml) for `flwr run DEST CONNECTION`."""
+    flower = _flower_module()
+    entries: dict[str, bool | int | float | str] = {
+        "server-factory": server_factory,
+        "site-factory": site_factory,
+    }
+    entries.update(_flower_run_config(run_config))
+    written = flower.write_app_dir(dest, entries)
+    console.print(f"wrote {written / 'pyproject.toml'}")
+
+
+@flower_app.command("run")
+def flower_run(
+    server_factory: ServerFactoryOpt,
+    site_factory: SiteFactoryOpt,
+    run_config: RunConfigOpt = None,
+    out: FlowerOutOpt = Path("runs/flower"),
+    connection: Annotated[
+        str | None, typer.Option(help="SuperLink connection in $FLWR_HOME/config.toml.")
+    ] = None,
+) -> None:
+    """Submit the package's app to a running SuperLink (flwr run); print the round table.
+
+    The ServerApp runs on the SuperLink's machine and writes --out there.
+    """
+    import subprocess
+
+    flower = _flower_module()
+    out = out.resolve()
+    entries: dict[str, bool | int | float | str] = {
+        "server-factory": server_factory,
+        "site-factory": site_factory,
+        "out-dir": str(out),
+    }
+    entries.update(_flower_run_config(run_config))
+    app_dir = flower.write_app_dir(out / "app", entries)
+    done = subprocess.run(
+        flower.flwr_run_command(app_dir, connection), env=flower.flower_env(), check=False
+    )
+    if done.returncode != 0:
+        fail(f"flwr run exited with {done.returncode}")
+    try:
+        _flower_table(flower.load_result(out))
+    except FileNotFoundError as exc:
+        fail(f"{exc} (if the SuperLink runs on another machine, the result is there)")
+
+
+@flower_app.command("local")
+def flower_local(
+    site_dirs: Annotated[list[Path], typer.Argument(help="One directory per site.")],
+    server_factory: ServerFactoryOpt,
+    site_factory: SiteFactoryOpt,
+    run_config: RunConfigOpt = None,
+    out: FlowerOutOpt = Path("runs/flower"),
+    timeout: Annotated[float, typer.Option(help="Seconds before the run is stopped.")] = 3600.0,
+) -> None:
+    """Run the app on this machine: a SuperLink and one SuperNode per site on 127.0.0.1."""
+    flower = _flower_module()
+    names = [d.name for d in site_dirs]
+    if len(set(names)) != len(names):
+        fail(f"site directories must have distinct names (they name the sites); got {names}")
+    for d in site_dirs:
+        if not d.is_dir():
+            fail(f"site directory {d} does not exist or is not a directory")
+    out = out.resolve()
+    entries: dict[str, bool | int | float | str] = {
+        "server-factory": server_factory,
+        "site-factory": site_factory,
+        "out-dir": str(out),
+    }
+    entries["min-nodes"] = len(site_dirs)
+    entries.update(_flower_run_config(run_config))
+    app_dir = flower.write_app_dir(out / "app", entries)
+    sites = {d.name: d.resolve() for d in site_dirs}
+    with flower.LoopbackDeployment(sites, home=out / "flwr_home") as deployment:
+        console.print(f"SuperLink on {deployment.address}; logs in {deployment.log_dir}")
+        done = deployment.run(app_dir, timeout=timeout)
+    if done.returncode != 0:
+        fail(f"flwr run exited with {done.returncode}: {done.stderr[-2000:]}")
+    try:
+        _flower_table(flower.load_result(out))
+    except FileNotFoundError as exc:
+        fail(f"{exc}; logs in {out / 'flwr_home' / 'logs'}")
 
 
 def main() -> None:

@@ -79,6 +79,9 @@ __all__ = [
     "client_app",
     "content_to_reply",
     "content_to_request",
+    "flower_env",
+    "flower_exe",
+    "flwr_run_command",
     "free_port",
     "load_object",
     "load_result",
@@ -658,6 +661,12 @@ def server_main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
     opts = _settings(run_config)
     _set_torch_threads(int(opts["torch-threads"]))
+    package_log = logging.getLogger("multimodal_fl")
+    if not package_log.handlers:  # the ServerApp's stdout is what `flwr run --stream` shows
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package_log.addHandler(handler)
+        package_log.setLevel(logging.INFO)
     if not opts["server-factory"]:
         raise ValueError(
             "run config 'server-factory' is empty; expected 'module:callable' returning a "
@@ -893,7 +902,43 @@ def write_app_dir(
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
-def _flower_exe(name: str) -> str:
+def flower_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for Flower processes: this one, quiet, with this Python's scripts first.
+
+    Parameters
+    ----------
+    extra : Mapping[str, str] or None
+        Entries added last (e.g. ``FLWR_HOME``, ``PYTHONPATH``).
+
+    Returns
+    -------
+    dict[str, str]
+        ``os.environ`` plus :data:`QUIET_ENV`, with the directory of ``sys.executable`` first on
+        ``PATH`` (the SuperLink and SuperNode start ``flower-superexec`` and the app processes
+        from ``PATH``).
+    """
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, **QUIET_ENV, **dict(extra or {})}
+
+
+def flower_exe(name: str) -> str:
+    """Find a Flower executable (``flwr``, ``flower-superlink``...) next to this Python first.
+
+    Parameters
+    ----------
+    name : str
+        The executable's name.
+
+    Returns
+    -------
+    str
+        Its path.
+
+    Raises
+    ------
+    FileNotFoundError
+        If Flower is not installed.
+    """
     here = Path(sys.executable).parent / name
     found = str(here) if here.exists() else shutil.which(name)
     if not found:
@@ -922,7 +967,7 @@ def superlink_command(port: int, *, host: str = "127.0.0.1", insecure: bool = Tr
         The argv. Runtime dependency installation is always disabled (it would run ``uv sync``
         against the network): the package must already be installed where the SuperLink runs.
     """
-    cmd = [_flower_exe("flower-superlink"), "--disable-runtime-dependency-installation"]
+    cmd = [flower_exe("flower-superlink"), "--disable-runtime-dependency-installation"]
     if insecure:
         cmd.append("--insecure")
     return [*cmd, "--host", host, "--port", str(port)]
@@ -961,10 +1006,31 @@ def supernode_command(
         if "'" in value:
             raise ValueError(f"{key} {value!r} may not contain a single quote (--node-config)")
     node_config = f"{_SITE_NAME}='{name}' {_SITE_DIR}='{Path(site_dir).resolve()}'"
-    cmd = [_flower_exe("flower-supernode"), "--superlink", superlink, "--port", str(port)]
+    cmd = [flower_exe("flower-supernode"), "--superlink", superlink, "--port", str(port)]
     if insecure:
         cmd.append("--insecure")
     return [*cmd, "--node-config", node_config]
+
+
+def flwr_run_command(app_dir: str | os.PathLike[str], connection: str | None = None) -> list[str]:
+    """The ``flwr run APP [CONNECTION] --stream`` command line.
+
+    Parameters
+    ----------
+    app_dir : path-like
+        A directory written by :func:`write_app_dir`.
+    connection : str or None
+        A SuperLink connection named in ``$FLWR_HOME/config.toml`` (None: its default).
+
+    Returns
+    -------
+    list[str]
+        The argv.
+    """
+    cmd = [flower_exe("flwr"), "run", str(app_dir)]
+    if connection:
+        cmd.append(connection)
+    return [*cmd, "--stream"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -1037,15 +1103,7 @@ class LoopbackDeployment:
         self.sites = {name: Path(path) for name, path in sites.items()}
         self.home = Path(home)
         self.log_dir = Path(log_dir) if log_dir is not None else self.home / "logs"
-        # the SuperLink / SuperNode start `flower-superexec` etc. from PATH: put ours first
-        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        self.env = {
-            **os.environ,
-            "PATH": path,
-            **QUIET_ENV,
-            "FLWR_HOME": str(self.home),
-            **dict(env or {}),
-        }
+        self.env = flower_env({"FLWR_HOME": str(self.home), **dict(env or {})})
         self.startup_timeout = float(startup_timeout)
         self.port = 0
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -1105,7 +1163,7 @@ class LoopbackDeployment:
             ``flwr run``'s exit status and output (its exit status is 0 even when the ServerApp
             raised: check the result, e.g. with :func:`load_result`).
         """
-        cmd = [_flower_exe("flwr"), "run", str(app_dir), self.CONNECTION, "--stream"]
+        cmd = flwr_run_command(app_dir, self.CONNECTION)
         return subprocess.run(
             cmd, env=self.env, capture_output=True, text=True, timeout=timeout, check=False
         )
