@@ -7,7 +7,7 @@ every site of an experiment.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,8 @@ from multimodal_fl.data.sites import SiteFiles, discover_site, read_csv
 from multimodal_fl.data.tasks import apply_task, feature_names
 from multimodal_fl.data.text import load_url_notes, notes_from_csv
 
-__all__ = ["META_COLUMNS", "SiteCohort", "build_cohort", "build_cohorts", "empty_table"]
+__all__ = ["META_COLUMNS", "SiteCohort", "build_cohort", "build_cohort_from_resources",
+           "build_cohorts", "empty_table"]
 
 META_COLUMNS = ["patient_id", "site", "index_time", "label", "image_path", "notes",
                 "has_image", "has_text", "has_tabular", "sex", "age", "age_band",
@@ -184,15 +185,57 @@ def build_cohort(
         reader.read_file(f, files.rel(f))
         if progress is not None:
             progress(site_name, i, n)
+    return _assemble(reader, task, sink, site_name, files, check_images=check_images)
+
+
+def build_cohort_from_resources(
+    resources: Iterable[tuple[dict[str, Any], str]],
+    task: TaskSpec,
+    *,
+    data: DataConfig | None = None,
+    site_name: str = "bundles",
+) -> SiteCohort:
+    """Build a cohort from FHIR resource dicts (Bundles or single resources) in memory.
+
+    Parameters
+    ----------
+    resources
+        ``(resource_or_bundle_dict, label)`` pairs; ``label`` names the source in reports.
+    task, data, site_name
+        As for :func:`build_cohort` (no images, notes.csv or labels.csv here).
+
+    Returns
+    -------
+    SiteCohort
+        The cohort of the resources' patients.
+    """
+    from multimodal_fl.data.fhir import _unpack
+
+    data = data or DataConfig()
+    sink = ErrorSink(on_error=data.on_error)
+    reader = FHIRReader(task, sink, validation=data.validation)
+    for obj, label in resources:
+        for res, full_url in _unpack(obj, label, sink, where=""):
+            reader.add_resource(res, label, full_url)
+    return _assemble(reader, task, sink, site_name, None, check_images=False)
+
+
+def _assemble(reader: FHIRReader, task: TaskSpec, sink: ErrorSink, site_name: str,
+              files: SiteFiles | None, *, check_images: bool) -> SiteCohort:
     records = reader.finish()
     known = set(records.patients)
-    load_url_notes(records, files, sink)
-    notes: dict[str, list[Note]] = {pid: list(v) for pid, v in records.notes.items()}
-    if files.notes_csv is not None:
-        for pid, extra in notes_from_csv(files.notes_csv, sink, known).items():
-            notes.setdefault(pid, []).extend(extra)
-    images = link_images(records, files, sink, known)
-    labels = _read_labels(files, sink, known)
+    notes: dict[str, list[Note]] = {}
+    images: dict[str, list[tuple[Path, Any, str]]] = {}
+    labels: dict[str, int] = {}
+    if files is not None:
+        load_url_notes(records, files, sink)
+        if files.notes_csv is not None:
+            for pid, extra in notes_from_csv(files.notes_csv, sink, known).items():
+                notes.setdefault(pid, []).extend(extra)
+        images = link_images(records, files, sink, known)
+        labels = _read_labels(files, sink, known)
+    for pid, fhir_notes in records.notes.items():
+        notes[pid] = [n for n in fhir_notes if n.url is None] + notes.get(pid, [])
     names = feature_names(task)
     result = apply_task(task, records, site=site_name, sink=sink, notes=notes, images=images,
                         labels_csv=labels, check_images=check_images)
