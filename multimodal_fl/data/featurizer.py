@@ -38,7 +38,7 @@ __all__ = ["FHIRFeaturizer"]
 Source = str | Path | dict[str, Any]
 
 
-class FHIRFeaturizer(TransformerMixin, BaseEstimator):  # type: ignore[misc]
+class FHIRFeaturizer(TransformerMixin, BaseEstimator):
     """Turn FHIR site data into a task's feature table (one row per cohort patient).
 
     Parameters
@@ -191,7 +191,7 @@ class FHIRFeaturizer(TransformerMixin, BaseEstimator):  # type: ignore[misc]
         return self.cohort(X)["label"].to_numpy(dtype=int)
 
     def _resolve_task(self) -> TaskSpec:
-        task = load_task(self.task)  # type: ignore[arg-type]
+        task = load_task(self.task)
         if self.allowance_hours is not None:
             task = task.model_copy(update={"index": task.index.model_copy(
                 update={"allowance_hours": float(self.allowance_hours)})})

@@ -39,7 +39,7 @@ EXPECTED_FAILED = {
 
 @parametrize_with_checks([FHIRFeaturizer()],
                          expected_failed_checks=lambda est: EXPECTED_FAILED)
-def test_sklearn_compatible(estimator, check) -> None:  # type: ignore[no-untyped-def]
+def test_sklearn_compatible(estimator, check) -> None:
     check(estimator)
 
 
