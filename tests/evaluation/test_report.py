@@ -1,0 +1,142 @@
+"""The report: report.json content, self-contained HTML, and rendering in headless Chromium."""
+
+from __future__ import annotations
+
+import html.parser
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from multimodal_fl.evaluation.report import SECTIONS, build_report, load_run, write_report
+
+from .conftest import write_run_dir
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[Path]]:
+    root = tmp_path_factory.mktemp("runs")
+    runs = [write_run_dir(root, e) for e in ("inprocess", "local", "centralized")]
+    j, h = write_report(runs, root / "report", n_boot=50)
+    return j, h, runs
+
+
+def test_report_json(report: tuple[Path, Path, list[Path]]) -> None:
+    j, _, _ = report
+    text = j.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    doc = json.loads(text)
+    assert [r["engine"] for r in doc["runs"]] == ["inprocess", "local", "centralized"]
+    assert doc["settings"]["n_boot"] == 50 and doc["settings"]["min_cell"] == 10
+    # local-only runs choose a threshold per site, the others one on pooled validation
+    assert doc["runs"][1]["threshold_source"].startswith("chosen per site")
+    cells = doc["fairness"]["inprocess"]["cells"]
+    small = [c for c in cells if c["site"] == "c" and c["scope"] == "site_subgroup"]
+    assert any(c["suppressed"] for c in small)  # site c has ~17 test patients
+    for c in small:
+        if c["suppressed"]:
+            assert c["value"] is None and c["lo"] is None and c["reason"]
+        else:
+            assert c["n"] >= 10 and c["n_pos"] > 0 and c["n_neg"] > 0
+    # the cross-site matrix holds local models only on their own site, others everywhere
+    cs = {(c["model"], c["test_site"]) for c in doc["cross_site"]["cells"]}
+    assert ("local:a", "a") in cs and ("local:a", "b") not in cs
+    assert {("inprocess", s) for s in "abc"} <= cs
+    ch = doc["change_from_local"]["inprocess"]
+    assert [r["site"] for r in ch] == ["a", "b", "c"]
+    for r in ch:
+        if r["change"] is not None:
+            assert r["change"] == pytest.approx(r["federated"] - r["local"])
+            assert r["change_lo"] <= r["change_hi"]
+    fed = doc["federated_evaluation"]["inprocess"]["overall"]
+    assert fed["auc"]["lower"] <= fed["auc"]["value"] <= fed["auc"]["upper"]
+    assert doc["training"]["inprocess"]["federated"]["x"] == list(range(1, 11))
+    assert set(doc["training"]["local"]) == {"a", "b", "c"}
+
+
+def test_cross_predictions_fill_the_matrix(tmp_path: Path) -> None:
+    run = write_run_dir(tmp_path, "local")
+    other = (run / "sites" / "a" / "predictions.csv").read_text().splitlines()
+    lines = ["model," + other[0]] + [f"local:b,{row}" for row in other[1:]]
+    (run / "sites" / "a" / "cross_predictions.csv").write_text("\n".join(lines) + "\n")
+    _, _, sec = build_report([run], n_boot=0)
+    assert sec["cross"].matrix.loc["local:b", "a"] == pytest.approx(
+        sec["cross"].matrix.loc["local:a", "a"])  # same scores copied: same AUC
+
+
+def test_load_run_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a directory"):
+        load_run(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"no sites/<site>/predictions.csv"):
+        load_run(tmp_path / "empty")
+    bad = tmp_path / "bad" / "sites" / "a"
+    bad.mkdir(parents=True)
+    (bad / "predictions.csv").write_text("patient_id,label\n1,0\n")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['split', 'score'\]"):
+        load_run(tmp_path / "bad")
+
+
+class _Collect(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: list[str] = []
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "section" and a.get("id"):
+            self.sections.append(str(a["id"]))
+        for k in ("src", "href"):
+            v = a.get(k)
+            if v and not (v.startswith("data:") or v.startswith("#")):
+                self.external.append(v)
+
+
+def test_html_is_self_contained_with_every_section(report: tuple[Path, Path, list[Path]]) -> None:
+    _, h, _ = report
+    p = _Collect()
+    p.feed(h.read_text())
+    assert p.sections == [s for s, _ in SECTIONS]
+    assert p.external == []  # no external resources: one file to send to a review board
+    assert h.read_text().count("data:image/png;base64,") >= 6
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.mark.browser
+def test_html_renders_in_headless_chromium(report: tuple[Path, Path, list[Path]],
+                                          tmp_path: Path) -> None:
+    exe = _chromium()
+    if exe is None:
+        msg = "Debian's chromium is not installed (apt-get install chromium); .ci/run installs it"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"under CI the browser test must run: {msg}")
+        pytest.skip(msg)
+    _, h, _ = report
+    args = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
+    out = subprocess.run([*args, "--dump-dom", h.as_uri()], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    m = re.search(r'<div id="report-status"[^>]*>', out.stdout)
+    assert m, "report-status element missing from the rendered DOM"
+    status = dict(re.findall(r'data-([a-z]+)="([^"]*)"', m.group(0)))
+    assert status.get("ready") == "1", "the page's load handler did not run"
+    assert status.get("errors") == "", f"JavaScript/image errors: {status.get('errors')}"
+    assert status["sections"].split(",") == [s for s, _ in SECTIONS]
+    assert int(status["images"]) >= 6
+    shot = tmp_path / "shot.png"
+    subprocess.run([*args, "--window-size=1200,2000", f"--screenshot={shot}", h.as_uri()],
+                   capture_output=True, timeout=120, check=False)
+    assert shot.is_file() and shot.stat().st_size > 10_000
