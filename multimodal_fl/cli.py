@@ -73,6 +73,71 @@ def config_schema_cmd() -> None:
     sys.stdout.write(json.dumps(config_schema(), indent=2) + "\n")
 
 
+@data_app.command("summary")
+def data_summary(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of tables.")] = False,
+) -> None:
+    """Per site: patients, positives, prevalence, modality coverage, missingness, skips."""
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from multimodal_fl.data import DataError, build_cohorts
+
+    cfg: Any = _load(config, set_)
+    try:
+        with Progress(console=err_console, transient=True, disable=as_json) as progress:
+            bars: dict[str, Any] = {}
+
+            def tick(site: str, done: int, total: int) -> None:
+                if site not in bars:
+                    bars[site] = progress.add_task(f"reading {site}", total=total)
+                progress.update(bars[site], completed=done)
+
+            cohorts = build_cohorts(cfg, progress=tick)
+    except DataError as exc:
+        fail(str(exc))
+    summaries = [c.summary() for c in cohorts.values()]
+    if as_json:
+        out = {"task": cfg.task.name, "sites": summaries}
+        sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
+        return
+    table = Table(title=f"{cfg.task.name}: cohorts per site")
+    for col in ("site", "patients", "positives", "prevalence", "image", "text", "tabular",
+                "validated/read", "skipped", "excluded"):
+        table.add_column(col, justify="left" if col == "site" else "right")
+    for s in summaries:
+        counts = s["counts"]
+        prev = "-" if s["prevalence"] is None else f"{s['prevalence']:.2f}"
+        cov = ["-" if v is None else f"{v:.0%}" for v in s["coverage"].values()]
+        table.add_row(
+            s["site"], str(s["patients"]), str(s["positives"]), prev, *cov,
+            f"{counts.get('resources_validated', 0)}/{counts.get('resources_read', 0)}",
+            str(sum(counts["skipped_by_reason"].values())),
+            str(sum(counts["excluded_by_reason"].values())))
+    console.print(table)
+    miss = Table(title="feature missingness (fraction of patients without a value)")
+    miss.add_column("feature")
+    for s in summaries:
+        miss.add_column(s["site"], justify="right")
+    for feat in summaries[0]["missingness"] if summaries else []:
+        miss.add_row(feat, *["-" if s["missingness"][feat] is None
+                             else f"{s['missingness'][feat]:.0%}" for s in summaries])
+    console.print(miss)
+    for s in summaries:
+        reasons = {**{f"skipped: {k}": v for k, v in s["counts"]["skipped_by_reason"].items()},
+                   **{f"excluded: {k}": v
+                      for k, v in s["counts"]["excluded_by_reason"].items()}}
+        if reasons:
+            why = Table(title=f"{s['site']}: skipped records and excluded patients")
+            why.add_column("reason")
+            why.add_column("count", justify="right")
+            for k, v in reasons.items():
+                why.add_row(k, str(v))
+            console.print(why)
+
+
 # --------------------------------------------------------------------------- mmfl flower
 
 flower_app = typer.Typer(
