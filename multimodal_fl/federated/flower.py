@@ -62,6 +62,7 @@ from multimodal_fl.federated.messages import (
 )
 from multimodal_fl.federated.server import (
     FederatedResult,
+    Federation,
     RoundRecord,
     RunConfig,
     Site,
@@ -481,13 +482,17 @@ class FlowerFederation:
 
 @dataclass
 class ServerJob:
-    """What a ``server-factory`` returns: everything the ServerApp needs to run the loop.
+    """What a ``server-factory`` returns: what the ServerApp runs over the federation.
+
+    Either the training loop (``initial_weights`` and ``config``: the ServerApp calls
+    :func:`~.server.run_federated`), or any other server program (``main``, e.g. a federated PCA
+    that broadcasts its own request kind and merges the replies).
 
     Parameters
     ----------
-    initial_weights : Mapping[str, numpy.ndarray]
+    initial_weights : Mapping[str, numpy.ndarray] or None
         The initial global state dict.
-    config : RunConfig
+    config : RunConfig or None
         The server loop's settings.
     checkpoint_dir : Path or None
         Passed to :func:`~.server.run_federated` (checkpoint after every round).
@@ -498,14 +503,30 @@ class ServerJob:
     on_finish : callable or None
         Called with the :class:`~.server.FederatedResult` at the end (e.g. to write a run
         directory).
+    main : callable or None
+        Instead of training: called as ``main(federation)`` with the :class:`FlowerFederation`.
+
+    Raises
+    ------
+    ValueError
+        If neither ``main`` nor both ``initial_weights`` and ``config`` are given.
     """
 
-    initial_weights: Mapping[str, np.ndarray]
-    config: RunConfig
+    initial_weights: Mapping[str, np.ndarray] | None = None
+    config: RunConfig | None = None
     checkpoint_dir: Path | None = None
     resume: bool = False
     on_round: Callable[[RoundRecord, StateDict], None] | None = None
     on_finish: Callable[[FederatedResult], None] | None = None
+    main: Callable[[Federation], None] | None = None
+
+    def __post_init__(self) -> None:
+        """Check that the job says what to run."""
+        if self.main is None and (self.initial_weights is None or self.config is None):
+            raise ValueError(
+                "ServerJob needs initial_weights and config (federated training) or main "
+                "(another server program); got neither"
+            )
 
 
 @dataclass
@@ -684,7 +705,7 @@ def server_main(grid: Grid, context: Context) -> None:
         poll_interval=float(opts["poll-interval"]),
         describe_timeout=float(opts["describe-timeout"]),
     )
-    need = int(opts["min-nodes"]) or job.config.min_sites
+    need = int(opts["min-nodes"]) or (job.config.min_sites if job.config is not None else 1)
     nodes = federation.wait_for_nodes(need, float(opts["node-wait"]))
     if len(nodes) < need:
         raise RuntimeError(
@@ -693,6 +714,11 @@ def server_main(grid: Grid, context: Context) -> None:
         )
     sites = federation.site_nodes()
     log.info("sites: %s", ", ".join(f"{s} (node {n})" for s, n in sorted(sites.items())))
+    if job.main is not None:
+        job.main(federation)
+        return
+    if job.initial_weights is None or job.config is None:  # ServerJob checks it; for mypy
+        raise ValueError("ServerJob without main needs initial_weights and config")
     t0 = time.perf_counter()
     result = run_federated(
         federation,

@@ -66,6 +66,35 @@ def toy_job(run_config: Mapping[str, Any]) -> ServerJob:
     return ServerJob(initial_weights(0), config)
 
 
+def pca_data(name: str) -> np.ndarray:
+    """A site's data for the PCA test: sizes and means differ, site c has fewer rows than d."""
+    i = SITES.index(name)
+    rng = np.random.default_rng([11, i])
+    n = (40, 25, 6)[i]
+    return rng.normal(size=(n, 8)) * np.linspace(3.0, 0.5, 8) + 2.0 * i
+
+
+class PCASite:
+    """Answers ``pca`` requests with its summary (``multimodal_fl.federated.pca``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def handle(self, request: Request) -> Reply:
+        """Reply with this site's PCA summary."""
+        from multimodal_fl.federated.pca import site_pca_reply
+
+        x = pca_data(self.name)
+        return Reply(
+            self.name, request.kind, request.round, n_samples=len(x), arrays=site_pca_reply(x)
+        )
+
+
+def pca_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> PCASite:
+    """Site factory of the PCA test."""
+    return PCASite(name)
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -266,6 +295,27 @@ def test_server_loop_over_fake_grid_equals_in_process(task_identity: None) -> No
     assert [r.deterministic() for r in over_flower.history] == [
         r.deterministic() for r in reference.history
     ]
+
+
+def test_federated_pca_over_flower_equals_in_process(task_identity: None) -> None:
+    from multimodal_fl.federated.pca import FederatedPCA, server_pca_merge
+
+    federation, _ = fake_federation({"site-factory": "tests.federated.test_flower:pca_site"})
+    sites = federation.sites()
+    answers = federation.broadcast({s: Request("pca", 0) for s in sites}, timeout=10)
+    replies = {s: a.arrays for s, a in answers.items() if isinstance(a, Reply)}
+    assert sorted(replies) == list(SITES)
+    over_flower = server_pca_merge(replies, 3)
+    in_process = FederatedPCA(3).fit_sites([pca_data(s) for s in SITES])
+    assert np.array_equal(over_flower.components_, in_process.components_)
+    assert np.array_equal(over_flower.explained_variance_, in_process.explained_variance_)
+    # what crossed the wire: counts, means and d x r blocks, never the rows
+    assert all(v.size <= 8 * 8 + 8 + 1 for r in replies.values() for v in r.values())
+
+
+def test_server_job_needs_something_to_run() -> None:
+    with pytest.raises(ValueError, match="initial_weights and config"):
+        ServerJob()
 
 
 def test_app_dir_is_a_valid_flower_app(tmp_path: Path) -> None:
