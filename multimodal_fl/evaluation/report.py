@@ -221,11 +221,23 @@ def _run_section(run: RunData, st: dict[str, Any]) -> dict[str, Any]:
     fixed = _fixed_threshold(st["threshold"])
     notes = [f"sensitive attribute {c!r} not in predictions: skipped"
              for c in st["sensitive"] if c not in pred.columns]
-    fr = fairness_report(
-        pred, sensitive=sensitive, min_cell=st["min_cell"], n_boot=st["n_boot"],
-        threshold=fixed, per_site_threshold=run.engine == "local" and fixed is None,
-        seed=st["seed"],
-    )
+    kwargs: dict[str, Any] = {"sensitive": sensitive, "min_cell": st["min_cell"],
+                              "n_boot": st["n_boot"], "seed": st["seed"]}
+    per_site = run.engine == "local" and fixed is None
+    try:
+        fr = fairness_report(pred, threshold=fixed, per_site_threshold=per_site, **kwargs)
+    except ValueError as exc:
+        if fixed is not None or "threshold" not in str(exc):
+            raise
+        # a validation split that cannot choose a threshold: fall back, and say so
+        notes.append(f"threshold: {exc}")
+        try:
+            fr = fairness_report(pred, threshold=None, per_site_threshold=False, **kwargs)
+            notes.append("threshold chosen on all sites' validation rows instead")
+        except ValueError:
+            fr = fairness_report(pred, threshold=0.5, **kwargs)
+            fr.threshold_source = "0.5 (no validation rows with both classes)"
+            notes.append("threshold fixed at 0.5: no validation rows with both classes")
     thresholds = set(fr.thresholds.values())
     common_t = thresholds.pop() if len(thresholds) == 1 else None
     n_bins = st["histogram_bins"]

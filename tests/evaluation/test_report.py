@@ -143,3 +143,17 @@ def test_broken_page_is_caught_by_the_browser_check(tmp_path: Path) -> None:
     status = render_in_chromium(page)
     assert "undefinedFunction" in status["errors"]
     assert "image(s) failed to load" in status["errors"]
+
+
+def test_threshold_falls_back_when_a_site_cannot_choose(tmp_path: Path) -> None:
+    import pandas as pd
+
+    run = write_run_dir(tmp_path, "local")
+    f = run / "sites" / "c" / "predictions.csv"
+    d = pd.read_csv(f)
+    d.loc[d.split == "val", "label"] = 0  # site c's validation split has no positives
+    d.to_csv(f, index=False)
+    doc, _, _ = build_report([run], n_boot=0)
+    notes = doc["runs"][0]["notes"]
+    assert any("site 'c'" in n and "no positives" in n for n in notes)
+    assert doc["runs"][0]["threshold_source"].startswith("chosen on split 'val' of all sites")
