@@ -61,7 +61,9 @@ def toy_job(run_config: Mapping[str, Any]) -> ServerJob:
     from tests.federated.toy import initial_weights, toy_config
 
     config = toy_config(
-        rounds=int(run_config["rounds"]), evaluate_every=int(run_config["evaluate-every"])
+        rounds=int(run_config["rounds"]),
+        evaluate_every=int(run_config.get("evaluate-every", 1)),
+        ask_sizes=bool(run_config.get("ask-sizes", True)),
     )
     return ServerJob(initial_weights(0), config)
 
@@ -334,15 +336,16 @@ def test_app_dir_is_a_valid_flower_app(tmp_path: Path) -> None:
 
 
 @pytest.mark.flower
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(300)
 def test_loopback_deployment_equals_in_process(tmp_path: Path) -> None:
     """SuperLink + 3 SuperNodes on loopback, 2 rounds: the same weights as in process."""
     torch = pytest.importorskip("torch")
     from tests.federated.toy import initial_weights, toy_config, toy_federation
 
-    # No evaluation rounds: each message costs a ClientApp process start (~5-10 s on a loaded
-    # 2-core runner); evaluation over Flower is covered by the fake-grid test above.
-    config = toy_config(rounds=2, evaluate_every=0)
+    # Two fit rounds only (no info request, no evaluation): each message costs a ClientApp
+    # process start, 5-20 s on a loaded 2-core runner. Info and evaluation requests cross the
+    # same ClientApp code and wire format in the fake-grid tests above.
+    config = toy_config(rounds=2, evaluate_every=0, ask_sizes=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the Flower processes get torch-threads = 1 too
     try:
@@ -362,6 +365,7 @@ def test_loopback_deployment_equals_in_process(tmp_path: Path) -> None:
             "torch-threads": 1,
             "rounds": config.rounds,
             "evaluate-every": config.evaluate_every,
+            "ask-sizes": config.ask_sizes,
         },
     )
     sites = {s: tmp_path / "sites" / s for s in SITES}
@@ -372,7 +376,7 @@ def test_loopback_deployment_equals_in_process(tmp_path: Path) -> None:
     with LoopbackDeployment(
         sites, home=tmp_path / "flwr_home", env={"PYTHONPATH": pythonpath}
     ) as deployment:
-        done = deployment.run(app, timeout=120)
+        done = deployment.run(app, timeout=240)
         seconds = time.monotonic() - started
         if not (out / "result.json").is_file():
             pytest.fail(
