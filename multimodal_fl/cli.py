@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 import yaml
@@ -38,7 +38,7 @@ SetOpt = Annotated[
 ]
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     """Print an error message to stderr and exit with ``code``."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -49,7 +49,6 @@ def _load(config: Path, overrides: list[str] | None) -> object:
         return load_config(config, overrides or [])
     except ConfigError as exc:
         fail(str(exc))
-    raise AssertionError("unreachable")
 
 
 @config_app.command("show")
@@ -139,6 +138,98 @@ def data_summary(
 
 
 # --------------------------------------------------------------------------- mmfl flower
+
+EngineOpt = Annotated[
+    str | None,
+    typer.Option("--engine", help="inprocess | flower | local | centralized (overrides "
+                 "federated.engine)."),
+]
+
+
+def _print_round_table_header(sites: list[str]) -> None:
+    console.print("[bold]round  replied  train_loss  " + "  ".join(f"auc:{s}" for s in sites))
+
+
+@app.command("train")
+def train_cmd(
+    config: Annotated[Path | None, typer.Argument(help="Experiment YAML file.")] = None,
+    engine: EngineOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory.")] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue the federated run in RUN_DIR.")
+    ] = None,
+    stop_after_round: Annotated[
+        int | None, typer.Option("--stop-after-round", help="Stop after round k (resumable).")
+    ] = None,
+    set_: SetOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Train one experiment: federated (default), local-only or centralized."""
+    from rich.table import Table
+
+    from multimodal_fl.config import ExperimentConfig
+    from multimodal_fl.data.errors import DataError
+
+    if resume is not None:
+        if not (resume / "config.yaml").is_file():
+            fail(f"--resume {resume}: no config.yaml there (not a run directory)")
+        config = config or resume / "config.yaml"
+        out = resume
+    if config is None:
+        fail("give CONFIG (an experiment YAML file) or --resume RUN_DIR")
+    cfg = _load(config, set_)
+    assert isinstance(cfg, ExperimentConfig)
+    chosen = engine or cfg.federated.engine
+    if chosen not in {"inprocess", "flower", "local", "centralized"}:
+        fail(f"--engine {chosen!r}: expected inprocess, flower, local or centralized")
+    try:
+        if chosen == "local":
+            from multimodal_fl.runs import run_local
+
+            outcome = run_local(cfg, out, progress=not quiet)
+        elif chosen == "centralized":
+            from multimodal_fl.runs import run_centralized
+
+            outcome = run_centralized(cfg, out, progress=not quiet)
+        elif chosen == "flower":
+            fail("--engine flower runs on a SuperLink: see `mmfl flower --help` and "
+                 "docs/deployment.md (`mmfl flower local CONFIG` starts one on this machine)")
+            return
+        else:
+            from multimodal_fl.engine import round_row, run_federated_experiment
+
+            names = sorted(s.name for s in cfg.sites)
+            table_started = False
+
+            def on_round(record: object) -> None:
+                nonlocal table_started
+                if not table_started:
+                    _print_round_table_header(names)
+                    table_started = True
+                console.print("  ".join(round_row(record, names)))  # type: ignore[arg-type]
+
+            outcome = run_federated_experiment(
+                cfg, out, resume=resume is not None, stop_after_round=stop_after_round,
+                on_round=None if quiet else on_round,
+            )
+    except (DataError, ConfigError, ValueError, RuntimeError) as exc:
+        fail(f"{type(exc).__name__}: {exc}")
+        return
+    table = Table(title=f"{cfg.name}: {chosen} — test AUC per site")
+    table.add_column("site")
+    table.add_column("test AUC [95% CI]")
+    for site, doc in sorted(outcome.metrics.get("sites", {}).items()):
+        auc = doc.get("metrics", {}).get("test", {}).get("auc", {})
+        if auc.get("value") is None:
+            text = f"undefined ({auc.get('reason')})"
+        elif auc.get("lo") is not None:
+            text = f"{auc['value']:.3f} [{auc['lo']:.3f}, {auc['hi']:.3f}]"
+        else:
+            text = f"{auc['value']:.3f}"
+        table.add_row(site, text)
+    console.print(table)
+    console.print(f"run directory: {outcome.run_dir}")
+
 
 flower_app = typer.Typer(
     help="Run the package's ServerApp / ClientApp on Flower: one SuperLink, one SuperNode per "

@@ -1,0 +1,268 @@
+"""The federated engine of an experiment: stages around the one server loop.
+
+:func:`run_federated_experiment` runs one federated experiment over any
+:class:`~multimodal_fl.federated.server.Federation` (in-process by default; Flower's
+ServerApp calls the same function with its own federation):
+
+1. ``init``: one site (the first in sorted order) sends freshly initialised weights, seeded
+   by the experiment seed, so no server ever needs data to build the model.
+2. ``moments``: every site sends per-feature counts, sums and sums of squares of its
+   training split's tabular features; the server pools them into the standardisation of
+   the global model (no one site's statistics are used alone).
+3. ``pca`` (when ``federated.pca.enabled``): see :mod:`multimodal_fl.federated.pca`.
+4. :func:`~multimodal_fl.federated.server.run_federated`: rounds of fit / evaluate with
+   checks, checkpoints and resume.
+5. ``predict``: every site writes its own ``sites/<site>/predictions.csv`` and returns
+   metrics per split and binned score histograms; the server writes ``metrics.json`` from
+   those aggregates only.
+
+Only weights, counts, metrics and aggregate summaries reach this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from multimodal_fl.config import ExperimentConfig
+from multimodal_fl.federated.messages import Reply, Request, SiteFailure, StateDict
+from multimodal_fl.federated.server import (
+    FederatedResult,
+    Federation,
+    RoundRecord,
+    RunConfig,
+    run_federated,
+)
+
+__all__ = ["StageFailed", "inprocess_federation", "round_row", "run_federated_experiment"]
+
+log = logging.getLogger(__name__)
+
+STANDARDIZER_SUFFIX = "standardizer."
+
+
+class StageFailed(RuntimeError):
+    """A stage outside the training rounds got too few replies; the message names each site."""
+
+
+def inprocess_federation(
+    cfg: ExperimentConfig, run_dir: Path, *, cohorts: Mapping[str, Any] | None = None,
+    data: Mapping[str, Any] | None = None,
+) -> Federation:
+    """Build every site of ``cfg`` in this process (the embedded default engine).
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+    run_dir : Path
+        The run directory; each site writes its patient-level files under
+        ``run_dir/sites/<site>/``.
+    cohorts : mapping or None
+        Pre-built cohorts (default: read from the site directories).
+    data : mapping or None
+        Prepared :class:`~multimodal_fl.training.SiteData` per site.
+
+    Returns
+    -------
+    Federation
+    """
+    from multimodal_fl.federated.inprocess import InProcessFederation
+    from multimodal_fl.federated.site import FusionSite
+    from multimodal_fl.runs import load_site_data
+
+    prepared = dict(data) if data is not None else load_site_data(cfg, run_dir, cohorts=cohorts)
+    return InProcessFederation(
+        {name: FusionSite(name, cfg, sd, run_dir=run_dir) for name, sd in prepared.items()}
+    )
+
+
+def _gather(
+    federation: Federation, requests: Mapping[str, Request], timeout: float | None,
+    *, stage: str, minimum: int,
+) -> dict[str, Reply]:
+    replies = federation.broadcast(requests, timeout)
+    good: dict[str, Reply] = {}
+    failed: dict[str, str] = {}
+    for site in sorted(requests):
+        reply = replies.get(site)
+        if isinstance(reply, Reply) and reply.site == site and reply.kind == requests[site].kind:
+            good[site] = reply
+        else:
+            reason = reply.reason if isinstance(reply, SiteFailure) else f"bad reply {reply!r}"
+            failed[site] = reason
+            log.warning("stage %s: site %s failed: %s", stage, site, reason)
+    if len(good) < minimum:
+        detail = "; ".join(f"{s}: {r}" for s, r in failed.items()) or "no sites"
+        raise StageFailed(
+            f"stage '{stage}': {len(good)} site(s) replied, at least {minimum} needed ({detail})"
+        )
+    return good
+
+
+def _standardise(
+    federation: Federation, weights: StateDict, sites: list[str], cfg: ExperimentConfig
+) -> dict[str, Any]:
+    from multimodal_fl.encoders.tabular import Standardizer, combine_moments
+
+    keys = sorted(k for k in weights if k.endswith(STANDARDIZER_SUFFIX + "mean"))
+    if not keys:
+        return {}
+    prefix = keys[0][: -len("mean")]
+    replies = _gather(
+        federation, {s: Request("moments", 0) for s in sites}, cfg.federated.timeout_s,
+        stage="moments", minimum=cfg.federated.min_sites,
+    )
+    moments = [(r.arrays["n"], r.arrays["sum"], r.arrays["sumsq"]) for r in replies.values()]
+    std = Standardizer.from_moments(*combine_moments(moments))
+    for name, buf in std.state_dict().items():
+        weights[prefix + name] = buf.numpy().astype(weights[prefix + name].dtype)
+    return {"sites": sorted(replies), "n_rows": {s: r.n_samples for s, r in replies.items()}}
+
+
+def round_row(record: RoundRecord, sites: list[str]) -> list[str]:
+    """One line of the per-round table: round, replied, train loss, validation AUC per site.
+
+    Parameters
+    ----------
+    record : RoundRecord
+    sites : list of str
+
+    Returns
+    -------
+    list of str
+    """
+    loss = "-" if record.train_loss is None else f"{record.train_loss:.4f}"
+    cells = [str(record.round), f"{len(record.replied)}/{len(record.selected)}", loss]
+    for site in sites:
+        auc = record.eval_metrics.get(site, {}).get("val_auc")
+        cells.append("-" if auc is None else f"{auc:.3f}")
+    return cells
+
+
+def _history_doc(history: list[RoundRecord]) -> list[dict[str, Any]]:
+    return [
+        {
+            "round": r.round,
+            "replied": r.replied,
+            "failed": r.failed,
+            "rejected": r.rejected,
+            "n_samples": r.n_samples,
+            "train_loss": r.train_loss,
+            "fit_metrics": r.fit_metrics,
+            "eval_metrics": r.eval_metrics,
+            "seconds": r.seconds,
+            "server_seconds": r.server_seconds,
+        }
+        for r in history
+    ]
+
+
+def run_federated_experiment(
+    cfg: ExperimentConfig,
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    federation: Federation | None = None,
+    engine: str = "inprocess",
+    resume: bool = False,
+    stop_after_round: int | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    cohorts: Mapping[str, Any] | None = None,
+    data: Mapping[str, Any] | None = None,
+) -> Any:
+    """Train ``cfg`` federated and write the run directory.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+    out_dir : path-like or None
+        Run directory (default ``runs/<config-name>-<timestamp>``).
+    federation : Federation or None
+        How sites are reached (default: :func:`inprocess_federation`).
+    engine : str
+        Name recorded in ``metrics.json`` (``inprocess`` or ``flower``).
+    resume : bool
+        Continue from the checkpoint in ``RUN_DIR/checkpoint``.
+    stop_after_round : int or None
+        Stop after this round (checkpointed), without the final predict stage.
+    on_round : callable or None
+        Called with each completed round's record (the CLI prints the table row).
+    cohorts, data : mapping or None
+        Pre-built cohorts or prepared site data for the in-process federation.
+
+    Returns
+    -------
+    multimodal_fl.runs.RunOutcome
+        The run directory and the metrics document.
+    """
+    from multimodal_fl.evaluation.histograms import SiteEvaluation, pooled_evaluation
+    from multimodal_fl.runs import RunOutcome, RunWriter, _jsonable, default_run_dir
+
+    t0 = time.perf_counter()
+    run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
+    writer = RunWriter(run_dir, cfg, engine)
+    writer.write_config()
+    if federation is None:
+        federation = inprocess_federation(cfg, run_dir, cohorts=cohorts, data=data)
+    t_prep = time.perf_counter() - t0
+    sites = sorted(federation.sites())
+    if not sites:
+        raise StageFailed("no sites in the federation")
+    fed = cfg.federated
+    init = _gather(federation, {sites[0]: Request("init", 0)}, fed.timeout_s, stage="init",
+                   minimum=1)
+    weights = dict(init[sites[0]].weights)
+    standardisation = _standardise(federation, weights, sites, cfg)
+
+    run_config = RunConfig.from_settings(fed.model_dump(), seed=cfg.seed)
+
+    def _on_round(record: RoundRecord, _weights: StateDict) -> None:
+        if on_round is not None:
+            on_round(record)
+
+    result: FederatedResult = run_federated(
+        federation, weights, run_config, checkpoint_dir=run_dir / "checkpoint", resume=resume,
+        stop_after_round=stop_after_round, on_round=_on_round,
+    )
+    t_train = time.perf_counter() - t0 - t_prep
+    save_file({k: np.ascontiguousarray(v) for k, v in sorted(result.weights.items())},
+              str(run_dir / "model.safetensors"), metadata={"engine": engine})
+    doc: dict[str, Any] = {
+        "seed": cfg.seed,
+        "rounds": _history_doc(result.history),
+        "completed_rounds": result.completed_rounds,
+        "standardisation": standardisation,
+    }
+    if result.completed_rounds < fed.rounds:
+        doc["stopped_after_round"] = result.completed_rounds
+        writer.write_metrics(doc)
+        return RunOutcome(run_dir, _jsonable({"engine": engine, **doc}))
+
+    final = _gather(
+        federation,
+        {s: Request("predict", result.completed_rounds, weights=result.weights,
+                    config={"engine": engine, "fedbn": fed.fedbn}) for s in sites},
+        fed.timeout_s, stage="predict", minimum=1,
+    )
+    per_site: dict[str, Any] = {}
+    evaluations = []
+    for site, reply in final.items():
+        ev = SiteEvaluation.from_dict(json.loads(bytes(reply.arrays["evaluation_json"])))
+        evaluations.append(ev)
+        per_site[site] = json.loads(bytes(reply.arrays["metrics_json"]))
+    pooled = pooled_evaluation(evaluations)
+    doc.update({
+        "sites": per_site,
+        "pooled_from_histograms": pooled.to_dict(),
+        "missing_sites": sorted(set(sites) - set(final)),
+        "timing_s": {"prepare": t_prep, "train": t_train, "total": time.perf_counter() - t0},
+    })
+    writer.write_metrics(doc)
+    return RunOutcome(run_dir, _jsonable({"engine": engine, **doc}))

@@ -1,0 +1,286 @@
+"""The site side of a federation: the one adapter between training and messages.
+
+A :class:`FusionSite` owns one hospital's prepared data (:class:`~multimodal_fl.training.
+SiteData`) and a fusion model, and answers the server's requests
+(:class:`~multimodal_fl.federated.messages.Request`) with replies that carry only weights,
+counts, metrics and aggregate summaries. Patient-level rows (splits, predictions) are
+written into the site's own output folder, never into a reply.
+
+Request kinds it answers:
+
+``init``
+    A freshly initialised model's weights (seeded by the experiment seed; no data in them
+    beyond input widths). The server asks one site, so no engine builds a model on its own.
+``info``
+    ``n_samples`` = training patients (the server's plausibility cap).
+``moments``
+    Per-feature observed count, sum and sum of squares of the training split's tabular
+    features (federated standardisation).
+``pca``
+    A :func:`~multimodal_fl.federated.pca.site_pca_reply` of the training split's frozen
+    embeddings of one modality (``config["modality"]``).
+``fit``
+    Load the global weights, run ``local_steps`` optimisation steps with a fresh AdamW
+    (optimiser state is reset every round by design), and return the new weights with a
+    sample count per parameter group (a site without notes does not train the text
+    encoder and says so with a count of 0).
+``evaluate``
+    Validation metrics of the global weights.
+``predict``
+    Final evaluation: write ``splits.json`` and ``predictions.csv`` into the site folder and
+    return metrics per split plus binned score histograms (no patient-level value).
+
+Randomness: every generator is seeded from ``site_seed(seed, site, round)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from multimodal_fl.config import ExperimentConfig
+from multimodal_fl.federated.messages import Reply, Request, site_seed
+from multimodal_fl.federated.pca import site_pca_reply
+from multimodal_fl.federated.proximal import proximal_term
+from multimodal_fl.training import (
+    SiteData,
+    batch_augmenter,
+    build_model,
+    evaluate,
+    load_weights,
+    local_update,
+)
+
+__all__ = ["FusionSite", "norm_layer_keys", "state_to_numpy"]
+
+log = logging.getLogger(__name__)
+
+_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
+
+
+def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's ``state_dict`` as contiguous numpy arrays (copies).
+
+    Parameters
+    ----------
+    model : nn.Module
+
+    Returns
+    -------
+    dict of str to ndarray
+    """
+    return {k: v.detach().cpu().contiguous().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def norm_layer_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of normalisation layers (BatchNorm, GroupNorm, LayerNorm, InstanceNorm).
+
+    These are the keys FedBN keeps local.
+
+    Parameters
+    ----------
+    model : nn.Module
+
+    Returns
+    -------
+    list of str
+        Sorted keys.
+    """
+    keys: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, _NORM_TYPES):
+            prefix = f"{name}." if name else ""
+            keys += [prefix + k for k in module.state_dict()]
+    return sorted(keys)
+
+
+def _json_bytes(doc: Any) -> np.ndarray:
+    """A JSON document of aggregates as a uint8 array (so it travels as an array record)."""
+    return np.frombuffer(json.dumps(doc).encode(), dtype=np.uint8).copy()
+
+
+class FusionSite:
+    """One site's answers to the server: trains and evaluates the fusion model locally.
+
+    Parameters
+    ----------
+    name : str
+        The site's name (replies carry it).
+    cfg : ExperimentConfig
+        The experiment.
+    data : SiteData
+        The site's prepared data (split per patient).
+    run_dir : path-like or None
+        Root of the site's own output: ``predict`` writes patient-level files only into
+        ``run_dir/sites/<site>/`` (the run directory in-process; a folder at the hospital
+        in a deployment). ``None``: nothing is written.
+    """
+
+    def __init__(
+        self, name: str, cfg: ExperimentConfig, data: SiteData, *, run_dir: Path | None = None
+    ) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.data = data
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.model = build_model(cfg, data)
+        self._augment = batch_augmenter(cfg, self.model)
+        self._local_state: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ protocol
+
+    def handle(self, request: Request) -> Reply:
+        """Answer one request (see the module docstring for the kinds).
+
+        Parameters
+        ----------
+        request : Request
+
+        Returns
+        -------
+        Reply
+
+        Raises
+        ------
+        ValueError
+            For an unknown request kind.
+        """
+        handler = getattr(self, f"_on_{request.kind}", None)
+        if handler is None:
+            raise ValueError(f"site {self.name}: unknown request kind {request.kind!r}")
+        reply: Reply = handler(request)
+        return reply
+
+    def _reply(self, request: Request, **fields: Any) -> Reply:
+        return Reply(site=self.name, kind=request.kind, round=request.round, **fields)
+
+    def _on_init(self, request: Request) -> Reply:
+        return self._reply(request, weights=state_to_numpy(build_model(self.cfg, self.data)),
+                           n_samples=len(self.data.train))
+
+    def _on_info(self, request: Request) -> Reply:
+        return self._reply(request, n_samples=len(self.data.train))
+
+    def _on_moments(self, request: Request) -> Reply:
+        from multimodal_fl.encoders.tabular import Standardizer
+
+        train = self.data.train
+        if "tabular" not in train.modalities:
+            raise ValueError(f"site {self.name}: no tabular modality for federated moments")
+        j = train.modalities.index("tabular")
+        rows = train.inputs["tabular"][train.mask[:, j]].numpy()
+        n, s, ss = Standardizer.site_moments(rows)
+        return self._reply(request, n_samples=int(rows.shape[0]),
+                           arrays={"n": n, "sum": s, "sumsq": ss})
+
+    def _on_pca(self, request: Request) -> Reply:
+        modality = str(request.config.get("modality", "image"))
+        train = self.data.train
+        if modality not in train.precomputed:
+            raise ValueError(
+                f"site {self.name}: federated PCA needs frozen (precomputed) {modality} "
+                f"embeddings; this site has {sorted(train.precomputed)}"
+            )
+        j = train.modalities.index(modality)
+        x = train.inputs[modality][train.mask[:, j]].numpy().astype(np.float64)
+        rank = request.config.get("site_rank")
+        reply = site_pca_reply(x, None if rank in (None, 0) else int(rank))
+        return self._reply(request, n_samples=int(x.shape[0]), arrays=reply)
+
+    def _load_global(self, request: Request) -> None:
+        weights = dict(request.weights)
+        fedbn = bool(request.config.get("fedbn", False))
+        if fedbn and self._local_state:
+            weights.update({k: v.numpy() for k, v in self._local_state.items()})
+        load_weights(self.model, weights, strict=not fedbn)
+
+    def _on_fit(self, request: Request) -> Reply:
+        self._load_global(request)
+        seed = int(request.config.get("seed", self.cfg.seed))
+        gen = torch.Generator().manual_seed(site_seed(seed, self.name, request.round))
+        mu = float(request.config.get("proximal_mu", 0.0))
+        proximal = None
+        if mu > 0:
+            start = {k: v.detach().clone() for k, v in self.model.named_parameters()}
+
+            def proximal(model: nn.Module) -> torch.Tensor:
+                return proximal_term(model.named_parameters(), start, mu)
+
+        steps = int(request.config.get("local_steps", self.cfg.federated.local_steps))
+        result = local_update(self.model, None, self.data.train, self.cfg.training, steps=steps,
+                              generator=gen, proximal=proximal, augment=self._augment)
+        weights = state_to_numpy(self.model)
+        local_keys: list[str] = []
+        if bool(request.config.get("fedbn", False)):
+            local_keys = norm_layer_keys(self.model)
+            state = self.model.state_dict()
+            self._local_state = {k: state[k].detach().clone() for k in local_keys}
+            for k in local_keys:
+                weights.pop(k, None)
+        return self._reply(
+            request,
+            weights=weights,
+            n_samples=int(result.n_samples),
+            group_counts=self.model.group_counts(result.modality_counts, int(result.n_samples)),
+            metrics={"loss": float(result.loss)},
+            local_keys=local_keys,
+        )
+
+    def _on_evaluate(self, request: Request) -> Reply:
+        self._load_global(request)
+        val = self.data.val
+        metrics: dict[str, float] = {}
+        for key, value in evaluate(self.model, val).items():
+            if value.value is not None and np.isfinite(value.value):
+                metrics[f"val_{key}"] = float(value.value)
+        return self._reply(request, n_samples=len(val), metrics=metrics)
+
+    def _on_predict(self, request: Request) -> Reply:
+        """Write this site's splits and predictions; reply with metrics and histograms."""
+        from multimodal_fl.evaluation.histograms import summarise_site
+        from multimodal_fl.runs import (
+            RunWriter,
+            _jsonable,
+            _site_summary,
+            metrics_by_split,
+            predictions_frame,
+        )
+
+        self._load_global(request)
+        ev = self.cfg.evaluation
+        frame = predictions_frame(self.model, self.data, sensitive=ev.sensitive)
+        if self.run_dir is not None:
+            writer = RunWriter(self.run_dir, self.cfg, str(request.config.get("engine", "")))
+            writer.write_splits(self.name, self.data)
+            writer.write_predictions(self.name, frame)
+        by_split = metrics_by_split(frame, n_boot=ev.n_boot, seed=self.cfg.seed, where=self.name)
+        test = frame[frame["split"] == "test"]
+        summary = summarise_site(
+            self.name, test["label"].to_numpy(), test["score"].to_numpy(),
+            groups={c: test[c].astype(str).to_numpy() for c in ev.sensitive if c in test},
+            n_bins=ev.histogram_bins, min_cell=ev.min_cell, n_boot=ev.n_boot,
+            seed=self.cfg.seed,
+        )
+        flat: dict[str, float] = {}
+        for split, values in by_split.items():
+            for metric, v in values.items():
+                for part, number in (("", v.value), ("/lo", v.lo), ("/hi", v.hi)):
+                    if number is not None and np.isfinite(number):
+                        flat[f"{split}/{metric}{part}"] = float(number)
+        site_doc = {**_site_summary(self.data), "metrics": by_split}
+        arrays = {
+            "evaluation_json": _json_bytes(summary.to_dict()),
+            "metrics_json": _json_bytes(_jsonable(site_doc)),
+        }
+        return self._reply(request, n_samples=len(frame), metrics=flat, arrays=arrays)
