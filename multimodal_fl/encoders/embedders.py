@@ -8,7 +8,8 @@ they drop into ``Pipeline`` / ``ColumnTransformer``::
 
 Input is one entry per sample: a 1-D sequence (list, ``numpy`` array, ``pandas.Series``)
 or a 2-D array/DataFrame with a single column. Text entries are ``str`` (or a list of
-notes); image entries are file paths. A sample without text gets a zero row.
+notes); image entries are file paths. A sample without text (``None``, ``""``, ``[]``) or
+without an image (``None``, ``""``, NaN) gets a zero row.
 """
 
 from __future__ import annotations
@@ -72,16 +73,19 @@ def _texts(X: Any, where: str) -> list[Any]:
     return [list(it) if isinstance(it, tuple) else it for it in items]
 
 
-def _paths(X: Any, where: str) -> list[Path]:
+def _paths(X: Any, where: str) -> list[Path | None]:
     items = _column(X, where)
-    out: list[Path] = []
+    out: list[Path | None] = []
     for i, it in enumerate(items):
-        if not isinstance(it, str | os.PathLike):
+        if it is None or (isinstance(it, float) and it != it) or (isinstance(it, str) and not it):
+            out.append(None)  # no image for this sample
+        elif isinstance(it, str | os.PathLike):
+            out.append(Path(it))
+        else:
             raise TypeError(
                 f"{where}: sample {i} is a {type(it).__name__} ({it!r:.40}); accepted: an image "
-                "file path (str or Path)"
+                "file path (str or Path), or None for a sample without an image"
             )
-        out.append(Path(it))
     return out
 
 
@@ -263,15 +267,20 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         return np.concatenate(rows)
 
     def transform(self, X: Any) -> np.ndarray:
-        """Embed each image: ``float32 [n_samples, n_features_out_]``."""
+        """Embed each image: ``float32 [n_samples, n_features_out_]``, 0 where no image."""
         check_is_fitted(self, "encoder_")
         paths = _paths(X, "ImageEmbedder.transform")
-        if not paths:
-            return np.zeros((0, self.n_features_out_), dtype=np.float32)
+        out = np.zeros((len(paths), self.n_features_out_), dtype=np.float32)
+        present = [i for i, p in enumerate(paths) if p is not None]
+        if not present:
+            return out
+        todo = [p for p in paths if p is not None]
         if self.cache_dir is None:
-            return self._compute(paths)
-        cache = EmbeddingCache(self.cache_dir, fingerprint=self.fingerprint_, site=self.site)
-        return cache.get_or_compute(paths, self._compute)
+            out[present] = self._compute(todo)
+        else:
+            cache = EmbeddingCache(self.cache_dir, fingerprint=self.fingerprint_, site=self.site)
+            out[present] = cache.get_or_compute(todo, self._compute)
+        return out
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         """``image_emb_0 ... image_emb_{d-1}``."""

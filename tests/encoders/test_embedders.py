@@ -123,6 +123,9 @@ def test_image_embedder_on_paths_pickle_and_cache(
     assert not np.allclose(other_seed.transform(paths), out)
     with pytest.raises(TypeError, match="image file path"):
         est.transform([3.0])
+    with_missing = est.transform([paths[0], None, "", paths[1]])
+    np.testing.assert_allclose(with_missing[[0, 3]], out[:2], rtol=1e-6, atol=1e-7)
+    assert np.count_nonzero(with_missing[1:3]) == 0
 
 
 def test_pipelines(image_files: dict[str, Path]) -> None:
