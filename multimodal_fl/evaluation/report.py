@@ -416,7 +416,7 @@ def _png(fig: Figure) -> str:
 def _grid(n: int, width: float = 3.6) -> tuple[Figure, list[Any]]:
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(width * cols, width * rows))
+    fig = Figure(figsize=(width * cols, width * rows), layout="constrained")
     axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
     return fig, axes
 
@@ -731,9 +731,12 @@ def _html(doc: dict[str, Any], runs: Sequence[RunData], sec: dict[str, Any],
                          f"{o['specificity']['value']:.3f}")
         else:
             body += f"— ({_esc(o.get('reason'))})"
-        body += ". Sites pooled: " + _esc(", ".join(o["sites"]) or "none")
+        body += (f". Sites pooled: {_esc(', '.join(o['sites']) or 'none')} "
+                 f"({o['n_pos']} positives, {o['n_neg']} negatives)")
         if o["excluded"]:
             body += "; left out: " + _esc("; ".join(f"{k} ({v})" for k, v in o["excluded"].items()))
+            body += (". <b>Sites were left out: these pooled figures cover only the sites "
+                     "listed and are not comparable with the all-sites row above</b>")
         body += ".</p>"
     body += ("<p class='note'>What crosses a site boundary: counts, metrics with intervals and "
              "score histograms per label whose bins are merged until each holds at least "
