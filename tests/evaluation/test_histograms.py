@@ -171,3 +171,24 @@ def test_grids_must_match() -> None:
         pooled_evaluation([a, b])
     with pytest.raises(ValueError, match="multiple of ece_bins"):
         summarise_site("c", y, s, n_bins=55, n_boot=0)
+
+
+def test_bounds_hold_with_scores_on_bin_edges_and_heavy_ties() -> None:
+    from multimodal_fl.evaluation.histograms import histogram_sens_spec
+
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        y = (rng.random(800) < 0.35).astype(int)
+        s = rng.integers(0, 101, 800) / 100.0  # exactly on edges, including 0 and 1
+        s = np.where(y == 1, np.maximum(s, rng.integers(0, 101, 800) / 100.0), s)
+        sums = [summarise_site(n, y[i::3], s[i::3], min_cell=10, n_boot=0)
+                for i, n in enumerate("abc")]
+        h = pool_histograms([(x.site, x.overall) for x in sums])
+        exact = roc_auc_score(y, s)
+        auc, lo, hi = histogram_auc(h)
+        assert lo <= exact <= hi and lo <= auc <= hi
+        for t in (0.0, 0.3, 0.505, 1.0):
+            ss = histogram_sens_spec(h, t)
+            sens, spec = np.mean(s[y == 1] >= t), np.mean(s[y == 0] < t)
+            assert ss["sensitivity"][1] - 1e-12 <= sens <= ss["sensitivity"][2] + 1e-12, t
+            assert ss["specificity"][1] - 1e-12 <= spec <= ss["specificity"][2] + 1e-12, t
