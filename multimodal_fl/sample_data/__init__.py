@@ -1,0 +1,300 @@
+"""The project's own generated multi-site sample cohorts (COVID-19 oxygen need, Alzheimer's).
+
+``generate(out, seed=0, profile="default")`` writes, deterministically from the seed,
+``out/covid_oxygen/site_a..site_d`` and ``out/alzheimers/site_a..site_d`` in the site
+data contract (FHIR R4 Bundles and NDJSON, images, notes, CSV side files), plus
+``out/README.md`` and ``out/MANIFEST.json`` (content hashes of decoded files). The
+signal model, the sites and the routes each uses are documented in
+``docs/sample-data.md``; a change to the generator needs a bump of
+:data:`GENERATOR_VERSION` and a reason in that page's changelog.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from multimodal_fl.sample_data._cohorts import SIGMA_E, PatientRecord, simulate_site
+from multimodal_fl.sample_data._sites import PROFILES, SiteSpec, sites_for
+from multimodal_fl.sample_data._write import write_site
+
+__all__ = [
+    "GENERATOR_VERSION",
+    "PROFILES",
+    "SIGMA_E",
+    "TASKS",
+    "SiteSummary",
+    "content_hash",
+    "content_manifest",
+    "generate",
+    "write_manifest",
+]
+
+#: version of the generator; bump it (and write a changelog entry) on any change to the output
+GENERATOR_VERSION = "1.0"
+#: sample tasks: folder name -> the shipped task file(s) they serve
+TASKS: dict[str, tuple[str, ...]] = {
+    "covid_oxygen": ("covid_oxygen_24h", "covid_oxygen_72h"),
+    "alzheimers": ("alzheimers",),
+}
+
+
+@dataclass(frozen=True)
+class SiteSummary:
+    """What was generated for one site (the true labels, before any task rule is applied).
+
+    Attributes
+    ----------
+    task, site
+        Sample task folder and site name.
+    patients
+        Patients written.
+    positives
+        Positives by the generator (24 h label for COVID-19).
+    positives_72h
+        COVID-19 positives within 72 h (None for Alzheimer's).
+    excluded
+        Patients written on purpose so that the task excludes them.
+    images, notes
+        Patients with an image / with a note.
+    routes
+        The site's routes of the contract, in words.
+    """
+
+    task: str
+    site: str
+    patients: int
+    positives: int
+    positives_72h: int | None
+    excluded: int
+    images: int
+    notes: int
+    routes: str
+
+
+def _routes(task: str, spec: SiteSpec) -> str:
+    fhir = {"transaction": "transaction Bundle per patient", "collection": "collection Bundles",
+            "ndjson": "NDJSON bulk export", "single": "single-resource Patient files + searchset "
+            "Bundles"}[spec.fhir]
+    image = {"dicom": "DICOM PatientID", "imagingstudy": "ImagingStudy", "csv": "images.csv"}[
+        spec.image_link]
+    notes = {"docref_data": "DocumentReference base64", "docref_url": "DocumentReference url",
+             "diagreport": "DiagnosticReport presentedForm/conclusion", "notes_csv": "notes.csv",
+             "none": "no notes"}[spec.notes]
+    parts = [fhir, f"{spec.refs} references", image, notes]
+    if spec.units:
+        parts.append("units " + ", ".join(f"{k} in {v}" for k, v in sorted(spec.units.items())))
+    if spec.labels_csv:
+        parts.append("labels.csv")
+    return "; ".join(parts)
+
+
+def _summary(task: str, spec: SiteSpec, recs: list[PatientRecord]) -> SiteSummary:
+    return SiteSummary(
+        task=task, site=spec.name, patients=len(recs),
+        positives=sum(r.label for r in recs),
+        positives_72h=sum(r.label_72h or 0 for r in recs) if task == "covid_oxygen" else None,
+        excluded=sum(r.excluded is not None for r in recs),
+        images=sum(r.image is not None for r in recs),
+        notes=0 if spec.notes == "none" else sum(bool(r.notes) for r in recs),
+        routes=_routes(task, spec),
+    )
+
+
+def generate(out: Path | str, *, seed: int = 0, profile: str = "default",
+             tasks: tuple[str, ...] = ("covid_oxygen", "alzheimers"),
+             overwrite: bool = True) -> list[SiteSummary]:
+    """Write the generated multi-site cohorts, a README and a content manifest.
+
+    Parameters
+    ----------
+    out
+        Output folder; ``out/<task>/<site>/`` are (re)created.
+    seed
+        Generation seed: the same seed gives the same content.
+    profile
+        ``default`` (4 sites of 80-220 patients per task) or ``tiny`` (3 sites of 20
+        patients, 16-voxel volumes, 32-pixel images; for tests).
+    tasks
+        Which sample tasks to write (``covid_oxygen``, ``alzheimers``).
+    overwrite
+        Remove existing ``out/<task>`` folders first; when False an existing one is an error.
+
+    Returns
+    -------
+    list of SiteSummary
+        One summary per site written.
+
+    Raises
+    ------
+    ValueError
+        On an unknown profile or task, or an existing task folder with ``overwrite=False``.
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile '{profile}'; expected one of {sorted(PROFILES)}")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown sample task(s) {unknown}; expected some of {sorted(TASKS)}")
+    root = Path(out)
+    summaries: list[SiteSummary] = []
+    for task in tasks:
+        task_dir = root / task
+        if task_dir.exists():
+            if not overwrite:
+                raise ValueError(f"{task_dir} exists; pass overwrite=True to replace it")
+            shutil.rmtree(task_dir)
+        for k, spec in enumerate(sites_for(task, profile)):
+            recs = simulate_site(task, spec, seed, k)
+            write_site(task_dir / spec.name, task, spec, recs)
+            summaries.append(_summary(task, spec, recs))
+    _write_readme(root, seed, profile, summaries)
+    write_manifest(root, seed=seed, profile=profile, summaries=summaries)
+    return summaries
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def content_hash(path: Path) -> str:
+    """SHA-256 of a file's decoded content.
+
+    JSON and NDJSON are parsed and re-serialised with sorted keys; PNG, DICOM and NIfTI
+    are hashed as their decoded pixel arrays (with shape, dtype and the linking tags or
+    affine), so compression settings and container metadata do not matter. Other files
+    are hashed as bytes.
+
+    Parameters
+    ----------
+    path
+        The file.
+
+    Returns
+    -------
+    str
+        Hex digest.
+    """
+    h = hashlib.sha256()
+    name = path.name.lower()
+    if name.endswith(".json"):
+        h.update(json.dumps(json.loads(path.read_text("utf-8")), sort_keys=True).encode())
+    elif name.endswith(".ndjson"):
+        for line in path.read_text("utf-8").splitlines():
+            if line.strip():
+                h.update(json.dumps(json.loads(line), sort_keys=True).encode() + b"\n")
+    elif name.endswith(".png"):
+        from PIL import Image
+
+        with Image.open(path) as im:
+            _hash_array(h, np.asarray(im))
+    elif name.endswith(".dcm"):
+        import pydicom
+
+        ds = pydicom.dcmread(path)
+        h.update(f"{ds.PatientID}|{ds.StudyDate}|{ds.SOPInstanceUID}".encode())
+        _hash_array(h, ds.pixel_array)
+    elif name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        raw = path.read_bytes()
+        if name.endswith(".gz"):
+            raw = gzip.decompress(raw)
+        img = nib.Nifti1Image.from_stream(io.BytesIO(raw))
+        _hash_array(h, np.asanyarray(img.dataobj))
+        _hash_array(h, np.asarray(img.affine, dtype=np.float64))
+    else:
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _hash_array(h: Any, arr: np.ndarray) -> None:
+    arr = np.ascontiguousarray(arr)
+    h.update(f"{arr.dtype.str}{arr.shape}".encode())
+    h.update(arr.tobytes())
+
+
+def content_manifest(root: Path | str) -> dict[str, str]:
+    """Content hashes of every generated file under ``root`` (README and MANIFEST aside).
+
+    Parameters
+    ----------
+    root
+        A folder written by :func:`generate`.
+
+    Returns
+    -------
+    dict
+        POSIX path relative to ``root`` -> :func:`content_hash`, sorted by path.
+    """
+    base = Path(root)
+    files = sorted(p for p in base.rglob("*") if p.is_file()
+                   and p.relative_to(base).as_posix() not in {"MANIFEST.json", "README.md"})
+    return {p.relative_to(base).as_posix(): content_hash(p) for p in files}
+
+
+def write_manifest(root: Path | str, *, seed: int, profile: str,
+                   summaries: list[SiteSummary] | None = None) -> Path:
+    """Write ``root/MANIFEST.json``: generator version, seed, profile, sites and file hashes.
+
+    Parameters
+    ----------
+    root
+        A folder written by :func:`generate`.
+    seed, profile
+        What it was generated with.
+    summaries
+        Site summaries to record (optional).
+
+    Returns
+    -------
+    pathlib.Path
+        The manifest file.
+    """
+    base = Path(root)
+    files = content_manifest(base)
+    data = {
+        "generator_version": GENERATOR_VERSION,
+        "seed": seed,
+        "profile": profile,
+        "command": f"mmfl sample-data OUT --seed {seed} --profile {profile}",
+        "sites": [s.__dict__ for s in summaries or []],
+        "files": files,
+        "digest": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(),
+    }
+    path = base / "MANIFEST.json"
+    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def _write_readme(root: Path, seed: int, profile: str, summaries: list[SiteSummary]) -> None:
+    lines = [
+        "# Generated sample data",
+        "",
+        "Everything in this folder is **generated** by `multimodal_fl.sample_data` "
+        f"(generator version {GENERATOR_VERSION}); no real patient is in it. Do not edit it "
+        "by hand: regenerate it with",
+        "",
+        "```bash",
+        f"mmfl sample-data sample_data --seed {seed} --profile {profile}",
+        "```",
+        "",
+        "and check `MANIFEST.json` (hashes of the decoded content of every file) is unchanged. "
+        "The signal model, the sites and which route of the site data contract each uses are "
+        "described in `docs/sample-data.md`.",
+        "",
+        "| task | site | patients | positives | excluded on purpose | images | notes | routes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in summaries:
+        pos = f"{s.positives}" + (f" (72 h: {s.positives_72h})" if s.positives_72h else "")
+        lines.append(f"| {s.task} | {s.site} | {s.patients} | {pos} | {s.excluded} | {s.images} "
+                     f"| {s.notes} | {s.routes} |")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
