@@ -275,12 +275,20 @@ class ImageEncoder(nn.Module):
                 f"(spatial_dims={self.spatial_dims}, in_channels={self.in_channels}), "
                 f"got shape {tuple(x.shape)}"
             )
+        return self.forward_head(self.forward_features(x))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone only: ``Tensor[B, feature_dim]`` (what a cache of a frozen backbone stores)."""
         if self.frozen:
             with torch.no_grad():
-                feats = self.backbone(x)
+                feats: torch.Tensor = self.backbone(x)
         else:
             feats = self.backbone(x)
-        out: torch.Tensor = self.head(feats)
+        return feats
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Projection head only: ``Tensor[B, feature_dim] -> Tensor[B, output_dim]``."""
+        out: torch.Tensor = self.head(features)
         return out
 
     def load_weights(self, path: str | os.PathLike[str], *, strict: bool = False) -> LoadReport:
@@ -309,8 +317,23 @@ class ImageEncoder(nn.Module):
             return load_weights_into(self, path, strict=strict)
         return load_weights_into(self.backbone, path, strict=strict)
 
-    def fingerprint(self, preprocessing: str = "") -> str:
-        """Hash of the weights, architecture and a preprocessing description (for caches)."""
+    def fingerprint(self, preprocessing: str = "", *, backbone_only: bool = False) -> str:
+        """Hash of the weights, architecture and a preprocessing description (for caches).
+
+        Parameters
+        ----------
+        preprocessing : str
+            Description of the preprocessing (e.g. ``ImageTransformSpec.describe()``).
+        backbone_only : bool, default False
+            Hash only the backbone: the key for caching :meth:`forward_features` of a frozen
+            backbone while the head trains.
+        """
+        if backbone_only:
+            return state_fingerprint(
+                self.backbone,
+                f"ImageEncoder.backbone({self.encoder},{self.spatial_dims},{self.in_channels})",
+                preprocessing,
+            )
         return state_fingerprint(
             self,
             f"ImageEncoder({self.encoder},{self.spatial_dims},{self.in_channels},{self.output_dim})",

@@ -165,3 +165,17 @@ def test_fingerprint_tracks_weights_and_preprocessing() -> None:
     with torch.no_grad():
         _proj(b).bias.add_(1e-3)
     assert a.fingerprint("size=64") != b.fingerprint("size=64")
+
+
+def test_features_and_head_compose_and_backbone_fingerprint() -> None:
+    torch.manual_seed(0)
+    enc = ImageEncoder("smallcnn", embed_dim=4, frozen=True).eval()
+    x = torch.randn(2, 1, 16, 16)
+    feats = enc.forward_features(x)
+    assert feats.shape == (2, enc.feature_dim)
+    torch.testing.assert_close(enc.forward_head(feats), enc(x))
+    before_all, before_bb = enc.fingerprint("p"), enc.fingerprint("p", backbone_only=True)
+    with torch.no_grad():
+        _proj(enc).weight.add_(1.0)  # training the head
+    assert enc.fingerprint("p") != before_all
+    assert enc.fingerprint("p", backbone_only=True) == before_bb
