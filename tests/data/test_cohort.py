@@ -286,3 +286,37 @@ def test_summary_is_json_ready(tmp_path: Path, covid_task: TaskSpec) -> None:
     assert (s["patients"], s["positives"], s["prevalence"]) == (2, 1, 0.5)
     assert s["missingness"]["heart_rate"] == 0.0 and s["missingness"]["crp"] == 1.0
     assert s["coverage"] == {"image": 0.0, "text": 0.0, "tabular": 1.0}
+
+
+def test_inline_task_with_medications_and_aggregations(tmp_path: Path) -> None:
+    task = load_task({
+        "name": "custom",
+        "cohort": {"conditions": [{"name": "covid", "codes": [f.COVID]}]},
+        "index": {"kind": "condition_encounter"},
+        "features": {
+            "demographics": ["age"],
+            "observations": [
+                {"name": "hr_mean", "codes": ["8867-4"], "unit": "/min", "agg": "mean"},
+                {"name": "hr_min_week", "codes": ["8867-4"], "unit": "/min", "agg": "min",
+                 "lookback_days": 7},
+            ],
+            "medications": [{"name": "statin", "codes": ["316672"]}],
+            "missing_indicators": False,
+        },
+        "label": {"kind": "events_after_index", "window_hours": 24,
+                  "procedures": [{"name": "o2", "codes": [f.OXYGEN]}]},
+    })
+    med = {"resourceType": "MedicationRequest", "id": "m1", "status": "active",
+           "intent": "order", "subject": {"reference": "Patient/p1"},
+           "authoredOn": "2019-01-01",
+           "medicationCodeableConcept": {"coding": [{"code": "316672"}]}}
+    late_med = {**med, "id": "m2", "subject": {"reference": "Patient/p2"},
+                "authoredOn": "2020-03-05"}
+    res = [*f.covid_patient("p1", extra=[
+        med, f.observation("hr2", "p1", "8867-4", 100.0, "/min", "2020-02-01T00:00:00Z")]),
+        *f.covid_patient("p2", extra=[late_med])]
+    cohort = build_cohort(_site(tmp_path, res), task)
+    assert cohort.feature_names == ["age", "hr_mean", "hr_min_week", "statin"]
+    p1, p2 = _row(cohort, "p1"), _row(cohort, "p2")
+    assert p1["hr_mean"] == 90.0 and p1["hr_min_week"] == 80.0 and p1["statin"] == 1.0
+    assert p2["statin"] == 0.0  # authored after the index
