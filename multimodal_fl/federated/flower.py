@@ -126,6 +126,17 @@ _METRICS = "metrics"
 _SITE_NAME = "site-name"
 _SITE_DIR = "site-dir"
 
+# Flower's error codes (flwr.common.constant.ErrorCode) in words.
+_ERROR_WORDS = {
+    1: "the ClientApp could not be loaded",
+    2: "the site raised",
+    3: "the message was unavailable",
+    4: "the reply expired",
+    5: "the SuperNode is unavailable (no heartbeat)",
+    7: "the app bundle is invalid",
+    8: "the ClientApp crashed",
+}
+
 #: A site factory: ``f(site_name, site_dir, run_config) -> Site``.
 SiteFactory = Callable[[str, Path, Mapping[str, Any]], Site]
 
@@ -277,10 +288,13 @@ class FlowerFederation:
     Notes
     -----
     Site names are learnt, not configured: :meth:`sites` asks each SuperNode it has not met
-    (``query`` message of kind :data:`DESCRIBE`) for the ``site-name`` in its node config. A node
-    that does not answer is asked again at the next call. Two nodes claiming one name: the one
-    met first keeps it (of nodes met together, the lower node id) and the other is ignored, with
-    an error in the log. A node that leaves the SuperLink leaves :meth:`sites`.
+    (``query`` message of kind :data:`DESCRIBE`) for the ``site-name`` in its node config, waiting
+    up to ``describe_timeout``. A node that has not answered by then is left out for now; later
+    calls pick up its late answer without waiting, and ask it afresh once the question expired.
+
+    Two nodes claiming one name: the one met first keeps it (of nodes met together, the lower
+    node id) and the other is ignored, with an error in the log. A node that leaves the
+    SuperLink leaves :meth:`sites`.
 
     ``timeout`` in :meth:`broadcast` bounds the whole exchange (the sites run in parallel).
     Requests go out with the timeout as their Flower TTL, so a late reply expires at the
@@ -299,6 +313,7 @@ class FlowerFederation:
         self.describe_timeout = float(describe_timeout)
         self._node_of: dict[str, int] = {}
         self._ignored: set[int] = set()
+        self._describing: dict[int, tuple[str, float]] = {}  # node -> (message id, expiry)
 
     # -- discovery
 
@@ -368,77 +383,112 @@ class FlowerFederation:
         return sorted(self._node_of)
 
     def _describe(self, nodes: list[int]) -> None:
-        request = Request(DESCRIBE, 0)
-        answers = self._exchange({n: request for n in nodes}, self.describe_timeout)
-        for node in sorted(nodes):
-            answer = answers.get(node)
-            if isinstance(answer, Reply) and answer.site:
-                owner = self._node_of.get(answer.site)
-                if owner is not None and owner != node:
-                    log.error(
-                        "node %d says it is site %r, which node %d already is; node %d is "
-                        "ignored: give each SuperNode its own --node-config site-name",
-                        node,
-                        answer.site,
-                        owner,
-                        node,
-                    )
-                    self._ignored.add(node)
-                    continue
-                self._node_of[answer.site] = node
-                log.info("node %d is site %s", node, answer.site)
-            else:
+        """Ask ``nodes`` their site names; register the answers (see the class notes).
+
+        A node met for the first time is waited for up to ``describe_timeout``; a node whose
+        earlier question is still unanswered is only checked for its answer (no wait), and asked
+        afresh once that question's TTL (10 x ``describe_timeout``, at least 60 s) has run out.
+        """
+        now = time.monotonic()
+        for node, (_, expires) in list(self._describing.items()):
+            if expires <= now:
+                del self._describing[node]
+        fresh = [n for n in nodes if n not in self._describing]
+        # the question outlives the wait, so that a slow node's late answer is still picked up
+        ttl = max(10 * self.describe_timeout, 60.0)
+        pending, failed = self._push({n: Request(DESCRIBE, 0) for n in fresh}, ttl)
+        for msg_id, node in pending.items():
+            self._describing[node] = (msg_id, now + ttl)
+        waiting = {msg_id: node for node, (msg_id, _) in self._describing.items()}
+        answers = self._collect(waiting, self.describe_timeout if pending else 0.0)
+        answers.update(failed)
+        for node in sorted(answers):
+            answer = answers[node]
+            if isinstance(answer, str) and answer.startswith("timed out"):
+                continue  # still asked: looked at again at the next call
+            self._describing.pop(node, None)
+            if not (isinstance(answer, Reply) and answer.site):
                 why = answer if isinstance(answer, str) else "an empty site name"
                 log.warning("node %d did not name its site (%s); asking again later", node, why)
+                continue
+            owner = self._node_of.get(answer.site)
+            if owner is not None and owner != node:
+                log.error(
+                    "node %d says it is site %r, which node %d already is; node %d is "
+                    "ignored: give each SuperNode its own --node-config site-name",
+                    node,
+                    answer.site,
+                    owner,
+                    node,
+                )
+                self._ignored.add(node)
+                continue
+            self._node_of[answer.site] = node
+            log.info("node %d is site %s", node, answer.site)
 
     # -- messaging
 
-    def _exchange(
-        self, requests: Mapping[int, Request], timeout: float | None
-    ) -> dict[int, Reply | str]:
-        """Send one request per node; return node -> reply, or node -> why there is none."""
+    def _push(
+        self, requests: Mapping[int, Request], ttl: float | None
+    ) -> tuple[dict[str, int], dict[int, Reply | str]]:
+        """Push one message per node; return (message id -> node, node -> why not sent)."""
         nodes = sorted(requests)
-        ttl = None if timeout is None else max(float(timeout), 1.0)
+        if not nodes:
+            return {}, {}
         messages = [
             Message(
                 request_to_content(requests[n]),
                 n,
                 _message_type(requests[n].kind),
-                ttl=ttl,
+                ttl=None if ttl is None else max(float(ttl), 1.0),
                 group_id=str(requests[n].round),
             )
             for n in nodes
         ]
         ids = list(self.grid.push_messages(messages))
-        out: dict[int, Reply | str] = {}
         pending: dict[str, int] = {}
-        for node, msg_id in zip(nodes, ids, strict=False):
+        failed: dict[int, Reply | str] = {}
+        for i, node in enumerate(nodes):
+            msg_id = ids[i] if i < len(ids) else None
             if msg_id:
                 pending[str(msg_id)] = node
             else:
-                out[node] = "the SuperLink did not accept the message"
-        for node in nodes[len(ids) :]:
-            out[node] = "the SuperLink did not accept the message"
+                failed[node] = "the SuperLink did not accept the message"
+        return pending, failed
+
+    def _collect(self, pending: Mapping[str, int], timeout: float | None) -> dict[int, Reply | str]:
+        """Pull replies to ``pending`` (message id -> node) until all came or ``timeout``."""
+        waiting = dict(pending)
+        out: dict[int, Reply | str] = {}
         deadline = None if timeout is None else time.monotonic() + float(timeout)
-        while pending:
-            for msg in self.grid.pull_messages(list(pending)):
+        while waiting:
+            for msg in self.grid.pull_messages(list(waiting)):
                 replied_to = msg.metadata.reply_to_message_id
-                if replied_to not in pending:
+                if replied_to not in waiting:
                     continue
-                node = pending.pop(replied_to)
+                node = waiting.pop(replied_to)
                 if msg.has_error():
-                    error = msg.error
-                    out[node] = f"the site raised (Flower error {error.code}): {error.reason}"
+                    code = int(msg.error.code)
+                    what = _ERROR_WORDS.get(code, "Flower reported an error")
+                    out[node] = f"{what} (Flower error code {code}): {msg.error.reason}"
                     continue
                 try:
                     out[node] = content_to_reply(msg.content)
                 except (ValueError, TypeError, KeyError) as exc:
                     out[node] = f"unreadable reply: {exc}"
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
+            if not waiting or (deadline is not None and time.monotonic() >= deadline):
                 break
             time.sleep(self.poll_interval)
-        for node in pending.values():
+        for node in waiting.values():
             out[node] = f"timed out: no reply within {timeout:g} s"
+        return out
+
+    def _exchange(
+        self, requests: Mapping[int, Request], timeout: float | None
+    ) -> dict[int, Reply | str]:
+        """Send one request per node; return node -> reply, or node -> why there is none."""
+        pending, out = self._push(requests, timeout)
+        out.update(self._collect(pending, timeout))
         return out
 
     def broadcast(

@@ -117,6 +117,8 @@ class FakeGrid:
         self.run_config = run_config
         self.replies: dict[str, Message] = {}
         self.silent: set[int] = set()
+        self.held: dict[str, Message] = {}
+        self.pushed = 0
         self.pulls = 0
 
     def get_node_ids(self) -> list[int]:
@@ -141,10 +143,19 @@ class FakeGrid:
                     Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}"),
                     reply_to=sent,
                 )
-            if node not in self.silent:
+            if node in self.silent:
+                self.held[msg.object_id] = reply
+            else:
                 self.replies[msg.object_id] = reply
             ids.append(msg.object_id)
+        self.pushed += len(ids)
         return ids
+
+    def release(self) -> None:
+        """Deliver the replies of silent nodes now (late replies)."""
+        self.replies.update(self.held)
+        self.held.clear()
+        self.silent.clear()
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         self.pulls += 1
@@ -260,6 +271,18 @@ def test_a_raising_site_and_a_silent_site_become_failures(task_identity: None) -
     assert isinstance(answers["a"], Reply) and answers["a"].site == "a"
     assert isinstance(answers["b"], SiteFailure) and "crashed on purpose" in answers["b"].reason
     assert isinstance(answers["c"], SiteFailure) and "timed out" in answers["c"].reason
+
+
+def test_a_node_slow_to_name_itself_is_not_waited_for_twice(task_identity: None) -> None:
+    federation, grid = fake_federation({}, describe_timeout=0.2)
+    grid.silent.add(20)  # site c's answer comes late
+    assert federation.sites() == ["a", "b"]
+    pushed = grid.pushed
+    assert federation.sites() == ["a", "b"]
+    assert grid.pushed == pushed  # not asked again while its question is alive, only looked for
+    grid.release()
+    assert federation.sites() == ["a", "b", "c"]
+    assert grid.pushed == pushed
 
 
 def test_duplicate_site_name_keeps_the_first_node(task_identity: None) -> None:
