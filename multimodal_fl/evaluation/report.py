@@ -634,8 +634,8 @@ def _table(df: pd.DataFrame) -> str:
             return ", ".join(map(str, v))
         return str(v)
 
-    return df.astype(object).to_html(index=False, na_rep="—", formatters={
-        c: fmt for c in df.columns}, escape=True, border=0)
+    shown = pd.DataFrame({c: [fmt(v) for v in df[c].astype(object).tolist()] for c in df.columns})
+    return shown.to_html(index=False, escape=True, border=0)
 
 
 def _ci_text(v: Any, lo: Any, hi: Any, reason: Any = None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html.parser
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,10 @@ def test_html_is_self_contained_with_every_section(report: tuple[Path, Path, lis
     p.feed(h.read_text())
     assert p.sections == [s for s, _ in SECTIONS]
     assert p.external == []  # no external resources: one file to send to a review board
-    assert h.read_text().count("data:image/png;base64,") >= 6
+    text = h.read_text()
+    assert text.count("data:image/png;base64,") >= 6
+    # missing values read as "—", never as None / nan
+    assert not re.search(r">\s*(None|nan|NaN|<NA>)\s*<", text)
 
 
 @pytest.mark.browser
