@@ -103,3 +103,24 @@ def test_spec_validation_and_description() -> None:
     assert a.describe() != b.describe()
     assert a.describe() == ImageTransformSpec(size=32).describe()
     assert ImageTransformSpec(spatial_dims=3).norm == "zscore"
+
+
+def test_dicom_series_folder_is_a_3d_volume(tmp_path: Path) -> None:
+    import pydicom
+
+    from tests.encoders.conftest import write_dicom
+
+    series = tmp_path / "series"
+    series.mkdir()
+    rng = np.random.default_rng(0)
+    for z in range(5):
+        path = write_dicom(series / f"slice{z}.dcm", rng.random((20, 24)) * 1000)
+        ds = pydicom.dcmread(path)
+        ds.ImagePositionPatient = [0.0, 0.0, float(z)]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [1.0, 1.0]
+        ds.InstanceNumber = z + 1
+        ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+        ds.save_as(path)
+    x = load_image(series, spatial_dims=3, size=8)
+    assert x.shape == (1, 8, 8, 8) and torch.isfinite(x).all()
