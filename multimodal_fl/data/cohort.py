@@ -242,6 +242,10 @@ def _assemble(reader: FHIRReader, task: TaskSpec, sink: ErrorSink, site_name: st
     table = _to_table(result.rows, names)
     counts: dict[str, Any] = dict(records.counts)
     counts["patients_read"] = len(records.patients)
+    for candidates in images.values():
+        for _, _, rule in candidates:
+            key = f"images_linked_by_{rule.replace(' ', '_').replace('.', '_')}"
+            counts[key] = counts.get(key, 0) + 1
     counts["skipped_by_reason"] = dict(sorted(sink.by_reason.items()))
     counts["excluded_by_reason"] = dict(sorted(result.excluded.items()))
     counts.update({k: v for k, v in result.counts.items() if v})
