@@ -21,7 +21,7 @@ from multimodal_fl.sample_data import _images, _text
 from multimodal_fl.sample_data._fhir import Refs
 from multimodal_fl.sample_data._sites import SiteSpec
 
-__all__ = ["SIGMA_E", "PatientRecord", "simulate_site"]
+__all__ = ["SIGMA_E", "PatientRecord", "simulate_site", "site_signal"]
 
 #: standard deviation of the risk noise no modality sees
 SIGMA_E = 0.6
@@ -368,6 +368,33 @@ def _ad_patient(i: int, site: SiteSpec, ids: _Ids, refs: Refs, rng: np.random.Ge
 # --------------------------------------------------------------------------- sites
 
 
+def _site_signal(task: str, site: SiteSpec, seed: int, site_index: int
+                 ) -> tuple[np.random.Generator, np.ndarray, np.ndarray, np.ndarray]:
+    task_key = {"covid_oxygen": 1, "alzheimers": 2}[task]
+    rng = np.random.default_rng([seed, task_key, site_index])
+    z, risk = _latents(rng, site.n)
+    return rng, z, risk, _rank_labels(risk, site.prevalence)
+
+
+def site_signal(task: str, site: SiteSpec, seed: int, site_index: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The latents and labels of one site, without writing anything (fast).
+
+    Parameters
+    ----------
+    task, site, seed, site_index
+        As for :func:`simulate_site`.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(n, 3)`` latents (tabular, image, text) and the ``(n,)`` 0/1 labels that
+        :func:`simulate_site` gives the same patients.
+    """
+    _, z, _, labels = _site_signal(task, site, seed, site_index)
+    return z, labels
+
+
 def simulate_site(task: str, site: SiteSpec, seed: int, site_index: int) -> list[PatientRecord]:
     """Simulate every patient of one site.
 
@@ -388,12 +415,9 @@ def simulate_site(task: str, site: SiteSpec, seed: int, site_index: int) -> list
     list of PatientRecord
         The site's patients, in id order.
     """
-    task_key = {"covid_oxygen": 1, "alzheimers": 2}[task]
-    rng = np.random.default_rng([seed, task_key, site_index])
+    rng, z, risk, labels = _site_signal(task, site, seed, site_index)
     ids = _Ids(seed, task, site)
     refs = Refs(site.refs, tz_hours=site.tz_hours)
-    z, risk = _latents(rng, site.n)
-    labels = _rank_labels(risk, site.prevalence)
     if task == "covid_oxygen":
         labels_72 = _rank_labels(risk, site.prevalence + LATE_SHARE)
         top = _rank_labels(risk, site.prevalence * 0.4)
