@@ -103,31 +103,52 @@ def data_summary(
         sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
         return
     table = Table(title=f"{cfg.task.name}: cohorts per site")
-    for col in ("site", "patients", "positives", "prevalence", "image", "text", "tabular",
-                "validated/read", "skipped", "excluded"):
+    for col in (
+        "site",
+        "patients",
+        "positives",
+        "prevalence",
+        "image",
+        "text",
+        "tabular",
+        "validated/read",
+        "skipped",
+        "excluded",
+    ):
         table.add_column(col, justify="left" if col == "site" else "right")
     for s in summaries:
         counts = s["counts"]
         prev = "-" if s["prevalence"] is None else f"{s['prevalence']:.2f}"
         cov = ["-" if v is None else f"{v:.0%}" for v in s["coverage"].values()]
         table.add_row(
-            s["site"], str(s["patients"]), str(s["positives"]), prev, *cov,
+            s["site"],
+            str(s["patients"]),
+            str(s["positives"]),
+            prev,
+            *cov,
             f"{counts.get('resources_validated', 0)}/{counts.get('resources_read', 0)}",
             str(sum(counts["skipped_by_reason"].values())),
-            str(sum(counts["excluded_by_reason"].values())))
+            str(sum(counts["excluded_by_reason"].values())),
+        )
     console.print(table)
     miss = Table(title="feature missingness (fraction of patients without a value)")
     miss.add_column("feature")
     for s in summaries:
         miss.add_column(s["site"], justify="right")
     for feat in summaries[0]["missingness"] if summaries else []:
-        miss.add_row(feat, *["-" if s["missingness"][feat] is None
-                             else f"{s['missingness'][feat]:.0%}" for s in summaries])
+        miss.add_row(
+            feat,
+            *[
+                "-" if s["missingness"][feat] is None else f"{s['missingness'][feat]:.0%}"
+                for s in summaries
+            ],
+        )
     console.print(miss)
     for s in summaries:
-        reasons = {**{f"skipped: {k}": v for k, v in s["counts"]["skipped_by_reason"].items()},
-                   **{f"excluded: {k}": v
-                      for k, v in s["counts"]["excluded_by_reason"].items()}}
+        reasons = {
+            **{f"skipped: {k}": v for k, v in s["counts"]["skipped_by_reason"].items()},
+            **{f"excluded: {k}": v for k, v in s["counts"]["excluded_by_reason"].items()},
+        }
         if reasons:
             why = Table(title=f"{s['site']}: skipped records and excluded patients")
             why.add_column("reason")
@@ -141,8 +162,9 @@ def data_summary(
 
 EngineOpt = Annotated[
     str | None,
-    typer.Option("--engine", help="inprocess | flower | local | centralized (overrides "
-                 "federated.engine)."),
+    typer.Option(
+        "--engine", help="inprocess | flower | local | centralized (overrides federated.engine)."
+    ),
 ]
 
 
@@ -192,8 +214,10 @@ def train_cmd(
 
             outcome = run_centralized(cfg, out, progress=not quiet)
         elif chosen == "flower":
-            fail("--engine flower runs on a SuperLink: see `mmfl flower --help` and "
-                 "docs/deployment.md (`mmfl flower local CONFIG` starts one on this machine)")
+            fail(
+                "--engine flower runs on a SuperLink: see `mmfl flower --help` and "
+                "docs/deployment.md (`mmfl flower local CONFIG` starts one on this machine)"
+            )
             return
         else:
             from multimodal_fl.engine import round_row, run_federated_experiment
@@ -209,7 +233,10 @@ def train_cmd(
                 console.print("  ".join(round_row(record, names)))  # type: ignore[arg-type]
 
             outcome = run_federated_experiment(
-                cfg, out, resume=resume is not None, stop_after_round=stop_after_round,
+                cfg,
+                out,
+                resume=resume is not None,
+                stop_after_round=stop_after_round,
                 on_round=None if quiet else on_round,
             )
     except (DataError, ConfigError, ValueError, RuntimeError) as exc:
@@ -229,6 +256,28 @@ def train_cmd(
         table.add_row(site, text)
     console.print(table)
     console.print(f"run directory: {outcome.run_dir}")
+
+
+@app.command("report")
+def report_cmd(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (e.g. federated, "
+                                                   "local and centralized runs of one config).")],
+    out: Annotated[Path | None, typer.Option("--out", help="Report folder (default: "
+                                             "RUN_DIR/report of the first run).")] = None,
+    n_boot: Annotated[int | None, typer.Option("--n-boot", help="Bootstrap resamples.")] = None,
+) -> None:
+    """Write the fairness and generalisability report (report.json + report.html)."""
+    from multimodal_fl.evaluation.report import write_report
+
+    for run in run_dirs:
+        if not (run / "metrics.json").is_file():
+            fail(f"{run}: not a run directory (no metrics.json); run `mmfl train` first")
+    target = out or run_dirs[0] / "report"
+    try:
+        json_path, html_path = write_report(run_dirs, target, n_boot=n_boot)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        fail(f"report: {type(exc).__name__}: {exc}")
+    console.print(f"report: {html_path}\n        {json_path}")
 
 
 flower_app = typer.Typer(
@@ -425,47 +474,14 @@ def flower_local(
         "site-factory": site_factory,
         "out-dir": str(out),
     }
-    entries["min-nodes"] = len(site_dirs)
     entries.update(_flower_run_config(run_config))
-    app_dir = flower.write_app_dir(out / "app", entries)
     sites = {d.name: d.resolve() for d in site_dirs}
-    with flower.LoopbackDeployment(sites, home=out / "flwr_home") as deployment:
-        console.print(f"SuperLink on {deployment.address}; logs in {deployment.log_dir}")
-        done = deployment.run(app_dir, timeout=timeout)
-    if done.returncode != 0:
-        fail(f"flwr run exited with {done.returncode}: {done.stderr[-2000:]}")
+    console.print(f"{len(sites)} SuperNodes and a SuperLink on 127.0.0.1; logs in {out}/flwr_home")
     try:
-        _flower_table(flower.load_result(out))
-    except FileNotFoundError as exc:
-        fail(f"{exc}; logs in {out / 'flwr_home' / 'logs'}")
-
-
-@app.command("sample-data")
-def sample_data_cmd(
-    out: Annotated[Path, typer.Argument(help="Output folder (e.g. sample_data).")],
-    seed: Annotated[int, typer.Option("--seed", help="Generation seed.")] = 0,
-    profile: Annotated[
-        str, typer.Option("--profile", help="default (4 sites per task) or tiny (tests).")
-    ] = "default",
-) -> None:
-    """Write the generated multi-site cohorts (COVID-19 oxygen, Alzheimer's) into OUT."""
-    from rich.table import Table
-
-    from multimodal_fl.sample_data import GENERATOR_VERSION, PROFILES, generate
-
-    if profile not in PROFILES:
-        fail(f"--profile '{profile}' is not a profile; expected one of {', '.join(PROFILES)}")
-    if out.exists() and not out.is_dir():
-        fail(f"{out} exists and is not a folder")
-    summaries = generate(out, seed=seed, profile=profile)
-    table = Table(title=f"sample data v{GENERATOR_VERSION} (seed {seed}, {profile}) -> {out}")
-    for col in ("task", "site", "patients", "positives", "excluded", "images", "notes"):
-        table.add_column(col)
-    for s in summaries:
-        table.add_row(s.task, s.site, str(s.patients), str(s.positives), str(s.excluded),
-                      str(s.images), str(s.notes))
-    console.print(table)
-    console.print(f"routes per site: {out / 'README.md'}; content hashes: {out / 'MANIFEST.json'}")
+        result = flower.run_loopback(sites, entries, out, timeout=timeout)
+    except flower.FlowerRunError as exc:
+        fail(str(exc))
+    _flower_table(result)
 
 
 def main() -> None:
