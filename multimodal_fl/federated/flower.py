@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -74,6 +75,7 @@ __all__ = [
     "DESCRIBE",
     "FlowerFederation",
     "FlowerResult",
+    "FlowerRunError",
     "LoopbackDeployment",
     "ServerJob",
     "SiteFactory",
@@ -88,6 +90,7 @@ __all__ = [
     "load_result",
     "reply_to_content",
     "request_to_content",
+    "run_loopback",
     "server_app",
     "superlink_command",
     "supernode_command",
@@ -1301,3 +1304,63 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         os.killpg(proc.pid, sig)  # start_new_session=True: the group id is the pid
     except (ProcessLookupError, PermissionError):
         pass
+
+
+class FlowerRunError(RuntimeError):
+    """A Flower run ended without a result; the message carries the processes' logs."""
+
+
+def run_loopback(
+    sites: Mapping[str, str | os.PathLike[str]],
+    run_config: Mapping[str, ConfigValue],
+    workdir: str | os.PathLike[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 3600.0,
+) -> FlowerResult:
+    """Run the package's app on a :class:`LoopbackDeployment` and return its result.
+
+    Writes the app into ``workdir/app``, the result into ``workdir/out`` (unless ``run_config``
+    names an ``out-dir``), Flower's home and logs into ``workdir/flwr_home``; waits for all
+    sites (``min-nodes`` defaults to their number).
+
+    Parameters
+    ----------
+    sites : Mapping[str, path-like]
+        Site name -> site directory, one SuperNode each.
+    run_config : Mapping[str, int | float | str | bool]
+        The run config (``server-factory`` and ``site-factory`` at least).
+    workdir : path-like
+        Working directory (created).
+    env : Mapping[str, str] or None
+        Extra environment for the Flower processes (e.g. ``PYTHONPATH``).
+    timeout : float
+        Seconds before ``flwr run`` is stopped.
+
+    Returns
+    -------
+    FlowerResult
+        Final weights, history, timings.
+
+    Raises
+    ------
+    FlowerRunError
+        If the run wrote no result (the message ends with the processes' logs).
+    """
+    root = Path(workdir)
+    config: dict[str, ConfigValue] = {"min-nodes": len(sites), "out-dir": str(root / "out")}
+    config.update(run_config)
+    app_dir = write_app_dir(root / "app", config)
+    with LoopbackDeployment(sites, home=root / "flwr_home", env=env) as deployment:
+        try:
+            done = deployment.run(app_dir, timeout=timeout)
+            output = f"flwr run exited with {done.returncode}:\n{done.stdout[-4000:]}"
+        except subprocess.TimeoutExpired:
+            output = f"flwr run did not end within {timeout:g} s"
+        try:
+            return load_result(str(config["out-dir"]))
+        except FileNotFoundError as exc:
+            logs = deployment.logs()
+            causes = re.findall(r"^\w+(?:Error|Exception): .*$", output + logs, re.MULTILINE)
+            cause = f"the last error: {causes[-1]}\n" if causes else ""
+            raise FlowerRunError(f"{cause}{exc}\n{output}\n{logs[-8000:]}") from None

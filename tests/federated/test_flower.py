@@ -26,14 +26,14 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from multimodal_fl.federated.flower import (
     FlowerFederation,
-    LoopbackDeployment,
+    FlowerRunError,
     ServerJob,
     client_app,
     content_to_reply,
     content_to_request,
-    load_result,
     reply_to_content,
     request_to_content,
+    run_loopback,
     write_app_dir,
 )
 from multimodal_fl.federated.messages import ConfigValue, Reply, Request, SiteFailure
@@ -376,37 +376,27 @@ def test_loopback_deployment_equals_in_process(tmp_path: Path) -> None:
     finally:
         torch.set_num_threads(threads)
 
-    out = tmp_path / "out"
-    app = write_app_dir(
-        tmp_path / "app",
-        {
-            "server-factory": "tests.federated.test_flower:toy_job",
-            "site-factory": "tests.federated.test_flower:toy_site",
-            "out-dir": str(out),
-            "min-nodes": 3,
-            "node-wait": 60.0,
-            "torch-threads": 1,
-            "rounds": config.rounds,
-            "evaluate-every": config.evaluate_every,
-            "ask-sizes": config.ask_sizes,
-        },
-    )
     sites = {s: tmp_path / "sites" / s for s in SITES}
     for path in sites.values():
         path.mkdir(parents=True)
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    run_config: dict[str, ConfigValue] = {
+        "server-factory": "tests.federated.test_flower:toy_job",
+        "site-factory": "tests.federated.test_flower:toy_site",
+        "node-wait": 60.0,
+        "torch-threads": 1,
+        "rounds": config.rounds,
+        "evaluate-every": config.evaluate_every,
+        "ask-sizes": config.ask_sizes,
+    }
     started = time.monotonic()
-    with LoopbackDeployment(
-        sites, home=tmp_path / "flwr_home", env={"PYTHONPATH": pythonpath}
-    ) as deployment:
-        done = deployment.run(app, timeout=240)
-        seconds = time.monotonic() - started
-        if not (out / "result.json").is_file():
-            pytest.fail(
-                f"the Flower run wrote no result (flwr run exit {done.returncode}):\n"
-                f"{done.stdout[-4000:]}\n{done.stderr[-2000:]}\n{deployment.logs()[-8000:]}"
-            )
-    result = load_result(out)
+    try:  # starts and stops every process (process groups killed on the way out)
+        result = run_loopback(
+            sites, run_config, tmp_path / "flower", env={"PYTHONPATH": pythonpath}, timeout=240
+        )
+    except FlowerRunError as exc:
+        pytest.fail(str(exc))
+    seconds = time.monotonic() - started
     print(f"loopback run: {seconds:.1f} s, server loop {result.seconds:.1f} s")
     assert result.completed_rounds == 2
     assert sorted(result.site_nodes) == list(SITES)
