@@ -646,15 +646,25 @@ class FHIRReader:
                      if any(matches(c.codings, cs) for cs in task.cohort.conditions)]
             if not conds:
                 continue
-            enc_ids = {c.encounter for c in conds} - {None}
-            wanted = [it for it in items if it[2] in enc_ids]
-            onset = min((c.time for c in conds if c.time is not None), default=None)
-            if onset is not None:
-                wanted += sorted((it for it in items if it[4] is not None and it[4] >= onset
-                                  and it[2] not in enc_ids), key=lambda it: it[4])  # type: ignore[arg-type, return-value]
-            for res, label, rid, _, _ in wanted:
-                if self._use("Encounter", res, label, rid) and rid not in enc_ids:
-                    break  # the first valid encounter after onset is the only fallback
+            # mirror tasks.index_time: the earliest cohort Condition's encounter, else the
+            # first encounter starting on or after its onset
+            conds = [c for c in conds if c.time is not None or c.encounter is not None]
+            if not conds:
+                continue
+            first = min(conds, key=lambda c: (c.time is None, c.time or datetime.max))
+            for res, label, rid, _, start in items:
+                if rid == first.encounter and start is not None \
+                        and self._use("Encounter", res, label, rid):
+                    break
+            else:
+                if first.time is None:
+                    continue
+                onset = first.time
+                later = sorted((it for it in items if it[4] is not None and it[4] >= onset),
+                               key=lambda it: it[4])  # type: ignore[arg-type, return-value]
+                for res, label, rid, _, _ in later:
+                    if self._use("Encounter", res, label, rid):
+                        break  # the first valid encounter after onset is the fallback
         self._resolve_pending()
         self._deferred_enc.clear()
         max_lookback = max([task.features.lookback_days,

@@ -121,12 +121,18 @@ def test_urn_uuid_ndjson_and_single_resources(tmp_path: Path, covid_task: TaskSp
 
 def test_task_validation_equals_full_validation(tmp_path: Path, covid_task: TaskSpec) -> None:
     noise = [{"resourceType": "Claim", "id": f"claim{i}", "status": "active"} for i in range(5)]
+    two_episodes = [f.patient("p3"), f.encounter("e1", "p3", "2020-03-04T08:00:00Z"),
+                    f.encounter("e2", "p3", "2020-03-10T08:00:00Z"),
+                    f.condition("c-early", "p3", f.COVID, "2020-03-03T12:00:00Z"),
+                    f.condition("c-late", "p3", f.COVID, "2020-03-10T08:00:00Z",
+                                encounter_id="e2")]
     res = [*f.covid_patient("p1", oxygen_at="2020-03-01T12:00:00+00:00"),
-           *f.covid_patient("p2"), *noise]
+           *f.covid_patient("p2"), *two_episodes, *noise]
     site = _site(tmp_path, res)
     fast = build_cohort(site, covid_task, data=DataConfig(validation="task"))
     full = build_cohort(site, covid_task, data=DataConfig(validation="all"))
     pd.testing.assert_frame_equal(fast.table, full.table)
+    assert _row(fast, "p3")["index_time"] == pd.Timestamp("2020-03-04T08:00:00Z")
     assert full.counts["resources_validated"] == full.counts["resources_read"] == len(res)
     assert fast.counts["resources_validated"] < full.counts["resources_validated"]
     # the invalid Claims are reported only when everything is validated
