@@ -11,7 +11,10 @@ Three pieces, none of which holds FL logic of its own:
   the run config and runs :func:`~.server.run_federated` with a :class:`FlowerFederation`.
 * :data:`client_app` (a ``flwr.clientapp.ClientApp``) that builds the site object from the
   SuperNode's ``--node-config`` (``site-name``, ``site-dir``) and the run config, and hands it
-  every ``train`` / ``evaluate`` / ``query`` message as a :class:`~.messages.Request`.
+  every ``train`` / ``evaluate`` / ``query`` message as a :class:`~.messages.Request`. Flower
+  starts a fresh ClientApp process per message: a site that must keep arrays between requests
+  (FedBN's local layers) implements ``export_state() -> dict[str, ndarray]`` and
+  ``restore_state(arrays)``; they are kept in the SuperNode's per-run context state.
 
 Which server job and which site run is pluggable: the run config names two ``"module:callable"``
 factories, ``server-factory`` (``f(run_config) -> ServerJob``) and ``site-factory``
@@ -73,6 +76,7 @@ from multimodal_fl.federated.server import (
 __all__ = [
     "DEFAULT_RUN_CONFIG",
     "DESCRIBE",
+    "SITE_STATE_KEY",
     "FlowerFederation",
     "FlowerResult",
     "FlowerRunError",
@@ -101,6 +105,9 @@ log = logging.getLogger(__name__)
 
 #: Request kind of the discovery query: the ClientApp answers with its site name, no site built.
 DESCRIBE = "describe"
+
+#: Key of a site's exported arrays in the SuperNode's per-run context state (see the ClientApp).
+SITE_STATE_KEY = "mmfl.site-state"
 
 #: The run-config keys this module reads, with their defaults. ``flwr run`` accepts overrides
 #: only for keys the app declares, so :func:`write_app_dir` always writes all of them.
@@ -839,9 +846,18 @@ def _handle(msg: Message, context: Context) -> Message:
         )
     factory = cast(SiteFactory, load_object(str(opts["site-factory"]), "site-factory"))
     site = factory(name, site_dir, run_config)
+    # Opt-in: a site that keeps arrays between requests (e.g. FedBN's local layers) exports
+    # them; they live in the SuperNode's per-run context state, since every message gets a
+    # fresh ClientApp process. Nothing of it leaves the SuperNode.
+    restore = getattr(site, "restore_state", None)
+    if callable(restore) and SITE_STATE_KEY in context.state.array_records:
+        restore(_numpy(context.state.array_records[SITE_STATE_KEY]))
     reply = site.handle(request)
     if not isinstance(reply, Reply):
         raise TypeError(f"site {name!r}: handle() returned a {type(reply).__name__}, not a Reply")
+    export = getattr(site, "export_state", None)
+    if callable(export):
+        context.state[SITE_STATE_KEY] = _array_record(export())
     return Message(reply_to_content(reply), reply_to=msg)
 
 

@@ -25,6 +25,7 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from flwr.supercore.task_identity import TaskIdentity
 
 from multimodal_fl.federated.flower import (
+    SITE_STATE_KEY,
     FlowerFederation,
     FlowerRunError,
     ServerJob,
@@ -48,12 +49,43 @@ SITES = ("a", "b", "c")
 
 
 def toy_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> Any:
-    """The toy site of ``tests/federated/toy.py``'s ``toy_federation`` for ``name``."""
+    """The toy site of ``tests/federated/toy.py``'s ``toy_federation`` for ``name``.
+
+    With run config ``fit-only-state = true`` it also counts its fit requests in exported
+    state and raises if the count restored before round ``r`` is not ``r - 1`` (the loopback
+    test's check that the SuperNode keeps a site's state between ClientApp processes).
+    """
     from tests.federated.toy import ToySite
 
     i = SITES.index(name)
     fault = str(run_config.get("fault-site", ""))
-    return ToySite(name, n=32 + 16 * i, shift=0.3 * i, fault="raise" if fault == name else None)
+    site = ToySite(name, n=32 + 16 * i, shift=0.3 * i, fault="raise" if fault == name else None)
+    return StatefulToySite(site) if run_config.get("fit-only-state") else site
+
+
+class StatefulToySite:
+    """A toy site that counts its fit requests in exported state (see :func:`toy_site`)."""
+
+    def __init__(self, site: Any) -> None:
+        self.site = site
+        self.fits = np.zeros((), dtype=np.int64)
+
+    def export_state(self) -> dict[str, np.ndarray]:
+        """The fit count."""
+        return {"fits": self.fits}
+
+    def restore_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Take back the fit count."""
+        self.fits = arrays["fits"]
+
+    def handle(self, request: Request) -> Reply:
+        """Check the count, then answer as the toy site."""
+        if request.kind == "fit":
+            if int(self.fits) != request.round - 1:
+                raise RuntimeError(f"restored {int(self.fits)} fits before round {request.round}")
+            self.fits = self.fits + 1
+        reply: Reply = self.site.handle(request)
+        return reply
 
 
 def toy_job(run_config: Mapping[str, Any]) -> ServerJob:
@@ -92,6 +124,32 @@ class PCASite:
         )
 
 
+class CountingSite:
+    """Counts the requests it answered, in state it exports (the opt-in state protocol)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls = np.zeros((), dtype=np.int64)
+
+    def export_state(self) -> dict[str, np.ndarray]:
+        """The arrays to keep until the next request."""
+        return {"calls": self.calls}
+
+    def restore_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Take back what :meth:`export_state` gave."""
+        self.calls = arrays["calls"]
+
+    def handle(self, request: Request) -> Reply:
+        """Reply with the number of requests answered so far, this one included."""
+        self.calls = self.calls + 1
+        return Reply(self.name, request.kind, request.round, n_samples=int(self.calls))
+
+
+def counting_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> CountingSite:
+    """Site factory of the state test (a new object for every request, as in Flower)."""
+    return CountingSite(name)
+
+
 def pca_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> PCASite:
     """Site factory of the PCA test."""
     return PCASite(name)
@@ -118,6 +176,7 @@ class FakeGrid:
         self.replies: dict[str, Message] = {}
         self.silent: set[int] = set()
         self.held: dict[str, Message] = {}
+        self.states: dict[int, RecordDict] = {}
         self.pushed = 0
         self.pulls = 0
 
@@ -134,7 +193,8 @@ class FakeGrid:
             )  # what the node receives
             sent.metadata.__dict__["_message_id"] = msg.object_id
             sent.metadata.__dict__["_src_node_id"] = 0
-            context = Context(1, node, self.node_config[node], RecordDict(), self.run_config)
+            state = self.states.setdefault(node, RecordDict())  # the SuperNode keeps it per run
+            context = Context(1, node, self.node_config[node], state, self.run_config)
             try:
                 reply = client_app(message=sent, context=context)
                 reply = Message(over_the_wire(reply.content), reply_to=sent)
@@ -285,6 +345,19 @@ def test_a_node_slow_to_name_itself_is_not_waited_for_twice(task_identity: None)
     assert grid.pushed == pushed
 
 
+def test_site_state_survives_between_requests_per_node(task_identity: None) -> None:
+    federation, grid = fake_federation(
+        {"site-factory": "tests.federated.test_flower:counting_site"}
+    )
+    sites = federation.sites()
+    for expected in (1, 2, 3):
+        answers = federation.broadcast({s: Request("count", expected) for s in sites}, timeout=5)
+        assert {s: a.n_samples for s, a in answers.items() if isinstance(a, Reply)} == {
+            s: expected for s in SITES
+        }
+    assert all(SITE_STATE_KEY in state.array_records for state in grid.states.values())
+
+
 def test_duplicate_site_name_keeps_the_first_node(task_identity: None) -> None:
     grid = FakeGrid(
         {5: {"site-name": "a", "site-dir": "/x"}, 3: {"site-name": "a", "site-dir": "/y"}},
@@ -388,6 +461,7 @@ def test_loopback_deployment_equals_in_process(tmp_path: Path) -> None:
         "rounds": config.rounds,
         "evaluate-every": config.evaluate_every,
         "ask-sizes": config.ask_sizes,
+        "fit-only-state": True,  # and the site state kept by the SuperNodes is checked
     }
     started = time.monotonic()
     try:  # starts and stops every process (process groups killed on the way out)
