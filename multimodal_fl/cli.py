@@ -102,20 +102,14 @@ def data_summary(
         out = {"task": cfg.task.name, "sites": summaries}
         sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
         return
-    table = Table(title=f"{cfg.task.name}: cohorts per site")
-    for col in (
-        "site",
-        "patients",
-        "positives",
-        "prevalence",
-        "image",
-        "text",
-        "tabular",
-        "validated/read",
-        "skipped",
-        "excluded",
-    ):
-        table.add_column(col, justify="left" if col == "site" else "right")
+    table = Table(
+        title=f"{cfg.task.name}: cohorts per site",
+        caption="img/txt/tab: share of patients with the modality; validated/read: FHIR "
+        "resources; skip: bad records; excl: patients outside the task",
+    )
+    for col in ("site", "patients", "pos", "prev", "img", "txt", "tab", "validated/read",
+                "skip", "excl"):
+        table.add_column(col, justify="left" if col == "site" else "right", no_wrap=True)
     for s in summaries:
         counts = s["counts"]
         prev = "-" if s["prevalence"] is None else f"{s['prevalence']:.2f}"
