@@ -104,11 +104,12 @@ def data_summary(
         return
     table = Table(
         title=f"{cfg.task.name}: cohorts per site",
-        caption="img/txt/tab: share of patients with the modality; validated/read: FHIR "
-        "resources; skip: bad records; excl: patients outside the task",
+        caption="n: patients; pos: positives; img/txt/tab: share of patients with the "
+        "modality; valid/read: FHIR resources validated/read; skip: bad records; excl: "
+        "patients outside the task",
     )
-    for col in ("site", "patients", "pos", "prev", "img", "txt", "tab", "validated/read",
-                "skip", "excl"):
+    for col in ("site", "n", "pos", "prev", "img", "txt", "tab", "valid/read", "skip",
+                "excl"):
         table.add_column(col, justify="left" if col == "site" else "right", no_wrap=True)
     for s in summaries:
         counts = s["counts"]
