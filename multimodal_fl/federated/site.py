@@ -17,8 +17,17 @@ Request kinds it answers:
     Per-feature observed count, sum and sum of squares of the training split's tabular
     features (federated standardisation).
 ``pca``
-    A :func:`~multimodal_fl.federated.pca.site_pca_reply` of the training split's frozen
-    embeddings of one modality (``config["modality"]``).
+    A :func:`~multimodal_fl.federated.pca.site_pca_reply` of one modality's rows
+    (``config``: ``modality``, ``site_rank`` (0: exact), ``split`` (default ``train``); for
+    ``tabular`` the request's arrays carry the pooled standardisation), see
+    :func:`multimodal_fl.pca_stage.site_matrix`. Always from the data as loaded.
+``pca_apply``
+    Replace the modality's embeddings by their projection (request arrays ``mean``,
+    ``components``, ``scale``) and rebuild the model (its input width is now ``k``): the
+    federated PCA stage, before ``init``.
+``pca_scores``
+    Aggregates of the projected rows (mean, covariance; quantiles and coarsened histograms
+    under the small-cell rule), see :func:`multimodal_fl.pca_stage.score_summary`.
 ``fit``
     Load the global weights, run ``local_steps`` optimisation steps with a fresh AdamW
     (optimiser state is reset every round by design), and return the new weights with a
@@ -133,6 +142,7 @@ class FusionSite:
         self.name = name
         self.cfg = cfg
         self.data = data
+        self._loaded = data  # as loaded: PCA summaries and projections start from it
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.model = build_model(cfg, data)
         self._augment = batch_augmenter(cfg, self.model)
@@ -175,7 +185,7 @@ class FusionSite:
     def _on_moments(self, request: Request) -> Reply:
         from multimodal_fl.encoders.tabular import Standardizer
 
-        train = self.data.train
+        train = self.data.part(str(request.config.get("split", "train")))
         if "tabular" not in train.modalities:
             raise ValueError(f"site {self.name}: no tabular modality for federated moments")
         j = train.modalities.index("tabular")
@@ -184,19 +194,44 @@ class FusionSite:
         return self._reply(request, n_samples=int(rows.shape[0]),
                            arrays={"n": n, "sum": s, "sumsq": ss})
 
-    def _on_pca(self, request: Request) -> Reply:
+    def _pca_rows(self, request: Request) -> tuple[str, np.ndarray]:
+        from multimodal_fl.pca_stage import STANDARDIZE_MEAN, STANDARDIZE_SCALE, site_matrix
+
         modality = str(request.config.get("modality", "image"))
-        train = self.data.train
-        if modality not in train.precomputed:
-            raise ValueError(
-                f"site {self.name}: federated PCA needs frozen (precomputed) {modality} "
-                f"embeddings; this site has {sorted(train.precomputed)}"
-            )
-        j = train.modalities.index(modality)
-        x = train.inputs[modality][train.mask[:, j]].numpy().astype(np.float64)
+        w = request.weights
+        std = (w[STANDARDIZE_MEAN], w[STANDARDIZE_SCALE]) if STANDARDIZE_MEAN in w else None
+        x = site_matrix(self._loaded, modality, split=str(request.config.get("split", "train")),
+                        standardize=std)
+        return modality, x
+
+    def _on_pca(self, request: Request) -> Reply:
+        _, x = self._pca_rows(request)
         rank = request.config.get("site_rank")
         reply = site_pca_reply(x, None if rank in (None, 0) else int(rank))
         return self._reply(request, n_samples=int(x.shape[0]), arrays=reply)
+
+    def _on_pca_apply(self, request: Request) -> Reply:
+        from multimodal_fl.pca_stage import project_site_data
+
+        modality = str(request.config.get("modality", "image"))
+        self.data = project_site_data(self._loaded, modality, request.weights)
+        self.model = build_model(self.cfg, self.data)
+        self._augment = batch_augmenter(self.cfg, self.model)
+        self._local_state = {}
+        return self._reply(request, n_samples=len(self.data.train))
+
+    def _on_pca_scores(self, request: Request) -> Reply:
+        from multimodal_fl.pca_stage import project, score_summary
+
+        _, x = self._pca_rows(request)
+        missing = [k for k in ("edges", "levels") if k not in request.weights]
+        if missing:
+            raise ValueError(f"site {self.name}: pca_scores request lacks arrays {missing}")
+        z = project(x, request.weights, where=f"site {self.name}")
+        doc = score_summary(z, request.weights["edges"], request.weights["levels"],
+                            min_cell=self.cfg.evaluation.min_cell)
+        return self._reply(request, n_samples=int(x.shape[0]),
+                           arrays={"scores_json": _json_bytes(doc)})
 
     def _load_global(self, request: Request) -> None:
         weights = dict(request.weights)
