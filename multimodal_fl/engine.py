@@ -4,12 +4,17 @@
 :class:`~multimodal_fl.federated.server.Federation` (in-process by default; Flower's
 ServerApp calls the same function with its own federation):
 
-1. ``init``: one site (the first in sorted order) sends freshly initialised weights, seeded
+1. ``pca`` (when ``federated.pca.enabled``): every site summarises its training split's
+   frozen embeddings of ``federated.pca.modality``, the server merges the summaries into one
+   exact PCA and broadcasts the projection; each site replaces those embeddings by their
+   ``n_components`` scores and rebuilds its model (see :mod:`multimodal_fl.pca_stage`). The
+   projection is saved as ``pca.safetensors`` (the model's inputs need it) and summarised in
+   ``metrics.json`` under ``pca``. It runs first because it changes the model's input width.
+2. ``init``: one site (the first in sorted order) sends freshly initialised weights, seeded
    by the experiment seed, so no server ever needs data to build the model.
-2. ``moments``: every site sends per-feature counts, sums and sums of squares of its
+3. ``moments``: every site sends per-feature counts, sums and sums of squares of its
    training split's tabular features; the server pools them into the standardisation of
    the global model (no one site's statistics are used alone).
-3. ``pca`` (when ``federated.pca.enabled``): see :mod:`multimodal_fl.federated.pca`.
 4. :func:`~multimodal_fl.federated.server.run_federated`: rounds of fit / evaluate with
    checks, checkpoints and resume.
 5. ``predict``: every site writes its own ``sites/<site>/predictions.csv`` and returns
@@ -216,6 +221,13 @@ def run_federated_experiment(
     if not sites:
         raise StageFailed("no sites in the federation")
     fed = cfg.federated
+    pca_doc: dict[str, Any] | None = None
+    if fed.pca.enabled:
+        from multimodal_fl.pca_stage import projection_arrays, run_pca_stage
+
+        pca, pca_doc = run_pca_stage(federation, cfg, sites)
+        save_file(projection_arrays(pca), str(run_dir / "pca.safetensors"),
+                  metadata={"modality": pca_doc["modality"]})
     init = _gather(federation, {sites[0]: Request("init", 0)}, fed.timeout_s, stage="init",
                    minimum=1)
     weights = dict(init[sites[0]].weights)
@@ -240,6 +252,8 @@ def run_federated_experiment(
         "completed_rounds": result.completed_rounds,
         "standardisation": standardisation,
     }
+    if pca_doc is not None:
+        doc["pca"] = pca_doc
     if result.completed_rounds < fed.rounds:
         doc["stopped_after_round"] = result.completed_rounds
         writer.write_metrics(doc)

@@ -1,0 +1,123 @@
+"""The federated PCA pipeline stage (multimodal_fl.pca_stage) on the tiny generated cohort."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+from sklearn.decomposition import PCA
+
+from multimodal_fl.config import load_config
+from multimodal_fl.engine import inprocess_federation, run_federated_experiment
+from multimodal_fl.federated.pca import FederatedPCA, subspace_error
+from multimodal_fl.pca_stage import (
+    apply_pca_stage,
+    check_pca_stage,
+    fit_pca_stage,
+    project,
+    projection_arrays,
+    run_pca_stage,
+    score_summary,
+)
+from multimodal_fl.runs import load_site_data
+
+torch.set_num_threads(1)
+
+PCA_ON = {"rounds": 2, "local_steps": 3, "min_sites": 1,
+          "pca": {"enabled": True, "modality": "text", "n_components": 4}}
+
+
+def _train_text(sd: object) -> np.ndarray:
+    """A site's training-split text embeddings of patients with notes (independent of the stage)."""
+    train = sd.train  # type: ignore[attr-defined]
+    j = train.modalities.index("text")
+    return train.inputs["text"][train.mask[:, j]].numpy().astype(np.float64)
+
+
+def test_run_with_pca_stage_trains_on_k_text_inputs(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    cfg = load_config(tiny_config("covid_oxygen", federated=PCA_ON))
+    out = run_federated_experiment(cfg, tmp_path / "run")
+    metrics = json.loads((out.run_dir / "metrics.json").read_text())
+    assert metrics["completed_rounds"] == 2
+    pca = metrics["pca"]
+    assert pca["modality"] == "text" and pca["n_components"] == 4
+    assert pca["applied"] == sorted(s.name for s in cfg.sites)
+    weights = load_file(str(out.run_dir / "model.safetensors"))
+    assert weights["proj.text.0.weight"].shape == (cfg.fusion.dim, 4)
+    proj = load_file(str(out.run_dir / "pca.safetensors"))
+    assert proj["components"].shape == (4, pca["n_features"])
+    assert all(np.isfinite(r["train_loss"]) for r in metrics["rounds"])
+
+
+def test_federated_fit_equals_pooled_training_embeddings(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    cfg = load_config(tiny_config("covid_oxygen", federated=PCA_ON))
+    data = load_site_data(cfg, tmp_path / "run")
+    arrays = [_train_text(data[s]) for s in sorted(data)]
+    reference = FederatedPCA(4).fit_sites(arrays)
+    pooled = PCA(4, svd_solver="full").fit(np.vstack(arrays))
+
+    federation = inprocess_federation(cfg, tmp_path / "run", data=data)
+    fed, doc = run_pca_stage(federation, cfg, sorted(data))
+    assert doc["site_n"] == {s: a.shape[0] for s, a in zip(sorted(data), arrays, strict=True)}
+    assert subspace_error(fed.components_, reference.components_) < 1e-10
+    assert subspace_error(fed.components_, pooled.components_) < 1e-8
+    np.testing.assert_allclose(np.abs(fed.components_), np.abs(reference.components_),
+                               atol=1e-10)
+    np.testing.assert_allclose(fed.explained_variance_ratio_, pooled.explained_variance_ratio_,
+                               rtol=1e-8)
+
+    # the in-memory helper of the local / centralized engines gives the same projection
+    local = fit_pca_stage(cfg, data)
+    for key, value in projection_arrays(local).items():
+        np.testing.assert_array_equal(value, projection_arrays(fed)[key])
+
+    # every federated site now holds the projected embeddings, as apply_pca_stage computes them
+    projected = apply_pca_stage(data, local, "text")
+    for name, site in federation._sites.items():  # type: ignore[attr-defined]
+        ds = site.data.dataset
+        assert ds.inputs["text"].shape[1] == 4
+        assert site.model.input_dims["text"] == 4
+        torch.testing.assert_close(ds.inputs["text"], projected[name].dataset.inputs["text"])
+        j = ds.modalities.index("text")
+        present = ds.mask[:, j]
+        raw = data[name].dataset.inputs["text"][present].numpy()
+        np.testing.assert_allclose(ds.inputs["text"][present].numpy(),
+                                   project(raw, projection_arrays(local)), rtol=1e-4, atol=1e-5)
+        assert not ds.inputs["text"][~present].any()
+        # the originals are untouched
+        assert data[name].dataset.inputs["text"].shape[1] == pooled.n_features_in_
+
+
+def test_stage_refuses_what_it_cannot_reduce(tiny_config: Callable[..., Path]) -> None:
+    tab = load_config(tiny_config("covid_oxygen", federated={
+        "pca": {"enabled": True, "modality": "tabular"}}))
+    with pytest.raises(ValueError, match="tabular"):
+        check_pca_stage(tab)
+    img = load_config(tiny_config("covid_oxygen", federated={
+        "pca": {"enabled": True, "modality": "image"}}))
+    with pytest.raises(ValueError, match="frozen"):
+        check_pca_stage(img)
+    assert check_pca_stage(load_config(tiny_config("covid_oxygen", federated=PCA_ON))) == "text"
+
+
+def test_score_summary_keeps_the_small_cell_rule() -> None:
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(40, 2))
+    edges = np.tile(np.linspace(-4, 4, 17), (2, 1))
+    doc = score_summary(z, edges, [0.25, 0.5, 0.75], min_cell=10)
+    np.testing.assert_allclose(doc["mean"], z.mean(0))
+    np.testing.assert_allclose(doc["cov"], np.cov(z, rowvar=False))
+    np.testing.assert_allclose(doc["quantiles"]["values"], np.quantile(z, [.25, .5, .75], 0).T)
+    for h in doc["histograms"]:
+        assert sum(h["count"]) == 40 and all(c >= 10 for c in h["count"])
+    small = score_summary(z[:5], edges, [0.5], min_cell=10)
+    assert small["quantiles"] is None and all(isinstance(h, str) for h in small["histograms"])
