@@ -275,6 +275,56 @@ def report_cmd(
     console.print(f"report: {html_path}\n        {json_path}")
 
 
+@app.command("pca")
+def pca_cmd(
+    config: ConfigArg,
+    features: Annotated[
+        str, typer.Option("--features", help="image | tabular | text: the space to analyse.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (pca.json, PNGs).")],
+    n_components: Annotated[
+        int | None, typer.Option("--n-components", help="Components to keep (default 10).")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Federated PCA of one feature space: how do the sites' cohorts differ?
+
+    Runs the protocol over the in-process sites (only counts, means, S·Vᵀ blocks and
+    aggregate score distributions reach the server) and writes OUT/pca.json,
+    OUT/pca_sites.png and OUT/pca_variance.png (docs/pca.md).
+    """
+    from rich.table import Table
+
+    from multimodal_fl.config import ExperimentConfig
+    from multimodal_fl.data.errors import DataError
+    from multimodal_fl.pca_analysis import FEATURES, run_pca_analysis
+
+    if features not in FEATURES:
+        fail(f"--features {features!r}: expected one of {', '.join(FEATURES)}")
+    cfg = _load(config, set_)
+    assert isinstance(cfg, ExperimentConfig)
+    try:
+        result = run_pca_analysis(cfg, features, out, n_components=n_components)
+    except (DataError, ValueError, RuntimeError) as exc:
+        fail(f"{type(exc).__name__}: {exc}")
+    doc = result.document
+    table = Table(title=f"federated PCA of {features} features: n={doc['n_samples']}, "
+                  f"d={doc['n_features']}, k={doc['n_components']}")
+    for col in ("site", "n", "bytes sent", "raw bytes", "sent / raw"):
+        table.add_column(col, justify="left" if col == "site" else "right")
+    for site, row in doc["sites"].items():
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.3f}"
+        table.add_row(site, str(row["n"]), f"{row['bytes_sent']:,}", f"{row['raw_bytes']:,}",
+                      ratio)
+    console.print(table)
+    ratios = ", ".join(f"{100 * r:.1f}%" for r in doc["explained_variance_ratio"][:5])
+    console.print(f"explained variance ratio (first components): {ratios}; "
+                  f"{100 * doc['cumulative_variance_ratio'][-1]:.1f}% in {doc['n_components']}")
+    for note in doc["notes"][2:]:
+        console.print(f"[yellow]note[/]: {note}", highlight=False)
+    console.print(f"wrote {result.json_path}, {result.sites_png}, {result.variance_png}")
+
+
 flower_app = typer.Typer(
     help="Run the package's ServerApp / ClientApp on Flower: one SuperLink, one SuperNode per "
     "site (docs/deployment.md).",

@@ -1,0 +1,414 @@
+"""``mmfl pca``: how do our cohorts differ? A federated PCA analysis of one feature space.
+
+The protocol runs through the :class:`~multimodal_fl.federated.server.Federation` interface
+only (in-process here; any federation works), on every patient of each site (``split:
+all``) who has the chosen features:
+
+1. ``tabular`` only: the sites send per-feature moments (``moments``); the server pools them
+   into one standardisation, which it sends with the next requests; each site standardises
+   its rows with it and sets missing values (NaN) to 0, i.e. to the pooled mean;
+2. ``pca``: each site sends its exact PCA summary (count, mean, ``S·Vᵀ`` block, total sum of
+   squares); the server merges them (:func:`~multimodal_fl.federated.pca.server_pca_merge`);
+3. ``pca_scores``: the server sends the projection and fixed histogram edges (± 4 pooled
+   standard deviations per component, in ``n_bins`` bins); each site returns aggregates of
+   its scores (:func:`~multimodal_fl.pca_stage.score_summary`): mean, standard deviation and
+   covariance (what its PCA summary already reveals), and, under the site's own small-cell
+   rule (``evaluation.min_cell``), quantiles and coarsened histograms.
+
+Outputs: ``pca.json`` (components, explained variance and ratio, per-site ``n``, bytes sent
+vs raw data bytes, score distributions), ``pca_sites.png`` (per-site mean ± 1 and 2 sd
+ellipses in the first two components, and per-site histograms of each of the first two
+components) and ``pca_variance.png`` (explained variance ratio per component, cumulative).
+
+Image features are the frozen image encoder's embeddings: without
+``modalities.image.weights`` that encoder is randomly initialised (seeded by ``seed``) and
+untrained, which the JSON and the command say.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from multimodal_fl.federated.messages import Request
+from multimodal_fl.federated.pca import FederatedPCA
+from multimodal_fl.pca_stage import (
+    PCA_SCORES,
+    STANDARDIZE_MEAN,
+    STANDARDIZE_SCALE,
+    _good_replies,
+    federated_pca,
+    projection_arrays,
+)
+
+if TYPE_CHECKING:
+    from multimodal_fl.config import ExperimentConfig
+    from multimodal_fl.federated.server import Federation
+
+__all__ = ["FEATURES", "QUANTILE_LEVELS", "PCAAnalysis", "analysis_config", "run_pca_analysis"]
+
+FEATURES = ("image", "tabular", "text")
+"""Feature spaces ``mmfl pca`` analyses."""
+QUANTILE_LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)
+"""Quantiles each site reports per component (when it has ``min_cell`` patients)."""
+DEFAULT_COMPONENTS = 10
+"""Components kept when neither ``--n-components`` nor the data say fewer."""
+
+
+@dataclass
+class PCAAnalysis:
+    """The result of :func:`run_pca_analysis`.
+
+    Attributes
+    ----------
+    pca : FederatedPCA
+        Fitted (``site_names_``, ``site_bytes_``, ``site_n_`` set).
+    document : dict
+        What ``pca.json`` holds.
+    json_path, sites_png, variance_png : Path
+        The files written.
+    """
+
+    pca: FederatedPCA
+    document: dict[str, Any]
+    json_path: Path
+    sites_png: Path
+    variance_png: Path
+
+
+def analysis_config(cfg: ExperimentConfig, features: str) -> ExperimentConfig:
+    """The experiment with only ``features`` enabled (frozen), for preparing the sites.
+
+    Patients without those features are left out of the analysis (``data.on_error: skip``
+    for that step only; cohorts are built with the experiment's own policy).
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+    features : str
+        ``image``, ``tabular`` or ``text``.
+
+    Returns
+    -------
+    ExperimentConfig
+    """
+    if features not in FEATURES:
+        raise ValueError(f"features {features!r}; expected one of {', '.join(FEATURES)}")
+    mods = cfg.modalities
+    update: dict[str, Any] = {}
+    for m in FEATURES:
+        extra: dict[str, Any] = {"enabled": m == features}
+        if m == features and m in ("image", "text"):
+            extra["frozen"] = True
+        update[m] = getattr(mods, m).model_copy(update=extra)
+    return cfg.model_copy(update={
+        "modalities": mods.model_copy(update=update),
+        "data": cfg.data.model_copy(update={"on_error": "skip"}),
+    })
+
+
+def _pooled_standardisation(
+    federation: Federation, sites: list[str], timeout: float | None
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    from multimodal_fl.encoders.tabular import Standardizer, combine_moments
+
+    requests = {s: Request("moments", 0, config={"split": "all"}) for s in sites}
+    good = _good_replies(federation.broadcast(requests, timeout), requests, stage="moments",
+                         minimum=1)
+    moments = [(r.arrays["n"], r.arrays["sum"], r.arrays["sumsq"]) for r in good.values()]
+    std = Standardizer.from_moments(*combine_moments(moments))
+    return std.mean.numpy().astype(np.float64), std.scale.numpy().astype(np.float64)
+
+
+def _feature_names(cfg: ExperimentConfig, features: str, d: int) -> list[str]:
+    if features == "tabular":
+        from multimodal_fl.data.tasks import feature_names
+
+        names = list(feature_names(cfg.task))
+        if len(names) == d:
+            return names
+    return [f"{features}_{i}" for i in range(d)]
+
+
+def _image_note(cfg: ExperimentConfig) -> str | None:
+    img = cfg.modalities.image
+    if img.weights is not None:
+        return f"image embeddings from the frozen {img.encoder} with weights {img.weights}"
+    return (
+        f"image embeddings come from a randomly initialised, untrained {img.encoder} (seed "
+        f"{cfg.seed}): the components describe that random network's features, not a learned "
+        "representation; set modalities.image.weights for a trained encoder"
+    )
+
+
+def run_pca_analysis(
+    cfg: ExperimentConfig,
+    features: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    n_components: int | None = None,
+    n_bins: int = 40,
+    federation: Federation | None = None,
+    cohorts: Mapping[str, Any] | None = None,
+) -> PCAAnalysis:
+    """Run the federated PCA analysis; write ``pca.json``, ``pca_sites.png``, ``pca_variance.png``.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment (sites, task, encoders, ``evaluation.min_cell``, seed).
+    features : str
+        ``image`` (frozen image-encoder embeddings), ``tabular`` (pooled-standardised FHIR
+        features, missing values at the pooled mean) or ``text`` (frozen text embeddings).
+    out_dir : path-like
+        Output folder (created); the in-process sites keep their embedding cache under
+        ``out_dir/cache`` unless ``data.cache_dir`` is set.
+    n_components : int or None
+        Components to keep (default ``min(10, n, d)``).
+    n_bins : int, default 40
+        Histogram bins per component over ± 4 pooled standard deviations.
+    federation : Federation or None
+        Default: the in-process sites of :func:`analysis_config` (``cfg``'s sites).
+    cohorts : mapping or None
+        Pre-built cohorts for the in-process sites.
+
+    Returns
+    -------
+    PCAAnalysis
+
+    Raises
+    ------
+    ValueError
+        For unknown features, ``n_components`` beyond ``min(n, d)``, or ``n_bins < 2``.
+    multimodal_fl.engine.StageFailed
+        When no site answers.
+    """
+    from multimodal_fl.engine import inprocess_federation
+
+    if features not in FEATURES:
+        raise ValueError(f"--features {features!r}; expected one of {', '.join(FEATURES)}")
+    if n_bins < 2:
+        raise ValueError(f"n_bins={n_bins}; at least 2 histogram bins are needed")
+    if n_components is not None and n_components < 1:
+        raise ValueError(f"--n-components {n_components}; a positive integer is expected")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    acfg = analysis_config(cfg, features)
+    if federation is None:
+        if cohorts is None:
+            from multimodal_fl.data.cohort import build_cohorts
+
+            cohorts = build_cohorts(cfg)
+        federation = inprocess_federation(acfg, out, cohorts=cohorts)
+    sites = sorted(federation.sites())
+    timeout = cfg.federated.timeout_s
+    std = _pooled_standardisation(federation, sites, timeout) if features == "tabular" else None
+
+    full = federated_pca(federation, sites, modality=features, n_components=None, split="all",
+                         standardize=std, timeout=timeout, minimum=1)
+    limit = int(full.n_components_)
+    k = min(DEFAULT_COMPONENTS, limit) if n_components is None else int(n_components)
+    if k > limit:
+        raise ValueError(
+            f"--n-components {k}: the pooled data has n={full.n_samples_} rows and "
+            f"d={full.n_features_in_} features, so at most {limit} components"
+        )
+    pca = FederatedPCA(k).fit_from_summaries([full.summary_])
+    pca.site_names_, pca.site_bytes_, pca.site_n_ = full.site_names_, full.site_bytes_, full.site_n_
+
+    arrays = projection_arrays(pca)
+    sd = np.sqrt(np.maximum(pca.explained_variance_, 0.0))
+    sd = np.where(sd > 0, sd, 1.0)
+    edges = np.stack([np.linspace(-4 * s, 4 * s, n_bins + 1) for s in sd])
+    weights = {**arrays, "edges": edges, "levels": np.asarray(QUANTILE_LEVELS, dtype=np.float64)}
+    if std is not None:
+        weights.update({STANDARDIZE_MEAN: std[0], STANDARDIZE_SCALE: std[1]})
+    requests = {s: Request(PCA_SCORES, 0, weights=weights,
+                           config={"modality": features, "split": "all"}) for s in pca.site_names_}
+    good = _good_replies(federation.broadcast(requests, timeout), requests, stage=PCA_SCORES,
+                         minimum=1)
+
+    d = int(pca.n_features_in_)
+    site_docs: dict[str, Any] = {}
+    for s in pca.site_names_:
+        n = int(pca.site_n_[s])
+        raw = 8 * n * d
+        sent = int(pca.site_bytes_[s])
+        scores = json.loads(bytes(good[s].arrays["scores_json"])) if s in good else None
+        site_docs[s] = {
+            "n": n, "bytes_sent": sent, "raw_bytes": raw,
+            "ratio": sent / raw if raw else None,
+            "scores": scores,
+            "scores_bytes": int(good[s].arrays["scores_json"].nbytes) if s in good else None,
+        }
+    notes = [
+        "bytes_sent: the site's PCA summary, 8 * (min(n, d) * d + d + 3) bytes as float64; "
+        "raw_bytes: its n x d rows as float64 (8 * n * d)",
+        "scores: per component; histogram bins index the 'edges' of that component; scores "
+        "outside the edges are counted in the first or last bin; bins hold 0 or at least "
+        "evaluation.min_cell patients (merged at the site)",
+    ]
+    if features == "tabular":
+        notes.append("tabular features standardised with the pooled (federated) mean and "
+                     "scale; missing values set to 0 (the pooled mean) after standardisation")
+    if features == "image":
+        note = _image_note(cfg)
+        if note:
+            notes.append(note)
+    spectrum = full.explained_variance_ratio_[: min(limit, 100)]
+    doc: dict[str, Any] = {
+        "config": cfg.name,
+        "task": cfg.task.name,
+        "features": features,
+        "split": "all",
+        "n_samples": int(pca.n_samples_),
+        "n_features": d,
+        "n_components": k,
+        "feature_names": _feature_names(cfg, features, d),
+        "mean": pca.mean_.tolist(),
+        "components": pca.components_.tolist(),
+        "explained_variance": pca.explained_variance_.tolist(),
+        "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
+        "cumulative_variance_ratio": np.cumsum(pca.explained_variance_ratio_).tolist(),
+        "spectrum_ratio": spectrum.tolist(),
+        "standardisation": (
+            {"mean": std[0].tolist(), "scale": std[1].tolist()} if std is not None else None
+        ),
+        "edges": edges.tolist(),
+        "quantile_levels": list(QUANTILE_LEVELS),
+        "sites": site_docs,
+        "missing_sites": sorted(set(sites) - set(pca.site_names_)),
+        "notes": notes,
+    }
+    json_path = out / "pca.json"
+    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    sites_png = out / "pca_sites.png"
+    variance_png = out / "pca_variance.png"
+    _plot_sites(doc, sites_png)
+    _plot_variance(doc, variance_png)
+    return PCAAnalysis(pca, doc, json_path, sites_png, variance_png)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _ellipse(ax: Any, mean: Any, cov: Any, n_sd: float, color: Any, **kw: Any) -> None:
+    from matplotlib.patches import Ellipse
+
+    vals, vecs = np.linalg.eigh(np.asarray(cov, dtype=np.float64))
+    vals = np.maximum(vals, 0.0)
+    angle = float(np.degrees(np.arctan2(vecs[1, -1], vecs[0, -1])))
+    width, height = 2 * n_sd * np.sqrt(vals[-1]), 2 * n_sd * np.sqrt(vals[0])
+    ax.add_patch(Ellipse(tuple(mean), width, height, angle=angle, fill=False, color=color, **kw))
+
+
+def _density(h: Mapping[str, Any], edges: npt.NDArray[np.float64]) -> tuple[Any, Any]:
+    """Bin boundaries and densities of one coarsened histogram (gaps as zero-density bins)."""
+    total = float(sum(h["count"]))
+    idx: list[int] = []
+    dens: list[float] = []
+    for a, b, cnt in zip(h["start"], h["stop"], h["count"], strict=True):
+        if idx and idx[-1] < a:
+            dens.append(0.0)
+        elif idx:
+            idx.pop()
+        idx += [a, b]
+        dens.append(cnt / total / float(edges[b] - edges[a]))
+    return edges[np.asarray(idx)], np.asarray(dens)
+
+
+def _plot_sites(doc: Mapping[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = int(doc["n_components"])
+    ratio = doc["explained_variance_ratio"]
+    sites = list(doc["sites"])
+    colors = plt.get_cmap("tab10")
+    n_hist = min(k, 2)
+    fig, axes = plt.subplots(1, 1 + n_hist, figsize=(5.2 * (1 + n_hist), 4.6),
+                             layout="constrained")
+    ax = axes[0]
+    if k >= 2:
+        for i, s in enumerate(sites):
+            sc = doc["sites"][s]["scores"]
+            if not sc or sc["cov"] is None:
+                continue
+            mean = sc["mean"][:2]
+            cov = np.asarray(sc["cov"])[:2, :2]
+            c = colors(i % 10)
+            _ellipse(ax, mean, cov, 1.0, c, lw=2)
+            _ellipse(ax, mean, cov, 2.0, c, lw=1, ls="--")
+            ax.plot(*mean, "o", color=c, label=f"{s} (n={sc['n']})")
+        lim = 4 * np.sqrt(np.asarray(doc["explained_variance"][:2]))
+        ax.set_xlim(-lim[0], lim[0])
+        ax.set_ylim(-lim[1], lim[1])
+        ax.axhline(0, color="0.8", lw=0.8)
+        ax.axvline(0, color="0.8", lw=0.8)
+        ax.set_xlabel(f"PC1 ({100 * ratio[0]:.1f}% of variance)")
+        ax.set_ylabel(f"PC2 ({100 * ratio[1]:.1f}% of variance)")
+        ax.set_title("sites: mean, ±1 sd (solid) and ±2 sd (dashed)")
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "one component only:\nno two-dimensional view", ha="center",
+                va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    for c_i in range(n_hist):
+        hax = axes[1 + c_i]
+        edges = np.asarray(doc["edges"][c_i])
+        drawn = False
+        for i, s in enumerate(sites):
+            sc = doc["sites"][s]["scores"]
+            h = sc["histograms"][c_i] if sc else None
+            if not isinstance(h, dict):
+                continue
+            bounds, dens = _density(h, edges)
+            hax.stairs(dens, bounds, fill=True, color=colors(i % 10), alpha=0.2)
+            hax.stairs(dens, bounds, color=colors(i % 10), lw=1.2)
+            hax.plot([], [], color=colors(i % 10), label=s)
+            drawn = True
+        hax.set_xlabel(f"PC{c_i + 1} score")
+        hax.set_ylabel("density")
+        hax.set_title(f"PC{c_i + 1} per site (bins of ≥ min_cell patients)")
+        if drawn:
+            hax.legend(fontsize=8)
+        else:
+            hax.text(0.5, 0.5, "no site sent a histogram\n(small-cell rule)", ha="center",
+                     va="center", transform=hax.transAxes)
+    fig.suptitle(f"{doc['task']}: federated PCA of {doc['features']} features "
+                 f"(n={doc['n_samples']}, d={doc['n_features']})")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_variance(doc: Mapping[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spectrum = np.asarray(doc["spectrum_ratio"][:30])
+    k = int(doc["n_components"])
+    x = np.arange(1, spectrum.size + 1)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+    ax.bar(x, spectrum, color=["tab:blue" if i <= k else "0.7" for i in x],
+           label="per component")
+    ax.plot(x, np.cumsum(spectrum), "o-", color="tab:orange", ms=3, label="cumulative")
+    ax.axvline(k + 0.5, color="0.4", ls=":", lw=1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("component")
+    ax.set_ylabel("explained variance ratio")
+    ax.set_title(f"{doc['features']}: {k} components keep "
+                 f"{100 * sum(doc['explained_variance_ratio']):.1f}% of the variance")
+    ax.legend()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
