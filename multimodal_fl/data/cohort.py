@@ -189,7 +189,7 @@ def build_cohort(
 
 
 def build_cohort_from_resources(
-    resources: Iterable[tuple[dict[str, Any], str]],
+    resources: Iterable[tuple[dict[str, Any] | Path, str]],
     task: TaskSpec,
     *,
     data: DataConfig | None = None,
@@ -200,7 +200,8 @@ def build_cohort_from_resources(
     Parameters
     ----------
     resources
-        ``(resource_or_bundle_dict, label)`` pairs; ``label`` names the source in reports.
+        ``(bundle_or_resource_dict, label)`` pairs, or ``(path, label)`` for ``.json`` /
+        ``.ndjson`` files; ``label`` names the source in reports.
     task, data, site_name
         As for :func:`build_cohort` (no images, notes.csv or labels.csv here).
 
@@ -215,6 +216,9 @@ def build_cohort_from_resources(
     sink = ErrorSink(on_error=data.on_error)
     reader = FHIRReader(task, sink, validation=data.validation)
     for obj, label in resources:
+        if isinstance(obj, Path):
+            reader.read_file(obj, label)
+            continue
         for res, full_url in _unpack(obj, label, sink, where=""):
             reader.add_resource(res, label, full_url)
     return _assemble(reader, task, sink, site_name, None, check_images=False)

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import orjson
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
@@ -165,7 +164,7 @@ class FHIRFeaturizer(TransformerMixin, BaseEstimator):
         data = DataConfig(on_error=self.on_error, validation=self.validation)
         sources = self._check_input(X)
         tables = []
-        loose: list[tuple[dict[str, Any], str]] = []
+        loose: list[tuple[dict[str, Any] | Path, str]] = []
         cohorts = []
         for src in sources:
             if isinstance(src, dict):
@@ -175,7 +174,7 @@ class FHIRFeaturizer(TransformerMixin, BaseEstimator):
             if path.is_dir():
                 cohorts.append(build_cohort(path, task, data=data, site_name=path.name))
             else:
-                loose.extend(_read_file(path))
+                loose.append((path, path.name))
         if loose:
             cohorts.append(build_cohort_from_resources(loose, task, data=data))
         for c in cohorts:
@@ -217,10 +216,3 @@ class FHIRFeaturizer(TransformerMixin, BaseEstimator):
                 raise ValueError(f"FHIRFeaturizer input '{item}' does not exist")
         return list(items)
 
-
-def _read_file(path: Path) -> list[tuple[dict[str, Any], str]]:
-    raw = path.read_bytes()
-    if path.suffix.lower() == ".ndjson":
-        return [(orjson.loads(line), f"{path.name}:{i}")
-                for i, line in enumerate(raw.splitlines(), start=1) if line.strip()]
-    return [(orjson.loads(raw), path.name)]

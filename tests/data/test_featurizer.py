@@ -105,3 +105,16 @@ def test_bad_inputs_are_explained(tmp_path: Path) -> None:
         FHIRFeaturizer().fit(np.zeros((3, 2)))
     with pytest.raises(ValueError, match="does not exist"):
         FHIRFeaturizer().fit([tmp_path / "nope"])
+
+
+def test_bad_files_follow_the_error_policy(tmp_path: Path) -> None:
+    good = f.write_json(tmp_path / "good.json", f.bundle(f.covid_patient("p1")))
+    bad = tmp_path / "bad.ndjson"
+    bad.write_text("{nope\n")
+    feat = FHIRFeaturizer().fit([good, bad])
+    assert feat.transform([good, bad]).shape[0] == 1
+    assert feat.last_cohorts_[0].counts["skipped_by_reason"] == {"invalid_json": 1}
+    from multimodal_fl.data import DataError
+
+    with pytest.raises(DataError, match=r"bad\.ndjson"):
+        FHIRFeaturizer(on_error="fail").fit([good, bad])
