@@ -298,3 +298,18 @@ def test_regenerating_default_reproduces_committed_data(tmp_path: Path) -> None:
         pytest.skip("sample_data/ not generated in this checkout")
     generate(tmp_path, seed=0, profile="default")
     assert content_manifest(tmp_path) == json.loads(manifest.read_text())["files"]
+
+
+def test_cli_sample_data(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from multimodal_fl.cli import app
+
+    runner = CliRunner()
+    done = runner.invoke(app, ["sample-data", str(tmp_path / "out"), "--profile", "tiny",
+                               "--seed", "2"])
+    assert done.exit_code == 0, done.output
+    manifest = json.loads((tmp_path / "out/MANIFEST.json").read_text())
+    assert (manifest["seed"], manifest["profile"]) == (2, "tiny")
+    bad = runner.invoke(app, ["sample-data", str(tmp_path / "x"), "--profile", "huge"])
+    assert bad.exit_code == 2 and "huge" in bad.output

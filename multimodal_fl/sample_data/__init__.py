@@ -289,6 +289,9 @@ def _write_readme(root: Path, seed: int, profile: str, summaries: list[SiteSumma
         "The signal model, the sites and which route of the site data contract each uses are "
         "described in `docs/sample-data.md`.",
         "",
+        "Counts are the generator's truth over every patient written (before the task's "
+        "exclusions); `mmfl data summary configs/<task>.yaml` shows the cohorts the tasks build.",
+        "",
         "| task | site | patients | positives | excluded on purpose | images | notes | routes |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
