@@ -143,10 +143,51 @@ class FusionSite:
         self.cfg = cfg
         self.data = data
         self._loaded = data  # as loaded: PCA summaries and projections start from it
+        self._pca_state: dict[str, np.ndarray] = {}
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.model = build_model(cfg, data)
         self._augment = batch_augmenter(cfg, self.model)
         self._local_state: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ state
+
+    def export_state(self) -> dict[str, np.ndarray]:
+        """Arrays this site must keep between requests: the PCA projection it applied.
+
+        Flower builds a fresh site for every message and hands these back through
+        :meth:`restore_state` (``multimodal_fl.federated.flower``); in-process sites keep
+        their objects and never need it.
+
+        Returns
+        -------
+        dict of str to ndarray
+            ``pca/mean``, ``pca/components``, ``pca/scale``, ``pca/modality`` (UTF-8 bytes),
+            or empty before ``pca_apply``.
+        """
+        return dict(self._pca_state)
+
+    def restore_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Re-apply a projection kept by :meth:`export_state` (nothing else is restored).
+
+        Parameters
+        ----------
+        arrays : dict of str to ndarray
+        """
+        if "pca/modality" in arrays:
+            modality = bytes(np.asarray(arrays["pca/modality"], dtype=np.uint8)).decode()
+            proj = {k[4:]: v for k, v in arrays.items() if k.startswith("pca/") and
+                    k != "pca/modality"}
+            self._apply_projection(modality, proj)
+
+    def _apply_projection(self, modality: str, arrays: dict[str, np.ndarray]) -> None:
+        from multimodal_fl.pca_stage import project_site_data
+
+        self.data = project_site_data(self._loaded, modality, arrays)
+        self.model = build_model(self.cfg, self.data)
+        self._augment = batch_augmenter(self.cfg, self.model)
+        self._local_state = {}
+        self._pca_state = {f"pca/{k}": np.asarray(v) for k, v in arrays.items()}
+        self._pca_state["pca/modality"] = np.frombuffer(modality.encode(), dtype=np.uint8).copy()
 
     # ------------------------------------------------------------------ protocol
 
@@ -211,13 +252,10 @@ class FusionSite:
         return self._reply(request, n_samples=int(x.shape[0]), arrays=reply)
 
     def _on_pca_apply(self, request: Request) -> Reply:
-        from multimodal_fl.pca_stage import project_site_data
+        from multimodal_fl.pca_stage import PROJECTION_KEYS
 
-        modality = str(request.config.get("modality", "image"))
-        self.data = project_site_data(self._loaded, modality, request.weights)
-        self.model = build_model(self.cfg, self.data)
-        self._augment = batch_augmenter(self.cfg, self.model)
-        self._local_state = {}
+        proj = {k: request.weights[k] for k in PROJECTION_KEYS if k in request.weights}
+        self._apply_projection(str(request.config.get("modality", "image")), proj)
         return self._reply(request, n_samples=len(self.data.train))
 
     def _on_pca_scores(self, request: Request) -> Reply:
