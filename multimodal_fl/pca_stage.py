@@ -42,6 +42,7 @@ __all__ = [
     "PCA",
     "PCA_APPLY",
     "PCA_SCORES",
+    "PROJECTION_KEYS",
     "STANDARDIZE_MEAN",
     "STANDARDIZE_SCALE",
     "apply_pca_stage",
@@ -72,7 +73,8 @@ STANDARDIZE_MEAN = "standardize/mean"
 STANDARDIZE_SCALE = "standardize/scale"
 """Request array: pooled per-feature scale of tabular features (tabular PCA only)."""
 
-_PROJECTION_KEYS = ("mean", "components", "scale")
+PROJECTION_KEYS = ("mean", "components", "scale")
+"""The arrays of a projection (:func:`projection_arrays`)."""
 
 
 def check_pca_stage(cfg: ExperimentConfig) -> str:
@@ -201,10 +203,10 @@ def projection_arrays(pca: FederatedPCA) -> dict[str, FloatArray]:
 
 
 def _check_projection(arrays: Mapping[str, Any], d: int, where: str) -> tuple[FloatArray, ...]:
-    missing = [k for k in _PROJECTION_KEYS if k not in arrays]
+    missing = [k for k in PROJECTION_KEYS if k not in arrays]
     if missing:
-        raise ValueError(f"{where}: projection lacks {missing}; expected keys {_PROJECTION_KEYS}")
-    mean, comps, scale = (np.asarray(arrays[k], dtype=np.float64) for k in _PROJECTION_KEYS)
+        raise ValueError(f"{where}: projection lacks {missing}; expected keys {PROJECTION_KEYS}")
+    mean, comps, scale = (np.asarray(arrays[k], dtype=np.float64) for k in PROJECTION_KEYS)
     if comps.ndim != 2 or mean.shape != (comps.shape[1],) or scale.shape != (comps.shape[0],):
         raise ValueError(
             f"{where}: projection of shapes mean {mean.shape}, components {comps.shape}, scale "

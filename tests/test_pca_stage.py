@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -121,3 +122,50 @@ def test_score_summary_keeps_the_small_cell_rule() -> None:
         assert sum(h["count"]) == 40 and all(c >= 10 for c in h["count"])
     small = score_summary(z[:5], edges, [0.5], min_cell=10)
     assert small["quantiles"] is None and all(isinstance(h, str) for h in small["histograms"])
+
+
+# --------------------------------------------------------------------------- over Flower
+
+_FLOWER: dict[str, Any] = {}
+
+
+def fresh_fusion_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> Any:
+    """Site factory of the Flower test: a fresh FusionSite per message, as in a ClientApp."""
+    from multimodal_fl.federated.site import FusionSite
+
+    return FusionSite(name, _FLOWER["cfg"], _FLOWER["data"][name], run_dir=_FLOWER["run_dir"])
+
+
+def test_pca_stage_over_the_flower_wire_equals_in_process(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    pytest.importorskip("flwr")
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from multimodal_fl.federated.flower import FlowerFederation
+    from tests.federated.test_flower import FakeGrid
+
+    cfg = load_config(tiny_config("covid_oxygen", federated=PCA_ON))
+    data = load_site_data(cfg, tmp_path / "prep")
+    a = run_federated_experiment(cfg, tmp_path / "a", data=data).run_dir
+
+    _FLOWER.update(cfg=cfg, data=data, run_dir=tmp_path / "b")
+    nodes = {10 * (i + 1): {"site-name": s, "site-dir": f"/nowhere/{s}"}
+             for i, s in enumerate(sorted(data, reverse=True))}
+    grid = FakeGrid(nodes, {"site-factory": "tests.test_pca_stage:fresh_fusion_site",
+                            "torch-threads": 1})
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    try:
+        b = run_federated_experiment(cfg, tmp_path / "b", engine="flower",
+                                     federation=FlowerFederation(grid, poll_interval=0.01)).run_dir
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    metrics = json.loads((b / "metrics.json").read_text())
+    assert metrics["completed_rounds"] == 2 and metrics["pca"]["n_components"] == 4
+    # every message met a fresh site: the projection came back through export/restore_state
+    for name in ("pca.safetensors", "model.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            np.testing.assert_array_equal(wa[key], wb[key], err_msg=f"{name}: {key}")
