@@ -10,7 +10,7 @@ file-hash memo is cleared), so it pays for all the lookups a later training run 
 Each repeat uses a fresh cache folder; the table reports medians over repeats.
 
 Cohort: ``--cohort DIR`` (a task folder of site directories, e.g. ``sample_data/covid_oxygen``);
-by default ``sample_data/covid_oxygen`` when present, else the sample generator
+by default a snapshot copy of ``sample_data/covid_oxygen`` when present, else the generator
 (``multimodal_fl.sample_data.generate``, default profile, seed 0) writes one to a temp folder.
 Patients come from ``multimodal_fl.data.cohort.build_cohort`` with task ``covid_oxygen_24h``.
 
@@ -57,7 +57,8 @@ def load_cohort(cohort: Path | None, workdir: Path) -> tuple[Path, dict[str, Any
     if cohort is None:
         default = ROOT / "sample_data" / "covid_oxygen"
         if default.is_dir():
-            cohort = default
+            # snapshot: the working tree's sample_data may be regenerated during the run
+            cohort = Path(shutil.copytree(default, workdir / "snapshot" / "covid_oxygen"))
         else:
             from multimodal_fl.sample_data import generate
 
