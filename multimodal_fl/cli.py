@@ -320,6 +320,9 @@ def pca_cmd(
     ratios = ", ".join(f"{100 * r:.1f}%" for r in doc["explained_variance_ratio"][:5])
     console.print(f"explained variance ratio (first components): {ratios}; "
                   f"{100 * doc['cumulative_variance_ratio'][-1]:.1f}% in {doc['n_components']}")
+    for i, loadings in enumerate(doc["top_loadings"][:2]):
+        top = ", ".join(f"{name} {value:+.2f}" for name, value in loadings[:4])
+        console.print(f"PC{i + 1} loadings: {top}", highlight=False)
     for note in doc["notes"][2:]:
         console.print(f"[yellow]note[/]: {note}", highlight=False)
     console.print(f"wrote {result.json_path}, {result.sites_png}, {result.variance_png}")

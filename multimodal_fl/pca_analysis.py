@@ -137,6 +137,15 @@ def _feature_names(cfg: ExperimentConfig, features: str, d: int) -> list[str]:
     return [f"{features}_{i}" for i in range(d)]
 
 
+def _top_loadings(components: npt.NDArray[np.float64], names: list[str],
+                  top: int = 5) -> list[list[tuple[str, float]]]:
+    out = []
+    for row in components:
+        order = np.argsort(-np.abs(row), kind="stable")[:top]
+        out.append([(names[j], float(row[j])) for j in order])
+    return out
+
+
 def _image_note(cfg: ExperimentConfig) -> str | None:
     img = cfg.modalities.image
     if img.weights is not None:
@@ -276,6 +285,7 @@ def run_pca_analysis(
         "components": pca.components_.tolist(),
         "explained_variance": pca.explained_variance_.tolist(),
         "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
+        "top_loadings": _top_loadings(pca.components_, _feature_names(cfg, features, d)),
         "cumulative_variance_ratio": np.cumsum(pca.explained_variance_ratio_).tolist(),
         "spectrum_ratio": spectrum.tolist(),
         "standardisation": (
