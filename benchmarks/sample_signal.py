@@ -275,6 +275,25 @@ def cohort(site_dir: Path, task: TaskSpec) -> list[Row]:
     return rows
 
 
+def cohort_via_package(site_dir: Path, task: TaskSpec) -> list[Row]:
+    """The same rows, built by the package's data layer (``multimodal_fl.data.cohort``)."""
+    from multimodal_fl.data.cohort import build_cohort
+
+    built = build_cohort(site_dir, task)
+    table = built.table
+    cols = list(built.feature_names)
+    size = 8 if task.image_modality == "mri" else 16
+    rows: list[Row] = []
+    for rec in table.to_dict("records"):
+        path = rec.get("image_path")
+        image = _load_image(Path(path), size) if isinstance(path, str) and path else None
+        notes = rec.get("notes") or []
+        rows.append(Row(site_dir.name, str(rec["patient_id"]), int(rec["label"]),
+                        np.asarray([float(rec[c]) for c in cols], dtype=float), image,
+                        " ".join(notes) or None))
+    return rows
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -390,6 +409,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="CV repeats (different fold seeds)")
     ap.add_argument("--task", action="append",
                     help="covid_oxygen_24h, covid_oxygen_72h, alzheimers (repeatable)")
+    ap.add_argument("--reader", choices=["own", "package"], default="own",
+                    help="own: this script's reader; package: multimodal_fl.data.cohort")
     args = ap.parse_args()
     threadpool_limits(1)  # BLAS threads oversubscribe these small fits (20x slower on 2 cores)
     tasks = args.task or ["covid_oxygen_24h", "alzheimers"]
@@ -397,7 +418,7 @@ def main() -> None:
         folder = "alzheimers" if task_name == "alzheimers" else "covid_oxygen"
         task = load_task(task_name)
         rows = [r for site in sorted((args.root / folder).iterdir()) if site.is_dir()
-                for r in cohort(site, task)]
+                for r in (cohort_via_package if args.reader == "package" else cohort)(site, task)]
         per_site: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for r in rows:
             per_site[r.site][0] += 1
