@@ -238,7 +238,7 @@ class ImageEncoder(nn.Module):
                 "frozen",
                 "weights",
             ),
-            ignored=("size", "pixdim", "modality", "augment", "cache", "batch_size"),
+            ignored=("size", "pixdim", "modality", "augment", "cache", "batch_size", "enabled"),
             where="modalities.image",
         )
         return cls(**kwargs)

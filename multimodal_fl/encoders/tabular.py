@@ -246,7 +246,7 @@ class TabularEncoder(nn.Module):
         data = section_to_kwargs(
             section,
             accepted=("encoder", "hidden", "embed_dim", "dropout", "missing_indicators"),
-            ignored=("frozen", "cache"),
+            ignored=("frozen", "cache", "enabled"),
             where="modalities.tabular",
         )
         name = data.pop("encoder", "mlp")

@@ -100,6 +100,9 @@ class TextEncoder(nn.Module):
         L2-normalise each note's embedding (after averaging its chunks). ``None`` follows the
         folder's sentence-transformers ``modules.json`` (True for all-MiniLM-L6-v2, so
         single-chunk notes match ``SentenceTransformer.encode``).
+    max_chunks : int or None, default None
+        At most this many chunks per *patient* are embedded (the first ones, in note order);
+        later chunks and notes are ignored. Bounds the cost of very long records.
 
     Attributes
     ----------
@@ -123,6 +126,7 @@ class TextEncoder(nn.Module):
         stride: int = 0,
         batch_size: int = 32,
         normalize: bool | None = None,
+        max_chunks: int | None = None,
     ) -> None:
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
@@ -171,6 +175,9 @@ class TextEncoder(nn.Module):
             modules = path / "modules.json"
             normalize = modules.is_file() and "Normalize" in modules.read_text()
         self.normalize = bool(normalize)
+        if max_chunks is not None and int(max_chunks) < 1:
+            raise ValueError(f"max_chunks must be a positive integer or None, got {max_chunks!r}")
+        self.max_chunks = int(max_chunks) if max_chunks is not None else None
         self.batch_size = int(batch_size)
         self.output_dim = int(self.model.config.hidden_size)
         self.model.requires_grad_(False)
@@ -197,8 +204,9 @@ class TextEncoder(nn.Module):
     def from_config(cls, section: Any) -> TextEncoder:
         """Build from a config section such as ``{encoder: minilm, frozen: true}``.
 
-        ``encoder`` is ``minilm`` (the bundled default) or a local model folder;
-        ``frozen: false`` without ``trainable_layers`` makes the top 2 layers trainable.
+        ``encoder`` is ``minilm`` (the bundled default), ``local`` (with ``model_path``) or a
+        local model folder; ``frozen: false`` with ``trainable_layers`` absent or 0 makes the
+        top 2 layers trainable.
         """
         data = section_to_kwargs(
             section,
@@ -211,15 +219,18 @@ class TextEncoder(nn.Module):
                 "stride",
                 "batch_size",
                 "normalize",
+                "max_chunks",
             ),
-            ignored=("cache",),
+            ignored=("cache", "enabled"),
             where="modalities.text",
         )
         name = data.pop("encoder", "minilm")
         frozen = data.pop("frozen", True)
-        if "model_path" not in data and name not in ("minilm", "all-minilm-l6-v2"):
+        if name == "local" and "model_path" not in data:
+            raise ValueError("modalities.text: encoder 'local' needs model_path (a model folder)")
+        if "model_path" not in data and name not in ("minilm", "all-minilm-l6-v2", "local"):
             data["model_path"] = name
-        if not frozen and "trainable_layers" not in data:
+        if not frozen and not data.get("trainable_layers"):
             data["trainable_layers"] = 2
         if frozen and data.get("trainable_layers"):
             raise ValueError("modalities.text: frozen=true contradicts trainable_layers > 0")
@@ -237,8 +248,14 @@ class TextEncoder(nn.Module):
         """Device of the transformer's parameters."""
         return next(self.model.parameters()).device
 
-    def _embed_notes(self, notes: list[str]) -> torch.Tensor:
-        """Embed flat notes: chunk, mean-pool each chunk, average chunks per note."""
+    def _embed_notes(
+        self, notes: list[str], patient: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed flat notes: chunk, mean-pool each chunk, average chunks per note.
+
+        Returns the note embeddings and a mask of notes that kept at least one chunk
+        (``max_chunks`` caps the chunks per patient, first notes first).
+        """
         enc = self.tokenizer(
             notes,
             truncation=True,
@@ -248,7 +265,18 @@ class TextEncoder(nn.Module):
             padding=True,
             return_tensors="pt",
         )
-        owner = enc.pop("overflow_to_sample_mapping").to(self.device)
+        owner = enc.pop("overflow_to_sample_mapping")
+        if self.max_chunks is not None:
+            used: dict[int, int] = {}
+            keep = []
+            for note in owner.tolist():
+                p = patient[note]
+                keep.append(used.get(p, 0) < self.max_chunks)
+                used[p] = used.get(p, 0) + 1
+            keep_t = torch.tensor(keep, dtype=torch.bool)
+            owner = owner[keep_t]
+            enc = {k: v[keep_t] for k, v in enc.items()}
+        owner = owner.to(self.device)
         inputs = {k: v.to(self.device) for k, v in enc.items()}
         chunks: list[torch.Tensor] = []
         n = inputs["input_ids"].shape[0]
@@ -260,11 +288,11 @@ class TextEncoder(nn.Module):
         chunk_emb = torch.cat(chunks)
         sums = torch.zeros(len(notes), self.output_dim, dtype=chunk_emb.dtype, device=self.device)
         sums = sums.index_add(0, owner, chunk_emb)
-        counts = torch.bincount(owner, minlength=len(notes)).to(chunk_emb.dtype).unsqueeze(1)
-        note_emb = sums / counts
+        counts = torch.bincount(owner, minlength=len(notes)).unsqueeze(1)
+        note_emb = sums / counts.clamp(min=1).to(chunk_emb.dtype)
         if self.normalize:
             note_emb = torch.nn.functional.normalize(note_emb, dim=1)
-        return note_emb
+        return note_emb, counts[:, 0] > 0
 
     def encode(self, texts: Sequence[TextItem]) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed one entry per patient and say which patients had text.
@@ -289,9 +317,11 @@ class TextEncoder(nn.Module):
         flat = [note for p in per_patient for note in p]
         if not flat:
             return out, present.to(self.device)
-        owner = torch.tensor([i for i, p in enumerate(per_patient) for _ in p], device=self.device)
+        patient = [i for i, p in enumerate(per_patient) for _ in p]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            note_emb = self._embed_notes(flat)
+            note_emb, kept = self._embed_notes(flat, patient)
+            owner = torch.tensor(patient, device=self.device)[kept]
+            note_emb = note_emb[kept]
             sums = torch.zeros_like(out, dtype=note_emb.dtype).index_add(0, owner, note_emb)
             counts = torch.bincount(owner, minlength=len(per_patient)).clamp(min=1).unsqueeze(1)
             out = (sums / counts.to(sums.dtype)).to(out.dtype)
@@ -307,6 +337,7 @@ class TextEncoder(nn.Module):
         return state_fingerprint(
             self.model,
             f"TextEncoder(max_length={self.max_length},stride={self.stride},pool=mean,"
+            f"max_chunks={self.max_chunks},"
             f"normalize={self.normalize})",
             hashlib.sha256(vocab).hexdigest(),
             preprocessing,

@@ -129,3 +129,31 @@ def test_default_minilm_is_local_and_normalised() -> None:
     out = enc(["Patient with fever, SpO2 88% on room air.", "Ankle sprain, no respiratory signs."])
     torch.testing.assert_close(out.norm(dim=1), torch.ones(2))
     assert float(out[0] @ out[1]) < 0.9
+
+
+def test_max_chunks_caps_chunks_per_patient(tiny_text_model: Path) -> None:
+    capped = TextEncoder(tiny_text_model, max_length=8, max_chunks=1, normalize=False)
+    full = TextEncoder(tiny_text_model, max_length=8, normalize=False)
+    tok = capped.tokenizer
+    ids = tok(LONG, add_special_tokens=False)["input_ids"][:6]
+    with torch.no_grad():
+        piece = torch.tensor([[tok.cls_token_id, *ids, tok.sep_token_id]])
+        first_chunk = capped.model(input_ids=piece).last_hidden_state.mean(1)[0]
+    got = capped([[LONG, "fever and cough"]])[0]
+    torch.testing.assert_close(got, first_chunk, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, full([[LONG, "fever and cough"]])[0], atol=1e-3)
+    two = TextEncoder(tiny_text_model, max_length=8, max_chunks=100, normalize=False)
+    torch.testing.assert_close(two([LONG]), full([LONG]))
+    assert capped.fingerprint() != full.fingerprint()
+    with pytest.raises(ValueError, match="max_chunks"):
+        TextEncoder(tiny_text_model, max_chunks=0)
+
+
+def test_from_config_local_and_enabled(tiny_text_model: Path) -> None:
+    enc = TextEncoder.from_config(
+        {"enabled": True, "encoder": "local", "model_path": str(tiny_text_model),
+         "frozen": False, "trainable_layers": 0, "max_chunks": 4}
+    )  # fmt: skip
+    assert enc.trainable_layers == 2 and enc.max_chunks == 4
+    with pytest.raises(ValueError, match="needs model_path"):
+        TextEncoder.from_config({"encoder": "local"})
