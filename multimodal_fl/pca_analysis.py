@@ -264,6 +264,15 @@ def run_pca_analysis(
         "outside the edges are counted in the first or last bin; bins hold 0 or at least "
         "evaluation.min_cell patients (merged at the site)",
     ]
+    small = [s for s, row in site_docs.items() if row["n"] <= d]
+    if small:
+        notes.append(
+            f"sites with n <= d ({', '.join(small)}): the summary is about as large as the data "
+            "and reveals the centred rows up to an unknown rotation (docs/pca.md, 'What crosses "
+            "the boundary'); use fewer features or a site_rank well below n")
+    missing = sorted(set(sites) - set(pca.site_names_))
+    if missing:
+        notes.append(f"left out (no reply; see the log): {', '.join(missing)}")
     if features == "tabular":
         notes.append("tabular features standardised with the pooled (federated) mean and "
                      "scale; missing values set to 0 (the pooled mean) after standardisation")

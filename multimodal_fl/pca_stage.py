@@ -145,8 +145,9 @@ def site_matrix(
     Raises
     ------
     ValueError
-        When the site lacks the modality, its embeddings are not precomputed, or tabular
-        data comes without a standardisation of the right width.
+        When the site lacks the modality or has no patient with it in ``split``, its
+        embeddings are not precomputed, or tabular data comes without a standardisation of
+        the right width.
     """
     part = data.part(split)
     if modality not in part.modalities:
@@ -161,6 +162,8 @@ def site_matrix(
         )
     j = part.modalities.index(modality)
     x = part.inputs[modality][part.mask[:, j]].numpy().astype(np.float64)
+    if x.shape[0] == 0:
+        raise ValueError(f"site {data.site}: no patient with {modality} in split {split!r}")
     if modality == "tabular":
         if standardize is None:
             raise ValueError(
@@ -287,9 +290,9 @@ def fit_pca_stage(cfg: ExperimentConfig, site_data: Mapping[str, SiteData]) -> F
     """Fit the stage's PCA from in-memory sites (local and centralized engines).
 
     The same summaries of the same rows, merged in the same sorted site order, as
-    :func:`run_pca_stage` over a federation: the projection is identical. A site with no
-    patient with the modality in its training split is left out (as its federated reply
-    would fail).
+    :func:`run_pca_stage` over a federation: the projection is identical. A site whose
+    :func:`site_matrix` fails (e.g. no patient with the modality in its training split) is
+    left out with a warning, as its federated reply would fail.
 
     Parameters
     ----------
@@ -307,10 +310,10 @@ def fit_pca_stage(cfg: ExperimentConfig, site_data: Mapping[str, SiteData]) -> F
     names: list[str] = []
     arrays: list[FloatArray] = []
     for name in sorted(site_data):
-        x = site_matrix(site_data[name], modality)
-        if x.shape[0] == 0:
-            log.warning("PCA stage: site %s has no %s in its training split; left out",
-                        name, modality)
+        try:
+            x = site_matrix(site_data[name], modality)
+        except ValueError as exc:  # as its federated reply would fail
+            log.warning("PCA stage: site %s left out: %s", name, exc)
             continue
         names.append(name)
         arrays.append(x)
