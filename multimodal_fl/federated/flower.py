@@ -128,6 +128,13 @@ DEFAULT_RUN_CONFIG: dict[str, ConfigValue] = {
     "describe-timeout": 60.0,
     # torch.set_num_threads in the ServerApp and every ClientApp process (0: leave as is)
     "torch-threads": 0,
+    # keep each site in one long-lived process per (run, SuperNode) instead of building it for
+    # every message (multimodal_fl.federated.flower_worker)
+    "site-worker": False,
+    # seconds without a request after which a site worker ends
+    "site-worker-idle": 1800.0,
+    # seconds a new site worker may take to build its site
+    "site-worker-start": 600.0,
 }
 
 _ARRAYS = "arrays"
@@ -596,9 +603,9 @@ class FlowerResult:
     Parameters
     ----------
     weights : dict[str, numpy.ndarray]
-        The final global state dict.
+        The final global state dict (empty after a ``ServerJob.main`` program).
     completed_rounds : int
-        The last completed round.
+        The last completed round (0 after a ``ServerJob.main`` program).
     history : list[dict[str, Any]]
         :meth:`~.server.RoundRecord.deterministic` of every round, with ``seconds`` and
         ``server_seconds`` added back.
@@ -624,8 +631,9 @@ _WEIGHTS_FILE = "weights.safetensors"
 
 def _write_result(out_dir: Path, result: FlowerResult) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = {k: np.asarray(v, order="C") for k, v in result.weights.items()}  # keeps 0-d arrays
-    save_file(weights, str(out_dir / _WEIGHTS_FILE))
+    if result.weights:
+        weights = {k: np.asarray(v, order="C") for k, v in result.weights.items()}  # 0-d kept
+        save_file(weights, str(out_dir / _WEIGHTS_FILE))
     meta = asdict(result)
     del meta["weights"]
     tmp = out_dir / (_RESULT_JSON + ".tmp")
@@ -659,7 +667,8 @@ def load_result(out_dir: str | os.PathLike[str]) -> FlowerResult:
             "e.g. `flwr log RUN_ID`)"
         )
     meta = json.loads(meta_path.read_text())
-    weights = load_file(str(root / _WEIGHTS_FILE))
+    weights_path = root / _WEIGHTS_FILE
+    weights = load_file(str(weights_path)) if weights_path.is_file() else {}
     return FlowerResult(weights=weights, **meta)
 
 
@@ -775,7 +784,18 @@ def server_main(grid: Grid, context: Context) -> None:
     sites = federation.site_nodes()
     log.info("sites: %s", ", ".join(f"{s} (node {n})" for s, n in sorted(sites.items())))
     if job.main is not None:
+        t0 = time.perf_counter()
         job.main(federation)
+        if opts["out-dir"]:  # no weights: the program writes its own output; this marks the end
+            _write_result(
+                Path(str(opts["out-dir"])),
+                FlowerResult(
+                    weights={},
+                    completed_rounds=0,
+                    site_nodes=federation.site_nodes(),
+                    seconds=time.perf_counter() - t0,
+                ),
+            )
         return
     if job.initial_weights is None or job.config is None:  # ServerJob checks it; for mypy
         raise ValueError("ServerJob without main needs initial_weights and config")
@@ -844,6 +864,20 @@ def _handle(msg: Message, context: Context) -> Message:
             "run config 'site-factory' is empty; expected 'module:callable' taking "
             "(site_name, site_dir, run_config) and returning a Site"
         )
+    if opts["site-worker"]:  # one long-lived process per (run, node) holds the site
+        from multimodal_fl.federated.flower_worker import call_worker, worker_address
+
+        reply = call_worker(
+            worker_address(context.run_id, context.node_id, name),
+            request,
+            site=name,
+            site_dir=site_dir,
+            factory=str(opts["site-factory"]),
+            run_config=run_config,
+            idle=float(opts["site-worker-idle"]),
+            start_timeout=float(opts["site-worker-start"]),
+        )
+        return Message(reply_to_content(reply), reply_to=msg)
     factory = cast(SiteFactory, load_object(str(opts["site-factory"]), "site-factory"))
     site = factory(name, site_dir, run_config)
     # Opt-in: a site that keeps arrays between requests (e.g. FedBN's local layers) exports

@@ -127,8 +127,9 @@ class PCASite:
 class CountingSite:
     """Counts the requests it answered, in state it exports (the opt-in state protocol)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, fail: bool = False) -> None:
         self.name = name
+        self.fail = fail
         self.calls = np.zeros((), dtype=np.int64)
 
     def export_state(self) -> dict[str, np.ndarray]:
@@ -141,13 +142,16 @@ class CountingSite:
 
     def handle(self, request: Request) -> Reply:
         """Reply with the number of requests answered so far, this one included."""
+        if self.fail:
+            raise RuntimeError(f"{self.name} crashed on purpose")
         self.calls = self.calls + 1
         return Reply(self.name, request.kind, request.round, n_samples=int(self.calls))
 
 
 def counting_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> CountingSite:
-    """Site factory of the state test (a new object for every request, as in Flower)."""
-    return CountingSite(name)
+    """Site factory of the state tests (a new object for every request, as in Flower)."""
+    SITES.index(name)  # ValueError for a site it does not know
+    return CountingSite(name, fail=run_config.get("fault-site") == name)
 
 
 def pca_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> PCASite:
@@ -356,6 +360,63 @@ def test_site_state_survives_between_requests_per_node(task_identity: None) -> N
             s: expected for s in SITES
         }
     assert all(SITE_STATE_KEY in state.array_records for state in grid.states.values())
+
+
+def test_site_worker_keeps_one_site_per_node_across_requests(task_identity: None) -> None:
+    from multimodal_fl.federated.flower_worker import stop_worker, worker_address
+
+    run_config: dict[str, ConfigValue] = {
+        "site-factory": "tests.federated.test_flower:counting_site",
+        "site-worker": True,
+        "site-worker-start": 60.0,
+        "site-worker-idle": 60.0,
+    }
+    federation, grid = fake_federation(run_config)
+    addresses = [
+        worker_address(1, node, site["site-name"]) for node, site in grid.node_config.items()
+    ]
+    try:
+        sites = federation.sites()
+        for expected in (1, 2, 3):
+            answers = federation.broadcast({s: Request("count", 1) for s in sites}, timeout=60)
+            # the same site object answered: its count lives in the worker's memory
+            assert {s: getattr(a, "n_samples", a) for s, a in answers.items()} == {
+                s: expected for s in SITES
+            }
+        assert not grid.states or not any(st.array_records for st in grid.states.values())
+    finally:
+        stopped = [stop_worker(address) for address in addresses]
+    assert all(stopped)
+    assert not any(address.socket.exists() for address in addresses)
+
+
+def test_site_worker_failures_become_site_failures(task_identity: None) -> None:
+    from multimodal_fl.federated.flower_worker import stop_worker, worker_address
+
+    run_config: dict[str, ConfigValue] = {
+        "site-factory": "tests.federated.test_flower:counting_site",
+        "fault-site": "b",
+        "site-worker": True,
+        "site-worker-start": 60.0,
+    }
+    federation, grid = fake_federation(run_config)
+    grid.node_config[40] = {"site-name": "d", "site-dir": "/nowhere/d"}  # the factory knows no d
+    addresses = [
+        worker_address(1, node, site["site-name"]) for node, site in grid.node_config.items()
+    ]
+    try:
+        sites = federation.sites()
+        answers = federation.broadcast({s: Request("count", 1) for s in sites}, timeout=120)
+    finally:
+        for address in addresses:
+            stop_worker(address)
+    assert isinstance(answers["a"], Reply)
+    assert isinstance(answers["b"], SiteFailure) and "crashed on purpose" in answers["b"].reason
+    failure = answers["d"]  # its worker could not build the site: the log says why
+    assert isinstance(failure, SiteFailure) and "ended before listening" in failure.reason
+    assert "ValueError" in failure.reason
+    for address in addresses:
+        address.log.unlink(missing_ok=True)  # a crashed worker leaves its log for diagnosis
 
 
 def test_duplicate_site_name_keeps_the_first_node(task_identity: None) -> None:

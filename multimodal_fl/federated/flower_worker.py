@@ -1,0 +1,343 @@
+"""A site that outlives Flower's ClientApp processes: one worker process per (run, SuperNode).
+
+Flower 1.42 starts a fresh ClientApp process for every message, so a site built by the ClientApp
+(imports, cohort, prepared data, model) is rebuilt for every request. With the run config's
+``site-worker = true`` the ClientApp instead hands each request to a long-lived worker process on
+the same machine, started by the first request of the run, that builds the site once and answers
+every later request from memory (site state, e.g. FedBN's local layers, stays in it too).
+
+The worker listens on a Unix socket in the temporary directory (``multiprocessing.connection``,
+authenticated by a random key in a file only this user can read); nothing leaves the machine.
+It ends when the SuperNode's task runner that started it ends, after ``site-worker-idle`` seconds
+without a request, or when asked (:func:`stop_worker`). This module does not import Flower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from multiprocessing.connection import Client, Listener
+from pathlib import Path
+from typing import Any
+
+from multimodal_fl.federated.messages import Reply, Request
+
+__all__ = ["WorkerAddress", "call_worker", "stop_worker", "worker_address", "worker_main"]
+
+log = logging.getLogger(__name__)
+
+_STOP = "stop"
+
+
+@dataclass(frozen=True)
+class WorkerAddress:
+    """Where one worker lives: its socket and the files next to it.
+
+    Parameters
+    ----------
+    socket : Path
+        The Unix socket.
+    """
+
+    socket: Path
+
+    def _with(self, suffix: str) -> Path:
+        return self.socket.with_suffix(suffix)
+
+    @property
+    def key(self) -> Path:
+        """The authentication key file (mode 0600)."""
+        return self._with(".key")
+
+    @property
+    def spec(self) -> Path:
+        """The worker's start-up spec (JSON; removed once read)."""
+        return self._with(".json")
+
+    @property
+    def pid(self) -> Path:
+        """The worker's process id, written by whoever started it."""
+        return self._with(".pid")
+
+    @property
+    def log(self) -> Path:
+        """The worker's log (its stdout and stderr)."""
+        return self._with(".log")
+
+
+def worker_address(run_id: int, node_id: int, site: str) -> WorkerAddress:
+    """Return the address of the worker of one site in one run.
+
+    Parameters
+    ----------
+    run_id, node_id : int
+        Flower's run and node ids.
+    site : str
+        The site's name.
+
+    Returns
+    -------
+    WorkerAddress
+        In the temporary directory (short paths: Unix sockets allow about 100 characters).
+    """
+    digest = hashlib.sha256(f"{run_id}\x1f{node_id}\x1f{site}".encode()).hexdigest()[:20]
+    return WorkerAddress(Path(tempfile.gettempdir()) / f"mmfl-site-{digest}.sock")
+
+
+def _alive(pid: int) -> bool:
+    try:  # reap it if it is our child that ended (a zombie still answers kill 0)
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_pid(address: WorkerAddress) -> int | None:
+    try:
+        return int(address.pid.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def _start(
+    address: WorkerAddress,
+    *,
+    site: str,
+    site_dir: Path,
+    factory: str,
+    run_config: Mapping[str, Any],
+    idle: float,
+) -> subprocess.Popen[bytes]:
+    """Start a worker process."""
+    _write_private(address.key, secrets.token_bytes(32))
+    spec = {
+        "site": site,
+        "site_dir": str(site_dir),
+        "factory": factory,
+        "run_config": dict(run_config),
+        "socket": str(address.socket),
+        "parent_pid": os.getppid(),  # the SuperNode's task runner: the worker ends with it
+        "idle": float(idle),
+    }
+    _write_private(address.spec, json.dumps(spec).encode())
+    with address.log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "multimodal_fl.federated.flower_worker", str(address.spec)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # outlives the ClientApp process that starts it
+        )
+    address.pid.write_text(str(proc.pid))
+    return proc
+
+
+def _log_tail(address: WorkerAddress, n: int = 3000) -> str:
+    try:
+        return address.log.read_text(errors="replace")[-n:]
+    except OSError:
+        return "(no log)"
+
+
+def call_worker(
+    address: WorkerAddress,
+    request: Request,
+    *,
+    site: str,
+    site_dir: Path,
+    factory: str,
+    run_config: Mapping[str, Any],
+    idle: float = 1800.0,
+    start_timeout: float = 600.0,
+) -> Reply:
+    """Hand ``request`` to the site's worker, starting the worker if there is none.
+
+    Parameters
+    ----------
+    address : WorkerAddress
+        From :func:`worker_address`.
+    request : Request
+        The request.
+    site, site_dir, factory, run_config
+        What the worker builds its site from: ``factory(site, site_dir, run_config)``, where
+        ``factory`` is a ``"module:callable"`` reference.
+    idle : float
+        Seconds without a request after which a new worker ends.
+    start_timeout : float
+        Seconds to wait for a new worker to build its site and listen.
+
+    Returns
+    -------
+    Reply
+        The site's reply.
+
+    Raises
+    ------
+    RuntimeError
+        If the site raised (the message carries its exception), or the worker died or did not
+        start in time (the message carries the end of its log).
+    """
+    deadline = time.monotonic() + start_timeout
+    proc: subprocess.Popen[bytes] | None = None  # the worker, when this call started it
+    while True:
+        try:
+            key = address.key.read_bytes()
+            conn = Client(str(address.socket), family="AF_UNIX", authkey=key)
+            break
+        except (OSError, EOFError) as exc:
+            if proc is not None and proc.poll() is not None:  # poll() also reaps it
+                for path in (address.key, address.spec, address.pid):  # the log stays
+                    path.unlink(missing_ok=True)
+                raise RuntimeError(
+                    f"the site worker of {site!r} ended before listening (exit {proc.returncode}, "
+                    f"{exc}); its log:\n{_log_tail(address)}"
+                ) from None
+            pid = _read_pid(address)
+            if proc is None and (pid is None or not _alive(pid)):
+                address.socket.unlink(missing_ok=True)  # a stale socket of a dead worker
+                proc = _start(
+                    address,
+                    site=site,
+                    site_dir=site_dir,
+                    factory=factory,
+                    run_config=run_config,
+                    idle=idle,
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the site worker of {site!r} did not listen within {start_timeout:g} s; its "
+                    f"log:\n{_log_tail(address)}"
+                ) from None
+            time.sleep(0.1)
+    with conn:
+        conn.send(request)
+        try:
+            status, payload = conn.recv()
+        except EOFError:
+            raise RuntimeError(
+                f"the site worker of {site!r} died while answering; its log:\n{_log_tail(address)}"
+            ) from None
+    if status != "ok" or not isinstance(payload, Reply):
+        raise RuntimeError(f"site {site!r} (worker): {payload}")
+    return payload
+
+
+def stop_worker(address: WorkerAddress, timeout: float = 10.0) -> bool:
+    """Ask a worker to end, and wait for it.
+
+    Parameters
+    ----------
+    address : WorkerAddress
+        The worker.
+    timeout : float
+        Seconds to wait for it to end.
+
+    Returns
+    -------
+    bool
+        True if no worker runs there any more.
+    """
+    pid = _read_pid(address)
+    try:
+        with Client(str(address.socket), family="AF_UNIX", authkey=address.key.read_bytes()) as c:
+            c.send(_STOP)
+    except (OSError, EOFError):
+        pass
+    deadline = time.monotonic() + timeout
+    while pid is not None and _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pid is None or not _alive(pid)
+
+
+def _cleanup(address: WorkerAddress) -> None:
+    for path in (address.socket, address.key, address.spec, address.pid, address.log):
+        path.unlink(missing_ok=True)
+
+
+def worker_main(argv: list[str] | None = None) -> None:
+    """Run a worker: build the site, then answer requests until stopped, orphaned or idle.
+
+    Parameters
+    ----------
+    argv : list[str] or None
+        ``[spec_path]`` (default: ``sys.argv[1:]``); the spec is what :func:`call_worker` wrote.
+    """
+    from multimodal_fl.federated.flower import load_object
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    spec_path = Path((argv if argv is not None else sys.argv[1:])[0])
+    spec = json.loads(spec_path.read_text())
+    spec_path.unlink(missing_ok=True)
+    address = WorkerAddress(Path(spec["socket"]))
+    threads = int(spec["run_config"].get("torch-threads", 0) or 0)
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    factory = load_object(spec["factory"], "site-factory")
+    site_obj = factory(spec["site"], Path(spec["site_dir"]), spec["run_config"])
+    last = [time.monotonic()]
+    parent, idle = int(spec["parent_pid"]), float(spec["idle"])
+
+    def watchdog() -> None:
+        while True:
+            time.sleep(1.0)
+            if not _alive(parent) or time.monotonic() - last[0] > idle:
+                why = "its SuperNode ended" if not _alive(parent) else f"idle for {idle:g} s"
+                log.info("site worker %s ends: %s", spec["site"], why)
+                _cleanup(address)
+                os._exit(0)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    listener = Listener(str(address.socket), family="AF_UNIX", authkey=address.key.read_bytes())
+    log.info("site worker %s (pid %d) listens on %s", spec["site"], os.getpid(), address.socket)
+    while True:
+        try:
+            conn = listener.accept()
+        except (OSError, EOFError) as exc:  # e.g. a client with the wrong key
+            log.warning("rejected a connection: %s", exc)
+            continue
+        with conn:
+            try:
+                request = conn.recv()
+            except EOFError:
+                continue
+            last[0] = time.monotonic()
+            if request == _STOP:
+                break
+            try:
+                reply = site_obj.handle(request)
+                conn.send(("ok", reply))
+            except Exception as exc:  # the site's fault goes back to the server as a failure
+                log.exception("site %s raised on %s", spec["site"], getattr(request, "kind", "?"))
+                conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            last[0] = time.monotonic()
+    listener.close()
+    _cleanup(address)
+
+
+if __name__ == "__main__":
+    worker_main()
