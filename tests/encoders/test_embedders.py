@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import pickle
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,9 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from multimodal_fl.encoders import ImageEmbedder, TextEmbedder
 from tests.encoders.conftest import make_tiny_text_model
 
-_TINY = make_tiny_text_model(Path(__import__("tempfile").mkdtemp()) / "tiny_bert_checks")
+_TINY_ROOT = Path(tempfile.mkdtemp(prefix="mmfl_tiny_bert_"))
+atexit.register(shutil.rmtree, _TINY_ROOT, ignore_errors=True)
+_TINY = make_tiny_text_model(_TINY_ROOT / "tiny_bert_checks")
 
 # scikit-learn's generic checks feed numeric 2-D arrays (make_blobs): a text or image-path
 # featurizer must reject them with a clear TypeError, so the checks that fit on such data
