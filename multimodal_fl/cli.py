@@ -463,73 +463,154 @@ def flower_app_cmd(
     console.print(f"wrote {written / 'pyproject.toml'}")
 
 
+def _flower_entries(
+    config: Path | None,
+    set_: list[str] | None,
+    server_factory: str | None,
+    site_factory: str | None,
+    run_config: list[str] | None,
+    *,
+    run_dir: Path,
+    site_out: Path | None,
+) -> tuple[dict[str, bool | int | float | str], Any]:
+    """Run-config entries: the experiment's (CONFIG) or the factories', then -c overrides."""
+    entries: dict[str, bool | int | float | str] = {}
+    cfg = None
+    if config is not None:
+        from multimodal_fl.federated.flower_app import experiment_run_config
+
+        cfg = _load(config, set_)
+        entries.update(experiment_run_config(cfg, run_dir=run_dir, site_out=site_out))  # type: ignore[arg-type]
+    elif not (server_factory and site_factory):
+        fail("give CONFIG (an experiment YAML file), or both --server-factory and --site-factory")
+    if server_factory:
+        entries["server-factory"] = server_factory
+    if site_factory:
+        entries["site-factory"] = site_factory
+    entries.update(_flower_run_config(run_config))
+    return entries, cfg
+
+
+def _flower_report(out: Path, result: Any) -> None:
+    """Print the round table: the experiment's metrics.json if there is one, else the result."""
+    from types import SimpleNamespace
+
+    metrics = out / "metrics.json"
+    if metrics.is_file():
+        doc = json.loads(metrics.read_text())
+        rounds = doc.get("rounds", [])
+        seconds = sum(float(r.get("seconds", 0.0)) for r in rounds)
+        _flower_table(
+            SimpleNamespace(history=rounds, completed_rounds=len(rounds), seconds=seconds)
+        )
+        console.print(f"run directory: {out}")
+    elif result is not None and result.history:
+        _flower_table(result)
+
+
+FlowerConfigArg = Annotated[
+    Path | None, typer.Argument(help="Experiment YAML (trains it as `mmfl train` does).")
+]
+FlowerServerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--server-factory", help="'module:callable' returning a ServerJob (the ServerApp calls it)."
+    ),
+]
+FlowerSiteOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--site-factory",
+        help="'module:callable' taking (site_name, site_dir, run_config), returning a Site.",
+    ),
+]
+
+
 @flower_app.command("run")
 def flower_run(
-    server_factory: ServerFactoryOpt,
-    site_factory: SiteFactoryOpt,
+    config: FlowerConfigArg = None,
+    server_factory: FlowerServerOpt = None,
+    site_factory: FlowerSiteOpt = None,
     run_config: RunConfigOpt = None,
-    out: FlowerOutOpt = Path("runs/flower"),
+    set_: SetOpt = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Run directory, on the SuperLink's machine.")
+    ] = Path("runs/flower"),
     connection: Annotated[
         str | None, typer.Option(help="SuperLink connection in $FLWR_HOME/config.toml.")
     ] = None,
 ) -> None:
-    """Submit the package's app to a running SuperLink (flwr run); print the round table.
+    """Submit CONFIG (or any server job and site) to a running SuperLink with `flwr run`.
 
-    The ServerApp runs on the SuperLink's machine and writes --out there.
+    The ServerApp runs on the SuperLink's machine and writes --out there; each SuperNode
+    keeps its own files (see docs/deployment.md).
     """
     import subprocess
 
     flower = _flower_module()
     out = out.resolve()
-    entries: dict[str, bool | int | float | str] = {
-        "server-factory": server_factory,
-        "site-factory": site_factory,
-        "out-dir": str(out),
-    }
-    entries.update(_flower_run_config(run_config))
-    app_dir = flower.write_app_dir(out / "app", entries)
+    entries, _ = _flower_entries(
+        config, set_, server_factory, site_factory, run_config, run_dir=out, site_out=None
+    )
+    marker = out / "flower" if config is not None else out
+    entries.setdefault("out-dir", str(marker))
+    app_dir = flower.write_app_dir(marker / "app", entries)
     done = subprocess.run(
         flower.flwr_run_command(app_dir, connection), env=flower.flower_env(), check=False
     )
     if done.returncode != 0:
         fail(f"flwr run exited with {done.returncode}")
     try:
-        _flower_table(flower.load_result(out))
+        result = flower.load_result(str(entries["out-dir"]))
     except FileNotFoundError as exc:
         fail(f"{exc} (if the SuperLink runs on another machine, the result is there)")
+    _flower_report(out, result)
 
 
 @flower_app.command("local")
 def flower_local(
-    site_dirs: Annotated[list[Path], typer.Argument(help="One directory per site.")],
-    server_factory: ServerFactoryOpt,
-    site_factory: SiteFactoryOpt,
+    config: FlowerConfigArg = None,
+    site: Annotated[
+        list[Path] | None,
+        typer.Option("--site", help="A site directory (repeatable; default: CONFIG's sites)."),
+    ] = None,
+    server_factory: FlowerServerOpt = None,
+    site_factory: FlowerSiteOpt = None,
     run_config: RunConfigOpt = None,
-    out: FlowerOutOpt = Path("runs/flower"),
+    set_: SetOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/flower"),
     timeout: Annotated[float, typer.Option(help="Seconds before the run is stopped.")] = 3600.0,
 ) -> None:
-    """Run the app on this machine: a SuperLink and one SuperNode per site on 127.0.0.1."""
+    """Run on this machine: a SuperLink and one SuperNode per site, on 127.0.0.1.
+
+    With CONFIG, trains the experiment exactly as `mmfl train CONFIG` does (same weights) and
+    writes the same run directory; Flower's own files go to OUT/flower.
+    """
     flower = _flower_module()
-    names = [d.name for d in site_dirs]
-    if len(set(names)) != len(names):
-        fail(f"site directories must have distinct names (they name the sites); got {names}")
-    for d in site_dirs:
-        if not d.is_dir():
-            fail(f"site directory {d} does not exist or is not a directory")
     out = out.resolve()
-    entries: dict[str, bool | int | float | str] = {
-        "server-factory": server_factory,
-        "site-factory": site_factory,
-        "out-dir": str(out),
-    }
-    entries.update(_flower_run_config(run_config))
-    sites = {d.name: d.resolve() for d in site_dirs}
-    console.print(f"{len(sites)} SuperNodes and a SuperLink on 127.0.0.1; logs in {out}/flwr_home")
+    entries, cfg = _flower_entries(
+        config, set_, server_factory, site_factory, run_config, run_dir=out, site_out=out
+    )
+    if site:
+        sites = {d.name: d.resolve() for d in site}
+        if len(sites) != len(site):
+            fail(f"site directories must have distinct names (they name the sites); got {site}")
+    elif cfg is not None:
+        sites = {s.name: Path(s.path) for s in cfg.sites}
+    else:
+        fail("give the sites: --site DIR (repeatable), or CONFIG")
+    for name, path in sites.items():
+        if not path.is_dir():
+            fail(f"site {name}: directory {path} does not exist or is not a directory")
+    work = out / "flower" if config is not None else out
+    entries.setdefault("out-dir", str(work / "out"))
+    entries["min-nodes"] = len(sites)
+    console.print(f"{len(sites)} SuperNodes and a SuperLink on 127.0.0.1; logs in {work}")
     try:
-        result = flower.run_loopback(sites, entries, out, timeout=timeout)
+        result = flower.run_loopback(sites, entries, work, timeout=timeout)
     except flower.FlowerRunError as exc:
         fail(str(exc))
-    _flower_table(result)
+    _flower_report(out, result)
 
 
 @app.command("sample-data")

@@ -1,0 +1,166 @@
+"""The package's experiment as a Flower App: the server job and the site factory for an experiment.
+
+:mod:`multimodal_fl.federated.flower` runs any server job and any site; this module supplies
+the two for an experiment YAML, so that ``mmfl flower run CONFIG`` / ``mmfl flower local CONFIG``
+train exactly what ``mmfl train CONFIG`` trains in process:
+
+* :func:`experiment_job` (``server-factory``) runs
+  :func:`multimodal_fl.engine.run_federated_experiment` (init, federated standardisation, PCA,
+  the rounds, the final predict stage) over the :class:`~.flower.FlowerFederation`, writing the
+  run directory ``run-dir`` on the SuperLink's machine (weights, counts, metrics only).
+* :func:`experiment_site` (``site-factory``) builds the :class:`~.site.FusionSite` of one
+  SuperNode from its ``site-dir`` and the experiment; patient-level files (splits, predictions)
+  and the embedding cache stay on the SuperNode's machine, under ``site-out``.
+
+The experiment travels in the run config as JSON (``experiment``), so every SuperNode trains
+the same model without a copy of the server's files; its ``sites`` list is ignored there (each
+SuperNode is its own site). Like :mod:`~.site`, this is an adapter: it imports the training
+side, the rest of ``federated/`` does not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from multimodal_fl.config import ExperimentConfig, SiteConfig
+from multimodal_fl.federated.flower import ServerJob
+from multimodal_fl.federated.messages import ConfigValue
+from multimodal_fl.federated.server import Federation, Site
+
+__all__ = ["experiment_job", "experiment_run_config", "experiment_site", "site_output_dir"]
+
+SERVER_FACTORY = "multimodal_fl.federated.flower_app:experiment_job"
+SITE_FACTORY = "multimodal_fl.federated.flower_app:experiment_site"
+
+
+def experiment_run_config(
+    cfg: ExperimentConfig,
+    *,
+    run_dir: str | os.PathLike[str],
+    site_out: str | os.PathLike[str] | None = None,
+    site_worker: bool = True,
+) -> dict[str, ConfigValue]:
+    """The run config that trains ``cfg`` on Flower (for :func:`~.flower.write_app_dir`).
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment.
+    run_dir : path-like
+        The run directory, on the SuperLink's machine.
+    site_out : path-like or None
+        Where every SuperNode writes its own files (None: each decides, see
+        :func:`site_output_dir`). Only meaningful when all SuperNodes share a file system
+        (loopback runs).
+    site_worker : bool
+        Keep each site in one process per run (``site-worker``; builds its data and model once).
+
+    Returns
+    -------
+    dict[str, int | float | str | bool]
+        ``server-factory``, ``site-factory``, ``experiment``, ``run-dir``, ``site-out``,
+        ``min-nodes`` (``federated.min_sites``), ``torch-threads`` (``training.num_threads``)
+        and ``site-worker``.
+    """
+    return {
+        "server-factory": SERVER_FACTORY,
+        "site-factory": SITE_FACTORY,
+        "experiment": json.dumps(cfg.resolved_dict(), sort_keys=True),
+        "run-dir": str(Path(run_dir).resolve()),
+        "site-out": "" if site_out is None else str(Path(site_out).resolve()),
+        "min-nodes": int(cfg.federated.min_sites),
+        "torch-threads": int(cfg.training.num_threads or 0),
+        "site-worker": bool(site_worker),
+    }
+
+
+def _experiment(run_config: Mapping[str, Any]) -> ExperimentConfig:
+    raw = run_config.get("experiment")
+    if not raw:
+        raise ValueError(
+            "run config has no 'experiment' (the experiment as JSON); write the app with "
+            "multimodal_fl.federated.flower_app.experiment_run_config(cfg, ...)"
+        )
+    return ExperimentConfig.model_validate(json.loads(str(raw)))
+
+
+def experiment_job(run_config: Mapping[str, Any]) -> ServerJob:
+    """``server-factory``: run the experiment's stages and rounds over the Flower federation.
+
+    Parameters
+    ----------
+    run_config : Mapping[str, Any]
+        With ``experiment`` and ``run-dir`` (see :func:`experiment_run_config`).
+
+    Returns
+    -------
+    ServerJob
+        A job whose ``main`` calls :func:`multimodal_fl.engine.run_federated_experiment`.
+    """
+    cfg = _experiment(run_config)
+    run_dir = Path(str(run_config.get("run-dir") or Path("runs") / f"{cfg.name or 'flower'}"))
+
+    def main(federation: Federation) -> None:
+        from multimodal_fl.engine import run_federated_experiment
+
+        run_federated_experiment(cfg, run_dir, federation=federation, engine="flower")
+
+    return ServerJob(main=main)
+
+
+def site_output_dir(cfg: ExperimentConfig, run_config: Mapping[str, Any]) -> Path:
+    """Where a SuperNode writes its files: ``site-out``, else ``$MMFL_SITE_OUT``, else home.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment (its name names the default folder).
+    run_config : Mapping[str, Any]
+        The run config.
+
+    Returns
+    -------
+    Path
+        ``site-out`` from the run config if set; else ``$MMFL_SITE_OUT/<experiment>``; else
+        ``~/.mmfl/runs/<experiment>``. The site writes ``sites/<site>/`` (splits,
+        predictions) and, unless ``data.cache_dir`` or ``$MMFL_CACHE`` say otherwise,
+        ``cache/`` below it.
+    """
+    explicit = str(run_config.get("site-out") or "")
+    if explicit:
+        return Path(explicit)
+    name = cfg.name or "experiment"
+    env = os.environ.get("MMFL_SITE_OUT")
+    return Path(env).expanduser() / name if env else Path.home() / ".mmfl" / "runs" / name
+
+
+def experiment_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> Site:
+    """``site-factory``: the experiment's :class:`~.site.FusionSite` for one SuperNode.
+
+    Parameters
+    ----------
+    name : str
+        The site's name (``--node-config site-name``).
+    site_dir : Path
+        The site's data directory (``--node-config site-dir``).
+    run_config : Mapping[str, Any]
+        With ``experiment`` (see :func:`experiment_run_config`).
+
+    Returns
+    -------
+    Site
+        The site, its cohort read from ``site_dir`` and prepared as in process.
+    """
+    from multimodal_fl.federated.site import FusionSite
+    from multimodal_fl.runs import load_site_data
+
+    cfg = _experiment(run_config)
+    cfg = cfg.model_copy(update={"sites": [SiteConfig(name=name, path=Path(site_dir))]})
+    out = site_output_dir(cfg, run_config)
+    data = load_site_data(cfg, out)[name]
+    site: Site = FusionSite(name, cfg, data, run_dir=out)
+    return site
