@@ -543,3 +543,50 @@ def test_loopback_deployment_equals_in_process(tmp_path: Path) -> None:
     drop = ("seconds", "server_seconds")
     flower_history = [{k: v for k, v in r.items() if k not in drop} for r in result.history]
     assert flower_history == [r.deterministic() for r in reference.history]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_experiment_over_flower_wire_equals_mmfl_train(
+    tiny_config: Any, tmp_path: Path, task_identity: None
+) -> None:
+    """flower_app's server job and sites, over the Flower wire (fake grid, site workers)."""
+    torch = pytest.importorskip("torch")
+    from safetensors.numpy import load_file
+
+    from multimodal_fl.config import load_config
+    from multimodal_fl.engine import run_federated_experiment
+    from multimodal_fl.federated.flower_app import experiment_job, experiment_run_config
+    from multimodal_fl.federated.flower_worker import stop_worker, worker_address
+
+    cfg = load_config(tiny_config("covid_oxygen"))
+    assert cfg.training.num_threads == 1  # the site workers get torch-threads = 1 from it
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = run_federated_experiment(cfg, tmp_path / "inprocess").run_dir
+    finally:
+        torch.set_num_threads(threads)
+
+    run_dir = tmp_path / "flower"
+    run_config = experiment_run_config(cfg, run_dir=run_dir, site_out=run_dir)
+    nodes = {10 * (i + 1): s for i, s in enumerate(cfg.sites)}
+    grid = FakeGrid(
+        {n: {"site-name": s.name, "site-dir": str(s.path)} for n, s in nodes.items()}, run_config
+    )
+    federation = FlowerFederation(grid, poll_interval=0.01)  # type: ignore[arg-type]
+    job = experiment_job(run_config)
+    assert job.main is not None
+    try:
+        job.main(federation)
+    finally:
+        for n, s in nodes.items():
+            stop_worker(worker_address(1, n, s.name))
+    a = load_file(str(reference / "model.safetensors"))
+    b = load_file(str(run_dir / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for key, value in a.items():
+        assert b[key].dtype == value.dtype and b[key].tobytes() == value.tobytes(), key
+    for site in cfg.sites:
+        rows = (run_dir / "sites" / site.name / "predictions.csv").read_text()
+        assert rows == (reference / "sites" / site.name / "predictions.csv").read_text()
