@@ -8,13 +8,19 @@ Three pieces, none of which holds FL logic of its own:
   ``MetricRecord``, ``ConfigRecord``) back onto :class:`~.messages.Reply` objects, or onto
   :class:`~.messages.SiteFailure` when a site raised, timed out or cannot be reached.
 * :data:`server_app` (a ``flwr.serverapp.ServerApp``) whose main builds a :class:`ServerJob` from
-  the run config and runs :func:`~.server.run_federated` with a :class:`FlowerFederation`.
+  the run config and runs :func:`~.server.run_federated` with a :class:`FlowerFederation` (or
+  the job's own program, e.g. :func:`multimodal_fl.engine.run_federated_experiment` through
+  :mod:`~.flower_app`).
 * :data:`client_app` (a ``flwr.clientapp.ClientApp``) that builds the site object from the
   SuperNode's ``--node-config`` (``site-name``, ``site-dir``) and the run config, and hands it
   every ``train`` / ``evaluate`` / ``query`` message as a :class:`~.messages.Request`. Flower
-  starts a fresh ClientApp process per message: a site that must keep arrays between requests
-  (FedBN's local layers) implements ``export_state() -> dict[str, ndarray]`` and
-  ``restore_state(arrays)``; they are kept in the SuperNode's per-run context state.
+  starts a fresh ClientApp process per message: either the run config's ``site-worker`` keeps
+  each site in one long-lived process (:mod:`~.flower_worker`), or a site that must keep arrays
+  between requests (FedBN's local layers) implements ``export_state() -> dict[str, ndarray]``
+  and ``restore_state(arrays)``, kept in the SuperNode's per-run context state.
+
+Also here: :class:`LoopbackDeployment` and :func:`run_loopback` (a SuperLink and SuperNodes as
+local processes on 127.0.0.1, for tests, demos and benchmarks) and the command lines they use.
 
 Which server job and which site run is pluggable: the run config names two ``"module:callable"``
 factories, ``server-factory`` (``f(run_config) -> ServerJob``) and ``site-factory``
