@@ -169,3 +169,20 @@ def test_pca_stage_over_the_flower_wire_equals_in_process(
         assert wa.keys() == wb.keys()
         for key in wa:
             np.testing.assert_array_equal(wa[key], wb[key], err_msg=f"{name}: {key}")
+
+
+def test_resumed_run_with_pca_stage_equals_an_uninterrupted_one(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    cfg = load_config(tiny_config("covid_oxygen", federated=PCA_ON))
+    data = load_site_data(cfg, tmp_path / "prep")
+    whole = run_federated_experiment(cfg, tmp_path / "whole", data=data).run_dir
+    part = tmp_path / "part"
+    stopped = run_federated_experiment(cfg, part, data=data, stop_after_round=1)
+    assert stopped.metrics["completed_rounds"] == 1
+    # a new process: fresh sites from the data as loaded; the stage runs again before init
+    run_federated_experiment(cfg, part, data=data, resume=True)
+    wa, wb = load_file(str(whole / "model.safetensors")), load_file(str(part / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        np.testing.assert_array_equal(wa[key], wb[key], err_msg=key)
