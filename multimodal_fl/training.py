@@ -497,6 +497,38 @@ class CohortDataset(torch.utils.data.Dataset[dict[str, Any]]):
             precomputed=self.precomputed,
         )
 
+    def select_modalities(self, modalities: Sequence[str]) -> CohortDataset:
+        """Keep only some modalities; patients left with none are dropped (for ablations).
+
+        Parameters
+        ----------
+        modalities : sequence of str
+            A non-empty subset of :attr:`modalities`.
+
+        Returns
+        -------
+        CohortDataset
+        """
+        unknown = sorted(set(modalities) - set(self.modalities))
+        if unknown or not modalities:
+            raise ValueError(
+                f"select_modalities: {list(modalities)} must be a non-empty subset of "
+                f"{list(self.modalities)}"
+            )
+        cols = [j for j, m in enumerate(self.modalities) if m in modalities]
+        mask = self.mask[:, cols]
+        keep = mask.any(1).nonzero().flatten()
+        mods = [self.modalities[j] for j in cols]
+        return CohortDataset(
+            [self.patient_ids[i] for i in keep.tolist()],
+            self.labels.index_select(0, keep).numpy(),
+            {m: self.inputs[m].index_select(0, keep) for m in mods},
+            mask.index_select(0, keep),
+            mods,
+            meta=self.meta.iloc[keep.tolist()].reset_index(drop=True),
+            precomputed=[m for m in self.precomputed if m in mods],
+        )
+
     def modality_counts(self) -> dict[str, int]:
         """Patients with each modality present."""
         return {m: int(self.mask[:, j].sum()) for j, m in enumerate(self.modalities)}

@@ -304,3 +304,14 @@ def test_predict_restores_mode_and_gives_probabilities() -> None:
     assert model.training
     assert s.shape == (30,) and ((s >= 0) & (s <= 1)).all()
     assert np.array_equal(predict(model, site.dataset), s)
+
+
+def test_select_modalities_drops_patients_left_without_any() -> None:
+    site = make_site(40)
+    ds = site.dataset
+    text_only = ds.select_modalities(["text"])
+    assert text_only.modalities == ("text",) and text_only.precomputed == ("text",)
+    assert len(text_only) == int(ds.mask[:, 1].sum())
+    assert bool(text_only.mask.all())
+    with pytest.raises(ValueError, match="subset"):
+        ds.select_modalities(["image"])
