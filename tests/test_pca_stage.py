@@ -157,8 +157,9 @@ def test_pca_stage_over_the_flower_wire_equals_in_process(
     saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
     try:
+        federation = FlowerFederation(grid, poll_interval=0.01)  # type: ignore[arg-type]
         b = run_federated_experiment(cfg, tmp_path / "b", engine="flower",
-                                     federation=FlowerFederation(grid, poll_interval=0.01)).run_dir
+                                     federation=federation).run_dir
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
     metrics = json.loads((b / "metrics.json").read_text())
