@@ -565,15 +565,28 @@ class SiteData:
     feature_names: list[str] = field(default_factory=list)
     dropped: dict[str, str] = field(default_factory=dict)
     image_errors: dict[str, str] = field(default_factory=dict)
+    _parts: dict[str, tuple[tuple[int, int], CohortDataset]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def part(self, split: str) -> CohortDataset:
-        """The patients of one split (``"train"``, ``"val"``, ``"test"``) or ``"all"``."""
+        """The patients of one split (``"train"``, ``"val"``, ``"test"``) or ``"all"``.
+
+        The subset is built once and reused while ``dataset`` and ``splits`` are the same
+        objects (replace them rather than mutating them in place).
+        """
         if split == "all":
             return self.dataset
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; accepted: {list(SPLITS)} or 'all'")
+        key = (id(self.dataset), id(self.splits))
+        cached = self._parts.get(split)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         idx = [i for i, p in enumerate(self.dataset.patient_ids) if self.splits[p] == split]
-        return self.dataset.subset(idx)
+        sub = self.dataset.subset(idx)
+        self._parts[split] = (key, sub)
+        return sub
 
     @property
     def train(self) -> CohortDataset:
@@ -1290,7 +1303,9 @@ def train(
     total_loss = 0.0
     window_loss, window_n = 0.0, 0
     stream = _batch_stream(len(train_data), cfg.batch_size, generator)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _deterministic():
+    cuda_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_ids), _deterministic():
         torch.manual_seed(_generator_seed(generator))
         for k in range(steps):
             step = start_step + k + 1

@@ -315,3 +315,14 @@ def test_select_modalities_drops_patients_left_without_any() -> None:
     assert bool(text_only.mask.all())
     with pytest.raises(ValueError, match="subset"):
         ds.select_modalities(["image"])
+
+
+def test_site_parts_are_reused_until_the_split_is_replaced() -> None:
+    site = make_site(30)
+    assert site.part("train") is site.train
+    assert len(site.train) + len(site.val) + len(site.test) == 30
+    before = site.train
+    site.splits = dict.fromkeys(site.splits, "train")
+    assert site.train is not before and len(site.train) == 30
+    with pytest.raises(ValueError, match="unknown split"):
+        site.part("holdout")
