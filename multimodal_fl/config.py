@@ -312,8 +312,12 @@ class ImageModalityConfig(_Strict):
     """Image encoder and preprocessing."""
 
     enabled: bool = Field(default=True, description="Use this modality.")
-    encoder: Literal["smallcnn", "resnet10", "resnet18", "resnet34", "densenet121"] = Field(
-        default="smallcnn", description="Network (MONAI for the ResNets and DenseNet121)."
+    encoder: Literal[
+        "tinycnn", "smallcnn", "resnet10", "resnet18", "resnet34", "densenet121"
+    ] = Field(
+        default="smallcnn",
+        description="Network: tinycnn (8-16-32 channels) and smallcnn (16-128) are compact "
+        "CPU defaults; MONAI's ResNets and DenseNet121 for real scale.",
     )
     spatial_dims: Literal[2, 3] = Field(default=2, description="2 for X-rays, 3 for MRI.")
     size: int = Field(default=64, ge=8, le=512, description="Resize target (pixels per side).")

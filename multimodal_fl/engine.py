@@ -207,6 +207,28 @@ def run_federated_experiment(
     multimodal_fl.runs.RunOutcome
         The run directory and the metrics document.
     """
+    from multimodal_fl.runs import _threads
+
+    # The same torch thread count in every engine: results then agree bit for bit.
+    with _threads(cfg.training.num_threads):
+        return _run_experiment(
+            cfg, out_dir, federation=federation, engine=engine, resume=resume,
+            stop_after_round=stop_after_round, on_round=on_round, cohorts=cohorts, data=data,
+        )
+
+
+def _run_experiment(
+    cfg: ExperimentConfig,
+    out_dir: str | os.PathLike[str] | None,
+    *,
+    federation: Federation | None,
+    engine: str,
+    resume: bool,
+    stop_after_round: int | None,
+    on_round: Callable[[RoundRecord], None] | None,
+    cohorts: Mapping[str, Any] | None,
+    data: Mapping[str, Any] | None,
+) -> Any:
     from multimodal_fl.evaluation.histograms import SiteEvaluation, pooled_evaluation
     from multimodal_fl.runs import RunOutcome, RunWriter, _jsonable, default_run_dir
 

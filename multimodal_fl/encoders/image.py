@@ -99,9 +99,16 @@ def _smallcnn(spatial_dims: int, in_channels: int) -> tuple[nn.Module, int]:
     return net, net.out_features
 
 
+def _tinycnn(spatial_dims: int, in_channels: int) -> tuple[nn.Module, int]:
+    # Three narrow blocks: CPU conv3d backward is slow, so the 3D demo needs this size.
+    net = SmallCNN(spatial_dims, in_channels, channels=(8, 16, 32))
+    return net, net.out_features
+
+
 #: Backbone factories by name: ``(spatial_dims, in_channels) -> (module, feature_width)``.
 BACKBONES: dict[str, Callable[[int, int], tuple[nn.Module, int]]] = {
     "smallcnn": _smallcnn,
+    "tinycnn": _tinycnn,
     "densenet121": _densenet121,
     "resnet10": _resnet(10),
     "resnet18": _resnet(18),
