@@ -209,10 +209,12 @@ def train_cmd(
 
             outcome = run_centralized(cfg, out, progress=not quiet)
         elif chosen == "flower":
-            fail(
-                "--engine flower runs on a SuperLink: see `mmfl flower --help` and "
-                "docs/deployment.md (`mmfl flower local CONFIG` starts one on this machine)"
-            )
+            # On this machine: a SuperLink and one SuperNode per site on 127.0.0.1. Across
+            # hospitals use `mmfl flower superlink|supernode|run` (docs/deployment.md).
+            from multimodal_fl.runs import default_run_dir
+
+            flower_local(config=config, site=None, server_factory=None, site_factory=None,
+                         run_config=None, set_=set_, out=out or default_run_dir(cfg))
             return
         else:
             from multimodal_fl.engine import round_row, run_federated_experiment
