@@ -22,7 +22,6 @@ request kinds with ``split: all`` and, for tabular features, the pooled standard
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -267,7 +266,7 @@ def project_site_data(data: SiteData, modality: str, arrays: Mapping[str, Any]) 
     """
     import torch
 
-    from multimodal_fl.training import CohortDataset
+    from multimodal_fl.training import CohortDataset, SiteData
 
     ds = data.dataset
     if modality not in ds.precomputed:
@@ -283,7 +282,9 @@ def project_site_data(data: SiteData, modality: str, arrays: Mapping[str, Any]) 
     inputs[modality] = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
     new = CohortDataset(ds.patient_ids, ds.labels.numpy(), inputs, ds.mask, ds.modalities,
                         meta=ds.meta, precomputed=ds.precomputed)
-    return dataclasses.replace(data, dataset=new)
+    # a new SiteData, not dataclasses.replace: nothing cached for the old dataset is shared
+    return SiteData(data.site, new, data.splits, list(data.feature_names), dict(data.dropped),
+                    dict(data.image_errors))
 
 
 def fit_pca_stage(cfg: ExperimentConfig, site_data: Mapping[str, SiteData]) -> FederatedPCA:
