@@ -1,0 +1,372 @@
+"""Federated vs centralized vs local-only test AUC on the sample tasks, with CIs (issue 5).
+
+For every task config and seed this trains the experiment three ways, each writing its own
+run directory exactly as ``mmfl train CONFIG --engine ...`` does:
+
+* ``federated``: the in-process engine (:func:`multimodal_fl.engine.run_federated_experiment`);
+* ``centralized``: every site's training patients pooled
+  (:func:`multimodal_fl.runs.run_centralized`);
+* ``local``: one model per site on its own data (:func:`multimodal_fl.runs.run_local`).
+
+The three share the per-site splits of a seed, so each site's test patients are the same in all
+three. From every run's ``sites/<site>/predictions.csv`` (the test rows) it computes the
+**pooled** test AUC (all sites' test patients together) and each **site's** test AUC, each with
+a stratified percentile bootstrap 95% CI (:func:`multimodal_fl.evaluation.metrics.bootstrap_ci`),
+and paired bootstrap CIs of the differences federated − centralized and federated − local on the
+same patients (:func:`~multimodal_fl.evaluation.metrics.paired_bootstrap_difference`).
+
+Targets (issue 5, printed PASS/FAIL, medians over seeds, on the COVID-19 task):
+
+* federated pooled test AUC ≥ 0.99 × centralized;
+* mean per-site test AUC of federated ≥ 1.16 × local-only (EXAM's +16 %, relative).
+
+Run from the repository root (``--set`` overrides go to all three engines)::
+
+    MMFL_CACHE=/tmp/mmfl_cache .venv/bin/python benchmarks/fl_vs_baselines.py --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from multimodal_fl.config import ExperimentConfig, load_config
+from multimodal_fl.evaluation.metrics import (
+    MetricValue,
+    bootstrap_ci,
+    derive_seed,
+    paired_bootstrap_difference,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINES = ("federated", "centralized", "local")
+TARGET_CENTRAL = 0.99
+TARGET_LOCAL = 1.16
+
+
+@dataclass
+class EngineResult:
+    """Test AUCs of one run directory.
+
+    Parameters
+    ----------
+    engine : str
+        ``federated``, ``centralized`` or ``local``.
+    seed : int
+        The experiment seed.
+    pooled : MetricValue
+        AUC over every site's test patients.
+    per_site : dict[str, MetricValue]
+        AUC of each site's test patients.
+    test : pandas.DataFrame
+        The test rows (``site``, ``patient_id``, ``label``, ``score``).
+    seconds : float
+        Wall time of the run.
+    """
+
+    engine: str
+    seed: int
+    pooled: MetricValue
+    per_site: dict[str, MetricValue]
+    test: pd.DataFrame
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def mean_site_auc(self) -> float | None:
+        """Mean of the defined per-site AUCs (None when none is defined)."""
+        values = [m.value for m in self.per_site.values() if m.value is not None]
+        return float(np.mean(values)) if values else None
+
+
+def train(engine: str, cfg: ExperimentConfig, run_dir: Path) -> float:
+    """Train one engine into ``run_dir`` unless it already holds a finished run.
+
+    Parameters
+    ----------
+    engine : str
+        One of :data:`ENGINES`.
+    cfg : ExperimentConfig
+        The experiment.
+    run_dir : Path
+        The run directory.
+
+    Returns
+    -------
+    float
+        Seconds spent training (0 when the run was reused).
+    """
+    if (run_dir / "metrics.json").is_file() and any(run_dir.glob("sites/*/predictions.csv")):
+        return 0.0
+    started = time.perf_counter()
+    if engine == "federated":
+        from multimodal_fl.engine import run_federated_experiment
+
+        run_federated_experiment(cfg, run_dir)
+    elif engine == "centralized":
+        from multimodal_fl.runs import run_centralized
+
+        run_centralized(cfg, run_dir, progress=False, warn=lambda _msg: None)
+    elif engine == "local":
+        from multimodal_fl.runs import run_local
+
+        run_local(cfg, run_dir, progress=False)
+    else:
+        raise ValueError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    return time.perf_counter() - started
+
+
+def read_test_rows(run_dir: Path) -> pd.DataFrame:
+    """Read every site's test predictions of a run directory.
+
+    Parameters
+    ----------
+    run_dir : Path
+        A run directory with ``sites/<site>/predictions.csv``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``site``, ``patient_id``, ``label``, ``score``, sorted by site and patient.
+
+    Raises
+    ------
+    FileNotFoundError
+        If no site wrote predictions.
+    """
+    frames = []
+    for path in sorted(run_dir.glob("sites/*/predictions.csv")):
+        frame = pd.read_csv(path)
+        frame = frame[frame["split"] == "test"][["patient_id", "label", "score"]].copy()
+        frame.insert(0, "site", path.parent.name)
+        frames.append(frame)
+    if not frames:
+        raise FileNotFoundError(f"{run_dir}: no sites/<site>/predictions.csv (run not finished?)")
+    return pd.concat(frames).sort_values(["site", "patient_id"]).reset_index(drop=True)
+
+
+def evaluate(engine: str, seed: int, run_dir: Path, *, n_boot: int, seconds: float
+             ) -> EngineResult:
+    """Pooled and per-site test AUC with bootstrap CIs from a run directory.
+
+    Parameters
+    ----------
+    engine : str
+        The engine's name.
+    seed : int
+        The experiment seed (also seeds the bootstrap).
+    run_dir : Path
+        The run directory.
+    n_boot : int
+        Bootstrap resamples.
+    seconds : float
+        Training wall time to record.
+
+    Returns
+    -------
+    EngineResult
+    """
+    test = read_test_rows(run_dir)
+    pooled = bootstrap_ci("auc", test["label"].to_numpy(np.int64),
+                          test["score"].to_numpy(np.float64), n_boot=n_boot,
+                          seed=derive_seed(seed, "pooled"))
+    per_site = {
+        str(site): bootstrap_ci("auc", part["label"].to_numpy(np.int64),
+                           part["score"].to_numpy(np.float64), n_boot=n_boot,
+                           seed=derive_seed(seed, site))
+        for site, part in test.groupby("site", sort=True)
+    }
+    return EngineResult(engine, seed, pooled, per_site, test, seconds)
+
+
+def paired(a: EngineResult, b: EngineResult, *, n_boot: int, site: str | None = None
+           ) -> MetricValue:
+    """Paired bootstrap of AUC(b) − AUC(a) on the test patients both runs scored.
+
+    Parameters
+    ----------
+    a, b : EngineResult
+        Baseline and compared run (same seed, so the same test patients).
+    n_boot : int
+        Bootstrap resamples.
+    site : str or None
+        Restrict to one site's patients (None: pooled).
+
+    Returns
+    -------
+    MetricValue
+        The difference and its 95% interval.
+    """
+    ta, tb = a.test, b.test
+    if site is not None:
+        ta, tb = ta[ta["site"] == site], tb[tb["site"] == site]
+    both = ta.merge(tb, on=["site", "patient_id"], suffixes=("_a", "_b"))
+    if not (both["label_a"] == both["label_b"]).all():
+        raise ValueError(f"{a.engine} and {b.engine} disagree on test labels (seed {a.seed})")
+    return paired_bootstrap_difference(
+        both["label_a"].to_numpy(np.int64), both["score_a"].to_numpy(np.float64),
+        both["score_b"].to_numpy(np.float64), n_boot=n_boot,
+        seed=derive_seed(a.seed, "paired", a.engine, b.engine, site or "pooled"),
+    )
+
+
+def fmt(m: MetricValue) -> str:
+    """Format a metric as ``value [lo, hi]`` (or its reason when undefined).
+
+    Parameters
+    ----------
+    m : MetricValue
+        The metric.
+
+    Returns
+    -------
+    str
+        Three decimals.
+    """
+    if m.value is None:
+        return f"undefined ({m.reason})"
+    if m.lo is None or m.hi is None:
+        return f"{m.value:.3f}"
+    return f"{m.value:.3f} [{m.lo:.3f}, {m.hi:.3f}]"
+
+
+def task_tables(name: str, results: dict[int, dict[str, EngineResult]], n_boot: int
+                ) -> tuple[str, dict[str, float]]:
+    """Markdown tables for one task, and the median ratios over seeds.
+
+    Parameters
+    ----------
+    name : str
+        The task (config) name.
+    results : dict[int, dict[str, EngineResult]]
+        Seed -> engine -> result.
+    n_boot : int
+        Bootstrap resamples for the paired differences.
+
+    Returns
+    -------
+    tuple[str, dict[str, float]]
+        The markdown text and ``{"fed_over_central": ..., "fed_over_local": ...}`` medians.
+    """
+    sites = sorted({s for by in results.values() for r in by.values() for s in r.per_site})
+    lines = [f"### {name}", "",
+             "| seed | engine | pooled test AUC [95% CI] | " + " | ".join(sites)
+             + " | mean per-site | train s |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in sites) + " | --- | --- |"]
+    ratios_c: list[float] = []
+    ratios_l: list[float] = []
+    diffs: list[str] = []
+    for seed, by in sorted(results.items()):
+        for engine in ENGINES:
+            r = by.get(engine)
+            if r is None:
+                continue
+            mean = r.mean_site_auc
+            cells = [fmt(r.per_site[s]) if s in r.per_site else "-" for s in sites]
+            lines.append(f"| {seed} | {engine} | {fmt(r.pooled)} | " + " | ".join(cells)
+                         + f" | {'-' if mean is None else f'{mean:.3f}'} | {r.seconds:.0f} |")
+        fed, cen, loc = by.get("federated"), by.get("centralized"), by.get("local")
+        if fed and cen and fed.pooled.value is not None and cen.pooled.value:
+            ratios_c.append(fed.pooled.value / cen.pooled.value)
+            diffs.append(f"| {seed} | federated − centralized, pooled | "
+                         f"{fmt(paired(cen, fed, n_boot=n_boot))} |")
+        if fed and loc and fed.mean_site_auc is not None and loc.mean_site_auc:
+            ratios_l.append(fed.mean_site_auc / loc.mean_site_auc)
+            diffs.append(f"| {seed} | federated − local, pooled test patients | "
+                         f"{fmt(paired(loc, fed, n_boot=n_boot))} |")
+    lines += ["", "Paired bootstrap differences of test AUC (same patients, 95% CI):", "",
+              "| seed | difference | ΔAUC [95% CI] |", "| --- | --- | --- |", *diffs, ""]
+    medians: dict[str, float] = {}
+    if ratios_c:
+        medians["fed_over_central"] = float(statistics.median(ratios_c))
+        each = ", ".join(f"{x:.3f}" for x in ratios_c)
+        ok = medians["fed_over_central"] >= TARGET_CENTRAL
+        lines.append(f"- federated / centralized pooled test AUC: median "
+                     f"**{medians['fed_over_central']:.3f}** over seeds ({each}); target ≥ "
+                     f"{TARGET_CENTRAL}: **{'PASS' if ok else 'FAIL'}**")
+    if ratios_l:
+        medians["fed_over_local"] = float(statistics.median(ratios_l))
+        each = ", ".join(f"{100 * (x - 1):+.1f} %" for x in ratios_l)
+        ok = medians["fed_over_local"] >= TARGET_LOCAL
+        lines.append(f"- mean per-site test AUC, federated vs local-only: median "
+                     f"**{100 * (medians['fed_over_local'] - 1):+.1f} %** over seeds ({each}); "
+                     f"target ≥ +{100 * (TARGET_LOCAL - 1):.0f} %: "
+                     f"**{'PASS' if ok else 'FAIL'}**")
+    return "\n".join(lines) + "\n", medians
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train, evaluate and print the markdown tables.
+
+    Parameters
+    ----------
+    argv : list of str or None
+        Command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 (targets are reported, not enforced).
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", type=Path, nargs="+",
+                        default=[REPO / "configs" / "covid_oxygen.yaml",
+                                 REPO / "configs" / "alzheimers.yaml"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="Config override a.b=c for every engine (repeatable).")
+    parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--work", type=Path, default=None,
+                        help="Run directories go here (reused when finished; default: tmp).")
+    parser.add_argument("--json", type=Path, default=None, help="Also write a summary here.")
+    args = parser.parse_args(argv)
+    if args.n_boot < 1:
+        parser.error(f"--n-boot {args.n_boot}: expected a positive number of resamples")
+    work = args.work or Path(tempfile.mkdtemp(prefix="mmfl_fl_vs_baselines_"))
+    t0 = time.time()
+    load = os.getloadavg()
+    summary: dict[str, Any] = {}
+    texts = []
+    for config in args.configs:
+        results: dict[int, dict[str, EngineResult]] = {}
+        name = config.stem
+        for seed in args.seeds:
+            cfg = load_config(config, [*args.overrides, f"seed={seed}"])
+            name = cfg.name or config.stem
+            for engine in args.engines:
+                run_dir = work / name / f"seed{seed}" / engine
+                print(f"{name} seed {seed}: {engine} -> {run_dir}", file=sys.stderr, flush=True)
+                seconds = train(engine, cfg, run_dir)
+                results.setdefault(seed, {})[engine] = evaluate(
+                    engine, seed, run_dir, n_boot=args.n_boot, seconds=seconds)
+        text, medians = task_tables(name, results, args.n_boot)
+        texts.append(text)
+        summary[name] = {
+            "medians": medians,
+            "runs": {str(seed): {e: {"pooled": r.pooled.value, "mean_site": r.mean_site_auc,
+                                     "per_site": {s: m.value for s, m in r.per_site.items()}}
+                                 for e, r in by.items()} for seed, by in results.items()},
+        }
+        print(text, flush=True)
+    print(f"overrides: {args.overrides or 'none'}; seeds {args.seeds}; n_boot {args.n_boot}; "
+          f"load average at start {load[0]:.2f}, at end {os.getloadavg()[0]:.2f}; wall "
+          f"{time.time() - t0:.0f} s; run directories under {work}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

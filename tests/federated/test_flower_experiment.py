@@ -1,0 +1,89 @@
+"""The real fusion experiment on a Flower loopback deployment equals the in-process engine.
+
+One SuperLink and three SuperNodes (one per site of the tiny generated COVID-19 cohort) start on
+free loopback ports (telemetry and runtime dependency installation off, via
+:func:`multimodal_fl.federated.flower.run_loopback`, which is what ``mmfl train --engine flower``
+runs). ``flwr run`` submits the experiment's app (``flower_app.experiment_job`` /
+``experiment_site``, site workers on) for two rounds; the run directory it writes must hold the
+same ``model.safetensors`` as ``run_federated_experiment`` in this process with the same seed,
+bit for bit, and the same round history and per-site predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+pytest.importorskip("torch")
+
+from safetensors.numpy import load_file
+
+from multimodal_fl.config import load_config
+from multimodal_fl.engine import run_federated_experiment
+from multimodal_fl.federated.flower import FlowerRunError, run_loopback
+from multimodal_fl.federated.flower_app import experiment_run_config
+
+#: Round fields that depend on the clock or on the process, not on the computation.
+TIMING_FIELDS = ("seconds", "server_seconds")
+
+
+def _rounds(run_dir: Path) -> list[dict[str, Any]]:
+    doc = json.loads((run_dir / "metrics.json").read_text())
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in doc["rounds"]]
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_fusion_experiment_on_loopback_flower_equals_in_process(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """SuperLink + 3 SuperNodes, 2 rounds of the real experiment: the in-process model, exactly."""
+    cfg = load_config(tiny_config("covid_oxygen"))
+    assert len(cfg.sites) == 3, "the tiny COVID-19 cohort should have three sites"
+    assert cfg.federated.rounds == 2
+    assert cfg.training.num_threads == 1  # run_federated_experiment and torch-threads use it
+
+    started = time.monotonic()
+    reference = run_federated_experiment(cfg, tmp_path / "inprocess").run_dir
+    in_process_s = time.monotonic() - started
+
+    run_dir = tmp_path / "flower"
+    run_config = experiment_run_config(cfg, run_dir=run_dir, site_out=run_dir, site_worker=True)
+    assert run_config["site-worker"] is True and run_config["torch-threads"] == 1
+    sites = {s.name: Path(s.path) for s in cfg.sites}
+    started = time.monotonic()
+    try:  # starts and stops every process (process groups killed on the way out)
+        run_loopback(sites, run_config, tmp_path / "flower_work", timeout=300)
+    except FlowerRunError as exc:
+        pytest.fail(str(exc))
+    flower_s = time.monotonic() - started
+    print(f"in-process run {in_process_s:.1f} s; Flower loopback run (start, 2 rounds, predict, "
+          f"stop) {flower_s:.1f} s")
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["engine"] == "flower"
+    assert metrics["completed_rounds"] == 2
+    assert sorted(metrics["sites"]) == sorted(sites)
+    assert all(sorted(r["replied"]) == sorted(sites) for r in metrics["rounds"])
+
+    a = load_file(str(reference / "model.safetensors"))
+    b = load_file(str(run_dir / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for key, value in a.items():
+        got = b[key]
+        assert got.dtype == value.dtype and got.shape == value.shape, key
+        assert np.asarray(got).tobytes() == np.asarray(value).tobytes(), (
+            f"{key} differs from the in-process engine's"
+        )
+    assert _rounds(run_dir) == _rounds(reference)
+    for name in sites:
+        flower_rows = (run_dir / "sites" / name / "predictions.csv").read_text()
+        assert flower_rows == (reference / "sites" / name / "predictions.csv").read_text(), name
