@@ -456,6 +456,11 @@ class FederatedConfig(_Strict):
     beta2: float = Field(default=0.99, ge=0, lt=1, description="FedAdam/FedYogi beta2.")
     tau: float = Field(default=1e-3, gt=0, description="FedAdam/FedYogi adaptivity (epsilon).")
     fedbn: bool = Field(default=False, description="Keep normalisation layers local (FedBN).")
+    select: Literal["best_val", "last"] = Field(
+        default="best_val",
+        description="Final model: the round with the best validation AUC (sites' val_auc, "
+        "weighted by validation size; server-side early stopping), or the last round.",
+    )
     pca: PCAConfig = Field(default_factory=PCAConfig, description="Federated PCA stage.")
 
 

@@ -47,7 +47,13 @@ from multimodal_fl.federated.server import (
     run_federated,
 )
 
-__all__ = ["StageFailed", "inprocess_federation", "round_row", "run_federated_experiment"]
+__all__ = [
+    "StageFailed",
+    "inprocess_federation",
+    "round_row",
+    "run_federated_experiment",
+    "validation_score",
+]
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +136,81 @@ def _standardise(
     for name, buf in std.state_dict().items():
         weights[prefix + name] = buf.numpy().astype(weights[prefix + name].dtype)
     return {"sites": sorted(replies), "n_rows": {s: r.n_samples for s, r in replies.items()}}
+
+
+def validation_score(record: RoundRecord) -> float | None:
+    """A round's validation AUC over sites, weighted by each site's validation size.
+
+    Sites whose validation AUC is undefined (no positives or negatives) are left out;
+    ``None`` when no site had one. Only metrics the sites sent are used.
+
+    Parameters
+    ----------
+    record : RoundRecord
+
+    Returns
+    -------
+    float or None
+    """
+    num = den = 0.0
+    for metrics in record.eval_metrics.values():
+        auc = metrics.get("val_auc")
+        if auc is None or not np.isfinite(auc):
+            continue
+        n = float(metrics.get("val_n", 1.0))
+        num += n * auc
+        den += n
+    return num / den if den > 0 else None
+
+
+class _BestRound:
+    """Server-side model selection: keeps the global weights of the best-validated round.
+
+    The weights go to ``best.safetensors`` beside the checkpoints (atomically), so a resumed
+    run selects the same round as an uninterrupted one. Ties keep the earlier round.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / "best.safetensors"
+        self.round: int | None = None
+        self.score = -np.inf
+        if self.path.exists():
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), framework="numpy") as f:
+                meta = f.metadata() or {}
+            saved = json.loads(meta["mmfl"])
+            self.round = int(saved["round"])
+            self.score = float(saved["score"])
+
+    def offer(self, record: RoundRecord, weights: StateDict) -> None:
+        score = validation_score(record)
+        if score is None or score <= self.score:
+            return
+        self.round, self.score = record.round, score
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        save_file({k: np.asarray(v, order="C") for k, v in sorted(weights.items())}, str(tmp),
+                  metadata={"mmfl": json.dumps({"round": record.round, "score": score})})
+        os.replace(tmp, self.path)
+
+    def catch_up(self) -> None:
+        """Offer the last checkpointed round if a kill came between its checkpoint and us."""
+        from multimodal_fl.federated.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(self.folder)
+        if ckpt is None or (self.round is not None and self.round >= ckpt.round):
+            return
+        rows = ckpt.meta.get("history", [])
+        last = [RoundRecord(**row) for row in rows if row.get("round") == ckpt.round]
+        if last:
+            self.offer(last[0], ckpt.weights)
+
+    def weights(self) -> StateDict:
+        from safetensors.numpy import load_file
+
+        return dict(load_file(str(self.path)))
 
 
 def round_row(record: RoundRecord, sites: list[str]) -> list[str]:
@@ -255,9 +336,15 @@ def _run_experiment(
     weights = dict(init[sites[0]].weights)
     standardisation = _standardise(federation, weights, sites, cfg)
 
-    run_config = RunConfig.from_settings(fed.model_dump(), seed=cfg.seed)
+    settings = fed.model_dump()
+    settings.pop("select")
+    run_config = RunConfig.from_settings(settings, seed=cfg.seed)
+    best = _BestRound(run_dir / "checkpoint")
+    if resume:
+        best.catch_up()
 
-    def _on_round(record: RoundRecord, _weights: StateDict) -> None:
+    def _on_round(record: RoundRecord, round_weights: StateDict) -> None:
+        best.offer(record, round_weights)
         if on_round is not None:
             on_round(record)
 
@@ -266,12 +353,22 @@ def _run_experiment(
         stop_after_round=stop_after_round, on_round=_on_round,
     )
     t_train = time.perf_counter() - t0 - t_prep
-    save_file({k: np.ascontiguousarray(v) for k, v in sorted(result.weights.items())},
-              str(run_dir / "model.safetensors"), metadata={"engine": engine})
+    chosen_round = result.completed_rounds
+    final_weights = result.weights
+    if fed.select == "best_val" and best.round is not None:
+        chosen_round, final_weights = best.round, best.weights()
+    save_file({k: np.asarray(v, order="C") for k, v in sorted(final_weights.items())},
+              str(run_dir / "model.safetensors"),
+              # one key: safetensors writes metadata in hash-map order, so several keys
+              # would make the file bytes differ between identical runs
+              metadata={"mmfl": json.dumps({"engine": engine, "round": chosen_round},
+                                           sort_keys=True)})
     doc: dict[str, Any] = {
         "seed": cfg.seed,
         "rounds": _history_doc(result.history),
         "completed_rounds": result.completed_rounds,
+        "selected_round": chosen_round,
+        "selection": fed.select,
         "standardisation": standardisation,
     }
     if pca_doc is not None:
@@ -283,7 +380,7 @@ def _run_experiment(
 
     final = _gather(
         federation,
-        {s: Request("predict", result.completed_rounds, weights=result.weights,
+        {s: Request("predict", result.completed_rounds, weights=final_weights,
                     config={"engine": engine, "fedbn": fed.fedbn}) for s in sites},
         fed.timeout_s, stage="predict", minimum=1,
     )

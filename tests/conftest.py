@@ -33,6 +33,46 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_text_model(tmp_path_factory.mktemp("tiny_bert_shared"))
 
 
+def write_tiny_config(
+    folder: Path, tiny_sample: Path, tiny_bert: Path, task: str = "covid_oxygen",
+    **updates: object,
+) -> Path:
+    """Write an experiment YAML over the tiny cohort of one task into ``folder``.
+
+    Keyword arguments update sections (``federated={"rounds": 3}``) or set top-level keys.
+    """
+    sites = sorted(p.name for p in (tiny_sample / task).iterdir() if p.is_dir())
+    image = (
+        {"encoder": "smallcnn", "spatial_dims": 2, "size": 32, "embed_dim": 8}
+        if task == "covid_oxygen"
+        else {"encoder": "tinycnn", "spatial_dims": 3, "size": 16, "embed_dim": 8}
+    )
+    data: dict[str, object] = {
+        "task": "covid_oxygen_24h" if task == "covid_oxygen" else "alzheimers",
+        "sites": [{"name": s, "path": str(tiny_sample / task / s)} for s in sites],
+        "data": {"cache_dir": str(folder / "cache")},
+        "modalities": {
+            "image": image,
+            "tabular": {"hidden": [8], "embed_dim": 8},
+            "text": {"encoder": "local", "model_path": str(tiny_bert)},
+        },
+        "fusion": {"kind": "concat", "dim": 8},
+        "training": {"steps": 6, "batch_size": 8, "eval_every": 3, "num_threads": 1},
+        "federated": {"rounds": 2, "local_steps": 3, "min_sites": 1},
+        "evaluation": {"n_boot": 20},
+        "seed": 0,
+    }
+    for key, value in updates.items():
+        section = data.setdefault(key, {})
+        if isinstance(section, dict) and isinstance(value, dict):
+            section.update(value)
+        else:
+            data[key] = value
+    path = folder / f"{task}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 @pytest.fixture
 def tiny_config(
     tiny_sample: Path, tiny_bert: Path, tmp_path: Path
@@ -40,35 +80,6 @@ def tiny_config(
     """Write an experiment YAML over the tiny cohort of one task; keyword args update it."""
 
     def make(task: str = "covid_oxygen", **updates: object) -> Path:
-        sites = sorted(p.name for p in (tiny_sample / task).iterdir() if p.is_dir())
-        image = (
-            {"encoder": "smallcnn", "spatial_dims": 2, "size": 32, "embed_dim": 8}
-            if task == "covid_oxygen"
-            else {"encoder": "smallcnn", "spatial_dims": 3, "size": 16, "embed_dim": 8}
-        )
-        data: dict[str, object] = {
-            "task": "covid_oxygen_24h" if task == "covid_oxygen" else "alzheimers",
-            "sites": [{"name": s, "path": str(tiny_sample / task / s)} for s in sites],
-            "data": {"cache_dir": str(tmp_path / "cache")},
-            "modalities": {
-                "image": image,
-                "tabular": {"hidden": [8], "embed_dim": 8},
-                "text": {"encoder": "local", "model_path": str(tiny_bert)},
-            },
-            "fusion": {"kind": "concat", "dim": 8},
-            "training": {"steps": 6, "batch_size": 8, "eval_every": 3, "num_threads": 1},
-            "federated": {"rounds": 2, "local_steps": 3, "min_sites": 1},
-            "evaluation": {"n_boot": 20},
-            "seed": 0,
-        }
-        for key, value in updates.items():
-            section = data.setdefault(key, {})
-            if isinstance(section, dict) and isinstance(value, dict):
-                section.update(value)
-            else:
-                data[key] = value
-        path = tmp_path / f"{task}.yaml"
-        path.write_text(yaml.safe_dump(data))
-        return path
+        return write_tiny_config(tmp_path, tiny_sample, tiny_bert, task, **updates)
 
     return make

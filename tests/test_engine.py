@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +16,6 @@ from typer.testing import CliRunner
 
 from multimodal_fl.cli import app
 from multimodal_fl.config import load_config
-from multimodal_fl.engine import run_federated_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,18 +24,32 @@ def model_bytes(run_dir: Path) -> bytes:
     return (run_dir / "model.safetensors").read_bytes()
 
 
-def test_federated_run_writes_the_run_directory(
-    tiny_config: Callable[..., Path], tmp_path: Path
-) -> None:
-    cfg = load_config(tiny_config("covid_oxygen"))
-    out = run_federated_experiment(cfg, tmp_path / "run")
-    run = out.run_dir
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tiny_sample: Path, tiny_bert: Path,
+                  ) -> tuple[Path, Path]:
+    """One uninterrupted 3-round run (the reference every interrupted run must equal)."""
+    from tests.conftest import write_tiny_config
+
+    root = tmp_path_factory.mktemp("engine")
+    config = write_tiny_config(root, tiny_sample, tiny_bert, "covid_oxygen",
+                               federated={"rounds": 3})
+    result = CliRunner().invoke(app, ["train", str(config), "--out", str(root / "full"),
+                                      "--quiet"])
+    assert result.exit_code == 0, result.output
+    return config, root / "full"
+
+
+def test_federated_run_writes_the_run_directory(uninterrupted: tuple[Path, Path]) -> None:
+    config, run = uninterrupted
+    cfg = load_config(config)
     for name in ("config.yaml", "metrics.json", "model.safetensors"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["engine"] == "inprocess" and metrics["completed_rounds"] == 2
-    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert metrics["engine"] == "inprocess" and metrics["completed_rounds"] == 3
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
+    assert 1 <= metrics["selected_round"] <= 3
     assert set(metrics["sites"]) == {s.name for s in cfg.sites}
+    server_text = (run / "metrics.json").read_text()
     for site in cfg.sites:
         folder = run / "sites" / site.name
         pred = pd.read_csv(folder / "predictions.csv")
@@ -46,29 +58,38 @@ def test_federated_run_writes_the_run_directory(
         splits = json.loads((folder / "splits.json").read_text())["splits"]
         assert set(pred["patient_id"].astype(str)) == set(splits)
         # no patient id reaches the server-side documents
-        server_text = (run / "metrics.json").read_text()
         assert not any(f'"{pid}"' in server_text for pid in splits)
     assert metrics["standardisation"]["sites"] == sorted(s.name for s in cfg.sites)
 
 
-def test_same_seed_same_federated_model(
-    tiny_config: Callable[..., Path], tmp_path: Path
-) -> None:
-    cfg = load_config(tiny_config("covid_oxygen"))
-    a = run_federated_experiment(cfg, tmp_path / "a").run_dir
-    b = run_federated_experiment(cfg, tmp_path / "b").run_dir
-    assert model_bytes(a) == model_bytes(b)
+def test_best_validation_round_is_selected(uninterrupted: tuple[Path, Path]) -> None:
+    from safetensors.numpy import load_file
+
+    from multimodal_fl.engine import validation_score
+    from multimodal_fl.federated.server import RoundRecord
+
+    _, run = uninterrupted
+    metrics = json.loads((run / "metrics.json").read_text())
+    scores = {
+        r["round"]: validation_score(RoundRecord(round=r["round"], eval_metrics=r["eval_metrics"]))
+        for r in metrics["rounds"]
+    }
+    defined = {k: v for k, v in scores.items() if v is not None}
+    assert defined, "no round had a validation AUC"
+    best = max(defined, key=lambda k: (defined[k], -k))
+    assert metrics["selected_round"] == best
+    kept = load_file(str(run / "checkpoint" / "best.safetensors"))
+    final = load_file(str(run / "model.safetensors"))
+    assert kept.keys() == final.keys()
+    assert all((kept[k] == final[k]).all() and kept[k].shape == final[k].shape for k in kept)
 
 
 def test_stop_after_round_then_resume_equals_uninterrupted(
-    tiny_config: Callable[..., Path], tmp_path: Path
+    uninterrupted: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    config = tiny_config("covid_oxygen", federated={"rounds": 3})
+    config, full = uninterrupted
     runner = CliRunner()
-    full = tmp_path / "full"
     staged = tmp_path / "staged"
-    r1 = runner.invoke(app, ["train", str(config), "--out", str(full), "--quiet"])
-    assert r1.exit_code == 0, r1.output
     r2 = runner.invoke(
         app, ["train", str(config), "--out", str(staged), "--stop-after-round", "1", "--quiet"]
     )
@@ -80,23 +101,22 @@ def test_stop_after_round_then_resume_equals_uninterrupted(
 
 
 def test_sigkill_mid_round_then_resume_equals_uninterrupted(
-    tiny_config: Callable[..., Path], tmp_path: Path
+    uninterrupted: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    config = tiny_config("covid_oxygen", federated={"rounds": 3, "local_steps": 6})
-    full = tmp_path / "full"
+    """A separate process, killed mid-round and resumed, ends with the same bytes."""
+    config, full = uninterrupted
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "multimodal_fl", "train", str(config), "--quiet"]
-    subprocess.run([*cmd, "--out", str(full)], check=True, env=env, capture_output=True)
     proc = subprocess.Popen([*cmd, "--out", str(killed)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = killed / "checkpoint" / "round_00001.safetensors"
     deadline = time.monotonic() + 240
     try:
         while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.02)
         assert first.exists(), "round 1 checkpoint never appeared"
-        time.sleep(0.3)  # into round 2
+        time.sleep(0.2)  # into round 2
         if proc.poll() is not None:
             pytest.skip("the run finished before it could be killed mid-round")
         os.kill(proc.pid, signal.SIGKILL)

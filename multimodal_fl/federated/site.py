@@ -317,6 +317,7 @@ class FusionSite:
         for key, value in evaluate(self.model, val).items():
             if value.value is not None and np.isfinite(value.value):
                 metrics[f"val_{key}"] = float(value.value)
+        metrics["val_n"] = float(len(val))
         return self._reply(request, n_samples=len(val), metrics=metrics)
 
     def _on_predict(self, request: Request) -> Reply:
