@@ -20,6 +20,12 @@ Targets (issue 5, printed PASS/FAIL, medians over seeds, on the COVID-19 task):
 * federated pooled test AUC ≥ 0.99 × centralized;
 * mean per-site test AUC of federated ≥ 1.16 × local-only (EXAM's +16 %, relative).
 
+The local and centralized engines keep the step with the best validation AUC (early stopping);
+the federated engine keeps its last round. ``--best-round`` adds ``federated_best``: the
+federated run retrained for as many rounds as its best validation round (the sites'
+validation AUCs weighted by validation size), which is what best-round selection would give
+(runs are deterministic, so the first k rounds of a longer run are a k-round run).
+
 Run from the repository root (``--set`` overrides go to all three engines)::
 
     MMFL_CACHE=/tmp/mmfl_cache .venv/bin/python benchmarks/fl_vs_baselines.py --seeds 0 1 2
@@ -51,6 +57,8 @@ from multimodal_fl.evaluation.metrics import (
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINES = ("federated", "centralized", "local")
+#: The federated run stopped at its best validation round (``--best-round``; a diagnosis).
+BEST = "federated_best"
 TARGET_CENTRAL = 0.99
 TARGET_LOCAL = 1.16
 
@@ -125,6 +133,47 @@ def train(engine: str, cfg: ExperimentConfig, run_dir: Path) -> float:
     else:
         raise ValueError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
     return time.perf_counter() - started
+
+
+def best_round(run_dir: Path) -> tuple[int, float]:
+    """The round of a federated run with the best validation AUC (earliest on ties).
+
+    The score of a round is the mean of the sites' ``val_auc`` weighted by each site's number
+    of validation patients (from its ``predictions.csv``); sites without one are left out.
+
+    Parameters
+    ----------
+    run_dir : Path
+        A finished federated run directory.
+
+    Returns
+    -------
+    tuple[int, float]
+        The round and its score.
+
+    Raises
+    ------
+    ValueError
+        If no round has a validation AUC.
+    """
+    doc = json.loads((run_dir / "metrics.json").read_text())
+    n_val = {
+        p.parent.name: int((pd.read_csv(p)["split"] == "val").sum())
+        for p in run_dir.glob("sites/*/predictions.csv")
+    }
+    best: tuple[int, float] | None = None
+    for row in doc["rounds"]:
+        num = den = 0.0
+        for site, metrics in row["eval_metrics"].items():
+            auc = metrics.get("val_auc")
+            if auc is not None and np.isfinite(auc) and n_val.get(site):
+                num += n_val[site] * float(auc)
+                den += n_val[site]
+        if den > 0 and (best is None or num / den > best[1]):
+            best = (int(row["round"]), num / den)
+    if best is None:
+        raise ValueError(f"{run_dir}: no round has a validation AUC (val_auc) to select on")
+    return best
 
 
 def read_test_rows(run_dir: Path) -> pd.DataFrame:
@@ -266,9 +315,11 @@ def task_tables(name: str, results: dict[int, dict[str, EngineResult]], n_boot: 
              "| --- | --- | --- | " + " | ".join("---" for _ in sites) + " | --- | --- |"]
     ratios_c: list[float] = []
     ratios_l: list[float] = []
+    best_c: list[float] = []
+    best_l: list[float] = []
     diffs: list[str] = []
     for seed, by in sorted(results.items()):
-        for engine in ENGINES:
+        for engine in (*ENGINES, BEST):
             r = by.get(engine)
             if r is None:
                 continue
@@ -285,6 +336,15 @@ def task_tables(name: str, results: dict[int, dict[str, EngineResult]], n_boot: 
             ratios_l.append(fed.mean_site_auc / loc.mean_site_auc)
             diffs.append(f"| {seed} | federated − local, pooled test patients | "
                          f"{fmt(paired(loc, fed, n_boot=n_boot))} |")
+        best = by.get(BEST)
+        if best and cen and best.pooled.value is not None and cen.pooled.value:
+            best_c.append(best.pooled.value / cen.pooled.value)
+            diffs.append(f"| {seed} | federated_best − centralized, pooled | "
+                         f"{fmt(paired(cen, best, n_boot=n_boot))} |")
+        if best and loc and best.mean_site_auc is not None and loc.mean_site_auc:
+            best_l.append(best.mean_site_auc / loc.mean_site_auc)
+            diffs.append(f"| {seed} | federated_best − local, pooled test patients | "
+                         f"{fmt(paired(loc, best, n_boot=n_boot))} |")
     lines += ["", "Paired bootstrap differences of test AUC (same patients, 95% CI):", "",
               "| seed | difference | ΔAUC [95% CI] |", "| --- | --- | --- |", *diffs, ""]
     medians: dict[str, float] = {}
@@ -303,6 +363,16 @@ def task_tables(name: str, results: dict[int, dict[str, EngineResult]], n_boot: 
                      f"**{100 * (medians['fed_over_local'] - 1):+.1f} %** over seeds ({each}); "
                      f"target ≥ +{100 * (TARGET_LOCAL - 1):.0f} %: "
                      f"**{'PASS' if ok else 'FAIL'}**")
+    if best_c:
+        medians["best_over_central"] = float(statistics.median(best_c))
+        lines.append(f"- diagnosis, federated_best / centralized pooled test AUC: median "
+                     f"{medians['best_over_central']:.3f} "
+                     f"({', '.join(f'{x:.3f}' for x in best_c)})")
+    if best_l:
+        medians["best_over_local"] = float(statistics.median(best_l))
+        lines.append(f"- diagnosis, mean per-site test AUC federated_best vs local-only: "
+                     f"median {100 * (medians['best_over_local'] - 1):+.1f} % "
+                     f"({', '.join(f'{100 * (x - 1):+.1f} %' for x in best_l)})")
     return "\n".join(lines) + "\n", medians
 
 
@@ -327,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="Config override a.b=c for every engine (repeatable).")
+    parser.add_argument("--best-round", action="store_true",
+                        help="Also retrain federated up to its best validation round "
+                        "(federated_best; a diagnosis).")
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--work", type=Path, default=None,
                         help="Run directories go here (reused when finished; default: tmp).")
@@ -351,6 +424,16 @@ def main(argv: list[str] | None = None) -> int:
                 seconds = train(engine, cfg, run_dir)
                 results.setdefault(seed, {})[engine] = evaluate(
                     engine, seed, run_dir, n_boot=args.n_boot, seconds=seconds)
+                if engine == "federated" and args.best_round:
+                    k, score = best_round(run_dir)
+                    print(f"{name} seed {seed}: best validation round {k} ({score:.3f})",
+                          file=sys.stderr, flush=True)
+                    cfg_k = load_config(config, [*args.overrides, f"seed={seed}",
+                                                 f"federated.rounds={k}"])
+                    best_dir = work / name / f"seed{seed}" / f"{BEST}_r{k}"
+                    seconds = train("federated", cfg_k, best_dir)
+                    results[seed][BEST] = evaluate(BEST, seed, best_dir, n_boot=args.n_boot,
+                                                   seconds=seconds)
         text, medians = task_tables(name, results, args.n_boot)
         texts.append(text)
         summary[name] = {
