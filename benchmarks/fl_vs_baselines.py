@@ -113,10 +113,12 @@ def train(engine: str, cfg: ExperimentConfig, run_dir: Path) -> float:
     Returns
     -------
     float
-        Seconds spent training (0 when the run was reused).
+        Seconds the run took (for a reused run: the ``timing_s.total`` it recorded).
     """
-    if (run_dir / "metrics.json").is_file() and any(run_dir.glob("sites/*/predictions.csv")):
-        return 0.0
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file() and any(run_dir.glob("sites/*/predictions.csv")):
+        timing = json.loads(metrics.read_text()).get("timing_s", {})
+        return float(timing.get("total", 0.0))
     started = time.perf_counter()
     if engine == "federated":
         from multimodal_fl.engine import run_federated_experiment
