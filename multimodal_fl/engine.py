@@ -336,9 +336,7 @@ def _run_experiment(
     weights = dict(init[sites[0]].weights)
     standardisation = _standardise(federation, weights, sites, cfg)
 
-    settings = fed.model_dump()
-    settings.pop("select")
-    run_config = RunConfig.from_settings(settings, seed=cfg.seed)
+    run_config = RunConfig.from_settings(fed.model_dump(), seed=cfg.seed)
     best = _BestRound(run_dir / "checkpoint")
     if resume:
         best.catch_up()

@@ -7,6 +7,7 @@ skipped, never faked.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,9 @@ def main() -> None:
     configs = ["configs/covid_oxygen.yaml", "configs/alzheimers.yaml"]
     if RUNS.exists():
         shutil.rmtree(RUNS)
+    # One embedding cache for every run of the demo: each engine reads the same notes and
+    # images, so frozen embeddings are computed once (the cache keys by content + encoder).
+    os.environ.setdefault("MMFL_CACHE", str(ROOT / "runs" / "cache"))
     for config in configs:
         step(f"data summary: {config}", ["data", "summary", config])
     if available(["train"]):
