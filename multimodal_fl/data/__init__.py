@@ -2,11 +2,32 @@
 
 Knows FHIR, files and tasks; knows no models. Entry points: :func:`build_cohort`,
 :func:`build_cohorts`, :class:`SiteCohort`, :class:`DataError`, and the scikit-learn
-transformer :class:`~multimodal_fl.data.featurizer.FHIRFeaturizer`.
+transformer :class:`~multimodal_fl.data.featurizer.FHIRFeaturizer`
+(``from multimodal_fl.data import FHIRFeaturizer``; imported lazily, as it pulls in
+scikit-learn).
 """
+
+from typing import Any
 
 from multimodal_fl.data.cohort import SiteCohort, build_cohort, build_cohorts
 from multimodal_fl.data.errors import DataError, Skip
 from multimodal_fl.data.tasks import feature_names
 
-__all__ = ["DataError", "SiteCohort", "Skip", "build_cohort", "build_cohorts", "feature_names"]
+__all__ = [
+    "DataError",
+    "FHIRFeaturizer",
+    "SiteCohort",
+    "Skip",
+    "build_cohort",
+    "build_cohorts",
+    "feature_names",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Import :class:`FHIRFeaturizer` on first use."""
+    if name == "FHIRFeaturizer":
+        from multimodal_fl.data.featurizer import FHIRFeaturizer
+
+        return FHIRFeaturizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

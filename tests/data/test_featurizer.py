@@ -118,3 +118,11 @@ def test_bad_files_follow_the_error_policy(tmp_path: Path) -> None:
 
     with pytest.raises(DataError, match=r"bad\.ndjson"):
         FHIRFeaturizer(on_error="fail").fit([good, bad])
+
+
+def test_public_import_path() -> None:
+    """The issue's import path works: ``from multimodal_fl.data import FHIRFeaturizer``."""
+    from multimodal_fl.data import FHIRFeaturizer as Public
+    from multimodal_fl.data.featurizer import FHIRFeaturizer as Direct
+
+    assert Public is Direct
