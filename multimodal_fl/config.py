@@ -520,7 +520,15 @@ class ExperimentConfig(_Strict):
 
 # Fields whose capability is not built yet: (dotted path, predicate on value, message).
 # Remove an entry when its capability lands.
-NOT_BUILT: list[tuple[str, Any, str]] = []
+NOT_BUILT: list[tuple[str, Any, str]] = [
+    (
+        "modalities.text.frozen",
+        lambda v: v is False,
+        "training the text encoder inside the fusion model is not built yet; keep "
+        "modalities.text.frozen: true (TextEncoder itself offers trainable_layers for your "
+        "own pipelines)",
+    ),
+]
 
 
 def _check_not_built(cfg: ExperimentConfig, source: str) -> None:

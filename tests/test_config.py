@@ -187,3 +187,9 @@ def test_every_config_field_is_documented() -> None:
         if not field.description
     ]
     assert not missing, f"fields without a description: {missing}"
+
+
+def test_unbuilt_text_finetuning_is_rejected_with_a_message(tmp_path: Path) -> None:
+    path = write(tmp_path, minimal(modalities={"text": {"frozen": False}}))
+    with pytest.raises(ConfigError, match=r"modalities\.text\.frozen.*not built yet"):
+        load_config(path)
