@@ -1,0 +1,33 @@
+"""Screenshot the sample report for docs/fairness.md.
+
+Run after ``make demo`` (which writes ``runs/demo/covid_oxygen-report/report.html``)::
+
+    .venv/bin/python benchmarks/report_screenshot.py [REPORT_HTML] [OUT_PNG]
+
+Renders the report in Debian's headless Chromium and saves the top of the page.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from multimodal_fl.evaluation.report import screenshot
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    """Write the screenshot."""
+    html = Path(sys.argv[1]) if len(sys.argv) > 1 else (
+        ROOT / "runs" / "demo" / "covid_oxygen-report" / "report.html")
+    out = Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT / "docs" / "img" / "report.png"
+    if not html.is_file():
+        sys.exit(f"{html} not found: run `make demo` first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    screenshot(html, out, width=1200, height=2400)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
