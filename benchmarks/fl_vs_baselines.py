@@ -21,10 +21,12 @@ Targets (issue 5, printed PASS/FAIL, medians over seeds, on the COVID-19 task):
 * mean per-site test AUC of federated ≥ 1.16 × local-only (EXAM's +16 %, relative).
 
 The local and centralized engines keep the step with the best validation AUC (early stopping);
-the federated engine keeps its last round. ``--best-round`` adds ``federated_best``: the
+the federated engine keeps the round ``federated.select`` names (``best_val`` by default; before
+commit 92adb0e it always kept the last round). ``--best-round`` adds ``federated_best``: the
 federated run retrained for as many rounds as its best validation round (the sites'
-validation AUCs weighted by validation size), which is what best-round selection would give
-(runs are deterministic, so the first k rounds of a longer run are a k-round run).
+validation AUCs weighted by validation size), which is what best-round selection gives (runs
+are deterministic, so the first k rounds of a longer run are a k-round run); with
+``--set federated.select=last`` it shows what selection adds.
 
 Run from the repository root (``--set`` overrides go to all three engines)::
 
