@@ -437,6 +437,36 @@ def _finish(writer: RunWriter, cfg: ExperimentConfig, sites: Mapping[str, SiteDa
     return out
 
 
+def _apply_pca_stage(cfg: ExperimentConfig, sites: dict[str, SiteData]) -> dict[str, SiteData]:
+    """The federated PCA stage's reduction, fitted on the sites' training splits (same math)."""
+    if not cfg.federated.pca.enabled:
+        return sites
+    from multimodal_fl.pca_stage import apply_pca_stage, fit_pca_stage
+
+    return apply_pca_stage(sites, fit_pca_stage(cfg, sites), cfg.federated.pca.modality)
+
+
+def _write_cross_predictions(writer: RunWriter, cfg: ExperimentConfig,
+                             sites: Mapping[str, SiteData],
+                             models: Mapping[str, FusionModel]) -> None:
+    """Score every site's local model on every other site's test patients (EXAM's matrix).
+
+    Written as ``sites/<test site>/cross_predictions.csv`` (``model`` = ``local:<site>``): the
+    model travels to the test site, the patient-level scores stay in that site's folder.
+    """
+    for test_site, data in sites.items():
+        frames = []
+        for model_site, model in models.items():
+            if model_site == test_site:
+                continue
+            frame = predictions_frame(model, data, sensitive=cfg.evaluation.sensitive)
+            frame = frame[frame["split"] == "test"]
+            frames.append(frame.assign(model=f"local:{model_site}"))
+        if frames:
+            path = writer.site_dir(test_site) / "cross_predictions.csv"
+            pd.concat(frames, ignore_index=True).to_csv(path, index=False)
+
+
 def run_local(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | None = None, *,
               cohorts: Mapping[str, Any] | None = None,
               data: Mapping[str, SiteData] | None = None,
@@ -468,6 +498,7 @@ def run_local(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | None = No
     writer.write_config()
     with _threads(cfg.training.num_threads):
         sites = dict(data) if data is not None else load_site_data(cfg, run_dir, cohorts=cohorts)
+        sites = _apply_pca_stage(cfg, sites)
         t_prep = time.perf_counter() - t0
         models: dict[str, FusionModel] = {}
         results: dict[str, Any] = {}
@@ -485,6 +516,7 @@ def run_local(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | None = No
                                            bar=bar, label=f"local {name}").to_dict()
                 models[name] = model
                 writer.save_model(model, site=name)
+        _write_cross_predictions(writer, cfg, sites, models)
         t_train = time.perf_counter() - t0 - t_prep
         doc = _finish(writer, cfg, sites, models, {
             "training": results,
@@ -538,6 +570,7 @@ def run_centralized(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | Non
     writer.write_config()
     with _threads(cfg.training.num_threads):
         sites = dict(data) if data is not None else load_site_data(cfg, run_dir, cohorts=cohorts)
+        sites = _apply_pca_stage(cfg, sites)
         t_prep = time.perf_counter() - t0
         trains = [sd.train for sd in sites.values()]
         vals = [sd.val for sd in sites.values()]
