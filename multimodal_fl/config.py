@@ -461,6 +461,11 @@ class FederatedConfig(_Strict):
         description="Final model: the round with the best validation AUC (sites' val_auc, "
         "weighted by validation size; server-side early stopping), or the last round.",
     )
+    tracker: Literal["none", "tensorboard", "mlflow"] = Field(
+        default="none",
+        description="Also log each round's train loss and per-site validation metrics to "
+        "TensorBoard (RUN_DIR/tensorboard) or MLflow (RUN_DIR/mlruns); needs that package.",
+    )
     pca: PCAConfig = Field(default_factory=PCAConfig, description="Federated PCA stage.")
 
 

@@ -48,6 +48,7 @@ from multimodal_fl.federated.server import (
 )
 
 __all__ = [
+    "RoundTracker",
     "StageFailed",
     "inprocess_federation",
     "round_row",
@@ -213,6 +214,73 @@ class _BestRound:
         return dict(load_file(str(self.path)))
 
 
+class RoundTracker:
+    """Optional experiment tracking of each round: TensorBoard or MLflow, when installed.
+
+    Logs ``train/loss`` and ``<site>/<metric>`` (the sites' validation metrics) with the
+    round as the step. Only what the server already holds (aggregates) is logged.
+
+    Parameters
+    ----------
+    kind : {"none", "tensorboard", "mlflow"}
+    run_dir : Path
+        TensorBoard writes to ``run_dir/tensorboard``, MLflow to ``run_dir/mlruns``.
+
+    Raises
+    ------
+    StageFailed
+        When the chosen package is not installed (the message says what to install).
+    """
+
+    def __init__(self, kind: str, run_dir: Path) -> None:
+        self.kind = kind
+        self._writer: Any = None
+        self._mlflow: Any = None
+        if kind == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise StageFailed(
+                    "federated.tracker 'tensorboard' needs the tensorboard package: "
+                    "pip install tensorboard (or set federated.tracker: none)"
+                ) from None
+            self._writer = SummaryWriter(str(run_dir / "tensorboard"))
+        elif kind == "mlflow":
+            try:
+                import mlflow
+            except ImportError:
+                raise StageFailed(
+                    "federated.tracker 'mlflow' needs the mlflow package: pip install mlflow "
+                    "(or set federated.tracker: none)"
+                ) from None
+            mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
+            mlflow.start_run(run_name=run_dir.name)
+            self._mlflow = mlflow
+
+    def log(self, record: RoundRecord) -> None:
+        """Log one completed round."""
+        values: dict[str, float] = {}
+        if record.train_loss is not None:
+            values["train/loss"] = float(record.train_loss)
+        for site, metrics in sorted(record.eval_metrics.items()):
+            for name, value in sorted(metrics.items()):
+                values[f"{site}/{name}"] = float(value)
+        if self._writer is not None:
+            for key, value in values.items():
+                self._writer.add_scalar(key, value, record.round)
+            self._writer.flush()
+        if self._mlflow is not None:
+            self._mlflow.log_metrics({k.replace("/", "."): v for k, v in values.items()},
+                                     step=record.round)
+
+    def close(self) -> None:
+        """Flush and close the tracker."""
+        if self._writer is not None:
+            self._writer.close()
+        if self._mlflow is not None:
+            self._mlflow.end_run()
+
+
 def round_row(record: RoundRecord, sites: list[str]) -> list[str]:
     """One line of the per-round table: round, replied, train loss, validation AUC per site.
 
@@ -341,15 +409,21 @@ def _run_experiment(
     if resume:
         best.catch_up()
 
+    tracker = RoundTracker(fed.tracker, run_dir)
+
     def _on_round(record: RoundRecord, round_weights: StateDict) -> None:
         best.offer(record, round_weights)
+        tracker.log(record)
         if on_round is not None:
             on_round(record)
 
-    result: FederatedResult = run_federated(
-        federation, weights, run_config, checkpoint_dir=run_dir / "checkpoint", resume=resume,
-        stop_after_round=stop_after_round, on_round=_on_round,
-    )
+    try:
+        result: FederatedResult = run_federated(
+            federation, weights, run_config, checkpoint_dir=run_dir / "checkpoint",
+            resume=resume, stop_after_round=stop_after_round, on_round=_on_round,
+        )
+    finally:
+        tracker.close()
     t_train = time.perf_counter() - t0 - t_prep
     chosen_round = result.completed_rounds
     final_weights = result.weights

@@ -208,8 +208,9 @@ class RunConfig:
         ``local_steps`` (sent in ``fit_config``), ``fraction``, ``min_sites``, ``timeout_s``,
         ``mu`` (the proximal weight, sent only when the algorithm is ``fedprox``), ``server_lr``,
         ``beta1``, ``beta2``, ``tau``, ``fedbn``, and optionally ``max_attempts``,
-        ``evaluate_every``, ``ask_sizes``. ``engine``, ``pca`` and ``select`` (model selection,
-        done by the engine around the loop) are not the loop's business and are ignored.
+        ``evaluate_every``, ``ask_sizes``. ``engine``, ``pca``, ``select`` (model selection) and
+        ``tracker`` (logging), done by the engine around the loop, are not the loop's business
+        and are ignored.
 
         Parameters
         ----------
@@ -234,7 +235,7 @@ class RunConfig:
         known = {
             "algorithm", "rounds", "local_steps", "fraction", "min_sites", "timeout_s", "mu",
             "server_lr", "beta1", "beta2", "tau", "fedbn", "max_attempts", "evaluate_every",
-            "ask_sizes", "engine", "pca", "select",
+            "ask_sizes", "engine", "pca", "select", "tracker",
         }  # fmt: skip
         unknown = sorted(set(settings) - known)
         if unknown:
