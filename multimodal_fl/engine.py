@@ -50,6 +50,7 @@ from multimodal_fl.federated.server import (
 __all__ = [
     "RoundTracker",
     "StageFailed",
+    "gather",
     "inprocess_federation",
     "round_row",
     "run_federated_experiment",
@@ -96,10 +97,34 @@ def inprocess_federation(
     )
 
 
-def _gather(
+def gather(
     federation: Federation, requests: Mapping[str, Request], timeout: float | None,
     *, stage: str, minimum: int,
 ) -> dict[str, Reply]:
+    """Broadcast one stage's requests and keep the good replies, in sorted site order.
+
+    A reply is good when it names the site it went to and answers the request's kind;
+    anything else (a :class:`SiteFailure`, a stray reply) is logged with its reason.
+
+    Parameters
+    ----------
+    federation : Federation
+    requests : mapping of site to Request
+    timeout : float or None
+    stage : str
+        Named in logs and errors.
+    minimum : int
+        Good replies needed.
+
+    Returns
+    -------
+    dict of str to Reply
+
+    Raises
+    ------
+    StageFailed
+        With fewer than ``minimum`` good replies; the message gives each failed site's reason.
+    """
     replies = federation.broadcast(requests, timeout)
     good: dict[str, Reply] = {}
     failed: dict[str, str] = {}
@@ -128,7 +153,7 @@ def _standardise(
     if not keys:
         return {}
     prefix = keys[0][: -len("mean")]
-    replies = _gather(
+    replies = gather(
         federation, {s: Request("moments", 0) for s in sites}, cfg.federated.timeout_s,
         stage="moments", minimum=cfg.federated.min_sites,
     )
@@ -399,7 +424,7 @@ def _run_experiment(
         pca, pca_doc = run_pca_stage(federation, cfg, sites)
         save_file(projection_arrays(pca), str(run_dir / "pca.safetensors"),
                   metadata={"modality": pca_doc["modality"]})
-    init = _gather(federation, {sites[0]: Request("init", 0)}, fed.timeout_s, stage="init",
+    init = gather(federation, {sites[0]: Request("init", 0)}, fed.timeout_s, stage="init",
                    minimum=1)
     weights = dict(init[sites[0]].weights)
     standardisation = _standardise(federation, weights, sites, cfg)
@@ -450,7 +475,7 @@ def _run_experiment(
         writer.write_metrics(doc)
         return RunOutcome(run_dir, _jsonable({"engine": engine, **doc}))
 
-    final = _gather(
+    final = gather(
         federation,
         {s: Request("predict", result.completed_rounds, weights=final_weights,
                     config={"engine": engine, "fedbn": fed.fedbn}) for s in sites},

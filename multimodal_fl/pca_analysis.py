@@ -37,13 +37,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from multimodal_fl.engine import gather
 from multimodal_fl.federated.messages import Request
 from multimodal_fl.federated.pca import FederatedPCA
 from multimodal_fl.pca_stage import (
     PCA_SCORES,
     STANDARDIZE_MEAN,
     STANDARDIZE_SCALE,
-    _good_replies,
     federated_pca,
     projection_arrays,
 )
@@ -120,8 +120,7 @@ def _pooled_standardisation(
     from multimodal_fl.encoders.tabular import Standardizer, combine_moments
 
     requests = {s: Request("moments", 0, config={"split": "all"}) for s in sites}
-    good = _good_replies(federation.broadcast(requests, timeout), requests, stage="moments",
-                         minimum=1)
+    good = gather(federation, requests, timeout, stage="moments", minimum=1)
     moments = [(r.arrays["n"], r.arrays["sum"], r.arrays["sumsq"]) for r in good.values()]
     std = Standardizer.from_moments(*combine_moments(moments))
     return std.mean.numpy().astype(np.float64), std.scale.numpy().astype(np.float64)
@@ -241,8 +240,7 @@ def run_pca_analysis(
         weights.update({STANDARDIZE_MEAN: std[0], STANDARDIZE_SCALE: std[1]})
     requests = {s: Request(PCA_SCORES, 0, weights=weights,
                            config={"modality": features, "split": "all"}) for s in pca.site_names_}
-    good = _good_replies(federation.broadcast(requests, timeout), requests, stage=PCA_SCORES,
-                         minimum=1)
+    good = gather(federation, requests, timeout, stage=PCA_SCORES, minimum=1)
 
     d = int(pca.n_features_in_)
     site_docs: dict[str, Any] = {}

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from multimodal_fl.federated.messages import ConfigValue, Reply, Request
+from multimodal_fl.engine import gather
+from multimodal_fl.federated.messages import ConfigValue, Request
 from multimodal_fl.federated.pca import FederatedPCA, server_pca_merge
 
 if TYPE_CHECKING:
@@ -346,28 +347,6 @@ def apply_pca_stage(
     return {name: project_site_data(sd, modality, arrays) for name, sd in site_data.items()}
 
 
-def _good_replies(
-    replies: Mapping[str, Any], requests: Mapping[str, Request], *, stage: str, minimum: int
-) -> dict[str, Reply]:
-    from multimodal_fl.engine import StageFailed
-
-    good: dict[str, Reply] = {}
-    failed: dict[str, str] = {}
-    for site in sorted(requests):
-        reply = replies.get(site)
-        if isinstance(reply, Reply) and reply.site == site and reply.kind == requests[site].kind:
-            good[site] = reply
-        else:
-            failed[site] = getattr(reply, "reason", None) or f"bad reply {reply!r}"
-            log.warning("stage %s: site %s failed: %s", stage, site, failed[site])
-    if len(good) < minimum:
-        detail = "; ".join(f"{s}: {r}" for s, r in failed.items()) or "no sites"
-        raise StageFailed(
-            f"stage '{stage}': {len(good)} site(s) replied, at least {minimum} needed ({detail})"
-        )
-    return good
-
-
 def federated_pca(
     federation: Federation,
     sites: list[str],
@@ -419,8 +398,7 @@ def federated_pca(
         weights = {STANDARDIZE_MEAN: np.asarray(standardize[0], dtype=np.float64),
                    STANDARDIZE_SCALE: np.asarray(standardize[1], dtype=np.float64)}
     requests = {s: Request(PCA, 0, weights=weights, config=config) for s in sites}
-    good = _good_replies(federation.broadcast(requests, timeout), requests, stage=PCA,
-                         minimum=minimum)
+    good = gather(federation, requests, timeout, stage=PCA, minimum=minimum)
     pca = server_pca_merge({s: r.arrays for s, r in good.items()}, n_components, whiten=whiten)
     pca.set_params(site_rank=site_rank)
     pca.site_n_ = {s: int(r.n_samples) for s, r in good.items()}
@@ -466,8 +444,8 @@ def run_pca_stage(
     arrays = projection_arrays(pca)
     requests = {s: Request(PCA_APPLY, 0, weights=arrays, config={"modality": modality})
                 for s in sites}
-    applied = _good_replies(federation.broadcast(requests, fed.timeout_s), requests,
-                            stage=PCA_APPLY, minimum=fed.min_sites)
+    applied = gather(federation, requests, fed.timeout_s, stage=PCA_APPLY,
+                     minimum=fed.min_sites)
     doc: dict[str, Any] = {
         "modality": modality,
         "n_features": int(pca.n_features_in_),
