@@ -425,7 +425,7 @@ def _run_experiment(
         save_file(projection_arrays(pca), str(run_dir / "pca.safetensors"),
                   metadata={"modality": pca_doc["modality"]})
     init = gather(federation, {sites[0]: Request("init", 0)}, fed.timeout_s, stage="init",
-                   minimum=1)
+                  minimum=1)
     weights = dict(init[sites[0]].weights)
     standardisation = _standardise(federation, weights, sites, cfg)
 
