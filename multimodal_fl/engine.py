@@ -31,6 +31,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -326,24 +327,6 @@ def round_row(record: RoundRecord, sites: list[str]) -> list[str]:
     return cells
 
 
-def _history_doc(history: list[RoundRecord]) -> list[dict[str, Any]]:
-    return [
-        {
-            "round": r.round,
-            "replied": r.replied,
-            "failed": r.failed,
-            "rejected": r.rejected,
-            "n_samples": r.n_samples,
-            "train_loss": r.train_loss,
-            "fit_metrics": r.fit_metrics,
-            "eval_metrics": r.eval_metrics,
-            "seconds": r.seconds,
-            "server_seconds": r.server_seconds,
-        }
-        for r in history
-    ]
-
-
 def run_federated_experiment(
     cfg: ExperimentConfig,
     out_dir: str | os.PathLike[str] | None = None,
@@ -462,7 +445,7 @@ def _run_experiment(
                                            sort_keys=True)})
     doc: dict[str, Any] = {
         "seed": cfg.seed,
-        "rounds": _history_doc(result.history),
+        "rounds": [asdict(r) for r in result.history],
         "completed_rounds": result.completed_rounds,
         "selected_round": chosen_round,
         "selection": fed.select,
