@@ -35,7 +35,7 @@ import sklearn
 from sklearn.decomposition import PCA
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from multimodal_fl.federated.pca import FederatedPCA, local_summary, subspace_error
+from multimodal_fl.federated.pca import SVD_SOLVERS, FederatedPCA, local_summary, subspace_error
 
 SITE_SHARES = (0.4, 0.3, 0.2, 0.1)
 
@@ -81,17 +81,19 @@ def make_data(n: int, d: int, sites: int, seed: int) -> list[np.ndarray]:
     return out
 
 
-def time_federated(sites: list[np.ndarray], k: int) -> tuple[float, float, FederatedPCA]:
+def time_federated(
+    sites: list[np.ndarray], k: int, solver: str
+) -> tuple[float, float, FederatedPCA]:
     """Whole federated time, parallel-site time, and the fitted estimator."""
     start = time.perf_counter()
     site_times = []
     summaries = []
     for x in sites:
         t0 = time.perf_counter()
-        summaries.append(local_summary(x))
+        summaries.append(local_summary(x, svd_solver=solver))
         site_times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
-    est = FederatedPCA(k).fit_from_summaries(summaries)
+    est = FederatedPCA(k, svd_solver=solver).fit_from_summaries(summaries)
     merge_time = time.perf_counter() - t0
     total = time.perf_counter() - start
     return total, max(site_times) + merge_time, est
@@ -104,20 +106,22 @@ def time_pooled(x: np.ndarray, k: int) -> tuple[float, PCA]:
     return time.perf_counter() - start, est
 
 
-def run_case(n: int, d: int, k: int, n_sites: int, repeats: int, seed: int) -> Row:
+def run_case(
+    n: int, d: int, k: int, n_sites: int, repeats: int, seed: int, solver: str
+) -> Row:
     """Benchmark one size; repeats are interleaved so drift hits both sides alike."""
     sites = make_data(n, d, n_sites, seed)
     pooled_x = np.vstack(sites)
     fed_t, par_t, pool_t = [], [], []
     fed = ref = None
     for _ in range(repeats):
-        total, parallel, fed = time_federated(sites, k)
+        total, parallel, fed = time_federated(sites, k, solver)
         fed_t.append(total)
         par_t.append(parallel)
         t, ref = time_pooled(pooled_x, k)
         pool_t.append(t)
     assert fed is not None and ref is not None
-    summaries = [local_summary(x) for x in sites]
+    summaries = [local_summary(x, svd_solver=solver) for x in sites]
     sent = [s.nbytes for s in summaries]
     raw = [x.nbytes for x in sites]
     big = int(np.argmax([x.shape[0] for x in sites]))
@@ -204,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per size (>= 1)")
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads for both sides")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--svd-solver",
+        choices=SVD_SOLVERS,
+        default="auto",
+        help="FederatedPCA's svd_solver, at the sites and the server (default auto)",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.sites < 1 or args.threads < 1:
         parser.error("--repeats, --sites and --threads must be at least 1")
@@ -211,10 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     with threadpool_limits(limits=args.threads):
         for d in args.d:
             for n in args.n:
-                rows.append(run_case(n, d, args.k, args.sites, args.repeats, args.seed))
+                rows.append(
+                    run_case(n, d, args.k, args.sites, args.repeats, args.seed, args.svd_solver)
+                )
                 print(f"done n={n} d={d}", file=sys.stderr, flush=True)
         env = environment(args.threads)
     print(
+        f"FederatedPCA(svd_solver={args.svd_solver!r}). "
         f"Median of {args.repeats} interleaved repeats; site shares "
         f"{[round(x, 3) for x in site_shares(args.sites)]}. {env}\n"
     )

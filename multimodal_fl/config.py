@@ -432,6 +432,12 @@ class PCAConfig(_Strict):
         default=None, ge=1, description="Truncate each site's summary (None: exact)."
     )
     whiten: bool = Field(default=False, description="Scale components to unit variance.")
+    svd_solver: Literal["auto", "full", "covariance_eigh"] = Field(
+        default="auto",
+        description="How sites and server compute S·Vᵀ: full (QR + SVD), covariance_eigh "
+        "(d×d scatter + eigh: faster, squares the condition number), auto (covariance_eigh "
+        "when rows >= features).",
+    )
 
 
 class FederatedConfig(_Strict):

@@ -62,7 +62,8 @@ log = logging.getLogger(__name__)
 FloatArray = npt.NDArray[np.float64]
 
 PCA = "pca"
-"""Request kind: a site's PCA summary of one modality (``config``: modality, site_rank, split)."""
+"""Request kind: a site's PCA summary of one modality (``config``: modality, site_rank,
+svd_solver, split)."""
 PCA_APPLY = "pca_apply"
 """Request kind: replace a modality's embeddings by their projection (``weights``: the
 :func:`projection_arrays`; ``config``: modality)."""
@@ -299,7 +300,8 @@ def fit_pca_stage(cfg: ExperimentConfig, site_data: Mapping[str, SiteData]) -> F
     Parameters
     ----------
     cfg : ExperimentConfig
-        ``federated.pca`` gives modality, ``n_components``, ``site_rank`` and ``whiten``.
+        ``federated.pca`` gives modality, ``n_components``, ``site_rank``, ``whiten`` and
+        ``svd_solver``.
     site_data : mapping of site name to SiteData
 
     Returns
@@ -321,7 +323,9 @@ def fit_pca_stage(cfg: ExperimentConfig, site_data: Mapping[str, SiteData]) -> F
         arrays.append(x)
     if not arrays:
         raise ValueError(f"PCA stage: no site has {modality} in its training split")
-    pca = FederatedPCA(p.n_components, site_rank=p.site_rank, whiten=p.whiten).fit_sites(arrays)
+    pca = FederatedPCA(
+        p.n_components, site_rank=p.site_rank, whiten=p.whiten, svd_solver=p.svd_solver
+    ).fit_sites(arrays)
     pca.site_names_ = names
     return pca
 
@@ -355,6 +359,7 @@ def federated_pca(
     n_components: int | None,
     site_rank: int | None = None,
     whiten: bool = False,
+    svd_solver: str = "auto",
     split: str = "train",
     standardize: tuple[npt.ArrayLike, npt.ArrayLike] | None = None,
     timeout: float | None = None,
@@ -376,6 +381,8 @@ def federated_pca(
         Truncation at the sites (None: exact).
     whiten : bool
         Passed to :class:`FederatedPCA`.
+    svd_solver : {"auto", "full", "covariance_eigh"}
+        Solver at the sites (sent with the request) and at the server.
     split : str
         Which split the sites summarise (``train`` for the stage, ``all`` for the analysis).
     standardize : (mean, scale) or None
@@ -392,14 +399,15 @@ def federated_pca(
         (rows each site summarised) are set.
     """
     config: dict[str, ConfigValue] = {"modality": modality, "site_rank": int(site_rank or 0),
-                                      "split": split}
+                                      "svd_solver": svd_solver, "split": split}
     weights: dict[str, np.ndarray] = {}
     if standardize is not None:
         weights = {STANDARDIZE_MEAN: np.asarray(standardize[0], dtype=np.float64),
                    STANDARDIZE_SCALE: np.asarray(standardize[1], dtype=np.float64)}
     requests = {s: Request(PCA, 0, weights=weights, config=config) for s in sites}
     good = gather(federation, requests, timeout, stage=PCA, minimum=minimum)
-    pca = server_pca_merge({s: r.arrays for s, r in good.items()}, n_components, whiten=whiten)
+    pca = server_pca_merge({s: r.arrays for s, r in good.items()}, n_components, whiten=whiten,
+                           svd_solver=svd_solver)
     pca.set_params(site_rank=site_rank)
     pca.site_n_ = {s: int(r.n_samples) for s, r in good.items()}
     return pca
@@ -439,7 +447,8 @@ def run_pca_stage(
     p = fed.pca
     pca = federated_pca(
         federation, sites, modality=modality, n_components=p.n_components,
-        site_rank=p.site_rank, whiten=p.whiten, timeout=fed.timeout_s, minimum=fed.min_sites,
+        site_rank=p.site_rank, whiten=p.whiten, svd_solver=p.svd_solver, timeout=fed.timeout_s,
+        minimum=fed.min_sites,
     )
     arrays = projection_arrays(pca)
     requests = {s: Request(PCA_APPLY, 0, weights=arrays, config={"modality": modality})

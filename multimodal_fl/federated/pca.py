@@ -57,12 +57,14 @@ from multimodal_fl.federated.messages import InvalidReply
 
 __all__ = [
     "SUMMARY_KEYS",
+    "SVD_SOLVERS",
     "FederatedPCA",
     "PCASummary",
     "SummaryError",
     "TruncationWarning",
     "local_summary",
     "merge",
+    "resolve_solver",
     "server_pca_merge",
     "site_pca_reply",
     "subspace_error",
@@ -119,13 +121,59 @@ def _where(site: Site) -> str:
 # --------------------------------------------------------------------------- linear algebra
 
 
-def _right_svd(a: FloatArray, *, overwrite: bool = False) -> tuple[FloatArray, FloatArray]:
+SVD_SOLVERS: tuple[str, ...] = ("auto", "full", "covariance_eigh")
+"""Accepted ``svd_solver`` values (as scikit-learn's PCA names them)."""
+
+
+def _check_solver(svd_solver: Any) -> str:
+    if not isinstance(svd_solver, str) or svd_solver not in SVD_SOLVERS:
+        raise ValueError(
+            f"svd_solver={svd_solver!r}; expected one of {', '.join(map(repr, SVD_SOLVERS))}"
+        )
+    return svd_solver
+
+
+def resolve_solver(svd_solver: str, n_rows: int, n_features: int) -> str:
+    """The solver ``"auto"`` picks for an ``(n_rows, n_features)`` matrix.
+
+    ``covariance_eigh`` when ``n_rows >= n_features`` (the decomposition then works on a
+    ``d × d`` matrix either way, and the Gram matrix plus a symmetric eigensolver costs
+    about half of a QR plus an SVD), otherwise ``full``.
+
+    Parameters
+    ----------
+    svd_solver : {"auto", "full", "covariance_eigh"}
+        The requested solver.
+    n_rows, n_features : int
+        Shape of the matrix to decompose.
+
+    Returns
+    -------
+    str
+        ``"full"`` or ``"covariance_eigh"``.
+    """
+    solver = _check_solver(svd_solver)
+    if solver == "auto":
+        return "covariance_eigh" if n_rows >= n_features else "full"
+    return solver
+
+
+def _right_svd(
+    a: FloatArray, *, overwrite: bool = False, svd_solver: str = "full"
+) -> tuple[FloatArray, FloatArray]:
     """Singular values and right singular vectors of ``a``, signs fixed.
 
-    For tall matrices the left factor is never formed: a Householder QR reduces
-    ``a`` to its ``(d, d)`` triangle ``R`` (same singular values and right
-    vectors), then ``R`` is decomposed. Signs follow scikit-learn's PCA
-    (``svd_flip`` on the rows of ``Vt``).
+    The left factor is never formed. With ``full``, tall matrices are first
+    reduced by a Householder QR to their ``(d, d)`` triangle ``R`` (same
+    singular values and right vectors), then ``R`` (or a wide ``a``) goes to
+    LAPACK's ``gesdd``. With ``covariance_eigh``, the Gram matrix ``aᵀa`` goes to
+    LAPACK's symmetric divide-and-conquer eigensolver (``syevd``); singular
+    values are the square roots of its eigenvalues (negative rounding noise set
+    to 0). That is about twice as fast and as accurate in absolute terms
+    (``‖aᵀa‖·ε``), but a singular value ``σ_i`` loses about
+    ``log10(σ_1² / σ_i²)`` digits instead of ``log10(σ_1 / σ_i)``: the condition
+    number is squared, as for scikit-learn's ``PCA(svd_solver="covariance_eigh")``.
+    Signs follow scikit-learn's PCA (``svd_flip`` on the rows of ``Vt``).
 
     Parameters
     ----------
@@ -134,6 +182,8 @@ def _right_svd(a: FloatArray, *, overwrite: bool = False) -> tuple[FloatArray, F
     overwrite : bool, default=False
         Allow LAPACK to overwrite ``a`` (saves a copy when ``a`` is a
         Fortran-ordered temporary).
+    svd_solver : {"auto", "full", "covariance_eigh"}, default="full"
+        See :func:`resolve_solver` for ``auto``.
 
     Returns
     -------
@@ -145,6 +195,15 @@ def _right_svd(a: FloatArray, *, overwrite: bool = False) -> tuple[FloatArray, F
     m, d = a.shape
     if m == 0:
         return np.zeros(0), np.zeros((0, d))
+    solver = resolve_solver(svd_solver, m, d)
+    if solver == "covariance_eigh":
+        gram = a.T @ a  # numpy calls BLAS syrk for this product
+        w, v = linalg.eigh(gram, overwrite_a=True, check_finite=False, driver="evd")
+        r = min(m, d)
+        s = np.sqrt(np.maximum(w[::-1][:r], 0.0))
+        vt = np.ascontiguousarray(v[:, ::-1][:, :r].T)
+        _u, vt = svd_flip(None, vt, u_based_decision=False)
+        return s, vt
     if m > d:
         lwork_query, info = lapack.dgeqrf_lwork(m, d)
         lwork = max(int(lwork_query), 1) if info == 0 else max(3 * d, 1)
@@ -373,7 +432,13 @@ def _check_rank(site_rank: Any) -> int | None:
     return int(site_rank)
 
 
-def local_summary(X: Any, site_rank: int | None = None, *, site: Site = None) -> PCASummary:
+def local_summary(
+    X: Any,
+    site_rank: int | None = None,
+    *,
+    svd_solver: str = "auto",
+    site: Site = None,
+) -> PCASummary:
     """Summarise one site's data for federated PCA (runs at the site).
 
     Parameters
@@ -383,6 +448,11 @@ def local_summary(X: Any, site_rank: int | None = None, *, site: Site = None) ->
     site_rank : int or None, default=None
         Keep at most this many rows of ``S · Vᵀ``; None keeps ``min(n, d)``
         (exact).
+    svd_solver : {"auto", "full", "covariance_eigh"}, default="auto"
+        How ``S · Vᵀ`` is computed: ``full`` (QR then SVD), ``covariance_eigh``
+        (eigendecomposition of the ``d × d`` scatter matrix; faster, squares the
+        condition number) or ``auto`` (``covariance_eigh`` when ``n >= d``); see
+        :func:`resolve_solver`.
     site : str, int or None, default=None
         Named in error messages.
 
@@ -393,13 +463,14 @@ def local_summary(X: Any, site_rank: int | None = None, *, site: Site = None) ->
         dropped squared singular value as ``discarded_norm``.
     """
     rank = _check_rank(site_rank)
+    solver = _check_solver(svd_solver)
     x = _check_site_array(X, site)
     n, d = x.shape
     mean = x.mean(axis=0)
     centred = np.empty((n, d), dtype=np.float64, order="F")
     np.subtract(x, mean, out=centred)
-    s, vt = _right_svd(centred, overwrite=True)
-    total_ss = float(s @ s)
+    total_ss = float(np.einsum("ij,ij->", centred, centred))
+    s, vt = _right_svd(centred, overwrite=True, svd_solver=solver)
     discarded = 0.0
     if rank is not None and rank < s.shape[0]:
         discarded = float(s[rank] ** 2)
@@ -409,7 +480,7 @@ def local_summary(X: Any, site_rank: int | None = None, *, site: Site = None) ->
     )
 
 
-def merge(summaries: Sequence[PCASummary]) -> PCASummary:
+def merge(summaries: Sequence[PCASummary], *, svd_solver: str = "auto") -> PCASummary:
     """Merge site (or already merged) summaries into one, with one SVD.
 
     Summaries are added left to right: when summary ``b`` joins the running
@@ -422,6 +493,9 @@ def merge(summaries: Sequence[PCASummary]) -> PCASummary:
     ----------
     summaries : sequence of PCASummary
         At least one, all with the same number of features.
+    svd_solver : {"auto", "full", "covariance_eigh"}, default="auto"
+        How the SVD of the stacked rows is computed (see :func:`resolve_solver`;
+        ``auto`` uses the ``d × d`` Gram matrix when there are at least ``d`` rows).
 
     Returns
     -------
@@ -435,6 +509,7 @@ def merge(summaries: Sequence[PCASummary]) -> PCASummary:
         from the first one's (names the index).
     """
     items = list(summaries)
+    solver = _check_solver(svd_solver)
     if not items:
         raise ValueError("merge needs at least one PCASummary; got none")
     for i, item in enumerate(items):
@@ -464,7 +539,7 @@ def merge(summaries: Sequence[PCASummary]) -> PCASummary:
         mean_run = mean_run + (item.n / n_new) * (item.mean - mean_run)
         n_run = n_new
     stacked = np.vstack(rows)
-    s, vt = _right_svd(np.asfortranarray(stacked), overwrite=True)
+    s, vt = _right_svd(np.asfortranarray(stacked), overwrite=True, svd_solver=solver)
     return PCASummary(
         n=n_run, mean=mean_run, block=s[:, None] * vt, total_ss=total, discarded_norm=discarded
     )
@@ -514,6 +589,13 @@ class FederatedPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         (reported in ``truncated_`` and ``subspace_error_bound_``).
     whiten : bool, default=False
         Scale transformed components to unit variance, as scikit-learn's PCA.
+    svd_solver : {"auto", "full", "covariance_eigh"}, default="auto"
+        How sites and the server compute ``S · Vᵀ``: ``full`` (QR then LAPACK
+        SVD), ``covariance_eigh`` (symmetric eigensolver on the ``d × d`` scatter
+        matrix: about twice as fast, but it squares the condition number, so
+        components whose variance is below about ``1e-8`` of the first lose
+        digits), or ``auto`` (``covariance_eigh`` wherever a matrix has at least
+        as many rows as features, else ``full``), as scikit-learn's PCA names them.
 
     Attributes
     ----------
@@ -562,15 +644,19 @@ class FederatedPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         *,
         site_rank: int | None = None,
         whiten: bool = False,
+        svd_solver: str = "auto",
     ) -> None:
         self.n_components = n_components
         self.site_rank = site_rank
         self.whiten = whiten
+        self.svd_solver = svd_solver
 
     # ----------------------------------------------------------- protocol halves
 
     def local_summary(self, X: Any, *, site: Site = None) -> PCASummary:
-        """Summarise one site's data with this estimator's ``site_rank`` (needs no fit).
+        """Summarise one site's data with this estimator's ``site_rank`` and ``svd_solver``.
+
+        Needs no fit.
 
         Parameters
         ----------
@@ -583,11 +669,10 @@ class FederatedPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         -------
         PCASummary
         """
-        return local_summary(X, self.site_rank, site=site)
+        return local_summary(X, self.site_rank, svd_solver=self.svd_solver, site=site)
 
-    @staticmethod
-    def merge(summaries: Sequence[PCASummary]) -> PCASummary:
-        """Merge summaries; see the module-level :func:`merge`.
+    def merge(self, summaries: Sequence[PCASummary]) -> PCASummary:
+        """Merge summaries with this estimator's ``svd_solver``; see :func:`merge`.
 
         Parameters
         ----------
@@ -598,7 +683,7 @@ class FederatedPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         -------
         PCASummary
         """
-        return merge(summaries)
+        return merge(summaries, svd_solver=self.svd_solver)
 
     # ----------------------------------------------------------------- fitting
 
@@ -615,7 +700,7 @@ class FederatedPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         self
         """
         self._validate_params_()
-        merged = merge(summaries)
+        merged = merge(summaries, svd_solver=self.svd_solver)
         if hasattr(self, "feature_names_in_"):
             del self.feature_names_in_
         self._fit_merged(merged)
@@ -638,7 +723,7 @@ class FederatedPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         if not hasattr(self, "summary_"):
             return self.fit_from_summaries([summary])
         self._validate_params_()
-        self._fit_merged(merge([self.summary_, summary]))
+        self._fit_merged(merge([self.summary_, summary], svd_solver=self.svd_solver))
         return self
 
     def partial_fit(self, X: Any, y: Any = None) -> FederatedPCA:
@@ -685,10 +770,13 @@ class FederatedPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
                     f"data has {arr.shape[1]} features but site 0 has {arrays[0].shape[1]}; "
                     "all sites must share the feature space",
                 )
-        summaries = [local_summary(x, self.site_rank, site=i) for i, x in enumerate(arrays)]
+        summaries = [
+            local_summary(x, self.site_rank, svd_solver=self.svd_solver, site=i)
+            for i, x in enumerate(arrays)
+        ]
         if hasattr(self, "feature_names_in_"):
             del self.feature_names_in_
-        self._fit_merged(merge(summaries))
+        self._fit_merged(merge(summaries, svd_solver=self.svd_solver))
         return self
 
     def fit(self, X: Any, y: Any = None) -> FederatedPCA:
@@ -718,6 +806,7 @@ class FederatedPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1):
             raise ValueError(f"n_components={k!r}; a positive integer or None is expected")
         _check_rank(self.site_rank)
+        _check_solver(self.svd_solver)
         if not isinstance(self.whiten, bool | np.bool_):
             raise ValueError(f"whiten={self.whiten!r}; True or False is expected")
 
@@ -837,7 +926,9 @@ def _davis_kahan_bound(eigs: FloatArray, k: int, err_norm: float) -> float:
 # --------------------------------------------------------------------------- protocol helpers
 
 
-def site_pca_reply(X: Any, site_rank: int | None = None) -> dict[str, np.ndarray]:
+def site_pca_reply(
+    X: Any, site_rank: int | None = None, *, svd_solver: str = "auto"
+) -> dict[str, np.ndarray]:
     """A site's reply to a PCA request: its summary as a dict of numpy arrays.
 
     Parameters
@@ -846,13 +937,15 @@ def site_pca_reply(X: Any, site_rank: int | None = None) -> dict[str, np.ndarray
         The site's data (stays at the site).
     site_rank : int or None, default=None
         See :func:`local_summary`.
+    svd_solver : {"auto", "full", "covariance_eigh"}, default="auto"
+        See :func:`local_summary`.
 
     Returns
     -------
     dict of str to ndarray
         Keys :data:`SUMMARY_KEYS`.
     """
-    return local_summary(X, site_rank).to_arrays()
+    return local_summary(X, site_rank, svd_solver=svd_solver).to_arrays()
 
 
 def server_pca_merge(
@@ -860,6 +953,7 @@ def server_pca_merge(
     n_components: int | None = None,
     *,
     whiten: bool = False,
+    svd_solver: str = "auto",
 ) -> FederatedPCA:
     """Check the sites' replies, merge them in sorted site order, fit.
 
@@ -871,6 +965,8 @@ def server_pca_merge(
         Components to keep.
     whiten : bool, default=False
         Passed to :class:`FederatedPCA`.
+    svd_solver : {"auto", "full", "covariance_eigh"}, default="auto"
+        Solver of the server's merge (see :func:`merge`).
 
     Returns
     -------
@@ -898,7 +994,7 @@ def server_pca_merge(
                 f"PCA summary has {summaries[-1].n_features} features but site {names[0]!r} has "
                 f"{summaries[0].n_features}; all sites must share the feature space",
             )
-    est = FederatedPCA(n_components, whiten=whiten)
+    est = FederatedPCA(n_components, whiten=whiten, svd_solver=svd_solver)
     est.fit_from_summaries(summaries)
     est.site_names_ = list(names)
     est.site_bytes_ = {name: s.nbytes for name, s in zip(names, summaries, strict=True)}

@@ -18,9 +18,10 @@ Request kinds it answers:
     features (federated standardisation).
 ``pca``
     A :func:`~multimodal_fl.federated.pca.site_pca_reply` of one modality's rows
-    (``config``: ``modality``, ``site_rank`` (0: exact), ``split`` (default ``train``); for
-    ``tabular`` the request's arrays carry the pooled standardisation), see
-    :func:`multimodal_fl.pca_stage.site_matrix`. Always from the data as loaded.
+    (``config``: ``modality``, ``site_rank`` (0: exact), ``svd_solver`` (default ``auto``),
+    ``split`` (default ``train``); for ``tabular`` the request's arrays carry the pooled
+    standardisation), see :func:`multimodal_fl.pca_stage.site_matrix`. Always from the data
+    as loaded.
 ``pca_apply``
     Replace the modality's embeddings by their projection (request arrays ``mean``,
     ``components``, ``scale``) and rebuild the model (its input width is now ``k``): the
@@ -248,7 +249,8 @@ class FusionSite:
     def _on_pca(self, request: Request) -> Reply:
         _, x = self._pca_rows(request)
         rank = request.config.get("site_rank")
-        reply = site_pca_reply(x, None if rank in (None, 0) else int(rank))
+        solver = str(request.config.get("svd_solver", "auto"))
+        reply = site_pca_reply(x, None if rank in (None, 0) else int(rank), svd_solver=solver)
         return self._reply(request, n_samples=int(x.shape[0]), arrays=reply)
 
     def _on_pca_apply(self, request: Request) -> Reply:
