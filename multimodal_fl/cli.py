@@ -287,6 +287,21 @@ def pca_cmd(
     n_components: Annotated[
         int | None, typer.Option("--n-components", help="Components to keep (default 10).")
     ] = None,
+    site_rank: Annotated[
+        int | None,
+        typer.Option(
+            "--site-rank", min=1,
+            help="Rows of S·Vᵀ each site sends (default: all, exact). Fewer send less and "
+            "reveal less; the error this causes is bounded and reported.",
+        ),
+    ] = None,
+    svd_solver: Annotated[
+        str,
+        typer.Option(
+            "--svd-solver",
+            help="auto | full | covariance_eigh (full keeps tiny variances accurate).",
+        ),
+    ] = "auto",
     set_: SetOpt = None,
 ) -> None:
     """Federated PCA of one feature space: how do the sites' cohorts differ?
@@ -299,14 +314,18 @@ def pca_cmd(
 
     from multimodal_fl.config import ExperimentConfig
     from multimodal_fl.data.errors import DataError
+    from multimodal_fl.federated.pca import SVD_SOLVERS
     from multimodal_fl.pca_analysis import FEATURES, run_pca_analysis
 
     if features not in FEATURES:
         fail(f"--features {features!r}: expected one of {', '.join(FEATURES)}")
+    if svd_solver not in SVD_SOLVERS:
+        fail(f"--svd-solver {svd_solver!r}: expected one of {', '.join(SVD_SOLVERS)}")
     cfg = _load(config, set_)
     assert isinstance(cfg, ExperimentConfig)
     try:
-        result = run_pca_analysis(cfg, features, out, n_components=n_components)
+        result = run_pca_analysis(cfg, features, out, n_components=n_components,
+                                  site_rank=site_rank, svd_solver=svd_solver)
     except (DataError, ValueError, RuntimeError) as exc:
         fail(f"{type(exc).__name__}: {exc}")
     doc = result.document

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ import numpy.typing as npt
 
 from multimodal_fl.engine import gather
 from multimodal_fl.federated.messages import Request
-from multimodal_fl.federated.pca import FederatedPCA
+from multimodal_fl.federated.pca import FederatedPCA, TruncationWarning
 from multimodal_fl.pca_stage import (
     PCA_SCORES,
     STANDARDIZE_MEAN,
@@ -162,6 +163,8 @@ def run_pca_analysis(
     out_dir: str | os.PathLike[str],
     *,
     n_components: int | None = None,
+    site_rank: int | None = None,
+    svd_solver: str = "auto",
     n_bins: int = 40,
     federation: Federation | None = None,
     cohorts: Mapping[str, Any] | None = None,
@@ -180,6 +183,12 @@ def run_pca_analysis(
         ``out_dir/cache`` unless ``data.cache_dir`` is set.
     n_components : int or None
         Components to keep (default ``min(10, n, d)``).
+    site_rank : int or None
+        Rows of ``S·Vᵀ`` each site sends (None: exact, ``min(n, d)``). Fewer rows send fewer
+        bytes and reveal less; the fit is then approximate, and ``pca.json`` carries the
+        variance dropped and a bound on the error of the components (``truncation``).
+    svd_solver : {"auto", "full", "covariance_eigh"}
+        How sites and server compute ``S·Vᵀ`` (:class:`FederatedPCA`).
     n_bins : int, default 40
         Histogram bins per component over ± 4 pooled standard deviations.
     federation : Federation or None
@@ -206,6 +215,8 @@ def run_pca_analysis(
         raise ValueError(f"n_bins={n_bins}; at least 2 histogram bins are needed")
     if n_components is not None and n_components < 1:
         raise ValueError(f"--n-components {n_components}; a positive integer is expected")
+    if site_rank is not None and site_rank < 1:
+        raise ValueError(f"--site-rank {site_rank}; a positive integer is expected")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     acfg = analysis_config(cfg, features)
@@ -219,16 +230,21 @@ def run_pca_analysis(
     timeout = cfg.federated.timeout_s
     std = _pooled_standardisation(federation, sites, timeout) if features == "tabular" else None
 
-    full = federated_pca(federation, sites, modality=features, n_components=None, split="all",
-                         standardize=std, timeout=timeout, minimum=1)
-    limit = int(full.n_components_)
-    k = min(DEFAULT_COMPONENTS, limit) if n_components is None else int(n_components)
-    if k > limit:
-        raise ValueError(
-            f"--n-components {k}: the pooled data has n={full.n_samples_} rows and "
-            f"d={full.n_features_in_} features, so at most {limit} components"
-        )
-    pca = FederatedPCA(k).fit_from_summaries([full.summary_])
+    with warnings.catch_warnings():  # reported in pca.json's notes and "truncation"
+        warnings.simplefilter("ignore", TruncationWarning)
+        full = federated_pca(federation, sites, modality=features, n_components=None,
+                             site_rank=site_rank, svd_solver=svd_solver, split="all",
+                             standardize=std, timeout=timeout, minimum=1)
+        limit = int(full.n_components_)
+        k = min(DEFAULT_COMPONENTS, limit) if n_components is None else int(n_components)
+        if k > limit:
+            rows = "" if site_rank is None else f" and the sites sent at most {site_rank} rows each"
+            raise ValueError(
+                f"--n-components {k}: the pooled data has n={full.n_samples_} rows and "
+                f"d={full.n_features_in_} features{rows}, so at most {limit} components"
+            )
+        pca = FederatedPCA(k, site_rank=site_rank, svd_solver=svd_solver)
+        pca.fit_from_summaries([full.summary_])
     pca.site_names_, pca.site_bytes_, pca.site_n_ = full.site_names_, full.site_bytes_, full.site_n_
 
     arrays = projection_arrays(pca)
@@ -255,14 +271,24 @@ def run_pca_analysis(
             "scores": scores,
             "scores_bytes": int(good[s].arrays["scores_json"].nbytes) if s in good else None,
         }
+    rank_text = "min(n, d)" if site_rank is None else f"min(n, d, {site_rank})"
     notes = [
-        "bytes_sent: the site's PCA summary, 8 * (min(n, d) * d + d + 3) bytes as float64; "
+        f"bytes_sent: the site's PCA summary, 8 * ({rank_text} * d + d + 3) bytes as float64; "
         "raw_bytes: its n x d rows as float64 (8 * n * d)",
         "scores: per component; histogram bins index the 'edges' of that component; scores "
         "outside the edges are counted in the first or last bin; bins hold 0 or at least "
         "evaluation.min_cell patients (merged at the site)",
     ]
-    small = [s for s, row in site_docs.items() if row["n"] <= d]
+    small = [s for s, row in site_docs.items()
+             if row["n"] <= d and (site_rank is None or site_rank >= row["n"])]
+    if pca.truncated_:
+        total = float(pca.summary_.total_ss) / (pca.n_samples_ - 1)
+        notes.append(
+            f"site_rank={site_rank}: the sites dropped {pca.discarded_variance_:.3g} of "
+            f"{total:.3g} total variance "
+            f"({100 * pca.discarded_variance_ / total if total > 0 else 0.0:.2f}%); "
+            f"sin(largest principal angle) to the exact components <= "
+            f"{pca.subspace_error_bound_:.3g}")
     if small:
         notes.append(
             f"sites with n <= d ({', '.join(small)}): the summary is about as large as the data "
@@ -300,6 +326,13 @@ def run_pca_analysis(
         ),
         "edges": edges.tolist(),
         "quantile_levels": list(QUANTILE_LEVELS),
+        "svd_solver": svd_solver,
+        "truncation": {
+            "site_rank": site_rank,
+            "truncated": bool(pca.truncated_),
+            "discarded_variance": float(pca.discarded_variance_),
+            "subspace_error_bound": float(pca.subspace_error_bound_),
+        },
         "sites": site_docs,
         "missing_sites": sorted(set(sites) - set(pca.site_names_)),
         "notes": notes,

@@ -106,3 +106,35 @@ def test_mmfl_pca_rejects_bad_requests(tiny_config: Callable[..., Path], tmp_pat
     big = runner.invoke(app, ["pca", cfg, "--features", "tabular", "--out", str(tmp_path),
                               "--n-components", "100000"])
     assert big.exit_code == 2 and "at most" in big.output
+
+
+def test_mmfl_pca_site_rank_sends_fewer_rows_and_reports_the_error(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    cfg = str(tiny_config("covid_oxygen"))
+    exact_out, trunc_out = tmp_path / "exact", tmp_path / "trunc"
+    args = ["pca", cfg, "--features", "tabular", "--n-components", "2"]
+    exact = runner.invoke(app, [*args, "--out", str(exact_out), "--svd-solver", "full"])
+    assert exact.exit_code == 0, exact.output
+    trunc = runner.invoke(app, [*args, "--out", str(trunc_out), "--site-rank", "3"])
+    assert trunc.exit_code == 0, trunc.output
+    ex = json.loads((exact_out / "pca.json").read_text())
+    tr = json.loads((trunc_out / "pca.json").read_text())
+    assert ex["svd_solver"] == "full" and not ex["truncation"]["truncated"]
+    assert ex["truncation"]["subspace_error_bound"] == 0.0
+    d = tr["n_features"]
+    assert d > 3
+    for s, row in tr["sites"].items():
+        n = row["n"]
+        assert row["bytes_sent"] == 8 * (min(n, d, 3) * d + d + 3)
+        assert row["bytes_sent"] < ex["sites"][s]["bytes_sent"]
+    t = tr["truncation"]
+    assert t["site_rank"] == 3 and t["truncated"] and t["discarded_variance"] > 0
+    # the reported bound holds against the exact components
+    err = subspace_error(np.asarray(tr["components"]), np.asarray(ex["components"]))
+    assert err <= t["subspace_error_bound"]
+    assert "site_rank=3: the sites dropped" in trunc.output
+    bad = runner.invoke(app, [*args, "--out", str(tmp_path / "x"), "--svd-solver", "eig"])
+    assert bad.exit_code == 2 and "auto, full, covariance_eigh" in bad.output
+    zero = runner.invoke(app, [*args, "--out", str(tmp_path / "x"), "--site-rank", "0"])
+    assert zero.exit_code == 2
