@@ -195,15 +195,8 @@ def _right_svd(
     m, d = a.shape
     if m == 0:
         return np.zeros(0), np.zeros((0, d))
-    solver = resolve_solver(svd_solver, m, d)
-    if solver == "covariance_eigh":
-        gram = a.T @ a  # numpy calls BLAS syrk for this product
-        w, v = linalg.eigh(gram, overwrite_a=True, check_finite=False, driver="evd")
-        r = min(m, d)
-        s = np.sqrt(np.maximum(w[::-1][:r], 0.0))
-        vt = np.ascontiguousarray(v[:, ::-1][:, :r].T)
-        _u, vt = svd_flip(None, vt, u_based_decision=False)
-        return s, vt
+    if resolve_solver(svd_solver, m, d) == "covariance_eigh":
+        return _gram_factor(a.T @ a, min(m, d))  # numpy calls BLAS syrk for aᵀa
     if m > d:
         lwork_query, info = lapack.dgeqrf_lwork(m, d)
         lwork = max(int(lwork_query), 1) if info == 0 else max(3 * d, 1)
@@ -217,6 +210,15 @@ def _right_svd(
     _u, s, vt = linalg.svd(
         a, full_matrices=False, overwrite_a=overwrite, check_finite=False, lapack_driver="gesdd"
     )
+    _u, vt = svd_flip(None, vt, u_based_decision=False)
+    return s, vt
+
+
+def _gram_factor(gram: FloatArray, rank: int) -> tuple[FloatArray, FloatArray]:
+    """``s`` and ``vt`` of a matrix from its Gram matrix (overwritten), ``rank`` rows kept."""
+    w, v = linalg.eigh(gram, overwrite_a=True, check_finite=False, driver="evd")
+    s = np.sqrt(np.maximum(w[::-1][:rank], 0.0))
+    vt = np.ascontiguousarray(v[:, ::-1][:, :rank].T)
     _u, vt = svd_flip(None, vt, u_based_decision=False)
     return s, vt
 
@@ -415,13 +417,24 @@ def _check_site_array(X: Any, site: Site) -> FloatArray:
             site, f"data has shape {arr.shape}; at least one sample and one feature are expected"
         )
     arr = np.asarray(arr, dtype=np.float64)
-    if not np.all(np.isfinite(arr)):
+    # a finite sum proves every entry finite (NaN and inf propagate); only an overflowing
+    # or non-finite sum needs the element-wise check (scikit-learn's trick)
+    if not math.isfinite(float(np.sum(arr))) and not np.all(np.isfinite(arr)):
         bad = int(np.count_nonzero(~np.isfinite(arr).all(axis=1)))
         raise SummaryError(
             site,
             f"data contains NaN or infinite values in {bad} row(s); finite values are expected",
         )
     return arr
+
+
+def _check_overflow(total_ss: float, x: FloatArray, site: Site) -> None:
+    if not math.isfinite(total_ss):
+        raise SummaryError(
+            site,
+            f"the data's sum of squares overflows float64 (largest |value| "
+            f"{float(np.max(np.abs(x))):.3g}); rescale the features",
+        )
 
 
 def _check_rank(site_rank: Any) -> int | None:
@@ -463,14 +476,23 @@ def local_summary(
         dropped squared singular value as ``discarded_norm``.
     """
     rank = _check_rank(site_rank)
-    solver = _check_solver(svd_solver)
+    _check_solver(svd_solver)
     x = _check_site_array(X, site)
     n, d = x.shape
     mean = x.mean(axis=0)
-    centred = np.empty((n, d), dtype=np.float64, order="F")
-    np.subtract(x, mean, out=centred)
-    total_ss = float(np.einsum("ij,ij->", centred, centred))
-    s, vt = _right_svd(centred, overwrite=True, svd_solver=solver)
+    if resolve_solver(svd_solver, n, d) == "covariance_eigh":
+        centred = x - mean
+        gram = centred.T @ centred  # BLAS syrk
+        del centred
+        total_ss = float(np.trace(gram))
+        _check_overflow(total_ss, x, site)
+        s, vt = _gram_factor(gram, min(n, d))
+    else:  # QR / SVD want Fortran order
+        centred = np.empty((n, d), dtype=np.float64, order="F")
+        np.subtract(x, mean, out=centred)
+        total_ss = float(np.einsum("ij,ij->", centred, centred))
+        _check_overflow(total_ss, x, site)
+        s, vt = _right_svd(centred, overwrite=True, svd_solver="full")
     discarded = 0.0
     if rank is not None and rank < s.shape[0]:
         discarded = float(s[rank] ** 2)
@@ -539,7 +561,7 @@ def merge(summaries: Sequence[PCASummary], *, svd_solver: str = "auto") -> PCASu
         mean_run = mean_run + (item.n / n_new) * (item.mean - mean_run)
         n_run = n_new
     stacked = np.vstack(rows)
-    s, vt = _right_svd(np.asfortranarray(stacked), overwrite=True, svd_solver=solver)
+    s, vt = _right_svd(stacked, overwrite=True, svd_solver=solver)
     return PCASummary(
         n=n_run, mean=mean_run, block=s[:, None] * vt, total_ss=total, discarded_norm=discarded
     )

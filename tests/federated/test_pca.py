@@ -450,3 +450,12 @@ def test_default_n_components_keeps_what_truncated_summaries_carry() -> None:
         est = FederatedPCA(site_rank=3).fit_sites(sites)
     assert est.n_components_ == 3 + 3 + 1  # two blocks of 3 rows and one correction row
     assert FederatedPCA().fit_sites(sites).n_components_ == 12
+
+
+@pytest.mark.parametrize("svd_solver", SVD_SOLVERS)
+def test_overflowing_data_is_a_clear_error(svd_solver: str) -> None:
+    x = np.random.default_rng(67).normal(size=(10, 3)) * 1e200
+    with pytest.raises(SummaryError, match=r"site 'charite'.*overflows float64.*rescale"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            local_summary(x, svd_solver=svd_solver, site="charite")
