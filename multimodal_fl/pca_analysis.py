@@ -283,12 +283,15 @@ def run_pca_analysis(
              if row["n"] <= d and (site_rank is None or site_rank >= row["n"])]
     if pca.truncated_:
         total = float(pca.summary_.total_ss) / (pca.n_samples_ - 1)
+        bounds = pca.subspace_error_bounds_
+        good = int(np.sum(np.cumprod(bounds <= 0.1)))
         notes.append(
             f"site_rank={site_rank}: the sites dropped {pca.discarded_variance_:.3g} of "
             f"{total:.3g} total variance "
             f"({100 * pca.discarded_variance_ / total if total > 0 else 0.0:.2f}%); "
             f"sin(largest principal angle) to the exact components <= "
-            f"{pca.subspace_error_bound_:.3g}")
+            f"{pca.subspace_error_bound_:.3g} for all {k}; the first {good} are within 0.1 "
+            "(Davis-Kahan bounds per leading components in pca.json 'truncation')")
     if small:
         notes.append(
             f"sites with n <= d ({', '.join(small)}): the summary is about as large as the data "
@@ -332,6 +335,7 @@ def run_pca_analysis(
             "truncated": bool(pca.truncated_),
             "discarded_variance": float(pca.discarded_variance_),
             "subspace_error_bound": float(pca.subspace_error_bound_),
+            "subspace_error_bounds": [float(b) for b in pca.subspace_error_bounds_],
         },
         "sites": site_docs,
         "missing_sites": sorted(set(sites) - set(pca.site_names_)),

@@ -467,6 +467,7 @@ def run_pca_stage(
         "applied": sorted(applied),
         "truncated": bool(pca.truncated_),
         "subspace_error_bound": float(pca.subspace_error_bound_),
+        "subspace_error_bounds": [float(b) for b in pca.subspace_error_bounds_],
     }
     log.info("PCA stage: %s %d -> %d dims, %.1f%% of the variance kept (sites %s)", modality,
              pca.n_features_in_, pca.n_components_, 100 * pca.explained_variance_ratio_.sum(),

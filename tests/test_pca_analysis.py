@@ -132,7 +132,10 @@ def test_mmfl_pca_site_rank_sends_fewer_rows_and_reports_the_error(
     assert t["site_rank"] == 3 and t["truncated"] and t["discarded_variance"] > 0
     # the reported bound holds against the exact components
     err = subspace_error(np.asarray(tr["components"]), np.asarray(ex["components"]))
-    assert err <= t["subspace_error_bound"]
+    assert err <= t["subspace_error_bound"] == t["subspace_error_bounds"][-1]
+    for j, bound in enumerate(t["subspace_error_bounds"], start=1):
+        assert subspace_error(np.asarray(tr["components"][:j]),
+                              np.asarray(ex["components"][:j])) <= bound
     assert "site_rank=3: the sites dropped" in trunc.output
     bad = runner.invoke(app, [*args, "--out", str(tmp_path / "x"), "--svd-solver", "eig"])
     assert bad.exit_code == 2 and "auto, full, covariance_eigh" in bad.output

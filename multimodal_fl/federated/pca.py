@@ -649,6 +649,11 @@ class FederatedPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
     subspace_error_bound_ : float
         Davis–Kahan bound on :func:`subspace_error` between ``components_`` and
         pooled PCA's caused by truncation (0 when exact; float rounding aside).
+    subspace_error_bounds_ : ndarray of shape (n_components_,)
+        The same bound for the leading ``j`` components, ``j = 1 … n_components_``
+        (the last entry is ``subspace_error_bound_``): with truncation, a small
+        gap after component ``k`` can make the bound for all ``k`` vacuous (1) while
+        the leading components, with larger gaps, are still well determined.
 
     Examples
     --------
@@ -873,7 +878,11 @@ class FederatedPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         self.summary_ = merged
         self.truncated_ = merged.discarded_norm > 0.0
         self.discarded_variance_ = merged.residual_ss / (n - 1)
-        self.subspace_error_bound_ = _davis_kahan_bound(s**2, k, merged.discarded_norm)
+        eigs = s**2
+        self.subspace_error_bounds_ = np.array(
+            [_davis_kahan_bound(eigs, j, merged.discarded_norm) for j in range(1, k + 1)]
+        )
+        self.subspace_error_bound_ = float(self.subspace_error_bounds_[-1])
         if self.truncated_:
             warnings.warn(
                 f"site summaries were truncated to site_rank={self.site_rank}: "

@@ -234,6 +234,12 @@ def test_site_rank_truncation_is_reported_and_bounded() -> None:
     err = subspace_error(fed.components_, ref.components_)
     assert 0 < fed.subspace_error_bound_ < 1
     assert err <= fed.subspace_error_bound_
+    # the bound for every leading-j prefix holds too, and the last one is the bound for all k
+    assert fed.subspace_error_bounds_.shape == (k,)
+    assert fed.subspace_error_bounds_[-1] == fed.subspace_error_bound_
+    for j in range(1, k + 1):
+        err_j = subspace_error(fed.components_[:j], ref.components_[:j])
+        assert 0 < err_j <= fed.subspace_error_bounds_[j - 1]
     # discarded variance is the sum of the singular values each site dropped
     dropped = 0.0
     largest_dropped = 0.0
