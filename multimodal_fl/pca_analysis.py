@@ -284,13 +284,13 @@ def run_pca_analysis(
     if pca.truncated_:
         total = float(pca.summary_.total_ss) / (pca.n_samples_ - 1)
         bounds = pca.subspace_error_bounds_
-        good = int(np.sum(np.cumprod(bounds <= 0.1)))
+        well = int(np.sum(np.cumprod(bounds <= 0.1)))
         notes.append(
             f"site_rank={site_rank}: the sites dropped {pca.discarded_variance_:.3g} of "
             f"{total:.3g} total variance "
             f"({100 * pca.discarded_variance_ / total if total > 0 else 0.0:.2f}%); "
             f"sin(largest principal angle) to the exact components <= "
-            f"{pca.subspace_error_bound_:.3g} for all {k}; the first {good} are within 0.1 "
+            f"{pca.subspace_error_bound_:.3g} for all {k}; the first {well} are within 0.1 "
             "(Davis-Kahan bounds per leading components in pca.json 'truncation')")
     if small:
         notes.append(
