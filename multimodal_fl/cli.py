@@ -302,16 +302,29 @@ def pca_cmd(
             help="auto | full | covariance_eigh (full keeps tiny variances accurate).",
         ),
     ] = "auto",
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            "--engine",
+            help="inprocess | flower (a SuperLink and one SuperNode per site on 127.0.0.1); "
+            "default: federated.engine when it is flower, else inprocess.",
+        ),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds before a Flower run is stopped.")
+    ] = 3600.0,
     set_: SetOpt = None,
 ) -> None:
     """Federated PCA of one feature space: how do the sites' cohorts differ?
 
-    Runs the protocol over the in-process sites (only counts, means, S·Vᵀ blocks and
-    aggregate score distributions reach the server) and writes OUT/pca.json,
-    OUT/pca_sites.png and OUT/pca_variance.png (docs/pca.md).
+    Runs the protocol over the sites (in process, or on Flower with --engine flower; only
+    counts, means, S·Vᵀ blocks and aggregate score distributions reach the server) and
+    writes OUT/pca.json, OUT/pca_sites.png and OUT/pca_variance.png (docs/pca.md). Across
+    hospitals: `mmfl flower run CONFIG --server-factory
+    multimodal_fl.federated.flower_app:pca_analysis_job --site-factory
+    multimodal_fl.federated.flower_app:pca_analysis_site -c pca-features=tabular`
+    (docs/deployment.md).
     """
-    from rich.table import Table
-
     from multimodal_fl.config import ExperimentConfig
     from multimodal_fl.data.errors import DataError
     from multimodal_fl.federated.pca import SVD_SOLVERS
@@ -323,13 +336,56 @@ def pca_cmd(
         fail(f"--svd-solver {svd_solver!r}: expected one of {', '.join(SVD_SOLVERS)}")
     cfg = _load(config, set_)
     assert isinstance(cfg, ExperimentConfig)
+    chosen = engine or ("flower" if cfg.federated.engine == "flower" else "inprocess")
+    if chosen not in {"inprocess", "flower"}:
+        fail(f"--engine {chosen!r}: mmfl pca runs on inprocess or flower")
+    if chosen == "flower":
+        _pca_on_flower(cfg, features, out, n_components=n_components, site_rank=site_rank,
+                       svd_solver=svd_solver, timeout=timeout)
+        return
     try:
         result = run_pca_analysis(cfg, features, out, n_components=n_components,
                                   site_rank=site_rank, svd_solver=svd_solver)
     except (DataError, ValueError, RuntimeError) as exc:
         fail(f"{type(exc).__name__}: {exc}")
-    doc = result.document
-    table = Table(title=f"federated PCA of {features} features: n={doc['n_samples']}, "
+    _print_pca(result.document, [result.json_path, result.sites_png, result.variance_png])
+
+
+def _pca_on_flower(cfg: Any, features: str, out: Path, *, n_components: int | None,
+                   site_rank: int | None, svd_solver: str, timeout: float) -> None:
+    """``mmfl pca --engine flower``: the analysis on a loopback Flower deployment."""
+    flower = _flower_module()
+    from multimodal_fl.federated.flower_app import pca_analysis_run_config
+
+    out = out.resolve()
+    try:
+        entries = pca_analysis_run_config(
+            cfg, features, out_dir=out, n_components=n_components, site_rank=site_rank,
+            svd_solver=svd_solver, site_out=out,
+        )
+    except ValueError as exc:
+        fail(str(exc))
+    sites = {s.name: Path(s.path) for s in cfg.sites}
+    work = out / "flower"
+    entries["out-dir"] = str(work / "out")
+    entries["min-nodes"] = len(sites)
+    console.print(f"{len(sites)} SuperNodes and a SuperLink on 127.0.0.1; logs in {work}")
+    try:
+        flower.run_loopback(sites, entries, work, timeout=timeout)
+    except flower.FlowerRunError as exc:
+        fail(str(exc))
+    json_path = out / "pca.json"
+    if not json_path.is_file():
+        fail(f"the Flower run ended without writing {json_path}; see the logs in {work}")
+    doc = json.loads(json_path.read_text())
+    _print_pca(doc, [json_path, out / "pca_sites.png", out / "pca_variance.png"])
+
+
+def _print_pca(doc: dict[str, Any], paths: list[Path]) -> None:
+    """The console view of a ``pca.json``: bytes per site, variance, loadings, notes."""
+    from rich.table import Table
+
+    table = Table(title=f"federated PCA of {doc['features']} features: n={doc['n_samples']}, "
                   f"d={doc['n_features']}, k={doc['n_components']}")
     for col in ("site", "n", "bytes sent", "raw bytes", "sent / raw"):
         table.add_column(col, justify="left" if col == "site" else "right")
@@ -346,7 +402,7 @@ def pca_cmd(
         console.print(f"PC{i + 1} loadings: {top}", highlight=False)
     for note in doc["notes"][2:]:
         console.print(f"[yellow]note[/]: {note}", highlight=False)
-    console.print(f"wrote {result.json_path}, {result.sites_png}, {result.variance_png}")
+    console.print(f"wrote {', '.join(str(p) for p in paths)}")
 
 
 flower_app = typer.Typer(

@@ -14,8 +14,14 @@ train exactly what ``mmfl train CONFIG`` trains in process:
 
 The experiment travels in the run config as JSON (``experiment``), so every SuperNode trains
 the same model without a copy of the server's files; its ``sites`` list is ignored there (each
-SuperNode is its own site). Like :mod:`~.site`, this is an adapter: it imports the training
-side, the rest of ``federated/`` does not.
+SuperNode is its own site).
+
+The federated PCA analysis (``mmfl pca``) has its own pair, :func:`pca_analysis_job` and
+:func:`pca_analysis_site` (run config from :func:`pca_analysis_run_config`): the server writes
+``pca.json`` and the PNGs into ``run-dir``; each SuperNode prepares only the analysed features.
+
+Like :mod:`~.site`, this is an adapter: it imports the training side, the rest of
+``federated/`` does not.
 """
 
 from __future__ import annotations
@@ -31,7 +37,15 @@ from multimodal_fl.federated.flower import ServerJob
 from multimodal_fl.federated.messages import ConfigValue
 from multimodal_fl.federated.server import Federation, Site
 
-__all__ = ["experiment_job", "experiment_run_config", "experiment_site", "site_output_dir"]
+__all__ = [
+    "experiment_job",
+    "experiment_run_config",
+    "experiment_site",
+    "pca_analysis_job",
+    "pca_analysis_run_config",
+    "pca_analysis_site",
+    "site_output_dir",
+]
 
 SERVER_FACTORY = "multimodal_fl.federated.flower_app:experiment_job"
 SITE_FACTORY = "multimodal_fl.federated.flower_app:experiment_site"
@@ -155,12 +169,154 @@ def experiment_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) ->
     Site
         The site, its cohort read from ``site_dir`` and prepared as in process.
     """
+    return _fusion_site(_experiment(run_config), name, site_dir, run_config)
+
+
+def _fusion_site(
+    cfg: ExperimentConfig, name: str, site_dir: Path, run_config: Mapping[str, Any]
+) -> Site:
     from multimodal_fl.federated.site import FusionSite
     from multimodal_fl.runs import load_site_data
 
-    cfg = _experiment(run_config)
     cfg = cfg.model_copy(update={"sites": [SiteConfig(name=name, path=Path(site_dir))]})
     out = site_output_dir(cfg, run_config)
     data = load_site_data(cfg, out)[name]
     site: Site = FusionSite(name, cfg, data, run_dir=out)
     return site
+
+
+# --------------------------------------------------------------------------- mmfl pca on Flower
+
+PCA_SERVER_FACTORY = "multimodal_fl.federated.flower_app:pca_analysis_job"
+PCA_SITE_FACTORY = "multimodal_fl.federated.flower_app:pca_analysis_site"
+
+
+def pca_analysis_run_config(
+    cfg: ExperimentConfig,
+    features: str,
+    *,
+    out_dir: str | os.PathLike[str],
+    n_components: int | None = None,
+    site_rank: int | None = None,
+    svd_solver: str = "auto",
+    site_out: str | os.PathLike[str] | None = None,
+    site_worker: bool = True,
+) -> dict[str, ConfigValue]:
+    """The run config that runs ``mmfl pca`` (the federated PCA analysis) on Flower.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment (sites' task, encoders, ``evaluation.min_cell``).
+    features : str
+        ``image``, ``tabular`` or ``text``.
+    out_dir : path-like
+        Where the server writes ``pca.json`` and the PNGs (the SuperLink's machine).
+    n_components, site_rank : int or None
+        As :func:`multimodal_fl.pca_analysis.run_pca_analysis` (0 on the wire means None).
+    svd_solver : {"auto", "full", "covariance_eigh"}
+        As :func:`multimodal_fl.pca_analysis.run_pca_analysis`.
+    site_out : path-like or None
+        See :func:`experiment_run_config`.
+    site_worker : bool
+        See :func:`experiment_run_config`.
+
+    Returns
+    -------
+    dict[str, int | float | str | bool]
+        :func:`experiment_run_config`'s entries with the PCA factories and ``pca-features``,
+        ``pca-n-components``, ``pca-site-rank``, ``pca-svd-solver``.
+
+    Raises
+    ------
+    ValueError
+        For unknown features or solver, or a non-positive ``n_components`` / ``site_rank``.
+    """
+    entries = experiment_run_config(
+        cfg, run_dir=out_dir, site_out=site_out, site_worker=site_worker
+    )
+    entries.update({
+        "server-factory": PCA_SERVER_FACTORY,
+        "site-factory": PCA_SITE_FACTORY,
+        "pca-features": features,
+        "pca-n-components": int(n_components or 0),
+        "pca-site-rank": int(site_rank or 0),
+        "pca-svd-solver": svd_solver,
+    })
+    _pca_options(entries)  # refuse bad values here, not on the SuperLink
+    if any(v is not None and v < 1 for v in (n_components, site_rank)):
+        raise ValueError(
+            f"n_components={n_components}, site_rank={site_rank}: positive integers or None"
+        )
+    return entries
+
+
+def _pca_options(run_config: Mapping[str, Any]) -> tuple[str, int | None, int | None, str]:
+    from multimodal_fl.federated.pca import SVD_SOLVERS
+    from multimodal_fl.pca_analysis import FEATURES
+
+    features = str(run_config.get("pca-features") or "")
+    if features not in FEATURES:
+        raise ValueError(
+            f"run config pca-features={features!r}; expected one of {', '.join(FEATURES)}"
+        )
+    solver = str(run_config.get("pca-svd-solver") or "auto")
+    if solver not in SVD_SOLVERS:
+        raise ValueError(
+            f"run config pca-svd-solver={solver!r}; expected one of {', '.join(SVD_SOLVERS)}"
+        )
+    k = int(run_config.get("pca-n-components") or 0)
+    rank = int(run_config.get("pca-site-rank") or 0)
+    return features, (k if k > 0 else None), (rank if rank > 0 else None), solver
+
+
+def pca_analysis_job(run_config: Mapping[str, Any]) -> ServerJob:
+    """``server-factory``: the federated PCA analysis over the Flower federation.
+
+    Parameters
+    ----------
+    run_config : Mapping[str, Any]
+        From :func:`pca_analysis_run_config`.
+
+    Returns
+    -------
+    ServerJob
+        A job whose ``main`` calls :func:`multimodal_fl.pca_analysis.run_pca_analysis` and
+        writes ``pca.json``, ``pca_sites.png`` and ``pca_variance.png`` into ``run-dir``.
+    """
+    cfg = _experiment(run_config)
+    features, k, rank, solver = _pca_options(run_config)
+    run_dir = Path(str(run_config.get("run-dir") or Path("runs") / f"{cfg.name or 'pca'}-pca"))
+
+    def main(federation: Federation) -> None:
+        from multimodal_fl.pca_analysis import run_pca_analysis
+
+        run_pca_analysis(cfg, features, run_dir, n_components=k, site_rank=rank,
+                         svd_solver=solver, federation=federation)
+
+    return ServerJob(main=main)
+
+
+def pca_analysis_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> Site:
+    """``site-factory`` of the analysis: the site with only the analysed features prepared.
+
+    Parameters
+    ----------
+    name : str
+        The site's name.
+    site_dir : Path
+        The site's data directory.
+    run_config : Mapping[str, Any]
+        From :func:`pca_analysis_run_config`.
+
+    Returns
+    -------
+    Site
+        As :func:`multimodal_fl.pca_analysis.analysis_config` prepares it in process.
+    """
+    from multimodal_fl.pca_analysis import analysis_config
+
+    features = _pca_options(run_config)[0]
+    return _fusion_site(
+        analysis_config(_experiment(run_config), features), name, site_dir, run_config
+    )

@@ -7,6 +7,7 @@ the in-process engine's bit for bit.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -543,6 +544,45 @@ def test_loopback_deployment_equals_in_process(tmp_path: Path) -> None:
     drop = ("seconds", "server_seconds")
     flower_history = [{k: v for k, v in r.items() if k not in drop} for r in result.history]
     assert flower_history == [r.deterministic() for r in reference.history]
+
+
+@pytest.mark.timeout(300)
+def test_pca_analysis_over_flower_wire_equals_in_process(
+    tiny_config: Any, tmp_path: Path, task_identity: None
+) -> None:
+    """``mmfl pca`` on Flower (its server job and sites, over the wire) writes the same pca.json."""
+    from multimodal_fl.config import load_config
+    from multimodal_fl.federated.flower_app import pca_analysis_job, pca_analysis_run_config
+    from multimodal_fl.pca_analysis import run_pca_analysis
+
+    cfg = load_config(tiny_config("covid_oxygen"))
+    options: dict[str, Any] = {"n_components": 3, "site_rank": 4, "svd_solver": "full"}
+    ref = run_pca_analysis(cfg, "tabular", tmp_path / "inprocess", **options).document
+    out = tmp_path / "flower"
+    run_config = pca_analysis_run_config(
+        cfg, "tabular", out_dir=out, site_out=out, site_worker=False, **options
+    )
+    nodes = {10 * (i + 1): s for i, s in enumerate(cfg.sites)}
+    grid = FakeGrid(
+        {n: {"site-name": s.name, "site-dir": str(s.path)} for n, s in nodes.items()}, run_config
+    )
+    job = pca_analysis_job(run_config)
+    assert job.main is not None
+    job.main(FlowerFederation(grid, poll_interval=0.01))  # type: ignore[arg-type]
+    doc = json.loads((out / "pca.json").read_text())
+    assert (out / "pca_sites.png").stat().st_size > 0
+    assert (out / "pca_variance.png").stat().st_size > 0
+    assert doc["truncation"]["site_rank"] == 4 and doc["svd_solver"] == "full"
+    assert sorted(doc["sites"]) == sorted(s.name for s in cfg.sites)
+    for key in ("components", "explained_variance_ratio", "mean", "standardisation", "sites",
+                "truncation", "edges", "notes"):
+        assert doc[key] == ref[key], key
+    # one name query per node, then 3 stages (moments, pca, pca_scores), one message each
+    assert grid.pushed == 4 * len(cfg.sites)
+    with pytest.raises(ValueError, match="pca-features='genome'"):
+        pca_analysis_run_config(cfg, "genome", out_dir=out)
+    with pytest.raises(ValueError, match="pca-svd-solver='eig'"):
+        pca_analysis_run_config(cfg, "tabular", out_dir=out, svd_solver="eig")
 
 
 @pytest.mark.slow
