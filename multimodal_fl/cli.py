@@ -569,11 +569,16 @@ def _flower_entries(
 
 
 def _flower_report(out: Path, result: Any) -> None:
-    """Print the round table: the experiment's metrics.json if there is one, else the result."""
+    """Print what the run wrote: a PCA analysis's pca.json, else the round table (the
+    experiment's metrics.json if there is one, else the result)."""
     from types import SimpleNamespace
 
     metrics = out / "metrics.json"
-    if metrics.is_file():
+    pca_json = out / "pca.json"
+    if pca_json.is_file():  # the PCA analysis job (flower_app.pca_analysis_job)
+        _print_pca(json.loads(pca_json.read_text()),
+                   [pca_json, out / "pca_sites.png", out / "pca_variance.png"])
+    elif metrics.is_file():
         doc = json.loads(metrics.read_text())
         rounds = doc.get("rounds", [])
         seconds = sum(float(r.get("seconds", 0.0)) for r in rounds)

@@ -290,8 +290,10 @@ def run_pca_analysis(
             f"{total:.3g} total variance "
             f"({100 * pca.discarded_variance_ / total if total > 0 else 0.0:.2f}%); "
             f"sin(largest principal angle) to the exact components <= "
-            f"{pca.subspace_error_bound_:.3g} for all {k}; the first {well} are within 0.1 "
-            "(Davis-Kahan bounds per leading components in pca.json 'truncation')")
+            f"{pca.subspace_error_bound_:.3g} for all {k}; "
+            + (f"the first {well} are within 0.1 " if well else "no leading component is "
+               "bounded within 0.1 ")
+            + "(Davis-Kahan bounds per leading components in pca.json 'truncation')")
     if small:
         notes.append(
             f"sites with n <= d ({', '.join(small)}): the summary is about as large as the data "

@@ -585,6 +585,51 @@ def test_pca_analysis_over_flower_wire_equals_in_process(
         pca_analysis_run_config(cfg, "tabular", out_dir=out, svd_solver="eig")
 
 
+def test_mmfl_pca_engine_flower_and_flower_local_print_the_analysis(
+    tiny_config: Any, tmp_path: Path, task_identity: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI routes (--engine flower, flower local with the PCA factories), with the
+    loopback deployment replaced by the fake grid (a real loopback run is in docs/pca.md)."""
+    from typer.testing import CliRunner
+
+    from multimodal_fl.cli import app
+    from multimodal_fl.federated import flower as flower_module
+
+    calls: list[dict[str, Any]] = []
+
+    def fake_loopback(sites: Mapping[str, Any], run_config: Mapping[str, Any], workdir: Any,
+                      **_: Any) -> None:
+        calls.append(dict(run_config))
+        grid = FakeGrid({10 * (i + 1): {"site-name": n, "site-dir": str(p)}
+                         for i, (n, p) in enumerate(sorted(sites.items()))}, dict(run_config))
+        factory = flower_module.load_object(str(run_config["server-factory"]), "server-factory")
+        job = factory(run_config)
+        job.main(FlowerFederation(grid, poll_interval=0.01))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(flower_module, "run_loopback", fake_loopback)
+    cfg = str(tiny_config("covid_oxygen"))
+    runner = CliRunner()
+    res = runner.invoke(app, ["pca", cfg, "--features", "tabular", "--out", str(tmp_path / "a"),
+                              "--n-components", "2", "--engine", "flower"])
+    assert res.exit_code == 0, res.output
+    assert "federated PCA of tabular features" in res.output and "bytes sent" in res.output
+    assert calls[-1]["pca-features"] == "tabular" and calls[-1]["pca-n-components"] == 2
+    assert json.loads((tmp_path / "a" / "pca.json").read_text())["n_components"] == 2
+    res = runner.invoke(app, [
+        "flower", "local", cfg, "--out", str(tmp_path / "b"),
+        "--server-factory", "multimodal_fl.federated.flower_app:pca_analysis_job",
+        "--site-factory", "multimodal_fl.federated.flower_app:pca_analysis_site",
+        "-c", "pca-features=tabular", "-c", "pca-n-components=2"])
+    assert res.exit_code == 0, res.output
+    assert "federated PCA of tabular features" in res.output
+    a = json.loads((tmp_path / "a" / "pca.json").read_text())
+    b = json.loads((tmp_path / "b" / "pca.json").read_text())
+    assert a["components"] == b["components"]
+    bad = runner.invoke(app, ["pca", cfg, "--features", "tabular", "--out", str(tmp_path / "c"),
+                              "--engine", "local"])
+    assert bad.exit_code == 2 and "inprocess or flower" in bad.output
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_experiment_over_flower_wire_equals_mmfl_train(
