@@ -1,8 +1,9 @@
 """``mmfl pca``: how do our cohorts differ? A federated PCA analysis of one feature space.
 
 The protocol runs through the :class:`~multimodal_fl.federated.server.Federation` interface
-only (in-process here; any federation works), on every patient of each site (``split:
-all``) who has the chosen features:
+only (in process by default; on Flower through
+:func:`multimodal_fl.federated.flower_app.pca_analysis_job`), on every patient of each site
+(``split: all``) who has the chosen features:
 
 1. ``tabular`` only: the sites send per-feature moments (``moments``); the server pools them
    into one standardisation, which it sends with the next requests; each site standardises
