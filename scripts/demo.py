@@ -58,6 +58,11 @@ def main() -> None:
                 step(f"report {name}", ["report", *runs, "--out", str(RUNS / f"{name}-report")])
     else:
         print("\n(training is not in this build yet: the demo stops after the data summaries)")
+    if available(["pca"]):
+        # how do the cohorts differ? federated PCA of the FHIR features (docs/pca.md)
+        step("federated PCA: alzheimers tabular",
+             ["pca", "configs/alzheimers.yaml", "--features", "tabular",
+              "--out", str(RUNS / "alzheimers-pca")])
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")
 
 
