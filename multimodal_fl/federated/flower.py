@@ -874,7 +874,7 @@ def _handle(msg: Message, context: Context) -> Message:
         from multimodal_fl.federated.flower_worker import call_worker, worker_address
 
         reply = call_worker(
-            worker_address(context.run_id, context.node_id, name),
+            worker_address(context.run_id, context.node_id, name, run_config),
             request,
             site=name,
             site_dir=site_dir,

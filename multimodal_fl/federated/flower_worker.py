@@ -75,7 +75,9 @@ class WorkerAddress:
         return self._with(".log")
 
 
-def worker_address(run_id: int, node_id: int, site: str) -> WorkerAddress:
+def worker_address(
+    run_id: int, node_id: int, site: str, run_config: Mapping[str, Any] | None = None
+) -> WorkerAddress:
     """Return the address of the worker of one site in one run.
 
     Parameters
@@ -84,13 +86,18 @@ def worker_address(run_id: int, node_id: int, site: str) -> WorkerAddress:
         Flower's run and node ids.
     site : str
         The site's name.
+    run_config : mapping or None
+        The run config; part of the address, so that a worker built for another run config
+        (a reused run id, e.g. after a SuperLink restart) is never asked.
 
     Returns
     -------
     WorkerAddress
         In the temporary directory (short paths: Unix sockets allow about 100 characters).
     """
-    digest = hashlib.sha256(f"{run_id}\x1f{node_id}\x1f{site}".encode()).hexdigest()[:20]
+    config = json.dumps(dict(run_config or {}), sort_keys=True, default=str)
+    key = f"{run_id}\x1f{node_id}\x1f{site}\x1f{config}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     return WorkerAddress(Path(tempfile.gettempdir()) / f"mmfl-site-{digest}.sock")
 
 

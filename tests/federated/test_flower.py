@@ -374,7 +374,8 @@ def test_site_worker_keeps_one_site_per_node_across_requests(task_identity: None
     }
     federation, grid = fake_federation(run_config)
     addresses = [
-        worker_address(1, node, site["site-name"]) for node, site in grid.node_config.items()
+        worker_address(1, node, site["site-name"], run_config)
+        for node, site in grid.node_config.items()
     ]
     try:
         sites = federation.sites()
@@ -403,7 +404,8 @@ def test_site_worker_failures_become_site_failures(task_identity: None) -> None:
     federation, grid = fake_federation(run_config)
     grid.node_config[40] = {"site-name": "d", "site-dir": "/nowhere/d"}  # the factory knows no d
     addresses = [
-        worker_address(1, node, site["site-name"]) for node, site in grid.node_config.items()
+        worker_address(1, node, site["site-name"], run_config)
+        for node, site in grid.node_config.items()
     ]
     try:
         sites = federation.sites()
@@ -593,7 +595,9 @@ def test_mmfl_pca_engine_flower_and_flower_local_print_the_analysis(
     from typer.testing import CliRunner
 
     from multimodal_fl.cli import app
+    from multimodal_fl.config import load_config
     from multimodal_fl.federated import flower as flower_module
+    from multimodal_fl.federated.flower_worker import stop_worker, worker_address
 
     calls: list[dict[str, Any]] = []
 
@@ -628,6 +632,11 @@ def test_mmfl_pca_engine_flower_and_flower_local_print_the_analysis(
     bad = runner.invoke(app, ["pca", cfg, "--features", "tabular", "--out", str(tmp_path / "c"),
                               "--engine", "local"])
     assert bad.exit_code == 2 and "inprocess or flower" in bad.output
+    # `mmfl pca --engine flower` keeps each site in a worker (site-worker); stop them here
+    assert calls[0]["site-worker"] is True
+    for run_config in calls:
+        for i, site in enumerate(sorted(s.name for s in load_config(cfg).sites)):
+            stop_worker(worker_address(1, 10 * (i + 1), site, run_config))
 
 
 @pytest.mark.slow
@@ -666,7 +675,7 @@ def test_experiment_over_flower_wire_equals_mmfl_train(
         job.main(federation)
     finally:
         for n, s in nodes.items():
-            stop_worker(worker_address(1, n, s.name))
+            stop_worker(worker_address(1, n, s.name, run_config))
     a = load_file(str(reference / "model.safetensors"))
     b = load_file(str(run_dir / "model.safetensors"))
     assert sorted(a) == sorted(b)
