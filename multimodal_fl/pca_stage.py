@@ -460,6 +460,7 @@ def run_pca_stage(
         "n_features": int(pca.n_features_in_),
         "n_components": int(pca.n_components_),
         "whiten": bool(p.whiten),
+        "svd_solver": p.svd_solver,
         "explained_variance_ratio": [float(v) for v in pca.explained_variance_ratio_],
         "sites": list(pca.site_names_),
         "site_n": dict(pca.site_n_),

@@ -98,6 +98,30 @@ def test_federated_fit_equals_pooled_training_embeddings(
         assert data[name].dataset.inputs["text"].shape[1] == pooled.n_features_in_
 
 
+def test_stage_sends_the_configured_solver_to_the_sites(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    pca_full = {**PCA_ON, "pca": {**PCA_ON["pca"], "svd_solver": "full"}}  # type: ignore[dict-item]
+    cfg = load_config(tiny_config("covid_oxygen", federated=pca_full))
+    data = load_site_data(cfg, tmp_path / "run")
+    federation = inprocess_federation(cfg, tmp_path / "run", data=data)
+    sent: list[Any] = []
+    broadcast = federation.broadcast
+
+    def spy(requests: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.extend(requests.values())
+        return broadcast(requests, *args, **kwargs)
+
+    federation.broadcast = spy  # type: ignore[method-assign]
+    fed, doc = run_pca_stage(federation, cfg, sorted(data))
+    asked = [r for r in sent if r.kind == "pca"]
+    assert len(asked) == len(data) and all(r.config["svd_solver"] == "full" for r in asked)
+    assert doc["svd_solver"] == "full" and fed.svd_solver == "full"
+    reference = FederatedPCA(4, svd_solver="full").fit_sites(
+        [_train_text(data[s]) for s in sorted(data)])
+    np.testing.assert_array_equal(fed.components_, reference.components_)
+
+
 def test_stage_refuses_what_it_cannot_reduce(tiny_config: Callable[..., Path]) -> None:
     tab = load_config(tiny_config("covid_oxygen", federated={
         "pca": {"enabled": True, "modality": "tabular"}}))
