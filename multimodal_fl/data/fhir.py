@@ -8,7 +8,9 @@ Reading is two-pass by design:
    with a feature code (also as a ``component`` code, e.g. the blood-pressure panel
    85354-9 with components 8480-6 / 8462-4); ``Procedure`` with a label code; ``Device``
    with a label code and the ``DeviceUseStatement`` that dates it; ``MedicationRequest``
-   with a medication code (``medicationCodeableConcept``); ``DocumentReference``;
+   with a medication code (``medicationCodeableConcept``, or ``medicationReference`` to a
+   ``Medication`` with one: contained, ``Medication/<id>`` or a bundle ``fullUrl``; every
+   ``Medication`` is kept when the task has medication features); ``DocumentReference``;
    ``DiagnosticReport`` with ``presentedForm`` or ``conclusion``; ``ImagingStudy``;
 2. validation of only those resources with ``fhir.resources.R4B`` pydantic models
    (``DataConfig.validation == "task"``), or of every resource (``"all"``).
@@ -331,6 +333,7 @@ class FHIRReader:
         self._alias: dict[str, str] = {}  # fullUrl / 'Patient/id' -> patient id
         self._enc_alias: dict[str, str] = {}
         self._dev_alias: dict[str, str] = {}
+        self._med_alias: dict[str, tuple[Coding, ...]] = {}  # 'Medication/id', fullUrl -> code
         self._pending: list[tuple[str, str, str, str, Any]] = []  # kind, ref, file, rid, item
         self._device_types: dict[str, Coded] = {}
         self._device_uses: list[tuple[str, str, str, str, datetime]] = []
@@ -432,8 +435,12 @@ class FHIRReader:
         if rt == "DeviceUseStatement":
             return bool(self._dev_codes)
         if rt == "MedicationRequest":
+            if isinstance(res.get("medicationReference"), dict):
+                return bool(self._med_codes)  # resolved against the Medication in finish()
             return any(c in self._med_codes
                        for _, c in _codings(res.get("medicationCodeableConcept")))
+        if rt == "Medication":
+            return bool(self._med_codes)
         if rt == "DiagnosticReport":
             return bool(res.get("presentedForm") or res.get("conclusion"))
         return rt in {"DocumentReference", "ImagingStudy"}
@@ -474,6 +481,12 @@ class FHIRReader:
         if rt == "DeviceUseStatement":
             self._record_device_use(res, label, rid)
             return
+        if rt == "Medication":
+            codings = tuple(_codings(res.get("code")))
+            for key in (full_url, f"Medication/{rid}"):
+                if key:
+                    self._med_alias[key] = codings
+            return
         ref = self._subject(rt, res, label, rid)
         if ref is None:
             return
@@ -505,8 +518,24 @@ class FHIRReader:
             self._pending.append(("device_owner", ref, label, rid, dev))
         elif rt == "MedicationRequest":
             t, _ = _first_time(res, ("authoredOn",))
-            self._pending.append(("medication", ref, label, rid, Coded(
-                rid, label, tuple(_codings(res.get("medicationCodeableConcept"))), t)))
+            med_ref = _ref_key(res.get("medicationReference"))
+            if med_ref is None:
+                self._pending.append(("medication", ref, label, rid, Coded(
+                    rid, label, tuple(_codings(res.get("medicationCodeableConcept"))), t)))
+            elif med_ref.startswith("#"):  # a contained Medication
+                contained = [c for c in res.get("contained") or [] if isinstance(c, dict)
+                             and c.get("resourceType") == "Medication"
+                             and c.get("id") == med_ref[1:]]
+                if not contained:
+                    self.sink.report(label, rid, "medicationReference", "unresolved_reference",
+                                     f"references contained medication '{med_ref}', but the "
+                                     "MedicationRequest contains no Medication with that id")
+                    return
+                self._pending.append(("medication", ref, label, rid, Coded(
+                    rid, label, tuple(_codings(contained[0].get("code"))), t)))
+            else:  # resolved in finish(), once every Medication has been read
+                self._pending.append(("medication_ref", ref, label, rid,
+                                      (Coded(rid, label, (), t), med_ref)))
         elif rt == "Observation":
             self._record_observation(res, ref, label, rid)
         elif rt in {"DocumentReference", "DiagnosticReport"}:
@@ -711,6 +740,15 @@ class FHIRReader:
                 rec.procedures[pid].append(item)
             elif kind == "medication":
                 rec.medications[pid].append(item)
+            elif kind == "medication_ref":
+                request, med_ref = item
+                codings = self.medication_codings(med_ref)
+                if codings is None:
+                    self.sink.report(label, rid, "medicationReference", "unresolved_reference",
+                                     f"references medication '{med_ref}', but no Medication "
+                                     "with that id was read at this site")
+                    continue
+                rec.medications[pid].append(replace(request, codings=codings))
             elif kind == "observation":
                 rec.observations[pid].append(item)
             elif kind == "note":
@@ -738,6 +776,15 @@ class FHIRReader:
             rec.counts["devices_without_use_statement"] = len(undated)
         self._pending.clear()
         self._device_uses.clear()
+
+    def medication_codings(self, ref: str | None) -> tuple[Coding, ...] | None:
+        """Codes of the Medication a ``medicationReference`` points at (None: not read)."""
+        if not ref:
+            return None
+        if ref in self._med_alias:
+            return self._med_alias[ref]
+        tail = ref.rsplit("/", 1)[-1].removeprefix("urn:uuid:")
+        return self._med_alias.get(f"Medication/{tail}")
 
     def encounter_id(self, ref: str | None) -> str | None:
         """Encounter id for a reference (``Encounter/<id>``, ``urn:uuid:<id>``)."""

@@ -326,3 +326,64 @@ def test_inline_task_with_medications_and_aggregations(tmp_path: Path) -> None:
     p1, p2 = _row(cohort, "p1"), _row(cohort, "p2")
     assert p1["hr_mean"] == 90.0 and p1["hr_min_week"] == 80.0 and p1["statin"] == 1.0
     assert p2["statin"] == 0.0  # authored after the index
+
+
+def test_medication_reference_is_followed_contained_by_id_and_by_full_url(
+    tmp_path: Path,
+) -> None:
+    """EHR exports often name the drug in a Medication resource, not in the request."""
+    task = load_task({
+        "name": "custom_meds",
+        "cohort": {"conditions": [{"name": "covid", "codes": [f.COVID]}]},
+        "index": {"kind": "condition_encounter"},
+        "features": {"demographics": ["age"],
+                     "medications": [{"name": "statin", "codes": ["316672"]}],
+                     "missing_indicators": False},
+        "label": {"kind": "events_after_index", "window_hours": 24,
+                  "procedures": [{"name": "o2", "codes": [f.OXYGEN]}]},
+    })
+
+    def request(rid: str, pid: str, ref: str, **extra: object) -> dict:
+        return {"resourceType": "MedicationRequest", "id": rid, "status": "active",
+                "intent": "order", "subject": {"reference": f"Patient/{pid}"},
+                "authoredOn": "2019-01-01", "medicationReference": {"reference": ref}, **extra}
+
+    def medication(mid: str, code: str) -> dict:
+        return {"resourceType": "Medication", "id": mid, "code": {"coding": [{"code": code}]}}
+
+    root = tmp_path / "site"
+    resources = [
+        *f.covid_patient("by-id", extra=[request("r1", "by-id", "Medication/statin-1")]),
+        *f.covid_patient("by-url", extra=[request("r2", "by-url", "urn:uuid:statin-2")]),
+        *f.covid_patient("contained", extra=[request(
+            "r3", "contained", "#m", contained=[medication("m", "316672")])]),
+        *f.covid_patient("other-drug", extra=[request("r4", "other-drug", "Medication/aspirin")]),
+        *f.covid_patient("dangling", extra=[request("r5", "dangling", "Medication/ghost")]),
+        *f.covid_patient("no-meds"),
+    ]
+    f.write_json(root / "fhir" / "patients.json", f.bundle(resources))
+    # the Medications live in another file, one of them as a urn:uuid bundle entry
+    f.write_json(root / "fhir" / "zz-medications.json", f.bundle(
+        [medication("statin-2", "316672")], urn=True))
+    f.write_json(root / "fhir" / "zz-more.json", f.bundle(
+        [medication("statin-1", "316672"), medication("aspirin", "1191")]))
+    cohort = build_cohort(root, task, data=DataConfig(on_error="skip"))
+    statin = {pid: _row(cohort, pid)["statin"] for pid in
+              ("by-id", "by-url", "contained", "other-drug", "dangling", "no-meds")}
+    assert statin == {"by-id": 1.0, "by-url": 1.0, "contained": 1.0, "other-drug": 0.0,
+                      "dangling": 0.0, "no-meds": 0.0}
+    assert [(s.reason, s.resource_id, s.field) for s in cohort.skipped] == [
+        ("unresolved_reference", "r5", "medicationReference")]
+    assert "Medication/ghost" in cohort.skipped[0].message()
+    assert cohort.skipped[0].file.endswith("patients.json")
+    # a dangling contained reference is reported the same way; the task without medication
+    # features keeps no Medication at all
+    bad = tmp_path / "bad"
+    f.write_json(bad / "fhir" / "b.json", f.bundle(
+        f.covid_patient("p", extra=[request("r6", "p", "#nope")])))
+    bad_cohort = build_cohort(bad, task, data=DataConfig(on_error="skip"))
+    assert [(s.reason, s.field) for s in bad_cohort.skipped] == [
+        ("unresolved_reference", "medicationReference")]
+    plain = build_cohort(root, load_task("covid_oxygen_24h"))
+    assert plain.counts.get("used_Medication", 0) == 0
+    assert plain.counts.get("used_MedicationRequest", 0) == 0
