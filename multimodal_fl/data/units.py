@@ -68,10 +68,27 @@ _LINEAR: dict[str, tuple[str, float]] = {
     "mm[Hg]": ("pressure", 1.0),
     "kPa": ("pressure", 7.500617),
     "Pa": ("pressure", 7.500617e-3),
-    # mass, base kg
+    # mass, base kg (pg: mean corpuscular haemoglobin)
     "kg": ("mass", 1.0),
     "g": ("mass", 1e-3),
+    "mg": ("mass", 1e-6),
+    "ug": ("mass", 1e-9),
+    "pg": ("mass", 1e-15),
     "[lb_av]": ("mass", 0.45359237),
+    # volume, base L (fL: mean corpuscular volume; cm3 is mL)
+    "L": ("volume", 1.0),
+    "dL": ("volume", 1e-1),
+    "mL": ("volume", 1e-3),
+    "cm3": ("volume", 1e-3),
+    "uL": ("volume", 1e-6),
+    "fL": ("volume", 1e-15),
+    # volume flow, base L/min (oxygen flow, urine output)
+    "L/min": ("flow", 1.0),
+    "mL/min": ("flow", 1e-3),
+    "L/h": ("flow", 1 / 60),
+    "mL/h": ("flow", 1e-3 / 60),
+    # body-surface-normalised filtration (eGFR), its own dimension
+    "mL/min/{1.73_m2}": ("egfr", 1.0),
     # length, base m
     "m": ("length", 1.0),
     "cm": ("length", 1e-2),
@@ -107,6 +124,9 @@ _SYNONYMS: dict[str, str] = {
     "iu/l": "[IU]/L", "u/l": "U/L", "ui/l": "U/L",
     "lb": "[lb_av]", "lbs": "[lb_av]", "in": "[in_i]", "years": "a", "year": "a", "yr": "a",
     "kg/m^2": "kg/m2", "percent": "%",
+    "cc": "mL", "ccm": "mL", "lpm": "L/min", "l/min": "L/min",
+    "ml/min/1.73m2": "mL/min/{1.73_m2}", "ml/min/1.73 m2": "mL/min/{1.73_m2}",
+    "ml/min/1.73m^2": "mL/min/{1.73_m2}", "ml/min/{1.73_m2}": "mL/min/{1.73_m2}",
 }
 
 

@@ -25,6 +25,16 @@ from multimodal_fl.data.units import UnitError, canonical_unit, convert
         (13.3322, "kPa", "mm[Hg]", 100.0),
         (88.0, "beats/min", "/min", 88.0),
         (0.97, "1", "%", 97.0),
+        (250.0, "cm3", "mL", 250.0),
+        (250.0, "cc", "L", 0.25),
+        (1.5, "dL", "mL", 150.0),
+        (90.0, "fL", "fL", 90.0),  # MCV
+        (30.0, "pg", "pg", 30.0),  # MCH
+        (250.0, "mg", "g", 0.25),
+        (2.0, "L/min", "mL/min", 2000.0),  # oxygen flow
+        (2.0, "lpm", "L/min", 2.0),
+        (60.0, "mL/h", "mL/min", 1.0),  # urine output
+        (75.0, "mL/min/1.73m2", "mL/min/{1.73_m2}", 75.0),  # eGFR
     ],
 )
 def test_conversions(value: float, unit: str, target: str, expected: float) -> None:
@@ -37,7 +47,8 @@ def test_unknown_unit_is_named() -> None:
 
 
 @pytest.mark.parametrize(("unit", "target"), [("mmol/L", "mg/dL"), ("mg/dL", "Cel"),
-                                              ("10*3/uL", "%")])
+                                              ("10*3/uL", "%"), ("mL", "mL/min"),
+                                              ("mL/min", "mL/min/{1.73_m2}"), ("mg", "mL")])
 def test_unconvertible_units_are_refused(unit: str, target: str) -> None:
     with pytest.raises(UnitError, match="cannot convert"):
         convert(1.0, unit, target)
