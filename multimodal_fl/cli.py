@@ -340,8 +340,10 @@ def pca_cmd(
     if chosen not in {"inprocess", "flower"}:
         fail(f"--engine {chosen!r}: mmfl pca runs on inprocess or flower")
     if chosen == "flower":
-        _pca_on_flower(cfg, features, out, n_components=n_components, site_rank=site_rank,
-                       svd_solver=svd_solver, timeout=timeout)
+        if n_components is not None and n_components < 1:
+            fail(f"--n-components {n_components}; a positive integer is expected")
+        _pca_on_flower(config, set_, features, out, n_components=n_components,
+                       site_rank=site_rank, svd_solver=svd_solver, timeout=timeout)
         return
     try:
         result = run_pca_analysis(cfg, features, out, n_components=n_components,
@@ -351,34 +353,20 @@ def pca_cmd(
     _print_pca(result.document, [result.json_path, result.sites_png, result.variance_png])
 
 
-def _pca_on_flower(cfg: Any, features: str, out: Path, *, n_components: int | None,
-                   site_rank: int | None, svd_solver: str, timeout: float) -> None:
-    """``mmfl pca --engine flower``: the analysis on a loopback Flower deployment."""
-    flower = _flower_module()
-    from multimodal_fl.federated.flower_app import pca_analysis_run_config
+def _pca_on_flower(config: Path, set_: list[str] | None, features: str, out: Path, *,
+                   n_components: int | None, site_rank: int | None, svd_solver: str,
+                   timeout: float) -> None:
+    """``mmfl pca --engine flower``: ``mmfl flower local`` with the PCA analysis factories."""
+    from multimodal_fl.federated.flower_app import PCA_SERVER_FACTORY, PCA_SITE_FACTORY
 
-    out = out.resolve()
-    try:
-        entries = pca_analysis_run_config(
-            cfg, features, out_dir=out, n_components=n_components, site_rank=site_rank,
-            svd_solver=svd_solver, site_out=out,
-        )
-    except ValueError as exc:
-        fail(str(exc))
-    sites = {s.name: Path(s.path) for s in cfg.sites}
-    work = out / "flower"
-    entries["out-dir"] = str(work / "out")
-    entries["min-nodes"] = len(sites)
-    console.print(f"{len(sites)} SuperNodes and a SuperLink on 127.0.0.1; logs in {work}")
-    try:
-        flower.run_loopback(sites, entries, work, timeout=timeout)
-    except flower.FlowerRunError as exc:
-        fail(str(exc))
-    json_path = out / "pca.json"
-    if not json_path.is_file():
-        fail(f"the Flower run ended without writing {json_path}; see the logs in {work}")
-    doc = json.loads(json_path.read_text())
-    _print_pca(doc, [json_path, out / "pca_sites.png", out / "pca_variance.png"])
+    options = [f"pca-features={features}", f"pca-svd-solver={svd_solver}",
+               f"pca-n-components={n_components or 0}", f"pca-site-rank={site_rank or 0}"]
+    flower_local(config=config, site=None, server_factory=PCA_SERVER_FACTORY,
+                 site_factory=PCA_SITE_FACTORY, run_config=options, set_=set_, out=out,
+                 timeout=timeout)
+    if not (out / "pca.json").is_file():
+        fail(f"the Flower run ended without writing {out / 'pca.json'}; see the logs in "
+             f"{out / 'flower'}")
 
 
 def _print_pca(doc: dict[str, Any], paths: list[Path]) -> None:
