@@ -303,7 +303,9 @@ def test_predict_restores_mode_and_gives_probabilities() -> None:
     s = predict(model, site.dataset, batch_size=7)
     assert model.training
     assert s.shape == (30,) and ((s >= 0) & (s <= 1)).all()
-    assert np.array_equal(predict(model, site.dataset), s)
+    # batch 7 vs 256: float32 sums depend on the batch, so the same scores only to rounding
+    np.testing.assert_allclose(predict(model, site.dataset), s, rtol=0, atol=1e-6)
+    assert np.array_equal(predict(model, site.dataset, batch_size=7), s)  # same path repeated
 
 
 def test_select_modalities_drops_patients_left_without_any() -> None:

@@ -1,0 +1,55 @@
+"""Train the tiny reference runs of every engine (shared by the script and the test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.numpy import load_file
+
+from multimodal_fl.config import load_config
+from multimodal_fl.engine import run_federated_experiment
+from multimodal_fl.runs import run_centralized, run_local
+from multimodal_fl.sample_data import generate
+from tests.conftest import write_tiny_config
+from tests.encoders.conftest import make_tiny_text_model
+
+#: The engines whose weights are pinned.
+ENGINES = ("inprocess", "local", "centralized")
+
+StateDict = dict[str, "object"]
+
+
+def tiny_inputs(root: Path) -> tuple[Path, Path]:
+    """Write the tiny sample cohort (seed 0) and the tiny random BERT under ``root``."""
+    sample = root / "sample"
+    generate(sample, seed=0, profile="tiny")
+    return sample, make_tiny_text_model(root / "bert")
+
+
+def run_engine(engine: str, root: Path, sample: Path, bert: Path) -> Path:
+    """Train the tiny COVID-19 config with one engine; return its run directory."""
+    folder = root / f"cfg-{engine}"
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(write_tiny_config(folder, sample, bert))
+    out = root / f"run-{engine}"
+    if engine == "inprocess":
+        run_federated_experiment(cfg, out)
+    elif engine == "local":
+        run_local(cfg, out)
+    elif engine == "centralized":
+        run_centralized(cfg, out)
+    else:
+        raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
+    return out
+
+
+def model_files(run_dir: Path) -> dict[str, Path]:
+    """Every ``model.safetensors`` of a run, keyed by its path relative to the run directory."""
+    return {
+        str(p.relative_to(run_dir)): p for p in sorted(run_dir.rglob("model.safetensors"))
+    }
+
+
+def run_weights(run_dir: Path) -> dict[str, dict[str, object]]:
+    """The weights of every model file of a run, by relative path."""
+    return {name: dict(load_file(str(p))) for name, p in model_files(run_dir).items()}
