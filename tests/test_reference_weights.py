@@ -24,9 +24,9 @@ def test_engine_reproduces_reference_weights(
     engine: str, tiny_sample: Path, tiny_bert: Path, tmp_path: Path
 ) -> None:
     reference = load_file(str(OUT / f"{engine}.safetensors"))
+    run_dir = run_engine(engine, tmp_path, tiny_sample, tiny_bert)
     got = {f"{name}::{key}": value
-           for name, state in run_weights(run_engine(engine, tmp_path, tiny_sample, tiny_bert)).items()
-           for key, value in state.items()}
+           for name, state in run_weights(run_dir).items() for key, value in state.items()}
     assert sorted(got) == sorted(reference), "model files or tensor names changed"
     worst = {key: float(np.max(np.abs(np.asarray(got[key], dtype=np.float64)
                                       - reference[key].astype(np.float64)), initial=0.0))
