@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from multimodal_fl.config import ExperimentConfig, load_config
-from multimodal_fl.federated.messages import Reply, Request, SiteFailure
+from multimodal_fl.federated.protocol import Reply, Request, SiteFailure
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -39,7 +39,17 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from multimodal_fl.config import ExperimentConfig
-from multimodal_fl.federated.messages import Reply, Request, SiteFailure, StateDict
+from multimodal_fl.federated.aggregation import ServerOptimizer, standardizer_state
+from multimodal_fl.federated.protocol import (
+    ConfigValue,
+    Doc,
+    FitSettings,
+    Kind,
+    Reply,
+    Request,
+    SiteFailure,
+    StateDict,
+)
 from multimodal_fl.federated.server import (
     FederatedResult,
     Federation,
@@ -54,13 +64,13 @@ __all__ = [
     "gather",
     "inprocess_federation",
     "round_row",
+    "run_config",
     "run_federated_experiment",
     "validation_score",
 ]
 
 log = logging.getLogger(__name__)
 
-STANDARDIZER_SUFFIX = "standardizer."
 
 
 class StageFailed(RuntimeError):
@@ -145,23 +155,67 @@ def gather(
     return good
 
 
-def _standardise(
-    federation: Federation, weights: StateDict, sites: list[str], cfg: ExperimentConfig
-) -> dict[str, Any]:
-    from multimodal_fl.encoders.tabular import Standardizer, combine_moments
+#: ``federated`` fields :func:`run_config` maps onto the server loop (or the fit request).
+LOOP_FIELDS = frozenset({
+    "algorithm", "rounds", "local_steps", "fraction", "min_sites", "timeout_s", "mu",
+    "server_lr", "beta1", "beta2", "tau", "fedbn",
+})
+#: ``federated`` fields the engine handles around the loop.
+ENGINE_FIELDS = frozenset({"engine", "pca", "select", "tracker"})
 
-    keys = sorted(k for k in weights if k.endswith(STANDARDIZER_SUFFIX + "mean"))
-    if not keys:
-        return {}
-    prefix = keys[0][: -len("mean")]
-    replies = gather(
-        federation, {s: Request("moments", 0) for s in sites}, cfg.federated.timeout_s,
-        stage="moments", minimum=cfg.federated.min_sites,
+
+def run_config(cfg: ExperimentConfig) -> RunConfig:
+    """The server loop's settings from the typed experiment config.
+
+    The per-round training hyperparameters (:class:`~multimodal_fl.federated.protocol.
+    FitSettings`: ``local_steps``, ``lr``, FedProx ``mu``, FedBN, the seed) reach the sites on
+    one channel, the fit request; the server loop itself knows no config schema.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+
+    Returns
+    -------
+    RunConfig
+    """
+    fed = cfg.federated
+    fit = FitSettings(seed=cfg.seed, local_steps=fed.local_steps, lr=cfg.training.lr)
+    fit_config: dict[str, ConfigValue] = {
+        k: v for k, v in fit.to_config().items() if k in ("local_steps", "lr")
+    }
+    return RunConfig(
+        rounds=fed.rounds,
+        optimizer=ServerOptimizer(fed.algorithm, eta=fed.server_lr, beta1=fed.beta1,
+                                  beta2=fed.beta2, tau=fed.tau),
+        proximal_mu=fed.mu if fed.algorithm == "fedprox" else 0.0,
+        fedbn=fed.fedbn,
+        min_sites=fed.min_sites,
+        fraction=fed.fraction,
+        timeout=fed.timeout_s,
+        seed=cfg.seed,
+        fit_config=fit_config,
     )
+
+
+def _standardise(
+    federation: Federation, weights: StateDict, targets: Mapping[str, str], sites: list[str],
+    cfg: ExperimentConfig,
+) -> dict[str, Any]:
+    """Fill the model's standardiser from pooled moments (no-op when it has none)."""
+    if not targets:
+        return {}
+    replies = gather(
+        federation, {s: Request(Kind.MOMENTS, 0) for s in sites}, cfg.federated.timeout_s,
+        stage=Kind.MOMENTS, minimum=cfg.federated.min_sites,
+    )
+    for site, reply in replies.items():
+        if reply.document(Doc.STANDARDIZER) != dict(targets):
+            raise StageFailed(f"stage 'moments': site {site} names standardiser keys "
+                              f"{reply.document(Doc.STANDARDIZER)}, the model has {dict(targets)}")
     moments = [(r.arrays["n"], r.arrays["sum"], r.arrays["sumsq"]) for r in replies.values()]
-    std = Standardizer.from_moments(*combine_moments(moments))
-    for name, buf in std.state_dict().items():
-        weights[prefix + name] = buf.numpy().astype(weights[prefix + name].dtype)
+    for key, value in standardizer_state(moments, targets).items():
+        weights[key] = value.astype(weights[key].dtype)
     return {"sites": sorted(replies), "n_rows": {s: r.n_samples for s, r in replies.items()}}
 
 
@@ -407,12 +461,13 @@ def _run_experiment(
         pca, pca_doc = run_pca_stage(federation, cfg, sites)
         save_file(projection_arrays(pca), str(run_dir / "pca.safetensors"),
                   metadata={"modality": pca_doc["modality"]})
-    init = gather(federation, {sites[0]: Request("init", 0)}, fed.timeout_s, stage="init",
-                  minimum=1)
-    weights = dict(init[sites[0]].weights)
-    standardisation = _standardise(federation, weights, sites, cfg)
+    init = gather(federation, {sites[0]: Request(Kind.INIT, 0)}, fed.timeout_s,
+                  stage=Kind.INIT, minimum=1)[sites[0]]
+    weights = dict(init.weights)
+    standardisation = _standardise(federation, weights, init.document(Doc.STANDARDIZER), sites,
+                                   cfg)
 
-    run_config = RunConfig.from_settings(fed.model_dump(), seed=cfg.seed)
+    settings = run_config(cfg)
     best = _BestRound(run_dir / "checkpoint")
     if resume:
         best.catch_up()
@@ -427,7 +482,7 @@ def _run_experiment(
 
     try:
         result: FederatedResult = run_federated(
-            federation, weights, run_config, checkpoint_dir=run_dir / "checkpoint",
+            federation, weights, settings, checkpoint_dir=run_dir / "checkpoint",
             resume=resume, stop_after_round=stop_after_round, on_round=_on_round,
         )
     finally:
@@ -460,16 +515,15 @@ def _run_experiment(
 
     final = gather(
         federation,
-        {s: Request("predict", result.completed_rounds, weights=final_weights,
+        {s: Request(Kind.PREDICT, result.completed_rounds, weights=final_weights,
                     config={"engine": engine, "fedbn": fed.fedbn}) for s in sites},
-        fed.timeout_s, stage="predict", minimum=1,
+        fed.timeout_s, stage=Kind.PREDICT, minimum=1,
     )
     per_site: dict[str, Any] = {}
     evaluations = []
     for site, reply in final.items():
-        ev = SiteEvaluation.from_dict(json.loads(bytes(reply.arrays["evaluation_json"])))
-        evaluations.append(ev)
-        per_site[site] = json.loads(bytes(reply.arrays["metrics_json"]))
+        evaluations.append(SiteEvaluation.from_dict(reply.document(Doc.EVALUATION)))
+        per_site[site] = reply.document(Doc.SITE_METRICS)
     pooled = pooled_evaluation(evaluations)
     doc.update({
         "sites": per_site,

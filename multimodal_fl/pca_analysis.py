@@ -40,10 +40,11 @@ import numpy as np
 import numpy.typing as npt
 
 from multimodal_fl.engine import gather
-from multimodal_fl.federated.messages import Request
+from multimodal_fl.federated.aggregation import pool_moments
 from multimodal_fl.federated.pca import FederatedPCA, TruncationWarning
+from multimodal_fl.federated.protocol import Doc, Kind, Request
+from multimodal_fl.moments import standardization
 from multimodal_fl.pca_stage import (
-    PCA_SCORES,
     STANDARDIZE_MEAN,
     STANDARDIZE_SCALE,
     federated_pca,
@@ -119,13 +120,10 @@ def analysis_config(cfg: ExperimentConfig, features: str) -> ExperimentConfig:
 def _pooled_standardisation(
     federation: Federation, sites: list[str], timeout: float | None
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    from multimodal_fl.encoders.tabular import Standardizer, combine_moments
-
-    requests = {s: Request("moments", 0, config={"split": "all"}) for s in sites}
-    good = gather(federation, requests, timeout, stage="moments", minimum=1)
+    requests = {s: Request(Kind.MOMENTS, 0, config={"split": "all"}) for s in sites}
+    good = gather(federation, requests, timeout, stage=Kind.MOMENTS, minimum=1)
     moments = [(r.arrays["n"], r.arrays["sum"], r.arrays["sumsq"]) for r in good.values()]
-    std = Standardizer.from_moments(*combine_moments(moments))
-    return std.mean.numpy().astype(np.float64), std.scale.numpy().astype(np.float64)
+    return standardization(*pool_moments(moments))
 
 
 def _feature_names(cfg: ExperimentConfig, features: str, d: int) -> list[str]:
@@ -252,12 +250,12 @@ def run_pca_analysis(
     sd = np.sqrt(np.maximum(pca.explained_variance_, 0.0))
     sd = np.where(sd > 0, sd, 1.0)
     edges = np.stack([np.linspace(-4 * s, 4 * s, n_bins + 1) for s in sd])
-    weights = {**arrays, "edges": edges, "levels": np.asarray(QUANTILE_LEVELS, dtype=np.float64)}
+    arrays = {**arrays, "edges": edges, "levels": np.asarray(QUANTILE_LEVELS, dtype=np.float64)}
     if std is not None:
-        weights.update({STANDARDIZE_MEAN: std[0], STANDARDIZE_SCALE: std[1]})
-    requests = {s: Request(PCA_SCORES, 0, weights=weights,
+        arrays.update({STANDARDIZE_MEAN: std[0], STANDARDIZE_SCALE: std[1]})
+    requests = {s: Request(Kind.PCA_SCORES, 0, arrays=arrays,
                            config={"modality": features, "split": "all"}) for s in pca.site_names_}
-    good = gather(federation, requests, timeout, stage=PCA_SCORES, minimum=1)
+    good = gather(federation, requests, timeout, stage=Kind.PCA_SCORES, minimum=1)
 
     d = int(pca.n_features_in_)
     site_docs: dict[str, Any] = {}
@@ -265,12 +263,13 @@ def run_pca_analysis(
         n = int(pca.site_n_[s])
         raw = 8 * n * d
         sent = int(pca.site_bytes_[s])
-        scores = json.loads(bytes(good[s].arrays["scores_json"])) if s in good else None
+        scores = good[s].document(Doc.PCA_SCORES) if s in good else None
         site_docs[s] = {
             "n": n, "bytes_sent": sent, "raw_bytes": raw,
             "ratio": sent / raw if raw else None,
             "scores": scores,
-            "scores_bytes": int(good[s].arrays["scores_json"].nbytes) if s in good else None,
+            "scores_bytes": (len(good[s].documents[Doc.PCA_SCORES].encode()) if s in good
+                             else None),
         }
     rank_text = "min(n, d)" if site_rank is None else f"min(n, d, {site_rank})"
     notes = [

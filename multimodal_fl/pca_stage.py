@@ -30,8 +30,8 @@ import numpy as np
 import numpy.typing as npt
 
 from multimodal_fl.engine import gather
-from multimodal_fl.federated.messages import ConfigValue, Request
 from multimodal_fl.federated.pca import FederatedPCA, server_pca_merge
+from multimodal_fl.federated.protocol import ConfigValue, Kind, Request
 
 if TYPE_CHECKING:
     from multimodal_fl.config import ExperimentConfig
@@ -39,9 +39,6 @@ if TYPE_CHECKING:
     from multimodal_fl.training import SiteData
 
 __all__ = [
-    "PCA",
-    "PCA_APPLY",
-    "PCA_SCORES",
     "PROJECTION_KEYS",
     "STANDARDIZE_MEAN",
     "STANDARDIZE_SCALE",
@@ -61,14 +58,6 @@ log = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
 
-PCA = "pca"
-"""Request kind: a site's PCA summary of one modality (``config``: modality, site_rank,
-svd_solver, split)."""
-PCA_APPLY = "pca_apply"
-"""Request kind: replace a modality's embeddings by their projection (``weights``: the
-:func:`projection_arrays`; ``config``: modality)."""
-PCA_SCORES = "pca_scores"
-"""Request kind: aggregate statistics of a site's projected data (the analysis)."""
 STANDARDIZE_MEAN = "standardize/mean"
 """Request array: pooled per-feature mean of tabular features (tabular PCA only)."""
 STANDARDIZE_SCALE = "standardize/scale"
@@ -400,12 +389,12 @@ def federated_pca(
     """
     config: dict[str, ConfigValue] = {"modality": modality, "site_rank": int(site_rank or 0),
                                       "svd_solver": svd_solver, "split": split}
-    weights: dict[str, np.ndarray] = {}
+    arrays: dict[str, np.ndarray] = {}
     if standardize is not None:
-        weights = {STANDARDIZE_MEAN: np.asarray(standardize[0], dtype=np.float64),
-                   STANDARDIZE_SCALE: np.asarray(standardize[1], dtype=np.float64)}
-    requests = {s: Request(PCA, 0, weights=weights, config=config) for s in sites}
-    good = gather(federation, requests, timeout, stage=PCA, minimum=minimum)
+        arrays = {STANDARDIZE_MEAN: np.asarray(standardize[0], dtype=np.float64),
+                  STANDARDIZE_SCALE: np.asarray(standardize[1], dtype=np.float64)}
+    requests = {s: Request(Kind.PCA, 0, arrays=arrays, config=config) for s in sites}
+    good = gather(federation, requests, timeout, stage=Kind.PCA, minimum=minimum)
     pca = server_pca_merge({s: r.arrays for s, r in good.items()}, n_components, whiten=whiten,
                            svd_solver=svd_solver)
     pca.set_params(site_rank=site_rank)
@@ -451,9 +440,9 @@ def run_pca_stage(
         minimum=fed.min_sites,
     )
     arrays = projection_arrays(pca)
-    requests = {s: Request(PCA_APPLY, 0, weights=arrays, config={"modality": modality})
+    requests = {s: Request(Kind.PCA_APPLY, 0, arrays=arrays, config={"modality": modality})
                 for s in sites}
-    applied = gather(federation, requests, fed.timeout_s, stage=PCA_APPLY,
+    applied = gather(federation, requests, fed.timeout_s, stage=Kind.PCA_APPLY,
                      minimum=fed.min_sites)
     doc: dict[str, Any] = {
         "modality": modality,

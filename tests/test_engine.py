@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -127,3 +128,21 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(
                              env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert model_bytes(full) == model_bytes(killed)
+
+
+def test_run_config_from_the_typed_experiment_config(tiny_config: Callable[..., Path]) -> None:
+    from multimodal_fl.config import FederatedConfig
+    from multimodal_fl.engine import ENGINE_FIELDS, LOOP_FIELDS, run_config
+
+    cfg = load_config(tiny_config(federated={"algorithm": "fedprox", "mu": 0.3, "local_steps": 7,
+                                             "timeout_s": 9.0}, seed=5))
+    config = run_config(cfg)
+    assert config.optimizer.name == "fedprox" and config.proximal_mu == 0.3
+    assert config.fit_config == {"local_steps": 7, "lr": cfg.training.lr}
+    assert config.timeout == 9.0 and config.seed == 5
+    assert config.min_sites == cfg.federated.min_sites and config.rounds == cfg.federated.rounds
+    adam = run_config(cfg.model_copy(update={"federated": cfg.federated.model_copy(
+        update={"algorithm": "fedadam", "server_lr": 0.1})}))
+    assert adam.proximal_mu == 0.0 and adam.optimizer.eta == 0.1
+    # a new federated field must be mapped onto the loop or named as the engine's own
+    assert set(FederatedConfig.model_fields) == LOOP_FIELDS | ENGINE_FIELDS

@@ -15,11 +15,9 @@ import torch
 from torch import nn
 
 from multimodal_fl.encoders._common import section_to_kwargs
+from multimodal_fl.moments import Moments, column_moments, pool_moments, standardization
 
 __all__ = ["Moments", "Standardizer", "TabularEncoder", "combine_moments"]
-
-#: Per-feature ``(n_observed, sum, sum_of_squares)``, each ``float64[F]``.
-Moments = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _as_2d_float(x: Any, where: str) -> np.ndarray:
@@ -36,7 +34,7 @@ def _as_2d_float(x: Any, where: str) -> np.ndarray:
 
 
 def combine_moments(moments: Iterable[Moments]) -> Moments:
-    """Sum per-site moments into consortium moments.
+    """Sum per-site moments into consortium moments (:func:`multimodal_fl.moments.pool_moments`).
 
     Parameters
     ----------
@@ -48,16 +46,7 @@ def combine_moments(moments: Iterable[Moments]) -> Moments:
     (n, sum, sumsq)
         Element-wise sums.
     """
-    items = list(moments)
-    if not items:
-        raise ValueError("combine_moments: no site moments given")
-    shapes = {tuple(np.shape(m[0])) for m in items}
-    if len(shapes) != 1:
-        raise ValueError(f"combine_moments: sites report different feature counts {sorted(shapes)}")
-    n, s, q = (
-        np.sum([np.asarray(m[i], dtype=np.float64) for m in items], axis=0) for i in range(3)
-    )
-    return n, s, q
+    return pool_moments(moments)
 
 
 class Standardizer(nn.Module):
@@ -103,13 +92,12 @@ class Standardizer(nn.Module):
 
         Returns
         -------
-        (n, sum, sumsq) : tuple of float64[F]
-            What a site sends for federated standardisation (aggregate, no rows).
+        (n, sum, sumsq) : tuple of numpy.ndarray [F]
+            What a site sends for federated standardisation (aggregate, no rows):
+            :func:`multimodal_fl.moments.column_moments`.
         """
-        arr = _as_2d_float(X, "Standardizer.site_moments")
-        obs = ~np.isnan(arr)
-        filled = np.where(obs, arr, 0.0)
-        return obs.sum(0).astype(np.float64), filled.sum(0), (filled**2).sum(0)
+        return column_moments(_as_2d_float(X, "Standardizer.site_moments"),
+                              where="Standardizer.site_moments")
 
     def set_moments(self, n: Any, sums: Any, sumsq: Any) -> Standardizer:
         """Set mean and scale from (summed) moments; returns ``self``."""
@@ -119,13 +107,7 @@ class Standardizer(nn.Module):
                 f"moments must each have {self.n_features} entries, got shapes "
                 f"{n_.shape}, {s_.shape}, {q_.shape}"
             )
-        if (n_ < 0).any() or not np.isfinite(np.concatenate([n_, s_, q_])).all():
-            raise ValueError("moments must be finite with non-negative counts")
-        safe_n = np.where(n_ > 0, n_, 1.0)
-        mean = np.where(n_ > 0, s_ / safe_n, 0.0)
-        var = np.where(n_ > 0, np.maximum(q_ / safe_n - mean**2, 0.0), 1.0)
-        std = np.sqrt(var)
-        scale = np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean)), std, 1.0)
+        mean, scale = standardization(n_, s_, q_)
         self.mean.copy_(torch.from_numpy(mean))
         self.scale.copy_(torch.from_numpy(scale))
         self.count.copy_(torch.from_numpy(n_))

@@ -1,4 +1,4 @@
-"""Pure functions over state dicts: reply checks, weighted averaging, server optimisers.
+"""Pure functions over state dicts: reply checks, weighted averaging, server optimisers, moments.
 
 Everything here works on ``dict[str, numpy.ndarray]`` and knows no modality, model or file.
 
@@ -23,6 +23,10 @@ Rules (also in ``docs/federated.md``):
   ``m = b1 m + (1 - b1) delta``, ``v`` per variant, ``x + eta * m / (sqrt(v) + tau)``; ``m``
   starts at 0, ``v`` at ``tau**2``; no bias correction (as in the paper). State is a dict of
   float64 arrays (``"m/<key>"``, ``"v/<key>"``), checkpointable as is.
+* **Federated moments** (standardisation): each site sends :func:`column_moments` of its rows;
+  :func:`standardizer_state` pools them and gives the standardiser's mean, scale and count under
+  the state-dict keys the moments replies name (one implementation, :mod:`multimodal_fl.moments`,
+  shared with the encoders' ``Standardizer``).
 * **FedProx** is FedAvg on the server; the proximal term is added by the site
   (:func:`multimodal_fl.federated.proximal.proximal_term`), ``mu`` from the request config.
 """
@@ -36,9 +40,11 @@ from typing import Literal
 
 import numpy as np
 
-from multimodal_fl.federated.messages import InvalidReply, Reply, StateDict
+from multimodal_fl.federated.protocol import InvalidReply, Reply, StateDict
+from multimodal_fl.moments import column_moments, pool_moments, standardization
 
 __all__ = [
+    "STANDARDIZER_STATE",
     "ServerOptimizer",
     "aggregate",
     "check_evaluate_reply",
@@ -46,9 +52,13 @@ __all__ = [
     "column_moments",
     "group_of",
     "merge_moments",
+    "pool_moments",
     "server_step",
-    "weighted_average",
+    "standardizer_state",
 ]
+
+#: The standardiser's state a moments exchange fills: its names in :func:`standardizer_state`.
+STANDARDIZER_STATE = ("mean", "scale", "count")
 
 Algorithm = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"]
 _ADAPTIVE = ("fedadam", "fedyogi", "fedadagrad")
@@ -222,47 +232,6 @@ def _check_metrics(site: str, metrics: Mapping[str, float]) -> None:
 # --------------------------------------------------------------------------- averaging
 
 
-def weighted_average(
-    states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
-) -> StateDict:
-    """Plain FedAvg: the weighted average of state dicts with identical keys.
-
-    Floating arrays: ``sum_i (w_i / W) * x_i`` in float64, cast back to the input dtype.
-    Integer / boolean arrays: element-wise maximum (see the module rules).
-
-    Parameters
-    ----------
-    states : Sequence[Mapping[str, numpy.ndarray]]
-        State dicts, in the order to sum them (callers pass sorted site order).
-    weights : Sequence[float]
-        Non-negative weights (sample counts), not all zero.
-
-    Returns
-    -------
-    dict[str, numpy.ndarray]
-        The averaged state dict.
-
-    Raises
-    ------
-    ValueError
-        If lengths differ, keys differ, or the weights are negative or sum to zero.
-    """
-    if len(states) != len(weights) or not states:
-        raise ValueError(
-            f"need one weight per state dict and at least one of each; got {len(states)} "
-            f"state dicts and {len(weights)} weights"
-        )
-    keys = set(states[0])
-    for i, state in enumerate(states[1:], start=1):
-        if set(state) != keys:
-            raise ValueError(
-                f"state dict {i} has different keys from state dict 0: {_listed(set(state) ^ keys)}"
-            )
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"weights must be non-negative with a positive sum; got {list(weights)}")
-    return {key: _average_key([s[key] for s in states], list(weights)) for key in states[0]}
-
-
 def _average_key(values: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
     pairs = [(v, w) for v, w in zip(values, weights, strict=True) if w > 0]
     first = pairs[0][0]
@@ -420,35 +389,6 @@ def server_step(
 # --------------------------------------------------------------------------- federated moments
 
 
-def column_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One site's summary for federated standardisation: per-column counts, sums, sums of squares.
-
-    NaN entries (missing values) are left out of every column's count and sums.
-
-    Parameters
-    ----------
-    x : numpy.ndarray
-        A 2-D array (rows: samples, columns: features).
-
-    Returns
-    -------
-    n, s, ss : numpy.ndarray
-        Per column: the number of non-NaN values (int64), their sum and their sum of squares
-        (float64).
-
-    Raises
-    ------
-    ValueError
-        If ``x`` is not 2-D.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"expected a 2-D array (samples x features), got shape {x.shape}")
-    present = ~np.isnan(x)
-    filled = np.where(present, x, 0.0)
-    return present.sum(axis=0).astype(np.int64), filled.sum(axis=0), (filled * filled).sum(axis=0)
-
-
 def merge_moments(
     summaries: Sequence[tuple[np.ndarray | int, np.ndarray | float, np.ndarray | float]],
     *,
@@ -476,22 +416,43 @@ def merge_moments(
     Raises
     ------
     ValueError
-        If ``summaries`` is empty or a count is negative.
+        If ``summaries`` is empty, the feature counts differ or a count is negative.
     """
-    if not summaries:
-        raise ValueError("merge_moments needs at least one (n, sum, sumsq) summary")
-    n = np.zeros_like(np.asarray(summaries[0][0], dtype=np.float64))
-    s = np.zeros_like(np.asarray(summaries[0][1], dtype=np.float64))
-    ss = np.zeros_like(s)
-    for i, (ni, si, ssi) in enumerate(summaries):
-        ni_arr = np.asarray(ni, dtype=np.float64)
-        if (ni_arr < 0).any():
-            raise ValueError(f"summary {i} has a negative count: {ni}")
-        n = n + ni_arr
-        s = s + np.asarray(si, dtype=np.float64)
-        ss = ss + np.asarray(ssi, dtype=np.float64)
+    n, s, ss = pool_moments(summaries)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(n > 0, s / n, np.nan)
         var = np.where(n > ddof, (ss - n * mean * mean) / (n - ddof), np.nan)
     var = np.where(np.isnan(var), var, np.maximum(var, 0.0))
     return n, mean, var
+
+
+def standardizer_state(
+    summaries: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], targets: Mapping[str, str]
+) -> StateDict:
+    """Pool per-site moments into a standardiser's state, keyed by the targets' state-dict keys.
+
+    Parameters
+    ----------
+    summaries : sequence of (n, sum, sumsq)
+        One :func:`column_moments` summary per site, in sorted site order.
+    targets : Mapping[str, str]
+        ``"mean"``, ``"scale"`` and ``"count"`` -> the state-dict key each fills (as a moments
+        reply names them).
+
+    Returns
+    -------
+    dict[str, numpy.ndarray]
+        float64 arrays under the target keys.
+
+    Raises
+    ------
+    ValueError
+        If a target is missing or the summaries do not pool (see :func:`pool_moments`).
+    """
+    missing = [k for k in STANDARDIZER_STATE if k not in targets]
+    if missing:
+        raise ValueError(f"standardizer targets lack {missing}; they have {sorted(targets)}")
+    n, s, ss = pool_moments(summaries)
+    mean, scale = standardization(n, s, ss)
+    values = {"mean": mean, "scale": scale, "count": n}
+    return {targets[k]: values[k] for k in STANDARDIZER_STATE}

@@ -26,7 +26,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from multimodal_fl.federated.messages import StateDict
+from multimodal_fl.federated.protocol import StateDict
 
 __all__ = ["CHECKPOINT_JSON", "Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 

@@ -61,10 +61,9 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from safetensors.numpy import load_file, save_file
 
-from multimodal_fl.federated.messages import (
-    EVALUATE,
-    FIT,
+from multimodal_fl.federated.protocol import (
     ConfigValue,
+    Kind,
     Reply,
     Request,
     SiteFailure,
@@ -110,7 +109,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Request kind of the discovery query: the ClientApp answers with its site name, no site built.
-DESCRIBE = "describe"
+DESCRIBE = Kind.DESCRIBE
 
 #: Key of a site's exported arrays in the SuperNode's per-run context state (see the ClientApp).
 SITE_STATE_KEY = "mmfl.site-state"
@@ -286,9 +285,9 @@ def content_to_reply(content: RecordDict) -> Reply:
 
 
 def _message_type(kind: str) -> str:
-    if kind == FIT:
+    if kind == Kind.FIT:
         return _MessageType.TRAIN
-    if kind == EVALUATE:
+    if kind == Kind.EVALUATE:
         return _MessageType.EVALUATE
     return _MessageType.QUERY  # info, describe, summaries...: the kind travels in the config
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from multimodal_fl.config import ExperimentConfig, SiteConfig
 from multimodal_fl.federated.flower import ServerJob
-from multimodal_fl.federated.messages import ConfigValue
+from multimodal_fl.federated.protocol import ConfigValue
 from multimodal_fl.federated.server import Federation, Site
 
 __all__ = [

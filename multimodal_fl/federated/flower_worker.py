@@ -30,7 +30,7 @@ from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import Any
 
-from multimodal_fl.federated.messages import Reply, Request
+from multimodal_fl.federated.protocol import Reply, Request
 
 __all__ = ["WorkerAddress", "call_worker", "stop_worker", "worker_address", "worker_main"]
 

@@ -6,18 +6,12 @@ import logging
 import time
 from collections.abc import Mapping
 
-import numpy as np
-
-from multimodal_fl.federated.messages import Reply, Request, SiteFailure
+from multimodal_fl.federated.protocol import Reply, Request, SiteFailure
 from multimodal_fl.federated.server import Site
 
 __all__ = ["InProcessFederation"]
 
 log = logging.getLogger(__name__)
-
-
-def _copy_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: np.array(v, copy=True) for k, v in arrays.items()}
 
 
 class InProcessFederation:
@@ -89,10 +83,7 @@ class InProcessFederation:
                     name, f"unknown site {name!r}; this federation has {sorted(self._sites)}"
                 )
                 continue
-            request = requests[name]
-            own = Request(
-                request.kind, request.round, _copy_arrays(request.weights), dict(request.config)
-            )
+            own = requests[name].copy()
             started = time.perf_counter()
             try:
                 reply = site.handle(own)
@@ -112,15 +103,5 @@ class InProcessFederation:
                     name, f"handle() returned a {type(reply).__name__}, expected a Reply"
                 )
             else:
-                answers[name] = Reply(
-                    site=reply.site,
-                    kind=reply.kind,
-                    round=reply.round,
-                    weights=_copy_arrays(reply.weights),
-                    group_counts=dict(reply.group_counts),
-                    n_samples=reply.n_samples,
-                    metrics=dict(reply.metrics),
-                    arrays=_copy_arrays(reply.arrays),
-                    local_keys=list(reply.local_keys),
-                )
+                answers[name] = reply.copy()
         return answers

@@ -57,7 +57,7 @@ from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, Transfo
 from sklearn.utils.extmath import svd_flip
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-from multimodal_fl.federated.messages import InvalidReply
+from multimodal_fl.federated.protocol import InvalidReply
 
 __all__ = [
     "SUMMARY_KEYS",
@@ -1011,7 +1011,7 @@ def server_pca_merge(
 
     Raises
     ------
-    multimodal_fl.federated.messages.InvalidReply
+    multimodal_fl.federated.protocol.InvalidReply
         Naming the site whose reply is malformed or has a different feature count.
     """
     if not replies:

@@ -29,12 +29,10 @@ from multimodal_fl.federated.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from multimodal_fl.federated.messages import (
-    EVALUATE,
-    FIT,
-    INFO,
+from multimodal_fl.federated.protocol import (
     ConfigValue,
     InvalidReply,
+    Kind,
     Reply,
     Request,
     SiteFailure,
@@ -192,84 +190,6 @@ class RunConfig:
             problems.append(f"proximal_mu={self.proximal_mu} (expected a finite number >= 0)")
         if problems:
             raise ValueError("invalid federated run config: " + "; ".join(problems))
-
-    @classmethod
-    def from_settings(
-        cls,
-        settings: Mapping[str, Any],
-        *,
-        seed: int,
-        fit_config: Mapping[str, ConfigValue] | None = None,
-        evaluate_config: Mapping[str, ConfigValue] | None = None,
-    ) -> RunConfig:
-        """Build a run config from the experiment's ``federated`` block (a plain mapping).
-
-        ``ExperimentConfig.federated.model_dump()`` fits: ``algorithm``, ``rounds``,
-        ``local_steps`` (sent in ``fit_config``), ``fraction``, ``min_sites``, ``timeout_s``,
-        ``mu`` (the proximal weight, sent only when the algorithm is ``fedprox``), ``server_lr``,
-        ``beta1``, ``beta2``, ``tau``, ``fedbn``, and optionally ``max_attempts``,
-        ``evaluate_every``, ``ask_sizes``. ``engine``, ``pca``, ``select`` (model selection) and
-        ``tracker`` (logging), done by the engine around the loop, are not the loop's business
-        and are ignored.
-
-        Parameters
-        ----------
-        settings : Mapping[str, Any]
-            The federated settings.
-        seed : int
-            The experiment seed.
-        fit_config, evaluate_config : Mapping or None
-            Extra request config (``local_steps`` is added to ``fit_config``).
-
-        Returns
-        -------
-        RunConfig
-            The run config.
-
-        Raises
-        ------
-        ValueError
-            If ``settings`` has a key this mapping does not know (so a new config field is not
-            silently ignored), or a value is out of range.
-        """
-        known = {
-            "algorithm", "rounds", "local_steps", "fraction", "min_sites", "timeout_s", "mu",
-            "server_lr", "beta1", "beta2", "tau", "fedbn", "max_attempts", "evaluate_every",
-            "ask_sizes", "engine", "pca", "select", "tracker",
-        }  # fmt: skip
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise ValueError(
-                f"federated settings {unknown} are not mapped onto the server loop; known: "
-                f"{sorted(known)} (extend RunConfig.from_settings)"
-            )
-        algorithm = str(settings.get("algorithm", "fedavg"))
-        optimizer = ServerOptimizer(
-            algorithm,  # type: ignore[arg-type]  # validated by ServerOptimizer
-            eta=float(settings.get("server_lr", 1.0)),
-            beta1=float(settings.get("beta1", 0.9)),
-            beta2=float(settings.get("beta2", 0.99)),
-            tau=float(settings.get("tau", 1e-3)),
-        )
-        fit: dict[str, ConfigValue] = dict(fit_config or {})
-        if "local_steps" in settings:
-            fit["local_steps"] = int(settings["local_steps"])
-        extra: dict[str, Any] = {
-            k: settings[k] for k in ("max_attempts", "evaluate_every", "ask_sizes") if k in settings
-        }
-        return cls(
-            rounds=int(settings.get("rounds", 1)),
-            optimizer=optimizer,
-            proximal_mu=float(settings.get("mu", 0.0)) if algorithm == "fedprox" else 0.0,
-            fedbn=bool(settings.get("fedbn", False)),
-            min_sites=int(settings.get("min_sites", 1)),
-            fraction=float(settings.get("fraction", 1.0)),
-            timeout=None if settings.get("timeout_s") is None else float(settings["timeout_s"]),
-            seed=int(seed),
-            fit_config=fit,
-            evaluate_config=dict(evaluate_config or {}),
-            **extra,
-        )
 
     def to_json(self) -> dict[str, Any]:
         """Return the config as a JSON-able dict (stored in checkpoints).
@@ -587,7 +507,7 @@ def _base_config(config: RunConfig) -> dict[str, ConfigValue]:
 
 def _ask_sizes(federation: Federation, config: RunConfig) -> dict[str, int]:
     sites = sorted(federation.sites())
-    requests = {s: Request(INFO, 0, {}, _base_config(config)) for s in sites}
+    requests = {s: Request(Kind.INFO, 0, {}, _base_config(config)) for s in sites}
     sizes: dict[str, int] = {}
     for site, reply in sorted(federation.broadcast(requests, config.timeout).items()):
         if isinstance(reply, SiteFailure):
@@ -627,7 +547,7 @@ def _fit_round(
             round=rnd,
             attempt=attempt,
         )
-        requests = {s: Request(FIT, rnd, weights, dict(fit_config)) for s in selected}
+        requests = {s: Request(Kind.FIT, rnd, weights, dict(fit_config)) for s in selected}
         answers = federation.broadcast(requests, config.timeout)
         t_server = time.perf_counter()
         valid: list[Reply] = []
@@ -695,7 +615,7 @@ def _evaluate(
     t0 = time.perf_counter()
     sites = sorted(federation.sites())
     eval_config = {**dict(config.evaluate_config), **_base_config(config), "fedbn": config.fedbn}
-    requests = {s: Request(EVALUATE, record.round, weights, dict(eval_config)) for s in sites}
+    requests = {s: Request(Kind.EVALUATE, record.round, weights, dict(eval_config)) for s in sites}
     answers = federation.broadcast(requests, config.timeout)
     for site in sites:
         answer = answers.get(site, SiteFailure(site, "no answer from the federation"))

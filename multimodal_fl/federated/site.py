@@ -2,7 +2,7 @@
 
 A :class:`FusionSite` owns one hospital's prepared data (:class:`~multimodal_fl.training.
 SiteData`) and a fusion model, and answers the server's requests
-(:class:`~multimodal_fl.federated.messages.Request`) with replies that carry only weights,
+(:class:`~multimodal_fl.federated.protocol.Request`) with replies that carry only weights,
 counts, metrics and aggregate summaries. Patient-level rows (splits, predictions) are
 written into the site's own output folder, never into a reply.
 
@@ -15,11 +15,12 @@ Request kinds it answers:
     ``n_samples`` = training patients (the server's plausibility cap).
 ``moments``
     Per-feature observed count, sum and sum of squares of the training split's tabular
-    features (federated standardisation).
+    features (federated standardisation), and the state-dict keys of the model's
+    standardiser they fill (the ``standardizer`` document).
 ``pca``
     A :func:`~multimodal_fl.federated.pca.site_pca_reply` of one modality's rows
     (``config``: ``modality``, ``site_rank`` (0: exact), ``svd_solver`` (default ``auto``),
-    ``split`` (default ``train``); for ``tabular`` the request's arrays carry the pooled
+    ``split`` (default ``train``); for ``tabular`` the request's ``arrays`` carry the pooled
     standardisation), see :func:`multimodal_fl.pca_stage.site_matrix`. Always from the data
     as loaded.
 ``pca_apply``
@@ -30,7 +31,9 @@ Request kinds it answers:
     Aggregates of the projected rows (mean, covariance; quantiles and coarsened histograms
     under the small-cell rule), see :func:`multimodal_fl.pca_stage.score_summary`.
 ``fit``
-    Load the global weights, run ``local_steps`` optimisation steps with a fresh AdamW
+    Load the global weights, run the request's ``local_steps`` optimisation steps at its ``lr``
+    (:class:`~multimodal_fl.federated.protocol.FitSettings`: the site's config copy only
+    shapes the model) with a fresh AdamW
     (optimiser state is reset every round by design), and return the new weights with a
     sample count per parameter group (a site without notes does not train the text
     encoder and says so with a count of 0).
@@ -45,8 +48,8 @@ Randomness: every generator is seeded from ``site_seed(seed, site, round)``.
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +58,20 @@ import torch
 from torch import nn
 
 from multimodal_fl.config import ExperimentConfig
-from multimodal_fl.federated.messages import Reply, Request, site_seed
+from multimodal_fl.encoders.tabular import Standardizer
+from multimodal_fl.federated.aggregation import STANDARDIZER_STATE
 from multimodal_fl.federated.pca import site_pca_reply
+from multimodal_fl.federated.protocol import (
+    Doc,
+    FitSettings,
+    Kind,
+    Reply,
+    Request,
+    pack_document,
+    site_seed,
+)
 from multimodal_fl.federated.proximal import proximal_term
+from multimodal_fl.moments import column_moments
 from multimodal_fl.training import (
     SiteData,
     batch_augmenter,
@@ -113,11 +127,6 @@ def norm_layer_keys(model: nn.Module) -> list[str]:
             prefix = f"{name}." if name else ""
             keys += [prefix + k for k in module.state_dict()]
     return sorted(keys)
-
-
-def _json_bytes(doc: Any) -> np.ndarray:
-    """A JSON document of aggregates as a uint8 array (so it travels as an array record)."""
-    return np.frombuffer(json.dumps(doc).encode(), dtype=np.uint8).copy()
 
 
 class FusionSite:
@@ -208,40 +217,57 @@ class FusionSite:
         ValueError
             For an unknown request kind.
         """
-        handler = getattr(self, f"_on_{request.kind}", None)
+        handler = self._handlers().get(request.kind)
         if handler is None:
-            raise ValueError(f"site {self.name}: unknown request kind {request.kind!r}")
-        reply: Reply = handler(request)
-        return reply
+            raise ValueError(f"site {self.name}: does not answer {request.kind.value!r} requests")
+        return handler(request)
+
+    def _handlers(self) -> dict[Kind, Callable[[Request], Reply]]:
+        """The request kinds this site answers, each with its handler."""
+        return {
+            Kind.INIT: self._on_init, Kind.INFO: self._on_info, Kind.MOMENTS: self._on_moments,
+            Kind.PCA: self._on_pca, Kind.PCA_APPLY: self._on_pca_apply,
+            Kind.PCA_SCORES: self._on_pca_scores, Kind.FIT: self._on_fit,
+            Kind.EVALUATE: self._on_evaluate, Kind.PREDICT: self._on_predict,
+        }
 
     def _reply(self, request: Request, **fields: Any) -> Reply:
         return Reply(site=self.name, kind=request.kind, round=request.round, **fields)
 
+    def _standardizer_targets(self) -> dict[str, str]:
+        """State-dict keys of the model's tabular standardiser (empty without one)."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, Standardizer):
+                return {k: f"{name}.{k}" for k in STANDARDIZER_STATE}
+        return {}
+
     def _on_init(self, request: Request) -> Reply:
         return self._reply(request, weights=state_to_numpy(build_model(self.cfg, self.data)),
-                           n_samples=len(self.data.train))
+                           n_samples=len(self.data.train),
+                           documents={Doc.STANDARDIZER: pack_document(
+                               self._standardizer_targets())})
 
     def _on_info(self, request: Request) -> Reply:
         return self._reply(request, n_samples=len(self.data.train))
 
     def _on_moments(self, request: Request) -> Reply:
-        from multimodal_fl.encoders.tabular import Standardizer
-
         train = self.data.part(str(request.config.get("split", "train")))
         if "tabular" not in train.modalities:
             raise ValueError(f"site {self.name}: no tabular modality for federated moments")
         j = train.modalities.index("tabular")
         rows = train.inputs["tabular"][train.mask[:, j]].numpy()
-        n, s, ss = Standardizer.site_moments(rows)
+        n, s, ss = column_moments(rows, where=f"site {self.name} moments")
         return self._reply(request, n_samples=int(rows.shape[0]),
-                           arrays={"n": n, "sum": s, "sumsq": ss})
+                           arrays={"n": n, "sum": s, "sumsq": ss},
+                           documents={Doc.STANDARDIZER: pack_document(
+                               self._standardizer_targets())})
 
     def _pca_rows(self, request: Request) -> tuple[str, np.ndarray]:
         from multimodal_fl.pca_stage import STANDARDIZE_MEAN, STANDARDIZE_SCALE, site_matrix
 
         modality = str(request.config.get("modality", "image"))
-        w = request.weights
-        std = (w[STANDARDIZE_MEAN], w[STANDARDIZE_SCALE]) if STANDARDIZE_MEAN in w else None
+        a = request.arrays
+        std = (a[STANDARDIZE_MEAN], a[STANDARDIZE_SCALE]) if STANDARDIZE_MEAN in a else None
         x = site_matrix(self._loaded, modality, split=str(request.config.get("split", "train")),
                         standardize=std)
         return modality, x
@@ -256,7 +282,7 @@ class FusionSite:
     def _on_pca_apply(self, request: Request) -> Reply:
         from multimodal_fl.pca_stage import PROJECTION_KEYS
 
-        proj = {k: request.weights[k] for k in PROJECTION_KEYS if k in request.weights}
+        proj = {k: request.arrays[k] for k in PROJECTION_KEYS if k in request.arrays}
         self._apply_projection(str(request.config.get("modality", "image")), proj)
         return self._reply(request, n_samples=len(self.data.train))
 
@@ -264,14 +290,14 @@ class FusionSite:
         from multimodal_fl.pca_stage import project, score_summary
 
         _, x = self._pca_rows(request)
-        missing = [k for k in ("edges", "levels") if k not in request.weights]
+        missing = [k for k in ("edges", "levels") if k not in request.arrays]
         if missing:
             raise ValueError(f"site {self.name}: pca_scores request lacks arrays {missing}")
-        z = project(x, request.weights, where=f"site {self.name}")
-        doc = score_summary(z, request.weights["edges"], request.weights["levels"],
+        z = project(x, request.arrays, where=f"site {self.name}")
+        doc = score_summary(z, request.arrays["edges"], request.arrays["levels"],
                             min_cell=self.cfg.evaluation.min_cell)
         return self._reply(request, n_samples=int(x.shape[0]),
-                           arrays={"scores_json": _json_bytes(doc)})
+                           documents={Doc.PCA_SCORES: pack_document(doc)})
 
     def _load_global(self, request: Request) -> None:
         weights = dict(request.weights)
@@ -281,10 +307,10 @@ class FusionSite:
         load_weights(self.model, weights, strict=not fedbn)
 
     def _on_fit(self, request: Request) -> Reply:
+        settings = FitSettings.from_request(request)
         self._load_global(request)
-        seed = int(request.config.get("seed", self.cfg.seed))
-        gen = torch.Generator().manual_seed(site_seed(seed, self.name, request.round))
-        mu = float(request.config.get("proximal_mu", 0.0))
+        gen = torch.Generator().manual_seed(site_seed(settings.seed, self.name, request.round))
+        mu = settings.proximal_mu
         proximal = None
         if mu > 0:
             start = {k: v.detach().clone() for k, v in self.model.named_parameters()}
@@ -292,12 +318,13 @@ class FusionSite:
             def proximal(model: nn.Module) -> torch.Tensor:
                 return proximal_term(model.named_parameters(), start, mu)
 
-        steps = int(request.config.get("local_steps", self.cfg.federated.local_steps))
-        result = local_update(self.model, None, self.data.train, self.cfg.training, steps=steps,
-                              generator=gen, proximal=proximal, augment=self._augment)
+        training = self.cfg.training.model_copy(update={"lr": settings.lr})
+        result = local_update(self.model, None, self.data.train, training,
+                              steps=settings.local_steps, generator=gen, proximal=proximal,
+                              augment=self._augment)
         weights = state_to_numpy(self.model)
         local_keys: list[str] = []
-        if bool(request.config.get("fedbn", False)):
+        if settings.fedbn:
             local_keys = norm_layer_keys(self.model)
             state = self.model.state_dict()
             self._local_state = {k: state[k].detach().clone() for k in local_keys}
@@ -355,8 +382,8 @@ class FusionSite:
                     if number is not None and np.isfinite(number):
                         flat[f"{split}/{metric}{part}"] = float(number)
         site_doc = {**_site_summary(self.data), "metrics": by_split}
-        arrays = {
-            "evaluation_json": _json_bytes(summary.to_dict()),
-            "metrics_json": _json_bytes(_jsonable(site_doc)),
+        documents = {
+            Doc.EVALUATION: pack_document(summary.to_dict()),
+            Doc.SITE_METRICS: pack_document(_jsonable(site_doc)),
         }
-        return self._reply(request, n_samples=len(frame), metrics=flat, arrays=arrays)
+        return self._reply(request, n_samples=len(frame), metrics=flat, documents=documents)

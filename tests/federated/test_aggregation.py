@@ -16,9 +16,8 @@ from multimodal_fl.federated.aggregation import (
     group_of,
     merge_moments,
     server_step,
-    weighted_average,
 )
-from multimodal_fl.federated.messages import InvalidReply, Reply
+from multimodal_fl.federated.protocol import InvalidReply, Reply
 from multimodal_fl.federated.proximal import proximal_term
 
 RNG = np.random.default_rng(0)
@@ -39,9 +38,9 @@ def _reply(site: str, state: dict[str, np.ndarray], n: int, **kw: object) -> Rep
     return Reply(site=site, kind="fit", round=1, weights=state, n_samples=n, **kw)  # type: ignore[arg-type]
 
 
-def test_weighted_average_matches_formula() -> None:
+def test_plain_fedavg_matches_formula() -> None:
     a, b = _state(), _state()
-    out = weighted_average([a, b], [3, 1])
+    out = aggregate([_reply("a", a, 3), _reply("b", b, 1)], a)  # no groups: plain FedAvg
     expected = (3 * a["enc.text.w"].astype(np.float64) + b["enc.text.w"]) / 4
     np.testing.assert_allclose(out["enc.text.w"], expected, rtol=1e-6)
     assert out["enc.text.w"].dtype == np.float32 and out["head.b"].dtype == np.float64
@@ -55,16 +54,6 @@ def test_weighted_average_matches_formula() -> None:
     np.testing.assert_allclose(
         out["bn.running_var"], (3 * a["bn.running_var"] + b["bn.running_var"]) / 4, rtol=1e-6
     )
-
-
-def test_weighted_average_rejects_bad_input() -> None:
-    a = _state()
-    with pytest.raises(ValueError, match="one weight per state dict"):
-        weighted_average([a], [1, 2])
-    with pytest.raises(ValueError, match="positive sum"):
-        weighted_average([a, a], [0, 0])
-    with pytest.raises(ValueError, match="different keys"):
-        weighted_average([a, {"x": np.zeros(1)}], [1, 1])
 
 
 def test_single_site_average_is_exact() -> None:

@@ -38,7 +38,7 @@ from multimodal_fl.federated.flower import (
     run_loopback,
     write_app_dir,
 )
-from multimodal_fl.federated.messages import ConfigValue, Reply, Request, SiteFailure
+from multimodal_fl.federated.protocol import ConfigValue, Reply, Request, SiteFailure
 from multimodal_fl.federated.server import run_federated
 
 REPO = Path(__file__).resolve().parents[2]

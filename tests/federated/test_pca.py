@@ -14,7 +14,6 @@ from sklearn.base import clone
 from sklearn.decomposition import PCA
 from sklearn.utils.estimator_checks import check_estimator
 
-from multimodal_fl.federated.messages import InvalidReply
 from multimodal_fl.federated.pca import (
     SUMMARY_KEYS,
     SVD_SOLVERS,
@@ -29,6 +28,7 @@ from multimodal_fl.federated.pca import (
     site_pca_reply,
     subspace_error,
 )
+from multimodal_fl.federated.protocol import InvalidReply
 
 TOL = 1e-10
 

@@ -14,7 +14,7 @@ from toy import ToyNet, ToySite, bn_keys, initial_weights, to_numpy, to_torch, t
 from multimodal_fl.federated.aggregation import ServerOptimizer
 from multimodal_fl.federated.checkpoint import CheckpointError
 from multimodal_fl.federated.inprocess import InProcessFederation
-from multimodal_fl.federated.messages import Reply, Request, SiteFailure, site_seed
+from multimodal_fl.federated.protocol import Reply, Request, SiteFailure, site_seed
 from multimodal_fl.federated.server import (
     Federation,
     RoundFailed,
@@ -327,20 +327,3 @@ def test_existing_checkpoint_needs_resume(tmp_path: Path) -> None:
             checkpoint_dir=tmp_path,
             resume=True,
         )
-
-
-def test_run_config_from_experiment_settings() -> None:
-    from multimodal_fl.config import FederatedConfig
-
-    settings = FederatedConfig(
-        algorithm="fedprox", mu=0.3, local_steps=7, timeout_s=9.0
-    ).model_dump()
-    config = RunConfig.from_settings(settings, seed=5, fit_config={"lr": 0.01})
-    assert config.optimizer.name == "fedprox" and config.proximal_mu == 0.3
-    assert config.fit_config == {"lr": 0.01, "local_steps": 7}
-    assert config.timeout == 9.0 and config.seed == 5
-    assert config.min_sites == settings["min_sites"] and config.rounds == settings["rounds"]
-    adam = RunConfig.from_settings({**settings, "algorithm": "fedadam", "server_lr": 0.1}, seed=0)
-    assert adam.proximal_mu == 0.0 and adam.optimizer.eta == 0.1
-    with pytest.raises(ValueError, match=r"\['checkpoint_every'\]"):
-        RunConfig.from_settings({**settings, "checkpoint_every": 2}, seed=0)

@@ -20,7 +20,7 @@ from torch import nn
 
 from multimodal_fl.federated.aggregation import ServerOptimizer
 from multimodal_fl.federated.inprocess import InProcessFederation
-from multimodal_fl.federated.messages import Reply, Request, site_seed
+from multimodal_fl.federated.protocol import Reply, Request, site_seed
 from multimodal_fl.federated.proximal import proximal_term
 from multimodal_fl.federated.server import RunConfig
 

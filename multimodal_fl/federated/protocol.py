@@ -1,41 +1,53 @@
-"""What crosses a site boundary: requests, replies, failures — plain numpy arrays and scalars.
+"""The wire, in one place: request kinds, requests, replies, named documents, failures.
 
-Nothing in this module knows a modality, a file or torch. A :class:`Request` goes from the
-server to one site; a :class:`Reply` comes back; a :class:`SiteFailure` stands in for a reply
-that never came (the site raised, timed out or could not be reached).
+Nothing in this module knows a modality, a file, a config schema or torch. A :class:`Request`
+goes from the server to one site; a :class:`Reply` comes back; a :class:`SiteFailure` stands in
+for a reply that never came (the site raised, timed out or could not be reached).
 
 The shapes map one to one onto Flower's records (see :meth:`Request.to_records` and
 :meth:`Reply.to_records`): every array goes into an ``ArrayRecord``, every number into a
-``MetricRecord``, every string / flag into a ``ConfigRecord``.
+``MetricRecord``, every setting and every named document into a ``ConfigRecord``.
 
-Request kinds used by :func:`multimodal_fl.federated.server.run_federated`:
+Request kinds (:class:`Kind`), in the order an experiment sends them:
 
-``"info"``
-    Before round 1. The site replies with ``n_samples`` = the size of its training set (the
-    plausibility cap for later fit replies). A site that does not support it may raise; the
-    server then applies no cap to it.
-``"fit"``
-    Train locally starting from ``weights``; reply with the new ``weights`` (a full state dict,
-    buffers included, minus any FedBN ``local_keys``), ``n_samples``, ``group_counts`` and
-    ``metrics`` (``"loss"`` is the training loss the server tabulates).
-``"evaluate"``
+``describe``
+    Flower only: which site a SuperNode serves.
+``pca``, ``pca_apply``, ``pca_scores``
+    The federated PCA stage and analysis (:mod:`multimodal_fl.federated.pca` summaries, the
+    projection to apply in ``arrays``, a summary of the projected scores as the
+    :attr:`Doc.PCA_SCORES` document).
+``init``
+    One site sends freshly initialised model ``weights``; its :attr:`Doc.STANDARDIZER`
+    document names the weights federated moments fill, if the model has any.
+``moments``
+    Per-feature count, sum and sum of squares (``arrays`` ``n``, ``sum``, ``sumsq``) and the
+    :attr:`Doc.STANDARDIZER` target keys.
+``info``
+    ``n_samples`` = the training-set size (the plausibility cap for later fit replies).
+``fit``
+    Train locally from ``weights`` with the request's :class:`FitSettings`; reply with the new
+    ``weights`` (a full state dict, buffers included, minus any FedBN ``local_keys``),
+    ``n_samples``, ``group_counts`` and ``metrics`` (``"loss"``).
+``evaluate``
     Evaluate ``weights``; reply with ``metrics`` (e.g. ``"val_auc"``) and ``n_samples``.
+``predict``
+    Final evaluation: the site writes its patient-level files at home and replies with the
+    :attr:`Doc.EVALUATION` and :attr:`Doc.SITE_METRICS` documents.
 
-Other kinds (e.g. a PCA summary) may be used by other server loops; they carry their payload
-in ``arrays`` / ``metrics``.
-
-Config keys a fit request carries (all scalars): ``seed`` (int, the run seed: the site draws its
-randomness from :func:`site_seed` of (seed, site, round)), ``proximal_mu`` (float, 0 unless
-FedProx), ``fedbn`` (bool: keep normalisation layers local and list them in ``local_keys``),
-plus whatever ``fit_config`` the run adds (e.g. ``local_steps``, ``lr``).
+``Request.weights`` holds model weights only; other arrays (a projection, histogram edges)
+travel in ``Request.arrays``. Per-round training hyperparameters travel on one channel, the
+fit request's config (:class:`FitSettings`); a site uses its own config copy only for the
+model's shape.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TypeVar
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -44,19 +56,22 @@ T = TypeVar("T")
 __all__ = [
     "ARRAY_PREFIX",
     "CONFIG_PREFIX",
-    "EVALUATE",
-    "FIT",
+    "DOC_PREFIX",
     "GROUP_PREFIX",
-    "INFO",
     "METRIC_PREFIX",
     "WEIGHT_PREFIX",
     "ConfigValue",
+    "Doc",
+    "FitSettings",
     "InvalidReply",
+    "Kind",
     "Reply",
     "Request",
     "SiteFailure",
     "StateDict",
+    "pack_document",
     "site_seed",
+    "unpack_document",
 ]
 
 #: A model state dict as numpy arrays, keyed by parameter / buffer name.
@@ -64,15 +79,146 @@ StateDict = dict[str, np.ndarray]
 #: A value allowed in a request config (maps onto Flower's ConfigRecord).
 ConfigValue = int | float | str | bool
 
-FIT = "fit"
-EVALUATE = "evaluate"
-INFO = "info"
+
+
+class Kind(StrEnum):
+    """Every request kind a site may be asked (see the module docstring)."""
+
+    DESCRIBE = "describe"
+    PCA = "pca"
+    PCA_APPLY = "pca_apply"
+    PCA_SCORES = "pca_scores"
+    INIT = "init"
+    MOMENTS = "moments"
+    INFO = "info"
+    FIT = "fit"
+    EVALUATE = "evaluate"
+    PREDICT = "predict"
+
+
+class Doc(StrEnum):
+    """Every named document a reply may carry (small JSON documents of aggregates)."""
+
+    #: ``predict``: the site's federated-evaluation summary (counts, metrics, histograms).
+    EVALUATION = "evaluation"
+    #: ``predict``: the site's metrics per split and its cohort summary.
+    SITE_METRICS = "site_metrics"
+    #: ``pca_scores``: aggregates of the projected rows.
+    PCA_SCORES = "pca_scores"
+    #: ``init`` / ``moments``: the state-dict keys pooled moments fill (``mean``, ``scale``,
+    #: ``count``); absent or empty when the model standardises nothing.
+    STANDARDIZER = "standardizer"
+
 
 WEIGHT_PREFIX = "weights/"
 ARRAY_PREFIX = "arrays/"
 METRIC_PREFIX = "metric/"
 GROUP_PREFIX = "group/"
 CONFIG_PREFIX = "config/"
+DOC_PREFIX = "doc/"
+
+
+def _kind(value: str) -> Kind:
+    try:
+        return Kind(value)
+    except ValueError:
+        raise ValueError(
+            f"unknown request kind {value!r}; expected one of {[k.value for k in Kind]}"
+        ) from None
+
+
+def pack_document(doc: Any) -> str:
+    """A document of aggregates as JSON text (how it travels in a ``ConfigRecord``).
+
+    Parameters
+    ----------
+    doc : Any
+        JSON-able: dicts, lists, strings, numbers (NaN allowed), ``None``.
+
+    Returns
+    -------
+    str
+    """
+    return json.dumps(doc)
+
+
+def unpack_document(text: str) -> Any:
+    """The inverse of :func:`pack_document`.
+
+    Parameters
+    ----------
+    text : str
+
+    Returns
+    -------
+    Any
+    """
+    return json.loads(text)
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """The per-round training hyperparameters a fit request carries (its only channel).
+
+    Parameters
+    ----------
+    seed : int
+        The run seed; the site draws its randomness from :func:`site_seed` of (seed, site,
+        round).
+    local_steps : int
+        Optimisation steps this round.
+    lr : float
+        The site optimiser's learning rate.
+    proximal_mu : float
+        FedProx ``mu`` (0: no proximal term).
+    fedbn : bool
+        Keep normalisation layers local and list them in ``Reply.local_keys``.
+    """
+
+    seed: int
+    local_steps: int
+    lr: float
+    proximal_mu: float = 0.0
+    fedbn: bool = False
+
+    def to_config(self) -> dict[str, ConfigValue]:
+        """The request config entries.
+
+        Returns
+        -------
+        dict of str to int, float or bool
+        """
+        return {"seed": int(self.seed), "local_steps": int(self.local_steps),
+                "lr": float(self.lr), "proximal_mu": float(self.proximal_mu),
+                "fedbn": bool(self.fedbn)}
+
+    @classmethod
+    def from_request(cls, request: Request) -> FitSettings:
+        """Read the settings from a fit request.
+
+        Parameters
+        ----------
+        request : Request
+
+        Returns
+        -------
+        FitSettings
+
+        Raises
+        ------
+        ValueError
+            If the request lacks ``seed``, ``local_steps`` or ``lr`` (named).
+        """
+        c = request.config
+        missing = [k for k in ("seed", "local_steps", "lr") if k not in c]
+        if missing:
+            raise ValueError(
+                f"{request.kind} request of round {request.round} lacks {missing}; a fit request "
+                f"carries {sorted(cls(0, 0, 0.0).to_config())}"
+            )
+        return cls(seed=int(c["seed"]), local_steps=int(c["local_steps"]), lr=float(c["lr"]),
+                   proximal_mu=float(c.get("proximal_mu", 0.0)),
+                   fedbn=bool(c.get("fedbn", False)))
 
 
 @dataclass
@@ -81,20 +227,39 @@ class Request:
 
     Parameters
     ----------
-    kind : str
-        What the site should do: ``"fit"``, ``"evaluate"``, ``"info"`` or another kind.
+    kind : Kind or str
+        What the site should do (a :class:`Kind`; its string value is accepted).
     round : int
-        The federated round (1-based; 0 for ``"info"``).
+        The federated round (1-based; 0 before training).
     weights : dict[str, numpy.ndarray]
-        The global state dict (may be empty for kinds that need none).
+        Model weights only: the global state dict (may be empty for kinds that need none).
     config : dict[str, int | float | str | bool]
         Scalar settings for this request (see the module docstring for the keys).
+    arrays : dict[str, numpy.ndarray]
+        Arrays that are not model weights (a PCA projection, histogram edges, a pooled
+        standardisation).
+
+    Raises
+    ------
+    ValueError
+        For a kind that is not a :class:`Kind`.
     """
 
-    kind: str
+    kind: Kind
     round: int
     weights: StateDict = field(default_factory=dict)
     config: dict[str, ConfigValue] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Check the kind."""
+        self.kind = _kind(self.kind)
+
+    def copy(self) -> Request:
+        """A copy that shares no array or dict with this request (what a site receives in
+        process, as it would over the wire)."""
+        return replace(self, weights=_copy_arrays(self.weights), config=dict(self.config),
+                       arrays=_copy_arrays(self.arrays))
 
     def to_records(self) -> tuple[dict[str, np.ndarray], dict[str, ConfigValue]]:
         """Flatten into one array dict and one config dict (Flower's ArrayRecord / ConfigRecord).
@@ -102,12 +267,13 @@ class Request:
         Returns
         -------
         arrays : dict[str, numpy.ndarray]
-            ``weights`` with keys prefixed by ``"weights/"``.
+            ``weights`` with keys prefixed by ``"weights/"``, ``arrays`` by ``"arrays/"``.
         config : dict[str, int | float | str | bool]
             ``kind``, ``round`` and ``config`` entries prefixed by ``"config/"``.
         """
         arrays = {WEIGHT_PREFIX + k: v for k, v in self.weights.items()}
-        config: dict[str, ConfigValue] = {"kind": self.kind, "round": int(self.round)}
+        arrays.update({ARRAY_PREFIX + k: v for k, v in self.arrays.items()})
+        config: dict[str, ConfigValue] = {"kind": self.kind.value, "round": int(self.round)}
         config.update({CONFIG_PREFIX + k: v for k, v in self.config.items()})
         return arrays, config
 
@@ -132,7 +298,7 @@ class Request:
         Raises
         ------
         ValueError
-            If ``kind`` or ``round`` is missing.
+            If ``kind`` or ``round`` is missing, or the kind is unknown.
         """
         for key in ("kind", "round"):
             if key not in config:
@@ -141,10 +307,11 @@ class Request:
                     f"'round' and '{CONFIG_PREFIX}<name>' entries"
                 )
         return cls(
-            kind=str(config["kind"]),
+            kind=_kind(str(config["kind"])),
             round=int(config["round"]),
             weights=_strip(arrays, WEIGHT_PREFIX),
             config=_strip(config, CONFIG_PREFIX),
+            arrays=_strip(arrays, ARRAY_PREFIX),
         )
 
 
@@ -174,6 +341,9 @@ class Reply:
         Other array payloads (summaries), not aggregated by the FedAvg loop.
     local_keys : list[str]
         FedBN: state-dict keys the site keeps local; the server never averages them.
+    documents : dict[str, str]
+        Named documents of aggregates (a :class:`Doc` name -> JSON text from
+        :func:`pack_document`); read them with :meth:`document`.
     """
 
     site: str
@@ -185,6 +355,35 @@ class Reply:
     metrics: dict[str, float] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     local_keys: list[str] = field(default_factory=list)
+    documents: dict[str, str] = field(default_factory=dict)
+
+    def copy(self) -> Reply:
+        """A copy that shares no array, list or dict with this reply."""
+        return replace(self, weights=_copy_arrays(self.weights),
+                       group_counts=dict(self.group_counts), metrics=dict(self.metrics),
+                       arrays=_copy_arrays(self.arrays), local_keys=list(self.local_keys),
+                       documents=dict(self.documents))
+
+    def document(self, name: Doc) -> Any:
+        """One named document, unpacked.
+
+        Parameters
+        ----------
+        name : Doc
+
+        Returns
+        -------
+        Any
+
+        Raises
+        ------
+        InvalidReply
+            If the reply does not carry it.
+        """
+        if name not in self.documents:
+            raise InvalidReply(self.site, f"{self.kind} reply lacks the {name.value!r} document "
+                                          f"(it has {sorted(self.documents)})")
+        return unpack_document(self.documents[name])
 
     def to_records(
         self,
@@ -198,7 +397,7 @@ class Reply:
         metrics : dict[str, int | float]
             ``n_samples``, ``metrics`` under ``"metric/"`` and ``group_counts`` under ``"group/"``.
         config : dict[str, str | int | list[str]]
-            ``site``, ``kind``, ``round`` and ``local_keys``.
+            ``site``, ``kind``, ``round``, ``local_keys`` and the documents under ``"doc/"``.
         """
         arrays = {WEIGHT_PREFIX + k: v for k, v in self.weights.items()}
         arrays.update({ARRAY_PREFIX + k: v for k, v in self.arrays.items()})
@@ -211,6 +410,7 @@ class Reply:
             "round": int(self.round),
             "local_keys": list(self.local_keys),
         }
+        config.update({DOC_PREFIX + k: str(v) for k, v in self.documents.items()})
         return arrays, metrics, config
 
     @classmethod
@@ -258,6 +458,7 @@ class Reply:
             metrics={k: float(v) for k, v in _strip(metrics, METRIC_PREFIX).items()},
             group_counts={k: int(v) for k, v in _strip(metrics, GROUP_PREFIX).items()},
             local_keys=local_keys,
+            documents={k: str(v) for k, v in _strip(config, DOC_PREFIX).items()},
         )
 
 
@@ -316,6 +517,10 @@ def site_seed(seed: int, site: str, round: int) -> int:
     """
     digest = hashlib.sha256(f"{int(seed)}\x1f{site}\x1f{int(round)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _copy_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.array(v, copy=True) for k, v in arrays.items()}
 
 
 def _strip(mapping: Mapping[str, T], prefix: str) -> dict[str, T]:
