@@ -356,7 +356,7 @@ def test_site_state_survives_between_requests_per_node(task_identity: None) -> N
     )
     sites = federation.sites()
     for expected in (1, 2, 3):
-        answers = federation.broadcast({s: Request("count", expected) for s in sites}, timeout=5)
+        answers = federation.broadcast({s: Request("info", expected) for s in sites}, timeout=5)
         assert {s: a.n_samples for s, a in answers.items() if isinstance(a, Reply)} == {
             s: expected for s in SITES
         }
@@ -380,7 +380,7 @@ def test_site_worker_keeps_one_site_per_node_across_requests(task_identity: None
     try:
         sites = federation.sites()
         for expected in (1, 2, 3):
-            answers = federation.broadcast({s: Request("count", 1) for s in sites}, timeout=60)
+            answers = federation.broadcast({s: Request("info", 1) for s in sites}, timeout=60)
             # the same site object answered: its count lives in the worker's memory
             assert {s: getattr(a, "n_samples", a) for s, a in answers.items()} == {
                 s: expected for s in SITES
@@ -409,7 +409,7 @@ def test_site_worker_failures_become_site_failures(task_identity: None) -> None:
     ]
     try:
         sites = federation.sites()
-        answers = federation.broadcast({s: Request("count", 1) for s in sites}, timeout=120)
+        answers = federation.broadcast({s: Request("info", 1) for s in sites}, timeout=120)
     finally:
         for address in addresses:
             stop_worker(address)
