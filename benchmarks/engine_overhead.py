@@ -2,9 +2,10 @@
 
 For one experiment (default: the sample COVID-19 task, ``configs/covid_oxygen.yaml``) this
 
-1. trains it with the **in-process** engine (:func:`multimodal_fl.engine.run_federated_experiment`
-   over an :class:`~multimodal_fl.federated.inprocess.InProcessFederation`) and measures, per
-   round, the wall time of the whole round (fit + evaluation + checkpoint, from one round's end
+1. trains it with the **in-process** engine
+   (:func:`multimodal_fl.engines.federated.run_federated_experiment` over an
+   :class:`~multimodal_fl.federated.inprocess.InProcessFederation`) and measures, per round,
+   the wall time of the whole round (fit + evaluation + checkpoint, from one round's end
    to the next) and the time the sites spent in their own ``handle()`` calls
    (``InProcessFederation.last_site_seconds``, summed over the round's fit and evaluate
    broadcasts). The **engine overhead** is the difference: request copying, reply checks,
@@ -125,7 +126,7 @@ def run_inprocess(cfg: ExperimentConfig, run_dir: Path) -> list[dict[str, float]
         included), ``sites`` (sum of the sites' ``handle()`` seconds), ``overhead`` (the
         difference), ``record`` (``RoundRecord.seconds``) and ``server`` (``server_seconds``).
     """
-    from multimodal_fl.engine import inprocess_federation, run_federated_experiment
+    from multimodal_fl.engines.federated import inprocess_federation, run_federated_experiment
     from multimodal_fl.runs import _threads
 
     with _threads(cfg.training.num_threads):

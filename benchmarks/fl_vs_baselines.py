@@ -3,7 +3,8 @@
 For every task config and seed this trains the experiment three ways, each writing its own
 run directory exactly as ``mmfl train CONFIG --engine ...`` does:
 
-* ``federated``: the in-process engine (:func:`multimodal_fl.engine.run_federated_experiment`);
+* ``federated``: the in-process engine
+  (:func:`multimodal_fl.engines.federated.run_federated_experiment`);
 * ``centralized``: every site's training patients pooled
   (:func:`multimodal_fl.runs.run_centralized`);
 * ``local``: one model per site on its own data (:func:`multimodal_fl.runs.run_local`).
@@ -123,7 +124,7 @@ def train(engine: str, cfg: ExperimentConfig, run_dir: Path) -> float:
         return float(timing.get("total", 0.0))
     started = time.perf_counter()
     if engine == "federated":
-        from multimodal_fl.engine import run_federated_experiment
+        from multimodal_fl.engines.federated import run_federated_experiment
 
         run_federated_experiment(cfg, run_dir)
     elif engine == "centralized":

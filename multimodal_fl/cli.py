@@ -217,7 +217,7 @@ def train_cmd(
                          run_config=None, set_=set_, out=out or default_run_dir(cfg))
             return
         else:
-            from multimodal_fl.engine import round_row, run_federated_experiment
+            from multimodal_fl.engines.federated import round_row, run_federated_experiment
 
             names = sorted(s.name for s in cfg.sites)
             table_started = False
@@ -328,7 +328,7 @@ def pca_cmd(
     from multimodal_fl.config import ExperimentConfig
     from multimodal_fl.data.errors import DataError
     from multimodal_fl.federated.pca import SVD_SOLVERS
-    from multimodal_fl.pca_analysis import FEATURES, run_pca_analysis
+    from multimodal_fl.pca.analysis import FEATURES, run_pca_analysis
 
     if features not in FEATURES:
         fail(f"--features {features!r}: expected one of {', '.join(FEATURES)}")

@@ -441,7 +441,7 @@ def _apply_pca_stage(cfg: ExperimentConfig, sites: dict[str, SiteData]) -> dict[
     """The federated PCA stage's reduction, fitted on the sites' training splits (same math)."""
     if not cfg.federated.pca.enabled:
         return sites
-    from multimodal_fl.pca_stage import apply_pca_stage, fit_pca_stage
+    from multimodal_fl.pca.stage import apply_pca_stage, fit_pca_stage
 
     return apply_pca_stage(sites, fit_pca_stage(cfg, sites), cfg.federated.pca.modality)
 

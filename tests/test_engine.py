@@ -66,7 +66,7 @@ def test_federated_run_writes_the_run_directory(uninterrupted: tuple[Path, Path]
 def test_best_validation_round_is_selected(uninterrupted: tuple[Path, Path]) -> None:
     from safetensors.numpy import load_file
 
-    from multimodal_fl.engine import validation_score
+    from multimodal_fl.engines.federated import validation_score
     from multimodal_fl.federated.server import RoundRecord
 
     _, run = uninterrupted
@@ -132,7 +132,7 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(
 
 def test_run_config_from_the_typed_experiment_config(tiny_config: Callable[..., Path]) -> None:
     from multimodal_fl.config import FederatedConfig
-    from multimodal_fl.engine import ENGINE_FIELDS, LOOP_FIELDS, run_config
+    from multimodal_fl.engines.federated import ENGINE_FIELDS, LOOP_FIELDS, run_config
 
     cfg = load_config(tiny_config(federated={"algorithm": "fedprox", "mu": 0.3, "local_steps": 7,
                                              "timeout_s": 9.0}, seed=5))

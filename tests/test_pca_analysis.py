@@ -1,4 +1,4 @@
-"""``mmfl pca`` (multimodal_fl.pca_analysis) on the tiny generated cohort."""
+"""``mmfl pca`` (multimodal_fl.pca.analysis) on the tiny generated cohort."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The federated PCA pipeline stage (multimodal_fl.pca_stage) on the tiny generated cohort."""
+"""The federated PCA pipeline stage (multimodal_fl.pca.stage) on the tiny generated cohort."""
 
 from __future__ import annotations
 
@@ -14,17 +14,10 @@ from safetensors.numpy import load_file
 from sklearn.decomposition import PCA
 
 from multimodal_fl.config import load_config
-from multimodal_fl.engine import inprocess_federation, run_federated_experiment
+from multimodal_fl.engines.federated import inprocess_federation, run_federated_experiment
 from multimodal_fl.federated.pca import FederatedPCA, subspace_error
-from multimodal_fl.pca_stage import (
-    apply_pca_stage,
-    check_pca_stage,
-    fit_pca_stage,
-    project,
-    projection_arrays,
-    run_pca_stage,
-    score_summary,
-)
+from multimodal_fl.pca.site import project, projection_arrays, score_summary
+from multimodal_fl.pca.stage import apply_pca_stage, check_pca_stage, fit_pca_stage, run_pca_stage
 from multimodal_fl.runs import load_site_data
 
 torch.set_num_threads(1)

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from multimodal_fl.config import load_config
-from multimodal_fl.engine import RoundTracker, StageFailed, run_federated_experiment
+from multimodal_fl.engines.federated import run_federated_experiment
+from multimodal_fl.engines.tracking import RoundTracker
+from multimodal_fl.federated.gather import StageFailed
 from multimodal_fl.federated.server import RoundRecord
 
 

@@ -9,7 +9,8 @@ Three pieces, none of which holds FL logic of its own:
   :class:`~.messages.SiteFailure` when a site raised, timed out or cannot be reached.
 * :data:`server_app` (a ``flwr.serverapp.ServerApp``) whose main builds a :class:`ServerJob` from
   the run config and runs :func:`~.server.run_federated` with a :class:`FlowerFederation` (or
-  the job's own program, e.g. :func:`multimodal_fl.engine.run_federated_experiment` through
+  the job's own program, e.g.
+  :func:`multimodal_fl.engines.federated.run_federated_experiment` through
   :mod:`~.flower_app`).
 * :data:`client_app` (a ``flwr.clientapp.ClientApp``) that builds the site object from the
   SuperNode's ``--node-config`` (``site-name``, ``site-dir``) and the run config, and hands it

@@ -5,7 +5,8 @@ the two for an experiment YAML, so that ``mmfl flower run CONFIG`` / ``mmfl flow
 train exactly what ``mmfl train CONFIG`` trains in process:
 
 * :func:`experiment_job` (``server-factory``) runs
-  :func:`multimodal_fl.engine.run_federated_experiment` (init, federated standardisation, PCA,
+  :func:`multimodal_fl.engines.federated.run_federated_experiment` (init, federated
+  standardisation, PCA,
   the rounds, the final predict stage) over the :class:`~.flower.FlowerFederation`, writing the
   run directory ``run-dir`` on the SuperLink's machine (weights, counts, metrics only).
 * :func:`experiment_site` (``site-factory``) builds the :class:`~.site.FusionSite` of one
@@ -113,13 +114,13 @@ def experiment_job(run_config: Mapping[str, Any]) -> ServerJob:
     Returns
     -------
     ServerJob
-        A job whose ``main`` calls :func:`multimodal_fl.engine.run_federated_experiment`.
+        A job whose ``main`` calls :func:`multimodal_fl.engines.federated.run_federated_experiment`.
     """
     cfg = _experiment(run_config)
     run_dir = Path(str(run_config.get("run-dir") or Path("runs") / f"{cfg.name or 'flower'}"))
 
     def main(federation: Federation) -> None:
-        from multimodal_fl.engine import run_federated_experiment
+        from multimodal_fl.engines.federated import run_federated_experiment
 
         run_federated_experiment(cfg, run_dir, federation=federation, engine="flower")
 
@@ -213,9 +214,9 @@ def pca_analysis_run_config(
     out_dir : path-like
         Where the server writes ``pca.json`` and the PNGs (the SuperLink's machine).
     n_components, site_rank : int or None
-        As :func:`multimodal_fl.pca_analysis.run_pca_analysis` (0 on the wire means None).
+        As :func:`multimodal_fl.pca.analysis.run_pca_analysis` (0 on the wire means None).
     svd_solver : {"auto", "full", "covariance_eigh"}
-        As :func:`multimodal_fl.pca_analysis.run_pca_analysis`.
+        As :func:`multimodal_fl.pca.analysis.run_pca_analysis`.
     site_out : path-like or None
         See :func:`experiment_run_config`.
     site_worker : bool
@@ -253,7 +254,7 @@ def pca_analysis_run_config(
 
 def _pca_options(run_config: Mapping[str, Any]) -> tuple[str, int | None, int | None, str]:
     from multimodal_fl.federated.pca import SVD_SOLVERS
-    from multimodal_fl.pca_analysis import FEATURES
+    from multimodal_fl.pca.analysis import FEATURES
 
     features = str(run_config.get("pca-features") or "")
     if features not in FEATURES:
@@ -281,7 +282,7 @@ def pca_analysis_job(run_config: Mapping[str, Any]) -> ServerJob:
     Returns
     -------
     ServerJob
-        A job whose ``main`` calls :func:`multimodal_fl.pca_analysis.run_pca_analysis` and
+        A job whose ``main`` calls :func:`multimodal_fl.pca.analysis.run_pca_analysis` and
         writes ``pca.json``, ``pca_sites.png`` and ``pca_variance.png`` into ``run-dir``.
     """
     cfg = _experiment(run_config)
@@ -289,7 +290,7 @@ def pca_analysis_job(run_config: Mapping[str, Any]) -> ServerJob:
     run_dir = Path(str(run_config.get("run-dir") or Path("runs") / f"{cfg.name or 'pca'}-pca"))
 
     def main(federation: Federation) -> None:
-        from multimodal_fl.pca_analysis import run_pca_analysis
+        from multimodal_fl.pca.analysis import run_pca_analysis
 
         run_pca_analysis(cfg, features, run_dir, n_components=k, site_rank=rank,
                          svd_solver=solver, federation=federation)
@@ -312,9 +313,9 @@ def pca_analysis_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) 
     Returns
     -------
     Site
-        As :func:`multimodal_fl.pca_analysis.analysis_config` prepares it in process.
+        As :func:`multimodal_fl.pca.analysis.analysis_config` prepares it in process.
     """
-    from multimodal_fl.pca_analysis import analysis_config
+    from multimodal_fl.pca.analysis import analysis_config
 
     features = _pca_options(run_config)[0]
     return _fusion_site(

@@ -21,7 +21,7 @@ Request kinds it answers:
     A :func:`~multimodal_fl.federated.pca.site_pca_reply` of one modality's rows
     (``config``: ``modality``, ``site_rank`` (0: exact), ``svd_solver`` (default ``auto``),
     ``split`` (default ``train``); for ``tabular`` the request's ``arrays`` carry the pooled
-    standardisation), see :func:`multimodal_fl.pca_stage.site_matrix`. Always from the data
+    standardisation), see :func:`multimodal_fl.pca.site.site_matrix`. Always from the data
     as loaded.
 ``pca_apply``
     Replace the modality's embeddings by their projection (request arrays ``mean``,
@@ -29,7 +29,7 @@ Request kinds it answers:
     federated PCA stage, before ``init``.
 ``pca_scores``
     Aggregates of the projected rows (mean, covariance; quantiles and coarsened histograms
-    under the small-cell rule), see :func:`multimodal_fl.pca_stage.score_summary`.
+    under the small-cell rule), see :func:`multimodal_fl.pca.site.score_summary`.
 ``fit``
     Load the global weights, run the request's ``local_steps`` optimisation steps at its ``lr``
     (:class:`~multimodal_fl.federated.protocol.FitSettings`: the site's config copy only
@@ -72,6 +72,15 @@ from multimodal_fl.federated.protocol import (
 )
 from multimodal_fl.federated.proximal import proximal_term
 from multimodal_fl.moments import column_moments
+from multimodal_fl.pca.site import (
+    PROJECTION_KEYS,
+    STANDARDIZE_MEAN,
+    STANDARDIZE_SCALE,
+    project,
+    project_site_data,
+    score_summary,
+    site_matrix,
+)
 from multimodal_fl.training import (
     SiteData,
     batch_augmenter,
@@ -190,8 +199,6 @@ class FusionSite:
             self._apply_projection(modality, proj)
 
     def _apply_projection(self, modality: str, arrays: dict[str, np.ndarray]) -> None:
-        from multimodal_fl.pca_stage import project_site_data
-
         self.data = project_site_data(self._loaded, modality, arrays)
         self.model = build_model(self.cfg, self.data)
         self._augment = batch_augmenter(self.cfg, self.model)
@@ -263,8 +270,6 @@ class FusionSite:
                                self._standardizer_targets())})
 
     def _pca_rows(self, request: Request) -> tuple[str, np.ndarray]:
-        from multimodal_fl.pca_stage import STANDARDIZE_MEAN, STANDARDIZE_SCALE, site_matrix
-
         modality = str(request.config.get("modality", "image"))
         a = request.arrays
         std = (a[STANDARDIZE_MEAN], a[STANDARDIZE_SCALE]) if STANDARDIZE_MEAN in a else None
@@ -280,15 +285,11 @@ class FusionSite:
         return self._reply(request, n_samples=int(x.shape[0]), arrays=reply)
 
     def _on_pca_apply(self, request: Request) -> Reply:
-        from multimodal_fl.pca_stage import PROJECTION_KEYS
-
         proj = {k: request.arrays[k] for k in PROJECTION_KEYS if k in request.arrays}
         self._apply_projection(str(request.config.get("modality", "image")), proj)
         return self._reply(request, n_samples=len(self.data.train))
 
     def _on_pca_scores(self, request: Request) -> Reply:
-        from multimodal_fl.pca_stage import project, score_summary
-
         _, x = self._pca_rows(request)
         missing = [k for k in ("edges", "levels") if k not in request.arrays]
         if missing:

@@ -555,7 +555,7 @@ def test_pca_analysis_over_flower_wire_equals_in_process(
     """``mmfl pca`` on Flower (its server job and sites, over the wire) writes the same pca.json."""
     from multimodal_fl.config import load_config
     from multimodal_fl.federated.flower_app import pca_analysis_job, pca_analysis_run_config
-    from multimodal_fl.pca_analysis import run_pca_analysis
+    from multimodal_fl.pca.analysis import run_pca_analysis
 
     cfg = load_config(tiny_config("covid_oxygen"))
     options: dict[str, Any] = {"n_components": 3, "site_rank": 4, "svd_solver": "full"}
@@ -649,7 +649,7 @@ def test_experiment_over_flower_wire_equals_mmfl_train(
     from safetensors.numpy import load_file
 
     from multimodal_fl.config import load_config
-    from multimodal_fl.engine import run_federated_experiment
+    from multimodal_fl.engines.federated import run_federated_experiment
     from multimodal_fl.federated.flower_app import experiment_job, experiment_run_config
     from multimodal_fl.federated.flower_worker import stop_worker, worker_address
 

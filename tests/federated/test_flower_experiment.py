@@ -26,7 +26,7 @@ pytest.importorskip("torch")
 from safetensors.numpy import load_file
 
 from multimodal_fl.config import load_config
-from multimodal_fl.engine import run_federated_experiment
+from multimodal_fl.engines.federated import run_federated_experiment
 from multimodal_fl.federated.flower import FlowerRunError, run_loopback
 from multimodal_fl.federated.flower_app import experiment_run_config
 

@@ -7,7 +7,7 @@ ServerApp calls the same function with its own federation):
 1. ``pca`` (when ``federated.pca.enabled``): every site summarises its training split's
    frozen embeddings of ``federated.pca.modality``, the server merges the summaries into one
    exact PCA and broadcasts the projection; each site replaces those embeddings by their
-   ``n_components`` scores and rebuilds its model (see :mod:`multimodal_fl.pca_stage`). The
+   ``n_components`` scores and rebuilds its model (see :mod:`multimodal_fl.pca.stage`). The
    projection is saved as ``pca.safetensors`` (the model's inputs need it) and summarised in
    ``metrics.json`` under ``pca``. It runs first because it changes the model's input width.
 2. ``init``: one site (the first in sorted order) sends freshly initialised weights, seeded
@@ -39,15 +39,15 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from multimodal_fl.config import ExperimentConfig
+from multimodal_fl.engines.tracking import RoundTracker
 from multimodal_fl.federated.aggregation import ServerOptimizer, standardizer_state
+from multimodal_fl.federated.gather import StageFailed, gather
 from multimodal_fl.federated.protocol import (
     ConfigValue,
     Doc,
     FitSettings,
     Kind,
-    Reply,
     Request,
-    SiteFailure,
     StateDict,
 )
 from multimodal_fl.federated.server import (
@@ -57,6 +57,8 @@ from multimodal_fl.federated.server import (
     RunConfig,
     run_federated,
 )
+from multimodal_fl.pca.site import projection_arrays
+from multimodal_fl.pca.stage import run_pca_stage
 
 __all__ = [
     "RoundTracker",
@@ -70,11 +72,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-
-class StageFailed(RuntimeError):
-    """A stage outside the training rounds got too few replies; the message names each site."""
 
 
 def inprocess_federation(
@@ -106,53 +103,6 @@ def inprocess_federation(
     return InProcessFederation(
         {name: FusionSite(name, cfg, sd, run_dir=run_dir) for name, sd in prepared.items()}
     )
-
-
-def gather(
-    federation: Federation, requests: Mapping[str, Request], timeout: float | None,
-    *, stage: str, minimum: int,
-) -> dict[str, Reply]:
-    """Broadcast one stage's requests and keep the good replies, in sorted site order.
-
-    A reply is good when it names the site it went to and answers the request's kind;
-    anything else (a :class:`SiteFailure`, a stray reply) is logged with its reason.
-
-    Parameters
-    ----------
-    federation : Federation
-    requests : mapping of site to Request
-    timeout : float or None
-    stage : str
-        Named in logs and errors.
-    minimum : int
-        Good replies needed.
-
-    Returns
-    -------
-    dict of str to Reply
-
-    Raises
-    ------
-    StageFailed
-        With fewer than ``minimum`` good replies; the message gives each failed site's reason.
-    """
-    replies = federation.broadcast(requests, timeout)
-    good: dict[str, Reply] = {}
-    failed: dict[str, str] = {}
-    for site in sorted(requests):
-        reply = replies.get(site)
-        if isinstance(reply, Reply) and reply.site == site and reply.kind == requests[site].kind:
-            good[site] = reply
-        else:
-            reason = reply.reason if isinstance(reply, SiteFailure) else f"bad reply {reply!r}"
-            failed[site] = reason
-            log.warning("stage %s: site %s failed: %s", stage, site, reason)
-    if len(good) < minimum:
-        detail = "; ".join(f"{s}: {r}" for s, r in failed.items()) or "no sites"
-        raise StageFailed(
-            f"stage '{stage}': {len(good)} site(s) replied, at least {minimum} needed ({detail})"
-        )
-    return good
 
 
 #: ``federated`` fields :func:`run_config` maps onto the server loop (or the fit request).
@@ -294,73 +244,6 @@ class _BestRound:
         return dict(load_file(str(self.path)))
 
 
-class RoundTracker:
-    """Optional experiment tracking of each round: TensorBoard or MLflow, when installed.
-
-    Logs ``train/loss`` and ``<site>/<metric>`` (the sites' validation metrics) with the
-    round as the step. Only what the server already holds (aggregates) is logged.
-
-    Parameters
-    ----------
-    kind : {"none", "tensorboard", "mlflow"}
-    run_dir : Path
-        TensorBoard writes to ``run_dir/tensorboard``, MLflow to ``run_dir/mlruns``.
-
-    Raises
-    ------
-    StageFailed
-        When the chosen package is not installed (the message says what to install).
-    """
-
-    def __init__(self, kind: str, run_dir: Path) -> None:
-        self.kind = kind
-        self._writer: Any = None
-        self._mlflow: Any = None
-        if kind == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise StageFailed(
-                    "federated.tracker 'tensorboard' needs the tensorboard package: "
-                    "pip install tensorboard (or set federated.tracker: none)"
-                ) from None
-            self._writer = SummaryWriter(str(run_dir / "tensorboard"))
-        elif kind == "mlflow":
-            try:
-                import mlflow
-            except ImportError:
-                raise StageFailed(
-                    "federated.tracker 'mlflow' needs the mlflow package: pip install mlflow "
-                    "(or set federated.tracker: none)"
-                ) from None
-            mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
-            mlflow.start_run(run_name=run_dir.name)
-            self._mlflow = mlflow
-
-    def log(self, record: RoundRecord) -> None:
-        """Log one completed round."""
-        values: dict[str, float] = {}
-        if record.train_loss is not None:
-            values["train/loss"] = float(record.train_loss)
-        for site, metrics in sorted(record.eval_metrics.items()):
-            for name, value in sorted(metrics.items()):
-                values[f"{site}/{name}"] = float(value)
-        if self._writer is not None:
-            for key, value in values.items():
-                self._writer.add_scalar(key, value, record.round)
-            self._writer.flush()
-        if self._mlflow is not None:
-            self._mlflow.log_metrics({k.replace("/", "."): v for k, v in values.items()},
-                                     step=record.round)
-
-    def close(self) -> None:
-        """Flush and close the tracker."""
-        if self._writer is not None:
-            self._writer.close()
-        if self._mlflow is not None:
-            self._mlflow.end_run()
-
-
 def round_row(record: RoundRecord, sites: list[str]) -> list[str]:
     """One line of the per-round table: round, replied, train loss, validation AUC per site.
 
@@ -456,8 +339,6 @@ def _run_experiment(
     fed = cfg.federated
     pca_doc: dict[str, Any] | None = None
     if fed.pca.enabled:
-        from multimodal_fl.pca_stage import projection_arrays, run_pca_stage
-
         pca, pca_doc = run_pca_stage(federation, cfg, sites)
         save_file(projection_arrays(pca), str(run_dir / "pca.safetensors"),
                   metadata={"modality": pca_doc["modality"]})

@@ -12,7 +12,7 @@ only (in process by default; on Flower through
    squares); the server merges them (:func:`~multimodal_fl.federated.pca.server_pca_merge`);
 3. ``pca_scores``: the server sends the projection and fixed histogram edges (± 4 pooled
    standard deviations per component, in ``n_bins`` bins); each site returns aggregates of
-   its scores (:func:`~multimodal_fl.pca_stage.score_summary`): mean, standard deviation and
+   its scores (:func:`~multimodal_fl.pca.site.score_summary`): mean, standard deviation and
    covariance (what its PCA summary already reveals), and, under the site's own small-cell
    rule (``evaluation.min_cell``), quantiles and coarsened histograms.
 
@@ -39,17 +39,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from multimodal_fl.engine import gather
 from multimodal_fl.federated.aggregation import pool_moments
+from multimodal_fl.federated.gather import gather
 from multimodal_fl.federated.pca import FederatedPCA, TruncationWarning
 from multimodal_fl.federated.protocol import Doc, Kind, Request
 from multimodal_fl.moments import standardization
-from multimodal_fl.pca_stage import (
+from multimodal_fl.pca.site import (
     STANDARDIZE_MEAN,
     STANDARDIZE_SCALE,
-    federated_pca,
     projection_arrays,
 )
+from multimodal_fl.pca.stage import federated_pca
 
 if TYPE_CHECKING:
     from multimodal_fl.config import ExperimentConfig
@@ -203,10 +203,10 @@ def run_pca_analysis(
     ------
     ValueError
         For unknown features, ``n_components`` beyond ``min(n, d)``, or ``n_bins < 2``.
-    multimodal_fl.engine.StageFailed
+    multimodal_fl.federated.gather.StageFailed
         When no site answers.
     """
-    from multimodal_fl.engine import inprocess_federation
+    from multimodal_fl.engines.federated import inprocess_federation
 
     if features not in FEATURES:
         raise ValueError(f"--features {features!r}; expected one of {', '.join(FEATURES)}")

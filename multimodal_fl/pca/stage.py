@@ -1,0 +1,283 @@
+"""The federated PCA stage of an experiment, shared by every engine.
+
+
+When ``federated.pca.enabled`` is true, the frozen embeddings of one modality
+(``federated.pca.modality``: ``text``, or ``image`` with ``modalities.image.frozen: true``)
+are reduced to ``federated.pca.n_components`` dimensions before the fusion model is built:
+
+* federated engines (in-process and Flower) run :func:`run_pca_stage` over the
+  :class:`~multimodal_fl.federated.server.Federation` before ``init``: every site sends a
+  ``pca`` summary of its training split's embeddings
+  (:func:`~multimodal_fl.federated.pca.site_pca_reply`), the server merges them
+  (:func:`~multimodal_fl.federated.pca.server_pca_merge`) and broadcasts ``pca_apply`` with
+  :func:`projection_arrays` (mean, components, scale); each site replaces its embeddings by
+  the projection (:func:`project_site_data`) and rebuilds its model, whose input width is
+  now ``n_components``;
+* the local and centralized engines, which hold every site's prepared data, call
+  :func:`fit_pca_stage` (the same summaries and the same merge, in the same sorted site
+  order, so the same projection bit for bit) and :func:`apply_pca_stage`.
+
+The analysis command (``mmfl pca``, :mod:`multimodal_fl.pca.analysis`) uses the same
+request kinds with ``split: all`` and, for tabular features, the pooled standardisation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from multimodal_fl.config import ExperimentConfig
+from multimodal_fl.federated.gather import gather
+from multimodal_fl.federated.pca import FederatedPCA, server_pca_merge
+from multimodal_fl.federated.protocol import ConfigValue, Kind, Request
+from multimodal_fl.federated.server import Federation
+from multimodal_fl.pca.site import (
+    STANDARDIZE_MEAN,
+    STANDARDIZE_SCALE,
+    FloatArray,
+    project_site_data,
+    projection_arrays,
+    site_matrix,
+)
+from multimodal_fl.training import SiteData
+
+__all__ = [
+    "apply_pca_stage",
+    "check_pca_stage",
+    "federated_pca",
+    "fit_pca_stage",
+    "run_pca_stage",
+]
+
+log = logging.getLogger(__name__)
+
+def check_pca_stage(cfg: ExperimentConfig) -> str:
+    """Check that ``federated.pca`` can run as a pipeline stage; return its modality.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+
+    Returns
+    -------
+    str
+        ``"image"`` or ``"text"``.
+
+    Raises
+    ------
+    ValueError
+        When the modality is disabled, is ``tabular`` (the stage reduces frozen embeddings;
+        tabular PCA is an analysis, ``mmfl pca --features tabular``) or is a trainable image
+        encoder.
+    """
+    pca = cfg.federated.pca
+    m = pca.modality
+    if m == "tabular":
+        raise ValueError(
+            "federated.pca.modality: 'tabular' is not a pipeline stage (the stage reduces frozen "
+            "embeddings before fusion); use 'text', or 'image' with modalities.image.frozen: "
+            "true. For a PCA of the tabular features run `mmfl pca CONFIG --features tabular`"
+        )
+    if not getattr(cfg.modalities, m).enabled:
+        raise ValueError(
+            f"federated.pca.modality: '{m}' but modalities.{m}.enabled is false; enable it or "
+            "choose an enabled frozen modality"
+        )
+    if m == "image" and not cfg.modalities.image.frozen:
+        raise ValueError(
+            "federated.pca.modality: 'image' needs modalities.image.frozen: true (PCA reduces "
+            "frozen embeddings; a trainable image encoder has none before training)"
+        )
+    return m
+
+
+def fit_pca_stage(cfg: ExperimentConfig, site_data: Mapping[str, SiteData]) -> FederatedPCA:
+    """Fit the stage's PCA from in-memory sites (local and centralized engines).
+
+    The same summaries of the same rows, merged in the same sorted site order, as
+    :func:`run_pca_stage` over a federation: the projection is identical. A site whose
+    :func:`site_matrix` fails (e.g. no patient with the modality in its training split) is
+    left out with a warning, as its federated reply would fail.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        ``federated.pca`` gives modality, ``n_components``, ``site_rank``, ``whiten`` and
+        ``svd_solver``.
+    site_data : mapping of site name to SiteData
+
+    Returns
+    -------
+    FederatedPCA
+        Fitted; ``site_names_`` lists the sites used.
+    """
+    modality = check_pca_stage(cfg)
+    p = cfg.federated.pca
+    names: list[str] = []
+    arrays: list[FloatArray] = []
+    for name in sorted(site_data):
+        try:
+            x = site_matrix(site_data[name], modality)
+        except ValueError as exc:  # as its federated reply would fail
+            log.warning("PCA stage: site %s left out: %s", name, exc)
+            continue
+        names.append(name)
+        arrays.append(x)
+    if not arrays:
+        raise ValueError(f"PCA stage: no site has {modality} in its training split")
+    pca = FederatedPCA(
+        p.n_components, site_rank=p.site_rank, whiten=p.whiten, svd_solver=p.svd_solver
+    ).fit_sites(arrays)
+    pca.site_names_ = names
+    return pca
+
+
+def apply_pca_stage(
+    site_data: Mapping[str, SiteData], pca: FederatedPCA, modality: str
+) -> dict[str, SiteData]:
+    """Project every site's ``modality`` embeddings with a fitted PCA.
+
+    Parameters
+    ----------
+    site_data : mapping of site name to SiteData
+    pca : FederatedPCA
+        Fitted (e.g. by :func:`fit_pca_stage`).
+    modality : str
+
+    Returns
+    -------
+    dict of str to SiteData
+        New site data, same order; the originals are unchanged.
+    """
+    arrays = projection_arrays(pca)
+    return {name: project_site_data(sd, modality, arrays) for name, sd in site_data.items()}
+
+
+def federated_pca(
+    federation: Federation,
+    sites: list[str],
+    *,
+    modality: str,
+    n_components: int | None,
+    site_rank: int | None = None,
+    whiten: bool = False,
+    svd_solver: str = "auto",
+    split: str = "train",
+    standardize: tuple[npt.ArrayLike, npt.ArrayLike] | None = None,
+    timeout: float | None = None,
+    minimum: int = 1,
+) -> FederatedPCA:
+    """One federated PCA over ``sites``: broadcast ``pca`` requests, check, merge.
+
+    Parameters
+    ----------
+    federation : Federation
+        In-process or Flower.
+    sites : list of str
+        Sites to ask.
+    modality : str
+        ``image``, ``text`` or ``tabular``.
+    n_components : int or None
+        Components to keep; None keeps ``min(n, d)``. Larger than ``min(n, d)`` raises.
+    site_rank : int or None
+        Truncation at the sites (None: exact).
+    whiten : bool
+        Passed to :class:`FederatedPCA`.
+    svd_solver : {"auto", "full", "covariance_eigh"}
+        Solver at the sites (sent with the request) and at the server.
+    split : str
+        Which split the sites summarise (``train`` for the stage, ``all`` for the analysis).
+    standardize : (mean, scale) or None
+        Pooled tabular standardisation, sent with the request (tabular only).
+    timeout : float or None
+        Per-reply timeout.
+    minimum : int
+        Replies needed (else :class:`~multimodal_fl.engine.StageFailed`).
+
+    Returns
+    -------
+    FederatedPCA
+        Fitted; ``site_names_``, ``site_bytes_`` (bytes each site sent) and ``site_n_``
+        (rows each site summarised) are set.
+    """
+    config: dict[str, ConfigValue] = {"modality": modality, "site_rank": int(site_rank or 0),
+                                      "svd_solver": svd_solver, "split": split}
+    arrays: dict[str, np.ndarray] = {}
+    if standardize is not None:
+        arrays = {STANDARDIZE_MEAN: np.asarray(standardize[0], dtype=np.float64),
+                  STANDARDIZE_SCALE: np.asarray(standardize[1], dtype=np.float64)}
+    requests = {s: Request(Kind.PCA, 0, arrays=arrays, config=config) for s in sites}
+    good = gather(federation, requests, timeout, stage=Kind.PCA, minimum=minimum)
+    pca = server_pca_merge({s: r.arrays for s, r in good.items()}, n_components, whiten=whiten,
+                           svd_solver=svd_solver)
+    pca.set_params(site_rank=site_rank)
+    pca.site_n_ = {s: int(r.n_samples) for s, r in good.items()}
+    return pca
+
+
+def run_pca_stage(
+    federation: Federation, cfg: ExperimentConfig, sites: list[str]
+) -> tuple[FederatedPCA, dict[str, Any]]:
+    """The pipeline stage over a federation: fit federated, then every site projects.
+
+    Must run before ``init`` (the model's input width becomes ``n_components``).
+
+    Parameters
+    ----------
+    federation : Federation
+    cfg : ExperimentConfig
+        ``federated.pca`` settings; ``federated.min_sites`` replies are needed at each step.
+    sites : list of str
+
+    Returns
+    -------
+    pca : FederatedPCA
+        The fitted projection.
+    doc : dict
+        For ``metrics.json``: modality, components kept, explained variance ratio, sites,
+        bytes and rows per site, sites that applied the projection, truncation report.
+
+    Raises
+    ------
+    ValueError
+        For a ``federated.pca`` the stage cannot run (see :func:`check_pca_stage`).
+    multimodal_fl.engine.StageFailed
+        When fewer than ``federated.min_sites`` sites reply at either step.
+    """
+    modality = check_pca_stage(cfg)
+    fed = cfg.federated
+    p = fed.pca
+    pca = federated_pca(
+        federation, sites, modality=modality, n_components=p.n_components,
+        site_rank=p.site_rank, whiten=p.whiten, svd_solver=p.svd_solver, timeout=fed.timeout_s,
+        minimum=fed.min_sites,
+    )
+    arrays = projection_arrays(pca)
+    requests = {s: Request(Kind.PCA_APPLY, 0, arrays=arrays, config={"modality": modality})
+                for s in sites}
+    applied = gather(federation, requests, fed.timeout_s, stage=Kind.PCA_APPLY,
+                     minimum=fed.min_sites)
+    doc: dict[str, Any] = {
+        "modality": modality,
+        "n_features": int(pca.n_features_in_),
+        "n_components": int(pca.n_components_),
+        "whiten": bool(p.whiten),
+        "svd_solver": p.svd_solver,
+        "explained_variance_ratio": [float(v) for v in pca.explained_variance_ratio_],
+        "sites": list(pca.site_names_),
+        "site_n": dict(pca.site_n_),
+        "site_bytes": {s: int(b) for s, b in pca.site_bytes_.items()},
+        "applied": sorted(applied),
+        "truncated": bool(pca.truncated_),
+        "subspace_error_bound": float(pca.subspace_error_bound_),
+        "subspace_error_bounds": [float(b) for b in pca.subspace_error_bounds_],
+    }
+    log.info("PCA stage: %s %d -> %d dims, %.1f%% of the variance kept (sites %s)", modality,
+             pca.n_features_in_, pca.n_components_, 100 * pca.explained_variance_ratio_.sum(),
+             ", ".join(pca.site_names_))
+    return pca, doc
+
