@@ -11,7 +11,7 @@ Public API
   pools from it (:mod:`.histograms`).
 
 The report (:mod:`.report`: ``report.json`` and ``report.html`` from run directories) sits a
-layer higher (beside `pca` and `federated`, below the engines); it is not imported here.
+layer higher (beside ``pca`` and ``federated``, below the engines); it is not imported here.
 """
 
 from multimodal_fl.evaluation.fairness import (

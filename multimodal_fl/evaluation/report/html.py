@@ -66,12 +66,14 @@ def _rows(df: pd.DataFrame) -> list[Any]:
 
 
 def _png(fig: Figure) -> str:
+    """A figure as base64 PNG (90 dpi, tight bounding box)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _grid(n: int, width: float = 3.6) -> tuple[Figure, list[Any]]:
+    """A figure of ``n`` square panels, at most four per row."""
     cols = min(n, 4)
     rows = math.ceil(n / cols)
     fig = Figure(figsize=(width * cols, width * rows), layout="constrained")
@@ -80,6 +82,7 @@ def _grid(n: int, width: float = 3.6) -> tuple[Figure, list[Any]]:
 
 
 def _fig_roc(runs: Sequence[RunData], min_cell: int) -> str:
+    """Test-split ROC curves: one panel per site and one for all sites, one curve per run."""
     sites = sorted({s for r in runs for s in r.predictions["site"].astype(str).unique()})
     fig, axes = _grid(len(sites) + 1)
     for ax, site in zip(axes, [*sites, ALL_SITES], strict=True):
@@ -106,6 +109,7 @@ def _fig_roc(runs: Sequence[RunData], min_cell: int) -> str:
 
 
 def _fig_calibration(runs: Sequence[RunData], min_cell: int, n_bins: int = 10) -> str:
+    """Calibration curves per site; bins with fewer than ``min_cell`` patients are not drawn."""
     sites = sorted({s for r in runs for s in r.predictions["site"].astype(str).unique()})
     fig, axes = _grid(len(sites) + 1)
     for ax, site in zip(axes, [*sites, ALL_SITES], strict=True):
@@ -131,6 +135,7 @@ def _fig_calibration(runs: Sequence[RunData], min_cell: int, n_bins: int = 10) -
 
 
 def _fig_forest(fr: FairnessReport, metric: str, title: str) -> str:
+    """One metric with its intervals for all sites, each site, subgroup and site x subgroup."""
     c = fr.cells[fr.cells["metric"] == metric]
     order = {"overall": 0, "site": 1, "subgroup": 2, "site_subgroup": 3}
     c = c.assign(_o=c["scope"].map(order)).sort_values(["_o", "attribute", "site", "group"],
@@ -170,6 +175,7 @@ def _fig_forest(fr: FairnessReport, metric: str, title: str) -> str:
 
 
 def _fig_cross(cross: CrossSiteResult) -> str:
+    """The cross-site matrix as a heatmap with its values written in."""
     mat = cross.matrix
     fig = Figure(figsize=(1.3 * mat.shape[1] + 2.5, 0.55 * mat.shape[0] + 1.5))
     ax = fig.add_subplot(1, 1, 1)
@@ -192,6 +198,7 @@ def _fig_cross(cross: CrossSiteResult) -> str:
 
 
 def _fig_change(changes: dict[str, pd.DataFrame]) -> str:
+    """Per site, the change in test AUC from local-only training, with its interval."""
     fig = Figure(figsize=(7, 0.5 + 0.45 * sum(len(v) for v in changes.values()) + 0.5))
     ax = fig.add_subplot(1, 1, 1)
     labels = []
@@ -215,6 +222,7 @@ def _fig_change(changes: dict[str, pd.DataFrame]) -> str:
 
 
 def _fig_training(doc_training: dict[str, Any]) -> str | None:
+    """Train loss and validation AUC per round or step; ``None`` when no run has curves."""
     panels = [(run, name, c) for run, curves in doc_training.items() for name, c in curves.items()]
     if not panels:
         return None
@@ -275,16 +283,19 @@ window.addEventListener('load', function () {
 
 
 def _esc(x: Any) -> str:
+    """HTML-escaped text of any value."""
     return html.escape(str(x))
 
 
 def _img(b64: str | None, alt: str) -> str:
+    """An inline PNG, or a note when there is nothing to plot."""
     if b64 is None:
         return f'<p class="note">{_esc(alt)}: nothing to plot.</p>'
     return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{b64}">'
 
 
 def _table(df: pd.DataFrame) -> str:
+    """A frame as an HTML table: floats to 3 decimals, missing values as an em dash."""
     def fmt(v: Any) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
             return "—"
@@ -299,6 +310,7 @@ def _table(df: pd.DataFrame) -> str:
 
 
 def _ci_text(v: Any, lo: Any, hi: Any, reason: Any = None) -> str:
+    """``value [lo, hi]``, the value alone, or an em dash with the suppression reason."""
     if v is None or pd.isna(v):
         return f"— ({reason})" if reason else "—"
     if lo is None or pd.isna(lo):
@@ -307,6 +319,7 @@ def _ci_text(v: Any, lo: Any, hi: Any, reason: Any = None) -> str:
 
 
 def _site_table(fr: FairnessReport) -> pd.DataFrame:
+    """Per site (and all sites), each metric as interval text, and the patient count."""
     c = fr.cells[fr.cells["scope"].isin(["overall", "site"])]
     rows = []
     for site, g in c.groupby("site", sort=False):
