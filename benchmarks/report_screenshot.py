@@ -12,9 +12,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from multimodal_fl.evaluation.report import screenshot
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the Chromium helpers live with the tests: tests/browser.py
+
+from tests.browser import screenshot  # noqa: E402
 
 
 def main() -> None:

@@ -9,6 +9,9 @@ Public API
   (:mod:`.metrics`).
 - :func:`summarise_site`, :func:`pooled_evaluation` -- what a site sends and what the server
   pools from it (:mod:`.histograms`).
+
+The report (:mod:`.report`: ``report.json`` and ``report.html`` from run directories) sits a
+layer higher (beside ``pca`` and ``federated``, below the engines); it is not imported here.
 """
 
 from multimodal_fl.evaluation.fairness import (

@@ -557,6 +557,143 @@ def _disparity_row(
 # the report
 
 
+def _check_request(
+    predictions: pd.DataFrame,
+    *,
+    metrics: Sequence[str] | None,
+    min_cell: int,
+    sensitive: list[str],
+    columns: list[str],
+    split_col: str | None,
+) -> list[str]:
+    """Check the metric names, ``min_cell`` and the columns; return the metric names.
+
+    ``columns`` are the site, label and score columns; ``split_col`` is ``None`` when every
+    row is evaluated (no split column needed).
+    """
+    names = list(METRIC_NAMES) if metrics is None else list(metrics)
+    unknown = [m for m in names if m not in METRIC_NAMES]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; accepted: {', '.join(METRIC_NAMES)}")
+    if min_cell < 1:
+        raise ValueError(f"min_cell must be at least 1, got {min_cell}")
+    needed = [*columns, *sensitive]
+    if split_col is not None:
+        needed.append(split_col)
+    missing = [c for c in dict.fromkeys(needed) if c not in predictions.columns]
+    if missing:
+        raise ValueError(
+            f"predictions lack column(s) {missing}; present: {list(predictions.columns)}. "
+            "Sensitive attributes come from `sensitive=`; name other columns with "
+            "site_col/label_col/score_col/split_col"
+        )
+    return names
+
+
+def _evaluated_rows(
+    df: pd.DataFrame,
+    thresholds: Mapping[str, float],
+    *,
+    split: str | None,
+    split_col: str,
+    site_col: str,
+    label_col: str,
+    score_col: str,
+    sensitive: Sequence[str],
+) -> pd.DataFrame:
+    """The rows evaluated, with ``__y`` (label), ``__s`` (score) and ``__t`` (threshold) columns.
+
+    Missing sensitive values become the group ``"(missing)"``.
+    """
+    if split is not None:
+        all_splits = df[split_col]
+        df = df[df[split_col] == split]
+        if df.empty:
+            raise ValueError(
+                f"no rows with {split_col} == {split!r}; splits present: "
+                f"{sorted(map(str, all_splits.unique()))}"
+            )
+    df = df.reset_index(drop=True)
+    df["__y"] = df[label_col].astype(np.int64)
+    df["__s"] = df[score_col].astype(np.float64)
+    df["__t"] = df[site_col].map(thresholds).astype(np.float64)
+    for a in sensitive:
+        df[a] = df[a].astype(object).where(df[a].notna(), "(missing)").astype(str)
+    return df
+
+
+def _site_tables(
+    df: pd.DataFrame, *, site_col: str, sites: Sequence[str], common: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Cells of all sites together and of each site, and the across-sites summary rows."""
+    names = common["metrics"]
+    rec, num = _frames(df, sensitive=df[site_col].rename("site"), control=None, **common)
+    cells = _cell_rows(rec.overall["cell"], scope="overall", site=ALL_SITES, attribute=None,
+                       group=None, metrics=names)
+    by_site = rec.by_group["cell"]
+    for s in sites:
+        cells += _cell_rows(by_site.get(s), scope="site", site=s, attribute=None, group=None,
+                            metrics=names)
+    gaps = num.difference(errors="coerce")
+    summary = [_summary_rows(num.by_group[m], gaps[m], scope="across_sites", site=None,
+                             attribute=None, metric=m) for m in names]
+    return cells, summary
+
+
+def _attribute_tables(
+    df: pd.DataFrame, a: str, *, site_col: str, sites: Sequence[str], common: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """One sensitive attribute: cells, summary rows and disparities, pooled and within sites."""
+    names = common["metrics"]
+    min_cell = common["min_cell"]
+    cells: list[dict[str, Any]] = []
+    summary: list[dict[str, Any]] = []
+    disparities: list[dict[str, Any]] = []
+    # pooled over sites, per level of the attribute
+    rec, num = _frames(df, sensitive=df[a].rename(a), control=None, **common)
+    gaps = num.difference(errors="coerce")
+    for g, r in rec.by_group["cell"].items():
+        cells += _cell_rows(r, scope="subgroup", site=ALL_SITES, attribute=a, group=str(g),
+                            metrics=names)
+    for m in names:
+        summary.append(_summary_rows(num.by_group[m], gaps[m], scope="across_groups",
+                                     site=None, attribute=a, metric=m))
+    disparities.append(_disparity_row(df, a, site=ALL_SITES, min_cell=min_cell))
+    # site x level: site is a control feature, aggregations stay within each site
+    rec, num = _frames(df, sensitive=df[a].rename(a), control=df[site_col].rename("site"),
+                       **common)
+    gaps = num.difference(errors="coerce")
+    for (s, g), r in rec.by_group["cell"].items():
+        cells += _cell_rows(r, scope="site_subgroup", site=str(s), attribute=a,
+                            group=str(g), metrics=names)
+    for s in sites:
+        for m in names:
+            vals = num.by_group[m].xs(s, level="site")
+            summary.append(_summary_rows(vals, gaps[m].loc[s],
+                                         scope="across_groups_within_site", site=s,
+                                         attribute=a, metric=m))
+        disparities.append(_disparity_row(df[df[site_col] == s], a, site=s, min_cell=min_cell))
+    return cells, summary, disparities
+
+
+def _typed_tables(
+    cells: list[dict[str, Any]], summary: list[dict[str, Any]], disparities: list[dict[str, Any]]
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The three tables as frames with their columns and dtypes (floats, nullable counts)."""
+    cells_df = pd.DataFrame(cells, columns=list(CELL_COLUMNS))
+    for c in ("value", "lo", "hi"):
+        cells_df[c] = pd.to_numeric(cells_df[c], errors="coerce").astype(np.float64)
+    for c in ("n", "n_pos", "n_neg"):
+        cells_df[c] = pd.array(cells_df[c].tolist(), dtype="Int64")
+    summary_df = pd.DataFrame(summary, columns=list(SUMMARY_COLUMNS))
+    for c in ("worst", "best", "gap", "spread"):
+        summary_df[c] = pd.to_numeric(summary_df[c], errors="coerce").astype(np.float64)
+    disp_df = pd.DataFrame(disparities, columns=list(DISPARITY_COLUMNS))
+    for c in ("equalized_odds_difference", "demographic_parity_difference"):
+        disp_df[c] = pd.to_numeric(disp_df[c], errors="coerce").astype(np.float64)
+    return cells_df, summary_df, disp_df
+
+
 def fairness_report(
     predictions: pd.DataFrame,
     *,
@@ -624,23 +761,10 @@ def fairness_report(
         On missing columns, invalid labels/scores, an empty evaluation split, or no way to
         obtain a threshold.
     """
-    names = list(METRIC_NAMES) if metrics is None else list(metrics)
-    unknown = [m for m in names if m not in METRIC_NAMES]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; accepted: {', '.join(METRIC_NAMES)}")
-    if min_cell < 1:
-        raise ValueError(f"min_cell must be at least 1, got {min_cell}")
     sensitive = list(sensitive)
-    needed = [site_col, label_col, score_col, *sensitive]
-    if split is not None:
-        needed.append(split_col)
-    missing = [c for c in dict.fromkeys(needed) if c not in predictions.columns]
-    if missing:
-        raise ValueError(
-            f"predictions lack column(s) {missing}; present: {list(predictions.columns)}. "
-            "Sensitive attributes come from `sensitive=`; name other columns with "
-            "site_col/label_col/score_col/split_col"
-        )
+    names = _check_request(predictions, metrics=metrics, min_cell=min_cell, sensitive=sensitive,
+                           columns=[site_col, label_col, score_col],
+                           split_col=split_col if split is not None else None)
     df = predictions.copy()
     df[site_col] = df[site_col].astype(str)
     check_binary_inputs(df[label_col].to_numpy(), df[score_col].to_numpy(), where="predictions")
@@ -648,87 +772,29 @@ def fairness_report(
         df, threshold=threshold, rule=threshold_rule, split_col=split_col, val_split=val_split,
         site_col=site_col, label_col=label_col, score_col=score_col, per_site=per_site_threshold,
     )
-    if split is not None:
-        df = df[df[split_col] == split]
-        if df.empty:
-            raise ValueError(
-                f"no rows with {split_col} == {split!r}; splits present: "
-                f"{sorted(map(str, predictions[split_col].unique()))}"
-            )
-    df = df.reset_index(drop=True)
-    df["__y"] = df[label_col].astype(np.int64)
-    df["__s"] = df[score_col].astype(np.float64)
-    df["__t"] = df[site_col].map(thresholds).astype(np.float64)
-    for a in sensitive:
-        df[a] = df[a].astype(object).where(df[a].notna(), "(missing)").astype(str)
+    df = _evaluated_rows(df, thresholds, split=split, split_col=split_col, site_col=site_col,
+                         label_col=label_col, score_col=score_col, sensitive=sensitive)
     sites = sorted(df[site_col].unique())
     common: dict[str, Any] = {
         "metrics": names, "min_cell": min_cell, "n_boot": n_boot, "alpha": alpha,
         "seed": seed, "ece_bins": ece_bins,
     }
-    cells: list[dict[str, Any]] = []
-    summary: list[dict[str, Any]] = []
-
-    # overall and per site: sensitive feature = site
-    rec, num = _frames(df, sensitive=df[site_col].rename("site"), control=None, **common)
-    cells += _cell_rows(rec.overall["cell"], scope="overall", site=ALL_SITES, attribute=None,
-                        group=None, metrics=names)
-    by_site = rec.by_group["cell"]
-    for s in sites:
-        cells += _cell_rows(by_site.get(s), scope="site", site=s, attribute=None, group=None,
-                            metrics=names)
-    gaps = num.difference(errors="coerce")
-    for m in names:
-        summary.append(_summary_rows(num.by_group[m], gaps[m], scope="across_sites", site=None,
-                                     attribute=None, metric=m))
-
+    cells, summary = _site_tables(df, site_col=site_col, sites=sites, common=common)
     disparities: list[dict[str, Any]] = []
     for a in sensitive:
-        # pooled over sites, per level of the attribute
-        rec, num = _frames(df, sensitive=df[a].rename(a), control=None, **common)
-        gaps = num.difference(errors="coerce")
-        for g, r in rec.by_group["cell"].items():
-            cells += _cell_rows(r, scope="subgroup", site=ALL_SITES, attribute=a, group=str(g),
-                                metrics=names)
-        for m in names:
-            summary.append(_summary_rows(num.by_group[m], gaps[m], scope="across_groups",
-                                         site=None, attribute=a, metric=m))
-        disparities.append(_disparity_row(df, a, site=ALL_SITES, min_cell=min_cell))
-        # site x level: site is a control feature, aggregations stay within each site
-        rec, num = _frames(df, sensitive=df[a].rename(a), control=df[site_col].rename("site"),
-                           **common)
-        gaps = num.difference(errors="coerce")
-        rec_bg = rec.by_group["cell"]
-        for (s, g), r in rec_bg.items():
-            cells += _cell_rows(r, scope="site_subgroup", site=str(s), attribute=a,
-                                group=str(g), metrics=names)
-        for s in sites:
-            for m in names:
-                vals = num.by_group[m].xs(s, level="site")
-                summary.append(_summary_rows(vals, gaps[m].loc[s],
-                                             scope="across_groups_within_site", site=s,
-                                             attribute=a, metric=m))
-            disparities.append(
-                _disparity_row(df[df[site_col] == s], a, site=s, min_cell=min_cell)
-            )
-
-    cells_df = pd.DataFrame(cells, columns=list(CELL_COLUMNS))
-    for c in ("value", "lo", "hi"):
-        cells_df[c] = pd.to_numeric(cells_df[c], errors="coerce").astype(np.float64)
-    for c in ("n", "n_pos", "n_neg"):
-        cells_df[c] = pd.array(cells_df[c].tolist(), dtype="Int64")
-    summary_df = pd.DataFrame(summary, columns=list(SUMMARY_COLUMNS))
-    for c in ("worst", "best", "gap", "spread"):
-        summary_df[c] = pd.to_numeric(summary_df[c], errors="coerce").astype(np.float64)
-    disp_df = pd.DataFrame(disparities, columns=list(DISPARITY_COLUMNS))
-    for c in ("equalized_odds_difference", "demographic_parity_difference"):
-        disp_df[c] = pd.to_numeric(disp_df[c], errors="coerce").astype(np.float64)
+        a_cells, a_summary, a_disparities = _attribute_tables(
+            df, a, site_col=site_col, sites=sites, common=common
+        )
+        cells += a_cells
+        summary += a_summary
+        disparities += a_disparities
     settings = {
         **common, "split": split, "sensitive": sensitive, "threshold_rule": threshold_rule,
         "per_site_threshold": per_site_threshold,
         "interval": "stratified percentile bootstrap",
     }
-    return FairnessReport(cells_df, summary_df, disp_df, thresholds, source, settings)
+    return FairnessReport(*_typed_tables(cells, summary, disparities), thresholds, source,
+                          settings)
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,15 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from multimodal_fl.evaluation.report import (
-    SECTIONS,
-    build_report,
-    find_chromium,
-    load_run,
-    render_in_chromium,
-    screenshot,
-    write_report,
-)
+from multimodal_fl.evaluation.report import SECTIONS, build_report, load_run, write_report
+from tests.browser import find_chromium, render_in_chromium, screenshot
 
 from .conftest import write_run_dir
 
@@ -136,7 +129,7 @@ def test_html_renders_in_headless_chromium(report: tuple[Path, Path, list[Path]]
 def test_broken_page_is_caught_by_the_browser_check(tmp_path: Path) -> None:
     if find_chromium() is None:
         pytest.skip("chromium not installed")
-    from multimodal_fl.evaluation.report import _JS
+    from multimodal_fl.evaluation.report import STATUS_SCRIPT as _JS
 
     page = tmp_path / "bad.html"
     page.write_text(

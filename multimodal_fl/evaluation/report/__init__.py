@@ -1,0 +1,36 @@
+"""The fairness and generalisability report: ``report.json`` and one self-contained ``report.html``.
+
+Built from run directories alone (never runs a model), in three steps:
+
+- :mod:`.load` -- read a run directory: the typed config (:class:`RunConfig`), ``metrics.json``
+  and the sites' predictions (:func:`load_run`, :class:`RunData`);
+- :mod:`.compute` -- the report document: fairness tables, federated (histogram-pooled)
+  evaluation, the cross-site matrix, the change from local-only training and the training
+  curves (:func:`build_report`);
+- :mod:`.html` -- figures as base64 PNG and the HTML page; :func:`write_report` writes
+  ``report.json`` and ``report.html``.
+"""
+
+from multimodal_fl.evaluation.report.compute import SPLIT, build_report, json_ready
+from multimodal_fl.evaluation.report.html import SECTIONS, STATUS_SCRIPT, write_report
+from multimodal_fl.evaluation.report.load import (
+    RunConfig,
+    RunData,
+    load_run,
+    load_runs,
+    read_run_config,
+)
+
+__all__ = [
+    "SECTIONS",
+    "SPLIT",
+    "STATUS_SCRIPT",
+    "RunConfig",
+    "RunData",
+    "build_report",
+    "json_ready",
+    "load_run",
+    "load_runs",
+    "read_run_config",
+    "write_report",
+]

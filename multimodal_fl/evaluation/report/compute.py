@@ -1,0 +1,276 @@
+"""Compute the report from what the runs hold: the ``report.json`` document and its parts.
+
+:func:`build_report` loads the runs and computes, per run, the fairness tables
+(:func:`~multimodal_fl.evaluation.fairness.fairness_report`) and the federated
+(histogram-pooled) evaluation; across runs, the cross-site matrix and the per-site change from
+local-only training; and the training curves from each run's ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from multimodal_fl.evaluation.fairness import (
+    FairnessReport,
+    cross_site_matrix,
+    fairness_report,
+    local_vs_federated,
+)
+from multimodal_fl.evaluation.histograms import pooled_evaluation, summarise_sites
+from multimodal_fl.evaluation.report.load import RunConfig, RunData, load_runs
+
+__all__ = ["SPLIT", "build_report", "json_ready"]
+
+SPLIT = "test"
+"""The split every figure and table of the report evaluates."""
+
+
+def _eval_settings(runs: Sequence[RunData], **overrides: Any) -> dict[str, Any]:
+    """The first run's ``evaluation`` settings and seed, with the caller's overrides."""
+    cfg = runs[0].config or RunConfig()
+    ev = cfg.evaluation
+    settings = {
+        "sensitive": list(ev.sensitive),
+        "min_cell": ev.min_cell,
+        "n_boot": ev.n_boot,
+        "histogram_bins": ev.histogram_bins,
+        "threshold": ev.threshold,
+        "seed": cfg.seed,
+    }
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return settings
+
+
+def _fixed_threshold(rule: str) -> float | None:
+    """The fixed threshold that ``evaluation.threshold`` names, or ``None`` for ``youden``."""
+    return None if rule == "youden" else float(rule)
+
+
+def _fairness(pred: pd.DataFrame, kwargs: dict[str, Any], *, fixed: float | None,
+              per_site: bool, notes: list[str]) -> FairnessReport:
+    """The fairness tables; when the validation split cannot choose a threshold, fall back.
+
+    The fallbacks (one threshold on all sites' validation rows, then 0.5) are added to
+    ``notes``.
+    """
+    try:
+        return fairness_report(pred, threshold=fixed, per_site_threshold=per_site, **kwargs)
+    except ValueError as exc:
+        if fixed is not None or "threshold" not in str(exc):
+            raise
+        # a validation split that cannot choose a threshold: fall back, and say so
+        notes.append(f"threshold: {exc}")
+    try:
+        fr = fairness_report(pred, threshold=None, per_site_threshold=False, **kwargs)
+        notes.append("threshold chosen on all sites' validation rows instead")
+    except ValueError:
+        fr = fairness_report(pred, threshold=0.5, **kwargs)
+        fr.threshold_source = "0.5 (no validation rows with both classes)"
+        notes.append("threshold fixed at 0.5: no validation rows with both classes")
+    return fr
+
+
+def _run_section(run: RunData, st: dict[str, Any]) -> dict[str, Any]:
+    """One run's fairness tables, federated evaluation and notes."""
+    pred = run.predictions
+    sensitive = [c for c in st["sensitive"] if c in pred.columns]
+    fixed = _fixed_threshold(st["threshold"])
+    notes = [f"sensitive attribute {c!r} not in predictions: skipped"
+             for c in st["sensitive"] if c not in pred.columns]
+    kwargs: dict[str, Any] = {"sensitive": sensitive, "min_cell": st["min_cell"],
+                              "n_boot": st["n_boot"], "seed": st["seed"]}
+    per_site = run.engine == "local" and fixed is None
+    fr = _fairness(pred, kwargs, fixed=fixed, per_site=per_site, notes=notes)
+    thresholds = set(fr.thresholds.values())
+    common_t = thresholds.pop() if len(thresholds) == 1 else None
+    n_bins = st["histogram_bins"]
+    ece_bins = 10 if n_bins % 10 == 0 else 1
+    summaries = summarise_sites(
+        pred, sensitive=sensitive, split=SPLIT, threshold=common_t, n_bins=n_bins,
+        min_cell=st["min_cell"], n_boot=0, ece_bins=ece_bins, seed=st["seed"],
+    )
+    pooled = pooled_evaluation(summaries)
+    if run.engine == "local":
+        notes.append("local engine: each site has its own model and threshold; pooled figures "
+                     "mix models")
+    return {
+        "label": run.label,
+        "engine": run.engine,
+        "path": str(run.path),
+        "sensitive": sensitive,
+        "fairness": fr,
+        "federated_evaluation": pooled.to_dict(),
+        "notes": notes,
+    }
+
+
+def _changes(runs: Sequence[RunData], st: dict[str, Any]) -> dict[str, pd.DataFrame]:
+    """Per-site change from the first local-only run to every other run (none without one)."""
+    changes: dict[str, pd.DataFrame] = {}
+    local = [r for r in runs if r.engine == "local"]
+    if local:
+        base = local[0].predictions
+        base = base[base["model"] == "local:" + base["site"].astype(str)]
+        for r in runs:
+            if r.engine == "local":
+                continue
+            changes[r.label] = local_vs_federated(
+                base, r.predictions, min_cell=st["min_cell"], n_boot=st["n_boot"],
+                seed=st["seed"],
+            )
+    return changes
+
+
+def _run_entry(run: RunData, section: dict[str, Any]) -> dict[str, Any]:
+    """A run's entry in ``report.json``'s ``runs`` list."""
+    return {
+        "label": run.label, "engine": run.engine, "path": str(run.path),
+        "config": run.config.name if run.config else None,
+        "thresholds": section["fairness"].thresholds,
+        "threshold_source": section["fairness"].threshold_source,
+        "notes": section["notes"],
+    }
+
+
+def build_report(
+    run_dirs: Sequence[str | os.PathLike[str]],
+    *,
+    sensitive: Sequence[str] | None = None,
+    min_cell: int | None = None,
+    n_boot: int | None = None,
+    seed: int | None = None,
+) -> tuple[dict[str, Any], list[RunData], dict[str, Any]]:
+    """Compute everything the report shows.
+
+    Parameters
+    ----------
+    run_dirs : sequence of path-like
+        One run, or runs of the same config with different engines.
+    sensitive, min_cell, n_boot, seed
+        Override the first run's ``evaluation`` config.
+
+    Returns
+    -------
+    doc : dict
+        The ``report.json`` document.
+    runs : list of RunData
+    sections : dict
+        Per-run computed objects (``FairnessReport``...) keyed by run label, for plotting.
+    """
+    if not run_dirs:
+        raise ValueError("build_report: give at least one run directory")
+    runs = load_runs(run_dirs)
+    st = _eval_settings(runs, sensitive=list(sensitive) if sensitive is not None else None,
+                        min_cell=min_cell, n_boot=n_boot, seed=seed)
+    per_run = {r.label: _run_section(r, st) for r in runs}
+
+    # cross-site matrix: every model on every test site it was scored on
+    long = pd.concat([r.predictions for r in runs] + [r.cross for r in runs if not r.cross.empty],
+                     ignore_index=True)
+    cross = cross_site_matrix(long, min_cell=st["min_cell"], n_boot=st["n_boot"],
+                              seed=st["seed"])
+    changes = _changes(runs, st)
+    doc: dict[str, Any] = {
+        "settings": {**st, "split": SPLIT},
+        "runs": [_run_entry(r, per_run[r.label]) for r in runs],
+        "fairness": {k: v["fairness"].to_dict() for k, v in per_run.items()},
+        "federated_evaluation": {k: v["federated_evaluation"] for k, v in per_run.items()},
+        "cross_site": cross.to_dict(),
+        "change_from_local": {k: _frame_records(v) for k, v in changes.items()},
+        "training": {r.label: _training_curves(r) for r in runs},
+    }
+    sections = {"per_run": per_run, "cross": cross, "changes": changes, "settings": st}
+    return doc, runs, sections
+
+
+def _frame_records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows as dicts, missing and non-finite values as ``None``."""
+    out = []
+    for rec in df.astype(object).where(df.notna(), None).to_dict("records"):
+        out.append({str(k): (None if isinstance(v, float) and not math.isfinite(v) else v)
+                    for k, v in rec.items()})
+    return out
+
+
+def _training_curves(run: RunData) -> dict[str, Any]:
+    """Per-round (federated) or per-validation-step (others) series from ``metrics.json``."""
+    m = run.metrics
+    out: dict[str, Any] = {}
+    rounds = m.get("rounds") or m.get("history_rounds")
+    if isinstance(rounds, list) and rounds:
+        x = [r.get("round", i + 1) for i, r in enumerate(rounds)]
+        out["federated"] = {
+            "x_label": "round",
+            "x": x,
+            "train_loss": [r.get("train_loss") for r in rounds],
+            "eval": _eval_series(rounds),
+        }
+    history = m.get("history")
+    if isinstance(history, dict):
+        for name, rows in history.items():
+            if isinstance(rows, list) and rows:
+                out[str(name)] = {
+                    "x_label": "step",
+                    "x": [r.get("step", i) for i, r in enumerate(rows)],
+                    "train_loss": [r.get("train_loss") for r in rows],
+                    "eval": {"val_auc": [r.get("val_auc") for r in rows]},
+                }
+    elif isinstance(history, list) and history and "round" in history[0] and "federated" not in out:
+        out["federated"] = {
+            "x_label": "round",
+            "x": [r.get("round") for r in history],
+            "train_loss": [r.get("train_loss") for r in history],
+            "eval": _eval_series(history),
+        }
+    return out
+
+
+def _eval_series(rounds: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """``{"<site> <metric>": [value per round]}`` for numeric evaluation metrics."""
+    keys: set[tuple[str, str]] = set()
+    for r in rounds:
+        for site, mets in (r.get("eval_metrics") or {}).items():
+            for k, v in (mets or {}).items():
+                if isinstance(v, int | float) and "auc" in k:
+                    keys.add((str(site), str(k)))
+    series: dict[str, list[Any]] = {}
+    for site, k in sorted(keys):
+        series[f"{site} {k}"] = [
+            ((r.get("eval_metrics") or {}).get(site) or {}).get(k) for r in rounds
+        ]
+    return series
+
+
+def json_ready(o: Any) -> Any:
+    """JSON-ready copy: numpy scalars to Python, non-finite floats and NA to ``None``.
+
+    Parameters
+    ----------
+    o : Any
+        A document of dicts, lists, tuples and scalars (the one :func:`build_report` returns).
+
+    Returns
+    -------
+    Any
+        The same structure with dict keys as strings, paths as strings.
+    """
+    if isinstance(o, dict):
+        return {str(k): json_ready(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [json_ready(v) for v in o]
+    if isinstance(o, np.generic):
+        o = o.item()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if o is pd.NA:
+        return None
+    if isinstance(o, Path):
+        return str(o)
+    return o

@@ -1,0 +1,246 @@
+"""Read run directories for the report: typed config, metrics and the sites' predictions.
+
+A run directory, as ``mmfl train`` writes it::
+
+    RUN_DIR/config.yaml                   resolved config (evaluation.sensitive, min_cell, ...)
+    RUN_DIR/metrics.json                  "engine"; "rounds" (federated) or "history" (others)
+    RUN_DIR/sites/<site>/predictions.csv  patient_id, split, label, score, sex, age_band, ...
+                                          optional "model" column (default: the run's model,
+                                          or "local:<site>" for the local engine)
+    RUN_DIR/sites/<site>/cross_predictions.csv   optional: other models scored on this site
+                                          (model, patient_id, split, label, score)
+
+The report reads four keys of ``config.yaml`` (``name``, ``seed``, ``federated``,
+``evaluation``) into :class:`RunConfig`, whose fields are
+:class:`~multimodal_fl.config.ExperimentConfig`'s own: the same types, validators and defaults.
+The task and the sites are not read: the site directories need not exist where the report is
+built (a copied run directory), and a hand-made run directory may leave them out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from multimodal_fl.config import (
+    ConfigError,
+    EvaluationConfig,
+    ExperimentConfig,
+    FederatedConfig,
+)
+
+__all__ = ["RunConfig", "RunData", "load_run", "load_runs", "read_run_config"]
+
+PREDICTION_COLUMNS: tuple[str, ...] = ("patient_id", "split", "label", "score")
+"""Columns every ``predictions.csv`` must have."""
+
+CROSS_COLUMNS: tuple[str, ...] = ("model", "split", "label", "score")
+"""Columns every ``cross_predictions.csv`` must have."""
+
+
+def _experiment_field(name: str) -> Any:
+    """:class:`ExperimentConfig`'s definition of one field (type checks, default, description)."""
+    return ExperimentConfig.model_fields[name]
+
+
+class RunConfig(BaseModel):
+    """The part of a run's ``config.yaml`` that the report reads.
+
+    Each field is :class:`~multimodal_fl.config.ExperimentConfig`'s field of that name, so
+    validation and defaults are the config module's; other keys (``task``, ``sites``, ...) are
+    ignored.
+
+    Attributes
+    ----------
+    name : str or None
+        The experiment's name.
+    seed : int
+        The experiment's seed (the report's bootstrap seed unless overridden).
+    federated : FederatedConfig
+        Its ``engine`` names the run when ``metrics.json`` does not.
+    evaluation : EvaluationConfig
+        Sensitive attributes, small-cell rule, bootstrap, histogram bins, threshold rule.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str | None = _experiment_field("name")
+    seed: int = _experiment_field("seed")
+    federated: FederatedConfig = _experiment_field("federated")
+    evaluation: EvaluationConfig = _experiment_field("evaluation")
+
+
+@dataclass
+class RunData:
+    """One run directory, loaded.
+
+    Attributes
+    ----------
+    path : Path
+    label : str
+        Display name (the engine, made unique across runs).
+    engine : str
+        ``local``, ``centralized``, ``inprocess``, ``flower`` (or ``unknown``).
+    config : RunConfig or None
+        ``config.yaml``; ``None`` when the run has none.
+    metrics : dict
+        ``metrics.json``.
+    predictions : pandas.DataFrame
+        All sites' rows with ``site`` and ``model`` columns added.
+    cross : pandas.DataFrame
+        Rows of ``cross_predictions.csv`` files (possibly empty).
+    """
+
+    path: Path
+    label: str
+    engine: str
+    config: RunConfig | None
+    metrics: dict[str, Any]
+    predictions: pd.DataFrame
+    cross: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def federated(self) -> bool:
+        """Whether the run is a federated one."""
+        return self.engine in ("inprocess", "flower", "federated")
+
+
+def read_run_config(path: str | os.PathLike[str]) -> RunConfig | None:
+    """Read ``RUN_DIR/config.yaml`` into a :class:`RunConfig`.
+
+    Parameters
+    ----------
+    path : path-like
+        A run directory.
+
+    Returns
+    -------
+    RunConfig or None
+        ``None`` when the run has no ``config.yaml``.
+
+    Raises
+    ------
+    ConfigError
+        When the file is not YAML or a key the report reads is invalid.
+    """
+    file = Path(path) / "config.yaml"
+    if not file.is_file():
+        return None
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: expected a mapping at the top level")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{file}: invalid configuration: {exc}") from None
+
+
+def _read_csv(file: Path, required: Sequence[str]) -> pd.DataFrame:
+    """One site's CSV with the ``site`` column added; fails when a required column is missing."""
+    d = pd.read_csv(file)
+    missing = [c for c in required if c not in d.columns]
+    if missing:
+        raise ValueError(f"{file}: missing column(s) {missing}; present: {list(d.columns)}")
+    d["site"] = file.parent.name
+    return d
+
+
+def _read_predictions(path: Path, engine: str, model: str) -> pd.DataFrame:
+    """All sites' ``predictions.csv`` rows, with ``site`` and ``model`` columns."""
+    files = sorted((path / "sites").glob("*/predictions.csv"))
+    if not files:
+        raise ValueError(
+            f"{path}: no sites/<site>/predictions.csv; a run directory holds one per site "
+            "(patient_id, split, label, score, sensitive attributes)"
+        )
+    frames = []
+    for f in files:
+        d = _read_csv(f, PREDICTION_COLUMNS)
+        if "model" not in d.columns:
+            site = f.parent.name
+            d["model"] = f"local:{site}" if engine == "local" else model
+        frames.append(d)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _read_cross(path: Path) -> pd.DataFrame:
+    """All sites' ``cross_predictions.csv`` rows (an empty frame when there are none)."""
+    frames = [_read_csv(f, CROSS_COLUMNS)
+              for f in sorted((path / "sites").glob("*/cross_predictions.csv"))]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def load_run(run_dir: str | os.PathLike[str], label: str | None = None) -> RunData:
+    """Read a run directory.
+
+    Parameters
+    ----------
+    run_dir : path-like
+        A directory written by ``mmfl train``.
+    label : str or None
+        Display name; default the engine.
+
+    Returns
+    -------
+    RunData
+
+    Raises
+    ------
+    ValueError
+        When the directory has no ``sites/<site>/predictions.csv`` or a file lacks a column
+        (:class:`~multimodal_fl.config.ConfigError`, a ``ValueError``, for an invalid
+        ``config.yaml``).
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a directory; expected a run directory from `mmfl train`")
+    metrics: dict[str, Any] = {}
+    if (path / "metrics.json").is_file():
+        metrics = json.loads((path / "metrics.json").read_text())
+    config = read_run_config(path)
+    engine = str(metrics.get("engine") or (config.federated.engine if config else None)
+                 or "unknown")
+    return RunData(
+        path=path,
+        label=label or engine,
+        engine=engine,
+        config=config,
+        metrics=metrics,
+        predictions=_read_predictions(path, engine, label or engine),
+        cross=_read_cross(path),
+    )
+
+
+def load_runs(run_dirs: Sequence[str | os.PathLike[str]]) -> list[RunData]:
+    """Read run directories, each labelled by its engine, made unique with the folder name.
+
+    Parameters
+    ----------
+    run_dirs : sequence of path-like
+        Run directories.
+
+    Returns
+    -------
+    list of RunData
+        Labels ``engine``, or ``engine (folder)`` where two runs share an engine.
+    """
+    loaded = [load_run(p) for p in run_dirs]
+    engines = [r.engine for r in loaded]
+    runs = []
+    for r in loaded:
+        lab = r.engine if engines.count(r.engine) == 1 else f"{r.engine} ({r.path.name})"
+        if lab != r.label:
+            r = load_run(r.path, label=lab)
+        runs.append(r)
+    return runs
