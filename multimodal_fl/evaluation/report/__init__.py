@@ -2,7 +2,7 @@
 
 Built from run directories alone (never runs a model), in three steps:
 
-- :mod:`.load` -- read a run directory: the typed config (:class:`RunConfig`), ``metrics.json``
+- :mod:`.load` -- read a run directory: the typed config (:class:`ReportConfig`), ``metrics.json``
   and the sites' predictions (:func:`load_run`, :class:`RunData`);
 - :mod:`.compute` -- the report document: fairness tables, federated (histogram-pooled)
   evaluation, the cross-site matrix, the change from local-only training and the training
@@ -14,23 +14,23 @@ Built from run directories alone (never runs a model), in three steps:
 from multimodal_fl.evaluation.report.compute import SPLIT, build_report, json_ready
 from multimodal_fl.evaluation.report.html import SECTIONS, STATUS_SCRIPT, write_report
 from multimodal_fl.evaluation.report.load import (
-    RunConfig,
+    ReportConfig,
     RunData,
     load_run,
     load_runs,
-    read_run_config,
+    read_report_config,
 )
 
 __all__ = [
     "SECTIONS",
     "SPLIT",
     "STATUS_SCRIPT",
-    "RunConfig",
+    "ReportConfig",
     "RunData",
     "build_report",
     "json_ready",
     "load_run",
     "load_runs",
-    "read_run_config",
+    "read_report_config",
     "write_report",
 ]

@@ -24,7 +24,7 @@ from multimodal_fl.evaluation.fairness import (
     local_vs_federated,
 )
 from multimodal_fl.evaluation.histograms import pooled_evaluation, summarise_sites
-from multimodal_fl.evaluation.report.load import RunConfig, RunData, load_runs
+from multimodal_fl.evaluation.report.load import ReportConfig, RunData, load_runs
 
 __all__ = ["SPLIT", "build_report", "json_ready"]
 
@@ -34,7 +34,7 @@ SPLIT = "test"
 
 def _eval_settings(runs: Sequence[RunData], **overrides: Any) -> dict[str, Any]:
     """The first run's ``evaluation`` settings and seed, with the caller's overrides."""
-    cfg = runs[0].config or RunConfig()
+    cfg = runs[0].config or ReportConfig()
     ev = cfg.evaluation
     settings = {
         "sensitive": list(ev.sensitive),

@@ -11,7 +11,7 @@ A run directory, as ``mmfl train`` writes it::
                                           (model, patient_id, split, label, score)
 
 The report reads four keys of ``config.yaml`` (``name``, ``seed``, ``federated``,
-``evaluation``) into :class:`RunConfig`, whose fields are
+``evaluation``) into :class:`ReportConfig`, whose fields are
 :class:`~multimodal_fl.config.ExperimentConfig`'s own: the same types, validators and defaults.
 The task and the sites are not read: the site directories need not exist where the report is
 built (a copied run directory), and a hand-made run directory may leave them out.
@@ -37,7 +37,7 @@ from multimodal_fl.config import (
     FederatedConfig,
 )
 
-__all__ = ["RunConfig", "RunData", "load_run", "load_runs", "read_run_config"]
+__all__ = ["ReportConfig", "RunData", "load_run", "load_runs", "read_report_config"]
 
 PREDICTION_COLUMNS: tuple[str, ...] = ("patient_id", "split", "label", "score")
 """Columns every ``predictions.csv`` must have."""
@@ -51,7 +51,7 @@ def _experiment_field(name: str) -> Any:
     return ExperimentConfig.model_fields[name]
 
 
-class RunConfig(BaseModel):
+class ReportConfig(BaseModel):
     """The part of a run's ``config.yaml`` that the report reads.
 
     Each field is :class:`~multimodal_fl.config.ExperimentConfig`'s field of that name, so
@@ -89,7 +89,7 @@ class RunData:
         Display name (the engine, made unique across runs).
     engine : str
         ``local``, ``centralized``, ``inprocess``, ``flower`` (or ``unknown``).
-    config : RunConfig or None
+    config : ReportConfig or None
         ``config.yaml``; ``None`` when the run has none.
     metrics : dict
         ``metrics.json``.
@@ -102,7 +102,7 @@ class RunData:
     path: Path
     label: str
     engine: str
-    config: RunConfig | None
+    config: ReportConfig | None
     metrics: dict[str, Any]
     predictions: pd.DataFrame
     cross: pd.DataFrame = field(default_factory=pd.DataFrame)
@@ -113,8 +113,8 @@ class RunData:
         return self.engine in ("inprocess", "flower", "federated")
 
 
-def read_run_config(path: str | os.PathLike[str]) -> RunConfig | None:
-    """Read ``RUN_DIR/config.yaml`` into a :class:`RunConfig`.
+def read_report_config(path: str | os.PathLike[str]) -> ReportConfig | None:
+    """Read ``RUN_DIR/config.yaml`` into a :class:`ReportConfig`.
 
     Parameters
     ----------
@@ -123,7 +123,7 @@ def read_run_config(path: str | os.PathLike[str]) -> RunConfig | None:
 
     Returns
     -------
-    RunConfig or None
+    ReportConfig or None
         ``None`` when the run has no ``config.yaml``.
 
     Raises
@@ -141,7 +141,7 @@ def read_run_config(path: str | os.PathLike[str]) -> RunConfig | None:
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: expected a mapping at the top level")
     try:
-        return RunConfig.model_validate(raw)
+        return ReportConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{file}: invalid configuration: {exc}") from None
 
@@ -208,7 +208,7 @@ def load_run(run_dir: str | os.PathLike[str], label: str | None = None) -> RunDa
     metrics: dict[str, Any] = {}
     if (path / "metrics.json").is_file():
         metrics = json.loads((path / "metrics.json").read_text())
-    config = read_run_config(path)
+    config = read_report_config(path)
     engine = str(metrics.get("engine") or (config.federated.engine if config else None)
                  or "unknown")
     return RunData(
