@@ -32,7 +32,7 @@ import itertools
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,8 @@ import numpy as np
 
 from multimodal_fl.config import TaskSpec
 from multimodal_fl.data.errors import ErrorSink
-from multimodal_fl.data.fhir import Note, SiteRecords, matches
 from multimodal_fl.data.imaging import check_readable, select_image
+from multimodal_fl.data.records import Note, SiteRecords, matches
 
 __all__ = ["TaskResult", "age_band", "apply_task", "feature_names", "index_time"]
 
@@ -89,8 +89,6 @@ def index_time(task: TaskSpec, pid: str, records: SiteRecords) -> tuple[datetime
     rule = task.index
     if rule.kind == "reference_date":
         assert rule.reference_date is not None  # guaranteed by IndexRule's validator
-        from datetime import UTC
-
         return datetime(rule.reference_date.year, rule.reference_date.month,
                         rule.reference_date.day, tzinfo=UTC), ""
     conds = [c for c in records.conditions.get(pid, [])
