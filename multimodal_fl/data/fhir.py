@@ -56,6 +56,8 @@ from multimodal_fl.data.tasks import index_time
 from multimodal_fl.data.text import notes_from_resource
 from multimodal_fl.data.units import UnitError, convert
 
+# fhir.resources is heavy to import: imported inside the functions that use it
+
 __all__ = [
     "Coded",
     "FHIRReader",

@@ -39,6 +39,8 @@ from multimodal_fl.data.fhir_json import parse_time
 from multimodal_fl.data.records import SiteRecords
 from multimodal_fl.data.sites import SiteFiles, image_suffix, read_csv, resolve_inside
 
+# pydicom, nibabel and Pillow are heavy to import: imported inside the functions that use them
+
 __all__ = ["check_readable", "link_images", "select_image"]
 
 IMAGE_PATH_SYSTEM = "urn:mmfl:image-path"
