@@ -89,7 +89,7 @@ def run_epoch(
     batch_size: int,
 ) -> tuple[float, int, int]:
     """One pass over every site; returns (seconds, items computed, items read from cache)."""
-    cache_module._FILE_HASHES.clear()
+    cache_module.clear_file_hashes()
     t0 = time.perf_counter()
     computed = hits = 0
 

@@ -16,14 +16,16 @@ import pandas as pd
 
 from multimodal_fl.config import DataConfig, ExperimentConfig, SiteConfig, TaskSpec
 from multimodal_fl.data.errors import DataError, ErrorSink, Skip
-from multimodal_fl.data.fhir import FHIRReader, Note
+from multimodal_fl.data.fhir import FHIRReader
+from multimodal_fl.data.fhir_json import unpack_resources
 from multimodal_fl.data.imaging import link_images
+from multimodal_fl.data.records import Note
 from multimodal_fl.data.sites import SiteFiles, discover_site, read_csv
 from multimodal_fl.data.tasks import apply_task, feature_names
 from multimodal_fl.data.text import load_url_notes, notes_from_csv
 
-__all__ = ["META_COLUMNS", "SiteCohort", "build_cohort", "build_cohort_from_resources",
-           "build_cohorts", "empty_table"]
+__all__ = ["META_COLUMNS", "DataError", "SiteCohort", "build_cohort",
+           "build_cohort_from_resources", "build_cohorts", "empty_table"]
 
 META_COLUMNS = ["patient_id", "site", "index_time", "label", "image_path", "notes",
                 "has_image", "has_text", "has_tabular", "sex", "age", "age_band",
@@ -210,8 +212,6 @@ def build_cohort_from_resources(
     SiteCohort
         The cohort of the resources' patients.
     """
-    from multimodal_fl.data.fhir import _unpack
-
     data = data or DataConfig()
     sink = ErrorSink(on_error=data.on_error)
     reader = FHIRReader(task, sink, validation=data.validation)
@@ -219,7 +219,7 @@ def build_cohort_from_resources(
         if isinstance(obj, Path):
             reader.read_file(obj, label)
             continue
-        for res, full_url in _unpack(obj, label, sink, where=""):
+        for res, full_url in unpack_resources(obj, label, sink, where=""):
             reader.add_resource(res, label, full_url)
     return _assemble(reader, task, sink, site_name, None, check_images=False)
 
@@ -270,8 +270,3 @@ def build_cohorts(cfg: ExperimentConfig, *, progress: ProgressFn | None = None
     for site in cfg.sites:
         out[site.name] = build_cohort(site, cfg.task, data=cfg.data, progress=progress)
     return out
-
-
-
-
-__all__ += ["DataError"]

@@ -19,25 +19,44 @@ Patients are joined by ``Patient.id``; references may be ``Patient/<id>``,
 ``urn:uuid:<id>`` (Synthea's transaction bundles) or any ``fullUrl`` of a bundle entry.
 All times become timezone-aware UTC datetimes (a date without a time is its midnight UTC;
 a time without an offset is taken as UTC).
+
+The reader sits above the modules it uses: JSON files and dated fields in
+:mod:`~multimodal_fl.data.fhir_json`, the record types in :mod:`~multimodal_fl.data.records`,
+notes in :mod:`~multimodal_fl.data.text` and the index rule in :mod:`~multimodal_fl.data.tasks`
+(to validate only the Encounters and Observations the task can use). ``Coded``,
+``ObservationValue``, ``PatientRecord``, ``SiteRecords``, ``matches``, ``iter_file_resources``
+and ``parse_time`` live in those modules and are re-exported here for existing imports.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from collections import defaultdict
+from dataclasses import replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import orjson
 from pydantic import ValidationError
 
-from multimodal_fl.config import CodeSet, TaskSpec
+from multimodal_fl.config import TaskSpec
 from multimodal_fl.data.errors import ErrorSink
+from multimodal_fl.data.fhir_json import BadField, first_time, iter_file_resources, parse_time
+from multimodal_fl.data.records import (
+    Coded,
+    Coding,
+    ImageRef,
+    ObservationValue,
+    PatientRecord,
+    SiteRecords,
+    matches,
+)
+from multimodal_fl.data.tasks import index_time
+from multimodal_fl.data.text import notes_from_resource
 from multimodal_fl.data.units import UnitError, convert
+
+# fhir.resources is heavy to import: imported inside the functions that use it
 
 __all__ = [
     "Coded",
@@ -47,10 +66,9 @@ __all__ = [
     "SiteRecords",
     "iter_file_resources",
     "known_resource_types",
+    "matches",
     "parse_time",
 ]
-
-Coding = tuple[str, str]  # (system, code)
 
 
 @functools.cache
@@ -74,46 +92,10 @@ def known_resource_types() -> frozenset[str]:
 
 @functools.cache
 def _model(resource_type: str) -> Any:
+    # fhir.resources is heavy (a pydantic model per resource type): imported on first use
     from fhir.resources.R4B import get_fhir_model_class
 
     return get_fhir_model_class(resource_type)
-
-
-def parse_time(value: Any) -> datetime:
-    """Parse a FHIR date / dateTime / instant into an aware UTC datetime.
-
-    Parameters
-    ----------
-    value
-        ``YYYY``, ``YYYY-MM``, ``YYYY-MM-DD`` or a full dateTime (``Z`` or an offset).
-
-    Returns
-    -------
-    datetime
-        Timezone-aware, UTC.
-
-    Raises
-    ------
-    ValueError
-        When the value is not a FHIR date/dateTime.
-    """
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"expected a FHIR date/dateTime string, got {value!r}")
-    s = value.strip()
-    if len(s) == 4 and s.isdigit():
-        s = f"{s}-01-01"
-    elif len(s) == 7 and s[4] == "-":
-        s = f"{s}-01"
-    try:
-        dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(
-            f"'{value}' is not a FHIR date/dateTime (expected e.g. 2020-03-01 or "
-            "2020-03-01T10:00:00+01:00)"
-        ) from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.astimezone(UTC)
 
 
 def _codings(concept: Any) -> list[Coding]:
@@ -126,144 +108,6 @@ def _codings(concept: Any) -> list[Coding]:
     return out
 
 
-def matches(codings: Iterable[Coding], codeset: CodeSet) -> bool:
-    """True when any coding belongs to ``codeset`` (system-restricted when it names one)."""
-    codes = set(codeset.codes)
-    return any(code in codes and (codeset.system is None or system == codeset.system)
-               for system, code in codings)
-
-
-@dataclass
-class PatientRecord:
-    """One patient's demographics."""
-
-    id: str
-    file: str
-    birth: datetime | None = None
-    gender: str | None = None
-    deceased: datetime | None = None
-
-
-@dataclass(frozen=True)
-class Coded:
-    """A coded, timed fact (condition, procedure, device use, medication request)."""
-
-    resource_id: str
-    file: str
-    codings: tuple[Coding, ...]
-    time: datetime | None
-    end: datetime | None = None
-    encounter: str | None = None
-
-
-@dataclass(frozen=True)
-class ObservationValue:
-    """One observation value of one feature, in the feature's canonical unit."""
-
-    feature: str
-    value: float
-    time: datetime
-    resource_id: str
-
-
-@dataclass(frozen=True)
-class Note:
-    """One clinical note with its date (None when undated) and where it came from."""
-
-    text: str
-    time: datetime | None
-    source: str
-    resource_id: str
-    url: str | None = None
-    kind: str = ""
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """An image file referenced by the FHIR data (ImagingStudy) or a CSV."""
-
-    path: str
-    time: datetime | None
-    source: str
-    resource_id: str
-
-
-@dataclass
-class SiteRecords:
-    """What the task needs from one site's FHIR data, grouped by patient id."""
-
-    patients: dict[str, PatientRecord] = field(default_factory=dict)
-    encounters: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
-    encounter_by_id: dict[str, Coded] = field(default_factory=dict)
-    conditions: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
-    procedures: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
-    devices: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
-    medications: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
-    observations: dict[str, list[ObservationValue]] = field(
-        default_factory=lambda: defaultdict(list))
-    notes: dict[str, list[Note]] = field(default_factory=lambda: defaultdict(list))
-    images: dict[str, list[ImageRef]] = field(default_factory=lambda: defaultdict(list))
-    counts: Counter[str] = field(default_factory=Counter)
-
-
-def iter_file_resources(path: Path, label: str, sink: ErrorSink
-                        ) -> Iterator[tuple[dict[str, Any], str | None]]:
-    """Yield ``(resource, fullUrl)`` from a ``.json`` Bundle/resource or an ``.ndjson`` file.
-
-    Invalid JSON and JSON that is not FHIR are reported to ``sink`` (file, line or entry)
-    and skipped; the rest of the file is still read.
-    """
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        sink.report(label, "", "<file>", "unreadable_file", f"cannot read file: {exc}")
-        return
-    if path.suffix.lower() == ".ndjson":
-        for lineno, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                sink.report(label, f"line {lineno}", "<json>", "invalid_json",
-                            f"line {lineno} is not valid JSON ({exc}); NDJSON needs one "
-                            "resource object per line")
-                continue
-            yield from _unpack(obj, label, sink, where=f"line {lineno}")
-        return
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        sink.report(label, "", "<json>", "invalid_json",
-                    f"not valid JSON ({exc}); expected a FHIR Bundle or resource")
-        return
-    yield from _unpack(obj, label, sink, where="")
-
-
-def _unpack(obj: Any, label: str, sink: ErrorSink, where: str
-            ) -> Iterator[tuple[dict[str, Any], str | None]]:
-    if not isinstance(obj, dict) or not isinstance(obj.get("resourceType"), str):
-        sink.report(label, where, "resourceType", "not_fhir",
-                    "JSON is not a FHIR resource: expected an object with a 'resourceType' "
-                    "(a Bundle or a single resource)")
-        return
-    if obj["resourceType"] != "Bundle":
-        yield obj, None
-        return
-    entries = obj.get("entry") or []
-    if not isinstance(entries, list):
-        sink.report(label, str(obj.get("id") or where), "entry", "not_fhir",
-                    "Bundle.entry must be a list")
-        return
-    for i, entry in enumerate(entries):
-        res = entry.get("resource") if isinstance(entry, dict) else None
-        if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
-            sink.report(label, f"entry[{i}]", "entry.resource.resourceType", "not_fhir",
-                        "bundle entry has no resource with a 'resourceType'")
-            continue
-        yield res, entry.get("fullUrl")
-
-
 def _ref_key(ref: Any) -> str | None:
     """Reference -> lookup key: 'Type/id', 'urn:uuid:x' or the literal reference."""
     if not isinstance(ref, dict):
@@ -272,26 +116,6 @@ def _ref_key(ref: Any) -> str | None:
     if not isinstance(r, str) or not r:
         return None
     return r
-
-
-def _first_time(res: dict[str, Any], fields: Iterable[str]) -> tuple[datetime | None, str]:
-    """The first present time among dotted ``fields``; raises ValueError naming the field."""
-    for f in fields:
-        node: Any = res
-        for part in f.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            try:
-                return parse_time(node), f
-            except ValueError as exc:
-                raise _BadField(f, str(exc)) from None
-    return None, ""
-
-
-class _BadField(ValueError):
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field_name
 
 
 _SUBJECT_FIELD = {"Device": "patient", "Patient": ""}
@@ -366,7 +190,7 @@ class FHIRReader:
             counts["resources_selected"] += 1
             try:
                 self._defer(rt, res, label, rid, full_url)
-            except _BadField as exc:
+            except BadField as exc:
                 self.sink.report(label, rid, exc.field, "bad_date", str(exc))
             return
         if wanted or self.validation == "all":
@@ -380,7 +204,7 @@ class FHIRReader:
         counts[f"used_{rt}"] += 1
         try:
             self._record(rt, res, label, rid, full_url)
-        except _BadField as exc:
+        except BadField as exc:
             self.sink.report(label, rid, exc.field, "bad_date", str(exc))
 
     def _defer(self, rt: str, res: dict[str, Any], label: str, rid: str,
@@ -390,13 +214,13 @@ class FHIRReader:
         if ref is None:
             return
         if rt == "Encounter":
-            start, _ = _first_time(res, ("period.start", "period.end"))
+            start, _ = first_time(res, ("period.start", "period.end"))
             for key in (full_url, f"Encounter/{rid}"):
                 if key:
                     self._enc_alias[key] = rid
             self._deferred_enc.append((res, label, rid, ref, start))
         else:
-            t, _ = _first_time(res, ("effectiveDateTime", "effectivePeriod.start",
+            t, _ = first_time(res, ("effectiveDateTime", "effectivePeriod.start",
                                      "effectiveInstant", "issued"))
             self._deferred_obs.append((res, label, rid, ref, t))
 
@@ -408,7 +232,7 @@ class FHIRReader:
         self.records.counts[f"used_{rt}"] += 1
         try:
             self._record(rt, res, label, rid, None)
-        except _BadField as exc:
+        except BadField as exc:
             self.sink.report(label, rid, exc.field, "bad_date", str(exc))
             return False
         return True
@@ -491,22 +315,22 @@ class FHIRReader:
         if ref is None:
             return
         if rt == "Encounter":
-            start, _ = _first_time(res, ("period.start", "period.end"))
-            end, _ = _first_time(res, ("period.end",))
+            start, _ = first_time(res, ("period.start", "period.end"))
+            end, _ = first_time(res, ("period.end",))
             enc = Coded(rid, label, tuple(_codings((res.get("type") or [{}])[0])), start, end)
             for key in (full_url, f"Encounter/{rid}"):
                 if key:
                     self._enc_alias[key] = rid
             self._pending.append(("encounter", ref, label, rid, enc))
         elif rt == "Condition":
-            onset, _ = _first_time(res, ("onsetDateTime", "onsetPeriod.start", "recordedDate"))
-            abate, _ = _first_time(res, ("abatementDateTime", "abatementPeriod.end"))
+            onset, _ = first_time(res, ("onsetDateTime", "onsetPeriod.start", "recordedDate"))
+            abate, _ = first_time(res, ("abatementDateTime", "abatementPeriod.end"))
             enc_ref = _ref_key(res.get("encounter"))
             self._pending.append(("condition", ref, label, rid,
                                   Coded(rid, label, tuple(_codings(res.get("code"))), onset,
                                         abate, enc_ref)))
         elif rt == "Procedure":
-            t, _ = _first_time(res, ("performedDateTime", "performedPeriod.start"))
+            t, _ = first_time(res, ("performedDateTime", "performedPeriod.start"))
             self._pending.append(("procedure", ref, label, rid,
                                   Coded(rid, label, tuple(_codings(res.get("code"))), t)))
         elif rt == "Device":
@@ -517,7 +341,7 @@ class FHIRReader:
                     self._dev_alias[key] = rid
             self._pending.append(("device_owner", ref, label, rid, dev))
         elif rt == "MedicationRequest":
-            t, _ = _first_time(res, ("authoredOn",))
+            t, _ = first_time(res, ("authoredOn",))
             med_ref = _ref_key(res.get("medicationReference"))
             if med_ref is None:
                 self._pending.append(("medication", ref, label, rid, Coded(
@@ -539,12 +363,10 @@ class FHIRReader:
         elif rt == "Observation":
             self._record_observation(res, ref, label, rid)
         elif rt in {"DocumentReference", "DiagnosticReport"}:
-            from multimodal_fl.data.text import notes_from_resource
-
             for note in notes_from_resource(res, label, self.sink):
                 self._pending.append(("note", ref, label, rid, note))
         elif rt == "ImagingStudy":
-            t, _ = _first_time(res, ("started",))
+            t, _ = first_time(res, ("started",))
             for ident in res.get("identifier") or []:
                 if isinstance(ident, dict) and ident.get("system") == "urn:mmfl:image-path" \
                         and isinstance(ident.get("value"), str):
@@ -557,8 +379,8 @@ class FHIRReader:
             self.sink.report(label, "", "id", "no_id", "Patient has no id; patients are "
                              "joined by Patient.id")
             return
-        birth, _ = _first_time(res, ("birthDate",))
-        deceased, _ = _first_time(res, ("deceasedDateTime",))
+        birth, _ = first_time(res, ("birthDate",))
+        deceased, _ = first_time(res, ("deceasedDateTime",))
         rec = PatientRecord(rid, label, birth, res.get("gender"), deceased)
         if deceased is None and res.get("deceasedBoolean") is True:
             rec.deceased = None  # known dead, unknown date: no event time
@@ -589,7 +411,7 @@ class FHIRReader:
             self.sink.report(label, rid, "device", "no_device",
                              "DeviceUseStatement has no device reference")
             return
-        t, _ = _first_time(res, ("timingDateTime", "timingPeriod.start", "recordedOn"))
+        t, _ = first_time(res, ("timingDateTime", "timingPeriod.start", "recordedOn"))
         if t is None:
             self.sink.report(label, rid, "timingDateTime", "undated_event",
                              "DeviceUseStatement has no timingDateTime, timingPeriod.start or "
@@ -598,7 +420,7 @@ class FHIRReader:
         self._device_uses.append((ref, dev, label, rid, t))
 
     def _record_observation(self, res: dict[str, Any], ref: str, label: str, rid: str) -> None:
-        t, _ = _first_time(res, ("effectiveDateTime", "effectivePeriod.start",
+        t, _ = first_time(res, ("effectiveDateTime", "effectivePeriod.start",
                                  "effectiveInstant", "issued"))
         if t is None:
             self.sink.report(label, rid, "effectiveDateTime", "undated_event",
@@ -657,8 +479,6 @@ class FHIRReader:
         return self.records
 
     def _finish_deferred(self) -> None:
-        from multimodal_fl.data.tasks import index_time
-
         rec = self.records
         task = self.task
         by_pid: dict[str, list[_Deferred]] = defaultdict(list)

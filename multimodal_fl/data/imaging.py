@@ -35,8 +35,11 @@ from datetime import datetime
 from pathlib import Path
 
 from multimodal_fl.data.errors import ErrorSink
-from multimodal_fl.data.fhir import SiteRecords, parse_time
+from multimodal_fl.data.fhir_json import parse_time
+from multimodal_fl.data.records import SiteRecords
 from multimodal_fl.data.sites import SiteFiles, image_suffix, read_csv, resolve_inside
+
+# pydicom, nibabel and Pillow are heavy to import: imported inside the functions that use them
 
 __all__ = ["check_readable", "link_images", "select_image"]
 

@@ -32,7 +32,7 @@ import itertools
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,8 @@ import numpy as np
 
 from multimodal_fl.config import TaskSpec
 from multimodal_fl.data.errors import ErrorSink
-from multimodal_fl.data.fhir import Note, SiteRecords, matches
 from multimodal_fl.data.imaging import check_readable, select_image
+from multimodal_fl.data.records import Note, SiteRecords, matches
 
 __all__ = ["TaskResult", "age_band", "apply_task", "feature_names", "index_time"]
 
@@ -89,8 +89,6 @@ def index_time(task: TaskSpec, pid: str, records: SiteRecords) -> tuple[datetime
     rule = task.index
     if rule.kind == "reference_date":
         assert rule.reference_date is not None  # guaranteed by IndexRule's validator
-        from datetime import UTC
-
         return datetime(rule.reference_date.year, rule.reference_date.month,
                         rule.reference_date.day, tzinfo=UTC), ""
     conds = [c for c in records.conditions.get(pid, [])
@@ -143,6 +141,162 @@ def _events(task: TaskSpec, pid: str, records: SiteRecords) -> list[tuple[dateti
     return out
 
 
+@dataclass(frozen=True)
+class _Window:
+    """A cohort patient's index time, feature cut-off (index + allowance) and age at the index."""
+
+    index: datetime
+    cutoff: datetime
+    age: float
+
+
+def _window(task: TaskSpec, pid: str, records: SiteRecords) -> tuple[_Window | None, str]:
+    """The patient's index, cut-off and age, or None with the exclusion reason.
+
+    Checks, in order: an index time, the cohort rule, born before and alive at the
+    cut-off, the cohort's minimum age.
+    """
+    pat = records.patients[pid]
+    index, why = index_time(task, pid, records)
+    if index is None:
+        if task.cohort.conditions and not _in_cohort(task, pid, records, None):
+            return None, "not_in_cohort"
+        return None, why
+    cutoff = index + timedelta(hours=task.index.allowance_hours)
+    if not _in_cohort(task, pid, records, cutoff):
+        return None, "not_in_cohort"
+    if pat.birth is not None and pat.birth > index:
+        return None, "born_after_index"
+    if pat.deceased is not None and pat.deceased <= cutoff:
+        return None, "died_before_index"
+    age = _years(pat.birth, index) if pat.birth is not None else float("nan")
+    if task.cohort.min_age is not None and not (age >= task.cohort.min_age):
+        return None, "under_min_age"
+    return _Window(index, cutoff, age), ""
+
+
+def _label(task: TaskSpec, pid: str, records: SiteRecords, cutoff: datetime,
+           csv_label: int | None) -> tuple[int | None, str]:
+    """The patient's 0/1 label by the task's rule and ``labels.csv``, or None with the reason."""
+    label_rule = task.label
+    label: int | None = None
+    if label_rule.kind == "events_after_index":
+        assert label_rule.window_hours is not None  # guaranteed by LabelRule's validator
+        end = cutoff + timedelta(hours=label_rule.window_hours)
+        events = _events(task, pid, records)
+        if label_rule.exclude_prior_events and any(t <= cutoff for t, _ in events):
+            return None, "prior_event"
+        positive = any(cutoff < t <= end for t, _ in events)
+        deceased = records.patients[pid].deceased
+        if label_rule.death_is_positive and deceased is not None:
+            positive = positive or cutoff < deceased <= end
+        label = int(positive)
+    elif label_rule.kind == "condition_at_index":
+        label = int(any(
+            c.time is not None and c.time <= cutoff
+            and any(matches(c.codings, s) for s in label_rule.conditions)
+            for c in records.conditions.get(pid, [])))
+    if label_rule.kind == "labels_csv" or label_rule.labels_csv == "prefer":
+        if csv_label is not None:
+            label = csv_label
+        elif label_rule.kind == "labels_csv":
+            label = None
+    elif label_rule.labels_csv == "fallback" and label is None:
+        label = csv_label
+    if label is None:
+        return None, "no_label"
+    return label, ""
+
+
+def _tabular_features(row: dict[str, Any], task: TaskSpec, pid: str, records: SiteRecords,
+                      window: _Window, sex: str) -> list[datetime]:
+    """Add the tabular feature columns to ``row``; return the times of the records used.
+
+    Only records at or before the cut-off count: observations inside their lookback,
+    comorbidities with onset by the cut-off and not abated before the index, medications
+    authored by the cut-off.
+    """
+    feats = task.features
+    index, cutoff = window.index, window.cutoff
+    times: list[datetime] = []
+    if "sex" in feats.demographics:
+        row["sex_female"] = (float(sex == "female") if sex in {"female", "male"}
+                             else float("nan"))
+    obs = records.observations.get(pid, [])
+    for spec in feats.observations:
+        lookback = timedelta(days=spec.lookback_days if spec.lookback_days is not None
+                             else feats.lookback_days)
+        start = index - lookback
+        vals = sorted(((o.time, o.value) for o in obs
+                       if o.feature == spec.name and start <= o.time <= cutoff),
+                      key=lambda tv: tv[0])
+        if vals:
+            times.append(vals[-1][0] if spec.agg != "first" else vals[0][0])
+            if spec.agg in {"min", "max", "mean"}:
+                times.append(max(t for t, _ in vals))
+            arr = np.array([v for _, v in vals], dtype=float)
+            value = {"last": arr[-1], "first": arr[0], "min": arr.min(), "max": arr.max(),
+                     "mean": arr.mean()}[spec.agg]
+            row[spec.name] = float(value)
+        else:
+            row[spec.name] = float("nan")
+        if feats.missing_indicators:
+            row[f"missing_{spec.name}"] = float(not vals)
+    conds = records.conditions.get(pid, [])
+    for cs in feats.conditions:
+        hits = [c for c in conds if c.time is not None and c.time <= cutoff
+                and (c.end is None or c.end >= index) and matches(c.codings, cs)]
+        row[cs.name] = float(bool(hits))
+        times += [c.time for c in hits if c.time is not None]
+    meds = records.medications.get(pid, [])
+    for ms in feats.medications:
+        hits_m = [m for m in meds if m.time is not None and m.time <= cutoff
+                  and matches(m.codings, ms)]
+        row[ms.name] = float(bool(hits_m))
+        times += [m.time for m in hits_m if m.time is not None]
+    return times
+
+
+def _kept_notes(notes: list[Note], cutoff: datetime, times: list[datetime],
+                counts: Counter[str]) -> list[str]:
+    """The texts of the notes dated on/before ``cutoff`` (see text.py for undated ones).
+
+    Appends the dates of the kept notes to ``times``; counts the later ones.
+    """
+    kept: list[str] = []
+    for note in notes:
+        if note.time is None or note.time <= cutoff:
+            kept.append(note.text)
+            if note.time is not None:
+                times.append(note.time)
+        else:
+            counts["notes_after_cutoff"] += 1
+    return kept
+
+
+def _chosen_image(candidates: list[tuple[Path, datetime | None, str]], pid: str,
+                  cutoff: datetime, *, sink: ErrorSink, check_images: bool,
+                  times: list[datetime], counts: Counter[str]) -> str | None:
+    """The path of the image used for the patient: the first readable one in preference order.
+
+    Reports unreadable images to ``sink``; appends the chosen image's date to ``times``;
+    counts the images acquired after the cut-off.
+    """
+    ordered, late = select_image(candidates, cutoff)
+    counts["images_after_cutoff"] += late
+    for path, when, rule in ordered:
+        problem = check_readable(path) if check_images else None
+        if problem is not None:
+            sink.report(str(path), pid, _IMAGE_FIELD.get(rule, rule), "unreadable_image",
+                        f"image '{path}' linked to patient '{pid}' is unreadable: "
+                        f"{problem}")
+            continue
+        if when is not None:
+            times.append(when)
+        return str(path)
+    return None
+
+
 def apply_task(
     task: TaskSpec,
     records: SiteRecords,
@@ -184,139 +338,32 @@ def apply_task(
     images = images or {}
     labels_csv = labels_csv or {}
     res = TaskResult()
-    feats = task.features
-    allowance = timedelta(hours=task.index.allowance_hours)
-    label_rule = task.label
     for pid in sorted(records.patients):
-        pat = records.patients[pid]
-        index, why = index_time(task, pid, records)
-        if index is None:
-            if task.cohort.conditions and not _in_cohort(task, pid, records, None):
-                res.excluded["not_in_cohort"] += 1
-            else:
-                res.excluded[why] += 1
+        window, why = _window(task, pid, records)
+        if window is None:
+            res.excluded[why] += 1
             continue
-        cutoff = index + allowance
-        if not _in_cohort(task, pid, records, cutoff):
-            res.excluded["not_in_cohort"] += 1
-            continue
-        if pat.birth is not None and pat.birth > index:
-            res.excluded["born_after_index"] += 1
-            continue
-        if pat.deceased is not None and pat.deceased <= cutoff:
-            res.excluded["died_before_index"] += 1
-            continue
-        age = _years(pat.birth, index) if pat.birth is not None else float("nan")
-        if task.cohort.min_age is not None and not (age >= task.cohort.min_age):
-            res.excluded["under_min_age"] += 1
-            continue
-
-        # ---------------- label
-        label: int | None = None
-        if label_rule.kind == "events_after_index":
-            assert label_rule.window_hours is not None  # guaranteed by LabelRule's validator
-            end = cutoff + timedelta(hours=label_rule.window_hours)
-            events = _events(task, pid, records)
-            if label_rule.exclude_prior_events and any(t <= cutoff for t, _ in events):
-                res.excluded["prior_event"] += 1
-                continue
-            positive = any(cutoff < t <= end for t, _ in events)
-            if label_rule.death_is_positive and pat.deceased is not None:
-                positive = positive or cutoff < pat.deceased <= end
-            label = int(positive)
-        elif label_rule.kind == "condition_at_index":
-            label = int(any(
-                c.time is not None and c.time <= cutoff
-                and any(matches(c.codings, s) for s in label_rule.conditions)
-                for c in records.conditions.get(pid, [])))
-        csv_label = labels_csv.get(pid)
-        if label_rule.kind == "labels_csv" or label_rule.labels_csv == "prefer":
-            if csv_label is not None:
-                label = csv_label
-            elif label_rule.kind == "labels_csv":
-                label = None
-        elif label_rule.labels_csv == "fallback" and label is None:
-            label = csv_label
+        label, why = _label(task, pid, records, window.cutoff, labels_csv.get(pid))
         if label is None:
-            res.excluded["no_label"] += 1
+            res.excluded[why] += 1
             continue
-
-        # ---------------- features (only records at or before the cut-off)
-        row: dict[str, Any] = {"patient_id": pid, "site": site, "index_time": index,
+        gender = records.patients[pid].gender
+        sex = gender if gender in {"female", "male", "other"} else _UNKNOWN_SEX
+        row: dict[str, Any] = {"patient_id": pid, "site": site, "index_time": window.index,
                                "label": label}
-        times: list[datetime] = []
-        sex = pat.gender if pat.gender in {"female", "male", "other"} else _UNKNOWN_SEX
-        if "sex" in feats.demographics:
-            row["sex_female"] = (float(sex == "female") if sex in {"female", "male"}
-                                 else float("nan"))
-        obs = records.observations.get(pid, [])
-        for spec in feats.observations:
-            lookback = timedelta(days=spec.lookback_days if spec.lookback_days is not None
-                                 else feats.lookback_days)
-            start = index - lookback
-            vals = sorted(((o.time, o.value) for o in obs
-                           if o.feature == spec.name and start <= o.time <= cutoff),
-                          key=lambda tv: tv[0])
-            if vals:
-                times.append(vals[-1][0] if spec.agg != "first" else vals[0][0])
-                if spec.agg in {"min", "max", "mean"}:
-                    times.append(max(t for t, _ in vals))
-                arr = np.array([v for _, v in vals], dtype=float)
-                value = {"last": arr[-1], "first": arr[0], "min": arr.min(), "max": arr.max(),
-                         "mean": arr.mean()}[spec.agg]
-                row[spec.name] = float(value)
-            else:
-                row[spec.name] = float("nan")
-            if feats.missing_indicators:
-                row[f"missing_{spec.name}"] = float(not vals)
-        conds = records.conditions.get(pid, [])
-        for cs in feats.conditions:
-            hits = [c for c in conds if c.time is not None and c.time <= cutoff
-                    and (c.end is None or c.end >= index) and matches(c.codings, cs)]
-            row[cs.name] = float(bool(hits))
-            times += [c.time for c in hits if c.time is not None]
-        meds = records.medications.get(pid, [])
-        for ms in feats.medications:
-            hits_m = [m for m in meds if m.time is not None and m.time <= cutoff
-                      and matches(m.codings, ms)]
-            row[ms.name] = float(bool(hits_m))
-            times += [m.time for m in hits_m if m.time is not None]
-
-        # ---------------- notes (dated on/before the cut-off; see text.py for undated)
-        kept_notes: list[str] = []
-        for note in notes.get(pid, []):
-            if note.time is None or note.time <= cutoff:
-                kept_notes.append(note.text)
-                if note.time is not None:
-                    times.append(note.time)
-            else:
-                res.counts["notes_after_cutoff"] += 1
+        times = _tabular_features(row, task, pid, records, window, sex)
+        kept_notes = _kept_notes(notes.get(pid, []), window.cutoff, times, res.counts)
         row["notes"] = kept_notes
-
-        # ---------------- image
-        image_path: str | None = None
-        ordered, late = select_image(images.get(pid, []), cutoff)
-        res.counts["images_after_cutoff"] += late
-        for path, when, rule in ordered:
-            problem = check_readable(path) if check_images else None
-            if problem is not None:
-                sink.report(str(path), pid, _IMAGE_FIELD.get(rule, rule), "unreadable_image",
-                            f"image '{path}' linked to patient '{pid}' is unreadable: "
-                            f"{problem}")
-                continue
-            image_path = str(path)
-            if when is not None:
-                times.append(when)
-            break
+        image_path = _chosen_image(images.get(pid, []), pid, window.cutoff, sink=sink,
+                                   check_images=check_images, times=times, counts=res.counts)
         row["image_path"] = image_path
-
         row["sex"] = sex
-        row["age"] = age
-        row["age_band"] = age_band(age, task.age_bands)
+        row["age"] = window.age
+        row["age_band"] = age_band(window.age, task.age_bands)
         row["max_feature_time"] = max(times) if times else None
         row["has_image"] = image_path is not None
         row["has_text"] = bool(kept_notes)
-        obs_names = [o.name for o in feats.observations]
+        obs_names = [o.name for o in task.features.observations]
         row["has_tabular"] = any(not math.isnan(row[n]) for n in obs_names) if obs_names \
             else True
         res.rows.append(row)

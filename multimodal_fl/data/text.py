@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from multimodal_fl.data.errors import ErrorSink
-from multimodal_fl.data.fhir import Note, SiteRecords, _BadField, _first_time, parse_time
+from multimodal_fl.data.fhir_json import BadField, first_time, parse_time
+from multimodal_fl.data.records import Note, SiteRecords
 from multimodal_fl.data.sites import SiteFiles, read_csv, resolve_inside
 
 __all__ = ["load_url_notes", "notes_from_csv", "notes_from_resource"]
@@ -76,8 +77,8 @@ def notes_from_resource(res: dict[str, Any], label: str, sink: ErrorSink) -> lis
     fields = (("date", "context.period.end", "context.period.start") if rt == "DocumentReference"
               else ("issued", "effectiveDateTime", "effectivePeriod.end"))
     try:
-        t, _ = _first_time(res, fields)
-    except _BadField as exc:
+        t, _ = first_time(res, fields)
+    except BadField as exc:
         sink.report(label, rid, exc.field, "bad_date", str(exc))
         return []
     out: list[Note] = []

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+# safetensors is heavy to import: imported inside the functions that use it
+
 logger = logging.getLogger("multimodal_fl.encoders")
 
 

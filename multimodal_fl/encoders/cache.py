@@ -29,9 +29,19 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["EmbeddingCache", "content_key", "default_cache_root"]
+__all__ = ["EmbeddingCache", "clear_file_hashes", "content_key", "default_cache_root"]
 
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def clear_file_hashes() -> None:
+    """Forget the file digests remembered in this process.
+
+    :func:`content_key` remembers each file's sha256 by (resolved path, mtime, size), so a
+    file is read once per process. Clearing makes the next lookups read and hash the files
+    again (a benchmark's cold pass).
+    """
+    _FILE_HASHES.clear()
 
 
 def default_cache_root() -> Path:

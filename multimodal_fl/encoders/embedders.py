@@ -25,6 +25,9 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from multimodal_fl.encoders.cache import EmbeddingCache
+from multimodal_fl.encoders.image import ImageEncoder
+from multimodal_fl.encoders.text import TextEncoder
+from multimodal_fl.encoders.transforms import ImageTransformSpec, apply_transform, build_transform
 
 __all__ = ["ImageEmbedder", "TextEmbedder"]
 
@@ -134,8 +137,6 @@ class TextEmbedder(TransformerMixin, BaseEstimator):
     def fit(self, X: Any, y: Any = None) -> TextEmbedder:
         """Validate ``X`` and load the model (nothing is learnt); returns ``self``."""
         _texts(X, "TextEmbedder.fit")
-        from multimodal_fl.encoders.text import TextEncoder
-
         self.encoder_ = TextEncoder(
             self.model_path,
             max_length=self.max_length,
@@ -232,9 +233,6 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
     def fit(self, X: Any, y: Any = None) -> ImageEmbedder:
         """Validate ``X`` and build the (frozen) network; returns ``self``."""
         _paths(X, "ImageEmbedder.fit")
-        from multimodal_fl.encoders.image import ImageEncoder
-        from multimodal_fl.encoders.transforms import ImageTransformSpec, build_transform
-
         self.spec_ = ImageTransformSpec(spatial_dims=self.spatial_dims, size=self.size)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.random_state)
@@ -252,8 +250,6 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         return self
 
     def _compute(self, paths: Sequence[Path]) -> np.ndarray:
-        from multimodal_fl.encoders.transforms import apply_transform
-
         rows: list[np.ndarray] = []
         for start in range(0, len(paths), self.batch_size):
             batch = torch.stack(

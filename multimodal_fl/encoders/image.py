@@ -7,6 +7,7 @@ encoder is constructed (``import monai`` takes seconds).
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -17,9 +18,12 @@ from torch import nn
 from multimodal_fl.encoders._common import (
     LoadReport,
     load_weights_into,
+    read_state_dict,
     section_to_kwargs,
     state_fingerprint,
 )
+
+# monai is heavy to import: imported inside the functions that use it
 
 __all__ = ["BACKBONES", "ImageEncoder", "SmallCNN", "build_backbone"]
 
@@ -135,8 +139,6 @@ def build_backbone(name: str, spatial_dims: int, in_channels: int) -> tuple[nn.M
         The backbone (``Tensor[B, C, *spatial] -> Tensor[B, width]``) and its feature width.
     """
     if name not in BACKBONES:
-        import difflib
-
         close = difflib.get_close_matches(name, list(BACKBONES), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown image encoder {name!r}{hint}; accepted: {sorted(BACKBONES)}")
@@ -317,8 +319,6 @@ class ImageEncoder(nn.Module):
         LoadReport
             Missing, unexpected and mismatched keys (also logged as a warning).
         """
-        from multimodal_fl.encoders._common import read_state_dict
-
         keys = read_state_dict(path).keys()
         if any(k.startswith(("backbone.", "head.")) for k in keys):
             return load_weights_into(self, path, strict=strict)

@@ -24,6 +24,8 @@ from torch import nn
 
 from multimodal_fl.encoders._common import section_to_kwargs, state_fingerprint
 
+# transformers and the MiniLM package are heavy: imported inside the functions that use them
+
 __all__ = ["TextEncoder", "default_text_model_path", "normalize_notes"]
 
 TextItem = str | Sequence[str] | None

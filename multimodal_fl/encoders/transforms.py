@@ -15,6 +15,8 @@ when a pipeline is built, not when this module is imported.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+# monai is heavy to import: imported inside the functions that use it
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -134,8 +138,6 @@ def reader_for(path: str | os.PathLike[str]) -> Any:
     ImageReadError
         For another suffix.
     """
-    import logging
-
     # MONAI logs a warning on every PydicomReader when the optional GPU decoder is absent
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     from monai.data import NibabelReader, PILReader, PydicomReader
@@ -220,8 +222,6 @@ def build_transform(
     monai.transforms.Compose
         Call it on a path (or array) to get ``Tensor[channels, *spatial]`` (float32).
     """
-    import math
-
     from monai import transforms as mt
 
     d = spec.spatial_dims

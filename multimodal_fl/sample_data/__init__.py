@@ -26,6 +26,8 @@ from multimodal_fl.sample_data._cohorts import SIGMA_E, PatientRecord, simulate_
 from multimodal_fl.sample_data._sites import PROFILES, SiteSpec, sites_for
 from multimodal_fl.sample_data._write import write_site
 
+# Pillow, pydicom and nibabel are heavy to import: imported inside the functions that use them
+
 __all__ = [
     "GENERATOR_VERSION",
     "PROFILES",

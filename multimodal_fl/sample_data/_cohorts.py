@@ -174,16 +174,12 @@ def _sigmoid(x: float) -> float:
     return float(1.0 / (1.0 + np.exp(-x)))
 
 
-def _covid_patient(i: int, site: SiteSpec, ids: _Ids, refs: Refs, rng: np.random.Generator,
-                   z: np.ndarray, label: int, late: int, top: bool) -> PatientRecord:
-    pid = ids.patient(i)
-    zt, zi, zx = (float(v) for v in z)
-    index = COVID_BASE + _days(rng, 0, 300) + _minutes(rng, 0, 24 * 60 - 1)
-    age = float(np.clip(60.0 + 10.0 * zt + 11.0 * rng.standard_normal(), 18, 95))
-    gender = "male" if rng.random() < 0.5 + 0.05 * np.tanh(zt) else "female"
-    res: list[Resource] = []
+def _covid_outcome(rng: np.random.Generator, index: datetime, label: int, late: int, top: bool
+                   ) -> tuple[datetime | None, datetime | None, bool]:
+    """The outcome timeline after the index: ``(death, oxygen start, ventilated)``.
 
-    # outcome timeline (needed for the Patient's deceasedDateTime)
+    Drawn before the Patient is written, as its ``deceasedDateTime`` needs it.
+    """
     deceased: datetime | None = None
     oxygen_at: datetime | None = None
     ventilated = False
@@ -197,9 +193,13 @@ def _covid_patient(i: int, site: SiteSpec, ids: _Ids, refs: Refs, rng: np.random
         oxygen_at = index + _hours(rng, 26, 70)
     elif rng.random() < 0.02:
         deceased = index + _days(rng, 10, 40)  # death outside any label window
-    res.append(refs.patient(pid, gender, _birth(index, age, rng), deceased))
+    return deceased, oxygen_at, ventilated
 
-    # a wellness visit months before, where the comorbidities are recorded
+
+def _covid_wellness_visit(res: list[Resource], pid: str, ids: _Ids, refs: Refs,
+                          rng: np.random.Generator, index: datetime, zt: float,
+                          age: float) -> None:
+    """A wellness visit months before the index, where the comorbidities are recorded."""
     well = index - _days(rng, 60, 700)
     well_id = ids.child(pid, "e0")
     res.append(refs.encounter(well_id, pid, "AMB", "162673000", well, well + timedelta(minutes=30)))
@@ -216,17 +216,15 @@ def _covid_patient(i: int, site: SiteSpec, ids: _Ids, refs: Refs, rng: np.random
                                     _value(np.exp(np.log(0.9) + 0.25 * rng.standard_normal()), 2),
                                     "mg/dL", encounter=well_id))
 
-    # the COVID-19 presentation encounter: its start is the index time
-    enc_id = ids.child(pid, "e1")
-    stay = _hours(rng, 4, 30) if not (label or late) else _days(rng, 3, 12)
-    res.append(refs.encounter(enc_id, pid, "EMER" if not (label or late) else "IMP", "50849002",
-                              index, index + stay))
-    onset = index - _days(rng, 0, 7) - _minutes(rng, 0, 600)
-    no_enc = rng.random() < site.no_encounter_ref
-    res.append(refs.condition(ids.child(pid, "covid"), pid, "840539006", onset, display="COVID-19",
-                              encounter=None if no_enc else enc_id, recorded=index))
 
-    # observations recorded at presentation (vitals at the index, labs up to 45 min before)
+def _covid_observations(res: list[Resource], pid: str, ids: _Ids, refs: Refs,
+                        rng: np.random.Generator, site: SiteSpec, index: datetime, enc_id: str,
+                        zt: float, positive_72h: int) -> None:
+    """Observations at presentation, and a repeat SpO2 after the index.
+
+    Vitals are taken at the index, labs up to 45 min before; the repeat vitals after the
+    index know the outcome and must never be features.
+    """
     for name, (codes, unit, dec, missing, fn) in _COVID_OBS.items():
         if rng.random() < missing:
             continue
@@ -241,25 +239,54 @@ def _covid_patient(i: int, site: SiteSpec, ids: _Ids, refs: Refs, rng: np.random
                                  _value(128 - 3 * zt + 17 * rng.standard_normal(), 0),
                                  _value(77 - 1 * zt + 10 * rng.standard_normal(), 0),
                                  encounter=enc_id))
-    # repeat vitals after the index: they know the outcome and must never be features
     later = index + _hours(rng, 2, 6)
     spo2_code = _COVID_OBS["spo2"][0][1 if site.alt_codes else 0]
     res.append(refs.observation(ids.child(pid, "r-spo2"), pid, spo2_code, later,
-                                _value(min(100.0, 95.0 - 6.0 * (label or late)
+                                _value(min(100.0, 95.0 - 6.0 * positive_72h
                                            + 1.2 * rng.standard_normal()), 0),
                                 "%", encounter=enc_id))
 
-    # oxygen (or ventilation + ventilator) after the index for positives and late positives
+
+def _covid_oxygen(res: list[Resource], pid: str, ids: _Ids, refs: Refs,
+                  rng: np.random.Generator, oxygen_at: datetime, ventilated: bool,
+                  enc_id: str) -> None:
+    """Oxygen after the index (positives and late positives), with ventilation and ventilator."""
+    res.append(refs.procedure(ids.child(pid, "o2"), pid, "371908008",
+                              "Oxygen administration by mask", oxygen_at,
+                              oxygen_at + _hours(rng, 2, 48), encounter=enc_id))
+    if ventilated:
+        vent_at = oxygen_at + _hours(rng, 0.2, 1.5)
+        res.append(refs.procedure(ids.child(pid, "vent"), pid, "26763009", "Ventilation",
+                                  vent_at, vent_at + _days(rng, 2, 9), encounter=enc_id))
+        res.append(refs.device(ids.child(pid, "dev"), pid, "449071006",
+                               "Mechanical ventilator", vent_at))
+
+
+def _covid_patient(i: int, site: SiteSpec, ids: _Ids, refs: Refs, rng: np.random.Generator,
+                   z: np.ndarray, label: int, late: int, top: bool) -> PatientRecord:
+    """Simulate one COVID-19 patient: FHIR resources, notes and a chest X-ray."""
+    pid = ids.patient(i)
+    zt, zi, zx = (float(v) for v in z)
+    index = COVID_BASE + _days(rng, 0, 300) + _minutes(rng, 0, 24 * 60 - 1)
+    age = float(np.clip(60.0 + 10.0 * zt + 11.0 * rng.standard_normal(), 18, 95))
+    gender = "male" if rng.random() < 0.5 + 0.05 * np.tanh(zt) else "female"
+    res: list[Resource] = []
+    deceased, oxygen_at, ventilated = _covid_outcome(rng, index, label, late, top)
+    res.append(refs.patient(pid, gender, _birth(index, age, rng), deceased))
+    _covid_wellness_visit(res, pid, ids, refs, rng, index, zt, age)
+
+    # the COVID-19 presentation encounter: its start is the index time
+    enc_id = ids.child(pid, "e1")
+    stay = _hours(rng, 4, 30) if not (label or late) else _days(rng, 3, 12)
+    res.append(refs.encounter(enc_id, pid, "EMER" if not (label or late) else "IMP", "50849002",
+                              index, index + stay))
+    onset = index - _days(rng, 0, 7) - _minutes(rng, 0, 600)
+    no_enc = rng.random() < site.no_encounter_ref
+    res.append(refs.condition(ids.child(pid, "covid"), pid, "840539006", onset, display="COVID-19",
+                              encounter=None if no_enc else enc_id, recorded=index))
+    _covid_observations(res, pid, ids, refs, rng, site, index, enc_id, zt, label or late)
     if oxygen_at is not None:
-        res.append(refs.procedure(ids.child(pid, "o2"), pid, "371908008",
-                                  "Oxygen administration by mask", oxygen_at,
-                                  oxygen_at + _hours(rng, 2, 48), encounter=enc_id))
-        if ventilated:
-            vent_at = oxygen_at + _hours(rng, 0.2, 1.5)
-            res.append(refs.procedure(ids.child(pid, "vent"), pid, "26763009", "Ventilation",
-                                      vent_at, vent_at + _days(rng, 2, 9), encounter=enc_id))
-            res.append(refs.device(ids.child(pid, "dev"), pid, "449071006",
-                                   "Mechanical ventilator", vent_at))
+        _covid_oxygen(res, pid, ids, refs, rng, oxygen_at, ventilated, enc_id)
 
     record = PatientRecord(pid=pid, resources=res, label=label, label_72h=int(label or late),
                            encounter=enc_id, latents=(zt, zi, zx))

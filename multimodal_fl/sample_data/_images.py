@@ -17,6 +17,8 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.ndimage import gaussian_filter, zoom
 
+# Pillow, nibabel and pydicom are heavy to import: imported inside the functions that use them
+
 __all__ = ["Acquisition", "brain_mri", "chest_xray", "write_dicom", "write_nifti", "write_png"]
 
 FloatArray = NDArray[np.float64]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -51,74 +52,77 @@ def _image_file(task: str, site: SiteSpec, pid: str) -> str:
     return f"images/{pid}.dcm" if site.image_link == "dicom" else f"images/{pid}.png"
 
 
-def write_site(root: Path, task: str, site: SiteSpec, patients: list[PatientRecord]) -> None:
-    """Write one site directory from simulated patients.
+def _add_image(root: Path, task: str, site: SiteSpec, refs: Refs, rec: PatientRecord,
+               res: list[Resource], images_rows: list[list[str]]) -> None:
+    """Write the patient's image file and link it by the site's route.
 
-    Parameters
-    ----------
-    root
-        The site directory (created).
-    task
-        ``covid_oxygen`` or ``alzheimers``.
-    site
-        The site's specification (routes, units, acquisition).
-    patients
-        The simulated patients.
+    The route is an ImagingStudy (appended to ``res``), a row of ``images.csv`` (appended to
+    ``images_rows``) or the DICOM PatientID tag written into the file.
     """
-    refs = Refs(site.refs, tz_hours=site.tz_hours)
-    images_rows: list[list[str]] = []
-    notes_rows: list[list[str]] = []
-    per_patient: list[list[Resource]] = []
-    for rec in patients:
-        res = list(rec.resources)
-        # images
-        if rec.image is not None and rec.image_time is not None:
-            rel = _image_file(task, site, rec.pid)
-            path = root / rel
-            if task == "alzheimers":
-                _images.write_nifti(path, rec.image, voxel_mm=192.0 / rec.image.shape[0])
-            elif site.image_link == "dicom":
-                _images.write_dicom(path, rec.image, patient_id=rec.pid,
-                                    study_date=rec.image_time.date(),
-                                    uid_seed=f"{site.name}:{rec.pid}",
-                                    pixel_mm=350.0 / rec.image.shape[0])
-            else:
-                _images.write_png(path, rec.image)
-            modality = "MR" if task == "alzheimers" else "DX"
-            if site.image_link == "imagingstudy":
-                res.append(refs.imaging_study(f"{rec.pid}-img" if site.refs != "urn" else
-                                              _child_uuid(rec.pid, "img"), rec.pid,
-                                              rec.image_time, rel, modality))
-            elif site.image_link == "csv":
-                view = "axial" if task == "alzheimers" else "PA"
-                images_rows.append([rec.pid, rel, modality, view,
-                                    fhir_datetime(rec.image_time, site.tz_hours)])
-        # notes
-        for k, (text, when, kind) in enumerate(rec.notes):
-            nid = f"{rec.pid}-n{k}" if site.refs != "urn" else _child_uuid(rec.pid, f"n{k}")
-            loinc = "34111-5" if task == "covid_oxygen" else "11506-3"
-            if site.notes == "docref_data":
-                res.append(refs.document_reference(nid, rec.pid, when, text=text, loinc=loinc,
-                                                   encounter=rec.encounter))
-            elif site.notes == "docref_url":
-                rel = f"notes/{rec.pid}-{k}.txt"
-                _write_text(root / rel, text)
-                res.append(refs.document_reference(nid, rec.pid, when, url=rel, loinc=loinc,
-                                                   encounter=rec.encounter))
-            elif site.notes == "diagreport":
-                res.append(refs.diagnostic_report(nid, rec.pid, when, text,
-                                                  presented_form=len(per_patient) % 2 == 0,
-                                                  loinc=loinc, encounter=rec.encounter))
-            elif site.notes == "notes_csv":
-                notes_rows.append([rec.pid, text, fhir_datetime(when, site.tz_hours), kind])
-        if rec.discharge is not None and site.notes != "none":
-            text, when = rec.discharge
-            did = f"{rec.pid}-dc" if site.refs != "urn" else _child_uuid(rec.pid, "dc")
-            res.append(refs.document_reference(did, rec.pid, when, text=text, loinc="18842-5",
-                                               encounter=rec.encounter))
-        per_patient.append(res)
+    if rec.image is None or rec.image_time is None:
+        return
+    rel = _image_file(task, site, rec.pid)
+    path = root / rel
+    if task == "alzheimers":
+        _images.write_nifti(path, rec.image, voxel_mm=192.0 / rec.image.shape[0])
+    elif site.image_link == "dicom":
+        _images.write_dicom(path, rec.image, patient_id=rec.pid,
+                            study_date=rec.image_time.date(),
+                            uid_seed=f"{site.name}:{rec.pid}",
+                            pixel_mm=350.0 / rec.image.shape[0])
+    else:
+        _images.write_png(path, rec.image)
+    modality = "MR" if task == "alzheimers" else "DX"
+    if site.image_link == "imagingstudy":
+        res.append(refs.imaging_study(f"{rec.pid}-img" if site.refs != "urn" else
+                                      _child_uuid(rec.pid, "img"), rec.pid,
+                                      rec.image_time, rel, modality))
+    elif site.image_link == "csv":
+        view = "axial" if task == "alzheimers" else "PA"
+        images_rows.append([rec.pid, rel, modality, view,
+                            fhir_datetime(rec.image_time, site.tz_hours)])
 
-    fhir = root / "fhir"
+
+def _add_notes(root: Path, task: str, site: SiteSpec, refs: Refs, rec: PatientRecord,
+               res: list[Resource], notes_rows: list[list[str]], position: int) -> None:
+    """Write the patient's notes (and discharge note) by the site's route.
+
+    The route is a DocumentReference with inline data or a url to a file under
+    ``notes/``, a DiagnosticReport (``presentedForm`` for every other patient by
+    ``position``, else ``conclusion``), or a row of ``notes.csv``.
+    """
+    for k, (text, when, kind) in enumerate(rec.notes):
+        nid = f"{rec.pid}-n{k}" if site.refs != "urn" else _child_uuid(rec.pid, f"n{k}")
+        loinc = "34111-5" if task == "covid_oxygen" else "11506-3"
+        if site.notes == "docref_data":
+            res.append(refs.document_reference(nid, rec.pid, when, text=text, loinc=loinc,
+                                               encounter=rec.encounter))
+        elif site.notes == "docref_url":
+            rel = f"notes/{rec.pid}-{k}.txt"
+            _write_text(root / rel, text)
+            res.append(refs.document_reference(nid, rec.pid, when, url=rel, loinc=loinc,
+                                               encounter=rec.encounter))
+        elif site.notes == "diagreport":
+            res.append(refs.diagnostic_report(nid, rec.pid, when, text,
+                                              presented_form=position % 2 == 0,
+                                              loinc=loinc, encounter=rec.encounter))
+        elif site.notes == "notes_csv":
+            notes_rows.append([rec.pid, text, fhir_datetime(when, site.tz_hours), kind])
+    if rec.discharge is not None and site.notes != "none":
+        text, when = rec.discharge
+        did = f"{rec.pid}-dc" if site.refs != "urn" else _child_uuid(rec.pid, "dc")
+        res.append(refs.document_reference(did, rec.pid, when, text=text, loinc="18842-5",
+                                           encounter=rec.encounter))
+
+
+def _write_fhir(fhir: Path, site: SiteSpec, patients: list[PatientRecord],
+                per_patient: list[list[Resource]]) -> None:
+    """Write the patients' resources in the site's FHIR layout.
+
+    Layouts: one transaction Bundle per patient, collection Bundles of 50 patients, one
+    NDJSON file per resource type, or Patient resources alone with the rest in searchset
+    Bundles of 2000 resources.
+    """
     fhir.mkdir(parents=True, exist_ok=True)
     if site.fhir == "transaction":
         for rec, res in zip(patients, per_patient, strict=True):
@@ -147,6 +151,31 @@ def write_site(root: Path, task: str, site: SiteSpec, patients: list[PatientReco
             _write_text(fhir / f"searchset-{k + 1:03d}.json",
                         _dump(_bundle("searchset", rest[start:start + 2000], site)))
 
+
+def write_site(root: Path, task: str, site: SiteSpec, patients: list[PatientRecord]) -> None:
+    """Write one site directory from simulated patients.
+
+    Parameters
+    ----------
+    root
+        The site directory (created).
+    task
+        ``covid_oxygen`` or ``alzheimers``.
+    site
+        The site's specification (routes, units, acquisition).
+    patients
+        The simulated patients.
+    """
+    refs = Refs(site.refs, tz_hours=site.tz_hours)
+    images_rows: list[list[str]] = []
+    notes_rows: list[list[str]] = []
+    per_patient: list[list[Resource]] = []
+    for rec in patients:
+        res = list(rec.resources)
+        _add_image(root, task, site, refs, rec, res, images_rows)
+        _add_notes(root, task, site, refs, rec, res, notes_rows, position=len(per_patient))
+        per_patient.append(res)
+    _write_fhir(root / "fhir", site, patients, per_patient)
     if images_rows:
         _write_csv(root / "images.csv", ["patient_id", "path", "modality", "view", "acquired"],
                    images_rows)
@@ -158,8 +187,7 @@ def write_site(root: Path, task: str, site: SiteSpec, patients: list[PatientReco
 
 
 def _child_uuid(pid: str, key: str) -> str:
-    import uuid
-
+    """A deterministic UUID for a patient's child resource (sites with ``urn:uuid`` ids)."""
     return str(uuid.uuid5(uuid.UUID(pid), key))
 
 

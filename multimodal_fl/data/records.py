@@ -1,0 +1,101 @@
+"""What a task needs from one site's FHIR data, grouped by patient: the record types.
+
+:class:`~multimodal_fl.data.fhir.FHIRReader` fills a :class:`SiteRecords`;
+:mod:`~multimodal_fl.data.text`, :mod:`~multimodal_fl.data.imaging` and
+:mod:`~multimodal_fl.data.tasks` read it. This module knows no file and no reader, so all
+of them can import it. Every time is a timezone-aware UTC datetime.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from multimodal_fl.config import CodeSet
+
+__all__ = ["Coded", "Coding", "ImageRef", "Note", "ObservationValue", "PatientRecord",
+           "SiteRecords", "matches"]
+
+Coding = tuple[str, str]  # (system, code)
+
+
+def matches(codings: Iterable[Coding], codeset: CodeSet) -> bool:
+    """True when any coding belongs to ``codeset`` (system-restricted when it names one)."""
+    codes = set(codeset.codes)
+    return any(code in codes and (codeset.system is None or system == codeset.system)
+               for system, code in codings)
+
+
+@dataclass
+class PatientRecord:
+    """One patient's demographics."""
+
+    id: str
+    file: str
+    birth: datetime | None = None
+    gender: str | None = None
+    deceased: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Coded:
+    """A coded, timed fact (condition, procedure, device use, medication request)."""
+
+    resource_id: str
+    file: str
+    codings: tuple[Coding, ...]
+    time: datetime | None
+    end: datetime | None = None
+    encounter: str | None = None
+
+
+@dataclass(frozen=True)
+class ObservationValue:
+    """One observation value of one feature, in the feature's canonical unit."""
+
+    feature: str
+    value: float
+    time: datetime
+    resource_id: str
+
+
+@dataclass(frozen=True)
+class Note:
+    """One clinical note with its date (None when undated) and where it came from."""
+
+    text: str
+    time: datetime | None
+    source: str
+    resource_id: str
+    url: str | None = None
+    kind: str = ""
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image file referenced by the FHIR data (ImagingStudy) or a CSV."""
+
+    path: str
+    time: datetime | None
+    source: str
+    resource_id: str
+
+
+@dataclass
+class SiteRecords:
+    """What the task needs from one site's FHIR data, grouped by patient id."""
+
+    patients: dict[str, PatientRecord] = field(default_factory=dict)
+    encounters: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
+    encounter_by_id: dict[str, Coded] = field(default_factory=dict)
+    conditions: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
+    procedures: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
+    devices: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
+    medications: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
+    observations: dict[str, list[ObservationValue]] = field(
+        default_factory=lambda: defaultdict(list))
+    notes: dict[str, list[Note]] = field(default_factory=lambda: defaultdict(list))
+    images: dict[str, list[ImageRef]] = field(default_factory=lambda: defaultdict(list))
+    counts: Counter[str] = field(default_factory=Counter)
