@@ -25,7 +25,7 @@ from multimodal_fl.pca_stage import (
     run_pca_stage,
     score_summary,
 )
-from multimodal_fl.runs import load_site_data
+from multimodal_fl.training import load_site_data
 
 torch.set_num_threads(1)
 
