@@ -65,6 +65,8 @@ from multimodal_fl.training import (
     evaluate,
     load_weights,
     local_update,
+    metrics_by_split,
+    predictions_frame,
 )
 
 __all__ = ["FusionSite", "norm_layer_keys", "state_to_numpy"]
@@ -329,8 +331,6 @@ class FusionSite:
             RunWriter,
             _jsonable,
             _site_summary,
-            metrics_by_split,
-            predictions_frame,
         )
 
         self._load_global(request)
