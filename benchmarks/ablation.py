@@ -53,6 +53,7 @@ from multimodal_fl.training import (
     batch_augmenter,
     build_model,
     fit_tabular_standardizer,
+    load_site_data,
     predict,
     split_patients,
     train,
@@ -299,8 +300,6 @@ def verdict(results: Sequence[ConfigResult], fusion: str = "fusion") -> tuple[bo
 
 def prepare(cfg_path: Path, overrides: Sequence[str] = ()) -> dict[str, SiteData]:
     """Build and prepare every site of the config once, with every modality it enables."""
-    from multimodal_fl.runs import load_site_data
-
     cfg = load_config(cfg_path, list(overrides))
     with tempfile.TemporaryDirectory() as tmp:
         return load_site_data(cfg, Path(tmp))

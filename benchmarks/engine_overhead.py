@@ -127,9 +127,9 @@ def run_inprocess(cfg: ExperimentConfig, run_dir: Path) -> list[dict[str, float]
         difference), ``record`` (``RoundRecord.seconds``) and ``server`` (``server_seconds``).
     """
     from multimodal_fl.engines.federated import inprocess_federation, run_federated_experiment
-    from multimodal_fl.runs import _threads
+    from multimodal_fl.training import torch_threads
 
-    with _threads(cfg.training.num_threads):
+    with torch_threads(cfg.training.num_threads):
         federation = TimedFederation(inprocess_federation(cfg, run_dir))
     rows: list[dict[str, float]] = []
     mark = [0.0]

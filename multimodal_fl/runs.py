@@ -27,8 +27,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,20 +41,21 @@ from safetensors.torch import save_file
 from torch import nn
 
 from multimodal_fl.config import ExperimentConfig
-from multimodal_fl.evaluation.metrics import MetricValue, binary_metrics, derive_seed
+from multimodal_fl.evaluation.metrics import MetricValue, derive_seed
 from multimodal_fl.fusion import FusionModel
 from multimodal_fl.training import (
-    EVAL_METRICS,
     SPLITS,
     CohortDataset,
-    FrozenEncoders,
     SiteData,
     TrainResult,
     batch_augmenter,
     build_model,
+    cache_root,
     fit_tabular_standardizer,
-    predict,
-    prepare_site_data,
+    load_site_data,
+    metrics_by_split,
+    predictions_frame,
+    torch_threads,
     train,
 )
 
@@ -105,16 +105,6 @@ def default_run_dir(cfg: ExperimentConfig, root: str | os.PathLike[str] = "runs"
         k += 1
         path = base.with_name(f"{base.name}-{k}")
     return path
-
-
-def cache_root(cfg: ExperimentConfig, run_dir: Path) -> Path:
-    """Embedding-cache root: ``data.cache_dir``, else ``$MMFL_CACHE``, else ``RUN_DIR/cache``."""
-    if cfg.data.cache_dir is not None:
-        return Path(cfg.data.cache_dir).expanduser()
-    env = os.environ.get("MMFL_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return run_dir / "cache"
 
 
 def _contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -239,68 +229,6 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-# ============================================================================ evaluation
-
-
-def predictions_frame(model: FusionModel, data: SiteData, *,
-                      sensitive: tuple[str, ...] | list[str] = ()) -> pd.DataFrame:
-    """One row per patient: ``patient_id, split, label, score`` and the sensitive attributes.
-
-    Parameters
-    ----------
-    model : FusionModel
-    data : SiteData
-    sensitive : sequence of str
-        Extra attribute columns to copy when present (``sex``, ``age_band`` and ``age`` are
-        always copied when present).
-
-    Returns
-    -------
-    DataFrame
-    """
-    ds = data.dataset
-    scores = predict(model, ds)
-    frame = pd.DataFrame({
-        "patient_id": ds.patient_ids,
-        "split": [data.splits[p] for p in ds.patient_ids],
-        "label": ds.labels.int().numpy(),
-        "score": scores,
-    })
-    for col in ("sex", "age_band", "age", *sensitive):
-        if col in ds.meta.columns and col not in frame.columns:
-            frame[col] = ds.meta[col].to_numpy()
-    return frame
-
-
-def metrics_by_split(frame: pd.DataFrame, *, n_boot: int = 0, seed: int = 0,
-                     where: str = "") -> dict[str, dict[str, MetricValue]]:
-    """AUC, AP, Brier and ECE per split of a :func:`predictions_frame` (undefined ones say why).
-
-    Parameters
-    ----------
-    frame : DataFrame
-        With ``split``, ``label`` and ``score`` columns.
-    n_boot : int, default 0
-        Bootstrap resamples for 95% intervals.
-    seed : int, default 0
-    where : str
-        Names the cell in derived bootstrap seeds.
-
-    Returns
-    -------
-    dict
-        ``{split: {metric: MetricValue}}`` for train, val, test.
-    """
-    out: dict[str, dict[str, MetricValue]] = {}
-    for s in SPLITS:
-        part = frame[frame["split"] == s]
-        out[s] = binary_metrics(
-            part["label"].to_numpy(dtype=np.int64), part["score"].to_numpy(dtype=np.float64),
-            metrics=list(EVAL_METRICS), n_boot=n_boot, seed=derive_seed(seed, where, s),
-        )
-    return out
-
-
 # ============================================================================ engines
 
 
@@ -318,48 +246,6 @@ class RunOutcome:
 
     run_dir: Path
     metrics: dict[str, Any]
-
-
-@contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def load_site_data(cfg: ExperimentConfig, run_dir: Path, *,
-                   cohorts: Mapping[str, Any] | None = None) -> dict[str, SiteData]:
-    """Build every site's cohort (unless given) and prepare it as tensors.
-
-    Parameters
-    ----------
-    cfg : ExperimentConfig
-    run_dir : Path
-        Where the default embedding cache goes (see :func:`cache_root`).
-    cohorts : mapping of site name to SiteCohort or None
-        Pre-built cohorts (default: ``data.cohort.build_cohorts(cfg)``).
-
-    Returns
-    -------
-    dict of str to SiteData
-        In the config's site order.
-    """
-    if cohorts is None:
-        from multimodal_fl.data.cohort import build_cohorts
-
-        cohorts = build_cohorts(cfg)
-    frozen = FrozenEncoders(cfg)
-    root = cache_root(cfg, run_dir)
-    out: dict[str, SiteData] = {}
-    for name, cohort in cohorts.items():
-        out[name] = prepare_site_data(cohort, cfg, cache=root, site=name, frozen=frozen)
-    return out
 
 
 def _progress_bar(enabled: bool) -> Any:
@@ -496,7 +382,7 @@ def run_local(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | None = No
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     writer = RunWriter(run_dir, cfg, "local")
     writer.write_config()
-    with _threads(cfg.training.num_threads):
+    with torch_threads(cfg.training.num_threads):
         sites = dict(data) if data is not None else load_site_data(cfg, run_dir, cohorts=cohorts)
         sites = _apply_pca_stage(cfg, sites)
         t_prep = time.perf_counter() - t0
@@ -568,7 +454,7 @@ def run_centralized(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | Non
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     writer = RunWriter(run_dir, cfg, "centralized")
     writer.write_config()
-    with _threads(cfg.training.num_threads):
+    with torch_threads(cfg.training.num_threads):
         sites = dict(data) if data is not None else load_site_data(cfg, run_dir, cohorts=cohorts)
         sites = _apply_pca_stage(cfg, sites)
         t_prep = time.perf_counter() - t0

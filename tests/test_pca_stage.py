@@ -18,7 +18,7 @@ from multimodal_fl.engines.federated import inprocess_federation, run_federated_
 from multimodal_fl.federated.pca import FederatedPCA, subspace_error
 from multimodal_fl.pca.site import project, projection_arrays, score_summary
 from multimodal_fl.pca.stage import apply_pca_stage, check_pca_stage, fit_pca_stage, run_pca_stage
-from multimodal_fl.runs import load_site_data
+from multimodal_fl.training import load_site_data
 
 torch.set_num_threads(1)
 

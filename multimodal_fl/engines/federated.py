@@ -97,7 +97,7 @@ def inprocess_federation(
     """
     from multimodal_fl.federated.inprocess import InProcessFederation
     from multimodal_fl.federated.site import FusionSite
-    from multimodal_fl.runs import load_site_data
+    from multimodal_fl.training import load_site_data
 
     prepared = dict(data) if data is not None else load_site_data(cfg, run_dir, cohorts=cohorts)
     return InProcessFederation(
@@ -301,10 +301,10 @@ def run_federated_experiment(
     multimodal_fl.runs.RunOutcome
         The run directory and the metrics document.
     """
-    from multimodal_fl.runs import _threads
+    from multimodal_fl.training import torch_threads
 
     # The same torch thread count in every engine: results then agree bit for bit.
-    with _threads(cfg.training.num_threads):
+    with torch_threads(cfg.training.num_threads):
         return _run_experiment(
             cfg, out_dir, federation=federation, engine=engine, resume=resume,
             stop_after_round=stop_after_round, on_round=on_round, cohorts=cohorts, data=data,

@@ -177,7 +177,7 @@ def _fusion_site(
     cfg: ExperimentConfig, name: str, site_dir: Path, run_config: Mapping[str, Any]
 ) -> Site:
     from multimodal_fl.federated.site import FusionSite
-    from multimodal_fl.runs import load_site_data
+    from multimodal_fl.training import load_site_data
 
     cfg = cfg.model_copy(update={"sites": [SiteConfig(name=name, path=Path(site_dir))]})
     out = site_output_dir(cfg, run_config)

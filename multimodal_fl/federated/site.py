@@ -88,6 +88,8 @@ from multimodal_fl.training import (
     evaluate,
     load_weights,
     local_update,
+    metrics_by_split,
+    predictions_frame,
 )
 
 __all__ = ["FusionSite", "norm_layer_keys", "state_to_numpy"]
@@ -357,8 +359,6 @@ class FusionSite:
             RunWriter,
             _jsonable,
             _site_summary,
-            metrics_by_split,
-            predictions_frame,
         )
 
         self._load_global(request)

@@ -1,0 +1,160 @@
+"""Inference: predicted probabilities, metrics, and the per-patient predictions table.
+
+:func:`predict` gives probabilities; :func:`evaluate` gives AUC, average precision, Brier and
+ECE (via :mod:`multimodal_fl.evaluation.metrics`); :func:`predictions_frame` is one row per
+patient of a site (split, label, score, sensitive attributes) and :func:`metrics_by_split`
+the metrics of each split of such a table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from multimodal_fl.evaluation.metrics import MetricValue, binary_metrics, derive_seed
+from multimodal_fl.fusion import FusionModel
+from multimodal_fl.training.dataset import CohortDataset, SiteData
+from multimodal_fl.training.model import resolve_device
+from multimodal_fl.training.splits import SPLITS
+
+__all__ = ["EVAL_METRICS", "evaluate", "metrics_by_split", "predict", "predictions_frame"]
+
+#: Metrics :func:`evaluate` reports.
+EVAL_METRICS: tuple[str, ...] = ("auc", "average_precision", "brier", "ece")
+
+
+@torch.no_grad()
+def predict(
+    model: FusionModel,
+    data: CohortDataset,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
+    """Predicted probabilities, one per row of ``data``.
+
+    Parameters
+    ----------
+    model : FusionModel
+    data : CohortDataset
+    batch_size : int, default 256
+    device : str, torch.device or None
+        Default: the model's device.
+
+    Returns
+    -------
+    ndarray of float64, shape (len(data),)
+    """
+    dev = resolve_device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    model.to(dev)
+    out: list[np.ndarray] = []
+    try:
+        for b in data.batches(batch_size):
+            b = b.to(dev)
+            logits = model(b.inputs, b.mask, patient_ids=b.patient_ids)
+            out.append(torch.sigmoid(logits.double()).cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float64)
+
+
+def evaluate(
+    model: FusionModel,
+    data: CohortDataset,
+    *,
+    metrics: Sequence[str] = EVAL_METRICS,
+    n_boot: int = 0,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> dict[str, MetricValue]:
+    """AUC, average precision, Brier score and ECE of the model on ``data``.
+
+    An undefined metric (no patients, no positives or no negatives) is a
+    :class:`~multimodal_fl.evaluation.metrics.MetricValue` with ``value=None`` and its
+    ``reason``, never a number.
+
+    Parameters
+    ----------
+    model : FusionModel
+    data : CohortDataset
+    metrics : sequence of str
+        Subset of :data:`EVAL_METRICS` (threshold-free metrics).
+    n_boot : int, default 0
+        Bootstrap resamples for 95% intervals.
+    seed : int, default 0
+        Bootstrap seed.
+    device : str, torch.device or None
+
+    Returns
+    -------
+    dict of str to MetricValue
+    """
+    scores = predict(model, data, device=device)
+    return binary_metrics(
+        data.labels.numpy().astype(np.int64), scores, metrics=list(metrics), n_boot=n_boot,
+        seed=seed,
+    )
+
+
+def predictions_frame(model: FusionModel, data: SiteData, *,
+                      sensitive: tuple[str, ...] | list[str] = ()) -> pd.DataFrame:
+    """One row per patient: ``patient_id, split, label, score`` and the sensitive attributes.
+
+    Parameters
+    ----------
+    model : FusionModel
+    data : SiteData
+    sensitive : sequence of str
+        Extra attribute columns to copy when present (``sex``, ``age_band`` and ``age`` are
+        always copied when present).
+
+    Returns
+    -------
+    DataFrame
+    """
+    ds = data.dataset
+    scores = predict(model, ds)
+    frame = pd.DataFrame({
+        "patient_id": ds.patient_ids,
+        "split": [data.splits[p] for p in ds.patient_ids],
+        "label": ds.labels.int().numpy(),
+        "score": scores,
+    })
+    for col in ("sex", "age_band", "age", *sensitive):
+        if col in ds.meta.columns and col not in frame.columns:
+            frame[col] = ds.meta[col].to_numpy()
+    return frame
+
+
+def metrics_by_split(frame: pd.DataFrame, *, n_boot: int = 0, seed: int = 0,
+                     where: str = "") -> dict[str, dict[str, MetricValue]]:
+    """AUC, AP, Brier and ECE per split of a :func:`predictions_frame` (undefined ones say why).
+
+    Parameters
+    ----------
+    frame : DataFrame
+        With ``split``, ``label`` and ``score`` columns.
+    n_boot : int, default 0
+        Bootstrap resamples for 95% intervals.
+    seed : int, default 0
+    where : str
+        Names the cell in derived bootstrap seeds.
+
+    Returns
+    -------
+    dict
+        ``{split: {metric: MetricValue}}`` for train, val, test.
+    """
+    out: dict[str, dict[str, MetricValue]] = {}
+    for s in SPLITS:
+        part = frame[frame["split"] == s]
+        out[s] = binary_metrics(
+            part["label"].to_numpy(dtype=np.int64), part["score"].to_numpy(dtype=np.float64),
+            metrics=list(EVAL_METRICS), n_boot=n_boot, seed=derive_seed(seed, where, s),
+        )
+    return out

@@ -1,0 +1,476 @@
+"""The training loop: :func:`train` on one dataset, :func:`local_update` for a federated site.
+
+:func:`train` runs a number of optimisation steps (AdamW, fresh every call), sampling batches
+from a caller-seeded ``torch.Generator``, with ``pos_weight`` from the training labels,
+validation-AUC early stopping (:class:`EarlyStopping`) and an optional proximal (FedProx)
+term. :func:`local_update` is the federated site's entry point: load weights, run ``steps``.
+
+Determinism
+-----------
+All randomness of a :func:`train` call (batch order, dropout, modality dropout, augmentation)
+derives from its ``generator``: the global torch RNG is forked and seeded from it for the
+duration of the call, then restored. On CPU the same generator seed and the same starting
+weights give bit-identical weights. :func:`torch_threads` holds the torch thread count
+fixed for a block (every engine uses it, so their results agree bit for bit).
+
+Optimiser state
+---------------
+Every :func:`train` / :func:`local_update` call creates a new AdamW optimiser. In federated
+training the optimiser state is therefore reset at every round *by design*: nothing but the
+weights crosses rounds, so there is no optimiser state to checkpoint or to average.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from multimodal_fl.fusion import FusionModel
+from multimodal_fl.training.dataset import Batch, CohortDataset
+from multimodal_fl.training.inference import evaluate
+from multimodal_fl.training.model import load_weights, resolve_device
+
+if TYPE_CHECKING:
+    from multimodal_fl.config import TrainingConfig
+
+__all__ = [
+    "EarlyStopping",
+    "ProximalFn",
+    "TrainResult",
+    "local_update",
+    "torch_threads",
+    "train",
+]
+
+#: A proximal hook: ``proximal(model) -> scalar tensor`` added to the loss (FedProx).
+ProximalFn = Callable[[nn.Module], torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    """What a :func:`train` call did.
+
+    Attributes
+    ----------
+    steps : int
+        Optimisation steps run in this call.
+    last_step : int
+        ``start_step + steps``: the global step count after the call.
+    loss : float
+        Mean training loss (without the proximal term) over the steps of this call.
+    history : list of dict
+        One entry per validation: ``step``, ``train_loss`` (mean since the last entry),
+        ``val_auc`` (float or None) and ``val_auc_reason`` (why it is None).
+    best_step : int or None
+        Step whose weights were kept by early stopping (None: final weights kept).
+    best_val_auc : float or None
+        Validation AUC at ``best_step``.
+    stopped_early : bool
+        Whether patience ran out before ``steps``.
+    n_samples : int
+        Training patients.
+    modality_counts : dict of str to int
+        Training patients with each modality present.
+    pos_weight : float
+        The positive-class weight used in the loss (negatives / positives).
+    notes : list of str
+        Human-readable remarks (e.g. "validation AUC undefined (no positives): early
+        stopping off").
+    """
+
+    steps: int
+    last_step: int
+    loss: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_step: int | None = None
+    best_val_auc: float | None = None
+    stopped_early: bool = False
+    n_samples: int = 0
+    modality_counts: dict[str, int] = field(default_factory=dict)
+    pos_weight: float = 1.0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        return {
+            "steps": self.steps,
+            "last_step": self.last_step,
+            "loss": self.loss,
+            "history": self.history,
+            "best_step": self.best_step,
+            "best_val_auc": self.best_val_auc,
+            "stopped_early": self.stopped_early,
+            "n_samples": self.n_samples,
+            "modality_counts": self.modality_counts,
+            "pos_weight": self.pos_weight,
+            "notes": self.notes,
+        }
+
+
+class EarlyStopping:
+    """Validation-AUC early stopping: keep the best weights, stop when they stop improving.
+
+    An undefined validation AUC turns early stopping off for the rest of the run (the final
+    weights are kept then); later evaluations are still recorded.
+
+    Parameters
+    ----------
+    patience : int
+        Evaluations without improvement after which to stop (0: never stop early).
+
+    Attributes
+    ----------
+    enabled : bool
+        False once a validation AUC was undefined.
+    best_value : float
+        Best validation AUC so far (``-inf`` before the first).
+    best_step : int or None
+        Step of ``best_value``.
+    best_state : dict of str to Tensor or None
+        A copy of the model's state dict at ``best_step``.
+    bad_evals : int
+        Evaluations since the last improvement.
+    """
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.enabled = True
+        self.best_value = -math.inf
+        self.best_step: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.bad_evals = 0
+
+    def update(self, step: int, value: float | None, model: nn.Module) -> bool:
+        """Record the validation AUC at ``step``; return whether to stop now.
+
+        Parameters
+        ----------
+        step : int
+            Global step of the evaluation.
+        value : float or None
+            Validation AUC (``None``: undefined, which turns early stopping off).
+        model : nn.Module
+            Its weights are copied when ``value`` is the best so far.
+
+        Returns
+        -------
+        bool
+            True when early stopping is on and ``patience`` evaluations in a row did not
+            improve on the best.
+        """
+        if value is None:
+            self.enabled = False
+            return False
+        if value > self.best_value:
+            self.best_value = value
+            self.bad_evals = 0
+            self.best_step = step
+            self.best_state = copy.deepcopy(model.state_dict())
+            return False
+        self.bad_evals += 1
+        return self.enabled and self.patience > 0 and self.bad_evals >= self.patience
+
+    def restore_best(self, model: nn.Module) -> bool:
+        """Load the best weights into ``model`` when early stopping stayed on and has some.
+
+        Parameters
+        ----------
+        model : nn.Module
+
+        Returns
+        -------
+        bool
+            Whether the best weights were loaded (False: the final weights are kept).
+        """
+        if not self.enabled or self.best_state is None:
+            return False
+        model.load_state_dict(self.best_state)
+        return True
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run a block with ``torch.set_num_threads(n)``; the previous count is restored after.
+
+    Every engine runs under the config's ``training.num_threads``: float sums then split
+    the same way, and results agree bit for bit across engines.
+
+    Parameters
+    ----------
+    n : int or None
+        Torch threads for the block; ``None`` leaves the thread count as it is.
+
+    Yields
+    ------
+    None
+    """
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _generator_seed(generator: torch.Generator) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=generator).item())
+
+
+def _batch_stream(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless batches of row indices: successive random permutations, cut into batches."""
+    buf = torch.empty(0, dtype=torch.long)
+    size = min(batch_size, n)
+    while True:
+        while buf.numel() < size:
+            buf = torch.cat([buf, torch.randperm(n, generator=generator)])
+        yield buf[:size]
+        buf = buf[size:]
+
+
+@contextlib.contextmanager
+def _deterministic() -> Iterator[None]:
+    previous = torch.are_deterministic_algorithms_enabled()
+    warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=warn)
+
+
+def _cuda_devices(device: torch.device) -> list[int]:
+    """The CUDA devices whose RNG a call on ``device`` forks (none on CPU)."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+def _pos_weight(labels: torch.Tensor) -> tuple[float, list[str]]:
+    """Negatives / positives of the training labels (1 when a class is absent, with a note)."""
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return 1.0, [f"training set has {n_pos} positives and {n_neg} negatives: pos_weight=1"]
+    return n_neg / n_pos, []
+
+
+def _optimisation_step(
+    model: FusionModel,
+    batch: Batch,
+    loss_fn: nn.Module,
+    opt: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    proximal: ProximalFn | None,
+) -> float:
+    """One optimiser step on ``batch``; returns its loss (without the proximal term).
+
+    The proximal term's gradient is applied only to parameters the batch's loss reached.
+    """
+    logits = model(batch.inputs, batch.mask, patient_ids=batch.patient_ids)
+    loss = loss_fn(logits, batch.labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if proximal is not None:
+        untouched = [p for p in params if p.grad is None]
+        proximal(model).backward()
+        for p in untouched:
+            p.grad = None
+    opt.step()
+    return float(loss.detach())
+
+
+def _validate(
+    model: FusionModel,
+    val_data: CohortDataset,
+    device: torch.device,
+    *,
+    step: int,
+    train_loss: float,
+    result: TrainResult,
+    stopper: EarlyStopping,
+) -> bool:
+    """Validation AUC at ``step`` into ``result.history`` and ``stopper``; True to stop."""
+    auc = evaluate(model, val_data, device=device, metrics=("auc",))["auc"]
+    entry: dict[str, Any] = {
+        "step": step,
+        "train_loss": train_loss,
+        "val_auc": auc.value,
+        "val_auc_reason": auc.reason,
+    }
+    result.history.append(entry)
+    if auc.value is None and stopper.enabled:
+        result.notes.append(
+            f"validation AUC undefined ({auc.reason}): early stopping off, final weights kept"
+        )
+    return stopper.update(step, auc.value, model)
+
+
+def train(
+    model: FusionModel,
+    train_data: CohortDataset,
+    val_data: CohortDataset | None,
+    cfg: TrainingConfig,
+    *,
+    steps: int | None = None,
+    generator: torch.Generator,
+    start_step: int = 0,
+    proximal: ProximalFn | None = None,
+    augment: Callable[[Batch], Batch] | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Run ``steps`` optimisation steps of AdamW on ``train_data``, in place.
+
+    Batches of ``cfg.batch_size`` rows are drawn without replacement from successive random
+    permutations of the training rows (cycling through the data as often as ``steps``
+    needs). The loss is ``BCEWithLogits`` with ``pos_weight`` = negatives / positives of the
+    training rows. Every ``cfg.eval_every`` steps the validation AUC is computed; when it
+    does not improve for ``cfg.patience`` evaluations, training stops and the best weights
+    are restored. When the validation AUC is undefined (no positives or no negatives in
+    ``val_data``), that is recorded in ``notes`` and early stopping is off.
+
+    Parameters
+    ----------
+    model : FusionModel
+        Trained in place (moved to ``cfg.device``).
+    train_data : CohortDataset
+        Training rows (at least one).
+    val_data : CohortDataset or None
+        Validation rows; ``None`` (or empty) disables validation and early stopping.
+    cfg : TrainingConfig
+        ``batch_size``, ``lr``, ``weight_decay``, ``eval_every``, ``patience``, ``device``.
+    steps : int or None
+        Steps to run; default ``cfg.steps``.
+    generator : torch.Generator
+        The only source of randomness (batch order; dropout and augmentation through a
+        forked global RNG seeded from it). Seed it, e.g. from (seed, site, round).
+    start_step : int, default 0
+        Global step count before this call (for step numbers in ``history``).
+    proximal : callable or None
+        ``proximal(model) -> scalar`` added to the loss (FedProx). Its gradient is applied
+        only to parameters the batch's loss reached, so parameters of a modality absent
+        from a batch stay untouched (as without the term).
+    augment : callable or None
+        ``augment(batch) -> batch`` applied to training batches (e.g. image augmentation).
+    progress : callable or None
+        ``progress(step, loss)`` called after every step (e.g. to advance a progress bar).
+
+    Returns
+    -------
+    TrainResult
+    """
+    steps = cfg.steps if steps is None else int(steps)
+    if steps < 0:
+        raise ValueError(f"steps must be non-negative, got {steps}")
+    if len(train_data) == 0:
+        raise ValueError("train: the training set is empty")
+    device = resolve_device(cfg.device)
+    model.to(device)
+    pos_weight, notes = _pos_weight(train_data.labels)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    validate = val_data is not None and len(val_data) > 0
+    result = TrainResult(
+        steps=0,
+        last_step=start_step,
+        loss=float("nan"),
+        n_samples=len(train_data),
+        modality_counts=train_data.modality_counts(),
+        pos_weight=float(pos_weight),
+        notes=notes,
+    )
+    stopper = EarlyStopping(cfg.patience)
+    total_loss = 0.0
+    window_loss, window_n = 0.0, 0
+    stream = _batch_stream(len(train_data), cfg.batch_size, generator)
+    with torch.random.fork_rng(devices=_cuda_devices(device)), _deterministic():
+        torch.manual_seed(_generator_seed(generator))
+        for k in range(steps):
+            step = start_step + k + 1
+            model.train()
+            batch = train_data.batch(next(stream))
+            if augment is not None:
+                batch = augment(batch)
+            value = _optimisation_step(model, batch.to(device), loss_fn, opt, params, proximal)
+            total_loss += value
+            window_loss += value
+            window_n += 1
+            result.steps = k + 1
+            result.last_step = step
+            if progress is not None:
+                progress(step, value)
+            if validate and step % cfg.eval_every == 0:
+                assert val_data is not None
+                stop = _validate(model, val_data, device, step=step,
+                                 train_loss=window_loss / window_n, result=result,
+                                 stopper=stopper)
+                window_loss, window_n = 0.0, 0
+                if stop:
+                    result.stopped_early = True
+                    break
+    result.loss = total_loss / result.steps if result.steps else float("nan")
+    if stopper.restore_best(model):
+        result.best_step = stopper.best_step
+        result.best_val_auc = float(stopper.best_value)
+    return result
+
+
+def local_update(
+    model: FusionModel,
+    weights: Mapping[str, Any] | None,
+    train_data: CohortDataset,
+    cfg: TrainingConfig,
+    *,
+    steps: int,
+    generator: torch.Generator,
+    proximal: ProximalFn | None = None,
+    augment: Callable[[Batch], Batch] | None = None,
+    strict: bool = True,
+) -> TrainResult:
+    """One federated site's local training: load ``weights``, run ``steps`` steps, no validation.
+
+    A fresh AdamW optimiser is created at every call: the optimiser state is reset every
+    round by design (see the module docstring).
+
+    Parameters
+    ----------
+    model : FusionModel
+        Updated in place.
+    weights : mapping or None
+        Starting state dict (``None``: keep the model's current weights).
+    train_data : CohortDataset
+    cfg : TrainingConfig
+    steps : int
+        Local steps.
+    generator : torch.Generator
+        Seeded by the caller, e.g. from (seed, site, round).
+    proximal : callable or None
+        FedProx term.
+    augment : callable or None
+        Training-batch augmentation.
+    strict : bool, default True
+        Passed to :func:`load_weights`.
+
+    Returns
+    -------
+    TrainResult
+        ``n_samples`` and ``modality_counts`` give the per-group sample counts
+        (:meth:`FusionModel.group_counts`).
+    """
+    if weights is not None:
+        load_weights(model, weights, strict=strict)
+    return train(
+        model, train_data, None, cfg, steps=steps, generator=generator, proximal=proximal,
+        augment=augment,
+    )
+
