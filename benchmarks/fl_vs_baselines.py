@@ -6,8 +6,8 @@ run directory exactly as ``mmfl train CONFIG --engine ...`` does:
 * ``federated``: the in-process engine
   (:func:`multimodal_fl.engines.federated.run_federated_experiment`);
 * ``centralized``: every site's training patients pooled
-  (:func:`multimodal_fl.runs.run_centralized`);
-* ``local``: one model per site on its own data (:func:`multimodal_fl.runs.run_local`).
+  (:func:`multimodal_fl.engines.baselines.run_centralized`);
+* ``local``: one model per site on its own data (:func:`multimodal_fl.engines.baselines.run_local`).
 
 The three share the per-site splits of a seed, so each site's test patients are the same in all
 three. From every run's ``sites/<site>/predictions.csv`` (the test rows) it computes the
@@ -128,11 +128,11 @@ def train(engine: str, cfg: ExperimentConfig, run_dir: Path) -> float:
 
         run_federated_experiment(cfg, run_dir)
     elif engine == "centralized":
-        from multimodal_fl.runs import run_centralized
+        from multimodal_fl.engines.baselines import run_centralized
 
         run_centralized(cfg, run_dir, progress=False, warn=lambda _msg: None)
     elif engine == "local":
-        from multimodal_fl.runs import run_local
+        from multimodal_fl.engines.baselines import run_local
 
         run_local(cfg, run_dir, progress=False)
     else:

@@ -201,17 +201,17 @@ def train_cmd(
         fail(f"--engine {chosen!r}: expected inprocess, flower, local or centralized")
     try:
         if chosen == "local":
-            from multimodal_fl.runs import run_local
+            from multimodal_fl.engines.baselines import run_local
 
             outcome = run_local(cfg, out, progress=not quiet)
         elif chosen == "centralized":
-            from multimodal_fl.runs import run_centralized
+            from multimodal_fl.engines.baselines import run_centralized
 
             outcome = run_centralized(cfg, out, progress=not quiet)
         elif chosen == "flower":
             # On this machine: a SuperLink and one SuperNode per site on 127.0.0.1. Across
             # hospitals use `mmfl flower superlink|supernode|run` (docs/deployment.md).
-            from multimodal_fl.runs import default_run_dir
+            from multimodal_fl.rundir import default_run_dir
 
             flower_local(config=config, site=None, server_factory=None, site_factory=None,
                          run_config=None, set_=set_, out=out or default_run_dir(cfg))

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from multimodal_fl.config import load_config
+from multimodal_fl.engines.baselines import run_local
 from multimodal_fl.evaluation.report import build_report
-from multimodal_fl.runs import run_local
 
 
 def test_local_run_writes_cross_site_predictions_and_the_report_uses_them(

@@ -15,12 +15,8 @@ import yaml
 from safetensors.torch import load_file
 
 from multimodal_fl.config import ExperimentConfig, SiteConfig, load_task
-from multimodal_fl.runs import (
-    CENTRALIZED_WARNING,
-    default_run_dir,
-    run_centralized,
-    run_local,
-)
+from multimodal_fl.engines.baselines import CENTRALIZED_WARNING, run_centralized, run_local
+from multimodal_fl.rundir import default_run_dir
 from multimodal_fl.training import FrozenEncoders, build_model, prepare_site_data
 from tests.test_training import make_table
 

@@ -36,12 +36,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from multimodal_fl.config import ExperimentConfig
 from multimodal_fl.engines.tracking import RoundTracker
+from multimodal_fl.evaluation.histograms import SiteEvaluation, pooled_evaluation
 from multimodal_fl.federated.aggregation import ServerOptimizer, standardizer_state
+from multimodal_fl.federated.checkpoint import load_checkpoint
 from multimodal_fl.federated.gather import StageFailed, gather
+from multimodal_fl.federated.inprocess import InProcessFederation
 from multimodal_fl.federated.protocol import (
     ConfigValue,
     Doc,
@@ -57,8 +61,11 @@ from multimodal_fl.federated.server import (
     RunConfig,
     run_federated,
 )
+from multimodal_fl.federated.site import fusion_sites
 from multimodal_fl.pca.site import projection_arrays
 from multimodal_fl.pca.stage import run_pca_stage
+from multimodal_fl.rundir import RunOutcome, RunWriter, default_run_dir, jsonable
+from multimodal_fl.training import torch_threads
 
 __all__ = [
     "RoundTracker",
@@ -95,14 +102,7 @@ def inprocess_federation(
     -------
     Federation
     """
-    from multimodal_fl.federated.inprocess import InProcessFederation
-    from multimodal_fl.federated.site import FusionSite
-    from multimodal_fl.training import load_site_data
-
-    prepared = dict(data) if data is not None else load_site_data(cfg, run_dir, cohorts=cohorts)
-    return InProcessFederation(
-        {name: FusionSite(name, cfg, sd, run_dir=run_dir) for name, sd in prepared.items()}
-    )
+    return InProcessFederation(fusion_sites(cfg, run_dir, cohorts=cohorts, data=data))
 
 
 #: ``federated`` fields :func:`run_config` maps onto the server loop (or the fit request).
@@ -207,8 +207,6 @@ class _BestRound:
         self.round: int | None = None
         self.score = -np.inf
         if self.path.exists():
-            from safetensors import safe_open
-
             with safe_open(str(self.path), framework="numpy") as f:
                 meta = f.metadata() or {}
             saved = json.loads(meta["mmfl"])
@@ -228,8 +226,6 @@ class _BestRound:
 
     def catch_up(self) -> None:
         """Offer the last checkpointed round if a kill came between its checkpoint and us."""
-        from multimodal_fl.federated.checkpoint import load_checkpoint
-
         ckpt = load_checkpoint(self.folder)
         if ckpt is None or (self.round is not None and self.round >= ckpt.round):
             return
@@ -239,8 +235,6 @@ class _BestRound:
             self.offer(last[0], ckpt.weights)
 
     def weights(self) -> StateDict:
-        from safetensors.numpy import load_file
-
         return dict(load_file(str(self.path)))
 
 
@@ -275,7 +269,7 @@ def run_federated_experiment(
     on_round: Callable[[RoundRecord], None] | None = None,
     cohorts: Mapping[str, Any] | None = None,
     data: Mapping[str, Any] | None = None,
-) -> Any:
+) -> RunOutcome:
     """Train ``cfg`` federated and write the run directory.
 
     Parameters
@@ -298,11 +292,9 @@ def run_federated_experiment(
 
     Returns
     -------
-    multimodal_fl.runs.RunOutcome
+    multimodal_fl.rundir.RunOutcome
         The run directory and the metrics document.
     """
-    from multimodal_fl.training import torch_threads
-
     # The same torch thread count in every engine: results then agree bit for bit.
     with torch_threads(cfg.training.num_threads):
         return _run_experiment(
@@ -323,9 +315,6 @@ def _run_experiment(
     cohorts: Mapping[str, Any] | None,
     data: Mapping[str, Any] | None,
 ) -> Any:
-    from multimodal_fl.evaluation.histograms import SiteEvaluation, pooled_evaluation
-    from multimodal_fl.runs import RunOutcome, RunWriter, _jsonable, default_run_dir
-
     t0 = time.perf_counter()
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     writer = RunWriter(run_dir, cfg, engine)
@@ -392,7 +381,7 @@ def _run_experiment(
     if result.completed_rounds < fed.rounds:
         doc["stopped_after_round"] = result.completed_rounds
         writer.write_metrics(doc)
-        return RunOutcome(run_dir, _jsonable({"engine": engine, **doc}))
+        return RunOutcome(run_dir, jsonable({"engine": engine, **doc}))
 
     final = gather(
         federation,
@@ -413,4 +402,4 @@ def _run_experiment(
         "timing_s": {"prepare": t_prep, "train": t_train, "total": time.perf_counter() - t0},
     })
     writer.write_metrics(doc)
-    return RunOutcome(run_dir, _jsonable({"engine": engine, **doc}))
+    return RunOutcome(run_dir, jsonable({"engine": engine, **doc}))

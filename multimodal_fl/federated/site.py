@@ -49,7 +49,7 @@ Randomness: every generator is seeded from ``site_seed(seed, site, round)``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -81,18 +81,20 @@ from multimodal_fl.pca.site import (
     score_summary,
     site_matrix,
 )
+from multimodal_fl.rundir import RunWriter, jsonable, site_summary
 from multimodal_fl.training import (
     SiteData,
     batch_augmenter,
     build_model,
     evaluate,
+    load_site_data,
     load_weights,
     local_update,
     metrics_by_split,
     predictions_frame,
 )
 
-__all__ = ["FusionSite", "norm_layer_keys", "state_to_numpy"]
+__all__ = ["FusionSite", "fusion_sites", "norm_layer_keys", "state_to_numpy"]
 
 log = logging.getLogger(__name__)
 
@@ -355,12 +357,6 @@ class FusionSite:
     def _on_predict(self, request: Request) -> Reply:
         """Write this site's splits and predictions; reply with metrics and histograms."""
         from multimodal_fl.evaluation.histograms import summarise_site
-        from multimodal_fl.runs import (
-            RunWriter,
-            _jsonable,
-            _site_summary,
-        )
-
         self._load_global(request)
         ev = self.cfg.evaluation
         frame = predictions_frame(self.model, self.data, sensitive=ev.sensitive)
@@ -382,9 +378,33 @@ class FusionSite:
                 for part, number in (("", v.value), ("/lo", v.lo), ("/hi", v.hi)):
                     if number is not None and np.isfinite(number):
                         flat[f"{split}/{metric}{part}"] = float(number)
-        site_doc = {**_site_summary(self.data), "metrics": by_split}
+        site_doc = {**site_summary(self.data), "metrics": by_split}
         documents = {
             Doc.EVALUATION: pack_document(summary.to_dict()),
-            Doc.SITE_METRICS: pack_document(_jsonable(site_doc)),
+            Doc.SITE_METRICS: pack_document(jsonable(site_doc)),
         }
         return self._reply(request, n_samples=len(frame), metrics=flat, documents=documents)
+
+
+def fusion_sites(
+    cfg: ExperimentConfig, run_dir: Path, *, cohorts: Mapping[str, Any] | None = None,
+    data: Mapping[str, SiteData] | None = None,
+) -> dict[str, FusionSite]:
+    """Every site of ``cfg`` as a :class:`FusionSite` in this process (in-process engines).
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+    run_dir : Path
+        Each site writes its patient-level files under ``run_dir/sites/<site>/``.
+    cohorts : mapping or None
+        Pre-built cohorts (default: read from the site directories).
+    data : mapping or None
+        Prepared :class:`~multimodal_fl.training.SiteData` per site (default: prepared here).
+
+    Returns
+    -------
+    dict of str to FusionSite
+    """
+    prepared = dict(data) if data is not None else load_site_data(cfg, run_dir, cohorts=cohorts)
+    return {name: FusionSite(name, cfg, sd, run_dir=run_dir) for name, sd in prepared.items()}

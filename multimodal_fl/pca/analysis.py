@@ -34,15 +34,21 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from multimodal_fl.config import ExperimentConfig
+from multimodal_fl.data.cohort import build_cohorts
+from multimodal_fl.data.tasks import feature_names
 from multimodal_fl.federated.aggregation import pool_moments
 from multimodal_fl.federated.gather import gather
+from multimodal_fl.federated.inprocess import InProcessFederation
 from multimodal_fl.federated.pca import FederatedPCA, TruncationWarning
 from multimodal_fl.federated.protocol import Doc, Kind, Request
+from multimodal_fl.federated.server import Federation
+from multimodal_fl.federated.site import fusion_sites
 from multimodal_fl.moments import standardization
 from multimodal_fl.pca.site import (
     STANDARDIZE_MEAN,
@@ -50,10 +56,6 @@ from multimodal_fl.pca.site import (
     projection_arrays,
 )
 from multimodal_fl.pca.stage import federated_pca
-
-if TYPE_CHECKING:
-    from multimodal_fl.config import ExperimentConfig
-    from multimodal_fl.federated.server import Federation
 
 __all__ = ["FEATURES", "QUANTILE_LEVELS", "PCAAnalysis", "analysis_config", "run_pca_analysis"]
 
@@ -128,8 +130,6 @@ def _pooled_standardisation(
 
 def _feature_names(cfg: ExperimentConfig, features: str, d: int) -> list[str]:
     if features == "tabular":
-        from multimodal_fl.data.tasks import feature_names
-
         names = list(feature_names(cfg.task))
         if len(names) == d:
             return names
@@ -206,8 +206,6 @@ def run_pca_analysis(
     multimodal_fl.federated.gather.StageFailed
         When no site answers.
     """
-    from multimodal_fl.engines.federated import inprocess_federation
-
     if features not in FEATURES:
         raise ValueError(f"--features {features!r}; expected one of {', '.join(FEATURES)}")
     if n_bins < 2:
@@ -221,10 +219,8 @@ def run_pca_analysis(
     acfg = analysis_config(cfg, features)
     if federation is None:
         if cohorts is None:
-            from multimodal_fl.data.cohort import build_cohorts
-
             cohorts = build_cohorts(cfg)
-        federation = inprocess_federation(acfg, out, cohorts=cohorts)
+        federation = InProcessFederation(fusion_sites(acfg, out, cohorts=cohorts))
     sites = sorted(federation.sites())
     timeout = cfg.federated.timeout_s
     std = _pooled_standardisation(federation, sites, timeout) if features == "tabular" else None

@@ -7,8 +7,8 @@ from pathlib import Path
 from safetensors.numpy import load_file
 
 from multimodal_fl.config import load_config
+from multimodal_fl.engines.baselines import run_centralized, run_local
 from multimodal_fl.engines.federated import run_federated_experiment
-from multimodal_fl.runs import run_centralized, run_local
 from multimodal_fl.sample_data import generate
 from tests.conftest import write_tiny_config
 from tests.encoders.conftest import make_tiny_text_model

@@ -1,56 +1,36 @@
-"""Run directories, and the two non-federated engines: local-only and centralized.
-
-Every engine writes the same layout, so runs compare directly::
-
-    RUN_DIR/                      default runs/<config-name>-<YYYYmmdd-HHMMSS>
-      config.yaml                 the resolved configuration
-      metrics.json                engine, per-site metrics per split, training history
-      model.safetensors           the model (centralized, federated)
-      cache/<site>/...            embedding cache (unless data.cache_dir or $MMFL_CACHE is set)
-      sites/<site>/
-        splits.json               patient -> train/val/test, with counts
-        predictions.csv           patient_id, split, label, score, sex, age_band, age, ...
-        model.safetensors         the site's own model (local engine)
-
-Patient-level rows (splits, predictions) are written only under ``sites/<site>/``: in a
-deployment that folder is at the hospital.
+"""The two non-federated baselines: local-only and centralized.
 
 ``run_local(cfg)`` trains one model per site on its own data. ``run_centralized(cfg)`` pools
 every site's patients into one training set: it moves data between hospitals and is only a
 research baseline (it says so when it runs). Both use the same per-site splits
-(:func:`~multimodal_fl.training.split_patients`) as the federated engine.
+(:func:`~multimodal_fl.training.split_patients`) as the federated engine, and write the run
+directory of :mod:`multimodal_fl.rundir`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
-import yaml
-from safetensors.torch import save_file
-from torch import nn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from multimodal_fl.config import ExperimentConfig
-from multimodal_fl.evaluation.metrics import MetricValue, derive_seed
+from multimodal_fl.evaluation.metrics import derive_seed
 from multimodal_fl.fusion import FusionModel
+from multimodal_fl.pca.stage import apply_pca_stage, fit_pca_stage
+from multimodal_fl.rundir import RunOutcome, RunWriter, default_run_dir, jsonable, site_summary
 from multimodal_fl.training import (
-    SPLITS,
     CohortDataset,
     SiteData,
     TrainResult,
     batch_augmenter,
     build_model,
-    cache_root,
     fit_tabular_standardizer,
     load_site_data,
     metrics_by_split,
@@ -59,21 +39,9 @@ from multimodal_fl.training import (
     train,
 )
 
-__all__ = [
-    "CENTRALIZED_WARNING",
-    "RunOutcome",
-    "RunWriter",
-    "cache_root",
-    "default_run_dir",
-    "load_site_data",
-    "metrics_by_split",
-    "predictions_frame",
-    "run_centralized",
-    "run_local",
-    "save_model",
-]
+__all__ = ["CENTRALIZED_WARNING", "run_centralized", "run_local"]
 
-logger = logging.getLogger("multimodal_fl.runs")
+logger = logging.getLogger("multimodal_fl.engines.baselines")
 
 CENTRALIZED_WARNING = (
     "centralized engine: pools every site's patient data in one place. This moves data "
@@ -81,182 +49,7 @@ CENTRALIZED_WARNING = (
 )
 
 
-def default_run_dir(cfg: ExperimentConfig, root: str | os.PathLike[str] = "runs",
-                    *, now: datetime | None = None) -> Path:
-    """``<root>/<config-name>-<YYYYmmdd-HHMMSS>`` (UTC); a numeric suffix avoids collisions.
-
-    Parameters
-    ----------
-    cfg : ExperimentConfig
-        Its ``name`` (the config file stem by default) names the run.
-    root : path-like, default "runs"
-    now : datetime or None
-        Timestamp (default: now, UTC).
-
-    Returns
-    -------
-    Path
-        A directory that does not exist yet.
-    """
-    stamp = (now or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
-    base = Path(root) / f"{cfg.name or 'run'}-{stamp}"
-    path, k = base, 1
-    while path.exists():
-        k += 1
-        path = base.with_name(f"{base.name}-{k}")
-    return path
-
-
-def _contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-
-
-def save_model(model: nn.Module, path: str | os.PathLike[str],
-               metadata: Mapping[str, str] | None = None) -> Path:
-    """Write the model's ``state_dict`` (buffers included) to a safetensors file.
-
-    Parameters
-    ----------
-    model : nn.Module
-    path : path-like
-    metadata : mapping of str to str or None
-        Stored in the file header as one JSON string under the key ``multimodal_fl``
-        (one key, sorted: safetensors writes several keys in a random order, which would
-        make equal weights give different files). Keep timestamps out of it.
-
-    Returns
-    -------
-    Path
-    """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    header = {"multimodal_fl": json.dumps(dict(metadata or {}), sort_keys=True)}
-    save_file(_contiguous_state(model), str(p), metadata=header)
-    return p
-
-
-class RunWriter:
-    """Writes one run directory (see the module docstring for the layout).
-
-    Parameters
-    ----------
-    run_dir : path-like
-        Created if needed.
-    cfg : ExperimentConfig
-        The resolved configuration.
-    engine : str
-        ``local``, ``centralized``, ``inprocess`` or ``flower``.
-    """
-
-    def __init__(self, run_dir: str | os.PathLike[str], cfg: ExperimentConfig, engine: str) -> None:
-        self.run_dir = Path(run_dir)
-        self.cfg = cfg
-        self.engine = engine
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-
-    def site_dir(self, site: str) -> Path:
-        """``RUN_DIR/sites/<site>`` (created)."""
-        d = self.run_dir / "sites" / site
-        d.mkdir(parents=True, exist_ok=True)
-        return d
-
-    def write_config(self) -> Path:
-        """Write ``config.yaml`` (the resolved configuration, engine included)."""
-        data = self.cfg.resolved_dict()
-        data.setdefault("federated", {})["engine"] = self.engine
-        path = self.run_dir / "config.yaml"
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
-        return path
-
-    def save_model(self, model: nn.Module, site: str | None = None) -> Path:
-        """Write ``model.safetensors`` (``sites/<site>/model.safetensors`` for a site's model)."""
-        folder = self.site_dir(site) if site is not None else self.run_dir
-        meta = {"engine": self.engine, "config": self.cfg.name or ""}
-        if site is not None:
-            meta["site"] = site
-        return save_model(model, folder / "model.safetensors", meta)
-
-    def write_splits(self, site: str, data: SiteData) -> Path:
-        """Write ``sites/<site>/splits.json``: seed, fractions, counts and the assignment."""
-        labels = dict(zip(data.dataset.patient_ids, data.dataset.labels.int().tolist(),
-                          strict=True))
-        counts = {
-            s: {
-                "n": sum(1 for v in data.splits.values() if v == s),
-                "n_pos": sum(labels[p] for p, v in data.splits.items() if v == s),
-            }
-            for s in SPLITS
-        }
-        doc = {
-            "site": site,
-            "seed": self.cfg.seed,
-            "fractions": self.cfg.training.split.model_dump(),
-            "rule": "sha256(seed, site, patient_id), stratified by label (training.split_patients)",
-            "counts": counts,
-            "dropped": data.dropped,
-            "image_unreadable": data.image_errors,
-            "splits": dict(sorted(data.splits.items())),
-        }
-        path = self.site_dir(site) / "splits.json"
-        path.write_text(json.dumps(doc, indent=2))
-        return path
-
-    def write_predictions(self, site: str, frame: pd.DataFrame) -> Path:
-        """Write ``sites/<site>/predictions.csv``."""
-        path = self.site_dir(site) / "predictions.csv"
-        frame.to_csv(path, index=False)
-        return path
-
-    def write_metrics(self, metrics: Mapping[str, Any]) -> Path:
-        """Write ``metrics.json`` (``engine`` and ``config`` added)."""
-        doc = {"engine": self.engine, "config": self.cfg.name, **metrics}
-        path = self.run_dir / "metrics.json"
-        path.write_text(json.dumps(_jsonable(doc), indent=2))
-        return path
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, MetricValue):
-        return obj.to_dict()
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    return obj
-
-
-# ============================================================================ engines
-
-
-@dataclass
-class RunOutcome:
-    """Result of an engine run.
-
-    Attributes
-    ----------
-    run_dir : Path
-        The run directory written.
-    metrics : dict
-        What ``metrics.json`` holds.
-    """
-
-    run_dir: Path
-    metrics: dict[str, Any]
-
-
 def _progress_bar(enabled: bool) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -282,16 +75,6 @@ def _train_one(cfg: ExperimentConfig, data_train: CohortDataset, data_val: Cohor
     return result
 
 
-def _site_summary(data: SiteData) -> dict[str, Any]:
-    return {
-        "n_patients": len(data.dataset),
-        "n_positive": int(data.dataset.labels.sum()),
-        "modality_counts": data.dataset.modality_counts(),
-        "dropped": len(data.dropped),
-        "image_errors": len(data.image_errors),
-    }
-
-
 def _finish(writer: RunWriter, cfg: ExperimentConfig, sites: Mapping[str, SiteData],
             models: Mapping[str, FusionModel], extra: dict[str, Any]) -> dict[str, Any]:
     """Write splits, predictions and metrics for every site; return the metrics document."""
@@ -305,7 +88,7 @@ def _finish(writer: RunWriter, cfg: ExperimentConfig, sites: Mapping[str, SiteDa
         writer.write_predictions(name, frame)
         frames.append(frame.assign(site=name))
         per_site[name] = {
-            **_site_summary(data),
+            **site_summary(data),
             "metrics": metrics_by_split(frame, n_boot=cfg.evaluation.n_boot, seed=cfg.seed,
                                         where=name),
         }
@@ -319,7 +102,7 @@ def _finish(writer: RunWriter, cfg: ExperimentConfig, sites: Mapping[str, SiteDa
         **extra,
     }
     writer.write_metrics(doc)
-    out: dict[str, Any] = _jsonable({"engine": writer.engine, "config": cfg.name, **doc})
+    out: dict[str, Any] = jsonable({"engine": writer.engine, "config": cfg.name, **doc})
     return out
 
 
@@ -327,8 +110,6 @@ def _apply_pca_stage(cfg: ExperimentConfig, sites: dict[str, SiteData]) -> dict[
     """The federated PCA stage's reduction, fitted on the sites' training splits (same math)."""
     if not cfg.federated.pca.enabled:
         return sites
-    from multimodal_fl.pca.stage import apply_pca_stage, fit_pca_stage
-
     return apply_pca_stage(sites, fit_pca_stage(cfg, sites), cfg.federated.pca.modality)
 
 
@@ -479,3 +260,4 @@ def run_centralized(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | Non
                          "total": time.perf_counter() - t0},
         })
     return RunOutcome(run_dir, doc)
+
