@@ -1,0 +1,2 @@
+"""Engines: how an experiment is run (federated in-process or on Flower, local-only,
+centralized)."""
