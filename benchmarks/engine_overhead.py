@@ -181,8 +181,8 @@ def run_flower(cfg: ExperimentConfig, run_dir: Path, work: Path) -> tuple[list[d
         Per round ``record`` (round seconds) and ``server`` (server seconds), and the wall
         seconds of the whole deployment (start of the SuperLink to the end of the run).
     """
+    from multimodal_fl.engines.flower_jobs import experiment_run_config
     from multimodal_fl.federated.flower import run_loopback
-    from multimodal_fl.federated.flower_app import experiment_run_config
 
     entries = experiment_run_config(cfg, run_dir=run_dir, site_out=run_dir, site_worker=True)
     entries["min-nodes"] = len(cfg.sites)

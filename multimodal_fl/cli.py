@@ -321,8 +321,8 @@ def pca_cmd(
     counts, means, S·Vᵀ blocks and aggregate score distributions reach the server) and
     writes OUT/pca.json, OUT/pca_sites.png and OUT/pca_variance.png (docs/pca.md). Across
     hospitals: `mmfl flower run CONFIG --server-factory
-    multimodal_fl.federated.flower_app:pca_analysis_job --site-factory
-    multimodal_fl.federated.flower_app:pca_analysis_site -c pca-features=tabular`
+    multimodal_fl.engines.flower_jobs:pca_analysis_job --site-factory
+    multimodal_fl.engines.flower_jobs:pca_analysis_site -c pca-features=tabular`
     (docs/deployment.md).
     """
     from multimodal_fl.config import ExperimentConfig
@@ -357,7 +357,7 @@ def _pca_on_flower(config: Path, set_: list[str] | None, features: str, out: Pat
                    n_components: int | None, site_rank: int | None, svd_solver: str,
                    timeout: float) -> None:
     """``mmfl pca --engine flower``: ``mmfl flower local`` with the PCA analysis factories."""
-    from multimodal_fl.federated.flower_app import PCA_SERVER_FACTORY, PCA_SITE_FACTORY
+    from multimodal_fl.engines.flower_jobs import PCA_SERVER_FACTORY, PCA_SITE_FACTORY
 
     options = [f"pca-features={features}", f"pca-svd-solver={svd_solver}",
                f"pca-n-components={n_components or 0}", f"pca-site-rank={site_rank or 0}"]
@@ -542,7 +542,7 @@ def _flower_entries(
     entries: dict[str, bool | int | float | str] = {}
     cfg = None
     if config is not None:
-        from multimodal_fl.federated.flower_app import experiment_run_config
+        from multimodal_fl.engines.flower_jobs import experiment_run_config
 
         cfg = _load(config, set_)
         entries.update(experiment_run_config(cfg, run_dir=run_dir, site_out=site_out))  # type: ignore[arg-type]
@@ -563,7 +563,7 @@ def _flower_report(out: Path, result: Any) -> None:
 
     metrics = out / "metrics.json"
     pca_json = out / "pca.json"
-    if pca_json.is_file():  # the PCA analysis job (flower_app.pca_analysis_job)
+    if pca_json.is_file():  # the PCA analysis job (flower_jobs.pca_analysis_job)
         _print_pca(json.loads(pca_json.read_text()),
                    [pca_json, out / "pca_sites.png", out / "pca_variance.png"])
     elif metrics.is_file():

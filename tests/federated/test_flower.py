@@ -364,7 +364,7 @@ def test_site_state_survives_between_requests_per_node(task_identity: None) -> N
 
 
 def test_site_worker_keeps_one_site_per_node_across_requests(task_identity: None) -> None:
-    from multimodal_fl.federated.flower_worker import stop_worker, worker_address
+    from multimodal_fl.federated.flower.worker import stop_worker, worker_address
 
     run_config: dict[str, ConfigValue] = {
         "site-factory": "tests.federated.test_flower:counting_site",
@@ -393,7 +393,7 @@ def test_site_worker_keeps_one_site_per_node_across_requests(task_identity: None
 
 
 def test_site_worker_failures_become_site_failures(task_identity: None) -> None:
-    from multimodal_fl.federated.flower_worker import stop_worker, worker_address
+    from multimodal_fl.federated.flower.worker import stop_worker, worker_address
 
     run_config: dict[str, ConfigValue] = {
         "site-factory": "tests.federated.test_flower:counting_site",
@@ -554,7 +554,7 @@ def test_pca_analysis_over_flower_wire_equals_in_process(
 ) -> None:
     """``mmfl pca`` on Flower (its server job and sites, over the wire) writes the same pca.json."""
     from multimodal_fl.config import load_config
-    from multimodal_fl.federated.flower_app import pca_analysis_job, pca_analysis_run_config
+    from multimodal_fl.engines.flower_jobs import pca_analysis_job, pca_analysis_run_config
     from multimodal_fl.pca.analysis import run_pca_analysis
 
     cfg = load_config(tiny_config("covid_oxygen"))
@@ -597,7 +597,7 @@ def test_mmfl_pca_engine_flower_and_flower_local_print_the_analysis(
     from multimodal_fl.cli import app
     from multimodal_fl.config import load_config
     from multimodal_fl.federated import flower as flower_module
-    from multimodal_fl.federated.flower_worker import stop_worker, worker_address
+    from multimodal_fl.federated.flower.worker import stop_worker, worker_address
 
     calls: list[dict[str, Any]] = []
 
@@ -621,8 +621,8 @@ def test_mmfl_pca_engine_flower_and_flower_local_print_the_analysis(
     assert json.loads((tmp_path / "a" / "pca.json").read_text())["n_components"] == 2
     res = runner.invoke(app, [
         "flower", "local", cfg, "--out", str(tmp_path / "b"),
-        "--server-factory", "multimodal_fl.federated.flower_app:pca_analysis_job",
-        "--site-factory", "multimodal_fl.federated.flower_app:pca_analysis_site",
+        "--server-factory", "multimodal_fl.engines.flower_jobs:pca_analysis_job",
+        "--site-factory", "multimodal_fl.engines.flower_jobs:pca_analysis_site",
         "-c", "pca-features=tabular", "-c", "pca-n-components=2"])
     assert res.exit_code == 0, res.output
     assert "federated PCA of tabular features" in res.output
@@ -644,14 +644,14 @@ def test_mmfl_pca_engine_flower_and_flower_local_print_the_analysis(
 def test_experiment_over_flower_wire_equals_mmfl_train(
     tiny_config: Any, tmp_path: Path, task_identity: None
 ) -> None:
-    """flower_app's server job and sites, over the Flower wire (fake grid, site workers)."""
+    """flower_jobs's server job and sites, over the Flower wire (fake grid, site workers)."""
     torch = pytest.importorskip("torch")
     from safetensors.numpy import load_file
 
     from multimodal_fl.config import load_config
     from multimodal_fl.engines.federated import run_federated_experiment
-    from multimodal_fl.federated.flower_app import experiment_job, experiment_run_config
-    from multimodal_fl.federated.flower_worker import stop_worker, worker_address
+    from multimodal_fl.engines.flower_jobs import experiment_job, experiment_run_config
+    from multimodal_fl.federated.flower.worker import stop_worker, worker_address
 
     cfg = load_config(tiny_config("covid_oxygen"))
     assert cfg.training.num_threads == 1  # the site workers get torch-threads = 1 from it

@@ -3,7 +3,7 @@
 One SuperLink and three SuperNodes (one per site of the tiny generated COVID-19 cohort) start on
 free loopback ports (telemetry and runtime dependency installation off, via
 :func:`multimodal_fl.federated.flower.run_loopback`, which is what ``mmfl train --engine flower``
-runs). ``flwr run`` submits the experiment's app (``flower_app.experiment_job`` /
+runs). ``flwr run`` submits the experiment's app (``flower_jobs.experiment_job`` /
 ``experiment_site``, site workers on) for two rounds; the run directory it writes must hold the
 same ``model.safetensors`` as ``run_federated_experiment`` in this process with the same seed,
 bit for bit, and the same round history and per-site predictions.
@@ -27,8 +27,8 @@ from safetensors.numpy import load_file
 
 from multimodal_fl.config import load_config
 from multimodal_fl.engines.federated import run_federated_experiment
+from multimodal_fl.engines.flower_jobs import experiment_run_config
 from multimodal_fl.federated.flower import FlowerRunError, run_loopback
-from multimodal_fl.federated.flower_app import experiment_run_config
 
 #: Round fields that depend on the clock or on the process, not on the computation.
 TIMING_FIELDS = ("seconds", "server_seconds")

@@ -6,12 +6,13 @@ train exactly what ``mmfl train CONFIG`` trains in process:
 
 * :func:`experiment_job` (``server-factory``) runs
   :func:`multimodal_fl.engines.federated.run_federated_experiment` (init, federated
-  standardisation, PCA,
-  the rounds, the final predict stage) over the :class:`~.flower.FlowerFederation`, writing the
-  run directory ``run-dir`` on the SuperLink's machine (weights, counts, metrics only).
-* :func:`experiment_site` (``site-factory``) builds the :class:`~.site.FusionSite` of one
-  SuperNode from its ``site-dir`` and the experiment; patient-level files (splits, predictions)
-  and the embedding cache stay on the SuperNode's machine, under ``site-out``.
+  standardisation, PCA, the rounds, the final predict stage) over the
+  :class:`~multimodal_fl.federated.flower.FlowerFederation`, writing the run directory
+  ``run-dir`` on the SuperLink's machine (weights, counts, metrics only).
+* :func:`experiment_site` (``site-factory``) builds the
+  :class:`~multimodal_fl.federated.site.FusionSite` of one SuperNode from its ``site-dir`` and
+  the experiment; patient-level files (splits, predictions) and the embedding cache stay on the
+  SuperNode's machine, under ``site-out``.
 
 The experiment travels in the run config as JSON (``experiment``), so every SuperNode trains
 the same model without a copy of the server's files; its ``sites`` list is ignored there (each
@@ -21,8 +22,11 @@ The federated PCA analysis (``mmfl pca``) has its own pair, :func:`pca_analysis_
 :func:`pca_analysis_site` (run config from :func:`pca_analysis_run_config`): the server writes
 ``pca.json`` and the PNGs into ``run-dir``; each SuperNode prepares only the analysed features.
 
-Like :mod:`~.site`, this is an adapter: it imports the training side, the rest of
-``federated/`` does not.
+This is an engine, not transport: it imports the experiment's orchestration (``engine``,
+``runs``, ``pca_analysis``, ``config``); :mod:`multimodal_fl.federated.flower` imports none of
+it and names these factories only as strings (:data:`SERVER_FACTORY`, ...; the old names
+``multimodal_fl.federated.flower_app:experiment_job`` etc. still resolve through
+:data:`multimodal_fl.federated.flower.LEGACY_FACTORIES`).
 """
 
 from __future__ import annotations
@@ -34,11 +38,20 @@ from pathlib import Path
 from typing import Any
 
 from multimodal_fl.config import ExperimentConfig, SiteConfig
+from multimodal_fl.engines.federated import run_federated_experiment
 from multimodal_fl.federated.flower import ServerJob
+from multimodal_fl.federated.pca import SVD_SOLVERS
 from multimodal_fl.federated.protocol import ConfigValue
 from multimodal_fl.federated.server import Federation, Site
+from multimodal_fl.federated.site import FusionSite
+from multimodal_fl.pca.analysis import FEATURES, analysis_config, run_pca_analysis
+from multimodal_fl.training import load_site_data
 
 __all__ = [
+    "PCA_SERVER_FACTORY",
+    "PCA_SITE_FACTORY",
+    "SERVER_FACTORY",
+    "SITE_FACTORY",
     "experiment_job",
     "experiment_run_config",
     "experiment_site",
@@ -48,8 +61,10 @@ __all__ = [
     "site_output_dir",
 ]
 
-SERVER_FACTORY = "multimodal_fl.federated.flower_app:experiment_job"
-SITE_FACTORY = "multimodal_fl.federated.flower_app:experiment_site"
+#: The ``server-factory`` of an experiment (:func:`experiment_job`).
+SERVER_FACTORY = "multimodal_fl.engines.flower_jobs:experiment_job"
+#: The ``site-factory`` of an experiment (:func:`experiment_site`).
+SITE_FACTORY = "multimodal_fl.engines.flower_jobs:experiment_site"
 
 
 def experiment_run_config(
@@ -59,7 +74,7 @@ def experiment_run_config(
     site_out: str | os.PathLike[str] | None = None,
     site_worker: bool = True,
 ) -> dict[str, ConfigValue]:
-    """The run config that trains ``cfg`` on Flower (for :func:`~.flower.write_app_dir`).
+    """The run config that trains ``cfg`` on Flower (for ``flower.write_app_dir``).
 
     Parameters
     ----------
@@ -98,7 +113,7 @@ def _experiment(run_config: Mapping[str, Any]) -> ExperimentConfig:
     if not raw:
         raise ValueError(
             "run config has no 'experiment' (the experiment as JSON); write the app with "
-            "multimodal_fl.federated.flower_app.experiment_run_config(cfg, ...)"
+            "multimodal_fl.engines.flower_jobs.experiment_run_config(cfg, ...)"
         )
     return ExperimentConfig.model_validate(json.loads(str(raw)))
 
@@ -120,8 +135,6 @@ def experiment_job(run_config: Mapping[str, Any]) -> ServerJob:
     run_dir = Path(str(run_config.get("run-dir") or Path("runs") / f"{cfg.name or 'flower'}"))
 
     def main(federation: Federation) -> None:
-        from multimodal_fl.engines.federated import run_federated_experiment
-
         run_federated_experiment(cfg, run_dir, federation=federation, engine="flower")
 
     return ServerJob(main=main)
@@ -154,7 +167,7 @@ def site_output_dir(cfg: ExperimentConfig, run_config: Mapping[str, Any]) -> Pat
 
 
 def experiment_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> Site:
-    """``site-factory``: the experiment's :class:`~.site.FusionSite` for one SuperNode.
+    """``site-factory``: the experiment's ``FusionSite`` for one SuperNode.
 
     Parameters
     ----------
@@ -176,9 +189,6 @@ def experiment_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) ->
 def _fusion_site(
     cfg: ExperimentConfig, name: str, site_dir: Path, run_config: Mapping[str, Any]
 ) -> Site:
-    from multimodal_fl.federated.site import FusionSite
-    from multimodal_fl.training import load_site_data
-
     cfg = cfg.model_copy(update={"sites": [SiteConfig(name=name, path=Path(site_dir))]})
     out = site_output_dir(cfg, run_config)
     data = load_site_data(cfg, out)[name]
@@ -188,8 +198,10 @@ def _fusion_site(
 
 # --------------------------------------------------------------------------- mmfl pca on Flower
 
-PCA_SERVER_FACTORY = "multimodal_fl.federated.flower_app:pca_analysis_job"
-PCA_SITE_FACTORY = "multimodal_fl.federated.flower_app:pca_analysis_site"
+#: The ``server-factory`` of the PCA analysis (:func:`pca_analysis_job`).
+PCA_SERVER_FACTORY = "multimodal_fl.engines.flower_jobs:pca_analysis_job"
+#: The ``site-factory`` of the PCA analysis (:func:`pca_analysis_site`).
+PCA_SITE_FACTORY = "multimodal_fl.engines.flower_jobs:pca_analysis_site"
 
 
 def pca_analysis_run_config(
@@ -253,9 +265,6 @@ def pca_analysis_run_config(
 
 
 def _pca_options(run_config: Mapping[str, Any]) -> tuple[str, int | None, int | None, str]:
-    from multimodal_fl.federated.pca import SVD_SOLVERS
-    from multimodal_fl.pca.analysis import FEATURES
-
     features = str(run_config.get("pca-features") or "")
     if features not in FEATURES:
         raise ValueError(
@@ -290,8 +299,6 @@ def pca_analysis_job(run_config: Mapping[str, Any]) -> ServerJob:
     run_dir = Path(str(run_config.get("run-dir") or Path("runs") / f"{cfg.name or 'pca'}-pca"))
 
     def main(federation: Federation) -> None:
-        from multimodal_fl.pca.analysis import run_pca_analysis
-
         run_pca_analysis(cfg, features, run_dir, n_components=k, site_rank=rank,
                          svd_solver=solver, federation=federation)
 
@@ -315,8 +322,6 @@ def pca_analysis_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) 
     Site
         As :func:`multimodal_fl.pca.analysis.analysis_config` prepares it in process.
     """
-    from multimodal_fl.pca.analysis import analysis_config
-
     features = _pca_options(run_config)[0]
     return _fusion_site(
         analysis_config(_experiment(run_config), features), name, site_dir, run_config

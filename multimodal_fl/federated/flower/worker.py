@@ -9,7 +9,9 @@ every later request from memory (site state, e.g. FedBN's local layers, stays in
 The worker listens on a Unix socket in the temporary directory (``multiprocessing.connection``,
 authenticated by a random key in a file only this user can read); nothing leaves the machine.
 It ends when the SuperNode's task runner that started it ends, after ``site-worker-idle`` seconds
-without a request, or when asked (:func:`stop_worker`). This module does not import Flower.
+without a request, or when asked (:func:`stop_worker`). This module does not import Flower; the
+worker process runs ``python -m multimodal_fl.federated.flower SPEC`` (:mod:`.__main__`, which
+calls :func:`worker_main`), and imports its site factory with :func:`.factories.load_object`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import Any
 
+from multimodal_fl.federated.flower.factories import load_object
 from multimodal_fl.federated.protocol import Reply, Request
 
 __all__ = ["WorkerAddress", "call_worker", "stop_worker", "worker_address", "worker_main"]
@@ -152,7 +155,7 @@ def _start(
     _write_private(address.spec, json.dumps(spec).encode())
     with address.log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "multimodal_fl.federated.flower_worker", str(address.spec)],
+            [sys.executable, "-m", "multimodal_fl.federated.flower", str(address.spec)],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -292,8 +295,6 @@ def worker_main(argv: list[str] | None = None) -> None:
     argv : list[str] or None
         ``[spec_path]`` (default: ``sys.argv[1:]``); the spec is what :func:`call_worker` wrote.
     """
-    from multimodal_fl.federated.flower import load_object
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     spec_path = Path((argv if argv is not None else sys.argv[1:])[0])
     spec = json.loads(spec_path.read_text())
@@ -301,7 +302,7 @@ def worker_main(argv: list[str] | None = None) -> None:
     address = WorkerAddress(Path(spec["socket"]))
     threads = int(spec["run_config"].get("torch-threads", 0) or 0)
     if threads > 0:
-        import torch
+        import torch  # only when asked: the worker itself needs no torch (its site may)
 
         torch.set_num_threads(threads)
     factory = load_object(spec["factory"], "site-factory")
@@ -344,7 +345,3 @@ def worker_main(argv: list[str] | None = None) -> None:
             last[0] = time.monotonic()
     listener.close()
     _cleanup(address)
-
-
-if __name__ == "__main__":
-    worker_main()

@@ -1,0 +1,440 @@
+"""Flower's processes on one machine: the command lines, and a loopback deployment for tests.
+
+The real deployment runs a SuperLink at the coordinating centre and one SuperNode per hospital
+(``docs/deployment.md``); :func:`superlink_command`, :func:`supernode_command` and
+:func:`flwr_run_command` are the command lines ``mmfl flower superlink|supernode|run`` run there.
+:class:`LoopbackDeployment` and :func:`run_loopback` run the same commands as local processes
+on 127.0.0.1 (for tests, demos, benchmarks and ``mmfl flower local``), with telemetry and
+update checks off (:data:`QUIET_ENV`, :func:`flower_env`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from multimodal_fl.federated.flower.apps import (
+    NODE_SITE_DIR,
+    NODE_SITE_NAME,
+    FlowerResult,
+    load_result,
+    write_app_dir,
+)
+from multimodal_fl.federated.protocol import ConfigValue
+
+__all__ = [
+    "QUIET_ENV",
+    "FlowerRunError",
+    "LoopbackDeployment",
+    "flower_env",
+    "flower_exe",
+    "flwr_run_command",
+    "free_port",
+    "run_loopback",
+    "superlink_command",
+    "supernode_command",
+]
+
+log = logging.getLogger(__name__)
+
+#: Environment every Flower process of :class:`LoopbackDeployment` gets: no telemetry, no
+#: update check (both would reach the network).
+QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+def flower_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for Flower processes: this one, quiet, with this Python's scripts first.
+
+    Parameters
+    ----------
+    extra : Mapping[str, str] or None
+        Entries added last (e.g. ``FLWR_HOME``, ``PYTHONPATH``).
+
+    Returns
+    -------
+    dict[str, str]
+        ``os.environ`` plus :data:`QUIET_ENV`, with the directory of ``sys.executable`` first on
+        ``PATH`` (the SuperLink and SuperNode start ``flower-superexec`` and the app processes
+        from ``PATH``).
+    """
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, **QUIET_ENV, **dict(extra or {})}
+
+
+def flower_exe(name: str) -> str:
+    """Find a Flower executable (``flwr``, ``flower-superlink``...) next to this Python first.
+
+    Parameters
+    ----------
+    name : str
+        The executable's name.
+
+    Returns
+    -------
+    str
+        Its path.
+
+    Raises
+    ------
+    FileNotFoundError
+        If Flower is not installed.
+    """
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(
+            f"{name!r} not found next to {sys.executable} nor on PATH; install the Flower extra "
+            "(pip install 'multimodal_fl[flower]')"
+        )
+    return found
+
+
+def superlink_command(port: int, *, host: str = "127.0.0.1", insecure: bool = True) -> list[str]:
+    """The ``flower-superlink`` command line (one HTTP port for Fleet, Control and ServerAppIo).
+
+    Parameters
+    ----------
+    port : int
+        The SuperLink's port.
+    host : str
+        Interface to listen on.
+    insecure : bool
+        Plain HTTP (loopback tests); False needs ``--ssl-*`` flags added by the caller.
+
+    Returns
+    -------
+    list[str]
+        The argv. Runtime dependency installation is always disabled (it would run ``uv sync``
+        against the network): the package must already be installed where the SuperLink runs.
+    """
+    cmd = [flower_exe("flower-superlink"), "--disable-runtime-dependency-installation"]
+    if insecure:
+        cmd.append("--insecure")
+    return [*cmd, "--host", host, "--port", str(port)]
+
+
+def supernode_command(
+    superlink: str,
+    port: int,
+    site_dir: str | os.PathLike[str],
+    *,
+    site_name: str | None = None,
+    insecure: bool = True,
+) -> list[str]:
+    """The ``flower-supernode`` command line for one site.
+
+    Parameters
+    ----------
+    superlink : str
+        ``host:port`` of the SuperLink.
+    port : int
+        This SuperNode's own ClientAppIo port (one per SuperNode on a machine).
+    site_dir : path-like
+        The site's data directory (``--node-config site-dir``).
+    site_name : str or None
+        The site's name (default: the directory's name).
+    insecure : bool
+        Plain HTTP to the SuperLink.
+
+    Returns
+    -------
+    list[str]
+        The argv.
+    """
+    name = site_name or Path(site_dir).name
+    for key, value in ((NODE_SITE_NAME, name), (NODE_SITE_DIR, str(site_dir))):
+        if "'" in value:
+            raise ValueError(f"{key} {value!r} may not contain a single quote (--node-config)")
+    node_config = f"{NODE_SITE_NAME}='{name}' {NODE_SITE_DIR}='{Path(site_dir).resolve()}'"
+    cmd = [flower_exe("flower-supernode"), "--superlink", superlink, "--port", str(port)]
+    if insecure:
+        cmd.append("--insecure")
+    return [*cmd, "--node-config", node_config]
+
+
+def flwr_run_command(app_dir: str | os.PathLike[str], connection: str | None = None) -> list[str]:
+    """The ``flwr run APP [CONNECTION] --stream`` command line.
+
+    Parameters
+    ----------
+    app_dir : path-like
+        A directory written by :func:`write_app_dir`.
+    connection : str or None
+        A SuperLink connection named in ``$FLWR_HOME/config.toml`` (None: its default).
+
+    Returns
+    -------
+    list[str]
+        The argv.
+    """
+    cmd = [flower_exe("flwr"), "run", str(app_dir)]
+    if connection:
+        cmd.append(connection)
+    return [*cmd, "--stream"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that is free on ``host`` right now.
+
+    Parameters
+    ----------
+    host : str
+        The interface.
+
+    Returns
+    -------
+    int
+        The port.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+    """Wait until something listens on ``host:port``; fail if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode} at start")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:g} s ({proc.args!r})")
+
+
+class LoopbackDeployment:
+    """One SuperLink and one SuperNode per site as local processes on 127.0.0.1.
+
+    For tests, demos and benchmarks: the real deployment runs the same commands on different
+    machines (``docs/deployment.md``). Every process runs in its own process group with
+    telemetry and update checks off and logs to ``log_dir``; :meth:`stop` ends the groups.
+
+    Parameters
+    ----------
+    sites : Mapping[str, path-like]
+        Site name -> site directory, one SuperNode each.
+    home : path-like
+        ``FLWR_HOME`` for every process (installed apps; the ``config.toml`` naming the
+        connection :attr:`CONNECTION`).
+    log_dir : path-like or None
+        Where each process writes ``<name>.log`` (default: ``home/logs``).
+    env : Mapping[str, str] or None
+        Extra environment (e.g. ``PYTHONPATH`` for factories outside the package).
+    startup_timeout : float
+        Seconds to wait for the SuperLink to listen.
+    """
+
+    #: The connection name written into ``FLWR_HOME/config.toml``.
+    CONNECTION = "mmfl-loopback"
+
+    def __init__(
+        self,
+        sites: Mapping[str, str | os.PathLike[str]],
+        *,
+        home: str | os.PathLike[str],
+        log_dir: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        if not sites:
+            raise ValueError("LoopbackDeployment needs at least one site; got none")
+        self.sites = {name: Path(path) for name, path in sites.items()}
+        self.home = Path(home)
+        self.log_dir = Path(log_dir) if log_dir is not None else self.home / "logs"
+        self.env = flower_env({"FLWR_HOME": str(self.home), **dict(env or {})})
+        self.startup_timeout = float(startup_timeout)
+        self.port = 0
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: list[Any] = []
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the SuperLink."""
+        return f"127.0.0.1:{self.port}"
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+        """Start ``cmd`` in its own process group, logging to ``log_dir/<name>.log``."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        out = (self.log_dir / f"{name}.log").open("wb")
+        self._logs.append(out)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        self.procs[name] = proc
+        return proc
+
+    def start(self) -> LoopbackDeployment:
+        """Start the SuperLink, wait until it listens, start the SuperNodes, write config.toml.
+
+        Returns
+        -------
+        LoopbackDeployment
+            ``self``.
+        """
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{self.CONNECTION}"\n\n'
+            f'[superlink.{self.CONNECTION}]\naddress = "{self.address}"\ninsecure = true\n'
+        )
+        link = self._spawn("superlink", superlink_command(self.port))
+        _wait_for_port("127.0.0.1", self.port, self.startup_timeout, link)
+        for name, site_dir in sorted(self.sites.items()):
+            cmd = supernode_command(self.address, free_port(), site_dir, site_name=name)
+            self._spawn(f"supernode-{name}", cmd)
+        return self
+
+    def run(
+        self, app_dir: str | os.PathLike[str], *, timeout: float = 600.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Submit the app with ``flwr run APP CONNECTION --stream`` and wait for it to end.
+
+        Parameters
+        ----------
+        app_dir : path-like
+            A directory written by :func:`write_app_dir`.
+        timeout : float
+            Seconds before ``flwr run`` is killed.
+
+        Returns
+        -------
+        subprocess.CompletedProcess
+            ``flwr run``'s exit status and output (its exit status is 0 even when the ServerApp
+            raised: check the result, e.g. with :func:`load_result`).
+        """
+        cmd = flwr_run_command(app_dir, self.CONNECTION)
+        return subprocess.run(
+            cmd, env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+
+    def logs(self) -> str:
+        """Return every process's log, concatenated (for error messages).
+
+        Returns
+        -------
+        str
+            The logs, each under a header.
+        """
+        parts = []
+        for path in sorted(self.log_dir.glob("*.log")):
+            parts.append(f"===== {path.name}\n{path.read_text(errors='replace')}")
+        return "\n".join(parts)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """End every process group (SIGTERM, then SIGKILL after ``grace`` seconds).
+
+        Parameters
+        ----------
+        grace : float
+            Seconds to wait after SIGTERM.
+        """
+        for proc in self.procs.values():
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.procs.values():
+            _signal_group(proc, signal.SIGKILL)  # also the ServerApp / ClientApp children
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                log.error("process %s did not end after SIGKILL", proc.pid)
+        for handle in self._logs:
+            handle.close()
+        self._logs.clear()
+
+    def __enter__(self) -> LoopbackDeployment:
+        """Start (see :meth:`start`); stop on exit even if starting fails half-way."""
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop every process."""
+        self.stop()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """Send ``sig`` to ``proc``'s process group, if it still exists."""
+    try:
+        os.killpg(proc.pid, sig)  # start_new_session=True: the group id is the pid
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class FlowerRunError(RuntimeError):
+    """A Flower run ended without a result; the message carries the processes' logs."""
+
+
+def run_loopback(
+    sites: Mapping[str, str | os.PathLike[str]],
+    run_config: Mapping[str, ConfigValue],
+    workdir: str | os.PathLike[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 3600.0,
+) -> FlowerResult:
+    """Run the package's app on a :class:`LoopbackDeployment` and return its result.
+
+    Writes the app into ``workdir/app``, the result into ``workdir/out`` (unless ``run_config``
+    names an ``out-dir``), Flower's home and logs into ``workdir/flwr_home``; waits for all
+    sites (``min-nodes`` defaults to their number).
+
+    Parameters
+    ----------
+    sites : Mapping[str, path-like]
+        Site name -> site directory, one SuperNode each.
+    run_config : Mapping[str, int | float | str | bool]
+        The run config (``server-factory`` and ``site-factory`` at least).
+    workdir : path-like
+        Working directory (created).
+    env : Mapping[str, str] or None
+        Extra environment for the Flower processes (e.g. ``PYTHONPATH``).
+    timeout : float
+        Seconds before ``flwr run`` is stopped.
+
+    Returns
+    -------
+    FlowerResult
+        Final weights, history, timings.
+
+    Raises
+    ------
+    FlowerRunError
+        If the run wrote no result (the message ends with the processes' logs).
+    """
+    root = Path(workdir)
+    config: dict[str, ConfigValue] = {"min-nodes": len(sites), "out-dir": str(root / "out")}
+    config.update(run_config)
+    app_dir = write_app_dir(root / "app", config)
+    with LoopbackDeployment(sites, home=root / "flwr_home", env=env) as deployment:
+        try:
+            done = deployment.run(app_dir, timeout=timeout)
+            output = f"flwr run exited with {done.returncode}:\n{done.stdout[-4000:]}"
+        except subprocess.TimeoutExpired:
+            output = f"flwr run did not end within {timeout:g} s"
+        try:
+            return load_result(str(config["out-dir"]))
+        except FileNotFoundError as exc:
+            logs = deployment.logs()
+            causes = re.findall(r"^\w+(?:Error|Exception): .*$", output + logs, re.MULTILINE)
+            cause = f"the last error: {causes[-1]}\n" if causes else ""
+            raise FlowerRunError(f"{cause}{exc}\n{output}\n{logs[-8000:]}") from None
