@@ -186,6 +186,9 @@ def train_cmd(
 
     from multimodal_fl.config import ExperimentConfig
     from multimodal_fl.data.errors import DataError
+    from multimodal_fl.engines import ENGINES, run
+    from multimodal_fl.engines.federated import round_row
+    from multimodal_fl.federated.server import RoundRecord
 
     if resume is not None:
         if not (resume / "config.yaml").is_file():
@@ -197,49 +200,30 @@ def train_cmd(
     cfg = _load(config, set_)
     assert isinstance(cfg, ExperimentConfig)
     chosen = engine or cfg.federated.engine
-    if chosen not in {"inprocess", "flower", "local", "centralized"}:
-        fail(f"--engine {chosen!r}: expected inprocess, flower, local or centralized")
+    spec = ENGINES.get(chosen)
+    if spec is None:
+        fail(f"--engine {chosen!r}: expected one of {', '.join(ENGINES)}")
+    names = sorted(s.name for s in cfg.sites)
+    table_started = False
+
+    def on_round(record: RoundRecord) -> None:
+        nonlocal table_started
+        if not table_started:
+            _print_round_table_header(names)
+            table_started = True
+        console.print("  ".join(round_row(record, names)))
+
     try:
-        if chosen == "local":
-            from multimodal_fl.engines.baselines import run_local
-
-            outcome = run_local(cfg, out, progress=not quiet)
-        elif chosen == "centralized":
-            from multimodal_fl.engines.baselines import run_centralized
-
-            outcome = run_centralized(cfg, out, progress=not quiet)
-        elif chosen == "flower":
-            # On this machine: a SuperLink and one SuperNode per site on 127.0.0.1. Across
-            # hospitals use `mmfl flower superlink|supernode|run` (docs/deployment.md).
-            from multimodal_fl.rundir import default_run_dir
-
-            flower_local(config=config, site=None, server_factory=None, site_factory=None,
-                         run_config=None, set_=set_, out=out or default_run_dir(cfg))
-            return
-        else:
-            from multimodal_fl.engines.federated import round_row, run_federated_experiment
-
-            names = sorted(s.name for s in cfg.sites)
-            table_started = False
-
-            def on_round(record: object) -> None:
-                nonlocal table_started
-                if not table_started:
-                    _print_round_table_header(names)
-                    table_started = True
-                console.print("  ".join(round_row(record, names)))  # type: ignore[arg-type]
-
-            outcome = run_federated_experiment(
-                cfg,
-                out,
-                resume=resume is not None,
-                stop_after_round=stop_after_round,
-                on_round=None if quiet else on_round,
-            )
+        outcome = run(cfg, chosen, out_dir=out, resume=resume is not None,
+                      stop_after_round=stop_after_round, on_round=None if quiet else on_round,
+                      progress=not quiet)
     except (DataError, ConfigError, ValueError, RuntimeError) as exc:
         fail(f"{type(exc).__name__}: {exc}")
         return
-    table = Table(title=f"{cfg.name}: {chosen} — test AUC per site")
+    if chosen == "flower" and not quiet:  # the rounds ran in the ServerApp's process
+        for row in outcome.metrics.get("rounds", []):
+            on_round(RoundRecord(**row))
+    table = Table(title=f"{cfg.name}: {spec.label} — test AUC per site")
     table.add_column("site")
     table.add_column("test AUC [95% CI]")
     for site, doc in sorted(outcome.metrics.get("sites", {}).items()):

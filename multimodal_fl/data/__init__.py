@@ -3,14 +3,12 @@
 Knows FHIR, files and tasks; knows no models. Entry points: :func:`build_cohort`,
 :func:`build_cohorts`, :class:`SiteCohort`, :class:`DataError`, and the scikit-learn
 transformer :class:`~multimodal_fl.data.featurizer.FHIRFeaturizer`
-(``from multimodal_fl.data import FHIRFeaturizer``; imported lazily, as it pulls in
-scikit-learn).
+(``from multimodal_fl.data import FHIRFeaturizer``).
 """
-
-from typing import Any
 
 from multimodal_fl.data.cohort import SiteCohort, build_cohort, build_cohorts
 from multimodal_fl.data.errors import DataError, Skip
+from multimodal_fl.data.featurizer import FHIRFeaturizer
 from multimodal_fl.data.tasks import feature_names
 
 __all__ = [
@@ -23,11 +21,3 @@ __all__ = [
     "feature_names",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    """Import :class:`FHIRFeaturizer` on first use."""
-    if name == "FHIRFeaturizer":
-        from multimodal_fl.data.featurizer import FHIRFeaturizer
-
-        return FHIRFeaturizer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -303,28 +303,13 @@ def run_federated_experiment(
         )
 
 
-def _run_experiment(
-    cfg: ExperimentConfig,
-    out_dir: str | os.PathLike[str] | None,
-    *,
-    federation: Federation | None,
-    engine: str,
-    resume: bool,
-    stop_after_round: int | None,
-    on_round: Callable[[RoundRecord], None] | None,
-    cohorts: Mapping[str, Any] | None,
-    data: Mapping[str, Any] | None,
-) -> Any:
-    t0 = time.perf_counter()
-    run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
-    writer = RunWriter(run_dir, cfg, engine)
-    writer.write_config()
-    if federation is None:
-        federation = inprocess_federation(cfg, run_dir, cohorts=cohorts, data=data)
-    t_prep = time.perf_counter() - t0
-    sites = sorted(federation.sites())
-    if not sites:
-        raise StageFailed("no sites in the federation")
+def _setup_stages(
+    federation: Federation, cfg: ExperimentConfig, sites: list[str], run_dir: Path
+) -> tuple[StateDict, dict[str, Any], dict[str, Any] | None]:
+    """The stages before the rounds: ``pca`` (optional), ``init``, ``moments``.
+
+    Returns the initial global weights, the standardisation summary and the PCA document.
+    """
     fed = cfg.federated
     pca_doc: dict[str, Any] | None = None
     if fed.pca.enabled:
@@ -336,13 +321,22 @@ def _run_experiment(
     weights = dict(init.weights)
     standardisation = _standardise(federation, weights, init.document(Doc.STANDARDIZER), sites,
                                    cfg)
+    return weights, standardisation, pca_doc
 
-    settings = run_config(cfg)
+
+def _train_rounds(
+    federation: Federation, cfg: ExperimentConfig, weights: StateDict, run_dir: Path, *,
+    resume: bool, stop_after_round: int | None,
+    on_round: Callable[[RoundRecord], None] | None,
+) -> tuple[FederatedResult, int, StateDict]:
+    """The server loop with model selection and tracking.
+
+    Returns the loop's result, the chosen round and its weights (``federated.select``).
+    """
     best = _BestRound(run_dir / "checkpoint")
     if resume:
         best.catch_up()
-
-    tracker = RoundTracker(fed.tracker, run_dir)
+    tracker = RoundTracker(cfg.federated.tracker, run_dir)
 
     def _on_round(record: RoundRecord, round_weights: StateDict) -> None:
         best.offer(record, round_weights)
@@ -352,54 +346,89 @@ def _run_experiment(
 
     try:
         result: FederatedResult = run_federated(
-            federation, weights, settings, checkpoint_dir=run_dir / "checkpoint",
+            federation, weights, run_config(cfg), checkpoint_dir=run_dir / "checkpoint",
             resume=resume, stop_after_round=stop_after_round, on_round=_on_round,
         )
     finally:
         tracker.close()
-    t_train = time.perf_counter() - t0 - t_prep
-    chosen_round = result.completed_rounds
-    final_weights = result.weights
-    if fed.select == "best_val" and best.round is not None:
-        chosen_round, final_weights = best.round, best.weights()
-    save_file({k: np.asarray(v, order="C") for k, v in sorted(final_weights.items())},
-              str(run_dir / "model.safetensors"),
+    if cfg.federated.select == "best_val" and best.round is not None:
+        return result, best.round, best.weights()
+    return result, result.completed_rounds, result.weights
+
+
+def _save_model(weights: StateDict, path: Path, engine: str, chosen_round: int) -> None:
+    """Write the chosen global weights (deterministic bytes: one metadata key)."""
+    save_file({k: np.asarray(v, order="C") for k, v in sorted(weights.items())}, str(path),
               # one key: safetensors writes metadata in hash-map order, so several keys
               # would make the file bytes differ between identical runs
               metadata={"mmfl": json.dumps({"engine": engine, "round": chosen_round},
                                            sort_keys=True)})
+
+
+def _predict_stage(
+    federation: Federation, cfg: ExperimentConfig, sites: list[str], weights: StateDict,
+    round: int, engine: str,
+) -> dict[str, Any]:
+    """Every site scores its patients at home; the server keeps the disclosed documents."""
+    final = gather(
+        federation,
+        {s: Request(Kind.PREDICT, round, weights=weights,
+                    config={"engine": engine, "fedbn": cfg.federated.fedbn}) for s in sites},
+        cfg.federated.timeout_s, stage=Kind.PREDICT, minimum=1,
+    )
+    evaluations = [SiteEvaluation.from_dict(r.document(Doc.EVALUATION)) for r in final.values()]
+    return {
+        "sites": {site: r.document(Doc.SITE_METRICS) for site, r in final.items()},
+        "pooled_from_histograms": pooled_evaluation(evaluations).to_dict(),
+        "missing_sites": sorted(set(sites) - set(final)),
+    }
+
+
+def _run_experiment(
+    cfg: ExperimentConfig,
+    out_dir: str | os.PathLike[str] | None,
+    *,
+    federation: Federation | None,
+    engine: str,
+    resume: bool,
+    stop_after_round: int | None,
+    on_round: Callable[[RoundRecord], None] | None,
+    cohorts: Mapping[str, Any] | None,
+    data: Mapping[str, Any] | None,
+) -> RunOutcome:
+    t0 = time.perf_counter()
+    run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
+    writer = RunWriter(run_dir, cfg, engine)
+    writer.write_config()
+    if federation is None:
+        federation = inprocess_federation(cfg, run_dir, cohorts=cohorts, data=data)
+    t_prep = time.perf_counter() - t0
+    sites = sorted(federation.sites())
+    if not sites:
+        raise StageFailed("no sites in the federation")
+    weights, standardisation, pca_doc = _setup_stages(federation, cfg, sites, run_dir)
+    result, chosen_round, final_weights = _train_rounds(
+        federation, cfg, weights, run_dir, resume=resume, stop_after_round=stop_after_round,
+        on_round=on_round,
+    )
+    t_train = time.perf_counter() - t0 - t_prep
+    _save_model(final_weights, run_dir / "model.safetensors", engine, chosen_round)
     doc: dict[str, Any] = {
         "seed": cfg.seed,
         "rounds": [asdict(r) for r in result.history],
         "completed_rounds": result.completed_rounds,
         "selected_round": chosen_round,
-        "selection": fed.select,
+        "selection": cfg.federated.select,
         "standardisation": standardisation,
     }
     if pca_doc is not None:
         doc["pca"] = pca_doc
-    if result.completed_rounds < fed.rounds:
+    if result.completed_rounds < cfg.federated.rounds:
         doc["stopped_after_round"] = result.completed_rounds
-        writer.write_metrics(doc)
-        return RunOutcome(run_dir, jsonable({"engine": engine, **doc}))
-
-    final = gather(
-        federation,
-        {s: Request(Kind.PREDICT, result.completed_rounds, weights=final_weights,
-                    config={"engine": engine, "fedbn": fed.fedbn}) for s in sites},
-        fed.timeout_s, stage=Kind.PREDICT, minimum=1,
-    )
-    per_site: dict[str, Any] = {}
-    evaluations = []
-    for site, reply in final.items():
-        evaluations.append(SiteEvaluation.from_dict(reply.document(Doc.EVALUATION)))
-        per_site[site] = reply.document(Doc.SITE_METRICS)
-    pooled = pooled_evaluation(evaluations)
-    doc.update({
-        "sites": per_site,
-        "pooled_from_histograms": pooled.to_dict(),
-        "missing_sites": sorted(set(sites) - set(final)),
-        "timing_s": {"prepare": t_prep, "train": t_train, "total": time.perf_counter() - t0},
-    })
+    else:
+        doc.update(_predict_stage(federation, cfg, sites, final_weights,
+                                  result.completed_rounds, engine))
+        doc["timing_s"] = {"prepare": t_prep, "train": t_train,
+                           "total": time.perf_counter() - t0}
     writer.write_metrics(doc)
     return RunOutcome(run_dir, jsonable({"engine": engine, **doc}))

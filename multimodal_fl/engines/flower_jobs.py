@@ -39,12 +39,13 @@ from typing import Any
 
 from multimodal_fl.config import ExperimentConfig, SiteConfig
 from multimodal_fl.engines.federated import run_federated_experiment
-from multimodal_fl.federated.flower import ServerJob
+from multimodal_fl.federated.flower import FlowerRunError, ServerJob, run_loopback
 from multimodal_fl.federated.pca import SVD_SOLVERS
 from multimodal_fl.federated.protocol import ConfigValue
 from multimodal_fl.federated.server import Federation, Site
 from multimodal_fl.federated.site import FusionSite
 from multimodal_fl.pca.analysis import FEATURES, analysis_config, run_pca_analysis
+from multimodal_fl.rundir import RunOutcome
 from multimodal_fl.training import load_site_data
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "pca_analysis_job",
     "pca_analysis_run_config",
     "pca_analysis_site",
+    "run_flower_loopback",
     "site_output_dir",
 ]
 
@@ -326,3 +328,45 @@ def pca_analysis_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) 
     return _fusion_site(
         analysis_config(_experiment(run_config), features), name, site_dir, run_config
     )
+
+
+def run_flower_loopback(
+    cfg: ExperimentConfig, out_dir: str | os.PathLike[str], *, timeout: float = 3600.0
+) -> RunOutcome:
+    """Train ``cfg`` on a Flower deployment on this machine (``--engine flower``).
+
+    A SuperLink and one SuperNode per site on 127.0.0.1 run the package's ServerApp and
+    ClientApp with :func:`experiment_job` / :func:`experiment_site`: the same weights as the
+    in-process engine and the same run directory; Flower's own files go to ``OUT/flower``.
+    Across hospitals, start the SuperLink and SuperNodes yourself (``mmfl flower ...``,
+    ``docs/deployment.md``).
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+    out_dir : path-like
+        The run directory.
+    timeout : float
+        Seconds before the deployment is stopped.
+
+    Returns
+    -------
+    RunOutcome
+
+    Raises
+    ------
+    FlowerRunError
+        When the deployment fails or times out (the message names the logs).
+    """
+    out = Path(out_dir).resolve()
+    sites = {s.name: Path(s.path) for s in cfg.sites}
+    for name, path in sites.items():
+        if not path.is_dir():
+            raise FlowerRunError(f"site {name}: directory {path} does not exist or is not a "
+                                 "directory")
+    entries = experiment_run_config(cfg, run_dir=out, site_out=out)
+    work = out / "flower"
+    entries["out-dir"] = str(work / "out")
+    entries["min-nodes"] = len(sites)
+    run_loopback(sites, entries, work, timeout=timeout)
+    return RunOutcome(out, json.loads((out / "metrics.json").read_text()))

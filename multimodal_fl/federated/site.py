@@ -59,6 +59,7 @@ from torch import nn
 
 from multimodal_fl.config import ExperimentConfig
 from multimodal_fl.encoders.tabular import Standardizer
+from multimodal_fl.evaluation.histograms import summarise_site
 from multimodal_fl.federated.aggregation import STANDARDIZER_STATE
 from multimodal_fl.federated.pca import site_pca_reply
 from multimodal_fl.federated.protocol import (
@@ -356,7 +357,6 @@ class FusionSite:
 
     def _on_predict(self, request: Request) -> Reply:
         """Write this site's splits and predictions; reply with metrics and histograms."""
-        from multimodal_fl.evaluation.histograms import summarise_site
         self._load_global(request)
         ev = self.cfg.evaluation
         frame = predictions_frame(self.model, self.data, sensitive=ev.sensitive)

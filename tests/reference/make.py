@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from tests.reference.runs import ENGINES, model_files, run_engine, run_weights, tiny_inputs
+from tests.reference.runs import PINNED, model_files, run_engine, run_weights, tiny_inputs
 
 OUT = Path(__file__).resolve().parent / "weights"
 
@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         sample, bert = tiny_inputs(root)
-        for engine in ENGINES:
+        for engine in PINNED:
             run_dir = run_engine(engine, root, sample, bert)
             if hashes_only:
                 for name, p in model_files(run_dir).items():

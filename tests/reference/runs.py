@@ -7,14 +7,13 @@ from pathlib import Path
 from safetensors.numpy import load_file
 
 from multimodal_fl.config import load_config
-from multimodal_fl.engines.baselines import run_centralized, run_local
-from multimodal_fl.engines.federated import run_federated_experiment
+from multimodal_fl.engines import ENGINES, run
 from multimodal_fl.sample_data import generate
 from tests.conftest import write_tiny_config
 from tests.encoders.conftest import make_tiny_text_model
 
-#: The engines whose weights are pinned.
-ENGINES = ("inprocess", "local", "centralized")
+#: The engines whose weights are pinned (Flower's equal the in-process ones: tested apart).
+PINNED = ("inprocess", "local", "centralized")
 
 StateDict = dict[str, "object"]
 
@@ -31,16 +30,9 @@ def run_engine(engine: str, root: Path, sample: Path, bert: Path) -> Path:
     folder = root / f"cfg-{engine}"
     folder.mkdir(parents=True, exist_ok=True)
     cfg = load_config(write_tiny_config(folder, sample, bert))
-    out = root / f"run-{engine}"
-    if engine == "inprocess":
-        run_federated_experiment(cfg, out)
-    elif engine == "local":
-        run_local(cfg, out)
-    elif engine == "centralized":
-        run_centralized(cfg, out)
-    else:
-        raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
-    return out
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; expected one of {sorted(ENGINES)}")
+    return run(cfg, engine, out_dir=root / f"run-{engine}", progress=False).run_dir
 
 
 def model_files(run_dir: Path) -> dict[str, Path]:
