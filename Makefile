@@ -1,5 +1,6 @@
 # make demo: set up .venv from nothing, then run the main job on the bundled sample data.
-# make test: set up .venv from nothing, then lint, type-check and run the test suite.
+# make test: set up .venv from nothing, then lint, type-check, check the import contracts and
+# function sizes, and run the test suite.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -28,6 +29,8 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check multimodal_fl tests benchmarks scripts
 	$(BIN)/mypy multimodal_fl
+	$(BIN)/lint-imports
+	$(BIN)/python scripts/function_sizes.py --max 100 multimodal_fl
 
 unit: setup
 	$(BIN)/python -m pytest -q
