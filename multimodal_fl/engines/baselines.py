@@ -106,6 +106,24 @@ def _finish(writer: RunWriter, cfg: ExperimentConfig, sites: Mapping[str, SiteDa
     return out
 
 
+def _writer(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | None,
+            engine: str) -> RunWriter:
+    """The run directory's writer, with ``config.yaml`` written."""
+    writer = RunWriter(Path(out_dir) if out_dir is not None else default_run_dir(cfg), cfg,
+                       engine)
+    writer.write_config()
+    return writer
+
+
+def _prepared_sites(cfg: ExperimentConfig, writer: RunWriter,
+                    cohorts: Mapping[str, Any] | None,
+                    data: Mapping[str, SiteData] | None) -> dict[str, SiteData]:
+    """Every site's prepared data, with the PCA stage's reduction applied when enabled."""
+    sites = dict(data) if data is not None else load_site_data(cfg, writer.run_dir,
+                                                               cohorts=cohorts)
+    return _apply_pca_stage(cfg, sites)
+
+
 def _apply_pca_stage(cfg: ExperimentConfig, sites: dict[str, SiteData]) -> dict[str, SiteData]:
     """The federated PCA stage's reduction, fitted on the sites' training splits (same math)."""
     if not cfg.federated.pca.enabled:
@@ -160,12 +178,9 @@ def run_local(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | None = No
     RunOutcome
     """
     t0 = time.perf_counter()
-    run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
-    writer = RunWriter(run_dir, cfg, "local")
-    writer.write_config()
+    writer = _writer(cfg, out_dir, "local")
     with torch_threads(cfg.training.num_threads):
-        sites = dict(data) if data is not None else load_site_data(cfg, run_dir, cohorts=cohorts)
-        sites = _apply_pca_stage(cfg, sites)
+        sites = _prepared_sites(cfg, writer, cohorts, data)
         t_prep = time.perf_counter() - t0
         models: dict[str, FusionModel] = {}
         results: dict[str, Any] = {}
@@ -192,7 +207,7 @@ def run_local(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | None = No
             "timing_s": {"prepare": t_prep, "train": t_train,
                          "total": time.perf_counter() - t0},
         })
-    return RunOutcome(run_dir, doc)
+    return RunOutcome(writer.run_dir, doc)
 
 
 def run_centralized(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | None = None, *,
@@ -232,12 +247,9 @@ def run_centralized(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | Non
 
     warn(CENTRALIZED_WARNING)
     t0 = time.perf_counter()
-    run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
-    writer = RunWriter(run_dir, cfg, "centralized")
-    writer.write_config()
+    writer = _writer(cfg, out_dir, "centralized")
     with torch_threads(cfg.training.num_threads):
-        sites = dict(data) if data is not None else load_site_data(cfg, run_dir, cohorts=cohorts)
-        sites = _apply_pca_stage(cfg, sites)
+        sites = _prepared_sites(cfg, writer, cohorts, data)
         t_prep = time.perf_counter() - t0
         trains = [sd.train for sd in sites.values()]
         vals = [sd.val for sd in sites.values()]
@@ -259,5 +271,5 @@ def run_centralized(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | Non
             "timing_s": {"prepare": t_prep, "train": t_train,
                          "total": time.perf_counter() - t0},
         })
-    return RunOutcome(run_dir, doc)
+    return RunOutcome(writer.run_dir, doc)
 
