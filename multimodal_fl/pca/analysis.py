@@ -2,7 +2,7 @@
 
 The protocol runs through the :class:`~multimodal_fl.federated.server.Federation` interface
 only (in process by default; on Flower through
-:func:`multimodal_fl.federated.flower_app.pca_analysis_job`), on every patient of each site
+:func:`multimodal_fl.engines.flower_jobs.pca_analysis_job`), on every patient of each site
 (``split: all``) who has the chosen features:
 
 1. ``tabular`` only: the sites send per-feature moments (``moments``); the server pools them
@@ -46,7 +46,7 @@ from multimodal_fl.federated.aggregation import pool_moments
 from multimodal_fl.federated.gather import gather
 from multimodal_fl.federated.inprocess import InProcessFederation
 from multimodal_fl.federated.pca import FederatedPCA, TruncationWarning
-from multimodal_fl.federated.protocol import Doc, Kind, Request
+from multimodal_fl.federated.protocol import Doc, Kind, Reply, Request
 from multimodal_fl.federated.server import Federation
 from multimodal_fl.federated.site import fusion_sites
 from multimodal_fl.moments import standardization
@@ -122,6 +122,12 @@ def analysis_config(cfg: ExperimentConfig, features: str) -> ExperimentConfig:
 def _pooled_standardisation(
     federation: Federation, sites: list[str], timeout: float | None
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """The pooled per-feature mean and scale, from the sites' moments (``split: all``).
+
+    Returns
+    -------
+    mean, scale : ndarray
+    """
     requests = {s: Request(Kind.MOMENTS, 0, config={"split": "all"}) for s in sites}
     good = gather(federation, requests, timeout, stage=Kind.MOMENTS, minimum=1)
     moments = [(r.arrays["n"], r.arrays["sum"], r.arrays["sumsq"]) for r in good.values()]
@@ -129,6 +135,7 @@ def _pooled_standardisation(
 
 
 def _feature_names(cfg: ExperimentConfig, features: str, d: int) -> list[str]:
+    """The task's tabular feature names when they match ``d``, else ``{features}_{i}``."""
     if features == "tabular":
         names = list(feature_names(cfg.task))
         if len(names) == d:
@@ -138,6 +145,7 @@ def _feature_names(cfg: ExperimentConfig, features: str, d: int) -> list[str]:
 
 def _top_loadings(components: npt.NDArray[np.float64], names: list[str],
                   top: int = 5) -> list[list[tuple[str, float]]]:
+    """Per component, the ``top`` features of largest absolute loading, with the loading."""
     out = []
     for row in components:
         order = np.argsort(-np.abs(row), kind="stable")[:top]
@@ -146,6 +154,7 @@ def _top_loadings(components: npt.NDArray[np.float64], names: list[str],
 
 
 def _image_note(cfg: ExperimentConfig) -> str | None:
+    """The note on where the image embeddings come from (trained weights or a random net)."""
     img = cfg.modalities.image
     if img.weights is not None:
         return f"image embeddings from the frozen {img.encoder} with weights {img.weights}"
@@ -154,6 +163,317 @@ def _image_note(cfg: ExperimentConfig) -> str | None:
         f"{cfg.seed}): the components describe that random network's features, not a learned "
         "representation; set modalities.image.weights for a trained encoder"
     )
+
+
+# --------------------------------------------------------------------- the analysis, step by step
+
+
+def _check_arguments(
+    features: str, n_bins: int, n_components: int | None, site_rank: int | None
+) -> None:
+    """Reject what :func:`run_pca_analysis` cannot run, before any site is asked.
+
+    Parameters
+    ----------
+    features, n_bins, n_components, site_rank
+        As :func:`run_pca_analysis`.
+
+    Raises
+    ------
+    ValueError
+        For unknown features, ``n_bins < 2``, or a non-positive ``n_components`` or
+        ``site_rank``.
+    """
+    if features not in FEATURES:
+        raise ValueError(f"--features {features!r}; expected one of {', '.join(FEATURES)}")
+    if n_bins < 2:
+        raise ValueError(f"n_bins={n_bins}; at least 2 histogram bins are needed")
+    if n_components is not None and n_components < 1:
+        raise ValueError(f"--n-components {n_components}; a positive integer is expected")
+    if site_rank is not None and site_rank < 1:
+        raise ValueError(f"--site-rank {site_rank}; a positive integer is expected")
+
+
+def _analysis_federation(
+    cfg: ExperimentConfig, features: str, out: Path,
+    federation: Federation | None, cohorts: Mapping[str, Any] | None,
+) -> Federation:
+    """The federation the analysis asks: ``federation`` if given, else in-process sites.
+
+    The in-process sites are those of :func:`analysis_config` (only ``features`` enabled),
+    over ``cohorts`` (built from ``cfg`` when None), caching under ``out``.
+
+    Returns
+    -------
+    Federation
+    """
+    if federation is not None:
+        return federation
+    acfg = analysis_config(cfg, features)
+    if cohorts is None:
+        cohorts = build_cohorts(cfg)
+    return InProcessFederation(fusion_sites(acfg, out, cohorts=cohorts))
+
+
+def _choose_components(
+    full: FederatedPCA, n_components: int | None, site_rank: int | None
+) -> int:
+    """Components to keep: ``n_components``, or ``min(DEFAULT_COMPONENTS, limit)``.
+
+    Parameters
+    ----------
+    full : FederatedPCA
+        The full-rank fit; its ``n_components_`` is the limit (``min(n, d)``, or fewer
+        when the sites sent at most ``site_rank`` rows each).
+    n_components, site_rank : int or None
+        As :func:`run_pca_analysis`.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ValueError
+        When ``n_components`` exceeds the limit.
+    """
+    limit = int(full.n_components_)
+    k = min(DEFAULT_COMPONENTS, limit) if n_components is None else int(n_components)
+    if k > limit:
+        rows = "" if site_rank is None else f" and the sites sent at most {site_rank} rows each"
+        raise ValueError(
+            f"--n-components {k}: the pooled data has n={full.n_samples_} rows and "
+            f"d={full.n_features_in_} features{rows}, so at most {limit} components"
+        )
+    return k
+
+
+def _fit_components(
+    federation: Federation, sites: list[str], features: str, *,
+    n_components: int | None, site_rank: int | None, svd_solver: str,
+    std: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None,
+    timeout: float | None,
+) -> tuple[FederatedPCA, FederatedPCA, int]:
+    """Fit every component from the sites' summaries, then keep ``k`` of them.
+
+    One round of ``pca`` requests: the full-rank fit gives the spectrum and the limit on
+    ``k`` (:func:`_choose_components`); the kept fit is refitted from the same merged
+    summary. Truncation warnings are silenced: ``pca.json`` reports them.
+
+    Returns
+    -------
+    full : FederatedPCA
+        The full-rank fit.
+    pca : FederatedPCA
+        The ``k``-component fit, with the full fit's ``site_names_``, ``site_bytes_`` and
+        ``site_n_``.
+    k : int
+    """
+    with warnings.catch_warnings():  # reported in pca.json's notes and "truncation"
+        warnings.simplefilter("ignore", TruncationWarning)
+        full = federated_pca(federation, sites, modality=features, n_components=None,
+                             site_rank=site_rank, svd_solver=svd_solver, split="all",
+                             standardize=std, timeout=timeout, minimum=1)
+        k = _choose_components(full, n_components, site_rank)
+        pca = FederatedPCA(k, site_rank=site_rank, svd_solver=svd_solver)
+        pca.fit_from_summaries([full.summary_])
+    pca.site_names_, pca.site_bytes_, pca.site_n_ = full.site_names_, full.site_bytes_, full.site_n_
+    return full, pca, k
+
+
+def _score_requests(
+    pca: FederatedPCA, features: str,
+    std: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None, n_bins: int,
+) -> tuple[dict[str, Request], npt.NDArray[np.float64]]:
+    """The ``pca_scores`` request to each site of the fit, and the histogram edges it carries.
+
+    Each request carries the projection (:func:`~multimodal_fl.pca.site.projection_arrays`),
+    the edges (``n_bins`` bins over ± 4 pooled standard deviations per component; ± 4 when a
+    component has no variance), the quantile levels and, for tabular features, the pooled
+    standardisation.
+
+    Returns
+    -------
+    requests : dict of str to Request
+    edges : ndarray of shape (k, n_bins + 1)
+    """
+    arrays = projection_arrays(pca)
+    sd = np.sqrt(np.maximum(pca.explained_variance_, 0.0))
+    sd = np.where(sd > 0, sd, 1.0)
+    edges = np.stack([np.linspace(-4 * s, 4 * s, n_bins + 1) for s in sd])
+    arrays = {**arrays, "edges": edges, "levels": np.asarray(QUANTILE_LEVELS, dtype=np.float64)}
+    if std is not None:
+        arrays.update({STANDARDIZE_MEAN: std[0], STANDARDIZE_SCALE: std[1]})
+    requests = {s: Request(Kind.PCA_SCORES, 0, arrays=arrays,
+                           config={"modality": features, "split": "all"}) for s in pca.site_names_}
+    return requests, edges
+
+
+def _site_documents(pca: FederatedPCA, good: Mapping[str, Reply]) -> dict[str, Any]:
+    """``pca.json``'s ``sites``: per site of the fit, its size, bytes and score summary.
+
+    Parameters
+    ----------
+    pca : FederatedPCA
+        The kept fit (``site_names_``, ``site_n_``, ``site_bytes_`` set).
+    good : mapping of str to Reply
+        The good ``pca_scores`` replies; a site without one gets ``scores: None``.
+
+    Returns
+    -------
+    dict of str to dict
+        ``n``, ``bytes_sent`` (its PCA summary), ``raw_bytes`` (``8 * n * d``), ``ratio``,
+        ``scores`` and ``scores_bytes`` (the scores document's size on the wire).
+    """
+    d = int(pca.n_features_in_)
+    site_docs: dict[str, Any] = {}
+    for s in pca.site_names_:
+        n = int(pca.site_n_[s])
+        raw = 8 * n * d
+        sent = int(pca.site_bytes_[s])
+        scores = good[s].document(Doc.PCA_SCORES) if s in good else None
+        site_docs[s] = {
+            "n": n, "bytes_sent": sent, "raw_bytes": raw,
+            "ratio": sent / raw if raw else None,
+            "scores": scores,
+            "scores_bytes": (len(good[s].documents[Doc.PCA_SCORES].encode()) if s in good
+                             else None),
+        }
+    return site_docs
+
+
+def _truncation_note(pca: FederatedPCA, site_rank: int | None, k: int) -> str:
+    """The note on a truncated fit: variance the sites dropped, Davis-Kahan bounds.
+
+    Returns
+    -------
+    str
+    """
+    total = float(pca.summary_.total_ss) / (pca.n_samples_ - 1)
+    bounds = pca.subspace_error_bounds_
+    well = int(np.sum(np.cumprod(bounds <= 0.1)))
+    return (
+        f"site_rank={site_rank}: the sites dropped {pca.discarded_variance_:.3g} of "
+        f"{total:.3g} total variance "
+        f"({100 * pca.discarded_variance_ / total if total > 0 else 0.0:.2f}%); "
+        f"sin(largest principal angle) to the exact components <= "
+        f"{pca.subspace_error_bound_:.3g} for all {k}; "
+        + (f"the first {well} are within 0.1 " if well else "no leading component is "
+           "bounded within 0.1 ")
+        + "(Davis-Kahan bounds per leading components in pca.json 'truncation')")
+
+
+def _notes(
+    cfg: ExperimentConfig, features: str, pca: FederatedPCA, *, k: int,
+    site_rank: int | None, sites: list[str], site_docs: Mapping[str, Any],
+) -> list[str]:
+    """``pca.json``'s ``notes``: how to read it, and what to be careful about.
+
+    Always: what the byte counts and the score summaries mean. When they apply: the
+    truncation (:func:`_truncation_note`), sites whose summary reveals their rows
+    (``n <= d``), sites that did not reply, the tabular standardisation, the image encoder.
+
+    Returns
+    -------
+    list of str
+    """
+    d = int(pca.n_features_in_)
+    rank_text = "min(n, d)" if site_rank is None else f"min(n, d, {site_rank})"
+    notes = [
+        f"bytes_sent: the site's PCA summary, 8 * ({rank_text} * d + d + 3) bytes as float64; "
+        "raw_bytes: its n x d rows as float64 (8 * n * d)",
+        "scores: per component; histogram bins index the 'edges' of that component; scores "
+        "outside the edges are counted in the first or last bin; bins hold 0 or at least "
+        "evaluation.min_cell patients (merged at the site)",
+    ]
+    small = [s for s, row in site_docs.items()
+             if row["n"] <= d and (site_rank is None or site_rank >= row["n"])]
+    if pca.truncated_:
+        notes.append(_truncation_note(pca, site_rank, k))
+    if small:
+        notes.append(
+            f"sites with n <= d ({', '.join(small)}): the summary is about as large as the data "
+            "and reveals the centred rows up to an unknown rotation (docs/pca.md, 'What crosses "
+            "the boundary'); use fewer features or a site_rank well below n")
+    missing = sorted(set(sites) - set(pca.site_names_))
+    if missing:
+        notes.append(f"left out (no reply; see the log): {', '.join(missing)}")
+    if features == "tabular":
+        notes.append("tabular features standardised with the pooled (federated) mean and "
+                     "scale; missing values set to 0 (the pooled mean) after standardisation")
+    if features == "image":
+        note = _image_note(cfg)
+        if note:
+            notes.append(note)
+    return notes
+
+
+def _document(
+    cfg: ExperimentConfig, features: str, full: FederatedPCA, pca: FederatedPCA, *,
+    k: int, std: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None,
+    edges: npt.NDArray[np.float64], svd_solver: str, site_rank: int | None,
+    sites: list[str], site_docs: dict[str, Any], notes: list[str],
+) -> dict[str, Any]:
+    """What ``pca.json`` holds (:attr:`PCAAnalysis.document`).
+
+    Returns
+    -------
+    dict
+        The kept fit (components, explained variance and ratio, top loadings), the full
+        fit's spectrum (at most 100 ratios), the standardisation, the histogram edges, the
+        truncation, the per-site documents, the sites left out and the notes.
+    """
+    d = int(pca.n_features_in_)
+    spectrum = full.explained_variance_ratio_[: min(int(full.n_components_), 100)]
+    return {
+        "config": cfg.name,
+        "task": cfg.task.name,
+        "features": features,
+        "split": "all",
+        "n_samples": int(pca.n_samples_),
+        "n_features": d,
+        "n_components": k,
+        "feature_names": _feature_names(cfg, features, d),
+        "mean": pca.mean_.tolist(),
+        "components": pca.components_.tolist(),
+        "explained_variance": pca.explained_variance_.tolist(),
+        "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
+        "top_loadings": _top_loadings(pca.components_, _feature_names(cfg, features, d)),
+        "cumulative_variance_ratio": np.cumsum(pca.explained_variance_ratio_).tolist(),
+        "spectrum_ratio": spectrum.tolist(),
+        "standardisation": (
+            {"mean": std[0].tolist(), "scale": std[1].tolist()} if std is not None else None
+        ),
+        "edges": edges.tolist(),
+        "quantile_levels": list(QUANTILE_LEVELS),
+        "svd_solver": svd_solver,
+        "truncation": {
+            "site_rank": site_rank,
+            "truncated": bool(pca.truncated_),
+            "discarded_variance": float(pca.discarded_variance_),
+            "subspace_error_bound": float(pca.subspace_error_bound_),
+            "subspace_error_bounds": [float(b) for b in pca.subspace_error_bounds_],
+        },
+        "sites": site_docs,
+        "missing_sites": sorted(set(sites) - set(pca.site_names_)),
+        "notes": notes,
+    }
+
+
+def _write_outputs(doc: dict[str, Any], out: Path) -> tuple[Path, Path, Path]:
+    """Write ``pca.json``, ``pca_sites.png`` and ``pca_variance.png`` into ``out``.
+
+    Returns
+    -------
+    json_path, sites_png, variance_png : Path
+    """
+    json_path = out / "pca.json"
+    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    sites_png = out / "pca_sites.png"
+    variance_png = out / "pca_variance.png"
+    _plot_sites(doc, sites_png)
+    _plot_variance(doc, variance_png)
+    return json_path, sites_png, variance_png
 
 
 def run_pca_analysis(
@@ -206,145 +526,24 @@ def run_pca_analysis(
     multimodal_fl.federated.gather.StageFailed
         When no site answers.
     """
-    if features not in FEATURES:
-        raise ValueError(f"--features {features!r}; expected one of {', '.join(FEATURES)}")
-    if n_bins < 2:
-        raise ValueError(f"n_bins={n_bins}; at least 2 histogram bins are needed")
-    if n_components is not None and n_components < 1:
-        raise ValueError(f"--n-components {n_components}; a positive integer is expected")
-    if site_rank is not None and site_rank < 1:
-        raise ValueError(f"--site-rank {site_rank}; a positive integer is expected")
+    _check_arguments(features, n_bins, n_components, site_rank)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    acfg = analysis_config(cfg, features)
-    if federation is None:
-        if cohorts is None:
-            cohorts = build_cohorts(cfg)
-        federation = InProcessFederation(fusion_sites(acfg, out, cohorts=cohorts))
+    federation = _analysis_federation(cfg, features, out, federation, cohorts)
     sites = sorted(federation.sites())
     timeout = cfg.federated.timeout_s
     std = _pooled_standardisation(federation, sites, timeout) if features == "tabular" else None
-
-    with warnings.catch_warnings():  # reported in pca.json's notes and "truncation"
-        warnings.simplefilter("ignore", TruncationWarning)
-        full = federated_pca(federation, sites, modality=features, n_components=None,
-                             site_rank=site_rank, svd_solver=svd_solver, split="all",
-                             standardize=std, timeout=timeout, minimum=1)
-        limit = int(full.n_components_)
-        k = min(DEFAULT_COMPONENTS, limit) if n_components is None else int(n_components)
-        if k > limit:
-            rows = "" if site_rank is None else f" and the sites sent at most {site_rank} rows each"
-            raise ValueError(
-                f"--n-components {k}: the pooled data has n={full.n_samples_} rows and "
-                f"d={full.n_features_in_} features{rows}, so at most {limit} components"
-            )
-        pca = FederatedPCA(k, site_rank=site_rank, svd_solver=svd_solver)
-        pca.fit_from_summaries([full.summary_])
-    pca.site_names_, pca.site_bytes_, pca.site_n_ = full.site_names_, full.site_bytes_, full.site_n_
-
-    arrays = projection_arrays(pca)
-    sd = np.sqrt(np.maximum(pca.explained_variance_, 0.0))
-    sd = np.where(sd > 0, sd, 1.0)
-    edges = np.stack([np.linspace(-4 * s, 4 * s, n_bins + 1) for s in sd])
-    arrays = {**arrays, "edges": edges, "levels": np.asarray(QUANTILE_LEVELS, dtype=np.float64)}
-    if std is not None:
-        arrays.update({STANDARDIZE_MEAN: std[0], STANDARDIZE_SCALE: std[1]})
-    requests = {s: Request(Kind.PCA_SCORES, 0, arrays=arrays,
-                           config={"modality": features, "split": "all"}) for s in pca.site_names_}
+    full, pca, k = _fit_components(federation, sites, features, n_components=n_components,
+                                   site_rank=site_rank, svd_solver=svd_solver, std=std,
+                                   timeout=timeout)
+    requests, edges = _score_requests(pca, features, std, n_bins)
     good = gather(federation, requests, timeout, stage=Kind.PCA_SCORES, minimum=1)
-
-    d = int(pca.n_features_in_)
-    site_docs: dict[str, Any] = {}
-    for s in pca.site_names_:
-        n = int(pca.site_n_[s])
-        raw = 8 * n * d
-        sent = int(pca.site_bytes_[s])
-        scores = good[s].document(Doc.PCA_SCORES) if s in good else None
-        site_docs[s] = {
-            "n": n, "bytes_sent": sent, "raw_bytes": raw,
-            "ratio": sent / raw if raw else None,
-            "scores": scores,
-            "scores_bytes": (len(good[s].documents[Doc.PCA_SCORES].encode()) if s in good
-                             else None),
-        }
-    rank_text = "min(n, d)" if site_rank is None else f"min(n, d, {site_rank})"
-    notes = [
-        f"bytes_sent: the site's PCA summary, 8 * ({rank_text} * d + d + 3) bytes as float64; "
-        "raw_bytes: its n x d rows as float64 (8 * n * d)",
-        "scores: per component; histogram bins index the 'edges' of that component; scores "
-        "outside the edges are counted in the first or last bin; bins hold 0 or at least "
-        "evaluation.min_cell patients (merged at the site)",
-    ]
-    small = [s for s, row in site_docs.items()
-             if row["n"] <= d and (site_rank is None or site_rank >= row["n"])]
-    if pca.truncated_:
-        total = float(pca.summary_.total_ss) / (pca.n_samples_ - 1)
-        bounds = pca.subspace_error_bounds_
-        well = int(np.sum(np.cumprod(bounds <= 0.1)))
-        notes.append(
-            f"site_rank={site_rank}: the sites dropped {pca.discarded_variance_:.3g} of "
-            f"{total:.3g} total variance "
-            f"({100 * pca.discarded_variance_ / total if total > 0 else 0.0:.2f}%); "
-            f"sin(largest principal angle) to the exact components <= "
-            f"{pca.subspace_error_bound_:.3g} for all {k}; "
-            + (f"the first {well} are within 0.1 " if well else "no leading component is "
-               "bounded within 0.1 ")
-            + "(Davis-Kahan bounds per leading components in pca.json 'truncation')")
-    if small:
-        notes.append(
-            f"sites with n <= d ({', '.join(small)}): the summary is about as large as the data "
-            "and reveals the centred rows up to an unknown rotation (docs/pca.md, 'What crosses "
-            "the boundary'); use fewer features or a site_rank well below n")
-    missing = sorted(set(sites) - set(pca.site_names_))
-    if missing:
-        notes.append(f"left out (no reply; see the log): {', '.join(missing)}")
-    if features == "tabular":
-        notes.append("tabular features standardised with the pooled (federated) mean and "
-                     "scale; missing values set to 0 (the pooled mean) after standardisation")
-    if features == "image":
-        note = _image_note(cfg)
-        if note:
-            notes.append(note)
-    spectrum = full.explained_variance_ratio_[: min(limit, 100)]
-    doc: dict[str, Any] = {
-        "config": cfg.name,
-        "task": cfg.task.name,
-        "features": features,
-        "split": "all",
-        "n_samples": int(pca.n_samples_),
-        "n_features": d,
-        "n_components": k,
-        "feature_names": _feature_names(cfg, features, d),
-        "mean": pca.mean_.tolist(),
-        "components": pca.components_.tolist(),
-        "explained_variance": pca.explained_variance_.tolist(),
-        "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
-        "top_loadings": _top_loadings(pca.components_, _feature_names(cfg, features, d)),
-        "cumulative_variance_ratio": np.cumsum(pca.explained_variance_ratio_).tolist(),
-        "spectrum_ratio": spectrum.tolist(),
-        "standardisation": (
-            {"mean": std[0].tolist(), "scale": std[1].tolist()} if std is not None else None
-        ),
-        "edges": edges.tolist(),
-        "quantile_levels": list(QUANTILE_LEVELS),
-        "svd_solver": svd_solver,
-        "truncation": {
-            "site_rank": site_rank,
-            "truncated": bool(pca.truncated_),
-            "discarded_variance": float(pca.discarded_variance_),
-            "subspace_error_bound": float(pca.subspace_error_bound_),
-            "subspace_error_bounds": [float(b) for b in pca.subspace_error_bounds_],
-        },
-        "sites": site_docs,
-        "missing_sites": sorted(set(sites) - set(pca.site_names_)),
-        "notes": notes,
-    }
-    json_path = out / "pca.json"
-    json_path.write_text(json.dumps(doc, indent=2) + "\n")
-    sites_png = out / "pca_sites.png"
-    variance_png = out / "pca_variance.png"
-    _plot_sites(doc, sites_png)
-    _plot_variance(doc, variance_png)
+    site_docs = _site_documents(pca, good)
+    notes = _notes(cfg, features, pca, k=k, site_rank=site_rank, sites=sites,
+                   site_docs=site_docs)
+    doc = _document(cfg, features, full, pca, k=k, std=std, edges=edges, svd_solver=svd_solver,
+                    site_rank=site_rank, sites=sites, site_docs=site_docs, notes=notes)
+    json_path, sites_png, variance_png = _write_outputs(doc, out)
     return PCAAnalysis(pca, doc, json_path, sites_png, variance_png)
 
 
@@ -352,6 +551,8 @@ def run_pca_analysis(
 
 
 def _ellipse(ax: Any, mean: Any, cov: Any, n_sd: float, color: Any, **kw: Any) -> None:
+    """Draw the ``n_sd`` standard-deviation ellipse of a 2-d ``mean`` and ``cov`` on ``ax``."""
+    # matplotlib: heavy third-party (a core dependency), imported only when drawing
     from matplotlib.patches import Ellipse
 
     vals, vecs = np.linalg.eigh(np.asarray(cov, dtype=np.float64))
@@ -377,6 +578,9 @@ def _density(h: Mapping[str, Any], edges: npt.NDArray[np.float64]) -> tuple[Any,
 
 
 def _plot_sites(doc: Mapping[str, Any], path: Path) -> None:
+    """Write ``pca_sites.png``: per-site ellipses in PC1/PC2, per-site histograms of each."""
+    # matplotlib: heavy third-party (a core dependency), imported only when drawing, and
+    # pyplot only after selecting the Agg backend
     import matplotlib
 
     matplotlib.use("Agg")
@@ -443,6 +647,9 @@ def _plot_sites(doc: Mapping[str, Any], path: Path) -> None:
 
 
 def _plot_variance(doc: Mapping[str, Any], path: Path) -> None:
+    """Write ``pca_variance.png``: explained variance ratio per component, and cumulative."""
+    # matplotlib: heavy third-party (a core dependency), imported only when drawing, and
+    # pyplot only after selecting the Agg backend
     import matplotlib
 
     matplotlib.use("Agg")
