@@ -32,11 +32,13 @@ def _finals(events: list[ProgressEvent]) -> dict[tuple[str, str, str], PrepareEv
 def test_preparation_reports_each_site_and_modality_with_cache_hits(
     tiny_config: Callable[..., Path], tmp_path: Path
 ) -> None:
-    cfg = load_config(tiny_config())
+    frozen_image = {"encoder": "smallcnn", "spatial_dims": 2, "size": 32, "frozen": True}
+    cfg = load_config(tiny_config(modalities={"image": frozen_image}))
     cohorts = build_cohorts(cfg)
     expected: dict[tuple[str, str, str], int] = {}
     for site, cohort in cohorts.items():
         expected[(site, "image", "read")] = int(cohort.table["has_image"].sum())
+        expected[(site, "image", "embedded")] = int(cohort.table["has_image"].sum())
         expected[(site, "text", "embedded")] = int(cohort.table["has_text"].sum())
 
     first: list[ProgressEvent] = []
@@ -52,7 +54,7 @@ def test_preparation_reports_each_site_and_modality_with_cache_hits(
     assert all(e.cache_hits == 0 for e in prepared.values())
     # the bar moves while images are read: one event per image after the start
     site_a_reads = [e.done for e in first if isinstance(e, PrepareEvent)
-                    and (e.site, e.modality) == ("site_a", "image")]
+                    and (e.site, e.modality, e.action) == ("site_a", "image", "read")]
     assert site_a_reads[0] == 0 and site_a_reads == sorted(site_a_reads)
     assert len(set(site_a_reads)) == expected[("site_a", "image", "read")] + 1
 
