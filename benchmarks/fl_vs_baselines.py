@@ -130,11 +130,11 @@ def train(engine: str, cfg: ExperimentConfig, run_dir: Path) -> float:
     elif engine == "centralized":
         from multimodal_fl.engines.baselines import run_centralized
 
-        run_centralized(cfg, run_dir, progress=False, warn=lambda _msg: None)
+        run_centralized(cfg, run_dir, warn=lambda _msg: None)
     elif engine == "local":
         from multimodal_fl.engines.baselines import run_local
 
-        run_local(cfg, run_dir, progress=False)
+        run_local(cfg, run_dir)
     else:
         raise ValueError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
     return time.perf_counter() - started

@@ -167,6 +167,42 @@ def _print_round_table_header(sites: list[str]) -> None:
     console.print("[bold]round  replied  train_loss  " + "  ".join(f"auc:{s}" for s in sites))
 
 
+def _starting(quiet: bool) -> Any:
+    """A spinner on a terminal while the engines load (``--quiet`` or a log: nothing)."""
+    from contextlib import nullcontext
+
+    if quiet or not err_console.is_terminal:
+        return nullcontext()
+    return err_console.status("loading torch and the engines", spinner="dots")
+
+
+def _progress_view(quiet: bool, cfg: Any, stop_after_round: int | None) -> Any:
+    """The progress bars of ``mmfl train`` on stderr (``--quiet``: none; no callback)."""
+    from contextlib import nullcontext
+
+    from multimodal_fl.progress_view import ProgressView
+
+    if quiet:
+        return nullcontext(None)
+    last = cfg.federated.rounds
+    if stop_after_round is not None:
+        last = min(last, stop_after_round)
+    return ProgressView(err_console, last_round=last)
+
+
+def _print_stopped(metrics: dict[str, Any], run_dir: Path) -> bool:
+    """A run stopped after a round: print how to resume it (there are no results yet)."""
+    import shlex
+
+    stopped = metrics.get("stopped_after_round")
+    if stopped is None:
+        return False
+    command = shlex.join(["mmfl", "train", "--resume", str(run_dir)])
+    console.print(f"stopped after round {stopped}; resume with: {command}", highlight=False,
+                  soft_wrap=True)
+    return True
+
+
 @app.command("train")
 def train_cmd(
     config: Annotated[Path | None, typer.Argument(help="Experiment YAML file.")] = None,
@@ -186,9 +222,11 @@ def train_cmd(
 
     from multimodal_fl.config import ExperimentConfig
     from multimodal_fl.data.errors import DataError
-    from multimodal_fl.engines import ENGINES, run
-    from multimodal_fl.engines.federated import round_row
-    from multimodal_fl.federated.server import RoundRecord
+
+    with _starting(quiet):  # torch, MONAI and transformers take seconds to import
+        from multimodal_fl.engines import ENGINES, run
+        from multimodal_fl.engines.federated import round_row
+        from multimodal_fl.federated.server import RoundRecord
 
     if resume is not None:
         if not (resume / "config.yaml").is_file():
@@ -214,15 +252,18 @@ def train_cmd(
         console.print("  ".join(round_row(record, names)))
 
     try:
-        outcome = run(cfg, chosen, out_dir=out, resume=resume is not None,
-                      stop_after_round=stop_after_round, on_round=None if quiet else on_round,
-                      progress=not quiet)
+        with _progress_view(quiet, cfg, stop_after_round) as view:
+            outcome = run(cfg, chosen, out_dir=out, resume=resume is not None,
+                          stop_after_round=stop_after_round,
+                          on_round=None if quiet else on_round, progress=view)
     except (DataError, ConfigError, ValueError, RuntimeError) as exc:
         fail(f"{type(exc).__name__}: {exc}")
         return
     if chosen == "flower" and not quiet:  # the rounds ran in the ServerApp's process
         for row in outcome.metrics.get("rounds", []):
             on_round(RoundRecord(**row))
+    if _print_stopped(outcome.metrics, outcome.run_dir):
+        return
     table = Table(title=f"{cfg.name}: {spec.label} — test AUC per site")
     table.add_column("site")
     table.add_column("test AUC [95% CI]")

@@ -647,33 +647,51 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with ``--set`` overrides applied (list indices allowed)."""
+    """Return a copy of ``data`` with ``--set`` overrides applied (list indices allowed).
+
+    A part of the key names a mapping's key or, inside a list, an existing item's index
+    (``sites.0.path``); anything else (an index out of range, a negative or non-numeric
+    index, a key below a plain value) raises :class:`ConfigError` in one line.
+    """
     out = copy.deepcopy(data)
     for item in overrides:
         parts, value = parse_override(item)
         node: Any = out
-        for i, part in enumerate(parts[:-1]):
-            if isinstance(node, list):
-                node = node[_index(part, item)]
-                continue
-            if part not in node or node[part] is None:
-                node[part] = {}
-            elif not isinstance(node[part], dict | list):
-                raise ConfigError(f"--set {item}: '{'.'.join(parts[: i + 1])}' is not a section")
-            node = node[part]
-        last = parts[-1]
+        for i in range(len(parts) - 1):
+            node = _child(node, parts, i, item)
         if isinstance(node, list):
-            node[_index(last, item)] = value
+            node[_index(node, parts, len(parts) - 1, item)] = value
         else:
-            node[last] = value
+            node[parts[-1]] = value
     return out
 
 
-def _index(part: str, item: str) -> int:
-    try:
-        return int(part)
-    except ValueError:
-        raise ConfigError(f"--set {item}: '{part}' must be a list index here") from None
+def _child(node: dict[str, Any] | list[Any], parts: list[str], i: int, item: str) -> Any:
+    """The section ``parts[i]`` of ``node`` (a missing mapping key becomes an empty one)."""
+    if isinstance(node, list):
+        child = node[_index(node, parts, i, item)]
+    else:
+        if node.get(parts[i]) is None:
+            node[parts[i]] = {}
+        child = node[parts[i]]
+    if not isinstance(child, dict | list):
+        raise ConfigError(f"--set {item}: '{'.'.join(parts[: i + 1])}' is not a section "
+                          f"(it holds the value {child!r})")
+    return child
+
+
+def _index(node: list[Any], parts: list[str], i: int, item: str) -> int:
+    """``parts[i]`` as an index of the list ``node`` (``parts[:i]``), or a one-line error."""
+    where = ".".join(parts[:i])
+    valid = f"0..{len(node) - 1}" if node else "none: the list is empty; set the whole list"
+    part = parts[i]
+    if not (part.isascii() and part.isdigit()):
+        raise ConfigError(f"--set {item}: '{where}' is a list; '{part}' is not an index of it "
+                          f"(valid: {valid})")
+    if int(part) >= len(node):
+        raise ConfigError(f"--set {item}: '{where}' has {len(node)} item(s); index {part} is "
+                          f"out of range (valid: {valid})")
+    return int(part)
 
 
 def load_config(

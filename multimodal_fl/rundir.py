@@ -162,6 +162,7 @@ class RunWriter:
             "counts": counts,
             "dropped": data.dropped,
             "image_unreadable": data.image_errors,
+            "notes": data.notes,
             "splits": dict(sorted(data.splits.items())),
         }
         path = self.site_dir(site) / "splits.json"

@@ -193,3 +193,32 @@ def test_unbuilt_text_finetuning_is_rejected_with_a_message(tmp_path: Path) -> N
     path = write(tmp_path, minimal(modalities={"text": {"frozen": False}}))
     with pytest.raises(ConfigError, match=r"modalities\.text\.frozen.*not built yet"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("sites.5.path=/x", "'sites' has 2 item(s); index 5 is out of range (valid: 0..1)"),
+        ("sites.2=/x", "'sites' has 2 item(s); index 2 is out of range (valid: 0..1)"),
+        ("sites.x.path=/x", "'sites' is a list; 'x' is not an index of it (valid: 0..1)"),
+        ("sites.-1.path=/x", "'sites' is a list; '-1' is not an index of it (valid: 0..1)"),
+        ("evaluation.sensitive.4=sex", "'evaluation.sensitive' has 1 item(s); index 4"),
+        ("seed.0=1", "'seed' is not a section (it holds the value 0)"),
+        ("sites.0.path.0=1", "'sites.0.path' is not a section"),
+        ("modalities.tabular.hidden.0.x=1", "'modalities.tabular.hidden.0' is not a section"),
+    ],
+)
+def test_set_into_a_list_out_of_range_or_wrong_is_a_one_line_error(
+    tmp_path: Path, override: str, says: str
+) -> None:
+    data = minimal(seed=0, evaluation={"sensitive": ["sex"]},
+                   modalities={"tabular": {"hidden": [8]}})
+    data["sites"].append({"name": "b", "path": "site_b"})
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [override])
+    assert str(err.value).startswith(f"--set {override}: ") and says in str(err.value)
+    result = CliRunner().invoke(app, ["config", "show", str(path), "--set", override])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [f"error: {err.value}"]

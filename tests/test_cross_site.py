@@ -16,7 +16,7 @@ def test_local_run_writes_cross_site_predictions_and_the_report_uses_them(
     tiny_config: Callable[..., Path], tmp_path: Path
 ) -> None:
     cfg = load_config(tiny_config("covid_oxygen"))
-    run = run_local(cfg, tmp_path / "local", progress=False).run_dir
+    run = run_local(cfg, tmp_path / "local").run_dir
     names = sorted(s.name for s in cfg.sites)
     for site in names:
         cross = pd.read_csv(run / "sites" / site / "cross_predictions.csv")

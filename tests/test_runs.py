@@ -137,7 +137,7 @@ def test_run_local_layout_and_same_seed_same_model(
     setup: tuple[ExperimentConfig, dict[str, FakeCohort]], tmp_path: Path
 ) -> None:
     cfg, cohorts = setup
-    out = run_local(cfg, tmp_path / "r1", cohorts=cohorts, progress=False)
+    out = run_local(cfg, tmp_path / "r1", cohorts=cohorts)
     run = out.run_dir
     assert (run / "config.yaml").is_file() and (run / "metrics.json").is_file()
     assert not (run / "model.safetensors").exists()
@@ -159,7 +159,7 @@ def test_run_local_layout_and_same_seed_same_model(
             auc = metrics["sites"][site]["metrics"][split]["auc"]
             assert (auc["value"] is None) == (auc["reason"] is not None)
         assert metrics["history"][site], "validation history missing"
-    again = run_local(cfg, tmp_path / "r2", cohorts=cohorts, progress=False)
+    again = run_local(cfg, tmp_path / "r2", cohorts=cohorts)
     for site in SITES:
         a = (run / "sites" / site / "model.safetensors").read_bytes()
         b = (again.run_dir / "sites" / site / "model.safetensors").read_bytes()
@@ -174,7 +174,7 @@ def test_run_centralized_warns_and_writes_one_model(
 ) -> None:
     cfg, cohorts = setup
     said: list[str] = []
-    out = run_centralized(cfg, tmp_path / "c", cohorts=cohorts, progress=False, warn=said.append)
+    out = run_centralized(cfg, tmp_path / "c", cohorts=cohorts, warn=said.append)
     assert said == [CENTRALIZED_WARNING] and "moves data" in CENTRALIZED_WARNING
     run = out.run_dir
     assert (run / "model.safetensors").is_file()

@@ -12,10 +12,11 @@ receive the presence mask too, and pass that mask to the fusion head.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -251,12 +252,14 @@ class TextEncoder(nn.Module):
         return next(self.model.parameters()).device
 
     def _embed_notes(
-        self, notes: list[str], patient: list[int]
+        self, notes: list[str], patient: list[int],
+        progress: Callable[[int], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed flat notes: chunk, mean-pool each chunk, average chunks per note.
 
         Returns the note embeddings and a mask of notes that kept at least one chunk
-        (``max_chunks`` caps the chunks per patient, first notes first).
+        (``max_chunks`` caps the chunks per patient, first notes first). ``progress`` is
+        called after each model batch with the number of patients whose chunks are done.
         """
         enc = self.tokenizer(
             notes,
@@ -282,11 +285,15 @@ class TextEncoder(nn.Module):
         inputs = {k: v.to(self.device) for k, v in enc.items()}
         chunks: list[torch.Tensor] = []
         n = inputs["input_ids"].shape[0]
+        # the last chunk of each patient, in order: patients done after a batch = those below
+        last = sorted({patient[note]: i for i, note in enumerate(owner.tolist())}.values())
         for start in range(0, n, self.batch_size):
             part = {k: v[start : start + self.batch_size] for k, v in inputs.items()}
             hidden = self.model(**part).last_hidden_state
             mask = part["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             chunks.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+            if progress is not None:
+                progress(bisect.bisect_left(last, start + self.batch_size))
         chunk_emb = torch.cat(chunks)
         sums = torch.zeros(len(notes), self.output_dim, dtype=chunk_emb.dtype, device=self.device)
         sums = sums.index_add(0, owner, chunk_emb)
@@ -296,13 +303,18 @@ class TextEncoder(nn.Module):
             note_emb = torch.nn.functional.normalize(note_emb, dim=1)
         return note_emb, counts[:, 0] > 0
 
-    def encode(self, texts: Sequence[TextItem]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, texts: Sequence[TextItem], *, progress: Callable[[int], None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed one entry per patient and say which patients had text.
 
         Parameters
         ----------
         texts : sequence of (str, list of str or None)
             One entry per patient: a note or several notes.
+        progress : callable or None
+            Called after each model batch with the number of patients with text whose
+            notes are embedded so far (the batches, hence the result, are the same).
 
         Returns
         -------
@@ -321,7 +333,7 @@ class TextEncoder(nn.Module):
             return out, present.to(self.device)
         patient = [i for i, p in enumerate(per_patient) for _ in p]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            note_emb, kept = self._embed_notes(flat, patient)
+            note_emb, kept = self._embed_notes(flat, patient, progress)
             owner = torch.tensor(patient, device=self.device)[kept]
             note_emb = note_emb[kept]
             sums = torch.zeros_like(out, dtype=note_emb.dtype).index_add(0, owner, note_emb)

@@ -18,7 +18,9 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +47,13 @@ IMAGE_SUFFIXES: dict[str, tuple[str, ...]] = {
 }
 
 _TRANSFORM_VERSION = "1"
+
+#: How MONAI's ``PydicomReader`` warns, once per file, that a DICOM file has no
+#: ImageOrientationPatient / ImagePositionPatient (usual for 2D radiographs).
+_MISSING_GEOMETRY = "PydicomReader: ImageOrientationPatient (0020,0037) and/or"
+#: Registry of the warnings re-emitted by :func:`_noting_missing_geometry` ("default" filters
+#: then show each once per location, as for a direct warning).
+_REEMITTED: dict[Any, Any] = {}
 
 
 class ImageReadError(ValueError):
@@ -309,6 +318,7 @@ def load_image(
     train: bool = False,
     seed: int | None = None,
     spec: ImageTransformSpec | None = None,
+    notes: list[str] | None = None,
 ) -> torch.Tensor:
     """Read one image file and preprocess it like the encoder's pipeline does.
 
@@ -324,6 +334,9 @@ def load_image(
         Seed for the augmentation's random state (reproducible augmentation).
     spec : ImageTransformSpec or None
         Full preprocessing spec; overrides ``spatial_dims``, ``size`` and ``channels``.
+    notes : list of str or None
+        See :func:`apply_transform`: DICOM files without orientation tags are listed here
+        instead of MONAI warning about each.
 
     Returns
     -------
@@ -340,11 +353,32 @@ def load_image(
     pipeline: Any = build_transform(spec, train=train)
     if seed is not None:
         pipeline.set_random_state(seed=seed)
-    return apply_transform(pipeline, path)
+    return apply_transform(pipeline, path, notes=notes)
+
+
+@contextmanager
+def _noting_missing_geometry(path: str | os.PathLike[str], notes: list[str]) -> Iterator[None]:
+    """Record MONAI's missing-orientation warning as a note on ``path``; re-emit the others."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        missing = False
+        for w in caught:
+            if str(w.message).startswith(_MISSING_GEOMETRY):
+                missing = True
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno,
+                                       registry=_REEMITTED)
+        if missing:
+            notes.append(str(path))
 
 
 def apply_transform(
-    pipeline: Callable[[Any], torch.Tensor], path: str | os.PathLike[str]
+    pipeline: Callable[[Any], torch.Tensor], path: str | os.PathLike[str], *,
+    notes: list[str] | None = None,
 ) -> torch.Tensor:
     """Run a pipeline from :func:`build_transform` on a path, raising :class:`ImageReadError`.
 
@@ -354,13 +388,22 @@ def apply_transform(
         Built by :func:`build_transform` (``load=True``).
     path : path-like
         The image file.
+    notes : list of str or None
+        When given, a DICOM file without ImageOrientationPatient / ImagePositionPatient
+        (usual for 2D radiographs; MONAI then assumes an identity orientation, which only a
+        3D volume's reorientation depends on) is appended here instead of MONAI warning
+        about it; other warnings pass unchanged. ``None``: MONAI's warning is shown.
 
     Returns
     -------
     Tensor[channels, *spatial]
     """
     try:
-        out: torch.Tensor = pipeline(path)
+        if notes is None:
+            out: torch.Tensor = pipeline(path)
+        else:
+            with _noting_missing_geometry(path, notes):
+                out = pipeline(path)
     except ImageReadError:
         raise
     except Exception as exc:

@@ -18,12 +18,12 @@ from typing import Any
 
 import pandas as pd
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from multimodal_fl.config import ExperimentConfig
 from multimodal_fl.evaluation.metrics import derive_seed
 from multimodal_fl.fusion import FusionModel
 from multimodal_fl.pca.stage import apply_pca_stage, fit_pca_stage
+from multimodal_fl.progress import ProgressCallback, StepEvent
 from multimodal_fl.rundir import RunOutcome, RunWriter, default_run_dir, jsonable, site_summary
 from multimodal_fl.training import (
     CohortDataset,
@@ -49,29 +49,22 @@ CENTRALIZED_WARNING = (
 )
 
 
-def _progress_bar(enabled: bool) -> Any:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"),
-        TimeElapsedColumn(),
-        disable=not enabled,
-        transient=False,
-    )
-
-
 def _train_one(cfg: ExperimentConfig, data_train: CohortDataset, data_val: CohortDataset,
-               model: Any, *, seed_key: str, bar: Any, label: str) -> TrainResult:
-    task = bar.add_task(label, total=cfg.training.steps, loss=float("nan"))
+               model: Any, *, seed_key: str, progress: ProgressCallback | None,
+               label: str) -> TrainResult:
+    events: list[StepEvent] = []
 
     def tick(step: int, loss: float) -> None:
-        bar.update(task, advance=1, loss=loss)
+        events[:] = [StepEvent(label, step, cfg.training.steps, loss)]
+        if progress is not None:
+            progress(events[0])
 
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "train", seed_key))
     result = train(model, data_train, data_val, cfg.training, generator=gen,
                    augment=batch_augmenter(cfg, model), progress=tick)
-    bar.update(task, total=result.steps, completed=result.steps)
+    if progress is not None and events and result.steps < cfg.training.steps:
+        # early stopping: the model is done all the same
+        progress(StepEvent(label, result.steps, result.steps, events[0].loss))
     return result
 
 
@@ -117,10 +110,12 @@ def _writer(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | None,
 
 def _prepared_sites(cfg: ExperimentConfig, writer: RunWriter,
                     cohorts: Mapping[str, Any] | None,
-                    data: Mapping[str, SiteData] | None) -> dict[str, SiteData]:
+                    data: Mapping[str, SiteData] | None,
+                    progress: ProgressCallback | None) -> dict[str, SiteData]:
     """Every site's prepared data, with the PCA stage's reduction applied when enabled."""
     sites = dict(data) if data is not None else load_site_data(cfg, writer.run_dir,
-                                                               cohorts=cohorts)
+                                                               cohorts=cohorts,
+                                                               progress=progress)
     return _apply_pca_stage(cfg, sites)
 
 
@@ -155,7 +150,7 @@ def _write_cross_predictions(writer: RunWriter, cfg: ExperimentConfig,
 def run_local(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | None = None, *,
               cohorts: Mapping[str, Any] | None = None,
               data: Mapping[str, SiteData] | None = None,
-              progress: bool = True) -> RunOutcome:
+              progress: ProgressCallback | None = None) -> RunOutcome:
     """Local-only baseline: one model per site, trained and evaluated on that site's data.
 
     Each site's model starts from the same seeded initial weights, uses the site's own
@@ -170,8 +165,9 @@ def run_local(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | None = No
         Pre-built cohorts (default: built from ``cfg.sites``).
     data : mapping of site name to SiteData or None
         Prepared site data (skips cohort building and preparation).
-    progress : bool, default True
-        Show a progress bar per site.
+    progress : callable or None
+        Called with :mod:`~multimodal_fl.progress` events: the data preparation, then each
+        site's training steps (:class:`~multimodal_fl.progress.StepEvent`).
 
     Returns
     -------
@@ -180,24 +176,23 @@ def run_local(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | None = No
     t0 = time.perf_counter()
     writer = _writer(cfg, out_dir, "local")
     with torch_threads(cfg.training.num_threads):
-        sites = _prepared_sites(cfg, writer, cohorts, data)
+        sites = _prepared_sites(cfg, writer, cohorts, data, progress)
         t_prep = time.perf_counter() - t0
         models: dict[str, FusionModel] = {}
         results: dict[str, Any] = {}
         notes: dict[str, str] = {}
-        with _progress_bar(progress) as bar:
-            for name, sd in sites.items():
-                train_part, val_part = sd.train, sd.val
-                if len(train_part) == 0:
-                    notes[name] = "no training patients: no local model"
-                    logger.warning("site %s: no training patients; skipped", name)
-                    continue
-                model = build_model(cfg, sd)
-                fit_tabular_standardizer(model, [train_part])
-                results[name] = _train_one(cfg, train_part, val_part, model, seed_key=name,
-                                           bar=bar, label=f"local {name}").to_dict()
-                models[name] = model
-                writer.save_model(model, site=name)
+        for name, sd in sites.items():
+            train_part, val_part = sd.train, sd.val
+            if len(train_part) == 0:
+                notes[name] = "no training patients: no local model"
+                logger.warning("site %s: no training patients; skipped", name)
+                continue
+            model = build_model(cfg, sd)
+            fit_tabular_standardizer(model, [train_part])
+            results[name] = _train_one(cfg, train_part, val_part, model, seed_key=name,
+                                       progress=progress, label=f"local {name}").to_dict()
+            models[name] = model
+            writer.save_model(model, site=name)
         _write_cross_predictions(writer, cfg, sites, models)
         t_train = time.perf_counter() - t0 - t_prep
         doc = _finish(writer, cfg, sites, models, {
@@ -213,7 +208,7 @@ def run_local(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | None = No
 def run_centralized(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | None = None, *,
                     cohorts: Mapping[str, Any] | None = None,
                     data: Mapping[str, SiteData] | None = None,
-                    progress: bool = True,
+                    progress: ProgressCallback | None = None,
                     warn: Callable[[str], None] | None = None) -> RunOutcome:
     """Centralized baseline: pool every site's training patients and train one model.
 
@@ -229,7 +224,9 @@ def run_centralized(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | Non
         Run directory (default :func:`default_run_dir`).
     cohorts : mapping of site name to SiteCohort or None
     data : mapping of site name to SiteData or None
-    progress : bool, default True
+    progress : callable or None
+        Called with :mod:`~multimodal_fl.progress` events: the data preparation, then the
+        pooled model's training steps.
     warn : callable or None
         Where the warning goes (default: printed to stderr in yellow).
 
@@ -249,7 +246,7 @@ def run_centralized(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | Non
     t0 = time.perf_counter()
     writer = _writer(cfg, out_dir, "centralized")
     with torch_threads(cfg.training.num_threads):
-        sites = _prepared_sites(cfg, writer, cohorts, data)
+        sites = _prepared_sites(cfg, writer, cohorts, data, progress)
         t_prep = time.perf_counter() - t0
         trains = [sd.train for sd in sites.values()]
         vals = [sd.val for sd in sites.values()]
@@ -259,9 +256,8 @@ def run_centralized(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | Non
             raise ValueError("centralized engine: no training patients at any site")
         model = build_model(cfg, pooled_train)
         fit_tabular_standardizer(model, trains)
-        with _progress_bar(progress) as bar:
-            result = _train_one(cfg, pooled_train, pooled_val, model, seed_key="centralized",
-                                bar=bar, label="centralized")
+        result = _train_one(cfg, pooled_train, pooled_val, model, seed_key="centralized",
+                            progress=progress, label="centralized")
         writer.save_model(model)
         t_train = time.perf_counter() - t0 - t_prep
         doc = _finish(writer, cfg, sites, dict.fromkeys(sites, model), {

@@ -64,6 +64,7 @@ from multimodal_fl.federated.server import (
 from multimodal_fl.federated.site import fusion_sites
 from multimodal_fl.pca.site import projection_arrays
 from multimodal_fl.pca.stage import run_pca_stage
+from multimodal_fl.progress import ProgressCallback
 from multimodal_fl.rundir import RunOutcome, RunWriter, default_run_dir, jsonable
 from multimodal_fl.training import torch_threads
 
@@ -83,7 +84,7 @@ log = logging.getLogger(__name__)
 
 def inprocess_federation(
     cfg: ExperimentConfig, run_dir: Path, *, cohorts: Mapping[str, Any] | None = None,
-    data: Mapping[str, Any] | None = None,
+    data: Mapping[str, Any] | None = None, progress: ProgressCallback | None = None,
 ) -> Federation:
     """Build every site of ``cfg`` in this process (the embedded default engine).
 
@@ -97,12 +98,16 @@ def inprocess_federation(
         Pre-built cohorts (default: read from the site directories).
     data : mapping or None
         Prepared :class:`~multimodal_fl.training.SiteData` per site.
+    progress : callable or None
+        Called with each :mod:`~multimodal_fl.progress` event: the sites' data preparation,
+        then every site's answer to every broadcast.
 
     Returns
     -------
     Federation
     """
-    return InProcessFederation(fusion_sites(cfg, run_dir, cohorts=cohorts, data=data))
+    sites = fusion_sites(cfg, run_dir, cohorts=cohorts, data=data, progress=progress)
+    return InProcessFederation(sites, progress=progress)
 
 
 #: ``federated`` fields :func:`run_config` maps onto the server loop (or the fit request).
@@ -269,6 +274,7 @@ def run_federated_experiment(
     on_round: Callable[[RoundRecord], None] | None = None,
     cohorts: Mapping[str, Any] | None = None,
     data: Mapping[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> RunOutcome:
     """Train ``cfg`` federated and write the run directory.
 
@@ -289,6 +295,9 @@ def run_federated_experiment(
         Called with each completed round's record (the CLI prints the table row).
     cohorts, data : mapping or None
         Pre-built cohorts or prepared site data for the in-process federation.
+    progress : callable or None
+        Called with the in-process federation's :mod:`~multimodal_fl.progress` events (data
+        preparation, each site's answer); unused with a given ``federation``.
 
     Returns
     -------
@@ -300,6 +309,7 @@ def run_federated_experiment(
         return _run_experiment(
             cfg, out_dir, federation=federation, engine=engine, resume=resume,
             stop_after_round=stop_after_round, on_round=on_round, cohorts=cohorts, data=data,
+            progress=progress,
         )
 
 
@@ -395,13 +405,15 @@ def _run_experiment(
     on_round: Callable[[RoundRecord], None] | None,
     cohorts: Mapping[str, Any] | None,
     data: Mapping[str, Any] | None,
+    progress: ProgressCallback | None,
 ) -> RunOutcome:
     t0 = time.perf_counter()
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     writer = RunWriter(run_dir, cfg, engine)
     writer.write_config()
     if federation is None:
-        federation = inprocess_federation(cfg, run_dir, cohorts=cohorts, data=data)
+        federation = inprocess_federation(cfg, run_dir, cohorts=cohorts, data=data,
+                                          progress=progress)
     t_prep = time.perf_counter() - t0
     sites = sorted(federation.sites())
     if not sites:

@@ -24,6 +24,7 @@ from multimodal_fl.engines.baselines import run_centralized, run_local
 from multimodal_fl.engines.federated import run_federated_experiment
 from multimodal_fl.engines.flower_jobs import run_flower_loopback
 from multimodal_fl.federated.server import RoundRecord
+from multimodal_fl.progress import ProgressCallback
 from multimodal_fl.rundir import RunOutcome, default_run_dir
 
 __all__ = ["ENGINES", "Engine", "EngineOptionError", "RunOptions", "run"]
@@ -47,15 +48,16 @@ class RunOptions:
         Stop after this round, checkpointed and resumable.
     on_round : callable or None
         Called with each completed round's record (federated engines).
-    progress : bool
-        Show progress bars (baselines).
+    progress : callable or None
+        Called with :mod:`~multimodal_fl.progress` events (data preparation, site replies,
+        training steps); the Flower engine reports none (its sites run elsewhere).
     """
 
     out_dir: Path
     resume: bool = False
     stop_after_round: int | None = None
     on_round: Callable[[RoundRecord], None] | None = None
-    progress: bool = True
+    progress: ProgressCallback | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ def _inprocess(cfg: ExperimentConfig, options: RunOptions) -> RunOutcome:
     return run_federated_experiment(
         cfg, options.out_dir, engine="inprocess", resume=options.resume,
         stop_after_round=options.stop_after_round, on_round=options.on_round,
+        progress=options.progress,
     )
 
 
@@ -118,7 +121,7 @@ def run(
     resume: bool = False,
     stop_after_round: int | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
-    progress: bool = True,
+    progress: ProgressCallback | None = None,
 ) -> RunOutcome:
     """Train one experiment with one engine and write its run directory.
 
@@ -137,8 +140,9 @@ def run(
         Stop after this round, checkpointed (in-process federated only).
     on_round : callable or None
         Called with each completed round's record.
-    progress : bool
-        Show progress bars.
+    progress : callable or None
+        Called with :mod:`~multimodal_fl.progress` events; nothing in the library prints
+        (the CLI renders them as bars).
 
     Returns
     -------

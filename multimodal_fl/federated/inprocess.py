@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 from multimodal_fl.federated.protocol import Reply, Request, SiteFailure
 from multimodal_fl.federated.server import Site
+from multimodal_fl.progress import ProgressCallback, ReplyEvent
 
 __all__ = ["InProcessFederation"]
 
@@ -25,6 +26,9 @@ class InProcessFederation:
     ----------
     sites : Mapping[str, Site]
         Site name -> site object (anything with ``handle(request) -> Reply``).
+    progress : callable or None
+        Called with a :class:`~multimodal_fl.progress.ReplyEvent` when a broadcast starts
+        and after each site's answer (the sites are asked one after another).
 
     Notes
     -----
@@ -34,7 +38,8 @@ class InProcessFederation:
     discarded as timed out.
     """
 
-    def __init__(self, sites: Mapping[str, Site]) -> None:
+    def __init__(self, sites: Mapping[str, Site], *,
+                 progress: ProgressCallback | None = None) -> None:
         if not sites:
             raise ValueError("InProcessFederation needs at least one site; got none")
         for name, site in sites.items():
@@ -44,6 +49,7 @@ class InProcessFederation:
                     "expected an object implementing multimodal_fl.federated.server.Site"
                 )
         self._sites = dict(sites)
+        self.progress = progress
         #: Seconds each site's ``handle`` took in the last broadcast (for overhead benchmarks).
         self.last_site_seconds: dict[str, float] = {}
 
@@ -76,32 +82,47 @@ class InProcessFederation:
         """
         answers: dict[str, Reply | SiteFailure] = {}
         self.last_site_seconds = {}
+        self._report(requests, answers)
         for name in sorted(requests):
-            site = self._sites.get(name)
-            if site is None:
-                answers[name] = SiteFailure(
-                    name, f"unknown site {name!r}; this federation has {sorted(self._sites)}"
-                )
-                continue
-            own = requests[name].copy()
-            started = time.perf_counter()
-            try:
-                reply = site.handle(own)
-            except Exception as exc:  # a site's fault must never stop the server
-                log.debug("site %s raised", name, exc_info=True)
-                answers[name] = SiteFailure(name, f"{type(exc).__name__}: {exc}")
-                self.last_site_seconds[name] = time.perf_counter() - started
-                continue
-            elapsed = time.perf_counter() - started
-            self.last_site_seconds[name] = elapsed
-            if timeout is not None and elapsed > timeout:
-                answers[name] = SiteFailure(
-                    name, f"timed out: replied after {elapsed:.2f} s, timeout {timeout:g} s"
-                )
-            elif not isinstance(reply, Reply):
-                answers[name] = SiteFailure(
-                    name, f"handle() returned a {type(reply).__name__}, expected a Reply"
-                )
-            else:
-                answers[name] = reply.copy()
+            answers[name] = self._ask(name, requests[name], timeout)
+            self._report(requests, answers)
         return answers
+
+    def _report(self, requests: Mapping[str, Request],
+                answers: dict[str, Reply | SiteFailure]) -> None:
+        """Report the start of a broadcast (no answer yet) or the latest site's answer."""
+        if self.progress is None or not requests:
+            return
+        first = next(iter(requests.values()))
+        latest = next(reversed(answers)) if answers else None
+        self.progress(ReplyEvent(
+            str(first.kind), first.round, len(answers), len(requests), site=latest,
+            ok=latest is None or isinstance(answers[latest], Reply),
+        ))
+
+    def _ask(self, name: str, request: Request, timeout: float | None) -> Reply | SiteFailure:
+        """One site's answer to its request, as the server will see it."""
+        site = self._sites.get(name)
+        if site is None:
+            return SiteFailure(
+                name, f"unknown site {name!r}; this federation has {sorted(self._sites)}"
+            )
+        own = request.copy()
+        started = time.perf_counter()
+        try:
+            reply = site.handle(own)
+        except Exception as exc:  # a site's fault must never stop the server
+            log.debug("site %s raised", name, exc_info=True)
+            self.last_site_seconds[name] = time.perf_counter() - started
+            return SiteFailure(name, f"{type(exc).__name__}: {exc}")
+        elapsed = time.perf_counter() - started
+        self.last_site_seconds[name] = elapsed
+        if timeout is not None and elapsed > timeout:
+            return SiteFailure(
+                name, f"timed out: replied after {elapsed:.2f} s, timeout {timeout:g} s"
+            )
+        if not isinstance(reply, Reply):
+            return SiteFailure(
+                name, f"handle() returned a {type(reply).__name__}, expected a Reply"
+            )
+        return reply.copy()

@@ -82,6 +82,7 @@ from multimodal_fl.pca.site import (
     score_summary,
     site_matrix,
 )
+from multimodal_fl.progress import ProgressCallback
 from multimodal_fl.rundir import RunWriter, jsonable, site_summary
 from multimodal_fl.training import (
     SiteData,
@@ -388,7 +389,7 @@ class FusionSite:
 
 def fusion_sites(
     cfg: ExperimentConfig, run_dir: Path, *, cohorts: Mapping[str, Any] | None = None,
-    data: Mapping[str, SiteData] | None = None,
+    data: Mapping[str, SiteData] | None = None, progress: ProgressCallback | None = None,
 ) -> dict[str, FusionSite]:
     """Every site of ``cfg`` as a :class:`FusionSite` in this process (in-process engines).
 
@@ -401,10 +402,13 @@ def fusion_sites(
         Pre-built cohorts (default: read from the site directories).
     data : mapping or None
         Prepared :class:`~multimodal_fl.training.SiteData` per site (default: prepared here).
+    progress : callable or None
+        Called with the preparation's :class:`~multimodal_fl.progress.PrepareEvent`.
 
     Returns
     -------
     dict of str to FusionSite
     """
-    prepared = dict(data) if data is not None else load_site_data(cfg, run_dir, cohorts=cohorts)
+    prepared = dict(data) if data is not None else load_site_data(cfg, run_dir, cohorts=cohorts,
+                                                                  progress=progress)
     return {name: FusionSite(name, cfg, sd, run_dir=run_dir) for name, sd in prepared.items()}

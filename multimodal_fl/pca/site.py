@@ -209,7 +209,7 @@ def project_site_data(data: SiteData, modality: str, arrays: Mapping[str, Any]) 
                         meta=ds.meta, precomputed=ds.precomputed)
     # a new SiteData, not dataclasses.replace: nothing cached for the old dataset is shared
     return SiteData(data.site, new, data.splits, list(data.feature_names), dict(data.dropped),
-                    dict(data.image_errors))
+                    dict(data.image_errors), notes=list(data.notes))
 
 
 def score_summary(

@@ -362,6 +362,9 @@ class SiteData:
         Patients left out, with the reason (e.g. no modality present).
     image_errors : dict of str to str
         Patients whose image could not be read (their image counts as absent).
+    notes : list of str
+        What reading the site's files noticed, once per condition (e.g. DICOM files
+        without orientation tags), instead of a warning per file.
     """
 
     site: str
@@ -370,6 +373,7 @@ class SiteData:
     feature_names: list[str] = field(default_factory=list)
     dropped: dict[str, str] = field(default_factory=dict)
     image_errors: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
     _parts: dict[str, tuple[tuple[int, int], CohortDataset]] = field(
         default_factory=dict, repr=False, compare=False
     )

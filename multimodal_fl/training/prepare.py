@@ -29,6 +29,7 @@ from multimodal_fl.encoders.image import ImageEncoder
 from multimodal_fl.encoders.text import TextEncoder, normalize_notes
 from multimodal_fl.encoders.transforms import ImageReadError, ImageTransformSpec, load_image
 from multimodal_fl.fusion import MODALITIES, NoModalityError
+from multimodal_fl.progress import PrepareEvent, ProgressCallback, Tally
 from multimodal_fl.training.dataset import CohortDataset, SiteData
 from multimodal_fl.training.model import encoder_kwargs
 from multimodal_fl.training.splits import split_patients
@@ -133,11 +134,14 @@ def _load_images(
     *,
     cache_dir: Path | None,
     site: str,
+    progress: ProgressCallback | None = None,
+    notes: list[str] | None = None,
 ) -> tuple[torch.Tensor, np.ndarray, dict[int, str]]:
     """Read and preprocess images once (through the cache when given); zeros where absent.
 
     An unreadable file is cached as a NaN row (the same bytes fail the same way), so it is
-    reported, not re-read, by later runs.
+    reported, not re-read, by later runs. What the reads noticed about the files (DICOM
+    without orientation tags) is added to ``notes``, once for the site.
     """
     shape = (spec.channels, *([spec.size] * spec.spatial_dims))
     out = torch.zeros(len(paths), *shape)
@@ -155,23 +159,31 @@ def _load_images(
         return out, ok, errors
 
     reasons: dict[str, str] = {}
+    no_geometry: list[str] = []
+    tally = Tally(progress, site, "image", "read", total=len(readable))
 
     def compute(items: list[Path]) -> np.ndarray:
+        tally.hit(len(readable) - len(items))
         arrs = []
         for item in items:
             try:
-                arrs.append(load_image(item, spec=spec).reshape(-1).numpy())
+                arrs.append(load_image(item, spec=spec, notes=no_geometry).reshape(-1).numpy())
             except ImageReadError as exc:
                 arrs.append(np.full(int(np.prod(shape)), np.nan, dtype=np.float32))
                 reasons[str(item)] = str(exc)
                 logger.warning("site %s: %s", site, exc)
+            tally.advance()
         return np.stack(arrs).astype(np.float32)
 
     items = [paths[i] for i in readable]
+    tally.start()
     with warnings.catch_warnings():
         # MONAI's DICOM reader warns on import when an optional GPU decoder is absent
         warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
-        flat = _cached_pixels(items, compute, spec, cache_dir=cache_dir, site=site)
+        flat, hits = _cached_pixels(items, compute, spec, cache_dir=cache_dir, site=site)
+    tally.finish(hits)
+    if no_geometry:
+        _note_missing_geometry(no_geometry, spec, site=site, notes=notes)
     for row, i in zip(flat, readable, strict=True):
         if np.isnan(row).any():
             errors[i] = reasons.get(
@@ -183,6 +195,20 @@ def _load_images(
     return out, ok, errors
 
 
+def _note_missing_geometry(files: list[str], spec: ImageTransformSpec, *, site: str,
+                           notes: list[str] | None) -> None:
+    """Record, once for the site, the DICOM files read without orientation tags."""
+    effect = ("no effect on 2D images" if spec.spatial_dims == 2
+              else "3D volumes may be misoriented before the reorientation to "
+              f"{spec.orientation}")
+    note = (f"{len(files)} DICOM file(s) without ImageOrientationPatient/ImagePositionPatient "
+            f"(e.g. {Path(files[0]).name}): read with an identity orientation ({effect})")
+    if notes is not None:
+        notes.append(note)
+    logger.log(logging.INFO if spec.spatial_dims == 2 else logging.WARNING,
+               "site %s: %s", site, note)
+
+
 def _cached_pixels(
     items: list[Path | None],
     compute: Callable[[list[Path]], np.ndarray],
@@ -190,13 +216,14 @@ def _cached_pixels(
     *,
     cache_dir: Path | None,
     site: str,
-) -> np.ndarray:
+) -> tuple[np.ndarray, int]:
+    """The images' preprocessed pixels, read or from the cache, and the cache hits."""
     if cache_dir is not None:
         fp = hashlib.sha256(("pixels|" + spec.describe()).encode()).hexdigest()
         cache = EmbeddingCache(cache_dir, fingerprint=fp, site=site,
                                description="preprocessed image pixels " + spec.describe())
-        return cache.get_or_compute(items, compute)
-    return compute(items)  # type: ignore[arg-type]
+        return cache.get_or_compute(items, compute), cache.hits
+    return compute(items), 0  # type: ignore[arg-type]
 
 
 def prepare_site_data(
@@ -207,6 +234,7 @@ def prepare_site_data(
     site: str | None = None,
     site_dir: str | os.PathLike[str] | None = None,
     frozen: FrozenEncoders | None = None,
+    progress: ProgressCallback | None = None,
 ) -> SiteData:
     """Turn one site's cohort into tensors, once, and split its patients.
 
@@ -230,10 +258,15 @@ def prepare_site_data(
         Directory relative image paths are resolved against; default the config's site path.
     frozen : FrozenEncoders or None
         Shared frozen encoders (built from ``cfg`` when absent).
+    progress : callable or None
+        Called with a :class:`~multimodal_fl.progress.PrepareEvent` as images are read and
+        notes or images embedded (per modality: items done, total, cache hits).
 
     Returns
     -------
     SiteData
+        With :attr:`SiteData.notes`: what reading the files noticed (e.g. DICOM files
+        without orientation tags), once for the site.
     """
     table = cohort.table.reset_index(drop=True)
     name = _site_name(cohort, table, site)
@@ -249,9 +282,9 @@ def prepare_site_data(
 
     if "image" in mods:
         _read_images(table, cfg, frozen, inputs, pids=pids, site=name, cache_dir=cache_dir,
-                     site_dir=Path(site_dir) if site_dir else None)
+                     site_dir=Path(site_dir) if site_dir else None, progress=progress)
     if "text" in mods:
-        _read_text(table, frozen, inputs, site=name, cache_dir=cache_dir)
+        _read_text(table, frozen, inputs, site=name, cache_dir=cache_dir, progress=progress)
     if "tabular" in mods and "has_tabular" not in table:
         inputs.present["tabular"] = table[feature_names].notna().any(axis=1).to_numpy()
 
@@ -275,7 +308,8 @@ def prepare_site_data(
         site=name,
         fractions=cfg.training.split,
     )
-    return SiteData(name, dataset, splits, feature_names, dropped, inputs.image_errors)
+    return SiteData(name, dataset, splits, feature_names, dropped, inputs.image_errors,
+                    notes=inputs.notes)
 
 
 def _site_name(cohort: CohortLike, table: pd.DataFrame, site: str | None) -> str:
@@ -296,6 +330,7 @@ class _SiteInputs:
     present: dict[str, np.ndarray] = field(default_factory=dict)
     images: torch.Tensor | None = None
     image_errors: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def keep(self, rows: np.ndarray) -> None:
         """Keep only the patients at table rows ``rows``."""
@@ -315,6 +350,7 @@ def _read_images(
     site: str,
     cache_dir: Path | None,
     site_dir: Path | None,
+    progress: ProgressCallback | None,
 ) -> None:
     """Read the site's images once; embed them too when the image encoder is frozen."""
     spec = frozen.image_spec
@@ -326,12 +362,14 @@ def _read_images(
         _image_path(raw, site_dir) if h else None
         for raw, h in zip(col.tolist(), has.tolist(), strict=True)
     ]
-    pix, ok, errs = _load_images(paths, spec, cache_dir=cache_dir, site=site)
+    pix, ok, errs = _load_images(paths, spec, cache_dir=cache_dir, site=site, progress=progress,
+                                 notes=inputs.notes)
     inputs.image_errors = {pids[i]: msg for i, msg in errs.items()}
     inputs.present["image"] = ok
     if cfg.modalities.image.frozen:
         inputs.embeddings["image"] = _frozen_image_embeddings(
-            frozen.image, pix, ok, spec, cache_dir=cache_dir, site=site, paths=paths
+            frozen, pix, ok, spec, cache_dir=cache_dir, site=site, paths=paths,
+            progress=progress,
         )
     else:
         inputs.images = pix
@@ -344,6 +382,7 @@ def _read_text(
     *,
     site: str,
     cache_dir: Path | None,
+    progress: ProgressCallback | None,
 ) -> None:
     """Embed the site's notes with the frozen text encoder (through the cache)."""
     notes_col = table["notes"] if "notes" in table else pd.Series([[]] * len(table))
@@ -353,7 +392,7 @@ def _read_text(
         has_text &= table["has_text"].fillna(False).to_numpy(dtype=bool)
     inputs.present["text"] = has_text
     inputs.embeddings["text"] = _frozen_text_embeddings(
-        frozen, notes, has_text, cache_dir=cache_dir, site=site
+        frozen, notes, has_text, cache_dir=cache_dir, site=site, progress=progress
     )
 
 
@@ -397,31 +436,39 @@ def _frozen_text_embeddings(
     *,
     cache_dir: Path | None,
     site: str,
+    progress: ProgressCallback | None,
 ) -> np.ndarray:
     rows = np.flatnonzero(present)
     if rows.size == 0:
         # no note at this site: the encoder is still needed for its width only
         return np.zeros((len(notes), frozen.text.output_dim), dtype=np.float32)
+    tally = Tally(progress, site, "text", "embedded", total=int(rows.size))
+    tally.start()  # before the encoder loads (seconds for a transformers model)
     enc = frozen.text
 
     def compute(items: list[list[str]]) -> np.ndarray:
+        done = len(rows) - len(items)
+        tally.hit(done)
         with torch.no_grad():
-            return enc.encode(items)[0].cpu().numpy()
+            emb = enc.encode(items, progress=lambda n: tally.reach(done + n))
+        return emb[0].cpu().numpy()
 
     items = [notes[i] for i in rows]
     if cache_dir is not None:
         cache = EmbeddingCache(cache_dir, fingerprint=enc.fingerprint(), site=site,
                                description="frozen text encoder")
         emb = cache.get_or_compute(items, compute)
+        tally.finish(cache.hits)
     else:
         emb = compute(items)
+        tally.finish()
     out = np.zeros((len(notes), emb.shape[1]), dtype=np.float32)
     out[rows] = emb
     return out
 
 
 def _frozen_image_embeddings(
-    enc: ImageEncoder,
+    frozen: FrozenEncoders,
     pixels: torch.Tensor,
     ok: np.ndarray,
     spec: ImageTransformSpec,
@@ -429,16 +476,24 @@ def _frozen_image_embeddings(
     cache_dir: Path | None,
     site: str,
     paths: Sequence[Path | None],
+    progress: ProgressCallback | None,
 ) -> np.ndarray:
     rows = [int(i) for i in np.flatnonzero(ok)]
+    tally = Tally(progress, site, "image", "embedded", total=len(rows))
+    tally.start()  # before the backbone is built
+    enc = frozen.image
     out = np.zeros((len(ok), enc.output_dim), dtype=np.float32)
     if not rows:
         return out
 
     def compute(items: list[int]) -> np.ndarray:
+        tally.hit(len(rows) - len(items))
         idx = torch.as_tensor(items, dtype=torch.long)
+        parts = []
         with torch.no_grad():
-            parts = [enc(pixels[idx[s : s + 64]]) for s in range(0, len(idx), 64)]
+            for s in range(0, len(idx), 64):
+                parts.append(enc(pixels[idx[s : s + 64]]))
+                tally.advance(len(parts[-1]))
         return torch.cat(parts).numpy()
 
     if cache_dir is not None:
@@ -448,8 +503,10 @@ def _frozen_image_embeddings(
         )
         keys = [content_key(paths[i]) for i in rows]
         emb = cache.get_or_compute(rows, compute, keys=keys)
+        tally.finish(cache.hits)
     else:
         emb = compute(rows)
+        tally.finish()
     out[rows] = emb
     return out
 
@@ -465,7 +522,8 @@ def cache_root(cfg: ExperimentConfig, run_dir: Path) -> Path:
 
 
 def load_site_data(cfg: ExperimentConfig, run_dir: Path, *,
-                   cohorts: Mapping[str, Any] | None = None) -> dict[str, SiteData]:
+                   cohorts: Mapping[str, Any] | None = None,
+                   progress: ProgressCallback | None = None) -> dict[str, SiteData]:
     """Build every site's cohort (unless given) and prepare it as tensors.
 
     Parameters
@@ -475,6 +533,10 @@ def load_site_data(cfg: ExperimentConfig, run_dir: Path, *,
         Where the default embedding cache goes (see :func:`cache_root`).
     cohorts : mapping of site name to SiteCohort or None
         Pre-built cohorts (default: ``data.cohort.build_cohorts(cfg)``).
+    progress : callable or None
+        Called with a :class:`~multimodal_fl.progress.PrepareEvent` per FHIR file read
+        (modality ``"records"``) and as each site's modalities are prepared (see
+        :func:`prepare_site_data`).
 
     Returns
     -------
@@ -482,10 +544,15 @@ def load_site_data(cfg: ExperimentConfig, run_dir: Path, *,
         In the config's site order.
     """
     if cohorts is None:
-        cohorts = build_cohorts(cfg)
+        def files_read(site: str, done: int, total: int) -> None:
+            if progress is not None:
+                progress(PrepareEvent(site, "records", "read", done, total))
+
+        cohorts = build_cohorts(cfg, progress=files_read)
     frozen = FrozenEncoders(cfg)
     root = cache_root(cfg, run_dir)
     out: dict[str, SiteData] = {}
     for name, cohort in cohorts.items():
-        out[name] = prepare_site_data(cohort, cfg, cache=root, site=name, frozen=frozen)
+        out[name] = prepare_site_data(cohort, cfg, cache=root, site=name, frozen=frozen,
+                                      progress=progress)
     return out

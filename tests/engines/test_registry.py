@@ -55,7 +55,6 @@ def test_cli_dispatches_through_the_registry_and_refuses_in_one_line(
 def test_python_entry_point_trains_like_the_cli(
     tiny_config: Callable[..., Path], tmp_path: Path
 ) -> None:
-    outcome = run(load_config(tiny_config()), "inprocess", out_dir=tmp_path / "fed",
-                  progress=False)
+    outcome = run(load_config(tiny_config()), "inprocess", out_dir=tmp_path / "fed")
     assert outcome.run_dir == tmp_path / "fed"
     assert outcome.metrics["engine"] == "inprocess" and outcome.metrics["sites"]
