@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import zoneinfo
 from datetime import date
 from importlib import resources
 from pathlib import Path
@@ -47,6 +48,7 @@ __all__ = [
     "TextModalityConfig",
     "TrainingConfig",
     "available_tasks",
+    "check_timezone",
     "load_config",
     "load_task",
 ]
@@ -290,6 +292,34 @@ class SiteConfig(_Strict):
     path: Path = Field(description="Site directory; relative paths are relative to the config.")
 
 
+def check_timezone(name: str) -> zoneinfo.ZoneInfo:
+    """The IANA time zone ``name`` (``"UTC"``, ``"Europe/Berlin"``), or a one-line error.
+
+    Parameters
+    ----------
+    name
+        An IANA time zone name.
+
+    Returns
+    -------
+    zoneinfo.ZoneInfo
+        The zone.
+
+    Raises
+    ------
+    ValueError
+        When ``name`` is not an IANA time zone name; the message suggests the nearest names.
+    """
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        pass
+    close = difflib.get_close_matches(name, sorted(zoneinfo.available_timezones()), n=3)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(f"'{name}' is not an IANA time zone name (e.g. 'UTC', 'Europe/Berlin', "
+                     f"'Australia/Brisbane'){hint}")
+
+
 class DataConfig(_Strict):
     """How site data is read."""
 
@@ -306,6 +336,18 @@ class DataConfig(_Strict):
         default=None,
         description="Embedding cache root; default: <run dir>/cache, or $MMFL_CACHE when set.",
     )
+    timezone: str = Field(
+        default="UTC",
+        description="The sites' time zone (IANA name, e.g. 'Europe/Berlin'): a date without a "
+        "time (2020-03-01, 2020-03, 2020) or a time without an offset is read in it; a partial "
+        "date is known at the end of the period it names.",
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _iana_zone(cls, name: str) -> str:
+        check_timezone(name)
+        return name
 
 
 class ImageModalityConfig(_Strict):
