@@ -124,8 +124,8 @@ class IndexRule(_Strict):
     allowance_hours: float = Field(
         default=0.0,
         ge=0.0,
-        description="Presentation allowance: features may use data recorded up to index + "
-        "allowance inclusive; the label window starts right after it.",
+        description="Presentation allowance: features may use data known (issued, recorded)"
+        " by index + allowance inclusive; the label window starts right after it.",
     )
 
     @model_validator(mode="after")
@@ -136,7 +136,7 @@ class IndexRule(_Strict):
 
 
 class FeatureSpec(_Strict):
-    """Which features a task builds, all from data recorded up to index + allowance."""
+    """Which features a task builds, all from data known by index + allowance."""
 
     demographics: list[Literal["age", "sex"]] = Field(
         default_factory=lambda: ["age", "sex"],  # type: ignore[arg-type]
@@ -147,12 +147,13 @@ class FeatureSpec(_Strict):
     )
     conditions: list[CodeSet] = Field(
         default_factory=list,
-        description="Comorbidities: 1 when a Condition of the set has onset before the "
-        "feature cut-off and is not abated before the index, else 0.",
+        description="Comorbidities: 1 when a Condition of the set was known (recordedDate, "
+        "else onset; a partial date at its end) by the feature cut-off and is not abated "
+        "before the index, else 0.",
     )
     medications: list[CodeSet] = Field(
         default_factory=list,
-        description="1 when a MedicationRequest of the set was authored before the cut-off.",
+        description="1 when a MedicationRequest of the set was authored by the cut-off.",
     )
     lookback_days: float = Field(
         default=365.0, gt=0, description="Default observation window length before the index."
@@ -168,8 +169,8 @@ class LabelRule(_Strict):
     kind: Literal["events_after_index", "condition_at_index", "labels_csv"] = Field(
         description="events_after_index: positive when a procedure/device code (or death) "
         "falls in the label window. condition_at_index: positive when a condition of the set "
-        "has onset on or before the index (prevalent disease). labels_csv: the site's "
-        "labels.csv only."
+        "has onset on or before the index (prevalent disease; notes written on or after the "
+        "first such onset are not used). labels_csv: the site's labels.csv only."
     )
     window_hours: float | None = Field(
         default=None, gt=0, description="Label window length after index + allowance."
@@ -208,7 +209,7 @@ class TaskSpec(_Strict):
     """A prediction task: cohort + index time + features + label rule, all from data.
 
     Codes live in YAML task files, never in Python. Leakage is impossible by
-    construction: features use only data recorded up to ``index + allowance``, and the
+    construction: features use only data known by ``index + allowance``, and the
     label window starts right after it.
     """
 
