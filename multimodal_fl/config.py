@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import zoneinfo
 from datetime import date
 from importlib import resources
 from pathlib import Path
@@ -47,6 +48,7 @@ __all__ = [
     "TextModalityConfig",
     "TrainingConfig",
     "available_tasks",
+    "check_timezone",
     "load_config",
     "load_task",
 ]
@@ -122,8 +124,8 @@ class IndexRule(_Strict):
     allowance_hours: float = Field(
         default=0.0,
         ge=0.0,
-        description="Presentation allowance: features may use data recorded up to index + "
-        "allowance inclusive; the label window starts right after it.",
+        description="Presentation allowance: features may use data known (issued, recorded)"
+        " by index + allowance inclusive; the label window starts right after it.",
     )
 
     @model_validator(mode="after")
@@ -134,7 +136,7 @@ class IndexRule(_Strict):
 
 
 class FeatureSpec(_Strict):
-    """Which features a task builds, all from data recorded up to index + allowance."""
+    """Which features a task builds, all from data known by index + allowance."""
 
     demographics: list[Literal["age", "sex"]] = Field(
         default_factory=lambda: ["age", "sex"],  # type: ignore[arg-type]
@@ -145,12 +147,13 @@ class FeatureSpec(_Strict):
     )
     conditions: list[CodeSet] = Field(
         default_factory=list,
-        description="Comorbidities: 1 when a Condition of the set has onset before the "
-        "feature cut-off and is not abated before the index, else 0.",
+        description="Comorbidities: 1 when a Condition of the set was known (recordedDate, "
+        "else onset; a partial date at its end) by the feature cut-off and is not abated "
+        "before the index, else 0.",
     )
     medications: list[CodeSet] = Field(
         default_factory=list,
-        description="1 when a MedicationRequest of the set was authored before the cut-off.",
+        description="1 when a MedicationRequest of the set was authored by the cut-off.",
     )
     lookback_days: float = Field(
         default=365.0, gt=0, description="Default observation window length before the index."
@@ -166,8 +169,8 @@ class LabelRule(_Strict):
     kind: Literal["events_after_index", "condition_at_index", "labels_csv"] = Field(
         description="events_after_index: positive when a procedure/device code (or death) "
         "falls in the label window. condition_at_index: positive when a condition of the set "
-        "has onset on or before the index (prevalent disease). labels_csv: the site's "
-        "labels.csv only."
+        "has onset on or before the index (prevalent disease; notes written on or after the "
+        "first such onset are not used). labels_csv: the site's labels.csv only."
     )
     window_hours: float | None = Field(
         default=None, gt=0, description="Label window length after index + allowance."
@@ -206,7 +209,7 @@ class TaskSpec(_Strict):
     """A prediction task: cohort + index time + features + label rule, all from data.
 
     Codes live in YAML task files, never in Python. Leakage is impossible by
-    construction: features use only data recorded up to ``index + allowance``, and the
+    construction: features use only data known by ``index + allowance``, and the
     label window starts right after it.
     """
 
@@ -290,6 +293,34 @@ class SiteConfig(_Strict):
     path: Path = Field(description="Site directory; relative paths are relative to the config.")
 
 
+def check_timezone(name: str) -> zoneinfo.ZoneInfo:
+    """The IANA time zone ``name`` (``"UTC"``, ``"Europe/Berlin"``), or a one-line error.
+
+    Parameters
+    ----------
+    name
+        An IANA time zone name.
+
+    Returns
+    -------
+    zoneinfo.ZoneInfo
+        The zone.
+
+    Raises
+    ------
+    ValueError
+        When ``name`` is not an IANA time zone name; the message suggests the nearest names.
+    """
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        pass
+    close = difflib.get_close_matches(name, sorted(zoneinfo.available_timezones()), n=3)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(f"'{name}' is not an IANA time zone name (e.g. 'UTC', 'Europe/Berlin', "
+                     f"'Australia/Brisbane'){hint}")
+
+
 class DataConfig(_Strict):
     """How site data is read."""
 
@@ -306,6 +337,18 @@ class DataConfig(_Strict):
         default=None,
         description="Embedding cache root; default: <run dir>/cache, or $MMFL_CACHE when set.",
     )
+    timezone: str = Field(
+        default="UTC",
+        description="The sites' time zone (IANA name, e.g. 'Europe/Berlin'): a date without a "
+        "time (2020-03-01, 2020-03, 2020) or a time without an offset is read in it; a partial "
+        "date is known at the end of the period it names.",
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _iana_zone(cls, name: str) -> str:
+        check_timezone(name)
+        return name
 
 
 class ImageModalityConfig(_Strict):

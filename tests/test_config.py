@@ -78,6 +78,17 @@ def test_invalid_value_names_field(tmp_path: Path) -> None:
         load_config(write(tmp_path, minimal(fusion={"kind": "sum"})))
 
 
+def test_data_timezone_is_an_iana_name(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, minimal())).data.timezone == "UTC"
+    cfg = load_config(write(tmp_path, minimal()), ["data.timezone=Australia/Brisbane"])
+    assert cfg.data.timezone == "Australia/Brisbane"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, minimal()), ["data.timezone=Europe/Berln"])
+    message = str(info.value)
+    assert "data.timezone" in message and "'Europe/Berln' is not an IANA time zone" in message
+    assert "did you mean 'Europe/Berlin'" in message
+
+
 def test_overrides_typed_and_nested(tmp_path: Path) -> None:
     path = write(tmp_path, minimal())
     cfg = load_config(

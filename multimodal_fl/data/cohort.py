@@ -20,7 +20,7 @@ from multimodal_fl.data.fhir import FHIRReader
 from multimodal_fl.data.fhir_json import unpack_resources
 from multimodal_fl.data.imaging import link_images
 from multimodal_fl.data.records import Note
-from multimodal_fl.data.sites import SiteFiles, discover_site, read_csv
+from multimodal_fl.data.sites import SiteFiles, discover_site, read_csv, site_timezone
 from multimodal_fl.data.tasks import apply_task, feature_names
 from multimodal_fl.data.text import load_url_notes, notes_from_csv
 
@@ -153,7 +153,8 @@ def build_cohort(
     task
         The task (cohort, index, features, label).
     data
-        Error policy (``on_error``) and validation scope; default ``DataConfig()``.
+        Error policy (``on_error``), validation scope and the site's time zone
+        (``timezone``); default ``DataConfig()``.
     site_name
         Name for the ``site`` column (default: the SiteConfig name or the folder name).
     progress
@@ -181,7 +182,7 @@ def build_cohort(
         site_name = site_name or path.name
     files = discover_site(path)
     sink = ErrorSink(on_error=data.on_error)
-    reader = FHIRReader(task, sink, validation=data.validation)
+    reader = FHIRReader(task, sink, validation=data.validation, tz=site_timezone(data, files))
     n = len(files.fhir_files)
     for i, f in enumerate(files.fhir_files, start=1):
         reader.read_file(f, files.rel(f))
@@ -214,7 +215,7 @@ def build_cohort_from_resources(
     """
     data = data or DataConfig()
     sink = ErrorSink(on_error=data.on_error)
-    reader = FHIRReader(task, sink, validation=data.validation)
+    reader = FHIRReader(task, sink, validation=data.validation, tz=site_timezone(data))
     for obj, label in resources:
         if isinstance(obj, Path):
             reader.read_file(obj, label)
@@ -234,9 +235,10 @@ def _assemble(reader: FHIRReader, task: TaskSpec, sink: ErrorSink, site_name: st
     if files is not None:
         load_url_notes(records, files, sink)
         if files.notes_csv is not None:
-            for pid, extra in notes_from_csv(files.notes_csv, sink, known).items():
+            for pid, extra in notes_from_csv(files.notes_csv, sink, known,
+                                             tz=reader.tz).items():
                 notes.setdefault(pid, []).extend(extra)
-        images = link_images(records, files, sink, known)
+        images = link_images(records, files, sink, known, tz=reader.tz)
         labels = _read_labels(files, sink, known)
     for pid, fhir_notes in records.notes.items():
         notes[pid] = [n for n in fhir_notes if n.url is None] + notes.get(pid, [])

@@ -28,7 +28,7 @@ import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from multimodal_fl.config import DataConfig, TaskSpec, load_task
+from multimodal_fl.config import DataConfig, TaskSpec, check_timezone, load_task
 from multimodal_fl.data.cohort import build_cohort, build_cohort_from_resources
 from multimodal_fl.data.tasks import feature_names
 
@@ -50,6 +50,9 @@ class FHIRFeaturizer(TransformerMixin, BaseEstimator):
         ``"task"`` (validate only the resources the task uses) or ``"all"``.
     allowance_hours
         Override the task's presentation allowance (None keeps the task's).
+    timezone
+        The sites' time zone (IANA name), as ``data.timezone`` of an experiment: dates
+        without a time are read in it.
     keep_empty_features
         Keep feature columns that have no value at all in the data seen by ``fit`` (as in
         ``SimpleImputer``); by default they are dropped (``empty_features_``), because
@@ -73,12 +76,14 @@ class FHIRFeaturizer(TransformerMixin, BaseEstimator):
         on_error: Literal["skip", "fail"] = "skip",
         validation: Literal["task", "all"] = "task",
         allowance_hours: float | None = None,
+        timezone: str = "UTC",
         keep_empty_features: bool = False,
     ) -> None:
         self.task = task
         self.on_error = on_error
         self.validation = validation
         self.allowance_hours = allowance_hours
+        self.timezone = timezone
         self.keep_empty_features = keep_empty_features
 
     # ------------------------------------------------------------------ sklearn API
@@ -161,7 +166,12 @@ class FHIRFeaturizer(TransformerMixin, BaseEstimator):
                                    .astype(str)) if {"site", "patient_id"} <= set(table.columns) \
                     else [str(i) for i in table.index]
             return table
-        data = DataConfig(on_error=self.on_error, validation=self.validation)
+        try:
+            check_timezone(self.timezone)
+        except ValueError as exc:
+            raise ValueError(f"FHIRFeaturizer timezone: {exc}") from None
+        data = DataConfig(on_error=self.on_error, validation=self.validation,
+                          timezone=self.timezone)
         sources = self._check_input(X)
         tables = []
         loose: list[tuple[dict[str, Any] | Path, str]] = []

@@ -17,8 +17,12 @@ Reading is two-pass by design:
 
 Patients are joined by ``Patient.id``; references may be ``Patient/<id>``,
 ``urn:uuid:<id>`` (Synthea's transaction bundles) or any ``fullUrl`` of a bundle entry.
-All times become timezone-aware UTC datetimes (a date without a time is its midnight UTC;
-a time without an offset is taken as UTC).
+All times become timezone-aware UTC datetimes; a date without a time, or a time without an
+offset, is read in the site's time zone (``tz``). Observations, Conditions and
+MedicationRequests keep two times (see :mod:`~multimodal_fl.data.records`): the clinical
+time (``effective[x]``, onset, ``authoredOn``; a partial date's first instant) for the index
+and the labels, and the time they became known (``issued``, ``recordedDate``; a partial date's
+last second; never before the clinical time) for the feature cut-off.
 
 The reader sits above the modules it uses: JSON files and dated fields in
 :mod:`~multimodal_fl.data.fhir_json`, the record types in :mod:`~multimodal_fl.data.records`,
@@ -34,7 +38,7 @@ import functools
 import re
 from collections import defaultdict
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any, Literal
 
@@ -120,7 +124,14 @@ def _ref_key(ref: Any) -> str | None:
 
 _SUBJECT_FIELD = {"Device": "patient", "Patient": ""}
 _DEFERRED = {"Encounter", "Observation"}
-_Deferred = tuple[dict[str, Any], str, str, str, datetime | None]
+# resource, file, id, subject reference, clinical time, known time (Observations)
+_Deferred = tuple[dict[str, Any], str, str, str, datetime | None, datetime | None]
+# clinical time first, then when the record became known (partial dates: end of the period)
+_OBS_CLINICAL = ("effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued")
+_OBS_KNOWN = ("issued", "effectiveDateTime", "effectivePeriod.end", "effectivePeriod.start",
+              "effectiveInstant")
+_COND_CLINICAL = ("onsetDateTime", "onsetPeriod.start", "recordedDate")
+_COND_KNOWN = ("recordedDate", "onsetDateTime", "onsetPeriod.start")
 
 
 class FHIRReader:
@@ -134,13 +145,17 @@ class FHIRReader:
         Error policy and skip collection.
     validation
         ``"task"``: validate only kept resources with R4B models; ``"all"``: every resource.
+    tz
+        The site's time zone: dates without a time and times without an offset are read in
+        it (see :func:`~multimodal_fl.data.fhir_json.parse_time`).
     """
 
     def __init__(self, task: TaskSpec, sink: ErrorSink, *,
-                 validation: Literal["task", "all"] = "task") -> None:
+                 validation: Literal["task", "all"] = "task", tz: tzinfo = UTC) -> None:
         self.task = task
         self.sink = sink
         self.validation = validation
+        self.tz = tz
         self.records = SiteRecords()
         lab = task.label
         self._cond_sets = [*task.cohort.conditions, *task.features.conditions, *lab.conditions]
@@ -214,15 +229,28 @@ class FHIRReader:
         if ref is None:
             return
         if rt == "Encounter":
-            start, _ = first_time(res, ("period.start", "period.end"))
+            start, _ = first_time(res, ("period.start", "period.end"), tz=self.tz)
             for key in (full_url, f"Encounter/{rid}"):
                 if key:
                     self._enc_alias[key] = rid
-            self._deferred_enc.append((res, label, rid, ref, start))
+            self._deferred_enc.append((res, label, rid, ref, start, None))
         else:
-            t, _ = first_time(res, ("effectiveDateTime", "effectivePeriod.start",
-                                     "effectiveInstant", "issued"))
-            self._deferred_obs.append((res, label, rid, ref, t))
+            t, known = self._times(res, _OBS_CLINICAL, _OBS_KNOWN)
+            self._deferred_obs.append((res, label, rid, ref, t, known))
+
+    def _times(self, res: dict[str, Any], clinical: tuple[str, ...], known: tuple[str, ...]
+               ) -> tuple[datetime | None, datetime | None]:
+        """``(clinical time, known time)`` of a resource; known is never before clinical.
+
+        The clinical time is the first present of ``clinical`` (a partial date's first
+        instant); the known time the first present of ``known`` (a partial date's last
+        second; whole seconds).
+        """
+        t, _ = first_time(res, clinical, tz=self.tz)
+        k, _ = first_time(res, known, tz=self.tz, end=True)
+        if t is not None and (k is None or k < t.replace(microsecond=0)):
+            k = t.replace(microsecond=0)
+        return t, k
 
     def _use(self, rt: str, res: dict[str, Any], label: str, rid: str) -> bool:
         """Validate a deferred resource now that it is needed; record it when valid."""
@@ -315,22 +343,22 @@ class FHIRReader:
         if ref is None:
             return
         if rt == "Encounter":
-            start, _ = first_time(res, ("period.start", "period.end"))
-            end, _ = first_time(res, ("period.end",))
+            start, _ = first_time(res, ("period.start", "period.end"), tz=self.tz)
+            end, _ = first_time(res, ("period.end",), tz=self.tz)
             enc = Coded(rid, label, tuple(_codings((res.get("type") or [{}])[0])), start, end)
             for key in (full_url, f"Encounter/{rid}"):
                 if key:
                     self._enc_alias[key] = rid
             self._pending.append(("encounter", ref, label, rid, enc))
         elif rt == "Condition":
-            onset, _ = first_time(res, ("onsetDateTime", "onsetPeriod.start", "recordedDate"))
-            abate, _ = first_time(res, ("abatementDateTime", "abatementPeriod.end"))
+            onset, known = self._times(res, _COND_CLINICAL, _COND_KNOWN)
+            abate, _ = first_time(res, ("abatementDateTime", "abatementPeriod.end"), tz=self.tz)
             enc_ref = _ref_key(res.get("encounter"))
             self._pending.append(("condition", ref, label, rid,
                                   Coded(rid, label, tuple(_codings(res.get("code"))), onset,
-                                        abate, enc_ref)))
+                                        abate, enc_ref, known)))
         elif rt == "Procedure":
-            t, _ = first_time(res, ("performedDateTime", "performedPeriod.start"))
+            t, _ = first_time(res, ("performedDateTime", "performedPeriod.start"), tz=self.tz)
             self._pending.append(("procedure", ref, label, rid,
                                   Coded(rid, label, tuple(_codings(res.get("code"))), t)))
         elif rt == "Device":
@@ -341,11 +369,12 @@ class FHIRReader:
                     self._dev_alias[key] = rid
             self._pending.append(("device_owner", ref, label, rid, dev))
         elif rt == "MedicationRequest":
-            t, _ = first_time(res, ("authoredOn",))
+            t, known = self._times(res, ("authoredOn",), ("authoredOn",))
             med_ref = _ref_key(res.get("medicationReference"))
             if med_ref is None:
                 self._pending.append(("medication", ref, label, rid, Coded(
-                    rid, label, tuple(_codings(res.get("medicationCodeableConcept"))), t)))
+                    rid, label, tuple(_codings(res.get("medicationCodeableConcept"))), t,
+                    known=known)))
             elif med_ref.startswith("#"):  # a contained Medication
                 contained = [c for c in res.get("contained") or [] if isinstance(c, dict)
                              and c.get("resourceType") == "Medication"
@@ -356,17 +385,17 @@ class FHIRReader:
                                      "MedicationRequest contains no Medication with that id")
                     return
                 self._pending.append(("medication", ref, label, rid, Coded(
-                    rid, label, tuple(_codings(contained[0].get("code"))), t)))
+                    rid, label, tuple(_codings(contained[0].get("code"))), t, known=known)))
             else:  # resolved in finish(), once every Medication has been read
                 self._pending.append(("medication_ref", ref, label, rid,
-                                      (Coded(rid, label, (), t), med_ref)))
+                                      (Coded(rid, label, (), t, known=known), med_ref)))
         elif rt == "Observation":
             self._record_observation(res, ref, label, rid)
         elif rt in {"DocumentReference", "DiagnosticReport"}:
-            for note in notes_from_resource(res, label, self.sink):
+            for note in notes_from_resource(res, label, self.sink, tz=self.tz):
                 self._pending.append(("note", ref, label, rid, note))
         elif rt == "ImagingStudy":
-            t, _ = first_time(res, ("started",))
+            t, _ = first_time(res, ("started",), tz=self.tz, end=True)  # known time
             for ident in res.get("identifier") or []:
                 if isinstance(ident, dict) and ident.get("system") == "urn:mmfl:image-path" \
                         and isinstance(ident.get("value"), str):
@@ -379,8 +408,8 @@ class FHIRReader:
             self.sink.report(label, "", "id", "no_id", "Patient has no id; patients are "
                              "joined by Patient.id")
             return
-        birth, _ = first_time(res, ("birthDate",))
-        deceased, _ = first_time(res, ("deceasedDateTime",))
+        birth, _ = first_time(res, ("birthDate",), tz=self.tz)
+        deceased, _ = first_time(res, ("deceasedDateTime",), tz=self.tz)
         rec = PatientRecord(rid, label, birth, res.get("gender"), deceased)
         if deceased is None and res.get("deceasedBoolean") is True:
             rec.deceased = None  # known dead, unknown date: no event time
@@ -411,7 +440,8 @@ class FHIRReader:
             self.sink.report(label, rid, "device", "no_device",
                              "DeviceUseStatement has no device reference")
             return
-        t, _ = first_time(res, ("timingDateTime", "timingPeriod.start", "recordedOn"))
+        t, _ = first_time(res, ("timingDateTime", "timingPeriod.start", "recordedOn"),
+                          tz=self.tz)
         if t is None:
             self.sink.report(label, rid, "timingDateTime", "undated_event",
                              "DeviceUseStatement has no timingDateTime, timingPeriod.start or "
@@ -420,9 +450,8 @@ class FHIRReader:
         self._device_uses.append((ref, dev, label, rid, t))
 
     def _record_observation(self, res: dict[str, Any], ref: str, label: str, rid: str) -> None:
-        t, _ = first_time(res, ("effectiveDateTime", "effectivePeriod.start",
-                                 "effectiveInstant", "issued"))
-        if t is None:
+        t, known = self._times(res, _OBS_CLINICAL, _OBS_KNOWN)
+        if t is None or known is None:
             self.sink.report(label, rid, "effectiveDateTime", "undated_event",
                              "Observation has no effective[x] or issued time")
             return
@@ -452,7 +481,7 @@ class FHIRReader:
                                      f"feature '{name}': {exc}")
                     continue
                 self._pending.append(("observation", ref, label, rid,
-                                      ObservationValue(name, value, t, rid)))
+                                      ObservationValue(name, value, t, rid, known)))
 
     # ------------------------------------------------------------------ finishing
 
@@ -501,7 +530,7 @@ class FHIRReader:
             if not conds:
                 continue
             first = min(conds, key=lambda c: (c.time is None, c.time or datetime.max))
-            for res, label, rid, _, start in items:
+            for res, label, rid, _, start, _ in items:
                 if rid == first.encounter and start is not None \
                         and self._use("Encounter", res, label, rid):
                     break
@@ -511,7 +540,7 @@ class FHIRReader:
                 onset = first.time
                 later = sorted((it for it in items if it[4] is not None and it[4] >= onset),
                                key=lambda it: it[4])  # type: ignore[arg-type, return-value]
-                for res, label, rid, _, _ in later:
+                for res, label, rid, _, _, _ in later:
                     if self._use("Encounter", res, label, rid):
                         break  # the first valid encounter after onset is the fallback
         self._resolve_pending()
@@ -520,7 +549,7 @@ class FHIRReader:
                             *[o.lookback_days or 0.0 for o in task.features.observations]])
         allowance = timedelta(hours=task.index.allowance_hours)
         windows: dict[str, tuple[datetime, datetime] | None] = {}
-        for res, label, rid, ref, t in self._deferred_obs:
+        for res, label, rid, ref, t, known in self._deferred_obs:
             pid = self.resolve_patient(ref)
             if pid is None:
                 self.sink.report(label, rid, "subject", "missing_patient",
@@ -532,7 +561,8 @@ class FHIRReader:
                 windows[pid] = None if index is None else (
                     index - timedelta(days=max_lookback), index + allowance)
             win = windows[pid]
-            if t is not None and (win is None or not win[0] <= t <= win[1]):
+            if t is not None and known is not None and (
+                    win is None or not (win[0] <= t and known <= win[1])):
                 rec.counts["observations_outside_window"] += 1
                 continue
             self._use("Observation", res, label, rid)

@@ -8,14 +8,22 @@ reader), :mod:`~multimodal_fl.data.text`, :mod:`~multimodal_fl.data.imaging` and
   or an ``.ndjson`` Bulk Data file, -> ``(resource, fullUrl)`` pairs; what is not FHIR is
   reported and skipped.
 - :func:`parse_time` / :func:`first_time`: FHIR date / dateTime / instant values ->
-  timezone-aware UTC datetimes (a date without a time is its midnight UTC; a time without
-  an offset is taken as UTC); a bad value raises :class:`BadField`, which names the field.
+  timezone-aware UTC datetimes; a bad value raises :class:`BadField`, which names the field.
+  Values without an offset are read in the site's time zone (``tz``, default UTC). A partial
+  date (``YYYY``, ``YYYY-MM``, ``YYYY-MM-DD``) names a period: its first instant when the
+  caller asks for clinical time (``end=False``: labels, the index), its last second when it
+  asks when the record became known (``end=True``: features), so a record dated only by the
+  day of the index is never known before a same-day index. Known times are whole seconds,
+  the precision of a FHIR ``dateTime`` (and so of an index): a fraction is dropped, so a
+  value issued 0.869 s after an effective time equal to the index (Synthea writes such
+  ``issued`` instants) is known at the index.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +31,64 @@ import orjson
 
 from multimodal_fl.data.errors import ErrorSink
 
-__all__ = ["BadField", "first_time", "iter_file_resources", "parse_time", "unpack_resources"]
+__all__ = ["BadField", "date_period", "first_time", "iter_file_resources", "parse_time",
+           "unpack_resources"]
+
+_PARTIAL_DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?$")
 
 
-def parse_time(value: Any) -> datetime:
+def _period_end(first: date, unit: str) -> date:
+    """The day after the period (``"year"``, ``"month"``, ``"day"``) that starts on ``first``."""
+    if unit == "year":
+        return date(first.year + 1, 1, 1)
+    if unit == "month":
+        return (first.replace(day=28) + timedelta(days=4)).replace(day=1)
+    return first + timedelta(days=1)
+
+
+def date_period(first: date, unit: str, *, tz: tzinfo = UTC, end: bool = False) -> datetime:
+    """The first (or, with ``end``, the last) instant of a calendar period in ``tz``, in UTC.
+
+    Parameters
+    ----------
+    first
+        The period's first day.
+    unit
+        ``"year"``, ``"month"`` or ``"day"``: the period's length.
+    tz
+        The time zone the period is a local period of.
+    end
+        Return the period's last second (one second before the next period starts) instead
+        of its first instant.
+
+    Returns
+    -------
+    datetime
+        Timezone-aware, UTC.
+    """
+    if not end:
+        return datetime.combine(first, time(), tzinfo=tz).astimezone(UTC)
+    try:
+        after = _period_end(first, unit)
+    except (ValueError, OverflowError):  # the period ends with year 9999
+        return datetime.max.replace(tzinfo=UTC)
+    return datetime.combine(after, time(), tzinfo=tz).astimezone(UTC) - timedelta(seconds=1)
+
+
+def parse_time(value: Any, *, tz: tzinfo = UTC, end: bool = False) -> datetime:
     """Parse a FHIR date / dateTime / instant into an aware UTC datetime.
 
     Parameters
     ----------
     value
         ``YYYY``, ``YYYY-MM``, ``YYYY-MM-DD`` or a full dateTime (``Z`` or an offset).
+    tz
+        The site's time zone: a partial date names a period of its calendar, and a
+        dateTime without an offset is its local time.
+    end
+        Known time: a partial date is the last second of the period it names (when the
+        record was known at the latest) instead of its first instant, and a dateTime is
+        truncated to the whole second.
 
     Returns
     -------
@@ -47,20 +103,26 @@ def parse_time(value: Any) -> datetime:
     if not isinstance(value, str) or not value:
         raise ValueError(f"expected a FHIR date/dateTime string, got {value!r}")
     s = value.strip()
-    if len(s) == 4 and s.isdigit():
-        s = f"{s}-01-01"
-    elif len(s) == 7 and s[4] == "-":
-        s = f"{s}-01"
+    bad = (f"'{value}' is not a FHIR date/dateTime (expected e.g. 2020-03-01 or "
+           "2020-03-01T10:00:00+01:00)")
+    partial = _PARTIAL_DATE.match(s)
+    if partial is not None:
+        year, month, day = partial.groups()
+        try:
+            first = date(int(year), int(month or 1), int(day or 1))
+        except ValueError:
+            raise ValueError(bad) from None
+        unit = "day" if day else "month" if month else "year"
+        return date_period(first, unit, tz=tz, end=end)
     try:
         dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
     except ValueError:
-        raise ValueError(
-            f"'{value}' is not a FHIR date/dateTime (expected e.g. 2020-03-01 or "
-            "2020-03-01T10:00:00+01:00)"
-        ) from None
+        raise ValueError(bad) from None
+    if not any(sep in s for sep in "T :"):  # another ISO spelling of a date (20200301)
+        return date_period(dt.date(), "day", tz=tz, end=end)
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.astimezone(UTC)
+        dt = dt.replace(tzinfo=tz)
+    return dt.astimezone(UTC).replace(microsecond=0) if end else dt.astimezone(UTC)
 
 
 class BadField(ValueError):
@@ -80,7 +142,8 @@ class BadField(ValueError):
         self.field = field_name
 
 
-def first_time(res: dict[str, Any], fields: Iterable[str]) -> tuple[datetime | None, str]:
+def first_time(res: dict[str, Any], fields: Iterable[str], *, tz: tzinfo = UTC,
+               end: bool = False) -> tuple[datetime | None, str]:
     """The first present time among dotted ``fields`` of a resource dict.
 
     Parameters
@@ -89,6 +152,9 @@ def first_time(res: dict[str, Any], fields: Iterable[str]) -> tuple[datetime | N
         The resource.
     fields
         Dotted field paths in order of preference (``"effectivePeriod.start"``).
+    tz, end
+        As for :func:`parse_time`: the site's time zone, and whether a partial date is the
+        end of its period (known time) rather than its start (clinical time).
 
     Returns
     -------
@@ -106,7 +172,7 @@ def first_time(res: dict[str, Any], fields: Iterable[str]) -> tuple[datetime | N
             node = node.get(part) if isinstance(node, dict) else None
         if node is not None:
             try:
-                return parse_time(node), f
+                return parse_time(node, tz=tz, end=end), f
             except ValueError as exc:
                 raise BadField(f, str(exc)) from None
     return None, ""

@@ -19,8 +19,13 @@ by path. An image acquired after the cut-off is never used.
    ``started`` dates the image (an image started after the feature cut-off is not used).
 3. **DICOM PatientID**: every ``.dcm`` file under ``images/`` not linked by rules 1-2 is
    read header-only (``pydicom.dcmread(stop_before_pixels=True)``) and linked by its
-   ``PatientID`` tag (0010,0020) equal to the FHIR ``Patient.id``; ``StudyDate`` /
-   ``AcquisitionDate`` date it when present.
+   ``PatientID`` tag (0010,0020) equal to the FHIR ``Patient.id``, and dated by
+   :func:`dicom_known_time`.
+
+Every image is dated by when it was known: a date without a time (``images.csv``
+``acquired``, ``ImagingStudy.started``, a DICOM date whose time is missing) is the end of
+that day in the site's time zone, so an image dated only by the day of the index is never
+used for a same-day index.
 
 Paths that lead outside the site directory (``..``, absolute paths, symlinks escaping)
 are refused and reported, never read. A linked image must be readable at header level
@@ -30,20 +35,30 @@ absent and is reported.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
 from pathlib import Path
+from typing import Any
 
 from multimodal_fl.data.errors import ErrorSink
-from multimodal_fl.data.fhir_json import parse_time
+from multimodal_fl.data.fhir_json import date_period, parse_time
 from multimodal_fl.data.records import SiteRecords
 from multimodal_fl.data.sites import SiteFiles, image_suffix, read_csv, resolve_inside
 
 # pydicom, nibabel and Pillow are heavy to import: imported inside the functions that use them
 
-__all__ = ["check_readable", "link_images", "select_image"]
+__all__ = ["check_readable", "dicom_known_time", "link_images", "select_image"]
 
 IMAGE_PATH_SYSTEM = "urn:mmfl:image-path"
+# (date tag, its time tag); DA is YYYYMMDD, TM is HH[MM[SS[.FFFFFF]]] (older files: HH:MM:SS)
+_DICOM_WHEN = (("AcquisitionDate", "AcquisitionTime"), ("StudyDate", "StudyTime"),
+               ("ContentDate", "ContentTime"))
+_DICOM_TAGS = ["PatientID", "TimezoneOffsetFromUTC",
+               *[tag for pair in _DICOM_WHEN for tag in pair]]
+_DA = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
+_TM = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(?:\.(\d{1,6}))?$")
+_OFFSET = re.compile(r"^([+-])(\d{2})(\d{2})$")
 
 
 def check_readable(path: Path) -> str | None:
@@ -85,26 +100,90 @@ def check_readable(path: Path) -> str | None:
     return None
 
 
-def _dicom_link(path: Path) -> tuple[str | None, datetime | None]:
+def _dicom_day(value: Any) -> date | None:
+    match = _DA.match(str(value or "").strip())
+    if match is None:
+        return None
+    try:
+        return date(*(int(g) for g in match.groups()))
+    except ValueError:
+        return None
+
+
+def _dicom_instant(day: date, value: Any, tz: tzinfo) -> datetime | None:
+    """The last second a DICOM TM names on ``day`` (``18`` -> 18:59:59), or None."""
+    match = _TM.match(str(value or "").strip().replace(":", ""))
+    if match is None:
+        return None
+    hh, mm, ss, frac = match.groups()
+    try:
+        start = datetime(day.year, day.month, day.day, int(hh), int(mm or 0), int(ss or 0),
+                         int((frac or "0").ljust(6, "0")), tzinfo=tz)
+    except ValueError:
+        return None
+    step = timedelta(hours=1) if mm is None else timedelta(minutes=1) if ss is None else None
+    end = start if step is None else start + step - timedelta(seconds=1)
+    return end.astimezone(UTC).replace(microsecond=0)  # known times are whole seconds
+
+
+def dicom_known_time(tags: Any, tz: tzinfo = UTC) -> datetime | None:
+    """When a DICOM image was known, from its date and time tags.
+
+    Each of ``AcquisitionDate``/``AcquisitionTime``, ``StudyDate``/``StudyTime`` and
+    ``ContentDate``/``ContentTime`` gives an instant: the date at its time (a partial time
+    ``HH`` / ``HHMM`` is the last second of that hour / minute; a fraction of a second is
+    dropped), or, when the time is missing, the
+    time of another tag pair with the same date, else the end of the day. The latest of
+    these is the image's time. Times are local to ``TimezoneOffsetFromUTC`` (``+hhmm``)
+    when the file has it, else to the site's time zone ``tz``.
+
+    Parameters
+    ----------
+    tags
+        A ``pydicom`` dataset (or any mapping with ``.get``) holding the tags.
+    tz
+        The site's time zone.
+
+    Returns
+    -------
+    datetime or None
+        Timezone-aware, UTC; None when no date tag holds a valid ``YYYYMMDD``.
+    """
+    offset = _OFFSET.match(str(tags.get("TimezoneOffsetFromUTC", "") or "").strip())
+    if offset is not None:
+        sign = -1 if offset.group(1) == "-" else 1
+        tz = timezone(sign * timedelta(hours=int(offset.group(2)),
+                                       minutes=int(offset.group(3))))
+    days: list[date] = []
+    timed: dict[date, datetime] = {}
+    for date_tag, time_tag in _DICOM_WHEN:
+        day = _dicom_day(tags.get(date_tag))
+        if day is None:
+            continue
+        days.append(day)
+        instant = _dicom_instant(day, tags.get(time_tag), tz)
+        if instant is not None:
+            timed[day] = max(instant, timed.get(day, instant))
+    if not days:
+        return None
+    return max(timed[d] if d in timed else date_period(d, "day", tz=tz, end=True)
+               for d in days)
+
+
+def _dicom_link(path: Path, tz: tzinfo) -> tuple[str | None, datetime | None]:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[
-            "PatientID", "StudyDate", "AcquisitionDate", "ContentDate"])
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_DICOM_TAGS)
     except Exception:
         return None, None
     pid = str(ds.get("PatientID", "") or "").strip() or None
-    when = None
-    for tag in ("AcquisitionDate", "StudyDate", "ContentDate"):
-        v = str(ds.get(tag, "") or "")
-        if len(v) == 8 and v.isdigit():
-            when = parse_time(f"{v[:4]}-{v[4:6]}-{v[6:]}")
-            break
-    return pid, when
+    return pid, dicom_known_time(ds, tz)
 
 
 def link_images(records: SiteRecords, site: SiteFiles, sink: ErrorSink,
-                known: Iterable[str]) -> dict[str, list[tuple[Path, datetime | None, str]]]:
+                known: Iterable[str], *, tz: tzinfo = UTC
+                ) -> dict[str, list[tuple[Path, datetime | None, str]]]:
     """Link image files to patients by the rules in the module docstring.
 
     Parameters
@@ -117,11 +196,13 @@ def link_images(records: SiteRecords, site: SiteFiles, sink: ErrorSink,
         Receives refused paths, unknown patients and bad dates.
     known
         Patient ids read from FHIR.
+    tz
+        The site's time zone (dates without a time, DICOM times without an offset).
 
     Returns
     -------
     dict
-        Patient id -> list of ``(absolute path, acquired time or None, rule)``.
+        Patient id -> list of ``(absolute path, time known or None, rule)``.
     """
     known_ids = set(known)
     out: dict[str, list[tuple[Path, datetime | None, str]]] = {}
@@ -146,7 +227,7 @@ def link_images(records: SiteRecords, site: SiteFiles, sink: ErrorSink,
             when = None
             if row.get("acquired"):
                 try:
-                    when = parse_time(row["acquired"])
+                    when = parse_time(row["acquired"], tz=tz, end=True)
                 except ValueError as exc:
                     sink.report("images.csv", rid, "acquired", "bad_date", str(exc))
                     continue
@@ -164,7 +245,7 @@ def link_images(records: SiteRecords, site: SiteFiles, sink: ErrorSink,
             sink.report(site.rel(path), "", "<file>", "path_outside_site",
                         f"{path} is a symlink leading outside the site directory; refused")
             continue
-        dicom_pid, when = _dicom_link(path)
+        dicom_pid, when = _dicom_link(path, tz)
         if dicom_pid is None:
             continue
         if dicom_pid not in known_ids:

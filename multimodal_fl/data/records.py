@@ -4,6 +4,12 @@
 :mod:`~multimodal_fl.data.text`, :mod:`~multimodal_fl.data.imaging` and
 :mod:`~multimodal_fl.data.tasks` read it. This module knows no file and no reader, so all
 of them can import it. Every time is a timezone-aware UTC datetime.
+
+Two times per record where they differ: ``time`` is the clinical time (when it happened:
+``effective[x]``, onset, ``authoredOn``; for a partial date, the start of its period), the
+one the index and the label rules use; ``known`` is when the record became known
+(``issued``, ``recordedDate``; for a partial date, the last second of its period; whole
+seconds), the one the feature cut-off uses. Notes and images carry only their known time.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from datetime import datetime
 from multimodal_fl.config import CodeSet
 
 __all__ = ["Coded", "Coding", "ImageRef", "Note", "ObservationValue", "PatientRecord",
-           "SiteRecords", "matches"]
+           "SiteRecords", "known_time", "matches"]
 
 Coding = tuple[str, str]  # (system, code)
 
@@ -41,7 +47,12 @@ class PatientRecord:
 
 @dataclass(frozen=True)
 class Coded:
-    """A coded, timed fact (condition, procedure, device use, medication request)."""
+    """A coded, timed fact (condition, procedure, device use, medication request).
+
+    ``time`` is the clinical time (onset, performed, authored), ``end`` the abatement or
+    period end, ``known`` when the fact became known (``recordedDate``; never before
+    ``time``); :func:`known_time` reads it, falling back to ``time``.
+    """
 
     resource_id: str
     file: str
@@ -49,21 +60,32 @@ class Coded:
     time: datetime | None
     end: datetime | None = None
     encounter: str | None = None
+    known: datetime | None = None
+
+
+def known_time(fact: Coded) -> datetime | None:
+    """When ``fact`` became known: its ``known`` time, else its clinical ``time``."""
+    return fact.known if fact.known is not None else fact.time
 
 
 @dataclass(frozen=True)
 class ObservationValue:
-    """One observation value of one feature, in the feature's canonical unit."""
+    """One observation value of one feature, in the feature's canonical unit.
+
+    ``time`` is the clinical time (``effective[x]``), ``known`` when the value was released
+    (``issued``; never before ``time``).
+    """
 
     feature: str
     value: float
     time: datetime
     resource_id: str
+    known: datetime
 
 
 @dataclass(frozen=True)
 class Note:
-    """One clinical note with its date (None when undated) and where it came from."""
+    """One clinical note with the time it was known (None when undated) and its source."""
 
     text: str
     time: datetime | None
@@ -75,7 +97,7 @@ class Note:
 
 @dataclass(frozen=True)
 class ImageRef:
-    """An image file referenced by the FHIR data (ImagingStudy) or a CSV."""
+    """An image file referenced by the FHIR data (ImagingStudy), with the time it was known."""
 
     path: str
     time: datetime | None

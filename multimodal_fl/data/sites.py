@@ -17,9 +17,11 @@ never read. See ``docs/data-contract.md``.
 from __future__ import annotations
 
 import csv
+import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from multimodal_fl.config import DataConfig, check_timezone
 from multimodal_fl.data.errors import DataError, ErrorSink
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "image_suffix",
     "read_csv",
     "resolve_inside",
+    "site_timezone",
 ]
 
 IMAGE_SUFFIXES = (".dcm", ".nii", ".nii.gz", ".png", ".jpg", ".jpeg")
@@ -38,6 +41,28 @@ CSV_COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "notes.csv": (("patient_id", "text"), ("date", "kind")),
     "labels.csv": (("patient_id", "label"), ()),
 }
+
+
+def site_timezone(data: DataConfig, site: SiteFiles | None = None) -> zoneinfo.ZoneInfo:
+    """The time zone a site's dates without a time (and times without an offset) are read in.
+
+    The one place it is looked up: today ``data.timezone`` for every site; a site's own
+    policy file may name its zone here later.
+
+    Parameters
+    ----------
+    data
+        The experiment's data settings.
+    site
+        The site's files (not read yet: the hook for a per-site setting).
+
+    Returns
+    -------
+    zoneinfo.ZoneInfo
+        The zone.
+    """
+    del site  # no per-site setting yet
+    return check_timezone(data.timezone)
 
 
 def image_suffix(path: Path) -> str | None:

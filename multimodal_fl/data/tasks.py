@@ -1,7 +1,13 @@
 """Applying a :class:`~multimodal_fl.config.TaskSpec` to one site's records.
 
 Per patient: cohort rule -> index time -> feature cut-off (index + allowance) -> features
-from data recorded up to the cut-off only -> label from events after it.
+from data known by the cut-off only -> label from events after it.
+
+Two clocks (see :mod:`~multimodal_fl.data.records`): the index, the cohort and the label
+rules use clinical time (``effective[x]``, onset, performed; a partial date's first
+instant); features use the time a record became known (``issued``, ``recordedDate``; a
+partial date's last second in the site's time zone; whole seconds). A record known exactly
+at the cut-off counts; one known a second later does not.
 
 Boundaries (also in ``docs/data-contract.md``):
 
@@ -9,20 +15,22 @@ Boundaries (also in ``docs/data-contract.md``):
   Condition points to, else of the first encounter starting on or after its onset, else
   the onset; ``reference_date``: the configured date (00:00 UTC) for every patient, who
   must be born and alive then.
-- feature window: ``[index - lookback, index + allowance]``, both ends inclusive;
-  comorbidities: onset on or before the cut-off and not abated before the index;
-  medications: authored on or before the cut-off; age at the index; sex.
+- feature window: clinical time at or after ``index - lookback`` and known at or before
+  the cut-off ``index + allowance``; comorbidities: known (recorded) by the cut-off and not
+  abated before the index; medications: authored (known) by the cut-off; age at the index;
+  sex.
 - label window (``events_after_index``): ``(cut-off, cut-off + window_hours]``; a label
   procedure/device event, or death when ``death_is_positive``, inside it is positive.
   A patient with such an event (or death) at or before the cut-off is excluded when
   ``exclude_prior_events`` (already on oxygen).
 - ``condition_at_index``: positive when a label condition has onset on or before the
-  cut-off.
+  cut-off. Notes known on or after the patient's first label-condition time (onset) are
+  not used: a note written after the diagnosis can name it.
 - ``labels.csv``: ``prefer`` overrides the rule, ``fallback`` labels only patients the rule
   cannot label, ``ignore``; label kind ``labels_csv`` uses it alone.
 
-Leakage is impossible by construction: every feature value is taken from a record whose
-time is at most the cut-off; the largest such time is kept per patient
+Leakage is impossible by construction: every feature value is taken from a record known
+at or before the cut-off; the latest such known time is kept per patient
 (``max_feature_time``) so tests can check it.
 """
 
@@ -41,7 +49,7 @@ import numpy as np
 from multimodal_fl.config import TaskSpec
 from multimodal_fl.data.errors import ErrorSink
 from multimodal_fl.data.imaging import check_readable, select_image
-from multimodal_fl.data.records import Note, SiteRecords, matches
+from multimodal_fl.data.records import Note, ObservationValue, SiteRecords, known_time, matches
 
 __all__ = ["TaskResult", "age_band", "apply_task", "feature_names", "index_time"]
 
@@ -208,33 +216,25 @@ def _label(task: TaskSpec, pid: str, records: SiteRecords, cutoff: datetime,
     return label, ""
 
 
-def _tabular_features(row: dict[str, Any], task: TaskSpec, pid: str, records: SiteRecords,
-                      window: _Window, sex: str) -> list[datetime]:
-    """Add the tabular feature columns to ``row``; return the times of the records used.
+def _observation_features(row: dict[str, Any], task: TaskSpec, obs: list[ObservationValue],
+                          window: _Window) -> list[datetime]:
+    """Add the observation columns to ``row``; return the known times of the values used.
 
-    Only records at or before the cut-off count: observations inside their lookback,
-    comorbidities with onset by the cut-off and not abated before the index, medications
-    authored by the cut-off.
+    A value counts when its clinical time is inside the lookback and it was known (issued)
+    by the cut-off; ``last`` / ``first`` order the values by clinical time.
     """
     feats = task.features
-    index, cutoff = window.index, window.cutoff
     times: list[datetime] = []
-    if "sex" in feats.demographics:
-        row["sex_female"] = (float(sex == "female") if sex in {"female", "male"}
-                             else float("nan"))
-    obs = records.observations.get(pid, [])
     for spec in feats.observations:
         lookback = timedelta(days=spec.lookback_days if spec.lookback_days is not None
                              else feats.lookback_days)
-        start = index - lookback
-        vals = sorted(((o.time, o.value) for o in obs
-                       if o.feature == spec.name and start <= o.time <= cutoff),
-                      key=lambda tv: tv[0])
+        start = window.index - lookback
+        vals = sorted((o for o in obs if o.feature == spec.name and start <= o.time
+                       and o.known <= window.cutoff), key=lambda o: o.time)
         if vals:
-            times.append(vals[-1][0] if spec.agg != "first" else vals[0][0])
-            if spec.agg in {"min", "max", "mean"}:
-                times.append(max(t for t, _ in vals))
-            arr = np.array([v for _, v in vals], dtype=float)
+            used = {"last": vals[-1:], "first": vals[:1]}.get(spec.agg, vals)
+            times.append(max(o.known for o in used))
+            arr = np.array([o.value for o in vals], dtype=float)
             value = {"last": arr[-1], "first": arr[0], "min": arr.min(), "max": arr.max(),
                      "mean": arr.mean()}[spec.agg]
             row[spec.name] = float(value)
@@ -242,35 +242,61 @@ def _tabular_features(row: dict[str, Any], task: TaskSpec, pid: str, records: Si
             row[spec.name] = float("nan")
         if feats.missing_indicators:
             row[f"missing_{spec.name}"] = float(not vals)
-    conds = records.conditions.get(pid, [])
-    for cs in feats.conditions:
-        hits = [c for c in conds if c.time is not None and c.time <= cutoff
-                and (c.end is None or c.end >= index) and matches(c.codings, cs)]
-        row[cs.name] = float(bool(hits))
-        times += [c.time for c in hits if c.time is not None]
-    meds = records.medications.get(pid, [])
-    for ms in feats.medications:
-        hits_m = [m for m in meds if m.time is not None and m.time <= cutoff
-                  and matches(m.codings, ms)]
-        row[ms.name] = float(bool(hits_m))
-        times += [m.time for m in hits_m if m.time is not None]
     return times
 
 
+def _tabular_features(row: dict[str, Any], task: TaskSpec, pid: str, records: SiteRecords,
+                      window: _Window, sex: str) -> list[datetime]:
+    """Add the tabular feature columns to ``row``; return the known times of the records used.
+
+    Only records known by the cut-off count: observations inside their lookback,
+    comorbidities recorded by the cut-off and not abated before the index, medications
+    authored by the cut-off.
+    """
+    feats = task.features
+    index, cutoff = window.index, window.cutoff
+    if "sex" in feats.demographics:
+        row["sex_female"] = (float(sex == "female") if sex in {"female", "male"}
+                             else float("nan"))
+    times = _observation_features(row, task, records.observations.get(pid, []), window)
+    for kind, specs in (("conditions", feats.conditions), ("medications", feats.medications)):
+        facts = getattr(records, kind).get(pid, [])
+        for cs in specs:
+            hits = [known for c in facts if (known := known_time(c)) is not None
+                    and known <= cutoff and (c.end is None or c.end >= index)
+                    and matches(c.codings, cs)]
+            row[cs.name] = float(bool(hits))
+            times += hits
+    return times
+
+
+def _first_label_condition(task: TaskSpec, pid: str, records: SiteRecords) -> datetime | None:
+    """The clinical time (onset) of the patient's first label condition (``condition_at_index``)."""
+    if task.label.kind != "condition_at_index":
+        return None
+    onsets = [c.time for c in records.conditions.get(pid, []) if c.time is not None
+              and any(matches(c.codings, s) for s in task.label.conditions)]
+    return min(onsets, default=None)
+
+
 def _kept_notes(notes: list[Note], cutoff: datetime, times: list[datetime],
-                counts: Counter[str]) -> list[str]:
+                counts: Counter[str], *, diagnosed: datetime | None = None) -> list[str]:
     """The texts of the notes dated on/before ``cutoff`` (see text.py for undated ones).
 
+    A note dated on or after ``diagnosed`` (the first label-condition time) is dropped too
+    (``notes_after_label_condition``): written after the diagnosis, it can name it.
     Appends the dates of the kept notes to ``times``; counts the later ones.
     """
     kept: list[str] = []
     for note in notes:
-        if note.time is None or note.time <= cutoff:
+        if note.time is not None and note.time > cutoff:
+            counts["notes_after_cutoff"] += 1
+        elif diagnosed is not None and note.time is not None and note.time >= diagnosed:
+            counts["notes_after_label_condition"] += 1
+        else:
             kept.append(note.text)
             if note.time is not None:
                 times.append(note.time)
-        else:
-            counts["notes_after_cutoff"] += 1
     return kept
 
 
@@ -352,7 +378,8 @@ def apply_task(
         row: dict[str, Any] = {"patient_id": pid, "site": site, "index_time": window.index,
                                "label": label}
         times = _tabular_features(row, task, pid, records, window, sex)
-        kept_notes = _kept_notes(notes.get(pid, []), window.cutoff, times, res.counts)
+        kept_notes = _kept_notes(notes.get(pid, []), window.cutoff, times, res.counts,
+                                 diagnosed=_first_label_condition(task, pid, records))
         row["notes"] = kept_notes
         image_path = _chosen_image(images.get(pid, []), pid, window.cutoff, sink=sink,
                                    check_images=check_images, times=times, counts=res.counts)

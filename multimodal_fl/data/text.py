@@ -16,7 +16,10 @@ Dating (notes after the index are future information and are never used)
   (``issued`` first: a report is known when it is released).
 - notes.csv: the ``date`` column.
 
-A note counts only when dated on or before the feature cut-off (index + allowance).
+A note's time is when it was known: a date without a time is the end of that day (of that
+month or year for ``YYYY-MM`` / ``YYYY``) in the site's time zone, so a note dated only by
+the day of the index never counts for a same-day index. A note counts only when dated on or
+before the feature cut-off (index + allowance).
 Undated notes: a FHIR note without any of the dates above is skipped and reported
 (``undated_note``); in ``notes.csv`` *without* a ``date`` column the site vouches that its
 notes precede the index, and they are used; a row with an empty date in a ``notes.csv``
@@ -28,7 +31,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +57,8 @@ def _is_text(att: dict[str, Any]) -> bool:
     return ct is None or str(ct).lower().startswith("text/")
 
 
-def notes_from_resource(res: dict[str, Any], label: str, sink: ErrorSink) -> list[Note]:
+def notes_from_resource(res: dict[str, Any], label: str, sink: ErrorSink, *,
+                        tz: tzinfo = UTC) -> list[Note]:
     """Notes held by one DocumentReference or DiagnosticReport dict.
 
     Parameters
@@ -65,6 +69,8 @@ def notes_from_resource(res: dict[str, Any], label: str, sink: ErrorSink) -> lis
         Its file, for reports.
     sink
         Receives undecodable attachments and undated notes.
+    tz
+        The site's time zone (a date without a time is the end of that local day).
 
     Returns
     -------
@@ -77,7 +83,7 @@ def notes_from_resource(res: dict[str, Any], label: str, sink: ErrorSink) -> lis
     fields = (("date", "context.period.end", "context.period.start") if rt == "DocumentReference"
               else ("issued", "effectiveDateTime", "effectivePeriod.end"))
     try:
-        t, _ = first_time(res, fields)
+        t, _ = first_time(res, fields, tz=tz, end=True)
     except BadField as exc:
         sink.report(label, rid, exc.field, "bad_date", str(exc))
         return []
@@ -137,11 +143,13 @@ def load_url_notes(records: SiteRecords, site: SiteFiles, sink: ErrorSink) -> No
         records.notes[pid] = kept
 
 
-def notes_from_csv(path: Path, sink: ErrorSink, known: Iterable[str]) -> dict[str, list[Note]]:
+def notes_from_csv(path: Path, sink: ErrorSink, known: Iterable[str], *,
+                   tz: tzinfo = UTC) -> dict[str, list[Note]]:
     """Notes from ``notes.csv`` (``patient_id,text[,date,kind]``) by patient id.
 
     Rows naming a patient not in ``known`` are reported (``missing_patient``); rows with an
     unparseable date are reported (``bad_date``); see the module docstring for undated rows.
+    ``tz`` is the site's time zone (a date without a time is the end of that local day).
     """
     rows = read_csv(path, "notes.csv", sink)
     known_ids = set(known)
@@ -164,7 +172,7 @@ def notes_from_csv(path: Path, sink: ErrorSink, known: Iterable[str]) -> dict[st
                             "may postdate the index, so it is not used")
                 continue
             try:
-                t = parse_time(row["date"])
+                t = parse_time(row["date"], tz=tz, end=True)
             except ValueError as exc:
                 sink.report("notes.csv", rid, "date", "bad_date", str(exc))
                 continue

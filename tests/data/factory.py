@@ -39,11 +39,14 @@ def encounter(eid: str, pid: str, start: str, end: str | None = None, *,
 
 
 def condition(cid: str, pid: str, code: str, onset: str, *, encounter_id: str | None = None,
-              abatement: str | None = None, ref: str = "Patient/{pid}") -> dict[str, Any]:
-    """A Condition with a SNOMED code."""
+              abatement: str | None = None, ref: str = "Patient/{pid}",
+              recorded: str | None = None) -> dict[str, Any]:
+    """A Condition with a SNOMED code (``recorded``: its recordedDate)."""
     c: dict[str, Any] = {"resourceType": "Condition", "id": cid,
                          "code": {"coding": [{"system": SNOMED, "code": code}]},
                          "subject": {"reference": ref.format(pid=pid)}, "onsetDateTime": onset}
+    if recorded:
+        c["recordedDate"] = recorded
     if encounter_id:
         c["encounter"] = {"reference": f"Encounter/{encounter_id}"}
     if abatement:
@@ -52,15 +55,19 @@ def condition(cid: str, pid: str, code: str, onset: str, *, encounter_id: str | 
 
 
 def observation(oid: str, pid: str, code: str, value: float, unit: str, when: str, *,
-                ucum: bool = True, ref: str = "Patient/{pid}") -> dict[str, Any]:
-    """An Observation with a LOINC code and a valueQuantity."""
+                ucum: bool = True, ref: str = "Patient/{pid}",
+                issued: str | None = None) -> dict[str, Any]:
+    """An Observation with a LOINC code and a valueQuantity (``issued``: when released)."""
     vq: dict[str, Any] = {"value": value, "unit": unit}
     if ucum:
         vq.update(system=UCUM, code=unit)
-    return {"resourceType": "Observation", "id": oid, "status": "final",
-            "code": {"coding": [{"system": LOINC, "code": code}]},
-            "subject": {"reference": ref.format(pid=pid)}, "effectiveDateTime": when,
-            "valueQuantity": vq}
+    obs: dict[str, Any] = {"resourceType": "Observation", "id": oid, "status": "final",
+                           "code": {"coding": [{"system": LOINC, "code": code}]},
+                           "subject": {"reference": ref.format(pid=pid)},
+                           "effectiveDateTime": when, "valueQuantity": vq}
+    if issued:
+        obs["issued"] = issued
+    return obs
 
 
 def bp_panel(oid: str, pid: str, systolic: float, diastolic: float, when: str
@@ -99,8 +106,12 @@ def device_use(uid: str, pid: str, did: str, when: str) -> dict[str, Any]:
 
 
 def document(did: str, pid: str, text: str | None, when: str | None, *,
-             url: str | None = None) -> dict[str, Any]:
-    """A DocumentReference with an inline base64 note or a url."""
+             url: str | None = None, period_start: str | None = None) -> dict[str, Any]:
+    """A DocumentReference with an inline base64 note or a url.
+
+    ``when`` is ``date`` (a FHIR instant); ``period_start`` is ``context.period.start``
+    (a dateTime, so it may be a date only).
+    """
     att: dict[str, Any] = {"contentType": "text/plain"}
     if text is not None:
         att["data"] = base64.b64encode(text.encode()).decode()
@@ -111,15 +122,22 @@ def document(did: str, pid: str, text: str | None, when: str | None, *,
                          "content": [{"attachment": att}]}
     if when:
         d["date"] = when
+    if period_start:
+        d["context"] = {"period": {"start": period_start}}
     return d
 
 
-def report(rid: str, pid: str, conclusion: str, issued: str) -> dict[str, Any]:
-    """A DiagnosticReport with a conclusion."""
-    return {"resourceType": "DiagnosticReport", "id": rid, "status": "final",
-            "code": {"coding": [{"system": LOINC, "code": "18748-4"}]},
-            "subject": {"reference": f"Patient/{pid}"}, "issued": issued,
-            "conclusion": conclusion}
+def report(rid: str, pid: str, conclusion: str, issued: str | None, *,
+           effective: str | None = None) -> dict[str, Any]:
+    """A DiagnosticReport with a conclusion (``issued`` an instant, ``effective`` a dateTime)."""
+    r: dict[str, Any] = {"resourceType": "DiagnosticReport", "id": rid, "status": "final",
+                         "code": {"coding": [{"system": LOINC, "code": "18748-4"}]},
+                         "subject": {"reference": f"Patient/{pid}"}, "conclusion": conclusion}
+    if issued:
+        r["issued"] = issued
+    if effective:
+        r["effectiveDateTime"] = effective
+    return r
 
 
 def imaging_study(sid: str, pid: str, path: str, started: str) -> dict[str, Any]:
@@ -165,3 +183,35 @@ def covid_patient(pid: str, index: str = "2020-03-01T10:00:00+00:00", *,
     if oxygen_at:
         res.append(procedure(f"{pid}-o2", pid, OXYGEN, oxygen_at))
     return res + (extra or [])
+
+
+def dicom(path: Path, patient_id: str, *, study_date: str, study_time: str | None = None,
+          tz_offset: str | None = None) -> Path:
+    """A minimal 8x8 DICOM file linked by ``PatientID`` and dated by ``StudyDate`` (+ time).
+
+    ``tz_offset`` sets ``TimezoneOffsetFromUTC`` (``"+1000"``).
+    """
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # type: ignore[assignment]
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.PatientID = patient_id
+    ds.StudyDate = study_date
+    if study_time is not None:
+        ds.StudyTime = study_time
+    if tz_offset is not None:
+        ds.TimezoneOffsetFromUTC = tz_offset
+    ds.Rows, ds.Columns = 8, 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.SamplesPerPixel, ds.PixelRepresentation = 1, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = bytes(64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -194,29 +194,6 @@ def _png(path: Path) -> Path:
     return path
 
 
-def _dicom(path: Path, patient_id: str, study_date: str = "20200301") -> Path:
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # type: ignore[assignment]
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.PatientID = patient_id
-    ds.StudyDate = study_date
-    ds.Rows, ds.Columns = 8, 8
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
-    ds.SamplesPerPixel, ds.PixelRepresentation = 1, 0
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = bytes(64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 def test_image_linking_rules(tmp_path: Path, covid_task: TaskSpec) -> None:
     res = [*f.covid_patient("csv"), *f.covid_patient("study"), *f.covid_patient("dicom"),
            *f.covid_patient("late"), *f.covid_patient("none"), *f.covid_patient("broken"),
@@ -226,7 +203,9 @@ def test_image_linking_rules(tmp_path: Path, covid_task: TaskSpec) -> None:
     _png(root / "images" / "a.png")
     _png(root / "images" / "study" / "x.png")
     _png(root / "images" / "late.png")
-    _dicom(root / "images" / "d" / "1.dcm", "dicom")
+    # a DICOM dated only by the index day may be from after the 10:00 index: not used
+    f.dicom(root / "images" / "d" / "1.dcm", "dicom", study_date="20200301")
+    f.dicom(root / "images" / "d" / "0.dcm", "dicom", study_date="20200229")
     (root / "images" / "broken.png").write_bytes(b"not a png")
     (root / "images.csv").write_text("patient_id,path\ncsv,images/a.png\n"
                                      "broken,images/broken.png\ncsv,/etc/passwd\n")
@@ -234,9 +213,9 @@ def test_image_linking_rules(tmp_path: Path, covid_task: TaskSpec) -> None:
     paths = dict(zip(cohort.table.patient_id, cohort.table.image_path, strict=True))
     assert paths["csv"] == str(root / "images" / "a.png")
     assert paths["study"] == str(root / "images" / "study" / "x.png")
-    assert paths["dicom"] == str(root / "images" / "d" / "1.dcm")
+    assert paths["dicom"] == str(root / "images" / "d" / "0.dcm")
     assert paths["late"] is None and paths["none"] is None and paths["broken"] is None
-    assert cohort.counts["images_after_cutoff"] == 1
+    assert cohort.counts["images_after_cutoff"] == 2
     assert cohort.counts["skipped_by_reason"] == {"path_outside_site": 1,
                                                   "unreadable_image": 1}
     assert int(cohort.table.has_image.sum()) == 3

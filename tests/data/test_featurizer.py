@@ -126,3 +126,16 @@ def test_public_import_path() -> None:
     from multimodal_fl.data.featurizer import FHIRFeaturizer as Direct
 
     assert Public is Direct
+
+
+def test_timezone_reads_date_only_records_in_the_site_zone() -> None:
+    """Index 20:00 UTC; a CRP dated 1 March is over by then in Brisbane, not in UTC."""
+    bundle = f.bundle(f.covid_patient("p1", "2020-03-01T20:00:00+00:00", extra=[
+        f.observation("crp", "p1", "1988-5", 80.0, "mg/L", "2020-03-01")]))
+    utc = FHIRFeaturizer().fit_transform([bundle])
+    brisbane = FHIRFeaturizer(timezone="Australia/Brisbane").fit_transform([bundle])
+    assert "crp" not in utc.columns  # no value at all: dropped as an empty feature
+    assert brisbane["crp"].tolist() == [80.0]
+    with pytest.raises(ValueError, match="FHIRFeaturizer timezone: 'Mars/Olympus' is not an "
+                                         "IANA time zone name"):
+        FHIRFeaturizer(timezone="Mars/Olympus").fit([bundle])
