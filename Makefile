@@ -1,6 +1,6 @@
 # make demo: set up .venv from nothing, then run the main job on the bundled sample data.
 # make test: set up .venv from nothing, then lint, type-check, check the import contracts and
-# function sizes, and run the test suite.
+# function sizes, build the documentation site strictly, and run the test suite.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,8 +9,9 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: setup demo test lint unit clean
+.PHONY: setup demo test lint docs unit clean
 
 setup: $(STAMP)
 
@@ -32,10 +33,15 @@ lint: setup
 	$(BIN)/lint-imports
 	$(BIN)/python scripts/function_sizes.py --max 100 multimodal_fl
 
+# The docs as a site (mkdocs.yml): a broken link or anchor, or a page missing from the nav,
+# fails the build. tests/test_docs.py checks the blocks inside the pages.
+docs: setup
+	$(BIN)/mkdocs build --strict --site-dir site
+
 unit: setup
 	$(BIN)/python -m pytest -q
 
-test: lint unit
+test: lint docs unit
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) runs site .pytest_cache .mypy_cache .ruff_cache

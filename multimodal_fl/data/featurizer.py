@@ -196,7 +196,26 @@ class FHIRFeaturizer(TransformerMixin, BaseEstimator):
         return table
 
     def cohort_labels(self, X: Any) -> np.ndarray:
-        """Labels (0/1) aligned with the rows of ``transform(X)``."""
+        """Labels (0/1) aligned with the rows of ``transform(X)``.
+
+        Parameters
+        ----------
+        X
+            The same input as given to ``transform``: site directories, FHIR files, Bundle
+            dicts, or a cohort table with a ``label`` column (``cohort(sites)``,
+            ``SiteCohort.table``) -- not the feature table ``transform`` returns.
+
+        Returns
+        -------
+        ndarray of int
+            One label per row of ``transform(X)``.
+        """
+        if isinstance(X, pd.DataFrame) and "label" not in X.columns:
+            raise ValueError(
+                "FHIRFeaturizer.cohort_labels got a table without a 'label' column (the "
+                "feature table transform returns has none); pass what transform was given: "
+                "site directories, FHIR files or Bundle dicts, or a cohort table from "
+                "cohort(sites) or SiteCohort.table")
         return self.cohort(X)["label"].to_numpy(dtype=int)
 
     def _resolve_task(self) -> TaskSpec:

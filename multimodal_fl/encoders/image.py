@@ -126,8 +126,8 @@ def build_backbone(name: str, spatial_dims: int, in_channels: int) -> tuple[nn.M
     Parameters
     ----------
     name : str
-        One of :data:`BACKBONES` (``smallcnn``, ``densenet121``, ``resnet10``, ``resnet18``,
-        ``resnet34``).
+        One of :data:`BACKBONES` (``tinycnn``, ``smallcnn``, ``densenet121``, ``resnet10``,
+        ``resnet18``, ``resnet34``).
     spatial_dims : int
         2 or 3.
     in_channels : int

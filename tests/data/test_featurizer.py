@@ -107,6 +107,17 @@ def test_bad_inputs_are_explained(tmp_path: Path) -> None:
         FHIRFeaturizer().fit([tmp_path / "nope"])
 
 
+def test_labels_of_the_feature_table_name_the_expected_input(tmp_path: Path) -> None:
+    """``cohort_labels(X)`` with the feature table (the natural mistake) says what to pass."""
+    sites = [_site(tmp_path, n=6)]
+    feat = FHIRFeaturizer(keep_empty_features=True)
+    X = feat.fit_transform(sites)
+    with pytest.raises(ValueError, match=r"without a 'label' column.*site directories"):
+        feat.cohort_labels(X)
+    table = feat.cohort(sites)  # the cohort table carries the labels: accepted
+    np.testing.assert_array_equal(feat.cohort_labels(table), feat.cohort_labels(sites))
+
+
 def test_bad_files_follow_the_error_policy(tmp_path: Path) -> None:
     good = f.write_json(tmp_path / "good.json", f.bundle(f.covid_patient("p1")))
     bad = tmp_path / "bad.ndjson"
