@@ -245,8 +245,7 @@ class Sandbox:
             from multimodal_fl.engines import run
 
             out = self.cwd.parent / f"demo-{task}-inprocess"
-            run(load_config(self.configs[f"configs/{task}.yaml"]), "inprocess", out_dir=out,
-                progress=False)
+            run(load_config(self.configs[f"configs/{task}.yaml"]), "inprocess", out_dir=out)
             self.demo_runs[task] = out
         return self.demo_runs[task]
 

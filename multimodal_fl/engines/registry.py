@@ -154,6 +154,9 @@ def run(
     EngineOptionError
         For an unknown engine, or an option the engine cannot honour; nothing has run.
     """
+    if progress is not None and not callable(progress):
+        raise EngineOptionError(f"progress={progress!r}: expected a callable taking progress "
+                                "events, or None (the library itself never prints)")
     name = engine or cfg.federated.engine
     spec = ENGINES.get(name)
     if spec is None:

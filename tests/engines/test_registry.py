@@ -58,3 +58,8 @@ def test_python_entry_point_trains_like_the_cli(
     outcome = run(load_config(tiny_config()), "inprocess", out_dir=tmp_path / "fed")
     assert outcome.run_dir == tmp_path / "fed"
     assert outcome.metrics["engine"] == "inprocess" and outcome.metrics["sites"]
+
+
+def test_progress_must_be_a_callable(tiny_config: Callable[..., Path]) -> None:
+    with pytest.raises(EngineOptionError, match="expected a callable"):
+        run(load_config(tiny_config()), "local", progress=False)  # type: ignore[arg-type]
