@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+# Site workers of this test session listen in a folder of its own (short: a Unix socket path):
+# two sessions on one machine (fake run ids alike) never answer each other's requests.
+os.environ.setdefault("MMFL_WORKER_DIR", tempfile.mkdtemp(prefix="mmfl-w-"))
 
 
 @pytest.fixture(scope="session")

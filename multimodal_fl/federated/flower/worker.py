@@ -96,12 +96,15 @@ def worker_address(
     Returns
     -------
     WorkerAddress
-        In the temporary directory (short paths: Unix sockets allow about 100 characters).
+        In ``$MMFL_WORKER_DIR`` if set, else the temporary directory (short paths: Unix
+        sockets allow about 100 characters). Test sessions set their own folder, so two
+        sessions on one machine never share a worker.
     """
     config = json.dumps(dict(run_config or {}), sort_keys=True, default=str)
     key = f"{run_id}\x1f{node_id}\x1f{site}\x1f{config}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    return WorkerAddress(Path(tempfile.gettempdir()) / f"mmfl-site-{digest}.sock")
+    folder = os.environ.get("MMFL_WORKER_DIR") or tempfile.gettempdir()
+    return WorkerAddress(Path(folder) / f"mmfl-site-{digest}.sock")
 
 
 def _alive(pid: int) -> bool:
