@@ -567,6 +567,11 @@ def read_manifest(run_dir: str | os.PathLike[str]) -> RunManifest | None:
         raise RunDirError(f"{path}: not a run manifest ({exc})") from None
 
 
+def _a(word: str) -> str:
+    """The indefinite article before ``word`` (``an inprocess run``, ``a local run``)."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def _what_is_there(path: Path) -> tuple[str, bool]:
     """A folder's description for messages (``a local run (completed)``, ``""`` when it holds
     no run), and whether the run there is unfinished."""
@@ -575,7 +580,8 @@ def _what_is_there(path: Path) -> tuple[str, bool]:
     except RunDirError:
         manifest = None
     if manifest is not None:
-        return f"a {manifest.engine} run ({manifest.status})", manifest.status != "completed"
+        return (f"{_a(manifest.engine)} {manifest.engine} run ({manifest.status})",
+                manifest.status != "completed")
     if any((path / name).is_file() for name in (MANIFEST, "metrics.json", "config.yaml")):
         return "a run", False
     return "", False
@@ -659,8 +665,8 @@ def check_resume(run_dir: str | os.PathLike[str], cfg: ExperimentConfig, *, engi
         raise RunDirError(f"--resume {p}: no {MANIFEST} (not a run directory, or one from an "
                           "older version); start a new run with --out")
     if manifest.engine not in engines:
-        raise RunDirError(f"--resume {p}: a {manifest.engine} run; only an unfinished {able} "
-                          "run can be resumed")
+        raise RunDirError(f"--resume {p}: {_a(manifest.engine)} {manifest.engine} run; only an "
+                          f"unfinished {able} run can be resumed")
     if manifest.engine != engine:
         raise RunDirError(f"--resume {p}: the run's engine is {manifest.engine}, not {engine}")
     if manifest.status == "completed":
