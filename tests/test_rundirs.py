@@ -8,6 +8,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -106,6 +107,24 @@ def test_a_failed_run_records_the_error(tiny_config: Callable[..., Path], tmp_pa
     m = read_manifest(tmp_path / "r")
     assert m is not None and m.status == "failed" and m.ended is not None
     assert m.error == "RuntimeError: site_b stopped answering"  # one line
+
+
+def test_a_failing_end_keeps_the_run_completed(tiny_config: Callable[..., Path], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import multimodal_fl.engines.registry as registry
+
+    def trained(cfg: object, options: Any) -> RunOutcome:
+        return RunOutcome(options.out_dir, {})
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("no predictions")
+
+    monkeypatch.setitem(ENGINES, "local", Engine("local", "local-only", trained))
+    monkeypatch.setattr(registry, "finish_run", broken)
+    with pytest.raises(RuntimeError, match=r"the run completed in .*, but its end failed \(no "
+                       r"predictions\); mmfl report .* retries the report"):
+        run(load_config(tiny_config()), "local", out_dir=tmp_path / "r", progress=False)
+    assert read_manifest(tmp_path / "r").status == "completed"  # type: ignore[union-attr]
 
 
 def test_data_fingerprint_follows_content_not_timestamps_or_place(

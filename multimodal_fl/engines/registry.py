@@ -279,5 +279,9 @@ def run(
     options = RunOptions(target, resume, stop_after_round, on_round, progress)
     outcome = _run_recorded(spec, cfg, options, manifest)
     if manifest.status == "completed":
-        outcome.finished = finish_run(target, cfg, manifest, report=report)
+        try:
+            outcome.finished = finish_run(target, cfg, manifest, report=report)
+        except (ValueError, KeyError, OSError) as exc:
+            raise RuntimeError(f"the run completed in {target}, but its end failed ({exc}); "
+                               f"mmfl report {target} retries the report") from exc
     return outcome
