@@ -249,21 +249,17 @@ def train_cmd(
             text = f"{auc['value']:.3f}"
         table.add_row(site, text)
     console.print(table)
-    _print_run_end(outcome)
-
-
-def _print_run_end(outcome: Any) -> None:
-    """Where the run is, and what its end wrote (or how to resume it)."""
     console.print(f"run directory: {outcome.run_dir}")
-    stopped = outcome.metrics.get("stopped_after_round")
-    if stopped is not None:
-        console.print(f"stopped after round {stopped}; continue with: mmfl train --resume "
-                      f"{outcome.run_dir}")
-    finished = outcome.finished
-    if finished is not None:
-        if finished.report_html is not None:
-            console.print(f"report: {finished.report_html}")
-        console.print(f"model card: {finished.card_md}")
+    _print_finished(outcome.finished)
+
+
+def _print_finished(finished: Any) -> None:
+    """What the end of a completed run wrote: its report and its model card."""
+    if finished is None:
+        return
+    if finished.report_html is not None:
+        console.print(f"report: {finished.report_html}")
+    console.print(f"model card: {finished.card_md}")
 
 
 @app.command("report")

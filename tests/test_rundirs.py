@@ -82,14 +82,13 @@ def test_manifest_is_written_first_running_then_stopped_then_completed(
     def on_round(record: object) -> None:
         seen.append(read_manifest(tmp_path / "r").status)  # type: ignore[union-attr]
 
-    run(cfg, "inprocess", out_dir=tmp_path / "r", stop_after_round=1, on_round=on_round,
-        progress=False)
+    run(cfg, "inprocess", out_dir=tmp_path / "r", stop_after_round=1, on_round=on_round)
     assert seen == ["running"]
     stopped = read_manifest(tmp_path / "r")
     assert stopped is not None and stopped.status == "stopped"
     assert stopped.stopped_after_round == 1 and stopped.ended is not None
     assert not (tmp_path / "r" / "model_card.json").exists()  # no final model yet
-    run(cfg, "inprocess", out_dir=tmp_path / "r", resume=True, progress=False, report=False)
+    run(cfg, "inprocess", out_dir=tmp_path / "r", resume=True, report=False)
     done = read_manifest(tmp_path / "r")
     assert done is not None and done.status == "completed" and len(done.resumed) == 1
     assert done.run_id == stopped.run_id and done.started == stopped.started
@@ -103,7 +102,7 @@ def test_a_failed_run_records_the_error(tiny_config: Callable[..., Path], tmp_pa
 
     monkeypatch.setitem(ENGINES, "local", Engine("local", "local-only", boom))
     with pytest.raises(RuntimeError, match="site_b stopped"):
-        run(load_config(tiny_config()), "local", out_dir=tmp_path / "r", progress=False)
+        run(load_config(tiny_config()), "local", out_dir=tmp_path / "r")
     m = read_manifest(tmp_path / "r")
     assert m is not None and m.status == "failed" and m.ended is not None
     assert m.error == "RuntimeError: site_b stopped answering"  # one line
@@ -123,7 +122,7 @@ def test_a_failing_end_keeps_the_run_completed(tiny_config: Callable[..., Path],
     monkeypatch.setattr(registry, "finish_run", broken)
     with pytest.raises(RuntimeError, match=r"the run completed in .*, but its end failed \(no "
                        r"predictions\); mmfl report .* retries the report"):
-        run(load_config(tiny_config()), "local", out_dir=tmp_path / "r", progress=False)
+        run(load_config(tiny_config()), "local", out_dir=tmp_path / "r")
     assert read_manifest(tmp_path / "r").status == "completed"  # type: ignore[union-attr]
 
 
@@ -173,14 +172,14 @@ def test_a_bad_out_fails_at_once_without_reading_sites(
     cfg = load_config(tiny_config(data={"cache_dir": str(cache)}))
     start = time.perf_counter()
     with pytest.raises(RunDirError, match="is already there"):
-        run(cfg, "centralized", out_dir=runs["local"], progress=False)
+        run(cfg, "centralized", out_dir=runs["local"])
     assert time.perf_counter() - start < 1.0
     assert not cache.exists()  # no site was read, nothing was embedded
     stray = tmp_path / "stray"
     stray.mkdir()
     (stray / "notes.txt").write_text("mine")
     with pytest.raises(RunDirError, match="not a run directory"):
-        run(cfg, "local", out_dir=stray, overwrite=True, progress=False)
+        run(cfg, "local", out_dir=stray, overwrite=True)
     assert (stray / "notes.txt").read_text() == "mine"  # never removed
     assert not cache.exists()
 
@@ -192,7 +191,7 @@ def test_a_missing_device_fails_before_reading_sites(
     cache = tmp_path / "cache-dev"
     cfg = load_config(tiny_config(data={"cache_dir": str(cache)}, training={"device": "cuda"}))
     with pytest.raises(ValueError, match="no CUDA device"):
-        run(cfg, "local", out_dir=tmp_path / "r", progress=False)
+        run(cfg, "local", out_dir=tmp_path / "r")
     assert not cache.exists() and not (tmp_path / "r").exists()
 
 

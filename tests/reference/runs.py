@@ -33,7 +33,8 @@ def run_engine(engine: str, root: Path, sample: Path, bert: Path) -> Path:
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; expected one of {sorted(ENGINES)}")
     # the weights are what is pinned: the run's report is not needed here
-    return run(cfg, engine, out_dir=root / f"run-{engine}", progress=False, report=False).run_dir
+    return run(cfg, engine, out_dir=root / f"run-{engine}", progress=False,
+               report=False).run_dir
 
 
 def model_files(run_dir: Path) -> dict[str, Path]:
