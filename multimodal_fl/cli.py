@@ -1,7 +1,7 @@
 """The ``mmfl`` command line (typer).
 
 Verbs: ``config show|schema``, ``sample-data``, ``data summary``, ``train``, ``pca``,
-``report``, ``flower``. Each verb lives in a small function here that calls the
+``report``, ``predict``, ``flower``. Each verb lives in a small function here that calls the
 library; bad input ends with a one-line message and exit code 2, never a traceback.
 """
 
@@ -44,9 +44,9 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _load(config: Path, overrides: list[str] | None) -> object:
+def _load(config: Path, overrides: list[str] | None, *, saved: bool = False) -> object:
     try:
-        return load_config(config, overrides or [])
+        return load_config(config, overrides or [], saved=saved)
     except ConfigError as exc:
         fail(str(exc))
 
@@ -216,8 +216,19 @@ def train_cmd(
     ] = None,
     set_: SetOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Remove the run already in --out first.")
+    ] = False,
+    no_report: Annotated[
+        bool, typer.Option("--no-report", help="Do not end with RUN_DIR/report/.")
+    ] = False,
 ) -> None:
-    """Train one experiment: federated (default), local-only or centralized."""
+    """Train one experiment: federated (default), local-only or centralized.
+
+    One run per run directory: --out must be new or empty (--overwrite removes the run there
+    first); --resume continues only an unfinished federated run of the same config and data.
+    A completed run ends with RUN_DIR/report/ and RUN_DIR/model_card.json.
+    """
     from rich.table import Table
 
     from multimodal_fl.config import ExperimentConfig
@@ -228,14 +239,16 @@ def train_cmd(
         from multimodal_fl.engines.federated import round_row
         from multimodal_fl.federated.server import RoundRecord
 
+    saved = False
     if resume is not None:
         if not (resume / "config.yaml").is_file():
             fail(f"--resume {resume}: no config.yaml there (not a run directory)")
+        saved = config is None
         config = config or resume / "config.yaml"
         out = resume
     if config is None:
         fail("give CONFIG (an experiment YAML file) or --resume RUN_DIR")
-    cfg = _load(config, set_)
+    cfg = _load(config, set_, saved=saved)
     assert isinstance(cfg, ExperimentConfig)
     chosen = engine or cfg.federated.engine
     spec = ENGINES.get(chosen)
@@ -254,8 +267,9 @@ def train_cmd(
     try:
         with _progress_view(quiet, cfg, stop_after_round) as view:
             outcome = run(cfg, chosen, out_dir=out, resume=resume is not None,
-                          stop_after_round=stop_after_round,
-                          on_round=None if quiet else on_round, progress=view)
+                          overwrite=overwrite, stop_after_round=stop_after_round,
+                          on_round=None if quiet else on_round, progress=view,
+                          report=not no_report)
     except (DataError, ConfigError, ValueError, RuntimeError) as exc:
         fail(f"{type(exc).__name__}: {exc}")
         return
@@ -278,6 +292,16 @@ def train_cmd(
         table.add_row(site, text)
     console.print(table)
     console.print(f"run directory: {outcome.run_dir}")
+    _print_finished(outcome.finished)
+
+
+def _print_finished(finished: Any) -> None:
+    """What the end of a completed run wrote: its report and its model card."""
+    if finished is None:
+        return
+    if finished.report_html is not None:
+        console.print(f"report: {finished.report_html}")
+    console.print(f"model card: {finished.card_md}")
 
 
 @app.command("report")
@@ -300,6 +324,45 @@ def report_cmd(
     except (ValueError, KeyError, FileNotFoundError) as exc:
         fail(f"report: {type(exc).__name__}: {exc}")
     console.print(f"report: {html_path}\n        {json_path}")
+
+
+@app.command("predict")
+def predict_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A completed run directory.")],
+    site_dir: Annotated[Path, typer.Argument(help="The site directory to score.")],
+    out: Annotated[Path, typer.Option("--out", help="CSV to write (patient_id, score, label, "
+                                      "predicted).")],
+    model_site: Annotated[
+        str | None,
+        typer.Option("--model-site", help="Local-only runs: whose model to use."),
+    ] = None,
+    site_name: Annotated[
+        str | None, typer.Option("--site-name", help="The site's name (default: its folder's).")
+    ] = None,
+) -> None:
+    """Score a site's patients with a trained model, at the run's decision threshold.
+
+    A federated or centralized run has one global model; a local-only run one per site
+    (choose with --model-site). The label column is the task's label as the site's records
+    give it; predicted is score >= the run's threshold (its model card's).
+    """
+    from multimodal_fl.data.errors import DataError
+    from multimodal_fl.engines.predict import predict_site
+
+    if out.is_dir():
+        fail(f"--out {out}: is a folder; give a CSV file name")
+    try:
+        result = predict_site(run_dir, site_dir, model_site=model_site, site_name=site_name)
+    except (DataError, ConfigError, ValueError, RuntimeError) as exc:
+        fail(f"{type(exc).__name__}: {exc}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.frame.to_csv(out, index=False)
+    positive = int(result.frame["predicted"].sum())
+    console.print(f"site {result.site}: {len(result.frame)} patients scored with {result.model} "
+                  f"({result.excluded} not scored: outside the cohort or no usable data); "
+                  f"{positive} predicted positive at threshold {result.threshold:.4g} "
+                  f"({result.threshold_source})", highlight=False)
+    console.print(f"wrote {out}")
 
 
 @app.command("pca")

@@ -32,6 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "REMOVED_KEYS",
     "CodeSet",
     "ConfigError",
     "EvaluationConfig",
@@ -49,6 +50,7 @@ __all__ = [
     "TrainingConfig",
     "available_tasks",
     "check_timezone",
+    "drop_removed_keys",
     "load_config",
     "load_task",
 ]
@@ -532,10 +534,6 @@ class EvaluationConfig(_Strict):
     threshold: Literal["youden", "0.5"] = Field(
         default="youden", description="Operating point: Youden's J on validation, or 0.5."
     )
-    baselines: list[Literal["local", "centralized"]] = Field(
-        default_factory=lambda: ["local", "centralized"],  # type: ignore[arg-type]
-        description="Baseline engines the demo and report compare against.",
-    )
 
 
 class ExperimentConfig(_Strict):
@@ -570,6 +568,41 @@ class ExperimentConfig(_Strict):
     def resolved_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain JSON-compatible data."""
         return json.loads(self.model_dump_json())
+
+
+#: Keys the schema once had: dotted key -> what to do instead. A config that sets one fails
+#: with this message; a run's saved ``config.yaml`` from before is read without it
+#: (:func:`drop_removed_keys`).
+REMOVED_KEYS: dict[str, str] = {
+    "evaluation.baselines": (
+        "was removed: one run trains one engine. Train each baseline into a run directory of "
+        "its own (mmfl train CONFIG --engine local --out RUN-local) and compare the runs with "
+        "mmfl report RUN RUN-local"
+    ),
+}
+
+
+def drop_removed_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a raw config mapping without :data:`REMOVED_KEYS` (old run directories).
+
+    Parameters
+    ----------
+    data : dict
+        A configuration as read from YAML.
+
+    Returns
+    -------
+    dict
+    """
+    out = copy.deepcopy(data)
+    for dotted in REMOVED_KEYS:
+        *parents, last = dotted.split(".")
+        node: Any = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
 
 
 # Fields whose capability is not built yet: (dotted path, predicate on value, message).
@@ -639,7 +672,9 @@ def _format_errors(model: type[BaseModel], exc: ValidationError, source: str) ->
     for err in exc.errors():
         loc = tuple(err["loc"])
         where = ".".join(str(p) for p in loc) or "<root>"
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and where in REMOVED_KEYS:
+            lines.append(f"  - '{where}' {REMOVED_KEYS[where]}")
+        elif err["type"] == "extra_forbidden":
             valid = _field_names_at(model, loc)
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -738,7 +773,8 @@ def _index(node: list[Any], parts: list[str], i: int, item: str) -> int:
 
 
 def load_config(
-    path: str | Path, overrides: list[str] | None = None, *, check_built: bool = True
+    path: str | Path, overrides: list[str] | None = None, *, check_built: bool = True,
+    saved: bool = False,
 ) -> ExperimentConfig:
     """Load an experiment YAML file, apply overrides, resolve the task and site paths.
 
@@ -750,6 +786,9 @@ def load_config(
         ``["a.b=c", ...]`` applied before validation.
     check_built
         Reject fields whose capability is not built yet (see ``NOT_BUILT``).
+    saved
+        The file is a run's saved ``config.yaml``: keys the schema no longer has
+        (:data:`REMOVED_KEYS`) are dropped instead of refused.
 
     Returns
     -------
@@ -765,7 +804,7 @@ def load_config(
     raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    data = apply_overrides(raw, overrides or [])
+    data = apply_overrides(drop_removed_keys(raw) if saved else raw, overrides or [])
     base = path.resolve().parent
     if "task" in data and not isinstance(data["task"], TaskSpec):
         task_ref = data["task"]

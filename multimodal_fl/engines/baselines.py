@@ -18,10 +18,12 @@ from typing import Any
 
 import pandas as pd
 import torch
+from safetensors.numpy import save_file
 
 from multimodal_fl.config import ExperimentConfig
 from multimodal_fl.evaluation.metrics import derive_seed
 from multimodal_fl.fusion import FusionModel
+from multimodal_fl.pca.site import projection_arrays
 from multimodal_fl.pca.stage import apply_pca_stage, fit_pca_stage
 from multimodal_fl.progress import ProgressCallback, StepEvent
 from multimodal_fl.rundir import RunOutcome, RunWriter, default_run_dir, jsonable, site_summary
@@ -116,14 +118,23 @@ def _prepared_sites(cfg: ExperimentConfig, writer: RunWriter,
     sites = dict(data) if data is not None else load_site_data(cfg, writer.run_dir,
                                                                cohorts=cohorts,
                                                                progress=progress)
-    return _apply_pca_stage(cfg, sites)
+    return _apply_pca_stage(cfg, sites, writer.run_dir)
 
 
-def _apply_pca_stage(cfg: ExperimentConfig, sites: dict[str, SiteData]) -> dict[str, SiteData]:
-    """The federated PCA stage's reduction, fitted on the sites' training splits (same math)."""
+def _apply_pca_stage(cfg: ExperimentConfig, sites: dict[str, SiteData],
+                     run_dir: Path) -> dict[str, SiteData]:
+    """The federated PCA stage's reduction, fitted on the sites' training splits (same math).
+
+    The projection is saved as ``pca.safetensors``, as the federated engine saves it: the
+    model's inputs need it (``mmfl predict``).
+    """
     if not cfg.federated.pca.enabled:
         return sites
-    return apply_pca_stage(sites, fit_pca_stage(cfg, sites), cfg.federated.pca.modality)
+    pca = fit_pca_stage(cfg, sites)
+    modality = cfg.federated.pca.modality
+    save_file(projection_arrays(pca), str(run_dir / "pca.safetensors"),
+              metadata={"modality": modality})
+    return apply_pca_stage(sites, pca, modality)
 
 
 def _write_cross_predictions(writer: RunWriter, cfg: ExperimentConfig,

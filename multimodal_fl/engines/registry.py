@@ -10,6 +10,14 @@ The CLI (``mmfl train``) dispatches through :data:`ENGINES` like any Python call
 
 Every engine either honours ``resume`` / ``stop_after_round`` or refuses them with a one-line
 :class:`EngineOptionError`: only the in-process federated engine checkpoints its rounds.
+
+:func:`run` keeps one run per run directory. Before any site data is read it checks the
+options, the device, the PCA stage and the run directory (:func:`~multimodal_fl.rundir.
+prepare_run_dir`: an existing run is refused unless ``overwrite``; :func:`~multimodal_fl.rundir.
+check_resume`: only an unfinished run of the same engine and configuration is resumed). It
+then fingerprints each site's data, writes ``run.json`` (status ``running``), runs the engine,
+records ``completed``, ``stopped`` or ``failed``, and ends a completed run with its report and
+model card (:func:`~multimodal_fl.engines.finish.finish_run`).
 """
 
 from __future__ import annotations
@@ -22,12 +30,23 @@ from pathlib import Path
 from multimodal_fl.config import ExperimentConfig
 from multimodal_fl.engines.baselines import run_centralized, run_local
 from multimodal_fl.engines.federated import run_federated_experiment
+from multimodal_fl.engines.finish import finish_run
 from multimodal_fl.engines.flower_jobs import run_flower_loopback
 from multimodal_fl.federated.server import RoundRecord
+from multimodal_fl.pca.stage import check_pca_stage
 from multimodal_fl.progress import ProgressCallback
-from multimodal_fl.rundir import RunOutcome, default_run_dir
+from multimodal_fl.rundir import (
+    RunDirError,
+    RunManifest,
+    RunOutcome,
+    check_resume,
+    default_run_dir,
+    prepare_run_dir,
+    site_fingerprint,
+)
+from multimodal_fl.training import resolve_device
 
-__all__ = ["ENGINES", "Engine", "EngineOptionError", "RunOptions", "run"]
+__all__ = ["ENGINES", "Engine", "EngineOptionError", "RunOptions", "preflight", "run"]
 
 
 class EngineOptionError(ValueError):
@@ -113,50 +132,9 @@ ENGINES: dict[str, Engine] = {
 }
 
 
-def run(
-    cfg: ExperimentConfig,
-    engine: str | None = None,
-    *,
-    out_dir: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    stop_after_round: int | None = None,
-    on_round: Callable[[RoundRecord], None] | None = None,
-    progress: ProgressCallback | None = None,
-) -> RunOutcome:
-    """Train one experiment with one engine and write its run directory.
-
-    Parameters
-    ----------
-    cfg : ExperimentConfig
-        The experiment (e.g. from :func:`multimodal_fl.config.load_config`).
-    engine : str or None
-        A key of :data:`ENGINES` (default: ``cfg.federated.engine``).
-    out_dir : path-like or None
-        The run directory (default ``runs/<config-name>-<timestamp>``; with ``resume``, the
-        run to continue).
-    resume : bool
-        Continue the run in ``out_dir`` from its last checkpoint (in-process federated only).
-    stop_after_round : int or None
-        Stop after this round, checkpointed (in-process federated only).
-    on_round : callable or None
-        Called with each completed round's record.
-    progress : callable or None
-        Called with :mod:`~multimodal_fl.progress` events; nothing in the library prints
-        (the CLI renders them as bars).
-
-    Returns
-    -------
-    RunOutcome
-        The run directory and what ``metrics.json`` holds.
-
-    Raises
-    ------
-    EngineOptionError
-        For an unknown engine, or an option the engine cannot honour; nothing has run.
-    """
-    if progress is not None and not callable(progress):
-        raise EngineOptionError(f"progress={progress!r}: expected a callable taking progress "
-                                "events, or None (the library itself never prints)")
+def _engine_for(cfg: ExperimentConfig, engine: str | None, *, resume: bool, overwrite: bool,
+                stop_after_round: int | None, out_dir: object) -> Engine:
+    """The engine asked for, after checking that it can honour the options."""
     name = engine or cfg.federated.engine
     spec = ENGINES.get(name)
     if spec is None:
@@ -170,6 +148,147 @@ def run(
                                 f"(only {able} checkpoints its rounds)")
     if resume and out_dir is None:
         raise EngineOptionError("--resume needs the run directory to continue")
+    if resume and overwrite:
+        raise EngineOptionError("--resume continues a run and --overwrite removes it: give one")
+    return spec
+
+
+def preflight(cfg: ExperimentConfig) -> None:
+    """The checks that need no site data, run before any is read.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+
+    Raises
+    ------
+    ValueError
+        ``training.device`` names a device this machine lacks, or ``federated.pca`` cannot
+        run as a stage.
+    """
+    resolve_device(cfg.training.device)
+    if cfg.federated.pca.enabled:
+        check_pca_stage(cfg)
+
+
+def _fingerprints(cfg: ExperimentConfig) -> dict[str, dict[str, object]]:
+    """Every site's data fingerprint (a missing site directory is named)."""
+    out: dict[str, dict[str, object]] = {}
+    for site in cfg.sites:
+        try:
+            out[site.name] = site_fingerprint(site.path)
+        except RunDirError as exc:
+            raise RunDirError(f"site {site.name}: {exc}") from None
+    return out
+
+
+def _open_run(cfg: ExperimentConfig, spec: Engine, target: Path, *, resume: bool,
+              overwrite: bool) -> RunManifest:
+    """Check the run directory, fingerprint the data and write ``run.json`` (``running``)."""
+    if resume:
+        manifest = check_resume(target, cfg, engine=spec.name,
+                                resumable=[e.name for e in ENGINES.values() if e.resumable])
+    else:
+        prepare_run_dir(target, overwrite=overwrite)
+    data = _fingerprints(cfg)
+    if resume:
+        changed = sorted(s for s in set(data) | set(manifest.data)
+                         if data.get(s, {}).get("fingerprint")
+                         != manifest.data.get(s, {}).get("fingerprint"))
+        if changed:
+            raise RunDirError(f"--resume {target}: the data of site(s) {', '.join(changed)} "
+                              "changed since the run started (data fingerprint in run.json); "
+                              "start a new run")
+        manifest.resume()
+    else:
+        manifest = RunManifest.start(cfg, spec.name, data)
+    manifest.write(target)
+    return manifest
+
+
+def _run_recorded(spec: Engine, cfg: ExperimentConfig, options: RunOptions,
+                  manifest: RunManifest) -> RunOutcome:
+    """Run the engine; record how it ended in ``run.json``."""
+    try:
+        outcome = spec.runner(cfg, options)
+    except BaseException as exc:
+        line = " ".join(f"{type(exc).__name__}: {exc}".split())
+        manifest.finish("failed", error=line)
+        manifest.write(options.out_dir)
+        raise
+    stopped = outcome.metrics.get("stopped_after_round")
+    if stopped is not None:
+        manifest.finish("stopped", stopped_after_round=int(stopped))
+    else:
+        manifest.finish("completed")
+    manifest.write(options.out_dir)
+    return outcome
+
+
+def run(
+    cfg: ExperimentConfig,
+    engine: str | None = None,
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after_round: int | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    progress: ProgressCallback | None = None,
+    report: bool = True,
+) -> RunOutcome:
+    """Train one experiment with one engine and write its run directory.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment (e.g. from :func:`multimodal_fl.config.load_config`).
+    engine : str or None
+        A key of :data:`ENGINES` (default: ``cfg.federated.engine``).
+    out_dir : path-like or None
+        The run directory (default ``runs/<config-name>-<timestamp>``; with ``resume``, the
+        run to continue). It must be new or empty unless ``overwrite``.
+    resume : bool
+        Continue the unfinished run in ``out_dir`` from its last checkpoint (in-process
+        federated only; the same configuration and data).
+    overwrite : bool
+        Remove the run in ``out_dir`` first.
+    stop_after_round : int or None
+        Stop after this round, checkpointed (in-process federated only).
+    on_round : callable or None
+        Called with each completed round's record.
+    progress : callable or None
+        Called with :mod:`~multimodal_fl.progress` events; nothing in the library prints
+        (the CLI renders them as bars).
+    report : bool
+        End a completed run with ``RUN_DIR/report/`` (the model card is written either way).
+
+    Returns
+    -------
+    RunOutcome
+        The run directory, what ``metrics.json`` holds, and what the end of the run wrote.
+
+    Raises
+    ------
+    EngineOptionError
+        For an unknown engine, or an option the engine cannot honour; nothing has run.
+    RunDirError
+        For a run directory that cannot be used as asked; nothing has run.
+    """
+    if progress is not None and not callable(progress):
+        raise EngineOptionError(f"progress={progress!r}: expected a callable taking progress "
+                                "events, or None (the library itself never prints)")
+    spec = _engine_for(cfg, engine, resume=resume, overwrite=overwrite,
+                       stop_after_round=stop_after_round, out_dir=out_dir)
+    preflight(cfg)
     target = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
+    manifest = _open_run(cfg, spec, target, resume=resume, overwrite=overwrite)
     options = RunOptions(target, resume, stop_after_round, on_round, progress)
-    return spec.runner(cfg, options)
+    outcome = _run_recorded(spec, cfg, options, manifest)
+    if manifest.status == "completed":
+        try:
+            outcome.finished = finish_run(target, cfg, manifest, report=report)
+        except (ValueError, KeyError, OSError) as exc:
+            raise RuntimeError(f"the run completed in {target}, but its end failed ({exc}); "
+                               f"mmfl report {target} retries the report") from exc
+    return outcome

@@ -22,11 +22,13 @@ from multimodal_fl.evaluation.fairness import (
     cross_site_matrix,
     fairness_report,
     local_vs_federated,
+    resolve_thresholds,
 )
 from multimodal_fl.evaluation.histograms import pooled_evaluation, summarise_sites
-from multimodal_fl.evaluation.report.load import ReportConfig, RunData, load_runs
+from multimodal_fl.evaluation.report.compare import load_runs
+from multimodal_fl.evaluation.report.load import ReportConfig, RunData
 
-__all__ = ["SPLIT", "build_report", "json_ready"]
+__all__ = ["SPLIT", "build_report", "json_ready", "run_thresholds"]
 
 SPLIT = "test"
 """The split every figure and table of the report evaluates."""
@@ -53,27 +55,61 @@ def _fixed_threshold(rule: str) -> float | None:
     return None if rule == "youden" else float(rule)
 
 
-def _fairness(pred: pd.DataFrame, kwargs: dict[str, Any], *, fixed: float | None,
-              per_site: bool, notes: list[str]) -> FairnessReport:
-    """The fairness tables; when the validation split cannot choose a threshold, fall back.
+def run_thresholds(pred: pd.DataFrame, rule: str, *, per_site: bool
+                   ) -> tuple[dict[str, float], str, list[str]]:
+    """The decision threshold(s) of a run, as the report and the model card use them.
 
-    The fallbacks (one threshold on all sites' validation rows, then 0.5) are added to
-    ``notes``.
+    ``evaluation.threshold`` fixed (``"0.5"``) is used as given. ``youden`` chooses on the
+    validation split: per site for local-only models (``per_site``), else one on all sites'
+    validation rows. When that split cannot choose (no positives or no negatives), the
+    fallbacks are one threshold on all sites' validation rows, then 0.5, each with a note.
+
+    Parameters
+    ----------
+    pred : pandas.DataFrame
+        The run's predictions (``site``, ``split``, ``label``, ``score``).
+    rule : str
+        ``evaluation.threshold``: ``"youden"`` or a fixed value such as ``"0.5"``.
+    per_site : bool
+        Choose one threshold per site (local-only runs).
+
+    Returns
+    -------
+    thresholds : dict of str to float
+        Per site.
+    source : str
+        How they were obtained.
+    notes : list of str
+        Fallbacks taken.
     """
+    fixed = _fixed_threshold(rule)
+    if fixed is not None:
+        thresholds, source = resolve_thresholds(pred, threshold=fixed)
+        return thresholds, source, []
+    notes: list[str] = []
     try:
-        return fairness_report(pred, threshold=fixed, per_site_threshold=per_site, **kwargs)
+        thresholds, source = resolve_thresholds(pred, threshold=None, per_site=per_site)
+        return thresholds, source, notes
     except ValueError as exc:
-        if fixed is not None or "threshold" not in str(exc):
-            raise
         # a validation split that cannot choose a threshold: fall back, and say so
         notes.append(f"threshold: {exc}")
     try:
-        fr = fairness_report(pred, threshold=None, per_site_threshold=False, **kwargs)
+        thresholds, source = resolve_thresholds(pred, threshold=None, per_site=False)
         notes.append("threshold chosen on all sites' validation rows instead")
     except ValueError:
-        fr = fairness_report(pred, threshold=0.5, **kwargs)
-        fr.threshold_source = "0.5 (no validation rows with both classes)"
+        thresholds = {str(s): 0.5 for s in pd.unique(pred["site"])}
+        source = "0.5 (no validation rows with both classes)"
         notes.append("threshold fixed at 0.5: no validation rows with both classes")
+    return thresholds, source, notes
+
+
+def _fairness(pred: pd.DataFrame, kwargs: dict[str, Any], *, rule: str, per_site: bool,
+              notes: list[str]) -> FairnessReport:
+    """The fairness tables at the run's thresholds (:func:`run_thresholds`; notes added)."""
+    thresholds, source, more = run_thresholds(pred, rule, per_site=per_site)
+    notes.extend(more)
+    fr = fairness_report(pred, threshold=thresholds, **kwargs)
+    fr.threshold_source = source
     return fr
 
 
@@ -81,13 +117,12 @@ def _run_section(run: RunData, st: dict[str, Any]) -> dict[str, Any]:
     """One run's fairness tables, federated evaluation and notes."""
     pred = run.predictions
     sensitive = [c for c in st["sensitive"] if c in pred.columns]
-    fixed = _fixed_threshold(st["threshold"])
     notes = [f"sensitive attribute {c!r} not in predictions: skipped"
              for c in st["sensitive"] if c not in pred.columns]
     kwargs: dict[str, Any] = {"sensitive": sensitive, "min_cell": st["min_cell"],
                               "n_boot": st["n_boot"], "seed": st["seed"]}
-    per_site = run.engine == "local" and fixed is None
-    fr = _fairness(pred, kwargs, fixed=fixed, per_site=per_site, notes=notes)
+    fr = _fairness(pred, kwargs, rule=st["threshold"], per_site=run.engine == "local",
+                   notes=notes)
     thresholds = set(fr.thresholds.values())
     common_t = thresholds.pop() if len(thresholds) == 1 else None
     n_bins = st["histogram_bins"]

@@ -2,6 +2,7 @@
 
 A run directory, as ``mmfl train`` writes it::
 
+    RUN_DIR/run.json                      the manifest (engine, data fingerprints, run id, ...)
     RUN_DIR/config.yaml                   resolved config (evaluation.sensitive, min_cell, ...)
     RUN_DIR/metrics.json                  "engine"; "rounds" (federated) or "history" (others)
     RUN_DIR/sites/<site>/predictions.csv  patient_id, split, label, score, sex, age_band, ...
@@ -14,7 +15,9 @@ The report reads four keys of ``config.yaml`` (``name``, ``seed``, ``federated``
 ``evaluation``) into :class:`ReportConfig`, whose fields are
 :class:`~multimodal_fl.config.ExperimentConfig`'s own: the same types, validators and defaults.
 The task and the sites are not read: the site directories need not exist where the report is
-built (a copied run directory), and a hand-made run directory may leave them out.
+built (a copied run directory), and a hand-made run directory may leave them out. The whole
+file, flattened (:attr:`RunData.settings`), and the manifest are what
+:mod:`.compare` checks before runs are compared.
 """
 
 from __future__ import annotations
@@ -35,9 +38,19 @@ from multimodal_fl.config import (
     EvaluationConfig,
     ExperimentConfig,
     FederatedConfig,
+    drop_removed_keys,
 )
+from multimodal_fl.rundir import RunManifest, flatten, read_manifest
 
-__all__ = ["ReportConfig", "RunData", "load_run", "load_runs", "read_report_config"]
+__all__ = [
+    "ReportConfig",
+    "RunData",
+    "RunIdentity",
+    "load_run",
+    "read_config_dict",
+    "read_identity",
+    "read_report_config",
+]
 
 PREDICTION_COLUMNS: tuple[str, ...] = ("patient_id", "split", "label", "score")
 """Columns every ``predictions.csv`` must have."""
@@ -97,6 +110,8 @@ class RunData:
         All sites' rows with ``site`` and ``model`` columns added.
     cross : pandas.DataFrame
         Rows of ``cross_predictions.csv`` files (possibly empty).
+    manifest : RunManifest or None
+        ``run.json`` (``None`` for a run directory without one).
     """
 
     path: Path
@@ -106,11 +121,42 @@ class RunData:
     metrics: dict[str, Any]
     predictions: pd.DataFrame
     cross: pd.DataFrame = field(default_factory=pd.DataFrame)
+    manifest: RunManifest | None = None
 
     @property
     def federated(self) -> bool:
         """Whether the run is a federated one."""
         return self.engine in ("inprocess", "flower", "federated")
+
+
+def read_config_dict(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """``RUN_DIR/config.yaml`` as a mapping, keys the schema no longer has dropped.
+
+    Parameters
+    ----------
+    path : path-like
+        A run directory.
+
+    Returns
+    -------
+    dict or None
+        ``None`` when the run has no ``config.yaml``.
+
+    Raises
+    ------
+    ConfigError
+        When the file is not YAML or not a mapping.
+    """
+    file = Path(path) / "config.yaml"
+    if not file.is_file():
+        return None
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: expected a mapping at the top level")
+    return drop_removed_keys(raw)
 
 
 def read_report_config(path: str | os.PathLike[str]) -> ReportConfig | None:
@@ -131,15 +177,10 @@ def read_report_config(path: str | os.PathLike[str]) -> ReportConfig | None:
     ConfigError
         When the file is not YAML or a key the report reads is invalid.
     """
-    file = Path(path) / "config.yaml"
-    if not file.is_file():
+    raw = read_config_dict(path)
+    if raw is None:
         return None
-    try:
-        raw = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{file}: expected a mapping at the top level")
+    file = Path(path) / "config.yaml"
     try:
         return ReportConfig.model_validate(raw)
     except ValidationError as exc:
@@ -181,6 +222,73 @@ def _read_cross(path: Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def _run_path(run_dir: str | os.PathLike[str]) -> Path:
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a directory; expected a run directory from `mmfl train`")
+    return path
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    """``metrics.json`` (empty when there is none)."""
+    if (path / "metrics.json").is_file():
+        doc: dict[str, Any] = json.loads((path / "metrics.json").read_text())
+        return doc
+    return {}
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a run is, read without its predictions: enough to decide whether runs compare.
+
+    Attributes
+    ----------
+    path : Path
+    engine : str
+    settings : dict
+        ``config.yaml`` flattened (``{"federated.algorithm": "fedprox", ...}``); empty when
+        the run has none.
+    manifest : RunManifest or None
+        ``run.json``.
+    """
+
+    path: Path
+    engine: str
+    settings: dict[str, Any]
+    manifest: RunManifest | None
+
+    @property
+    def run_id(self) -> str:
+        """The manifest's run id (kept by a copy of the directory), else the resolved path."""
+        return self.manifest.run_id if self.manifest is not None else str(self.path.resolve())
+
+
+def read_identity(run_dir: str | os.PathLike[str]) -> RunIdentity:
+    """Read a run directory's manifest, config and engine (not its predictions).
+
+    Parameters
+    ----------
+    run_dir : path-like
+
+    Returns
+    -------
+    RunIdentity
+
+    Raises
+    ------
+    ValueError
+        When the path is not a directory, or ``config.yaml`` / ``run.json`` is unreadable.
+    """
+    path = _run_path(run_dir)
+    raw = read_config_dict(path) or {}
+    manifest = read_manifest(path)
+    fed = raw.get("federated")
+    engine = str(_read_metrics(path).get("engine")
+                 or (manifest.engine if manifest is not None else None)
+                 or (fed.get("engine") if isinstance(fed, dict) else None) or "unknown")
+    return RunIdentity(path=path, engine=engine, settings=flatten(raw), manifest=manifest)
+
+
 def load_run(run_dir: str | os.PathLike[str], label: str | None = None) -> RunData:
     """Read a run directory.
 
@@ -202,12 +310,8 @@ def load_run(run_dir: str | os.PathLike[str], label: str | None = None) -> RunDa
         (:class:`~multimodal_fl.config.ConfigError`, a ``ValueError``, for an invalid
         ``config.yaml``).
     """
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise ValueError(f"{path}: not a directory; expected a run directory from `mmfl train`")
-    metrics: dict[str, Any] = {}
-    if (path / "metrics.json").is_file():
-        metrics = json.loads((path / "metrics.json").read_text())
+    path = _run_path(run_dir)
+    metrics = _read_metrics(path)
     config = read_report_config(path)
     engine = str(metrics.get("engine") or (config.federated.engine if config else None)
                  or "unknown")
@@ -219,28 +323,7 @@ def load_run(run_dir: str | os.PathLike[str], label: str | None = None) -> RunDa
         metrics=metrics,
         predictions=_read_predictions(path, engine, label or engine),
         cross=_read_cross(path),
+        manifest=read_manifest(path),
     )
 
 
-def load_runs(run_dirs: Sequence[str | os.PathLike[str]]) -> list[RunData]:
-    """Read run directories, each labelled by its engine, made unique with the folder name.
-
-    Parameters
-    ----------
-    run_dirs : sequence of path-like
-        Run directories.
-
-    Returns
-    -------
-    list of RunData
-        Labels ``engine``, or ``engine (folder)`` where two runs share an engine.
-    """
-    loaded = [load_run(p) for p in run_dirs]
-    engines = [r.engine for r in loaded]
-    runs = []
-    for r in loaded:
-        lab = r.engine if engines.count(r.engine) == 1 else f"{r.engine} ({r.path.name})"
-        if lab != r.label:
-            r = load_run(r.path, label=lab)
-        runs.append(r)
-    return runs

@@ -1,0 +1,331 @@
+"""One run per run directory, the manifest, the end of a run (report, model card), predict."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from multimodal_fl.cli import app
+from multimodal_fl.config import ConfigError, load_config
+from multimodal_fl.engines import ENGINES, Engine, run
+from multimodal_fl.rundir import (
+    RunDirError,
+    RunOutcome,
+    check_resume,
+    config_digest,
+    prepare_run_dir,
+    read_manifest,
+    site_fingerprint,
+)
+
+
+def train(*args: str) -> str:
+    """``mmfl train ... --quiet``; returns the output, asserting success."""
+    result = CliRunner().invoke(app, ["train", *args, "--quiet"])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def refused(*args: str) -> str:
+    """``mmfl <args>`` that must fail with one line and no traceback; returns the output."""
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.output.startswith("error: ") and result.output.count("error: ") == 1
+    return " ".join(result.output.split())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, tiny_sample: Path, tiny_bert: Path
+         ) -> dict[str, Path]:
+    """A local run (the report on, as by default) and a federated run with --no-report."""
+    from tests.conftest import write_tiny_config
+
+    root = tmp_path_factory.mktemp("rundirs")
+    config = write_tiny_config(root, tiny_sample, tiny_bert)
+    train(str(config), "--engine", "local", "--out", str(root / "local"))
+    train(str(config), "--out", str(root / "fed"), "--no-report")
+    return {"config": config, "local": root / "local", "fed": root / "fed", "root": root}
+
+
+# ------------------------------------------------------------------------------ manifest
+
+
+def test_manifest_says_what_the_run_is_and_how_it_ended(runs: dict[str, Path]) -> None:
+    cfg = load_config(runs["config"])
+    for name, engine in (("local", "local"), ("fed", "inprocess")):
+        m = read_manifest(runs[name])
+        assert m is not None and m.engine == engine and m.status == "completed"
+        assert m.config_digest == config_digest(cfg) and m.seed == cfg.seed
+        assert m.task == cfg.task.name and m.package_version
+        assert m.started <= (m.ended or "") and m.error is None
+        assert m.data == {s.name: site_fingerprint(s.path) for s in cfg.sites}
+    assert read_manifest(runs["local"]).run_id != read_manifest(runs["fed"]).run_id  # type: ignore[union-attr]
+
+
+def test_manifest_is_written_first_running_then_stopped_then_completed(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    cfg = load_config(tiny_config())
+    seen: list[str] = []
+
+    def on_round(record: object) -> None:
+        seen.append(read_manifest(tmp_path / "r").status)  # type: ignore[union-attr]
+
+    run(cfg, "inprocess", out_dir=tmp_path / "r", stop_after_round=1, on_round=on_round)
+    assert seen == ["running"]
+    stopped = read_manifest(tmp_path / "r")
+    assert stopped is not None and stopped.status == "stopped"
+    assert stopped.stopped_after_round == 1 and stopped.ended is not None
+    assert not (tmp_path / "r" / "model_card.json").exists()  # no final model yet
+    run(cfg, "inprocess", out_dir=tmp_path / "r", resume=True, report=False)
+    done = read_manifest(tmp_path / "r")
+    assert done is not None and done.status == "completed" and len(done.resumed) == 1
+    assert done.run_id == stopped.run_id and done.started == stopped.started
+    assert (tmp_path / "r" / "model_card.json").is_file()
+
+
+def test_a_failed_run_records_the_error(tiny_config: Callable[..., Path], tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(cfg: object, options: object) -> RunOutcome:
+        raise RuntimeError("site_b stopped\nanswering")
+
+    monkeypatch.setitem(ENGINES, "local", Engine("local", "local-only", boom))
+    with pytest.raises(RuntimeError, match="site_b stopped"):
+        run(load_config(tiny_config()), "local", out_dir=tmp_path / "r")
+    m = read_manifest(tmp_path / "r")
+    assert m is not None and m.status == "failed" and m.ended is not None
+    assert m.error == "RuntimeError: site_b stopped answering"  # one line
+
+
+def test_a_failing_end_keeps_the_run_completed(tiny_config: Callable[..., Path], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import multimodal_fl.engines.registry as registry
+
+    def trained(cfg: object, options: Any) -> RunOutcome:
+        return RunOutcome(options.out_dir, {})
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("no predictions")
+
+    monkeypatch.setitem(ENGINES, "local", Engine("local", "local-only", trained))
+    monkeypatch.setattr(registry, "finish_run", broken)
+    with pytest.raises(RuntimeError, match=r"the run completed in .*, but its end failed \(no "
+                       r"predictions\); mmfl report .* retries the report"):
+        run(load_config(tiny_config()), "local", out_dir=tmp_path / "r")
+    assert read_manifest(tmp_path / "r").status == "completed"  # type: ignore[union-attr]
+
+
+def test_data_fingerprint_follows_content_not_timestamps_or_place(
+    tiny_sample: Path, tmp_path: Path
+) -> None:
+    site = tiny_sample / "covid_oxygen" / "site_a"
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(site, copy)
+    first = sorted(p for p in copy.rglob("*") if p.is_file())[0]
+    os.utime(first, (1, 1))  # another timestamp
+    (copy / ".DS_Store").write_text("junk")  # hidden files do not count
+    assert site_fingerprint(copy) == site_fingerprint(site)
+    data = bytearray(first.read_bytes())
+    data[-1] ^= 1  # one bit of content
+    first.write_bytes(bytes(data))
+    assert site_fingerprint(copy)["fingerprint"] != site_fingerprint(site)["fingerprint"]
+
+
+def test_config_digest_leaves_out_what_may_change_on_resume(
+    tiny_config: Callable[..., Path]
+) -> None:
+    base = load_config(tiny_config())
+    same = load_config(tiny_config(), ["federated.rounds=9", "federated.timeout_s=30",
+                                       "name=other", "federated.engine=local"])
+    assert config_digest(same) == config_digest(base)
+    for change in ("training.lr=0.01", "seed=1", "federated.algorithm=fedprox"):
+        assert config_digest(load_config(tiny_config(), [change])) != config_digest(base)
+
+
+# ------------------------------------------------------------------------ one run per dir
+
+
+def test_centralized_onto_a_local_run_is_refused_and_leaves_it(runs: dict[str, Path]) -> None:
+    local = runs["local"]
+    before = (local / "metrics.json").read_bytes()
+    out = refused("train", str(runs["config"]), "--engine", "centralized", "--out", str(local))
+    assert f"--out {local}: a local run (completed) is already there" in out
+    assert "--overwrite" in out
+    assert (local / "metrics.json").read_bytes() == before
+
+
+def test_a_bad_out_fails_at_once_without_reading_sites(
+    runs: dict[str, Path], tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    cache = tmp_path / "fresh-cache"
+    cfg = load_config(tiny_config(data={"cache_dir": str(cache)}))
+    start = time.perf_counter()
+    with pytest.raises(RunDirError, match="is already there"):
+        run(cfg, "centralized", out_dir=runs["local"])
+    assert time.perf_counter() - start < 1.0
+    assert not cache.exists()  # no site was read, nothing was embedded
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="not a run directory"):
+        run(cfg, "local", out_dir=stray, overwrite=True)
+    assert (stray / "notes.txt").read_text() == "mine"  # never removed
+    assert not cache.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_missing_device_fails_before_reading_sites(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache-dev"
+    cfg = load_config(tiny_config(data={"cache_dir": str(cache)}, training={"device": "cuda"}))
+    with pytest.raises(ValueError, match="no CUDA device"):
+        run(cfg, "local", out_dir=tmp_path / "r")
+    assert not cache.exists() and not (tmp_path / "r").exists()
+
+
+def test_overwrite_removes_the_run_first(runs: dict[str, Path], tmp_path: Path) -> None:
+    target = tmp_path / "was-local"
+    shutil.copytree(runs["local"], target)
+    assert list(target.glob("sites/*/cross_predictions.csv"))
+    train(str(runs["config"]), "--engine", "centralized", "--out", str(target), "--overwrite")
+    assert read_manifest(target).engine == "centralized"  # type: ignore[union-attr]
+    assert not list(target.glob("sites/*/model.safetensors"))
+    assert not list(target.glob("sites/*/cross_predictions.csv"))
+    report = json.loads((target / "report" / "report.json").read_text())
+    models = {c["model"] for c in report["cross_site"]["cells"]}
+    assert models == {"centralized"}  # no local:* rows left behind
+
+
+def test_resume_of_a_local_run_is_refused(runs: dict[str, Path]) -> None:
+    local = runs["local"]
+    model = (local / "sites" / "site_a" / "model.safetensors").read_bytes()
+    out = refused("train", str(runs["config"]), "--resume", str(local))
+    assert "a local run; only an unfinished inprocess run can be resumed" in out
+    assert (local / "sites" / "site_a" / "model.safetensors").read_bytes() == model
+
+
+def test_resume_of_a_completed_run_is_refused(runs: dict[str, Path]) -> None:
+    out = refused("train", "--resume", str(runs["fed"]))
+    assert "the run completed at" in out
+
+
+def test_resume_checks_the_config_digest(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
+    config = tiny_config()
+    train(str(config), "--out", str(tmp_path / "r"), "--stop-after-round", "1")
+    more_rounds = load_config(config, ["federated.rounds=5"])  # may change across a resume
+    changed = tiny_config(training={"lr": 0.05})  # rewrites the config file
+    out = refused("train", str(changed), "--resume", str(tmp_path / "r"))
+    assert "the configuration differs from the run's (training.lr)" in out
+    assert read_manifest(tmp_path / "r").status == "stopped"  # type: ignore[union-attr]
+    assert check_resume(tmp_path / "r", more_rounds, engine="inprocess",
+                        resumable=["inprocess"]).status == "stopped"
+
+
+def test_prepare_run_dir_accepts_new_and_empty_folders(tmp_path: Path) -> None:
+    assert prepare_run_dir(tmp_path / "new") == tmp_path / "new"
+    (tmp_path / "empty").mkdir()
+    prepare_run_dir(tmp_path / "empty")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunDirError, match="is a file"):
+        prepare_run_dir(tmp_path / "file")
+
+
+# ---------------------------------------------------------------------- end of a run
+
+
+def test_a_run_ends_with_its_report_and_model_card(runs: dict[str, Path]) -> None:
+    local, fed = runs["local"], runs["fed"]
+    assert (local / "report" / "report.html").is_file()
+    assert not (fed / "report").exists()  # --no-report
+    for run_dir in (local, fed):
+        card = json.loads((run_dir / "model_card.json").read_text())
+        manifest = read_manifest(run_dir)
+        assert card["data"] == manifest.data  # type: ignore[union-attr]
+        assert card["task"]["name"] == "covid_oxygen_24h" and card["recalibration"] is None
+        assert set(card["performance"]["sites"]) == {"site_a", "site_b", "site_c"}
+        assert (run_dir / "model_card.md").read_text().startswith("# Model card")
+    local_card = json.loads((local / "model_card.json").read_text())
+    assert set(local_card["models"]) == {"site_a", "site_b", "site_c"}
+    assert local_card["performance"]["report"] == "report/report.html"
+    assert local_card["performance"]["report_sites"]
+    fed_card = json.loads((fed / "model_card.json").read_text())
+    assert fed_card["models"] == {"global": "model.safetensors"}
+    assert fed_card["performance"]["report_sites"] is None
+    assert fed_card["training"]["federated"]["completed_rounds"] == 2
+
+
+# ---------------------------------------------------------------------------- predict
+
+
+def test_predict_scores_a_site_as_the_run_did(runs: dict[str, Path], tiny_sample: Path,
+                                              tmp_path: Path) -> None:
+    fed = runs["fed"]
+    site = tiny_sample / "covid_oxygen" / "site_a"
+    result = CliRunner().invoke(app, ["predict", str(fed), str(site), "--out",
+                                      str(tmp_path / "p.csv")])
+    assert result.exit_code == 0, result.output
+    got = pd.read_csv(tmp_path / "p.csv")
+    assert list(got.columns) == ["patient_id", "score", "label", "predicted"]
+    threshold = json.loads((fed / "model_card.json").read_text())["threshold"]["values"]["site_a"]
+    assert (got["predicted"] == (got["score"] >= threshold).astype(int)).all()
+    # the same model on the same patients: the scores the run wrote at the site
+    run_rows = pd.read_csv(fed / "sites" / "site_a" / "predictions.csv")
+    both = got.merge(run_rows, on="patient_id", suffixes=("", "_run"))
+    assert len(both) == len(run_rows) == len(got)
+    assert (both["score"] - both["score_run"]).abs().max() < 1e-6
+    assert (both["label"] == both["label_run"]).all()
+
+
+def test_predict_with_a_local_run_needs_model_site(runs: dict[str, Path], tiny_sample: Path,
+                                                  tmp_path: Path) -> None:
+    local = runs["local"]
+    site = tiny_sample / "covid_oxygen" / "site_b"
+    out = refused("predict", str(local), str(site), "--out", str(tmp_path / "p.csv"))
+    assert "one model per site (site_a, site_b, site_c); choose one with --model-site" in out
+    result = CliRunner().invoke(app, ["predict", str(local), str(site), "--model-site", "site_b",
+                                      "--out", str(tmp_path / "p.csv")])
+    assert result.exit_code == 0, result.output
+    assert "local model of site site_b" in " ".join(result.output.split())
+    got = pd.read_csv(tmp_path / "p.csv")
+    own = pd.read_csv(local / "sites" / "site_b" / "predictions.csv")
+    both = got.merge(own, on="patient_id", suffixes=("", "_run"))
+    assert len(both) == len(own) and (both["score"] - both["score_run"]).abs().max() < 1e-6
+    out = refused("predict", str(runs["fed"]), str(site), "--model-site", "site_b", "--out",
+                  str(tmp_path / "q.csv"))
+    assert "one global model; leave --model-site out" in out
+
+
+def test_predict_refuses_an_unfinished_run(tiny_config: Callable[..., Path], tiny_sample: Path,
+                                           tmp_path: Path) -> None:
+    train(str(tiny_config()), "--out", str(tmp_path / "r"), "--stop-after-round", "1")
+    out = refused("predict", str(tmp_path / "r"), str(tiny_sample / "covid_oxygen" / "site_a"),
+                  "--out", str(tmp_path / "p.csv"))
+    assert "the run is stopped" in out and not (tmp_path / "p.csv").exists()
+
+
+# --------------------------------------------------------------------- config: baselines
+
+
+def test_evaluation_baselines_is_refused_with_the_way_out(
+    tiny_config: Callable[..., Path], runs: dict[str, Path]
+) -> None:
+    with pytest.raises(ConfigError, match=r"'evaluation.baselines' was removed: .*mmfl report"):
+        load_config(tiny_config(evaluation={"baselines": ["local"]}))
+    # a run written before the removal still loads (its saved config keeps the key)
+    old = yaml.safe_load((runs["local"] / "config.yaml").read_text())
+    old["evaluation"]["baselines"] = ["local", "centralized"]
+    saved = runs["root"] / "old-config.yaml"
+    saved.write_text(yaml.safe_dump(old))
+    assert load_config(saved, saved=True).evaluation.n_boot == 20
