@@ -6,13 +6,36 @@ Built from run directories alone (never runs a model), in three steps:
   and the sites' predictions (:func:`load_run`, :class:`RunData`);
 - :mod:`.compute` -- the report document: fairness tables, federated (histogram-pooled)
   evaluation, the cross-site matrix, the change from local-only training and the training
-  curves (:func:`build_report`);
-- :mod:`.html` -- figures as base64 PNG and the HTML page; :func:`write_report` writes
-  ``report.json`` and ``report.html``.
+  curves (:func:`build_report`, :func:`report_from_runs`; :func:`run_from_frame` for a
+  predictions DataFrame), each run named by what it is (:data:`RUN_LABELS`:
+  ``federated (in-process)``, ``local-only``, ...);
+- :mod:`.html` -- the figures (``*_figure`` functions return matplotlib figures) and the HTML
+  page; :func:`write_report` writes ``report.json`` and ``report.html`` for run directories,
+  :func:`write_frame_report` for a predictions DataFrame of your own.
 """
 
-from multimodal_fl.evaluation.report.compute import SPLIT, build_report, json_ready
-from multimodal_fl.evaluation.report.html import SECTIONS, STATUS_SCRIPT, write_report
+from multimodal_fl.evaluation.report.compute import (
+    FRAME_LABEL,
+    RUN_LABELS,
+    SPLIT,
+    build_report,
+    json_ready,
+    report_from_runs,
+    run_from_frame,
+    run_label,
+)
+from multimodal_fl.evaluation.report.html import (
+    SECTIONS,
+    STATUS_SCRIPT,
+    calibration_figure,
+    change_figure,
+    cross_site_figure,
+    forest_figure,
+    roc_figure,
+    training_figure,
+    write_frame_report,
+    write_report,
+)
 from multimodal_fl.evaluation.report.load import (
     ReportConfig,
     RunData,
@@ -22,15 +45,27 @@ from multimodal_fl.evaluation.report.load import (
 )
 
 __all__ = [
+    "FRAME_LABEL",
+    "RUN_LABELS",
     "SECTIONS",
     "SPLIT",
     "STATUS_SCRIPT",
     "ReportConfig",
     "RunData",
     "build_report",
+    "calibration_figure",
+    "change_figure",
+    "cross_site_figure",
+    "forest_figure",
     "json_ready",
     "load_run",
     "load_runs",
     "read_report_config",
+    "report_from_runs",
+    "roc_figure",
+    "run_from_frame",
+    "run_label",
+    "training_figure",
+    "write_frame_report",
     "write_report",
 ]
