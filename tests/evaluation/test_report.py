@@ -216,3 +216,36 @@ def test_threshold_falls_back_when_a_site_cannot_choose(tmp_path: Path) -> None:
     notes = doc["runs"][0]["notes"]
     assert any("site 'c'" in n and "no positives" in n for n in notes)
     assert doc["runs"][0]["threshold_source"].startswith("chosen on split 'val' of all sites")
+
+
+def test_frame_report_from_a_users_own_predictions(tmp_path: Path) -> None:
+    from multimodal_fl.evaluation.report import write_frame_report
+
+    from .conftest import make_predictions
+
+    pred = make_predictions()
+    test_only = pred[pred["split"] == "test"].drop(columns=["split", "patient_id"])
+    j, h = write_frame_report(test_only, tmp_path / "r", sensitive=["sex"], threshold=0.4,
+                              n_boot=20)
+    doc = json.loads(j.read_text())
+    assert [r["label"] for r in doc["runs"]] == ["predictions (DataFrame)"]
+    assert doc["runs"][0]["threshold_source"] == "given (0.4)"
+    assert doc["settings"]["threshold"] == "0.4" and doc["settings"]["sensitive"] == ["sex"]
+    n = sum(c["n"] or 0 for c in doc["fairness"]["predictions (DataFrame)"]["cells"]
+            if c["scope"] == "overall" and c["metric"] == "auc")
+    assert n == len(test_only)  # without a split column every row is a test row
+    text = h.read_text()
+    assert "Training curves: nothing to plot: no run records" in text
+    # with validation rows and no threshold, Youden's J on them, as for a run
+    j2, _ = write_frame_report(pred.drop(columns=["site"]), tmp_path / "r2", n_boot=0,
+                               label="my model")
+    doc2 = json.loads(j2.read_text())
+    assert doc2["runs"][0]["label"] == "my model"
+    assert doc2["runs"][0]["threshold_source"].startswith("chosen on split 'val'")
+    assert {c["test_site"] for c in doc2["cross_site"]["cells"]} == {"site"}
+    with pytest.raises(ValueError, match=r"^predictions DataFrame: missing column\(s\) "
+                       r"\['score', 'race'\]; present: .*; expected label \(0/1\)") as e:
+        write_frame_report(pred.drop(columns=["score"]), tmp_path / "r3", sensitive=["race"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="expected a pandas DataFrame, got dict"):
+        write_frame_report({"label": [0]}, tmp_path / "r4")  # type: ignore[arg-type]
