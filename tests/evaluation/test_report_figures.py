@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.colors as mcolors
+import pandas as pd
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -230,3 +231,16 @@ def test_a_series_never_defined_is_named_in_the_legend() -> None:
     assert fig is not None
     assert _legend_texts(fig.axes[0]) == ["train loss", "val_auc: undefined at every step"]
     assert training_figure({"local-only": {}}) is None
+
+
+def test_a_run_without_a_curve_beside_others_is_named_in_the_legend(tmp_path: Path) -> None:
+    runs = [write_run_dir(tmp_path, e) for e in ("inprocess", "centralized")]
+    f = runs[1] / "sites" / "c" / "predictions.csv"
+    d = pd.read_csv(f)
+    d[d["split"] != "test"].to_csv(f, index=False)  # no test patients at c for this run
+    _, loaded, sec = build_report(runs, n_boot=0)
+    fig = roc_figure(loaded, sec["settings"]["min_cell"])
+    ax = {a.get_title(): a for a in fig.axes}["c"]
+    assert _legend_texts(ax) == ["federated (in-process)", "centralized: no curve (no patients)"]
+    assert _panel_notes(ax) == []
+    _draw_ok(fig, tmp_path)
