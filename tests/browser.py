@@ -6,6 +6,7 @@ the repository root on ``sys.path`` to import it). Needs Debian's ``chromium`` p
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import shutil
@@ -51,7 +52,9 @@ def render_in_chromium(html_path: str | os.PathLike[str], *, timeout: float = 12
     -------
     dict
         ``ready`` ("1" once loaded), ``errors`` (JavaScript errors and broken images, ``""``
-        when none), ``sections`` (comma-separated section ids), ``images`` (count).
+        when none), ``sections`` (comma-separated section ids), ``images`` (count),
+        ``notes`` (count of ``.note`` paragraphs) and ``shownnotes`` (the text of those laid
+        out, joined by ``" | "``); values HTML-unescaped.
 
     Raises
     ------
@@ -71,7 +74,7 @@ def render_in_chromium(html_path: str | os.PathLike[str], *, timeout: float = 12
     m = re.search(r'<div id="report-status"[^>]*>', out.stdout)
     if m is None:
         raise RuntimeError("the rendered page has no report-status element: not a report.html?")
-    return dict(re.findall(r'data-([a-z]+)="([^"]*)"', m.group(0)))
+    return {k: html.unescape(v) for k, v in re.findall(r'data-([a-z]+)="([^"]*)"', m.group(0))}
 
 
 def screenshot(html_path: str | os.PathLike[str], png_path: str | os.PathLike[str], *,

@@ -32,6 +32,7 @@ from multimodal_fl.engines.baselines import run_centralized, run_local
 from multimodal_fl.engines.federated import run_federated_experiment
 from multimodal_fl.engines.finish import finish_run
 from multimodal_fl.engines.flower_jobs import run_flower_loopback
+from multimodal_fl.evaluation.report import RUN_LABELS
 from multimodal_fl.federated.server import RoundRecord
 from multimodal_fl.pca.stage import check_pca_stage
 from multimodal_fl.progress import ProgressCallback
@@ -88,7 +89,8 @@ class Engine:
     name : str
         The ``--engine`` / ``federated.engine`` value.
     label : str
-        What the run is, in words (for tables and reports).
+        What the run is, in words (for tables and reports): the report's
+        :data:`~multimodal_fl.evaluation.report.RUN_LABELS` entry, the one table of them.
     runner : callable
         ``runner(cfg, options) -> RunOutcome``.
     resumable : bool
@@ -124,10 +126,10 @@ def _centralized(cfg: ExperimentConfig, options: RunOptions) -> RunOutcome:
 #: Every engine, by name.
 ENGINES: dict[str, Engine] = {
     e.name: e for e in (
-        Engine("inprocess", "federated (in-process)", _inprocess, resumable=True),
-        Engine("flower", "federated (Flower, on this machine)", _flower),
-        Engine("local", "local-only", _local),
-        Engine("centralized", "centralized", _centralized),
+        Engine("inprocess", RUN_LABELS["inprocess"], _inprocess, resumable=True),
+        Engine("flower", RUN_LABELS["flower"], _flower),
+        Engine("local", RUN_LABELS["local"], _local),
+        Engine("centralized", RUN_LABELS["centralized"], _centralized),
     )
 }
 

@@ -651,7 +651,8 @@ def histogram_auc(h: PooledHistogram) -> tuple[float, float, float]:
     -------
     auc : float
         ``sum_b P_b (N_{<b} + N_b / 2) / (n_pos n_neg)`` on the fine grid (Mann-Whitney with
-        pairs in the same bin counted as ties).
+        pairs in the same bin counted as ties), kept within ``[lower, upper]`` (summing
+        floats can put it a few 1e-16 outside, e.g. ``1.0000000000000009``).
     lower, upper : float
         The exact AUC of the underlying scores lies in ``[lower, upper]``: a positive-negative
         pair is certainly ordered when its two transmitted bins do not overlap; every other
@@ -679,7 +680,18 @@ def histogram_auc(h: PooledHistogram) -> tuple[float, float, float]:
     gt = sum(k * neg_stop_le[a] for a, _, k in h.pos_intervals)
     lt = sum(k * neg_start_ge[b] if b <= nb else 0.0 for _, b, k in h.pos_intervals)
     pairs = float(h.n_pos) * float(h.n_neg)
-    return auc, float(gt / pairs), float((pairs - lt) / pairs)
+    return _within(auc, float(gt / pairs), float((pairs - lt) / pairs))
+
+
+def _within(value: float, lower: float, upper: float) -> tuple[float, float, float]:
+    """``(value, lower, upper)`` with the bounds in [0, 1] and the value between them.
+
+    The bounds are exact ratios of counts; the estimate is a sum of floats that round-off can
+    put just outside them (``-2.2e-16`` would read ``-0.000``). Only round-off moves: the
+    estimate lies within its guaranteed bounds in exact arithmetic.
+    """
+    lower, upper = min(max(lower, 0.0), 1.0), min(max(upper, 0.0), 1.0)
+    return min(max(value, lower), upper), lower, upper
 
 
 def histogram_calibration(h: PooledHistogram, n_bins: int = 10) -> pd.DataFrame:
@@ -729,7 +741,7 @@ def histogram_ece(h: PooledHistogram, n_bins: int = 10) -> float:
     n = cal["n"].to_numpy()
     ok = n > 0
     gap = np.abs(cal["observed"].to_numpy()[ok] - cal["mean_score"].to_numpy()[ok])
-    return float(np.sum(n[ok] * gap) / n.sum())
+    return min(max(float(np.sum(n[ok] * gap) / n.sum()), 0.0), 1.0)  # round-off kept in range
 
 
 def _above(intervals: list[tuple[int, int, int]], fine: FloatArray, n_bins: int,
@@ -764,7 +776,8 @@ def histogram_sens_spec(
     -------
     dict
         ``{"sensitivity": (estimate, lower, upper), "specificity": (...)}``; the bounds
-        contain the exact patient-level value.
+        contain the exact patient-level value, and the estimate is kept within them (float
+        round-off aside, it lies there already).
     """
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
@@ -774,8 +787,8 @@ def histogram_sens_spec(
     tp, tp_lo, tp_hi = _above(h.pos_intervals, h.pos, h.n_bins, threshold)
     fp, fp_lo, fp_hi = _above(h.neg_intervals, h.neg, h.n_bins, threshold)
     return {
-        "sensitivity": (tp / n_p, tp_lo / n_p, tp_hi / n_p),
-        "specificity": (1 - fp / n_n, 1 - fp_hi / n_n, 1 - fp_lo / n_n),
+        "sensitivity": _within(tp / n_p, tp_lo / n_p, tp_hi / n_p),
+        "specificity": _within(1 - fp / n_n, 1 - fp_hi / n_n, 1 - fp_lo / n_n),
     }
 
 

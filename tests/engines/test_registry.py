@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,14 +10,24 @@ import pytest
 from typer.testing import CliRunner
 
 from multimodal_fl.cli import app
-from multimodal_fl.config import load_config
+from multimodal_fl.config import FederatedConfig, load_config
 from multimodal_fl.engines import ENGINES, EngineOptionError, run
+from multimodal_fl.evaluation.report import RUN_LABELS
 
 
 def test_every_engine_the_cli_offers_is_registered() -> None:
     assert set(ENGINES) == {"inprocess", "flower", "local", "centralized"}
     assert [e.name for e in ENGINES.values() if e.resumable] == ["inprocess"]
     assert ENGINES["local"].label == "local-only"
+
+
+def test_engine_labels_are_the_reports_run_labels() -> None:
+    # one table of run labels: the registry and the report (keyed by metrics.json's engine)
+    assert {name: e.label for name, e in ENGINES.items()} == RUN_LABELS
+    assert RUN_LABELS["inprocess"] == "federated (in-process)"
+    assert RUN_LABELS["flower"] == "federated (Flower)"
+    engines = typing.get_args(FederatedConfig.model_fields["engine"].annotation)
+    assert set(engines) == set(RUN_LABELS)  # every engine a config can name has a label
 
 
 @pytest.mark.parametrize("engine", ["local", "centralized", "flower"])

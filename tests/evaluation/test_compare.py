@@ -97,8 +97,8 @@ def test_fedavg_and_fedprox_are_compared_and_labelled_by_the_key(tmp_path: Path)
     local = make_run(tmp_path / "loc", "local")
     doc, _, _ = build_report([fedavg, fedprox, local], n_boot=0)
     labels = [r["label"] for r in doc["runs"]]
-    assert labels == ["inprocess (algorithm=fedavg, rounds=20)",
-                      "inprocess (algorithm=fedprox, rounds=30)", "local"]
+    assert labels == ["federated (in-process) (algorithm=fedavg, rounds=20)",
+                      "federated (in-process) (algorithm=fedprox, rounds=30)", "local-only"]
     assert set(doc["change_from_local"]) == set(labels[:2])
     assert {c["model"] for c in doc["cross_site"]["cells"]} >= set(labels[:2])
 
@@ -107,5 +107,5 @@ def test_runs_without_config_differences_are_told_apart_by_folder(tmp_path: Path
     one = make_run(tmp_path / "one", "inprocess")
     two = make_run(tmp_path / "two", "inprocess")
     doc, _, _ = build_report([one, two], n_boot=0)
-    assert [r["label"] for r in doc["runs"]] == ["inprocess (cfg-inprocess) #1",
-                                                "inprocess (cfg-inprocess) #2"]
+    assert [r["label"] for r in doc["runs"]] == ["federated (in-process) (cfg-inprocess) #1",
+                                                "federated (in-process) (cfg-inprocess) #2"]

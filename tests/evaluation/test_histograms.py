@@ -192,3 +192,20 @@ def test_bounds_hold_with_scores_on_bin_edges_and_heavy_ties() -> None:
             sens, spec = np.mean(s[y == 1] >= t), np.mean(s[y == 0] < t)
             assert ss["sensitivity"][1] - 1e-12 <= sens <= ss["sensitivity"][2] + 1e-12, t
             assert ss["specificity"][1] - 1e-12 <= spec <= ss["specificity"][2] + 1e-12, t
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pooled_values_stay_within_their_bounds_and_the_metric_range(seed: int) -> None:
+    # at threshold 0 every patient is positive: sensitivity 1 and specificity 0 exactly; the
+    # float sums once gave 1.0000000000000002 and -4.4e-16 (shown as "-0.000")
+    rng = np.random.default_rng(seed)
+    sums = []
+    for site, n in (("a", 101), ("b", 38), ("c", 59)):
+        y = (rng.random(n) < 0.3).astype(int)
+        sums.append(summarise_site(site, y, rng.random(n), threshold=0.0, min_cell=5, n_boot=0))
+    o = pooled_evaluation(sums).overall
+    assert o["sensitivity"]["value"] == 1.0 and o["specificity"]["value"] == 0.0
+    for name in ("auc", "sensitivity", "specificity"):
+        m = o[name]
+        assert 0.0 <= m["lower"] <= m["value"] <= m["upper"] <= 1.0, (name, m)
+    assert 0.0 <= o["ece"] <= 1.0

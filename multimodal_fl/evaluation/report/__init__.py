@@ -8,9 +8,12 @@ Built from run directories alone (never runs a model), in three steps:
   one run twice) and their labels (:func:`load_runs`);
 - :mod:`.compute` -- the report document: fairness tables, federated (histogram-pooled)
   evaluation, the cross-site matrix, the change from local-only training and the training
-  curves (:func:`build_report`);
-- :mod:`.html` -- figures as base64 PNG and the HTML page; :func:`write_report` writes
-  ``report.json`` and ``report.html``.
+  curves (:func:`build_report`, :func:`report_from_runs`; :func:`run_from_frame` for a
+  predictions DataFrame), each run named by what it is (:data:`RUN_LABELS`:
+  ``federated (in-process)``, ``local-only``, ...);
+- :mod:`.html` -- the figures (``*_figure`` functions return matplotlib figures) and the HTML
+  page; :func:`write_report` writes ``report.json`` and ``report.html`` for run directories,
+  :func:`write_frame_report` for a predictions DataFrame of your own.
 """
 
 from multimodal_fl.evaluation.report.compare import (
@@ -18,8 +21,29 @@ from multimodal_fl.evaluation.report.compare import (
     comparable_labels,
     load_runs,
 )
-from multimodal_fl.evaluation.report.compute import SPLIT, build_report, json_ready, run_thresholds
-from multimodal_fl.evaluation.report.html import SECTIONS, STATUS_SCRIPT, write_report
+from multimodal_fl.evaluation.report.compute import (
+    FRAME_LABEL,
+    RUN_LABELS,
+    SPLIT,
+    build_report,
+    json_ready,
+    report_from_runs,
+    run_from_frame,
+    run_label,
+    run_thresholds,
+)
+from multimodal_fl.evaluation.report.html import (
+    SECTIONS,
+    STATUS_SCRIPT,
+    calibration_figure,
+    change_figure,
+    cross_site_figure,
+    forest_figure,
+    roc_figure,
+    training_figure,
+    write_frame_report,
+    write_report,
+)
 from multimodal_fl.evaluation.report.load import (
     ReportConfig,
     RunData,
@@ -30,6 +54,8 @@ from multimodal_fl.evaluation.report.load import (
 )
 
 __all__ = [
+    "FRAME_LABEL",
+    "RUN_LABELS",
     "SECTIONS",
     "SPLIT",
     "STATUS_SCRIPT",
@@ -38,12 +64,22 @@ __all__ = [
     "RunData",
     "RunIdentity",
     "build_report",
+    "calibration_figure",
+    "change_figure",
     "comparable_labels",
+    "cross_site_figure",
+    "forest_figure",
     "json_ready",
     "load_run",
     "load_runs",
     "read_identity",
     "read_report_config",
+    "report_from_runs",
+    "roc_figure",
+    "run_from_frame",
+    "run_label",
     "run_thresholds",
+    "training_figure",
+    "write_frame_report",
     "write_report",
 ]

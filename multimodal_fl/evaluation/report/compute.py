@@ -1,13 +1,15 @@
 """Compute the report from what the runs hold: the ``report.json`` document and its parts.
 
-:func:`build_report` loads the runs and computes, per run, the fairness tables
-(:func:`~multimodal_fl.evaluation.fairness.fairness_report`) and the federated
+:func:`build_report` loads the runs and :func:`report_from_runs` computes, per run, the
+fairness tables (:func:`~multimodal_fl.evaluation.fairness.fairness_report`) and the federated
 (histogram-pooled) evaluation; across runs, the cross-site matrix and the per-site change from
 local-only training; and the training curves from each run's ``metrics.json``.
+:func:`run_from_frame` makes a user's own predictions DataFrame into a run the report can take.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -18,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from multimodal_fl.evaluation.fairness import (
+    CrossSiteResult,
     FairnessReport,
     cross_site_matrix,
     fairness_report,
@@ -28,10 +31,72 @@ from multimodal_fl.evaluation.histograms import pooled_evaluation, summarise_sit
 from multimodal_fl.evaluation.report.compare import load_runs
 from multimodal_fl.evaluation.report.load import ReportConfig, RunData
 
-__all__ = ["SPLIT", "build_report", "json_ready", "run_thresholds"]
+__all__ = ["FRAME_LABEL", "RUN_LABELS", "SPLIT", "build_report", "json_ready",
+           "report_from_runs", "run_from_frame", "run_label", "run_thresholds"]
 
 SPLIT = "test"
 """The split every figure and table of the report evaluates."""
+
+FRAME_LABEL = "predictions (DataFrame)"
+"""The run label of predictions given as a DataFrame (:func:`run_from_frame`)."""
+
+RUN_LABELS: dict[str, str] = {
+    "inprocess": "federated (in-process)",
+    "flower": "federated (Flower)",
+    "local": "local-only",
+    "centralized": "centralized",
+}
+"""What a run is, in words, keyed by the engine name ``metrics.json`` records.
+
+The one table of run labels: the report names runs by it, and the engine registry
+(:data:`multimodal_fl.engines.ENGINES`) takes each ``Engine.label`` from it."""
+
+
+def run_label(engine: str) -> str:
+    """What a run of ``engine`` is, in words: its :data:`RUN_LABELS` entry, else the name.
+
+    Parameters
+    ----------
+    engine : str
+        The engine name ``metrics.json`` records (``inprocess``, ``flower``, ...).
+
+    Returns
+    -------
+    str
+    """
+    return RUN_LABELS.get(engine, engine)
+
+
+def _display_labels(runs: Sequence[RunData]) -> tuple[list[RunData], dict[str, str]]:
+    """The runs named by :func:`run_label`, keeping what tells runs of one engine apart.
+
+    :func:`~multimodal_fl.evaluation.report.compare.load_runs` labels a run by its engine and,
+    where several runs share an engine, by the settings (or folders) that differ, e.g.
+    ``inprocess (algorithm=fedprox)``; here the engine name becomes its words:
+    ``federated (in-process) (algorithm=fedprox)``. Returns the relabelled runs and
+    ``{loaded label: shown label}``. A run keeps its loaded label as the model name in its
+    predictions, so the cross-site bootstrap seeds, keyed by model name, do not depend on the
+    words shown.
+    """
+    out, names = [], {}
+    for r in runs:
+        shown = r.label
+        if r.engine in RUN_LABELS and r.label.startswith(r.engine):
+            shown = run_label(r.engine) + r.label[len(r.engine):]
+        elif r.engine in RUN_LABELS and r.label == r.path.name:  # a run loaded on its own
+            shown = run_label(r.engine)
+        names[r.label] = shown
+        out.append(dataclasses.replace(r, label=shown))
+    return out, names
+
+
+def _rename_models(cross: CrossSiteResult, runs: Sequence[RunData],
+                   names: dict[str, str]) -> CrossSiteResult:
+    """The cross-site result with each run's own model named by the run's shown label."""
+    own = {m: names[r.label] for r in runs if r.engine != "local"
+           for m in r.predictions["model"].unique() if m == r.label}
+    long = cross.long.assign(model=cross.long["model"].map(lambda m: own.get(m, m)))
+    return CrossSiteResult(long, cross.metric)
 
 
 def _eval_settings(runs: Sequence[RunData], **overrides: Any) -> dict[str, Any]:
@@ -133,7 +198,7 @@ def _run_section(run: RunData, st: dict[str, Any]) -> dict[str, Any]:
     )
     pooled = pooled_evaluation(summaries)
     if run.engine == "local":
-        notes.append("local engine: each site has its own model and threshold; pooled figures "
+        notes.append(f"{run.label}: each site has its own model and threshold; pooled figures "
                      "mix models")
     return {
         "label": run.label,
@@ -196,21 +261,60 @@ def build_report(
     doc : dict
         The ``report.json`` document.
     runs : list of RunData
+        The runs, labelled by what they are (:func:`run_label`).
     sections : dict
         Per-run computed objects (``FairnessReport``...) keyed by run label, for plotting.
     """
     if not run_dirs:
         raise ValueError("build_report: give at least one run directory")
-    runs = load_runs(run_dirs)
+    return report_from_runs(load_runs(run_dirs), sensitive=sensitive, min_cell=min_cell,
+                            n_boot=n_boot, seed=seed)
+
+
+def report_from_runs(
+    runs: Sequence[RunData],
+    *,
+    sensitive: Sequence[str] | None = None,
+    min_cell: int | None = None,
+    n_boot: int | None = None,
+    seed: int | None = None,
+    threshold: float | None = None,
+) -> tuple[dict[str, Any], list[RunData], dict[str, Any]]:
+    """Compute everything the report shows from runs already loaded.
+
+    Parameters
+    ----------
+    runs : sequence of RunData
+        From :func:`~multimodal_fl.evaluation.report.load_runs` or :func:`run_from_frame`.
+    sensitive, min_cell, n_boot, seed
+        Override the first run's ``evaluation`` config (defaults where it has none).
+    threshold : float or None
+        A fixed decision threshold instead of the config's rule.
+
+    Returns
+    -------
+    doc : dict
+        The ``report.json`` document.
+    runs : list of RunData
+        The runs, labelled by what they are (:func:`run_label`; other labels kept).
+    sections : dict
+        Per-run computed objects (``FairnessReport``...) keyed by run label, for plotting.
+    """
+    if not runs:
+        raise ValueError("report_from_runs: give at least one run")
+    loaded = list(runs)
+    runs, names = _display_labels(loaded)
     st = _eval_settings(runs, sensitive=list(sensitive) if sensitive is not None else None,
-                        min_cell=min_cell, n_boot=n_boot, seed=seed)
+                        min_cell=min_cell, n_boot=n_boot, seed=seed,
+                        threshold=None if threshold is None else str(float(threshold)))
     per_run = {r.label: _run_section(r, st) for r in runs}
 
     # cross-site matrix: every model on every test site it was scored on
     long = pd.concat([r.predictions for r in runs] + [r.cross for r in runs if not r.cross.empty],
                      ignore_index=True)
-    cross = cross_site_matrix(long, min_cell=st["min_cell"], n_boot=st["n_boot"],
-                              seed=st["seed"])
+    cross = _rename_models(cross_site_matrix(long, min_cell=st["min_cell"],
+                                             n_boot=st["n_boot"], seed=st["seed"]),
+                           loaded, names)
     changes = _changes(runs, st)
     doc: dict[str, Any] = {
         "settings": {**st, "split": SPLIT},
@@ -223,6 +327,53 @@ def build_report(
     }
     sections = {"per_run": per_run, "cross": cross, "changes": changes, "settings": st}
     return doc, runs, sections
+
+
+def run_from_frame(frame: pd.DataFrame, *, label: str = FRAME_LABEL,
+                   sensitive: Sequence[str] = ()) -> RunData:
+    """A user's own predictions as a run the report can take (no run directory needed).
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        One row per patient: ``label`` (0/1) and ``score`` (predicted probability), the
+        ``sensitive`` columns, and optionally ``site`` (default: one site, ``site``),
+        ``split`` (default: every row is a ``test`` row; ``val`` rows choose the threshold)
+        and ``patient_id`` (default: the row number).
+    label : str
+        The run's name in the report.
+    sensitive : sequence of str
+        Columns the frame must hold.
+
+    Returns
+    -------
+    RunData
+        Engine ``frame``, no config, no training history.
+
+    Raises
+    ------
+    ValueError
+        When ``frame`` is not a DataFrame or lacks a column (one line naming it).
+    """
+    if not isinstance(frame, pd.DataFrame):
+        raise ValueError(f"predictions: expected a pandas DataFrame, got {type(frame).__name__}")
+    missing = [c for c in ("label", "score", *sensitive) if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"predictions DataFrame: missing column(s) {missing}; present: {list(frame.columns)}"
+            "; expected label (0/1), score (probability), the sensitive columns, and optionally "
+            "site, split, patient_id")
+    pred = frame.copy()
+    if "site" not in pred.columns:
+        pred["site"] = "site"
+    if "split" not in pred.columns:
+        pred["split"] = SPLIT
+    if "patient_id" not in pred.columns:
+        pred["patient_id"] = np.arange(len(pred))
+    pred["site"] = pred["site"].astype(str)
+    pred["model"] = label
+    return RunData(path=Path("(DataFrame)"), label=label, engine="frame", config=None,
+                   metrics={}, predictions=pred)
 
 
 def _frame_records(df: pd.DataFrame) -> list[dict[str, Any]]:

@@ -6,10 +6,18 @@
 curves, fairness charts with 95% intervals, disparity tables, the cross-site matrix heatmap,
 the per-site change from local-only to federated, training curves, and the federated
 (histogram-pooled) figures. The small-cell rule applies to plots too: suppressed sites get no
-curve, and calibration points with fewer than ``min_cell`` patients are not drawn.
+curve, and calibration points with fewer than ``min_cell`` patients are not drawn; a panel
+or figure with nothing to show says why. :func:`write_frame_report` does the same for a
+predictions DataFrame of the user's own.
+
+Each figure is built by a public function returning the matplotlib ``Figure``
+(:func:`roc_figure`, :func:`calibration_figure`, :func:`forest_figure`,
+:func:`cross_site_figure`, :func:`change_figure`, :func:`training_figure`), so it can be
+inspected or saved on its own.
 
 The page's script (:data:`STATUS_SCRIPT`) records on load the section ids, the number of
-images and any JavaScript or image error in ``#report-status``, for a headless-browser check.
+images, the notes shown and any JavaScript or image error in ``#report-status``, for a
+headless-browser check.
 """
 
 from __future__ import annotations
@@ -20,13 +28,17 @@ import io
 import json
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_curve
 
 from multimodal_fl.evaluation.fairness import (
@@ -36,10 +48,30 @@ from multimodal_fl.evaluation.fairness import (
     cell_reason,
 )
 from multimodal_fl.evaluation.metrics import calibration_bins
-from multimodal_fl.evaluation.report.compute import SPLIT, build_report, json_ready
+from multimodal_fl.evaluation.report.compute import (
+    FRAME_LABEL,
+    SPLIT,
+    build_report,
+    json_ready,
+    report_from_runs,
+    run_from_frame,
+)
 from multimodal_fl.evaluation.report.load import RunData
 
-__all__ = ["SECTIONS", "STATUS_SCRIPT", "write_report"]
+__all__ = [
+    "FOREST_SCOPES",
+    "SECTIONS",
+    "STATUS_SCRIPT",
+    "calibration_figure",
+    "change_figure",
+    "cross_site_figure",
+    "forest_figure",
+    "palette",
+    "roc_figure",
+    "training_figure",
+    "write_frame_report",
+    "write_report",
+]
 
 SECTIONS: tuple[tuple[str, str], ...] = (
     ("summary", "Summary"),
@@ -81,167 +113,345 @@ def _grid(n: int, width: float = 3.6) -> tuple[Figure, list[Any]]:
     return fig, axes
 
 
-def _fig_roc(runs: Sequence[RunData], min_cell: int) -> str:
-    """Test-split ROC curves: one panel per site and one for all sites, one curve per run."""
+def palette(n: int) -> list[Any]:
+    """``n`` distinct colours: tab10 up to 10, tab20 up to 20, then evenly spaced viridis.
+
+    Parameters
+    ----------
+    n : int
+
+    Returns
+    -------
+    list
+        RGBA tuples, one per series.
+    """
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:
+        return [colormaps["tab20"](i) for i in range(n)]
+    return [colormaps["viridis"](x) for x in np.linspace(0.0, 1.0, n)]
+
+
+def _run_colours(runs: Sequence[RunData]) -> dict[str, Any]:
+    """One colour per run, the same in every panel and figure."""
+    return dict(zip([r.label for r in runs], palette(len(runs)), strict=True))
+
+
+def _site_rows(run: RunData, site: str) -> pd.DataFrame:
+    """A run's test rows at one site (all sites for :data:`ALL_SITES`)."""
+    d = run.predictions[run.predictions["split"] == SPLIT]
+    return d if site == ALL_SITES else d[d["site"].astype(str) == site]
+
+
+def _no_data_text(ax: Any, text: str) -> None:
+    """Write why a panel is empty in its middle, over a white box."""
+    ax.text(0.5, 0.5, textwrap.fill(text, 28), ha="center", va="center", fontsize=8,
+            color="dimgrey", transform=ax.transAxes,
+            bbox={"facecolor": "white", "edgecolor": "lightgrey", "boxstyle": "round"})
+
+
+def _finish_panel(ax: Any, drawn: bool, missing: list[tuple[str, str]], what: str,
+                  loc: str) -> None:
+    """Legend of the drawn runs plus why the others have no curve; or why the panel is empty.
+
+    ``missing`` holds ``(run label, reason)``; a panel with no curve at all says why in its
+    middle instead of showing an empty legend.
+    """
+    if not drawn:
+        reasons = {r for _, r in missing}
+        text = (f"nothing to show: {reasons.pop()}" if len(reasons) == 1 else
+                "nothing to show: " + "; ".join(f"{lab}: {r}" for lab, r in missing))
+        _no_data_text(ax, text)
+        return
+    handles, labels = ax.get_legend_handles_labels()
+    for lab, reason in missing:
+        handles.append(Line2D([], [], ls="none"))
+        labels.append(textwrap.fill(f"{lab}: no {what} ({reason})", 34))
+    ax.legend(handles, labels, fontsize=7, loc=loc)
+
+
+def roc_figure(runs: Sequence[RunData], min_cell: int) -> Figure:
+    """Test-split ROC curves: one panel per site and one for all sites, one curve per run.
+
+    Parameters
+    ----------
+    runs : sequence of RunData
+    min_cell : int
+        A site below the small-cell rule gets no curve, and its panel says why.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
     sites = sorted({s for r in runs for s in r.predictions["site"].astype(str).unique()})
+    colours = _run_colours(runs)
     fig, axes = _grid(len(sites) + 1)
     for ax, site in zip(axes, [*sites, ALL_SITES], strict=True):
         ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=0.8)
-        ax.set_title(site)
-        ax.set_xlabel("1 - specificity")
-        ax.set_ylabel("sensitivity")
-        drawn = False
+        ax.set(title=site, xlabel="1 - specificity", ylabel="sensitivity",
+               xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+        missing: list[tuple[str, str]] = []
         for r in runs:
-            d = r.predictions[r.predictions["split"] == SPLIT]
-            if site != ALL_SITES:
-                d = d[d["site"].astype(str) == site]
+            d = _site_rows(r, site)
             reason = cell_reason(d["label"].to_numpy(), min_cell)
             if reason is not None:
-                ax.text(0.5, 0.12 + 0.1 * runs.index(r), f"{r.label}: suppressed ({reason})",
-                        ha="center", fontsize=7, transform=ax.transAxes)
+                missing.append((r.label, reason))
                 continue
             fpr, tpr, _ = roc_curve(d["label"], d["score"])
-            ax.plot(fpr, tpr, lw=1.4, label=r.label)
-            drawn = True
-        if drawn:
-            ax.legend(fontsize=7, loc="lower right")
-    return _png(fig)
+            ax.plot(fpr, tpr, lw=1.4, label=r.label, color=colours[r.label])
+        _finish_panel(ax, len(missing) < len(runs), missing, "curve", "lower right")
+    return fig
 
 
-def _fig_calibration(runs: Sequence[RunData], min_cell: int, n_bins: int = 10) -> str:
-    """Calibration curves per site; bins with fewer than ``min_cell`` patients are not drawn."""
+def calibration_figure(runs: Sequence[RunData], min_cell: int, n_bins: int = 10) -> Figure:
+    """Calibration curves per site; bins with fewer than ``min_cell`` patients are not drawn.
+
+    Parameters
+    ----------
+    runs : sequence of RunData
+    min_cell : int
+        Small-cell rule for sites and for each plotted bin.
+    n_bins : int
+        Equal-width bins on [0, 1].
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        A panel with nothing to show says why (the site is suppressed, or every bin holds
+        fewer than ``min_cell`` patients).
+    """
     sites = sorted({s for r in runs for s in r.predictions["site"].astype(str).unique()})
+    colours = _run_colours(runs)
     fig, axes = _grid(len(sites) + 1)
     for ax, site in zip(axes, [*sites, ALL_SITES], strict=True):
         ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=0.8)
-        ax.set_title(site)
-        ax.set_xlabel("mean predicted risk")
-        ax.set_ylabel("observed fraction positive")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
+        ax.set(title=site, xlabel="mean predicted risk", ylabel="observed fraction positive",
+               xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+        missing: list[tuple[str, str]] = []
         for r in runs:
-            d = r.predictions[r.predictions["split"] == SPLIT]
-            if site != ALL_SITES:
-                d = d[d["site"].astype(str) == site]
-            if cell_reason(d["label"].to_numpy(), min_cell) is not None:
+            d = _site_rows(r, site)
+            reason = cell_reason(d["label"].to_numpy(), min_cell)
+            if reason is not None:
+                missing.append((r.label, reason))
                 continue
             b = calibration_bins(d["score"].to_numpy(), n_bins)
             g = pd.DataFrame({"b": b, "y": d["label"].to_numpy(), "s": d["score"].to_numpy()})
             agg = g.groupby("b").agg(n=("y", "size"), y=("y", "mean"), s=("s", "mean"))
             agg = agg[agg["n"] >= min_cell]  # small-cell rule for plotted bins
-            ax.plot(agg["s"], agg["y"], marker="o", ms=3, lw=1.2, label=r.label)
-        ax.legend(fontsize=7, loc="upper left")
-    return _png(fig)
+            if agg.empty:
+                missing.append((r.label, f"every bin holds fewer than {min_cell} patients"))
+                continue
+            ax.plot(agg["s"], agg["y"], marker="o", ms=3, lw=1.2, label=r.label,
+                    color=colours[r.label])
+        _finish_panel(ax, len(missing) < len(runs), missing, "points", "upper left")
+    return fig
 
 
-def _fig_forest(fr: FairnessReport, metric: str, title: str) -> str:
-    """One metric with its intervals for all sites, each site, subgroup and site x subgroup."""
+def _forest_label(r: Any) -> str:
+    """A forest-plot row's name."""
+    if r.scope == "overall":
+        return "all sites"
+    if r.scope == "site":
+        return f"site {r.site}"
+    if r.scope == "subgroup":
+        return f"{r.attribute}={r.group}"
+    return f"{r.site}: {r.attribute}={r.group}"
+
+
+#: Forest-plot colours by cell scope, and the legend's words for them.
+FOREST_SCOPES: dict[str, tuple[str, str]] = {
+    "overall": ("black", "all sites"),
+    "site": ("tab:blue", "site"),
+    "subgroup": ("tab:green", "subgroup (all sites)"),
+    "site_subgroup": ("tab:orange", "subgroup within a site"),
+}
+
+
+def _x_range(values: Sequence[float], base: tuple[float, float]) -> tuple[float, float]:
+    """An axis range holding ``base`` and every value, with a 4% margin each side."""
+    lo, hi = min([base[0], *values]), max([base[1], *values])
+    pad = 0.04 * (hi - lo)
+    return lo - pad, hi + pad
+
+
+def forest_figure(fr: FairnessReport, metric: str, title: str) -> Figure:
+    """One metric with its intervals for all sites, each site, subgroup and site x subgroup.
+
+    Parameters
+    ----------
+    fr : FairnessReport
+    metric : str
+        A metric of ``fr.cells`` (``auc``, ...).
+    title : str
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The x axis holds [0, 1] and every interval whole; suppressed cells show their reason.
+    """
     c = fr.cells[fr.cells["metric"] == metric]
-    order = {"overall": 0, "site": 1, "subgroup": 2, "site_subgroup": 3}
+    order = {s: i for i, s in enumerate(FOREST_SCOPES)}
     c = c.assign(_o=c["scope"].map(order)).sort_values(["_o", "attribute", "site", "group"],
                                                         na_position="first")
-    labels = []
-    for r in _rows(c):
-        if r.scope == "overall":
-            labels.append("all sites")
-        elif r.scope == "site":
-            labels.append(f"site {r.site}")
-        elif r.scope == "subgroup":
-            labels.append(f"{r.attribute}={r.group}")
-        else:
-            labels.append(f"{r.site}: {r.attribute}={r.group}")
-    n = len(labels)
-    fig = Figure(figsize=(7.5, 0.26 * n + 1.0))
+    rows = _rows(c)
+    n = len(rows)
+    fig = Figure(figsize=(7.5, 0.26 * n + 1.4), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     ypos = np.arange(n)[::-1]
-    colors = {"overall": "black", "site": "tab:blue", "subgroup": "tab:green",
-              "site_subgroup": "tab:orange"}
-    for y, r in zip(ypos, _rows(c), strict=True):
+    ends: list[float] = []
+    for y, r in zip(ypos, rows, strict=True):
         if r.suppressed or pd.isna(r.value):
-            ax.text(0.5, y, f"suppressed: {r.reason}", va="center", fontsize=7, color="grey",
-                    transform=ax.get_yaxis_transform())
+            ax.text(0.5, y, f"suppressed: {r.reason}", ha="center", va="center", fontsize=7,
+                    color="grey", transform=ax.get_yaxis_transform())
             continue
         lo = r.value if pd.isna(r.lo) else r.lo
         hi = r.value if pd.isna(r.hi) else r.hi
+        ends += [lo, hi]
         ax.errorbar(r.value, y, xerr=[[r.value - lo], [hi - r.value]], fmt="o", ms=4,
-                    color=colors[r.scope], capsize=2, lw=1)
+                    color=FOREST_SCOPES[r.scope][0], capsize=2, lw=1)
     ax.set_yticks(ypos)
-    ax.set_yticklabels(labels, fontsize=7)
-    ax.set_xlim(0, 1)
+    ax.set_yticklabels([_forest_label(r) for r in rows], fontsize=7)
+    ax.set_ylim(-0.7, n - 0.3)
+    ax.set_xlim(*_x_range(ends, (0.0, 1.0)))
     ax.set_xlabel(f"{metric} (95% bootstrap interval)")
     ax.set_title(title, fontsize=9)
     ax.grid(axis="x", alpha=0.3)
-    return _png(fig)
+    shown = [s for s in FOREST_SCOPES if s in set(c["scope"])]
+    fig.legend([Line2D([], [], marker="o", ls="none", color=FOREST_SCOPES[s][0]) for s in shown],
+               [FOREST_SCOPES[s][1] for s in shown], loc="outside lower center",
+               ncols=len(shown), fontsize=7, frameon=False)
+    return fig
 
 
-def _fig_cross(cross: CrossSiteResult) -> str:
-    """The cross-site matrix as a heatmap with its values written in."""
+def _text_colour(cmap: Any, value: float) -> str:
+    """Black or white, whichever reads on the colour ``value`` takes in ``cmap``."""
+    r, g, b, _ = cmap(value)
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+
+
+def cross_site_figure(cross: CrossSiteResult) -> Figure:
+    """The cross-site matrix as a heatmap with its values written in.
+
+    Parameters
+    ----------
+    cross : CrossSiteResult
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The colour scale runs from 0 to 1 with 0.5 (chance) marked on the colour bar.
+    """
     mat = cross.matrix
-    fig = Figure(figsize=(1.3 * mat.shape[1] + 2.5, 0.55 * mat.shape[0] + 1.5))
+    fig = Figure(figsize=(1.3 * mat.shape[1] + 3.0, 0.55 * mat.shape[0] + 1.5),
+                 layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     vals = mat.to_numpy(dtype=np.float64)
-    im = ax.imshow(np.ma.masked_invalid(vals), cmap="viridis", vmin=0.5, vmax=1.0,
-                   aspect="auto")
-    ax.set_xticks(range(mat.shape[1]))
-    ax.set_xticklabels(mat.columns, fontsize=8)
-    ax.set_yticks(range(mat.shape[0]))
-    ax.set_yticklabels(mat.index, fontsize=8)
+    cmap = colormaps["viridis"]
+    im = ax.imshow(np.ma.masked_invalid(vals), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(mat.shape[1]), [str(v) for v in mat.columns], fontsize=8)
+    ax.set_yticks(range(mat.shape[0]), [str(v) for v in mat.index], fontsize=8)
     ax.set_xlabel("test site")
     ax.set_ylabel("model")
     for i in range(mat.shape[0]):
         for j in range(mat.shape[1]):
             v = vals[i, j]
             ax.text(j, i, "—" if np.isnan(v) else f"{v:.2f}", ha="center", va="center",
-                    fontsize=8, color="white" if not np.isnan(v) and v < 0.75 else "black")
-    fig.colorbar(im, ax=ax, label=cross.metric)
-    return _png(fig)
+                    fontsize=8, color="black" if np.isnan(v) else _text_colour(cmap, v))
+    bar = fig.colorbar(im, ax=ax, label=cross.metric)
+    bar.set_ticks([0.0, 0.25, 0.5, 0.75, 1.0], labels=["0", "0.25", "0.5 chance", "0.75", "1"])
+    bar.ax.axhline(0.5, color="white", lw=2.5)
+    bar.ax.axhline(0.5, color="black", lw=1.0)
+    return fig
 
 
-def _fig_change(changes: dict[str, pd.DataFrame]) -> str:
-    """Per site, the change in test AUC from local-only training, with its interval."""
-    fig = Figure(figsize=(7, 0.5 + 0.45 * sum(len(v) for v in changes.values()) + 0.5))
+def change_figure(changes: dict[str, pd.DataFrame], colours: dict[str, Any] | None = None
+                  ) -> Figure:
+    """Per site, the change in test AUC from local-only training, with its interval.
+
+    Parameters
+    ----------
+    changes : dict of str to DataFrame
+        :func:`~multimodal_fl.evaluation.fairness.local_vs_federated` tables by compared run.
+    colours : dict or None
+        A colour per compared run (default :func:`palette`).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    colours = colours or dict(zip(changes, palette(len(changes)), strict=True))
+    n = sum(len(v) for v in changes.values())
+    fig = Figure(figsize=(7.5, 0.45 * n + 1.2), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
-    labels = []
-    y = 0
+    labels: list[str] = []
+    ends = [0.0]
     for name, df in changes.items():
         for r in _rows(df):
-            labels.append(f"{r.site}: local → {name}")
+            y = len(labels)
+            labels.append(f"{r.site}: local-only → {name}")
             if r.suppressed or pd.isna(r.change):
-                ax.text(0.02, y, f"suppressed: {r.reason}", va="center", fontsize=7,
-                        color="grey", transform=ax.get_yaxis_transform())
-            else:
-                ax.errorbar(r.change, y, xerr=[[r.change - r.change_lo], [r.change_hi - r.change]],
-                            fmt="o", ms=4, capsize=2, lw=1)
-            y += 1
+                ax.text(0.5, y, f"suppressed: {r.reason}", ha="center", va="center", fontsize=7,
+                        color="grey", transform=ax.get_yaxis_transform(),
+                        bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+                continue
+            lo = r.change if pd.isna(r.change_lo) else r.change_lo
+            hi = r.change if pd.isna(r.change_hi) else r.change_hi
+            ends += [lo, hi]
+            ax.errorbar(r.change, y, xerr=[[r.change - lo], [hi - r.change]], fmt="o", ms=4,
+                        capsize=2, lw=1, color=colours[name])
     ax.axvline(0, color="grey", lw=0.8)
-    ax.set_yticks(range(len(labels)))
-    ax.set_yticklabels(labels, fontsize=8)
-    ax.invert_yaxis()
+    ax.set_yticks(range(n), labels, fontsize=8)
+    ax.set_ylim(n - 0.3, -0.7)
+    ax.set_xlim(*_x_range(ends, (-0.05, 0.05)))
     ax.set_xlabel("change in test AUC (paired bootstrap 95% interval)")
-    return _png(fig)
+    return fig
 
 
-def _fig_training(doc_training: dict[str, Any]) -> str | None:
-    """Train loss and validation AUC per round or step; ``None`` when no run has curves."""
+def _training_panel(ax: Any, title: str, c: dict[str, Any]) -> None:
+    """One training panel: loss (black, left axis), each validation series its own colour."""
+    x = c["x"]
+    ax.plot(x, [np.nan if v is None else v for v in c["train_loss"]], color="black", lw=1.2,
+            ls="--", label="train loss")
+    ax.set(xlabel=c["x_label"], ylabel="train loss")
+    ax.set_title(title, fontsize=9)
+    handles, labels = ax.get_legend_handles_labels()
+    if c["eval"]:
+        ax2 = ax.twinx()
+        for (k, v), colour in zip(c["eval"].items(), palette(len(c["eval"])), strict=True):
+            ys = [np.nan if u is None else u for u in v]
+            if all(np.isnan(ys)):
+                handles.append(Line2D([], [], ls="none"))
+                labels.append(f"{k}: undefined at every {c['x_label']}")
+                continue
+            handles += ax2.plot(x, ys, lw=1, marker=".", color=colour)
+            labels.append(k)
+        ax2.set_ylabel("validation AUC")
+        ax2.set_ylim(-0.02, 1.02)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2),
+              ncols=2, frameon=False)
+
+
+def training_figure(doc_training: dict[str, Any]) -> Figure | None:
+    """Train loss and validation AUC per round or step.
+
+    Parameters
+    ----------
+    doc_training : dict
+        ``report.json``'s ``training`` part: per run, per model, the series.
+
+    Returns
+    -------
+    matplotlib.figure.Figure or None
+        ``None`` when no run has curves. Every series of a panel has its own colour.
+    """
     panels = [(run, name, c) for run, curves in doc_training.items() for name, c in curves.items()]
     if not panels:
         return None
-    fig, axes = _grid(len(panels), width=4.0)
+    fig, axes = _grid(len(panels), width=4.2)
     for ax, (run, name, c) in zip(axes, panels, strict=True):
-        x = c["x"]
-        loss = [np.nan if v is None else v for v in c["train_loss"]]
-        ax.plot(x, loss, color="tab:red", lw=1.2, label="train loss")
-        ax.set_xlabel(c["x_label"])
-        ax.set_ylabel("train loss", color="tab:red")
-        ax.set_title(f"{run}: {name}", fontsize=9)
-        if c["eval"]:
-            ax2 = ax.twinx()
-            for k, v in c["eval"].items():
-                ax2.plot(x, [np.nan if u is None else u for u in v], lw=1, marker=".", label=k)
-            ax2.set_ylabel("validation AUC")
-            ax2.set_ylim(0.4, 1.0)
-            ax2.legend(fontsize=6, loc="lower right")
-    return _png(fig)
+        _training_panel(ax, f"{run}: {name}", c)
+    return fig
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,15 +481,23 @@ window.addEventListener('load', function () {
   if (bad) { window.__reportErrors.push(bad + ' image(s) failed to load'); }
   var ids = [];
   document.querySelectorAll('section[id]').forEach(function (s) { ids.push(s.id); });
+  var notes = document.querySelectorAll('.note'), shown = [];
+  notes.forEach(function (n) {
+    if (n.getClientRects().length > 0 && n.innerText.trim()) { shown.push(n.innerText.trim()); }
+  });
   var st = document.getElementById('report-status');
   st.setAttribute('data-sections', ids.join(','));
   st.setAttribute('data-images', String(imgs.length));
+  st.setAttribute('data-notes', String(notes.length));
+  st.setAttribute('data-shownnotes', shown.join(' | '));
   st.setAttribute('data-errors', window.__reportErrors.join(' | '));
   st.setAttribute('data-ready', '1');
 });
 """
 """The page's script: on load, ``#report-status`` gets ``data-sections``, ``data-images``,
-``data-errors`` (JavaScript errors and broken images) and ``data-ready="1"``."""
+``data-notes`` (the number of ``.note`` paragraphs), ``data-shownnotes`` (the text of those
+laid out on the page, joined by `` | ``), ``data-errors`` (JavaScript errors and broken
+images) and ``data-ready="1"``."""
 
 
 def _esc(x: Any) -> str:
@@ -287,10 +505,10 @@ def _esc(x: Any) -> str:
     return html.escape(str(x))
 
 
-def _img(b64: str | None, alt: str) -> str:
-    """An inline PNG, or a note when there is nothing to plot."""
+def _img(b64: str | None, alt: str, why: str = "") -> str:
+    """An inline PNG, or a note saying why there is nothing to plot."""
     if b64 is None:
-        return f'<p class="note">{_esc(alt)}: nothing to plot.</p>'
+        return f'<p class="note">{_esc(alt)}: nothing to plot{_esc(why and ": " + why)}.</p>'
     return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{b64}">'
 
 
@@ -379,7 +597,8 @@ def _generalisability_body(sec: dict[str, Any], figs: dict[str, Any]) -> str:
     return (_img(figs["cross"], "Cross-site AUC matrix") + _table(sec["cross"].long) +
             "<p class='note'>Rows: models (local:&lt;site&gt; is that site's local-only model); "
             "columns: the site whose test patients were scored. Cells without predictions are "
-            "absent; suppressed cells are shown as —.</p>")
+            "absent; suppressed cells are shown as —. The colour scale runs from 0 to 1; 0.5, "
+            "a model no better than chance, is marked on the colour bar.</p>")
 
 
 def _change_body(sec: dict[str, Any], figs: dict[str, Any]) -> str:
@@ -388,7 +607,7 @@ def _change_body(sec: dict[str, Any], figs: dict[str, Any]) -> str:
         return "<p class='note'>No local-only run among the runs given: nothing to compare.</p>"
     body = _img(figs["change"], "Change from local-only")
     for name, df in sec["changes"].items():
-        body += f"<h3>local → {_esc(name)}</h3>" + _table(df)
+        body += f"<h3>local-only → {_esc(name)}</h3>" + _table(df)
     return body
 
 
@@ -398,12 +617,12 @@ def _pooled_paragraph(lab: str, fe: dict[str, Any]) -> str:
     auc = o.get("auc")
     body = f"<h3>{_esc(lab)}</h3><p>Pooled AUC from {o['n_bins']}-bin histograms: "
     if auc:
-        body += (f"{auc['value']:.3f} (the exact pooled AUC is guaranteed to lie in "
-                 f"[{auc['lower']:.3f}, {auc['upper']:.3f}]); pooled ECE {o['ece']:.3f}")
+        body += (f"{_bounded_text(auc)} (the exact pooled AUC is guaranteed to lie within "
+                 f"the bounds); pooled ECE {o['ece']:.3f}")
         if "sensitivity" in o:
             body += (f"; at threshold {o['threshold']:.3f}: sensitivity "
-                     f"{o['sensitivity']['value']:.3f}, specificity "
-                     f"{o['specificity']['value']:.3f}")
+                     f"{_bounded_text(o['sensitivity'])}, specificity "
+                     f"{_bounded_text(o['specificity'])}")
     else:
         body += f"— ({_esc(o.get('reason'))})"
     body += (f". Sites pooled: {_esc(', '.join(o['sites']) or 'none')} "
@@ -415,9 +634,17 @@ def _pooled_paragraph(lab: str, fe: dict[str, Any]) -> str:
     return body + ".</p>"
 
 
+def _bounded_text(m: dict[str, Any]) -> str:
+    """``value [lower, upper]`` of a pooled metric with guaranteed bounds."""
+    return f"{m['value']:.3f} [{m['lower']:.3f}, {m['upper']:.3f}]"
+
+
 def _federated_evaluation_body(doc: dict[str, Any], st: dict[str, Any]) -> str:
-    """Every run's pooled paragraph, then what crosses a site boundary."""
+    """Every run's pooled paragraph, then what the bounds mean and what crosses a boundary."""
     body = "".join(_pooled_paragraph(lab, fe) for lab, fe in doc["federated_evaluation"].items())
+    body += ("<p class='note'>Brackets here are guaranteed bounds, not confidence intervals: "
+             "the value the patient-level scores would give lies within them, and they lie "
+             "within the metric's range [0, 1]; merged histogram bins widen them.</p>")
     body += ("<p class='note'>What crosses a site boundary: counts, metrics with intervals and "
              "score histograms per label whose bins are merged until each holds at least "
              f"{st['min_cell']} patients; never patient-level scores.</p>")
@@ -436,6 +663,9 @@ def _method_body(st: dict[str, Any]) -> str:
         "from local-only uses a paired bootstrap on the same patients.</li>"
         "<li>Fairness tables are computed with fairlearn's MetricFrame; worst value is the "
         "minimum for AUC, AP, sensitivity, specificity and the maximum for Brier and ECE.</li>"
+        "<li>Runs are named by what they are: federated (in-process), federated (Flower), "
+        "local-only (each site trains alone) and centralized (every site's data pooled in "
+        "one place: a research baseline, never a deployment).</li>"
         "</ul>"
     )
 
@@ -456,7 +686,8 @@ def _section_bodies(doc: dict[str, Any], sec: dict[str, Any], figs: dict[str, An
         "generalisability": _generalisability_body(sec, figs),
         "federation-gain": _change_body(sec, figs),
         "federated-evaluation": _federated_evaluation_body(doc, st),
-        "training": _img(figs["training"], "Training curves"),
+        "training": _img(figs["training"], "Training curves",
+                         "no run records a per-round or per-step history (metrics.json)"),
         "method": _method_body(st),
     }
 
@@ -481,14 +712,16 @@ def _figures(doc: dict[str, Any], runs: Sequence[RunData], sec: dict[str, Any]
              ) -> dict[str, Any]:
     """Every figure of the page as base64 PNG (``None`` where there is nothing to plot)."""
     mc = sec["settings"]["min_cell"]
+    colours = _run_colours(runs)
+    training = training_figure(doc["training"])
     return {
-        "roc": _fig_roc(runs, mc),
-        "calibration": _fig_calibration(runs, mc),
-        "forest": {lab: _fig_forest(pr["fairness"], "auc", f"{lab}: test AUC")
+        "roc": _png(roc_figure(runs, mc)),
+        "calibration": _png(calibration_figure(runs, mc)),
+        "forest": {lab: _png(forest_figure(pr["fairness"], "auc", f"{lab}: test AUC"))
                    for lab, pr in sec["per_run"].items()},
-        "cross": _fig_cross(sec["cross"]),
-        "change": _fig_change(sec["changes"]) if sec["changes"] else None,
-        "training": _fig_training(doc["training"]),
+        "cross": _png(cross_site_figure(sec["cross"])),
+        "change": (_png(change_figure(sec["changes"], colours)) if sec["changes"] else None),
+        "training": None if training is None else _png(training),
     }
 
 
@@ -518,6 +751,68 @@ def write_report(
     """
     doc, runs, sec = build_report(run_dirs, sensitive=sensitive, min_cell=min_cell,
                                   n_boot=n_boot, seed=seed)
+    return _write(doc, runs, sec, out_dir)
+
+
+def write_frame_report(
+    frame: pd.DataFrame,
+    out_dir: str | os.PathLike[str],
+    *,
+    sensitive: Sequence[str] = (),
+    threshold: float | None = None,
+    min_cell: int = 10,
+    n_boot: int = 1000,
+    seed: int = 0,
+    label: str = FRAME_LABEL,
+) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.html`` for a predictions DataFrame of your own.
+
+    The same report as :func:`write_report` (ROC and calibration per site, fairness forest
+    plot and tables, disparities, cross-site matrix, histogram-pooled figures), for
+    predictions made by any model, with no run directory.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        One row per patient: ``label`` (0/1), ``score`` (predicted probability), the
+        ``sensitive`` columns; optionally ``site`` (default: one site, ``site``), ``split``
+        (default: every row is a test row; only ``test`` rows are evaluated, ``val`` rows
+        choose the threshold when ``threshold`` is ``None``) and ``patient_id``.
+    out_dir : path-like
+        Created if needed.
+    sensitive : sequence of str
+        Sensitive-attribute columns (``sex``, ``age_band``, ...).
+    threshold : float or None
+        The decision threshold for sensitivity, specificity and the disparities. ``None``
+        chooses Youden's J on the ``val`` rows; a frame without them falls back to 0.5 and
+        the report says so.
+    min_cell : int
+        Small-cell rule: cells with fewer patients (or one class) are suppressed.
+    n_boot : int
+        Bootstrap resamples per interval.
+    seed : int
+        Bootstrap seed.
+    label : str
+        The name of these predictions in the report.
+
+    Returns
+    -------
+    json_path, html_path : Path
+
+    Raises
+    ------
+    ValueError
+        When the frame lacks a column or holds invalid labels or scores (one line).
+    """
+    run = run_from_frame(frame, label=label, sensitive=sensitive)
+    doc, runs, sec = report_from_runs([run], sensitive=list(sensitive), min_cell=min_cell,
+                                      n_boot=n_boot, seed=seed, threshold=threshold)
+    return _write(doc, runs, sec, out_dir)
+
+
+def _write(doc: dict[str, Any], runs: Sequence[RunData], sec: dict[str, Any],
+           out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Draw the figures and write ``report.json`` and ``report.html`` into ``out_dir``."""
     figs = _figures(doc, runs, sec)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
