@@ -193,7 +193,8 @@ def data_import_csv(
                   caption="labelled: patients in labels.csv; rate: positives / labelled")
     for col in ("site", "patients", "rows", "labelled", "positives", "rate", "images",
                 "values"):
-        table.add_column(col, justify="left" if col in ("site", "values") else "right")
+        table.add_column(col, justify="left" if col in ("site", "values") else "right",
+                         overflow="fold")
     for s in doc["sites"]:
         rate = "-" if s["positive_rate"] is None else f"{s['positive_rate']:.3f}"
         table.add_row(s["site"], str(s["patients"]), str(s["rows"]), str(s["labelled"]),
