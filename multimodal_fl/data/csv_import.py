@@ -81,9 +81,14 @@ from multimodal_fl.data.errors import DataError, ErrorSink, Skip
 
 __all__ = [
     "POOL_SITE",
+    "Fact",
+    "ImageLink",
     "ImportResult",
     "ParsedRow",
+    "RowParser",
     "SiteSummary",
+    "SiteWriter",
+    "assign_sites",
     "fhir_id",
     "import_csv",
 ]

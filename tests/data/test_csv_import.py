@@ -456,7 +456,7 @@ def test_fhir_id_scheme() -> None:
     long = fhir_id("k" * 100)
     assert len(long) <= 64 and long != fhir_id("k" * 101)
     assert fhir_id("k" * 50, 48) != "k" * 50 and len(fhir_id("k" * 50, 48)) <= 48
-    assert fhir_id("///") .startswith("k-")
+    assert fhir_id("///").startswith("k-")
     for key in ("a b/c", "é", "x" * 300, "OAS1_0001_MR1"):
         assert re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", fhir_id(key))
 
