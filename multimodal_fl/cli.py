@@ -1,6 +1,6 @@
 """The ``mmfl`` command line (typer).
 
-Verbs: ``config show|schema``, ``sample-data``, ``data summary``, ``train``, ``pca``,
+Verbs: ``config show|schema``, ``sample-data``, ``data summary|import-csv``, ``train``, ``pca``,
 ``report``, ``predict``, ``flower``. Each verb lives in a small function here that calls the
 library; bad input ends with a one-line message and exit code 2, never a traceback.
 """
@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 config_app = typer.Typer(help="Show and check experiment configurations.", no_args_is_help=True)
-data_app = typer.Typer(help="Inspect site data.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect and import site data.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 
@@ -151,6 +151,65 @@ def data_summary(
             for k, v in reasons.items():
                 why.add_row(k, str(v))
             console.print(why)
+
+
+@data_app.command("import-csv")
+def data_import_csv(
+    csv_file: Annotated[Path, typer.Argument(help="The CSV file (one row per patient or "
+                                             "per admission).")],
+    mapping: Annotated[Path, typer.Option("--mapping", help="Mapping YAML "
+                                          "(e.g. configs/mappings/mexico_covid.yaml).")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (new or empty): the "
+                                      "site, or one site per --split-by value.")],
+    split_by: Annotated[str | None, typer.Option(
+        "--split-by", help="Column whose value names each row's site.")] = None,
+    min_site_size: Annotated[int, typer.Option(
+        "--min-site-size", min=0, help="Pool sites with fewer patients into 'other'.")] = 0,
+    on_error: Annotated[str | None, typer.Option(
+        "--on-error", help="skip | fail (default: the mapping's on_error).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of tables.")] = False,
+) -> None:
+    """Import a flat CSV into site directories (FHIR NDJSON, labels.csv, images.csv)."""
+    import time
+
+    from rich.table import Table
+
+    from multimodal_fl.data import DataError
+    from multimodal_fl.data.csv_import import import_csv
+    from multimodal_fl.data.csv_mapping import MappingError
+
+    start = time.perf_counter()
+    try:
+        result = import_csv(csv_file, mapping, out, split_by=split_by,
+                            min_site_size=min_site_size, on_error=on_error)
+    except (DataError, MappingError) as exc:
+        fail(str(exc))
+    wall = time.perf_counter() - start
+    doc = result.summary()
+    if as_json:
+        sys.stdout.write(json.dumps({**doc, "wall_seconds": round(wall, 1)}, indent=2) + "\n")
+        return
+    table = Table(title=f"{doc['mapping']}: sites written to {out}",
+                  caption="labelled: patients in labels.csv; rate: positives / labelled")
+    for col in ("site", "patients", "rows", "labelled", "positives", "rate", "images",
+                "values"):
+        table.add_column(col, justify="left" if col in ("site", "values") else "right",
+                         overflow="fold")
+    for s in doc["sites"]:
+        rate = "-" if s["positive_rate"] is None else f"{s['positive_rate']:.3f}"
+        table.add_row(s["site"], str(s["patients"]), str(s["rows"]), str(s["labelled"]),
+                      str(s["positives"]), rate, str(s["images"]),
+                      ",".join(s["split_values"]))
+    console.print(table)
+    c = doc["counts"]
+    console.print(f"rows: {c['rows_read']} read, {c.get('rows_not_kept', 0)} not kept by "
+                  f"keep_rows, {c.get('rows_skipped', 0)} skipped, {c['rows_imported']} "
+                  f"imported; {wall:.1f} s; report: {out / 'import_report.json'}",
+                  highlight=False)
+    for skip in result.skipped[:20]:
+        err_console.print(f"skipped: {skip.message()}", highlight=False, soft_wrap=True)
+    if len(result.skipped) > 20:
+        err_console.print(f"... and {len(result.skipped) - 20} more (import_report.json)")
 
 
 # --------------------------------------------------------------------------- mmfl flower
