@@ -837,6 +837,10 @@ def sample_data_cmd(
     profile: Annotated[
         str, typer.Option("--profile", help="default (4 sites per task) or tiny (tests).")
     ] = "default",
+    leaky_encounters: Annotated[bool, typer.Option(
+        "--leaky-encounters",
+        help="Negative control: the COVID-19 encounter class and stay follow the 72 h label "
+             "(as in generator 1.0). Off by default.")] = False,
 ) -> None:
     """Write the generated multi-site cohorts (COVID-19 oxygen, Alzheimer's) into OUT."""
     from rich.table import Table
@@ -847,8 +851,10 @@ def sample_data_cmd(
         fail(f"--profile '{profile}' is not a profile; expected one of {', '.join(PROFILES)}")
     if out.exists() and not out.is_dir():
         fail(f"{out} exists and is not a folder")
-    summaries = generate(out, seed=seed, profile=profile)
-    table = Table(title=f"sample data v{GENERATOR_VERSION} (seed {seed}, {profile}) -> {out}")
+    summaries = generate(out, seed=seed, profile=profile, leaky_encounters=leaky_encounters)
+    leaky = ", LEAKY ENCOUNTERS (negative control)" if leaky_encounters else ""
+    table = Table(title=f"sample data v{GENERATOR_VERSION} (seed {seed}, {profile}{leaky}) "
+                        f"-> {out}")
     for col in ("task", "site", "patients", "positives", "excluded", "images", "notes"):
         table.add_column(col)
     for s in summaries:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import csv
 import gzip
+import importlib.util
 import json
 import time
 from datetime import datetime
@@ -275,6 +276,97 @@ def test_reader_agrees_with_generator(tiny: Path) -> None:
                 assert not any("Discharge summary" in n for n in notes)
 
 
+def _encounter_auc(root: Path) -> tuple[float, float, float, int]:
+    """Pooled AUCs of the index encounter's class (IMP) and stay vs the 72 h task label.
+
+    Reads the generated FHIR files and the package's cohort (covid_oxygen_72h) at each site;
+    the index encounter is the patient's encounter that starts at the cohort's index time.
+    Returns ``(AUC of class, AUC of stay, share of IMP, patients)``.
+    """
+    from multimodal_fl.config import load_task
+    from multimodal_fl.data.cohort import build_cohort
+
+    task = load_task("covid_oxygen_72h")
+    inpatient: list[int] = []
+    stay: list[float] = []
+    labels: list[int] = []
+    for site in sorted((root / "covid_oxygen").iterdir()):
+        table = build_cohort(site, task, check_images=False).table
+        encounters = {(_pid(r["subject"]), _dt(r["period"]["start"])): r
+                      for r in _resources(site) if r["resourceType"] == "Encounter"}
+        for pid, index, label in zip(table["patient_id"], table["index_time"], table["label"],
+                                     strict=True):
+            enc = encounters[(pid, index)]
+            inpatient.append(int(enc["class"]["code"] == "IMP"))
+            stay.append((_dt(enc["period"]["end"]) - index).total_seconds())
+            labels.append(int(label))
+    return (float(roc_auc_score(labels, inpatient)), float(roc_auc_score(labels, stay)),
+            float(np.mean(inpatient)), len(labels))
+
+
+@pytest.mark.parametrize("leaky", [False, True])
+def test_encounter_class_and_stay_carry_no_label(tmp_path: Path, leaky: bool) -> None:
+    """On the default COVID-19 cohort the presentation encounter does not give the label away.
+
+    Generator 1.0 made it class IMP with a 3-12 day stay exactly for the 72 h positives
+    (AUC of class alone about 0.95); that is now only the ``leaky_encounters`` negative
+    control. Default profile, seed 0, COVID-19 only (about 2.5 s to generate).
+    """
+    generate(tmp_path, seed=0, profile="default", tasks=("covid_oxygen",),
+             leaky_encounters=leaky)
+    auc_class, auc_stay, share_imp, n = _encounter_auc(tmp_path)
+    assert n > 500
+    if leaky:
+        assert auc_class > 0.9 and auc_stay > 0.9, (auc_class, auc_stay)
+    else:
+        assert 0.35 <= auc_class <= 0.65 and 0.35 <= auc_stay <= 0.65, (auc_class, auc_stay)
+        assert 0.25 < share_imp < 0.45  # both classes occur (INPATIENT_SHARE = 0.35)
+    manifest = json.loads((tmp_path / "MANIFEST.json").read_text())
+    assert manifest["leaky_encounters"] is leaky
+    assert ("--leaky-encounters" in manifest["command"]) is leaky
+    assert ("Negative control" in (tmp_path / "README.md").read_text()) is leaky
+
+
+def _compare_script() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "compare_sample_cohorts", REPO / "scripts" / "compare_sample_cohorts.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_leaky_option_changes_only_the_covid_encounters(
+        tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The encounter fix moved no other value: same images, notes and cohort tables.
+
+    The class and stay come from their own stream, and the 1.0 draw is still taken from the
+    patients' stream, so the leaky variant (= generator 1.0) and the default differ only in
+    COVID-19 FHIR files (the Encounters and the dates of the discharge notes), and every
+    shipped task builds the same cohort table (features, labels, notes, images) from both
+    (``scripts/compare_sample_cohorts.py``, which also sees a changed feature value).
+    """
+    leaky = tmp_path / "leaky"
+    generate(leaky, seed=0, profile="tiny", leaky_encounters=True)
+    ours, theirs = content_manifest(tiny), content_manifest(leaky)
+    assert set(ours) == set(theirs)
+    changed = {k for k in ours if ours[k] != theirs[k]}
+    assert changed and all(k.startswith("covid_oxygen/") and "/fhir/" in k for k in changed)
+    compare = _compare_script()
+    assert compare.main([str(tiny), str(leaky)]) == 0, capsys.readouterr().out
+    assert "DIFFERENT" not in capsys.readouterr().out
+    # the comparison is not blind: one BMI value changed at one Alzheimer's site shows
+    bundle = next((leaky / "alzheimers/site_a/fhir").glob("*.json"))
+    doc = json.loads(bundle.read_text())
+    bmi = next(e["resource"] for e in doc["entry"] if e["resource"]["resourceType"] ==
+               "Observation" and e["resource"]["code"]["coding"][0]["code"] == "39156-5")
+    bmi["valueQuantity"]["value"] += 5.0
+    bundle.write_text(json.dumps(doc))
+    args = ("alzheimers", "site_a", "alzheimers")
+    assert not compare.comparable_table(tiny, *args).equals(
+        compare.comparable_table(leaky, *args))
+
+
 def test_committed_sample_data_manifest() -> None:
     """The committed sample_data/ was written by this generator version (default, seed 0)."""
     manifest = REPO / "sample_data" / "MANIFEST.json"
@@ -282,7 +374,7 @@ def test_committed_sample_data_manifest() -> None:
         pytest.skip("sample_data/ not generated in this checkout")
     data = json.loads(manifest.read_text())
     assert data["generator_version"] == GENERATOR_VERSION
-    assert (data["seed"], data["profile"]) == (0, "default")
+    assert (data["seed"], data["profile"], data["leaky_encounters"]) == (0, "default", False)
     on_disk = sorted(p.relative_to(REPO / "sample_data").as_posix()
                      for p in (REPO / "sample_data").rglob("*") if p.is_file())
     assert sorted(data["files"]) == sorted(set(on_disk) - {"MANIFEST.json", "README.md"})
@@ -311,5 +403,9 @@ def test_cli_sample_data(tmp_path: Path) -> None:
     assert done.exit_code == 0, done.output
     manifest = json.loads((tmp_path / "out/MANIFEST.json").read_text())
     assert (manifest["seed"], manifest["profile"]) == (2, "tiny")
+    leaky = runner.invoke(app, ["sample-data", str(tmp_path / "leaky"), "--profile", "tiny",
+                                "--leaky-encounters"])
+    assert leaky.exit_code == 0 and "LEAKY ENCOUNTERS" in leaky.output, leaky.output
+    assert json.loads((tmp_path / "leaky/MANIFEST.json").read_text())["leaky_encounters"] is True
     bad = runner.invoke(app, ["sample-data", str(tmp_path / "x"), "--profile", "huge"])
     assert bad.exit_code == 2 and "huge" in bad.output

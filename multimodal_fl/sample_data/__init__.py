@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 #: version of the generator; bump it (and write a changelog entry) on any change to the output
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"
 #: sample tasks: folder name -> the shipped task file(s) they serve
 TASKS: dict[str, tuple[str, ...]] = {
     "covid_oxygen": ("covid_oxygen_24h", "covid_oxygen_72h"),
@@ -113,7 +113,7 @@ def _summary(task: str, spec: SiteSpec, recs: list[PatientRecord]) -> SiteSummar
 
 def generate(out: Path | str, *, seed: int = 0, profile: str = "default",
              tasks: tuple[str, ...] = ("covid_oxygen", "alzheimers"),
-             overwrite: bool = True) -> list[SiteSummary]:
+             overwrite: bool = True, leaky_encounters: bool = False) -> list[SiteSummary]:
     """Write the generated multi-site cohorts, a README and a content manifest.
 
     Parameters
@@ -129,6 +129,11 @@ def generate(out: Path | str, *, seed: int = 0, profile: str = "default",
         Which sample tasks to write (``covid_oxygen``, ``alzheimers``).
     overwrite
         Remove existing ``out/<task>`` folders first; when False an existing one is an error.
+    leaky_encounters
+        A negative control, off by default: the COVID-19 presentation encounter is class
+        ``IMP`` with a 3-12 day stay exactly for the 72 h positives (``EMER``, 4-30 h, for
+        the rest), as in generator 1.0, so the encounter alone predicts the label. Recorded
+        in the README and manifest. Nothing else changes.
 
     Returns
     -------
@@ -154,11 +159,12 @@ def generate(out: Path | str, *, seed: int = 0, profile: str = "default",
                 raise ValueError(f"{task_dir} exists; pass overwrite=True to replace it")
             shutil.rmtree(task_dir)
         for k, spec in enumerate(sites_for(task, profile)):
-            recs = simulate_site(task, spec, seed, k)
+            recs = simulate_site(task, spec, seed, k, leaky_encounters=leaky_encounters)
             write_site(task_dir / spec.name, task, spec, recs)
             summaries.append(_summary(task, spec, recs))
-    _write_readme(root, seed, profile, summaries)
-    write_manifest(root, seed=seed, profile=profile, summaries=summaries)
+    _write_readme(root, seed, profile, summaries, leaky_encounters=leaky_encounters)
+    write_manifest(root, seed=seed, profile=profile, summaries=summaries,
+                   leaky_encounters=leaky_encounters)
     return summaries
 
 
@@ -241,9 +247,15 @@ def content_manifest(root: Path | str) -> dict[str, str]:
     return {p.relative_to(base).as_posix(): content_hash(p) for p in files}
 
 
+def _command(out: str, seed: int, profile: str, leaky_encounters: bool) -> str:
+    leaky = " --leaky-encounters" if leaky_encounters else ""
+    return f"mmfl sample-data {out} --seed {seed} --profile {profile}{leaky}"
+
+
 def write_manifest(root: Path | str, *, seed: int, profile: str,
-                   summaries: list[SiteSummary] | None = None) -> Path:
-    """Write ``root/MANIFEST.json``: generator version, seed, profile, sites and file hashes.
+                   summaries: list[SiteSummary] | None = None,
+                   leaky_encounters: bool = False) -> Path:
+    """Write ``root/MANIFEST.json``: generator version, options, sites and file hashes.
 
     Parameters
     ----------
@@ -253,6 +265,8 @@ def write_manifest(root: Path | str, *, seed: int, profile: str,
         What it was generated with.
     summaries
         Site summaries to record (optional).
+    leaky_encounters
+        Whether the data was generated with the leaky-encounter negative control.
 
     Returns
     -------
@@ -265,7 +279,8 @@ def write_manifest(root: Path | str, *, seed: int, profile: str,
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "profile": profile,
-        "command": f"mmfl sample-data OUT --seed {seed} --profile {profile}",
+        "leaky_encounters": leaky_encounters,
+        "command": _command("OUT", seed, profile, leaky_encounters),
         "sites": [s.__dict__ for s in summaries or []],
         "files": files,
         "digest": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(),
@@ -275,7 +290,14 @@ def write_manifest(root: Path | str, *, seed: int, profile: str,
     return path
 
 
-def _write_readme(root: Path, seed: int, profile: str, summaries: list[SiteSummary]) -> None:
+def _write_readme(root: Path, seed: int, profile: str, summaries: list[SiteSummary], *,
+                  leaky_encounters: bool) -> None:
+    warning = [
+        "**Negative control: generated with `--leaky-encounters`.** The COVID-19 presentation "
+        "encounter is class IMP with a 3-12 day stay exactly for the 72 h positives, so the "
+        "encounter alone predicts the label. Do not use this folder to measure a model.",
+        "",
+    ] if leaky_encounters else []
     lines = [
         "# Generated sample data",
         "",
@@ -284,9 +306,10 @@ def _write_readme(root: Path, seed: int, profile: str, summaries: list[SiteSumma
         "by hand: regenerate it with",
         "",
         "```bash",
-        f"mmfl sample-data sample_data --seed {seed} --profile {profile}",
+        _command("sample_data", seed, profile, leaky_encounters),
         "```",
         "",
+        *warning,
         "and check `MANIFEST.json` (hashes of the decoded content of every file) is unchanged. "
         "The signal model, the sites and which route of the site data contract each uses are "
         "described in `docs/sample-data.md`.",

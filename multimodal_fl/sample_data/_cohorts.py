@@ -6,6 +6,11 @@ a risk ``r = tab + img + txt + SIGMA_E * e``. Within a site the ``round(prevalen
 patients with the highest risk are positive. Each modality is written from its own
 latent only (plus its own measurement noise), so each sees about a third of the signal
 and fusion sees all of it.
+
+The COVID-19 presentation encounter's class (EMER or IMP) and stay come from their own
+stream, independent of every latent and label (:class:`EncounterDraw`); the
+``leaky_encounters`` option restores generator 1.0's label-dependent class and stay, as a
+negative control.
 """
 
 from __future__ import annotations
@@ -21,12 +26,15 @@ from multimodal_fl.sample_data import _images, _text
 from multimodal_fl.sample_data._fhir import Refs
 from multimodal_fl.sample_data._sites import SiteSpec
 
-__all__ = ["SIGMA_E", "PatientRecord", "simulate_site", "site_signal"]
+__all__ = ["INPATIENT_SHARE", "SIGMA_E", "EncounterDraw", "PatientRecord", "simulate_site",
+           "site_signal"]
 
 #: standard deviation of the risk noise no modality sees
 SIGMA_E = 0.6
 #: extra share of positives whose oxygen starts between 24 h and 72 h (COVID-19)
 LATE_SHARE = 0.08
+#: share of COVID-19 presentations admitted (class IMP, 3-12 days), drawn independently of the label
+INPATIENT_SHARE = 0.35
 COVID_BASE = datetime(2020, 3, 1, tzinfo=UTC)
 AD_REFERENCE = datetime(2020, 1, 1, tzinfo=UTC)
 _NS = uuid.UUID("6f1c2d36-8e0a-4b1e-9a55-0c6b6d2f7a10")
@@ -79,6 +87,54 @@ def _hours(rng: np.random.Generator, lo: float, hi: float) -> timedelta:
 
 def _days(rng: np.random.Generator, lo: float, hi: float) -> timedelta:
     return timedelta(days=int(rng.integers(int(lo), int(hi) + 1)))
+
+
+class EncounterDraw:
+    """Class and stay of the COVID-19 presentation encounter.
+
+    By default both come from this object's own generator, independently of the patient's
+    latents and labels: ``IMP`` (admitted, 3-12 days) with probability
+    :data:`INPATIENT_SHARE`, else ``EMER`` (4-30 h). Generator 1.0 drew them from the
+    patient's stream by the 72 h label (IMP and 3-12 days exactly for the positives); that
+    draw is still taken from the patient's stream, so every other value a patient gets is
+    unchanged, and ``leaky=True`` uses it (a negative control: class alone then predicts
+    the 72 h label almost perfectly).
+
+    Parameters
+    ----------
+    rng
+        The encounter stream of one site (not the patients' stream).
+    leaky
+        Use the label-dependent 1.0 draw instead.
+    """
+
+    def __init__(self, rng: np.random.Generator, *, leaky: bool = False) -> None:
+        self.rng = rng
+        self.leaky = leaky
+
+    def draw(self, patient_rng: np.random.Generator, positive_72h: bool
+             ) -> tuple[str, timedelta]:
+        """``(class, stay)`` of one presentation; always takes the 1.0 draw from ``patient_rng``.
+
+        Parameters
+        ----------
+        patient_rng
+            The patient's stream (the site's main generator).
+        positive_72h
+            The patient's 72 h label (used only when ``leaky``).
+
+        Returns
+        -------
+        tuple
+            ActCode class (``EMER`` or ``IMP``) and the stay from the index.
+        """
+        leaked = (("IMP", _days(patient_rng, 3, 12)) if positive_72h
+                  else ("EMER", _hours(patient_rng, 4, 30)))
+        if self.leaky:
+            return leaked
+        if self.rng.random() < INPATIENT_SHARE:
+            return "IMP", _days(self.rng, 3, 12)
+        return "EMER", _hours(self.rng, 4, 30)
 
 
 def _birth(index: datetime, age: float, rng: np.random.Generator) -> date:
@@ -263,7 +319,8 @@ def _covid_oxygen(res: list[Resource], pid: str, ids: _Ids, refs: Refs,
 
 
 def _covid_patient(i: int, site: SiteSpec, ids: _Ids, refs: Refs, rng: np.random.Generator,
-                   z: np.ndarray, label: int, late: int, top: bool) -> PatientRecord:
+                   z: np.ndarray, label: int, late: int, top: bool,
+                   encounter: EncounterDraw) -> PatientRecord:
     """Simulate one COVID-19 patient: FHIR resources, notes and a chest X-ray."""
     pid = ids.patient(i)
     zt, zi, zx = (float(v) for v in z)
@@ -277,9 +334,8 @@ def _covid_patient(i: int, site: SiteSpec, ids: _Ids, refs: Refs, rng: np.random
 
     # the COVID-19 presentation encounter: its start is the index time
     enc_id = ids.child(pid, "e1")
-    stay = _hours(rng, 4, 30) if not (label or late) else _days(rng, 3, 12)
-    res.append(refs.encounter(enc_id, pid, "EMER" if not (label or late) else "IMP", "50849002",
-                              index, index + stay))
+    cls, stay = encounter.draw(rng, bool(label or late))
+    res.append(refs.encounter(enc_id, pid, cls, "50849002", index, index + stay))
     onset = index - _days(rng, 0, 7) - _minutes(rng, 0, 600)
     no_enc = rng.random() < site.no_encounter_ref
     res.append(refs.condition(ids.child(pid, "covid"), pid, "840539006", onset, display="COVID-19",
@@ -395,10 +451,15 @@ def _ad_patient(i: int, site: SiteSpec, ids: _Ids, refs: Refs, rng: np.random.Ge
 # --------------------------------------------------------------------------- sites
 
 
+#: the sample tasks' keys in the generators' seeds
+_TASK_KEYS = {"covid_oxygen": 1, "alzheimers": 2}
+#: extra seed key of the COVID-19 encounter stream (class and stay)
+_ENCOUNTER_STREAM = 1
+
+
 def _site_signal(task: str, site: SiteSpec, seed: int, site_index: int
                  ) -> tuple[np.random.Generator, np.ndarray, np.ndarray, np.ndarray]:
-    task_key = {"covid_oxygen": 1, "alzheimers": 2}[task]
-    rng = np.random.default_rng([seed, task_key, site_index])
+    rng = np.random.default_rng([seed, _TASK_KEYS[task], site_index])
     z, risk = _latents(rng, site.n)
     return rng, z, risk, _rank_labels(risk, site.prevalence)
 
@@ -422,7 +483,8 @@ def site_signal(task: str, site: SiteSpec, seed: int, site_index: int
     return z, labels
 
 
-def simulate_site(task: str, site: SiteSpec, seed: int, site_index: int) -> list[PatientRecord]:
+def simulate_site(task: str, site: SiteSpec, seed: int, site_index: int, *,
+                  leaky_encounters: bool = False) -> list[PatientRecord]:
     """Simulate every patient of one site.
 
     Parameters
@@ -436,6 +498,10 @@ def simulate_site(task: str, site: SiteSpec, seed: int, site_index: int) -> list
         ``(seed, task, site index)``.
     site_index
         Position of the site within the task.
+    leaky_encounters
+        COVID-19 only: make the presentation encounter's class and stay follow the 72 h
+        label, as generator 1.0 did (a negative control; off by default). See
+        :class:`EncounterDraw`.
 
     Returns
     -------
@@ -448,7 +514,10 @@ def simulate_site(task: str, site: SiteSpec, seed: int, site_index: int) -> list
     if task == "covid_oxygen":
         labels_72 = _rank_labels(risk, site.prevalence + LATE_SHARE)
         top = _rank_labels(risk, site.prevalence * 0.4)
+        encounter = EncounterDraw(
+            np.random.default_rng([seed, _TASK_KEYS[task], site_index, _ENCOUNTER_STREAM]),
+            leaky=leaky_encounters)
         return [_covid_patient(i, site, ids, refs, rng, z[i], int(labels[i]),
-                               int(labels_72[i] and not labels[i]), bool(top[i]))
+                               int(labels_72[i] and not labels[i]), bool(top[i]), encounter)
                 for i in range(site.n)]
     return [_ad_patient(i, site, ids, refs, rng, z[i], int(labels[i])) for i in range(site.n)]
