@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 #: version of the generator; bump it (and write a changelog entry) on any change to the output
-GENERATOR_VERSION = "1.1"
+GENERATOR_VERSION = "1.2"
 #: sample tasks: folder name -> the shipped task file(s) they serve
 TASKS: dict[str, tuple[str, ...]] = {
     "covid_oxygen": ("covid_oxygen_24h", "covid_oxygen_72h"),

@@ -423,11 +423,13 @@ def _ad_patient(i: int, site: SiteSpec, ids: _Ids, refs: Refs, rng: np.random.Ge
         if rng.random() < _sigmoid(base + slope * zt + 0.03 * (age - 73.0)):
             res.append(refs.condition(ids.child(pid, f"c{k}"), pid, code,
                                       first - _days(rng, 0, 5000), display=display))
+    onset: datetime | None = None
     if not site.labels_csv:
         if label:
-            res.append(refs.condition(ids.child(pid, "ad"), pid,
-                                      "26929004" if rng.random() < 0.6 else "230265002",
-                                      ref - _days(rng, 60, 1500), display="Alzheimer's disease"))
+            code = "26929004" if rng.random() < 0.6 else "230265002"
+            onset = ref - _days(rng, 60, 1500)
+            res.append(refs.condition(ids.child(pid, "ad"), pid, code, onset,
+                                      display="Alzheimer's disease"))
         elif rng.random() < 0.06:  # incident after the reference date: negative at the index
             res.append(refs.condition(ids.child(pid, "ad"), pid, "26929004",
                                       ref + _days(rng, 30, 700), display="Alzheimer's disease"))
@@ -439,8 +441,13 @@ def _ad_patient(i: int, site: SiteSpec, ids: _Ids, refs: Refs, rng: np.random.Ge
                                     "{score}"))
     record = PatientRecord(pid=pid, resources=res, label=label, excluded=excluded,
                            latents=(zt, zi, zx))
-    record.notes.append((_text.alzheimers_note(zx, rng), visits[-1] + timedelta(minutes=15),
-                         "primary_care_note"))
+    # the note is written before any diagnosis, for positives as for negatives: a note dated
+    # after the diagnosis is (rightly) not a feature, and dropping it for positives only would
+    # make "has a note" give the label away
+    note_time = visits[-1] + timedelta(minutes=15)
+    if onset is not None and note_time >= onset:
+        note_time = onset - timedelta(days=1, minutes=-15)
+    record.notes.append((_text.alzheimers_note(zx, rng), note_time, "primary_care_note"))
     if rng.random() >= site.image_missing:
         record.image = _images.brain_mri(zi + 0.25 * rng.standard_normal(), rng,
                                          site.image_size, site.acquisition)

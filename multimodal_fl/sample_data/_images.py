@@ -10,7 +10,7 @@ atrophy for the MRI.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -196,8 +196,8 @@ def write_nifti(path: Path, vol: ByteArray, voxel_mm: float) -> None:
     nib.save(image, str(path))
 
 
-def write_dicom(path: Path, img: ByteArray, *, patient_id: str, study_date: date,
-                uid_seed: str, pixel_mm: float) -> None:
+def write_dicom(path: Path, img: ByteArray, *, patient_id: str, study_date: datetime,
+                uid_seed: str, pixel_mm: float, tz_hours: int = 0) -> None:
     """Write a 2D uint8 image as a small, valid DICOM file (CR, explicit VR little endian).
 
     Parameters
@@ -209,7 +209,9 @@ def write_dicom(path: Path, img: ByteArray, *, patient_id: str, study_date: date
     patient_id
         PatientID (0010,0020): the FHIR ``Patient.id`` the image belongs to.
     study_date
-        StudyDate / AcquisitionDate.
+        StudyDate / AcquisitionDate and StudyTime / AcquisitionTime (the site's local time).
+    tz_hours
+        The site's offset from UTC (TimezoneOffsetFromUTC).
     uid_seed
         Deterministic seed for the study, series and instance UIDs.
     pixel_mm
@@ -241,6 +243,9 @@ def write_dicom(path: Path, img: ByteArray, *, patient_id: str, study_date: date
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = "PA"
     ds.StudyDate = ds.AcquisitionDate = study_date.strftime("%Y%m%d")
+    # the time too: a date alone is known only at the end of that day (docs/data-contract.md)
+    ds.StudyTime = ds.AcquisitionTime = study_date.strftime("%H%M%S")
+    ds.TimezoneOffsetFromUTC = f"{'-' if tz_hours < 0 else '+'}{abs(tz_hours):02d}00"
     ds.Rows, ds.Columns = int(img.shape[0]), int(img.shape[1])
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"

@@ -67,9 +67,9 @@ def _add_image(root: Path, task: str, site: SiteSpec, refs: Refs, rec: PatientRe
         _images.write_nifti(path, rec.image, voxel_mm=192.0 / rec.image.shape[0])
     elif site.image_link == "dicom":
         _images.write_dicom(path, rec.image, patient_id=rec.pid,
-                            study_date=rec.image_time.date(),
+                            study_date=rec.image_time,
                             uid_seed=f"{site.name}:{rec.pid}",
-                            pixel_mm=350.0 / rec.image.shape[0])
+                            pixel_mm=350.0 / rec.image.shape[0], tz_hours=site.tz_hours)
     else:
         _images.write_png(path, rec.image)
     modality = "MR" if task == "alzheimers" else "DX"
