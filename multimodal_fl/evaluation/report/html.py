@@ -29,7 +29,7 @@ import json
 import math
 import os
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +170,33 @@ def _finish_panel(ax: Any, drawn: bool, missing: list[tuple[str, str]], what: st
     ax.legend(handles, labels, fontsize=7, loc=loc)
 
 
+def _site_panels(runs: Sequence[RunData], min_cell: int, axis_labels: tuple[str, str],
+                 draw: Callable[[Any, RunData, pd.DataFrame, Any], str | None], what: str,
+                 loc: str) -> Figure:
+    """One unit-square panel per site and one for all sites, each run drawn by ``draw``.
+
+    A run whose site rows break the small-cell rule, or for which ``draw`` returns a reason,
+    is listed in the panel's legend with that reason (:func:`_finish_panel`).
+    """
+    sites = sorted({s for r in runs for s in r.predictions["site"].astype(str).unique()})
+    colours = _run_colours(runs)
+    fig, axes = _grid(len(sites) + 1)
+    for ax, site in zip(axes, [*sites, ALL_SITES], strict=True):
+        ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=0.8)
+        ax.set(title=site, xlabel=axis_labels[0], ylabel=axis_labels[1],
+               xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+        missing: list[tuple[str, str]] = []
+        for r in runs:
+            d = _site_rows(r, site)
+            reason = cell_reason(d["label"].to_numpy(), min_cell)
+            if reason is None:
+                reason = draw(ax, r, d, colours[r.label])
+            if reason is not None:
+                missing.append((r.label, reason))
+        _finish_panel(ax, len(missing) < len(runs), missing, what, loc)
+    return fig
+
+
 def roc_figure(runs: Sequence[RunData], min_cell: int) -> Figure:
     """Test-split ROC curves: one panel per site and one for all sites, one curve per run.
 
@@ -183,24 +210,13 @@ def roc_figure(runs: Sequence[RunData], min_cell: int) -> Figure:
     -------
     matplotlib.figure.Figure
     """
-    sites = sorted({s for r in runs for s in r.predictions["site"].astype(str).unique()})
-    colours = _run_colours(runs)
-    fig, axes = _grid(len(sites) + 1)
-    for ax, site in zip(axes, [*sites, ALL_SITES], strict=True):
-        ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=0.8)
-        ax.set(title=site, xlabel="1 - specificity", ylabel="sensitivity",
-               xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
-        missing: list[tuple[str, str]] = []
-        for r in runs:
-            d = _site_rows(r, site)
-            reason = cell_reason(d["label"].to_numpy(), min_cell)
-            if reason is not None:
-                missing.append((r.label, reason))
-                continue
-            fpr, tpr, _ = roc_curve(d["label"], d["score"])
-            ax.plot(fpr, tpr, lw=1.4, label=r.label, color=colours[r.label])
-        _finish_panel(ax, len(missing) < len(runs), missing, "curve", "lower right")
-    return fig
+    def draw(ax: Any, r: RunData, d: pd.DataFrame, colour: Any) -> str | None:
+        fpr, tpr, _ = roc_curve(d["label"], d["score"])
+        ax.plot(fpr, tpr, lw=1.4, label=r.label, color=colour)
+        return None
+
+    return _site_panels(runs, min_cell, ("1 - specificity", "sensitivity"), draw,
+                        "curve", "lower right")
 
 
 def calibration_figure(runs: Sequence[RunData], min_cell: int, n_bins: int = 10) -> Figure:
@@ -220,31 +236,18 @@ def calibration_figure(runs: Sequence[RunData], min_cell: int, n_bins: int = 10)
         A panel with nothing to show says why (the site is suppressed, or every bin holds
         fewer than ``min_cell`` patients).
     """
-    sites = sorted({s for r in runs for s in r.predictions["site"].astype(str).unique()})
-    colours = _run_colours(runs)
-    fig, axes = _grid(len(sites) + 1)
-    for ax, site in zip(axes, [*sites, ALL_SITES], strict=True):
-        ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=0.8)
-        ax.set(title=site, xlabel="mean predicted risk", ylabel="observed fraction positive",
-               xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
-        missing: list[tuple[str, str]] = []
-        for r in runs:
-            d = _site_rows(r, site)
-            reason = cell_reason(d["label"].to_numpy(), min_cell)
-            if reason is not None:
-                missing.append((r.label, reason))
-                continue
-            b = calibration_bins(d["score"].to_numpy(), n_bins)
-            g = pd.DataFrame({"b": b, "y": d["label"].to_numpy(), "s": d["score"].to_numpy()})
-            agg = g.groupby("b").agg(n=("y", "size"), y=("y", "mean"), s=("s", "mean"))
-            agg = agg[agg["n"] >= min_cell]  # small-cell rule for plotted bins
-            if agg.empty:
-                missing.append((r.label, f"every bin holds fewer than {min_cell} patients"))
-                continue
-            ax.plot(agg["s"], agg["y"], marker="o", ms=3, lw=1.2, label=r.label,
-                    color=colours[r.label])
-        _finish_panel(ax, len(missing) < len(runs), missing, "points", "upper left")
-    return fig
+    def draw(ax: Any, r: RunData, d: pd.DataFrame, colour: Any) -> str | None:
+        b = calibration_bins(d["score"].to_numpy(), n_bins)
+        g = pd.DataFrame({"b": b, "y": d["label"].to_numpy(), "s": d["score"].to_numpy()})
+        agg = g.groupby("b").agg(n=("y", "size"), y=("y", "mean"), s=("s", "mean"))
+        agg = agg[agg["n"] >= min_cell]  # small-cell rule for plotted bins
+        if agg.empty:
+            return f"every bin holds fewer than {min_cell} patients"
+        ax.plot(agg["s"], agg["y"], marker="o", ms=3, lw=1.2, label=r.label, color=colour)
+        return None
+
+    return _site_panels(runs, min_cell, ("mean predicted risk", "observed fraction positive"),
+                        draw, "points", "upper left")
 
 
 def _forest_label(r: Any) -> str:
