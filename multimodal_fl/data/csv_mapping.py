@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -62,6 +63,18 @@ EncounterClassCode = Literal["AMB", "EMER", "FLD", "HH", "IMP", "ACUTE", "NONAC"
                              "PRENC", "SS", "VR"]
 ENCOUNTER_CLASSES: tuple[str, ...] = get_args(EncounterClassCode)
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+
+
+def _name_ok(v: str) -> str:
+    """A short name: a letter first, then letters, digits, ``_`` and ``-``; at most 32."""
+    if not _NAME.match(v):
+        raise ValueError("must start with a letter and hold only letters, digits, _ and - "
+                         "(at most 32 characters)")
+    return v
+
+
+#: A name used in resource ids and code systems (checked by :func:`_name_ok`).
+ShortName = Annotated[str, AfterValidator(_name_ok)]
 
 
 def _as_text(value: Any) -> Any:
@@ -217,7 +230,8 @@ class EncounterSpec(_Strict):
 class _Column(_Strict):
     """What a Condition and an Observation column share."""
 
-    name: str = Field(description="Short name (letters, digits, _ and -), used in resource ids.")
+    name: ShortName = Field(description="Short name (letters, digits, _ and -), used in resource "
+                                        "ids.")
     column: str = Field(description="The CSV column.")
     code: str = Field(min_length=1, description="The code written (SNOMED CT, LOINC, local).")
     display: str | None = Field(default=None, description="Human-readable name of the code.")
@@ -230,14 +244,6 @@ class _Column(_Strict):
     unknown: Codes | None = Field(default=None, description="Override of codes.unknown.")
     not_applicable: Codes | None = Field(default=None,
                                              description="Override of codes.not_applicable.")
-
-    @field_validator("name")
-    @classmethod
-    def _name_ok(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("must start with a letter and hold only letters, digits, _ and - "
-                             "(at most 32 characters)")
-        return v
 
     def clinical(self) -> str | None:
         """The clinical-time spec (``onset`` / ``effective``); None: the known time."""
@@ -365,7 +371,7 @@ class ImagesSpec(_Strict):
 class CsvMapping(_Strict):
     """How one CSV layout maps onto the site contract (one YAML file)."""
 
-    name: str = Field(description="Mapping name; also names the local code system.")
+    name: ShortName = Field(description="Mapping name; also names the local code system.")
     description: str = Field(default="", description="What the CSV is, in words.")
     source: SourceSpec = Field(default_factory=SourceSpec, description="How the file is read.")
     patient_id: str = Field(description="The column with the patient key.")
@@ -394,14 +400,6 @@ class CsvMapping(_Strict):
                                                   description="Columns -> Observations.")
     label: LabelSpec | None = Field(default=None, description="labels.csv.")
     images: ImagesSpec | None = Field(default=None, description="images.csv.")
-
-    @field_validator("name")
-    @classmethod
-    def _name_ok(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("must start with a letter and hold only letters, digits, _ and - "
-                             "(at most 32 characters)")
-        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> CsvMapping:
