@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import os
 import zoneinfo
 from datetime import date
 from importlib import resources
@@ -32,7 +33,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "DEFAULT_MIN_CELL",
+    "POLICY_FILE",
     "REMOVED_KEYS",
+    "REQUEST_KINDS",
     "CodeSet",
     "ConfigError",
     "EvaluationConfig",
@@ -44,6 +48,7 @@ __all__ = [
     "ObservationFeature",
     "PCAConfig",
     "SiteConfig",
+    "SitePolicy",
     "TabularModalityConfig",
     "TaskSpec",
     "TextModalityConfig",
@@ -52,6 +57,7 @@ __all__ = [
     "check_timezone",
     "drop_removed_keys",
     "load_config",
+    "load_policy",
     "load_task",
 ]
 
@@ -568,6 +574,106 @@ class ExperimentConfig(_Strict):
     def resolved_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain JSON-compatible data."""
         return json.loads(self.model_dump_json())
+
+
+#: The package's own small-cell floor: no site policy, config or request goes below it.
+DEFAULT_MIN_CELL = 5
+#: The request kinds a site policy may name in ``answers`` (the protocol's ``Kind`` values).
+REQUEST_KINDS = ("describe", "pca", "pca_apply", "pca_scores", "init", "moments", "info", "fit",
+                 "evaluate", "predict", "secure_sum", "cross_evaluate")
+#: The file a hospital puts in its site directory to set its policy.
+POLICY_FILE = "policy.yaml"
+
+
+class SitePolicy(_Strict):
+    """A hospital's disclosure policy: what may leave its site, whatever the researcher asks.
+
+    Written by the hospital into ``<site>/policy.yaml`` (or, on Flower, the SuperNode's node
+    config). The experiment config and a request can make it stricter, never looser: the
+    effective small-cell threshold is the largest of :data:`DEFAULT_MIN_CELL`, this policy's
+    ``min_cell``, the config's ``evaluation.min_cell`` and the request's.
+    """
+
+    min_cell: int = Field(
+        default=DEFAULT_MIN_CELL, ge=DEFAULT_MIN_CELL,
+        description="The site's small-cell floor: no count, metric or histogram bin on fewer "
+                    "patients leaves the site.",
+    )
+    subgroup_summaries: bool = Field(
+        default=True,
+        description="Whether per-subgroup (sex, age band) summaries may leave the site.",
+    )
+    share_local_model: bool = Field(
+        default=True,
+        description="Whether this site's local-only model may go to the other sites for "
+                    "cross-site validation (it is model weights, like every fit reply).",
+    )
+    answers: list[str] | None = Field(
+        default=None,
+        description="The request kinds the site answers; default: every kind.",
+    )
+    timezone: str | None = Field(
+        default=None,
+        description="IANA time zone of the site's dates without a time (default: the "
+                    "config's data.timezone).",
+    )
+
+    @field_validator("answers")
+    @classmethod
+    def _known_kinds(cls, kinds: list[str] | None) -> list[str] | None:
+        if kinds is None:
+            return None
+        unknown = [k for k in kinds if k not in REQUEST_KINDS]
+        if unknown:
+            raise ValueError(f"unknown request kind(s) {unknown}; expected some of "
+                             f"{list(REQUEST_KINDS)}")
+        return kinds
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, name: str | None) -> str | None:
+        if name is not None:
+            check_timezone(name)
+        return name
+
+    def effective_min_cell(self, *others: int | None) -> int:
+        """The small-cell threshold in force: the largest of the floor, this policy and ``others``.
+
+        Parameters
+        ----------
+        *others : int or None
+            The config's and the request's thresholds (``None``: not set).
+
+        Returns
+        -------
+        int
+        """
+        return max([DEFAULT_MIN_CELL, self.min_cell, *(int(o) for o in others if o is not None)])
+
+
+def load_policy(site_dir: str | os.PathLike[str]) -> SitePolicy:
+    """The policy in ``site_dir/policy.yaml``, or the default policy when there is none.
+
+    Parameters
+    ----------
+    site_dir : path-like
+        The site directory.
+
+    Returns
+    -------
+    SitePolicy
+
+    Raises
+    ------
+    ConfigError
+        If the file is not valid YAML or not a valid policy (one line per problem, with
+        did-you-mean hints for unknown keys).
+    """
+    path = Path(site_dir) / POLICY_FILE
+    if not path.is_file():
+        return SitePolicy()
+    data = _read_yaml(path)
+    return _validate(SitePolicy, {} if data is None else data, source=str(path))  # type: ignore[no-any-return]
 
 
 #: Keys the schema once had: dotted key -> what to do instead. A config that sets one fails

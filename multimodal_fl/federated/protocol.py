@@ -33,6 +33,16 @@ Request kinds (:class:`Kind`), in the order an experiment sends them:
 ``predict``
     Final evaluation: the site writes its patient-level files at home and replies with the
     :attr:`Doc.EVALUATION` and :attr:`Doc.SITE_METRICS` documents.
+``secure_sum``
+    One step of a secure sum (:mod:`multimodal_fl.federated.secure_sum`): the server learns
+    only the total of the sites' integer vectors (pooled histogram counts).
+``cross_evaluate``
+    Cross-site validation: score another site's local-only model (in ``weights``) on this
+    site's test split and reply with its disclosed metrics.
+
+Every reply leaves a site through its disclosure gate
+(:mod:`multimodal_fl.federated.disclosure`); ``config["min_cell"]`` carries the effective
+small-cell threshold to the handlers.
 
 ``Request.weights`` holds model weights only; other arrays (a projection, histogram edges)
 travel in ``Request.arrays``. Per-round training hyperparameters travel on one channel, the
@@ -94,6 +104,8 @@ class Kind(StrEnum):
     FIT = "fit"
     EVALUATE = "evaluate"
     PREDICT = "predict"
+    SECURE_SUM = "secure_sum"
+    CROSS_EVALUATE = "cross_evaluate"
 
 
 class Doc(StrEnum):

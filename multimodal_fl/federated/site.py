@@ -57,10 +57,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from multimodal_fl.config import ExperimentConfig
+from multimodal_fl.config import ExperimentConfig, SitePolicy, load_policy
 from multimodal_fl.encoders.tabular import Standardizer
 from multimodal_fl.evaluation.histograms import summarise_site
 from multimodal_fl.federated.aggregation import STANDARDIZER_STATE
+from multimodal_fl.federated.disclosure import EGRESS_LOG, DisclosureGate
 from multimodal_fl.federated.pca import site_pca_reply
 from multimodal_fl.federated.protocol import (
     Doc,
@@ -159,10 +160,15 @@ class FusionSite:
         Root of the site's own output: ``predict`` writes patient-level files only into
         ``run_dir/sites/<site>/`` (the run directory in-process; a folder at the hospital
         in a deployment). ``None``: nothing is written.
+    policy : SitePolicy or None
+        The hospital's disclosure policy (default: ``policy.yaml`` in the site's directory, or
+        the default policy). Every reply passes it (:class:`~multimodal_fl.federated.
+        disclosure.DisclosureGate`) and is logged in ``run_dir/sites/<site>/egress.jsonl``.
     """
 
     def __init__(
-        self, name: str, cfg: ExperimentConfig, data: SiteData, *, run_dir: Path | None = None
+        self, name: str, cfg: ExperimentConfig, data: SiteData, *, run_dir: Path | None = None,
+        policy: SitePolicy | None = None,
     ) -> None:
         self.name = name
         self.cfg = cfg
@@ -173,6 +179,13 @@ class FusionSite:
         self.model = build_model(cfg, data)
         self._augment = batch_augmenter(cfg, self.model)
         self._local_state: dict[str, torch.Tensor] = {}
+        if policy is None:
+            paths = {s.name: s.path for s in cfg.sites}
+            policy = load_policy(paths[name]) if name in paths else SitePolicy()
+        self.gate = DisclosureGate(
+            name, policy, config_min_cell=cfg.evaluation.min_cell,
+            egress_log=None if self.run_dir is None else
+            self.run_dir / "sites" / name / EGRESS_LOG)
 
     # ------------------------------------------------------------------ state
 
@@ -224,16 +237,21 @@ class FusionSite:
         Returns
         -------
         Reply
+            What the disclosure gate lets leave the site.
 
         Raises
         ------
         ValueError
             For an unknown request kind.
+        multimodal_fl.federated.disclosure.SiteRefused
+            The site's policy declines the request.
+        multimodal_fl.federated.disclosure.SiteError
+            A handler failed (the message names the exception type only).
         """
         handler = self._handlers().get(request.kind)
         if handler is None:
             raise ValueError(f"site {self.name}: does not answer {request.kind.value!r} requests")
-        return handler(request)
+        return self.gate.release(request, handler)
 
     def _handlers(self) -> dict[Kind, Callable[[Request], Reply]]:
         """The request kinds this site answers, each with its handler."""
