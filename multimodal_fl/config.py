@@ -673,7 +673,7 @@ def load_policy(site_dir: str | os.PathLike[str]) -> SitePolicy:
     if not path.is_file():
         return SitePolicy()
     data = _read_yaml(path)
-    return _validate(SitePolicy, {} if data is None else data, source=str(path))  # type: ignore[no-any-return]
+    return _validate(SitePolicy, {} if data is None else data, source=str(path))
 
 
 #: Keys the schema once had: dotted key -> what to do instead. A config that sets one fails
