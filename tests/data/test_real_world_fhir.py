@@ -283,3 +283,48 @@ def test_first_encounter_needs_its_classes() -> None:
     with pytest.raises(ValueError, match="encounter_class"):
         TaskSpec.model_validate({**load_task("covid_oxygen_24h").model_dump(),
                                  "index": {"kind": "first_encounter"}})
+
+
+# --------------------------------------------------------------------------- OASIS-1
+
+OASIS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "oasis1"
+
+
+def test_oasis_subjects_written_as_fhir_with_their_own_ids(tmp_path: Path) -> None:
+    """The shared OASIS-1 table's first 40 subjects with a CDR, as a user would write them.
+
+    Patient.id is the study's subject id (``OAS1_0001_MR1``), the scan an MR ImagingStudy,
+    MMSE ``{score}`` and nWBV ``1`` without a unit. The scan date is not in the table: one
+    date stands in for it, and the birth date is taken back from the age at the scan.
+    """
+    table_path = OASIS / "oasis_cross-sectional.csv"
+    if not table_path.is_file():
+        pytest.skip(f"shared data not found: {table_path}")
+    rows = pd.read_csv(table_path, na_values=["N/A", ""]).dropna(subset=["CDR"]).head(40)
+    res: list[dict[str, Any]] = []
+    scan = pd.Timestamp("2000-06-15")
+    for r in rows.to_dict("records"):
+        pid = str(r["ID"])
+        birth = (scan - pd.DateOffset(years=int(r["Age"]), days=1)).date().isoformat()
+        res.append(f.patient(pid, birth=birth, gender="female" if r["M/F"] == "F" else "male"))
+        res.append(_mr_study(f"{pid}_scan", pid, scan.date().isoformat()))
+        if not pd.isna(r["MMSE"]):
+            res.append(_unitless(f"{pid}_mmse", pid, "72107-6", float(r["MMSE"])))
+        res.append(_unitless(f"{pid}_nwbv", pid, "nwbv", float(r["nWBV"])))
+    root = _site(tmp_path, res)
+    labels = "\n".join(f"{r.ID},{int(r.CDR > 0)}" for r in rows.itertuples())
+    (root / "labels.csv").write_text(f"patient_id,label\n{labels}\n")
+    task = _scan_task().model_dump()
+    task["features"]["observations"].append({"name": "nwbv", "codes": ["nwbv"], "unit": "1"})
+    task["cohort"]["min_age"] = 0
+    cohort = build_cohort(root, TaskSpec.model_validate(task))
+    assert cohort.skipped == []
+    assert sorted(cohort.table.patient_id) == sorted(rows.ID)
+    assert cohort.table["has_tabular"].all() and cohort.table["nwbv"].notna().all()
+    assert cohort.table.set_index("patient_id")["age"].round().to_dict() == \
+        dict(zip(rows.ID, rows.Age.astype(float), strict=True))
+    assert cohort.table["label"].tolist() == \
+        [int(c > 0) for c in rows.set_index("ID").loc[sorted(rows.ID), "CDR"]]
+    noted = cohort.counts["noted_by_reason"]
+    assert noted["unitless_value"] == int(rows.MMSE.notna().sum()) + len(rows)
+    assert noted["nonconforming_id"] >= 2 * len(rows)  # the Patient and its scan at least
