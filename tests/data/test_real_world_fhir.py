@@ -188,6 +188,20 @@ def test_demographics_alone_are_tabular_data(tmp_path: Path, covid_task: TaskSpe
     assert cohort.summary()["coverage"]["tabular"] == pytest.approx(2 / 3)
 
 
+def test_a_tabular_only_model_keeps_a_demographics_only_patient(tmp_path: Path,
+                                                               covid_task: TaskSpec) -> None:
+    from multimodal_fl.config import ExperimentConfig, SiteConfig
+    from multimodal_fl.training import prepare_site_data
+
+    no_obs = [r for r in f.covid_patient("demo") if r["resourceType"] != "Observation"]
+    root = _site(tmp_path, [*no_obs, *f.covid_patient("obs")])
+    cfg = ExperimentConfig.model_validate({
+        "task": covid_task, "sites": [SiteConfig(name="site", path=root)],
+        "modalities": {"image": {"enabled": False}, "text": {"enabled": False}}})
+    data = prepare_site_data(build_cohort(root, covid_task), cfg, cache=None, site="site")
+    assert sorted(data.dataset.patient_ids) == ["demo", "obs"] and data.dropped == {}
+
+
 def test_a_recorded_comorbidity_is_tabular_data(tmp_path: Path, covid_task: TaskSpec) -> None:
     res = [r for r in f.covid_patient("htn") if r["resourceType"] != "Observation"]
     del res[0]["birthDate"]
