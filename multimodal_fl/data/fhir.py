@@ -69,6 +69,7 @@ from multimodal_fl.data.units import UnitError, accepts_unitless, convert
 # fhir.resources is heavy to import: imported inside the functions that use it
 
 __all__ = [
+    "FHIR_ID",
     "Coded",
     "FHIRReader",
     "ObservationValue",
@@ -77,6 +78,7 @@ __all__ = [
     "iter_file_resources",
     "known_resource_types",
     "matches",
+    "nonconforming_ids",
     "parse_time",
 ]
 
@@ -176,8 +178,11 @@ def _with_stand_in_ids(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def _alias_keys(rt: str, rid: str, full_url: str | None) -> list[str]:
-    """The reference strings that name resource ``rt/rid``: fullUrl, ``Type/id`` and its
-    percent-encoded form (an id with a space or a slash), ``urn:uuid:id`` for a Patient."""
+    """The reference strings that name resource ``rt/rid``.
+
+    Its bundle ``fullUrl``, ``Type/id``, the same with the id percent-encoded (an id with a
+    space or a slash, as a REST reference writes it) and, for a Patient, ``urn:uuid:id``.
+    """
     keys = [k for k in (full_url, f"{rt}/{rid}", f"{rt}/{quote(rid, safe='')}") if k]
     if rt == "Patient":
         keys.append(f"urn:uuid:{rid}")
@@ -583,11 +588,11 @@ class FHIRReader:
 
     def _feature_value(self, vq: dict[str, Any], name: str, target: str, label: str,
                        rid: str, fld: str) -> float | None:
-        """A valueQuantity in the feature's unit ``target``, or None (reported) when its unit
-        is missing, unknown or not convertible.
+        """A valueQuantity in the feature's unit ``target``, or None (reported).
 
-        A value without a unit is taken only for a feature in ``1`` or a UCUM annotation
-        (``{score}``), and noted (``unitless_value``).
+        None when its unit is missing, unknown or not convertible. A value without a unit
+        is taken only for a feature in ``1`` or a UCUM annotation (``{score}``), and noted
+        (``unitless_value``).
         """
         unit = vq.get("code") or vq.get("unit")
         if not unit and accepts_unitless(target):

@@ -287,10 +287,10 @@ def _tabular_features(row: dict[str, Any], task: TaskSpec, pid: str, records: Si
 
 
 def _has_tabular(row: dict[str, Any], task: TaskSpec) -> bool:
-    """Whether the patient has tabular data: a demographic or observation value, or a
-    recorded comorbidity / medication.
+    """Whether the patient has tabular data (the ``has_tabular`` modality mask).
 
-    Demographics count: a patient with age and sex and no Observation keeps the tabular
+    A demographic or observation value, or a recorded comorbidity / medication. Demographics
+    count: a patient with age and sex and no Observation keeps the tabular
     modality. A task whose features cannot be missing (only comorbidities and
     medications, 0 when unrecorded) gives every patient tabular data.
     """
