@@ -78,9 +78,11 @@ def data_summary(
     set_: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of tables.")] = False,
 ) -> None:
-    """Per site: patients, positives, prevalence, modality coverage, missingness, skips."""
+    """Per site: patients, positives, prevalence, modality coverage, missingness, skips, notes.
+
+    Exits with code 2 when a site has no patients, naming its top skip reasons.
+    """
     from rich.progress import Progress
-    from rich.table import Table
 
     from multimodal_fl.data import DataError, build_cohorts
 
@@ -101,15 +103,28 @@ def data_summary(
     if as_json:
         out = {"task": cfg.task.name, "sites": summaries}
         sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
-        return
+    else:
+        _print_summary_tables(cfg.task.name, summaries)
+    empty = [s["empty"] for s in summaries if "empty" in s]
+    for message in empty:
+        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    if empty:
+        raise typer.Exit(2)
+
+
+def _print_summary_tables(task: str, summaries: list[dict[str, Any]]) -> None:
+    """The console view of ``mmfl data summary``: cohorts, missingness, reasons per site."""
+    from rich.table import Table
+
     table = Table(
-        title=f"{cfg.task.name}: cohorts per site",
+        title=f"{task}: cohorts per site",
         caption="n: patients; pos: positives; img/txt/tab: share of patients with the "
-        "modality; valid/read: FHIR resources validated/read; skip: bad records; excl: "
-        "patients outside the task",
+        "modality; valid/read: FHIR resources validated/read; skip: bad records; note: "
+        "records kept with a note (nonconforming_id, unitless_value); excl: patients outside "
+        "the task",
     )
     for col in ("site", "n", "pos", "prev", "img", "txt", "tab", "valid/read", "skip",
-                "excl"):
+                "note", "excl"):
         table.add_column(col, justify="left" if col == "site" else "right", no_wrap=True)
     for s in summaries:
         counts = s["counts"]
@@ -123,6 +138,7 @@ def data_summary(
             *cov,
             f"{counts.get('resources_validated', 0)}/{counts.get('resources_read', 0)}",
             str(sum(counts["skipped_by_reason"].values())),
+            str(sum(counts.get("noted_by_reason", {}).values())),
             str(sum(counts["excluded_by_reason"].values())),
         )
     console.print(table)
@@ -143,9 +159,10 @@ def data_summary(
         reasons = {
             **{f"skipped: {k}": v for k, v in s["counts"]["skipped_by_reason"].items()},
             **{f"excluded: {k}": v for k, v in s["counts"]["excluded_by_reason"].items()},
+            **{f"noted: {k}": v for k, v in s["counts"].get("noted_by_reason", {}).items()},
         }
         if reasons:
-            why = Table(title=f"{s['site']}: skipped records and excluded patients")
+            why = Table(title=f"{s['site']}: skipped records, excluded patients, notes")
             why.add_column("reason")
             why.add_column("count", justify="right")
             for k, v in reasons.items():

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 __all__ = [
     "DEFAULT_MIN_CELL",
+    "IMAGING_MODALITY_CODES",
     "POLICY_FILE",
     "REMOVED_KEYS",
     "REQUEST_KINDS",
@@ -118,16 +119,31 @@ class CohortRule(_Strict):
     min_age: float | None = Field(default=None, description="Minimum age (years) at index.")
 
 
+#: DICOM modality codes (``ImagingStudy.modality``) of each task ``image_modality``: the
+#: studies an ``index.kind: first_imaging_study`` counts.
+IMAGING_MODALITY_CODES: dict[str, tuple[str, ...]] = {"cxr": ("CR", "DX"), "mri": ("MR",)}
+
+
 class IndexRule(_Strict):
     """When prediction happens (the index time) for each patient."""
 
-    kind: Literal["condition_encounter", "reference_date"] = Field(
+    kind: Literal["condition_encounter", "reference_date", "first_imaging_study",
+                  "first_encounter"] = Field(
         description="condition_encounter: start of the encounter the cohort Condition points "
         "to, else the first encounter starting on or after the condition's onset, else the "
-        "onset. reference_date: one configured date for every patient."
+        "onset. reference_date: one configured date for every patient. "
+        "first_imaging_study: per patient, when the first ImagingStudy of the task's "
+        "image_modality (DICOM modality CR/DX for cxr, MR for mri) was known (started; a "
+        "date alone at the end of its day), so ages are at the scan. first_encounter: per "
+        "patient, the start of the first Encounter whose class is in encounter_class."
     )
     reference_date: date | None = Field(
         default=None, description="Index date for kind=reference_date (ISO date)."
+    )
+    encounter_class: list[str] = Field(
+        default_factory=list,
+        description="Encounter.class codes (v3-ActCode: AMB, EMER, IMP, ...) for "
+        "kind=first_encounter.",
     )
     allowance_hours: float = Field(
         default=0.0,
@@ -140,6 +156,12 @@ class IndexRule(_Strict):
     def _reference_needed(self) -> IndexRule:
         if self.kind == "reference_date" and self.reference_date is None:
             raise ValueError("index.kind 'reference_date' needs index.reference_date (YYYY-MM-DD)")
+        if self.kind == "first_encounter" and not self.encounter_class:
+            raise ValueError("index.kind 'first_encounter' needs index.encounter_class (a list "
+                             "of Encounter.class codes, e.g. [IMP] or [EMER, IMP])")
+        if self.encounter_class and self.kind != "first_encounter":
+            raise ValueError(f"index.encounter_class is only read with kind 'first_encounter' "
+                             f"(kind is '{self.kind}')")
         return self
 
 
@@ -344,6 +366,12 @@ class DataConfig(_Strict):
     cache_dir: Path | None = Field(
         default=None,
         description="Embedding cache root; default: <run dir>/cache, or $MMFL_CACHE when set.",
+    )
+    strict_ids: bool = Field(
+        default=False,
+        description="Refuse resources whose id is outside FHIR's id pattern "
+        "[A-Za-z0-9-.]{1,64} (invalid_fhir), as R4B does. Default: keep them, the id and every "
+        "reference to it as written, and note each (nonconforming_id in `mmfl data summary`).",
     )
     timezone: str = Field(
         default="UTC",

@@ -7,7 +7,7 @@ every site of an experiment.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,9 @@ from multimodal_fl.data.sites import SiteFiles, discover_site, read_csv, site_ti
 from multimodal_fl.data.tasks import apply_task, feature_names
 from multimodal_fl.data.text import load_url_notes, notes_from_csv
 
-__all__ = ["META_COLUMNS", "DataError", "SiteCohort", "build_cohort",
-           "build_cohort_from_resources", "build_cohorts", "empty_table"]
+__all__ = ["META_COLUMNS", "DataError", "EmptySiteError", "SiteCohort", "build_cohort",
+           "build_cohort_from_resources", "build_cohorts", "check_site_count",
+           "empty_site_message", "empty_table"]
 
 META_COLUMNS = ["patient_id", "site", "index_time", "label", "image_path", "notes",
                 "has_image", "has_text", "has_tabular", "sex", "age", "age_band",
@@ -52,7 +53,10 @@ class SiteCohort:
     skipped
         Every skipped file or record.
     counts
-        Resources read / used / validated, skips by reason, exclusions by reason.
+        Resources read / used / validated, skips by reason, exclusions by reason, notes by
+        reason (``noted_by_reason``).
+    noted
+        Every record kept with a note (``nonconforming_id``, ``unitless_value``).
     """
 
     site: str
@@ -60,6 +64,7 @@ class SiteCohort:
     feature_names: list[str]
     skipped: list[Skip] = field(default_factory=list)
     counts: dict[str, Any] = field(default_factory=dict)
+    noted: list[Skip] = field(default_factory=list)
 
     @property
     def n_patients(self) -> int:
@@ -67,7 +72,10 @@ class SiteCohort:
         return len(self.table)
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready summary: patients, positives, coverage, missingness, skips."""
+        """JSON-ready summary: patients, positives, coverage, missingness, skips, notes.
+
+        A site without patients also has ``"empty"``: :func:`empty_site_message`.
+        """
         t = self.table
         n = len(t)
         pos = int(t["label"].sum()) if n else 0
@@ -83,7 +91,75 @@ class SiteCohort:
             "missingness": missing,
             "counts": self.counts,
             "skipped": [s.to_dict() for s in self.skipped],
+            "noted": [s.to_dict() for s in self.noted],
+            **({"empty": empty_site_message(self.site, self.counts)} if not n else {}),
         }
+
+
+def empty_site_message(site: str, counts: dict[str, Any], *, top: int = 3) -> str:
+    """One line saying why ``site`` has no patients: its most frequent skip and exclusion reasons.
+
+    Parameters
+    ----------
+    site
+        The site name.
+    counts
+        The site's :attr:`SiteCohort.counts` (``patients_read``, ``skipped_by_reason``,
+        ``excluded_by_reason``).
+    top
+        How many reasons to name.
+
+    Returns
+    -------
+    str
+        E.g. ``site 'site_a' has 0 patients (196 Patient resource(s) read); top reasons:
+        skipped missing_patient 1391, skipped invalid_fhir 196 ...``.
+    """
+    reasons = [(v, f"skipped {k}") for k, v in counts.get("skipped_by_reason", {}).items()]
+    reasons += [(v, f"excluded {k}") for k, v in counts.get("excluded_by_reason", {}).items()]
+    reasons.sort(key=lambda r: (-r[0], r[1]))
+    read = counts.get("patients_read", 0)
+    why = ", ".join(f"{name} {n}" for n, name in reasons[:top]) or "no Patient resource read"
+    more = f" (+{len(reasons) - top} more)" if len(reasons) > top else ""
+    return (f"site '{site}' has 0 patients ({read} Patient resource(s) read); top reasons: "
+            f"{why}{more}")
+
+
+class EmptySiteError(DataError):
+    """Sites without patients leave too few sites for the run (one line naming each and why).
+
+    Parameters
+    ----------
+    message
+        The sites, their top skip / exclusion reasons and the rule that is not met.
+    """
+
+
+def check_site_count(left_out: Mapping[str, str], *, total: int, min_sites: int) -> None:
+    """Refuse a run that sites without patients leave with fewer than ``min_sites`` sites.
+
+    Parameters
+    ----------
+    left_out
+        Site name -> why it has no patient (:func:`empty_site_message`).
+    total
+        The sites of the run, those left out included.
+    min_sites
+        The sites a run needs (``federated.min_sites``); at least one always is.
+
+    Raises
+    ------
+    EmptySiteError
+        When ``left_out`` is not empty and fewer than ``max(1, min_sites)`` sites remain; the
+        one-line message names every site left out and its reasons.
+    """
+    need = max(1, min_sites)
+    kept = total - len(left_out)
+    if left_out and kept < need:
+        raise EmptySiteError(
+            f"{'; '.join(left_out.values())}: {kept} of {total} site(s) left, the run needs "
+            f"{need} (federated.min_sites = {min_sites}); `mmfl data summary CONFIG --json` "
+            "lists every skipped record")
 
 
 def empty_table(names: list[str]) -> pd.DataFrame:
@@ -182,7 +258,8 @@ def build_cohort(
         site_name = site_name or path.name
     files = discover_site(path)
     sink = ErrorSink(on_error=data.on_error)
-    reader = FHIRReader(task, sink, validation=data.validation, tz=site_timezone(data, files))
+    reader = FHIRReader(task, sink, validation=data.validation, tz=site_timezone(data, files),
+                        strict_ids=data.strict_ids)
     n = len(files.fhir_files)
     for i, f in enumerate(files.fhir_files, start=1):
         reader.read_file(f, files.rel(f))
@@ -215,7 +292,8 @@ def build_cohort_from_resources(
     """
     data = data or DataConfig()
     sink = ErrorSink(on_error=data.on_error)
-    reader = FHIRReader(task, sink, validation=data.validation, tz=site_timezone(data))
+    reader = FHIRReader(task, sink, validation=data.validation, tz=site_timezone(data),
+                        strict_ids=data.strict_ids)
     for obj, label in resources:
         if isinstance(obj, Path):
             reader.read_file(obj, label)
@@ -253,10 +331,11 @@ def _assemble(reader: FHIRReader, task: TaskSpec, sink: ErrorSink, site_name: st
             key = f"images_linked_by_{rule.replace(' ', '_').replace('.', '_')}"
             counts[key] = counts.get(key, 0) + 1
     counts["skipped_by_reason"] = dict(sorted(sink.by_reason.items()))
+    counts["noted_by_reason"] = dict(sorted(sink.noted_by_reason.items()))
     counts["excluded_by_reason"] = dict(sorted(result.excluded.items()))
     counts.update({k: v for k, v in result.counts.items() if v})
     return SiteCohort(site=site_name, table=table, feature_names=names,
-                      skipped=list(sink.skipped), counts=counts)
+                      skipped=list(sink.skipped), counts=counts, noted=list(sink.noted))
 
 
 def build_cohorts(cfg: ExperimentConfig, *, progress: ProgressFn | None = None

@@ -3,6 +3,10 @@
 A bad file or record is either skipped and counted (``on_error: skip``) or stops the run
 with a :class:`DataError` (``on_error: fail``). Both name the file, the resource id and the
 field, and say what would have been accepted.
+
+A *note* is a record that was kept although it bends the standard in a way the reader
+knows how to read (an id outside FHIR's id pattern, a dimensionless value written without
+a unit): it is counted and listed like a skip, under either policy, and never stops a run.
 """
 
 from __future__ import annotations
@@ -82,6 +86,8 @@ class ErrorSink:
     on_error: Literal["skip", "fail"] = "skip"
     skipped: list[Skip] = field(default_factory=list)
     by_reason: Counter[str] = field(default_factory=Counter)
+    noted: list[Skip] = field(default_factory=list)
+    noted_by_reason: Counter[str] = field(default_factory=Counter)
 
     def report(
         self, file: str, resource_id: str, field: str, reason: str, detail: str = ""
@@ -93,9 +99,25 @@ class ErrorSink:
         self.skipped.append(skip)
         self.by_reason[reason] += 1
 
+    def note(
+        self, file: str, resource_id: str, field: str, reason: str, detail: str = ""
+    ) -> None:
+        """Record a kept record that needed a lenient reading; never raises.
+
+        Parameters
+        ----------
+        file, resource_id, field, reason, detail
+            As for :meth:`report`; ``reason`` names the leniency (``"nonconforming_id"``,
+            ``"unitless_value"``).
+        """
+        self.noted.append(Skip(file, resource_id, field, reason, detail))
+        self.noted_by_reason[reason] += 1
+
     def summary(self) -> dict[str, Any]:
-        """Counts by reason and the list of skips (JSON-ready)."""
+        """Counts by reason and the list of skips, then of notes (JSON-ready)."""
         return {
             "by_reason": dict(sorted(self.by_reason.items())),
             "records": [s.to_dict() for s in self.skipped],
+            "noted_by_reason": dict(sorted(self.noted_by_reason.items())),
+            "noted": [s.to_dict() for s in self.noted],
         }

@@ -17,6 +17,11 @@ Reading is two-pass by design:
 
 Patients are joined by ``Patient.id``; references may be ``Patient/<id>``,
 ``urn:uuid:<id>`` (Synthea's transaction bundles) or any ``fullUrl`` of a bundle entry.
+An id outside FHIR's id pattern ``[A-Za-z0-9-.]{1,64}`` (``OAS1_0018_MR1``: underscores are
+common in source ids) is kept as written, so the resource and every reference to it
+(``Patient/<id>``, its percent-encoded form, ``urn:uuid:<id>``) still meet, and noted
+(``nonconforming_id``); the R4B model checks the rest of the resource. With
+``strict_ids`` such a resource is refused (``invalid_fhir``), as R4B refuses it.
 All times become timezone-aware UTC datetimes; a date without a time, or a time without an
 offset, is read in the site's time zone (``tz``). Observations, Conditions and
 MedicationRequests keep two times (see :mod:`~multimodal_fl.data.records`): the clinical
@@ -41,6 +46,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote, unquote
 
 from pydantic import ValidationError
 
@@ -58,11 +64,12 @@ from multimodal_fl.data.records import (
 )
 from multimodal_fl.data.tasks import index_time
 from multimodal_fl.data.text import notes_from_resource
-from multimodal_fl.data.units import UnitError, convert
+from multimodal_fl.data.units import UnitError, accepts_unitless, convert
 
 # fhir.resources is heavy to import: imported inside the functions that use it
 
 __all__ = [
+    "FHIR_ID",
     "Coded",
     "FHIRReader",
     "ObservationValue",
@@ -71,6 +78,7 @@ __all__ = [
     "iter_file_resources",
     "known_resource_types",
     "matches",
+    "nonconforming_ids",
     "parse_time",
 ]
 
@@ -112,6 +120,75 @@ def _codings(concept: Any) -> list[Coding]:
     return out
 
 
+def _coding_list(node: Any) -> list[Coding]:
+    """Codings of a Coding, a list of Codings or a CodeableConcept (``ImagingStudy.modality``)."""
+    items = node if isinstance(node, list) else [node]
+    out: list[Coding] = []
+    for item in items:
+        if isinstance(item, dict) and isinstance(item.get("coding"), list):
+            out += _codings(item)
+        elif isinstance(item, dict) and item.get("code") is not None:
+            out.append((str(item.get("system") or ""), str(item["code"])))
+    return out
+
+
+#: FHIR's id datatype (R4B ``id``): 1-64 of letters, digits, '-' and '.'.
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_STAND_IN_ID = "nonconforming-id"  # what the R4B model sees instead of a nonconforming id
+
+
+def _nonconforming(value: Any) -> bool:
+    return isinstance(value, str) and value != "" and FHIR_ID.fullmatch(value) is None
+
+
+def nonconforming_ids(res: dict[str, Any]) -> list[str]:
+    """The ids of ``res`` and of its contained resources that are outside :data:`FHIR_ID`.
+
+    Parameters
+    ----------
+    res
+        A resource dict.
+
+    Returns
+    -------
+    list of str
+        The offending ids, the resource's own first; empty when every id conforms (an
+        absent or empty id is not counted here: the R4B model reports it).
+    """
+    contained = res.get("contained")
+    inner = [c.get("id") for c in contained if isinstance(c, dict)] \
+        if isinstance(contained, list) else []
+    return [str(i) for i in (res.get("id"), *inner) if _nonconforming(i)]
+
+
+def _with_stand_in_ids(res: dict[str, Any]) -> dict[str, Any]:
+    """A shallow copy of ``res`` whose nonconforming ids are a conforming stand-in.
+
+    Only the R4B model sees the copy: the reader keeps the ids as written.
+    """
+    out = dict(res)
+    if _nonconforming(out.get("id")):
+        out["id"] = _STAND_IN_ID
+    contained = res.get("contained")
+    if isinstance(contained, list):
+        out["contained"] = [{**c, "id": _STAND_IN_ID}
+                            if isinstance(c, dict) and _nonconforming(c.get("id")) else c
+                            for c in contained]
+    return out
+
+
+def _alias_keys(rt: str, rid: str, full_url: str | None) -> list[str]:
+    """The reference strings that name resource ``rt/rid``.
+
+    Its bundle ``fullUrl``, ``Type/id``, the same with the id percent-encoded (an id with a
+    space or a slash, as a REST reference writes it) and, for a Patient, ``urn:uuid:id``.
+    """
+    keys = [k for k in (full_url, f"{rt}/{rid}", f"{rt}/{quote(rid, safe='')}") if k]
+    if rt == "Patient":
+        keys.append(f"urn:uuid:{rid}")
+    return list(dict.fromkeys(keys))
+
+
 def _ref_key(ref: Any) -> str | None:
     """Reference -> lookup key: 'Type/id', 'urn:uuid:x' or the literal reference."""
     if not isinstance(ref, dict):
@@ -134,6 +211,12 @@ _COND_CLINICAL = ("onsetDateTime", "onsetPeriod.start", "recordedDate")
 _COND_KNOWN = ("recordedDate", "onsetDateTime", "onsetPeriod.start")
 
 
+def _by_start(items: list[_Deferred]) -> list[_Deferred]:
+    """Deferred encounters with a start, in start order (file order among equal starts)."""
+    dated = [(it[4], i, it) for i, it in enumerate(items) if it[4] is not None]
+    return [it for _, _, it in sorted(dated, key=lambda x: (x[0], x[1]))]
+
+
 class FHIRReader:
     """Reads FHIR files of one site into :class:`SiteRecords` for one task.
 
@@ -148,14 +231,20 @@ class FHIRReader:
     tz
         The site's time zone: dates without a time and times without an offset are read in
         it (see :func:`~multimodal_fl.data.fhir_json.parse_time`).
+    strict_ids
+        Refuse a resource whose id (or a contained resource's id) is outside
+        :data:`FHIR_ID` (``invalid_fhir``) instead of keeping it with a ``nonconforming_id``
+        note.
     """
 
     def __init__(self, task: TaskSpec, sink: ErrorSink, *,
-                 validation: Literal["task", "all"] = "task", tz: tzinfo = UTC) -> None:
+                 validation: Literal["task", "all"] = "task", tz: tzinfo = UTC,
+                 strict_ids: bool = False) -> None:
         self.task = task
         self.sink = sink
         self.validation = validation
         self.tz = tz
+        self.strict_ids = strict_ids
         self.records = SiteRecords()
         lab = task.label
         self._cond_sets = [*task.cohort.conditions, *task.features.conditions, *lab.conditions]
@@ -167,7 +256,7 @@ class FHIRReader:
         for feat in task.features.observations:
             for code in feat.codes:
                 self._obs[code].append((feat.name, feat.unit))
-        self._need_encounters = task.index.kind == "condition_encounter"
+        self._need_encounters = task.index.kind in {"condition_encounter", "first_encounter"}
         # pending items whose references are resolved in finish()
         self._alias: dict[str, str] = {}  # fullUrl / 'Patient/id' -> patient id
         self._enc_alias: dict[str, str] = {}
@@ -230,9 +319,8 @@ class FHIRReader:
             return
         if rt == "Encounter":
             start, _ = first_time(res, ("period.start", "period.end"), tz=self.tz)
-            for key in (full_url, f"Encounter/{rid}"):
-                if key:
-                    self._enc_alias[key] = rid
+            for key in _alias_keys(rt, rid, full_url):
+                self._enc_alias[key] = rid
             self._deferred_enc.append((res, label, rid, ref, start, None))
         else:
             t, known = self._times(res, _OBS_CLINICAL, _OBS_KNOWN)
@@ -298,9 +386,22 @@ class FHIRReader:
         return rt in {"DocumentReference", "ImagingStudy"}
 
     def _validate(self, rt: str, res: dict[str, Any], label: str, rid: str) -> bool:
+        """Validate ``res`` with its R4B model; report it when invalid.
+
+        A nonconforming id is refused under ``strict_ids``; otherwise the model checks a
+        copy with a conforming stand-in id and the resource is kept, with a note.
+        """
         self.records.counts["resources_validated"] += 1
+        bad = nonconforming_ids(res)
+        rule = ("outside FHIR's id pattern [A-Za-z0-9-.]{1,64}" if not bad else
+                f"'{bad[0]}' is outside FHIR's id pattern [A-Za-z0-9-.]{{1,64}}")
+        if bad and self.strict_ids:
+            self.sink.report(label, rid, "id", "invalid_fhir",
+                             f"not a valid FHIR R4B {rt}: id {rule} (data.strict_ids: false "
+                             "keeps such ids)")
+            return False
         try:
-            _model(rt).model_validate(res)
+            _model(rt).model_validate(_with_stand_in_ids(res) if bad else res)
         except ValidationError as exc:
             err = exc.errors()[0]
             loc = ".".join(str(p) for p in err.get("loc", ())) or "<resource>"
@@ -312,6 +413,10 @@ class FHIRReader:
             self.sink.report(label, rid, "<resource>", "invalid_fhir",
                              f"not a valid FHIR R4B {rt}: {exc}")
             return False
+        if bad:
+            self.sink.note(label, rid, "id", "nonconforming_id",
+                           f"{rt} id {rule}; kept as written (references to it resolve), "
+                           "data.strict_ids: true would refuse it")
         return True
 
     def _subject(self, rt: str, res: dict[str, Any], label: str, rid: str) -> str | None:
@@ -335,9 +440,8 @@ class FHIRReader:
             return
         if rt == "Medication":
             codings = tuple(_codings(res.get("code")))
-            for key in (full_url, f"Medication/{rid}"):
-                if key:
-                    self._med_alias[key] = codings
+            for key in _alias_keys(rt, rid, full_url):
+                self._med_alias[key] = codings
             return
         ref = self._subject(rt, res, label, rid)
         if ref is None:
@@ -346,9 +450,10 @@ class FHIRReader:
             start, _ = first_time(res, ("period.start", "period.end"), tz=self.tz)
             end, _ = first_time(res, ("period.end",), tz=self.tz)
             enc = Coded(rid, label, tuple(_codings((res.get("type") or [{}])[0])), start, end)
-            for key in (full_url, f"Encounter/{rid}"):
-                if key:
-                    self._enc_alias[key] = rid
+            for key in _alias_keys(rt, rid, full_url):
+                self._enc_alias[key] = rid
+            for _, code in _coding_list(res.get("class")):
+                self.records.encounter_class[rid] = code
             self._pending.append(("encounter", ref, label, rid, enc))
         elif rt == "Condition":
             onset, known = self._times(res, _COND_CLINICAL, _COND_KNOWN)
@@ -364,9 +469,8 @@ class FHIRReader:
         elif rt == "Device":
             dev = Coded(rid, label, tuple(_codings(res.get("type"))), None)
             self._device_types[rid] = dev
-            for key in (full_url, f"Device/{rid}"):
-                if key:
-                    self._dev_alias[key] = rid
+            for key in _alias_keys(rt, rid, full_url):
+                self._dev_alias[key] = rid
             self._pending.append(("device_owner", ref, label, rid, dev))
         elif rt == "MedicationRequest":
             t, known = self._times(res, ("authoredOn",), ("authoredOn",))
@@ -395,12 +499,22 @@ class FHIRReader:
             for note in notes_from_resource(res, label, self.sink, tz=self.tz):
                 self._pending.append(("note", ref, label, rid, note))
         elif rt == "ImagingStudy":
-            t, _ = first_time(res, ("started",), tz=self.tz, end=True)  # known time
-            for ident in res.get("identifier") or []:
-                if isinstance(ident, dict) and ident.get("system") == "urn:mmfl:image-path" \
-                        and isinstance(ident.get("value"), str):
-                    self._pending.append(("image", ref, label, rid,
-                                          ImageRef(ident["value"], t, label, rid)))
+            self._record_study(res, ref, label, rid)
+
+    def _record_study(self, res: dict[str, Any], ref: str, label: str, rid: str) -> None:
+        """An ImagingStudy: its modality and times (a scan index), and its linked image path."""
+        start, known = self._times(res, ("started",), ("started",))
+        modality = tuple(_coding_list(res.get("modality")))
+        for series in res.get("series") or []:
+            if isinstance(series, dict):
+                modality += tuple(_coding_list(series.get("modality")))
+        self._pending.append(("study", ref, label, rid,
+                              Coded(rid, label, modality, start, known=known)))
+        for ident in res.get("identifier") or []:
+            if isinstance(ident, dict) and ident.get("system") == "urn:mmfl:image-path" \
+                    and isinstance(ident.get("value"), str):
+                self._pending.append(("image", ref, label, rid,
+                                      ImageRef(ident["value"], known, label, rid)))
 
     def _record_patient(self, res: dict[str, Any], label: str, rid: str,
                         full_url: str | None) -> None:
@@ -427,9 +541,8 @@ class FHIRReader:
                     f"kept the first ({old.file})")
             return
         self.records.patients[rid] = rec
-        for key in (full_url, f"Patient/{rid}", f"urn:uuid:{rid}"):
-            if key:
-                self._alias[key] = rid
+        for key in _alias_keys("Patient", rid, full_url):
+            self._alias[key] = rid
 
     def _record_device_use(self, res: dict[str, Any], label: str, rid: str) -> None:
         ref = self._subject("DeviceUseStatement", res, label, rid)
@@ -467,21 +580,37 @@ class FHIRReader:
             if not isinstance(vq, dict) or not isinstance(vq.get("value"), int | float):
                 self.records.counts["observations_without_quantity"] += 1
                 continue
-            unit = vq.get("code") or vq.get("unit")
             for name, target in self._obs[codes[0]]:
-                if not unit:
-                    self.sink.report(label, rid, f"{fld}.code", "unknown_unit",
-                                     f"value for feature '{name}' has no unit (expected UCUM "
-                                     f"'{target}' or a convertible unit)")
-                    continue
-                try:
-                    value = convert(float(vq["value"]), str(unit), target)
-                except UnitError as exc:
-                    self.sink.report(label, rid, f"{fld}.code", "unknown_unit",
-                                     f"feature '{name}': {exc}")
-                    continue
-                self._pending.append(("observation", ref, label, rid,
-                                      ObservationValue(name, value, t, rid, known)))
+                value = self._feature_value(vq, name, target, label, rid, f"{fld}.code")
+                if value is not None:
+                    self._pending.append(("observation", ref, label, rid,
+                                          ObservationValue(name, value, t, rid, known)))
+
+    def _feature_value(self, vq: dict[str, Any], name: str, target: str, label: str,
+                       rid: str, fld: str) -> float | None:
+        """A valueQuantity in the feature's unit ``target``, or None (reported).
+
+        None when its unit is missing, unknown or not convertible. A value without a unit
+        is taken only for a feature in ``1`` or a UCUM annotation (``{score}``), and noted
+        (``unitless_value``).
+        """
+        unit = vq.get("code") or vq.get("unit")
+        if not unit and accepts_unitless(target):
+            self.sink.note(label, rid, fld, "unitless_value",
+                           f"value for feature '{name}' has no unit; taken as '{target}' "
+                           "(dimensionless)")
+            return float(vq["value"])
+        if not unit:
+            self.sink.report(label, rid, fld, "unknown_unit",
+                             f"value for feature '{name}' has no unit (expected UCUM "
+                             f"'{target}' or a convertible unit; a value without a unit is "
+                             "taken only for a feature in '1' or a {...} annotation)")
+            return None
+        try:
+            return convert(float(vq["value"]), str(unit), target)
+        except UnitError as exc:
+            self.sink.report(label, rid, fld, "unknown_unit", f"feature '{name}': {exc}")
+            return None
 
     # ------------------------------------------------------------------ finishing
 
@@ -490,8 +619,8 @@ class FHIRReader:
         if ref in self._alias:
             return self._alias[ref]
         tail = ref.rsplit("/", 1)[-1]
-        if ref.endswith(f"Patient/{tail}") and tail in self.records.patients:
-            return tail
+        if ref.endswith(f"Patient/{tail}") and unquote(tail) in self.records.patients:
+            return unquote(tail)
         return None
 
     def finish(self) -> SiteRecords:
@@ -508,8 +637,18 @@ class FHIRReader:
         return self.records
 
     def _finish_deferred(self) -> None:
-        rec = self.records
-        task = self.task
+        self._finish_encounters()
+        self._resolve_pending()
+        self._finish_observations()
+
+    def _finish_encounters(self) -> None:
+        """Validate and record each patient's index encounter (none for other index kinds).
+
+        Mirrors :func:`~multimodal_fl.data.tasks.index_time`: for ``condition_encounter``
+        the earliest cohort Condition's encounter, else the first valid encounter starting
+        on or after its onset; for ``first_encounter`` the first valid encounter of the
+        configured class.
+        """
         by_pid: dict[str, list[_Deferred]] = defaultdict(list)
         for item in self._deferred_enc:
             pid = self.resolve_patient(item[3])
@@ -519,32 +658,41 @@ class FHIRReader:
                                  "id was read at this site")
                 continue
             by_pid[pid].append(item)
+        classes = set(self.task.index.encounter_class)
         for pid, items in by_pid.items():
-            conds = [c for c in rec.conditions.get(pid, [])
-                     if any(matches(c.codings, cs) for cs in task.cohort.conditions)]
-            if not conds:
-                continue
-            # mirror tasks.index_time: the earliest cohort Condition's encounter, else the
-            # first encounter starting on or after its onset
-            conds = [c for c in conds if c.time is not None or c.encounter is not None]
-            if not conds:
-                continue
-            first = min(conds, key=lambda c: (c.time is None, c.time or datetime.max))
-            for res, label, rid, _, start, _ in items:
-                if rid == first.encounter and start is not None \
-                        and self._use("Encounter", res, label, rid):
-                    break
+            if self.task.index.kind == "first_encounter":
+                candidates = _by_start([it for it in items if any(
+                    code in classes for _, code in _coding_list(it[0].get("class")))])
             else:
-                if first.time is None:
-                    continue
-                onset = first.time
-                later = sorted((it for it in items if it[4] is not None and it[4] >= onset),
-                               key=lambda it: it[4])  # type: ignore[arg-type, return-value]
-                for res, label, rid, _, _, _ in later:
-                    if self._use("Encounter", res, label, rid):
-                        break  # the first valid encounter after onset is the fallback
-        self._resolve_pending()
+                candidates = self._condition_encounters(pid, items)
+            for res, label, rid, _, _, _ in candidates:
+                if self._use("Encounter", res, label, rid):
+                    break
         self._deferred_enc.clear()
+
+    def _condition_encounters(self, pid: str, items: list[_Deferred]) -> list[_Deferred]:
+        """The encounters that can be ``pid``'s ``condition_encounter`` index, best first.
+
+        The earliest cohort Condition's own encounter when it has a start, else the
+        encounters starting on or after the Condition's onset.
+        """
+        conds = [c for c in self.records.conditions.get(pid, [])
+                 if any(matches(c.codings, cs) for cs in self.task.cohort.conditions)
+                 and (c.time is not None or c.encounter is not None)]
+        if not conds:
+            return []
+        first = min(conds, key=lambda c: (c.time is None, c.time or datetime.max))
+        own = [it for it in items if it[2] == first.encounter and it[4] is not None][:1]
+        onset = first.time
+        later = [] if onset is None else _by_start(
+            [it for it in items if it[4] is not None and it[4] >= onset
+             and all(it is not o for o in own)])
+        return own + later
+
+    def _finish_observations(self) -> None:
+        """Validate and record the deferred Observations inside some feature window."""
+        rec = self.records
+        task = self.task
         max_lookback = max([task.features.lookback_days,
                             *[o.lookback_days or 0.0 for o in task.features.observations]])
         allowance = timedelta(hours=task.index.allowance_hours)
@@ -605,6 +753,8 @@ class FHIRReader:
                 rec.notes[pid].append(item)
             elif kind == "image":
                 rec.images[pid].append(item)
+            elif kind == "study":
+                rec.studies[pid].append(item)
             elif kind == "device_owner":
                 dev_owner[item.resource_id] = pid
         for ref, dev_ref, label, rid, t in self._device_uses:

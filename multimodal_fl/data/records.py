@@ -107,7 +107,12 @@ class ImageRef:
 
 @dataclass
 class SiteRecords:
-    """What the task needs from one site's FHIR data, grouped by patient id."""
+    """What the task needs from one site's FHIR data, grouped by patient id.
+
+    ``studies`` are the ImagingStudies (codings: their DICOM modality codes, ``time`` the
+    clinical and ``known`` the known time of ``started``), whether or not they link an
+    image; ``encounter_class`` maps an Encounter id to its ``class`` code (``IMP``, ``AMB``).
+    """
 
     patients: dict[str, PatientRecord] = field(default_factory=dict)
     encounters: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
@@ -120,4 +125,6 @@ class SiteRecords:
         default_factory=lambda: defaultdict(list))
     notes: dict[str, list[Note]] = field(default_factory=lambda: defaultdict(list))
     images: dict[str, list[ImageRef]] = field(default_factory=lambda: defaultdict(list))
+    studies: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
+    encounter_class: dict[str, str] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)

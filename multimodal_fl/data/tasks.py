@@ -14,11 +14,17 @@ Boundaries (also in ``docs/data-contract.md``):
 - index: ``condition_encounter``: the start of the encounter the (earliest) cohort
   Condition points to, else of the first encounter starting on or after its onset, else
   the onset; ``reference_date``: the configured date (00:00 UTC) for every patient, who
-  must be born and alive then.
+  must be born and alive then; ``first_imaging_study``: per patient, the known time of the
+  first ImagingStudy of the task's ``image_modality`` (its ``started``; a date alone at the
+  end of that day, so the scan and the day's records are known at the index);
+  ``first_encounter``: per patient, the start of the first Encounter of a configured class.
+  Under the per-patient kinds and ``reference_date`` a cohort Condition counts only with
+  onset by the cut-off.
 - feature window: clinical time at or after ``index - lookback`` and known at or before
   the cut-off ``index + allowance``; comorbidities: known (recorded) by the cut-off and not
   abated before the index; medications: authored (known) by the cut-off; age at the index;
-  sex.
+  sex. A patient has tabular data (``has_tabular``) when any demographic or observation
+  feature has a value or a comorbidity / medication is recorded.
 - label window (``events_after_index``): ``(cut-off, cut-off + window_hours]``; a label
   procedure/device event, or death when ``death_is_positive``, inside it is positive.
   A patient with such an event (or death) at or before the cut-off is excluded when
@@ -46,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from multimodal_fl.config import TaskSpec
+from multimodal_fl.config import IMAGING_MODALITY_CODES, TaskSpec
 from multimodal_fl.data.errors import ErrorSink
 from multimodal_fl.data.imaging import check_readable, select_image
 from multimodal_fl.data.records import Note, ObservationValue, SiteRecords, known_time, matches
@@ -99,6 +105,16 @@ def index_time(task: TaskSpec, pid: str, records: SiteRecords) -> tuple[datetime
         assert rule.reference_date is not None  # guaranteed by IndexRule's validator
         return datetime(rule.reference_date.year, rule.reference_date.month,
                         rule.reference_date.day, tzinfo=UTC), ""
+    if rule.kind == "first_imaging_study":
+        codes = set(IMAGING_MODALITY_CODES[task.image_modality])
+        scans = [s.known for s in records.studies.get(pid, []) if s.known is not None
+                 and any(code in codes for _, code in s.codings)]
+        return (min(scans), "") if scans else (None, "no_index_study")
+    if rule.kind == "first_encounter":
+        classes = set(rule.encounter_class)
+        starts = [e.time for e in records.encounters.get(pid, []) if e.time is not None
+                  and records.encounter_class.get(e.resource_id) in classes]
+        return (min(starts), "") if starts else (None, "no_index_encounter")
     conds = [c for c in records.conditions.get(pid, [])
              if any(matches(c.codings, s) for s in task.cohort.conditions)]
     conds = [c for c in conds if c.time is not None or c.encounter is not None]
@@ -130,7 +146,7 @@ def _in_cohort(task: TaskSpec, pid: str, records: SiteRecords, cutoff: datetime 
         return True
     for c in records.conditions.get(pid, []):
         if any(matches(c.codings, s) for s in task.cohort.conditions):
-            if task.index.kind != "reference_date" or cutoff is None:
+            if task.index.kind == "condition_encounter" or cutoff is None:
                 return True
             if c.time is not None and c.time <= cutoff:
                 return True
@@ -270,6 +286,24 @@ def _tabular_features(row: dict[str, Any], task: TaskSpec, pid: str, records: Si
     return times
 
 
+def _has_tabular(row: dict[str, Any], task: TaskSpec) -> bool:
+    """Whether the patient has tabular data (the ``has_tabular`` modality mask).
+
+    A demographic or observation value, or a recorded comorbidity / medication. Demographics
+    count: a patient with age and sex and no Observation keeps the tabular
+    modality. A task whose features cannot be missing (only comorbidities and
+    medications, 0 when unrecorded) gives every patient tabular data.
+    """
+    feats = task.features
+    optional = [n for n, on in (("age", "age" in feats.demographics),
+                                ("sex_female", "sex" in feats.demographics)) if on]
+    optional += [o.name for o in feats.observations]
+    flags = [c.name for c in (*feats.conditions, *feats.medications)]
+    if not optional:
+        return True
+    return any(not math.isnan(row[n]) for n in optional) or any(row[n] == 1.0 for n in flags)
+
+
 def _first_label_condition(task: TaskSpec, pid: str, records: SiteRecords) -> datetime | None:
     """The clinical time (onset) of the patient's first label condition (``condition_at_index``)."""
     if task.label.kind != "condition_at_index":
@@ -390,8 +424,6 @@ def apply_task(
         row["max_feature_time"] = max(times) if times else None
         row["has_image"] = image_path is not None
         row["has_text"] = bool(kept_notes)
-        obs_names = [o.name for o in task.features.observations]
-        row["has_tabular"] = any(not math.isnan(row[n]) for n in obs_names) if obs_names \
-            else True
+        row["has_tabular"] = _has_tabular(row, task)
         res.rows.append(row)
     return res

@@ -7,17 +7,27 @@ top of pint) is not available from the package index this project uses; the tabl
 short, explicit and tested. A unit that is unknown, or known but of another dimension than
 the target (e.g. ``mmol/L`` to ``mg/dL``, which needs the analyte's molar mass), raises
 :class:`UnitError`: it is reported, never guessed.
+
+Dimensionless units. A UCUM annotation alone (``{score}``, ``{ratio}``) is a unit of its own:
+it converts only to the same annotation, never to ``1`` or ``%``. A value written without a
+unit is taken only for a feature whose unit is ``1`` or such an annotation
+(:func:`accepts_unitless`): a missing ``%`` or ``mg/dL`` could be a fraction, a percentage
+or another unit, so it is never assumed.
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["UnitError", "canonical_unit", "convert"]
+__all__ = ["UnitError", "accepts_unitless", "canonical_unit", "convert"]
 
 
 class UnitError(ValueError):
     """A unit is unknown or cannot be converted to the feature's unit."""
+
+
+# a UCUM annotation standing alone: curly braces around anything but braces
+_ANNOTATION = re.compile(r"^\{[^{}]*\}$")
 
 
 # unit -> (dimension, factor to the dimension's base unit)
@@ -151,6 +161,9 @@ def canonical_unit(unit: str) -> str:
     u = unit.strip()
     if u in _LINEAR or u in _TEMPERATURE:
         return u
+    if _ANNOTATION.match(u) and u.lower() not in _SYNONYMS \
+            and all(code.lower() != u.lower() for code in _LINEAR):
+        return u  # an annotation of its own: only ever equal to itself
     low = re.sub(r"\s+", " ", u.lower())
     if low in _SYNONYMS:
         return _SYNONYMS[low]
@@ -198,3 +211,22 @@ def convert(value: float, unit: str, target: str) -> float:
         if s_dim == d_dim:
             return float(value * s_fac / d_fac)
     raise UnitError(f"cannot convert '{unit}' to '{target}' (different dimensions)")
+
+
+def accepts_unitless(target: str) -> bool:
+    """Whether a value without a unit may be read as being in the feature's unit ``target``.
+
+    Parameters
+    ----------
+    target
+        The feature's canonical UCUM unit.
+
+    Returns
+    -------
+    bool
+        True for the unity ``1`` and for a UCUM annotation alone (``{score}``, ``{ratio}``):
+        a count or a ratio is dimensionless whether or not the unit is written. False for
+        everything else, ``%`` included (a bare 0.4 could be a fraction or a percentage).
+    """
+    t = target.strip()
+    return t == "1" or _ANNOTATION.match(t) is not None

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from multimodal_fl.data.cohort import build_cohorts
+from multimodal_fl.data.cohort import build_cohorts, check_site_count, empty_site_message
 from multimodal_fl.encoders.cache import EmbeddingCache, content_key
 from multimodal_fl.encoders.image import ImageEncoder
 from multimodal_fl.encoders.text import TextEncoder, normalize_notes
@@ -541,7 +541,14 @@ def load_site_data(cfg: ExperimentConfig, run_dir: Path, *,
     Returns
     -------
     dict of str to SiteData
-        In the config's site order.
+        In the config's site order. A site with no patient (none in its cohort, or none
+        with a usable modality) is left out with a warning naming its top skip reasons,
+        while ``federated.min_sites`` sites remain.
+
+    Raises
+    ------
+    EmptySiteError
+        When sites without patients leave fewer than ``federated.min_sites`` (or no) sites.
     """
     if cohorts is None:
         def files_read(site: str, done: int, total: int) -> None:
@@ -549,10 +556,22 @@ def load_site_data(cfg: ExperimentConfig, run_dir: Path, *,
                 progress(PrepareEvent(site, "records", "read", done, total))
 
         cohorts = build_cohorts(cfg, progress=files_read)
+    min_sites, total = cfg.federated.min_sites, len(cohorts)
+    left_out = {name: empty_site_message(name, getattr(cohort, "counts", {}))
+                for name, cohort in cohorts.items() if len(cohort.table) == 0}
+    check_site_count(left_out, total=total, min_sites=min_sites)
     frozen = FrozenEncoders(cfg)
     root = cache_root(cfg, run_dir)
     out: dict[str, SiteData] = {}
     for name, cohort in cohorts.items():
-        out[name] = prepare_site_data(cohort, cfg, cache=root, site=name, frozen=frozen,
-                                      progress=progress)
-    return out
+        if name not in left_out:
+            out[name] = prepare_site_data(cohort, cfg, cache=root, site=name, frozen=frozen,
+                                          progress=progress)
+    left_out |= {name: f"site '{name}' has 0 patients with a usable modality of "
+                       f"{enabled_modalities(cfg)} ({len(sd.dropped)} left out)"
+                 for name, sd in out.items() if len(sd.dataset) == 0}
+    check_site_count(left_out, total=total, min_sites=min_sites)
+    for message in left_out.values():
+        logger.warning("%s; this run leaves the site out (`mmfl data summary` lists every "
+                       "skipped record)", message)
+    return {name: sd for name, sd in out.items() if name not in left_out}
