@@ -19,14 +19,16 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from multimodal_fl.config import ExperimentConfig, load_config
+from multimodal_fl.config import ExperimentConfig, SitePolicy, load_config
 from multimodal_fl.engines.baselines import run_local
 from multimodal_fl.engines.cross_site import WITHHELD
 from multimodal_fl.engines.federated import inprocess_federation
 from multimodal_fl.evaluation.fairness import CrossSiteResult, cross_site_matrix
 from multimodal_fl.evaluation.report import build_report
+from multimodal_fl.federated.disclosure import DisclosureGate, SiteRefused
 from multimodal_fl.federated.protocol import Kind, Reply, Request, SiteFailure
 from multimodal_fl.federated.server import Federation
+from multimodal_fl.federated.site import LOCAL_MODEL, FusionSite
 from multimodal_fl.rundir import CROSS_SITE_FILE, read_cross_site
 from multimodal_fl.training import build_model, load_site_data, load_weights, predictions_frame
 
@@ -186,9 +188,6 @@ def test_a_test_split_below_min_cell_gives_suppressed_cells(
 
 def test_gate_withholds_a_local_model_the_policy_keeps_home(tmp_path: Path) -> None:
     """The gate's rule holds even if a handler forgot the policy."""
-    from multimodal_fl.config import SitePolicy
-    from multimodal_fl.federated.disclosure import DisclosureGate
-
     log = tmp_path / "egress.jsonl"
     gate = DisclosureGate("a", SitePolicy(share_local_model=False), egress_log=log)
     weights = {"w": np.ones(3, dtype=np.float32)}
@@ -207,6 +206,31 @@ def test_gate_withholds_a_local_model_the_policy_keeps_home(tmp_path: Path) -> N
         lambda r: Reply("a", r.kind, r.round, weights=weights, n_samples=6,
                         metrics={"auc": 0.9}))
     assert cell.weights == {} and cell.metrics == {} and cell.n_samples == 0
+
+
+def test_a_site_built_afresh_scores_and_predicts_with_the_model_it_keeps_at_home(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Flower without site workers builds a site per message: the model comes from home."""
+    cfg = _cfg(tiny_config)
+    data = load_site_data(cfg, tmp_path)["site_a"]
+    own = {"model": "local:site_a", "model_site": "site_a", "metric": "auc", "n_boot": 20,
+           "seed": 0}
+    fresh = FusionSite("site_a", cfg, data, run_dir=tmp_path)
+    with pytest.raises(SiteRefused, match="no local-only model"):
+        fresh.handle(Request(Kind.CROSS_EVALUATE, 0, config=dict(own)))
+    first = FusionSite("site_a", cfg, data, run_dir=tmp_path)
+    first.handle(Request(Kind.LOCAL_TRAIN, 0, config={"engine": "local"}))
+    assert (tmp_path / "sites" / "site_a" / "model.safetensors").is_file()
+    a = first.handle(Request(Kind.CROSS_EVALUATE, 0, config=dict(own)))
+    b = FusionSite("site_a", cfg, data, run_dir=tmp_path).handle(
+        Request(Kind.CROSS_EVALUATE, 0, config=dict(own)))
+    assert a.metrics and a.metrics == b.metrics and a.n_samples == b.n_samples
+    first.handle(Request(Kind.PREDICT, 0, config={"engine": "local", "model": LOCAL_MODEL}))
+    at_first = (tmp_path / "sites" / "site_a" / "predictions.csv").read_text()
+    FusionSite("site_a", cfg, data, run_dir=tmp_path).handle(
+        Request(Kind.PREDICT, 0, config={"engine": "local", "model": LOCAL_MODEL}))
+    assert (tmp_path / "sites" / "site_a" / "predictions.csv").read_text() == at_first
 
 
 @pytest.mark.flower
