@@ -608,7 +608,7 @@ class ExperimentConfig(_Strict):
 DEFAULT_MIN_CELL = 5
 #: The request kinds a site policy may name in ``answers`` (the protocol's ``Kind`` values).
 REQUEST_KINDS = ("describe", "pca", "pca_apply", "pca_scores", "init", "moments", "info", "fit",
-                 "evaluate", "predict", "secure_sum", "cross_evaluate")
+                 "evaluate", "predict", "secure_sum", "local_train", "cross_evaluate")
 #: The file a hospital puts in its site directory to set its policy.
 POLICY_FILE = "policy.yaml"
 

@@ -9,13 +9,17 @@ Every engine writes the same layout, so runs compare directly::
       config.yaml                 the resolved configuration
       metrics.json                engine, per-site metrics per split, training history
       model.safetensors           the model (centralized, federated)
+      cross_site.json             the cross-site matrix the sites disclosed (local engine):
+                                  metric, settings, each local-only model's status (shared or
+                                  withheld by policy) and one cell per (model, test site)
       model_card.json, .md        what the model is for and how it did (completed runs)
       report/                     report.json and report.html (``mmfl train`` ends with it)
       cache/<site>/...            embedding cache (unless data.cache_dir or $MMFL_CACHE is set)
       sites/<site>/
         splits.json               patient -> train/val/test, with counts
         predictions.csv           patient_id, split, label, score, sex, age_band, age, ...
-        model.safetensors         the site's own model (local engine)
+        model.safetensors         the site's own model (local engine), kept at the site
+        egress.jsonl              every message that left the site (the disclosure gate)
 
 Patient-level rows (splits, predictions) are written only under ``sites/<site>/``: in a
 deployment that folder is at the hospital. The server side holds weights, counts, metrics and
@@ -49,10 +53,12 @@ from torch import nn
 
 from multimodal_fl import __version__
 from multimodal_fl.config import ExperimentConfig
+from multimodal_fl.evaluation.fairness import CrossSiteResult
 from multimodal_fl.evaluation.metrics import MetricValue
 from multimodal_fl.training import SPLITS, SiteData
 
 __all__ = [
+    "CROSS_SITE_FILE",
     "DIGEST_EXCLUDES",
     "MANIFEST",
     "RunDirError",
@@ -67,6 +73,7 @@ __all__ = [
     "flatten",
     "jsonable",
     "prepare_run_dir",
+    "read_cross_site",
     "read_manifest",
     "save_model",
     "site_fingerprint",
@@ -201,12 +208,59 @@ class RunWriter:
         frame.to_csv(path, index=False)
         return path
 
+    def write_cross_site(self, doc: Mapping[str, Any]) -> Path:
+        """Write ``cross_site.json``: the cross-site matrix of disclosed cells.
+
+        Parameters
+        ----------
+        doc : mapping
+            :meth:`~multimodal_fl.evaluation.fairness.CrossSiteResult.to_dict` (``metric``,
+            ``cells``) with the job's settings and each model's status.
+
+        Returns
+        -------
+        Path
+        """
+        path = self.run_dir / CROSS_SITE_FILE
+        path.write_text(json.dumps(jsonable(dict(doc)), indent=2))
+        return path
+
     def write_metrics(self, metrics: Mapping[str, Any]) -> Path:
         """Write ``metrics.json`` (``engine`` and ``config`` added)."""
         doc = {"engine": self.engine, "config": self.cfg.name, **metrics}
         path = self.run_dir / "metrics.json"
         path.write_text(json.dumps(jsonable(doc), indent=2))
         return path
+
+
+#: The run's cross-site matrix of disclosed cells (server side; the local engine writes it).
+CROSS_SITE_FILE = "cross_site.json"
+
+
+def read_cross_site(run_dir: str | os.PathLike[str]) -> CrossSiteResult | None:
+    """The cross-site matrix a run's sites disclosed (``cross_site.json``), if it has one.
+
+    Parameters
+    ----------
+    run_dir : path-like
+
+    Returns
+    -------
+    CrossSiteResult or None
+        ``None`` when the run has no ``cross_site.json``.
+
+    Raises
+    ------
+    ValueError
+        When the file is not JSON or not a cross-site document (one line naming the file).
+    """
+    path = Path(run_dir) / CROSS_SITE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return CrossSiteResult.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a cross-site matrix ({exc})") from None
 
 
 def jsonable(obj: Any) -> Any:

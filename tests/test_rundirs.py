@@ -198,11 +198,11 @@ def test_a_missing_device_fails_before_reading_sites(
 def test_overwrite_removes_the_run_first(runs: dict[str, Path], tmp_path: Path) -> None:
     target = tmp_path / "was-local"
     shutil.copytree(runs["local"], target)
-    assert list(target.glob("sites/*/cross_predictions.csv"))
+    assert (target / "cross_site.json").is_file()
     train(str(runs["config"]), "--engine", "centralized", "--out", str(target), "--overwrite")
     assert read_manifest(target).engine == "centralized"  # type: ignore[union-attr]
     assert not list(target.glob("sites/*/model.safetensors"))
-    assert not list(target.glob("sites/*/cross_predictions.csv"))
+    assert not (target / "cross_site.json").exists()
     report = json.loads((target / "report" / "report.json").read_text())
     models = {c["model"] for c in report["cross_site"]["cells"]}
     assert models == {"centralized"}  # no local:* rows left behind

@@ -1,10 +1,17 @@
 """The two non-federated baselines: local-only and centralized.
 
-``run_local(cfg)`` trains one model per site on its own data. ``run_centralized(cfg)`` pools
-every site's patients into one training set: it moves data between hospitals and is only a
-research baseline (it says so when it runs). Both use the same per-site splits
-(:func:`~multimodal_fl.training.split_patients`) as the federated engine, and write the run
-directory of :mod:`multimodal_fl.rundir`.
+``run_local(cfg)`` is the local-only job, run as NVFlare's cross-site validation runs it, over a
+:class:`~multimodal_fl.federated.server.Federation` (in process by default; on Flower with
+:func:`~multimodal_fl.engines.flower_jobs.local_job`): every site trains its own model at home
+and keeps it there, the server aggregates nothing, each local-only model its site's policy
+shares is scored by the other sites on their own test splits (:mod:`.cross_site`), and every
+site scores its own model at home (the usual predict reply). The server writes only what the
+sites disclosed: ``metrics.json`` and ``cross_site.json``.
+
+``run_centralized(cfg)`` pools every site's patients into one training set: it moves data
+between hospitals and is only a research baseline (it says so when it runs); it exists only in
+process. Both use the same per-site splits (:func:`~multimodal_fl.training.split_patients`) as
+the federated engine, and write the run directory of :mod:`multimodal_fl.rundir`.
 """
 
 from __future__ import annotations
@@ -17,28 +24,36 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 from safetensors.numpy import save_file
 
 from multimodal_fl.config import ExperimentConfig
-from multimodal_fl.evaluation.metrics import derive_seed
+from multimodal_fl.engines.cross_site import cross_site_validation, local_training_stage
+from multimodal_fl.engines.federated import inprocess_federation, predict_stage
+from multimodal_fl.federated.gather import StageFailed
+from multimodal_fl.federated.protocol import Doc
+from multimodal_fl.federated.server import Federation
 from multimodal_fl.fusion import FusionModel
 from multimodal_fl.pca.site import projection_arrays
-from multimodal_fl.pca.stage import apply_pca_stage, fit_pca_stage
-from multimodal_fl.progress import ProgressCallback, StepEvent
-from multimodal_fl.rundir import RunOutcome, RunWriter, default_run_dir, jsonable, site_summary
+from multimodal_fl.pca.stage import apply_pca_stage, fit_pca_stage, run_pca_stage
+from multimodal_fl.progress import ProgressCallback
+from multimodal_fl.rundir import (
+    CROSS_SITE_FILE,
+    RunOutcome,
+    RunWriter,
+    default_run_dir,
+    jsonable,
+    site_summary,
+)
 from multimodal_fl.training import (
     CohortDataset,
     SiteData,
-    TrainResult,
-    batch_augmenter,
     build_model,
     fit_tabular_standardizer,
     load_site_data,
     metrics_by_split,
     predictions_frame,
     torch_threads,
-    train,
+    train_to_completion,
 )
 
 __all__ = ["CENTRALIZED_WARNING", "run_centralized", "run_local"]
@@ -49,25 +64,6 @@ CENTRALIZED_WARNING = (
     "centralized engine: pools every site's patient data in one place. This moves data "
     "between hospitals and is only a research baseline for comparison, never a deployment."
 )
-
-
-def _train_one(cfg: ExperimentConfig, data_train: CohortDataset, data_val: CohortDataset,
-               model: Any, *, seed_key: str, progress: ProgressCallback | None,
-               label: str) -> TrainResult:
-    events: list[StepEvent] = []
-
-    def tick(step: int, loss: float) -> None:
-        events[:] = [StepEvent(label, step, cfg.training.steps, loss)]
-        if progress is not None:
-            progress(events[0])
-
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "train", seed_key))
-    result = train(model, data_train, data_val, cfg.training, generator=gen,
-                   augment=batch_augmenter(cfg, model), progress=tick)
-    if progress is not None and events and result.steps < cfg.training.steps:
-        # early stopping: the model is done all the same
-        progress(StepEvent(label, result.steps, result.steps, events[0].loss))
-    return result
 
 
 def _finish(writer: RunWriter, cfg: ExperimentConfig, sites: Mapping[str, SiteData],
@@ -137,48 +133,69 @@ def _apply_pca_stage(cfg: ExperimentConfig, sites: dict[str, SiteData],
     return apply_pca_stage(sites, pca, modality)
 
 
-def _write_cross_predictions(writer: RunWriter, cfg: ExperimentConfig,
-                             sites: Mapping[str, SiteData],
-                             models: Mapping[str, FusionModel]) -> None:
-    """Score every site's local model on every other site's test patients (EXAM's matrix).
-
-    Written as ``sites/<test site>/cross_predictions.csv`` (``model`` = ``local:<site>``): the
-    model travels to the test site, the patient-level scores stay in that site's folder.
-    """
-    for test_site, data in sites.items():
-        frames = []
-        for model_site, model in models.items():
-            if model_site == test_site:
-                continue
-            frame = predictions_frame(model, data, sensitive=cfg.evaluation.sensitive)
-            frame = frame[frame["split"] == "test"]
-            frames.append(frame.assign(model=f"local:{model_site}"))
-        if frames:
-            path = writer.site_dir(test_site) / "cross_predictions.csv"
-            pd.concat(frames, ignore_index=True).to_csv(path, index=False)
+def _local_job(federation: Federation, cfg: ExperimentConfig, writer: RunWriter, *,
+               transport: str) -> dict[str, Any]:
+    """The local-only job's stages over ``federation``; returns the metrics document."""
+    t0 = time.perf_counter()
+    sites = sorted(federation.sites())
+    if not sites:
+        raise StageFailed("no sites in the federation")
+    doc: dict[str, Any] = {"seed": cfg.seed, "transport": transport}
+    if cfg.federated.pca.enabled:
+        pca, doc["pca"] = run_pca_stage(federation, cfg, sites)
+        save_file(projection_arrays(pca), str(writer.run_dir / "pca.safetensors"),
+                  metadata={"modality": doc["pca"]["modality"]})
+    trained, notes = local_training_stage(federation, sites, engine=writer.engine)
+    t_train = time.perf_counter() - t0
+    cross = cross_site_validation(federation, cfg, sites, trained)
+    writer.write_cross_site(cross)
+    training = {s: r.document(Doc.LOCAL_TRAINING) for s, r in trained.items()}
+    doc.update({
+        "training": training,
+        "history": {s: t["history"] for s, t in training.items()},
+        "notes": notes,
+        "local_models": cross["models"],
+        "cross_site": CROSS_SITE_FILE,
+    })
+    doc.update(predict_stage(federation, cfg, sorted(trained), None, 0, writer.engine))
+    doc["timing_s"] = {"train": t_train, "total": time.perf_counter() - t0}
+    return doc
 
 
 def run_local(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | None = None, *,
+              federation: Federation | None = None,
               cohorts: Mapping[str, Any] | None = None,
               data: Mapping[str, SiteData] | None = None,
-              progress: ProgressCallback | None = None) -> RunOutcome:
-    """Local-only baseline: one model per site, trained and evaluated on that site's data.
+              progress: ProgressCallback | None = None,
+              transport: str = "inprocess") -> RunOutcome:
+    """The local-only job: one model per site, trained, kept and scored at that site.
 
-    Each site's model starts from the same seeded initial weights, uses the site's own
-    tabular standardisation (its training split) and a generator seeded from (seed, site).
+    Every site trains its own model to completion (the experiment's training settings, early
+    stopping on its own validation split; :func:`~multimodal_fl.training.train_local_model`)
+    and keeps it in ``sites/<site>/model.safetensors`` at home; the server aggregates nothing.
+    Cross-site validation (:mod:`.cross_site`) sends every model its site shares to the other
+    sites, which score it on their own test splits; the disclosed cells go to
+    ``cross_site.json``. Each site then scores its own model on its own patients at home and
+    sends the usual predict reply (``metrics.json``).
 
     Parameters
     ----------
     cfg : ExperimentConfig
     out_dir : path-like or None
         Run directory (default :func:`default_run_dir`).
+    federation : Federation or None
+        How the sites are reached (default: every site of ``cfg`` in this process). The
+        Flower job (:func:`~multimodal_fl.engines.flower_jobs.local_job`) passes its own.
     cohorts : mapping of site name to SiteCohort or None
-        Pre-built cohorts (default: built from ``cfg.sites``).
+        Pre-built cohorts for the in-process sites (default: built from ``cfg.sites``).
     data : mapping of site name to SiteData or None
-        Prepared site data (skips cohort building and preparation).
+        Prepared site data for the in-process sites (skips cohort building and preparation).
     progress : callable or None
-        Called with :mod:`~multimodal_fl.progress` events: the data preparation, then each
-        site's training steps (:class:`~multimodal_fl.progress.StepEvent`).
+        Called with :mod:`~multimodal_fl.progress` events of the in-process sites: the data
+        preparation, each site's training steps
+        (:class:`~multimodal_fl.progress.StepEvent`), each site's answers.
+    transport : str
+        Recorded in ``metrics.json`` (``inprocess`` or ``flower``).
 
     Returns
     -------
@@ -187,33 +204,16 @@ def run_local(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | None = No
     t0 = time.perf_counter()
     writer = _writer(cfg, out_dir, "local")
     with torch_threads(cfg.training.num_threads):
-        sites = _prepared_sites(cfg, writer, cohorts, data, progress)
+        if federation is None:
+            federation = inprocess_federation(cfg, writer.run_dir, cohorts=cohorts, data=data,
+                                              progress=progress)
         t_prep = time.perf_counter() - t0
-        models: dict[str, FusionModel] = {}
-        results: dict[str, Any] = {}
-        notes: dict[str, str] = {}
-        for name, sd in sites.items():
-            train_part, val_part = sd.train, sd.val
-            if len(train_part) == 0:
-                notes[name] = "no training patients: no local model"
-                logger.warning("site %s: no training patients; skipped", name)
-                continue
-            model = build_model(cfg, sd)
-            fit_tabular_standardizer(model, [train_part])
-            results[name] = _train_one(cfg, train_part, val_part, model, seed_key=name,
-                                       progress=progress, label=f"local {name}").to_dict()
-            models[name] = model
-            writer.save_model(model, site=name)
-        _write_cross_predictions(writer, cfg, sites, models)
-        t_train = time.perf_counter() - t0 - t_prep
-        doc = _finish(writer, cfg, sites, models, {
-            "training": results,
-            "history": {k: v["history"] for k, v in results.items()},
-            "notes": notes,
-            "timing_s": {"prepare": t_prep, "train": t_train,
-                         "total": time.perf_counter() - t0},
-        })
-    return RunOutcome(writer.run_dir, doc)
+        doc = _local_job(federation, cfg, writer, transport=transport)
+    doc["timing_s"] = {"prepare": t_prep, **doc["timing_s"],
+                       "total": time.perf_counter() - t0}
+    writer.write_metrics(doc)
+    return RunOutcome(writer.run_dir, jsonable({"engine": writer.engine, "config": cfg.name,
+                                                **doc}))
 
 
 def run_centralized(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | None = None, *,
@@ -267,8 +267,9 @@ def run_centralized(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | Non
             raise ValueError("centralized engine: no training patients at any site")
         model = build_model(cfg, pooled_train)
         fit_tabular_standardizer(model, trains)
-        result = _train_one(cfg, pooled_train, pooled_val, model, seed_key="centralized",
-                            progress=progress, label="centralized")
+        result = train_to_completion(cfg, pooled_train, pooled_val, model,
+                                     seed_key="centralized", progress=progress,
+                                     label="centralized")
         writer.save_model(model)
         t_train = time.perf_counter() - t0 - t_prep
         doc = _finish(writer, cfg, sites, dict.fromkeys(sites, model), {

@@ -61,7 +61,7 @@ from multimodal_fl.federated.server import (
     RunConfig,
     run_federated,
 )
-from multimodal_fl.federated.site import fusion_sites
+from multimodal_fl.federated.site import LOCAL_MODEL, fusion_sites
 from multimodal_fl.pca.site import projection_arrays
 from multimodal_fl.pca.stage import run_pca_stage
 from multimodal_fl.progress import ProgressCallback
@@ -73,6 +73,7 @@ __all__ = [
     "StageFailed",
     "gather",
     "inprocess_federation",
+    "predict_stage",
     "round_row",
     "run_config",
     "run_federated_experiment",
@@ -375,15 +376,36 @@ def _save_model(weights: StateDict, path: Path, engine: str, chosen_round: int) 
                                            sort_keys=True)})
 
 
-def _predict_stage(
-    federation: Federation, cfg: ExperimentConfig, sites: list[str], weights: StateDict,
+def predict_stage(
+    federation: Federation, cfg: ExperimentConfig, sites: list[str], weights: StateDict | None,
     round: int, engine: str,
 ) -> dict[str, Any]:
-    """Every site scores its patients at home; the server keeps the disclosed documents."""
+    """Every site scores its patients at home; the server keeps the disclosed documents.
+
+    Parameters
+    ----------
+    federation : Federation
+    cfg : ExperimentConfig
+    sites : list of str
+    weights : dict or None
+        The model to score; ``None``: each site scores its own local-only model, kept at home
+        (the local engine).
+    round : int
+    engine : str
+        Recorded by the sites with their predictions.
+
+    Returns
+    -------
+    dict
+        ``sites`` (each site's metrics document), ``pooled_from_histograms`` and
+        ``missing_sites``.
+    """
+    own = {"model": LOCAL_MODEL} if weights is None else {}
     final = gather(
         federation,
-        {s: Request(Kind.PREDICT, round, weights=weights,
-                    config={"engine": engine, "fedbn": cfg.federated.fedbn}) for s in sites},
+        {s: Request(Kind.PREDICT, round, weights={} if weights is None else weights,
+                    config={"engine": engine, "fedbn": cfg.federated.fedbn, **own})
+         for s in sites},
         cfg.federated.timeout_s, stage=Kind.PREDICT, minimum=1,
     )
     evaluations = [SiteEvaluation.from_dict(r.document(Doc.EVALUATION)) for r in final.values()]
@@ -438,7 +460,7 @@ def _run_experiment(
     if result.completed_rounds < cfg.federated.rounds:
         doc["stopped_after_round"] = result.completed_rounds
     else:
-        doc.update(_predict_stage(federation, cfg, sites, final_weights,
+        doc.update(predict_stage(federation, cfg, sites, final_weights,
                                   result.completed_rounds, engine))
         doc["timing_s"] = {"prepare": t_prep, "train": t_train,
                            "total": time.perf_counter() - t0}

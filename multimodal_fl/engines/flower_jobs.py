@@ -9,6 +9,10 @@ train exactly what ``mmfl train CONFIG`` trains in process:
   standardisation, PCA, the rounds, the final predict stage) over the
   :class:`~multimodal_fl.federated.flower.FlowerFederation`, writing the run directory
   ``run-dir`` on the SuperLink's machine (weights, counts, metrics only).
+* :func:`local_job` (``server-factory``, :data:`LOCAL_SERVER_FACTORY`) runs the local-only
+  job instead (:func:`multimodal_fl.engines.baselines.run_local`): every SuperNode trains its
+  own model at home, the server aggregates nothing, and cross-site validation scores every
+  shared local-only model on the other sites' test splits (``cross_site.json``).
 * :func:`experiment_site` (``site-factory``) builds the
   :class:`~multimodal_fl.federated.site.FusionSite` of one SuperNode from its ``site-dir`` and
   the experiment; patient-level files (splits, predictions) and the embedding cache stay on the
@@ -38,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from multimodal_fl.config import ExperimentConfig, SiteConfig
+from multimodal_fl.engines.baselines import run_local
 from multimodal_fl.engines.federated import run_federated_experiment
 from multimodal_fl.federated.flower import FlowerRunError, ServerJob, run_loopback
 from multimodal_fl.federated.pca import SVD_SOLVERS
@@ -49,6 +54,8 @@ from multimodal_fl.rundir import RunOutcome
 from multimodal_fl.training import load_site_data
 
 __all__ = [
+    "JOBS",
+    "LOCAL_SERVER_FACTORY",
     "PCA_SERVER_FACTORY",
     "PCA_SITE_FACTORY",
     "SERVER_FACTORY",
@@ -56,6 +63,7 @@ __all__ = [
     "experiment_job",
     "experiment_run_config",
     "experiment_site",
+    "local_job",
     "pca_analysis_job",
     "pca_analysis_run_config",
     "pca_analysis_site",
@@ -67,6 +75,10 @@ __all__ = [
 SERVER_FACTORY = "multimodal_fl.engines.flower_jobs:experiment_job"
 #: The ``site-factory`` of an experiment (:func:`experiment_site`).
 SITE_FACTORY = "multimodal_fl.engines.flower_jobs:experiment_site"
+#: The ``server-factory`` of the local-only job (:func:`local_job`; same sites).
+LOCAL_SERVER_FACTORY = "multimodal_fl.engines.flower_jobs:local_job"
+#: The server factory of each job an experiment runs on Flower.
+JOBS = {"federated": SERVER_FACTORY, "local": LOCAL_SERVER_FACTORY}
 
 
 def experiment_run_config(
@@ -75,6 +87,7 @@ def experiment_run_config(
     run_dir: str | os.PathLike[str],
     site_out: str | os.PathLike[str] | None = None,
     site_worker: bool = True,
+    job: str = "federated",
 ) -> dict[str, ConfigValue]:
     """The run config that trains ``cfg`` on Flower (for ``flower.write_app_dir``).
 
@@ -90,6 +103,9 @@ def experiment_run_config(
         (loopback runs).
     site_worker : bool
         Keep each site in one process per run (``site-worker``; builds its data and model once).
+    job : {"federated", "local"}
+        The server job (:data:`JOBS`): federated training, or the local-only job with
+        cross-site validation.
 
     Returns
     -------
@@ -97,9 +113,16 @@ def experiment_run_config(
         ``server-factory``, ``site-factory``, ``experiment``, ``run-dir``, ``site-out``,
         ``min-nodes`` (``federated.min_sites``), ``torch-threads`` (``training.num_threads``)
         and ``site-worker``.
+
+    Raises
+    ------
+    ValueError
+        For a job not in :data:`JOBS`.
     """
+    if job not in JOBS:
+        raise ValueError(f"job {job!r}: expected one of {', '.join(JOBS)}")
     return {
-        "server-factory": SERVER_FACTORY,
+        "server-factory": JOBS[job],
         "site-factory": SITE_FACTORY,
         "experiment": json.dumps(cfg.resolved_dict(), sort_keys=True),
         "run-dir": str(Path(run_dir).resolve()),
@@ -138,6 +161,30 @@ def experiment_job(run_config: Mapping[str, Any]) -> ServerJob:
 
     def main(federation: Federation) -> None:
         run_federated_experiment(cfg, run_dir, federation=federation, engine="flower")
+
+    return ServerJob(main=main)
+
+
+def local_job(run_config: Mapping[str, Any]) -> ServerJob:
+    """``server-factory`` of the local-only job: every site trains alone, then cross-site
+    validation (:func:`multimodal_fl.engines.baselines.run_local` over the Flower federation).
+
+    Parameters
+    ----------
+    run_config : Mapping[str, Any]
+        With ``experiment`` and ``run-dir`` (see :func:`experiment_run_config`, ``job="local"``).
+
+    Returns
+    -------
+    ServerJob
+        A job whose ``main`` writes the local engine's run directory into ``run-dir``: the
+        sites' disclosed documents (``metrics.json``, ``cross_site.json``) only.
+    """
+    cfg = _experiment(run_config)
+    run_dir = Path(str(run_config.get("run-dir") or Path("runs") / f"{cfg.name or 'local'}"))
+
+    def main(federation: Federation) -> None:
+        run_local(cfg, run_dir, federation=federation, transport="flower")
 
     return ServerJob(main=main)
 
@@ -331,15 +378,16 @@ def pca_analysis_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) 
 
 
 def run_flower_loopback(
-    cfg: ExperimentConfig, out_dir: str | os.PathLike[str], *, timeout: float = 3600.0
+    cfg: ExperimentConfig, out_dir: str | os.PathLike[str], *, timeout: float = 3600.0,
+    job: str = "federated",
 ) -> RunOutcome:
     """Train ``cfg`` on a Flower deployment on this machine (``--engine flower``).
 
     A SuperLink and one SuperNode per site on 127.0.0.1 run the package's ServerApp and
-    ClientApp with :func:`experiment_job` / :func:`experiment_site`: the same weights as the
-    in-process engine and the same run directory; Flower's own files go to ``OUT/flower``.
-    Across hospitals, start the SuperLink and SuperNodes yourself (``mmfl flower ...``,
-    ``docs/deployment.md``).
+    ClientApp with :func:`experiment_job` (or :func:`local_job`) / :func:`experiment_site`:
+    the same weights as the in-process engine and the same run directory; Flower's own files go
+    to ``OUT/flower``. Across hospitals, start the SuperLink and SuperNodes yourself
+    (``mmfl flower ...``, ``docs/deployment.md``).
 
     Parameters
     ----------
@@ -348,6 +396,8 @@ def run_flower_loopback(
         The run directory.
     timeout : float
         Seconds before the deployment is stopped.
+    job : {"federated", "local"}
+        Federated training, or the local-only job with cross-site validation (:data:`JOBS`).
 
     Returns
     -------
@@ -364,7 +414,7 @@ def run_flower_loopback(
         if not path.is_dir():
             raise FlowerRunError(f"site {name}: directory {path} does not exist or is not a "
                                  "directory")
-    entries = experiment_run_config(cfg, run_dir=out, site_out=out)
+    entries = experiment_run_config(cfg, run_dir=out, site_out=out, job=job)
     work = out / "flower"
     entries["out-dir"] = str(work / "out")
     entries["min-nodes"] = len(sites)

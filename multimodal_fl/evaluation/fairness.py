@@ -57,9 +57,11 @@ from multimodal_fl.evaluation.metrics import (
 )
 
 __all__ = [
+    "CROSS_COLUMNS",
     "CrossSiteResult",
     "FairnessReport",
     "cell_reason",
+    "cross_site_frame",
     "cross_site_matrix",
     "fairness_report",
     "local_vs_federated",
@@ -826,6 +828,61 @@ class CrossSiteResult:
         """JSON-ready dictionary."""
         return {"metric": self.metric, "cells": _records(self.long)}
 
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> CrossSiteResult:
+        """The inverse of :meth:`to_dict` (e.g. a run's disclosed ``cross_site.json``).
+
+        Parameters
+        ----------
+        doc : mapping
+            ``metric`` and ``cells`` (each with ``model``, ``test_site``, ``value``, ``lo``,
+            ``hi``, ``n``, ``suppressed``, ``reason``).
+
+        Returns
+        -------
+        CrossSiteResult
+
+        Raises
+        ------
+        ValueError
+            When ``metric`` or ``cells`` is missing or a cell lacks a key (named).
+        """
+        missing = [k for k in ("metric", "cells") if k not in doc]
+        if missing:
+            raise ValueError(f"cross-site document lacks {missing}; expected 'metric' and "
+                             "'cells'")
+        for i, cell in enumerate(doc["cells"]):
+            lacking = [c for c in CROSS_COLUMNS if c not in cell]
+            if lacking:
+                raise ValueError(f"cross-site cell {i} lacks {lacking}; a cell has "
+                                 f"{list(CROSS_COLUMNS)}")
+        return cls(cross_site_frame(list(doc["cells"])), str(doc["metric"]))
+
+
+#: The columns of :attr:`CrossSiteResult.long`.
+CROSS_COLUMNS = ("model", "test_site", "value", "lo", "hi", "n", "suppressed", "reason")
+
+
+def cross_site_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Cross-site cells as :attr:`CrossSiteResult.long` types them.
+
+    Parameters
+    ----------
+    rows : sequence of mapping
+        One per (model, test site), keys :data:`CROSS_COLUMNS`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``value``, ``lo``, ``hi`` as float64 (NaN where absent), ``n`` as nullable Int64.
+    """
+    long = pd.DataFrame(list(rows), columns=list(CROSS_COLUMNS))
+    for c in ("value", "lo", "hi"):
+        long[c] = pd.to_numeric(long[c], errors="coerce").astype(np.float64)
+    long["n"] = pd.array(long["n"].tolist(), dtype="Int64")
+    long["suppressed"] = long["suppressed"].astype(bool)
+    return long
+
 
 def cross_site_matrix(
     predictions: pd.DataFrame,
@@ -891,12 +948,7 @@ def cross_site_matrix(
                            alpha=alpha, seed=derive_seed(seed, model, site))[metric]
         rows.append(base | {"value": v.value, "lo": v.lo, "hi": v.hi, "n": int(y.size),
                             "suppressed": v.value is None, "reason": v.reason})
-    long = pd.DataFrame(rows, columns=["model", "test_site", "value", "lo", "hi", "n",
-                                       "suppressed", "reason"])
-    for c in ("value", "lo", "hi"):
-        long[c] = pd.to_numeric(long[c], errors="coerce").astype(np.float64)
-    long["n"] = pd.array(long["n"].tolist(), dtype="Int64")
-    return CrossSiteResult(long, metric)
+    return CrossSiteResult(cross_site_frame(rows), metric)
 
 
 def local_vs_federated(

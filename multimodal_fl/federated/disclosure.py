@@ -23,12 +23,12 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from multimodal_fl.config import SitePolicy
-from multimodal_fl.federated.protocol import Kind, Reply, Request
+from multimodal_fl.federated.protocol import Doc, Kind, Reply, Request, unpack_document
 
 __all__ = [
     "EGRESS_LOG",
@@ -83,6 +83,34 @@ def _pass(reply: Reply, min_cell: int, policy: SitePolicy) -> Released:
 
 #: The rule applied to each kind's reply before it leaves the site.
 RULES: dict[Kind, Rule] = {kind: _pass for kind in Kind}
+
+
+def _withhold_local_model(reply: Reply, min_cell: int, policy: SitePolicy) -> Released:
+    """``local_train``: the local-only model's weights leave only where the policy shares it."""
+    if policy.share_local_model or not reply.weights:
+        return Released(reply)
+    return Released(replace(reply, weights={}),
+                    ["local-only model withheld by policy (share_local_model: false)"])
+
+
+def _cross_cell(reply: Reply, min_cell: int, policy: SitePolicy) -> Released:
+    """``cross_evaluate``: one matrix cell; no weights, no figure on fewer than ``min_cell``."""
+    suppressed: list[str] = []
+    if reply.weights:
+        reply = replace(reply, weights={})
+        suppressed.append("weights (no part of a cross_evaluate reply)")
+    if reply.metrics and reply.n_samples < min_cell:
+        reply = replace(reply, n_samples=0, metrics={})
+        suppressed.append(f"cell figures on fewer than {min_cell} patients")
+    if Doc.CROSS_SITE in reply.documents:
+        cell = unpack_document(reply.documents[Doc.CROSS_SITE])
+        if cell.get("suppressed"):
+            suppressed.append(f"cell {cell.get('model')} on {cell.get('test_site')}: "
+                              f"{cell.get('reason')}")
+    return Released(reply, suppressed)
+
+
+RULES.update({Kind.LOCAL_TRAIN: _withhold_local_model, Kind.CROSS_EVALUATE: _cross_cell})
 
 
 def _size(reply: Reply) -> int:

@@ -36,9 +36,19 @@ Request kinds (:class:`Kind`), in the order an experiment sends them:
 ``secure_sum``
     One step of a secure sum (:mod:`multimodal_fl.federated.secure_sum`): the server learns
     only the total of the sites' integer vectors (pooled histogram counts).
+``local_train``
+    The local-only job (cross-site validation): train the site's own model to completion with
+    the experiment's training settings and early stopping on its own validation split, keep it
+    at home, and reply with its ``weights`` only where the site's policy shares local models
+    (``share_local_model``), with ``n_samples`` and the :attr:`Doc.LOCAL_TRAINING` document.
+    The server aggregates nothing.
 ``cross_evaluate``
-    Cross-site validation: score another site's local-only model (in ``weights``) on this
-    site's test split and reply with its disclosed metrics.
+    Cross-site validation: score a local-only model on this site's test split and reply with
+    the disclosed cell (``metrics`` ``value``, ``lo``, ``hi``; ``n_samples``; the
+    :attr:`Doc.CROSS_SITE` document). ``config``: ``model`` (its name, ``local:<site>``),
+    ``model_site`` (whose model), ``metric``, ``n_boot``, ``seed``; ``weights`` carry another
+    site's shared model, and are empty when ``model_site`` is the site itself (it scores the
+    model it keeps at home).
 
 Every reply leaves a site through its disclosure gate
 (:mod:`multimodal_fl.federated.disclosure`); ``config["min_cell"]`` carries the effective
@@ -105,6 +115,7 @@ class Kind(StrEnum):
     EVALUATE = "evaluate"
     PREDICT = "predict"
     SECURE_SUM = "secure_sum"
+    LOCAL_TRAIN = "local_train"
     CROSS_EVALUATE = "cross_evaluate"
 
 
@@ -120,6 +131,12 @@ class Doc(StrEnum):
     #: ``init`` / ``moments``: the state-dict keys pooled moments fill (``mean``, ``scale``,
     #: ``count``); absent or empty when the model standardises nothing.
     STANDARDIZER = "standardizer"
+    #: ``local_train``: how the local-only model trained (steps, early stopping, loss curve;
+    #: validation AUCs only of a validation split of at least ``min_cell`` patients).
+    LOCAL_TRAINING = "local_training"
+    #: ``cross_evaluate``: the cell's model, test site, metric and, when it shows no value,
+    #: why (``suppressed``, ``reason``).
+    CROSS_SITE = "cross_site"
 
 
 WEIGHT_PREFIX = "weights/"

@@ -41,7 +41,21 @@ Request kinds it answers:
     Validation metrics of the global weights.
 ``predict``
     Final evaluation: write ``splits.json`` and ``predictions.csv`` into the site folder and
-    return metrics per split plus binned score histograms (no patient-level value).
+    return metrics per split plus binned score histograms (no patient-level value). With
+    ``config["model"] == "local"`` (the local-only job) the site scores its own local-only
+    model, kept at home, instead of request weights.
+``local_train``
+    The local-only job: train the site's own model to completion
+    (:func:`~multimodal_fl.training.train_local_model`: the experiment's training settings,
+    early stopping on the site's validation split), keep it at home
+    (``sites/<site>/model.safetensors``), and reply with its weights only where the policy's
+    ``share_local_model`` allows. A site with fewer than ``min_cell`` training patients trains
+    no model and says so.
+``cross_evaluate``
+    Score a local-only model (another site's, from the request's weights; or its own, from
+    home) on this site's test split: the cross-site matrix cell of
+    :func:`~multimodal_fl.evaluation.fairness.cross_site_matrix` under the effective
+    ``min_cell`` (a suppressed cell carries no value and says why).
 
 Randomness: every generator is seeded from ``site_seed(seed, site, round)``.
 """
@@ -54,14 +68,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from multimodal_fl.config import ExperimentConfig, SitePolicy, load_policy
 from multimodal_fl.encoders.tabular import Standardizer
+from multimodal_fl.evaluation.fairness import cross_site_matrix
 from multimodal_fl.evaluation.histograms import summarise_site
 from multimodal_fl.federated.aggregation import STANDARDIZER_STATE
-from multimodal_fl.federated.disclosure import EGRESS_LOG, DisclosureGate
+from multimodal_fl.federated.disclosure import EGRESS_LOG, DisclosureGate, SiteRefused
 from multimodal_fl.federated.pca import site_pca_reply
 from multimodal_fl.federated.protocol import (
     Doc,
@@ -73,6 +90,7 @@ from multimodal_fl.federated.protocol import (
     site_seed,
 )
 from multimodal_fl.federated.proximal import proximal_term
+from multimodal_fl.fusion import FusionModel
 from multimodal_fl.moments import column_moments
 from multimodal_fl.pca.site import (
     PROJECTION_KEYS,
@@ -87,6 +105,7 @@ from multimodal_fl.progress import ProgressCallback
 from multimodal_fl.rundir import RunWriter, jsonable, site_summary
 from multimodal_fl.training import (
     SiteData,
+    TrainResult,
     batch_augmenter,
     build_model,
     evaluate,
@@ -95,9 +114,20 @@ from multimodal_fl.training import (
     local_update,
     metrics_by_split,
     predictions_frame,
+    train_local_model,
 )
 
-__all__ = ["FusionSite", "fusion_sites", "norm_layer_keys", "state_to_numpy"]
+__all__ = [
+    "LOCAL_MODEL",
+    "FusionSite",
+    "fusion_sites",
+    "local_training_document",
+    "norm_layer_keys",
+    "state_to_numpy",
+]
+
+#: ``Request.config["model"]`` of a predict request that scores the site's local-only model.
+LOCAL_MODEL = "local"
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +194,14 @@ class FusionSite:
         The hospital's disclosure policy (default: ``policy.yaml`` in the site's directory, or
         the default policy). Every reply passes it (:class:`~multimodal_fl.federated.
         disclosure.DisclosureGate`) and is logged in ``run_dir/sites/<site>/egress.jsonl``.
+    progress : callable or None
+        Called with the local-only model's training steps
+        (:class:`~multimodal_fl.progress.StepEvent`, ``local_train``).
     """
 
     def __init__(
         self, name: str, cfg: ExperimentConfig, data: SiteData, *, run_dir: Path | None = None,
-        policy: SitePolicy | None = None,
+        policy: SitePolicy | None = None, progress: ProgressCallback | None = None,
     ) -> None:
         self.name = name
         self.cfg = cfg
@@ -179,6 +212,8 @@ class FusionSite:
         self.model = build_model(cfg, data)
         self._augment = batch_augmenter(cfg, self.model)
         self._local_state: dict[str, torch.Tensor] = {}
+        self._local_model: FusionModel | None = None
+        self.progress = progress
         if policy is None:
             paths = {s.name: s.path for s in cfg.sites}
             policy = load_policy(paths[name]) if name in paths else SitePolicy()
@@ -260,6 +295,7 @@ class FusionSite:
             Kind.PCA: self._on_pca, Kind.PCA_APPLY: self._on_pca_apply,
             Kind.PCA_SCORES: self._on_pca_scores, Kind.FIT: self._on_fit,
             Kind.EVALUATE: self._on_evaluate, Kind.PREDICT: self._on_predict,
+            Kind.LOCAL_TRAIN: self._on_local_train, Kind.CROSS_EVALUATE: self._on_cross_evaluate,
         }
 
     def _reply(self, request: Request, **fields: Any) -> Reply:
@@ -376,7 +412,7 @@ class FusionSite:
 
     def _on_predict(self, request: Request) -> Reply:
         """Write this site's splits and predictions; reply with metrics and histograms."""
-        self._load_global(request)
+        self._load_for_predict(request)
         ev = self.cfg.evaluation
         frame = predictions_frame(self.model, self.data, sensitive=ev.sensitive)
         if self.run_dir is not None:
@@ -404,6 +440,120 @@ class FusionSite:
         }
         return self._reply(request, n_samples=len(frame), metrics=flat, documents=documents)
 
+    # ------------------------------------------------------------ local-only job
+
+    def _load_for_predict(self, request: Request) -> None:
+        """The model to score: the local-only one kept at home, or the request's weights."""
+        if request.config.get("model") == LOCAL_MODEL:
+            load_weights(self.model, self._home_model().state_dict())
+        else:
+            self._load_global(request)
+
+    def _home_model_path(self) -> Path | None:
+        """``sites/<site>/model.safetensors`` below the site's own output (None: no output)."""
+        return None if self.run_dir is None else self.run_dir / "sites" / self.name / \
+            "model.safetensors"
+
+    def _home_model(self) -> FusionModel:
+        """The local-only model this site trained (in memory, else read back from home)."""
+        if self._local_model is None:
+            path = self._home_model_path()
+            if path is None or not path.is_file():
+                raise SiteRefused(f"site {self.name}: no local-only model at this site (it "
+                                  "trains one when asked local_train)")
+            model = build_model(self.cfg, self.data)
+            load_weights(model, load_file(str(path)))
+            self._local_model = model
+        return self._local_model
+
+    def _on_local_train(self, request: Request) -> Reply:
+        """Train the local-only model at home; its weights leave only if the policy shares it."""
+        min_cell = int(request.config["min_cell"])
+        if len(self.data.train) < min_cell:
+            raise SiteRefused(f"site {self.name}: fewer than min_cell={min_cell} training "
+                              "patients: no local-only model")
+        model, result = train_local_model(self.cfg, self.data, seed_key=self.name,
+                                          progress=self.progress, label=f"local {self.name}")
+        self._local_model = model
+        if self.run_dir is not None:
+            engine = str(request.config.get("engine", "local"))
+            RunWriter(self.run_dir, self.cfg, engine).save_model(model, site=self.name)
+        for note in result.notes:
+            log.info("site %s local-only model: %s", self.name, note)
+        shared = self.gate.policy.share_local_model
+        doc = local_training_document(result, n_val=len(self.data.val), min_cell=min_cell)
+        return self._reply(request, weights=state_to_numpy(model) if shared else {},
+                           n_samples=len(self.data.train),
+                           documents={Doc.LOCAL_TRAINING: pack_document(jsonable(doc))})
+
+    def _on_cross_evaluate(self, request: Request) -> Reply:
+        """Score a local-only model on this site's test split: one disclosed matrix cell."""
+        c = request.config
+        min_cell = int(c["min_cell"])
+        model_site = str(c["model_site"])
+        name = str(c.get("model", f"local:{model_site}"))
+        metric = str(c.get("metric", "auc"))
+        if model_site == self.name:
+            model = self._home_model()
+        elif not request.weights:
+            raise ValueError(f"site {self.name}: cross_evaluate of {name} carries no weights")
+        else:
+            model = build_model(self.cfg, self.data)
+            load_weights(model, request.weights)
+        frame = predictions_frame(model, self.data, sensitive=self.cfg.evaluation.sensitive)
+        test = frame[frame["split"] == "test"].assign(model=name, site=self.name)
+        cells = cross_site_matrix(
+            test, metric=metric, min_cell=min_cell,
+            n_boot=int(c.get("n_boot", self.cfg.evaluation.n_boot)),
+            seed=int(c.get("seed", self.cfg.seed))).long
+        row: dict[Any, Any] = cells.iloc[0].to_dict() if len(cells) else {
+            "value": None, "lo": None, "hi": None, "n": None, "suppressed": True,
+            "reason": "no patients"}
+        values = {metric: row["value"], f"{metric}/lo": row["lo"], f"{metric}/hi": row["hi"]}
+        metrics = {k: float(v) for k, v in values.items() if pd.notna(v) and np.isfinite(v)}
+        doc = {"model": name, "test_site": self.name, "metric": metric,
+               "suppressed": bool(row["suppressed"]),
+               "reason": None if pd.isna(row["reason"]) else str(row["reason"])}
+        return self._reply(request, n_samples=0 if pd.isna(row["n"]) else int(row["n"]),
+                           metrics=metrics,
+                           documents={Doc.CROSS_SITE: pack_document(doc)})
+
+
+def local_training_document(result: TrainResult, *, n_val: int, min_cell: int) -> dict[str, Any]:
+    """What a site discloses of its local-only training (the ``local_training`` document).
+
+    Steps, early stopping and the training-loss curve (means over training patients, of whom a
+    training site has at least ``min_cell``); validation AUCs only when the validation split
+    has at least ``min_cell`` patients. The positive-class weight and the notes (they name
+    class counts) stay at the site.
+
+    Parameters
+    ----------
+    result : TrainResult
+    n_val : int
+        Validation patients.
+    min_cell : int
+        The effective small-cell threshold.
+
+    Returns
+    -------
+    dict
+        ``steps``, ``last_step``, ``loss``, ``best_step``, ``best_val_auc``,
+        ``stopped_early``, ``n_samples``, ``history`` (``step``, ``train_loss``, ``val_auc``,
+        ``val_auc_reason``).
+    """
+    shown = n_val >= min_cell
+    hidden = f"validation split of fewer than {min_cell} patients: not disclosed"
+    history = [{"step": h["step"], "train_loss": h["train_loss"],
+                "val_auc": h["val_auc"] if shown else None,
+                "val_auc_reason": h["val_auc_reason"] if shown else hidden}
+               for h in result.history]
+    return {"steps": result.steps, "last_step": result.last_step, "loss": result.loss,
+            "best_step": result.best_step,
+            "best_val_auc": result.best_val_auc if shown else None,
+            "stopped_early": result.stopped_early, "n_samples": result.n_samples,
+            "history": history}
+
 
 def fusion_sites(
     cfg: ExperimentConfig, run_dir: Path, *, cohorts: Mapping[str, Any] | None = None,
@@ -421,7 +571,8 @@ def fusion_sites(
     data : mapping or None
         Prepared :class:`~multimodal_fl.training.SiteData` per site (default: prepared here).
     progress : callable or None
-        Called with the preparation's :class:`~multimodal_fl.progress.PrepareEvent`.
+        Called with the preparation's :class:`~multimodal_fl.progress.PrepareEvent` and, when
+        a site trains its local-only model, its :class:`~multimodal_fl.progress.StepEvent`.
 
     Returns
     -------
@@ -429,4 +580,5 @@ def fusion_sites(
     """
     prepared = dict(data) if data is not None else load_site_data(cfg, run_dir, cohorts=cohorts,
                                                                   progress=progress)
-    return {name: FusionSite(name, cfg, sd, run_dir=run_dir) for name, sd in prepared.items()}
+    return {name: FusionSite(name, cfg, sd, run_dir=run_dir, progress=progress)
+            for name, sd in prepared.items()}

@@ -23,13 +23,17 @@ The modules, in the order a run uses them:
    proximal (FedProx) term. :func:`local_update` is the federated site's entry point: load
    weights, run ``steps``. The module's docstring says how a call is deterministic and why the
    optimiser state is reset at every call.
-6. :mod:`~multimodal_fl.training.inference`: :func:`evaluate` (AUC, average precision,
+6. :mod:`~multimodal_fl.training.baseline`: :func:`train_to_completion` (``training.steps``
+   with early stopping, seeded from (seed, ``"train"``, key)) and :func:`train_local_model`
+   (a site's local-only model on its own splits): the local and centralized baselines.
+7. :mod:`~multimodal_fl.training.inference`: :func:`evaluate` (AUC, average precision,
    Brier, ECE via :mod:`multimodal_fl.evaluation.metrics`), :func:`predict`
    (probabilities), :func:`predictions_frame` and :func:`metrics_by_split`.
 """
 
 from __future__ import annotations
 
+from multimodal_fl.training.baseline import train_local_model, train_to_completion
 from multimodal_fl.training.dataset import META_COLUMNS, Batch, CohortDataset, SiteData
 from multimodal_fl.training.inference import (
     EVAL_METRICS,
@@ -94,4 +98,6 @@ __all__ = [
     "split_patients",
     "torch_threads",
     "train",
+    "train_local_model",
+    "train_to_completion",
 ]

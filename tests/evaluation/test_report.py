@@ -9,6 +9,7 @@ import os
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from multimodal_fl.evaluation.fairness import cross_site_matrix
@@ -90,14 +91,29 @@ def test_two_runs_of_one_engine_are_told_apart(tmp_path: Path) -> None:
     assert [r.label for r in runs] == [f"{FED} (cfg-inprocess)", f"{FED} (second)"]
 
 
-def test_cross_predictions_fill_the_matrix(tmp_path: Path) -> None:
+def test_disclosed_cross_site_cells_fill_the_matrix(tmp_path: Path) -> None:
+    """The local engine's cross_site.json: cells the sites disclosed, taken as they are."""
     run = write_run_dir(tmp_path, "local")
-    other = (run / "sites" / "a" / "predictions.csv").read_text().splitlines()
-    lines = ["model," + other[0]] + [f"local:b,{row}" for row in other[1:]]
-    (run / "sites" / "a" / "cross_predictions.csv").write_text("\n".join(lines) + "\n")
+    cell = {"n": 120, "suppressed": False, "reason": None}
+    cells = [
+        {"model": "local:b", "test_site": "a", "value": 0.71, "lo": 0.6, "hi": 0.8, **cell},
+        {"model": "local:c", "test_site": "a", "value": None, "lo": None, "hi": None,
+         "n": None, "suppressed": True, "reason": "withheld by policy"},
+        {"model": "local:b", "test_site": "c", "value": 0.9, "lo": 0.8, "hi": 1.0,
+         **cell, "n": 7},  # below the report's min_cell (10): shown suppressed
+    ]
+    (run / "cross_site.json").write_text(json.dumps({"metric": "auc", "cells": cells}))
     _, _, sec = build_report([run], n_boot=0)
-    assert sec["cross"].matrix.loc["local:b", "a"] == pytest.approx(
-        sec["cross"].matrix.loc["local:a", "a"])  # same scores copied: same AUC
+    long = sec["cross"].long.set_index(["model", "test_site"])
+    assert long.loc[("local:b", "a"), "value"] == pytest.approx(0.71)
+    assert long.loc[("local:c", "a"), "reason"] == "withheld by policy"
+    assert pd.isna(long.loc[("local:b", "c"), "value"])
+    assert long.loc[("local:b", "c"), "reason"] == "fewer than 10 patients"
+    # the diagonal still comes from each site's own predictions
+    assert not pd.isna(long.loc[("local:a", "a"), "value"])
+    (run / "cross_site.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"cross_site.json: not a cross-site matrix"):
+        build_report([run], n_boot=0)
 
 
 def test_load_run_errors(tmp_path: Path) -> None:

@@ -99,6 +99,33 @@ def _rename_models(cross: CrossSiteResult, runs: Sequence[RunData],
     return CrossSiteResult(long, cross.metric)
 
 
+def _cross_site(runs: Sequence[RunData], st: dict[str, Any]) -> CrossSiteResult:
+    """Every model on every test site it was scored on.
+
+    The cells the sites disclosed (a local run's ``cross_site.json``: local-only models scored
+    by the other sites, rows withheld by policy) are taken as they are, suppressed where they
+    are on fewer than the report's ``min_cell`` patients; every other cell (each run's own
+    model on each site) is computed from the run's predictions.
+    """
+    computed = cross_site_matrix(pd.concat([r.predictions for r in runs], ignore_index=True),
+                                 min_cell=st["min_cell"], n_boot=st["n_boot"], seed=st["seed"])
+    disclosed = [r.cross for r in runs if not r.cross.empty]
+    if not disclosed:
+        return computed
+    cells = pd.concat(disclosed, ignore_index=True)
+    small = cells["n"].notna() & (cells["n"].fillna(0) < st["min_cell"])
+    cells.loc[small, ["value", "lo", "hi"]] = np.nan
+    cells.loc[small, "n"] = pd.NA
+    cells.loc[small, "suppressed"] = True
+    cells.loc[small, "reason"] = f"fewer than {st['min_cell']} patients"
+    given = set(zip(cells["model"], cells["test_site"], strict=True))
+    own = computed.long[[(m, t) not in given for m, t in
+                         zip(computed.long["model"], computed.long["test_site"], strict=True)]]
+    long = pd.concat([own, cells], ignore_index=True).sort_values(
+        ["model", "test_site"], kind="stable").reset_index(drop=True)
+    return CrossSiteResult(long, computed.metric)
+
+
 def _eval_settings(runs: Sequence[RunData], **overrides: Any) -> dict[str, Any]:
     """The first run's ``evaluation`` settings and seed, with the caller's overrides."""
     cfg = runs[0].config or ReportConfig()
@@ -309,12 +336,7 @@ def report_from_runs(
                         threshold=None if threshold is None else str(float(threshold)))
     per_run = {r.label: _run_section(r, st) for r in runs}
 
-    # cross-site matrix: every model on every test site it was scored on
-    long = pd.concat([r.predictions for r in runs] + [r.cross for r in runs if not r.cross.empty],
-                     ignore_index=True)
-    cross = _rename_models(cross_site_matrix(long, min_cell=st["min_cell"],
-                                             n_boot=st["n_boot"], seed=st["seed"]),
-                           loaded, names)
+    cross = _rename_models(_cross_site(runs, st), loaded, names)
     changes = _changes(runs, st)
     doc: dict[str, Any] = {
         "settings": {**st, "split": SPLIT},

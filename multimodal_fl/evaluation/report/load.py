@@ -8,8 +8,9 @@ A run directory, as ``mmfl train`` writes it::
     RUN_DIR/sites/<site>/predictions.csv  patient_id, split, label, score, sex, age_band, ...
                                           optional "model" column (default: the run's model,
                                           or "local:<site>" for the local engine)
-    RUN_DIR/sites/<site>/cross_predictions.csv   optional: other models scored on this site
-                                          (model, patient_id, split, label, score)
+    RUN_DIR/cross_site.json               optional (local engine): the cross-site matrix
+                                          cells the sites disclosed (model, test_site,
+                                          value, lo, hi, n, suppressed, reason)
 
 The report reads four keys of ``config.yaml`` (``name``, ``seed``, ``federated``,
 ``evaluation``) into :class:`ReportConfig`, whose fields are
@@ -40,7 +41,7 @@ from multimodal_fl.config import (
     FederatedConfig,
     drop_removed_keys,
 )
-from multimodal_fl.rundir import RunManifest, flatten, read_manifest
+from multimodal_fl.rundir import RunManifest, flatten, read_cross_site, read_manifest
 
 __all__ = [
     "ReportConfig",
@@ -54,9 +55,6 @@ __all__ = [
 
 PREDICTION_COLUMNS: tuple[str, ...] = ("patient_id", "split", "label", "score")
 """Columns every ``predictions.csv`` must have."""
-
-CROSS_COLUMNS: tuple[str, ...] = ("model", "split", "label", "score")
-"""Columns every ``cross_predictions.csv`` must have."""
 
 
 def _experiment_field(name: str) -> Any:
@@ -109,7 +107,8 @@ class RunData:
     predictions : pandas.DataFrame
         All sites' rows with ``site`` and ``model`` columns added.
     cross : pandas.DataFrame
-        Rows of ``cross_predictions.csv`` files (possibly empty).
+        The cross-site cells the sites disclosed (``cross_site.json``, columns of
+        :attr:`~multimodal_fl.evaluation.fairness.CrossSiteResult.long`; possibly empty).
     manifest : RunManifest or None
         ``run.json`` (``None`` for a run directory without one).
     """
@@ -216,10 +215,9 @@ def _read_predictions(path: Path, engine: str, model: str) -> pd.DataFrame:
 
 
 def _read_cross(path: Path) -> pd.DataFrame:
-    """All sites' ``cross_predictions.csv`` rows (an empty frame when there are none)."""
-    frames = [_read_csv(f, CROSS_COLUMNS)
-              for f in sorted((path / "sites").glob("*/cross_predictions.csv"))]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    """The disclosed cross-site cells (``cross_site.json``; an empty frame when there is none)."""
+    result = read_cross_site(path)
+    return result.long if result is not None else pd.DataFrame()
 
 
 def _run_path(run_dir: str | os.PathLike[str]) -> Path:

@@ -194,11 +194,12 @@ def message_type(kind: str) -> str:
     Returns
     -------
     str
-        ``train`` for fit requests, ``evaluate`` for evaluate requests, ``query`` for every other
-        kind (info, describe, summaries...: the kind itself travels in the config).
+        ``train`` for fit and local_train requests, ``evaluate`` for evaluate and
+        cross_evaluate requests, ``query`` for every other kind (info, describe, summaries...:
+        the kind itself travels in the config).
     """
-    if kind == Kind.FIT:
+    if kind in (Kind.FIT, Kind.LOCAL_TRAIN):
         return _MessageType.TRAIN
-    if kind == Kind.EVALUATE:
+    if kind in (Kind.EVALUATE, Kind.CROSS_EVALUATE):
         return _MessageType.EVALUATE
     return _MessageType.QUERY  # info, describe, summaries...: the kind travels in the config
