@@ -227,6 +227,20 @@ class LabelRule(_Strict):
         description="Use labels.csv: prefer (overrides the rule), fallback (only patients the "
         "rule cannot label), ignore.",
     )
+    labels_csv_column: str = Field(
+        default="label",
+        min_length=1,
+        description="The labels.csv column read as the label: 'label', or another outcome "
+        "column of a registry (e.g. 'icu'); an empty cell means no label.",
+    )
+
+    @field_validator("labels_csv_column")
+    @classmethod
+    def _not_the_key(cls, column: str) -> str:
+        if column == "patient_id":
+            raise ValueError("'patient_id' is the key of labels.csv, not an outcome; name the "
+                             "outcome column (e.g. 'label', 'icu')")
+        return column
 
     @model_validator(mode="after")
     def _window_needed(self) -> LabelRule:

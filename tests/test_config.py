@@ -134,6 +134,16 @@ def test_label_codes_cannot_be_features(tmp_path: Path) -> None:
         load_task(task)
 
 
+def test_labels_csv_column_names_an_outcome_not_the_key() -> None:
+    task = load_task("alzheimers").model_dump()
+    assert task["label"]["labels_csv_column"] == "label"
+    task["label"]["labels_csv_column"] = "icu"
+    assert load_task(task).label.labels_csv_column == "icu"
+    task["label"]["labels_csv_column"] = "patient_id"
+    with pytest.raises(ConfigError, match=r"'patient_id' is the key of labels\.csv"):
+        load_task(task)
+
+
 def test_duplicate_site_names_rejected(tmp_path: Path) -> None:
     data = minimal()
     data["sites"] = [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]

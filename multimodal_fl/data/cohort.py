@@ -168,25 +168,30 @@ def empty_table(names: list[str]) -> pd.DataFrame:
                                  *META_COLUMNS[4:]])
 
 
-def _read_labels(site: SiteFiles, sink: ErrorSink, known: set[str]) -> dict[str, int]:
+def _read_labels(site: SiteFiles, sink: ErrorSink, known: set[str],
+                 column: str = "label") -> dict[str, int]:
+    """``labels.csv``'s ``column`` by patient id; an empty cell is no label (an unknown outcome)."""
     if site.labels_csv is None:
         return {}
     out: dict[str, int] = {}
-    for row in read_csv(site.labels_csv, "labels.csv", sink):
+    for row in read_csv(site.labels_csv, "labels.csv", sink, require=(column,)):
         rid = f"row {row['_row']}"
         pid = row.get("patient_id", "")
         if pid not in known:
             sink.report("labels.csv", rid, "patient_id", "missing_patient",
                         f"patient '{pid}' has no Patient resource at this site")
             continue
-        raw = row.get("label", "").lower()
+        raw = row.get(column, "").lower()
+        if raw == "":
+            continue
         if raw not in {"0", "1", "true", "false", "0.0", "1.0"}:
-            sink.report("labels.csv", rid, "label", "bad_label",
-                        f"label '{row.get('label')}' is not 0/1 (true/false accepted)")
+            sink.report("labels.csv", rid, column, "bad_label",
+                        f"{column} '{row.get(column)}' is not 0/1 (true/false accepted; "
+                        "empty: no label)")
             continue
         value = int(raw in {"1", "true", "1.0"})
         if pid in out and out[pid] != value:
-            sink.report("labels.csv", rid, "label", "conflicting_label",
+            sink.report("labels.csv", rid, column, "conflicting_label",
                         f"patient '{pid}' has conflicting labels; kept the first")
             continue
         out[pid] = value
@@ -317,7 +322,7 @@ def _assemble(reader: FHIRReader, task: TaskSpec, sink: ErrorSink, site_name: st
                                              tz=reader.tz).items():
                 notes.setdefault(pid, []).extend(extra)
         images = link_images(records, files, sink, known, tz=reader.tz)
-        labels = _read_labels(files, sink, known)
+        labels = _read_labels(files, sink, known, task.label.labels_csv_column)
     for pid, fhir_notes in records.notes.items():
         notes[pid] = [n for n in fhir_notes if n.url is None] + notes.get(pid, [])
     names = feature_names(task)

@@ -4,9 +4,9 @@ site directories of the site data contract.
 Each row becomes, at the site its split column names: a Patient (sex, birth date), an
 Encounter (the admission, starting at the row's index, with its class), a Condition per
 present yes/no column (SNOMED CT), an Observation per column with a value (LOINC or a local
-code system; numbers with their unit as given, or yes/no), a ``labels.csv`` row and
-``images.csv`` rows (the images copied into the site's ``images/``). The mapping
-(:mod:`multimodal_fl.data.csv_mapping`) says how.
+code system; numbers with their unit as given, or yes/no), a ``labels.csv`` row (the
+label and any other outcome columns) and ``images.csv`` rows (the images copied into the
+site's ``images/``). The mapping (:mod:`multimodal_fl.data.csv_mapping`) says how.
 
 Times. Every value carries two times: its clinical time (Condition ``onsetDateTime``,
 Observation ``effectiveDateTime``) and the time it became known (Condition
@@ -74,6 +74,7 @@ from multimodal_fl.data.csv_mapping import (
     ConditionColumn,
     CsvMapping,
     ImageFile,
+    LabelSpec,
     ObservationColumn,
     load_mapping,
 )
@@ -163,6 +164,7 @@ class ParsedRow:
     enc_class: str = "AMB"
     facts: list[Fact] = field(default_factory=list)
     label: int | None = None
+    outcomes: dict[str, int] = field(default_factory=dict)
     images: list[ImageLink] = field(default_factory=list)
 
 
@@ -245,7 +247,7 @@ class RowParser:
         row = self._start(line, values, errors)
         if row is not None:
             for step in (self._sex, self._birth, self._deceased, self._class, self._label,
-                         self._images):
+                         self._outcomes, self._images):
                 try:
                     step(row, values)
                 except _Bad as bad:
@@ -458,28 +460,35 @@ class RowParser:
     # ---------------------------------------------------------------- label, images
 
     def _label(self, row: ParsedRow, values: dict[str, str]) -> None:
-        spec = self.m.label
-        if spec is None:
-            return
+        if self.m.label is not None:
+            row.label = self._coded(self.m.label, values, "label")
+
+    def _outcomes(self, row: ParsedRow, values: dict[str, str]) -> None:
+        for spec in self.m.outcomes:
+            value = self._coded(spec, values, f"outcome '{spec.name}'")
+            if value is not None:
+                row.outcomes[spec.name] = value
+
+    def _coded(self, spec: LabelSpec, values: dict[str, str], what: str) -> int | None:
+        """The 0/1 value of a label or outcome column; None when unknown or missing."""
         v = values[spec.column]
         if v in self.missing or v in spec.unknown:
-            return
+            return None
         if spec.above is not None:
             try:
                 number = float(v)
             except ValueError:
                 number = float("nan")
             if number != number:
-                raise _Bad(spec.column, "bad_number", f"label '{v}' is not a number")
-            row.label = int(number > spec.above)
-        elif v in spec.positive:
-            row.label = 1
-        elif v in spec.negative:
-            row.label = 0
-        else:
-            raise _Bad(spec.column, "bad_value",
-                       f"'{v}' is not a label code (positive: {_list(spec.positive)}; "
-                       f"negative: {_list(spec.negative)}; unknown: {_list(spec.unknown)})")
+                raise _Bad(spec.column, "bad_number", f"{what} '{v}' is not a number")
+            return int(number > spec.above)
+        if v in spec.positive:
+            return 1
+        if v in spec.negative:
+            return 0
+        raise _Bad(spec.column, "bad_value",
+                   f"'{v}' is not a {what} code (positive: {_list(spec.positive)}; "
+                   f"negative: {_list(spec.negative)}; unknown: {_list(spec.unknown)})")
 
     def _images(self, row: ParsedRow, values: dict[str, str]) -> None:
         if self.m.images is None or self.image_dir is None:
@@ -651,12 +660,15 @@ class SiteSummary:
     images: int = 0
     resources: Counter[str] = field(default_factory=Counter)
     split_values: list[str] = field(default_factory=list)
+    #: other outcome columns of labels.csv: name -> {"labelled": n, "positives": n}
+    outcomes: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready mapping."""
         return {"site": self.name, "path": str(self.path), "patients": self.patients,
                 "rows": self.rows, "labelled": self.labelled, "positives": self.positives,
                 "positive_rate": (self.positives / self.labelled) if self.labelled else None,
+                "outcomes": self.outcomes,
                 "images": self.images, "resources": dict(sorted(self.resources.items())),
                 "split_values": self.split_values}
 
@@ -692,7 +704,7 @@ class SiteWriter:
         by_patient: dict[str, list[ParsedRow]] = defaultdict(list)
         for row in rows:
             by_patient[row.key].append(row)
-        labels: list[tuple[str, int]] = []
+        labels: list[tuple[str, int | None, dict[str, int]]] = []
         images: list[list[str]] = []
         (self.root / "fhir").mkdir(parents=True, exist_ok=True)
         with ExitStack() as stack:
@@ -714,23 +726,36 @@ class SiteWriter:
                     for resource in self._row_resources(pid, n, row):
                         emit(resource)
                     images.extend(self._copy_images(pid, row))
+                # the earliest row that knows each outcome gives it
                 label = next((r.label for r in own if r.label is not None), None)
-                if label is not None:
-                    labels.append((pid, label))
+                outcomes: dict[str, int] = {}
+                for r in own:
+                    outcomes = {**r.outcomes, **outcomes}
+                if label is not None or outcomes:
+                    labels.append((pid, label, outcomes))
                 summary.rows += len(own)
         summary.patients = len(by_patient)
-        summary.labelled = len(labels)
-        summary.positives = sum(lab for _, lab in labels)
+        known = [lab for _, lab, _ in labels if lab is not None]
+        summary.labelled, summary.positives = len(known), sum(known)
+        for spec in self.m.outcomes:
+            values = [o[spec.name] for _, _, o in labels if spec.name in o]
+            summary.outcomes[spec.name] = {"labelled": len(values), "positives": sum(values)}
         summary.images = len(images)
         self._write_csvs(labels, images)
         return summary
 
-    def _write_csvs(self, labels: list[tuple[str, int]], images: list[list[str]]) -> None:
-        if self.m.label is not None:
+    def _write_csvs(self, labels: list[tuple[str, int | None, dict[str, int]]],
+                    images: list[list[str]]) -> None:
+        names = [o.name for o in self.m.outcomes]
+        if self.m.label is not None or names:
             with (self.root / "labels.csv").open("w", newline="", encoding="utf-8") as fh:
                 w = csv.writer(fh)
-                w.writerow(["patient_id", "label"])
-                w.writerows(labels)
+                has_label = self.m.label is not None
+                w.writerow(["patient_id", *(["label"] if has_label else []), *names])
+                for pid, label, outcomes in labels:
+                    cells = [*([label] if has_label else []),
+                             *(outcomes.get(n) for n in names)]
+                    w.writerow([pid, *("" if c is None else c for c in cells)])
         if images:
             with (self.root / "images.csv").open("w", newline="", encoding="utf-8") as fh:
                 w = csv.writer(fh)

@@ -3,7 +3,8 @@
 A mapping says, for one CSV layout, which column holds the patient key, what each row's
 index (presentation) time is, how the patient's sex and age are coded, which columns become
 Conditions (SNOMED CT) and Observations (LOINC, or a local code system), which column is
-the label, and which image files belong to a row. Per column it also says when the value
+the label (and which are further outcomes: more ``labels.csv`` columns), and which image
+files belong to a row. Per column it also says when the value
 became known (``known: at_index`` or a date column) and which raw codes mean *unknown* (an
 absent value) or *not applicable* (``not_applicable_means``: what it means for that column).
 See ``docs/import-csv.md``; the shipped mappings are in ``configs/mappings/``.
@@ -46,6 +47,7 @@ __all__ = [
     "LabelSpec",
     "MappingError",
     "ObservationColumn",
+    "OutcomeSpec",
     "PatientSpec",
     "RowFilter",
     "SexSpec",
@@ -336,6 +338,18 @@ class LabelSpec(_Strict):
         return self
 
 
+class OutcomeSpec(LabelSpec):
+    """Another outcome column of ``labels.csv`` (beside ``label``), coded like the label.
+
+    A registry often records several outcomes of one stay (ICU, intubation) without a date:
+    each becomes a column of ``labels.csv`` that a task picks with
+    ``label.labels_csv_column``; never a feature.
+    """
+
+    name: ShortName = Field(description="Its column in labels.csv (not 'label' or "
+                                        "'patient_id').")
+
+
 class ImageFile(_Strict):
     """One image file per row, found by a path template such as ``'{ID}_a.jpg'``."""
 
@@ -399,6 +413,9 @@ class CsvMapping(_Strict):
     observations: list[ObservationColumn] = Field(default_factory=list,
                                                   description="Columns -> Observations.")
     label: LabelSpec | None = Field(default=None, description="labels.csv.")
+    outcomes: list[OutcomeSpec] = Field(
+        default_factory=list,
+        description="More outcome columns of labels.csv, one per entry (named by 'name').")
     images: ImagesSpec | None = Field(default=None, description="images.csv.")
 
     @model_validator(mode="after")
@@ -408,17 +425,28 @@ class CsvMapping(_Strict):
         if dup:
             raise ValueError(f"condition/observation names {dup} are used twice (names are "
                              "compared ignoring case, with _ read as -)")
-        if self.label is not None:
-            feats = {c.column for c in (*self.conditions, *self.observations)}
-            if self.label.column in feats:
-                raise ValueError(f"label column '{self.label.column}' is also a condition or "
-                                 "observation: a label must never become a feature")
+        feats = {c.column for c in (*self.conditions, *self.observations)}
+        if self.label is not None and self.label.column in feats:
+            raise ValueError(f"label column '{self.label.column}' is also a condition or "
+                             "observation: a label must never become a feature")
+        self._check_outcomes(feats)
         for names_map in self.site_names.values():
             for site in names_map.values():
                 if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", site):
                     raise ValueError(f"site name '{site}' is not a plain folder name "
                                      "(letters, digits, . _ -)")
         return self
+
+    def _check_outcomes(self, feats: set[str]) -> None:
+        names = [o.name for o in self.outcomes]
+        for o in self.outcomes:
+            if o.name in ("label", "patient_id") or names.count(o.name) > 1:
+                raise ValueError(f"outcome name '{o.name}' is taken (outcome names are "
+                                 "labels.csv columns: unique, not 'label' or 'patient_id')")
+            if o.column in feats:
+                raise ValueError(f"outcome column '{o.column}' (outcome '{o.name}') is also a "
+                                 "condition or observation: an outcome must never become a "
+                                 "feature")
 
     def system_uri(self, system: str) -> str:
         """The URI of a code system alias (``snomed``, ``loinc``, ``local``) or URI."""
@@ -443,6 +471,8 @@ class CsvMapping(_Strict):
                          ("label.column", self.label.column if self.label else None)):
             if col:
                 used.setdefault(col, key)
+        for i, outcome in enumerate(self.outcomes):
+            used.setdefault(outcome.column, f"outcomes[{i}].column")
         self._timed_columns(used)
         del used[""]
         return used

@@ -7,7 +7,7 @@ A site is a directory::
       images/        .dcm .nii .nii.gz .png .jpg .jpeg, any sub-folders
       images.csv     optional: patient_id,path[,modality,view,acquired]
       notes.csv      optional: patient_id,text[,date,kind]
-      labels.csv     optional: patient_id,label
+      labels.csv     optional: patient_id,label[,other outcome columns]
 
 Paths inside CSV files and attachment URLs are relative to the site directory; one that
 leads outside it (``..``, an absolute path, a symlink escaping) is refused and reported,
@@ -39,7 +39,9 @@ CSV_COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # name: (required, optional)
     "images.csv": (("patient_id", "path"), ("modality", "view", "acquired")),
     "notes.csv": (("patient_id", "text"), ("date", "kind")),
-    "labels.csv": (("patient_id", "label"), ()),
+    # the label column is the task's (label.labels_csv_column, default 'label'): read_csv's
+    # ``require`` adds it
+    "labels.csv": (("patient_id",), ("label",)),
 }
 
 
@@ -188,7 +190,8 @@ def resolve_inside(root: Path, ref: str, *, file: str, row: str, field: str,
     return resolved
 
 
-def read_csv(path: Path, name: str, sink: ErrorSink) -> list[dict[str, str]]:
+def read_csv(path: Path, name: str, sink: ErrorSink, *,
+             require: tuple[str, ...] = ()) -> list[dict[str, str]]:
     """Read one of the contract's CSV files, checking its header.
 
     Parameters
@@ -199,6 +202,8 @@ def read_csv(path: Path, name: str, sink: ErrorSink) -> list[dict[str, str]]:
         ``images.csv``, ``notes.csv`` or ``labels.csv`` (selects the expected columns).
     sink
         Receives a bad header or an unreadable file.
+    require
+        Columns required beyond the file's own (``labels.csv``: the task's label column).
 
     Returns
     -------
@@ -206,6 +211,8 @@ def read_csv(path: Path, name: str, sink: ErrorSink) -> list[dict[str, str]]:
         One mapping per row (``_row``: the 1-based data row number, as a string).
     """
     required, optional = CSV_COLUMNS[name]
+    required = (*required, *(c for c in require if c not in required))
+    optional = tuple(c for c in optional if c not in required)
     try:
         with path.open(newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)

@@ -22,7 +22,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from multimodal_fl.cli import app
-from multimodal_fl.config import TaskSpec
+from multimodal_fl.config import DataConfig, TaskSpec
 from multimodal_fl.data import DataError, build_cohort
 from multimodal_fl.data.csv_import import POOL_SITE, fhir_id, import_csv
 from multimodal_fl.data.csv_mapping import CsvMapping, MappingError, load_mapping
@@ -506,6 +506,85 @@ def test_image_path_outside_the_image_folder_is_a_bad_value(tmp_path: Path) -> N
     assert [(s.resource_id, s.field, s.reason) for s in result.skipped] == [
         ("line 2", "img", "bad_value")]
     assert result.counts["images_not_found"] == 1 and result.sites[0].images == 0
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+# icu and crp become outcomes: they are no longer features
+OUTCOMES = MAPPING.replace("""  - {name: icu, column: icu, system: local, code: icu, type: boolean,
+     not_applicable_means: absent, known: updated}
+""", "").replace("""  - {name: crp, column: crp, code: "1988-5", unit: mg/L}
+""", "") + """outcomes:
+  - {name: icu, column: icu, positive: ["1"], negative: ["2", "97"], unknown: ["98", "99"]}
+  - {name: high_crp, column: crp, above: 10, unknown: ["98"]}
+"""
+
+
+def test_outcomes_are_labels_csv_columns_a_task_can_pick(tmp_path: Path) -> None:
+    """Undated outcomes (ICU) go to labels.csv beside the label; a task names its column."""
+    task = TaskSpec.model_validate({**TASK.model_dump(), "features": {
+        "demographics": ["age", "sex"], "conditions": TASK.model_dump()["features"][
+            "conditions"]}})
+    out = tmp_path / "site"
+    result = import_csv(_csv(tmp_path, ROWS), _mapping(tmp_path, OUTCOMES), out)
+    with (out / "labels.csv").open() as fh:
+        rows = list(csv.reader(fh))
+    # icu: 97 (p2, an outpatient) is no, 99 (p3) unknown; crp: empty (p2) and 98 (p3) unknown
+    assert rows[0] == ["patient_id", "label", "icu", "high_crp"]
+    assert rows[1:] == [["p1", "1", "1", "1"], ["p2", "0", "0", ""], ["p3", "0", "", ""]]
+    assert [s.to_dict()["outcomes"] for s in result.sites] == [
+        {"icu": {"labelled": 2, "positives": 1}, "high_crp": {"labelled": 1, "positives": 1}}]
+    # no ICU Observation: an outcome is never written as a feature
+    assert not any("icu" in r["id"] for r in _ndjson(out, "Observation"))
+    labels = {}
+    for column in ("label", "icu", "high_crp"):
+        picked = task.model_copy(update={"label": task.label.model_copy(
+            update={"labels_csv_column": column})})
+        cohort = build_cohort(out, picked)
+        labels[column] = dict(zip(cohort.table.patient_id, cohort.table.label, strict=True))
+        # an empty cell is no label: the patient is excluded, nothing is skipped as bad
+        assert cohort.counts["skipped_by_reason"] == {}
+    assert labels == {"label": {"p1": 1, "p2": 0, "p3": 0}, "icu": {"p1": 1, "p2": 0},
+                      "high_crp": {"p1": 1}}
+
+
+def test_a_task_naming_an_absent_labels_column_says_so(tmp_path: Path) -> None:
+    out = tmp_path / "site"
+    import_csv(_csv(tmp_path, ROWS), _mapping(tmp_path), out)
+    task = TaskSpec.model_validate({**TASK.model_dump(), "label": {
+        "kind": "labels_csv", "labels_csv_column": "icu"}})
+    cohort = build_cohort(out, task)
+    assert cohort.n_patients == 0
+    (skip,) = cohort.skipped
+    assert skip.reason == "bad_csv_header" and "missing column(s) ['icu']" in skip.message()
+    with pytest.raises(DataError, match=r"labels.csv.*missing column\(s\) \['icu'\]"):
+        build_cohort(out, task, data=DataConfig(on_error="fail"))
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    ("- {name: high_crp, column: crp,", "- {name: label, column: crp,",
+     "outcome name 'label' is taken"),
+    ("- {name: high_crp, column: crp,", "- {name: icu, column: crp,",
+     "outcome name 'icu' is taken"),
+    ("- {name: high_crp, column: crp, above: 10, unknown: [\"98\"]}",
+     "- {name: diabetic, column: diab, positive: ['1'], negative: ['2']}",
+     "outcome column 'diab' (outcome 'diabetic') is also a condition or observation"),
+    ("- {name: high_crp, column: crp,", "- {name: 1crp, column: crp,",
+     "must start with a letter"),
+])
+def test_mapping_refuses_bad_outcomes(tmp_path: Path, old: str, new: str,
+                                      expected: str) -> None:
+    assert old in OUTCOMES
+    with pytest.raises(MappingError, match=re.escape(expected)):
+        load_mapping(_mapping(tmp_path, OUTCOMES.replace(old, new)))
+
+
+def test_outcome_column_missing_from_the_header(tmp_path: Path) -> None:
+    text = OUTCOMES.replace("column: icu, positive", "column: uci, positive")
+    with pytest.raises(DataError, match=r"column 'uci' \(mapping 'test_map': "
+                                        r"outcomes\[0\].column\) is not in the header"):
+        import_csv(_csv(tmp_path, ROWS), _mapping(tmp_path, text), tmp_path / "s")
 
 
 # --------------------------------------------------------------------------- cli
