@@ -10,7 +10,11 @@ Every engine writes the same layout, so runs compare directly::
       metrics.json                engine, per-site metrics per split, training history
       model.safetensors           the model (centralized, federated)
       model_card.json, .md        what the model is for and how it did (completed runs)
-      report/                     report.json and report.html (``mmfl train`` ends with it)
+      report/                     report.json and report.html (``mmfl train`` ends with it),
+                                  built from disclosed/, metrics.json and cross_site.json only
+      disclosed/<site>.json       what each site disclosed for the report (fairness cells,
+                                  ROC and calibration summaries under the small-cell rules)
+      cross_site.json             the cross-site matrix (models x test sites), when made
       cache/<site>/...            embedding cache (unless data.cache_dir or $MMFL_CACHE is set)
       sites/<site>/
         splits.json               patient -> train/val/test, with counts
@@ -52,8 +56,15 @@ from multimodal_fl.config import ExperimentConfig
 from multimodal_fl.evaluation.metrics import MetricValue
 from multimodal_fl.training import SPLITS, SiteData
 
+#: The folder of the sites' disclosed report documents, ``RUN_DIR/disclosed/<site>.json``.
+DISCLOSED_DIR = "disclosed"
+#: The cross-site matrix file, ``RUN_DIR/cross_site.json`` (``CrossSiteResult.to_dict()``).
+CROSS_SITE_FILE = "cross_site.json"
+
 __all__ = [
+    "CROSS_SITE_FILE",
     "DIGEST_EXCLUDES",
+    "DISCLOSED_DIR",
     "MANIFEST",
     "RunDirError",
     "RunManifest",
@@ -199,6 +210,25 @@ class RunWriter:
         """Write ``sites/<site>/predictions.csv``."""
         path = self.site_dir(site) / "predictions.csv"
         frame.to_csv(path, index=False)
+        return path
+
+    def write_disclosed(self, site: str, doc: Mapping[str, Any]) -> Path:
+        """Write ``disclosed/<site>.json``: the report document the site disclosed.
+
+        Parameters
+        ----------
+        site : str
+        doc : mapping
+            :func:`~multimodal_fl.evaluation.disclosed.site_disclosure`'s output.
+
+        Returns
+        -------
+        Path
+        """
+        folder = self.run_dir / DISCLOSED_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{site}.json"
+        path.write_text(json.dumps(jsonable(dict(doc)), indent=1, allow_nan=False))
         return path
 
     def write_metrics(self, metrics: Mapping[str, Any]) -> Path:

@@ -4,13 +4,18 @@
 every site's patients into one training set: it moves data between hospitals and is only a
 research baseline (it says so when it runs). Both use the same per-site splits
 (:func:`~multimodal_fl.training.split_patients`) as the federated engine, and write the run
-directory of :mod:`multimodal_fl.rundir`.
+directory of :mod:`multimodal_fl.rundir`: each site's disclosed report document
+(``disclosed/<site>.json``, from its in-process predictions, under the site's policy as a
+federated site would disclose it) and the histogram-pooled test figures in ``metrics.json``
+(``pooled_from_histograms``), so the report reads every engine's run the same way.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,13 +25,22 @@ import pandas as pd
 import torch
 from safetensors.numpy import save_file
 
-from multimodal_fl.config import ExperimentConfig
+from multimodal_fl.config import ExperimentConfig, SitePolicy, load_policy
+from multimodal_fl.evaluation.disclosed import released_metric, site_disclosure
+from multimodal_fl.evaluation.histograms import pooled_evaluation, summarise_site
 from multimodal_fl.evaluation.metrics import derive_seed
 from multimodal_fl.fusion import FusionModel
 from multimodal_fl.pca.site import projection_arrays
 from multimodal_fl.pca.stage import apply_pca_stage, fit_pca_stage
 from multimodal_fl.progress import ProgressCallback, StepEvent
-from multimodal_fl.rundir import RunOutcome, RunWriter, default_run_dir, jsonable, site_summary
+from multimodal_fl.rundir import (
+    CROSS_SITE_FILE,
+    RunOutcome,
+    RunWriter,
+    default_run_dir,
+    jsonable,
+    site_summary,
+)
 from multimodal_fl.training import (
     CohortDataset,
     SiteData,
@@ -70,17 +84,66 @@ def _train_one(cfg: ExperimentConfig, data_train: CohortDataset, data_val: Cohor
     return result
 
 
+def _site_policy(cfg: ExperimentConfig, site: str) -> SitePolicy:
+    """The site's disclosure policy (``policy.yaml`` in its directory), as the federated site."""
+    paths = {s.name: s.path for s in cfg.sites}
+    return load_policy(paths[site]) if site in paths else SitePolicy()
+
+
+def _disclose(writer: RunWriter, cfg: ExperimentConfig, site: str,
+              frame: pd.DataFrame) -> dict[str, Any]:
+    """Write the site's disclosed report document, as a federated site discloses it."""
+    ev = cfg.evaluation
+    policy = _site_policy(cfg, site)
+    doc = site_disclosure(frame, site=site, sensitive=ev.sensitive,
+                          min_cell=policy.effective_min_cell(ev.min_cell), n_boot=ev.n_boot,
+                          seed=cfg.seed, threshold_rule=ev.threshold, n_bins=ev.histogram_bins,
+                          subgroup_summaries=policy.subgroup_summaries)
+    writer.write_disclosed(site, doc)
+    return doc
+
+
+def _pooled_from_histograms(cfg: ExperimentConfig, frames: Mapping[str, pd.DataFrame],
+                            disclosed: Mapping[str, dict[str, Any]],
+                            writer_engine: str) -> dict[str, Any]:
+    """The histogram-pooled test figures the federated engine reports, here in process.
+
+    Sensitivity and specificity are pooled at one model's one threshold: the centralized
+    model's (the sites' median, as its model card says), a local-only run's only when every
+    site's model uses the same.
+    """
+    if not frames:
+        return {}
+    ev = cfg.evaluation
+    thresholds = [d["threshold"] for d in disclosed.values()]
+    common = statistics.median(thresholds) if writer_engine == "centralized" else (
+        thresholds[0] if len(set(thresholds)) == 1 else None)
+    summaries = []
+    for name, frame in frames.items():
+        test = frame[frame["split"] == "test"]
+        summaries.append(summarise_site(
+            name, test["label"].to_numpy(), test["score"].to_numpy(),
+            groups={c: test[c].astype(str).to_numpy() for c in ev.sensitive if c in test},
+            threshold=common, n_bins=ev.histogram_bins, min_cell=disclosed[name]["min_cell"],
+            n_boot=0, ece_bins=10 if ev.histogram_bins % 10 == 0 else 1, seed=cfg.seed))
+    return pooled_evaluation(summaries).to_dict()
+
+
 def _finish(writer: RunWriter, cfg: ExperimentConfig, sites: Mapping[str, SiteData],
             models: Mapping[str, FusionModel], extra: dict[str, Any]) -> dict[str, Any]:
-    """Write splits, predictions and metrics for every site; return the metrics document."""
+    """Write splits, predictions, disclosed documents and metrics; return the metrics document."""
     per_site: dict[str, Any] = {}
     frames = []
+    site_frames: dict[str, pd.DataFrame] = {}
+    disclosed: dict[str, dict[str, Any]] = {}
     for name, data in sites.items():
         if name not in models:
             continue
         writer.write_splits(name, data)
         frame = predictions_frame(models[name], data, sensitive=cfg.evaluation.sensitive)
         writer.write_predictions(name, frame)
+        disclosed[name] = _disclose(writer, cfg, name, frame)
+        site_frames[name] = frame
         frames.append(frame.assign(site=name))
         per_site[name] = {
             **site_summary(data),
@@ -94,6 +157,8 @@ def _finish(writer: RunWriter, cfg: ExperimentConfig, sites: Mapping[str, SiteDa
         "sites": per_site,
         "pooled": metrics_by_split(pooled, n_boot=cfg.evaluation.n_boot, seed=cfg.seed,
                                    where="pooled"),
+        "pooled_from_histograms": _pooled_from_histograms(cfg, site_frames, disclosed,
+                                                          writer.engine),
         **extra,
     }
     writer.write_metrics(doc)
@@ -143,19 +208,31 @@ def _write_cross_predictions(writer: RunWriter, cfg: ExperimentConfig,
     """Score every site's local model on every other site's test patients (EXAM's matrix).
 
     Written as ``sites/<test site>/cross_predictions.csv`` (``model`` = ``local:<site>``): the
-    model travels to the test site, the patient-level scores stay in that site's folder.
+    model travels to the test site, the patient-level scores stay in that site's folder. What
+    the test site discloses of them, each model's test AUC under its small-cell rules
+    (:func:`~multimodal_fl.evaluation.disclosed.released_metric`), goes to
+    ``RUN_DIR/cross_site.json``, the report's cross-site matrix.
     """
+    cells: list[dict[str, Any]] = []
+    ev = cfg.evaluation
     for test_site, data in sites.items():
         frames = []
+        min_cell = _site_policy(cfg, test_site).effective_min_cell(ev.min_cell)
         for model_site, model in models.items():
             if model_site == test_site:
                 continue
-            frame = predictions_frame(model, data, sensitive=cfg.evaluation.sensitive)
+            frame = predictions_frame(model, data, sensitive=ev.sensitive)
             frame = frame[frame["split"] == "test"]
             frames.append(frame.assign(model=f"local:{model_site}"))
+            cells.append({"model": f"local:{model_site}", "test_site": test_site,
+                          **released_metric(frame["label"], frame["score"], min_cell=min_cell,
+                                            n_boot=ev.n_boot, seed=derive_seed(
+                                                cfg.seed, f"local:{model_site}", test_site))})
         if frames:
             path = writer.site_dir(test_site) / "cross_predictions.csv"
             pd.concat(frames, ignore_index=True).to_csv(path, index=False)
+    (writer.run_dir / CROSS_SITE_FILE).write_text(
+        json.dumps(jsonable({"metric": "auc", "cells": cells}), indent=1, allow_nan=False))
 
 
 def run_local(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | None = None, *,

@@ -41,7 +41,10 @@ Request kinds it answers:
     Validation metrics of the global weights.
 ``predict``
     Final evaluation: write ``splits.json`` and ``predictions.csv`` into the site folder and
-    return metrics per split plus binned score histograms (no patient-level value).
+    return metrics per split plus binned score histograms (no patient-level value), and the
+    site's disclosed report document (``disclosed``, :func:`~multimodal_fl.evaluation.
+    disclosed.site_disclosure` at the gate's ``min_cell``; the request's ``threshold``, when it
+    carries one, else ``evaluation.threshold``), from which the report is built.
 
 Randomness: every generator is seeded from ``site_seed(seed, site, round)``.
 """
@@ -59,6 +62,7 @@ from torch import nn
 
 from multimodal_fl.config import ExperimentConfig, SitePolicy, load_policy
 from multimodal_fl.encoders.tabular import Standardizer
+from multimodal_fl.evaluation.disclosed import site_disclosure
 from multimodal_fl.evaluation.histograms import summarise_site
 from multimodal_fl.federated.aggregation import STANDARDIZER_STATE
 from multimodal_fl.federated.disclosure import EGRESS_LOG, DisclosureGate
@@ -398,9 +402,15 @@ class FusionSite:
                     if number is not None and np.isfinite(number):
                         flat[f"{split}/{metric}{part}"] = float(number)
         site_doc = {**site_summary(self.data), "metrics": by_split}
+        disclosed = site_disclosure(
+            frame, site=self.name, sensitive=ev.sensitive, min_cell=int(request.config["min_cell"]),
+            n_boot=ev.n_boot, seed=self.cfg.seed, n_bins=ev.histogram_bins,
+            threshold_rule=str(request.config.get("threshold", ev.threshold)),
+            subgroup_summaries=self.gate.policy.subgroup_summaries)
         documents = {
             Doc.EVALUATION: pack_document(summary.to_dict()),
             Doc.SITE_METRICS: pack_document(jsonable(site_doc)),
+            Doc.DISCLOSED: pack_document(disclosed),
         }
         return self._reply(request, n_samples=len(frame), metrics=flat, documents=documents)
 
