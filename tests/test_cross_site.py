@@ -27,7 +27,7 @@ def test_local_run_writes_cross_site_predictions_and_the_report_uses_them(
         for _, part in cross.groupby("model"):
             assert set(part["patient_id"].astype(str)) == test_ids
         assert cross["score"].between(0, 1).all()
-    doc, _, _ = build_report([run], n_boot=0)
+    doc, _, _ = build_report([run])
     pairs = {(r["model"], r["test_site"]) for r in doc["cross_site"]["cells"]}
     # every local model on every site: the full matrix, not only its diagonal
     assert {(f"local:{m}", t) for m in names for t in names} <= pairs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterator
@@ -180,7 +181,7 @@ def test_score_steps_hold_zero_or_min_cell_of_each_class(seed: int) -> None:
         assert 0 < y.sum() < mc or 0 < n - y.sum() < mc
         return
     assert steps[0][0] == 0 and steps[-1][1] == 100
-    assert all(a[1] == b[0] for a, b in zip(steps, steps[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(steps))
     for _, _, p, q in steps:
         assert p + q > 0 and (p == 0 or p >= mc) and (q == 0 or q >= mc)
     assert sum(p for *_, p, _ in steps) == y.sum()
