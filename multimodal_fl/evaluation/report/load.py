@@ -235,6 +235,10 @@ def _read_disclosed(path: Path) -> dict[str, SiteDisclosure]:
     folder = path / DISCLOSED_DIR
     files = sorted(folder.glob("*.json")) if folder.is_dir() else []
     if not files:
+        manifest = read_manifest(path)
+        if manifest is not None and manifest.status != "completed":
+            raise ValueError(f"{path}: the run is {manifest.status}; its sites disclose their "
+                             "report documents at the end (mmfl train --resume RUN_DIR)")
         if folder.is_dir() or (path / "metrics.json").is_file():
             raise OldRunDirectory(_old_run_message(path))
         raise ValueError(f"{path}: no {DISCLOSED_DIR}/<site>.json and no metrics.json; expected "
