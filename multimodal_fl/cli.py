@@ -386,17 +386,22 @@ def report_cmd(
                                                    "local and centralized runs of one config).")],
     out: Annotated[Path | None, typer.Option("--out", help="Report folder (default: "
                                              "RUN_DIR/report of the first run).")] = None,
-    n_boot: Annotated[int | None, typer.Option("--n-boot", help="Bootstrap resamples.")] = None,
 ) -> None:
-    """Write the fairness and generalisability report (report.json + report.html)."""
-    from multimodal_fl.evaluation.report import write_report
+    """Write the fairness and generalisability report (report.json + report.html).
+
+    Built from what the sites disclosed (RUN_DIR/disclosed/), metrics.json and the cross-site
+    matrix: the server's run directory of a deployment is enough.
+    """
+    from multimodal_fl.evaluation.report import OldRunDirectory, write_report
 
     for run in run_dirs:
         if not (run / "metrics.json").is_file():
             fail(f"{run}: not a run directory (no metrics.json); run `mmfl train` first")
     target = out or run_dirs[0] / "report"
     try:
-        json_path, html_path = write_report(run_dirs, target, n_boot=n_boot)
+        json_path, html_path = write_report(run_dirs, target)
+    except OldRunDirectory as exc:
+        fail(f"report: {exc}")
     except (ValueError, KeyError, FileNotFoundError) as exc:
         fail(f"report: {type(exc).__name__}: {exc}")
     console.print(f"report: {html_path}\n        {json_path}")

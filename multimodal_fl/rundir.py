@@ -13,7 +13,11 @@ Every engine writes the same layout, so runs compare directly::
                                   metric, settings, each local-only model's status (shared or
                                   withheld by policy) and one cell per (model, test site)
       model_card.json, .md        what the model is for and how it did (completed runs)
-      report/                     report.json and report.html (``mmfl train`` ends with it)
+      report/                     report.json and report.html (``mmfl train`` ends with it),
+                                  built from disclosed/, metrics.json and cross_site.json only
+      disclosed/<site>.json       what each site disclosed for the report (fairness cells,
+                                  ROC and calibration summaries under the small-cell rules)
+      cross_site.json             the cross-site matrix (models x test sites), when made
       cache/<site>/...            embedding cache (unless data.cache_dir or $MMFL_CACHE is set)
       sites/<site>/
         splits.json               patient -> train/val/test, with counts
@@ -57,9 +61,15 @@ from multimodal_fl.evaluation.fairness import CrossSiteResult
 from multimodal_fl.evaluation.metrics import MetricValue
 from multimodal_fl.training import SPLITS, SiteData
 
+#: The folder of the sites' disclosed report documents, ``RUN_DIR/disclosed/<site>.json``.
+DISCLOSED_DIR = "disclosed"
+#: The cross-site matrix file, ``RUN_DIR/cross_site.json`` (``CrossSiteResult.to_dict()``).
+CROSS_SITE_FILE = "cross_site.json"
+
 __all__ = [
     "CROSS_SITE_FILE",
     "DIGEST_EXCLUDES",
+    "DISCLOSED_DIR",
     "MANIFEST",
     "RunDirError",
     "RunManifest",
@@ -225,16 +235,31 @@ class RunWriter:
         path.write_text(json.dumps(jsonable(dict(doc)), indent=2))
         return path
 
+    def write_disclosed(self, site: str, doc: Mapping[str, Any]) -> Path:
+        """Write ``disclosed/<site>.json``: the report document the site disclosed.
+
+        Parameters
+        ----------
+        site : str
+        doc : mapping
+            :func:`~multimodal_fl.evaluation.disclosed.site_disclosure`'s output.
+
+        Returns
+        -------
+        Path
+        """
+        folder = self.run_dir / DISCLOSED_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{site}.json"
+        path.write_text(json.dumps(jsonable(dict(doc)), indent=1, allow_nan=False))
+        return path
+
     def write_metrics(self, metrics: Mapping[str, Any]) -> Path:
         """Write ``metrics.json`` (``engine`` and ``config`` added)."""
         doc = {"engine": self.engine, "config": self.cfg.name, **metrics}
         path = self.run_dir / "metrics.json"
         path.write_text(json.dumps(jsonable(doc), indent=2))
         return path
-
-
-#: The run's cross-site matrix of disclosed cells (server side; the local engine writes it).
-CROSS_SITE_FILE = "cross_site.json"
 
 
 def read_cross_site(run_dir: str | os.PathLike[str]) -> CrossSiteResult | None:

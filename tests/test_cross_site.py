@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 import yaml
 from safetensors.torch import load_file
@@ -23,7 +22,9 @@ from multimodal_fl.config import ExperimentConfig, SitePolicy, load_config
 from multimodal_fl.engines.baselines import run_local
 from multimodal_fl.engines.cross_site import WITHHELD
 from multimodal_fl.engines.federated import inprocess_federation
-from multimodal_fl.evaluation.fairness import CrossSiteResult, cross_site_matrix
+from multimodal_fl.evaluation.disclosed import released_metric
+from multimodal_fl.evaluation.fairness import CrossSiteResult, cross_site_frame
+from multimodal_fl.evaluation.metrics import derive_seed
 from multimodal_fl.evaluation.report import build_report
 from multimodal_fl.federated.disclosure import DisclosureGate, SiteRefused
 from multimodal_fl.federated.protocol import Kind, Reply, Request, SiteFailure
@@ -57,21 +58,38 @@ def _own_sites(cfg: ExperimentConfig, root: Path,
     return cfg.model_copy(update={"sites": sites})
 
 
+def _balanced_labels(cfg: ExperimentConfig, root: Path) -> ExperimentConfig:
+    """``cfg`` over copies of its sites whose ``labels.csv`` makes every other patient positive.
+
+    The tiny cohort has 3-6 positives per site, so no test split holds ``min_cell`` (5)
+    patients of each class and every disclosed AUC would be suppressed: nothing to compare.
+    """
+    cfg = _own_sites(cfg, root, {})
+    for name, sd in load_site_data(cfg, root / "probe").items():
+        ids = sorted({*sd.train.patient_ids, *sd.val.patient_ids, *sd.test.patient_ids})
+        rows = "".join(f"{pid},{i % 2}\n" for i, pid in enumerate(ids))
+        (root / "sites" / name / "labels.csv").write_text("patient_id,label\n" + rows)
+    return cfg
+
+
 def _direct_matrix(cfg: ExperimentConfig, run: Path) -> CrossSiteResult:
     """What the local engine computed before the job: every local model of the run, scored on
-    every site's test split in one process, through the report's own function."""
+    every site's test split in one process, under the rule of a site's own disclosed cells
+    (``released_metric``: a class metric needs ``min_cell`` patients of each class)."""
     data = load_site_data(cfg, run)
-    frames = []
+    rows = []
+    ev = cfg.evaluation
     for owner in sorted(data):
         model = build_model(cfg, data[owner])
         load_weights(model, load_file(str(run / "sites" / owner / "model.safetensors")))
         for site, sd in sorted(data.items()):
             frame = predictions_frame(model, sd)
-            frames.append(frame[frame["split"] == "test"].assign(model=f"local:{owner}",
-                                                                 site=site))
-    ev = cfg.evaluation
-    return cross_site_matrix(pd.concat(frames, ignore_index=True), min_cell=ev.min_cell,
-                             n_boot=ev.n_boot, seed=cfg.seed)
+            test = frame[frame["split"] == "test"]
+            name = f"local:{owner}"
+            rows.append({"model": name, "test_site": site, **released_metric(
+                test["label"].to_numpy(), test["score"].to_numpy(), min_cell=ev.min_cell,
+                n_boot=ev.n_boot, seed=derive_seed(cfg.seed, name, site))})
+    return CrossSiteResult(cross_site_frame(rows), "auc")
 
 
 def _cells(result: CrossSiteResult) -> dict[tuple[str, str], dict[str, Any]]:
@@ -100,7 +118,9 @@ class Recorder:
 def test_local_job_matrix_equals_the_direct_computation(
     tiny_config: Callable[..., Path], tmp_path: Path
 ) -> None:
-    cfg = _cfg(tiny_config)
+    # a large, balanced test split: a disclosed AUC needs min_cell (5) patients of each class
+    cfg = _balanced_labels(_cfg(tiny_config, {"train": 0.3, "val": 0.1, "test": 0.6}),
+                           tmp_path)
     run = run_local(cfg, tmp_path / "local").run_dir
     got = read_cross_site(run)
     assert got is not None, f"the local job wrote no {CROSS_SITE_FILE}"
@@ -118,7 +138,7 @@ def test_local_job_matrix_equals_the_direct_computation(
     shown = [k for k, c in cells.items() if k[0] != f"local:{k[1]}" and c["value"] is not None]
     assert len(shown) >= 3, "too few cells with a figure for the comparison to mean much"
     # the report shows the disclosed matrix: every model on every site
-    doc, _, _ = build_report([run], n_boot=0)
+    doc, _, _ = build_report([run])
     report = {(c["model"], c["test_site"]): c for c in doc["cross_site"]["cells"]}
     for key, c in cells.items():
         assert report[key]["value"] == c["value"], key
@@ -158,7 +178,7 @@ def test_a_withheld_model_reads_withheld_by_policy_and_its_weights_never_leave(
     assert all(e["weights"] == 0 for e in log)
     assert all(e["policy"]["share_local_model"] is False for e in log)
     # the report reads the row as the sites disclosed it
-    doc, _, _ = build_report([run_dir], n_boot=0)
+    doc, _, _ = build_report([run_dir])
     report = {(c["model"], c["test_site"]): c for c in doc["cross_site"]["cells"]}
     assert report[("local:site_c", "site_a")]["reason"] == WITHHELD
 
@@ -177,8 +197,10 @@ def test_a_test_split_below_min_cell_gives_suppressed_cells(
         cell = cells[(model, "site_b")]
         assert cell["suppressed"] and cell["value"] is None and cell["n"] is None, model
         assert cell["reason"] == "fewer than 10 patients", model
-    shown = [c for (m, t), c in cells.items() if t != "site_b" and c["value"] is not None]
-    assert shown, "the other sites' cells should carry figures"
+    # the other sites apply their own min_cell (5): their 8-patient test splits show n (an AUC
+    # would also need 5 patients of each class, which the tiny cohort's test splits lack)
+    others = [c for (m, t), c in cells.items() if t != "site_b"]
+    assert others and all(c["n"] == 8 for c in others), others
     log = [json.loads(line) for line in
            (run / "sites" / "site_b" / "egress.jsonl").read_text().splitlines()]
     cross = [e for e in log if e["kind"] == "cross_evaluate"]
@@ -212,7 +234,8 @@ def test_a_site_built_afresh_scores_and_predicts_with_the_model_it_keeps_at_home
     tiny_config: Callable[..., Path], tmp_path: Path
 ) -> None:
     """Flower without site workers builds a site per message: the model comes from home."""
-    cfg = _cfg(tiny_config)
+    cfg = _balanced_labels(_cfg(tiny_config, {"train": 0.3, "val": 0.1, "test": 0.6}),
+                           tmp_path / "cohort")
     data = load_site_data(cfg, tmp_path)["site_a"]
     own = {"model": "local:site_a", "model_site": "site_a", "metric": "auc", "n_boot": 20,
            "seed": 0}

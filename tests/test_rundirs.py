@@ -266,6 +266,55 @@ def test_a_run_ends_with_its_report_and_model_card(runs: dict[str, Path]) -> Non
     assert fed_card["training"]["federated"]["completed_rounds"] == 2
 
 
+def _report_json(run_dir: Path, out: Path) -> dict[str, Any]:
+    """``mmfl report RUN_DIR --out OUT``'s report.json (asserting success)."""
+    result = CliRunner().invoke(app, ["report", str(run_dir), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    doc: dict[str, Any] = json.loads((out / "report.json").read_text())
+    for entry in doc["runs"]:
+        entry.pop("path")
+    return doc
+
+
+def test_the_report_is_built_without_the_sites_folders(runs: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    # the server's side of an in-process run: the sites' patient-level folders removed
+    for name in ("fed", "local"):
+        server = tmp_path / name
+        shutil.copytree(runs[name], server)
+        shutil.rmtree(server / "sites")
+        without = _report_json(server, tmp_path / f"{name}-report")
+        assert without == _report_json(runs[name], tmp_path / f"{name}-with-sites")
+        sites = {"site_a", "site_b", "site_c"}
+        assert {e["engine"]: set(e["sites"]) for e in without["runs"]} == {
+            "inprocess" if name == "fed" else "local": sites}
+        label = without["runs"][0]["label"]
+        cells = without["fairness"][label]["cells"]
+        assert {c["site"] for c in cells if c["scope"] == "site"} == sites
+        # tiny test splits: every site cell is suppressed and says why, with no count
+        for c in cells:
+            if c["scope"] == "site" and c["suppressed"]:
+                assert c["reason"] and (c["n"] is None or c["n"] >= 10)
+        page = (tmp_path / f"{name}-report" / "report.html").read_text()
+        assert "suppressed (fewer than 10 patients)" in page
+
+
+def test_a_run_made_before_disclosure_gets_one_line(runs: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(runs["fed"], old)
+    shutil.rmtree(old / "disclosed")
+    manifest = json.loads((old / "run.json").read_text())
+    (old / "run.json").write_text(json.dumps(manifest | {"package_version": "0.0.9"}))
+    out = refused("report", str(old))
+    assert out.startswith(f"error: report: {old}: made by multimodal_fl 0.0.9, before sites "
+                          "disclosed their report documents (disclosed/<site>.json)")
+    assert "Train it again with this version (mmfl train CONFIG)" in out
+    (old / "run.json").unlink()
+    assert "made by a multimodal_fl without a run manifest (no run.json)" in refused(
+        "report", str(old))
+
+
 # ---------------------------------------------------------------------------- predict
 
 
@@ -278,7 +327,7 @@ def test_predict_scores_a_site_as_the_run_did(runs: dict[str, Path], tiny_sample
     assert result.exit_code == 0, result.output
     got = pd.read_csv(tmp_path / "p.csv")
     assert list(got.columns) == ["patient_id", "score", "label", "predicted"]
-    threshold = json.loads((fed / "model_card.json").read_text())["threshold"]["values"]["site_a"]
+    threshold = json.loads((fed / "model_card.json").read_text())["threshold"]["global"]
     assert (got["predicted"] == (got["score"] >= threshold).astype(int)).all()
     # the same model on the same patients: the scores the run wrote at the site
     run_rows = pd.read_csv(fed / "sites" / "site_a" / "predictions.csv")

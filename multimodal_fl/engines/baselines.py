@@ -6,18 +6,23 @@
 and keeps it there, the server aggregates nothing, each local-only model its site's policy
 shares is scored by the other sites on their own test splits (:mod:`.cross_site`), and every
 site scores its own model at home (the usual predict reply). The server writes only what the
-sites disclosed: ``metrics.json`` and ``cross_site.json``.
+sites disclosed: ``metrics.json``, ``disclosed/<site>.json`` and ``cross_site.json``.
 
 ``run_centralized(cfg)`` pools every site's patients into one training set: it moves data
 between hospitals and is only a research baseline (it says so when it runs); it exists only in
 process. Both use the same per-site splits (:func:`~multimodal_fl.training.split_patients`) as
 the federated engine, and write the run directory of :mod:`multimodal_fl.rundir`.
+
+Both write each site's disclosed report document (``disclosed/<site>.json``) and the
+histogram-pooled test figures in ``metrics.json`` (``pooled_from_histograms``), so the report
+reads every engine's run the same way.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,9 +31,11 @@ from typing import Any
 import pandas as pd
 from safetensors.numpy import save_file
 
-from multimodal_fl.config import ExperimentConfig
+from multimodal_fl.config import ExperimentConfig, SitePolicy, load_policy
 from multimodal_fl.engines.cross_site import cross_site_validation, local_training_stage
 from multimodal_fl.engines.federated import inprocess_federation, predict_stage
+from multimodal_fl.evaluation.disclosed import site_disclosure
+from multimodal_fl.evaluation.histograms import pooled_evaluation, summarise_site
 from multimodal_fl.federated.gather import StageFailed
 from multimodal_fl.federated.protocol import Doc
 from multimodal_fl.federated.server import Federation
@@ -66,17 +73,66 @@ CENTRALIZED_WARNING = (
 )
 
 
+def _site_policy(cfg: ExperimentConfig, site: str) -> SitePolicy:
+    """The site's disclosure policy (``policy.yaml`` in its directory), as the federated site."""
+    paths = {s.name: s.path for s in cfg.sites}
+    return load_policy(paths[site]) if site in paths else SitePolicy()
+
+
+def _disclose(writer: RunWriter, cfg: ExperimentConfig, site: str,
+              frame: pd.DataFrame) -> dict[str, Any]:
+    """Write the site's disclosed report document, as a federated site discloses it."""
+    ev = cfg.evaluation
+    policy = _site_policy(cfg, site)
+    doc = site_disclosure(frame, site=site, sensitive=ev.sensitive,
+                          min_cell=policy.effective_min_cell(ev.min_cell), n_boot=ev.n_boot,
+                          seed=cfg.seed, threshold_rule=ev.threshold, n_bins=ev.histogram_bins,
+                          subgroup_summaries=policy.subgroup_summaries)
+    writer.write_disclosed(site, doc)
+    return doc
+
+
+def _pooled_from_histograms(cfg: ExperimentConfig, frames: Mapping[str, pd.DataFrame],
+                            disclosed: Mapping[str, dict[str, Any]],
+                            writer_engine: str) -> dict[str, Any]:
+    """The histogram-pooled test figures the federated engine reports, here in process.
+
+    Sensitivity and specificity are pooled at one model's one threshold: the centralized
+    model's (the sites' median, as its model card says), a local-only run's only when every
+    site's model uses the same.
+    """
+    if not frames:
+        return {}
+    ev = cfg.evaluation
+    thresholds = [d["threshold"] for d in disclosed.values()]
+    common = statistics.median(thresholds) if writer_engine == "centralized" else (
+        thresholds[0] if len(set(thresholds)) == 1 else None)
+    summaries = []
+    for name, frame in frames.items():
+        test = frame[frame["split"] == "test"]
+        summaries.append(summarise_site(
+            name, test["label"].to_numpy(), test["score"].to_numpy(),
+            groups={c: test[c].astype(str).to_numpy() for c in ev.sensitive if c in test},
+            threshold=common, n_bins=ev.histogram_bins, min_cell=disclosed[name]["min_cell"],
+            n_boot=0, ece_bins=10 if ev.histogram_bins % 10 == 0 else 1, seed=cfg.seed))
+    return pooled_evaluation(summaries).to_dict()
+
+
 def _finish(writer: RunWriter, cfg: ExperimentConfig, sites: Mapping[str, SiteData],
             models: Mapping[str, FusionModel], extra: dict[str, Any]) -> dict[str, Any]:
-    """Write splits, predictions and metrics for every site; return the metrics document."""
+    """Write splits, predictions, disclosed documents and metrics; return the metrics document."""
     per_site: dict[str, Any] = {}
     frames = []
+    site_frames: dict[str, pd.DataFrame] = {}
+    disclosed: dict[str, dict[str, Any]] = {}
     for name, data in sites.items():
         if name not in models:
             continue
         writer.write_splits(name, data)
         frame = predictions_frame(models[name], data, sensitive=cfg.evaluation.sensitive)
         writer.write_predictions(name, frame)
+        disclosed[name] = _disclose(writer, cfg, name, frame)
+        site_frames[name] = frame
         frames.append(frame.assign(site=name))
         per_site[name] = {
             **site_summary(data),
@@ -90,6 +146,8 @@ def _finish(writer: RunWriter, cfg: ExperimentConfig, sites: Mapping[str, SiteDa
         "sites": per_site,
         "pooled": metrics_by_split(pooled, n_boot=cfg.evaluation.n_boot, seed=cfg.seed,
                                    where="pooled"),
+        "pooled_from_histograms": _pooled_from_histograms(cfg, site_frames, disclosed,
+                                                          writer.engine),
         **extra,
     }
     writer.write_metrics(doc)
@@ -157,7 +215,10 @@ def _local_job(federation: Federation, cfg: ExperimentConfig, writer: RunWriter,
         "local_models": cross["models"],
         "cross_site": CROSS_SITE_FILE,
     })
-    doc.update(predict_stage(federation, cfg, sorted(trained), None, 0, writer.engine))
+    stage = predict_stage(federation, cfg, sorted(trained), None, 0, writer.engine)
+    for site, disclosed in stage.pop("disclosed").items():  # the report's documents
+        writer.write_disclosed(site, disclosed)
+    doc.update(stage)
     doc["timing_s"] = {"train": t_train, "total": time.perf_counter() - t0}
     return doc
 

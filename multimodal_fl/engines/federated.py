@@ -18,8 +18,9 @@ ServerApp calls the same function with its own federation):
 4. :func:`~multimodal_fl.federated.server.run_federated`: rounds of fit / evaluate with
    checks, checkpoints and resume.
 5. ``predict``: every site writes its own ``sites/<site>/predictions.csv`` and returns
-   metrics per split and binned score histograms; the server writes ``metrics.json`` from
-   those aggregates only.
+   metrics per split, binned score histograms and its disclosed report document; the server
+   writes ``metrics.json`` from those aggregates only, and each site's document to
+   ``disclosed/<site>.json`` (the report is built from these).
 
 Only weights, counts, metrics and aggregate summaries reach this module.
 """
@@ -413,6 +414,7 @@ def predict_stage(
         "sites": {site: r.document(Doc.SITE_METRICS) for site, r in final.items()},
         "pooled_from_histograms": pooled_evaluation(evaluations).to_dict(),
         "missing_sites": sorted(set(sites) - set(final)),
+        "disclosed": {site: r.document(Doc.DISCLOSED) for site, r in final.items()},
     }
 
 
@@ -460,8 +462,11 @@ def _run_experiment(
     if result.completed_rounds < cfg.federated.rounds:
         doc["stopped_after_round"] = result.completed_rounds
     else:
-        doc.update(predict_stage(federation, cfg, sites, final_weights,
-                                  result.completed_rounds, engine))
+        stage = predict_stage(federation, cfg, sites, final_weights, result.completed_rounds,
+                              engine)
+        for site, disclosed in stage.pop("disclosed").items():  # the report's documents
+            writer.write_disclosed(site, disclosed)
+        doc.update(stage)
         doc["timing_s"] = {"prepare": t_prep, "train": t_train,
                            "total": time.perf_counter() - t0}
     writer.write_metrics(doc)

@@ -3,13 +3,15 @@
 :func:`finish_run` is called once per completed run by :func:`multimodal_fl.engines.run`:
 
 - :func:`write_run_report` writes ``RUN_DIR/report/`` (``report.json``, ``report.html``). It
-  is the one place a run's own report is built; today from what the run directory holds
-  (the sites' prediction files included), later from the documents the sites disclosed.
+  is the one place a run's own report is built, from the documents the sites disclosed
+  (``disclosed/<site>.json``), ``metrics.json`` and the cross-site matrix; never from
+  ``sites/``.
 - :func:`write_model_card` writes ``RUN_DIR/model_card.json`` and a short ``model_card.md``:
   the task, the data (each site's fingerprint), the training settings, the decision
-  threshold (:func:`~multimodal_fl.evaluation.report.run_thresholds`, the report's own
-  rule), and the per-site summary (the test metrics of ``metrics.json`` and, when the report
-  was written, its per-site cells at the threshold). ``mmfl predict`` reads the threshold
+  threshold (:func:`~multimodal_fl.evaluation.report.run_thresholds`: the thresholds
+  the sites applied, and a global model's one value), and the per-site summary (the test
+  metrics of ``metrics.json`` and, when the report was written, its per-site cells at the
+  threshold). ``mmfl predict`` reads the threshold
   from it.
 """
 
@@ -22,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from multimodal_fl.config import ExperimentConfig
-from multimodal_fl.evaluation.report import SPLIT, load_run, run_thresholds, write_report
+from multimodal_fl.evaluation.report import (
+    SPLIT,
+    global_threshold,
+    load_run,
+    run_thresholds,
+    write_report,
+)
 from multimodal_fl.rundir import RunManifest, jsonable
 from multimodal_fl.training import enabled_modalities
 
@@ -107,24 +115,30 @@ def model_files(run_dir: str | os.PathLike[str], engine: str) -> dict[str, str]:
 
 def model_thresholds(run_dir: str | os.PathLike[str], engine: str, rule: str
                      ) -> dict[str, Any]:
-    """The run's decision threshold(s), chosen as its report chooses them.
+    """The run's decision threshold(s), as the sites applied them (the report's).
 
     Parameters
     ----------
     run_dir : path-like
     engine : str
-        ``local`` chooses one threshold per site (each site's own model).
+        ``local`` runs have one model and threshold per site; the others one global model,
+        whose one threshold (``global``) is the sites' common value, else their median.
     rule : str
         ``evaluation.threshold``.
 
     Returns
     -------
     dict
-        ``rule``, ``values`` (per site), ``source``, ``notes``.
+        ``rule``, ``values`` (per site), ``source``, ``notes`` and, for a global model,
+        ``global``.
     """
     run = load_run(run_dir)
-    values, source, notes = run_thresholds(run.predictions, rule, per_site=engine == "local")
-    return {"rule": rule, "values": values, "source": source, "notes": notes}
+    global_model = engine != "local"
+    values, source, notes = run_thresholds(run.disclosed, global_model=global_model)
+    doc: dict[str, Any] = {"rule": rule, "values": values, "source": source, "notes": notes}
+    if global_model:
+        doc["global"] = global_threshold(values)
+    return doc
 
 
 def _site_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -240,7 +254,7 @@ def _value(cell: dict[str, Any] | None) -> str:
 def _card_markdown(card: dict[str, Any]) -> str:
     """The model card as a short Markdown page."""
     thr = card["threshold"]
-    values = sorted(set(thr["values"].values()))
+    values = [thr["global"]] if "global" in thr else sorted(set(thr["values"].values()))
     lines = [
         f"# Model card: {card['config_name']} ({card['engine']})", "",
         f"Task: **{card['task']['name']}**. {card['task']['description']}".rstrip(), "",

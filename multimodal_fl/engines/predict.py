@@ -122,6 +122,8 @@ def _threshold(run: Path, cfg: ExperimentConfig, engine: str,
     values: dict[str, float] = doc["values"]
     if model_site is not None:
         return float(values[model_site]), str(doc["source"])
+    if "global" in doc:  # the sites' common threshold, else their median
+        return float(doc["global"]), str(doc["source"])
     distinct = sorted(set(values.values()))
     if len(distinct) != 1:
         raise PredictError(f"{run}: the run has one threshold per site ({values}); a global "

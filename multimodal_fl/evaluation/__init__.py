@@ -9,6 +9,10 @@ Public API
   (:mod:`.metrics`).
 - :func:`summarise_site`, :func:`pooled_evaluation` -- what a site sends and what the server
   pools from it (:mod:`.histograms`).
+- :func:`~multimodal_fl.evaluation.disclosed.site_disclosure`,
+  :func:`~multimodal_fl.evaluation.disclosed.read_disclosure` -- a site's report document, built
+  at the site under the small-cell rules, and its typed reader (:mod:`.disclosed`, a layer
+  above the others: import it from its module).
 
 The report (:mod:`.report`: ``report.json`` and ``report.html`` from run directories) sits a
 layer higher (beside ``pca`` and ``federated``, below the engines); it is not imported here.

@@ -126,6 +126,9 @@ class Doc(StrEnum):
     EVALUATION = "evaluation"
     #: ``predict``: the site's metrics per split and its cohort summary.
     SITE_METRICS = "site_metrics"
+    #: ``predict``: the site's disclosed report document (fairness cells, ROC and calibration
+    #: summaries under the small-cell rules), from which the report is built.
+    DISCLOSED = "disclosed"
     #: ``pca_scores``: aggregates of the projected rows.
     PCA_SCORES = "pca_scores"
     #: ``init`` / ``moments``: the state-dict keys pooled moments fill (``mean``, ``scale``,

@@ -41,7 +41,10 @@ Request kinds it answers:
     Validation metrics of the global weights.
 ``predict``
     Final evaluation: write ``splits.json`` and ``predictions.csv`` into the site folder and
-    return metrics per split plus binned score histograms (no patient-level value). With
+    return metrics per split plus binned score histograms (no patient-level value), and the
+    site's disclosed report document (``disclosed``, :func:`~multimodal_fl.evaluation.
+    disclosed.site_disclosure` at the gate's ``min_cell``; the request's ``threshold``, when it
+    carries one, else ``evaluation.threshold``), from which the report is built. With
     ``config["model"] == "local"`` (the local-only job) the site scores its own local-only
     model, kept at home, instead of request weights.
 ``local_train``
@@ -75,8 +78,9 @@ from torch import nn
 
 from multimodal_fl.config import ExperimentConfig, SitePolicy, load_policy
 from multimodal_fl.encoders.tabular import Standardizer
-from multimodal_fl.evaluation.fairness import cross_site_matrix
+from multimodal_fl.evaluation.disclosed import released_metric, site_disclosure
 from multimodal_fl.evaluation.histograms import summarise_site
+from multimodal_fl.evaluation.metrics import derive_seed
 from multimodal_fl.federated.aggregation import STANDARDIZER_STATE
 from multimodal_fl.federated.disclosure import EGRESS_LOG, DisclosureGate, SiteRefused
 from multimodal_fl.federated.pca import site_pca_reply
@@ -434,9 +438,15 @@ class FusionSite:
                     if number is not None and np.isfinite(number):
                         flat[f"{split}/{metric}{part}"] = float(number)
         site_doc = {**site_summary(self.data), "metrics": by_split}
+        disclosed = site_disclosure(
+            frame, site=self.name, sensitive=ev.sensitive, min_cell=int(request.config["min_cell"]),
+            n_boot=ev.n_boot, seed=self.cfg.seed, n_bins=ev.histogram_bins,
+            threshold_rule=str(request.config.get("threshold", ev.threshold)),
+            subgroup_summaries=self.gate.policy.subgroup_summaries)
         documents = {
             Doc.EVALUATION: pack_document(summary.to_dict()),
             Doc.SITE_METRICS: pack_document(jsonable(site_doc)),
+            Doc.DISCLOSED: pack_document(disclosed),
         }
         return self._reply(request, n_samples=len(frame), metrics=flat, documents=documents)
 
@@ -501,14 +511,12 @@ class FusionSite:
             model = build_model(self.cfg, self.data)
             load_weights(model, request.weights)
         frame = predictions_frame(model, self.data, sensitive=self.cfg.evaluation.sensitive)
-        test = frame[frame["split"] == "test"].assign(model=name, site=self.name)
-        cells = cross_site_matrix(
-            test, metric=metric, min_cell=min_cell,
-            n_boot=int(c.get("n_boot", self.cfg.evaluation.n_boot)),
-            seed=int(c.get("seed", self.cfg.seed))).long
-        row: dict[Any, Any] = cells.iloc[0].to_dict() if len(cells) else {
-            "value": None, "lo": None, "hi": None, "n": None, "suppressed": True,
-            "reason": "no patients"}
+        test = frame[frame["split"] == "test"]
+        # the rule of the site's own disclosed cells: a class metric needs min_cell of each class
+        row = released_metric(
+            test["label"].to_numpy(), test["score"].to_numpy(), metric=metric,
+            min_cell=min_cell, n_boot=int(c.get("n_boot", self.cfg.evaluation.n_boot)),
+            seed=derive_seed(int(c.get("seed", self.cfg.seed)), name, self.name))
         values = {metric: row["value"], f"{metric}/lo": row["lo"], f"{metric}/hi": row["hi"]}
         metrics = {k: float(v) for k, v in values.items() if pd.notna(v) and np.isfinite(v)}
         doc = {"model": name, "test_site": self.name, "metric": metric,

@@ -50,33 +50,55 @@ def write_run_dir(
     *,
     seed: int = 0,
     noise: float = 0.2,
+    n_boot: int = 50,
     sites: tuple[tuple[str, int, float], ...] = (("a", 400, 1.6), ("b", 300, 1.4), ("c", 60, 1.2)),
 ) -> Path:
-    """A run directory in the layout `mmfl train` writes (config, metrics, per-site predictions).
+    """A run directory in the layout `mmfl train` writes.
 
-    The same patients (same seed) in every engine's run; ``noise`` perturbs the scores so
-    engines differ. The local engine's small site gets extra noise (it learns least alone).
+    Config, metrics (with the histogram-pooled test figures), each site's predictions (its own
+    audit, never read by the report) and each site's disclosed document, made from them as a
+    site makes it. The same patients (same seed) in every engine's run; ``noise`` perturbs the
+    scores so engines differ. The local engine's small site gets extra noise (it learns least
+    alone).
     """
 
     import json
+    import statistics
 
     import yaml
+
+    from multimodal_fl.evaluation.disclosed import site_disclosure
+    from multimodal_fl.evaluation.histograms import pooled_evaluation, summarise_site
 
     base = make_predictions(seed, sites=sites)
     rng = np.random.default_rng(zlib.crc32(engine.encode()))
     run = Path(root) / f"cfg-{engine}"
     run.mkdir(parents=True)
     cfg = {"name": "cfg", "seed": seed, "federated": {"engine": engine},
-           "evaluation": {"sensitive": ["sex", "age_band"], "min_cell": 10, "n_boot": 100,
+           "evaluation": {"sensitive": ["sex", "age_band"], "min_cell": 10, "n_boot": n_boot,
                           "histogram_bins": 100, "threshold": "youden"}}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "disclosed").mkdir()
+    summaries, thresholds = [], []
     for site, d in base.groupby("site"):
         extra = 0.25 if (engine == "local" and site == "c") else 0.0
         logit = np.log(d.score / (1 - d.score)) + rng.normal(0, noise + extra, len(d))
         out = d.drop(columns=["site"]).assign(score=1 / (1 + np.exp(-logit)))
         (run / "sites" / str(site)).mkdir(parents=True)
         out.to_csv(run / "sites" / str(site) / "predictions.csv", index=False)
-    metrics: dict = {"engine": engine, "config": "cfg"}
+        doc = site_disclosure(out, site=str(site), min_cell=10, n_boot=n_boot, seed=seed)
+        (run / "disclosed" / f"{site}.json").write_text(json.dumps(doc))
+        thresholds.append(doc["threshold"])
+        test = out[out.split == "test"]
+        summaries.append((str(site), test))
+    # as the engines pool: the federated sites send no threshold, local-only runs have one
+    # per site, the centralized model one (the sites' median)
+    common = statistics.median(thresholds) if engine == "centralized" else None
+    pooled = pooled_evaluation([
+        summarise_site(s, t.label.to_numpy(), t.score.to_numpy(), groups=t[["sex", "age_band"]],
+                       threshold=common, min_cell=10, n_boot=0, seed=seed)
+        for s, t in summaries]).to_dict()
+    metrics: dict = {"engine": engine, "config": "cfg", "pooled_from_histograms": pooled}
     if engine in ("inprocess", "flower"):
         metrics["rounds"] = [
             {"round": r, "train_loss": 0.7 - 0.02 * r,
@@ -92,3 +114,14 @@ def write_run_dir(
         }
     (run / "metrics.json").write_text(json.dumps(metrics))
     return run
+
+
+def redisclose(run: Path, site: str, frame: pd.DataFrame, *, n_boot: int = 50) -> None:
+    """Rewrite one site's predictions and its disclosed document, as the site would make them."""
+    import json
+
+    from multimodal_fl.evaluation.disclosed import site_disclosure
+
+    frame.to_csv(run / "sites" / site / "predictions.csv", index=False)
+    doc = site_disclosure(frame, site=site, min_cell=10, n_boot=n_boot)
+    (run / "disclosed" / f"{site}.json").write_text(json.dumps(doc))

@@ -37,7 +37,7 @@ def make_run(root: Path, engine: str, *, seed: int = 0, fingerprint: str = "sha2
 
 def refusal(runs: list[Path]) -> str:
     with pytest.raises(IncomparableRuns) as info:
-        build_report(runs, n_boot=0)
+        build_report(runs)
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -95,7 +95,7 @@ def test_fedavg_and_fedprox_are_compared_and_labelled_by_the_key(tmp_path: Path)
     fedprox = make_run(tmp_path / "prox", "inprocess",
                        federated={"algorithm": "fedprox", "rounds": 30})
     local = make_run(tmp_path / "loc", "local")
-    doc, _, _ = build_report([fedavg, fedprox, local], n_boot=0)
+    doc, _, _ = build_report([fedavg, fedprox, local])
     labels = [r["label"] for r in doc["runs"]]
     assert labels == ["federated (in-process) (algorithm=fedavg, rounds=20)",
                       "federated (in-process) (algorithm=fedprox, rounds=30)", "local-only"]
@@ -106,6 +106,6 @@ def test_fedavg_and_fedprox_are_compared_and_labelled_by_the_key(tmp_path: Path)
 def test_runs_without_config_differences_are_told_apart_by_folder(tmp_path: Path) -> None:
     one = make_run(tmp_path / "one", "inprocess")
     two = make_run(tmp_path / "two", "inprocess")
-    doc, _, _ = build_report([one, two], n_boot=0)
+    doc, _, _ = build_report([one, two])
     assert [r["label"] for r in doc["runs"]] == ["federated (in-process) (cfg-inprocess) #1",
                                                 "federated (in-process) (cfg-inprocess) #2"]

@@ -12,11 +12,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from multimodal_fl.evaluation.fairness import cross_site_matrix
 from multimodal_fl.evaluation.report import SECTIONS, build_report, load_run, write_report
 from tests.browser import find_chromium, render_in_chromium, screenshot
 
-from .conftest import write_run_dir
+from .conftest import redisclose, write_run_dir
 
 FED = "federated (in-process)"
 
@@ -25,7 +24,7 @@ FED = "federated (in-process)"
 def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[Path]]:
     root = tmp_path_factory.mktemp("runs")
     runs = [write_run_dir(root, e) for e in ("inprocess", "local", "centralized")]
-    j, h = write_report(runs, root / "report", n_boot=50)
+    j, h = write_report(runs, root / "report")
     return j, h, runs
 
 
@@ -38,16 +37,26 @@ def test_report_json(report: tuple[Path, Path, list[Path]]) -> None:
     # runs are named by what they are, not by the engine's option value
     assert [r["label"] for r in doc["runs"]] == [FED, "local-only", "centralized"]
     assert doc["settings"]["n_boot"] == 50 and doc["settings"]["min_cell"] == 10
-    # local-only runs choose a threshold per site, the others one on pooled validation
-    assert doc["runs"][1]["threshold_source"].startswith("chosen per site")
+    # every site chose its threshold on its own validation split, a grid edge; site c's is too
+    # small to choose on and falls back to 0.5, said so
+    for r in doc["runs"]:
+        assert set(r["thresholds"]) == {"a", "b", "c"}
+        assert all(round(t * 100, 9).is_integer() for t in r["thresholds"].values())
+        assert r["thresholds"]["c"] == 0.5 and "c: 0.5: the site's validation split" in (
+            r["threshold_source"])
     cells = doc["fairness"][FED]["cells"]
     small = [c for c in cells if c["site"] == "c" and c["scope"] == "site_subgroup"]
-    assert any(c["suppressed"] for c in small)  # site c has ~17 test patients
-    for c in small:
+    assert small and all(c["suppressed"] for c in small)  # site c has ~17 test patients
+    for c in cells:
         if c["suppressed"]:
             assert c["value"] is None and c["lo"] is None and c["reason"]
-        else:
-            assert c["n"] >= 10 and c["n_pos"] > 0 and c["n_neg"] > 0
+        if c["scope"] in ("site", "site_subgroup"):  # released counts: 0 or at least 10
+            assert all(c[k] is None or c[k] == 0 or c[k] >= 10 for k in ("n", "n_pos", "n_neg"))
+            if not c["suppressed"] and c["metric"] == "auc":
+                assert c["n_pos"] >= 10 and c["n_neg"] >= 10
+    # the all-sites rows come from the pooled histograms of metrics.json
+    overall = [c for c in cells if c["scope"] == "overall" and c["metric"] == "auc"]
+    assert overall[0]["value"] == doc["federated_evaluation"][FED]["overall"]["auc"]["value"]
     # the cross-site matrix holds local models only on their own site, others everywhere
     cs = {(c["model"], c["test_site"]) for c in doc["cross_site"]["cells"]}
     assert ("local:a", "a") in cs and ("local:a", "b") not in cs
@@ -64,69 +73,74 @@ def test_report_json(report: tuple[Path, Path, list[Path]]) -> None:
     assert set(doc["training"]["local-only"]) == {"a", "b", "c"}
 
 
-def test_labels_do_not_move_the_cross_site_intervals(tmp_path: Path) -> None:
-    # the cross-site bootstrap is seeded by model name: the report keeps the engine's name
-    # as the model key and shows the label, so relabelling changes no number
+def test_cross_site_cells_are_the_sites_disclosed_auc(tmp_path: Path) -> None:
+    # a run's own model on each site: the AUC cell that site disclosed, whatever the label
     run = write_run_dir(tmp_path, "inprocess")
-    doc, _, _ = build_report([run], n_boot=50)
-    ref = cross_site_matrix(load_run(run).predictions, n_boot=50, seed=0, min_cell=10)
-    assert set(ref.long["model"]) == {"inprocess"}
-    got = {c["test_site"]: (c["model"], c["lo"], c["hi"]) for c in doc["cross_site"]["cells"]}
-    for r in ref.long.itertuples():
-        assert got[r.test_site] == (FED, pytest.approx(r.lo), pytest.approx(r.hi))
+    doc, _, _ = build_report([run])
+    disclosed = load_run(run).disclosed
+    got = {c["test_site"]: c for c in doc["cross_site"]["cells"]}
+    assert set(got) == {"a", "b", "c"}
+    for site, d in disclosed.items():
+        cell = d.cell("auc")
+        assert cell is not None
+        assert got[site]["model"] == FED
+        assert (got[site]["value"], got[site]["lo"], got[site]["hi"]) == (
+            cell.value, cell.lo, cell.hi)
 
 
 def test_two_runs_of_one_engine_are_told_apart(tmp_path: Path) -> None:
     a = write_run_dir(tmp_path / "x", "inprocess")
     b = write_run_dir(tmp_path / "y", "inprocess", noise=0.3)
     c = write_run_dir(tmp_path, "local")
-    _, runs, _ = build_report([a, c], n_boot=0)
+    _, runs, _ = build_report([a, c])
     assert [r.label for r in runs] == [FED, "local-only"]
     # same engine, no setting differs: the folder tells them apart; same folder name too: #n
-    doc, runs, _ = build_report([a, b], n_boot=0)
+    doc, runs, _ = build_report([a, b])
     assert [r.label for r in runs] == [f"{FED} (cfg-inprocess) #1", f"{FED} (cfg-inprocess) #2"]
     assert list(doc["fairness"]) == [r.label for r in runs]
     b2 = b.rename(b.parent / "second")
-    _, runs, _ = build_report([a, b2], n_boot=0)
+    _, runs, _ = build_report([a, b2])
     assert [r.label for r in runs] == [f"{FED} (cfg-inprocess)", f"{FED} (second)"]
 
 
-def test_disclosed_cross_site_cells_fill_the_matrix(tmp_path: Path) -> None:
-    """The local engine's cross_site.json: cells the sites disclosed, taken as they are."""
+def test_the_cross_site_file_fills_the_matrix(tmp_path: Path) -> None:
     run = write_run_dir(tmp_path, "local")
-    cell = {"n": 120, "suppressed": False, "reason": None}
-    cells = [
-        {"model": "local:b", "test_site": "a", "value": 0.71, "lo": 0.6, "hi": 0.8, **cell},
-        {"model": "local:c", "test_site": "a", "value": None, "lo": None, "hi": None,
-         "n": None, "suppressed": True, "reason": "withheld by policy"},
-        {"model": "local:b", "test_site": "c", "value": 0.9, "lo": 0.8, "hi": 1.0,
-         **cell, "n": 7},  # below the report's min_cell (10): shown suppressed
-    ]
+    cells = [{"model": "local:b", "test_site": "a", "value": 0.71, "lo": 0.6, "hi": 0.8,
+              "n": 122, "suppressed": False, "reason": None},
+             {"model": "local:c", "test_site": "a", "value": None, "lo": None, "hi": None,
+              "n": None, "suppressed": True, "reason": "withheld by policy"},
+             {"model": "local:a", "test_site": "a", "value": 0.01, "lo": None, "hi": None,
+              "n": 122, "suppressed": False, "reason": None}]
     (run / "cross_site.json").write_text(json.dumps({"metric": "auc", "cells": cells}))
-    _, _, sec = build_report([run], n_boot=0)
-    long = sec["cross"].long.set_index(["model", "test_site"])
-    assert long.loc[("local:b", "a"), "value"] == pytest.approx(0.71)
-    assert long.loc[("local:c", "a"), "reason"] == "withheld by policy"
-    assert pd.isna(long.loc[("local:b", "c"), "value"])
-    assert long.loc[("local:b", "c"), "reason"] == "fewer than 10 patients"
-    # the diagonal still comes from each site's own predictions
-    assert not pd.isna(long.loc[("local:a", "a"), "value"])
-    (run / "cross_site.json").write_text("{not json")
+    _, _, sec = build_report([run])
+    m = sec["cross"].matrix
+    assert m.loc["local:b", "a"] == pytest.approx(0.71)
+    assert m.isna().loc["local:c", "a"]
+    # a site's own model on its own test split is what that site disclosed, not the file
+    own = load_run(run).disclosed["a"].cell("auc")
+    assert own is not None and m.loc["local:a", "a"] == pytest.approx(own.value)
+    bad = write_run_dir(tmp_path / "bad", "local")
+    (bad / "cross_site.json").write_text(json.dumps({"cells": [{"model": "x"}]}))
     with pytest.raises(ValueError, match=r"cross_site.json: not a cross-site matrix"):
-        build_report([run], n_boot=0)
+        build_report([bad])
 
 
 def test_load_run_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a directory"):
         load_run(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"no sites/<site>/predictions.csv"):
+    with pytest.raises(ValueError, match=r"no disclosed/<site>.json and no metrics.json"):
         load_run(tmp_path / "empty")
-    bad = tmp_path / "bad" / "sites" / "a"
-    bad.mkdir(parents=True)
-    (bad / "predictions.csv").write_text("patient_id,label\n1,0\n")
-    with pytest.raises(ValueError, match=r"missing column\(s\) \['split', 'score'\]"):
-        load_run(tmp_path / "bad")
+    run = write_run_dir(tmp_path, "inprocess")
+    doc = json.loads((run / "disclosed" / "a.json").read_text())
+    (run / "disclosed" / "a.json").write_text(json.dumps(doc | {"version": 99}))
+    with pytest.raises(ValueError, match=r"a.json: disclosed-document version 99 .* is not one "
+                       r"multimodal_fl .* reads \(version 1\)") as info:
+        load_run(run)
+    assert "\n" not in str(info.value)
+    (run / "disclosed" / "a.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"a.json: not valid JSON"):
+        load_run(run)
 
 
 class _Collect(html.parser.HTMLParser):
@@ -169,9 +183,10 @@ def test_pooled_section_shows_bounds_within_the_metric_range(
     figures = re.sub(r"<p class='note'>.*?</p>", "", sec)
     bounds = [(float(a), float(b))
               for a, b in re.findall(r"\[(-?[\d.]+), (-?[\d.]+)\]", figures)]
-    # AUC, sensitivity and specificity of each run; local-only has a threshold per site, so
-    # no pooled sensitivity or specificity
-    assert len(bounds) == 3 + 1 + 3
+    # AUC of each run; sensitivity and specificity only where one model has one threshold:
+    # the centralized model (the federated sites send no threshold with their histograms,
+    # local-only has a model and threshold per site)
+    assert len(bounds) == 1 + 1 + 3
     assert all(0.0 <= a <= b <= 1.0 for a, b in bounds)
     assert "-0.000" not in sec and "guaranteed bounds, not confidence intervals" in sec
 
@@ -221,17 +236,17 @@ def test_broken_page_is_caught_by_the_browser_check(tmp_path: Path) -> None:
 
 
 def test_threshold_falls_back_when_a_site_cannot_choose(tmp_path: Path) -> None:
-    import pandas as pd
 
     run = write_run_dir(tmp_path, "local")
-    f = run / "sites" / "c" / "predictions.csv"
-    d = pd.read_csv(f)
-    d.loc[d.split == "val", "label"] = 0  # site c's validation split has no positives
-    d.to_csv(f, index=False)
-    doc, _, _ = build_report([run], n_boot=0)
-    notes = doc["runs"][0]["notes"]
-    assert any("site 'c'" in n and "no positives" in n for n in notes)
-    assert doc["runs"][0]["threshold_source"].startswith("chosen on split 'val' of all sites")
+    d = pd.read_csv(run / "sites" / "b" / "predictions.csv")
+    d.loc[d.split == "val", "label"] = 0  # site b's validation split has no positives
+    redisclose(run, "b", d)
+    doc, _, _ = build_report([run])
+    entry = doc["runs"][0]
+    assert entry["thresholds"]["b"] == 0.5
+    assert ("b: 0.5: the site's validation split has fewer than 10 positives or negatives"
+            in entry["threshold_source"])
+    assert "a: chosen on the site's validation split (youden" in entry["threshold_source"]
 
 
 def test_frame_report_from_a_users_own_predictions(tmp_path: Path) -> None:
@@ -248,7 +263,7 @@ def test_frame_report_from_a_users_own_predictions(tmp_path: Path) -> None:
     assert doc["runs"][0]["threshold_source"] == "given (0.4)"
     assert doc["settings"]["threshold"] == "0.4" and doc["settings"]["sensitive"] == ["sex"]
     n = sum(c["n"] or 0 for c in doc["fairness"]["predictions (DataFrame)"]["cells"]
-            if c["scope"] == "overall" and c["metric"] == "auc")
+            if c["scope"] == "site" and c["metric"] == "auc")
     assert n == len(test_only)  # without a split column every row is a test row
     text = h.read_text()
     assert "Training curves: nothing to plot: no run records" in text
@@ -257,7 +272,8 @@ def test_frame_report_from_a_users_own_predictions(tmp_path: Path) -> None:
                                label="my model")
     doc2 = json.loads(j2.read_text())
     assert doc2["runs"][0]["label"] == "my model"
-    assert doc2["runs"][0]["threshold_source"].startswith("chosen on split 'val'")
+    assert doc2["runs"][0]["threshold_source"].startswith(
+        "chosen on the site's validation split (youden")
     assert {c["test_site"] for c in doc2["cross_site"]["cells"]} == {"site"}
     with pytest.raises(ValueError, match=r"^predictions DataFrame: missing column\(s\) "
                        r"\['score', 'race'\]; present: .*; expected label \(0/1\)") as e:

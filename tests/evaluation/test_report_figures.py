@@ -7,6 +7,7 @@ checked for overlaps with the renderer's own bounding boxes.
 from __future__ import annotations
 
 import itertools
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +32,7 @@ from multimodal_fl.evaluation.report import (
     write_report,
 )
 
-from .conftest import write_run_dir
+from .conftest import redisclose, write_run_dir
 
 ENGINES = ("inprocess", "local", "centralized")
 #: Sites small enough that per-site panels are suppressed (about 30% of each is test).
@@ -50,7 +51,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], lis
     root = tmp_path_factory.mktemp("fig-runs")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        return build_report([write_run_dir(root, e) for e in ENGINES], n_boot=50)
+        return build_report([write_run_dir(root, e) for e in ENGINES])
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +59,8 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], lis
     root = tmp_path_factory.mktemp("fig-small")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        return build_report([write_run_dir(root, e, sites=SMALL_SITES) for e in ENGINES],
-                            n_boot=20)
+        return build_report([write_run_dir(root, e, sites=SMALL_SITES, n_boot=20)
+                             for e in ENGINES])
 
 
 def _undrawn_ticks(fig: Figure) -> set[int]:
@@ -132,8 +133,8 @@ def test_every_figure_of_both_reports_is_warning_free_and_unprinted_over(
 
 def test_write_report_raises_no_matplotlib_warning(tmp_path: Path) -> None:
     # before: empty calibration panels called legend() with nothing to show (UserWarning)
-    runs = [write_run_dir(tmp_path, e, sites=SMALL_SITES) for e in ENGINES]
-    write_report(runs, tmp_path / "report", n_boot=10)
+    runs = [write_run_dir(tmp_path, e, sites=SMALL_SITES, n_boot=10) for e in ENGINES]
+    write_report(runs, tmp_path / "report")
 
 
 def test_forest_axis_shows_every_interval_whole(built: tuple, tmp_path: Path) -> None:
@@ -162,29 +163,34 @@ def test_an_empty_calibration_panel_says_why(built: tuple, small: tuple) -> None
         ax = by_title[site]
         assert len(ax.lines) == 1  # the diagonal only
         assert _legend_texts(ax) == []
-        assert any("nothing to show" in t and "fewer than 10 patients" in t
-                   for t in _panel_notes(ax))
-    # a site shown in ROC whose every calibration bin is too small says so too
+        assert any(re.fullmatch(r"nothing to show: fewer than 10 (patients|positives)", t)
+                   for t in _panel_notes(ax)), _panel_notes(ax)
+    # a site with enough patients but fewer than 10 positives discloses no bins, and says why
     _, runs, sec = built
     fig = calibration_figure(runs, sec["settings"]["min_cell"])
     ax = {a.get_title(): a for a in fig.axes}["c"]
-    assert any("every bin holds fewer than 10 patients" in t for t in _panel_notes(ax))
+    assert any("nothing to show: fewer than 10 positives" in t for t in _panel_notes(ax))
     drawn = {a.get_title(): a for a in fig.axes}["(all sites)"]
     assert _legend_texts(drawn) == ["federated (in-process)", "local-only", "centralized"]
 
 
-def test_roc_runs_keep_one_colour_and_suppressed_panels_say_why(small: tuple) -> None:
-    _, runs, sec = small
+def test_roc_runs_keep_one_colour_and_suppressed_panels_say_why(built: tuple,
+                                                                small: tuple) -> None:
+    _, runs, sec = built
     fig = roc_figure(runs, sec["settings"]["min_cell"])
     colours: dict[str, set[str]] = {}
     for ax in fig.axes:
         for line in ax.lines[1:]:
             colours.setdefault(str(line.get_label()), set()).add(
                 mcolors.to_hex(line.get_color()))
-        if len(ax.lines) == 1:
-            assert any("nothing to show" in t for t in _panel_notes(ax)), ax.get_title()
     assert all(len(c) == 1 for c in colours.values())
     assert len({c.pop() for c in colours.values()}) == len(runs)
+    # the small cohort: no site and no pooled histogram may show a curve; each panel says why
+    _, runs, sec = small
+    fig = roc_figure(runs, sec["settings"]["min_cell"])
+    for ax in fig.axes:
+        assert len(ax.lines) == 1, ax.get_title()
+        assert any("nothing to show" in t for t in _panel_notes(ax)), ax.get_title()
 
 
 def test_cross_site_colour_scale_runs_from_0_to_1_with_chance_marked(built: tuple) -> None:
@@ -235,12 +241,11 @@ def test_a_series_never_defined_is_named_in_the_legend() -> None:
 
 def test_a_run_without_a_curve_beside_others_is_named_in_the_legend(tmp_path: Path) -> None:
     runs = [write_run_dir(tmp_path, e) for e in ("inprocess", "centralized")]
-    f = runs[1] / "sites" / "c" / "predictions.csv"
-    d = pd.read_csv(f)
-    d[d["split"] != "test"].to_csv(f, index=False)  # no test patients at c for this run
-    _, loaded, sec = build_report(runs, n_boot=0)
+    d = pd.read_csv(runs[1] / "sites" / "b" / "predictions.csv")
+    redisclose(runs[1], "b", d[d["split"] != "test"])  # no test patients at b for this run
+    _, loaded, sec = build_report(runs)
     fig = roc_figure(loaded, sec["settings"]["min_cell"])
-    ax = {a.get_title(): a for a in fig.axes}["c"]
+    ax = {a.get_title(): a for a in fig.axes}["b"]
     assert _legend_texts(ax) == ["federated (in-process)", "centralized: no curve (no patients)"]
     assert _panel_notes(ax) == []
     _draw_ok(fig, tmp_path)

@@ -6,12 +6,15 @@ free loopback ports (telemetry and runtime dependency installation off, via
 runs). ``flwr run`` submits the experiment's app (``flower_jobs.experiment_job`` /
 ``experiment_site``, site workers on) for two rounds; the run directory it writes must hold the
 same ``model.safetensors`` as ``run_federated_experiment`` in this process with the same seed,
-bit for bit, and the same round history and per-site predictions.
+bit for bit, and the same round history and per-site predictions. The SuperNodes write their
+patient-level files into a folder of their own (the hospitals'), so the server's run directory
+holds no ``sites/``, and the report built from it alone equals the in-process run's.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +31,7 @@ from safetensors.numpy import load_file
 from multimodal_fl.config import load_config
 from multimodal_fl.engines.federated import run_federated_experiment
 from multimodal_fl.engines.flower_jobs import experiment_run_config
+from multimodal_fl.evaluation.report import build_report
 from multimodal_fl.federated.flower import FlowerRunError, run_loopback
 
 #: Round fields that depend on the clock or on the process, not on the computation.
@@ -56,7 +60,9 @@ def test_fusion_experiment_on_loopback_flower_equals_in_process(
     in_process_s = time.monotonic() - started
 
     run_dir = tmp_path / "flower"
-    run_config = experiment_run_config(cfg, run_dir=run_dir, site_out=run_dir, site_worker=True)
+    hospitals = tmp_path / "hospitals"  # the SuperNodes' own files, apart from the server's
+    run_config = experiment_run_config(cfg, run_dir=run_dir, site_out=hospitals,
+                                       site_worker=True)
     assert run_config["site-worker"] is True and run_config["torch-threads"] == 1
     sites = {s.name: Path(s.path) for s in cfg.sites}
     started = time.monotonic()
@@ -85,5 +91,30 @@ def test_fusion_experiment_on_loopback_flower_equals_in_process(
         )
     assert _rounds(run_dir) == _rounds(reference)
     for name in sites:
-        flower_rows = (run_dir / "sites" / name / "predictions.csv").read_text()
+        flower_rows = (hospitals / "sites" / name / "predictions.csv").read_text()
         assert flower_rows == (reference / "sites" / name / "predictions.csv").read_text(), name
+    _report_from_the_server_dir_equals_in_process(run_dir, reference, sorted(sites))
+
+
+def _numbers(doc: dict[str, Any], label: str) -> dict[str, Any]:
+    """What a one-run report says, its label and folder left out."""
+    runs = [{k: v for k, v in r.items() if k not in ("label", "engine", "path", "notes")}
+            | {"notes": [n.replace(label, "<run>") for n in r["notes"]]} for r in doc["runs"]]
+    cross = [{k: v for k, v in c.items() if k != "model"} for c in doc["cross_site"]["cells"]]
+    return {"settings": doc["settings"], "runs": runs, "fairness": doc["fairness"][label],
+            "federated_evaluation": doc["federated_evaluation"][label], "cross_site": cross,
+            "training": doc["training"][label]}
+
+
+def _report_from_the_server_dir_equals_in_process(server: Path, reference: Path,
+                                                  sites: list[str]) -> None:
+    """The Flower server's run directory alone gives the in-process run's report."""
+    assert not (server / "sites").exists()  # no patient-level file on the server's side
+    assert sorted(p.stem for p in (server / "disclosed").glob("*.json")) == sites
+    shutil.rmtree(reference / "sites")  # the in-process run's report needs no sites/ either
+    flower_doc, _, _ = build_report([server])
+    inprocess_doc, _, _ = build_report([reference])
+    assert [r["label"] for r in flower_doc["runs"]] == ["federated (Flower)"]
+    got = _numbers(flower_doc, "federated (Flower)")
+    assert got == _numbers(inprocess_doc, "federated (in-process)")
+    assert {c["site"] for c in got["fairness"]["cells"] if c["scope"] == "site"} == set(sites)

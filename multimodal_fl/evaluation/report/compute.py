@@ -1,10 +1,15 @@
 """Compute the report from what the runs hold: the ``report.json`` document and its parts.
 
-:func:`build_report` loads the runs and :func:`report_from_runs` computes, per run, the
-fairness tables (:func:`~multimodal_fl.evaluation.fairness.fairness_report`) and the federated
-(histogram-pooled) evaluation; across runs, the cross-site matrix and the per-site change from
-local-only training; and the training curves from each run's ``metrics.json``.
-:func:`run_from_frame` makes a user's own predictions DataFrame into a run the report can take.
+Every number comes from what the sites disclosed (:class:`~multimodal_fl.evaluation.disclosed.
+SiteDisclosure`, ``RUN_DIR/disclosed/<site>.json``), ``metrics.json`` (the training curves and
+the histogram-pooled all-sites figures, ``pooled_from_histograms``) and the cross-site matrix
+(``cross_site.json``); never from a patient row. :func:`build_report` loads the runs and
+:func:`report_from_runs` assembles, per run, the fairness tables (the sites' cells, and the
+all-sites rows from the pooled histograms), the worst / gap / spread of the released values,
+the disparities; across runs, the cross-site matrix and the per-site change from local-only
+training; and the training curves. :func:`run_from_frame` makes a user's own predictions
+DataFrame into a run through the same site-side builder
+(:func:`~multimodal_fl.evaluation.disclosed.site_disclosure`).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,20 +25,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from multimodal_fl.evaluation.disclosed import SiteDisclosure, read_disclosure, site_disclosure
 from multimodal_fl.evaluation.fairness import (
+    ALL_SITES,
+    CELL_COLUMNS,
+    DISPARITY_COLUMNS,
+    SUMMARY_COLUMNS,
     CrossSiteResult,
     FairnessReport,
-    cross_site_matrix,
-    fairness_report,
-    local_vs_federated,
-    resolve_thresholds,
 )
 from multimodal_fl.evaluation.histograms import pooled_evaluation, summarise_sites
+from multimodal_fl.evaluation.metrics import HIGHER_IS_BETTER, METRIC_NAMES, check_binary_inputs
 from multimodal_fl.evaluation.report.compare import load_runs
-from multimodal_fl.evaluation.report.load import ReportConfig, RunData
+from multimodal_fl.evaluation.report.load import CROSS_COLUMNS, ReportConfig, RunData
 
-__all__ = ["FRAME_LABEL", "RUN_LABELS", "SPLIT", "build_report", "json_ready",
-           "report_from_runs", "run_from_frame", "run_label", "run_thresholds"]
+__all__ = ["CENTRALIZED_NOTE", "FRAME_LABEL", "RUN_LABELS", "SPLIT", "build_report",
+           "global_threshold", "json_ready", "report_from_runs", "run_from_frame", "run_label",
+           "run_thresholds"]
 
 SPLIT = "test"
 """The split every figure and table of the report evaluates."""
@@ -51,6 +60,10 @@ RUN_LABELS: dict[str, str] = {
 The one table of run labels: the report names runs by it, and the engine registry
 (:data:`multimodal_fl.engines.ENGINES`) takes each ``Engine.label`` from it."""
 
+#: What the report says of a centralized run.
+CENTRALIZED_NOTE = ("centralized: every site's patient data pooled in one place, an in-process "
+                    "research baseline; it cannot exist across hospitals")
+
 
 def run_label(engine: str) -> str:
     """What a run of ``engine`` is, in words: its :data:`RUN_LABELS` entry, else the name.
@@ -67,103 +80,65 @@ def run_label(engine: str) -> str:
     return RUN_LABELS.get(engine, engine)
 
 
-def _display_labels(runs: Sequence[RunData]) -> tuple[list[RunData], dict[str, str]]:
+def _display_labels(runs: Sequence[RunData]) -> list[RunData]:
     """The runs named by :func:`run_label`, keeping what tells runs of one engine apart.
 
     :func:`~multimodal_fl.evaluation.report.compare.load_runs` labels a run by its engine and,
     where several runs share an engine, by the settings (or folders) that differ, e.g.
     ``inprocess (algorithm=fedprox)``; here the engine name becomes its words:
-    ``federated (in-process) (algorithm=fedprox)``. Returns the relabelled runs and
-    ``{loaded label: shown label}``. A run keeps its loaded label as the model name in its
-    predictions, so the cross-site bootstrap seeds, keyed by model name, do not depend on the
-    words shown.
+    ``federated (in-process) (algorithm=fedprox)``.
     """
-    out, names = [], {}
+    out = []
     for r in runs:
         shown = r.label
         if r.engine in RUN_LABELS and r.label.startswith(r.engine):
             shown = run_label(r.engine) + r.label[len(r.engine):]
         elif r.engine in RUN_LABELS and r.label == r.path.name:  # a run loaded on its own
             shown = run_label(r.engine)
-        names[r.label] = shown
         out.append(dataclasses.replace(r, label=shown))
-    return out, names
-
-
-def _rename_models(cross: CrossSiteResult, runs: Sequence[RunData],
-                   names: dict[str, str]) -> CrossSiteResult:
-    """The cross-site result with each run's own model named by the run's shown label."""
-    own = {m: names[r.label] for r in runs if r.engine != "local"
-           for m in r.predictions["model"].unique() if m == r.label}
-    long = cross.long.assign(model=cross.long["model"].map(lambda m: own.get(m, m)))
-    return CrossSiteResult(long, cross.metric)
-
-
-def _cross_site(runs: Sequence[RunData], st: dict[str, Any]) -> CrossSiteResult:
-    """Every model on every test site it was scored on.
-
-    The cells the sites disclosed (a local run's ``cross_site.json``: local-only models scored
-    by the other sites, rows withheld by policy) are taken as they are, suppressed where they
-    are on fewer than the report's ``min_cell`` patients; every other cell (each run's own
-    model on each site) is computed from the run's predictions.
-    """
-    computed = cross_site_matrix(pd.concat([r.predictions for r in runs], ignore_index=True),
-                                 min_cell=st["min_cell"], n_boot=st["n_boot"], seed=st["seed"])
-    disclosed = [r.cross for r in runs if not r.cross.empty]
-    if not disclosed:
-        return computed
-    cells = pd.concat(disclosed, ignore_index=True)
-    small = cells["n"].notna() & (cells["n"].fillna(0) < st["min_cell"])
-    cells.loc[small, ["value", "lo", "hi"]] = np.nan
-    cells.loc[small, "n"] = pd.NA
-    cells.loc[small, "suppressed"] = True
-    cells.loc[small, "reason"] = f"fewer than {st['min_cell']} patients"
-    given = set(zip(cells["model"], cells["test_site"], strict=True))
-    own = computed.long[[(m, t) not in given for m, t in
-                         zip(computed.long["model"], computed.long["test_site"], strict=True)]]
-    long = pd.concat([own, cells], ignore_index=True).sort_values(
-        ["model", "test_site"], kind="stable").reset_index(drop=True)
-    return CrossSiteResult(long, computed.metric)
+    return out
 
 
 def _eval_settings(runs: Sequence[RunData], **overrides: Any) -> dict[str, Any]:
-    """The first run's ``evaluation`` settings and seed, with the caller's overrides."""
+    """The first run's ``evaluation`` settings and seed; ``min_cell`` and ``n_boot`` as applied.
+
+    The sites applied their own small-cell threshold (never below the config's) and the
+    config's bootstrap: ``min_cell`` is the largest any site applied. ``overrides`` (those not
+    ``None``) replace the config's values.
+    """
     cfg = runs[0].config or ReportConfig()
     ev = cfg.evaluation
+    docs = [d for r in runs for d in r.disclosed.values()]
     settings = {
         "sensitive": list(ev.sensitive),
-        "min_cell": ev.min_cell,
-        "n_boot": ev.n_boot,
+        "min_cell": max([ev.min_cell if runs[0].config is not None or not docs else 1,
+                         *(d.min_cell for d in docs)]),
+        "n_boot": max(d.n_boot for d in docs) if docs else ev.n_boot,
         "histogram_bins": ev.histogram_bins,
         "threshold": ev.threshold,
         "seed": cfg.seed,
     }
     settings.update({k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("sensitive") is not None:
+        settings["sensitive"] = list(overrides["sensitive"])
     return settings
 
 
-def _fixed_threshold(rule: str) -> float | None:
-    """The fixed threshold that ``evaluation.threshold`` names, or ``None`` for ``youden``."""
-    return None if rule == "youden" else float(rule)
-
-
-def run_thresholds(pred: pd.DataFrame, rule: str, *, per_site: bool
+def run_thresholds(disclosed: dict[str, SiteDisclosure], *, global_model: bool
                    ) -> tuple[dict[str, float], str, list[str]]:
-    """The decision threshold(s) of a run, as the report and the model card use them.
+    """The decision thresholds of a run, as the sites disclosed them (the model card's too).
 
-    ``evaluation.threshold`` fixed (``"0.5"``) is used as given. ``youden`` chooses on the
-    validation split: per site for local-only models (``per_site``), else one on all sites'
-    validation rows. When that split cannot choose (no positives or no negatives), the
-    fallbacks are one threshold on all sites' validation rows, then 0.5, each with a note.
+    Each site applied one threshold: the request's (a fixed ``evaluation.threshold``), or one
+    it chose on its own validation split (``youden``, on the grid edges), or 0.5 when that split
+    could not choose. A global model's one threshold (``mmfl predict`` on a new site) is the
+    sites' common value, else their median, said so in the notes.
 
     Parameters
     ----------
-    pred : pandas.DataFrame
-        The run's predictions (``site``, ``split``, ``label``, ``score``).
-    rule : str
-        ``evaluation.threshold``: ``"youden"`` or a fixed value such as ``"0.5"``.
-    per_site : bool
-        Choose one threshold per site (local-only runs).
+    disclosed : dict of str to SiteDisclosure
+        The run's documents by site.
+    global_model : bool
+        One model for every site (not a local-only run).
 
     Returns
     -------
@@ -172,87 +147,335 @@ def run_thresholds(pred: pd.DataFrame, rule: str, *, per_site: bool
     source : str
         How they were obtained.
     notes : list of str
-        Fallbacks taken.
+        The global value's rule when the sites differ.
     """
-    fixed = _fixed_threshold(rule)
-    if fixed is not None:
-        thresholds, source = resolve_thresholds(pred, threshold=fixed)
-        return thresholds, source, []
-    notes: list[str] = []
-    try:
-        thresholds, source = resolve_thresholds(pred, threshold=None, per_site=per_site)
-        return thresholds, source, notes
-    except ValueError as exc:
-        # a validation split that cannot choose a threshold: fall back, and say so
-        notes.append(f"threshold: {exc}")
-    try:
-        thresholds, source = resolve_thresholds(pred, threshold=None, per_site=False)
-        notes.append("threshold chosen on all sites' validation rows instead")
-    except ValueError:
-        thresholds = {str(s): 0.5 for s in pd.unique(pred["site"])}
-        source = "0.5 (no validation rows with both classes)"
-        notes.append("threshold fixed at 0.5: no validation rows with both classes")
+    thresholds = {s: d.threshold for s, d in disclosed.items()}
+    sources = {s: d.threshold_source for s, d in disclosed.items()}
+    distinct = sorted(set(sources.values()))
+    source = distinct[0] if len(distinct) == 1 else "per site: " + "; ".join(
+        f"{s}: {src}" for s, src in sources.items())
+    notes = []
+    if global_model and len(set(thresholds.values())) > 1:
+        notes.append(f"the sites chose different thresholds; the global model's is their median "
+                     f"({statistics.median(thresholds.values()):.4g})")
     return thresholds, source, notes
 
 
-def _fairness(pred: pd.DataFrame, kwargs: dict[str, Any], *, rule: str, per_site: bool,
-              notes: list[str]) -> FairnessReport:
-    """The fairness tables at the run's thresholds (:func:`run_thresholds`; notes added)."""
-    thresholds, source, more = run_thresholds(pred, rule, per_site=per_site)
-    notes.extend(more)
-    fr = fairness_report(pred, threshold=thresholds, **kwargs)
-    fr.threshold_source = source
-    return fr
+def global_threshold(thresholds: dict[str, float]) -> float:
+    """The one threshold of a global model: the sites' common value, else their median.
+
+    Parameters
+    ----------
+    thresholds : dict of str to float
+
+    Returns
+    -------
+    float
+    """
+    return float(statistics.median(thresholds.values())) if thresholds else 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# fairness tables from the disclosed documents
+
+
+def _pooled(run: RunData) -> dict[str, Any]:
+    """``metrics.json``'s histogram-pooled figures (empty when the run has none)."""
+    pooled = run.metrics.get("pooled_from_histograms")
+    return pooled if isinstance(pooled, dict) else {}
+
+
+#: The metrics the histogram-pooled figures give, as ``report.json`` cells.
+POOLED_METRICS = ("auc", "ece", "sensitivity", "specificity")
+
+
+def _pooled_rows(figures: dict[str, Any], *, scope: str, attribute: str | None,
+                 group: str | None) -> list[dict[str, Any]]:
+    """One pooled cell (all sites, or one subgroup over sites) as report cells."""
+    rows = []
+    n = None
+    if figures.get("n_pos") is not None and figures.get("n_neg") is not None:
+        n = round(float(figures["n_pos"]) + float(figures["n_neg"]))
+    for metric in POOLED_METRICS:
+        m = figures.get(metric)
+        if m is None:
+            if metric in ("sensitivity", "specificity") and figures.get("reason") is None:
+                continue  # no common threshold: nothing pooled at one
+            value, lo, hi = None, None, None
+        elif isinstance(m, dict):
+            value, lo, hi = m.get("value"), m.get("lo"), m.get("hi")
+        else:
+            value, lo, hi = float(m), None, None
+        rows.append({"scope": scope, "site": ALL_SITES, "attribute": attribute, "group": group,
+                     "metric": metric, "value": value, "lo": lo, "hi": hi, "n": n,
+                     "n_pos": None, "n_neg": None, "suppressed": value is None,
+                     "reason": None if value is not None else
+                     (figures.get("reason") or "not pooled"), "n_boot": 0, "n_skipped": 0})
+    return rows
+
+
+def _cells(run: RunData, sensitive: Sequence[str]) -> pd.DataFrame:
+    """The run's cells: all sites and subgroups (pooled), each site and site x subgroup."""
+    pooled = _pooled(run)
+    rows: list[dict[str, Any]] = []
+    if pooled.get("overall"):
+        rows += _pooled_rows(pooled["overall"], scope="overall", attribute=None, group=None)
+    for a in sensitive:
+        for g, figures in sorted((pooled.get("subgroups") or {}).get(a, {}).items()):
+            rows += _pooled_rows(figures, scope="subgroup", attribute=a, group=str(g))
+    frames = [pd.DataFrame(rows, columns=list(CELL_COLUMNS))] if rows else []
+    for doc in run.disclosed.values():
+        c = doc.cells_frame()
+        frames.append(c[c["attribute"].isna() | c["attribute"].isin(list(sensitive))])
+    cells = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=list(CELL_COLUMNS))
+    for col in ("value", "lo", "hi"):
+        cells[col] = pd.to_numeric(cells[col], errors="coerce").astype(np.float64)
+    for col in ("n", "n_pos", "n_neg"):
+        cells[col] = pd.array(cells[col].tolist(), dtype="Int64")
+    cells["suppressed"] = cells["suppressed"].astype(bool)
+    return cells
+
+
+def _summary_row(values: pd.Series, *, scope: str, site: str | None, attribute: str | None,
+                 metric: str) -> dict[str, Any]:
+    """Worst / best / gap (max - min) / spread (population std) of released values."""
+    defined = values.dropna()
+    n_cells = int(values.size)
+    row: dict[str, Any] = {
+        "scope": scope, "site": site, "attribute": attribute, "metric": metric,
+        "worst": None, "worst_at": None, "best": None, "best_at": None, "gap": None,
+        "spread": None, "n_cells": n_cells, "n_suppressed": int(n_cells - defined.size),
+        "reason": None,
+    }
+    if defined.empty:
+        return row | {"reason": "every cell suppressed"}
+    hib = HIGHER_IS_BETTER[metric]
+    row |= {"worst": float(defined.min() if hib else defined.max()),
+            "worst_at": str(defined.idxmin() if hib else defined.idxmax()),
+            "best": float(defined.max() if hib else defined.min()),
+            "best_at": str(defined.idxmax() if hib else defined.idxmin())}
+    if defined.size < 2:
+        return row | {"reason": "fewer than 2 unsuppressed cells: no gap or spread"}
+    return row | {"gap": float(defined.max() - defined.min()),
+                  "spread": float(defined.std(ddof=0))}
+
+
+def _summary(cells: pd.DataFrame, sensitive: Sequence[str]) -> pd.DataFrame:
+    """Worst / gap / spread across sites, across pooled groups and across groups within sites."""
+    rows = []
+    metrics = [m for m in METRIC_NAMES if m in set(cells["metric"])]
+    sites = sorted(cells.loc[cells["scope"] == "site", "site"].unique())
+    for m in metrics:
+        c = cells[(cells["scope"] == "site") & (cells["metric"] == m)]
+        rows.append(_summary_row(c.set_index("site")["value"], scope="across_sites", site=None,
+                                 attribute=None, metric=m))
+    for a in sensitive:
+        for m in metrics:
+            c = cells[(cells["scope"] == "subgroup") & (cells["attribute"] == a)
+                      & (cells["metric"] == m)]
+            if not c.empty:
+                rows.append(_summary_row(c.set_index("group")["value"], scope="across_groups",
+                                         site=None, attribute=a, metric=m))
+        for s in sites:
+            for m in metrics:
+                c = cells[(cells["scope"] == "site_subgroup") & (cells["site"] == s)
+                          & (cells["attribute"] == a) & (cells["metric"] == m)]
+                if not c.empty:
+                    rows.append(_summary_row(c.set_index("group")["value"],
+                                             scope="across_groups_within_site", site=s,
+                                             attribute=a, metric=m))
+    out = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+    for col in ("worst", "best", "gap", "spread"):
+        out[col] = pd.to_numeric(out[col], errors="coerce").astype(np.float64)
+    return out
+
+
+def _pooled_disparity(levels: dict[str, Any], attribute: str) -> dict[str, Any]:
+    """fairlearn's two differences over the pooled groups of one attribute.
+
+    Equalised-odds difference: the larger of the between-group ranges of the true-positive
+    rate (sensitivity) and of the false-positive rate (1 - specificity); demographic-parity
+    difference: the range of the fraction predicted positive. From the pooled sensitivity,
+    specificity and class counts of each group (histogram estimates).
+    """
+    used, rates = [], []
+    for g, f in sorted(levels.items()):
+        sens, spec = f.get("sensitivity"), f.get("specificity")
+        if f.get("reason") is None and isinstance(sens, dict) and isinstance(spec, dict):
+            tpr, fpr = float(sens["value"]), 1.0 - float(spec["value"])
+            n_pos, n_neg = float(f["n_pos"]), float(f["n_neg"])
+            rates.append((tpr, fpr, (tpr * n_pos + fpr * n_neg) / (n_pos + n_neg)))
+            used.append(str(g))
+    row: dict[str, Any] = {"site": ALL_SITES, "attribute": attribute,
+                           "equalized_odds_difference": None,
+                           "demographic_parity_difference": None, "groups_used": used,
+                           "groups_suppressed": sorted(str(g) for g in levels if g not in used),
+                           "suppressed": True, "reason": None}
+    if len(used) < 2:
+        return row | {"reason": f"fewer than 2 pooled groups of {attribute!r} with "
+                                "sensitivity and specificity"}
+    table = np.array(rates, dtype=np.float64)  # columns: tpr, fpr, selection rate
+    gaps = np.ptp(table, axis=0)
+    return row | {"suppressed": False, "demographic_parity_difference": float(gaps[2]),
+                  "equalized_odds_difference": float(max(gaps[0], gaps[1]))}
+
+
+def _disparities(run: RunData, sensitive: Sequence[str]) -> pd.DataFrame:
+    """The sites' disparities and, from the pooled histograms, the all-sites rows."""
+    rows = []
+    subgroups = _pooled(run).get("subgroups") or {}
+    for a in sensitive:
+        if a in subgroups:
+            rows.append(_pooled_disparity(subgroups[a], a))
+    for site, doc in run.disclosed.items():
+        rows += [{"site": site, **d.model_dump()} for d in doc.disparities
+                 if d.attribute in sensitive]
+    out = pd.DataFrame(rows, columns=list(DISPARITY_COLUMNS))
+    for col in ("equalized_odds_difference", "demographic_parity_difference"):
+        out[col] = pd.to_numeric(out[col], errors="coerce").astype(np.float64)
+    return out
+
+
+def _fairness(run: RunData, st: dict[str, Any]) -> FairnessReport:
+    """The run's fairness tables, from its disclosed documents and pooled figures."""
+    thresholds, source, _ = run_thresholds(run.disclosed, global_model=run.engine != "local")
+    cells = _cells(run, st["sensitive"])
+    settings = {"min_cell": st["min_cell"], "n_boot": st["n_boot"], "seed": st["seed"],
+                "split": SPLIT, "sensitive": list(st["sensitive"]), "metrics": list(METRIC_NAMES),
+                "interval": "stratified percentile bootstrap, at each site",
+                "source": "disclosed documents; all-sites rows from pooled histograms"}
+    return FairnessReport(cells, _summary(cells, st["sensitive"]),
+                          _disparities(run, st["sensitive"]), thresholds, source, settings)
+
+
+def _run_notes(run: RunData, st: dict[str, Any]) -> list[str]:
+    """What the reader should know about one run's figures."""
+    notes = []
+    for site, doc in run.disclosed.items():
+        notes += [f"{site}: {n}" for n in doc.notes]
+        notes += [f"{site}: sensitive attribute {a!r} not disclosed: no cells"
+                  for a in st["sensitive"] if a not in doc.sensitive and doc.subgroup_summaries
+                  and not any(a in n for n in doc.notes)]
+    notes += run_thresholds(run.disclosed, global_model=run.engine != "local")[2]
+    overall = _pooled(run).get("overall") or {}
+    if not overall:
+        notes.append(f"{run.label}: no histogram-pooled figures in metrics.json: no all-sites "
+                     "rows")
+    elif overall.get("excluded"):
+        left = "; ".join(f"{k} ({v})" for k, v in overall["excluded"].items())
+        notes.append(f"{run.label}: the all-sites rows are pooled from the histograms of "
+                     f"{', '.join(overall.get('sites') or []) or 'no site'} only; left out: {left}")
+    if run.engine == "local":
+        notes.append(f"{run.label}: each site has its own model and threshold; pooled figures "
+                     "mix models")
+    if run.engine == "centralized":
+        notes.append(CENTRALIZED_NOTE)
+    return notes
 
 
 def _run_section(run: RunData, st: dict[str, Any]) -> dict[str, Any]:
     """One run's fairness tables, federated evaluation and notes."""
-    pred = run.predictions
-    sensitive = [c for c in st["sensitive"] if c in pred.columns]
-    notes = [f"sensitive attribute {c!r} not in predictions: skipped"
-             for c in st["sensitive"] if c not in pred.columns]
-    kwargs: dict[str, Any] = {"sensitive": sensitive, "min_cell": st["min_cell"],
-                              "n_boot": st["n_boot"], "seed": st["seed"]}
-    fr = _fairness(pred, kwargs, rule=st["threshold"], per_site=run.engine == "local",
-                   notes=notes)
-    thresholds = set(fr.thresholds.values())
-    common_t = thresholds.pop() if len(thresholds) == 1 else None
-    n_bins = st["histogram_bins"]
-    ece_bins = 10 if n_bins % 10 == 0 else 1
-    summaries = summarise_sites(
-        pred, sensitive=sensitive, split=SPLIT, threshold=common_t, n_bins=n_bins,
-        min_cell=st["min_cell"], n_boot=0, ece_bins=ece_bins, seed=st["seed"],
-    )
-    pooled = pooled_evaluation(summaries)
-    if run.engine == "local":
-        notes.append(f"{run.label}: each site has its own model and threshold; pooled figures "
-                     "mix models")
     return {
         "label": run.label,
         "engine": run.engine,
         "path": str(run.path),
-        "sensitive": sensitive,
-        "fairness": fr,
-        "federated_evaluation": pooled.to_dict(),
-        "notes": notes,
+        "sensitive": list(st["sensitive"]),
+        "fairness": _fairness(run, st),
+        "federated_evaluation": _pooled(run),
+        "notes": _run_notes(run, st),
     }
 
 
-def _changes(runs: Sequence[RunData], st: dict[str, Any]) -> dict[str, pd.DataFrame]:
+# --------------------------------------------------------------------------------------------
+# generalisability
+
+
+def _own_cells(run: RunData) -> list[dict[str, Any]]:
+    """The run's own model(s) on each site's test split: the sites' disclosed AUC cells."""
+    rows = []
+    for site, doc in run.disclosed.items():
+        c = doc.cell("auc")
+        base: dict[str, Any] = {"model": run.model_of(site), "test_site": site}
+        if c is None:
+            rows.append(base | {"value": None, "lo": None, "hi": None, "n": None,
+                                "suppressed": True, "reason": "not disclosed"})
+            continue
+        rows.append(base | {"value": c.value, "lo": c.lo, "hi": c.hi, "n": c.n,
+                            "suppressed": c.suppressed, "reason": c.reason})
+    return rows
+
+
+def _cross_site(runs: Sequence[RunData]) -> CrossSiteResult:
+    """Every model on every test site it was scored on: own cells, then ``cross_site.json``."""
+    rows = [r for run in runs for r in _own_cells(run)]
+    seen = {(r["model"], r["test_site"]) for r in rows}
+    for run in runs:
+        if run.cross is None:
+            continue
+        for rec in _frame_records(run.cross.long):
+            if (rec["model"], rec["test_site"]) not in seen:
+                rows.append(rec)
+                seen.add((rec["model"], rec["test_site"]))
+    long = pd.DataFrame(rows, columns=list(CROSS_COLUMNS))
+    long = long.sort_values(["model", "test_site"], kind="stable").reset_index(drop=True)
+    for c in ("value", "lo", "hi"):
+        long[c] = pd.to_numeric(long[c], errors="coerce").astype(np.float64)
+    long["n"] = pd.array(long["n"].tolist(), dtype="Int64")
+    long["suppressed"] = long["suppressed"].astype(bool)
+    return CrossSiteResult(long, "auc")
+
+
+CHANGE_COLUMNS: tuple[str, ...] = (
+    "site", "local", "local_lo", "local_hi", "federated", "federated_lo", "federated_hi",
+    "change", "change_lo", "change_hi", "n", "suppressed", "reason")
+"""Columns of a change-from-local-only table."""
+
+
+def _mover(change: float, a: Any, b: Any) -> tuple[float | None, float | None]:
+    """The MOVER interval of ``b - a`` from the two intervals (Zou & Donner 2008).
+
+    ``a`` and ``b`` are disclosed cells (value, lo, hi); the two runs are treated as
+    independent, which widens the interval when both models are scored on the same patients.
+    """
+    if None in (a.lo, a.hi, b.lo, b.hi):
+        return None, None
+    lo = change - math.hypot(b.value - b.lo, a.hi - a.value)
+    hi = change + math.hypot(b.hi - b.value, a.value - a.lo)
+    return lo, hi
+
+
+def _change(local: RunData, other: RunData) -> pd.DataFrame:
+    """Per site: the site's local-only test AUC, the other run's, and the change."""
+    rows = []
+    for site in sorted(set(local.disclosed) & set(other.disclosed)):
+        a, b = local.disclosed[site].cell("auc"), other.disclosed[site].cell("auc")
+        row: dict[str, Any] = {"site": site}
+        missing = [c for c in (a, b) if c is None or c.value is None]
+        if a is None or b is None or a.value is None or b.value is None:
+            reason = next((c.reason for c in missing if c is not None), None) or "not disclosed"
+            rows.append(row | {"n": None if b is None else b.n, "suppressed": True,
+                               "reason": reason})
+            continue
+        change = b.value - a.value
+        lo, hi = _mover(change, a, b)
+        rows.append(row | {"local": a.value, "local_lo": a.lo, "local_hi": a.hi,
+                           "federated": b.value, "federated_lo": b.lo, "federated_hi": b.hi,
+                           "change": change, "change_lo": lo, "change_hi": hi, "n": b.n,
+                           "suppressed": False, "reason": None})
+    out = pd.DataFrame(rows, columns=list(CHANGE_COLUMNS))
+    for c in CHANGE_COLUMNS[1:10]:
+        out[c] = pd.to_numeric(out[c], errors="coerce").astype(np.float64)
+    out["n"] = pd.array(out["n"].tolist(), dtype="Int64")
+    return out
+
+
+def _changes(runs: Sequence[RunData]) -> dict[str, pd.DataFrame]:
     """Per-site change from the first local-only run to every other run (none without one)."""
-    changes: dict[str, pd.DataFrame] = {}
     local = [r for r in runs if r.engine == "local"]
-    if local:
-        base = local[0].predictions
-        base = base[base["model"] == "local:" + base["site"].astype(str)]
-        for r in runs:
-            if r.engine == "local":
-                continue
-            changes[r.label] = local_vs_federated(
-                base, r.predictions, min_cell=st["min_cell"], n_boot=st["n_boot"],
-                seed=st["seed"],
-            )
-    return changes
+    if not local:
+        return {}
+    return {r.label: _change(local[0], r) for r in runs if r.engine != "local"}
 
 
 def _run_entry(run: RunData, section: dict[str, Any]) -> dict[str, Any]:
@@ -262,6 +485,7 @@ def _run_entry(run: RunData, section: dict[str, Any]) -> dict[str, Any]:
         "config": run.config.name if run.config else None,
         "thresholds": section["fairness"].thresholds,
         "threshold_source": section["fairness"].threshold_source,
+        "sites": run.sites,
         "notes": section["notes"],
     }
 
@@ -270,18 +494,16 @@ def build_report(
     run_dirs: Sequence[str | os.PathLike[str]],
     *,
     sensitive: Sequence[str] | None = None,
-    min_cell: int | None = None,
-    n_boot: int | None = None,
-    seed: int | None = None,
 ) -> tuple[dict[str, Any], list[RunData], dict[str, Any]]:
-    """Compute everything the report shows.
+    """Compute everything the report shows, from what the runs' sites disclosed.
 
     Parameters
     ----------
     run_dirs : sequence of path-like
         One run, or runs of the same config with different engines.
-    sensitive, min_cell, n_boot, seed
-        Override the first run's ``evaluation`` config.
+    sensitive : sequence of str or None
+        Show these of the disclosed attributes (default: the first run's
+        ``evaluation.sensitive``).
 
     Returns
     -------
@@ -294,18 +516,14 @@ def build_report(
     """
     if not run_dirs:
         raise ValueError("build_report: give at least one run directory")
-    return report_from_runs(load_runs(run_dirs), sensitive=sensitive, min_cell=min_cell,
-                            n_boot=n_boot, seed=seed)
+    return report_from_runs(load_runs(run_dirs), sensitive=sensitive)
 
 
 def report_from_runs(
     runs: Sequence[RunData],
     *,
     sensitive: Sequence[str] | None = None,
-    min_cell: int | None = None,
-    n_boot: int | None = None,
-    seed: int | None = None,
-    threshold: float | None = None,
+    **settings: Any,
 ) -> tuple[dict[str, Any], list[RunData], dict[str, Any]]:
     """Compute everything the report shows from runs already loaded.
 
@@ -313,10 +531,11 @@ def report_from_runs(
     ----------
     runs : sequence of RunData
         From :func:`~multimodal_fl.evaluation.report.load_runs` or :func:`run_from_frame`.
-    sensitive, min_cell, n_boot, seed
-        Override the first run's ``evaluation`` config (defaults where it has none).
-    threshold : float or None
-        A fixed decision threshold instead of the config's rule.
+    sensitive : sequence of str or None
+        Show these of the disclosed attributes (default: the first run's config).
+    **settings
+        ``seed``, ``threshold``, ``histogram_bins`` as shown in the report's settings, for
+        runs without a config (:func:`run_from_frame`).
 
     Returns
     -------
@@ -329,15 +548,11 @@ def report_from_runs(
     """
     if not runs:
         raise ValueError("report_from_runs: give at least one run")
-    loaded = list(runs)
-    runs, names = _display_labels(loaded)
-    st = _eval_settings(runs, sensitive=list(sensitive) if sensitive is not None else None,
-                        min_cell=min_cell, n_boot=n_boot, seed=seed,
-                        threshold=None if threshold is None else str(float(threshold)))
+    runs = _display_labels(runs)
+    st = _eval_settings(runs, sensitive=sensitive, **settings)
     per_run = {r.label: _run_section(r, st) for r in runs}
-
-    cross = _rename_models(_cross_site(runs, st), loaded, names)
-    changes = _changes(runs, st)
+    cross = _cross_site(runs)
+    changes = _changes(runs)
     doc: dict[str, Any] = {
         "settings": {**st, "split": SPLIT},
         "runs": [_run_entry(r, per_run[r.label]) for r in runs],
@@ -352,8 +567,14 @@ def report_from_runs(
 
 
 def run_from_frame(frame: pd.DataFrame, *, label: str = FRAME_LABEL,
-                   sensitive: Sequence[str] = ()) -> RunData:
+                   sensitive: Sequence[str] = (), min_cell: int = 10, n_boot: int = 1000,
+                   seed: int = 0, threshold: float | None = None,
+                   histogram_bins: int = 100) -> RunData:
     """A user's own predictions as a run the report can take (no run directory needed).
+
+    Each site of the frame is summarised as a site of a run discloses itself
+    (:func:`~multimodal_fl.evaluation.disclosed.site_disclosure`), and the all-sites figures
+    are pooled from histograms, so the report takes one path for both.
 
     Parameters
     ----------
@@ -361,11 +582,22 @@ def run_from_frame(frame: pd.DataFrame, *, label: str = FRAME_LABEL,
         One row per patient: ``label`` (0/1) and ``score`` (predicted probability), the
         ``sensitive`` columns, and optionally ``site`` (default: one site, ``site``),
         ``split`` (default: every row is a ``test`` row; ``val`` rows choose the threshold)
-        and ``patient_id`` (default: the row number).
+        and ``patient_id`` (ignored).
     label : str
         The run's name in the report.
     sensitive : sequence of str
         Columns the frame must hold.
+    min_cell : int
+        The small-cell threshold.
+    n_boot : int
+        Bootstrap resamples of the intervals.
+    seed : int
+        Bootstrap seed.
+    threshold : float or None
+        A fixed decision threshold; ``None`` chooses on each site's ``val`` rows (0.5 when they
+        cannot, said so).
+    histogram_bins : int
+        Fine grid of the score steps and the pooled histograms.
 
     Returns
     -------
@@ -386,16 +618,25 @@ def run_from_frame(frame: pd.DataFrame, *, label: str = FRAME_LABEL,
             "; expected label (0/1), score (probability), the sensitive columns, and optionally "
             "site, split, patient_id")
     pred = frame.copy()
-    if "site" not in pred.columns:
-        pred["site"] = "site"
+    pred["site"] = pred["site"].astype(str) if "site" in pred.columns else "site"
     if "split" not in pred.columns:
         pred["split"] = SPLIT
-    if "patient_id" not in pred.columns:
-        pred["patient_id"] = np.arange(len(pred))
-    pred["site"] = pred["site"].astype(str)
-    pred["model"] = label
+    check_binary_inputs(pred["label"].to_numpy(), pred["score"].to_numpy(), where="predictions")
+    rule: str | float = "youden" if threshold is None else float(threshold)
+    disclosed = {
+        str(site): read_disclosure(site_disclosure(
+            d, site=str(site), sensitive=list(sensitive), min_cell=min_cell, n_boot=n_boot,
+            seed=seed, threshold_rule=rule, n_bins=histogram_bins))
+        for site, d in pred.groupby("site", sort=True)}
+    summaries = summarise_sites(
+        pred, sensitive=list(sensitive), split=SPLIT, n_bins=histogram_bins,
+        threshold=global_threshold({s: d.threshold for s, d in disclosed.items()}),
+        min_cell=min_cell,
+        n_boot=0, ece_bins=10 if histogram_bins % 10 == 0 else 1, seed=seed)
+    metrics = {"pooled_from_histograms": pooled_evaluation(summaries).to_dict()} if summaries \
+        else {}
     return RunData(path=Path("(DataFrame)"), label=label, engine="frame", config=None,
-                   metrics={}, predictions=pred)
+                   metrics=metrics, disclosed=disclosed)
 
 
 def _frame_records(df: pd.DataFrame) -> list[dict[str, Any]]:

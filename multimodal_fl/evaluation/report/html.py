@@ -5,10 +5,11 @@
 ``report.html`` (plots as base64 PNG, no external resources): per-site ROC and calibration
 curves, fairness charts with 95% intervals, disparity tables, the cross-site matrix heatmap,
 the per-site change from local-only to federated, training curves, and the federated
-(histogram-pooled) figures. The small-cell rule applies to plots too: suppressed sites get no
-curve, and calibration points with fewer than ``min_cell`` patients are not drawn; a panel
-or figure with nothing to show says why. :func:`write_frame_report` does the same for a
-predictions DataFrame of the user's own.
+(histogram-pooled) figures. Every figure is drawn from what the sites disclosed: a site's ROC
+curve from its disclosed ROC points, its calibration curve from its disclosed calibration bins
+(each of at least ``min_cell`` patients), the all-sites panels from the pooled histograms in
+``metrics.json``; a panel or figure with nothing to show says why.
+:func:`write_frame_report` does the same for a predictions DataFrame of the user's own.
 
 Each figure is built by a public function returning the matplotlib ``Figure``
 (:func:`roc_figure`, :func:`calibration_figure`, :func:`forest_figure`,
@@ -39,15 +40,12 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
-from sklearn.metrics import roc_curve
 
 from multimodal_fl.evaluation.fairness import (
     ALL_SITES,
     CrossSiteResult,
     FairnessReport,
-    cell_reason,
 )
-from multimodal_fl.evaluation.metrics import calibration_bins
 from multimodal_fl.evaluation.report.compute import (
     FRAME_LABEL,
     SPLIT,
@@ -137,10 +135,18 @@ def _run_colours(runs: Sequence[RunData]) -> dict[str, Any]:
     return dict(zip([r.label for r in runs], palette(len(runs)), strict=True))
 
 
-def _site_rows(run: RunData, site: str) -> pd.DataFrame:
-    """A run's test rows at one site (all sites for :data:`ALL_SITES`)."""
-    d = run.predictions[run.predictions["split"] == SPLIT]
-    return d if site == ALL_SITES else d[d["site"].astype(str) == site]
+def _pooled_curve(run: RunData) -> tuple[pd.DataFrame | None, str | None]:
+    """The run's pooled calibration records (``metrics.json``), or why there are none."""
+    pooled = run.metrics.get("pooled_from_histograms") or {}
+    overall = pooled.get("overall") or {}
+    if not overall:
+        return None, "no histogram-pooled figures"
+    if overall.get("reason"):
+        return None, str(overall["reason"])
+    cal = pd.DataFrame(overall.get("calibration") or [])
+    if cal.empty:
+        return None, "no pooled calibration"
+    return cal, None
 
 
 def _no_data_text(ax: Any, text: str) -> None:
@@ -170,15 +176,16 @@ def _finish_panel(ax: Any, drawn: bool, missing: list[tuple[str, str]], what: st
     ax.legend(handles, labels, fontsize=7, loc=loc)
 
 
-def _site_panels(runs: Sequence[RunData], min_cell: int, axis_labels: tuple[str, str],
-                 draw: Callable[[Any, RunData, pd.DataFrame, Any], str | None], what: str,
+def _site_panels(runs: Sequence[RunData], axis_labels: tuple[str, str],
+                 draw: Callable[[Any, RunData, str, Any], str | None], what: str,
                  loc: str) -> Figure:
     """One unit-square panel per site and one for all sites, each run drawn by ``draw``.
 
-    A run whose site rows break the small-cell rule, or for which ``draw`` returns a reason,
-    is listed in the panel's legend with that reason (:func:`_finish_panel`).
+    ``draw(ax, run, site, colour)`` draws one run's curve in one panel (``site`` is
+    :data:`ALL_SITES` for the pooled panel) or returns why it cannot; a run with a reason is
+    listed in the panel's legend with it (:func:`_finish_panel`).
     """
-    sites = sorted({s for r in runs for s in r.predictions["site"].astype(str).unique()})
+    sites = sorted({s for r in runs for s in r.sites})
     colours = _run_colours(runs)
     fig, axes = _grid(len(sites) + 1)
     for ax, site in zip(axes, [*sites, ALL_SITES], strict=True):
@@ -187,67 +194,97 @@ def _site_panels(runs: Sequence[RunData], min_cell: int, axis_labels: tuple[str,
                xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
         missing: list[tuple[str, str]] = []
         for r in runs:
-            d = _site_rows(r, site)
-            reason = cell_reason(d["label"].to_numpy(), min_cell)
-            if reason is None:
-                reason = draw(ax, r, d, colours[r.label])
+            if site != ALL_SITES and site not in r.disclosed:
+                reason: str | None = "not disclosed"
+            else:
+                reason = draw(ax, r, site, colours[r.label])
             if reason is not None:
                 missing.append((r.label, reason))
         _finish_panel(ax, len(missing) < len(runs), missing, what, loc)
     return fig
 
 
+def _pooled_roc(cal: pd.DataFrame) -> tuple[list[float], list[float]]:
+    """ROC points at the pooled calibration-bin edges (counts from ``n`` and ``observed``)."""
+    cal = cal[cal["n"] > 0]
+    pos = (cal["n"] * cal["observed"]).to_numpy(dtype=np.float64)[::-1]
+    neg = (cal["n"] * (1.0 - cal["observed"])).to_numpy(dtype=np.float64)[::-1]
+    tpr = np.concatenate([[0.0], np.cumsum(pos) / pos.sum()])
+    fpr = np.concatenate([[0.0], np.cumsum(neg) / neg.sum()])
+    return fpr.tolist(), tpr.tolist()
+
+
 def roc_figure(runs: Sequence[RunData], min_cell: int) -> Figure:
     """Test-split ROC curves: one panel per site and one for all sites, one curve per run.
 
-    Parameters
-    ----------
-    runs : sequence of RunData
-    min_cell : int
-        A site below the small-cell rule gets no curve, and its panel says why.
-
-    Returns
-    -------
-    matplotlib.figure.Figure
-    """
-    def draw(ax: Any, r: RunData, d: pd.DataFrame, colour: Any) -> str | None:
-        fpr, tpr, _ = roc_curve(d["label"], d["score"])
-        ax.plot(fpr, tpr, lw=1.4, label=r.label, color=colour)
-        return None
-
-    return _site_panels(runs, min_cell, ("1 - specificity", "sensitivity"), draw,
-                        "curve", "lower right")
-
-
-def calibration_figure(runs: Sequence[RunData], min_cell: int, n_bins: int = 10) -> Figure:
-    """Calibration curves per site; bins with fewer than ``min_cell`` patients are not drawn.
+    A site's curve joins its disclosed ROC points (thresholds whose steps hold 0 or at least
+    ``min_cell`` of each class); the all-sites curve joins the points at the pooled
+    calibration-bin edges (``metrics.json``'s histogram-pooled figures).
 
     Parameters
     ----------
     runs : sequence of RunData
     min_cell : int
-        Small-cell rule for sites and for each plotted bin.
-    n_bins : int
-        Equal-width bins on [0, 1].
+        The report's small-cell threshold (the sites applied theirs before disclosing).
 
     Returns
     -------
     matplotlib.figure.Figure
-        A panel with nothing to show says why (the site is suppressed, or every bin holds
-        fewer than ``min_cell`` patients).
+        A panel without a curve says why (the site withheld its ROC summary, and the reason).
     """
-    def draw(ax: Any, r: RunData, d: pd.DataFrame, colour: Any) -> str | None:
-        b = calibration_bins(d["score"].to_numpy(), n_bins)
-        g = pd.DataFrame({"b": b, "y": d["label"].to_numpy(), "s": d["score"].to_numpy()})
-        agg = g.groupby("b").agg(n=("y", "size"), y=("y", "mean"), s=("s", "mean"))
-        agg = agg[agg["n"] >= min_cell]  # small-cell rule for plotted bins
-        if agg.empty:
-            return f"every bin holds fewer than {min_cell} patients"
-        ax.plot(agg["s"], agg["y"], marker="o", ms=3, lw=1.2, label=r.label, color=colour)
+    def draw(ax: Any, r: RunData, site: str, colour: Any) -> str | None:
+        if site == ALL_SITES:
+            cal, why = _pooled_curve(r)
+            if cal is None:
+                return why
+            fpr, tpr = _pooled_roc(cal)
+        else:
+            roc = r.disclosed[site].roc
+            if roc.reason is not None:
+                return roc.reason
+            fpr, tpr = [*roc.fpr, 0.0], [*roc.tpr, 0.0]
+        ax.plot(fpr, tpr, lw=1.4, marker=".", ms=4, label=r.label, color=colour)
         return None
 
-    return _site_panels(runs, min_cell, ("mean predicted risk", "observed fraction positive"),
-                        draw, "points", "upper left")
+    return _site_panels(runs, ("1 - specificity", "sensitivity"), draw, "curve",
+                        "lower right")
+
+
+def calibration_figure(runs: Sequence[RunData], min_cell: int) -> Figure:
+    """Calibration curves per site from the disclosed bins, and all sites from pooled bins.
+
+    Parameters
+    ----------
+    runs : sequence of RunData
+    min_cell : int
+        Pooled calibration bins with fewer patients are not drawn (each site's disclosed
+        bins hold at least its own ``min_cell``).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        A panel with nothing to show says why (the site withheld its calibration summary, or
+        every pooled bin holds fewer than ``min_cell`` patients).
+    """
+    def draw(ax: Any, r: RunData, site: str, colour: Any) -> str | None:
+        if site == ALL_SITES:
+            cal, why = _pooled_curve(r)
+            if cal is None:
+                return why
+            cal = cal[cal["n"] >= min_cell]  # small-cell rule for plotted bins
+            if cal.empty:
+                return f"every bin holds fewer than {min_cell} patients"
+            x, y = cal["mean_score"].tolist(), cal["observed"].tolist()
+        else:
+            c = r.disclosed[site].calibration
+            if c.reason is not None or not c.bins:
+                return c.reason or "no calibration bins"
+            x, y = [b.mean_score for b in c.bins], [b.observed for b in c.bins]
+        ax.plot(x, y, marker="o", ms=3, lw=1.2, label=r.label, color=colour)
+        return None
+
+    return _site_panels(runs, ("mean predicted risk", "observed fraction positive"), draw,
+                        "points", "upper left")
 
 
 def _forest_label(r: Any) -> str:
@@ -304,7 +341,7 @@ def forest_figure(fr: FairnessReport, metric: str, title: str) -> Figure:
     ends: list[float] = []
     for y, r in zip(ypos, rows, strict=True):
         if r.suppressed or pd.isna(r.value):
-            ax.text(0.5, y, f"suppressed: {r.reason}", ha="center", va="center", fontsize=7,
+            ax.text(0.5, y, f"suppressed ({r.reason})", ha="center", va="center", fontsize=7,
                     color="grey", transform=ax.get_yaxis_transform())
             continue
         lo = r.value if pd.isna(r.lo) else r.lo
@@ -393,7 +430,7 @@ def change_figure(changes: dict[str, pd.DataFrame], colours: dict[str, Any] | No
             y = len(labels)
             labels.append(f"{r.site}: local-only → {name}")
             if r.suppressed or pd.isna(r.change):
-                ax.text(0.5, y, f"suppressed: {r.reason}", ha="center", va="center", fontsize=7,
+                ax.text(0.5, y, f"suppressed ({r.reason})", ha="center", va="center", fontsize=7,
                         color="grey", transform=ax.get_yaxis_transform(),
                         bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
                 continue
@@ -406,7 +443,7 @@ def change_figure(changes: dict[str, pd.DataFrame], colours: dict[str, Any] | No
     ax.set_yticks(range(n), labels, fontsize=8)
     ax.set_ylim(n - 0.3, -0.7)
     ax.set_xlim(*_x_range(ends, (-0.05, 0.05)))
-    ax.set_xlabel("change in test AUC (paired bootstrap 95% interval)")
+    ax.set_xlabel("change in test AUC (MOVER 95% interval, conservative)")
     return fig
 
 
@@ -531,9 +568,9 @@ def _table(df: pd.DataFrame) -> str:
 
 
 def _ci_text(v: Any, lo: Any, hi: Any, reason: Any = None) -> str:
-    """``value [lo, hi]``, the value alone, or an em dash with the suppression reason."""
+    """``value [lo, hi]``, the value alone, or ``suppressed (reason)``."""
     if v is None or pd.isna(v):
-        return f"— ({reason})" if reason else "—"
+        return f"suppressed ({reason})" if reason else "—"
     if lo is None or pd.isna(lo):
         return f"{v:.3f}"
     return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
@@ -599,9 +636,10 @@ def _generalisability_body(sec: dict[str, Any], figs: dict[str, Any]) -> str:
     """The cross-site heatmap and its table."""
     return (_img(figs["cross"], "Cross-site AUC matrix") + _table(sec["cross"].long) +
             "<p class='note'>Rows: models (local:&lt;site&gt; is that site's local-only model); "
-            "columns: the site whose test patients were scored. Cells without predictions are "
-            "absent; suppressed cells are shown as —. The colour scale runs from 0 to 1; 0.5, "
-            "a model no better than chance, is marked on the colour bar.</p>")
+            "columns: the site whose test patients were scored, and which disclosed the AUC. "
+            "Cells never scored are absent; suppressed cells are shown as —. The colour scale "
+            "runs from 0 to 1; 0.5, a model no better than chance, is marked on the colour "
+            "bar.</p>")
 
 
 def _change_body(sec: dict[str, Any], figs: dict[str, Any]) -> str:
@@ -616,7 +654,10 @@ def _change_body(sec: dict[str, Any], figs: dict[str, Any]) -> str:
 
 def _pooled_paragraph(lab: str, fe: dict[str, Any]) -> str:
     """One run's histogram-pooled figures, the sites pooled and those left out."""
-    o = fe["overall"]
+    o = fe.get("overall") or {}
+    if not o:
+        return (f"<h3>{_esc(lab)}</h3><p>— (no histogram-pooled figures in its metrics.json)"
+                "</p>")
     auc = o.get("auc")
     body = f"<h3>{_esc(lab)}</h3><p>Pooled AUC from {o['n_bins']}-bin histograms: "
     if auc:
@@ -648,27 +689,41 @@ def _federated_evaluation_body(doc: dict[str, Any], st: dict[str, Any]) -> str:
     body += ("<p class='note'>Brackets here are guaranteed bounds, not confidence intervals: "
              "the value the patient-level scores would give lies within them, and they lie "
              "within the metric's range [0, 1]; merged histogram bins widen them.</p>")
-    body += ("<p class='note'>What crosses a site boundary: counts, metrics with intervals and "
-             "score histograms per label whose bins are merged until each holds at least "
-             f"{st['min_cell']} patients; never patient-level scores.</p>")
+    body += ("<p class='note'>What this report is built from: each site's disclosed document "
+             "(disclosed/&lt;site&gt;.json: counts of 0 or at least "
+             f"{st['min_cell']} patients, metrics with intervals computed at the site, fairness "
+             "cells with complementary suppression, ROC points and calibration bins on steps of "
+             "0 or at least that many of each class), metrics.json (training curves and these "
+             "histogram-pooled figures) and the cross-site matrix; never patient-level scores "
+             "or the sites' own folders.</p>")
     return body
 
 
 def _method_body(st: dict[str, Any]) -> str:
     """Split, thresholds, small-cell rule, intervals and fairness definitions."""
+    mc = st["min_cell"]
     return (
-        f"<ul><li>Evaluated split: <b>{SPLIT}</b>; thresholds chosen on the validation split "
-        f"(rule: {_esc(st['threshold'])}) unless fixed.</li>"
-        f"<li>Small-cell rule: a cell with fewer than {st['min_cell']} patients, or with no "
-        "positives or no negatives, is suppressed and shows its reason instead of a number "
-        "(its counts are hidden when it is too small).</li>"
-        f"<li>Intervals: stratified percentile bootstrap, {st['n_boot']} resamples; the change "
-        "from local-only uses a paired bootstrap on the same patients.</li>"
-        "<li>Fairness tables are computed with fairlearn's MetricFrame; worst value is the "
-        "minimum for AUC, AP, sensitivity, specificity and the maximum for Brier and ECE.</li>"
+        f"<ul><li>Evaluated split: <b>{SPLIT}</b>. Each site chose its threshold on its own "
+        f"validation split (rule: {_esc(st['threshold'])}; a grid edge, never a patient's "
+        f"score, and only from at least {mc} positives and {mc} negatives, else 0.5) unless "
+        "the threshold was fixed.</li>"
+        f"<li>Small-cell rule, applied by each site before anything left it: a cell on fewer "
+        f"than {mc} patients shows \"suppressed (fewer than {mc} patients)\" and no count; "
+        f"class counts are shown only when each is 0 or at least {mc}; AUC, average "
+        f"precision, sensitivity and specificity only with at least {mc} of each class. "
+        "Complementary suppression: within each attribute no released cell, the site's own "
+        "row included, lets a suppressed one be derived by subtraction.</li>"
+        f"<li>Intervals: stratified percentile bootstrap at each site, {st['n_boot']} "
+        "resamples; the change from local-only is the MOVER interval from the two runs' "
+        "intervals (conservative: both models scored the same patients). The all-sites rows "
+        "come from the histogram-pooled figures (no interval unless the pooled figures give "
+        "one).</li>"
+        "<li>Fairness tables are computed with fairlearn's MetricFrame at each site; worst "
+        "value is the minimum for AUC, AP, sensitivity, specificity and the maximum for Brier "
+        "and ECE, over the released cells.</li>"
         "<li>Runs are named by what they are: federated (in-process), federated (Flower), "
         "local-only (each site trains alone) and centralized (every site's data pooled in "
-        "one place: a research baseline, never a deployment).</li>"
+        "one place: an in-process research baseline that cannot exist across hospitals).</li>"
         "</ul>"
     )
 
@@ -680,10 +735,15 @@ def _section_bodies(doc: dict[str, Any], sec: dict[str, Any], figs: dict[str, An
     return {
         "summary": _summary_body(doc, sec),
         "roc": _img(figs["roc"], "ROC curves") +
-        "<p class='note'>Test split. Sites below the small-cell rule get no curve.</p>",
+        "<p class='note'>Test split. A site's curve joins the ROC points it disclosed, at "
+        "thresholds whose steps hold 0 or at least the small-cell number of each class; a site "
+        "with fewer positives or negatives than that gets no curve. All sites: the points at "
+        "the pooled calibration-bin edges.</p>",
         "calibration": _img(figs["calibration"], "Calibration curves") +
-        f"<p class='note'>10 equal-width bins; bins with fewer than {st['min_cell']} "
-        "patients are not drawn.</p>",
+        "<p class='note'>A site's points are the calibration bins it disclosed (the same steps "
+        "as its ROC points, each of at least the small-cell number of patients); all sites: "
+        f"the pooled 10 equal-width bins, those with fewer than {st['min_cell']} patients not "
+        "drawn.</p>",
         "fairness": _fairness_body(sec, figs),
         "disparities": _disparities_body(sec),
         "generalisability": _generalisability_body(sec, figs),
@@ -733,11 +793,11 @@ def write_report(
     out_dir: str | os.PathLike[str],
     *,
     sensitive: Sequence[str] | None = None,
-    min_cell: int | None = None,
-    n_boot: int | None = None,
-    seed: int | None = None,
 ) -> tuple[Path, Path]:
     """Write ``report.json`` and a self-contained ``report.html`` for one or more runs.
+
+    Built from each run's ``disclosed/``, ``metrics.json`` and ``cross_site.json`` only, so the
+    server's run directory of a deployment is enough.
 
     Parameters
     ----------
@@ -745,15 +805,14 @@ def write_report(
         Run directories (e.g. federated, local and centralized runs of one config).
     out_dir : path-like
         Created if needed.
-    sensitive, min_cell, n_boot, seed
-        Override the first run's ``evaluation`` settings.
+    sensitive : sequence of str or None
+        Show these of the disclosed attributes (default: the first run's config).
 
     Returns
     -------
     json_path, html_path : Path
     """
-    doc, runs, sec = build_report(run_dirs, sensitive=sensitive, min_cell=min_cell,
-                                  n_boot=n_boot, seed=seed)
+    doc, runs, sec = build_report(run_dirs, sensitive=sensitive)
     return _write(doc, runs, sec, out_dir)
 
 
@@ -772,7 +831,8 @@ def write_frame_report(
 
     The same report as :func:`write_report` (ROC and calibration per site, fairness forest
     plot and tables, disparities, cross-site matrix, histogram-pooled figures), for
-    predictions made by any model, with no run directory.
+    predictions made by any model, with no run directory: each site of the frame is
+    summarised as a site of a run discloses itself (the same small-cell rules).
 
     Parameters
     ----------
@@ -780,17 +840,17 @@ def write_frame_report(
         One row per patient: ``label`` (0/1), ``score`` (predicted probability), the
         ``sensitive`` columns; optionally ``site`` (default: one site, ``site``), ``split``
         (default: every row is a test row; only ``test`` rows are evaluated, ``val`` rows
-        choose the threshold when ``threshold`` is ``None``) and ``patient_id``.
+        choose each site's threshold when ``threshold`` is ``None``) and ``patient_id``.
     out_dir : path-like
         Created if needed.
     sensitive : sequence of str
         Sensitive-attribute columns (``sex``, ``age_band``, ...).
     threshold : float or None
         The decision threshold for sensitivity, specificity and the disparities. ``None``
-        chooses Youden's J on the ``val`` rows; a frame without them falls back to 0.5 and
-        the report says so.
+        chooses Youden's J on each site's ``val`` rows (on the grid edges); a site without
+        enough of them falls back to 0.5 and the report says so.
     min_cell : int
-        Small-cell rule: cells with fewer patients (or one class) are suppressed.
+        Small-cell rule (see :mod:`multimodal_fl.evaluation.disclosed`).
     n_boot : int
         Bootstrap resamples per interval.
     seed : int
@@ -807,9 +867,11 @@ def write_frame_report(
     ValueError
         When the frame lacks a column or holds invalid labels or scores (one line).
     """
-    run = run_from_frame(frame, label=label, sensitive=sensitive)
-    doc, runs, sec = report_from_runs([run], sensitive=list(sensitive), min_cell=min_cell,
-                                      n_boot=n_boot, seed=seed, threshold=threshold)
+    run = run_from_frame(frame, label=label, sensitive=sensitive, min_cell=min_cell,
+                         n_boot=n_boot, seed=seed, threshold=threshold)
+    doc, runs, sec = report_from_runs(
+        [run], sensitive=list(sensitive), seed=seed,
+        threshold=None if threshold is None else str(float(threshold)))
     return _write(doc, runs, sec, out_dir)
 
 

@@ -1,16 +1,24 @@
-"""Read run directories for the report: typed config, metrics and the sites' predictions.
+"""Read run directories for the report: typed config, metrics and what the sites disclosed.
 
-A run directory, as ``mmfl train`` writes it::
+A run directory, as ``mmfl train`` writes it, and what the report reads of it::
 
     RUN_DIR/run.json                      the manifest (engine, data fingerprints, run id, ...)
     RUN_DIR/config.yaml                   resolved config (evaluation.sensitive, min_cell, ...)
-    RUN_DIR/metrics.json                  "engine"; "rounds" (federated) or "history" (others)
-    RUN_DIR/sites/<site>/predictions.csv  patient_id, split, label, score, sex, age_band, ...
-                                          optional "model" column (default: the run's model,
-                                          or "local:<site>" for the local engine)
-    RUN_DIR/cross_site.json               optional (local engine): the cross-site matrix
-                                          cells the sites disclosed (model, test_site,
-                                          value, lo, hi, n, suppressed, reason)
+    RUN_DIR/metrics.json                  "engine"; "rounds" (federated) or "history" (others);
+                                          "pooled_from_histograms" (the all-sites figures)
+    RUN_DIR/disclosed/<site>.json         each site's disclosed report document
+                                          (:func:`~multimodal_fl.evaluation.disclosed.
+                                          site_disclosure`): fairness cells, ROC and calibration
+                                          summaries, per-split counts and metrics
+    RUN_DIR/cross_site.json               optional: the cross-site matrix (``model``,
+                                          ``test_site``, ``value``, ``lo``, ``hi``, ``n``,
+                                          ``suppressed``, ``reason`` per cell)
+
+Never ``RUN_DIR/sites/``: the patient-level predictions there are each site's own audit, at the
+hospital in a deployment, so the report of a Flower deployment is built from the server's run
+directory alone, and an in-process run gives the same report with its ``sites/`` removed. A run
+directory made before the sites disclosed these documents is refused in one line naming the
+version that made it (:class:`OldRunDirectory`).
 
 The report reads four keys of ``config.yaml`` (``name``, ``seed``, ``federated``,
 ``evaluation``) into :class:`ReportConfig`, whose fields are
@@ -25,15 +33,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from multimodal_fl import __version__
 from multimodal_fl.config import (
     ConfigError,
     EvaluationConfig,
@@ -41,9 +48,19 @@ from multimodal_fl.config import (
     FederatedConfig,
     drop_removed_keys,
 )
-from multimodal_fl.rundir import RunManifest, flatten, read_cross_site, read_manifest
+from multimodal_fl.evaluation.disclosed import SiteDisclosure, read_disclosure
+from multimodal_fl.evaluation.fairness import CrossSiteResult
+from multimodal_fl.rundir import (
+    DISCLOSED_DIR,
+    RunManifest,
+    flatten,
+    read_cross_site,
+    read_manifest,
+)
 
 __all__ = [
+    "CROSS_COLUMNS",
+    "OldRunDirectory",
     "ReportConfig",
     "RunData",
     "RunIdentity",
@@ -53,8 +70,13 @@ __all__ = [
     "read_report_config",
 ]
 
-PREDICTION_COLUMNS: tuple[str, ...] = ("patient_id", "split", "label", "score")
-"""Columns every ``predictions.csv`` must have."""
+CROSS_COLUMNS: tuple[str, ...] = ("model", "test_site", "value", "lo", "hi", "n", "suppressed",
+                                  "reason")
+"""Columns of every cell of ``cross_site.json``."""
+
+
+class OldRunDirectory(ValueError):
+    """A run directory made before the sites disclosed their report documents (one line)."""
 
 
 def _experiment_field(name: str) -> Any:
@@ -104,11 +126,10 @@ class RunData:
         ``config.yaml``; ``None`` when the run has none.
     metrics : dict
         ``metrics.json``.
-    predictions : pandas.DataFrame
-        All sites' rows with ``site`` and ``model`` columns added.
-    cross : pandas.DataFrame
-        The cross-site cells the sites disclosed (``cross_site.json``, columns of
-        :attr:`~multimodal_fl.evaluation.fairness.CrossSiteResult.long`; possibly empty).
+    disclosed : dict of str to SiteDisclosure
+        Each site's disclosed document, by site name (sorted).
+    cross : CrossSiteResult or None
+        ``cross_site.json`` (other models scored at each site), when the run has one.
     manifest : RunManifest or None
         ``run.json`` (``None`` for a run directory without one).
     """
@@ -118,14 +139,23 @@ class RunData:
     engine: str
     config: ReportConfig | None
     metrics: dict[str, Any]
-    predictions: pd.DataFrame
-    cross: pd.DataFrame = field(default_factory=pd.DataFrame)
+    disclosed: dict[str, SiteDisclosure] = field(default_factory=dict)
+    cross: CrossSiteResult | None = None
     manifest: RunManifest | None = None
 
     @property
     def federated(self) -> bool:
         """Whether the run is a federated one."""
         return self.engine in ("inprocess", "flower", "federated")
+
+    @property
+    def sites(self) -> list[str]:
+        """The sites that disclosed a document, sorted."""
+        return sorted(self.disclosed)
+
+    def model_of(self, site: str) -> str:
+        """The model that scored ``site``'s patients: ``local:<site>`` for local-only runs."""
+        return f"local:{site}" if self.engine == "local" else self.label
 
 
 def read_config_dict(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -186,38 +216,45 @@ def read_report_config(path: str | os.PathLike[str]) -> ReportConfig | None:
         raise ConfigError(f"{file}: invalid configuration: {exc}") from None
 
 
-def _read_csv(file: Path, required: Sequence[str]) -> pd.DataFrame:
-    """One site's CSV with the ``site`` column added; fails when a required column is missing."""
-    d = pd.read_csv(file)
-    missing = [c for c in required if c not in d.columns]
-    if missing:
-        raise ValueError(f"{file}: missing column(s) {missing}; present: {list(d.columns)}")
-    d["site"] = file.parent.name
-    return d
+def _old_run_message(path: Path) -> str:
+    """Why a run directory without ``disclosed/`` has no report, and what to do, in one line."""
+    manifest = read_manifest(path)
+    made = (f"multimodal_fl {manifest.package_version}" if manifest is not None
+            else "a multimodal_fl without a run manifest (no run.json)")
+    return (f"{path}: made by {made}, before sites disclosed their report documents "
+            f"({DISCLOSED_DIR}/<site>.json); multimodal_fl {__version__} builds the report from "
+            "those alone, never from sites/<site>/predictions.csv. Train it again with this "
+            "version (mmfl train CONFIG), or report on a predictions table of your own with "
+            "write_frame_report")
 
 
-def _read_predictions(path: Path, engine: str, model: str) -> pd.DataFrame:
-    """All sites' ``predictions.csv`` rows, with ``site`` and ``model`` columns."""
-    files = sorted((path / "sites").glob("*/predictions.csv"))
+def _read_disclosed(path: Path) -> dict[str, SiteDisclosure]:
+    """Every ``disclosed/<site>.json``, read and checked, by site name."""
+    folder = path / DISCLOSED_DIR
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
     if not files:
-        raise ValueError(
-            f"{path}: no sites/<site>/predictions.csv; a run directory holds one per site "
-            "(patient_id, split, label, score, sensitive attributes)"
-        )
-    frames = []
+        manifest = read_manifest(path)
+        if manifest is not None and manifest.status != "completed":
+            raise ValueError(f"{path}: the run is {manifest.status}; its sites disclose their "
+                             "report documents at the end (mmfl train --resume RUN_DIR)")
+        if folder.is_dir() or (path / "metrics.json").is_file():
+            raise OldRunDirectory(_old_run_message(path))
+        raise ValueError(f"{path}: no {DISCLOSED_DIR}/<site>.json and no metrics.json; expected "
+                         "a run directory from `mmfl train`")
+    out: dict[str, SiteDisclosure] = {}
     for f in files:
-        d = _read_csv(f, PREDICTION_COLUMNS)
-        if "model" not in d.columns:
-            site = f.parent.name
-            d["model"] = f"local:{site}" if engine == "local" else model
-        frames.append(d)
-    return pd.concat(frames, ignore_index=True)
+        try:
+            raw = json.loads(f.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{f}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        doc = read_disclosure(raw, where=str(f))
+        out[doc.site] = doc
+    return dict(sorted(out.items()))
 
 
-def _read_cross(path: Path) -> pd.DataFrame:
-    """The disclosed cross-site cells (``cross_site.json``; an empty frame when there is none)."""
-    result = read_cross_site(path)
-    return result.long if result is not None else pd.DataFrame()
+def _read_cross(path: Path) -> CrossSiteResult | None:
+    """``cross_site.json`` as a :class:`CrossSiteResult` (``None`` when the run has none)."""
+    return read_cross_site(path)
 
 
 def _run_path(run_dir: str | os.PathLike[str]) -> Path:
@@ -288,12 +325,13 @@ def read_identity(run_dir: str | os.PathLike[str]) -> RunIdentity:
 
 
 def load_run(run_dir: str | os.PathLike[str], label: str | None = None) -> RunData:
-    """Read a run directory.
+    """Read a run directory: its config, metrics and the sites' disclosed documents.
 
     Parameters
     ----------
     run_dir : path-like
-        A directory written by ``mmfl train``.
+        A directory written by ``mmfl train`` (the server's run directory of a deployment is
+        enough: ``sites/`` is never read).
     label : str or None
         Display name; default the engine.
 
@@ -303,8 +341,11 @@ def load_run(run_dir: str | os.PathLike[str], label: str | None = None) -> RunDa
 
     Raises
     ------
+    OldRunDirectory
+        For a run made before the sites disclosed their documents (one line naming the
+        version that made it).
     ValueError
-        When the directory has no ``sites/<site>/predictions.csv`` or a file lacks a column
+        When a document is unreadable or of an unknown version
         (:class:`~multimodal_fl.config.ConfigError`, a ``ValueError``, for an invalid
         ``config.yaml``).
     """
@@ -319,9 +360,7 @@ def load_run(run_dir: str | os.PathLike[str], label: str | None = None) -> RunDa
         engine=engine,
         config=config,
         metrics=metrics,
-        predictions=_read_predictions(path, engine, label or engine),
+        disclosed=_read_disclosed(path),
         cross=_read_cross(path),
         manifest=read_manifest(path),
     )
-
-
