@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from multimodal_fl.config import SitePolicy
-from multimodal_fl.federated.protocol import Kind, Reply, Request
+from multimodal_fl.federated.protocol import Kind, Reply, Request, SiteError, SiteRefused
 
 __all__ = [
     "EGRESS_LOG",
@@ -43,18 +43,6 @@ log = logging.getLogger(__name__)
 
 #: The egress log's file name inside the site's folder.
 EGRESS_LOG = "egress.jsonl"
-
-
-class SiteRefused(RuntimeError):
-    """A site declines a request under its policy (too few patients, a kind it does not answer).
-
-    The message crosses the site boundary: build it from counts, thresholds and policy names
-    only, never from patient data, file content or a log line.
-    """
-
-
-class SiteError(RuntimeError):
-    """A site's handler failed; what crosses the boundary names the exception type only."""
 
 
 @dataclass

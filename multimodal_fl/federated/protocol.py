@@ -77,8 +77,11 @@ __all__ = [
     "Kind",
     "Reply",
     "Request",
+    "SiteError",
     "SiteFailure",
+    "SiteRefused",
     "StateDict",
+    "boundary_reason",
     "pack_document",
     "site_seed",
     "unpack_document",
@@ -488,6 +491,38 @@ class SiteFailure:
 
     site: str
     reason: str
+
+
+class SiteRefused(RuntimeError):
+    """A site declines a request under its policy (too few patients, a kind it does not answer).
+
+    The message crosses the site boundary: build it from counts, thresholds and policy names
+    only, never from patient data, file content or a log line.
+    """
+
+
+class SiteError(RuntimeError):
+    """A site failed; what crosses the boundary names the exception type only."""
+
+
+def boundary_reason(exc: BaseException) -> str:
+    """What may cross the site boundary about a site's exception.
+
+    A :class:`SiteRefused` or :class:`SiteError` message is made to cross (counts, thresholds,
+    policy names, an exception type); any other exception may carry a patient id, a file's
+    content or a log line, so only its type crosses and the rest stays in the site's log.
+
+    Parameters
+    ----------
+    exc : BaseException
+
+    Returns
+    -------
+    str
+    """
+    if isinstance(exc, SiteRefused | SiteError):
+        return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__} at the site (details in the site's own log)"
 
 
 class InvalidReply(ValueError):
