@@ -343,7 +343,9 @@ class DataConfig(_Strict):
     )
     cache_dir: Path | None = Field(
         default=None,
-        description="Embedding cache root; default: <run dir>/cache, or $MMFL_CACHE when set.",
+        description="Embedding cache root, one folder per site below it (the cache holds "
+                    "patient-derived data); default: $MMFL_CACHE when set, else each site's "
+                    "own <run dir>/sites/<site>/cache.",
     )
     timezone: str = Field(
         default="UTC",
@@ -657,7 +659,7 @@ def load_policy(site_dir: str | os.PathLike[str]) -> SitePolicy:
     Parameters
     ----------
     site_dir : path-like
-        The site directory.
+        The site directory, or a policy file itself (a SuperNode's ``policy-file``).
 
     Returns
     -------
@@ -669,7 +671,8 @@ def load_policy(site_dir: str | os.PathLike[str]) -> SitePolicy:
         If the file is not valid YAML or not a valid policy (one line per problem, with
         did-you-mean hints for unknown keys).
     """
-    path = Path(site_dir) / POLICY_FILE
+    path = Path(site_dir)
+    path = path / POLICY_FILE if path.is_dir() else path
     if not path.is_file():
         return SitePolicy()
     data = _read_yaml(path)
