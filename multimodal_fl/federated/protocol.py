@@ -29,7 +29,10 @@ Request kinds (:class:`Kind`), in the order an experiment sends them:
     ``weights`` (a full state dict, buffers included, minus any FedBN ``local_keys``),
     ``n_samples``, ``group_counts`` and ``metrics`` (``"loss"``).
 ``evaluate``
-    Evaluate ``weights``; reply with ``metrics`` (e.g. ``"val_auc"``) and ``n_samples``.
+    Evaluate ``weights`` on the validation split; reply with ``n_samples`` (its size),
+    ``metrics`` (``"val_auc"``, ``"val_average_precision"``, ``"val_brier"``, ``"val_ece"``)
+    and the :attr:`Doc.VALIDATION` histograms, or, on fewer than ``min_cell`` patients (or
+    a class with fewer), with nothing (``n_samples`` 0).
 ``predict``
     Final evaluation: the site writes its patient-level files at home and replies with the
     :attr:`Doc.EVALUATION` and :attr:`Doc.SITE_METRICS` documents.
@@ -120,6 +123,9 @@ class Doc(StrEnum):
     SITE_METRICS = "site_metrics"
     #: ``pca_scores``: aggregates of the projected rows.
     PCA_SCORES = "pca_scores"
+    #: ``evaluate``: the validation scores' histograms per label, bins merged at the site until
+    #: each holds 0 or at least ``min_cell`` patients, counts only (the server pools them).
+    VALIDATION = "validation"
     #: ``init`` / ``moments``: the state-dict keys pooled moments fill (``mean``, ``scale``,
     #: ``count``); absent or empty when the model standardises nothing.
     STANDARDIZER = "standardizer"

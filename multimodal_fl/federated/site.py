@@ -59,9 +59,15 @@ from torch import nn
 
 from multimodal_fl.config import ExperimentConfig, SitePolicy, load_policy
 from multimodal_fl.encoders.tabular import Standardizer
-from multimodal_fl.evaluation.histograms import summarise_site
+from multimodal_fl.evaluation.histograms import label_counts, summarise_site
+from multimodal_fl.evaluation.metrics import binary_metrics
 from multimodal_fl.federated.aggregation import STANDARDIZER_STATE
-from multimodal_fl.federated.disclosure import EGRESS_LOG, DisclosureGate
+from multimodal_fl.federated.disclosure import (
+    EGRESS_LOG,
+    VALIDATION_COUNTS,
+    DisclosureGate,
+    pca_rank_cap,
+)
 from multimodal_fl.federated.pca import site_pca_reply
 from multimodal_fl.federated.protocol import (
     Doc,
@@ -69,6 +75,7 @@ from multimodal_fl.federated.protocol import (
     Kind,
     Reply,
     Request,
+    SiteRefused,
     pack_document,
     site_seed,
 )
@@ -86,14 +93,15 @@ from multimodal_fl.pca.site import (
 from multimodal_fl.progress import ProgressCallback
 from multimodal_fl.rundir import RunWriter, jsonable, site_summary
 from multimodal_fl.training import (
+    EVAL_METRICS,
     SiteData,
     batch_augmenter,
     build_model,
-    evaluate,
     load_site_data,
     load_weights,
     local_update,
     metrics_by_split,
+    predict,
     predictions_frame,
 )
 
@@ -272,21 +280,41 @@ class FusionSite:
                 return {k: f"{name}.{k}" for k in STANDARDIZER_STATE}
         return {}
 
+    def _min_cell(self, request: Request) -> int:
+        """The effective small-cell threshold the gate wrote into the request."""
+        return int(request.config.get("min_cell", self.gate.min_cell(request)))
+
+    def _enough(self, request: Request, n: int, what: str) -> None:
+        """Refuse the request when fewer than ``min_cell`` patients would be summarised.
+
+        The refusal crosses the boundary: it names the threshold and the policy, not ``n``.
+        """
+        m = self._min_cell(request)
+        if n < m:
+            raise SiteRefused(f"site {self.name}: fewer than {m} {what} (site policy "
+                              f"min_cell={self.gate.policy.min_cell})")
+
     def _on_init(self, request: Request) -> Reply:
+        self._enough(request, len(self.data.train), "training patients")
         return self._reply(request, weights=state_to_numpy(build_model(self.cfg, self.data)),
                            n_samples=len(self.data.train),
                            documents={Doc.STANDARDIZER: pack_document(
                                self._standardizer_targets())})
 
     def _on_info(self, request: Request) -> Reply:
+        self._enough(request, len(self.data.train), "training patients")
         return self._reply(request, n_samples=len(self.data.train))
 
     def _on_moments(self, request: Request) -> Reply:
-        train = self.data.part(str(request.config.get("split", "train")))
+        split = str(request.config.get("split", "train"))
+        train = self.data.part(split)
         if "tabular" not in train.modalities:
             raise ValueError(f"site {self.name}: no tabular modality for federated moments")
         j = train.modalities.index("tabular")
         rows = train.inputs["tabular"][train.mask[:, j]].numpy()
+        self._enough(request, int(rows.shape[0]),
+                     "training patients with tabular features" if split == "train" else
+                     "patients with tabular features")
         n, s, ss = column_moments(rows, where=f"site {self.name} moments")
         return self._reply(request, n_samples=int(rows.shape[0]),
                            arrays={"n": n, "sum": s, "sumsq": ss},
@@ -302,25 +330,31 @@ class FusionSite:
         return modality, x
 
     def _on_pca(self, request: Request) -> Reply:
+        """The PCA summary with at most ``floor(n / min_cell)`` rows (none below ``min_cell``)."""
         _, x = self._pca_rows(request)
-        rank = request.config.get("site_rank")
+        n = int(x.shape[0])
+        self._enough(request, n, "patients for a PCA summary")
+        cap = pca_rank_cap(n, self._min_cell(request))
+        asked = request.config.get("site_rank")
+        rank = cap if asked in (None, 0) else min(int(asked), cap)
         solver = str(request.config.get("svd_solver", "auto"))
-        reply = site_pca_reply(x, None if rank in (None, 0) else int(rank), svd_solver=solver)
-        return self._reply(request, n_samples=int(x.shape[0]), arrays=reply)
+        return self._reply(request, n_samples=n,
+                           arrays=site_pca_reply(x, rank, svd_solver=solver))
 
     def _on_pca_apply(self, request: Request) -> Reply:
         proj = {k: request.arrays[k] for k in PROJECTION_KEYS if k in request.arrays}
         self._apply_projection(str(request.config.get("modality", "image")), proj)
-        return self._reply(request, n_samples=len(self.data.train))
+        return self._reply(request)
 
     def _on_pca_scores(self, request: Request) -> Reply:
         _, x = self._pca_rows(request)
         missing = [k for k in ("edges", "levels") if k not in request.arrays]
         if missing:
             raise ValueError(f"site {self.name}: pca_scores request lacks arrays {missing}")
+        self._enough(request, int(x.shape[0]), "patients for a score summary")
         z = project(x, request.arrays, where=f"site {self.name}")
         doc = score_summary(z, request.arrays["edges"], request.arrays["levels"],
-                            min_cell=self.cfg.evaluation.min_cell)
+                            min_cell=self._min_cell(request))
         return self._reply(request, n_samples=int(x.shape[0]),
                            documents={Doc.PCA_SCORES: pack_document(doc)})
 
@@ -332,6 +366,7 @@ class FusionSite:
         load_weights(self.model, weights, strict=not fedbn)
 
     def _on_fit(self, request: Request) -> Reply:
+        self._enough(request, len(self.data.train), "training patients")
         settings = FitSettings.from_request(request)
         self._load_global(request)
         gen = torch.Generator().manual_seed(site_seed(settings.seed, self.name, request.round))
@@ -365,14 +400,18 @@ class FusionSite:
         )
 
     def _on_evaluate(self, request: Request) -> Reply:
+        """Validation metrics and the scores' counts per label (the gate decides what leaves)."""
         self._load_global(request)
         val = self.data.val
+        y = val.labels.numpy().astype(np.int64)
+        scores = predict(self.model, val)
         metrics: dict[str, float] = {}
-        for key, value in evaluate(self.model, val).items():
+        for key, value in binary_metrics(y, scores, metrics=list(EVAL_METRICS)).items():
             if value.value is not None and np.isfinite(value.value):
                 metrics[f"val_{key}"] = float(value.value)
-        metrics["val_n"] = float(len(val))
-        return self._reply(request, n_samples=len(val), metrics=metrics)
+        pos, neg = label_counts(y, scores, n_bins=self.cfg.evaluation.histogram_bins)
+        return self._reply(request, n_samples=len(val), metrics=metrics,
+                           arrays=dict(zip(VALIDATION_COUNTS, (pos, neg), strict=True)))
 
     def _on_predict(self, request: Request) -> Reply:
         """Write this site's splits and predictions; reply with metrics and histograms."""
