@@ -668,15 +668,25 @@ def load_policy(site_dir: str | os.PathLike[str]) -> SitePolicy:
     Raises
     ------
     ConfigError
-        If the file is not valid YAML or not a valid policy (one line per problem, with
-        did-you-mean hints for unknown keys).
+        If the file is not valid YAML or not a valid policy, in one line (each problem after
+        a semicolon, with did-you-mean hints for unknown keys).
     """
     path = Path(site_dir)
     path = path / POLICY_FILE if path.is_dir() else path
     if not path.is_file():
         return SitePolicy()
-    data = _read_yaml(path)
-    return _validate(SitePolicy, {} if data is None else data, source=str(path))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "cannot be parsed"
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    try:
+        return _validate(SitePolicy, {} if data is None else data,
+                         source=str(path))
+    except ConfigError as exc:  # one line: what a hospital reads at a glance
+        raise ConfigError(" ".join(str(exc).replace("\n  - ", "; ").split())) from None
 
 
 #: Keys the schema once had: dotted key -> what to do instead. A config that sets one fails
