@@ -517,8 +517,9 @@ class FederatedConfig(_Strict):
     fedbn: bool = Field(default=False, description="Keep normalisation layers local (FedBN).")
     select: Literal["best_val", "last"] = Field(
         default="best_val",
-        description="Final model: the round with the best validation AUC (sites' val_auc, "
-        "weighted by validation size; server-side early stopping), or the last round.",
+        description="Final model: the round with the best pooled validation AUC (the sites' "
+        "disclosed validation histograms added; server-side early stopping; the last round when "
+        "no round has one), or the last round.",
     )
     tracker: Literal["none", "tensorboard", "mlflow"] = Field(
         default="none",

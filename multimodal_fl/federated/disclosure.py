@@ -13,8 +13,24 @@ forget the gate, on either engine. The gate:
 3. runs the handler; a failure leaves the site as :class:`SiteRefused` (its message is made
    from counts and policy names only) or as a scrubbed :class:`SiteError` that names the
    exception type and nothing else (the traceback stays in the site's log);
-4. applies the rule of the reply's kind (:data:`RULES`) and records the released message in the
-   site's egress log (``sites/<site>/egress.jsonl``).
+4. applies the rule of the reply's kind (:data:`RULES`), then the backstop
+   (:func:`check_declared`: only the fields :data:`DECLARED` for the kind, every count 0 or at
+   least ``min_cell``), and records the released message in the site's egress log
+   (``sites/<site>/egress.jsonl``). A reply that breaks either never leaves: the site answers
+   with a scrubbed :class:`SiteError`.
+
+The rules, with ``m`` the effective threshold: a site with fewer than ``m`` training patients
+declines ``info``, ``init``, ``moments`` and ``fit`` (its handler raises
+:class:`SiteRefused` before training; the rule checks the count); ``fit`` leaves out a
+modality group trained by fewer than ``m`` patients (count 0, its weights not sent);
+``moments`` sends a feature seen in fewer than ``m`` patients as unseen; ``pca`` carries at most
+``floor(n / m)`` rows (:func:`pca_rank_cap`, capped by the handler, checked here);
+``pca_scores`` needs ``m`` patients; ``evaluate`` sends its metrics and its validation
+histograms (counts only, bins of 0 or at least ``m``) only when the split and each class
+count allow, else nothing.
+
+The hospital's policy comes from ``policy.yaml`` in its site directory and, on Flower, from its
+SuperNode's node config (:func:`site_policy`; the stricter of each field).
 """
 
 from __future__ import annotations
@@ -543,9 +559,10 @@ class DisclosureGate:
         except SiteRefused as exc:
             self._record(request, min_cell, refused=str(exc))
             raise
-        except Exception as exc:
-            log.exception("site %s: %s request of round %d failed", self.site,
-                          request.kind.value, request.round)
+        except Exception as exc:  # the site's own log keeps the message (traceback: debug)
+            log.warning("site %s: %s request of round %d failed: %s: %s", self.site,
+                        request.kind.value, request.round, type(exc).__name__, exc)
+            log.debug("site %s: traceback", self.site, exc_info=True)
             self._record(request, min_cell, failed=type(exc).__name__)
             raise SiteError(f"{type(exc).__name__} while answering {request.kind.value!r} "
                             "(details in the site's own log)") from None
@@ -553,8 +570,8 @@ class DisclosureGate:
             released = self.rules.get(request.kind, _pass)(reply, min_cell, self.policy)
             check_declared(request.kind, released.reply, min_cell)
         except Exception as exc:  # nothing leaves; the reason stays in the site's log
-            log.exception("site %s: the %s reply of round %d broke the disclosure rules",
-                          self.site, request.kind.value, request.round)
+            log.warning("site %s: the %s reply of round %d broke the disclosure rules: %s",
+                        self.site, request.kind.value, request.round, exc)
             self._record(request, min_cell, failed=f"disclosure: {exc}")
             raise SiteError(f"{type(exc).__name__}: the {request.kind.value!r} reply broke the "
                             "site's disclosure rules and was not sent (details in the site's "

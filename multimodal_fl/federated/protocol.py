@@ -20,14 +20,15 @@ Request kinds (:class:`Kind`), in the order an experiment sends them:
     One site sends freshly initialised model ``weights``; its :attr:`Doc.STANDARDIZER`
     document names the weights federated moments fill, if the model has any.
 ``moments``
-    Per-feature count, sum and sum of squares (``arrays`` ``n``, ``sum``, ``sumsq``) and the
-    :attr:`Doc.STANDARDIZER` target keys.
+    Per-feature count, sum and sum of squares (``arrays`` ``n``, ``sum``, ``sumsq``; a feature
+    seen in fewer than ``min_cell`` patients as 0, 0, 0) and the :attr:`Doc.STANDARDIZER`
+    target keys.
 ``info``
     ``n_samples`` = the training-set size (the plausibility cap for later fit replies).
 ``fit``
     Train locally from ``weights`` with the request's :class:`FitSettings`; reply with the new
-    ``weights`` (a full state dict, buffers included, minus any FedBN ``local_keys``),
-    ``n_samples``, ``group_counts`` and ``metrics`` (``"loss"``).
+    ``weights`` (a full state dict, buffers included, minus any FedBN ``local_keys`` and the
+    keys of a group counted 0), ``n_samples``, ``group_counts`` and ``metrics`` (``"loss"``).
 ``evaluate``
     Evaluate ``weights`` on the validation split; reply with ``n_samples`` (its size),
     ``metrics`` (``"val_auc"``, ``"val_average_precision"``, ``"val_brier"``, ``"val_ece"``)
@@ -44,8 +45,10 @@ Request kinds (:class:`Kind`), in the order an experiment sends them:
     site's test split and reply with its disclosed metrics.
 
 Every reply leaves a site through its disclosure gate
-(:mod:`multimodal_fl.federated.disclosure`); ``config["min_cell"]`` carries the effective
-small-cell threshold to the handlers.
+(:mod:`multimodal_fl.federated.disclosure`, whose ``DECLARED`` table lists what each kind's
+reply may carry); ``config["min_cell"]`` carries the effective small-cell threshold to the
+handlers. A site that declines a request raises :class:`SiteRefused`; any other failure
+crosses the boundary as :func:`boundary_reason` words it.
 
 ``Request.weights`` holds model weights only; other arrays (a projection, histogram edges)
 travel in ``Request.arrays``. Per-round training hyperparameters travel on one channel, the

@@ -38,10 +38,17 @@ Request kinds it answers:
     sample count per parameter group (a site without notes does not train the text
     encoder and says so with a count of 0).
 ``evaluate``
-    Validation metrics of the global weights.
+    Validation metrics of the global weights and the validation scores' counts per label on
+    the fine histogram grid; the gate turns the counts into the merged, counts-only
+    ``validation`` document, or sends nothing below ``min_cell``.
 ``predict``
     Final evaluation: write ``splits.json`` and ``predictions.csv`` into the site folder and
     return metrics per split plus binned score histograms (no patient-level value).
+
+Every reply passes the site's :class:`~multimodal_fl.federated.disclosure.DisclosureGate`;
+handlers compute with the effective threshold the gate writes into
+``request.config["min_cell"]``, and a site with fewer than that many training patients
+declines ``init``, ``info``, ``moments`` and ``fit`` (``SiteRefused``) without training.
 
 Randomness: every generator is seeded from ``site_seed(seed, site, round)``.
 """
@@ -321,19 +328,23 @@ class FusionSite:
                            documents={Doc.STANDARDIZER: pack_document(
                                self._standardizer_targets())})
 
-    def _pca_rows(self, request: Request) -> tuple[str, np.ndarray]:
+    def _pca_rows(self, request: Request, what: str) -> tuple[str, np.ndarray]:
+        """The rows a PCA request summarises; declines below ``min_cell`` of them."""
         modality = str(request.config.get("modality", "image"))
+        split = str(request.config.get("split", "train"))
+        part = self._loaded.part(split)
+        if modality in part.modalities:
+            present = int(part.mask[:, part.modalities.index(modality)].sum())
+            self._enough(request, present, f"patients with {modality} {what}")
         a = request.arrays
         std = (a[STANDARDIZE_MEAN], a[STANDARDIZE_SCALE]) if STANDARDIZE_MEAN in a else None
-        x = site_matrix(self._loaded, modality, split=str(request.config.get("split", "train")),
-                        standardize=std)
+        x = site_matrix(self._loaded, modality, split=split, standardize=std)
         return modality, x
 
     def _on_pca(self, request: Request) -> Reply:
         """The PCA summary with at most ``floor(n / min_cell)`` rows (none below ``min_cell``)."""
-        _, x = self._pca_rows(request)
+        _, x = self._pca_rows(request, "for a PCA summary")
         n = int(x.shape[0])
-        self._enough(request, n, "patients for a PCA summary")
         cap = pca_rank_cap(n, self._min_cell(request))
         asked = request.config.get("site_rank")
         rank = cap if asked in (None, 0) else min(int(asked), cap)
@@ -347,11 +358,10 @@ class FusionSite:
         return self._reply(request)
 
     def _on_pca_scores(self, request: Request) -> Reply:
-        _, x = self._pca_rows(request)
+        _, x = self._pca_rows(request, "for a score summary")
         missing = [k for k in ("edges", "levels") if k not in request.arrays]
         if missing:
             raise ValueError(f"site {self.name}: pca_scores request lacks arrays {missing}")
-        self._enough(request, int(x.shape[0]), "patients for a score summary")
         z = project(x, request.arrays, where=f"site {self.name}")
         doc = score_summary(z, request.arrays["edges"], request.arrays["levels"],
                             min_cell=self._min_cell(request))

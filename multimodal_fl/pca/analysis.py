@@ -354,7 +354,8 @@ def _truncation_note(pca: FederatedPCA, site_rank: int | None, k: int) -> str:
     bounds = pca.subspace_error_bounds_
     well = int(np.sum(np.cumprod(bounds <= 0.1)))
     return (
-        f"site_rank={site_rank} and the sites' rank caps (floor(n / min_cell)): the sites "
+        ("" if site_rank is None else f"site_rank={site_rank} and ")
+        + f"the sites' rank caps (floor(n / min_cell)): the sites "
         f"dropped {pca.discarded_variance_:.3g} of "
         f"{total:.3g} total variance "
         f"({100 * pca.discarded_variance_ / total if total > 0 else 0.0:.2f}%); "

@@ -24,6 +24,7 @@ request kinds with ``split: all`` and, for tabular features, the pooled standard
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,7 +34,13 @@ import numpy.typing as npt
 from multimodal_fl.config import ExperimentConfig, SitePolicy, load_policy
 from multimodal_fl.federated.disclosure import pca_rank_cap
 from multimodal_fl.federated.gather import gather
-from multimodal_fl.federated.pca import FederatedPCA, PCASummary, local_summary, server_pca_merge
+from multimodal_fl.federated.pca import (
+    FederatedPCA,
+    PCASummary,
+    TruncationWarning,
+    local_summary,
+    server_pca_merge,
+)
 from multimodal_fl.federated.protocol import ConfigValue, Kind, Request
 from multimodal_fl.federated.server import Federation
 from multimodal_fl.pca.site import (
@@ -140,9 +147,11 @@ def fit_pca_stage(cfg: ExperimentConfig, site_data: Mapping[str, SiteData]) -> F
     if not summaries:
         raise ValueError(f"PCA stage: no site has {modality} in its training split for at "
                          "least min_cell patients")
-    pca = FederatedPCA(
-        p.n_components, site_rank=p.site_rank, whiten=p.whiten, svd_solver=p.svd_solver
-    ).fit_from_summaries(summaries)
+    with warnings.catch_warnings():  # as run_pca_stage: the caps truncate, by design
+        warnings.simplefilter("ignore", TruncationWarning)
+        pca = FederatedPCA(
+            p.n_components, site_rank=p.site_rank, whiten=p.whiten, svd_solver=p.svd_solver
+        ).fit_from_summaries(summaries)
     pca.site_names_ = names
     return pca
 
@@ -273,11 +282,13 @@ def run_pca_stage(
     modality = check_pca_stage(cfg)
     fed = cfg.federated
     p = fed.pca
-    pca = federated_pca(
-        federation, sites, modality=modality, n_components=p.n_components,
-        site_rank=p.site_rank, whiten=p.whiten, svd_solver=p.svd_solver, timeout=fed.timeout_s,
-        minimum=fed.min_sites,
-    )
+    with warnings.catch_warnings():  # the sites' caps truncate: reported in the doc below
+        warnings.simplefilter("ignore", TruncationWarning)
+        pca = federated_pca(
+            federation, sites, modality=modality, n_components=p.n_components,
+            site_rank=p.site_rank, whiten=p.whiten, svd_solver=p.svd_solver,
+            timeout=fed.timeout_s, minimum=fed.min_sites,
+        )
     arrays = projection_arrays(pca)
     requests = {s: Request(Kind.PCA_APPLY, 0, arrays=arrays, config={"modality": modality})
                 for s in sites}
@@ -296,11 +307,13 @@ def run_pca_stage(
         "site_bytes": {s: int(b) for s, b in pca.site_bytes_.items()},
         "applied": sorted(applied),
         "truncated": bool(pca.truncated_),
+        "discarded_variance": float(pca.discarded_variance_),
         "subspace_error_bound": float(pca.subspace_error_bound_),
         "subspace_error_bounds": [float(b) for b in pca.subspace_error_bounds_],
     }
-    log.info("PCA stage: %s %d -> %d dims, %.1f%% of the variance kept (sites %s)", modality,
+    log.info("PCA stage: %s %d -> %d dims, %.1f%% of the variance kept (sites %s; rows sent "
+             "%s, %.3g of the variance dropped by the sites' caps)", modality,
              pca.n_features_in_, pca.n_components_, 100 * pca.explained_variance_ratio_.sum(),
-             ", ".join(pca.site_names_))
+             ", ".join(pca.site_names_), pca.site_rows_, pca.discarded_variance_)
     return pca, doc
 

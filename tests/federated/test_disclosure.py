@@ -247,7 +247,9 @@ def test_pca_with_no_more_patients_than_dimensions_sends_no_rows(
     """The attack: n <= d sent the site's centred rows up to a rotation (and n = 1 its row)."""
     site = _site(tiny, tmp_path, min_cell=5)
     request = Request(Kind.PCA, 0, config={"modality": "text", "svd_solver": "full"})
-    x = site._pca_rows(request)[1]  # the rows the summary is made of (stay at the site)
+    train = tiny[1]["site_a"].train  # the rows the summary is made of (they stay at the site)
+    x = train.inputs["text"][train.mask[:, train.modalities.index("text")]].numpy()
+    x = x.astype(np.float64)
     n, d = x.shape
     assert n <= d
     reply = site.handle(request)
@@ -263,7 +265,7 @@ def test_pca_with_no_more_patients_than_dimensions_sends_no_rows(
     kept = np.linalg.norm(centred @ basis) ** 2 / np.linalg.norm(centred) ** 2
     assert kept < 0.8
     # fewer than min_cell patients: no summary at all, not even a mean
-    with pytest.raises(SiteRefused, match="fewer than 20 patients for a PCA summary"):
+    with pytest.raises(SiteRefused, match="fewer than 20 patients with text for a PCA summary"):
         _site(tiny, tmp_path, policy=SitePolicy(min_cell=20)).handle(request)
 
 
