@@ -310,3 +310,28 @@ def test_an_undeclared_field_never_leaves(kind: Kind, fields: dict[str, Any], wh
         gate.release(request, lambda r: Reply("x", kind.value, 1, **fields))
     entry = json.loads((tmp_path / "egress.jsonl").read_text())
     assert not entry["released"] and what in entry["failed"]
+
+
+# --------------------------------------------------------------------------- the server side
+
+
+def test_init_asks_the_next_site_when_the_first_declines(
+    tiny: tuple[ExperimentConfig, dict[str, SiteData]], tmp_path: Path
+) -> None:
+    from multimodal_fl.engines.federated import run_federated_experiment
+
+    cfg, sites = tiny
+    cfg = cfg.model_copy(update={"federated": cfg.federated.model_copy(update={"rounds": 1})})
+    run = tmp_path / "run"
+    federation = InProcessFederation({
+        "site_a": FusionSite("site_a", cfg, sites["site_a"], run_dir=run,
+                             policy=SitePolicy(min_cell=20)),  # 12 training patients: declines
+        "site_b": FusionSite("site_b", cfg, sites["site_b"], run_dir=run),
+    })
+    outcome = run_federated_experiment(cfg, run, federation=federation)
+    rounds = outcome.metrics["rounds"]
+    assert rounds[0]["replied"] == ["site_b"] and "fewer than 20" in rounds[0]["failed"]["site_a"]
+    assert outcome.metrics["standardisation"]["sites"] == ["site_b"]
+    first = [(e["kind"], e["released"]) for e in _egress(run, "site_a")][:1]
+    assert first == [("init", False)]
+    assert ("init", True) in [(e["kind"], e["released"]) for e in _egress(run, "site_b")]
