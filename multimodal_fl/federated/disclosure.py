@@ -569,6 +569,9 @@ class DisclosureGate:
         try:
             released = self.rules.get(request.kind, _pass)(reply, min_cell, self.policy)
             check_declared(request.kind, released.reply, min_cell)
+        except SiteRefused as exc:  # a rule withholds the whole reply, saying why
+            self._record(request, min_cell, refused=str(exc))
+            raise
         except Exception as exc:  # nothing leaves; the reason stays in the site's log
             log.warning("site %s: the %s reply of round %d broke the disclosure rules: %s",
                         self.site, request.kind.value, request.round, exc)

@@ -335,3 +335,15 @@ def test_init_asks_the_next_site_when_the_first_declines(
     first = [(e["kind"], e["released"]) for e in _egress(run, "site_a")][:1]
     assert first == [("init", False)]
     assert ("init", True) in [(e["kind"], e["released"]) for e in _egress(run, "site_b")]
+
+
+def test_a_rule_may_withhold_a_reply_with_a_reason(tmp_path: Path) -> None:
+    def withhold(reply: Reply, min_cell: int, policy: SitePolicy) -> Any:
+        raise SiteRefused("site x: info withheld: a figure on fewer than 10 patients")
+
+    gate = DisclosureGate("x", SitePolicy(), egress_log=tmp_path / "egress.jsonl",
+                          rules={Kind.INFO: withhold})
+    with pytest.raises(SiteRefused, match="info withheld"):
+        gate.release(Request(Kind.INFO, 0), lambda r: Reply("x", "info", 0, n_samples=12))
+    entry = json.loads((tmp_path / "egress.jsonl").read_text())
+    assert not entry["released"] and entry["refused"].endswith("fewer than 10 patients")
