@@ -96,6 +96,9 @@ def test_no_figure_about_the_small_site_leaves_it(small_run: tuple[Path, str, in
     column = lines[header].split().index(f"auc:{SMALL}")
     rows = [line.split() for line in lines[header + 1:] if line[:1].isdigit()]
     assert len(rows) == 2 and all(row[column] == "-" for row in rows)
+    # no tiny validation split discloses anything: the last round is kept, and the run says so
+    assert "model selection: no round had a pooled validation AUC" in output
+    assert metrics["selected_round"] == 2
     # its own egress log says what it declined and what it kept back
     log = [json.loads(line) for line in
            (run / "sites" / SMALL / "egress.jsonl").read_text().splitlines()]
