@@ -1,8 +1,9 @@
 """The ``mmfl`` command line (typer).
 
 Verbs: ``config show|schema``, ``sample-data``, ``data summary|import-csv``, ``train``, ``pca``,
-``report``, ``predict``, ``flower``. Each verb lives in a small function here that calls the
-library; bad input ends with a one-line message and exit code 2, never a traceback.
+``report``, ``predict``, ``site check``, ``flower``. Each verb lives in a small function here
+that calls the library; bad input ends with a one-line message and exit code 2, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -240,7 +241,8 @@ EngineOpt = Annotated[
 
 
 def _print_round_table_header(sites: list[str]) -> None:
-    console.print("[bold]round  replied  train_loss  " + "  ".join(f"auc:{s}" for s in sites))
+    console.print("[bold]round  replied  train_loss  " + "  ".join(f"auc:{s}" for s in sites)
+                  + "  auc:pooled")
 
 
 def _starting(quiet: bool) -> Any:
@@ -354,6 +356,9 @@ def train_cmd(
             on_round(RoundRecord(**row))
     if _print_stopped(outcome.metrics, outcome.run_dir):
         return
+    note = (outcome.metrics.get("selection_detail") or {}).get("note")
+    if note:
+        console.print(f"model selection: {note}", highlight=False, soft_wrap=True)
     table = Table(title=f"{cfg.name}: {spec.label} — test AUC per site")
     table.add_column("site")
     table.add_column("test AUC [95% CI]")
@@ -444,6 +449,84 @@ def predict_cmd(
                   f"{positive} predicted positive at threshold {result.threshold:.4g} "
                   f"({result.threshold_source})", highlight=False)
     console.print(f"wrote {out}")
+
+
+site_app = typer.Typer(help="A hospital's own view of its site.", no_args_is_help=True)
+app.add_typer(site_app, name="site")
+
+
+@site_app.command("check")
+def site_check_cmd(
+    site_dir: Annotated[Path, typer.Argument(help="The site directory.")],
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="The experiment the site would join: shows what each request "
+        "kind would release from its data.")] = None,
+    set_: SetOpt = None,
+    name: Annotated[str | None, typer.Option("--name", help="The site's name (default: the "
+                                             "config's for this folder, else the folder's).")
+                    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of text.")] = False,
+) -> None:
+    """Show a site its disclosure policy and, with --config, what each message would release.
+
+    A dry run at the hospital: nothing is written and nothing leaves. The policy is
+    SITE_DIR/policy.yaml (docs/data-contract.md); the experiment config and a request can
+    make it stricter, never looser.
+    """
+    from multimodal_fl.data.errors import DataError
+
+    if not site_dir.is_dir():
+        fail(f"{site_dir}: not a directory; give a site directory")
+    cfg: Any = _load(config, set_) if config is not None else None
+    with _starting(as_json):
+        from multimodal_fl.engines.site_check import site_check
+    try:
+        doc = site_check(site_dir, cfg, name=name)
+    except (ConfigError, DataError) as exc:
+        fail(str(exc))
+    if as_json:
+        sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+        return
+    _print_site_check(doc)
+
+
+def _print_site_check(doc: dict[str, Any]) -> None:
+    """``mmfl site check`` as text: policy, thresholds, splits, then each kind."""
+    out = [f"site {doc['site']} ({doc['site_dir']})", "policy:"]
+    out += [f"  {k}: {v!r}  [{doc['origin'][k]}]" for k, v in doc["policy"].items()]
+    if "min_cell" not in doc:
+        out.append("give --config CONFIG to see what each request kind would release")
+        console.print("\n".join(out), highlight=False, soft_wrap=True, markup=False)
+        return
+    mc = doc["min_cell"]
+    out.append(f"min_cell: {mc['effective']} (the largest of package floor {mc['package floor']}, "
+               f"policy {mc['policy']}, config {mc['config']}; a request may raise it)")
+    out.append("splits (your own counts; a count leaves only as 0 or >= min_cell):")
+    for split, row in doc["splits"].items():
+        may = "may leave" if row["counts_may_leave"] else "suppressed"
+        out.append(f"  {split}: {row['n']} patients, {row['positives']} positive  [{may}]")
+    out.append("per request kind:")
+    for kind, entry in doc["kinds"].items():
+        out.append(f"  {kind}: " + _kind_line(kind, entry))
+    console.print("\n".join(out), highlight=False, soft_wrap=True, markup=False)
+
+
+def _kind_line(kind: str, entry: dict[str, Any]) -> str:
+    """One request kind's line of ``mmfl site check``."""
+    if kind == "pca":
+        return "; ".join(f"{m}: {r['n']} patients, at most {r['rank_cap']} rows"
+                         + (" (declines)" if r["rank_cap"] == 0 else "")
+                         for m, r in entry.items())
+    if not entry.get("released"):
+        return f"not answered: {entry.get('refused') or entry.get('failed')}"
+    carried = [f"n_samples {entry['n_samples']}"] if entry.get("n_samples") else []
+    carried += [f"{entry['weights']} weight arrays"] if entry.get("weights") else []
+    for field in ("metrics", "arrays", "documents"):
+        if entry.get(field):
+            carried.append(f"{field} {', '.join(entry[field])}")
+    line = "releases " + ("; ".join(carried) or "nothing")
+    suppressed = entry.get("suppressed", []) + entry.get("cells_suppressed", [])
+    return line + "".join(f"\n      suppressed: {s}" for s in suppressed)
 
 
 @app.command("pca")

@@ -379,7 +379,9 @@ class DataConfig(_Strict):
     )
     cache_dir: Path | None = Field(
         default=None,
-        description="Embedding cache root; default: <run dir>/cache, or $MMFL_CACHE when set.",
+        description="Embedding cache root, one folder per site below it (the cache holds "
+                    "patient-derived data); default: $MMFL_CACHE when set, else each site's "
+                    "own <run dir>/sites/<site>/cache.",
     )
     strict_ids: bool = Field(
         default=False,
@@ -557,8 +559,9 @@ class FederatedConfig(_Strict):
     fedbn: bool = Field(default=False, description="Keep normalisation layers local (FedBN).")
     select: Literal["best_val", "last"] = Field(
         default="best_val",
-        description="Final model: the round with the best validation AUC (sites' val_auc, "
-        "weighted by validation size; server-side early stopping), or the last round.",
+        description="Final model: the round with the best pooled validation AUC (the sites' "
+        "disclosed validation histograms added; server-side early stopping; the last round when "
+        "no round has one), or the last round.",
     )
     tracker: Literal["none", "tensorboard", "mlflow"] = Field(
         default="none",
@@ -699,7 +702,7 @@ def load_policy(site_dir: str | os.PathLike[str]) -> SitePolicy:
     Parameters
     ----------
     site_dir : path-like
-        The site directory.
+        The site directory, or a policy file itself (a SuperNode's ``policy-file``).
 
     Returns
     -------
@@ -708,14 +711,25 @@ def load_policy(site_dir: str | os.PathLike[str]) -> SitePolicy:
     Raises
     ------
     ConfigError
-        If the file is not valid YAML or not a valid policy (one line per problem, with
-        did-you-mean hints for unknown keys).
+        If the file is not valid YAML or not a valid policy, in one line (each problem after
+        a semicolon, with did-you-mean hints for unknown keys).
     """
-    path = Path(site_dir) / POLICY_FILE
+    path = Path(site_dir)
+    path = path / POLICY_FILE if path.is_dir() else path
     if not path.is_file():
         return SitePolicy()
-    data = _read_yaml(path)
-    return _validate(SitePolicy, {} if data is None else data, source=str(path))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "cannot be parsed"
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    try:
+        return _validate(SitePolicy, {} if data is None else data,
+                         source=str(path))
+    except ConfigError as exc:  # one line: what a hospital reads at a glance
+        raise ConfigError(" ".join(str(exc).replace("\n  - ", "; ").split())) from None
 
 
 #: Keys the schema once had: dotted key -> what to do instead. A config that sets one fails

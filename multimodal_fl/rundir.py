@@ -18,16 +18,16 @@ Every engine writes the same layout, so runs compare directly::
       disclosed/<site>.json       what each site disclosed for the report (fairness cells,
                                   ROC and calibration summaries under the small-cell rules)
       cross_site.json             the cross-site matrix (models x test sites), when made
-      cache/<site>/...            embedding cache (unless data.cache_dir or $MMFL_CACHE is set)
       sites/<site>/
         splits.json               patient -> train/val/test, with counts
         predictions.csv           patient_id, split, label, score, sex, age_band, age, ...
         model.safetensors         the site's own model (local engine), kept at the site
-        egress.jsonl              every message that left the site (the disclosure gate)
+        egress.jsonl              every message that left the site (its disclosure gate)
+        cache/<fingerprint>/      embedding cache (unless data.cache_dir or $MMFL_CACHE is set)
 
-Patient-level rows (splits, predictions) are written only under ``sites/<site>/``: in a
-deployment that folder is at the hospital. The server side holds weights, counts, metrics and
-aggregate summaries.
+Patient-level rows (splits, predictions) and anything derived from them (the embedding cache)
+are written only under ``sites/<site>/``: in a deployment that folder is at the hospital. The
+server side holds weights, counts, metrics and aggregate summaries.
 
 One run per run directory: :func:`prepare_run_dir` refuses a directory that holds anything
 unless asked to remove a run there first; :func:`check_resume` accepts only an unfinished run

@@ -10,7 +10,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -63,26 +65,151 @@ def test_federated_run_writes_the_run_directory(uninterrupted: tuple[Path, Path]
     assert metrics["standardisation"]["sites"] == sorted(s.name for s in cfg.sites)
 
 
-def test_best_validation_round_is_selected(uninterrupted: tuple[Path, Path]) -> None:
+class RecordingFederation:
+    """A federation that keeps every reply crossing to the server: the egress path."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.replies: list[Any] = []
+
+    def sites(self) -> list[str]:
+        return list(self.inner.sites())
+
+    def broadcast(self, requests: Any, timeout: float | None = None) -> Any:
+        from multimodal_fl.federated.protocol import Reply
+
+        answers = self.inner.broadcast(requests, timeout)
+        self.replies += [a for a in answers.values() if isinstance(a, Reply)]
+        return answers
+
+
+def _numbers(doc: Any) -> list[float]:
+    if isinstance(doc, dict):
+        return [x for v in doc.values() for x in _numbers(v)]
+    if isinstance(doc, list):
+        return [x for v in doc for x in _numbers(v)]
+    if isinstance(doc, int | float) and not isinstance(doc, bool):
+        return [float(doc)]
+    return []
+
+
+PLANTED = 0.7318497  # a feature value only one training patient of site_a has
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory, tiny_sample: Path, tiny_bert: Path,
+             ) -> tuple[Path, Any, RecordingFederation]:
+    """A tiny in-process run whose every reply is kept; site_a has a one-patient feature."""
+    import dataclasses
+
+    from multimodal_fl.engines.federated import inprocess_federation, run_federated_experiment
+    from multimodal_fl.training import load_site_data
+    from tests.conftest import write_tiny_config
+
+    root = tmp_path_factory.mktemp("recorded")
+    cfg = load_config(write_tiny_config(root, tiny_sample, tiny_bert, "covid_oxygen"))
+    data = load_site_data(cfg, root / "prep")
+    a = data["site_a"]
+    ds = a.dataset.subset(list(range(len(a.dataset))))
+    first = next(i for i, p in enumerate(ds.patient_ids) if a.splits[p] == "train")
+    ds.inputs["tabular"][:, 0] = float("nan")
+    ds.inputs["tabular"][first, 0] = PLANTED
+    data["site_a"] = dataclasses.replace(a, dataset=ds, _parts={})
+    federation = RecordingFederation(inprocess_federation(cfg, root / "run", data=data))
+    run_federated_experiment(cfg, root / "run", federation=federation)  # type: ignore[arg-type]
+    return root / "run", data, federation
+
+
+def test_nothing_released_is_a_patient_id_score_or_feature_value(
+    recorded: tuple[Path, Any, RecordingFederation]
+) -> None:
+    """Every reply that crossed to the server, and the server's metrics.json: no patient id,
+    and no number (model weights aside) equal to a patient's score or feature value."""
+    run, data, federation = recorded
+    released: list[float] = _numbers(json.loads((run / "metrics.json").read_text()))
+    texts = [(run / "metrics.json").read_text()]
+    kinds = set()
+    for reply in federation.replies:
+        kinds.add(reply.kind)
+        for value in (*reply.arrays.values(), list(reply.metrics.values())):
+            released += np.asarray(value, dtype=np.float64).ravel().tolist()
+        for text in reply.documents.values():
+            released += _numbers(json.loads(text))
+            texts.append(text)
+    assert {"init", "moments", "info", "fit", "evaluate", "predict"} <= kinds
+    patient: list[float] = []
+    for name, sd in data.items():
+        scores = pd.read_csv(run / "sites" / name / "predictions.csv")["score"]
+        patient += scores.astype(float).tolist()
+        tab = sd.dataset.inputs["tabular"].numpy().astype(np.float64).ravel()
+        patient += [v for v in tab if np.isfinite(v) and not float(v).is_integer()]
+        for pid in sd.dataset.patient_ids:
+            assert not any(str(pid) in text for text in texts), pid
+    assert PLANTED in np.float32(patient).tolist() or np.isclose(patient, PLANTED).any()
+    values = np.asarray([v for v in released if not float(v).is_integer()])
+    hits = np.isclose(values[:, None], np.asarray(patient)[None, :], rtol=1e-9, atol=0.0)
+    assert not hits.any(), sorted({float(v) for v in values[hits.any(1)]})
+
+
+def test_without_a_pooled_validation_auc_the_last_round_is_kept(
+    uninterrupted: tuple[Path, Path]
+) -> None:
+    """Every tiny site's validation split is below min_cell: nothing to select on, said so."""
     from safetensors.numpy import load_file
 
     from multimodal_fl.engines.federated import validation_score
+    from multimodal_fl.federated.checkpoint import load_checkpoint
     from multimodal_fl.federated.server import RoundRecord
 
     _, run = uninterrupted
     metrics = json.loads((run / "metrics.json").read_text())
-    scores = {
-        r["round"]: validation_score(RoundRecord(round=r["round"], eval_metrics=r["eval_metrics"]))
-        for r in metrics["rounds"]
-    }
-    defined = {k: v for k, v in scores.items() if v is not None}
-    assert defined, "no round had a validation AUC"
-    best = max(defined, key=lambda k: (defined[k], -k))
-    assert metrics["selected_round"] == best
-    kept = load_file(str(run / "checkpoint" / "best.safetensors"))
+    for r in metrics["rounds"]:
+        assert all(m == {} for m in r["eval_metrics"].values())  # suppressed at every site
+        assert validation_score(RoundRecord(round=r["round"],
+                                            eval_documents=r["eval_documents"])) is None
+    assert metrics["selected_round"] == metrics["completed_rounds"] == 3
+    detail = metrics["selection_detail"]
+    assert detail["rule"] == "the last round"
+    assert detail["note"].startswith("no round had a pooled validation AUC")
+    assert not (run / "checkpoint" / "best.safetensors").exists()
+    last = load_checkpoint(run / "checkpoint")
+    assert last is not None and last.round == 3
     final = load_file(str(run / "model.safetensors"))
-    assert kept.keys() == final.keys()
-    assert all((kept[k] == final[k]).all() and kept[k].shape == final[k].shape for k in kept)
+    assert final.keys() == last.weights.keys()
+    assert all((last.weights[k] == final[k]).all() for k in final)
+
+
+def test_the_best_round_is_chosen_on_the_pooled_validation_histograms() -> None:
+    from multimodal_fl.engines.federated import pooled_validation, validation_score
+    from multimodal_fl.evaluation.histograms import counts_histogram, label_counts
+    from multimodal_fl.evaluation.metrics import binary_metrics
+    from multimodal_fl.federated.server import RoundRecord
+
+    rng = np.random.default_rng(3)
+    y = {"a": rng.integers(0, 2, 40), "b": rng.integers(0, 2, 30)}
+    s = {k: np.clip(0.5 + 0.3 * (v - 0.5) + rng.normal(0, 0.2, v.size), 0, 1)
+         for k, v in y.items()}
+
+    def doc(site: str) -> dict[str, object]:
+        pos, neg = label_counts(y[site], s[site])
+        return {"validation": {"n_bins": 100, "pos": counts_histogram(pos, min_cell=5),
+                               "neg": counts_histogram(neg, min_cell=5)}}
+
+    record = RoundRecord(round=1, eval_documents={"a": doc("a"), "b": doc("b")},
+                         eval_metrics={"a": {"val_auc": 0.99}, "b": {"val_auc": 0.01}})
+    pooled = validation_score(record)
+    exact = binary_metrics(np.concatenate([y["a"], y["b"]]), np.concatenate([s["a"], s["b"]]),
+                           metrics=["auc"])["auc"].value
+    # the pooled histograms' AUC, not the sites' own AUCs (which say 0.99 and 0.01)
+    assert pooled is not None and abs(pooled - exact) < 0.03
+    assert "70 patients of 2 site(s)" in pooled_validation(record)[1]
+    only_a = RoundRecord(round=2, eval_documents={"a": doc("a")})
+    assert validation_score(only_a) is not None
+    one_class = {"validation": {"n_bins": 100, "pos": {"start": [], "stop": [], "count": []},
+                                "neg": {"start": [0], "stop": [100], "count": [9]}}}
+    none = RoundRecord(round=3, eval_documents={"c": one_class})
+    assert validation_score(none) is None
+    assert "one class only" in pooled_validation(none)[1]
 
 
 def test_stop_after_round_then_resume_equals_uninterrupted(

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from multimodal_fl.cli import app
 from multimodal_fl.config import load_config
 from multimodal_fl.data.cohort import build_cohorts
-from multimodal_fl.encoders.tabular import Standardizer
-from multimodal_fl.federated.pca import FederatedPCA, subspace_error
+from multimodal_fl.federated.pca import FederatedPCA, local_summary, subspace_error
+from multimodal_fl.moments import column_moments, pool_moments, standardization
 
 torch.set_num_threads(1)
 runner = CliRunner()
@@ -37,6 +37,18 @@ def _tabular_rows(cfg_path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def disclosed_standardisation(rows: list[np.ndarray], min_cell: int
+                              ) -> tuple[np.ndarray, np.ndarray]:
+    """The pooled standardisation from what each site's gate lets leave: per-feature moments,
+    a feature seen in fewer than ``min_cell`` of a site's patients sent as unseen."""
+    parts = []
+    for x in rows:
+        n, s1, s2 = column_moments(x)
+        small = (n > 0) & (n < min_cell)
+        parts.append((np.where(small, 0, n), np.where(small, 0.0, s1), np.where(small, 0.0, s2)))
+    return standardization(*pool_moments(parts))
+
+
 def test_mmfl_pca_tabular_equals_fit_sites_on_the_same_arrays(
     tiny_config: Callable[..., Path], tmp_path: Path
 ) -> None:
@@ -52,10 +64,10 @@ def test_mmfl_pca_tabular_equals_fit_sites_on_the_same_arrays(
 
     raw = _tabular_rows(cfg_path)
     names = sorted(raw)
-    std = Standardizer(next(iter(raw.values())).shape[1]).fit(np.vstack([raw[s] for s in names]))
-    mean, scale = std.mean.numpy(), std.scale.numpy()
+    m = load_config(cfg_path).evaluation.min_cell
+    mean, scale = disclosed_standardisation([raw[s] for s in names], m)
     arrays = [np.nan_to_num((raw[s] - mean) / scale, nan=0.0) for s in names]
-    ref = FederatedPCA(3).fit_sites(arrays)
+    ref = FederatedPCA(3).fit_from_summaries([local_summary(a, len(a) // m) for a in arrays])
     comps = np.asarray(doc["components"])
     assert subspace_error(comps, ref.components_) < 1e-8
     np.testing.assert_allclose(np.abs(comps), np.abs(ref.components_), atol=1e-8)
@@ -70,9 +82,9 @@ def test_mmfl_pca_tabular_equals_fit_sites_on_the_same_arrays(
         n = x.shape[0]
         assert site["n"] == n
         assert site["raw_bytes"] == 8 * n * d
-        assert site["bytes_sent"] == 8 * (min(n, d) * d + d + 3)
-        if n > d + 1:
-            assert site["bytes_sent"] < site["raw_bytes"]
+        # at most floor(n / min_cell) rows of S·Vᵀ leave a site: never as many as its rows
+        assert site["rows_sent"] == min(n, d, n // m)
+        assert site["bytes_sent"] == 8 * (min(n, d, n // m) * d + d + 3)
         # per-site score means are those of the site's own rows on the pooled components
         expected = ((x - np.asarray(doc["mean"])) @ comps.T).mean(0)
         np.testing.assert_allclose(site["scores"]["mean"], expected, atol=1e-9)
@@ -111,32 +123,42 @@ def test_mmfl_pca_rejects_bad_requests(tiny_config: Callable[..., Path], tmp_pat
 def test_mmfl_pca_site_rank_sends_fewer_rows_and_reports_the_error(
     tiny_config: Callable[..., Path], tmp_path: Path
 ) -> None:
-    cfg = str(tiny_config("covid_oxygen"))
+    cfg_path = tiny_config("covid_oxygen", evaluation={"min_cell": 5})  # caps of 3 or 4 rows
+    cfg = str(cfg_path)
     exact_out, trunc_out = tmp_path / "exact", tmp_path / "trunc"
     args = ["pca", cfg, "--features", "tabular", "--n-components", "2"]
     exact = runner.invoke(app, [*args, "--out", str(exact_out), "--svd-solver", "full"])
     assert exact.exit_code == 0, exact.output
-    trunc = runner.invoke(app, [*args, "--out", str(trunc_out), "--site-rank", "3"])
+    trunc = runner.invoke(app, [*args, "--out", str(trunc_out), "--site-rank", "2"])
     assert trunc.exit_code == 0, trunc.output
     ex = json.loads((exact_out / "pca.json").read_text())
     tr = json.loads((trunc_out / "pca.json").read_text())
-    assert ex["svd_solver"] == "full" and not ex["truncation"]["truncated"]
-    assert ex["truncation"]["subspace_error_bound"] == 0.0
+    # without --site-rank each site still sends only its disclosure cap, floor(n / 5) rows
+    assert ex["svd_solver"] == "full" and ex["truncation"]["truncated"]
     d = tr["n_features"]
-    assert d > 3
+    assert d > 4
     for s, row in tr["sites"].items():
         n = row["n"]
-        assert row["bytes_sent"] == 8 * (min(n, d, 3) * d + d + 3)
+        assert ex["sites"][s]["rows_sent"] == n // 5 > 2
+        assert row["bytes_sent"] == 8 * (min(n, d, 2) * d + d + 3)
         assert row["bytes_sent"] < ex["sites"][s]["bytes_sent"]
     t = tr["truncation"]
-    assert t["site_rank"] == 3 and t["truncated"] and t["discarded_variance"] > 0
-    # the reported bound holds against the exact components
-    err = subspace_error(np.asarray(tr["components"]), np.asarray(ex["components"]))
-    assert err <= t["subspace_error_bound"] == t["subspace_error_bounds"][-1]
-    for j, bound in enumerate(t["subspace_error_bounds"], start=1):
-        assert subspace_error(np.asarray(tr["components"][:j]),
-                              np.asarray(ex["components"][:j])) <= bound
-    assert "site_rank=3: the sites dropped" in trunc.output
+    assert t["site_rank"] == 2 and t["truncated"] and t["discarded_variance"] > 0
+    assert t["discarded_variance"] > ex["truncation"]["discarded_variance"]
+    # each reported bound holds against the components of the pooled (standardised) rows
+    raw = _tabular_rows(cfg_path)
+    mean, scale = disclosed_standardisation([raw[s] for s in sorted(raw)], 5)
+    np.testing.assert_allclose(tr["standardisation"]["mean"], mean, rtol=1e-10)
+    pooled = FederatedPCA(2).fit(np.vstack(
+        [np.nan_to_num((raw[s] - mean) / scale, nan=0.0) for s in sorted(raw)]))
+    for run in (ex, tr):
+        b = run["truncation"]
+        err = subspace_error(np.asarray(run["components"]), pooled.components_)
+        assert err <= b["subspace_error_bound"] == b["subspace_error_bounds"][-1]
+        for j, bound in enumerate(b["subspace_error_bounds"], start=1):
+            assert subspace_error(np.asarray(run["components"][:j]),
+                                  pooled.components_[:j]) <= bound
+    assert "site_rank=2 and the sites' rank caps" in trunc.output
     bad = runner.invoke(app, [*args, "--out", str(tmp_path / "x"), "--svd-solver", "eig"])
     assert bad.exit_code == 2 and "auto, full, covariance_eigh" in bad.output
     zero = runner.invoke(app, [*args, "--out", str(tmp_path / "x"), "--site-rank", "0"])

@@ -107,7 +107,7 @@ def test_prepare_site_data_reads_images_once_and_embeds_notes(
     cfg, cohorts = setup
     cohort = cohorts["site_a"]
     frozen = FrozenEncoders(cfg)
-    sd = prepare_site_data(cohort, cfg, cache=tmp_path / "cache", frozen=frozen)
+    sd = prepare_site_data(cohort, cfg, cache=tmp_path / "cache" / "site_a", frozen=frozen)
     ds = sd.dataset
     assert sd.site == "site_a" and len(ds) == len(cohort.table)
     assert ds.modalities == ("image", "tabular", "text") and ds.precomputed == ("text",)
@@ -123,7 +123,7 @@ def test_prepare_site_data_reads_images_once_and_embeds_notes(
     shards = sorted((tmp_path / "cache" / "site_a").glob("*/shard-*.npz"))
     assert len(shards) == 2  # one for the pixels, one for the text embeddings
     # second preparation comes from the cache (no new shard) and is identical
-    again = prepare_site_data(cohort, cfg, cache=tmp_path / "cache", frozen=frozen)
+    again = prepare_site_data(cohort, cfg, cache=tmp_path / "cache" / "site_a", frozen=frozen)
     for m in ds.modalities:
         torch.testing.assert_close(again.dataset.inputs[m], ds.inputs[m], rtol=0, atol=0,
                                    equal_nan=True)

@@ -42,4 +42,25 @@ def test_tensorboard_receives_every_round(
     acc.Reload()
     loss = acc.Scalars("train/loss")
     assert [e.step for e in loss] == [1, 2]
-    assert any(tag.endswith("/val_n") for tag in acc.Tags()["scalars"])
+    # every tiny site's validation split is below min_cell: no validation figure is logged
+    assert acc.Tags()["scalars"] == ["train/loss"]
+
+
+def test_tracker_logs_what_sites_disclosed_and_the_pooled_auc(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="tensorboard not installed (optional)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from multimodal_fl.engines.tracking import RoundTracker
+    from multimodal_fl.federated.server import RoundRecord
+
+    hist = {"n_bins": 10, "pos": {"start": [6], "stop": [10], "count": [5]},
+            "neg": {"start": [0], "stop": [4], "count": [7]}}
+    record = RoundRecord(round=1, train_loss=0.5, eval_metrics={"a": {"val_auc": 1.0}},
+                         eval_documents={"a": {"validation": hist}})
+    tracker = RoundTracker("tensorboard", tmp_path)
+    tracker.log(record)
+    tracker.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert sorted(acc.Tags()["scalars"]) == ["a/val_auc", "pooled/val_auc", "train/loss"]
+    assert acc.Scalars("pooled/val_auc")[0].value == 1.0

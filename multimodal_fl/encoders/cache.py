@@ -5,6 +5,8 @@ Layout::
     <root>/<site>/<fingerprint[:16]>/fingerprint.json     full fingerprint + description
     <root>/<site>/<fingerprint[:16]>/shard-*.npz           keys (sha256 hex) + float32 rows
 
+(``site=None``: ``root`` is the site's own cache folder, ``<root>/<fingerprint[:16]>/``.)
+
 An item's key is the sha256 of its content: the file's bytes for an image path
 (:class:`pathlib.Path`), the text for a note (``str``). The encoder fingerprint hashes the
 weights and the preprocessing description (see ``ImageEncoder.fingerprint`` and
@@ -120,15 +122,16 @@ class EmbeddingCache:
         named ``sample_data`` is refused.
     fingerprint : str
         The encoder fingerprint (weights + preprocessing), e.g. ``encoder.fingerprint(desc)``.
-    site : str, default "default"
-        Site name (one sub-folder per site).
+    site : str or None, default "default"
+        Site name (one sub-folder per site); ``None``: ``root`` is already this site's own
+        cache folder (e.g. ``RUN_DIR/sites/<site>/cache``).
     description : str, default ""
         Human-readable description stored beside the shards.
 
     Attributes
     ----------
     directory : Path
-        ``root/site/fingerprint[:16]``.
+        ``root/site/fingerprint[:16]`` (``root/fingerprint[:16]`` with ``site=None``).
     hits, misses : int
         Items served from the cache / computed, since construction.
 
@@ -147,7 +150,7 @@ class EmbeddingCache:
         root: str | os.PathLike[str] | None = None,
         *,
         fingerprint: str,
-        site: str = "default",
+        site: str | None = "default",
         description: str = "",
     ) -> None:
         root_path = Path(root) if root is not None else default_cache_root()
@@ -162,13 +165,14 @@ class EmbeddingCache:
             raise ValueError(
                 f"fingerprint must be a hex digest of at least 16 characters, got {fingerprint!r}"
             )
-        if not site or any(c in site for c in "/\\") or site in (".", ".."):
-            raise ValueError(f"site must be a plain folder name, got {site!r}")
+        if site is not None and (not site or any(c in site for c in "/\\")
+                                 or site in (".", "..")):
+            raise ValueError(f"site must be a plain folder name or None, got {site!r}")
         self.root = resolved
         self.site = site
         self.fingerprint = fingerprint
         self.description = description
-        self.directory = resolved / site / fingerprint[:16]
+        self.directory = (resolved if site is None else resolved / site) / fingerprint[:16]
         self.hits = 0
         self.misses = 0
         self._index: dict[str, np.ndarray] = {}

@@ -42,7 +42,7 @@ from safetensors.numpy import load_file, save_file
 
 from multimodal_fl.config import ExperimentConfig
 from multimodal_fl.engines.tracking import RoundTracker
-from multimodal_fl.evaluation.histograms import SiteEvaluation, pooled_evaluation
+from multimodal_fl.evaluation.histograms import SiteEvaluation, pooled_auc, pooled_evaluation
 from multimodal_fl.federated.aggregation import ServerOptimizer, standardizer_state
 from multimodal_fl.federated.checkpoint import load_checkpoint
 from multimodal_fl.federated.gather import StageFailed, gather
@@ -52,6 +52,7 @@ from multimodal_fl.federated.protocol import (
     Doc,
     FitSettings,
     Kind,
+    Reply,
     Request,
     StateDict,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "StageFailed",
     "gather",
     "inprocess_federation",
+    "pooled_validation",
     "predict_stage",
     "round_row",
     "run_config",
@@ -177,10 +179,13 @@ def _standardise(
 
 
 def validation_score(record: RoundRecord) -> float | None:
-    """A round's validation AUC over sites, weighted by each site's validation size.
+    """A round's pooled validation AUC: the sites' disclosed histograms added, one AUC.
 
-    Sites whose validation AUC is undefined (no positives or negatives) are left out;
-    ``None`` when no site had one. Only metrics the sites sent are used.
+    Each site's evaluation reply carries its validation scores' histograms per label (bins of
+    0 or at least ``min_cell`` patients, :attr:`~multimodal_fl.federated.protocol.Doc.
+    VALIDATION`); a site whose validation was suppressed sends none and is left out. ``None``
+    when no site sent one or the pool has one class only. Only what the sites disclosed is
+    used: no site's own AUC, no site's validation size.
 
     Parameters
     ----------
@@ -190,15 +195,27 @@ def validation_score(record: RoundRecord) -> float | None:
     -------
     float or None
     """
-    num = den = 0.0
-    for metrics in record.eval_metrics.values():
-        auc = metrics.get("val_auc")
-        if auc is None or not np.isfinite(auc):
-            continue
-        n = float(metrics.get("val_n", 1.0))
-        num += n * auc
-        den += n
-    return num / den if den > 0 else None
+    return pooled_validation(record)[0]
+
+
+def pooled_validation(record: RoundRecord) -> tuple[float | None, str]:
+    """:func:`validation_score` and what it is pooled from (or why there is none).
+
+    Parameters
+    ----------
+    record : RoundRecord
+
+    Returns
+    -------
+    auc : float or None
+    why : str
+    """
+    docs = {site: d[Doc.VALIDATION] for site, d in record.eval_documents.items()
+            if Doc.VALIDATION in d}
+    if not docs:
+        return None, ("no site disclosed its validation scores (each had fewer than "
+                      "min_cell patients, or positives or negatives)")
+    return pooled_auc(docs)
 
 
 class _BestRound:
@@ -246,7 +263,8 @@ class _BestRound:
 
 
 def round_row(record: RoundRecord, sites: list[str]) -> list[str]:
-    """One line of the per-round table: round, replied, train loss, validation AUC per site.
+    """One line of the per-round table: round, replied, train loss, validation AUC per site
+    (``-`` where the site disclosed none) and pooled (:func:`validation_score`).
 
     Parameters
     ----------
@@ -262,6 +280,8 @@ def round_row(record: RoundRecord, sites: list[str]) -> list[str]:
     for site in sites:
         auc = record.eval_metrics.get(site, {}).get("val_auc")
         cells.append("-" if auc is None else f"{auc:.3f}")
+    pooled = validation_score(record)
+    cells.append("-" if pooled is None else f"{pooled:.3f}")
     return cells
 
 
@@ -328,22 +348,44 @@ def _setup_stages(
         pca, pca_doc = run_pca_stage(federation, cfg, sites)
         save_file(projection_arrays(pca), str(run_dir / "pca.safetensors"),
                   metadata={"modality": pca_doc["modality"]})
-    init = gather(federation, {sites[0]: Request(Kind.INIT, 0)}, fed.timeout_s,
-                  stage=Kind.INIT, minimum=1)[sites[0]]
+    init = _initial_model(federation, sites, fed.timeout_s)
     weights = dict(init.weights)
     standardisation = _standardise(federation, weights, init.document(Doc.STANDARDIZER), sites,
                                    cfg)
     return weights, standardisation, pca_doc
 
 
+def _initial_model(federation: Federation, sites: list[str], timeout: float | None) -> Reply:
+    """The ``init`` reply of the first site, in sorted order, that gives one.
+
+    A site may decline (fewer than ``min_cell`` training patients) or fail; the next one is
+    asked. The weights do not depend on which site answers (seeded by the experiment seed).
+
+    Raises
+    ------
+    StageFailed
+        When no site gives one; the message names every site's reason.
+    """
+    reasons: list[str] = []
+    for site in sites:
+        try:
+            return gather(federation, {site: Request(Kind.INIT, 0)}, timeout,
+                          stage=Kind.INIT, minimum=1)[site]
+        except StageFailed as exc:
+            reasons.append(str(exc))
+            log.warning("init: %s; asking the next site", exc)
+    raise StageFailed("stage 'init': no site sent initial weights: " + " | ".join(reasons))
+
+
 def _train_rounds(
     federation: Federation, cfg: ExperimentConfig, weights: StateDict, run_dir: Path, *,
     resume: bool, stop_after_round: int | None,
     on_round: Callable[[RoundRecord], None] | None,
-) -> tuple[FederatedResult, int, StateDict]:
+) -> tuple[FederatedResult, int, StateDict, dict[str, Any]]:
     """The server loop with model selection and tracking.
 
-    Returns the loop's result, the chosen round and its weights (``federated.select``).
+    Returns the loop's result, the chosen round, its weights (``federated.select``) and what
+    the choice rests on (``metrics.json``'s ``selection_detail``).
     """
     best = _BestRound(run_dir / "checkpoint")
     if resume:
@@ -363,9 +405,18 @@ def _train_rounds(
         )
     finally:
         tracker.close()
-    if cfg.federated.select == "best_val" and best.round is not None:
-        return result, best.round, best.weights()
-    return result, result.completed_rounds, result.weights
+    last = result.completed_rounds
+    if cfg.federated.select != "best_val":
+        return result, last, result.weights, {"rule": "the last round (federated.select: last)"}
+    if best.round is not None:
+        return result, best.round, best.weights(), {
+            "rule": "the round with the best pooled validation AUC (the sites' disclosed "
+                    "validation histograms added)", "pooled_val_auc": best.score}
+    why = (pooled_validation(result.history[-1])[1] if result.history
+           else "no round completed")
+    note = f"no round had a pooled validation AUC ({why}): the last round, {last}, is kept"
+    log.info("model selection: %s", note)
+    return result, last, result.weights, {"rule": "the last round", "note": note}
 
 
 def _save_model(weights: StateDict, path: Path, engine: str, chosen_round: int) -> None:
@@ -443,7 +494,7 @@ def _run_experiment(
     if not sites:
         raise StageFailed("no sites in the federation")
     weights, standardisation, pca_doc = _setup_stages(federation, cfg, sites, run_dir)
-    result, chosen_round, final_weights = _train_rounds(
+    result, chosen_round, final_weights, selection = _train_rounds(
         federation, cfg, weights, run_dir, resume=resume, stop_after_round=stop_after_round,
         on_round=on_round,
     )
@@ -455,6 +506,7 @@ def _run_experiment(
         "completed_rounds": result.completed_rounds,
         "selected_round": chosen_round,
         "selection": cfg.federated.select,
+        "selection_detail": selection,
         "standardisation": standardisation,
     }
     if pca_doc is not None:

@@ -44,7 +44,13 @@ from typing import Any
 from multimodal_fl.config import ExperimentConfig, SiteConfig
 from multimodal_fl.engines.baselines import run_local
 from multimodal_fl.engines.federated import run_federated_experiment
-from multimodal_fl.federated.flower import FlowerRunError, ServerJob, run_loopback
+from multimodal_fl.federated.disclosure import site_policy
+from multimodal_fl.federated.flower import (
+    NODE_CONFIG_PREFIX,
+    FlowerRunError,
+    ServerJob,
+    run_loopback,
+)
 from multimodal_fl.federated.pca import SVD_SOLVERS
 from multimodal_fl.federated.protocol import ConfigValue
 from multimodal_fl.federated.server import Federation, Site
@@ -64,6 +70,7 @@ __all__ = [
     "experiment_run_config",
     "experiment_site",
     "local_job",
+    "node_config_of",
     "pca_analysis_job",
     "pca_analysis_run_config",
     "pca_analysis_site",
@@ -204,8 +211,8 @@ def site_output_dir(cfg: ExperimentConfig, run_config: Mapping[str, Any]) -> Pat
     Path
         ``site-out`` from the run config if set; else ``$MMFL_SITE_OUT/<experiment>``; else
         ``~/.mmfl/runs/<experiment>``. The site writes ``sites/<site>/`` (splits,
-        predictions) and, unless ``data.cache_dir`` or ``$MMFL_CACHE`` say otherwise,
-        ``cache/`` below it.
+        predictions, its egress log) and, unless ``data.cache_dir`` or ``$MMFL_CACHE`` say
+        otherwise, its embedding cache in ``sites/<site>/cache/``.
     """
     explicit = str(run_config.get("site-out") or "")
     if explicit:
@@ -230,18 +237,39 @@ def experiment_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) ->
     Returns
     -------
     Site
-        The site, its cohort read from ``site_dir`` and prepared as in process.
+        The site, its cohort read from ``site_dir`` and prepared as in process; its
+        disclosure policy is ``site_dir/policy.yaml`` and the SuperNode's node config
+        (``min-cell``, ``subgroup-summaries``, ``share-local-model``, ``answers``,
+        ``policy-file``), the stricter of each.
     """
     return _fusion_site(_experiment(run_config), name, site_dir, run_config)
+
+
+def node_config_of(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The SuperNode's node config, as the ClientApp hands it to the site factory.
+
+    Parameters
+    ----------
+    run_config : Mapping[str, Any]
+        The run config a site factory receives (node keys under ``node.``).
+
+    Returns
+    -------
+    dict
+    """
+    return {k[len(NODE_CONFIG_PREFIX):]: v for k, v in run_config.items()
+            if str(k).startswith(NODE_CONFIG_PREFIX)}
 
 
 def _fusion_site(
     cfg: ExperimentConfig, name: str, site_dir: Path, run_config: Mapping[str, Any]
 ) -> Site:
+    """The SuperNode's site: its policy is ``policy.yaml`` and its node config, the stricter."""
+    policy, _ = site_policy(site_dir, node_config_of(run_config))
     cfg = cfg.model_copy(update={"sites": [SiteConfig(name=name, path=Path(site_dir))]})
     out = site_output_dir(cfg, run_config)
     data = load_site_data(cfg, out)[name]
-    site: Site = FusionSite(name, cfg, data, run_dir=out)
+    site: Site = FusionSite(name, cfg, data, run_dir=out, policy=policy)
     return site
 
 

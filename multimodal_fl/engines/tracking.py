@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from multimodal_fl.evaluation.histograms import pooled_auc
 from multimodal_fl.federated.gather import StageFailed
+from multimodal_fl.federated.protocol import Doc
 from multimodal_fl.federated.server import RoundRecord
 
 __all__ = ["RoundTracker"]
@@ -14,8 +16,9 @@ __all__ = ["RoundTracker"]
 class RoundTracker:
     """Optional experiment tracking of each round: TensorBoard or MLflow, when installed.
 
-    Logs ``train/loss`` and ``<site>/<metric>`` (the sites' validation metrics) with the
-    round as the step. Only what the server already holds (aggregates) is logged.
+    Logs ``train/loss``, ``<site>/<metric>`` (the validation metrics a site disclosed) and
+    ``pooled/val_auc`` (the AUC of the sites' disclosed validation histograms added, when
+    defined) with the round as the step. Only what the server already holds is logged.
 
     Parameters
     ----------
@@ -62,6 +65,11 @@ class RoundTracker:
         for site, metrics in sorted(record.eval_metrics.items()):
             for name, value in sorted(metrics.items()):
                 values[f"{site}/{name}"] = float(value)
+        docs = {s: d[Doc.VALIDATION] for s, d in record.eval_documents.items()
+                if Doc.VALIDATION in d}
+        auc = pooled_auc(docs)[0] if docs else None
+        if auc is not None:
+            values["pooled/val_auc"] = auc
         if self._writer is not None:
             for key, value in values.items():
                 self._writer.add_scalar(key, value, record.round)

@@ -60,11 +60,15 @@ __all__ = [
     "PooledHistogram",
     "SiteEvaluation",
     "coarsen_counts",
+    "counts_histogram",
+    "counts_summary",
     "histogram_auc",
     "histogram_calibration",
     "histogram_sens_spec",
     "histogram_threshold",
+    "label_counts",
     "pool_histograms",
+    "pooled_auc",
     "pooled_evaluation",
     "pooled_metrics",
     "summarise_site",
@@ -924,3 +928,110 @@ def pooled_evaluation(
     settings = {"split": splits.pop(), "threshold": threshold, "ece_bins": ece_bins,
                 "n_bins": summaries[0].n_bins}
     return PooledEvaluation(overall, subgroups, sites, settings)
+
+
+# --------------------------------------------------------------------------------------------
+# counts-only histograms: the validation histogram of an ``evaluate`` reply
+
+
+def label_counts(
+    y_true: npt.ArrayLike, y_score: npt.ArrayLike, *, n_bins: int = DEFAULT_BINS
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Fine-grid score counts of positives and negatives (site side; never sent as they are).
+
+    Parameters
+    ----------
+    y_true, y_score : array-like
+        Labels (0/1) and scores in ``[0, 1]``.
+    n_bins : int
+        Fine grid size.
+
+    Returns
+    -------
+    pos, neg : ndarray of int64, shape (n_bins,)
+    """
+    y, s = check_binary_inputs(y_true, y_score, where="label_counts")
+    return _fine_histogram(s[y == 1], n_bins)[0], _fine_histogram(s[y == 0], n_bins)[0]
+
+
+def counts_histogram(counts: npt.ArrayLike, *, min_cell: int) -> dict[str, list[int]] | str:
+    """One label's fine counts as they may leave a site: merged bins, counts only.
+
+    Adjacent bins are merged as :func:`coarsen_counts` does, until every bin holds 0 or at
+    least ``min_cell`` patients; no score sums travel (a reader spreads a bin's patients
+    uniformly over it, :func:`counts_summary`).
+
+    Parameters
+    ----------
+    counts : array-like of int, shape (n_bins,)
+    min_cell : int
+
+    Returns
+    -------
+    dict or str
+        ``{"start", "stop", "count"}`` (empty lists when the label has no patient), or the
+        reason it cannot leave (fewer than ``min_cell`` patients).
+    """
+    c = np.asarray(counts, dtype=np.int64)
+    if int(c.sum()) == 0:
+        return {"start": [], "stop": [], "count": []}
+    h = coarsen_counts(c, np.zeros(c.size), min_cell=min_cell)
+    if isinstance(h, str):
+        return h
+    return {"start": h.start, "stop": h.stop, "count": h.count}
+
+
+def counts_summary(doc: Mapping[str, Any]) -> GroupSummary:
+    """Server side: a counts-only histogram document as a cell :func:`pool_histograms` takes.
+
+    Parameters
+    ----------
+    doc : mapping
+        ``{"n_bins", "pos": {"start", "stop", "count"}, "neg": {...}}``.
+
+    Returns
+    -------
+    GroupSummary
+        Counts and both histograms, each bin's patients at its middle score (spread uniformly
+        over the bin by :meth:`BinnedCounts.to_fine`); no metrics.
+
+    Raises
+    ------
+    ValueError
+        On a malformed document (see :meth:`BinnedCounts.from_dict`).
+    """
+    n_bins = int(doc["n_bins"])
+    parts = {}
+    for label in ("pos", "neg"):
+        d = doc[label]
+        start, stop, count = ([int(x) for x in d[k]] for k in ("start", "stop", "count"))
+        mids = [k * (a + b) / (2 * n_bins) for a, b, k in zip(start, stop, count, strict=True)]
+        parts[label] = BinnedCounts.from_dict({"n_bins": n_bins, "start": start, "stop": stop,
+                                               "count": count, "score_sum": mids})
+    n_pos, n_neg = parts["pos"].total, parts["neg"].total
+    return GroupSummary(n_pos + n_neg, n_pos, {}, parts["pos"], parts["neg"])
+
+
+def pooled_auc(docs: Mapping[str, Mapping[str, Any]]) -> tuple[float | None, str]:
+    """The AUC of the sites' counts-only histograms pooled, or why there is none.
+
+    Parameters
+    ----------
+    docs : mapping of site to histogram document
+        As :func:`counts_summary` reads them.
+
+    Returns
+    -------
+    auc : float or None
+        The Mann-Whitney AUC on the pooled fine grid (:func:`histogram_auc`).
+    why : str
+        What the figure is pooled from, or why it is undefined.
+    """
+    if not docs:
+        return None, "no site disclosed a histogram"
+    pooled = pool_histograms([(s, counts_summary(d)) for s, d in sorted(docs.items())])
+    if pooled.n_pos == 0 or pooled.n_neg == 0:
+        return None, f"the pooled histograms of {', '.join(pooled.sites)} have one class only"
+    auc = histogram_auc(pooled)[0]
+    return auc, (f"{pooled.n_pos + pooled.n_neg} patients of {len(pooled.sites)} site(s) "
+                 f"({', '.join(pooled.sites)})")

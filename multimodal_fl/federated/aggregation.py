@@ -12,6 +12,7 @@ Rules (also in ``docs/federated.md``):
 * **Floating arrays** (parameters and buffers such as BatchNorm running statistics alike) are
   averaged as ``sum_i (c_i / C) * w_i`` in float64 and cast back to their dtype, in sorted site
   order, so one site gives back its weights exactly and the result never depends on arrival order.
+  A reply may leave out the keys of a group whose count is 0 (:func:`check_fit_reply`).
 * **Integer and boolean arrays** (e.g. ``num_batches_tracked``) are not averaged: the result is
   the element-wise **maximum** over contributing sites (logical or for booleans). The server
   optimiser never touches them; they take the aggregated value directly.
@@ -40,7 +41,7 @@ from typing import Literal
 
 import numpy as np
 
-from multimodal_fl.federated.protocol import InvalidReply, Reply, StateDict
+from multimodal_fl.federated.protocol import InvalidReply, Reply, StateDict, unpack_document
 from multimodal_fl.moments import column_moments, pool_moments, standardization
 
 __all__ = [
@@ -130,7 +131,9 @@ def check_fit_reply(
     ------
     InvalidReply
         Naming the site and what was wrong: identity, sample count, group counts, local keys,
-        missing / unexpected keys, shape, dtype, non-finite values or metrics.
+        missing / unexpected keys, shape, dtype, non-finite values or metrics. The keys of a
+        group whose count is 0 may be absent (the site did not train it, or its disclosure
+        gate left it out); any other missing key is an error.
     """
     if reply.site != site:
         raise InvalidReply(site, f"reply names site {reply.site!r}, expected {site!r}")
@@ -168,7 +171,10 @@ def check_fit_reply(
         raise InvalidReply(site, f"local_keys not in the model: {_listed(unknown_local)}")
     expected = set(reference) - local
     got = set(reply.weights)
-    missing = expected - got
+    # a group the site did not train (count 0) may be left out of the reply: a site's
+    # disclosure gate leaves out groups trained by fewer than its small-cell threshold
+    missing = {k for k in expected - got
+               if (g := group_of(k, reply.group_counts)) is None or reply.group_counts[g] != 0}
     if missing:
         raise InvalidReply(site, f"missing keys: {_listed(missing)}")
     unexpected = got - set(reference)
@@ -191,7 +197,7 @@ def check_fit_reply(
 
 
 def check_evaluate_reply(reply: Reply, *, site: str, round: int) -> None:
-    """Check one evaluation reply (identity, a non-negative count, finite metrics).
+    """Check one evaluation reply (identity, a non-negative count, finite metrics, documents).
 
     Parameters
     ----------
@@ -219,6 +225,11 @@ def check_evaluate_reply(reply: Reply, *, site: str, round: int) -> None:
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
         raise InvalidReply(site, f"n_samples is {n!r}; expected a non-negative integer")
     _check_metrics(site, reply.metrics)
+    for name, text in reply.documents.items():
+        try:
+            unpack_document(text)
+        except ValueError as exc:
+            raise InvalidReply(site, f"document {name!r} is not JSON ({exc})") from None
 
 
 def _check_metrics(site: str, metrics: Mapping[str, float]) -> None:

@@ -13,48 +13,79 @@ forget the gate, on either engine. The gate:
 3. runs the handler; a failure leaves the site as :class:`SiteRefused` (its message is made
    from counts and policy names only) or as a scrubbed :class:`SiteError` that names the
    exception type and nothing else (the traceback stays in the site's log);
-4. applies the rule of the reply's kind (:data:`RULES`) and records the released message in the
-   site's egress log (``sites/<site>/egress.jsonl``).
+4. applies the rule of the reply's kind (:data:`RULES`), then the backstop
+   (:func:`check_declared`: only the fields :data:`DECLARED` for the kind, every count 0 or at
+   least ``min_cell``), and records the released message in the site's egress log
+   (``sites/<site>/egress.jsonl``). A reply that breaks either never leaves: the site answers
+   with a scrubbed :class:`SiteError`.
+
+The rules, with ``m`` the effective threshold: a site with fewer than ``m`` training patients
+declines ``info``, ``init``, ``moments`` and ``fit`` (its handler raises
+:class:`SiteRefused` before training; the rule checks the count); ``fit`` leaves out a
+modality group trained by fewer than ``m`` patients (count 0, its weights not sent);
+``moments`` sends a feature seen in fewer than ``m`` patients as unseen; ``pca`` carries at most
+``floor(n / m)`` rows (:func:`pca_rank_cap`, capped by the handler, checked here);
+``pca_scores`` needs ``m`` patients; ``evaluate`` sends its metrics and its validation
+histograms (counts only, bins of 0 or at least ``m``) only when the split and each class
+count allow, else nothing.
+
+The hospital's policy comes from ``policy.yaml`` in its site directory and, on Flower, from its
+SuperNode's node config (:func:`site_policy`; the stricter of each field).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from multimodal_fl.config import SitePolicy
-from multimodal_fl.federated.protocol import Doc, Kind, Reply, Request, unpack_document
+import numpy as np
+from pydantic import ValidationError
+
+from multimodal_fl.config import POLICY_FILE, ConfigError, SitePolicy, load_policy
+from multimodal_fl.evaluation.histograms import counts_histogram
+from multimodal_fl.federated.aggregation import group_of
+from multimodal_fl.federated.pca import SUMMARY_KEYS
+from multimodal_fl.federated.protocol import (
+    Doc,
+    Kind,
+    Reply,
+    Request,
+    SiteError,
+    SiteRefused,
+    pack_document,
+    unpack_document,
+)
 
 __all__ = [
+    "DECLARED",
     "EGRESS_LOG",
+    "NODE_POLICY_FILE",
+    "NODE_POLICY_KEYS",
     "RULES",
+    "VALIDATION_COUNTS",
+    "Declared",
     "DisclosureGate",
+    "DisclosureViolation",
     "Released",
     "SiteError",
     "SiteRefused",
+    "check_declared",
+    "node_policy",
+    "pca_rank_cap",
+    "site_policy",
+    "stricter_policy",
 ]
 
 log = logging.getLogger(__name__)
 
 #: The egress log's file name inside the site's folder.
 EGRESS_LOG = "egress.jsonl"
-
-
-class SiteRefused(RuntimeError):
-    """A site declines a request under its policy (too few patients, a kind it does not answer).
-
-    The message crosses the site boundary: build it from counts, thresholds and policy names
-    only, never from patient data, file content or a log line.
-    """
-
-
-class SiteError(RuntimeError):
-    """A site's handler failed; what crosses the boundary names the exception type only."""
 
 
 @dataclass
@@ -77,12 +108,378 @@ class Released:
 Rule = Callable[[Reply, int, SitePolicy], Released]
 
 
+class DisclosureViolation(ValueError):
+    """A reply breaks its kind's rule or declaration; it does not leave the site."""
+
+
 def _pass(reply: Reply, min_cell: int, policy: SitePolicy) -> Released:
     return Released(reply)
 
 
-#: The rule applied to each kind's reply before it leaves the site.
+def _training_count(reply: Reply, min_cell: int) -> None:
+    """A training count below ``min_cell`` never leaves: the handler should have refused."""
+    if reply.n_samples < min_cell:
+        raise DisclosureViolation(
+            f"{reply.kind} reply counts {reply.n_samples} training patients, fewer than "
+            f"min_cell={min_cell}; the site should have refused")
+
+
+def _training_rule(reply: Reply, min_cell: int, policy: SitePolicy) -> Released:
+    """``info`` and ``init``: the training count is at least ``min_cell``."""
+    _training_count(reply, min_cell)
+    return Released(reply)
+
+
+def _fit_rule(reply: Reply, min_cell: int, policy: SitePolicy) -> Released:
+    """``fit``: a modality group trained by fewer than ``min_cell`` patients is left out.
+
+    Its count becomes 0 and its weights are not sent (the server keeps the global value).
+    """
+    _training_count(reply, min_cell)
+    counts = dict(reply.group_counts)
+    small = sorted(g for g, c in counts.items() if 0 < c < min_cell)
+    if not small:
+        return Released(reply)
+    suppressed = [f"group {g!r}: {counts[g]} patients < min_cell {min_cell}: left out of the "
+                  "update" for g in small]
+    counts.update(dict.fromkeys(small, 0))
+    weights = {k: v for k, v in reply.weights.items() if group_of(k, counts) not in small}
+    return Released(replace(reply, group_counts=counts, weights=weights), suppressed)
+
+
+def _moments_rule(reply: Reply, min_cell: int, policy: SitePolicy) -> Released:
+    """``moments``: a feature seen in fewer than ``min_cell`` patients is sent as unseen."""
+    _training_count(reply, min_cell)
+    n = np.asarray(reply.arrays["n"])
+    small = (n > 0) & (n < min_cell)
+    if not small.any():
+        return Released(reply)
+    arrays = dict(reply.arrays)
+    for key in ("n", "sum", "sumsq"):
+        arrays[key] = np.where(small, np.zeros((), arrays[key].dtype), arrays[key])
+    where = np.flatnonzero(small).tolist()
+    return Released(replace(reply, arrays=arrays),
+                    [f"features {where}: seen in fewer than {min_cell} patients: sent as "
+                     "unseen (n=0, sum=0, sumsq=0)"])
+
+
+def pca_rank_cap(n: int, min_cell: int) -> int:
+    """The most ``S·Vᵀ`` rows a site of ``n`` patients may send: ``floor(n / min_cell)``.
+
+    Parameters
+    ----------
+    n : int
+        Patients the summary is computed from.
+    min_cell : int
+        The effective small-cell threshold.
+
+    Returns
+    -------
+    int
+        0: the site sends no PCA summary at all (nor its mean).
+    """
+    return int(n) // int(min_cell)
+
+
+def _pca_rule(reply: Reply, min_cell: int, policy: SitePolicy) -> Released:
+    """``pca``: the mean only on ``n >= min_cell``; at most ``floor(n / min_cell)`` rows."""
+    n = int(np.asarray(reply.arrays["n"]))
+    if n != reply.n_samples:
+        raise DisclosureViolation(f"pca reply: n={n} but n_samples={reply.n_samples}")
+    cap = pca_rank_cap(n, min_cell)
+    rows = int(np.asarray(reply.arrays["block"]).shape[0])
+    if cap == 0 or rows > cap:
+        raise DisclosureViolation(
+            f"pca reply of {n} patients sends {rows} rows; at most floor(n / min_cell) = {cap} "
+            f"may leave (min_cell={min_cell})")
+    return Released(reply)
+
+
+def _count_rule(reply: Reply, min_cell: int, policy: SitePolicy) -> Released:
+    """``pca_scores``: computed from at least ``min_cell`` patients."""
+    if reply.n_samples < min_cell:
+        raise DisclosureViolation(
+            f"{reply.kind} reply summarises {reply.n_samples} patients, fewer than "
+            f"min_cell={min_cell}; the site should have refused")
+    return Released(reply)
+
+
+#: The arrays of an ``evaluate`` reply that stay at the site: the validation scores' counts
+#: per label on the fine grid, which the rule coarsens into the :attr:`Doc.VALIDATION` document.
+VALIDATION_COUNTS = ("val_pos_counts", "val_neg_counts")
+
+
+def _evaluate_rule(reply: Reply, min_cell: int, policy: SitePolicy) -> Released:
+    """``evaluate``: metrics and histograms of at least ``min_cell`` patients, or nothing.
+
+    Both labels must hold 0 or at least ``min_cell`` patients (a count of positives is a
+    count); the histograms leave with bins merged until each holds 0 or ``min_cell``.
+    """
+    missing = [k for k in VALIDATION_COUNTS if k not in reply.arrays]
+    if missing:
+        raise DisclosureViolation(f"evaluate reply lacks {missing}")
+    pos, neg = (np.asarray(reply.arrays[k], dtype=np.int64) for k in VALIDATION_COUNTS)
+    n, n_pos, n_neg = reply.n_samples, int(pos.sum()), int(neg.sum())
+    if n != n_pos + n_neg:
+        raise DisclosureViolation(f"evaluate reply: n_samples={n}, histograms hold "
+                                  f"{n_pos + n_neg}")
+    why = [f"{what}: {k} < min_cell {min_cell}" for what, k in
+           (("patients", n), ("positives", n_pos), ("negatives", n_neg))
+           if 0 < k < min_cell or (what == "patients" and k < min_cell)]
+    if why:
+        quiet = replace(reply, n_samples=0, metrics={}, arrays={}, documents={})
+        return Released(quiet, ["validation metrics and histograms: " + "; ".join(why)])
+    hp = counts_histogram(pos, min_cell=min_cell)
+    hn = counts_histogram(neg, min_cell=min_cell)
+    if isinstance(hp, str) or isinstance(hn, str):  # unreachable after the checks above
+        raise DisclosureViolation(f"evaluate reply: histogram cannot leave ({hp}, {hn})")
+    doc = {"n_bins": int(pos.size), "pos": hp, "neg": hn}
+    return Released(replace(reply, arrays={},
+                            documents={**reply.documents, Doc.VALIDATION: pack_document(doc)}))
+
+
+#: The rule applied to each kind's reply before it leaves the site (then :func:`check_declared`).
 RULES: dict[Kind, Rule] = {kind: _pass for kind in Kind}
+RULES.update({
+    Kind.INFO: _training_rule,
+    Kind.INIT: _training_rule,
+    Kind.FIT: _fit_rule,
+    Kind.MOMENTS: _moments_rule,
+    Kind.PCA: _pca_rule,
+    Kind.PCA_SCORES: _count_rule,
+    Kind.EVALUATE: _evaluate_rule,
+})
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What one kind's reply may carry as it leaves a site (anything else is an error).
+
+    Parameters
+    ----------
+    n_samples : bool
+        Whether ``n_samples`` is sent (a count: 0 or at least ``min_cell``); else it is 0.
+    weights : bool
+        Model weights (``weights``; ``group_counts`` and ``local_keys`` go with them).
+    metrics : str
+        A regular expression every metric name must match in full ("" : no metrics).
+    arrays : frozenset of str
+        The array names allowed.
+    documents : frozenset of str
+        The document names allowed (:class:`~multimodal_fl.federated.protocol.Doc` values).
+    """
+
+    n_samples: bool = False
+    weights: bool = False
+    metrics: str = ""
+    arrays: frozenset[str] = frozenset()
+    documents: frozenset[str] = frozenset()
+
+
+_SPLIT_METRIC = r"(train|val|test)/[a-z_]+(/lo|/hi)?"
+
+#: Every field each kind's reply may carry as it leaves a site: the protocol's declaration
+#: in one table. A kind not listed answers nothing that may leave.
+DECLARED: dict[Kind, Declared] = {
+    Kind.INFO: Declared(n_samples=True),
+    Kind.INIT: Declared(n_samples=True, weights=True,
+                        documents=frozenset({Doc.STANDARDIZER})),
+    Kind.MOMENTS: Declared(n_samples=True, arrays=frozenset({"n", "sum", "sumsq"}),
+                           documents=frozenset({Doc.STANDARDIZER})),
+    Kind.PCA: Declared(n_samples=True, arrays=frozenset(SUMMARY_KEYS)),
+    Kind.PCA_APPLY: Declared(),
+    Kind.PCA_SCORES: Declared(n_samples=True, documents=frozenset({Doc.PCA_SCORES})),
+    Kind.FIT: Declared(n_samples=True, weights=True, metrics="loss"),
+    Kind.EVALUATE: Declared(n_samples=True, metrics=r"val_(auc|average_precision|brier|ece)",
+                            documents=frozenset({Doc.VALIDATION})),
+    Kind.PREDICT: Declared(n_samples=True, metrics=_SPLIT_METRIC,
+                           documents=frozenset({Doc.EVALUATION, Doc.SITE_METRICS,
+                                                Doc.DISCLOSED})),
+    Kind.LOCAL_TRAIN: Declared(n_samples=True, weights=True,
+                               documents=frozenset({Doc.LOCAL_TRAINING})),
+    Kind.CROSS_EVALUATE: Declared(n_samples=True, metrics=r"[a-z_]+(/lo|/hi)?",
+                                  documents=frozenset({Doc.CROSS_SITE})),
+}
+
+
+def check_declared(kind: Kind, reply: Reply, min_cell: int) -> None:
+    """The backstop after every rule: the reply carries only fields declared for its kind.
+
+    Parameters
+    ----------
+    kind : Kind
+        The request's kind.
+    reply : Reply
+        The reply as it would leave.
+    min_cell : int
+        The effective threshold (``n_samples`` and each group count: 0 or at least it).
+
+    Raises
+    ------
+    DisclosureViolation
+        Naming the first undeclared field.
+    """
+    declared = DECLARED.get(kind)
+    if declared is None:
+        raise DisclosureViolation(f"no reply fields are declared for {kind.value!r} replies")
+    if reply.kind != kind:
+        raise DisclosureViolation(f"a {kind.value!r} request got a {reply.kind!r} reply")
+    n = reply.n_samples
+    if (n and not declared.n_samples) or 0 < n < min_cell:
+        raise DisclosureViolation(f"{kind.value} reply: n_samples={n} (declared: "
+                                  f"{'0 or >= min_cell' if declared.n_samples else '0'})")
+    if not declared.weights and (reply.weights or reply.group_counts or reply.local_keys):
+        raise DisclosureViolation(f"{kind.value} reply carries weights; none are declared")
+    small = {g: c for g, c in reply.group_counts.items() if 0 < c < min_cell}
+    if small:
+        raise DisclosureViolation(f"{kind.value} reply: group counts {sorted(small)} below "
+                                  f"min_cell={min_cell}")
+    pattern = re.compile(declared.metrics) if declared.metrics else None
+    bad = [k for k in reply.metrics if pattern is None or not pattern.fullmatch(k)]
+    extra = [("metrics", bad), ("arrays", sorted(set(reply.arrays) - declared.arrays)),
+             ("documents", sorted(set(reply.documents) - declared.documents))]
+    for field_name, names in extra:
+        if names:
+            raise DisclosureViolation(f"{kind.value} reply carries undeclared {field_name} "
+                                      f"{sorted(names)}")
+
+
+#: A SuperNode's node-config keys of a site policy (``--node-config "min-cell=10 ..."``), and the
+#: :class:`~multimodal_fl.config.SitePolicy` field each sets.
+NODE_POLICY_KEYS: dict[str, str] = {
+    "min-cell": "min_cell",
+    "subgroup-summaries": "subgroup_summaries",
+    "share-local-model": "share_local_model",
+    "answers": "answers",
+}
+#: The node-config key naming a policy file on the SuperNode's machine.
+NODE_POLICY_FILE = "policy-file"
+
+
+def _node_value(key: str, value: Any) -> Any:
+    """A node-config value as the policy field wants it (node configs hold scalars only)."""
+    if key == "answers":
+        items = value if isinstance(value, list | tuple) else str(value).replace(",", " ").split()
+        return [str(v) for v in items]
+    if key in ("subgroup-summaries", "share-local-model") and isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered not in ("true", "false"):
+            raise ConfigError(f"node config {key}={value!r}: expected true or false")
+        return lowered == "true"
+    return value
+
+
+def node_policy(node_config: Mapping[str, Any]) -> SitePolicy | None:
+    """The policy a SuperNode's node config sets (``min-cell``, ..., or ``policy-file``).
+
+    Parameters
+    ----------
+    node_config : mapping
+        The node config (other keys, e.g. ``site-dir``, are ignored).
+
+    Returns
+    -------
+    SitePolicy or None
+        ``None`` when it sets none. With both a ``policy-file`` and keys, the stricter of
+        each (:func:`stricter_policy`).
+
+    Raises
+    ------
+    ConfigError
+        For a missing policy file or a bad value (one line naming the key).
+    """
+    keys = {k: v for k, v in node_config.items() if k in NODE_POLICY_KEYS}
+    policies: list[SitePolicy] = []
+    if NODE_POLICY_FILE in node_config:
+        path = Path(str(node_config[NODE_POLICY_FILE])).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"node config {NODE_POLICY_FILE}={str(path)!r}: no such file; "
+                              "expected a policy YAML (docs/data-contract.md)")
+        policies.append(load_policy(path))
+    if keys:
+        fields = {NODE_POLICY_KEYS[k]: _node_value(k, v) for k, v in keys.items()}
+        try:
+            policies.append(SitePolicy.model_validate(fields))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = next((k for k, f in NODE_POLICY_KEYS.items() if f == err["loc"][0]),
+                       str(err["loc"][0]))
+            raise ConfigError(f"node config {key}={keys.get(key)!r}: {err['msg']}") from None
+    if not policies:
+        return None
+    out = policies[0]
+    for other in policies[1:]:
+        out = stricter_policy(out, other)
+    return out
+
+
+def stricter_policy(a: SitePolicy, b: SitePolicy) -> SitePolicy:
+    """The stricter of two policies, field by field.
+
+    The larger ``min_cell``; subgroup summaries and local-model sharing only if both allow
+    them; the request kinds both answer. ``timezone`` is not a matter of strictness: ``a``'s,
+    else ``b``'s.
+
+    Parameters
+    ----------
+    a, b : SitePolicy
+
+    Returns
+    -------
+    SitePolicy
+    """
+    if a.answers is None or b.answers is None:
+        answers = a.answers if b.answers is None else b.answers
+    else:
+        answers = [k for k in a.answers if k in b.answers]
+    return SitePolicy(min_cell=max(a.min_cell, b.min_cell),
+                      subgroup_summaries=a.subgroup_summaries and b.subgroup_summaries,
+                      share_local_model=a.share_local_model and b.share_local_model,
+                      answers=answers, timezone=a.timezone or b.timezone)
+
+
+def site_policy(site_dir: str | Path, node_config: Mapping[str, Any] | None = None
+                ) -> tuple[SitePolicy, dict[str, str]]:
+    """A site's policy: ``policy.yaml`` in its directory and, on Flower, its node config.
+
+    Where both set a field, the stricter value holds (:func:`stricter_policy`): a hospital's
+    SuperNode operator and its data steward can each tighten the policy, neither loosen it.
+
+    Parameters
+    ----------
+    site_dir : path-like
+        The site directory (``policy.yaml`` is optional).
+    node_config : mapping or None
+        The SuperNode's node config.
+
+    Returns
+    -------
+    policy : SitePolicy
+    origin : dict of str to str
+        Per policy field, where its value came from (``"default"``, ``"<site>/policy.yaml"``,
+        ``"node config"``, or both).
+
+    Raises
+    ------
+    ConfigError
+        For a bad ``policy.yaml`` or node config (one line).
+    """
+    file = Path(site_dir) / POLICY_FILE
+    sources: list[tuple[str, SitePolicy]] = []
+    if file.is_file():
+        sources.append((str(file), load_policy(site_dir)))
+    node = node_policy(node_config or {})
+    if node is not None:
+        sources.append(("node config", node))
+    policy = SitePolicy()
+    for _, p in sources:
+        policy = stricter_policy(policy, p)
+    origin = {}
+    for name in SitePolicy.model_fields:
+        setters = [where for where, p in sources if name in p.model_fields_set]
+        origin[name] = " and ".join(setters) + (" (the stricter)" if len(setters) > 1 else "") \
+            if setters else "default"
+    return policy, origin
 
 
 def _withhold_local_model(reply: Reply, min_cell: int, policy: SitePolicy) -> Released:
@@ -135,16 +532,20 @@ class DisclosureGate:
         The site's egress log file (``None``: nothing is written).
     rules : mapping of Kind to rule, optional
         The rule per kind (default :data:`RULES`).
+    on_record : callable or None
+        Also called with every egress-log entry (a dict), e.g. by ``mmfl site check``.
     """
 
     def __init__(self, site: str, policy: SitePolicy, *, config_min_cell: int | None = None,
                  egress_log: str | Path | None = None,
-                 rules: Mapping[Kind, Rule] | None = None) -> None:
+                 rules: Mapping[Kind, Rule] | None = None,
+                 on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.site = site
         self.policy = policy
         self.config_min_cell = config_min_cell
         self.egress_log = Path(egress_log) if egress_log is not None else None
         self.rules = dict(RULES if rules is None else rules)
+        self.on_record = on_record
 
     def min_cell(self, request: Request) -> int:
         """The effective small-cell threshold for one request.
@@ -192,13 +593,26 @@ class DisclosureGate:
         except SiteRefused as exc:
             self._record(request, min_cell, refused=str(exc))
             raise
-        except Exception as exc:
-            log.exception("site %s: %s request of round %d failed", self.site,
-                          request.kind.value, request.round)
+        except Exception as exc:  # the site's own log keeps the message (traceback: debug)
+            log.warning("site %s: %s request of round %d failed: %s: %s", self.site,
+                        request.kind.value, request.round, type(exc).__name__, exc)
+            log.debug("site %s: traceback", self.site, exc_info=True)
             self._record(request, min_cell, failed=type(exc).__name__)
             raise SiteError(f"{type(exc).__name__} while answering {request.kind.value!r} "
                             "(details in the site's own log)") from None
-        released = self.rules.get(request.kind, _pass)(reply, min_cell, self.policy)
+        try:
+            released = self.rules.get(request.kind, _pass)(reply, min_cell, self.policy)
+            check_declared(request.kind, released.reply, min_cell)
+        except SiteRefused as exc:  # a rule withholds the whole reply, saying why
+            self._record(request, min_cell, refused=str(exc))
+            raise
+        except Exception as exc:  # nothing leaves; the reason stays in the site's log
+            log.warning("site %s: the %s reply of round %d broke the disclosure rules: %s",
+                        self.site, request.kind.value, request.round, exc)
+            self._record(request, min_cell, failed=f"disclosure: {exc}")
+            raise SiteError(f"{type(exc).__name__}: the {request.kind.value!r} reply broke the "
+                            "site's disclosure rules and was not sent (details in the site's "
+                            "own log)") from None
         self._record(request, min_cell, released=released)
         return released.reply
 
@@ -208,8 +622,8 @@ class DisclosureGate:
 
     def _record(self, request: Request, min_cell: int, *, released: Released | None = None,
                 refused: str | None = None, failed: str | None = None) -> None:
-        """Append one line to the egress log."""
-        if self.egress_log is None:
+        """Append one line to the egress log (and hand it to ``on_record``)."""
+        if self.egress_log is None and self.on_record is None:
             return
         entry: dict[str, Any] = {
             "time": time.time(), "site": self.site, "kind": request.kind.value,
@@ -224,6 +638,10 @@ class DisclosureGate:
                          suppressed=released.suppressed)
         else:
             entry.update(released=False, refused=refused, failed=failed)
+        if self.on_record is not None:
+            self.on_record(entry)
+        if self.egress_log is None:
+            return
         self.egress_log.parent.mkdir(parents=True, exist_ok=True)
         with self.egress_log.open("a") as fh:
             fh.write(json.dumps(entry) + "\n")

@@ -20,16 +20,20 @@ Request kinds (:class:`Kind`), in the order an experiment sends them:
     One site sends freshly initialised model ``weights``; its :attr:`Doc.STANDARDIZER`
     document names the weights federated moments fill, if the model has any.
 ``moments``
-    Per-feature count, sum and sum of squares (``arrays`` ``n``, ``sum``, ``sumsq``) and the
-    :attr:`Doc.STANDARDIZER` target keys.
+    Per-feature count, sum and sum of squares (``arrays`` ``n``, ``sum``, ``sumsq``; a feature
+    seen in fewer than ``min_cell`` patients as 0, 0, 0) and the :attr:`Doc.STANDARDIZER`
+    target keys.
 ``info``
     ``n_samples`` = the training-set size (the plausibility cap for later fit replies).
 ``fit``
     Train locally from ``weights`` with the request's :class:`FitSettings`; reply with the new
-    ``weights`` (a full state dict, buffers included, minus any FedBN ``local_keys``),
-    ``n_samples``, ``group_counts`` and ``metrics`` (``"loss"``).
+    ``weights`` (a full state dict, buffers included, minus any FedBN ``local_keys`` and the
+    keys of a group counted 0), ``n_samples``, ``group_counts`` and ``metrics`` (``"loss"``).
 ``evaluate``
-    Evaluate ``weights``; reply with ``metrics`` (e.g. ``"val_auc"``) and ``n_samples``.
+    Evaluate ``weights`` on the validation split; reply with ``n_samples`` (its size),
+    ``metrics`` (``"val_auc"``, ``"val_average_precision"``, ``"val_brier"``, ``"val_ece"``)
+    and the :attr:`Doc.VALIDATION` histograms, or, on fewer than ``min_cell`` patients (or
+    a class with fewer), with nothing (``n_samples`` 0).
 ``predict``
     Final evaluation: the site writes its patient-level files at home and replies with the
     :attr:`Doc.EVALUATION` and :attr:`Doc.SITE_METRICS` documents.
@@ -51,8 +55,10 @@ Request kinds (:class:`Kind`), in the order an experiment sends them:
     model it keeps at home).
 
 Every reply leaves a site through its disclosure gate
-(:mod:`multimodal_fl.federated.disclosure`); ``config["min_cell"]`` carries the effective
-small-cell threshold to the handlers.
+(:mod:`multimodal_fl.federated.disclosure`, whose ``DECLARED`` table lists what each kind's
+reply may carry); ``config["min_cell"]`` carries the effective small-cell threshold to the
+handlers. A site that declines a request raises :class:`SiteRefused`; any other failure
+crosses the boundary as :func:`boundary_reason` words it.
 
 ``Request.weights`` holds model weights only; other arrays (a projection, histogram edges)
 travel in ``Request.arrays``. Per-round training hyperparameters travel on one channel, the
@@ -87,8 +93,11 @@ __all__ = [
     "Kind",
     "Reply",
     "Request",
+    "SiteError",
     "SiteFailure",
+    "SiteRefused",
     "StateDict",
+    "boundary_reason",
     "pack_document",
     "site_seed",
     "unpack_document",
@@ -131,6 +140,9 @@ class Doc(StrEnum):
     DISCLOSED = "disclosed"
     #: ``pca_scores``: aggregates of the projected rows.
     PCA_SCORES = "pca_scores"
+    #: ``evaluate``: the validation scores' histograms per label, bins merged at the site until
+    #: each holds 0 or at least ``min_cell`` patients, counts only (the server pools them).
+    VALIDATION = "validation"
     #: ``init`` / ``moments``: the state-dict keys pooled moments fill (``mean``, ``scale``,
     #: ``count``); absent or empty when the model standardises nothing.
     STANDARDIZER = "standardizer"
@@ -508,6 +520,38 @@ class SiteFailure:
 
     site: str
     reason: str
+
+
+class SiteRefused(RuntimeError):
+    """A site declines a request under its policy (too few patients, a kind it does not answer).
+
+    The message crosses the site boundary: build it from counts, thresholds and policy names
+    only, never from patient data, file content or a log line.
+    """
+
+
+class SiteError(RuntimeError):
+    """A site failed; what crosses the boundary names the exception type only."""
+
+
+def boundary_reason(exc: BaseException) -> str:
+    """What may cross the site boundary about a site's exception.
+
+    A :class:`SiteRefused` or :class:`SiteError` message is made to cross (counts, thresholds,
+    policy names, an exception type); any other exception may carry a patient id, a file's
+    content or a log line, so only its type crosses and the rest stays in the site's log.
+
+    Parameters
+    ----------
+    exc : BaseException
+
+    Returns
+    -------
+    str
+    """
+    if isinstance(exc, SiteRefused | SiteError):
+        return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__} at the site (details in the site's own log)"
 
 
 class InvalidReply(ValueError):

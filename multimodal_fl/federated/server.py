@@ -37,6 +37,7 @@ from multimodal_fl.federated.protocol import (
     Request,
     SiteFailure,
     StateDict,
+    unpack_document,
 )
 
 __all__ = [
@@ -237,6 +238,9 @@ class RoundRecord:
         Site -> its evaluation metrics (empty when not evaluated this round).
     eval_failed : dict[str, str]
         Site -> reason, for evaluation requests that failed or were rejected.
+    eval_documents : dict[str, dict[str, Any]]
+        Site -> the documents its evaluation reply carried, unpacked (e.g. the validation
+        histograms the server pools).
     earlier_attempts : list[str]
         One line per failed earlier attempt of this round.
     seconds : float
@@ -256,6 +260,7 @@ class RoundRecord:
     fit_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     eval_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     eval_failed: dict[str, str] = field(default_factory=dict)
+    eval_documents: dict[str, dict[str, Any]] = field(default_factory=dict)
     earlier_attempts: list[str] = field(default_factory=list)
     seconds: float = 0.0
     server_seconds: float = 0.0
@@ -629,4 +634,7 @@ def _evaluate(
             log.warning("round %d evaluation: %s", record.round, exc)
             continue
         record.eval_metrics[site] = {k: float(v) for k, v in answer.metrics.items()}
+        if answer.documents:
+            record.eval_documents[site] = {k: unpack_document(v)
+                                           for k, v in sorted(answer.documents.items())}
     record.seconds += time.perf_counter() - t0

@@ -38,7 +38,9 @@ Request kinds it answers:
     sample count per parameter group (a site without notes does not train the text
     encoder and says so with a count of 0).
 ``evaluate``
-    Validation metrics of the global weights.
+    Validation metrics of the global weights and the validation scores' counts per label on
+    the fine histogram grid; the gate turns the counts into the merged, counts-only
+    ``validation`` document, or sends nothing below ``min_cell``.
 ``predict``
     Final evaluation: write ``splits.json`` and ``predictions.csv`` into the site folder and
     return metrics per split plus binned score histograms (no patient-level value), and the
@@ -60,6 +62,11 @@ Request kinds it answers:
     :func:`~multimodal_fl.evaluation.fairness.cross_site_matrix` under the effective
     ``min_cell`` (a suppressed cell carries no value and says why).
 
+Every reply passes the site's :class:`~multimodal_fl.federated.disclosure.DisclosureGate`;
+handlers compute with the effective threshold the gate writes into
+``request.config["min_cell"]``, and a site with fewer than that many training patients
+declines ``init``, ``info``, ``moments`` and ``fit`` (``SiteRefused``) without training.
+
 Randomness: every generator is seeded from ``site_seed(seed, site, round)``.
 """
 
@@ -79,10 +86,15 @@ from torch import nn
 from multimodal_fl.config import ExperimentConfig, SitePolicy, load_policy
 from multimodal_fl.encoders.tabular import Standardizer
 from multimodal_fl.evaluation.disclosed import released_metric, site_disclosure
-from multimodal_fl.evaluation.histograms import summarise_site
-from multimodal_fl.evaluation.metrics import derive_seed
+from multimodal_fl.evaluation.histograms import label_counts, summarise_site
+from multimodal_fl.evaluation.metrics import binary_metrics, derive_seed
 from multimodal_fl.federated.aggregation import STANDARDIZER_STATE
-from multimodal_fl.federated.disclosure import EGRESS_LOG, DisclosureGate, SiteRefused
+from multimodal_fl.federated.disclosure import (
+    EGRESS_LOG,
+    VALIDATION_COUNTS,
+    DisclosureGate,
+    pca_rank_cap,
+)
 from multimodal_fl.federated.pca import site_pca_reply
 from multimodal_fl.federated.protocol import (
     Doc,
@@ -90,6 +102,7 @@ from multimodal_fl.federated.protocol import (
     Kind,
     Reply,
     Request,
+    SiteRefused,
     pack_document,
     site_seed,
 )
@@ -108,15 +121,16 @@ from multimodal_fl.pca.site import (
 from multimodal_fl.progress import ProgressCallback
 from multimodal_fl.rundir import RunWriter, jsonable, site_summary
 from multimodal_fl.training import (
+    EVAL_METRICS,
     SiteData,
     TrainResult,
     batch_augmenter,
     build_model,
-    evaluate,
     load_site_data,
     load_weights,
     local_update,
     metrics_by_split,
+    predict,
     predictions_frame,
     train_local_model,
 )
@@ -312,55 +326,84 @@ class FusionSite:
                 return {k: f"{name}.{k}" for k in STANDARDIZER_STATE}
         return {}
 
+    def _min_cell(self, request: Request) -> int:
+        """The effective small-cell threshold the gate wrote into the request."""
+        return int(request.config.get("min_cell", self.gate.min_cell(request)))
+
+    def _enough(self, request: Request, n: int, what: str) -> None:
+        """Refuse the request when fewer than ``min_cell`` patients would be summarised.
+
+        The refusal crosses the boundary: it names the threshold and the policy, not ``n``.
+        """
+        m = self._min_cell(request)
+        if n < m:
+            raise SiteRefused(f"site {self.name}: fewer than {m} {what} (site policy "
+                              f"min_cell={self.gate.policy.min_cell})")
+
     def _on_init(self, request: Request) -> Reply:
+        self._enough(request, len(self.data.train), "training patients")
         return self._reply(request, weights=state_to_numpy(build_model(self.cfg, self.data)),
                            n_samples=len(self.data.train),
                            documents={Doc.STANDARDIZER: pack_document(
                                self._standardizer_targets())})
 
     def _on_info(self, request: Request) -> Reply:
+        self._enough(request, len(self.data.train), "training patients")
         return self._reply(request, n_samples=len(self.data.train))
 
     def _on_moments(self, request: Request) -> Reply:
-        train = self.data.part(str(request.config.get("split", "train")))
+        split = str(request.config.get("split", "train"))
+        train = self.data.part(split)
         if "tabular" not in train.modalities:
             raise ValueError(f"site {self.name}: no tabular modality for federated moments")
         j = train.modalities.index("tabular")
         rows = train.inputs["tabular"][train.mask[:, j]].numpy()
+        self._enough(request, int(rows.shape[0]),
+                     "training patients with tabular features" if split == "train" else
+                     "patients with tabular features")
         n, s, ss = column_moments(rows, where=f"site {self.name} moments")
         return self._reply(request, n_samples=int(rows.shape[0]),
                            arrays={"n": n, "sum": s, "sumsq": ss},
                            documents={Doc.STANDARDIZER: pack_document(
                                self._standardizer_targets())})
 
-    def _pca_rows(self, request: Request) -> tuple[str, np.ndarray]:
+    def _pca_rows(self, request: Request, what: str) -> tuple[str, np.ndarray]:
+        """The rows a PCA request summarises; declines below ``min_cell`` of them."""
         modality = str(request.config.get("modality", "image"))
+        split = str(request.config.get("split", "train"))
+        part = self._loaded.part(split)
+        if modality in part.modalities:
+            present = int(part.mask[:, part.modalities.index(modality)].sum())
+            self._enough(request, present, f"patients with {modality} {what}")
         a = request.arrays
         std = (a[STANDARDIZE_MEAN], a[STANDARDIZE_SCALE]) if STANDARDIZE_MEAN in a else None
-        x = site_matrix(self._loaded, modality, split=str(request.config.get("split", "train")),
-                        standardize=std)
+        x = site_matrix(self._loaded, modality, split=split, standardize=std)
         return modality, x
 
     def _on_pca(self, request: Request) -> Reply:
-        _, x = self._pca_rows(request)
-        rank = request.config.get("site_rank")
+        """The PCA summary with at most ``floor(n / min_cell)`` rows (none below ``min_cell``)."""
+        _, x = self._pca_rows(request, "for a PCA summary")
+        n = int(x.shape[0])
+        cap = pca_rank_cap(n, self._min_cell(request))
+        asked = request.config.get("site_rank")
+        rank = cap if asked in (None, 0) else min(int(asked), cap)
         solver = str(request.config.get("svd_solver", "auto"))
-        reply = site_pca_reply(x, None if rank in (None, 0) else int(rank), svd_solver=solver)
-        return self._reply(request, n_samples=int(x.shape[0]), arrays=reply)
+        return self._reply(request, n_samples=n,
+                           arrays=site_pca_reply(x, rank, svd_solver=solver))
 
     def _on_pca_apply(self, request: Request) -> Reply:
         proj = {k: request.arrays[k] for k in PROJECTION_KEYS if k in request.arrays}
         self._apply_projection(str(request.config.get("modality", "image")), proj)
-        return self._reply(request, n_samples=len(self.data.train))
+        return self._reply(request)
 
     def _on_pca_scores(self, request: Request) -> Reply:
-        _, x = self._pca_rows(request)
+        _, x = self._pca_rows(request, "for a score summary")
         missing = [k for k in ("edges", "levels") if k not in request.arrays]
         if missing:
             raise ValueError(f"site {self.name}: pca_scores request lacks arrays {missing}")
         z = project(x, request.arrays, where=f"site {self.name}")
         doc = score_summary(z, request.arrays["edges"], request.arrays["levels"],
-                            min_cell=self.cfg.evaluation.min_cell)
+                            min_cell=self._min_cell(request))
         return self._reply(request, n_samples=int(x.shape[0]),
                            documents={Doc.PCA_SCORES: pack_document(doc)})
 
@@ -372,6 +415,7 @@ class FusionSite:
         load_weights(self.model, weights, strict=not fedbn)
 
     def _on_fit(self, request: Request) -> Reply:
+        self._enough(request, len(self.data.train), "training patients")
         settings = FitSettings.from_request(request)
         self._load_global(request)
         gen = torch.Generator().manual_seed(site_seed(settings.seed, self.name, request.round))
@@ -405,14 +449,18 @@ class FusionSite:
         )
 
     def _on_evaluate(self, request: Request) -> Reply:
+        """Validation metrics and the scores' counts per label (the gate decides what leaves)."""
         self._load_global(request)
         val = self.data.val
+        y = val.labels.numpy().astype(np.int64)
+        scores = predict(self.model, val)
         metrics: dict[str, float] = {}
-        for key, value in evaluate(self.model, val).items():
+        for key, value in binary_metrics(y, scores, metrics=list(EVAL_METRICS)).items():
             if value.value is not None and np.isfinite(value.value):
                 metrics[f"val_{key}"] = float(value.value)
-        metrics["val_n"] = float(len(val))
-        return self._reply(request, n_samples=len(val), metrics=metrics)
+        pos, neg = label_counts(y, scores, n_bins=self.cfg.evaluation.histogram_bins)
+        return self._reply(request, n_samples=len(val), metrics=metrics,
+                           arrays=dict(zip(VALIDATION_COUNTS, (pos, neg), strict=True)))
 
     def _on_predict(self, request: Request) -> Reply:
         """Write this site's splits and predictions; reply with metrics and histograms."""

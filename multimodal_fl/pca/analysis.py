@@ -278,6 +278,7 @@ def _fit_components(
         pca = FederatedPCA(k, site_rank=site_rank, svd_solver=svd_solver)
         pca.fit_from_summaries([full.summary_])
     pca.site_names_, pca.site_bytes_, pca.site_n_ = full.site_names_, full.site_bytes_, full.site_n_
+    pca.site_rows_ = full.site_rows_
     return full, pca, k
 
 
@@ -333,7 +334,7 @@ def _site_documents(pca: FederatedPCA, good: Mapping[str, Reply]) -> dict[str, A
         sent = int(pca.site_bytes_[s])
         scores = good[s].document(Doc.PCA_SCORES) if s in good else None
         site_docs[s] = {
-            "n": n, "bytes_sent": sent, "raw_bytes": raw,
+            "n": n, "rows_sent": int(pca.site_rows_[s]), "bytes_sent": sent, "raw_bytes": raw,
             "ratio": sent / raw if raw else None,
             "scores": scores,
             "scores_bytes": (len(good[s].documents[Doc.PCA_SCORES].encode()) if s in good
@@ -353,7 +354,9 @@ def _truncation_note(pca: FederatedPCA, site_rank: int | None, k: int) -> str:
     bounds = pca.subspace_error_bounds_
     well = int(np.sum(np.cumprod(bounds <= 0.1)))
     return (
-        f"site_rank={site_rank}: the sites dropped {pca.discarded_variance_:.3g} of "
+        ("" if site_rank is None else f"site_rank={site_rank} and ")
+        + f"the sites' rank caps (floor(n / min_cell)): the sites "
+        f"dropped {pca.discarded_variance_:.3g} of "
         f"{total:.3g} total variance "
         f"({100 * pca.discarded_variance_ / total if total > 0 else 0.0:.2f}%); "
         f"sin(largest principal angle) to the exact components <= "
@@ -378,7 +381,8 @@ def _notes(
     list of str
     """
     d = int(pca.n_features_in_)
-    rank_text = "min(n, d)" if site_rank is None else f"min(n, d, {site_rank})"
+    rank_text = ("min(n, d, floor(n / min_cell))" if site_rank is None else
+                 f"min(n, d, floor(n / min_cell), {site_rank})")
     notes = [
         f"bytes_sent: the site's PCA summary, 8 * ({rank_text} * d + d + 3) bytes as float64; "
         "raw_bytes: its n x d rows as float64 (8 * n * d)",
@@ -386,18 +390,20 @@ def _notes(
         "outside the edges are counted in the first or last bin; bins hold 0 or at least "
         "evaluation.min_cell patients (merged at the site)",
     ]
-    small = [s for s, row in site_docs.items()
-             if row["n"] <= d and (site_rank is None or site_rank >= row["n"])]
+    capped = {s: row["rows_sent"] for s, row in site_docs.items()
+              if row["rows_sent"] < min(row["n"], d) and
+              (site_rank is None or row["rows_sent"] < site_rank)}
     if pca.truncated_:
         notes.append(_truncation_note(pca, site_rank, k))
-    if small:
+    if capped:
         notes.append(
-            f"sites with n <= d ({', '.join(small)}): the summary is about as large as the data "
-            "and reveals the centred rows up to an unknown rotation (docs/pca.md, 'What crosses "
-            "the boundary'); use fewer features or a site_rank well below n")
+            "rows_sent: each site sends at most floor(n / min_cell) rows of S·Vᵀ under its "
+            "disclosure policy, so no summary reveals a site's rows; capped: "
+            + ", ".join(f"{s} ({r} rows)" for s, r in sorted(capped.items())))
     missing = sorted(set(sites) - set(pca.site_names_))
     if missing:
-        notes.append(f"left out (no reply; see the log): {', '.join(missing)}")
+        notes.append(f"left out (declined under its policy, or no reply; see the log): "
+                      f"{', '.join(missing)}")
     if features == "tabular":
         notes.append("tabular features standardised with the pooled (federated) mean and "
                      "scale; missing values set to 0 (the pooled mean) after standardisation")
@@ -499,7 +505,7 @@ def run_pca_analysis(
         features, missing values at the pooled mean) or ``text`` (frozen text embeddings).
     out_dir : path-like
         Output folder (created); the in-process sites keep their embedding cache under
-        ``out_dir/cache`` unless ``data.cache_dir`` is set.
+        ``out_dir/sites/<site>/cache`` unless ``data.cache_dir`` or ``$MMFL_CACHE`` is set.
     n_components : int or None
         Components to keep (default ``min(10, n, d)``).
     site_rank : int or None

@@ -24,21 +24,28 @@ request kinds with ``split: all`` and, for tabular features, the pooled standard
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from multimodal_fl.config import ExperimentConfig
+from multimodal_fl.config import ExperimentConfig, SitePolicy, load_policy
+from multimodal_fl.federated.disclosure import pca_rank_cap
 from multimodal_fl.federated.gather import gather
-from multimodal_fl.federated.pca import FederatedPCA, server_pca_merge
+from multimodal_fl.federated.pca import (
+    FederatedPCA,
+    PCASummary,
+    TruncationWarning,
+    local_summary,
+    server_pca_merge,
+)
 from multimodal_fl.federated.protocol import ConfigValue, Kind, Request
 from multimodal_fl.federated.server import Federation
 from multimodal_fl.pca.site import (
     STANDARDIZE_MEAN,
     STANDARDIZE_SCALE,
-    FloatArray,
     project_site_data,
     projection_arrays,
     site_matrix,
@@ -99,9 +106,12 @@ def fit_pca_stage(cfg: ExperimentConfig, site_data: Mapping[str, SiteData]) -> F
     """Fit the stage's PCA from in-memory sites (local and centralized engines).
 
     The same summaries of the same rows, merged in the same sorted site order, as
-    :func:`run_pca_stage` over a federation: the projection is identical. A site whose
-    :func:`site_matrix` fails (e.g. no patient with the modality in its training split) is
-    left out with a warning, as its federated reply would fail.
+    :func:`run_pca_stage` over a federation: the projection is identical. Each site's summary
+    is capped as its disclosure gate caps it (at most ``floor(n / min_cell)`` rows, with the
+    site's ``policy.yaml`` and ``evaluation.min_cell``); a site whose :func:`site_matrix`
+    fails (e.g. no patient with the modality in its training split) or with fewer than
+    ``min_cell`` patients is left out with a warning, as its federated reply would fail or
+    be refused.
 
     Parameters
     ----------
@@ -117,21 +127,31 @@ def fit_pca_stage(cfg: ExperimentConfig, site_data: Mapping[str, SiteData]) -> F
     """
     modality = check_pca_stage(cfg)
     p = cfg.federated.pca
+    paths = {s.name: s.path for s in cfg.sites}
     names: list[str] = []
-    arrays: list[FloatArray] = []
+    summaries: list[PCASummary] = []
     for name in sorted(site_data):
         try:
             x = site_matrix(site_data[name], modality)
         except ValueError as exc:  # as its federated reply would fail
             log.warning("PCA stage: site %s left out: %s", name, exc)
             continue
+        policy = load_policy(paths[name]) if name in paths else SitePolicy()
+        cap = pca_rank_cap(x.shape[0], policy.effective_min_cell(cfg.evaluation.min_cell))
+        if cap == 0:  # as its federated reply would be refused
+            log.warning("PCA stage: site %s left out: fewer than min_cell patients", name)
+            continue
+        rank = cap if p.site_rank is None else min(p.site_rank, cap)
         names.append(name)
-        arrays.append(x)
-    if not arrays:
-        raise ValueError(f"PCA stage: no site has {modality} in its training split")
-    pca = FederatedPCA(
-        p.n_components, site_rank=p.site_rank, whiten=p.whiten, svd_solver=p.svd_solver
-    ).fit_sites(arrays)
+        summaries.append(local_summary(x, rank, svd_solver=p.svd_solver, site=name))
+    if not summaries:
+        raise ValueError(f"PCA stage: no site has {modality} in its training split for at "
+                         "least min_cell patients")
+    with warnings.catch_warnings():  # as run_pca_stage: the caps truncate, by design
+        warnings.simplefilter("ignore", TruncationWarning)
+        pca = FederatedPCA(
+            p.n_components, site_rank=p.site_rank, whiten=p.whiten, svd_solver=p.svd_solver
+        ).fit_from_summaries(summaries)
     pca.site_names_ = names
     return pca
 
@@ -201,8 +221,10 @@ def federated_pca(
     Returns
     -------
     FederatedPCA
-        Fitted; ``site_names_``, ``site_bytes_`` (bytes each site sent) and ``site_n_``
-        (rows each site summarised) are set.
+        Fitted; ``site_names_``, ``site_bytes_`` (bytes each site sent), ``site_n_``
+        (rows each site summarised) and ``site_rows_`` (``S·Vᵀ`` rows each sent: at most
+        ``floor(n / min_cell)`` under its disclosure gate) are set. Sites that decline
+        (fewer than ``min_cell`` patients) are left out, as long as ``minimum`` reply.
     """
     config: dict[str, ConfigValue] = {"modality": modality, "site_rank": int(site_rank or 0),
                                       "svd_solver": svd_solver, "split": split}
@@ -212,10 +234,19 @@ def federated_pca(
                   STANDARDIZE_SCALE: np.asarray(standardize[1], dtype=np.float64)}
     requests = {s: Request(Kind.PCA, 0, arrays=arrays, config=config) for s in sites}
     good = gather(federation, requests, timeout, stage=Kind.PCA, minimum=minimum)
-    pca = server_pca_merge({s: r.arrays for s, r in good.items()}, n_components, whiten=whiten,
-                           svd_solver=svd_solver)
+    try:
+        pca = server_pca_merge({s: r.arrays for s, r in good.items()}, n_components,
+                               whiten=whiten, svd_solver=svd_solver)
+    except ValueError as exc:
+        if "exceeds the" not in str(exc):
+            raise
+        rows = {s: int(np.asarray(r.arrays["block"]).shape[0]) for s, r in good.items()}
+        raise ValueError(
+            f"{exc} (rows each site sent: {rows}; a site sends at most floor(n / min_cell) rows "
+            "under its disclosure policy; lower n_components)") from None
     pca.set_params(site_rank=site_rank)
     pca.site_n_ = {s: int(r.n_samples) for s, r in good.items()}
+    pca.site_rows_ = {s: int(np.asarray(r.arrays["block"]).shape[0]) for s, r in good.items()}
     return pca
 
 
@@ -251,11 +282,13 @@ def run_pca_stage(
     modality = check_pca_stage(cfg)
     fed = cfg.federated
     p = fed.pca
-    pca = federated_pca(
-        federation, sites, modality=modality, n_components=p.n_components,
-        site_rank=p.site_rank, whiten=p.whiten, svd_solver=p.svd_solver, timeout=fed.timeout_s,
-        minimum=fed.min_sites,
-    )
+    with warnings.catch_warnings():  # the sites' caps truncate: reported in the doc below
+        warnings.simplefilter("ignore", TruncationWarning)
+        pca = federated_pca(
+            federation, sites, modality=modality, n_components=p.n_components,
+            site_rank=p.site_rank, whiten=p.whiten, svd_solver=p.svd_solver,
+            timeout=fed.timeout_s, minimum=fed.min_sites,
+        )
     arrays = projection_arrays(pca)
     requests = {s: Request(Kind.PCA_APPLY, 0, arrays=arrays, config={"modality": modality})
                 for s in sites}
@@ -270,14 +303,17 @@ def run_pca_stage(
         "explained_variance_ratio": [float(v) for v in pca.explained_variance_ratio_],
         "sites": list(pca.site_names_),
         "site_n": dict(pca.site_n_),
+        "site_rows": dict(pca.site_rows_),
         "site_bytes": {s: int(b) for s, b in pca.site_bytes_.items()},
         "applied": sorted(applied),
         "truncated": bool(pca.truncated_),
+        "discarded_variance": float(pca.discarded_variance_),
         "subspace_error_bound": float(pca.subspace_error_bound_),
         "subspace_error_bounds": [float(b) for b in pca.subspace_error_bounds_],
     }
-    log.info("PCA stage: %s %d -> %d dims, %.1f%% of the variance kept (sites %s)", modality,
+    log.info("PCA stage: %s %d -> %d dims, %.1f%% of the variance kept (sites %s; rows sent "
+             "%s, %.3g of the variance dropped by the sites' caps)", modality,
              pca.n_features_in_, pca.n_components_, 100 * pca.explained_variance_ratio_.sum(),
-             ", ".join(pca.site_names_))
+             ", ".join(pca.site_names_), pca.site_rows_, pca.discarded_variance_)
     return pca, doc
 

@@ -220,7 +220,7 @@ def _cached_pixels(
     """The images' preprocessed pixels, read or from the cache, and the cache hits."""
     if cache_dir is not None:
         fp = hashlib.sha256(("pixels|" + spec.describe()).encode()).hexdigest()
-        cache = EmbeddingCache(cache_dir, fingerprint=fp, site=site,
+        cache = EmbeddingCache(cache_dir, fingerprint=fp, site=None,
                                description="preprocessed image pixels " + spec.describe())
         return cache.get_or_compute(items, compute), cache.hits
     return compute(items), 0  # type: ignore[arg-type]
@@ -251,7 +251,8 @@ def prepare_site_data(
     cfg : ExperimentConfig
         The experiment (modalities, seed, split fractions, data policy).
     cache : path-like or None
-        Embedding-cache root (``None``: compute without caching).
+        This site's embedding-cache folder, e.g. ``cache_root(cfg, run_dir, site)``
+        (``None``: compute without caching).
     site : str or None
         Site name; default ``cohort.site``/``cohort.name`` or the table's ``site`` column.
     site_dir : path-like or None
@@ -455,7 +456,7 @@ def _frozen_text_embeddings(
 
     items = [notes[i] for i in rows]
     if cache_dir is not None:
-        cache = EmbeddingCache(cache_dir, fingerprint=enc.fingerprint(), site=site,
+        cache = EmbeddingCache(cache_dir, fingerprint=enc.fingerprint(), site=None,
                                description="frozen text encoder")
         emb = cache.get_or_compute(items, compute)
         tally.finish(cache.hits)
@@ -498,7 +499,7 @@ def _frozen_image_embeddings(
 
     if cache_dir is not None:
         cache = EmbeddingCache(
-            cache_dir, fingerprint=enc.fingerprint(spec.describe()), site=site,
+            cache_dir, fingerprint=enc.fingerprint(spec.describe()), site=None,
             description="frozen image encoder",
         )
         keys = [content_key(paths[i]) for i in rows]
@@ -511,14 +512,30 @@ def _frozen_image_embeddings(
     return out
 
 
-def cache_root(cfg: ExperimentConfig, run_dir: Path) -> Path:
-    """Embedding-cache root: ``data.cache_dir``, else ``$MMFL_CACHE``, else ``RUN_DIR/cache``."""
+def cache_root(cfg: ExperimentConfig, run_dir: Path, site: str) -> Path:
+    """A site's embedding-cache folder: patient-derived, so it stays with the site.
+
+    ``data.cache_dir/<site>``, else ``$MMFL_CACHE/<site>``, else ``RUN_DIR/sites/<site>/cache``
+    (the site's own folder of the run, where its other patient-level files are).
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+    run_dir : Path
+        The run directory (a SuperNode's site output folder on Flower).
+    site : str
+        The site's name.
+
+    Returns
+    -------
+    Path
+    """
     if cfg.data.cache_dir is not None:
-        return Path(cfg.data.cache_dir).expanduser()
+        return Path(cfg.data.cache_dir).expanduser() / site
     env = os.environ.get("MMFL_CACHE")
     if env:
-        return Path(env).expanduser()
-    return run_dir / "cache"
+        return Path(env).expanduser() / site
+    return run_dir / "sites" / site / "cache"
 
 
 def load_site_data(cfg: ExperimentConfig, run_dir: Path, *,
@@ -561,12 +578,11 @@ def load_site_data(cfg: ExperimentConfig, run_dir: Path, *,
                 for name, cohort in cohorts.items() if len(cohort.table) == 0}
     check_site_count(left_out, total=total, min_sites=min_sites)
     frozen = FrozenEncoders(cfg)
-    root = cache_root(cfg, run_dir)
     out: dict[str, SiteData] = {}
     for name, cohort in cohorts.items():
         if name not in left_out:
-            out[name] = prepare_site_data(cohort, cfg, cache=root, site=name, frozen=frozen,
-                                          progress=progress)
+            out[name] = prepare_site_data(cohort, cfg, cache=cache_root(cfg, run_dir, name),
+                                          site=name, frozen=frozen, progress=progress)
     left_out |= {name: f"site '{name}' has 0 patients with a usable modality of "
                        f"{enabled_modalities(cfg)} ({len(sd.dropped)} left out)"
                  for name, sd in out.items() if len(sd.dataset) == 0}

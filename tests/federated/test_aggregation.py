@@ -269,6 +269,33 @@ def test_check_fedbn_local_keys_may_be_omitted() -> None:
         check_fit_reply(reply, site="a", round=1, reference=ref, allow_local_keys=True)
 
 
+def test_check_accepts_absent_keys_only_of_a_group_counted_zero() -> None:
+    ref, reply = _good()
+    reply.group_counts = {"enc.img.": 0, "enc.text.": 10}
+    del reply.weights["enc.img.w"]  # a group the site's gate left out: count 0, not sent
+    check_fit_reply(reply, site="a", round=1, reference=ref, max_samples=10)
+    del reply.weights["enc.text.w"]  # its group counts 10: its keys must be there
+    with pytest.raises(InvalidReply, match=r"missing keys: 'enc\.text\.w'"):
+        check_fit_reply(reply, site="a", round=1, reference=ref, max_samples=10)
+    _, other = _good()
+    del other.weights["head.b"]  # in no group: counts n_samples, so it must be there
+    other.group_counts = {"enc.img.": 0}
+    with pytest.raises(InvalidReply, match=r"missing keys: 'head\.b'"):
+        check_fit_reply(other, site="a", round=1, reference=ref, max_samples=10)
+
+
+def test_aggregate_keeps_the_global_value_of_a_group_left_out() -> None:
+    g, a, b = _state(), _state(), _state()
+    del a["enc.img.w"]
+    replies = [_reply("a", a, 10, group_counts={"enc.img.": 0}), _reply("b", b, 30)]
+    out = aggregate(replies, g)
+    np.testing.assert_array_equal(out["enc.img.w"], b["enc.img.w"])  # b alone trained it
+    alone = aggregate(replies[:1], g)
+    assert "enc.img.w" not in alone  # nobody sent it: the server keeps the global value
+    new, _ = server_step(g, alone, {}, ServerOptimizer())
+    np.testing.assert_array_equal(new["enc.img.w"], g["enc.img.w"])
+
+
 def test_check_evaluate_reply() -> None:
     good = Reply("a", "evaluate", 2, n_samples=0, metrics={"auc": 0.7})
     check_evaluate_reply(good, site="a", round=2)

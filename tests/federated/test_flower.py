@@ -38,7 +38,13 @@ from multimodal_fl.federated.flower import (
     run_loopback,
     write_app_dir,
 )
-from multimodal_fl.federated.protocol import ConfigValue, Reply, Request, SiteFailure
+from multimodal_fl.federated.protocol import (
+    ConfigValue,
+    Reply,
+    Request,
+    SiteFailure,
+    SiteRefused,
+)
 from multimodal_fl.federated.server import run_federated
 
 REPO = Path(__file__).resolve().parents[2]
@@ -153,6 +159,22 @@ def counting_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> C
     """Site factory of the state tests (a new object for every request, as in Flower)."""
     SITES.index(name)  # ValueError for a site it does not know
     return CountingSite(name, fail=run_config.get("fault-site") == name)
+
+
+class RefusingSite:
+    """Declines every request under its policy (a ``SiteRefused``, whose text may cross)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def handle(self, request: Request) -> Reply:
+        """Refuse."""
+        raise SiteRefused("fewer than 10 training patients (site policy min_cell=10)")
+
+
+def refusing_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> RefusingSite:
+    """Site factory of the refusal test."""
+    return RefusingSite(name)
 
 
 def pca_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> PCASite:
@@ -334,7 +356,9 @@ def test_a_raising_site_and_a_silent_site_become_failures(task_identity: None) -
     answers = federation.broadcast(requests, timeout=0.3)
     assert time.monotonic() - started < 5
     assert isinstance(answers["a"], Reply) and answers["a"].site == "a"
-    assert isinstance(answers["b"], SiteFailure) and "crashed on purpose" in answers["b"].reason
+    # what crosses the site boundary is the exception type; its message stays in the site's log
+    assert isinstance(answers["b"], SiteFailure) and "RuntimeError" in answers["b"].reason
+    assert "crashed on purpose" not in answers["b"].reason
     assert isinstance(answers["c"], SiteFailure) and "timed out" in answers["c"].reason
 
 
@@ -414,12 +438,29 @@ def test_site_worker_failures_become_site_failures(task_identity: None) -> None:
         for address in addresses:
             stop_worker(address)
     assert isinstance(answers["a"], Reply)
-    assert isinstance(answers["b"], SiteFailure) and "crashed on purpose" in answers["b"].reason
+    assert isinstance(answers["b"], SiteFailure) and "RuntimeError" in answers["b"].reason
+    assert "crashed on purpose" not in answers["b"].reason
     failure = answers["d"]  # its worker could not build the site: the log says why
     assert isinstance(failure, SiteFailure) and "ended before listening" in failure.reason
     assert "ValueError" in failure.reason
+    dead = addresses[list(grid.node_config).index(40)]
+    # the log (a traceback quoting the factory's error) stays on the SuperNode, never leaves
+    assert "x not in tuple" in dead.log.read_text()
+    assert "x not in tuple" not in failure.reason and "Traceback" not in failure.reason
+    assert str(dead.log) in failure.reason
     for address in addresses:
         address.log.unlink(missing_ok=True)  # a crashed worker leaves its log for diagnosis
+
+
+def test_a_refusal_crosses_flower_with_its_reason(task_identity: None) -> None:
+    federation, _ = fake_federation(
+        {"site-factory": "tests.federated.test_flower:refusing_site"})
+    sites = federation.sites()
+    answers = federation.broadcast({s: Request("info", 1) for s in sites}, timeout=5)
+    for site in sites:
+        failure = answers[site]
+        assert isinstance(failure, SiteFailure)
+        assert "fewer than 10 training patients (site policy min_cell=10)" in failure.reason
 
 
 def test_duplicate_site_name_keeps_the_first_node(task_identity: None) -> None:

@@ -26,6 +26,7 @@ The server jobs and sites of an experiment and of the PCA analysis are engines, 
 
 from multimodal_fl.federated.flower.apps import (
     DEFAULT_RUN_CONFIG,
+    NODE_CONFIG_PREFIX,
     NODE_SITE_DIR,
     NODE_SITE_NAME,
     SITE_STATE_KEY,
@@ -66,6 +67,7 @@ __all__ = [
     "DEFAULT_RUN_CONFIG",
     "DESCRIBE",
     "LEGACY_FACTORIES",
+    "NODE_CONFIG_PREFIX",
     "NODE_SITE_DIR",
     "NODE_SITE_NAME",
     "QUIET_ENV",

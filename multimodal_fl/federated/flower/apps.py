@@ -54,7 +54,15 @@ from multimodal_fl.federated.flower.codec import (
 from multimodal_fl.federated.flower.factories import SiteFactory, load_object
 from multimodal_fl.federated.flower.federation import FlowerFederation
 from multimodal_fl.federated.flower.worker import call_worker, worker_address
-from multimodal_fl.federated.protocol import ConfigValue, Reply, StateDict
+from multimodal_fl.federated.protocol import (
+    ConfigValue,
+    Reply,
+    Request,
+    SiteError,
+    SiteRefused,
+    StateDict,
+    boundary_reason,
+)
 from multimodal_fl.federated.server import (
     FederatedResult,
     Federation,
@@ -65,6 +73,7 @@ from multimodal_fl.federated.server import (
 
 __all__ = [
     "DEFAULT_RUN_CONFIG",
+    "NODE_CONFIG_PREFIX",
     "NODE_SITE_DIR",
     "NODE_SITE_NAME",
     "SITE_STATE_KEY",
@@ -89,6 +98,9 @@ SITE_STATE_KEY = "mmfl.site-state"
 NODE_SITE_NAME = "site-name"
 #: The node-config key of a SuperNode's site directory (``--node-config site-dir='/data/a'``).
 NODE_SITE_DIR = "site-dir"
+#: The site factory sees the SuperNode's node config in its run config under this prefix
+#: (``node.min-cell``, ...): how a hospital's SuperNode hands its own settings to its site.
+NODE_CONFIG_PREFIX = "node."
 
 #: The run-config keys this module reads, with their defaults. ``flwr run`` accepts overrides
 #: only for keys the app declares, so :func:`write_app_dir` always writes all of them.
@@ -439,20 +451,33 @@ def _handle(msg: Message, context: Context) -> Message:
             "run config 'site-factory' is empty; expected 'module:callable' taking "
             "(site_name, site_dir, run_config) and returning a Site"
         )
+    site_config = {**run_config, **{NODE_CONFIG_PREFIX + str(k): v for k, v in node_config.items()}}
+    try:
+        reply = _site_reply(request, context, name, site_dir, opts, site_config)
+    except (SiteRefused, SiteError):  # made to cross the site boundary
+        raise
+    except Exception as exc:  # only boundary_reason crosses; the traceback stays in this log
+        log.exception("site %s failed on a %s request", name, request.kind)
+        raise SiteError(f"site {name!r}: {boundary_reason(exc)}") from None
+    return Message(reply_to_content(reply), reply_to=msg)
+
+
+def _site_reply(request: Request, context: Context, name: str, site_dir: Path,
+                opts: Mapping[str, Any], site_config: Mapping[str, Any]) -> Reply:
+    """The site's reply: from its worker, or from a site built for this message."""
     if opts["site-worker"]:  # one long-lived process per (run, node) holds the site
-        reply = call_worker(
-            worker_address(context.run_id, context.node_id, name, run_config),
+        return call_worker(
+            worker_address(context.run_id, context.node_id, name, dict(context.run_config)),
             request,
             site=name,
             site_dir=site_dir,
             factory=str(opts["site-factory"]),
-            run_config=run_config,
+            run_config=site_config,
             idle=float(opts["site-worker-idle"]),
             start_timeout=float(opts["site-worker-start"]),
         )
-        return Message(reply_to_content(reply), reply_to=msg)
     factory = cast(SiteFactory, load_object(str(opts["site-factory"]), "site-factory"))
-    site = factory(name, site_dir, run_config)
+    site = factory(name, site_dir, site_config)
     # Opt-in: a site that keeps arrays between requests (e.g. FedBN's local layers) exports
     # them; they live in the SuperNode's per-run context state, since every message gets a
     # fresh ClientApp process. Nothing of it leaves the SuperNode.
@@ -465,7 +490,7 @@ def _handle(msg: Message, context: Context) -> Message:
     export = getattr(site, "export_state", None)
     if callable(export):
         context.state[SITE_STATE_KEY] = array_record(export())
-    return Message(reply_to_content(reply), reply_to=msg)
+    return reply
 
 
 @client_app.train()

@@ -33,7 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from multimodal_fl.federated.flower.factories import load_object
-from multimodal_fl.federated.protocol import Reply, Request
+from multimodal_fl.federated.protocol import (
+    Reply,
+    Request,
+    SiteError,
+    SiteRefused,
+    boundary_reason,
+)
 
 __all__ = ["WorkerAddress", "call_worker", "stop_worker", "worker_address", "worker_main"]
 
@@ -76,6 +82,11 @@ class WorkerAddress:
     def log(self) -> Path:
         """The worker's log (its stdout and stderr)."""
         return self._with(".log")
+
+    @property
+    def failure(self) -> Path:
+        """Why the worker could not build its site: the exception's type name only."""
+        return self._with(".failed")
 
 
 def worker_address(
@@ -145,6 +156,7 @@ def _start(
     idle: float,
 ) -> subprocess.Popen[bytes]:
     """Start a worker process."""
+    address.failure.unlink(missing_ok=True)
     _write_private(address.key, secrets.token_bytes(32))
     spec = {
         "site": site,
@@ -173,6 +185,23 @@ def _log_tail(address: WorkerAddress, n: int = 3000) -> str:
         return address.log.read_text(errors="replace")[-n:]
     except OSError:
         return "(no log)"
+
+
+def _worker_failed(address: WorkerAddress, site: str, what: str) -> SiteError:
+    """The failure of a worker that did not answer, as it may cross the site boundary.
+
+    The end of the worker's log goes to this process's log (the SuperNode's), never into
+    the failure: a log line may name a patient or quote a file. What crosses is what happened,
+    the exception type the worker recorded (if any) and where its log is.
+    """
+    log.error("the site worker of %r %s; the end of its log (%s):\n%s", site, what,
+              address.log, _log_tail(address))
+    try:
+        built = f", {address.failure.read_text().strip()} while building the site"
+    except OSError:
+        built = ""
+    return SiteError(f"the site worker of {site!r} {what}{built}; its log stays on the "
+                     f"SuperNode: {address.log}")
 
 
 def call_worker(
@@ -209,9 +238,13 @@ def call_worker(
 
     Raises
     ------
-    RuntimeError
-        If the site raised (the message carries its exception), or the worker died or did not
-        start in time (the message carries the end of its log).
+    SiteRefused
+        If the site declined the request (its message passes).
+    SiteError
+        If the site failed (the message carries what may cross the site boundary, see
+        :func:`~multimodal_fl.federated.protocol.boundary_reason`), or the worker died or did
+        not start in time (the message says so and where the worker's log is; the log's end
+        goes to this process's log, never into the message).
     """
     deadline = time.monotonic() + start_timeout
     proc: subprocess.Popen[bytes] | None = None  # the worker, when this call started it
@@ -222,12 +255,11 @@ def call_worker(
             break
         except (OSError, EOFError) as exc:
             if proc is not None and proc.poll() is not None:  # poll() also reaps it
-                for path in (address.key, address.spec, address.pid):  # the log stays
-                    path.unlink(missing_ok=True)
-                raise RuntimeError(
-                    f"the site worker of {site!r} ended before listening (exit {proc.returncode}, "
-                    f"{exc}); its log:\n{_log_tail(address)}"
-                ) from None
+                failed = _worker_failed(address, site, f"ended before listening (exit "
+                                        f"{proc.returncode}, {type(exc).__name__})")
+                for path in (address.key, address.spec, address.pid, address.failure):
+                    path.unlink(missing_ok=True)  # the log stays
+                raise failed from None
             pid = _read_pid(address)
             if proc is None and (pid is None or not _alive(pid)):
                 address.socket.unlink(missing_ok=True)  # a stale socket of a dead worker
@@ -240,21 +272,19 @@ def call_worker(
                     idle=idle,
                 )
             if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"the site worker of {site!r} did not listen within {start_timeout:g} s; its "
-                    f"log:\n{_log_tail(address)}"
-                ) from None
+                raise _worker_failed(
+                    address, site, f"did not listen within {start_timeout:g} s") from None
             time.sleep(0.1)
     with conn:
         conn.send(request)
         try:
             status, payload = conn.recv()
         except EOFError:
-            raise RuntimeError(
-                f"the site worker of {site!r} died while answering; its log:\n{_log_tail(address)}"
-            ) from None
+            raise _worker_failed(address, site, "died while answering") from None
+    if status == "refused":
+        raise SiteRefused(str(payload))
     if status != "ok" or not isinstance(payload, Reply):
-        raise RuntimeError(f"site {site!r} (worker): {payload}")
+        raise SiteError(f"site {site!r} (worker): {payload}")
     return payload
 
 
@@ -286,7 +316,8 @@ def stop_worker(address: WorkerAddress, timeout: float = 10.0) -> bool:
 
 
 def _cleanup(address: WorkerAddress) -> None:
-    for path in (address.socket, address.key, address.spec, address.pid, address.log):
+    for path in (address.socket, address.key, address.spec, address.pid, address.log,
+                 address.failure):
         path.unlink(missing_ok=True)
 
 
@@ -308,8 +339,12 @@ def worker_main(argv: list[str] | None = None) -> None:
         import torch  # only when asked: the worker itself needs no torch (its site may)
 
         torch.set_num_threads(threads)
-    factory = load_object(spec["factory"], "site-factory")
-    site_obj = factory(spec["site"], Path(spec["site_dir"]), spec["run_config"])
+    try:
+        factory = load_object(spec["factory"], "site-factory")
+        site_obj = factory(spec["site"], Path(spec["site_dir"]), spec["run_config"])
+    except Exception as exc:  # the type is what crosses; the traceback stays in the log
+        _write_private(address.failure, type(exc).__name__.encode())
+        raise
     last = [time.monotonic()]
     parent, idle = int(spec["parent_pid"]), float(spec["idle"])
 
@@ -342,9 +377,11 @@ def worker_main(argv: list[str] | None = None) -> None:
             try:
                 reply = site_obj.handle(request)
                 conn.send(("ok", reply))
-            except Exception as exc:  # the site's fault goes back to the server as a failure
+            except SiteRefused as exc:  # made to cross the boundary
+                conn.send(("refused", str(exc)))
+            except Exception as exc:  # the site's fault goes back as a failure, scrubbed
                 log.exception("site %s raised on %s", spec["site"], getattr(request, "kind", "?"))
-                conn.send(("error", f"{type(exc).__name__}: {exc}"))
+                conn.send(("error", boundary_reason(exc)))
             last[0] = time.monotonic()
     listener.close()
     _cleanup(address)

@@ -1,0 +1,160 @@
+"""``mmfl site check``: a hospital's dry run before it joins a federation.
+
+:func:`site_check` shows a site its disclosure policy (``policy.yaml``, and where each value
+came from) and, with an experiment config, what each request kind would release from its
+data: it builds the site exactly as a run does (:class:`~multimodal_fl.federated.site.
+FusionSite`, with the config's task) and asks it each kind through its disclosure gate,
+writing nothing (no egress log, no predictions, the embedding cache in a temporary folder
+unless ``data.cache_dir`` or ``$MMFL_CACHE`` say otherwise). Every figure in the result is the
+hospital's own, shown to the hospital; the ``released`` and ``suppressed`` columns say what
+would leave.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from multimodal_fl.config import DEFAULT_MIN_CELL, ExperimentConfig, SiteConfig
+from multimodal_fl.evaluation.histograms import SiteEvaluation
+from multimodal_fl.federated.disclosure import pca_rank_cap, site_policy
+from multimodal_fl.federated.protocol import (
+    Doc,
+    FitSettings,
+    Kind,
+    Reply,
+    Request,
+    SiteError,
+    SiteRefused,
+)
+from multimodal_fl.federated.site import FusionSite, state_to_numpy
+from multimodal_fl.training import SiteData, load_site_data
+
+__all__ = ["site_check"]
+
+
+def site_check(
+    site_dir: str | os.PathLike[str], cfg: ExperimentConfig | None = None, *,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """A site's policy and, with ``cfg``, what each request kind would release from its data.
+
+    Parameters
+    ----------
+    site_dir : path-like
+        The site directory.
+    cfg : ExperimentConfig or None
+        The experiment the site would join (its task, modalities, ``evaluation.min_cell``).
+    name : str or None
+        The site's name (default: the config's name for this directory, else its folder's).
+
+    Returns
+    -------
+    dict
+        ``site``, ``site_dir``, ``policy``, ``origin`` (per field, where it came from), and
+        with ``cfg``: ``min_cell`` (floor, policy, config, effective), ``splits`` (patients and
+        positives per split, and whether each count may leave) and ``kinds`` (per request
+        kind: released or refused, what it carries, what was suppressed).
+
+    Raises
+    ------
+    multimodal_fl.config.ConfigError
+        For a bad ``policy.yaml`` (one line).
+    multimodal_fl.data.DataError
+        When the site's data cannot be read under the config's policy.
+    """
+    folder = Path(site_dir)
+    policy, origin = site_policy(folder)
+    doc: dict[str, Any] = {"site": name or folder.name, "site_dir": str(folder),
+                           "policy": policy.model_dump(), "origin": origin}
+    if cfg is None:
+        return doc
+    known = [s.name for s in cfg.sites if Path(s.path).resolve() == folder.resolve()]
+    site_name = name or (known[0] if known else folder.name)
+    doc["site"] = site_name
+    cfg = cfg.model_copy(update={
+        "sites": [SiteConfig(name=site_name, path=folder)],
+        "evaluation": cfg.evaluation.model_copy(update={"n_boot": 0}),
+    })
+    m = policy.effective_min_cell(cfg.evaluation.min_cell)
+    doc["min_cell"] = {"package floor": DEFAULT_MIN_CELL, "policy": policy.min_cell,
+                       "config": cfg.evaluation.min_cell, "effective": m}
+    with tempfile.TemporaryDirectory(prefix="mmfl-site-check-") as tmp:
+        data = load_site_data(cfg, Path(tmp))[site_name]
+        entries: list[dict[str, Any]] = []
+        site = FusionSite(site_name, cfg, data, policy=policy)
+        site.gate.on_record = entries.append
+        doc["splits"] = _splits(data, m)
+        doc["kinds"] = _ask_every_kind(site, cfg, entries, m)
+    return doc
+
+
+def _splits(data: SiteData, min_cell: int) -> dict[str, dict[str, Any]]:
+    """Patients and positives per split, and whether each count is one that may leave."""
+    out = {}
+    for split in ("train", "val", "test"):
+        part = data.part(split)
+        n, pos = len(part), int(part.labels.sum())
+        out[split] = {"n": n, "positives": pos,
+                      "counts_may_leave": all(k == 0 or k >= min_cell for k in (n, pos, n - pos))
+                      and n >= min_cell}
+    return out
+
+
+def _ask(site: FusionSite, request: Request, entries: list[dict[str, Any]]
+         ) -> tuple[Reply | None, dict[str, Any]]:
+    """One request through the site's gate: its reply (or none) and its egress entry."""
+    try:
+        reply: Reply | None = site.handle(request)
+    except (SiteRefused, SiteError):
+        reply = None
+    entry = dict(entries[-1]) if entries else {}
+    for key in ("time", "site", "policy", "round"):
+        entry.pop(key, None)
+    return reply, entry
+
+
+def _ask_every_kind(site: FusionSite, cfg: ExperimentConfig, entries: list[dict[str, Any]],
+                    min_cell: int) -> dict[str, Any]:
+    """Each kind of a run, in a run's order, through the gate (nothing is written)."""
+    kinds: dict[str, Any] = {}
+    _, kinds["info"] = _ask(site, Request(Kind.INFO, 0), entries)
+    init, kinds["init"] = _ask(site, Request(Kind.INIT, 0), entries)
+    weights = init.weights if init is not None else state_to_numpy(site.model)
+    if "tabular" in site.data.train.modalities:
+        _, kinds["moments"] = _ask(site, Request(Kind.MOMENTS, 0), entries)
+    kinds["pca"] = _pca_caps(site.data, min_cell)
+    fit = FitSettings(seed=cfg.seed, local_steps=1, lr=cfg.training.lr).to_config()
+    _, kinds["fit"] = _ask(site, Request(Kind.FIT, 1, weights=weights, config=dict(fit)),
+                           entries)
+    _, kinds["evaluate"] = _ask(site, Request(Kind.EVALUATE, 1, weights=weights), entries)
+    predict, kinds["predict"] = _ask(site, Request(Kind.PREDICT, 1, weights=weights), entries)
+    if predict is not None and Doc.EVALUATION in predict.documents:
+        kinds["predict"]["cells_suppressed"] = _suppressed_cells(
+            SiteEvaluation.from_dict(predict.document(Doc.EVALUATION)))
+    return kinds
+
+
+def _pca_caps(data: SiteData, min_cell: int) -> dict[str, Any]:
+    """Per modality: the rows of ``S·Vᵀ`` a PCA summary may carry (0: the site declines)."""
+    out = {}
+    for split in ("train", "all"):
+        part = data.part(split)
+        for j, modality in enumerate(part.modalities):
+            n = int(part.mask[:, j].sum())
+            out[f"{modality} ({split})"] = {"n": n, "rank_cap": pca_rank_cap(n, min_cell)}
+    return out
+
+
+def _suppressed_cells(evaluation: SiteEvaluation) -> list[str]:
+    """The test-split cells (overall, subgroups) the predict reply shows without figures."""
+    cells = []
+    if evaluation.overall.reason:
+        cells.append(f"overall: {evaluation.overall.reason}")
+    for attribute, levels in sorted(evaluation.subgroups.items()):
+        for level, cell in sorted(levels.items()):
+            if cell.reason:
+                cells.append(f"{attribute}={level}: {cell.reason}")
+    return cells

@@ -1,0 +1,132 @@
+"""A hospital's policy: ``mmfl site check``, ``policy.yaml`` errors and the SuperNode's node
+config (stricter of each)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from multimodal_fl.cli import app
+from multimodal_fl.config import ConfigError, SitePolicy, load_config
+from multimodal_fl.federated.disclosure import node_policy, site_policy, stricter_policy
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def site_b(tiny_sample: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny COVID-19 site_b (10 training patients, 7 of them with an image)."""
+    return Path(shutil.copytree(tiny_sample / "covid_oxygen" / "site_b", tmp_path / "site_b"))
+
+
+def test_site_check_shows_the_policy_and_where_it_comes_from(site_b: Path) -> None:
+    plain = runner.invoke(app, ["site", "check", str(site_b)])
+    assert plain.exit_code == 0, plain.output
+    assert "min_cell: 5  [default]" in plain.output
+    assert "give --config CONFIG" in plain.output
+    (site_b / "policy.yaml").write_text("min_cell: 12\nanswers: [info, fit]\n")
+    res = runner.invoke(app, ["site", "check", str(site_b)])
+    assert f"min_cell: 12  [{site_b / 'policy.yaml'}]" in res.output
+    assert "answers: ['info', 'fit']" in res.output and "timezone: None  [default]" in res.output
+
+
+def test_site_check_shows_what_each_kind_would_release(
+    site_b: Path, tiny_config: Callable[..., Path]
+) -> None:
+    config = tiny_config("covid_oxygen")
+    res = runner.invoke(app, ["site", "check", str(site_b), "--config", str(config),
+                              "--name", "site_b"])
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "min_cell: 10 (the largest of package floor 5, policy 5, config 10" in out
+    assert "train: 10 patients, 2 positive  [suppressed]" in out  # 2 positives < 10
+    assert "info: releases n_samples 10" in out
+    assert "suppressed: group 'encoders.image.': 7 patients < min_cell 10" in out
+    assert "moments: releases" in out and "seen in fewer than 10 patients" in out
+    assert "image (train): 7 patients, at most 0 rows (declines)" in out
+    assert "evaluate: releases nothing" in out
+    assert "validation metrics and histograms: patients: 4 < min_cell 10" in out
+    assert "suppressed: sex=female: fewer than 10 patients" in out
+    # a policy that answers fewer kinds, and a stricter threshold, show as such
+    (site_b / "policy.yaml").write_text("min_cell: 11\nanswers: [info, predict]\n")
+    res = runner.invoke(app, ["site", "check", str(site_b), "--config", str(config), "--json"])
+    doc = json.loads(res.output)
+    assert doc["min_cell"]["effective"] == 11 and doc["site"] == "site_b"
+    assert doc["kinds"]["info"]["refused"] == ("site site_b: fewer than 11 training patients "
+                                               "(site policy min_cell=11)")
+    assert doc["kinds"]["fit"]["refused"] == "site policy does not answer 'fit' requests"
+    assert not (site_b / "egress.jsonl").exists() and not list(site_b.rglob("*.npz"))
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("min_cell: 2\n", "'min_cell': Input should be greater than or equal to 5 (got 2)"),
+    ("answerz: [fit]\n", "unknown key 'answerz'; did you mean 'answers'?"),
+    ("answers: [fitt]\n", "unknown request kind(s) ['fitt']"),
+    ("min_cell: [\n", "not valid YAML at line 2, column 1"),
+])
+def test_a_bad_policy_is_one_line(site_b: Path, text: str, words: str) -> None:
+    (site_b / "policy.yaml").write_text(text)
+    res = runner.invoke(app, ["site", "check", str(site_b)])
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and "policy.yaml" in lines[0], res.output
+    assert "Traceback" not in res.output
+
+
+def test_the_stricter_of_policy_yaml_and_the_node_config_holds(tmp_path: Path) -> None:
+    (tmp_path / "policy.yaml").write_text("min_cell: 8\nanswers: [info, fit, predict]\n")
+    node = {"min-cell": 6, "subgroup-summaries": "false", "answers": "fit, evaluate, predict",
+            "site-dir": "/data/a"}
+    policy, origin = site_policy(tmp_path, node)
+    assert policy.min_cell == 8  # the file's, stricter
+    assert policy.subgroup_summaries is False  # the node's, stricter
+    assert policy.share_local_model is True and policy.answers == ["fit", "predict"]
+    assert origin["min_cell"] == f"{tmp_path / 'policy.yaml'} and node config (the stricter)"
+    assert origin["subgroup_summaries"] == "node config"
+    assert origin["share_local_model"] == "default"
+    # looser node settings never loosen the file's
+    loose, _ = site_policy(tmp_path, {"min-cell": 5, "share-local-model": True})
+    assert loose.min_cell == 8
+    pf = tmp_path / "elsewhere.yaml"
+    pf.write_text("min_cell: 20\nshare_local_model: false\n")
+    assert node_policy({"policy-file": str(pf), "min-cell": 9}) == SitePolicy(
+        min_cell=20, share_local_model=False)
+    assert stricter_policy(SitePolicy(answers=None), SitePolicy(answers=["fit"])).answers == [
+        "fit"]
+
+
+@pytest.mark.parametrize(("node", "words"), [
+    ({"min-cell": 3}, "node config min-cell=3: Input should be greater than or equal to 5"),
+    ({"subgroup-summaries": "maybe"}, "node config subgroup-summaries='maybe': expected true"),
+    ({"answers": "fit,guess"}, "node config answers='fit,guess'"),
+    ({"policy-file": "/nowhere/policy.yaml"}, "node config policy-file='/nowhere/policy.yaml'"),
+])
+def test_a_bad_node_policy_is_one_line(node: dict[str, object], words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        node_policy(node)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_supernode_site_takes_its_node_config_policy(
+    tiny_sample: Path, tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    from multimodal_fl.engines.flower_jobs import experiment_run_config, experiment_site
+    from multimodal_fl.federated.disclosure import SiteRefused
+    from multimodal_fl.federated.protocol import Kind, Request
+
+    cfg = load_config(tiny_config("covid_oxygen"))
+    run_config = experiment_run_config(cfg, run_dir=tmp_path / "server",
+                                       site_out=tmp_path / "site")
+    # what the ClientApp hands the site factory: the node config under "node."
+    run_config.update({"node.site-dir": "x", "node.min-cell": 13, "node.answers": "info,fit"})
+    site = experiment_site("site_b", tiny_sample / "covid_oxygen" / "site_b", run_config)
+    assert site.gate.policy.min_cell == 13  # type: ignore[attr-defined]
+    with pytest.raises(SiteRefused, match="fewer than 13 training patients"):
+        site.handle(Request(Kind.INFO, 0))
+    with pytest.raises(SiteRefused, match="does not answer 'moments'"):
+        site.handle(Request(Kind.MOMENTS, 0))
