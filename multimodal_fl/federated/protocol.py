@@ -35,7 +35,10 @@ Request kinds (:class:`Kind`), in the order an experiment sends them:
     :attr:`Doc.EVALUATION` and :attr:`Doc.SITE_METRICS` documents.
 ``secure_sum``
     One step of a secure sum (:mod:`multimodal_fl.federated.secure_sum`): the server learns
-    only the total of the sites' integer vectors (pooled histogram counts).
+    only the total of the sites' integer vectors (pooled histogram counts). ``config``:
+    ``step`` (``advertise``, ``share``, ``masked``, ``unmask``) and ``vector`` (which of the
+    site's vectors); keys, encrypted shares and the masked vector travel as ``uint8`` /
+    ``int64`` arrays (:class:`~multimodal_fl.federated.secure_sum.SecureSumParty`).
 ``cross_evaluate``
     Cross-site validation: score another site's local-only model (in ``weights``) on this
     site's test split and reply with its disclosed metrics.
@@ -117,6 +120,9 @@ class Doc(StrEnum):
     SITE_METRICS = "site_metrics"
     #: ``pca_scores``: aggregates of the projected rows.
     PCA_SCORES = "pca_scores"
+    #: ``secure_sum`` (step ``advertise``): the parts of the vector a site holds, their width
+    #: and the site's small-cell threshold (names and sizes only, no number about patients).
+    SECURE_SUM = "secure_sum"
     #: ``init`` / ``moments``: the state-dict keys pooled moments fill (``mean``, ``scale``,
     #: ``count``); absent or empty when the model standardises nothing.
     STANDARDIZER = "standardizer"
