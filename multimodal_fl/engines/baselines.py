@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from safetensors.numpy import save_file
 
-from multimodal_fl.config import ExperimentConfig
+from multimodal_fl.config import ExperimentConfig, SitePolicy, load_policy
 from multimodal_fl.evaluation.metrics import derive_seed
 from multimodal_fl.fusion import FusionModel
 from multimodal_fl.pca.site import projection_arrays
@@ -75,6 +75,7 @@ def _finish(writer: RunWriter, cfg: ExperimentConfig, sites: Mapping[str, SiteDa
     """Write splits, predictions and metrics for every site; return the metrics document."""
     per_site: dict[str, Any] = {}
     frames = []
+    paths = {s.name: s.path for s in cfg.sites}
     for name, data in sites.items():
         if name not in models:
             continue
@@ -82,10 +83,13 @@ def _finish(writer: RunWriter, cfg: ExperimentConfig, sites: Mapping[str, SiteDa
         frame = predictions_frame(models[name], data, sensitive=cfg.evaluation.sensitive)
         writer.write_predictions(name, frame)
         frames.append(frame.assign(site=name))
+        # the site's own small-cell rule, as if its figures left it (the same suppression)
+        policy = load_policy(paths[name]) if name in paths else SitePolicy()
+        min_cell = policy.effective_min_cell(cfg.evaluation.min_cell)
         per_site[name] = {
-            **site_summary(data),
+            **site_summary(data, min_cell=min_cell),
             "metrics": metrics_by_split(frame, n_boot=cfg.evaluation.n_boot, seed=cfg.seed,
-                                        where=name),
+                                        where=name, min_cell=min_cell),
         }
     pooled = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=["split", "label", "score"])
@@ -93,7 +97,9 @@ def _finish(writer: RunWriter, cfg: ExperimentConfig, sites: Mapping[str, SiteDa
         "seed": cfg.seed,
         "sites": per_site,
         "pooled": metrics_by_split(pooled, n_boot=cfg.evaluation.n_boot, seed=cfg.seed,
-                                   where="pooled"),
+                                   where="pooled",
+                                   min_cell=SitePolicy().effective_min_cell(
+                                       cfg.evaluation.min_cell)),
         **extra,
     }
     writer.write_metrics(doc)

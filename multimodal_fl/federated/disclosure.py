@@ -28,15 +28,18 @@ from pathlib import Path
 from typing import Any
 
 from multimodal_fl.config import SitePolicy
-from multimodal_fl.federated.protocol import Kind, Reply, Request
+from multimodal_fl.federated.protocol import Doc, Kind, Reply, Request, unpack_document
 
 __all__ = [
+    "COUNT_KEYS",
+    "COUNT_MAPS",
     "EGRESS_LOG",
     "RULES",
     "DisclosureGate",
     "Released",
     "SiteError",
     "SiteRefused",
+    "small_cells",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,8 +84,78 @@ def _pass(reply: Reply, min_cell: int, policy: SitePolicy) -> Released:
     return Released(reply)
 
 
+#: Document keys whose integer values count patients (``n_boot``, ``n_bins``... do not).
+COUNT_KEYS = frozenset({"n", "n_pos", "n_neg", "n_patients", "n_positive", "n_test", "count",
+                        "dropped", "image_errors"})
+#: Document keys whose values are mappings of counts (``{"image": 58, ...}``).
+COUNT_MAPS = frozenset({"modality_counts"})
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def small_cells(doc: Any, min_cell: int, path: str = "") -> list[str]:
+    """Where a document counts patients in ``(0, min_cell)``: one path per such count.
+
+    Parameters
+    ----------
+    doc : Any
+        An unpacked JSON document.
+    min_cell : int
+    path : str
+        The document's own path (prefixes the result).
+
+    Returns
+    -------
+    list of str
+        Paths such as ``"site_metrics/metrics/val/auc/n"`` (names only, no number).
+    """
+    found: list[str] = []
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            where = f"{path}/{key}"
+            if key in COUNT_KEYS and _count(value) and 0 < value < min_cell:
+                found.append(where)
+            elif key in COUNT_MAPS and isinstance(value, dict):
+                found += [f"{where}/{k}" for k, v in value.items()
+                          if _count(v) and 0 < v < min_cell]
+            else:
+                found += small_cells(value, min_cell, where)
+    elif isinstance(doc, list):
+        for i, value in enumerate(doc):
+            found += small_cells(value, min_cell, f"{path}/{i}")
+    return found
+
+
+def _predict_rule(reply: Reply, min_cell: int, policy: SitePolicy) -> Released:
+    """The backstop of ``predict`` replies: no count, and no figure, on fewer than min_cell.
+
+    Walks every document for patient counts in ``(0, min_cell)`` and checks that every per-split
+    number in ``metrics`` (``"<split>/<metric>[/lo|/hi]"``) belongs to a split whose
+    ``site_metrics`` document shows at least ``min_cell`` patients; any breach withholds the
+    whole reply (the handler should have suppressed it: this only catches a forgotten path).
+    """
+    breaches: list[str] = []
+    docs: dict[str, Any] = {}
+    for name, text in reply.documents.items():
+        docs[name] = unpack_document(text)
+        breaches += small_cells(docs[name], min_cell, name)
+    splits = (docs.get(Doc.SITE_METRICS) or {}).get("metrics") or {}
+    for key in reply.metrics:
+        split, _, rest = key.partition("/")
+        n = ((splits.get(split) or {}).get(rest.split("/")[0]) or {}).get("n")
+        if not (isinstance(n, int) and n >= min_cell):
+            breaches.append(f"metrics/{key}")
+    if breaches:
+        raise SiteRefused(f"site {reply.site}: predict reply withheld: a figure on fewer than "
+                          f"{min_cell} patients at {', '.join(sorted(breaches)[:5])}")
+    return Released(reply)
+
+
 #: The rule applied to each kind's reply before it leaves the site.
 RULES: dict[Kind, Rule] = {kind: _pass for kind in Kind}
+RULES[Kind.PREDICT] = _predict_rule
 
 
 def _size(reply: Reply) -> int:
@@ -170,7 +243,11 @@ class DisclosureGate:
             self._record(request, min_cell, failed=type(exc).__name__)
             raise SiteError(f"{type(exc).__name__} while answering {request.kind.value!r} "
                             "(details in the site's own log)") from None
-        released = self.rules.get(request.kind, _pass)(reply, min_cell, self.policy)
+        try:
+            released = self.rules.get(request.kind, _pass)(reply, min_cell, self.policy)
+        except SiteRefused as exc:  # a rule's backstop withholds the whole reply
+            self._record(request, min_cell, refused=str(exc))
+            raise
         self._record(request, min_cell, released=released)
         return released.reply
 

@@ -174,6 +174,9 @@ def secure_total(federation: Federation, sites: Sequence[str], vector: str, *,
     """
     result = SecureTotal(vector)
     candidates = sorted(sites)
+    if len(candidates) < MIN_SITES:  # not even the keys are asked for
+        result.refused = _too_few(len(candidates), "asked")
+        return result
     while True:
         adverts = _advertise(federation, candidates, vector, round, timeout, bits, result)
         if len(adverts) < MIN_SITES:
