@@ -345,7 +345,8 @@ def train_cmd(
     pooled = (outcome.metrics.get("pooled_from_histograms") or {}).get("overall")
     if pooled is not None:
         auc = pooled.get("auc") or {}
-        table.add_row(f"pooled ({len(pooled.get('sites', []))} sites, secure sum)",
+        n = len(pooled.get("sites", []))
+        table.add_row(f"pooled ({n} sites, secure sum)" if n else "pooled (secure sum)",
                       _auc_text({**auc, "reason": pooled.get("reason")}))
     console.print(table)
     console.print(f"run directory: {outcome.run_dir}")
