@@ -567,8 +567,8 @@ class SecureSumParty:
         if held is None:
             raise SecureSumError(f"site {self.site}: holds no vector {vector!r} (it holds "
                                  f"{sorted(self.held)})")
-        if held.refusal is not None:
-            raise SecureSumError(f"site {self.site}: {held.refusal}")
+        if held.refusal is not None or not held.parts:
+            raise SecureSumError(f"site {self.site}: {held.refusal or 'holds an empty vector'}")
         if step == "advertise":
             return self._advertise(request, vector, held)
         live = self.live.get(vector)
@@ -601,7 +601,7 @@ class SecureSumParty:
         bits = int(request.config.get("bits", DEFAULT_BITS))
         live = self.live[vector] = SecureSumSite(self.site, bits)
         keys = live.advertise()
-        width = len(next(iter(held.parts.values()))) if held.parts else 0
+        width = len(next(iter(held.parts.values())))
         doc = {"parts": sorted(held.parts), "width": width, "min_cell": held.min_cell}
         return Reply(self.site, request.kind, request.round,
                      arrays={"enc": _u8(keys["enc"]), "mask": _u8(keys["mask"])},

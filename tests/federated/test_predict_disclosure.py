@@ -271,3 +271,32 @@ def test_the_pooled_test_auc_with_its_interval_and_the_qualifying_cells_are_show
                 assert cell["n_pos"] >= 5 and cell["n_neg"] >= 5, (attribute, level)
             else:
                 assert cell["reason"], (attribute, level)
+
+
+def test_the_gate_withholds_a_predict_reply_that_shows_a_small_cell(tmp_path: Path) -> None:
+    """The backstop: a handler that forgot the rule does not get its reply out."""
+    from multimodal_fl.config import SitePolicy
+    from multimodal_fl.federated.disclosure import DisclosureGate, SiteRefused
+    from multimodal_fl.federated.protocol import pack_document
+
+    log = tmp_path / EGRESS_LOG
+    gate = DisclosureGate("a", SitePolicy(), config_min_cell=10, egress_log=log)
+    good = {"n_patients": 61, "n_positive": None,
+            "metrics": {"val": {"auc": {"value": None, "n": None,
+                                        "reason": "fewer than 10 patients"}},
+                        "test": {"auc": {"value": 0.8, "n": 31, "reason": None}}}}
+
+    def answer(doc: dict[str, Any], metrics: dict[str, float]) -> Reply:
+        return gate.release(Request(Kind.PREDICT, 1), lambda r: Reply(
+            "a", Kind.PREDICT, 1, metrics=metrics,
+            documents={Doc.SITE_METRICS: pack_document(doc)}))
+
+    assert answer(good, {"test/auc": 0.8}).metrics == {"test/auc": 0.8}
+    bad_count = {**good, "n_positive": 3}
+    bad_split = {**good, "metrics": {"val": {"auc": {"value": 1.0, "n": 2, "reason": None}}}}
+    for doc, metrics in ((bad_count, {}), (bad_split, {}), (good, {"val/auc": 1.0})):
+        with pytest.raises(SiteRefused, match="withheld: a figure on fewer than 10 patients"):
+            answer(doc, metrics)
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["released"] for e in entries] == [True, False, False, False]
+    assert "n_positive" in entries[1]["refused"] and "3" not in entries[1]["refused"]
