@@ -32,7 +32,8 @@ Request kinds (:class:`Kind`), in the order an experiment sends them:
     Evaluate ``weights``; reply with ``metrics`` (e.g. ``"val_auc"``) and ``n_samples``.
 ``predict``
     Final evaluation: the site writes its patient-level files at home and replies with the
-    :attr:`Doc.EVALUATION` and :attr:`Doc.SITE_METRICS` documents.
+    :attr:`Doc.SITE_METRICS` document (metrics per split under the small-cell rule); its test
+    histograms stay at the site for the ``secure_sum`` that follows.
 ``secure_sum``
     One step of a secure sum (:mod:`multimodal_fl.federated.secure_sum`): the server learns
     only the total of the sites' integer vectors (pooled histogram counts). ``config``:
@@ -114,7 +115,8 @@ class Kind(StrEnum):
 class Doc(StrEnum):
     """Every named document a reply may carry (small JSON documents of aggregates)."""
 
-    #: ``predict``: the site's federated-evaluation summary (counts, metrics, histograms).
+    #: A site's federated-evaluation summary (counts, metrics, coarsened histograms): no longer
+    #: sent at ``predict``, where pooled figures come from a ``secure_sum``.
     EVALUATION = "evaluation"
     #: ``predict``: the site's metrics per split and its cohort summary.
     SITE_METRICS = "site_metrics"
