@@ -363,17 +363,25 @@ def train_cmd(
     table.add_column("site")
     table.add_column("test AUC [95% CI]")
     for site, doc in sorted(outcome.metrics.get("sites", {}).items()):
-        auc = doc.get("metrics", {}).get("test", {}).get("auc", {})
-        if auc.get("value") is None:
-            text = f"undefined ({auc.get('reason')})"
-        elif auc.get("lo") is not None:
-            text = f"{auc['value']:.3f} [{auc['lo']:.3f}, {auc['hi']:.3f}]"
-        else:
-            text = f"{auc['value']:.3f}"
-        table.add_row(site, text)
+        table.add_row(site, _auc_text(doc.get("metrics", {}).get("test", {}).get("auc", {})))
+    pooled = (outcome.metrics.get("pooled_from_histograms") or {}).get("overall")
+    if pooled is not None:
+        auc = pooled.get("auc") or {}
+        n = len(pooled.get("sites", []))
+        table.add_row(f"pooled ({n} sites, secure sum)" if n else "pooled (secure sum)",
+                      _auc_text({**auc, "reason": pooled.get("reason")}))
     console.print(table)
     console.print(f"run directory: {outcome.run_dir}")
     _print_finished(outcome.finished)
+
+
+def _auc_text(auc: dict[str, Any]) -> str:
+    """One AUC cell of the console summary: the value [CI], or why there is none."""
+    if auc.get("value") is None:
+        return f"not shown ({auc.get('reason')})"
+    if auc.get("lo") is not None:
+        return f"{auc['value']:.3f} [{auc['lo']:.3f}, {auc['hi']:.3f}]"
+    return f"{auc['value']:.3f}"
 
 
 def _print_finished(finished: Any) -> None:

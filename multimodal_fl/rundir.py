@@ -58,7 +58,7 @@ from torch import nn
 from multimodal_fl import __version__
 from multimodal_fl.config import ExperimentConfig
 from multimodal_fl.evaluation.fairness import CrossSiteResult
-from multimodal_fl.evaluation.metrics import MetricValue
+from multimodal_fl.evaluation.metrics import MetricValue, disclosed_count
 from multimodal_fl.training import SPLITS, SiteData
 
 #: The folder of the sites' disclosed report documents, ``RUN_DIR/disclosed/<site>.json``.
@@ -333,26 +333,34 @@ class RunOutcome:
     finished: Any = None
 
 
-def site_summary(data: SiteData) -> dict[str, Any]:
+def site_summary(data: SiteData, *, min_cell: int = 0) -> dict[str, Any]:
     """A site's cohort in counts (what ``metrics.json`` shows per site).
 
     Parameters
     ----------
     data : SiteData
+    min_cell : int
+        The small-cell threshold in force (0: none): a count in ``(0, min_cell)`` is shown as
+        ``None``, and so is one whose complement in the patients shown would be (positives and
+        negatives, patients with and without a modality).
 
     Returns
     -------
     dict
         ``n_patients``, ``n_positive``, ``modality_counts``, ``dropped``, ``image_errors``.
     """
+    n = len(data.dataset)
+    total = disclosed_count(n, min_cell)
     return {
-        "n_patients": len(data.dataset),
-        "n_positive": int(data.dataset.labels.sum()),
-        "modality_counts": data.dataset.modality_counts(),
-        "dropped": len(data.dropped),
-        "image_errors": len(data.image_errors),
+        "n_patients": total,
+        "n_positive": None if total is None else disclosed_count(
+            int(data.dataset.labels.sum()), min_cell, of=n),
+        "modality_counts": {
+            m: None if total is None else disclosed_count(int(k), min_cell, of=n)
+            for m, k in data.dataset.modality_counts().items()},
+        "dropped": disclosed_count(len(data.dropped), min_cell),
+        "image_errors": disclosed_count(len(data.image_errors), min_cell),
     }
-
 
 
 # --------------------------------------------------------------------------- one run per directory

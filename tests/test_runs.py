@@ -18,6 +18,7 @@ from multimodal_fl.config import ExperimentConfig, SiteConfig, load_task
 from multimodal_fl.engines.baselines import CENTRALIZED_WARNING, run_centralized, run_local
 from multimodal_fl.rundir import default_run_dir
 from multimodal_fl.training import FrozenEncoders, build_model, prepare_site_data
+from tests.smallcells import small_figures
 from tests.test_training import make_table
 
 torch.set_num_threads(1)
@@ -159,6 +160,8 @@ def test_run_local_layout_and_same_seed_same_model(
             auc = metrics["sites"][site]["metrics"][split]["auc"]
             assert (auc["value"] is None) == (auc["reason"] is not None)
         assert metrics["history"][site], "validation history missing"
+    # the same small-cell rule as a federated site's: no figure on fewer than min_cell (10)
+    assert small_figures(metrics["sites"], 10) == []
     again = run_local(cfg, tmp_path / "r2", cohorts=cohorts)
     for site in SITES:
         a = (run / "sites" / site / "model.safetensors").read_bytes()
@@ -173,6 +176,8 @@ def test_run_centralized_warns_and_writes_one_model(
     setup: tuple[ExperimentConfig, dict[str, FakeCohort]], tmp_path: Path
 ) -> None:
     cfg, cohorts = setup
+    # a threshold above the test splits' size (about 10 of 48): their figures are not shown
+    cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"min_cell": 12})})
     said: list[str] = []
     out = run_centralized(cfg, tmp_path / "c", cohorts=cohorts, warn=said.append)
     assert said == [CENTRALIZED_WARNING] and "moves data" in CENTRALIZED_WARNING
@@ -185,6 +190,9 @@ def test_run_centralized_warns_and_writes_one_model(
               for s in SITES]
     assert metrics["training"]["centralized"]["n_samples"] == sum(c["train"]["n"] for c in counts)
     assert out.metrics["pooled"]["test"]["auc"]["n"] == sum(c["test"]["n"] for c in counts)
+    assert small_figures(metrics["sites"], 12) == [] and small_figures(metrics["pooled"], 12) == []
+    assert all(d["metrics"]["test"]["auc"]["reason"] == "fewer than 12 patients"
+               for d in metrics["sites"].values())
     for site in SITES:
         assert (run / "sites" / site / "predictions.csv").is_file()
 

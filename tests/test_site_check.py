@@ -51,7 +51,7 @@ def test_site_check_shows_what_each_kind_would_release(
     assert "image (train): 7 patients, at most 0 rows (declines)" in out
     assert "evaluate: releases nothing" in out
     assert "validation metrics and histograms: patients: 4 < min_cell 10" in out
-    assert "suppressed: sex=female: fewer than 10 patients" in out
+    assert "suppressed: overall: fewer than 10 patients" in out  # its report document
     # a policy that answers fewer kinds, and a stricter threshold, show as such
     (site_b / "policy.yaml").write_text("min_cell: 11\nanswers: [info, predict]\n")
     res = runner.invoke(app, ["site", "check", str(site_b), "--config", str(config), "--json"])

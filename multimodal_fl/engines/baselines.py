@@ -134,10 +134,12 @@ def _finish(writer: RunWriter, cfg: ExperimentConfig, sites: Mapping[str, SiteDa
         disclosed[name] = _disclose(writer, cfg, name, frame)
         site_frames[name] = frame
         frames.append(frame.assign(site=name))
+        # the site's own small-cell rule, as if its figures left it (the same suppression)
+        min_cell = _site_policy(cfg, name).effective_min_cell(cfg.evaluation.min_cell)
         per_site[name] = {
-            **site_summary(data),
+            **site_summary(data, min_cell=min_cell),
             "metrics": metrics_by_split(frame, n_boot=cfg.evaluation.n_boot, seed=cfg.seed,
-                                        where=name),
+                                        where=name, min_cell=min_cell),
         }
     pooled = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=["split", "label", "score"])
@@ -145,7 +147,9 @@ def _finish(writer: RunWriter, cfg: ExperimentConfig, sites: Mapping[str, SiteDa
         "seed": cfg.seed,
         "sites": per_site,
         "pooled": metrics_by_split(pooled, n_boot=cfg.evaluation.n_boot, seed=cfg.seed,
-                                   where="pooled"),
+                                   where="pooled",
+                                   min_cell=SitePolicy().effective_min_cell(
+                                       cfg.evaluation.min_cell)),
         "pooled_from_histograms": _pooled_from_histograms(cfg, site_frames, disclosed,
                                                           writer.engine),
         **extra,

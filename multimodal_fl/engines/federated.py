@@ -18,9 +18,11 @@ ServerApp calls the same function with its own federation):
 4. :func:`~multimodal_fl.federated.server.run_federated`: rounds of fit / evaluate with
    checks, checkpoints and resume.
 5. ``predict``: every site writes its own ``sites/<site>/predictions.csv`` and returns
-   metrics per split, binned score histograms and its disclosed report document; the server
-   writes ``metrics.json`` from those aggregates only, and each site's document to
-   ``disclosed/<site>.json`` (the report is built from these).
+   metrics per split under the small-cell rule and its disclosed report document; then a
+   secure sum of the sites' fine test histograms (at least three sites) gives the pooled test
+   figures, coarsened after the sum (:func:`pooled_test`). The server writes ``metrics.json``
+   from those aggregates only, and each site's document to ``disclosed/<site>.json`` (the
+   report is built from these).
 
 Only weights, counts, metrics and aggregate summaries reach this module.
 """
@@ -40,13 +42,19 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from multimodal_fl.config import ExperimentConfig
+from multimodal_fl.config import ExperimentConfig, SitePolicy
 from multimodal_fl.engines.tracking import RoundTracker
-from multimodal_fl.evaluation.histograms import SiteEvaluation, pooled_auc, pooled_evaluation
+from multimodal_fl.evaluation.histograms import (
+    OVERALL,
+    pooled_auc,
+    pooled_from_counts,
+    refused_pooling,
+)
 from multimodal_fl.federated.aggregation import ServerOptimizer, standardizer_state
 from multimodal_fl.federated.checkpoint import load_checkpoint
 from multimodal_fl.federated.gather import StageFailed, gather
 from multimodal_fl.federated.inprocess import InProcessFederation
+from multimodal_fl.federated.pooling import secure_total
 from multimodal_fl.federated.protocol import (
     ConfigValue,
     Doc,
@@ -63,7 +71,7 @@ from multimodal_fl.federated.server import (
     RunConfig,
     run_federated,
 )
-from multimodal_fl.federated.site import LOCAL_MODEL, fusion_sites
+from multimodal_fl.federated.site import LOCAL_MODEL, POOLED_TEST, fusion_sites
 from multimodal_fl.pca.site import projection_arrays
 from multimodal_fl.pca.stage import run_pca_stage
 from multimodal_fl.progress import ProgressCallback
@@ -75,6 +83,7 @@ __all__ = [
     "StageFailed",
     "gather",
     "inprocess_federation",
+    "pooled_test",
     "pooled_validation",
     "predict_stage",
     "round_row",
@@ -432,7 +441,8 @@ def predict_stage(
     federation: Federation, cfg: ExperimentConfig, sites: list[str], weights: StateDict | None,
     round: int, engine: str,
 ) -> dict[str, Any]:
-    """Every site scores its patients at home; the server keeps the disclosed documents.
+    """Every site scores its patients at home; the server keeps the disclosed documents and
+    the pooled test figures of a secure sum of the sites' histograms (:func:`pooled_test`).
 
     Parameters
     ----------
@@ -449,8 +459,9 @@ def predict_stage(
     Returns
     -------
     dict
-        ``sites`` (each site's metrics document), ``pooled_from_histograms`` and
-        ``missing_sites``.
+        ``sites`` (each site's metrics document), ``pooled_from_histograms``,
+        ``missing_sites`` and ``disclosed`` (each site's report document, for
+        ``disclosed/<site>.json``).
     """
     own = {"model": LOCAL_MODEL} if weights is None else {}
     final = gather(
@@ -460,13 +471,60 @@ def predict_stage(
          for s in sites},
         cfg.federated.timeout_s, stage=Kind.PREDICT, minimum=1,
     )
-    evaluations = [SiteEvaluation.from_dict(r.document(Doc.EVALUATION)) for r in final.values()]
+    docs = {site: r.document(Doc.SITE_METRICS) for site, r in final.items()}
     return {
-        "sites": {site: r.document(Doc.SITE_METRICS) for site, r in final.items()},
-        "pooled_from_histograms": pooled_evaluation(evaluations).to_dict(),
+        "sites": docs,
+        "pooled_from_histograms": pooled_test(federation, cfg, docs, round),
         "missing_sites": sorted(set(sites) - set(final)),
         "disclosed": {site: r.document(Doc.DISCLOSED) for site, r in final.items()},
     }
+
+
+def pooled_test(federation: Federation, cfg: ExperimentConfig, docs: Mapping[str, Any],
+                round: int) -> dict[str, Any]:
+    """The pooled test figures: a secure sum of the sites' test histograms, coarsened after it.
+
+    Each site that answered ``predict`` holds its fine test histograms
+    (:data:`~multimodal_fl.federated.site.POOLED_TEST`); the server learns only their total
+    (:func:`~multimodal_fl.federated.pooling.secure_total`, at least three sites) and shows
+    what :func:`~multimodal_fl.evaluation.histograms.pooled_from_counts` lets it show.
+
+    Parameters
+    ----------
+    federation : Federation
+    cfg : ExperimentConfig
+    docs : mapping of site to its ``site_metrics`` document
+        The sites that answered ``predict``.
+    round : int
+
+    Returns
+    -------
+    dict
+        :class:`~multimodal_fl.evaluation.histograms.PooledEvaluation` as JSON; its
+        ``overall.reason`` says why there are no figures (e.g. ``"refused: a secure sum needs
+        at least 3 sites, 2 asked"``).
+    """
+    ev = cfg.evaluation
+    total = secure_total(federation, sorted(docs), POOLED_TEST, round=round,
+                         timeout=cfg.federated.timeout_s)
+    rows = [_site_row(site, docs[site]) for site in sorted(docs)]
+    min_cell = max(total.min_cell, SitePolicy().effective_min_cell(ev.min_cell))
+    if total.refused is not None or OVERALL not in total.parts:
+        reason = total.refused or f"no site sent its {OVERALL!r} histogram"
+        return refused_pooling(reason, excluded=total.excluded, sites=rows,
+                               min_cell=min_cell).to_dict()
+    return pooled_from_counts(
+        total.parts, min_cell=min_cell, contributors=total.contributors,
+        excluded=total.excluded, left_out=total.left_out, sites=rows, n_boot=ev.n_boot,
+        seed=cfg.seed,
+    ).to_dict()
+
+
+def _site_row(site: str, doc: Mapping[str, Any]) -> dict[str, Any]:
+    """One site's test figures as it disclosed them (``metrics.json``'s pooled section)."""
+    test = (doc.get("metrics") or {}).get("test") or {}
+    auc = test.get("auc") or {}
+    return {"site": site, "n": auc.get("n"), "reason": auc.get("reason"), "metrics": test}
 
 
 def _run_experiment(

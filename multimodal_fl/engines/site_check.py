@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from multimodal_fl.config import DEFAULT_MIN_CELL, ExperimentConfig, SiteConfig
-from multimodal_fl.evaluation.histograms import SiteEvaluation
+from multimodal_fl.evaluation.disclosed import SiteDisclosure, read_disclosure
 from multimodal_fl.federated.disclosure import pca_rank_cap, site_policy
 from multimodal_fl.federated.protocol import (
     Doc,
@@ -131,9 +131,9 @@ def _ask_every_kind(site: FusionSite, cfg: ExperimentConfig, entries: list[dict[
                            entries)
     _, kinds["evaluate"] = _ask(site, Request(Kind.EVALUATE, 1, weights=weights), entries)
     predict, kinds["predict"] = _ask(site, Request(Kind.PREDICT, 1, weights=weights), entries)
-    if predict is not None and Doc.EVALUATION in predict.documents:
+    if predict is not None and Doc.DISCLOSED in predict.documents:
         kinds["predict"]["cells_suppressed"] = _suppressed_cells(
-            SiteEvaluation.from_dict(predict.document(Doc.EVALUATION)))
+            read_disclosure(predict.document(Doc.DISCLOSED)))
     return kinds
 
 
@@ -148,13 +148,12 @@ def _pca_caps(data: SiteData, min_cell: int) -> dict[str, Any]:
     return out
 
 
-def _suppressed_cells(evaluation: SiteEvaluation) -> list[str]:
-    """The test-split cells (overall, subgroups) the predict reply shows without figures."""
-    cells = []
-    if evaluation.overall.reason:
-        cells.append(f"overall: {evaluation.overall.reason}")
-    for attribute, levels in sorted(evaluation.subgroups.items()):
-        for level, cell in sorted(levels.items()):
-            if cell.reason:
-                cells.append(f"{attribute}={level}: {cell.reason}")
-    return cells
+def _suppressed_cells(doc: SiteDisclosure) -> list[str]:
+    """The test-split cells (the site, its subgroups) its report document shows without a
+    figure: one line per cell, the reason of its first suppressed metric."""
+    seen: dict[str, str] = {}
+    for cell in doc.cells:
+        name = "overall" if cell.attribute is None else f"{cell.attribute}={cell.group}"
+        if cell.suppressed and cell.reason and name not in seen:
+            seen[name] = cell.reason
+    return [f"{name}: {reason}" for name, reason in sorted(seen.items())]

@@ -49,11 +49,14 @@ from multimodal_fl.evaluation.metrics import (
     calibration_bins,
     check_binary_inputs,
     derive_seed,
+    disclosable,
+    suppress_cells,
     undefined_reason,
 )
 
 __all__ = [
     "DEFAULT_BINS",
+    "OVERALL",
     "BinnedCounts",
     "GroupSummary",
     "PooledEvaluation",
@@ -62,15 +65,21 @@ __all__ = [
     "coarsen_counts",
     "counts_histogram",
     "counts_summary",
+    "fine_counts",
     "histogram_auc",
     "histogram_calibration",
+    "histogram_parts",
     "histogram_sens_spec",
     "histogram_threshold",
+    "joint_partition",
     "label_counts",
+    "part_name",
     "pool_histograms",
     "pooled_auc",
     "pooled_evaluation",
+    "pooled_from_counts",
     "pooled_metrics",
+    "refused_pooling",
     "summarise_site",
     "summarise_sites",
 ]
@@ -928,6 +937,317 @@ def pooled_evaluation(
     settings = {"split": splits.pop(), "threshold": threshold, "ece_bins": ece_bins,
                 "n_bins": summaries[0].n_bins}
     return PooledEvaluation(overall, subgroups, sites, settings)
+
+
+# --------------------------------------------------------------------------------------------
+# pooled by secure sum: fine counts summed across sites, coarsened after summation
+
+#: The part of a secure-summed histogram vector that holds all of a site's patients.
+OVERALL = "overall"
+
+
+def part_name(attribute: str, level: str) -> str:
+    """The part of a histogram vector for one subgroup: ``"<attribute>=<level>"``.
+
+    Parameters
+    ----------
+    attribute, level : str
+
+    Returns
+    -------
+    str
+    """
+    return f"{attribute}={level}"
+
+
+def fine_counts(y: npt.ArrayLike, s: npt.ArrayLike, n_bins: int) -> npt.NDArray[np.int64]:
+    """Negatives' then positives' patient counts per fine bin: one part of the summed vector.
+
+    Parameters
+    ----------
+    y, s : array-like
+        Labels (0/1) and scores.
+    n_bins : int
+        Fine grid size.
+
+    Returns
+    -------
+    ndarray of int64, shape (2 * n_bins,)
+    """
+    y_arr = np.asarray(y).astype(np.int64)
+    b = calibration_bins(np.asarray(s, dtype=np.float64), n_bins)
+    return np.concatenate([np.bincount(b[y_arr == 0], minlength=n_bins),
+                           np.bincount(b[y_arr == 1], minlength=n_bins)]).astype(np.int64)
+
+
+def histogram_parts(
+    y_true: npt.ArrayLike, y_score: npt.ArrayLike, *,
+    groups: pd.DataFrame | Mapping[str, npt.ArrayLike] | None = None, n_bins: int = DEFAULT_BINS,
+) -> dict[str, npt.NDArray[np.int64]]:
+    """A site's fine score histograms as the parts of one vector to secure-sum.
+
+    Computed at the site and never sent in the clear: only the sum over at least three sites
+    reaches the server (``multimodal_fl.federated.pooling``), which coarsens it
+    (:func:`pooled_from_counts`).
+
+    Parameters
+    ----------
+    y_true, y_score : array-like
+        The site's labels and scores of one split.
+    groups : DataFrame or mapping, optional
+        Sensitive attributes, one value per patient (missing values become ``"(missing)"``).
+    n_bins : int
+        Fine grid size.
+
+    Returns
+    -------
+    dict of str to int64 array
+        :data:`OVERALL` and one ``"<attribute>=<level>"`` part per level present
+        (:func:`fine_counts` of its patients).
+    """
+    y, s = check_binary_inputs(y_true, y_score, where="histogram_parts")
+    parts = {OVERALL: fine_counts(y, s, n_bins)}
+    if groups is not None:
+        gdf = pd.DataFrame(groups)
+        for a in gdf.columns:
+            col = gdf[a].astype(object).where(gdf[a].notna(), "(missing)").astype(str).to_numpy()
+            for g in sorted(set(col)):
+                parts[part_name(str(a), g)] = fine_counts(y[col == g], s[col == g], n_bins)
+    return parts
+
+
+def _split_counts(vector: npt.ArrayLike) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    v = np.asarray(vector, dtype=np.int64)
+    half = v.size // 2
+    return v[:half], v[half:]
+
+
+def joint_partition(
+    histograms: Sequence[tuple[npt.ArrayLike, npt.ArrayLike]], min_cell: int
+) -> list[tuple[int, int]] | None:
+    """One partition of the fine grid in which every histogram's bins are shown safely.
+
+    Walking up the grid, bins are merged until, in the merged bin, every histogram's negatives
+    and positives are each 0 or at least ``min_cell``; a remainder at the top that is not is
+    merged into the bins below it. Histograms that add up to a shown one (the groups of one
+    attribute and what they leave of the whole) share the partition, so no bin of one can be
+    derived from the others by subtraction.
+
+    Parameters
+    ----------
+    histograms : sequence of (negatives, positives) fine counts
+    min_cell : int
+
+    Returns
+    -------
+    list of (start, stop) or None
+        Contiguous intervals covering the grid; ``None`` when even one bin over the whole grid
+        leaves a count in ``(0, min_cell)``.
+    """
+    counts = np.stack([np.stack([np.asarray(n), np.asarray(p)]) for n, p in histograms])
+    n_bins = counts.shape[-1]
+
+    def ok(c: npt.NDArray[np.int64]) -> bool:
+        return bool(np.all((c == 0) | (c >= min_cell)))
+
+    bounds: list[tuple[int, int]] = []
+    start = 0
+    acc = np.zeros(counts.shape[:-1], dtype=np.int64)
+    for i in range(n_bins):
+        acc += counts[..., i]
+        if acc.any() and ok(acc):
+            bounds.append((start, i + 1))
+            start, acc = i + 1, np.zeros_like(acc)
+    while not ok(acc):
+        if not bounds:
+            return None
+        a, _ = bounds.pop()
+        acc = counts[..., a:].sum(axis=-1)
+        start = a
+    if start < n_bins:
+        if bounds and not acc.any():
+            bounds[-1] = (bounds[-1][0], n_bins)  # an empty top joins the bin below
+        else:
+            bounds.append((start, n_bins))
+    return bounds
+
+
+def _auc_ci(neg: npt.NDArray[np.int64], pos: npt.NDArray[np.int64], *, n_boot: int,
+            alpha: float, seed: int) -> tuple[float | None, float | None]:
+    """Percentile interval of the binned AUC, resampling each class's histogram (multinomial)."""
+    if n_boot <= 0:
+        return None, None
+    rng = np.random.default_rng(seed)
+    n_p, n_n = int(pos.sum()), int(neg.sum())
+    p = rng.multinomial(n_p, pos / n_p, size=n_boot).astype(np.float64)
+    q = rng.multinomial(n_n, neg / n_n, size=n_boot).astype(np.float64)
+    below = np.concatenate([np.zeros((n_boot, 1)), np.cumsum(q, axis=1)[:, :-1]], axis=1)
+    aucs = (p * (below + 0.5 * q)).sum(axis=1) / (n_p * n_n)
+    lo, hi = np.quantile(aucs, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def _counted_cell(
+    neg: npt.NDArray[np.int64], pos: npt.NDArray[np.int64], partition: list[tuple[int, int]],
+    *, sites: list[str], n_boot: int, alpha: float, seed: int,
+) -> dict[str, Any]:
+    """One pooled cell's figures: AUC (bounds, interval), ECE and calibration on ``partition``."""
+    n_bins = neg.size
+    out: dict[str, Any] = {"n_pos": int(pos.sum()), "n_neg": int(neg.sum()), "sites": sites,
+                           "n_bins": n_bins, "reason": None}
+    if out["n_pos"] == 0 or out["n_neg"] == 0:
+        out["reason"] = "no positives" if out["n_pos"] == 0 else "no negatives"
+        return out
+    bins = [(i, i + 1) for i in range(n_bins)]
+    h = PooledHistogram(n_bins, pos.astype(np.float64), neg.astype(np.float64),
+                        np.zeros(n_bins), np.zeros(n_bins),
+                        [(a, b, int(pos[a])) for a, b in bins if pos[a]],
+                        [(a, b, int(neg[a])) for a, b in bins if neg[a]], sites, {})
+    value, lower, upper = histogram_auc(h)
+    lo, hi = _auc_ci(neg, pos, n_boot=n_boot, alpha=alpha, seed=seed)
+    out["auc"] = {"value": value, "lower": lower, "upper": upper, "lo": lo, "hi": hi}
+    mid = (np.arange(n_bins) + 0.5) / n_bins
+    calibration = []
+    for a, b in partition:
+        n_a = int(pos[a:b].sum() + neg[a:b].sum())
+        if n_a == 0:
+            continue
+        mean = float(((pos[a:b] + neg[a:b]) * mid[a:b]).sum() / n_a)
+        calibration.append({"lo": a / n_bins, "hi": b / n_bins, "n": n_a,
+                            "n_pos": int(pos[a:b].sum()), "mean_score": mean,
+                            "observed": float(pos[a:b].sum() / n_a)})
+    total = sum(r["n"] for r in calibration)
+    out["ece"] = float(sum(r["n"] * abs(r["observed"] - r["mean_score"])
+                           for r in calibration) / total)
+    out["calibration"] = calibration
+    return out
+
+
+def _attribute_cells(
+    attribute: str, levels: Mapping[str, npt.NDArray[np.int64]],
+    overall: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]], *, min_cell: int,
+    contributors: Mapping[str, list[str]], n_boot: int, alpha: float, seed: int,
+) -> dict[str, dict[str, Any]]:
+    """One attribute's pooled cells: small ones suppressed, complementary suppression against
+    the pooled whole, one shared partition for the shown cells and what they leave."""
+    split = {g: _split_counts(v) for g, v in levels.items()}
+    whole = (int(overall[1].sum()), int(overall[0].sum()))
+    suppressed = suppress_cells({g: (int(p.sum()), int(n.sum())) for g, (n, p) in split.items()},
+                                min_cell, total=whole, names=("positives", "negatives"))
+    shown = [g for g in sorted(split) if g not in suppressed]
+    rest_n = overall[0] - sum((split[g][0] for g in shown), np.zeros_like(overall[0]))
+    rest_p = overall[1] - sum((split[g][1] for g in shown), np.zeros_like(overall[1]))
+    partition = joint_partition([split[g] for g in shown] + [(rest_n, rest_p)], min_cell)
+    out: dict[str, dict[str, Any]] = {}
+    for g in sorted(split):
+        part = part_name(attribute, g)
+        who = list(contributors.get(part, []))
+        if g in suppressed or partition is None:
+            out[g] = {"reason": suppressed.get(g, "no safe histogram partition"), "sites": who}
+            continue
+        out[g] = _counted_cell(*split[g], partition, sites=who, n_boot=n_boot, alpha=alpha,
+                               seed=derive_seed(seed, "pooled", attribute, g))
+    return out
+
+
+def pooled_from_counts(
+    parts: Mapping[str, npt.ArrayLike],
+    *,
+    min_cell: int,
+    contributors: Mapping[str, list[str]] | None = None,
+    excluded: Mapping[str, str] | None = None,
+    left_out: Mapping[str, str] | None = None,
+    sites: Sequence[Mapping[str, Any]] = (),
+    n_boot: int = 0,
+    alpha: float = 0.05,
+    seed: int = 0,
+    split: str = "test",
+) -> PooledEvaluation:
+    """Pooled figures from histogram counts summed across sites (a secure sum's total).
+
+    The server holds the fine pooled counts; what it shows is coarsened after summation: the
+    overall cell only when its positives and negatives are each 0 or at least ``min_cell``;
+    subgroup cells under :func:`~multimodal_fl.evaluation.metrics.suppress_cells` (small
+    cells and complementary suppression per attribute, against the overall cell); calibration
+    bins on :func:`joint_partition` s, so every shown bin holds 0 or at least ``min_cell``
+    positives and negatives. AUC (Mann-Whitney on the fine bins, with bounds on the exact
+    patient-level AUC and a bootstrap interval) is an aggregate of the whole cell.
+
+    Parameters
+    ----------
+    parts : mapping of str to int array
+        :data:`OVERALL` and ``"<attribute>=<level>"`` totals (negatives then positives per bin).
+    min_cell : int
+    contributors : mapping of part to sites, optional
+    excluded : mapping of site to reason, optional
+        Sites whose counts are not in the total.
+    left_out : mapping of part to reason, optional
+        Parts some site held but that were not summed (shown as suppressed).
+    sites : sequence of dict
+        Per-site entries (counts and metrics as each site disclosed them).
+    n_boot, alpha, seed : int, float, int
+        The AUC interval's bootstrap.
+    split : str
+
+    Returns
+    -------
+    PooledEvaluation
+    """
+    contributors = dict(contributors or {})
+    neg, pos = _split_counts(parts[OVERALL])
+    settings = {"split": split, "threshold": None, "n_bins": int(neg.size), "min_cell": min_cell,
+                "source": "secure sum", "n_boot": n_boot}
+    who = list(contributors.get(OVERALL, []))
+    small = [name for name, k in (("positives", pos.sum()), ("negatives", neg.sum()))
+             if not disclosable(int(k), min_cell)]
+    partition = joint_partition([(neg, pos)], min_cell)
+    if small or partition is None:
+        overall: dict[str, Any] = {"reason": f"fewer than {min_cell} {(small or ['patients'])[0]}",
+                                   "sites": who}
+    else:
+        overall = _counted_cell(neg, pos, partition, sites=who, n_boot=n_boot, alpha=alpha,
+                                seed=derive_seed(seed, "pooled", OVERALL))
+    overall["excluded"] = dict(excluded or {})
+    levels: dict[str, dict[str, npt.NDArray[np.int64]]] = {}
+    for name, vector in parts.items():
+        if name != OVERALL:
+            attribute, _, level = name.partition("=")
+            levels.setdefault(attribute, {})[level] = np.asarray(vector, dtype=np.int64)
+    subgroups = {a: _attribute_cells(a, lv, (neg, pos), min_cell=min_cell,
+                                     contributors=contributors, n_boot=n_boot, alpha=alpha,
+                                     seed=seed) for a, lv in sorted(levels.items())}
+    for name, reason in (left_out or {}).items():
+        attribute, _, level = name.partition("=")
+        if name != OVERALL:
+            subgroups.setdefault(attribute, {})[level] = {"reason": reason, "sites": []}
+    if small:  # the whole is not shown: neither are its parts
+        subgroups = {a: {g: {"reason": overall["reason"], "sites": c.get("sites", [])}
+                         for g, c in lv.items()} for a, lv in subgroups.items()}
+    return PooledEvaluation(overall, subgroups, [dict(s) for s in sites], settings)
+
+
+def refused_pooling(reason: str, *, excluded: Mapping[str, str] | None = None,
+                    sites: Sequence[Mapping[str, Any]] = (), split: str = "test",
+                    min_cell: int = 0) -> PooledEvaluation:
+    """The pooled document when there is no secure sum: every cell says why.
+
+    Parameters
+    ----------
+    reason : str
+        E.g. ``"refused: a secure sum needs at least 3 sites, 2 took part"``.
+    excluded : mapping of site to reason, optional
+    sites : sequence of dict
+    split : str
+    min_cell : int
+
+    Returns
+    -------
+    PooledEvaluation
+    """
+    return PooledEvaluation({"reason": reason, "sites": [], "excluded": dict(excluded or {})},
+                            {}, [dict(s) for s in sites],
+                            {"split": split, "threshold": None, "min_cell": min_cell,
+                             "source": "secure sum"})
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,10 +47,13 @@ __all__ = [
     "check_binary_inputs",
     "choose_threshold",
     "derive_seed",
+    "disclosable",
+    "disclosed_count",
     "expected_calibration_error",
     "metric_point",
     "paired_bootstrap_difference",
     "roc_auc",
+    "suppress_cells",
     "undefined_reason",
 ]
 
@@ -821,3 +824,98 @@ def paired_bootstrap_difference(
     vb = _batched_metrics(names, y[idx], sb[idx], tb, 10)[metric]
     ci = _percentile(vb - va, alpha, n_boot, n)
     return MetricValue(point, ci.lo, ci.hi, n, None, n_boot, ci.n_skipped)
+
+
+# --------------------------------------------------------------------------------------------
+# small cells: what may leave a site or a report
+
+
+def disclosable(count: int, min_cell: int) -> bool:
+    """Whether a count may be shown: 0, or at least ``min_cell``.
+
+    Parameters
+    ----------
+    count : int
+    min_cell : int
+
+    Returns
+    -------
+    bool
+    """
+    return count == 0 or count >= min_cell
+
+
+def disclosed_count(count: int, min_cell: int, *, of: int | None = None) -> int | None:
+    """``count`` when it may be shown, else ``None``.
+
+    Parameters
+    ----------
+    count : int
+    min_cell : int
+    of : int or None
+        The shown total it is part of: then its complement ``of - count`` must be
+        disclosable too (else it would be derived by subtraction).
+
+    Returns
+    -------
+    int or None
+    """
+    if not disclosable(int(count), min_cell):
+        return None
+    if of is not None and not disclosable(int(of) - int(count), min_cell):
+        return None
+    return int(count)
+
+
+def suppress_cells(
+    cells: Mapping[str, Sequence[int]],
+    min_cell: int,
+    *,
+    total: Sequence[int] | None = None,
+    names: Sequence[str] = ("patients",),
+) -> dict[str, str]:
+    """The cells of one partition to suppress, each with its reason (complementary suppression).
+
+    A cell is suppressed when it holds fewer than ``min_cell`` patients (the sum of its
+    counts) or any of its counts (e.g. positives, negatives) lies in ``(0, min_cell)``. Then,
+    while what the shown cells leave of ``total`` (the suppressed cells together, and anything
+    outside the cells) has a count in ``(0, min_cell)``, the shown cell with the fewest
+    patients is suppressed too: no suppressed cell can be derived by subtraction.
+
+    Parameters
+    ----------
+    cells : mapping of str to sequence of int
+        Each cell's counts, in the order of ``names``.
+    min_cell : int
+    total : sequence of int or None
+        The counts of the whole, if shown (default: the cells' sum, which then reveals nothing
+        beyond the cells).
+    names : sequence of str
+        What each count counts (``patients``; ``positives``, ``negatives``), for the reasons.
+
+    Returns
+    -------
+    dict of str to str
+        Suppressed cell -> reason; cells not in it may be shown.
+    """
+    counts = {k: np.asarray(v, dtype=np.int64) for k, v in cells.items()}
+    whole = (np.asarray(total, dtype=np.int64) if total is not None
+             else sum(counts.values(), np.zeros(len(names), dtype=np.int64)))
+    out: dict[str, str] = {}
+    for key, c in counts.items():
+        n = int(c.sum())
+        if 0 < n < min_cell:
+            out[key] = f"fewer than {min_cell} patients"
+            continue
+        small = [name for name, k in zip(names, c, strict=True)
+                 if not disclosable(int(k), min_cell)]
+        if small and n > 0:
+            out[key] = f"fewer than {min_cell} {small[0]}"
+    while True:
+        shown = [k for k in counts if k not in out]
+        rest = whole - sum((counts[k] for k in shown), np.zeros_like(whole))
+        if all(disclosable(int(k), min_cell) for k in (*rest, int(rest.sum()))) or not shown:
+            return out
+        smallest = min(shown, key=lambda k: (int(counts[k].sum()), k))
+        out[smallest] = (f"suppressed so that a cell of fewer than {min_cell} cannot be derived "
+                         "by subtraction")

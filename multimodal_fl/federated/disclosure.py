@@ -63,6 +63,8 @@ from multimodal_fl.federated.protocol import (
 )
 
 __all__ = [
+    "COUNT_KEYS",
+    "COUNT_MAPS",
     "DECLARED",
     "EGRESS_LOG",
     "NODE_POLICY_FILE",
@@ -79,6 +81,7 @@ __all__ = [
     "node_policy",
     "pca_rank_cap",
     "site_policy",
+    "small_cells",
     "stricter_policy",
 ]
 
@@ -238,6 +241,75 @@ def _evaluate_rule(reply: Reply, min_cell: int, policy: SitePolicy) -> Released:
                             documents={**reply.documents, Doc.VALIDATION: pack_document(doc)}))
 
 
+#: Document keys whose integer values count patients (``n_boot``, ``n_bins``... do not).
+COUNT_KEYS = frozenset({"n", "n_pos", "n_neg", "n_patients", "n_positive", "n_test", "count",
+                        "dropped", "image_errors"})
+#: Document keys whose values are mappings of counts (``{"image": 58, ...}``).
+COUNT_MAPS = frozenset({"modality_counts"})
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def small_cells(doc: Any, min_cell: int, path: str = "") -> list[str]:
+    """Where a document counts patients in ``(0, min_cell)``: one path per such count.
+
+    Parameters
+    ----------
+    doc : Any
+        An unpacked JSON document.
+    min_cell : int
+    path : str
+        The document's own path (prefixes the result).
+
+    Returns
+    -------
+    list of str
+        Paths such as ``"site_metrics/metrics/val/auc/n"`` (names only, no number).
+    """
+    found: list[str] = []
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            where = f"{path}/{key}"
+            if key in COUNT_KEYS and _count(value) and 0 < value < min_cell:
+                found.append(where)
+            elif key in COUNT_MAPS and isinstance(value, dict):
+                found += [f"{where}/{k}" for k, v in value.items()
+                          if _count(v) and 0 < v < min_cell]
+            else:
+                found += small_cells(value, min_cell, where)
+    elif isinstance(doc, list):
+        for i, value in enumerate(doc):
+            found += small_cells(value, min_cell, f"{path}/{i}")
+    return found
+
+
+def _predict_rule(reply: Reply, min_cell: int, policy: SitePolicy) -> Released:
+    """The backstop of ``predict`` replies: no count, and no figure, on fewer than min_cell.
+
+    Walks every document for patient counts in ``(0, min_cell)`` and checks that every per-split
+    number in ``metrics`` (``"<split>/<metric>[/lo|/hi]"``) belongs to a split whose
+    ``site_metrics`` document shows at least ``min_cell`` patients; any breach withholds the
+    whole reply (the handler should have suppressed it: this only catches a forgotten path).
+    """
+    breaches: list[str] = []
+    docs: dict[str, Any] = {}
+    for name, text in reply.documents.items():
+        docs[name] = unpack_document(text)
+        breaches += small_cells(docs[name], min_cell, name)
+    splits = (docs.get(Doc.SITE_METRICS) or {}).get("metrics") or {}
+    for key in reply.metrics:
+        split, _, rest = key.partition("/")
+        n = ((splits.get(split) or {}).get(rest.split("/")[0]) or {}).get("n")
+        if not (isinstance(n, int) and n >= min_cell):
+            breaches.append(f"metrics/{key}")
+    if breaches:
+        raise SiteRefused(f"site {reply.site}: predict reply withheld: a figure on fewer than "
+                          f"{min_cell} patients at {', '.join(sorted(breaches)[:5])}")
+    return Released(reply)
+
+
 #: The rule applied to each kind's reply before it leaves the site (then :func:`check_declared`).
 RULES: dict[Kind, Rule] = {kind: _pass for kind in Kind}
 RULES.update({
@@ -248,6 +320,7 @@ RULES.update({
     Kind.PCA: _pca_rule,
     Kind.PCA_SCORES: _count_rule,
     Kind.EVALUATE: _evaluate_rule,
+    Kind.PREDICT: _predict_rule,
 })
 
 
@@ -265,6 +338,9 @@ class Declared:
         A regular expression every metric name must match in full ("" : no metrics).
     arrays : frozenset of str
         The array names allowed.
+    array_pattern : str
+        A regular expression for further array names ("" : none), for kinds whose array names
+        carry another site's name (the secure sum's encrypted shares).
     documents : frozenset of str
         The document names allowed (:class:`~multimodal_fl.federated.protocol.Doc` values).
     """
@@ -273,6 +349,7 @@ class Declared:
     weights: bool = False
     metrics: str = ""
     arrays: frozenset[str] = frozenset()
+    array_pattern: str = ""
     documents: frozenset[str] = frozenset()
 
 
@@ -299,6 +376,10 @@ DECLARED: dict[Kind, Declared] = {
                                documents=frozenset({Doc.LOCAL_TRAINING})),
     Kind.CROSS_EVALUATE: Declared(n_samples=True, metrics=r"[a-z_]+(/lo|/hi)?",
                                   documents=frozenset({Doc.CROSS_SITE})),
+    # keys, encrypted shares, the masked vector (uniform on its own), the unmasking shares
+    Kind.SECURE_SUM: Declared(arrays=frozenset({"enc", "mask", "y"}),
+                              array_pattern=r"(to|seed|key)/[^/]+",
+                              documents=frozenset({Doc.SECURE_SUM})),
 }
 
 
@@ -336,7 +417,10 @@ def check_declared(kind: Kind, reply: Reply, min_cell: int) -> None:
                                   f"min_cell={min_cell}")
     pattern = re.compile(declared.metrics) if declared.metrics else None
     bad = [k for k in reply.metrics if pattern is None or not pattern.fullmatch(k)]
-    extra = [("metrics", bad), ("arrays", sorted(set(reply.arrays) - declared.arrays)),
+    named = re.compile(declared.array_pattern) if declared.array_pattern else None
+    arrays = [k for k in reply.arrays
+              if k not in declared.arrays and (named is None or not named.fullmatch(k))]
+    extra = [("metrics", bad), ("arrays", sorted(arrays)),
              ("documents", sorted(set(reply.documents) - declared.documents))]
     for field_name, names in extra:
         if names:

@@ -36,10 +36,14 @@ Request kinds (:class:`Kind`), in the order an experiment sends them:
     a class with fewer), with nothing (``n_samples`` 0).
 ``predict``
     Final evaluation: the site writes its patient-level files at home and replies with the
-    :attr:`Doc.EVALUATION` and :attr:`Doc.SITE_METRICS` documents.
+    :attr:`Doc.SITE_METRICS` document (metrics per split under the small-cell rule); its test
+    histograms stay at the site for the ``secure_sum`` that follows.
 ``secure_sum``
     One step of a secure sum (:mod:`multimodal_fl.federated.secure_sum`): the server learns
-    only the total of the sites' integer vectors (pooled histogram counts).
+    only the total of the sites' integer vectors (pooled histogram counts). ``config``:
+    ``step`` (``advertise``, ``share``, ``masked``, ``unmask``) and ``vector`` (which of the
+    site's vectors); keys, encrypted shares and the masked vector travel as ``uint8`` /
+    ``int64`` arrays (:class:`~multimodal_fl.federated.secure_sum.SecureSumParty`).
 ``local_train``
     The local-only job (cross-site validation): train the site's own model to completion with
     the experiment's training settings and early stopping on its own validation split, keep it
@@ -131,7 +135,8 @@ class Kind(StrEnum):
 class Doc(StrEnum):
     """Every named document a reply may carry (small JSON documents of aggregates)."""
 
-    #: ``predict``: the site's federated-evaluation summary (counts, metrics, histograms).
+    #: A site's federated-evaluation summary (counts, metrics, coarsened histograms): no longer
+    #: sent at ``predict``, where pooled figures come from a ``secure_sum``.
     EVALUATION = "evaluation"
     #: ``predict``: the site's metrics per split and its cohort summary.
     SITE_METRICS = "site_metrics"
@@ -143,6 +148,9 @@ class Doc(StrEnum):
     #: ``evaluate``: the validation scores' histograms per label, bins merged at the site until
     #: each holds 0 or at least ``min_cell`` patients, counts only (the server pools them).
     VALIDATION = "validation"
+    #: ``secure_sum`` (step ``advertise``): the parts of the vector a site holds, their width
+    #: and the site's small-cell threshold (names and sizes only, no number about patients).
+    SECURE_SUM = "secure_sum"
     #: ``init`` / ``moments``: the state-dict keys pooled moments fill (``mean``, ``scale``,
     #: ``count``); absent or empty when the model standardises nothing.
     STANDARDIZER = "standardizer"

@@ -23,15 +23,19 @@ required: with two, each would recover the other's vector by subtracting its own
 total, so a two-site sum is refused with that reason.
 
 The classes are transport-free: in process, :func:`secure_sum` passes the messages between
-objects; over a federation, each step is one request kind whose payload is the dict these
-methods take and return (bytes and integer arrays only).
+objects; over a federation, each step is one ``secure_sum`` request (:func:`step_request`)
+that a site's :class:`SecureSumParty` answers, its payload the bytes and integer arrays these
+methods take and return (``multimodal_fl.federated.pooling.secure_total`` drives the steps
+from the server).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -45,12 +49,27 @@ from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
     generate_shared_key,
 )
 
+from multimodal_fl.federated.protocol import (
+    ConfigValue,
+    Doc,
+    Kind,
+    Reply,
+    Request,
+    pack_document,
+)
+
 __all__ = [
+    "DEFAULT_BITS",
     "MIN_SITES",
+    "STEPS",
     "SecureSumError",
+    "SecureSumParty",
     "SecureSumServer",
     "SecureSumSite",
+    "keys_arrays",
+    "reply_bytes",
     "secure_sum",
+    "step_request",
     "threshold",
 ]
 
@@ -225,6 +244,58 @@ class SecureSumSite:
         out.update({f"key/{s}": self._shares[s][1] for s in dropped if s in self._shares})
         return out
 
+    def export(self) -> dict[str, bytes]:
+        """This site's secrets and what it received so far, as bytes (kept at the site).
+
+        A site rebuilt for every message (Flower without a site worker) keeps them in its
+        SuperNode's state between the steps; nothing of it leaves the site.
+
+        Returns
+        -------
+        dict of str to bytes
+            Read back by :meth:`restore`.
+        """
+        out: dict[str, bytes] = {}
+        if hasattr(self, "_enc"):
+            out.update(enc=_private_bytes(self._enc), mask=_private_bytes(self._mask),
+                       seed=self._seed)
+        for site, (enc, mask) in self._keys.items():
+            out[f"keys/enc/{site}"], out[f"keys/mask/{site}"] = enc, mask
+        for site, (seed_share, key_share) in self._shares.items():
+            out[f"shares/seed/{site}"], out[f"shares/key/{site}"] = seed_share, key_share
+        return out
+
+    @classmethod
+    def restore(cls, name: str, bits: int, state: Mapping[str, bytes]) -> SecureSumSite:
+        """The site :meth:`export` described.
+
+        Parameters
+        ----------
+        name : str
+        bits : int
+        state : mapping of str to bytes
+
+        Returns
+        -------
+        SecureSumSite
+        """
+        site = cls(name, bits)
+        if "enc" in state:
+            site._enc = _private_key(bytes(state["enc"]))
+            site._mask = _private_key(bytes(state["mask"]))
+            site._seed = bytes(state["seed"])
+        for key, value in state.items():
+            kind, _, rest = key.partition("/")
+            part, _, other = rest.partition("/")
+            if kind == "keys":
+                enc, mask = site._keys.get(other, (b"", b""))
+                site._keys[other] = (bytes(value), mask) if part == "enc" else (enc, bytes(value))
+            elif kind == "shares":
+                seed, share = site._shares.get(other, (b"", b""))
+                site._shares[other] = ((bytes(value), share) if part == "seed"
+                                       else (seed, bytes(value)))
+        return site
+
 
 class SecureSumServer:
     """The server's side: relays keys and shares, removes the masks, keeps only the total.
@@ -333,3 +404,252 @@ def secure_sum(vectors: Mapping[str, npt.ArrayLike], *, bits: int = 40,
     dropped = sorted(set(sites) - set(alive))
     shares = {n: s.unmask(sorted(masked), dropped) for n, s in alive.items()}
     return server.total(masked, shares, sorted(sites))
+
+
+# --------------------------------------------------------------------------- over the wire
+
+#: The four steps, in order; a ``secure_sum`` request names one in ``config["step"]``.
+STEPS = ("advertise", "share", "masked", "unmask")
+#: Default modulus exponent of a secure sum over the wire.
+DEFAULT_BITS = 40
+_STATE = "secure_sum/"
+
+
+def _u8(raw: bytes) -> npt.NDArray[np.uint8]:
+    return np.frombuffer(raw, dtype=np.uint8).copy()
+
+
+def _raw(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, bytes]:
+    """The byte strings of ``arrays`` under ``prefix``, keyed by the rest of the name."""
+    return {k[len(prefix):]: np.asarray(v, dtype=np.uint8).tobytes()
+            for k, v in arrays.items() if k.startswith(prefix)}
+
+
+def step_request(step: str, vector: str, round: int, *,
+                 arrays: Mapping[str, np.ndarray] | None = None,
+                 **config: ConfigValue) -> Request:
+    """One secure-sum request (what the server sends a site at ``step``).
+
+    Parameters
+    ----------
+    step : str
+        One of :data:`STEPS`.
+    vector : str
+        Which vector the sites sum.
+    round : int
+    arrays : mapping, optional
+        ``keys/enc/<site>`` and ``keys/mask/<site>`` (share), ``from/<site>`` (masked).
+    **config
+        ``bits`` (advertise), ``parts`` (masked: JSON list), ``sent`` and ``dropped``
+        (unmask: JSON lists).
+
+    Returns
+    -------
+    Request
+    """
+    if step not in STEPS:
+        raise ValueError(f"secure sum step {step!r}; expected one of {list(STEPS)}")
+    return Request(Kind.SECURE_SUM, round, config={"step": step, "vector": vector, **config},
+                   arrays=dict(arrays or {}))
+
+
+def keys_arrays(keys: Mapping[str, Mapping[str, bytes]]) -> dict[str, npt.NDArray[np.uint8]]:
+    """Every site's public keys as the ``share`` request's arrays.
+
+    Parameters
+    ----------
+    keys : mapping of site to ``{"enc": bytes, "mask": bytes}``
+
+    Returns
+    -------
+    dict of str to uint8 array
+    """
+    return {f"keys/{kind}/{site}": _u8(k[kind]) for site, k in keys.items()
+            for kind in ("enc", "mask")}
+
+
+def reply_bytes(reply: Reply, prefix: str = "") -> dict[str, bytes]:
+    """The byte strings a secure-sum reply carries (its ``uint8`` arrays), keyed without
+    ``prefix``.
+
+    Parameters
+    ----------
+    reply : Reply
+    prefix : str
+
+    Returns
+    -------
+    dict of str to bytes
+    """
+    return _raw({k: v for k, v in reply.arrays.items() if v.dtype == np.uint8}, prefix)
+
+
+@dataclass
+class _Held:
+    """One vector a site holds for a secure sum."""
+
+    parts: dict[str, IntArray]
+    refusal: str | None
+    min_cell: int
+
+
+class SecureSumParty:
+    """A site's side of secure sums over a federation: answers the four ``secure_sum`` steps.
+
+    The site first :meth:`hold` s a vector under a name (e.g. its test histograms at the
+    predict stage), in named parts of equal width (``overall``, ``sex=F``, ...); the server's
+    ``advertise`` request then learns the part names and the width, never a number, and its
+    ``masked`` request names the parts every site lays out in one order (a part the site does
+    not hold is zeros). Between the steps the :class:`SecureSumSite` lives in this object;
+    :meth:`export_state` / :meth:`restore_state` carry it through a site rebuilt for every
+    message (Flower without a site worker), inside the site's own state.
+
+    Parameters
+    ----------
+    site : str
+        The site's name.
+    """
+
+    def __init__(self, site: str) -> None:
+        self.site = site
+        self.held: dict[str, _Held] = {}
+        self.live: dict[str, SecureSumSite] = {}
+
+    def hold(self, vector: str, parts: Mapping[str, npt.ArrayLike], *,
+             refusal: str | None = None, min_cell: int = 0) -> None:
+        """Keep a vector for a later secure sum (replacing one of the same name).
+
+        Parameters
+        ----------
+        vector : str
+            Its name (the requests' ``config["vector"]``).
+        parts : mapping of str to 1-D non-negative int array-like (equal lengths)
+        refusal : str or None
+            Why this site does not take part (said at ``advertise``, from counts only).
+        min_cell : int
+            The site's small-cell threshold in force (the server releases nothing finer).
+
+        Raises
+        ------
+        SecureSumError
+            For parts of different lengths or not 1-D integers.
+        """
+        arrays = {str(k): np.asarray(v) for k, v in parts.items()}
+        widths = {a.shape for a in arrays.values()}
+        if len(widths) > 1 or any(a.ndim != 1 or not np.issubdtype(a.dtype, np.integer)
+                                  for a in arrays.values()):
+            raise SecureSumError(f"site {self.site}: the parts of {vector!r} must be 1-D "
+                                 f"integer vectors of one length, got shapes {sorted(widths)}")
+        self.held[vector] = _Held({k: a.astype(np.int64) for k, a in arrays.items()}, refusal,
+                                  int(min_cell))
+        self.live.pop(vector, None)
+
+    def answer(self, request: Request) -> Reply:
+        """Answer one ``secure_sum`` request.
+
+        Parameters
+        ----------
+        request : Request
+
+        Returns
+        -------
+        Reply
+
+        Raises
+        ------
+        SecureSumError
+            The site does not take part (no such vector, too few patients, too few sites) or
+            the step comes out of order; the message is made from names and counts only.
+        """
+        step = str(request.config.get("step", ""))
+        vector = str(request.config.get("vector", ""))
+        held = self.held.get(vector)
+        if held is None:
+            raise SecureSumError(f"site {self.site}: holds no vector {vector!r} (it holds "
+                                 f"{sorted(self.held)})")
+        if held.refusal is not None or not held.parts:
+            raise SecureSumError(f"site {self.site}: {held.refusal or 'holds an empty vector'}")
+        if step == "advertise":
+            return self._advertise(request, vector, held)
+        live = self.live.get(vector)
+        if live is None or step not in STEPS:
+            raise SecureSumError(f"site {self.site}: secure sum step {step!r} of {vector!r} "
+                                 "without an advertise step before it")
+        reply = Reply(self.site, request.kind, request.round)
+        if step == "share":
+            keys: dict[str, dict[str, bytes]] = {}
+            for name, raw in _raw(request.arrays, "keys/").items():
+                kind, _, site = name.partition("/")
+                keys.setdefault(site, {})[kind] = raw
+            reply.arrays = {f"to/{s}": _u8(c) for s, c in live.share(keys).items()}
+        elif step == "masked":
+            layout = [str(p) for p in json.loads(str(request.config.get("parts", "[]")))]
+            width = len(next(iter(held.parts.values())))
+            x = np.concatenate([held.parts.get(p, np.zeros(width, np.int64)) for p in layout]
+                               or [np.zeros(0, np.int64)])
+            reply.arrays = {"y": live.masked(_raw(request.arrays, "from/"), x)}
+        else:
+            sent = [str(s) for s in json.loads(str(request.config.get("sent", "[]")))]
+            dropped = [str(s) for s in json.loads(str(request.config.get("dropped", "[]")))]
+            if len(sent) < MIN_SITES:
+                raise SecureSumError(_too_few(len(sent)))
+            reply.arrays = {k: _u8(v) for k, v in live.unmask(sent, dropped).items()}
+            del self.live[vector]
+        return reply
+
+    def _advertise(self, request: Request, vector: str, held: _Held) -> Reply:
+        bits = int(request.config.get("bits", DEFAULT_BITS))
+        live = self.live[vector] = SecureSumSite(self.site, bits)
+        keys = live.advertise()
+        width = len(next(iter(held.parts.values())))
+        doc = {"parts": sorted(held.parts), "width": width, "min_cell": held.min_cell}
+        return Reply(self.site, request.kind, request.round,
+                     arrays={"enc": _u8(keys["enc"]), "mask": _u8(keys["mask"])},
+                     documents={Doc.SECURE_SUM: pack_document(doc)})
+
+    def export_state(self) -> dict[str, np.ndarray]:
+        """The held vectors and the live sums as arrays (they never leave the site).
+
+        Returns
+        -------
+        dict of str to ndarray
+        """
+        meta: dict[str, Any] = {}
+        out: dict[str, np.ndarray] = {}
+        for i, (vector, held) in enumerate(sorted(self.held.items())):
+            names = sorted(held.parts)
+            entry: dict[str, Any] = {"index": i, "parts": names, "refusal": held.refusal,
+                                     "min_cell": held.min_cell}
+            if names:
+                out[f"{_STATE}{i}/parts"] = np.stack([held.parts[n] for n in names])
+            live = self.live.get(vector)
+            if live is not None:
+                state = live.export()
+                entry.update(bits=live.bits, live=sorted(state))
+                out.update({f"{_STATE}{i}/live/{j}": _u8(state[k])
+                            for j, k in enumerate(sorted(state))})
+            meta[vector] = entry
+        if meta:
+            out[f"{_STATE}meta"] = _u8(json.dumps(meta).encode())
+        return out
+
+    def restore_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Take back what :meth:`export_state` gave.
+
+        Parameters
+        ----------
+        arrays : mapping of str to ndarray
+        """
+        if f"{_STATE}meta" not in arrays:
+            return
+        meta = json.loads(np.asarray(arrays[f"{_STATE}meta"], dtype=np.uint8).tobytes())
+        for vector, entry in meta.items():
+            i = entry["index"]
+            stacked = arrays.get(f"{_STATE}{i}/parts")
+            parts = {n: np.asarray(stacked[j], dtype=np.int64)
+                     for j, n in enumerate(entry["parts"])} if stacked is not None else {}
+            self.held[vector] = _Held(parts, entry["refusal"], int(entry["min_cell"]))
+            if "live" in entry:
+                state = {k: np.asarray(arrays[f"{_STATE}{i}/live/{j}"], np.uint8).tobytes()
+                         for j, k in enumerate(entry["live"])}
+                self.live[vector] = SecureSumSite.restore(self.site, int(entry["bits"]), state)

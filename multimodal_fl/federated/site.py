@@ -43,12 +43,20 @@ Request kinds it answers:
     ``validation`` document, or sends nothing below ``min_cell``.
 ``predict``
     Final evaluation: write ``splits.json`` and ``predictions.csv`` into the site folder and
-    return metrics per split plus binned score histograms (no patient-level value), and the
+    return metrics per split under the small-cell rule (a split of fewer than ``min_cell``
+    patients shows no figure; see :func:`~multimodal_fl.training.metrics_by_split`) and the
     site's disclosed report document (``disclosed``, :func:`~multimodal_fl.evaluation.
     disclosed.site_disclosure` at the gate's ``min_cell``; the request's ``threshold``, when it
     carries one, else ``evaluation.threshold``), from which the report is built. With
     ``config["model"] == "local"`` (the local-only job) the site scores its own local-only
     model, kept at home, instead of request weights.
+    The test split's fine score histograms (overall, and per subgroup when the site policy
+    allows subgroup summaries) are held for the secure sum that follows, never sent in the
+    clear.
+``secure_sum``
+    One step of a secure sum of a vector the site holds (:data:`POOLED_TEST` after
+    ``predict``), answered by its :class:`~multimodal_fl.federated.secure_sum.SecureSumParty`;
+    a site with fewer than ``min_cell`` test patients does not take part and says so.
 ``local_train``
     The local-only job: train the site's own model to completion
     (:func:`~multimodal_fl.training.train_local_model`: the experiment's training settings,
@@ -59,8 +67,9 @@ Request kinds it answers:
 ``cross_evaluate``
     Score a local-only model (another site's, from the request's weights; or its own, from
     home) on this site's test split: the cross-site matrix cell of
-    :func:`~multimodal_fl.evaluation.fairness.cross_site_matrix` under the effective
-    ``min_cell`` (a suppressed cell carries no value and says why).
+    :func:`~multimodal_fl.evaluation.disclosed.released_metric` under the effective
+    ``min_cell``, the rule of the site's own disclosed cells (a suppressed cell carries no
+    value and says why).
 
 Every reply passes the site's :class:`~multimodal_fl.federated.disclosure.DisclosureGate`;
 handlers compute with the effective threshold the gate writes into
@@ -86,7 +95,7 @@ from torch import nn
 from multimodal_fl.config import ExperimentConfig, SitePolicy, load_policy
 from multimodal_fl.encoders.tabular import Standardizer
 from multimodal_fl.evaluation.disclosed import released_metric, site_disclosure
-from multimodal_fl.evaluation.histograms import label_counts, summarise_site
+from multimodal_fl.evaluation.histograms import histogram_parts, label_counts
 from multimodal_fl.evaluation.metrics import binary_metrics, derive_seed
 from multimodal_fl.federated.aggregation import STANDARDIZER_STATE
 from multimodal_fl.federated.disclosure import (
@@ -107,6 +116,7 @@ from multimodal_fl.federated.protocol import (
     site_seed,
 )
 from multimodal_fl.federated.proximal import proximal_term
+from multimodal_fl.federated.secure_sum import SecureSumError, SecureSumParty
 from multimodal_fl.fusion import FusionModel
 from multimodal_fl.moments import column_moments
 from multimodal_fl.pca.site import (
@@ -137,6 +147,7 @@ from multimodal_fl.training import (
 
 __all__ = [
     "LOCAL_MODEL",
+    "POOLED_TEST",
     "FusionSite",
     "fusion_sites",
     "local_training_document",
@@ -148,6 +159,10 @@ __all__ = [
 LOCAL_MODEL = "local"
 
 log = logging.getLogger(__name__)
+
+#: The secure-summed vector a site holds after ``predict``: its test split's fine score
+#: histograms (:func:`~multimodal_fl.evaluation.histograms.histogram_parts`).
+POOLED_TEST = "test_histograms"
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
@@ -232,6 +247,7 @@ class FusionSite:
         self._local_state: dict[str, torch.Tensor] = {}
         self._local_model: FusionModel | None = None
         self.progress = progress
+        self.secure = SecureSumParty(name)
         if policy is None:
             paths = {s.name: s.path for s in cfg.sites}
             policy = load_policy(paths[name]) if name in paths else SitePolicy()
@@ -252,18 +268,20 @@ class FusionSite:
         Returns
         -------
         dict of str to ndarray
-            ``pca/mean``, ``pca/components``, ``pca/scale``, ``pca/modality`` (UTF-8 bytes),
-            or empty before ``pca_apply``.
+            ``pca/mean``, ``pca/components``, ``pca/scale``, ``pca/modality`` (UTF-8 bytes)
+            after ``pca_apply``; ``secure_sum/...``: the vectors held for secure sums and the
+            secrets of a sum under way (:meth:`SecureSumParty.export_state`).
         """
-        return dict(self._pca_state)
+        return {**self._pca_state, **self.secure.export_state()}
 
     def restore_state(self, arrays: dict[str, np.ndarray]) -> None:
-        """Re-apply a projection kept by :meth:`export_state` (nothing else is restored).
+        """Re-apply a projection and take back the secure-sum state kept by :meth:`export_state`.
 
         Parameters
         ----------
         arrays : dict of str to ndarray
         """
+        self.secure.restore_state(arrays)
         if "pca/modality" in arrays:
             modality = bytes(np.asarray(arrays["pca/modality"], dtype=np.uint8)).decode()
             proj = {k[4:]: v for k, v in arrays.items() if k.startswith("pca/") and
@@ -314,6 +332,7 @@ class FusionSite:
             Kind.PCA_SCORES: self._on_pca_scores, Kind.FIT: self._on_fit,
             Kind.EVALUATE: self._on_evaluate, Kind.PREDICT: self._on_predict,
             Kind.LOCAL_TRAIN: self._on_local_train, Kind.CROSS_EVALUATE: self._on_cross_evaluate,
+            Kind.SECURE_SUM: self._on_secure_sum,
         }
 
     def _reply(self, request: Request, **fields: Any) -> Reply:
@@ -463,40 +482,57 @@ class FusionSite:
                            arrays=dict(zip(VALIDATION_COUNTS, (pos, neg), strict=True)))
 
     def _on_predict(self, request: Request) -> Reply:
-        """Write this site's splits and predictions; reply with metrics and histograms."""
+        """Write this site's splits and predictions; reply with the disclosed metrics per split
+        and the site's report document."""
         self._load_for_predict(request)
         ev = self.cfg.evaluation
+        min_cell = int(request.config.get("min_cell", self.gate.min_cell(request)))
         frame = predictions_frame(self.model, self.data, sensitive=ev.sensitive)
         if self.run_dir is not None:
             writer = RunWriter(self.run_dir, self.cfg, str(request.config.get("engine", "")))
             writer.write_splits(self.name, self.data)
             writer.write_predictions(self.name, frame)
-        by_split = metrics_by_split(frame, n_boot=ev.n_boot, seed=self.cfg.seed, where=self.name)
-        test = frame[frame["split"] == "test"]
-        summary = summarise_site(
-            self.name, test["label"].to_numpy(), test["score"].to_numpy(),
-            groups={c: test[c].astype(str).to_numpy() for c in ev.sensitive if c in test},
-            n_bins=ev.histogram_bins, min_cell=ev.min_cell, n_boot=ev.n_boot,
-            seed=self.cfg.seed,
-        )
+        by_split = metrics_by_split(frame, n_boot=ev.n_boot, seed=self.cfg.seed, where=self.name,
+                                    min_cell=min_cell)
+        self._hold_test_histograms(frame, min_cell)
         flat: dict[str, float] = {}
         for split, values in by_split.items():
             for metric, v in values.items():
                 for part, number in (("", v.value), ("/lo", v.lo), ("/hi", v.hi)):
                     if number is not None and np.isfinite(number):
                         flat[f"{split}/{metric}{part}"] = float(number)
-        site_doc = {**site_summary(self.data), "metrics": by_split}
+        site_doc = {**site_summary(self.data, min_cell=min_cell), "metrics": by_split}
         disclosed = site_disclosure(
-            frame, site=self.name, sensitive=ev.sensitive, min_cell=int(request.config["min_cell"]),
+            frame, site=self.name, sensitive=ev.sensitive, min_cell=min_cell,
             n_boot=ev.n_boot, seed=self.cfg.seed, n_bins=ev.histogram_bins,
             threshold_rule=str(request.config.get("threshold", ev.threshold)),
             subgroup_summaries=self.gate.policy.subgroup_summaries)
         documents = {
-            Doc.EVALUATION: pack_document(summary.to_dict()),
             Doc.SITE_METRICS: pack_document(jsonable(site_doc)),
             Doc.DISCLOSED: pack_document(disclosed),
         }
         return self._reply(request, n_samples=len(frame), metrics=flat, documents=documents)
+
+    def _hold_test_histograms(self, frame: Any, min_cell: int) -> None:
+        """Keep the test split's fine histograms for the secure sum (:data:`POOLED_TEST`)."""
+        test = frame[frame["split"] == "test"]
+        if len(test) < min_cell:
+            self.secure.hold(POOLED_TEST, {}, refusal=f"fewer than {min_cell} test patients",
+                             min_cell=min_cell)
+            return
+        sensitive = [c for c in self.cfg.evaluation.sensitive if c in test]
+        groups = ({c: test[c].to_numpy() for c in sensitive}
+                  if sensitive and self.gate.policy.subgroup_summaries else None)
+        parts = histogram_parts(test["label"].to_numpy(), test["score"].to_numpy(),
+                                groups=groups, n_bins=self.cfg.evaluation.histogram_bins)
+        self.secure.hold(POOLED_TEST, parts, min_cell=min_cell)
+
+    def _on_secure_sum(self, request: Request) -> Reply:
+        try:
+            return self.secure.answer(request)
+        except SecureSumError as exc:  # built from names and counts: it may cross
+            raise SiteRefused(str(exc)) from None
+
 
     # ------------------------------------------------------------ local-only job
 

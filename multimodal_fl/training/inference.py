@@ -14,7 +14,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from multimodal_fl.evaluation.metrics import MetricValue, binary_metrics, derive_seed
+from multimodal_fl.evaluation.metrics import (
+    MetricValue,
+    binary_metrics,
+    derive_seed,
+    suppress_cells,
+)
 from multimodal_fl.fusion import FusionModel
 from multimodal_fl.training.dataset import CohortDataset, SiteData
 from multimodal_fl.training.model import resolve_device
@@ -132,8 +137,14 @@ def predictions_frame(model: FusionModel, data: SiteData, *,
 
 
 def metrics_by_split(frame: pd.DataFrame, *, n_boot: int = 0, seed: int = 0,
-                     where: str = "") -> dict[str, dict[str, MetricValue]]:
+                     where: str = "", min_cell: int = 0) -> dict[str, dict[str, MetricValue]]:
     """AUC, AP, Brier and ECE per split of a :func:`predictions_frame` (undefined ones say why).
+
+    Under the small-cell rule (``min_cell > 0``) a split of fewer than ``min_cell`` patients
+    shows no figure and no count (every metric undefined, reason ``"fewer than <min_cell>
+    patients"``), and neither does a split whose size would otherwise follow from the others
+    and the site's total (complementary suppression,
+    :func:`~multimodal_fl.evaluation.metrics.suppress_cells`).
 
     Parameters
     ----------
@@ -144,17 +155,25 @@ def metrics_by_split(frame: pd.DataFrame, *, n_boot: int = 0, seed: int = 0,
     seed : int, default 0
     where : str
         Names the cell in derived bootstrap seeds.
+    min_cell : int, default 0
+        The small-cell threshold in force (0: none).
 
     Returns
     -------
     dict
         ``{split: {metric: MetricValue}}`` for train, val, test.
     """
+    parts = {s: frame[frame["split"] == s] for s in SPLITS}
+    hidden = suppress_cells({s: (len(p),) for s, p in parts.items()}, min_cell,
+                            total=(len(frame),)) if min_cell > 0 else {}
     out: dict[str, dict[str, MetricValue]] = {}
-    for s in SPLITS:
-        part = frame[frame["split"] == s]
+    for s, part in parts.items():
+        if s in hidden:
+            out[s] = {m: MetricValue.undefined(hidden[s]) for m in EVAL_METRICS}
+            continue
         out[s] = binary_metrics(
             part["label"].to_numpy(dtype=np.int64), part["score"].to_numpy(dtype=np.float64),
             metrics=list(EVAL_METRICS), n_boot=n_boot, seed=derive_seed(seed, where, s),
+            min_cell=min_cell,
         )
     return out

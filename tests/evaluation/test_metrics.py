@@ -212,3 +212,19 @@ def test_metric_value_json_round_trip() -> None:
     for x in (v, u):
         assert MetricValue.from_dict(json.loads(json.dumps(x.to_dict()))) == x
     assert "NaN" not in json.dumps(u.to_dict())
+
+
+def test_suppress_cells_small_cells_and_their_complement() -> None:
+    from multimodal_fl.evaluation.metrics import disclosed_count, suppress_cells
+
+    # 61 patients: 30 female, 30 male, 1 unknown -> unknown and the smaller other go
+    out = suppress_cells({"F": (30,), "M": (29,), "unknown": (1,)}, 10, total=(60,))
+    assert out["unknown"] == "fewer than 10 patients"
+    assert "derived by subtraction" in out["M"] and "F" not in out
+    # a cell with few positives is small too; the rest of the whole must be safe
+    out = suppress_cells({"a": (3, 40), "b": (20, 30)}, 10, names=("positives", "negatives"))
+    assert out["a"] == "fewer than 10 positives" and "b" in out
+    assert suppress_cells({"a": (0, 40), "b": (20, 30)}, 10,
+                          names=("positives", "negatives")) == {}
+    assert disclosed_count(3, 5) is None and disclosed_count(0, 5) == 0
+    assert disclosed_count(58, 5, of=61) is None and disclosed_count(56, 5, of=61) == 56

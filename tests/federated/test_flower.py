@@ -177,6 +177,42 @@ def refusing_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> R
     return RefusingSite(name)
 
 
+def sum_vectors(name: str) -> dict[str, np.ndarray]:
+    """A site's parts for the secure-sum tests (site c lacks one part)."""
+    rng = np.random.default_rng([5, SITES.index(name)])
+    parts = {p: rng.integers(0, 1000, 12) for p in ("overall", "sex=F", "sex=M")}
+    if name == "c":
+        del parts["sex=M"]
+    return parts
+
+
+class SumSite:
+    """Holds its vector and answers secure-sum steps; its party travels in exported state."""
+
+    def __init__(self, name: str) -> None:
+        from multimodal_fl.federated.secure_sum import SecureSumParty
+
+        self.party = SecureSumParty(name)
+        self.party.hold("v", sum_vectors(name), min_cell=5)
+
+    def export_state(self) -> dict[str, np.ndarray]:
+        """The party's state (keys and shares between the steps)."""
+        return self.party.export_state()
+
+    def restore_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Take it back."""
+        self.party.restore_state(arrays)
+
+    def handle(self, request: Request) -> Reply:
+        """One secure-sum step."""
+        return self.party.answer(request)
+
+
+def sum_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> SumSite:
+    """Site factory of the secure-sum test (a new object for every message, as in Flower)."""
+    return SumSite(name)
+
+
 def pca_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> PCASite:
     """Site factory of the PCA test."""
     return PCASite(name)
@@ -516,6 +552,22 @@ def test_federated_pca_over_flower_equals_in_process(task_identity: None) -> Non
     assert all(v.size <= 8 * 8 + 8 + 1 for r in replies.values() for v in r.values())
 
 
+def test_secure_sum_over_flower_equals_the_plain_sum(task_identity: None) -> None:
+    """The four steps as Flower messages to ClientApps that rebuild the site for every message
+    (its secrets kept in the SuperNode's state): the total is the plain sum."""
+    from multimodal_fl.federated.pooling import secure_total
+
+    federation, grid = fake_federation({"site-factory": "tests.federated.test_flower:sum_site"})
+    total = secure_total(federation, federation.sites(), "v", timeout=30)
+    assert total.refused is None and total.sites == list(SITES)
+    vectors = {s: sum_vectors(s) for s in SITES}
+    for part in ("overall", "sex=F"):
+        np.testing.assert_array_equal(total.parts[part], sum(v[part] for v in vectors.values()))
+    assert "held by 2 site(s)" in total.left_out["sex=M"]  # site c has none: not summed
+    assert grid.pushed == 3 + 4 * 3  # name queries, then four steps per site
+    assert all(SITE_STATE_KEY in state.array_records for state in grid.states.values())
+
+
 def test_server_job_needs_something_to_run() -> None:
     with pytest.raises(ValueError, match="initial_weights and config"):
         ServerJob()
@@ -694,7 +746,9 @@ def test_experiment_over_flower_wire_equals_mmfl_train(
     from multimodal_fl.engines.flower_jobs import experiment_job, experiment_run_config
     from multimodal_fl.federated.flower.worker import stop_worker, worker_address
 
-    cfg = load_config(tiny_config("covid_oxygen"))
+    # half of each site's patients in test, so the pooled secure sum has sites to sum
+    cfg = load_config(tiny_config("covid_oxygen", evaluation={"min_cell": 5},
+                                  training={"split": {"train": 0.3, "val": 0.2, "test": 0.5}}))
     assert cfg.training.num_threads == 1  # the site workers get torch-threads = 1 from it
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -725,3 +779,8 @@ def test_experiment_over_flower_wire_equals_mmfl_train(
     for site in cfg.sites:
         rows = (run_dir / "sites" / site.name / "predictions.csv").read_text()
         assert rows == (reference / "sites" / site.name / "predictions.csv").read_text()
+    # the pooled test figures: a secure sum over the Flower wire gives the in-process total
+    pooled = [json.loads((d / "metrics.json").read_text())["pooled_from_histograms"]
+              for d in (reference, run_dir)]
+    assert pooled[0]["overall"]["auc"]["value"] is not None
+    assert pooled[1] == pooled[0]

@@ -6,7 +6,8 @@ free loopback ports (telemetry and runtime dependency installation off, via
 runs). ``flwr run`` submits the experiment's app (``flower_jobs.experiment_job`` /
 ``experiment_site``, site workers on) for two rounds; the run directory it writes must hold the
 same ``model.safetensors`` as ``run_federated_experiment`` in this process with the same seed,
-bit for bit, and the same round history and per-site predictions. The SuperNodes write their
+bit for bit, and the same round history, per-site predictions and pooled test figures (a
+secure sum of the sites' histograms over the deployment). The SuperNodes write their
 patient-level files into a folder of their own (the hospitals'), so the server's run directory
 holds no ``sites/``, and the report built from it alone equals the in-process run's.
 """
@@ -45,12 +46,14 @@ def _rounds(run_dir: Path) -> list[dict[str, Any]]:
 
 @pytest.mark.flower
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(480)
 def test_fusion_experiment_on_loopback_flower_equals_in_process(
     tiny_config: Callable[..., Path], tmp_path: Path
 ) -> None:
     """SuperLink + 3 SuperNodes, 2 rounds of the real experiment: the in-process model, exactly."""
-    cfg = load_config(tiny_config("covid_oxygen"))
+    # half of each site's patients in test, so the pooled secure sum has sites to sum
+    cfg = load_config(tiny_config("covid_oxygen", evaluation={"min_cell": 5},
+                                  training={"split": {"train": 0.3, "val": 0.2, "test": 0.5}}))
     assert len(cfg.sites) == 3, "the tiny COVID-19 cohort should have three sites"
     assert cfg.federated.rounds == 2
     assert cfg.training.num_threads == 1  # run_federated_experiment and torch-threads use it
@@ -67,7 +70,9 @@ def test_fusion_experiment_on_loopback_flower_equals_in_process(
     sites = {s.name: Path(s.path) for s in cfg.sites}
     started = time.monotonic()
     try:  # starts and stops every process (process groups killed on the way out)
-        run_loopback(sites, run_config, tmp_path / "flower_work", timeout=300)
+        # 380 s: the predict stage's secure sum adds four messages per site, each a ClientApp
+        # process start (287 s in all on a 2-core machine at load 7)
+        run_loopback(sites, run_config, tmp_path / "flower_work", timeout=380)
     except FlowerRunError as exc:
         pytest.fail(str(exc))
     flower_s = time.monotonic() - started
@@ -93,6 +98,13 @@ def test_fusion_experiment_on_loopback_flower_equals_in_process(
     for name in sites:
         flower_rows = (hospitals / "sites" / name / "predictions.csv").read_text()
         assert flower_rows == (reference / "sites" / name / "predictions.csv").read_text(), name
+    # the pooled test figures: the secure sum over the deployment equals the in-process one
+    ref_pooled = json.loads((reference / "metrics.json").read_text())["pooled_from_histograms"]
+    assert ref_pooled["overall"]["auc"]["value"] is not None
+    assert metrics["pooled_from_histograms"] == ref_pooled
+    assert [json.loads(line)["kind"] for line in
+            (hospitals / "sites" / "site_a" / "egress.jsonl").read_text().splitlines()
+            ].count("secure_sum") == 4
     _report_from_the_server_dir_equals_in_process(run_dir, reference, sorted(sites))
 
 

@@ -659,7 +659,8 @@ def _pooled_paragraph(lab: str, fe: dict[str, Any]) -> str:
         return (f"<h3>{_esc(lab)}</h3><p>— (no histogram-pooled figures in its metrics.json)"
                 "</p>")
     auc = o.get("auc")
-    body = f"<h3>{_esc(lab)}</h3><p>Pooled AUC from {o['n_bins']}-bin histograms: "
+    bins = f"{o['n_bins']}-bin histograms" if o.get("n_bins") else "histograms"
+    body = f"<h3>{_esc(lab)}</h3><p>Pooled AUC from {bins}: "
     if auc:
         body += (f"{_bounded_text(auc)} (the exact pooled AUC is guaranteed to lie within "
                  f"the bounds); pooled ECE {o['ece']:.3f}")
@@ -669,9 +670,10 @@ def _pooled_paragraph(lab: str, fe: dict[str, Any]) -> str:
                      f"{_bounded_text(o['specificity'])}")
     else:
         body += f"— ({_esc(o.get('reason'))})"
-    body += (f". Sites pooled: {_esc(', '.join(o['sites']) or 'none')} "
-             f"({o['n_pos']} positives, {o['n_neg']} negatives)")
-    if o["excluded"]:
+    body += f". Sites pooled: {_esc(', '.join(o.get('sites') or []) or 'none')}"
+    if o.get("n_pos") is not None and o.get("n_neg") is not None:
+        body += f" ({o['n_pos']} positives, {o['n_neg']} negatives)"
+    if o.get("excluded"):
         body += "; left out: " + _esc("; ".join(f"{k} ({v})" for k, v in o["excluded"].items()))
         body += (". <b>Sites were left out: these pooled figures cover only the sites "
                  "listed and are not comparable with the all-sites row above</b>")

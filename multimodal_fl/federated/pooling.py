@@ -1,0 +1,234 @@
+"""Secure sums over a federation: the server drives the four steps and keeps only the total.
+
+:func:`secure_total` runs the protocol of :mod:`multimodal_fl.federated.secure_sum` over any
+:class:`~multimodal_fl.federated.server.Federation` (in process or Flower): one ``secure_sum``
+request per site and step, answered by each site's
+:class:`~multimodal_fl.federated.secure_sum.SecureSumParty`:
+
+1. ``advertise``: each site that holds the vector and takes part sends two public keys and the
+   names of the parts it holds (``overall``, ``sex=F``, ...); a site that does not take part
+   says why (e.g. too few test patients). With fewer than
+   :data:`~multimodal_fl.federated.secure_sum.MIN_SITES` sites the sum is refused here, before
+   any vector is sent. A part held by fewer than that many sites is left out of the layout.
+2. ``share``: the server relays the keys; each site returns its encrypted Shamir shares. A
+   site that fails here restarts the sum without it (nothing has been sent yet).
+3. ``masked``: each site sends its masked vector, parts laid out in the server's order.
+   A site that drops now does not stop the sum.
+4. ``unmask``: the sites that sent a masked vector return the shares the server needs to
+   remove the masks; the server keeps the total and splits it back into parts.
+
+This module knows no modality, no file and no config schema.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from multimodal_fl.federated.protocol import Doc, Reply, Request, SiteFailure
+from multimodal_fl.federated.secure_sum import (
+    DEFAULT_BITS,
+    MIN_SITES,
+    SecureSumError,
+    SecureSumServer,
+    keys_arrays,
+    reply_bytes,
+    step_request,
+)
+from multimodal_fl.federated.server import Federation
+
+__all__ = ["REFUSED", "SecureTotal", "secure_total"]
+
+log = logging.getLogger(__name__)
+
+#: How a refused secure sum starts its reason (``metrics.json`` shows it).
+REFUSED = f"refused: a secure sum needs at least {MIN_SITES} sites"
+
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass
+class SecureTotal:
+    """What the server learns from one secure sum.
+
+    Attributes
+    ----------
+    vector : str
+        The vector's name.
+    parts : dict of str to int64 array
+        The total of every part in the layout (empty when refused).
+    contributors : dict of str to list of str
+        Per part, the sites whose masked vector held it.
+    sites : list of str
+        The sites whose masked vector is in the total.
+    excluded : dict of str to str
+        Sites left out, with the reason (refused, failed, dropped).
+    left_out : dict of str to str
+        Parts held by some site but not summed, with the reason.
+    min_cell : int
+        The largest small-cell threshold the contributing sites named.
+    refused : str or None
+        Why there is no total (starts with :data:`REFUSED` when too few sites took part).
+    """
+
+    vector: str
+    parts: dict[str, IntArray] = field(default_factory=dict)
+    contributors: dict[str, list[str]] = field(default_factory=dict)
+    sites: list[str] = field(default_factory=list)
+    excluded: dict[str, str] = field(default_factory=dict)
+    left_out: dict[str, str] = field(default_factory=dict)
+    min_cell: int = 0
+    refused: str | None = None
+
+
+def _ask(federation: Federation, requests: Mapping[str, Request], timeout: float | None,
+         excluded: dict[str, str], step: str) -> dict[str, Reply]:
+    """Broadcast; keep the good replies, note every other site's reason in ``excluded``."""
+    answers = federation.broadcast(requests, timeout)
+    good: dict[str, Reply] = {}
+    for site in sorted(requests):
+        reply = answers.get(site)
+        if isinstance(reply, Reply) and reply.site == site and reply.kind == requests[site].kind:
+            good[site] = reply
+            continue
+        reason = reply.reason if isinstance(reply, SiteFailure) else f"bad reply {reply!r}"
+        excluded[site] = f"{step}: {reason}"
+        log.info("secure sum step %s: site %s left out: %s", step, site, reason)
+    return good
+
+
+def _too_few(n: int, what: str) -> str:
+    return f"{REFUSED}, {n} {what}"
+
+
+@dataclass(frozen=True)
+class _Advert:
+    """One site's advertise reply: its public keys and the parts it holds."""
+
+    keys: dict[str, bytes]
+    parts: frozenset[str]
+    width: int
+    min_cell: int
+
+
+def _advertise(federation: Federation, sites: Sequence[str], vector: str, round: int,
+               timeout: float | None, bits: int, result: SecureTotal) -> dict[str, _Advert]:
+    replies = _ask(federation, {s: step_request("advertise", vector, round, bits=bits)
+                                for s in sites}, timeout, result.excluded, "advertise")
+    out: dict[str, _Advert] = {}
+    for site, reply in replies.items():
+        try:
+            doc = reply.document(Doc.SECURE_SUM)
+            out[site] = _Advert(reply_bytes(reply), frozenset(str(p) for p in doc["parts"]),
+                                int(doc["width"]), int(doc.get("min_cell", 0)))
+        except (ValueError, KeyError, TypeError) as exc:
+            result.excluded[site] = f"advertise: {type(exc).__name__}: {exc}"
+    widths = {a.width for a in out.values()}
+    if len(widths) > 1:
+        raise SecureSumError(f"secure sum of {vector!r}: the sites' parts differ in width "
+                             f"{sorted(widths)}; every site must lay out the same vector")
+    return out
+
+
+def _layout(adverts: Mapping[str, _Advert], result: SecureTotal) -> list[str]:
+    """The parts at least MIN_SITES sites hold, in sorted order; the others are left out."""
+    holders: dict[str, int] = {}
+    for advert in adverts.values():
+        for part in advert.parts:
+            holders[part] = holders.get(part, 0) + 1
+    for part, n in sorted(holders.items()):
+        if n < MIN_SITES:
+            result.left_out[part] = (f"held by {n} site(s); a secure sum needs at least "
+                                     f"{MIN_SITES}")
+    return sorted(p for p, n in holders.items() if n >= MIN_SITES)
+
+
+def secure_total(federation: Federation, sites: Sequence[str], vector: str, *,
+                 round: int = 0, timeout: float | None = None,
+                 bits: int = DEFAULT_BITS) -> SecureTotal:
+    """Sum the sites' vector ``vector`` so that the server learns only the total.
+
+    Parameters
+    ----------
+    federation : Federation
+    sites : sequence of str
+        The sites to ask (each must hold the vector, e.g. after the predict stage).
+    vector : str
+        The vector's name (``config["vector"]``).
+    round : int
+        The requests' round.
+    timeout : float or None
+        Per-site timeout of every step.
+    bits : int
+        Modulus exponent (the total must stay below ``2**bits``).
+
+    Returns
+    -------
+    SecureTotal
+        The total per part, or ``refused`` with the reason; never raises for a site's fault.
+    """
+    result = SecureTotal(vector)
+    candidates = sorted(sites)
+    if len(candidates) < MIN_SITES:  # not even the keys are asked for
+        result.refused = _too_few(len(candidates), "asked")
+        return result
+    while True:
+        adverts = _advertise(federation, candidates, vector, round, timeout, bits, result)
+        if len(adverts) < MIN_SITES:
+            result.refused = _too_few(len(adverts), "took part")
+            return result
+        server = SecureSumServer(bits)
+        keys = server.collect_keys({s: a.keys for s, a in adverts.items()})
+        shared = _ask(federation, {s: step_request("share", vector, round,
+                                                   arrays=keys_arrays(keys))
+                                   for s in adverts}, timeout, result.excluded, "share")
+        if len(shared) == len(adverts):
+            break
+        candidates = sorted(shared)  # a site failed before any vector was sent: start again
+    result.min_cell = max(a.min_cell for a in adverts.values())
+    layout = _layout(adverts, result)
+    routed = server.route({s: reply_bytes(r, "to/") for s, r in shared.items()})
+    masked_replies = _ask(federation, {
+        s: step_request("masked", vector, round, parts=json.dumps(layout), arrays={
+            f"from/{sender}": np.frombuffer(c, dtype=np.uint8).copy()
+            for sender, c in routed.get(s, {}).items()})
+        for s in shared}, timeout, result.excluded, "masked")
+    masked = {s: np.asarray(r.arrays.get("y", np.zeros(0)), dtype=np.int64)
+              for s, r in masked_replies.items()}
+    if len(masked) < MIN_SITES:
+        result.refused = _too_few(len(masked), "sent a masked vector")
+        return result
+    return _unmask(federation, server, result, masked, sorted(shared), adverts, layout,
+                   round=round, timeout=timeout)
+
+
+def _unmask(federation: Federation, server: SecureSumServer, result: SecureTotal,
+            masked: Mapping[str, IntArray], shared: list[str], adverts: Mapping[str, _Advert],
+            layout: list[str], *, round: int, timeout: float | None) -> SecureTotal:
+    """Step 4: the shares that remove the masks; the total split back into its parts."""
+    sent, dropped = sorted(masked), sorted(set(shared) - set(masked))
+    unmasked = _ask(federation, {s: step_request("unmask", result.vector, round,
+                                                 sent=json.dumps(sent),
+                                                 dropped=json.dumps(dropped))
+                                 for s in sent}, timeout, result.excluded, "unmask")
+    try:
+        total = server.total(masked, {s: reply_bytes(r) for s, r in unmasked.items()}, shared)
+    except SecureSumError as exc:
+        result.refused = f"secure sum of {result.vector!r} failed: {exc}"
+        return result
+    width = total.size // len(layout)
+    result.sites = sent
+    for i, part in enumerate(layout):
+        holders = [s for s in sent if part in adverts[s].parts]
+        if len(holders) < MIN_SITES:  # a holder dropped after sharing
+            result.left_out[part] = (f"held by {len(holders)} site(s) that sent; a secure "
+                                     f"sum needs at least {MIN_SITES}")
+            continue
+        result.parts[part] = total[i * width:(i + 1) * width].copy()
+        result.contributors[part] = holders
+    return result

@@ -1,0 +1,116 @@
+"""Secure sums over a federation: the four steps as requests, the total equals the plain sum."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+
+from multimodal_fl.federated.inprocess import InProcessFederation
+from multimodal_fl.federated.pooling import REFUSED, secure_total
+from multimodal_fl.federated.protocol import Kind, Reply, Request
+from multimodal_fl.federated.secure_sum import SecureSumError, SecureSumParty
+
+RNG = np.random.default_rng(3)
+
+
+class SumSite:
+    """A site that holds one vector in parts and answers secure-sum steps (and counts them)."""
+
+    def __init__(self, name: str, parts: Mapping[str, np.ndarray], *,
+                 refusal: str | None = None, drop_at: str | None = None,
+                 fresh: bool = False) -> None:
+        self.name = name
+        self.party = SecureSumParty(name)
+        self.party.hold("v", parts, refusal=refusal, min_cell=5)
+        self.drop_at = drop_at
+        self.fresh = fresh  # rebuild the party from exported state for every message (Flower)
+        self.seen: list[Request] = []
+        self.sent: list[Reply] = []
+
+    def handle(self, request: Request) -> Reply:
+        assert request.kind == Kind.SECURE_SUM
+        self.seen.append(request)
+        if request.config["step"] == self.drop_at:
+            raise ConnectionError("gone")
+        if self.fresh:
+            state = self.party.export_state()
+            self.party = SecureSumParty(self.name)
+            self.party.restore_state(state)
+        try:
+            reply = self.party.answer(request)
+        except SecureSumError as exc:
+            raise RuntimeError(str(exc)) from None
+        self.sent.append(reply)
+        return reply
+
+
+def _parts(n_sites: int, names: tuple[str, ...] = ("overall", "sex=F", "sex=M"),
+           width: int = 8) -> dict[str, dict[str, np.ndarray]]:
+    return {f"s{i}": {p: RNG.integers(0, 50, width) for p in names} for i in range(n_sites)}
+
+
+def _federation(parts: Mapping[str, Mapping[str, np.ndarray]], **kw: dict[str, object]
+                ) -> tuple[InProcessFederation, dict[str, SumSite]]:
+    sites = {n: SumSite(n, p, **kw.get(n, {})) for n, p in parts.items()}  # type: ignore[arg-type]
+    return InProcessFederation(sites), sites
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_secure_total_equals_the_plain_sum(fresh: bool) -> None:
+    parts = _parts(4)
+    parts["s3"].pop("sex=M")  # a site without a part lays out zeros there
+    federation, sites = _federation(parts, **{n: {"fresh": fresh} for n in parts})
+    total = secure_total(federation, sorted(sites), "v")
+    assert total.refused is None and total.sites == sorted(sites)
+    for part in ("overall", "sex=F", "sex=M"):
+        expected = sum(p[part] for p in parts.values() if part in p)
+        np.testing.assert_array_equal(total.parts[part], expected)
+    assert total.contributors["sex=M"] == ["s0", "s1", "s2"]
+    assert total.min_cell == 5
+    # what each site sent at the masked step is not its vector
+    for name, site in sites.items():
+        y = next(r.arrays["y"] for r in site.sent if "y" in r.arrays)
+        plain = np.concatenate([parts[name].get(p, np.zeros(8, int))
+                                for p in ("overall", "sex=F", "sex=M")])
+        assert not np.array_equal(y, plain) and y.max() > 2**30
+
+
+def test_a_site_dropping_after_sharing_its_keys_does_not_stop_the_sum() -> None:
+    parts = _parts(4)
+    federation, sites = _federation(parts, s1={"drop_at": "masked"})
+    total = secure_total(federation, sorted(sites), "v")
+    assert total.refused is None and total.sites == ["s0", "s2", "s3"]
+    assert total.excluded["s1"].startswith("masked:")
+    np.testing.assert_array_equal(
+        total.parts["overall"], sum(parts[s]["overall"] for s in ("s0", "s2", "s3")))
+
+
+def test_a_part_held_by_fewer_than_three_sites_is_left_out() -> None:
+    parts = _parts(3)
+    parts["s0"]["sex=unknown"] = np.ones(8, dtype=np.int64)
+    federation, _ = _federation(parts)
+    total = secure_total(federation, ["s0", "s1", "s2"], "v")
+    assert "sex=unknown" not in total.parts
+    assert "held by 1 site(s)" in total.left_out["sex=unknown"]
+
+
+def test_two_sites_are_refused_with_the_reason_and_no_vector_is_sent() -> None:
+    parts = _parts(3)
+    federation, sites = _federation(parts, s2={"refusal": "fewer than 5 test patients"})
+    total = secure_total(federation, sorted(sites), "v")
+    assert total.refused is not None and total.refused.startswith(REFUSED)
+    assert "2 took part" in total.refused and total.parts == {}
+    assert "fewer than 5 test patients" in total.excluded["s2"]
+    for site in sites.values():  # only the advertise step was asked; no vector left a site
+        assert [r.config["step"] for r in site.seen] == ["advertise"]
+        assert not any("y" in r.arrays for r in site.sent)
+
+
+def test_a_site_refuses_to_unmask_for_fewer_than_three_senders() -> None:
+    parts = _parts(4)
+    federation, sites = _federation(parts, s1={"drop_at": "masked"}, s2={"drop_at": "masked"})
+    total = secure_total(federation, sorted(sites), "v")
+    assert total.refused is not None and "2 sent a masked vector" in total.refused
+    assert all(r.config["step"] != "unmask" for s in sites.values() for r in s.seen)

@@ -1,0 +1,305 @@
+"""What leaves a site at predict: no figure on a small cell, no histogram in the clear, and the
+pooled test figures from a secure sum. Includes the differencing attack of issue 12."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from multimodal_fl.cli import app
+from multimodal_fl.config import load_config
+from multimodal_fl.engines.federated import pooled_test
+from multimodal_fl.federated import site as site_module
+from multimodal_fl.federated.disclosure import EGRESS_LOG
+from multimodal_fl.federated.gather import gather
+from multimodal_fl.federated.inprocess import InProcessFederation
+from multimodal_fl.federated.pooling import REFUSED
+from multimodal_fl.federated.protocol import Doc, Kind, Reply, Request, unpack_document
+from multimodal_fl.federated.site import FusionSite, fusion_sites
+from tests.smallcells import json_numbers, small_figures
+
+#: The one patient of sex "unknown" at site_a: positive, with this score.
+UNKNOWN_SCORE = 0.93171
+
+
+class Recorder:
+    """A site as the server sees it: every request it got and every reply that left it.
+
+    With ``fresh``, the site is rebuilt from its exported state for every message, as a Flower
+    ClientApp without a site worker rebuilds it.
+    """
+
+    def __init__(self, site: FusionSite, *, fresh: bool = False) -> None:
+        self.site = site
+        self.fresh = fresh
+        self.requests: list[Request] = []
+        self.replies: list[Reply] = []
+
+    def handle(self, request: Request) -> Reply:
+        self.requests.append(request)
+        if self.fresh:
+            old = self.site
+            self.site = FusionSite(old.name, old.cfg, old.data, run_dir=old.run_dir)
+            self.site.restore_state(old.export_state())
+        reply = self.site.handle(request)
+        self.replies.append(reply)
+        return reply
+
+
+def _frame(n: int, seed: int, *, unknown: bool = False) -> pd.DataFrame:
+    """A predictions table: ``n`` test patients (half female, half male), 40 train, 20 val."""
+    rng = np.random.default_rng(seed)
+    total = n + 60
+    y = (rng.random(total) < 0.5).astype(int)
+    score = np.clip(rng.normal(0.35 + 0.3 * y, 0.15), 0.01, 0.99)
+    sex = np.where(np.arange(total) % 2 == 0, "female", "male").astype(object)
+    split = np.array(["test"] * n + ["train"] * 40 + ["val"] * 20)
+    if unknown:  # the differencing target: one positive patient of sex "unknown"
+        sex[n - 1], y[n - 1], score[n - 1] = "unknown", 1, UNKNOWN_SCORE
+    return pd.DataFrame({
+        "patient_id": [f"p{seed}-{i}" for i in range(total)], "split": split, "label": y,
+        "score": score, "sex": sex, "age_band": np.where(rng.random(total) < 0.5, "40-59", "60+"),
+    })
+
+
+@pytest.fixture(scope="module")
+def tiny_sites(tmp_path_factory: pytest.TempPathFactory, tiny_sample: Path, tiny_bert: Path
+               ) -> tuple[Any, Path, dict[str, FusionSite]]:
+    """The tiny cohort's three sites, built once (their predictions are replaced per test)."""
+    from tests.conftest import write_tiny_config
+
+    root = tmp_path_factory.mktemp("predict_disclosure")
+    cfg = load_config(write_tiny_config(root, tiny_sample, tiny_bert, "covid_oxygen"))
+    return cfg, root, fusion_sites(cfg, root / "prepared")
+
+
+def _run_predict(cfg: Any, run_dir: Path, sites: dict[str, FusionSite],
+                 frames: dict[str, pd.DataFrame], monkeypatch: pytest.MonkeyPatch,
+                 fresh: tuple[str, ...] = ()) -> tuple[dict[str, Recorder], dict[str, Any]]:
+    """The engine's predict stage over these sites, each scoring ``frames[site]``."""
+    by_data = {id(s.data): frames[n] for n, s in sites.items()}
+    monkeypatch.setattr(site_module, "predictions_frame",
+                        lambda model, data, sensitive=(): by_data[id(data)].copy())
+    own = {n: FusionSite(n, cfg, s.data, run_dir=run_dir) for n, s in sites.items()}
+    recorders = {n: Recorder(s, fresh=n in fresh) for n, s in own.items()}
+    federation = InProcessFederation(recorders)
+    first = sorted(own)[0]
+    weights = gather(federation, {first: Request(Kind.INIT, 0)}, None, stage="init",
+                     minimum=1)[first].weights
+    final = gather(federation, {s: Request(Kind.PREDICT, 1, weights=weights,
+                                           config={"engine": "inprocess"}) for s in own},
+                   None, stage="predict", minimum=1)
+    docs = {s: r.document(Doc.SITE_METRICS) for s, r in final.items()}
+    return recorders, pooled_test(federation, cfg, docs, 1)
+
+
+def _differences(doc: Any) -> list[float]:
+    """The attack: wherever a document has an overall cell and subgroup cells of ``sex``,
+    subtract the shown subgroups from the overall, number by number (lists elementwise)."""
+    out: list[float] = []
+    if isinstance(doc, dict):
+        overall, sex = doc.get("overall"), (doc.get("subgroups") or {}).get("sex")
+        if isinstance(overall, dict) and isinstance(sex, dict):
+            shown = [c for c in sex.values() if isinstance(c, dict)]
+
+            def leaves(cell: Any, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], float]:
+                if isinstance(cell, dict):
+                    return {k: v for key, sub in cell.items()
+                            for k, v in leaves(sub, (*path, key)).items()}
+                if isinstance(cell, list):  # each element, and the list's total
+                    out = {k: v for i, sub in enumerate(cell)
+                           for k, v in leaves(sub, (*path, i)).items()}
+                    numbers = [v for k, v in out.items() if len(k) == len(path) + 1]
+                    return {**out, (*path, "total"): sum(numbers)} if numbers else out
+                ok = isinstance(cell, int | float) and not isinstance(cell, bool)
+                return {path: float(cell)} if ok else {}
+
+            parts = [leaves(c) for c in shown]
+            for path, value in leaves(overall).items():
+                if any(path in p for p in parts):
+                    out.append(value - sum(p.get(path, 0.0) for p in parts))
+        for value in doc.values():
+            out += _differences(value)
+    elif isinstance(doc, list):
+        for value in doc:
+            out += _differences(value)
+    return out
+
+
+def test_differencing_a_61_patient_site_recovers_nothing_of_its_one_unknown_patient(
+    tiny_sites: tuple[Any, Path, dict[str, FusionSite]], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg, _, sites = tiny_sites
+    frames = {"site_a": _frame(61, 1, unknown=True), "site_b": _frame(40, 2),
+              "site_c": _frame(36, 3)}
+    recorders, pooled = _run_predict(cfg, tmp_path, sites, frames, monkeypatch,
+                                     fresh=("site_c",))
+    released = recorders["site_a"].replies
+    kinds = [r.kind for r in released]
+    assert kinds.count(Kind.PREDICT) == 1 and kinds.count(Kind.SECURE_SUM) == 4
+    docs = [unpack_document(t) for r in released for t in r.documents.values()]
+    numbers = [*json_numbers(docs), *(v for r in released for v in r.metrics.values())]
+    # no released number is (or is within 1e-4 of) the patient's score
+    assert not [x for x in numbers if abs(x - UNKNOWN_SCORE) < 1e-4]
+    # overall minus female minus male, in every released document: no count, no label, no score
+    # (on the code before, the "evaluation" document gave n 1, n_pos 1 and score_sum 0.93171)
+    for diff in _differences(docs):
+        assert diff != 1.0 and abs(diff - UNKNOWN_SCORE) > 1e-4, diff
+    # no histogram in the clear: the predict reply carries the site's metrics and its report
+    # document only (both under the differencing check above)
+    predict = next(r for r in released if r.kind == Kind.PREDICT)
+    assert sorted(predict.documents) == [Doc.DISCLOSED, Doc.SITE_METRICS] and not predict.arrays
+    assert "score_sum" not in json.dumps(docs)
+    # what went to the secure sum is masked: the vector never leaves in the clear
+    y = next(r.arrays["y"] for r in released if "y" in r.arrays)
+    assert y.max() > 2**30
+    # the pooled figures: the unknown cell is not shown, nor is anything that gives it away
+    sex = pooled["subgroups"]["sex"]
+    assert "auc" not in sex["unknown"] and sex["unknown"]["reason"]
+    shown = [c for c in sex.values() if "auc" in c]
+    for key in ("n_pos", "n_neg"):
+        rest = pooled["overall"][key] - sum(c[key] for c in shown)
+        assert rest == 0 or rest >= 10, (key, rest)
+    assert pooled["overall"]["auc"]["lo"] is not None
+    assert small_figures(pooled, 10) == []
+    # the site's egress log has every released message: predict and the four steps
+    log = [json.loads(line) for line in
+           (tmp_path / "sites" / "site_a" / EGRESS_LOG).read_text().splitlines()]
+    assert [e["kind"] for e in log if e["released"]].count("secure_sum") == 4
+    assert next(e for e in log if e["kind"] == "predict")["documents"] == ["disclosed",
+                                                                            "site_metrics"]
+    assert str(UNKNOWN_SCORE) not in json.dumps(log)
+    # a site rebuilt for every message (Flower without a worker) took part the same
+    assert "site_c" in pooled["overall"]["sites"]
+
+
+def test_a_secure_sum_of_two_sites_is_refused_and_no_vector_is_sent(
+    tiny_sites: tuple[Any, Path, dict[str, FusionSite]], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg, _, sites = tiny_sites
+    two = {n: s for n, s in sites.items() if n in ("site_a", "site_b")}
+    frames = {"site_a": _frame(61, 1), "site_b": _frame(40, 2)}
+    recorders, pooled = _run_predict(cfg, tmp_path, two, frames, monkeypatch)
+    assert pooled["overall"]["reason"].startswith(REFUSED)
+    assert "auc" not in pooled["overall"] and pooled["subgroups"] == {}
+    for recorder in recorders.values():
+        assert not [r for r in recorder.requests if r.kind == Kind.SECURE_SUM]
+
+
+def test_a_site_with_too_few_test_patients_does_not_take_part_and_says_so(
+    tiny_sites: tuple[Any, Path, dict[str, FusionSite]], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg, _, sites = tiny_sites
+    frames = {"site_a": _frame(61, 1), "site_b": _frame(40, 2), "site_c": _frame(6, 3)}
+    recorders, pooled = _run_predict(cfg, tmp_path, sites, frames, monkeypatch)
+    assert "fewer than 10 test patients" in pooled["overall"]["excluded"]["site_c"]
+    assert pooled["overall"]["reason"].startswith(REFUSED)
+    assert not [r for r in recorders["site_c"].replies if r.kind == Kind.SECURE_SUM]
+    # its small test split shows no figure either
+    doc = next(r for r in recorders["site_c"].replies if r.kind == Kind.PREDICT)
+    test = doc.document(Doc.SITE_METRICS)["metrics"]["test"]
+    assert all(m["value"] is None and m["n"] is None and m["reason"] == "fewer than 10 patients"
+               for m in test.values())
+    assert not any(k.startswith("test/") for k in doc.metrics)
+
+
+# ------------------------------------------------------------------ mmfl train, end to end
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_sample: Path, tiny_bert: Path
+            ) -> tuple[str, Path]:
+    """``mmfl train`` on the tiny COVID-19 cohort, half of each site's patients in test."""
+    from tests.conftest import write_tiny_config
+
+    root = tmp_path_factory.mktemp("trained")
+    config = write_tiny_config(root, tiny_sample, tiny_bert, "covid_oxygen",
+                               training={"split": {"train": 0.3, "val": 0.2, "test": 0.5}},
+                               evaluation={"min_cell": 5})
+    result = CliRunner().invoke(app, ["train", str(config), "--out", str(root / "run"),
+                                      "--quiet", "--no-report"])
+    assert result.exit_code == 0, result.output
+    return result.output, root / "run"
+
+
+def test_no_console_line_or_metrics_entry_shows_a_figure_on_fewer_than_min_cell(
+    trained: tuple[str, Path],
+) -> None:
+    output, run = trained
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert small_figures(metrics["sites"], 5) == []
+    assert small_figures(metrics["pooled_from_histograms"], 5) == []
+    hidden = 0
+    for site, doc in metrics["sites"].items():
+        for split, values in doc["metrics"].items():
+            auc = values["auc"]
+            if auc["reason"] == "fewer than 5 patients" or "subtraction" in str(auc["reason"]):
+                hidden += 1
+                assert auc["value"] is None and auc["n"] is None, (site, split)
+        test = doc["metrics"]["test"]["auc"]
+        row = next(line for line in output.splitlines() if f" {site} " in line)
+        if test["value"] is None:
+            assert "not shown" in row and test["reason"] in row
+        else:
+            assert test["n"] >= 5 and f"{test['value']:.3f}" in row
+    assert hidden >= 3  # every tiny site's validation split (4 patients) is suppressed
+
+
+def test_the_pooled_test_auc_with_its_interval_and_the_qualifying_cells_are_shown(
+    trained: tuple[str, Path],
+) -> None:
+    output, run = trained
+    pooled = json.loads((run / "metrics.json").read_text())["pooled_from_histograms"]
+    overall = pooled["overall"]
+    assert overall["reason"] is None and len(overall["sites"]) == 3
+    auc = overall["auc"]
+    assert auc["lower"] <= auc["value"] <= auc["upper"] and auc["lo"] <= auc["hi"]
+    assert pooled["settings"]["source"] == "secure sum" and pooled["settings"]["min_cell"] == 5
+    # the summary's pooled row (not the round table's auc:pooled column or the selection line)
+    row = next(line for line in output.splitlines() if "pooled" in line and "[" in line)
+    assert f"{auc['value']:.3f} [{auc['lo']:.3f}, {auc['hi']:.3f}]" in row
+    assert set(pooled["subgroups"]) == {"sex", "age_band"}
+    for attribute, cells in pooled["subgroups"].items():
+        for level, cell in cells.items():
+            if "auc" in cell:  # shown: a qualifying cell
+                assert cell["n_pos"] >= 5 and cell["n_neg"] >= 5, (attribute, level)
+            else:
+                assert cell["reason"], (attribute, level)
+
+
+def test_the_gate_withholds_a_predict_reply_that_shows_a_small_cell(tmp_path: Path) -> None:
+    """The backstop: a handler that forgot the rule does not get its reply out."""
+    from multimodal_fl.config import SitePolicy
+    from multimodal_fl.federated.disclosure import DisclosureGate, SiteRefused
+    from multimodal_fl.federated.protocol import pack_document
+
+    log = tmp_path / EGRESS_LOG
+    gate = DisclosureGate("a", SitePolicy(), config_min_cell=10, egress_log=log)
+    good = {"n_patients": 61, "n_positive": None,
+            "metrics": {"val": {"auc": {"value": None, "n": None,
+                                        "reason": "fewer than 10 patients"}},
+                        "test": {"auc": {"value": 0.8, "n": 31, "reason": None}}}}
+
+    def answer(doc: dict[str, Any], metrics: dict[str, float]) -> Reply:
+        return gate.release(Request(Kind.PREDICT, 1), lambda r: Reply(
+            "a", Kind.PREDICT, 1, metrics=metrics,
+            documents={Doc.SITE_METRICS: pack_document(doc)}))
+
+    assert answer(good, {"test/auc": 0.8}).metrics == {"test/auc": 0.8}
+    bad_count = {**good, "n_positive": 3}
+    bad_split = {**good, "metrics": {"val": {"auc": {"value": 1.0, "n": 2, "reason": None}}}}
+    for doc, metrics in ((bad_count, {}), (bad_split, {}), (good, {"val/auc": 1.0})):
+        with pytest.raises(SiteRefused, match="withheld: a figure on fewer than 10 patients"):
+            answer(doc, metrics)
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["released"] for e in entries] == [True, False, False, False]
+    assert "n_positive" in entries[1]["refused"] and "3" not in entries[1]["refused"]
