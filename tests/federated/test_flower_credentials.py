@@ -185,7 +185,7 @@ def test_site_keys_are_read_by_flower_and_the_registration_step_is_printed(
         assert listed.stdout.split()[1] == fingerprint
     flat = " ".join(printed.split())
     assert fingerprint in flat
-    assert f"flwr supernode register {public_path} hospitals --name site_a" in flat
+    assert "flwr supernode register site_a.pub hospitals --name site_a" in flat
     assert f"--auth-key {private_path}" in flat
     assert [line.split()[1] for line in printed.splitlines()[:2]] == [
         str(private_path), str(public_path)

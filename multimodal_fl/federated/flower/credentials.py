@@ -615,14 +615,14 @@ def registration_steps(keys: SiteKeys, *, connection: str | None = None) -> list
         authentication) and the SuperNode's command line.
     """
     where = f" {shlex.quote(connection)}" if connection else ""
-    public = shlex.quote(str(keys.public_key.resolve()))
+    public = shlex.quote(keys.public_key.name)
     private = shlex.quote(str(keys.private_key.resolve()))
     return [
         f"1. send {keys.public_key.name} to the coordinating centre and confirm its fingerprint "
         f"{keys.fingerprint} over a trusted channel (phone, not the same e-mail)",
-        "2. there, with the SuperLink running with --enable-supernode-auth, register it "
-        "(copy the file to this path first):",
-        f"   flwr supernode register {public}{where} --name {keys.site}",
+        "2. there, with the SuperLink running with --enable-supernode-auth, register it (in the "
+        f"folder holding {keys.public_key.name}):",
+        f"   flwr supernode register {public}{where} --name {shlex.quote(keys.site)}",
         f"3. here, start the SuperNode with the private key ({keys.private_key.name} never "
         "leaves this machine):",
         f"   mmfl flower supernode SITE_DIR --name {keys.site} --superlink HOST:PORT "

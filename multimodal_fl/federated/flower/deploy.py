@@ -5,7 +5,12 @@ The real deployment runs a SuperLink at the coordinating centre and one SuperNod
 :func:`flwr_run_command` are the command lines ``mmfl flower superlink|supernode|run`` run there.
 :class:`LoopbackDeployment` and :func:`run_loopback` run the same commands as local processes
 on 127.0.0.1 (for tests, demos, benchmarks and ``mmfl flower local``), with telemetry and
-update checks off (:data:`QUIET_ENV`, :func:`flower_env`).
+update checks off (:data:`QUIET_ENV`, :func:`flower_env`), over plain HTTP or, given
+certificates and site keys (:mod:`.credentials`), over TLS with registered SuperNodes only.
+
+Plain HTTP is allowed only on loopback: :func:`superlink_command` and
+:func:`supernode_command` raise :class:`~.credentials.CredentialsError` for any other address
+without certificates.
 """
 
 from __future__ import annotations
