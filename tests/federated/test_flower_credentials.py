@@ -229,6 +229,11 @@ def test_superlink_command_tls_and_auth(creds: Path) -> None:
         superlink_command(8000, supernode_auth=True)
     with pytest.raises(CredentialsError, match=r"--ssl-keyfile .*: no such file"):
         superlink_command(8000, tls=TlsFiles(tls.ca_cert, tls.server_cert, creds / "nope.key"))
+    readable = creds / "readable.key"
+    readable.write_bytes(tls.server_key.read_bytes())
+    os.chmod(readable, 0o640)
+    with pytest.raises(CredentialsError, match=r"accessible by other users \(mode 0640\)"):
+        superlink_command(8000, tls=TlsFiles(tls.ca_cert, tls.server_cert, readable))
 
 
 def test_supernode_command_tls_and_auth(creds: Path, tmp_path: Path) -> None:
