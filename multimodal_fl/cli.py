@@ -735,19 +735,80 @@ def _flower_table(result: Any) -> None:
     console.print(table)
 
 
+def _insecure_warning(what: str) -> None:
+    err_console.print(
+        f"[bold yellow]warning:[/] {what} over plain HTTP (--insecure): nothing is encrypted "
+        "and any SuperNode may connect; for loopback trials only (docs/deployment.md)",
+        highlight=False, soft_wrap=True,
+    )  # fmt: skip
+
+
+def _tls_files(
+    certs: Path | None, certfile: Path | None, keyfile: Path | None, ca_certfile: Path | None
+) -> Any:
+    """The SuperLink's TLS files from --certs DIR and/or the three --ssl-* options (or None)."""
+    flower = _flower_module()
+    if certs is not None:
+        if not certs.is_dir():
+            fail(f"--certs {certs}: no such folder (make it with `mmfl flower certs {certs}`)")
+        base = flower.TlsFiles.in_folder(certs)
+        return flower.TlsFiles(
+            ca_cert=(ca_certfile or base.ca_cert).resolve(),
+            server_cert=(certfile or base.server_cert).resolve(),
+            server_key=(keyfile or base.server_key).resolve(),
+        )
+    if certfile is None and keyfile is None and ca_certfile is None:
+        return None
+    if certfile is None or keyfile is None or ca_certfile is None:
+        given = {"--ssl-certfile": certfile, "--ssl-keyfile": keyfile,
+                 "--ssl-ca-certfile": ca_certfile}
+        missing = ", ".join(k for k, v in given.items() if v is None)
+        fail(f"TLS needs all three of --ssl-certfile, --ssl-keyfile and --ssl-ca-certfile "
+             f"(missing {missing}), or --certs DIR")
+    return flower.TlsFiles(ca_certfile.resolve(), certfile.resolve(), keyfile.resolve())
+
+
 @flower_app.command("superlink", context_settings=_PASS_THROUGH)
 def flower_superlink(
     ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="The one HTTP port (Fleet, Control, apps).")] = 8000,
-    insecure: Annotated[bool, typer.Option(help="Plain HTTP (loopback trials only).")] = False,
+    certs: Annotated[Path | None, typer.Option(
+        help="Folder of `mmfl flower certs` (ca.crt, server.pem, server.key).")] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option(
+        "--ssl-certfile", help="The SuperLink's certificate (PEM).")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(
+        "--ssl-keyfile", help="The SuperLink's private key (PEM, mode 0600).")] = None,
+    ssl_ca_certfile: Annotated[Path | None, typer.Option(
+        "--ssl-ca-certfile", help="The CA certificate that signed it.")] = None,
+    enable_supernode_auth: Annotated[bool, typer.Option(
+        "--enable-supernode-auth",
+        help="Admit only SuperNodes registered with `flwr supernode register` (needs TLS).")
+    ] = False,
+    insecure: Annotated[bool, typer.Option(
+        help="Plain HTTP, no certificates (on 127.0.0.1 only; prints a warning).")] = False,
 ) -> None:
-    """Start a SuperLink, runtime dependency installation off.
+    """Start a SuperLink: TLS, optionally registered SuperNodes only; runtime installs off.
 
-    Extra options go to flower-superlink (--ssl-certfile, --ssl-keyfile, --database, ...).
+    Extra options go to flower-superlink (--database, ...).
     """
     flower = _flower_module()
-    _flower_exec(flower.superlink_command(port, host=host, insecure=insecure) + list(ctx.args))
+    tls = _tls_files(certs, ssl_certfile, ssl_keyfile, ssl_ca_certfile)
+    if tls is not None and insecure:
+        fail("--insecure and certificates together: drop --insecure to use TLS")
+    if tls is None and not insecure and flower.is_loopback(host):
+        fail("give --certs DIR (made by `mmfl flower certs DIR`) or --ssl-certfile, "
+             "--ssl-keyfile and --ssl-ca-certfile; or --insecure for a plain-HTTP trial on "
+             "127.0.0.1")
+    try:
+        cmd = flower.superlink_command(
+            port, host=host, tls=tls, supernode_auth=enable_supernode_auth
+        )
+    except flower.CredentialsError as exc:
+        fail(str(exc))
+    if tls is None:
+        _insecure_warning(f"SuperLink on {host}:{port}")
+    _flower_exec(cmd + list(ctx.args))
 
 
 @flower_app.command("supernode", context_settings=_PASS_THROUGH)
@@ -757,17 +818,87 @@ def flower_supernode(
     superlink: Annotated[str, typer.Option(help="host:port of the SuperLink.")] = "127.0.0.1:8000",
     name: Annotated[str | None, typer.Option(help="Site name (default: the dir's name).")] = None,
     port: Annotated[int, typer.Option(help="This SuperNode's own port (one per node).")] = 9094,
-    insecure: Annotated[bool, typer.Option(help="Plain HTTP to the SuperLink.")] = False,
+    root_certificates: Annotated[Path | None, typer.Option(
+        "--root-certificates", help="The CA certificate (ca.crt of `mmfl flower certs`).")
+    ] = None,
+    auth_key: Annotated[Path | None, typer.Option(
+        "--auth-key", help="This site's private key (`mmfl flower keys`), registered at the "
+        "SuperLink.")] = None,
+    insecure: Annotated[bool, typer.Option(
+        help="Plain HTTP to a SuperLink on 127.0.0.1 (prints a warning).")] = False,
 ) -> None:
     """Start the SuperNode of one site (node config site-name, site-dir).
 
-    Extra options go to flower-supernode (--root-certificates, ...).
+    Extra options go to flower-supernode (--max-retries, ...).
     """
     if not site_dir.is_dir():
         fail(f"site directory {site_dir} does not exist or is not a directory")
     flower = _flower_module()
-    cmd = flower.supernode_command(superlink, port, site_dir, site_name=name, insecure=insecure)
+    if root_certificates is not None and insecure:
+        fail("--insecure and --root-certificates together: drop --insecure to use TLS")
+    try:
+        host, _ = flower.split_address(superlink)
+        if root_certificates is None and not insecure and flower.is_loopback(host):
+            fail("give --root-certificates CA.crt (the ca.crt of `mmfl flower certs`), or "
+                 "--insecure for a plain-HTTP trial with a SuperLink on 127.0.0.1")
+        cmd = flower.supernode_command(
+            superlink, port, site_dir, site_name=name, root_certificates=root_certificates,
+            auth_key=auth_key,
+        )  # fmt: skip
+    except (flower.CredentialsError, ValueError) as exc:
+        fail(str(exc))
+    if root_certificates is None:
+        _insecure_warning(f"SuperNode to {superlink}")
     _flower_exec(cmd + list(ctx.args))
+
+
+@flower_app.command("certs")
+def flower_certs(
+    out: Annotated[Path, typer.Argument(help="Folder to write ca.crt, ca.key, server.pem, "
+                                              "server.key into (created, mode 0700).")],
+    name: Annotated[str | None, typer.Option(
+        help="The SuperLink's host name as SuperNodes dial it, or its IP address (default: "
+        "localhost; with --renew: the renewed certificate's names).")
+    ] = None,
+    dns: Annotated[list[str] | None, typer.Option(
+        "--dns", help="Another DNS name of the SuperLink (repeatable).")] = None,
+    ip: Annotated[list[str] | None, typer.Option(
+        "--ip", help="An IP address of the SuperLink (repeatable; 127.0.0.1 and ::1 are "
+        "always included).")] = None,
+    days: Annotated[int, typer.Option(help="The SuperLink certificate's validity.")] = 365,
+    ca_days: Annotated[int, typer.Option(help="The CA's validity.")] = 3650,
+    renew: Annotated[bool, typer.Option(
+        help="Keep the CA in OUT; sign a new SuperLink certificate and key with it.")] = False,
+) -> None:
+    """Make a CA and the SuperLink's TLS certificate and key (EC P-384), one line per file."""
+    flower = _flower_module()
+    try:
+        written = flower.make_certificates(
+            out, name=name, dns=dns or [], ips=ip or [], days=days, ca_days=ca_days, renew=renew
+        )
+    except flower.CredentialsError as exc:
+        fail(str(exc))
+    for item in written:
+        console.print(item.line(), highlight=False, soft_wrap=True)
+
+
+@flower_app.command("keys")
+def flower_keys(
+    site: Annotated[str, typer.Argument(help="The site's name (its SuperNode's site-name).")],
+    out: Annotated[Path, typer.Argument(help="Folder to write SITE.key and SITE.pub into.")],
+    connection: Annotated[str | None, typer.Option(
+        help="The SuperLink connection in flwr's config.toml, for the printed step.")] = None,
+) -> None:
+    """Make a site's SuperNode key pair and print how to register it."""
+    flower = _flower_module()
+    try:
+        keys, written = flower.make_site_keys(site, out)
+    except flower.CredentialsError as exc:
+        fail(str(exc))
+    for item in written:
+        console.print(item.line(), highlight=False, soft_wrap=True)
+    for line in flower.registration_steps(keys, connection=connection):
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 @flower_app.command("app")

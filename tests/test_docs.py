@@ -263,9 +263,11 @@ class Sandbox:
 
 def _starts_flower(args: list[str]) -> bool:
     """Flower commands start a SuperLink and a SuperNode process per site: more than 60 s on
-    the tiny cohort (143 s measured, docs/deployment.md), so in a run block they are parsed."""
+    the tiny cohort (143 s measured, docs/deployment.md), so in a run block they are parsed.
+    ``mmfl flower certs`` and ``mmfl flower keys`` only write files: they run."""
     engine = args[args.index("--engine") + 1] if "--engine" in args[:-1] else None
-    return args[:1] == ["flower"] or engine == "flower"
+    writes_files = args[1:2] in (["certs"], ["keys"])
+    return (args[:1] == ["flower"] and not writes_files) or engine == "flower"
 
 
 def run_shell_block(block: d.Block, box: Sandbox) -> None:

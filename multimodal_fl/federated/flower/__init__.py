@@ -17,8 +17,11 @@ sites. Modules, each importing only those above it:
 * :mod:`.apps`: :data:`server_app` and :data:`client_app` (this package's
   ``multimodal_fl.federated.flower:server_app`` / ``:client_app``, the components of every app
   :func:`write_app_dir` writes), :class:`ServerJob`, :class:`FlowerResult`.
+* :mod:`.credentials`: TLS certificates for the SuperLink and SuperNode key pairs
+  (:func:`make_certificates`, :func:`make_site_keys`), made with ``cryptography``.
 * :mod:`.deploy`: Flower's command lines, :class:`LoopbackDeployment` and :func:`run_loopback`
-  (a SuperLink and SuperNodes as local processes on 127.0.0.1).
+  (a SuperLink and SuperNodes as local processes on 127.0.0.1, optionally with TLS and
+  registered SuperNodes).
 
 The server jobs and sites of an experiment and of the PCA analysis are engines, not transport:
 :mod:`multimodal_fl.engines.flower_jobs`. ``docs/deployment.md`` gives the commands.
@@ -48,6 +51,16 @@ from multimodal_fl.federated.flower.codec import (
     reply_to_content,
     request_to_content,
 )
+from multimodal_fl.federated.flower.credentials import (
+    CredentialsError,
+    SiteKeys,
+    TlsFiles,
+    is_loopback,
+    make_certificates,
+    make_site_keys,
+    registration_steps,
+    split_address,
+)
 from multimodal_fl.federated.flower.deploy import (
     QUIET_ENV,
     FlowerRunError,
@@ -72,12 +85,15 @@ __all__ = [
     "NODE_SITE_NAME",
     "QUIET_ENV",
     "SITE_STATE_KEY",
+    "CredentialsError",
     "FlowerFederation",
     "FlowerResult",
     "FlowerRunError",
     "LoopbackDeployment",
     "ServerJob",
     "SiteFactory",
+    "SiteKeys",
+    "TlsFiles",
     "client_app",
     "client_evaluate",
     "client_query",
@@ -88,13 +104,18 @@ __all__ = [
     "flower_exe",
     "flwr_run_command",
     "free_port",
+    "is_loopback",
     "load_object",
     "load_result",
+    "make_certificates",
+    "make_site_keys",
+    "registration_steps",
     "reply_to_content",
     "request_to_content",
     "run_loopback",
     "server_app",
     "server_main",
+    "split_address",
     "superlink_command",
     "supernode_command",
     "write_app_dir",

@@ -5,11 +5,17 @@ The real deployment runs a SuperLink at the coordinating centre and one SuperNod
 :func:`flwr_run_command` are the command lines ``mmfl flower superlink|supernode|run`` run there.
 :class:`LoopbackDeployment` and :func:`run_loopback` run the same commands as local processes
 on 127.0.0.1 (for tests, demos, benchmarks and ``mmfl flower local``), with telemetry and
-update checks off (:data:`QUIET_ENV`, :func:`flower_env`).
+update checks off (:data:`QUIET_ENV`, :func:`flower_env`), over plain HTTP or, given
+certificates and site keys (:mod:`.credentials`), over TLS with registered SuperNodes only.
+
+Plain HTTP is allowed only on loopback: :func:`superlink_command` and
+:func:`supernode_command` raise :class:`~.credentials.CredentialsError` for any other address
+without certificates.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -29,6 +35,14 @@ from multimodal_fl.federated.flower.apps import (
     FlowerResult,
     load_result,
     write_app_dir,
+)
+from multimodal_fl.federated.flower.credentials import (
+    CredentialsError,
+    SiteKeys,
+    TlsFiles,
+    is_loopback,
+    load_site_private_key,
+    split_address,
 )
 from multimodal_fl.federated.protocol import ConfigValue
 
@@ -99,7 +113,13 @@ def flower_exe(name: str) -> str:
     return found
 
 
-def superlink_command(port: int, *, host: str = "127.0.0.1", insecure: bool = True) -> list[str]:
+def superlink_command(
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    tls: TlsFiles | None = None,
+    supernode_auth: bool = False,
+) -> list[str]:
     """The ``flower-superlink`` command line (one HTTP port for Fleet, Control and ServerAppIo).
 
     Parameters
@@ -108,18 +128,48 @@ def superlink_command(port: int, *, host: str = "127.0.0.1", insecure: bool = Tr
         The SuperLink's port.
     host : str
         Interface to listen on.
-    insecure : bool
-        Plain HTTP (loopback tests); False needs ``--ssl-*`` flags added by the caller.
+    tls : TlsFiles or None
+        The CA certificate and the SuperLink's certificate and key (HTTPS). None: plain
+        HTTP (``--insecure``), allowed only on a loopback ``host``.
+    supernode_auth : bool
+        ``--enable-supernode-auth``: admit only SuperNodes whose public keys were registered
+        with ``flwr supernode register`` (needs ``tls``).
 
     Returns
     -------
     list[str]
         The argv. Runtime dependency installation is always disabled (it would run ``uv sync``
         against the network): the package must already be installed where the SuperLink runs.
+
+    Raises
+    ------
+    CredentialsError
+        Plain HTTP on an address other than loopback, SuperNode authentication without TLS,
+        a missing TLS file or a private key others can read.
     """
     cmd = [flower_exe("flower-superlink"), "--disable-runtime-dependency-installation"]
-    if insecure:
+    if tls is None:
+        if not is_loopback(host):
+            raise CredentialsError(
+                f"a SuperLink on {host} needs TLS: pass --certs DIR (made by `mmfl flower certs "
+                "DIR`) or --ssl-certfile, --ssl-keyfile and --ssl-ca-certfile; plain HTTP "
+                "(--insecure) is allowed on 127.0.0.1 only"
+            )
+        if supernode_auth:
+            raise CredentialsError(
+                "--enable-supernode-auth needs TLS: pass --certs DIR (made by `mmfl flower certs "
+                "DIR`) or --ssl-certfile, --ssl-keyfile and --ssl-ca-certfile"
+            )
         cmd.append("--insecure")
+    else:
+        tls.check()
+        cmd += [
+            "--ssl-certfile", str(tls.server_cert),
+            "--ssl-keyfile", str(tls.server_key),
+            "--ssl-ca-certfile", str(tls.ca_cert),
+        ]  # fmt: skip
+        if supernode_auth:
+            cmd.append("--enable-supernode-auth")
     return [*cmd, "--host", host, "--port", str(port)]
 
 
@@ -129,7 +179,8 @@ def supernode_command(
     site_dir: str | os.PathLike[str],
     *,
     site_name: str | None = None,
-    insecure: bool = True,
+    root_certificates: str | os.PathLike[str] | None = None,
+    auth_key: str | os.PathLike[str] | None = None,
 ) -> list[str]:
     """The ``flower-supernode`` command line for one site.
 
@@ -143,13 +194,23 @@ def supernode_command(
         The site's data directory (``--node-config site-dir``).
     site_name : str or None
         The site's name (default: the directory's name).
-    insecure : bool
-        Plain HTTP to the SuperLink.
+    root_certificates : path-like or None
+        The CA certificate that signed the SuperLink's certificate (HTTPS). None: plain
+        HTTP (``--insecure``), allowed only to a SuperLink on loopback.
+    auth_key : path-like or None
+        This SuperNode's private key (``--auth-supernode-private-key``), whose public key the
+        coordinating centre registered (needs ``root_certificates``).
 
     Returns
     -------
     list[str]
         The argv.
+
+    Raises
+    ------
+    CredentialsError
+        Plain HTTP to a SuperLink not on loopback, a key without TLS, a missing CA file, or a
+        key that is missing, readable by others or not an OpenSSH EC key.
     """
     name = site_name or Path(site_dir).name
     for key, value in ((NODE_SITE_NAME, name), (NODE_SITE_DIR, str(site_dir))):
@@ -157,8 +218,27 @@ def supernode_command(
             raise ValueError(f"{key} {value!r} may not contain a single quote (--node-config)")
     node_config = f"{NODE_SITE_NAME}='{name}' {NODE_SITE_DIR}='{Path(site_dir).resolve()}'"
     cmd = [flower_exe("flower-supernode"), "--superlink", superlink, "--port", str(port)]
-    if insecure:
+    host, _ = split_address(superlink)
+    if root_certificates is None:
+        if not is_loopback(host):
+            raise CredentialsError(
+                f"the SuperLink {superlink} is not on loopback: pass --root-certificates "
+                "CA.crt (the ca.crt of `mmfl flower certs`); plain HTTP (--insecure) is allowed "
+                "to 127.0.0.1 only"
+            )
+        if auth_key is not None:
+            raise CredentialsError(
+                "--auth-key needs TLS: pass --root-certificates CA.crt as well"
+            )
         cmd.append("--insecure")
+    else:
+        ca = Path(root_certificates).resolve()
+        if not ca.is_file():
+            raise CredentialsError(f"--root-certificates {ca}: no such file")
+        cmd += ["--root-certificates", str(ca)]
+    if auth_key is not None:
+        load_site_private_key(auth_key)  # a clear error here rather than Flower's exit code
+        cmd += ["--auth-supernode-private-key", str(Path(auth_key).resolve())]
     return [*cmd, "--node-config", node_config]
 
 
@@ -235,6 +315,16 @@ class LoopbackDeployment:
         Extra environment (e.g. ``PYTHONPATH`` for factories outside the package).
     startup_timeout : float
         Seconds to wait for the SuperLink to listen.
+    tls : TlsFiles or None
+        Run the SuperLink with these certificates (HTTPS; their subject alternative names must
+        include 127.0.0.1, as :func:`~.credentials.make_certificates`' do); SuperNodes and
+        ``flwr`` trust its CA. None: plain HTTP.
+    keys : Mapping[str, SiteKeys] or None
+        Site name -> its SuperNode key pair: the SuperLink runs with
+        ``--enable-supernode-auth`` (needs ``tls``), each public key is registered with
+        ``flwr supernode register`` once the SuperLink listens (:attr:`node_ids`), and each
+        site's SuperNode starts with its private key. A site without keys is started without
+        one (and refused by the SuperLink).
     """
 
     #: The connection name written into ``FLWR_HOME/config.toml``.
@@ -248,15 +338,23 @@ class LoopbackDeployment:
         log_dir: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
         startup_timeout: float = 30.0,
+        tls: TlsFiles | None = None,
+        keys: Mapping[str, SiteKeys] | None = None,
     ) -> None:
         if not sites:
             raise ValueError("LoopbackDeployment needs at least one site; got none")
+        if keys is not None and tls is None:
+            raise CredentialsError("LoopbackDeployment: SuperNode keys need tls (certificates)")
         self.sites = {name: Path(path) for name, path in sites.items()}
         self.home = Path(home)
         self.log_dir = Path(log_dir) if log_dir is not None else self.home / "logs"
         self.env = flower_env({"FLWR_HOME": str(self.home), **dict(env or {})})
         self.startup_timeout = float(startup_timeout)
+        self.tls = tls
+        self.keys = dict(keys) if keys is not None else None
         self.port = 0
+        #: Site name -> the node id ``flwr supernode register`` gave its public key.
+        self.node_ids: dict[str, int] = {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[Any] = []
 
@@ -276,8 +374,20 @@ class LoopbackDeployment:
         self.procs[name] = proc
         return proc
 
+    def _connection_toml(self) -> str:
+        """``config.toml`` naming :attr:`CONNECTION` (with the CA when the link speaks TLS)."""
+        trust = (
+            "insecure = true"
+            if self.tls is None
+            else f"root-certificates = {json.dumps(str(self.tls.ca_cert.resolve()))}"
+        )
+        return (
+            f'[superlink]\ndefault = "{self.CONNECTION}"\n\n'
+            f'[superlink.{self.CONNECTION}]\naddress = "{self.address}"\n{trust}\n'
+        )
+
     def start(self) -> LoopbackDeployment:
-        """Start the SuperLink, wait until it listens, start the SuperNodes, write config.toml.
+        """Start the SuperLink, wait until it listens, register keys, start the SuperNodes.
 
         Returns
         -------
@@ -286,16 +396,98 @@ class LoopbackDeployment:
         """
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{self.CONNECTION}"\n\n'
-            f'[superlink.{self.CONNECTION}]\naddress = "{self.address}"\ninsecure = true\n'
-        )
-        link = self._spawn("superlink", superlink_command(self.port))
+        (self.home / "config.toml").write_text(self._connection_toml())
+        cmd = superlink_command(self.port, tls=self.tls, supernode_auth=self.keys is not None)
+        link = self._spawn("superlink", cmd)
         _wait_for_port("127.0.0.1", self.port, self.startup_timeout, link)
         for name, site_dir in sorted(self.sites.items()):
-            cmd = supernode_command(self.address, free_port(), site_dir, site_name=name)
-            self._spawn(f"supernode-{name}", cmd)
+            site_keys = (self.keys or {}).get(name)
+            if site_keys is not None:
+                self.node_ids[name] = self.register(site_keys)
+            self.start_supernode(
+                name, site_dir, auth_key=site_keys.private_key if site_keys else None
+            )
         return self
+
+    def start_supernode(
+        self,
+        name: str,
+        site_dir: str | os.PathLike[str],
+        *,
+        auth_key: str | os.PathLike[str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start one SuperNode for ``name`` (logging to ``supernode-<name>.log``).
+
+        Parameters
+        ----------
+        name : str
+            The site's name.
+        site_dir : path-like
+            Its directory.
+        auth_key : path-like or None
+            Its private key (``--auth-supernode-private-key``).
+
+        Returns
+        -------
+        subprocess.Popen
+            The SuperNode's process (a process group, ended by :meth:`stop`).
+        """
+        ca = self.tls.ca_cert if self.tls is not None else None
+        cmd = supernode_command(
+            self.address, free_port(), site_dir, site_name=name, root_certificates=ca,
+            auth_key=auth_key,
+        )  # fmt: skip
+        return self._spawn(f"supernode-{name}", cmd)
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """Run the Flower CLI (``flwr ARGS``) against this deployment's ``FLWR_HOME``.
+
+        Parameters
+        ----------
+        *args : str
+            The arguments, e.g. ``"supernode", "list", CONNECTION, "--format", "json"``.
+        timeout : float
+            Seconds before it is killed.
+
+        Returns
+        -------
+        subprocess.CompletedProcess
+            Exit status and output.
+        """
+        return subprocess.run(
+            [flower_exe("flwr"), *args], env=self.env, capture_output=True, text=True,
+            timeout=timeout, check=False,
+        )  # fmt: skip
+
+    def register(self, keys: SiteKeys) -> int:
+        """Register a site's public key with the SuperLink (``flwr supernode register``).
+
+        Parameters
+        ----------
+        keys : SiteKeys
+            The site's key pair (only the public key is read).
+
+        Returns
+        -------
+        int
+            The node id the SuperLink gave it.
+
+        Raises
+        ------
+        FlowerRunError
+            If ``flwr`` did not report a node id (its output in the message).
+        """
+        done = self.flwr(
+            "supernode", "register", str(keys.public_key), self.CONNECTION,
+            "--name", keys.site, "--format", "json",
+        )  # fmt: skip
+        match = re.search(r'"node-id":\s*(\d+)', done.stdout)
+        if done.returncode != 0 or match is None:
+            raise FlowerRunError(
+                f"flwr supernode register {keys.public_key} exited with {done.returncode}: "
+                f"{(done.stdout + done.stderr).strip()[-2000:]}"
+            )
+        return int(match.group(1))
 
     def run(
         self, app_dir: str | os.PathLike[str], *, timeout: float = 600.0

@@ -1,0 +1,126 @@
+"""TLS and registered SuperNodes on a real SuperLink (the session's ``secure_deployment``).
+
+One SuperLink with certificates from ``mmfl flower certs`` and ``--enable-supernode-auth``:
+its port speaks TLS with that certificate only; site a (registered with ``flwr supernode
+register``) trains a round over it; site b (a key nobody registered) is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from multimodal_fl.federated.flower import load_result, make_certificates, write_app_dir
+from tests.federated.conftest import SecureDeployment
+
+pytestmark = [pytest.mark.flower, pytest.mark.timeout(300)]
+
+
+def _handshake(port: int, ca: Path) -> bytes:
+    """The certificate the SuperLink presents to a client that trusts ``ca`` (DER)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            return der
+
+
+def test_superlink_port_speaks_tls_with_the_certificate_from_mmfl_flower_certs(
+    secure_deployment: SecureDeployment, tmp_path: Path
+) -> None:
+    port = secure_deployment.deployment.port
+    presented = _handshake(port, secure_deployment.certs / "ca.crt")
+    pem = (secure_deployment.certs / "server.pem").read_bytes()
+    expected = x509.load_pem_x509_certificate(pem)
+    assert presented == expected.public_bytes(Encoding.DER)
+
+    # a client trusting another CA refuses the SuperLink
+    make_certificates(tmp_path / "other")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(port, tmp_path / "other" / "ca.crt")
+
+    # plain HTTP gets no HTTP answer on that port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        raw.settimeout(10)
+        try:
+            answer = raw.recv(64)
+        except (ConnectionResetError, TimeoutError):
+            answer = b""
+    assert not answer.startswith(b"HTTP/")
+
+    link_log = secure_deployment.log("superlink")
+    assert f"running on https://127.0.0.1:{port}" in link_log
+
+
+def test_a_round_over_tls_completes_with_the_registered_node(
+    secure_deployment: SecureDeployment,
+) -> None:
+    deployment = secure_deployment.deployment
+    out = secure_deployment.root / "run_out"
+    app_dir = write_app_dir(
+        secure_deployment.root / "app",
+        {
+            "server-factory": "tests.federated.conftest:one_site_job",
+            "site-factory": "tests.federated.test_flower:toy_site",
+            "rounds": 1,
+            "min-nodes": 1,
+            "node-wait": 90.0,
+            "torch-threads": 1,
+            "out-dir": str(out),
+        },
+    )
+    started = time.monotonic()
+    done = deployment.run(app_dir, timeout=240)
+    seconds = time.monotonic() - started
+    try:
+        result = load_result(str(out))
+    except FileNotFoundError:
+        logs = deployment.logs()[-6000:]
+        pytest.fail(f"no result; flwr run said:\n{done.stdout[-3000:]}\n{logs}")
+    print(
+        f"secure deployment: started in {secure_deployment.started_seconds:.1f} s, "
+        f"run {seconds:.1f} s (server loop {result.seconds:.1f} s)"
+    )
+    assert result.completed_rounds == 1
+    assert result.site_nodes == {"a": secure_deployment.registered["a"]}
+    assert result.history[0]["replied"] == ["a"]
+
+
+def test_unregistered_supernode_is_refused(secure_deployment: SecureDeployment) -> None:
+    """Site b's key was never registered: the SuperLink refuses to activate it, and it exits.
+
+    (After the run above, so waiting for the refusal costs nothing.)"""
+    rogue = secure_deployment.unregistered
+    try:
+        code = rogue.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"SuperNode b is still running:\n{secure_deployment.log('supernode-b')}")
+    node_log = secure_deployment.log("supernode-b")
+    assert code != 0, node_log
+    assert "Failed to initialize the connection to the SuperLink" in node_log, node_log
+    assert "[code: 2004] Failed to activate SuperNode" in node_log, node_log
+    link_log = secure_deployment.log("superlink")
+    refused = r"activate-node\]\[ApiError:2004\].*No SuperNode found with the given public key"
+    assert re.search(refused, link_log), link_log
+
+    # Flower's own record: only the registered node exists
+    listed = secure_deployment.deployment.flwr(
+        "supernode", "list", secure_deployment.deployment.CONNECTION, "--format", "json"
+    )
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    nodes = json.loads(listed.stdout)["nodes"]
+    assert {int(n["node-id"]) for n in nodes} == set(secure_deployment.registered.values())
