@@ -91,6 +91,7 @@ __all__ = [
     "SiteDisclosure",
     "SplitSummary",
     "Suppression",
+    "class_reason",
     "complementary_suppression",
     "read_disclosure",
     "released_metric",
@@ -411,8 +412,23 @@ def complementary_suppression(
     return Suppression(hidden, classes)
 
 
-def _class_reason(metric: str, n_pos: int, n_neg: int, min_cell: int) -> str | None:
-    """Why a class-conditional metric is withheld on these class counts, or ``None``."""
+def class_reason(metric: str, n_pos: int, n_neg: int, min_cell: int) -> str | None:
+    """Why a class-conditional metric is withheld on these class counts, or ``None``.
+
+    AUC, average precision, sensitivity and specificity (:data:`CLASS_METRICS`) need at least
+    ``min_cell`` patients of each class: an AUC over two positives ranks those two patients.
+
+    Parameters
+    ----------
+    metric : str
+    n_pos, n_neg : int
+        The class counts.
+    min_cell : int
+
+    Returns
+    -------
+    str or None
+    """
     if metric not in CLASS_METRICS:
         return None
     for count, name in ((n_pos, "positives"), (n_neg, "negatives")):
@@ -454,7 +470,7 @@ def released_metric(y_true: npt.ArrayLike, y_score: npt.ArrayLike, *, metric: st
     if n < min_cell:
         return empty | {"n": None, "reason": "no patients" if n == 0 else
                         f"fewer than {min_cell} patients"}
-    why = _class_reason(metric, n_pos, n - n_pos, min_cell)
+    why = class_reason(metric, n_pos, n - n_pos, min_cell)
     if why is not None:
         return empty | {"n": n, "reason": why}
     v = binary_metrics(y, s, metrics=(metric,), threshold=threshold, n_boot=n_boot,
@@ -585,7 +601,7 @@ def _calibration(y: npt.NDArray[np.int64], s: npt.NDArray[np.float64],
         bins.append(CalibrationBin(lo=a / n_bins, hi=stop / n_bins, n=p + q,
                                    mean_score=float(s[inside].mean()), observed=p / (p + q)))
     n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
-    fit_reason = _class_reason("auc", n_pos, n_neg, min_cell)
+    fit_reason = class_reason("auc", n_pos, n_neg, min_cell)
     if fit_reason is not None:
         return CalibrationSummary(bins=bins, fit_reason=fit_reason)
     x = logit(np.clip(s, 1e-6, 1.0 - 1e-6))
@@ -628,7 +644,7 @@ def _splits(frame: pd.DataFrame, *, site: str, threshold: float, min_cell: int, 
         metrics = {}
         for m, v in vals.items():
             why = sup.classes_hidden[split] if hide_classes and m in CLASS_METRICS else \
-                _class_reason(m, n_pos, n - n_pos, min_cell)
+                class_reason(m, n_pos, n - n_pos, min_cell)
             metrics[m] = DisclosedMetric(value=None, reason=why) if why else _metric_doc(v)
         out[split] = SplitSummary(n=n, n_pos=None if hide_classes else n_pos, metrics=metrics)
     return out
@@ -657,7 +673,7 @@ def _cell_rows(computed: pd.DataFrame, *, scope: str, attribute: str | None,
         counts: dict[str, Any] = {"n": n, "n_pos": n_pos if show_classes else None,
                                   "n_neg": n - n_pos if show_classes else None}
         why = classes_hidden if (classes_hidden and metric in CLASS_METRICS) else \
-            _class_reason(metric, n_pos, n - n_pos, min_cell)
+            class_reason(metric, n_pos, n - n_pos, min_cell)
         r = hit.iloc[0] if len(hit) else None
         if r is None or why is not None or pd.isna(r["value"]):
             why = why or ("no patients" if r is None else str(r["reason"]))
@@ -711,7 +727,7 @@ def _fairness(test: pd.DataFrame, *, site: str, sensitive: Sequence[str], thresh
     classes_ok = _releasable(n_pos, min_cell) and _releasable(n - n_pos, min_cell)
     cells = _cell_rows(computed[computed["scope"] == "site"], scope="site", attribute=None,
                        group=None, n=n, n_pos=n_pos, hidden=None,
-                       classes_hidden=None if classes_ok else _class_reason(
+                       classes_hidden=None if classes_ok else class_reason(
                            "auc", n_pos, n - n_pos, min_cell), min_cell=min_cell)
     disparities = []
     for a in sensitive:
@@ -727,7 +743,7 @@ def _fairness(test: pd.DataFrame, *, site: str, sensitive: Sequence[str], thresh
                                 n_pos=gp, hidden=sup.hidden.get(g),
                                 classes_hidden=sup.classes_hidden.get(g), min_cell=min_cell)
         used = [g for g, (gn, gp) in parts.items() if g not in sup.hidden
-                and g not in sup.classes_hidden and _class_reason("auc", gp, gn - gp,
+                and g not in sup.classes_hidden and class_reason("auc", gp, gn - gp,
                                                                   min_cell) is None]
         disparities.append(_disparity(test, a, groups, used,
                                       [g for g in parts if g not in used], threshold, min_cell))

@@ -9,11 +9,13 @@ the metrics of each split of such a table.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import torch
 
+from multimodal_fl.evaluation.disclosed import class_reason
 from multimodal_fl.evaluation.metrics import (
     MetricValue,
     binary_metrics,
@@ -144,7 +146,10 @@ def metrics_by_split(frame: pd.DataFrame, *, n_boot: int = 0, seed: int = 0,
     shows no figure and no count (every metric undefined, reason ``"fewer than <min_cell>
     patients"``), and neither does a split whose size would otherwise follow from the others
     and the site's total (complementary suppression,
-    :func:`~multimodal_fl.evaluation.metrics.suppress_cells`).
+    :func:`~multimodal_fl.evaluation.metrics.suppress_cells`); AUC and average precision also
+    need ``min_cell`` patients of each class
+    (:func:`~multimodal_fl.evaluation.disclosed.class_reason`, the rule of the site's report
+    document), so the console, ``metrics.json`` and the report hide the same cells.
 
     Parameters
     ----------
@@ -171,9 +176,17 @@ def metrics_by_split(frame: pd.DataFrame, *, n_boot: int = 0, seed: int = 0,
         if s in hidden:
             out[s] = {m: MetricValue.undefined(hidden[s]) for m in EVAL_METRICS}
             continue
+        y = part["label"].to_numpy(dtype=np.int64)
         out[s] = binary_metrics(
-            part["label"].to_numpy(dtype=np.int64), part["score"].to_numpy(dtype=np.float64),
+            y, part["score"].to_numpy(dtype=np.float64),
             metrics=list(EVAL_METRICS), n_boot=n_boot, seed=derive_seed(seed, where, s),
             min_cell=min_cell,
         )
+        if min_cell > 0:  # the rule of the site's report document: a class metric needs
+            n_pos = int(y.sum())  # min_cell patients of each class
+            for metric in out[s]:
+                why = class_reason(metric, n_pos, int(y.size) - n_pos, min_cell)
+                if why is not None and out[s][metric].value is not None:
+                    out[s][metric] = replace(out[s][metric], value=None, lo=None, hi=None,
+                                             reason=why, n_boot=0, n_skipped=0)
     return out
