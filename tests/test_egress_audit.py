@@ -45,10 +45,15 @@ from multimodal_fl.config import ExperimentConfig, load_config
 from multimodal_fl.data.cohort import build_cohorts
 from multimodal_fl.engines.baselines import run_local
 from multimodal_fl.engines.federated import inprocess_federation, run_federated_experiment
-from multimodal_fl.federated.protocol import Kind, Reply, SiteFailure, pack_document
+from multimodal_fl.federated.protocol import Reply, SiteFailure, pack_document
 from multimodal_fl.pca.stage import apply_pca_stage, fit_pca_stage
-from multimodal_fl.training import SiteData, build_model, load_site_data, load_weights
-from multimodal_fl.training import predictions_frame
+from multimodal_fl.training import (
+    SiteData,
+    build_model,
+    load_site_data,
+    load_weights,
+    predictions_frame,
+)
 from tests.conftest import write_tiny_config
 from tests.egress import (
     Crossing,

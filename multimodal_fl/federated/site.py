@@ -566,8 +566,10 @@ class FusionSite:
         if len(self.data.train) < min_cell:
             raise SiteRefused(f"site {self.name}: fewer than min_cell={min_cell} training "
                               "patients: no local-only model")
+        # its standardiser under the moments rule: the weights may leave (the egress audit)
         model, result = train_local_model(self.cfg, self.data, seed_key=self.name,
-                                          progress=self.progress, label=f"local {self.name}")
+                                          min_cell=min_cell, progress=self.progress,
+                                          label=f"local {self.name}")
         self._local_model = model
         if self.run_dir is not None:
             engine = str(request.config.get("engine", "local"))
