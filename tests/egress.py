@@ -30,6 +30,7 @@ from multimodal_fl.federated.server import Federation
 
 __all__ = [
     "ALLOW_LIST",
+    "CLASS_FIGURES",
     "RECORDING_FILE",
     "Crossing",
     "Known",
@@ -38,6 +39,7 @@ __all__ = [
     "Secrets",
     "audit",
     "backstop_findings",
+    "class_figure_findings",
     "cohort_secrets",
     "crossing_texts",
     "declared_findings",
@@ -50,6 +52,7 @@ __all__ = [
     "read_egress",
     "recording_experiment_job",
     "released_numbers",
+    "split_classes",
     "statistic_count_findings",
     "text_findings",
     "weight_findings",
@@ -443,6 +446,45 @@ def backstop_findings(numbers: Iterable[Released], patient_values: np.ndarray, *
     return found
 
 
+#: Figures of a class metric (they need ``min_cell`` patients of each class, as
+#: ``released_metric`` and the ``evaluate`` rule ask), with the split they are computed on.
+CLASS_FIGURES: dict[tuple[str, str], tuple[re.Pattern[str], str]] = {
+    ("evaluate", "metrics"): (re.compile(r"val_(auc|average_precision)"), "val"),
+    ("predict", "metrics"): (re.compile(r"(?P<split>\w+)/(auc|average_precision|sensitivity|"
+                                        r"specificity)(/lo|/hi)?"), ""),
+    ("cross_evaluate", "metrics"): (re.compile(r"(auc|average_precision)(/lo|/hi)?"), "test"),
+    ("local_train", "documents"): (re.compile(r"local_training/(best_val_auc|history/\d+/val_auc)"),
+                                   "val"),
+}
+
+
+def class_figure_findings(numbers: Iterable[Released],
+                          classes: Mapping[str, Mapping[str, tuple[int, int]]], min_cell: int
+                          ) -> list[str]:
+    """Class metrics released on a split with fewer than ``min_cell`` patients of a class.
+
+    Parameters
+    ----------
+    numbers : iterable of Released
+    classes : mapping
+        Per site, per split, ``(positives, negatives)``: what the auditor knows of the data.
+    min_cell : int
+    """
+    found = []
+    for number in numbers:
+        rule = CLASS_FIGURES.get((number.kind, number.part))
+        match = rule[0].fullmatch(number.path) if rule else None
+        if rule is None or match is None:
+            continue
+        split = rule[1] or match.group("split")
+        pos, neg = classes[number.site][split]
+        if min(pos, neg) < min_cell:
+            found.append(f"{number.site} {number.kind} {number.part} {number.path} = "
+                         f"{number.value!r}: a class metric on a {split} split of {pos} "
+                         f"positives and {neg} negatives (min_cell {min_cell})")
+    return found
+
+
 # --------------------------------------------------------------------------- the egress log
 
 
@@ -528,12 +570,15 @@ class Known:
     statistics : dict of str to str
         Weight keys holding statistics of patient data (a standardiser's mean and scale), each
         with the key of its per-feature count.
+    classes : dict
+        Per site, per split, ``(positives, negatives)`` (:func:`split_classes`).
     """
 
     secrets: Secrets
     values: np.ndarray
     shapes: dict[str, tuple[tuple[int, ...], str]]
     statistics: dict[str, str]
+    classes: dict[str, dict[str, tuple[int, int]]]
 
     @property
     def counts(self) -> list[str]:
@@ -571,19 +616,31 @@ def patient_values(data: Mapping[str, Any], scores: Iterable[Iterable[float]]) -
     return np.concatenate(parts)
 
 
+def split_classes(data: Mapping[str, Any]) -> dict[str, dict[str, tuple[int, int]]]:
+    """Per site (:class:`~multimodal_fl.training.SiteData`), per split, (positives, negatives)."""
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for name, sd in data.items():
+        out[name] = {}
+        for split in ("train", "val", "test"):
+            labels = sd.part(split).labels.numpy()
+            pos = int((labels > 0.5).sum())
+            out[name][split] = (pos, int(labels.size) - pos)
+    return out
+
+
 def audit(crossings: Iterable[Crossing], known: Known, *, cfg_min_cell: int, n_bins: int
           ) -> dict[str, list[str]]:
     """Every check over every crossing: findings by check (all empty: nothing found)."""
     found: dict[str, list[str]] = {k: [] for k in (
-        "declared", "weights", "statistic counts", "text", "backstop")}
+        "declared", "weights", "statistic counts", "text", "backstop", "class figures")}
     for c in crossings:
         min_cell = effective_min_cell(cfg_min_cell, c.request)
         found["declared"] += declared_findings(c, min_cell)
         found["weights"] += weight_findings(c, known.shapes)
         found["statistic counts"] += statistic_count_findings(c, known.counts, min_cell)
         found["text"] += text_findings(crossing_texts(c), known.secrets)
-        found["backstop"] += backstop_findings(
-            released_numbers(c, min_cell=min_cell, n_bins=n_bins,
-                             statistic_keys=known.statistics),
-            known.values, min_cell=min_cell)
+        numbers = released_numbers(c, min_cell=min_cell, n_bins=n_bins,
+                                   statistic_keys=known.statistics)
+        found["backstop"] += backstop_findings(numbers, known.values, min_cell=min_cell)
+        found["class figures"] += class_figure_findings(numbers, known.classes, min_cell)
     return found

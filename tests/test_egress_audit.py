@@ -45,7 +45,8 @@ from multimodal_fl.config import ExperimentConfig, load_config
 from multimodal_fl.data.cohort import build_cohorts
 from multimodal_fl.engines.baselines import run_local
 from multimodal_fl.engines.federated import inprocess_federation, run_federated_experiment
-from multimodal_fl.federated.protocol import Reply, SiteFailure, pack_document
+from multimodal_fl.federated.protocol import Kind, Reply, Request, SiteFailure, pack_document
+from multimodal_fl.federated.site import FusionSite
 from multimodal_fl.pca.stage import apply_pca_stage, fit_pca_stage
 from multimodal_fl.training import (
     SiteData,
@@ -62,6 +63,7 @@ from tests.egress import (
     Secrets,
     audit,
     backstop_findings,
+    class_figure_findings,
     cohort_secrets,
     crossing_texts,
     declared_findings,
@@ -71,6 +73,7 @@ from tests.egress import (
     patient_values,
     read_egress,
     released_numbers,
+    split_classes,
     statistic_count_findings,
     text_findings,
     weight_findings,
@@ -97,6 +100,7 @@ class Audited:
     cfg: ExperimentConfig
     runs: dict[str, tuple[Path, Recorder]]
     known: Known
+    data: dict[str, SiteData]
 
     def crossings(self, job: str | None = None) -> list[Crossing]:
         return [c for name, (_, rec) in self.runs.items() if job in (None, name)
@@ -165,9 +169,9 @@ def audited(tmp_path_factory: pytest.TempPathFactory, tiny_sample: Path, tiny_be
     projected = apply_pca_stage(data, fit_pca_stage(cfg, data), cfg.federated.pca.modality)
     shapes, statistics = model_shapes(build_model(cfg, projected["site_a"]))
     known = Known(cohort_secrets(cohorts), patient_values(data, _scores(cfg, data, runs)),
-                  shapes, statistics)
+                  shapes, statistics, split_classes(data))
     assert np.isclose(known.values, PLANTED, rtol=0, atol=1e-7).any()
-    return Audited(cfg, runs, known)
+    return Audited(cfg, runs, known, data)
 
 
 # --------------------------------------------------------------------------- the audit
@@ -208,6 +212,29 @@ def test_each_sites_egress_log_says_what_the_server_got(audited: Audited, job: s
         assert egress_findings(mine, log) == [], site
         assert log_name_findings(log) == [], site
         assert {e["kind"] for e in log} == {str(c.request.kind) for c in mine}
+
+
+def test_no_class_metric_leaves_on_a_small_class(audited: Audited, tmp_path: Path) -> None:
+    """A validation split of min_cell patients but fewer of a class: the local-only model's
+    validation AUCs stay at the site (as ``evaluate`` keeps them), and so do the predict
+    reply's class metrics of a test split with 4 positives (the audit's run has two)."""
+    sd = audited.data["site_a"]
+    ids = sorted(sd.dataset.patient_ids)
+    splits = {p: "train" if i < 8 else "val" if i < 14 else "test" for i, p in enumerate(ids)}
+    small = dataclasses.replace(sd, splits=splits, _parts={})
+    classes = split_classes({"site_a": small})
+    assert len(small.val) >= 5 and min(classes["site_a"]["val"]) < 5
+    site = FusionSite("site_a", audited.cfg, small, run_dir=tmp_path)
+    request = Request(Kind.LOCAL_TRAIN, 0, config={"engine": "local"})
+    crossing = Crossing("site_a", request, site.handle(request))
+    numbers = released_numbers(crossing, min_cell=5, n_bins=100)
+    assert any(n.path.endswith("train_loss") for n in numbers)  # the document did leave
+    assert class_figure_findings(numbers, classes, 5) == []
+    predict = [c for c in audited.crossings() if c.request.kind == "predict"]
+    assert any(min(audited.known.classes[c.site]["test"]) < 5 for c in predict)
+    for c in predict:
+        assert class_figure_findings(released_numbers(c, min_cell=5, n_bins=100),
+                                     audited.known.classes, 5) == [], c.site
 
 
 # --------------------------------------------------------------------------- negative controls
