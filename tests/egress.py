@@ -13,7 +13,7 @@ import json
 import pickle
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +101,9 @@ def recording_experiment_job(run_config: Mapping[str, Any]) -> Any:
 
     The job of :func:`multimodal_fl.engines.flower_jobs.experiment_job`, whose federation is
     wrapped in a :class:`Recorder`; the crossings are pickled into :data:`RECORDING_FILE`
-    beside ``run-dir`` (never inside it: the server's run directory stays as the job made it).
+    beside ``run-dir`` (never inside it: the server's run directory stays as the job made it),
+    each request without its weights and arrays (the server's own; the audit reads the
+    replies).
     """
     job = experiment_job(run_config)
     inner = job.main
@@ -112,7 +114,9 @@ def recording_experiment_job(run_config: Mapping[str, Any]) -> Any:
         try:
             inner(recorder)
         finally:
-            out.write_bytes(pickle.dumps(recorder.crossings))
+            light = [replace(c, request=replace(c.request, weights={}, arrays={}))
+                     for c in recorder.crossings]
+            out.write_bytes(pickle.dumps(light))
 
     job.main = main
     return job
