@@ -214,14 +214,26 @@ def test_each_sites_egress_log_says_what_the_server_got(audited: Audited, job: s
         assert {e["kind"] for e in log} == {str(c.request.kind) for c in mine}
 
 
+def _resplit(sd: SiteData, sizes: Mapping[str, int]) -> SiteData:
+    """``sd`` with new splits of these sizes (sorted ids; the rest test), labels alternating
+    within each split."""
+    ids = sorted(sd.dataset.patient_ids)
+    bounds = np.cumsum([sizes["train"], sizes["val"]])
+    splits = {p: "train" if i < bounds[0] else "val" if i < bounds[1] else "test"
+              for i, p in enumerate(ids)}
+    ds = sd.dataset.subset(list(range(len(sd.dataset))))
+    for split in ("train", "val", "test"):
+        rows = [i for i, p in enumerate(ds.patient_ids) if splits[p] == split]
+        for k, i in enumerate(rows):
+            ds.labels[i] = float(k % 2)
+    return dataclasses.replace(sd, dataset=ds, splits=splits, _parts={})
+
+
 def test_no_class_metric_leaves_on_a_small_class(audited: Audited, tmp_path: Path) -> None:
     """A validation split of min_cell patients but fewer of a class: the local-only model's
     validation AUCs stay at the site (as ``evaluate`` keeps them), and so do the predict
     reply's class metrics of a test split with 4 positives (the audit's run has two)."""
-    sd = audited.data["site_a"]
-    ids = sorted(sd.dataset.patient_ids)
-    splits = {p: "train" if i < 8 else "val" if i < 14 else "test" for i, p in enumerate(ids)}
-    small = dataclasses.replace(sd, splits=splits, _parts={})
+    small = _resplit(audited.data["site_a"], {"train": 8, "val": 6})
     classes = split_classes({"site_a": small})
     assert len(small.val) >= 5 and min(classes["site_a"]["val"]) < 5
     site = FusionSite("site_a", audited.cfg, small, run_dir=tmp_path)
@@ -235,6 +247,27 @@ def test_no_class_metric_leaves_on_a_small_class(audited: Audited, tmp_path: Pat
     for c in predict:
         assert class_figure_findings(released_numbers(c, min_cell=5, n_bins=100),
                                      audited.known.classes, 5) == [], c.site
+
+
+def test_an_evaluate_reply_with_figures_passes_the_audit(audited: Audited, tmp_path: Path
+                                                          ) -> None:
+    """The runs' validation splits are all below min_cell, so their evaluate replies carry
+    nothing: here a site of 10 validation patients (5 of each class) releases its metrics and
+    its counts-only histograms, and the reply passes every check."""
+    sd = _resplit(audited.data["site_a"], {"train": 6, "val": 10})
+    assert split_classes({"site_a": sd})["site_a"]["val"] == (5, 5)
+    site = FusionSite("site_a", audited.cfg, sd, run_dir=tmp_path)
+    weights = {k: v.detach().numpy() for k, v in build_model(audited.cfg, sd).state_dict().items()}
+    request = Request(Kind.EVALUATE, 1, weights=weights)
+    crossing = Crossing("site_a", request, site.handle(request))
+    reply = crossing.answer
+    assert isinstance(reply, Reply) and reply.n_samples == 10
+    assert {"val_auc", "val_brier"} <= set(reply.metrics) and "validation" in reply.documents
+    known = dataclasses.replace(audited.known, classes=split_classes({"site_a": sd}))
+    shapes, statistics = model_shapes(build_model(audited.cfg, sd))
+    known = dataclasses.replace(known, shapes=shapes, statistics=statistics)
+    found = audit([crossing], known, cfg_min_cell=5, n_bins=audited.cfg.evaluation.histogram_bins)
+    assert found == {k: [] for k in found}
 
 
 # --------------------------------------------------------------------------- negative controls
