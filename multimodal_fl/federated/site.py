@@ -96,7 +96,7 @@ from multimodal_fl.config import ExperimentConfig, SitePolicy, load_policy
 from multimodal_fl.encoders.tabular import Standardizer
 from multimodal_fl.evaluation.disclosed import released_metric, site_disclosure
 from multimodal_fl.evaluation.histograms import histogram_parts, label_counts
-from multimodal_fl.evaluation.metrics import binary_metrics, derive_seed
+from multimodal_fl.evaluation.metrics import MetricValue, binary_metrics, derive_seed
 from multimodal_fl.federated.aggregation import STANDARDIZER_STATE
 from multimodal_fl.federated.disclosure import (
     EGRESS_LOG,
@@ -149,6 +149,7 @@ __all__ = [
     "LOCAL_MODEL",
     "POOLED_TEST",
     "FusionSite",
+    "as_disclosed",
     "fusion_sites",
     "local_training_document",
     "norm_layer_keys",
@@ -492,8 +493,14 @@ class FusionSite:
             writer = RunWriter(self.run_dir, self.cfg, str(request.config.get("engine", "")))
             writer.write_splits(self.name, self.data)
             writer.write_predictions(self.name, frame)
-        by_split = metrics_by_split(frame, n_boot=ev.n_boot, seed=self.cfg.seed, where=self.name,
-                                    min_cell=min_cell)
+        disclosed = site_disclosure(
+            frame, site=self.name, sensitive=ev.sensitive, min_cell=min_cell,
+            n_boot=ev.n_boot, seed=self.cfg.seed, n_bins=ev.histogram_bins,
+            threshold_rule=str(request.config.get("threshold", ev.threshold)),
+            subgroup_summaries=self.gate.policy.subgroup_summaries)
+        # the same cells suppressed as in the site's report document (its class rule too)
+        by_split = as_disclosed(metrics_by_split(frame, n_boot=ev.n_boot, seed=self.cfg.seed,
+                                                 where=self.name, min_cell=min_cell), disclosed)
         self._hold_test_histograms(frame, min_cell)
         flat: dict[str, float] = {}
         for split, values in by_split.items():
@@ -502,11 +509,6 @@ class FusionSite:
                     if number is not None and np.isfinite(number):
                         flat[f"{split}/{metric}{part}"] = float(number)
         site_doc = {**site_summary(self.data, min_cell=min_cell), "metrics": by_split}
-        disclosed = site_disclosure(
-            frame, site=self.name, sensitive=ev.sensitive, min_cell=min_cell,
-            n_boot=ev.n_boot, seed=self.cfg.seed, n_bins=ev.histogram_bins,
-            threshold_rule=str(request.config.get("threshold", ev.threshold)),
-            subgroup_summaries=self.gate.policy.subgroup_summaries)
         documents = {
             Doc.SITE_METRICS: pack_document(jsonable(site_doc)),
             Doc.DISCLOSED: pack_document(disclosed),
@@ -566,8 +568,10 @@ class FusionSite:
         if len(self.data.train) < min_cell:
             raise SiteRefused(f"site {self.name}: fewer than min_cell={min_cell} training "
                               "patients: no local-only model")
+        # its standardiser under the moments rule: the weights may leave (the egress audit)
         model, result = train_local_model(self.cfg, self.data, seed_key=self.name,
-                                          progress=self.progress, label=f"local {self.name}")
+                                          min_cell=min_cell, progress=self.progress,
+                                          label=f"local {self.name}")
         self._local_model = model
         if self.run_dir is not None:
             engine = str(request.config.get("engine", "local"))
@@ -575,7 +579,9 @@ class FusionSite:
         for note in result.notes:
             log.info("site %s local-only model: %s", self.name, note)
         shared = self.gate.policy.share_local_model
-        doc = local_training_document(result, n_val=len(self.data.val), min_cell=min_cell)
+        n_val_pos = int((self.data.val.labels > 0.5).sum())
+        doc = local_training_document(result, n_val=len(self.data.val), n_val_pos=n_val_pos,
+                                      min_cell=min_cell)
         return self._reply(request, weights=state_to_numpy(model) if shared else {},
                            n_samples=len(self.data.train),
                            documents={Doc.LOCAL_TRAINING: pack_document(jsonable(doc))})
@@ -611,13 +617,51 @@ class FusionSite:
                            documents={Doc.CROSS_SITE: pack_document(doc)})
 
 
-def local_training_document(result: TrainResult, *, n_val: int, min_cell: int) -> dict[str, Any]:
+def as_disclosed(by_split: dict[str, dict[str, MetricValue]], disclosed: Mapping[str, Any]
+                 ) -> dict[str, dict[str, MetricValue]]:
+    """Metrics per split with every figure the site's report document withholds withheld.
+
+    The document (:func:`~multimodal_fl.evaluation.disclosed.site_disclosure`) applies the
+    class rule (a class metric needs ``min_cell`` patients of each class) and hides class counts
+    that follow from the other splits; the ``predict`` reply's metrics and ``site_metrics``
+    document show the same cells, so ``metrics.json`` and the report agree.
+
+    Parameters
+    ----------
+    by_split : dict
+        :func:`~multimodal_fl.training.metrics_by_split` (the split-size rule applied).
+    disclosed : mapping
+        The site's report document.
+
+    Returns
+    -------
+    dict
+        ``by_split`` with a metric the document withholds made undefined, its reason kept.
+    """
+    splits = disclosed.get("splits") or {}
+    out: dict[str, dict[str, MetricValue]] = {}
+    for split, values in by_split.items():
+        doc = splits.get(split) or {}
+        shown = doc.get("metrics") or {}
+        out[split] = {}
+        for metric, value in values.items():
+            kept = shown.get(metric) or {}
+            if value.value is not None and kept.get("value") is None:
+                reason = kept.get("reason") or doc.get("reason") or "withheld by the site"
+                value = MetricValue.undefined(str(reason), n=doc.get("n"))
+            out[split][metric] = value
+    return out
+
+
+def local_training_document(result: TrainResult, *, n_val: int, min_cell: int,
+                            n_val_pos: int | None = None) -> dict[str, Any]:
     """What a site discloses of its local-only training (the ``local_training`` document).
 
     Steps, early stopping and the training-loss curve (means over training patients, of whom a
     training site has at least ``min_cell``); validation AUCs only when the validation split
-    has at least ``min_cell`` patients. The positive-class weight and the notes (they name
-    class counts) stay at the site.
+    has at least ``min_cell`` patients of each class (the rule of every class metric that
+    leaves a site). The positive-class weight and the notes (they name class counts) stay at
+    the site.
 
     Parameters
     ----------
@@ -626,6 +670,8 @@ def local_training_document(result: TrainResult, *, n_val: int, min_cell: int) -
         Validation patients.
     min_cell : int
         The effective small-cell threshold.
+    n_val_pos : int or None
+        Validation positives (``None``: the class rule is not applied, only the split size).
 
     Returns
     -------
@@ -634,8 +680,11 @@ def local_training_document(result: TrainResult, *, n_val: int, min_cell: int) -
         ``stopped_early``, ``n_samples``, ``history`` (``step``, ``train_loss``, ``val_auc``,
         ``val_auc_reason``).
     """
-    shown = n_val >= min_cell
-    hidden = f"validation split of fewer than {min_cell} patients: not disclosed"
+    classes = (n_val,) if n_val_pos is None else (n_val_pos, n_val - n_val_pos)
+    shown = n_val >= min_cell and min(classes) >= min_cell
+    hidden = (f"validation split of fewer than {min_cell} patients: not disclosed"
+              if n_val < min_cell else
+              f"validation split of fewer than {min_cell} of a class: not disclosed")
     history = [{"step": h["step"], "train_loss": h["train_loss"],
                 "val_auc": h["val_auc"] if shown else None,
                 "val_auc_reason": h["val_auc_reason"] if shown else hidden}

@@ -72,14 +72,16 @@ def train_to_completion(
 
 
 def train_local_model(
-    cfg: ExperimentConfig, data: SiteData, *, seed_key: str,
+    cfg: ExperimentConfig, data: SiteData, *, seed_key: str, min_cell: int = 0,
     progress: ProgressCallback | None = None, label: str = "",
 ) -> tuple[FusionModel, TrainResult]:
     """A site's local-only model: its own standardisation, training and early stopping.
 
     The model starts from the experiment's seeded initial weights (:func:`build_model`), takes
-    its tabular standardisation from the site's training split, and is trained with
-    :func:`train_to_completion` on that split, stopped on the site's validation split.
+    its tabular standardisation from the site's training split (features seen in fewer than
+    ``min_cell`` of its patients left unstandardised, as the ``moments`` rule sends them), and
+    is trained with :func:`train_to_completion` on that split, stopped on the site's
+    validation split.
 
     Parameters
     ----------
@@ -88,6 +90,10 @@ def train_local_model(
         The site's prepared data (its training split is not empty).
     seed_key : str
         The site's name (see :func:`train_to_completion`).
+    min_cell : int, default 0
+        The site's effective small-cell threshold: the model's standardiser carries no
+        statistic of fewer patients (:func:`fit_tabular_standardizer`'s ``min_count``), so
+        its weights may leave the site.
     progress : callable or None
         Called with every step's :class:`~multimodal_fl.progress.StepEvent`.
     label : str
@@ -100,7 +106,7 @@ def train_local_model(
     result : TrainResult
     """
     model = build_model(cfg, data)
-    fit_tabular_standardizer(model, [data.train])
+    fit_tabular_standardizer(model, [data.train], min_count=min_cell)
     result = train_to_completion(cfg, data.train, data.val, model, seed_key=seed_key,
                                  progress=progress, label=label)
     return model, result

@@ -102,7 +102,8 @@ def build_model(cfg: ExperimentConfig, data: CohortDataset | SiteData) -> Fusion
     return model
 
 
-def fit_tabular_standardizer(model: FusionModel, datasets: Sequence[CohortDataset]) -> None:
+def fit_tabular_standardizer(model: FusionModel, datasets: Sequence[CohortDataset], *,
+                             min_count: int = 0) -> None:
     """Set the tabular encoder's standardisation from training rows of one or more datasets.
 
     Sums per-dataset moments (count, sum, sum of squares per feature, over rows with tabular
@@ -115,6 +116,11 @@ def fit_tabular_standardizer(model: FusionModel, datasets: Sequence[CohortDatase
     model : FusionModel
     datasets : sequence of CohortDataset
         Usually the training split(s).
+    min_count : int, default 0
+        A feature observed in fewer than ``min_count`` rows of a dataset is left out of that
+        dataset's moments, as a site's ``moments`` reply leaves it out under its ``min_cell``:
+        a model whose weights leave the site (the local-only model) then carries no mean,
+        scale or count of fewer patients. ``0``: every observed value counts.
     """
     if "tabular" not in model.modalities or "tabular" in model.precomputed:
         return
@@ -123,7 +129,9 @@ def fit_tabular_standardizer(model: FusionModel, datasets: Sequence[CohortDatase
     for d in datasets:
         j = d.modalities.index("tabular")
         x = d.inputs["tabular"][d.mask[:, j]]
-        moments.append(Standardizer.site_moments(x.numpy()))
+        n, s, ss = Standardizer.site_moments(x.numpy())
+        rare = (n > 0) & (n < min_count)
+        moments.append((np.where(rare, 0, n), np.where(rare, 0.0, s), np.where(rare, 0.0, ss)))
     if moments:
         enc.standardizer.set_moments(*combine_moments(moments))
 

@@ -10,11 +10,19 @@ bit for bit, and the same round history, per-site predictions and pooled test fi
 secure sum of the sites' histograms over the deployment). The SuperNodes write their
 patient-level files into a folder of their own (the hospitals'), so the server's run directory
 holds no ``sites/``, and the report built from it alone equals the in-process run's.
+
+The same deployment is the egress audit's Flower half (:mod:`tests.egress`; the in-process half,
+with the PCA stage and the local-only job, is ``tests/test_egress_audit.py``): the server job
+records every reply it gets over the Grid (``tests.egress:recording_experiment_job``), and
+those replies, like the in-process run's, pass every content check; each SuperNode's
+``egress.jsonl`` says message by message what the server got, its released entries name only
+fields declared for their kind, and it logs the same messages as the in-process sites' logs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -22,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 
 pytest.importorskip("flwr")
@@ -29,14 +38,34 @@ pytest.importorskip("torch")
 
 from safetensors.numpy import load_file
 
-from multimodal_fl.config import load_config
-from multimodal_fl.engines.federated import run_federated_experiment
+from multimodal_fl.config import ExperimentConfig, load_config
+from multimodal_fl.data.cohort import build_cohorts
+from multimodal_fl.engines.federated import inprocess_federation, run_federated_experiment
 from multimodal_fl.engines.flower_jobs import experiment_run_config
 from multimodal_fl.evaluation.report import build_report
 from multimodal_fl.federated.flower import FlowerRunError, run_loopback
+from multimodal_fl.training import SiteData, build_model, load_site_data
+from tests.egress import (
+    RECORDING_FILE,
+    Crossing,
+    Known,
+    Recorder,
+    audit,
+    cohort_secrets,
+    egress_findings,
+    load_crossings,
+    log_name_findings,
+    model_shapes,
+    patient_values,
+    read_egress,
+    split_classes,
+)
 
+REPO = Path(__file__).resolve().parents[2]
 #: Round fields that depend on the clock or on the process, not on the computation.
 TIMING_FIELDS = ("seconds", "server_seconds")
+#: Egress-log fields that depend on the clock or on random masks, not on what was released.
+LOG_VOLATILE = ("time", "bytes")
 
 
 def _rounds(run_dir: Path) -> list[dict[str, Any]]:
@@ -59,7 +88,11 @@ def test_fusion_experiment_on_loopback_flower_equals_in_process(
     assert cfg.training.num_threads == 1  # run_federated_experiment and torch-threads use it
 
     started = time.monotonic()
-    reference = run_federated_experiment(cfg, tmp_path / "inprocess").run_dir
+    cohorts = build_cohorts(cfg)
+    data = load_site_data(cfg, tmp_path / "inprocess", cohorts=cohorts)
+    recorded = Recorder(inprocess_federation(cfg, tmp_path / "inprocess", data=data))
+    reference = run_federated_experiment(cfg, tmp_path / "inprocess",
+                                         federation=recorded).run_dir  # type: ignore[arg-type]
     in_process_s = time.monotonic() - started
 
     run_dir = tmp_path / "flower"
@@ -67,12 +100,16 @@ def test_fusion_experiment_on_loopback_flower_equals_in_process(
     run_config = experiment_run_config(cfg, run_dir=run_dir, site_out=hospitals,
                                        site_worker=True)
     assert run_config["site-worker"] is True and run_config["torch-threads"] == 1
+    # the experiment's server job, recording what crosses to the server (the egress audit)
+    run_config["server-factory"] = "tests.egress:recording_experiment_job"
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     sites = {s.name: Path(s.path) for s in cfg.sites}
     started = time.monotonic()
     try:  # starts and stops every process (process groups killed on the way out)
         # 380 s: the predict stage's secure sum adds four messages per site, each a ClientApp
         # process start (287 s in all on a 2-core machine at load 7)
-        run_loopback(sites, run_config, tmp_path / "flower_work", timeout=380)
+        run_loopback(sites, run_config, tmp_path / "flower_work", timeout=380,
+                     env={"PYTHONPATH": pythonpath})
     except FlowerRunError as exc:
         pytest.fail(str(exc))
     flower_s = time.monotonic() - started
@@ -105,7 +142,38 @@ def test_fusion_experiment_on_loopback_flower_equals_in_process(
     assert [json.loads(line)["kind"] for line in
             (hospitals / "sites" / "site_a" / "egress.jsonl").read_text().splitlines()
             ].count("secure_sum") == 4
+    # the egress audit, before the in-process run's sites/ is removed below
+    _audit_both_engines(cfg, data, cohorts, {
+        "in-process": (recorded.crossings, reference),
+        "Flower": (load_crossings(tmp_path / RECORDING_FILE), hospitals)})
     _report_from_the_server_dir_equals_in_process(run_dir, reference, sorted(sites))
+
+
+def _audit_both_engines(cfg: ExperimentConfig, data: dict[str, SiteData], cohorts: Any,
+                        runs: dict[str, tuple[list[Crossing], Path]]) -> None:
+    """Every reply of both engines passes every content check; each site's egress log says
+    what the server got, names only declared fields, and logs what the in-process site logs."""
+    ev = cfg.evaluation
+    scores = [pd.read_csv(folder / "sites" / s / "predictions.csv")["score"].tolist()
+              for _, folder in runs.values() for s in data]
+    shapes, statistics = model_shapes(build_model(cfg, data[sorted(data)[0]]))
+    known = Known(cohort_secrets(cohorts), patient_values(data, scores), shapes, statistics,
+                  split_classes(data))
+    logs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for engine, (crossings, folder) in runs.items():
+        assert {c.site for c in crossings} == set(data), engine
+        found = audit(crossings, known, cfg_min_cell=ev.min_cell, n_bins=ev.histogram_bins)
+        assert found == {k: [] for k in found}, (engine, found)
+        logs[engine] = {s: read_egress(folder / "sites" / s / "egress.jsonl") for s in data}
+        for site, log in logs[engine].items():
+            mine = [c for c in crossings if c.site == site]
+            assert egress_findings(mine, log) == [], (engine, site)
+            assert log_name_findings(log) == [], (engine, site)
+    for site in data:
+        flower, inprocess = ([{k: v for k, v in e.items() if k not in LOG_VOLATILE}
+                              for e in logs[engine][site]] for engine in ("Flower", "in-process"))
+        assert {e["kind"] for e in flower} == {e["kind"] for e in inprocess}, site
+        assert flower == inprocess, site
 
 
 def _numbers(doc: dict[str, Any], label: str) -> dict[str, Any]:
