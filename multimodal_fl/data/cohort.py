@@ -17,7 +17,7 @@ import pandas as pd
 from multimodal_fl.config import DataConfig, ExperimentConfig, SiteConfig, TaskSpec
 from multimodal_fl.data.errors import DataError, ErrorSink, Skip
 from multimodal_fl.data.fhir import FHIRReader
-from multimodal_fl.data.fhir_json import unpack_resources
+from multimodal_fl.data.fhir_json import paused_gc, unpack_resources
 from multimodal_fl.data.imaging import link_images
 from multimodal_fl.data.records import Note
 from multimodal_fl.data.sites import SiteFiles, discover_site, read_csv, site_timezone
@@ -254,7 +254,14 @@ def build_cohort(
         When the site directory is missing or empty, or (``on_error: fail``) at the first
         bad file or record.
     """
-    data = data or DataConfig()
+    with paused_gc():
+        return _build_cohort(site, task, data or DataConfig(), site_name, progress,
+                             check_images=check_images)
+
+
+def _build_cohort(site: SiteConfig | Path | str, task: TaskSpec, data: DataConfig,
+                  site_name: str | None, progress: ProgressFn | None, *,
+                  check_images: bool) -> SiteCohort:
     if isinstance(site, SiteConfig):
         site_name = site_name or site.name
         path = site.path
@@ -299,13 +306,14 @@ def build_cohort_from_resources(
     sink = ErrorSink(on_error=data.on_error)
     reader = FHIRReader(task, sink, validation=data.validation, tz=site_timezone(data),
                         strict_ids=data.strict_ids)
-    for obj, label in resources:
-        if isinstance(obj, Path):
-            reader.read_file(obj, label)
-            continue
-        for res, full_url in unpack_resources(obj, label, sink, where=""):
-            reader.add_resource(res, label, full_url)
-    return _assemble(reader, task, sink, site_name, None, check_images=False)
+    with paused_gc():
+        for obj, label in resources:
+            if isinstance(obj, Path):
+                reader.read_file(obj, label)
+                continue
+            for res, full_url in unpack_resources(obj, label, sink, where=""):
+                reader.add_resource(res, label, full_url)
+        return _assemble(reader, task, sink, site_name, None, check_images=False)
 
 
 def _assemble(reader: FHIRReader, task: TaskSpec, sink: ErrorSink, site_name: str,

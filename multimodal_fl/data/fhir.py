@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import re
 from collections import defaultdict
+from collections.abc import Container
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
@@ -118,6 +119,18 @@ def _codings(concept: Any) -> list[Coding]:
         if isinstance(c, dict) and c.get("code") is not None:
             out.append((str(c.get("system") or ""), str(c["code"])))
     return out
+
+
+def _has_code(concept: Any, codes: Container[str]) -> bool:
+    """Whether a CodeableConcept has a coding whose code is in ``codes`` (as :func:`_codings`)."""
+    if not isinstance(concept, dict):
+        return False
+    for c in concept.get("coding") or ():
+        if isinstance(c, dict):
+            code = c.get("code")
+            if code is not None and str(code) in codes:
+                return True
+    return False
 
 
 def _coding_list(node: Any) -> list[Coding]:
@@ -354,31 +367,29 @@ class FHIRReader:
         return True
 
     def _wanted(self, rt: str, res: dict[str, Any]) -> bool:
+        if rt == "Observation":
+            if _has_code(res.get("code"), self._obs):
+                return True
+            comps = res.get("component")
+            return bool(comps) and isinstance(comps, list) and any(
+                isinstance(comp, dict) and _has_code(comp.get("code"), self._obs)
+                for comp in comps)
+        if rt == "Condition":
+            return _has_code(res.get("code"), self._cond_codes)
         if rt == "Patient":
             return True
         if rt == "Encounter":
             return self._need_encounters
-        if rt == "Condition":
-            return any(c in self._cond_codes for _, c in _codings(res.get("code")))
-        if rt == "Observation":
-            if any(c in self._obs for _, c in _codings(res.get("code"))):
-                return True
-            return any(
-                c in self._obs
-                for comp in res.get("component") or [] if isinstance(comp, dict)
-                for _, c in _codings(comp.get("code"))
-            )
         if rt == "Procedure":
-            return any(c in self._proc_codes for _, c in _codings(res.get("code")))
+            return _has_code(res.get("code"), self._proc_codes)
         if rt == "Device":
-            return any(c in self._dev_codes for _, c in _codings(res.get("type")))
+            return _has_code(res.get("type"), self._dev_codes)
         if rt == "DeviceUseStatement":
             return bool(self._dev_codes)
         if rt == "MedicationRequest":
             if isinstance(res.get("medicationReference"), dict):
                 return bool(self._med_codes)  # resolved against the Medication in finish()
-            return any(c in self._med_codes
-                       for _, c in _codings(res.get("medicationCodeableConcept")))
+            return _has_code(res.get("medicationCodeableConcept"), self._med_codes)
         if rt == "Medication":
             return bool(self._med_codes)
         if rt == "DiagnosticReport":
