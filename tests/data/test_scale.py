@@ -6,10 +6,13 @@ import gc
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
-from multimodal_fl.config import TaskSpec, load_task
-from multimodal_fl.data import build_cohort
+from multimodal_fl.config import ExperimentConfig, TaskSpec, load_task
+from multimodal_fl.data import DataError, build_cohort, build_cohorts
+from multimodal_fl.data import cohort as cohort_module
+from multimodal_fl.data.cohort import cohort_workers
 from multimodal_fl.data.fhir import FHIRReader
 from multimodal_fl.data.fhir_json import paused_gc
 from tests.data import factory as f
@@ -73,3 +76,62 @@ def test_paused_gc_keeps_a_disabled_collector_disabled() -> None:
     with paused_gc():
         assert not gc.isenabled()
     assert gc.isenabled()
+
+
+def _experiment(tmp_path: Path, workers: int, on_error: str = "skip") -> ExperimentConfig:
+    sites = []
+    for k, name in enumerate(("site_a", "site_b", "site_c")):
+        root = _site(tmp_path / name, 6 + 3 * k, tag=f"{name[-1]}")
+        sites.append({"name": name, "path": str(root)})
+    bad = tmp_path / "site_b" / "fhir" / "extra.json"  # a skip and a note, kept in order
+    f.write_json(bad, f.bundle([{**f.patient("odd_id"), "birthDate": "05/01/1960"},
+                                f.observation("o1", "b0", "8310-5", 37.0, "", "2020-03-01")]))
+    return ExperimentConfig.model_validate({
+        "task": load_task("covid_oxygen_24h"), "sites": sites,
+        "data": {"workers": workers, "on_error": on_error},
+        "modalities": {"image": {"enabled": False}, "text": {"enabled": False}}})
+
+
+def test_pool_builds_the_cohorts_a_serial_build_gives(tmp_path: Path) -> None:
+    serial = build_cohorts(_experiment(tmp_path, workers=1))
+    ticks: list[tuple[str, int, int]] = []
+    pooled = build_cohorts(_experiment(tmp_path, workers=2),
+                           progress=lambda *t: ticks.append(t))
+    assert list(pooled) == list(serial) == ["site_a", "site_b", "site_c"]
+    for name, cohort in serial.items():
+        other = pooled[name]
+        pd.testing.assert_frame_equal(other.table, cohort.table)
+        assert other.feature_names == cohort.feature_names
+        assert other.skipped == cohort.skipped
+        assert other.noted == cohort.noted
+        assert other.counts == cohort.counts
+    assert serial["site_b"].skipped and serial["site_b"].counts["files_read"] == 2
+    assert ticks == [("site_a", 1, 1), ("site_b", 2, 2), ("site_c", 1, 1)]
+
+
+def test_pool_raises_the_first_failing_site_whole(tmp_path: Path) -> None:
+    cfg = _experiment(tmp_path, workers=2, on_error="fail")
+    f.write_json(tmp_path / "site_c" / "fhir" / "later.json",
+                 f.bundle([{**f.patient("c-bad"), "gender": 3}]))
+    with pytest.raises(DataError) as serial:
+        build_cohorts(cfg.model_copy(update={"data": cfg.data.model_copy(
+            update={"workers": 1})}))
+    with pytest.raises(DataError) as pooled:
+        build_cohorts(cfg)
+    assert str(pooled.value) == str(serial.value) and "extra.json" in str(pooled.value)
+    assert pooled.value.skip == serial.value.skip is not None
+
+
+def test_automatic_workers_only_for_large_data(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _experiment(tmp_path, workers=0)
+    monkeypatch.setattr(cohort_module, "available_cores", lambda: 8)
+    assert cohort_workers(cfg) == 1  # a few kB of FHIR: read in this process
+    monkeypatch.setattr(cohort_module, "POOL_MIN_BYTES", 1000)
+    assert cohort_workers(cfg) == 3  # one process per site, at most one per core
+    monkeypatch.setattr(cohort_module, "available_cores", lambda: 2)
+    assert cohort_workers(cfg) == 2
+    explicit = cfg.model_copy(update={"data": cfg.data.model_copy(update={"workers": 16})})
+    assert cohort_workers(explicit) == 3
+    single = cfg.model_copy(update={"sites": cfg.sites[:1]})
+    assert cohort_workers(single) == 1
