@@ -8,16 +8,16 @@ every site of an experiment.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from joblib import Parallel, delayed
+from joblib.externals.loky import get_reusable_executor
 
 from multimodal_fl.config import DataConfig, ExperimentConfig, SiteConfig, TaskSpec
 from multimodal_fl.data.errors import DataError, ErrorSink, Skip
@@ -444,21 +444,21 @@ def build_cohorts(cfg: ExperimentConfig, *, progress: ProgressFn | None = None
 
 def _build_in_pool(cfg: ExperimentConfig, workers: int, progress: ProgressFn | None
                    ) -> dict[str, SiteCohort]:
-    """Every site's cohort, read by a pool of ``workers`` fresh (spawned) processes."""
-    # spawn: the caller may hold threads (torch, Flower) that a forked child must not inherit
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {site.name: pool.submit(build_cohort, site, cfg.task, data=cfg.data)
-                   for site in cfg.sites}
-        out: dict[str, SiteCohort] = {}
-        try:
-            for name, future in futures.items():
-                out[name] = future.result()
-                if progress is not None:
-                    files = int(out[name].counts.get("files_read", 0))
-                    progress(name, files, files)
-        except BaseException:
-            for future in futures.values():
-                future.cancel()
-            raise
+    """Every site's cohort, read by a pool of ``workers`` fresh processes (joblib's loky).
+
+    loky's workers are fresh interpreters (a forked child would inherit the caller's
+    threads) that do not re-run the caller's script, so a script needs no ``__main__``
+    guard; they are shut down when the sites are read, so they hold no memory after.
+    """
+    jobs = (delayed(build_cohort)(site, cfg.task, data=cfg.data) for site in cfg.sites)
+    out: dict[str, SiteCohort] = {}
+    try:
+        results = Parallel(n_jobs=workers, backend="loky", return_as="generator")(jobs)
+        for site, cohort in zip(cfg.sites, results, strict=True):
+            out[site.name] = cohort
+            if progress is not None:
+                files = int(cohort.counts.get("files_read", 0))
+                progress(site.name, files, files)
+    finally:
+        get_reusable_executor().shutdown(wait=True)
     return out
