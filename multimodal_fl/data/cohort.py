@@ -442,6 +442,15 @@ def build_cohorts(cfg: ExperimentConfig, *, progress: ProgressFn | None = None
     return out
 
 
+def _cohort_or_error(site: SiteConfig, task: TaskSpec, data: DataConfig
+                     ) -> SiteCohort | DataError:
+    """A pool worker's job: the site's cohort, or the :class:`DataError` that stopped it."""
+    try:
+        return build_cohort(site, task, data=data)
+    except DataError as exc:
+        return exc
+
+
 def _build_in_pool(cfg: ExperimentConfig, workers: int, progress: ProgressFn | None
                    ) -> dict[str, SiteCohort]:
     """Every site's cohort, read by a pool of ``workers`` fresh processes (joblib's loky).
@@ -450,11 +459,13 @@ def _build_in_pool(cfg: ExperimentConfig, workers: int, progress: ProgressFn | N
     threads) that do not re-run the caller's script, so a script needs no ``__main__``
     guard; they are shut down when the sites are read, so they hold no memory after.
     """
-    jobs = (delayed(build_cohort)(site, cfg.task, data=cfg.data) for site in cfg.sites)
+    jobs = (delayed(_cohort_or_error)(site, cfg.task, cfg.data) for site in cfg.sites)
     out: dict[str, SiteCohort] = {}
     try:
         results = Parallel(n_jobs=workers, backend="loky", return_as="generator")(jobs)
         for site, cohort in zip(cfg.sites, results, strict=True):
+            if isinstance(cohort, DataError):
+                raise cohort  # the first failing site in config order, as a serial build
             out[site.name] = cohort
             if progress is not None:
                 files = int(cohort.counts.get("files_read", 0))
