@@ -121,18 +121,21 @@ def experiment(variant: str, data: Path, sites: int, rounds: int) -> Any:
     })
 
 
-def one(variant: str, patients: int, sites: int, rounds: int, work: Path) -> dict[str, Any]:
+def one(variant: str, patients: int, sites: int, rounds: int, work: Path, *,
+        reuse: bool = False) -> dict[str, Any]:
     """Generate, train in process and measure one configuration (run in its own interpreter)."""
     from multimodal_fl.engines import run
     from multimodal_fl.progress import PrepareEvent
     from multimodal_fl.sample_data import generate
 
     data = work / f"{variant}-{patients}-{sites}"
-    shutil.rmtree(data, ignore_errors=True)
     shutil.rmtree(data.parent / f"cache-{data.name}", ignore_errors=True)
-    t0 = time.perf_counter()
-    generate(data, profile="scale", patients=patients, sites=sites, tasks=(TASKS[variant],))
-    generated = time.perf_counter() - t0
+    generated = float("nan")
+    if not (reuse and (data / "MANIFEST.json").is_file()):
+        shutil.rmtree(data, ignore_errors=True)
+        t0 = time.perf_counter()
+        generate(data, profile="scale", patients=patients, sites=sites, tasks=(TASKS[variant],))
+        generated = time.perf_counter() - t0
     cfg = experiment(variant, data, sites, rounds)
     times: dict[str, float] = {}
     rounds_s: list[float] = []
@@ -178,18 +181,23 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/mmfl-scale"))
     parser.add_argument("--one", nargs=3, metavar=("VARIANT", "PATIENTS", "SITES"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--reuse", action="store_true",
+                        help="Keep sample data already generated under --work (its generation "
+                        "time is then not measured).")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.one:
         variant, patients, sites = args.one[0], int(args.one[1]), int(args.one[2])
-        print(json.dumps(one(variant, patients, sites, args.rounds, args.work)))
+        print(json.dumps(one(variant, patients, sites, args.rounds, args.work,
+                             reuse=args.reuse)))
         return
     rows = []
     for size in args.sizes:
         for sites in ([20, 100] if size >= 10000 else [20]):
             for variant in args.variants:
                 cmd = [sys.executable, __file__, "--one", variant, str(size), str(sites),
-                       "--rounds", str(args.rounds), "--work", str(args.work)]
+                       "--rounds", str(args.rounds), "--work", str(args.work),
+                       *(["--reuse"] if args.reuse else [])]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True)
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(row)
