@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import functools
 import re
+import types
+import typing
 from collections import defaultdict
 from collections.abc import Container
 from dataclasses import replace
@@ -49,6 +51,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, unquote
 
+import orjson
 from pydantic import ValidationError
 
 from multimodal_fl.config import TaskSpec
@@ -109,6 +112,78 @@ def _model(resource_type: str) -> Any:
     from fhir.resources.R4B import get_fhir_model_class
 
     return get_fhir_model_class(resource_type)
+
+
+@functools.cache
+def _element_fields(resource_type: str) -> dict[str, tuple[Any, bool]]:
+    """JSON key -> (the R4B model of its complex datatype, whether it is a list), per type.
+
+    ``code`` -> ``(CodeableConcept, False)``, ``category`` -> ``(CodeableConcept, True)``;
+    primitives and ``contained`` (any resource) are left out.
+    """
+    out: dict[str, tuple[Any, bool]] = {}
+    for name, info in _model(resource_type).model_fields.items():
+        ann: Any = info.annotation
+        many = False
+        while True:
+            origin = typing.get_origin(ann)
+            args = [a for a in typing.get_args(ann) if a is not type(None)]
+            if origin in (typing.Union, types.UnionType) and len(args) == 1:
+                ann = args[0]
+            elif origin is list and len(args) == 1:
+                ann, many = args[0], True
+            else:
+                break
+        klass = ann.get_model_klass() if hasattr(ann, "get_model_klass") else None
+        if klass is not None and klass.__name__ not in {"Resource", "DomainResource"}:
+            out[info.alias or name] = (klass, many)
+    return out
+
+
+class _ElementCache:
+    """R4B validation that checks each distinct complex element once per site.
+
+    A resource is validated as its model with every top-level complex element (a
+    CodeableConcept, a Reference, a Quantity ...) replaced by the model instance that the
+    same JSON value validated to before: the site's hundred thousand Observations share a few
+    hundred codes, subjects and encounters. An element is context-free (its model does not
+    depend on where it sits), so the outcome is the model's own; the resource's own rules
+    (required elements, one of ``value[x]``, nulls in lists) are checked every time. When an
+    element is invalid, the whole resource is validated as written, so that the error is
+    the one the model reports.
+    """
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self.limit = limit
+        self._seen: dict[tuple[Any, bytes], Any] = {}
+
+    def _element(self, klass: Any, value: dict[str, Any]) -> Any:
+        key = (klass, orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
+        inst = self._seen.get(key)
+        if inst is None:
+            inst = klass.model_validate(value)
+            if len(self._seen) >= self.limit:
+                self._seen.clear()
+            self._seen[key] = inst
+        return inst
+
+    def validate(self, resource_type: str, res: dict[str, Any]) -> None:
+        """Validate ``res`` with its R4B model; raise as ``model_validate`` would."""
+        fields = _element_fields(resource_type)
+        data = dict(res)
+        try:
+            for key, value in res.items():
+                spec = fields.get(key)
+                if spec is None:
+                    continue
+                klass, many = spec
+                if many and isinstance(value, list) and all(isinstance(v, dict) for v in value):
+                    data[key] = [self._element(klass, v) for v in value]
+                elif not many and isinstance(value, dict):
+                    data[key] = self._element(klass, value)
+        except (ValidationError, orjson.JSONEncodeError):
+            data = res  # the model's own report of what is wrong
+        _model(resource_type).model_validate(data)
 
 
 def _codings(concept: Any) -> list[Coding]:
@@ -282,6 +357,7 @@ class FHIRReader:
         self._deferred_enc: list[_Deferred] = []
         self._deferred_obs: list[_Deferred] = []
         self._dated_devices: set[str | None] = set()
+        self._elements = _ElementCache()
 
     # ------------------------------------------------------------------ reading
 
@@ -412,7 +488,7 @@ class FHIRReader:
                              "keeps such ids)")
             return False
         try:
-            _model(rt).model_validate(_with_stand_in_ids(res) if bad else res)
+            self._elements.validate(rt, _with_stand_in_ids(res) if bad else res)
         except ValidationError as exc:
             err = exc.errors()[0]
             loc = ".".join(str(p) for p in err.get("loc", ())) or "<resource>"

@@ -135,3 +135,40 @@ def test_automatic_workers_only_for_large_data(tmp_path: Path,
     assert cohort_workers(explicit) == 3
     single = cfg.model_copy(update={"sites": cfg.sites[:1]})
     assert cohort_workers(single) == 1
+
+
+def _refusals(tmp_path: Path, task: TaskSpec, extra: list[dict[str, Any]]) -> dict[str, str]:
+    res = [*f.covid_patient("p1"), *extra]
+    site = tmp_path / "site"
+    f.write_json(site / "fhir" / "b.json", f.bundle(res))
+    cohort = build_cohort(site, task)
+    return {s.resource_id: f"{s.field}: {s.message}" for s in cohort.skipped
+            if s.reason == "invalid_fhir"}
+
+
+def _model_error(resource: dict[str, Any]) -> str:
+    """What validating the resource as written with its R4B model reports first."""
+    from fhir.resources.R4B import get_fhir_model_class
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as exc:
+        get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+    return ".".join(str(p) for p in exc.value.errors()[0]["loc"])
+
+
+def test_elements_seen_before_do_not_excuse_the_resource(tmp_path: Path,
+                                                         covid_task: TaskSpec) -> None:
+    """Validation that checks each distinct element once refuses what the model refuses."""
+    when = "2020-03-01T09:00:00+00:00"
+    good = f.observation("spo2-a", "p1", "59408-5", 93, "%", when)
+    no_status = {k: v for k, v in f.observation("spo2-b", "p1", "59408-5", 94, "%",
+                                                  when).items() if k != "status"}
+    two_values = {**f.observation("spo2-c", "p1", "59408-5", 95, "%", when),
+                  "valueString": "95"}
+    bad_code = f.observation("spo2-d", "p1", "59408-5", 96, "%", when)
+    bad_code["code"]["coding"].append({"system": 5, "code": "x"})
+    refused = _refusals(tmp_path, covid_task, [good, no_status, two_values, bad_code])
+    assert set(refused) == {"spo2-b", "spo2-c", "spo2-d"}
+    assert refused["spo2-b"].startswith("status:")
+    assert refused["spo2-d"].startswith(f"{_model_error(bad_code)}:")  # code.coding.1.system
+    assert _model_error(bad_code) == "code.coding.1.system"
