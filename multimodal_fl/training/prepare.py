@@ -484,6 +484,30 @@ def _readable(paths: Sequence[Path | None]) -> tuple[list[int], dict[int, str]]:
     return rows, errors
 
 
+def _embed_as_read(paths: Sequence[Path | None], spec: ImageTransformSpec, enc: ImageEncoder,
+                   tallies: tuple[Tally, Tally], *, reasons: dict[str, str],
+                   notes: list[str], site: str) -> np.ndarray:
+    """Read ``paths`` and embed them :data:`IMAGE_CHUNK` at a time (NaN rows: unreadable)."""
+    read, embedded = tallies
+    emb = np.full((len(paths), enc.output_dim), np.nan, dtype=np.float32)
+    batch: list[tuple[int, torch.Tensor]] = []
+    for j, path in enumerate(paths):
+        try:
+            batch.append((j, load_image(path, spec=spec, notes=notes)))  # type: ignore[arg-type]
+        except ImageReadError as exc:
+            reasons[str(path)] = str(exc)
+            logger.warning("site %s: %s", site, exc)
+            embedded.advance()
+        read.advance()
+        if len(batch) == IMAGE_CHUNK or (j == len(paths) - 1 and batch):
+            with torch.no_grad():
+                vectors = enc(torch.stack([px for _, px in batch])).numpy()
+            emb[[k for k, _ in batch]] = vectors
+            embedded.advance(len(batch))
+            batch = []
+    return emb
+
+
 def _frozen_image_embeddings(
     frozen: FrozenEncoders,
     paths: Sequence[Path | None],
@@ -521,24 +545,8 @@ def _frozen_image_embeddings(
     def compute(items: list[int]) -> np.ndarray:
         read.hit(len(rows) - len(items))
         embedded.hit(len(rows) - len(items))
-        emb = np.full((len(items), enc.output_dim), np.nan, dtype=np.float32)
-        batch: list[tuple[int, torch.Tensor]] = []
-        for j, i in enumerate(items):
-            try:
-                batch.append((j, load_image(paths[i], spec=spec,  # type: ignore[arg-type]
-                                            notes=no_geometry)))
-            except ImageReadError as exc:
-                reasons[str(paths[i])] = str(exc)
-                logger.warning("site %s: %s", site, exc)
-                embedded.advance()
-            read.advance()
-            if len(batch) == IMAGE_CHUNK or (j == len(items) - 1 and batch):
-                with torch.no_grad():
-                    vectors = enc(torch.stack([px for _, px in batch])).numpy()
-                emb[[k for k, _ in batch]] = vectors
-                embedded.advance(len(batch))
-                batch = []
-        return emb
+        return _embed_as_read([paths[i] for i in items], spec, enc, (read, embedded),
+                              reasons=reasons, notes=no_geometry, site=site)
 
     with warnings.catch_warnings():
         # MONAI's DICOM reader warns on import when an optional GPU decoder is absent
