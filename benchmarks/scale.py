@@ -19,11 +19,12 @@ from the run's own progress events:
   :func:`multimodal_fl.sample_data.generate`).
 
 Each configuration runs in a fresh interpreter (``--one``), so that one run's memory never
-counts in the next. The table gives the slope (seconds and MB per 1,000 patients) between the
-two largest sizes run; 50,000 patients run only with ``--sizes`` naming it, and otherwise
-their time is projected from that slope. Run from the repository root::
+counts in the next. Below the table: the least-squares slope (seconds and MB per 1,000
+patients) over the sizes run at 20 sites, and, unless ``--sizes`` names 50,000, the time and
+memory that slope projects for 50,000 patients, against the one-hour budget for such a run.
+Run from the repository root::
 
-    .venv/bin/python benchmarks/scale.py [--sizes 1000 10000] [--rounds 3] [--work /tmp/mmfl-scale]
+    .venv/bin/python benchmarks/scale.py [--sizes 1000 5000 10000] [--rounds 3] [--work DIR]
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def one(variant: str, patients: int, sites: int, rounds: int, work: Path, *,
     times: dict[str, float] = {}
     rounds_s: list[float] = []
     with PeakRSS() as rss:
-        start = time.perf_counter()
+        start = time.perf_counter()  # the run: cohorts, preparation, rounds, predictions
 
         def progress(event: object) -> None:
             if isinstance(event, PrepareEvent):
@@ -175,7 +176,8 @@ def one(variant: str, patients: int, sites: int, rounds: int, work: Path, *,
 def main() -> None:
     """Run every configuration in a fresh interpreter and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 10000],
+                        help="Patients per task; 100 sites are added from 10,000 patients.")
     parser.add_argument("--variants", nargs="+", default=["2d", "3d"], choices=sorted(TASKS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/mmfl-scale"))
@@ -191,6 +193,10 @@ def main() -> None:
         print(json.dumps(one(variant, patients, sites, args.rounds, args.work,
                              reuse=args.reuse)))
         return
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    print("| images | patients | sites | generate s | cohort s | embedding s | round s | "
+          "peak MB (cohort) | peak MB (to round 1) | peak MB (run) | load 1 min |", flush=True)
     rows = []
     for size in args.sizes:
         for sites in ([20, 100] if size >= 10000 else [20]):
@@ -198,52 +204,64 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--one", variant, str(size), str(sites),
                        "--rounds", str(args.rounds), "--work", str(args.work),
                        *(["--reuse"] if args.reuse else [])]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode != 0:
+                    sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(row)
                 print(_line(row), flush=True)
-    _table(rows, args)
+    _summary(rows, args, load_before, time.perf_counter() - started)
 
 
 def _line(r: dict[str, Any]) -> str:
-    return (f"| {r['variant']} | {r['patients']:,} | {r['sites']} | {r['generate_s']:.0f} | "
+    gen = "-" if r["generate_s"] != r["generate_s"] else f"{r['generate_s']:.0f}"
+    return (f"| {r['variant']} | {r['patients']:,} | {r['sites']} | {gen} | "
             f"{r['cohort_s']:.1f} | {r['embedding_s']:.1f} | {r['round_s']:.2f} | "
             f"{r['peak_cohort_mb']:,.0f} | {r['peak_embedding_mb']:,.0f} | {r['peak_mb']:,.0f} | "
             f"{r['load'][0]:.1f} |")
 
 
-def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+def _slope(rows: list[dict[str, Any]], key: str) -> tuple[float, float]:
+    """Least-squares ``(intercept, per patient)`` of ``key`` against patients."""
+    import numpy as np
+
+    x = np.array([r["patients"] for r in rows], dtype=float)
+    y = np.array([r[key] for r in rows], dtype=float)
+    per, at0 = np.polyfit(x, y, 1)
+    return float(at0), float(per)
+
+
+def _summary(rows: list[dict[str, Any]], args: argparse.Namespace,
+             load_before: tuple[float, float, float], wall: float) -> None:
     import psutil
 
     print()
     print(f"Machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
-          f"Python {platform.python_version()}; {args.rounds} rounds, median round.")
-    print()
-    print("| images | patients | sites | generate s | cohort s | embedding s | round s | "
-          "peak MB (cohort) | peak MB (embedding) | peak MB (run) | load 1 min |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(_line(r))
-    print()
+          f"Python {platform.python_version()}, torch threads 1; {args.rounds} rounds of 10 local "
+          f"steps, median round; load average (1/5/15 min) {load_before[0]:.1f}/"
+          f"{load_before[1]:.1f}/{load_before[2]:.1f} at the start, "
+          f"{'/'.join(f'{v:.1f}' for v in os.getloadavg())} at the end; "
+          f"{wall / 60:.0f} min in all.")
     for variant in args.variants:
         mine = sorted((r for r in rows if r["variant"] == variant and r["sites"] == 20),
                       key=lambda r: r["patients"])
         if len(mine) < 2:
             continue
-        a, b = mine[-2], mine[-1]
-        k = (b["patients"] - a["patients"]) / 1000
-        slope = {key: (b[key] - a[key]) / k for key in
-                 ("generate_s", "cohort_s", "embedding_s", "total_s", "peak_mb")}
-        line = ", ".join(f"{key} {v:+.2f}" for key, v in slope.items())
-        print(f"{variant}: per 1,000 patients ({a['patients']:,} -> {b['patients']:,}, 20 "
-              f"sites): {line}")
-        if 50000 not in args.sizes:
-            extra = (50000 - b["patients"]) / 1000
-            proj = {key: b[key] + slope[key] * extra for key in slope}
-            print(f"{variant}: 50,000 patients NOT RUN; projected from that slope: generate "
-                  f"{proj['generate_s'] / 60:.0f} min, run {proj['total_s'] / 60:.0f} min "
-                  f"(cohort {proj['cohort_s'] / 60:.1f}, embedding "
-                  f"{proj['embedding_s'] / 60:.1f}), peak {proj['peak_mb']:,.0f} MB")
+        keys = ("generate_s", "cohort_s", "embedding_s", "total_s", "peak_mb")
+        fits = {k: _slope(mine, k) for k in keys if all(r[k] == r[k] for r in mine)}
+        slope = ", ".join(f"{k} {per * 1000:+.2f}" for k, (_, per) in fits.items())
+        print(f"{variant}, 20 sites, least squares over {[r['patients'] for r in mine]} "
+              f"patients: per 1,000 patients {slope}")
+        if 50000 in args.sizes:
+            continue
+        proj = {k: at0 + per * 50000 for k, (at0, per) in fits.items()}
+        run_min = proj["total_s"] / 60
+        gen_min = proj.get("generate_s", float("nan")) / 60
+        verdict = "within" if run_min + gen_min <= 60 else "over"
+        print(f"{variant}, 50,000 patients: NOT RUN; projected from that slope: generate "
+              f"{gen_min:.0f} min, run {run_min:.0f} min (cohort {proj['cohort_s'] / 60:.1f}, "
+              f"embedding {proj['embedding_s'] / 60:.1f}), peak {proj['peak_mb']:,.0f} MB: "
+              f"{verdict} the one-hour budget")
 
 
 if __name__ == "__main__":
