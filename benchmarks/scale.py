@@ -180,7 +180,7 @@ def main() -> None:
                         help="Patients per task; 100 sites are added from 10,000 patients.")
     parser.add_argument("--variants", nargs="+", default=["2d", "3d"], choices=sorted(TASKS))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/mmfl-scale"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/scale-benchmark"))
     parser.add_argument("--one", nargs=3, metavar=("VARIANT", "PATIENTS", "SITES"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--reuse", action="store_true",
