@@ -178,6 +178,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 10000],
                         help="Patients per task; 100 sites are added from 10,000 patients.")
+    parser.add_argument("--site-counts", type=int, nargs="+", default=[20, 100],
+                        help="Sites per task; counts above 20 only from 10,000 patients.")
     parser.add_argument("--variants", nargs="+", default=["2d", "3d"], choices=sorted(TASKS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/scale-benchmark"))
@@ -199,7 +201,7 @@ def main() -> None:
           "peak MB (cohort) | peak MB (to round 1) | peak MB (run) | load 1 min |", flush=True)
     rows = []
     for size in args.sizes:
-        for sites in ([20, 100] if size >= 10000 else [20]):
+        for sites in [k for k in args.site_counts if k <= 20 or size >= 10000]:
             for variant in args.variants:
                 cmd = [sys.executable, __file__, "--one", variant, str(size), str(sites),
                        "--rounds", str(args.rounds), "--work", str(args.work),
