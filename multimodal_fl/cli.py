@@ -1079,12 +1079,17 @@ def sample_data_cmd(
     out: Annotated[Path, typer.Argument(help="Output folder (e.g. sample_data).")],
     seed: Annotated[int, typer.Option("--seed", help="Generation seed.")] = 0,
     profile: Annotated[
-        str, typer.Option("--profile", help="default (4 sites per task) or tiny (tests).")
+        str, typer.Option("--profile", help="default (4 sites per task), tiny (tests) or "
+                          "scale (--patients over --sites, for benchmarks).")
     ] = "default",
     leaky_encounters: Annotated[bool, typer.Option(
         "--leaky-encounters",
         help="Negative control: the COVID-19 encounter class and stay follow the 72 h label "
              "(as in generator 1.0). Off by default.")] = False,
+    patients: Annotated[int | None, typer.Option(
+        "--patients", help="scale profile: patients per task (default 1000).")] = None,
+    sites: Annotated[int | None, typer.Option(
+        "--sites", help="scale profile: sites per task (default 20).")] = None,
 ) -> None:
     """Write the generated multi-site cohorts (COVID-19 oxygen, Alzheimer's) into OUT."""
     from rich.table import Table
@@ -1095,7 +1100,11 @@ def sample_data_cmd(
         fail(f"--profile '{profile}' is not a profile; expected one of {', '.join(PROFILES)}")
     if out.exists() and not out.is_dir():
         fail(f"{out} exists and is not a folder")
-    summaries = generate(out, seed=seed, profile=profile, leaky_encounters=leaky_encounters)
+    try:
+        summaries = generate(out, seed=seed, profile=profile, leaky_encounters=leaky_encounters,
+                             patients=patients, sites=sites)
+    except ValueError as exc:
+        fail(str(exc))
     leaky = ", LEAKY ENCOUNTERS (negative control)" if leaky_encounters else ""
     table = Table(title=f"sample data v{GENERATOR_VERSION} (seed {seed}, {profile}{leaky}) "
                         f"-> {out}")

@@ -389,6 +389,14 @@ class DataConfig(_Strict):
         "[A-Za-z0-9-.]{1,64} (invalid_fhir), as R4B does. Default: keep them, the id and every "
         "reference to it as written, and note each (nonconforming_id in `mmfl data summary`).",
     )
+    workers: int = Field(
+        default=0,
+        ge=0,
+        description="Processes that build the sites' cohorts, one site per process at a time: "
+        "1 = in this process; N = a pool of N; 0 (default) = automatic: a pool of one process "
+        "per core (at most one per site) when there are several sites and their FHIR files add "
+        "up to at least 64 MB, else in this process. The cohorts are the same either way.",
+    )
     timezone: str = Field(
         default="UTC",
         description="The sites' time zone (IANA name, e.g. 'Europe/Berlin'): a date without a "

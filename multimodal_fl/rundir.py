@@ -375,6 +375,7 @@ DIGEST_EXCLUDES: tuple[str, ...] = (
     "name",                 # names the run
     "sites.*.path",         # where a site's data is; what it is: the data fingerprints
     "data.cache_dir",       # where embeddings are cached (keyed by content)
+    "data.workers",         # how many processes read the sites, not what they read
     "federated.engine",     # the manifest's own ``engine``
     "federated.rounds",     # a stopped run may be resumed for more rounds
     "federated.timeout_s",  # how long the server waits, not what a site computes

@@ -7,32 +7,39 @@ every site of an experiment.
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from joblib import Parallel, delayed
+from joblib.externals.loky import get_reusable_executor
 
 from multimodal_fl.config import DataConfig, ExperimentConfig, SiteConfig, TaskSpec
 from multimodal_fl.data.errors import DataError, ErrorSink, Skip
 from multimodal_fl.data.fhir import FHIRReader
-from multimodal_fl.data.fhir_json import unpack_resources
+from multimodal_fl.data.fhir_json import paused_gc, unpack_resources
 from multimodal_fl.data.imaging import link_images
 from multimodal_fl.data.records import Note
 from multimodal_fl.data.sites import SiteFiles, discover_site, read_csv, site_timezone
 from multimodal_fl.data.tasks import apply_task, feature_names
 from multimodal_fl.data.text import load_url_notes, notes_from_csv
 
-__all__ = ["META_COLUMNS", "DataError", "EmptySiteError", "SiteCohort", "build_cohort",
-           "build_cohort_from_resources", "build_cohorts", "check_site_count",
-           "empty_site_message", "empty_table"]
+__all__ = ["META_COLUMNS", "POOL_MIN_BYTES", "DataError", "EmptySiteError", "SiteCohort",
+           "available_cores", "build_cohort", "build_cohort_from_resources", "build_cohorts",
+           "check_site_count", "cohort_workers", "empty_site_message", "empty_table"]
 
 META_COLUMNS = ["patient_id", "site", "index_time", "label", "image_path", "notes",
                 "has_image", "has_text", "has_tabular", "sex", "age", "age_band",
                 "max_feature_time"]
 
 ProgressFn = Callable[[str, int, int], None]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -254,7 +261,14 @@ def build_cohort(
         When the site directory is missing or empty, or (``on_error: fail``) at the first
         bad file or record.
     """
-    data = data or DataConfig()
+    with paused_gc():
+        return _build_cohort(site, task, data or DataConfig(), site_name, progress,
+                             check_images=check_images)
+
+
+def _build_cohort(site: SiteConfig | Path | str, task: TaskSpec, data: DataConfig,
+                  site_name: str | None, progress: ProgressFn | None, *,
+                  check_images: bool) -> SiteCohort:
     if isinstance(site, SiteConfig):
         site_name = site_name or site.name
         path = site.path
@@ -299,13 +313,14 @@ def build_cohort_from_resources(
     sink = ErrorSink(on_error=data.on_error)
     reader = FHIRReader(task, sink, validation=data.validation, tz=site_timezone(data),
                         strict_ids=data.strict_ids)
-    for obj, label in resources:
-        if isinstance(obj, Path):
-            reader.read_file(obj, label)
-            continue
-        for res, full_url in unpack_resources(obj, label, sink, where=""):
-            reader.add_resource(res, label, full_url)
-    return _assemble(reader, task, sink, site_name, None, check_images=False)
+    with paused_gc():
+        for obj, label in resources:
+            if isinstance(obj, Path):
+                reader.read_file(obj, label)
+                continue
+            for res, full_url in unpack_resources(obj, label, sink, where=""):
+                reader.add_resource(res, label, full_url)
+        return _assemble(reader, task, sink, site_name, None, check_images=False)
 
 
 def _assemble(reader: FHIRReader, task: TaskSpec, sink: ErrorSink, site_name: str,
@@ -343,16 +358,118 @@ def _assemble(reader: FHIRReader, task: TaskSpec, sink: ErrorSink, site_name: st
                       skipped=list(sink.skipped), counts=counts, noted=list(sink.noted))
 
 
+#: automatic ``data.workers``: a pool only when the sites' FHIR files add up to this many bytes
+#: (below it, starting the processes costs more than the pool saves)
+POOL_MIN_BYTES = 64 * 2**20
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def _fhir_bytes(path: Path) -> int:
+    fhir = Path(path).expanduser() / "fhir"
+    if not fhir.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in fhir.rglob("*")
+               if p.suffix.lower() in {".json", ".ndjson"} and p.is_file())
+
+
+def cohort_workers(cfg: ExperimentConfig) -> int:
+    """How many processes :func:`build_cohorts` uses for ``cfg`` (``data.workers``, resolved).
+
+    Parameters
+    ----------
+    cfg
+        The experiment: its sites and ``data.workers``.
+
+    Returns
+    -------
+    int
+        ``data.workers`` when set (at most one per site); when 0, one per available core (at
+        most one per site) if there are several sites whose FHIR files add up to at least
+        :data:`POOL_MIN_BYTES`, else 1 (this process).
+    """
+    n_sites = len(cfg.sites)
+    if cfg.data.workers:
+        return max(1, min(cfg.data.workers, n_sites))
+    cores = available_cores()
+    if n_sites < 2 or cores < 2:
+        return 1
+    total = 0
+    for site in cfg.sites:
+        total += _fhir_bytes(site.path)
+        if total >= POOL_MIN_BYTES:
+            return min(cores, n_sites)
+    return 1
+
+
 def build_cohorts(cfg: ExperimentConfig, *, progress: ProgressFn | None = None
                   ) -> dict[str, SiteCohort]:
     """Build the cohort of every site of an experiment (``cfg.sites``, ``cfg.task``, ``cfg.data``).
+
+    With more than one process (:func:`cohort_workers`, ``data.workers``) the sites are read
+    by a pool of processes, one site per process at a time; the cohorts are those a serial
+    build gives (the same tables, skips, notes and counts), and the first site (in config
+    order) whose data stops the run raises as it would serially. The wall time is logged.
+
+    Parameters
+    ----------
+    cfg
+        The experiment.
+    progress
+        Called as ``progress(site_name, files_done, files_total)``: per file when sites are
+        read in this process, once per site (all its files) when they are read by the pool.
 
     Returns
     -------
     dict
         Site name -> :class:`SiteCohort`, in the config's site order.
     """
+    start = time.perf_counter()
+    workers = cohort_workers(cfg)
     out: dict[str, SiteCohort] = {}
-    for site in cfg.sites:
-        out[site.name] = build_cohort(site, cfg.task, data=cfg.data, progress=progress)
+    if workers <= 1:
+        for site in cfg.sites:
+            out[site.name] = build_cohort(site, cfg.task, data=cfg.data, progress=progress)
+    else:
+        out = _build_in_pool(cfg, workers, progress)
+    logger.info("built %d site cohort(s) in %.2f s wall (%d process(es))", len(out),
+                time.perf_counter() - start, workers)
+    return out
+
+
+def _cohort_or_error(site: SiteConfig, task: TaskSpec, data: DataConfig
+                     ) -> SiteCohort | DataError:
+    """A pool worker's job: the site's cohort, or the :class:`DataError` that stopped it."""
+    try:
+        return build_cohort(site, task, data=data)
+    except DataError as exc:
+        return exc
+
+
+def _build_in_pool(cfg: ExperimentConfig, workers: int, progress: ProgressFn | None
+                   ) -> dict[str, SiteCohort]:
+    """Every site's cohort, read by a pool of ``workers`` fresh processes (joblib's loky).
+
+    loky's workers are fresh interpreters (a forked child would inherit the caller's
+    threads) that do not re-run the caller's script, so a script needs no ``__main__``
+    guard; they are shut down when the sites are read, so they hold no memory after.
+    """
+    jobs = (delayed(_cohort_or_error)(site, cfg.task, cfg.data) for site in cfg.sites)
+    out: dict[str, SiteCohort] = {}
+    try:
+        results = Parallel(n_jobs=workers, backend="loky", return_as="generator")(jobs)
+        for site, cohort in zip(cfg.sites, results, strict=True):
+            if isinstance(cohort, DataError):
+                raise cohort  # the first failing site in config order, as a serial build
+            out[site.name] = cohort
+            if progress is not None:
+                files = int(cohort.counts.get("files_read", 0))
+                progress(site.name, files, files)
+    finally:
+        get_reusable_executor().shutdown(wait=True)
     return out

@@ -67,6 +67,10 @@ class DataError(Exception):
         super().__init__(message)
         self.skip = skip
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle with the skip record (a pool worker's error reaches the caller whole)."""
+        return type(self), (str(self), self.skip)
+
     @classmethod
     def from_skip(cls, skip: Skip) -> DataError:
         """Build the error raised for ``skip`` under ``on_error: fail``."""

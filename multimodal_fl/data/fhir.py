@@ -41,13 +41,17 @@ from __future__ import annotations
 
 import functools
 import re
+import types
+import typing
 from collections import defaultdict
+from collections.abc import Container
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, unquote
 
+import orjson
 from pydantic import ValidationError
 
 from multimodal_fl.config import TaskSpec
@@ -110,6 +114,78 @@ def _model(resource_type: str) -> Any:
     return get_fhir_model_class(resource_type)
 
 
+@functools.cache
+def _element_fields(resource_type: str) -> dict[str, tuple[Any, bool]]:
+    """JSON key -> (the R4B model of its complex datatype, whether it is a list), per type.
+
+    ``code`` -> ``(CodeableConcept, False)``, ``category`` -> ``(CodeableConcept, True)``;
+    primitives and ``contained`` (any resource) are left out.
+    """
+    out: dict[str, tuple[Any, bool]] = {}
+    for name, info in _model(resource_type).model_fields.items():
+        ann: Any = info.annotation
+        many = False
+        while True:
+            origin = typing.get_origin(ann)
+            args = [a for a in typing.get_args(ann) if a is not type(None)]
+            if origin in (typing.Union, types.UnionType) and len(args) == 1:
+                ann = args[0]
+            elif origin is list and len(args) == 1:
+                ann, many = args[0], True
+            else:
+                break
+        klass = ann.get_model_klass() if hasattr(ann, "get_model_klass") else None
+        if klass is not None and klass.__name__ not in {"Resource", "DomainResource"}:
+            out[info.alias or name] = (klass, many)
+    return out
+
+
+class _ElementCache:
+    """R4B validation that checks each distinct complex element once per site.
+
+    A resource is validated as its model with every top-level complex element (a
+    CodeableConcept, a Reference, a Quantity ...) replaced by the model instance that the
+    same JSON value validated to before: the site's hundred thousand Observations share a few
+    hundred codes, subjects and encounters. An element is context-free (its model does not
+    depend on where it sits), so the outcome is the model's own; the resource's own rules
+    (required elements, one of ``value[x]``, nulls in lists) are checked every time. When an
+    element is invalid, the whole resource is validated as written, so that the error is
+    the one the model reports.
+    """
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self.limit = limit
+        self._seen: dict[tuple[Any, bytes], Any] = {}
+
+    def _element(self, klass: Any, value: dict[str, Any]) -> Any:
+        key = (klass, orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
+        inst = self._seen.get(key)
+        if inst is None:
+            inst = klass.model_validate(value)
+            if len(self._seen) >= self.limit:
+                self._seen.clear()
+            self._seen[key] = inst
+        return inst
+
+    def validate(self, resource_type: str, res: dict[str, Any]) -> None:
+        """Validate ``res`` with its R4B model; raise as ``model_validate`` would."""
+        fields = _element_fields(resource_type)
+        data = dict(res)
+        try:
+            for key, value in res.items():
+                spec = fields.get(key)
+                if spec is None:
+                    continue
+                klass, many = spec
+                if many and isinstance(value, list) and all(isinstance(v, dict) for v in value):
+                    data[key] = [self._element(klass, v) for v in value]
+                elif not many and isinstance(value, dict):
+                    data[key] = self._element(klass, value)
+        except (ValidationError, orjson.JSONEncodeError):
+            data = res  # the model's own report of what is wrong
+        _model(resource_type).model_validate(data)
+
+
 def _codings(concept: Any) -> list[Coding]:
     if not isinstance(concept, dict):
         return []
@@ -118,6 +194,18 @@ def _codings(concept: Any) -> list[Coding]:
         if isinstance(c, dict) and c.get("code") is not None:
             out.append((str(c.get("system") or ""), str(c["code"])))
     return out
+
+
+def _has_code(concept: Any, codes: Container[str]) -> bool:
+    """Whether a CodeableConcept has a coding whose code is in ``codes`` (as :func:`_codings`)."""
+    if not isinstance(concept, dict):
+        return False
+    for c in concept.get("coding") or ():
+        if isinstance(c, dict):
+            code = c.get("code")
+            if code is not None and str(code) in codes:
+                return True
+    return False
 
 
 def _coding_list(node: Any) -> list[Coding]:
@@ -269,6 +357,7 @@ class FHIRReader:
         self._deferred_enc: list[_Deferred] = []
         self._deferred_obs: list[_Deferred] = []
         self._dated_devices: set[str | None] = set()
+        self._elements = _ElementCache()
 
     # ------------------------------------------------------------------ reading
 
@@ -354,31 +443,29 @@ class FHIRReader:
         return True
 
     def _wanted(self, rt: str, res: dict[str, Any]) -> bool:
+        if rt == "Observation":
+            if _has_code(res.get("code"), self._obs):
+                return True
+            comps = res.get("component")
+            return bool(comps) and isinstance(comps, list) and any(
+                isinstance(comp, dict) and _has_code(comp.get("code"), self._obs)
+                for comp in comps)
+        if rt == "Condition":
+            return _has_code(res.get("code"), self._cond_codes)
         if rt == "Patient":
             return True
         if rt == "Encounter":
             return self._need_encounters
-        if rt == "Condition":
-            return any(c in self._cond_codes for _, c in _codings(res.get("code")))
-        if rt == "Observation":
-            if any(c in self._obs for _, c in _codings(res.get("code"))):
-                return True
-            return any(
-                c in self._obs
-                for comp in res.get("component") or [] if isinstance(comp, dict)
-                for _, c in _codings(comp.get("code"))
-            )
         if rt == "Procedure":
-            return any(c in self._proc_codes for _, c in _codings(res.get("code")))
+            return _has_code(res.get("code"), self._proc_codes)
         if rt == "Device":
-            return any(c in self._dev_codes for _, c in _codings(res.get("type")))
+            return _has_code(res.get("type"), self._dev_codes)
         if rt == "DeviceUseStatement":
             return bool(self._dev_codes)
         if rt == "MedicationRequest":
             if isinstance(res.get("medicationReference"), dict):
                 return bool(self._med_codes)  # resolved against the Medication in finish()
-            return any(c in self._med_codes
-                       for _, c in _codings(res.get("medicationCodeableConcept")))
+            return _has_code(res.get("medicationCodeableConcept"), self._med_codes)
         if rt == "Medication":
             return bool(self._med_codes)
         if rt == "DiagnosticReport":
@@ -401,7 +488,7 @@ class FHIRReader:
                              "keeps such ids)")
             return False
         try:
-            _model(rt).model_validate(_with_stand_in_ids(res) if bad else res)
+            self._elements.validate(rt, _with_stand_in_ids(res) if bad else res)
         except ValidationError as exc:
             err = exc.errors()[0]
             loc = ".".join(str(p) for p in err.get("loc", ())) or "<resource>"

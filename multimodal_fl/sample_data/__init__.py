@@ -15,14 +15,17 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from joblib import Parallel, delayed
+from joblib.externals.loky import get_reusable_executor
 
-from multimodal_fl.sample_data._cohorts import SIGMA_E, PatientRecord, simulate_site
+from multimodal_fl.sample_data._cohorts import SIGMA_E, PatientRecord, iter_site, simulate_site
 from multimodal_fl.sample_data._sites import PROFILES, SiteSpec, sites_for
 from multimodal_fl.sample_data._write import write_site
 
@@ -105,7 +108,7 @@ def _summary(task: str, spec: SiteSpec, recs: list[PatientRecord]) -> SiteSummar
         positives=sum(r.label for r in recs),
         positives_72h=sum(r.label_72h or 0 for r in recs) if task == "covid_oxygen" else None,
         excluded=sum(r.excluded is not None for r in recs),
-        images=sum(r.image is not None for r in recs),
+        images=sum(r.image_time is not None for r in recs),
         notes=0 if spec.notes == "none" else sum(bool(r.notes) for r in recs),
         routes=_routes(task, spec),
     )
@@ -113,7 +116,9 @@ def _summary(task: str, spec: SiteSpec, recs: list[PatientRecord]) -> SiteSummar
 
 def generate(out: Path | str, *, seed: int = 0, profile: str = "default",
              tasks: tuple[str, ...] = ("covid_oxygen", "alzheimers"),
-             overwrite: bool = True, leaky_encounters: bool = False) -> list[SiteSummary]:
+             overwrite: bool = True, leaky_encounters: bool = False,
+             patients: int | None = None, sites: int | None = None,
+             workers: int = 0) -> list[SiteSummary]:
     """Write the generated multi-site cohorts, a README and a content manifest.
 
     Parameters
@@ -123,8 +128,10 @@ def generate(out: Path | str, *, seed: int = 0, profile: str = "default",
     seed
         Generation seed: the same seed gives the same content.
     profile
-        ``default`` (4 sites of 80-220 patients per task) or ``tiny`` (3 sites of 20
-        patients, 16-voxel volumes, 32-pixel images; for tests).
+        ``default`` (4 sites of 80-220 patients per task), ``tiny`` (3 sites of 20
+        patients, 16-voxel volumes, 32-pixel images; for tests) or ``scale`` (``patients``
+        per task over ``sites`` sites, 128-pixel X-rays and 48-voxel volumes; for
+        benchmarks, see :func:`~multimodal_fl.sample_data._sites.scale_sites`).
     tasks
         Which sample tasks to write (``covid_oxygen``, ``alzheimers``).
     overwrite
@@ -134,6 +141,12 @@ def generate(out: Path | str, *, seed: int = 0, profile: str = "default",
         ``IMP`` with a 3-12 day stay exactly for the 72 h positives (``EMER``, 4-30 h, for
         the rest), as in generator 1.0, so the encounter alone predicts the label. Recorded
         in the README and manifest. Nothing else changes.
+    patients, sites
+        ``scale`` only: patients per task (default 1,000) and sites per task (default 20).
+    workers
+        ``scale`` only: processes writing sites (each site is written by one process, from
+        its own random stream, so the files do not depend on it); 0: one per core, 1: this
+        process.
 
     Returns
     -------
@@ -143,29 +156,82 @@ def generate(out: Path | str, *, seed: int = 0, profile: str = "default",
     Raises
     ------
     ValueError
-        On an unknown profile or task, or an existing task folder with ``overwrite=False``.
+        On an unknown profile or task, ``patients``/``sites`` outside the scale profile or
+        out of range, or an existing task folder with ``overwrite=False``.
     """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile '{profile}'; expected one of {sorted(PROFILES)}")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown sample task(s) {unknown}; expected some of {sorted(TASKS)}")
+    specs = {task: sites_for(task, profile, patients=patients, sites=sites) for task in tasks}
     root = Path(out)
-    summaries: list[SiteSummary] = []
     for task in tasks:
         task_dir = root / task
         if task_dir.exists():
             if not overwrite:
                 raise ValueError(f"{task_dir} exists; pass overwrite=True to replace it")
             shutil.rmtree(task_dir)
-        for k, spec in enumerate(sites_for(task, profile)):
-            recs = simulate_site(task, spec, seed, k, leaky_encounters=leaky_encounters)
-            write_site(task_dir / spec.name, task, spec, recs)
-            summaries.append(_summary(task, spec, recs))
-    _write_readme(root, seed, profile, summaries, leaky_encounters=leaky_encounters)
+    size = None
+    if profile == "scale":
+        first = next(iter(specs.values()), ())
+        size = (sum(spec.n for spec in first), len(first))
+        summaries, files = _write_scale(root, specs, seed, leaky_encounters, workers)
+    else:
+        summaries, files = [], None
+        for task in tasks:
+            for k, spec in enumerate(specs[task]):
+                recs = simulate_site(task, spec, seed, k, leaky_encounters=leaky_encounters)
+                write_site(root / task / spec.name, task, spec, recs)
+                summaries.append(_summary(task, spec, recs))
+    _write_readme(root, seed, profile, summaries, leaky_encounters=leaky_encounters,
+                  scale=size)
     write_manifest(root, seed=seed, profile=profile, summaries=summaries,
-                   leaky_encounters=leaky_encounters)
+                   leaky_encounters=leaky_encounters, files=files, scale=size)
     return summaries
+
+
+def _write_scale_site(root: Path, task: str, spec: SiteSpec, seed: int, index: int,
+                      leaky_encounters: bool) -> tuple[SiteSummary, dict[str, str]]:
+    """Simulate and write one site of the scale profile, one image in memory at a time.
+
+    Returns its summary and the content hashes of its files (paths relative to ``root``).
+    """
+    site_dir = root / task / spec.name
+    recs = write_site(site_dir, task, spec,
+                      iter_site(task, spec, seed, index, leaky_encounters=leaky_encounters),
+                      release_images=True)
+    hashes = {p.relative_to(root).as_posix(): content_hash(p)
+              for p in sorted(site_dir.rglob("*")) if p.is_file()}
+    return _summary(task, spec, recs), hashes
+
+
+def _write_scale(root: Path, specs: dict[str, tuple[SiteSpec, ...]], seed: int,
+                 leaky_encounters: bool, workers: int
+                 ) -> tuple[list[SiteSummary], dict[str, str]]:
+    """Write every site of the scale profile, by a pool of processes when ``workers`` != 1.
+
+    Returns the summaries in (task, site) order and every file's content hash.
+    """
+    jobs = [(root, task, spec, seed, k, leaky_encounters)
+            for task, task_specs in specs.items() for k, spec in enumerate(task_specs)]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else os.cpu_count() or 1
+    n = max(1, min(workers or cores, len(jobs)))
+    if n == 1:
+        results = [_write_scale_site(*job) for job in jobs]
+    else:
+        # loky: fresh interpreters (a fork would inherit the caller's threads) that do not
+        # re-run the caller's script; shut down after, so that they hold no memory
+        try:
+            results = Parallel(n_jobs=n, backend="loky")(
+                delayed(_write_scale_site)(*job) for job in jobs)
+        finally:
+            get_reusable_executor().shutdown(wait=True)
+    files: dict[str, str] = {}
+    for _, hashes in results:
+        files.update(hashes)
+    return [summary for summary, _ in results], dict(sorted(files.items()))
 
 
 # --------------------------------------------------------------------------- manifest
@@ -247,14 +313,17 @@ def content_manifest(root: Path | str) -> dict[str, str]:
     return {p.relative_to(base).as_posix(): content_hash(p) for p in files}
 
 
-def _command(out: str, seed: int, profile: str, leaky_encounters: bool) -> str:
+def _command(out: str, seed: int, profile: str, leaky_encounters: bool,
+             scale: tuple[int, int] | None = None) -> str:
     leaky = " --leaky-encounters" if leaky_encounters else ""
-    return f"mmfl sample-data {out} --seed {seed} --profile {profile}{leaky}"
+    size = f" --patients {scale[0]} --sites {scale[1]}" if scale is not None else ""
+    return f"mmfl sample-data {out} --seed {seed} --profile {profile}{size}{leaky}"
 
 
 def write_manifest(root: Path | str, *, seed: int, profile: str,
                    summaries: list[SiteSummary] | None = None,
-                   leaky_encounters: bool = False) -> Path:
+                   leaky_encounters: bool = False, files: dict[str, str] | None = None,
+                   scale: tuple[int, int] | None = None) -> Path:
     """Write ``root/MANIFEST.json``: generator version, options, sites and file hashes.
 
     Parameters
@@ -267,6 +336,10 @@ def write_manifest(root: Path | str, *, seed: int, profile: str,
         Site summaries to record (optional).
     leaky_encounters
         Whether the data was generated with the leaky-encounter negative control.
+    files
+        The files' content hashes when already computed (default: :func:`content_manifest`).
+    scale
+        ``(patients, sites)`` per task of the scale profile (recorded in the manifest).
 
     Returns
     -------
@@ -274,13 +347,15 @@ def write_manifest(root: Path | str, *, seed: int, profile: str,
         The manifest file.
     """
     base = Path(root)
-    files = content_manifest(base)
+    files = content_manifest(base) if files is None else files
     data = {
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "profile": profile,
+        **({"patients_per_task": scale[0], "sites_per_task": scale[1]} if scale is not None
+           else {}),
         "leaky_encounters": leaky_encounters,
-        "command": _command("OUT", seed, profile, leaky_encounters),
+        "command": _command("OUT", seed, profile, leaky_encounters, scale),
         "sites": [s.__dict__ for s in summaries or []],
         "files": files,
         "digest": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(),
@@ -291,7 +366,7 @@ def write_manifest(root: Path | str, *, seed: int, profile: str,
 
 
 def _write_readme(root: Path, seed: int, profile: str, summaries: list[SiteSummary], *,
-                  leaky_encounters: bool) -> None:
+                  leaky_encounters: bool, scale: tuple[int, int] | None = None) -> None:
     warning = [
         "**Negative control: generated with `--leaky-encounters`.** The COVID-19 presentation "
         "encounter is class IMP with a 3-12 day stay exactly for the 72 h positives, so the "
@@ -306,7 +381,7 @@ def _write_readme(root: Path, seed: int, profile: str, summaries: list[SiteSumma
         "by hand: regenerate it with",
         "",
         "```bash",
-        _command("sample_data", seed, profile, leaky_encounters),
+        _command("sample_data", seed, profile, leaky_encounters, scale),
         "```",
         "",
         *warning,

@@ -16,6 +16,7 @@ negative control.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -26,8 +27,8 @@ from multimodal_fl.sample_data import _images, _text
 from multimodal_fl.sample_data._fhir import Refs
 from multimodal_fl.sample_data._sites import SiteSpec
 
-__all__ = ["INPATIENT_SHARE", "SIGMA_E", "EncounterDraw", "PatientRecord", "simulate_site",
-           "site_signal"]
+__all__ = ["INPATIENT_SHARE", "SIGMA_E", "EncounterDraw", "PatientRecord", "iter_site",
+           "simulate_site", "site_signal"]
 
 #: standard deviation of the risk noise no modality sees
 SIGMA_E = 0.6
@@ -65,7 +66,7 @@ class _Ids:
     def __init__(self, seed: int, task: str, site: SiteSpec) -> None:
         self.prefix = f"{seed}:{task}:{site.name}"
         self.urn = site.refs == "urn"
-        self.tag = site.name[-1]
+        self.tag = site.name.removeprefix("site_")  # "a" for site_a, "007" for site_007
 
     def patient(self, i: int) -> str:
         return self._make(f"p{i}", f"{self.tag}{i:04d}")
@@ -515,6 +516,15 @@ def simulate_site(task: str, site: SiteSpec, seed: int, site_index: int, *,
     list of PatientRecord
         The site's patients, in id order.
     """
+    return list(iter_site(task, site, seed, site_index, leaky_encounters=leaky_encounters))
+
+
+def iter_site(task: str, site: SiteSpec, seed: int, site_index: int, *,
+              leaky_encounters: bool = False) -> Iterator[PatientRecord]:
+    """The patients of :func:`simulate_site`, one at a time (the same draws, in the same order).
+
+    A writer that consumes them one by one holds one patient's image at a time.
+    """
     rng, z, risk, labels = _site_signal(task, site, seed, site_index)
     ids = _Ids(seed, task, site)
     refs = Refs(site.refs, tz_hours=site.tz_hours)
@@ -524,7 +534,9 @@ def simulate_site(task: str, site: SiteSpec, seed: int, site_index: int, *,
         encounter = EncounterDraw(
             np.random.default_rng([seed, _TASK_KEYS[task], site_index, _ENCOUNTER_STREAM]),
             leaky=leaky_encounters)
-        return [_covid_patient(i, site, ids, refs, rng, z[i], int(labels[i]),
-                               int(labels_72[i] and not labels[i]), bool(top[i]), encounter)
-                for i in range(site.n)]
-    return [_ad_patient(i, site, ids, refs, rng, z[i], int(labels[i])) for i in range(site.n)]
+        for i in range(site.n):
+            yield _covid_patient(i, site, ids, refs, rng, z[i], int(labels[i]),
+                                 int(labels_72[i] and not labels[i]), bool(top[i]), encounter)
+        return
+    for i in range(site.n):
+        yield _ad_patient(i, site, ids, refs, rng, z[i], int(labels[i]))

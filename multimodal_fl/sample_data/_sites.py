@@ -7,7 +7,8 @@ from typing import Literal
 
 from multimodal_fl.sample_data._images import Acquisition
 
-__all__ = ["PROFILES", "SiteSpec", "sites_for"]
+__all__ = ["PROFILES", "SCALE_IMAGE_SIZE", "SCALE_PATIENTS", "SCALE_SITES", "SiteSpec",
+           "scale_sites", "sites_for"]
 
 FhirLayout = Literal["transaction", "collection", "ndjson", "single"]
 ImageLink = Literal["dicom", "imagingstudy", "csv"]
@@ -106,16 +107,62 @@ ALZHEIMERS_SITES = (
              "docref_url", alt_codes=True),
 )
 
-#: profile -> (patients per site, or None for the default sizes; sites kept; image size)
+#: profile -> (patients per site, or None for the default sizes; sites kept; image size);
+#: ``scale`` takes its patients and sites from the caller (:func:`scale_sites`)
 PROFILES: dict[str, tuple[int | None, int, int | None]] = {
     "default": (None, 4, None),
     "tiny": (20, 3, 16),
+    "scale": (None, 20, None),
 }
+#: the ``scale`` profile's defaults: patients per task, sites per task
+SCALE_PATIENTS = 1000
+SCALE_SITES = 20
+#: the ``scale`` profile's source image sizes: 128-pixel chest X-rays, 48-voxel brain volumes
+SCALE_IMAGE_SIZE = {"covid_oxygen": 128, "alzheimers": 48}
 
 TASK_SITES = {"covid_oxygen": COVID_SITES, "alzheimers": ALZHEIMERS_SITES}
 
 
-def sites_for(task: str, profile: str) -> tuple[SiteSpec, ...]:
+def scale_sites(task: str, patients: int, sites: int) -> tuple[SiteSpec, ...]:
+    """The ``scale`` profile's sites of ``task``: ``patients`` spread over ``sites`` sites.
+
+    Site ``k`` (``site_001`` ...) takes the routes, prevalence, acquisition, units and notes
+    of the default profile's site ``k mod 4``; sizes differ by at most one patient, and
+    images are :data:`SCALE_IMAGE_SIZE` per side.
+
+    Parameters
+    ----------
+    task
+        Sample task name.
+    patients
+        Patients of the task, in all (at least one per site).
+    sites
+        Number of sites (1-999).
+
+    Returns
+    -------
+    tuple of SiteSpec
+        The sites, in order.
+
+    Raises
+    ------
+    ValueError
+        On a number of sites outside 1-999 or fewer patients than sites.
+    """
+    if not 1 <= sites <= 999:
+        raise ValueError(f"--sites {sites}: expected 1 to 999 sites")
+    if patients < sites:
+        raise ValueError(f"--patients {patients} is fewer than --sites {sites}: every site "
+                         "needs at least one patient")
+    templates = TASK_SITES[task]
+    base, extra = divmod(patients, sites)
+    return tuple(replace(templates[k % len(templates)], name=f"site_{k + 1:03d}",
+                         n=base + int(k < extra), image_size=SCALE_IMAGE_SIZE[task])
+                 for k in range(sites))
+
+
+def sites_for(task: str, profile: str, *, patients: int | None = None,
+              sites: int | None = None) -> tuple[SiteSpec, ...]:
     """The site specifications of ``task`` (``covid_oxygen`` or ``alzheimers``) in ``profile``.
 
     Parameters
@@ -123,8 +170,11 @@ def sites_for(task: str, profile: str) -> tuple[SiteSpec, ...]:
     task
         Sample task name.
     profile
-        ``default`` or ``tiny`` (three sites of 20 patients, 16-voxel volumes and
-        32-pixel images).
+        ``default``, ``tiny`` (three sites of 20 patients, 16-voxel volumes and 32-pixel
+        images) or ``scale`` (:func:`scale_sites`).
+    patients, sites
+        ``scale`` only: patients of the task and sites (default :data:`SCALE_PATIENTS` over
+        :data:`SCALE_SITES`).
 
     Returns
     -------
@@ -135,12 +185,17 @@ def sites_for(task: str, profile: str) -> tuple[SiteSpec, ...]:
         raise ValueError(f"unknown sample task '{task}'; expected one of {sorted(TASK_SITES)}")
     if profile not in PROFILES:
         raise ValueError(f"unknown profile '{profile}'; expected one of {sorted(PROFILES)}")
+    if profile == "scale":
+        return scale_sites(task, SCALE_PATIENTS if patients is None else patients,
+                           SCALE_SITES if sites is None else sites)
+    if patients is not None or sites is not None:
+        raise ValueError(f"--patients and --sites are for the scale profile, not '{profile}'")
     n, keep, size = PROFILES[profile]
-    sites = TASK_SITES[task][:keep]
+    sites_kept = TASK_SITES[task][:keep]
     if n is None:
-        return sites
+        return sites_kept
     out = []
-    for spec in sites:
+    for spec in sites_kept:
         img = spec.image_size if size is None else (size if task == "alzheimers" else 2 * size)
         out.append(replace(spec, n=n, image_size=img))
     return tuple(out)

@@ -6,6 +6,7 @@ import csv
 import json
 import uuid
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,8 @@ def _write_fhir(fhir: Path, site: SiteSpec, patients: list[PatientRecord],
                         _dump(_bundle("searchset", rest[start:start + 2000], site)))
 
 
-def write_site(root: Path, task: str, site: SiteSpec, patients: list[PatientRecord]) -> None:
+def write_site(root: Path, task: str, site: SiteSpec, patients: Iterable[PatientRecord], *,
+               release_images: bool = False) -> list[PatientRecord]:
     """Write one site directory from simulated patients.
 
     Parameters
@@ -164,18 +166,31 @@ def write_site(root: Path, task: str, site: SiteSpec, patients: list[PatientReco
     site
         The site's specification (routes, units, acquisition).
     patients
-        The simulated patients.
+        The simulated patients (a list, or an iterator such as
+        :func:`~multimodal_fl.sample_data._cohorts.iter_site` that makes them one at a time).
+    release_images
+        Drop each patient's pixels (``image = None``) once its file is written, so that a
+        large site holds one image at a time; ``image_time`` still says it has one.
+
+    Returns
+    -------
+    list of PatientRecord
+        The patients written, in order.
     """
     refs = Refs(site.refs, tz_hours=site.tz_hours)
     images_rows: list[list[str]] = []
     notes_rows: list[list[str]] = []
     per_patient: list[list[Resource]] = []
+    written: list[PatientRecord] = []
     for rec in patients:
         res = list(rec.resources)
         _add_image(root, task, site, refs, rec, res, images_rows)
+        if release_images:
+            rec.image = None
         _add_notes(root, task, site, refs, rec, res, notes_rows, position=len(per_patient))
         per_patient.append(res)
-    _write_fhir(root / "fhir", site, patients, per_patient)
+        written.append(rec)
+    _write_fhir(root / "fhir", site, written, per_patient)
     if images_rows:
         _write_csv(root / "images.csv", ["patient_id", "path", "modality", "view", "acquired"],
                    images_rows)
@@ -183,7 +198,8 @@ def write_site(root: Path, task: str, site: SiteSpec, patients: list[PatientReco
         _write_csv(root / "notes.csv", ["patient_id", "text", "date", "kind"], notes_rows)
     if site.labels_csv:
         _write_csv(root / "labels.csv", ["patient_id", "label"],
-                   [[rec.pid, str(rec.label)] for rec in patients])
+                   [[rec.pid, str(rec.label)] for rec in written])
+    return written
 
 
 def _child_uuid(pid: str, key: str) -> str:

@@ -1,9 +1,11 @@
 """Preparation: a site's cohort table into tensors, once (images read, frozen encoders applied).
 
 :func:`prepare_site_data` turns a site's cohort table into a :class:`SiteData` holding a
-:class:`CohortDataset`: images are read and preprocessed once; frozen encoders (text by
-default, image when ``frozen: true``) are applied once through the embedding cache, so the
-model sees their embeddings; trainable modalities keep their raw input. Patients are split
+:class:`CohortDataset`: images are read and preprocessed once, at the configured size (never
+held at the source's); frozen encoders (text by default, image when ``frozen: true``) are
+applied once through the embedding cache, so the model sees their embeddings (a frozen image
+encoder embeds the images :data:`IMAGE_CHUNK` at a time as they are read, and only the
+embeddings are kept); trainable modalities keep their raw input. Patients are split
 with :func:`split_patients`. :func:`load_site_data` does it for every site of a config.
 """
 
@@ -146,15 +148,7 @@ def _load_images(
     shape = (spec.channels, *([spec.size] * spec.spatial_dims))
     out = torch.zeros(len(paths), *shape)
     ok = np.zeros(len(paths), dtype=bool)
-    errors: dict[int, str] = {}
-    rows = [i for i, p in enumerate(paths) if p is not None]
-    readable: list[int] = []
-    for i in rows:
-        p = paths[i]
-        if p is not None and p.exists():
-            readable.append(i)
-        else:
-            errors[i] = f"image file {str(p)!r} does not exist"
+    readable, errors = _readable(paths)
     if not readable:
         return out, ok, errors
 
@@ -238,9 +232,11 @@ def prepare_site_data(
 ) -> SiteData:
     """Turn one site's cohort into tensors, once, and split its patients.
 
-    Images are read and preprocessed once into one tensor (cached as pixels under
-    ``cache``); frozen encoders (text; image when ``modalities.image.frozen``) are applied
-    once through :class:`~multimodal_fl.encoders.cache.EmbeddingCache`. Patients with no
+    Images are read and preprocessed once at the configured size: into one tensor (cached
+    as pixels under ``cache``) for a trainable image encoder, or straight into a frozen one's
+    embeddings, :data:`IMAGE_CHUNK` images at a time; frozen encoders (text; image when
+    ``modalities.image.frozen``) are applied once through
+    :class:`~multimodal_fl.encoders.cache.EmbeddingCache`. Patients with no
     usable modality are dropped and listed in :attr:`SiteData.dropped` when
     ``cfg.data.on_error == "skip"``; with ``"fail"`` they raise.
 
@@ -353,7 +349,11 @@ def _read_images(
     site_dir: Path | None,
     progress: ProgressCallback | None,
 ) -> None:
-    """Read the site's images once; embed them too when the image encoder is frozen."""
+    """Read the site's images once at the configured size; a frozen encoder embeds them as read.
+
+    A trainable encoder keeps every image at the configured size (never the source's); a
+    frozen one keeps only their embeddings (:func:`_frozen_image_embeddings`).
+    """
     spec = frozen.image_spec
     assert spec is not None
     has = table["has_image"].fillna(False).to_numpy(dtype=bool) if "has_image" in table \
@@ -363,17 +363,16 @@ def _read_images(
         _image_path(raw, site_dir) if h else None
         for raw, h in zip(col.tolist(), has.tolist(), strict=True)
     ]
-    pix, ok, errs = _load_images(paths, spec, cache_dir=cache_dir, site=site, progress=progress,
-                                 notes=inputs.notes)
+    if cfg.modalities.image.frozen:
+        emb, ok, errs = _frozen_image_embeddings(frozen, paths, spec, cache_dir=cache_dir,
+                                                 site=site, progress=progress,
+                                                 notes=inputs.notes)
+        inputs.embeddings["image"] = emb
+    else:
+        inputs.images, ok, errs = _load_images(paths, spec, cache_dir=cache_dir, site=site,
+                                               progress=progress, notes=inputs.notes)
     inputs.image_errors = {pids[i]: msg for i, msg in errs.items()}
     inputs.present["image"] = ok
-    if cfg.modalities.image.frozen:
-        inputs.embeddings["image"] = _frozen_image_embeddings(
-            frozen, pix, ok, spec, cache_dir=cache_dir, site=site, paths=paths,
-            progress=progress,
-        )
-    else:
-        inputs.images = pix
 
 
 def _read_text(
@@ -468,48 +467,112 @@ def _frozen_text_embeddings(
     return out
 
 
+#: images decoded and embedded together by a frozen image encoder (the most held at once)
+IMAGE_CHUNK = 64
+
+
+def _readable(paths: Sequence[Path | None]) -> tuple[list[int], dict[int, str]]:
+    """Rows whose image file exists, and why the others with a path cannot be read."""
+    rows: list[int] = []
+    errors: dict[int, str] = {}
+    for i, p in enumerate(paths):
+        if p is None:
+            continue
+        if p.exists():
+            rows.append(i)
+        else:
+            errors[i] = f"image file {str(p)!r} does not exist"
+    return rows, errors
+
+
+def _embed_as_read(paths: Sequence[Path | None], spec: ImageTransformSpec, enc: ImageEncoder,
+                   tallies: tuple[Tally, Tally], *, reasons: dict[str, str],
+                   notes: list[str], site: str) -> np.ndarray:
+    """Read ``paths`` and embed them :data:`IMAGE_CHUNK` at a time (NaN rows: unreadable)."""
+    read, embedded = tallies
+    emb = np.full((len(paths), enc.output_dim), np.nan, dtype=np.float32)
+    batch: list[tuple[int, torch.Tensor]] = []
+    for j, path in enumerate(paths):
+        try:
+            batch.append((j, load_image(path, spec=spec, notes=notes)))  # type: ignore[arg-type]
+        except ImageReadError as exc:
+            reasons[str(path)] = str(exc)
+            logger.warning("site %s: %s", site, exc)
+            embedded.advance()
+        read.advance()
+        if len(batch) == IMAGE_CHUNK or (j == len(paths) - 1 and batch):
+            with torch.no_grad():
+                vectors = enc(torch.stack([px for _, px in batch])).numpy()
+            emb[[k for k, _ in batch]] = vectors
+            embedded.advance(len(batch))
+            batch = []
+    return emb
+
+
 def _frozen_image_embeddings(
     frozen: FrozenEncoders,
-    pixels: torch.Tensor,
-    ok: np.ndarray,
+    paths: Sequence[Path | None],
     spec: ImageTransformSpec,
     *,
     cache_dir: Path | None,
     site: str,
-    paths: Sequence[Path | None],
     progress: ProgressCallback | None,
-) -> np.ndarray:
-    rows = [int(i) for i in np.flatnonzero(ok)]
-    tally = Tally(progress, site, "image", "embedded", total=len(rows))
-    tally.start()  # before the backbone is built
+    notes: list[str] | None,
+) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """Embed the site's images with the frozen encoder, :data:`IMAGE_CHUNK` read at a time.
+
+    Only the embeddings are kept: images are read (at the configured size) and embedded in
+    chunks, so a site never holds more than a chunk of pixels. Embeddings are cached by file
+    content; an unreadable file is cached as a NaN row (reported, not re-read, by later runs).
+
+    Returns
+    -------
+    tuple
+        ``(embeddings [N, D] (zeros where absent), present [N] bool, {row: why unreadable})``.
+    """
+    rows, errors = _readable(paths)
+    read = Tally(progress, site, "image", "read", total=len(rows))
+    embedded = Tally(progress, site, "image", "embedded", total=len(rows))
+    read.start()
+    embedded.start()  # before the backbone is built
     enc = frozen.image
-    out = np.zeros((len(ok), enc.output_dim), dtype=np.float32)
+    out = np.zeros((len(paths), enc.output_dim), dtype=np.float32)
+    ok = np.zeros(len(paths), dtype=bool)
     if not rows:
-        return out
+        return out, ok, errors
+    reasons: dict[str, str] = {}
+    no_geometry: list[str] = []
 
     def compute(items: list[int]) -> np.ndarray:
-        tally.hit(len(rows) - len(items))
-        idx = torch.as_tensor(items, dtype=torch.long)
-        parts = []
-        with torch.no_grad():
-            for s in range(0, len(idx), 64):
-                parts.append(enc(pixels[idx[s : s + 64]]))
-                tally.advance(len(parts[-1]))
-        return torch.cat(parts).numpy()
+        read.hit(len(rows) - len(items))
+        embedded.hit(len(rows) - len(items))
+        return _embed_as_read([paths[i] for i in items], spec, enc, (read, embedded),
+                              reasons=reasons, notes=no_geometry, site=site)
 
-    if cache_dir is not None:
-        cache = EmbeddingCache(
-            cache_dir, fingerprint=enc.fingerprint(spec.describe()), site=None,
-            description="frozen image encoder",
-        )
-        keys = [content_key(paths[i]) for i in rows]
-        emb = cache.get_or_compute(rows, compute, keys=keys)
-        tally.finish(cache.hits)
-    else:
-        emb = compute(rows)
-        tally.finish()
-    out[rows] = emb
-    return out
+    with warnings.catch_warnings():
+        # MONAI's DICOM reader warns on import when an optional GPU decoder is absent
+        warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+        if cache_dir is not None:
+            cache = EmbeddingCache(
+                cache_dir, fingerprint=enc.fingerprint(spec.describe()), site=None,
+                description="frozen image encoder",
+            )
+            emb = cache.get_or_compute(rows, compute, keys=[content_key(paths[i]) for i in rows])
+            hits = cache.hits
+        else:
+            emb, hits = compute(rows), 0
+    read.finish(hits)
+    embedded.finish(hits)
+    if no_geometry:
+        _note_missing_geometry(no_geometry, spec, site=site, notes=notes)
+    for row, i in zip(emb, rows, strict=True):
+        if np.isnan(row).any():
+            errors[i] = reasons.get(
+                str(paths[i]), f"image file {str(paths[i])!r} could not be read (cached result)")
+            continue
+        out[i] = row
+        ok[i] = True
+    return out, ok, errors
 
 
 def cache_root(cfg: ExperimentConfig, run_dir: Path, site: str) -> Path:
