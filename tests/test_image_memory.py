@@ -54,7 +54,7 @@ def test_image_cache_stores_the_configured_size_not_the_source(tmp_path: Path) -
     cfg = _config(frozen=False)
     sd = prepare_site_data(cohort, cfg, cache=tmp_path / "cache")
     assert sd.dataset.inputs["image"].shape == (5, 1, 8, 8, 8)  # 24^3 on disk
-    (shard,) = (tmp_path / "cache" / "site_a").glob("*/shard-*.npz")
+    (shard,) = (tmp_path / "cache").glob("*/shard-*.npz")  # the cache is the site's own folder
     with np.load(shard) as data:
         assert data["emb"].shape == (5, 8**3) and data["emb"].dtype == np.float32
     assert list(sd.image_errors) == ["p005"] and len(sd.dataset) == 5
