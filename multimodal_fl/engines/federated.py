@@ -64,6 +64,7 @@ from multimodal_fl.federated.protocol import (
     Request,
     StateDict,
 )
+from multimodal_fl.federated.secure_sum import MIN_SITES
 from multimodal_fl.federated.server import (
     FederatedResult,
     Federation,
@@ -467,7 +468,8 @@ def predict_stage(
     final = gather(
         federation,
         {s: Request(Kind.PREDICT, round, weights={} if weights is None else weights,
-                    config={"engine": engine, "fedbn": cfg.federated.fedbn, **own})
+                    config={"engine": engine, "fedbn": cfg.federated.fedbn,
+                            "pooled": len(sites) >= MIN_SITES, **own})
          for s in sites},
         cfg.federated.timeout_s, stage=Kind.PREDICT, minimum=1,
     )

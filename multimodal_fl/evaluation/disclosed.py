@@ -48,6 +48,11 @@ least ``m`` patients):
 
 A site whose policy keeps subgroup summaries home (``subgroup_summaries=False``) sends the
 site's own cells and no subgroup cells or disparities.
+
+A site whose test histograms join the secure sum of the pooled figures sends the
+:func:`pooled_form`: no count of its test patients but their number (no class counts, no
+subgroup counts, no threshold metrics, ROC points or calibration bins), so the sum's total minus
+released counts never gives what another site hides.
 """
 
 from __future__ import annotations
@@ -81,7 +86,9 @@ from multimodal_fl.evaluation.metrics import (
 __all__ = [
     "CLASS_METRICS",
     "DISCLOSURE_VERSION",
+    "POOLED_REASON",
     "REPORT_SPLIT",
+    "THRESHOLD_METRICS",
     "CalibrationBin",
     "CalibrationSummary",
     "DisclosedCell",
@@ -93,6 +100,7 @@ __all__ = [
     "Suppression",
     "class_reason",
     "complementary_suppression",
+    "pooled_form",
     "read_disclosure",
     "released_metric",
     "score_steps",
@@ -107,6 +115,11 @@ REPORT_SPLIT = "test"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: Metrics that condition on a class: released only when each class holds ``min_cell`` patients.
 CLASS_METRICS = frozenset({"auc", "average_precision", "sensitivity", "specificity"})
+#: Metrics that count patients on one side of the threshold (a linear function of class counts).
+THRESHOLD_METRICS = frozenset({"sensitivity", "specificity"})
+#: Why a figure of a site that joins the pooled secure sum is left to the pooled figures.
+POOLED_REASON = ("in the pooled figures only: the site's test histogram joins the secure sum, "
+                 "whose total minus a released count would give another site's hidden one")
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,6 +246,10 @@ class SiteDisclosure(_Doc):
     notes : list of str
     package_version : str
         The multimodal_fl that made it.
+    pooled : bool
+        The site's test histogram joins the secure sum of the pooled figures, so its test
+        class counts, threshold metrics, ROC points and calibration bins are left to the
+        pooled figures (:func:`pooled_form`).
     """
 
     version: int
@@ -252,6 +269,7 @@ class SiteDisclosure(_Doc):
     calibration: CalibrationSummary
     notes: list[str] = []
     package_version: str = ""
+    pooled: bool = False
 
     def cells_frame(self) -> pd.DataFrame:
         """The cells as a frame with the columns of ``fairness.CELL_COLUMNS`` (site filled).
@@ -781,6 +799,7 @@ def site_disclosure(
     subgroup_summaries: bool = True,
     n_bins: int = 100,
     ece_bins: int = 10,
+    pooled: bool = False,
 ) -> dict[str, Any]:
     """The site's disclosed report document, computed at the site from its own predictions.
 
@@ -808,6 +827,9 @@ def site_disclosure(
         Fine grid of the score steps (``evaluation.histogram_bins``).
     ece_bins : int
         ECE bins.
+    pooled : bool
+        The site's test histograms join the secure sum of the pooled figures: the document
+        takes the :func:`pooled_form`.
 
     Returns
     -------
@@ -850,8 +872,62 @@ def site_disclosure(
                        seed=seed, ece_bins=ece_bins),
         cells=cells, disparities=disparities, roc=roc, calibration=calibration, notes=notes,
         package_version=__version__)
+    if pooled:
+        doc = pooled_form(doc)
     out: dict[str, Any] = doc.model_dump(mode="json")
     return _finite(out)
+
+
+def _pooled_cell(cell: DisclosedCell) -> DisclosedCell:
+    """A fairness cell of a pooled site: no class counts (no counts at all in a subgroup)."""
+    update: dict[str, Any] = {"n_pos": None, "n_neg": None}
+    if cell.scope == "site_subgroup":
+        update["n"] = None
+    if cell.metric in THRESHOLD_METRICS and not cell.suppressed:
+        update.update(value=None, lo=None, hi=None, suppressed=True, reason=POOLED_REASON,
+                      n_boot=0, n_skipped=0)
+    return cell.model_copy(update=update)
+
+
+def pooled_form(doc: SiteDisclosure) -> SiteDisclosure:
+    """The document of a site whose test histograms join the pooled secure sum.
+
+    The server learns the secure sum's total of every part (the test split overall and each
+    subgroup level). Were a site to release an exact count of the same patients — its test
+    positives, a subgroup cell's patients or positives, a count on one side of a threshold
+    (sensitivity, specificity), a cumulative count at a ROC step or a calibration bin — the
+    total minus the released counts would give what the other sites hide (a site's 4 test
+    positives under ``min_cell`` 10, say). So a pooled site releases none of them: of the test
+    split it keeps the number of patients (the total of which the server learns anyway) and
+    the metrics that are not counts (AUC, average precision, Brier score, ECE, each under its
+    own rule), per subgroup the same metrics without counts, the disparities (differences of
+    rates, not counts), and calibration-in-the-large and slope; the class counts, threshold
+    metrics, ROC points and calibration bins are the pooled figures'. The site's positives in
+    all (``n_positive`` of its metrics document) go too, or they would give the test split's
+    by subtraction of the training and validation ones.
+
+    Parameters
+    ----------
+    doc : SiteDisclosure
+
+    Returns
+    -------
+    SiteDisclosure
+        A copy with ``pooled`` set.
+    """
+    splits = dict(doc.splits)
+    test = splits.get(REPORT_SPLIT)
+    if test is not None:
+        metrics = {m: (DisclosedMetric(value=None, reason=POOLED_REASON)
+                       if m in THRESHOLD_METRICS and v.value is not None else v)
+                   for m, v in test.metrics.items()}
+        splits[REPORT_SPLIT] = test.model_copy(update={"n_pos": None, "metrics": metrics})
+    calibration = doc.calibration.model_copy(update={"bins": [], "reason": POOLED_REASON})
+    return doc.model_copy(update={
+        "splits": splits, "cells": [_pooled_cell(c) for c in doc.cells],
+        "roc": RocSummary(reason=POOLED_REASON), "calibration": calibration, "pooled": True,
+        "notes": [*doc.notes, "test class counts, threshold metrics, ROC points and "
+                  "calibration bins: in the pooled figures (the site joins the secure sum)"]})
 
 
 def _finite(doc: Any) -> Any:

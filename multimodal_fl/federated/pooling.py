@@ -42,7 +42,7 @@ from multimodal_fl.federated.secure_sum import (
 )
 from multimodal_fl.federated.server import Federation
 
-__all__ = ["REFUSED", "SecureTotal", "secure_total"]
+__all__ = ["REFUSED", "SecureTotal", "complete_parts", "secure_total"]
 
 log = logging.getLogger(__name__)
 
@@ -135,17 +135,56 @@ def _advertise(federation: Federation, sites: Sequence[str], vector: str, round:
     return out
 
 
-def _layout(adverts: Mapping[str, _Advert], result: SecureTotal) -> list[str]:
-    """The parts at least MIN_SITES sites hold, in sorted order; the others are left out."""
+def _attribute(part: str) -> str | None:
+    """The attribute of a subgroup part (``"sex=F"`` -> ``"sex"``); ``None`` for a whole part."""
+    return part.split("=", 1)[0] if "=" in part else None
+
+
+def complete_parts(held: Mapping[str, frozenset[str]]) -> tuple[list[str], dict[str, str]]:
+    """The parts that may be summed, and why each other part is not.
+
+    A part held by fewer than :data:`~multimodal_fl.federated.secure_sum.MIN_SITES` sites is
+    not summed. Nor is any level of an attribute that is not *complete*: an attribute's levels
+    are summed only when every site that sums a whole part (``overall``) also sums that
+    attribute, and every level any of them holds is summed. Otherwise the whole part's total
+    minus the summed levels would be the patients left out — one site's level of 1 patient, or
+    the whole histogram of a site whose policy keeps its subgroups home.
+
+    Parameters
+    ----------
+    held : mapping of site to the names of the parts it holds
+
+    Returns
+    -------
+    (list of str, dict of str to str)
+        The parts to sum, sorted; the parts left out with the reason.
+    """
     holders: dict[str, int] = {}
-    for advert in adverts.values():
-        for part in advert.parts:
+    for parts in held.values():
+        for part in parts:
             holders[part] = holders.get(part, 0) + 1
-    for part, n in sorted(holders.items()):
-        if n < MIN_SITES:
-            result.left_out[part] = (f"held by {n} site(s); a secure sum needs at least "
-                                     f"{MIN_SITES}")
-    return sorted(p for p, n in holders.items() if n >= MIN_SITES)
+    left_out = {part: f"held by {n} site(s); a secure sum needs at least {MIN_SITES}"
+                for part, n in sorted(holders.items()) if n < MIN_SITES}
+    whole = [s for s, parts in held.items() if any(_attribute(p) is None for p in parts)]
+    for attribute in sorted({a for p in holders if (a := _attribute(p)) is not None}):
+        levels = sorted(p for p in holders if _attribute(p) == attribute)
+        short = [p for p in levels if p in left_out]
+        without = sorted(s for s in whole if not any(p in levels for p in held[s]))
+        if not short and not without:
+            continue
+        why = (f"level(s) {', '.join(short)} cannot be summed" if short else
+               f"site(s) {', '.join(without)} send no {attribute!r} levels")
+        for part in levels:
+            left_out.setdefault(part, f"{attribute!r} left out: {why}, and the whole minus "
+                                      "the other levels would give their patients")
+    return sorted(p for p in holders if p not in left_out), left_out
+
+
+def _layout(adverts: Mapping[str, _Advert], result: SecureTotal) -> list[str]:
+    """The parts :func:`complete_parts` lets the sites sum, in sorted order."""
+    layout, left_out = complete_parts({s: a.parts for s, a in adverts.items()})
+    result.left_out.update(left_out)
+    return layout
 
 
 def secure_total(federation: Federation, sites: Sequence[str], vector: str, *,
@@ -223,12 +262,12 @@ def _unmask(federation: Federation, server: SecureSumServer, result: SecureTotal
         return result
     width = total.size // len(layout)
     result.sites = sent
+    # a holder that dropped after sharing may leave a part short, and its attribute incomplete
+    kept, short = complete_parts({s: adverts[s].parts & frozenset(layout) for s in sent})
+    for part, why in short.items():
+        result.left_out[part] = f"after the masked step: {why}"
     for i, part in enumerate(layout):
-        holders = [s for s in sent if part in adverts[s].parts]
-        if len(holders) < MIN_SITES:  # a holder dropped after sharing
-            result.left_out[part] = (f"held by {len(holders)} site(s) that sent; a secure "
-                                     f"sum needs at least {MIN_SITES}")
-            continue
-        result.parts[part] = total[i * width:(i + 1) * width].copy()
-        result.contributors[part] = holders
+        if part in kept:
+            result.parts[part] = total[i * width:(i + 1) * width].copy()
+            result.contributors[part] = [s for s in sent if part in adverts[s].parts]
     return result

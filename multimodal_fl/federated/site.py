@@ -493,15 +493,16 @@ class FusionSite:
             writer = RunWriter(self.run_dir, self.cfg, str(request.config.get("engine", "")))
             writer.write_splits(self.name, self.data)
             writer.write_predictions(self.name, frame)
+        pooled = self._joins_pooling(request)
         disclosed = site_disclosure(
             frame, site=self.name, sensitive=ev.sensitive, min_cell=min_cell,
             n_boot=ev.n_boot, seed=self.cfg.seed, n_bins=ev.histogram_bins,
             threshold_rule=str(request.config.get("threshold", ev.threshold)),
-            subgroup_summaries=self.gate.policy.subgroup_summaries)
+            subgroup_summaries=self.gate.policy.subgroup_summaries, pooled=pooled)
         # the same cells suppressed as in the site's report document (its class rule too)
         by_split = as_disclosed(metrics_by_split(frame, n_boot=ev.n_boot, seed=self.cfg.seed,
                                                  where=self.name, min_cell=min_cell), disclosed)
-        self._hold_test_histograms(frame, min_cell)
+        self._hold_test_histograms(frame, min_cell, pooled=pooled)
         flat: dict[str, float] = {}
         for split, values in by_split.items():
             for metric, v in values.items():
@@ -509,15 +510,33 @@ class FusionSite:
                     if number is not None and np.isfinite(number):
                         flat[f"{split}/{metric}{part}"] = float(number)
         site_doc = {**site_summary(self.data, min_cell=min_cell), "metrics": by_split}
+        if pooled:  # with the training and validation positives it gives the test split's
+            site_doc["n_positive"] = None
         documents = {
             Doc.SITE_METRICS: pack_document(jsonable(site_doc)),
             Doc.DISCLOSED: pack_document(disclosed),
         }
         return self._reply(request, n_samples=len(frame), metrics=flat, documents=documents)
 
-    def _hold_test_histograms(self, frame: Any, min_cell: int) -> None:
+    def _joins_pooling(self, request: Request) -> bool:
+        """The server asks for pooled test figures and this site's policy answers ``secure_sum``.
+
+        Decided once, at ``predict``: a site that joins releases its document in the pooled
+        form (:func:`~multimodal_fl.evaluation.disclosed.pooled_form`), and a site that released
+        its test class counts never joins a secure sum of the same patients.
+        """
+        answers = self.gate.policy.answers
+        return bool(request.config.get("pooled", False)) and (
+            answers is None or Kind.SECURE_SUM.value in answers)
+
+    def _hold_test_histograms(self, frame: Any, min_cell: int, *, pooled: bool) -> None:
         """Keep the test split's fine histograms for the secure sum (:data:`POOLED_TEST`)."""
         test = frame[frame["split"] == "test"]
+        if not pooled:
+            self.secure.hold(POOLED_TEST, {}, min_cell=min_cell, refusal=(
+                "this site released its test class counts (the predict request did not ask "
+                "for pooled figures, or its policy does not answer secure_sum)"))
+            return
         if len(test) < min_cell:
             self.secure.hold(POOLED_TEST, {}, refusal=f"fewer than {min_cell} test patients",
                              min_cell=min_cell)

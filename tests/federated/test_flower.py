@@ -178,11 +178,12 @@ def refusing_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> R
 
 
 def sum_vectors(name: str) -> dict[str, np.ndarray]:
-    """A site's parts for the secure-sum tests (site c lacks one part)."""
+    """A site's parts for the secure-sum tests (site c lacks one level of ``age``)."""
     rng = np.random.default_rng([5, SITES.index(name)])
-    parts = {p: rng.integers(0, 1000, 12) for p in ("overall", "sex=F", "sex=M")}
+    parts = {p: rng.integers(0, 1000, 12) for p in ("overall", "sex=F", "sex=M", "age=old",
+                                                     "age=young")}
     if name == "c":
-        del parts["sex=M"]
+        del parts["age=old"]
     return parts
 
 
@@ -561,9 +562,11 @@ def test_secure_sum_over_flower_equals_the_plain_sum(task_identity: None) -> Non
     total = secure_total(federation, federation.sites(), "v", timeout=30)
     assert total.refused is None and total.sites == list(SITES)
     vectors = {s: sum_vectors(s) for s in SITES}
-    for part in ("overall", "sex=F"):
+    for part in ("overall", "sex=F", "sex=M"):
         np.testing.assert_array_equal(total.parts[part], sum(v[part] for v in vectors.values()))
-    assert "held by 2 site(s)" in total.left_out["sex=M"]  # site c has none: not summed
+    assert "held by 2 site(s)" in total.left_out["age=old"]  # site c has none: not summed
+    # nor its attribute's other level: the whole minus it would be the level left out
+    assert "'age' left out" in total.left_out["age=young"] and "age=young" not in total.parts
     assert grid.pushed == 3 + 4 * 3  # name queries, then four steps per site
     assert all(SITE_STATE_KEY in state.array_records for state in grid.states.values())
 

@@ -3,6 +3,7 @@ pooled test figures from a secure sum. Includes the differencing attack of issue
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 
 from multimodal_fl.cli import app
 from multimodal_fl.config import load_config
-from multimodal_fl.engines.federated import pooled_test
+from multimodal_fl.engines.federated import predict_stage
 from multimodal_fl.federated import site as site_module
 from multimodal_fl.federated.disclosure import EGRESS_LOG
 from multimodal_fl.federated.gather import gather
@@ -92,11 +93,8 @@ def _run_predict(cfg: Any, run_dir: Path, sites: dict[str, FusionSite],
     first = sorted(own)[0]
     weights = gather(federation, {first: Request(Kind.INIT, 0)}, None, stage="init",
                      minimum=1)[first].weights
-    final = gather(federation, {s: Request(Kind.PREDICT, 1, weights=weights,
-                                           config={"engine": "inprocess"}) for s in own},
-                   None, stage="predict", minimum=1)
-    docs = {s: r.document(Doc.SITE_METRICS) for s, r in final.items()}
-    return recorders, pooled_test(federation, cfg, docs, 1)
+    stage = predict_stage(federation, cfg, sorted(own), weights, 1, "inprocess")
+    return recorders, stage["pooled_from_histograms"]
 
 
 def _differences(doc: Any) -> list[float]:
@@ -303,3 +301,152 @@ def test_the_gate_withholds_a_predict_reply_that_shows_a_small_cell(tmp_path: Pa
     entries = [json.loads(line) for line in log.read_text().splitlines()]
     assert [e["released"] for e in entries] == [True, False, False, False]
     assert "n_positive" in entries[1]["refused"] and "3" not in entries[1]["refused"]
+
+
+# ------------------------------------------------- the pooled total against the sites' own figures
+
+
+def _split_frame(n_test: int, n_pos: int, seed: int) -> pd.DataFrame:
+    """A predictions table with exactly ``n_pos`` positives among ``n_test`` test patients."""
+    frame = _frame(n_test, seed)
+    test = (frame["split"] == "test").to_numpy()
+    y = frame["label"].to_numpy().copy()
+    y[np.flatnonzero(test)] = (np.arange(n_test) < n_pos).astype(int)
+    return frame.assign(label=y)
+
+
+def _capture_totals(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every secure-sum total the server learns (what an honest-but-curious server keeps)."""
+    from multimodal_fl.engines import federated as engine
+
+    seen: list[Any] = []
+    real = engine.secure_total
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(engine, "secure_total", spy)
+    return seen
+
+
+def _test_positives(site_metrics: dict[str, Any], disclosed: dict[str, Any]) -> list[int]:
+    """Every way a site's released figures give its test positives."""
+    out = []
+    splits = disclosed["splits"]
+    if splits["test"]["n_pos"] is not None:
+        out.append(splits["test"]["n_pos"])
+    if site_metrics["n_positive"] is not None and None not in (splits["train"]["n_pos"],
+                                                               splits["val"]["n_pos"]):
+        out.append(site_metrics["n_positive"] - splits["train"]["n_pos"]
+                   - splits["val"]["n_pos"])
+    for cell in disclosed["cells"]:
+        if cell["scope"] == "site" and cell["n_pos"] is not None:
+            out.append(cell["n_pos"])
+    by_attribute: dict[str, list[Any]] = {}
+    for cell in disclosed["cells"]:
+        if cell["scope"] == "site_subgroup" and cell["metric"] == "auc":
+            by_attribute.setdefault(cell["attribute"], []).append(cell["n_pos"])
+    out += [sum(v) for v in by_attribute.values() if None not in v]
+    for cell in disclosed["cells"]:  # sensitivity = TP / P on the site's test positives
+        if cell["scope"] == "site" and cell["metric"] == "sensitivity" and cell["value"]:
+            out.append(-1)  # a threshold count on the test positives was released
+    return out
+
+
+def test_the_pooled_total_minus_the_sites_released_counts_gives_no_hidden_count(
+    tiny_sites: tuple[Any, Path, dict[str, FusionSite]], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """site_a hides its 4 test positives (min_cell 10); site_b and site_c have 25 and 20. On
+    the code before, both released theirs, and the pooled total minus 45 gave site_a's 4."""
+    cfg, _, sites = tiny_sites
+    frames = {"site_a": _split_frame(40, 4, 1), "site_b": _split_frame(60, 25, 2),
+              "site_c": _split_frame(50, 20, 3)}
+    totals = _capture_totals(monkeypatch)
+    recorders, pooled = _run_predict(cfg, tmp_path, sites, frames, monkeypatch)
+    (total,) = totals
+    learned = int(total.parts["overall"][len(total.parts["overall"]) // 2:].sum())
+    assert learned == 49 and sorted(total.sites) == ["site_a", "site_b", "site_c"]
+    for name in ("site_b", "site_c"):
+        reply = next(r for r in recorders[name].replies if r.kind == Kind.PREDICT)
+        disclosed = reply.document(Doc.DISCLOSED)
+        assert disclosed["pooled"] is True
+        # the attacker has no released count of this site's test positives to subtract
+        assert _test_positives(reply.document(Doc.SITE_METRICS), disclosed) == [], name
+        assert not any(k.startswith("test/sensitivity") or k.startswith("test/specificity")
+                       for k in reply.metrics)
+        assert disclosed["roc"]["tpr"] == [] and disclosed["calibration"]["bins"] == []
+        # what is not a count stays: the site's test AUC with its interval
+        assert disclosed["splits"]["test"]["metrics"]["auc"]["value"] is not None
+    # and the pooled figures show the class counts, from the sum only
+    assert pooled["overall"]["n_pos"] == 49
+
+
+def test_without_pooling_a_site_keeps_its_counts_and_never_joins_a_secure_sum(
+    tiny_sites: tuple[Any, Path, dict[str, FusionSite]], tmp_path: Path,
+) -> None:
+    """The site, not the server, keeps the two apart: counts released => no secure sum."""
+    cfg, _, sites = tiny_sites
+    site = FusionSite("site_b", cfg, sites["site_b"].data, run_dir=tmp_path)
+    first = site.handle(Request(Kind.INIT, 0))
+    reply = site.handle(Request(Kind.PREDICT, 1, weights=first.weights,
+                                config={"engine": "inprocess"}))
+    assert reply.document(Doc.DISCLOSED)["pooled"] is False
+    from multimodal_fl.federated.secure_sum import step_request
+    from multimodal_fl.federated.site import POOLED_TEST
+
+    with pytest.raises(Exception, match="released its test class counts"):
+        site.handle(step_request("advertise", POOLED_TEST, 1))
+
+
+def test_an_attribute_a_site_keeps_home_is_not_summed_so_no_site_histogram_is_the_rest(
+    tiny_sites: tuple[Any, Path, dict[str, FusionSite]], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """site_c's policy keeps subgroup summaries home: it sums its overall histogram only. On
+    the code before, the server summed the others' sex levels too, and the overall total minus
+    them was site_c's whole fine test histogram."""
+    from multimodal_fl.config import SitePolicy
+
+    cfg, _, sites = tiny_sites
+    four = {**sites, "site_d": copy.copy(sites["site_a"])}  # three sites sum the levels
+    four["site_d"].data = copy.copy(sites["site_a"].data)
+    frames = {"site_a": _frame(61, 1), "site_b": _frame(40, 2), "site_c": _frame(36, 3),
+              "site_d": _frame(45, 4)}
+    real_init = FusionSite.__init__
+
+    def init(self: FusionSite, name: str, *args: Any, **kwargs: Any) -> None:
+        if name == "site_c":
+            kwargs["policy"] = SitePolicy(subgroup_summaries=False)
+        real_init(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(FusionSite, "__init__", init)
+    totals = _capture_totals(monkeypatch)
+    _, pooled = _run_predict(cfg, tmp_path, four, frames, monkeypatch)
+    (total,) = totals
+    assert "overall" in total.parts and "site_c" in total.contributors["overall"]
+    assert not [p for p in total.parts if "=" in p]  # no level of any attribute summed
+    assert "send no 'sex' levels" in total.left_out["sex=female"]
+    assert pooled["overall"]["auc"]["value"] is not None
+
+
+def test_every_attribute_summed_adds_up_to_the_whole(
+    tiny_sites: tuple[Any, Path, dict[str, FusionSite]], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the server learns of the parts leaves nothing by subtraction: for each attribute
+    it sums, its levels add up to the overall total (site_a's one "unknown" patient, held by
+    one site, takes its attribute out of the sum)."""
+    cfg, _, sites = tiny_sites
+    frames = {"site_a": _frame(61, 1, unknown=True), "site_b": _frame(40, 2),
+              "site_c": _frame(36, 3)}
+    totals = _capture_totals(monkeypatch)
+    _run_predict(cfg, tmp_path, sites, frames, monkeypatch)
+    (total,) = totals
+    attributes = {p.split("=", 1)[0] for p in total.parts if "=" in p}
+    assert attributes == {"age_band"}  # sex is left out: "unknown" is held by one site
+    for a in attributes:
+        rest = total.parts["overall"] - sum(v for p, v in total.parts.items()
+                                            if p.startswith(a + "="))
+        assert not rest.any(), a
