@@ -611,7 +611,8 @@ class FHIRReader:
             return
         birth, _ = first_time(res, ("birthDate",), tz=self.tz)
         deceased, _ = first_time(res, ("deceasedDateTime",), tz=self.tz)
-        rec = PatientRecord(rid, label, birth, res.get("gender"), deceased)
+        deceased_end, _ = first_time(res, ("deceasedDateTime",), tz=self.tz, end=True)
+        rec = PatientRecord(rid, label, birth, res.get("gender"), deceased, deceased_end)
         if deceased is None and res.get("deceasedBoolean") is True:
             rec.deceased = None  # known dead, unknown date: no event time
         old = self.records.patients.get(rid)

@@ -43,6 +43,10 @@ class PatientRecord:
     birth: datetime | None = None
     gender: str | None = None
     deceased: datetime | None = None
+    #: The end of the death's period: ``deceased`` itself for a date and time, the end of
+    #: the day (month, year) for a partial date. A death dated ``2021-03-05`` happened some
+    #: time that day, so it is not before an index at 10:00 that day.
+    deceased_end: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,10 @@ Boundaries (also in ``docs/data-contract.md``):
   sex. A patient has tabular data (``has_tabular``) when any demographic or observation
   feature has a value or a comorbidity / medication is recorded.
 - label window (``events_after_index``): ``(cut-off, cut-off + window_hours]``; a label
-  procedure/device event, or death when ``death_is_positive``, inside it is positive.
+  procedure/device event, or death when ``death_is_positive``, inside it is positive. A
+  death dated without a time is the whole of its day: on the index day it is after the
+  index (positive), not before it (excluded as ``died_before_index`` only when its whole
+  period is at or before the cut-off).
   A patient with such an event (or death) at or before the cut-off is excluded when
   ``exclude_prior_events`` (already on oxygen).
 - ``condition_at_index``: positive when a label condition has onset on or before the
@@ -191,8 +194,8 @@ def _window(task: TaskSpec, pid: str, records: SiteRecords) -> tuple[_Window | N
         return None, "not_in_cohort"
     if pat.birth is not None and pat.birth > index:
         return None, "born_after_index"
-    if pat.deceased is not None and pat.deceased <= cutoff:
-        return None, "died_before_index"
+    if pat.deceased is not None and (pat.deceased_end or pat.deceased) <= cutoff:
+        return None, "died_before_index"  # the whole of the death's date is at or before it
     age = _years(pat.birth, index) if pat.birth is not None else float("nan")
     if task.cohort.min_age is not None and not (age >= task.cohort.min_age):
         return None, "under_min_age"
@@ -211,9 +214,11 @@ def _label(task: TaskSpec, pid: str, records: SiteRecords, cutoff: datetime,
         if label_rule.exclude_prior_events and any(t <= cutoff for t, _ in events):
             return None, "prior_event"
         positive = any(cutoff < t <= end for t, _ in events)
-        deceased = records.patients[pid].deceased
-        if label_rule.death_is_positive and deceased is not None:
-            positive = positive or cutoff < deceased <= end
+        pat = records.patients[pid]
+        if label_rule.death_is_positive and pat.deceased is not None:
+            # the death's period (a day, for a date) meets (cut-off, end]
+            positive = positive or (pat.deceased <= end
+                                    and (pat.deceased_end or pat.deceased) > cutoff)
         label = int(positive)
     elif label_rule.kind == "condition_at_index":
         label = int(any(

@@ -70,7 +70,7 @@ ROWS = [
     # hospitalised, intubated, died 40 days after admission: not a death within 30 days
     _row("b1", "12", "1", 50, "2", "2021-08-01", died="2021-09-10", icu="2", intubated="1",
          pregnant="2", OBESIDAD="1"),
-    # died on the admission day: dead at the index, excluded from every variant
+    # died on the admission day (a date: some time that day, admitted alive): kept, a death
     _row("b2", "12", "2", 60, "2", "2021-08-02", died="2021-08-02", icu="2", intubated="2"),
     # pregnant outpatient
     _row("c1", "6", "1", 25, "1", "2021-07-20", pregnant="1"),
@@ -169,20 +169,22 @@ def test_the_shipped_tasks_are_yaml_only_and_share_cohort_index_features() -> No
 
 
 @pytest.mark.parametrize(("task", "labels"), [
-    ("covid_severity", {"a1": 1, "a2": 0, "a3": 0, "b1": 1, "c1": 0, "c2": 1, "d1": 1,
-                        "d2": 0}),
-    ("covid_severity_icu", {"a1": 1, "a2": 0, "a3": 0, "b1": 0, "c1": 0, "c2": 1, "d2": 0}),
-    ("covid_severity_intubation", {"a1": 1, "a2": 0, "a3": 0, "b1": 1, "c1": 0, "c2": 0,
-                                   "d1": 0, "d2": 0}),
-    ("covid_severity_death", {"a1": 1, "a2": 0, "a3": 0, "b1": 0, "c1": 0, "c2": 0, "d1": 0,
-                              "d2": 0}),
-    ("covid_severity_pneumonia", {"a1": 1, "a2": 0, "a3": 0, "b1": 1, "c1": 0, "c2": 1,
-                                  "d1": 1, "d2": 0}),
+    ("covid_severity", {"a1": 1, "a2": 0, "a3": 0, "b1": 1, "b2": 1, "c1": 0, "c2": 1,
+                        "d1": 1, "d2": 0}),
+    ("covid_severity_icu", {"a1": 1, "a2": 0, "a3": 0, "b1": 0, "b2": 0, "c1": 0, "c2": 1,
+                            "d2": 0}),
+    ("covid_severity_intubation", {"a1": 1, "a2": 0, "a3": 0, "b1": 1, "b2": 0, "c1": 0,
+                                   "c2": 0, "d1": 0, "d2": 0}),
+    # b2's death on the admission day is within 30 days (on the code before: excluded)
+    ("covid_severity_death", {"a1": 1, "a2": 0, "a3": 0, "b1": 0, "b2": 1, "c1": 0, "c2": 0,
+                              "d1": 0, "d2": 0}),
+    ("covid_severity_pneumonia", {"a1": 1, "a2": 0, "a3": 0, "b1": 1, "b2": 1, "c1": 0,
+                                  "c2": 1, "d1": 1, "d2": 0}),
 ])
 def test_labels_of_each_variant(imported: Path, task: str, labels: dict[str, int]) -> None:
     t = _table(imported, task)
-    # b2 died on the admission day (dead at the index); d1's ICU is unknown (99); x1 was
-    # never imported (not a confirmed case)
+    # b2 died on the admission day (a date: after the index); d1's ICU is unknown (99); x1
+    # was never imported (not a confirmed case)
     assert t["label"].to_dict() == labels
 
 
@@ -196,7 +198,8 @@ def test_features_are_known_at_presentation(imported: Path) -> None:
     assert t.loc["a3", "asthma"] == 0.0  # 98, unknown: no Condition
     assert t.loc["a2", "pregnancy"] == 0.0  # 97 for a man
     assert t["sex_female"].to_dict() == {"a1": 1.0, "a2": 0.0, "a3": 1.0, "b1": 1.0,
-                                         "c1": 1.0, "c2": 0.0, "d1": 0.0, "d2": 1.0}
+                                         "b2": 0.0, "c1": 1.0, "c2": 0.0, "d1": 0.0,
+                                         "d2": 1.0}
     assert t.loc["a1", "age"] == pytest.approx(70.5, abs=0.01)
     # the index is the admission (00:00 UTC); every feature was known by then
     assert t.loc["a1", "index_time"] == pd.Timestamp("2021-07-05", tz="UTC")
@@ -226,8 +229,9 @@ def test_every_site_is_read_by_the_shipped_config_and_summarised(imported: Path)
     assert doc["task"] == "covid_severity"
     by_site = {s["site"]: s for s in doc["sites"]}
     assert {n: (s["patients"], s["positives"]) for n, s in by_site.items()} == {
-        "IMSS": (3, 1), "SSA": (1, 1), "ISSSTE": (2, 1), "other": (2, 1)}
-    assert by_site["SSA"]["counts"]["excluded_by_reason"] == {"died_before_index": 1}
+        "IMSS": (3, 1), "SSA": (2, 2), "ISSSTE": (2, 1), "other": (2, 1)}
+    # b2, who died on the admission day, is kept (a date-only death is the whole day)
+    assert by_site["SSA"]["counts"]["excluded_by_reason"] == {}
     assert all(s["counts"]["skipped_by_reason"] == {} for s in doc["sites"])
 
 
