@@ -568,8 +568,9 @@ class FederatedConfig(_Strict):
     select: Literal["best_val", "last"] = Field(
         default="best_val",
         description="Final model: the round with the best pooled validation AUC (the sites' "
-        "disclosed validation histograms added; server-side early stopping; the last round when "
-        "no round has one), or the last round.",
+        "disclosed validation histograms added, from at least 3 sites or every site of a smaller "
+        "federation; server-side early stopping; the last round when no round has one), or the "
+        "last round.",
     )
     tracker: Literal["none", "tensorboard", "mlflow"] = Field(
         default="none",
