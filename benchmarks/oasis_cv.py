@@ -221,20 +221,34 @@ def logistic(X: np.ndarray, y: np.ndarray, fold: Fold, seed: int) -> np.ndarray:
     return np.asarray(search.predict_proba(X[fold.test])[:, 1], dtype=np.float64)
 
 
+def with_embeddings(ds: CohortDataset, image_model: torch.nn.Module) -> CohortDataset:
+    """``ds`` with its images replaced by ``image_model``'s embeddings (a precomputed input).
+
+    The image encoder of a fold's image-only model, trained on that fold's training part,
+    is frozen and run once over every subject: all fusion models of the fold then train on
+    the cached embeddings (the package's frozen-encoder path) instead of the pixels.
+    """
+    encoder = image_model.encoders["image"]  # type: ignore[index]
+    encoder.eval()
+    with torch.no_grad():
+        emb = torch.cat([encoder(x) for x in ds.inputs["image"].split(64)])
+    inputs = dict(ds.inputs) | {"image": emb.to(torch.float32)}
+    return CohortDataset(ds.patient_ids, ds.labels.numpy(), inputs, ds.mask, ds.modalities,
+                         meta=ds.meta, precomputed=(*ds.precomputed, "image"))
+
+
 def train_federated(cfg: ExperimentConfig, ds: CohortDataset, names: list[str], fold: Fold,
-                    seed: int, work: Path) -> torch.nn.Module:
+                    mods: Sequence[str], seed: int, work: Path) -> torch.nn.Module:
     """FedAvg over the training folds spread across the config's sites; the chosen model."""
+    ds = ds.select_modalities(mods)
     role = {int(i): "train" for i in fold.train} | {int(i): "val" for i in fold.val}
     role |= {int(i): "test" for i in fold.test}
     sites = [s.name for s in cfg.sites]
     members: dict[str, list[int]] = {s: [] for s in sites}
     for i in sorted(role):
         members[sites[site_of(ds.patient_ids[i], len(sites))]].append(i)
-    data = {}
-    for s, rows in members.items():
-        sub = ds.subset(rows)
-        data[s] = SiteData(s, sub, {ds.patient_ids[i]: role[i] for i in rows},
-                           feature_names=names)
+    data = {s: SiteData(s, ds.subset(rows), {ds.patient_ids[i]: role[i] for i in rows},
+                        feature_names=names) for s, rows in members.items()}
     run_dir = work / f"fed_{fold.repeat}_{fold.k}"
     fcfg = cfg.model_copy(update={"seed": seed})
     run_federated_experiment(fcfg, run_dir, data=data)
@@ -246,28 +260,34 @@ def train_federated(cfg: ExperimentConfig, ds: CohortDataset, names: list[str], 
 
 def run_fold(cfgs: dict[str, ExperimentConfig], cohorts: dict[str, tuple[CohortDataset, list[str]]],
              fold: Fold, results: dict[str, Scores], y: np.ndarray, work: Path) -> None:
-    """Every model of one fold, for every feature set (the image-only model once)."""
+    """Every model of one fold, for every feature set (the image-only models once)."""
     seed = 1000 * fold.repeat + fold.k
     first = next(iter(cohorts))
-    image = train_centralized(cfgs[first], cohorts[first][0], fold, ["image"], seed)
-    img_scores = score(image, cohorts[first][0], fold, ["image"])
+    ds0, names0 = cohorts[first]
+    image = train_centralized(cfgs[first], ds0, fold, ["image"], seed)
+    fed_image = train_federated(cfgs[first], ds0, names0, fold, ["image"], seed, work)
+    img_scores = score(image, ds0, fold, ["image"])
+    fed_img_scores = score(fed_image, ds0, fold, ["image"])
     both = ["image", "tabular"]
-    for variant, (ds, names) in cohorts.items():
+    for variant, (pixels, names) in cohorts.items():
         cfg, res = cfgs[variant], results[variant]
         res.put("image only", fold, y, img_scores)
-        tab = train_centralized(cfg, ds, fold, ["tabular"], seed)
-        res.put("tabular MLP", fold, y, score(tab, ds, fold, ["tabular"]))
-        plain = train_centralized(cfg, ds, fold, ["tabular"], seed, layer_norm=False)
-        res.put(NO_LN, fold, y, score(plain, ds, fold, ["tabular"]))
-        res.put(LR, fold, y, logistic(ds.inputs["tabular"].numpy(), y, fold, seed))
+        res.put("image only, federated", fold, y, fed_img_scores)
+        tab = train_centralized(cfg, pixels, fold, ["tabular"], seed)
+        res.put("tabular MLP", fold, y, score(tab, pixels, fold, ["tabular"]))
+        plain = train_centralized(cfg, pixels, fold, ["tabular"], seed, layer_norm=False)
+        res.put(NO_LN, fold, y, score(plain, pixels, fold, ["tabular"]))
+        res.put(LR, fold, y, logistic(pixels.inputs["tabular"].numpy(), y, fold, seed))
+        ds = with_embeddings(pixels, image)
         for kind in FUSIONS:
             kcfg = cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={"kind": kind})})
             model = train_centralized(kcfg, ds, fold, both, seed)
             res.put(f"fusion {kind}", fold, y, score(model, ds, fold, both))
             res.put(f"fusion {kind}, image hidden at test", fold, y,
                     score(model, ds, fold, both, hide="image"))
-        fed = train_federated(cfg, ds, names, fold, seed, work)
-        res.put(FED, fold, y, score(fed, ds, fold, both))
+        fed = train_federated(cfg, with_embeddings(pixels, fed_image), names, fold, both, seed,
+                              work)
+        res.put(FED, fold, y, score(fed, with_embeddings(pixels, fed_image), fold, both))
 
 
 def ci_text(m: MetricValue, digits: int = 3) -> str:
