@@ -18,17 +18,23 @@ One command, from the repository root::
    each fold the training folds are split again, stratified, into an inner training part
    (80%) and an inner validation part (20%): every setting is chosen there, never on the
    test fold. The networks (smallcnn image encoder, tabular MLP, fusion) keep the shipped
-   configs' optimiser settings (lr 3e-4, weight decay 1e-4, batch 32, at most 300 steps,
-   fixed before this benchmark was written) and choose their training length by early
-   stopping on the inner validation AUC. The logistic regression (median-imputed,
-   standardised) chooses ``C`` by an inner stratified 5-fold CV on the training folds
-   (``GridSearchCV``, AUC) and is refitted on all of them.
-4. **Models per fold.** Image only; tabular only (the package's MLP); logistic regression;
-   centralized fusion ``concat``, ``attention`` and ``late``; federated ``concat``: the
-   training folds spread over ``--sites`` sites by a hash of the subject id (as
-   ``oasis_sites.py``), trained with the in-process federated engine (FedAvg, the config's
-   rounds and local steps, best round by pooled validation AUC), then scored on the test
-   fold. Free ablations: each fusion model scored with the image hidden (tabular path only).
+   configs' optimiser settings (lr 3e-4, weight decay 1e-4, batch 32, at most 300 steps;
+   federated 15 rounds of 20 local steps; fixed before this benchmark was written) and
+   choose their training length by early stopping on the inner validation AUC (federated:
+   the round with the best pooled validation AUC). The logistic regression
+   (median-imputed, standardised) chooses ``C`` by an inner stratified 5-fold CV on the
+   training folds (``GridSearchCV``, AUC) and is refitted on all of them.
+4. **Models per fold.** Image only (the image encoder and a head, on the pixels), trained
+   twice: centralized, and federated over ``--sites`` sites (the training folds spread by a
+   hash of the subject id, as ``oasis_sites.py``; the in-process federated engine, FedAvg).
+   Each image encoder is then frozen and its embeddings of every subject cached: the fusion
+   models of the fold train on those (the package's frozen-encoder path), which is what
+   fits 5x5 folds into the CPU budget. Then, per feature set: tabular only (the package's
+   MLP); the same MLP without the LayerNorm of the fusion model's projection (an
+   ablation); logistic regression; centralized fusion ``concat``, ``attention`` and
+   ``late`` on the centralized image embeddings; federated ``concat`` on the federated
+   image embeddings, scored on the test fold. Free ablations: each fusion model scored with
+   the image hidden (tabular path only).
 5. **Figures.** Per model the mean over repeats of the AUC of the pooled out-of-fold scores
    (each repeat scores every subject once), with a 95% stratified bootstrap CI over subjects
    (:func:`multimodal_fl.evaluation.metrics.repeated_cv_auc`, one resample shared by every

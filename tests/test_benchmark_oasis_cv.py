@@ -1,4 +1,4 @@
-"""benchmarks/oasis_cv.py: without the OASIS-1 data it says why and exits 0 (the suite never needs it)."""
+"""benchmarks/oasis_cv.py: without the OASIS-1 data it says why and exits 0; its fold plan."""
 
 from __future__ import annotations
 
