@@ -52,6 +52,7 @@ __all__ = [
     "expected_calibration_error",
     "metric_point",
     "paired_bootstrap_difference",
+    "repeated_cv_auc",
     "roc_auc",
     "suppress_cells",
     "undefined_reason",
@@ -823,6 +824,96 @@ def paired_bootstrap_difference(
     va = _batched_metrics(names, y[idx], sa[idx], tb, 10)[metric]
     vb = _batched_metrics(names, y[idx], sb[idx], tb, 10)[metric]
     ci = _percentile(vb - va, alpha, n_boot, n)
+    return MetricValue(point, ci.lo, ci.hi, n, None, n_boot, ci.n_skipped)
+
+
+def _cv_score_matrix(scores: npt.ArrayLike, n: int, where: str) -> FloatArray:
+    arr = np.asarray(scores, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != n:
+        raise ValueError(f"{where}: expected scores of shape [repeats, {n}] (one out-of-fold "
+                         f"score per patient and repeat), got shape {np.shape(scores)}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{where}: scores must be finite (every patient needs an out-of-fold "
+                         "score in every repeat)")
+    return arr
+
+
+def _mean_pooled_auc(y: IntArray, scores: FloatArray, idx: IntArray) -> FloatArray:
+    """Mean over repeats of the AUC on each resample (rows of ``idx``): shape ``[n_boot]``."""
+    yb = y[idx]
+    per_repeat = [_batched_metrics(("auc",), yb, row[idx], None, 10)["auc"] for row in scores]
+    return np.mean(per_repeat, axis=0)
+
+
+def repeated_cv_auc(
+    y_true: npt.ArrayLike,
+    scores: npt.ArrayLike,
+    *,
+    baseline: npt.ArrayLike | None = None,
+    compare: Literal["difference", "ratio"] = "difference",
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> MetricValue:
+    """AUC of repeated k-fold cross-validation, with a patient bootstrap interval.
+
+    Each repeat of a k-fold cross-validation scores every patient once, out of fold. The
+    estimate is the mean over repeats of the AUC of each repeat's pooled out-of-fold scores.
+    The interval resamples patients within each class (one resample shared by every repeat),
+    recomputes that mean and takes percentiles. With ``baseline`` (a second model's scores
+    for the same patients, folds and repeats) the same resamples give a paired interval of
+    ``mean AUC(scores) - mean AUC(baseline)`` (``compare="difference"``) or of their
+    quotient (``compare="ratio"``).
+
+    Parameters
+    ----------
+    y_true : array-like [n]
+        0/1 labels of the patients.
+    scores : array-like [repeats, n] or [n]
+        Out-of-fold scores, one row per repeat, columns in the order of ``y_true``.
+    baseline : array-like [repeats, n] or None
+        The reference model's out-of-fold scores (same shape), for a paired comparison.
+    compare : {"difference", "ratio"}
+        How ``scores`` is compared with ``baseline``.
+    n_boot, alpha, seed
+        Bootstrap resamples, interval level ``1 - alpha``, resampling seed.
+
+    Returns
+    -------
+    MetricValue
+        The mean AUC (or the difference or ratio) and its interval; undefined with the
+        reason when a class is missing. With one repeat and no baseline, value and interval
+        equal :func:`bootstrap_ci` of the AUC with the same seed.
+    """
+    if compare not in ("difference", "ratio"):
+        raise ValueError(f"compare must be 'difference' or 'ratio', got {compare!r}")
+    y = np.asarray(y_true)
+    if y.ndim != 1 or not np.isin(y, (0, 1)).all():
+        raise ValueError("repeated_cv_auc: y_true must be a 1-D array of 0/1 labels")
+    y = y.astype(np.int64)
+    n = int(y.size)
+    reason = undefined_reason(y, "auc")
+    if reason is not None:
+        return MetricValue.undefined(reason, n=n)
+    sa = _cv_score_matrix(scores, n, "repeated_cv_auc (scores)")
+    everyone = np.arange(n)[None, :]
+    point = float(_mean_pooled_auc(y, sa, everyone)[0])
+    idx = _stratified_indices(y, n_boot, np.random.default_rng(seed))
+    boot = _mean_pooled_auc(y, sa, idx)
+    if baseline is not None:
+        sb = _cv_score_matrix(baseline, n, "repeated_cv_auc (baseline)")
+        if sb.shape != sa.shape:
+            raise ValueError(f"repeated_cv_auc: baseline has shape {sb.shape}, scores "
+                             f"{sa.shape}; they must match")
+        ref = float(_mean_pooled_auc(y, sb, everyone)[0])
+        ref_boot = _mean_pooled_auc(y, sb, idx)
+        if compare == "ratio":
+            point, boot = point / ref, boot / ref_boot
+        else:
+            point, boot = point - ref, boot - ref_boot
+    ci = _percentile(boot, alpha, n_boot, n)
     return MetricValue(point, ci.lo, ci.hi, n, None, n_boot, ci.n_skipped)
 
 

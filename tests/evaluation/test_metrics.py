@@ -20,6 +20,7 @@ from multimodal_fl.evaluation.metrics import (
     choose_threshold,
     expected_calibration_error,
     paired_bootstrap_difference,
+    repeated_cv_auc,
     roc_auc,
 )
 
@@ -190,6 +191,40 @@ def test_paired_difference() -> None:
     assert d.lo is not None and d.lo > 0  # clearly better
     z = paired_bootstrap_difference(y, s, s, n_boot=100)
     assert z.value == 0 and z.lo == 0 and z.hi == 0
+
+
+def test_repeated_cv_auc_one_repeat_is_the_bootstrap_ci() -> None:
+    y, s = _data(300, seed=4)
+    m = repeated_cv_auc(y, s[None, :], n_boot=200, seed=3)
+    ref = bootstrap_ci("auc", y, s, n_boot=200, seed=3)
+    assert m.value == pytest.approx(roc_auc_score(y, s))
+    assert (m.lo, m.hi) == pytest.approx((ref.lo, ref.hi))
+
+
+def test_repeated_cv_auc_means_the_repeats_and_pairs_the_resamples() -> None:
+    y, s = _data(300, seed=5)
+    rng = np.random.default_rng(1)
+    noisy = np.clip(s + rng.normal(0, 0.3, (3, s.size)), 0, 1)
+    m = repeated_cv_auc(y, noisy, n_boot=200)
+    assert m.value == pytest.approx(np.mean([roc_auc_score(y, row) for row in noisy]))
+    assert m.lo is not None and m.hi is not None and m.lo < m.value < m.hi
+    exact = np.tile(s, (3, 1))
+    d = repeated_cv_auc(y, exact, baseline=noisy, n_boot=200)
+    assert d.value == pytest.approx(roc_auc_score(y, s) - m.value)
+    assert d.lo is not None and d.lo > 0  # paired: the exact scores are clearly better
+    r = repeated_cv_auc(y, noisy, baseline=noisy, compare="ratio", n_boot=50)
+    assert (r.value, r.lo, r.hi) == (1.0, 1.0, 1.0)
+
+
+def test_repeated_cv_auc_bad_input_says_what_is_wrong() -> None:
+    y, s = _data(50)
+    with pytest.raises(ValueError, match=r"shape \[repeats, 50\]"):
+        repeated_cv_auc(y, s[:40])
+    with pytest.raises(ValueError, match="out-of-fold score"):
+        repeated_cv_auc(y, np.where(np.arange(50) == 3, np.nan, s))
+    with pytest.raises(ValueError, match="baseline has shape"):
+        repeated_cv_auc(y, np.tile(s, (2, 1)), baseline=s)
+    assert repeated_cv_auc(np.zeros(50, int), s).reason == "no positives"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,419 @@
+"""Alzheimer's on OASIS-1: repeated stratified k-fold cross-validation (default 5x5).
+
+One command, from the repository root::
+
+    MMFL_CACHE=/tmp/mmfl_cache nice -n 10 .venv/bin/python benchmarks/oasis_cv.py
+
+1. **Import.** ``import_csv`` (what ``mmfl data import-csv`` runs) with the shipped mapping
+   ``configs/mappings/oasis1.yaml`` writes the OASIS-1 first sessions into one site directory
+   under ``--out`` (default: a temporary folder, removed after; never inside the repository:
+   the OASIS Data Use Agreement forbids redistribution). Label: CDR > 0 (very mild dementia
+   or worse); CDR is never a feature.
+2. **Cohort.** The shipped experiment ``configs/oasis1.yaml`` is prepared twice, with the task
+   ``configs/tasks/oasis1_dementia.yaml`` (age, sex, MMSE, education, SES, eTIV, nWBV, ASF) and
+   with its variant without MMSE. The cross-validation runs over the labelled subjects that
+   have the MRI slices (the image the pipeline links: the first by path, the axial slice),
+   resized to ``--image-size`` pixels once (pixels cached across folds and models).
+3. **Folds.** ``RepeatedStratifiedKFold`` (``--folds`` x ``--repeats``, seed ``--seed``). In
+   each fold the training folds are split again, stratified, into an inner training part
+   (80%) and an inner validation part (20%): every setting is chosen there, never on the
+   test fold. The networks (smallcnn image encoder, tabular MLP, fusion) keep the shipped
+   configs' optimiser settings (lr 3e-4, weight decay 1e-4, batch 32, at most 300 steps;
+   federated 15 rounds of 20 local steps; fixed before this benchmark was written) and
+   choose their training length by early stopping on the inner validation AUC (federated:
+   the round with the best pooled validation AUC). The logistic regression
+   (median-imputed, standardised) chooses ``C`` by an inner stratified 5-fold CV on the
+   training folds (``GridSearchCV``, AUC) and is refitted on all of them.
+4. **Models per fold.** Image only (the image encoder and a head, on the pixels), trained
+   twice: centralized, and federated over ``--sites`` sites (the training folds spread by a
+   hash of the subject id, as ``oasis_sites.py``; the in-process federated engine, FedAvg).
+   Each image encoder is then frozen and its embeddings of every subject cached: the fusion
+   models of the fold train on those (the package's frozen-encoder path), which is what
+   fits 5x5 folds into the CPU budget. Then, per feature set: tabular only (the package's
+   MLP); the same MLP without the LayerNorm of the fusion model's projection (an
+   ablation); logistic regression; centralized fusion ``concat``, ``attention`` and
+   ``late`` on the centralized image embeddings; federated ``concat`` on the federated
+   image embeddings, scored on the test fold. Free ablations: each fusion model scored with
+   the image hidden (tabular path only).
+5. **Figures.** Per model the mean over repeats of the AUC of the pooled out-of-fold scores
+   (each repeat scores every subject once), with a 95% stratified bootstrap CI over subjects
+   (:func:`multimodal_fl.evaluation.metrics.repeated_cv_auc`, one resample shared by every
+   repeat and model, so differences are paired), beside the mean +- SD of the per-fold AUCs;
+   paired CIs of fusion minus tabular and fusion minus logistic regression; the
+   federated / centralized ratio with its paired CI; the targets of issue 14 item 4.
+
+``--repeats 1`` sizes a run; ``--quick`` trains fewer steps (a smoke test, not a figure).
+When the data folder is absent the script says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import (
+    GridSearchCV,
+    RepeatedStratifiedKFold,
+    StratifiedKFold,
+    train_test_split,
+)
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from multimodal_fl.config import ExperimentConfig, load_config
+from multimodal_fl.data.csv_import import import_csv
+from multimodal_fl.engines.federated import run_federated_experiment
+from multimodal_fl.evaluation.metrics import MetricValue, repeated_cv_auc
+from multimodal_fl.training import (
+    CohortDataset,
+    SiteData,
+    batch_augmenter,
+    build_model,
+    fit_tabular_standardizer,
+    load_site_data,
+    load_weights,
+    predict,
+    train,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "oasis1"
+MAPPING = REPO / "configs" / "mappings" / "oasis1.yaml"
+CONFIG = REPO / "configs" / "oasis1.yaml"
+#: Feature sets: variant name -> task file (relative to ``configs/``).
+TASKS = {"with MMSE": "tasks/oasis1_dementia.yaml",
+         "without MMSE": "tasks/oasis1_dementia_no_mmse.yaml"}
+FUSIONS = ("concat", "attention", "late")
+LR = "logistic regression"
+FED = "federated concat"
+NO_LN = "tabular MLP, no LayerNorm in the projection (ablation)"
+#: Earlier figures on the same subjects, quoted beside the results (not recomputed here).
+REFERENCES = [
+    ("benchmarks/oasis_sites.py, 2D slices, 5 seeds x one 60/20/20 split, with MMSE",
+     "fusion 0.811, tabular MLP 0.822, logistic regression 0.866"),
+    ("issue 14, 3D volumes, one split, with MMSE",
+     "federated fusion 0.883 [0.783, 0.965], tabular 0.891, logistic regression 0.900"),
+    ("../shared/data/README.md", "AUC far above 0.95 on this set signals a leak"),
+]
+
+
+@dataclass
+class Fold:
+    """One test fold of one repeat, with the inner split of its training folds."""
+
+    repeat: int
+    k: int
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+@dataclass
+class Scores:
+    """Out-of-fold scores: model name -> array [repeats, subjects] (NaN until scored)."""
+
+    n_repeats: int
+    n: int
+    table: dict[str, np.ndarray] = field(default_factory=dict)
+    fold_auc: dict[str, list[float]] = field(default_factory=dict)
+
+    def put(self, model: str, fold: Fold, y: np.ndarray, score: np.ndarray) -> None:
+        """Store a model's test-fold scores and the fold's AUC."""
+        arr = self.table.setdefault(model, np.full((self.n_repeats, self.n), np.nan))
+        arr[fold.repeat, fold.test] = score
+        self.fold_auc.setdefault(model, []).append(float(roc_auc_score(y[fold.test], score)))
+
+
+def site_of(subject: str, n_sites: int) -> int:
+    """Site index of a subject: sha256 of its id modulo the number of sites."""
+    h = int.from_bytes(hashlib.sha256(subject.encode()).digest()[:8], "big")
+    return h % n_sites
+
+
+def experiment_yaml(work: Path, site_dir: Path, task: str, n_sites: int, args: argparse.Namespace
+                    ) -> Path:
+    """The shipped experiment with this run's task, sites, image size and step budget."""
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg["task"] = str((CONFIG.parent / task).resolve())
+    cfg["sites"] = [{"name": f"site_{chr(ord('a') + i)}", "path": str(site_dir)}
+                    for i in range(n_sites)]
+    cfg["modalities"]["image"]["size"] = args.image_size
+    cfg["federated"]["min_sites"] = min(2, n_sites)
+    if args.quick:
+        cfg["training"]["steps"] = 50
+        cfg["federated"].update(rounds=3, local_steps=10)
+    path = work / f"oasis_cv_{Path(task).stem}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def load_cohort(cfg: ExperimentConfig, work: Path) -> tuple[CohortDataset, list[str]]:
+    """The prepared subjects that have an image, sorted by id, and the tabular columns."""
+    sites = load_site_data(cfg.model_copy(update={"sites": cfg.sites[:1]}), work / "prepare")
+    sd = next(iter(sites.values()))
+    ds = sd.dataset
+    j = ds.modalities.index("image")
+    rows = sorted(ds.mask[:, j].nonzero().flatten().tolist(), key=lambda i: ds.patient_ids[i])
+    return ds.subset(rows), list(sd.feature_names)
+
+
+def fold_plan(y: np.ndarray, folds: int, repeats: int, seed: int) -> list[Fold]:
+    """Stratified test folds, and a stratified 80/20 inner split of each fold's training part."""
+    cv = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
+    plan = []
+    for i, (trn, tst) in enumerate(cv.split(np.zeros(len(y)), y)):
+        itr, iva = train_test_split(trn, test_size=0.2, stratify=y[trn],
+                                    random_state=seed * 1000 + i)
+        plan.append(Fold(i // folds, i % folds, np.sort(itr), np.sort(iva), tst))
+    return plan
+
+
+def train_centralized(cfg: ExperimentConfig, ds: CohortDataset, fold: Fold,
+                      mods: Sequence[str], seed: int, *, layer_norm: bool = True
+                      ) -> torch.nn.Module:
+    """A fusion model on ``mods`` trained on the inner training part, early-stopped on val.
+
+    ``layer_norm=False`` is the ablation of the projection's LayerNorm: the per-subject
+    normalisation of each modality's projected embedding is replaced by the identity.
+    """
+    tr = ds.subset(fold.train.tolist()).select_modalities(mods)
+    va = ds.subset(fold.val.tolist()).select_modalities(mods)
+    model = build_model(cfg.model_copy(update={"seed": seed}), tr)
+    if not layer_norm:
+        for proj in model.proj.values():
+            proj[1] = torch.nn.Identity()
+    fit_tabular_standardizer(model, [tr])
+    train(model, tr, va, cfg.training, generator=torch.Generator().manual_seed(seed),
+          augment=batch_augmenter(cfg, model))
+    return model
+
+
+def score(model: torch.nn.Module, ds: CohortDataset, fold: Fold, mods: Sequence[str], *,
+          hide: str | None = None) -> np.ndarray:
+    """Test-fold scores of ``model``; ``hide`` marks a modality absent for every subject."""
+    te = ds.subset(fold.test.tolist()).select_modalities(mods)
+    if hide is not None:
+        mask = te.mask.clone()
+        mask[:, te.modalities.index(hide)] = False
+        te = CohortDataset(te.patient_ids, te.labels.numpy(), te.inputs, mask, te.modalities,
+                           meta=te.meta, precomputed=te.precomputed)
+    return np.asarray(predict(model, te), dtype=np.float64)  # type: ignore[arg-type]
+
+
+def logistic(X: np.ndarray, y: np.ndarray, fold: Fold, seed: int) -> np.ndarray:
+    """Logistic regression on all training folds, C by inner 5-fold CV; test-fold scores."""
+    trn = np.concatenate([fold.train, fold.val])
+    pipe = make_pipeline(SimpleImputer(strategy="median"), StandardScaler(),
+                         LogisticRegression(max_iter=5000))
+    search = GridSearchCV(pipe, {"logisticregression__C": np.logspace(-3, 2, 11)},
+                          scoring="roc_auc",
+                          cv=StratifiedKFold(5, shuffle=True, random_state=seed))
+    search.fit(X[trn], y[trn])
+    return np.asarray(search.predict_proba(X[fold.test])[:, 1], dtype=np.float64)
+
+
+def with_embeddings(ds: CohortDataset, image_model: torch.nn.Module) -> CohortDataset:
+    """``ds`` with its images replaced by ``image_model``'s embeddings (a precomputed input).
+
+    The image encoder of a fold's image-only model, trained on that fold's training part,
+    is frozen and run once over every subject: all fusion models of the fold then train on
+    the cached embeddings (the package's frozen-encoder path) instead of the pixels.
+    """
+    encoder = image_model.encoders["image"]  # type: ignore[index]
+    encoder.eval()
+    with torch.no_grad():
+        emb = torch.cat([encoder(x) for x in ds.inputs["image"].split(64)])
+    inputs = dict(ds.inputs) | {"image": emb.to(torch.float32)}
+    return CohortDataset(ds.patient_ids, ds.labels.numpy(), inputs, ds.mask, ds.modalities,
+                         meta=ds.meta, precomputed=(*ds.precomputed, "image"))
+
+
+def train_federated(cfg: ExperimentConfig, ds: CohortDataset, names: list[str], fold: Fold,
+                    mods: Sequence[str], seed: int, work: Path) -> torch.nn.Module:
+    """FedAvg over the training folds spread across the config's sites; the chosen model."""
+    ds = ds.select_modalities(mods)
+    role = {int(i): "train" for i in fold.train} | {int(i): "val" for i in fold.val}
+    role |= {int(i): "test" for i in fold.test}
+    sites = [s.name for s in cfg.sites]
+    members: dict[str, list[int]] = {s: [] for s in sites}
+    for i in sorted(role):
+        members[sites[site_of(ds.patient_ids[i], len(sites))]].append(i)
+    data = {s: SiteData(s, ds.subset(rows), {ds.patient_ids[i]: role[i] for i in rows},
+                        feature_names=names) for s, rows in members.items()}
+    run_dir = work / f"fed_{fold.repeat}_{fold.k}"
+    fcfg = cfg.model_copy(update={"seed": seed})
+    run_federated_experiment(fcfg, run_dir, data=data)
+    model = build_model(fcfg, ds.subset(fold.train.tolist()))
+    load_weights(model, load_file(run_dir / "model.safetensors"))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return model
+
+
+def run_fold(cfgs: dict[str, ExperimentConfig], cohorts: dict[str, tuple[CohortDataset, list[str]]],
+             fold: Fold, results: dict[str, Scores], y: np.ndarray, work: Path) -> None:
+    """Every model of one fold, for every feature set (the image-only models once)."""
+    seed = 1000 * fold.repeat + fold.k
+    first = next(iter(cohorts))
+    ds0, names0 = cohorts[first]
+    image = train_centralized(cfgs[first], ds0, fold, ["image"], seed)
+    fed_image = train_federated(cfgs[first], ds0, names0, fold, ["image"], seed, work)
+    img_scores = score(image, ds0, fold, ["image"])
+    fed_img_scores = score(fed_image, ds0, fold, ["image"])
+    both = ["image", "tabular"]
+    for variant, (pixels, names) in cohorts.items():
+        cfg, res = cfgs[variant], results[variant]
+        res.put("image only", fold, y, img_scores)
+        res.put("image only, federated", fold, y, fed_img_scores)
+        tab = train_centralized(cfg, pixels, fold, ["tabular"], seed)
+        res.put("tabular MLP", fold, y, score(tab, pixels, fold, ["tabular"]))
+        plain = train_centralized(cfg, pixels, fold, ["tabular"], seed, layer_norm=False)
+        res.put(NO_LN, fold, y, score(plain, pixels, fold, ["tabular"]))
+        res.put(LR, fold, y, logistic(pixels.inputs["tabular"].numpy(), y, fold, seed))
+        ds = with_embeddings(pixels, image)
+        for kind in FUSIONS:
+            kcfg = cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={"kind": kind})})
+            model = train_centralized(kcfg, ds, fold, both, seed)
+            res.put(f"fusion {kind}", fold, y, score(model, ds, fold, both))
+            res.put(f"fusion {kind}, image hidden at test", fold, y,
+                    score(model, ds, fold, both, hide="image"))
+        fed = train_federated(cfg, with_embeddings(pixels, fed_image), names, fold, both, seed,
+                              work)
+        res.put(FED, fold, y, score(fed, with_embeddings(pixels, fed_image), fold, both))
+
+
+def ci_text(m: MetricValue, digits: int = 3) -> str:
+    """``0.871 [0.842, 0.899]`` or the reason the figure is undefined."""
+    if m.value is None:
+        return f"- ({m.reason})"
+    if m.lo is None or m.hi is None:
+        return f"{m.value:.{digits}f}"
+    return f"{m.value:.{digits}f} [{m.lo:.{digits}f}, {m.hi:.{digits}f}]"
+
+
+def report(variant: str, res: Scores, y: np.ndarray, n_boot: int, seed: int) -> list[str]:
+    """The variant's table, paired comparisons and target lines (markdown), and a verdict list."""
+    done = {m: a for m, a in res.table.items() if np.isfinite(a).all()}
+    auc = {m: repeated_cv_auc(y, a, n_boot=n_boot, seed=seed) for m, a in done.items()}
+    print(f"\n#### {variant}\n")
+    print("| model | mean pooled AUC [95% CI] | per-fold AUC, mean +- SD |")
+    print("| --- | --- | --- |")
+    for m, v in auc.items():
+        f = res.fold_auc[m]
+        print(f"| {m} | {ci_text(v)} | {np.mean(f):.3f} +- {np.std(f, ddof=1):.3f} |")
+    print("\n| paired comparison (same subjects, same resamples) | value [95% CI] |")
+    print("| --- | --- |")
+    fails: list[str] = []
+    for kind in FUSIONS:
+        for base, limit in (("tabular MLP", 0.0), (LR, -0.01)):
+            d = repeated_cv_auc(y, done[f"fusion {kind}"], baseline=done[base], n_boot=n_boot,
+                                seed=seed)
+            print(f"| fusion {kind} - {base} | {ci_text(d)} |")
+            if d.value is None or d.value < limit:
+                fails.append(f"{variant}: fusion {kind} - {base} = {ci_text(d)} (target >= "
+                             f"{limit:+.2f})")
+    d = repeated_cv_auc(y, done["tabular MLP"], baseline=done[LR], n_boot=n_boot, seed=seed)
+    print(f"| tabular MLP - {LR} | {ci_text(d)} |")
+    if d.value is None or d.value < 0:
+        fails.append(f"{variant}: tabular MLP - {LR} = {ci_text(d)} (target >= 0)")
+    r = repeated_cv_auc(y, done[FED], baseline=done["fusion concat"], compare="ratio",
+                        n_boot=n_boot, seed=seed)
+    print(f"| federated / centralized (concat), ratio | {ci_text(r)} |")
+    if r.value is None or r.value < 0.99:
+        fails.append(f"{variant}: federated / centralized = {ci_text(r)} (target >= 0.99)")
+    return fails
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where the imported site goes (default: a temporary folder, removed)")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--sites", type=int, default=3, help="sites of the federated model")
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--variants", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--quick", action="store_true", help="few steps: a smoke test, no figures")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Import, prepare, cross-validate, print the tables; exit 1 when a target is missed."""
+    args = parse_args(argv)
+    csv_path = args.data / "oasis_cross-sectional.csv"
+    if not csv_path.is_file() or not (args.data / "images").is_dir():
+        print(f"skipped: no OASIS-1 data at {args.data} (needs oasis_cross-sectional.csv and "
+              "images/); pass --data", file=sys.stderr)
+        return 0
+    tmp = tempfile.TemporaryDirectory(prefix="oasis_cv_")
+    work = Path(tmp.name)
+    site_dir = (args.out.resolve() if args.out is not None else work / "sites") / "oasis1"
+    if site_dir.is_relative_to(REPO):
+        print(f"--out {site_dir} is inside the repository; OASIS data may not be committed, "
+              f"choose a folder outside {REPO}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("MMFL_CACHE", str(work / "cache"))
+    torch.set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        if site_dir.exists():
+            shutil.rmtree(site_dir)
+        import_csv(csv_path, MAPPING, site_dir)
+        cfgs = {v: load_config(experiment_yaml(work, site_dir, TASKS[v], args.sites, args))
+                for v in args.variants}
+        cohorts = {v: load_cohort(c, work) for v, c in cfgs.items()}
+        ids = {tuple(ds.patient_ids) for ds, _ in cohorts.values()}
+        if len(ids) != 1:
+            raise SystemExit("the feature sets prepared different subjects; compare the tasks")
+        ds0 = next(iter(cohorts.values()))[0]
+        y = ds0.labels.numpy().astype(int)
+        plan = fold_plan(y, args.folds, args.repeats, args.seed)
+        print(f"### Alzheimer's on OASIS-1 ({args.repeats}x{args.folds}-fold CV)\n")
+        print(f"{len(y)} subjects with an MRI slice and a CDR ({int(y.sum())} with CDR > 0, "
+              f"{int((1 - y).sum())} with CDR 0); image {args.image_size} px; federated over "
+              f"{args.sites} sites; import + preparation {time.perf_counter() - t0:.0f} s.")
+        for v, (_, names) in cohorts.items():
+            print(f"- {v}: {', '.join(names)}")
+        results = {v: Scores(args.repeats, len(y)) for v in cohorts}
+        for fold in plan:
+            t = time.perf_counter()
+            run_fold(cfgs, cohorts, fold, results, y, work)
+            print(f"  repeat {fold.repeat} fold {fold.k}: {time.perf_counter() - t:.0f} s",
+                  file=sys.stderr, flush=True)
+        fails: list[str] = []
+        for v, res in results.items():
+            fails += report(v, res, y, args.n_boot, args.seed)
+        print(f"\nSubject bootstrap: {args.n_boot} stratified resamples, seed {args.seed}.")
+        print("\nReference figures (not recomputed here):\n")
+        for where, text in REFERENCES:
+            print(f"- {where}: {text}")
+        print("\nTargets missed:" if fails else "\nAll targets met.")
+        for line in fails:
+            print(f"- {line}")
+        print(f"\nTotal {time.perf_counter() - t0:.0f} s, load average "
+              f"{os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs.")
+        return 1 if fails else 0
+    finally:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
