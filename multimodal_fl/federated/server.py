@@ -527,9 +527,12 @@ def _fit_round(
         reachable = federation.sites()
         selected = select_sites(reachable, fraction=config.fraction, min_sites=needed,
                                 seed=config.seed, round=rnd, attempt=attempt)
-        requests = {s: Request(Kind.FIT, rnd, weights, dict(fit_config)) for s in selected}
-        valid = _checked_fits(federation.broadcast(requests, config.timeout), weights, config,
-                              record, selected, site_sizes)
+        # a secured round with fewer than three sites is not started: no site trains
+        enough = config.secure is None or len(selected) >= MIN_SITES
+        requests = {s: Request(Kind.FIT, rnd, weights, dict(fit_config))
+                    for s in (selected if enough else [])}
+        answers = federation.broadcast(requests, config.timeout) if requests else {}
+        valid = _checked_fits(answers, weights, config, record, selected, site_sizes)
         record.attempts = attempt + 1
         combined, why = _combine(federation, valid, weights, config, record, needed)
         if combined is not None:
@@ -564,7 +567,7 @@ def _checked_fits(
     t_server = time.perf_counter()
     valid: list[Reply] = []
     record.selected, record.failed, record.rejected = selected, {}, {}
-    for site in selected:
+    for site in selected if answers else []:
         answer = answers.get(site, SiteFailure(site, "no answer from the federation"))
         if isinstance(answer, SiteFailure):
             record.failed[site] = answer.reason
@@ -588,12 +591,12 @@ def _combine(
     record: RoundRecord, needed: int,
 ) -> tuple[_Combined | None, str]:
     """The round's aggregate of the valid replies, or why there is none."""
+    if config.secure is not None and len(record.selected) < MIN_SITES:
+        return None, (f"{len(record.selected)} site(s) to ask: secure aggregation needs at "
+                      f"least {MIN_SITES} sites (with two, each would learn the other's update "
+                      "from the sum); no fit request was sent")
     if len(valid) < needed:
-        why = f"{len(valid)} valid of {len(record.selected)} asked"
-        if config.secure is not None and len(valid) < MIN_SITES:
-            why += (f" (secure aggregation needs at least {MIN_SITES} sites: with two, each "
-                    "would learn the other's update from the sum)")
-        return None, why
+        return None, f"{len(valid)} valid of {len(record.selected)} asked"
     if config.secure is not None:
         return _secure_combine(federation, valid, weights, config.secure, config, record, needed)
     t_server = time.perf_counter()
