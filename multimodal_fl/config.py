@@ -672,14 +672,14 @@ class SitePolicy(_Strict):
         description="Whether this site's local-only model may go to the other sites for "
                     "cross-site validation (it is model weights, like every fit reply).",
     )
-    answers: list[str] | None = Field(
-        default=None,
-        description="The request kinds the site answers; default: every kind.",
-    )
     secure_aggregation: bool = Field(
         default=False,
         description="Whether this site trains only in secured rounds: it refuses a fit "
                     "request that would send its update in the clear.",
+    )
+    answers: list[str] | None = Field(
+        default=None,
+        description="The request kinds the site answers; default: every kind.",
     )
     timezone: str | None = Field(
         default=None,
