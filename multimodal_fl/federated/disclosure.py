@@ -6,7 +6,7 @@ dispatch method (:meth:`multimodal_fl.federated.site.FusionSite.handle`) calls
 forget the gate, on either engine. The gate:
 
 1. refuses request kinds the hospital's :class:`~multimodal_fl.config.SitePolicy` does not
-   answer;
+   answer, and a plain ``fit`` request where the policy requires secure aggregation;
 2. writes the effective small-cell threshold into ``request.config["min_cell"]`` (the largest of
    the package floor, the site policy, the experiment config and the request: stricter, never
    looser), so every handler computes its aggregates with it;
