@@ -16,7 +16,7 @@ medians over rounds:
 * how far the secured model is from the plain one after round 1 (the same start and the same
   updates: within the stated bound, ``2**-25`` plus one float32 rounding) and after the last
   round (later rounds start from models that differ by that much, and local training with
-  Adam amplifies it), with both runs' last training loss;
+  Adam amplifies it), with both runs' last training loss and pooled test AUC;
 * the site's own cost of a secured fit: encoding one update (:func:`~multimodal_fl.federated.
   secure_update.encode_update`), median of 5.
 
@@ -30,6 +30,7 @@ Rounds are cut with ``--rounds`` only to save time; the work per round is the sh
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -172,6 +173,14 @@ def _exactness(plain: list[Any], secure: list[Any], plain_timer: KindTimer,
     return rows
 
 
+def _pooled_auc(run_dir: Path) -> str:
+    """The pooled test AUC (secure sum of the test histograms) from ``metrics.json``."""
+    doc = json.loads((run_dir / "metrics.json").read_text())
+    auc = ((doc.get("pooled_from_histograms") or {}).get("overall") or {}).get("auc") or {}
+    value = auc.get("value")
+    return "-" if value is None else f"{value:.3f} [{auc.get('lo', 0):.3f}, {auc.get('hi', 0):.3f}]"
+
+
 def _encode_seconds(model: Mapping[str, np.ndarray], cfg: ExperimentConfig) -> float:
     """Median seconds of one :func:`encode_update` of a model-sized update."""
     from multimodal_fl.federated.secure_update import SecureAggregation, encode_update
@@ -230,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     values = sum(v.size for v in plain_model.values() if np.issubdtype(v.dtype, np.floating))
     rows = _rows(plain, secure, plain_timer, secure_timer, rounds, n_sites)
     rows += _exactness(plain, secure, plain_timer, secure_timer, plain_model, secure_model)
+    rows.append(("pooled test AUC [95% CI], plain / secured",
+                 f"{_pooled_auc(work / 'plain')} / {_pooled_auc(work / 'secure')}"))
     rows.append(("site: encoding one update (`encode_update`), median of 5",
                  f"{_encode_seconds(plain_model, secure_cfg) * 1000:.0f} ms"))
     print(f"\n{cfg.name}: {n_sites} sites, {len(rounds)} rounds, local_steps "
