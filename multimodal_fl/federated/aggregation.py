@@ -154,11 +154,7 @@ def check_fit_reply(
             site, f"n_samples {n} exceeds the training-set size {max_samples} the site declared"
         )
     if masked:
-        sent = [f for f, v in (("weights", reply.weights), ("group_counts", reply.group_counts),
-                               ("arrays", reply.arrays)) if v]
-        if sent:
-            raise InvalidReply(site, f"a secured fit reply carries {sent}; the update must stay "
-                                     "at the site for the secure sum")
+        _check_masked(site, reply)
     for group, count in reply.group_counts.items():
         if not isinstance(group, str) or not group:
             raise InvalidReply(site, f"group_counts key {group!r} is not a non-empty prefix string")
@@ -207,6 +203,15 @@ def check_fit_reply(
             bad = int(value.size - np.isfinite(value).sum())
             raise InvalidReply(site, f"{key!r} has {bad} non-finite value(s) (NaN or inf)")
     _check_metrics(site, reply.metrics)
+
+
+def _check_masked(site: str, reply: Reply) -> None:
+    """A secured fit reply carries no weights, group counts or arrays."""
+    sent = [f for f, v in (("weights", reply.weights), ("group_counts", reply.group_counts),
+                           ("arrays", reply.arrays)) if v]
+    if sent:
+        raise InvalidReply(site, f"a secured fit reply carries {sent}; the update must stay "
+                                 "at the site for the secure sum")
 
 
 def check_evaluate_reply(reply: Reply, *, site: str, round: int) -> None:

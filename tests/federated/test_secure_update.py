@@ -13,9 +13,14 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from multimodal_fl.federated.aggregation import ServerOptimizer, aggregate, server_step
+from multimodal_fl.federated.aggregation import (
+    ServerOptimizer,
+    aggregate,
+    check_fit_reply,
+    server_step,
+)
 from multimodal_fl.federated.inprocess import InProcessFederation
-from multimodal_fl.federated.protocol import Kind, Reply, Request, SiteFailure
+from multimodal_fl.federated.protocol import InvalidReply, Kind, Reply, Request, SiteFailure
 from multimodal_fl.federated.secure_update import (
     DELTA_PREFIX,
     UPDATE_VECTOR,
@@ -133,6 +138,19 @@ def test_the_server_rejects_a_sum_out_of_range() -> None:
     short = {k: v for k, v in total.items() if k != DELTA_PREFIX + "head.bias"}
     with pytest.raises(UpdateRejected, match=re.escape("lacks part 'd/head.bias'")):
         decode_update(short, start, SECURE, max_count=30)
+
+
+def test_the_server_rejects_a_secured_fit_reply_that_carries_the_update() -> None:
+    start = initial_weights(0)
+    fit = {"seed": 7, "local_steps": 2, "lr": 0.1}
+    plain = _sites()["b"].handle(Request(Kind.FIT, 1, dict(start), dict(fit)))
+    with pytest.raises(InvalidReply, match=re.escape(
+            "a secured fit reply carries ['weights', 'group_counts']")):
+        check_fit_reply(plain, site="b", round=1, reference=start, masked=True)
+    secured = _sites()["b"].handle(Request(Kind.FIT, 1, dict(start),
+                                           {**fit, **SECURE.to_config()}))
+    assert not secured.weights and not secured.group_counts and not secured.metrics
+    check_fit_reply(secured, site="b", round=1, reference=start, masked=True)
 
 
 # --------------------------------------------------------------------------- the server loop
