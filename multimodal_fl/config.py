@@ -565,6 +565,17 @@ class FederatedConfig(_Strict):
     beta2: float = Field(default=0.99, ge=0, lt=1, description="FedAdam/FedYogi beta2.")
     tau: float = Field(default=1e-3, gt=0, description="FedAdam/FedYogi adaptivity (epsilon).")
     fedbn: bool = Field(default=False, description="Keep normalisation layers local (FedBN).")
+    secure_aggregation: bool = Field(
+        default=False,
+        description="Sum the sites' model updates with secure aggregation: the server learns "
+        "only their sum (masked integer vectors, docs/privacy.md). Needs at least 3 sites per "
+        "round.",
+    )
+    secure_clip: float = Field(
+        default=64.0, gt=0, le=1024,
+        description="Secure aggregation: the largest |change| of one weight in one round; a "
+        "site whose update exceeds it sends nothing that round (nothing is clipped silently).",
+    )
     select: Literal["best_val", "last"] = Field(
         default="best_val",
         description="Final model: the round with the best pooled validation AUC (the sites' "
@@ -661,6 +672,11 @@ class SitePolicy(_Strict):
         default=True,
         description="Whether this site's local-only model may go to the other sites for "
                     "cross-site validation (it is model weights, like every fit reply).",
+    )
+    secure_aggregation: bool = Field(
+        default=False,
+        description="Whether this site trains only in secured rounds: it refuses a fit "
+                    "request that would send its update in the clear.",
     )
     answers: list[str] | None = Field(
         default=None,

@@ -3,9 +3,10 @@
 One tiny in-process run of each job goes through a :class:`~tests.egress.Recorder` that keeps
 every request and every answer: the federated experiment with the federated PCA stage (``pca``,
 ``pca_apply``, ``init``, ``moments``, ``info``, two rounds of ``fit`` and ``evaluate``,
-``predict``, the ``secure_sum`` of the pooled test figures) and the local-only job with
-cross-site validation (``pca``, ``local_train``, ``cross_evaluate``, ``predict``,
-``secure_sum``). Every reply is checked (:mod:`tests.egress`):
+``predict``, the ``secure_sum`` of the pooled test figures), the same experiment with secure
+aggregation (``fit`` replies without weights, each round's updates summed by ``secure_sum``
+steps) and the local-only job with cross-site validation (``pca``, ``local_train``,
+``cross_evaluate``, ``predict``, ``secure_sum``). Every reply is checked (:mod:`tests.egress`):
 
 * it carries only the fields :data:`~multimodal_fl.federated.disclosure.DECLARED` for its kind
   (``check_declared``: an undeclared metric, array or document fails);
@@ -84,12 +85,14 @@ PLANTED = 0.7318497
 #: Half of each site's patients in test: with alternating labels, test cells of 9-10 patients
 #: with 4-5 of each class, so figures leave (predict, cross-site, pooled) and are audited.
 SPLIT = {"train": 0.3, "val": 0.2, "test": 0.5}
-JOBS = ("federated", "local")
+JOBS = ("federated", "local", "secure")
 #: The kinds each job must have used (else the audit would miss a stage).
 KINDS = {
     "federated": {"pca", "pca_apply", "init", "moments", "info", "fit", "evaluate", "predict",
                   "secure_sum"},
     "local": {"pca", "pca_apply", "local_train", "cross_evaluate", "predict", "secure_sum"},
+    "secure": {"pca", "pca_apply", "init", "moments", "info", "fit", "evaluate", "predict",
+               "secure_sum"},
 }
 
 
@@ -162,9 +165,15 @@ def audited(tmp_path_factory: pytest.TempPathFactory, tiny_sample: Path, tiny_be
     cohorts = build_cohorts(cfg)
     data = _audited_data(load_site_data(cfg, root / "prep", cohorts=cohorts))
     runs = {}
-    for job, runner in zip(JOBS, (run_federated_experiment, run_local), strict=True):
-        recorder = Recorder(inprocess_federation(cfg, root / job, data=data))
-        runner(cfg, root / job, federation=recorder)  # type: ignore[operator]
+    # the federated experiment again with its updates summed securely (the server sees none)
+    secure = cfg.model_copy(update={"federated": cfg.federated.model_copy(
+        update={"secure_aggregation": True, "min_sites": 3})})
+    runners = {"federated": (run_federated_experiment, cfg), "local": (run_local, cfg),
+               "secure": (run_federated_experiment, secure)}
+    for job in JOBS:
+        runner, job_cfg = runners[job]
+        recorder = Recorder(inprocess_federation(job_cfg, root / job, data=data))
+        runner(job_cfg, root / job, federation=recorder)  # type: ignore[operator]
         runs[job] = (root / job, recorder)
     projected = apply_pca_stage(data, fit_pca_stage(cfg, data), cfg.federated.pca.modality)
     shapes, statistics = model_shapes(build_model(cfg, projected["site_a"]))
@@ -189,10 +198,18 @@ def test_the_audit_sees_every_stage_and_what_it_released(audited: Audited, job: 
         c, min_cell=ev.min_cell, n_bins=ev.histogram_bins,
         statistic_keys=audited.known.statistics)]
     released = {(n.kind, n.part) for n in numbers}
-    want = {("predict", "metrics"), ("predict", "documents"), ("pca", "arrays")} | (
-        {("moments", "arrays"), ("fit", "weights"), ("fit", "metrics")} if job == "federated"
-        else {("local_train", "weights"), ("cross_evaluate", "metrics")})
+    want = {("predict", "metrics"), ("predict", "documents"), ("pca", "arrays")} | {
+        "federated": {("moments", "arrays"), ("fit", "weights"), ("fit", "metrics")},
+        "local": {("local_train", "weights"), ("cross_evaluate", "metrics")},
+        "secure": {("moments", "arrays"), ("secure_sum", "documents")}}[job]
     assert released >= want, f"nothing released to audit in {sorted(want - released)}"
+    if job == "secure":  # the update stays at the site: no weight, no loss, no group count
+        assert not released & {("fit", "weights"), ("fit", "metrics")}
+        fits = [c.answer for c in crossings if c.request.kind == "fit"]
+        assert fits and all(isinstance(r, Reply) and not r.group_counts for r in fits)
+        steps = {(c.request.config["vector"], c.request.config["step"]) for c in crossings
+                 if c.request.kind == "secure_sum"}
+        assert {("fit_update", s) for s in ("advertise", "share", "masked", "unmask")} <= steps
 
 
 @pytest.mark.parametrize("job", JOBS)

@@ -100,6 +100,21 @@ def test_the_stricter_of_policy_yaml_and_the_node_config_holds(tmp_path: Path) -
         "fit"]
 
 
+def test_secure_aggregation_required_on_either_side_holds(tmp_path: Path) -> None:
+    """Requiring secure aggregation is the stricter value: either the data steward's file or
+    the SuperNode's operator can require it, neither can drop the other's requirement."""
+    (tmp_path / "policy.yaml").write_text("secure_aggregation: true\n")
+    policy, origin = site_policy(tmp_path, {"secure-aggregation": "false"})
+    assert policy.secure_aggregation is True
+    assert origin["secure_aggregation"].endswith("(the stricter)")
+    (tmp_path / "policy.yaml").write_text("min_cell: 8\n")
+    policy, origin = site_policy(tmp_path, {"secure-aggregation": "true"})
+    assert policy.secure_aggregation is True and origin["secure_aggregation"] == "node config"
+    assert site_policy(tmp_path)[0].secure_aggregation is False
+    with pytest.raises(ConfigError, match="node config secure-aggregation='always': expected"):
+        node_policy({"secure-aggregation": "always"})
+
+
 @pytest.mark.parametrize(("node", "words"), [
     ({"min-cell": 3}, "node config min-cell=3: Input should be greater than or equal to 5"),
     ({"subgroup-summaries": "maybe"}, "node config subgroup-summaries='maybe': expected true"),

@@ -65,6 +65,7 @@ from multimodal_fl.federated.protocol import (
     StateDict,
 )
 from multimodal_fl.federated.secure_sum import MIN_SITES
+from multimodal_fl.federated.secure_update import SecureAggregation
 from multimodal_fl.federated.server import (
     FederatedResult,
     Federation,
@@ -128,7 +129,7 @@ def inprocess_federation(
 #: ``federated`` fields :func:`run_config` maps onto the server loop (or the fit request).
 LOOP_FIELDS = frozenset({
     "algorithm", "rounds", "local_steps", "fraction", "min_sites", "timeout_s", "mu",
-    "server_lr", "beta1", "beta2", "tau", "fedbn",
+    "server_lr", "beta1", "beta2", "tau", "fedbn", "secure_aggregation", "secure_clip",
 })
 #: ``federated`` fields the engine handles around the loop.
 ENGINE_FIELDS = frozenset({"engine", "pca", "select", "tracker"})
@@ -165,6 +166,7 @@ def run_config(cfg: ExperimentConfig) -> RunConfig:
         timeout=fed.timeout_s,
         seed=cfg.seed,
         fit_config=fit_config,
+        secure=SecureAggregation(clip=fed.secure_clip) if fed.secure_aggregation else None,
     )
 
 

@@ -181,6 +181,7 @@ def _training_settings(cfg: ExperimentConfig, engine: str,
         settings["federated"] = {
             "algorithm": fed.algorithm, "rounds": fed.rounds, "local_steps": fed.local_steps,
             "fedbn": fed.fedbn, "select": fed.select,
+            "secure_aggregation": fed.secure_aggregation,
             "completed_rounds": metrics.get("completed_rounds"),
             "selected_round": metrics.get("selected_round"),
         }

@@ -33,6 +33,7 @@ from multimodal_fl.engines.federated import run_federated_experiment
 from multimodal_fl.engines.finish import finish_run
 from multimodal_fl.engines.flower_jobs import run_flower_loopback
 from multimodal_fl.evaluation.report import RUN_LABELS
+from multimodal_fl.federated.secure_sum import MIN_SITES
 from multimodal_fl.federated.server import RoundRecord
 from multimodal_fl.pca.stage import check_pca_stage
 from multimodal_fl.progress import ProgressCallback
@@ -155,22 +156,30 @@ def _engine_for(cfg: ExperimentConfig, engine: str | None, *, resume: bool, over
     return spec
 
 
-def preflight(cfg: ExperimentConfig) -> None:
+def preflight(cfg: ExperimentConfig, engine: str | None = None) -> None:
     """The checks that need no site data, run before any is read.
 
     Parameters
     ----------
     cfg : ExperimentConfig
+    engine : str or None
+        The engine that will run (default ``federated.engine``).
 
     Raises
     ------
     ValueError
-        ``training.device`` names a device this machine lacks, or ``federated.pca`` cannot
-        run as a stage.
+        ``training.device`` names a device this machine lacks, ``federated.pca`` cannot
+        run as a stage, or secure aggregation is asked of fewer than three sites.
     """
     resolve_device(cfg.training.device)
     if cfg.federated.pca.enabled:
         check_pca_stage(cfg)
+    rounds = (engine or cfg.federated.engine) in ("inprocess", "flower")
+    if rounds and cfg.federated.secure_aggregation and len(cfg.sites) < MIN_SITES:
+        raise ValueError(
+            f"federated.secure_aggregation: true needs at least {MIN_SITES} sites, the config "
+            f"lists {len(cfg.sites)}: with two, each site would learn the other's update from "
+            "the sum; add sites or turn secure aggregation off")
 
 
 def _fingerprints(cfg: ExperimentConfig) -> dict[str, dict[str, object]]:
@@ -282,7 +291,7 @@ def run(
                                 "events, or None (the library itself never prints)")
     spec = _engine_for(cfg, engine, resume=resume, overwrite=overwrite,
                        stop_after_round=stop_after_round, out_dir=out_dir)
-    preflight(cfg)
+    preflight(cfg, spec.name)
     target = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     manifest = _open_run(cfg, spec, target, resume=resume, overwrite=overwrite)
     options = RunOptions(target, resume, stop_after_round, on_round, progress)

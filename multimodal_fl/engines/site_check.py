@@ -29,6 +29,7 @@ from multimodal_fl.federated.protocol import (
     SiteError,
     SiteRefused,
 )
+from multimodal_fl.federated.secure_update import SecureAggregation
 from multimodal_fl.federated.site import FusionSite, state_to_numpy
 from multimodal_fl.training import SiteData, load_site_data
 
@@ -127,6 +128,8 @@ def _ask_every_kind(site: FusionSite, cfg: ExperimentConfig, entries: list[dict[
         _, kinds["moments"] = _ask(site, Request(Kind.MOMENTS, 0), entries)
     kinds["pca"] = _pca_caps(site.data, min_cell)
     fit = FitSettings(seed=cfg.seed, local_steps=1, lr=cfg.training.lr).to_config()
+    if cfg.federated.secure_aggregation:  # the update stays for the secure sum: none leaves
+        fit.update(SecureAggregation(clip=cfg.federated.secure_clip).to_config())
     _, kinds["fit"] = _ask(site, Request(Kind.FIT, 1, weights=weights, config=dict(fit)),
                            entries)
     _, kinds["evaluate"] = _ask(site, Request(Kind.EVALUATE, 1, weights=weights), entries)

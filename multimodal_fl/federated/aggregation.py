@@ -109,6 +109,7 @@ def check_fit_reply(
     reference: Mapping[str, np.ndarray],
     allow_local_keys: bool = False,
     max_samples: int | None = None,
+    masked: bool = False,
 ) -> None:
     """Check one fit reply before aggregation.
 
@@ -126,6 +127,9 @@ def check_fit_reply(
         Whether FedBN is on (otherwise a non-empty ``local_keys`` is an error).
     max_samples : int or None
         Plausibility cap on ``n_samples`` (the training-set size the site declared), if known.
+    masked : bool
+        A secured round: the reply must carry no weights, no group counts and no arrays (the
+        update stays at the site for the secure sum, whose total is checked instead).
 
     Raises
     ------
@@ -149,6 +153,8 @@ def check_fit_reply(
         raise InvalidReply(
             site, f"n_samples {n} exceeds the training-set size {max_samples} the site declared"
         )
+    if masked:
+        _check_masked(site, reply)
     for group, count in reply.group_counts.items():
         if not isinstance(group, str) or not group:
             raise InvalidReply(site, f"group_counts key {group!r} is not a non-empty prefix string")
@@ -169,6 +175,9 @@ def check_fit_reply(
     unknown_local = local - set(reference)
     if unknown_local:
         raise InvalidReply(site, f"local_keys not in the model: {_listed(unknown_local)}")
+    if masked:
+        _check_metrics(site, reply.metrics)
+        return
     expected = set(reference) - local
     got = set(reply.weights)
     # a group the site did not train (count 0) may be left out of the reply: a site's
@@ -194,6 +203,15 @@ def check_fit_reply(
             bad = int(value.size - np.isfinite(value).sum())
             raise InvalidReply(site, f"{key!r} has {bad} non-finite value(s) (NaN or inf)")
     _check_metrics(site, reply.metrics)
+
+
+def _check_masked(site: str, reply: Reply) -> None:
+    """A secured fit reply carries no weights, group counts or arrays."""
+    sent = [f for f, v in (("weights", reply.weights), ("group_counts", reply.group_counts),
+                           ("arrays", reply.arrays)) if v]
+    if sent:
+        raise InvalidReply(site, f"a secured fit reply carries {sent}; the update must stay "
+                                 "at the site for the secure sum")
 
 
 def check_evaluate_reply(reply: Reply, *, site: str, round: int) -> None:

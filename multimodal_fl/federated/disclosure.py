@@ -6,7 +6,7 @@ dispatch method (:meth:`multimodal_fl.federated.site.FusionSite.handle`) calls
 forget the gate, on either engine. The gate:
 
 1. refuses request kinds the hospital's :class:`~multimodal_fl.config.SitePolicy` does not
-   answer;
+   answer, and a plain ``fit`` request where the policy requires secure aggregation;
 2. writes the effective small-cell threshold into ``request.config["min_cell"]`` (the largest of
    the package floor, the site policy, the experiment config and the request: stricter, never
    looser), so every handler computes its aggregates with it;
@@ -435,6 +435,7 @@ NODE_POLICY_KEYS: dict[str, str] = {
     "subgroup-summaries": "subgroup_summaries",
     "share-local-model": "share_local_model",
     "answers": "answers",
+    "secure-aggregation": "secure_aggregation",
 }
 #: The node-config key naming a policy file on the SuperNode's machine.
 NODE_POLICY_FILE = "policy-file"
@@ -445,7 +446,8 @@ def _node_value(key: str, value: Any) -> Any:
     if key == "answers":
         items = value if isinstance(value, list | tuple) else str(value).replace(",", " ").split()
         return [str(v) for v in items]
-    if key in ("subgroup-summaries", "share-local-model") and isinstance(value, str):
+    if key in ("subgroup-summaries", "share-local-model", "secure-aggregation") and \
+            isinstance(value, str):
         lowered = value.strip().lower()
         if lowered not in ("true", "false"):
             raise ConfigError(f"node config {key}={value!r}: expected true or false")
@@ -501,8 +503,8 @@ def stricter_policy(a: SitePolicy, b: SitePolicy) -> SitePolicy:
     """The stricter of two policies, field by field.
 
     The larger ``min_cell``; subgroup summaries and local-model sharing only if both allow
-    them; the request kinds both answer. ``timezone`` is not a matter of strictness: ``a``'s,
-    else ``b``'s.
+    them; the request kinds both answer; secure aggregation required if either requires it.
+    ``timezone`` is not a matter of strictness: ``a``'s, else ``b``'s.
 
     Parameters
     ----------
@@ -519,7 +521,8 @@ def stricter_policy(a: SitePolicy, b: SitePolicy) -> SitePolicy:
     return SitePolicy(min_cell=max(a.min_cell, b.min_cell),
                       subgroup_summaries=a.subgroup_summaries and b.subgroup_summaries,
                       share_local_model=a.share_local_model and b.share_local_model,
-                      answers=answers, timezone=a.timezone or b.timezone)
+                      answers=answers, timezone=a.timezone or b.timezone,
+                      secure_aggregation=a.secure_aggregation or b.secure_aggregation)
 
 
 def site_policy(site_dir: str | Path, node_config: Mapping[str, Any] | None = None
@@ -670,6 +673,10 @@ class DisclosureGate:
         allowed = self.policy.answers
         if allowed is not None and request.kind.value not in allowed:
             self._refuse(request, f"site policy does not answer {request.kind.value!r} requests")
+        if (self.policy.secure_aggregation and request.kind == Kind.FIT
+                and not request.config.get("secure_aggregation")):
+            self._refuse(request, "site policy requires secure aggregation (secure_aggregation: "
+                                  "true); this fit request would send the update in the clear")
         min_cell = self.min_cell(request)
         request.config["min_cell"] = min_cell
         try:

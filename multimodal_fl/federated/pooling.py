@@ -1,13 +1,13 @@
 """Secure sums over a federation: the server drives the four steps and keeps only the total.
 
 :func:`secure_total` runs the protocol of :mod:`multimodal_fl.federated.secure_sum` over any
-:class:`~multimodal_fl.federated.server.Federation` (in process or Flower): one ``secure_sum``
+:class:`~multimodal_fl.federated.protocol.Federation` (in process or Flower): one ``secure_sum``
 request per site and step, answered by each site's
 :class:`~multimodal_fl.federated.secure_sum.SecureSumParty`:
 
 1. ``advertise``: each site that holds the vector and takes part sends two public keys and the
-   names of the parts it holds (``overall``, ``sex=F``, ...); a site that does not take part
-   says why (e.g. too few test patients). With fewer than
+   names and widths of the parts it holds (``overall``, ``sex=F``, ...); a site that does not
+   take part says why (e.g. too few test patients). With fewer than
    :data:`~multimodal_fl.federated.secure_sum.MIN_SITES` sites the sum is refused here, before
    any vector is sent. A part held by fewer than that many sites is left out of the layout.
 2. ``share``: the server relays the keys; each site returns its encrypted Shamir shares. A
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from multimodal_fl.federated.protocol import Doc, Reply, Request, SiteFailure
+from multimodal_fl.federated.protocol import Doc, Federation, Reply, Request, SiteFailure
 from multimodal_fl.federated.secure_sum import (
     DEFAULT_BITS,
     MIN_SITES,
@@ -40,7 +40,6 @@ from multimodal_fl.federated.secure_sum import (
     reply_bytes,
     step_request,
 )
-from multimodal_fl.federated.server import Federation
 
 __all__ = ["REFUSED", "SecureTotal", "complete_parts", "secure_total"]
 
@@ -112,7 +111,7 @@ class _Advert:
 
     keys: dict[str, bytes]
     parts: frozenset[str]
-    width: int
+    widths: dict[str, int]
     min_cell: int
 
 
@@ -124,14 +123,21 @@ def _advertise(federation: Federation, sites: Sequence[str], vector: str, round:
     for site, reply in replies.items():
         try:
             doc = reply.document(Doc.SECURE_SUM)
-            out[site] = _Advert(reply_bytes(reply), frozenset(str(p) for p in doc["parts"]),
-                                int(doc["width"]), int(doc.get("min_cell", 0)))
+            names = [str(p) for p in doc["parts"]]
+            widths = dict(zip(names, (int(w) for w in doc["widths"]), strict=True))
+            out[site] = _Advert(reply_bytes(reply), frozenset(names), widths,
+                                int(doc.get("min_cell", 0)))
         except (ValueError, KeyError, TypeError) as exc:
             result.excluded[site] = f"advertise: {type(exc).__name__}: {exc}"
-    widths = {a.width for a in out.values()}
-    if len(widths) > 1:
-        raise SecureSumError(f"secure sum of {vector!r}: the sites' parts differ in width "
-                             f"{sorted(widths)}; every site must lay out the same vector")
+    seen: dict[str, set[int]] = {}
+    for advert in out.values():
+        for part, width in advert.widths.items():
+            seen.setdefault(part, set()).add(width)
+    differ = sorted(p for p, w in seen.items() if len(w) > 1)
+    if differ:
+        raise SecureSumError(f"secure sum of {vector!r}: the sites' parts {differ[:3]} differ "
+                             f"in width {sorted(seen[differ[0]])}; every site must lay out "
+                             "the same vector")
     return out
 
 
@@ -233,7 +239,8 @@ def secure_total(federation: Federation, sites: Sequence[str], vector: str, *,
     layout = _layout(adverts, result)
     routed = server.route({s: reply_bytes(r, "to/") for s, r in shared.items()})
     masked_replies = _ask(federation, {
-        s: step_request("masked", vector, round, parts=json.dumps(layout), arrays={
+        s: step_request("masked", vector, round, parts=json.dumps(layout),
+                        widths=json.dumps([_width(adverts, p) for p in layout]), arrays={
             f"from/{sender}": np.frombuffer(c, dtype=np.uint8).copy()
             for sender, c in routed.get(s, {}).items()})
         for s in shared}, timeout, result.excluded, "masked")
@@ -244,6 +251,11 @@ def secure_total(federation: Federation, sites: Sequence[str], vector: str, *,
         return result
     return _unmask(federation, server, result, masked, sorted(shared), adverts, layout,
                    round=round, timeout=timeout)
+
+
+def _width(adverts: Mapping[str, _Advert], part: str) -> int:
+    """A part's width (the same at every site that holds it, checked at advertise)."""
+    return next(a.widths[part] for a in adverts.values() if part in a.widths)
 
 
 def _unmask(federation: Federation, server: SecureSumServer, result: SecureTotal,
@@ -260,14 +272,16 @@ def _unmask(federation: Federation, server: SecureSumServer, result: SecureTotal
     except SecureSumError as exc:
         result.refused = f"secure sum of {result.vector!r} failed: {exc}"
         return result
-    width = total.size // len(layout)
     result.sites = sent
     # a holder that dropped after sharing may leave a part short, and its attribute incomplete
     kept, short = complete_parts({s: adverts[s].parts & frozenset(layout) for s in sent})
     for part, why in short.items():
         result.left_out[part] = f"after the masked step: {why}"
-    for i, part in enumerate(layout):
+    start = 0
+    for part in layout:
+        end = start + _width(adverts, part)
         if part in kept:
-            result.parts[part] = total[i * width:(i + 1) * width].copy()
+            result.parts[part] = total[start:end].copy()
             result.contributors[part] = [s for s in sent if part in adverts[s].parts]
+        start = end
     return result

@@ -440,8 +440,8 @@ def step_request(step: str, vector: str, round: int, *,
     arrays : mapping, optional
         ``keys/enc/<site>`` and ``keys/mask/<site>`` (share), ``from/<site>`` (masked).
     **config
-        ``bits`` (advertise), ``parts`` (masked: JSON list), ``sent`` and ``dropped``
-        (unmask: JSON lists).
+        ``bits`` (advertise), ``parts`` and ``widths`` (masked: JSON lists), ``sent`` and
+        ``dropped`` (unmask: JSON lists).
 
     Returns
     -------
@@ -491,16 +491,18 @@ class _Held:
     parts: dict[str, IntArray]
     refusal: str | None
     min_cell: int
+    once: bool = False
 
 
 class SecureSumParty:
     """A site's side of secure sums over a federation: answers the four ``secure_sum`` steps.
 
     The site first :meth:`hold` s a vector under a name (e.g. its test histograms at the
-    predict stage), in named parts of equal width (``overall``, ``sex=F``, ...); the server's
-    ``advertise`` request then learns the part names and the width, never a number, and its
-    ``masked`` request names the parts every site lays out in one order (a part the site does
-    not hold is zeros). Between the steps the :class:`SecureSumSite` lives in this object;
+    predict stage, or its model update after a secured fit), in named parts (``overall``,
+    ``sex=F``, ...; ``d/<key>``, ``w/<key>``, ...); the server's ``advertise`` request then
+    learns the part names and their widths, never a number, and its ``masked`` request names
+    the parts and widths every site lays out in one order (a part the site does not hold is
+    zeros). Between the steps the :class:`SecureSumSite` lives in this object;
     :meth:`export_state` / :meth:`restore_state` carry it through a site rebuilt for every
     message (Flower without a site worker), inside the site's own state.
 
@@ -516,32 +518,36 @@ class SecureSumParty:
         self.live: dict[str, SecureSumSite] = {}
 
     def hold(self, vector: str, parts: Mapping[str, npt.ArrayLike], *,
-             refusal: str | None = None, min_cell: int = 0) -> None:
+             refusal: str | None = None, min_cell: int = 0, once: bool = False) -> None:
         """Keep a vector for a later secure sum (replacing one of the same name).
 
         Parameters
         ----------
         vector : str
             Its name (the requests' ``config["vector"]``).
-        parts : mapping of str to 1-D non-negative int array-like (equal lengths)
+        parts : mapping of str to 1-D non-negative int array-like
+            The named parts; each part has one width at every site (the server checks).
         refusal : str or None
             Why this site does not take part (said at ``advertise``, from counts only).
         min_cell : int
             The site's small-cell threshold in force (the server releases nothing finer).
+        once : bool
+            Forget the vector after its ``unmask`` step (a model update: it is summed once
+            and not kept at the site, nor in a SuperNode's state, any longer).
 
         Raises
         ------
         SecureSumError
-            For parts of different lengths or not 1-D integers.
+            For a part that is not a 1-D integer vector.
         """
         arrays = {str(k): np.asarray(v) for k, v in parts.items()}
-        widths = {a.shape for a in arrays.values()}
-        if len(widths) > 1 or any(a.ndim != 1 or not np.issubdtype(a.dtype, np.integer)
-                                  for a in arrays.values()):
+        bad = sorted(k for k, a in arrays.items()
+                     if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer))
+        if bad:
             raise SecureSumError(f"site {self.site}: the parts of {vector!r} must be 1-D "
-                                 f"integer vectors of one length, got shapes {sorted(widths)}")
+                                 f"integer vectors; {bad[:3]} are not")
         self.held[vector] = _Held({k: a.astype(np.int64) for k, a in arrays.items()}, refusal,
-                                  int(min_cell))
+                                  int(min_cell), bool(once))
         self.live.pop(vector, None)
 
     def answer(self, request: Request) -> Reply:
@@ -583,10 +589,7 @@ class SecureSumParty:
                 keys.setdefault(site, {})[kind] = raw
             reply.arrays = {f"to/{s}": _u8(c) for s, c in live.share(keys).items()}
         elif step == "masked":
-            layout = [str(p) for p in json.loads(str(request.config.get("parts", "[]")))]
-            width = len(next(iter(held.parts.values())))
-            x = np.concatenate([held.parts.get(p, np.zeros(width, np.int64)) for p in layout]
-                               or [np.zeros(0, np.int64)])
+            x = self._laid_out(request, vector, held)
             reply.arrays = {"y": live.masked(_raw(request.arrays, "from/"), x)}
         else:
             sent = [str(s) for s in json.loads(str(request.config.get("sent", "[]")))]
@@ -595,14 +598,33 @@ class SecureSumParty:
                 raise SecureSumError(_too_few(len(sent)))
             reply.arrays = {k: _u8(v) for k, v in live.unmask(sent, dropped).items()}
             del self.live[vector]
+            if held.once:
+                del self.held[vector]
         return reply
+
+    def _laid_out(self, request: Request, vector: str, held: _Held) -> IntArray:
+        """The held parts in the server's order (``parts``, ``widths``); zeros where absent."""
+        layout = [str(p) for p in json.loads(str(request.config.get("parts", "[]")))]
+        widths = [int(w) for w in json.loads(str(request.config.get("widths", "[]")))]
+        if len(widths) != len(layout):
+            raise SecureSumError(f"site {self.site}: the masked step of {vector!r} names "
+                                 f"{len(layout)} parts and {len(widths)} widths")
+        chunks = []
+        for part, width in zip(layout, widths, strict=True):
+            value = held.parts.get(part, np.zeros(width, np.int64))
+            if value.size != width:
+                raise SecureSumError(f"site {self.site}: part {part!r} of {vector!r} has "
+                                     f"{value.size} values, the layout says {width}")
+            chunks.append(value)
+        return np.concatenate(chunks or [np.zeros(0, np.int64)])
 
     def _advertise(self, request: Request, vector: str, held: _Held) -> Reply:
         bits = int(request.config.get("bits", DEFAULT_BITS))
         live = self.live[vector] = SecureSumSite(self.site, bits)
         keys = live.advertise()
-        width = len(next(iter(held.parts.values())))
-        doc = {"parts": sorted(held.parts), "width": width, "min_cell": held.min_cell}
+        names = sorted(held.parts)
+        doc = {"parts": names, "widths": [int(held.parts[n].size) for n in names],
+               "min_cell": held.min_cell}
         return Reply(self.site, request.kind, request.round,
                      arrays={"enc": _u8(keys["enc"]), "mask": _u8(keys["mask"])},
                      documents={Doc.SECURE_SUM: pack_document(doc)})
@@ -619,9 +641,10 @@ class SecureSumParty:
         for i, (vector, held) in enumerate(sorted(self.held.items())):
             names = sorted(held.parts)
             entry: dict[str, Any] = {"index": i, "parts": names, "refusal": held.refusal,
-                                     "min_cell": held.min_cell}
+                                     "min_cell": held.min_cell, "once": held.once,
+                                     "widths": [int(held.parts[n].size) for n in names]}
             if names:
-                out[f"{_STATE}{i}/parts"] = np.stack([held.parts[n] for n in names])
+                out[f"{_STATE}{i}/parts"] = np.concatenate([held.parts[n] for n in names])
             live = self.live.get(vector)
             if live is not None:
                 state = live.export()
@@ -645,10 +668,12 @@ class SecureSumParty:
         meta = json.loads(np.asarray(arrays[f"{_STATE}meta"], dtype=np.uint8).tobytes())
         for vector, entry in meta.items():
             i = entry["index"]
-            stacked = arrays.get(f"{_STATE}{i}/parts")
-            parts = {n: np.asarray(stacked[j], dtype=np.int64)
-                     for j, n in enumerate(entry["parts"])} if stacked is not None else {}
-            self.held[vector] = _Held(parts, entry["refusal"], int(entry["min_cell"]))
+            flat = np.asarray(arrays.get(f"{_STATE}{i}/parts", np.zeros(0)), dtype=np.int64)
+            ends = np.cumsum([int(w) for w in entry["widths"]]).tolist()
+            parts = {n: flat[end - w:end].copy() for n, w, end in
+                     zip(entry["parts"], entry["widths"], ends, strict=True)}
+            self.held[vector] = _Held(parts, entry["refusal"], int(entry["min_cell"]),
+                                      bool(entry.get("once", False)))
             if "live" in entry:
                 state = {k: np.asarray(arrays[f"{_STATE}{i}/live/{j}"], np.uint8).tobytes()
                          for j, k in enumerate(entry["live"])}

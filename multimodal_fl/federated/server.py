@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
@@ -29,15 +29,26 @@ from multimodal_fl.federated.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from multimodal_fl.federated.pooling import secure_total
 from multimodal_fl.federated.protocol import (
     ConfigValue,
+    Federation,
     InvalidReply,
     Kind,
     Reply,
     Request,
+    Site,
     SiteFailure,
     StateDict,
     unpack_document,
+)
+from multimodal_fl.federated.secure_sum import MIN_SITES
+from multimodal_fl.federated.secure_update import (
+    UPDATE_VECTOR,
+    SecureAggregation,
+    UpdateRejected,
+    decode_update,
+    update_summary,
 )
 
 __all__ = [
@@ -52,67 +63,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class Site(Protocol):
-    """The site side: answers one request at a time.
-
-    A site owns its data and its model code; the server sees it only through this method.
-    It must set ``Reply.site`` to its own name, ``Reply.kind`` / ``Reply.round`` to the
-    request's, and draw all randomness from
-    ``messages.site_seed(request.config["seed"], site, request.round)``.
-    """
-
-    def handle(self, request: Request) -> Reply:
-        """Answer ``request`` (train, evaluate, describe, ...).
-
-        Parameters
-        ----------
-        request : Request
-            What to do.
-
-        Returns
-        -------
-        Reply
-            The answer. Raising is allowed: the federation turns it into a SiteFailure.
-        """
-        ...
-
-
-@runtime_checkable
-class Federation(Protocol):
-    """How the server reaches sites: in this process, over Flower's Grid, ..."""
-
-    def sites(self) -> list[str]:
-        """Return the names of the sites currently reachable, in any order.
-
-        Returns
-        -------
-        list[str]
-            Site names.
-        """
-        ...
-
-    def broadcast(
-        self, requests: Mapping[str, Request], timeout: float | None = None
-    ) -> dict[str, Reply | SiteFailure]:
-        """Send one request per site and gather the replies.
-
-        Parameters
-        ----------
-        requests : Mapping[str, Request]
-            Site name -> the request for that site.
-        timeout : float or None
-            Seconds to wait for each reply (None: wait as long as it takes).
-
-        Returns
-        -------
-        dict[str, Reply | SiteFailure]
-            One entry per requested site: its reply, or a SiteFailure naming why there is none
-            (the site raised, timed out or is unknown). Never raises for a site's fault.
-        """
-        ...
 
 
 # --------------------------------------------------------------------------- configuration
@@ -156,6 +106,12 @@ class RunConfig:
         Extra config for fit requests (e.g. ``local_steps``, ``lr``).
     evaluate_config : Mapping[str, int | float | str | bool]
         Extra config for evaluation requests.
+    secure : SecureAggregation or None
+        Secure aggregation: every fit request asks the sites to keep their update at home as
+        an integer vector (:mod:`~multimodal_fl.federated.secure_update`), and the server
+        learns only the sum of the vectors (:func:`~multimodal_fl.federated.pooling.
+        secure_total`). A secured round needs at least three sites (``min_sites`` below three
+        counts as three): with two, each site would learn the other's update.
     """
 
     rounds: int
@@ -171,6 +127,7 @@ class RunConfig:
     seed: int = 0
     fit_config: Mapping[str, ConfigValue] = field(default_factory=dict)
     evaluate_config: Mapping[str, ConfigValue] = field(default_factory=dict)
+    secure: SecureAggregation | None = None
 
     def __post_init__(self) -> None:
         """Validate the settings."""
@@ -243,6 +200,10 @@ class RoundRecord:
         histograms the server pools).
     earlier_attempts : list[str]
         One line per failed earlier attempt of this round.
+    secure : dict[str, Any]
+        A secured round: the sites in the sum, the sites left out of it with the reason, the
+        quantisation (``clip``, ``scale_bits``, ``bits``, ``error_bound``), the summed
+        training count and the mean delta's L2 norm (empty in a plain round).
     seconds : float
         Wall time of the round (not deterministic; left out of equality checks).
     server_seconds : float
@@ -262,6 +223,7 @@ class RoundRecord:
     eval_failed: dict[str, str] = field(default_factory=dict)
     eval_documents: dict[str, dict[str, Any]] = field(default_factory=dict)
     earlier_attempts: list[str] = field(default_factory=list)
+    secure: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     server_seconds: float = 0.0
 
@@ -526,6 +488,23 @@ def _ask_sizes(federation: Federation, config: RunConfig) -> dict[str, int]:
     return sizes
 
 
+def _needed_sites(config: RunConfig) -> int:
+    """The fewest valid fit replies a round needs (three, at least, when secured)."""
+    return max(config.min_sites, MIN_SITES) if config.secure is not None else config.min_sites
+
+
+@dataclass
+class _Combined:
+    """One round's aggregate and what the record keeps of it."""
+
+    averaged: StateDict
+    replied: list[str]
+    n_samples: dict[str, int]
+    train_loss: float | None = None
+    fit_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    secure: dict[str, Any] = field(default_factory=dict)
+
+
 def _fit_round(
     federation: Federation,
     weights: StateDict,
@@ -541,77 +520,135 @@ def _fit_round(
         **_base_config(config),
         "proximal_mu": float(config.proximal_mu),
         "fedbn": bool(config.fedbn),
+        **(config.secure.to_config() if config.secure is not None else {}),
     }
+    needed = _needed_sites(config)
     for attempt in range(config.max_attempts):
         reachable = federation.sites()
-        selected = select_sites(
-            reachable,
-            fraction=config.fraction,
-            min_sites=config.min_sites,
-            seed=config.seed,
-            round=rnd,
-            attempt=attempt,
-        )
-        requests = {s: Request(Kind.FIT, rnd, weights, dict(fit_config)) for s in selected}
-        answers = federation.broadcast(requests, config.timeout)
-        t_server = time.perf_counter()
-        valid: list[Reply] = []
-        failed: dict[str, str] = {}
-        rejected: dict[str, str] = {}
-        for site in selected:
-            answer = answers.get(site, SiteFailure(site, "no answer from the federation"))
-            if isinstance(answer, SiteFailure):
-                failed[site] = answer.reason
-                log.warning("round %d: site %s failed: %s", rnd, site, answer.reason)
-                continue
-            try:
-                check_fit_reply(
-                    answer,
-                    site=site,
-                    round=rnd,
-                    reference=weights,
-                    allow_local_keys=config.fedbn,
-                    max_samples=site_sizes.get(site),
-                )
-            except InvalidReply as exc:
-                rejected[site] = _reason(exc)
-                log.warning("round %d: %s", rnd, exc)
-                continue
-            valid.append(answer)
-        record.server_seconds += time.perf_counter() - t_server
+        selected = select_sites(reachable, fraction=config.fraction, min_sites=needed,
+                                seed=config.seed, round=rnd, attempt=attempt)
+        # a secured round with fewer than three sites is not started: no site trains
+        enough = config.secure is None or len(selected) >= MIN_SITES
+        requests = {s: Request(Kind.FIT, rnd, weights, dict(fit_config))
+                    for s in (selected if enough else [])}
+        answers = federation.broadcast(requests, config.timeout) if requests else {}
+        valid = _checked_fits(answers, weights, config, record, selected, site_sizes)
         record.attempts = attempt + 1
-        record.selected, record.failed, record.rejected = selected, failed, rejected
-        if len(valid) >= config.min_sites:
+        combined, why = _combine(federation, valid, weights, config, record, needed)
+        if combined is not None:
             break
         line = (
-            f"attempt {attempt + 1}: {len(valid)} valid of {len(selected)} asked "
-            f"({len(reachable)} reachable), min_sites={config.min_sites}; "
-            f"failed: {failed or 'none'}; rejected: {rejected or 'none'}"
+            f"attempt {attempt + 1}: {why} ({len(reachable)} reachable), min_sites={needed}; "
+            f"failed: {record.failed or 'none'}; rejected: {record.rejected or 'none'}"
         )
         record.earlier_attempts.append(line)
         log.warning("round %d %s", rnd, line)
     else:
         raise RoundFailed(
             rnd,
-            f"round {rnd} did not complete: fewer than min_sites={config.min_sites} valid replies "
+            f"round {rnd} did not complete: fewer than min_sites={needed} valid replies "
             f"in {config.max_attempts} attempt(s): " + " | ".join(record.earlier_attempts),
         )
     t_server = time.perf_counter()
-    valid.sort(key=lambda r: r.site)
-    averaged = aggregate(valid, weights)
-    new_weights, new_state = server_step(weights, averaged, opt_state, config.optimizer)
+    new_weights, new_state = server_step(weights, combined.averaged, opt_state, config.optimizer)
     record.server_seconds += time.perf_counter() - t_server
-    record.replied = [r.site for r in valid]
-    record.n_samples = {r.site: int(r.n_samples) for r in valid}
-    record.fit_metrics = {r.site: {k: float(v) for k, v in r.metrics.items()} for r in valid}
+    record.replied, record.n_samples = combined.replied, combined.n_samples
+    record.fit_metrics, record.train_loss = combined.fit_metrics, combined.train_loss
+    record.secure = combined.secure
+    record.seconds = time.perf_counter() - t_round
+    return record, new_weights, new_state
+
+
+def _checked_fits(
+    answers: Mapping[str, Reply | SiteFailure], weights: StateDict, config: RunConfig,
+    record: RoundRecord, selected: list[str], site_sizes: Mapping[str, int],
+) -> list[Reply]:
+    """The fit replies that pass their checks, in sorted site order; the others recorded."""
+    t_server = time.perf_counter()
+    valid: list[Reply] = []
+    record.selected, record.failed, record.rejected = selected, {}, {}
+    for site in selected if answers else []:
+        answer = answers.get(site, SiteFailure(site, "no answer from the federation"))
+        if isinstance(answer, SiteFailure):
+            record.failed[site] = answer.reason
+            log.warning("round %d: site %s failed: %s", record.round, site, answer.reason)
+            continue
+        try:
+            check_fit_reply(answer, site=site, round=record.round, reference=weights,
+                            allow_local_keys=config.fedbn, max_samples=site_sizes.get(site),
+                            masked=config.secure is not None)
+        except InvalidReply as exc:
+            record.rejected[site] = _reason(exc)
+            log.warning("round %d: %s", record.round, exc)
+            continue
+        valid.append(answer)
+    record.server_seconds += time.perf_counter() - t_server
+    return sorted(valid, key=lambda r: r.site)
+
+
+def _combine(
+    federation: Federation, valid: list[Reply], weights: StateDict, config: RunConfig,
+    record: RoundRecord, needed: int,
+) -> tuple[_Combined | None, str]:
+    """The round's aggregate of the valid replies, or why there is none."""
+    if config.secure is not None and len(record.selected) < MIN_SITES:
+        return None, (f"{len(record.selected)} site(s) to ask: secure aggregation needs at "
+                      f"least {MIN_SITES} sites (with two, each would learn the other's update "
+                      "from the sum); no fit request was sent")
+    if len(valid) < needed:
+        return None, f"{len(valid)} valid of {len(record.selected)} asked"
+    if config.secure is not None:
+        return _secure_combine(federation, valid, weights, config.secure, config, record, needed)
+    t_server = time.perf_counter()
+    combined = _Combined(aggregate(valid, weights), [r.site for r in valid],
+                         {r.site: int(r.n_samples) for r in valid})
+    combined.fit_metrics = {r.site: {k: float(v) for k, v in r.metrics.items()} for r in valid}
     with_loss = [r for r in valid if "loss" in r.metrics]
     if with_loss:
         total = sum(r.n_samples for r in with_loss)
-        record.train_loss = float(
+        combined.train_loss = float(
             sum(r.n_samples * float(r.metrics["loss"]) for r in with_loss) / total
         )
-    record.seconds = time.perf_counter() - t_round
-    return record, new_weights, new_state
+    record.server_seconds += time.perf_counter() - t_server
+    return combined, ""
+
+
+def _secure_combine(
+    federation: Federation, valid: list[Reply], weights: StateDict, settings: SecureAggregation,
+    config: RunConfig, record: RoundRecord, needed: int,
+) -> tuple[_Combined | None, str]:
+    """The FedAvg of the valid sites' updates from their secure sum (the server sees no update).
+
+    A site that drops after sharing its keys is left out of the sum (``record.failed`` says
+    so); the round still completes with at least ``needed`` sites in the sum.
+    """
+    declared = {r.site: int(r.n_samples) for r in valid}
+    total = secure_total(federation, sorted(declared), UPDATE_VECTOR, round=record.round,
+                         timeout=config.timeout, bits=settings.bits)
+    for site, reason in total.excluded.items():
+        record.failed[site] = f"secure sum {reason}"
+    if total.refused is not None:
+        return None, f"secure sum of the updates: {total.refused}"
+    if len(total.sites) < needed:
+        return None, f"{len(total.sites)} site(s) in the secure sum of {len(valid)} valid"
+    t_server = time.perf_counter()
+    local = sorted({k for r in valid for k in r.local_keys})
+    expected = sum(declared[s] for s in total.sites)
+    try:
+        decoded = decode_update(total.parts, weights, settings, max_count=expected,
+                                local_keys=local)
+        if decoded.n_samples != expected:
+            raise UpdateRejected(f"secure sum: training count {decoded.n_samples}, the summed "
+                                 f"sites declared {expected}")
+    except UpdateRejected as exc:
+        record.rejected["secure sum"] = str(exc)
+        return None, str(exc)
+    record.server_seconds += time.perf_counter() - t_server
+    return _Combined(
+        decoded.averaged, list(total.sites), {s: declared[s] for s in total.sites},
+        train_loss=decoded.train_loss,
+        secure=update_summary(decoded, settings, total.sites, total.excluded),
+    ), ""
 
 
 def _evaluate(

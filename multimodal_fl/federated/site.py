@@ -36,7 +36,11 @@ Request kinds it answers:
     shapes the model) with a fresh AdamW
     (optimiser state is reset every round by design), and return the new weights with a
     sample count per parameter group (a site without notes does not train the text
-    encoder and says so with a count of 0).
+    encoder and says so with a count of 0). In a secured round (``secure_aggregation`` in the
+    request) the update, after the fit rule, stays at the site as the parts of
+    :data:`~multimodal_fl.federated.secure_update.UPDATE_VECTOR`
+    (:func:`~multimodal_fl.federated.secure_update.hold_update`) and the reply carries only
+    ``n_samples``; the ``secure_sum`` steps that follow sum it.
 ``evaluate``
     Validation metrics of the global weights and the validation scores' counts per label on
     the fine histogram grid; the gate turns the counts into the merged, counts-only
@@ -55,7 +59,8 @@ Request kinds it answers:
     clear.
 ``secure_sum``
     One step of a secure sum of a vector the site holds (:data:`POOLED_TEST` after
-    ``predict``), answered by its :class:`~multimodal_fl.federated.secure_sum.SecureSumParty`;
+    ``predict``, its update after a secured ``fit``), answered by its
+    :class:`~multimodal_fl.federated.secure_sum.SecureSumParty`;
     a site with fewer than ``min_cell`` test patients does not take part and says so.
 ``local_train``
     The local-only job: train the site's own model to completion
@@ -117,6 +122,7 @@ from multimodal_fl.federated.protocol import (
 )
 from multimodal_fl.federated.proximal import proximal_term
 from multimodal_fl.federated.secure_sum import SecureSumError, SecureSumParty
+from multimodal_fl.federated.secure_update import SecureAggregation, UpdateRejected, hold_update
 from multimodal_fl.fusion import FusionModel
 from multimodal_fl.moments import column_moments
 from multimodal_fl.pca.site import (
@@ -459,7 +465,7 @@ class FusionSite:
             self._local_state = {k: state[k].detach().clone() for k in local_keys}
             for k in local_keys:
                 weights.pop(k, None)
-        return self._reply(
+        reply = self._reply(
             request,
             weights=weights,
             n_samples=int(result.n_samples),
@@ -467,6 +473,17 @@ class FusionSite:
             metrics={"loss": float(result.loss)},
             local_keys=local_keys,
         )
+        secure = SecureAggregation.from_request(request)
+        return reply if secure is None else self._hold_update(request, reply, secure)
+
+    def _hold_update(self, request: Request, reply: Reply, secure: SecureAggregation) -> Reply:
+        """A secured fit: the update (after the fit rule) stays here for the secure sum."""
+        min_cell = self._min_cell(request)
+        released = self.gate.rules[Kind.FIT](reply, min_cell, self.gate.policy).reply
+        try:
+            return hold_update(self.secure, released, request, secure, min_cell=min_cell)
+        except UpdateRejected as exc:  # names keys and settings only: it may cross
+            raise SiteRefused(str(exc)) from None
 
     def _on_evaluate(self, request: Request) -> Reply:
         """Validation metrics and the scores' counts per label (the gate decides what leaves)."""

@@ -2,11 +2,13 @@
 
 ``secure_deployment`` (marker ``flower`` on the tests that use it) starts, once per test
 session, a SuperLink on a free loopback port with certificates made by ``mmfl flower certs``
-and ``--enable-supernode-auth``; site ``a``'s key pair (``mmfl flower keys a``) is registered
-with ``flwr supernode register`` and its SuperNode connects with it; site ``b``'s SuperNode
-has a key pair that nobody registered, and the SuperLink refuses it. Every process is ended
-in teardown. Tests submit apps with ``deployment.run(app_dir)``: :func:`one_site_job` is a
-server job that needs only the one registered site.
+and ``--enable-supernode-auth``; the key pairs of sites ``a``, ``c`` and ``d`` (``mmfl flower
+keys a`` ...) are registered with ``flwr supernode register`` and their SuperNodes connect
+with them (three: the fewest a secured round sums); site ``b``'s SuperNode has a key pair
+that nobody registered, and the SuperLink refuses it. Every process is ended in teardown.
+Tests submit apps with ``deployment.run(app_dir)``: :func:`one_site_job` is a server job that
+needs only one registered site, :func:`secure_job` one secured round of the toy sites of
+:func:`registered_toy_site`.
 """
 
 from __future__ import annotations
@@ -38,13 +40,42 @@ def one_site_job(run_config: Mapping[str, Any]) -> Any:
     return ServerJob(initial_weights(0), config)
 
 
+#: The registered sites of the secure deployment (``b`` is the unregistered one).
+REGISTERED = ("a", "c", "d")
+
+
+def registered_toy_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> Any:
+    """``site-factory``: the toy site of a registered node (sizes and shifts by its place)."""
+    from tests.federated.toy import ToySite
+
+    i = REGISTERED.index(name)
+    return ToySite(name, n=32 + 16 * i, shift=0.3 * i)
+
+
+def secure_toy_config(rounds: int = 1) -> Any:
+    """The secured toy run: ``rounds`` rounds over the three registered sites."""
+    from multimodal_fl.federated.secure_update import SecureAggregation
+    from tests.federated.toy import toy_config
+
+    return toy_config(rounds=rounds, evaluate_every=0, ask_sizes=False, min_sites=3,
+                      secure=SecureAggregation())
+
+
+def secure_job(run_config: Mapping[str, Any]) -> Any:
+    """``server-factory``: :func:`secure_toy_config` from the toy's initial weights."""
+    from multimodal_fl.federated.flower import ServerJob
+    from tests.federated.toy import initial_weights
+
+    return ServerJob(initial_weights(0), secure_toy_config(int(run_config.get("rounds", 1))))
+
+
 @dataclass
 class SecureDeployment:
     """What :func:`secure_deployment` yields."""
 
     deployment: Any  # multimodal_fl.federated.flower.LoopbackDeployment
     certs: Path
-    keys: dict[str, Any]  # site -> SiteKeys ("a" registered, "b" not)
+    keys: dict[str, Any]  # site -> SiteKeys ("a", "c", "d" registered, "b" not)
     registered: dict[str, int]  # site -> node id given by `flwr supernode register`
     unregistered: subprocess.Popen[bytes]  # site b's SuperNode
     root: Path
@@ -70,27 +101,27 @@ def _mmfl(*args: str) -> str:
 
 @pytest.fixture(scope="session")
 def secure_deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureDeployment]:
-    """A SuperLink with TLS and SuperNode auth on loopback; site a registered, site b not."""
+    """A SuperLink with TLS and SuperNode auth on loopback; sites a, c, d registered, b not."""
     pytest.importorskip("flwr")
     from multimodal_fl.federated.flower import LoopbackDeployment, SiteKeys, TlsFiles
 
     root = tmp_path_factory.mktemp("secure_flower")
     output = {"certs": _mmfl("flower", "certs", str(root / "certs"))}
     keys = {}
-    for site in ("a", "b"):
+    for site in (*REGISTERED, "b"):
         output[f"keys {site}"] = _mmfl("flower", "keys", site, str(root / "keys"))
         private, public = root / "keys" / f"{site}.key", root / "keys" / f"{site}.pub"
         keys[site] = SiteKeys(site, private, public, fingerprint="")
-    sites = {s: root / "sites" / s for s in ("a", "b")}
+    sites = {s: root / "sites" / s for s in (*REGISTERED, "b")}
     for path in sites.values():
         path.mkdir(parents=True)
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     deployment = LoopbackDeployment(
-        {"a": sites["a"]},
+        {s: sites[s] for s in REGISTERED},
         home=root / "flwr_home",
         env={"PYTHONPATH": pythonpath},
         tls=TlsFiles.in_folder(root / "certs"),
-        keys={"a": keys["a"]},
+        keys={s: keys[s] for s in REGISTERED},
     )
     started = time.monotonic()
     with deployment:

@@ -537,6 +537,32 @@ def test_server_loop_over_fake_grid_equals_in_process(task_identity: None) -> No
     ]
 
 
+def test_secured_rounds_over_the_flower_wire_equal_in_process(task_identity: None) -> None:
+    """Secured rounds: fit replies without weights, then the four secure-sum steps as Flower
+    messages to ClientApps that rebuild the site for every message (the held update and the
+    secrets in the SuperNode's state); the model is the in-process secured run's, bit for bit."""
+    torch = pytest.importorskip("torch")
+    from multimodal_fl.federated.secure_update import SecureAggregation
+    from tests.federated.toy import initial_weights, toy_config, toy_federation
+
+    config = toy_config(rounds=2, min_sites=3, secure=SecureAggregation())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = run_federated(toy_federation(), initial_weights(0), config)
+        federation, grid = fake_federation(dict(RUN_CONFIG))
+        over_flower = run_federated(federation, initial_weights(0), config)
+    finally:
+        torch.set_num_threads(threads)
+    for key, value in reference.weights.items():
+        assert over_flower.weights[key].tobytes() == value.tobytes(), key
+    history = [r.deterministic() for r in over_flower.history]
+    assert history == [r.deterministic() for r in reference.history]
+    assert [r["secure"]["sites"] for r in history] == [list(SITES)] * 2
+    # per round: info once, fit, four secure-sum steps and evaluate, to each of 3 sites
+    assert grid.pushed == 3 + 3 + 2 * 3 * (1 + 4 + 1)
+
+
 def test_federated_pca_over_flower_equals_in_process(task_identity: None) -> None:
     from multimodal_fl.federated.pca import FederatedPCA, server_pca_merge
 

@@ -1,8 +1,9 @@
 """TLS and registered SuperNodes on a real SuperLink (the session's ``secure_deployment``).
 
 One SuperLink with certificates from ``mmfl flower certs`` and ``--enable-supernode-auth``:
-its port speaks TLS with that certificate only; site a (registered with ``flwr supernode
-register``) trains a round over it; site b (a key nobody registered) is refused.
+its port speaks TLS with that certificate only; sites a, c and d (registered with ``flwr
+supernode register``) train a round over it, then a secured round whose updates the server
+learns only as their sum; site b (a key nobody registered) is refused.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from multimodal_fl.federated.flower import load_result, make_certificates, write_app_dir
-from tests.federated.conftest import SecureDeployment
+from tests.federated.conftest import (
+    REGISTERED,
+    SecureDeployment,
+    registered_toy_site,
+    secure_toy_config,
+)
 
 pytestmark = [pytest.mark.flower, pytest.mark.timeout(300)]
 
@@ -66,7 +72,7 @@ def test_superlink_port_speaks_tls_with_the_certificate_from_mmfl_flower_certs(
     assert f"running on https://127.0.0.1:{port}" in link_log
 
 
-def test_a_round_over_tls_completes_with_the_registered_node(
+def test_a_round_over_tls_completes_with_the_registered_nodes(
     secure_deployment: SecureDeployment,
 ) -> None:
     deployment = secure_deployment.deployment
@@ -75,7 +81,7 @@ def test_a_round_over_tls_completes_with_the_registered_node(
         secure_deployment.root / "app",
         {
             "server-factory": "tests.federated.conftest:one_site_job",
-            "site-factory": "tests.federated.test_flower:toy_site",
+            "site-factory": "tests.federated.conftest:registered_toy_site",
             "rounds": 1,
             "min-nodes": 1,
             "node-wait": 90.0,
@@ -96,8 +102,58 @@ def test_a_round_over_tls_completes_with_the_registered_node(
         f"run {seconds:.1f} s (server loop {result.seconds:.1f} s)"
     )
     assert result.completed_rounds == 1
-    assert result.site_nodes == {"a": secure_deployment.registered["a"]}
-    assert result.history[0]["replied"] == ["a"]
+    assert result.site_nodes == secure_deployment.registered
+    assert sorted(result.site_nodes) == list(REGISTERED)
+    assert result.history[0]["replied"] == list(REGISTERED)
+
+
+def test_a_secured_round_over_tls_gives_the_in_process_secured_model(
+    secure_deployment: SecureDeployment,
+) -> None:
+    """One secured round of the three registered sites over the TLS deployment: the fit
+    replies carry no weights, the four secure-sum steps cross as Flower messages to ClientApps
+    rebuilt for every message, and the model is the in-process secured run's, bit for bit."""
+    import torch
+
+    from multimodal_fl.federated.inprocess import InProcessFederation
+    from multimodal_fl.federated.server import run_federated
+    from tests.federated.toy import initial_weights
+
+    out = secure_deployment.root / "secure_out"
+    app_dir = write_app_dir(
+        secure_deployment.root / "secure_app",
+        {
+            "server-factory": "tests.federated.conftest:secure_job",
+            "site-factory": "tests.federated.conftest:registered_toy_site",
+            "rounds": 1,
+            "min-nodes": 3,
+            "node-wait": 90.0,
+            "torch-threads": 1,
+            "out-dir": str(out),
+        },
+    )
+    started = time.monotonic()
+    done = secure_deployment.deployment.run(app_dir, timeout=240)
+    seconds = time.monotonic() - started
+    try:
+        result = load_result(str(out))
+    except FileNotFoundError:
+        logs = secure_deployment.deployment.logs()[-6000:]
+        pytest.fail(f"no result; flwr run said:\n{done.stdout[-3000:]}\n{logs}")
+    print(f"secured round over TLS: run {seconds:.1f} s (server loop {result.seconds:.1f} s)")
+    record = result.history[0]
+    assert record["replied"] == list(REGISTERED) and record["fit_metrics"] == {}
+    assert record["secure"]["sites"] == list(REGISTERED) and record["secure"]["excluded"] == {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sites = {n: registered_toy_site(n, Path("."), {}) for n in REGISTERED}
+        reference = run_federated(InProcessFederation(sites), initial_weights(0),
+                                  secure_toy_config(1))
+    finally:
+        torch.set_num_threads(threads)
+    for key, value in reference.weights.items():
+        assert result.weights[key].tobytes() == value.tobytes(), key
 
 
 def test_unregistered_supernode_is_refused(secure_deployment: SecureDeployment) -> None:

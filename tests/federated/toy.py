@@ -22,6 +22,8 @@ from multimodal_fl.federated.aggregation import ServerOptimizer
 from multimodal_fl.federated.inprocess import InProcessFederation
 from multimodal_fl.federated.protocol import Reply, Request, site_seed
 from multimodal_fl.federated.proximal import proximal_term
+from multimodal_fl.federated.secure_sum import SecureSumParty
+from multimodal_fl.federated.secure_update import SecureAggregation, hold_update
 from multimodal_fl.federated.server import RunConfig
 
 N_FEATURES = 4
@@ -173,6 +175,15 @@ class ToySite:
         self.state_dir = state_dir
         self._local: dict[int, dict[str, np.ndarray]] = {}
         self.calls: list[tuple[str, int]] = []
+        self.party = SecureSumParty(name)  # secured rounds: the update waits here
+
+    def export_state(self) -> dict[str, np.ndarray]:
+        """The secure-sum state (a site rebuilt for every message keeps it between steps)."""
+        return self.party.export_state()
+
+    def restore_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Take back what :meth:`export_state` gave."""
+        self.party.restore_state(arrays)
 
     # FedBN local state, kept per round so a resumed server finds the matching one.
     def _save_local(self, rnd: int, state: dict[str, np.ndarray]) -> None:
@@ -223,6 +234,8 @@ class ToySite:
                 n_samples=len(self.yv),
                 metrics={"loss": float(loss), "accuracy": float(acc)},
             )
+        if request.kind == "secure_sum":
+            return self.party.answer(request)
         if request.kind != "fit":
             raise ValueError(f"ToySite does not handle {request.kind!r} requests")
         faulty = self.fault is not None and (
@@ -265,7 +278,8 @@ class ToySite:
         )
         if faulty:
             _inject(reply, self.fault or "")
-        return reply
+        secure = SecureAggregation.from_request(request)
+        return reply if secure is None else hold_update(self.party, reply, request, secure)
 
 
 def _inject(reply: Reply, fault: str) -> None:
