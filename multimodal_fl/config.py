@@ -593,6 +593,12 @@ class EvaluationConfig(_Strict):
     threshold: Literal["youden", "0.5"] = Field(
         default="youden", description="Operating point: Youden's J on validation, or 0.5."
     )
+    recalibrate: Literal["platt", "temperature", "none"] = Field(
+        default="platt",
+        description="Recalibrate the final model's scores on the pooled validation split before "
+                    "predict: Platt scaling on logit(score) (intercept and slope), a temperature "
+                    "(slope only), or none.",
+    )
 
 
 class ExperimentConfig(_Strict):
@@ -633,7 +639,8 @@ class ExperimentConfig(_Strict):
 DEFAULT_MIN_CELL = 5
 #: The request kinds a site policy may name in ``answers`` (the protocol's ``Kind`` values).
 REQUEST_KINDS = ("describe", "pca", "pca_apply", "pca_scores", "init", "moments", "info", "fit",
-                 "evaluate", "predict", "secure_sum", "local_train", "cross_evaluate")
+                 "evaluate", "calibrate", "predict", "secure_sum", "local_train",
+                 "cross_evaluate")
 #: The file a hospital puts in its site directory to set its policy.
 POLICY_FILE = "policy.yaml"
 

@@ -81,6 +81,7 @@ Randomness: every generator is seeded from ``site_seed(seed, site, round)``.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -94,9 +95,20 @@ from torch import nn
 
 from multimodal_fl.config import ExperimentConfig, SitePolicy, load_policy
 from multimodal_fl.encoders.tabular import Standardizer
-from multimodal_fl.evaluation.disclosed import released_metric, site_disclosure
-from multimodal_fl.evaluation.histograms import histogram_parts, label_counts
+from multimodal_fl.evaluation.disclosed import (
+    recalibration_summary,
+    released_metric,
+    site_disclosure,
+)
+from multimodal_fl.evaluation.histograms import OVERALL, fine_counts, histogram_parts, label_counts
 from multimodal_fl.evaluation.metrics import MetricValue, binary_metrics, derive_seed
+from multimodal_fl.evaluation.recalibration import (
+    CONFIG_KEYS,
+    Recalibration,
+    RecalibrationError,
+    fit_on_scores,
+    recalibrated_frame,
+)
 from multimodal_fl.federated.aggregation import STANDARDIZER_STATE
 from multimodal_fl.federated.disclosure import (
     EGRESS_LOG,
@@ -148,6 +160,8 @@ from multimodal_fl.training import (
 __all__ = [
     "LOCAL_MODEL",
     "POOLED_TEST",
+    "POOLED_VALIDATION",
+    "RECALIBRATION_FILE",
     "FusionSite",
     "as_disclosed",
     "fusion_sites",
@@ -164,6 +178,11 @@ log = logging.getLogger(__name__)
 #: The secure-summed vector a site holds after ``predict``: its test split's fine score
 #: histograms (:func:`~multimodal_fl.evaluation.histograms.histogram_parts`).
 POOLED_TEST = "test_histograms"
+#: The secure-summed vector a site holds after ``calibrate``: its validation split's fine score
+#: counts per label under the model to recalibrate (one part, ``overall``).
+POOLED_VALIDATION = "validation_histograms"
+#: A local-only model's recalibration, kept at home beside it (``sites/<site>/``).
+RECALIBRATION_FILE = "recalibration.json"
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
@@ -332,6 +351,7 @@ class FusionSite:
             Kind.PCA: self._on_pca, Kind.PCA_APPLY: self._on_pca_apply,
             Kind.PCA_SCORES: self._on_pca_scores, Kind.FIT: self._on_fit,
             Kind.EVALUATE: self._on_evaluate, Kind.PREDICT: self._on_predict,
+            Kind.CALIBRATE: self._on_calibrate,
             Kind.LOCAL_TRAIN: self._on_local_train, Kind.CROSS_EVALUATE: self._on_cross_evaluate,
             Kind.SECURE_SUM: self._on_secure_sum,
         }
@@ -489,6 +509,7 @@ class FusionSite:
         ev = self.cfg.evaluation
         min_cell = int(request.config.get("min_cell", self.gate.min_cell(request)))
         frame = predictions_frame(self.model, self.data, sensitive=ev.sensitive)
+        frame, recalibration = self._recalibrate(frame, request, min_cell)
         if self.run_dir is not None:
             writer = RunWriter(self.run_dir, self.cfg, str(request.config.get("engine", "")))
             writer.write_splits(self.name, self.data)
@@ -498,6 +519,7 @@ class FusionSite:
             n_boot=ev.n_boot, seed=self.cfg.seed, n_bins=ev.histogram_bins,
             threshold_rule=str(request.config.get("threshold", ev.threshold)),
             subgroup_summaries=self.gate.policy.subgroup_summaries)
+        disclosed["recalibration"] = recalibration_summary(frame, disclosed, **recalibration)
         # the same cells suppressed as in the site's report document (its class rule too)
         by_split = as_disclosed(metrics_by_split(frame, n_boot=ev.n_boot, seed=self.cfg.seed,
                                                  where=self.name, min_cell=min_cell), disclosed)
@@ -528,6 +550,71 @@ class FusionSite:
         parts = histogram_parts(test["label"].to_numpy(), test["score"].to_numpy(),
                                 groups=groups, n_bins=self.cfg.evaluation.histogram_bins)
         self.secure.hold(POOLED_TEST, parts, min_cell=min_cell)
+
+    def _on_calibrate(self, request: Request) -> Reply:
+        """Hold the validation split's fine counts per label under the model to recalibrate
+        (:data:`POOLED_VALIDATION`) for the secure sum that follows; nothing leaves here."""
+        self._load_for_predict(request)
+        min_cell = self._min_cell(request)
+        val = self.data.val
+        if len(val) < min_cell:
+            self.secure.hold(POOLED_VALIDATION, {},
+                             refusal=f"fewer than {min_cell} validation patients",
+                             min_cell=min_cell)
+            return self._reply(request)
+        counts = fine_counts(val.labels.numpy().astype(np.int64), predict(self.model, val),
+                             self.cfg.evaluation.histogram_bins)
+        self.secure.hold(POOLED_VALIDATION, {OVERALL: counts}, min_cell=min_cell)
+        return self._reply(request)
+
+    def _recalibrate(self, frame: pd.DataFrame, request: Request, min_cell: int
+                     ) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """The predictions with the recalibrated ``score`` and ``score_raw`` beside it, and
+        what :func:`~multimodal_fl.evaluation.disclosed.recalibration_summary` says of it.
+
+        The request carries the server's recalibration (:data:`~multimodal_fl.evaluation.
+        recalibration.CONFIG_KEYS`), or the reason there is none (``recalibrate_reason``); the
+        local-only model is recalibrated here, on the site's own validation split
+        (:meth:`_local_recalibration`).
+        """
+        c = request.config
+        method = str(c.get(CONFIG_KEYS[0], "none"))
+        reason = c.get("recalibrate_reason")
+        if c.get("model") == LOCAL_MODEL and method != "none":
+            fitted, reason = self._local_recalibration(frame, method, min_cell)
+            source = None if fitted is None else fitted.source
+        else:
+            fitted = Recalibration.from_config(c)
+            source = None if fitted is None else str(c.get("recalibrate_source") or "the server")
+        if fitted is None and not reason:
+            reason = "no recalibration was asked for (evaluation.recalibrate: none)"
+        status = {"method": method, "applied": fitted is not None, "source": source,
+                  "reason": None if fitted is not None else str(reason)}
+        return recalibrated_frame(frame, fitted), status
+
+    def _local_recalibration(self, frame: pd.DataFrame, method: str, min_cell: int
+                             ) -> tuple[Recalibration | None, str | None]:
+        """The local-only model's recalibration, fitted at home on its own validation split.
+
+        It needs ``min_cell`` patients of each class there; it is kept in
+        ``sites/<site>/`` (:data:`RECALIBRATION_FILE`, for ``mmfl predict``) and never sent.
+        """
+        val = frame[frame["split"] == "val"]
+        y = val["label"].to_numpy(dtype=np.int64)
+        n_pos = int(y.sum())
+        if min(n_pos, y.size - n_pos) < min_cell:
+            return None, (f"the site's validation split has fewer than {min_cell} patients of "
+                          "a class: its local-only model is not recalibrated")
+        try:
+            fitted = fit_on_scores(y, val["score"].to_numpy(dtype=np.float64), method=method,
+                                   n_bins=self.cfg.evaluation.histogram_bins,
+                                   source="the site's own validation split")
+        except RecalibrationError as exc:
+            return None, str(exc)
+        home = self._home_model_path()
+        if home is not None:
+            (home.parent / RECALIBRATION_FILE).write_text(json.dumps(fitted.to_dict()))
+        return fitted, None
 
     def _on_secure_sum(self, request: Request) -> Reply:
         try:
