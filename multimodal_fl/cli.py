@@ -465,7 +465,8 @@ def predict_cmd(
     console.print(f"site {result.site}: {len(result.frame)} patients scored with {result.model} "
                   f"({result.excluded} not scored: outside the cohort or no usable data); "
                   f"{positive} predicted positive at threshold {result.threshold:.4g} "
-                  f"({result.threshold_source})", highlight=False)
+                  f"({result.threshold_source}); recalibration: {result.recalibration}",
+                  highlight=False)
     console.print(f"wrote {out}")
 
 

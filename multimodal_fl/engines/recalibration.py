@@ -42,7 +42,7 @@ from multimodal_fl.federated.gather import StageFailed, gather
 from multimodal_fl.federated.pooling import secure_total
 from multimodal_fl.federated.protocol import ConfigValue, Doc, Kind, Request, StateDict
 from multimodal_fl.federated.server import Federation, RoundRecord
-from multimodal_fl.federated.site import POOLED_VALIDATION
+from multimodal_fl.federated.site import POOLED_VALIDATION, RECALIBRATION_FILE
 
 __all__ = [
     "RECALIBRATION_FILE",
@@ -55,9 +55,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: The run directory's file of the global model's recalibration (``mmfl predict`` applies it).
-RECALIBRATION_FILE = "recalibration.json"
 
 
 def skipped(method: str, reason: str) -> dict[str, Any]:

@@ -244,7 +244,7 @@ def fit_recalibration(
     model.fit(rows, labels, sample_weight=np.concatenate([w1, w0]))
     a = float(model.intercept_[0]) if method == "platt" else 0.0
     b = float(model.coef_[0, 0])
-    n = int(round(n_neg + n_pos))
+    n = round(n_neg + n_pos)
     if np.isfinite(a) and np.isfinite(b) and b > 0:
         return Recalibration(method, a, b, n=n, source=source)
     if method == "temperature":

@@ -181,7 +181,8 @@ POOLED_TEST = "test_histograms"
 #: The secure-summed vector a site holds after ``calibrate``: its validation split's fine score
 #: counts per label under the model to recalibrate (one part, ``overall``).
 POOLED_VALIDATION = "validation_histograms"
-#: A local-only model's recalibration, kept at home beside it (``sites/<site>/``).
+#: A model's recalibration: the global model's in the run directory, a local-only model's kept
+#: at home beside it (``sites/<site>/``); ``mmfl predict`` applies it.
 RECALIBRATION_FILE = "recalibration.json"
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
