@@ -8,8 +8,11 @@ import pytest
 from scipy.special import expit, logit
 
 from multimodal_fl.engines.recalibration import disclosed_validation_counts, recalibration_line
-from multimodal_fl.evaluation.disclosed import read_disclosure, recalibration_summary, \
-    site_disclosure
+from multimodal_fl.evaluation.disclosed import (
+    read_disclosure,
+    recalibration_summary,
+    site_disclosure,
+)
 from multimodal_fl.evaluation.metrics import roc_auc
 from multimodal_fl.evaluation.recalibration import (
     RAW_SCORE,
@@ -87,7 +90,7 @@ def test_the_map_is_monotone_and_travels_as_config_and_json() -> None:
     assert back is not None and (back.a, back.b, back.method) == (fit.a, fit.b, fit.method)
     assert Recalibration.from_config({"recalibrate": "platt"}) is None
     assert Recalibration.from_dict(fit.to_dict()) == fit
-    with pytest.raises(RecalibrationError, match="recalibration.json: .*b > 0"):
+    with pytest.raises(RecalibrationError, match=r"recalibration\.json: .*b > 0"):
         Recalibration.from_dict({"method": "platt", "a": 0.0, "b": -1.0},
                                 where="recalibration.json")
     with pytest.raises(RecalibrationError, match="expected fields method, a, b"):
