@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
+from multimodal_fl.cli import app
 from multimodal_fl.config import load_config
 from multimodal_fl.engines import run
 from multimodal_fl.engines.predict import predict_site
@@ -137,3 +139,16 @@ def test_the_baselines_recalibrate_on_their_own_validation_splits(
         disclosed = json.loads((local.run_dir / "disclosed" / f"{site}.json").read_text())
         assert disclosed["recalibration"]["applied"] == entry["applied"]
         assert "a" not in disclosed["recalibration"]  # the site's parameters stay home
+
+
+def test_mmfl_train_says_what_was_fitted_on_what(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    config = tiny_config("covid_oxygen", evaluation={"min_cell": 5},
+                         training={"split": SPLIT})
+    result = CliRunner().invoke(app, ["train", str(config), "--engine", "centralized", "--out",
+                                      str(tmp_path / "c"), "--quiet", "--no-report"])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("recalibration:"))
+    assert line.startswith("recalibration: platt, score' = expit(")
+    assert "fitted on the pooled validation split" in " ".join(result.output.split())
