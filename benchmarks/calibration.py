@@ -6,7 +6,14 @@ For every task and seed this generates the sample cohorts with that seed (``mmfl
 ``--engines``), which recalibrates its final model on the secure-summed pooled validation
 histogram (``evaluation.recalibrate``, Platt scaling by default), and reads every site's
 ``sites/<site>/predictions.csv``: the test rows pooled, ``score_raw`` (the model's own score,
-"before") and ``score`` (recalibrated, "after").
+"before") and ``score`` (recalibrated by the method the run used).
+
+``--methods`` compares recalibration methods on the same runs without retraining: each is
+fitted by the engine's own function (:func:`~multimodal_fl.evaluation.recalibration.
+fit_on_scores`: the fine histogram of the pooled validation rows' ``score_raw``, which is the
+histogram the secure sum gives the server) and applied to the test rows' ``score_raw``. The
+script first checks that this refit of the run's own method reproduces the run's ``score``
+column (to 1e-9), so every method's row is what the engine would have written with it.
 
 Printed per task and seed, before and after:
 
@@ -45,6 +52,7 @@ from sklearn.linear_model import LogisticRegression
 from multimodal_fl.config import load_config
 from multimodal_fl.engines import run
 from multimodal_fl.evaluation.metrics import expected_calibration_error, roc_auc
+from multimodal_fl.evaluation.recalibration import FITTED, Recalibration, fit_on_scores
 from multimodal_fl.sample_data import generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,11 +144,32 @@ def train(engine: str, cfg: Any, run_dir: Path) -> dict[str, Any]:
     return out
 
 
-def test_rows(run_dir: Path) -> pd.DataFrame:
-    """Every site's test rows, pooled."""
+def pooled_rows(run_dir: Path) -> pd.DataFrame:
+    """Every site's prediction rows, pooled."""
     frames = [pd.read_csv(p) for p in sorted(run_dir.glob("sites/*/predictions.csv"))]
-    rows = pd.concat(frames, ignore_index=True)
-    return rows[rows["split"] == "test"]
+    return pd.concat(frames, ignore_index=True)
+
+
+def refit(rows: pd.DataFrame, method: str, n_bins: int) -> Recalibration:
+    """The engine's fit of ``method`` on the pooled validation rows' model scores."""
+    val = rows[rows["split"] == "val"]
+    return fit_on_scores(val["label"].to_numpy(dtype=np.int64),
+                         val["score_raw"].to_numpy(dtype=np.float64), method=method,
+                         n_bins=n_bins)
+
+
+def check_refit(rows: pd.DataFrame, recal: dict[str, Any], n_bins: int) -> str:
+    """The run's own method refitted reproduces its ``score`` column (else: raise)."""
+    if not recal.get("applied"):
+        same = np.array_equal(rows["score"].to_numpy(), rows["score_raw"].to_numpy())
+        if not same:
+            raise SystemExit("a run without recalibration has score != score_raw")
+        return "the run applied none (score == score_raw)"
+    fit = refit(rows, str(recal["method"]), n_bins)
+    gap = float(np.max(np.abs(fit.apply(rows["score_raw"]) - rows["score"].to_numpy())))
+    if gap > 1e-9 or abs(fit.a - recal["a"]) > 1e-9 or abs(fit.b - recal["b"]) > 1e-9:
+        raise SystemExit(f"the refit of {recal['method']} differs from the run's by {gap}")
+    return f"refit of the run's {recal['method']} reproduces its scores (max gap {gap:.1e})"
 
 
 def row(seed: int, when: str, f: Figures, n: int) -> str:
@@ -174,26 +203,51 @@ def verdicts(after: dict[int, Figures], before: dict[int, Figures]) -> list[str]
     ]
 
 
-def task_table(task: str, engine: str, results: dict[int, tuple[Figures, Figures, int,
-                                                                dict[str, Any]]]) -> str:
+@dataclass
+class SeedResult:
+    """One seed's figures: before, and after each method, with the fits."""
+
+    n: int
+    before: Figures
+    after: dict[str, Figures]
+    fits: dict[str, Recalibration]
+    run: dict[str, Any]
+    check: str
+
+
+def task_table(task: str, engine: str, results: dict[int, SeedResult]) -> str:
     """The markdown table and verdicts of one task and engine."""
+    methods = list(next(iter(results.values())).after)
     lines = [f"### {task} ({engine})", "",
              "| seed | scores | n test | mean predicted | observed | abs diff | ECE | "
              "ECE p95 if calibrated | slope [95% CI] | AUC |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for seed, (before, after, n, _) in sorted(results.items()):
-        lines += [row(seed, "before", before, n), row(seed, "after", after, n)]
+    for seed, r in sorted(results.items()):
+        lines.append(row(seed, "before", r.before, r.n))
+        lines += [row(seed, m, r.after[m], r.n) for m in methods]
     lines.append("")
-    for seed, (*_, recal) in sorted(results.items()):
-        if recal.get("applied"):
-            lines.append(f"- seed {seed}: {recal['method']} a = {recal['a']:.3f}, b = "
-                         f"{recal['b']:.3f}, fitted on {recal.get('source')} "
-                         f"({recal.get('n')} validation patients)")
-        else:
-            lines.append(f"- seed {seed}: {json.dumps(recal)}")
-    lines += verdicts({s: r[1] for s, r in results.items()},
-                      {s: r[0] for s, r in results.items()})
+    for seed, r in sorted(results.items()):
+        fits = "; ".join(f"{m} a = {f.a:.3f}, b = {f.b:.3f}" for m, f in r.fits.items())
+        lines.append(f"- seed {seed}: {fits} (on {next(iter(r.fits.values())).n} pooled "
+                     f"validation patients); the run: {r.run.get('method')}, "
+                     f"{r.run.get('source') or r.run.get('reason')}; {r.check}")
+    for m in methods:
+        lines += ["", f"Targets, {m}:"]
+        lines += verdicts({s: r.after[m] for s, r in results.items()},
+                          {s: r.before for s, r in results.items()})
     return "\n".join(lines)
+
+
+def measure(rows: pd.DataFrame, recal: dict[str, Any], methods: list[str], *, n_bins: int,
+            n_sim: int, seed: int) -> SeedResult:
+    """Before, and after each method (fitted on the validation rows), on the test rows."""
+    check = check_refit(rows, recal, n_bins)
+    test = rows[rows["split"] == "test"]
+    y, raw = test["label"].to_numpy(dtype=np.int64), test["score_raw"].to_numpy()
+    fits = {m: refit(rows, m, n_bins) for m in methods}
+    return SeedResult(int(y.size), figures(y, raw, n_sim=n_sim, seed=seed),
+                      {m: figures(y, f.apply(raw), n_sim=n_sim, seed=seed)
+                       for m, f in fits.items()}, fits, recal, check)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                         choices=sorted(ENGINE_NAMES))
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="Config override a.b=c (repeatable).")
+    parser.add_argument("--methods", nargs="+", default=list(FITTED), choices=FITTED,
+                        help="Recalibration methods to compare on the same runs.")
     parser.add_argument("--n-sim", type=int, default=2000,
                         help="Simulated calibrated label draws for the ECE percentile.")
     parser.add_argument("--work", type=Path, default=Path("/tmp/mmfl_calibration"))
@@ -230,14 +286,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{task} seed {seed}: {engine} -> {run_dir}", file=sys.stderr,
                       flush=True)
                 metrics = train(engine, cfg, run_dir)
-                rows = test_rows(run_dir)
-                y = rows["label"].to_numpy(dtype=np.int64)
-                results[seed] = (
-                    figures(y, rows["score_raw"].to_numpy(), n_sim=args.n_sim, seed=seed),
-                    figures(y, rows["score"].to_numpy(), n_sim=args.n_sim, seed=seed),
-                    int(y.size), metrics.get("recalibration") or {})
+                results[seed] = measure(pooled_rows(run_dir), metrics.get("recalibration") or {},
+                                        args.methods, n_bins=cfg.evaluation.histogram_bins,
+                                        n_sim=args.n_sim, seed=seed)
             print(task_table(task, engine, results) + "\n", flush=True)
-    print(f"seeds {args.seeds}; engines {args.engines}; overrides {args.overrides or 'none'}; "
+    print(f"seeds {args.seeds}; engines {args.engines}; methods {args.methods}; "
+          f"overrides {args.overrides or 'none'}; "
           f"n_sim {args.n_sim}; load average at start {load[0]:.2f}, at end "
           f"{os.getloadavg()[0]:.2f}; wall {time.time() - t0:.0f} s; runs under {args.work}")
     return 0

@@ -593,11 +593,12 @@ class EvaluationConfig(_Strict):
     threshold: Literal["youden", "0.5"] = Field(
         default="youden", description="Operating point: Youden's J on validation, or 0.5."
     )
-    recalibrate: Literal["platt", "temperature", "none"] = Field(
-        default="platt",
+    recalibrate: Literal["intercept", "platt", "temperature", "none"] = Field(
+        default="intercept",
         description="Recalibrate the final model's scores on the pooled validation split before "
-                    "predict: Platt scaling on logit(score) (intercept and slope), a temperature "
-                    "(slope only), or none.",
+                    "predict: expit(a + b logit(score)) with the intercept a alone (b = 1; "
+                    "recalibration-in-the-large), Platt scaling (a and b), a temperature (b "
+                    "alone), or none.",
     )
 
 

@@ -46,7 +46,7 @@ def test_a_federated_run_recalibrates_on_the_secure_sum_of_validation_histograms
     cfg = _config(tiny_config)
     out = run(cfg, "inprocess", out_dir=tmp_path / "fed", report=False)
     doc = out.metrics["recalibration"]
-    assert doc["applied"] and doc["method"] == "platt"
+    assert doc["applied"] and doc["method"] == "intercept" == cfg.evaluation.recalibrate
     assert doc["source"].startswith("the secure sum of the validation histograms of 3 sites")
     assert "counts" not in json.dumps(doc)  # the histogram stays with the server
     fitted = Recalibration.from_dict(doc)
@@ -80,7 +80,7 @@ def test_a_federated_run_recalibrates_on_the_secure_sum_of_validation_histograms
     got = scored.frame.set_index("patient_id").loc[mine.index]
     assert got["score"].to_numpy() == pytest.approx(mine["score"].to_numpy(), abs=1e-9)
     assert got["score_raw"].to_numpy() == pytest.approx(mine["score_raw"].to_numpy(), abs=1e-9)
-    assert scored.recalibration.startswith("platt")
+    assert scored.recalibration.startswith("intercept")
     # the report shows before and after
     report, _, _ = build_report([out.run_dir])
     section = report["recalibration"]["federated (in-process)"]
@@ -122,9 +122,12 @@ def test_the_baselines_recalibrate_on_their_own_validation_splits(
     tiny_config: Callable[..., Path], tmp_path: Path
 ) -> None:
     cfg = _config(tiny_config)
+    cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(
+        update={"recalibrate": "platt"})})
     central = run(cfg, "centralized", out_dir=tmp_path / "c", report=False)
     doc = central.metrics["recalibration"]
     assert doc["applied"] and doc["source"].startswith("the pooled validation split")
+    assert doc["method"] == "platt" and doc["b"] != 1.0
     rows = _rows(central.run_dir)
     fitted = Recalibration.from_dict(doc)
     assert rows["score"].to_numpy() == pytest.approx(fitted.apply(rows["score_raw"]), abs=1e-12)
@@ -150,5 +153,5 @@ def test_mmfl_train_says_what_was_fitted_on_what(
                                       str(tmp_path / "c"), "--quiet", "--no-report"])
     assert result.exit_code == 0, result.output
     line = next(x for x in result.output.splitlines() if x.startswith("recalibration:"))
-    assert line.startswith("recalibration: platt, score' = expit(")
+    assert line.startswith("recalibration: intercept, score' = expit(")
     assert "fitted on the pooled validation split" in " ".join(result.output.split())

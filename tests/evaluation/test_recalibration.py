@@ -50,8 +50,19 @@ def test_temperature_fits_a_slope_alone() -> None:
     neg, pos = _histogram(-1.5, 1.0)
     observed = pos.sum() / (pos.sum() + neg.sum())
     scores = np.repeat(MID, (neg + pos).astype(int))
-    platt = fit_recalibration(neg, pos).apply(scores).mean()
+    platt = fit_recalibration(neg, pos, method="platt").apply(scores).mean()
     assert abs(platt - observed) < 0.005
+
+
+def test_the_intercept_alone_undoes_a_shift_and_keeps_the_slope() -> None:
+    neg, pos = _histogram(-1.5, 1.0)  # a class weight's shift, the slope right
+    fit = fit_recalibration(neg, pos, method="intercept", source="known")
+    assert fit.method == "intercept" and fit.b == 1.0
+    assert fit.a == pytest.approx(-1.5, abs=0.01)
+    scores = np.repeat(MID, (neg + pos).astype(int))
+    assert fit.apply(scores).mean() == pytest.approx(pos.sum() / (neg + pos).sum(), abs=1e-3)
+    neg, pos = _histogram(-1.0, 2.0)  # a slope it leaves alone
+    assert fit_recalibration(neg, pos, method="intercept").b == 1.0
 
 
 def test_a_backwards_model_keeps_its_ranking_with_the_intercept_alone() -> None:
