@@ -4,7 +4,7 @@ For every task and seed this generates the sample cohorts with that seed (``mmfl
 --seed S``; seed 0 is the repository's ``sample_data/``), trains the shipped config
 (``configs/<task>.yaml``, experiment seed S) with the in-process federated engine (or another
 ``--engines``), which recalibrates its final model on the secure-summed pooled validation
-histogram (``evaluation.recalibrate``, Platt scaling by default), and reads every site's
+histogram (``evaluation.recalibrate``, the intercept alone by default), and reads every site's
 ``sites/<site>/predictions.csv``: the test rows pooled, ``score_raw`` (the model's own score,
 "before") and ``score`` (recalibrated by the method the run used).
 

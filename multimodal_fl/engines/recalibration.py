@@ -1,4 +1,4 @@
-"""The recalibration stage: fit Platt scaling (or a temperature) on the pooled validation split.
+"""The recalibration stage: fit ``evaluation.recalibrate`` on the pooled validation split.
 
 Between the server loop and ``predict`` (:func:`recalibration_stage`), every site scores its
 validation split with the final model (the ``calibrate`` request) and holds the fine counts of
