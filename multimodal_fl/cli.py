@@ -356,9 +356,7 @@ def train_cmd(
             on_round(RoundRecord(**row))
     if _print_stopped(outcome.metrics, outcome.run_dir):
         return
-    note = (outcome.metrics.get("selection_detail") or {}).get("note")
-    if note:
-        console.print(f"model selection: {note}", highlight=False, soft_wrap=True)
+    _print_notes(outcome.metrics)
     table = Table(title=f"{cfg.name}: {spec.label} — test AUC per site")
     table.add_column("site")
     table.add_column("test AUC [95% CI]")
@@ -373,6 +371,18 @@ def train_cmd(
     console.print(table)
     console.print(f"run directory: {outcome.run_dir}")
     _print_finished(outcome.finished)
+
+
+def _print_notes(metrics: dict[str, Any]) -> None:
+    """The run's model-selection note and what became of the recalibration."""
+    from multimodal_fl.engines.recalibration import recalibration_line
+
+    note = (metrics.get("selection_detail") or {}).get("note")
+    if note:
+        console.print(f"model selection: {note}", highlight=False, soft_wrap=True)
+    line = recalibration_line(metrics)
+    if line:
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
 def _auc_text(auc: dict[str, Any]) -> str:
@@ -455,7 +465,8 @@ def predict_cmd(
     console.print(f"site {result.site}: {len(result.frame)} patients scored with {result.model} "
                   f"({result.excluded} not scored: outside the cohort or no usable data); "
                   f"{positive} predicted positive at threshold {result.threshold:.4g} "
-                  f"({result.threshold_source})", highlight=False)
+                  f"({result.threshold_source}); recalibration: {result.recalibration}",
+                  highlight=False)
     console.print(f"wrote {out}")
 
 

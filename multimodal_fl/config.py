@@ -605,6 +605,13 @@ class EvaluationConfig(_Strict):
     threshold: Literal["youden", "0.5"] = Field(
         default="youden", description="Operating point: Youden's J on validation, or 0.5."
     )
+    recalibrate: Literal["intercept", "platt", "temperature", "none"] = Field(
+        default="intercept",
+        description="Recalibrate the final model's scores on the pooled validation split before "
+                    "predict: expit(a + b logit(score)) with the intercept a alone (b = 1; "
+                    "recalibration-in-the-large), Platt scaling (a and b), a temperature (b "
+                    "alone), or none.",
+    )
 
 
 class ExperimentConfig(_Strict):
@@ -645,7 +652,8 @@ class ExperimentConfig(_Strict):
 DEFAULT_MIN_CELL = 5
 #: The request kinds a site policy may name in ``answers`` (the protocol's ``Kind`` values).
 REQUEST_KINDS = ("describe", "pca", "pca_apply", "pca_scores", "init", "moments", "info", "fit",
-                 "evaluate", "predict", "secure_sum", "local_train", "cross_evaluate")
+                 "evaluate", "calibrate", "predict", "secure_sum", "local_train",
+                 "cross_evaluate")
 #: The file a hospital puts in its site directory to set its policy.
 POLICY_FILE = "policy.yaml"
 

@@ -272,7 +272,9 @@ ALLOW_LIST: dict[str, str] = {
 
 #: Document keys whose numbers are figures of a cell (the ``"figure"`` entry).
 FIGURE_KEYS = frozenset({"value", "lo", "hi", "mean_score", "observed", "loss", "train_loss",
-                         "val_auc", "best_val_auc", "intercept", "slope"})
+                         "val_auc", "best_val_auc", "intercept", "slope",
+                         # the recalibration entry's before/after ECE, beside its split's n
+                         "ece"})
 #: Document paths of grid constants (the ``"grid"`` entry).
 GRID_PATH = re.compile(r".*/(threshold(/\d+)?|bins/\d+/(lo|hi))")
 #: Keys whose integer values count the patients of the record holding them.

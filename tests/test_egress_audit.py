@@ -47,7 +47,7 @@ from multimodal_fl.data.cohort import build_cohorts
 from multimodal_fl.engines.baselines import run_local
 from multimodal_fl.engines.federated import inprocess_federation, run_federated_experiment
 from multimodal_fl.federated.protocol import Kind, Reply, Request, SiteFailure, pack_document
-from multimodal_fl.federated.site import FusionSite
+from multimodal_fl.federated.site import POOLED_VALIDATION, FusionSite
 from multimodal_fl.pca.stage import apply_pca_stage, fit_pca_stage
 from multimodal_fl.training import (
     SiteData,
@@ -88,8 +88,8 @@ SPLIT = {"train": 0.3, "val": 0.2, "test": 0.5}
 JOBS = ("federated", "local", "secure")
 #: The kinds each job must have used (else the audit would miss a stage).
 KINDS = {
-    "federated": {"pca", "pca_apply", "init", "moments", "info", "fit", "evaluate", "predict",
-                  "secure_sum"},
+    "federated": {"pca", "pca_apply", "init", "moments", "info", "fit", "evaluate", "calibrate",
+                  "predict", "secure_sum"},
     "local": {"pca", "pca_apply", "local_train", "cross_evaluate", "predict", "secure_sum"},
     "secure": {"pca", "pca_apply", "init", "moments", "info", "fit", "evaluate", "predict",
                "secure_sum"},
@@ -186,12 +186,22 @@ def audited(tmp_path_factory: pytest.TempPathFactory, tiny_sample: Path, tiny_be
 # --------------------------------------------------------------------------- the audit
 
 
+def _small_validation(c: Crossing) -> bool:
+    """The one refusal this cohort must give: a site of fewer than ``min_cell`` validation
+    patients (20 % of about 20) takes no part in the secure sum of the recalibration's
+    validation histograms, and says so at ``advertise`` (the protocol's way to decline)."""
+    return (c.request.kind == Kind.SECURE_SUM and isinstance(c.answer, SiteFailure)
+            and c.request.config.get("vector") == POOLED_VALIDATION
+            and c.request.config.get("step") == "advertise"
+            and "fewer than 5 validation patients" in c.answer.reason)
+
+
 @pytest.mark.parametrize("job", JOBS)
 def test_the_audit_sees_every_stage_and_what_it_released(audited: Audited, job: str) -> None:
     crossings = audited.crossings(job)
     assert {str(c.request.kind) for c in crossings} >= KINDS[job]
     failed = [(c.site, c.request.kind, c.answer.reason) for c in crossings
-              if isinstance(c.answer, SiteFailure)]
+              if isinstance(c.answer, SiteFailure) and not _small_validation(c)]
     assert not failed
     ev = audited.cfg.evaluation
     numbers = [n for c in crossings for n in released_numbers(

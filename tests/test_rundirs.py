@@ -253,7 +253,9 @@ def test_a_run_ends_with_its_report_and_model_card(runs: dict[str, Path]) -> Non
         card = json.loads((run_dir / "model_card.json").read_text())
         manifest = read_manifest(run_dir)
         assert card["data"] == manifest.data  # type: ignore[union-attr]
-        assert card["task"]["name"] == "covid_oxygen_24h" and card["recalibration"] is None
+        assert card["task"]["name"] == "covid_oxygen_24h"
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert card["recalibration"] == metrics["recalibration"]  # what the run did
         assert set(card["performance"]["sites"]) == {"site_a", "site_b", "site_c"}
         assert (run_dir / "model_card.md").read_text().startswith("# Model card")
     local_card = json.loads((local / "model_card.json").read_text())
@@ -326,7 +328,7 @@ def test_predict_scores_a_site_as_the_run_did(runs: dict[str, Path], tiny_sample
                                       str(tmp_path / "p.csv")])
     assert result.exit_code == 0, result.output
     got = pd.read_csv(tmp_path / "p.csv")
-    assert list(got.columns) == ["patient_id", "score", "label", "predicted"]
+    assert list(got.columns) == ["patient_id", "score", "score_raw", "label", "predicted"]
     threshold = json.loads((fed / "model_card.json").read_text())["threshold"]["global"]
     assert (got["predicted"] == (got["score"] >= threshold).astype(int)).all()
     # the same model on the same patients: the scores the run wrote at the site
@@ -334,6 +336,7 @@ def test_predict_scores_a_site_as_the_run_did(runs: dict[str, Path], tiny_sample
     both = got.merge(run_rows, on="patient_id", suffixes=("", "_run"))
     assert len(both) == len(run_rows) == len(got)
     assert (both["score"] - both["score_run"]).abs().max() < 1e-6
+    assert (both["score_raw"] - both["score_raw_run"]).abs().max() < 1e-6
     assert (both["label"] == both["label_run"]).all()
 
 

@@ -20,6 +20,7 @@ reads every engine's run the same way.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import statistics
@@ -28,14 +29,27 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from safetensors.numpy import save_file
 
 from multimodal_fl.config import ExperimentConfig, SitePolicy, load_policy
 from multimodal_fl.engines.cross_site import cross_site_validation, local_training_stage
 from multimodal_fl.engines.federated import inprocess_federation, predict_stage
-from multimodal_fl.evaluation.disclosed import site_disclosure
+from multimodal_fl.engines.recalibration import (
+    RECALIBRATION_FILE,
+    local_summary,
+    predict_config,
+    skipped,
+)
+from multimodal_fl.evaluation.disclosed import recalibration_summary, site_disclosure
 from multimodal_fl.evaluation.histograms import pooled_evaluation, summarise_site
+from multimodal_fl.evaluation.recalibration import (
+    Recalibration,
+    RecalibrationError,
+    fit_on_scores,
+    recalibrated_frame,
+)
 from multimodal_fl.federated.gather import StageFailed
 from multimodal_fl.federated.protocol import Doc
 from multimodal_fl.federated.server import Federation
@@ -58,6 +72,7 @@ from multimodal_fl.training import (
     fit_tabular_standardizer,
     load_site_data,
     metrics_by_split,
+    predict,
     predictions_frame,
     torch_threads,
     train_to_completion,
@@ -80,7 +95,7 @@ def _site_policy(cfg: ExperimentConfig, site: str) -> SitePolicy:
 
 
 def _disclose(writer: RunWriter, cfg: ExperimentConfig, site: str,
-              frame: pd.DataFrame) -> dict[str, Any]:
+              frame: pd.DataFrame, recalibration: Mapping[str, Any]) -> dict[str, Any]:
     """Write the site's disclosed report document, as a federated site discloses it."""
     ev = cfg.evaluation
     policy = _site_policy(cfg, site)
@@ -88,6 +103,7 @@ def _disclose(writer: RunWriter, cfg: ExperimentConfig, site: str,
                           min_cell=policy.effective_min_cell(ev.min_cell), n_boot=ev.n_boot,
                           seed=cfg.seed, threshold_rule=ev.threshold, n_bins=ev.histogram_bins,
                           subgroup_summaries=policy.subgroup_summaries)
+    doc["recalibration"] = recalibration_summary(frame, doc, **recalibration)
     writer.write_disclosed(site, doc)
     return doc
 
@@ -119,8 +135,18 @@ def _pooled_from_histograms(cfg: ExperimentConfig, frames: Mapping[str, pd.DataF
 
 
 def _finish(writer: RunWriter, cfg: ExperimentConfig, sites: Mapping[str, SiteData],
-            models: Mapping[str, FusionModel], extra: dict[str, Any]) -> dict[str, Any]:
-    """Write splits, predictions, disclosed documents and metrics; return the metrics document."""
+            models: Mapping[str, FusionModel], extra: dict[str, Any],
+            recalibration: Recalibration | None = None) -> dict[str, Any]:
+    """Write splits, predictions, disclosed documents and metrics; return the metrics document.
+
+    Every site's scores go through ``recalibration`` (``extra["recalibration"]`` says what it
+    is, or why there is none) before they are written and disclosed.
+    """
+    doc_recal = extra.get("recalibration") or {}
+    status = {"method": str(doc_recal.get("method", "none")),
+              "applied": recalibration is not None,
+              "source": None if recalibration is None else recalibration.source,
+              "reason": None if recalibration is not None else doc_recal.get("reason")}
     per_site: dict[str, Any] = {}
     frames = []
     site_frames: dict[str, pd.DataFrame] = {}
@@ -129,9 +155,11 @@ def _finish(writer: RunWriter, cfg: ExperimentConfig, sites: Mapping[str, SiteDa
         if name not in models:
             continue
         writer.write_splits(name, data)
-        frame = predictions_frame(models[name], data, sensitive=cfg.evaluation.sensitive)
+        frame = recalibrated_frame(
+            predictions_frame(models[name], data, sensitive=cfg.evaluation.sensitive),
+            recalibration)
         writer.write_predictions(name, frame)
-        disclosed[name] = _disclose(writer, cfg, name, frame)
+        disclosed[name] = _disclose(writer, cfg, name, frame, status)
         site_frames[name] = frame
         frames.append(frame.assign(site=name))
         # the site's own small-cell rule, as if its figures left it (the same suppression)
@@ -157,6 +185,28 @@ def _finish(writer: RunWriter, cfg: ExperimentConfig, sites: Mapping[str, SiteDa
     writer.write_metrics(doc)
     out: dict[str, Any] = jsonable({"engine": writer.engine, "config": cfg.name, **doc})
     return out
+
+
+def _centralized_recalibration(cfg: ExperimentConfig, model: FusionModel,
+                               pooled_val: CohortDataset
+                               ) -> tuple[Recalibration | None, dict[str, Any]]:
+    """The centralized model's recalibration, fitted in process on the pooled validation split.
+
+    The same fit as the federated engine's (:func:`~multimodal_fl.evaluation.recalibration.
+    fit_on_scores`: the fine histogram of the validation scores, each bin at its midpoint).
+    """
+    method = cfg.evaluation.recalibrate
+    if method == "none":
+        return None, skipped(method, "evaluation.recalibrate: none")
+    y = pooled_val.labels.numpy().astype(np.int64)
+    try:
+        fitted = fit_on_scores(y, predict(model, pooled_val), method=method,
+                               n_bins=cfg.evaluation.histogram_bins,
+                               source=f"the pooled validation split ({len(pooled_val)} "
+                                      "patients, in process)")
+    except RecalibrationError as exc:
+        return None, skipped(method, str(exc))
+    return fitted, {**fitted.to_dict(), "applied": True}
 
 
 def _writer(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | None,
@@ -219,9 +269,11 @@ def _local_job(federation: Federation, cfg: ExperimentConfig, writer: RunWriter,
         "local_models": cross["models"],
         "cross_site": CROSS_SITE_FILE,
     })
-    stage = predict_stage(federation, cfg, sorted(trained), None, 0, writer.engine)
-    for site, disclosed in stage.pop("disclosed").items():  # the report's documents
+    stage = predict_stage(federation, cfg, sorted(trained), None, 0, writer.engine,
+                          predict_config(cfg, None, None, local=True))
+    for site, disclosed in stage["disclosed"].items():  # the report's documents
         writer.write_disclosed(site, disclosed)
+    doc["recalibration"] = local_summary(cfg, stage.pop("disclosed"))
     doc.update(stage)
     doc["timing_s"] = {"train": t_train, "total": time.perf_counter() - t0}
     return doc
@@ -337,12 +389,17 @@ def run_centralized(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | Non
                                      label="centralized")
         writer.save_model(model)
         t_train = time.perf_counter() - t0 - t_prep
+        fitted, recalibration = _centralized_recalibration(cfg, model, pooled_val)
+        if fitted is not None:  # mmfl predict applies it
+            (writer.run_dir / RECALIBRATION_FILE).write_text(json.dumps(fitted.to_dict(),
+                                                                        indent=2))
         doc = _finish(writer, cfg, sites, dict.fromkeys(sites, model), {
             "training": {"centralized": result.to_dict()},
             "history": {"centralized": result.history},
             "warning": CENTRALIZED_WARNING,
+            "recalibration": recalibration,
             "timing_s": {"prepare": t_prep, "train": t_train,
                          "total": time.perf_counter() - t0},
-        })
+        }, fitted)
     return RunOutcome(writer.run_dir, doc)
 

@@ -17,7 +17,13 @@ ServerApp calls the same function with its own federation):
    the global model (no one site's statistics are used alone).
 4. :func:`~multimodal_fl.federated.server.run_federated`: rounds of fit / evaluate with
    checks, checkpoints and resume.
-5. ``predict``: every site writes its own ``sites/<site>/predictions.csv`` and returns
+5. ``recalibrate`` (:mod:`~multimodal_fl.engines.recalibration`): every site scores its
+   validation split with the final model and a secure sum of those scores' fine histograms
+   (at least three sites) gives the server the pooled counts, on which it fits
+   ``evaluation.recalibrate`` (the intercept alone by default); the parameters go with the predict
+   request, ``metrics.json`` gets them (never the histogram), ``recalibration.json`` keeps
+   them for ``mmfl predict``.
+6. ``predict``: every site writes its own ``sites/<site>/predictions.csv`` and returns
    metrics per split under the small-cell rule and its disclosed report document; then a
    secure sum of the sites' fine test histograms (at least three sites) gives the pooled test
    figures, coarsened after the sum (:func:`pooled_test`). The server writes ``metrics.json``
@@ -43,6 +49,11 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from multimodal_fl.config import ExperimentConfig, SitePolicy
+from multimodal_fl.engines.recalibration import (
+    RECALIBRATION_FILE,
+    predict_config,
+    recalibration_stage,
+)
 from multimodal_fl.engines.tracking import RoundTracker
 from multimodal_fl.evaluation.histograms import (
     OVERALL,
@@ -462,7 +473,7 @@ def _save_model(weights: StateDict, path: Path, engine: str, chosen_round: int) 
 
 def predict_stage(
     federation: Federation, cfg: ExperimentConfig, sites: list[str], weights: StateDict | None,
-    round: int, engine: str,
+    round: int, engine: str, recalibration: Mapping[str, ConfigValue] | None = None,
 ) -> dict[str, Any]:
     """Every site scores its patients at home; the server keeps the disclosed documents and
     the pooled test figures of a secure sum of the sites' histograms (:func:`pooled_test`).
@@ -478,6 +489,10 @@ def predict_stage(
     round : int
     engine : str
         Recorded by the sites with their predictions.
+    recalibration : mapping or None
+        The request's recalibration settings
+        (:func:`~multimodal_fl.engines.recalibration.predict_config`): the server's fit, or
+        the method each site fits at home for its local-only model, or the reason for none.
 
     Returns
     -------
@@ -491,7 +506,8 @@ def predict_stage(
         federation,
         {s: Request(Kind.PREDICT, round, weights={} if weights is None else weights,
                     config={"engine": engine, "fedbn": cfg.federated.fedbn,
-                            "pooled": len(sites) >= MIN_SITES, **own})
+                            "pooled": len(sites) >= MIN_SITES, **own,
+                            **(recalibration or {})})
          for s in sites},
         cfg.federated.timeout_s, stage=Kind.PREDICT, minimum=1,
     )
@@ -596,8 +612,14 @@ def _run_experiment(
     if result.completed_rounds < cfg.federated.rounds:
         doc["stopped_after_round"] = result.completed_rounds
     else:
+        chosen = [r for r in result.history if r.round == chosen_round]
+        fitted, doc["recalibration"] = recalibration_stage(
+            federation, cfg, sites, final_weights, result.completed_rounds,
+            record=chosen[-1] if chosen else None)
+        if fitted is not None:  # mmfl predict applies it
+            (run_dir / RECALIBRATION_FILE).write_text(json.dumps(fitted.to_dict(), indent=2))
         stage = predict_stage(federation, cfg, sites, final_weights, result.completed_rounds,
-                              engine)
+                              engine, predict_config(cfg, fitted, doc["recalibration"]))
         for site, disclosed in stage.pop("disclosed").items():  # the report's documents
             writer.write_disclosed(site, disclosed)
         doc.update(stage)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from multimodal_fl.config import ExperimentConfig
+from multimodal_fl.engines.recalibration import recalibration_line
 from multimodal_fl.evaluation.report import (
     SPLIT,
     global_threshold,
@@ -56,7 +57,8 @@ CARD_MD = "model_card.md"
 _LIMITATIONS = (
     "Measured only on the sites listed, on their test split; performance at any other site is "
     "unknown until measured there.",
-    "Scores are not recalibrated for a new site (recalibration is not built yet).",
+    "Any recalibration (the card's recalibration) was fitted on the training sites' validation "
+    "splits; at a new site the scores' calibration is unknown until measured there.",
     "A research model: not a medical device, not for clinical decisions.",
 )
 
@@ -225,7 +227,7 @@ def write_model_card(run_dir: str | os.PathLike[str], cfg: ExperimentConfig,
         "models": model_files(run, manifest.engine),
         "training": _training_settings(cfg, manifest.engine, metrics),
         "threshold": model_thresholds(run, manifest.engine, cfg.evaluation.threshold),
-        "recalibration": None,
+        "recalibration": metrics.get("recalibration"),
         "performance": {
             "split": SPLIT,
             "sites": _site_metrics(metrics),
@@ -264,6 +266,8 @@ def _card_markdown(card: dict[str, Any]) -> str:
         + ", ".join(f"`{p}`" for p in card["models"].values()) + ".", "",
         f"Decision threshold ({thr['rule']}): "
         + ", ".join(f"{v:.4g}" for v in values) + f" ({thr['source']}).", "",
+        (recalibration_line({"recalibration": card["recalibration"]})
+         or "recalibration: none recorded (a run made before recalibration)") + ".", "",
         "## Data", "", "| site | fingerprint | files |", "| --- | --- | --- |",
         *[f"| {s} | `{d.get('fingerprint', '')[:19]}` | {d.get('files')} |"
           for s, d in sorted(card["data"].items())], "",

@@ -9,12 +9,17 @@ as its report chooses it). Nothing is written into the run directory.
 Which model: a federated or centralized run has one global model. A local-only run has one
 model per site; ``model_site`` names the one to use (and its own threshold), and without it
 the run is refused. A FedBN run is refused: its normalisation layers stayed at the training
-sites, so the global weights have none trained for a new site. Scores are not recalibrated
-for the new site (not built yet; the card says so).
+sites, so the global weights have none trained for a new site.
+
+Recalibration: the run's own (``RUN_DIR/recalibration.json``, fitted on the training sites'
+pooled validation split; a local-only model's ``RUN_DIR/sites/<site>/recalibration.json``,
+fitted at its site) is applied, as the run applied it before its predictions and thresholds;
+``score_raw`` keeps the model's own score. It is not refitted for the new site.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +32,8 @@ from safetensors.torch import load_file as load_torch
 from multimodal_fl.config import ExperimentConfig, load_config
 from multimodal_fl.data import build_cohort
 from multimodal_fl.engines.finish import model_files, model_thresholds, read_model_card
+from multimodal_fl.engines.recalibration import RECALIBRATION_FILE
+from multimodal_fl.evaluation.recalibration import Recalibration, RecalibrationError
 from multimodal_fl.pca.site import project_site_data
 from multimodal_fl.rundir import RunDirError, read_manifest
 from multimodal_fl.training import (
@@ -41,7 +48,7 @@ from multimodal_fl.training import (
 __all__ = ["PREDICTION_COLUMNS", "PredictError", "Prediction", "predict_site"]
 
 #: Columns of the file ``mmfl predict`` writes.
-PREDICTION_COLUMNS: tuple[str, ...] = ("patient_id", "score", "label", "predicted")
+PREDICTION_COLUMNS: tuple[str, ...] = ("patient_id", "score", "score_raw", "label", "predicted")
 
 
 class PredictError(ValueError):
@@ -64,6 +71,8 @@ class Prediction:
     site : str
     excluded : int
         Patients read but not scored (outside the task's cohort, or no usable modality).
+    recalibration : str
+        The recalibration applied to ``score`` (``score_raw`` is the model's own), in words.
     """
 
     frame: pd.DataFrame
@@ -72,6 +81,7 @@ class Prediction:
     model: str
     site: str
     excluded: int
+    recalibration: str = "none"
 
 
 def _run_config(run: Path) -> tuple[ExperimentConfig, str]:
@@ -129,6 +139,18 @@ def _threshold(run: Path, cfg: ExperimentConfig, engine: str,
         raise PredictError(f"{run}: the run has one threshold per site ({values}); a global "
                            "model needs one")
     return float(distinct[0]), str(doc["source"])
+
+
+def _recalibration(run: Path, engine: str, model_site: str | None) -> Recalibration | None:
+    """The run's stored recalibration of the chosen model (``None``: it applied none)."""
+    folder = run / "sites" / model_site if engine == "local" and model_site else run
+    path = folder / RECALIBRATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        return Recalibration.from_dict(json.loads(path.read_text()), where=str(path))
+    except (ValueError, RecalibrationError) as exc:
+        raise PredictError(str(exc)) from None
 
 
 def _site_data(run: Path, cfg: ExperimentConfig, site_dir: Path, name: str) -> tuple[SiteData, int]:
@@ -189,11 +211,16 @@ def predict_site(run_dir: str | os.PathLike[str], site_dir: str | os.PathLike[st
         except ValueError as exc:
             raise PredictError(f"{weights_path}: {exc} (the site's data gives the model "
                                "other inputs than the run's)") from None
-        scores = predict(net, data.dataset, device=cfg.training.device)
+        raw = predict(net, data.dataset, device=cfg.training.device)
+    recalibration = _recalibration(run, engine, model_site)
+    scores = raw if recalibration is None else recalibration.apply(raw)
     frame = pd.DataFrame({
         "patient_id": data.dataset.patient_ids,
         "score": scores,
+        "score_raw": raw,
         "label": data.dataset.labels.int().numpy(),
         "predicted": (scores >= threshold).astype(np.int64),
     })
-    return Prediction(frame, threshold, source, model, name, excluded)
+    how = "none" if recalibration is None else (
+        f"{recalibration.method} (a={recalibration.a:.4g}, b={recalibration.b:.4g})")
+    return Prediction(frame, threshold, source, model, name, excluded, how)

@@ -133,6 +133,7 @@ def _ask_every_kind(site: FusionSite, cfg: ExperimentConfig, entries: list[dict[
     _, kinds["fit"] = _ask(site, Request(Kind.FIT, 1, weights=weights, config=dict(fit)),
                            entries)
     _, kinds["evaluate"] = _ask(site, Request(Kind.EVALUATE, 1, weights=weights), entries)
+    _, kinds["calibrate"] = _ask(site, Request(Kind.CALIBRATE, 1, weights=weights), entries)
     predict, kinds["predict"] = _ask(site, Request(Kind.PREDICT, 1, weights=weights), entries)
     if predict is not None and Doc.DISCLOSED in predict.documents:
         kinds["predict"]["cells_suppressed"] = _suppressed_cells(

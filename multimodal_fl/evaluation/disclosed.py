@@ -81,6 +81,7 @@ from multimodal_fl.evaluation.metrics import (
     calibration_bins,
     check_binary_inputs,
     derive_seed,
+    expected_calibration_error,
 )
 
 __all__ = [
@@ -90,18 +91,22 @@ __all__ = [
     "REPORT_SPLIT",
     "THRESHOLD_METRICS",
     "CalibrationBin",
+    "CalibrationFigures",
     "CalibrationSummary",
     "DisclosedCell",
     "DisclosedMetric",
     "Disparity",
+    "RecalibrationSummary",
     "RocSummary",
     "SiteDisclosure",
     "SplitSummary",
     "Suppression",
     "class_reason",
     "complementary_suppression",
+    "logistic_calibration",
     "pooled_form",
     "read_disclosure",
+    "recalibration_summary",
     "released_metric",
     "score_steps",
     "site_disclosure",
@@ -214,6 +219,43 @@ class CalibrationSummary(_Doc):
     fit_reason: str | None = None
 
 
+class CalibrationFigures(_Doc):
+    """Calibration of one score of the test split: ECE, mean risk, intercept and slope.
+
+    ``n`` is the test split's released count; every figure is absent (with ``reason``) when the
+    split's count is withheld. ``observed`` (the fraction positive) only when the split's
+    class counts are released; ``intercept`` (calibration-in-the-large: the logistic
+    recalibration intercept with the slope fixed at 1) and ``slope`` only when each class holds
+    at least ``min_cell`` patients.
+    """
+
+    n: int | None = None
+    ece: float | None = None
+    mean_score: float | None = None
+    observed: float | None = None
+    intercept: float | None = None
+    slope: float | None = None
+    reason: str | None = None
+
+
+class RecalibrationSummary(_Doc):
+    """The recalibration the site applied before predict, and the test split's calibration
+    before (the model's own scores) and after it.
+
+    ``method`` is ``platt``, ``temperature`` or ``none``; ``applied`` says whether the scores
+    were changed; ``source`` what it was fitted on, or ``reason`` why it was not applied. The
+    parameters themselves are not in the document (the server's ``metrics.json`` holds those it
+    fitted; a local-only model's stay at its site).
+    """
+
+    method: str
+    applied: bool
+    source: str | None = None
+    reason: str | None = None
+    before: CalibrationFigures
+    after: CalibrationFigures
+
+
 class SiteDisclosure(_Doc):
     """A site's disclosed report document, typed (:func:`read_disclosure`).
 
@@ -250,6 +292,9 @@ class SiteDisclosure(_Doc):
         The site's test histogram joins the secure sum of the pooled figures, so its test
         class counts, threshold metrics, ROC points and calibration bins are left to the
         pooled figures (:func:`pooled_form`).
+    recalibration : RecalibrationSummary or None
+        The recalibration applied before predict and the calibration before and after it
+        (:func:`recalibration_summary`; absent from documents made before it existed).
     """
 
     version: int
@@ -270,6 +315,7 @@ class SiteDisclosure(_Doc):
     notes: list[str] = []
     package_version: str = ""
     pooled: bool = False
+    recalibration: RecalibrationSummary | None = None
 
     def cells_frame(self) -> pd.DataFrame:
         """The cells as a frame with the columns of ``fairness.CELL_COLUMNS`` (site filled).
@@ -622,11 +668,33 @@ def _calibration(y: npt.NDArray[np.int64], s: npt.NDArray[np.float64],
     fit_reason = class_reason("auc", n_pos, n_neg, min_cell)
     if fit_reason is not None:
         return CalibrationSummary(bins=bins, fit_reason=fit_reason)
+    intercept, slope = logistic_calibration(y, s)
+    return CalibrationSummary(bins=bins, intercept=intercept, slope=slope)
+
+
+def logistic_calibration(y: npt.NDArray[np.int64], s: npt.NDArray[np.float64]
+                         ) -> tuple[float, float]:
+    """Calibration-in-the-large and the calibration slope of scores ``s`` for labels ``y``.
+
+    Parameters
+    ----------
+    y : ndarray of int
+        Labels, both classes present.
+    s : ndarray of float
+        Scores.
+
+    Returns
+    -------
+    intercept : float
+        The ``a`` with ``sum(y - expit(a + logit(s))) = 0`` (the slope fixed at 1).
+    slope : float
+        The slope of a logistic regression of ``y`` on ``logit(s)``.
+    """
     x = logit(np.clip(s, 1e-6, 1.0 - 1e-6))
     slope = float(LogisticRegression(C=np.inf).fit(x[:, None], y).coef_[0, 0])
     # calibration-in-the-large: the intercept a with sum(y - expit(a + logit(s))) = 0
     intercept = float(brentq(lambda a: float(np.sum(y - expit(a + x))), -50.0, 50.0))
-    return CalibrationSummary(bins=bins, intercept=intercept, slope=slope)
+    return intercept, slope
 
 
 # --------------------------------------------------------------------------------------------
@@ -939,3 +1007,79 @@ def _finite(doc: Any) -> Any:
     if isinstance(doc, float) and not math.isfinite(doc):
         return None
     return doc
+
+
+# --------------------------------------------------------------------------------------------
+# recalibration: the test split's calibration before and after
+
+
+def _calibration_figures(y: npt.NDArray[np.int64], s: npt.NDArray[np.float64],
+                         split: SplitSummary | None, *, min_cell: int,
+                         ece_bins: int) -> CalibrationFigures:
+    """One score's calibration figures on the test split, under the split's released counts."""
+    if split is None or split.n is None or split.n == 0 or y.size != split.n:
+        reason = (split.reason if split is not None else None) or "no test patients"
+        return CalibrationFigures(reason=reason)
+    n_pos = int(y.sum())
+    fit_reason = class_reason("auc", n_pos, int(y.size) - n_pos, min_cell)
+    intercept = slope = None
+    if fit_reason is None:
+        intercept, slope = logistic_calibration(y, s)
+    return CalibrationFigures(
+        n=int(y.size), ece=expected_calibration_error(y, s, n_bins=ece_bins),
+        mean_score=float(s.mean()),
+        observed=None if split.n_pos is None else split.n_pos / split.n,
+        intercept=intercept, slope=slope, reason=fit_reason)
+
+
+def recalibration_summary(
+    frame: pd.DataFrame, disclosed: Mapping[str, Any], *, method: str, applied: bool,
+    source: str | None = None, reason: str | None = None, ece_bins: int = 10,
+) -> dict[str, Any]:
+    """The ``recalibration`` entry of a site's document: what was applied, and the test split's
+    calibration before and after it.
+
+    Computed at the site from its predictions (``score``: recalibrated, ``score_raw``: the
+    model's own), under the counts :func:`site_disclosure` released for the test split: no
+    figure when the split's count is withheld, no fraction positive when its class counts are,
+    no intercept or slope below ``min_cell`` patients of a class.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        The site's predictions with ``split``, ``label``, ``score`` and ``score_raw``.
+    disclosed : mapping
+        The site's document from :func:`site_disclosure` (its ``splits`` and ``min_cell``).
+    method : str
+        ``platt``, ``temperature`` or ``none``.
+    applied : bool
+        Whether ``score`` differs from ``score_raw`` by a recalibration.
+    source, reason : str or None
+        What the recalibration was fitted on; why it was not applied.
+    ece_bins : int
+        ECE bins.
+
+    Returns
+    -------
+    dict
+        :class:`RecalibrationSummary` as JSON.
+
+    Raises
+    ------
+    ValueError
+        When ``frame`` has no ``score_raw`` column (one line).
+    """
+    if "score_raw" not in frame.columns:
+        raise ValueError(f"site {disclosed.get('site')}: predictions lack column 'score_raw'; "
+                         f"present: {list(frame.columns)}")
+    doc = read_disclosure(disclosed)
+    test = frame[frame["split"] == REPORT_SPLIT]
+    y = test["label"].to_numpy(dtype=np.int64)
+    split = doc.splits.get(REPORT_SPLIT)
+    figures = {when: _calibration_figures(y, test[col].to_numpy(dtype=np.float64), split,
+                                          min_cell=doc.min_cell, ece_bins=ece_bins)
+               for when, col in (("before", "score_raw"), ("after", "score"))}
+    summary = RecalibrationSummary(method=method, applied=applied, source=source,
+                                   reason=reason, **figures)
+    out: dict[str, Any] = _finite(summary.model_dump(mode="json"))
+    return out

@@ -27,7 +27,8 @@ modality group trained by fewer than ``m`` patients (count 0, its weights not se
 ``floor(n / m)`` rows (:func:`pca_rank_cap`, capped by the handler, checked here);
 ``pca_scores`` needs ``m`` patients; ``evaluate`` sends its metrics and its validation
 histograms (counts only, bins of 0 or at least ``m``) only when the split and each class
-count allow, else nothing.
+count allow, else nothing; ``calibrate`` sends nothing at all (its validation counts stay at the
+site for the secure sum).
 
 The hospital's policy comes from ``policy.yaml`` in its site directory and, on Flower, from its
 SuperNode's node config (:func:`site_policy`; the stricter of each field).
@@ -369,6 +370,8 @@ DECLARED: dict[Kind, Declared] = {
     Kind.FIT: Declared(n_samples=True, weights=True, metrics="loss"),
     Kind.EVALUATE: Declared(n_samples=True, metrics=r"val_(auc|average_precision|brier|ece)",
                             documents=frozenset({Doc.VALIDATION})),
+    # the validation counts stay at the site for the secure sum: nothing in the reply
+    Kind.CALIBRATE: Declared(),
     Kind.PREDICT: Declared(n_samples=True, metrics=_SPLIT_METRIC,
                            documents=frozenset({Doc.EVALUATION, Doc.SITE_METRICS,
                                                 Doc.DISCLOSED})),

@@ -34,6 +34,11 @@ Request kinds (:class:`Kind`), in the order an experiment sends them:
     ``metrics`` (``"val_auc"``, ``"val_average_precision"``, ``"val_brier"``, ``"val_ece"``)
     and the :attr:`Doc.VALIDATION` histograms, or, on fewer than ``min_cell`` patients (or
     a class with fewer), with nothing (``n_samples`` 0).
+``calibrate``
+    Score the validation split with ``weights`` (or, with ``config["model"] == "local"``, the
+    site's own local-only model) and hold its fine score counts per label at the site for the
+    ``secure_sum`` that follows (the server fits the recalibration on the total); the reply
+    carries nothing.
 ``predict``
     Final evaluation: the site writes its patient-level files at home and replies with the
     :attr:`Doc.SITE_METRICS` document (metrics per split under the small-cell rule); its test
@@ -128,6 +133,7 @@ class Kind(StrEnum):
     INFO = "info"
     FIT = "fit"
     EVALUATE = "evaluate"
+    CALIBRATE = "calibrate"
     PREDICT = "predict"
     SECURE_SUM = "secure_sum"
     LOCAL_TRAIN = "local_train"

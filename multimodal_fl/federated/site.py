@@ -86,6 +86,7 @@ Randomness: every generator is seeded from ``site_seed(seed, site, round)``.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -99,9 +100,21 @@ from torch import nn
 
 from multimodal_fl.config import ExperimentConfig, SitePolicy, load_policy
 from multimodal_fl.encoders.tabular import Standardizer
-from multimodal_fl.evaluation.disclosed import released_metric, site_disclosure
-from multimodal_fl.evaluation.histograms import histogram_parts, label_counts
+from multimodal_fl.evaluation.disclosed import (
+    complementary_suppression,
+    recalibration_summary,
+    released_metric,
+    site_disclosure,
+)
+from multimodal_fl.evaluation.histograms import OVERALL, fine_counts, histogram_parts, label_counts
 from multimodal_fl.evaluation.metrics import MetricValue, binary_metrics, derive_seed
+from multimodal_fl.evaluation.recalibration import (
+    CONFIG_KEYS,
+    Recalibration,
+    RecalibrationError,
+    fit_on_scores,
+    recalibrated_frame,
+)
 from multimodal_fl.federated.aggregation import STANDARDIZER_STATE
 from multimodal_fl.federated.disclosure import (
     EGRESS_LOG,
@@ -154,6 +167,8 @@ from multimodal_fl.training import (
 __all__ = [
     "LOCAL_MODEL",
     "POOLED_TEST",
+    "POOLED_VALIDATION",
+    "RECALIBRATION_FILE",
     "FusionSite",
     "as_disclosed",
     "fusion_sites",
@@ -170,6 +185,12 @@ log = logging.getLogger(__name__)
 #: The secure-summed vector a site holds after ``predict``: its test split's fine score
 #: histograms (:func:`~multimodal_fl.evaluation.histograms.histogram_parts`).
 POOLED_TEST = "test_histograms"
+#: The secure-summed vector a site holds after ``calibrate``: its validation split's fine score
+#: counts per label under the model to recalibrate (one part, ``overall``).
+POOLED_VALIDATION = "validation_histograms"
+#: A model's recalibration: the global model's in the run directory, a local-only model's kept
+#: at home beside it (``sites/<site>/``); ``mmfl predict`` applies it.
+RECALIBRATION_FILE = "recalibration.json"
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
@@ -338,6 +359,7 @@ class FusionSite:
             Kind.PCA: self._on_pca, Kind.PCA_APPLY: self._on_pca_apply,
             Kind.PCA_SCORES: self._on_pca_scores, Kind.FIT: self._on_fit,
             Kind.EVALUATE: self._on_evaluate, Kind.PREDICT: self._on_predict,
+            Kind.CALIBRATE: self._on_calibrate,
             Kind.LOCAL_TRAIN: self._on_local_train, Kind.CROSS_EVALUATE: self._on_cross_evaluate,
             Kind.SECURE_SUM: self._on_secure_sum,
         }
@@ -506,6 +528,7 @@ class FusionSite:
         ev = self.cfg.evaluation
         min_cell = int(request.config.get("min_cell", self.gate.min_cell(request)))
         frame = predictions_frame(self.model, self.data, sensitive=ev.sensitive)
+        frame, recalibration = self._recalibrate(frame, request, min_cell)
         if self.run_dir is not None:
             writer = RunWriter(self.run_dir, self.cfg, str(request.config.get("engine", "")))
             writer.write_splits(self.name, self.data)
@@ -516,6 +539,7 @@ class FusionSite:
             n_boot=ev.n_boot, seed=self.cfg.seed, n_bins=ev.histogram_bins,
             threshold_rule=str(request.config.get("threshold", ev.threshold)),
             subgroup_summaries=self.gate.policy.subgroup_summaries, pooled=pooled)
+        disclosed["recalibration"] = recalibration_summary(frame, disclosed, **recalibration)
         # the same cells suppressed as in the site's report document (its class rule too)
         by_split = as_disclosed(metrics_by_split(frame, n_boot=ev.n_boot, seed=self.cfg.seed,
                                                  where=self.name, min_cell=min_cell), disclosed)
@@ -564,6 +588,93 @@ class FusionSite:
         parts = histogram_parts(test["label"].to_numpy(), test["score"].to_numpy(),
                                 groups=groups, n_bins=self.cfg.evaluation.histogram_bins)
         self.secure.hold(POOLED_TEST, parts, min_cell=min_cell)
+
+    def _on_calibrate(self, request: Request) -> Reply:
+        """Hold the validation split's fine counts per label under the model to recalibrate
+        (:data:`POOLED_VALIDATION`) for the secure sum that follows; nothing leaves here."""
+        self._load_for_predict(request)
+        min_cell = self._min_cell(request)
+        val = self.data.val
+        refusal = self._validation_sum_refusal(min_cell)
+        if refusal is not None:
+            self.secure.hold(POOLED_VALIDATION, {}, refusal=refusal, min_cell=min_cell)
+            return self._reply(request)
+        counts = fine_counts(val.labels.numpy().astype(np.int64), predict(self.model, val),
+                             self.cfg.evaluation.histogram_bins)
+        self.secure.hold(POOLED_VALIDATION, {OVERALL: counts}, min_cell=min_cell)
+        return self._reply(request)
+
+    def _validation_sum_refusal(self, min_cell: int) -> str | None:
+        """Why this site's validation histogram does not join the secure sum, or ``None``.
+
+        Only a site that releases nothing of its validation split's class counts joins: one
+        whose classes are each 0 or at least ``min_cell`` discloses its validation histogram
+        at ``evaluate`` and its positives at ``predict`` (the server fits on those as
+        disclosed), and the sum's total minus them would be the other sites' hidden counts.
+        A site whose validation size is withheld (below ``min_cell``, or as the complement
+        of a small split) does not join either: the total would give it.
+        """
+        parts = {name: (len(split), int((split.labels > 0.5).sum()))
+                 for name, split in (("train", self.data.train), ("val", self.data.val),
+                                     ("test", self.data.test))}
+        n, pos = parts["val"]
+        if n < min_cell:
+            return f"fewer than {min_cell} validation patients"
+        if "val" in complementary_suppression(parts, min_cell=min_cell, what="split").hidden:
+            return "the validation split's size is withheld (complementary suppression)"
+        if (pos == 0 or pos >= min_cell) and (n - pos == 0 or n - pos >= min_cell):
+            return ("this site's validation class counts are released (at evaluate and "
+                    "predict): the server fits on its disclosed histogram, not on a sum")
+        return None
+
+    def _recalibrate(self, frame: pd.DataFrame, request: Request, min_cell: int
+                     ) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """The predictions with the recalibrated ``score`` and ``score_raw`` beside it, and
+        what :func:`~multimodal_fl.evaluation.disclosed.recalibration_summary` says of it.
+
+        The request carries the server's recalibration (:data:`~multimodal_fl.evaluation.
+        recalibration.CONFIG_KEYS`), or the reason there is none (``recalibrate_reason``); the
+        local-only model is recalibrated here, on the site's own validation split
+        (:meth:`_local_recalibration`).
+        """
+        c = request.config
+        method = str(c.get(CONFIG_KEYS[0], "none"))
+        reason = c.get("recalibrate_reason")
+        if c.get("model") == LOCAL_MODEL and method != "none":
+            fitted, reason = self._local_recalibration(frame, method, min_cell)
+            source = None if fitted is None else fitted.source
+        else:
+            fitted = Recalibration.from_config(c)
+            source = None if fitted is None else str(c.get("recalibrate_source") or "the server")
+        if fitted is None and not reason:
+            reason = "no recalibration was asked for (evaluation.recalibrate: none)"
+        status = {"method": method, "applied": fitted is not None, "source": source,
+                  "reason": None if fitted is not None else str(reason)}
+        return recalibrated_frame(frame, fitted), status
+
+    def _local_recalibration(self, frame: pd.DataFrame, method: str, min_cell: int
+                             ) -> tuple[Recalibration | None, str | None]:
+        """The local-only model's recalibration, fitted at home on its own validation split.
+
+        It needs ``min_cell`` patients of each class there; it is kept in
+        ``sites/<site>/`` (:data:`RECALIBRATION_FILE`, for ``mmfl predict``) and never sent.
+        """
+        val = frame[frame["split"] == "val"]
+        y = val["label"].to_numpy(dtype=np.int64)
+        n_pos = int(y.sum())
+        if min(n_pos, y.size - n_pos) < min_cell:
+            return None, (f"the site's validation split has fewer than {min_cell} patients of "
+                          "a class: its local-only model is not recalibrated")
+        try:
+            fitted = fit_on_scores(y, val["score"].to_numpy(dtype=np.float64), method=method,
+                                   n_bins=self.cfg.evaluation.histogram_bins,
+                                   source="the site's own validation split")
+        except RecalibrationError as exc:
+            return None, str(exc)
+        home = self._home_model_path()
+        if home is not None:
+            (home.parent / RECALIBRATION_FILE).write_text(json.dumps(fitted.to_dict()))
+        return fitted, None
 
     def _on_secure_sum(self, request: Request) -> Reply:
         try:

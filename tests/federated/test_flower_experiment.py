@@ -75,14 +75,15 @@ def _rounds(run_dir: Path) -> list[dict[str, Any]]:
 
 @pytest.mark.flower
 @pytest.mark.slow
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(660)
 def test_fusion_experiment_on_loopback_flower_equals_in_process(
     tiny_config: Callable[..., Path], tmp_path: Path
 ) -> None:
     """SuperLink + 3 SuperNodes, 2 rounds of the real experiment: the in-process model, exactly."""
-    # half of each site's patients in test, so the pooled secure sum has sites to sum
+    # 40 % of each site's patients in test and 30 % in validation, so both secure sums (the
+    # pooled test figures, the recalibration's validation histograms) have sites to sum
     cfg = load_config(tiny_config("covid_oxygen", evaluation={"min_cell": 5},
-                                  training={"split": {"train": 0.3, "val": 0.2, "test": 0.5}}))
+                                  training={"split": {"train": 0.3, "val": 0.3, "test": 0.4}}))
     assert len(cfg.sites) == 3, "the tiny COVID-19 cohort should have three sites"
     assert cfg.federated.rounds == 2
     assert cfg.training.num_threads == 1  # run_federated_experiment and torch-threads use it
@@ -106,9 +107,10 @@ def test_fusion_experiment_on_loopback_flower_equals_in_process(
     sites = {s.name: Path(s.path) for s in cfg.sites}
     started = time.monotonic()
     try:  # starts and stops every process (process groups killed on the way out)
-        # 380 s: the predict stage's secure sum adds four messages per site, each a ClientApp
-        # process start (287 s in all on a 2-core machine at load 7)
-        run_loopback(sites, run_config, tmp_path / "flower_work", timeout=380,
+        # 560 s: the predict stage's secure sum adds four messages per site, each a ClientApp
+        # process start (287 s in all on a 2-core machine at load 7), and recalibration five
+        # more (calibrate, the validation secure sum): 456 s at load 9
+        run_loopback(sites, run_config, tmp_path / "flower_work", timeout=560,
                      env={"PYTHONPATH": pythonpath})
     except FlowerRunError as exc:
         pytest.fail(str(exc))
@@ -139,9 +141,15 @@ def test_fusion_experiment_on_loopback_flower_equals_in_process(
     ref_pooled = json.loads((reference / "metrics.json").read_text())["pooled_from_histograms"]
     assert ref_pooled["overall"]["auc"]["value"] is not None
     assert metrics["pooled_from_histograms"] == ref_pooled
-    assert [json.loads(line)["kind"] for line in
-            (hospitals / "sites" / "site_a" / "egress.jsonl").read_text().splitlines()
-            ].count("secure_sum") == 4
+    # the recalibration: fitted on the validation secure sum over the deployment, the same map
+    ref_recal = json.loads((reference / "metrics.json").read_text())["recalibration"]
+    assert ref_recal["applied"] and "secure sum" in ref_recal["source"]
+    assert metrics["recalibration"]["source"] == ref_recal["source"]
+    assert (metrics["recalibration"]["a"], metrics["recalibration"]["b"]) == pytest.approx(
+        (ref_recal["a"], ref_recal["b"]), abs=1e-9)
+    kinds = [json.loads(line)["kind"] for line in
+             (hospitals / "sites" / "site_a" / "egress.jsonl").read_text().splitlines()]
+    assert kinds.count("secure_sum") == 8 and kinds.count("calibrate") == 1
     # the egress audit, before the in-process run's sites/ is removed below
     _audit_both_engines(cfg, data, cohorts, {
         "in-process": (recorded.crossings, reference),

@@ -40,8 +40,8 @@ from multimodal_fl.evaluation.report.compare import load_runs
 from multimodal_fl.evaluation.report.load import CROSS_COLUMNS, ReportConfig, RunData
 
 __all__ = ["CENTRALIZED_NOTE", "FRAME_LABEL", "RUN_LABELS", "SPLIT", "build_report",
-           "global_threshold", "json_ready", "report_from_runs", "run_from_frame", "run_label",
-           "run_thresholds"]
+           "global_threshold", "json_ready", "recalibration_section", "report_from_runs",
+           "run_from_frame", "run_label", "run_thresholds"]
 
 SPLIT = "test"
 """The split every figure and table of the report evaluates."""
@@ -561,6 +561,7 @@ def report_from_runs(
         "cross_site": cross.to_dict(),
         "change_from_local": {k: _frame_records(v) for k, v in changes.items()},
         "training": {r.label: _training_curves(r) for r in runs},
+        "recalibration": {r.label: recalibration_section(r) for r in runs},
     }
     sections = {"per_run": per_run, "cross": cross, "changes": changes, "settings": st}
     return doc, runs, sections
@@ -637,6 +638,39 @@ def run_from_frame(frame: pd.DataFrame, *, label: str = FRAME_LABEL,
         else {}
     return RunData(path=Path("(DataFrame)"), label=label, engine="frame", config=None,
                    metrics=metrics, disclosed=disclosed)
+
+
+def recalibration_section(run: RunData) -> dict[str, Any]:
+    """What a run's recalibration was and each site's test calibration before and after it.
+
+    From ``metrics.json`` (the server's fit, or why there is none) and each site's disclosed
+    ``recalibration`` entry (:func:`~multimodal_fl.evaluation.disclosed.recalibration_summary`);
+    a site whose document predates recalibration has no row.
+
+    Parameters
+    ----------
+    run : RunData
+
+    Returns
+    -------
+    dict
+        ``run`` (``metrics.json``'s ``recalibration`` entry, or ``None``) and ``sites``: one
+        row per site with ``applied``, ``source`` or ``reason``, and per figure (``ece``,
+        ``mean_score``, ``observed``, ``intercept``, ``slope``) its value before and after.
+    """
+    rows = []
+    for site, doc in sorted(run.disclosed.items()):
+        rc = doc.recalibration
+        if rc is None:
+            continue
+        row: dict[str, Any] = {"site": site, "method": rc.method, "applied": rc.applied,
+                               "source": rc.source, "reason": rc.reason, "n": rc.after.n}
+        for figure in ("ece", "mean_score", "observed", "intercept", "slope"):
+            row[f"{figure}_before"] = getattr(rc.before, figure)
+            row[f"{figure}_after"] = getattr(rc.after, figure)
+        row["figures_reason"] = rc.after.reason
+        rows.append(row)
+    return {"run": run.metrics.get("recalibration"), "sites": rows}
 
 
 def _frame_records(df: pd.DataFrame) -> list[dict[str, Any]]:

@@ -701,6 +701,39 @@ def _federated_evaluation_body(doc: dict[str, Any], st: dict[str, Any]) -> str:
     return body
 
 
+def _recalibration_body(doc: dict[str, Any]) -> str:
+    """Each run's recalibration and each site's test calibration before and after it."""
+    parts = ["<h3>Recalibration</h3>"]
+    for label, sec in (doc.get("recalibration") or {}).items():
+        fit = sec.get("run") or {}
+        if fit.get("applied"):
+            how = (f"{fit.get('method')}: score' = expit({fit['a']:.3f} + {fit['b']:.3f} "
+                   f"logit(score)), fitted on {fit.get('source')}")
+        elif fit.get("sites"):
+            how = f"{fit.get('method')}: each local-only model on its own site's validation split"
+        else:
+            how = f"not applied ({fit.get('reason') or 'the run records none'})"
+        parts.append(f"<p><b>{_esc(label)}</b>: {_esc(how)}</p>")
+        rows = [{"site": r["site"], "applied": "yes" if r["applied"] else f"no ({r['reason']})",
+                 "n": r["n"], **{f"{name} before": r[f"{key}_before"] for key, name in _RECAL},
+                 **{f"{name} after": r[f"{key}_after"] for key, name in _RECAL}}
+                for r in sec.get("sites") or []]
+        if rows:
+            parts.append(_table(pd.DataFrame(rows)))
+    parts.append("<p class='note'>Test split of each site, as the site disclosed it: before = "
+                 "the model's own scores, after = recalibrated. ECE on 10 bins; "
+                 "calibration-in-the-large = the logistic intercept with the slope fixed at 1 "
+                 "(0 when calibrated), slope = the logistic slope on logit(score) (1 when "
+                 "calibrated); a figure the small-cell rules withhold is a dash.</p>")
+    return "".join(parts)
+
+
+#: The recalibration table's figures: (key, column name).
+_RECAL: tuple[tuple[str, str], ...] = (
+    ("ece", "ECE"), ("mean_score", "mean risk"), ("intercept", "in the large"),
+    ("slope", "slope"))
+
+
 def _method_body(st: dict[str, Any]) -> str:
     """Split, thresholds, small-cell rule, intervals and fairness definitions."""
     mc = st["min_cell"]
@@ -745,7 +778,7 @@ def _section_bodies(doc: dict[str, Any], sec: dict[str, Any], figs: dict[str, An
         "<p class='note'>A site's points are the calibration bins it disclosed (the same steps "
         "as its ROC points, each of at least the small-cell number of patients); all sites: "
         f"the pooled 10 equal-width bins, those with fewer than {st['min_cell']} patients not "
-        "drawn.</p>",
+        "drawn.</p>" + _recalibration_body(doc),
         "fairness": _fairness_body(sec, figs),
         "disparities": _disparities_body(sec),
         "generalisability": _generalisability_body(sec, figs),
