@@ -81,6 +81,7 @@ from multimodal_fl.training import torch_threads
 __all__ = [
     "RoundTracker",
     "StageFailed",
+    "fit_settings",
     "gather",
     "inprocess_federation",
     "pooled_test",
@@ -132,6 +133,34 @@ LOOP_FIELDS = frozenset({
 ENGINE_FIELDS = frozenset({"engine", "pca", "select", "tracker"})
 
 
+def fit_settings(cfg: ExperimentConfig, *, local_steps: int | None = None) -> FitSettings:
+    """The fit request's training settings from the typed config (DP-SGD's included).
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+    local_steps : int or None
+        Steps per fit (default ``federated.local_steps``).
+
+    Returns
+    -------
+    FitSettings
+        With ``privacy.dp``: its clipping norm, noise multiplier or target epsilon (spread
+        over ``federated.rounds`` x ``federated.local_steps`` steps), delta and accountant.
+    """
+    fed = cfg.federated
+    steps = fed.local_steps if local_steps is None else int(local_steps)
+    dp = cfg.privacy.dp
+    if dp is None:
+        return FitSettings(seed=cfg.seed, local_steps=steps, lr=cfg.training.lr)
+    return FitSettings(
+        seed=cfg.seed, local_steps=steps, lr=cfg.training.lr,
+        dp_max_grad_norm=dp.max_grad_norm, dp_noise_multiplier=dp.noise_multiplier or 0.0,
+        dp_target_epsilon=dp.target_epsilon or 0.0,
+        dp_planned_steps=fed.rounds * fed.local_steps, dp_delta=dp.delta,
+        dp_accountant=dp.accountant)
+
+
 def run_config(cfg: ExperimentConfig) -> RunConfig:
     """The server loop's settings from the typed experiment config.
 
@@ -148,9 +177,9 @@ def run_config(cfg: ExperimentConfig) -> RunConfig:
     RunConfig
     """
     fed = cfg.federated
-    fit = FitSettings(seed=cfg.seed, local_steps=fed.local_steps, lr=cfg.training.lr)
     fit_config: dict[str, ConfigValue] = {
-        k: v for k, v in fit.to_config().items() if k in ("local_steps", "lr")
+        k: v for k, v in fit_settings(cfg).to_config().items()
+        if k in ("local_steps", "lr") or k.startswith("dp_")
     }
     return RunConfig(
         rounds=fed.rounds,
