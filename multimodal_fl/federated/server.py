@@ -23,6 +23,7 @@ from multimodal_fl.federated.aggregation import (
     check_fit_reply,
     server_step,
 )
+from multimodal_fl.federated.central_dp import SiteLevelDP, private_mean
 from multimodal_fl.federated.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -156,6 +157,10 @@ class RunConfig:
         Extra config for fit requests (e.g. ``local_steps``, ``lr``).
     evaluate_config : Mapping[str, int | float | str | bool]
         Extra config for evaluation requests.
+    site_dp : SiteLevelDP or None
+        Site-level differential privacy of the aggregate (:mod:`~multimodal_fl.federated.
+        central_dp`): each site's update clipped, Gaussian noise on their sum, the sites
+        averaged with equal weight. None: plain aggregation.
     """
 
     rounds: int
@@ -171,6 +176,7 @@ class RunConfig:
     seed: int = 0
     fit_config: Mapping[str, ConfigValue] = field(default_factory=dict)
     evaluate_config: Mapping[str, ConfigValue] = field(default_factory=dict)
+    site_dp: SiteLevelDP | None = None
 
     def __post_init__(self) -> None:
         """Validate the settings."""
@@ -243,6 +249,9 @@ class RoundRecord:
         histograms the server pools).
     earlier_attempts : list[str]
         One line per failed earlier attempt of this round.
+    site_dp : dict[str, Any]
+        With site-level DP: the sites whose update was clipped, the noise's standard deviation
+        on the mean and the number of sites averaged (empty otherwise).
     seconds : float
         Wall time of the round (not deterministic; left out of equality checks).
     server_seconds : float
@@ -262,6 +271,7 @@ class RoundRecord:
     eval_failed: dict[str, str] = field(default_factory=dict)
     eval_documents: dict[str, dict[str, Any]] = field(default_factory=dict)
     earlier_attempts: list[str] = field(default_factory=list)
+    site_dp: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     server_seconds: float = 0.0
 
@@ -599,6 +609,9 @@ def _fit_round(
     t_server = time.perf_counter()
     valid.sort(key=lambda r: r.site)
     averaged = aggregate(valid, weights)
+    if config.site_dp is not None:  # clipped updates, noise on their sum, equal weights
+        private, record.site_dp = private_mean(valid, weights, config.site_dp)
+        averaged.update(private)
     new_weights, new_state = server_step(weights, averaged, opt_state, config.optimizer)
     record.server_seconds += time.perf_counter() - t_server
     record.replied = [r.site for r in valid]

@@ -67,7 +67,8 @@ def build_model(cfg: ExperimentConfig, data: CohortDataset | SiteData) -> Fusion
     left as it was), so every site and engine starts from the same weights. With
     ``privacy.dp`` the model is made DP-SGD's form
     (:func:`~multimodal_fl.training.privacy.make_private_compatible`: GroupNorm for BatchNorm,
-    no in-place activation, dense fusion) for every engine and request alike.
+    no in-place activation, dense fusion) for every engine and request alike; with
+    ``privacy.site_level`` alone, GroupNorm for BatchNorm.
 
     Parameters
     ----------
@@ -106,8 +107,9 @@ def build_model(cfg: ExperimentConfig, data: CohortDataset | SiteData) -> Fusion
             modality_dropout=cfg.fusion.modality_dropout,
             dropout=cfg.fusion.dropout,
         )
-    if cfg.privacy.dp is not None:
-        model, changes = make_private_compatible(model)
+    privacy = cfg.privacy
+    if privacy.dp is not None or privacy.site_level is not None:
+        model, changes = make_private_compatible(model, per_sample=privacy.dp is not None)
         for line in changes:
             log.debug("privacy.dp model: %s", line)
     return model

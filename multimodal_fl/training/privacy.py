@@ -57,6 +57,8 @@ from multimodal_fl.fusion import FusionModel
 __all__ = [
     "ACCOUNTANTS",
     "DPSGD",
+    "EPSILON_COVERS",
+    "SITE_LEVEL_COVERS",
     "PrivacyLedger",
     "dp_session",
     "make_private_compatible",
@@ -68,6 +70,18 @@ __all__ = [
 
 #: Opacus accountants a run may choose.
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
+
+#: What a site's DP-SGD epsilon covers, in one sentence (``metrics.json`` and the report).
+EPSILON_COVERS = (
+    "Each site's epsilon (at its delta) covers the training updates it sent, the weights "
+    "DP-SGD trained in its fit replies, for one patient of that site; it does not cover the "
+    "standardisation moments, PCA summaries or evaluation figures, which the disclosure gate's "
+    "small-cell rules handle instead.")
+#: What the server's site-level epsilon covers, in one sentence.
+SITE_LEVEL_COVERS = (
+    "The site-level epsilon covers one hospital's participation in the aggregate model (all of "
+    "its patients at once) against anyone who sees the global weights; the server itself sees "
+    "each update before the noise, and no patient is protected by it alone.")
 
 # Warnings Opacus gives on every call that say nothing new here: the generators are seeded
 # from the OS's CSPRNG (module docstring), and the first layer's inputs need no gradient.
@@ -89,7 +103,8 @@ def require_opacus() -> None:
                           "(opacus==1.6.0)") from None
 
 
-def make_private_compatible(model: FusionModel) -> tuple[FusionModel, list[str]]:
+def make_private_compatible(model: FusionModel, *, per_sample: bool = True
+                            ) -> tuple[FusionModel, list[str]]:
     """The model in the form DP-SGD needs, and what changed.
 
     BatchNorm -> GroupNorm (Opacus' ``ModuleValidator.fix``), in-place activations made
@@ -100,6 +115,10 @@ def make_private_compatible(model: FusionModel) -> tuple[FusionModel, list[str]]
     ----------
     model : FusionModel
         Built with :func:`~multimodal_fl.training.build_model`; not changed.
+    per_sample : bool, default True
+        Also make it dense and check it with Opacus (DP-SGD). ``False``: only the
+        normalisation layers (site-level DP of the aggregate: BatchNorm's running statistics
+        are no gradient, so the clipped and noised update cannot cover them).
 
     Returns
     -------
@@ -118,7 +137,7 @@ def make_private_compatible(model: FusionModel) -> tuple[FusionModel, list[str]]
     require_opacus()
     from opacus.validators import ModuleValidator
 
-    if model.kind == "attention":
+    if per_sample and model.kind == "attention":
         raise ValueError("privacy.dp: fusion.kind 'attention' has no per-sample gradients in "
                          "Opacus (its Transformer layer); use fusion.kind concat or late")
     before = dict(model.named_modules())
@@ -132,6 +151,8 @@ def make_private_compatible(model: FusionModel) -> tuple[FusionModel, list[str]]
         if getattr(module, "inplace", False) is True:
             module.inplace = False
             changes.append(f"{name}: {type(module).__name__} in place -> out of place")
+    if not per_sample:
+        return fixed, changes
     fixed.dense = True
     errors = ModuleValidator.validate(fixed, strict=False)
     if errors:
