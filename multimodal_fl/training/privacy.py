@@ -478,3 +478,4 @@ def noise_only_step(optimizer: torch.optim.Optimizer) -> None:
     for p in params:
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
