@@ -106,7 +106,7 @@ def test_ledger_counts_steps_and_survives_a_round_trip(tmp_path: Path) -> None:
     back = PrivacyLedger.load(tmp_path / "privacy.json")
     assert back.history == [(1.0, 0.1, 50)] and back.epsilon(1e-5) == pytest.approx(ahead)
     assert PrivacyLedger.load(tmp_path / "none.json").history == []
-    with pytest.raises(ValueError, match="'rdp' accountant; privacy.dp.accountant is 'prv'"):
+    with pytest.raises(ValueError, match=r"'rdp' accountant; privacy\.dp\.accountant is 'prv'"):
         PrivacyLedger.load(tmp_path / "privacy.json", mechanism="prv")
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="not a privacy ledger"):
@@ -199,7 +199,7 @@ def test_the_local_engine_refuses_a_privacy_section(tiny_config: Callable[..., P
     from multimodal_fl.engines.registry import EngineOptionError
 
     cfg = load_config(tiny_config(privacy={"dp": {"noise_multiplier": 1}}))
-    with pytest.raises(EngineOptionError, match="privacy.dp: the local engine trains without"):
+    with pytest.raises(EngineOptionError, match=r"privacy\.dp: the local engine trains without"):
         run(cfg, "local", out_dir=tmp_path / "r")
 
 
@@ -233,7 +233,7 @@ def test_epsilon_per_site_is_recorded_and_kept_across_resume(
         ledger = json.loads((staged / "sites" / site / "privacy.json").read_text())
         assert [f["round"] for f in ledger["fits"]] == [1, 2]
     report = json.loads((tmp_path / "full" / "report" / "report.json").read_text())
-    (label, section), = report["privacy"].items()
+    (_label, section), = report["privacy"].items()
     assert [r["site"] for r in section["dp"]["sites"]] == sorted(sites)
     html = (tmp_path / "full" / "report" / "report.html").read_text()
     assert "it does not cover the standardisation moments, PCA summaries" in html
