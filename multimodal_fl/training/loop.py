@@ -429,7 +429,8 @@ def train(
     pos_weight, notes = _pos_weight(train_data.labels)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr,
+                                                   weight_decay=cfg.weight_decay)
     validate = val_data is not None and len(val_data) > 0
     result = TrainResult(
         steps=0,
