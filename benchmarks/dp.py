@@ -82,15 +82,19 @@ def one_row(name: str, overrides: list[str], args: argparse.Namespace) -> dict[s
     if not (out / "metrics.json").is_file() or "stopped_after_round" in json.loads(
             (out / "metrics.json").read_text()):
         run(cfg, "inprocess", out_dir=out, overwrite=True, report=False)
-    seconds = time.perf_counter() - t0
     metrics = json.loads((out / "metrics.json").read_text())
+    seconds = (metrics.get("timing_s") or {}).get("train", time.perf_counter() - t0)
     privacy = metrics.get("privacy") or {}
     eps = [v["epsilon"] for v in ((privacy.get("dp") or {}).get("sites") or {}).values()]
     site_level = privacy.get("site_level") or {}
     clipped = [len(r.get("site_dp", {}).get("clipped", [])) for r in metrics["rounds"]]
+    sigmas = [json.loads(p.read_text())["fits"][-1]["noise_multiplier"]
+              for p in sorted(out.glob("sites/*/privacy.json"))]  # at the sites, not the server
     return {"setting": name, "rounds": cfg.federated.rounds, **test_aucs(out, cfg.seed,
                                                                         args.n_boot),
             "epsilon_max": max(eps) if eps else None, "epsilon_min": min(eps) if eps else None,
+            "noise_min": min(sigmas) if sigmas else None,
+            "noise_max": max(sigmas) if sigmas else None,
             "site_level_epsilon": site_level.get("epsilon"),
             "clipped_per_round": statistics.mean(clipped) if site_level else None,
             "train_s": seconds}
@@ -99,19 +103,21 @@ def one_row(name: str, overrides: list[str], args: argparse.Namespace) -> dict[s
 def table(rows: list[dict[str, Any]], delta: float) -> str:
     """The markdown table of ``docs/benchmarks.md``."""
     head = (f"| setting | rounds | epsilon per site at delta={delta:g} (min-max) | "
-            "site-level epsilon | pooled test AUC [95% CI] | mean per-site AUC | "
-            "sites clipped per round | train s |")
-    lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "sites' noise multiplier | site-level epsilon | pooled test AUC [95% CI] | "
+            "mean per-site AUC | sites clipped per round | train s |")
+    lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         eps = ("-" if r["epsilon_max"] is None else
                f"{r['epsilon_min']:.2f}-{r['epsilon_max']:.2f}")
+        sigma = ("-" if r.get("noise_max") is None else
+                 f"{r['noise_min']:.2f}-{r['noise_max']:.2f}")
         sl = "-" if r["site_level_epsilon"] is None else f"{r['site_level_epsilon']:.2f}"
         auc = f"{r['pooled']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
         sites = [v for v in r["sites"].values() if v is not None and np.isfinite(v)]
         mean = f"{statistics.mean(sites):.3f}" if sites else "-"
         clipped = "-" if r["clipped_per_round"] is None else f"{r['clipped_per_round']:.1f}/4"
-        lines.append(f"| {r['setting']} | {r['rounds']} | {eps} | {sl} | {auc} | {mean} | "
-                     f"{clipped} | {r['train_s']:.0f} |")
+        lines.append(f"| {r['setting']} | {r['rounds']} | {eps} | {sigma} | {sl} | {auc} | "
+                     f"{mean} | {clipped} | {r['train_s']:.0f} |")
     return "\n".join(lines)
 
 
