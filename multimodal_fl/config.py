@@ -40,6 +40,7 @@ __all__ = [
     "REQUEST_KINDS",
     "CodeSet",
     "ConfigError",
+    "DPConfig",
     "EvaluationConfig",
     "ExperimentConfig",
     "FederatedConfig",
@@ -48,7 +49,9 @@ __all__ = [
     "ModalitiesConfig",
     "ObservationFeature",
     "PCAConfig",
+    "PrivacyConfig",
     "SiteConfig",
+    "SiteLevelDPConfig",
     "SitePolicy",
     "TabularModalityConfig",
     "TaskSpec",
@@ -591,6 +594,63 @@ class FederatedConfig(_Strict):
     pca: PCAConfig = Field(default_factory=PCAConfig, description="Federated PCA stage.")
 
 
+class DPConfig(_Strict):
+    """DP-SGD at every site (Opacus): sample-level differential privacy of the training updates.
+
+    Exactly one of ``noise_multiplier`` and ``target_epsilon`` is set. With ``target_epsilon``,
+    each site chooses the noise multiplier that spends it, at its own sampling rate, over
+    ``federated.rounds`` x ``federated.local_steps`` steps.
+    """
+
+    noise_multiplier: float | None = Field(
+        default=None, gt=0, description="sigma: the Gaussian noise's standard deviation over "
+        "max_grad_norm.")
+    target_epsilon: float | None = Field(
+        default=None, gt=0, description="The epsilon (at delta) each site spends by the last "
+        "round; its noise multiplier follows.")
+    max_grad_norm: float = Field(
+        default=1.0, gt=0, description="C: every patient's gradient is clipped to this L2 norm.")
+    delta: float = Field(
+        default=1e-5, gt=0, lt=1, description="The delta epsilon is stated at (keep it below "
+        "1 / training patients of the smallest site); a site policy's dp_delta can lower it.")
+    accountant: Literal["rdp", "prv"] = Field(
+        default="rdp", description="Opacus' accountant: rdp (Renyi DP, an upper bound) or prv "
+        "(privacy random variables, tighter).")
+
+    @model_validator(mode="after")
+    def _one_noise_setting(self) -> DPConfig:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("privacy.dp: set exactly one of noise_multiplier and "
+                             "target_epsilon")
+        return self
+
+
+class SiteLevelDPConfig(_Strict):
+    """The server's site-level DP: each site's update clipped, Gaussian noise on their sum.
+
+    It protects a hospital's participation (all of its patients at once), not one patient.
+    """
+
+    clip_norm: float = Field(
+        gt=0, description="S: each site's update (its weights minus the global ones, over "
+        "every float parameter and buffer) is clipped to this L2 norm.")
+    noise_multiplier: float = Field(
+        gt=0, description="z: Gaussian noise of standard deviation z * S is added to the sum of "
+        "the clipped updates (z * S / K on their mean over K sites).")
+    delta: float = Field(default=1e-5, gt=0, lt=1,
+                         description="The delta the site-level epsilon is stated at.")
+
+
+class PrivacyConfig(_Strict):
+    """Differential privacy of the training updates (off unless a section is set)."""
+
+    dp: DPConfig | None = Field(
+        default=None, description="DP-SGD at every site: per-patient clipping and noise.")
+    site_level: SiteLevelDPConfig | None = Field(
+        default=None, description="The server clips each site's update and adds noise to "
+        "their sum (a hospital's participation, not a patient, is protected).")
+
+
 class EvaluationConfig(_Strict):
     """Evaluation and the fairness report."""
 
@@ -632,6 +692,9 @@ class ExperimentConfig(_Strict):
     evaluation: EvaluationConfig = Field(
         default_factory=EvaluationConfig, description="Metrics and fairness report."
     )
+    privacy: PrivacyConfig = Field(
+        default_factory=PrivacyConfig, description="Differential privacy of the training."
+    )
     seed: int = Field(default=0, description="Seed for splits, initialisation and sampling.")
 
     @field_validator("sites")
@@ -642,6 +705,19 @@ class ExperimentConfig(_Strict):
         if dupes:
             raise ValueError(f"site names must be unique; repeated: {dupes}")
         return sites
+
+    @model_validator(mode="after")
+    def _private_training(self) -> ExperimentConfig:
+        if self.privacy.dp is None:
+            return self
+        if self.fusion.kind == "attention":
+            raise ValueError("privacy.dp: fusion.kind 'attention' has no per-sample gradients "
+                             "in Opacus; use fusion.kind concat or late")
+        if self.federated.algorithm == "fedprox":
+            raise ValueError("privacy.dp: federated.algorithm 'fedprox' adds a proximal "
+                             "gradient that would skip DP-SGD's clipping and noise; use fedavg, "
+                             "fedadam or fedyogi")
+        return self
 
     def resolved_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain JSON-compatible data."""
@@ -695,6 +771,17 @@ class SitePolicy(_Strict):
         description="IANA time zone of the site's dates without a time (default: the "
                     "config's data.timezone).",
     )
+    max_epsilon: float | None = Field(
+        default=None, gt=0,
+        description="The site's privacy budget: a fit whose DP-SGD training would take the "
+                    "site's epsilon (at dp_delta) above it is refused, and so is any fit "
+                    "without DP-SGD. Default: no budget.",
+    )
+    dp_delta: float | None = Field(
+        default=None, gt=0, lt=1,
+        description="The delta the site counts epsilon at: the smaller of this and the "
+                    "experiment's privacy.dp.delta. Default: the experiment's.",
+    )
 
     @field_validator("answers")
     @classmethod
@@ -713,6 +800,22 @@ class SitePolicy(_Strict):
         if name is not None:
             check_timezone(name)
         return name
+
+    def effective_delta(self, requested: float) -> float:
+        """The delta the site states its epsilon at: the smaller of the request's and
+        ``dp_delta`` (a smaller delta gives a larger, stricter epsilon).
+
+        Parameters
+        ----------
+        requested : float
+            The experiment's ``privacy.dp.delta``.
+
+        Returns
+        -------
+        float
+        """
+        return min(float(requested), self.dp_delta) if self.dp_delta is not None \
+            else float(requested)
 
     def effective_min_cell(self, *others: int | None) -> int:
         """The small-cell threshold in force: the largest of the floor, this policy and ``others``.

@@ -30,6 +30,14 @@ Missing inputs never reach an encoder: each encoder runs only on the rows where 
 is present (and not at all when no row has it), so BatchNorm statistics never see filler
 rows and the parameters of a modality absent from a whole batch get no gradient (AdamW then
 leaves them untouched).
+
+Dense mode (``dense=True``, the model of differentially private training): every encoder
+and projection runs on every row of the batch and a row's projected embedding is multiplied
+by its presence (0 where the modality is absent); late fusion runs every head on every batch.
+Each parameter then sees one activation row per patient, which per-sample gradients (Opacus'
+hooks) need, and an absent modality's per-sample gradient is exactly 0. Filler rows must be
+finite (they are: zeros); the model must have no BatchNorm then (DP-SGD's models use
+GroupNorm, :func:`multimodal_fl.training.privacy.make_private_compatible`).
 """
 
 from __future__ import annotations
@@ -120,6 +128,9 @@ class FusionModel(nn.Module):
         Training-time probability of hiding each present modality (never all of them).
     dropout : float, default 0.1
         Dropout in the projections and the fusion layers.
+    dense : bool, default False
+        Run every encoder on every row and zero absent rows after the projection (see the
+        module docstring): the form per-sample gradients need.
 
     Attributes
     ----------
@@ -147,8 +158,10 @@ class FusionModel(nn.Module):
         heads: int = 4,
         modality_dropout: float = 0.0,
         dropout: float = 0.1,
+        dense: bool = False,
     ) -> None:
         super().__init__()
+        self.dense = bool(dense)
         unknown = sorted(set(encoders) - set(MODALITIES))
         if unknown:
             raise ValueError(f"unknown modality {unknown}; accepted: {list(MODALITIES)}")
@@ -306,26 +319,38 @@ class FusionModel(nn.Module):
         for j, m in enumerate(self.modalities):
             rows = mask[:, j].nonzero().flatten()
             z = torch.zeros(b, self.dim, dtype=ref.dtype, device=mask.device)
-            if rows.numel() > 0:
-                if m not in inputs:
-                    raise ValueError(
-                        f"modality {m!r} is present for {rows.numel()} row(s) but missing from "
-                        f"the inputs (got keys {sorted(inputs)})"
-                    )
-                x = inputs[m]
-                if x.shape[0] != b:
-                    raise ValueError(
-                        f"input {m!r} has {x.shape[0]} rows but the mask has {b}; they must match"
-                    )
-                if m in self.precomputed and (x.ndim != 2 or x.shape[1] != self.input_dims[m]):
-                    raise ValueError(
-                        f"precomputed {m!r} embeddings must have shape [B, {self.input_dims[m]}],"
-                        f" got {tuple(x.shape)}"
-                    )
-                e = self.encoders[m](x.index_select(0, rows))
-                z = z.index_copy(0, rows, self.proj[m](e).to(z.dtype))
+            if rows.numel() > 0 or self.dense:
+                x = self._input(inputs, m, b, int(rows.numel()))
+                if self.dense:  # every row through the encoder; absent rows zeroed after it
+                    keep = mask[:, j].to(z.dtype).unsqueeze(1)
+                    z = self.proj[m](self.encoders[m](x)).to(z.dtype) * keep
+                else:
+                    e = self.encoders[m](x.index_select(0, rows))
+                    z = z.index_copy(0, rows, self.proj[m](e).to(z.dtype))
             out.append(z)
         return torch.stack(out, 1)
+
+    def _input(self, inputs: Mapping[str, torch.Tensor], m: str, b: int,
+               present: int) -> torch.Tensor:
+        """Modality ``m``'s input of ``b`` rows, checked (``present``: rows that have it)."""
+        if m not in inputs:
+            raise ValueError(
+                f"modality {m!r} is present for {present} row(s) but missing from the inputs "
+                f"(got keys {sorted(inputs)})" if present else
+                f"modality {m!r} is missing from the inputs (got keys {sorted(inputs)}); a "
+                "dense model runs every encoder on every batch: give filler rows (zeros)"
+            )
+        x = inputs[m]
+        if x.shape[0] != b:
+            raise ValueError(
+                f"input {m!r} has {x.shape[0]} rows but the mask has {b}; they must match"
+            )
+        if m in self.precomputed and (x.ndim != 2 or x.shape[1] != self.input_dims[m]):
+            raise ValueError(
+                f"precomputed {m!r} embeddings must have shape [B, {self.input_dims[m]}],"
+                f" got {tuple(x.shape)}"
+            )
+        return x
 
     def forward(
         self,
@@ -370,7 +395,8 @@ class FusionModel(nn.Module):
             assert isinstance(self.head, nn.ModuleDict)
             total = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
             for j, m in enumerate(self.modalities):
-                if bool(mask[:, j].any()):  # a head absent from the batch gets no gradient
+                # a head absent from the batch gets no gradient (dense: a gradient of 0)
+                if self.dense or bool(mask[:, j].any()):
                     total = total + self.head[m](z[:, j]).squeeze(1) * maskf[:, j]
             logit = total / maskf.sum(1)
         return logit

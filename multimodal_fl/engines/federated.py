@@ -62,6 +62,7 @@ from multimodal_fl.evaluation.histograms import (
     refused_pooling,
 )
 from multimodal_fl.federated.aggregation import ServerOptimizer, standardizer_state
+from multimodal_fl.federated.central_dp import SiteLevelDP
 from multimodal_fl.federated.checkpoint import load_checkpoint
 from multimodal_fl.federated.gather import StageFailed, gather
 from multimodal_fl.federated.inprocess import InProcessFederation
@@ -90,16 +91,19 @@ from multimodal_fl.pca.stage import run_pca_stage
 from multimodal_fl.progress import ProgressCallback
 from multimodal_fl.rundir import RunOutcome, RunWriter, default_run_dir, jsonable
 from multimodal_fl.training import torch_threads
+from multimodal_fl.training.privacy import EPSILON_COVERS, SITE_LEVEL_COVERS, PrivacyLedger
 
 __all__ = [
     "MIN_VALIDATION_SITES",
     "RoundTracker",
     "StageFailed",
+    "fit_settings",
     "gather",
     "inprocess_federation",
     "pooled_test",
     "pooled_validation",
     "predict_stage",
+    "privacy_summary",
     "round_row",
     "run_config",
     "run_federated_experiment",
@@ -146,6 +150,34 @@ LOOP_FIELDS = frozenset({
 ENGINE_FIELDS = frozenset({"engine", "pca", "select", "tracker"})
 
 
+def fit_settings(cfg: ExperimentConfig, *, local_steps: int | None = None) -> FitSettings:
+    """The fit request's training settings from the typed config (DP-SGD's included).
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+    local_steps : int or None
+        Steps per fit (default ``federated.local_steps``).
+
+    Returns
+    -------
+    FitSettings
+        With ``privacy.dp``: its clipping norm, noise multiplier or target epsilon (spread
+        over ``federated.rounds`` x ``federated.local_steps`` steps), delta and accountant.
+    """
+    fed = cfg.federated
+    steps = fed.local_steps if local_steps is None else int(local_steps)
+    dp = cfg.privacy.dp
+    if dp is None:
+        return FitSettings(seed=cfg.seed, local_steps=steps, lr=cfg.training.lr)
+    return FitSettings(
+        seed=cfg.seed, local_steps=steps, lr=cfg.training.lr,
+        dp_max_grad_norm=dp.max_grad_norm, dp_noise_multiplier=dp.noise_multiplier or 0.0,
+        dp_target_epsilon=dp.target_epsilon or 0.0,
+        dp_planned_steps=fed.rounds * fed.local_steps, dp_delta=dp.delta,
+        dp_accountant=dp.accountant)
+
+
 def run_config(cfg: ExperimentConfig) -> RunConfig:
     """The server loop's settings from the typed experiment config.
 
@@ -162,11 +194,14 @@ def run_config(cfg: ExperimentConfig) -> RunConfig:
     RunConfig
     """
     fed = cfg.federated
-    fit = FitSettings(seed=cfg.seed, local_steps=fed.local_steps, lr=cfg.training.lr)
     fit_config: dict[str, ConfigValue] = {
-        k: v for k, v in fit.to_config().items() if k in ("local_steps", "lr")
+        k: v for k, v in fit_settings(cfg).to_config().items()
+        if k in ("local_steps", "lr") or k.startswith("dp_")
     }
+    site_level = cfg.privacy.site_level
     return RunConfig(
+        site_dp=None if site_level is None else SiteLevelDP(site_level.clip_norm,
+                                                            site_level.noise_multiplier),
         rounds=fed.rounds,
         optimizer=ServerOptimizer(fed.algorithm, eta=fed.server_lr, beta1=fed.beta1,
                                   beta2=fed.beta2, tau=fed.tau),
@@ -179,6 +214,44 @@ def run_config(cfg: ExperimentConfig) -> RunConfig:
         fit_config=fit_config,
         secure=SecureAggregation(clip=fed.secure_clip) if fed.secure_aggregation else None,
     )
+
+
+def privacy_summary(cfg: ExperimentConfig, history: list[RoundRecord]) -> dict[str, Any] | None:
+    """What ``metrics.json`` says of the run's differential privacy (None: none configured).
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+    history : list of RoundRecord
+        The completed rounds.
+
+    Returns
+    -------
+    dict or None
+        ``dp``: the settings, each site's epsilon and delta as its last fit reply disclosed them
+        (``sites``), the round of that reply, and what epsilon covers (``covers``);
+        ``site_level``: the settings, the rounds composed and the site-level epsilon (Opacus'
+        RDP accountant, sampling rate 1), and what it covers.
+    """
+    p = cfg.privacy
+    if p.dp is None and p.site_level is None:
+        return None
+    out: dict[str, Any] = {}
+    if p.dp is not None:
+        sites: dict[str, dict[str, Any]] = {}
+        for record in history:
+            for site, m in sorted(record.fit_metrics.items()):
+                if "epsilon" in m:
+                    sites[site] = {"epsilon": m["epsilon"], "delta": m.get("delta"),
+                                   "round": record.round}
+        out["dp"] = {**p.dp.model_dump(), "sites": sites, "covers": EPSILON_COVERS}
+    if p.site_level is not None:
+        rounds = len(history)
+        ledger = PrivacyLedger("rdp", [(p.site_level.noise_multiplier, 1.0, rounds)])
+        out["site_level"] = {**p.site_level.model_dump(), "rounds": rounds,
+                             "epsilon": ledger.epsilon(p.site_level.delta) if rounds else 0.0,
+                             "covers": SITE_LEVEL_COVERS}
+    return out
 
 
 def _standardise(
@@ -609,6 +682,9 @@ def _run_experiment(
     }
     if pca_doc is not None:
         doc["pca"] = pca_doc
+    privacy = privacy_summary(cfg, result.history)
+    if privacy is not None:
+        doc["privacy"] = privacy
     if result.completed_rounds < cfg.federated.rounds:
         doc["stopped_after_round"] = result.completed_rounds
     else:

@@ -47,6 +47,7 @@ from multimodal_fl.rundir import (
     site_fingerprint,
 )
 from multimodal_fl.training import resolve_device
+from multimodal_fl.training.privacy import require_opacus
 
 __all__ = ["ENGINES", "Engine", "EngineOptionError", "RunOptions", "preflight", "run"]
 
@@ -153,6 +154,11 @@ def _engine_for(cfg: ExperimentConfig, engine: str | None, *, resume: bool, over
         raise EngineOptionError("--resume needs the run directory to continue")
     if resume and overwrite:
         raise EngineOptionError("--resume continues a run and --overwrite removes it: give one")
+    private = [k for k in ("dp", "site_level") if getattr(cfg.privacy, k) is not None]
+    if private and name in ("local", "centralized"):
+        raise EngineOptionError(f"privacy.{private[0]}: the {name} engine trains without "
+                                "differential privacy; run it from a config without a privacy "
+                                "section (DP runs on the inprocess and flower engines)")
     return spec
 
 
@@ -169,7 +175,8 @@ def preflight(cfg: ExperimentConfig, engine: str | None = None) -> None:
     ------
     ValueError
         ``training.device`` names a device this machine lacks, ``federated.pca`` cannot
-        run as a stage, or secure aggregation is asked of fewer than three sites.
+        run as a stage, secure aggregation is asked of fewer than three sites, or a
+        ``privacy`` section needs Opacus and it is not installed.
     """
     resolve_device(cfg.training.device)
     if cfg.federated.pca.enabled:
@@ -180,6 +187,11 @@ def preflight(cfg: ExperimentConfig, engine: str | None = None) -> None:
             f"federated.secure_aggregation: true needs at least {MIN_SITES} sites, the config "
             f"lists {len(cfg.sites)}: with two, each site would learn the other's update from "
             "the sum; add sites or turn secure aggregation off")
+    if cfg.privacy.dp is not None or cfg.privacy.site_level is not None:
+        try:
+            require_opacus()
+        except ImportError as exc:
+            raise EngineOptionError(str(exc)) from None
 
 
 def _fingerprints(cfg: ExperimentConfig) -> dict[str, dict[str, object]]:

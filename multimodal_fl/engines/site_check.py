@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from multimodal_fl.config import DEFAULT_MIN_CELL, ExperimentConfig, SiteConfig
+from multimodal_fl.engines.federated import fit_settings
 from multimodal_fl.evaluation.disclosed import SiteDisclosure, read_disclosure
 from multimodal_fl.federated.disclosure import pca_rank_cap, site_policy
 from multimodal_fl.federated.protocol import (
     Doc,
-    FitSettings,
     Kind,
     Reply,
     Request,
@@ -127,7 +127,7 @@ def _ask_every_kind(site: FusionSite, cfg: ExperimentConfig, entries: list[dict[
     if "tabular" in site.data.train.modalities:
         _, kinds["moments"] = _ask(site, Request(Kind.MOMENTS, 0), entries)
     kinds["pca"] = _pca_caps(site.data, min_cell)
-    fit = FitSettings(seed=cfg.seed, local_steps=1, lr=cfg.training.lr).to_config()
+    fit = fit_settings(cfg, local_steps=1).to_config()
     if cfg.federated.secure_aggregation:  # the update stays for the secure sum: none leaves
         fit.update(SecureAggregation(clip=cfg.federated.secure_clip).to_config())
     _, kinds["fit"] = _ask(site, Request(Kind.FIT, 1, weights=weights, config=dict(fit)),

@@ -367,7 +367,8 @@ DECLARED: dict[Kind, Declared] = {
     Kind.PCA: Declared(n_samples=True, arrays=frozenset(SUMMARY_KEYS)),
     Kind.PCA_APPLY: Declared(),
     Kind.PCA_SCORES: Declared(n_samples=True, documents=frozenset({Doc.PCA_SCORES})),
-    Kind.FIT: Declared(n_samples=True, weights=True, metrics="loss"),
+    # the training loss; under DP-SGD the site's epsilon spent so far and its delta
+    Kind.FIT: Declared(n_samples=True, weights=True, metrics="loss|epsilon|delta"),
     Kind.EVALUATE: Declared(n_samples=True, metrics=r"val_(auc|average_precision|brier|ece)",
                             documents=frozenset({Doc.VALIDATION})),
     # the validation counts stay at the site for the secure sum: nothing in the reply
@@ -439,6 +440,8 @@ NODE_POLICY_KEYS: dict[str, str] = {
     "share-local-model": "share_local_model",
     "answers": "answers",
     "secure-aggregation": "secure_aggregation",
+    "max-epsilon": "max_epsilon",
+    "dp-delta": "dp_delta",
 }
 #: The node-config key naming a policy file on the SuperNode's machine.
 NODE_POLICY_FILE = "policy-file"
@@ -506,8 +509,9 @@ def stricter_policy(a: SitePolicy, b: SitePolicy) -> SitePolicy:
     """The stricter of two policies, field by field.
 
     The larger ``min_cell``; subgroup summaries and local-model sharing only if both allow
-    them; the request kinds both answer; secure aggregation required if either requires it.
-    ``timezone`` is not a matter of strictness: ``a``'s, else ``b``'s.
+    them; the request kinds both answer; secure aggregation required if either requires it;
+    the smaller privacy budget ``max_epsilon`` and the smaller ``dp_delta`` (either where only
+    one sets it). ``timezone`` is not a matter of strictness: ``a``'s, else ``b``'s.
 
     Parameters
     ----------
@@ -525,7 +529,14 @@ def stricter_policy(a: SitePolicy, b: SitePolicy) -> SitePolicy:
                       subgroup_summaries=a.subgroup_summaries and b.subgroup_summaries,
                       share_local_model=a.share_local_model and b.share_local_model,
                       answers=answers, timezone=a.timezone or b.timezone,
-                      secure_aggregation=a.secure_aggregation or b.secure_aggregation)
+                      secure_aggregation=a.secure_aggregation or b.secure_aggregation,
+                      max_epsilon=_smaller(a.max_epsilon, b.max_epsilon),
+                      dp_delta=_smaller(a.dp_delta, b.dp_delta))
+
+
+def _smaller(a: float | None, b: float | None) -> float | None:
+    """The smaller of two optional limits (``None``: no limit)."""
+    return b if a is None else a if b is None else min(a, b)
 
 
 def site_policy(site_dir: str | Path, node_config: Mapping[str, Any] | None = None
@@ -573,11 +584,13 @@ def site_policy(site_dir: str | Path, node_config: Mapping[str, Any] | None = No
 
 
 def _withhold_local_model(reply: Reply, min_cell: int, policy: SitePolicy) -> Released:
-    """``local_train``: the local-only model's weights leave only where the policy shares it."""
-    if policy.share_local_model or not reply.weights:
+    """``local_train``: the local-only model's weights leave only where the policy shares it,
+    and never under a privacy budget (the local-only model is not trained with DP-SGD)."""
+    if not reply.weights or (policy.share_local_model and policy.max_epsilon is None):
         return Released(reply)
-    return Released(replace(reply, weights={}),
-                    ["local-only model withheld by policy (share_local_model: false)"])
+    why = ("share_local_model: false" if not policy.share_local_model else
+           f"max_epsilon={policy.max_epsilon:g}: it is not trained with DP-SGD")
+    return Released(replace(reply, weights={}), [f"local-only model withheld by policy ({why})"])
 
 
 def _cross_cell(reply: Reply, min_cell: int, policy: SitePolicy) -> Released:

@@ -233,6 +233,19 @@ class FitSettings:
         FedProx ``mu`` (0: no proximal term).
     fedbn : bool
         Keep normalisation layers local and list them in ``Reply.local_keys``.
+    dp_max_grad_norm : float
+        DP-SGD's per-patient clipping norm; 0: no DP-SGD (the ``dp_`` settings below are then
+        not sent).
+    dp_noise_multiplier : float
+        DP-SGD's noise multiplier; 0: the site derives it from ``dp_target_epsilon``.
+    dp_target_epsilon : float
+        The epsilon the site spends in ``dp_planned_steps`` steps (with no noise multiplier).
+    dp_planned_steps : int
+        The steps ``dp_target_epsilon`` is spread over (rounds x local steps).
+    dp_delta : float
+        The delta the site states epsilon at (its policy may lower it).
+    dp_accountant : str
+        Opacus' accountant (``rdp`` or ``prv``).
     """
 
     seed: int
@@ -240,17 +253,37 @@ class FitSettings:
     lr: float
     proximal_mu: float = 0.0
     fedbn: bool = False
+    dp_max_grad_norm: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_target_epsilon: float = 0.0
+    dp_planned_steps: int = 0
+    dp_delta: float = 0.0
+    dp_accountant: str = "rdp"
+
+    @property
+    def private(self) -> bool:
+        """Whether the fit trains with DP-SGD."""
+        return self.dp_max_grad_norm > 0
 
     def to_config(self) -> dict[str, ConfigValue]:
-        """The request config entries.
+        """The request config entries (the ``dp_`` entries only with DP-SGD).
 
         Returns
         -------
-        dict of str to int, float or bool
+        dict of str to int, float, str or bool
         """
-        return {"seed": int(self.seed), "local_steps": int(self.local_steps),
-                "lr": float(self.lr), "proximal_mu": float(self.proximal_mu),
-                "fedbn": bool(self.fedbn)}
+        out: dict[str, ConfigValue] = {
+            "seed": int(self.seed), "local_steps": int(self.local_steps),
+            "lr": float(self.lr), "proximal_mu": float(self.proximal_mu),
+            "fedbn": bool(self.fedbn)}
+        if self.private:
+            out.update({"dp_max_grad_norm": float(self.dp_max_grad_norm),
+                        "dp_noise_multiplier": float(self.dp_noise_multiplier),
+                        "dp_target_epsilon": float(self.dp_target_epsilon),
+                        "dp_planned_steps": int(self.dp_planned_steps),
+                        "dp_delta": float(self.dp_delta),
+                        "dp_accountant": str(self.dp_accountant)})
+        return out
 
     @classmethod
     def from_request(cls, request: Request) -> FitSettings:
@@ -278,7 +311,13 @@ class FitSettings:
             )
         return cls(seed=int(c["seed"]), local_steps=int(c["local_steps"]), lr=float(c["lr"]),
                    proximal_mu=float(c.get("proximal_mu", 0.0)),
-                   fedbn=bool(c.get("fedbn", False)))
+                   fedbn=bool(c.get("fedbn", False)),
+                   dp_max_grad_norm=float(c.get("dp_max_grad_norm", 0.0)),
+                   dp_noise_multiplier=float(c.get("dp_noise_multiplier", 0.0)),
+                   dp_target_epsilon=float(c.get("dp_target_epsilon", 0.0)),
+                   dp_planned_steps=int(c.get("dp_planned_steps", 0)),
+                   dp_delta=float(c.get("dp_delta", 0.0)),
+                   dp_accountant=str(c.get("dp_accountant", "rdp")))
 
 
 @dataclass

@@ -23,6 +23,7 @@ from multimodal_fl.federated.aggregation import (
     check_fit_reply,
     server_step,
 )
+from multimodal_fl.federated.central_dp import SiteLevelDP, private_mean
 from multimodal_fl.federated.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -112,6 +113,10 @@ class RunConfig:
         learns only the sum of the vectors (:func:`~multimodal_fl.federated.pooling.
         secure_total`). A secured round needs at least three sites (``min_sites`` below three
         counts as three): with two, each site would learn the other's update.
+    site_dp : SiteLevelDP or None
+        Site-level differential privacy of the aggregate (:mod:`~multimodal_fl.federated.
+        central_dp`): each site's update clipped, Gaussian noise on their sum, the sites
+        averaged with equal weight. None: plain aggregation.
     """
 
     rounds: int
@@ -128,6 +133,7 @@ class RunConfig:
     fit_config: Mapping[str, ConfigValue] = field(default_factory=dict)
     evaluate_config: Mapping[str, ConfigValue] = field(default_factory=dict)
     secure: SecureAggregation | None = None
+    site_dp: SiteLevelDP | None = None
 
     def __post_init__(self) -> None:
         """Validate the settings."""
@@ -146,6 +152,9 @@ class RunConfig:
             problems.append(f"evaluate_every={self.evaluate_every} (expected >= 0)")
         if not (self.proximal_mu >= 0 and math.isfinite(self.proximal_mu)):
             problems.append(f"proximal_mu={self.proximal_mu} (expected a finite number >= 0)")
+        if self.secure is not None and self.site_dp is not None:
+            problems.append("site_dp with secure (site-level DP clips each site's update at the "
+                            "server, which secure aggregation never shows it; turn one off)")
         if problems:
             raise ValueError("invalid federated run config: " + "; ".join(problems))
 
@@ -204,6 +213,9 @@ class RoundRecord:
         A secured round: the sites in the sum, the sites left out of it with the reason, the
         quantisation (``clip``, ``scale_bits``, ``bits``, ``error_bound``), the summed
         training count and the mean delta's L2 norm (empty in a plain round).
+    site_dp : dict[str, Any]
+        With site-level DP: the sites whose update was clipped, the noise's standard deviation
+        on the mean and the number of sites averaged (empty otherwise).
     seconds : float
         Wall time of the round (not deterministic; left out of equality checks).
     server_seconds : float
@@ -224,6 +236,7 @@ class RoundRecord:
     eval_documents: dict[str, dict[str, Any]] = field(default_factory=dict)
     earlier_attempts: list[str] = field(default_factory=list)
     secure: dict[str, Any] = field(default_factory=dict)
+    site_dp: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     server_seconds: float = 0.0
 
@@ -550,7 +563,12 @@ def _fit_round(
             f"in {config.max_attempts} attempt(s): " + " | ".join(record.earlier_attempts),
         )
     t_server = time.perf_counter()
-    new_weights, new_state = server_step(weights, combined.averaged, opt_state, config.optimizer)
+    averaged = combined.averaged
+    if config.site_dp is not None:  # clipped updates, noise on their sum, equal weights
+        private, record.site_dp = private_mean(sorted(valid, key=lambda r: r.site), weights,
+                                               config.site_dp)
+        averaged = {**averaged, **private}
+    new_weights, new_state = server_step(weights, averaged, opt_state, config.optimizer)
     record.server_seconds += time.perf_counter() - t_server
     record.replied, record.n_samples = combined.replied, combined.n_samples
     record.fit_metrics, record.train_loss = combined.fit_metrics, combined.train_loss

@@ -36,8 +36,12 @@ Request kinds it answers:
     shapes the model) with a fresh AdamW
     (optimiser state is reset every round by design), and return the new weights with a
     sample count per parameter group (a site without notes does not train the text
-    encoder and says so with a count of 0). In a secured round (``secure_aggregation`` in the
-    request) the update, after the fit rule, stays at the site as the parts of
+    encoder and says so with a count of 0). With the request's DP-SGD settings the site
+    trains with DP-SGD, counts the steps in its privacy accountant (``sites/<site>/
+    privacy.json``) and adds its ``epsilon`` and ``delta`` to the reply's metrics; a policy
+    with a privacy budget (``max_epsilon``) refuses a fit that would exceed it, and any fit
+    without DP-SGD. In a secured round (``secure_aggregation`` in the request) the update,
+    after the fit rule, stays at the site as the parts of
     :data:`~multimodal_fl.federated.secure_update.UPDATE_VECTOR`
     (:func:`~multimodal_fl.federated.secure_update.hold_update`) and the reply carries only
     ``n_samples``; the ``secure_sum`` steps that follow sum it.
@@ -163,11 +167,18 @@ from multimodal_fl.training import (
     predictions_frame,
     train_local_model,
 )
+from multimodal_fl.training.privacy import (
+    DPSGD,
+    PrivacyLedger,
+    noise_multiplier_for,
+    poisson_sample_rate,
+)
 
 __all__ = [
     "LOCAL_MODEL",
     "POOLED_TEST",
     "POOLED_VALIDATION",
+    "PRIVACY_LEDGER",
     "RECALIBRATION_FILE",
     "FusionSite",
     "as_disclosed",
@@ -179,6 +190,9 @@ __all__ = [
 
 #: ``Request.config["model"]`` of a predict request that scores the site's local-only model.
 LOCAL_MODEL = "local"
+#: The site's privacy accountant's file inside its folder (:class:`~multimodal_fl.training.
+#: privacy.PrivacyLedger`): the epsilon spent survives ``--resume`` and a rebuilt site.
+PRIVACY_LEDGER = "privacy.json"
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +290,8 @@ class FusionSite:
         self._local_model: FusionModel | None = None
         self.progress = progress
         self.secure = SecureSumParty(name)
+        self._ledger: PrivacyLedger | None = None
+        self._noise: dict[tuple[float, float, float, int, str], float] = {}
         if policy is None:
             paths = {s.name: s.path for s in cfg.sites}
             policy = load_policy(paths[name]) if name in paths else SitePolicy()
@@ -475,10 +491,14 @@ class FusionSite:
             def proximal(model: nn.Module) -> torch.Tensor:
                 return proximal_term(model.named_parameters(), start, mu)
 
+        dp, delta = self._private_training(settings)
         training = self.cfg.training.model_copy(update={"lr": settings.lr})
         result = local_update(self.model, None, self.data.train, training,
                               steps=settings.local_steps, generator=gen, proximal=proximal,
-                              augment=self._augment)
+                              augment=self._augment, dp=dp)
+        metrics = {"loss": float(result.loss)} if np.isfinite(result.loss) else {}
+        if dp is not None:
+            metrics.update(self._count_spending(dp, delta, request.round, settings.local_steps))
         weights = state_to_numpy(self.model)
         local_keys: list[str] = []
         if settings.fedbn:
@@ -492,7 +512,7 @@ class FusionSite:
             weights=weights,
             n_samples=int(result.n_samples),
             group_counts=self.model.group_counts(result.modality_counts, int(result.n_samples)),
-            metrics={"loss": float(result.loss)},
+            metrics=metrics,
             local_keys=local_keys,
         )
         secure = SecureAggregation.from_request(request)
@@ -506,6 +526,88 @@ class FusionSite:
             return hold_update(self.secure, released, request, secure, min_cell=min_cell)
         except UpdateRejected as exc:  # names keys and settings only: it may cross
             raise SiteRefused(str(exc)) from None
+
+    # ------------------------------------------------------------------ privacy budget
+
+    def _ledger_path(self) -> Path | None:
+        """``sites/<site>/privacy.json`` below the site's own output (None: no output)."""
+        return None if self.run_dir is None else self.run_dir / "sites" / self.name / \
+            PRIVACY_LEDGER
+
+    def privacy_ledger(self, accountant: str = "rdp") -> PrivacyLedger:
+        """The site's privacy accountant: in memory, else read from ``sites/<site>/``.
+
+        Parameters
+        ----------
+        accountant : {"rdp", "prv"}
+            The accountant a new ledger uses.
+
+        Returns
+        -------
+        PrivacyLedger
+        """
+        if self._ledger is None:
+            path = self._ledger_path()
+            self._ledger = (PrivacyLedger(accountant) if path is None else
+                            PrivacyLedger.load(path, mechanism=accountant))
+        return self._ledger
+
+    def _private_training(self, settings: FitSettings) -> tuple[DPSGD | None, float]:
+        """This fit's DP-SGD settings once the site's budget admits it (None: no DP-SGD).
+
+        Raises
+        ------
+        SiteRefused
+            When the policy sets a budget (``max_epsilon``) and the fit has no DP-SGD, or its
+            steps would take the site's epsilon above the budget.
+        """
+        budget = self.gate.policy.max_epsilon
+        if not settings.private:
+            if budget is not None:
+                raise SiteRefused(f"site {self.name}: its policy's privacy budget "
+                                  f"max_epsilon={budget:g} admits only DP-SGD training and this "
+                                  "fit has none (privacy.dp)")
+            return None, 0.0
+        if not self.model.dense:
+            raise ValueError(f"site {self.name}: the fit asks for DP-SGD but the site's model "
+                             "was built without privacy.dp")
+        delta = self.gate.policy.effective_delta(settings.dp_delta)
+        ledger = self.privacy_ledger(settings.dp_accountant)
+        q = poisson_sample_rate(len(self.data.train), self.cfg.training.batch_size)
+        sigma = settings.dp_noise_multiplier or self._calibrated_noise(settings, delta, q)
+        after = ledger.epsilon_after(noise_multiplier=sigma, sample_rate=q,
+                                     steps=settings.local_steps, delta=delta)
+        if budget is not None and after > budget:
+            raise SiteRefused(f"site {self.name}: this fit would take its epsilon to "
+                              f"{after:.3g} at delta={delta:g}, over the privacy budget "
+                              f"max_epsilon={budget:g} its policy sets")
+        return DPSGD(sigma, settings.dp_max_grad_norm, ledger), delta
+
+    def _calibrated_noise(self, settings: FitSettings, delta: float, q: float) -> float:
+        """The noise multiplier that spends ``dp_target_epsilon`` in the planned steps."""
+        key = (settings.dp_target_epsilon, delta, q, settings.dp_planned_steps,
+               settings.dp_accountant)
+        if key not in self._noise:
+            self._noise[key] = noise_multiplier_for(
+                settings.dp_target_epsilon, delta=delta, sample_rate=q,
+                steps=max(settings.dp_planned_steps, settings.local_steps),
+                accountant=settings.dp_accountant)
+        return self._noise[key]
+
+    def _count_spending(self, dp: DPSGD, delta: float, round: int, steps: int
+                        ) -> dict[str, float]:
+        """Record a private fit in the ledger (saved at home); its epsilon and delta."""
+        epsilon = dp.ledger.epsilon(delta)
+        dp.ledger.fits.append({
+            "round": int(round), "steps": int(steps), "noise_multiplier": dp.noise_multiplier,
+            "max_grad_norm": dp.max_grad_norm,
+            "sample_rate": poisson_sample_rate(len(self.data.train),
+                                               self.cfg.training.batch_size),
+            "epsilon": epsilon, "delta": delta})
+        path = self._ledger_path()
+        if path is not None:
+            dp.ledger.save(path)
+        return {"epsilon": epsilon, "delta": delta}
 
     def _on_evaluate(self, request: Request) -> Reply:
         """Validation metrics and the scores' counts per label (the gate decides what leaves)."""

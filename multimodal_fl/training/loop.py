@@ -36,6 +36,7 @@ from multimodal_fl.fusion import FusionModel
 from multimodal_fl.training.dataset import Batch, CohortDataset
 from multimodal_fl.training.inference import evaluate
 from multimodal_fl.training.model import load_weights, resolve_device
+from multimodal_fl.training.privacy import DPSGD, dp_session, noise_only_step
 
 if TYPE_CHECKING:
     from multimodal_fl.config import TrainingConfig
@@ -315,6 +316,45 @@ def _validate(
     return stopper.update(step, auc.value, model)
 
 
+class _Loop:
+    """The steps of one :func:`train` call and their running losses."""
+
+    def __init__(self, model: FusionModel, data: CohortDataset, loss_fn: nn.Module,
+                 opt: torch.optim.Optimizer, params: list[nn.Parameter], device: torch.device,
+                 proximal: ProximalFn | None, augment: Callable[[Batch], Batch] | None) -> None:
+        self.model, self.data, self.loss_fn, self.opt = model, data, loss_fn, opt
+        self.params, self.device, self.proximal, self.augment = params, device, proximal, augment
+        self.total, self.n = 0.0, 0
+        self.window, self.window_n = 0.0, 0
+
+    def step(self, rows: torch.Tensor) -> float:
+        """One optimiser step on the batch of ``rows``; its loss (NaN for an empty batch)."""
+        self.model.train()
+        if rows.numel() == 0:  # an empty Poisson batch (DP-SGD): the noise alone
+            noise_only_step(self.opt)
+            return float("nan")
+        batch = self.data.batch(rows)
+        if self.augment is not None:
+            batch = self.augment(batch)
+        value = _optimisation_step(self.model, batch.to(self.device), self.loss_fn, self.opt,
+                                   self.params, self.proximal)
+        self.total += value
+        self.window += value
+        self.n += 1
+        self.window_n += 1
+        return value
+
+    def window_mean(self) -> float:
+        """Mean loss since the last call (NaN when no batch had rows)."""
+        mean = self.window / self.window_n if self.window_n else float("nan")
+        self.window, self.window_n = 0.0, 0
+        return mean
+
+    def mean(self) -> float:
+        """Mean loss of the call's non-empty batches (NaN when none)."""
+        return self.total / self.n if self.n else float("nan")
+
+
 def train(
     model: FusionModel,
     train_data: CohortDataset,
@@ -327,6 +367,7 @@ def train(
     proximal: ProximalFn | None = None,
     augment: Callable[[Batch], Batch] | None = None,
     progress: Callable[[int, float], None] | None = None,
+    dp: DPSGD | None = None,
 ) -> TrainResult:
     """Run ``steps`` optimisation steps of AdamW on ``train_data``, in place.
 
@@ -363,12 +404,22 @@ def train(
         ``augment(batch) -> batch`` applied to training batches (e.g. image augmentation).
     progress : callable or None
         ``progress(step, loss)`` called after every step (e.g. to advance a progress bar).
+    dp : DPSGD or None
+        Train with DP-SGD (:mod:`multimodal_fl.training.privacy`): Poisson-sampled batches of
+        expected size ``cfg.batch_size`` drawn from a secret generator instead of the
+        permutations above, per-sample clipping and Gaussian noise, every step counted by
+        ``dp.ledger``. The model must come from
+        :func:`~multimodal_fl.training.privacy.make_private_compatible`. An empty batch
+        takes a step of noise alone; the loss averages the non-empty ones.
 
     Returns
     -------
     TrainResult
     """
     steps = cfg.steps if steps is None else int(steps)
+    if dp is not None and proximal is not None:
+        raise ValueError("train: DP-SGD does not take a proximal term (its gradient would "
+                         "skip the clipping and the noise)")
     if steps < 0:
         raise ValueError(f"steps must be non-negative, got {steps}")
     if len(train_data) == 0:
@@ -378,7 +429,8 @@ def train(
     pos_weight, notes = _pos_weight(train_data.labels)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr,
+                                                   weight_decay=cfg.weight_decay)
     validate = val_data is not None and len(val_data) > 0
     result = TrainResult(
         steps=0,
@@ -390,21 +442,18 @@ def train(
         notes=notes,
     )
     stopper = EarlyStopping(cfg.patience)
-    total_loss = 0.0
-    window_loss, window_n = 0.0, 0
     stream = _batch_stream(len(train_data), cfg.batch_size, generator)
-    with torch.random.fork_rng(devices=_cuda_devices(device)), _deterministic():
+    with contextlib.ExitStack() as stack:
+        if dp is not None:
+            opt, stream = stack.enter_context(
+                dp_session(model, opt, len(train_data), cfg.batch_size, dp, device))
+        stack.enter_context(torch.random.fork_rng(devices=_cuda_devices(device)))
+        stack.enter_context(_deterministic())
         torch.manual_seed(_generator_seed(generator))
+        loop = _Loop(model, train_data, loss_fn, opt, params, device, proximal, augment)
         for k in range(steps):
             step = start_step + k + 1
-            model.train()
-            batch = train_data.batch(next(stream))
-            if augment is not None:
-                batch = augment(batch)
-            value = _optimisation_step(model, batch.to(device), loss_fn, opt, params, proximal)
-            total_loss += value
-            window_loss += value
-            window_n += 1
+            value = loop.step(next(stream))
             result.steps = k + 1
             result.last_step = step
             if progress is not None:
@@ -412,13 +461,12 @@ def train(
             if validate and step % cfg.eval_every == 0:
                 assert val_data is not None
                 stop = _validate(model, val_data, device, step=step,
-                                 train_loss=window_loss / window_n, result=result,
+                                 train_loss=loop.window_mean(), result=result,
                                  stopper=stopper)
-                window_loss, window_n = 0.0, 0
                 if stop:
                     result.stopped_early = True
                     break
-    result.loss = total_loss / result.steps if result.steps else float("nan")
+    result.loss = loop.mean()
     if stopper.restore_best(model):
         result.best_step = stopper.best_step
         result.best_val_auc = float(stopper.best_value)
@@ -436,6 +484,7 @@ def local_update(
     proximal: ProximalFn | None = None,
     augment: Callable[[Batch], Batch] | None = None,
     strict: bool = True,
+    dp: DPSGD | None = None,
 ) -> TrainResult:
     """One federated site's local training: load ``weights``, run ``steps`` steps, no validation.
 
@@ -460,6 +509,8 @@ def local_update(
         Training-batch augmentation.
     strict : bool, default True
         Passed to :func:`load_weights`.
+    dp : DPSGD or None
+        Train with DP-SGD (see :func:`train`).
 
     Returns
     -------
@@ -471,6 +522,6 @@ def local_update(
         load_weights(model, weights, strict=strict)
     return train(
         model, train_data, None, cfg, steps=steps, generator=generator, proximal=proximal,
-        augment=augment,
+        augment=augment, dp=dp,
     )
 

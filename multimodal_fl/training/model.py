@@ -10,6 +10,7 @@ engine uses); :func:`load_weights` loads a state dict of tensors or arrays;
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -21,6 +22,7 @@ from multimodal_fl.encoders.image import ImageEncoder
 from multimodal_fl.encoders.tabular import Standardizer, TabularEncoder, combine_moments
 from multimodal_fl.fusion import FusionModel
 from multimodal_fl.training.dataset import Batch, CohortDataset, SiteData
+from multimodal_fl.training.privacy import make_private_compatible
 
 if TYPE_CHECKING:
     from multimodal_fl.config import ExperimentConfig
@@ -34,6 +36,8 @@ __all__ = [
     "load_weights",
     "resolve_device",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def encoder_kwargs(section: Any, drop: Sequence[str] = ("enabled", "max_chunks")) -> dict[str, Any]:
@@ -60,7 +64,11 @@ def build_model(cfg: ExperimentConfig, data: CohortDataset | SiteData) -> Fusion
     """Build the fusion model of an experiment for data shaped like ``data``.
 
     Initial weights are drawn from a generator seeded by ``cfg.seed`` (the global RNG is
-    left as it was), so every site and engine starts from the same weights.
+    left as it was), so every site and engine starts from the same weights. With
+    ``privacy.dp`` the model is made DP-SGD's form
+    (:func:`~multimodal_fl.training.privacy.make_private_compatible`: GroupNorm for BatchNorm,
+    no in-place activation, dense fusion) for every engine and request alike; with
+    ``privacy.site_level`` alone, GroupNorm for BatchNorm.
 
     Parameters
     ----------
@@ -99,6 +107,11 @@ def build_model(cfg: ExperimentConfig, data: CohortDataset | SiteData) -> Fusion
             modality_dropout=cfg.fusion.modality_dropout,
             dropout=cfg.fusion.dropout,
         )
+    privacy = cfg.privacy
+    if privacy.dp is not None or privacy.site_level is not None:
+        model, changes = make_private_compatible(model, per_sample=privacy.dp is not None)
+        for line in changes:
+            log.debug("privacy.dp model: %s", line)
     return model
 
 

@@ -39,9 +39,21 @@ from multimodal_fl.evaluation.metrics import HIGHER_IS_BETTER, METRIC_NAMES, che
 from multimodal_fl.evaluation.report.compare import load_runs
 from multimodal_fl.evaluation.report.load import CROSS_COLUMNS, ReportConfig, RunData
 
-__all__ = ["CENTRALIZED_NOTE", "FRAME_LABEL", "RUN_LABELS", "SPLIT", "build_report",
-           "global_threshold", "json_ready", "recalibration_section", "report_from_runs",
-           "run_from_frame", "run_label", "run_thresholds"]
+__all__ = [
+    "CENTRALIZED_NOTE",
+    "FRAME_LABEL",
+    "RUN_LABELS",
+    "SPLIT",
+    "build_report",
+    "global_threshold",
+    "json_ready",
+    "privacy_section",
+    "recalibration_section",
+    "report_from_runs",
+    "run_from_frame",
+    "run_label",
+    "run_thresholds",
+]
 
 SPLIT = "test"
 """The split every figure and table of the report evaluates."""
@@ -562,6 +574,7 @@ def report_from_runs(
         "change_from_local": {k: _frame_records(v) for k, v in changes.items()},
         "training": {r.label: _training_curves(r) for r in runs},
         "recalibration": {r.label: recalibration_section(r) for r in runs},
+        "privacy": {r.label: sec for r in runs if (sec := privacy_section(r))},
     }
     sections = {"per_run": per_run, "cross": cross, "changes": changes, "settings": st}
     return doc, runs, sections
@@ -671,6 +684,38 @@ def recalibration_section(run: RunData) -> dict[str, Any]:
         row["figures_reason"] = rc.after.reason
         rows.append(row)
     return {"run": run.metrics.get("recalibration"), "sites": rows}
+
+
+def privacy_section(run: RunData) -> dict[str, Any]:
+    """A run's differential privacy as ``metrics.json`` records it (empty: none).
+
+    Parameters
+    ----------
+    run : RunData
+
+    Returns
+    -------
+    dict
+        ``dp``: ``sites`` (one row per site: ``site``, ``epsilon``, ``delta``, ``round`` of its
+        last fit reply), the settings and ``covers`` (what epsilon covers, in words);
+        ``site_level``: settings, ``rounds``, ``epsilon`` and ``covers``; only the parts the
+        run has.
+    """
+    privacy = run.metrics.get("privacy")
+    if not isinstance(privacy, dict):
+        return {}
+    out: dict[str, Any] = {}
+    dp = privacy.get("dp")
+    if isinstance(dp, dict):
+        rows = [{"site": site, **{k: v.get(k) for k in ("epsilon", "delta", "round")}}
+                for site, v in sorted((dp.get("sites") or {}).items())]
+        settings = {k: dp.get(k) for k in ("noise_multiplier", "target_epsilon",
+                                           "max_grad_norm", "delta", "accountant")}
+        out["dp"] = {"sites": rows, "settings": settings, "covers": dp.get("covers")}
+    site_level = privacy.get("site_level")
+    if isinstance(site_level, dict):
+        out["site_level"] = dict(site_level)
+    return out
 
 
 def _frame_records(df: pd.DataFrame) -> list[dict[str, Any]]:

@@ -81,6 +81,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("federation-gain", "Change from local-only training"),
     ("federated-evaluation", "Federated evaluation (histogram-pooled)"),
     ("training", "Training curves"),
+    ("privacy", "Differential privacy"),
     ("method", "Method and settings"),
 )
 """Section ids and titles of ``report.html``, in order."""
@@ -732,6 +733,34 @@ def _recalibration_body(doc: dict[str, Any]) -> str:
 _RECAL: tuple[tuple[str, str], ...] = (
     ("ece", "ECE"), ("mean_score", "mean risk"), ("intercept", "in the large"),
     ("slope", "slope"))
+def _privacy_body(doc: dict[str, Any]) -> str:
+    """Per run: each site's epsilon and what it covers; the site-level epsilon."""
+    if not doc.get("privacy"):
+        return ("<p class='note'>No run was trained with differential privacy (no privacy "
+                "section in its configuration).</p>")
+    body = ""
+    for lab, p in doc["privacy"].items():
+        body += f"<h3>{_esc(lab)}</h3>"
+        dp = p.get("dp")
+        if dp:
+            st = dp["settings"]
+            noise = (f"noise multiplier {st['noise_multiplier']:g}"
+                     if st.get("noise_multiplier") else
+                     f"target epsilon {st.get('target_epsilon')} by the last round")
+            body += (f"<p>DP-SGD at each site (Opacus, {_esc(st.get('accountant'))} "
+                     f"accountant): per-patient gradients clipped to {st['max_grad_norm']:g}, "
+                     f"{_esc(noise)}, Poisson-sampled batches.</p>")
+            body += _table(pd.DataFrame(dp["sites"], columns=["site", "epsilon", "delta",
+                                                              "round"]))
+            body += f"<p class='note'>{_esc(dp.get('covers'))}</p>"
+        sl = p.get("site_level")
+        if sl:
+            body += (f"<p>Site-level DP of the aggregate: each site's update clipped to "
+                     f"{sl['clip_norm']:g}, Gaussian noise of {sl['noise_multiplier']:g} times "
+                     f"that on their sum; epsilon {sl['epsilon']:.3g} at delta {sl['delta']:g} "
+                     f"after {sl['rounds']} rounds.</p>"
+                     f"<p class='note'>{_esc(sl.get('covers'))}</p>")
+    return body
 
 
 def _method_body(st: dict[str, Any]) -> str:
@@ -786,6 +815,7 @@ def _section_bodies(doc: dict[str, Any], sec: dict[str, Any], figs: dict[str, An
         "federated-evaluation": _federated_evaluation_body(doc, st),
         "training": _img(figs["training"], "Training curves",
                          "no run records a per-round or per-step history (metrics.json)"),
+        "privacy": _privacy_body(doc),
         "method": _method_body(st),
     }
 
