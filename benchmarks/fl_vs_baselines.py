@@ -324,7 +324,30 @@ def evaluate(engine: str, seed: int, run_dir: Path, *, n_boot: int, seconds: flo
     -------
     EngineResult
     """
-    test = read_test_rows(run_dir)
+    return evaluate_rows(engine, seed, read_test_rows(run_dir), n_boot=n_boot, seconds=seconds)
+
+
+def evaluate_rows(engine: str, seed: int, test: pd.DataFrame, *, n_boot: int, seconds: float
+                  ) -> EngineResult:
+    """Pooled and per-site test AUC with bootstrap CIs from test rows.
+
+    Parameters
+    ----------
+    engine : str
+        The engine's name.
+    seed : int
+        The experiment seed (also seeds the bootstrap).
+    test : pandas.DataFrame
+        Columns ``site``, ``patient_id``, ``label``, ``score`` (:func:`read_test_rows`).
+    n_boot : int
+        Bootstrap resamples.
+    seconds : float
+        Training wall time to record.
+
+    Returns
+    -------
+    EngineResult
+    """
     pooled = bootstrap_ci("auc", test["label"].to_numpy(np.int64),
                           test["score"].to_numpy(np.float64), n_boot=n_boot,
                           seed=derive_seed(seed, "pooled"))
@@ -515,14 +538,26 @@ class Verdict:
     task : str
         The task (config) name.
     data_seed : int or None
-        The generator seed of the cohort (None: the shipped sample data).
+        The generator seed of the cohort (None: the config's own sites).
     results : dict[int, dict[str, EngineResult]]
-        Experiment seed -> engine -> result.
+        Experiment seed (or any key that orders the runs) -> engine -> result.
+    label : str
+        The cohort's name in the table (default: from ``data_seed``).
     """
 
     task: str
     data_seed: int | None
     results: dict[int, dict[str, EngineResult]]
+    label: str = ""
+
+    @property
+    def cohort(self) -> str:
+        """How the verdict table names the cohort."""
+        if self.label:
+            return self.label
+        if self.data_seed is None:
+            return "the config's own sites"
+        return "0 (shipped, tuned on)" if self.data_seed == 0 else str(self.data_seed)
 
 
 def verdict_row(v: Verdict, n_boot: int) -> str:
@@ -570,8 +605,7 @@ def verdict_row(v: Verdict, n_boot: int) -> str:
 
     ratio, ratio_ok = judged(ratios, TARGET_CENTRAL, pct=False)
     gain, gain_ok = judged(gains, TARGET_LOCAL, pct=True)
-    cohort = "0 (shipped, tuned on)" if v.data_seed in (None, 0) else str(v.data_seed)
-    return (f"| {v.task} | {cohort} | {ratio} | **{ratio_ok}** | {'; '.join(diffs) or '-'} "
+    return (f"| {v.task} | {v.cohort} | {ratio} | **{ratio_ok}** | {'; '.join(diffs) or '-'} "
             f"| {gain} | **{gain_ok}** | {above} / {cover} / {below} |")
 
 
@@ -588,8 +622,17 @@ def verdict_table(verdicts: list[Verdict], n_boot: int) -> str:
     Returns
     -------
     str
-        Markdown.
+        Markdown: a row per task and cohort, then per task a row over every cohort it was
+        not tuned on (data seeds other than 0), when there are several.
     """
+    pooled = []
+    for task in dict.fromkeys(v.task for v in verdicts):
+        untuned = [v for v in verdicts if v.task == task and v.data_seed]
+        if len(untuned) > 1:
+            runs = {i: by for i, by in enumerate(
+                by for v in untuned for _seed, by in sorted(v.results.items()))}
+            seeds = ", ".join(str(v.data_seed) for v in untuned)
+            pooled.append(Verdict(task, None, runs, label=f"{seeds} together (not tuned on)"))
     return "\n".join([
         "### Verdicts", "",
         f"| task | data seed | federated / centralized, pooled test AUC: median (per seed) "
@@ -598,7 +641,7 @@ def verdict_table(verdicts: list[Verdict], n_boot: int) -> str:
         f"| ≥ +{100 * (TARGET_LOCAL - 1):.0f} % "
         f"| sites × seeds: federated − local CI above 0 / covering 0 / below 0 |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        *(verdict_row(v, n_boot) for v in verdicts), ""]) + "\n"
+        *(verdict_row(v, n_boot) for v in [*verdicts, *pooled]), ""]) + "\n"
 
 
 def run_task(config: Path, data_seed: int | None, args: argparse.Namespace, work: Path,

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -77,3 +78,32 @@ def test_site_path_overrides_refuse_a_site_outside_the_sample_data(tmp_path: Pat
         "modalities": {"tabular": {"encoder": "mlp"}}}))
     with pytest.raises(ValueError, match=r"site 'mine' .* is not under the sample data"):
         _script().site_path_overrides(config, tmp_path / "gen")
+
+
+def _result(script: ModuleType, engine: str, seed: int, scores: dict[str, list[float]]
+            ) -> object:
+    """An EngineResult of two sites of 8 test patients (4 positive) with the given scores."""
+    labels = [0, 0, 0, 0, 1, 1, 1, 1]
+    rows = [{"site": site, "patient_id": f"{site}-{i}", "label": labels[i], "score": x}
+            for site, xs in scores.items() for i, x in enumerate(xs)]
+    test = pd.DataFrame(rows)
+    return script.evaluate_rows(engine, seed, test, n_boot=50, seconds=0.0)
+
+
+def test_verdict_table_judges_each_cohort_and_the_untuned_ones_together() -> None:
+    script = _script()
+    perfect = [0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9]
+    half = [0.1, 0.6, 0.3, 0.8, 0.2, 0.7, 0.4, 0.9]  # AUC 0.625 at each site
+    verdicts = []
+    for data_seed in (0, 1, 2):
+        by = {"federated": _result(script, "federated", 0, {"a": perfect, "b": perfect}),
+              "centralized": _result(script, "centralized", 0, {"a": perfect, "b": perfect}),
+              "local": _result(script, "local", 0, {"a": half, "b": half})}
+        verdicts.append(script.Verdict("covid", data_seed, {0: by}))
+    table = script.verdict_table(verdicts, n_boot=50)
+    rows = [line for line in table.splitlines() if line.startswith("| covid |")]
+    assert [r.split(" | ")[1] for r in rows] == [
+        "0 (shipped, tuned on)", "1", "2", "1, 2 together (not tuned on)"]
+    for row in rows:  # federated = centralized (1.000), +60 % over local-only (1 / 0.625)
+        assert "| 1.000 (" in row and "| **PASS** |" in row and "+60.0 %" in row
+    assert "1.000 (1.000, 1.000) | **PASS**" in rows[-1]
