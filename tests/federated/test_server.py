@@ -12,9 +12,8 @@ import torch
 from toy import ToyNet, ToySite, bn_keys, initial_weights, to_numpy, to_torch, train_steps
 
 from multimodal_fl.federated.aggregation import ServerOptimizer
-from multimodal_fl.federated.checkpoint import CheckpointError
+from multimodal_fl.federated.checkpoint import CheckpointError, load_checkpoint
 from multimodal_fl.federated.inprocess import InProcessFederation
-from multimodal_fl.federated.checkpoint import load_checkpoint
 from multimodal_fl.federated.protocol import (
     Reply,
     Request,
@@ -338,11 +337,11 @@ def test_existing_checkpoint_needs_resume(tmp_path: Path) -> None:
         )
 
 
-# ------------------------------------------------------- one exchange per round (evaluation carried)
+# ---------------------------------------------------- one exchange per round (evaluation carried)
 
 
 class _Carrying:
-    """A toy site that answers a carried evaluation as FusionSite's gate does: evaluate, then fit."""
+    """A toy site answering a carried evaluation as FusionSite's gate does: evaluate, then fit."""
 
     def __init__(self, site: Site) -> None:
         self.site = site
@@ -354,7 +353,7 @@ class _Carrying:
         carried: Reply | str
         try:
             carried = self.site.handle(evaluation)
-        except Exception as exc:  # noqa: BLE001 - the words travel, as the gate sends them
+        except Exception as exc:
             carried = f"{type(exc).__name__}: {exc}"
         return attach_evaluation(self.site.handle(fit), carried)
 
