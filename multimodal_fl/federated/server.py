@@ -734,8 +734,7 @@ class _CarriedEvaluation:
         extra = [s for s in sorted(self.federation.sites())
                  if s not in sent and not isinstance(self.answers.get(s), Reply)]
         sent.update({s: _own_config(evaluation) for s in extra})
-        t0 = time.perf_counter()
-        answers = self.federation.broadcast(sent, timeout)
+        answers = self.federation.broadcast(sent, timeout)  # timed as the fit round's
         out: dict[str, Reply | SiteFailure] = {}
         for site, answer in answers.items():
             if site in extra:
@@ -747,7 +746,6 @@ class _CarriedEvaluation:
                                                        "evaluation"))
             else:  # a failed fit message: finish() asks for the evaluation on its own
                 out[site] = answer
-        self.record.seconds += time.perf_counter() - t0
         return out
 
     def finish(self) -> tuple[RoundRecord, StateDict, StateDict]:
