@@ -16,8 +16,8 @@ sites. Modules, each importing only those above it:
 * :mod:`.worker`: the optional long-lived site process per (run, SuperNode).
 * :mod:`.client`: :data:`client_app`, the forwarding ClientApp (lean: imported per message),
   its run-config keys and the per-message timing lines.
-* :mod:`.apps`: :data:`server_app` and :data:`client_app` (this package's
-  ``multimodal_fl.federated.flower:server_app`` / ``:client_app``, the components of every app
+* :mod:`.apps`: :data:`server_app` (``multimodal_fl.federated.flower:server_app``; with
+  ``multimodal_fl.federated.flower.client:client_app`` the components of every app
   :func:`write_app_dir` writes), :class:`ServerJob`, :class:`FlowerResult`.
 * :mod:`.credentials`: TLS certificates for the SuperLink and SuperNode key pairs
   (:func:`make_certificates`, :func:`make_site_keys`), made with ``cryptography``.

@@ -5,17 +5,14 @@
   :func:`~multimodal_fl.federated.server.run_federated` over a
   :class:`~.federation.FlowerFederation`, or the job's own program (``ServerJob.main``, e.g. the
   experiment's stages, :mod:`multimodal_fl.engines.flower_jobs`).
-* :data:`client_app` (a ``flwr.clientapp.ClientApp``): builds the site of its SuperNode from the
-  node config (``site-name``, ``site-dir``) and the run config's ``site-factory``, and hands it
-  every ``train`` / ``evaluate`` / ``query`` message as a
-  :class:`~multimodal_fl.federated.protocol.Request`. Flower starts a fresh ClientApp process
-  per message: either the run config's ``site-worker`` keeps each site in one long-lived process
-  (:mod:`.worker`), or a site that must keep arrays between requests (FedBN's local layers)
-  implements ``export_state() -> dict[str, ndarray]`` and ``restore_state(arrays)``, kept in the
-  SuperNode's per-run context state.
+* :data:`client_app` (a ``flwr.clientapp.ClientApp``, defined in :mod:`.client` and kept
+  lean there, since Flower starts its process for every message): hands every ``train`` /
+  ``evaluate`` / ``query`` message to the site of its SuperNode, its long-lived worker
+  (``site-worker``) or a site built for the message.
 * :func:`write_app_dir` writes the small Flower App directory (a ``pyproject.toml`` only; the
   code is this installed package) whose components are
-  ``multimodal_fl.federated.flower:server_app`` and ``:client_app``, and
+  ``multimodal_fl.federated.flower:server_app`` and
+  ``multimodal_fl.federated.flower.client:client_app``, and
   :func:`load_result` reads back what the ServerApp left in ``out-dir``.
 
 Which server job and which site run is pluggable: the run config names two ``"module:callable"``
