@@ -301,6 +301,31 @@ def message_breakdown(lines: list[dict[str, Any]], rounds: list[dict[str, float]
                   "messages": float(len(fits)), "exchanges": per_round}
 
 
+def _print_flower(cfg: ExperimentConfig, flower_rows: list[dict[str, float]],
+                  flower_total: list[float], flower_lines: list[dict[str, Any]],
+                  identical: list[bool], med_record: float) -> None:
+    """Print the Flower rows of the table and the per-message breakdown."""
+    med_fl = _median(flower_rows, "record")
+    med_fl_server = _median(flower_rows, "server")
+    print(f"| Flower loopback | round wall time (`RoundRecord.seconds`), "
+          f"n={len(flower_rows)} | {med_fl:.2f} s |")
+    print(f"| Flower loopback | round time − in-process round time | "
+          f"{med_fl - med_record:+.2f} s ({100 * (med_fl / med_record - 1):+.0f} %) |")
+    print(f"| Flower loopback | `server_seconds` | {1000 * med_fl_server:.1f} ms |")
+    print(f"| Flower loopback | whole deployment (start, {cfg.federated.rounds} rounds, "
+          f"predict, stop) | {statistics.median(flower_total):.1f} s |")
+    ratio = med_fl / med_record
+    print(f"| both | **loopback / in-process round** (`RoundRecord.seconds`) | "
+          f"**{ratio:.2f}x** |")
+    print(f"| both | final model.safetensors identical bit for bit | "
+          f"{'yes' if all(identical) else 'NO'} |")
+    if flower_lines:
+        table, summary = message_breakdown(flower_lines, flower_rows)
+        print(f"\nPer message (Flower loopback, {int(summary['messages'])} fit messages; "
+              f"{summary['exchanges']:.2f} fit/evaluate messages per site and round):\n")
+        print("\n".join(table))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the markdown table.
 
@@ -378,25 +403,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{1000 * med_server:.1f} ms |")
     print(f"| in-process | `RoundRecord.seconds` (no checkpoint) | {med_record:.2f} s |")
     if flower_rows:
-        med_fl = _median(flower_rows, "record")
-        med_fl_server = _median(flower_rows, "server")
-        print(f"| Flower loopback | round wall time (`RoundRecord.seconds`), "
-              f"n={len(flower_rows)} | {med_fl:.2f} s |")
-        print(f"| Flower loopback | round time − in-process round time | "
-              f"{med_fl - med_record:+.2f} s ({100 * (med_fl / med_record - 1):+.0f} %) |")
-        print(f"| Flower loopback | `server_seconds` | {1000 * med_fl_server:.1f} ms |")
-        print(f"| Flower loopback | whole deployment (start, {cfg.federated.rounds} rounds, "
-              f"predict, stop) | {statistics.median(flower_total):.1f} s |")
-        ratio = med_fl / med_record
-        print(f"| both | **loopback / in-process round** (`RoundRecord.seconds`) | "
-              f"**{ratio:.2f}x** |")
-        print(f"| both | final model.safetensors identical bit for bit | "
-              f"{'yes' if all(identical) else 'NO'} |")
-        if flower_lines:
-            table, summary = message_breakdown(flower_lines, flower_rows)
-            print(f"\nPer message (Flower loopback, {int(summary['messages'])} fit messages; "
-                  f"{summary['exchanges']:.2f} fit/evaluate messages per site and round):\n")
-            print("\n".join(table))
+        _print_flower(cfg, flower_rows, flower_total, flower_lines, identical, med_record)
     print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f}; wall "
           f"{time.time() - t_start:.0f} s; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}")
