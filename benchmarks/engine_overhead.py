@@ -16,11 +16,22 @@ For one experiment (default: the sample COVID-19 task, ``configs/covid_oxygen.ya
    (:func:`multimodal_fl.federated.flower.run_loopback`: a SuperLink and one SuperNode per site
    on 127.0.0.1, ``site-worker`` on) and reports its round wall time (``metrics.json`` ``rounds``
    ``seconds``) and the difference to the in-process round;
-3. checks the two final models are equal bit for bit (same seed, same thread count).
+3. checks the two final models are equal bit for bit (same seed, same thread count);
+4. breaks each Flower message down (issue 15): every SuperNode's ClientApp writes one timing
+   line per message into ``MMFL_MESSAGE_TIMINGS`` (:mod:`multimodal_fl.federated.flower.client`:
+   Flower's process start, the package's ClientApp import, the hand-off to the site worker, the
+   site's own work), read back here; the rest of a round (Flower's transport, the SuperNode's
+   polling, the process exit) is the round's wall time minus the server's own work minus the
+   slowest site's ClientApp process (start to reply handed back to Flower). The package's
+   share of a message is its import plus its hand-off, in CPU seconds. Since issue 15 a Flower
+   round is one message exchange (the evaluation rides with the next fit), so the loopback /
+   in-process ratio compares the Flower round with the in-process round (fit + evaluation).
 
 Medians are taken over rounds (and repeats). Run from the repository root::
 
-    MMFL_CACHE=/tmp/mmfl_cache .venv/bin/python benchmarks/engine_overhead.py --rounds 5
+    MMFL_CACHE=/tmp/mmfl_cache .venv/bin/python benchmarks/engine_overhead.py --rounds 10
+    MMFL_CACHE=/tmp/mmfl_cache .venv/bin/python benchmarks/engine_overhead.py --rounds 10 \
+        --set federated.local_steps=200
 
 Rounds are cut with ``--rounds`` only to save time; the work per round is the shipped config's.
 """
@@ -162,8 +173,8 @@ def run_inprocess(cfg: ExperimentConfig, run_dir: Path) -> list[dict[str, float]
     return rows
 
 
-def run_flower(cfg: ExperimentConfig, run_dir: Path, work: Path) -> tuple[list[dict[str, float]],
-                                                                           float]:
+def run_flower(cfg: ExperimentConfig, run_dir: Path, work: Path
+               ) -> tuple[list[dict[str, float]], float, list[dict[str, Any]]]:
     """Train ``cfg`` on a Flower loopback deployment (site workers on) and read its rounds.
 
     Parameters
@@ -177,26 +188,33 @@ def run_flower(cfg: ExperimentConfig, run_dir: Path, work: Path) -> tuple[list[d
 
     Returns
     -------
-    tuple[list[dict[str, float]], float]
-        Per round ``record`` (round seconds) and ``server`` (server seconds), and the wall
-        seconds of the whole deployment (start of the SuperLink to the end of the run).
+    tuple[list[dict[str, float]], float, list[dict[str, Any]]]
+        Per round ``record`` (round seconds) and ``server`` (server seconds); the wall seconds
+        of the whole deployment (start of the SuperLink to the end of the run); every
+        message's timing line (all SuperNodes).
     """
     from multimodal_fl.engines.flower_jobs import experiment_run_config
     from multimodal_fl.federated.flower import run_loopback
+    from multimodal_fl.federated.flower.client import TIMINGS_ENV
 
     entries = experiment_run_config(cfg, run_dir=run_dir, site_out=run_dir, site_worker=True)
     entries["min-nodes"] = len(cfg.sites)
     sites = {s.name: Path(s.path) for s in cfg.sites}
     started = time.perf_counter()
-    run_loopback(sites, entries, work, timeout=3000.0)
+    timings = work / "timings"
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    run_loopback(sites, entries, work, timeout=3000.0,
+                 env={TIMINGS_ENV: str(timings), "PYTHONPATH": pythonpath})
     total = time.perf_counter() - started
+    lines = [json.loads(line) for path in sorted(timings.glob("*.jsonl"))
+             for line in path.read_text().splitlines()]
     doc = json.loads((run_dir / "metrics.json").read_text())
     rows = [
         {"round": float(r["round"]), "record": float(r["seconds"]),
          "server": float(r["server_seconds"])}
         for r in doc["rounds"]
     ]
-    return rows, total
+    return rows, total, lines
 
 
 def same_model(a: Path, b: Path) -> bool:
@@ -224,6 +242,88 @@ def same_model(a: Path, b: Path) -> bool:
 
 def _median(rows: list[dict[str, float]], key: str) -> float:
     return float(statistics.median(r[key] for r in rows))
+
+
+#: The parts of a message, as the ClientApp's timing line names them, and their row labels.
+PARTS = (
+    ("flower_start", "Flower: `flwr-clientapp` process start and Flower's imports"),
+    ("import", "package: the ClientApp module's import"),
+    ("handler_wait", "Flower: loading the app, reading the message"),
+    ("handoff", "package: hand-off (decode, worker socket, encode)"),
+    ("site_work", "site: its own `handle()` (in the worker)"),
+)
+
+
+def message_breakdown(lines: list[dict[str, Any]], rounds: list[dict[str, float]]
+                      ) -> tuple[list[str], dict[str, float]]:
+    """The per-message table of the fit messages (one per site and round) and its summary.
+
+    Parameters
+    ----------
+    lines : list of dict
+        The ClientApp timing lines of the run.
+    rounds : list of dict
+        The Flower rounds (``round``, ``record``, ``server``).
+
+    Returns
+    -------
+    tuple[list[str], dict[str, float]]
+        Markdown table rows, and ``package_cpu`` (median CPU seconds of import + hand-off per
+        fit message), ``rest`` (median per round of the round's wall time minus the server's
+        work minus the slowest site's ClientApp process: transport, polling, process exit),
+        ``messages`` (fit messages counted), ``exchanges`` (messages per site and round).
+    """
+    fits = [x for x in lines if x["kind"] == "fit"]
+    rows = ["| part of a fit message (median over sites x rounds) | wall s | CPU s |",
+            "| --- | --- | --- |"]
+    for key, label in PARTS:
+        wall = statistics.median(x[key]["wall"] for x in fits)
+        cpu = statistics.median(x[key]["cpu"] for x in fits)
+        rows.append(f"| {label} | {wall:.3f} | {cpu:.3f} |")
+    package = [x["import"]["cpu"] + x["handoff"]["cpu"] for x in fits]
+    rows.append(f"| **package's share** (import + hand-off) | "
+                f"{statistics.median(x['import']['wall'] + x['handoff']['wall'] for x in fits):.3f}"
+                f" | **{statistics.median(package):.3f}** (target ≤ 0.3: "
+                f"{'PASS' if statistics.median(package) <= 0.3 else 'FAIL'}) |")
+    rest = []
+    for r in rounds:
+        mine = [x for x in fits if x["round"] == int(r["round"])]
+        if mine:
+            slowest = max(x["handler_end"] - x["process_start"] for x in mine)
+            rest.append(r["record"] - r["server"] - slowest)
+    if rest:
+        rows.append(f"| Flower: transport, SuperNode polling, process exit (round − server − "
+                    f"slowest ClientApp) | {statistics.median(rest):.3f} | |")
+    per_round = len([x for x in lines if x["kind"] in ("fit", "evaluate")]) / max(
+        1, len({x["site"] for x in lines})) / max(1, len(rounds))
+    return rows, {"package_cpu": float(statistics.median(package)),
+                  "rest": float(statistics.median(rest)) if rest else float("nan"),
+                  "messages": float(len(fits)), "exchanges": per_round}
+
+
+def _print_flower(cfg: ExperimentConfig, flower_rows: list[dict[str, float]],
+                  flower_total: list[float], flower_lines: list[dict[str, Any]],
+                  identical: list[bool], med_record: float) -> None:
+    """Print the Flower rows of the table and the per-message breakdown."""
+    med_fl = _median(flower_rows, "record")
+    med_fl_server = _median(flower_rows, "server")
+    print(f"| Flower loopback | round wall time (`RoundRecord.seconds`), "
+          f"n={len(flower_rows)} | {med_fl:.2f} s |")
+    print(f"| Flower loopback | round time − in-process round time | "
+          f"{med_fl - med_record:+.2f} s ({100 * (med_fl / med_record - 1):+.0f} %) |")
+    print(f"| Flower loopback | `server_seconds` | {1000 * med_fl_server:.1f} ms |")
+    print(f"| Flower loopback | whole deployment (start, {cfg.federated.rounds} rounds, "
+          f"predict, stop) | {statistics.median(flower_total):.1f} s |")
+    ratio = med_fl / med_record
+    print(f"| both | **loopback / in-process round** (`RoundRecord.seconds`) | "
+          f"**{ratio:.2f}x** |")
+    print(f"| both | final model.safetensors identical bit for bit | "
+          f"{'yes' if all(identical) else 'NO'} |")
+    if flower_lines:
+        table, summary = message_breakdown(flower_lines, flower_rows)
+        print(f"\nPer message (Flower loopback, {int(summary['messages'])} fit messages; "
+              f"{summary['exchanges']:.2f} fit/evaluate messages per site and round):\n")
+        print("\n".join(table))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     inproc: list[dict[str, float]] = []
     flower_rows: list[dict[str, float]] = []
     flower_total: list[float] = []
+    flower_lines: list[dict[str, Any]] = []
     identical: list[bool] = []
     for rep in range(args.repeats):
         print(f"repeat {rep + 1}/{args.repeats}: in-process", file=sys.stderr, flush=True)
@@ -271,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_flower:
             print(f"repeat {rep + 1}/{args.repeats}: Flower loopback", file=sys.stderr, flush=True)
             fl_dir = work / f"flower_{rep}"
-            rows, total = run_flower(cfg, fl_dir, work / f"flower_work_{rep}")
+            rows, total, lines = run_flower(cfg, fl_dir, work / f"flower_work_{rep}")
+            flower_lines += lines
             flower_rows += rows
             flower_total.append(total)
             identical.append(same_model(in_dir / "model.safetensors",
@@ -301,23 +403,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{1000 * med_server:.1f} ms |")
     print(f"| in-process | `RoundRecord.seconds` (no checkpoint) | {med_record:.2f} s |")
     if flower_rows:
-        med_fl = _median(flower_rows, "record")
-        med_fl_server = _median(flower_rows, "server")
-        print(f"| Flower loopback | round wall time (`RoundRecord.seconds`), "
-              f"n={len(flower_rows)} | {med_fl:.2f} s |")
-        print(f"| Flower loopback | round time − in-process round time | "
-              f"{med_fl - med_record:+.2f} s ({100 * (med_fl / med_record - 1):+.0f} %) |")
-        print(f"| Flower loopback | `server_seconds` | {1000 * med_fl_server:.1f} ms |")
-        print(f"| Flower loopback | whole deployment (start, {cfg.federated.rounds} rounds, "
-              f"predict, stop) | {statistics.median(flower_total):.1f} s |")
-        print(f"| both | final model.safetensors identical bit for bit | "
-              f"{'yes' if all(identical) else 'NO'} |")
+        _print_flower(cfg, flower_rows, flower_total, flower_lines, identical, med_record)
     print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f}; wall "
           f"{time.time() - t_start:.0f} s; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}")
     if args.json is not None:
         args.json.write_text(json.dumps(
             {"inprocess": inproc, "flower": flower_rows, "flower_total": flower_total,
+             "messages": flower_lines,
              "identical": identical, "load": [load_before, load_after]}, indent=1))
     return 0
 

@@ -25,7 +25,14 @@ from multimodal_fl.encoders.tabular import Standardizer
 from multimodal_fl.engines.flower_jobs import experiment_job
 from multimodal_fl.federated.aggregation import group_of
 from multimodal_fl.federated.disclosure import DECLARED, DisclosureViolation, check_declared
-from multimodal_fl.federated.protocol import Kind, Reply, Request, SiteFailure
+from multimodal_fl.federated.protocol import (
+    Kind,
+    Reply,
+    Request,
+    SiteFailure,
+    detach_evaluation,
+    split_carried,
+)
 from multimodal_fl.federated.server import Federation
 
 __all__ = [
@@ -92,8 +99,22 @@ class Recorder:
                   ) -> dict[str, Reply | SiteFailure]:
         """Broadcast through the inner federation and keep each request with its answer."""
         answers = self.inner.broadcast(requests, timeout)
-        self.crossings += [Crossing(s, requests[s], answers[s]) for s in requests if s in answers]
+        for s in requests:
+            if s in answers:
+                self.crossings += _crossings(s, requests[s], answers[s])
         return answers
+
+
+def _crossings(site: str, request: Request, answer: Reply | SiteFailure) -> list[Crossing]:
+    """One message's crossings: a fit that carries an evaluation is two (evaluate, then fit),
+    as the site's gate releases and logs them."""
+    fit, evaluation = split_carried(request)
+    if evaluation is None or isinstance(answer, SiteFailure):
+        return [Crossing(site, request, answer)]
+    fit_reply, carried = detach_evaluation(answer, evaluation.round)
+    first: Reply | SiteFailure = (SiteFailure(site, carried) if isinstance(carried, str) else
+                                  carried or SiteFailure(site, "no carried evaluation"))
+    return [Crossing(site, evaluation, first), Crossing(site, fit, fit_reply)]
 
 
 def recording_experiment_job(run_config: Mapping[str, Any]) -> Any:

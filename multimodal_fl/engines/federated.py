@@ -35,6 +35,7 @@ Only weights, counts, metrics and aggregate summaries reach this module.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -413,6 +414,7 @@ def run_federated_experiment(
     cohorts: Mapping[str, Any] | None = None,
     data: Mapping[str, Any] | None = None,
     progress: ProgressCallback | None = None,
+    carry_evaluation: bool = False,
 ) -> RunOutcome:
     """Train ``cfg`` federated and write the run directory.
 
@@ -436,6 +438,10 @@ def run_federated_experiment(
     progress : callable or None
         Called with the in-process federation's :mod:`~multimodal_fl.progress` events (data
         preparation, each site's answer); unused with a given ``federation``.
+    carry_evaluation : bool
+        One message exchange per round (``RunConfig.carry_evaluation``: a round's evaluation
+        rides with the next fit), for a transport whose messages are dear (Flower). The same
+        records and weights.
 
     Returns
     -------
@@ -447,7 +453,7 @@ def run_federated_experiment(
         return _run_experiment(
             cfg, out_dir, federation=federation, engine=engine, resume=resume,
             stop_after_round=stop_after_round, on_round=on_round, cohorts=cohorts, data=data,
-            progress=progress,
+            progress=progress, carry_evaluation=carry_evaluation,
         )
 
 
@@ -496,7 +502,7 @@ def _initial_model(federation: Federation, sites: list[str], timeout: float | No
 def _train_rounds(
     federation: Federation, cfg: ExperimentConfig, weights: StateDict, run_dir: Path, *,
     resume: bool, stop_after_round: int | None,
-    on_round: Callable[[RoundRecord], None] | None,
+    on_round: Callable[[RoundRecord], None] | None, carry_evaluation: bool = False,
 ) -> tuple[FederatedResult, int, StateDict, dict[str, Any]]:
     """The server loop with model selection and tracking.
 
@@ -516,7 +522,9 @@ def _train_rounds(
 
     try:
         result: FederatedResult = run_federated(
-            federation, weights, run_config(cfg), checkpoint_dir=run_dir / "checkpoint",
+            federation, weights,
+            dataclasses.replace(run_config(cfg), carry_evaluation=carry_evaluation),
+            checkpoint_dir=run_dir / "checkpoint",
             resume=resume, stop_after_round=stop_after_round, on_round=_on_round,
         )
     finally:
@@ -652,6 +660,7 @@ def _run_experiment(
     cohorts: Mapping[str, Any] | None,
     data: Mapping[str, Any] | None,
     progress: ProgressCallback | None,
+    carry_evaluation: bool = False,
 ) -> RunOutcome:
     t0 = time.perf_counter()
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
@@ -667,7 +676,7 @@ def _run_experiment(
     weights, standardisation, pca_doc = _setup_stages(federation, cfg, sites, run_dir)
     result, chosen_round, final_weights, selection = _train_rounds(
         federation, cfg, weights, run_dir, resume=resume, stop_after_round=stop_after_round,
-        on_round=on_round,
+        on_round=on_round, carry_evaluation=carry_evaluation,
     )
     t_train = time.perf_counter() - t0 - t_prep
     _save_model(final_weights, run_dir / "model.safetensors", engine, chosen_round)

@@ -167,7 +167,9 @@ def experiment_job(run_config: Mapping[str, Any]) -> ServerJob:
     run_dir = Path(str(run_config.get("run-dir") or Path("runs") / f"{cfg.name or 'flower'}"))
 
     def main(federation: Federation) -> None:
-        run_federated_experiment(cfg, run_dir, federation=federation, engine="flower")
+        # one message exchange per round: each costs a ClientApp process per site
+        run_federated_experiment(cfg, run_dir, federation=federation, engine="flower",
+                                 carry_evaluation=True)
 
     return ServerJob(main=main)
 

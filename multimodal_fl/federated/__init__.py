@@ -6,6 +6,4 @@ protocol), ``aggregation`` (pure functions on state dicts), ``pca`` (:class:`Fed
 and ``flower/``; and ``site`` (the one adapter between training and the wire).
 """
 
-from multimodal_fl.federated.pca import FederatedPCA
-
-__all__ = ["FederatedPCA"]
+__all__: list[str] = []

@@ -19,6 +19,13 @@ forget the gate, on either engine. The gate:
    (``sites/<site>/egress.jsonl``). A reply that breaks either never leaves: the site answers
    with a scrubbed :class:`SiteError`.
 
+A ``fit`` request that carries the evaluation of the weights it sends
+(:func:`~multimodal_fl.federated.protocol.carry_evaluation`) passes the gate as two requests
+(:meth:`DisclosureGate.release_carried`): the evaluation first, under the ``evaluate`` rule and
+declaration (or its refusal, whose words may cross), then the fit; the fit reply leaves with the
+released evaluation under ``evaluate.`` and :func:`check_declared` checks the carried fields
+against :data:`DECLARED` for ``evaluate``. Both are recorded in the egress log.
+
 The rules, with ``m`` the effective threshold: a site with fewer than ``m`` training patients
 declines ``info``, ``init``, ``moments`` and ``fit`` (its handler raises
 :class:`SiteRefused` before training; the rule checks the count); ``fit`` leaves out a
@@ -59,6 +66,8 @@ from multimodal_fl.federated.protocol import (
     Request,
     SiteError,
     SiteRefused,
+    attach_evaluation,
+    detach_evaluation,
     pack_document,
     unpack_document,
 )
@@ -404,6 +413,10 @@ def check_declared(kind: Kind, reply: Reply, min_cell: int) -> None:
     DisclosureViolation
         Naming the first undeclared field.
     """
+    if kind is Kind.FIT:  # the evaluation it may carry: the evaluate declaration for those fields
+        reply, carried = detach_evaluation(reply, reply.round)
+        if isinstance(carried, Reply):
+            check_declared(Kind.EVALUATE, carried, min_cell)
     declared = DECLARED.get(kind)
     if declared is None:
         raise DisclosureViolation(f"no reply fields are declared for {kind.value!r} replies")
@@ -722,6 +735,42 @@ class DisclosureGate:
                             "own log)") from None
         self._record(request, min_cell, released=released)
         return released.reply
+
+    def release_carried(self, fit: Request, evaluation: Request,
+                        handlers: Mapping[Kind, Callable[[Request], Reply]]) -> Reply:
+        """Answer a fit request that carries an evaluation: the evaluation first, then the fit.
+
+        Each part passes :meth:`release` under its own kind's rule and declaration; the fit
+        reply leaves with the released evaluation (or the words of its refusal or failure)
+        attached (:func:`~multimodal_fl.federated.protocol.attach_evaluation`), checked once
+        more by :func:`check_declared`.
+
+        Parameters
+        ----------
+        fit, evaluation : Request
+            The two parts (:func:`~multimodal_fl.federated.protocol.split_carried`).
+        handlers : mapping of Kind to callable
+            The site's handlers (``fit`` and ``evaluate`` are used).
+
+        Returns
+        -------
+        Reply
+            The fit reply as it leaves the site.
+
+        Raises
+        ------
+        SiteRefused, SiteError
+            As :meth:`release`, for the fit part (a failed evaluation only travels as words).
+        """
+        carried: Reply | str
+        try:
+            carried = self.release(evaluation, handlers[Kind.EVALUATE])
+        except (SiteRefused, SiteError) as exc:  # both made to cross the boundary
+            carried = str(exc)
+        min_cell = self.min_cell(fit)
+        reply = attach_evaluation(self.release(fit, handlers[Kind.FIT]), carried)
+        check_declared(Kind.FIT, reply, min_cell)
+        return reply
 
     def _refuse(self, request: Request, reason: str) -> None:
         self._record(request, self.min_cell(request), refused=reason)

@@ -63,6 +63,12 @@ Request kinds (:class:`Kind`), in the order an experiment sends them:
     site's shared model, and are empty when ``model_site`` is the site itself (it scores the
     model it keeps at home).
 
+A ``fit`` request may also carry an ``evaluate`` request of the weights it sends (the previous
+round's global model: :func:`carry_evaluation`, config keys under :data:`CARRIED_PREFIX`), so
+that a deployment exchanges one message per round; the site answers the evaluation first, then
+trains, and its fit reply carries the released evaluation under the same prefix
+(:func:`attach_evaluation`, :func:`detach_evaluation`).
+
 Every reply leaves a site through its disclosure gate
 (:mod:`multimodal_fl.federated.disclosure`, whose ``DECLARED`` table lists what each kind's
 reply may carry); ``config["min_cell"]`` carries the effective small-cell threshold to the
@@ -90,6 +96,7 @@ T = TypeVar("T")
 
 __all__ = [
     "ARRAY_PREFIX",
+    "CARRIED_PREFIX",
     "CONFIG_PREFIX",
     "DOC_PREFIX",
     "GROUP_PREFIX",
@@ -108,9 +115,13 @@ __all__ = [
     "SiteFailure",
     "SiteRefused",
     "StateDict",
+    "attach_evaluation",
     "boundary_reason",
+    "carry_evaluation",
+    "detach_evaluation",
     "pack_document",
     "site_seed",
+    "split_carried",
     "unpack_document",
 ]
 
@@ -721,3 +732,132 @@ class Federation(Protocol):
             (the site raised, timed out or is unknown). Never raises for a site's fault.
         """
         ...
+#: Prefix of the evaluation a ``fit`` request carries (its config) and its reply carries back
+#: (metrics, arrays, documents; ``n_samples`` as the metric ``evaluate.n_samples``).
+CARRIED_PREFIX = "evaluate."
+#: The carried evaluation's round, in the fit request's config.
+_CARRIED_ROUND = CARRIED_PREFIX + "round"
+#: The carried evaluation's sample count, in the fit reply's metrics.
+_CARRIED_N = CARRIED_PREFIX + "n_samples"
+#: Why the carried evaluation gave nothing (the site declined or failed), a fit reply document.
+_CARRIED_FAILURE = CARRIED_PREFIX + "failure"
+
+
+def carry_evaluation(fit: Request, evaluation: Request) -> Request:
+    """A ``fit`` request that also asks the site to evaluate the weights it sends.
+
+    Parameters
+    ----------
+    fit : Request
+        The fit request.
+    evaluation : Request
+        An ``evaluate`` request of the same weights (its round may differ: the round whose
+        global model they are).
+
+    Returns
+    -------
+    Request
+        ``fit`` with the evaluation's round and config under :data:`CARRIED_PREFIX`.
+
+    Raises
+    ------
+    ValueError
+        If the kinds are not fit and evaluate, or the evaluation carries other arrays.
+    """
+    if fit.kind is not Kind.FIT or evaluation.kind is not Kind.EVALUATE or evaluation.arrays:
+        raise ValueError(f"carry_evaluation: expected a fit and an evaluate request without "
+                         f"arrays, got {fit.kind.value} and {evaluation.kind.value}")
+    config = {k: v for k, v in fit.config.items() if not k.startswith(CARRIED_PREFIX)}
+    config.update({CARRIED_PREFIX + k: v for k, v in evaluation.config.items()})
+    config[_CARRIED_ROUND] = int(evaluation.round)
+    return replace(fit, config=config)
+
+
+def split_carried(request: Request) -> tuple[Request, Request | None]:
+    """Split a request into itself and the evaluation it carries (site side).
+
+    Parameters
+    ----------
+    request : Request
+        Any request.
+
+    Returns
+    -------
+    tuple[Request, Request or None]
+        The fit request without the carried keys and the ``evaluate`` request of its weights;
+        ``(request, None)`` when it carries none.
+    """
+    if request.kind is not Kind.FIT or _CARRIED_ROUND not in request.config:
+        return request, None
+    own = {k: v for k, v in request.config.items() if not k.startswith(CARRIED_PREFIX)}
+    carried = _strip(request.config, CARRIED_PREFIX)
+    rnd = int(carried.pop("round"))
+    return (replace(request, config=own),
+            Request(Kind.EVALUATE, rnd, request.weights, dict(carried)))
+
+
+def attach_evaluation(fit: Reply, evaluation: Reply | str) -> Reply:
+    """The fit reply with the carried evaluation's reply (or why there is none) added.
+
+    Parameters
+    ----------
+    fit : Reply
+        The fit reply, as released.
+    evaluation : Reply or str
+        The evaluate reply, as released, or the reason it was declined or failed (words that
+        may cross the site boundary).
+
+    Returns
+    -------
+    Reply
+        ``fit`` with ``evaluate.<name>`` metrics, arrays and documents and the metric
+        ``evaluate.n_samples``, or the document ``evaluate.failure``.
+    """
+    if isinstance(evaluation, str):
+        return replace(fit, documents={**fit.documents,
+                                       _CARRIED_FAILURE: pack_document(evaluation)})
+    p = CARRIED_PREFIX
+    return replace(
+        fit,
+        metrics={**fit.metrics, _CARRIED_N: float(evaluation.n_samples),
+                 **{p + k: v for k, v in evaluation.metrics.items()}},
+        arrays={**fit.arrays, **{p + k: v for k, v in evaluation.arrays.items()}},
+        documents={**fit.documents, **{p + k: v for k, v in evaluation.documents.items()}},
+    )
+
+
+def detach_evaluation(reply: Reply, round: int) -> tuple[Reply, Reply | str | None]:
+    """Split a fit reply into itself and the evaluation it carries (server side).
+
+    Parameters
+    ----------
+    reply : Reply
+        A reply.
+    round : int
+        The round of the carried evaluation (the evaluate reply's round).
+
+    Returns
+    -------
+    tuple[Reply, Reply or str or None]
+        The fit reply without the carried fields, and the ``evaluate`` reply, the site's reason
+        for giving none, or ``None`` when the reply carries no evaluation.
+    """
+    p = CARRIED_PREFIX
+    fit = replace(reply,
+                  metrics={k: v for k, v in reply.metrics.items() if not k.startswith(p)},
+                  arrays={k: v for k, v in reply.arrays.items() if not k.startswith(p)},
+                  documents={k: v for k, v in reply.documents.items() if not k.startswith(p)})
+    if _CARRIED_FAILURE in reply.documents:
+        try:
+            reason = str(unpack_document(reply.documents[_CARRIED_FAILURE]))
+        except ValueError:
+            reason = "the carried evaluation failed (its reason is not a JSON document)"
+        return fit, reason
+    if _CARRIED_N not in reply.metrics:
+        return fit, None
+    metrics = _strip(reply.metrics, p)
+    n = metrics.pop("n_samples")
+    evaluation = Reply(site=reply.site, kind=Kind.EVALUATE, round=int(round),
+                       n_samples=int(n) if float(n).is_integer() else -1, metrics=metrics,
+                       arrays=_strip(reply.arrays, p), documents=_strip(reply.documents, p))
+    return fit, evaluation

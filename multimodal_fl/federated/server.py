@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ from multimodal_fl.federated.protocol import (
     Site,
     SiteFailure,
     StateDict,
+    carry_evaluation,
+    detach_evaluation,
     unpack_document,
 )
 from multimodal_fl.federated.secure_sum import MIN_SITES
@@ -117,6 +119,15 @@ class RunConfig:
         Site-level differential privacy of the aggregate (:mod:`~multimodal_fl.federated.
         central_dp`): each site's update clipped, Gaussian noise on their sum, the sites
         averaged with equal weight. None: plain aggregation.
+    carry_evaluation : bool
+        One message exchange per round: a round's evaluation rides with the next round's fit
+        requests (:func:`~.protocol.carry_evaluation`: the site evaluates the weights it
+        receives, then trains from them), reachable sites not asked to fit get their evaluate
+        request in the same broadcast, and only the last round's evaluation is a broadcast of
+        its own. The records, the checkpoints and the weights are those of the separate
+        broadcasts; a round is checkpointed and reported (``on_round``) once its evaluation is
+        in, i.e. after the next round's fit. The sites must answer carried evaluations
+        (:class:`~multimodal_fl.federated.site.FusionSite` does).
     """
 
     rounds: int
@@ -134,6 +145,7 @@ class RunConfig:
     evaluate_config: Mapping[str, ConfigValue] = field(default_factory=dict)
     secure: SecureAggregation | None = None
     site_dp: SiteLevelDP | None = None
+    carry_evaluation: bool = False
 
     def __post_init__(self) -> None:
         """Validate the settings."""
@@ -173,7 +185,7 @@ class RunConfig:
 
 
 # Settings that may change between an interrupted run and its resumption.
-_RESUMABLE_CHANGES = ("rounds", "timeout", "max_attempts")
+_RESUMABLE_CHANGES = ("rounds", "timeout", "max_attempts", "carry_evaluation")
 
 
 @dataclass
@@ -446,39 +458,66 @@ def run_federated(
         site_sizes = _ask_sizes(federation, config)
 
     last = config.rounds if stop_after_round is None else min(config.rounds, stop_after_round)
+    done = _Completion(history, config, site_sizes, ckpt_root, on_round)
+    pending: _CarriedEvaluation | None = None  # a fit round whose evaluation rides the next fit
     for rnd in range(start, last + 1):
-        record, weights, opt_state = _fit_round(
-            federation, weights, opt_state, config, rnd, site_sizes
-        )
+        try:
+            record, weights, opt_state = _fit_round(
+                pending or federation, weights, opt_state, config, rnd, site_sizes
+            )
+        except RoundFailed:  # the previous round is complete all the same: keep it
+            if pending is not None:
+                done.complete(*pending.finish())
+            raise
+        if pending is not None:  # its evaluation came with this round's fit replies
+            done.complete(*pending.finish())
+            pending = None
         due = config.evaluate_every > 0 and (
             rnd % config.evaluate_every == 0 or rnd == config.rounds
         )
+        if due and config.carry_evaluation and rnd < last:
+            pending = _CarriedEvaluation(federation, record, weights, opt_state, config)
+            continue
         if due:
             _evaluate(federation, weights, config, record)
-        history.append(record)
-        if ckpt_root is not None:
+        done.complete(record, weights, opt_state)
+    completed = history[-1].round if history else 0
+    return FederatedResult(weights, history, opt_state, completed, site_sizes)
+
+
+class _Completion:
+    """What happens when a round is complete: history, checkpoint, log line, ``on_round``."""
+
+    def __init__(self, history: list[RoundRecord], config: RunConfig,
+                 site_sizes: Mapping[str, int], ckpt_root: Path | None,
+                 on_round: Callable[[RoundRecord, StateDict], None] | None) -> None:
+        self.history, self.config, self.site_sizes = history, config, site_sizes
+        self.ckpt_root, self.on_round = ckpt_root, on_round
+
+    def complete(self, record: RoundRecord, weights: StateDict, opt_state: StateDict) -> None:
+        """Record one completed round (fit and, if due, evaluation)."""
+        self.history.append(record)
+        if self.ckpt_root is not None:
             meta = {
-                "config": config_json,
-                "history": [asdict(r) for r in history],
-                "site_sizes": site_sizes,
+                "config": self.config.to_json(),
+                "history": [asdict(r) for r in self.history],
+                "site_sizes": dict(self.site_sizes),
                 "rng": {
-                    "seed": config.seed,
+                    "seed": self.config.seed,
                     "scheme": "site draw: numpy.random.default_rng([seed, round, attempt]); "
                     "sites: messages.site_seed(seed, site, round); no other server randomness",
                 },
             }
-            save_checkpoint(ckpt_root, Checkpoint(rnd, weights, opt_state, meta))
+            save_checkpoint(self.ckpt_root, Checkpoint(record.round, weights, opt_state, meta))
         log.info(
             "round %d: %d/%d sites replied, train loss %s",
-            rnd,
+            record.round,
             len(record.replied),
             len(record.selected),
             "n/a" if record.train_loss is None else f"{record.train_loss:.4f}",
         )
-        if on_round is not None:
-            on_round(record, weights)
-    completed = history[-1].round if history else 0
-    return FederatedResult(weights, history, opt_state, completed, site_sizes)
+        if self.on_round is not None:
+            self.on_round(record, weights)
 
 
 def _base_config(config: RunConfig) -> dict[str, ConfigValue]:
@@ -669,27 +708,113 @@ def _secure_combine(
     ), ""
 
 
+def _evaluation_request(weights: StateDict, config: RunConfig, rnd: int) -> Request:
+    eval_config = {**dict(config.evaluate_config), **_base_config(config), "fedbn": config.fedbn}
+    return Request(Kind.EVALUATE, rnd, weights, dict(eval_config))
+
+
+def _own_config(request: Request) -> Request:
+    """The request with a config of its own (a site writes into it); the weights shared."""
+    return replace(request, config=dict(request.config))
+
+
+def _record_evaluation(record: RoundRecord, site: str, answer: Reply | SiteFailure) -> None:
+    """Check one site's evaluate answer and record it (or why it is missing) in ``record``."""
+    if isinstance(answer, SiteFailure):
+        record.eval_failed[site] = answer.reason
+        return
+    try:
+        check_evaluate_reply(answer, site=site, round=record.round)
+    except InvalidReply as exc:
+        record.eval_failed[site] = _reason(exc)
+        log.warning("round %d evaluation: %s", record.round, exc)
+        return
+    record.eval_metrics[site] = {k: float(v) for k, v in answer.metrics.items()}
+    if answer.documents:
+        record.eval_documents[site] = {k: unpack_document(v)
+                                       for k, v in sorted(answer.documents.items())}
+
+
 def _evaluate(
     federation: Federation, weights: StateDict, config: RunConfig, record: RoundRecord
 ) -> None:
     t0 = time.perf_counter()
     sites = sorted(federation.sites())
-    eval_config = {**dict(config.evaluate_config), **_base_config(config), "fedbn": config.fedbn}
-    requests = {s: Request(Kind.EVALUATE, record.round, weights, dict(eval_config)) for s in sites}
+    request = _evaluation_request(weights, config, record.round)
+    requests = {s: _own_config(request) for s in sites}
     answers = federation.broadcast(requests, config.timeout)
     for site in sites:
-        answer = answers.get(site, SiteFailure(site, "no answer from the federation"))
-        if isinstance(answer, SiteFailure):
-            record.eval_failed[site] = answer.reason
-            continue
-        try:
-            check_evaluate_reply(answer, site=site, round=record.round)
-        except InvalidReply as exc:
-            record.eval_failed[site] = _reason(exc)
-            log.warning("round %d evaluation: %s", record.round, exc)
-            continue
-        record.eval_metrics[site] = {k: float(v) for k, v in answer.metrics.items()}
-        if answer.documents:
-            record.eval_documents[site] = {k: unpack_document(v)
-                                           for k, v in sorted(answer.documents.items())}
+        _record_evaluation(record, site,
+                           answers.get(site, SiteFailure(site, "no answer from the federation")))
     record.seconds += time.perf_counter() - t0
+
+
+class _CarriedEvaluation:
+    """A federation that carries one round's evaluation with the next round's fit requests.
+
+    :func:`run_federated` hands it to :func:`_fit_round` in place of the federation when
+    ``RunConfig.carry_evaluation`` is on. A fit request that sends the evaluated weights
+    carries the evaluate request (:func:`~.protocol.carry_evaluation`); a reachable site not
+    asked to fit gets the evaluate request itself in the same broadcast; the fit replies go on
+    to the fit round without the carried fields. :meth:`finish` asks the sites no broadcast
+    evaluated (a fit message that failed took its evaluation with it) and records every answer
+    in the evaluated round's record.
+    """
+
+    def __init__(self, federation: Federation, record: RoundRecord, weights: StateDict,
+                 opt_state: StateDict, config: RunConfig) -> None:
+        self.federation, self.record, self.config = federation, record, config
+        self.weights, self.opt_state = weights, opt_state
+        self.answers: dict[str, Reply | SiteFailure] = {}
+
+    def sites(self) -> list[str]:
+        """Return the inner federation's sites."""
+        return self.federation.sites()
+
+    def _keep(self, site: str, answer: Reply | SiteFailure) -> None:
+        if isinstance(self.answers.get(site), Reply):
+            return  # a later attempt of the fit round does not undo an evaluation
+        self.answers[site] = answer
+
+    def broadcast(
+        self, requests: Mapping[str, Request], timeout: float | None = None
+    ) -> dict[str, Reply | SiteFailure]:
+        """Broadcast ``requests`` with the evaluation carried (see the class docstring)."""
+        fits = [s for s, r in requests.items() if r.kind is Kind.FIT and r.weights is self.weights]
+        if not fits:
+            return self.federation.broadcast(requests, timeout)
+        evaluation = _evaluation_request(self.weights, self.config, self.record.round)
+        sent = dict(requests)
+        sent.update({s: carry_evaluation(requests[s], evaluation) for s in fits})
+        extra = [s for s in sorted(self.federation.sites())
+                 if s not in sent and not isinstance(self.answers.get(s), Reply)]
+        sent.update({s: _own_config(evaluation) for s in extra})
+        answers = self.federation.broadcast(sent, timeout)  # timed as the fit round's
+        out: dict[str, Reply | SiteFailure] = {}
+        for site, answer in answers.items():
+            if site in extra:
+                self._keep(site, answer)
+            elif site in fits and isinstance(answer, Reply):
+                out[site], carried = detach_evaluation(answer, self.record.round)
+                self._keep(site, answer=SiteFailure(site, carried) if isinstance(carried, str)
+                           else carried or SiteFailure(site, "the fit reply carried no "
+                                                       "evaluation"))
+            else:  # a failed fit message: finish() asks for the evaluation on its own
+                out[site] = answer
+        return out
+
+    def finish(self) -> tuple[RoundRecord, StateDict, StateDict]:
+        """Evaluate where no broadcast did; record every answer; return the completed round."""
+        missing = [s for s in sorted(self.federation.sites()) if s not in self.answers]
+        if missing:
+            t0 = time.perf_counter()
+            evaluation = _evaluation_request(self.weights, self.config, self.record.round)
+            answers = self.federation.broadcast({s: _own_config(evaluation) for s in missing},
+                                                self.config.timeout)
+            for site in missing:
+                self.answers[site] = answers.get(site, SiteFailure(site, "no answer from the "
+                                                                         "federation"))
+            self.record.seconds += time.perf_counter() - t0
+        for site in sorted(self.answers):
+            _record_evaluation(self.record, site, self.answers[site])
+        return self.record, self.weights, self.opt_state

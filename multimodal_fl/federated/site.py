@@ -36,12 +36,14 @@ Request kinds it answers:
     shapes the model) with a fresh AdamW
     (optimiser state is reset every round by design), and return the new weights with a
     sample count per parameter group (a site without notes does not train the text
-    encoder and says so with a count of 0). With the request's DP-SGD settings the site
-    trains with DP-SGD, counts the steps in its privacy accountant (``sites/<site>/
-    privacy.json``) and adds its ``epsilon`` and ``delta`` to the reply's metrics; a policy
-    with a privacy budget (``max_epsilon``) refuses a fit that would exceed it, and any fit
-    without DP-SGD. In a secured round (``secure_aggregation`` in the request) the update,
-    after the fit rule, stays at the site as the parts of
+    encoder and says so with a count of 0). A fit request that carries an evaluation
+    (Flower: one message per round) evaluates the weights it received first, as an
+    ``evaluate`` request would, then trains (the gate's ``release_carried``). With the
+    request's DP-SGD settings the site trains with DP-SGD, counts the steps in its privacy
+    accountant (``sites/<site>/privacy.json``) and adds its ``epsilon`` and ``delta`` to the
+    reply's metrics; a policy with a privacy budget (``max_epsilon``) refuses a fit that would
+    exceed it, and any fit without DP-SGD. In a secured round (``secure_aggregation`` in the
+    request) the update, after the fit rule, stays at the site as the parts of
     :data:`~multimodal_fl.federated.secure_update.UPDATE_VECTOR`
     (:func:`~multimodal_fl.federated.secure_update.hold_update`) and the reply carries only
     ``n_samples``; the ``secure_sum`` steps that follow sum it.
@@ -136,6 +138,7 @@ from multimodal_fl.federated.protocol import (
     SiteRefused,
     pack_document,
     site_seed,
+    split_carried,
 )
 from multimodal_fl.federated.proximal import proximal_term
 from multimodal_fl.federated.secure_sum import SecureSumError, SecureSumParty
@@ -363,9 +366,13 @@ class FusionSite:
         multimodal_fl.federated.disclosure.SiteError
             A handler failed (the message names the exception type only).
         """
-        handler = self._handlers().get(request.kind)
+        handlers = self._handlers()
+        handler = handlers.get(request.kind)
         if handler is None:
             raise ValueError(f"site {self.name}: does not answer {request.kind.value!r} requests")
+        fit, evaluation = split_carried(request)
+        if evaluation is not None:  # evaluate the weights received, then train from them
+            return self.gate.release_carried(fit, evaluation, handlers)
         return self.gate.release(request, handler)
 
     def _handlers(self) -> dict[Kind, Callable[[Request], Reply]]:

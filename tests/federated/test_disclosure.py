@@ -21,7 +21,15 @@ from multimodal_fl.federated.disclosure import (
     pca_rank_cap,
 )
 from multimodal_fl.federated.inprocess import InProcessFederation
-from multimodal_fl.federated.protocol import Doc, Kind, Reply, Request, SiteFailure
+from multimodal_fl.federated.protocol import (
+    Doc,
+    Kind,
+    Reply,
+    Request,
+    SiteFailure,
+    carry_evaluation,
+    detach_evaluation,
+)
 from multimodal_fl.federated.site import FusionSite
 from multimodal_fl.training import SiteData, load_site_data
 from tests.conftest import write_tiny_config
@@ -214,6 +222,66 @@ def test_evaluate_releases_merged_counts_of_at_least_min_cell(
     assert set(doc) == {"n_bins", "pos", "neg"} and "score_sum" not in doc["neg"]
 
 
+def _carried_fit(weights: dict[str, np.ndarray]) -> Request:
+    """Round 2's fit request carrying round 1's evaluation of the same weights."""
+    fit = Request(Kind.FIT, 2, weights=dict(weights), config={"seed": 0, "local_steps": 1,
+                                                              "lr": 1e-3})
+    return carry_evaluation(fit, Request(Kind.EVALUATE, 1, weights=dict(weights)))
+
+
+def test_a_carried_evaluation_leaves_as_its_own_evaluate_reply_would(
+    tiny: tuple[ExperimentConfig, dict[str, SiteData]], tmp_path: Path
+) -> None:
+    """One message per round: the fit reply carries exactly what the evaluate request would
+    have released, the fit part is the fit reply, and the egress log has both, in order."""
+    _, sites = tiny
+    data = sites["site_a"]  # 20 patients, 4 positives: 8 negatives in validation may leave
+    negatives = [p for p, label in zip(data.dataset.patient_ids, data.dataset.labels.numpy(),
+                                       strict=True) if label == 0]
+    splits = {p: "val" if p in negatives[:8] else "train" for p in data.splits}
+    data = dataclasses.replace(data, splits=splits, _parts={})
+    init = _site(tiny, tmp_path / "i").handle(Request(Kind.INIT, 0))
+    plain = _site(tiny, tmp_path / "plain", data=data, min_cell=5)
+    evaluated = plain.handle(Request(Kind.EVALUATE, 1, weights=dict(init.weights)))
+    fitted = plain.handle(Request(Kind.FIT, 2, weights=dict(init.weights),
+                                  config={"seed": 0, "local_steps": 1, "lr": 1e-3}))
+    carrying = _site(tiny, tmp_path / "carried", data=data, min_cell=5)
+    fit, carried = detach_evaluation(carrying.handle(_carried_fit(init.weights)), 1)
+    assert isinstance(carried, Reply) and carried.n_samples == 8 and carried.metrics
+    assert carried.document(Doc.VALIDATION)["neg"]["count"]
+    assert carried == evaluated
+    assert fit.metrics == fitted.metrics and fit.n_samples == fitted.n_samples
+    assert all(np.array_equal(fit.weights[k], v) for k, v in fitted.weights.items())
+    kinds = [(e["kind"], e["round"]) for e in _egress(tmp_path / "carried")]
+    assert kinds == [("evaluate", 1), ("fit", 2)]
+
+
+def test_a_carried_evaluation_passes_the_evaluate_rule_and_the_policy(
+    tiny: tuple[ExperimentConfig, dict[str, SiteData]], tmp_path: Path
+) -> None:
+    """A 2-patient validation split sends no figure in a fit reply either; a policy that does
+    not answer evaluate requests sends its refusal, and the site still trains."""
+    _, sites = tiny
+    data = sites["site_a"]
+    y = data.dataset.labels.numpy()
+    ids = data.dataset.patient_ids
+    two = [ids[int(np.flatnonzero(y == 1)[0])], ids[int(np.flatnonzero(y == 0)[0])]]
+    splits = {p: "val" if p in two else ("train" if s == "val" else s)
+              for p, s in data.splits.items()}
+    init = _site(tiny, tmp_path / "i").handle(Request(Kind.INIT, 0))
+    small = _site(tiny, tmp_path / "small",
+                  data=dataclasses.replace(data, splits=splits, _parts={}))
+    fit, carried = detach_evaluation(small.handle(_carried_fit(init.weights)), 1)
+    assert isinstance(carried, Reply) and carried.n_samples == 0 and not carried.metrics
+    assert not carried.documents and fit.weights and fit.metrics.keys() == {"loss"}
+    assert _egress(tmp_path / "small")[0]["suppressed"][0].startswith("validation metrics")
+    no_eval = _site(tiny, tmp_path / "policy",
+                    policy=SitePolicy(answers=["init", "fit"]))
+    fit, carried = detach_evaluation(no_eval.handle(_carried_fit(init.weights)), 1)
+    assert carried == "site site_a: site policy does not answer 'evaluate' requests"
+    assert fit.weights and fit.n_samples > 0
+
+
 # --------------------------------------------------------------------------- moments
 
 
@@ -292,6 +360,11 @@ def test_a_reply_over_its_pca_cap_does_not_leave(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("kind", "fields", "what"), [
     (Kind.INFO, {"n_samples": 12, "metrics": {"val_auc": 0.5}}, "metrics"),
     (Kind.FIT, {"n_samples": 12, "metrics": {"loss": 0.1, "auc": 0.9}}, "metrics"),
+    # a fit reply's carried evaluation is held to the evaluate declaration
+    (Kind.FIT, {"n_samples": 12, "metrics": {"loss": 0.1, "evaluate.n_samples": 3.0,
+                                             "evaluate.val_auc": 1.0}}, "n_samples=3"),
+    (Kind.FIT, {"n_samples": 12, "metrics": {"loss": 0.1, "evaluate.n_samples": 12.0},
+                "arrays": {"evaluate.val_pos_counts": np.ones(3)}}, "undeclared arrays"),
     (Kind.MOMENTS, {"n_samples": 12, "arrays": {"n": np.ones(2, np.int64),
                                                 "sum": np.ones(2), "sumsq": np.ones(2),
                                                 "rows": np.ones((12, 2))}}, "arrays"),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -424,8 +426,13 @@ def test_site_state_survives_between_requests_per_node(task_identity: None) -> N
     assert all(SITE_STATE_KEY in state.array_records for state in grid.states.values())
 
 
-def test_site_worker_keeps_one_site_per_node_across_requests(task_identity: None) -> None:
+def test_site_worker_keeps_one_site_per_node_across_requests(
+    task_identity: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from multimodal_fl.federated.flower.client import TIMINGS_ENV
     from multimodal_fl.federated.flower.worker import stop_worker, worker_address
+
+    monkeypatch.setenv(TIMINGS_ENV, str(tmp_path / "timings"))
 
     run_config: dict[str, ConfigValue] = {
         "site-factory": "tests.federated.test_flower:counting_site",
@@ -451,6 +458,31 @@ def test_site_worker_keeps_one_site_per_node_across_requests(task_identity: None
         stopped = [stop_worker(address) for address in addresses]
     assert all(stopped)
     assert not any(address.socket.exists() for address in addresses)
+    # one timing line per message (the describe query builds no site: none), on the SuperNode
+    for site in SITES:
+        lines = [json.loads(x) for x in
+                 (tmp_path / "timings" / f"{site}.jsonl").read_text().splitlines()]
+        assert [(x["kind"], x["site"]) for x in lines] == [("info", site)] * 3
+        for x in lines:
+            assert x["site_work"]["in_worker"] and x["site_work"]["wall"] >= 0
+            assert {"flower_start", "import", "handler_wait", "handoff"} <= set(x)
+            assert 0 <= x["handoff"]["wall"] and x["process_start"] <= x["handler_end"]
+
+
+def test_the_client_app_imports_no_torch_and_no_server_side() -> None:
+    """A ClientApp process starts per message: its module loads Flower, the codec and the
+    worker's client only (``python -X importtime`` showed torch, scikit-learn and the server
+    loop before)."""
+    code = ("import sys, multimodal_fl.federated.flower as f; f.client_app; "
+            "print(' '.join(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.split()
+    heavy = {"torch", "sklearn", "scipy", "pandas", "safetensors",
+             "multimodal_fl.federated.server", "multimodal_fl.federated.flower.apps",
+             "multimodal_fl.federated.flower.credentials", "multimodal_fl.federated.pca",
+             "multimodal_fl.config"}
+    assert "multimodal_fl.federated.flower.client" in out
+    assert sorted(heavy & set(out)) == []
 
 
 def test_site_worker_failures_become_site_failures(task_identity: None) -> None:

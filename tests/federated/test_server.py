@@ -12,12 +12,20 @@ import torch
 from toy import ToyNet, ToySite, bn_keys, initial_weights, to_numpy, to_torch, train_steps
 
 from multimodal_fl.federated.aggregation import ServerOptimizer
-from multimodal_fl.federated.checkpoint import CheckpointError
+from multimodal_fl.federated.checkpoint import CheckpointError, load_checkpoint
 from multimodal_fl.federated.inprocess import InProcessFederation
-from multimodal_fl.federated.protocol import Reply, Request, SiteFailure, site_seed
+from multimodal_fl.federated.protocol import (
+    Reply,
+    Request,
+    SiteFailure,
+    attach_evaluation,
+    site_seed,
+    split_carried,
+)
 from multimodal_fl.federated.server import (
     Federation,
     RoundFailed,
+    RoundRecord,
     RunConfig,
     Site,
     run_federated,
@@ -327,3 +335,100 @@ def test_existing_checkpoint_needs_resume(tmp_path: Path) -> None:
             checkpoint_dir=tmp_path,
             resume=True,
         )
+
+
+# ---------------------------------------------------- one exchange per round (evaluation carried)
+
+
+class _Carrying:
+    """A toy site answering a carried evaluation as FusionSite's gate does: evaluate, then fit."""
+
+    def __init__(self, site: Site) -> None:
+        self.site = site
+
+    def handle(self, request: Request) -> Reply:
+        fit, evaluation = split_carried(request)
+        if evaluation is None:
+            return self.site.handle(request)
+        carried: Reply | str
+        try:
+            carried = self.site.handle(evaluation)
+        except Exception as exc:
+            carried = f"{type(exc).__name__}: {exc}"
+        return attach_evaluation(self.site.handle(fit), carried)
+
+
+class _Counting(InProcessFederation):
+    """Counts broadcasts (message exchanges) and the request kinds of each."""
+
+    def __init__(self, sites: Mapping[str, Site]) -> None:
+        super().__init__(sites)
+        self.exchanges: list[list[str]] = []
+
+    def broadcast(
+        self, requests: Mapping[str, Request], timeout: float | None = None
+    ) -> dict[str, Reply | SiteFailure]:
+        self.exchanges.append(sorted({str(r.kind) for r in requests.values()}))
+        return super().broadcast(requests, timeout)
+
+
+def _carried_run(carry: bool, rounds: int, **kw: object) -> tuple[dict, list, list, _Counting]:
+    sites: dict[str, Site] = {k: _Carrying(v) for k, v in _three().items()}
+    federation = _Counting(sites)
+    seen: list[tuple[RoundRecord, dict]] = []
+    config = RunConfig(rounds=rounds, fit_config=FIT, seed=3, carry_evaluation=carry,
+                       **kw)  # type: ignore[arg-type]
+    result = run_federated(federation, initial_weights(0), config,
+                           on_round=lambda r, w: seen.append((r, dict(w))))
+    return result.weights, result.history, seen, federation
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.6])
+def test_carried_evaluation_gives_the_same_rounds_in_one_exchange_each(fraction: float) -> None:
+    """Round k's evaluation rides round k+1's fit: same weights, records and on_round calls."""
+    w0, h0, seen0, fed0 = _carried_run(False, 3, fraction=fraction, min_sites=2)
+    w1, h1, seen1, fed1 = _carried_run(True, 3, fraction=fraction, min_sites=2)
+    assert _equal(w0, w1)
+    assert [h.deterministic() for h in h0] == [h.deterministic() for h in h1]
+    assert all(set(h.eval_metrics) == {"a", "b", "c"} for h in h1)
+    assert [r.round for r, _ in seen1] == [1, 2, 3]
+    assert all(_equal(a, b) for (_, a), (_, b) in zip(seen0, seen1, strict=True))
+    # info, then fit + evaluate per round; carried: one exchange per round and a last evaluate
+    assert fed0.exchanges == [["info"]] + [["fit"], ["evaluate"]] * 3
+    expected = ["fit"] if fraction == 1.0 else ["evaluate", "fit"]  # unselected: evaluate only
+    assert fed1.exchanges == [["info"], ["fit"], expected, expected, ["evaluate"]]
+
+
+def test_carried_evaluation_failure_is_recorded_for_its_round() -> None:
+    class NoEval(ToySite):
+        def handle(self, request: Request) -> Reply:
+            if request.kind == "evaluate":
+                raise ValueError("no validation split")
+            return super().handle(request)
+
+    sites: dict[str, Site] = {k: _Carrying(v) for k, v in _three().items()}
+    sites["x"] = _Carrying(NoEval("x"))
+    config = RunConfig(rounds=2, fit_config=FIT, carry_evaluation=True)
+    history = run_federated(InProcessFederation(sites), initial_weights(0), config).history
+    assert [set(h.eval_metrics) for h in history] == [{"a", "b", "c"}] * 2
+    assert all("no validation split" in h.eval_failed["x"] for h in history)
+    assert all("x" in h.replied for h in history)
+
+
+def test_a_failed_round_keeps_the_previous_round_and_its_carried_evaluation(
+    tmp_path: Path,
+) -> None:
+    def run(carry: bool, where: Path) -> RoundRecord:
+        sites: dict[str, Site] = {k: _Carrying(v) for k, v in _three().items()}
+        sites["d"] = _Carrying(ToySite("d", fault="raise", fault_rounds={2}))
+        config = RunConfig(rounds=3, fit_config=FIT, min_sites=4, carry_evaluation=carry)
+        with pytest.raises(RoundFailed, match="round 2 did not complete"):
+            run_federated(InProcessFederation(sites), initial_weights(0), config,
+                          checkpoint_dir=where)
+        found = load_checkpoint(where)
+        assert found is not None and found.round == 1
+        return RoundRecord(**found.meta["history"][-1])
+
+    plain, carried = run(False, tmp_path / "plain"), run(True, tmp_path / "carried")
+    assert set(carried.eval_metrics) == {"a", "b", "c", "d"}
+    assert carried.deterministic() == plain.deterministic()

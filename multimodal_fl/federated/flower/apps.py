@@ -5,17 +5,14 @@
   :func:`~multimodal_fl.federated.server.run_federated` over a
   :class:`~.federation.FlowerFederation`, or the job's own program (``ServerJob.main``, e.g. the
   experiment's stages, :mod:`multimodal_fl.engines.flower_jobs`).
-* :data:`client_app` (a ``flwr.clientapp.ClientApp``): builds the site of its SuperNode from the
-  node config (``site-name``, ``site-dir``) and the run config's ``site-factory``, and hands it
-  every ``train`` / ``evaluate`` / ``query`` message as a
-  :class:`~multimodal_fl.federated.protocol.Request`. Flower starts a fresh ClientApp process
-  per message: either the run config's ``site-worker`` keeps each site in one long-lived process
-  (:mod:`.worker`), or a site that must keep arrays between requests (FedBN's local layers)
-  implements ``export_state() -> dict[str, ndarray]`` and ``restore_state(arrays)``, kept in the
-  SuperNode's per-run context state.
+* :data:`client_app` (a ``flwr.clientapp.ClientApp``, defined in :mod:`.client` and kept
+  lean there, since Flower starts its process for every message): hands every ``train`` /
+  ``evaluate`` / ``query`` message to the site of its SuperNode, its long-lived worker
+  (``site-worker``) or a site built for the message.
 * :func:`write_app_dir` writes the small Flower App directory (a ``pyproject.toml`` only; the
   code is this installed package) whose components are
-  ``multimodal_fl.federated.flower:server_app`` and ``:client_app``, and
+  ``multimodal_fl.federated.flower:server_app`` and
+  ``multimodal_fl.federated.flower.client:client_app``, and
   :func:`load_result` reads back what the ServerApp left in ``out-dir``.
 
 Which server job and which site run is pluggable: the run config names two ``"module:callable"``
@@ -35,33 +32,31 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from safetensors.numpy import load_file, save_file
 
 from multimodal_fl import __version__
-from multimodal_fl.federated.flower.codec import (
-    DESCRIBE,
-    array_record,
-    content_to_request,
-    record_arrays,
-    reply_to_content,
+from multimodal_fl.federated.flower.client import (
+    DEFAULT_RUN_CONFIG,
+    NODE_CONFIG_PREFIX,
+    NODE_SITE_DIR,
+    NODE_SITE_NAME,
+    SITE_STATE_KEY,
+    client_app,
+    client_evaluate,
+    client_query,
+    client_train,
+    run_settings,
 )
-from multimodal_fl.federated.flower.factories import SiteFactory, load_object
+from multimodal_fl.federated.flower.factories import load_object
 from multimodal_fl.federated.flower.federation import FlowerFederation
-from multimodal_fl.federated.flower.worker import call_worker, worker_address
 from multimodal_fl.federated.protocol import (
     ConfigValue,
-    Reply,
-    Request,
-    SiteError,
-    SiteRefused,
     StateDict,
-    boundary_reason,
 )
 from multimodal_fl.federated.server import (
     FederatedResult,
@@ -90,46 +85,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: Key of a site's exported arrays in the SuperNode's per-run context state (see the ClientApp).
-SITE_STATE_KEY = "mmfl.site-state"
-
-#: The node-config key naming a SuperNode's site (``--node-config site-name='site_a'``).
-NODE_SITE_NAME = "site-name"
-#: The node-config key of a SuperNode's site directory (``--node-config site-dir='/data/a'``).
-NODE_SITE_DIR = "site-dir"
-#: The site factory sees the SuperNode's node config in its run config under this prefix
-#: (``node.min-cell``, ...): how a hospital's SuperNode hands its own settings to its site.
-NODE_CONFIG_PREFIX = "node."
-
-#: The run-config keys this module reads, with their defaults. ``flwr run`` accepts overrides
-#: only for keys the app declares, so :func:`write_app_dir` always writes all of them.
-DEFAULT_RUN_CONFIG: dict[str, ConfigValue] = {
-    # "module:callable" returning a ServerJob, called as f(run_config) in the ServerApp process
-    "server-factory": "",
-    # "module:callable" returning a Site, called as f(site_name, site_dir, run_config) per message
-    "site-factory": "",
-    # where the ServerApp writes weights.safetensors and result.json ("" : nowhere)
-    "out-dir": "",
-    # wait for this many SuperNodes before round 1 (0: the job's min_sites)
-    "min-nodes": 0,
-    # seconds to wait for them
-    "node-wait": 120.0,
-    # seconds between two pulls of replies from the SuperLink (Flower's own loop sleeps 3 s)
-    "poll-interval": 0.2,
-    # seconds a discovery query may take per node
-    "describe-timeout": 60.0,
-    # torch.set_num_threads in the ServerApp and every ClientApp process (0: leave as is)
-    "torch-threads": 0,
-    # keep each site in one long-lived process per (run, SuperNode) instead of building it for
-    # every message (multimodal_fl.federated.flower.worker)
-    "site-worker": False,
-    # seconds without a request after which a site worker ends
-    "site-worker-idle": 1800.0,
-    # seconds a new site worker may take to build its site
-    "site-worker-start": 600.0,
-}
-
 
 # --------------------------------------------------------------------------- the server side
 
@@ -259,13 +214,6 @@ def load_result(out_dir: str | os.PathLike[str]) -> FlowerResult:
     weights_path = root / _WEIGHTS_FILE
     weights = load_file(str(weights_path)) if weights_path.is_file() else {}
     return FlowerResult(weights=weights, **meta)
-
-
-def _settings(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The run config's keys of :data:`DEFAULT_RUN_CONFIG`, defaults filled in."""
-    out: dict[str, Any] = dict(DEFAULT_RUN_CONFIG)
-    out.update({k: v for k, v in run_config.items() if k in DEFAULT_RUN_CONFIG})
-    return out
 
 
 def _set_torch_threads(n: int) -> None:
@@ -404,7 +352,7 @@ def server_main(grid: Grid, context: Context) -> None:
         If fewer than ``min-nodes`` SuperNodes connect within ``node-wait`` seconds.
     """
     run_config = dict(context.run_config)
-    opts = _settings(run_config)
+    opts = run_settings(run_config)
     _set_torch_threads(int(opts["torch-threads"]))
     _log_to_stdout()
     job = _server_job(opts, run_config)
@@ -414,140 +362,6 @@ def server_main(grid: Grid, context: Context) -> None:
         _run_program(job.main, federation, out_dir)
     else:
         _run_training(job, federation, out_dir)
-
-
-# --------------------------------------------------------------------------- the client side
-
-
-client_app = ClientApp()
-
-
-def _site_identity(node_config: Mapping[str, Any]) -> tuple[str, Path]:
-    """The node's site name and directory, from its node config."""
-    site_dir = node_config.get(NODE_SITE_DIR)
-    if not site_dir:
-        raise ValueError(
-            f"this SuperNode has no {NODE_SITE_DIR!r} in its node config (it has "
-            f"{sorted(node_config)}); start it with --node-config \"site-dir='/path/to/site' "
-            "site-name='site_a'\""
-        )
-    name = node_config.get(NODE_SITE_NAME) or Path(str(site_dir)).name
-    return str(name), Path(str(site_dir))
-
-
-def _handle(msg: Message, context: Context) -> Message:
-    """Answer one message: describe the node, or hand the request to the site."""
-    node_config = dict(context.node_config)
-    run_config = dict(context.run_config)
-    name, site_dir = _site_identity(node_config)
-    request = content_to_request(msg.content)
-    if request.kind == DESCRIBE:
-        reply = Reply(site=name, kind=DESCRIBE, round=request.round)
-        return Message(reply_to_content(reply), reply_to=msg)
-    opts = _settings(run_config)
-    _set_torch_threads(int(opts["torch-threads"]))
-    if not opts["site-factory"]:
-        raise ValueError(
-            "run config 'site-factory' is empty; expected 'module:callable' taking "
-            "(site_name, site_dir, run_config) and returning a Site"
-        )
-    site_config = {**run_config, **{NODE_CONFIG_PREFIX + str(k): v for k, v in node_config.items()}}
-    try:
-        reply = _site_reply(request, context, name, site_dir, opts, site_config)
-    except (SiteRefused, SiteError):  # made to cross the site boundary
-        raise
-    except Exception as exc:  # only boundary_reason crosses; the traceback stays in this log
-        log.exception("site %s failed on a %s request", name, request.kind)
-        raise SiteError(f"site {name!r}: {boundary_reason(exc)}") from None
-    return Message(reply_to_content(reply), reply_to=msg)
-
-
-def _site_reply(request: Request, context: Context, name: str, site_dir: Path,
-                opts: Mapping[str, Any], site_config: Mapping[str, Any]) -> Reply:
-    """The site's reply: from its worker, or from a site built for this message."""
-    if opts["site-worker"]:  # one long-lived process per (run, node) holds the site
-        return call_worker(
-            worker_address(context.run_id, context.node_id, name, dict(context.run_config)),
-            request,
-            site=name,
-            site_dir=site_dir,
-            factory=str(opts["site-factory"]),
-            run_config=site_config,
-            idle=float(opts["site-worker-idle"]),
-            start_timeout=float(opts["site-worker-start"]),
-        )
-    factory = cast(SiteFactory, load_object(str(opts["site-factory"]), "site-factory"))
-    site = factory(name, site_dir, site_config)
-    # Opt-in: a site that keeps arrays between requests (e.g. FedBN's local layers) exports
-    # them; they live in the SuperNode's per-run context state, since every message gets a
-    # fresh ClientApp process. Nothing of it leaves the SuperNode.
-    restore = getattr(site, "restore_state", None)
-    if callable(restore) and SITE_STATE_KEY in context.state.array_records:
-        restore(record_arrays(context.state.array_records[SITE_STATE_KEY]))
-    reply = site.handle(request)
-    if not isinstance(reply, Reply):
-        raise TypeError(f"site {name!r}: handle() returned a {type(reply).__name__}, not a Reply")
-    export = getattr(site, "export_state", None)
-    if callable(export):
-        context.state[SITE_STATE_KEY] = array_record(export())
-    return reply
-
-
-@client_app.train()
-def client_train(msg: Message, context: Context) -> Message:
-    """ClientApp ``train`` handler (fit requests).
-
-    Parameters
-    ----------
-    msg : flwr.app.Message
-        The instruction.
-    context : flwr.app.Context
-        Node config (site) and run config.
-
-    Returns
-    -------
-    flwr.app.Message
-        The reply.
-    """
-    return _handle(msg, context)
-
-
-@client_app.evaluate()
-def client_evaluate(msg: Message, context: Context) -> Message:
-    """ClientApp ``evaluate`` handler (evaluate requests).
-
-    Parameters
-    ----------
-    msg : flwr.app.Message
-        The instruction.
-    context : flwr.app.Context
-        Node config (site) and run config.
-
-    Returns
-    -------
-    flwr.app.Message
-        The reply.
-    """
-    return _handle(msg, context)
-
-
-@client_app.query()
-def client_query(msg: Message, context: Context) -> Message:
-    """ClientApp ``query`` handler (describe, info and any other request kind).
-
-    Parameters
-    ----------
-    msg : flwr.app.Message
-        The instruction.
-    context : flwr.app.Context
-        Node config (site) and run config.
-
-    Returns
-    -------
-    flwr.app.Message
-        The reply.
-    """
-    return _handle(msg, context)
 
 
 # --------------------------------------------------------------------------- the app directory
@@ -610,7 +424,7 @@ def write_app_dir(
         "",
         "[tool.flwr.app.components]",
         'serverapp = "multimodal_fl.federated.flower:server_app"',
-        'clientapp = "multimodal_fl.federated.flower:client_app"',
+        'clientapp = "multimodal_fl.federated.flower.client:client_app"',
         "",
         "[tool.flwr.app.config]",
     ]

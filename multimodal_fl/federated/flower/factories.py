@@ -16,16 +16,17 @@ import importlib
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from multimodal_fl.federated.server import Site
+if TYPE_CHECKING:  # the server loop is no part of a ClientApp process (one per message)
+    from multimodal_fl.federated.server import Site
 
 __all__ = ["LEGACY_FACTORIES", "SiteFactory", "load_object"]
 
 log = logging.getLogger(__name__)
 
 #: A site factory: ``f(site_name, site_dir, run_config) -> Site``.
-SiteFactory = Callable[[str, Path, Mapping[str, Any]], Site]
+SiteFactory = Callable[[str, Path, Mapping[str, Any]], "Site"]
 
 #: Old factory reference -> the reference it moved to. The experiment's and the PCA analysis's
 #: factories lived in ``multimodal_fl.federated.flower_app`` until they moved to

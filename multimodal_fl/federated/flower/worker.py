@@ -214,6 +214,7 @@ def call_worker(
     run_config: Mapping[str, Any],
     idle: float = 1800.0,
     start_timeout: float = 600.0,
+    timing: dict[str, float] | None = None,
 ) -> Reply:
     """Hand ``request`` to the site's worker, starting the worker if there is none.
 
@@ -230,6 +231,9 @@ def call_worker(
         Seconds without a request after which a new worker ends.
     start_timeout : float
         Seconds to wait for a new worker to build its site and listen.
+    timing : dict or None
+        Receives the site's own ``wall`` and ``cpu`` seconds on this request, as the worker
+        measured them, and ``worker`` = 1.0 (they stay on this machine).
 
     Returns
     -------
@@ -278,9 +282,12 @@ def call_worker(
     with conn:
         conn.send(request)
         try:
-            status, payload = conn.recv()
+            answer = conn.recv()
         except EOFError:
             raise _worker_failed(address, site, "died while answering") from None
+    status, payload = answer[0], answer[1]
+    if timing is not None and len(answer) > 2:
+        timing.update({k: float(v) for k, v in answer[2].items()}, worker=1.0)
     if status == "refused":
         raise SiteRefused(str(payload))
     if status != "ok" or not isinstance(payload, Reply):
@@ -374,14 +381,19 @@ def worker_main(argv: list[str] | None = None) -> None:
             last[0] = time.monotonic()
             if request == _STOP:
                 break
+            started = (time.perf_counter(), time.process_time())
+            answer: tuple[str, Any]
             try:
-                reply = site_obj.handle(request)
-                conn.send(("ok", reply))
+                answer = ("ok", site_obj.handle(request))
             except SiteRefused as exc:  # made to cross the boundary
-                conn.send(("refused", str(exc)))
+                answer = ("refused", str(exc))
             except Exception as exc:  # the site's fault goes back as a failure, scrubbed
                 log.exception("site %s raised on %s", spec["site"], getattr(request, "kind", "?"))
-                conn.send(("error", boundary_reason(exc)))
+                answer = ("error", boundary_reason(exc))
+            # the site's own time on it (stays on this machine: the ClientApp's timing line)
+            work = {"wall": time.perf_counter() - started[0],
+                    "cpu": time.process_time() - started[1]}
+            conn.send((*answer, work))
             last[0] = time.monotonic()
     listener.close()
     _cleanup(address)
