@@ -141,15 +141,24 @@ def test_fusion_experiment_on_loopback_flower_equals_in_process(
     ref_pooled = json.loads((reference / "metrics.json").read_text())["pooled_from_histograms"]
     assert ref_pooled["overall"]["auc"]["value"] is not None
     assert metrics["pooled_from_histograms"] == ref_pooled
-    # the recalibration: fitted on the validation secure sum over the deployment, the same map
+    # the recalibration: the same decision and map over the deployment as in process. On this
+    # cohort site_c's validation split has no positive, so its class counts are released and
+    # it does not join the validation secure sum; with two sites left the sum is refused on
+    # both engines, and the fit falls back to the disclosed histograms (or none), said so
     ref_recal = json.loads((reference / "metrics.json").read_text())["recalibration"]
-    assert ref_recal["applied"] and "secure sum" in ref_recal["source"]
-    assert metrics["recalibration"]["source"] == ref_recal["source"]
-    assert (metrics["recalibration"]["a"], metrics["recalibration"]["b"]) == pytest.approx(
-        (ref_recal["a"], ref_recal["b"]), abs=1e-9)
+    recal = metrics["recalibration"]
+    assert {k: v for k, v in recal.items() if k not in ("a", "b")} == {
+        k: v for k, v in ref_recal.items() if k not in ("a", "b")}
+    if ref_recal.get("applied"):
+        assert (recal["a"], recal["b"]) == pytest.approx((ref_recal["a"], ref_recal["b"]),
+                                                         abs=1e-9)
+    assert "secure sum" in json.dumps(ref_recal)  # the sum was tried, its outcome named
     kinds = [json.loads(line)["kind"] for line in
              (hospitals / "sites" / "site_a" / "egress.jsonl").read_text().splitlines()]
-    assert kinds.count("secure_sum") == 8 and kinds.count("calibrate") == 1
+    ref_kinds = [json.loads(line)["kind"] for line in
+                 (reference / "sites" / "site_a" / "egress.jsonl").read_text().splitlines()]
+    assert kinds.count("calibrate") == ref_kinds.count("calibrate") == 1
+    assert kinds.count("secure_sum") == ref_kinds.count("secure_sum") >= 4
     # the egress audit, before the in-process run's sites/ is removed below
     _audit_both_engines(cfg, data, cohorts, {
         "in-process": (recorded.crossings, reference),
