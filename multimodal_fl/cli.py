@@ -366,7 +366,12 @@ def train_cmd(
     if pooled is not None:
         auc = pooled.get("auc") or {}
         n = len(pooled.get("sites", []))
-        table.add_row(f"pooled ({n} sites, secure sum)" if n else "pooled (secure sum)",
+        # the federated engines pool by a secure sum; centralized and local-only runs pool
+        # the same histograms in this process
+        how = ("secure sum" if outcome.metrics.get("engine") in ("inprocess", "flower")
+               else "histograms pooled in process")
+        table.add_row(f"pooled ({n} site{'' if n == 1 else 's'}, {how})" if n
+                      else f"pooled ({how})",
                       _auc_text({**auc, "reason": pooled.get("reason")}))
     console.print(table)
     console.print(f"run directory: {outcome.run_dir}")

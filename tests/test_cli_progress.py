@@ -68,3 +68,16 @@ def test_progress_lines_in_a_log(tiny_config: Callable[..., Path], tmp_path: Pat
     assert f"round 1: {n}/{n} sites replied" in result.output
     assert f"predict: {n}/{n} sites replied" in result.output
     assert "test AUC per site" in result.output
+
+
+def test_the_summary_row_names_how_the_pooled_figures_were_pooled(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A centralized run pools its histograms in process: its row does not claim a secure sum."""
+    config = tiny_config(federated={"rounds": 1})
+    result = CliRunner().invoke(app, ["train", str(config), "--engine", "centralized",
+                                      "--out", str(tmp_path / "run"), "--quiet", "--no-report"])
+    assert result.exit_code == 0, result.output
+    assert "test AUC per site" in result.output
+    assert "secure sum" not in result.output
+    assert re.search(r"pooled \((\d+ sites?, )?histograms pooled in process\)", result.output)

@@ -320,8 +320,7 @@ def pooled_validation(record: RoundRecord) -> tuple[float | None, str]:
     auc : float or None
     why : str
     """
-    docs = {site: d[Doc.VALIDATION] for site, d in record.eval_documents.items()
-            if Doc.VALIDATION in d}
+    docs = record.disclosed_validation()
     if not docs:
         return None, ("no site disclosed its validation scores (each had fewer than "
                       "min_cell patients, or positives or negatives)")

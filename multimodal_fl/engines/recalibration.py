@@ -40,7 +40,7 @@ from multimodal_fl.evaluation.recalibration import (
 )
 from multimodal_fl.federated.gather import StageFailed, gather
 from multimodal_fl.federated.pooling import secure_total
-from multimodal_fl.federated.protocol import ConfigValue, Doc, Kind, Request, StateDict
+from multimodal_fl.federated.protocol import ConfigValue, Kind, Request, StateDict
 from multimodal_fl.federated.server import Federation, RoundRecord
 from multimodal_fl.federated.site import POOLED_VALIDATION, RECALIBRATION_FILE
 
@@ -117,9 +117,7 @@ def _fit_combined(vector: np.ndarray, contributors: list[str], record: RoundReco
     """
     half = vector.size // 2
     neg, pos = vector[:half].astype(np.float64), vector[half:].astype(np.float64)
-    docs = {} if record is None else {
-        s: d[Doc.VALIDATION] for s, d in record.eval_documents.items()
-        if Doc.VALIDATION in d and s not in contributors}
+    docs = {} if record is None else record.disclosed_validation(exclude=contributors)
     counts = disclosed_validation_counts(docs) if docs else None
     source = (f"the secure sum of the validation histograms of {len(contributors)} sites "
               f"({', '.join(contributors)})")
@@ -136,8 +134,7 @@ def _fit_combined(vector: np.ndarray, contributors: list[str], record: RoundReco
 def _from_disclosed(record: RoundRecord | None, method: str, why: str
                     ) -> tuple[Recalibration | None, str]:
     """The fallback fit on the selected round's disclosed validation histograms."""
-    docs = {} if record is None else {s: d[Doc.VALIDATION] for s, d in
-                                      record.eval_documents.items() if Doc.VALIDATION in d}
+    docs = {} if record is None else record.disclosed_validation()
     counts = disclosed_validation_counts(docs) if docs else None
     if counts is None:
         return None, (f"{why}; and no site disclosed a validation histogram of the selected "

@@ -7,7 +7,6 @@ from typing import Any
 
 from multimodal_fl.evaluation.histograms import pooled_auc
 from multimodal_fl.federated.gather import StageFailed
-from multimodal_fl.federated.protocol import Doc
 from multimodal_fl.federated.server import RoundRecord
 
 __all__ = ["RoundTracker"]
@@ -65,8 +64,7 @@ class RoundTracker:
         for site, metrics in sorted(record.eval_metrics.items()):
             for name, value in sorted(metrics.items()):
                 values[f"{site}/{name}"] = float(value)
-        docs = {s: d[Doc.VALIDATION] for s, d in record.eval_documents.items()
-                if Doc.VALIDATION in d}
+        docs = record.disclosed_validation()
         auc = pooled_auc(docs)[0] if docs else None
         if auc is not None:
             values["pooled/val_auc"] = auc

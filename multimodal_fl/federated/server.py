@@ -33,6 +33,7 @@ from multimodal_fl.federated.checkpoint import (
 from multimodal_fl.federated.pooling import secure_total
 from multimodal_fl.federated.protocol import (
     ConfigValue,
+    Doc,
     Federation,
     InvalidReply,
     Kind,
@@ -264,6 +265,23 @@ class RoundRecord:
         out.pop("seconds")
         out.pop("server_seconds")
         return out
+
+    def disclosed_validation(self, exclude: tuple[str, ...] | list[str] = ()
+                             ) -> dict[str, Any]:
+        """The validation documents this round's sites disclosed with their evaluation.
+
+        Parameters
+        ----------
+        exclude : sequence of str, optional
+            Sites to leave out (e.g. those already counted in a secure sum).
+
+        Returns
+        -------
+        dict[str, Any]
+            Site -> its disclosed validation document (sites that disclosed none are absent).
+        """
+        return {site: docs[Doc.VALIDATION] for site, docs in self.eval_documents.items()
+                if Doc.VALIDATION in docs and site not in exclude}
 
 
 @dataclass
