@@ -9,6 +9,7 @@ Renders the report in Debian's headless Chromium and saves the top of the page.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -20,9 +21,14 @@ from tests.browser import screenshot  # noqa: E402
 
 def main() -> None:
     """Write the screenshot."""
-    html = Path(sys.argv[1]) if len(sys.argv) > 1 else (
-        ROOT / "runs" / "demo" / "covid_oxygen-report" / "report.html")
-    out = Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT / "docs" / "img" / "report.png"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("html", type=Path, nargs="?",
+                        default=ROOT / "runs" / "demo" / "covid_oxygen-report" / "report.html",
+                        help="the report to render (default: make demo's COVID-19 report)")
+    parser.add_argument("out", type=Path, nargs="?", default=ROOT / "docs" / "img" / "report.png",
+                        help="the PNG to write (default: docs/img/report.png)")
+    args = parser.parse_args()
+    html, out = args.html, args.out
     if not html.is_file():
         sys.exit(f"{html} not found: run `make demo` first")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 ``benchmarks/fl_vs_baselines.py --data-seeds`` points the shipped configs' sites at cohorts
 generated with other generator seeds; the shipped configs were tuned on the seed-0 cohort and
-are frozen (docs/benchmarks.md, "Honest verdicts (issue 14)").
+are frozen (docs/benchmarks.md, "Federated vs centralized vs local-only").
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ def test_shipped_configs_are_frozen(name: str) -> None:
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
     assert digest == FROZEN[name], (
         f"configs/{name}.yaml changed: the shipped configs are frozen (tuned on the seed-0 "
-        "sample cohort; see docs/benchmarks.md 'Honest verdicts (issue 14)'). A new setting "
-        "needs the verdicts rerun (benchmarks/fl_vs_baselines.py --data-seeds 1 2) and this "
-        "digest updated with them.")
+        "sample cohort; see docs/benchmarks.md 'Federated vs centralized vs local-only'). A new "
+        "setting needs the verdicts rerun (benchmarks/fl_vs_baselines.py --data-seeds 1 2) and "
+        "this digest updated with them.")
 
 
 @pytest.mark.parametrize("name", sorted(FROZEN))

@@ -1,0 +1,45 @@
+"""The one-command benchmarks print their tables: ``make demo``'s timing table, and the docs
+helper ``benchmarks/report_screenshot.py`` answers ``--help`` like every benchmark script."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(path: Path) -> ModuleType:
+    """A script outside the package, loaded as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_prints_its_timing_table() -> None:
+    """``scripts/demo.py`` ends with one Markdown row per step and the whole demo last."""
+    demo = _load(REPO / "scripts" / "demo.py")
+    steps = [("data summary: configs/covid_oxygen.yaml", 4.64),
+             ("train covid_oxygen (inprocess)", 108.04)]
+    table = demo.timing_table(steps, 371.4)
+    assert table.splitlines() == [
+        "| step | wall s |",
+        "| --- | ---: |",
+        "| data summary: configs/covid_oxygen.yaml | 4.6 |",
+        "| train covid_oxygen (inprocess) | 108.0 |",
+        "| whole demo | 371 |",
+    ]
+
+
+def test_report_screenshot_answers_help() -> None:
+    """``--help`` prints the usage and exits 0 instead of being taken for the report's path."""
+    script = REPO / "benchmarks" / "report_screenshot.py"
+    out = subprocess.run([sys.executable, str(script), "--help"],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage:") and "html" in out.stdout and "out" in out.stdout
