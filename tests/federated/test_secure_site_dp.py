@@ -204,7 +204,7 @@ def test_the_loop_asks_for_site_clipping_and_refuses_a_stray_clip_norm() -> None
     assert SecureAggregation.from_request(asked[0]) == SecureAggregation(clip_norm=0.5)
     with pytest.raises(ValueError, match=r"secure\.clip_norm=0\.5 without site_dp"):
         RunConfig(rounds=1, secure=SecureAggregation(clip_norm=0.5))
-    with pytest.raises(ValueError, match="clip_norm=0.0: expected a finite number > 0"):
+    with pytest.raises(ValueError, match=r"clip_norm=0\.0: expected a finite number > 0"):
         SecureAggregation(clip_norm=0.0)
 
 
