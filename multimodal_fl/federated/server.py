@@ -186,6 +186,8 @@ class RunConfig:
         out = asdict(self)
         out["fit_config"] = dict(self.fit_config)
         out["evaluate_config"] = dict(self.evaluate_config)
+        if out["secure"] is not None and out["secure"]["clip_norm"] is None:
+            del out["secure"]["clip_norm"]  # as checkpoints written before it existed
         return out
 
 

@@ -206,6 +206,8 @@ def test_the_loop_asks_for_site_clipping_and_refuses_a_stray_clip_norm() -> None
         RunConfig(rounds=1, secure=SecureAggregation(clip_norm=0.5))
     with pytest.raises(ValueError, match=r"clip_norm=0\.0: expected a finite number > 0"):
         SecureAggregation(clip_norm=0.0)
+    # a secured run's checkpointed config reads as before clip_norm existed (resume compares it)
+    assert "clip_norm" not in RunConfig(rounds=1, secure=SecureAggregation()).to_json()["secure"]
 
 
 def test_plain_site_level_dp_is_unchanged_by_the_refactoring() -> None:
