@@ -8,6 +8,7 @@ traceback.
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 from pathlib import Path
@@ -827,6 +828,32 @@ def flower_superlink(
     _flower_exec(cmd + list(ctx.args))
 
 
+def _check_node_policy(node_config: str) -> None:
+    """Refuse a node config the site's policy reader would refuse, before Flower starts."""
+    if not node_config.strip():
+        return
+    from flwr.common.config import parse_config_args
+
+    from multimodal_fl.federated.disclosure import NODE_POLICY_FILE, NODE_POLICY_KEYS, node_policy
+
+    try:
+        entries = parse_config_args([node_config])
+    except (ValueError, TypeError) as exc:
+        fail(f"--node-config {node_config!r}: {exc}; expected key=value pairs, e.g. "
+             "\"min-cell=20 max-epsilon=8\"")
+    known = [*NODE_POLICY_KEYS, NODE_POLICY_FILE]
+    for key in entries:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            fail(f"--node-config {key}: not a site-policy key; {hint}expected one of "
+                 f"{', '.join(known)}")
+    try:
+        node_policy(entries)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
 @flower_app.command("supernode", context_settings=_PASS_THROUGH)
 def flower_supernode(
     ctx: typer.Context,
@@ -842,13 +869,18 @@ def flower_supernode(
         "SuperLink.")] = None,
     insecure: Annotated[bool, typer.Option(
         help="Plain HTTP to a SuperLink on 127.0.0.1 (prints a warning).")] = False,
+    node_config: Annotated[str, typer.Option(
+        "--node-config", help="The site's policy as node config, e.g. \"min-cell=20 "
+        "max-epsilon=8 secure-aggregation=true\" (or policy-file=PATH); stricter of it and "
+        "SITE_DIR/policy.yaml.")] = "",
 ) -> None:
-    """Start the SuperNode of one site (node config site-name, site-dir).
+    """Start the SuperNode of one site (node config site-name, site-dir, its policy).
 
     Extra options go to flower-supernode (--max-retries, ...).
     """
     if not site_dir.is_dir():
         fail(f"site directory {site_dir} does not exist or is not a directory")
+    _check_node_policy(node_config)
     flower = _flower_module()
     if root_certificates is not None and insecure:
         fail("--insecure and --root-certificates together: drop --insecure to use TLS")
@@ -859,7 +891,7 @@ def flower_supernode(
                  "--insecure for a plain-HTTP trial with a SuperLink on 127.0.0.1")
         cmd = flower.supernode_command(
             superlink, port, site_dir, site_name=name, root_certificates=root_certificates,
-            auth_key=auth_key,
+            auth_key=auth_key, node_config=node_config,
         )  # fmt: skip
     except (flower.CredentialsError, ValueError) as exc:
         fail(str(exc))

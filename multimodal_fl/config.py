@@ -628,12 +628,16 @@ class DPConfig(_Strict):
 class SiteLevelDPConfig(_Strict):
     """The server's site-level DP: each site's update clipped, Gaussian noise on their sum.
 
-    It protects a hospital's participation (all of its patients at once), not one patient.
+    It protects a hospital's participation (all of its patients at once), not one patient. With
+    ``federated.secure_aggregation`` each site clips its own update before masking and the
+    server adds the noise to the unmasked sum (Flower's client-side fixed clipping).
     """
 
     clip_norm: float = Field(
         gt=0, description="S: each site's update (its weights minus the global ones, over "
-        "every float parameter and buffer) is clipped to this L2 norm.")
+        "every float parameter and buffer) is clipped to this L2 norm: by the server, or with "
+        "federated.secure_aggregation by the site before masking (keep S <= "
+        "federated.secure_clip so no clipped value can exceed it).")
     noise_multiplier: float = Field(
         gt=0, description="z: Gaussian noise of standard deviation z * S is added to the sum of "
         "the clipped updates (z * S / K on their mean over K sites).")
@@ -647,8 +651,9 @@ class PrivacyConfig(_Strict):
     dp: DPConfig | None = Field(
         default=None, description="DP-SGD at every site: per-patient clipping and noise.")
     site_level: SiteLevelDPConfig | None = Field(
-        default=None, description="The server clips each site's update and adds noise to "
-        "their sum (a hospital's participation, not a patient, is protected).")
+        default=None, description="Each site's update clipped (by the server; with secure "
+        "aggregation by the site) and noise added to their sum (a hospital's participation, "
+        "not a patient, is protected).")
 
 
 class EvaluationConfig(_Strict):

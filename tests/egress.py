@@ -24,7 +24,12 @@ from multimodal_fl.config import SitePolicy
 from multimodal_fl.encoders.tabular import Standardizer
 from multimodal_fl.engines.flower_jobs import experiment_job
 from multimodal_fl.federated.aggregation import group_of
-from multimodal_fl.federated.disclosure import DECLARED, DisclosureViolation, check_declared
+from multimodal_fl.federated.disclosure import (
+    DECLARED,
+    DisclosureViolation,
+    check_declared,
+    secured_fit,
+)
 from multimodal_fl.federated.protocol import (
     Kind,
     Reply,
@@ -167,7 +172,8 @@ def declared_findings(crossing: Crossing, min_cell: int) -> list[str]:
     if not isinstance(reply, Reply):
         return []
     try:
-        check_declared(Kind(crossing.request.kind), reply, min_cell)
+        check_declared(Kind(crossing.request.kind), reply, min_cell,
+                       secured=secured_fit(crossing.request))
     except DisclosureViolation as exc:
         return [f"{crossing.site} {reply.kind} round {reply.round}: {exc}"]
     return []

@@ -239,6 +239,47 @@ def test_epsilon_per_site_is_recorded_and_kept_across_resume(
     assert "it does not cover the standardisation moments, PCA summaries" in html
 
 
+def test_a_secured_dp_run_records_each_sites_epsilon_and_site_level_dp(
+        tiny_config: Callable[..., Path], tmp_path: Path) -> None:
+    """Secure aggregation with DP-SGD at each site and site-level DP of the sum: each site's
+    epsilon travels, unmasked, as a declared field of its secured fit reply and is recorded as
+    on the plain path (equal to its own ledger); the sites clip their updates at home and the
+    site-level epsilon is the plain path's accountant's."""
+    from multimodal_fl.engines import run
+
+    cfg = load_config(tiny_config(
+        modalities={"text": {"enabled": False}},
+        federated={"rounds": 2, "min_sites": 3, "secure_aggregation": True},
+        privacy={"dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0},
+                 "site_level": {"clip_norm": 0.5, "noise_multiplier": 1.0}}))
+    assert len(cfg.sites) == 3
+    out = run(cfg, "inprocess", out_dir=tmp_path / "r")
+    privacy = out.metrics["privacy"]
+    for site in (s.name for s in cfg.sites):
+        ledger = json.loads((tmp_path / "r" / "sites" / site / "privacy.json").read_text())
+        assert [f["round"] for f in ledger["fits"]] == [1, 2]
+        assert privacy["dp"]["sites"][site] == {"epsilon": ledger["fits"][-1]["epsilon"],
+                                                "delta": ledger["fits"][-1]["delta"],
+                                                "round": 2}
+        fits = [e for e in (json.loads(line) for line in (
+            tmp_path / "r" / "sites" / site / "egress.jsonl").read_text().splitlines())
+            if e["kind"] == "fit"]
+        assert [(e["released"], e["metrics"], e["weights"]) for e in fits] == \
+            [(True, ["delta", "epsilon"], 0)] * 2
+    assert privacy["site_level"]["epsilon"] == pytest.approx(
+        PrivacyLedger("rdp", [(1.0, 1.0, 2)]).epsilon(1e-5))
+    assert privacy["site_level"]["clipped_at"] == "site"
+    assert "the server saw only their sum" in privacy["site_level"]["covers"]
+    for record in out.metrics["rounds"]:
+        assert record["secure"]["clip_norm"] == 0.5 and record["site_dp"]["clipped_at"] == "site"
+        assert 0 <= record["site_dp"]["clipped_count"] <= 3 and record["site_dp"]["sites"] == 3
+    report = json.loads((tmp_path / "r" / "report" / "report.json").read_text())
+    (_label, section), = report["privacy"].items()
+    assert [r["site"] for r in section["dp"]["sites"]] == sorted(s.name for s in cfg.sites)
+    html = (tmp_path / "r" / "report" / "report.html").read_text()
+    assert "clipped to 0.5 by the site itself, before secure aggregation" in html
+
+
 def test_a_fit_over_the_site_budget_is_refused_and_the_round_goes_on(
         tiny_sample: Path, tiny_config: Callable[..., Path], tmp_path: Path) -> None:
     from multimodal_fl.engines import run

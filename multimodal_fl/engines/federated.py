@@ -92,7 +92,12 @@ from multimodal_fl.pca.stage import run_pca_stage
 from multimodal_fl.progress import ProgressCallback
 from multimodal_fl.rundir import RunOutcome, RunWriter, default_run_dir, jsonable
 from multimodal_fl.training import torch_threads
-from multimodal_fl.training.privacy import EPSILON_COVERS, SITE_LEVEL_COVERS, PrivacyLedger
+from multimodal_fl.training.privacy import (
+    EPSILON_COVERS,
+    SITE_LEVEL_COVERS,
+    SITE_LEVEL_SECURED_COVERS,
+    PrivacyLedger,
+)
 
 __all__ = [
     "MIN_VALIDATION_SITES",
@@ -232,7 +237,8 @@ def privacy_summary(cfg: ExperimentConfig, history: list[RoundRecord]) -> dict[s
         ``dp``: the settings, each site's epsilon and delta as its last fit reply disclosed them
         (``sites``), the round of that reply, and what epsilon covers (``covers``);
         ``site_level``: the settings, the rounds composed and the site-level epsilon (Opacus'
-        RDP accountant, sampling rate 1), and what it covers.
+        RDP accountant, sampling rate 1), where the updates were clipped (``clipped_at``:
+        ``"site"`` with secure aggregation, else ``"server"``) and what it covers.
     """
     p = cfg.privacy
     if p.dp is None and p.site_level is None:
@@ -249,9 +255,12 @@ def privacy_summary(cfg: ExperimentConfig, history: list[RoundRecord]) -> dict[s
     if p.site_level is not None:
         rounds = len(history)
         ledger = PrivacyLedger("rdp", [(p.site_level.noise_multiplier, 1.0, rounds)])
+        secured = cfg.federated.secure_aggregation
         out["site_level"] = {**p.site_level.model_dump(), "rounds": rounds,
                              "epsilon": ledger.epsilon(p.site_level.delta) if rounds else 0.0,
-                             "covers": SITE_LEVEL_COVERS}
+                             "clipped_at": "site" if secured else "server",
+                             "covers": SITE_LEVEL_SECURED_COVERS if secured
+                             else SITE_LEVEL_COVERS}
     return out
 
 

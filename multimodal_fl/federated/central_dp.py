@@ -16,6 +16,12 @@ the number of sites aggregated:
 3. the new global weights are ``w + (sum + noise) / K`` (dividing by ``K``, taken as public,
    is post-processing). Flower's helper draws the same noise as ``z S / K`` on the mean.
 
+With secure aggregation (:mod:`~multimodal_fl.federated.secure_update`) the server never sees
+``u_k``: each site clips its own update to ``S`` before masking (Flower's
+``DifferentialPrivacyClientSideFixedClipping`` with its ``fixedclipping_mod``), and the server
+applies step 2 and 3 to the unmasked sum alone (:func:`noisy_mean`), the same noise on the same
+sum.
+
 The sites' updates are averaged with equal weight, not by sample counts: a weighted mean
 would give one site a sensitivity of its weight times ``S``. Composing the rounds (Opacus' RDP
 accountant, sampling rate 1: every site the loop draws is asked, and the draw is no secret)
@@ -38,7 +44,7 @@ import numpy as np
 from multimodal_fl.federated.aggregation import group_of
 from multimodal_fl.federated.protocol import Reply, StateDict
 
-__all__ = ["SiteLevelDP", "clip_update", "private_mean", "site_update"]
+__all__ = ["SiteLevelDP", "clip_update", "noisy_mean", "private_mean", "site_update"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,9 @@ class SiteLevelDP:
     clip_norm : float
         ``S``: each site's update is clipped to this L2 norm.
     noise_multiplier : float
-        ``z``: the noise on the sum has standard deviation ``z * S``.
+        ``z``: the noise on the sum has standard deviation ``z * S``; 0 clips without noise
+        (no privacy: for tests and for measuring what clipping alone costs, as Flower allows;
+        the experiment config asks for ``z > 0``).
     """
 
     clip_norm: float
@@ -58,10 +66,12 @@ class SiteLevelDP:
 
     def __post_init__(self) -> None:
         """Check the settings."""
-        for name in ("clip_norm", "noise_multiplier"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"site-level DP {name}={value}: expected a finite number > 0")
+        if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
+            raise ValueError(f"site-level DP clip_norm={self.clip_norm}: expected a finite "
+                             "number > 0")
+        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
+            raise ValueError(f"site-level DP noise_multiplier={self.noise_multiplier}: expected "
+                             "a finite number >= 0")
 
 
 def _is_float(a: np.ndarray) -> bool:
@@ -159,11 +169,49 @@ def private_mean(
             clipped.append(reply.site)
         for key, value in scaled.items():
             total[key] += value
-    k = len(ordered)
+    out, info = noisy_mean(total, global_weights, dp, len(ordered), rng=rng)
+    return out, {"clipped": clipped, **info}
+
+
+def noisy_mean(
+    total: Mapping[str, np.ndarray], global_weights: Mapping[str, np.ndarray], dp: SiteLevelDP,
+    n_sites: int, *, rng: np.random.Generator | None = None,
+) -> tuple[StateDict, dict[str, Any]]:
+    """The new weights from the sum of ``n_sites`` clipped updates: ``w + (sum + noise) / K``.
+
+    Gaussian noise ``N(0, (z S)^2)`` is drawn for every coordinate of ``total``, key by key in
+    sorted order, from the OS's CSPRNG unless ``rng`` is given.
+
+    Parameters
+    ----------
+    total : mapping of str to ndarray
+        The sum of the sites' clipped updates per key (only the keys some site changed: the
+        others keep their value and take no noise).
+    global_weights : mapping
+        The round's global weights (the dtypes of the result).
+    dp : SiteLevelDP
+    n_sites : int
+        ``K``, the number of sites summed (equal weights).
+    rng : numpy.random.Generator or None
+        The noise source (give one only in tests).
+
+    Returns
+    -------
+    weights : dict of str to ndarray
+        The keys of ``total`` in their global dtypes.
+    info : dict
+        ``noise_std`` (the noise's standard deviation on the mean, ``z S / K``) and ``sites``
+        (``K``).
+    """
+    if n_sites < 1:
+        raise ValueError(f"noisy_mean: {n_sites} sites summed; expected at least 1")
+    rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
     std = dp.noise_multiplier * dp.clip_norm
     out: StateDict = {}
-    for key in changed:
-        noisy = total[key] + rng.normal(0.0, std, size=total[key].shape)
+    for key in sorted(total):
+        summed = np.asarray(total[key], np.float64)
+        noisy = summed + rng.normal(0.0, std, size=summed.shape)
         base = np.asarray(global_weights[key])
-        out[key] = (base.astype(np.float64) + noisy / k).astype(base.dtype)
-    return out, {"clipped": clipped, "noise_std": std / k, "sites": k}
+        out[key] = (base.astype(np.float64) + noisy.reshape(base.shape) / n_sites
+                    ).astype(base.dtype)
+    return out, {"noise_std": std / n_sites, "sites": n_sites}

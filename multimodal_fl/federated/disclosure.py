@@ -14,8 +14,9 @@ forget the gate, on either engine. The gate:
    from counts and policy names only) or as a scrubbed :class:`SiteError` that names the
    exception type and nothing else (the traceback stays in the site's log);
 4. applies the rule of the reply's kind (:data:`RULES`), then the backstop
-   (:func:`check_declared`: only the fields :data:`DECLARED` for the kind, every count 0 or at
-   least ``min_cell``), and records the released message in the site's egress log
+   (:func:`check_declared`: only the fields :data:`DECLARED` for the kind, or
+   :data:`SECURED_FIT` for a secured ``fit``, every count 0 or at least ``min_cell``), and
+   records the released message in the site's egress log
    (``sites/<site>/egress.jsonl``). A reply that breaks either never leaves: the site answers
    with a scrubbed :class:`SiteError`.
 
@@ -71,6 +72,7 @@ from multimodal_fl.federated.protocol import (
     pack_document,
     unpack_document,
 )
+from multimodal_fl.federated.secure_update import SECURED_FIT_METRICS
 
 __all__ = [
     "COUNT_KEYS",
@@ -80,6 +82,7 @@ __all__ = [
     "NODE_POLICY_FILE",
     "NODE_POLICY_KEYS",
     "RULES",
+    "SECURED_FIT",
     "VALIDATION_COUNTS",
     "Declared",
     "DisclosureGate",
@@ -90,6 +93,7 @@ __all__ = [
     "check_declared",
     "node_policy",
     "pca_rank_cap",
+    "secured_fit",
     "site_policy",
     "small_cells",
     "stricter_policy",
@@ -344,6 +348,8 @@ class Declared:
         Whether ``n_samples`` is sent (a count: 0 or at least ``min_cell``); else it is 0.
     weights : bool
         Model weights (``weights``; ``group_counts`` and ``local_keys`` go with them).
+    local_keys : bool
+        ``local_keys`` (FedBN's names of the layers kept at the site) without weights.
     metrics : str
         A regular expression every metric name must match in full ("" : no metrics).
     arrays : frozenset of str
@@ -357,6 +363,7 @@ class Declared:
 
     n_samples: bool = False
     weights: bool = False
+    local_keys: bool = False
     metrics: str = ""
     arrays: frozenset[str] = frozenset()
     array_pattern: str = ""
@@ -395,8 +402,32 @@ DECLARED: dict[Kind, Declared] = {
                               documents=frozenset({Doc.SECURE_SUM})),
 }
 
+#: A secured ``fit`` reply (the request has ``secure_aggregation``): the training count, FedBN's
+#: local key names and, under DP-SGD, the site's epsilon so far and its delta (per-site privacy
+#: parameters, in the clear); the update, the group counts and the loss wait at the site for
+#: the secure sum, so a weight or the loss in the reply is undeclared.
+SECURED_FIT = Declared(n_samples=True, local_keys=True, metrics="|".join(SECURED_FIT_METRICS))
 
-def check_declared(kind: Kind, reply: Reply, min_cell: int) -> None:
+
+def _declaration(kind: Kind, secured: bool) -> Declared | None:
+    return SECURED_FIT if secured and kind is Kind.FIT else DECLARED.get(kind)
+
+
+def secured_fit(request: Request) -> bool:
+    """Whether ``request`` is a ``fit`` of a secured round (its reply: :data:`SECURED_FIT`).
+
+    Parameters
+    ----------
+    request : Request
+
+    Returns
+    -------
+    bool
+    """
+    return request.kind is Kind.FIT and bool(request.config.get("secure_aggregation"))
+
+
+def check_declared(kind: Kind, reply: Reply, min_cell: int, *, secured: bool = False) -> None:
     """The backstop after every rule: the reply carries only fields declared for its kind.
 
     Parameters
@@ -407,6 +438,8 @@ def check_declared(kind: Kind, reply: Reply, min_cell: int) -> None:
         The reply as it would leave.
     min_cell : int
         The effective threshold (``n_samples`` and each group count: 0 or at least it).
+    secured : bool
+        A secured ``fit`` (:func:`secured_fit`): checked against :data:`SECURED_FIT`.
 
     Raises
     ------
@@ -417,7 +450,7 @@ def check_declared(kind: Kind, reply: Reply, min_cell: int) -> None:
         reply, carried = detach_evaluation(reply, reply.round)
         if isinstance(carried, Reply):
             check_declared(Kind.EVALUATE, carried, min_cell)
-    declared = DECLARED.get(kind)
+    declared = _declaration(kind, secured)
     if declared is None:
         raise DisclosureViolation(f"no reply fields are declared for {kind.value!r} replies")
     if reply.kind != kind:
@@ -426,8 +459,10 @@ def check_declared(kind: Kind, reply: Reply, min_cell: int) -> None:
     if (n and not declared.n_samples) or 0 < n < min_cell:
         raise DisclosureViolation(f"{kind.value} reply: n_samples={n} (declared: "
                                   f"{'0 or >= min_cell' if declared.n_samples else '0'})")
-    if not declared.weights and (reply.weights or reply.group_counts or reply.local_keys):
-        raise DisclosureViolation(f"{kind.value} reply carries weights; none are declared")
+    if not declared.weights and (reply.weights or reply.group_counts
+                                 or (reply.local_keys and not declared.local_keys)):
+        raise DisclosureViolation(f"{kind.value} reply carries weights; none are declared"
+                                  + (" in a secured round" if secured else ""))
     small = {g: c for g, c in reply.group_counts.items() if 0 < c < min_cell}
     if small:
         raise DisclosureViolation(f"{kind.value} reply: group counts {sorted(small)} below "
@@ -722,7 +757,8 @@ class DisclosureGate:
                             "(details in the site's own log)") from None
         try:
             released = self.rules.get(request.kind, _pass)(reply, min_cell, self.policy)
-            check_declared(request.kind, released.reply, min_cell)
+            check_declared(request.kind, released.reply, min_cell,
+                           secured=secured_fit(request))
         except SiteRefused as exc:  # a rule withholds the whole reply, saying why
             self._record(request, min_cell, refused=str(exc))
             raise
@@ -769,7 +805,7 @@ class DisclosureGate:
             carried = str(exc)
         min_cell = self.min_cell(fit)
         reply = attach_evaluation(self.release(fit, handlers[Kind.FIT]), carried)
-        check_declared(Kind.FIT, reply, min_cell)
+        check_declared(Kind.FIT, reply, min_cell, secured=secured_fit(fit))
         return reply
 
     def _refuse(self, request: Request, reason: str) -> None:

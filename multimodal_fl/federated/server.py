@@ -23,7 +23,7 @@ from multimodal_fl.federated.aggregation import (
     check_fit_reply,
     server_step,
 )
-from multimodal_fl.federated.central_dp import SiteLevelDP, private_mean
+from multimodal_fl.federated.central_dp import SiteLevelDP, noisy_mean, private_mean
 from multimodal_fl.federated.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -51,6 +51,7 @@ from multimodal_fl.federated.secure_update import (
     UPDATE_VECTOR,
     SecureAggregation,
     UpdateRejected,
+    decode_clipped_sum,
     decode_update,
     update_summary,
 )
@@ -119,7 +120,10 @@ class RunConfig:
     site_dp : SiteLevelDP or None
         Site-level differential privacy of the aggregate (:mod:`~multimodal_fl.federated.
         central_dp`): each site's update clipped, Gaussian noise on their sum, the sites
-        averaged with equal weight. None: plain aggregation.
+        averaged with equal weight. None: plain aggregation. With ``secure`` too, each site
+        clips its own update before masking (the fit request carries ``site_dp.clip_norm`` as
+        ``secure.clip_norm``) and the noise goes on the unmasked sum: Flower's client-side
+        fixed clipping.
     carry_evaluation : bool
         One message exchange per round: a round's evaluation rides with the next round's fit
         requests (:func:`~.protocol.carry_evaluation`: the site evaluates the weights it
@@ -165,9 +169,10 @@ class RunConfig:
             problems.append(f"evaluate_every={self.evaluate_every} (expected >= 0)")
         if not (self.proximal_mu >= 0 and math.isfinite(self.proximal_mu)):
             problems.append(f"proximal_mu={self.proximal_mu} (expected a finite number >= 0)")
-        if self.secure is not None and self.site_dp is not None:
-            problems.append("site_dp with secure (site-level DP clips each site's update at the "
-                            "server, which secure aggregation never shows it; turn one off)")
+        norm = None if self.secure is None else self.secure.clip_norm
+        if norm is not None and (self.site_dp is None or norm != self.site_dp.clip_norm):
+            problems.append(f"secure.clip_norm={norm} without site_dp of that clip_norm (the "
+                            "loop sets it from site_dp; leave it None)")
         if problems:
             raise ValueError("invalid federated run config: " + "; ".join(problems))
 
@@ -182,6 +187,8 @@ class RunConfig:
         out = asdict(self)
         out["fit_config"] = dict(self.fit_config)
         out["evaluate_config"] = dict(self.evaluate_config)
+        if out["secure"] is not None and out["secure"]["clip_norm"] is None:
+            del out["secure"]["clip_norm"]  # as checkpoints written before it existed
         return out
 
 
@@ -558,6 +565,13 @@ def _ask_sizes(federation: Federation, config: RunConfig) -> dict[str, int]:
     return sizes
 
 
+def _secured(config: RunConfig) -> SecureAggregation | None:
+    """The secure aggregation the fit requests carry (with site-level DP: its clipping norm)."""
+    if config.secure is None or config.site_dp is None:
+        return config.secure
+    return replace(config.secure, clip_norm=config.site_dp.clip_norm)
+
+
 def _needed_sites(config: RunConfig) -> int:
     """The fewest valid fit replies a round needs (three, at least, when secured)."""
     return max(config.min_sites, MIN_SITES) if config.secure is not None else config.min_sites
@@ -573,6 +587,7 @@ class _Combined:
     train_loss: float | None = None
     fit_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     secure: dict[str, Any] = field(default_factory=dict)
+    site_dp: dict[str, Any] = field(default_factory=dict)
 
 
 def _fit_round(
@@ -590,7 +605,7 @@ def _fit_round(
         **_base_config(config),
         "proximal_mu": float(config.proximal_mu),
         "fedbn": bool(config.fedbn),
-        **(config.secure.to_config() if config.secure is not None else {}),
+        **(secure.to_config() if (secure := _secured(config)) is not None else {}),
     }
     needed = _needed_sites(config)
     for attempt in range(config.max_attempts):
@@ -620,16 +635,11 @@ def _fit_round(
             f"in {config.max_attempts} attempt(s): " + " | ".join(record.earlier_attempts),
         )
     t_server = time.perf_counter()
-    averaged = combined.averaged
-    if config.site_dp is not None:  # clipped updates, noise on their sum, equal weights
-        private, record.site_dp = private_mean(sorted(valid, key=lambda r: r.site), weights,
-                                               config.site_dp)
-        averaged = {**averaged, **private}
-    new_weights, new_state = server_step(weights, averaged, opt_state, config.optimizer)
+    new_weights, new_state = server_step(weights, combined.averaged, opt_state, config.optimizer)
     record.server_seconds += time.perf_counter() - t_server
     record.replied, record.n_samples = combined.replied, combined.n_samples
     record.fit_metrics, record.train_loss = combined.fit_metrics, combined.train_loss
-    record.secure = combined.secure
+    record.secure, record.site_dp = combined.secure, combined.site_dp
     record.seconds = time.perf_counter() - t_round
     return record, new_weights, new_state
 
@@ -672,11 +682,15 @@ def _combine(
                       "from the sum); no fit request was sent")
     if len(valid) < needed:
         return None, f"{len(valid)} valid of {len(record.selected)} asked"
-    if config.secure is not None:
-        return _secure_combine(federation, valid, weights, config.secure, config, record, needed)
+    secure = _secured(config)
+    if secure is not None:
+        return _secure_combine(federation, valid, weights, secure, config, record, needed)
     t_server = time.perf_counter()
     combined = _Combined(aggregate(valid, weights), [r.site for r in valid],
                          {r.site: int(r.n_samples) for r in valid})
+    if config.site_dp is not None:  # clipped updates, noise on their sum, equal weights
+        private, combined.site_dp = private_mean(valid, weights, config.site_dp)
+        combined.averaged = {**combined.averaged, **private}
     combined.fit_metrics = {r.site: {k: float(v) for k, v in r.metrics.items()} for r in valid}
     with_loss = [r for r in valid if "loss" in r.metrics]
     if with_loss:
@@ -694,8 +708,12 @@ def _secure_combine(
 ) -> tuple[_Combined | None, str]:
     """The FedAvg of the valid sites' updates from their secure sum (the server sees no update).
 
-    A site that drops after sharing its keys is left out of the sum (``record.failed`` says
-    so); the round still completes with at least ``needed`` sites in the sum.
+    With site-level DP (``settings.clip_norm``) the sites clipped their updates before
+    masking, and the new weights are the noised mean of the unmasked sum, equal weights
+    (:func:`_private_from_sum`). A site that drops after sharing its keys is left out of the
+    sum (``record.failed`` says so); the round still completes with at least ``needed`` sites
+    in the sum. Each summed site's fit metrics (its DP-SGD epsilon and delta, when it trains
+    with DP-SGD: the only metrics a secured fit reply carries) are kept as in a plain round.
     """
     declared = {r.site: int(r.n_samples) for r in valid}
     total = secure_total(federation, sorted(declared), UPDATE_VECTOR, round=record.round,
@@ -710,20 +728,41 @@ def _secure_combine(
     local = sorted({k for r in valid for k in r.local_keys})
     expected = sum(declared[s] for s in total.sites)
     try:
-        decoded = decode_update(total.parts, weights, settings, max_count=expected,
-                                local_keys=local)
-        if decoded.n_samples != expected:
-            raise UpdateRejected(f"secure sum: training count {decoded.n_samples}, the summed "
-                                 f"sites declared {expected}")
+        if config.site_dp is not None:
+            combined = _private_from_sum(total.parts, weights, settings, config.site_dp,
+                                         expected=expected, sites=list(total.sites),
+                                         local=local)
+        else:
+            decoded = decode_update(total.parts, weights, settings, max_count=expected,
+                                    local_keys=local)
+            combined = _Combined(decoded.averaged, [], {}, train_loss=decoded.train_loss,
+                                 secure=update_summary(decoded, settings, [], {}))
+        if combined.secure["n_samples"] != expected:
+            raise UpdateRejected(f"secure sum: training count {combined.secure['n_samples']}, "
+                                 f"the summed sites declared {expected}")
     except UpdateRejected as exc:
         record.rejected["secure sum"] = str(exc)
         return None, str(exc)
     record.server_seconds += time.perf_counter() - t_server
-    return _Combined(
-        decoded.averaged, list(total.sites), {s: declared[s] for s in total.sites},
-        train_loss=decoded.train_loss,
-        secure=update_summary(decoded, settings, total.sites, total.excluded),
-    ), ""
+    combined.replied = list(total.sites)
+    combined.n_samples = {s: declared[s] for s in total.sites}
+    combined.secure.update(sites=list(total.sites), excluded=dict(total.excluded))
+    combined.fit_metrics = {r.site: {k: float(v) for k, v in r.metrics.items()}
+                            for r in valid if r.site in total.sites and r.metrics}
+    return combined, ""
+
+
+def _private_from_sum(
+    parts: Mapping[str, np.ndarray], weights: StateDict, settings: SecureAggregation,
+    dp: SiteLevelDP, *, expected: int, sites: list[str], local: list[str],
+) -> _Combined:
+    """Site-level DP on a secure sum: the sites' clipped updates summed, noise on the sum."""
+    clipped = decode_clipped_sum(parts, weights, settings, max_count=expected,
+                                 n_sites=len(sites), local_keys=local)
+    private, info = noisy_mean(clipped.sums, weights, dp, len(sites))
+    return _Combined(private, [], {}, train_loss=clipped.train_loss,
+                     secure=update_summary(clipped, settings, [], {}),
+                     site_dp={"clipped_count": clipped.clipped, "clipped_at": "site", **info})
 
 
 def _evaluation_request(weights: StateDict, config: RunConfig, rnd: int) -> Request:

@@ -59,6 +59,7 @@ __all__ = [
     "DPSGD",
     "EPSILON_COVERS",
     "SITE_LEVEL_COVERS",
+    "SITE_LEVEL_SECURED_COVERS",
     "PrivacyLedger",
     "dp_session",
     "make_private_compatible",
@@ -82,6 +83,12 @@ SITE_LEVEL_COVERS = (
     "The site-level epsilon covers one hospital's participation in the aggregate model (all of "
     "its patients at once) against anyone who sees the global weights; the server itself sees "
     "each update before the noise, and no patient is protected by it alone.")
+#: The same, when secure aggregation is on (each site clipped its own update before masking).
+SITE_LEVEL_SECURED_COVERS = (
+    "The site-level epsilon covers one hospital's participation in the aggregate model (all of "
+    "its patients at once) against anyone who sees the global weights; each site clipped its own "
+    "update before secure aggregation, so the server saw only their sum before the noise, never "
+    "one hospital's update; no patient is protected by it alone.")
 
 # Warnings Opacus gives on every call that say nothing new here: the generators are seeded
 # from the OS's CSPRNG (module docstring), and the first layer's inputs need no gradient.

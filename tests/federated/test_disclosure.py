@@ -385,6 +385,44 @@ def test_an_undeclared_field_never_leaves(kind: Kind, fields: dict[str, Any], wh
     assert not entry["released"] and what in entry["failed"]
 
 
+_SECURED = {"secure_aggregation": True}
+
+
+@pytest.mark.parametrize(("fields", "what"), [
+    # the loss is in the masked sum: in the clear it is undeclared, as is any other metric
+    ({"metrics": {"epsilon": 1.5, "delta": 1e-5, "loss": 0.3}}, "undeclared metrics ['loss']"),
+    ({"metrics": {"epsilon": 1.5, "grad_norm": 2.0}}, "undeclared metrics ['grad_norm']"),
+    ({"weights": {"w": np.ones(2)}, "group_counts": {"w": 12}}, "weights; none are declared in "
+                                                                 "a secured round"),
+    ({"arrays": {"fit_update": np.ones(2)}}, "undeclared arrays ['fit_update']"),
+])
+def test_a_secured_fit_reply_with_an_undeclared_field_never_leaves(
+        fields: dict[str, Any], what: str, tmp_path: Path) -> None:
+    gate = DisclosureGate("x", SitePolicy(), egress_log=tmp_path / "egress.jsonl")
+    request = Request(Kind.FIT, 1, config=dict(_SECURED))
+    with pytest.raises(SiteError, match="broke the site's disclosure rules"):
+        gate.release(request, lambda r: Reply("x", "fit", 1, n_samples=12, **fields))
+    entry = json.loads((tmp_path / "egress.jsonl").read_text())
+    assert not entry["released"] and what in entry["failed"]
+
+
+def test_a_secured_fit_reply_carries_the_sites_epsilon_through_the_gate(tmp_path: Path) -> None:
+    """The declared fields of a secured fit: the count, FedBN's local key names and DP-SGD's
+    epsilon and delta, named in the egress log; the loss is declared only in a plain round."""
+    gate = DisclosureGate("x", SitePolicy(), egress_log=tmp_path / "egress.jsonl")
+    sent = gate.release(Request(Kind.FIT, 1, config=dict(_SECURED)), lambda r: Reply(
+        "x", "fit", 1, n_samples=12, local_keys=["bn.weight"],
+        metrics={"epsilon": 1.5, "delta": 1e-5}))
+    assert sent.metrics == {"epsilon": 1.5, "delta": 1e-5}
+    plain = gate.release(Request(Kind.FIT, 2), lambda r: Reply(
+        "x", "fit", 2, n_samples=12, weights={"w": np.ones(2)},
+        metrics={"loss": 0.3, "epsilon": 1.5, "delta": 1e-5}))
+    assert plain.metrics["loss"] == 0.3
+    entries = [json.loads(line) for line in (tmp_path / "egress.jsonl").read_text().splitlines()]
+    assert [(e["released"], e["metrics"], e["weights"]) for e in entries] == [
+        (True, ["delta", "epsilon"], 0), (True, ["delta", "epsilon", "loss"], 1)]
+
+
 # --------------------------------------------------------------------------- the server side
 
 

@@ -315,3 +315,40 @@ def test_cli_supernode_takes_the_ca_and_the_site_key(
     result = mmfl("flower", "supernode", site, "--insecure")
     assert result.exit_code == 0 and "--insecure" in execs[-1]
     assert "warning: SuperNode to 127.0.0.1:8000 over plain HTTP" in " ".join(result.output.split())
+
+
+def test_cli_supernode_carries_the_sites_policy_in_its_node_config(
+    creds: Path, execs: list[list[str]], tmp_path: Path
+) -> None:
+    """``--node-config`` adds the hospital's policy to site-name and site-dir (a second
+    ``--node-config`` passed through to Flower would have replaced them); a key the policy
+    reader does not know, a bad value or an attempt to set site-name is refused before Flower
+    starts."""
+    from flwr.common.config import parse_config_args
+
+    from multimodal_fl.federated.disclosure import node_policy
+
+    site = tmp_path / "site_a"
+    site.mkdir()
+    tls = ["--superlink", "link.example.org:8000", "--root-certificates",
+           creds / "certs" / "ca.crt", "--auth-key", creds / "keys" / "site_a.key"]
+    policy = "min-cell=20 max-epsilon=8 secure-aggregation=true answers='info,init,fit'"
+    result = mmfl("flower", "supernode", site, *tls, "--node-config", policy)
+    assert result.exit_code == 0, result.output
+    (cmd,) = execs
+    assert cmd.count("--node-config") == 1
+    config = parse_config_args([cmd[cmd.index("--node-config") + 1]])  # as Flower reads it
+    assert config["site-name"] == "site_a" and config["site-dir"] == str(site.resolve())
+    read = node_policy(config)
+    assert read is not None and read.min_cell == 20 and read.max_epsilon == 8
+    assert read.secure_aggregation and read.answers == ["info", "init", "fit"]
+
+    assert "did you mean 'max-epsilon'" in refused(
+        "flower", "supernode", site, *tls, "--node-config", "max-epsylon=8")
+    assert "node config min-cell=-1" in refused(
+        "flower", "supernode", site, *tls, "--node-config", "min-cell=-1")
+    assert "expected one of" in refused(
+        "flower", "supernode", site, *tls, "--node-config", "site-name='b'")
+    with pytest.raises(ValueError, match="--node-config sets site-dir"):
+        supernode_command("127.0.0.1:8000", 9094, tmp_path, node_config="site-dir='/x'")
+    assert len(execs) == 1  # nothing refused was started

@@ -755,9 +755,12 @@ def _privacy_body(doc: dict[str, Any]) -> str:
             body += f"<p class='note'>{_esc(dp.get('covers'))}</p>"
         sl = p.get("site_level")
         if sl:
+            where = (" by the site itself, before secure aggregation"
+                     if sl.get("clipped_at") == "site" else "")
             body += (f"<p>Site-level DP of the aggregate: each site's update clipped to "
-                     f"{sl['clip_norm']:g}, Gaussian noise of {sl['noise_multiplier']:g} times "
-                     f"that on their sum; epsilon {sl['epsilon']:.3g} at delta {sl['delta']:g} "
+                     f"{sl['clip_norm']:g}{where}, Gaussian noise of {sl['noise_multiplier']:g} "
+                     f"times that on their sum; epsilon {sl['epsilon']:.3g} at delta "
+                     f"{sl['delta']:g} "
                      f"after {sl['rounds']} rounds.</p>"
                      f"<p class='note'>{_esc(sl.get('covers'))}</p>")
     return body

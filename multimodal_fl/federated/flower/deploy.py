@@ -181,6 +181,7 @@ def supernode_command(
     site_name: str | None = None,
     root_certificates: str | os.PathLike[str] | None = None,
     auth_key: str | os.PathLike[str] | None = None,
+    node_config: str = "",
 ) -> list[str]:
     """The ``flower-supernode`` command line for one site.
 
@@ -200,6 +201,9 @@ def supernode_command(
     auth_key : path-like or None
         This SuperNode's private key (``--auth-supernode-private-key``), whose public key the
         coordinating centre registered (needs ``root_certificates``).
+    node_config : str
+        More node-config entries (``"min-cell=20 max-epsilon=8"``: the hospital's policy),
+        appended to ``site-name`` and ``site-dir``, which it may not set.
 
     Returns
     -------
@@ -216,7 +220,13 @@ def supernode_command(
     for key, value in ((NODE_SITE_NAME, name), (NODE_SITE_DIR, str(site_dir))):
         if "'" in value:
             raise ValueError(f"{key} {value!r} may not contain a single quote (--node-config)")
-    node_config = f"{NODE_SITE_NAME}='{name}' {NODE_SITE_DIR}='{Path(site_dir).resolve()}'"
+    for key in (NODE_SITE_NAME, NODE_SITE_DIR):
+        if re.search(rf"(^|\s){key}\s*=", node_config):
+            raise ValueError(f"--node-config sets {key}, which the site directory and --name "
+                             "set; leave it out")
+    node_config = " ".join(filter(None, [
+        f"{NODE_SITE_NAME}='{name}' {NODE_SITE_DIR}='{Path(site_dir).resolve()}'",
+        node_config.strip()]))
     cmd = [flower_exe("flower-supernode"), "--superlink", superlink, "--port", str(port)]
     host, _ = split_address(superlink)
     if root_certificates is None:
