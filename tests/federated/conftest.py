@@ -13,8 +13,7 @@ One SuperNode serves any job, since the site factory comes with each run's confi
 experiment (``tests/federated/test_flower_experiment.py``: ``flower_jobs.experiment_site``,
 secure aggregation on, the egress audit) and the toy jobs of ``test_flower_tls.py``
 (:func:`registered_toy_site`, a toy site per registered name). Tests submit apps with
-:meth:`SecureDeployment.submit`: :func:`one_site_job` is a server job that needs only one
-registered site, :func:`secure_job` one secured round of the toy sites.
+:meth:`SecureDeployment.submit`; :func:`secure_job` is one secured round of the toy sites.
 """
 
 from __future__ import annotations
@@ -39,20 +38,6 @@ REGISTERED = ("site_a", "site_b", "site_c")
 UNREGISTERED = "unregistered"
 #: The tiny cohort's task folder the registered SuperNodes serve.
 TASK = "covid_oxygen"
-
-
-def one_site_job(run_config: Mapping[str, Any]) -> Any:
-    """The toy server job with ``min_sites = 1``: ``rounds`` fit rounds, no info, no evaluation.
-
-    Imported by name (``tests.federated.conftest:one_site_job``) in the ServerApp process.
-    """
-    from multimodal_fl.federated.flower import ServerJob
-    from tests.federated.toy import initial_weights, toy_config
-
-    config = toy_config(
-        rounds=int(run_config.get("rounds", 1)), evaluate_every=0, ask_sizes=False, min_sites=1
-    )
-    return ServerJob(initial_weights(0), config)
 
 
 def registered_toy_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> Any:

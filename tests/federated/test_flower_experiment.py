@@ -121,13 +121,14 @@ def test_fusion_experiment_on_the_secure_deployment_equals_in_process(
     # more (calibrate, the validation secure sum): 456 s at load 9; the secured rounds four
     # more per round (the secure sum of the updates)
     try:
-        _, flower_s = secure_deployment.submit("experiment", run_config, timeout=560)
+        result, flower_s = secure_deployment.submit("experiment", run_config, timeout=560)
     finally:  # the run's site workers hold a model each; the deployment serves on
         left = secure_deployment.stop_workers()
     assert left == [], f"site workers still running: {left}"
     print(f"in-process run {in_process_s:.1f} s; Flower run on the secure deployment "
           f"(2 secured rounds, predict) {flower_s:.1f} s")
 
+    assert result.site_nodes == secure_deployment.registered  # the registered nodes, only
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["engine"] == "flower"
     assert metrics["completed_rounds"] == 2

@@ -16,6 +16,7 @@ import socket
 import ssl
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,20 +75,27 @@ def test_superlink_port_speaks_tls_with_the_certificate_from_mmfl_flower_certs(
     assert f"running on https://127.0.0.1:{port}" in link_log
 
 
-def test_a_round_over_tls_completes_with_the_registered_nodes(
-    secure_deployment: SecureDeployment,
-) -> None:
-    result, seconds = secure_deployment.submit("run", {
-        "server-factory": "tests.federated.conftest:one_site_job",
+@pytest.fixture(scope="module")
+def secured_toy_run(secure_deployment: SecureDeployment) -> tuple[Any, float]:
+    """One secured round of the toy sites of the three registered nodes over TLS (one run
+    serves both tests below: each message exchange costs a ClientApp process per node)."""
+    return secure_deployment.submit("secure", {
+        "server-factory": "tests.federated.conftest:secure_job",
         "site-factory": "tests.federated.conftest:registered_toy_site",
         "rounds": 1,
-        "min-nodes": 1,
+        "min-nodes": 3,
         "node-wait": 90.0,
         "torch-threads": 1,
     })
+
+
+def test_a_round_over_tls_completes_with_the_registered_nodes(
+    secure_deployment: SecureDeployment, secured_toy_run: tuple[Any, float]
+) -> None:
+    result, seconds = secured_toy_run
     print(
-        f"secure deployment: started in {secure_deployment.started_seconds:.1f} s, "
-        f"run {seconds:.1f} s (server loop {result.seconds:.1f} s)"
+        f"secure deployment: started in {secure_deployment.started_seconds:.1f} s; "
+        f"secured round over TLS: run {seconds:.1f} s (server loop {result.seconds:.1f} s)"
     )
     assert result.completed_rounds == 1
     assert result.site_nodes == secure_deployment.registered
@@ -96,7 +104,7 @@ def test_a_round_over_tls_completes_with_the_registered_nodes(
 
 
 def test_a_secured_round_over_tls_gives_the_in_process_secured_model(
-    secure_deployment: SecureDeployment,
+    secured_toy_run: tuple[Any, float],
 ) -> None:
     """One secured round of the three registered sites over the TLS deployment: the fit
     replies carry no weights, the four secure-sum steps cross as Flower messages to ClientApps
@@ -107,15 +115,7 @@ def test_a_secured_round_over_tls_gives_the_in_process_secured_model(
     from multimodal_fl.federated.server import run_federated
     from tests.federated.toy import initial_weights
 
-    result, seconds = secure_deployment.submit("secure", {
-        "server-factory": "tests.federated.conftest:secure_job",
-        "site-factory": "tests.federated.conftest:registered_toy_site",
-        "rounds": 1,
-        "min-nodes": 3,
-        "node-wait": 90.0,
-        "torch-threads": 1,
-    })
-    print(f"secured round over TLS: run {seconds:.1f} s (server loop {result.seconds:.1f} s)")
+    result, _ = secured_toy_run
     record = result.history[0]
     assert record["replied"] == list(REGISTERED) and record["fit_metrics"] == {}
     assert record["secure"]["sites"] == list(REGISTERED) and record["secure"]["excluded"] == {}
