@@ -108,27 +108,12 @@ def test_fusion_experiment_on_the_secure_deployment_equals_in_process(
                                          federation=recorded).run_dir  # type: ignore[arg-type]
     in_process_s = time.monotonic() - started
 
-    run_dir = tmp_path / "flower"
-    hospitals = tmp_path / "hospitals"  # the SuperNodes' own files, apart from the server's
-    run_config = experiment_run_config(cfg, run_dir=run_dir, site_out=hospitals,
-                                       site_worker=True)
-    assert run_config["site-worker"] is True and run_config["torch-threads"] == 1
-    assert run_config["min-nodes"] == len(REGISTERED)
-    # the experiment's server job, recording what crosses to the server (the egress audit)
-    run_config["server-factory"] = "tests.egress:recording_experiment_job"
-    # 560 s: the predict stage's secure sum adds four messages per site, each a ClientApp
-    # process start (287 s in all on a 2-core machine at load 7), and recalibration five
-    # more (calibrate, the validation secure sum): 456 s at load 9; the secured rounds four
-    # more per round (the secure sum of the updates)
-    try:
-        result, flower_s = secure_deployment.submit("experiment", run_config, timeout=560)
-    finally:  # the run's site workers hold a model each; the deployment serves on
-        left = secure_deployment.stop_workers()
-    assert left == [], f"site workers still running: {left}"
+    # the server's run directory, and the SuperNodes' own files (the hospitals') apart from it
+    run_dir, hospitals = tmp_path / "flower", tmp_path / "hospitals"
+    flower_s = _run_on_the_deployment(cfg, secure_deployment, run_dir, hospitals)
     print(f"in-process run {in_process_s:.1f} s; Flower run on the secure deployment "
           f"(2 secured rounds, predict) {flower_s:.1f} s")
 
-    assert result.site_nodes == secure_deployment.registered  # the registered nodes, only
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["engine"] == "flower"
     assert metrics["completed_rounds"] == 2
@@ -155,10 +140,46 @@ def test_fusion_experiment_on_the_secure_deployment_equals_in_process(
     ref_pooled = json.loads((reference / "metrics.json").read_text())["pooled_from_histograms"]
     assert ref_pooled["overall"]["auc"]["value"] is not None
     assert metrics["pooled_from_histograms"] == ref_pooled
-    # the recalibration: the same decision and map over the deployment as in process. On this
-    # cohort site_c's validation split has no positive, so its class counts are released and
-    # it does not join the validation secure sum; with two sites left the sum is refused on
-    # both engines, and the fit falls back to the disclosed histograms (or none), said so
+    _same_recalibration(metrics, reference, hospitals)
+    # the egress audit, before the in-process run's sites/ is removed below
+    runs = {"in-process": (recorded.crossings, reference),
+            "Flower": (load_crossings(tmp_path / RECORDING_FILE), hospitals)}
+    _audit_both_engines(cfg, data, cohorts, runs)
+    _secured_rounds_send_no_update(cfg, data, tmp_path / "plain", runs)
+    _report_from_the_server_dir_equals_in_process(run_dir, reference, sorted(sites))
+
+
+def _run_on_the_deployment(cfg: ExperimentConfig, secure: SecureDeployment, run_dir: Path,
+                           hospitals: Path) -> float:
+    """Submit the experiment to the session's deployment, recording what crosses to the
+    server; the run directory into ``run_dir``, the SuperNodes' own files (the hospitals')
+    into ``hospitals``. Returns the seconds ``flwr run`` took."""
+    run_config = experiment_run_config(cfg, run_dir=run_dir, site_out=hospitals,
+                                       site_worker=True)
+    assert run_config["site-worker"] is True and run_config["torch-threads"] == 1
+    assert run_config["min-nodes"] == len(REGISTERED)
+    # the experiment's server job, recording what crosses to the server (the egress audit)
+    run_config["server-factory"] = "tests.egress:recording_experiment_job"
+    # 560 s: the predict stage's secure sum adds four messages per site, each a ClientApp
+    # process start (287 s in all on a 2-core machine at load 7), and recalibration five
+    # more (calibrate, the validation secure sum): 456 s at load 9; the secured rounds four
+    # more per round (the secure sum of the updates): 219 s at load 6
+    try:
+        result, seconds = secure.submit("experiment", run_config, timeout=560)
+    finally:  # the run's site workers hold a model each; the deployment serves on
+        left = secure.stop_workers()
+    assert left == [], f"site workers still running: {left}"
+    assert result.site_nodes == secure.registered  # the registered nodes, only
+    return float(seconds)
+
+
+def _same_recalibration(metrics: dict[str, Any], reference: Path, hospitals: Path) -> None:
+    """The recalibration: the same decision and map over the deployment as in process.
+
+    On this cohort site_c's validation split has no positive, so its class counts are
+    released and it does not join the validation secure sum; with two sites left the sum is
+    refused on both engines, and the fit falls back to the disclosed histograms (or none),
+    said so."""
     ref_recal = json.loads((reference / "metrics.json").read_text())["recalibration"]
     recal = metrics["recalibration"]
     assert {k: v for k, v in recal.items() if k not in ("a", "b")} == {
@@ -173,12 +194,6 @@ def test_fusion_experiment_on_the_secure_deployment_equals_in_process(
                  (reference / "sites" / "site_a" / "egress.jsonl").read_text().splitlines()]
     assert kinds.count("calibrate") == ref_kinds.count("calibrate") == 1
     assert kinds.count("secure_sum") == ref_kinds.count("secure_sum") >= 4
-    # the egress audit, before the in-process run's sites/ is removed below
-    runs = {"in-process": (recorded.crossings, reference),
-            "Flower": (load_crossings(tmp_path / RECORDING_FILE), hospitals)}
-    _audit_both_engines(cfg, data, cohorts, runs)
-    _secured_rounds_send_no_update(cfg, data, tmp_path / "plain", runs)
-    _report_from_the_server_dir_equals_in_process(run_dir, reference, sorted(sites))
 
 
 def _audit_both_engines(cfg: ExperimentConfig, data: dict[str, SiteData], cohorts: Any,
