@@ -230,10 +230,10 @@ def _secured_rounds_send_no_update(cfg: ExperimentConfig, data: dict[str, SiteDa
     its secure sum equals or correlates with a site's plain update."""
     for engine, (_, folder) in runs.items():
         for site in data:
-            fits = [e for e in read_egress(folder / "sites" / site / "egress.jsonl")
-                    if e["kind"] == "fit"]
+            logged = [e for e in read_egress(folder / "sites" / site / "egress.jsonl")
+                      if e["kind"] == "fit"]
             assert [(e["round"], e["released"], e["weights"], e["arrays"], e["metrics"])
-                    for e in fits] == [(r, True, 0, [], []) for r in (1, 2)], (engine, site)
+                    for e in logged] == [(r, True, 0, [], []) for r in (1, 2)], (engine, site)
     # each site's plain update: its in-process fit requests answered again in the clear
     fits = [c for c in runs["in-process"][0] if c.request.kind == Kind.FIT]
     assert sorted((c.request.round, c.site) for c in fits) == [
@@ -248,7 +248,8 @@ def _secured_rounds_send_no_update(cfg: ExperimentConfig, data: dict[str, SiteDa
     weights = {c.request.round: c.request.weights for c in fits if c.site == REGISTERED[0]}
     start, following = weights[1], weights[2]
     held = [parts for _, parts in updates[1].values()]
-    total = {k: sum(np.asarray(p[k], dtype=np.int64) for p in held) for k in held[0]}
+    total = {k: np.sum([np.asarray(p[k], dtype=np.int64) for p in held], axis=0)
+             for k in held[0]}
     n = sum(int(np.asarray(p["n"])[0]) for p in held)
     decoded = decode_update(total, start, settings, max_count=n)
     assert decoded.averaged and decoded.n_samples == n
