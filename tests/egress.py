@@ -38,11 +38,18 @@ from multimodal_fl.federated.protocol import (
     detach_evaluation,
     split_carried,
 )
-from multimodal_fl.federated.server import Federation
+from multimodal_fl.federated.secure_update import (
+    UPDATE_VECTOR,
+    SecureAggregation,
+    encode_update,
+    summed_keys,
+)
+from multimodal_fl.federated.server import Federation, Site
 
 __all__ = [
     "ALLOW_LIST",
     "CLASS_FIGURES",
+    "LONG",
     "RECORDING_FILE",
     "Crossing",
     "Known",
@@ -53,17 +60,22 @@ __all__ = [
     "backstop_findings",
     "class_figure_findings",
     "cohort_secrets",
+    "correlations",
     "crossing_texts",
     "declared_findings",
     "effective_min_cell",
     "egress_findings",
+    "held_vector",
     "load_crossings",
     "log_name_findings",
+    "long_arrays",
     "model_shapes",
     "patient_values",
+    "plain_update",
     "read_egress",
     "recording_experiment_job",
     "released_numbers",
+    "secured_update_findings",
     "split_classes",
     "statistic_count_findings",
     "text_findings",
@@ -676,4 +688,124 @@ def audit(crossings: Iterable[Crossing], known: Known, *, cfg_min_cell: int, n_b
                                    statistic_keys=known.statistics)
         found["backstop"] += backstop_findings(numbers, known.values, min_cell=min_cell)
         found["class figures"] += class_figure_findings(numbers, known.classes, min_cell)
+    return found
+
+
+# --------------------------------------------------------------------------- secured rounds
+
+#: Arrays shorter than this are keys, encrypted Shamir shares and unmasking shares: fixed
+#: sizes that do not grow with the model (:func:`long_arrays` checks they are bytes), too short
+#: for a correlation to mean much.
+LONG = 1000
+
+
+def plain_update(site: Site, request: Request) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """What ``site`` would have sent for a secured ``fit`` request in a plain round.
+
+    The request is answered again with secure aggregation off (same round, weights and seed:
+    the same training), by a site built like the one that answered it.
+
+    Returns
+    -------
+    (ndarray, dict of str to int64 array)
+        The plain update, flattened over the summed keys in sorted order, as the secure sum
+        lays out their deltas (a key the fit rule left out counts 0), and the parts of the
+        vector the site holds for the secure sum instead, before masking
+        (:func:`~multimodal_fl.federated.secure_update.encode_update`).
+    """
+    settings = SecureAggregation.from_request(request)
+    assert settings is not None, "not a secured fit request"
+    plain = replace(request, config={**request.config, "secure_aggregation": False})
+    reply = site.handle(plain)
+    assert reply.weights, f"{reply.site}: the plain fit sent no weights"
+    start = request.weights
+    delta = np.concatenate([(reply.weights[k].astype(np.float64) - start[k]).ravel()
+                            if k in reply.weights else np.zeros(np.size(start[k]))
+                            for k in sorted(summed_keys(start, reply.local_keys))])
+    parts = encode_update(reply.weights, start, n_samples=reply.n_samples,
+                          group_counts=reply.group_counts,
+                          loss=float(reply.metrics.get("loss", 0.0)), settings=settings,
+                          local_keys=reply.local_keys, site=reply.site)
+    return delta, parts
+
+
+def held_vector(parts: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The parts of a held vector in the order the secure sum lays them out (sorted)."""
+    return np.concatenate([np.asarray(parts[k]).ravel() for k in sorted(parts)])
+
+
+def long_arrays(crossing: Crossing) -> list[tuple[str, np.ndarray]]:
+    """A reply's weights and arrays of at least :data:`LONG` values (as float64, flattened);
+    the shorter ones must be bytes (keys and shares)."""
+    reply = crossing.answer
+    if not isinstance(reply, Reply):
+        return []
+    where = f"{crossing.site} {crossing.request.kind} {crossing.request.config.get('step', '')}"
+    named = [*((f"{where} weights/{k}", v) for k, v in reply.weights.items()),
+             *((f"{where} arrays/{k}", v) for k, v in reply.arrays.items())]
+    short = [(n, v) for n, v in named if np.asarray(v).size < LONG]
+    assert all(np.asarray(v).dtype == np.uint8 for _, v in short), short
+    return [(n, np.asarray(v, dtype=np.float64).ravel()) for n, v in named
+            if np.asarray(v).size >= LONG]
+
+
+def correlations(arrays: Iterable[tuple[str, np.ndarray]], updates: Mapping[str, np.ndarray]
+                 ) -> dict[tuple[str, str], float]:
+    """Pearson correlation of every array with every site's update (over their common length)."""
+    out = {}
+    for name, values in arrays:
+        for site, update in updates.items():
+            n = min(values.size, update.size)
+            out[(name, site)] = float(np.corrcoef(values[:n], update[:n])[0, 1])
+    return out
+
+
+def secured_update_findings(crossings: Iterable[Crossing],
+                            updates: Mapping[int, Mapping[str, tuple[np.ndarray, Any]]],
+                            limit: float = 0.05) -> list[str]:
+    """What of the sites' plain updates reached the server in secured rounds.
+
+    Parameters
+    ----------
+    crossings : iterable of Crossing
+        What the server got (any engine).
+    updates : mapping
+        Per round, per site, :func:`plain_update`'s plain update and held parts.
+    limit : float
+        The largest ``|corr|`` allowed.
+
+    Returns
+    -------
+    list of str
+        A ``fit`` reply that carries weights, arrays, group counts or metrics; a round whose
+        ``fit_update`` secure sum did not get one long array (the masked vector) per site; an
+        array the server received in a round's fit or ``fit_update`` sum that equals a site's
+        held vector or correlates with its plain update or held vector (``|corr| >= limit``).
+    """
+    found = []
+    crossings = list(crossings)
+    for c in crossings:
+        r = c.answer
+        if c.request.kind == Kind.FIT and isinstance(r, Reply) and (
+                r.weights or r.arrays or r.group_counts or r.metrics):
+            found.append(f"{c.site} fit round {r.round}: a secured fit reply carries "
+                         f"{sorted([*r.weights, *r.arrays, *r.group_counts, *r.metrics])[:3]}")
+    for rnd, sites in updates.items():
+        arrays = [a for c in crossings if c.request.round == rnd and (
+            c.request.kind == Kind.FIT or (c.request.kind == Kind.SECURE_SUM
+                                           and c.request.config.get("vector") == UPDATE_VECTOR))
+                  for a in long_arrays(c)]
+        if len(arrays) != len(sites):
+            found.append(f"round {rnd}: {len(arrays)} long arrays reached the server, "
+                         f"expected one masked vector per site ({len(sites)})")
+        held = {s: held_vector(parts).astype(np.float64) for s, (_, parts) in sites.items()}
+        for name, values in arrays:
+            found += [f"round {rnd}: {name} equals {s}'s unmasked vector"
+                      for s, vector in held.items()
+                      if values.size == vector.size and np.array_equal(values, vector)]
+        for which, vectors in (("plain update", {s: d for s, (d, _) in sites.items()}),
+                               ("unmasked vector", held)):
+            found += [f"round {rnd}: {name} correlates with {s}'s {which} ({corr:+.3f})"
+                      for (name, s), corr in correlations(arrays, vectors).items()
+                      if not abs(corr) < limit]
     return found

@@ -8,7 +8,7 @@ update (|corr| < 0.05), while the same check finds the update in a plain round's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +24,17 @@ from multimodal_fl.federated.server import run_federated
 from multimodal_fl.federated.site import FusionSite, fusion_sites
 from multimodal_fl.training import SiteData, load_site_data
 from tests.conftest import write_tiny_config
-from tests.egress import Crossing, Recorder
+from tests.egress import (
+    Crossing,
+    Recorder,
+    correlations,
+    held_vector,
+    long_arrays,
+    plain_update,
+    secured_update_findings,
+)
 
 ROUNDS = 3
-#: Arrays shorter than this are keys, encrypted Shamir shares and unmasking shares: fixed
-#: sizes that do not grow with the model (checked), too short for a correlation to mean much.
-LONG = 1000
 
 
 @dataclass
@@ -108,29 +113,6 @@ def _plain_update(s: Secured, rnd: int) -> dict[str, np.ndarray]:
                                     for k in keys]) for r in replies}
 
 
-def _long_arrays(crossing: Crossing) -> list[tuple[str, np.ndarray]]:
-    reply = crossing.answer
-    if not isinstance(reply, Reply):
-        return []
-    where = f"{crossing.site} {crossing.request.kind} {crossing.request.config.get('step', '')}"
-    named = [*((f"{where} weights/{k}", v) for k, v in reply.weights.items()),
-             *((f"{where} arrays/{k}", v) for k, v in reply.arrays.items())]
-    short = [(n, v) for n, v in named if np.asarray(v).size < LONG]
-    assert all(np.asarray(v).dtype == np.uint8 for _, v in short), short
-    return [(n, np.asarray(v, dtype=np.float64).ravel()) for n, v in named
-            if np.asarray(v).size >= LONG]
-
-
-def _correlations(arrays: list[tuple[str, np.ndarray]], updates: dict[str, np.ndarray]
-                  ) -> dict[tuple[str, str], float]:
-    out = {}
-    for name, values in arrays:
-        for site, update in updates.items():
-            n = min(values.size, update.size)
-            out[(name, site)] = float(np.corrcoef(values[:n], update[:n])[0, 1])
-    return out
-
-
 def test_no_array_the_server_receives_correlates_with_a_sites_plain_update(
     secured: Secured,
 ) -> None:
@@ -143,9 +125,9 @@ def test_no_array_the_server_receives_correlates_with_a_sites_plain_update(
     for rnd in range(1, ROUNDS + 1):
         updates = _plain_update(secured, rnd)
         assert min(u.size for u in updates.values()) > 50_000
-        arrays = [a for c in rounds if c.request.round == rnd for a in _long_arrays(c)]
+        arrays = [a for c in rounds if c.request.round == rnd for a in long_arrays(c)]
         assert len(arrays) == len(updates)  # the masked vectors: one per site
-        for (name, site), corr in _correlations(arrays, updates).items():
+        for (name, site), corr in correlations(arrays, updates).items():
             assert abs(corr) < 0.05, (rnd, name, site, corr)
             checked += 1
     assert checked == ROUNDS * 3 * 3
@@ -161,8 +143,39 @@ def test_the_correlation_check_finds_the_update_in_a_plain_round(secured: Secure
         weights = np.concatenate([(reply.weights[k].astype(np.float64) - start[k]).ravel()
                                   if k in reply.weights else np.zeros(start[k].size)
                                   for k in keys])
-        corr = _correlations([("weights", weights)], {reply.site: updates[reply.site]})
+        corr = correlations([("weights", weights)], {reply.site: updates[reply.site]})
         assert next(iter(corr.values())) > 0.99
+
+
+def test_the_secured_update_check_passes_the_run_and_finds_an_unmasked_vector(
+    secured: Secured,
+) -> None:
+    """``secured_update_findings`` (the Flower experiment test's check) on this run: nothing;
+    with a site's masks gone (its masked vector is the vector it held) or a fit reply in the
+    clear, it finds the update."""
+    fits = [c for c in secured.crossings if c.request.kind == Kind.FIT and c.request.round == 1]
+    sites = fusion_sites(secured.cfg, secured.root / "replay", data=secured.data)
+    updates = {1: {c.site: plain_update(sites[c.site], c.request) for c in fits}}
+    assert secured_update_findings(secured.crossings, updates) == []
+
+    def leaked(y: np.ndarray) -> list[Crossing]:  # site_a's masked vector replaced by y
+        return [replace(c, answer=replace(c.answer, arrays={"y": y}))
+                if c.site == "site_a" and c.request.config.get("step") == "masked"
+                and isinstance(c.answer, Reply) else c for c in secured.crossings]
+
+    delta, parts = updates[1]["site_a"]
+    found = secured_update_findings(leaked(held_vector(parts)), updates)  # its masks gone
+    assert found[:2] == [
+        "round 1: site_a secure_sum masked arrays/y equals site_a's unmasked vector",
+        "round 1: site_a secure_sum masked arrays/y correlates with site_a's unmasked vector "
+        "(+1.000)"], found
+    quantised = np.rint(delta * SecureAggregation().scale).astype(np.int64)  # no offset, no mask
+    found = secured_update_findings(leaked(quantised), updates)
+    assert any(f.startswith("round 1: site_a secure_sum masked arrays/y correlates with "
+                            "site_a's plain update") for f in found), found
+    plain = replace(fits[0], answer=_plain(secured, secured.start, 1)[1][0])
+    found = secured_update_findings([plain], {})
+    assert found and found[0].startswith("site_a fit round 1: a secured fit reply carries")
 
 
 def test_a_site_whose_policy_requires_it_refuses_a_plain_fit(secured: Secured) -> None:

@@ -2,19 +2,26 @@
 
 ``secure_deployment`` (marker ``flower`` on the tests that use it) starts, once per test
 session, a SuperLink on a free loopback port with certificates made by ``mmfl flower certs``
-and ``--enable-supernode-auth``; the key pairs of sites ``a``, ``c`` and ``d`` (``mmfl flower
-keys a`` ...) are registered with ``flwr supernode register`` and their SuperNodes connect
-with them (three: the fewest a secured round sums); site ``b``'s SuperNode has a key pair
-that nobody registered, and the SuperLink refuses it. Every process is ended in teardown.
-Tests submit apps with ``deployment.run(app_dir)``: :func:`one_site_job` is a server job that
-needs only one registered site, :func:`secure_job` one secured round of the toy sites of
-:func:`registered_toy_site`.
+and ``--enable-supernode-auth``. Its registered SuperNodes are the sites of the tiny COVID-19
+cohort (:data:`REGISTERED`, their real site folders, named as the experiment's config names
+them; three, the fewest a secured round sums): their key pairs (``mmfl flower keys site_a``
+...) are registered with ``flwr supernode register`` and their SuperNodes connect with them.
+One more SuperNode, :data:`UNREGISTERED`, has a key pair that nobody registered, and the
+SuperLink refuses it. Every process is ended in teardown, the site workers included.
+
+One SuperNode serves any job, since the site factory comes with each run's config: the real
+experiment (``tests/federated/test_flower_experiment.py``: ``flower_jobs.experiment_site``,
+secure aggregation on, the egress audit) and the toy jobs of ``test_flower_tls.py``
+(:func:`registered_toy_site`, a toy site per registered name). Tests submit apps with
+:meth:`SecureDeployment.submit`; :func:`secure_job` is one secured round of the toy sites.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -25,27 +32,19 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-
-def one_site_job(run_config: Mapping[str, Any]) -> Any:
-    """The toy server job with ``min_sites = 1``: ``rounds`` fit rounds, no info, no evaluation.
-
-    Imported by name (``tests.federated.conftest:one_site_job``) in the ServerApp process.
-    """
-    from multimodal_fl.federated.flower import ServerJob
-    from tests.federated.toy import initial_weights, toy_config
-
-    config = toy_config(
-        rounds=int(run_config.get("rounds", 1)), evaluate_every=0, ask_sizes=False, min_sites=1
-    )
-    return ServerJob(initial_weights(0), config)
-
-
-#: The registered sites of the secure deployment (``b`` is the unregistered one).
-REGISTERED = ("a", "c", "d")
+#: The registered sites of the secure deployment: the tiny COVID-19 cohort's sites.
+REGISTERED = ("site_a", "site_b", "site_c")
+#: The SuperNode whose key nobody registered (the SuperLink refuses it).
+UNREGISTERED = "unregistered"
+#: The tiny cohort's task folder the registered SuperNodes serve.
+TASK = "covid_oxygen"
 
 
 def registered_toy_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> Any:
-    """``site-factory``: the toy site of a registered node (sizes and shifts by its place)."""
+    """``site-factory``: the toy site of a registered node (sizes and shifts by its place).
+
+    The SuperNode's site folder (the tiny cohort's) is not read: the toy site has its own data.
+    """
     from tests.federated.toy import ToySite
 
     i = REGISTERED.index(name)
@@ -75,16 +74,51 @@ class SecureDeployment:
 
     deployment: Any  # multimodal_fl.federated.flower.LoopbackDeployment
     certs: Path
-    keys: dict[str, Any]  # site -> SiteKeys ("a", "c", "d" registered, "b" not)
+    keys: dict[str, Any]  # site -> SiteKeys (REGISTERED registered, UNREGISTERED not)
     registered: dict[str, int]  # site -> node id given by `flwr supernode register`
-    unregistered: subprocess.Popen[bytes]  # site b's SuperNode
+    sites: dict[str, Path]  # registered site -> the folder its SuperNode serves
+    unregistered: subprocess.Popen[bytes]  # the UNREGISTERED site's SuperNode
     root: Path
-    cli_output: dict[str, str]  # "certs" / "keys a" / "keys b" -> what `mmfl flower` printed
+    workers: Path  # $MMFL_WORKER_DIR of the deployment's processes (the site workers' sockets)
+    cli_output: dict[str, str]  # "certs" / "keys site_a" / ... -> what `mmfl flower` printed
     started_seconds: float
 
     def log(self, name: str) -> str:
-        """One process's log so far (``superlink``, ``supernode-a``, ``supernode-b``)."""
+        """One process's log so far (``superlink``, ``supernode-site_a``, ...)."""
         return (self.deployment.log_dir / f"{name}.log").read_text(errors="replace")
+
+    def submit(self, name: str, run_config: Mapping[str, Any], *, timeout: float = 240.0
+               ) -> tuple[Any, float]:
+        """Run an app on the deployment: ``flwr run`` of ``run_config``, written into
+        ``root/name/app`` (the result into ``root/name/out`` unless it names an ``out-dir``).
+
+        Returns the :class:`~multimodal_fl.federated.flower.FlowerResult` and the seconds
+        ``flwr run`` took; fails the test with ``flwr run``'s output and the logs when the
+        run wrote no result.
+        """
+        from multimodal_fl.federated.flower import load_result, write_app_dir
+
+        config = {"out-dir": str(self.root / name / "out"), **run_config}
+        app_dir = write_app_dir(self.root / name / "app", config)
+        started = time.monotonic()
+        try:
+            done = self.deployment.run(app_dir, timeout=timeout)
+            said = f"flwr run exited with {done.returncode}:\n{done.stdout[-3000:]}"
+        except subprocess.TimeoutExpired:
+            said = f"flwr run did not end within {timeout:g} s"
+        seconds = time.monotonic() - started
+        try:
+            return load_result(str(config["out-dir"])), seconds
+        except FileNotFoundError:
+            pytest.fail(f"no result of {name}; {said}\n{self.deployment.logs()[-6000:]}")
+
+    def stop_workers(self) -> list[str]:
+        """Stop every site worker the deployment's runs started (a run's workers otherwise
+        live until their SuperNode ends or they idle out); the sockets of any left running."""
+        from multimodal_fl.federated.flower.worker import WorkerAddress, stop_worker
+
+        return [str(s) for s in sorted(self.workers.glob("*.sock"))
+                if not stop_worker(WorkerAddress(s))]
 
 
 def _mmfl(*args: str) -> str:
@@ -100,39 +134,52 @@ def _mmfl(*args: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def secure_deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureDeployment]:
-    """A SuperLink with TLS and SuperNode auth on loopback; sites a, c, d registered, b not."""
+def secure_deployment(tmp_path_factory: pytest.TempPathFactory, tiny_sample: Path
+                      ) -> Iterator[SecureDeployment]:
+    """A SuperLink with TLS and SuperNode auth on loopback; the tiny COVID-19 cohort's sites
+    registered (their own folders), :data:`UNREGISTERED` not."""
     pytest.importorskip("flwr")
     from multimodal_fl.federated.flower import LoopbackDeployment, SiteKeys, TlsFiles
 
+    sites = {p.name: p for p in sorted((tiny_sample / TASK).iterdir()) if p.is_dir()}
+    assert tuple(sites) == REGISTERED, f"the tiny {TASK} cohort's sites changed: {list(sites)}"
     root = tmp_path_factory.mktemp("secure_flower")
     output = {"certs": _mmfl("flower", "certs", str(root / "certs"))}
     keys = {}
-    for site in (*REGISTERED, "b"):
+    for site in (*REGISTERED, UNREGISTERED):
         output[f"keys {site}"] = _mmfl("flower", "keys", site, str(root / "keys"))
         private, public = root / "keys" / f"{site}.key", root / "keys" / f"{site}.pub"
         keys[site] = SiteKeys(site, private, public, fingerprint="")
-    sites = {s: root / "sites" / s for s in (*REGISTERED, "b")}
-    for path in sites.values():
-        path.mkdir(parents=True)
+    rogue_dir = root / "sites" / UNREGISTERED
+    rogue_dir.mkdir(parents=True)
+    # the site workers' sockets in a short folder of this deployment's own
+    workers = Path(tempfile.mkdtemp(prefix="mmfl-sd-"))
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     deployment = LoopbackDeployment(
-        {s: sites[s] for s in REGISTERED},
+        sites,
         home=root / "flwr_home",
-        env={"PYTHONPATH": pythonpath},
+        env={"PYTHONPATH": pythonpath, "MMFL_WORKER_DIR": str(workers)},
         tls=TlsFiles.in_folder(root / "certs"),
         keys={s: keys[s] for s in REGISTERED},
     )
     started = time.monotonic()
     with deployment:
-        rogue = deployment.start_supernode("b", sites["b"], auth_key=keys["b"].private_key)
-        yield SecureDeployment(
+        rogue = deployment.start_supernode(UNREGISTERED, rogue_dir,
+                                           auth_key=keys[UNREGISTERED].private_key)
+        secure = SecureDeployment(
             deployment=deployment,
             certs=root / "certs",
             keys=keys,
             registered=dict(deployment.node_ids),
+            sites=sites,
             unregistered=rogue,
             root=root,
+            workers=workers,
             cli_output=output,
             started_seconds=time.monotonic() - started,
         )
+        try:
+            yield secure
+        finally:
+            secure.stop_workers()
+    shutil.rmtree(workers, ignore_errors=True)

@@ -1,9 +1,11 @@
 """TLS and registered SuperNodes on a real SuperLink (the session's ``secure_deployment``).
 
 One SuperLink with certificates from ``mmfl flower certs`` and ``--enable-supernode-auth``:
-its port speaks TLS with that certificate only; sites a, c and d (registered with ``flwr
-supernode register``) train a round over it, then a secured round whose updates the server
-learns only as their sum; site b (a key nobody registered) is refused.
+its port speaks TLS with that certificate only; the tiny cohort's sites (registered with ``flwr
+supernode register``) train a round of toy sites over it, then a secured round whose updates
+the server learns only as their sum; the unregistered SuperNode (a key nobody registered) is
+refused. The real experiment with secure aggregation and the egress audit runs on the same
+deployment in ``test_flower_experiment.py``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import re
 import socket
 import ssl
 import subprocess
-import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,9 +25,10 @@ pytest.importorskip("flwr")
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from multimodal_fl.federated.flower import load_result, make_certificates, write_app_dir
+from multimodal_fl.federated.flower import make_certificates
 from tests.federated.conftest import (
     REGISTERED,
+    UNREGISTERED,
     SecureDeployment,
     registered_toy_site,
     secure_toy_config,
@@ -72,34 +75,27 @@ def test_superlink_port_speaks_tls_with_the_certificate_from_mmfl_flower_certs(
     assert f"running on https://127.0.0.1:{port}" in link_log
 
 
+@pytest.fixture(scope="module")
+def secured_toy_run(secure_deployment: SecureDeployment) -> tuple[Any, float]:
+    """One secured round of the toy sites of the three registered nodes over TLS (one run
+    serves both tests below: each message exchange costs a ClientApp process per node)."""
+    return secure_deployment.submit("secure", {
+        "server-factory": "tests.federated.conftest:secure_job",
+        "site-factory": "tests.federated.conftest:registered_toy_site",
+        "rounds": 1,
+        "min-nodes": 3,
+        "node-wait": 90.0,
+        "torch-threads": 1,
+    })
+
+
 def test_a_round_over_tls_completes_with_the_registered_nodes(
-    secure_deployment: SecureDeployment,
+    secure_deployment: SecureDeployment, secured_toy_run: tuple[Any, float]
 ) -> None:
-    deployment = secure_deployment.deployment
-    out = secure_deployment.root / "run_out"
-    app_dir = write_app_dir(
-        secure_deployment.root / "app",
-        {
-            "server-factory": "tests.federated.conftest:one_site_job",
-            "site-factory": "tests.federated.conftest:registered_toy_site",
-            "rounds": 1,
-            "min-nodes": 1,
-            "node-wait": 90.0,
-            "torch-threads": 1,
-            "out-dir": str(out),
-        },
-    )
-    started = time.monotonic()
-    done = deployment.run(app_dir, timeout=240)
-    seconds = time.monotonic() - started
-    try:
-        result = load_result(str(out))
-    except FileNotFoundError:
-        logs = deployment.logs()[-6000:]
-        pytest.fail(f"no result; flwr run said:\n{done.stdout[-3000:]}\n{logs}")
+    result, seconds = secured_toy_run
     print(
-        f"secure deployment: started in {secure_deployment.started_seconds:.1f} s, "
-        f"run {seconds:.1f} s (server loop {result.seconds:.1f} s)"
+        f"secure deployment: started in {secure_deployment.started_seconds:.1f} s; "
+        f"secured round over TLS: run {seconds:.1f} s (server loop {result.seconds:.1f} s)"
     )
     assert result.completed_rounds == 1
     assert result.site_nodes == secure_deployment.registered
@@ -108,7 +104,7 @@ def test_a_round_over_tls_completes_with_the_registered_nodes(
 
 
 def test_a_secured_round_over_tls_gives_the_in_process_secured_model(
-    secure_deployment: SecureDeployment,
+    secured_toy_run: tuple[Any, float],
 ) -> None:
     """One secured round of the three registered sites over the TLS deployment: the fit
     replies carry no weights, the four secure-sum steps cross as Flower messages to ClientApps
@@ -119,28 +115,7 @@ def test_a_secured_round_over_tls_gives_the_in_process_secured_model(
     from multimodal_fl.federated.server import run_federated
     from tests.federated.toy import initial_weights
 
-    out = secure_deployment.root / "secure_out"
-    app_dir = write_app_dir(
-        secure_deployment.root / "secure_app",
-        {
-            "server-factory": "tests.federated.conftest:secure_job",
-            "site-factory": "tests.federated.conftest:registered_toy_site",
-            "rounds": 1,
-            "min-nodes": 3,
-            "node-wait": 90.0,
-            "torch-threads": 1,
-            "out-dir": str(out),
-        },
-    )
-    started = time.monotonic()
-    done = secure_deployment.deployment.run(app_dir, timeout=240)
-    seconds = time.monotonic() - started
-    try:
-        result = load_result(str(out))
-    except FileNotFoundError:
-        logs = secure_deployment.deployment.logs()[-6000:]
-        pytest.fail(f"no result; flwr run said:\n{done.stdout[-3000:]}\n{logs}")
-    print(f"secured round over TLS: run {seconds:.1f} s (server loop {result.seconds:.1f} s)")
+    result, _ = secured_toy_run
     record = result.history[0]
     assert record["replied"] == list(REGISTERED) and record["fit_metrics"] == {}
     assert record["secure"]["sites"] == list(REGISTERED) and record["secure"]["excluded"] == {}
@@ -157,15 +132,17 @@ def test_a_secured_round_over_tls_gives_the_in_process_secured_model(
 
 
 def test_unregistered_supernode_is_refused(secure_deployment: SecureDeployment) -> None:
-    """Site b's key was never registered: the SuperLink refuses to activate it, and it exits.
+    """The unregistered site's key was never registered: the SuperLink refuses to activate it,
+    and it exits.
 
     (After the run above, so waiting for the refusal costs nothing.)"""
     rogue = secure_deployment.unregistered
     try:
         code = rogue.wait(timeout=120)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"SuperNode b is still running:\n{secure_deployment.log('supernode-b')}")
-    node_log = secure_deployment.log("supernode-b")
+        pytest.fail(f"SuperNode {UNREGISTERED} is still running:\n"
+                    f"{secure_deployment.log(f'supernode-{UNREGISTERED}')}")
+    node_log = secure_deployment.log(f"supernode-{UNREGISTERED}")
     assert code != 0, node_log
     assert "Failed to initialize the connection to the SuperLink" in node_log, node_log
     assert "[code: 2004] Failed to activate SuperNode" in node_log, node_log
