@@ -11,9 +11,8 @@ SuperLink refuses it. Every process is ended in teardown, the site workers inclu
 
 One SuperNode serves any job, since the site factory comes with each run's config: the real
 experiment (``tests/federated/test_flower_experiment.py``: ``flower_jobs.experiment_site``,
-secure aggregation on, the egress audit) and the toy jobs of ``test_flower_tls.py``
-(:func:`registered_toy_site`, a toy site per registered name). Tests submit apps with
-:meth:`SecureDeployment.submit`; :func:`secure_job` is one secured round of the toy sites.
+secure aggregation on, the egress audit). Tests submit apps with
+:meth:`SecureDeployment.submit`.
 """
 
 from __future__ import annotations
@@ -38,34 +37,6 @@ REGISTERED = ("site_a", "site_b", "site_c")
 UNREGISTERED = "unregistered"
 #: The tiny cohort's task folder the registered SuperNodes serve.
 TASK = "covid_oxygen"
-
-
-def registered_toy_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> Any:
-    """``site-factory``: the toy site of a registered node (sizes and shifts by its place).
-
-    The SuperNode's site folder (the tiny cohort's) is not read: the toy site has its own data.
-    """
-    from tests.federated.toy import ToySite
-
-    i = REGISTERED.index(name)
-    return ToySite(name, n=32 + 16 * i, shift=0.3 * i)
-
-
-def secure_toy_config(rounds: int = 1) -> Any:
-    """The secured toy run: ``rounds`` rounds over the three registered sites."""
-    from multimodal_fl.federated.secure_update import SecureAggregation
-    from tests.federated.toy import toy_config
-
-    return toy_config(rounds=rounds, evaluate_every=0, ask_sizes=False, min_sites=3,
-                      secure=SecureAggregation())
-
-
-def secure_job(run_config: Mapping[str, Any]) -> Any:
-    """``server-factory``: :func:`secure_toy_config` from the toy's initial weights."""
-    from multimodal_fl.federated.flower import ServerJob
-    from tests.federated.toy import initial_weights
-
-    return ServerJob(initial_weights(0), secure_toy_config(int(run_config.get("rounds", 1))))
 
 
 @dataclass

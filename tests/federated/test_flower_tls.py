@@ -1,11 +1,13 @@
 """TLS and registered SuperNodes on a real SuperLink (the session's ``secure_deployment``).
 
 One SuperLink with certificates from ``mmfl flower certs`` and ``--enable-supernode-auth``:
-its port speaks TLS with that certificate only; the tiny cohort's sites (registered with ``flwr
-supernode register``) train a round of toy sites over it, then a secured round whose updates
-the server learns only as their sum; the unregistered SuperNode (a key nobody registered) is
-refused. The real experiment with secure aggregation and the egress audit runs on the same
-deployment in ``test_flower_experiment.py``.
+its port speaks TLS with that certificate only, and the unregistered SuperNode (a key nobody
+registered) is refused. The registered nodes (the tiny cohort's sites, registered with ``flwr
+supernode register``) run the real experiment with secure aggregation on, bit for bit the
+in-process secured run, and the egress audit, on the same deployment in
+``test_flower_experiment.py``; a toy round here too cost 84 s of a 15-minute suite for nothing
+that test does not check (the secure sum with sites rebuilt for every message stays covered
+on the fake grid, ``test_flower.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import socket
 import ssl
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,11 +28,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from multimodal_fl.federated.flower import make_certificates
 from tests.federated.conftest import (
-    REGISTERED,
     UNREGISTERED,
     SecureDeployment,
-    registered_toy_site,
-    secure_toy_config,
 )
 
 pytestmark = [pytest.mark.flower, pytest.mark.timeout(300)]
@@ -75,67 +73,9 @@ def test_superlink_port_speaks_tls_with_the_certificate_from_mmfl_flower_certs(
     assert f"running on https://127.0.0.1:{port}" in link_log
 
 
-@pytest.fixture(scope="module")
-def secured_toy_run(secure_deployment: SecureDeployment) -> tuple[Any, float]:
-    """One secured round of the toy sites of the three registered nodes over TLS (one run
-    serves both tests below: each message exchange costs a ClientApp process per node)."""
-    return secure_deployment.submit("secure", {
-        "server-factory": "tests.federated.conftest:secure_job",
-        "site-factory": "tests.federated.conftest:registered_toy_site",
-        "rounds": 1,
-        "min-nodes": 3,
-        "node-wait": 90.0,
-        "torch-threads": 1,
-    })
-
-
-def test_a_round_over_tls_completes_with_the_registered_nodes(
-    secure_deployment: SecureDeployment, secured_toy_run: tuple[Any, float]
-) -> None:
-    result, seconds = secured_toy_run
-    print(
-        f"secure deployment: started in {secure_deployment.started_seconds:.1f} s; "
-        f"secured round over TLS: run {seconds:.1f} s (server loop {result.seconds:.1f} s)"
-    )
-    assert result.completed_rounds == 1
-    assert result.site_nodes == secure_deployment.registered
-    assert sorted(result.site_nodes) == list(REGISTERED)
-    assert result.history[0]["replied"] == list(REGISTERED)
-
-
-def test_a_secured_round_over_tls_gives_the_in_process_secured_model(
-    secured_toy_run: tuple[Any, float],
-) -> None:
-    """One secured round of the three registered sites over the TLS deployment: the fit
-    replies carry no weights, the four secure-sum steps cross as Flower messages to ClientApps
-    rebuilt for every message, and the model is the in-process secured run's, bit for bit."""
-    import torch
-
-    from multimodal_fl.federated.inprocess import InProcessFederation
-    from multimodal_fl.federated.server import run_federated
-    from tests.federated.toy import initial_weights
-
-    result, _ = secured_toy_run
-    record = result.history[0]
-    assert record["replied"] == list(REGISTERED) and record["fit_metrics"] == {}
-    assert record["secure"]["sites"] == list(REGISTERED) and record["secure"]["excluded"] == {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        sites = {n: registered_toy_site(n, Path("."), {}) for n in REGISTERED}
-        reference = run_federated(InProcessFederation(sites), initial_weights(0),
-                                  secure_toy_config(1))
-    finally:
-        torch.set_num_threads(threads)
-    for key, value in reference.weights.items():
-        assert result.weights[key].tobytes() == value.tobytes(), key
-
-
 def test_unregistered_supernode_is_refused(secure_deployment: SecureDeployment) -> None:
     """The unregistered site's key was never registered: the SuperLink refuses to activate it,
-    and it exits.
-
-    (After the run above, so waiting for the refusal costs nothing.)"""
+    and it exits."""
     rogue = secure_deployment.unregistered
     try:
         code = rogue.wait(timeout=120)
