@@ -2,7 +2,9 @@
 
 Missing values are ``NaN`` in the input. After standardisation they are imputed with 0
 (the feature mean) and a 0/1 indicator per feature is concatenated, so the network can
-tell "missing" from "average".
+tell "missing" from "average". An optional linear ("wide") path adds a linear map of the
+same prepared input to the MLP's embedding, so a logistic regression on the standardised
+features lies inside the encoder's model class.
 """
 
 from __future__ import annotations
@@ -151,6 +153,10 @@ class TabularEncoder(nn.Module):
     """MLP over standardised features and their missingness indicators.
 
     ``forward(x: Tensor[B, F]) -> Tensor[B, output_dim]``; ``NaN`` marks missing values.
+    With ``linear_path=True`` the output is ``mlp(z) + linear(z)`` for the prepared input
+    ``z`` (:meth:`prepare`): a wide-and-deep encoder whose linear part alone (the MLP's last
+    layer at zero) is any linear model of the standardised, mean-imputed features and their
+    indicators, e.g. a logistic regression's logit in one output.
 
     Parameters
     ----------
@@ -166,11 +172,16 @@ class TabularEncoder(nn.Module):
         Concatenate a 0/1 "was missing" indicator per feature.
     feature_names : sequence of str or None
         Names for error messages and documentation (not part of the state dict).
+    linear_path : bool, default False
+        Add a linear map of the prepared input to the MLP's output (parameters
+        ``linear.weight`` and ``linear.bias``).
 
     Attributes
     ----------
     standardizer : Standardizer
         Set it with ``encoder.standardizer.fit(X)`` or ``.set_moments(n, s, q)``.
+    linear : torch.nn.Linear or None
+        The linear path (``None`` without it).
     output_dim : int
 
     Examples
@@ -190,6 +201,7 @@ class TabularEncoder(nn.Module):
         dropout: float = 0.1,
         missing_indicators: bool = True,
         feature_names: Sequence[str] | None = None,
+        linear_path: bool = False,
     ) -> None:
         super().__init__()
         self.n_features = int(n_features)
@@ -218,6 +230,11 @@ class TabularEncoder(nn.Module):
             width = int(embed_dim)
         self.mlp = nn.Sequential(*layers)
         self.output_dim = width
+        # created after the MLP, so without the path the initial weights are unchanged
+        self.linear: nn.Linear | None = (
+            nn.Linear(self.n_features * (2 if self.missing_indicators else 1), width)
+            if linear_path else None
+        )
 
     @classmethod
     def from_config(cls, section: Any, *, n_features: int, **kwargs: Any) -> TabularEncoder:
@@ -227,7 +244,8 @@ class TabularEncoder(nn.Module):
         """
         data = section_to_kwargs(
             section,
-            accepted=("encoder", "hidden", "embed_dim", "dropout", "missing_indicators"),
+            accepted=("encoder", "hidden", "embed_dim", "dropout", "missing_indicators",
+                      "linear_path"),
             ignored=("frozen", "cache", "enabled"),
             where="modalities.tabular",
         )
@@ -258,5 +276,8 @@ class TabularEncoder(nn.Module):
             )
         if torch.isinf(x).any():
             raise ValueError("TabularEncoder: infinite input values; use NaN for missing values")
-        out: torch.Tensor = self.mlp(self.prepare(x))
+        z = self.prepare(x)
+        out: torch.Tensor = self.mlp(z)
+        if self.linear is not None:
+            out = out + self.linear(z)
         return out

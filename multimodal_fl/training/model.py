@@ -191,8 +191,17 @@ def load_weights(model: nn.Module, weights: Mapping[str, Any], *, strict: bool =
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if strict and (missing or unexpected):
+        hint = ""
+        wide = "encoders.tabular.linear."
+        if any(k.startswith(wide) for k in missing):
+            hint = ("; the weights have no tabular linear path: set "
+                    "modalities.tabular.linear_path to false to load them")
+        elif any(k.startswith(wide) for k in unexpected):
+            hint = ("; the weights have a tabular linear path: set "
+                    "modalities.tabular.linear_path to true to load them")
         raise ValueError(
-            f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"weights do not match the model: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}{hint}"
         )
     model.load_state_dict(state, strict=strict)
 

@@ -107,3 +107,57 @@ def test_trains_to_fit_a_signal() -> None:
         opt.step()
     acc = float(((enc(xt)[:, 0] > 0).float() == y).float().mean())
     assert acc > 0.95
+
+
+def test_linear_path_represents_a_logistic_regression_exactly() -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(loc=[0, 10, -5, 100], scale=[1, 2, 0.5, 30], size=(80, 4))
+    y = (X[:, 0] + 0.5 * (X[:, 1] - 10) + rng.normal(size=80) > 0).astype(int)
+    scaler = StandardScaler().fit(X)  # population SD, as the Standardizer
+    lr = LogisticRegression(C=0.5).fit(scaler.transform(X), y)
+    enc = TabularEncoder(4, hidden=[8], embed_dim=3, linear_path=True).eval()
+    enc.standardizer.fit(X)
+    with torch.no_grad():
+        last = enc.mlp[-1]
+        assert isinstance(last, torch.nn.Linear) and enc.linear is not None
+        last.weight.zero_()
+        last.bias.zero_()
+        enc.linear.weight.zero_()
+        enc.linear.bias.zero_()
+        enc.linear.weight[0, :4] = torch.from_numpy(lr.coef_[0])  # indicators get weight 0
+        enc.linear.bias[0] = float(lr.intercept_[0])
+        out = enc(torch.tensor(X, dtype=torch.float32))
+    np.testing.assert_allclose(out[:, 0].numpy(), lr.decision_function(scaler.transform(X)),
+                               rtol=1e-4, atol=1e-4)
+    assert torch.equal(out[:, 1:], torch.zeros(80, 2))
+
+
+def test_linear_path_is_off_by_default_and_leaves_the_mlp_unchanged() -> None:
+    torch.manual_seed(0)
+    plain = TabularEncoder(4, hidden=[8])
+    torch.manual_seed(0)
+    wide = TabularEncoder(4, hidden=[8], linear_path=True)
+    assert plain.linear is None and wide.linear is not None
+    assert not any(k.startswith("linear.") for k in plain.state_dict())
+    assert wide.linear.weight.shape == (8, 8)  # 4 features + 4 indicators -> output_dim 8
+    for k, v in plain.state_dict().items():  # the path draws its weights after the MLP's
+        assert torch.equal(v, wide.state_dict()[k])
+    x = torch.tensor(_data(2, n=6), dtype=torch.float32)
+    plain.standardizer.fit(_data())
+    wide.standardizer.fit(_data())
+    plain.eval()
+    wide.eval()
+    with torch.no_grad():
+        assert wide.linear is not None
+        expected = plain(x) + wide.linear(wide.prepare(x))
+        assert torch.allclose(wide(x), expected)
+
+
+def test_linear_path_from_config() -> None:
+    enc = TabularEncoder.from_config({"encoder": "mlp", "hidden": [8], "linear_path": True},
+                                     n_features=3)
+    assert enc.linear is not None and enc.linear.out_features == enc.output_dim == 8
+    assert TabularEncoder.from_config({"hidden": [8]}, n_features=3).linear is None
