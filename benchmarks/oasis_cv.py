@@ -405,7 +405,8 @@ def paired(y: np.ndarray, done: dict[str, np.ndarray], model: str, base: str, n_
     label = f"{model} / {base}, ratio" if compare == "ratio" else f"{model} - {base}"
     print(f"| {label} | {ci_text(d)} |")
     if limit is not None and (d.value is None or d.value < limit):
-        return [f"{where}: {label} = {ci_text(d)} (target >= {limit:+.2f})"]
+        target = f"{limit:.2f}" if compare == "ratio" else f"{limit:+.2f}"
+        return [f"{where}: {label} = {ci_text(d)} (target >= {target})"]
     return []
 
 
