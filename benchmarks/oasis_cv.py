@@ -23,18 +23,26 @@ One command, from the repository root::
    choose their training length by early stopping on the inner validation AUC (federated:
    the round with the best pooled validation AUC). The logistic regression
    (median-imputed, standardised) chooses ``C`` by an inner stratified 5-fold CV on the
-   training folds (``GridSearchCV``, AUC) and is refitted on all of them.
+   training folds (``GridSearchCV``, AUC) and is refitted on all of them. The tabular
+   encoder's linear path (``modalities.tabular.linear_path``) is chosen per fold by the
+   inner validation AUC of the tabular model trained with and without it (a tie keeps the
+   plain MLP); every fusion model of the fold uses the setting chosen.
 4. **Models per fold.** Image only (the image encoder and a head, on the pixels), trained
    twice: centralized, and federated over ``--sites`` sites (the training folds spread by a
    hash of the subject id, as ``oasis_sites.py``; the in-process federated engine, FedAvg).
-   Each image encoder is then frozen and its embeddings of every subject cached: the fusion
-   models of the fold train on those (the package's frozen-encoder path), which is what
-   fits 5x5 folds into the CPU budget. Then, per feature set: tabular only (the package's
-   MLP); the same MLP without the LayerNorm of the fusion model's projection (an
-   ablation); logistic regression; centralized fusion ``concat``, ``attention`` and
-   ``late`` on the centralized image embeddings; federated ``concat`` on the federated
-   image embeddings, scored on the test fold. Free ablations: each fusion model scored with
-   the image hidden (tabular path only).
+   Per feature set: tabular only without the linear path, with it, and the one chosen
+   inside (the row the targets read); logistic regression. The fusion models train on
+   cached image inputs (the package's frozen-encoder path), which is what fits 5x5 folds
+   into the CPU budget. With ``--crossfit K`` (default 3) those inputs are **cross-fitted**:
+   validation and test subjects get the logit of the fold's image-only model, and each of
+   K stratified folds of the inner training part gets the logit of an image model trained
+   on the other K - 1 (K more image trainings per fold), so a fusion head learns how far
+   the image holds on unseen subjects (:func:`crossfit_image`). Centralized fusion
+   ``concat``, ``attention`` and ``late`` on those; ablations: concat on the cross-fitted
+   embeddings and on the in-sample embeddings (``--crossfit 0`` makes those the main
+   rows, the 2x5 run's protocol), and each fusion model scored with the image hidden
+   (tabular path only). Federated ``concat`` on the federated image model's in-sample
+   embeddings, compared with the centralized concat of the same protocol.
 5. **Figures.** Per model the mean over repeats of the AUC of the pooled out-of-fold scores
    (each repeat scores every subject once), with a 95% stratified bootstrap CI over subjects
    (:func:`multimodal_fl.evaluation.metrics.repeated_cv_auc`, one resample shared by every
@@ -42,7 +50,8 @@ One command, from the repository root::
    paired CIs of fusion minus tabular and fusion minus logistic regression; the
    federated / centralized ratio with its paired CI; the targets of issue 14 item 4.
 
-``--repeats 1`` sizes a run; ``--quick`` trains fewer steps (a smoke test, not a figure).
+``--repeats 1 --max-folds 1`` times one fold; ``--quick`` trains fewer steps (a smoke test,
+not a figure).
 When the data folder is absent the script says so and exits 0.
 """
 
@@ -465,7 +474,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-folds", type=int, default=None,
                     help="stop after this many folds (timing one fold; no figures)")
     ap.add_argument("--quick", action="store_true", help="few steps: a smoke test, no figures")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.crossfit == 1 or args.crossfit < 0:
+        ap.error(f"--crossfit {args.crossfit}: give 0 (in-sample image embeddings) or at "
+                 "least 2 inner folds")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

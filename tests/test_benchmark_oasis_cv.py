@@ -129,3 +129,9 @@ def test_report_targets_read_the_chosen_tabular_model(capsys: pytest.CaptureFixt
     res.table[m.TAB] = weak[None, :].copy()
     fails = m.report("v", res, y, 50, 0)
     assert any(f.startswith(f"v: {m.TAB} - {m.LR}") for f in fails)
+
+
+def test_crossfit_of_one_fold_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _load().parse_args(["--crossfit", "1"])
+    assert "--crossfit 1: give 0" in capsys.readouterr().err
