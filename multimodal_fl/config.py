@@ -444,8 +444,8 @@ class TabularModalityConfig(_Strict):
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="Dropout in the MLP.")
     linear_path: bool = Field(
         default=False,
-        description="Add a linear map of the standardised features (and missingness "
-        "indicators) to the MLP's output: wide and deep, logistic regression inside the model "
+        description="Add a linear logit of the standardised features (and missingness "
+        "indicators) to the model's logit: wide and deep, logistic regression inside the model "
         "class.",
     )
 
