@@ -42,7 +42,7 @@ def test_config_round_trip_and_default(tmp_path: Path) -> None:
                        ).modalities.tabular.linear_path is True
 
 
-def test_built_model_has_the_path_and_an_old_checkpoint_says_what_to_set(
+def test_an_old_checkpoint_loads_as_a_zero_path_and_a_new_one_says_what_to_set(
         tmp_path: Path) -> None:
     old = build_model(_cfg(tmp_path), _data())
     wide = build_model(_cfg(tmp_path, linear_path=True), _data())
@@ -50,7 +50,14 @@ def test_built_model_has_the_path_and_an_old_checkpoint_says_what_to_set(
         wide.state_dict()) and not any("linear." in k for k in old.state_dict()
                                        if k.startswith("encoders.tabular."))
     load_weights(build_model(_cfg(tmp_path), _data()), old.state_dict())  # old loads as before
-    with pytest.raises(ValueError, match="linear_path to false"):
-        load_weights(wide, old.state_dict())
+    with torch.no_grad():
+        wide.encoders.tabular.linear.weight.fill_(1.0)  # type: ignore[union-attr]
+    load_weights(wide, old.state_dict())  # an old checkpoint: the path at zero
+    assert not wide.encoders.tabular.linear.weight.any()  # type: ignore[union-attr]
+    data = _data()
+    old.eval()
+    wide.eval()
+    with torch.no_grad():
+        assert torch.equal(old(data.inputs, data.mask), wide(data.inputs, data.mask))
     with pytest.raises(ValueError, match="linear_path to true"):
         load_weights(old, wide.state_dict())
