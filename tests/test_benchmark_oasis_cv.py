@@ -135,3 +135,19 @@ def test_crossfit_of_one_fold_is_a_one_line_error(capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit):
         _load().parse_args(["--crossfit", "1"])
     assert "--crossfit 1: give 0" in capsys.readouterr().err
+
+
+def test_federated_fusion_trains_and_reloads_with_the_linear_path(tmp_path: Path) -> None:
+    m = _load()
+    ds, y = _cohort()
+    cfg = _cfg(tmp_path)
+    cfg = m.with_linear_path(cfg, True)
+    cfg = cfg.model_copy(update={"federated": cfg.federated.model_copy(
+        update={"rounds": 2, "local_steps": 2})})
+    fold = m.fold_plan(y, 5, 1, 0)[0]
+    emb = m.with_image_input(ds, m.image_embeddings(ds, m.train_centralized(
+        cfg, ds, fold, ["image"], 0)[0]))
+    model = m.train_federated(cfg, emb, ["a", "b", "c"], fold, ["image", "tabular"], 0, tmp_path)
+    assert model.encoders["tabular"].linear is not None
+    scores = m.score(model, emb, fold, ["image", "tabular"])
+    assert scores.shape == fold.test.shape and np.isfinite(scores).all()
