@@ -101,8 +101,10 @@ def test_tabular_choice_follows_the_inner_validation(tmp_path: Path) -> None:
     assert chosen == (val[True] > val[False]) and res.choices == [chosen]
     picked = res.table[m.WIDE if chosen else m.MLP][0, fold.test]
     np.testing.assert_array_equal(res.table[m.TAB][0, fold.test], picked)
-    assert m.with_linear_path(cfg, True).modalities.tabular.linear_path is True
-    assert cfg.modalities.tabular.linear_path is False  # a copy, the config is unchanged
+    before = cfg.modalities.tabular.linear_path
+    for on in (False, True):
+        assert m.with_linear_path(cfg, on).modalities.tabular.linear_path is on
+    assert cfg.modalities.tabular.linear_path is before  # a copy, the config is unchanged
 
 
 def test_report_targets_read_the_chosen_tabular_model(capsys: pytest.CaptureFixture[str]
