@@ -23,18 +23,26 @@ One command, from the repository root::
    choose their training length by early stopping on the inner validation AUC (federated:
    the round with the best pooled validation AUC). The logistic regression
    (median-imputed, standardised) chooses ``C`` by an inner stratified 5-fold CV on the
-   training folds (``GridSearchCV``, AUC) and is refitted on all of them.
+   training folds (``GridSearchCV``, AUC) and is refitted on all of them. The tabular
+   encoder's linear path (``modalities.tabular.linear_path``) is chosen per fold by the
+   inner validation AUC of the tabular model trained with and without it (a tie keeps the
+   plain MLP); every fusion model of the fold uses the setting chosen.
 4. **Models per fold.** Image only (the image encoder and a head, on the pixels), trained
    twice: centralized, and federated over ``--sites`` sites (the training folds spread by a
    hash of the subject id, as ``oasis_sites.py``; the in-process federated engine, FedAvg).
-   Each image encoder is then frozen and its embeddings of every subject cached: the fusion
-   models of the fold train on those (the package's frozen-encoder path), which is what
-   fits 5x5 folds into the CPU budget. Then, per feature set: tabular only (the package's
-   MLP); the same MLP without the LayerNorm of the fusion model's projection (an
-   ablation); logistic regression; centralized fusion ``concat``, ``attention`` and
-   ``late`` on the centralized image embeddings; federated ``concat`` on the federated
-   image embeddings, scored on the test fold. Free ablations: each fusion model scored with
-   the image hidden (tabular path only).
+   Per feature set: tabular only without the linear path, with it, and the one chosen
+   inside (the row the targets read); logistic regression. The fusion models train on
+   cached image inputs (the package's frozen-encoder path), which is what fits 5x5 folds
+   into the CPU budget. With ``--crossfit K`` (default 3) those inputs are **cross-fitted**:
+   validation and test subjects get the logit of the fold's image-only model, and each of
+   K stratified folds of the inner training part gets the logit of an image model trained
+   on the other K - 1 (K more image trainings per fold), so a fusion head learns how far
+   the image holds on unseen subjects (:func:`crossfit_image`). Centralized fusion
+   ``concat``, ``attention`` and ``late`` on those; ablations: concat on the cross-fitted
+   embeddings and on the in-sample embeddings (``--crossfit 0`` makes those the main
+   rows, the 2x5 run's protocol), and each fusion model scored with the image hidden
+   (tabular path only). Federated ``concat`` on the federated image model's in-sample
+   embeddings, compared with the centralized concat of the same protocol.
 5. **Figures.** Per model the mean over repeats of the AUC of the pooled out-of-fold scores
    (each repeat scores every subject once), with a 95% stratified bootstrap CI over subjects
    (:func:`multimodal_fl.evaluation.metrics.repeated_cv_auc`, one resample shared by every
@@ -42,7 +50,8 @@ One command, from the repository root::
    paired CIs of fusion minus tabular and fusion minus logistic regression; the
    federated / centralized ratio with its paired CI; the targets of issue 14 item 4.
 
-``--repeats 1`` sizes a run; ``--quick`` trains fewer steps (a smoke test, not a figure).
+``--repeats 1 --max-folds 1`` times one fold; ``--quick`` trains fewer steps (a smoke test,
+not a figure).
 When the data folder is absent the script says so and exits 0.
 """
 
@@ -58,6 +67,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -101,7 +111,11 @@ TASKS = {"with MMSE": "tasks/oasis1_dementia.yaml",
 FUSIONS = ("concat", "attention", "late")
 LR = "logistic regression"
 FED = "federated concat"
-NO_LN = "tabular MLP, no LayerNorm in the projection (ablation)"
+MLP = "tabular MLP"
+WIDE = "tabular MLP + linear path"
+TAB = "tabular, linear path chosen inside"
+XEMB = "fusion concat, cross-fitted image embeddings (ablation)"
+INSAMPLE = "fusion concat, in-sample image embeddings (ablation)"
 #: Earlier figures on the same subjects, quoted beside the results (not recomputed here).
 REFERENCES = [
     ("benchmarks/oasis_sites.py, 2D slices, 5 seeds x one 60/20/20 split, with MMSE",
@@ -131,6 +145,7 @@ class Scores:
     n: int
     table: dict[str, np.ndarray] = field(default_factory=dict)
     fold_auc: dict[str, list[float]] = field(default_factory=dict)
+    choices: list[bool] = field(default_factory=list)  # linear path chosen, per fold
 
     def put(self, model: str, fold: Fold, y: np.ndarray, score: np.ndarray) -> None:
         """Store a model's test-fold scores and the fold's AUC."""
@@ -183,24 +198,28 @@ def fold_plan(y: np.ndarray, folds: int, repeats: int, seed: int) -> list[Fold]:
     return plan
 
 
+def with_linear_path(cfg: ExperimentConfig, on: bool) -> ExperimentConfig:
+    """``cfg`` with ``modalities.tabular.linear_path`` set to ``on``."""
+    tab = cfg.modalities.tabular.model_copy(update={"linear_path": bool(on)})
+    mods = cfg.modalities.model_copy(update={"tabular": tab})
+    return cfg.model_copy(update={"modalities": mods})
+
+
 def train_centralized(cfg: ExperimentConfig, ds: CohortDataset, fold: Fold,
-                      mods: Sequence[str], seed: int, *, layer_norm: bool = True
-                      ) -> torch.nn.Module:
+                      mods: Sequence[str], seed: int) -> tuple[torch.nn.Module, float]:
     """A fusion model on ``mods`` trained on the inner training part, early-stopped on val.
 
-    ``layer_norm=False`` is the ablation of the projection's LayerNorm: the per-subject
-    normalisation of each modality's projected embedding is replaced by the identity.
+    Returns the model (best weights restored) and its best inner validation AUC (``-inf``
+    when undefined).
     """
     tr = ds.subset(fold.train.tolist()).select_modalities(mods)
     va = ds.subset(fold.val.tolist()).select_modalities(mods)
     model = build_model(cfg.model_copy(update={"seed": seed}), tr)
-    if not layer_norm:
-        for proj in model.proj.values():
-            proj[1] = torch.nn.Identity()
     fit_tabular_standardizer(model, [tr])
-    train(model, tr, va, cfg.training, generator=torch.Generator().manual_seed(seed),
-          augment=batch_augmenter(cfg, model))
-    return model
+    result = train(model, tr, va, cfg.training, generator=torch.Generator().manual_seed(seed),
+                   augment=batch_augmenter(cfg, model))
+    auc = result.best_val_auc
+    return model, float("-inf") if auc is None else float(auc)
 
 
 def score(model: torch.nn.Module, ds: CohortDataset, fold: Fold, mods: Sequence[str], *,
@@ -227,20 +246,61 @@ def logistic(X: np.ndarray, y: np.ndarray, fold: Fold, seed: int) -> np.ndarray:
     return np.asarray(search.predict_proba(X[fold.test])[:, 1], dtype=np.float64)
 
 
-def with_embeddings(ds: CohortDataset, image_model: torch.nn.Module) -> CohortDataset:
-    """``ds`` with its images replaced by ``image_model``'s embeddings (a precomputed input).
-
-    The image encoder of a fold's image-only model, trained on that fold's training part,
-    is frozen and run once over every subject: all fusion models of the fold then train on
-    the cached embeddings (the package's frozen-encoder path) instead of the pixels.
-    """
-    encoder = image_model.encoders["image"]  # type: ignore[index]
+def image_embeddings(ds: CohortDataset, image_model: torch.nn.Module) -> torch.Tensor:
+    """The frozen image encoder of ``image_model`` run over every subject: ``[N, width]``."""
+    encoder = image_model.get_submodule("encoders.image")
     encoder.eval()
     with torch.no_grad():
-        emb = torch.cat([encoder(x) for x in ds.inputs["image"].split(64)])
-    inputs = dict(ds.inputs) | {"image": emb.to(torch.float32)}
+        return torch.cat([encoder(x) for x in ds.inputs["image"].split(64)]).to(torch.float32)
+
+
+def image_logits(ds: CohortDataset, image_model: torch.nn.Module) -> torch.Tensor:
+    """The image-only model's logit of every subject, as a one-column input: ``[N, 1]``."""
+    p = predict(image_model, ds.select_modalities(["image"]))  # type: ignore[arg-type]
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return torch.from_numpy(np.log(p) - np.log1p(-p)).to(torch.float32).unsqueeze(1)
+
+
+def with_image_input(ds: CohortDataset, image: torch.Tensor) -> CohortDataset:
+    """``ds`` with its images replaced by ``image`` (rows = subjects), a precomputed input.
+
+    All fusion models of a fold train on such cached inputs (the package's frozen-encoder
+    path) instead of the pixels.
+    """
+    inputs = dict(ds.inputs) | {"image": image}
     return CohortDataset(ds.patient_ids, ds.labels.numpy(), inputs, ds.mask, ds.modalities,
                          meta=ds.meta, precomputed=(*ds.precomputed, "image"))
+
+
+def with_embeddings(ds: CohortDataset, image_model: torch.nn.Module) -> CohortDataset:
+    """``ds`` with its images replaced by ``image_model``'s (in-sample) embeddings."""
+    return with_image_input(ds, image_embeddings(ds, image_model))
+
+
+def crossfit_image(cfg: ExperimentConfig, ds: CohortDataset, fold: Fold, y: np.ndarray,
+                   image_model: torch.nn.Module, seed: int, k: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-fitted image inputs of every subject: (image logits ``[N, 1]``, embeddings).
+
+    Validation and test subjects get those of ``image_model`` (trained on the whole inner
+    training part, so they are out of sample already). The inner training part is split
+    into ``k`` stratified folds; each fold's subjects get those of an image model trained on
+    the other ``k - 1`` (early-stopped on the same inner validation part), so a fusion
+    model learns how far the image signal holds on subjects its encoder has not seen,
+    not how well the encoder remembers its own training subjects. The logit is one
+    number whose meaning every image model shares (stacking); the embeddings of ``k``
+    separately trained encoders share no coordinates (the ablation row shows the cost).
+    """
+    logits, emb = image_logits(ds, image_model), image_embeddings(ds, image_model)
+    inner = StratifiedKFold(k, shuffle=True, random_state=seed)
+    for j, (a, b) in enumerate(inner.split(fold.train, y[fold.train])):
+        sub = Fold(fold.repeat, fold.k, fold.train[a], fold.val, fold.test)
+        model, _ = train_centralized(cfg, ds, sub, ["image"], seed * 10 + j + 1)
+        rows = ds.subset(fold.train[b].tolist())
+        idx = torch.from_numpy(fold.train[b])
+        logits[idx] = image_logits(rows, model)
+        emb[idx] = image_embeddings(rows, model)
+    return logits, emb
 
 
 def train_federated(cfg: ExperimentConfig, ds: CohortDataset, names: list[str], fold: Fold,
@@ -264,36 +324,75 @@ def train_federated(cfg: ExperimentConfig, ds: CohortDataset, names: list[str], 
     return model
 
 
+def tabular_models(cfg: ExperimentConfig, ds: CohortDataset, fold: Fold, res: Scores,
+                   y: np.ndarray, seed: int) -> bool:
+    """Tabular MLP without and with the linear path, and the one the inner validation picks.
+
+    Returns whether the linear path was chosen (the higher inner validation AUC; a tie
+    keeps the plain MLP).
+    """
+    fits = {on: train_centralized(with_linear_path(cfg, on), ds, fold, ["tabular"], seed)
+            for on in (False, True)}
+    scores = {on: score(model, ds, fold, ["tabular"]) for on, (model, _) in fits.items()}
+    res.put(MLP, fold, y, scores[False])
+    res.put(WIDE, fold, y, scores[True])
+    chosen = fits[True][1] > fits[False][1]
+    res.put(TAB, fold, y, scores[chosen])
+    res.choices.append(chosen)
+    return chosen
+
+
+def fusion_models(cfg: ExperimentConfig, ds: CohortDataset, fold: Fold, res: Scores,
+                  y: np.ndarray, seed: int) -> None:
+    """Centralized fusion of every kind on ``ds`` (images already a precomputed input)."""
+    both = ["image", "tabular"]
+    for kind in FUSIONS:
+        kcfg = cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={"kind": kind})})
+        model, _ = train_centralized(kcfg, ds, fold, both, seed)
+        res.put(f"fusion {kind}", fold, y, score(model, ds, fold, both))
+        res.put(f"fusion {kind}, image hidden at test", fold, y,
+                score(model, ds, fold, both, hide="image"))
+
+
 def run_fold(cfgs: dict[str, ExperimentConfig], cohorts: dict[str, tuple[CohortDataset, list[str]]],
-             fold: Fold, results: dict[str, Scores], y: np.ndarray, work: Path) -> None:
-    """Every model of one fold, for every feature set (the image-only models once)."""
+             fold: Fold, results: dict[str, Scores], y: np.ndarray, work: Path,
+             crossfit: int = 3) -> None:
+    """Every model of one fold, for every feature set (the image-only models once).
+
+    Fusion models use the tabular setting the fold's inner validation chose. With
+    ``crossfit`` >= 2 their training subjects' image input is the cross-fitted image logit
+    (:func:`crossfit_image`), with two ablations beside them (cross-fitted embeddings,
+    in-sample embeddings); ``crossfit=0`` keeps the in-sample embeddings (the 2x5 run's
+    protocol).
+    """
     seed = 1000 * fold.repeat + fold.k
     first = next(iter(cohorts))
     ds0, names0 = cohorts[first]
-    image = train_centralized(cfgs[first], ds0, fold, ["image"], seed)
+    image, _ = train_centralized(cfgs[first], ds0, fold, ["image"], seed)
     fed_image = train_federated(cfgs[first], ds0, names0, fold, ["image"], seed, work)
     img_scores = score(image, ds0, fold, ["image"])
     fed_img_scores = score(fed_image, ds0, fold, ["image"])
+    crossed = crossfit_image(cfgs[first], ds0, fold, y, image, seed, crossfit) \
+        if crossfit >= 2 else None
     both = ["image", "tabular"]
     for variant, (pixels, names) in cohorts.items():
-        cfg, res = cfgs[variant], results[variant]
+        res = results[variant]
         res.put("image only", fold, y, img_scores)
         res.put("image only, federated", fold, y, fed_img_scores)
-        tab = train_centralized(cfg, pixels, fold, ["tabular"], seed)
-        res.put("tabular MLP", fold, y, score(tab, pixels, fold, ["tabular"]))
-        plain = train_centralized(cfg, pixels, fold, ["tabular"], seed, layer_norm=False)
-        res.put(NO_LN, fold, y, score(plain, pixels, fold, ["tabular"]))
+        cfg = with_linear_path(cfgs[variant],
+                               tabular_models(cfgs[variant], pixels, fold, res, y, seed))
         res.put(LR, fold, y, logistic(pixels.inputs["tabular"].numpy(), y, fold, seed))
-        ds = with_embeddings(pixels, image)
-        for kind in FUSIONS:
-            kcfg = cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={"kind": kind})})
-            model = train_centralized(kcfg, ds, fold, both, seed)
-            res.put(f"fusion {kind}", fold, y, score(model, ds, fold, both))
-            res.put(f"fusion {kind}, image hidden at test", fold, y,
-                    score(model, ds, fold, both, hide="image"))
-        fed = train_federated(cfg, with_embeddings(pixels, fed_image), names, fold, both, seed,
-                              work)
-        res.put(FED, fold, y, score(fed, with_embeddings(pixels, fed_image), fold, both))
+        insample = with_embeddings(pixels, image)
+        if crossed is None:
+            fusion_models(cfg, insample, fold, res, y, seed)
+        else:
+            fusion_models(cfg, with_image_input(pixels, crossed[0]), fold, res, y, seed)
+            for name, ds in ((XEMB, with_image_input(pixels, crossed[1])), (INSAMPLE, insample)):
+                model, _ = train_centralized(cfg, ds, fold, both, seed)
+                res.put(name, fold, y, score(model, ds, fold, both))
+        fed_ds = with_embeddings(pixels, fed_image)
+        fed = train_federated(cfg, fed_ds, names, fold, both, seed, work)
+        res.put(FED, fold, y, score(fed, fed_ds, fold, both))
 
 
 def ci_text(m: MetricValue, digits: int = 3) -> str:
@@ -305,11 +404,33 @@ def ci_text(m: MetricValue, digits: int = 3) -> str:
     return f"{m.value:.{digits}f} [{m.lo:.{digits}f}, {m.hi:.{digits}f}]"
 
 
+def paired(y: np.ndarray, done: dict[str, np.ndarray], model: str, base: str, n_boot: int,
+           seed: int, *, limit: float | None = None,
+           compare: Literal["difference", "ratio"] = "difference",
+           where: str = "") -> list[str]:
+    """Print one paired comparison row; a target line when it falls below ``limit``."""
+    d = repeated_cv_auc(y, done[model], baseline=done[base], compare=compare,
+                        n_boot=n_boot, seed=seed)
+    label = f"{model} / {base}, ratio" if compare == "ratio" else f"{model} - {base}"
+    print(f"| {label} | {ci_text(d)} |")
+    if limit is not None and (d.value is None or d.value < limit):
+        target = f"{limit:.2f}" if compare == "ratio" else f"{limit:+.2f}"
+        return [f"{where}: {label} = {ci_text(d)} (target >= {target})"]
+    return []
+
+
 def report(variant: str, res: Scores, y: np.ndarray, n_boot: int, seed: int) -> list[str]:
-    """The variant's table, paired comparisons and target lines (markdown), and a verdict list."""
+    """The variant's table, paired comparisons and target lines (markdown), and a verdict list.
+
+    The targets read the tabular model the inner validation chose (:data:`TAB`); the
+    federated / centralized ratio compares federated concat with the centralized concat of
+    the same protocol (in-sample image embeddings).
+    """
     done = {m: a for m, a in res.table.items() if np.isfinite(a).all()}
     auc = {m: repeated_cv_auc(y, a, n_boot=n_boot, seed=seed) for m, a in done.items()}
     print(f"\n#### {variant}\n")
+    print(f"Linear path chosen by the inner validation in {sum(res.choices)} of "
+          f"{len(res.choices)} folds.\n")
     print("| model | mean pooled AUC [95% CI] | per-fold AUC, mean +- SD |")
     print("| --- | --- | --- |")
     for m, v in auc.items():
@@ -319,22 +440,18 @@ def report(variant: str, res: Scores, y: np.ndarray, n_boot: int, seed: int) -> 
     print("| --- | --- |")
     fails: list[str] = []
     for kind in FUSIONS:
-        for base, limit in (("tabular MLP", 0.0), (LR, -0.01)):
-            d = repeated_cv_auc(y, done[f"fusion {kind}"], baseline=done[base], n_boot=n_boot,
-                                seed=seed)
-            print(f"| fusion {kind} - {base} | {ci_text(d)} |")
-            if d.value is None or d.value < limit:
-                fails.append(f"{variant}: fusion {kind} - {base} = {ci_text(d)} (target >= "
-                             f"{limit:+.2f})")
-    d = repeated_cv_auc(y, done["tabular MLP"], baseline=done[LR], n_boot=n_boot, seed=seed)
-    print(f"| tabular MLP - {LR} | {ci_text(d)} |")
-    if d.value is None or d.value < 0:
-        fails.append(f"{variant}: tabular MLP - {LR} = {ci_text(d)} (target >= 0)")
-    r = repeated_cv_auc(y, done[FED], baseline=done["fusion concat"], compare="ratio",
-                        n_boot=n_boot, seed=seed)
-    print(f"| federated / centralized (concat), ratio | {ci_text(r)} |")
-    if r.value is None or r.value < 0.99:
-        fails.append(f"{variant}: federated / centralized = {ci_text(r)} (target >= 0.99)")
+        fails += paired(y, done, f"fusion {kind}", TAB, n_boot, seed, limit=0.0, where=variant)
+        fails += paired(y, done, f"fusion {kind}", LR, n_boot, seed, limit=-0.01,
+                        where=variant)
+    fails += paired(y, done, TAB, LR, n_boot, seed, limit=0.0, where=variant)
+    for m in (MLP, WIDE):
+        paired(y, done, m, LR, n_boot, seed)
+    paired(y, done, WIDE, MLP, n_boot, seed)
+    for m in (XEMB, INSAMPLE):
+        if m in done:
+            paired(y, done, "fusion concat", m, n_boot, seed)
+    base = INSAMPLE if INSAMPLE in done else "fusion concat"
+    fails += paired(y, done, FED, base, n_boot, seed, limit=0.99, compare="ratio", where=variant)
     return fails
 
 
@@ -351,8 +468,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--variants", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--crossfit", type=int, default=3,
+                    help="inner folds of the cross-fitted image inputs of the fusion models "
+                    "(k image trainings per fold); 0: in-sample embeddings, as the 2x5 run")
+    ap.add_argument("--max-folds", type=int, default=None,
+                    help="stop after this many folds (timing one fold; no figures)")
     ap.add_argument("--quick", action="store_true", help="few steps: a smoke test, no figures")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.crossfit == 1 or args.crossfit < 0:
+        ap.error(f"--crossfit {args.crossfit}: give 0 (in-sample image embeddings) or at "
+                 "least 2 inner folds")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -393,11 +519,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for v, (_, names) in cohorts.items():
             print(f"- {v}: {', '.join(names)}")
         results = {v: Scores(args.repeats, len(y)) for v in cohorts}
-        for fold in plan:
+        for fold in plan[:args.max_folds]:
             t = time.perf_counter()
-            run_fold(cfgs, cohorts, fold, results, y, work)
+            run_fold(cfgs, cohorts, fold, results, y, work, args.crossfit)
             print(f"  repeat {fold.repeat} fold {fold.k}: {time.perf_counter() - t:.0f} s",
                   file=sys.stderr, flush=True)
+        if args.max_folds is not None and args.max_folds < len(plan):
+            print(f"\nStopped after {args.max_folds} fold(s) (--max-folds): no figures. Rows: "
+                  f"{', '.join(next(iter(results.values())).table)}.")
+            return 0
         fails: list[str] = []
         for v, res in results.items():
             fails += report(v, res, y, args.n_boot, args.seed)

@@ -442,6 +442,12 @@ class TabularModalityConfig(_Strict):
     hidden: list[int] = Field(default_factory=lambda: [64], description="Hidden layer widths.")
     embed_dim: int = Field(default=32, ge=1, description="Encoder output width.")
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="Dropout in the MLP.")
+    linear_path: bool = Field(
+        default=True,
+        description="Add a linear logit of the standardised features (and missingness "
+        "indicators) to the model's logit: wide and deep, logistic regression inside the model "
+        "class.",
+    )
 
 
 class TextModalityConfig(_Strict):

@@ -18,6 +18,11 @@ Fusion kinds
     One logit head per modality (``head.<modality>.``); the patient's logit is the mean of the
     logits of the modalities present.
 
+Wide and deep: an encoder with a linear path (the tabular encoder with ``linear_path``) adds
+its linear logit to the fused logit of every patient who has its modality
+(:meth:`FusionModel.linear_logits`), whatever the kind, so a logistic regression on the
+standardised features lies inside the model class (the fused part at a constant).
+
 Parameter groups
 ----------------
 Parameter names start with ``encoders.<modality>.``, ``proj.<modality>.``, ``fusion.`` or
@@ -399,7 +404,46 @@ class FusionModel(nn.Module):
                 if self.dense or bool(mask[:, j].any()):
                     total = total + self.head[m](z[:, j]).squeeze(1) * maskf[:, j]
             logit = total / maskf.sum(1)
-        return logit
+        wide = self.linear_logits(inputs, mask)
+        return logit if wide is None else logit + wide.to(logit.dtype)
+
+    def linear_logits(self, inputs: Mapping[str, torch.Tensor],
+                      mask: torch.Tensor) -> torch.Tensor | None:
+        """Sum of the encoders' linear-path logits over the modalities present: ``Tensor[B]``.
+
+        An encoder takes part when it has a ``linear_logit(x)`` method that returns
+        ``Tensor[B]`` (the tabular encoder with ``linear_path``); it runs on the rows where
+        its modality is present (dense: on every row, zeroed where absent). ``None`` when no
+        encoder has a linear path. :meth:`forward` adds it to the fused logit (wide and deep).
+
+        Parameters
+        ----------
+        inputs : mapping of str to Tensor
+            As :meth:`embed`.
+        mask : Tensor[B, M] of bool
+            Presence mask (after modality dropout).
+
+        Returns
+        -------
+        Tensor[B] or None
+        """
+        b = mask.shape[0]
+        total: torch.Tensor | None = None
+        for j, m in enumerate(self.modalities):
+            fn = getattr(self.encoders[m], "linear_logit", None)
+            if fn is None or getattr(self.encoders[m], "linear", None) is None:
+                continue
+            rows = mask[:, j].nonzero().flatten()
+            if rows.numel() == 0 and not self.dense:
+                continue
+            x = self._input(inputs, m, b, int(rows.numel()))
+            if self.dense:
+                w = fn(x) * mask[:, j].to(x.dtype if x.is_floating_point() else torch.float32)
+            else:
+                part = fn(x.index_select(0, rows))
+                w = torch.zeros(b, dtype=part.dtype, device=part.device).index_copy(0, rows, part)
+            total = w if total is None else total + w
+        return total
 
 
 class _AttentionFusion(nn.Module):

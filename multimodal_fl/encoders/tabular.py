@@ -2,7 +2,9 @@
 
 Missing values are ``NaN`` in the input. After standardisation they are imputed with 0
 (the feature mean) and a 0/1 indicator per feature is concatenated, so the network can
-tell "missing" from "average".
+tell "missing" from "average". An optional linear ("wide") path gives a linear logit of the
+same prepared input, which the fusion model adds to its own logit (wide and deep), so a
+logistic regression on the standardised features lies inside the model class.
 """
 
 from __future__ import annotations
@@ -151,6 +153,12 @@ class TabularEncoder(nn.Module):
     """MLP over standardised features and their missingness indicators.
 
     ``forward(x: Tensor[B, F]) -> Tensor[B, output_dim]``; ``NaN`` marks missing values.
+    With ``linear_path=True`` the encoder also has a linear logit ``linear(z)`` of the
+    prepared input ``z`` (:meth:`prepare`), :meth:`linear_logit`, which
+    :class:`~multimodal_fl.fusion.FusionModel` adds to its logit for the patients with
+    tabular data: wide and deep. It is any linear model of the standardised, mean-imputed
+    features and their indicators, e.g. a logistic regression's logit; it starts at zero,
+    so training starts from the model without the path.
 
     Parameters
     ----------
@@ -166,11 +174,16 @@ class TabularEncoder(nn.Module):
         Concatenate a 0/1 "was missing" indicator per feature.
     feature_names : sequence of str or None
         Names for error messages and documentation (not part of the state dict).
+    linear_path : bool, default False
+        Give a linear logit of the prepared input (parameters ``linear.weight`` [1, F or
+        2F] and ``linear.bias`` [1], initialised to zero).
 
     Attributes
     ----------
     standardizer : Standardizer
         Set it with ``encoder.standardizer.fit(X)`` or ``.set_moments(n, s, q)``.
+    linear : torch.nn.Linear or None
+        The linear path (``None`` without it); ``forward`` does not use it.
     output_dim : int
 
     Examples
@@ -190,6 +203,7 @@ class TabularEncoder(nn.Module):
         dropout: float = 0.1,
         missing_indicators: bool = True,
         feature_names: Sequence[str] | None = None,
+        linear_path: bool = False,
     ) -> None:
         super().__init__()
         self.n_features = int(n_features)
@@ -218,6 +232,14 @@ class TabularEncoder(nn.Module):
             width = int(embed_dim)
         self.mlp = nn.Sequential(*layers)
         self.output_dim = width
+        self.linear: nn.Linear | None = None
+        if linear_path:
+            # zero, and drawn from no RNG: every other initial weight stays as without it
+            self.linear = nn.utils.skip_init(
+                nn.Linear, self.n_features * (2 if self.missing_indicators else 1), 1
+            )
+            nn.init.zeros_(self.linear.weight)
+            nn.init.zeros_(self.linear.bias)
 
     @classmethod
     def from_config(cls, section: Any, *, n_features: int, **kwargs: Any) -> TabularEncoder:
@@ -227,7 +249,8 @@ class TabularEncoder(nn.Module):
         """
         data = section_to_kwargs(
             section,
-            accepted=("encoder", "hidden", "embed_dim", "dropout", "missing_indicators"),
+            accepted=("encoder", "hidden", "embed_dim", "dropout", "missing_indicators",
+                      "linear_path"),
             ignored=("frozen", "cache", "enabled"),
             where="modalities.tabular",
         )
@@ -251,6 +274,30 @@ class TabularEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed ``Tensor[B, n_features]`` (NaN = missing) to ``Tensor[B, output_dim]``."""
+        self._check(x)
+        out: torch.Tensor = self.mlp(self.prepare(x))
+        return out
+
+    def linear_logit(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The linear path's logit of raw features: ``Tensor[B]``; ``None`` without the path.
+
+        Parameters
+        ----------
+        x : Tensor[B, n_features]
+            Raw features, ``NaN`` for missing.
+
+        Returns
+        -------
+        Tensor[B] or None
+        """
+        if self.linear is None:
+            return None
+        self._check(x)
+        out: torch.Tensor = self.linear(self.prepare(x)).squeeze(1)
+        return out
+
+    def _check(self, x: torch.Tensor) -> None:
+        """Raise a one-line error unless ``x`` is ``Tensor[B, n_features]`` without infinities."""
         if x.ndim != 2 or x.shape[1] != self.n_features:
             raise ValueError(
                 f"TabularEncoder expects Tensor[B, {self.n_features}] (NaN for missing), "
@@ -258,5 +305,3 @@ class TabularEncoder(nn.Module):
             )
         if torch.isinf(x).any():
             raise ValueError("TabularEncoder: infinite input values; use NaN for missing values")
-        out: torch.Tensor = self.mlp(self.prepare(x))
-        return out

@@ -174,7 +174,8 @@ def load_weights(model: nn.Module, weights: Mapping[str, Any], *, strict: bool =
         E.g. a federated request's global weights.
     strict : bool, default True
         Missing or unexpected keys are an error (False, e.g. for FedBN's local keys, loads
-        the keys given).
+        the keys given). Weights with no tabular linear path (``encoders.tabular.linear.``)
+        load into a model with one as a zero path: exactly the model they come from.
     """
     own = model.state_dict()
     state = {}
@@ -188,11 +189,20 @@ def load_weights(model: nn.Module, weights: Mapping[str, Any], *, strict: bool =
                 )
             t = t.to(own[k].dtype)
         state[k] = t
+    wide = "encoders.tabular.linear."
+    if strict and not any(k.startswith(wide) for k in state):
+        # weights from a model without the linear path: the path at zero is that model
+        state |= {k: torch.zeros_like(v) for k, v in own.items() if k.startswith(wide)}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if strict and (missing or unexpected):
+        hint = ""
+        if any(k.startswith(wide) for k in unexpected):
+            hint = ("; the weights have a tabular linear path: set "
+                    "modalities.tabular.linear_path to true to load them")
         raise ValueError(
-            f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"weights do not match the model: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}{hint}"
         )
     model.load_state_dict(state, strict=strict)
 

@@ -107,3 +107,98 @@ def test_trains_to_fit_a_signal() -> None:
         opt.step()
     acc = float(((enc(xt)[:, 0] > 0).float() == y).float().mean())
     assert acc > 0.95
+
+
+def _logistic(seed: int = 3) -> tuple[np.ndarray, object, object]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(seed)
+    X = rng.normal(loc=[0, 10, -5, 100], scale=[1, 2, 0.5, 30], size=(80, 4))
+    y = (X[:, 0] + 0.5 * (X[:, 1] - 10) + rng.normal(size=80) > 0).astype(int)
+    scaler = StandardScaler().fit(X)  # population SD, as the Standardizer
+    return X, scaler, LogisticRegression(C=0.5).fit(scaler.transform(X), y)
+
+
+def _set_logistic(enc: TabularEncoder, lr: object) -> None:
+    with torch.no_grad():
+        assert enc.linear is not None
+        enc.linear.weight.zero_()
+        enc.linear.weight[0, :4] = torch.from_numpy(lr.coef_[0])  # type: ignore[attr-defined]
+        enc.linear.bias[0] = float(lr.intercept_[0])  # type: ignore[attr-defined]
+
+
+def test_linear_path_represents_a_logistic_regression_exactly() -> None:
+    from multimodal_fl.fusion import FusionModel
+
+    X, scaler, lr = _logistic()
+    want = lr.decision_function(scaler.transform(X))  # type: ignore[attr-defined]
+    for kind in ("concat", "attention", "late"):
+        enc = TabularEncoder(4, hidden=[8], embed_dim=3, linear_path=True)
+        enc.standardizer.fit(X)
+        _set_logistic(enc, lr)  # indicators get weight 0
+        x = torch.tensor(X, dtype=torch.float32)
+        got = enc.linear_logit(x)
+        assert got is not None
+        np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-4, atol=1e-4)
+        # the whole model: the fused part at a constant 0, the logit is the regression's
+        model = FusionModel({"tabular": enc}, kind=kind, dim=4, heads=2).eval()
+        with torch.no_grad():
+            for p in model.head.parameters():
+                p.zero_()
+            logit = model({"tabular": x}, torch.ones(80, 1, dtype=torch.bool))
+        np.testing.assert_allclose(logit.numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_linear_logit_counts_only_where_the_modality_is_present() -> None:
+    from multimodal_fl.fusion import FusionModel
+
+    X, _, lr = _logistic()
+    x = torch.tensor(X[:6], dtype=torch.float32)
+    mask = torch.tensor([[True, True], [True, False]] * 3)
+    for dense in (False, True):
+        enc = TabularEncoder(4, hidden=[8], linear_path=True)
+        enc.standardizer.fit(X)
+        _set_logistic(enc, lr)
+        model = FusionModel({"tabular": enc, "image": 5}, dim=4, dense=dense).eval()
+        with torch.no_grad():
+            wide = model.linear_logits({"tabular": x, "image": torch.zeros(6, 5)}, mask)
+            assert wide is not None
+            full = enc.linear_logit(x)
+            assert full is not None
+            want = torch.where(mask[:, 1], full, torch.zeros(6))
+        assert torch.allclose(wide, want)
+    plain = FusionModel({"tabular": TabularEncoder(4, hidden=[8])}, dim=4)
+    assert plain.linear_logits({"tabular": x}, torch.ones(6, 1, dtype=torch.bool)) is None
+
+
+def test_linear_path_is_off_by_default_and_starts_at_zero() -> None:
+    torch.manual_seed(0)
+    plain = TabularEncoder(4, hidden=[8])
+    torch.manual_seed(0)
+    wide = TabularEncoder(4, hidden=[8], linear_path=True)
+    after = torch.rand(1)  # the path draws nothing from the RNG
+    torch.manual_seed(0)
+    TabularEncoder(4, hidden=[8])
+    assert torch.equal(after, torch.rand(1))
+    assert plain.linear is None and wide.linear is not None
+    assert plain.linear_logit(torch.zeros(2, 4)) is None
+    assert not any(k.startswith("linear.") for k in plain.state_dict())
+    assert wide.linear.weight.shape == (1, 8)  # 4 features + 4 indicators -> one logit
+    assert not wide.linear.weight.any() and not wide.linear.bias.any()
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, wide.state_dict()[k])
+    x = torch.tensor(_data(2, n=6), dtype=torch.float32)
+    for enc in (plain, wide):
+        enc.standardizer.fit(_data())
+        enc.eval()
+    assert torch.equal(plain(x), wide(x))  # the embedding is the MLP's either way
+    with pytest.raises(ValueError, match="expects Tensor"):
+        wide.linear_logit(torch.zeros(2, 3))
+
+
+def test_linear_path_from_config() -> None:
+    enc = TabularEncoder.from_config({"encoder": "mlp", "hidden": [8], "linear_path": True},
+                                     n_features=3)
+    assert enc.linear is not None and enc.linear.out_features == 1
+    assert TabularEncoder.from_config({"hidden": [8]}, n_features=3).linear is None
