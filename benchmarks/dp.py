@@ -71,6 +71,17 @@ def test_aucs(run_dir: Path, seed: int, n_boot: int) -> dict[str, Any]:
             "sites": per_site}
 
 
+def clipped_sites(site_dp: dict[str, Any]) -> int:
+    """How many sites' updates were clipped in one round's ``site_dp`` record.
+
+    A plain round names the clipped sites (``clipped``); a round with secure aggregation
+    records only their number (``clipped_count``): the sites clip before masking.
+    """
+    if "clipped_count" in site_dp:
+        return int(site_dp["clipped_count"])
+    return len(site_dp.get("clipped", []))
+
+
 def one_row(name: str, overrides: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """Train one setting (reusing a finished run in ``--work``) and read its figures."""
     sets = [*overrides, *args.set]
@@ -87,7 +98,7 @@ def one_row(name: str, overrides: list[str], args: argparse.Namespace) -> dict[s
     privacy = metrics.get("privacy") or {}
     eps = [v["epsilon"] for v in ((privacy.get("dp") or {}).get("sites") or {}).values()]
     site_level = privacy.get("site_level") or {}
-    clipped = [len(r.get("site_dp", {}).get("clipped", [])) for r in metrics["rounds"]]
+    clipped = [clipped_sites(r.get("site_dp", {})) for r in metrics["rounds"]]
     sigmas = [json.loads(p.read_text())["fits"][-1]["noise_multiplier"]
               for p in sorted(out.glob("sites/*/privacy.json"))]  # at the sites, not the server
     return {"setting": name, "rounds": cfg.federated.rounds, **test_aucs(out, cfg.seed,

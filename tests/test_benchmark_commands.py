@@ -43,3 +43,11 @@ def test_report_screenshot_answers_help() -> None:
                          capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("usage:") and "html" in out.stdout and "out" in out.stdout
+
+
+def test_dp_benchmark_counts_clipped_sites_on_both_paths() -> None:
+    """A plain round names its clipped sites; a secured round records only their number."""
+    dp = _load(REPO / "benchmarks" / "dp.py")
+    assert dp.clipped_sites({"clipped": ["site_a", "site_c"], "noise_std": 0.1}) == 2
+    assert dp.clipped_sites({"clipped_count": 3, "clipped_at": "site"}) == 3
+    assert dp.clipped_sites({}) == 0
