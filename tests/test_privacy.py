@@ -247,8 +247,13 @@ def test_a_secured_dp_run_records_each_sites_epsilon_and_site_level_dp(
     site-level epsilon is the plain path's accountant's."""
     from multimodal_fl.engines import run
 
+    # the linear path off: site-level noise of z S / K = 0.17 on every weight lands on its
+    # logit directly, and on this tiny cohort the sites' mean training loss went from about 1
+    # to 10-21 after one round (site_b's past the secure encoding's +-64 in the secured run,
+    # which then refuses that site, as designed: tests/federated/test_secure_update.py); what
+    # this test checks is the epsilon's path, not the model's quality (docs/privacy.md)
     cfg = load_config(tiny_config(
-        modalities={"text": {"enabled": False}},
+        modalities={"text": {"enabled": False}, "tabular": {"linear_path": False}},
         federated={"rounds": 2, "min_sites": 3, "secure_aggregation": True},
         privacy={"dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0},
                  "site_level": {"clip_norm": 0.5, "noise_multiplier": 1.0}}))
