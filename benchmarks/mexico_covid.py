@@ -240,8 +240,10 @@ def _cell_text(cell: dict[str, Any]) -> str:
         return f"suppressed ({cell.get('reason')})"
     if cell.get("value") is None:
         return f"- ({cell.get('reason')})"
-    return (f"{cell['value']:.3f} [{cell['lo']:.3f}, {cell['hi']:.3f}] "
-            f"(n {cell['n']}, {cell['n_pos']} pos)")
+    counts = [f"n {cell['n']}" if cell.get("n") is not None else None,
+              f"{cell['n_pos']} pos" if cell.get("n_pos") is not None else None]
+    shown = ", ".join(c for c in counts if c) or "counts not released: the pooled form"
+    return f"{cell['value']:.3f} [{cell['lo']:.3f}, {cell['hi']:.3f}] ({shown})"
 
 
 def fairness_table(report: dict[str, Any], run_label: str) -> None:
