@@ -10,10 +10,13 @@ histogram (``evaluation.recalibrate``, the intercept alone by default), and read
 
 ``--methods`` compares recalibration methods on the same runs without retraining: each is
 fitted by the engine's own function (:func:`~multimodal_fl.evaluation.recalibration.
-fit_on_scores`: the fine histogram of the pooled validation rows' ``score_raw``, which is the
-histogram the secure sum gives the server) and applied to the test rows' ``score_raw``. The
-script first checks that this refit of the run's own method reproduces the run's ``score``
-column (to 1e-9), so every method's row is what the engine would have written with it.
+fit_recalibration`) on the validation histograms the run's own fit used: the fine histogram
+of the validation rows' ``score_raw`` of the sites in the secure sum, plus the counts-only
+(coarsened) histograms the other sites disclosed (a site whose validation class counts are
+released stays out of the sum: ``validation_inputs``), and applied to the test rows'
+``score_raw``. The script first checks that this refit of the run's own method reproduces
+the run's ``score`` column (to 1e-9), so every method's row is what the engine would have
+written with it.
 
 Printed per task and seed, before and after:
 
@@ -37,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -51,8 +55,10 @@ from sklearn.linear_model import LogisticRegression
 
 from multimodal_fl.config import load_config
 from multimodal_fl.engines import run
-from multimodal_fl.evaluation.metrics import expected_calibration_error, roc_auc
-from multimodal_fl.evaluation.recalibration import FITTED, Recalibration, fit_on_scores
+from multimodal_fl.engines.recalibration import disclosed_validation_counts
+from multimodal_fl.evaluation.metrics import calibration_bins, expected_calibration_error, roc_auc
+from multimodal_fl.evaluation.recalibration import FITTED, Recalibration, fit_recalibration
+from multimodal_fl.federated.server import RoundRecord
 from multimodal_fl.sample_data import generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,27 +151,59 @@ def train(engine: str, cfg: Any, run_dir: Path) -> dict[str, Any]:
 
 
 def pooled_rows(run_dir: Path) -> pd.DataFrame:
-    """Every site's prediction rows, pooled."""
-    frames = [pd.read_csv(p) for p in sorted(run_dir.glob("sites/*/predictions.csv"))]
+    """Every site's prediction rows, pooled (a ``site`` column says whose)."""
+    frames = [pd.read_csv(p).assign(site=p.parent.name)
+              for p in sorted(run_dir.glob("sites/*/predictions.csv"))]
     return pd.concat(frames, ignore_index=True)
 
 
-def refit(rows: pd.DataFrame, method: str, n_bins: int) -> Recalibration:
-    """The engine's fit of ``method`` on the pooled validation rows' model scores."""
+def validation_inputs(rows: pd.DataFrame, metrics: dict[str, Any], n_bins: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The validation histograms (negatives, positives) the run's own fit was made on.
+
+    A federated run fits on the secure sum of the fine histograms of the sites that released
+    nothing of their validation split, plus the counts-only histograms the other sites
+    disclosed at the round its ``source`` names (coarsened cells spread over their fine bins,
+    as :func:`~multimodal_fl.engines.recalibration.disclosed_validation_counts` reads them);
+    a run that fell back to the disclosed histograms alone fits on those; the centralized and
+    local-only engines fit on every validation row. The benchmark fits every method on the
+    same inputs, so the figures are what the package would apply.
+    """
+    recal = metrics.get("recalibration") or {}
+    source = str(recal.get("source", ""))
+    found = re.search(r"round (\d+)", source)
+    docs: dict[str, Any] = {}
+    if found:
+        row = next(r for r in metrics.get("rounds", []) if r["round"] == int(found[1]))
+        docs = RoundRecord(**row).disclosed_validation()
     val = rows[rows["split"] == "val"]
-    return fit_on_scores(val["label"].to_numpy(dtype=np.int64),
-                         val["score_raw"].to_numpy(dtype=np.float64), method=method,
-                         n_bins=n_bins)
+    fine = val if not docs else val[~val["site"].isin(list(docs))]
+    if source.startswith("the counts-only"):
+        fine = val.iloc[:0]
+    b = calibration_bins(fine["score_raw"].to_numpy(dtype=np.float64), n_bins)
+    y = fine["label"].to_numpy(dtype=np.int64)
+    neg = np.bincount(b[y == 0], minlength=n_bins).astype(np.float64)
+    pos = np.bincount(b[y == 1], minlength=n_bins).astype(np.float64)
+    counts = disclosed_validation_counts(docs) if docs else None
+    if counts is not None:
+        neg, pos = neg + counts[0], pos + counts[1]
+    return neg, pos
 
 
-def check_refit(rows: pd.DataFrame, recal: dict[str, Any], n_bins: int) -> str:
+def refit(inputs: tuple[np.ndarray, np.ndarray], method: str) -> Recalibration:
+    """The engine's fit of ``method`` on the run's validation histograms."""
+    return fit_recalibration(*inputs, method=method)
+
+
+def check_refit(rows: pd.DataFrame, recal: dict[str, Any],
+                inputs: tuple[np.ndarray, np.ndarray]) -> str:
     """The run's own method refitted reproduces its ``score`` column (else: raise)."""
     if not recal.get("applied"):
         same = np.array_equal(rows["score"].to_numpy(), rows["score_raw"].to_numpy())
         if not same:
             raise SystemExit("a run without recalibration has score != score_raw")
         return "the run applied none (score == score_raw)"
-    fit = refit(rows, str(recal["method"]), n_bins)
+    fit = refit(inputs, str(recal["method"]))
     gap = float(np.max(np.abs(fit.apply(rows["score_raw"]) - rows["score"].to_numpy())))
     if gap > 1e-9 or abs(fit.a - recal["a"]) > 1e-9 or abs(fit.b - recal["b"]) > 1e-9:
         raise SystemExit(f"the refit of {recal['method']} differs from the run's by {gap}")
@@ -238,13 +276,15 @@ def task_table(task: str, engine: str, results: dict[int, SeedResult]) -> str:
     return "\n".join(lines)
 
 
-def measure(rows: pd.DataFrame, recal: dict[str, Any], methods: list[str], *, n_bins: int,
+def measure(rows: pd.DataFrame, metrics: dict[str, Any], methods: list[str], *, n_bins: int,
             n_sim: int, seed: int) -> SeedResult:
-    """Before, and after each method (fitted on the validation rows), on the test rows."""
-    check = check_refit(rows, recal, n_bins)
+    """Before, and after each method (fitted on the run's validation inputs), on the test rows."""
+    recal = metrics.get("recalibration") or {}
+    inputs = validation_inputs(rows, metrics, n_bins)
+    check = check_refit(rows, recal, inputs)
     test = rows[rows["split"] == "test"]
     y, raw = test["label"].to_numpy(dtype=np.int64), test["score_raw"].to_numpy()
-    fits = {m: refit(rows, m, n_bins) for m in methods}
+    fits = {m: refit(inputs, m) for m in methods}
     return SeedResult(int(y.size), figures(y, raw, n_sim=n_sim, seed=seed),
                       {m: figures(y, f.apply(raw), n_sim=n_sim, seed=seed)
                        for m, f in fits.items()}, fits, recal, check)
@@ -286,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{task} seed {seed}: {engine} -> {run_dir}", file=sys.stderr,
                       flush=True)
                 metrics = train(engine, cfg, run_dir)
-                results[seed] = measure(pooled_rows(run_dir), metrics.get("recalibration") or {},
-                                        args.methods, n_bins=cfg.evaluation.histogram_bins,
+                results[seed] = measure(pooled_rows(run_dir), metrics, args.methods,
+                                        n_bins=cfg.evaluation.histogram_bins,
                                         n_sim=args.n_sim, seed=seed)
             print(task_table(task, engine, results) + "\n", flush=True)
     print(f"seeds {args.seeds}; engines {args.engines}; methods {args.methods}; "

@@ -67,3 +67,38 @@ def test_mexico_fairness_cells_say_when_counts_were_not_released() -> None:
     assert module._cell_text({**cell, "n": 2363, "n_pos": None}) == "0.600 [0.500, 0.700] (n 2363)"
     assert "None" not in module._cell_text({**cell, "n": None, "n_pos": None})
     assert module._cell_text({**cell, "n": 10, "n_pos": 3}).endswith("(n 10, 3 pos)")
+
+
+def test_calibration_benchmark_fits_on_the_runs_own_validation_inputs() -> None:
+    """Sites in the secure sum give their fine validation histogram; a site that disclosed its
+    (coarsened) histogram at the named round gives that one instead, spread over its bins."""
+    import sys
+
+    import numpy as np
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("calibration_bench",
+                                                  REPO / "benchmarks" / "calibration.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["calibration_bench"] = bench
+    spec.loader.exec_module(bench)
+    rows = pd.DataFrame({
+        "site": ["a", "a", "a", "b", "b", "b"],
+        "split": ["val", "val", "test", "val", "val", "val"],
+        "label": [0, 1, 1, 0, 1, 1],
+        "score_raw": [0.05, 0.95, 0.5, 0.15, 0.55, 0.65],
+    })
+    disclosed = {"n_bins": 10, "pos": {"start": [4], "stop": [8], "count": [2]},
+                 "neg": {"start": [0], "stop": [2], "count": [1]}}
+    metrics = {"recalibration": {"source": "the secure sum of the validation histograms of 1 "
+                                           "sites (a) and the validation histograms of round 2 "
+                                           "disclosed by b"},
+               "rounds": [{"round": 1}, {"round": 2, "eval_documents": {"b": {"validation":
+                                                                              disclosed}}}]}
+    neg, pos = bench.validation_inputs(rows, metrics, 10)
+    assert neg.tolist() == [1.5, 0.5, 0, 0, 0, 0, 0, 0, 0, 0]  # a's 0.05 + b's cell over 2 bins
+    assert pos.tolist() == [0, 0, 0, 0, 0.5, 0.5, 0.5, 0.5, 0, 1]  # b's cell over 4 bins + a's 0.95
+    every_row = {"recalibration": {"source": "the pooled validation rows"}, "rounds": []}
+    neg, pos = bench.validation_inputs(rows, every_row, 10)
+    assert neg.sum() == 2 and pos.sum() == 3 and np.all(neg >= 0)
