@@ -448,6 +448,13 @@ class TabularModalityConfig(_Strict):
         "indicators) to the model's logit: wide and deep, logistic regression inside the model "
         "class.",
     )
+    linear_lr_scale: float = Field(
+        default=1.0,
+        gt=0,
+        description="The linear path's learning rate as a multiple of training.lr (its own "
+        "AdamW parameter group): AdamW moves a weight about lr per step, so at lr 3e-4 a path "
+        "starting at zero stays far below a logistic regression's coefficients.",
+    )
 
 
 class TextModalityConfig(_Strict):
