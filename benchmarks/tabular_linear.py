@@ -2,17 +2,20 @@
 
 One command, from the repository root::
 
-    nice -n 10 .venv/bin/python benchmarks/tabular_linear.py
+    nice -n 10 .venv/bin/python benchmarks/tabular_linear.py --lr-scales 1 3 10 30
 
-Chooses the default of ``modalities.tabular.linear_path`` (issue 14, item 4) on the sample
-cohorts and on Mexico's open COVID-19 data, never on OASIS-1 (the judging cohort). For each
-cohort the sites are prepared once, tabular modality only; per split seed every site's
-patients are split again (:func:`multimodal_fl.training.split_patients`, the rule every
-engine uses), the sites are pooled (centralized) and the shipped config's tabular model is
-trained twice from the same seed, without and with the linear path (early stopping on the
-validation AUC, as every engine). Printed per seed: the pooled test AUC of both, the paired
-difference with a stratified bootstrap 95% CI over test patients, and a logistic regression
-(median-imputed, standardised, ``C = 1``) fitted on training + validation as the reference.
+Chooses the defaults of ``modalities.tabular.linear_path`` and ``linear_lr_scale`` (issue 14,
+item 4) on the sample cohorts and on Mexico's open COVID-19 data, never on OASIS-1 (the
+judging cohort). For each cohort the sites are prepared once, tabular modality only; per split
+seed every site's patients are split again (:func:`multimodal_fl.training.split_patients`, the
+rule every engine uses), the sites are pooled (centralized) and the shipped config's tabular
+model is trained from the same seed without the linear path and with it at every multiplier of
+``--lr-scales`` (``modalities.tabular.linear_lr_scale``; early stopping on the validation AUC,
+as every engine). Printed per seed: the pooled test AUCs, each path's paired difference to the
+plain MLP with a stratified bootstrap 95% CI over test patients, and a logistic regression
+(median-imputed, standardised, ``C = 1``) fitted on training + validation as the reference;
+per cohort, the mean |coef| of the logistic regression and the mean |weight| of each trained
+path; at the end, each multiplier's mean paired change against x1.
 
 Cohorts: ``configs/covid_oxygen.yaml`` and ``configs/alzheimers.yaml`` on ``sample_data/``
 (the generated cohorts), and ``configs/mexico_covid_severity.yaml`` on the confirmed cases
