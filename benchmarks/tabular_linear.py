@@ -2,17 +2,20 @@
 
 One command, from the repository root::
 
-    nice -n 10 .venv/bin/python benchmarks/tabular_linear.py
+    nice -n 10 .venv/bin/python benchmarks/tabular_linear.py --lr-scales 1 3 10 30
 
-Chooses the default of ``modalities.tabular.linear_path`` (issue 14, item 4) on the sample
-cohorts and on Mexico's open COVID-19 data, never on OASIS-1 (the judging cohort). For each
-cohort the sites are prepared once, tabular modality only; per split seed every site's
-patients are split again (:func:`multimodal_fl.training.split_patients`, the rule every
-engine uses), the sites are pooled (centralized) and the shipped config's tabular model is
-trained twice from the same seed, without and with the linear path (early stopping on the
-validation AUC, as every engine). Printed per seed: the pooled test AUC of both, the paired
-difference with a stratified bootstrap 95% CI over test patients, and a logistic regression
-(median-imputed, standardised, ``C = 1``) fitted on training + validation as the reference.
+Chooses the defaults of ``modalities.tabular.linear_path`` and ``linear_lr_scale`` (issue 14,
+item 4) on the sample cohorts and on Mexico's open COVID-19 data, never on OASIS-1 (the
+judging cohort). For each cohort the sites are prepared once, tabular modality only; per split
+seed every site's patients are split again (:func:`multimodal_fl.training.split_patients`, the
+rule every engine uses), the sites are pooled (centralized) and the shipped config's tabular
+model is trained from the same seed without the linear path and with it at every multiplier of
+``--lr-scales`` (``modalities.tabular.linear_lr_scale``; early stopping on the validation AUC,
+as every engine). Printed per seed: the pooled test AUCs, each path's paired difference to the
+plain MLP with a stratified bootstrap 95% CI over test patients, and a logistic regression
+(median-imputed, standardised, ``C = 1``) fitted on training + validation as the reference;
+per cohort, the mean |coef| of the logistic regression and the mean |weight| of each trained
+path; at the end, each multiplier's mean paired change against x1.
 
 Cohorts: ``configs/covid_oxygen.yaml`` and ``configs/alzheimers.yaml`` on ``sample_data/``
 (the generated cohorts), and ``configs/mexico_covid_severity.yaml`` on the confirmed cases
@@ -34,6 +37,7 @@ import numpy as np
 import torch
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -82,47 +86,76 @@ def pooled_splits(sites: dict[str, SiteData], cfg: ExperimentConfig, seed: int
 
 
 def tabular_scores(cfg: ExperimentConfig, data: dict[str, CohortDataset], seed: int,
-                   linear_path: bool) -> np.ndarray:
-    """Test scores of the config's tabular model trained with or without the linear path."""
-    tab = cfg.modalities.tabular.model_copy(update={"linear_path": linear_path})
+                   linear_path: bool, lr_scale: float = 1.0) -> tuple[np.ndarray, float]:
+    """Test scores of the config's tabular model, with or without the linear path.
+
+    ``lr_scale`` is ``modalities.tabular.linear_lr_scale``. Also returns the trained path's
+    mean ``|weight|`` (``nan`` without the path).
+    """
+    tab = cfg.modalities.tabular.model_copy(update={"linear_path": linear_path,
+                                                    "linear_lr_scale": lr_scale})
     mods = cfg.modalities.model_copy(update={"tabular": tab})
     run_cfg = cfg.model_copy(update={"modalities": mods, "seed": seed})
     model = build_model(run_cfg, data["train"])
     fit_tabular_standardizer(model, [data["train"]])
     train(model, data["train"], data["val"], cfg.training,
           generator=torch.Generator().manual_seed(seed))
-    return np.asarray(predict(model, data["test"]), dtype=np.float64)
+    linear = getattr(model.encoders["tabular"], "linear", None)
+    size = float(linear.weight.detach().abs().mean()) if linear is not None else float("nan")
+    return np.asarray(predict(model, data["test"]), dtype=np.float64), size
 
 
-def logistic_scores(data: dict[str, CohortDataset]) -> np.ndarray:
-    """Logistic regression on training + validation rows; test scores."""
+def logistic_scores(data: dict[str, CohortDataset]) -> tuple[np.ndarray, float]:
+    """Logistic regression on training + validation rows; test scores and mean ``|coef|``."""
     fit = CohortDataset.concat([data["train"], data["val"]])
     pipe = make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True),
                          StandardScaler(), LogisticRegression(max_iter=5000))
     pipe.fit(fit.inputs["tabular"].numpy(), fit.labels.numpy().astype(int))
-    return np.asarray(pipe.predict_proba(data["test"].inputs["tabular"].numpy())[:, 1])
+    size = float(np.abs(pipe[-1].coef_).mean())
+    return np.asarray(pipe.predict_proba(data["test"].inputs["tabular"].numpy())[:, 1]), size
 
 
-def compare(name: str, cfg: ExperimentConfig, seeds: Sequence[int], n_boot: int
-            ) -> list[float]:
-    """Print one cohort's rows; return the per-seed differences (path - MLP)."""
+def seed_row(cfg: ExperimentConfig, data: dict[str, CohortDataset], seed: int,
+             scales: Sequence[float], n_boot: int) -> tuple[str, dict[float, float], list[float]]:
+    """One seed: the table row, path - MLP per scale, and the sizes (LR, then each scale)."""
+    y = data["test"].labels.numpy().astype(int)
+    plain, _ = tabular_scores(cfg, data, seed, False)
+    fits = {s: tabular_scores(cfg, data, seed, True, s) for s in scales}
+    lr_scores, lr_size = logistic_scores(data)
+    cells = [ci_text(repeated_cv_auc(y, plain[None, :], n_boot=n_boot, seed=seed))]
+    diffs = {}
+    for s, (wide, _) in fits.items():
+        d = repeated_cv_auc(y, wide[None, :], baseline=plain[None, :], n_boot=n_boot, seed=seed)
+        cells.append(f"{roc_auc_score(y, wide):.3f}; {ci_text(d)}")
+        if d.value is not None:
+            diffs[s] = float(d.value)
+    cells.append(ci_text(repeated_cv_auc(y, lr_scores[None, :], n_boot=n_boot, seed=seed)))
+    return (f"| {seed} | {len(y)} | " + " | ".join(cells) + " |", diffs,
+            [lr_size] + [size for _, size in fits.values()])
+
+
+def compare(name: str, cfg: ExperimentConfig, seeds: Sequence[int], n_boot: int,
+            scales: Sequence[float]) -> dict[float, list[float]]:
+    """Print one cohort's rows; return the per-seed differences (path - MLP) per scale."""
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tabular_linear_") as tmp:
         sites = load_site_data(cfg, Path(tmp))
-    diffs = []
+    diffs: dict[float, list[float]] = {s: [] for s in scales}
+    sizes = []
     for seed in seeds:
-        data = pooled_splits(sites, cfg, seed)
-        y = data["test"].labels.numpy().astype(int)
-        plain, wide = (tabular_scores(cfg, data, seed, on) for on in (False, True))
-        auc = {k: repeated_cv_auc(y, s[None, :], n_boot=n_boot, seed=seed)
-               for k, s in (("mlp", plain), ("wide", wide), ("lr", logistic_scores(data)))}
-        d = repeated_cv_auc(y, wide[None, :], baseline=plain[None, :], n_boot=n_boot, seed=seed)
-        print(f"| {name} | {seed} | {len(y)} | {ci_text(auc['mlp'])} | {ci_text(auc['wide'])} "
-              f"| {ci_text(d)} | {ci_text(auc['lr'])} |", flush=True)
-        if d.value is not None:
-            diffs.append(float(d.value))
-    print(f"| {name} | mean | | | | {np.mean(diffs):+.3f} ({sum(x > 0 for x in diffs)} of "
-          f"{len(diffs)} seeds > 0) | |  <!-- {time.perf_counter() - t0:.0f} s -->", flush=True)
+        row, d, size = seed_row(cfg, pooled_splits(sites, cfg, seed), seed, scales, n_boot)
+        print(f"| {name} {row}", flush=True)
+        for s, v in d.items():
+            diffs[s].append(v)
+        sizes.append(size)
+    means = " | ".join(f"{np.mean(v):+.3f} ({sum(x > 0 for x in v)}/{len(v)} > 0)"
+                       for v in diffs.values())
+    print(f"| {name} | mean | | | {means} | |  <!-- {time.perf_counter() - t0:.0f} s -->",
+          flush=True)
+    size = np.mean(sizes, axis=0)
+    print(f"<!-- {name}: mean |coef| logistic regression {size[0]:.3f}; trained path mean "
+          f"|weight| " + ", ".join(f"x{s:g} {v:.3f}" for s, v in zip(scales, size[1:], strict=True))
+          + " -->", flush=True)
     return diffs
 
 
@@ -136,6 +169,21 @@ def mexico_config(out: Path, min_site_size: int) -> ExperimentConfig:
                                             for s in sites]})
 
 
+def summary(all_diffs: dict[float, list[float]]) -> str:
+    """Per scale: the mean path - MLP and, against scale 1, the mean paired change."""
+    lines = []
+    base = all_diffs.get(1.0)
+    for s, v in all_diffs.items():
+        line = (f"x{s:g}: mean path - MLP {np.mean(v):+.3f}, {sum(x > 0 for x in v)} of "
+                f"{len(v)} seeds > 0")
+        if base is not None and s != 1.0 and len(base) == len(v):
+            gain = np.asarray(v) - np.asarray(base)
+            line += (f"; against x1 {np.mean(gain):+.3f}, {int((gain > 0).sum())} of "
+                     f"{len(gain)} seeds better")
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the comparison table (markdown)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -143,29 +191,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--cohorts", nargs="+", default=["covid_oxygen", "alzheimers", "mexico"],
                     choices=["covid_oxygen", "alzheimers", "mexico"])
+    ap.add_argument("--lr-scales", nargs="+", type=float, default=[1.0, 10.0, 30.0],
+                    help="modalities.tabular.linear_lr_scale values to compare")
     ap.add_argument("--min-site-size", type=int, default=300, help="Mexico: pool smaller ones")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     os.environ.setdefault("MMFL_CACHE", "/tmp/mmfl_cache")
     t0 = time.perf_counter()
-    print("| cohort | split seed | n test | tabular MLP | MLP + linear path | path - MLP "
-          "[95% CI] | logistic regression |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    all_diffs: list[float] = []
+    scales = [float(s) for s in args.lr_scales]
+    print("| cohort | split seed | n test | tabular MLP | "
+          + " | ".join(f"path x{s:g}: AUC; path - MLP [95% CI]" for s in scales)
+          + " | logistic regression |")
+    print("| --- " * (5 + len(scales)) + "|")
+    all_diffs: dict[float, list[float]] = {s: [] for s in scales}
     for name in args.cohorts:
         if name != "mexico":
             cfg = load_config(REPO / "configs" / f"{name}.yaml", TABULAR_ONLY)
-            all_diffs += compare(name, cfg, args.seeds, args.n_boot)
-            continue
-        if not MEXICO_CSV.is_file():
+            got = compare(name, cfg, args.seeds, args.n_boot, scales)
+        elif not MEXICO_CSV.is_file():
             print(f"mexico: skipped, no {MEXICO_CSV}", file=sys.stderr)
             continue
-        with tempfile.TemporaryDirectory(prefix="tabular_linear_mx_") as tmp:
-            cfg = mexico_config(Path(tmp) / "sites", args.min_site_size)
-            all_diffs += compare("mexico", cfg, args.seeds, args.n_boot)
-    print(f"\nAll cohorts: mean path - MLP {np.mean(all_diffs):+.3f}, "
-          f"{sum(x > 0 for x in all_diffs)} of {len(all_diffs)} seeds > 0. Total "
-          f"{time.perf_counter() - t0:.0f} s, load average {os.getloadavg()[0]:.2f}.")
+        else:
+            with tempfile.TemporaryDirectory(prefix="tabular_linear_mx_") as tmp:
+                cfg = mexico_config(Path(tmp) / "sites", args.min_site_size)
+                got = compare("mexico", cfg, args.seeds, args.n_boot, scales)
+        for s, v in got.items():
+            all_diffs[s] += v
+    print(f"\nAll cohorts:\n{summary(all_diffs)}\nTotal {time.perf_counter() - t0:.0f} s, "
+          f"load average {os.getloadavg()[0]:.2f}.")
     return 0
 
 

@@ -48,6 +48,7 @@ GroupNorm, :func:`multimodal_fl.training.privacy.make_private_compatible`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -256,6 +257,41 @@ class FusionModel(nn.Module):
         groups["fusion."] = None
         groups["head."] = None
         return groups
+
+    def optimizer_param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The trainable parameters as optimiser parameter groups, each with its ``lr``.
+
+        One group at ``lr`` for every trainable parameter but those of an encoder's linear
+        path (an encoder with a ``linear`` module and a ``linear_lr_scale``, such as the
+        tabular encoder with ``linear_path``), which get a group each at
+        ``lr * linear_lr_scale``: a path starting at zero must grow to a logistic
+        regression's coefficients within the steps AdamW (about ``lr`` a step) has.
+
+        Parameters
+        ----------
+        lr : float
+            The optimiser's learning rate.
+
+        Returns
+        -------
+        list of dict
+            ``[{"params": [...], "lr": lr}, {"params": [...], "lr": lr * scale}, ...]``
+            (groups without parameters left out), for ``torch.optim.AdamW(groups, ...)``.
+        """
+        groups: list[dict[str, Any]] = []
+        special: set[int] = set()
+        for m in self.modalities:
+            enc = self.encoders[m] if m in self.encoders else None
+            linear = getattr(enc, "linear", None)
+            if not isinstance(linear, nn.Module):
+                continue
+            params = [p for p in linear.parameters() if p.requires_grad]
+            special.update(id(p) for p in params)
+            scale = float(getattr(enc, "linear_lr_scale", 1.0))
+            if params:
+                groups.append({"params": params, "lr": lr * scale})
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in special]
+        return ([{"params": rest, "lr": lr}] if rest else []) + groups
 
     def group_counts(self, modality_counts: Mapping[str, int], n_samples: int) -> dict[str, int]:
         """Samples that trained each parameter group, keyed by prefix (for a federated reply).

@@ -177,6 +177,10 @@ class TabularEncoder(nn.Module):
     linear_path : bool, default False
         Give a linear logit of the prepared input (parameters ``linear.weight`` [1, F or
         2F] and ``linear.bias`` [1], initialised to zero).
+    linear_lr_scale : float, default 1.0
+        The linear path's learning rate as a multiple of the optimiser's (read by
+        :meth:`~multimodal_fl.fusion.FusionModel.optimizer_param_groups`; not part of the
+        state dict).
 
     Attributes
     ----------
@@ -184,6 +188,8 @@ class TabularEncoder(nn.Module):
         Set it with ``encoder.standardizer.fit(X)`` or ``.set_moments(n, s, q)``.
     linear : torch.nn.Linear or None
         The linear path (``None`` without it); ``forward`` does not use it.
+    linear_lr_scale : float
+        As the parameter.
     output_dim : int
 
     Examples
@@ -204,6 +210,7 @@ class TabularEncoder(nn.Module):
         missing_indicators: bool = True,
         feature_names: Sequence[str] | None = None,
         linear_path: bool = False,
+        linear_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.n_features = int(n_features)
@@ -220,6 +227,9 @@ class TabularEncoder(nn.Module):
                 f"feature_names has {len(feature_names)} names for {self.n_features} features"
             )
         self.feature_names = list(feature_names) if feature_names is not None else None
+        self.linear_lr_scale = float(linear_lr_scale)
+        if not self.linear_lr_scale > 0:
+            raise ValueError(f"linear_lr_scale must be positive, got {linear_lr_scale!r}")
         self.missing_indicators = bool(missing_indicators)
         self.standardizer = Standardizer(self.n_features)
         layers: list[nn.Module] = []
@@ -250,7 +260,7 @@ class TabularEncoder(nn.Module):
         data = section_to_kwargs(
             section,
             accepted=("encoder", "hidden", "embed_dim", "dropout", "missing_indicators",
-                      "linear_path"),
+                      "linear_path", "linear_lr_scale"),
             ignored=("frozen", "cache", "enabled"),
             where="modalities.tabular",
         )

@@ -371,6 +371,9 @@ def train(
 ) -> TrainResult:
     """Run ``steps`` optimisation steps of AdamW on ``train_data``, in place.
 
+    The optimiser takes :meth:`FusionModel.optimizer_param_groups` (an encoder's linear path
+    at ``cfg.lr`` times its ``linear_lr_scale``, everything else at ``cfg.lr``).
+
     Batches of ``cfg.batch_size`` rows are drawn without replacement from successive random
     permutations of the training rows (cycling through the data as often as ``steps``
     needs). The loss is ``BCEWithLogits`` with ``pos_weight`` = negatives / positives of the
@@ -428,8 +431,9 @@ def train(
     model.to(device)
     pos_weight, notes = _pos_weight(train_data.labels)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr,
+    groups = model.optimizer_param_groups(cfg.lr)
+    params = [p for g in groups for p in g["params"]]
+    opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr,
                                                    weight_decay=cfg.weight_decay)
     validate = val_data is not None and len(val_data) > 0
     result = TrainResult(
