@@ -75,12 +75,8 @@ EXTERNAL_REFERENCE = 0.80
 
 
 def ci_text(m: MetricValue) -> str:
-    """``0.791 [0.768, 0.816]``, or the reason the metric is undefined."""
-    if m.value is None:
-        return f"- ({m.reason})"
-    if m.lo is None or m.hi is None:
-        return f"{m.value:.3f}"
-    return f"{m.value:.3f} [{m.lo:.3f}, {m.hi:.3f}]"
+    """``0.871 [0.842, 0.899]`` or the reason the figure is undefined."""
+    return m.text()
 
 
 def auc(y: Any, score: Any, *, n_boot: int, seed: int) -> MetricValue:

@@ -397,11 +397,7 @@ def run_fold(cfgs: dict[str, ExperimentConfig], cohorts: dict[str, tuple[CohortD
 
 def ci_text(m: MetricValue, digits: int = 3) -> str:
     """``0.871 [0.842, 0.899]`` or the reason the figure is undefined."""
-    if m.value is None:
-        return f"- ({m.reason})"
-    if m.lo is None or m.hi is None:
-        return f"{m.value:.{digits}f}"
-    return f"{m.value:.{digits}f} [{m.lo:.{digits}f}, {m.hi:.{digits}f}]"
+    return m.text(digits)
 
 
 def paired(y: np.ndarray, done: dict[str, np.ndarray], model: str, base: str, n_boot: int,

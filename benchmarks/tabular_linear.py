@@ -64,11 +64,7 @@ TABULAR_ONLY = ["modalities.image.enabled=false", "modalities.text.enabled=false
 
 def ci_text(m: MetricValue) -> str:
     """``0.871 [0.842, 0.899]`` or the reason the figure is undefined."""
-    if m.value is None:
-        return f"- ({m.reason})"
-    if m.lo is None or m.hi is None:
-        return f"{m.value:.3f}"
-    return f"{m.value:.3f} [{m.lo:.3f}, {m.hi:.3f}]"
+    return m.text()
 
 
 def pooled_splits(sites: dict[str, SiteData], cfg: ExperimentConfig, seed: int

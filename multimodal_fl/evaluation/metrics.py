@@ -126,6 +126,25 @@ class MetricValue:
         """The value, or NaN when undefined (for plotting and sorting only)."""
         return math.nan if self.value is None else float(self.value)
 
+    def text(self, digits: int = 3) -> str:
+        """``0.871 [0.842, 0.899]``, the value alone without an interval, or the reason.
+
+        Parameters
+        ----------
+        digits : int, default 3
+            Decimals of the value and the bounds.
+
+        Returns
+        -------
+        str
+            ``- (reason)`` when the metric is undefined.
+        """
+        if self.value is None:
+            return f"- ({self.reason})"
+        if self.lo is None or self.hi is None:
+            return f"{self.value:.{digits}f}"
+        return f"{self.value:.{digits}f} [{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (``None`` for missing numbers, never NaN)."""
         return asdict(self)

@@ -263,3 +263,13 @@ def test_suppress_cells_small_cells_and_their_complement() -> None:
                           names=("positives", "negatives")) == {}
     assert disclosed_count(3, 5) is None and disclosed_count(0, 5) == 0
     assert disclosed_count(58, 5, of=61) is None and disclosed_count(56, 5, of=61) == 56
+
+
+def test_metric_value_text_gives_the_interval_the_value_or_the_reason() -> None:
+    """One formatting for every table that prints an AUC with its CI."""
+    from multimodal_fl.evaluation.metrics import MetricValue
+
+    assert MetricValue(0.87123, 0.8421, 0.8994).text() == "0.871 [0.842, 0.899]"
+    assert MetricValue(0.87123, 0.8421, 0.8994).text(2) == "0.87 [0.84, 0.90]"
+    assert MetricValue(0.5).text() == "0.500"
+    assert MetricValue(None, reason="one class").text() == "- (one class)"
