@@ -370,7 +370,7 @@ def train_cmd(
         # the federated engines pool by a secure sum; centralized and local-only runs pool
         # the same histograms in this process
         how = ("secure sum" if outcome.metrics.get("engine") in ("inprocess", "flower")
-               else "histograms pooled in process")
+               else "in process")
         table.add_row(f"pooled ({n} site{'' if n == 1 else 's'}, {how})" if n
                       else f"pooled ({how})",
                       _auc_text({**auc, "reason": pooled.get("reason")}))

@@ -80,4 +80,4 @@ def test_the_summary_row_names_how_the_pooled_figures_were_pooled(
     assert result.exit_code == 0, result.output
     assert "test AUC per site" in result.output
     assert "secure sum" not in result.output
-    assert re.search(r"pooled \((\d+ sites?, )?histograms pooled in process\)", result.output)
+    assert re.search(r"pooled \((\d+ sites?, )?in process\)", result.output)
