@@ -61,6 +61,8 @@ def config_show(
 ) -> None:
     """Print the resolved configuration (task resolved, site paths absolute)."""
     cfg = _load(config, set_)
+    for line in cfg.advisories():  # type: ignore[attr-defined]
+        sys.stderr.write(f"warning: {line}\n")
     data = cfg.resolved_dict()  # type: ignore[attr-defined]
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")

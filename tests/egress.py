@@ -451,8 +451,17 @@ def released_numbers(crossing: Crossing, *, min_cell: int, n_bins: int,
 
 def backstop_findings(numbers: Iterable[Released], patient_values: np.ndarray, *,
                       min_cell: int, tol: float = 1e-4) -> list[str]:
-    """Released numbers within ``tol`` of a patient's value (relative above 1) that no
-    :data:`ALLOW_LIST` entry covers.
+    """Released numbers within ``tol`` of a patient's value that no :data:`ALLOW_LIST` entry
+    covers.
+
+    "Within" is relative to the patient's value: ``|released - value| <= tol * |value|``. A
+    copy of a patient's value (float32 rounding: relative error 6e-8) is within it at every
+    magnitude, down to a score of 1e-30; a released constant is not made a copy by a patient's
+    value that happens to lie near it in absolute terms (a zero weight beside a saturated
+    score of 7.6e-24 reveals nothing of that score). Patient values that are integers (0 and
+    1 included: a score saturated in float32) are left out, as integer features are in
+    :func:`patient_values`: an integer released is a count or a constant, which the count
+    and declared-field checks judge.
 
     Parameters
     ----------
@@ -469,11 +478,12 @@ def backstop_findings(numbers: Iterable[Released], patient_values: np.ndarray, *
     list of str
     """
     values = np.unique(np.asarray(patient_values, dtype=np.float64))
+    values = values[values != np.round(values)]
     found = []
     for number in numbers:
         i = int(np.searchsorted(values, number.value))
         near = values[max(i - 1, 0):i + 1]
-        close = np.abs(near - number.value) <= tol * max(1.0, abs(number.value))
+        close = np.abs(near - number.value) <= tol * np.abs(near)
         if not close.any():
             continue
         if number.entry == "grid" or (number.entry is not None and number.support is not None
@@ -487,7 +497,8 @@ def backstop_findings(numbers: Iterable[Released], patient_values: np.ndarray, *
         else:
             why = f"a {number.entry!r} on {number.support} patients, fewer than {min_cell}"
         found.append(f"{number.site} {number.kind} {number.part} {number.path} = "
-                     f"{number.value!r} is within {tol} of a patient's value {hit!r} ({why})")
+                     f"{number.value!r} is within a relative {tol} of a patient's value "
+                     f"{hit!r} ({why})")
     return found
 
 

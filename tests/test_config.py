@@ -177,6 +177,28 @@ def test_cli_config_show_and_schema(tmp_path: Path) -> None:
     assert schema.exit_code == 0 and '"ExperimentConfig"' in schema.stdout
 
 
+def test_site_level_dp_with_the_linear_path_is_advised_against(tmp_path: Path) -> None:
+    """Valid but known to work badly: ``config show`` says so on stderr (the federated engine
+    logs the same lines when it starts)."""
+    path = write(tmp_path, minimal(privacy={"site_level": {"clip_norm": 0.5,
+                                                          "noise_multiplier": 1.0}}))
+    assert load_config(path).advisories() and not load_config(path, [
+        "modalities.tabular.linear_path=false"]).advisories()
+    assert not load_config(write(tmp_path, minimal(), "plain.yaml")).advisories()
+    dp = load_config(write(tmp_path, minimal(privacy={"dp": {"noise_multiplier": 1.0}}),
+                           "dp.yaml"))
+    assert "linear_lr_scale 10" in " ".join(dp.advisories())
+    assert not load_config(write(
+        tmp_path, minimal(privacy={"dp": {"noise_multiplier": 1.0}},
+                          modalities={"tabular": {"linear_lr_scale": 1.0}}), "dp1.yaml"),
+    ).advisories()
+    shown = CliRunner().invoke(app, ["config", "show", str(path)])
+    assert shown.exit_code == 0, shown.output
+    assert "warning: privacy.site_level" in shown.stderr
+    assert "linear_path: false" in shown.stderr
+    yaml.safe_load(shown.stdout)  # stdout stays the config alone
+
+
 def test_cli_bad_config_exits_2_without_traceback(tmp_path: Path) -> None:
     path = write(tmp_path, minimal(fusion={"knd": "late"}))
     result = CliRunner().invoke(app, ["config", "show", str(path)])

@@ -61,6 +61,7 @@ from tests.egress import (
     Crossing,
     Known,
     Recorder,
+    Released,
     Secrets,
     audit,
     backstop_findings,
@@ -372,7 +373,7 @@ def test_a_released_patient_value_is_found(audited: Audited) -> None:
         backstop_findings(released_numbers(small, **kw), values, min_cell=5))
     step = 1 / kw["n_bins"]  # a patient's value on the grid: a constant only where a grid is
     on_grid = next(round(v / step) * step for v in values
-                   if 0 < v < 1 and abs(v / step - round(v / step)) < 1e-5)
+                   if step / 2 < v < 1 and abs(v / step - round(v / step)) < 1e-5)
     for path, flagged in (({"first": on_grid}, True), ({"roc": {"threshold": [on_grid]}}, False)):
         grid = replace(pred, answer=replace(pred.answer, documents={
             **pred.answer.documents, "disclosed": pack_document(path)}))
@@ -392,6 +393,29 @@ def test_a_released_patient_value_is_found(audited: Audited) -> None:
         **pca.answer.arrays, "block": np.vstack([rows, np.full_like(rows[:1], score)])}))
     found = " ".join(backstop_findings(released_numbers(tall, **kw), values, min_cell=5))
     assert "pca arrays block" in found and "a 'pca' whose condition does not hold" in found
+
+
+def test_the_backstop_compares_relative_to_the_patients_value() -> None:
+    """A copy of a tiny patient value is found; a released constant beside a saturated score
+    is not (a zero weight next to a score of 7.6e-24 revealed nothing of it, yet an absolute
+    1e-4 called it a match); integer patient values (a score saturated to 0.0) are left out."""
+    values = np.array([7.6e-24, 1.0e-5, 0.0, 1.0, 0.4321987, 123.456])
+
+    def released(value: float) -> list[Released]:
+        return [Released("fit", "weights", "w", value, "site_a")]
+
+    def found(value: float) -> list[str]:
+        return backstop_findings(released(value), values, min_cell=5)
+
+    assert found(0.0) == [] and found(1.0) == []  # constants, never a patient's copy
+    assert found(2e-24) == []  # a different tiny number, not a copy
+    assert found(float(np.float32(7.6e-24)))  # the score itself, through float32
+    assert found(float(np.float32(1.0e-5)))
+    assert found(float(np.float32(0.4321987))) and found(0.4321987 * (1 + 5e-5))
+    assert found(0.4321987 * (1 + 2e-4)) == []
+    assert found(float(np.float32(123.456)))
+    assert "within a relative 0.0001 of a patient's value 7.6e-24" in " ".join(
+        found(float(np.float32(7.6e-24))))
 
 
 def test_an_egress_log_unlike_what_the_server_got_is_found(audited: Audited) -> None:

@@ -456,6 +456,8 @@ def run_federated_experiment(
     multimodal_fl.rundir.RunOutcome
         The run directory and the metrics document.
     """
+    for line in cfg.advisories():
+        log.warning("config: %s", line)
     # The same torch thread count in every engine: results then agree bit for bit.
     with torch_threads(cfg.training.num_threads):
         return _run_experiment(
