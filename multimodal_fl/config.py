@@ -684,12 +684,14 @@ class EvaluationConfig(_Strict):
     threshold: Literal["youden", "0.5"] = Field(
         default="youden", description="Operating point: Youden's J on validation, or 0.5."
     )
-    recalibrate: Literal["intercept", "platt", "temperature", "none"] = Field(
+    recalibrate: Literal["intercept", "platt", "temperature", "closed_test", "none"] = Field(
         default="intercept",
         description="Recalibrate the final model's scores on the pooled validation split before "
                     "predict: expit(a + b logit(score)) with the intercept a alone (b = 1; "
                     "recalibration-in-the-large), Platt scaling (a and b), a temperature (b "
-                    "alone), or none.",
+                    "alone), closed_test (Vergouwe et al. 2017: the original scores, the "
+                    "intercept or Platt, each update kept only when a likelihood-ratio test on "
+                    "the validation histogram finds it significant at 0.05), or none.",
     )
 
 

@@ -117,6 +117,32 @@ def test_a_federated_run_recalibrates_on_the_secure_sum_of_validation_histograms
         "site_a", "site_b", "site_c"}
 
 
+def test_the_closed_test_runs_end_to_end_with_the_map_it_chose(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """``recalibrate: closed_test``: the server's choice is the closed test on the pooled
+    validation counts, every site applies it, and ``mmfl predict`` scores as the run did."""
+    cfg = _config(tiny_config, task="alzheimers", recalibrate="closed_test")
+    out = run(cfg, "inprocess", out_dir=tmp_path / "fed", report=False)
+    doc = out.metrics["recalibration"]
+    assert doc["applied"] and doc["method"] in ("original", "intercept", "platt")
+    assert "closed test at 0.05" in doc["source"]
+    rows = _rows(out.run_dir)
+    val = rows[rows["split"] == "val"]
+    counts = fine_counts(val["label"], val["score_raw"], cfg.evaluation.histogram_bins)
+    half = counts.size // 2
+    direct = fit_recalibration(counts[:half], counts[half:], method="closed_test")
+    fitted = Recalibration.from_dict(doc)
+    assert fitted.method == direct.method
+    assert (fitted.a, fitted.b) == pytest.approx((direct.a, direct.b), abs=1e-9)
+    assert rows["score"].to_numpy() == pytest.approx(fitted.apply(rows["score_raw"]), abs=1e-12)
+    site_a = cfg.sites[0]
+    scored = predict_site(out.run_dir, site_a.path, site_name=site_a.name)
+    mine = rows[rows["site"] == site_a.name].set_index("patient_id")
+    got = scored.frame.set_index("patient_id").loc[mine.index]
+    assert got["score"].to_numpy() == pytest.approx(mine["score"].to_numpy(), abs=1e-9)
+
+
 def test_recalibrate_none_leaves_the_scores_and_says_so(
     tiny_config: Callable[..., Path], tmp_path: Path
 ) -> None:

@@ -19,6 +19,18 @@ maps each score ``s`` to
 * ``temperature`` (Guo et al. 2017): ``a = 0``, ``b = 1 / T``. One parameter; it cannot move
   the mean predicted risk of a model whose logits are shifted, so it does not undo a class
   weight. Offered for models trained without one.
+* ``closed_test`` (the closed testing procedure of Vergouwe et al. 2017, Stat Med 36:4529,
+  for choosing how much of a prediction model to update, reduced to these three maps): the
+  original scores (``original``: ``a = 0, b = 1``), the intercept and Platt are fitted on the
+  same histogram; Platt is tested against the original scores by the likelihood ratio (2
+  degrees of freedom) and, if that is significant at ``ALPHA``, against the intercept alone
+  (1 degree of freedom). The first test not significant stops it: the original scores, or the
+  intercept; otherwise Platt. So the slope is fitted only when the validation split shows it
+  is needed (an over-confident model), and a split too small to show it keeps the steadier
+  intercept. The result's ``method`` is the map chosen; its ``source`` gives both statistics.
+  The deviances are computed on the histogram's counts with each bin's patients at its
+  midpoint, from the parameters fitted as above (Platt's smoothed targets), so they are
+  those of the fits actually applied.
 
 Each is one monotone map, so the ranking, and the AUC, is unchanged. All are fitted by
 :func:`fit_recalibration` on **counts**: a fine histogram of the
@@ -46,12 +58,15 @@ import numpy.typing as npt
 import pandas as pd
 from scipy.optimize import brentq
 from scipy.special import expit, logit
+from scipy.stats import chi2
 from sklearn.linear_model import LogisticRegression
 
 from multimodal_fl.evaluation.metrics import calibration_bins, check_binary_inputs
 
 __all__ = [
+    "ALPHA",
     "CONFIG_KEYS",
+    "MAPS",
     "METHODS",
     "RAW_SCORE",
     "Recalibration",
@@ -62,9 +77,14 @@ __all__ = [
 ]
 
 #: The methods ``evaluation.recalibrate`` names (``none``: scores are left as they are).
-METHODS: tuple[str, ...] = ("intercept", "platt", "temperature", "none")
+METHODS: tuple[str, ...] = ("intercept", "platt", "temperature", "closed_test", "none")
 #: The methods that fit something.
-FITTED: tuple[str, ...] = METHODS[:3]
+FITTED: tuple[str, ...] = METHODS[:4]
+#: The maps a fitted :class:`Recalibration` can be (``closed_test`` chooses one of the first
+#: two or ``original``, the scores as they are).
+MAPS: tuple[str, ...] = ("intercept", "platt", "temperature", "original")
+#: The closed test's significance level (Vergouwe et al. 2017 used 0.05).
+ALPHA = 0.05
 #: Scores are clipped to ``[EPS, 1 - EPS]`` before the logit.
 EPS = 1e-6
 #: A request's config keys of a recalibration (method, intercept, slope).
@@ -84,7 +104,8 @@ class Recalibration:
     Attributes
     ----------
     method : str
-        ``intercept``, ``platt`` or ``temperature``.
+        The map: ``intercept``, ``platt``, ``temperature`` or ``original`` (``a = 0, b = 1``,
+        chosen by the closed test).
     a : float
         Intercept (0 for ``temperature``).
     b : float
@@ -192,9 +213,9 @@ class Recalibration:
 
 
 def _check(method: str, a: float, b: float, *, where: str) -> None:
-    if method not in FITTED:
+    if method not in MAPS:
         raise RecalibrationError(f"{where}: recalibration method {method!r}; expected one of "
-                                 f"{list(FITTED)}")
+                                 f"{list(MAPS)}")
     if not (np.isfinite(a) and np.isfinite(b) and b > 0):
         raise RecalibrationError(f"{where}: recalibration a={a}, b={b}; expected finite values "
                                  "and b > 0 (a monotone map)")
@@ -211,7 +232,9 @@ def fit_recalibration(
     ----------
     neg, pos : array-like of int, shape (n_bins,)
         Negatives' and positives' counts per equal-width bin of ``[0, 1]``.
-    method : {"intercept", "platt", "temperature"}
+    method : {"intercept", "platt", "temperature", "closed_test", "original"}
+        ``original`` is the identity map (what the closed test keeps when no update is
+        significant; given here so that its choice can be refitted by name).
     source : str
         What the histogram is, in words (kept with the result).
 
@@ -226,9 +249,9 @@ def fit_recalibration(
         or a temperature fit whose inverse temperature is not positive (a Platt fit then keeps
         its intercept alone, with ``b = 1``).
     """
-    if method not in FITTED:
+    if method not in (*FITTED, "original"):
         raise RecalibrationError(f"recalibration method {method!r}; expected one of "
-                                 f"{list(FITTED)}")
+                                 f"{[*FITTED, 'original']}")
     n_arr = np.asarray(neg, dtype=np.float64).ravel()
     p_arr = np.asarray(pos, dtype=np.float64).ravel()
     if n_arr.shape != p_arr.shape or n_arr.size < 2:
@@ -251,8 +274,12 @@ def fit_recalibration(
     rows = np.concatenate([xs, xs])[:, None]
     labels = np.concatenate([np.ones(xs.size), np.zeros(xs.size)])
     n = round(n_neg + n_pos)
+    if method == "original":
+        return Recalibration(method, 0.0, 1.0, n=n, source=source)
     if method == "intercept":
         return Recalibration(method, _intercept(xs, w1, w0), 1.0, n=n, source=source)
+    if method == "closed_test":
+        return _closed_test(neg, pos, source)
     model = LogisticRegression(C=np.inf, fit_intercept=method == "platt", max_iter=1000)
     model.fit(rows, labels, sample_weight=np.concatenate([w1, w0]))
     a = float(model.intercept_[0]) if method == "platt" else 0.0
@@ -267,6 +294,35 @@ def fit_recalibration(
     return Recalibration(method, _intercept(xs, w1, w0), 1.0, n=n, source=(
         f"{source}; intercept only: the fitted slope ({b:.3g}) was not positive" if source
         else f"intercept only: the fitted slope ({b:.3g}) was not positive"))
+
+
+def _deviance(fit: Recalibration, neg: npt.NDArray[np.float64],
+              pos: npt.NDArray[np.float64]) -> float:
+    """-2 log-likelihood of the histogram's labels under ``fit`` (patients at bin midpoints)."""
+    mid = (np.arange(neg.size) + 0.5) / neg.size
+    p = np.clip(fit.apply(mid), 1e-12, 1.0 - 1e-12)
+    return float(-2.0 * np.sum(pos * np.log(p) + neg * np.log1p(-p)))
+
+
+def _closed_test(neg: npt.ArrayLike, pos: npt.ArrayLike, source: str) -> Recalibration:
+    """Vergouwe et al.'s closed test over the original scores, the intercept and Platt."""
+    n_arr = np.asarray(neg, dtype=np.float64).ravel()
+    p_arr = np.asarray(pos, dtype=np.float64).ravel()
+    fits = {m: fit_recalibration(n_arr, p_arr, method=m, source=source)
+            for m in ("original", "intercept", "platt")}
+    dev = {m: _deviance(f, n_arr, p_arr) for m, f in fits.items()}
+    lr2 = max(dev["original"] - dev["platt"], 0.0)
+    lr1 = max(dev["intercept"] - dev["platt"], 0.0)
+    p2, p1 = float(chi2.sf(lr2, 2)), float(chi2.sf(lr1, 1))
+    if fits["platt"].b == 1.0:  # the slope came out not positive: Platt is the intercept
+        p1 = 1.0
+    chosen = "original" if p2 >= ALPHA else ("intercept" if p1 >= ALPHA else "platt")
+    how = (f"closed test at {ALPHA}: Platt against the original scores LR {lr2:.2f} "
+           f"(p = {p2:.3g}), against the intercept LR {lr1:.2f} (p = {p1:.3g}); {chosen} "
+           "chosen")
+    fit = fits[chosen]
+    return Recalibration(chosen, fit.a, fit.b, n=fit.n,
+                         source=f"{fit.source}; {how}" if fit.source else how)
 
 
 def _intercept(x: npt.NDArray[np.float64], w1: npt.NDArray[np.float64],
@@ -287,7 +343,7 @@ def fit_on_scores(y_true: npt.ArrayLike, y_score: npt.ArrayLike, *, method: str 
     ----------
     y_true, y_score : array-like
         Labels (0/1) and scores of the validation split.
-    method : {"intercept", "platt", "temperature"}
+    method : {"intercept", "platt", "temperature", "closed_test", "original"}
     n_bins : int
         Fine grid (``evaluation.histogram_bins``).
     source : str

@@ -54,6 +54,36 @@ def test_temperature_fits_a_slope_alone() -> None:
     assert abs(platt - observed) < 0.005
 
 
+@pytest.mark.parametrize(("a", "b", "per_bin", "chosen"), [
+    (0.0, 1.0, 20.0, "original"),  # calibrated: nothing to update
+    (-1.5, 1.0, 20.0, "intercept"),  # a class weight's shift, the slope right
+    (-1.0, 0.4, 20.0, "platt"),  # shifted and over-confident
+    (-1.0, 0.7, 0.6, "intercept"),  # a slope 0.7 that 60 patients cannot show
+])
+def test_the_closed_test_updates_only_what_the_validation_split_shows(
+        a: float, b: float, per_bin: float, chosen: str) -> None:
+    """Vergouwe et al.'s closed test: the map chosen is the fit of that name, and the source
+    gives both likelihood-ratio statistics."""
+    risk = expit(a + b * logit(MID))  # expected counts (fractional, as disclosed ones are)
+    neg, pos = per_bin * (1.0 - risk), per_bin * risk
+    fit = fit_recalibration(neg, pos, method="closed_test", source="known")
+    assert fit.method == chosen, fit.source
+    same = fit_recalibration(neg, pos, method=chosen)
+    assert (fit.a, fit.b) == (same.a, same.b)
+    assert fit.source.startswith("known; closed test at 0.05: Platt against the original")
+    assert f"{chosen} chosen" in fit.source
+    # the map travels by its own name and is refitted by it (benchmarks/calibration.py)
+    assert Recalibration.from_config(fit.to_config()) == Recalibration(
+        chosen, fit.a, fit.b, source="the request")
+
+
+def test_the_closed_test_keeps_a_backwards_models_ranking() -> None:
+    risk = expit(0.5 - logit(MID))  # ranks backwards: Platt's slope is not positive
+    neg, pos = 5.0 * (1.0 - risk), 5.0 * risk
+    fit = fit_recalibration(neg, pos, method="closed_test")
+    assert fit.b == 1.0 and fit.method in ("original", "intercept")
+
+
 def test_the_intercept_alone_undoes_a_shift_and_keeps_the_slope() -> None:
     neg, pos = _histogram(-1.5, 1.0)  # a class weight's shift, the slope right
     fit = fit_recalibration(neg, pos, method="intercept", source="known")
