@@ -165,10 +165,10 @@ def test_the_secured_update_check_passes_the_run_and_finds_an_unmasked_vector(
 
     delta, parts = updates[1]["site_a"]
     found = secured_update_findings(leaked(held_vector(parts)), updates)  # its masks gone
-    assert found[:2] == [
-        "round 1: site_a secure_sum masked arrays/y equals site_a's unmasked vector",
-        "round 1: site_a secure_sum masked arrays/y correlates with site_a's unmasked vector "
-        "(+1.000)"], found
+    # (the sites' updates share a direction, so it correlates with theirs as well: also found)
+    assert {"round 1: site_a secure_sum masked arrays/y equals site_a's unmasked vector",
+            "round 1: site_a secure_sum masked arrays/y correlates with site_a's unmasked vector "
+            "(+1.000)"} <= set(found), found
     quantised = np.rint(delta * SecureAggregation().scale).astype(np.int64)  # no offset, no mask
     found = secured_update_findings(leaked(quantised), updates)
     assert any(f.startswith("round 1: site_a secure_sum masked arrays/y correlates with "

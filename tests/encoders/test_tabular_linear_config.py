@@ -73,15 +73,15 @@ def test_an_old_checkpoint_loads_as_a_zero_path_and_a_new_one_says_what_to_set(
 
 
 def test_linear_lr_scale_round_trip_default_and_bad_values(tmp_path: Path) -> None:
-    # the path's learning rate as before the option (docs/benchmarks.md: why not 10 yet)
-    assert _cfg(tmp_path).modalities.tabular.linear_lr_scale == 1.0
-    cfg = load_config(_yaml(tmp_path, linear_lr_scale=10))
-    assert cfg.modalities.tabular.linear_lr_scale == 10.0
+    # 10 by default (docs/benchmarks.md, "Tabular linear path"); 1 is the path as first built
+    assert _cfg(tmp_path).modalities.tabular.linear_lr_scale == 10.0
+    cfg = load_config(_yaml(tmp_path, linear_lr_scale=3))
+    assert cfg.modalities.tabular.linear_lr_scale == 3.0
     again = ExperimentConfig.model_validate(cfg.model_dump(mode="json"))
-    assert again.modalities.tabular.linear_lr_scale == 10.0
+    assert again.modalities.tabular.linear_lr_scale == 3.0
     assert load_config(_yaml(tmp_path), ["modalities.tabular.linear_lr_scale=30"]
                        ).modalities.tabular.linear_lr_scale == 30.0
-    assert build_model(cfg, _data()).encoders.tabular.linear_lr_scale == 10.0
+    assert build_model(cfg, _data()).encoders.tabular.linear_lr_scale == 3.0
     with pytest.raises(ConfigError, match="linear_lr_scale"):
         load_config(_yaml(tmp_path, linear_lr_scale=0))
 
