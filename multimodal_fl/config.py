@@ -685,10 +685,11 @@ class EvaluationConfig(_Strict):
         default="youden", description="Operating point: Youden's J on validation, or 0.5."
     )
     recalibrate: Literal["intercept", "platt", "temperature", "closed_test", "none"] = Field(
-        default="intercept",
+        default="platt",
         description="Recalibrate the final model's scores on the pooled validation split before "
-                    "predict: expit(a + b logit(score)) with the intercept a alone (b = 1; "
-                    "recalibration-in-the-large), Platt scaling (a and b), a temperature (b "
+                    "predict: expit(a + b logit(score)) with Platt scaling (a and b; the "
+                    "default), the intercept a alone (b = 1; "
+                    "recalibration-in-the-large), a temperature (b "
                     "alone), closed_test (Vergouwe et al. 2017: the original scores, the "
                     "intercept or Platt, each update kept only when a likelihood-ratio test on "
                     "the validation histogram finds it significant at 0.05), or none.",

@@ -20,7 +20,7 @@ ServerApp calls the same function with its own federation):
 5. ``recalibrate`` (:mod:`~multimodal_fl.engines.recalibration`): every site scores its
    validation split with the final model and a secure sum of those scores' fine histograms
    (at least three sites) gives the server the pooled counts, on which it fits
-   ``evaluation.recalibrate`` (the intercept alone by default); the parameters go with the predict
+   ``evaluation.recalibrate`` (Platt scaling by default); the parameters go with the predict
    request, ``metrics.json`` gets them (never the histogram), ``recalibration.json`` keeps
    them for ``mmfl predict``.
 6. ``predict``: every site writes its own ``sites/<site>/predictions.csv`` and returns

@@ -7,15 +7,16 @@ maps each score ``s`` to
 
 ``s' = expit(a + b * logit(s))``
 
-* ``intercept`` (the default; recalibration-in-the-large): ``b = 1``, ``a`` fitted. A class
-  weight ``w`` moves every logit by about ``log(w)``, which is exactly an intercept; one
-  parameter is the steadiest fit on a validation split of a hundred or so patients
-  (``benchmarks/calibration.py``: it met every target on both sample tasks, seeds 0-2, where
-  Platt's fitted slope overshot on some seeds).
-* ``platt`` (Platt 1999): both ``a`` and ``b`` are fitted. The intercept undoes the shift of the
-  class weight, the slope corrects over- or under-confidence, at the price of a slope estimated
-  from the validation split. A fit with ``b <= 0`` would reverse the ranking: it keeps the
-  intercept alone (``b = 1``).
+* ``platt`` (Platt 1999; the default): both ``a`` and ``b`` are fitted. The intercept undoes
+  the shift of the class weight, the slope corrects over- or under-confidence, at the price of
+  a slope estimated from the validation split. A fit with ``b <= 0`` would reverse the
+  ranking: it keeps the intercept alone (``b = 1``). The default since the tabular linear path
+  trains at 10 times the learning rate, which made the sample models over-confident as well
+  as shifted (``benchmarks/calibration.py``, seeds 0-5: docs/fairness.md says how it was
+  chosen).
+* ``intercept`` (recalibration-in-the-large): ``b = 1``, ``a`` fitted. A class weight ``w``
+  moves every logit by about ``log(w)``, which is exactly an intercept; one parameter is the
+  steadiest fit on a validation split of a hundred or so patients.
 * ``temperature`` (Guo et al. 2017): ``a = 0``, ``b = 1 / T``. One parameter; it cannot move
   the mean predicted risk of a model whose logits are shifted, so it does not undo a class
   weight. Offered for models trained without one.
