@@ -12,6 +12,10 @@ from the run's own progress events:
   from the start of the run to the first site's preparation;
 - **embedding**: reading the images at the configured size and embedding images and notes
   with the frozen encoders (a cold cache), to the last preparation event;
+- **cohort CPU**: the CPU seconds (user + system) of this process and its finished children
+  (the cohort pool's workers, shut down by then) from the start of the run to the first
+  site's preparation (``os.times``): the cohort's cost without the machine's load, which
+  the wall seconds include;
 - **round**: the median wall seconds of a federated round (``RoundRecord.seconds``);
 - **peak RSS**: the largest sum of the resident set sizes of this process and all its
   children (the cohort pool's workers), sampled every 0.1 s with psutil;
@@ -19,12 +23,17 @@ from the run's own progress events:
   :func:`multimodal_fl.sample_data.generate`).
 
 Each configuration runs in a fresh interpreter (``--one``), so that one run's memory never
-counts in the next. Below the table: the least-squares slope (seconds and MB per 1,000
-patients) over the sizes run at 20 sites, and, unless ``--sizes`` names 50,000, the time and
+counts in the next. ``--cohort-only`` stops each run once its cohorts are built (no
+embedding, no rounds) and prints the cohort's wall and CPU seconds per 1,000 patients:
+whether building the cohorts grows linearly, in minutes instead of an hour at 50,000.
+Below the table: the least-squares slope (seconds and MB per 1,000 patients) over the sizes
+run at 20 sites; with ``--cohort-only`` the ratio of the cohort's CPU seconds per patient at
+the largest and the smallest size; otherwise, unless ``--sizes`` names 50,000, the time and
 memory that slope projects for 50,000 patients, against the one-hour budget for such a run.
 Run from the repository root::
 
     .venv/bin/python benchmarks/scale.py [--sizes 1000 5000 10000] [--rounds 3] [--work DIR]
+        [--cohort-only] [--reuse]
 """
 
 from __future__ import annotations
@@ -97,6 +106,16 @@ class PeakRSS:
         self.sample()
 
 
+class CohortBuilt(Exception):
+    """Raised from a ``--cohort-only`` run's progress callback once the cohorts are built."""
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of its children that have exited."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def experiment(variant: str, data: Path, sites: int, rounds: int) -> Any:
     """The experiment config of one variant (``2d`` or ``3d``) over the generated sites."""
     from multimodal_fl.config import ExperimentConfig, load_task
@@ -123,8 +142,12 @@ def experiment(variant: str, data: Path, sites: int, rounds: int) -> Any:
 
 
 def one(variant: str, patients: int, sites: int, rounds: int, work: Path, *,
-        reuse: bool = False) -> dict[str, Any]:
-    """Generate, train in process and measure one configuration (run in its own interpreter)."""
+        reuse: bool = False, cohort_only: bool = False) -> dict[str, Any]:
+    """Generate, train in process and measure one configuration (run in its own interpreter).
+
+    With ``cohort_only`` the run stops at the first site's preparation (:class:`CohortBuilt`):
+    the embedding, round and total figures are NaN.
+    """
     from multimodal_fl.engines import run
     from multimodal_fl.progress import PrepareEvent
     from multimodal_fl.sample_data import generate
@@ -140,8 +163,10 @@ def one(variant: str, patients: int, sites: int, rounds: int, work: Path, *,
     cfg = experiment(variant, data, sites, rounds)
     times: dict[str, float] = {}
     rounds_s: list[float] = []
+    run_dir = work / f"run-{data.name}"
     with PeakRSS() as rss:
         start = time.perf_counter()  # the run: cohorts, preparation, rounds, predictions
+        cpu_start = cpu_seconds()
 
         def progress(event: object) -> None:
             if isinstance(event, PrepareEvent):
@@ -151,6 +176,9 @@ def one(variant: str, patients: int, sites: int, rounds: int, work: Path, *,
                 else:
                     if "embedding" not in times:
                         rss.mark("cohort")
+                        times["cohort_cpu"] = cpu_seconds() - cpu_start
+                        if cohort_only:
+                            raise CohortBuilt
                     times["embedding"] = now
 
         def on_round(record: Any) -> None:
@@ -158,15 +186,20 @@ def one(variant: str, patients: int, sites: int, rounds: int, work: Path, *,
                 rss.mark("embedding")
             rounds_s.append(float(record.seconds))
 
-        outcome = run(cfg, engine="inprocess", out_dir=work / f"run-{data.name}",
-                      overwrite=True, on_round=on_round, progress=progress, report=False)
-        total = time.perf_counter() - start
+        try:
+            run(cfg, engine="inprocess", out_dir=run_dir, overwrite=True, on_round=on_round,
+                progress=progress, report=False)
+            total = time.perf_counter() - start
+        except CohortBuilt:
+            total = float("nan")
     cohort_s = times.get("cohort", 0.0)
-    n = sum(1 for _ in outcome.run_dir.glob("sites/*"))
-    shutil.rmtree(work / f"run-{data.name}", ignore_errors=True)
+    n = sum(1 for _ in run_dir.glob("sites/*"))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    nan = float("nan")
     return {"variant": variant, "patients": patients, "sites": sites, "generate_s": generated,
-            "cohort_s": cohort_s, "embedding_s": times.get("embedding", cohort_s) - cohort_s,
-            "round_s": statistics.median(rounds_s) if rounds_s else float("nan"),
+            "cohort_s": cohort_s, "cohort_cpu_s": times.get("cohort_cpu", nan),
+            "embedding_s": nan if cohort_only else times.get("embedding", cohort_s) - cohort_s,
+            "round_s": statistics.median(rounds_s) if rounds_s else nan,
             "total_s": total, "peak_mb": rss.peak / 2**20,
             "peak_cohort_mb": rss.marks.get("cohort", 0) / 2**20,
             "peak_embedding_mb": rss.marks.get("embedding", 0) / 2**20, "site_dirs": n,
@@ -188,37 +221,54 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="Keep sample data already generated under --work (its generation "
                         "time is then not measured).")
+    parser.add_argument("--cohort-only", action="store_true",
+                        help="Stop each run once its cohorts are built: cohort wall and CPU "
+                        "seconds only (no embedding, no rounds).")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.one:
         variant, patients, sites = args.one[0], int(args.one[1]), int(args.one[2])
         print(json.dumps(one(variant, patients, sites, args.rounds, args.work,
-                             reuse=args.reuse)))
+                             reuse=args.reuse, cohort_only=args.cohort_only)))
         return
     started = time.perf_counter()
     load_before = os.getloadavg()
-    print("| images | patients | sites | generate s | cohort s | embedding s | round s | "
-          "peak MB (cohort) | peak MB (to round 1) | peak MB (run) | load 1 min |", flush=True)
+    print(header(cohort_only=args.cohort_only), flush=True)
     rows = []
     for size in args.sizes:
         for sites in [k for k in args.site_counts if k <= 20 or size >= 10000]:
             for variant in args.variants:
                 cmd = [sys.executable, __file__, "--one", variant, str(size), str(sites),
                        "--rounds", str(args.rounds), "--work", str(args.work),
-                       *(["--reuse"] if args.reuse else [])]
+                       *(["--reuse"] if args.reuse else []),
+                       *(["--cohort-only"] if args.cohort_only else [])]
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode != 0:
                     sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(row)
-                print(_line(row), flush=True)
+                print(line(row, cohort_only=args.cohort_only), flush=True)
     _summary(rows, args, load_before, time.perf_counter() - started)
 
 
-def _line(r: dict[str, Any]) -> str:
+def header(*, cohort_only: bool = False) -> str:
+    """The table's header row (``cohort_only``: the cohort's columns alone)."""
+    if cohort_only:
+        return ("| images | patients | sites | generate s | cohort s | cohort CPU s | "
+                "cohort CPU s per 1,000 patients | peak MB (cohort) | load 1 min |")
+    return ("| images | patients | sites | generate s | cohort s | cohort CPU s | embedding s | "
+            "round s | peak MB (cohort) | peak MB (to round 1) | peak MB (run) | load 1 min |")
+
+
+def line(r: dict[str, Any], *, cohort_only: bool = False) -> str:
+    """One configuration's table row (the columns of :func:`header`)."""
     gen = "-" if r["generate_s"] != r["generate_s"] else f"{r['generate_s']:.0f}"
-    return (f"| {r['variant']} | {r['patients']:,} | {r['sites']} | {gen} | "
-            f"{r['cohort_s']:.1f} | {r['embedding_s']:.1f} | {r['round_s']:.2f} | "
+    head = (f"| {r['variant']} | {r['patients']:,} | {r['sites']} | {gen} | "
+            f"{r['cohort_s']:.1f} | {r['cohort_cpu_s']:.1f} | ")
+    if cohort_only:
+        per = r["cohort_cpu_s"] / r["patients"] * 1000
+        return f"{head}{per:.2f} | {r['peak_cohort_mb']:,.0f} | {r['load'][0]:.1f} |"
+    return (f"{head}{r['embedding_s']:.1f} | {r['round_s']:.2f} | "
             f"{r['peak_cohort_mb']:,.0f} | {r['peak_embedding_mb']:,.0f} | {r['peak_mb']:,.0f} | "
             f"{r['load'][0]:.1f} |")
 
@@ -249,12 +299,18 @@ def _summary(rows: list[dict[str, Any]], args: argparse.Namespace,
                       key=lambda r: r["patients"])
         if len(mine) < 2:
             continue
-        keys = ("generate_s", "cohort_s", "embedding_s", "total_s", "peak_mb")
+        keys = ("generate_s", "cohort_s", "cohort_cpu_s", "embedding_s", "total_s", "peak_mb")
         fits = {k: _slope(mine, k) for k in keys if all(r[k] == r[k] for r in mine)}
         slope = ", ".join(f"{k} {per * 1000:+.2f}" for k, (_, per) in fits.items())
         print(f"{variant}, 20 sites, least squares over {[r['patients'] for r in mine]} "
               f"patients: per 1,000 patients {slope}")
-        if 50000 in args.sizes:
+        if args.cohort_only:
+            low, high = mine[0], mine[-1]
+            ratio = ((high["cohort_cpu_s"] / high["patients"])
+                     / (low["cohort_cpu_s"] / low["patients"]))
+            print(f"{variant}, cohort CPU s per patient at {high['patients']:,} / at "
+                  f"{low['patients']:,} patients: {ratio:.2f} (1: linear)")
+        if 50000 in args.sizes or args.cohort_only:
             continue
         proj = {k: at0 + per * 50000 for k, (at0, per) in fits.items()}
         run_min = proj["total_s"] / 60
