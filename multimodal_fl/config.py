@@ -758,12 +758,6 @@ class ExperimentConfig(_Strict):
                 "the logit (on the tests' tiny cohort the sites' mean loss rose from about 1 "
                 "to 11-21 after one noised round); set modalities.tabular.linear_path: false "
                 "unless your own validation split says otherwise (docs/privacy.md)")
-        if (tab.enabled and tab.linear_path and self.privacy.dp is not None
-                and tab.linear_lr_scale != 1.0):
-            out.append(
-                f"privacy.dp with modalities.tabular.linear_lr_scale {tab.linear_lr_scale:g}: "
-                "the linear path's noisy DP-SGD steps are that many times larger than the "
-                "rest of the model's (not measured under DP); consider linear_lr_scale: 1")
         return out
 
     def resolved_dict(self) -> dict[str, Any]:

@@ -185,13 +185,10 @@ def test_site_level_dp_with_the_linear_path_is_advised_against(tmp_path: Path) -
     assert load_config(path).advisories() and not load_config(path, [
         "modalities.tabular.linear_path=false"]).advisories()
     assert not load_config(write(tmp_path, minimal(), "plain.yaml")).advisories()
-    dp = load_config(write(tmp_path, minimal(privacy={"dp": {"noise_multiplier": 1.0}}),
-                           "dp.yaml"))
-    assert "linear_lr_scale 10" in " ".join(dp.advisories())
-    assert not load_config(write(
-        tmp_path, minimal(privacy={"dp": {"noise_multiplier": 1.0}},
-                          modalities={"tabular": {"linear_lr_scale": 1.0}}), "dp1.yaml"),
-    ).advisories()
+    # DP-SGD with the x10 path is not advised against: measured, it did better than x1
+    # (docs/benchmarks.md, "Differential privacy")
+    assert not load_config(write(tmp_path, minimal(privacy={"dp": {"noise_multiplier": 1.0}}),
+                                 "dp.yaml")).advisories()
     shown = CliRunner().invoke(app, ["config", "show", str(path)])
     assert shown.exit_code == 0, shown.output
     assert "warning: privacy.site_level" in shown.stderr
