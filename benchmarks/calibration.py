@@ -56,7 +56,8 @@ from sklearn.linear_model import LogisticRegression
 from multimodal_fl.config import load_config
 from multimodal_fl.engines import run
 from multimodal_fl.engines.recalibration import disclosed_validation_counts
-from multimodal_fl.evaluation.metrics import calibration_bins, expected_calibration_error, roc_auc
+from multimodal_fl.evaluation.histograms import fine_counts
+from multimodal_fl.evaluation.metrics import expected_calibration_error, roc_auc
 from multimodal_fl.evaluation.recalibration import FITTED, Recalibration, fit_recalibration
 from multimodal_fl.federated.server import RoundRecord
 from multimodal_fl.sample_data import generate
@@ -183,10 +184,8 @@ def validation_inputs(rows: pd.DataFrame, metrics: dict[str, Any], n_bins: int
     fine = val if not docs else val[~val["site"].isin(list(docs))]
     if source.startswith("the counts-only"):
         fine = val.iloc[:0]
-    b = calibration_bins(fine["score_raw"].to_numpy(dtype=np.float64), n_bins)
-    y = fine["label"].to_numpy(dtype=np.int64)
-    neg = np.bincount(b[y == 0], minlength=n_bins).astype(np.float64)
-    pos = np.bincount(b[y == 1], minlength=n_bins).astype(np.float64)
+    held = fine_counts(fine["label"], fine["score_raw"], n_bins).astype(np.float64)
+    neg, pos = held[:n_bins], held[n_bins:]  # what each site holds for the secure sum
     counts = disclosed_validation_counts(docs) if docs else None
     if counts is not None:
         neg, pos = neg + counts[0], pos + counts[1]

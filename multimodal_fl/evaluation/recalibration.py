@@ -265,8 +265,7 @@ def fit_recalibration(
     if n_neg == 0 or n_pos == 0:
         raise RecalibrationError(f"recalibration: the histogram holds {int(n_pos)} positives "
                                  f"and {int(n_neg)} negatives; both classes are needed")
-    mid = (np.arange(n_arr.size) + 0.5) / n_arr.size
-    x = logit(np.clip(mid, EPS, 1.0 - EPS))
+    x = logit(np.clip(_midpoints(n_arr.size), EPS, 1.0 - EPS))
     t_pos, t_neg = (n_pos + 1.0) / (n_pos + 2.0), 1.0 / (n_neg + 2.0)  # Platt's targets
     keep = (n_arr + p_arr) > 0
     xs, n_k, p_k = x[keep], n_arr[keep], p_arr[keep]
@@ -280,7 +279,7 @@ def fit_recalibration(
     if method == "intercept":
         return Recalibration(method, _intercept(xs, w1, w0), 1.0, n=n, source=source)
     if method == "closed_test":
-        return _closed_test(neg, pos, source)
+        return _closed_test(n_arr, p_arr, source)
     model = LogisticRegression(C=np.inf, fit_intercept=method == "platt", max_iter=1000)
     model.fit(rows, labels, sample_weight=np.concatenate([w1, w0]))
     a = float(model.intercept_[0]) if method == "platt" else 0.0
@@ -297,21 +296,25 @@ def fit_recalibration(
         else f"intercept only: the fitted slope ({b:.3g}) was not positive"))
 
 
+def _midpoints(n_bins: int) -> npt.NDArray[np.float64]:
+    """Where a fine bin's patients are placed: ``(k + 0.5) / n_bins``."""
+    return (np.arange(n_bins) + 0.5) / n_bins
+
+
 def _deviance(fit: Recalibration, neg: npt.NDArray[np.float64],
               pos: npt.NDArray[np.float64]) -> float:
     """-2 log-likelihood of the histogram's labels under ``fit`` (patients at bin midpoints)."""
-    mid = (np.arange(neg.size) + 0.5) / neg.size
-    p = np.clip(fit.apply(mid), 1e-12, 1.0 - 1e-12)
+    p = np.clip(fit.apply(_midpoints(neg.size)), 1e-12, 1.0 - 1e-12)
     return float(-2.0 * np.sum(pos * np.log(p) + neg * np.log1p(-p)))
 
 
-def _closed_test(neg: npt.ArrayLike, pos: npt.ArrayLike, source: str) -> Recalibration:
-    """Vergouwe et al.'s closed test over the original scores, the intercept and Platt."""
-    n_arr = np.asarray(neg, dtype=np.float64).ravel()
-    p_arr = np.asarray(pos, dtype=np.float64).ravel()
-    fits = {m: fit_recalibration(n_arr, p_arr, method=m, source=source)
+def _closed_test(neg: npt.NDArray[np.float64], pos: npt.NDArray[np.float64],
+                 source: str) -> Recalibration:
+    """Vergouwe et al.'s closed test over the original scores, the intercept and Platt, on
+    the histogram :func:`fit_recalibration` has already checked."""
+    fits = {m: fit_recalibration(neg, pos, method=m, source=source)
             for m in ("original", "intercept", "platt")}
-    dev = {m: _deviance(f, n_arr, p_arr) for m, f in fits.items()}
+    dev = {m: _deviance(f, neg, pos) for m, f in fits.items()}
     lr2 = max(dev["original"] - dev["platt"], 0.0)
     lr1 = max(dev["intercept"] - dev["platt"], 0.0)
     p2, p1 = float(chi2.sf(lr2, 2)), float(chi2.sf(lr1, 1))
