@@ -102,3 +102,36 @@ def test_calibration_benchmark_fits_on_the_runs_own_validation_inputs() -> None:
     every_row = {"recalibration": {"source": "the pooled validation rows"}, "rounds": []}
     neg, pos = bench.validation_inputs(rows, every_row, 10)
     assert neg.sum() == 2 and pos.sum() == 3 and np.all(neg >= 0)
+
+
+def test_calibration_benchmark_yardsticks_fit_on_the_rows_they_name() -> None:
+    """The "test rows" yardstick is Platt fitted in sample (its mean predicted risk is the
+    observed fraction); the "every validation row" one is fitted on the validation rows only
+    (a validation split with another prevalence moves it, the test rows do not)."""
+    import sys
+
+    import numpy as np
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("calibration_bench",
+                                                  REPO / "benchmarks" / "calibration.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["calibration_bench"] = bench
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(0)
+    score = rng.uniform(0.05, 0.95, 800)
+    split = np.where(np.arange(800) < 400, "val", "test")
+    risk = np.where(split == "val", 0.9 * score, 0.3 * score)  # validation prevalence 3x test's
+    label = rng.binomial(1, risk)
+    rows = pd.DataFrame({"site": "a", "split": split, "label": label, "score_raw": score,
+                         "score": score})
+    metrics = {"recalibration": {"method": "none", "applied": False,
+                                 "source": "the pooled validation rows"}, "rounds": []}
+    result = bench.measure(rows, metrics, ["platt"], n_bins=100, n_sim=20, seed=0)
+    in_sample = result.yardsticks["the test rows"]
+    on_val = result.yardsticks["every validation row"]
+    assert set(result.yardsticks) == set(bench.YARDSTICKS)
+    assert in_sample.citl < 0.01
+    assert on_val.citl > 0.15  # fitted where the prevalence is three times the test's
+    assert abs(on_val.auc - in_sample.auc) < 1e-9  # both monotone maps of the same scores
