@@ -117,9 +117,11 @@ def import_sites(src: Path, out: Path, min_site_size: int) -> ImportResult:
     return result
 
 
-def experiment(config: Path, task: Path, result: ImportResult) -> ExperimentConfig:
-    """The shipped experiment on the imported sites (the largest first) and the chosen task."""
-    cfg = load_config(config, [f"task={task.resolve()}"])
+def experiment(config: Path, task: Path, result: ImportResult,
+               overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The shipped experiment on the imported sites (the largest first), the chosen task and
+    the ``--set`` overrides."""
+    cfg = load_config(config, [f"task={task.resolve()}", *overrides])
     sites = sorted(result.sites, key=lambda s: -s.patients)
     return cfg.model_copy(update={"sites": [SiteConfig(name=s.name, path=s.path.resolve())
                                             for s in sites]})
@@ -278,6 +280,8 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--sample-seed", type=int, default=0)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--no-loso", action="store_true", help="skip leave-one-site-out")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="config override a.b=c for every engine (repeatable)")
     return ap.parse_args(argv)
 
 
@@ -290,10 +294,11 @@ def benchmark(args: argparse.Namespace, out: Path) -> None:
         print(f"sample: {n} of the CSV's rows (fraction {args.sample_fraction}, seed "
               f"{args.sample_seed})")
     result = import_sites(src, out / "sites", args.min_site_size)
-    cfg = experiment(args.config, args.task, result)
+    cfg = experiment(args.config, args.task, result, args.overrides)
     print(f"\ntask {cfg.task.name}; engines on {len(cfg.sites)} sites; seed {cfg.seed}; "
           f"training {cfg.training.steps} steps, federated {cfg.federated.rounds} rounds x "
-          f"{cfg.federated.local_steps} local steps", flush=True)
+          f"{cfg.federated.local_steps} local steps; overrides {args.overrides or 'none'}",
+          flush=True)
     run_dirs = train_engines(cfg, out / "runs")
     cohort = cohort_with_splits(cfg, run_dirs["federated"])
     t = cohort.table

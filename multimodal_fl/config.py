@@ -528,6 +528,14 @@ class TrainingConfig(_Strict):
 
     steps: int = Field(default=300, ge=1, description="Optimisation steps (local/centralized).")
     batch_size: int = Field(default=32, ge=1, description="Patients per step.")
+    min_rare_per_batch: float = Field(
+        default=0.0, ge=0,
+        description="Enlarge the batch of a training set whose rarer class is scarce, so that "
+                    "a batch holds this many of that class on average (batch = the larger of "
+                    "batch_size and this times n / rarer-class count, at most n), decided where "
+                    "the training rows are (each site; the pooled set in centralized); 0: off. "
+                    "For rare outcomes: fresh-AdamW local updates on batches that mostly hold no "
+                    "positive train badly (docs/configuration.md).")
     lr: float = Field(default=1e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(default=1e-4, ge=0, description="AdamW weight decay.")
     eval_every: int = Field(default=25, ge=1, description="Validate every N steps.")
@@ -739,6 +747,11 @@ class ExperimentConfig(_Strict):
             raise ValueError("privacy.dp: federated.algorithm 'fedprox' adds a proximal "
                              "gradient that would skip DP-SGD's clipping and noise; use fedavg, "
                              "fedadam or fedyogi")
+        if self.training.min_rare_per_batch > 0:
+            raise ValueError("privacy.dp: training.min_rare_per_batch would make DP-SGD's "
+                             "sampling rate, and so each site's epsilon, follow the site's "
+                             "prevalence; set training.min_rare_per_batch: 0 and a "
+                             "training.batch_size large enough for the rarest site")
         return self
 
     def advisories(self) -> list[str]:

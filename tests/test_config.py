@@ -262,3 +262,15 @@ def test_set_into_a_list_out_of_range_or_wrong_is_a_one_line_error(
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert result.output.strip().splitlines() == [f"error: {err.value}"]
+
+
+def test_dp_sgd_refuses_a_batch_that_follows_the_prevalence(tmp_path: Path) -> None:
+    """DP-SGD's sampling rate sets each site's epsilon: ``min_rare_per_batch`` would tie it to
+    the site's prevalence, so the two are refused together, naming both keys."""
+    dp = {"dp": {"noise_multiplier": 1.0}}
+    load_config(write(tmp_path, minimal(privacy=dp), "dp.yaml"))
+    with pytest.raises(ConfigError, match="min_rare_per_batch"):
+        load_config(write(tmp_path, minimal(privacy=dp, training={"min_rare_per_batch": 4}),
+                          "both.yaml"))
+    assert load_config(write(tmp_path, minimal(training={"min_rare_per_batch": 4}),
+                             "rare.yaml")).training.min_rare_per_batch == 4

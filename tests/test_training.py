@@ -17,6 +17,7 @@ from multimodal_fl.fusion import FusionModel, NoModalityError
 from multimodal_fl.training import (
     CohortDataset,
     SiteData,
+    batch_size_for,
     evaluate,
     fit_tabular_standardizer,
     local_update,
@@ -328,3 +329,46 @@ def test_site_parts_are_reused_until_the_split_is_replaced() -> None:
     assert site.train is not before and len(site.train) == 30
     with pytest.raises(ValueError, match="unknown split"):
         site.part("holdout")
+
+
+def test_batch_size_for_enlarges_only_for_a_scarce_class() -> None:
+    """``min_rare_per_batch`` rare-class patients per batch on average, never fewer than
+    ``batch_size`` rows nor more than the training set; off at 0 or without a rare class."""
+    def labels(n: int, n_pos: int) -> torch.Tensor:
+        return torch.cat([torch.ones(n_pos), torch.zeros(n - n_pos)])
+
+    assert batch_size_for(labels(1000, 10), 32, 0.0) == (32, [])
+    size, notes = batch_size_for(labels(1000, 10), 32, 4.0)
+    assert size == 400 and len(notes) == 1 and "400 instead of 32" in notes[0]
+    assert batch_size_for(labels(1000, 990), 32, 4.0)[0] == 400  # rare negatives alike
+    assert batch_size_for(labels(1000, 300), 32, 4.0) == (32, [])  # 4 * 1000 / 300 < 32
+    assert batch_size_for(labels(100, 1), 32, 4.0)[0] == 100  # at most the training set
+    assert batch_size_for(labels(100, 0), 32, 4.0) == (32, [])  # no class to count
+
+
+def test_train_draws_the_enlarged_batches() -> None:
+    """With ``min_rare_per_batch`` every training batch has the enlarged size (the note says
+    so); without it the batches are ``batch_size`` rows, as before."""
+    site = make_site(240, pos_rate=0.1)
+    n, n_pos = len(site.train), int(site.train.labels.sum())
+    n_rare = min(n_pos, n - n_pos)
+    expected = min(n, max(16, -(-4 * n // n_rare)))
+    assert expected > 16
+
+    def sizes(cfg: TrainingConfig) -> tuple[set[int], list[str]]:
+        seen: list[int] = []
+
+        def record(batch: Any) -> Any:
+            seen.append(len(batch.labels))
+            return batch
+
+        model = make_model()
+        fit_tabular_standardizer(model, [site.train])
+        result = train(model, site.train, site.val, cfg, augment=record,
+                       generator=torch.Generator().manual_seed(0))
+        return set(seen), result.notes
+
+    enlarged, notes = sizes(tcfg(steps=5, min_rare_per_batch=4.0))
+    assert enlarged == {expected} and any("min_rare_per_batch" in x for x in notes)
+    plain, notes = sizes(tcfg(steps=5))
+    assert plain == {16} and not any("min_rare_per_batch" in x for x in notes)

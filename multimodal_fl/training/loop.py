@@ -265,6 +265,45 @@ def _pos_weight(labels: torch.Tensor) -> tuple[float, list[str]]:
     return n_neg / n_pos, []
 
 
+def batch_size_for(labels: torch.Tensor, batch_size: int, min_rare: float
+                   ) -> tuple[int, list[str]]:
+    """The batch size of one training set: ``batch_size``, enlarged for a scarce class.
+
+    With ``min_rare > 0`` the batch holds ``min_rare`` patients of the training set's rarer
+    class on average: ``ceil(min_rare * n / n_rare)`` when that is larger than ``batch_size``,
+    never more than ``n``. A fresh AdamW (every :func:`train` call, so every federated round)
+    takes sign-like steps at first, and on batches of 32 of an outcome at 1 % most steps see
+    no positive at all: the local updates then pull the model around instead of fitting it
+    (``docs/configuration.md`` has the measurement). Decided where the rows are, so no one
+    else learns the prevalence from it.
+
+    Parameters
+    ----------
+    labels : torch.Tensor
+        The training labels (0/1).
+    batch_size : int
+        ``training.batch_size``.
+    min_rare : float
+        ``training.min_rare_per_batch`` (0: off).
+
+    Returns
+    -------
+    size : int
+    notes : list of str
+        One line when the batch was enlarged (kept with the site's own training result).
+    """
+    n = len(labels)
+    n_pos = int(labels.sum())
+    n_rare = min(n_pos, n - n_pos)
+    if min_rare <= 0 or n_rare == 0:
+        return batch_size, []
+    size = min(n, max(batch_size, math.ceil(min_rare * n / n_rare)))
+    if size == batch_size:
+        return batch_size, []
+    return size, [f"batch size {size} instead of {batch_size}: {n_rare} of {n} training rows "
+                  f"are of the rarer class (training.min_rare_per_batch {min_rare:g})"]
+
+
 def _optimisation_step(
     model: FusionModel,
     batch: Batch,
@@ -374,13 +413,14 @@ def train(
     The optimiser takes :meth:`FusionModel.optimizer_param_groups` (an encoder's linear path
     at ``cfg.lr`` times its ``linear_lr_scale``, everything else at ``cfg.lr``).
 
-    Batches of ``cfg.batch_size`` rows are drawn without replacement from successive random
-    permutations of the training rows (cycling through the data as often as ``steps``
-    needs). The loss is ``BCEWithLogits`` with ``pos_weight`` = negatives / positives of the
-    training rows. Every ``cfg.eval_every`` steps the validation AUC is computed; when it
-    does not improve for ``cfg.patience`` evaluations, training stops and the best weights
-    are restored. When the validation AUC is undefined (no positives or no negatives in
-    ``val_data``), that is recorded in ``notes`` and early stopping is off.
+    Batches of ``cfg.batch_size`` rows (enlarged for a scarce class by :func:`batch_size_for`
+    when ``cfg.min_rare_per_batch`` is set) are drawn without replacement from successive random
+    permutations of the training rows (cycling through the data as often as ``steps`` needs).
+    The loss is ``BCEWithLogits`` with ``pos_weight`` = negatives / positives of the training
+    rows. Every ``cfg.eval_every`` steps the validation AUC is computed; when it does not
+    improve for ``cfg.patience`` evaluations, training stops and the best weights are restored.
+    When the validation AUC is undefined (no positives or no negatives in ``val_data``), that is
+    recorded in ``notes`` and early stopping is off.
 
     Parameters
     ----------
@@ -430,6 +470,13 @@ def train(
     device = resolve_device(cfg.device)
     model.to(device)
     pos_weight, notes = _pos_weight(train_data.labels)
+    batch_size, enlarged = batch_size_for(train_data.labels, cfg.batch_size,
+                                          cfg.min_rare_per_batch)
+    if dp is not None and enlarged:
+        raise ValueError("train: DP-SGD samples batches of training.batch_size; "
+                         "training.min_rare_per_batch would make its sampling rate follow the "
+                         "prevalence (set it to 0)")
+    notes += enlarged
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
     groups = model.optimizer_param_groups(cfg.lr)
     params = [p for g in groups for p in g["params"]]
@@ -446,7 +493,7 @@ def train(
         notes=notes,
     )
     stopper = EarlyStopping(cfg.patience)
-    stream = _batch_stream(len(train_data), cfg.batch_size, generator)
+    stream = _batch_stream(len(train_data), batch_size, generator)
     with contextlib.ExitStack() as stack:
         if dp is not None:
             opt, stream = stack.enter_context(
