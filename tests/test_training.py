@@ -337,7 +337,9 @@ def test_batch_size_for_enlarges_only_for_a_scarce_class() -> None:
     def labels(n: int, n_pos: int) -> torch.Tensor:
         return torch.cat([torch.ones(n_pos), torch.zeros(n - n_pos)])
 
-    assert batch_size_for(labels(1000, 10), 32, 0.0) == (32, [])
+    size, notes = batch_size_for(labels(1000, 10), 32, 0.0)  # off: said, not done
+    assert size == 32 and len(notes) == 1 and "0.32 of the rarer class" in notes[0]
+    assert batch_size_for(labels(1000, 40), 32, 0.0) == (32, [])  # 1.28 per batch: silent
     size, notes = batch_size_for(labels(1000, 10), 32, 4.0)
     assert size == 400 and len(notes) == 1 and "400 instead of 32" in notes[0]
     assert batch_size_for(labels(1000, 990), 32, 4.0)[0] == 400  # rare negatives alike

@@ -504,6 +504,9 @@ class FusionSite:
                               steps=settings.local_steps, generator=gen, proximal=proximal,
                               augment=self._augment, dp=dp)
         metrics = {"loss": float(result.loss)} if np.isfinite(result.loss) else {}
+        if request.round == 1:  # once: the same lines every round would drown the log
+            for note in result.notes:
+                log.info("site %s training: %s", self.name, note)
         if dp is not None:
             metrics.update(self._count_spending(dp, delta, request.round, settings.local_steps))
         weights = state_to_numpy(self.model)

@@ -290,13 +290,22 @@ def batch_size_for(labels: torch.Tensor, batch_size: int, min_rare: float
     -------
     size : int
     notes : list of str
-        One line when the batch was enlarged (kept with the site's own training result).
+        One line when the batch was enlarged, or when it is off and a batch holds fewer than
+        one of the rarer class on average (kept with the site's own training result: they
+        name class counts, so they go to the site's log, never into a reply).
     """
     n = len(labels)
     n_pos = int(labels.sum())
     n_rare = min(n_pos, n - n_pos)
-    if min_rare <= 0 or n_rare == 0:
+    if n_rare == 0:
         return batch_size, []
+    if min_rare <= 0:
+        per_batch = min(batch_size, n) * n_rare / n
+        if per_batch >= 1:
+            return batch_size, []
+        return batch_size, [f"batches of {batch_size} hold {per_batch:.2f} of the rarer class on "
+                            "average; training.min_rare_per_batch (e.g. 4) enlarges them "
+                            "(docs/configuration.md, rare outcomes)"]
     size = min(n, max(batch_size, math.ceil(min_rare * n / n_rare)))
     if size == batch_size:
         return batch_size, []

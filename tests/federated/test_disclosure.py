@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -458,3 +459,27 @@ def test_a_rule_may_withhold_a_reply_with_a_reason(tmp_path: Path) -> None:
         gate.release(Request(Kind.INFO, 0), lambda r: Reply("x", "info", 0, n_samples=12))
     entry = json.loads((tmp_path / "egress.jsonl").read_text())
     assert not entry["released"] and entry["refused"].endswith("fewer than 10 patients")
+
+
+def test_the_batch_note_stays_in_the_sites_log(
+        tiny: tuple[ExperimentConfig, dict[str, SiteData]], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The enlarged batch's note names the site's class counts: the site logs it (round 1
+    only), and neither the reply nor the egress record carries it."""
+    cfg, sites = tiny
+    rare = cfg.model_copy(update={"training": cfg.training.model_copy(
+        update={"min_rare_per_batch": 50.0})})
+    init = _site(tiny, tmp_path / "i").handle(Request(Kind.INIT, 0))
+    site = FusionSite("site_a", rare, sites["site_a"], run_dir=tmp_path)
+    with caplog.at_level(logging.INFO, logger="multimodal_fl.federated.site"):
+        reply = site.handle(_fit(init.weights))
+    noted = [r.getMessage() for r in caplog.records if "min_rare_per_batch" in r.getMessage()]
+    assert len(noted) == 1 and noted[0].startswith("site site_a training: batch size ")
+    assert "min_rare_per_batch" not in repr(reply.metrics) + repr(reply.documents)
+    assert "min_rare_per_batch" not in (tmp_path / "sites" / "site_a" / "egress.jsonl"
+                                        ).read_text()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="multimodal_fl.federated.site"):
+        site.handle(Request(Kind.FIT, 2, weights=dict(init.weights),
+                            config={"seed": 0, "local_steps": 1, "lr": 1e-3}))
+    assert not any("min_rare_per_batch" in r.getMessage() for r in caplog.records)
