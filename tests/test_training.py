@@ -345,6 +345,7 @@ def test_batch_size_for_enlarges_only_for_a_scarce_class() -> None:
     assert batch_size_for(labels(1000, 990), 32, 4.0)[0] == 400  # rare negatives alike
     assert batch_size_for(labels(1000, 300), 32, 4.0) == (32, [])  # 4 * 1000 / 300 < 32
     assert batch_size_for(labels(100, 1), 32, 4.0)[0] == 100  # at most the training set
+    assert batch_size_for(labels(20, 1), 32, 4.0) == (32, [])  # a set under one batch: as is
     assert batch_size_for(labels(100, 0), 32, 4.0) == (32, [])  # no class to count
 
 

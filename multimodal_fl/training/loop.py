@@ -271,7 +271,7 @@ def batch_size_for(labels: torch.Tensor, batch_size: int, min_rare: float
 
     With ``min_rare > 0`` the batch holds ``min_rare`` patients of the training set's rarer
     class on average: ``ceil(min_rare * n / n_rare)`` when that is larger than ``batch_size``,
-    never more than ``n``. A fresh AdamW (every :func:`train` call, so every federated round)
+    never more than ``n`` (a training set of at most ``batch_size`` rows is left as it is). A fresh AdamW (every :func:`train` call, so every federated round)
     takes sign-like steps at first, and on batches of 32 of an outcome at 1 % most steps see
     no positive at all: the local updates then pull the model around instead of fitting it
     (``docs/configuration.md`` has the measurement). Decided where the rows are, so no one
@@ -306,9 +306,10 @@ def batch_size_for(labels: torch.Tensor, batch_size: int, min_rare: float
         return batch_size, [f"batches of {batch_size} hold {per_batch:.2f} of the rarer class on "
                             "average; training.min_rare_per_batch (e.g. 4) enlarges them "
                             "(docs/configuration.md, rare outcomes)"]
-    size = min(n, max(batch_size, math.ceil(min_rare * n / n_rare)))
-    if size == batch_size:
+    wanted = math.ceil(min_rare * n / n_rare)
+    if wanted <= batch_size or n <= batch_size:
         return batch_size, []
+    size = min(n, wanted)
     return size, [f"batch size {size} instead of {batch_size}: {n_rare} of {n} training rows "
                   f"are of the rarer class (training.min_rare_per_batch {min_rare:g})"]
 
