@@ -590,6 +590,14 @@ class FederatedConfig(_Strict):
     beta2: float = Field(default=0.99, ge=0, lt=1, description="FedAdam/FedYogi beta2.")
     tau: float = Field(default=1e-3, gt=0, description="FedAdam/FedYogi adaptivity (epsilon).")
     fedbn: bool = Field(default=False, description="Keep normalisation layers local (FedBN).")
+    keep_optimizer_state: bool = Field(
+        default=False,
+        description="Each site keeps its AdamW moments from one round to the next instead of "
+        "starting a fresh optimiser every round; they stay at the site (on Flower in the "
+        "SuperNode's state), never in a reply. For rare outcomes, where a fresh optimiser's "
+        "first steps on batches without a positive pull the model around "
+        "(docs/configuration.md). A resumed run starts them afresh.",
+    )
     secure_aggregation: bool = Field(
         default=False,
         description="Sum the sites' model updates with secure aggregation: the server learns "
@@ -747,6 +755,9 @@ class ExperimentConfig(_Strict):
             raise ValueError("privacy.dp: federated.algorithm 'fedprox' adds a proximal "
                              "gradient that would skip DP-SGD's clipping and noise; use fedavg, "
                              "fedadam or fedyogi")
+        if self.federated.keep_optimizer_state:
+            raise ValueError("privacy.dp: federated.keep_optimizer_state is for AdamW; DP-SGD "
+                             "steps with Opacus' optimiser, started afresh every round")
         if self.training.min_rare_per_batch > 0:
             raise ValueError("privacy.dp: training.min_rare_per_batch would make DP-SGD's "
                              "sampling rate, and so each site's epsilon, follow the site's "

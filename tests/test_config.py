@@ -274,3 +274,10 @@ def test_dp_sgd_refuses_a_batch_that_follows_the_prevalence(tmp_path: Path) -> N
                           "both.yaml"))
     assert load_config(write(tmp_path, minimal(training={"min_rare_per_batch": 4}),
                              "rare.yaml")).training.min_rare_per_batch == 4
+
+
+def test_dp_sgd_refuses_kept_optimiser_state(tmp_path: Path) -> None:
+    """DP-SGD steps with Opacus' optimiser: keeping AdamW moments does not apply to it."""
+    with pytest.raises(ConfigError, match="keep_optimizer_state"):
+        load_config(write(tmp_path, minimal(privacy={"dp": {"noise_multiplier": 1.0}},
+                                            federated={"keep_optimizer_state": True})))

@@ -284,7 +284,12 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(
 
 def test_run_config_from_the_typed_experiment_config(tiny_config: Callable[..., Path]) -> None:
     from multimodal_fl.config import FederatedConfig
-    from multimodal_fl.engines.federated import ENGINE_FIELDS, LOOP_FIELDS, run_config
+    from multimodal_fl.engines.federated import (
+        ENGINE_FIELDS,
+        LOOP_FIELDS,
+        SITE_FIELDS,
+        run_config,
+    )
 
     cfg = load_config(tiny_config(federated={"algorithm": "fedprox", "mu": 0.3, "local_steps": 7,
                                              "timeout_s": 9.0}, seed=5))
@@ -297,4 +302,4 @@ def test_run_config_from_the_typed_experiment_config(tiny_config: Callable[..., 
         update={"algorithm": "fedadam", "server_lr": 0.1})}))
     assert adam.proximal_mu == 0.0 and adam.optimizer.eta == 0.1
     # a new federated field must be mapped onto the loop or named as the engine's own
-    assert set(FederatedConfig.model_fields) == LOOP_FIELDS | ENGINE_FIELDS
+    assert set(FederatedConfig.model_fields) == LOOP_FIELDS | ENGINE_FIELDS | SITE_FIELDS

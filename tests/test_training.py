@@ -375,3 +375,31 @@ def test_train_draws_the_enlarged_batches() -> None:
     assert enlarged == {expected} and any("min_rare_per_batch" in x for x in notes)
     plain, notes = sizes(tcfg(steps=5))
     assert plain == {16} and not any("min_rare_per_batch" in x for x in notes)
+
+
+def test_train_carries_the_optimiser_state_it_is_given() -> None:
+    """A call given the previous call's AdamW state continues it (its step count goes on and
+    the weights differ from a fresh optimiser's); a state for another model is refused."""
+    site = make_site(120)
+
+    def run(state: Any = None) -> tuple[Any, bytes]:
+        model = make_model(modality_dropout=0.0)
+        fit_tabular_standardizer(model, [site.train])
+        first = train(model, site.train, None, tcfg(steps=5),
+                      generator=torch.Generator().manual_seed(0))
+        second = train(model, site.train, None, tcfg(steps=5),
+                       generator=torch.Generator().manual_seed(1),
+                       optimizer_state=first.optimizer_state if state else None)
+        return second, state_bytes(model)
+
+    kept, kept_weights = run(state=True)
+    fresh, fresh_weights = run()
+    assert kept.optimizer_state is not None and fresh.optimizer_state is not None
+    steps = {float(s["step"]) for s in kept.optimizer_state.values()}
+    assert steps == {10.0} and {float(s["step"]) for s in fresh.optimizer_state.values()} == {5.0}
+    assert kept_weights != fresh_weights
+    assert "optimizer_state" not in kept.to_dict()
+    model = make_model()
+    with pytest.raises(ValueError, match="does not fit"):
+        train(model, site.train, None, tcfg(steps=1), generator=torch.Generator(),
+              optimizer_state={10_000: {"step": torch.tensor(1.0)}})

@@ -154,6 +154,9 @@ LOOP_FIELDS = frozenset({
 })
 #: ``federated`` fields the engine handles around the loop.
 ENGINE_FIELDS = frozenset({"engine", "pca", "select", "tracker"})
+#: ``federated`` fields each site reads from its own copy of the config (as it reads
+#: ``training``): they govern what it keeps between requests, which no request carries.
+SITE_FIELDS = frozenset({"keep_optimizer_state"})
 
 
 def fit_settings(cfg: ExperimentConfig, *, local_steps: int | None = None) -> FitSettings:

@@ -198,6 +198,8 @@ LOCAL_MODEL = "local"
 PRIVACY_LEDGER = "privacy.json"
 
 log = logging.getLogger(__name__)
+#: Prefix of the AdamW moments in :meth:`FusionSite.export_state`.
+OPTIMIZER_PREFIX = "optimizer/"
 
 #: The secure-summed vector a site holds after ``predict``: its test split's fine score
 #: histograms (:func:`~multimodal_fl.evaluation.histograms.histogram_parts`).
@@ -290,6 +292,7 @@ class FusionSite:
         self.model = build_model(cfg, data)
         self._augment = batch_augmenter(cfg, self.model)
         self._local_state: dict[str, torch.Tensor] = {}
+        self._optimizer_state: dict[int, dict[str, torch.Tensor]] | None = None
         self._local_model: FusionModel | None = None
         self.progress = progress
         self.secure = SecureSumParty(name)
@@ -317,9 +320,13 @@ class FusionSite:
         dict of str to ndarray
             ``pca/mean``, ``pca/components``, ``pca/scale``, ``pca/modality`` (UTF-8 bytes)
             after ``pca_apply``; ``secure_sum/...``: the vectors held for secure sums and the
-            secrets of a sum under way (:meth:`SecureSumParty.export_state`).
+            secrets of a sum under way (:meth:`SecureSumParty.export_state`);
+            ``optimizer/<index>/<name>``: the AdamW moments of the last ``fit``
+            (``federated.keep_optimizer_state``).
         """
-        return {**self._pca_state, **self.secure.export_state()}
+        moments = {f"{OPTIMIZER_PREFIX}{i}/{k}": v.detach().cpu().numpy()
+                   for i, s in (self._optimizer_state or {}).items() for k, v in s.items()}
+        return {**self._pca_state, **self.secure.export_state(), **moments}
 
     def restore_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Re-apply a projection and take back the secure-sum state kept by :meth:`export_state`.
@@ -334,12 +341,20 @@ class FusionSite:
             proj = {k[4:]: v for k, v in arrays.items() if k.startswith("pca/") and
                     k != "pca/modality"}
             self._apply_projection(modality, proj)
+        moments: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in arrays.items():
+            if key.startswith(OPTIMIZER_PREFIX):
+                index, name = key[len(OPTIMIZER_PREFIX):].split("/", 1)
+                moments.setdefault(int(index), {})[name] = torch.from_numpy(
+                    np.array(value, copy=True))
+        self._optimizer_state = moments or None
 
     def _apply_projection(self, modality: str, arrays: dict[str, np.ndarray]) -> None:
         self.data = project_site_data(self._loaded, modality, arrays)
         self.model = build_model(self.cfg, self.data)
         self._augment = batch_augmenter(self.cfg, self.model)
         self._local_state = {}
+        self._optimizer_state = None
         self._pca_state = {f"pca/{k}": np.asarray(v) for k, v in arrays.items()}
         self._pca_state["pca/modality"] = np.frombuffer(modality.encode(), dtype=np.uint8).copy()
 
@@ -500,9 +515,13 @@ class FusionSite:
 
         dp, delta = self._private_training(settings)
         training = self.cfg.training.model_copy(update={"lr": settings.lr})
+        keep = self.cfg.federated.keep_optimizer_state and dp is None
         result = local_update(self.model, None, self.data.train, training,
                               steps=settings.local_steps, generator=gen, proximal=proximal,
-                              augment=self._augment, dp=dp)
+                              augment=self._augment, dp=dp,
+                              optimizer_state=self._optimizer_state if keep else None)
+        if keep:  # the moments stay here: export_state carries them between Flower messages
+            self._optimizer_state = result.optimizer_state
         metrics = {"loss": float(result.loss)} if np.isfinite(result.loss) else {}
         if request.round == 1:  # once: the same lines every round would drown the log
             for note in result.notes:

@@ -15,9 +15,11 @@ fixed for a block (every engine uses it, so their results agree bit for bit).
 
 Optimiser state
 ---------------
-Every :func:`train` / :func:`local_update` call creates a new AdamW optimiser. In federated
-training the optimiser state is therefore reset at every round *by design*: nothing but the
-weights crosses rounds, so there is no optimiser state to checkpoint or to average.
+Every :func:`train` / :func:`local_update` call creates a new AdamW optimiser. By default the
+federated optimiser state is therefore reset at every round: nothing but the weights crosses
+rounds, so there is no optimiser state to checkpoint or to average. With
+``federated.keep_optimizer_state`` a site hands the moments of one call
+(:attr:`TrainResult.optimizer_state`) to its next (``optimizer_state=``); they never leave it.
 """
 
 from __future__ import annotations
@@ -84,6 +86,10 @@ class TrainResult:
     notes : list of str
         Human-readable remarks (e.g. "validation AUC undefined (no positives): early
         stopping off").
+    optimizer_state : dict or None
+        AdamW's per-parameter state at the end (``{index: {"step", "exp_avg",
+        "exp_avg_sq"}}``, the ``state`` of ``Optimizer.state_dict()``); ``None`` under DP-SGD.
+        Not in :meth:`to_dict`.
     """
 
     steps: int
@@ -97,6 +103,8 @@ class TrainResult:
     modality_counts: dict[str, int] = field(default_factory=dict)
     pos_weight: float = 1.0
     notes: list[str] = field(default_factory=list)
+    optimizer_state: dict[int, dict[str, torch.Tensor]] | None = field(default=None,
+                                                                        repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
@@ -271,11 +279,12 @@ def batch_size_for(labels: torch.Tensor, batch_size: int, min_rare: float
 
     With ``min_rare > 0`` the batch holds ``min_rare`` patients of the training set's rarer
     class on average: ``ceil(min_rare * n / n_rare)`` when that is larger than ``batch_size``,
-    never more than ``n`` (a training set of at most ``batch_size`` rows is left as it is). A fresh AdamW (every :func:`train` call, so every federated round)
-    takes sign-like steps at first, and on batches of 32 of an outcome at 1 % most steps see
-    no positive at all: the local updates then pull the model around instead of fitting it
-    (``docs/configuration.md`` has the measurement). Decided where the rows are, so no one
-    else learns the prevalence from it.
+    never more than ``n`` (a training set of at most ``batch_size`` rows is left as it is). A
+    fresh AdamW (every :func:`train` call, so every federated round) takes sign-like steps at
+    first, and on batches of 32 of an outcome at 1 % most steps see no positive at all: the
+    local updates then pull the model around instead of fitting it (``docs/configuration.md``
+    has the measurement). Decided where the rows are, so no one else learns the prevalence from
+    it.
 
     Parameters
     ----------
@@ -417,6 +426,7 @@ def train(
     augment: Callable[[Batch], Batch] | None = None,
     progress: Callable[[int, float], None] | None = None,
     dp: DPSGD | None = None,
+    optimizer_state: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
 ) -> TrainResult:
     """Run ``steps`` optimisation steps of AdamW on ``train_data``, in place.
 
@@ -464,12 +474,20 @@ def train(
         ``dp.ledger``. The model must come from
         :func:`~multimodal_fl.training.privacy.make_private_compatible`. An empty batch
         takes a step of noise alone; the loss averages the non-empty ones.
+    optimizer_state : mapping or None
+        AdamW moments to start from (a previous call's :attr:`TrainResult.optimizer_state`
+        for the same model): the optimiser takes them, with this call's ``lr`` and
+        ``weight_decay``; ``None``: a fresh AdamW. Not with ``dp``.
 
     Returns
     -------
     TrainResult
+        With :attr:`TrainResult.optimizer_state` (not under DP-SGD).
     """
     steps = cfg.steps if steps is None else int(steps)
+    if dp is not None and optimizer_state is not None:
+        raise ValueError("train: DP-SGD starts Opacus' optimiser afresh; it takes no "
+                         "optimizer_state")
     if dp is not None and proximal is not None:
         raise ValueError("train: DP-SGD does not take a proximal term (its gradient would "
                          "skip the clipping and the noise)")
@@ -492,6 +510,8 @@ def train(
     params = [p for g in groups for p in g["params"]]
     opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr,
                                                    weight_decay=cfg.weight_decay)
+    if optimizer_state is not None:
+        _load_moments(opt, optimizer_state)
     validate = val_data is not None and len(val_data) > 0
     result = TrainResult(
         steps=0,
@@ -531,7 +551,25 @@ def train(
     if stopper.restore_best(model):
         result.best_step = stopper.best_step
         result.best_val_auc = float(stopper.best_value)
+    if dp is None:
+        result.optimizer_state = {int(i): {k: v.detach().clone() for k, v in s.items()}
+                                  for i, s in opt.state_dict()["state"].items()}
     return result
+
+
+def _load_moments(opt: torch.optim.Optimizer,
+                  state: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
+    """Give a fresh optimiser the per-parameter state of an earlier one (its own groups,
+    so this call's learning rates); a state that does not fit the parameters is refused."""
+    sizes = [p.numel() for g in opt.param_groups for p in g["params"]]
+    for i, s in state.items():
+        if not 0 <= int(i) < len(sizes) or any(
+                v.numel() not in (1, sizes[int(i)]) for v in s.values()):
+            raise ValueError(f"optimizer_state: entry {i} does not fit this model's "
+                             f"{len(sizes)} parameters")
+    current = opt.state_dict()
+    current["state"] = {int(i): {k: v.clone() for k, v in s.items()} for i, s in state.items()}
+    opt.load_state_dict(current)
 
 
 def local_update(
@@ -546,11 +584,13 @@ def local_update(
     augment: Callable[[Batch], Batch] | None = None,
     strict: bool = True,
     dp: DPSGD | None = None,
+    optimizer_state: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
 ) -> TrainResult:
     """One federated site's local training: load ``weights``, run ``steps`` steps, no validation.
 
-    A fresh AdamW optimiser is created at every call: the optimiser state is reset every
-    round by design (see the module docstring).
+    A fresh AdamW optimiser is created at every call, so the optimiser state is reset every
+    round, unless the site hands back the state of its previous round (``optimizer_state``,
+    ``federated.keep_optimizer_state``; see the module docstring).
 
     Parameters
     ----------
@@ -572,6 +612,8 @@ def local_update(
         Passed to :func:`load_weights`.
     dp : DPSGD or None
         Train with DP-SGD (see :func:`train`).
+    optimizer_state : mapping or None
+        The AdamW state of this site's previous round (see :func:`train`).
 
     Returns
     -------
@@ -583,6 +625,6 @@ def local_update(
         load_weights(model, weights, strict=strict)
     return train(
         model, train_data, None, cfg, steps=steps, generator=generator, proximal=proximal,
-        augment=augment, dp=dp,
+        augment=augment, dp=dp, optimizer_state=optimizer_state,
     )
 

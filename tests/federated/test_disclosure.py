@@ -483,3 +483,39 @@ def test_the_batch_note_stays_in_the_sites_log(
         site.handle(Request(Kind.FIT, 2, weights=dict(init.weights),
                             config={"seed": 0, "local_steps": 1, "lr": 1e-3}))
     assert not any("min_rare_per_batch" in r.getMessage() for r in caplog.records)
+
+
+def test_kept_optimiser_state_stays_at_the_site_and_survives_a_rebuild(
+        tiny: tuple[ExperimentConfig, dict[str, SiteData]], tmp_path: Path) -> None:
+    """``federated.keep_optimizer_state``: a site rebuilt for every message (as on Flower),
+    handed back its ``export_state``, fits round 2 bit for bit as a site that stayed; the
+    moments matter (a fresh optimiser gives other weights) and never enter a reply."""
+    cfg, sites = tiny
+    keep = cfg.model_copy(update={"federated": cfg.federated.model_copy(
+        update={"keep_optimizer_state": True})})
+    init = _site(tiny, tmp_path / "i").handle(Request(Kind.INIT, 0))
+
+    def fit(site: FusionSite, round: int, weights: dict[str, np.ndarray]) -> Reply:
+        return site.handle(Request(Kind.FIT, round, weights=dict(weights),
+                                   config={"seed": 0, "local_steps": 3, "lr": 1e-3}))
+
+    stayed = FusionSite("site_a", keep, sites["site_a"], run_dir=tmp_path / "s")
+    first = fit(stayed, 1, init.weights)
+    second = fit(stayed, 2, first.weights)
+    built = FusionSite("site_a", keep, sites["site_a"], run_dir=tmp_path / "b")
+    assert fit(built, 1, init.weights).weights.keys() == first.weights.keys()
+    state = built.export_state()
+    assert any(k.startswith("optimizer/") for k in state)
+    rebuilt = FusionSite("site_a", keep, sites["site_a"], run_dir=tmp_path / "b")
+    rebuilt.restore_state(state)
+    again = fit(rebuilt, 2, first.weights)
+    assert all(np.array_equal(again.weights[k], second.weights[k]) for k in second.weights)
+    fresh = fit(FusionSite("site_a", cfg, sites["site_a"], run_dir=tmp_path / "f"), 2,
+                first.weights)
+    assert any(not np.array_equal(fresh.weights[k], second.weights[k]) for k in second.weights)
+    for reply in (first, second, again):
+        assert not any("optimizer" in k for k in (*reply.arrays, *reply.documents,
+                                                  *reply.metrics))
+    for run in ("s", "b"):
+        assert "optimizer" not in (tmp_path / run / "sites" / "site_a" / "egress.jsonl"
+                                   ).read_text()
