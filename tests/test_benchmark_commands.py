@@ -13,10 +13,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _load(path: Path) -> ModuleType:
-    """A script outside the package, loaded as a module."""
+    """A script outside the package, loaded as a module (registered under its stem, so its
+    dataclasses find their module)."""
     spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -69,20 +71,15 @@ def test_mexico_fairness_cells_say_when_counts_were_not_released() -> None:
     assert module._cell_text({**cell, "n": 10, "n_pos": 3}).endswith("(n 10, 3 pos)")
 
 
+
 def test_calibration_benchmark_fits_on_the_runs_own_validation_inputs() -> None:
     """Sites in the secure sum give their fine validation histogram; a site that disclosed its
     (coarsened) histogram at the named round gives that one instead, spread over its bins."""
-    import sys
 
     import numpy as np
     import pandas as pd
 
-    spec = importlib.util.spec_from_file_location("calibration_bench",
-                                                  REPO / "benchmarks" / "calibration.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["calibration_bench"] = bench
-    spec.loader.exec_module(bench)
+    bench = _load(REPO / "benchmarks" / "calibration.py")
     rows = pd.DataFrame({
         "site": ["a", "a", "a", "b", "b", "b"],
         "split": ["val", "val", "test", "val", "val", "val"],
@@ -108,17 +105,11 @@ def test_calibration_benchmark_yardsticks_fit_on_the_rows_they_name() -> None:
     """The "test rows" yardstick is Platt fitted in sample (its mean predicted risk is the
     observed fraction); the "every validation row" one is fitted on the validation rows only
     (a validation split with another prevalence moves it, the test rows do not)."""
-    import sys
 
     import numpy as np
     import pandas as pd
 
-    spec = importlib.util.spec_from_file_location("calibration_bench",
-                                                  REPO / "benchmarks" / "calibration.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["calibration_bench"] = bench
-    spec.loader.exec_module(bench)
+    bench = _load(REPO / "benchmarks" / "calibration.py")
     rng = np.random.default_rng(0)
     score = rng.uniform(0.05, 0.95, 800)
     split = np.where(np.arange(800) < 400, "val", "test")
