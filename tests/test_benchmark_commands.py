@@ -57,19 +57,11 @@ def test_dp_benchmark_counts_clipped_sites_on_both_paths() -> None:
 
 def test_mexico_fairness_cells_say_when_counts_were_not_released() -> None:
     """A pooled-form cell has an AUC but no counts: the table says so instead of "None pos"."""
-    import sys
-
-    spec = importlib.util.spec_from_file_location("mexico_covid",
-                                                  REPO / "benchmarks" / "mexico_covid.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["mexico_covid"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
+    module = _load(REPO / "benchmarks" / "mexico_covid.py")
     cell = {"value": 0.6, "lo": 0.5, "hi": 0.7}
     assert module._cell_text({**cell, "n": 2363, "n_pos": None}) == "0.600 [0.500, 0.700] (n 2363)"
     assert "None" not in module._cell_text({**cell, "n": None, "n_pos": None})
     assert module._cell_text({**cell, "n": 10, "n_pos": 3}).endswith("(n 10, 3 pos)")
-
 
 
 def test_calibration_benchmark_fits_on_the_runs_own_validation_inputs() -> None:
