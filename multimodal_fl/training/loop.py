@@ -313,8 +313,9 @@ def batch_size_for(labels: torch.Tensor, batch_size: int, min_rare: float
         if per_batch >= 1:
             return batch_size, []
         return batch_size, [f"batches of {batch_size} hold {per_batch:.2f} of the rarer class on "
-                            "average; training.min_rare_per_batch (e.g. 4) enlarges them "
-                            "(docs/configuration.md, rare outcomes)"]
+                            "average, which a fresh optimiser every round trains on badly; see "
+                            "docs/configuration.md, rare outcomes (training.min_rare_per_batch, "
+                            "federated.keep_optimizer_state)"]
     wanted = math.ceil(min_rare * n / n_rare)
     if wanted <= batch_size or n <= batch_size:
         return batch_size, []
