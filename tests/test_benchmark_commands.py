@@ -3,29 +3,20 @@ helper ``benchmarks/report_screenshot.py`` answers ``--help`` like every benchma
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load(path: Path) -> ModuleType:
-    """A script outside the package, loaded as a module (registered under its stem, so its
-    dataclasses find their module)."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_demo_prints_its_timing_table() -> None:
     """``scripts/demo.py`` ends with one Markdown row per step and the whole demo last."""
-    demo = _load(REPO / "scripts" / "demo.py")
+    demo = load_script(REPO / "scripts" / "demo.py")
     steps = [("data summary: configs/covid_oxygen.yaml", 4.64),
              ("train covid_oxygen (inprocess)", 108.04)]
     table = demo.timing_table(steps, 371.4)
@@ -49,7 +40,7 @@ def test_report_screenshot_answers_help() -> None:
 
 def test_dp_benchmark_counts_clipped_sites_on_both_paths() -> None:
     """A plain round names its clipped sites; a secured round records only their number."""
-    dp = _load(REPO / "benchmarks" / "dp.py")
+    dp = load_script(REPO / "benchmarks" / "dp.py")
     assert dp.clipped_sites({"clipped": ["site_a", "site_c"], "noise_std": 0.1}) == 2
     assert dp.clipped_sites({"clipped_count": 3, "clipped_at": "site"}) == 3
     assert dp.clipped_sites({}) == 0
@@ -57,7 +48,7 @@ def test_dp_benchmark_counts_clipped_sites_on_both_paths() -> None:
 
 def test_mexico_fairness_cells_say_when_counts_were_not_released() -> None:
     """A pooled-form cell has an AUC but no counts: the table says so instead of "None pos"."""
-    module = _load(REPO / "benchmarks" / "mexico_covid.py")
+    module = load_script(REPO / "benchmarks" / "mexico_covid.py")
     cell = {"value": 0.6, "lo": 0.5, "hi": 0.7}
     assert module._cell_text({**cell, "n": 2363, "n_pos": None}) == "0.600 [0.500, 0.700] (n 2363)"
     assert "None" not in module._cell_text({**cell, "n": None, "n_pos": None})
@@ -71,7 +62,7 @@ def test_calibration_benchmark_fits_on_the_runs_own_validation_inputs() -> None:
     import numpy as np
     import pandas as pd
 
-    bench = _load(REPO / "benchmarks" / "calibration.py")
+    bench = load_script(REPO / "benchmarks" / "calibration.py")
     rows = pd.DataFrame({
         "site": ["a", "a", "a", "b", "b", "b"],
         "split": ["val", "val", "test", "val", "val", "val"],
@@ -101,7 +92,7 @@ def test_calibration_benchmark_yardsticks_fit_on_the_rows_they_name() -> None:
     import numpy as np
     import pandas as pd
 
-    bench = _load(REPO / "benchmarks" / "calibration.py")
+    bench = load_script(REPO / "benchmarks" / "calibration.py")
     rng = np.random.default_rng(0)
     score = rng.uniform(0.05, 0.95, 800)
     split = np.where(np.arange(800) < 400, "val", "test")

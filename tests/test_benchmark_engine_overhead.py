@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.scripts import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _module() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "engine_overhead", REPO / "benchmarks" / "engine_overhead.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "benchmarks" / "engine_overhead.py")
 
 
 def _line(site: str, rnd: int, kind: str = "fit", *, start: float, end: float,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,11 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def scale() -> ModuleType:
     """``benchmarks/scale.py``, loaded as a module."""
-    spec = importlib.util.spec_from_file_location("scale_bench", REPO / "benchmarks" / "scale.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "benchmarks" / "scale.py", "scale_bench")
 
 
 def test_cohort_only_stops_after_the_cohorts_and_counts_their_cpu(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from multimodal_fl.config import (
     load_config,
     load_task,
 )
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -204,10 +204,7 @@ def test_cli_bad_config_exits_2_without_traceback(tmp_path: Path) -> None:
 
 
 def test_configuration_docs_match_code() -> None:
-    spec = importlib.util.spec_from_file_location("gen", ROOT / "scripts" / "gen_config_docs.py")
-    assert spec is not None and spec.loader is not None
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
+    gen = load_script(ROOT / "scripts" / "gen_config_docs.py")
     page = (ROOT / "docs" / "configuration.md").read_text()
     assert gen.generate().strip() in page, "run: python scripts/gen_config_docs.py"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import csv
 import gzip
-import importlib.util
 import json
 import time
 from datetime import datetime
@@ -27,6 +26,7 @@ from multimodal_fl.sample_data import (
 )
 from multimodal_fl.sample_data._cohorts import simulate_site, site_signal
 from multimodal_fl.sample_data._sites import sites_for
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -328,12 +328,7 @@ def test_encounter_class_and_stay_carry_no_label(tmp_path: Path, leaky: bool) ->
 
 
 def _compare_script() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "compare_sample_cohorts", REPO / "scripts" / "compare_sample_cohorts.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "scripts" / "compare_sample_cohorts.py")
 
 
 def test_leaky_option_changes_only_the_covid_encounters(

@@ -8,7 +8,6 @@ are frozen (docs/benchmarks.md, "Federated vs centralized vs local-only").
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import yaml
 
 from multimodal_fl.config import load_config
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,12 +33,7 @@ def _script() -> ModuleType:
     """``benchmarks/fl_vs_baselines.py`` as a module (registered: it defines dataclasses)."""
     name = "fl_vs_baselines_under_test"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, ROOT / "benchmarks" / "fl_vs_baselines.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+        load_script(ROOT / "benchmarks" / "fl_vs_baselines.py", name)
     return sys.modules[name]
 
 
