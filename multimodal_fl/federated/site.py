@@ -292,7 +292,7 @@ class FusionSite:
         self.model = build_model(cfg, data)
         self._augment = batch_augmenter(cfg, self.model)
         self._local_state: dict[str, torch.Tensor] = {}
-        self._optimizer_state: dict[int, dict[str, torch.Tensor]] | None = None
+        self._optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
         self._local_model: FusionModel | None = None
         self.progress = progress
         self.secure = SecureSumParty(name)
@@ -325,7 +325,7 @@ class FusionSite:
             (``federated.keep_optimizer_state``).
         """
         moments = {f"{OPTIMIZER_PREFIX}{i}/{k}": v.detach().cpu().numpy()
-                   for i, s in (self._optimizer_state or {}).items() for k, v in s.items()}
+                   for i, s in self._optimizer_state.items() for k, v in s.items()}
         return {**self._pca_state, **self.secure.export_state(), **moments}
 
     def restore_state(self, arrays: dict[str, np.ndarray]) -> None:
@@ -347,14 +347,14 @@ class FusionSite:
                 index, name = key[len(OPTIMIZER_PREFIX):].split("/", 1)
                 moments.setdefault(int(index), {})[name] = torch.from_numpy(
                     np.array(value, copy=True))
-        self._optimizer_state = moments or None
+        self._optimizer_state = moments
 
     def _apply_projection(self, modality: str, arrays: dict[str, np.ndarray]) -> None:
         self.data = project_site_data(self._loaded, modality, arrays)
         self.model = build_model(self.cfg, self.data)
         self._augment = batch_augmenter(self.cfg, self.model)
         self._local_state = {}
-        self._optimizer_state = None
+        self._optimizer_state = {}
         self._pca_state = {f"pca/{k}": np.asarray(v) for k, v in arrays.items()}
         self._pca_state["pca/modality"] = np.frombuffer(modality.encode(), dtype=np.uint8).copy()
 
@@ -519,9 +519,8 @@ class FusionSite:
         result = local_update(self.model, None, self.data.train, training,
                               steps=settings.local_steps, generator=gen, proximal=proximal,
                               augment=self._augment, dp=dp,
+                              # the moments stay here; export_state carries them on Flower
                               optimizer_state=self._optimizer_state if keep else None)
-        if keep:  # the moments stay here: export_state carries them between Flower messages
-            self._optimizer_state = result.optimizer_state
         metrics = {"loss": float(result.loss)} if np.isfinite(result.loss) else {}
         if request.round == 1:  # once: the same lines every round would drown the log
             for note in result.notes:

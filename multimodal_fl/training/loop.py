@@ -18,8 +18,8 @@ Optimiser state
 Every :func:`train` / :func:`local_update` call creates a new AdamW optimiser. By default the
 federated optimiser state is therefore reset at every round: nothing but the weights crosses
 rounds, so there is no optimiser state to checkpoint or to average. With
-``federated.keep_optimizer_state`` a site hands the moments of one call
-(:attr:`TrainResult.optimizer_state`) to its next (``optimizer_state=``); they never leave it.
+``federated.keep_optimizer_state`` a site passes the same ``optimizer_state`` holder to every
+call: each call starts from the moments in it and leaves its own there; they never leave the site.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -86,10 +86,6 @@ class TrainResult:
     notes : list of str
         Human-readable remarks (e.g. "validation AUC undefined (no positives): early
         stopping off").
-    optimizer_state : dict or None
-        AdamW's per-parameter state at the end (``{index: {"step", "exp_avg",
-        "exp_avg_sq"}}``, the ``state`` of ``Optimizer.state_dict()``); ``None`` under DP-SGD.
-        Not in :meth:`to_dict`.
     """
 
     steps: int
@@ -103,8 +99,6 @@ class TrainResult:
     modality_counts: dict[str, int] = field(default_factory=dict)
     pos_weight: float = 1.0
     notes: list[str] = field(default_factory=list)
-    optimizer_state: dict[int, dict[str, torch.Tensor]] | None = field(default=None,
-                                                                        repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
@@ -427,7 +421,7 @@ def train(
     augment: Callable[[Batch], Batch] | None = None,
     progress: Callable[[int, float], None] | None = None,
     dp: DPSGD | None = None,
-    optimizer_state: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
+    optimizer_state: MutableMapping[int, dict[str, torch.Tensor]] | None = None,
 ) -> TrainResult:
     """Run ``steps`` optimisation steps of AdamW on ``train_data``, in place.
 
@@ -475,15 +469,16 @@ def train(
         ``dp.ledger``. The model must come from
         :func:`~multimodal_fl.training.privacy.make_private_compatible`. An empty batch
         takes a step of noise alone; the loss averages the non-empty ones.
-    optimizer_state : mapping or None
-        AdamW moments to start from (a previous call's :attr:`TrainResult.optimizer_state`
-        for the same model): the optimiser takes them, with this call's ``lr`` and
-        ``weight_decay``; ``None``: a fresh AdamW. Not with ``dp``.
+    optimizer_state : mutable mapping or None
+        A holder of AdamW's per-parameter state (``{index: {"step", "exp_avg",
+        "exp_avg_sq"}}``, the ``state`` of ``Optimizer.state_dict()``) carried between calls
+        on the same model: the optimiser starts from the moments in it (empty: fresh), with
+        this call's ``lr`` and ``weight_decay``, and leaves its own there at the end. ``None``:
+        a fresh AdamW, nothing kept. Not with ``dp``.
 
     Returns
     -------
     TrainResult
-        With :attr:`TrainResult.optimizer_state` (not under DP-SGD).
     """
     steps = cfg.steps if steps is None else int(steps)
     if dp is not None and optimizer_state is not None:
@@ -511,7 +506,7 @@ def train(
     params = [p for g in groups for p in g["params"]]
     opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr,
                                                    weight_decay=cfg.weight_decay)
-    if optimizer_state is not None:
+    if optimizer_state:
         _load_moments(opt, optimizer_state)
     validate = val_data is not None and len(val_data) > 0
     result = TrainResult(
@@ -552,9 +547,9 @@ def train(
     if stopper.restore_best(model):
         result.best_step = stopper.best_step
         result.best_val_auc = float(stopper.best_value)
-    if dp is None:
-        result.optimizer_state = {int(i): {k: v.detach().clone() for k, v in s.items()}
-                                  for i, s in opt.state_dict()["state"].items()}
+    if optimizer_state is not None:  # this optimiser ends here: its tensors need no copy
+        optimizer_state.clear()
+        optimizer_state.update(opt.state_dict()["state"])
     return result
 
 
@@ -585,13 +580,13 @@ def local_update(
     augment: Callable[[Batch], Batch] | None = None,
     strict: bool = True,
     dp: DPSGD | None = None,
-    optimizer_state: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
+    optimizer_state: MutableMapping[int, dict[str, torch.Tensor]] | None = None,
 ) -> TrainResult:
     """One federated site's local training: load ``weights``, run ``steps`` steps, no validation.
 
     A fresh AdamW optimiser is created at every call, so the optimiser state is reset every
-    round, unless the site hands back the state of its previous round (``optimizer_state``,
-    ``federated.keep_optimizer_state``; see the module docstring).
+    round, unless the site passes the holder of its previous rounds' state
+    (``optimizer_state``, ``federated.keep_optimizer_state``; see the module docstring).
 
     Parameters
     ----------
@@ -613,8 +608,8 @@ def local_update(
         Passed to :func:`load_weights`.
     dp : DPSGD or None
         Train with DP-SGD (see :func:`train`).
-    optimizer_state : mapping or None
-        The AdamW state of this site's previous round (see :func:`train`).
+    optimizer_state : mutable mapping or None
+        The holder of this site's AdamW state across rounds (see :func:`train`).
 
     Returns
     -------
