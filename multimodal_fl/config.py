@@ -536,6 +536,14 @@ class TrainingConfig(_Strict):
                     "the training rows are (each site; the pooled set in centralized); 0: off. "
                     "For rare outcomes: fresh-AdamW local updates on batches that mostly hold no "
                     "positive train badly (docs/configuration.md).")
+    linear_warmup_steps: int = Field(
+        default=0, ge=0,
+        description="Fit the tabular linear path alone for this many steps before the first "
+                    "step of training (centralized and local runs; each site in federated "
+                    "round 1), at its own learning rate, with the fused head starting at zero: "
+                    "the model begins as a converged logistic regression and the deep part "
+                    "learns what it misses. Needs modalities.tabular.linear_path; 0: off "
+                    "(docs/encoders.md).")
     lr: float = Field(default=1e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(default=1e-4, ge=0, description="AdamW weight decay.")
     eval_every: int = Field(default=25, ge=1, description="Validate every N steps.")
@@ -745,6 +753,15 @@ class ExperimentConfig(_Strict):
         return sites
 
     @model_validator(mode="after")
+    def _linear_warmup(self) -> ExperimentConfig:
+        tab = self.modalities.tabular
+        if self.training.linear_warmup_steps > 0 and not (tab.enabled and tab.linear_path):
+            raise ValueError("training.linear_warmup_steps fits the tabular linear path; set "
+                             "modalities.tabular.linear_path: true (and the tabular modality "
+                             "enabled) or training.linear_warmup_steps: 0")
+        return self
+
+    @model_validator(mode="after")
     def _private_training(self) -> ExperimentConfig:
         if self.privacy.dp is None:
             return self
@@ -763,6 +780,9 @@ class ExperimentConfig(_Strict):
                              "sampling rate, and so each site's epsilon, follow the site's "
                              "prevalence; set training.min_rare_per_batch: 0 and a "
                              "training.batch_size large enough for the rarest site")
+        if self.training.linear_warmup_steps > 0:
+            raise ValueError("privacy.dp: training.linear_warmup_steps would take steps outside "
+                             "DP-SGD's accounting; set training.linear_warmup_steps: 0")
         return self
 
     def advisories(self) -> list[str]:

@@ -258,6 +258,33 @@ class FusionModel(nn.Module):
         groups["head."] = None
         return groups
 
+    def linear_path_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters of the encoders' linear paths (empty: no path).
+
+        Returns
+        -------
+        list of nn.Parameter
+            Those :meth:`optimizer_param_groups` puts at ``lr * linear_lr_scale``.
+        """
+        out: list[nn.Parameter] = []
+        for m in self.modalities:
+            linear = getattr(self.encoders[m], "linear", None) if m in self.encoders else None
+            if isinstance(linear, nn.Module):
+                out += [p for p in linear.parameters() if p.requires_grad]
+        return out
+
+    def zero_head_weights(self) -> None:
+        """Set the weights of the fused head(s) to zero (biases kept), in place.
+
+        The deep part's logit is then a constant until training moves the head, so a model
+        with a linear path starts as that path alone (``training.linear_warmup_steps``).
+        """
+        heads = self.head.values() if isinstance(self.head, nn.ModuleDict) else [self.head]
+        with torch.no_grad():
+            for head in heads:
+                assert isinstance(head, nn.Linear)
+                head.weight.zero_()
+
     def optimizer_param_groups(self, lr: float) -> list[dict[str, Any]]:
         """The trainable parameters as optimiser parameter groups, each with its ``lr``.
 

@@ -278,3 +278,19 @@ def test_dp_sgd_refuses_kept_optimiser_state(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="keep_optimizer_state"):
         load_config(write(tmp_path, minimal(privacy={"dp": {"noise_multiplier": 1.0}},
                                             federated={"keep_optimizer_state": True})))
+
+
+def test_linear_warmup_needs_the_path_and_no_dp(tmp_path: Path) -> None:
+    """``training.linear_warmup_steps`` fits the tabular linear path: refused without one, and
+    with DP-SGD (its steps would fall outside the privacy accounting)."""
+    warm = {"linear_warmup_steps": 100}
+    assert load_config(write(tmp_path, minimal(training=warm), "warm.yaml")
+                       ).training.linear_warmup_steps == 100
+    with pytest.raises(ConfigError, match="linear_path"):
+        load_config(write(tmp_path, minimal(training=warm,
+                                            modalities={"tabular": {"linear_path": False}}),
+                          "nopath.yaml"))
+    with pytest.raises(ConfigError, match="linear_warmup_steps"):
+        load_config(write(tmp_path, minimal(training=warm,
+                                            privacy={"dp": {"noise_multiplier": 1.0}}),
+                          "dp.yaml"))

@@ -403,3 +403,93 @@ def test_train_carries_the_optimiser_state_it_is_given() -> None:
     with pytest.raises(ValueError, match="does not fit"):
         train(model, site.train, None, tcfg(steps=1), generator=torch.Generator(),
               optimizer_state={10_000: {"step": torch.tensor(1.0)}})
+
+
+# ----------------------------------------------------------------------- linear warm-up
+
+
+def path_model(seed: int = 0) -> FusionModel:
+    """A tabular-only model with a linear path and its fused head's weights at zero."""
+    torch.manual_seed(seed)
+    model = FusionModel({"tabular": TabularEncoder(2 * N_FEATURES, hidden=[8], linear_path=True,
+                                                   linear_lr_scale=10.0)},
+                        kind="concat", dim=8, modality_dropout=0.0, dropout=0.1)
+    model.zero_head_weights()
+    return model
+
+
+def test_linear_warmup_fits_the_path_alone_to_a_logistic_regression() -> None:
+    """``warmup_steps`` move the linear path and nothing else, and the path alone reaches the
+    training log-loss of a logistic regression on the same prepared features (the point of
+    the warm-up: the deep part then learns only what a converged linear model misses)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    data = make_site(200, signal=0.8).train.select_modalities(["tabular"])
+    model = path_model()
+    fit_tabular_standardizer(model, [data])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(model, data, None, tcfg(lr=1e-3), steps=0, warmup_steps=1500,
+                   generator=torch.Generator().manual_seed(0))
+    assert result.warmup_steps == 1500 and result.steps == 0
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved == {"encoders.tabular.linear.weight", "encoders.tabular.linear.bias"}
+    enc = model.encoders["tabular"]
+    assert isinstance(enc, TabularEncoder)
+    x = enc.prepare(data.inputs["tabular"]).numpy()
+    y = data.labels.numpy()
+    # the loss weighs positives by pos_weight (negatives / positives): so does the reference
+    weight = np.where(y == 1, result.pos_weight, 1.0)
+    lr = LogisticRegression(C=1e4, max_iter=5000).fit(x, y, sample_weight=weight)
+    optimum = log_loss(y, lr.predict_proba(x)[:, 1], sample_weight=weight)
+    reached = log_loss(y, predict(model, data), sample_weight=weight)
+    assert reached - optimum < 0.01, (reached, optimum)
+    # without the warm-up the same model is far from it: the test can fail
+    cold = path_model()
+    fit_tabular_standardizer(cold, [data])
+    assert log_loss(y, predict(cold, data), sample_weight=weight) - optimum > 0.1
+
+
+def test_linear_warmup_is_evaluated_before_the_steps_and_can_be_kept() -> None:
+    """With validation, the warmed-up model is scored at ``start_step`` (step 0), so early
+    stopping can keep it; the steps after it train every weight."""
+    site = make_site(200, signal=0.8)
+    tr, va = (d.select_modalities(["tabular"]) for d in (site.train, site.val))
+    model = path_model()
+    fit_tabular_standardizer(model, [tr])
+    result = train(model, tr, va, tcfg(patience=2), warmup_steps=200,
+                   generator=torch.Generator().manual_seed(0))
+    assert result.history[0]["step"] == 0 and result.history[0]["val_auc"] is not None
+    assert result.history[1]["step"] == 10
+    assert np.isfinite(result.warmup_loss)
+    assert float(model.head.weight.detach().abs().sum()) > 0 or result.best_step == 0
+
+
+def test_linear_warmup_is_refused_without_a_path_or_with_dp() -> None:
+    data = make_site(60).train
+    with pytest.raises(ValueError, match="linear path"):
+        train(make_model(), data, None, tcfg(), warmup_steps=5,
+              generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="warmup_steps must be non-negative"):
+        train(path_model(), data.select_modalities(["tabular"]), None, tcfg(), warmup_steps=-1,
+              generator=torch.Generator().manual_seed(0))
+
+
+def test_zero_head_weights_makes_the_model_its_linear_path() -> None:
+    """With the head's weights at zero the deep part adds a constant: the logit is the path's
+    logit plus the head's bias, whatever the encoder's weights are."""
+    data = make_site(60).train.select_modalities(["tabular"])
+    model = path_model()
+    fit_tabular_standardizer(model, [data])
+    with torch.no_grad():
+        model.encoders["tabular"].linear.weight.normal_()  # type: ignore[union-attr]
+    model.eval()
+    with torch.no_grad():
+        logit = model(data.inputs, data.mask)
+        path = model.linear_logits(data.inputs, data.mask)
+    assert path is not None
+    assert torch.allclose(logit - path, model.head.bias.expand_as(logit), atol=1e-6)
+    late = FusionModel({"tabular": TabularEncoder(2 * N_FEATURES, linear_path=True), "text": 6},
+                       kind="late", dim=8)
+    late.zero_head_weights()
+    assert all(float(h.weight.detach().abs().sum()) == 0 for h in late.head.values())  # type: ignore[operator]

@@ -58,6 +58,7 @@ from multimodal_fl.training.model import (
     fit_tabular_standardizer,
     load_weights,
     resolve_device,
+    warmup_steps,
 )
 from multimodal_fl.training.prepare import (
     CohortLike,
@@ -102,4 +103,5 @@ __all__ = [
     "train",
     "train_local_model",
     "train_to_completion",
+    "warmup_steps",
 ]

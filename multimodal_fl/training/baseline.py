@@ -19,7 +19,12 @@ from multimodal_fl.fusion import FusionModel
 from multimodal_fl.progress import ProgressCallback, StepEvent
 from multimodal_fl.training.dataset import CohortDataset, SiteData
 from multimodal_fl.training.loop import TrainResult, train
-from multimodal_fl.training.model import batch_augmenter, build_model, fit_tabular_standardizer
+from multimodal_fl.training.model import (
+    batch_augmenter,
+    build_model,
+    fit_tabular_standardizer,
+    warmup_steps,
+)
 
 __all__ = ["train_local_model", "train_to_completion"]
 
@@ -64,7 +69,8 @@ def train_to_completion(
 
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "train", seed_key))
     result = train(model, train_set, val_set, cfg.training, generator=gen,
-                   augment=batch_augmenter(cfg, model), progress=tick)
+                   augment=batch_augmenter(cfg, model), progress=tick,
+                   warmup_steps=warmup_steps(cfg, model))
     if progress is not None and events and result.steps < cfg.training.steps:
         # early stopping: the model is done all the same
         progress(StepEvent(label, result.steps, result.steps, events[0].loss))

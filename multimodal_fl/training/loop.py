@@ -86,6 +86,10 @@ class TrainResult:
     notes : list of str
         Human-readable remarks (e.g. "validation AUC undefined (no positives): early
         stopping off").
+    warmup_steps : int
+        Steps that fitted the linear path alone before ``steps`` (not counted in them).
+    warmup_loss : float
+        Mean training loss of those steps (NaN when none).
     """
 
     steps: int
@@ -99,6 +103,8 @@ class TrainResult:
     modality_counts: dict[str, int] = field(default_factory=dict)
     pos_weight: float = 1.0
     notes: list[str] = field(default_factory=list)
+    warmup_steps: int = 0
+    warmup_loss: float = float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
@@ -114,6 +120,8 @@ class TrainResult:
             "modality_counts": self.modality_counts,
             "pos_weight": self.pos_weight,
             "notes": self.notes,
+            "warmup_steps": self.warmup_steps,
+            "warmup_loss": self.warmup_loss,
         }
 
 
@@ -422,6 +430,7 @@ def train(
     progress: Callable[[int, float], None] | None = None,
     dp: DPSGD | None = None,
     optimizer_state: MutableMapping[int, dict[str, torch.Tensor]] | None = None,
+    warmup_steps: int = 0,
 ) -> TrainResult:
     """Run ``steps`` optimisation steps of AdamW on ``train_data``, in place.
 
@@ -475,12 +484,29 @@ def train(
         on the same model: the optimiser starts from the moments in it (empty: fresh), with
         this call's ``lr`` and ``weight_decay``, and leaves its own there at the end. ``None``:
         a fresh AdamW, nothing kept. Not with ``dp``.
+    warmup_steps : int, default 0
+        Before the ``steps``, this many steps that train the encoders' linear paths alone
+        (:meth:`FusionModel.linear_path_parameters`, every other weight held, no proximal
+        term), with an AdamW of their own at the path's learning rate, on batches from the
+        same stream (``training.linear_warmup_steps``; the caller passes it at the start of
+        a model's training: a centralized or local run, a site's first federated round).
+        With validation, the warmed-up model is evaluated once (at ``start_step``) before
+        the ``steps``, so early stopping can keep it. Not with ``dp``; a model without a
+        linear path is refused.
 
     Returns
     -------
     TrainResult
     """
     steps = cfg.steps if steps is None else int(steps)
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be non-negative, got {warmup_steps}")
+    if warmup_steps and dp is not None:
+        raise ValueError("train: DP-SGD accounts for every step; the linear warm-up would step "
+                         "outside it (warmup_steps must be 0 with dp)")
+    if warmup_steps and not model.linear_path_parameters():
+        raise ValueError("train: warmup_steps fits the linear path, and this model has none "
+                         "(modalities.tabular.linear_path: true)")
     if dp is not None and optimizer_state is not None:
         raise ValueError("train: DP-SGD starts Opacus' optimiser afresh; it takes no "
                          "optimizer_state")
@@ -527,6 +553,13 @@ def train(
         stack.enter_context(torch.random.fork_rng(devices=_cuda_devices(device)))
         stack.enter_context(_deterministic())
         torch.manual_seed(_generator_seed(generator))
+        if warmup_steps:
+            _warm_up(model, train_data, loss_fn, stream, warmup_steps, cfg, device, augment,
+                     result)
+            if validate and steps:
+                assert val_data is not None
+                _validate(model, val_data, device, step=start_step,
+                          train_loss=result.warmup_loss, result=result, stopper=stopper)
         loop = _Loop(model, train_data, loss_fn, opt, params, device, proximal, augment)
         for k in range(steps):
             step = start_step + k + 1
@@ -551,6 +584,29 @@ def train(
         optimizer_state.clear()
         optimizer_state.update(opt.state_dict()["state"])
     return result
+
+
+def _warm_up(model: FusionModel, data: CohortDataset, loss_fn: nn.Module,
+             stream: Iterator[torch.Tensor], steps: int, cfg: TrainingConfig,
+             device: torch.device, augment: Callable[[Batch], Batch] | None,
+             result: TrainResult) -> None:
+    """``steps`` AdamW steps on the linear paths alone; every other weight held (restored after)."""
+    groups = [g for g in model.optimizer_param_groups(cfg.lr)
+              if {id(p) for p in g["params"]} <= {id(p) for p in model.linear_path_parameters()}]
+    path = [p for g in groups for p in g["params"]]
+    held = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in path)]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    try:
+        for p in held:
+            p.requires_grad_(False)
+        loop = _Loop(model, data, loss_fn, opt, path, device, None, augment)
+        for _ in range(steps):
+            loop.step(next(stream))
+    finally:
+        for p in held:
+            p.requires_grad_(True)
+    result.warmup_steps = steps
+    result.warmup_loss = loop.mean()
 
 
 def _load_moments(opt: torch.optim.Optimizer,
@@ -581,6 +637,7 @@ def local_update(
     strict: bool = True,
     dp: DPSGD | None = None,
     optimizer_state: MutableMapping[int, dict[str, torch.Tensor]] | None = None,
+    warmup_steps: int = 0,
 ) -> TrainResult:
     """One federated site's local training: load ``weights``, run ``steps`` steps, no validation.
 
@@ -610,6 +667,9 @@ def local_update(
         Train with DP-SGD (see :func:`train`).
     optimizer_state : mutable mapping or None
         The holder of this site's AdamW state across rounds (see :func:`train`).
+    warmup_steps : int, default 0
+        Linear-path steps before ``steps`` (see :func:`train`): the site passes
+        ``training.linear_warmup_steps`` in its first round.
 
     Returns
     -------
@@ -621,6 +681,6 @@ def local_update(
         load_weights(model, weights, strict=strict)
     return train(
         model, train_data, None, cfg, steps=steps, generator=generator, proximal=proximal,
-        augment=augment, dp=dp, optimizer_state=optimizer_state,
+        augment=augment, dp=dp, optimizer_state=optimizer_state, warmup_steps=warmup_steps,
     )
 

@@ -35,6 +35,7 @@ __all__ = [
     "fit_tabular_standardizer",
     "load_weights",
     "resolve_device",
+    "warmup_steps",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,9 @@ def build_model(cfg: ExperimentConfig, data: CohortDataset | SiteData) -> Fusion
     ``privacy.dp`` the model is made DP-SGD's form
     (:func:`~multimodal_fl.training.privacy.make_private_compatible`: GroupNorm for BatchNorm,
     no in-place activation, dense fusion) for every engine and request alike; with
-    ``privacy.site_level`` alone, GroupNorm for BatchNorm.
+    ``privacy.site_level`` alone, GroupNorm for BatchNorm. With
+    ``training.linear_warmup_steps`` the fused head's weights start at zero
+    (:meth:`FusionModel.zero_head_weights`): the model starts as its tabular linear path.
 
     Parameters
     ----------
@@ -107,12 +110,32 @@ def build_model(cfg: ExperimentConfig, data: CohortDataset | SiteData) -> Fusion
             modality_dropout=cfg.fusion.modality_dropout,
             dropout=cfg.fusion.dropout,
         )
+    if cfg.training.linear_warmup_steps > 0 and model.linear_path_parameters():
+        model.zero_head_weights()  # the model starts as its linear path (train's warm-up)
     privacy = cfg.privacy
     if privacy.dp is not None or privacy.site_level is not None:
         model, changes = make_private_compatible(model, per_sample=privacy.dp is not None)
         for line in changes:
             log.debug("privacy.dp model: %s", line)
     return model
+
+
+def warmup_steps(cfg: ExperimentConfig, model: FusionModel) -> int:
+    """The linear warm-up a training of ``model`` starts with (``train(warmup_steps=...)``).
+
+    ``training.linear_warmup_steps`` when the model has a linear path, else 0 (a model
+    built for other modalities, such as an image-only one, has nothing to warm up).
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+    model : FusionModel
+
+    Returns
+    -------
+    int
+    """
+    return cfg.training.linear_warmup_steps if model.linear_path_parameters() else 0
 
 
 def fit_tabular_standardizer(model: FusionModel, datasets: Sequence[CohortDataset], *,

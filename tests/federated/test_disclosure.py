@@ -519,3 +519,25 @@ def test_kept_optimiser_state_stays_at_the_site_and_survives_a_rebuild(
     for run in ("s", "b"):
         assert "optimizer" not in (tmp_path / run / "sites" / "site_a" / "egress.jsonl"
                                    ).read_text()
+
+
+def test_linear_warmup_runs_in_a_sites_first_round_only(
+        tiny: tuple[ExperimentConfig, dict[str, SiteData]], tmp_path: Path) -> None:
+    """``training.linear_warmup_steps``: a site fits the linear path alone before its first
+    round's steps, and never again (round 2 from the same weights is the run without it)."""
+    cfg, sites = tiny
+    assert cfg.modalities.tabular.linear_path
+    warm = cfg.model_copy(update={"training": cfg.training.model_copy(
+        update={"linear_warmup_steps": 7})})
+    init = _site(tiny, tmp_path / "i").handle(Request(Kind.INIT, 0))
+
+    def fit(c: ExperimentConfig, round: int, run: str) -> dict[str, np.ndarray]:
+        site = FusionSite("site_a", c, sites["site_a"], run_dir=tmp_path / run)
+        return site.handle(Request(Kind.FIT, round, weights=dict(init.weights),
+                                   config={"seed": 0, "local_steps": 2, "lr": 1e-3})).weights
+
+    def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+        return all(np.array_equal(a[k], b[k]) for k in a)
+
+    assert not same(fit(warm, 1, "w1"), fit(cfg, 1, "c1"))
+    assert same(fit(warm, 2, "w2"), fit(cfg, 2, "c2"))
