@@ -15,7 +15,9 @@ as every engine). Printed per seed: the pooled test AUCs, each path's paired dif
 plain MLP with a stratified bootstrap 95% CI over test patients, and a logistic regression
 (median-imputed, standardised, ``C = 1``) fitted on training + validation as the reference;
 per cohort, the mean |coef| of the logistic regression and the mean |weight| of each trained
-path; at the end, each multiplier's mean paired change against x1.
+path; at the end, each multiplier's mean paired change against x1. With ``--warmups 0 N`` every
+multiplier is trained twice, without and with ``training.linear_warmup_steps`` N (the path fitted
+alone first, the deep part from a zero head), each a column of its own.
 
 Cohorts: ``configs/covid_oxygen.yaml`` and ``configs/alzheimers.yaml`` on ``sample_data/``
 (the generated cohorts), and ``configs/mexico_covid_severity.yaml`` on the confirmed cases
@@ -53,6 +55,7 @@ from multimodal_fl.training import (
     predict,
     split_patients,
     train,
+    warmup_steps,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,20 +85,24 @@ def pooled_splits(sites: dict[str, SiteData], cfg: ExperimentConfig, seed: int
 
 
 def tabular_scores(cfg: ExperimentConfig, data: dict[str, CohortDataset], seed: int,
-                   linear_path: bool, lr_scale: float = 1.0) -> tuple[np.ndarray, float]:
+                   linear_path: bool, lr_scale: float = 1.0, warmup: int = 0
+                   ) -> tuple[np.ndarray, float]:
     """Test scores of the config's tabular model, with or without the linear path.
 
-    ``lr_scale`` is ``modalities.tabular.linear_lr_scale``. Also returns the trained path's
-    mean ``|weight|`` (``nan`` without the path).
+    ``lr_scale`` is ``modalities.tabular.linear_lr_scale``, ``warmup``
+    ``training.linear_warmup_steps`` (path only). Also returns the trained path's mean
+    ``|weight|`` (``nan`` without the path).
     """
     tab = cfg.modalities.tabular.model_copy(update={"linear_path": linear_path,
                                                     "linear_lr_scale": lr_scale})
     mods = cfg.modalities.model_copy(update={"tabular": tab})
-    run_cfg = cfg.model_copy(update={"modalities": mods, "seed": seed})
+    training = cfg.training.model_copy(update={"linear_warmup_steps": warmup})
+    run_cfg = cfg.model_copy(update={"modalities": mods, "seed": seed, "training": training})
     model = build_model(run_cfg, data["train"])
     fit_tabular_standardizer(model, [data["train"]])
     train(model, data["train"], data["val"], cfg.training,
-          generator=torch.Generator().manual_seed(seed))
+          generator=torch.Generator().manual_seed(seed),
+          warmup_steps=warmup_steps(run_cfg, model))
     linear = getattr(model.encoders["tabular"], "linear", None)
     size = float(linear.weight.detach().abs().mean()) if linear is not None else float("nan")
     return np.asarray(predict(model, data["test"]), dtype=np.float64), size
@@ -111,12 +118,19 @@ def logistic_scores(data: dict[str, CohortDataset]) -> tuple[np.ndarray, float]:
     return np.asarray(pipe.predict_proba(data["test"].inputs["tabular"].numpy())[:, 1]), size
 
 
+def column(scale: float, warmup: int) -> str:
+    """A path column's name: ``x10`` or ``x10 warm-up 3000``."""
+    return f"x{scale:g}" + (f" warm-up {warmup}" if warmup else "")
+
+
 def seed_row(cfg: ExperimentConfig, data: dict[str, CohortDataset], seed: int,
-             scales: Sequence[float], n_boot: int) -> tuple[str, dict[float, float], list[float]]:
-    """One seed: the table row, path - MLP per scale, and the sizes (LR, then each scale)."""
+             scales: Sequence[float], n_boot: int, warmups: Sequence[int] = (0,)
+             ) -> tuple[str, dict[str, float], list[float]]:
+    """One seed: the table row, path - MLP per column, and the sizes (LR, then each column)."""
     y = data["test"].labels.numpy().astype(int)
     plain, _ = tabular_scores(cfg, data, seed, False)
-    fits = {s: tabular_scores(cfg, data, seed, True, s) for s in scales}
+    fits = {column(s, w): tabular_scores(cfg, data, seed, True, s, w)
+            for s in scales for w in warmups}
     lr_scores, lr_size = logistic_scores(data)
     cells = [ci_text(repeated_cv_auc(y, plain[None, :], n_boot=n_boot, seed=seed))]
     diffs = {}
@@ -131,15 +145,17 @@ def seed_row(cfg: ExperimentConfig, data: dict[str, CohortDataset], seed: int,
 
 
 def compare(name: str, cfg: ExperimentConfig, seeds: Sequence[int], n_boot: int,
-            scales: Sequence[float]) -> dict[float, list[float]]:
-    """Print one cohort's rows; return the per-seed differences (path - MLP) per scale."""
+            scales: Sequence[float], warmups: Sequence[int] = (0,)) -> dict[str, list[float]]:
+    """Print one cohort's rows; return the per-seed differences (path - MLP) per column."""
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tabular_linear_") as tmp:
         sites = load_site_data(cfg, Path(tmp))
-    diffs: dict[float, list[float]] = {s: [] for s in scales}
+    cols = [column(s, w) for s in scales for w in warmups]
+    diffs: dict[str, list[float]] = {c: [] for c in cols}
     sizes = []
     for seed in seeds:
-        row, d, size = seed_row(cfg, pooled_splits(sites, cfg, seed), seed, scales, n_boot)
+        row, d, size = seed_row(cfg, pooled_splits(sites, cfg, seed), seed, scales, n_boot,
+                                warmups)
         print(f"| {name} {row}", flush=True)
         for s, v in d.items():
             diffs[s].append(v)
@@ -150,7 +166,7 @@ def compare(name: str, cfg: ExperimentConfig, seeds: Sequence[int], n_boot: int,
           flush=True)
     size = np.mean(sizes, axis=0)
     print(f"<!-- {name}: mean |coef| logistic regression {size[0]:.3f}; trained path mean "
-          f"|weight| " + ", ".join(f"x{s:g} {v:.3f}" for s, v in zip(scales, size[1:], strict=True))
+          f"|weight| " + ", ".join(f"{c} {v:.3f}" for c, v in zip(cols, size[1:], strict=True))
           + " -->", flush=True)
     return diffs
 
@@ -165,14 +181,14 @@ def mexico_config(out: Path, min_site_size: int) -> ExperimentConfig:
                                             for s in sites]})
 
 
-def summary(all_diffs: dict[float, list[float]]) -> str:
-    """Per scale: the mean path - MLP and, against scale 1, the mean paired change."""
+def summary(all_diffs: dict[str, list[float]]) -> str:
+    """Per column: the mean path - MLP and, against x1, the mean paired change."""
     lines = []
-    base = all_diffs.get(1.0)
+    base = all_diffs.get("x1")
     for s, v in all_diffs.items():
-        line = (f"x{s:g}: mean path - MLP {np.mean(v):+.3f}, {sum(x > 0 for x in v)} of "
+        line = (f"{s}: mean path - MLP {np.mean(v):+.3f}, {sum(x > 0 for x in v)} of "
                 f"{len(v)} seeds > 0")
-        if base is not None and s != 1.0 and len(base) == len(v):
+        if base is not None and s != "x1" and len(base) == len(v):
             gain = np.asarray(v) - np.asarray(base)
             line += (f"; against x1 {np.mean(gain):+.3f}, {int((gain > 0).sum())} of "
                      f"{len(gain)} seeds better")
@@ -189,28 +205,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                     choices=["covid_oxygen", "alzheimers", "mexico"])
     ap.add_argument("--lr-scales", nargs="+", type=float, default=[1.0, 10.0, 30.0],
                     help="modalities.tabular.linear_lr_scale values to compare")
+    ap.add_argument("--warmups", nargs="+", type=int, default=[0],
+                    help="training.linear_warmup_steps values to train every path with")
     ap.add_argument("--min-site-size", type=int, default=300, help="Mexico: pool smaller ones")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     os.environ.setdefault("MMFL_CACHE", "/tmp/mmfl_cache")
     t0 = time.perf_counter()
     scales = [float(s) for s in args.lr_scales]
+    cols = [column(s, w) for s in scales for w in args.warmups]
     print("| cohort | split seed | n test | tabular MLP | "
-          + " | ".join(f"path x{s:g}: AUC; path - MLP [95% CI]" for s in scales)
+          + " | ".join(f"path {c}: AUC; path - MLP [95% CI]" for c in cols)
           + " | logistic regression |")
-    print("| --- " * (5 + len(scales)) + "|")
-    all_diffs: dict[float, list[float]] = {s: [] for s in scales}
+    print("| --- " * (5 + len(cols)) + "|")
+    all_diffs: dict[str, list[float]] = {c: [] for c in cols}
     for name in args.cohorts:
         if name != "mexico":
             cfg = load_config(REPO / "configs" / f"{name}.yaml", TABULAR_ONLY)
-            got = compare(name, cfg, args.seeds, args.n_boot, scales)
+            got = compare(name, cfg, args.seeds, args.n_boot, scales, args.warmups)
         elif not MEXICO_CSV.is_file():
             print(f"mexico: skipped, no {MEXICO_CSV}", file=sys.stderr)
             continue
         else:
             with tempfile.TemporaryDirectory(prefix="tabular_linear_mx_") as tmp:
                 cfg = mexico_config(Path(tmp) / "sites", args.min_site_size)
-                got = compare("mexico", cfg, args.seeds, args.n_boot, scales)
+                got = compare("mexico", cfg, args.seeds, args.n_boot, scales, args.warmups)
         for s, v in got.items():
             all_diffs[s] += v
     print(f"\nAll cohorts:\n{summary(all_diffs)}\nTotal {time.perf_counter() - t0:.0f} s, "
