@@ -129,11 +129,14 @@ def warmup_steps(cfg: ExperimentConfig, model: FusionModel) -> int:
     Parameters
     ----------
     cfg : ExperimentConfig
+        Its ``training.linear_warmup_steps``.
     model : FusionModel
+        The model about to train (:meth:`FusionModel.linear_path_parameters`).
 
     Returns
     -------
     int
+        Steps for ``train(..., warmup_steps=)``.
     """
     return cfg.training.linear_warmup_steps if model.linear_path_parameters() else 0
 
