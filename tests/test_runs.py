@@ -206,3 +206,18 @@ def test_default_run_dir_is_name_and_timestamp(
     assert first == tmp_path / "tiny-20260102-030405"
     first.mkdir()
     assert default_run_dir(cfg, tmp_path, now=when) == tmp_path / "tiny-20260102-030405-2"
+
+
+def test_centralized_run_warms_the_linear_path_up_first(
+    setup: tuple[ExperimentConfig, dict[str, FakeCohort]], tmp_path: Path
+) -> None:
+    """``training.linear_warmup_steps`` on an engine: the run's training record says the
+    warm-up ran before the steps, and the warmed-up model was validated (step 0) first."""
+    cfg, cohorts = setup
+    cfg = cfg.model_copy(update={"training": cfg.training.model_copy(
+        update={"linear_warmup_steps": 20})})
+    out = run_centralized(cfg, tmp_path / "w", cohorts=cohorts, warn=lambda _: None)
+    metrics = json.loads((out.run_dir / "metrics.json").read_text())
+    record = metrics["training"]["centralized"]
+    assert record["warmup_steps"] == 20 and record["warmup_loss"] is not None
+    assert metrics["history"]["centralized"][0]["step"] == 0
