@@ -21,7 +21,10 @@ One command, from the repository root::
    configs' optimiser settings (lr 3e-4, weight decay 1e-4, batch 32, at most 300 steps;
    federated 15 rounds of 20 local steps; fixed before this benchmark was written) and
    choose their training length by early stopping on the inner validation AUC (federated:
-   the round with the best pooled validation AUC). The logistic regression
+   the round with the best pooled validation AUC). Every model with the tabular linear path
+   first fits the path alone (``training.linear_warmup_steps``, 3000 in
+   ``configs/oasis1.yaml``; each federated site in its first round) and is validated once
+   after it, so early stopping may keep the warmed-up model. The logistic regression
    (median-imputed, standardised) chooses ``C`` by an inner stratified 5-fold CV on the
    training folds (``GridSearchCV``, AUC) and is refitted on all of them. The tabular
    encoder's linear path (``modalities.tabular.linear_path``) is chosen per fold by the
