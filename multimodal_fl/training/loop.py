@@ -499,24 +499,8 @@ def train(
     TrainResult
     """
     steps = cfg.steps if steps is None else int(steps)
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be non-negative, got {warmup_steps}")
-    if warmup_steps and dp is not None:
-        raise ValueError("train: DP-SGD accounts for every step; the linear warm-up would step "
-                         "outside it (warmup_steps must be 0 with dp)")
-    if warmup_steps and not model.linear_path_parameters():
-        raise ValueError("train: warmup_steps fits the linear path, and this model has none "
-                         "(modalities.tabular.linear_path: true)")
-    if dp is not None and optimizer_state is not None:
-        raise ValueError("train: DP-SGD starts Opacus' optimiser afresh; it takes no "
-                         "optimizer_state")
-    if dp is not None and proximal is not None:
-        raise ValueError("train: DP-SGD does not take a proximal term (its gradient would "
-                         "skip the clipping and the noise)")
-    if steps < 0:
-        raise ValueError(f"steps must be non-negative, got {steps}")
-    if len(train_data) == 0:
-        raise ValueError("train: the training set is empty")
+    _refuse(model, train_data, steps, warmup_steps, dp=dp, proximal=proximal,
+            optimizer_state=optimizer_state)
     device = resolve_device(cfg.device)
     model.to(device)
     pos_weight, notes = _pos_weight(train_data.labels)
@@ -584,6 +568,30 @@ def train(
         optimizer_state.clear()
         optimizer_state.update(opt.state_dict()["state"])
     return result
+
+
+def _refuse(model: FusionModel, train_data: CohortDataset, steps: int, warmup_steps: int, *,
+            dp: DPSGD | None, proximal: ProximalFn | None,
+            optimizer_state: MutableMapping[int, dict[str, torch.Tensor]] | None) -> None:
+    """Raise ``ValueError`` for a :func:`train` call whose arguments do not go together."""
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be non-negative, got {warmup_steps}")
+    if warmup_steps and dp is not None:
+        raise ValueError("train: DP-SGD accounts for every step; the linear warm-up would step "
+                         "outside it (warmup_steps must be 0 with dp)")
+    if warmup_steps and not model.linear_path_parameters():
+        raise ValueError("train: warmup_steps fits the linear path, and this model has none "
+                         "(modalities.tabular.linear_path: true)")
+    if dp is not None and optimizer_state is not None:
+        raise ValueError("train: DP-SGD starts Opacus' optimiser afresh; it takes no "
+                         "optimizer_state")
+    if dp is not None and proximal is not None:
+        raise ValueError("train: DP-SGD does not take a proximal term (its gradient would "
+                         "skip the clipping and the noise)")
+    if steps < 0:
+        raise ValueError(f"steps must be non-negative, got {steps}")
+    if len(train_data) == 0:
+        raise ValueError("train: the training set is empty")
 
 
 def _warm_up(model: FusionModel, data: CohortDataset, loss_fn: nn.Module,
