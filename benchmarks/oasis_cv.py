@@ -27,16 +27,19 @@ One command, from the repository root::
    after it, so early stopping may keep the warmed-up model. The logistic regression
    (median-imputed, standardised) chooses ``C`` by an inner stratified 5-fold CV on the
    training folds (``GridSearchCV``, AUC) and is refitted on all of them. The tabular
-   encoder's linear path (``modalities.tabular.linear_path``) is chosen per fold by the
-   inner validation AUC of the tabular model trained with and without it (a tie keeps the
-   plain MLP); every fusion model of the fold uses the setting chosen.
+   model is the config's (``modalities.tabular.linear_path`` on, the package default chosen
+   on other cohorts, with the warm-up above); every fusion model uses it. An ablation row
+   chooses the linear path per fold by the inner validation AUC of the tabular model
+   trained with and without it (a tie keeps the plain MLP), as runs before 2026-11-30
+   (session 7) did for every model: about 31 validation subjects cannot tell the two apart.
 4. **Models per fold.** Image only (the image encoder and a head, on the pixels), trained
    twice: centralized, and federated over ``--sites`` sites (the training folds spread by a
    hash of the subject id, as ``oasis_sites.py``; the in-process federated engine, FedAvg).
-   Per feature set: tabular only without the linear path, with it, and the one chosen
-   inside (the row the targets read); logistic regression. The fusion models train on
-   cached image inputs (the package's frozen-encoder path), which is what fits 5x5 folds
-   into the CPU budget. With ``--crossfit K`` (default 3) those inputs are **cross-fitted**:
+   Per feature set: tabular only without the linear path, with it (the config's model,
+   the row the targets read), and the one chosen inside (ablation); logistic regression.
+   The fusion models train on cached image inputs (the package's frozen-encoder path),
+   which is what fits 5x5 folds into the CPU budget. With ``--crossfit K`` (default 3)
+   those inputs are **cross-fitted**:
    validation and test subjects get the logit of the fold's image-only model, and each of
    K stratified folds of the inner training part gets the logit of an image model trained
    on the other K - 1 (K more image trainings per fold), so a fusion head learns how far
@@ -117,7 +120,7 @@ LR = "logistic regression"
 FED = "federated concat"
 MLP = "tabular MLP"
 WIDE = "tabular MLP + linear path"
-TAB = "tabular, linear path chosen inside"
+TAB = "tabular, linear path chosen inside (ablation)"
 XEMB = "fusion concat, cross-fitted image embeddings (ablation)"
 INSAMPLE = "fusion concat, in-sample image embeddings (ablation)"
 #: Earlier figures on the same subjects, quoted beside the results (not recomputed here).
@@ -364,7 +367,7 @@ def run_fold(cfgs: dict[str, ExperimentConfig], cohorts: dict[str, tuple[CohortD
              crossfit: int = 3) -> None:
     """Every model of one fold, for every feature set (the image-only models once).
 
-    Fusion models use the tabular setting the fold's inner validation chose. With
+    Fusion models use the config's tabular model (linear path on). With
     ``crossfit`` >= 2 their training subjects' image input is the cross-fitted image logit
     (:func:`crossfit_image`), with two ablations beside them (cross-fitted embeddings,
     in-sample embeddings); ``crossfit=0`` keeps the in-sample embeddings (the 2x5 run's
@@ -384,8 +387,8 @@ def run_fold(cfgs: dict[str, ExperimentConfig], cohorts: dict[str, tuple[CohortD
         res = results[variant]
         res.put("image only", fold, y, img_scores)
         res.put("image only, federated", fold, y, fed_img_scores)
-        cfg = with_linear_path(cfgs[variant],
-                               tabular_models(cfgs[variant], pixels, fold, res, y, seed))
+        tabular_models(cfgs[variant], pixels, fold, res, y, seed)
+        cfg = cfgs[variant]  # the config's tabular model (linear path, warm-up) in every fusion
         res.put(LR, fold, y, logistic(pixels.inputs["tabular"].numpy(), y, fold, seed))
         insample = with_embeddings(pixels, image)
         if crossed is None:
@@ -423,7 +426,8 @@ def paired(y: np.ndarray, done: dict[str, np.ndarray], model: str, base: str, n_
 def report(variant: str, res: Scores, y: np.ndarray, n_boot: int, seed: int) -> list[str]:
     """The variant's table, paired comparisons and target lines (markdown), and a verdict list.
 
-    The targets read the tabular model the inner validation chose (:data:`TAB`); the
+    The targets read the config's tabular model (:data:`WIDE`: linear path on, as the
+    package default, with the config's warm-up), which every fusion model uses; the
     federated / centralized ratio compares federated concat with the centralized concat of
     the same protocol (in-sample image embeddings).
     """
@@ -441,12 +445,14 @@ def report(variant: str, res: Scores, y: np.ndarray, n_boot: int, seed: int) -> 
     print("| --- | --- |")
     fails: list[str] = []
     for kind in FUSIONS:
-        fails += paired(y, done, f"fusion {kind}", TAB, n_boot, seed, limit=0.0, where=variant)
+        fails += paired(y, done, f"fusion {kind}", WIDE, n_boot, seed, limit=0.0,
+                        where=variant)
         fails += paired(y, done, f"fusion {kind}", LR, n_boot, seed, limit=-0.01,
                         where=variant)
-    fails += paired(y, done, TAB, LR, n_boot, seed, limit=0.0, where=variant)
-    for m in (MLP, WIDE):
+    fails += paired(y, done, WIDE, LR, n_boot, seed, limit=0.0, where=variant)
+    for m in (MLP, TAB):
         paired(y, done, m, LR, n_boot, seed)
+    paired(y, done, TAB, WIDE, n_boot, seed)
     paired(y, done, WIDE, MLP, n_boot, seed)
     for m in (XEMB, INSAMPLE):
         if m in done:

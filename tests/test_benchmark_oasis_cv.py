@@ -102,7 +102,7 @@ def test_tabular_choice_follows_the_inner_validation(tmp_path: Path) -> None:
     assert cfg.modalities.tabular.linear_path is before  # a copy, the config is unchanged
 
 
-def test_report_targets_read_the_chosen_tabular_model(capsys: pytest.CaptureFixture[str]
+def test_report_targets_read_the_configs_tabular_model(capsys: pytest.CaptureFixture[str]
                                                       ) -> None:
     m = _load()
     rng = np.random.default_rng(0)
@@ -122,10 +122,13 @@ def test_report_targets_read_the_chosen_tabular_model(capsys: pytest.CaptureFixt
     assert f"| {m.MLP} - {m.LR} |" in out  # shown, but not a target
     assert not any(m.MLP + " -" in f for f in fails)
     assert f"| {m.FED} / {m.INSAMPLE}, ratio |" in out
-    assert fails == []  # chosen tabular = LR = fusion: every target met
-    res.table[m.TAB] = weak[None, :].copy()
+    assert f"| fusion concat - {m.WIDE} |" in out and f"| {m.TAB} - {m.WIDE} |" in out
+    assert fails == []  # the config's tabular = LR = fusion: every target met
+    res.table[m.TAB] = weak[None, :].copy()  # the per-fold choice is an ablation
+    assert m.report("v", res, y, 50, 0) == []
+    res.table[m.WIDE] = weak[None, :].copy()
     fails = m.report("v", res, y, 50, 0)
-    assert any(f.startswith(f"v: {m.TAB} - {m.LR}") for f in fails)
+    assert any(f.startswith(f"v: {m.WIDE} - {m.LR}") for f in fails)
 
 
 def test_crossfit_of_one_fold_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
