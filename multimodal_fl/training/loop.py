@@ -487,7 +487,8 @@ def train(
     warmup_steps : int, default 0
         Before the ``steps``, this many steps that train the encoders' linear paths alone
         (:meth:`FusionModel.linear_path_parameters`, every other weight held, no proximal
-        term), with an AdamW of their own at the path's learning rate, on batches from the
+        term; batch-norm running statistics still follow the batches, as in any training
+        step), with an AdamW of their own at the path's learning rate, on batches from the
         same stream (``training.linear_warmup_steps``; the caller passes it at the start of
         a model's training: a centralized or local run, a site's first federated round).
         With validation, the warmed-up model is evaluated once (at ``start_step``) before
