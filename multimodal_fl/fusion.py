@@ -258,6 +258,36 @@ class FusionModel(nn.Module):
         groups["head."] = None
         return groups
 
+    def linear_path_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The trainable parameters of the encoders' linear paths, a group per encoder.
+
+        An encoder has a path when it has a ``linear`` module (the tabular encoder with
+        ``linear_path``); its group's learning rate is ``lr`` times its ``linear_lr_scale``
+        (default 1).
+
+        Parameters
+        ----------
+        lr : float
+            The optimiser's learning rate.
+
+        Returns
+        -------
+        list of dict
+            ``[{"params": [...], "lr": lr * scale}, ...]`` (encoders whose path has no
+            trainable parameter left out; empty: no path).
+        """
+        groups: list[dict[str, Any]] = []
+        for m in self.modalities:
+            enc = self.encoders[m] if m in self.encoders else None
+            linear = getattr(enc, "linear", None)
+            if not isinstance(linear, nn.Module):
+                continue
+            params = [p for p in linear.parameters() if p.requires_grad]
+            if params:
+                scale = float(getattr(enc, "linear_lr_scale", 1.0))
+                groups.append({"params": params, "lr": lr * scale})
+        return groups
+
     def linear_path_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters of the encoders' linear paths (empty: no path).
 
@@ -266,12 +296,7 @@ class FusionModel(nn.Module):
         list of nn.Parameter
             Those :meth:`optimizer_param_groups` puts at ``lr * linear_lr_scale``.
         """
-        out: list[nn.Parameter] = []
-        for m in self.modalities:
-            linear = getattr(self.encoders[m], "linear", None) if m in self.encoders else None
-            if isinstance(linear, nn.Module):
-                out += [p for p in linear.parameters() if p.requires_grad]
-        return out
+        return [p for g in self.linear_path_groups(1.0) for p in g["params"]]
 
     def zero_head_weights(self) -> None:
         """Set the weights of the fused head(s) to zero (biases kept), in place.
@@ -305,18 +330,8 @@ class FusionModel(nn.Module):
             ``[{"params": [...], "lr": lr}, {"params": [...], "lr": lr * scale}, ...]``
             (groups without parameters left out), for ``torch.optim.AdamW(groups, ...)``.
         """
-        groups: list[dict[str, Any]] = []
-        special: set[int] = set()
-        for m in self.modalities:
-            enc = self.encoders[m] if m in self.encoders else None
-            linear = getattr(enc, "linear", None)
-            if not isinstance(linear, nn.Module):
-                continue
-            params = [p for p in linear.parameters() if p.requires_grad]
-            special.update(id(p) for p in params)
-            scale = float(getattr(enc, "linear_lr_scale", 1.0))
-            if params:
-                groups.append({"params": params, "lr": lr * scale})
+        groups = self.linear_path_groups(lr)
+        special = {id(p) for g in groups for p in g["params"]}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in special]
         return ([{"params": rest, "lr": lr}] if rest else []) + groups
 

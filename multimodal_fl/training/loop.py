@@ -600,10 +600,10 @@ def _warm_up(model: FusionModel, data: CohortDataset, loss_fn: nn.Module,
              device: torch.device, augment: Callable[[Batch], Batch] | None,
              result: TrainResult) -> None:
     """``steps`` AdamW steps on the linear paths alone; every other weight held (restored after)."""
-    groups = [g for g in model.optimizer_param_groups(cfg.lr)
-              if {id(p) for p in g["params"]} <= {id(p) for p in model.linear_path_parameters()}]
+    groups = model.linear_path_groups(cfg.lr)
     path = [p for g in groups for p in g["params"]]
-    held = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in path)]
+    ids = {id(p) for p in path}
+    held = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     try:
         for p in held:

@@ -110,7 +110,7 @@ def build_model(cfg: ExperimentConfig, data: CohortDataset | SiteData) -> Fusion
             modality_dropout=cfg.fusion.modality_dropout,
             dropout=cfg.fusion.dropout,
         )
-    if cfg.training.linear_warmup_steps > 0 and model.linear_path_parameters():
+    if warmup_steps(cfg, model):
         model.zero_head_weights()  # the model starts as its linear path (train's warm-up)
     privacy = cfg.privacy
     if privacy.dp is not None or privacy.site_level is not None:
