@@ -268,7 +268,7 @@ class FusionModel(nn.Module):
         Parameters
         ----------
         lr : float
-            The optimiser's learning rate.
+            The base learning rate each encoder's scale multiplies.
 
         Returns
         -------
