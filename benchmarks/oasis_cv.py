@@ -105,6 +105,7 @@ from multimodal_fl.training import (
     load_weights,
     predict,
     train,
+    warmup_fit,
     warmup_steps,
 )
 
@@ -225,7 +226,8 @@ def train_centralized(cfg: ExperimentConfig, ds: CohortDataset, fold: Fold,
     model = build_model(cfg.model_copy(update={"seed": seed}), tr)
     fit_tabular_standardizer(model, [tr])
     result = train(model, tr, va, cfg.training, generator=torch.Generator().manual_seed(seed),
-                   augment=batch_augmenter(cfg, model), warmup_steps=warmup_steps(cfg, model))
+                   augment=batch_augmenter(cfg, model), warmup_steps=warmup_steps(cfg, model),
+                   warmup_fit=warmup_fit(cfg, model))
     auc = result.best_val_auc
     return model, float("-inf") if auc is None else float(auc)
 

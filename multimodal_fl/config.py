@@ -544,6 +544,14 @@ class TrainingConfig(_Strict):
                     "the model begins as a converged logistic regression and the deep part "
                     "learns what it misses. Needs modalities.tabular.linear_path; 0: off "
                     "(docs/encoders.md).")
+    linear_warmup_fit: bool = Field(
+        default=False,
+        description="Instead of linear_warmup_steps: set the tabular linear path to a logistic "
+                    "regression fitted to convergence on the training rows (each site's own "
+                    "in federated round 1), its L2 penalty chosen by 5-fold cross-validated "
+                    "AUC on those rows, with the fused head starting at zero: no step count "
+                    "to choose, and a small cohort gets a strong penalty. Needs "
+                    "modalities.tabular.linear_path (docs/encoders.md).")
     lr: float = Field(default=1e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(default=1e-4, ge=0, description="AdamW weight decay.")
     eval_every: int = Field(default=25, ge=1, description="Validate every N steps.")
@@ -755,10 +763,17 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="after")
     def _linear_warmup(self) -> ExperimentConfig:
         tab = self.modalities.tabular
-        if self.training.linear_warmup_steps > 0 and not (tab.enabled and tab.linear_path):
-            raise ValueError("training.linear_warmup_steps fits the tabular linear path; set "
+        t = self.training
+        if t.linear_warmup_steps > 0 and t.linear_warmup_fit:
+            raise ValueError("training.linear_warmup_fit replaces training.linear_warmup_steps; "
+                             "set one of them (linear_warmup_steps: 0 with the fit)")
+        key = ("training.linear_warmup_fit" if t.linear_warmup_fit
+               else "training.linear_warmup_steps")
+        if (t.linear_warmup_steps > 0 or t.linear_warmup_fit) and not (
+                tab.enabled and tab.linear_path):
+            raise ValueError(f"{key} fits the tabular linear path; set "
                              "modalities.tabular.linear_path: true (and the tabular modality "
-                             "enabled) or training.linear_warmup_steps: 0")
+                             f"enabled) or turn {key} off")
         return self
 
     @model_validator(mode="after")
@@ -783,6 +798,9 @@ class ExperimentConfig(_Strict):
         if self.training.linear_warmup_steps > 0:
             raise ValueError("privacy.dp: training.linear_warmup_steps would take steps outside "
                              "DP-SGD's accounting; set training.linear_warmup_steps: 0")
+        if self.training.linear_warmup_fit:
+            raise ValueError("privacy.dp: training.linear_warmup_fit would fit the training rows "
+                             "outside DP-SGD's accounting; set training.linear_warmup_fit: false")
         return self
 
     def advisories(self) -> list[str]:

@@ -294,3 +294,22 @@ def test_linear_warmup_needs_the_path_and_no_dp(tmp_path: Path) -> None:
         load_config(write(tmp_path, minimal(training=warm,
                                             privacy={"dp": {"noise_multiplier": 1.0}}),
                           "dp.yaml"))
+
+
+def test_fitted_linear_warmup_needs_the_path_no_dp_and_no_steps(tmp_path: Path) -> None:
+    """``training.linear_warmup_fit``: the same refusals, named by its own key, and it does
+    not go with ``linear_warmup_steps`` (two ways to do one thing)."""
+    fit = {"linear_warmup_fit": True}
+    assert load_config(write(tmp_path, minimal(training=fit), "fit.yaml")
+                       ).training.linear_warmup_fit
+    with pytest.raises(ConfigError, match="linear_warmup_fit fits the tabular linear path"):
+        load_config(write(tmp_path, minimal(training=fit,
+                                            modalities={"tabular": {"linear_path": False}}),
+                          "nopath.yaml"))
+    with pytest.raises(ConfigError, match="linear_warmup_fit would fit"):
+        load_config(write(tmp_path, minimal(training=fit,
+                                            privacy={"dp": {"noise_multiplier": 1.0}}),
+                          "dp.yaml"))
+    with pytest.raises(ConfigError, match=r"replaces training\.linear_warmup_steps"):
+        load_config(write(tmp_path, minimal(training={**fit, "linear_warmup_steps": 5}),
+                          "both.yaml"))

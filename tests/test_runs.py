@@ -221,3 +221,18 @@ def test_centralized_run_warms_the_linear_path_up_first(
     record = metrics["training"]["centralized"]
     assert record["warmup_steps"] == 20 and record["warmup_loss"] is not None
     assert metrics["history"]["centralized"][0]["step"] == 0
+
+
+def test_centralized_run_can_start_from_the_fitted_logistic_regression(
+    setup: tuple[ExperimentConfig, dict[str, FakeCohort]], tmp_path: Path
+) -> None:
+    """``training.linear_warmup_fit`` on an engine: the record names the chosen penalty, and
+    the fitted model was validated (step 0) before the steps."""
+    cfg, cohorts = setup
+    cfg = cfg.model_copy(update={"training": cfg.training.model_copy(
+        update={"linear_warmup_fit": True})})
+    out = run_centralized(cfg, tmp_path / "f", cohorts=cohorts, warn=lambda _: None)
+    metrics = json.loads((out.run_dir / "metrics.json").read_text())
+    record = metrics["training"]["centralized"]
+    assert record["warmup_fit_C"] > 0 and record["warmup_steps"] == 0
+    assert metrics["history"]["centralized"][0]["step"] == 0

@@ -475,6 +475,101 @@ def test_linear_warmup_is_refused_without_a_path_or_with_dp() -> None:
               generator=torch.Generator().manual_seed(0))
 
 
+def test_fitted_warmup_is_the_cross_validated_logistic_regression() -> None:
+    """``warmup_fit`` makes the model, on patients with tabular data, exactly the
+    cross-validated logistic regression of the same prepared features (scikit-learn's own fit,
+    the same folds), moving only the path and the head's bias; validated at step 0."""
+    from sklearn.linear_model import LogisticRegression
+
+    from multimodal_fl.training.warmup import C_GRID, fit_linear_path
+
+    site = make_site(200, signal=0.8)
+    tr, va = (d.select_modalities(["tabular"]) for d in (site.train, site.val))
+    model = path_model()
+    fit_tabular_standardizer(model, [tr])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(3)
+    result = train(model, tr, va, tcfg(patience=2), steps=0, warmup_fit=True, generator=gen)
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved == {"encoders.tabular.linear.weight", "encoders.tabular.linear.bias",
+                     "head.bias"}
+    head = model.head
+    assert isinstance(head, torch.nn.Linear) and float(head.bias.detach()) == 0.0
+    assert result.warmup_fit_C in set(C_GRID.tolist())
+    enc = model.encoders["tabular"]
+    assert isinstance(enc, TabularEncoder)
+    x = enc.prepare(tr.inputs["tabular"]).numpy().astype(np.float64)
+    y = tr.labels.numpy().astype(int)
+    # the reference: scikit-learn's logistic regression at the chosen C on the same rows
+    # (LogisticRegressionCV refits it on all of them; solver paths differ: a tolerance)
+    ref = LogisticRegression(C=result.warmup_fit_C, class_weight="balanced",
+                             max_iter=5000).fit(x, y)
+    np.testing.assert_allclose(predict(model, tr), ref.predict_proba(x)[:, 1], atol=2e-3)
+    # with steps, the fitted model is scored first (step 0), so early stopping can keep it
+    again = path_model()
+    fit_tabular_standardizer(again, [tr])
+    with_steps = train(again, tr, va, tcfg(patience=2), warmup_fit=True,
+                       generator=torch.Generator().manual_seed(3))
+    assert with_steps.history[0]["step"] == 0
+    assert with_steps.history[0]["train_loss"] == pytest.approx(result.warmup_loss)
+    assert fit_linear_path(path_model(), tr, torch.nn.BCEWithLogitsLoss(), 0).note == ""
+
+
+def test_fitted_warmup_leaves_the_batch_stream_as_it_was() -> None:
+    """The folds' seed comes from a copy of the generator: the steps after the fit draw the
+    same batches as the steps of a run without it (a path kept at its fitted values shows it:
+    with the path frozen, both runs train the rest identically)."""
+    data = make_site(120, signal=0.8).train.select_modalities(["tabular"])
+    gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    model = path_model()
+    fit_tabular_standardizer(model, [data])
+    train(model, data, None, tcfg(steps=3), warmup_fit=True, generator=gen_a)
+    train(path_model(), data, None, tcfg(steps=3), generator=gen_b)
+    assert torch.equal(gen_a.get_state(), gen_b.get_state())
+
+
+def test_fitted_warmup_shrinks_on_a_small_noisy_cohort() -> None:
+    """The penalty is chosen on the rows: pure noise gets a strong one (small coefficients),
+    a clear signal a weak one; the warm-up by steps has no such brake."""
+    from multimodal_fl.training.warmup import fit_linear_path
+
+    loss = torch.nn.BCEWithLogitsLoss()
+    norms = {}
+    for signal in (0.0, 2.0):
+        data = make_site(120, signal=signal).train.select_modalities(["tabular"])
+        model = path_model()
+        fit_tabular_standardizer(model, [data])
+        fit = fit_linear_path(model, data, loss, seed=0)
+        assert fit.C is not None and fit.folds == 5
+        enc = model.encoders["tabular"]
+        assert isinstance(enc, TabularEncoder) and enc.linear is not None
+        norms[signal] = float(enc.linear.weight.norm())
+    assert norms[0.0] < 0.5 * norms[2.0], norms
+
+
+def test_fitted_warmup_leaves_a_one_class_training_set_alone() -> None:
+    site = make_site(60)
+    data = site.train.select_modalities(["tabular"])
+    one = data.subset((data.labels == 0).nonzero().flatten().tolist()[:1] +
+                      (data.labels == 1).nonzero().flatten().tolist())
+    model = path_model()
+    fit_tabular_standardizer(model, [one])
+    result = train(model, one, None, tcfg(), steps=1, warmup_fit=True,
+                   generator=torch.Generator().manual_seed(0))
+    assert result.warmup_fit_C is None
+    assert any("not fitted" in n and "rarer class" in n for n in result.notes)
+
+
+def test_fitted_warmup_is_refused_with_dp_steps_or_no_path() -> None:
+    data = make_site(60).train
+    with pytest.raises(ValueError, match="linear path"):
+        train(make_model(), data, None, tcfg(), warmup_fit=True,
+              generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="give one"):
+        train(path_model(), data.select_modalities(["tabular"]), None, tcfg(), warmup_steps=5,
+              warmup_fit=True, generator=torch.Generator().manual_seed(0))
+
+
 def test_zero_head_weights_makes_the_model_its_linear_path() -> None:
     """With the head's weights at zero the deep part adds a constant: the logit is the path's
     logit plus the head's bias, whatever the encoder's weights are."""

@@ -169,6 +169,7 @@ from multimodal_fl.training import (
     predict,
     predictions_frame,
     train_local_model,
+    warmup_fit,
     warmup_steps,
 )
 from multimodal_fl.training.privacy import (
@@ -524,7 +525,9 @@ class FusionSite:
                               optimizer_state=self._optimizer_state if keep else None,
                               # the path fitted alone once, before the site's first steps
                               warmup_steps=(warmup_steps(self.cfg, self.model)
-                                            if request.round == 1 and dp is None else 0))
+                                            if request.round == 1 and dp is None else 0),
+                              warmup_fit=(warmup_fit(self.cfg, self.model)
+                                          and request.round == 1 and dp is None))
         metrics = {"loss": float(result.loss)} if np.isfinite(result.loss) else {}
         if request.round == 1:  # once: the same lines every round would drown the log
             for note in result.notes:

@@ -58,6 +58,7 @@ from multimodal_fl.training.model import (
     fit_tabular_standardizer,
     load_weights,
     resolve_device,
+    warmup_fit,
     warmup_steps,
 )
 from multimodal_fl.training.prepare import (
@@ -103,5 +104,6 @@ __all__ = [
     "train",
     "train_local_model",
     "train_to_completion",
+    "warmup_fit",
     "warmup_steps",
 ]

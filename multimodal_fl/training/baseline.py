@@ -23,6 +23,7 @@ from multimodal_fl.training.model import (
     batch_augmenter,
     build_model,
     fit_tabular_standardizer,
+    warmup_fit,
     warmup_steps,
 )
 
@@ -70,7 +71,7 @@ def train_to_completion(
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "train", seed_key))
     result = train(model, train_set, val_set, cfg.training, generator=gen,
                    augment=batch_augmenter(cfg, model), progress=tick,
-                   warmup_steps=warmup_steps(cfg, model))
+                   warmup_steps=warmup_steps(cfg, model), warmup_fit=warmup_fit(cfg, model))
     if progress is not None and events and result.steps < cfg.training.steps:
         # early stopping: the model is done all the same
         progress(StepEvent(label, result.steps, result.steps, events[0].loss))

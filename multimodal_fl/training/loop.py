@@ -39,6 +39,7 @@ from multimodal_fl.training.dataset import Batch, CohortDataset
 from multimodal_fl.training.inference import evaluate
 from multimodal_fl.training.model import load_weights, resolve_device
 from multimodal_fl.training.privacy import DPSGD, dp_session, noise_only_step
+from multimodal_fl.training.warmup import fit_linear_path
 
 if TYPE_CHECKING:
     from multimodal_fl.config import TrainingConfig
@@ -89,7 +90,10 @@ class TrainResult:
     warmup_steps : int
         Steps that fitted the linear path alone before ``steps`` (not counted in them).
     warmup_loss : float
-        Mean training loss of those steps (NaN when none).
+        Mean training loss of those steps, or the training loss of the fitted path
+        (``warmup_fit``; NaN when neither).
+    warmup_fit_C : float or None
+        The inverse L2 penalty the fitted warm-up chose (None: no fit).
     """
 
     steps: int
@@ -105,6 +109,7 @@ class TrainResult:
     notes: list[str] = field(default_factory=list)
     warmup_steps: int = 0
     warmup_loss: float = float("nan")
+    warmup_fit_C: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
@@ -122,6 +127,7 @@ class TrainResult:
             "notes": self.notes,
             "warmup_steps": self.warmup_steps,
             "warmup_loss": self.warmup_loss,
+            "warmup_fit_C": self.warmup_fit_C,
         }
 
 
@@ -431,6 +437,7 @@ def train(
     dp: DPSGD | None = None,
     optimizer_state: MutableMapping[int, dict[str, torch.Tensor]] | None = None,
     warmup_steps: int = 0,
+    warmup_fit: bool = False,
 ) -> TrainResult:
     """Run ``steps`` optimisation steps of AdamW on ``train_data``, in place.
 
@@ -494,6 +501,13 @@ def train(
         With validation, the warmed-up model is evaluated once (at ``start_step``) before
         the ``steps``, so early stopping can keep it. Not with ``dp``; a model without a
         linear path is refused.
+    warmup_fit : bool, default False
+        Instead of ``warmup_steps``, set the linear path to a logistic regression fitted on
+        the training rows with tabular data, its L2 penalty chosen by cross-validation on
+        them, and the fused heads' biases to zero
+        (:func:`~multimodal_fl.training.warmup.fit_linear_path`,
+        ``training.linear_warmup_fit``); validated once before the ``steps`` as above. Not
+        with ``dp`` or ``warmup_steps``.
 
     Returns
     -------
@@ -501,7 +515,7 @@ def train(
     """
     steps = cfg.steps if steps is None else int(steps)
     _refuse(model, train_data, steps, warmup_steps, dp=dp, proximal=proximal,
-            optimizer_state=optimizer_state)
+            optimizer_state=optimizer_state, warmup_fit=warmup_fit)
     device = resolve_device(cfg.device)
     model.to(device)
     pos_weight, notes = _pos_weight(train_data.labels)
@@ -538,10 +552,12 @@ def train(
         stack.enter_context(torch.random.fork_rng(devices=_cuda_devices(device)))
         stack.enter_context(_deterministic())
         torch.manual_seed(_generator_seed(generator))
-        if warmup_steps:
+        if warmup_fit:
+            _fit_warm_up(model, train_data, loss_fn, generator, result)
+        elif warmup_steps:
             _warm_up(model, train_data, loss_fn, stream, warmup_steps, cfg, device, augment,
                      result)
-            if validate and steps:
+        if (warmup_fit or warmup_steps) and validate and steps:
                 assert val_data is not None
                 _validate(model, val_data, device, step=start_step,
                           train_loss=result.warmup_loss, result=result, stopper=stopper)
@@ -573,16 +589,20 @@ def train(
 
 def _refuse(model: FusionModel, train_data: CohortDataset, steps: int, warmup_steps: int, *,
             dp: DPSGD | None, proximal: ProximalFn | None,
-            optimizer_state: MutableMapping[int, dict[str, torch.Tensor]] | None) -> None:
+            optimizer_state: MutableMapping[int, dict[str, torch.Tensor]] | None,
+            warmup_fit: bool = False) -> None:
     """Raise ``ValueError`` for a :func:`train` call whose arguments do not go together."""
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be non-negative, got {warmup_steps}")
-    if warmup_steps and dp is not None:
-        raise ValueError("train: DP-SGD accounts for every step; the linear warm-up would step "
-                         "outside it (warmup_steps must be 0 with dp)")
-    if warmup_steps and not model.linear_path_parameters():
-        raise ValueError("train: warmup_steps fits the linear path, and this model has none "
-                         "(modalities.tabular.linear_path: true)")
+    if warmup_steps and warmup_fit:
+        raise ValueError("train: warmup_steps and warmup_fit are two ways to warm the linear "
+                         "path up; give one")
+    if (warmup_steps or warmup_fit) and dp is not None:
+        raise ValueError("train: DP-SGD accounts for every use of the training rows; the linear "
+                         "warm-up would sit outside it (no warmup_steps or warmup_fit with dp)")
+    if (warmup_steps or warmup_fit) and not model.linear_path_parameters():
+        raise ValueError("train: the linear warm-up fits the linear path, and this model has "
+                         "none (modalities.tabular.linear_path: true)")
     if dp is not None and optimizer_state is not None:
         raise ValueError("train: DP-SGD starts Opacus' optimiser afresh; it takes no "
                          "optimizer_state")
@@ -618,6 +638,19 @@ def _warm_up(model: FusionModel, data: CohortDataset, loss_fn: nn.Module,
     result.warmup_loss = loop.mean()
 
 
+def _fit_warm_up(model: FusionModel, data: CohortDataset, loss_fn: nn.Module,
+                 generator: torch.Generator, result: TrainResult) -> None:
+    """``warmup_fit``: the path set to a cross-validated logistic regression (result noted)."""
+    # a fork of the generator seeds the folds: the batch stream stays the one without the fit
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().set_state(
+        generator.get_state())).item())
+    fitted = fit_linear_path(model, data, loss_fn, seed)
+    result.warmup_loss = fitted.loss
+    result.warmup_fit_C = fitted.C
+    if fitted.note:
+        result.notes.append(fitted.note)
+
+
 def _load_moments(opt: torch.optim.Optimizer,
                   state: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
     """Give a fresh optimiser the per-parameter state of an earlier one (its own groups,
@@ -647,6 +680,7 @@ def local_update(
     dp: DPSGD | None = None,
     optimizer_state: MutableMapping[int, dict[str, torch.Tensor]] | None = None,
     warmup_steps: int = 0,
+    warmup_fit: bool = False,
 ) -> TrainResult:
     """One federated site's local training: load ``weights``, run ``steps`` steps, no validation.
 
@@ -679,6 +713,9 @@ def local_update(
     warmup_steps : int, default 0
         Linear-path steps before ``steps`` (see :func:`train`): the site passes
         ``training.linear_warmup_steps`` in its first round.
+    warmup_fit : bool, default False
+        The fitted linear warm-up instead (see :func:`train`;
+        ``training.linear_warmup_fit``, first round).
 
     Returns
     -------
@@ -691,5 +728,6 @@ def local_update(
     return train(
         model, train_data, None, cfg, steps=steps, generator=generator, proximal=proximal,
         augment=augment, dp=dp, optimizer_state=optimizer_state, warmup_steps=warmup_steps,
+        warmup_fit=warmup_fit,
     )
 

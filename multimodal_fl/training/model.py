@@ -35,6 +35,7 @@ __all__ = [
     "fit_tabular_standardizer",
     "load_weights",
     "resolve_device",
+    "warmup_fit",
     "warmup_steps",
 ]
 
@@ -70,7 +71,7 @@ def build_model(cfg: ExperimentConfig, data: CohortDataset | SiteData) -> Fusion
     (:func:`~multimodal_fl.training.privacy.make_private_compatible`: GroupNorm for BatchNorm,
     no in-place activation, dense fusion) for every engine and request alike; with
     ``privacy.site_level`` alone, GroupNorm for BatchNorm. With
-    ``training.linear_warmup_steps`` the fused head's weights start at zero
+    ``training.linear_warmup_steps`` or ``linear_warmup_fit`` the fused head's weights start at zero
     (:meth:`FusionModel.zero_head_weights`): the model starts as its tabular linear path.
 
     Parameters
@@ -110,7 +111,7 @@ def build_model(cfg: ExperimentConfig, data: CohortDataset | SiteData) -> Fusion
             modality_dropout=cfg.fusion.modality_dropout,
             dropout=cfg.fusion.dropout,
         )
-    if warmup_steps(cfg, model):
+    if warmup_steps(cfg, model) or warmup_fit(cfg, model):
         model.zero_head_weights()  # the model starts as its linear path (train's warm-up)
     privacy = cfg.privacy
     if privacy.dp is not None or privacy.site_level is not None:
@@ -139,6 +140,25 @@ def warmup_steps(cfg: ExperimentConfig, model: FusionModel) -> int:
         Steps for ``train(..., warmup_steps=)``.
     """
     return cfg.training.linear_warmup_steps if model.linear_path_parameters() else 0
+
+
+def warmup_fit(cfg: ExperimentConfig, model: FusionModel) -> bool:
+    """Whether a training of ``model`` starts with the fitted warm-up (``train(warmup_fit=)``).
+
+    ``training.linear_warmup_fit`` when the model has a linear path, else False.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        Its ``training.linear_warmup_fit``.
+    model : FusionModel
+        The model to train.
+
+    Returns
+    -------
+    bool
+    """
+    return bool(cfg.training.linear_warmup_fit and model.linear_path_parameters())
 
 
 def fit_tabular_standardizer(model: FusionModel, datasets: Sequence[CohortDataset], *,

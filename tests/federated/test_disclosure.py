@@ -541,3 +541,7 @@ def test_linear_warmup_runs_in_a_sites_first_round_only(
 
     assert not same(fit(warm, 1, "w1"), fit(cfg, 1, "c1"))
     assert same(fit(warm, 2, "w2"), fit(cfg, 2, "c2"))
+    fitted = cfg.model_copy(update={"training": cfg.training.model_copy(
+        update={"linear_warmup_fit": True})})
+    assert not same(fit(fitted, 1, "f1"), fit(cfg, 1, "c1b"))
+    assert same(fit(fitted, 2, "f2"), fit(cfg, 2, "c2b"))
