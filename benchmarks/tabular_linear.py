@@ -17,7 +17,9 @@ plain MLP with a stratified bootstrap 95% CI over test patients, and a logistic 
 per cohort, the mean |coef| of the logistic regression and the mean |weight| of each trained
 path; at the end, each multiplier's mean paired change against x1. With ``--warmups 0 N`` every
 multiplier is trained twice, without and with ``training.linear_warmup_steps`` N (the path fitted
-alone first, the deep part from a zero head), each a column of its own.
+alone first, the deep part from a zero head), each a column of its own; ``fit`` in
+``--warmups`` is ``training.linear_warmup_fit`` (the path started as a logistic regression
+fitted on the training rows, its penalty chosen by cross-validation on them).
 
 Cohorts: ``configs/covid_oxygen.yaml`` and ``configs/alzheimers.yaml`` on ``sample_data/``
 (the generated cohorts), and ``configs/mexico_covid_severity.yaml`` on the confirmed cases
@@ -55,6 +57,7 @@ from multimodal_fl.training import (
     predict,
     split_patients,
     train,
+    warmup_fit,
     warmup_steps,
 )
 
@@ -85,24 +88,27 @@ def pooled_splits(sites: dict[str, SiteData], cfg: ExperimentConfig, seed: int
 
 
 def tabular_scores(cfg: ExperimentConfig, data: dict[str, CohortDataset], seed: int,
-                   linear_path: bool, lr_scale: float = 1.0, warmup: int = 0
+                   linear_path: bool, lr_scale: float = 1.0, warmup: int | str = 0
                    ) -> tuple[np.ndarray, float]:
     """Test scores of the config's tabular model, with or without the linear path.
 
     ``lr_scale`` is ``modalities.tabular.linear_lr_scale``, ``warmup``
-    ``training.linear_warmup_steps`` (path only). Also returns the trained path's mean
+    ``training.linear_warmup_steps`` or ``"fit"``: ``training.linear_warmup_fit`` (path
+    only). Also returns the trained path's mean
     ``|weight|`` (``nan`` without the path).
     """
     tab = cfg.modalities.tabular.model_copy(update={"linear_path": linear_path,
                                                     "linear_lr_scale": lr_scale})
     mods = cfg.modalities.model_copy(update={"tabular": tab})
-    training = cfg.training.model_copy(update={"linear_warmup_steps": warmup})
+    fitted = warmup == "fit"
+    training = cfg.training.model_copy(update={
+        "linear_warmup_steps": 0 if fitted else int(warmup), "linear_warmup_fit": fitted})
     run_cfg = cfg.model_copy(update={"modalities": mods, "seed": seed, "training": training})
     model = build_model(run_cfg, data["train"])
     fit_tabular_standardizer(model, [data["train"]])
     train(model, data["train"], data["val"], cfg.training,
           generator=torch.Generator().manual_seed(seed),
-          warmup_steps=warmup_steps(run_cfg, model))
+          warmup_steps=warmup_steps(run_cfg, model), warmup_fit=warmup_fit(run_cfg, model))
     linear = getattr(model.encoders["tabular"], "linear", None)
     size = float(linear.weight.detach().abs().mean()) if linear is not None else float("nan")
     return np.asarray(predict(model, data["test"]), dtype=np.float64), size
@@ -118,13 +124,13 @@ def logistic_scores(data: dict[str, CohortDataset]) -> tuple[np.ndarray, float]:
     return np.asarray(pipe.predict_proba(data["test"].inputs["tabular"].numpy())[:, 1]), size
 
 
-def column(scale: float, warmup: int) -> str:
-    """A path column's name: ``x10`` or ``x10 warm-up 3000``."""
-    return f"x{scale:g}" + (f" warm-up {warmup}" if warmup else "")
+def column(scale: float, warmup: int | str) -> str:
+    """A path column's name: ``x10``, ``x10 warm-up 3000`` or ``x10 warm-up fit``."""
+    return f"x{scale:g}" + (f" warm-up {warmup}" if warmup not in (0, "0") else "")
 
 
 def seed_row(cfg: ExperimentConfig, data: dict[str, CohortDataset], seed: int,
-             scales: Sequence[float], n_boot: int, warmups: Sequence[int] = (0,)
+             scales: Sequence[float], n_boot: int, warmups: Sequence[int | str] = (0,)
              ) -> tuple[str, dict[str, float], list[float]]:
     """One seed: the table row, path - MLP per column, and the sizes (LR, then each column)."""
     y = data["test"].labels.numpy().astype(int)
@@ -145,7 +151,8 @@ def seed_row(cfg: ExperimentConfig, data: dict[str, CohortDataset], seed: int,
 
 
 def compare(name: str, cfg: ExperimentConfig, seeds: Sequence[int], n_boot: int,
-            scales: Sequence[float], warmups: Sequence[int] = (0,)) -> dict[str, list[float]]:
+            scales: Sequence[float], warmups: Sequence[int | str] = (0,)
+            ) -> dict[str, list[float]]:
     """Print one cohort's rows; return the per-seed differences (path - MLP) per column."""
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tabular_linear_") as tmp:
@@ -196,6 +203,16 @@ def summary(all_diffs: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
+def warmup_arg(text: str) -> int | str:
+    """A ``--warmups`` value: a step count, or ``fit``."""
+    if text == "fit":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a step count or 'fit'") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the comparison table (markdown)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -205,8 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     choices=["covid_oxygen", "alzheimers", "mexico"])
     ap.add_argument("--lr-scales", nargs="+", type=float, default=[1.0, 10.0, 30.0],
                     help="modalities.tabular.linear_lr_scale values to compare")
-    ap.add_argument("--warmups", nargs="+", type=int, default=[0],
-                    help="training.linear_warmup_steps values to train every path with")
+    ap.add_argument("--warmups", nargs="+", type=warmup_arg, default=[0],
+                    help="training.linear_warmup_steps values to train every path with; "
+                         "'fit': training.linear_warmup_fit")
     ap.add_argument("--min-site-size", type=int, default=300, help="Mexico: pool smaller ones")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

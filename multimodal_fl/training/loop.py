@@ -647,8 +647,9 @@ def _fit_warm_up(model: FusionModel, data: CohortDataset, loss_fn: nn.Module,
     fitted = fit_linear_path(model, data, loss_fn, seed)
     result.warmup_loss = fitted.loss
     result.warmup_fit_C = fitted.C
-    if fitted.note:
-        result.notes.append(fitted.note)
+    result.notes.append(fitted.note or (
+        f"linear warm-up: logistic regression fitted on {fitted.n_rows} rows, "
+        f"C = {fitted.C:g} by {fitted.folds}-fold cross-validation"))
 
 
 def _load_moments(opt: torch.optim.Optimizer,
