@@ -22,9 +22,11 @@ One command, from the repository root::
    federated 15 rounds of 20 local steps; fixed before this benchmark was written) and
    choose their training length by early stopping on the inner validation AUC (federated:
    the round with the best pooled validation AUC). Every model with the tabular linear path
-   first fits the path alone (``training.linear_warmup_steps``, 3000 in
-   ``configs/oasis1.yaml``; each federated site in its first round) and is validated once
-   after it, so early stopping may keep the warmed-up model. The logistic regression
+   starts it as a logistic regression fitted on its training rows, the penalty chosen by
+   5-fold CV on them (``training.linear_warmup_fit`` in ``configs/oasis1.yaml``; each
+   federated site on its own rows in its first round; runs before 2026-11-30 session 8
+   fitted the path alone for 3000 steps instead) and is validated once after it, so early
+   stopping may keep the warmed-up model. The logistic regression
    (median-imputed, standardised) chooses ``C`` by an inner stratified 5-fold CV on the
    training folds (``GridSearchCV``, AUC) and is refitted on all of them. The tabular
    model is the config's (``modalities.tabular.linear_path`` on, the package default chosen
