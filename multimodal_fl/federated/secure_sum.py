@@ -494,6 +494,16 @@ class _Held:
     once: bool = False
 
 
+def _digest(held: _Held) -> str:
+    """A held vector's content (part names, widths, values) as a sha256 hex digest."""
+    h = hashlib.sha256()
+    for name in sorted(held.parts):
+        part = np.ascontiguousarray(held.parts[name], dtype="<i8")
+        h.update(json.dumps([name, int(part.size)]).encode())
+        h.update(part.tobytes())
+    return h.hexdigest()
+
+
 class SecureSumParty:
     """A site's side of secure sums over a federation: answers the four ``secure_sum`` steps.
 
@@ -506,6 +516,17 @@ class SecureSumParty:
     :meth:`export_state` / :meth:`restore_state` carry it through a site rebuilt for every
     message (Flower without a site worker), inside the site's own state.
 
+    **One vector, one set of sites.** Two totals of the same vector over different sets of
+    sites give the server their difference: over all four sites and then over three of them,
+    the fourth site's vector exactly. So the party keeps a digest of the content of every
+    vector it has helped unmask (:attr:`summed`, with the sites summed), and its ``unmask``
+    step refuses a vector of the same content (the same hold asked again, or the same
+    histograms held again by a later request on the same weights) summed with any other set
+    of sites; the same set again gives the same total and is answered. The record lives as
+    long as the site's state (a run; it travels in :meth:`export_state`), not across runs.
+    A vector of *different* content that overlaps (e.g. histograms of slightly different
+    weights) is not caught: differencing those gives an approximation, not the vector.
+
     Parameters
     ----------
     site : str
@@ -516,6 +537,8 @@ class SecureSumParty:
         self.site = site
         self.held: dict[str, _Held] = {}
         self.live: dict[str, SecureSumSite] = {}
+        #: content digest of every vector this site helped unmask -> the sites summed with it
+        self.summed: dict[str, list[str]] = {}
 
     def hold(self, vector: str, parts: Mapping[str, npt.ArrayLike], *,
              refusal: str | None = None, min_cell: int = 0, once: bool = False) -> None:
@@ -592,11 +615,20 @@ class SecureSumParty:
             x = self._laid_out(request, vector, held)
             reply.arrays = {"y": live.masked(_raw(request.arrays, "from/"), x)}
         else:
-            sent = [str(s) for s in json.loads(str(request.config.get("sent", "[]")))]
+            sent = sorted(str(s) for s in json.loads(str(request.config.get("sent", "[]"))))
             dropped = [str(s) for s in json.loads(str(request.config.get("dropped", "[]")))]
             if len(sent) < MIN_SITES:
                 raise SecureSumError(_too_few(len(sent)))
+            digest = _digest(held)
+            before = self.summed.get(digest)
+            if before is not None and before != sent:
+                del self.live[vector]
+                raise SecureSumError(
+                    f"site {self.site}: this {vector!r} was summed before with "
+                    f"{len(before)} sites; a second sum with a different set of {len(sent)} "
+                    "would give the server the difference of the two totals (refused)")
             reply.arrays = {k: _u8(v) for k, v in live.unmask(sent, dropped).items()}
+            self.summed[digest] = sent
             del self.live[vector]
             if held.once:
                 del self.held[vector]
@@ -654,6 +686,8 @@ class SecureSumParty:
             meta[vector] = entry
         if meta:
             out[f"{_STATE}meta"] = _u8(json.dumps(meta).encode())
+        if self.summed:
+            out[f"{_STATE}summed"] = _u8(json.dumps(self.summed).encode())
         return out
 
     def restore_state(self, arrays: Mapping[str, np.ndarray]) -> None:
@@ -663,6 +697,9 @@ class SecureSumParty:
         ----------
         arrays : mapping of str to ndarray
         """
+        if f"{_STATE}summed" in arrays:
+            self.summed = {str(k): [str(x) for x in v] for k, v in json.loads(
+                np.asarray(arrays[f"{_STATE}summed"], dtype=np.uint8).tobytes()).items()}
         if f"{_STATE}meta" not in arrays:
             return
         meta = json.loads(np.asarray(arrays[f"{_STATE}meta"], dtype=np.uint8).tobytes())

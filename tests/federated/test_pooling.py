@@ -114,3 +114,32 @@ def test_a_site_refuses_to_unmask_for_fewer_than_three_senders() -> None:
     total = secure_total(federation, sorted(sites), "v")
     assert total.refused is not None and "2 sent a masked vector" in total.refused
     assert all(r.config["step"] != "unmask" for s in sites.values() for r in s.seen)
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_a_second_sum_of_the_same_vector_over_other_sites_is_refused(fresh: bool) -> None:
+    """The differencing attack: a total over four sites and then over three of them gives
+    the fourth site's vector exactly. Each site refuses to unmask a vector it has already
+    summed with a different set of sites, also when the same content is held again (a later
+    request on the same weights); the same set again is answered (the same total)."""
+    parts = _parts(4)
+    federation, sites = _federation(parts, **{n: {"fresh": fresh} for n in parts})
+    everyone = secure_total(federation, sorted(sites), "v")
+    assert everyone.refused is None
+    fewer = secure_total(federation, ["s0", "s1", "s2"], "v")
+    assert fewer.refused is not None and fewer.parts == {}
+    assert all("summed before" in fewer.excluded[s] for s in ("s0", "s1", "s2"))
+    # the content held again under the same name: still refused
+    for name in ("s0", "s1", "s2"):
+        sites[name].party.hold("v", parts[name], min_cell=5)
+    assert secure_total(federation, ["s0", "s1", "s2"], "v").parts == {}
+    again = secure_total(federation, sorted(sites), "v")
+    assert again.refused is None
+    np.testing.assert_array_equal(again.parts["overall"], everyone.parts["overall"])
+    # new content (another model's histograms) may be summed with any three sites
+    for name in ("s0", "s1", "s2"):
+        sites[name].party.hold("v", {p: v + 1 for p, v in parts[name].items()}, min_cell=5)
+    other = secure_total(federation, ["s0", "s1", "s2"], "v")
+    assert other.refused is None
+    np.testing.assert_array_equal(other.parts["overall"],
+                                  sum(parts[s]["overall"] + 1 for s in ("s0", "s1", "s2")))
