@@ -558,9 +558,9 @@ def train(
             _warm_up(model, train_data, loss_fn, stream, warmup_steps, cfg, device, augment,
                      result)
         if (warmup_fit or warmup_steps) and validate and steps:
-                assert val_data is not None
-                _validate(model, val_data, device, step=start_step,
-                          train_loss=result.warmup_loss, result=result, stopper=stopper)
+            assert val_data is not None
+            _validate(model, val_data, device, step=start_step,
+                      train_loss=result.warmup_loss, result=result, stopper=stopper)
         loop = _Loop(model, train_data, loss_fn, opt, params, device, proximal, augment)
         for k in range(steps):
             step = start_step + k + 1
