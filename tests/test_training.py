@@ -476,12 +476,12 @@ def test_linear_warmup_is_refused_without_a_path_or_with_dp() -> None:
 
 
 def test_fitted_warmup_is_the_cross_validated_logistic_regression() -> None:
-    """``warmup_fit`` makes the model, on patients with tabular data, exactly the
-    cross-validated logistic regression of the same prepared features (scikit-learn's own fit,
-    the same folds), moving only the path and the head's bias; validated at step 0."""
+    """``warmup_fit`` makes the model, on patients with tabular data, scikit-learn's
+    logistic regression of the same prepared features at the C its cross-validation chose,
+    moving only the path and the head's bias; with steps, validated at step 0 first."""
     from sklearn.linear_model import LogisticRegression
 
-    from multimodal_fl.training.warmup import C_GRID, fit_linear_path
+    from multimodal_fl.training.warmup import C_GRID
 
     site = make_site(200, signal=0.8)
     tr, va = (d.select_modalities(["tabular"]) for d in (site.train, site.val))
@@ -512,13 +512,11 @@ def test_fitted_warmup_is_the_cross_validated_logistic_regression() -> None:
                        generator=torch.Generator().manual_seed(3))
     assert with_steps.history[0]["step"] == 0
     assert with_steps.history[0]["train_loss"] == pytest.approx(result.warmup_loss)
-    assert fit_linear_path(path_model(), tr, torch.nn.BCEWithLogitsLoss(), 0).note == ""
 
 
 def test_fitted_warmup_leaves_the_batch_stream_as_it_was() -> None:
-    """The folds' seed comes from a copy of the generator: the steps after the fit draw the
-    same batches as the steps of a run without it (a path kept at its fitted values shows it:
-    with the path frozen, both runs train the rest identically)."""
+    """The folds' seed comes from a copy of the generator: after the fit the generator is
+    where a run without it leaves it, so the steps draw the same batches."""
     data = make_site(120, signal=0.8).train.select_modalities(["tabular"])
     gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     model = path_model()
@@ -547,7 +545,7 @@ def test_fitted_warmup_shrinks_on_a_small_noisy_cohort() -> None:
     assert norms[0.0] < 0.5 * norms[2.0], norms
 
 
-def test_fitted_warmup_leaves_a_one_class_training_set_alone() -> None:
+def test_fitted_warmup_leaves_a_training_set_with_one_negative_alone() -> None:
     site = make_site(60)
     data = site.train.select_modalities(["tabular"])
     one = data.subset((data.labels == 0).nonzero().flatten().tolist()[:1] +
@@ -560,8 +558,13 @@ def test_fitted_warmup_leaves_a_one_class_training_set_alone() -> None:
     assert any("not fitted" in n and "rarer class" in n for n in result.notes)
 
 
-def test_fitted_warmup_is_refused_with_dp_steps_or_no_path() -> None:
+def test_fitted_warmup_is_refused_beside_steps_with_dp_or_without_a_path() -> None:
+    from multimodal_fl.training.privacy import DPSGD
+
     data = make_site(60).train
+    with pytest.raises(ValueError, match="DP-SGD accounts for every use"):
+        train(path_model(), data.select_modalities(["tabular"]), None, tcfg(), warmup_fit=True,
+              dp=DPSGD(1.0, 1.0), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="linear path"):
         train(make_model(), data, None, tcfg(), warmup_fit=True,
               generator=torch.Generator().manual_seed(0))
