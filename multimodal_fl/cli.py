@@ -394,11 +394,20 @@ def _print_notes(metrics: dict[str, Any]) -> None:
 
 
 def _auc_text(auc: dict[str, Any]) -> str:
-    """One AUC cell of the console summary: the value [CI], or why there is none."""
+    """One AUC cell of the console summary: the value [CI], or why there is none.
+
+    A pooled AUC from coarsened counts (no interval; ``lower`` and ``upper``: the bounds
+    within which the patient-level AUC is guaranteed to lie) shows those bounds when they
+    are more than 0.01 apart: its binned value alone can sit far from the patient-level AUC.
+    """
     if auc.get("value") is None:
         return f"not shown ({auc.get('reason')})"
     if auc.get("lo") is not None:
         return f"{auc['value']:.3f} [{auc['lo']:.3f}, {auc['hi']:.3f}]"
+    lower, upper = auc.get("lower"), auc.get("upper")
+    if lower is not None and upper is not None and upper - lower > 0.01:
+        return (f"{auc['value']:.3f} (coarsened counts: the exact AUC lies between "
+                f"{lower:.3f} and {upper:.3f})")
     return f"{auc['value']:.3f}"
 
 

@@ -217,3 +217,17 @@ def test_mmfl_train_says_what_was_fitted_on_what(
     line = next(x for x in result.output.splitlines() if x.startswith("recalibration:"))
     assert line.startswith("recalibration: intercept, score' = expit(")
     assert "fitted on the pooled validation split" in " ".join(result.output.split())
+
+
+def test_the_console_shows_a_coarsened_pooled_auc_with_its_bounds() -> None:
+    """A pooled AUC from coarsened counts has no interval; its binned value alone can sit far
+    from the patient-level AUC (OASIS-1, one 47-patient site: 0.959 printed, 0.920 exact), so
+    the console shows the bounds the exact AUC is guaranteed to lie in."""
+    from multimodal_fl.cli import _auc_text
+
+    coarse = {"value": 0.9591854960795866, "lower": 0.5, "upper": 1.0}
+    text = _auc_text(coarse)
+    assert text.startswith("0.959") and "between 0.500 and 1.000" in text
+    assert _auc_text({"value": 0.7, "lower": 0.699, "upper": 0.704}) == "0.700"
+    assert _auc_text({"value": 0.7, "lo": 0.6, "hi": 0.8, "lower": 0.5, "upper": 0.9}) == (
+        "0.700 [0.600, 0.800]")
