@@ -514,6 +514,24 @@ def test_fitted_warmup_is_the_cross_validated_logistic_regression() -> None:
     assert with_steps.history[0]["train_loss"] == pytest.approx(result.warmup_loss)
 
 
+def test_fitted_warmup_makes_any_model_the_regression() -> None:
+    """A model whose head was not zeroed (built by hand, not by ``build_model``) is the
+    fitted regression after the fit all the same: its head's weights are zeroed too."""
+    from multimodal_fl.training.warmup import fit_linear_path
+
+    data = make_site(120, signal=0.8).train.select_modalities(["tabular"])
+    torch.manual_seed(0)
+    model = FusionModel({"tabular": TabularEncoder(2 * N_FEATURES, hidden=[8], linear_path=True)},
+                        kind="concat", dim=8, modality_dropout=0.0, dropout=0.1)
+    fit_tabular_standardizer(model, [data])
+    fit_linear_path(model, data, torch.nn.BCEWithLogitsLoss(), seed=0)
+    model.eval()
+    with torch.no_grad():
+        logit = model(data.inputs, data.mask)
+        path = model.linear_logits(data.inputs, data.mask)
+    assert path is not None and torch.allclose(logit, path, atol=1e-6)
+
+
 def test_fitted_warmup_leaves_the_batch_stream_as_it_was() -> None:
     """The folds' seed comes from a copy of the generator: after the fit the generator is
     where a run without it leaves it, so the steps draw the same batches."""

@@ -95,9 +95,9 @@ def fit_linear_path(model: FusionModel, data: CohortDataset, loss_fn: nn.Module,
     ----------
     model : FusionModel
         Its tabular encoder's ``linear`` (weight and bias) is overwritten with the fit, and
-        every fused head's bias set to zero (their weights are zero from
-        :func:`~multimodal_fl.training.model.build_model`), in place; nothing else changes.
-        The encoder's standardiser must be set.
+        every fused head's weights and bias set to zero (the weights are zero already when
+        :func:`~multimodal_fl.training.model.build_model` built it), in place; nothing else
+        changes. The encoder's standardiser must be set.
     data : CohortDataset
         The training rows; those with tabular data are fitted.
     loss_fn : nn.Module
@@ -140,6 +140,7 @@ def fit_linear_path(model: FusionModel, data: CohortDataset, loss_fn: nn.Module,
     with torch.no_grad():
         linear.weight.copy_(torch.as_tensor(coef, dtype=linear.weight.dtype).view_as(linear.weight))
         linear.bias.fill_(intercept)
+        model.zero_head_weights()  # done by build_model already; a model built otherwise too
         heads = model.head.values() if isinstance(model.head, nn.ModuleDict) else [model.head]
         for head in heads:
             assert isinstance(head, nn.Linear)
