@@ -298,17 +298,26 @@ class FusionModel(nn.Module):
         """
         return [p for g in self.linear_path_groups(1.0) for p in g["params"]]
 
-    def zero_head_weights(self) -> None:
-        """Set the weights of the fused head(s) to zero (biases kept), in place.
+    def zero_head_weights(self, *, bias: bool = False) -> None:
+        """Set the weights of the fused head(s) to zero (biases kept unless ``bias``), in place.
 
         The deep part's logit is then a constant until training moves the head, so a model
-        with a linear path starts as that path alone (``training.linear_warmup_steps``).
+        with a linear path starts as that path alone (``training.linear_warmup_steps``); with
+        ``bias`` that constant is 0 (``training.linear_warmup_fit``: the path's own bias is the
+        fitted regression's intercept).
+
+        Parameters
+        ----------
+        bias : bool, default False
+            Zero the heads' biases too.
         """
         heads = self.head.values() if isinstance(self.head, nn.ModuleDict) else [self.head]
         with torch.no_grad():
             for head in heads:
                 assert isinstance(head, nn.Linear)
                 head.weight.zero_()
+                if bias and head.bias is not None:
+                    head.bias.zero_()
 
     def optimizer_param_groups(self, lr: float) -> list[dict[str, Any]]:
         """The trainable parameters as optimiser parameter groups, each with its ``lr``.

@@ -642,8 +642,7 @@ def _fit_warm_up(model: FusionModel, data: CohortDataset, loss_fn: nn.Module,
                  generator: torch.Generator, result: TrainResult) -> None:
     """``warmup_fit``: the path set to a cross-validated logistic regression (result noted)."""
     # a fork of the generator seeds the folds: the batch stream stays the one without the fit
-    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().set_state(
-        generator.get_state())).item())
+    seed = _generator_seed(torch.Generator().set_state(generator.get_state()))
     fitted = fit_linear_path(model, data, loss_fn, seed)
     result.warmup_loss = fitted.loss
     result.warmup_fit_C = fitted.C

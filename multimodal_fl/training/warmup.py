@@ -140,12 +140,8 @@ def fit_linear_path(model: FusionModel, data: CohortDataset, loss_fn: nn.Module,
     with torch.no_grad():
         linear.weight.copy_(torch.as_tensor(coef, dtype=linear.weight.dtype).view_as(linear.weight))
         linear.bias.fill_(intercept)
-        model.zero_head_weights()  # done by build_model already; a model built otherwise too
-        heads = model.head.values() if isinstance(model.head, nn.ModuleDict) else [model.head]
-        for head in heads:
-            assert isinstance(head, nn.Linear)
-            if head.bias is not None:
-                head.bias.zero_()
+        # the weights: done by build_model already; a model built otherwise too
+        model.zero_head_weights(bias=True)
         logits = torch.as_tensor(z @ coef + intercept, dtype=torch.float32)
         loss = float(loss_fn(logits.to(linear.weight.device),
                              torch.as_tensor(y, dtype=torch.float32,
