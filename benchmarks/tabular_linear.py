@@ -126,7 +126,7 @@ def logistic_scores(data: dict[str, CohortDataset]) -> tuple[np.ndarray, float]:
 
 def column(scale: float, warmup: int | str) -> str:
     """A path column's name: ``x10``, ``x10 warm-up 3000`` or ``x10 warm-up fit``."""
-    return f"x{scale:g}" + (f" warm-up {warmup}" if warmup not in (0, "0") else "")
+    return f"x{scale:g}" + (f" warm-up {warmup}" if warmup else "")
 
 
 def seed_row(cfg: ExperimentConfig, data: dict[str, CohortDataset], seed: int,
