@@ -101,8 +101,10 @@ def _ask(federation: Federation, requests: Mapping[str, Request], timeout: float
     return good
 
 
-def _too_few(n: int, what: str) -> str:
-    return f"{REFUSED}, {n} {what}"
+def _too_few(n: int, what: str, need: int = MIN_SITES) -> str:
+    if need == MIN_SITES:
+        return f"{REFUSED}, {n} {what}"
+    return f"{REFUSED} ({need} for this sum, the caller's minimum), {n} {what}"
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,7 @@ def _layout(adverts: Mapping[str, _Advert], result: SecureTotal) -> list[str]:
 
 def secure_total(federation: Federation, sites: Sequence[str], vector: str, *,
                  round: int = 0, timeout: float | None = None,
-                 bits: int = DEFAULT_BITS) -> SecureTotal:
+                 bits: int = DEFAULT_BITS, minimum: int = MIN_SITES) -> SecureTotal:
     """Sum the sites' vector ``vector`` so that the server learns only the total.
 
     Parameters
@@ -211,6 +213,12 @@ def secure_total(federation: Federation, sites: Sequence[str], vector: str, *,
         Per-site timeout of every step.
     bits : int
         Modulus exponent (the total must stay below ``2**bits``).
+    minimum : int
+        The fewest sites whose vectors the caller can use (at least :data:`MIN_SITES`). With
+        fewer masked vectors the sum stops **before** its unmask step: a total the caller
+        would reject is never computed, so the sites have not unmasked that content with this
+        set, and a retry of the same content over more sites is not a second sum of it
+        (:class:`~multimodal_fl.federated.secure_sum.SecureSumParty` refuses those).
 
     Returns
     -------
@@ -218,14 +226,15 @@ def secure_total(federation: Federation, sites: Sequence[str], vector: str, *,
         The total per part, or ``refused`` with the reason; never raises for a site's fault.
     """
     result = SecureTotal(vector)
+    need = max(int(minimum), MIN_SITES)
     candidates = sorted(sites)
-    if len(candidates) < MIN_SITES:  # not even the keys are asked for
-        result.refused = _too_few(len(candidates), "asked")
+    if len(candidates) < need:  # not even the keys are asked for
+        result.refused = _too_few(len(candidates), "asked", need)
         return result
     while True:
         adverts = _advertise(federation, candidates, vector, round, timeout, bits, result)
-        if len(adverts) < MIN_SITES:
-            result.refused = _too_few(len(adverts), "took part")
+        if len(adverts) < need:
+            result.refused = _too_few(len(adverts), "took part", need)
             return result
         server = SecureSumServer(bits)
         keys = server.collect_keys({s: a.keys for s, a in adverts.items()})
@@ -246,8 +255,8 @@ def secure_total(federation: Federation, sites: Sequence[str], vector: str, *,
         for s in shared}, timeout, result.excluded, "masked")
     masked = {s: np.asarray(r.arrays.get("y", np.zeros(0)), dtype=np.int64)
               for s, r in masked_replies.items()}
-    if len(masked) < MIN_SITES:
-        result.refused = _too_few(len(masked), "sent a masked vector")
+    if len(masked) < need:  # stop before unmasking a total the caller could not use
+        result.refused = _too_few(len(masked), "sent a masked vector", need)
         return result
     return _unmask(federation, server, result, masked, sorted(shared), adverts, layout,
                    round=round, timeout=timeout)

@@ -716,8 +716,11 @@ def _secure_combine(
     with DP-SGD: the only metrics a secured fit reply carries) are kept as in a plain round.
     """
     declared = {r.site: int(r.n_samples) for r in valid}
+    # with fewer than ``needed`` masked updates the sum stops before unmasking: no total the
+    # round would reject is computed, so a retry of the same updates over more sites is the
+    # first sum of them (the sites refuse a second sum of one content over another set)
     total = secure_total(federation, sorted(declared), UPDATE_VECTOR, round=record.round,
-                         timeout=config.timeout, bits=settings.bits)
+                         timeout=config.timeout, bits=settings.bits, minimum=needed)
     for site, reason in total.excluded.items():
         record.failed[site] = f"secure sum {reason}"
     if total.refused is not None:

@@ -230,6 +230,40 @@ def test_one_site_dropping_after_key_sharing_still_completes_the_round() -> None
     _assert_within_bound(result.weights, {**start, **plain}, start)
 
 
+class DropOnce(DropAt):
+    """Site ``gone`` fails one secure-sum step once (its first ``step``), then recovers."""
+
+    def broadcast(self, requests: Mapping[str, Request], timeout: float | None = None
+                  ) -> dict[str, Reply | SiteFailure]:
+        answers = self.inner.broadcast(requests, timeout)
+        request = requests.get(self.gone)
+        if (request is not None and request.kind == Kind.SECURE_SUM and not self.dropped
+                and request.config["step"] == self.step):
+            self.dropped = True
+            answers[self.gone] = SiteFailure(self.gone, "ConnectionError: link down")
+        return answers
+
+
+def test_a_secured_round_short_of_min_sites_is_retried_without_a_total_to_difference() -> None:
+    """With ``min_sites`` 4, site d drops at the masked step of attempt 1: the sum stops before
+    unmasking (the server never learns the three-site total it would reject), so attempt 2's
+    sum of the same retrained updates over all four is the first and completes. Before, the
+    three sites unmasked attempt 1's total and then refused attempt 2 (a second sum of one
+    content over another set): the round failed."""
+    sites = _sites()
+    federation = DropOnce(InProcessFederation(sites), "d", "masked")
+    start = initial_weights(0)
+    result = run_federated(federation, start, _config(min_sites=4, max_attempts=2))
+    record = result.history[0]
+    assert federation.dropped and record.attempts == 2
+    assert "3 sent a masked vector" in record.earlier_attempts[0]
+    assert record.replied == list(NAMES) and record.secure["sites"] == list(NAMES)
+    # each site helped unmask one total of the round's update, over the four sites
+    assert all(list(s.party.summed.values()) == [list(NAMES)] for s in sites.values())
+    plain, _ = _plain_fedavg(_sites(), start, 1, _config())
+    _assert_within_bound(result.weights, {**start, **plain}, start)
+
+
 def test_fewer_than_three_sites_are_refused_with_the_reason_not_run_in_the_clear() -> None:
     two = {n: s for n, s in _sites().items() if n in ("a", "c")}
     with pytest.raises(RoundFailed) as info:
