@@ -885,6 +885,14 @@ class SitePolicy(_Strict):
         description="The delta the site counts epsilon at: the smaller of this and the "
                     "experiment's privacy.dp.delta. Default: the experiment's.",
     )
+    state_dir: str | None = Field(
+        default=None, min_length=1,
+        description="A directory the site keeps across runs: its DP-SGD accountant (so "
+                    "max_epsilon budgets every run's training, not one run's) and the digests "
+                    "of the vectors it has helped unmask with the sites summed (so no two "
+                    "runs get totals of the same content over different sites). Relative to "
+                    "the policy file's directory. Default: none; both are kept per run.",
+    )
 
     @field_validator("answers")
     @classmethod
@@ -965,10 +973,14 @@ def load_policy(site_dir: str | os.PathLike[str]) -> SitePolicy:
         problem = getattr(exc, "problem", None) or "cannot be parsed"
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     try:
-        return _validate(SitePolicy, {} if data is None else data,
-                         source=str(path))
+        policy = _validate(SitePolicy, {} if data is None else data, source=str(path))
     except ConfigError as exc:  # one line: what a hospital reads at a glance
         raise ConfigError(" ".join(str(exc).replace("\n  - ", "; ").split())) from None
+    if policy.state_dir is not None:  # relative to the policy file, wherever it is read from
+        state = Path(policy.state_dir).expanduser()
+        policy = policy.model_copy(update={"state_dir": str(
+            state if state.is_absolute() else (path.parent / state).resolve())})
+    return policy
 
 
 #: Keys the schema once had: dotted key -> what to do instead. A config that sets one fails

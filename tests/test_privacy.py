@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from pydantic import ValidationError
 from torch import nn
 
 from multimodal_fl.config import ConfigError, SitePolicy, load_config
@@ -178,6 +179,20 @@ def test_the_stricter_budget_and_delta_win() -> None:
     assert node is not None and node.max_epsilon == 2.5 and node.dp_delta == 1e-7
 
 
+def test_one_state_dir_per_site_from_a_policy_file_or_the_node_config(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    node = node_policy({"state-dir": "kept"})
+    assert node is not None and node.state_dir == str(tmp_path / "kept")
+    same = stricter_policy(SitePolicy(state_dir=str(tmp_path / "kept")), node)
+    assert same.state_dir == str(tmp_path / "kept")
+    assert stricter_policy(SitePolicy(), node).state_dir == node.state_dir
+    with pytest.raises(ConfigError, match="two state_dir values for one site"):
+        stricter_policy(SitePolicy(state_dir=str(tmp_path / "other")), node)
+    with pytest.raises(ValidationError, match="state_dir"):
+        SitePolicy.model_validate({"state_dir": ""})
+
+
 def test_fit_settings_carry_dp_only_when_on(tiny_config: Callable[..., Path]) -> None:
     from multimodal_fl.engines.federated import fit_settings, run_config
 
@@ -311,6 +326,45 @@ def test_a_fit_over_the_site_budget_is_refused_and_the_round_goes_on(
               (tmp_path / "r" / "sites" / sites[-1] / "egress.jsonl").read_text().splitlines()]
     assert any(e["kind"] == "fit" and "max_epsilon" in (e.get("refused") or "")
                for e in egress)
+
+
+def test_a_state_dir_makes_the_budget_span_runs(
+        tiny_sample: Path, tiny_config: Callable[..., Path], tmp_path: Path) -> None:
+    """A budget of 1.2 rounds' epsilon: without a state directory every run starts from
+    epsilon 0 and the site trains in each; with ``state_dir`` in its policy (relative to the
+    policy file) the second run's fit would take the site's epsilon over it and is refused, and the
+    state's ledger holds run 1's fit only."""
+    from multimodal_fl.config import load_policy
+    from multimodal_fl.engines import run
+
+    sites = sorted(p.name for p in (tiny_sample / "covid_oxygen").iterdir() if p.is_dir())
+    strict = tmp_path / "strict_site"
+    shutil.copytree(tiny_sample / "covid_oxygen" / sites[-1], strict)
+    cfg_path = _dp_config(tiny_config, federated={"rounds": 1, "min_sites": 2})
+    budget = PrivacyLedger("rdp", [(1.0, 0.5, 3)]).epsilon(1e-5) * 1.2  # two fits: 1.39x
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["sites"][-1]["path"] = str(strict)
+    cfg_path.write_text(yaml.safe_dump(raw))
+
+    def replied(out: str) -> list[str]:
+        metrics = run(load_config(cfg_path), "inprocess", out_dir=tmp_path / out,
+                      report=False).metrics
+        return list(metrics["rounds"][0]["replied"])
+
+    (strict / "policy.yaml").write_text(yaml.safe_dump({"max_epsilon": float(budget)}))
+    assert sites[-1] in replied("plain1") and sites[-1] in replied("plain2")
+
+    (strict / "policy.yaml").write_text(yaml.safe_dump({"max_epsilon": float(budget),
+                                                        "state_dir": "../state"}))
+    assert load_policy(strict).state_dir == str(tmp_path / "state")
+    assert sites[-1] in replied("kept1")
+    assert sites[-1] not in replied("kept2")
+    ledger = json.loads((tmp_path / "state" / "privacy.json").read_text())
+    assert [f["round"] for f in ledger["fits"]] == [1] and ledger["fits"][0]["epsilon"] <= budget
+    assert not (tmp_path / "kept1" / "sites" / sites[-1] / "privacy.json").exists()
+    egress = [json.loads(line) for line in
+              (tmp_path / "kept2" / "sites" / sites[-1] / "egress.jsonl").read_text().splitlines()]
+    assert any(e["kind"] == "fit" and "max_epsilon" in (e.get("refused") or "") for e in egress)
 
 
 def test_a_budgeted_site_refuses_a_fit_without_dp(tiny_config: Callable[..., Path]) -> None:

@@ -490,6 +490,7 @@ NODE_POLICY_KEYS: dict[str, str] = {
     "secure-aggregation": "secure_aggregation",
     "max-epsilon": "max_epsilon",
     "dp-delta": "dp_delta",
+    "state-dir": "state_dir",
 }
 #: The node-config key naming a policy file on the SuperNode's machine.
 NODE_POLICY_FILE = "policy-file"
@@ -506,6 +507,8 @@ def _node_value(key: str, value: Any) -> Any:
         if lowered not in ("true", "false"):
             raise ConfigError(f"node config {key}={value!r}: expected true or false")
         return lowered == "true"
+    if key == "state-dir":  # relative to the SuperNode's working directory
+        return str(Path(str(value)).expanduser().resolve())
     return value
 
 
@@ -559,7 +562,8 @@ def stricter_policy(a: SitePolicy, b: SitePolicy) -> SitePolicy:
     The larger ``min_cell``; subgroup summaries and local-model sharing only if both allow
     them; the request kinds both answer; secure aggregation required if either requires it;
     the smaller privacy budget ``max_epsilon`` and the smaller ``dp_delta`` (either where only
-    one sets it). ``timezone`` is not a matter of strictness: ``a``'s, else ``b``'s.
+    one sets it). ``timezone`` is not a matter of strictness: ``a``'s, else ``b``'s; nor is
+    ``state_dir``: the one either sets (two different ones are an error).
 
     Parameters
     ----------
@@ -568,18 +572,28 @@ def stricter_policy(a: SitePolicy, b: SitePolicy) -> SitePolicy:
     Returns
     -------
     SitePolicy
+
+    Raises
+    ------
+    ConfigError
+        When both set a ``state_dir`` and they differ.
     """
     if a.answers is None or b.answers is None:
         answers = a.answers if b.answers is None else b.answers
     else:
         answers = [k for k in a.answers if k in b.answers]
+    if a.state_dir is not None and b.state_dir is not None and \
+            Path(a.state_dir) != Path(b.state_dir):
+        raise ConfigError(f"two state_dir values for one site ({a.state_dir} and "
+                          f"{b.state_dir}): a site keeps one state across runs; set it once")
     return SitePolicy(min_cell=max(a.min_cell, b.min_cell),
                       subgroup_summaries=a.subgroup_summaries and b.subgroup_summaries,
                       share_local_model=a.share_local_model and b.share_local_model,
                       answers=answers, timezone=a.timezone or b.timezone,
                       secure_aggregation=a.secure_aggregation or b.secure_aggregation,
                       max_epsilon=_smaller(a.max_epsilon, b.max_epsilon),
-                      dp_delta=_smaller(a.dp_delta, b.dp_delta))
+                      dp_delta=_smaller(a.dp_delta, b.dp_delta),
+                      state_dir=a.state_dir or b.state_dir)
 
 
 def _smaller(a: float | None, b: float | None) -> float | None:

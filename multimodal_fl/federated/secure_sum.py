@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,7 @@ from multimodal_fl.federated.protocol import (
     Request,
     pack_document,
 )
+from multimodal_fl.federated.site_state import SiteState
 
 __all__ = [
     "DEFAULT_BITS",
@@ -523,7 +525,8 @@ class SecureSumParty:
     step refuses a vector of the same content (the same hold asked again, or the same
     histograms held again by a later request on the same weights) summed with any other set
     of sites; the same set again gives the same total and is answered. The record lives as
-    long as the site's state (a run; it travels in :meth:`export_state`), not across runs.
+    long as the site's state (a run; it travels in :meth:`export_state`), or, with a
+    ``state`` directory (the policy's ``state_dir``), across every run that uses it.
     A vector of *different* content that overlaps (e.g. histograms of slightly different
     weights) is not caught: differencing those gives an approximation, not the vector.
 
@@ -531,10 +534,15 @@ class SecureSumParty:
     ----------
     site : str
         The site's name.
+    state : SiteState or None
+        The site's state directory (its policy's ``state_dir``): the record of sums is read
+        from it and written to it under its lock at every unmask step, so it spans every run
+        that uses it. ``None``: the record lives in this object (and its exported state).
     """
 
-    def __init__(self, site: str) -> None:
+    def __init__(self, site: str, state: SiteState | None = None) -> None:
         self.site = site
+        self.state = state
         self.held: dict[str, _Held] = {}
         self.live: dict[str, SecureSumSite] = {}
         #: content digest of every vector this site helped unmask -> the sites summed with it
@@ -615,24 +623,35 @@ class SecureSumParty:
             x = self._laid_out(request, vector, held)
             reply.arrays = {"y": live.masked(_raw(request.arrays, "from/"), x)}
         else:
-            sent = sorted(str(s) for s in json.loads(str(request.config.get("sent", "[]"))))
-            dropped = [str(s) for s in json.loads(str(request.config.get("dropped", "[]")))]
-            if len(sent) < MIN_SITES:
-                raise SecureSumError(_too_few(len(sent)))
-            digest = _digest(held)
-            before = self.summed.get(digest)
-            if before is not None and before != sent:
-                del self.live[vector]
-                raise SecureSumError(
-                    f"site {self.site}: this {vector!r} was summed before with "
-                    f"{len(before)} sites; a second sum with a different set of {len(sent)} "
-                    "would give the server the difference of the two totals (refused)")
-            reply.arrays = {k: _u8(v) for k, v in live.unmask(sent, dropped).items()}
-            self.summed[digest] = sent
-            del self.live[vector]
-            if held.once:
-                del self.held[vector]
+            with self.state.locked() if self.state is not None else nullcontext():
+                reply.arrays = self._unmask(request, vector, held, live)
         return reply
+
+    def _unmask(self, request: Request, vector: str, held: _Held, live: SecureSumSite
+                ) -> dict[str, npt.NDArray[np.uint8]]:
+        """The unmask step, once the vector's content was not summed with other sites."""
+        sent = sorted(str(s) for s in json.loads(str(request.config.get("sent", "[]"))))
+        dropped = [str(s) for s in json.loads(str(request.config.get("dropped", "[]")))]
+        if len(sent) < MIN_SITES:
+            raise SecureSumError(_too_few(len(sent)))
+        if self.state is not None:  # the sums of every run at this site, not only this one's
+            self.summed.update(self.state.sums())
+        digest = _digest(held)
+        before = self.summed.get(digest)
+        if before is not None and before != sent:
+            del self.live[vector]
+            raise SecureSumError(
+                f"site {self.site}: this {vector!r} was summed before with "
+                f"{len(before)} sites; a second sum with a different set of {len(sent)} "
+                "would give the server the difference of the two totals (refused)")
+        arrays = {k: _u8(v) for k, v in live.unmask(sent, dropped).items()}
+        self.summed[digest] = sent
+        if self.state is not None:
+            self.state.record_sums(self.summed)
+        del self.live[vector]
+        if held.once:
+            del self.held[vector]
+        return arrays
 
     def _laid_out(self, request: Request, vector: str, held: _Held) -> IntArray:
         """The held parts in the server's order (``parts``, ``widths``); zeros where absent."""

@@ -143,6 +143,7 @@ from multimodal_fl.federated.protocol import (
 from multimodal_fl.federated.proximal import proximal_term
 from multimodal_fl.federated.secure_sum import SecureSumError, SecureSumParty
 from multimodal_fl.federated.secure_update import SecureAggregation, UpdateRejected, hold_update
+from multimodal_fl.federated.site_state import SiteState
 from multimodal_fl.fusion import FusionModel
 from multimodal_fl.moments import column_moments
 from multimodal_fl.pca.site import (
@@ -297,12 +298,15 @@ class FusionSite:
         self._optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
         self._local_model: FusionModel | None = None
         self.progress = progress
-        self.secure = SecureSumParty(name)
         self._ledger: PrivacyLedger | None = None
         self._noise: dict[tuple[float, float, float, int, str], float] = {}
         if policy is None:
             paths = {s.name: s.path for s in cfg.sites}
             policy = load_policy(paths[name]) if name in paths else SitePolicy()
+        #: the policy's state_dir: what the site keeps across runs (None: per run)
+        self.state = None if policy.state_dir is None else SiteState(
+            policy.state_dir, name, timeout=max(600.0, float(cfg.federated.timeout_s or 0)))
+        self.secure = SecureSumParty(name, self.state)
         self.gate = DisclosureGate(
             name, policy, config_min_cell=cfg.evaluation.min_cell,
             egress_log=None if self.run_dir is None else
@@ -505,6 +509,16 @@ class FusionSite:
     def _on_fit(self, request: Request) -> Reply:
         self._enough(request, len(self.data.train), "training patients")
         settings = FitSettings.from_request(request)
+        if self.state is None or not settings.private:
+            return self._fit(request, settings)
+        # a budget across runs: from the check to the saved spending no other run's private
+        # fit at this site can spend, and the ledger is read afresh (another run's steps)
+        with self.state.locked():
+            self._ledger = None
+            return self._fit(request, settings)
+
+    def _fit(self, request: Request, settings: FitSettings) -> Reply:
+        """A fit request's training and reply (:meth:`_on_fit` checked it)."""
         self._load_global(request)
         gen = torch.Generator().manual_seed(site_seed(settings.seed, self.name, request.round))
         mu = settings.proximal_mu
@@ -565,7 +579,10 @@ class FusionSite:
     # ------------------------------------------------------------------ privacy budget
 
     def _ledger_path(self) -> Path | None:
-        """``sites/<site>/privacy.json`` below the site's own output (None: no output)."""
+        """The policy's ``state_dir/privacy.json`` (across runs), else ``sites/<site>/
+        privacy.json`` below the site's own output (None: neither)."""
+        if self.state is not None:
+            return self.state.privacy_path
         return None if self.run_dir is None else self.run_dir / "sites" / self.name / \
             PRIVACY_LEDGER
 

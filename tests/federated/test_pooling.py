@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from multimodal_fl.federated.inprocess import InProcessFederation
 from multimodal_fl.federated.pooling import REFUSED, secure_total
 from multimodal_fl.federated.protocol import Kind, Reply, Request
 from multimodal_fl.federated.secure_sum import SecureSumError, SecureSumParty
+from multimodal_fl.federated.site_state import SiteState, SiteStateError
 
 RNG = np.random.default_rng(3)
 
@@ -20,9 +22,11 @@ class SumSite:
 
     def __init__(self, name: str, parts: Mapping[str, np.ndarray], *,
                  refusal: str | None = None, drop_at: str | None = None,
-                 fresh: bool = False) -> None:
+                 fresh: bool = False, state: Path | None = None) -> None:
         self.name = name
-        self.party = SecureSumParty(name)
+        # state: the site's policy's state_dir (kept across runs)
+        self.state = None if state is None else SiteState(state, name)
+        self.party = SecureSumParty(name, self.state)
         self.party.hold("v", parts, refusal=refusal, min_cell=5)
         self.drop_at = drop_at
         self.fresh = fresh  # rebuild the party from exported state for every message (Flower)
@@ -36,7 +40,7 @@ class SumSite:
             raise ConnectionError("gone")
         if self.fresh:
             state = self.party.export_state()
-            self.party = SecureSumParty(self.name)
+            self.party = SecureSumParty(self.name, self.state)
             self.party.restore_state(state)
         try:
             reply = self.party.answer(request)
@@ -143,3 +147,52 @@ def test_a_second_sum_of_the_same_vector_over_other_sites_is_refused(fresh: bool
     assert other.refused is None
     np.testing.assert_array_equal(other.parts["overall"],
                                   sum(parts[s]["overall"] + 1 for s in ("s0", "s1", "s2")))
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_a_state_dir_refuses_the_difference_across_runs(tmp_path: Path, fresh: bool) -> None:
+    """The same attack over two runs: run 1 sums the vector over four sites, run 2 (new site
+    objects, e.g. a rerun of the same config and seed, whose model and histograms come out
+    identical) over three. Without a state directory run 2 is answered and the difference is
+    the fourth site's vector exactly; with the sites' policies' ``state_dir`` it is refused.
+    The same four again are answered (the same total)."""
+    parts = _parts(4)
+    first_run, _ = _federation(parts)
+    everyone = secure_total(first_run, sorted(parts), "v")
+    second_run, _ = _federation(parts)
+    fewer = secure_total(second_run, ["s0", "s1", "s2"], "v")
+    assert fewer.refused is None  # the leak, without a state directory
+    np.testing.assert_array_equal(everyone.parts["overall"] - fewer.parts["overall"],
+                                  parts["s3"]["overall"])
+
+    kept = {n: {"state": tmp_path / n, "fresh": fresh} for n in parts}
+    first_run, _ = _federation(parts, **kept)
+    everyone = secure_total(first_run, sorted(parts), "v")
+    assert everyone.refused is None
+    second_run, _ = _federation(parts, **kept)
+    fewer = secure_total(second_run, ["s0", "s1", "s2"], "v")
+    assert fewer.refused is not None and fewer.parts == {}
+    assert all("summed before with 4 sites" in fewer.excluded[s] for s in ("s0", "s1", "s2"))
+    third_run, _ = _federation(parts, **kept)
+    again = secure_total(third_run, sorted(parts), "v")
+    assert again.refused is None
+    np.testing.assert_array_equal(again.parts["overall"], everyone.parts["overall"])
+    recorded = SiteState(tmp_path / "s0", "s0").sums()
+    assert list(recorded.values()) == [sorted(parts)]  # a digest and the sites: no counts
+
+
+def test_a_state_dir_another_run_holds_is_waited_for_then_refused_in_one_line(
+        tmp_path: Path) -> None:
+    from filelock import FileLock
+
+    state = SiteState(tmp_path / "s0", "s0", timeout=0.2)
+    with state.locked():  # re-entrant within one object
+        with state.locked():
+            state.record_sums({"d": ["s0", "s1", "s2"]})
+    other = FileLock(tmp_path / "s0" / "state.lock")
+    with other, pytest.raises(SiteStateError, match=r"stayed locked by another run for 0\.2 s"):
+        with state.locked():
+            pass
+    (tmp_path / "s0" / "secure_sums.json").write_text("[1, 2]")
+    with pytest.raises(SiteStateError, match="not a secure-sum record"):
+        state.sums()

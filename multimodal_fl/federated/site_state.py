@@ -1,0 +1,128 @@
+"""What a site keeps across runs: its privacy accountant and the sums it has helped unmask.
+
+A site's disclosure rules see one message; two of them see one run (the privacy ledger in the
+run's ``sites/<site>/privacy.json``, the secure-sum record in the site's state for the run).
+A hospital whose policy names a ``state_dir`` (:class:`~multimodal_fl.config.SitePolicy`)
+makes both span every run that uses that policy:
+
+* ``privacy.json``: the DP-SGD accountant (:class:`~multimodal_fl.training.privacy.
+  PrivacyLedger`), so ``max_epsilon`` is a budget of the site's patients, not of one run;
+* ``secure_sums.json``: per site, the content digest of every vector it has helped unmask and
+  the sites summed with it, so no second run gets a total of the same content over another
+  set of sites (two totals whose difference is one site's vector).
+
+Both are read and written under one lock (``state.lock``, the ``filelock`` package), so runs
+that overlap in time at one site see each other's spending and sums: a private fit holds it
+from its budget check to its saved spending, an unmask step from its check to its record.
+
+The files hold no patient data: the accountant's noise multipliers, sampling rates and step
+counts, and SHA-256 digests of integer vectors with site names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+__all__ = ["LOCK_FILE", "SECURE_SUMS", "STATE_PRIVACY", "SiteState", "SiteStateError"]
+
+#: The lock every reader and writer of a state directory takes.
+LOCK_FILE = "state.lock"
+#: The privacy accountant kept across runs.
+STATE_PRIVACY = "privacy.json"
+#: Per site: content digest -> the sorted sites of the sum it was unmasked in.
+SECURE_SUMS = "secure_sums.json"
+
+
+class SiteStateError(RuntimeError):
+    """A state directory that cannot be locked, read or written (one line naming it)."""
+
+
+class SiteState:
+    """A site's state directory (see the module docstring).
+
+    Parameters
+    ----------
+    root : path-like
+        The directory (created on first write).
+    site : str
+        The site's name (its entries in ``secure_sums.json``).
+    timeout : float
+        Seconds to wait for another run's lock before giving up.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], site: str, *, timeout: float = 600.0
+                 ) -> None:
+        self.root = Path(root)
+        self.site = site
+        self.timeout = float(timeout)
+        self._lock: FileLock | None = None
+
+    @property
+    def privacy_path(self) -> Path:
+        """The privacy accountant's file."""
+        return self.root / STATE_PRIVACY
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the directory's lock (re-entrant within this object).
+
+        Raises
+        ------
+        SiteStateError
+            When the directory cannot be made or another run holds the lock past ``timeout``.
+        """
+        if self._lock is None:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise SiteStateError(f"site {self.site}: its policy's state_dir {self.root} "
+                                     f"cannot be created ({exc.strerror})") from None
+            self._lock = FileLock(self.root / LOCK_FILE)
+        try:
+            with self._lock.acquire(timeout=self.timeout):
+                yield
+        except Timeout:
+            raise SiteStateError(f"site {self.site}: its state_dir {self.root} stayed locked "
+                                 f"by another run for {self.timeout:g} s") from None
+
+    def sums(self) -> dict[str, list[str]]:
+        """This site's recorded sums: content digest -> the sites summed.
+
+        Returns
+        -------
+        dict of str to list of str
+        """
+        return {k: [str(s) for s in v] for k, v in self._sums_doc().get(self.site, {}).items()}
+
+    def record_sums(self, sums: dict[str, list[str]]) -> None:
+        """Write this site's sums (the caller holds :meth:`locked` and read them first).
+
+        Parameters
+        ----------
+        sums : dict of str to list of str
+        """
+        doc = self._sums_doc()
+        doc[self.site] = {k: sorted(v) for k, v in sorted(sums.items())}
+        path = self.root / SECURE_SUMS
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, path)
+
+    def _sums_doc(self) -> dict[str, dict[str, list[str]]]:
+        path = self.root / SECURE_SUMS
+        if not path.is_file():
+            return {}
+        try:
+            doc = json.loads(path.read_text())
+            if not isinstance(doc, dict) or not all(isinstance(v, dict) for v in doc.values()):
+                raise ValueError("expected an object of sites, each an object of digests")
+        except ValueError as exc:
+            raise SiteStateError(f"{path}: not a secure-sum record ({exc}); the site refuses "
+                                 "to unmask without it rather than forget its sums") from None
+        return doc
