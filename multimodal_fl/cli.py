@@ -530,6 +530,8 @@ def _print_site_check(doc: dict[str, Any]) -> None:
     """``mmfl site check`` as text: policy, thresholds, splits, then each kind."""
     out = [f"site {doc['site']} ({doc['site_dir']})", "policy:"]
     out += [f"  {k}: {v!r}  [{doc['origin'][k]}]" for k, v in doc["policy"].items()]
+    if "state" in doc:
+        out.append("  " + _state_line(doc["state"], doc["policy"].get("max_epsilon")))
     if "min_cell" not in doc:
         out.append("give --config CONFIG to see what each request kind would release")
         console.print("\n".join(out), highlight=False, soft_wrap=True, markup=False)
@@ -545,6 +547,19 @@ def _print_site_check(doc: dict[str, Any]) -> None:
     for kind, entry in doc["kinds"].items():
         out.append(f"  {kind}: " + _kind_line(kind, entry))
     console.print("\n".join(out), highlight=False, soft_wrap=True, markup=False)
+
+
+def _state_line(state: dict[str, Any], budget: float | None) -> str:
+    """What the policy's ``state_dir`` holds: the epsilon spent over every run, the sums."""
+    if state["epsilon"] is None:
+        spent = "no private fit counted yet"
+    else:
+        spent = (f"{state['private_fits']} private fit(s) counted, epsilon "
+                 f"{state['epsilon']:.3g} at delta {state['delta']:g} ({state['accountant']})")
+        if budget is not None:
+            spent += f" of max_epsilon {budget:g}"
+    return (f"state_dir {state['dir']}: {spent}; {state['secure_sums']} secure sum(s) "
+            "recorded (one set of sites per content)")
 
 
 def _kind_line(kind: str, entry: dict[str, Any]) -> str:

@@ -35,6 +35,31 @@ def test_site_check_shows_the_policy_and_where_it_comes_from(site_b: Path) -> No
     assert "answers: ['info', 'fit']" in res.output and "timezone: None  [default]" in res.output
 
 
+def test_site_check_shows_what_the_state_dir_has_spent_and_summed(
+        site_b: Path, tmp_path: Path) -> None:
+    from multimodal_fl.federated.site_state import SiteState
+    from multimodal_fl.training.privacy import PrivacyLedger
+
+    (site_b / "policy.yaml").write_text("max_epsilon: 8\nstate_dir: ../kept\n")
+    res = runner.invoke(app, ["site", "check", str(site_b)])
+    assert res.exit_code == 0, res.output
+    assert f"state_dir {tmp_path / 'kept'}: no private fit counted yet; 0 secure sum(s)" \
+        in res.output
+    ledger = PrivacyLedger("rdp", [(1.0, 0.5, 3)], [{"round": 1, "epsilon": 6.48,
+                                                      "delta": 1e-5}])
+    ledger.save(tmp_path / "kept" / "privacy.json")
+    state = SiteState(tmp_path / "kept", "site_b")
+    state.record_sums({"a" * 64: ["site_a", "site_b", "site_c"]})
+    res = runner.invoke(app, ["site", "check", str(site_b)])
+    assert ("1 private fit(s) counted, epsilon 6.48 at delta 1e-05 (rdp) of max_epsilon 8; "
+            "1 secure sum(s) recorded") in res.output
+    doc = json.loads(runner.invoke(app, ["site", "check", str(site_b), "--json"]).output)
+    assert doc["state"]["epsilon"] == 6.48 and doc["state"]["secure_sums"] == 1
+    (tmp_path / "kept" / "privacy.json").write_text("{}")
+    bad = runner.invoke(app, ["site", "check", str(site_b)])
+    assert bad.exit_code != 0 and "not a privacy ledger" in bad.output
+
+
 def test_site_check_shows_what_each_kind_would_release(
     site_b: Path, tiny_config: Callable[..., Path]
 ) -> None:

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from multimodal_fl.config import DEFAULT_MIN_CELL, ExperimentConfig, SiteConfig
+from multimodal_fl.config import DEFAULT_MIN_CELL, ConfigError, ExperimentConfig, SiteConfig
 from multimodal_fl.engines.federated import fit_settings
 from multimodal_fl.evaluation.disclosed import SiteDisclosure, read_disclosure
 from multimodal_fl.federated.disclosure import pca_rank_cap, site_policy
@@ -31,6 +31,7 @@ from multimodal_fl.federated.protocol import (
 )
 from multimodal_fl.federated.secure_update import SecureAggregation
 from multimodal_fl.federated.site import FusionSite, state_to_numpy
+from multimodal_fl.federated.site_state import SiteState, SiteStateError
 from multimodal_fl.training import SiteData, load_site_data
 
 __all__ = ["site_check"]
@@ -54,7 +55,9 @@ def site_check(
     Returns
     -------
     dict
-        ``site``, ``site_dir``, ``policy``, ``origin`` (per field, where it came from), and
+        ``site``, ``site_dir``, ``policy``, ``origin`` (per field, where it came from),
+        ``state`` when the policy names a ``state_dir`` (:meth:`~multimodal_fl.federated.
+        site_state.SiteState.summary`: the epsilon spent and the sums recorded so far), and
         with ``cfg``: ``min_cell`` (floor, policy, config, effective), ``splits`` (patients and
         positives per split, and whether each count may leave) and ``kinds`` (per request
         kind: released or refused, what it carries, what was suppressed).
@@ -70,6 +73,11 @@ def site_check(
     policy, origin = site_policy(folder)
     doc: dict[str, Any] = {"site": name or folder.name, "site_dir": str(folder),
                            "policy": policy.model_dump(), "origin": origin}
+    if policy.state_dir is not None:  # what every earlier run has spent and summed
+        try:
+            doc["state"] = SiteState(policy.state_dir, name or folder.name).summary()
+        except SiteStateError as exc:
+            raise ConfigError(str(exc)) from None
     if cfg is None:
         return doc
     known = [s.name for s in cfg.sites if Path(s.path).resolve() == folder.resolve()]

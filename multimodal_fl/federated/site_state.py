@@ -26,6 +26,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock, Timeout
 
@@ -113,6 +114,37 @@ class SiteState:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=1))
         os.replace(tmp, path)
+
+    def summary(self) -> dict[str, Any]:
+        """What the directory holds, for the hospital (``mmfl site check``): no lock taken.
+
+        Returns
+        -------
+        dict
+            ``dir``; ``private_fits`` (counted training calls of every run), ``epsilon`` and
+            ``delta`` after the last one (None before any), ``accountant``; ``secure_sums``
+            (vectors this site helped unmask).
+
+        Raises
+        ------
+        SiteStateError
+            For a file that is not what it should be (one line naming it).
+        """
+        out: dict[str, Any] = {"dir": str(self.root), "private_fits": 0, "epsilon": None,
+                               "delta": None, "accountant": None,
+                               "secure_sums": len(self.sums())}
+        if self.privacy_path.is_file():
+            try:
+                doc = json.loads(self.privacy_path.read_text())
+                fits = list(doc.get("fits", []))
+                out.update(private_fits=len(fits), accountant=str(doc["mechanism"]))
+                if fits:
+                    out.update(epsilon=float(fits[-1]["epsilon"]),
+                               delta=float(fits[-1]["delta"]))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise SiteStateError(f"{self.privacy_path}: not a privacy ledger "
+                                     f"({type(exc).__name__}: {exc})") from None
+        return out
 
     def _sums_doc(self) -> dict[str, dict[str, list[str]]]:
         path = self.root / SECURE_SUMS
