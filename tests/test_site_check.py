@@ -163,9 +163,13 @@ def test_a_supernode_site_takes_its_node_config_policy(
     run_config = experiment_run_config(cfg, run_dir=tmp_path / "server",
                                        site_out=tmp_path / "site")
     # what the ClientApp hands the site factory: the node config under "node."
-    run_config.update({"node.site-dir": "x", "node.min-cell": 13, "node.answers": "info,fit"})
+    run_config.update({"node.site-dir": "x", "node.min-cell": 13, "node.answers": "info,fit",
+                       "node.state-dir": str(tmp_path / "kept")})
     site = experiment_site("site_b", tiny_sample / "covid_oxygen" / "site_b", run_config)
     assert site.gate.policy.min_cell == 13  # type: ignore[attr-defined]
+    # the state across runs: the budget's ledger and the secure-sum record live there
+    assert site.state.root == tmp_path / "kept"  # type: ignore[attr-defined]
+    assert site.secure.state is site.state  # type: ignore[attr-defined]
     with pytest.raises(SiteRefused, match="fewer than 13 training patients"):
         site.handle(Request(Kind.INFO, 0))
     with pytest.raises(SiteRefused, match="does not answer 'moments'"):
