@@ -532,6 +532,9 @@ def _print_site_check(doc: dict[str, Any]) -> None:
     out += [f"  {k}: {v!r}  [{doc['origin'][k]}]" for k, v in doc["policy"].items()]
     if "state" in doc:
         out.append("  " + _state_line(doc["state"], doc["policy"].get("max_epsilon")))
+    elif doc["policy"].get("max_epsilon") is not None:
+        out.append("  note: without state_dir, max_epsilon counts each run from 0; set "
+                   "state_dir to count every run against one budget")
     if "min_cell" not in doc:
         out.append("give --config CONFIG to see what each request kind would release")
         console.print("\n".join(out), highlight=False, soft_wrap=True, markup=False)

@@ -40,6 +40,9 @@ def test_site_check_shows_what_the_state_dir_has_spent_and_summed(
     from multimodal_fl.federated.site_state import SiteState
     from multimodal_fl.training.privacy import PrivacyLedger
 
+    (site_b / "policy.yaml").write_text("max_epsilon: 8\n")
+    res = runner.invoke(app, ["site", "check", str(site_b)])
+    assert "without state_dir, max_epsilon counts each run from 0" in res.output
     (site_b / "policy.yaml").write_text("max_epsilon: 8\nstate_dir: ../kept\n")
     res = runner.invoke(app, ["site", "check", str(site_b)])
     assert res.exit_code == 0, res.output
