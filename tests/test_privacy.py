@@ -360,11 +360,13 @@ def test_a_state_dir_makes_the_budget_span_runs(
     assert sites[-1] in replied("kept1")
     assert sites[-1] not in replied("kept2")
     ledger = json.loads((tmp_path / "state" / "privacy.json").read_text())
-    assert [f["round"] for f in ledger["fits"]] == [1] and ledger["fits"][0]["epsilon"] <= budget
+    assert [(f["run"], f["round"]) for f in ledger["fits"]] == [("kept1", 1)]
+    assert ledger["fits"][0]["epsilon"] <= budget
     assert not (tmp_path / "kept1" / "sites" / sites[-1] / "privacy.json").exists()
     egress = [json.loads(line) for line in
               (tmp_path / "kept2" / "sites" / sites[-1] / "egress.jsonl").read_text().splitlines()]
-    assert any(e["kind"] == "fit" and "max_epsilon" in (e.get("refused") or "") for e in egress)
+    assert any(e["kind"] == "fit" and "counted over every run" in (e.get("refused") or "")
+               for e in egress)
 
 
 def test_a_budgeted_site_refuses_a_fit_without_dp(tiny_config: Callable[..., Path]) -> None:

@@ -95,6 +95,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -632,7 +633,9 @@ class FusionSite:
         if budget is not None and after > budget:
             raise SiteRefused(f"site {self.name}: this fit would take its epsilon to "
                               f"{after:.3g} at delta={delta:g}, over the privacy budget "
-                              f"max_epsilon={budget:g} its policy sets")
+                              f"max_epsilon={budget:g} its policy sets" + (
+                                  " (counted over every run: state_dir)"
+                                  if self.state is not None else ""))
         return DPSGD(sigma, settings.dp_max_grad_norm, ledger), delta
 
     def _calibrated_noise(self, settings: FitSettings, delta: float, q: float) -> float:
@@ -651,6 +654,9 @@ class FusionSite:
         """Record a private fit in the ledger (saved at home); its epsilon and delta."""
         epsilon = dp.ledger.epsilon(delta)
         dp.ledger.fits.append({
+            # when and in which run: a ledger kept across runs (state_dir) holds many
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "run": None if self.run_dir is None else self.run_dir.name,
             "round": int(round), "steps": int(steps), "noise_multiplier": dp.noise_multiplier,
             "max_grad_norm": dp.max_grad_norm,
             "sample_rate": poisson_sample_rate(len(self.data.train),
