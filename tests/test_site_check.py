@@ -63,6 +63,35 @@ def test_site_check_shows_what_the_state_dir_has_spent_and_summed(
     assert bad.exit_code != 0 and "not a privacy ledger" in bad.output
 
 
+def test_site_check_meets_the_budget_spent_so_far_and_spends_none_of_it(
+        site_b: Path, tiny_config: Callable[..., Path], tmp_path: Path) -> None:
+    """With a DP experiment the check asks for a fit: against a state_dir it reads the
+    ledger of every run (a budget already spent is refused, as a run would be) and writes
+    nothing there (before, a check would have counted its own fit against the budget)."""
+    from multimodal_fl.training.privacy import PrivacyLedger
+
+    config = tiny_config("covid_oxygen", modalities={"text": {"enabled": False}},
+                         privacy={"dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}})
+    spent = PrivacyLedger("rdp", [(1.0, 0.5, 3)], [{"round": 1, "epsilon": 6.48,
+                                                     "delta": 1e-5}])
+    budget = spent.epsilon(1e-5) + 0.01  # any further step goes over it
+    (site_b / "policy.yaml").write_text(f"max_epsilon: {budget}\nstate_dir: ../kept\n")
+    args = ["site", "check", str(site_b), "--config", str(config), "--name", "site_b"]
+
+    fresh = runner.invoke(app, args)  # nothing spent yet: one step fits the budget
+    assert fresh.exit_code == 0, fresh.output
+    assert "fit: releases" in fresh.output
+    assert not (tmp_path / "kept").exists() or not any((tmp_path / "kept").iterdir())
+
+    spent.save(tmp_path / "kept" / "privacy.json")
+    before = (tmp_path / "kept" / "privacy.json").read_bytes()
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "fit: not answered" in res.output and "counted over every run" in res.output
+    assert (tmp_path / "kept" / "privacy.json").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["privacy.json"]
+
+
 def test_site_check_shows_what_each_kind_would_release(
     site_b: Path, tiny_config: Callable[..., Path]
 ) -> None:

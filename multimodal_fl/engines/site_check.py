@@ -93,7 +93,8 @@ def site_check(
     with tempfile.TemporaryDirectory(prefix="mmfl-site-check-") as tmp:
         data = load_site_data(cfg, Path(tmp))[site_name]
         entries: list[dict[str, Any]] = []
-        site = FusionSite(site_name, cfg, data, policy=policy)
+        # keep_state=False: a state_dir is read (the budget spent so far), never written
+        site = FusionSite(site_name, cfg, data, policy=policy, keep_state=False)
         site.gate.on_record = entries.append
         doc["splits"] = _splits(data, m)
         doc["kinds"] = _ask_every_kind(site, cfg, entries, m)

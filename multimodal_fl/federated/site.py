@@ -281,11 +281,15 @@ class FusionSite:
     progress : callable or None
         Called with the local-only model's training steps
         (:class:`~multimodal_fl.progress.StepEvent`, ``local_train``).
+    keep_state : bool
+        ``False``: the policy's ``state_dir`` is read, never written (``mmfl site check``:
+        a fit meets the budget spent so far and spends none of it).
     """
 
     def __init__(
         self, name: str, cfg: ExperimentConfig, data: SiteData, *, run_dir: Path | None = None,
         policy: SitePolicy | None = None, progress: ProgressCallback | None = None,
+        keep_state: bool = True,
     ) -> None:
         self.name = name
         self.cfg = cfg
@@ -306,7 +310,8 @@ class FusionSite:
             policy = load_policy(paths[name]) if name in paths else SitePolicy()
         #: the policy's state_dir: what the site keeps across runs (None: per run)
         self.state = None if policy.state_dir is None else SiteState(
-            policy.state_dir, name, timeout=max(600.0, float(cfg.federated.timeout_s or 0)))
+            policy.state_dir, name, timeout=max(600.0, float(cfg.federated.timeout_s or 0)),
+            writable=keep_state)
         self.secure = SecureSumParty(name, self.state)
         self.gate = DisclosureGate(
             name, policy, config_min_cell=cfg.evaluation.min_cell,
@@ -663,7 +668,7 @@ class FusionSite:
                                                self.cfg.training.batch_size),
             "epsilon": epsilon, "delta": delta})
         path = self._ledger_path()
-        if path is not None:
+        if path is not None and (self.state is None or self.state.writable):
             dp.ledger.save(path)
         return {"epsilon": epsilon, "delta": delta}
 

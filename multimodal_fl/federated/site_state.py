@@ -55,13 +55,18 @@ class SiteState:
         The site's name (its entries in ``secure_sums.json``).
     timeout : float
         Seconds to wait for another run's lock before giving up.
+    writable : bool
+        ``False``: read only (``mmfl site check``: what a request would meet, nothing
+        spent or recorded); :meth:`locked` takes no lock and :meth:`record_sums` writes
+        nothing.
     """
 
-    def __init__(self, root: str | os.PathLike[str], site: str, *, timeout: float = 600.0
-                 ) -> None:
+    def __init__(self, root: str | os.PathLike[str], site: str, *, timeout: float = 600.0,
+                 writable: bool = True) -> None:
         self.root = Path(root)
         self.site = site
         self.timeout = float(timeout)
+        self.writable = bool(writable)
         self._lock: FileLock | None = None
 
     @property
@@ -78,6 +83,9 @@ class SiteState:
         SiteStateError
             When the directory cannot be made or another run holds the lock past ``timeout``.
         """
+        if not self.writable:  # nothing will be written: the files are read as they are
+            yield
+            return
         if self._lock is None:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
@@ -108,6 +116,8 @@ class SiteState:
         ----------
         sums : dict of str to list of str
         """
+        if not self.writable:
+            return
         doc = self._sums_doc()
         doc[self.site] = {k: sorted(v) for k, v in sorted(sums.items())}
         path = self.root / SECURE_SUMS
