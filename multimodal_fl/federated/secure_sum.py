@@ -496,14 +496,27 @@ class _Held:
     once: bool = False
 
 
-def _digest(held: _Held) -> str:
-    """A held vector's content (part names, widths, values) as a sha256 hex digest."""
-    h = hashlib.sha256()
+def _digests(held: _Held) -> list[str]:
+    """A held vector's content as sha256 hex digests: the whole vector (part names, widths,
+    values) and, for a vector that is not summed once (histograms, not a model update), each
+    non-zero part's values alone (``part:<digest>``), whatever its name.
+
+    Per part, because a second run whose config differs only in the parts it asks for (no
+    subgroups, other age bands) holds the same ``overall`` histogram in another vector: its
+    total over other sites would give the difference. A model update's parts are not
+    checked one by one: its group counts (``w/...``) are the same every round, and rounds
+    sum them over changing sets of sites by design.
+    """
+    whole = hashlib.sha256()
+    out: list[str] = []
     for name in sorted(held.parts):
         part = np.ascontiguousarray(held.parts[name], dtype="<i8")
-        h.update(json.dumps([name, int(part.size)]).encode())
-        h.update(part.tobytes())
-    return h.hexdigest()
+        whole.update(json.dumps([name, int(part.size)]).encode())
+        whole.update(part.tobytes())
+        if not held.once and part.any():
+            out.append("part:" + hashlib.sha256(
+                json.dumps(int(part.size)).encode() + part.tobytes()).hexdigest())
+    return [whole.hexdigest(), *sorted(set(out))]
 
 
 class SecureSumParty:
@@ -521,12 +534,15 @@ class SecureSumParty:
     **One vector, one set of sites.** Two totals of the same vector over different sets of
     sites give the server their difference: over all four sites and then over three of them,
     the fourth site's vector exactly. So the party keeps a digest of the content of every
-    vector it has helped unmask (:attr:`summed`, with the sites summed), and its ``unmask``
-    step refuses a vector of the same content (the same hold asked again, or the same
-    histograms held again by a later request on the same weights) summed with any other set
-    of sites; the same set again gives the same total and is answered. The record lives as
-    long as the site's state (a run; it travels in :meth:`export_state`), or, with a
-    ``state`` directory (the policy's ``state_dir``), across every run that uses it.
+    vector it has helped unmask (:attr:`summed`, with the sites summed), and of each non-zero
+    part of one that is not a model update (``_digests``: the same ``overall`` histogram
+    inside a vector with other subgroup parts), and its ``unmask`` step refuses a vector of
+    the same content, or one holding such a part, summed with any other set of sites (the
+    same hold asked again, the same histograms held again by a later request on the same
+    weights, or by a run that asks for other parts); the same set again gives the same total
+    and is answered. The record lives as long as the site's state (a run; it travels in
+    :meth:`export_state`), or, with a ``state`` directory (the policy's ``state_dir``),
+    across every run that uses it.
     A vector of *different* content that overlaps (e.g. histograms of slightly different
     weights) is not caught: differencing those gives an approximation, not the vector.
 
@@ -636,16 +652,19 @@ class SecureSumParty:
             raise SecureSumError(_too_few(len(sent)))
         if self.state is not None:  # the sums of every run at this site, not only this one's
             self.summed.update(self.state.sums())
-        digest = _digest(held)
-        before = self.summed.get(digest)
-        if before is not None and before != sent:
+        digests = _digests(held)
+        before = next((self.summed[d] for d in digests
+                       if d in self.summed and self.summed[d] != sent), None)
+        if before is not None:
             del self.live[vector]
+            what = f"this {vector!r}" if self.summed.get(digests[0]) == before else \
+                f"a part of this {vector!r}"
             raise SecureSumError(
-                f"site {self.site}: this {vector!r} was summed before with "
+                f"site {self.site}: {what} was summed before with "
                 f"{len(before)} sites; a second sum with a different set of {len(sent)} "
                 "would give the server the difference of the two totals (refused)")
         arrays = {k: _u8(v) for k, v in live.unmask(sent, dropped).items()}
-        self.summed[digest] = sent
+        self.summed.update(dict.fromkeys(digests, sent))
         if self.state is not None:
             self.state.record_sums(self.summed)
         del self.live[vector]

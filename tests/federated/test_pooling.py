@@ -178,7 +178,9 @@ def test_a_state_dir_refuses_the_difference_across_runs(tmp_path: Path, fresh: b
     assert again.refused is None
     np.testing.assert_array_equal(again.parts["overall"], everyone.parts["overall"])
     recorded = SiteState(tmp_path / "s0", "s0").sums()
-    assert list(recorded.values()) == [sorted(parts)]  # a digest and the sites: no counts
+    # digests (the vector's, and each non-zero part's) and the sites: no counts
+    assert len(recorded) == 1 + len(parts["s0"])
+    assert all(v == sorted(parts) for v in recorded.values())
 
 
 def test_a_state_dir_another_run_holds_is_waited_for_then_refused_in_one_line(
@@ -196,3 +198,35 @@ def test_a_state_dir_another_run_holds_is_waited_for_then_refused_in_one_line(
     (tmp_path / "s0" / "secure_sums.json").write_text("[1, 2]")
     with pytest.raises(SiteStateError, match="not a secure-sum record"):
         state.sums()
+
+
+def test_the_same_part_inside_another_vector_is_refused_over_other_sites() -> None:
+    """A run that asks for other parts (a config without subgroups) holds the same
+    ``overall`` histogram in a vector of different content: its total over three of the four
+    sites minus the first total's ``overall`` would be the fourth site's histogram exactly.
+    Each site keeps a digest of every non-zero part too and refuses; the whole-vector rule
+    alone let it through."""
+    parts = _parts(4)
+    federation, sites = _federation(parts)
+    everyone = secure_total(federation, sorted(parts), "v")
+    assert everyone.refused is None
+    for name, site in sites.items():
+        site.party.hold("v", {"overall": parts[name]["overall"]}, min_cell=5)
+    fewer = secure_total(federation, ["s0", "s1", "s2"], "v")
+    assert fewer.refused is not None and fewer.parts == {}
+    assert all("a part of this 'v' was summed before with 4 sites" in fewer.excluded[s]
+               for s in ("s0", "s1", "s2"))
+    # over the same four sites it is answered: the same total, nothing new
+    again = secure_total(federation, sorted(parts), "v")
+    assert again.refused is None
+    np.testing.assert_array_equal(again.parts["overall"], everyone.parts["overall"])
+    # a model update (held once) is checked as a whole: its constant group counts are summed
+    # over changing sets of sites round after round by design
+    for site in sites.values():
+        site.party.hold("u", {"w/x": np.array([7, 7]), "d/x": RNG.integers(0, 9, 3)},
+                        min_cell=5, once=True)
+    assert secure_total(federation, sorted(parts), "u").refused is None
+    for site in sites.values():
+        site.party.hold("u", {"w/x": np.array([7, 7]), "d/x": RNG.integers(10, 19, 3)},
+                        min_cell=5, once=True)
+    assert secure_total(federation, ["s0", "s1", "s2"], "u").refused is None
