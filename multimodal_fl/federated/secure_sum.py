@@ -58,7 +58,7 @@ from multimodal_fl.federated.protocol import (
     Request,
     pack_document,
 )
-from multimodal_fl.federated.site_state import SiteState
+from multimodal_fl.federated.site_state import PART, SiteState
 
 __all__ = [
     "DEFAULT_BITS",
@@ -514,7 +514,7 @@ def _digests(held: _Held) -> list[str]:
         whole.update(json.dumps([name, int(part.size)]).encode())
         whole.update(part.tobytes())
         if not held.once and part.any():
-            out.append("part:" + hashlib.sha256(
+            out.append(PART + hashlib.sha256(
                 json.dumps(int(part.size)).encode() + part.tobytes()).hexdigest())
     return [whole.hexdigest(), *sorted(set(out))]
 

@@ -7,9 +7,10 @@ makes both span every run that uses that policy:
 
 * ``privacy.json``: the DP-SGD accountant (:class:`~multimodal_fl.training.privacy.
   PrivacyLedger`), so ``max_epsilon`` is a budget of the site's patients, not of one run;
-* ``secure_sums.json``: per site, the content digest of every vector it has helped unmask and
-  the sites summed with it, so no second run gets a total of the same content over another
-  set of sites (two totals whose difference is one site's vector).
+* ``secure_sums.json``: per site, the content digest of every vector it has helped unmask (and
+  of each non-zero part of a histogram vector, ``part:<digest>``) with the sites summed, so no
+  second run gets a total of the same content over another set of sites (two totals whose
+  difference is one site's vector).
 
 Both are read and written under one lock (``state.lock``, the ``filelock`` package), so runs
 that overlap in time at one site see each other's spending and sums: a private fit holds it
@@ -30,7 +31,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-__all__ = ["LOCK_FILE", "SECURE_SUMS", "STATE_PRIVACY", "SiteState", "SiteStateError"]
+__all__ = ["LOCK_FILE", "PART", "SECURE_SUMS", "STATE_PRIVACY", "SiteState", "SiteStateError"]
 
 #: The lock every reader and writer of a state directory takes.
 LOCK_FILE = "state.lock"
@@ -38,6 +39,8 @@ LOCK_FILE = "state.lock"
 STATE_PRIVACY = "privacy.json"
 #: Per site: content digest -> the sorted sites of the sum it was unmasked in.
 SECURE_SUMS = "secure_sums.json"
+#: The prefix of a histogram part's digest (beside its whole vector's).
+PART = "part:"
 
 
 class SiteStateError(RuntimeError):
@@ -133,7 +136,7 @@ class SiteState:
         dict
             ``dir``; ``private_fits`` (counted training calls of every run), ``epsilon`` and
             ``delta`` after the last one (None before any), ``accountant``; ``secure_sums``
-            (vectors this site helped unmask).
+            (vectors this site helped unmask; their parts' digests not counted).
 
         Raises
         ------
@@ -142,7 +145,7 @@ class SiteState:
         """
         out: dict[str, Any] = {"dir": str(self.root), "private_fits": 0, "epsilon": None,
                                "delta": None, "accountant": None,
-                               "secure_sums": len(self.sums())}
+                               "secure_sums": sum(not k.startswith(PART) for k in self.sums())}
         if self.privacy_path.is_file():
             try:
                 doc = json.loads(self.privacy_path.read_text())

@@ -181,6 +181,7 @@ def test_a_state_dir_refuses_the_difference_across_runs(tmp_path: Path, fresh: b
     # digests (the vector's, and each non-zero part's) and the sites: no counts
     assert len(recorded) == 1 + len(parts["s0"])
     assert all(v == sorted(parts) for v in recorded.values())
+    assert SiteState(tmp_path / "s0", "s0").summary()["secure_sums"] == 1  # one vector
 
 
 def test_a_state_dir_another_run_holds_is_waited_for_then_refused_in_one_line(
