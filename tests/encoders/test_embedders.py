@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import atexit
+import os
 import pickle
 import shutil
 import tempfile
@@ -20,9 +20,33 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from multimodal_fl.encoders import ImageEmbedder, TextEmbedder
 from tests.encoders.conftest import make_tiny_text_model
 
-_TINY_ROOT = Path(tempfile.mkdtemp(prefix="mmfl_tiny_bert_"))
-atexit.register(shutil.rmtree, _TINY_ROOT, ignore_errors=True)
-_TINY = make_tiny_text_model(_TINY_ROOT / "tiny_bert_checks")
+
+def _shared_tiny_model() -> Path:
+    """The checks' tiny BERT at one path per user and transformers version.
+
+    scikit-learn's check ids print the estimator, its ``model_path`` included: a fresh
+    temporary folder per session made the ids differ between sessions (``pytest --lf`` could
+    not find them) and between workers (``pytest -n`` refused to run). The model is seeded,
+    so every session builds the same one; it is built in a folder of its own and renamed into
+    place, and a session that loses that race uses the winner's.
+    """
+    import transformers
+
+    final = Path(tempfile.gettempdir()) / (
+        f"mmfl_tiny_bert_checks_{os.getuid()}_{transformers.__version__}")
+    if (final / "config.json").is_file():
+        return final
+    staging = Path(tempfile.mkdtemp(prefix="mmfl_tiny_bert_", dir=final.parent))
+    try:
+        os.rename(make_tiny_text_model(staging / "model"), final)
+    except OSError:  # another session renamed its copy first: the same seeded model
+        pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+_TINY = _shared_tiny_model()
 
 # scikit-learn's generic checks feed numeric 2-D arrays (make_blobs): a text or image-path
 # featurizer must reject them with a clear TypeError, so the checks that fit on such data
