@@ -38,8 +38,13 @@ lint: setup
 docs: setup
 	$(BIN)/mkdocs build --strict --site-dir site
 
+# The suite on the machine's cores (pytest-xdist, at most 4 workers), then the Flower tests on
+# their own: they start SuperLinks, SuperNodes and ClientApp processes and wait on them, so
+# they run alone, as a user's deployment would. `python -m pytest -q` still runs everything
+# in one process.
 unit: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 -m "not flower"
+	$(BIN)/python -m pytest -q -m flower
 
 test: lint docs unit
 
