@@ -231,3 +231,64 @@ def test_the_console_shows_a_coarsened_pooled_auc_with_its_bounds() -> None:
     assert _auc_text({"value": 0.7, "lower": 0.699, "upper": 0.704}) == "0.700"
     assert _auc_text({"value": 0.7, "lo": 0.6, "hi": 0.8, "lower": 0.5, "upper": 0.9}) == (
         "0.700 [0.600, 0.800]")
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_a_rerun_on_another_grid_over_fewer_sites_is_refused_with_a_state_dir(
+    tiny_config: Callable[..., Path], tmp_path: Path, kept: bool
+) -> None:
+    """The rebinning attack on real sites: four Alzheimer's sites (the tiny cohort's three
+    and a copy of one under a fourth name) hold their validation histograms of one model on
+    100 bins and the server sums them over all four; a rerun with
+    ``evaluation.histogram_bins: 50`` (the same weights) is summed over three. Without a
+    ``state_dir`` the server merges the first total onto 50 bins and subtracts the second:
+    the fourth site's histogram exactly. With one in every site's policy the three refuse,
+    naming the grid."""
+    import shutil
+
+    import yaml
+
+    from multimodal_fl.federated.inprocess import InProcessFederation
+    from multimodal_fl.federated.pooling import secure_total
+    from multimodal_fl.federated.site import POOLED_VALIDATION, fusion_sites
+    from multimodal_fl.training import predict
+
+    raw = yaml.safe_load(Path(tiny_config("alzheimers", evaluation={"min_cell": 5},
+                                          training={"split": SPLIT})).read_text())
+    for entry in raw["sites"]:
+        shutil.copytree(entry["path"], tmp_path / "sites" / entry["name"])
+        entry["path"] = str(tmp_path / "sites" / entry["name"])
+    first = raw["sites"][0]
+    shutil.copytree(first["path"], tmp_path / "sites" / "site_d")
+    raw["sites"].append({"name": "site_d", "path": str(tmp_path / "sites" / "site_d")})
+    for entry in raw["sites"]:
+        if kept:
+            (Path(entry["path"]) / "policy.yaml").write_text(
+                yaml.safe_dump({"state_dir": "state"}))
+
+    def held(n_bins: int, out: str) -> InProcessFederation:
+        raw["evaluation"]["histogram_bins"] = n_bins
+        path = tmp_path / f"bins{n_bins}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        sites = fusion_sites(load_config(path), tmp_path / out)
+        for site in sites.values():
+            site.handle(Request(Kind.CALIBRATE, 1, weights=weights))
+        return InProcessFederation(sites)
+
+    weights = fusion_sites(load_config(tiny_config("alzheimers")), tmp_path / "w")[
+        "site_a"].handle(Request(Kind.INIT, 0)).weights
+    names = [e["name"] for e in raw["sites"]]
+    everyone = secure_total(held(100, "run1"), names, POOLED_VALIDATION)
+    assert everyone.refused is None
+    fewer = secure_total(held(50, "run2"), names[1:], POOLED_VALIDATION)
+    if not kept:  # the leak: site_a's histogram on 50 bins, exactly
+        total = everyone.parts["overall"].reshape(2, 50, 2).sum(axis=2).ravel()
+        site_a = fusion_sites(load_config(tmp_path / "bins50.yaml"), tmp_path / "x")["site_a"]
+        val = site_a.data.val
+        site_a.handle(Request(Kind.CALIBRATE, 1, weights=weights))
+        own = fine_counts(val.labels.numpy().astype(np.int64), predict(site_a.model, val), 50)
+        np.testing.assert_array_equal(total - fewer.parts["overall"], own)
+        return
+    assert fewer.refused is not None and fewer.parts == {}
+    assert all("histograms on 100 bins were summed before with 4 sites" in fewer.excluded[s]
+               for s in names[1:]), fewer.excluded

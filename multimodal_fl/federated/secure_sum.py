@@ -58,7 +58,7 @@ from multimodal_fl.federated.protocol import (
     Request,
     pack_document,
 )
-from multimodal_fl.federated.site_state import PART, SiteState
+from multimodal_fl.federated.site_state import GRID, PART, SiteState
 
 __all__ = [
     "DEFAULT_BITS",
@@ -494,6 +494,7 @@ class _Held:
     refusal: str | None
     min_cell: int
     once: bool = False
+    grid: int | None = None
 
 
 def _digests(held: _Held) -> list[str]:
@@ -565,7 +566,8 @@ class SecureSumParty:
         self.summed: dict[str, list[str]] = {}
 
     def hold(self, vector: str, parts: Mapping[str, npt.ArrayLike], *,
-             refusal: str | None = None, min_cell: int = 0, once: bool = False) -> None:
+             refusal: str | None = None, min_cell: int = 0, once: bool = False,
+             grid: int | None = None) -> None:
         """Keep a vector for a later secure sum (replacing one of the same name).
 
         Parameters
@@ -581,6 +583,11 @@ class SecureSumParty:
         once : bool
             Forget the vector after its ``unmask`` step (a model update: it is summed once
             and not kept at the site, nor in a SuperNode's state, any longer).
+        grid : int or None
+            For score histograms: the bins of their grid (``evaluation.histogram_bins``). The
+            site keeps the grids it has summed histograms on with the sites summed, and
+            refuses a histogram on another grid over another set of sites (see
+            :meth:`_unmask`).
 
         Raises
         ------
@@ -594,7 +601,8 @@ class SecureSumParty:
             raise SecureSumError(f"site {self.site}: the parts of {vector!r} must be 1-D "
                                  f"integer vectors; {bad[:3]} are not")
         self.held[vector] = _Held({k: a.astype(np.int64) for k, a in arrays.items()}, refusal,
-                                  int(min_cell), bool(once))
+                                  int(min_cell), bool(once),
+                                  None if grid is None else int(grid))
         self.live.pop(vector, None)
 
     def answer(self, request: Request) -> Reply:
@@ -653,24 +661,52 @@ class SecureSumParty:
         if self.state is not None:  # the sums of every run at this site, not only this one's
             self.summed.update(self.state.sums())
         digests = _digests(held)
+        refusal = self._other_grid(held, sent)
         before = next((self.summed[d] for d in digests
                        if d in self.summed and self.summed[d] != sent), None)
         if before is not None:
-            del self.live[vector]
             what = f"this {vector!r}" if self.summed.get(digests[0]) == before else \
                 f"a part of this {vector!r}"
-            raise SecureSumError(
-                f"site {self.site}: {what} was summed before with "
-                f"{len(before)} sites; a second sum with a different set of {len(sent)} "
-                "would give the server the difference of the two totals (refused)")
+            refusal = (f"{what} was summed before with {len(before)} sites; a second sum with "
+                       f"a different set of {len(sent)} would give the server the difference "
+                       "of the two totals (refused)")
+        if refusal is not None:
+            del self.live[vector]
+            raise SecureSumError(f"site {self.site}: {refusal}")
         arrays = {k: _u8(v) for k, v in live.unmask(sent, dropped).items()}
         self.summed.update(dict.fromkeys(digests, sent))
+        if held.grid is not None:
+            self.summed[f"{GRID}{held.grid}:{','.join(sent)}"] = sent
         if self.state is not None:
             self.state.record_sums(self.summed)
         del self.live[vector]
         if held.once:
             del self.held[vector]
         return arrays
+
+    def _other_grid(self, held: _Held, sent: list[str]) -> str | None:
+        """Why a histogram on this grid may not be summed over ``sent``, or ``None``.
+
+        One model's histograms on two grids, merged onto a grid both refine (their greatest
+        common divisor of bins: 50 for 100 and 50, 10 for 100 and 30), are the same counts:
+        totals on the two grids over different sets of sites give the difference there, while
+        no digest matches (the contents differ). So a histogram on another grid than one
+        summed before over another set of sites is refused, whatever its content.
+        """
+        if held.grid is None:
+            return None
+        for key, sites in sorted(self.summed.items()):
+            if not key.startswith(GRID) or sites == sent:
+                continue
+            bins = int(key[len(GRID):].partition(":")[0])
+            if bins != held.grid:
+                return (f"this histogram on {held.grid} bins is asked over {len(sent)} sites, "
+                        f"and histograms on {bins} bins were summed before with {len(sites)} "
+                        "sites: merged onto a grid both refine, one model's histograms on the "
+                        "two grids would give the server the difference of the two totals "
+                        f"(refused on another grid: keep evaluation.histogram_bins at {bins}, "
+                        "or the same sites)")
+        return None
 
     def _laid_out(self, request: Request, vector: str, held: _Held) -> IntArray:
         """The held parts in the server's order (``parts``, ``widths``); zeros where absent."""
@@ -712,6 +748,7 @@ class SecureSumParty:
             names = sorted(held.parts)
             entry: dict[str, Any] = {"index": i, "parts": names, "refusal": held.refusal,
                                      "min_cell": held.min_cell, "once": held.once,
+                                     "grid": held.grid,
                                      "widths": [int(held.parts[n].size) for n in names]}
             if names:
                 out[f"{_STATE}{i}/parts"] = np.concatenate([held.parts[n] for n in names])
@@ -747,8 +784,10 @@ class SecureSumParty:
             ends = np.cumsum([int(w) for w in entry["widths"]]).tolist()
             parts = {n: flat[end - w:end].copy() for n, w, end in
                      zip(entry["parts"], entry["widths"], ends, strict=True)}
+            grid = entry.get("grid")
             self.held[vector] = _Held(parts, entry["refusal"], int(entry["min_cell"]),
-                                      bool(entry.get("once", False)))
+                                      bool(entry.get("once", False)),
+                                      None if grid is None else int(grid))
             if "live" in entry:
                 state = {k: np.asarray(arrays[f"{_STATE}{i}/live/{j}"], np.uint8).tobytes()
                          for j, k in enumerate(entry["live"])}

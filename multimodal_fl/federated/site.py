@@ -752,7 +752,8 @@ class FusionSite:
                   if sensitive and self.gate.policy.subgroup_summaries else None)
         parts = histogram_parts(test["label"].to_numpy(), test["score"].to_numpy(),
                                 groups=groups, n_bins=self.cfg.evaluation.histogram_bins)
-        self.secure.hold(POOLED_TEST, parts, min_cell=min_cell)
+        self.secure.hold(POOLED_TEST, parts, min_cell=min_cell,
+                         grid=self.cfg.evaluation.histogram_bins)
 
     def _on_calibrate(self, request: Request) -> Reply:
         """Hold the validation split's fine counts per label under the model to recalibrate
@@ -766,7 +767,8 @@ class FusionSite:
             return self._reply(request)
         counts = fine_counts(val.labels.numpy().astype(np.int64), predict(self.model, val),
                              self.cfg.evaluation.histogram_bins)
-        self.secure.hold(POOLED_VALIDATION, {OVERALL: counts}, min_cell=min_cell)
+        self.secure.hold(POOLED_VALIDATION, {OVERALL: counts}, min_cell=min_cell,
+                         grid=self.cfg.evaluation.histogram_bins)
         return self._reply(request)
 
     def _validation_sum_refusal(self, min_cell: int) -> str | None:

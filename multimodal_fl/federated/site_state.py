@@ -31,7 +31,8 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-__all__ = ["LOCK_FILE", "PART", "SECURE_SUMS", "STATE_PRIVACY", "SiteState", "SiteStateError"]
+__all__ = ["GRID", "LOCK_FILE", "PART", "SECURE_SUMS", "STATE_PRIVACY", "SiteState",
+           "SiteStateError"]
 
 #: The lock every reader and writer of a state directory takes.
 LOCK_FILE = "state.lock"
@@ -41,6 +42,8 @@ STATE_PRIVACY = "privacy.json"
 SECURE_SUMS = "secure_sums.json"
 #: The prefix of a histogram part's digest (beside its whole vector's).
 PART = "part:"
+#: The prefix of a record of the grid histograms were summed on (``grid:<bins>:<sites>``).
+GRID = "grid:"
 
 
 class SiteStateError(RuntimeError):
@@ -136,7 +139,7 @@ class SiteState:
         dict
             ``dir``; ``private_fits`` (counted training calls of every run), ``epsilon`` and
             ``delta`` after the last one (None before any), ``accountant``; ``secure_sums``
-            (vectors this site helped unmask; their parts' digests not counted).
+            (vectors this site helped unmask; their parts' digests and grids not counted).
 
         Raises
         ------
@@ -145,7 +148,8 @@ class SiteState:
         """
         out: dict[str, Any] = {"dir": str(self.root), "private_fits": 0, "epsilon": None,
                                "delta": None, "accountant": None,
-                               "secure_sums": sum(not k.startswith(PART) for k in self.sums())}
+                               "secure_sums": sum(not k.startswith((PART, GRID))
+                                                  for k in self.sums())}
         if self.privacy_path.is_file():
             try:
                 doc = json.loads(self.privacy_path.read_text())

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from multimodal_fl.federated.inprocess import InProcessFederation
-from multimodal_fl.federated.pooling import REFUSED, secure_total
+from multimodal_fl.federated.pooling import REFUSED, SecureTotal, secure_total
 from multimodal_fl.federated.protocol import Kind, Reply, Request
 from multimodal_fl.federated.secure_sum import SecureSumError, SecureSumParty
 from multimodal_fl.federated.site_state import SiteState, SiteStateError
@@ -22,12 +22,13 @@ class SumSite:
 
     def __init__(self, name: str, parts: Mapping[str, np.ndarray], *,
                  refusal: str | None = None, drop_at: str | None = None,
-                 fresh: bool = False, state: Path | None = None) -> None:
+                 fresh: bool = False, state: Path | None = None,
+                 grid: int | None = None) -> None:
         self.name = name
         # state: the site's policy's state_dir (kept across runs)
         self.state = None if state is None else SiteState(state, name)
         self.party = SecureSumParty(name, self.state)
-        self.party.hold("v", parts, refusal=refusal, min_cell=5)
+        self.party.hold("v", parts, refusal=refusal, min_cell=5, grid=grid)
         self.drop_at = drop_at
         self.fresh = fresh  # rebuild the party from exported state for every message (Flower)
         self.seen: list[Request] = []
@@ -199,6 +200,53 @@ def test_a_state_dir_another_run_holds_is_waited_for_then_refused_in_one_line(
     (tmp_path / "s0" / "secure_sums.json").write_text("[1, 2]")
     with pytest.raises(SiteStateError, match="not a secure-sum record"):
         state.sums()
+
+
+def _coarsened(part: np.ndarray, n_bins: int) -> np.ndarray:
+    """A fine histogram part (negatives, then positives) merged onto ``n_bins`` bins."""
+    halves = part.reshape(2, n_bins, -1)
+    return halves.sum(axis=2).ravel()
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_the_same_model_on_another_grid_is_refused_over_other_sites(tmp_path: Path,
+                                                                    fresh: bool) -> None:
+    """A rebinning attack: run 1 sums the test histograms of a model on 100 bins over four
+    sites, run 2 (a rerun of the same model with ``evaluation.histogram_bins: 50``) over three.
+    Merging run 1's total onto 50 bins and taking run 2's away gives the fourth site's
+    histogram exactly: the contents differ (another grid), so no digest matches. A site with a
+    ``state_dir`` keeps the grids it has summed histograms on, with the sites, and refuses a
+    histogram on another grid over another set of sites; over the same set it is answered."""
+    from multimodal_fl.evaluation.histograms import histogram_parts
+
+    rng = np.random.default_rng(11)
+    scored = {f"s{i}": (rng.integers(0, 2, 40), rng.random(40)) for i in range(4)}
+
+    def run(n_bins: int, sites: list[str], state: bool) -> SecureTotal:
+        parts = {n: histogram_parts(y, s, n_bins=n_bins) for n, (y, s) in scored.items()}
+        kw = {n: {"grid": n_bins, "fresh": fresh,
+                  **({"state": tmp_path / n} if state else {})} for n in parts}
+        federation, _ = _federation(parts, **kw)
+        return secure_total(federation, sites, "v")
+
+    everyone = run(100, sorted(scored), state=False)
+    fewer = run(50, ["s0", "s1", "s2"], state=False)
+    assert fewer.refused is None  # the leak, without a state directory
+    s3 = histogram_parts(*scored["s3"], n_bins=50)["overall"]
+    np.testing.assert_array_equal(
+        _coarsened(everyone.parts["overall"], 50) - fewer.parts["overall"], s3)
+
+    assert run(100, sorted(scored), state=True).refused is None
+    assert run(50, sorted(scored), state=True).refused is None  # the same four: no difference
+    for n_bins in (50, 30, 100):
+        fewer = run(n_bins, ["s0", "s1", "s2"], state=True)
+        assert fewer.refused is not None and fewer.parts == {}
+        assert all("on another grid" in fewer.excluded[s] or "summed before" in fewer.excluded[s]
+                   for s in ("s0", "s1", "s2")), fewer.excluded
+    fewer = run(25, ["s0", "s1", "s2"], state=True)  # a grid not summed before
+    assert "histograms on 100 bins were summed before with 4 sites" in fewer.excluded["s0"]
+    # grids are recorded with their sites, not counted as sums
+    assert SiteState(tmp_path / "s0", "s0").summary()["secure_sums"] == 2
 
 
 def test_the_same_part_inside_another_vector_is_refused_over_other_sites() -> None:
