@@ -277,16 +277,28 @@ class FusionModel(nn.Module):
             trainable parameter left out; empty: no path).
         """
         groups: list[dict[str, Any]] = []
-        for m in self.modalities:
-            enc = self.encoders[m] if m in self.encoders else None
-            linear = getattr(enc, "linear", None)
-            if not isinstance(linear, nn.Module):
-                continue
+        for _, enc, linear in self.path_encoders():
             params = [p for p in linear.parameters() if p.requires_grad]
             if params:
                 scale = float(getattr(enc, "linear_lr_scale", 1.0))
                 groups.append({"params": params, "lr": lr * scale})
         return groups
+
+    def path_encoders(self) -> list[tuple[int, nn.Module, nn.Module]]:
+        """The encoders with a linear path (a ``linear`` module), in :attr:`modalities` order.
+
+        Returns
+        -------
+        list of (int, nn.Module, nn.Module)
+            The modality's column (in :attr:`modalities` and a batch's ``mask``), the
+            encoder, and its ``linear`` module.
+        """
+        out = []
+        for j, m in enumerate(self.modalities):
+            linear = getattr(self.encoders[m], "linear", None) if m in self.encoders else None
+            if isinstance(linear, nn.Module):
+                out.append((j, self.encoders[m], linear))
+        return out
 
     def linear_path_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters of the encoders' linear paths (empty: no path).

@@ -78,9 +78,7 @@ class PathFit:
 
 def _path_encoder(model: FusionModel) -> tuple[int, TabularEncoder]:
     """The one encoder with a linear path and its modality column; refused otherwise."""
-    found = [(j, enc) for j, m in enumerate(model.modalities) if m in model.encoders
-             for enc in [model.encoders[m]]
-             if isinstance(enc, TabularEncoder) and enc.linear is not None]
+    found = [(j, enc) for j, enc, _ in model.path_encoders() if isinstance(enc, TabularEncoder)]
     if len(found) != 1:
         raise ValueError(f"train: the fitted linear warm-up fits exactly one encoder's linear "
                          f"path; this model has {len(found)}")
