@@ -561,8 +561,11 @@ def _state_line(state: dict[str, Any], budget: float | None) -> str:
                  f"{state['epsilon']:.3g} at delta {state['delta']:g} ({state['accountant']})")
         if budget is not None:
             spent += f" of max_epsilon {budget:g}"
+    grids = state.get("grids") or []
+    on = (f", histograms on {' and '.join(map(str, grids))} bins "
+          "(another grid only over the same sites)") if grids else ""
     return (f"state_dir {state['dir']}: {spent}; {state['secure_sums']} secure sum(s) "
-            "recorded (one set of sites per content)")
+            f"recorded (one set of sites per content){on}")
 
 
 def _kind_line(kind: str, entry: dict[str, Any]) -> str:

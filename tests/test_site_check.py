@@ -52,12 +52,15 @@ def test_site_check_shows_what_the_state_dir_has_spent_and_summed(
                                                       "delta": 1e-5}])
     ledger.save(tmp_path / "kept" / "privacy.json")
     state = SiteState(tmp_path / "kept", "site_b")
-    state.record_sums({"a" * 64: ["site_a", "site_b", "site_c"]})
+    three = ["site_a", "site_b", "site_c"]
+    state.record_sums({"a" * 64: three, "grid:100:site_a,site_b,site_c": three})
     res = runner.invoke(app, ["site", "check", str(site_b)])
     assert ("1 private fit(s) counted, epsilon 6.48 at delta 1e-05 (rdp) of max_epsilon 8; "
-            "1 secure sum(s) recorded") in res.output
+            "1 secure sum(s) recorded (one set of sites per content), histograms on 100 bins"
+            ) in res.output
     doc = json.loads(runner.invoke(app, ["site", "check", str(site_b), "--json"]).output)
     assert doc["state"]["epsilon"] == 6.48 and doc["state"]["secure_sums"] == 1
+    assert doc["state"]["grids"] == [100]
     (tmp_path / "kept" / "privacy.json").write_text("{}")
     bad = runner.invoke(app, ["site", "check", str(site_b)])
     assert bad.exit_code != 0 and "not a privacy ledger" in bad.output

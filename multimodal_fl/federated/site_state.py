@@ -139,17 +139,20 @@ class SiteState:
         dict
             ``dir``; ``private_fits`` (counted training calls of every run), ``epsilon`` and
             ``delta`` after the last one (None before any), ``accountant``; ``secure_sums``
-            (vectors this site helped unmask; their parts' digests and grids not counted).
+            (vectors this site helped unmask; their parts' digests and grids not counted);
+            ``grids`` (the bins of the grids its histograms were summed on).
 
         Raises
         ------
         SiteStateError
             For a file that is not what it should be (one line naming it).
         """
-        out: dict[str, Any] = {"dir": str(self.root), "private_fits": 0, "epsilon": None,
-                               "delta": None, "accountant": None,
-                               "secure_sums": sum(not k.startswith((PART, GRID))
-                                                  for k in self.sums())}
+        sums = self.sums()
+        out: dict[str, Any] = {
+            "dir": str(self.root), "private_fits": 0, "epsilon": None, "delta": None,
+            "accountant": None, "secure_sums": sum(not k.startswith((PART, GRID)) for k in sums),
+            "grids": sorted({int(k[len(GRID):].partition(":")[0]) for k in sums
+                             if k.startswith(GRID)})}
         if self.privacy_path.is_file():
             try:
                 doc = json.loads(self.privacy_path.read_text())
