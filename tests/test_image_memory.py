@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from multimodal_fl.config import ExperimentConfig, load_task
+from multimodal_fl.encoders.transforms import load_image
 from multimodal_fl.training import prepare
 from multimodal_fl.training.prepare import IMAGE_CHUNK, FrozenEncoders, prepare_site_data
 
@@ -67,13 +68,13 @@ def test_frozen_image_encoder_holds_a_chunk_of_pixels_at_a_time(
     cohort = _volumes(tmp_path, n, size=10)
     cfg = _config(frozen=True)
     events: list[Any] = []
-    load_image = prepare.load_image
+    apply = prepare.apply_transform
 
     def reading(*args: Any, **kwargs: Any) -> torch.Tensor:
         events.append("read")
-        return load_image(*args, **kwargs)
+        return apply(*args, **kwargs)
 
-    monkeypatch.setattr(prepare, "load_image", reading)
+    monkeypatch.setattr(prepare, "apply_transform", reading)
     frozen = FrozenEncoders(cfg)
     frozen.image.register_forward_pre_hook(lambda _, x: events.append(len(x[0])))
     sd = prepare_site_data(cohort, cfg, cache=None, frozen=frozen)

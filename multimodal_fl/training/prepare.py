@@ -29,7 +29,12 @@ from multimodal_fl.data.cohort import build_cohorts, check_site_count, empty_sit
 from multimodal_fl.encoders.cache import EmbeddingCache, content_key
 from multimodal_fl.encoders.image import ImageEncoder
 from multimodal_fl.encoders.text import TextEncoder, normalize_notes
-from multimodal_fl.encoders.transforms import ImageReadError, ImageTransformSpec, load_image
+from multimodal_fl.encoders.transforms import (
+    ImageReadError,
+    ImageTransformSpec,
+    apply_transform,
+    build_transform,
+)
 from multimodal_fl.fusion import MODALITIES, NoModalityError
 from multimodal_fl.progress import PrepareEvent, ProgressCallback, Tally
 from multimodal_fl.training.dataset import CohortDataset, SiteData
@@ -159,9 +164,11 @@ def _load_images(
     def compute(items: list[Path]) -> np.ndarray:
         tally.hit(len(readable) - len(items))
         arrs = []
+        pipeline = build_transform(spec)  # one pipeline for every file (no random step)
         for item in items:
             try:
-                arrs.append(load_image(item, spec=spec, notes=no_geometry).reshape(-1).numpy())
+                arrs.append(apply_transform(pipeline, item, notes=no_geometry)
+                            .reshape(-1).numpy())
             except ImageReadError as exc:
                 arrs.append(np.full(int(np.prod(shape)), np.nan, dtype=np.float32))
                 reasons[str(item)] = str(exc)
@@ -492,9 +499,10 @@ def _embed_as_read(paths: Sequence[Path | None], spec: ImageTransformSpec, enc: 
     read, embedded = tallies
     emb = np.full((len(paths), enc.output_dim), np.nan, dtype=np.float32)
     batch: list[tuple[int, torch.Tensor]] = []
+    pipeline = build_transform(spec)  # one pipeline for every file (no random step)
     for j, path in enumerate(paths):
         try:
-            batch.append((j, load_image(path, spec=spec, notes=notes)))  # type: ignore[arg-type]
+            batch.append((j, apply_transform(pipeline, path, notes=notes)))  # type: ignore[arg-type]
         except ImageReadError as exc:
             reasons[str(path)] = str(exc)
             logger.warning("site %s: %s", site, exc)
