@@ -871,8 +871,8 @@ class SitePolicy(_Strict):
     )
     timezone: str | None = Field(
         default=None,
-        description="IANA time zone of the site's dates without a time (default: the "
-                    "config's data.timezone).",
+        description="IANA time zone of the site's dates without a time and times without an "
+                    "offset; it holds over the config's data.timezone (the default).",
     )
     max_epsilon: float | None = Field(
         default=None, gt=0,

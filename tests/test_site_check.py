@@ -209,3 +209,8 @@ def test_a_supernode_site_takes_its_node_config_policy(
         site.handle(Request(Kind.INFO, 0))
     with pytest.raises(SiteRefused, match="does not answer 'moments'"):
         site.handle(Request(Kind.MOMENTS, 0))
+    # a zone in the SuperNode's policy-file holds for the site's dates (policy.yaml's would too)
+    (tmp_path / "node_policy.yaml").write_text("timezone: Australia/Brisbane\n")
+    run_config.update({"node.policy-file": str(tmp_path / "node_policy.yaml")})
+    site = experiment_site("site_b", tiny_sample / "covid_oxygen" / "site_b", run_config)
+    assert site.cfg.data.timezone == "Australia/Brisbane"  # type: ignore[attr-defined]

@@ -21,7 +21,7 @@ import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from multimodal_fl.config import DataConfig, check_timezone
+from multimodal_fl.config import DataConfig, check_timezone, load_policy
 from multimodal_fl.data.errors import DataError, ErrorSink
 
 __all__ = [
@@ -48,23 +48,29 @@ CSV_COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 def site_timezone(data: DataConfig, site: SiteFiles | None = None) -> zoneinfo.ZoneInfo:
     """The time zone a site's dates without a time (and times without an offset) are read in.
 
-    The one place it is looked up: today ``data.timezone`` for every site; a site's own
-    policy file may name its zone here later.
+    The one place it is looked up: the ``timezone`` of the site's own ``policy.yaml`` when it
+    names one (the hospital knows where its records were written), else the experiment's
+    ``data.timezone``.
 
     Parameters
     ----------
     data
         The experiment's data settings.
     site
-        The site's files (not read yet: the hook for a per-site setting).
+        The site's files; ``None``: no site directory (resources in memory).
 
     Returns
     -------
     zoneinfo.ZoneInfo
         The zone.
+
+    Raises
+    ------
+    ConfigError
+        When the site's ``policy.yaml`` is not a valid policy (one line naming it).
     """
-    del site  # no per-site setting yet
-    return check_timezone(data.timezone)
+    own = load_policy(site.root).timezone if site is not None else None
+    return check_timezone(own or data.timezone)
 
 
 def image_suffix(path: Path) -> str | None:

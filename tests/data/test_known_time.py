@@ -219,6 +219,12 @@ def test_site_time_zone_places_date_only_records(tmp_path: Path,
                                  data=DataConfig(timezone="Australia/Brisbane")), "p1")
     assert brisbane["crp"] == 80.0  # 1 March in Brisbane ended at 13:59:59 UTC
     assert brisbane["max_feature_time"] == pd.Timestamp("2020-03-01T13:59:59Z")
+    # the hospital's policy.yaml names its zone: it holds over the config's data.timezone
+    (site / "policy.yaml").write_text("timezone: Australia/Brisbane\n")
+    for data in (None, DataConfig(timezone="UTC")):
+        own = _row(build_cohort(site, covid_task, data=data), "p1")
+        assert own["crp"] == 80.0
+        assert own["max_feature_time"] == brisbane["max_feature_time"]
 
 
 def test_alzheimers_notes_after_the_diagnosis_are_not_used(tmp_path: Path) -> None:
