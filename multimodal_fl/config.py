@@ -339,6 +339,16 @@ class SiteConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Site name (used in paths).")
     path: Path = Field(description="Site directory; relative paths are relative to the config.")
 
+    @field_validator("name")
+    @classmethod
+    def _not_dots(cls, name: str) -> str:
+        """``.`` and ``..`` pass the pattern but name the run directory or its parent."""
+        if set(name) == {"."}:
+            raise ValueError(f"site name {name!r}: a name of dots only ('.', '..') is a "
+                             "directory of its own in a path (RUN_DIR/sites/..); use at least "
+                             "one letter, digit, '_' or '-'")
+        return name
+
 
 def check_timezone(name: str) -> zoneinfo.ZoneInfo:
     """The IANA time zone ``name`` (``"UTC"``, ``"Europe/Berlin"``), or a one-line error.

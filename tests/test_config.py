@@ -151,6 +151,17 @@ def test_duplicate_site_names_rejected(tmp_path: Path) -> None:
         load_config(write(tmp_path, data))
 
 
+@pytest.mark.parametrize("name", [".", ".."])
+def test_a_site_named_by_dots_only_is_rejected(tmp_path: Path, name: str) -> None:
+    """``..`` passes the name pattern but RUN_DIR/sites/.. is the run directory itself."""
+    data = minimal()
+    data["sites"] = [{"name": name, "path": "x"}]
+    with pytest.raises(ConfigError, match="a name of dots only"):
+        load_config(write(tmp_path, data))
+    data["sites"] = [{"name": ".a.", "path": "x"}]
+    assert load_config(write(tmp_path, data)).sites[0].name == ".a."
+
+
 def test_not_built_fields_are_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from multimodal_fl import config as config_mod
 
