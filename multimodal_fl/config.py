@@ -406,7 +406,8 @@ class DataConfig(_Strict):
         default=0,
         ge=0,
         description="Processes that build the sites' cohorts, one site per process at a time: "
-        "1 = in this process; N = a pool of N; 0 (default) = automatic: a pool of one process "
+        "1 = in this process; N = a pool of N (at most one per site); 0 (default) = automatic: "
+        "a pool of one process "
         "per core (at most one per site) when there are several sites and their FHIR files add "
         "up to at least 64 MB, else in this process. The cohorts are the same either way.",
     )
@@ -480,7 +481,9 @@ class TextModalityConfig(_Strict):
     model_path: Path | None = Field(default=None, description="Model folder for encoder=local.")
     frozen: bool = Field(default=True, description="Do not train; embeddings are cached.")
     trainable_layers: int = Field(
-        default=0, ge=0, description="With frozen=false: how many top layers train."
+        default=0, ge=0, description="With frozen=false (TextEncoder.from_config in your own "
+        "pipeline; an experiment refuses frozen=false, not built yet): how many top layers "
+        "train, 0 = the top 2.",
     )
     max_chunks: int = Field(default=8, ge=1, description="Chunks of max length per patient.")
 
@@ -579,11 +582,14 @@ class PCAConfig(_Strict):
 
     enabled: bool = Field(default=False, description="Fit federated PCA before training.")
     modality: Literal["image", "text", "tabular"] = Field(
-        default="image", description="Which frozen embeddings to reduce."
+        default="image", description="Which frozen embeddings to reduce (tabular is refused "
+        "as a stage: use mmfl pca --features tabular).",
     )
     n_components: int = Field(default=32, ge=1, description="Reduced dimension k.")
     site_rank: int | None = Field(
-        default=None, ge=1, description="Truncate each site's summary (None: exact)."
+        default=None, ge=1, description="Truncate each site's summary to this many rows "
+        "(None: only the site's disclosure cap, floor(n / min_cell) rows; exact where that "
+        "cap does not bind).",
     )
     whiten: bool = Field(default=False, description="Scale components to unit variance.")
     svd_solver: Literal["auto", "full", "covariance_eigh"] = Field(

@@ -106,8 +106,8 @@ def require_opacus() -> None:
     try:
         import opacus  # noqa: F401
     except ImportError:
-        raise ImportError("privacy.dp needs Opacus: pip install 'multimodal_fl[dp]' "
-                          "(opacus==1.6.0)") from None
+        raise ImportError("privacy.dp and privacy.site_level need Opacus: pip install "
+                          "'multimodal_fl[dp]' (opacus==1.6.0)") from None
 
 
 def make_private_compatible(model: FusionModel, *, per_sample: bool = True
