@@ -502,12 +502,16 @@ def site_check_cmd(
                                              "config's for this folder, else the folder's).")
                     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of text.")] = False,
+    node_config: Annotated[str, typer.Option(
+        "--node-config", help="The node config the site's SuperNode will start with (as "
+        "`mmfl flower supernode --node-config`): the policy in force is the stricter of it "
+        "and policy.yaml.")] = "",
 ) -> None:
     """Show a site its disclosure policy and, with --config, what each message would release.
 
     A dry run at the hospital: nothing is written and nothing leaves. The policy is
-    SITE_DIR/policy.yaml (docs/data-contract.md); the experiment config and a request can
-    make it stricter, never looser.
+    SITE_DIR/policy.yaml (docs/data-contract.md) and, with --node-config, the SuperNode's;
+    the experiment config and a request can make it stricter, never looser.
     """
     from multimodal_fl.data.errors import DataError
 
@@ -517,7 +521,8 @@ def site_check_cmd(
     with _starting(as_json):
         from multimodal_fl.engines.site_check import site_check
     try:
-        doc = site_check(site_dir, cfg, name=name)
+        doc = site_check(site_dir, cfg, name=name,
+                         node_config=_check_node_policy(node_config) or None)
     except (ConfigError, DataError) as exc:
         fail(str(exc))
     if as_json:
@@ -860,10 +865,11 @@ def flower_superlink(
     _flower_exec(cmd + list(ctx.args))
 
 
-def _check_node_policy(node_config: str) -> None:
-    """Refuse a node config the site's policy reader would refuse, before Flower starts."""
+def _check_node_policy(node_config: str) -> dict[str, Any]:
+    """The node config's entries; a node config the site's policy reader would refuse fails
+    here, in one line (before Flower starts)."""
     if not node_config.strip():
-        return
+        return {}
     from flwr.common.config import parse_config_args
 
     from multimodal_fl.federated.disclosure import NODE_POLICY_FILE, NODE_POLICY_KEYS, node_policy
@@ -884,6 +890,7 @@ def _check_node_policy(node_config: str) -> None:
         node_policy(entries)
     except ConfigError as exc:
         fail(str(exc))
+    return dict(entries)
 
 
 @flower_app.command("supernode", context_settings=_PASS_THROUGH)

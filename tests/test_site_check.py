@@ -66,6 +66,22 @@ def test_site_check_shows_what_the_state_dir_has_spent_and_summed(
     assert bad.exit_code != 0 and "not a privacy ledger" in bad.output
 
 
+def test_site_check_shows_the_policy_a_supernode_node_config_would_put_in_force(
+        site_b: Path, tmp_path: Path) -> None:
+    (site_b / "policy.yaml").write_text("min_cell: 8\n")
+    kept = tmp_path / "kept"
+    res = runner.invoke(app, ["site", "check", str(site_b), "--node-config",
+                              f"min-cell=13 state-dir='{kept}'"])
+    assert res.exit_code == 0, res.output
+    assert "policy.yaml and node config (the stricter)]" in res.output  # 13 over 8
+    assert f"state_dir {kept}: no private fit counted yet" in res.output
+    doc = json.loads(runner.invoke(app, ["site", "check", str(site_b), "--json",
+                                         "--node-config", "min-cell=13"]).output)
+    assert doc["policy"]["min_cell"] == 13 and "node config" in doc["origin"]["min_cell"]
+    bad = runner.invoke(app, ["site", "check", str(site_b), "--node-config", "min-cel=13"])
+    assert bad.exit_code != 0 and "did you mean 'min-cell'?" in bad.output
+
+
 def test_site_check_meets_the_budget_spent_so_far_and_spends_none_of_it(
         site_b: Path, tiny_config: Callable[..., Path], tmp_path: Path) -> None:
     """With a DP experiment the check asks for a fit: against a state_dir it reads the

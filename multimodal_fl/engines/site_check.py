@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ __all__ = ["site_check"]
 
 def site_check(
     site_dir: str | os.PathLike[str], cfg: ExperimentConfig | None = None, *,
-    name: str | None = None,
+    name: str | None = None, node_config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A site's policy and, with ``cfg``, what each request kind would release from its data.
 
@@ -51,6 +52,9 @@ def site_check(
         The experiment the site would join (its task, modalities, ``evaluation.min_cell``).
     name : str or None
         The site's name (default: the config's name for this directory, else its folder's).
+    node_config : mapping or None
+        The SuperNode's node config (``min-cell``, ..., ``policy-file``) when the site will
+        run as one: the policy in force is the stricter of it and ``policy.yaml``.
 
     Returns
     -------
@@ -70,7 +74,7 @@ def site_check(
         When the site's data cannot be read under the config's policy.
     """
     folder = Path(site_dir)
-    policy, origin = site_policy(folder)
+    policy, origin = site_policy(folder, node_config)
     doc: dict[str, Any] = {"site": name or folder.name, "site_dir": str(folder),
                            "policy": policy.model_dump(), "origin": origin}
     if policy.state_dir is not None:  # what every earlier run has spent and summed
@@ -87,6 +91,9 @@ def site_check(
         "sites": [SiteConfig(name=site_name, path=folder)],
         "evaluation": cfg.evaluation.model_copy(update={"n_boot": 0}),
     })
+    if policy.timezone:  # as the SuperNode's site reads its dates
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
+            update={"timezone": policy.timezone})})
     m = policy.effective_min_cell(cfg.evaluation.min_cell)
     doc["min_cell"] = {"package floor": DEFAULT_MIN_CELL, "policy": policy.min_cell,
                        "config": cfg.evaluation.min_cell, "effective": m}
