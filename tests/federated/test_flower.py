@@ -266,7 +266,8 @@ class FakeGrid:
                 reply = Message(over_the_wire(reply.content), reply_to=sent)
             except Exception as exc:  # the SuperNode turns a raising ClientApp into an error
                 reply = Message(
-                    Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}"),
+                    Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,  # Flower's own format
+                          str(type(exc)) + ":<'" + str(exc) + "'>"),
                     reply_to=sent,
                 )
             if node in self.silent:
@@ -530,6 +531,9 @@ def test_a_refusal_crosses_flower_with_its_reason(task_identity: None) -> None:
         failure = answers[site]
         assert isinstance(failure, SiteFailure)
         assert "fewer than 10 training patients (site policy min_cell=10)" in failure.reason
+        # the in-process form: the exception's name, then its words; no Flower wrapper
+        assert failure.reason.startswith("SiteRefused: "), failure.reason
+        assert "<class" not in failure.reason and "Flower error code" not in failure.reason
 
 
 def test_duplicate_site_name_keeps_the_first_node(task_identity: None) -> None:

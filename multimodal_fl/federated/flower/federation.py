@@ -17,6 +17,7 @@ aggregates them in sorted site order, whatever order they arrived in.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Mapping
 
@@ -36,6 +37,9 @@ __all__ = ["FlowerFederation"]
 log = logging.getLogger(__name__)
 
 # Flower's error codes (flwr.common.constant.ErrorCode) in words.
+#: Flower's reason of a ClientApp that raised: ``<class 'pkg.Name'>:<'message'>``.
+_RAISED = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>", re.S)
+
 _ERROR_WORDS = {
     1: "the ClientApp could not be loaded",
     2: "the site raised",
@@ -45,6 +49,17 @@ _ERROR_WORDS = {
     7: "the app bundle is invalid",
     8: "the ClientApp crashed",
 }
+
+
+def _error_reason(code: int, reason: str) -> str:
+    """A Flower error as the server's log shows a site's failure in process: the exception's
+    name and its words (``SiteRefused: site site_c: ...``) for a site that raised, else what
+    Flower reported, with its code."""
+    raised = _RAISED.fullmatch(reason) if code == 2 else None
+    if raised is not None:
+        return f"{raised.group(1)}: {raised.group(2)}"
+    what = _ERROR_WORDS.get(code, "Flower reported an error")
+    return f"{what} (Flower error code {code}): {reason}"
 
 
 class FlowerFederation:
@@ -243,9 +258,7 @@ class FlowerFederation:
                     continue
                 node = waiting.pop(replied_to)
                 if msg.has_error():
-                    code = int(msg.error.code)
-                    what = _ERROR_WORDS.get(code, "Flower reported an error")
-                    out[node] = f"{what} (Flower error code {code}): {msg.error.reason}"
+                    out[node] = _error_reason(int(msg.error.code), str(msg.error.reason))
                     continue
                 try:
                     out[node] = content_to_reply(msg.content)
