@@ -227,6 +227,10 @@ def data_import_csv(
                   f"keep_rows, {c.get('rows_skipped', 0)} skipped, {c['rows_imported']} "
                   f"imported; {wall:.1f} s; report: {out / 'import_report.json'}",
                   highlight=False)
+    if c.get("patients_kept_in_one_site"):
+        console.print(f"{c['patients_kept_in_one_site']} patient(s) had rows under several "
+                      f"--split-by values: each is kept whole at the site of its earliest row",
+                      highlight=False)
     for skip in result.skipped[:20]:
         err_console.print(f"skipped: {skip.message()}", highlight=False, soft_wrap=True)
     if len(result.skipped) > 20:

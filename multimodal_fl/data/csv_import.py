@@ -45,6 +45,8 @@ import difflib
 import hashlib
 import io
 import json
+import math
+import os
 import re
 import shutil
 from collections import Counter, defaultdict
@@ -183,10 +185,11 @@ def _parse_when(text: str, fmt: str | None) -> tuple[datetime, bool]:
     if fmt:
         dt = datetime.strptime(text, fmt)
         date_only = dt.time() == time(0) and not any(c in fmt for c in "HIMSfp")
-    elif len(text) == 10:
-        dt, date_only = datetime.combine(date.fromisoformat(text), time(0)), True
     else:
-        dt, date_only = datetime.fromisoformat(text.replace("Z", "+00:00")), False
+        try:  # a date alone, extended (2021-07-01) or basic (20210701): no time of day
+            dt, date_only = datetime.combine(date.fromisoformat(text), time(0)), True
+        except ValueError:
+            dt, date_only = datetime.fromisoformat(text.replace("Z", "+00:00")), False
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.astimezone(UTC), date_only
@@ -223,8 +226,10 @@ class RowParser:
         self.image_dir = (csv_dir / mapping.images.dir).resolve() if mapping.images else None
         self.keys: dict[str, int] = {}
         # each column's codes, resolved once (the per-column lists over the defaults)
+        # (a number's column only its own: the defaults are yes/no codes, and 98 is a CRP)
         self.codes: dict[str, CodeMap] = {
-            spec.name: spec.codes(mapping.codes)
+            spec.name: spec.codes(CodeMap() if isinstance(spec, ObservationColumn)
+                                  and spec.type == "quantity" else mapping.codes)
             for spec in (*mapping.conditions, *mapping.observations)}
         self.images_missing = 0
         self._filters = [(f.column, set(f.values) if f.values is not None else None,
@@ -272,14 +277,21 @@ class RowParser:
         v = self._value(values, column)
         if v is None:
             return None
-        try:
-            dt, date_only = _parse_when(v, self.m.source.date_format)
-        except ValueError:
-            expected = self.m.source.date_format or "an ISO date or dateTime, e.g. 2021-07-08"
-            raise _Bad(column, "bad_date", f"'{v}' is not a date ({expected})") from None
+        dt, date_only = self._when_parsed(column, v)
         if known and date_only:
             return datetime.combine(dt.date(), _END_OF_DAY, tzinfo=UTC)
         return dt
+
+    def _when_parsed(self, column: str, v: str) -> tuple[datetime, bool]:
+        """:func:`_parse_when` of a column's value, or the bad date it is."""
+        try:
+            return _parse_when(v, self.m.source.date_format)
+        except ValueError:
+            expected = self.m.source.date_format or "an ISO date or dateTime, e.g. 2021-07-08"
+            raise _Bad(column, "bad_date", f"'{v}' is not a date ({expected})") from None
+        except OverflowError:
+            raise _Bad(column, "bad_date", f"'{v}' is out of the range of dates (years 1 to "
+                       "9999, in UTC)") from None
 
     def _timepoint(self, values: dict[str, str], spec: str, index: datetime, *,
                    known: bool = False) -> datetime | None:
@@ -290,8 +302,10 @@ class RowParser:
         """The row's key and index (without them nothing else can be placed)."""
         col = self.m.patient_id
         key = values[col]
-        if not key:
-            errors.append(_Bad(col, "missing_value", "the patient key is empty"))
+        if not key or key in self.missing:
+            errors.append(_Bad(col, "missing_value", "the patient key is empty" if not key
+                               else f"the patient key '{key}' is a missing value (missing: "
+                               f"{_list(self.m.missing)})"))
         elif key in self.keys:
             errors.append(_Bad(col, "duplicate_patient",
                                f"patient key '{key}' is already on line {self.keys[key]} "
@@ -347,25 +361,31 @@ class RowParser:
         if v is None:
             return
         try:
-            age = float(v)
+            age = float(v) if "_" not in v else float("nan")
         except ValueError:
             age = float("nan")
         if not 0 <= age <= 150:  # also NaN and inf
             raise _Bad(pat.age, "bad_number",
                        f"'{v}' is not an age in years (a number from 0 to 150)")
         years = age + 0.5 if v.isdigit() else age  # completed years: the middle of that year
-        row.birth = row.index.date() - timedelta(days=round(years * 365.25))
+        try:
+            row.birth = row.index.date() - timedelta(days=round(years * 365.25))
+        except OverflowError:
+            raise _Bad(pat.age, "bad_date", f"age {v} at the index {row.index.date()} gives "
+                       "a birth date before year 1") from None
 
     def _deceased(self, row: ParsedRow, values: dict[str, str]) -> None:
         dec = self.m.patient.deceased
         if dec is None or values[dec.column] in dec.unknown:
             return
-        when = self._when(values, dec.column)
-        if when is None:
+        text = self._value(values, dec.column)
+        if text is None:
             return
-        text = values[dec.column]
-        row.deceased = when.date() if len(text) == 10 and not self.m.source.date_format \
-            else when
+        when, date_only = self._when_parsed(dec.column, text)
+        row.deceased = when.date() if date_only else when
+        if row.birth is not None and when.date() < row.birth:
+            raise _Bad(dec.column, "bad_date", f"date of death {when.date()} is before the "
+                       f"patient's birth ({row.birth})")
 
     def _class(self, row: ParsedRow, values: dict[str, str]) -> None:
         spec = self.m.encounter.class_
@@ -448,10 +468,10 @@ class RowParser:
             means = spec.not_applicable_means
             return Decimal(str(means)) if isinstance(means, float) else None
         try:
-            number = Decimal(v)
+            number = Decimal(v) if "_" not in v else Decimal("NaN")
         except InvalidOperation:
             number = Decimal("NaN")
-        if not number.is_finite():
+        if not number.is_finite() or not math.isfinite(float(number)):
             raise _Bad(spec.column, "bad_number",
                        f"'{v}' is not a number (write e.g. 0.743; unknown: "
                        f"{_list(codes.unknown)}; missing: {_list(self.m.missing)})")
@@ -506,7 +526,10 @@ class RowParser:
             if acquired is None:
                 raise _Bad(spec.acquired, "missing_value",
                            f"image '{rel}' exists but its acquisition date is empty")
-            row.images.append(ImageLink(source, Path(rel).as_posix(), spec, acquired))
+            # the copy's path under images/ is the file's own, resolved: never a '..' that
+            # would lead the copy out of the site
+            row.images.append(ImageLink(source, source.relative_to(self.image_dir).as_posix(),
+                                        spec, acquired))
 
 
 # --------------------------------------------------------------------------- reading
@@ -549,6 +572,14 @@ def _check_columns(header: list[str], mapping: CsvMapping, split_by: str | None,
     for column, key in wanted.items():
         if column in header:
             continue
+        if header and header[0].startswith("\ufeff"):
+            raise DataError(f"{file}: the file starts with a byte-order mark, read as part of "
+                            f"the first column's name ('{header[0][1:]}'); set "
+                            "source.encoding: utf-8-sig in the mapping")
+        other = [d for d in ",;\t|" if len(header) == 1 and d in header[0]]
+        if other:
+            raise DataError(f"{file}: the header is one column, '{header[0][:60]}'; is the "
+                            f"delimiter {other[0]!r}? (set source.delimiter in the mapping)")
         lower = {h.lower(): h for h in header}
         close = difflib.get_close_matches(column.lower(), list(lower), n=1, cutoff=0.6)
         hint = f"; did you mean '{lower[close[0]]}'?" if close else ""
@@ -568,7 +599,11 @@ def _rows(reader: Any, header: list[str], file: str, sink: ErrorSink
             return
         except csv.Error as exc:
             end = reader.line_num
-            sink.report(file, f"line {start}", "<row>", "bad_row", f"not valid CSV: {exc}")
+            span = (f" (a quoted field opened on line {start} runs to line {end}: lines "
+                    f"{start}-{end} are lost; check the quotes on line {start})"
+                    if end > start else "")
+            sink.report(file, f"line {start}", "<row>", "bad_row",
+                        f"not valid CSV: {exc}{span}")
             yield start, None
             continue
         end = reader.line_num
@@ -844,10 +879,34 @@ class ImportResult:
         }
 
 
+def _one_site_per_patient(rows: list[ParsedRow]) -> int:
+    """Give every row of a patient the split value of the patient's earliest row (by index,
+    then line), so that a patient is at one site only; the number of patients moved."""
+    first: dict[str, ParsedRow] = {}
+    for row in rows:
+        held = first.get(row.key)
+        if held is None or (row.index, row.line) < (held.index, held.line):
+            first[row.key] = row
+    moved = {row.key for row in rows if row.split_value != first[row.key].split_value}
+    for row in rows:
+        row.split_value = first[row.key].split_value
+    return len(moved)
+
+
 def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    """``out`` is a new or empty directory that can be made (checked before any row is read)."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: a file, not a directory; give a new or empty directory")
+    if out.exists() and any(out.iterdir()):
         raise DataError(f"{out}: the output directory exists and is not empty; give a new "
                         "or empty directory")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DataError(f"{out}: cannot be made: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(f"{out}: cannot be made: {parent} is not writable")
 
 
 def import_csv(csv_path: Path | str, mapping: CsvMapping | Path | str, out: Path | str, *,
@@ -891,6 +950,9 @@ def import_csv(csv_path: Path | str, mapping: CsvMapping | Path | str, out: Path
     if policy not in ("skip", "fail"):
         raise DataError(f"on_error '{on_error}': expected skip or fail")
     sink = ErrorSink(on_error="fail" if policy == "fail" else "skip")
+    if min_site_size and not split_by:
+        raise DataError(f"--min-site-size {min_site_size} pools the sites of --split-by; give "
+                        "--split-by COLUMN, or leave it out")
     _check_out(out)
     file = csv_path.name
     reader = csv.reader(io.StringIO(_read_text(csv_path, m.source.encoding), newline=""),
@@ -898,7 +960,7 @@ def import_csv(csv_path: Path | str, mapping: CsvMapping | Path | str, out: Path
     header = _header(reader, file)
     _check_columns(header, m, split_by, file, f"mapping '{m.name}'")
     parser = RowParser(m, csv_path.parent, file, sink, split_by)
-    counts: Counter[str] = Counter()
+    counts: Counter[str] = Counter(rows_read=0, rows_imported=0)
     parsed: list[ParsedRow] = []
     for line, values in _rows(reader, header, file, sink):
         counts["rows_read"] += 1
@@ -910,13 +972,20 @@ def import_csv(csv_path: Path | str, mapping: CsvMapping | Path | str, out: Path
             counts["rows_skipped"] += 1
         else:
             parsed.append(row)
+    if not counts["rows_read"]:
+        raise DataError(f"{file}: the header has no data rows under it; nothing to import")
     counts["rows_imported"] = len(parsed)
     counts["images_not_found"] = parser.images_missing
+    if split_by and m.rows == "per_event":
+        counts["patients_kept_in_one_site"] = _one_site_per_patient(parsed)
     sites = assign_sites(parsed, split_by, m.site_names.get(split_by or "", {}),
                          min_site_size, out.name)
-    out.mkdir(parents=True, exist_ok=True)
-    summaries = [SiteWriter(out / name if split_by else out, m).write(name, rows)
-                 for name, (rows, _) in sites.items()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        summaries = [SiteWriter(out / name if split_by else out, m).write(name, rows)
+                     for name, (rows, _) in sites.items()]
+    except OSError as exc:
+        raise DataError(f"{out}: cannot write the sites: {exc.strerror or exc}") from None
     for s in summaries:
         s.split_values = sites[s.name][1]
     result = ImportResult(csv_path, m.name, out, summaries, counts, list(sink.skipped),

@@ -95,6 +95,33 @@ def _as_text(value: Any) -> Any:
 Codes = Annotated[list[str], BeforeValidator(_as_text)]
 
 
+def _code_ok(v: str) -> str:
+    """FHIR's ``code`` type: no leading, trailing or doubled whitespace, at least a character
+    (the FHIR model refuses anything else when the site is written, after the whole CSV)."""
+    if not re.fullmatch(r"[^\s]+(\s[^\s]+)*", v):
+        raise ValueError(f"'{v}' is not a FHIR code: no leading, trailing or repeated spaces, "
+                         "not empty")
+    return v
+
+
+#: A code or unit as FHIR writes it (checked by :func:`_code_ok`).
+FhirCode = Annotated[str, BeforeValidator(_as_text), AfterValidator(_code_ok)]
+
+
+def _system_ok(v: str) -> str:
+    """``snomed``, ``loinc``, ``local`` or an absolute URI (a scheme, then ``:``)."""
+    if v in (*SYSTEM_ALIASES, "local") or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$", v):
+        return v
+    close = difflib.get_close_matches(v, [*SYSTEM_ALIASES, "local"], n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ValueError(f"'{v}' is not a code system: {hint}expected snomed, loinc, local or an "
+                     "absolute URI (e.g. http://snomed.info/sct)")
+
+
+#: A code system: an alias or an absolute URI (checked by :func:`_system_ok`).
+CodeSystem = Annotated[str, AfterValidator(_system_ok)]
+
+
 class MappingError(ValueError):
     """A mapping file is invalid; the message names the file, the key and what is accepted."""
 
@@ -114,6 +141,21 @@ class SourceSpec(_Strict):
         default=None,
         description="strptime format of every date column (e.g. '%d/%m/%Y'); None: ISO 8601 "
         "dates or dateTimes. A date is 00:00 UTC; a dateTime without an offset is UTC.")
+
+    @field_validator("date_format")
+    @classmethod
+    def _format_parses(cls, fmt: str | None) -> str | None:
+        """A format strptime cannot read back is refused here, not blamed on every row."""
+        if fmt is None:
+            return fmt
+        from datetime import datetime
+
+        try:
+            datetime.strptime(datetime(2001, 2, 3, 4, 5, 6).strftime(fmt), fmt)
+        except ValueError as exc:
+            raise ValueError(f"'{fmt}' is not a strptime format that reads back its own "
+                             f"dates ({exc})") from None
+        return fmt
 
 
 class CodeMap(_Strict):
@@ -235,7 +277,7 @@ class _Column(_Strict):
     name: ShortName = Field(description="Short name (letters, digits, _ and -), used in resource "
                                         "ids.")
     column: str = Field(description="The CSV column.")
-    code: str = Field(min_length=1, description="The code written (SNOMED CT, LOINC, local).")
+    code: FhirCode = Field(description="The code written (SNOMED CT, LOINC, local).")
     display: str | None = Field(default=None, description="Human-readable name of the code.")
     known: str = Field(
         default=AT_INDEX,
@@ -269,8 +311,8 @@ class _Column(_Strict):
 class ConditionColumn(_Column):
     """A yes/no column written as a Condition when yes (no Condition when no or unknown)."""
 
-    system: str = Field(default="snomed",
-                        description="Code system: 'snomed', 'loinc', 'local' or a URI.")
+    system: CodeSystem = Field(default="snomed",
+                               description="Code system: 'snomed', 'loinc', 'local' or a URI.")
     onset: str | None = Field(
         default=None,
         description="Clinical onset: 'at_index' or a date column; default: the known time.")
@@ -285,12 +327,13 @@ class ConditionColumn(_Column):
 class ObservationColumn(_Column):
     """A column written as one Observation per row: a number with its unit, or yes/no."""
 
-    system: str = Field(default="loinc",
-                        description="Code system: 'loinc', 'snomed', 'local' or a URI.")
+    system: CodeSystem = Field(default="loinc",
+                               description="Code system: 'loinc', 'snomed', 'local' or a URI.")
     type: Literal["quantity", "boolean"] = Field(
         default="quantity", description="quantity: valueQuantity; boolean: valueBoolean.")
-    unit: str | None = Field(default=None,
-                             description="UCUM unit of a quantity, as given (e.g. 'cm3', '1').")
+    unit: FhirCode | None = Field(default=None,
+                                  description="UCUM unit of a quantity, as given (e.g. 'cm3', "
+                                  "'1').")
     effective: str | None = Field(
         default=None,
         description="Clinical time: 'at_index' or a date column; default: the known time.")
@@ -435,6 +478,9 @@ class CsvMapping(_Strict):
                 if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", site):
                     raise ValueError(f"site name '{site}' is not a plain folder name "
                                      "(letters, digits, . _ -)")
+                if site == "import_report.json":
+                    raise ValueError("site name 'import_report.json' is the import's report "
+                                     "file in the output directory; choose another")
         return self
 
     def _check_outcomes(self, feats: set[str]) -> None:
@@ -580,7 +626,16 @@ def load_mapping(path: Path | str) -> CsvMapping:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MappingError(f"mapping file not found: {p}") from None
+    except IsADirectoryError:
+        raise MappingError(f"{p}: a directory, not a mapping file") from None
+    except OSError as exc:
+        raise MappingError(f"{p}: cannot read the mapping file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise MappingError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the "
+                           "mapping as UTF-8") from None
     except yaml.YAMLError as exc:
+        raise MappingError(f"{p}: not valid YAML: {exc}") from None
+    except ValueError as exc:  # a YAML date that is no date (2021-02-30): PyYAML's own error
         raise MappingError(f"{p}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise MappingError(f"{p}: expected a mapping at the top level, got "

@@ -44,9 +44,9 @@ conditions:
   - {name: diabetes, column: diab, code: "44054006"}
   - {name: pregnancy, column: preg, code: "77386006", not_applicable_means: absent}
 observations:
-  - {name: crp, column: crp, code: "1988-5", unit: mg/L}
+  - {name: crp, column: crp, code: "1988-5", unit: mg/L, unknown: ["98", "99"]}
   - {name: cigs_per_day, column: cigs, system: local, code: cigs, unit: "/d",
-     not_applicable_means: 0}
+     unknown: ["98", "99"], not_applicable: ["97"], not_applicable_means: 0}
   - {name: icu, column: icu, system: local, code: icu, type: boolean,
      not_applicable_means: absent, known: updated}
 label: {column: kind, positive: ["2"], negative: ["1"], unknown: ["99"]}
@@ -324,7 +324,7 @@ def test_mapping_errors_name_file_and_key(tmp_path: Path) -> None:
         load_mapping(_mapping(tmp_path, MAPPING.replace(
             "index: {column: admitted}", "index: {column: admitted, date: 2020-01-01}")))
     with pytest.raises(MappingError, match="observation 'crp' is a quantity and needs a 'unit'"):
-        load_mapping(_mapping(tmp_path, MAPPING.replace(", unit: mg/L}", "}")))
+        load_mapping(_mapping(tmp_path, MAPPING.replace(", unit: mg/L,", ",")))
 
 
 def test_shipped_mappings_load() -> None:
@@ -514,7 +514,7 @@ def test_image_path_outside_the_image_folder_is_a_bad_value(tmp_path: Path) -> N
 # icu and crp become outcomes: they are no longer features
 OUTCOMES = MAPPING.replace("""  - {name: icu, column: icu, system: local, code: icu, type: boolean,
      not_applicable_means: absent, known: updated}
-""", "").replace("""  - {name: crp, column: crp, code: "1988-5", unit: mg/L}
+""", "").replace("""  - {name: crp, column: crp, code: "1988-5", unit: mg/L, unknown: ["98", "99"]}
 """, "") + """outcomes:
   - {name: icu, column: icu, positive: ["1"], negative: ["2", "97"], unknown: ["98", "99"]}
   - {name: high_crp, column: crp, above: 10, unknown: ["98"]}
@@ -682,3 +682,143 @@ def test_oasis1_import(tmp_path: Path) -> None:
         "label": {"kind": "labels_csv"}, "image_modality": "mri"})
     t = build_cohort(out, task).table
     assert len(t) > 150 and t["has_image"].mean() > 0.8 and t["mmse"].notna().all()
+
+
+# --------------------------------------------------------------------------- adversarial input
+# (each of these failed before: a traceback, a partial site, a file outside the site, a value
+# lost or a date read at the wrong time)
+
+
+def test_an_image_path_through_dotdot_is_copied_inside_the_site(tmp_path: Path) -> None:
+    imgs = tmp_path / "a" / "b" / "imgs"
+    imgs.mkdir(parents=True)
+    Image.new("L", (8, 8)).save(imgs / "f.png")
+    rows = [f"{ROWS[0]},f", f"{ROWS[1]},../../../a/b/imgs/f"]  # resolves inside imgs/
+    text = MAPPING + "images:\n  dir: a/b/imgs\n  files:\n    - {path: '{img}.png', " \
+        "acquired: at_index}\n"
+    out = tmp_path / "o1" / "o2" / "site"
+    result = import_csv(_csv(tmp_path, rows, HEADER + ",img"), _mapping(tmp_path, text), out)
+    assert not result.skipped and result.sites[0].images == 2
+    copies = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("f.png"))
+    assert copies == [Path("a/b/imgs/f.png"), Path("o1/o2/site/images/f.png")]
+    listed = [r[1] for r in csv.reader((out / "images.csv").open())][1:]
+    assert all(".." not in p for p in listed)
+
+
+def test_a_stray_quote_names_the_lines_it_swallowed(tmp_path: Path) -> None:
+    bad = ROWS[1].replace(",65,", ',"65,')
+    result = import_csv(_csv(tmp_path, [ROWS[0], bad, ROWS[2], ROWS[2].replace("p3", "p4")]),
+                        _mapping(tmp_path), tmp_path / "site")
+    (skip,) = result.skipped
+    assert skip.resource_id == "line 3" and "lines 3-5 are lost" in skip.message()
+
+
+def test_a_header_without_rows_stops_before_anything_is_written(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no data rows"):
+        import_csv(_csv(tmp_path, []), _mapping(tmp_path), tmp_path / "site")
+    assert not (tmp_path / "site").exists()
+
+
+def test_a_number_column_keeps_98_unless_its_own_lists_say_unknown(tmp_path: Path) -> None:
+    """The mapping's default codes are yes/no codes; a CRP of 98 mg/L is a value."""
+    text = MAPPING.replace('unit: mg/L, unknown: ["98", "99"]}', "unit: mg/L}")
+    out = tmp_path / "site"
+    import_csv(_csv(tmp_path, ROWS), _mapping(tmp_path, text), out)
+    assert build_cohort(out, TASK).table.set_index("patient_id").loc["p3", "crp"] == 98.0
+
+
+def test_a_basic_iso_date_is_known_at_the_end_of_its_day(tmp_path: Path) -> None:
+    rows = [ROWS[0].replace(",2021-08-01,", ",20210801,")]
+    out = tmp_path / "site"
+    import_csv(_csv(tmp_path, rows), _mapping(tmp_path), out)
+    assert _by_name(out, "Observation")["p1.icu"]["issued"] == "2021-08-01T23:59:59Z"
+
+
+def test_a_date_of_death_is_a_date_whatever_the_date_format(tmp_path: Path) -> None:
+    text = MAPPING.replace("  age: age\n", "  age: age\n  deceased: {column: died}\n").replace(
+        "name: test_map\n", "name: test_map\nsource: {date_format: '%d/%m/%Y'}\n")
+    rows = ["p1,01/07/2021,28/06/2021,1,40,2,1,1,2,12.5,5,1,01/08/2021,4,01/07/2021",
+            "p2,01/07/2021,28/06/2021,1,40,2,1,1,2,12.5,5,1,01/08/2021,4,30/06/1950"]
+    out = tmp_path / "site"
+    result = import_csv(_csv(tmp_path, rows, HEADER + ",died"), _mapping(tmp_path, text), out)
+    patients = {p["id"]: p for p in _ndjson(out, "Patient")}
+    assert patients["p1"]["deceasedDateTime"] == "2021-07-01"
+    # a death before the birth the age gives is a bad date, not a patient
+    assert [(s.resource_id, s.field, s.reason) for s in result.skipped] == [
+        ("line 3", "died", "bad_date")]
+
+
+@pytest.mark.parametrize(("row", "field", "reason"), [
+    (ROWS[0].replace("2021-07-01,", "0001-01-01,", 1), "age", "bad_date"),
+    (ROWS[0].replace(",2021-08-01,", ",9999-12-31T23:00:00-05:00,"), "updated", "bad_date"),
+    (ROWS[0].replace(",12.5,", ",1e400,"), "crp", "bad_number"),
+    (ROWS[0].replace(",12.5,", ",1_000,"), "crp", "bad_number"),
+    (ROWS[0].replace(",40,", ",4_0,"), "age", "bad_number"),
+    (ROWS[0].replace("p1,", "N/A,", 1), "pid", "missing_value"),
+])
+def test_out_of_range_and_odd_values_are_bad_values(tmp_path: Path, row: str, field: str,
+                                                      reason: str) -> None:
+    text = MAPPING.replace("patient_id: pid\n", "patient_id: pid\nmissing: ['', 'N/A']\n")
+    result = import_csv(_csv(tmp_path, [row, ROWS[1]]), _mapping(tmp_path, text),
+                        tmp_path / "site")
+    assert [(s.resource_id, s.field, s.reason) for s in result.skipped] == [
+        ("line 2", field, reason)]
+    assert result.counts["rows_imported"] == 1
+
+
+def test_per_event_rows_under_two_split_values_keep_the_patient_at_one_site(
+        tmp_path: Path) -> None:
+    with_events = MAPPING.replace("patient_id: pid\n", "patient_id: pid\nrows: per_event\n")
+    later = ROWS[0].replace("2021-07-01", "2021-07-20").replace(",4", ",12")
+    result = import_csv(_csv(tmp_path, [later, ROWS[0], ROWS[2]]),
+                        _mapping(tmp_path, with_events), tmp_path / "out", split_by="sector")
+    assert result.counts["patients_kept_in_one_site"] == 1
+    where = {s.name: sorted(p["id"] for p in _ndjson(s.path, "Patient")) for s in result.sites}
+    assert where == {"IMSS": ["p1"], "SSA": ["p3"]}  # p1's earliest row is at sector 4
+
+
+@pytest.mark.parametrize(("old", "new", "words"), [
+    ('code: "1988-5"', 'code: "1988  5"', "is not a FHIR code"),
+    ("unit: mg/L,", "unit: 'mg  L',", "is not a FHIR code"),
+    ("system: local, code: cigs", "system: locl, code: cigs", "did you mean 'local'?"),
+    ("name: test_map\n", "name: test_map\nsource: {date_format: '%Q'}\n",
+     "not a strptime format"),
+    ('{"4": IMSS, ', '{"4": import_report.json, ', "the import's report file"),
+    ("index: {column: admitted}", "index: {date: 2021-02-30}", "not valid YAML"),
+])
+def test_mapping_values_are_checked_when_it_loads(tmp_path: Path, old: str, new: str,
+                                                  words: str) -> None:
+    assert old in MAPPING
+    with pytest.raises(MappingError, match=re.escape(words)):
+        load_mapping(_mapping(tmp_path, MAPPING.replace(old, new, 1)))
+
+
+def test_mapping_files_that_are_no_text_are_mapping_errors(tmp_path: Path) -> None:
+    with pytest.raises(MappingError, match="a directory, not a mapping file"):
+        load_mapping(tmp_path)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(MAPPING.replace("test_map", "t\xe9st").encode("latin-1"))
+    with pytest.raises(MappingError, match="not UTF-8 text"):
+        load_mapping(latin)
+
+
+def test_an_output_path_that_cannot_be_made_stops_before_reading(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    data, mapping = _csv(tmp_path, ROWS), _mapping(tmp_path)
+    with pytest.raises(DataError, match="afile is a file, not a directory"):
+        import_csv(data, mapping, tmp_path / "afile" / "sub")
+    with pytest.raises(DataError, match="a file, not a directory; give a new or empty"):
+        import_csv(data, mapping, tmp_path / "afile")
+    with pytest.raises(DataError, match="--min-site-size 5 pools the sites of --split-by"):
+        import_csv(data, mapping, tmp_path / "s", min_site_size=5)
+
+
+def test_a_bom_or_another_delimiter_is_named(tmp_path: Path) -> None:
+    utf8 = MAPPING.replace("name: test_map\n", "name: test_map\nsource: {encoding: utf-8}\n")
+    bom = tmp_path / "bom.csv"
+    bom.write_text("\ufeff" + "\n".join([HEADER, *ROWS]) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"byte-order mark.*utf-8-sig"):
+        import_csv(bom, _mapping(tmp_path, utf8), tmp_path / "a")
+    semi = _csv(tmp_path, [r.replace(",", ";") for r in ROWS], HEADER.replace(",", ";"))
+    with pytest.raises(DataError, match="is the delimiter ';'"):
+        import_csv(semi, _mapping(tmp_path), tmp_path / "b")
