@@ -661,6 +661,15 @@ def _a(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
+#: What a run writes at the top of its directory: ``--overwrite`` removes a folder only when it
+#: holds nothing else (a user's own files beside a run are never removed).
+RUN_ENTRIES = frozenset({
+    MANIFEST, f"{MANIFEST}.tmp", "config.yaml", "metrics.json", "model.safetensors",
+    "model_card.json", "model_card.md", "recalibration.json", "report", "sites", "checkpoint",
+    DISCLOSED_DIR, CROSS_SITE_FILE, "pca.safetensors", "pca.json", "pca_variance.png",
+    "pca_sites.png", "flower", "tensorboard", "mlruns"})
+
+
 def _what_is_there(path: Path) -> tuple[str, bool]:
     """A folder's description for messages (``a local run (completed)``, ``""`` when it holds
     no run), and whether the run there is unfinished."""
@@ -712,6 +721,12 @@ def prepare_run_dir(path: str | os.PathLike[str], *, overwrite: bool = False) ->
         resume = f", or --resume {p} to continue it" if unfinished else ""
         raise RunDirError(f"--out {p}: {what} is already there; give another --out or "
                           f"--overwrite to remove it first{resume}")
+    foreign = sorted(e.name for e in p.iterdir() if e.name not in RUN_ENTRIES)
+    if foreign or not (p / MANIFEST).is_file():
+        why = (f"it also holds {', '.join(repr(f) for f in foreign[:5])}, which no run writes"
+               if foreign else f"it has no {MANIFEST}, so it is not known to be a run")
+        raise RunDirError(f"--out {p}: not removed: {why}; --overwrite removes only a run "
+                          "directory and nothing else (move those files, or give another --out)")
     shutil.rmtree(p)
     return p
 

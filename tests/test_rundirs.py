@@ -182,6 +182,19 @@ def test_a_bad_out_fails_at_once_without_reading_sites(
         run(cfg, "local", out_dir=stray, overwrite=True)
     assert (stray / "notes.txt").read_text() == "mine"  # never removed
     assert not cache.exists()
+    # a folder that looks like a run (a config.yaml) but holds the user's files too
+    (stray / "config.yaml").write_text("foo: 1\n")
+    (stray / "data").mkdir()
+    (stray / "data" / "precious.txt").write_text("mine")
+    with pytest.raises(RunDirError, match=r"not removed: it also holds 'data', 'notes.txt'"):
+        run(cfg, "local", out_dir=stray, overwrite=True)
+    assert (stray / "data" / "precious.txt").read_text() == "mine"
+    (stray / "notes.txt").unlink()
+    shutil.rmtree(stray / "data")
+    with pytest.raises(RunDirError, match="it has no run.json, so it is not known to be a run"):
+        run(cfg, "local", out_dir=stray, overwrite=True)
+    assert (stray / "config.yaml").is_file()
+    assert not cache.exists()
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
