@@ -191,7 +191,7 @@ def test_a_bad_out_fails_at_once_without_reading_sites(
     assert (stray / "data" / "precious.txt").read_text() == "mine"
     (stray / "notes.txt").unlink()
     shutil.rmtree(stray / "data")
-    with pytest.raises(RunDirError, match="it has no run.json, so it is not known to be a run"):
+    with pytest.raises(RunDirError, match=r"it has no run\.json, so it is not known to be a run"):
         run(cfg, "local", out_dir=stray, overwrite=True)
     assert (stray / "config.yaml").is_file()
     assert not cache.exists()

@@ -404,3 +404,15 @@ def test_cli_sample_data(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "leaky/MANIFEST.json").read_text())["leaky_encounters"] is True
     bad = runner.invoke(app, ["sample-data", str(tmp_path / "x"), "--profile", "huge"])
     assert bad.exit_code == 2 and "huge" in bad.output
+
+
+def test_a_second_generation_never_removes_a_users_files(tmp_path: Path) -> None:
+    """Regenerating replaces only what an earlier run wrote (MANIFEST.json's files)."""
+    generate(tmp_path, seed=0, profile="tiny", tasks=("covid_oxygen",))
+    generate(tmp_path, seed=1, profile="tiny", tasks=("covid_oxygen",))  # ours: replaced
+    mine = tmp_path / "covid_oxygen" / "precious" / "data.txt"
+    mine.parent.mkdir()
+    mine.write_text("mine")
+    with pytest.raises(ValueError, match=r"holds 1 file\(s\) that no sample-data run wrote"):
+        generate(tmp_path, seed=0, profile="tiny", tasks=("covid_oxygen",))
+    assert mine.read_text() == "mine"

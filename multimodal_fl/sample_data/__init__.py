@@ -171,6 +171,7 @@ def generate(out: Path | str, *, seed: int = 0, profile: str = "default",
         if task_dir.exists():
             if not overwrite:
                 raise ValueError(f"{task_dir} exists; pass overwrite=True to replace it")
+            _check_generated(root, task_dir)
             shutil.rmtree(task_dir)
     size = None
     if profile == "scale":
@@ -363,6 +364,21 @@ def write_manifest(root: Path | str, *, seed: int, profile: str,
     path = base / "MANIFEST.json"
     path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     return path
+
+
+def _check_generated(root: Path, task_dir: Path) -> None:
+    """Refuse to replace a task folder that holds a file no earlier generation wrote (the
+    ``files`` of ``root/MANIFEST.json``): a user's own data is never removed."""
+    try:
+        listed = set(json.loads((root / "MANIFEST.json").read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = set()
+    stray = sorted(p.relative_to(root).as_posix() for p in task_dir.rglob("*")
+                   if p.is_file() and p.relative_to(root).as_posix() not in listed)
+    if stray:
+        raise ValueError(f"{task_dir} holds {len(stray)} file(s) that no sample-data run wrote "
+                         f"there (e.g. {stray[0]}; {root / 'MANIFEST.json'} does not list "
+                         "them): not replaced; give another folder, or move them first")
 
 
 def _write_readme(root: Path, seed: int, profile: str, summaries: list[SiteSummary], *,
