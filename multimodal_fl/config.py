@@ -27,10 +27,18 @@ import zoneinfo
 from datetime import date
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "DEFAULT_MIN_CELL",
@@ -78,6 +86,19 @@ class _Strict(BaseModel):
     """Base model: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML's ``yes``/``on``/``true`` are booleans, and pydantic reads a boolean as 1 or 0
+        for a number field: ``min_cell: yes`` would be 1, no suppression. Refused here."""
+        if isinstance(value, bool) and info.field_name is not None:
+            wanted = cls.model_fields[info.field_name].annotation
+            kinds = set(get_args(wanted)) or {wanted}
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"expected a number, got the boolean {value} (YAML reads "
+                                 "yes/no/on/off/true/false as booleans)")
+        return value
 
 
 # --------------------------------------------------------------------------- tasks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -324,3 +325,16 @@ def test_fitted_linear_warmup_needs_the_path_no_dp_and_no_steps(tmp_path: Path) 
     with pytest.raises(ConfigError, match=r"replaces training\.linear_warmup_steps"):
         load_config(write(tmp_path, minimal(training={**fit, "linear_warmup_steps": 5}),
                           "both.yaml"))
+
+
+@pytest.mark.parametrize("key", ["evaluation.min_cell", "federated.rounds", "training.lr",
+                                 "seed"])
+def test_a_yaml_boolean_is_no_number(tmp_path: Path, key: str) -> None:
+    """``min_cell: yes`` read as 1 would switch small-cell suppression off without a word."""
+    with pytest.raises(ConfigError, match=rf"'{re.escape(key)}': .*expected a number, got "
+                                          "the boolean True"):
+        load_config(write(tmp_path, minimal()), [f"{key}=yes"])
+    from multimodal_fl.config import SitePolicy
+
+    with pytest.raises(ValueError, match="got the boolean"):
+        SitePolicy.model_validate({"min_cell": True})
