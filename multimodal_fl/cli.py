@@ -325,7 +325,12 @@ def train_cmd(
         from multimodal_fl.federated.server import RoundRecord
 
     saved = False
+    if stop_after_round is not None and stop_after_round < 1:
+        fail(f"--stop-after-round {stop_after_round}: give a round, 1 or more")
     if resume is not None:
+        if out is not None and out.resolve() != resume.resolve():
+            fail(f"--out {out} with --resume {resume}: a resumed run is written into its own "
+                 "directory; drop --out")
         if not (resume / "config.yaml").is_file():
             fail(f"--resume {resume}: no config.yaml there (not a run directory)")
         saved = config is None
@@ -358,6 +363,11 @@ def train_cmd(
     except (DataError, ConfigError, ValueError, RuntimeError) as exc:
         fail(f"{type(exc).__name__}: {exc}")
         return
+    except KeyboardInterrupt:
+        where = out if out is not None else "its run directory"
+        more = (f"; continue it with `mmfl train --resume {out}`"
+                if out is not None and spec.resumable else "")
+        fail(f"interrupted: the run in {where} stopped where it was{more}", code=130)
     if chosen == "flower" and not quiet:  # the rounds ran in the ServerApp's process
         for row in outcome.metrics.get("rounds", []):
             on_round(RoundRecord(**row))
@@ -437,15 +447,30 @@ def report_cmd(
     matrix: the server's run directory of a deployment is enough.
     """
     from multimodal_fl.evaluation.report import OldRunDirectory, write_report
+    from multimodal_fl.rundir import RunDirError, read_manifest
 
     for run in run_dirs:
-        if not (run / "metrics.json").is_file():
+        if not run.exists():
+            fail(f"{run}: does not exist; give a run directory (`mmfl train --out RUN_DIR`)")
+        if (run / "metrics.json").is_file():
+            continue
+        try:
+            manifest = read_manifest(run)
+        except RunDirError:
+            manifest = None
+        if manifest is None:
             fail(f"{run}: not a run directory (no metrics.json); run `mmfl train` first")
+        why = f" ({manifest.error})" if manifest.error else ""
+        fail(f"{run}: the {manifest.engine} run there is {manifest.status}{why} and has no "
+             f"results yet; finish it with `mmfl train --resume {run}`")
     target = out or run_dirs[0] / "report"
     try:
         json_path, html_path = write_report(run_dirs, target)
     except OldRunDirectory as exc:
         fail(f"report: {exc}")
+    except json.JSONDecodeError as exc:
+        fail(f"report: a JSON file of the runs is not valid JSON ({exc}); was a run stopped "
+             "while writing it?")
     except (ValueError, KeyError, FileNotFoundError) as exc:
         fail(f"report: {type(exc).__name__}: {exc}")
     console.print(f"report: {html_path}\n        {json_path}")
@@ -1209,5 +1234,15 @@ def sample_data_cmd(
 
 
 def main() -> None:
-    """Entry point for ``python -m multimodal_fl``."""
-    app()
+    """Entry point of ``mmfl`` and ``python -m multimodal_fl``.
+
+    A file-system error no command turned into its own message (an output path under a file,
+    a folder that cannot be written) ends in one line naming the path, not a traceback.
+    """
+    try:
+        app()
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        err_console.print(f"[bold red]error:[/] {where}{exc.strerror or exc}", highlight=False,
+                          soft_wrap=True)
+        sys.exit(2)

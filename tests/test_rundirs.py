@@ -394,3 +394,34 @@ def test_evaluation_baselines_is_refused_with_the_way_out(
     saved = runs["root"] / "old-config.yaml"
     saved.write_text(yaml.safe_dump(old))
     assert load_config(saved, saved=True).evaluation.n_boot == 20
+
+
+def test_cli_refusals_found_by_a_bug_hunt(runs: dict[str, Path], tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each was a traceback, a silent no-op or a misleading line before."""
+    config = str(runs["config"])
+    out = refused("train", config, "--out", str(tmp_path / "x"), "--stop-after-round", "0")
+    assert "--stop-after-round 0: give a round, 1 or more" in out
+    out = refused("train", "--resume", str(runs["fed"]), "--out", str(tmp_path / "other"))
+    assert "a resumed run is written into its own directory; drop --out" in out
+    out = refused("config", "show", str(tmp_path))
+    assert "a directory, not a config file" in out
+    # a run that failed has a run.json and no metrics.json: the report says what it is
+    failed = tmp_path / "failed"
+    shutil.copytree(runs["fed"], failed)
+    (failed / "metrics.json").unlink()
+    manifest = json.loads((failed / "run.json").read_text())
+    manifest.update(status="failed", error="KeyboardInterrupt:")
+    (failed / "run.json").write_text(json.dumps(manifest))
+    out = refused("report", str(failed))
+    assert "the inprocess run there is failed (KeyboardInterrupt:) and has no results yet" in out
+    assert f"mmfl train --resume {failed}" in out
+    # the entry point turns a file-system error into one line naming the path
+    from multimodal_fl import cli
+
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr("sys.argv", ["mmfl", "sample-data", str(tmp_path / "afile" / "sub"),
+                                     "--profile", "tiny"])
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    assert ended.value.code == 2
