@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -42,7 +43,9 @@ SetOpt = Annotated[
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print an error message to stderr and exit with ``code``."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -1031,8 +1034,34 @@ def flower_app_cmd(
         "site-factory": site_factory,
     }
     entries.update(_flower_run_config(run_config))
+    _check_factories(entries)
     written = flower.write_app_dir(dest, entries)
     console.print(f"wrote {written / 'pyproject.toml'}")
+
+
+def _check_connection(connection: str | None) -> None:
+    """The SuperLink connection ``flwr run`` will use exists and names a SuperLink address.
+
+    Without one, Flower falls back to a local *simulation* of its own (a SuperLink it starts
+    and leaves running, files in ~/.flwr), which is not a deployment of the sites.
+    """
+    import tomllib
+
+    home = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+    path = home / "config.toml"
+    try:
+        doc = tomllib.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        fail(f"{path}: not a readable Flower configuration ({exc})")
+    links = doc.get("superlink", {}) if isinstance(doc.get("superlink"), dict) else {}
+    name = connection or links.get("default")
+    if not name:
+        fail(f"no --connection and no default SuperLink in {path}; give --connection NAME, a "
+             "[superlink.NAME] table with the SuperLink's address there (docs/deployment.md)")
+    entry = links.get(name)
+    if not isinstance(entry, dict) or "address" not in entry:
+        fail(f"--connection {name}: {path} has no [superlink.{name}] table with an address; "
+             "mmfl flower run submits to a running SuperLink (docs/deployment.md)")
 
 
 def _flower_entries(
@@ -1060,7 +1089,20 @@ def _flower_entries(
     if site_factory:
         entries["site-factory"] = site_factory
     entries.update(_flower_run_config(run_config))
+    _check_factories(entries)
     return entries, cfg
+
+
+def _check_factories(entries: dict[str, bool | int | float | str]) -> None:
+    """A malformed factory reference fails here, not in the ServerApp (whose Python, maybe on
+    another machine, imports it)."""
+    for key in ("server-factory", "site-factory"):
+        ref = str(entries.get(key, ""))
+        module, _, attr = ref.partition(":")
+        if key in entries and not (all(p.isidentifier() for p in module.split("."))
+                                   and all(p.isidentifier() for p in attr.split("."))):
+            fail(f"--{key} {ref!r}: expected 'package.module:callable', e.g. "
+                 "'multimodal_fl.engines.flower_jobs:experiment_site'")
 
 
 def _flower_report(out: Path, result: Any) -> None:
@@ -1125,6 +1167,7 @@ def flower_run(
     import subprocess
 
     flower = _flower_module()
+    _check_connection(connection)
     out = out.resolve()
     entries, _ = _flower_entries(
         config, set_, server_factory, site_factory, run_config, run_dir=out, site_out=None

@@ -74,3 +74,31 @@ def test_a_bad_reference_says_what_was_expected() -> None:
         load_object("multimodal_fl.engines.flower_jobs", "site-factory")
     with pytest.raises(ValueError, match="has no attribute"):
         load_object("multimodal_fl.engines.flower_jobs:nothing_here", "site-factory")
+
+
+def test_the_cli_refuses_a_malformed_factory_or_no_superlink_before_flower_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both reached Flower before: a ServerApp traceback, or Flower's own local simulation
+    (a SuperLink started and left running, ~/.flwr written)."""
+    from typer.testing import CliRunner
+
+    from multimodal_fl.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["flower", "app", str(tmp_path / "app"), "--server-factory", "foo",
+                              "--site-factory", "bar"])
+    assert res.exit_code == 2 and "--server-factory 'foo': expected" in res.output
+    assert not (tmp_path / "app").exists()
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    ok = ["--server-factory", "multimodal_fl.engines.flower_jobs:experiment_job",
+          "--site-factory", "multimodal_fl.engines.flower_jobs:experiment_site"]
+    res = runner.invoke(app, ["flower", "run", *ok, "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2
+    assert "no --connection and no default SuperLink" in res.output
+    assert "[superlink.NAME] table" in res.output  # printed as written, not read as markup
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n[superlink.local]\noptions.num-supernodes = 2\n')
+    res = runner.invoke(app, ["flower", "run", *ok, "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "has no [superlink.local] table with an address" in res.output
+    assert not (tmp_path / "run").exists()
