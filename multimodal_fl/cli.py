@@ -549,6 +549,14 @@ def site_check_cmd(
 
     if not site_dir.is_dir():
         fail(f"{site_dir}: not a directory; give a site directory")
+    from multimodal_fl.data.sites import discover_site
+
+    try:
+        discover_site(site_dir)  # an empty folder, a cohort's root or a run is no site
+    except DataError as exc:
+        fail(str(exc))
+    if (site_dir / "policy.yaml").exists() and not (site_dir / "policy.yaml").is_file():
+        fail(f"{site_dir / 'policy.yaml'}: not a file")
     cfg: Any = _load(config, set_) if config is not None else None
     with _starting(as_json):
         from multimodal_fl.engines.site_check import site_check
@@ -897,20 +905,46 @@ def flower_superlink(
     _flower_exec(cmd + list(ctx.args))
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_node_policy(node_config: str) -> dict[str, Any]:
     """The node config's entries; a node config the site's policy reader would refuse fails
     here, in one line (before Flower starts)."""
     if not node_config.strip():
         return {}
+    import shlex
+
     from flwr.common.config import parse_config_args
 
     from multimodal_fl.federated.disclosure import NODE_POLICY_FILE, NODE_POLICY_KEYS, node_policy
 
+    try:  # every entry key=value: Flower's parser drops a word without '=' silently
+        words = shlex.split(node_config)
+    except ValueError as exc:
+        fail(f"--node-config {node_config!r}: {exc}")
+    bare = [w for w in words if "=" not in w]
+    if bare:
+        fail(f"--node-config {node_config!r}: {bare[0]!r} is not key=value; expected e.g. "
+             "\"min-cell=20 max-epsilon=8 policy-file='/etc/mmfl/policy.yaml'\"")
+    for word in shlex.split(node_config, posix=False):  # quotes kept: Flower's value types
+        key, _, value = word.partition("=")
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+        if not (quoted or value in ("true", "false") or _is_number(value)):
+            fail(f"--node-config {key}={value}: a text value needs quotes, {key}='{value}' "
+                 "(numbers and true/false go bare)")
     try:
         entries = parse_config_args([node_config])
-    except (ValueError, TypeError) as exc:
-        fail(f"--node-config {node_config!r}: {exc}; expected key=value pairs, e.g. "
-             "\"min-cell=20 max-epsilon=8\"")
+    except (ValueError, TypeError, SystemExit) as exc:  # Flower exits on a bad value
+        why = f": {exc}" if not isinstance(exc, SystemExit) else ""
+        fail(f"--node-config {node_config!r}{why}: expected key=value pairs whose values are "
+             "numbers, true/false or quoted strings, e.g. \"min-cell=20 max-epsilon=8 "
+             "policy-file='/etc/mmfl/policy.yaml'\"")
     known = [*NODE_POLICY_KEYS, NODE_POLICY_FILE]
     for key in entries:
         if key not in known:
@@ -942,8 +976,8 @@ def flower_supernode(
         help="Plain HTTP to a SuperLink on 127.0.0.1 (prints a warning).")] = False,
     node_config: Annotated[str, typer.Option(
         "--node-config", help="The site's policy as node config, e.g. \"min-cell=20 "
-        "max-epsilon=8 secure-aggregation=true\" (or policy-file=PATH); stricter of it and "
-        "SITE_DIR/policy.yaml.")] = "",
+        "max-epsilon=8 secure-aggregation=true\" (or policy-file='PATH': text in quotes); "
+        "stricter of it and SITE_DIR/policy.yaml.")] = "",
 ) -> None:
     """Start the SuperNode of one site (node config site-name, site-dir, its policy).
 

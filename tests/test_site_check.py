@@ -230,3 +230,19 @@ def test_a_supernode_site_takes_its_node_config_policy(
     run_config.update({"node.policy-file": str(tmp_path / "node_policy.yaml")})
     site = experiment_site("site_b", tiny_sample / "covid_oxygen" / "site_b", run_config)
     assert site.cfg.data.timezone == "Australia/Brisbane"  # type: ignore[attr-defined]
+
+
+def test_site_check_refuses_what_is_no_site_and_node_config_flower_would_drop(
+        site_b: Path, tmp_path: Path) -> None:
+    """Found by a CLI bug hunt: an empty folder showed the default policy; 'min-cell 20'
+    (no '=') was dropped by Flower's parser and the site ran under min_cell 5; an unquoted
+    text value got Flower's boxed message, naming no option."""
+    empty = runner.invoke(app, ["site", "check", str(tmp_path)])
+    assert empty.exit_code == 2 and "site directory is empty" in empty.output
+    res = runner.invoke(app, ["site", "check", str(site_b), "--node-config", "min-cell 20"])
+    assert res.exit_code == 2 and "'min-cell' is not key=value" in res.output
+    res = runner.invoke(app, ["site", "check", str(site_b), "--node-config",
+                              "policy-file=pol.yaml"])
+    assert res.exit_code == 2
+    assert "policy-file=pol.yaml: a text value needs quotes, policy-file='pol.yaml'" in \
+        " ".join(res.output.split())
