@@ -425,3 +425,15 @@ def test_cli_refusals_found_by_a_bug_hunt(runs: dict[str, Path], tmp_path: Path,
     with pytest.raises(SystemExit) as ended:
         cli.main()
     assert ended.value.code == 2
+
+
+def test_min_sites_above_the_sites_fails_before_reading_them(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """It failed after the data were read, with 'at least 10 needed (no sites)'."""
+    cache = tmp_path / "cache-ms"
+    cfg = load_config(tiny_config(data={"cache_dir": str(cache)},
+                                  federated={"min_sites": 10}))
+    with pytest.raises(ValueError, match=r"federated.min_sites 10: the config lists \d site"):
+        run(cfg, "inprocess", out_dir=tmp_path / "r")
+    assert not cache.exists() and not (tmp_path / "r").exists()

@@ -175,7 +175,8 @@ def preflight(cfg: ExperimentConfig, engine: str | None = None) -> None:
     ------
     ValueError
         ``training.device`` names a device this machine lacks, ``federated.pca`` cannot
-        run as a stage, secure aggregation is asked of fewer than three sites, or a
+        run as a stage, secure aggregation is asked of fewer than three sites, the in-process
+        federation's ``min_sites`` exceeds its sites, or a
         ``privacy`` section needs Opacus and it is not installed.
     """
     resolve_device(cfg.training.device)
@@ -187,6 +188,12 @@ def preflight(cfg: ExperimentConfig, engine: str | None = None) -> None:
             f"federated.secure_aggregation: true needs at least {MIN_SITES} sites, the config "
             f"lists {len(cfg.sites)}: with two, each site would learn the other's update from "
             "the sum; add sites or turn secure aggregation off")
+    if (engine or cfg.federated.engine) == "inprocess" \
+            and cfg.federated.min_sites > len(cfg.sites):
+        raise ValueError(
+            f"federated.min_sites {cfg.federated.min_sites}: the config lists "
+            f"{len(cfg.sites)} site(s), so no round could reach it; lower min_sites or add "
+            "sites")
     if cfg.privacy.dp is not None or cfg.privacy.site_level is not None:
         try:
             require_opacus()
