@@ -372,6 +372,17 @@ def test_predict_with_a_local_run_needs_model_site(runs: dict[str, Path], tiny_s
     assert "one global model; leave --model-site out" in out
 
 
+def test_predict_names_a_model_file_cut_short(runs: dict[str, Path], tiny_sample: Path,
+                                              tmp_path: Path) -> None:
+    cut = tmp_path / "cut"
+    shutil.copytree(runs["fed"], cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[:1000])
+    out = refused("predict", str(cut), str(tiny_sample / "covid_oxygen" / "site_a"), "--out",
+                  str(tmp_path / "p.csv"))
+    assert "model.safetensors: not a readable model file" in out
+
+
 def test_predict_refuses_an_unfinished_run(tiny_config: Callable[..., Path], tiny_sample: Path,
                                            tmp_path: Path) -> None:
     train(str(tiny_config()), "--out", str(tmp_path / "r"), "--stop-after-round", "1")

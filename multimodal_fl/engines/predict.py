@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file as load_torch
 
@@ -165,7 +166,11 @@ def _site_data(run: Path, cfg: ExperimentConfig, site_dir: Path, name: str) -> t
         if not projection.is_file():
             raise PredictError(f"{run}: federated.pca is enabled but the run has no "
                                "pca.safetensors (the projection its model's inputs need)")
-        data = project_site_data(data, cfg.federated.pca.modality, load_numpy(str(projection)))
+        try:
+            stored = load_numpy(str(projection))
+        except (SafetensorError, OSError) as exc:
+            raise PredictError(f"{projection}: not a readable projection ({exc})") from None
+        data = project_site_data(data, cfg.federated.pca.modality, stored)
     excluded = sum(cohort.counts.get("excluded_by_reason", {}).values()) + len(data.dropped)
     return data, excluded
 
@@ -207,7 +212,12 @@ def predict_site(run_dir: str | os.PathLike[str], site_dir: str | os.PathLike[st
         data, excluded = _site_data(run, cfg, site, name)
         net = build_model(cfg, data)
         try:
-            load_weights(net, load_torch(str(weights_path)))
+            weights = load_torch(str(weights_path))
+        except (SafetensorError, OSError) as exc:
+            raise PredictError(f"{weights_path}: not a readable model file ({exc}); was the "
+                               "run stopped while writing it?") from None
+        try:
+            load_weights(net, weights)
         except ValueError as exc:
             raise PredictError(f"{weights_path}: {exc} (the site's data gives the model "
                                "other inputs than the run's)") from None
