@@ -171,12 +171,13 @@ def dicom_known_time(tags: Any, tz: tzinfo = UTC) -> datetime | None:
 
 
 def _dicom_link(path: Path, tz: tzinfo) -> tuple[str | None, datetime | None]:
+    """The file's PatientID and known time; ``ValueError`` naming why it cannot be read."""
     import pydicom
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_DICOM_TAGS)
-    except Exception:
-        return None, None
+    except Exception as exc:  # pydicom raises many kinds on a damaged or foreign file
+        raise ValueError(f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
     pid = str(ds.get("PatientID", "") or "").strip() or None
     return pid, dicom_known_time(ds, tz)
 
@@ -245,8 +246,15 @@ def link_images(records: SiteRecords, site: SiteFiles, sink: ErrorSink,
             sink.report(site.rel(path), "", "<file>", "path_outside_site",
                         f"{path} is a symlink leading outside the site directory; refused")
             continue
-        dicom_pid, when = _dicom_link(path, tz)
+        try:
+            dicom_pid, when = _dicom_link(path, tz)
+        except ValueError as exc:
+            sink.report(site.rel(path), "", "<file>", "unreadable_image", str(exc))
+            continue
         if dicom_pid is None:
+            sink.report(site.rel(path), "", "PatientID", "missing_patient",
+                        "a DICOM file with no PatientID, and no images.csv row or ImagingStudy "
+                        "names it: it belongs to no patient")
             continue
         if dicom_pid not in known_ids:
             sink.report(site.rel(path), dicom_pid, "PatientID", "missing_patient",

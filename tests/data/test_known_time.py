@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from multimodal_fl.config import DataConfig, TaskSpec, load_task
-from multimodal_fl.data import SiteCohort, build_cohort
+from multimodal_fl.data import DataError, SiteCohort, build_cohort
 from multimodal_fl.data.fhir_json import parse_time
 from multimodal_fl.data.imaging import dicom_known_time
 from tests.data import factory as f
@@ -99,6 +99,23 @@ def test_dicom_study_time_is_read(tmp_path: Path, covid_task: TaskSpec) -> None:
     assert paths["morning"] == str(root / "images" / "m.dcm")
     assert paths["brisbane"] == str(root / "images" / "b.dcm")
     assert cohort.counts["images_after_cutoff"] == 2
+
+
+def test_an_unreadable_or_unnamed_dicom_is_reported_not_ignored(
+        tmp_path: Path, covid_task: TaskSpec) -> None:
+    """Both were dropped silently, under on_error: fail as well (a CLI bug hunt)."""
+    root = _site(tmp_path, [*f.covid_patient("morning")])
+    f.dicom(root / "images" / "m.dcm", "morning", study_date="20200301", study_time="080000")
+    (root / "images" / "garbage.dcm").write_text("garbage")
+    f.dicom(root / "images" / "anon.dcm", "", study_date="20200301", study_time="080000")
+    cohort = build_cohort(root, covid_task)
+    assert sorted((s.file, s.reason) for s in cohort.skipped) == [
+        ("images/anon.dcm", "missing_patient"), ("images/garbage.dcm", "unreadable_image")]
+    assert cohort.table.set_index("patient_id").loc["morning", "image_path"] == str(
+        root / "images" / "m.dcm")
+    with pytest.raises(DataError, match=r"garbage\.dcm.*not a readable DICOM|anon\.dcm.*no "
+                                        "PatientID"):
+        build_cohort(root, covid_task, data=DataConfig(on_error="fail"))
 
 
 def test_dicom_known_time_tags() -> None:
