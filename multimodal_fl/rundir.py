@@ -667,7 +667,10 @@ RUN_ENTRIES = frozenset({
     MANIFEST, f"{MANIFEST}.tmp", "config.yaml", "metrics.json", "model.safetensors",
     "model_card.json", "model_card.md", "recalibration.json", "report", "sites", "checkpoint",
     DISCLOSED_DIR, CROSS_SITE_FILE, "pca.safetensors", "pca.json", "pca_variance.png",
-    "pca_sites.png", "flower", "tensorboard", "mlruns"})
+    "pca_sites.png", "flower", "tensorboard", "mlruns", "run.lock"})
+#: Held by the process that writes a run directory (``engines.run``), so that a second
+#: ``--resume`` of a run still in progress is refused.
+RUN_LOCK = "run.lock"
 
 
 def _what_is_there(path: Path) -> tuple[str, bool]:
@@ -710,7 +713,7 @@ def prepare_run_dir(path: str | os.PathLike[str], *, overwrite: bool = False) ->
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise RunDirError(f"--out {p}: is a file; give a new or empty folder")
-    if not p.is_dir() or not any(p.iterdir()):
+    if not p.is_dir() or not any(e.name != RUN_LOCK for e in p.iterdir()):
         return p
     what, unfinished = _what_is_there(p)
     if not what:

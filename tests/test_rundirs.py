@@ -448,3 +448,21 @@ def test_min_sites_above_the_sites_fails_before_reading_them(
     with pytest.raises(ValueError, match=r"federated.min_sites 10: the config lists \d site"):
         run(cfg, "inprocess", out_dir=tmp_path / "r")
     assert not cache.exists() and not (tmp_path / "r").exists()
+
+
+def test_a_run_directory_another_process_writes_is_refused(runs: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    """Two `--resume`s of one run ran side by side and wrote the same files (a CLI bug hunt);
+    the process writing a run directory now holds its run.lock."""
+    from filelock import FileLock
+
+    target = tmp_path / "busy"
+    shutil.copytree(runs["fed"], target)
+    with FileLock(target / "run.lock"):
+        out = refused("train", "--resume", str(target))
+    assert "another process is writing this run directory" in out
+    empty = tmp_path / "only-a-lock"  # a lock file left behind is no run and no user file
+    empty.mkdir()
+    (empty / "run.lock").write_text("")
+    train(str(runs["config"]), "--engine", "centralized", "--out", str(empty))
+    assert read_manifest(empty).status == "completed"  # type: ignore[union-attr]

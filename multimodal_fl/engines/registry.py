@@ -23,9 +23,12 @@ model card (:func:`~multimodal_fl.engines.finish.finish_run`).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from multimodal_fl.config import ExperimentConfig
 from multimodal_fl.engines.baselines import run_centralized, run_local
@@ -38,6 +41,7 @@ from multimodal_fl.federated.server import RoundRecord
 from multimodal_fl.pca.stage import check_pca_stage
 from multimodal_fl.progress import ProgressCallback
 from multimodal_fl.rundir import (
+    RUN_LOCK,
     RunDirError,
     RunManifest,
     RunOutcome,
@@ -312,13 +316,34 @@ def run(
                        stop_after_round=stop_after_round, out_dir=out_dir)
     preflight(cfg, spec.name)
     target = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
-    manifest = _open_run(cfg, spec, target, resume=resume, overwrite=overwrite)
-    options = RunOptions(target, resume, stop_after_round, on_round, progress)
-    outcome = _run_recorded(spec, cfg, options, manifest)
-    if manifest.status == "completed":
-        try:
-            outcome.finished = finish_run(target, cfg, manifest, report=report)
-        except (ValueError, KeyError, OSError) as exc:
-            raise RuntimeError(f"the run completed in {target}, but its end failed ({exc}); "
-                               f"mmfl report {target} retries the report") from exc
+    with _held(target):
+        manifest = _open_run(cfg, spec, target, resume=resume, overwrite=overwrite)
+        options = RunOptions(target, resume, stop_after_round, on_round, progress)
+        outcome = _run_recorded(spec, cfg, options, manifest)
+        if manifest.status == "completed":
+            try:
+                outcome.finished = finish_run(target, cfg, manifest, report=report)
+            except (ValueError, KeyError, OSError) as exc:
+                raise RuntimeError(f"the run completed in {target}, but its end failed "
+                                   f"({exc}); mmfl report {target} retries the report") from exc
     return outcome
+
+
+@contextmanager
+def _held(target: Path) -> Iterator[None]:
+    """Hold ``target/run.lock`` while the run is written: a second process that would write the
+    same run directory (``--resume`` of a run in progress) is refused at once."""
+    if target.exists() and not target.is_dir():
+        yield  # _open_run says what is wrong with it
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(target / RUN_LOCK)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunDirError(f"{target}: another process is writing this run directory (its "
+                          f"{RUN_LOCK} is held); wait for it to end, or stop it first") from None
+    try:
+        yield
+    finally:
+        lock.release()
