@@ -665,7 +665,7 @@ def pca_cmd(
         ),
     ] = None,
     timeout: Annotated[
-        float, typer.Option(help="Seconds before a Flower run is stopped.")
+        float, typer.Option(min=1, help="Seconds before a Flower run is stopped.")
     ] = 3600.0,
     set_: SetOpt = None,
 ) -> None:
@@ -866,7 +866,8 @@ def _tls_files(
 def flower_superlink(
     ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="The one HTTP port (Fleet, Control, apps).")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535,
+                                      help="The one HTTP port (Fleet, Control, apps).")] = 8000,
     certs: Annotated[Path | None, typer.Option(
         help="Folder of `mmfl flower certs` (ca.crt, server.pem, server.key).")] = None,
     ssl_certfile: Annotated[Path | None, typer.Option(
@@ -965,7 +966,8 @@ def flower_supernode(
     site_dir: Annotated[Path, typer.Argument(help="This site's data directory.")],
     superlink: Annotated[str, typer.Option(help="host:port of the SuperLink.")] = "127.0.0.1:8000",
     name: Annotated[str | None, typer.Option(help="Site name (default: the dir's name).")] = None,
-    port: Annotated[int, typer.Option(help="This SuperNode's own port (one per node).")] = 9094,
+    port: Annotated[int, typer.Option(min=1, max=65535,
+                                      help="This SuperNode's own port (one per node).")] = 9094,
     root_certificates: Annotated[Path | None, typer.Option(
         "--root-certificates", help="The CA certificate (ca.crt of `mmfl flower certs`).")
     ] = None,
@@ -1233,7 +1235,8 @@ def flower_local(
     run_config: RunConfigOpt = None,
     set_: SetOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/flower"),
-    timeout: Annotated[float, typer.Option(help="Seconds before the run is stopped.")] = 3600.0,
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds before the run is stopped.")
+                       ] = 3600.0,
 ) -> None:
     """Run on this machine: a SuperLink and one SuperNode per site, on 127.0.0.1.
 
