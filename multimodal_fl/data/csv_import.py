@@ -632,6 +632,22 @@ def _site_name(column: str, value: str, names: dict[str, str]) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-.") or "site"
 
 
+def _distinct_names(column: str, raw: list[str], names: dict[str, str]) -> dict[str, str]:
+    """Each raw split value's site name; two values whose generated names collide ('a/b' and
+    'a b' are both 'COLUMN-a-b') keep apart, the later ones with a short hash of the value.
+    Names the mapping gives (``site_names``) are taken as they are: two values it names alike
+    are meant to be one site."""
+    out: dict[str, str] = {}
+    taken: set[str] = set()
+    for value in raw:
+        name = _site_name(column, value, names)
+        if name in taken and value not in names:
+            name = f"{name}-{hashlib.sha256(value.encode()).hexdigest()[:6]}"
+        out[value] = name
+        taken.add(name)
+    return out
+
+
 def assign_sites(rows: list[ParsedRow], split_by: str | None, names: dict[str, str],
                  min_site_size: int, single: str) -> dict[str, tuple[list[ParsedRow], list[str]]]:
     """Group rows into sites; sites with fewer patients than ``min_site_size`` are pooled.
@@ -658,8 +674,9 @@ def assign_sites(rows: list[ParsedRow], split_by: str | None, names: dict[str, s
         return {single: (rows, [])}
     groups: dict[str, list[ParsedRow]] = defaultdict(list)
     values: dict[str, set[str]] = defaultdict(set)
+    site_of = _distinct_names(split_by, sorted({r.split_value for r in rows}), names)
     for row in rows:
-        name = _site_name(split_by, row.split_value, names)
+        name = site_of[row.split_value]
         groups[name].append(row)
         values[name].add(row.split_value)
     sites: dict[str, tuple[list[ParsedRow], list[str]]] = {}

@@ -822,3 +822,14 @@ def test_a_bom_or_another_delimiter_is_named(tmp_path: Path) -> None:
     semi = _csv(tmp_path, [r.replace(",", ";") for r in ROWS], HEADER.replace(",", ";"))
     with pytest.raises(DataError, match="is the delimiter ';'"):
         import_csv(semi, _mapping(tmp_path), tmp_path / "b")
+
+
+def test_split_values_whose_folder_names_collide_stay_apart(tmp_path: Path) -> None:
+    rows = [ROWS[0].replace(",4", ",a/b"), ROWS[1].replace(",4", ",a b"),
+            ROWS[2].replace(",12", ",a/b")]
+    text = MAPPING.replace('  sector: {"4": IMSS, "12": SSA}\n', "  sector: {}\n")
+    result = import_csv(_csv(tmp_path, rows), _mapping(tmp_path, text), tmp_path / "out",
+                        split_by="sector")
+    held = {s.name: s.split_values for s in result.sites}
+    assert len(held) == 2 and sorted(v for vs in held.values() for v in vs) == ["a b", "a/b"]
+    assert all(name.startswith("sector-a-b") for name in held)
