@@ -347,3 +347,4 @@ def _held(target: Path) -> Iterator[None]:
         yield
     finally:
         lock.release()
+        (target / RUN_LOCK).unlink(missing_ok=True)  # a finished run leaves no lock file
