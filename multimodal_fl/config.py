@@ -1170,9 +1170,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set expects key=value, got '{item}'")
     key, _, raw = item.partition("=")
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
+    parts = key.strip().split(".")
+    if not key.strip():
         raise ConfigError(f"--set has an empty key in '{item}'")
+    if "" in parts:
+        raise ConfigError(f"--set {key.strip()}: an empty part between dots (write e.g. "
+                          "training.steps)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:

@@ -108,6 +108,9 @@ def test_override_unknown_key_suggests(tmp_path: Path) -> None:
 def test_override_without_equals(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="key=value"):
         load_config(write(tmp_path, minimal()), ["federated.rounds"])
+    for key in ("training..steps", ".seed", "seed."):  # was read as the key without the gap
+        with pytest.raises(ConfigError, match="an empty part between dots"):
+            load_config(write(tmp_path, minimal()), [f"{key}=3"])
 
 
 def test_unknown_task_suggests_shipped_name(tmp_path: Path) -> None:
