@@ -1245,13 +1245,21 @@ def flower_local(
     """
     flower = _flower_module()
     out = out.resolve()
+    if config is not None and out.exists():  # as `mmfl train`: before the deployment starts
+        from multimodal_fl.rundir import RunDirError, prepare_run_dir
+
+        try:
+            prepare_run_dir(out)
+        except RunDirError as exc:  # (flower local has no --overwrite)
+            fail(str(exc).replace(" or --overwrite to remove it first", ""))
     entries, cfg = _flower_entries(
         config, set_, server_factory, site_factory, run_config, run_dir=out, site_out=out
     )
     if site:
         sites = {d.name: d.resolve() for d in site}
         if len(sites) != len(site):
-            fail(f"site directories must have distinct names (they name the sites); got {site}")
+            fail("site directories must have distinct names (they name the sites); got "
+                 f"{', '.join(str(d) for d in site)}")
     elif cfg is not None:
         sites = {s.name: Path(s.path) for s in cfg.sites}
     else:

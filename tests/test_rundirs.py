@@ -466,3 +466,13 @@ def test_a_run_directory_another_process_writes_is_refused(runs: dict[str, Path]
     (empty / "run.lock").write_text("")
     train(str(runs["config"]), "--engine", "centralized", "--out", str(empty))
     assert read_manifest(empty).status == "completed"  # type: ignore[union-attr]
+
+
+def test_flower_local_refuses_a_run_directory_before_starting_flower(
+        runs: dict[str, Path]) -> None:
+    """It started a deployment and failed about 50 s later in the ServerApp (a bug hunt)."""
+    pytest.importorskip("flwr")
+    start = time.perf_counter()
+    out = refused("flower", "local", str(runs["config"]), "--out", str(runs["fed"]))
+    assert "is already there; give another --out" in out and "--overwrite" not in out
+    assert time.perf_counter() - start < 10
