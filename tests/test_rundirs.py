@@ -476,3 +476,14 @@ def test_flower_local_refuses_a_run_directory_before_starting_flower(
     out = refused("flower", "local", str(runs["config"]), "--out", str(runs["fed"]))
     assert "is already there; give another --out" in out and "--overwrite" not in out
     assert time.perf_counter() - start < 10
+
+
+def test_a_run_refused_before_writing_leaves_no_folder(tiny_config: Callable[..., Path],
+                                                       tmp_path: Path) -> None:
+    raw = yaml.safe_load(Path(tiny_config()).read_text())
+    raw["sites"][0]["path"] = str(tmp_path / "no-such-site")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(Exception, match="no-such-site"):
+        run(load_config(path), "inprocess", out_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()

@@ -336,6 +336,7 @@ def _held(target: Path) -> Iterator[None]:
     if target.exists() and not target.is_dir():
         yield  # _open_run says what is wrong with it
         return
+    created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
     lock = FileLock(target / RUN_LOCK)
     try:
@@ -348,3 +349,5 @@ def _held(target: Path) -> Iterator[None]:
     finally:
         lock.release()
         (target / RUN_LOCK).unlink(missing_ok=True)  # a finished run leaves no lock file
+        if created and target.is_dir() and not any(target.iterdir()):
+            target.rmdir()  # refused before it wrote anything: no empty folder left behind
