@@ -686,6 +686,13 @@ def pca_cmd(
 
     if features not in FEATURES:
         fail(f"--features {features!r}: expected one of {', '.join(FEATURES)}")
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out}: a file; give a new or empty folder")
+    stray = sorted(e.name for e in out.iterdir() if e.name not in PCA_OUTPUTS) \
+        if out.is_dir() else []
+    if stray:  # an earlier analysis is replaced; anything else is the user's and stays
+        fail(f"--out {out}: holds {', '.join(repr(n) for n in stray[:3])}, which no PCA "
+             "analysis writes; give a new or empty folder")
     if svd_solver not in SVD_SOLVERS:
         fail(f"--svd-solver {svd_solver!r}: expected one of {', '.join(SVD_SOLVERS)}")
     cfg = _load(config, set_)
@@ -705,6 +712,10 @@ def pca_cmd(
     except (DataError, ValueError, RuntimeError) as exc:
         fail(f"{type(exc).__name__}: {exc}")
     _print_pca(result.document, [result.json_path, result.sites_png, result.variance_png])
+
+
+#: What ``mmfl pca`` writes into ``--out`` (a rerun replaces them).
+PCA_OUTPUTS = frozenset({"pca.json", "pca_sites.png", "pca_variance.png", "flower"})
 
 
 def _pca_on_flower(config: Path, set_: list[str] | None, features: str, out: Path, *,
@@ -1245,7 +1256,8 @@ def flower_local(
     """
     flower = _flower_module()
     out = out.resolve()
-    if config is not None and out.exists():  # as `mmfl train`: before the deployment starts
+    experiment = config is not None and not (server_factory or site_factory)
+    if experiment and out.exists():  # as `mmfl train`: before the deployment starts
         from multimodal_fl.rundir import RunDirError, prepare_run_dir
 
         try:

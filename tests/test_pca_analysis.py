@@ -115,9 +115,13 @@ def test_mmfl_pca_rejects_bad_requests(tiny_config: Callable[..., Path], tmp_pat
     cfg = str(tiny_config("covid_oxygen"))
     bad = runner.invoke(app, ["pca", cfg, "--features", "genome", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "image, tabular, text" in bad.output
-    big = runner.invoke(app, ["pca", cfg, "--features", "tabular", "--out", str(tmp_path),
-                              "--n-components", "100000"])
+    big = runner.invoke(app, ["pca", cfg, "--features", "tabular", "--out",
+                              str(tmp_path / "out"), "--n-components", "100000"])
     assert big.exit_code == 2 and "at most" in big.output
+    # a folder holding anything but an earlier analysis (here: the config itself) is refused
+    mine = runner.invoke(app, ["pca", cfg, "--features", "tabular", "--out", str(tmp_path)])
+    assert mine.exit_code == 2 and "'covid_oxygen.yaml'" in mine.output
+    assert "which no PCA analysis writes" in mine.output
 
 
 def test_mmfl_pca_site_rank_sends_fewer_rows_and_reports_the_error(
