@@ -199,6 +199,7 @@ def data_import_csv(
     from rich.table import Table
 
     from multimodal_fl.data import DataError
+    from multimodal_fl.data.csv_import import POOL_SITE as POOL_NAME
     from multimodal_fl.data.csv_import import import_csv
     from multimodal_fl.data.csv_mapping import MappingError
 
@@ -230,6 +231,10 @@ def data_import_csv(
                   f"keep_rows, {c.get('rows_skipped', 0)} skipped, {c['rows_imported']} "
                   f"imported; {wall:.1f} s; report: {out / 'import_report.json'}",
                   highlight=False)
+    if c.get("pooled_site_patients_below_minimum"):
+        console.print(f"note: the pooled site '{POOL_NAME}' holds "
+                      f"{c['pooled_site_patients_below_minimum']} patients, still fewer than "
+                      f"--min-site-size {min_site_size}", highlight=False)
     if c.get("patients_kept_in_one_site"):
         console.print(f"{c['patients_kept_in_one_site']} patient(s) had rows under several "
                       f"--split-by values: each is kept whole at the site of its earliest row",

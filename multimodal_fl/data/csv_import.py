@@ -557,6 +557,12 @@ def _header(reader: Any, file: str) -> list[str]:
         raise DataError(f"{file}: the file is empty (expected a header line)") from None
     except csv.Error as exc:
         raise DataError(f"{file}: line 1: the header is not valid CSV: {exc}") from None
+    empty = [i + 1 for i, h in enumerate(header) if not h]
+    if empty:
+        trailing = " (a delimiter at the end of the header line?)" if empty[-1] == len(header) \
+            else ""
+        raise DataError(f"{file}: line 1: column {empty[0]} of the header has no name"
+                        f"{trailing}; every column needs one")
     dup = sorted({h for h in header if header.count(h) > 1})
     if dup:
         raise DataError(f"{file}: line 1: column(s) {dup} appear twice in the header")
@@ -997,6 +1003,9 @@ def import_csv(csv_path: Path | str, mapping: CsvMapping | Path | str, out: Path
         counts["patients_kept_in_one_site"] = _one_site_per_patient(parsed)
     sites = assign_sites(parsed, split_by, m.site_names.get(split_by or "", {}),
                          min_site_size, out.name)
+    pooled = sites.get(POOL_SITE)
+    if split_by and pooled is not None and len({r.key for r in pooled[0]}) < min_site_size:
+        counts["pooled_site_patients_below_minimum"] = len({r.key for r in pooled[0]})
     try:
         out.mkdir(parents=True, exist_ok=True)
         summaries = [SiteWriter(out / name if split_by else out, m).write(name, rows)

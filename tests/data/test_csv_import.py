@@ -825,3 +825,14 @@ def test_split_values_whose_folder_names_collide_stay_apart(tmp_path: Path) -> N
     held = {s.name: s.split_values for s in result.sites}
     assert len(held) == 2 and sorted(v for vs in held.values() for v in vs) == ["a b", "a/b"]
     assert all(name.startswith("sector-a-b") for name in held)
+
+
+def test_a_header_with_an_empty_name_and_a_pool_still_too_small_are_named(
+        tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=re.escape("column 15 of the header has no name (a "
+                                                  "delimiter at the end of the header line")):
+        import_csv(_csv(tmp_path, ROWS, HEADER + ","), _mapping(tmp_path), tmp_path / "a")
+    result = import_csv(_csv(tmp_path, ROWS), _mapping(tmp_path), tmp_path / "b",
+                        split_by="sector", min_site_size=10)
+    assert [s.name for s in result.sites] == [POOL_SITE]
+    assert result.counts["pooled_site_patients_below_minimum"] == 3
