@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -930,38 +931,36 @@ def _is_number(text: str) -> bool:
     return True
 
 
+#: One node-config entry as Flower reads it: ``key=value``, the value quoted or one word.
+_NODE_ENTRY = re.compile(r"""\s*([^\s=]+)=('[^']*'|"[^"]*"|\S+)\s*""")
+
+
 def _check_node_policy(node_config: str) -> dict[str, Any]:
     """The node config's entries; a node config the site's policy reader would refuse fails
     here, in one line (before Flower starts)."""
     if not node_config.strip():
         return {}
-    import shlex
-
     from flwr.common.config import parse_config_args
 
     from multimodal_fl.federated.disclosure import NODE_POLICY_FILE, NODE_POLICY_KEYS, node_policy
 
-    try:  # every entry key=value: Flower's parser drops a word without '=' silently
-        words = shlex.split(node_config)
-    except ValueError as exc:
-        fail(f"--node-config {node_config!r}: {exc}")
-    bare = [w for w in words if "=" not in w]
-    if bare:
-        fail(f"--node-config {node_config!r}: {bare[0]!r} is not key=value; expected e.g. "
-             "\"min-cell=20 max-epsilon=8 policy-file='/etc/mmfl/policy.yaml'\"")
-    for word in shlex.split(node_config, posix=False):  # quotes kept: Flower's value types
-        key, _, value = word.partition("=")
-        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
-        if not (quoted or value in ("true", "false") or _is_number(value)):
+    pos = 0  # every word key=value, a text value quoted: Flower's parser drops a bare word
+    while pos < len(node_config.rstrip()):  # silently and boxes a bad value naming no option
+        entry = _NODE_ENTRY.match(node_config, pos)
+        if entry is None:
+            word = node_config[pos:].split()[0]
+            fail(f"--node-config {node_config!r}: {word!r} is not key=value; expected e.g. "
+                 "\"min-cell=20 max-epsilon=8 policy-file='/etc/mmfl/policy.yaml'\"")
+        key, value = entry.groups()
+        if not (value[0] in "'\"" or value in ("true", "false") or _is_number(value)):
             fail(f"--node-config {key}={value}: a text value needs quotes, {key}='{value}' "
                  "(numbers and true/false go bare)")
+        pos = entry.end()
     try:
         entries = parse_config_args([node_config])
-    except (ValueError, TypeError, SystemExit) as exc:  # Flower exits on a bad value
-        why = f": {exc}" if not isinstance(exc, SystemExit) else ""
-        fail(f"--node-config {node_config!r}{why}: expected key=value pairs whose values are "
-             "numbers, true/false or quoted strings, e.g. \"min-cell=20 max-epsilon=8 "
-             "policy-file='/etc/mmfl/policy.yaml'\"")
+    except (ValueError, TypeError) as exc:
+        fail(f"--node-config {node_config!r}: {exc}; expected key=value pairs, e.g. "
+             "\"min-cell=20 max-epsilon=8\"")
     known = [*NODE_POLICY_KEYS, NODE_POLICY_FILE]
     for key in entries:
         if key not in known:

@@ -246,3 +246,11 @@ def test_site_check_refuses_what_is_no_site_and_node_config_flower_would_drop(
     assert res.exit_code == 2
     assert "policy-file=pol.yaml: a text value needs quotes, policy-file='pol.yaml'" in \
         " ".join(res.output.split())
+    # a quoted value may hold spaces: one entry, read as Flower reads it
+    spaced = tmp_path / "my policies" / "node.yaml"
+    spaced.parent.mkdir()
+    spaced.write_text("min_cell: 17\n")
+    res = runner.invoke(app, ["site", "check", str(site_b), "--node-config",
+                              f"policy-file='{spaced}' subgroup-summaries=false"])
+    assert res.exit_code == 0, res.output
+    assert "min_cell: 17" in res.output and "subgroup_summaries: False" in res.output
