@@ -42,11 +42,16 @@ SetOpt = Annotated[
 ]
 
 
-def fail(message: str, code: int = 2) -> NoReturn:
-    """Print an error message to stderr and exit with ``code``."""
+def _print_error(message: str) -> None:
+    """``error: MESSAGE`` on stderr, the message as written (never read as rich markup)."""
     from rich.markup import escape
 
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print an error message to stderr and exit with ``code``."""
+    _print_error(message)
     raise typer.Exit(code)
 
 
@@ -1347,6 +1352,5 @@ def main() -> None:
         app()
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename is not None else ""
-        err_console.print(f"[bold red]error:[/] {where}{exc.strerror or exc}", highlight=False,
-                          soft_wrap=True)
+        _print_error(f"{where}{exc.strerror or exc}")
         sys.exit(2)
