@@ -58,7 +58,7 @@ from multimodal_fl.federated.protocol import (
     Request,
     pack_document,
 )
-from multimodal_fl.federated.site_state import GRID, PART, SiteState
+from multimodal_fl.federated.site_state import PART, SiteState, grid_bins, grid_key
 
 __all__ = [
     "DEFAULT_BITS",
@@ -676,7 +676,7 @@ class SecureSumParty:
         arrays = {k: _u8(v) for k, v in live.unmask(sent, dropped).items()}
         self.summed.update(dict.fromkeys(digests, sent))
         if held.grid is not None:
-            self.summed[f"{GRID}{held.grid}:{','.join(sent)}"] = sent
+            self.summed[grid_key(held.grid, sent)] = sent
         if self.state is not None:
             self.state.record_sums(self.summed)
         del self.live[vector]
@@ -696,10 +696,8 @@ class SecureSumParty:
         if held.grid is None:
             return None
         for key, sites in sorted(self.summed.items()):
-            if not key.startswith(GRID) or sites == sent:
-                continue
-            bins = int(key[len(GRID):].partition(":")[0])
-            if bins != held.grid:
+            bins = grid_bins(key)
+            if bins is not None and bins != held.grid and sites != sent:
                 return (f"this histogram on {held.grid} bins is asked over {len(sent)} sites, "
                         f"and histograms on {bins} bins were summed before with {len(sites)} "
                         "sites: merged onto a grid both refine, one model's histograms on the "

@@ -32,18 +32,28 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 __all__ = ["GRID", "LOCK_FILE", "PART", "SECURE_SUMS", "STATE_PRIVACY", "SiteState",
-           "SiteStateError"]
+           "SiteStateError", "grid_bins", "grid_key"]
 
 #: The lock every reader and writer of a state directory takes.
 LOCK_FILE = "state.lock"
 #: The privacy accountant kept across runs.
 STATE_PRIVACY = "privacy.json"
-#: Per site: content digest -> the sorted sites of the sum it was unmasked in.
+#: Per site: content digest (and :func:`grid_key` records) -> the sorted sites of the sum.
 SECURE_SUMS = "secure_sums.json"
 #: The prefix of a histogram part's digest (beside its whole vector's).
 PART = "part:"
 #: The prefix of a record of the grid histograms were summed on (``grid:<bins>:<sites>``).
 GRID = "grid:"
+
+
+def grid_key(bins: int, sites: list[str]) -> str:
+    """The record of a histogram sum on ``bins`` bins over ``sites`` (sorted)."""
+    return f"{GRID}{int(bins)}:{','.join(sites)}"
+
+
+def grid_bins(key: str) -> int | None:
+    """The bins of a :func:`grid_key` record; ``None`` for any other key."""
+    return int(key[len(GRID):].partition(":")[0]) if key.startswith(GRID) else None
 
 
 class SiteStateError(RuntimeError):
@@ -151,8 +161,7 @@ class SiteState:
         out: dict[str, Any] = {
             "dir": str(self.root), "private_fits": 0, "epsilon": None, "delta": None,
             "accountant": None, "secure_sums": sum(not k.startswith((PART, GRID)) for k in sums),
-            "grids": sorted({int(k[len(GRID):].partition(":")[0]) for k in sums
-                             if k.startswith(GRID)})}
+            "grids": sorted({b for b in map(grid_bins, sums) if b is not None})}
         if self.privacy_path.is_file():
             try:
                 doc = json.loads(self.privacy_path.read_text())
