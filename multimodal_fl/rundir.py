@@ -661,16 +661,16 @@ def _a(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
+#: Held by the process that writes a run directory (``engines.run``), so that a second
+#: ``--resume`` of a run still in progress is refused.
+RUN_LOCK = "run.lock"
 #: What a run writes at the top of its directory: ``--overwrite`` removes a folder only when it
 #: holds nothing else (a user's own files beside a run are never removed).
 RUN_ENTRIES = frozenset({
     MANIFEST, f"{MANIFEST}.tmp", "config.yaml", "metrics.json", "model.safetensors",
     "model_card.json", "model_card.md", "recalibration.json", "report", "sites", "checkpoint",
     DISCLOSED_DIR, CROSS_SITE_FILE, "pca.safetensors", "pca.json", "pca_variance.png",
-    "pca_sites.png", "flower", "tensorboard", "mlruns", "run.lock"})
-#: Held by the process that writes a run directory (``engines.run``), so that a second
-#: ``--resume`` of a run still in progress is refused.
-RUN_LOCK = "run.lock"
+    "pca_sites.png", "flower", "tensorboard", "mlruns", RUN_LOCK})
 
 
 def _what_is_there(path: Path) -> tuple[str, bool]:
