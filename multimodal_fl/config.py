@@ -840,6 +840,23 @@ class ExperimentConfig(_Strict):
                              "outside DP-SGD's accounting; set training.linear_warmup_fit: false")
         return self
 
+    def in_zone_of(self, policy: SitePolicy) -> ExperimentConfig:
+        """This config as one site reads its data: ``data.timezone`` replaced by the zone its
+        policy names (``policy.yaml`` or a SuperNode's node config), if it names one.
+
+        Parameters
+        ----------
+        policy : SitePolicy
+
+        Returns
+        -------
+        ExperimentConfig
+        """
+        if not policy.timezone:
+            return self
+        return self.model_copy(update={"data": self.data.model_copy(
+            update={"timezone": policy.timezone})})
+
     def advisories(self) -> list[str]:
         """Settings that are valid together but known to work badly; the engines log each.
 

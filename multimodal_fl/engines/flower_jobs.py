@@ -269,9 +269,7 @@ def _fusion_site(
     """The SuperNode's site: its policy is ``policy.yaml`` and its node config, the stricter."""
     policy, _ = site_policy(site_dir, node_config_of(run_config))
     cfg = cfg.model_copy(update={"sites": [SiteConfig(name=name, path=Path(site_dir))]})
-    if policy.timezone:  # also from the SuperNode's policy-file, not only policy.yaml
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
-            update={"timezone": policy.timezone})})
+    cfg = cfg.in_zone_of(policy)  # also a SuperNode's policy-file zone, not only policy.yaml's
     out = site_output_dir(cfg, run_config)
     data = load_site_data(cfg, out)[name]
     site: Site = FusionSite(name, cfg, data, run_dir=out, policy=policy)

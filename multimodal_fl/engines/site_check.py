@@ -91,9 +91,7 @@ def site_check(
         "sites": [SiteConfig(name=site_name, path=folder)],
         "evaluation": cfg.evaluation.model_copy(update={"n_boot": 0}),
     })
-    if policy.timezone:  # as the SuperNode's site reads its dates
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
-            update={"timezone": policy.timezone})})
+    cfg = cfg.in_zone_of(policy)  # also a SuperNode's policy-file zone, not only policy.yaml's
     m = policy.effective_min_cell(cfg.evaluation.min_cell)
     doc["min_cell"] = {"package floor": DEFAULT_MIN_CELL, "policy": policy.min_cell,
                        "config": cfg.evaluation.min_cell, "effective": m}
