@@ -328,15 +328,10 @@ def train_cmd(
     first); --resume continues only an unfinished federated run of the same config and data.
     A completed run ends with RUN_DIR/report/ and RUN_DIR/model_card.json.
     """
-    from rich.table import Table
-
     from multimodal_fl.config import ExperimentConfig
-    from multimodal_fl.data.errors import DataError
 
     with _starting(quiet):  # torch, MONAI and transformers take seconds to import
-        from multimodal_fl.engines import ENGINES, run
-        from multimodal_fl.engines.federated import round_row
-        from multimodal_fl.federated.server import RoundRecord
+        from multimodal_fl.engines import ENGINES
 
     saved = False
     if stop_after_round is not None and stop_after_round < 1:
@@ -358,6 +353,23 @@ def train_cmd(
     spec = ENGINES.get(chosen)
     if spec is None:
         fail(f"--engine {chosen!r}: expected one of {', '.join(ENGINES)}")
+    _train_and_show(cfg, chosen, out=out, resume=resume is not None, overwrite=overwrite,
+                    stop_after_round=stop_after_round, quiet=quiet, report=not no_report)
+
+
+def _train_and_show(cfg: Any, chosen: str, *, out: Path | None, resume: bool = False,
+                    overwrite: bool = False, stop_after_round: int | None = None,
+                    quiet: bool = False, report: bool = True, loopback: Any = None) -> None:
+    """Run ``cfg`` on engine ``chosen`` with progress bars and the round table; print the
+    summary (``mmfl train``, and ``mmfl flower local CONFIG``)."""
+    from rich.table import Table
+
+    from multimodal_fl.data.errors import DataError
+    from multimodal_fl.engines import ENGINES, run
+    from multimodal_fl.engines.federated import round_row
+    from multimodal_fl.federated.server import RoundRecord
+
+    spec = ENGINES[chosen]
     names = sorted(s.name for s in cfg.sites)
     table_started = False
 
@@ -370,10 +382,10 @@ def train_cmd(
 
     try:
         with _progress_view(quiet, cfg, stop_after_round) as view:
-            outcome = run(cfg, chosen, out_dir=out, resume=resume is not None,
-                          overwrite=overwrite, stop_after_round=stop_after_round,
+            outcome = run(cfg, chosen, out_dir=out, resume=resume, overwrite=overwrite,
+                          stop_after_round=stop_after_round,
                           on_round=None if quiet else on_round, progress=view,
-                          report=not no_report)
+                          report=report, loopback=loopback)
     except (DataError, ConfigError, ValueError, RuntimeError) as exc:
         fail(f"{type(exc).__name__}: {exc}")
         return
@@ -382,9 +394,6 @@ def train_cmd(
         more = (f"; continue it with `mmfl train --resume {out}`"
                 if out is not None and spec.resumable else "")
         fail(f"interrupted: the run in {where} stopped where it was{more}", code=130)
-    if chosen == "flower" and not quiet:  # the rounds ran in the ServerApp's process
-        for row in outcome.metrics.get("rounds", []):
-            on_round(RoundRecord(**row))
     if _print_stopped(outcome.metrics, outcome.run_dir):
         return
     _print_notes(outcome.metrics)
@@ -1257,22 +1266,24 @@ def flower_local(
     out: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/flower"),
     timeout: Annotated[float, typer.Option(min=1, help="Seconds before the run is stopped.")
                        ] = 3600.0,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="With CONFIG: remove the run in --out first.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Run on this machine: a SuperLink and one SuperNode per site, on 127.0.0.1.
 
-    With CONFIG, trains the experiment exactly as `mmfl train CONFIG` does (same weights) and
-    writes the same run directory; Flower's own files go to OUT/flower.
+    With CONFIG, trains the experiment exactly as `mmfl train CONFIG --engine flower` does
+    (the same weights as in process) and writes the same run directory, run.json, report and
+    model card included; Flower's own files go to OUT/flower.
     """
     flower = _flower_module()
     out = out.resolve()
-    experiment = config is not None and not (server_factory or site_factory)
-    if experiment and out.exists():  # as `mmfl train`: before the deployment starts
-        from multimodal_fl.rundir import RunDirError, prepare_run_dir
-
-        try:
-            prepare_run_dir(out)
-        except RunDirError as exc:  # (flower local has no --overwrite)
-            fail(str(exc).replace(" or --overwrite to remove it first", ""))
+    if config is not None and not (server_factory or site_factory):
+        _flower_local_experiment(config, site, set_, run_config, out, timeout=timeout,
+                                 overwrite=overwrite, quiet=quiet)
+        return
+    if overwrite:
+        fail("--overwrite removes an experiment's run: it needs CONFIG without factories")
     entries, cfg = _flower_entries(
         config, set_, server_factory, site_factory, run_config, run_dir=out, site_out=out
     )
@@ -1297,6 +1308,27 @@ def flower_local(
     except flower.FlowerRunError as exc:
         fail(str(exc))
     _flower_report(out, result)
+
+
+def _flower_local_experiment(config: Path, site: list[Path] | None, set_: list[str] | None,
+                             run_config: list[str] | None, out: Path, *, timeout: float,
+                             overwrite: bool, quiet: bool) -> None:
+    """``mmfl flower local CONFIG``: ``mmfl train CONFIG --engine flower`` with the
+    deployment's own options (``--timeout``, ``-c`` transport keys)."""
+    from multimodal_fl.config import ExperimentConfig
+
+    if site:
+        fail("--site with CONFIG: the sites are CONFIG's (change them there, or with "
+             "--set); --site names the sites of a --site-factory")
+    with _starting(quiet):
+        from multimodal_fl.engines.flower_jobs import LoopbackOptions
+    cfg = _load(config, set_)
+    assert isinstance(cfg, ExperimentConfig)
+    try:
+        loopback = LoopbackOptions(timeout, _flower_run_config(run_config))
+    except ValueError as exc:
+        fail(str(exc))
+    _train_and_show(cfg, "flower", out=out, overwrite=overwrite, quiet=quiet, loopback=loopback)
 
 
 @app.command("sample-data")

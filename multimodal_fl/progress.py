@@ -15,15 +15,26 @@ Events
     ``predict``, ...), and the start of each broadcast (``answered == 0``).
 :class:`StepEvent`
     One training step of a non-federated model (the local and centralized baselines).
+
+Across processes
+----------------
+A Flower ServerApp runs in a process of its own: with the run config's ``progress-file`` its
+federation appends every event to that file as a JSON line (:class:`EventLog`), and
+``mmfl train --engine flower`` / ``mmfl flower local`` read them back as they come
+(:class:`EventTail`) to draw the same bars as the in-process engine.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
-__all__ = ["PrepareEvent", "ProgressCallback", "ProgressEvent", "ReplyEvent", "StepEvent",
-           "Tally"]
+__all__ = ["EventLog", "EventTail", "PrepareEvent", "ProgressCallback", "ProgressEvent",
+           "ReplyEvent", "StepEvent", "Tally", "event_from_json", "event_to_json"]
 
 
 @dataclass(frozen=True)
@@ -173,3 +184,128 @@ class Tally:
             self.cache_hits = cache_hits
         self.done = self.total
         self._report()
+
+
+_EVENT_TYPES: dict[str, type[PrepareEvent] | type[ReplyEvent] | type[StepEvent]] = {
+    "prepare": PrepareEvent, "reply": ReplyEvent, "step": StepEvent}
+
+
+def event_to_json(event: ProgressEvent) -> str:
+    """One event as one line of JSON (no newline).
+
+    Parameters
+    ----------
+    event : ProgressEvent
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> event_to_json(StepEvent("centralized", 3, 10, 0.5))
+    '{"event": "step", "label": "centralized", "step": 3, "total": 10, "loss": 0.5}'
+    """
+    name = next(k for k, v in _EVENT_TYPES.items() if isinstance(event, v))
+    return json.dumps({"event": name, **asdict(event)})
+
+
+def event_from_json(line: str) -> ProgressEvent:
+    """The event :func:`event_to_json` wrote.
+
+    Parameters
+    ----------
+    line : str
+
+    Returns
+    -------
+    ProgressEvent
+
+    Raises
+    ------
+    ValueError
+        When the line is not such an event.
+
+    Examples
+    --------
+    >>> event_from_json(event_to_json(StepEvent("centralized", 3, 10, 0.5)))
+    StepEvent(label='centralized', step=3, total=10, loss=0.5)
+    """
+    try:
+        doc: dict[str, Any] = json.loads(line)
+        kind = _EVENT_TYPES[doc.pop("event")]
+        return kind(**doc)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not a progress event: {line[:200]!r} ({exc})") from None
+
+
+class EventLog:
+    """A progress callback that appends each event to a file, one JSON line each.
+
+    Each line is written with one ``write`` call on a file opened for appending and flushed at
+    once, so a reader never sees half a line it cannot wait out (:class:`EventTail` keeps an
+    unfinished last line for the next read).
+
+    Parameters
+    ----------
+    path : path-like
+        The file (created with its folder; appended to).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, event: ProgressEvent) -> None:
+        """Append ``event``."""
+        with self.path.open("a", encoding="utf-8") as out:
+            out.write(event_to_json(event) + "\n")
+
+
+class EventTail:
+    """Reads the events an :class:`EventLog` appends, as they come.
+
+    Parameters
+    ----------
+    path : path-like
+        The file (it need not exist yet).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "progress.jsonl"
+    >>> tail = EventTail(path)
+    >>> tail.read()
+    []
+    >>> EventLog(path)(ReplyEvent("fit", 1, 0, 2))
+    >>> [e.round for e in tail.read()], tail.read()
+    ([1], [])
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.offset = 0
+
+    def read(self) -> list[ProgressEvent]:
+        """The events appended since the last call (complete lines only).
+
+        Returns
+        -------
+        list of ProgressEvent
+            A line that is not an event is skipped: progress must never stop a run.
+        """
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        events: list[ProgressEvent] = []
+        for raw in data[:end].splitlines():
+            try:
+                events.append(event_from_json(raw.decode("utf-8")))
+            except (ValueError, UnicodeDecodeError):
+                continue
+        return events

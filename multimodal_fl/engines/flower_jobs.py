@@ -37,13 +37,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from multimodal_fl.config import ExperimentConfig, SiteConfig
 from multimodal_fl.engines.baselines import run_local
 from multimodal_fl.engines.federated import run_federated_experiment
+from multimodal_fl.federated.checkpoint import CHECKPOINT_JSON
 from multimodal_fl.federated.disclosure import site_policy
 from multimodal_fl.federated.flower import (
     NODE_CONFIG_PREFIX,
@@ -53,19 +55,22 @@ from multimodal_fl.federated.flower import (
 )
 from multimodal_fl.federated.pca import SVD_SOLVERS
 from multimodal_fl.federated.protocol import ConfigValue
-from multimodal_fl.federated.server import Federation, Site
+from multimodal_fl.federated.server import Federation, RoundRecord, Site
 from multimodal_fl.federated.site import FusionSite
 from multimodal_fl.pca.analysis import FEATURES, analysis_config, run_pca_analysis
+from multimodal_fl.progress import EventTail, ProgressCallback
 from multimodal_fl.rundir import RunOutcome
 from multimodal_fl.training import load_site_data
 
 __all__ = [
     "JOBS",
     "LOCAL_SERVER_FACTORY",
+    "LOOPBACK_KEYS",
     "PCA_SERVER_FACTORY",
     "PCA_SITE_FACTORY",
     "SERVER_FACTORY",
     "SITE_FACTORY",
+    "LoopbackOptions",
     "experiment_job",
     "experiment_run_config",
     "experiment_site",
@@ -408,9 +413,85 @@ def pca_analysis_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) 
     )
 
 
+#: The run-config keys a loopback run of an experiment may override (``mmfl flower local CONFIG
+#: -c key=value``): how the deployment behaves, not what it trains.
+LOOPBACK_KEYS = ("node-wait", "poll-interval", "describe-timeout", "torch-threads", "site-worker",
+                 "site-worker-idle", "site-worker-start")
+
+
+@dataclass(frozen=True)
+class LoopbackOptions:
+    """How the loopback deployment of ``--engine flower`` runs (``mmfl flower local CONFIG``).
+
+    Parameters
+    ----------
+    timeout : float
+        Seconds before the deployment is stopped.
+    run_config : Mapping[str, int | float | str | bool]
+        Run-config entries over the experiment's, keys of :data:`LOOPBACK_KEYS` only.
+
+    Raises
+    ------
+    ValueError
+        For another key, or a timeout that is not a positive number of seconds.
+    """
+
+    timeout: float = 3600.0
+    run_config: Mapping[str, ConfigValue] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.timeout > 0:
+            raise ValueError(f"timeout {self.timeout!r}: expected seconds > 0")
+        other = sorted(set(self.run_config) - set(LOOPBACK_KEYS))
+        if other:
+            raise ValueError(
+                f"run config {', '.join(other)}: with an experiment config only the "
+                f"deployment's own keys may be set ({', '.join(LOOPBACK_KEYS)}); the "
+                "experiment's settings come from CONFIG (--set a.b=c)")
+
+
+class _RoundWatch:
+    """What the ServerApp reports while it runs: its progress events (``progress-file``) and
+    each round, from the history its checkpoint holds (``RUN_DIR/checkpoint``)."""
+
+    def __init__(self, out: Path, events: Path, on_round: Callable[[RoundRecord], None] | None,
+                 progress: ProgressCallback | None) -> None:
+        self.checkpoint = out / "checkpoint" / CHECKPOINT_JSON
+        self.tail = EventTail(events)
+        self.on_round, self.progress = on_round, progress
+        self.seen = 0
+        self.stamp: tuple[int, int] | None = None
+
+    def __call__(self) -> None:
+        """Pass on what is new (called while the deployment runs)."""
+        if self.progress is not None:
+            for event in self.tail.read():
+                self.progress(event)
+        if self.on_round is None:
+            return
+        try:
+            stat = self.checkpoint.stat()
+            if (stat.st_mtime_ns, stat.st_size) == self.stamp:
+                return
+            history = json.loads(self.checkpoint.read_text())["meta"]["history"]
+            self.stamp = (stat.st_mtime_ns, stat.st_size)
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # not there yet (or being replaced): the next call reads it
+        self.rounds(history)
+
+    def rounds(self, history: list[dict[str, Any]]) -> None:
+        """Report the rounds of ``history`` not reported yet."""
+        if self.on_round is None:
+            return
+        for row in history[self.seen:]:
+            self.on_round(RoundRecord(**row))
+        self.seen = max(self.seen, len(history))
+
+
 def run_flower_loopback(
     cfg: ExperimentConfig, out_dir: str | os.PathLike[str], *, timeout: float = 3600.0,
-    job: str = "federated",
+    job: str = "federated", on_round: Callable[[RoundRecord], None] | None = None,
+    progress: ProgressCallback | None = None, run_config: Mapping[str, ConfigValue] | None = None,
 ) -> RunOutcome:
     """Train ``cfg`` on a Flower deployment on this machine (``--engine flower``).
 
@@ -429,6 +510,15 @@ def run_flower_loopback(
         Seconds before the deployment is stopped.
     job : {"federated", "local"}
         Federated training, or the local-only job with cross-site validation (:data:`JOBS`).
+    on_round : callable or None
+        Called with each completed round's record as the ServerApp checkpoints it.
+    progress : callable or None
+        Called with the ServerApp federation's :class:`~multimodal_fl.progress.ReplyEvent`
+        events as they come (read from ``OUT/flower/progress.jsonl``); the sites' data
+        preparation happens in the SuperNodes and is not reported.
+    run_config : Mapping or None
+        Run-config entries over the experiment's (:class:`LoopbackOptions`: keys of
+        :data:`LOOPBACK_KEYS`).
 
     Returns
     -------
@@ -440,14 +530,24 @@ def run_flower_loopback(
         When the deployment fails or times out (the message names the logs).
     """
     out = Path(out_dir).resolve()
+    options = LoopbackOptions(timeout, dict(run_config or {}))
     sites = {s.name: Path(s.path) for s in cfg.sites}
     for name, path in sites.items():
         if not path.is_dir():
             raise FlowerRunError(f"site {name}: directory {path} does not exist or is not a "
                                  "directory")
     entries = experiment_run_config(cfg, run_dir=out, site_out=out, job=job)
+    entries.update(options.run_config)
     work = out / "flower"
     entries["out-dir"] = str(work / "out")
     entries["min-nodes"] = len(sites)
-    run_loopback(sites, entries, work, timeout=timeout)
-    return RunOutcome(out, json.loads((out / "metrics.json").read_text()))
+    events = work / "progress.jsonl"
+    if progress is not None:
+        events.unlink(missing_ok=True)
+        entries["progress-file"] = str(events)
+    watch = _RoundWatch(out, events, on_round, progress)
+    run_loopback(sites, entries, work, timeout=options.timeout,
+                 on_wait=watch if on_round is not None or progress is not None else None)
+    metrics = json.loads((out / "metrics.json").read_text())
+    watch.rounds(metrics.get("rounds", []))  # any round the last look missed
+    return RunOutcome(out, metrics)

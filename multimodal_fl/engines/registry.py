@@ -34,7 +34,7 @@ from multimodal_fl.config import ExperimentConfig
 from multimodal_fl.engines.baselines import run_centralized, run_local
 from multimodal_fl.engines.federated import run_federated_experiment
 from multimodal_fl.engines.finish import finish_run
-from multimodal_fl.engines.flower_jobs import run_flower_loopback
+from multimodal_fl.engines.flower_jobs import LoopbackOptions, run_flower_loopback
 from multimodal_fl.evaluation.report import RUN_LABELS
 from multimodal_fl.federated.secure_sum import MIN_SITES
 from multimodal_fl.federated.server import RoundRecord
@@ -76,7 +76,10 @@ class RunOptions:
         Called with each completed round's record (federated engines).
     progress : callable or None
         Called with :mod:`~multimodal_fl.progress` events (data preparation, site replies,
-        training steps); the Flower engine reports none (its sites run elsewhere).
+        training steps); the Flower engine reports its sites' replies only (their data
+        preparation happens in the SuperNodes).
+    loopback : LoopbackOptions or None
+        The Flower engine's deployment: its timeout and transport settings (default ones).
     """
 
     out_dir: Path
@@ -84,6 +87,7 @@ class RunOptions:
     stop_after_round: int | None = None
     on_round: Callable[[RoundRecord], None] | None = None
     progress: ProgressCallback | None = None
+    loopback: LoopbackOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,10 @@ def _inprocess(cfg: ExperimentConfig, options: RunOptions) -> RunOutcome:
 
 
 def _flower(cfg: ExperimentConfig, options: RunOptions) -> RunOutcome:
-    return run_flower_loopback(cfg, options.out_dir)
+    loopback = options.loopback or LoopbackOptions()
+    return run_flower_loopback(cfg, options.out_dir, timeout=loopback.timeout,
+                               run_config=loopback.run_config, on_round=options.on_round,
+                               progress=options.progress)
 
 
 def _local(cfg: ExperimentConfig, options: RunOptions) -> RunOutcome:
@@ -270,6 +277,7 @@ def run(
     on_round: Callable[[RoundRecord], None] | None = None,
     progress: ProgressCallback | None = None,
     report: bool = True,
+    loopback: LoopbackOptions | None = None,
 ) -> RunOutcome:
     """Train one experiment with one engine and write its run directory.
 
@@ -296,6 +304,9 @@ def run(
         (the CLI renders them as bars).
     report : bool
         End a completed run with ``RUN_DIR/report/`` (the model card is written either way).
+    loopback : LoopbackOptions or None
+        The ``flower`` engine's deployment on this machine: timeout and transport settings
+        (``mmfl flower local CONFIG --timeout ... -c ...``); refused for another engine.
 
     Returns
     -------
@@ -314,11 +325,14 @@ def run(
                                 "events, or None (the library itself never prints)")
     spec = _engine_for(cfg, engine, resume=resume, overwrite=overwrite,
                        stop_after_round=stop_after_round, out_dir=out_dir)
+    if loopback is not None and spec.name != "flower":
+        raise EngineOptionError(f"loopback options are the flower engine's; the {spec.name} "
+                                "engine has no deployment")
     preflight(cfg, spec.name)
     target = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     with _held(target):
         manifest = _open_run(cfg, spec, target, resume=resume, overwrite=overwrite)
-        options = RunOptions(target, resume, stop_after_round, on_round, progress)
+        options = RunOptions(target, resume, stop_after_round, on_round, progress, loopback)
         outcome = _run_recorded(spec, cfg, options, manifest)
         if manifest.status == "completed":
             try:

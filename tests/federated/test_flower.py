@@ -402,6 +402,28 @@ def test_a_raising_site_and_a_silent_site_become_failures(task_identity: None) -
     assert isinstance(answers["c"], SiteFailure) and "timed out" in answers["c"].reason
 
 
+def test_each_answer_is_reported_as_it_arrives(task_identity: None) -> None:
+    """The bars of `mmfl train --engine flower` come from these events (through the ServerApp's
+    progress-file): the start, then one per site as its reply or failure comes in."""
+    from multimodal_fl.progress import ReplyEvent
+
+    events: list[ReplyEvent] = []
+    federation, grid = fake_federation({**RUN_CONFIG, "fault-site": "b"},
+                                       progress=events.append)
+    federation.sites()
+    grid.silent.add(20)  # site c never answers
+    from tests.federated.toy import initial_weights
+
+    requests = {s: Request("fit", 4, initial_weights(0), {"seed": 3}) for s in (*SITES, "x")}
+    federation.broadcast(requests, timeout=0.3)
+    assert events[0] == ReplyEvent("fit", 4, 0, 4)
+    # the unknown site first (nothing was sent), the silent one last (timed out)
+    assert events[1] == ReplyEvent("fit", 4, 1, 4, site="x", ok=False)
+    assert {(e.site, e.ok) for e in events[2:4]} == {("a", True), ("b", False)}
+    assert events[4] == ReplyEvent("fit", 4, 4, 4, site="c", ok=False)
+    assert [e.answered for e in events] == [0, 1, 2, 3, 4] and len(events) == 5
+
+
 def test_a_node_slow_to_name_itself_is_not_waited_for_twice(task_identity: None) -> None:
     federation, grid = fake_federation({}, describe_timeout=0.2)
     grid.silent.add(20)  # site c's answer comes late
@@ -795,6 +817,60 @@ def test_mmfl_pca_engine_flower_and_flower_local_print_the_analysis(
     for run_config in calls:
         for i, site in enumerate(sorted(s.name for s in load_config(cfg).sites)):
             stop_worker(worker_address(1, 10 * (i + 1), site, run_config))
+
+
+@pytest.mark.timeout(300)
+def test_flower_local_config_writes_the_run_of_train_and_shows_its_rounds(
+    tiny_config: Any, tmp_path: Path, task_identity: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mmfl flower local CONFIG` is `mmfl train CONFIG --engine flower`: run.json, the report and
+    the model card (it wrote none before), the sites' answers and each round as they come (the
+    loopback deployment replaced by the fake grid, the ServerApp's job in a thread)."""
+    from typer.testing import CliRunner
+
+    from multimodal_fl.cli import app
+    from multimodal_fl.engines import flower_jobs
+    from multimodal_fl.federated.flower import deploy
+    from multimodal_fl.progress import EventLog
+    from multimodal_fl.rundir import read_manifest
+
+    seen: list[dict[str, Any]] = []
+
+    def fake_loopback(sites: Mapping[str, Any], run_config: Mapping[str, Any], workdir: Any, *,
+                      timeout: float, on_wait: Any = None, **_: Any) -> None:
+        seen.append({**run_config, "timeout": timeout})
+        grid = FakeGrid({10 * (i + 1): {"site-name": n, "site-dir": str(p)}
+                         for i, (n, p) in enumerate(sorted(sites.items()))}, dict(run_config))
+        progress = EventLog(run_config["progress-file"]) if run_config.get("progress-file") \
+            else None
+        job = flower_jobs.experiment_job(run_config)
+        assert job.main is not None
+        main = job.main
+        federation = FlowerFederation(grid, poll_interval=0.01,  # type: ignore[arg-type]
+                                      progress=progress)
+        deploy._waiting(lambda: main(federation), on_wait)  # type: ignore[arg-type,return-value]
+
+    monkeypatch.setattr(flower_jobs, "run_loopback", fake_loopback)
+    cfg = str(tiny_config("covid_oxygen"))
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["flower", "local", cfg, "--out", str(out), "--timeout", "900",
+                                   "-c", "site-worker=false"])
+    assert res.exit_code == 0, res.output
+    assert seen[0]["site-worker"] is False and seen[0]["timeout"] == 900
+    assert seen[0]["progress-file"] == str(out / "flower" / "progress.jsonl")
+    assert "round 1: 3/3 sites replied" in res.output  # the bars' plain lines
+    rows = [line.split() for line in res.output.splitlines()]
+    assert ["round", "replied", "train_loss"] in [r[:3] for r in rows]  # the round table
+    assert [r[:2] for r in rows if r[:1] in (["1"], ["2"])] == [["1", "3/3"], ["2", "3/3"]]
+    manifest = read_manifest(out)
+    assert manifest is not None and manifest.status == "completed"
+    assert manifest.engine == "flower"
+    assert (out / "report" / "report.html").is_file() and (out / "model_card.json").is_file()
+    assert f"report: {out / 'report' / 'report.html'}" in res.output.replace("\n", "")
+    # a run-config key that would change what is trained is refused with CONFIG
+    bad = CliRunner().invoke(app, ["flower", "local", cfg, "--out", str(tmp_path / "b"),
+                                   "-c", "run-dir=/elsewhere"])
+    assert bad.exit_code == 2 and "only the deployment's own keys" in bad.output
 
 
 @pytest.mark.slow

@@ -65,6 +65,7 @@ from multimodal_fl.federated.server import (
     RunConfig,
     run_federated,
 )
+from multimodal_fl.progress import EventLog
 
 __all__ = [
     "DEFAULT_RUN_CONFIG",
@@ -259,6 +260,7 @@ def _connect(grid: Grid, job: ServerJob, opts: Mapping[str, Any]) -> FlowerFeder
         grid,
         poll_interval=float(opts["poll-interval"]),
         describe_timeout=float(opts["describe-timeout"]),
+        progress=EventLog(opts["progress-file"]) if opts["progress-file"] else None,
     )
     need = int(opts["min-nodes"]) or (job.config.min_sites if job.config is not None else 1)
     nodes = federation.wait_for_nodes(need, float(opts["node-wait"]))

@@ -103,6 +103,9 @@ DEFAULT_RUN_CONFIG: dict[str, ConfigValue] = {
     "poll-interval": 0.2,
     # seconds a discovery query may take per node
     "describe-timeout": 60.0,
+    # append every site's answer to this file as a JSON line, on the ServerApp's machine ("":
+    # nowhere); `mmfl flower local` and `mmfl train --engine flower` draw their bars from it
+    "progress-file": "",
     # torch.set_num_threads in the ServerApp and every ClientApp process (0: leave as is)
     "torch-threads": 0,
     # keep each site in one long-lived process per (run, SuperNode) instead of building it for

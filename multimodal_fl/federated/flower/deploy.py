@@ -24,8 +24,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -593,6 +594,7 @@ def run_loopback(
     *,
     env: Mapping[str, str] | None = None,
     timeout: float = 3600.0,
+    on_wait: Callable[[], None] | None = None,
 ) -> FlowerResult:
     """Run the package's app on a :class:`LoopbackDeployment` and return its result.
 
@@ -612,6 +614,10 @@ def run_loopback(
         Extra environment for the Flower processes (e.g. ``PYTHONPATH``).
     timeout : float
         Seconds before ``flwr run`` is stopped.
+    on_wait : callable or None
+        Called about twice a second while the run goes on, and once after it ended, in this
+        thread (e.g. to show the progress the ServerApp writes to its ``progress-file``); what
+        it raises stops the deployment.
 
     Returns
     -------
@@ -629,7 +635,7 @@ def run_loopback(
     app_dir = write_app_dir(root / "app", config)
     with LoopbackDeployment(sites, home=root / "flwr_home", env=env) as deployment:
         try:
-            done = deployment.run(app_dir, timeout=timeout)
+            done = _waiting(lambda: deployment.run(app_dir, timeout=timeout), on_wait)
             output = f"flwr run exited with {done.returncode}:\n{done.stdout[-4000:]}"
         except subprocess.TimeoutExpired:
             output = f"flwr run did not end within {timeout:g} s"
@@ -640,3 +646,31 @@ def run_loopback(
             causes = re.findall(r"^\w+(?:Error|Exception): .*$", output + logs, re.MULTILINE)
             cause = f"the last error: {causes[-1]}\n" if causes else ""
             raise FlowerRunError(f"{cause}{exc}\n{output}\n{logs[-8000:]}") from None
+
+
+def _waiting(
+    work: Callable[[], subprocess.CompletedProcess[str]], on_wait: Callable[[], None] | None,
+    interval: float = 0.5,
+) -> subprocess.CompletedProcess[str]:
+    """``work()``, calling ``on_wait()`` every ``interval`` seconds meanwhile and once at the
+    end (``work`` then runs in a daemon thread: an interrupt here does not wait for it)."""
+    if on_wait is None:
+        return work()
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["done"] = work()
+        except BaseException as exc:  # handed to the caller's thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="flwr-run", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        on_wait()
+        thread.join(interval)
+    on_wait()
+    if "error" in outcome:
+        raise outcome["error"]
+    done: subprocess.CompletedProcess[str] = outcome["done"]
+    return done

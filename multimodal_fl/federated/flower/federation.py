@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -31,6 +31,7 @@ from multimodal_fl.federated.flower.codec import (
     request_to_content,
 )
 from multimodal_fl.federated.protocol import Reply, Request, SiteFailure
+from multimodal_fl.progress import ProgressCallback, ReplyEvent
 
 __all__ = ["FlowerFederation"]
 
@@ -73,6 +74,9 @@ class FlowerFederation:
         Seconds between two pulls of replies (Flower's ``send_and_receive`` sleeps 3 s).
     describe_timeout : float
         Seconds a node may take to answer the discovery query that names its site.
+    progress : callable or None
+        Called with a :class:`~multimodal_fl.progress.ReplyEvent` when a broadcast starts and
+        as each site's answer arrives (as the in-process federation reports them).
 
     Notes
     -----
@@ -92,7 +96,8 @@ class FlowerFederation:
     """
 
     def __init__(
-        self, grid: Grid, *, poll_interval: float = 0.2, describe_timeout: float = 60.0
+        self, grid: Grid, *, poll_interval: float = 0.2, describe_timeout: float = 60.0,
+        progress: ProgressCallback | None = None,
     ) -> None:
         if not poll_interval > 0:
             raise ValueError(f"poll_interval={poll_interval}; expected seconds > 0")
@@ -101,6 +106,7 @@ class FlowerFederation:
         self.grid = grid
         self.poll_interval = float(poll_interval)
         self.describe_timeout = float(describe_timeout)
+        self.progress = progress
         self._node_of: dict[str, int] = {}
         self._ignored: set[int] = set()
         self._describing: dict[int, tuple[str, float]] = {}  # node -> (message id, expiry)
@@ -246,8 +252,12 @@ class FlowerFederation:
                 failed[node] = "the SuperLink did not accept the message"
         return pending, failed
 
-    def _collect(self, pending: Mapping[str, int], timeout: float | None) -> dict[int, Reply | str]:
-        """Pull replies to ``pending`` (message id -> node) until all came or ``timeout``."""
+    def _collect(
+        self, pending: Mapping[str, int], timeout: float | None,
+        on_answer: Callable[[int, Reply | str], None] | None = None,
+    ) -> dict[int, Reply | str]:
+        """Pull replies to ``pending`` (message id -> node) until all came or ``timeout``;
+        ``on_answer(node, answer)`` as each arrives (and for each that timed out)."""
         waiting = dict(pending)
         out: dict[int, Reply | str] = {}
         deadline = None if timeout is None else time.monotonic() + float(timeout)
@@ -257,26 +267,38 @@ class FlowerFederation:
                 if replied_to not in waiting:
                     continue
                 node = waiting.pop(replied_to)
-                if msg.has_error():
-                    out[node] = _error_reason(int(msg.error.code), str(msg.error.reason))
-                    continue
-                try:
-                    out[node] = content_to_reply(msg.content)
-                except (ValueError, TypeError, KeyError) as exc:
-                    out[node] = f"unreadable reply: {exc}"
+                out[node] = self._answer(msg)
+                if on_answer is not None:
+                    on_answer(node, out[node])
             if not waiting or (deadline is not None and time.monotonic() >= deadline):
                 break
             time.sleep(self.poll_interval)
         for node in waiting.values():
             out[node] = f"timed out: no reply within {timeout:g} s"
+            if on_answer is not None:
+                on_answer(node, out[node])
         return out
 
+    @staticmethod
+    def _answer(msg: Message) -> Reply | str:
+        """A reply message as a :class:`Reply`, or why it is none."""
+        if msg.has_error():
+            return _error_reason(int(msg.error.code), str(msg.error.reason))
+        try:
+            return content_to_reply(msg.content)
+        except (ValueError, TypeError, KeyError) as exc:
+            return f"unreadable reply: {exc}"
+
     def _exchange(
-        self, requests: Mapping[int, Request], timeout: float | None
+        self, requests: Mapping[int, Request], timeout: float | None,
+        on_answer: Callable[[int, Reply | str], None] | None = None,
     ) -> dict[int, Reply | str]:
         """Send one request per node; return node -> reply, or node -> why there is none."""
         pending, out = self._push(requests, timeout)
-        out.update(self._collect(pending, timeout))
+        if on_answer is not None:
+            for node, why in out.items():
+                on_answer(node, why)
+        out.update(self._collect(pending, timeout, on_answer))
         return out
 
     def broadcast(
@@ -308,8 +330,31 @@ class FlowerFederation:
                 continue
             by_node[node] = requests[site]
             site_of[node] = site
+        report = self._reporter(requests)
+        for site in answers:  # unknown sites: failed before anything was sent
+            report(site, False)
         if by_node:
-            for node, answer in self._exchange(by_node, timeout).items():
+            def arrived(node: int, answer: Reply | str) -> None:
+                report(site_of[node], not isinstance(answer, str))
+
+            for node, answer in self._exchange(by_node, timeout, arrived).items():
                 site = site_of[node]
                 answers[site] = SiteFailure(site, answer) if isinstance(answer, str) else answer
         return {site: answers[site] for site in sorted(answers)}
+
+    def _reporter(self, requests: Mapping[str, Request]) -> Callable[[str, bool], None]:
+        """Report the broadcast's start to :attr:`progress`; return what reports each answer."""
+        if self.progress is None or not requests:
+            return lambda site, ok: None
+        progress = self.progress
+        first = next(iter(requests.values()))
+        kind, rnd, asked = str(first.kind), first.round, len(requests)
+        progress(ReplyEvent(kind, rnd, 0, asked))
+        answered = 0
+
+        def report(site: str, ok: bool) -> None:
+            nonlocal answered
+            answered += 1
+            progress(ReplyEvent(kind, rnd, answered, asked, site=site, ok=ok))
+
+        return report
