@@ -55,6 +55,16 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _why(exc: BaseException) -> str:
+    """An exception as an error line: the package's own errors and plain ``ValueError`` /
+    ``RuntimeError`` by their words (they are written for the user), any other by its class
+    too (``KeyError: 'x'`` says little without it)."""
+    kind = type(exc)
+    if kind.__module__.startswith("multimodal_fl") or kind in (ValueError, RuntimeError):
+        return str(exc) or kind.__name__
+    return f"{kind.__name__}: {exc}"
+
+
 def _load(config: Path, overrides: list[str] | None, *, saved: bool = False) -> object:
     try:
         return load_config(config, overrides or [], saved=saved)
@@ -387,7 +397,7 @@ def _train_and_show(cfg: Any, chosen: str, *, out: Path | None, resume: bool = F
                           on_round=None if quiet else on_round, progress=view,
                           report=report, loopback=loopback)
     except (DataError, ConfigError, ValueError, RuntimeError) as exc:
-        fail(f"{type(exc).__name__}: {exc}")
+        fail(_why(exc))
         return
     except KeyboardInterrupt:
         where = out if out is not None else "its run directory"
@@ -495,7 +505,7 @@ def report_cmd(
         fail(f"report: a JSON file of the runs is not valid JSON ({exc}); was a run stopped "
              "while writing it?")
     except (ValueError, KeyError, FileNotFoundError) as exc:
-        fail(f"report: {type(exc).__name__}: {exc}")
+        fail(f"report: {_why(exc)}")
     console.print(f"report: {html_path}\n        {json_path}")
 
 
@@ -527,7 +537,7 @@ def predict_cmd(
     try:
         result = predict_site(run_dir, site_dir, model_site=model_site, site_name=site_name)
     except (DataError, ConfigError, ValueError, RuntimeError) as exc:
-        fail(f"{type(exc).__name__}: {exc}")
+        fail(_why(exc))
     out.parent.mkdir(parents=True, exist_ok=True)
     result.frame.to_csv(out, index=False)
     positive = int(result.frame["predicted"].sum())
@@ -730,7 +740,7 @@ def pca_cmd(
         result = run_pca_analysis(cfg, features, out, n_components=n_components,
                                   site_rank=site_rank, svd_solver=svd_solver)
     except (DataError, ValueError, RuntimeError) as exc:
-        fail(f"{type(exc).__name__}: {exc}")
+        fail(_why(exc))
     _print_pca(result.document, [result.json_path, result.sites_png, result.variance_png])
 
 

@@ -475,6 +475,7 @@ def test_flower_local_refuses_a_run_directory_before_starting_flower(
     start = time.perf_counter()
     out = refused("flower", "local", str(runs["config"]), "--out", str(runs["fed"]))
     assert "is already there; give another --out or --overwrite" in out  # as `mmfl train`
+    assert out.startswith("error: --out ")  # the words, not the exception's class name
     assert time.perf_counter() - start < 10
 
 
