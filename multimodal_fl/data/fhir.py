@@ -74,6 +74,7 @@ from multimodal_fl.data.units import UnitError, accepts_unitless, convert
 
 __all__ = [
     "FHIR_ID",
+    "VOID_STATUS",
     "Coded",
     "FHIRReader",
     "ObservationValue",
@@ -84,6 +85,7 @@ __all__ = [
     "matches",
     "nonconforming_ids",
     "parse_time",
+    "void_status",
 ]
 
 
@@ -299,6 +301,55 @@ _COND_CLINICAL = ("onsetDateTime", "onsetPeriod.start", "recordedDate")
 _COND_KNOWN = ("recordedDate", "onsetDateTime", "onsetPeriod.start")
 
 
+#: Per resource type, the status fields and the codes of their FHIR R4 value sets that say
+#: the record did not happen (``not-done``, ``cancelled``, ``refuted``) or was entered in
+#: error; such a record is never used (``not_done_or_in_error``). Every other code, and a
+#: missing status, is read as before (``Condition.clinicalStatus`` is not one of them).
+VOID_STATUS: dict[str, tuple[tuple[str, frozenset[str]], ...]] = {
+    "Condition": (("verificationStatus", frozenset({"refuted", "entered-in-error"})),),
+    "Procedure": (("status", frozenset({"not-done", "entered-in-error"})),),
+    "Observation": (("status", frozenset({"cancelled", "entered-in-error"})),),
+    "MedicationRequest": (("status", frozenset({"cancelled", "entered-in-error"})),),
+    "Medication": (("status", frozenset({"entered-in-error"})),),
+    "Device": (("status", frozenset({"entered-in-error"})),),
+    "DeviceUseStatement": (("status", frozenset({"entered-in-error"})),),
+    "Encounter": (("status", frozenset({"cancelled", "entered-in-error"})),),
+    "DocumentReference": (("status", frozenset({"entered-in-error"})),
+                          ("docStatus", frozenset({"entered-in-error"}))),
+    "DiagnosticReport": (("status", frozenset({"cancelled", "entered-in-error"})),),
+    "ImagingStudy": (("status", frozenset({"cancelled", "entered-in-error"})),),
+}
+_VER_STATUS_SYSTEM = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+
+
+def void_status(rt: str, res: dict[str, Any]) -> tuple[str, str] | None:
+    """The status that says ``res`` did not happen or was entered in error, if it has one.
+
+    Parameters
+    ----------
+    rt
+        The resource type.
+    res
+        The resource dict.
+
+    Returns
+    -------
+    tuple of str or None
+        ``(field, code)`` of the first such status (see :data:`VOID_STATUS`); None when the
+        record stands (any other status, or none).
+    """
+    for fld, codes in VOID_STATUS.get(rt, ()):
+        value = res.get(fld)
+        if isinstance(value, str):
+            if value in codes:
+                return fld, value
+        elif isinstance(value, dict):  # a CodeableConcept (Condition.verificationStatus)
+            for system, code in _codings(value):
+                if code in codes and system in {"", _VER_STATUS_SYSTEM}:
+                    return fld, code
+    return None
+
+
 def _by_start(items: list[_Deferred]) -> list[_Deferred]:
     """Deferred encounters with a start, in start order (file order among equal starts)."""
     dated = [(it[4], i, it) for i, it in enumerate(items) if it[4] is not None]
@@ -358,6 +409,7 @@ class FHIRReader:
         self._deferred_obs: list[_Deferred] = []
         self._dated_devices: set[str | None] = set()
         self._elements = _ElementCache()
+        self._void_refs: dict[str, str] = {}  # references to records not used: their status
 
     # ------------------------------------------------------------------ reading
 
@@ -381,6 +433,8 @@ class FHIRReader:
         wanted = self._wanted(rt, res)
         if wanted and self.validation == "task" and rt in _DEFERRED:
             counts["resources_selected"] += 1
+            if self._void(rt, res, label, rid, full_url):
+                return
             try:
                 self._defer(rt, res, label, rid, full_url)
             except BadField as exc:
@@ -393,12 +447,33 @@ class FHIRReader:
             counts["resources_not_used"] += 1
             return
         counts["resources_selected"] += 1
+        if self._void(rt, res, label, rid, full_url):
+            return
         counts["resources_used"] += 1
         counts[f"used_{rt}"] += 1
         try:
             self._record(rt, res, label, rid, full_url)
         except BadField as exc:
             self.sink.report(label, rid, exc.field, "bad_date", str(exc))
+
+    def _void(self, rt: str, res: dict[str, Any], label: str, rid: str,
+              full_url: str | None) -> bool:
+        """Report ``res`` when its status says it did not happen or was entered in error.
+
+        Such a record is not used (``not_done_or_in_error``, naming its status field); the
+        references that name it are remembered, so that a record pointing to it says why it
+        does not resolve.
+        """
+        void = void_status(rt, res)
+        if void is None:
+            return False
+        fld, code = void
+        self.sink.report(label, rid, fld, "not_done_or_in_error",
+                         f"{rt} {fld} is '{code}': the record says it did not happen or was "
+                         "entered in error, so it is not used")
+        for key in _alias_keys(rt, rid, full_url):
+            self._void_refs[key] = code
+        return True
 
     def _defer(self, rt: str, res: dict[str, Any], label: str, rid: str,
                full_url: str | None) -> None:
@@ -830,9 +905,11 @@ class FHIRReader:
                 request, med_ref = item
                 codings = self.medication_codings(med_ref)
                 if codings is None:
+                    void = self._void_refs.get(med_ref)
+                    why = (f"but that Medication is '{void}' (not used)" if void else
+                           "but no Medication with that id was read at this site")
                     self.sink.report(label, rid, "medicationReference", "unresolved_reference",
-                                     f"references medication '{med_ref}', but no Medication "
-                                     "with that id was read at this site")
+                                     f"references medication '{med_ref}', {why}")
                     continue
                 rec.medications[pid].append(replace(request, codings=codings))
             elif kind == "observation":
