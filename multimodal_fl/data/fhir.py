@@ -56,7 +56,13 @@ from pydantic import ValidationError
 
 from multimodal_fl.config import TaskSpec
 from multimodal_fl.data.errors import ErrorSink
-from multimodal_fl.data.fhir_json import BadField, first_time, iter_file_resources, parse_time
+from multimodal_fl.data.fhir_json import (
+    BadField,
+    first_time,
+    iter_file_resources,
+    parse_time,
+    shifted,
+)
 from multimodal_fl.data.records import (
     Coded,
     Coding,
@@ -870,7 +876,7 @@ class FHIRReader:
             if pid not in windows:
                 index, _ = index_time(task, pid, rec)
                 windows[pid] = None if index is None else (
-                    index - timedelta(days=max_lookback), index + allowance)
+                    shifted(index, -timedelta(days=max_lookback)), shifted(index, allowance))
             win = windows[pid]
             if t is not None and known is not None and (
                     win is None or not (win[0] <= t and known <= win[1])):

@@ -57,6 +57,7 @@ import numpy as np
 
 from multimodal_fl.config import IMAGING_MODALITY_CODES, TaskSpec
 from multimodal_fl.data.errors import ErrorSink
+from multimodal_fl.data.fhir_json import shifted
 from multimodal_fl.data.imaging import check_readable, select_image
 from multimodal_fl.data.records import Note, ObservationValue, SiteRecords, known_time, matches
 
@@ -189,7 +190,7 @@ def _window(task: TaskSpec, pid: str, records: SiteRecords) -> tuple[_Window | N
         if task.cohort.conditions and not _in_cohort(task, pid, records, None):
             return None, "not_in_cohort"
         return None, why
-    cutoff = index + timedelta(hours=task.index.allowance_hours)
+    cutoff = shifted(index, timedelta(hours=task.index.allowance_hours))
     if not _in_cohort(task, pid, records, cutoff):
         return None, "not_in_cohort"
     if pat.birth is not None and pat.birth > index:
@@ -209,7 +210,7 @@ def _label(task: TaskSpec, pid: str, records: SiteRecords, cutoff: datetime,
     label: int | None = None
     if label_rule.kind == "events_after_index":
         assert label_rule.window_hours is not None  # guaranteed by LabelRule's validator
-        end = cutoff + timedelta(hours=label_rule.window_hours)
+        end = shifted(cutoff, timedelta(hours=label_rule.window_hours))
         events = _events(task, pid, records)
         if label_rule.exclude_prior_events and any(t <= cutoff for t, _ in events):
             return None, "prior_event"
@@ -249,7 +250,7 @@ def _observation_features(row: dict[str, Any], task: TaskSpec, obs: list[Observa
     for spec in feats.observations:
         lookback = timedelta(days=spec.lookback_days if spec.lookback_days is not None
                              else feats.lookback_days)
-        start = window.index - lookback
+        start = shifted(window.index, -lookback)
         vals = sorted((o for o in obs if o.feature == spec.name and start <= o.time
                        and o.known <= window.cutoff), key=lambda o: o.time)
         if vals:

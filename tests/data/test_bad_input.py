@@ -60,6 +60,11 @@ def _bad_date(root: Path) -> None:
         "obs-date", "good", "8867-4", 70.0, "/min", "yesterday at noon"))
 
 
+def _date_out_of_range(root: Path) -> None:
+    f.write_json(root / "fhir" / "bad.json", f.observation(
+        "obs-9999", "good", "8867-4", 70.0, "/min", "9999-12-31T23:00:00-05:00"))
+
+
 def _ndjson_bad_line(root: Path) -> None:
     good = f.observation("obs-ok", "good", "9279-1", 20.0, "/min", "2020-03-01T09:00:00Z")
     (root / "fhir" / "bad.ndjson").write_text(json.dumps(good) + "\n{not json\n")
@@ -90,6 +95,8 @@ CASES: dict[str, tuple[Writer, str, str, str, str]] = {
                            "valueQuantity.code"),
     "unparseable_date": (_bad_date, "bad_date", "fhir/bad.json", "obs-date",
                          "effectiveDateTime"),
+    "date_out_of_range": (_date_out_of_range, "bad_date", "fhir/bad.json", "obs-9999",
+                          "effectiveDateTime"),
     "ndjson_bad_line": (_ndjson_bad_line, "invalid_json", "fhir/bad.ndjson", "line 2",
                         "<json>"),
     "conflicting_patient": (_conflicting_patient, "conflicting_patient", "fhir/zz-dup.json",
@@ -142,3 +149,22 @@ def test_bad_date_without_validation_is_reported_by_parser(tmp_path: Path) -> No
     reader.add_resource(f.condition("c", "p", f.COVID, "March 2020"), "x.json")
     assert [(s.reason, s.resource_id, s.field) for s in sink.skipped] == [
         ("bad_date", "c", "onsetDateTime")]
+
+
+@pytest.mark.parametrize("on_error", ["skip", "fail"])
+def test_a_birth_date_before_year_1_in_utc_is_a_bad_date(tmp_path: Path, on_error: str) -> None:
+    """0001-01-01 at a site in Tokyo starts in year 0 UTC: reported, never an OverflowError."""
+    root = tmp_path / "site"
+    _good(root)
+    (root / "policy.yaml").write_text("timezone: Asia/Tokyo\n")
+    f.write_json(root / "fhir" / "bad.json", f.patient("year1", birth="0001-01-01"))
+    data = DataConfig(on_error=on_error)  # type: ignore[arg-type]
+    if on_error == "fail":
+        with pytest.raises(DataError, match=r"fhir/bad.json: resource 'year1', field "
+                                            r"'birthDate': '0001-01-01' .*outside"):
+            build_cohort(root, load_task("covid_oxygen_24h"), data=data)
+        return
+    cohort = build_cohort(root, load_task("covid_oxygen_24h"), data=data)
+    assert [(s.file, s.resource_id, s.field, s.reason) for s in cohort.skipped] == [
+        ("fhir/bad.json", "year1", "birthDate", "bad_date")]
+    assert list(cohort.table.patient_id) == ["good"]
