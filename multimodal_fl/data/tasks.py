@@ -117,7 +117,7 @@ def index_time(task: TaskSpec, pid: str, records: SiteRecords) -> tuple[datetime
     if rule.kind == "first_encounter":
         classes = set(rule.encounter_class)
         starts = [e.time for e in records.encounters.get(pid, []) if e.time is not None
-                  and records.encounter_class.get(e.resource_id) in classes]
+                  and records.encounter_class.get((pid, e.resource_id)) in classes]
         return (min(starts), "") if starts else (None, "no_index_encounter")
     conds = [c for c in records.conditions.get(pid, [])
              if any(matches(c.codings, s) for s in task.cohort.conditions)]
@@ -125,10 +125,9 @@ def index_time(task: TaskSpec, pid: str, records: SiteRecords) -> tuple[datetime
     if not conds:
         return None, "no_index_condition"
     first = min(conds, key=lambda c: (c.time is None, c.time or datetime.max))
-    if first.encounter and first.encounter in records.encounter_by_id:
-        enc = records.encounter_by_id[first.encounter]
-        if enc.time is not None:
-            return enc.time, ""
+    enc = records.encounter_by_key.get((pid, first.encounter)) if first.encounter else None
+    if enc is not None and enc.time is not None:  # the patient's own encounter of that id
+        return enc.time, ""
     if first.time is None:
         return None, "no_index_time"
     later = sorted(e.time for e in records.encounters.get(pid, [])
