@@ -83,6 +83,7 @@ from multimodal_fl.data.units import UnitError, accepts_unitless, convert
 # fhir.resources is heavy to import: imported inside the functions that use it
 
 __all__ = [
+    "ADMINISTRATIVE_GENDER",
     "FHIR_ID",
     "VOID_STATUS",
     "Coded",
@@ -356,6 +357,8 @@ VOID_STATUS: dict[str, tuple[tuple[str, frozenset[str]], ...]] = {
     "ImagingStudy": (("status", frozenset({"cancelled", "entered-in-error"})),),
 }
 _VER_STATUS_SYSTEM = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+#: FHIR R4 administrative-gender: any other ``Patient.gender`` is reported (``unknown_gender``)
+ADMINISTRATIVE_GENDER = frozenset({"male", "female", "other", "unknown"})
 
 
 def void_status(rt: str, res: dict[str, Any]) -> tuple[str, str] | None:
@@ -745,7 +748,15 @@ class FHIRReader:
         birth, _ = first_time(res, ("birthDate",), tz=self.tz)
         deceased, _ = first_time(res, ("deceasedDateTime",), tz=self.tz)
         deceased_end, _ = first_time(res, ("deceasedDateTime",), tz=self.tz, end=True)
-        rec = PatientRecord(rid, label, birth, res.get("gender"), deceased, deceased_end)
+        gender = res.get("gender")
+        if gender is not None and gender not in ADMINISTRATIVE_GENDER:
+            self.sink.report(label, rid, "gender", "unknown_gender",
+                             f"gender {gender!r} is not a FHIR administrative-gender code "
+                             f"({', '.join(sorted(ADMINISTRATIVE_GENDER))}); the patient is "
+                             "kept with sex unknown (codes such as HL7 v2 'F' / 'M' are not "
+                             "mapped: export the FHIR codes)")
+            gender = None
+        rec = PatientRecord(rid, label, birth, gender, deceased, deceased_end)
         if deceased is None and res.get("deceasedBoolean") is True:
             rec.deceased = None  # known dead, unknown date: no event time
         old = self.records.patients.get(rid)

@@ -4,6 +4,7 @@ losing the good data, or stops the run with a DataError under ``on_error: fail``
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,6 +66,10 @@ def _date_out_of_range(root: Path) -> None:
         "obs-9999", "good", "8867-4", 70.0, "/min", "9999-12-31T23:00:00-05:00"))
 
 
+def _hl7v2_gender(root: Path) -> None:
+    f.write_json(root / "fhir" / "bad.json", f.patient("hl7", gender="F"))
+
+
 def _ndjson_bad_line(root: Path) -> None:
     good = f.observation("obs-ok", "good", "9279-1", 20.0, "/min", "2020-03-01T09:00:00Z")
     (root / "fhir" / "bad.ndjson").write_text(json.dumps(good) + "\n{not json\n")
@@ -97,6 +102,7 @@ CASES: dict[str, tuple[Writer, str, str, str, str]] = {
                          "effectiveDateTime"),
     "date_out_of_range": (_date_out_of_range, "bad_date", "fhir/bad.json", "obs-9999",
                           "effectiveDateTime"),
+    "unknown_gender": (_hl7v2_gender, "unknown_gender", "fhir/bad.json", "hl7", "gender"),
     "ndjson_bad_line": (_ndjson_bad_line, "invalid_json", "fhir/bad.ndjson", "line 2",
                         "<json>"),
     "conflicting_patient": (_conflicting_patient, "conflicting_patient", "fhir/zz-dup.json",
@@ -168,3 +174,19 @@ def test_a_birth_date_before_year_1_in_utc_is_a_bad_date(tmp_path: Path, on_erro
     assert [(s.file, s.resource_id, s.field, s.reason) for s in cohort.skipped] == [
         ("fhir/bad.json", "year1", "birthDate", "bad_date")]
     assert list(cohort.table.patient_id) == ["good"]
+
+
+def test_a_gender_outside_administrative_gender_is_reported_not_guessed(tmp_path: Path) -> None:
+    """HL7 v2 'F' / 'M' are not FHIR codes: each is named, and sex stays unknown."""
+    root = tmp_path / "site"
+    res = [*f.covid_patient("v2", gender="F"), *f.covid_patient("fhir", gender="female"),
+           *f.covid_patient("other", gender="other"), *f.covid_patient("unk", gender="unknown")]
+    f.write_json(root / "fhir" / "b.json", f.bundle(res))
+    cohort = build_cohort(root, load_task("covid_oxygen_24h"))
+    assert [(s.file, s.resource_id, s.field, s.reason) for s in cohort.skipped] == [
+        ("fhir/b.json", "v2", "gender", "unknown_gender")]
+    assert "'F'" in cohort.skipped[0].detail and "administrative-gender" in cohort.skipped[0].detail
+    table = cohort.table.set_index("patient_id")
+    assert table.loc["v2", "sex"] == "unknown" and math.isnan(table.loc["v2", "sex_female"])
+    assert table.loc["v2", "heart_rate"] == 80.0  # the rest of the patient is kept
+    assert table.loc["fhir", "sex_female"] == 1.0 and table.loc["other", "sex"] == "other"
