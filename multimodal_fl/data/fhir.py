@@ -812,6 +812,12 @@ class FHIRReader:
             if not isinstance(vq, dict) or not isinstance(vq.get("value"), int | float):
                 self.records.counts["observations_without_quantity"] += 1
                 continue
+            if vq.get("comparator"):  # '<5': a bound (a detection limit), not a measurement
+                self.sink.report(label, rid, f"{fld}.comparator", "value_with_comparator",
+                                 f"value for feature '{self._obs[codes[0]][0][0]}' is "
+                                 f"'{vq['comparator']}' {vq['value']}: a bound, not a "
+                                 "measured value, so it is not used")
+                continue
             for name, target in self._obs[codes[0]]:
                 value = self._feature_value(vq, name, target, label, rid, f"{fld}.code")
                 if value is not None:

@@ -70,6 +70,12 @@ def _hl7v2_gender(root: Path) -> None:
     f.write_json(root / "fhir" / "bad.json", f.patient("hl7", gender="F"))
 
 
+def _value_with_comparator(root: Path) -> None:
+    obs = f.observation("obs-lt", "good", "9279-1", 8.0, "/min", "2020-03-01T09:00:00Z")
+    obs["valueQuantity"]["comparator"] = "<"
+    f.write_json(root / "fhir" / "bad.json", obs)
+
+
 def _ndjson_bad_line(root: Path) -> None:
     good = f.observation("obs-ok", "good", "9279-1", 20.0, "/min", "2020-03-01T09:00:00Z")
     (root / "fhir" / "bad.ndjson").write_text(json.dumps(good) + "\n{not json\n")
@@ -103,6 +109,8 @@ CASES: dict[str, tuple[Writer, str, str, str, str]] = {
     "date_out_of_range": (_date_out_of_range, "bad_date", "fhir/bad.json", "obs-9999",
                           "effectiveDateTime"),
     "unknown_gender": (_hl7v2_gender, "unknown_gender", "fhir/bad.json", "hl7", "gender"),
+    "value_with_comparator": (_value_with_comparator, "value_with_comparator", "fhir/bad.json",
+                              "obs-lt", "valueQuantity.comparator"),
     "ndjson_bad_line": (_ndjson_bad_line, "invalid_json", "fhir/bad.ndjson", "line 2",
                         "<json>"),
     "conflicting_patient": (_conflicting_patient, "conflicting_patient", "fhir/zz-dup.json",
@@ -190,3 +198,24 @@ def test_a_gender_outside_administrative_gender_is_reported_not_guessed(tmp_path
     assert table.loc["v2", "sex"] == "unknown" and math.isnan(table.loc["v2", "sex_female"])
     assert table.loc["v2", "heart_rate"] == 80.0  # the rest of the patient is kept
     assert table.loc["fhir", "sex_female"] == 1.0 and table.loc["other", "sex"] == "other"
+
+
+@pytest.mark.parametrize("comparator", ["<", "<=", ">=", ">"])
+def test_a_value_with_a_comparator_is_a_bound_not_a_value(tmp_path: Path,
+                                                           comparator: str) -> None:
+    """'<5 mg/L' is not 5 mg/L: the value is not used, and counted."""
+    root = tmp_path / "site"
+    crp = f.observation("crp-lt", "p", "1988-5", 5.0, "mg/L", "2020-03-01T08:00:00Z")
+    crp["valueQuantity"]["comparator"] = comparator
+    bp = f.bp_panel("bp", "p", 120.0, 80.0, "2020-03-01T08:00:00Z")
+    bp["component"][1]["valueQuantity"]["comparator"] = comparator
+    f.write_json(root / "fhir" / "b.json", f.bundle(f.covid_patient("p", extra=[crp, bp])))
+    cohort = build_cohort(root, load_task("covid_oxygen_24h"))
+    row = cohort.table.iloc[0]
+    assert math.isnan(row["crp"]) and row["missing_crp"] == 1.0
+    assert row["systolic_bp"] == 120.0 and math.isnan(row["diastolic_bp"])
+    assert [(s.resource_id, s.field, s.reason) for s in cohort.skipped] == [
+        ("crp-lt", "valueQuantity.comparator", "value_with_comparator"),
+        ("bp", "component[1].valueQuantity.comparator", "value_with_comparator")]
+    assert f"'{comparator}'" in cohort.skipped[0].detail
+    assert cohort.counts["skipped_by_reason"] == {"value_with_comparator": 2}
