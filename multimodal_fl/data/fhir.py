@@ -16,7 +16,11 @@ Reading is two-pass by design:
    (``DataConfig.validation == "task"``), or of every resource (``"all"``).
 
 Patients are joined by ``Patient.id``; references may be ``Patient/<id>``,
-``urn:uuid:<id>`` (Synthea's transaction bundles) or any ``fullUrl`` of a bundle entry.
+``urn:uuid:<id>`` (Synthea's transaction bundles) or any ``fullUrl`` of a bundle entry, and
+``<Type>/<id>`` may be an absolute URL and version-specific (``.../_history/2``), for every
+type the reader follows (Patient, Encounter, Device, Medication). Encounter and Device ids
+are per patient: two patients' files may each hold an ``Encounter/e1``. A record whose
+status says it did not happen or was entered in error (:data:`VOID_STATUS`) is not used.
 An id outside FHIR's id pattern ``[A-Za-z0-9-.]{1,64}`` (``OAS1_0018_MR1``: underscores are
 common in source ids) is kept as written, so the resource and every reference to it
 (``Patient/<id>``, its percent-encoded form, ``urn:uuid:<id>``) still meet, and noted
@@ -56,7 +60,13 @@ from pydantic import ValidationError
 
 from multimodal_fl.config import TaskSpec
 from multimodal_fl.data.errors import ErrorSink
-from multimodal_fl.data.fhir_json import BadField, first_time, iter_file_resources, parse_time
+from multimodal_fl.data.fhir_json import (
+    BadField,
+    first_time,
+    iter_file_resources,
+    parse_time,
+    shifted,
+)
 from multimodal_fl.data.records import (
     Coded,
     Coding,
@@ -73,7 +83,9 @@ from multimodal_fl.data.units import UnitError, accepts_unitless, convert
 # fhir.resources is heavy to import: imported inside the functions that use it
 
 __all__ = [
+    "ADMINISTRATIVE_GENDER",
     "FHIR_ID",
+    "VOID_STATUS",
     "Coded",
     "FHIRReader",
     "ObservationValue",
@@ -84,6 +96,7 @@ __all__ = [
     "matches",
     "nonconforming_ids",
     "parse_time",
+    "void_status",
 ]
 
 
@@ -287,6 +300,32 @@ def _ref_key(ref: Any) -> str | None:
     return r
 
 
+# Type/id, or a URL ending in it, either version-specific (.../_history/<version>)
+_LITERAL_REF = re.compile(r"(?:^|/)([A-Za-z]+)/([^/]+)(?:/_history/[^/]+)?$")
+
+
+def _ref_id(ref: str, rt: str) -> str | None:
+    """The id of the ``rt`` resource that a reference string names, read from its form.
+
+    ``rt/<id>``, a URL ending in it (``http://host/fhir/rt/<id>``), either with
+    ``/_history/<version>``, or ``urn:uuid:<id>`` (Synthea's fullUrls are ``urn:uuid:`` and
+    the resource's id); a percent-encoded id is decoded. None for another type or form (a
+    bundle ``fullUrl`` of another shape resolves through the reader's aliases instead).
+    """
+    if ref.startswith("urn:uuid:"):
+        return ref[len("urn:uuid:"):] or None
+    match = _LITERAL_REF.search(ref)
+    if match is None or match.group(1) != rt:
+        return None
+    return unquote(match.group(2))
+
+
+def _class_code(res: dict[str, Any]) -> str | None:
+    """An Encounter's ``class`` code (``IMP``, ``AMB``), None when it has none."""
+    codes = [code for _, code in _coding_list(res.get("class"))]
+    return codes[-1] if codes else None
+
+
 _SUBJECT_FIELD = {"Device": "patient", "Patient": ""}
 _DEFERRED = {"Encounter", "Observation"}
 # resource, file, id, subject reference, clinical time, known time (Observations)
@@ -297,6 +336,63 @@ _OBS_KNOWN = ("issued", "effectiveDateTime", "effectivePeriod.end", "effectivePe
               "effectiveInstant")
 _COND_CLINICAL = ("onsetDateTime", "onsetPeriod.start", "recordedDate")
 _COND_KNOWN = ("recordedDate", "onsetDateTime", "onsetPeriod.start")
+
+
+#: Per resource type, the status fields and the codes of their FHIR R4 value sets that say
+#: the record did not happen (``not-done``, ``cancelled``, ``refuted``) or was entered in
+#: error; such a record is never used (``not_done_or_in_error``). Every other code, and a
+#: missing status, is read as before (``Condition.clinicalStatus`` is not one of them).
+VOID_STATUS: dict[str, tuple[tuple[str, frozenset[str]], ...]] = {
+    "Condition": (("verificationStatus", frozenset({"refuted", "entered-in-error"})),),
+    "Procedure": (("status", frozenset({"not-done", "entered-in-error"})),),
+    "Observation": (("status", frozenset({"cancelled", "entered-in-error"})),),
+    "MedicationRequest": (("status", frozenset({"cancelled", "entered-in-error"})),),
+    "Medication": (("status", frozenset({"entered-in-error"})),),
+    "Device": (("status", frozenset({"entered-in-error"})),),
+    "DeviceUseStatement": (("status", frozenset({"entered-in-error"})),),
+    "Encounter": (("status", frozenset({"cancelled", "entered-in-error"})),),
+    "DocumentReference": (("status", frozenset({"entered-in-error"})),
+                          ("docStatus", frozenset({"entered-in-error"}))),
+    "DiagnosticReport": (("status", frozenset({"cancelled", "entered-in-error"})),),
+    "ImagingStudy": (("status", frozenset({"cancelled", "entered-in-error"})),),
+}
+_VER_STATUS_SYSTEM = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+#: FHIR R4 administrative-gender: any other ``Patient.gender`` is reported (``unknown_gender``)
+ADMINISTRATIVE_GENDER = frozenset({"male", "female", "other", "unknown"})
+
+
+def void_status(rt: str, res: dict[str, Any]) -> tuple[str, str] | None:
+    """The status that says ``res`` did not happen or was entered in error, if it has one.
+
+    Parameters
+    ----------
+    rt
+        The resource type.
+    res
+        The resource dict.
+
+    Returns
+    -------
+    tuple of str or None
+        ``(field, code)`` of the first such status (see :data:`VOID_STATUS`); None when the
+        record stands (any other status, or none).
+    """
+    for fld, codes in VOID_STATUS.get(rt, ()):
+        value = res.get(fld)
+        if isinstance(value, str):
+            if value in codes:
+                return fld, value
+        elif isinstance(value, dict):  # a CodeableConcept (Condition.verificationStatus)
+            for system, code in _codings(value):
+                if code in codes and system in {"", _VER_STATUS_SYSTEM}:
+                    return fld, code
+    return None
+
+
+# pending kind -> the SiteRecords field it is appended to, per patient
+_PENDING_FIELD = {"procedure": "procedures", "medication": "medications",
+                  "observation": "observations", "note": "notes", "image": "images",
+                  "study": "studies"}
 
 
 def _by_start(items: list[_Deferred]) -> list[_Deferred]:
@@ -347,17 +443,20 @@ class FHIRReader:
         self._need_encounters = task.index.kind in {"condition_encounter", "first_encounter"}
         # pending items whose references are resolved in finish()
         self._alias: dict[str, str] = {}  # fullUrl / 'Patient/id' -> patient id
+        # reference string (fullUrl, 'Encounter/id') -> id; the ids of every Encounter read
         self._enc_alias: dict[str, str] = {}
+        self._enc_ids: set[str] = set()
         self._dev_alias: dict[str, str] = {}
         self._med_alias: dict[str, tuple[Coding, ...]] = {}  # 'Medication/id', fullUrl -> code
         self._pending: list[tuple[str, str, str, str, Any]] = []  # kind, ref, file, rid, item
-        self._device_types: dict[str, Coded] = {}
+        self._device_types: dict[tuple[str, str], Coded] = {}  # (patient, Device id) ->
         self._device_uses: list[tuple[str, str, str, str, datetime]] = []
         self._known = known_resource_types()
         self._deferred_enc: list[_Deferred] = []
         self._deferred_obs: list[_Deferred] = []
-        self._dated_devices: set[str | None] = set()
+        self._dated_devices: set[tuple[str, str]] = set()
         self._elements = _ElementCache()
+        self._void_refs: dict[str, str] = {}  # references to records not used: their status
 
     # ------------------------------------------------------------------ reading
 
@@ -381,6 +480,8 @@ class FHIRReader:
         wanted = self._wanted(rt, res)
         if wanted and self.validation == "task" and rt in _DEFERRED:
             counts["resources_selected"] += 1
+            if self._void(rt, res, label, rid, full_url):
+                return
             try:
                 self._defer(rt, res, label, rid, full_url)
             except BadField as exc:
@@ -393,12 +494,33 @@ class FHIRReader:
             counts["resources_not_used"] += 1
             return
         counts["resources_selected"] += 1
+        if self._void(rt, res, label, rid, full_url):
+            return
         counts["resources_used"] += 1
         counts[f"used_{rt}"] += 1
         try:
             self._record(rt, res, label, rid, full_url)
         except BadField as exc:
             self.sink.report(label, rid, exc.field, "bad_date", str(exc))
+
+    def _void(self, rt: str, res: dict[str, Any], label: str, rid: str,
+              full_url: str | None) -> bool:
+        """Report ``res`` when its status says it did not happen or was entered in error.
+
+        Such a record is not used (``not_done_or_in_error``, naming its status field); the
+        references that name it are remembered, so that a record pointing to it says why it
+        does not resolve.
+        """
+        void = void_status(rt, res)
+        if void is None:
+            return False
+        fld, code = void
+        self.sink.report(label, rid, fld, "not_done_or_in_error",
+                         f"{rt} {fld} is '{code}': the record says it did not happen or was "
+                         "entered in error, so it is not used")
+        for key in _alias_keys(rt, rid, full_url):
+            self._void_refs[key] = code
+        return True
 
     def _defer(self, rt: str, res: dict[str, Any], label: str, rid: str,
                full_url: str | None) -> None:
@@ -408,12 +530,31 @@ class FHIRReader:
             return
         if rt == "Encounter":
             start, _ = first_time(res, ("period.start", "period.end"), tz=self.tz)
-            for key in _alias_keys(rt, rid, full_url):
-                self._enc_alias[key] = rid
+            self._name_encounter(rid, full_url, label)
             self._deferred_enc.append((res, label, rid, ref, start, None))
         else:
             t, known = self._times(res, _OBS_CLINICAL, _OBS_KNOWN)
             self._deferred_obs.append((res, label, rid, ref, t, known))
+
+    def _name_encounter(self, rid: str, full_url: str | None, label: str) -> None:
+        """Remember the reference strings of Encounter ``rid`` (see :meth:`_name`)."""
+        self._enc_ids.add(rid)
+        self._name(self._enc_alias, "Encounter", rid, full_url, label)
+
+    def _name(self, aliases: dict[str, str], rt: str, rid: str, full_url: str | None,
+              label: str) -> None:
+        """Map the reference strings of ``rt/rid`` (its fullUrl, ``rt/id``) to ``rid``.
+
+        Ids are per patient (two patients may each have an ``Encounter/e1``), but a fullUrl
+        names one resource: a fullUrl already naming another id keeps the first and is
+        reported (``conflicting_encounter`` / ``conflicting_device``, field ``fullUrl``).
+        """
+        for key in _alias_keys(rt, rid, full_url):
+            first = aliases.setdefault(key, rid)
+            if first != rid:
+                self.sink.report(label, rid, "fullUrl", f"conflicting_{rt.lower()}",
+                                 f"fullUrl '{key}' of {rt} '{rid}' already names {rt} "
+                                 f"'{first}'; references to it resolve to '{first}'")
 
     def _times(self, res: dict[str, Any], clinical: tuple[str, ...], known: tuple[str, ...]
                ) -> tuple[datetime | None, datetime | None]:
@@ -537,11 +678,8 @@ class FHIRReader:
             start, _ = first_time(res, ("period.start", "period.end"), tz=self.tz)
             end, _ = first_time(res, ("period.end",), tz=self.tz)
             enc = Coded(rid, label, tuple(_codings((res.get("type") or [{}])[0])), start, end)
-            for key in _alias_keys(rt, rid, full_url):
-                self._enc_alias[key] = rid
-            for _, code in _coding_list(res.get("class")):
-                self.records.encounter_class[rid] = code
-            self._pending.append(("encounter", ref, label, rid, enc))
+            self._name_encounter(rid, full_url, label)
+            self._pending.append(("encounter", ref, label, rid, (enc, _class_code(res))))
         elif rt == "Condition":
             onset, known = self._times(res, _COND_CLINICAL, _COND_KNOWN)
             abate, _ = first_time(res, ("abatementDateTime", "abatementPeriod.end"), tz=self.tz)
@@ -555,9 +693,7 @@ class FHIRReader:
                                   Coded(rid, label, tuple(_codings(res.get("code"))), t)))
         elif rt == "Device":
             dev = Coded(rid, label, tuple(_codings(res.get("type"))), None)
-            self._device_types[rid] = dev
-            for key in _alias_keys(rt, rid, full_url):
-                self._dev_alias[key] = rid
+            self._name(self._dev_alias, "Device", rid, full_url, label)
             self._pending.append(("device_owner", ref, label, rid, dev))
         elif rt == "MedicationRequest":
             t, known = self._times(res, ("authoredOn",), ("authoredOn",))
@@ -612,7 +748,15 @@ class FHIRReader:
         birth, _ = first_time(res, ("birthDate",), tz=self.tz)
         deceased, _ = first_time(res, ("deceasedDateTime",), tz=self.tz)
         deceased_end, _ = first_time(res, ("deceasedDateTime",), tz=self.tz, end=True)
-        rec = PatientRecord(rid, label, birth, res.get("gender"), deceased, deceased_end)
+        gender = res.get("gender")
+        if gender is not None and gender not in ADMINISTRATIVE_GENDER:
+            self.sink.report(label, rid, "gender", "unknown_gender",
+                             f"gender {gender!r} is not a FHIR administrative-gender code "
+                             f"({', '.join(sorted(ADMINISTRATIVE_GENDER))}); the patient is "
+                             "kept with sex unknown (codes such as HL7 v2 'F' / 'M' are not "
+                             "mapped: export the FHIR codes)")
+            gender = None
+        rec = PatientRecord(rid, label, birth, gender, deceased, deceased_end)
         if deceased is None and res.get("deceasedBoolean") is True:
             rec.deceased = None  # known dead, unknown date: no event time
         old = self.records.patients.get(rid)
@@ -668,6 +812,12 @@ class FHIRReader:
             if not isinstance(vq, dict) or not isinstance(vq.get("value"), int | float):
                 self.records.counts["observations_without_quantity"] += 1
                 continue
+            if vq.get("comparator"):  # '<5': a bound (a detection limit), not a measurement
+                self.sink.report(label, rid, f"{fld}.comparator", "value_with_comparator",
+                                 f"value for feature '{self._obs[codes[0]][0][0]}' is "
+                                 f"'{vq['comparator']}' {vq['value']}: a bound, not a "
+                                 "measured value, so it is not used")
+                continue
             for name, target in self._obs[codes[0]]:
                 value = self._feature_value(vq, name, target, label, rid, f"{fld}.code")
                 if value is not None:
@@ -706,10 +856,8 @@ class FHIRReader:
         """Patient id for a reference string, or None when no such Patient was read."""
         if ref in self._alias:
             return self._alias[ref]
-        tail = ref.rsplit("/", 1)[-1]
-        if ref.endswith(f"Patient/{tail}") and unquote(tail) in self.records.patients:
-            return unquote(tail)
-        return None
+        pid = _ref_id(ref, "Patient")  # a URL, a version-specific reference
+        return pid if pid is not None and pid in self.records.patients else None
 
     def finish(self) -> SiteRecords:
         """Resolve references (patients, encounters, devices) and return the records.
@@ -747,7 +895,8 @@ class FHIRReader:
                 continue
             by_pid[pid].append(item)
         classes = set(self.task.index.encounter_class)
-        for pid, items in by_pid.items():
+        for pid, all_items in by_pid.items():
+            items = self._distinct_encounters(pid, all_items)
             if self.task.index.kind == "first_encounter":
                 candidates = _by_start([it for it in items if any(
                     code in classes for _, code in _coding_list(it[0].get("class")))])
@@ -757,6 +906,34 @@ class FHIRReader:
                 if self._use("Encounter", res, label, rid):
                     break
         self._deferred_enc.clear()
+
+    def _distinct_encounters(self, pid: str, items: list[_Deferred]) -> list[_Deferred]:
+        """A patient's deferred Encounters, each id once: the first read.
+
+        A later one with the same id and another start or class is reported
+        (``conflicting_encounter``); an identical one is the same encounter read twice.
+        """
+        first: dict[str, _Deferred] = {}
+        for it in items:
+            old = first.setdefault(it[2], it)
+            if old is not it:
+                self._check_same_encounter(pid, it[2], old[1], (old[4], _class_code(old[0])),
+                                           it[1], (it[4], _class_code(it[0])))
+        return list(first.values())
+
+    def _check_same_encounter(self, pid: str, rid: str, first_file: str,
+                              first: tuple[datetime | None, str | None], file: str,
+                              again: tuple[datetime | None, str | None]) -> None:
+        """Report Encounter ``rid`` of ``pid`` read again with another (start, class)."""
+        diff = [(name, a, b) for name, a, b in zip(("period.start", "class"), first, again,
+                                                   strict=True) if a != b]
+        if diff:
+            fld = ",".join(name for name, _, _ in diff)
+            self.sink.report(
+                file, rid, fld, "conflicting_encounter",
+                f"Encounter '{rid}' of patient '{pid}' conflicts with the same id in "
+                f"{first_file} on {fld} ({'; '.join(f'{a} vs {b}' for _, a, b in diff)}); "
+                f"kept the first ({first_file})")
 
     def _condition_encounters(self, pid: str, items: list[_Deferred]) -> list[_Deferred]:
         """The encounters that can be ``pid``'s ``condition_encounter`` index, best first.
@@ -795,7 +972,7 @@ class FHIRReader:
             if pid not in windows:
                 index, _ = index_time(task, pid, rec)
                 windows[pid] = None if index is None else (
-                    index - timedelta(days=max_lookback), index + allowance)
+                    shifted(index, -timedelta(days=max_lookback)), shifted(index, allowance))
             win = windows[pid]
             if t is not None and known is not None and (
                     win is None or not (win[0] <= t and known <= win[1])):
@@ -805,8 +982,7 @@ class FHIRReader:
         self._deferred_obs.clear()
 
     def _resolve_pending(self) -> None:
-        rec = self.records
-        dev_owner: dict[str, str] = {}
+        """Give each pending record to its patient, once every resource has been read."""
         pending = sorted(self._pending, key=lambda p: p[0] != "encounter")  # encounters first
         for kind, ref, label, rid, item in pending:
             pid = self.resolve_patient(ref)
@@ -816,35 +992,57 @@ class FHIRReader:
                                  f"references patient '{ref}', but no Patient with that id "
                                  "was read at this site")
                 continue
-            if kind == "encounter":
-                rec.encounters[pid].append(item)
-                rec.encounter_by_id[item.resource_id] = item
-            elif kind == "condition":
-                enc_id = self.encounter_id(item.encounter)
-                rec.conditions[pid].append(replace(item, encounter=enc_id))
-            elif kind == "procedure":
-                rec.procedures[pid].append(item)
-            elif kind == "medication":
-                rec.medications[pid].append(item)
-            elif kind == "medication_ref":
-                request, med_ref = item
-                codings = self.medication_codings(med_ref)
-                if codings is None:
-                    self.sink.report(label, rid, "medicationReference", "unresolved_reference",
-                                     f"references medication '{med_ref}', but no Medication "
-                                     "with that id was read at this site")
-                    continue
-                rec.medications[pid].append(replace(request, codings=codings))
-            elif kind == "observation":
-                rec.observations[pid].append(item)
-            elif kind == "note":
-                rec.notes[pid].append(item)
-            elif kind == "image":
-                rec.images[pid].append(item)
-            elif kind == "study":
-                rec.studies[pid].append(item)
-            elif kind == "device_owner":
-                dev_owner[item.resource_id] = pid
+            self._resolve_item(kind, pid, label, rid, item)
+        self._resolve_device_uses()
+        self._pending.clear()
+
+    def _resolve_item(self, kind: str, pid: str, label: str, rid: str, item: Any) -> None:
+        """Record one pending ``item`` of ``kind`` for patient ``pid``."""
+        rec = self.records
+        if kind == "encounter":
+            enc, klass = item
+            key = (pid, rid)
+            old = rec.encounter_by_key.get(key)
+            if old is not None:  # the patient's encounter read again
+                self._check_same_encounter(pid, rid, old.file,
+                                           (old.time, rec.encounter_class.get(key)), label,
+                                           (enc.time, klass))
+                return
+            rec.encounters[pid].append(enc)
+            rec.encounter_by_key[key] = enc
+            if klass is not None:
+                rec.encounter_class[key] = klass
+        elif kind == "condition":
+            rec.conditions[pid].append(replace(item, encounter=self.encounter_id(item.encounter)))
+        elif kind == "medication_ref":
+            request, med_ref = item
+            codings = self.medication_codings(med_ref)
+            if codings is None:
+                void = self._void_refs.get(med_ref) or self._void_refs.get(
+                    f"Medication/{_ref_id(med_ref, 'Medication')}")
+                why = (f"but that Medication is '{void}' (not used)" if void else
+                       "but no Medication with that id was read at this site")
+                self.sink.report(label, rid, "medicationReference", "unresolved_reference",
+                                 f"references medication '{med_ref}', {why}")
+                return
+            rec.medications[pid].append(replace(request, codings=codings))
+        elif kind == "device_owner":
+            self._record_device(pid, label, rid, item)
+        else:
+            getattr(rec, _PENDING_FIELD[kind])[pid].append(item)
+
+    def _record_device(self, pid: str, label: str, rid: str, dev: Coded) -> None:
+        """Keep ``pid``'s Device ``rid``; the same id read again with another type is reported."""
+        first = self._device_types.setdefault((pid, rid), dev)
+        if first is not dev and set(first.codings) != set(dev.codings):
+            self.sink.report(label, rid, "type", "conflicting_device",
+                             f"Device '{rid}' of patient '{pid}' conflicts with the same id in "
+                             f"{first.file} on type ({list(first.codings)} vs "
+                             f"{list(dev.codings)}); kept the first ({first.file})")
+
+    def _resolve_device_uses(self) -> None:
+        """Date each patient's label Devices by the DeviceUseStatements that name them."""
+        rec = self.records
         for ref, dev_ref, label, rid, t in self._device_uses:
             pid = self.resolve_patient(ref)
             if pid is None:
@@ -852,17 +1050,15 @@ class FHIRReader:
                                  f"references patient '{ref}', but no Patient with that id "
                                  "was read at this site")
                 continue
-            dev_id = self._dev_alias.get(dev_ref)
-            if dev_id is None:
-                continue  # a device the task does not ask for
-            dev = self._device_types[dev_id]
+            dev_id = self._dev_alias.get(dev_ref) or _ref_id(dev_ref, "Device")
+            dev = None if dev_id is None else self._device_types.get((pid, dev_id))
+            if dev_id is None or dev is None:
+                continue  # a device the task does not ask for (or not this patient's)
+            self._dated_devices.add((pid, dev_id))
             rec.devices[pid].append(Coded(rid, label, dev.codings, t))
-        self._dated_devices.update(
-            self._dev_alias.get(d) for _, d, _, _, _ in self._device_uses)
         undated = set(self._device_types) - self._dated_devices
         if undated:
             rec.counts["devices_without_use_statement"] = len(undated)
-        self._pending.clear()
         self._device_uses.clear()
 
     def medication_codings(self, ref: str | None) -> tuple[Coding, ...] | None:
@@ -871,14 +1067,19 @@ class FHIRReader:
             return None
         if ref in self._med_alias:
             return self._med_alias[ref]
-        tail = ref.rsplit("/", 1)[-1].removeprefix("urn:uuid:")
-        return self._med_alias.get(f"Medication/{tail}")
+        mid = _ref_id(ref, "Medication")  # a URL, a version-specific reference, urn:uuid
+        return None if mid is None else self._med_alias.get(f"Medication/{mid}")
 
     def encounter_id(self, ref: str | None) -> str | None:
-        """Encounter id for a reference (``Encounter/<id>``, ``urn:uuid:<id>``)."""
+        """Encounter id for a reference, None when no Encounter with that id was read.
+
+        The reference is a fullUrl, ``Encounter/<id>``, a URL ending in it, any of them
+        version-specific, or ``urn:uuid:<id>``. Ids are per patient: the caller looks the id
+        up among its patient's encounters (``SiteRecords.encounter_by_key``).
+        """
         if not ref:
             return None
         if ref in self._enc_alias:
             return self._enc_alias[ref]
-        tail = ref.rsplit("/", 1)[-1].removeprefix("urn:uuid:")
-        return tail if tail in self.records.encounter_by_id else None
+        eid = _ref_id(ref, "Encounter")
+        return eid if eid in self._enc_ids else None

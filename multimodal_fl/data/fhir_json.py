@@ -35,7 +35,7 @@ import orjson
 from multimodal_fl.data.errors import ErrorSink
 
 __all__ = ["BadField", "date_period", "first_time", "iter_file_resources", "parse_time",
-           "paused_gc", "unpack_resources"]
+           "paused_gc", "shifted", "unpack_resources"]
 
 _PARTIAL_DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?$")
 
@@ -78,6 +78,31 @@ def date_period(first: date, unit: str, *, tz: tzinfo = UTC, end: bool = False) 
     return datetime.combine(after, time(), tzinfo=tz).astimezone(UTC) - timedelta(seconds=1)
 
 
+def shifted(t: datetime, delta: timedelta) -> datetime:
+    """``t + delta``, held at the first or last instant a datetime holds instead of overflowing.
+
+    A window around a time in year 1 or 9999 (an index minus its lookback, a cut-off plus
+    its label window) then ends at the edge of the range.
+
+    Parameters
+    ----------
+    t
+        A timezone-aware UTC datetime.
+    delta
+        The shift.
+
+    Returns
+    -------
+    datetime
+        Timezone-aware, UTC.
+    """
+    try:
+        return t + delta
+    except OverflowError:
+        edge = datetime.max if delta > timedelta(0) else datetime.min
+        return edge.replace(tzinfo=UTC)
+
+
 def parse_time(value: Any, *, tz: tzinfo = UTC, end: bool = False) -> datetime:
     """Parse a FHIR date / dateTime / instant into an aware UTC datetime.
 
@@ -101,7 +126,8 @@ def parse_time(value: Any, *, tz: tzinfo = UTC, end: bool = False) -> datetime:
     Raises
     ------
     ValueError
-        When the value is not a FHIR date/dateTime.
+        When the value is not a FHIR date/dateTime, or when it lies outside years 1-9999
+        once in UTC (``0001-01-01`` in a zone east of UTC).
     """
     if not isinstance(value, str) or not value:
         raise ValueError(f"expected a FHIR date/dateTime string, got {value!r}")
@@ -111,6 +137,16 @@ def parse_time(value: Any, *, tz: tzinfo = UTC, end: bool = False) -> datetime:
 @functools.lru_cache(maxsize=1 << 16)
 def _parse_time(value: str, tz: tzinfo, end: bool) -> datetime:
     """:func:`parse_time` of a string, remembered (sites repeat times; datetimes are immutable)."""
+    try:
+        return _parse_in_range(value, tz, end)
+    except OverflowError:  # 0001-01-01 east of UTC, 9999-12-31T23:00-05:00: year 0 or 10000
+        raise ValueError(f"'{value}' lies outside the times this reader can place (years "
+                         "1-9999 in UTC, after the site's time zone or the value's offset is "
+                         "applied)") from None
+
+
+def _parse_in_range(value: str, tz: tzinfo, end: bool) -> datetime:
+    """:func:`_parse_time`; raises OverflowError when UTC would leave years 1-9999."""
     s = value.strip()
     bad = (f"'{value}' is not a FHIR date/dateTime (expected e.g. 2020-03-01 or "
            "2020-03-01T10:00:00+01:00)")

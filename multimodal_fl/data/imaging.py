@@ -122,8 +122,11 @@ def _dicom_instant(day: date, value: Any, tz: tzinfo) -> datetime | None:
     except ValueError:
         return None
     step = timedelta(hours=1) if mm is None else timedelta(minutes=1) if ss is None else None
-    end = start if step is None else start + step - timedelta(seconds=1)
-    return end.astimezone(UTC).replace(microsecond=0)  # known times are whole seconds
+    try:
+        end = start if step is None else start + step - timedelta(seconds=1)
+        return end.astimezone(UTC).replace(microsecond=0)  # known times are whole seconds
+    except OverflowError:  # year 0 or 10000 in UTC: the day's end (held at the range) instead
+        return None
 
 
 def dicom_known_time(tags: Any, tz: tzinfo = UTC) -> datetime | None:

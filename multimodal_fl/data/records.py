@@ -115,12 +115,14 @@ class SiteRecords:
 
     ``studies`` are the ImagingStudies (codings: their DICOM modality codes, ``time`` the
     clinical and ``known`` the known time of ``started``), whether or not they link an
-    image; ``encounter_class`` maps an Encounter id to its ``class`` code (``IMP``, ``AMB``).
+    image. Encounter ids are per patient (two patients' files may each hold an
+    ``Encounter/e1``): ``encounter_by_key`` maps ``(patient id, Encounter id)`` to the
+    encounter and ``encounter_class`` to its ``class`` code (``IMP``, ``AMB``).
     """
 
     patients: dict[str, PatientRecord] = field(default_factory=dict)
     encounters: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
-    encounter_by_id: dict[str, Coded] = field(default_factory=dict)
+    encounter_by_key: dict[tuple[str, str], Coded] = field(default_factory=dict)
     conditions: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
     procedures: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
     devices: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
@@ -130,5 +132,5 @@ class SiteRecords:
     notes: dict[str, list[Note]] = field(default_factory=lambda: defaultdict(list))
     images: dict[str, list[ImageRef]] = field(default_factory=lambda: defaultdict(list))
     studies: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
-    encounter_class: dict[str, str] = field(default_factory=dict)
+    encounter_class: dict[tuple[str, str], str] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)

@@ -57,6 +57,7 @@ import numpy as np
 
 from multimodal_fl.config import IMAGING_MODALITY_CODES, TaskSpec
 from multimodal_fl.data.errors import ErrorSink
+from multimodal_fl.data.fhir_json import shifted
 from multimodal_fl.data.imaging import check_readable, select_image
 from multimodal_fl.data.records import Note, ObservationValue, SiteRecords, known_time, matches
 
@@ -116,7 +117,7 @@ def index_time(task: TaskSpec, pid: str, records: SiteRecords) -> tuple[datetime
     if rule.kind == "first_encounter":
         classes = set(rule.encounter_class)
         starts = [e.time for e in records.encounters.get(pid, []) if e.time is not None
-                  and records.encounter_class.get(e.resource_id) in classes]
+                  and records.encounter_class.get((pid, e.resource_id)) in classes]
         return (min(starts), "") if starts else (None, "no_index_encounter")
     conds = [c for c in records.conditions.get(pid, [])
              if any(matches(c.codings, s) for s in task.cohort.conditions)]
@@ -124,10 +125,9 @@ def index_time(task: TaskSpec, pid: str, records: SiteRecords) -> tuple[datetime
     if not conds:
         return None, "no_index_condition"
     first = min(conds, key=lambda c: (c.time is None, c.time or datetime.max))
-    if first.encounter and first.encounter in records.encounter_by_id:
-        enc = records.encounter_by_id[first.encounter]
-        if enc.time is not None:
-            return enc.time, ""
+    enc = records.encounter_by_key.get((pid, first.encounter)) if first.encounter else None
+    if enc is not None and enc.time is not None:  # the patient's own encounter of that id
+        return enc.time, ""
     if first.time is None:
         return None, "no_index_time"
     later = sorted(e.time for e in records.encounters.get(pid, [])
@@ -189,7 +189,7 @@ def _window(task: TaskSpec, pid: str, records: SiteRecords) -> tuple[_Window | N
         if task.cohort.conditions and not _in_cohort(task, pid, records, None):
             return None, "not_in_cohort"
         return None, why
-    cutoff = index + timedelta(hours=task.index.allowance_hours)
+    cutoff = shifted(index, timedelta(hours=task.index.allowance_hours))
     if not _in_cohort(task, pid, records, cutoff):
         return None, "not_in_cohort"
     if pat.birth is not None and pat.birth > index:
@@ -209,7 +209,7 @@ def _label(task: TaskSpec, pid: str, records: SiteRecords, cutoff: datetime,
     label: int | None = None
     if label_rule.kind == "events_after_index":
         assert label_rule.window_hours is not None  # guaranteed by LabelRule's validator
-        end = cutoff + timedelta(hours=label_rule.window_hours)
+        end = shifted(cutoff, timedelta(hours=label_rule.window_hours))
         events = _events(task, pid, records)
         if label_rule.exclude_prior_events and any(t <= cutoff for t, _ in events):
             return None, "prior_event"
@@ -249,7 +249,7 @@ def _observation_features(row: dict[str, Any], task: TaskSpec, obs: list[Observa
     for spec in feats.observations:
         lookback = timedelta(days=spec.lookback_days if spec.lookback_days is not None
                              else feats.lookback_days)
-        start = window.index - lookback
+        start = shifted(window.index, -lookback)
         vals = sorted((o for o in obs if o.feature == spec.name and start <= o.time
                        and o.known <= window.cutoff), key=lambda o: o.time)
         if vals:

@@ -4,6 +4,7 @@ losing the good data, or stops the run with a DataError under ``on_error: fail``
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,6 +61,21 @@ def _bad_date(root: Path) -> None:
         "obs-date", "good", "8867-4", 70.0, "/min", "yesterday at noon"))
 
 
+def _date_out_of_range(root: Path) -> None:
+    f.write_json(root / "fhir" / "bad.json", f.observation(
+        "obs-9999", "good", "8867-4", 70.0, "/min", "9999-12-31T23:00:00-05:00"))
+
+
+def _hl7v2_gender(root: Path) -> None:
+    f.write_json(root / "fhir" / "bad.json", f.patient("hl7", gender="F"))
+
+
+def _value_with_comparator(root: Path) -> None:
+    obs = f.observation("obs-lt", "good", "9279-1", 8.0, "/min", "2020-03-01T09:00:00Z")
+    obs["valueQuantity"]["comparator"] = "<"
+    f.write_json(root / "fhir" / "bad.json", obs)
+
+
 def _ndjson_bad_line(root: Path) -> None:
     good = f.observation("obs-ok", "good", "9279-1", 20.0, "/min", "2020-03-01T09:00:00Z")
     (root / "fhir" / "bad.ndjson").write_text(json.dumps(good) + "\n{not json\n")
@@ -90,6 +106,11 @@ CASES: dict[str, tuple[Writer, str, str, str, str]] = {
                            "valueQuantity.code"),
     "unparseable_date": (_bad_date, "bad_date", "fhir/bad.json", "obs-date",
                          "effectiveDateTime"),
+    "date_out_of_range": (_date_out_of_range, "bad_date", "fhir/bad.json", "obs-9999",
+                          "effectiveDateTime"),
+    "unknown_gender": (_hl7v2_gender, "unknown_gender", "fhir/bad.json", "hl7", "gender"),
+    "value_with_comparator": (_value_with_comparator, "value_with_comparator", "fhir/bad.json",
+                              "obs-lt", "valueQuantity.comparator"),
     "ndjson_bad_line": (_ndjson_bad_line, "invalid_json", "fhir/bad.ndjson", "line 2",
                         "<json>"),
     "conflicting_patient": (_conflicting_patient, "conflicting_patient", "fhir/zz-dup.json",
@@ -142,3 +163,59 @@ def test_bad_date_without_validation_is_reported_by_parser(tmp_path: Path) -> No
     reader.add_resource(f.condition("c", "p", f.COVID, "March 2020"), "x.json")
     assert [(s.reason, s.resource_id, s.field) for s in sink.skipped] == [
         ("bad_date", "c", "onsetDateTime")]
+
+
+@pytest.mark.parametrize("on_error", ["skip", "fail"])
+def test_a_birth_date_before_year_1_in_utc_is_a_bad_date(tmp_path: Path, on_error: str) -> None:
+    """0001-01-01 at a site in Tokyo starts in year 0 UTC: reported, never an OverflowError."""
+    root = tmp_path / "site"
+    _good(root)
+    (root / "policy.yaml").write_text("timezone: Asia/Tokyo\n")
+    f.write_json(root / "fhir" / "bad.json", f.patient("year1", birth="0001-01-01"))
+    data = DataConfig(on_error=on_error)  # type: ignore[arg-type]
+    if on_error == "fail":
+        with pytest.raises(DataError, match=r"fhir/bad.json: resource 'year1', field "
+                                            r"'birthDate': '0001-01-01' .*outside"):
+            build_cohort(root, load_task("covid_oxygen_24h"), data=data)
+        return
+    cohort = build_cohort(root, load_task("covid_oxygen_24h"), data=data)
+    assert [(s.file, s.resource_id, s.field, s.reason) for s in cohort.skipped] == [
+        ("fhir/bad.json", "year1", "birthDate", "bad_date")]
+    assert list(cohort.table.patient_id) == ["good"]
+
+
+def test_a_gender_outside_administrative_gender_is_reported_not_guessed(tmp_path: Path) -> None:
+    """HL7 v2 'F' / 'M' are not FHIR codes: each is named, and sex stays unknown."""
+    root = tmp_path / "site"
+    res = [*f.covid_patient("v2", gender="F"), *f.covid_patient("fhir", gender="female"),
+           *f.covid_patient("other", gender="other"), *f.covid_patient("unk", gender="unknown")]
+    f.write_json(root / "fhir" / "b.json", f.bundle(res))
+    cohort = build_cohort(root, load_task("covid_oxygen_24h"))
+    assert [(s.file, s.resource_id, s.field, s.reason) for s in cohort.skipped] == [
+        ("fhir/b.json", "v2", "gender", "unknown_gender")]
+    assert "'F'" in cohort.skipped[0].detail and "administrative-gender" in cohort.skipped[0].detail
+    table = cohort.table.set_index("patient_id")
+    assert table.loc["v2", "sex"] == "unknown" and math.isnan(table.loc["v2", "sex_female"])
+    assert table.loc["v2", "heart_rate"] == 80.0  # the rest of the patient is kept
+    assert table.loc["fhir", "sex_female"] == 1.0 and table.loc["other", "sex"] == "other"
+
+
+@pytest.mark.parametrize("comparator", ["<", "<=", ">=", ">"])
+def test_a_value_with_a_comparator_is_a_bound_not_a_value(tmp_path: Path,
+                                                           comparator: str) -> None:
+    """'<5 mg/L' is not 5 mg/L: the value is not used, and counted."""
+    root = tmp_path / "site"
+    crp = f.observation("crp-lt", "p", "1988-5", 5.0, "mg/L", "2020-03-01T08:00:00Z")
+    crp["valueQuantity"]["comparator"] = comparator
+    bp = f.bp_panel("bp", "p", 120.0, 80.0, "2020-03-01T08:00:00Z")
+    bp["component"][1]["valueQuantity"]["comparator"] = comparator
+    f.write_json(root / "fhir" / "b.json", f.bundle(f.covid_patient("p", extra=[crp, bp])))
+    cohort = build_cohort(root, load_task("covid_oxygen_24h"))
+    row = cohort.table.iloc[0]
+    assert math.isnan(row["crp"]) and row["missing_crp"] == 1.0
+    assert row["systolic_bp"] == 120.0 and math.isnan(row["diastolic_bp"])
+    assert [(s.resource_id, s.field, s.reason) for s in cohort.skipped] == [
+        ("crp-lt", "valueQuantity.comparator", "value_with_comparator"),
+        ("bp", "component[1].valueQuantity.comparator", "value_with_comparator")]
+    assert f"'{comparator}'" in cohort.skipped[0].detail
+    assert cohort.counts["skipped_by_reason"] == {"value_with_comparator": 2}

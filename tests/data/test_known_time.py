@@ -11,6 +11,7 @@ rules keep clinical time.
 from __future__ import annotations
 
 import math
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -206,6 +207,45 @@ def test_parse_time_start_and_end_of_periods() -> None:
         2020, 3, 1, 0, tzinfo=UTC)  # a time without an offset is the site's local time
     with pytest.raises(ValueError, match="not a FHIR date"):
         parse_time("2020-02-30", end=True)
+
+
+@pytest.mark.parametrize("value, tz, end", [
+    ("0001-01-01", "Asia/Tokyo", False),  # midnight in Tokyo is year 0 in UTC
+    ("0001-01-01T05:00:00", "Asia/Tokyo", False),
+    ("0001-01-01T00:00:00+01:00", "UTC", True),
+    ("9999-12-31T23:00:00-05:00", "UTC", False),  # 04:00 UTC of year 10000
+    ("9999-12-31T23:00:00", "America/New_York", True),
+])
+def test_parse_time_outside_the_datetime_range_is_a_bad_value(value: str, tz: str,
+                                                              end: bool) -> None:
+    with pytest.raises(ValueError, match=f"'{re.escape(value)}' .*outside"):
+        parse_time(value, tz=ZoneInfo(tz), end=end)
+    # at the edge of the range, inside it, a value is read
+    assert parse_time("0001-01-01", tz=UTC) == datetime(1, 1, 1, tzinfo=UTC)
+    assert parse_time("9999-12-31", tz=ZoneInfo("Asia/Tokyo")).year == 9999
+
+
+@pytest.mark.parametrize("validation", ["task", "all"])
+def test_an_index_at_the_edge_of_the_datetime_range_builds(tmp_path: Path, covid_task: TaskSpec,
+                                                           validation: str) -> None:
+    """Windows around an index in year 1 or 9999 stop at the range: no OverflowError."""
+    early = f.covid_patient("early", "0001-01-02T00:00:00Z", birth="0001-01-01")
+    late = f.covid_patient("late", "9999-12-31T12:00:00Z",
+                           oxygen_at="9999-12-31T20:00:00Z")
+    late[3]["effectiveDateTime"] = "9999-12-31T11:00:00Z"  # the heart rate before the index
+    cohort = build_cohort(_site(tmp_path, [*early, *late]), covid_task,
+                          data=DataConfig(validation=validation))  # type: ignore[arg-type]
+    assert cohort.skipped == []
+    assert _row(cohort, "early")["index_time"] == pd.Timestamp("0001-01-02T00:00:00Z")
+    row = _row(cohort, "late")
+    assert row["label"] == 1 and row["heart_rate"] == 80.0
+    # DICOM times past the range are the end of their day, held at the range's end
+    assert dicom_known_time({"StudyDate": "99991231", "StudyTime": "230000",
+                             "TimezoneOffsetFromUTC": "-0500"}) == datetime.max.replace(
+        tzinfo=UTC)
+    assert dicom_known_time({"StudyDate": "00010101", "StudyTime": "010000",
+                             "TimezoneOffsetFromUTC": "+0900"}) == datetime(
+        1, 1, 1, 14, 59, 59, tzinfo=UTC)
 
 
 def test_known_exactly_at_the_index_counts(tmp_path: Path, covid_task: TaskSpec) -> None:
