@@ -344,13 +344,16 @@ _COND_KNOWN = ("recordedDate", "onsetDateTime", "onsetPeriod.start")
 #: missing status, is read as before (``Condition.clinicalStatus`` is not one of them).
 VOID_STATUS: dict[str, tuple[tuple[str, frozenset[str]], ...]] = {
     "Condition": (("verificationStatus", frozenset({"refuted", "entered-in-error"})),),
-    "Procedure": (("status", frozenset({"not-done", "entered-in-error"})),),
+    # not yet happened: a Procedure in preparation, a draft order, a device use intended, an
+    # encounter planned (R4 event-status, request-status, device-statement-status,
+    # encounter-status); they say nothing about what was done by the index
+    "Procedure": (("status", frozenset({"not-done", "preparation", "entered-in-error"})),),
     "Observation": (("status", frozenset({"cancelled", "entered-in-error"})),),
-    "MedicationRequest": (("status", frozenset({"cancelled", "entered-in-error"})),),
+    "MedicationRequest": (("status", frozenset({"cancelled", "draft", "entered-in-error"})),),
     "Medication": (("status", frozenset({"entered-in-error"})),),
     "Device": (("status", frozenset({"entered-in-error"})),),
-    "DeviceUseStatement": (("status", frozenset({"entered-in-error"})),),
-    "Encounter": (("status", frozenset({"cancelled", "entered-in-error"})),),
+    "DeviceUseStatement": (("status", frozenset({"intended", "entered-in-error"})),),
+    "Encounter": (("status", frozenset({"planned", "cancelled", "entered-in-error"})),),
     "DocumentReference": (("status", frozenset({"entered-in-error"})),
                           ("docStatus", frozenset({"entered-in-error"}))),
     "DiagnosticReport": (("status", frozenset({"cancelled", "entered-in-error"})),),

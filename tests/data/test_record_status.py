@@ -69,7 +69,7 @@ def _ver(code: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("validation", VALIDATION)
-@pytest.mark.parametrize("status", ["not-done", "entered-in-error"])
+@pytest.mark.parametrize("status", ["not-done", "preparation", "entered-in-error"])
 def test_a_procedure_not_done_is_no_label(covid_task: TaskSpec, status: str,
                                           validation: str) -> None:
     oxygen = _with(f.procedure("o2", "p", f.OXYGEN, "2020-03-01T12:00:00Z"), status=status)
@@ -77,7 +77,7 @@ def test_a_procedure_not_done_is_no_label(covid_task: TaskSpec, status: str,
     assert _row(cohort, "p")["label"] == 0
     assert _voided(cohort) == [("b.json", "o2", "status")]
     assert cohort.counts["skipped_by_reason"] == {VOID: 1}
-    assert "not-done" in cohort.skipped[0].detail or "entered-in-error" in cohort.skipped[0].detail
+    assert status in cohort.skipped[0].detail
 
 
 @pytest.mark.parametrize("status", ["completed", "in-progress", "stopped", "unknown"])
@@ -88,15 +88,17 @@ def test_other_procedure_statuses_still_label(covid_task: TaskSpec, status: str)
 
 
 @pytest.mark.parametrize("validation", VALIDATION)
-@pytest.mark.parametrize("where", ["Device", "DeviceUseStatement"])
-def test_a_device_use_in_error_is_no_label(covid_task: TaskSpec, where: str,
+@pytest.mark.parametrize(("where", "status"), [("Device", "entered-in-error"),
+                                              ("DeviceUseStatement", "entered-in-error"),
+                                              ("DeviceUseStatement", "intended")])
+def test_a_device_use_in_error_is_no_label(covid_task: TaskSpec, where: str, status: str,
                                            validation: str) -> None:
     dev = f.device("d1", "p", f.VENTILATOR)
     use = f.device_use("u1", "p", "d1", "2020-03-01T15:00:00Z")
     if where == "Device":
         dev["status"] = "entered-in-error"
     else:
-        use["status"] = "entered-in-error"
+        use["status"] = status
     cohort = _cohort([*f.covid_patient("p"), dev, use], covid_task, validation)
     assert _row(cohort, "p")["label"] == 0
     assert _voided(cohort) == [("b.json", "d1" if where == "Device" else "u1", "status")]
@@ -145,7 +147,7 @@ def test_a_refuted_comorbidity_is_not_a_feature(covid_task: TaskSpec) -> None:
 
 
 @pytest.mark.parametrize("validation", VALIDATION)
-@pytest.mark.parametrize("status", ["cancelled", "entered-in-error"])
+@pytest.mark.parametrize("status", ["planned", "cancelled", "entered-in-error"])
 def test_a_cancelled_encounter_is_not_the_index(covid_task: TaskSpec, status: str,
                                                 validation: str) -> None:
     res = f.covid_patient("p")
@@ -205,7 +207,7 @@ def _request(rid: str, status: str, **extra: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("validation", VALIDATION)
-@pytest.mark.parametrize("status", ["cancelled", "entered-in-error"])
+@pytest.mark.parametrize("status", ["cancelled", "draft", "entered-in-error"])
 def test_a_cancelled_medication_request_is_no_feature(med_task: TaskSpec, status: str,
                                                       validation: str) -> None:
     cohort = _cohort([*f.covid_patient("p"), _request("rx", status)], med_task, validation)
