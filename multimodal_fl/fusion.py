@@ -121,9 +121,11 @@ class FusionModel(nn.Module):
     encoders : mapping of str to nn.Module or int
         One entry per modality the model uses (keys from :data:`MODALITIES`, any order; the
         model orders them canonically). A module (with an ``output_dim`` attribute) encodes
-        the raw input of that modality (e.g. an image tensor); an int says the input is a
-        precomputed embedding of that width (a frozen encoder through the embedding cache),
-        encoded by the identity.
+        the raw input of that modality, a tensor (e.g. an image batch); an int says the
+        input is a precomputed embedding of that width (a frozen encoder through the
+        embedding cache), encoded by the identity. A module whose ``input_is_tensor``
+        attribute is False (``TextEncoder``: it takes lists of notes) is refused: pass its
+        precomputed embeddings and their width (``encoder.output_dim``) instead.
     kind : {"concat", "attention", "late"}, default "concat"
         Fusion kind (see the module docstring).
     dim : int, default 64
@@ -202,6 +204,12 @@ class FusionModel(nn.Module):
                     raise ValueError(
                         f"encoder for {m!r} ({type(enc).__name__}) needs an integer "
                         f"'output_dim' attribute, got {width!r}"
+                    )
+                if not getattr(enc, "input_is_tensor", True):
+                    raise ValueError(
+                        f"encoder for {m!r} ({type(enc).__name__}) does not take a tensor, "
+                        f"which FusionModel passes it; embed the inputs first and pass the "
+                        f"embeddings' width instead: {{{m!r}: {width}}}"
                     )
                 self.encoders[m] = enc
             else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,3 +205,16 @@ def test_construction_errors_say_what_is_accepted() -> None:
     with pytest.raises(ValueError, match="shape"):
         model({"text": torch.zeros(2, 5), "tabular": torch.zeros(2, 3)},
               torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_text_encoder_module_is_refused_with_the_width_to_pass(tiny_bert: Path) -> None:
+    from multimodal_fl.encoders import TextEncoder
+
+    text = TextEncoder(tiny_bert)
+    with pytest.raises(ValueError, match=rf"does not take a tensor.*'text': {text.output_dim}"):
+        FusionModel({"tabular": 3, "text": text})
+    model = FusionModel({"tabular": 3, "text": text.output_dim}, dim=8)  # the embeddings' width
+    with torch.no_grad():
+        emb = text(["fever", "cough"])
+    assert model({"tabular": torch.zeros(2, 3), "text": emb},
+                 torch.ones(2, 2, dtype=torch.bool)).shape == (2,)

@@ -113,12 +113,17 @@ class TextEncoder(nn.Module):
     tokenizer : transformers tokenizer
     output_dim : int
         The model's hidden size.
+    input_is_tensor : bool
+        False: the input is a list of notes, not a tensor, so a ``FusionModel`` refuses this
+        module; give it the embeddings (``encode``) and their width instead.
 
     Notes
     -----
     ``forward`` returns zero rows for patients without text; :meth:`encode` returns
     ``(embeddings, present)`` with the boolean presence mask.
     """
+
+    input_is_tensor = False
 
     def __init__(
         self,
