@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from multimodal_fl.config import image_min_size
 from multimodal_fl.encoders._common import (
     LoadReport,
     load_weights_into,
@@ -283,6 +284,12 @@ class ImageEncoder(nn.Module):
                 f"{', '.join(['S'] * self.spatial_dims)}] "
                 f"(spatial_dims={self.spatial_dims}, in_channels={self.in_channels}), "
                 f"got shape {tuple(x.shape)}"
+            )
+        least = image_min_size(self.encoder, self.spatial_dims)
+        if min(x.shape[2:]) < least:
+            raise ValueError(
+                f"ImageEncoder {self.encoder!r} needs at least {least} pixels per spatial axis "
+                f"({self.spatial_dims}D), got spatial size {tuple(x.shape[2:])}"
             )
         return self.forward_head(self.forward_features(x))
 

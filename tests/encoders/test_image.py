@@ -179,3 +179,27 @@ def test_features_and_head_compose_and_backbone_fingerprint() -> None:
         _proj(enc).weight.add_(1.0)  # training the head
     assert enc.fingerprint("p") != before_all
     assert enc.fingerprint("p", backbone_only=True) == before_bb
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_densenet_minimum_size_is_real_and_refused_below(spatial_dims: int) -> None:
+    from multimodal_fl.config import image_min_size
+
+    least = image_min_size("densenet121", spatial_dims)
+    enc = ImageEncoder("densenet121", spatial_dims=spatial_dims, embed_dim=4).eval()
+    ok = torch.zeros(1, 1, *([least] * spatial_dims))
+    assert enc(ok).shape == (1, 4)
+    below = torch.zeros(1, 1, least - 1, *([least] * (spatial_dims - 1)))
+    with pytest.raises(RuntimeError):  # the network itself cannot process one axis less
+        enc.backbone(below)
+    with pytest.raises(ValueError, match=rf"'densenet121' needs at least {least} .*"
+                                         rf"got spatial size \({least - 1}, "):
+        enc(below)
+
+
+@pytest.mark.parametrize("name", ["tinycnn", "smallcnn", "resnet10", "resnet18", "resnet34"])
+def test_other_backbones_take_any_size(name: str) -> None:
+    from multimodal_fl.config import image_min_size
+
+    assert image_min_size(name, 2) == image_min_size(name, 3) == 1
+    assert ImageEncoder(name, embed_dim=4).eval()(torch.zeros(1, 1, 1, 1)).shape == (1, 4)
