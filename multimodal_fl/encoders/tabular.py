@@ -244,9 +244,11 @@ class TabularEncoder(nn.Module):
         self.output_dim = width
         self.linear: nn.Linear | None = None
         if linear_path:
-            # zero, and drawn from no RNG: every other initial weight stays as without it
+            # zero, and drawn from no RNG: every other initial weight stays as without it;
+            # on the default device like the MLP (skip_init's own default is the CPU)
             self.linear = nn.utils.skip_init(
-                nn.Linear, self.n_features * (2 if self.missing_indicators else 1), 1
+                nn.Linear, self.n_features * (2 if self.missing_indicators else 1), 1,
+                device=torch.get_default_device(),
             )
             nn.init.zeros_(self.linear.weight)
             nn.init.zeros_(self.linear.bias)

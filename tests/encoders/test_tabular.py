@@ -263,3 +263,15 @@ def test_float64_input_is_standardised_in_float64() -> None:
     expected = ((torch.tensor(big[:5]) - s.mean) / s.scale)[:, 0].numpy()
     np.testing.assert_allclose(z[:, 0].numpy(), expected, rtol=1e-5, atol=1e-5)
 
+
+def test_linear_path_is_built_on_the_default_device() -> None:
+    with torch.device("meta"):
+        enc = TabularEncoder(3, hidden=[4], linear_path=True)
+    assert enc.linear is not None
+    assert enc.linear.weight.device.type == enc.mlp[0].weight.device.type == "meta"
+    torch.set_default_device("meta")
+    try:
+        enc = TabularEncoder(3, hidden=[4], linear_path=True)
+    finally:
+        torch.set_default_device(None)
+    assert enc.linear is not None and enc.linear.bias.device.type == "meta"
