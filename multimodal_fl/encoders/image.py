@@ -235,7 +235,8 @@ class ImageEncoder(nn.Module):
 
         Keys used by the transforms or the training loop (``size``, ``pixdim``, ``modality``,
         ``augment``, ``cache``) are accepted and ignored here; an unknown key raises
-        ``ValueError`` with a suggestion.
+        ``ValueError`` with a suggestion. ``embed_dim: None`` means no head, as in the
+        constructor; a section without ``embed_dim`` gets the default head.
         """
         kwargs = section_to_kwargs(
             section,
@@ -250,6 +251,7 @@ class ImageEncoder(nn.Module):
             ),
             ignored=("size", "pixdim", "modality", "augment", "cache", "batch_size", "enabled"),
             where="modalities.image",
+            keep_none=("embed_dim",),  # None: no head, as in the constructor
         )
         return cls(**kwargs)
 

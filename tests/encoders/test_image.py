@@ -203,3 +203,14 @@ def test_other_backbones_take_any_size(name: str) -> None:
 
     assert image_min_size(name, 2) == image_min_size(name, 3) == 1
     assert ImageEncoder(name, embed_dim=4).eval()(torch.zeros(1, 1, 1, 1)).shape == (1, 4)
+
+
+def test_from_config_embed_dim_none_means_no_head() -> None:
+    from multimodal_fl.config import ImageModalityConfig
+
+    none = ImageEncoder.from_config({"encoder": "smallcnn", "embed_dim": None})
+    assert none.projection is None and none.output_dim == none.feature_dim == 128
+    assert ImageEncoder.from_config({"encoder": "smallcnn"}).output_dim == 128  # default head
+    assert ImageEncoder.from_config({"encoder": "smallcnn"}).projection is not None
+    assert ImageEncoder.from_config(ImageModalityConfig(embed_dim=16)).output_dim == 16
+    assert ImageEncoder.from_config(ImageModalityConfig()).output_dim == 64  # config default
