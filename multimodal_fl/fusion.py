@@ -418,6 +418,8 @@ class FusionModel(nn.Module):
         inputs : mapping of str to Tensor
             Per-modality inputs with ``B`` rows (raw inputs for encoder modules, embeddings
             for precomputed ones). A modality absent from every row may be left out.
+            Precomputed embeddings must be floating point; they are cast to the model's
+            dtype (float64 rows loaded with numpy run in a float32 model).
         mask : Tensor[B, M] of bool
             Presence mask.
 
@@ -457,11 +459,19 @@ class FusionModel(nn.Module):
             raise ValueError(
                 f"input {m!r} has {x.shape[0]} rows but the mask has {b}; they must match"
             )
-        if m in self.precomputed and (x.ndim != 2 or x.shape[1] != self.input_dims[m]):
-            raise ValueError(
-                f"precomputed {m!r} embeddings must have shape [B, {self.input_dims[m]}],"
-                f" got {tuple(x.shape)}"
-            )
+        if m in self.precomputed:
+            if x.ndim != 2 or x.shape[1] != self.input_dims[m]:
+                raise ValueError(
+                    f"precomputed {m!r} embeddings must have shape [B, {self.input_dims[m]}],"
+                    f" got {tuple(x.shape)}"
+                )
+            if not x.is_floating_point():
+                raise ValueError(
+                    f"precomputed {m!r} embeddings must be a floating-point tensor, got dtype "
+                    f"{x.dtype}"
+                )
+            # e.g. float64 rows loaded with numpy: the projection's dtype (float32 unchanged)
+            x = x.to(next(self.proj[m].parameters()).dtype)
         return x
 
     def forward(

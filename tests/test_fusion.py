@@ -218,3 +218,16 @@ def test_text_encoder_module_is_refused_with_the_width_to_pass(tiny_bert: Path) 
         emb = text(["fever", "cough"])
     assert model({"tabular": torch.zeros(2, 3), "text": emb},
                  torch.ones(2, 2, dtype=torch.bool)).shape == (2,)
+
+
+@pytest.mark.parametrize("kind", FUSION_KINDS)
+def test_float64_embeddings_are_cast_and_integer_ones_refused(kind: str) -> None:
+    model = make_model(kind).eval()
+    x, mask = make_inputs(4), torch.ones(4, 3, dtype=torch.bool)
+    with torch.no_grad():
+        ref = model(x, mask)
+        out = model({**x, "text": x["text"].double()}, mask)  # e.g. rows loaded with numpy
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+    with pytest.raises(ValueError, match=r"'text' embeddings must be a floating-point tensor"):
+        model({**x, "text": x["text"].long()}, mask)
+

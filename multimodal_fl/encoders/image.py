@@ -274,11 +274,18 @@ class ImageEncoder(nn.Module):
         Parameters
         ----------
         x : Tensor[B, in_channels, *spatial]
-            ``spatial_dims`` spatial axes.
+            ``spatial_dims`` spatial axes; floating point (cast to the parameters' dtype,
+            float32 input to a float32 encoder unchanged).
 
         Returns
         -------
         Tensor[B, output_dim]
+
+        Raises
+        ------
+        ValueError
+            For another shape, a non-floating dtype (convert 8-bit pixels first, e.g.
+            ``x.float() / 255``) or a spatial axis below the backbone's minimum.
         """
         if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
             raise ValueError(
@@ -287,6 +294,7 @@ class ImageEncoder(nn.Module):
                 f"(spatial_dims={self.spatial_dims}, in_channels={self.in_channels}), "
                 f"got shape {tuple(x.shape)}"
             )
+        x = self._floating(x)
         least = image_min_size(self.encoder, self.spatial_dims)
         if min(x.shape[2:]) < least:
             raise ValueError(
@@ -295,8 +303,18 @@ class ImageEncoder(nn.Module):
             )
         return self.forward_head(self.forward_features(x))
 
+    def _floating(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the parameters' dtype; a one-line error for a non-floating tensor."""
+        if not x.is_floating_point():
+            raise ValueError(
+                f"ImageEncoder expects a floating-point tensor, got dtype {x.dtype}; convert "
+                "it first (e.g. x.float() / 255 for 8-bit pixels, or read files with load_image)"
+            )
+        return x.to(next(self.parameters()).dtype)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone only: ``Tensor[B, feature_dim]`` (what a cache of a frozen backbone stores)."""
+        x = self._floating(x)
         if self.frozen:
             with torch.no_grad():
                 feats: torch.Tensor = self.backbone(x)

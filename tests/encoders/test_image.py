@@ -214,3 +214,17 @@ def test_from_config_embed_dim_none_means_no_head() -> None:
     assert ImageEncoder.from_config({"encoder": "smallcnn"}).projection is not None
     assert ImageEncoder.from_config(ImageModalityConfig(embed_dim=16)).output_dim == 16
     assert ImageEncoder.from_config(ImageModalityConfig()).output_dim == 64  # config default
+
+
+def test_floating_input_is_cast_and_integer_input_refused() -> None:
+    torch.manual_seed(0)
+    enc = ImageEncoder("smallcnn", embed_dim=4).eval()
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        ref = enc(x)
+        assert torch.equal(enc(x.double()), ref)  # float64 pixels: cast to float32
+        assert enc(x.half()).dtype == torch.float32
+        assert enc.double()(x).dtype == torch.float64  # a float64 encoder takes float32
+    with pytest.raises(ValueError, match=r"floating-point tensor, got dtype torch.uint8"):
+        enc((x * 255).to(torch.uint8))
+
