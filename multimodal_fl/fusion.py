@@ -585,6 +585,8 @@ class _AttentionFusion(nn.Module):
     def forward(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Fuse ``z: Tensor[B, M, dim]`` under ``mask: Tensor[B, M]``; return ``Tensor[B, dim]``."""
         b = z.shape[0]
+        if b == 0:  # the attention's reshapes are ambiguous with no rows
+            return z.new_zeros((0, z.shape[-1]))
         tokens = torch.cat([self.cls.expand(b, -1, -1), z + self.type_embed], 1)
         pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=mask.device), ~mask], 1)
         out = self.layer(tokens, src_key_padding_mask=pad)

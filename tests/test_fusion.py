@@ -231,3 +231,14 @@ def test_float64_embeddings_are_cast_and_integer_ones_refused(kind: str) -> None
     with pytest.raises(ValueError, match=r"'text' embeddings must be a floating-point tensor"):
         model({**x, "text": x["text"].long()}, mask)
 
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("kind", FUSION_KINDS)
+def test_empty_batch_gives_no_logits(kind: str, dense: bool) -> None:
+    torch.manual_seed(0)
+    model = FusionModel({"tabular": TinyTabular(), "text": TEXT_DIM}, kind=kind, dim=8,
+                        heads=2, dense=dense)
+    x = {k: v[:0] for k, v in make_inputs(1).items() if k != "image"}
+    for mode in (True, False):
+        out = model.train(mode)(x, torch.zeros(0, 2, dtype=torch.bool))
+        assert out.shape == (0,) and out.dtype == torch.float32

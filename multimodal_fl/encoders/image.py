@@ -275,7 +275,7 @@ class ImageEncoder(nn.Module):
         ----------
         x : Tensor[B, in_channels, *spatial]
             ``spatial_dims`` spatial axes; floating point (cast to the parameters' dtype,
-            float32 input to a float32 encoder unchanged).
+            float32 input to a float32 encoder unchanged). ``B`` may be 0.
 
         Returns
         -------
@@ -301,6 +301,8 @@ class ImageEncoder(nn.Module):
                 f"ImageEncoder {self.encoder!r} needs at least {least} pixels per spatial axis "
                 f"({self.spatial_dims}D), got spatial size {tuple(x.shape[2:])}"
             )
+        if x.shape[0] == 0:  # BatchNorm and some backbones' reshapes fail on no rows
+            return x.new_zeros((0, self.output_dim))
         return self.forward_head(self.forward_features(x))
 
     def _floating(self, x: torch.Tensor) -> torch.Tensor:
@@ -315,6 +317,8 @@ class ImageEncoder(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone only: ``Tensor[B, feature_dim]`` (what a cache of a frozen backbone stores)."""
         x = self._floating(x)
+        if x.shape[0] == 0:
+            return x.new_zeros((0, self.feature_dim))
         if self.frozen:
             with torch.no_grad():
                 feats: torch.Tensor = self.backbone(x)

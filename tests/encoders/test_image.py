@@ -228,3 +228,11 @@ def test_floating_input_is_cast_and_integer_input_refused() -> None:
     with pytest.raises(ValueError, match=r"floating-point tensor, got dtype torch.uint8"):
         enc((x * 255).to(torch.uint8))
 
+
+@pytest.mark.parametrize("name", ["smallcnn", "resnet10", "resnet18", "densenet121"])
+def test_empty_batch_gives_empty_embeddings(name: str) -> None:
+    enc = ImageEncoder(name, embed_dim=4)
+    for mode in (True, False):
+        out = enc.train(mode)(torch.zeros(0, 1, 32, 32))
+        assert out.shape == (0, 4) and out.dtype == torch.float32
+    assert enc.forward_features(torch.zeros(0, 1, 32, 32)).shape == (0, enc.feature_dim)
