@@ -42,6 +42,7 @@ from pydantic import (
 
 __all__ = [
     "DEFAULT_MIN_CELL",
+    "IMAGE_MIN_SIZE",
     "IMAGING_MODALITY_CODES",
     "POLICY_FILE",
     "REMOVED_KEYS",
@@ -68,6 +69,7 @@ __all__ = [
     "available_tasks",
     "check_timezone",
     "drop_removed_keys",
+    "image_min_size",
     "load_config",
     "load_policy",
     "load_task",
@@ -446,6 +448,30 @@ class DataConfig(_Strict):
         return name
 
 
+#: Smallest input side (pixels or voxels per spatial axis) each image backbone processes,
+#: by ``spatial_dims``; a backbone not listed takes any size. Measured: DenseNet121's
+#: stride-2 stem, max pool and three average-pool transitions reduce an axis of 28 to 0.
+IMAGE_MIN_SIZE: dict[str, dict[int, int]] = {"densenet121": {2: 29, 3: 29}}
+
+
+def image_min_size(encoder: str, spatial_dims: int) -> int:
+    """Smallest input side ``encoder`` processes in ``spatial_dims`` D (1: any size).
+
+    Parameters
+    ----------
+    encoder : str
+        Image backbone name (``ImageModalityConfig.encoder``).
+    spatial_dims : int
+        2 or 3.
+
+    Returns
+    -------
+    int
+        Pixels (2D) or voxels (3D) per spatial axis, at least.
+    """
+    return IMAGE_MIN_SIZE.get(encoder, {}).get(int(spatial_dims), 1)
+
+
 class ImageModalityConfig(_Strict):
     """Image encoder and preprocessing."""
 
@@ -458,12 +484,25 @@ class ImageModalityConfig(_Strict):
         "CPU defaults; MONAI's ResNets and DenseNet121 for real scale.",
     )
     spatial_dims: Literal[2, 3] = Field(default=2, description="2 for X-rays, 3 for MRI.")
-    size: int = Field(default=64, ge=8, le=512, description="Resize target (pixels per side).")
+    size: int = Field(
+        default=64, ge=8, le=512,
+        description="Resize target (pixels per side); densenet121 needs at least 29.",
+    )
     in_channels: int = Field(default=1, ge=1, description="Input channels after conversion.")
     embed_dim: int = Field(default=64, ge=1, description="Encoder output width.")
     frozen: bool = Field(default=False, description="Do not train; embeddings are cached.")
     weights: Path | None = Field(default=None, description="Local weights file (no downloads).")
     augment: bool = Field(default=True, description="Training-time augmentation.")
+
+    @model_validator(mode="after")
+    def _size_fits_encoder(self) -> ImageModalityConfig:
+        least = image_min_size(self.encoder, self.spatial_dims)
+        if self.enabled and self.size < least:
+            raise ValueError(
+                f"size={self.size} is below {least}, the smallest {self.spatial_dims}D input "
+                f"encoder {self.encoder} processes; raise size or pick another encoder"
+            )
+        return self
 
 
 class TabularModalityConfig(_Strict):

@@ -121,9 +121,11 @@ class FusionModel(nn.Module):
     encoders : mapping of str to nn.Module or int
         One entry per modality the model uses (keys from :data:`MODALITIES`, any order; the
         model orders them canonically). A module (with an ``output_dim`` attribute) encodes
-        the raw input of that modality (e.g. an image tensor); an int says the input is a
-        precomputed embedding of that width (a frozen encoder through the embedding cache),
-        encoded by the identity.
+        the raw input of that modality, a tensor (e.g. an image batch); an int says the
+        input is a precomputed embedding of that width (a frozen encoder through the
+        embedding cache), encoded by the identity. A module whose ``input_is_tensor``
+        attribute is False (``TextEncoder``: it takes lists of notes) is refused: pass its
+        precomputed embeddings and their width (``encoder.output_dim``) instead.
     kind : {"concat", "attention", "late"}, default "concat"
         Fusion kind (see the module docstring).
     dim : int, default 64
@@ -202,6 +204,12 @@ class FusionModel(nn.Module):
                     raise ValueError(
                         f"encoder for {m!r} ({type(enc).__name__}) needs an integer "
                         f"'output_dim' attribute, got {width!r}"
+                    )
+                if not getattr(enc, "input_is_tensor", True):
+                    raise ValueError(
+                        f"encoder for {m!r} ({type(enc).__name__}) does not take a tensor, "
+                        f"which FusionModel passes it; embed the inputs first and pass the "
+                        f"embeddings' width instead: {{{m!r}: {width}}}"
                     )
                 self.encoders[m] = enc
             else:
@@ -410,6 +418,8 @@ class FusionModel(nn.Module):
         inputs : mapping of str to Tensor
             Per-modality inputs with ``B`` rows (raw inputs for encoder modules, embeddings
             for precomputed ones). A modality absent from every row may be left out.
+            Precomputed embeddings must be floating point; they are cast to the model's
+            dtype (float64 rows loaded with numpy run in a float32 model).
         mask : Tensor[B, M] of bool
             Presence mask.
 
@@ -449,11 +459,19 @@ class FusionModel(nn.Module):
             raise ValueError(
                 f"input {m!r} has {x.shape[0]} rows but the mask has {b}; they must match"
             )
-        if m in self.precomputed and (x.ndim != 2 or x.shape[1] != self.input_dims[m]):
-            raise ValueError(
-                f"precomputed {m!r} embeddings must have shape [B, {self.input_dims[m]}],"
-                f" got {tuple(x.shape)}"
-            )
+        if m in self.precomputed:
+            if x.ndim != 2 or x.shape[1] != self.input_dims[m]:
+                raise ValueError(
+                    f"precomputed {m!r} embeddings must have shape [B, {self.input_dims[m]}],"
+                    f" got {tuple(x.shape)}"
+                )
+            if not x.is_floating_point():
+                raise ValueError(
+                    f"precomputed {m!r} embeddings must be a floating-point tensor, got dtype "
+                    f"{x.dtype}"
+                )
+            # e.g. float64 rows loaded with numpy: the projection's dtype (float32 unchanged)
+            x = x.to(next(self.proj[m].parameters()).dtype)
         return x
 
     def forward(
@@ -567,6 +585,8 @@ class _AttentionFusion(nn.Module):
     def forward(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Fuse ``z: Tensor[B, M, dim]`` under ``mask: Tensor[B, M]``; return ``Tensor[B, dim]``."""
         b = z.shape[0]
+        if b == 0:  # the attention's reshapes are ambiguous with no rows
+            return z.new_zeros((0, z.shape[-1]))
         tokens = torch.cat([self.cls.expand(b, -1, -1), z + self.type_embed], 1)
         pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=mask.device), ~mask], 1)
         out = self.layer(tokens, src_key_padding_mask=pad)

@@ -341,3 +341,17 @@ def test_a_yaml_boolean_is_no_number(tmp_path: Path, key: str) -> None:
 
     with pytest.raises(ValueError, match="got the boolean"):
         SitePolicy.model_validate({"min_cell": True})
+
+
+@pytest.mark.parametrize(("spatial_dims", "size"), [(2, 16), (2, 28), (3, 24)])
+def test_densenet_size_below_its_minimum_is_refused(
+    tmp_path: Path, spatial_dims: int, size: int
+) -> None:
+    image = {"encoder": "densenet121", "spatial_dims": spatial_dims, "size": size}
+    with pytest.raises(ConfigError, match=rf"size={size} is below 29.*densenet121"):
+        load_config(write(tmp_path, minimal(modalities={"image": image})))
+    image["size"] = 29
+    cfg = load_config(write(tmp_path, minimal(modalities={"image": image})))
+    assert cfg.modalities.image.size == 29
+    small = {"encoder": "smallcnn", "spatial_dims": spatial_dims, "size": 8}
+    assert load_config(write(tmp_path, minimal(modalities={"image": small})))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,3 +205,40 @@ def test_construction_errors_say_what_is_accepted() -> None:
     with pytest.raises(ValueError, match="shape"):
         model({"text": torch.zeros(2, 5), "tabular": torch.zeros(2, 3)},
               torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_text_encoder_module_is_refused_with_the_width_to_pass(tiny_bert: Path) -> None:
+    from multimodal_fl.encoders import TextEncoder
+
+    text = TextEncoder(tiny_bert)
+    with pytest.raises(ValueError, match=rf"does not take a tensor.*'text': {text.output_dim}"):
+        FusionModel({"tabular": 3, "text": text})
+    model = FusionModel({"tabular": 3, "text": text.output_dim}, dim=8)  # the embeddings' width
+    with torch.no_grad():
+        emb = text(["fever", "cough"])
+    assert model({"tabular": torch.zeros(2, 3), "text": emb},
+                 torch.ones(2, 2, dtype=torch.bool)).shape == (2,)
+
+
+@pytest.mark.parametrize("kind", FUSION_KINDS)
+def test_float64_embeddings_are_cast_and_integer_ones_refused(kind: str) -> None:
+    model = make_model(kind).eval()
+    x, mask = make_inputs(4), torch.ones(4, 3, dtype=torch.bool)
+    with torch.no_grad():
+        ref = model(x, mask)
+        out = model({**x, "text": x["text"].double()}, mask)  # e.g. rows loaded with numpy
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+    with pytest.raises(ValueError, match=r"'text' embeddings must be a floating-point tensor"):
+        model({**x, "text": x["text"].long()}, mask)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("kind", FUSION_KINDS)
+def test_empty_batch_gives_no_logits(kind: str, dense: bool) -> None:
+    torch.manual_seed(0)
+    model = FusionModel({"tabular": TinyTabular(), "text": TEXT_DIM}, kind=kind, dim=8,
+                        heads=2, dense=dense)
+    x = {k: v[:0] for k, v in make_inputs(1).items() if k != "image"}
+    for mode in (True, False):
+        out = model.train(mode)(x, torch.zeros(0, 2, dtype=torch.bool))
+        assert out.shape == (0,) and out.dtype == torch.float32

@@ -198,7 +198,8 @@ def state_fingerprint(module: nn.Module, *extra: str) -> str:
 
 
 def section_to_kwargs(
-    section: Any, *, accepted: Iterable[str], ignored: Iterable[str] = (), where: str
+    section: Any, *, accepted: Iterable[str], ignored: Iterable[str] = (), where: str,
+    keep_none: Iterable[str] = (),
 ) -> dict[str, Any]:
     """Turn a config section (mapping or pydantic model) into constructor keyword arguments.
 
@@ -212,11 +213,16 @@ def section_to_kwargs(
         Keys that belong to other layers (e.g. ``size`` for the transforms) and are dropped.
     where : str
         Name of the section, for error messages.
+    keep_none : iterable of str
+        Accepted keys whose ``None`` is passed on: those where the constructor gives
+        ``None`` a meaning other than its default (``ImageEncoder``'s ``embed_dim=None``:
+        no head). A key left out of the section still falls to the default.
 
     Returns
     -------
     dict
-        The accepted keys with their values (``None`` values dropped).
+        The accepted keys with their values (``None`` values dropped, but for
+        ``keep_none``).
 
     Raises
     ------
@@ -231,11 +237,11 @@ def section_to_kwargs(
         raise TypeError(
             f"{where}: expected a mapping or a pydantic model, got {type(section).__name__}"
         )
-    acc, ign = set(accepted), set(ignored)
+    acc, ign, keep = set(accepted), set(ignored), set(keep_none)
     out: dict[str, Any] = {}
     for key, value in data.items():
         if key in acc:
-            if value is not None:
+            if value is not None or key in keep:
                 out[key] = value
         elif key not in ign:
             close = difflib.get_close_matches(key, sorted(acc | ign), n=1)

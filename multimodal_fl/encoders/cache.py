@@ -1,11 +1,14 @@
 """On-disk embedding cache for frozen encoders, per site, keyed by content and encoder fingerprint.
 
-Layout::
+Layout (``<folder>`` is ``sha256(fingerprint)[:32]``, see :func:`cache_folder_name`)::
 
-    <root>/<site>/<fingerprint[:16]>/fingerprint.json     full fingerprint + description
-    <root>/<site>/<fingerprint[:16]>/shard-*.npz           keys (sha256 hex) + float32 rows
+    <root>/<site>/<folder>/fingerprint.json     full fingerprint + description
+    <root>/<site>/<folder>/shard-*.npz           keys (sha256 hex) + float32 rows
 
-(``site=None``: ``root`` is the site's own cache folder, ``<root>/<fingerprint[:16]>/``.)
+(``site=None``: ``root`` is the site's own cache folder, ``<root>/<folder>/``.) Folders
+written by earlier versions, named ``fingerprint[:16]``, are still read when their
+``fingerprint.json`` holds the same (64-hex-digit) fingerprint. Shards are read only from a
+folder whose ``fingerprint.json`` holds the cache's own fingerprint.
 
 An item's key is the sha256 of its content: the file's bytes for an image path
 (:class:`pathlib.Path`), the text for a note (``str``). The encoder fingerprint hashes the
@@ -31,7 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["EmbeddingCache", "clear_file_hashes", "content_key", "default_cache_root"]
+__all__ = [
+    "EmbeddingCache",
+    "cache_folder_name",
+    "clear_file_hashes",
+    "content_key",
+    "default_cache_root",
+]
 
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
@@ -53,6 +62,37 @@ def default_cache_root() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base).expanduser() / "multimodal_fl"
+
+
+def cache_folder_name(fingerprint: str) -> str:
+    """Name of a fingerprint's cache folder: the first 32 hex digits of its sha256.
+
+    Distinct fingerprints get distinct folders (a shared prefix does not matter).
+
+    Parameters
+    ----------
+    fingerprint : str
+        The encoder fingerprint.
+
+    Returns
+    -------
+    str
+        32 hex characters.
+    """
+    return hashlib.sha256(b"fingerprint:" + fingerprint.encode("utf-8")).hexdigest()[:32]
+
+
+def _stored_fingerprint(folder: Path) -> str | None:
+    """The fingerprint in ``folder/fingerprint.json``; ``None`` when there is none."""
+    meta = folder / "fingerprint.json"
+    if not meta.is_file():
+        return None
+    stored = json.loads(meta.read_text()).get("fingerprint")
+    return stored if isinstance(stored, str) else None
+
+
+def _is_hex_digest(fingerprint: str) -> bool:
+    return len(fingerprint) == 64 and all(c in "0123456789abcdef" for c in fingerprint)
 
 
 def _file_sha256(path: Path) -> str:
@@ -131,9 +171,14 @@ class EmbeddingCache:
     Attributes
     ----------
     directory : Path
-        ``root/site/fingerprint[:16]`` (``root/fingerprint[:16]`` with ``site=None``).
-    hits, misses : int
-        Items served from the cache / computed, since construction.
+        ``root/site/<folder>`` (``root/<folder>`` with ``site=None``), ``<folder>`` being
+        :func:`cache_folder_name` of the fingerprint, or ``fingerprint[:16]`` for a folder
+        an earlier version wrote for the same 64-hex-digit fingerprint.
+    hits : int
+        Items whose row was already cached when asked for, since construction.
+    misses : int
+        Distinct items computed, since construction (an item repeated in one call counts
+        once).
 
     Examples
     --------
@@ -172,33 +217,55 @@ class EmbeddingCache:
         self.site = site
         self.fingerprint = fingerprint
         self.description = description
-        self.directory = (resolved if site is None else resolved / site) / fingerprint[:16]
+        base = resolved if site is None else resolved / site
+        legacy = base / fingerprint[:16]
+        if _is_hex_digest(fingerprint) and _stored_fingerprint(legacy) == fingerprint:
+            self.directory = legacy  # written by a version that named folders fingerprint[:16]
+        else:
+            self.directory = base / cache_folder_name(fingerprint)
         self.hits = 0
         self.misses = 0
         self._index: dict[str, np.ndarray] = {}
         self._seen_shards: set[str] = set()
         self._dim: int | None = None
+        self._verified = False
+
+    def _verify_owner(self) -> bool:
+        """Check the folder's ``fingerprint.json`` is this cache's; ``False`` when absent.
+
+        Raises
+        ------
+        ValueError
+            The folder belongs to another fingerprint (its shards are never read).
+        """
+        if self._verified:
+            return True
+        meta = self.directory / "fingerprint.json"
+        if not meta.is_file():
+            return False
+        stored = _stored_fingerprint(self.directory)
+        if stored != self.fingerprint:
+            raise ValueError(
+                f"cache folder {str(self.directory)!r} belongs to fingerprint {stored!r}, "
+                f"not {self.fingerprint!r}; remove the folder"
+            )
+        self._verified = True
+        return True
 
     def _check_directory(self) -> None:
         meta = self.directory / "fingerprint.json"
-        if meta.is_file():
-            stored = json.loads(meta.read_text()).get("fingerprint")
-            if stored != self.fingerprint:
-                raise ValueError(
-                    f"cache folder {str(self.directory)!r} belongs to fingerprint {stored!r}, "
-                    f"not {self.fingerprint!r}; remove the folder"
-                )
-        else:
+        if not self._verify_owner():
             self.directory.mkdir(parents=True, exist_ok=True)
             tmp = meta.with_suffix(f".{uuid.uuid4().hex}.tmp")
             tmp.write_text(
                 json.dumps({"fingerprint": self.fingerprint, "description": self.description})
             )
             os.replace(tmp, meta)
+            self._verified = True
 
     def _load_new_shards(self) -> None:
-        if not self.directory.is_dir():
-            return
+        if not self._verify_owner():
+            return  # no folder, or no fingerprint.json: no shard of this fingerprint
         for shard in sorted(self.directory.glob("shard-*.npz")):
             if shard.name in self._seen_shards:
                 continue
@@ -249,7 +316,7 @@ class EmbeddingCache:
             if k not in self._index and k not in todo:
                 todo[k] = it
         self.hits += sum(k in self._index for k in key_list)
-        self.misses += len(item_list) - sum(k in self._index for k in key_list)
+        self.misses += len(todo)
         if todo:
             raw = compute_fn(list(todo.values()))
             arr = raw.detach().cpu().numpy() if isinstance(raw, torch.Tensor) else np.asarray(raw)
@@ -286,6 +353,7 @@ class EmbeddingCache:
             for f in self.directory.iterdir():
                 f.unlink()
             self.directory.rmdir()
+        self._verified = False
         self._index.clear()
         self._seen_shards.clear()
         self._dim = None

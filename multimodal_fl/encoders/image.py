@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from multimodal_fl.config import image_min_size
 from multimodal_fl.encoders._common import (
     LoadReport,
     load_weights_into,
@@ -234,7 +235,8 @@ class ImageEncoder(nn.Module):
 
         Keys used by the transforms or the training loop (``size``, ``pixdim``, ``modality``,
         ``augment``, ``cache``) are accepted and ignored here; an unknown key raises
-        ``ValueError`` with a suggestion.
+        ``ValueError`` with a suggestion. ``embed_dim: None`` means no head, as in the
+        constructor; a section without ``embed_dim`` gets the default head.
         """
         kwargs = section_to_kwargs(
             section,
@@ -249,6 +251,7 @@ class ImageEncoder(nn.Module):
             ),
             ignored=("size", "pixdim", "modality", "augment", "cache", "batch_size", "enabled"),
             where="modalities.image",
+            keep_none=("embed_dim",),  # None: no head, as in the constructor
         )
         return cls(**kwargs)
 
@@ -271,11 +274,18 @@ class ImageEncoder(nn.Module):
         Parameters
         ----------
         x : Tensor[B, in_channels, *spatial]
-            ``spatial_dims`` spatial axes.
+            ``spatial_dims`` spatial axes; floating point (cast to the parameters' dtype,
+            float32 input to a float32 encoder unchanged). ``B`` may be 0.
 
         Returns
         -------
         Tensor[B, output_dim]
+
+        Raises
+        ------
+        ValueError
+            For another shape, a non-floating dtype (convert 8-bit pixels first, e.g.
+            ``x.float() / 255``) or a spatial axis below the backbone's minimum.
         """
         if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
             raise ValueError(
@@ -284,10 +294,31 @@ class ImageEncoder(nn.Module):
                 f"(spatial_dims={self.spatial_dims}, in_channels={self.in_channels}), "
                 f"got shape {tuple(x.shape)}"
             )
+        x = self._floating(x)
+        least = image_min_size(self.encoder, self.spatial_dims)
+        if min(x.shape[2:]) < least:
+            raise ValueError(
+                f"ImageEncoder {self.encoder!r} needs at least {least} pixels per spatial axis "
+                f"({self.spatial_dims}D), got spatial size {tuple(x.shape[2:])}"
+            )
+        if x.shape[0] == 0:  # BatchNorm and some backbones' reshapes fail on no rows
+            return x.new_zeros((0, self.output_dim))
         return self.forward_head(self.forward_features(x))
+
+    def _floating(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the parameters' dtype; a one-line error for a non-floating tensor."""
+        if not x.is_floating_point():
+            raise ValueError(
+                f"ImageEncoder expects a floating-point tensor, got dtype {x.dtype}; convert "
+                "it first (e.g. x.float() / 255 for 8-bit pixels, or read files with load_image)"
+            )
+        return x.to(next(self.parameters()).dtype)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone only: ``Tensor[B, feature_dim]`` (what a cache of a frozen backbone stores)."""
+        x = self._floating(x)
+        if x.shape[0] == 0:
+            return x.new_zeros((0, self.feature_dim))
         if self.frozen:
             with torch.no_grad():
                 feats: torch.Tensor = self.backbone(x)

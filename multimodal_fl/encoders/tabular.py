@@ -244,9 +244,11 @@ class TabularEncoder(nn.Module):
         self.output_dim = width
         self.linear: nn.Linear | None = None
         if linear_path:
-            # zero, and drawn from no RNG: every other initial weight stays as without it
+            # zero, and drawn from no RNG: every other initial weight stays as without it;
+            # on the default device like the MLP (skip_init's own default is the CPU)
             self.linear = nn.utils.skip_init(
-                nn.Linear, self.n_features * (2 if self.missing_indicators else 1), 1
+                nn.Linear, self.n_features * (2 if self.missing_indicators else 1), 1,
+                device=torch.get_default_device(),
             )
             nn.init.zeros_(self.linear.weight)
             nn.init.zeros_(self.linear.bias)
@@ -273,14 +275,21 @@ class TabularEncoder(nn.Module):
         return cls(n_features, **data)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Standardise, impute missing with 0 and append indicators: ``Tensor[B, F or 2F]``."""
-        x = x.to(torch.float32)
-        z = self.standardizer(x)
+        """Standardise, impute missing with 0 and append indicators: ``Tensor[B, F or 2F]``.
+
+        Standardises in the wider of ``x``'s and the parameters' floating dtypes (the
+        float64 statistics cast to it: float32 input to a float32 model is standardised in
+        float32, float64 input or a ``.double()`` model in float64), then casts to the
+        parameters' dtype, so ``.double()`` and a float64 default dtype work.
+        """
+        dtype = next(self.mlp.parameters()).dtype
+        work = torch.promote_types(x.dtype, dtype) if x.is_floating_point() else dtype
+        z = self.standardizer(x.to(work))
         missing = torch.isnan(z)
         z = torch.where(missing, torch.zeros_like(z), z)
         if self.missing_indicators:
             z = torch.cat([z, missing.to(z.dtype)], dim=1)
-        return z
+        return z.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed ``Tensor[B, n_features]`` (NaN = missing) to ``Tensor[B, output_dim]``."""

@@ -80,6 +80,20 @@ def _layer_list(model: nn.Module) -> nn.ModuleList:
     )
 
 
+def _position_limit(model: nn.Module) -> int | None:
+    """Tokens a model's absolute position embeddings cover (``None``: no limit found).
+
+    RoBERTa-like embeddings number positions from ``padding_idx + 1``, so they cover
+    ``num_embeddings - padding_idx - 1`` tokens.
+    """
+    emb = getattr(getattr(model, "embeddings", None), "position_embeddings", None)
+    if isinstance(emb, nn.Embedding):
+        pad = emb.padding_idx
+        return int(emb.num_embeddings) - (int(pad) + 1 if pad is not None else 0)
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(n) if n else None
+
+
 class TextEncoder(nn.Module):
     """Local transformers model with mask-aware mean pooling over chunks and notes.
 
@@ -94,11 +108,12 @@ class TextEncoder(nn.Module):
     max_length : int or None
         Tokens per chunk (special tokens included). ``None``: the smallest of the tokenizer's
         ``model_max_length``, the model's position embeddings and the sentence-transformers
-        ``max_seq_length`` when the folder has one (256 for MiniLM).
+        ``max_seq_length`` when the folder has one (256 for MiniLM). More than the model's
+        position embeddings cover is refused.
     stride : int, default 0
         Tokens shared by consecutive chunks of a long note.
     batch_size : int, default 32
-        Chunks per forward pass.
+        Chunks per forward pass (at least 1).
     normalize : bool or None, default None
         L2-normalise each note's embedding (after averaging its chunks). ``None`` follows the
         folder's sentence-transformers ``modules.json`` (True for all-MiniLM-L6-v2, so
@@ -113,12 +128,17 @@ class TextEncoder(nn.Module):
     tokenizer : transformers tokenizer
     output_dim : int
         The model's hidden size.
+    input_is_tensor : bool
+        False: the input is a list of notes, not a tensor, so a ``FusionModel`` refuses this
+        module; give it the embeddings (``encode``) and their width instead.
 
     Notes
     -----
     ``forward`` returns zero rows for patients without text; :meth:`encode` returns
     ``(embeddings, present)`` with the boolean presence mask.
     """
+
+    input_is_tensor = False
 
     def __init__(
         self,
@@ -132,6 +152,8 @@ class TextEncoder(nn.Module):
         max_chunks: int | None = None,
     ) -> None:
         super().__init__()
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -167,6 +189,12 @@ class TextEncoder(nn.Module):
             seq = json.loads(st_cfg.read_text()).get("max_seq_length")
             if seq:
                 limits.append(int(seq))
+        positions = _position_limit(self.model)
+        if max_length is not None and positions is not None and int(max_length) > positions:
+            raise ValueError(
+                f"max_length={max_length} exceeds the {positions} positions of the model in "
+                f"{str(path)!r}; use at most {positions} (None: the model's own limit)"
+            )
         self.max_length = int(max_length) if max_length is not None else min(limits)
         specials = self.tokenizer.num_special_tokens_to_add(pair=False)
         if self.max_length <= specials + 1:

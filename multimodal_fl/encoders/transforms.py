@@ -211,6 +211,34 @@ class _ToChannels:
         return f"_ToChannels({self.channels})"
 
 
+class _VolumeChannels:
+    """Refuse a 3D image whose several channels would be mixed: they are frames, not colours.
+
+    A 4-D NIfTI (time points, echoes, diffusion directions) or a multi-channel DICOM
+    series loads channel first; :class:`_ToChannels` would read 3 or 4 of them as RGB(A).
+    A volume with exactly ``channels`` channels passes unchanged.
+    """
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        c = img.shape[0]
+        if c > 1 and c != self.channels:
+            meta = getattr(img, "meta", None)
+            name = meta.get("filename_or_obj") if isinstance(meta, dict) else None
+            where = f"{str(name)!r}: " if name else ""
+            raise ImageReadError(
+                f"{where}3D image has {c} channels (channel-first shape {tuple(img.shape)}), "
+                f"e.g. time or echo frames, which are not mixed into {self.channels}; "
+                "select one frame or volume before loading"
+            )
+        return img
+
+    def __repr__(self) -> str:
+        return f"_VolumeChannels({self.channels})"
+
+
 def build_transform(
     spec: ImageTransformSpec, *, train: bool = False, load: bool = True
 ) -> Callable[[Any], torch.Tensor]:
@@ -237,7 +265,10 @@ def build_transform(
     steps: list[Any] = []
     if load:
         steps.append(_Load())
-    steps += [_ToSpatialDims(d), _ToChannels(spec.channels)]
+    steps.append(_ToSpatialDims(d))
+    if d == 3:
+        steps.append(_VolumeChannels(spec.channels))
+    steps.append(_ToChannels(spec.channels))
     if d == 3:
         steps.append(
             mt.Orientation(axcodes=spec.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))
@@ -346,8 +377,9 @@ def load_image(
     Raises
     ------
     ImageReadError
-        When the file is missing, of an unsupported type, unreadable, or has the wrong
-        number of spatial axes; the message names the file.
+        When the file is missing, of an unsupported type, unreadable, has the wrong
+        number of spatial axes, or is a 3D image with several channels (a 4-D NIfTI's
+        frames; unless ``channels`` of them); the message names the file.
     """
     spec = spec or ImageTransformSpec(spatial_dims=spatial_dims, size=size, channels=channels)
     pipeline: Any = build_transform(spec, train=train)

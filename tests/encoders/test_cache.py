@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from multimodal_fl.encoders import (
     content_key,
     load_image,
 )
+from multimodal_fl.encoders.cache import cache_folder_name
 
 
 def _proj(enc: ImageEncoder) -> torch.nn.Linear:
@@ -65,12 +67,13 @@ def test_cached_equals_recomputed_and_persists(
     fn2 = _image_fn(enc, spec)
     np.testing.assert_array_equal(again.get_or_compute(paths, fn2), first)
     assert fn2.calls == [] and again.hits == 4 and again.misses == 0
-    assert (tmp_path / "site_a" / fp[:16] / "fingerprint.json").is_file()
-    assert len(list((tmp_path / "site_a" / fp[:16]).glob("shard-*.npz"))) == 1
+    folder = cache_folder_name(fp)
+    assert (tmp_path / "site_a" / folder / "fingerprint.json").is_file()
+    assert len(list((tmp_path / "site_a" / folder).glob("shard-*.npz"))) == 1
     # another site has its own folder
     other = EmbeddingCache(tmp_path, fingerprint=fp, site="site_b")
     other.get_or_compute(paths[:1], _image_fn(enc, spec))
-    assert (tmp_path / "site_b" / fp[:16]).is_dir()
+    assert (tmp_path / "site_b" / folder).is_dir()
 
 
 def test_changed_weights_invalidate(tmp_path: Path, image_files: dict[str, Path]) -> None:
@@ -155,3 +158,50 @@ def test_compute_fn_shape_checked(tmp_path: Path) -> None:
         cache.get_or_compute(["z"], lambda items: np.zeros((1, 4)))
     cache.clear()
     assert len(cache) == 0 and not cache.directory.exists()
+
+
+def test_fingerprints_sharing_a_prefix_never_share_rows(tmp_path: Path) -> None:
+    v1 = EmbeddingCache(tmp_path, fingerprint="cxr-resnet18-weights-v1", site="a")
+    v1.get_or_compute(["note A"], lambda items: np.ones((len(items), 2)))
+    v2 = EmbeddingCache(tmp_path, fingerprint="cxr-resnet18-weights-v2", site="a")
+    assert v2.directory != v1.directory
+    fn = Counter(lambda items: np.zeros((len(items), 2)))
+    assert v2.get_or_compute(["note A"], fn).tolist() == [[0.0, 0.0]]
+    assert fn.calls == [["note A"]]
+    hexes = EmbeddingCache(tmp_path, fingerprint="a" * 16 + "b" * 48, site="a")
+    EmbeddingCache(tmp_path, fingerprint="a" * 64, site="a").get_or_compute(
+        ["x"], lambda items: np.ones((1, 2)))
+    assert hexes.get_or_compute(["x"], lambda items: np.zeros((1, 2))).tolist() == [[0.0, 0.0]]
+
+
+def test_shards_of_another_fingerprint_are_never_read(tmp_path: Path) -> None:
+    fp = "c" * 64
+    cache = EmbeddingCache(tmp_path, fingerprint=fp, site="a")
+    cache.get_or_compute(["x"], lambda items: np.ones((1, 2)))
+    meta = cache.directory / "fingerprint.json"
+    meta.write_text(json.dumps({"fingerprint": "d" * 64, "description": ""}))
+    with pytest.raises(ValueError, match="belongs to fingerprint"):
+        EmbeddingCache(tmp_path, fingerprint=fp, site="a").get_or_compute(
+            ["x"], lambda items: np.zeros((1, 2)))
+
+
+def test_folder_of_an_earlier_version_is_still_read(tmp_path: Path) -> None:
+    fp = "0123456789abcdef" * 4
+    legacy = tmp_path / "a" / fp[:16]  # earlier versions named the folder fingerprint[:16]
+    legacy.mkdir(parents=True)
+    (legacy / "fingerprint.json").write_text(json.dumps({"fingerprint": fp}))
+    np.savez(legacy / "shard-old.npz", keys=np.asarray([content_key("x")], dtype="<U64"),
+             emb=np.full((1, 2), 7.0, dtype=np.float32))
+    cache = EmbeddingCache(tmp_path, fingerprint=fp, site="a")
+    fn = Counter(lambda items: np.zeros((len(items), 2)))
+    assert cache.get_or_compute(["x"], fn).tolist() == [[7.0, 7.0]] and fn.calls == []
+    other = EmbeddingCache(tmp_path, fingerprint=fp[:16] + "f" * 48, site="a")
+    assert other.directory != legacy
+
+
+def test_duplicate_items_count_one_miss(tmp_path: Path) -> None:
+    cache = EmbeddingCache(tmp_path, fingerprint="e" * 64, site="a")
+    cache.get_or_compute(["a", "a", "b"], lambda items: np.ones((len(items), 2)))
+    assert (cache.hits, cache.misses) == (0, 2)
+    cache.get_or_compute(["a", "c", "c"], lambda items: np.ones((len(items), 2)))
+    assert (cache.hits, cache.misses) == (1, 3)

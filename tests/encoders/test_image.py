@@ -179,3 +179,60 @@ def test_features_and_head_compose_and_backbone_fingerprint() -> None:
         _proj(enc).weight.add_(1.0)  # training the head
     assert enc.fingerprint("p") != before_all
     assert enc.fingerprint("p", backbone_only=True) == before_bb
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_densenet_minimum_size_is_real_and_refused_below(spatial_dims: int) -> None:
+    from multimodal_fl.config import image_min_size
+
+    least = image_min_size("densenet121", spatial_dims)
+    enc = ImageEncoder("densenet121", spatial_dims=spatial_dims, embed_dim=4).eval()
+    ok = torch.zeros(1, 1, *([least] * spatial_dims))
+    assert enc(ok).shape == (1, 4)
+    below = torch.zeros(1, 1, least - 1, *([least] * (spatial_dims - 1)))
+    with pytest.raises(RuntimeError):  # the network itself cannot process one axis less
+        enc.backbone(below)
+    with pytest.raises(ValueError, match=rf"'densenet121' needs at least {least} .*"
+                                         rf"got spatial size \({least - 1}, "):
+        enc(below)
+
+
+@pytest.mark.parametrize("name", ["tinycnn", "smallcnn", "resnet10", "resnet18", "resnet34"])
+def test_other_backbones_take_any_size(name: str) -> None:
+    from multimodal_fl.config import image_min_size
+
+    assert image_min_size(name, 2) == image_min_size(name, 3) == 1
+    assert ImageEncoder(name, embed_dim=4).eval()(torch.zeros(1, 1, 1, 1)).shape == (1, 4)
+
+
+def test_from_config_embed_dim_none_means_no_head() -> None:
+    from multimodal_fl.config import ImageModalityConfig
+
+    none = ImageEncoder.from_config({"encoder": "smallcnn", "embed_dim": None})
+    assert none.projection is None and none.output_dim == none.feature_dim == 128
+    assert ImageEncoder.from_config({"encoder": "smallcnn"}).output_dim == 128  # default head
+    assert ImageEncoder.from_config({"encoder": "smallcnn"}).projection is not None
+    assert ImageEncoder.from_config(ImageModalityConfig(embed_dim=16)).output_dim == 16
+    assert ImageEncoder.from_config(ImageModalityConfig()).output_dim == 64  # config default
+
+
+def test_floating_input_is_cast_and_integer_input_refused() -> None:
+    torch.manual_seed(0)
+    enc = ImageEncoder("smallcnn", embed_dim=4).eval()
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        ref = enc(x)
+        assert torch.equal(enc(x.double()), ref)  # float64 pixels: cast to float32
+        assert enc(x.half()).dtype == torch.float32
+        assert enc.double()(x).dtype == torch.float64  # a float64 encoder takes float32
+    with pytest.raises(ValueError, match=r"floating-point tensor, got dtype torch.uint8"):
+        enc((x * 255).to(torch.uint8))
+
+
+@pytest.mark.parametrize("name", ["smallcnn", "resnet10", "resnet18", "densenet121"])
+def test_empty_batch_gives_empty_embeddings(name: str) -> None:
+    enc = ImageEncoder(name, embed_dim=4)
+    for mode in (True, False):
+        out = enc.train(mode)(torch.zeros(0, 1, 32, 32))
+        assert out.shape == (0, 4) and out.dtype == torch.float32
+    assert enc.forward_features(torch.zeros(0, 1, 32, 32)).shape == (0, enc.feature_dim)

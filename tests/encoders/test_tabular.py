@@ -202,3 +202,76 @@ def test_linear_path_from_config() -> None:
                                      n_features=3)
     assert enc.linear is not None and enc.linear.out_features == 1
     assert TabularEncoder.from_config({"hidden": [8]}, n_features=3).linear is None
+
+
+def _fitted(n_features: int = 4, *, linear_path: bool = True) -> TabularEncoder:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    enc = TabularEncoder(n_features, hidden=[8], linear_path=linear_path).eval()
+    data = rng.normal(1e3, 5.0, size=(50, n_features))
+    data[rng.random(data.shape) < 0.2] = np.nan
+    enc.standardizer.fit(data)
+    if enc.linear is not None:
+        with torch.no_grad():
+            enc.linear.weight.normal_()
+    return enc
+
+
+def test_float32_input_is_standardised_in_float32() -> None:
+    """Pins the float32 arithmetic the reference weights were trained with."""
+    enc = _fitted()
+    x = torch.randn(16, 4) * 5 + 1e3
+    x[::3, 1] = float("nan")
+    s = enc.standardizer
+    z = (x - s.mean.to(torch.float32)) / s.scale.to(torch.float32)
+    missing = torch.isnan(z)
+    z = torch.cat([torch.where(missing, torch.zeros_like(z), z), missing.float()], 1)
+    with torch.no_grad():
+        assert torch.equal(enc.prepare(x), z)
+        assert torch.equal(enc(x), enc.mlp(z))
+
+
+def test_double_module_and_float64_default_dtype_run_in_float64() -> None:
+    enc = _fitted()
+    x = torch.randn(6, 4, dtype=torch.float64) * 5 + 1e3
+    x[0, 2] = float("nan")
+    with torch.no_grad():
+        ref = enc(x.float())
+        dbl = enc.double()
+        out, logit = dbl(x), dbl.linear_logit(x)
+    assert out.dtype == logit.dtype == torch.float64
+    torch.testing.assert_close(out.float(), ref, rtol=1e-4, atol=1e-4)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        enc64 = TabularEncoder(4, hidden=[8], linear_path=True)
+        out64 = enc64(torch.zeros(2, 4))  # float32 input, float64 model
+        logit64 = enc64.linear_logit(torch.zeros(2, 4))
+    finally:
+        torch.set_default_dtype(before)
+    assert out64.dtype == torch.float64 and logit64 is not None
+    assert logit64.dtype == torch.float64
+
+
+def test_float64_input_is_standardised_in_float64() -> None:
+    enc = TabularEncoder(1, hidden=[4])
+    big = np.random.default_rng(0).normal(1e6, 1.0, size=(1000, 1))
+    enc.standardizer.fit(big)
+    z = enc.prepare(torch.tensor(big[:5]))
+    assert z.dtype == torch.float32  # the parameters' dtype
+    s = enc.standardizer
+    expected = ((torch.tensor(big[:5]) - s.mean) / s.scale)[:, 0].numpy()
+    np.testing.assert_allclose(z[:, 0].numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_path_is_built_on_the_default_device() -> None:
+    with torch.device("meta"):
+        enc = TabularEncoder(3, hidden=[4], linear_path=True)
+    assert enc.linear is not None
+    assert enc.linear.weight.device.type == enc.mlp[0].weight.device.type == "meta"
+    torch.set_default_device("meta")
+    try:
+        enc = TabularEncoder(3, hidden=[4], linear_path=True)
+    finally:
+        torch.set_default_device(None)
+    assert enc.linear is not None and enc.linear.bias.device.type == "meta"

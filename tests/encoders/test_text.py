@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from multimodal_fl.encoders import TextEncoder
 
@@ -157,3 +158,28 @@ def test_from_config_local_and_enabled(tiny_text_model: Path) -> None:
     assert enc.trainable_layers == 2 and enc.max_chunks == 4
     with pytest.raises(ValueError, match="needs model_path"):
         TextEncoder.from_config({"encoder": "local"})
+
+
+def test_max_length_beyond_the_position_embeddings_is_refused(tiny_text_model: Path) -> None:
+    positions = TextEncoder(tiny_text_model).model.config.max_position_embeddings
+    assert TextEncoder(tiny_text_model, max_length=positions).max_length == positions
+    with pytest.raises(ValueError, match=rf"max_length={positions + 1} exceeds the {positions} "):
+        TextEncoder(tiny_text_model, max_length=positions + 1)
+
+
+def test_roberta_like_position_limit_leaves_out_the_padding_offset() -> None:
+    from multimodal_fl.encoders.text import _position_limit
+
+    bert, roberta = nn.Module(), nn.Module()
+    bert.embeddings = nn.Module()
+    bert.embeddings.position_embeddings = nn.Embedding(512, 4)
+    roberta.embeddings = nn.Module()
+    roberta.embeddings.position_embeddings = nn.Embedding(514, 4, padding_idx=1)
+    assert (_position_limit(bert), _position_limit(roberta)) == (512, 512)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_batch_size_below_one_is_refused(tiny_text_model: Path, batch_size: int) -> None:
+    message = rf"batch_size must be a positive integer, got {batch_size}"
+    with pytest.raises(ValueError, match=message):
+        TextEncoder(tiny_text_model, batch_size=batch_size)

@@ -124,3 +124,27 @@ def test_dicom_series_folder_is_a_3d_volume(tmp_path: Path) -> None:
         ds.save_as(path)
     x = load_image(series, spatial_dims=3, size=8)
     assert x.shape == (1, 8, 8, 8) and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("frames", [2, 3, 4])
+def test_4d_nifti_frames_are_refused_not_mixed_as_colour(tmp_path: Path, frames: int) -> None:
+    vol = np.stack([np.full((8, 8, 8), k + 1.0, np.float32) for k in range(frames)], -1)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "dwi.nii.gz"))
+    shape = rf"\({frames}, 8, 8, 8\)"
+    with pytest.raises(ImageReadError, match=rf"dwi\.nii\.gz.*{frames} channels.*{shape}"):
+        load_image(tmp_path / "dwi.nii.gz", spatial_dims=3, size=8)
+    # a singleton 4th axis is one volume: read as the plain 3D file
+    nib.save(nib.Nifti1Image(vol[..., :1], np.eye(4)), str(tmp_path / "one.nii.gz"))
+    nib.save(nib.Nifti1Image(vol[..., 0], np.eye(4)), str(tmp_path / "plain.nii.gz"))
+    assert torch.equal(load_image(tmp_path / "one.nii.gz", spatial_dims=3, size=8),
+                       load_image(tmp_path / "plain.nii.gz", spatial_dims=3, size=8))
+
+
+def test_2d_colour_channels_still_mix_by_luminance(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rgb = (np.random.default_rng(3).random((12, 10, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).convert("RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(rgb).convert("LA").save(tmp_path / "la.png")
+    for name in ("rgba.png", "la.png"):
+        assert load_image(tmp_path / name, spatial_dims=2, size=8).shape == (1, 8, 8)
