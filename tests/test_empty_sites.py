@@ -126,6 +126,6 @@ def test_train_cli_leaves_the_empty_site_out(
                                        f"federated.min_sites={len(cfg['sites'])}"])
     assert too_few.exit_code == 2
     err = " ".join(too_few.stderr.split())
-    assert err.startswith("error: EmptySiteError: site 'site_z' has 0 patients")
+    assert err.startswith("error: site 'site_z' has 0 patients")
     assert "invalid_fhir" in err and "min_sites" in err
     assert "implausible" not in too_few.output and "Traceback" not in too_few.output
