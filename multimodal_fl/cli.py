@@ -23,7 +23,7 @@ from rich.console import Console
 from multimodal_fl.config import ConfigError, config_schema, load_config
 
 app = typer.Typer(
-    rich_markup_mode=None,  # a docstring paragraph is reflowed, not broken where its source is
+    rich_markup_mode="markdown",  # a docstring paragraph is reflowed, not cut where its source is
     name="mmfl",
     help="Federated multimodal learning for hospital consortia.",
     no_args_is_help=True,

@@ -1,6 +1,6 @@
 """Every command's help reads as prose: a docstring paragraph is reflowed to the terminal, not
 broken where its source lines end (typer's "rich" markup mode kept those breaks: lines of two
-words between full ones)."""
+words between full ones; its plain mode printed arguments' ``\\[required]``)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def _commands() -> list[list[str]]:
 def test_help_paragraphs_are_filled(path: list[str]) -> None:
     result = CliRunner().invoke(app, [*path, "--help"], terminal_width=80)
     assert result.exit_code == 0, result.output
+    assert "\\[" not in result.output  # typer's plain mode escaped the argument's brackets
     paragraphs: list[list[str]] = [[]]
     for raw in result.output.splitlines():
         line = raw.strip()
