@@ -136,6 +136,7 @@ class Kind(StrEnum):
     """Every request kind a site may be asked (see the module docstring)."""
 
     DESCRIBE = "describe"
+    RELEASE = "release"
     PCA = "pca"
     PCA_APPLY = "pca_apply"
     PCA_SCORES = "pca_scores"

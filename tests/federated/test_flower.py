@@ -109,6 +109,16 @@ def toy_job(run_config: Mapping[str, Any]) -> ServerJob:
     return ServerJob(initial_weights(0), config)
 
 
+def failing_job(run_config: Mapping[str, Any]) -> ServerJob:
+    """A server job that asks every site once (their workers start), then fails."""
+
+    def main(federation: Any) -> None:
+        federation.broadcast({s: Request("info", 1) for s in federation.sites()}, timeout=60)
+        raise RuntimeError("the job failed after its first exchange")
+
+    return ServerJob(main=main)
+
+
 def pca_data(name: str) -> np.ndarray:
     """A site's data for the PCA test: sizes and means differ, site c has fewer rows than d."""
     i = SITES.index(name)
@@ -490,6 +500,62 @@ def test_site_worker_keeps_one_site_per_node_across_requests(
             assert x["site_work"]["in_worker"] and x["site_work"]["wall"] >= 0
             assert {"flower_start", "import", "handler_wait", "handoff"} <= set(x)
             assert 0 <= x["handoff"]["wall"] and x["process_start"] <= x["handler_end"]
+
+
+def test_the_end_of_a_run_stops_every_site_worker(task_identity: None) -> None:
+    """A deployed run left one worker per SuperNode idling for site-worker-idle (30 min, about
+    0.5 GB each) after every run: the release at the end stops them (a hospital's bug report)."""
+    from multimodal_fl.federated.flower.worker import _alive, _read_pid, stop_worker, worker_address
+
+    run_config: dict[str, ConfigValue] = {
+        "site-factory": "tests.federated.test_flower:counting_site",
+        "site-worker": True, "site-worker-start": 60.0, "site-worker-idle": 600.0,
+    }
+    federation, grid = fake_federation(run_config)
+    addresses = [worker_address(1, node, site["site-name"], run_config)
+                 for node, site in grid.node_config.items()]
+    try:
+        sites = federation.sites()
+        federation.broadcast({s: Request("info", 1) for s in sites}, timeout=60)
+        pids = [_read_pid(a) for a in addresses]
+        assert all(pid is not None and _alive(pid) for pid in pids)
+        assert federation.release(timeout=30) == list(SITES)
+        assert not any(_alive(pid) for pid in pids if pid is not None)
+        assert not any(address.socket.exists() for address in addresses)
+    finally:
+        for address in addresses:
+            stop_worker(address)
+
+
+def test_a_failed_run_still_releases_its_workers(
+    task_identity: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ServerApp's main releases the workers however the job ends."""
+    from flwr.app import Context as FlowerContext
+
+    from multimodal_fl.federated.flower import apps
+    from multimodal_fl.federated.flower.worker import _alive, _read_pid, stop_worker, worker_address
+
+    run_config: dict[str, ConfigValue] = {
+        "server-factory": "tests.federated.test_flower:failing_job",
+        "site-factory": "tests.federated.test_flower:counting_site",
+        "site-worker": True, "site-worker-start": 60.0, "site-worker-idle": 600.0,
+        "min-nodes": 3, "poll-interval": 0.01,
+    }
+    monkeypatch.setattr(apps, "_log_to_stdout", lambda: None)
+    nodes = {30: "a", 10: "b", 20: "c"}
+    grid = FakeGrid({n: {"site-name": s, "site-dir": f"/nowhere/{s}"} for n, s in nodes.items()},
+                    run_config)
+    addresses = [worker_address(1, n, s, run_config) for n, s in nodes.items()]
+    try:
+        with pytest.raises(RuntimeError, match="failed after its first exchange"):
+            apps.server_main(grid, FlowerContext(1, 0, {}, RecordDict(), run_config))  # type: ignore[arg-type]
+        pids = [_read_pid(a) for a in addresses]
+        assert not any(pid is not None and _alive(pid) for pid in pids)
+        assert not any(address.socket.exists() for address in addresses)
+    finally:
+        for address in addresses:
+            stop_worker(address)
 
 
 def test_the_client_app_imports_no_torch_and_no_server_side() -> None:

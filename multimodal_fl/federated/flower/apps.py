@@ -360,10 +360,14 @@ def server_main(grid: Grid, context: Context) -> None:
     job = _server_job(opts, run_config)
     federation = _connect(grid, job, opts)
     out_dir = str(opts["out-dir"] or "")
-    if job.main is not None:
-        _run_program(job.main, federation, out_dir)
-    else:
-        _run_training(job, federation, out_dir)
+    try:
+        if job.main is not None:
+            _run_program(job.main, federation, out_dir)
+        else:
+            _run_training(job, federation, out_dir)
+    finally:  # a failed run too: its site workers would idle for site-worker-idle seconds
+        if opts["site-worker"]:
+            federation.release()
 
 
 # --------------------------------------------------------------------------- the app directory

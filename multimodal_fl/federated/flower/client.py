@@ -39,13 +39,18 @@ from flwr.clientapp import ClientApp  # noqa: E402
 
 from multimodal_fl.federated.flower.codec import (  # noqa: E402
     DESCRIBE,
+    RELEASE,
     array_record,
     content_to_request,
     record_arrays,
     reply_to_content,
 )
 from multimodal_fl.federated.flower.factories import SiteFactory, load_object  # noqa: E402
-from multimodal_fl.federated.flower.worker import call_worker, worker_address  # noqa: E402
+from multimodal_fl.federated.flower.worker import (  # noqa: E402
+    call_worker,
+    stop_worker,
+    worker_address,
+)
 from multimodal_fl.federated.protocol import (  # noqa: E402
     ConfigValue,
     Reply,
@@ -242,6 +247,10 @@ def _handle(msg: Message, context: Context) -> Message:
         reply = Reply(site=name, kind=DESCRIBE, round=request.round)
         return Message(reply_to_content(reply), reply_to=msg)
     opts = run_settings(run_config)
+    if request.kind == RELEASE:  # the run ended: its worker has nothing more to do
+        if opts["site-worker"]:
+            stop_worker(worker_address(context.run_id, context.node_id, name, run_config))
+        return Message(reply_to_content(Reply(site=name, kind=RELEASE, round=0)), reply_to=msg)
     if not opts["site-factory"]:
         raise ValueError(
             "run config 'site-factory' is empty; expected 'module:callable' taking "

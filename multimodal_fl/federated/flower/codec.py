@@ -7,8 +7,9 @@ config); a :class:`~multimodal_fl.federated.protocol.Reply` adds a ``MetricRecor
 (:mod:`multimodal_fl.federated.protocol`); this module only puts them into Flower's types and
 back, and picks the Flower message type of a request kind (:func:`message_type`).
 
-:data:`DESCRIBE` is the one request kind the Flower engine adds: the discovery query that asks a
-SuperNode for its site name (see :class:`~.federation.FlowerFederation`).
+:data:`DESCRIBE` and :data:`RELEASE` are the request kinds the Flower engine adds: the discovery
+query that asks a SuperNode for its site name (see :class:`~.federation.FlowerFederation`), and
+the end of a run, when a SuperNode stops the run's site worker.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from multimodal_fl.federated.protocol import ConfigValue, Kind, Reply, Request
 
 __all__ = [
     "DESCRIBE",
+    "RELEASE",
     "array_record",
     "content_to_reply",
     "content_to_request",
@@ -35,6 +37,9 @@ __all__ = [
 
 #: Request kind of the discovery query: the ClientApp answers with its site name, no site built.
 DESCRIBE = Kind.DESCRIBE
+#: Request kind sent to every node when a run ends: its ClientApp stops the run's site worker
+#: (``site-worker``), which would otherwise idle for ``site-worker-idle`` seconds.
+RELEASE = Kind.RELEASE
 
 _ARRAYS = "arrays"
 _CONFIG = "config"

@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 
 from multimodal_fl.federated.flower.codec import (
     DESCRIBE,
+    RELEASE,
     content_to_reply,
     message_type,
     request_to_content,
@@ -221,6 +222,29 @@ class FlowerFederation:
                 continue
             self._node_of[answer.site] = node
             log.info("node %d is site %s", node, answer.site)
+
+    def release(self, timeout: float = 30.0) -> list[str]:
+        """Tell every site the run has ended, so its SuperNode stops the run's site worker.
+
+        Parameters
+        ----------
+        timeout : float
+            Seconds to wait for the answers.
+
+        Returns
+        -------
+        list of str
+            The sites that answered (a site that did not keeps its worker until
+            ``site-worker-idle`` or its SuperNode ends).
+        """
+        site_of = {node: site for site, node in self._node_of.items()}
+        answers = self._exchange({n: Request(RELEASE, 0) for n in site_of}, timeout)
+        done = sorted(site_of[n] for n, a in answers.items() if isinstance(a, Reply))
+        missed = sorted(set(site_of.values()) - set(done))
+        if missed:
+            log.warning("the end of the run did not reach %s: their site workers end after "
+                        "site-worker-idle seconds", ", ".join(missed))
+        return done
 
     # -- messaging
 
