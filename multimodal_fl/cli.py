@@ -1240,27 +1240,50 @@ def flower_run(
     The ServerApp runs on the SuperLink's machine and writes --out there; each SuperNode
     keeps its own files (see docs/deployment.md).
     """
-    import subprocess
-
     flower = _flower_module()
     _check_connection(connection)
     out = out.resolve()
+    if config is not None and not (server_factory or site_factory) and out.exists():
+        _refuse_a_run_in(out)  # seen from here: the SuperLink's machine, or a shared disk
     entries, _ = _flower_entries(
         config, set_, server_factory, site_factory, run_config, run_dir=out, site_out=None
     )
     marker = out / "flower" if config is not None else out
     entries.setdefault("out-dir", str(marker))
     app_dir = flower.write_app_dir(marker / "app", entries)
-    done = subprocess.run(
-        flower.flwr_run_command(app_dir, connection), env=flower.flower_env(), check=False
-    )
-    if done.returncode != 0:
-        fail(f"flwr run exited with {done.returncode}")
+    result_dir = Path(str(entries["out-dir"]))
+    (result_dir / "result.json").unlink(missing_ok=True)  # an earlier run's must not be read
+    code, run_id = flower.submit_run(flower.flwr_run_command(app_dir, connection))
+    if code != 0 or run_id is None:
+        fail(f"flwr run exited with {code}" + ("" if run_id else " before the run started"))
+    status = flower.run_status(run_id, connection)
+    log_cmd = f"flwr log {run_id}" + (f" {connection}" if connection else "")
+    if status is not None and not status[0].endswith("completed"):
+        fail(f"Flower run {run_id} ended {status[0]}"
+             + (f" ({status[1]})" if status[1] else "") + f"; its log: {log_cmd}")
     try:
-        result = flower.load_result(str(entries["out-dir"]))
+        result = flower.load_result(str(result_dir))
     except FileNotFoundError as exc:
-        fail(f"{exc} (if the SuperLink runs on another machine, the result is there)")
+        if status is None:
+            fail(f"{exc} (if the SuperLink runs on another machine, the result is there; "
+                 f"{log_cmd} shows how the run ended)")
+        console.print(f"Flower run {run_id} completed; its run directory {out} is on the "
+                      "SuperLink's machine", highlight=False, soft_wrap=True)
+        return
     _flower_report(out, result)
+
+
+def _refuse_a_run_in(out: Path) -> None:
+    """As ``mmfl train``: one run per run directory (``flower run`` / ``local``, which have no
+    ``--overwrite``), checked before Flower starts."""
+    from multimodal_fl.rundir import RUN_LOCK, RunDirError, prepare_run_dir
+
+    if {e.name for e in out.iterdir()} <= {"flower", RUN_LOCK}:
+        return  # the app of a submission that did not start a run: written again
+    try:
+        prepare_run_dir(out)
+    except RunDirError as exc:
+        fail(str(exc).replace(" or --overwrite to remove it first", ""))
 
 
 @flower_app.command("local")

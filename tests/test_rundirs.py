@@ -488,3 +488,33 @@ def test_a_run_refused_before_writing_leaves_no_folder(tiny_config: Callable[...
     with pytest.raises(Exception, match="no-such-site"):
         run(load_config(path), "inprocess", out_dir=tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_deployed_run_into_a_finished_run_is_refused_before_any_site_is_asked(
+        tiny_config: Callable[..., Path], tmp_path: Path) -> None:
+    """`mmfl flower run` into a folder holding a finished run: the ServerApp sent init and
+    moments to every hospital (1.5 minutes) and rewrote config.yaml, then failed on the old
+    checkpoint (a hospital's walk-through). Now nothing is asked and nothing written."""
+    from multimodal_fl.config import load_config
+    from multimodal_fl.engines.federated import run_federated_experiment
+    from multimodal_fl.rundir import RunDirError
+
+    asked: list[object] = []
+
+    class Recorder:
+        def sites(self) -> list[str]:
+            asked.append("sites")
+            return ["site_a"]
+
+        def broadcast(self, requests: object, timeout: float | None = None) -> dict[str, object]:
+            asked.append(requests)
+            return {}
+
+    old = tmp_path / "run"
+    (old / "checkpoint").mkdir(parents=True)
+    (old / "checkpoint" / "checkpoint.json").write_text("{}")
+    (old / "config.yaml").write_text("old: run\n")
+    cfg = load_config(tiny_config())
+    with pytest.raises(RunDirError, match="another run is already there"):
+        run_federated_experiment(cfg, old, federation=Recorder())  # type: ignore[arg-type]
+    assert asked == [] and (old / "config.yaml").read_text() == "old: run\n"

@@ -64,7 +64,7 @@ from multimodal_fl.evaluation.histograms import (
 )
 from multimodal_fl.federated.aggregation import ServerOptimizer, standardizer_state
 from multimodal_fl.federated.central_dp import SiteLevelDP
-from multimodal_fl.federated.checkpoint import load_checkpoint
+from multimodal_fl.federated.checkpoint import CHECKPOINT_JSON, load_checkpoint
 from multimodal_fl.federated.gather import StageFailed, gather
 from multimodal_fl.federated.inprocess import InProcessFederation
 from multimodal_fl.federated.pooling import secure_total
@@ -90,7 +90,13 @@ from multimodal_fl.federated.site import LOCAL_MODEL, POOLED_TEST, fusion_sites
 from multimodal_fl.pca.site import projection_arrays
 from multimodal_fl.pca.stage import run_pca_stage
 from multimodal_fl.progress import ProgressCallback
-from multimodal_fl.rundir import RunOutcome, RunWriter, default_run_dir, jsonable
+from multimodal_fl.rundir import (
+    RunDirError,
+    RunOutcome,
+    RunWriter,
+    default_run_dir,
+    jsonable,
+)
 from multimodal_fl.training import torch_threads
 from multimodal_fl.training.privacy import (
     EPSILON_COVERS,
@@ -661,6 +667,17 @@ def _site_row(site: str, doc: Mapping[str, Any]) -> dict[str, Any]:
     return {"site": site, "n": auc.get("n"), "reason": auc.get("reason"), "metrics": test}
 
 
+def _refuse_a_run_there(run_dir: Path) -> None:
+    """A new run's directory must not hold another run's rounds or results: refused before any
+    site is asked anything or any file is written (a deployed ServerApp, whose directory the
+    CLI cannot check from another machine, used to fail only after the first stages)."""
+    found = [name for name in (f"checkpoint/{CHECKPOINT_JSON}", "metrics.json",
+                               "model.safetensors") if (run_dir / name).is_file()]
+    if found:
+        raise RunDirError(f"{run_dir}: another run is already there ({', '.join(found)}); give "
+                          "a new or empty run directory")
+
+
 def _run_experiment(
     cfg: ExperimentConfig,
     out_dir: str | os.PathLike[str] | None,
@@ -677,6 +694,8 @@ def _run_experiment(
 ) -> RunOutcome:
     t0 = time.perf_counter()
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
+    if not resume:
+        _refuse_a_run_there(run_dir)
     writer = RunWriter(run_dir, cfg, engine)
     writer.write_config()
     if federation is None:

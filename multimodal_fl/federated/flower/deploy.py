@@ -56,6 +56,8 @@ __all__ = [
     "flwr_run_command",
     "free_port",
     "run_loopback",
+    "run_status",
+    "submit_run",
     "superlink_command",
     "supernode_command",
 ]
@@ -272,6 +274,72 @@ def flwr_run_command(app_dir: str | os.PathLike[str], connection: str | None = N
     if connection:
         cmd.append(connection)
     return [*cmd, "--stream"]
+
+
+#: What ``flwr run`` prints once the SuperLink accepted the run (Flower 1.42).
+_STARTED = re.compile(r"Successfully started run (\d+)")
+
+
+def submit_run(command: list[str], env: Mapping[str, str] | None = None) -> tuple[int, int | None]:
+    """Run ``flwr run ... --stream`` (:func:`flwr_run_command`), echoing its output as it
+    comes, and return its exit status and the run id the SuperLink gave.
+
+    Parameters
+    ----------
+    command : list of str
+        The command line.
+    env : Mapping[str, str] or None
+        Its environment (default :func:`flower_env`).
+
+    Returns
+    -------
+    tuple[int, int or None]
+        The exit status (0 even when the ServerApp failed: ask :func:`run_status`) and the run
+        id, ``None`` when none was printed (the run was not started).
+    """
+    run_id: int | None = None
+    with subprocess.Popen(command, env=dict(env or flower_env()), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            found = _STARTED.search(line)
+            if found and run_id is None:
+                run_id = int(found.group(1))
+    return proc.returncode, run_id
+
+
+def run_status(run_id: int, connection: str | None = None,
+               env: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+    """The status of run ``run_id`` at the SuperLink, from ``flwr ls --run-id ID --format json``.
+
+    Parameters
+    ----------
+    run_id : int
+    connection : str or None
+        The SuperLink connection (``None``: the default one).
+    env : Mapping[str, str] or None
+        The environment (default :func:`flower_env`).
+
+    Returns
+    -------
+    tuple[str, str] or None
+        Flower's status (``finished:completed``, ``finished:failed``, ``running``, ...) and its
+        details; ``None`` when the SuperLink could not be asked.
+    """
+    cmd = [flower_exe("flwr"), "ls", *([connection] if connection else []),
+           "--run-id", str(run_id), "--format", "json"]
+    try:
+        done = subprocess.run(cmd, env=dict(env or flower_env()), capture_output=True,
+                              text=True, timeout=60, check=False)
+        runs = json.loads(done.stdout).get("runs", [])
+    except (OSError, subprocess.TimeoutExpired, ValueError, AttributeError):
+        return None
+    for row in runs:
+        if str(row.get("run-id")) == str(run_id):
+            return str(row.get("status", "")), str(row.get("status-details", "") or "")
+    return None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
