@@ -73,6 +73,17 @@ def test_manifest_says_what_the_run_is_and_how_it_ended(runs: dict[str, Path]) -
     assert read_manifest(runs["local"]).run_id != read_manifest(runs["fed"]).run_id  # type: ignore[union-attr]
 
 
+def test_every_egress_line_names_its_run(runs: dict[str, Path]) -> None:
+    """A hospital's egress log may hold the lines of many runs (a deployed site writes into one
+    folder per experiment): each line says which run it belongs to."""
+    for name in ("local", "fed"):
+        logs = sorted((runs[name] / "sites").glob("*/egress.jsonl"))
+        assert logs
+        for log in logs:
+            lines = [json.loads(x) for x in log.read_text().splitlines()]
+            assert lines and all(x["run"] == {"dir": str(runs[name])} for x in lines), log
+
+
 def test_manifest_is_written_first_running_then_stopped_then_completed(
     tiny_config: Callable[..., Path], tmp_path: Path
 ) -> None:

@@ -48,6 +48,7 @@ from multimodal_fl.engines.federated import run_federated_experiment
 from multimodal_fl.federated.checkpoint import CHECKPOINT_JSON
 from multimodal_fl.federated.disclosure import site_policy
 from multimodal_fl.federated.flower import (
+    FLOWER_RUN_ID,
     NODE_CONFIG_PREFIX,
     FlowerRunError,
     ServerJob,
@@ -277,7 +278,9 @@ def _fusion_site(
     cfg = cfg.in_zone_of(policy)  # also a SuperNode's policy-file zone, not only policy.yaml's
     out = site_output_dir(cfg, run_config)
     data = load_site_data(cfg, out)[name]
-    site: Site = FusionSite(name, cfg, data, run_dir=out, policy=policy)
+    run = {"dir": str(run_config.get("run-dir") or out),
+           **({"flower_run_id": run_config[FLOWER_RUN_ID]} if FLOWER_RUN_ID in run_config else {})}
+    site: Site = FusionSite(name, cfg, data, run_dir=out, policy=policy, run=run)
     return site
 
 

@@ -699,12 +699,17 @@ class DisclosureGate:
         The rule per kind (default :data:`RULES`).
     on_record : callable or None
         Also called with every egress-log entry (a dict), e.g. by ``mmfl site check``.
+    run : mapping or None
+        Which run the site answers (``dir``: the run directory; ``flower_run_id`` on Flower),
+        written into every egress-log entry: one log may hold the lines of many runs.
     """
 
     def __init__(self, site: str, policy: SitePolicy, *, config_min_cell: int | None = None,
                  egress_log: str | Path | None = None,
                  rules: Mapping[Kind, Rule] | None = None,
-                 on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_record: Callable[[dict[str, Any]], None] | None = None,
+                 run: Mapping[str, Any] | None = None) -> None:
+        self.run = dict(run) if run else None
         self.site = site
         self.policy = policy
         self.config_min_cell = config_min_cell
@@ -836,6 +841,8 @@ class DisclosureGate:
             "round": request.round, "min_cell": min_cell,
             "policy": self.policy.model_dump(),
         }
+        if self.run is not None:
+            entry["run"] = self.run
         if released is not None:
             r = released.reply
             entry.update(released=True, bytes=_size(r), n_samples=r.n_samples,

@@ -284,12 +284,15 @@ class FusionSite:
     keep_state : bool
         ``False``: the policy's ``state_dir`` is read, never written (``mmfl site check``:
         a fit meets the budget spent so far and spends none of it).
+    run : mapping or None
+        Which run this is, in every egress-log line (default: ``{"dir": run_dir}``; a
+        SuperNode's site names the server's run directory and Flower's run id).
     """
 
     def __init__(
         self, name: str, cfg: ExperimentConfig, data: SiteData, *, run_dir: Path | None = None,
         policy: SitePolicy | None = None, progress: ProgressCallback | None = None,
-        keep_state: bool = True,
+        keep_state: bool = True, run: Mapping[str, Any] | None = None,
     ) -> None:
         self.name = name
         self.cfg = cfg
@@ -316,7 +319,8 @@ class FusionSite:
         self.gate = DisclosureGate(
             name, policy, config_min_cell=cfg.evaluation.min_cell,
             egress_log=None if self.run_dir is None else
-            self.run_dir / "sites" / name / EGRESS_LOG)
+            self.run_dir / "sites" / name / EGRESS_LOG,
+            run=run if run is not None or self.run_dir is None else {"dir": str(self.run_dir)})
 
     # ------------------------------------------------------------------ state
 

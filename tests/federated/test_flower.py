@@ -933,6 +933,9 @@ def test_flower_local_config_writes_the_run_of_train_and_shows_its_rounds(
     assert manifest.engine == "flower"
     assert (out / "report" / "report.html").is_file() and (out / "model_card.json").is_file()
     assert f"report: {out / 'report' / 'report.html'}" in res.output.replace("\n", "")
+    for log in sorted((out / "sites").glob("*/egress.jsonl")):  # each line names its run
+        lines = [json.loads(x) for x in log.read_text().splitlines()]
+        assert lines and all(x["run"] == {"dir": str(out), "flower_run_id": 1} for x in lines)
     # a run-config key that would change what is trained is refused with CONFIG
     bad = CliRunner().invoke(app, ["flower", "local", cfg, "--out", str(tmp_path / "b"),
                                    "-c", "run-dir=/elsewhere"])

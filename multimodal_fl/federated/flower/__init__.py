@@ -56,6 +56,7 @@ if TYPE_CHECKING:  # the names, for type checkers; at run time they load on firs
         server_main,
         write_app_dir,
     )
+    from multimodal_fl.federated.flower.client import FLOWER_RUN_ID
     from multimodal_fl.federated.flower.codec import (
         DESCRIBE,
         content_to_reply,
@@ -94,6 +95,7 @@ if TYPE_CHECKING:  # the names, for type checkers; at run time they load on firs
 _WHERE: dict[str, str] = {
     "CredentialsError": "multimodal_fl.federated.flower.credentials",
     "DEFAULT_RUN_CONFIG": "multimodal_fl.federated.flower.client",
+    "FLOWER_RUN_ID": "multimodal_fl.federated.flower.client",
     "DESCRIBE": "multimodal_fl.federated.flower.codec",
     "FlowerFederation": "multimodal_fl.federated.flower.federation",
     "FlowerResult": "multimodal_fl.federated.flower.apps",
@@ -168,6 +170,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "DEFAULT_RUN_CONFIG",
     "DESCRIBE",
+    "FLOWER_RUN_ID",
     "LEGACY_FACTORIES",
     "NODE_CONFIG_PREFIX",
     "NODE_SITE_DIR",

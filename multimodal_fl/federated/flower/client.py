@@ -62,6 +62,7 @@ from multimodal_fl.federated.protocol import (  # noqa: E402
 
 __all__ = [
     "DEFAULT_RUN_CONFIG",
+    "FLOWER_RUN_ID",
     "NODE_CONFIG_PREFIX",
     "NODE_SITE_DIR",
     "NODE_SITE_NAME",
@@ -87,6 +88,9 @@ SITE_STATE_KEY = "mmfl.site-state"
 NODE_SITE_NAME = "site-name"
 #: The node-config key of a SuperNode's site directory (``--node-config site-dir='/data/a'``).
 NODE_SITE_DIR = "site-dir"
+#: The site factory sees Flower's run id in its run config under this key (e.g. for its egress
+#: log, which may hold the lines of many runs).
+FLOWER_RUN_ID = "flower-run-id"
 #: The site factory sees the SuperNode's node config in its run config under this prefix
 #: (``node.min-cell``, ...): how a hospital's SuperNode hands its own settings to its site.
 NODE_CONFIG_PREFIX = "node."
@@ -256,7 +260,8 @@ def _handle(msg: Message, context: Context) -> Message:
             "run config 'site-factory' is empty; expected 'module:callable' taking "
             "(site_name, site_dir, run_config) and returning a Site"
         )
-    site_config = {**run_config, **{NODE_CONFIG_PREFIX + str(k): v for k, v in node_config.items()}}
+    site_config = {**run_config, **{NODE_CONFIG_PREFIX + str(k): v for k, v in node_config.items()},
+                   FLOWER_RUN_ID: int(context.run_id)}
     work: dict[str, float] = {}
     try:
         reply = _site_reply(request, context, name, site_dir, opts, site_config, work)
