@@ -991,6 +991,9 @@ def _check_node_policy(node_config: str) -> dict[str, Any]:
         if key not in known:
             near = difflib.get_close_matches(key, known, n=1)
             hint = f"did you mean {near[0]!r}? " if near else ""
+            if key in ("site-name", "site-dir"):
+                hint = "the site's name and folder are the SuperNode's own options (--name, " \
+                       "SITE_DIR), not its policy; "
             fail(f"--node-config {key}: not a site-policy key; {hint}expected one of "
                  f"{', '.join(known)}")
     try:
@@ -1111,6 +1114,13 @@ def flower_app_cmd(
     }
     entries.update(_flower_run_config(run_config))
     _check_factories(entries)
+    ours = [f for f in (server_factory, site_factory)
+            if flower.LEGACY_FACTORIES.get(f, f).startswith("multimodal_fl.engines.flower_jobs:")]
+    if ours and "experiment" not in entries:
+        fail(f"{ours[0]} needs the experiment in its run config, which `mmfl flower app` does "
+             "not write: `mmfl flower run CONFIG` writes it (its OUT/flower/app can be submitted "
+             "again with flwr run), or write the app with "
+             "multimodal_fl.engines.flower_jobs.experiment_run_config(cfg, run_dir=...)")
     written = flower.write_app_dir(dest, entries)
     console.print(f"wrote {written / 'pyproject.toml'}")
 

@@ -387,8 +387,12 @@ def pca_analysis_job(run_config: Mapping[str, Any]) -> ServerJob:
     run_dir = Path(str(run_config.get("run-dir") or Path("runs") / f"{cfg.name or 'pca'}-pca"))
 
     def main(federation: Federation) -> None:
-        run_pca_analysis(cfg, features, run_dir, n_components=k, site_rank=rank,
-                         svd_solver=solver, federation=federation)
+        try:
+            run_pca_analysis(cfg, features, run_dir, n_components=k, site_rank=rank,
+                             svd_solver=solver, federation=federation)
+        except ValueError as exc:  # say it in the run config's words, not mmfl pca's options
+            words = str(exc).replace("--n-components", "run config pca-n-components")
+            raise ValueError(words.replace("--site-rank", "run config pca-site-rank")) from None
 
     return ServerJob(main=main)
 

@@ -102,3 +102,29 @@ def test_the_cli_refuses_a_malformed_factory_or_no_superlink_before_flower_start
     res = runner.invoke(app, ["flower", "run", *ok, "--out", str(tmp_path / "run")])
     assert res.exit_code == 2 and "has no [superlink.local] table with an address" in res.output
     assert not (tmp_path / "run").exists()
+
+
+def test_flower_app_refuses_the_experiment_factories_without_an_experiment(
+        tmp_path: Path) -> None:
+    """The app was written, and `flwr run` then ended in a ServerApp traceback: "run config has
+    no 'experiment'" (a hospital's walk-through)."""
+    from typer.testing import CliRunner
+
+    from multimodal_fl.cli import app
+
+    res = CliRunner().invoke(app, [
+        "flower", "app", str(tmp_path / "app"),
+        "--server-factory", "multimodal_fl.engines.flower_jobs:experiment_job",
+        "--site-factory", "multimodal_fl.engines.flower_jobs:experiment_site", "-c", "rounds=2"])
+    assert res.exit_code == 2 and "needs the experiment in its run config" in res.output
+    assert "mmfl flower run CONFIG" in res.output and not (tmp_path / "app").exists()
+    res = CliRunner().invoke(app, [  # the old names lead to the same factories
+        "flower", "app", str(tmp_path / "app"),
+        "--server-factory", "multimodal_fl.federated.flower_app:experiment_job",
+        "--site-factory", "tests.federated.test_flower:toy_site"])
+    assert res.exit_code == 2 and "needs the experiment" in res.output
+    ok = CliRunner().invoke(app, [
+        "flower", "app", str(tmp_path / "toy"), "--server-factory",
+        "tests.federated.test_flower:toy_job", "--site-factory",
+        "tests.federated.test_flower:toy_site", "-c", "rounds=2"])
+    assert ok.exit_code == 0 and (tmp_path / "toy" / "pyproject.toml").is_file()

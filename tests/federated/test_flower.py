@@ -827,6 +827,13 @@ def test_pca_analysis_over_flower_wire_equals_in_process(
         assert doc[key] == ref[key], key
     # one name query per node, then 3 stages (moments, pca, pca_scores), one message each
     assert grid.pushed == 4 * len(cfg.sites)
+    # a component count beyond the data names the run-config key the user set
+    too_many = {**run_config, "pca-n-components": 1000}
+    job = pca_analysis_job(too_many)
+    assert job.main is not None
+    with pytest.raises(ValueError, match=r"^run config pca-n-components 1000: the pooled data"):
+        job.main(FlowerFederation(FakeGrid(grid.node_config, too_many),  # type: ignore[arg-type]
+                                  poll_interval=0.01))
     with pytest.raises(ValueError, match="pca-features='genome'"):
         pca_analysis_run_config(cfg, "genome", out_dir=out)
     with pytest.raises(ValueError, match="pca-svd-solver='eig'"):

@@ -380,7 +380,9 @@ def _load_ca(folder: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
         if not path.is_file():
             raise CredentialsError(
                 f"--renew: {path} not found; renewing signs a new SuperLink certificate with the "
-                f"CA in {folder} (drop --renew to make a new CA)"
+                f"CA in {folder}: copy {path.name} back from where it is kept offline (the "
+                "deployment checklist moves ca.key off the SuperLink's machine). Dropping "
+                "--renew makes a new CA, which every hospital would then have to trust again"
             )
     check_private_file(key_path)
     try:
