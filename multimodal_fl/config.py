@@ -782,7 +782,10 @@ class EvaluationConfig(_Strict):
     """Evaluation and the fairness report."""
 
     sensitive: list[str] = Field(
-        default_factory=lambda: ["sex", "age_band"], description="Subgroup columns."
+        default_factory=lambda: ["sex", "age_band"],
+        description="Subgroup columns: sex, age_band (age, one level per patient, is refused "
+                    "before training; a level of fewer than min_cell test patients is never "
+                    "named off its site).",
     )
     min_cell: int = Field(default=10, ge=1, description="Small-cell suppression threshold.")
     n_boot: int = Field(default=1000, ge=0, description="Bootstrap resamples for 95% CIs.")

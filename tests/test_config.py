@@ -355,3 +355,21 @@ def test_densenet_size_below_its_minimum_is_refused(
     assert cfg.modalities.image.size == 29
     small = {"encoder": "smallcnn", "spatial_dims": spatial_dims, "size": 8}
     assert load_config(write(tmp_path, minimal(modalities={"image": small})))
+
+
+@pytest.mark.parametrize(("sensitive", "words"), [
+    (["sex", "sexx"], "'sexx' is not a subgroup column of the cohort; it may name sex, age_band"),
+    (["age"], "'age' is continuous .*use 'age_band'"),
+    (["patient_id"], "'patient_id' is not a subgroup column"),
+])
+def test_a_sensitive_column_no_site_can_have_is_refused_before_training(
+    sensitive: list[str], words: str,
+) -> None:
+    from multimodal_fl.engines.registry import preflight
+
+    ok = load_config(ROOT / "configs" / "covid_oxygen.yaml")
+    preflight(ok, "local")
+    cfg = ok.model_copy(update={"evaluation": ok.evaluation.model_copy(
+        update={"sensitive": sensitive})})
+    with pytest.raises(ValueError, match=words):
+        preflight(cfg, "local")

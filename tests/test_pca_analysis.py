@@ -167,3 +167,22 @@ def test_mmfl_pca_site_rank_sends_fewer_rows_and_reports_the_error(
     assert bad.exit_code == 2 and "auto, full, covariance_eigh" in bad.output
     zero = runner.invoke(app, [*args, "--out", str(tmp_path / "x"), "--site-rank", "0"])
     assert zero.exit_code == 2
+
+
+def test_a_configured_site_that_was_never_asked_is_named_with_its_reason(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A configured site left out before the analysis (0 patients once its data were
+    prepared, so no in-process site was made for it) is in ``missing_sites`` and the notes."""
+    from multimodal_fl.pca.analysis import _analysis_federation, run_pca_analysis
+
+    cfg = load_config(tiny_config("covid_oxygen"))
+    federation = _analysis_federation(cfg, "tabular", tmp_path / "pca", None, None)
+    empty = cfg.sites[0].model_copy(update={"name": "site_empty"})
+    more = cfg.model_copy(update={"sites": [*cfg.sites, empty]})
+    doc = run_pca_analysis(more, "tabular", tmp_path / "pca", n_components=2,
+                           federation=federation).document
+    assert doc["missing_sites"] == ["site_empty"]
+    assert "never asked" in doc["missing_reasons"]["site_empty"]
+    assert any("site_empty" in n and "never asked" in n for n in doc["notes"])
+    assert "site_empty" not in doc["sites"]

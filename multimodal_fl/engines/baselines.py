@@ -43,7 +43,7 @@ from multimodal_fl.engines.recalibration import (
     skipped,
 )
 from multimodal_fl.evaluation.disclosed import recalibration_summary, site_disclosure
-from multimodal_fl.evaluation.histograms import pooled_evaluation, summarise_site
+from multimodal_fl.evaluation.histograms import pooled_in_process
 from multimodal_fl.evaluation.recalibration import (
     Recalibration,
     RecalibrationError,
@@ -113,6 +113,9 @@ def _pooled_from_histograms(cfg: ExperimentConfig, frames: Mapping[str, pd.DataF
                             writer_engine: str) -> dict[str, Any]:
     """The histogram-pooled test figures the federated engine reports, here in process.
 
+    The same parts, the same rule of what may be summed and the same coarsening as the
+    federated engine's secure sum (:func:`~multimodal_fl.evaluation.histograms.
+    pooled_in_process`), each site at its own policy's ``min_cell`` and subgroup summaries.
     Sensitivity and specificity are pooled at one model's one threshold: the centralized
     model's (the sites' median, as its model card says), a local-only run's only when every
     site's model uses the same.
@@ -123,15 +126,19 @@ def _pooled_from_histograms(cfg: ExperimentConfig, frames: Mapping[str, pd.DataF
     thresholds = [d["threshold"] for d in disclosed.values()]
     common = statistics.median(thresholds) if writer_engine == "centralized" else (
         thresholds[0] if len(set(thresholds)) == 1 else None)
-    summaries = []
-    for name, frame in frames.items():
-        test = frame[frame["split"] == "test"]
-        summaries.append(summarise_site(
-            name, test["label"].to_numpy(), test["score"].to_numpy(),
-            groups={c: test[c].astype(str).to_numpy() for c in ev.sensitive if c in test},
-            threshold=common, n_bins=ev.histogram_bins, min_cell=disclosed[name]["min_cell"],
-            n_boot=0, ece_bins=10 if ev.histogram_bins % 10 == 0 else 1, seed=cfg.seed))
-    return pooled_evaluation(summaries).to_dict()
+    return pooled_in_process(
+        {name: frame[frame["split"] == "test"] for name, frame in frames.items()},
+        sensitive=ev.sensitive, min_cell={n: int(d["min_cell"]) for n, d in disclosed.items()},
+        subgroups={n: _site_policy(cfg, n).subgroup_summaries for n in frames},
+        n_bins=ev.histogram_bins, n_boot=ev.n_boot, seed=cfg.seed, threshold=common,
+        sites=[_site_row(n, d) for n, d in sorted(disclosed.items())]).to_dict()
+
+
+def _site_row(site: str, doc: Mapping[str, Any]) -> dict[str, Any]:
+    """One site's test figures as it disclosed them (``metrics.json``'s pooled section)."""
+    test = (doc.get("splits") or {}).get("test") or {}
+    return {"site": site, "n": test.get("n"), "reason": test.get("reason"),
+            "metrics": test.get("metrics") or {}}
 
 
 def _finish(writer: RunWriter, cfg: ExperimentConfig, sites: Mapping[str, SiteData],

@@ -50,7 +50,7 @@ from multimodal_fl.rundir import (
     prepare_run_dir,
     site_fingerprint,
 )
-from multimodal_fl.training import resolve_device
+from multimodal_fl.training import check_sensitive, resolve_device
 from multimodal_fl.training.privacy import require_opacus
 
 __all__ = ["ENGINES", "Engine", "EngineOptionError", "RunOptions", "preflight", "run"]
@@ -188,9 +188,12 @@ def preflight(cfg: ExperimentConfig, engine: str | None = None) -> None:
         ``training.device`` names a device this machine lacks, ``federated.pca`` cannot
         run as a stage, secure aggregation is asked of fewer than three sites, the in-process
         federation's ``min_sites`` exceeds its sites, or a
-        ``privacy`` section needs Opacus and it is not installed.
+        ``privacy`` section needs Opacus and it is not installed, or
+        ``evaluation.sensitive`` names a column no site's predictions carry, or ``age``
+        (continuous: use ``age_band``).
     """
     resolve_device(cfg.training.device)
+    check_sensitive(cfg.evaluation.sensitive)
     if cfg.federated.pca.enabled:
         check_pca_stage(cfg)
     rounds = (engine or cfg.federated.engine) in ("inprocess", "flower")

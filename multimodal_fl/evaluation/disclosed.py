@@ -25,6 +25,9 @@ What the document holds, with ``m`` the effective small-cell threshold (``min_ce
 The rules (every number is a count of 0 or at least ``m`` patients, or an aggregate over at
 least ``m`` patients):
 
+* a level of a sensitive attribute is named only when the test split holds at least ``m``
+  patients with it (:func:`name_test_levels`); the others form one group ``"(other)"``, and a
+  note says how many levels were unnamed;
 * a cell on fewer than ``m`` patients is suppressed: no value, no count, its reason
   (``"fewer than 10 patients"``);
 * class counts are counts: a cell's positives and negatives are released only when each is 0 or
@@ -73,7 +76,12 @@ from sklearn.linear_model import LogisticRegression
 
 from multimodal_fl import __version__
 from multimodal_fl.evaluation.fairness import CELL_COLUMNS, fairness_report
-from multimodal_fl.evaluation.histograms import PooledHistogram, histogram_threshold
+from multimodal_fl.evaluation.histograms import (
+    UNNAMED,
+    PooledHistogram,
+    histogram_threshold,
+    named_levels,
+)
 from multimodal_fl.evaluation.metrics import (
     METRIC_NAMES,
     MetricValue,
@@ -104,6 +112,7 @@ __all__ = [
     "class_reason",
     "complementary_suppression",
     "logistic_calibration",
+    "name_test_levels",
     "pooled_form",
     "read_disclosure",
     "recalibration_summary",
@@ -917,6 +926,8 @@ def site_disclosure(
     if shown and not subgroup_summaries:
         notes.append("subgroup summaries withheld by the site's policy")
         shown = []
+    frame, unnamed = name_test_levels(frame, shown, min_cell=min_cell)
+    notes += unnamed
     threshold, source = _site_threshold(frame[frame["split"] == "val"], threshold_rule,
                                         min_cell=min_cell, n_bins=n_bins)
     test = frame[frame["split"] == REPORT_SPLIT].reset_index(drop=True)
@@ -944,6 +955,49 @@ def site_disclosure(
         doc = pooled_form(doc)
     out: dict[str, Any] = doc.model_dump(mode="json")
     return _finite(out)
+
+
+def name_test_levels(frame: pd.DataFrame, attributes: Sequence[str], *, min_cell: int
+                     ) -> tuple[pd.DataFrame, list[str]]:
+    """The predictions with each attribute's levels as they may leave the site, and notes.
+
+    A level is named only when the site's test split (the split the cells and the pooled
+    histograms describe) holds at least ``min_cell`` patients with it
+    (:func:`~multimodal_fl.evaluation.histograms.named_levels`): every other level of the
+    attribute becomes the one group ``"(other)"``, so no exact value of a
+    patient (an age, a rare code) is named in a cell, a disparity's groups, a secure-sum part or
+    a note. The notes say only how many levels were unnamed.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        The site's predictions (``split`` and the attribute columns).
+    attributes : sequence of str
+        The attributes whose levels leave the site.
+    min_cell : int
+        The effective small-cell threshold.
+
+    Returns
+    -------
+    frame : pandas.DataFrame
+        A copy whose test rows carry the released levels (as strings).
+    notes : list of str
+    """
+    if not attributes:
+        return frame, []
+    out = frame.copy()
+    test = (out["split"] == REPORT_SPLIT).to_numpy()
+    notes = []
+    for a in attributes:
+        labels, unnamed = named_levels(out.loc[test, a].to_numpy(), min_cell=min_cell)
+        col = out[a].astype(object)
+        col[test] = labels
+        out[a] = col
+        if unnamed:
+            notes.append(f"sensitive attribute {a!r}: {unnamed} level(s) held by fewer than "
+                         f"{min_cell} test patients each are not named; their patients form the "
+                         f"group {UNNAMED!r}")
+    return out, notes
 
 
 def _pooled_cell(cell: DisclosedCell) -> DisclosedCell:

@@ -53,10 +53,12 @@ from multimodal_fl.evaluation.metrics import (
     suppress_cells,
     undefined_reason,
 )
+from multimodal_fl.federated.pooling import REFUSED, complete_parts
 
 __all__ = [
     "DEFAULT_BINS",
     "OVERALL",
+    "UNNAMED",
     "BinnedCounts",
     "GroupSummary",
     "PooledEvaluation",
@@ -73,11 +75,13 @@ __all__ = [
     "histogram_threshold",
     "joint_partition",
     "label_counts",
+    "named_levels",
     "part_name",
     "pool_histograms",
     "pooled_auc",
     "pooled_evaluation",
     "pooled_from_counts",
+    "pooled_in_process",
     "pooled_metrics",
     "refused_pooling",
     "summarise_site",
@@ -946,6 +950,43 @@ def pooled_evaluation(
 OVERALL = "overall"
 
 
+#: The one label a site gives every level of an attribute held by fewer than ``min_cell`` of its
+#: patients in the split concerned (:func:`named_levels`): no such level is named off the site.
+UNNAMED = "(other)"
+
+
+def named_levels(values: npt.ArrayLike, *, min_cell: int) -> tuple[npt.NDArray[np.str_], int]:
+    """Each patient's level of an attribute as it may leave the site, and how many were unnamed.
+
+    A level's label may leave the site only when the site holds at least ``min_cell`` patients
+    with that level in the split the figures describe (the test split): a label held by fewer
+    (a patient's exact age, a rare code) would say that such a patient exists at the site. Every
+    such level is relabelled :data:`UNNAMED`; its patients stay in the figures (as one group
+    whose cell follows the small-cell rules like any other), only the labels go. Missing values
+    are the level ``"(missing)"`` first, as everywhere else.
+
+    Parameters
+    ----------
+    values : array-like
+        One value per patient of the split.
+    min_cell : int
+        The effective small-cell threshold (the site's gate's).
+
+    Returns
+    -------
+    labels : ndarray of str
+        The level per patient, small levels as :data:`UNNAMED`.
+    unnamed : int
+        The number of distinct levels relabelled (the most that may leave about them).
+    """
+    col = pd.Series(np.asarray(values, dtype=object))
+    labels = col.where(col.notna(), "(missing)").astype(str)
+    counts = labels.value_counts()
+    small = counts.index[counts < min_cell]
+    out = labels.where(~labels.isin(small), UNNAMED).to_numpy(dtype=str)
+    return out, len(small)
+
+
 def part_name(attribute: str, level: str) -> str:
     """The part of a histogram vector for one subgroup: ``"<attribute>=<level>"``.
 
@@ -983,6 +1024,7 @@ def fine_counts(y: npt.ArrayLike, s: npt.ArrayLike, n_bins: int) -> npt.NDArray[
 def histogram_parts(
     y_true: npt.ArrayLike, y_score: npt.ArrayLike, *,
     groups: pd.DataFrame | Mapping[str, npt.ArrayLike] | None = None, n_bins: int = DEFAULT_BINS,
+    min_cell: int,
 ) -> dict[str, npt.NDArray[np.int64]]:
     """A site's fine score histograms as the parts of one vector to secure-sum.
 
@@ -998,19 +1040,23 @@ def histogram_parts(
         Sensitive attributes, one value per patient (missing values become ``"(missing)"``).
     n_bins : int
         Fine grid size.
+    min_cell : int
+        The site's effective small-cell threshold: a level held by fewer of these patients is
+        not named (:func:`named_levels`), so no part's name carries a rare label.
 
     Returns
     -------
     dict of str to int64 array
         :data:`OVERALL` and one ``"<attribute>=<level>"`` part per level present
-        (:func:`fine_counts` of its patients).
+        (:func:`fine_counts` of its patients), the small levels together as
+        ``"<attribute>=(other)"``.
     """
     y, s = check_binary_inputs(y_true, y_score, where="histogram_parts")
     parts = {OVERALL: fine_counts(y, s, n_bins)}
     if groups is not None:
         gdf = pd.DataFrame(groups)
         for a in gdf.columns:
-            col = gdf[a].astype(object).where(gdf[a].notna(), "(missing)").astype(str).to_numpy()
+            col, _ = named_levels(gdf[a].to_numpy(), min_cell=min_cell)
             for g in sorted(set(col)):
                 parts[part_name(str(a), g)] = fine_counts(y[col == g], s[col == g], n_bins)
     return parts
@@ -1087,11 +1133,85 @@ def _auc_ci(neg: npt.NDArray[np.int64], pos: npt.NDArray[np.int64], *, n_boot: i
     return float(lo), float(hi)
 
 
+#: Equal-width bins of the ECE (``metrics.expected_calibration_error``'s default).
+ECE_BINS = 10
+
+
+def _grid_ece(neg: npt.NDArray[np.int64], pos: npt.NDArray[np.int64],
+              bins: list[tuple[int, int]]) -> tuple[float, float, float]:
+    """ECE over ``bins`` (intervals of the fine grid) from fine counts, with guaranteed bounds.
+
+    Each patient's score lies in its fine bin, so a bin's mean score lies between the mean of
+    its patients' fine-bin lower edges and that of their upper edges: the estimate takes each
+    patient at the middle of its fine bin, and the bounds take the distance of the bin's
+    observed fraction from that interval (nearest and farthest point). The ECE of the
+    patient-level scores over the same bins lies within ``[lower, upper]``, at most
+    ``1 / (2 n_bins)`` from the estimate.
+    """
+    n_bins = neg.size
+    count = (neg + pos).astype(np.float64)
+    total = float(count.sum())
+    edges = np.arange(n_bins + 1) / n_bins
+    est = lower = upper = 0.0
+    for a, b in bins:
+        n = float(count[a:b].sum())
+        if n == 0:
+            continue
+        obs = float(pos[a:b].sum()) / n
+        lo = float((count[a:b] * edges[a:b]).sum()) / n
+        hi = float((count[a:b] * edges[a + 1:b + 1]).sum()) / n
+        w = n / total
+        est += w * abs(obs - (lo + hi) / 2)
+        lower += w * max(lo - obs, obs - hi, 0.0)
+        upper += w * max(abs(obs - lo), abs(obs - hi))
+    return _within(est, lower, upper)
+
+
+def _ece_figures(neg: npt.NDArray[np.int64], pos: npt.NDArray[np.int64],
+                 partition: list[tuple[int, int]]) -> dict[str, Any]:
+    """The cell's ECE: on the 10 equal-width bins when the fine grid refines them, else on the
+    calibration bins shown (``ece_bins`` says which), with its guaranteed bounds."""
+    n_bins = neg.size
+    if n_bins % ECE_BINS == 0:
+        k = n_bins // ECE_BINS
+        bins, on = [(j * k, (j + 1) * k) for j in range(ECE_BINS)], f"{ECE_BINS} equal-width bins"
+    else:
+        bins, on = partition, "the calibration bins shown"
+    value, lower, upper = _grid_ece(neg, pos, bins)
+    return {"ece": value, "ece_bounds": [lower, upper], "ece_bins": on}
+
+
+def _threshold_figures(h: PooledHistogram, threshold: float, min_cell: int) -> dict[str, Any]:
+    """Sensitivity and specificity at a threshold, when no count they rest on is small.
+
+    The positives (and negatives) on either side of a fine-grid edge are counts of the pooled
+    patients: each must be 0 or at least ``min_cell``, or neither figure leaves; a threshold
+    between grid edges gives only bounds of those counts, and is withheld too.
+    """
+    out: dict[str, Any] = {"threshold": threshold}
+    x = threshold * h.n_bins
+    edge = round(x)
+    why = None
+    if abs(x - edge) > 1e-9:
+        why = f"the threshold {threshold:g} is not an edge of the {h.n_bins}-bin grid"
+    else:
+        counts = [float(c[edge:].sum()) for c in (h.pos, h.neg)]
+        counts += [float(h.pos.sum()) - counts[0], float(h.neg.sum()) - counts[1]]
+        if not all(disclosable(round(c), min_cell) for c in counts):
+            why = f"a side of the threshold holds fewer than {min_cell} of a class"
+    for name, (v, a, b) in histogram_sens_spec(h, threshold).items():
+        out[name] = ({"value": v, "lower": a, "upper": b} if why is None else
+                     {"value": None, "lower": None, "upper": None, "reason": why})
+    return out
+
+
 def _counted_cell(
     neg: npt.NDArray[np.int64], pos: npt.NDArray[np.int64], partition: list[tuple[int, int]],
     *, sites: list[str], n_boot: int, alpha: float, seed: int,
+    threshold: float | None = None, min_cell: int = 1,
 ) -> dict[str, Any]:
-    """One pooled cell's figures: AUC (bounds, interval), ECE and calibration on ``partition``."""
+    """One pooled cell's figures: AUC (bounds, interval), ECE, calibration on ``partition`` and,
+    with a threshold, sensitivity and specificity."""
     n_bins = neg.size
     out: dict[str, Any] = {"n_pos": int(pos.sum()), "n_neg": int(neg.sum()), "sites": sites,
                            "n_bins": n_bins, "reason": None}
@@ -1116,10 +1236,10 @@ def _counted_cell(
         calibration.append({"lo": a / n_bins, "hi": b / n_bins, "n": n_a,
                             "n_pos": int(pos[a:b].sum()), "mean_score": mean,
                             "observed": float(pos[a:b].sum() / n_a)})
-    total = sum(r["n"] for r in calibration)
-    out["ece"] = float(sum(r["n"] * abs(r["observed"] - r["mean_score"])
-                           for r in calibration) / total)
+    out.update(_ece_figures(neg, pos, partition))
     out["calibration"] = calibration
+    if threshold is not None:
+        out.update(_threshold_figures(h, threshold, min_cell))
     return out
 
 
@@ -1127,6 +1247,7 @@ def _attribute_cells(
     attribute: str, levels: Mapping[str, npt.NDArray[np.int64]],
     overall: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]], *, min_cell: int,
     contributors: Mapping[str, list[str]], n_boot: int, alpha: float, seed: int,
+    threshold: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """One attribute's pooled cells: small ones suppressed, complementary suppression against
     the pooled whole, one shared partition for the shown cells and what they leave."""
@@ -1146,7 +1267,8 @@ def _attribute_cells(
             out[g] = {"reason": suppressed.get(g, "no safe histogram partition"), "sites": who}
             continue
         out[g] = _counted_cell(*split[g], partition, sites=who, n_boot=n_boot, alpha=alpha,
-                               seed=derive_seed(seed, "pooled", attribute, g))
+                               seed=derive_seed(seed, "pooled", attribute, g),
+                               threshold=threshold, min_cell=min_cell)
     return out
 
 
@@ -1162,6 +1284,7 @@ def pooled_from_counts(
     alpha: float = 0.05,
     seed: int = 0,
     split: str = "test",
+    threshold: float | None = None,
 ) -> PooledEvaluation:
     """Pooled figures from histogram counts summed across sites (a secure sum's total).
 
@@ -1188,15 +1311,20 @@ def pooled_from_counts(
     n_boot, alpha, seed : int, float, int
         The AUC interval's bootstrap.
     split : str
+    threshold : float or None
+        One model's one threshold: sensitivity and specificity at it, where the counts on
+        either side of it are 0 or at least ``min_cell`` of each class.
 
     Returns
     -------
     PooledEvaluation
+        Every shown cell's ECE is on the 10 equal-width bins of the metric (``ece_bins``) when
+        the fine grid refines them, with ``ece_bounds`` that hold the patient-level ECE.
     """
     contributors = dict(contributors or {})
     neg, pos = _split_counts(parts[OVERALL])
-    settings = {"split": split, "threshold": None, "n_bins": int(neg.size), "min_cell": min_cell,
-                "source": "secure sum", "n_boot": n_boot}
+    settings = {"split": split, "threshold": threshold, "n_bins": int(neg.size),
+                "min_cell": min_cell, "source": "secure sum", "n_boot": n_boot}
     who = list(contributors.get(OVERALL, []))
     small = [name for name, k in (("positives", pos.sum()), ("negatives", neg.sum()))
              if not disclosable(int(k), min_cell)]
@@ -1206,7 +1334,8 @@ def pooled_from_counts(
                                    "sites": who}
     else:
         overall = _counted_cell(neg, pos, partition, sites=who, n_boot=n_boot, alpha=alpha,
-                                seed=derive_seed(seed, "pooled", OVERALL))
+                                seed=derive_seed(seed, "pooled", OVERALL),
+                                threshold=threshold, min_cell=min_cell)
     overall["excluded"] = dict(excluded or {})
     levels: dict[str, dict[str, npt.NDArray[np.int64]]] = {}
     for name, vector in parts.items():
@@ -1215,7 +1344,8 @@ def pooled_from_counts(
             levels.setdefault(attribute, {})[level] = np.asarray(vector, dtype=np.int64)
     subgroups = {a: _attribute_cells(a, lv, (neg, pos), min_cell=min_cell,
                                      contributors=contributors, n_boot=n_boot, alpha=alpha,
-                                     seed=seed) for a, lv in sorted(levels.items())}
+                                     seed=seed, threshold=threshold)
+                 for a, lv in sorted(levels.items())}
     for name, reason in (left_out or {}).items():
         attribute, _, level = name.partition("=")
         if name != OVERALL:
@@ -1224,6 +1354,75 @@ def pooled_from_counts(
         subgroups = {a: {g: {"reason": overall["reason"], "sites": c.get("sites", [])}
                          for g, c in lv.items()} for a, lv in subgroups.items()}
     return PooledEvaluation(overall, subgroups, [dict(s) for s in sites], settings)
+
+
+def pooled_in_process(
+    tests: Mapping[str, pd.DataFrame],
+    *,
+    sensitive: Sequence[str],
+    min_cell: Mapping[str, int],
+    subgroups: Mapping[str, bool] | None = None,
+    n_bins: int = DEFAULT_BINS,
+    n_boot: int = 0,
+    seed: int = 0,
+    threshold: float | None = None,
+    sites: Sequence[Mapping[str, Any]] = (),
+) -> PooledEvaluation:
+    """The pooled test figures of sites whose predictions are in one process, as a secure sum
+    would give them (the local-only and centralized engines, a user's predictions table).
+
+    Each site's fine histograms are its :func:`histogram_parts` at its own ``min_cell`` (levels
+    under it unnamed); a site of fewer than ``min_cell`` test patients takes no part; the parts
+    summed are those :func:`~multimodal_fl.federated.pooling.complete_parts` lets a secure sum
+    add (at least three sites, and an attribute's levels only when every pooled site's are in,
+    so every shown subgroup cell covers every site the overall cell covers); the total is
+    coarsened by :func:`pooled_from_counts`. With fewer than three sites there are no figures:
+    the total minus one site's disclosed figures would be the other's.
+
+    Parameters
+    ----------
+    tests : mapping of site to DataFrame
+        Each site's test rows: ``label``, ``score`` and the ``sensitive`` columns it has.
+    sensitive : sequence of str
+    min_cell : mapping of site to int
+        Each site's effective small-cell threshold; the pooled one is the largest.
+    subgroups : mapping of site to bool, optional
+        Whether each site's policy lets subgroup summaries leave (default: all).
+    n_bins, n_boot, seed : int
+    threshold : float or None
+        For sensitivity and specificity (:func:`pooled_from_counts`).
+    sites : sequence of dict
+        Per-site entries as each site disclosed them.
+
+    Returns
+    -------
+    PooledEvaluation
+        ``settings["source"]`` is ``"in process"``.
+    """
+    held: dict[str, dict[str, npt.NDArray[np.int64]]] = {}
+    excluded: dict[str, str] = {}
+    for site, test in sorted(tests.items()):
+        m = int(min_cell[site])
+        if len(test) < m:
+            excluded[site] = f"fewer than {m} test patients"
+            continue
+        cols = [c for c in sensitive if c in test.columns]
+        groups = {c: test[c].to_numpy() for c in cols} if cols and (
+            subgroups is None or subgroups.get(site, True)) else None
+        held[site] = histogram_parts(test["label"].to_numpy(), test["score"].to_numpy(),
+                                     groups=groups, n_bins=n_bins, min_cell=m)
+    pooled_min = max([1, *(int(v) for v in min_cell.values())])
+    kept, left_out = complete_parts({s: frozenset(p) for s, p in held.items()})
+    if OVERALL not in kept:
+        return refused_pooling(f"{REFUSED}, {len(held)} took part", excluded=excluded,
+                               sites=sites, min_cell=pooled_min)
+    contributors = {k: [s for s in sorted(held) if k in held[s]] for k in kept}
+    total = {k: np.sum([held[s][k] for s in contributors[k]], axis=0) for k in kept}
+    out = pooled_from_counts(total, min_cell=pooled_min, contributors=contributors,
+                             excluded=excluded, left_out=left_out, sites=sites, n_boot=n_boot,
+                             seed=seed, threshold=threshold)
+    out.settings["source"] = "in process"
+    return out
 
 
 def refused_pooling(reason: str, *, excluded: Mapping[str, str] | None = None,

@@ -755,7 +755,8 @@ class FusionSite:
         groups = ({c: test[c].to_numpy() for c in sensitive}
                   if sensitive and self.gate.policy.subgroup_summaries else None)
         parts = histogram_parts(test["label"].to_numpy(), test["score"].to_numpy(),
-                                groups=groups, n_bins=self.cfg.evaluation.histogram_bins)
+                                groups=groups, n_bins=self.cfg.evaluation.histogram_bins,
+                                min_cell=min_cell)
         self.secure.hold(POOLED_TEST, parts, min_cell=min_cell,
                          grid=self.cfg.evaluation.histogram_bins)
 

@@ -369,12 +369,14 @@ def _truncation_note(pca: FederatedPCA, site_rank: int | None, k: int) -> str:
 def _notes(
     cfg: ExperimentConfig, features: str, pca: FederatedPCA, *, k: int,
     site_rank: int | None, sites: list[str], site_docs: Mapping[str, Any],
+    absent: Mapping[str, str],
 ) -> list[str]:
     """``pca.json``'s ``notes``: how to read it, and what to be careful about.
 
     Always: what the byte counts and the score summaries mean. When they apply: the
     truncation (:func:`_truncation_note`), sites whose summary reveals their rows
-    (``n <= d``), sites that did not reply, the tabular standardisation, the image encoder.
+    (``n <= d``), sites that did not reply, configured sites that were never asked
+    (``absent``: no patients), the tabular standardisation, the image encoder.
 
     Returns
     -------
@@ -400,10 +402,14 @@ def _notes(
             "rows_sent: each site sends at most floor(n / min_cell) rows of S·Vᵀ under its "
             "disclosure policy, so no summary reveals a site's rows; capped: "
             + ", ".join(f"{s} ({r} rows)" for s, r in sorted(capped.items())))
-    missing = sorted(set(sites) - set(pca.site_names_))
+    asked = [s for s in sites if s not in absent]
+    missing = sorted(set(asked) - set(pca.site_names_))
     if missing:
         notes.append(f"left out (declined under its policy, or no reply; see the log): "
-                      f"{', '.join(missing)}")
+                     f"{', '.join(missing)}")
+    if absent:
+        notes.append("left out before the analysis: " + "; ".join(
+            f"{s} ({why})" for s, why in sorted(absent.items())))
     if features == "tabular":
         notes.append("tabular features standardised with the pooled (federated) mean and "
                      "scale; missing values set to 0 (the pooled mean) after standardisation")
@@ -419,6 +425,7 @@ def _document(
     k: int, std: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None,
     edges: npt.NDArray[np.float64], svd_solver: str, site_rank: int | None,
     sites: list[str], site_docs: dict[str, Any], notes: list[str],
+    absent: Mapping[str, str],
 ) -> dict[str, Any]:
     """What ``pca.json`` holds (:attr:`PCAAnalysis.document`).
 
@@ -427,8 +434,11 @@ def _document(
     dict
         The kept fit (components, explained variance and ratio, top loadings), the full
         fit's spectrum (at most 100 ratios), the standardisation, the histogram edges, the
-        truncation, the per-site documents, the sites left out and the notes.
+        truncation, the per-site documents, the sites left out (``missing_sites``, every
+        configured or asked site that sent no summary; ``missing_reasons`` why, where known)
+        and the notes.
     """
+    missing = sorted(set(sites) - set(pca.site_names_))
     d = int(pca.n_features_in_)
     spectrum = full.explained_variance_ratio_[: min(int(full.n_components_), 100)]
     return {
@@ -461,7 +471,9 @@ def _document(
             "subspace_error_bounds": [float(b) for b in pca.subspace_error_bounds_],
         },
         "sites": site_docs,
-        "missing_sites": sorted(set(sites) - set(pca.site_names_)),
+        "missing_sites": missing,
+        "missing_reasons": {s: absent.get(s, "declined under its policy, or no reply (see "
+                                             "the log)") for s in missing},
         "notes": notes,
     }
 
@@ -536,19 +548,24 @@ def run_pca_analysis(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     federation = _analysis_federation(cfg, features, out, federation, cohorts)
-    sites = sorted(federation.sites())
+    asked = sorted(federation.sites())
+    absent = {s.name: "never asked: no patients with the analysis' modality when its data "
+                      "were prepared, or not in the federation (see the log)"
+              for s in cfg.sites if s.name not in asked}
+    sites = sorted({*asked, *absent})
     timeout = cfg.federated.timeout_s
-    std = _pooled_standardisation(federation, sites, timeout) if features == "tabular" else None
-    full, pca, k = _fit_components(federation, sites, features, n_components=n_components,
+    std = _pooled_standardisation(federation, asked, timeout) if features == "tabular" else None
+    full, pca, k = _fit_components(federation, asked, features, n_components=n_components,
                                    site_rank=site_rank, svd_solver=svd_solver, std=std,
                                    timeout=timeout)
     requests, edges = _score_requests(pca, features, std, n_bins)
     good = gather(federation, requests, timeout, stage=Kind.PCA_SCORES, minimum=1)
     site_docs = _site_documents(pca, good)
     notes = _notes(cfg, features, pca, k=k, site_rank=site_rank, sites=sites,
-                   site_docs=site_docs)
+                   site_docs=site_docs, absent=absent)
     doc = _document(cfg, features, full, pca, k=k, std=std, edges=edges, svd_solver=svd_solver,
-                    site_rank=site_rank, sites=sites, site_docs=site_docs, notes=notes)
+                    site_rank=site_rank, sites=sites, site_docs=site_docs, notes=notes,
+                    absent=absent)
     json_path, sites_png, variance_png = _write_outputs(doc, out)
     return PCAAnalysis(pca, doc, json_path, sites_png, variance_png)
 

@@ -37,6 +37,8 @@ from multimodal_fl.training.baseline import train_local_model, train_to_completi
 from multimodal_fl.training.dataset import META_COLUMNS, Batch, CohortDataset, SiteData
 from multimodal_fl.training.inference import (
     EVAL_METRICS,
+    SENSITIVE_COLUMNS,
+    check_sensitive,
     evaluate,
     metrics_by_split,
     predict,
@@ -74,6 +76,7 @@ from multimodal_fl.training.splits import SPLITS, split_patients
 __all__ = [
     "EVAL_METRICS",
     "META_COLUMNS",
+    "SENSITIVE_COLUMNS",
     "SPLITS",
     "Batch",
     "CohortDataset",
@@ -88,6 +91,7 @@ __all__ = [
     "batch_size_for",
     "build_model",
     "cache_root",
+    "check_sensitive",
     "enabled_modalities",
     "evaluate",
     "fit_tabular_standardizer",

@@ -27,10 +27,45 @@ from multimodal_fl.training.dataset import CohortDataset, SiteData
 from multimodal_fl.training.model import resolve_device
 from multimodal_fl.training.splits import SPLITS
 
-__all__ = ["EVAL_METRICS", "evaluate", "metrics_by_split", "predict", "predictions_frame"]
+__all__ = ["EVAL_METRICS", "SENSITIVE_COLUMNS", "check_sensitive", "evaluate", "metrics_by_split",
+           "predict", "predictions_frame"]
 
 #: Metrics :func:`evaluate` reports.
 EVAL_METRICS: tuple[str, ...] = ("auc", "average_precision", "brier", "ece")
+
+#: The cohort columns a subgroup (``evaluation.sensitive``) may be: the categorical attributes
+#: :func:`predictions_frame` carries (the cohort's ``META_COLUMNS`` less the identifiers and
+#: ``age``).
+SENSITIVE_COLUMNS: tuple[str, ...] = ("sex", "age_band")
+
+
+def check_sensitive(sensitive: Sequence[str]) -> None:
+    """Refuse, before any site data is read, an ``evaluation.sensitive`` no site can have.
+
+    Every site's cohort has the same columns, and the predictions carry only
+    :data:`SENSITIVE_COLUMNS` of them as attributes, so a name outside them (a typo such as
+    ``sexx``, a feature) would give no subgroup anywhere, and ``age`` would make one level per
+    patient, each labelled with that patient's age.
+
+    Parameters
+    ----------
+    sensitive : sequence of str
+        ``evaluation.sensitive``.
+
+    Raises
+    ------
+    ValueError
+        One line naming the column and what may be named instead.
+    """
+    for name in sensitive:
+        if name in SENSITIVE_COLUMNS:
+            continue
+        if name == "age":
+            raise ValueError("evaluation.sensitive: 'age' is continuous (one level per patient, "
+                             "each level's label a patient's age); use 'age_band', the age in "
+                             "the task's bands (task.age_bands)")
+        raise ValueError(f"evaluation.sensitive: {name!r} is not a subgroup column of the "
+                         f"cohort; it may name {', '.join(SENSITIVE_COLUMNS)}")
 
 
 @torch.no_grad()

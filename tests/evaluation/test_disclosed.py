@@ -20,6 +20,7 @@ from multimodal_fl.evaluation.disclosed import (
     site_disclosure,
 )
 from multimodal_fl.evaluation.fairness import fairness_report
+from multimodal_fl.evaluation.histograms import UNNAMED
 
 from .conftest import make_predictions
 
@@ -101,8 +102,10 @@ def test_overall_minus_the_released_groups_reveals_no_suppressed_patient() -> No
                           n_boot=50, seed=0)
     sex = {c["group"]: c for c in doc["cells"]
            if c["attribute"] == "sex" and c["metric"] == "auc"}
-    assert sex["unknown"]["suppressed"] and sex["unknown"]["n"] is None
-    assert sex["unknown"]["reason"] == "fewer than 10 patients"
+    # the level held by one patient is not named: the patient is in the unnamed group
+    assert "unknown" not in sex and "unknown" not in json.dumps(doc)
+    assert sex[UNNAMED]["suppressed"] and sex[UNNAMED]["n"] is None
+    assert sex[UNNAMED]["reason"] == "fewer than 10 patients"
     # its complement is suppressed too: the hidden cells hold 31 patients, not 1
     assert sum(1 for c in sex.values() if c["n"] is None) == 2
     assert any(c["reason"].startswith("complementary suppression") for c in sex.values()

@@ -227,7 +227,8 @@ def _summed_parts(df, sensitive=("sex", "age_band")):
 
     total: dict[str, np.ndarray] = {}
     for _, d in df.groupby("site"):
-        parts = histogram_parts(d.label, d.score, groups=d[list(sensitive)], n_bins=100)
+        parts = histogram_parts(d.label, d.score, groups=d[list(sensitive)], n_bins=100,
+                                min_cell=1)
         for k, v in parts.items():
             total[k] = total.get(k, 0) + v
     return total

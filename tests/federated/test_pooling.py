@@ -223,7 +223,8 @@ def test_the_same_model_on_another_grid_is_refused_over_other_sites(tmp_path: Pa
     scored = {f"s{i}": (rng.integers(0, 2, 40), rng.random(40)) for i in range(4)}
 
     def run(n_bins: int, sites: list[str], state: bool) -> SecureTotal:
-        parts = {n: histogram_parts(y, s, n_bins=n_bins) for n, (y, s) in scored.items()}
+        parts = {n: histogram_parts(y, s, n_bins=n_bins, min_cell=1)
+                 for n, (y, s) in scored.items()}
         kw = {n: {"grid": n_bins, "fresh": fresh,
                   **({"state": tmp_path / n} if state else {})} for n in parts}
         federation, _ = _federation(parts, **kw)
@@ -232,7 +233,7 @@ def test_the_same_model_on_another_grid_is_refused_over_other_sites(tmp_path: Pa
     everyone = run(100, sorted(scored), state=False)
     fewer = run(50, ["s0", "s1", "s2"], state=False)
     assert fewer.refused is None  # the leak, without a state directory
-    s3 = histogram_parts(*scored["s3"], n_bins=50)["overall"]
+    s3 = histogram_parts(*scored["s3"], n_bins=50, min_cell=1)["overall"]
     np.testing.assert_array_equal(
         _coarsened(everyone.parts["overall"], 50) - fewer.parts["overall"], s3)
 

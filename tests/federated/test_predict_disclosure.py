@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from multimodal_fl.cli import app
 from multimodal_fl.config import load_config
 from multimodal_fl.engines.federated import predict_stage
+from multimodal_fl.evaluation.histograms import UNNAMED
 from multimodal_fl.federated import site as site_module
 from multimodal_fl.federated.disclosure import EGRESS_LOG
 from multimodal_fl.federated.gather import gather
@@ -160,7 +161,8 @@ def test_differencing_a_61_patient_site_recovers_nothing_of_its_one_unknown_pati
     assert y.max() > 2**30
     # the pooled figures: the unknown cell is not shown, nor is anything that gives it away
     sex = pooled["subgroups"]["sex"]
-    assert "auc" not in sex["unknown"] and sex["unknown"]["reason"]
+    assert "unknown" not in sex and "unknown" not in json.dumps(pooled)  # not named
+    assert "auc" not in sex[UNNAMED] and sex[UNNAMED]["reason"]
     shown = [c for c in sex.values() if "auc" in c]
     for key in ("n_pos", "n_neg"):
         rest = pooled["overall"][key] - sum(c[key] for c in shown)
@@ -450,3 +452,47 @@ def test_every_attribute_summed_adds_up_to_the_whole(
         rest = total.parts["overall"] - sum(v for p, v in total.parts.items()
                                             if p.startswith(a + "="))
         assert not rest.any(), a
+
+
+def test_no_level_held_by_fewer_than_min_cell_patients_is_named_off_the_site(
+    tiny_sites: tuple[Any, Path, dict[str, FusionSite]], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The attack: ``evaluation.sensitive: [age]`` made one cell per test patient, labelled with
+    that patient's exact age, in the disclosed documents, the disparities' groups, the secure
+    sum's part names, the pooled subgroups and the report. Now a level leaves only when the
+    site's test split holds ``min_cell`` patients with it; the rest form one unnamed group."""
+    from multimodal_fl.evaluation.report import write_frame_report
+
+    cfg, _, sites = tiny_sites
+    cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(
+        update={"sensitive": ["sex", "age"]})})  # past the config check, as a site sees it
+    rng = np.random.default_rng(0)
+    frames = {name: _frame(n, seed, unknown=name == "site_a").assign(
+        age=lambda d: rng.normal(60.0, 12.0, len(d)))
+        for name, n, seed in (("site_a", 61, 1), ("site_b", 40, 2), ("site_c", 36, 3))}
+    recorders, pooled = _run_predict(cfg, tmp_path, sites, frames, monkeypatch)
+    left: list[str] = [json.dumps(pooled)]
+    for recorder in recorders.values():
+        for reply in recorder.replies:
+            left += [*reply.documents.values(), *reply.metrics, *reply.arrays, *reply.local_keys]
+    left += [p.read_text() for p in (tmp_path / "sites").glob("*/egress.jsonl")]
+    report = pd.concat([f.assign(site=s) for s, f in frames.items()], ignore_index=True)
+    json_path, html_path = write_frame_report(report, tmp_path / "report", sensitive=["sex", "age"],
+                                              min_cell=10, n_boot=0, threshold=0.5)
+    left += [json_path.read_text(), html_path.read_text()]
+    text = "\n".join(left)
+    ages = [a for f in frames.values() for a in f["age"]]
+    assert not [a for a in ages if str(a) in text or f"{a:.4f}" in text]
+    assert "unknown" not in text.replace("unknown version", "")  # one patient of sex unknown
+    # every level that left is held by at least min_cell of the site's test patients
+    for name, recorder in recorders.items():
+        test = frames[name][frames[name]["split"] == "test"]
+        doc = next(r for r in recorder.replies if r.kind == Kind.PREDICT).document(Doc.DISCLOSED)
+        for c in doc["cells"]:
+            if c["attribute"] is not None and c["group"] != UNNAMED:
+                assert (test[c["attribute"]].astype(str) == c["group"]).sum() >= 10, c
+        assert any("level(s) held by fewer than 10" in n for n in doc["notes"])
+    for a, levels in pooled["subgroups"].items():
+        assert set(levels) <= {UNNAMED, *{str(v) for f in frames.values() for v in f[a]}}
+        assert a != "age" or set(levels) <= {UNNAMED}

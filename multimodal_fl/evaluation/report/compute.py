@@ -34,7 +34,7 @@ from multimodal_fl.evaluation.fairness import (
     CrossSiteResult,
     FairnessReport,
 )
-from multimodal_fl.evaluation.histograms import pooled_evaluation, summarise_sites
+from multimodal_fl.evaluation.histograms import pooled_in_process
 from multimodal_fl.evaluation.metrics import HIGHER_IS_BETTER, METRIC_NAMES, check_binary_inputs
 from multimodal_fl.evaluation.report.compare import load_runs
 from multimodal_fl.evaluation.report.load import CROSS_COLUMNS, ReportConfig, RunData
@@ -47,6 +47,7 @@ __all__ = [
     "build_report",
     "global_threshold",
     "json_ready",
+    "pooled_label",
     "privacy_section",
     "recalibration_section",
     "report_from_runs",
@@ -201,8 +202,46 @@ def _pooled(run: RunData) -> dict[str, Any]:
 POOLED_METRICS = ("auc", "ece", "sensitivity", "specificity")
 
 
+def pooled_label(run_sites: Sequence[str], overall: dict[str, Any]) -> str:
+    """The ``site`` of a run's pooled rows: :data:`ALL_SITES` only when the pooled overall cell
+    holds every site of the run, else the sites it holds (``"(pooled: a, b, c)"``).
+
+    Parameters
+    ----------
+    run_sites : sequence of str
+        The run's sites (those that disclosed a document).
+    overall : dict
+        ``pooled_from_histograms["overall"]``.
+
+    Returns
+    -------
+    str
+    """
+    pooled = sorted(overall.get("sites") or [])
+    if pooled and set(run_sites) <= set(pooled):
+        return ALL_SITES
+    return f"(pooled: {', '.join(pooled) or 'no site'})"
+
+
+def _short_of(figures: dict[str, Any], overall: dict[str, Any]) -> str | None:
+    """Why a pooled subgroup cell lacks a site of the pooled overall cell, or ``None``.
+
+    A cell pooled from per-site histograms that some site did not send (``excluded``, as in
+    run directories made before the in-process engines pooled as the secure sum does) is not
+    of the sites the overall cell covers: its figures would be mislabelled, and its counts
+    minus a site's disclosed ones would give what that site hid.
+    """
+    if figures.get("reason") is not None:
+        return None
+    missing = sorted(set(figures.get("excluded") or {}) & set(overall.get("sites") or []))
+    if not missing:
+        return None
+    return (f"not pooled over every site of the overall cell: {', '.join(missing)} sent no "
+            "histogram of it")
+
+
 def _pooled_rows(figures: dict[str, Any], *, scope: str, attribute: str | None,
-                 group: str | None) -> list[dict[str, Any]]:
+                 group: str | None, site: str = ALL_SITES) -> list[dict[str, Any]]:
     """One pooled cell (all sites, or one subgroup over sites) as report cells."""
     rows = []
     n = None
@@ -218,11 +257,13 @@ def _pooled_rows(figures: dict[str, Any], *, scope: str, attribute: str | None,
             value, lo, hi = m.get("value"), m.get("lo"), m.get("hi")
         else:
             value, lo, hi = float(m), None, None
-        rows.append({"scope": scope, "site": ALL_SITES, "attribute": attribute, "group": group,
+        why = (m.get("reason") if isinstance(m, dict) else None) or figures.get("reason") \
+            or "not pooled"
+        rows.append({"scope": scope, "site": site, "attribute": attribute, "group": group,
                      "metric": metric, "value": value, "lo": lo, "hi": hi, "n": n,
                      "n_pos": None, "n_neg": None, "suppressed": value is None,
-                     "reason": None if value is not None else
-                     (figures.get("reason") or "not pooled"), "n_boot": 0, "n_skipped": 0})
+                     "reason": None if value is not None else why, "n_boot": 0,
+                     "n_skipped": 0})
     return rows
 
 
@@ -230,11 +271,16 @@ def _cells(run: RunData, sensitive: Sequence[str]) -> pd.DataFrame:
     """The run's cells: all sites and subgroups (pooled), each site and site x subgroup."""
     pooled = _pooled(run)
     rows: list[dict[str, Any]] = []
-    if pooled.get("overall"):
-        rows += _pooled_rows(pooled["overall"], scope="overall", attribute=None, group=None)
+    overall = pooled.get("overall") or {}
+    label = pooled_label(list(run.disclosed), overall)
+    if overall:
+        rows += _pooled_rows(overall, scope="overall", attribute=None, group=None, site=label)
     for a in sensitive:
         for g, figures in sorted((pooled.get("subgroups") or {}).get(a, {}).items()):
-            rows += _pooled_rows(figures, scope="subgroup", attribute=a, group=str(g))
+            short = _short_of(figures, overall)
+            shown = figures if short is None else {"reason": short}
+            rows += _pooled_rows(shown, scope="subgroup", attribute=a, group=str(g),
+                                 site=label)
     frames = [pd.DataFrame(rows, columns=list(CELL_COLUMNS))] if rows else []
     for doc in run.disclosed.values():
         c = doc.cells_frame()
@@ -303,7 +349,8 @@ def _summary(cells: pd.DataFrame, sensitive: Sequence[str]) -> pd.DataFrame:
     return out
 
 
-def _pooled_disparity(levels: dict[str, Any], attribute: str) -> dict[str, Any]:
+def _pooled_disparity(levels: dict[str, Any], attribute: str,
+                      site: str = ALL_SITES) -> dict[str, Any]:
     """fairlearn's two differences over the pooled groups of one attribute.
 
     Equalised-odds difference: the larger of the between-group ranges of the true-positive
@@ -314,12 +361,13 @@ def _pooled_disparity(levels: dict[str, Any], attribute: str) -> dict[str, Any]:
     used, rates = [], []
     for g, f in sorted(levels.items()):
         sens, spec = f.get("sensitivity"), f.get("specificity")
-        if f.get("reason") is None and isinstance(sens, dict) and isinstance(spec, dict):
+        if f.get("reason") is None and isinstance(sens, dict) and isinstance(spec, dict) \
+                and sens.get("value") is not None and spec.get("value") is not None:
             tpr, fpr = float(sens["value"]), 1.0 - float(spec["value"])
             n_pos, n_neg = float(f["n_pos"]), float(f["n_neg"])
             rates.append((tpr, fpr, (tpr * n_pos + fpr * n_neg) / (n_pos + n_neg)))
             used.append(str(g))
-    row: dict[str, Any] = {"site": ALL_SITES, "attribute": attribute,
+    row: dict[str, Any] = {"site": site, "attribute": attribute,
                            "equalized_odds_difference": None,
                            "demographic_parity_difference": None, "groups_used": used,
                            "groups_suppressed": sorted(str(g) for g in levels if g not in used),
@@ -337,9 +385,13 @@ def _disparities(run: RunData, sensitive: Sequence[str]) -> pd.DataFrame:
     """The sites' disparities and, from the pooled histograms, the all-sites rows."""
     rows = []
     subgroups = _pooled(run).get("subgroups") or {}
+    overall = _pooled(run).get("overall") or {}
+    label = pooled_label(list(run.disclosed), overall)
     for a in sensitive:
         if a in subgroups:
-            rows.append(_pooled_disparity(subgroups[a], a))
+            levels = {g: f if _short_of(f, overall) is None else {"reason": "short"}
+                      for g, f in subgroups[a].items()}
+            rows.append(_pooled_disparity(levels, a, label))
     for site, doc in run.disclosed.items():
         rows += [{"site": site, **d.model_dump()} for d in doc.disparities
                  if d.attribute in sensitive]
@@ -642,13 +694,14 @@ def run_from_frame(frame: pd.DataFrame, *, label: str = FRAME_LABEL,
             d, site=str(site), sensitive=list(sensitive), min_cell=min_cell, n_boot=n_boot,
             seed=seed, threshold_rule=rule, n_bins=histogram_bins))
         for site, d in pred.groupby("site", sort=True)}
-    summaries = summarise_sites(
-        pred, sensitive=list(sensitive), split=SPLIT, n_bins=histogram_bins,
+    tests = {str(site): d[d["split"] == SPLIT] for site, d in pred.groupby("site", sort=True)}
+    pooled = pooled_in_process(
+        tests, sensitive=list(sensitive), min_cell=dict.fromkeys(tests, min_cell),
+        n_bins=histogram_bins, n_boot=n_boot, seed=seed,
         threshold=global_threshold({s: d.threshold for s, d in disclosed.items()}),
-        min_cell=min_cell,
-        n_boot=0, ece_bins=10 if histogram_bins % 10 == 0 else 1, seed=seed)
-    metrics = {"pooled_from_histograms": pooled_evaluation(summaries).to_dict()} if summaries \
-        else {}
+        sites=[{"site": s, "n": d.splits[SPLIT].n if SPLIT in d.splits else None}
+               for s, d in disclosed.items()])
+    metrics = {"pooled_from_histograms": pooled.to_dict()} if tests else {}
     return RunData(path=Path("(DataFrame)"), label=label, engine="frame", config=None,
                    metrics=metrics, disclosed=disclosed)
 

@@ -664,8 +664,11 @@ def _pooled_paragraph(lab: str, fe: dict[str, Any]) -> str:
     body = f"<h3>{_esc(lab)}</h3><p>Pooled AUC from {bins}: "
     if auc:
         body += (f"{_bounded_text(auc)} (the exact pooled AUC is guaranteed to lie within "
-                 f"the bounds); pooled ECE {o['ece']:.3f}")
-        if "sensitivity" in o:
+                 f"the bounds); pooled ECE {_ece_text(o)}")
+        if (o.get("sensitivity") or {}).get("value") is None and "sensitivity" in o:
+            body += (f"; at threshold {o['threshold']:.3f}: no sensitivity or specificity "
+                     f"({_esc(o['sensitivity'].get('reason'))})")
+        elif "sensitivity" in o:
             body += (f"; at threshold {o['threshold']:.3f}: sensitivity "
                      f"{_bounded_text(o['sensitivity'])}, specificity "
                      f"{_bounded_text(o['specificity'])}")
@@ -679,6 +682,17 @@ def _pooled_paragraph(lab: str, fe: dict[str, Any]) -> str:
         body += (". <b>Sites were left out: these pooled figures cover only the sites "
                  "listed and are not comparable with the all-sites row above</b>")
     return body + ".</p>"
+
+
+def _ece_text(o: dict[str, Any]) -> str:
+    """The pooled ECE, the bins it is on and its guaranteed bounds (when the run has them)."""
+    text = f"{o['ece']:.3f}"
+    if o.get("ece_bounds"):
+        lo, hi = o["ece_bounds"]
+        text += f" [{lo:.3f}, {hi:.3f}]"
+    if o.get("ece_bins"):
+        text += f" on {_esc(o['ece_bins'])}"
+    return text
 
 
 def _bounded_text(m: dict[str, Any]) -> str:
