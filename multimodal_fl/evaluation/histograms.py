@@ -53,7 +53,7 @@ from multimodal_fl.evaluation.metrics import (
     suppress_cells,
     undefined_reason,
 )
-from multimodal_fl.federated.pooling import REFUSED, complete_parts
+from multimodal_fl.federated.pooling import MIN_SITES, complete_parts
 
 __all__ = [
     "DEFAULT_BINS",
@@ -1413,9 +1413,13 @@ def pooled_in_process(
                                      groups=groups, n_bins=n_bins, min_cell=m)
     pooled_min = max([1, *(int(v) for v in min_cell.values())])
     kept, left_out = complete_parts({s: frozenset(p) for s, p in held.items()})
+    # the secure sum's rule, in this process's words: no secure sum is run here
+    left_out = {k: v.replace("a secure sum needs", "pooling needs") for k, v in left_out.items()}
     if OVERALL not in kept:
-        return refused_pooling(f"{REFUSED}, {len(held)} took part", excluded=excluded,
-                               sites=sites, min_cell=pooled_min)
+        return refused_pooling(
+            f"refused: pooled figures need at least {MIN_SITES} sites (fewer would let a site "
+            f"subtract its own figures from them), {len(held)} took part",
+            excluded=excluded, sites=sites, min_cell=pooled_min)
     contributors = {k: [s for s in sorted(held) if k in held[s]] for k in kept}
     total = {k: np.sum([held[s][k] for s in contributors[k]], axis=0) for k in kept}
     out = pooled_from_counts(total, min_cell=pooled_min, contributors=contributors,
