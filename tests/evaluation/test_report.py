@@ -285,3 +285,23 @@ def test_frame_report_from_a_users_own_predictions(tmp_path: Path) -> None:
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="expected a pandas DataFrame, got dict"):
         write_frame_report({"label": [0]}, tmp_path / "r4")  # type: ignore[arg-type]
+
+
+def test_counts_withheld_for_a_secure_sum_that_left_the_site_out_are_said_to_be_nowhere() -> None:
+    """A site in pooled form whose secure sum was refused said 'in the pooled figures' while the
+    report said the pooled rows held no site (a hospital's walk-through): now a note says so."""
+    from types import SimpleNamespace
+
+    from multimodal_fl.evaluation.report.compute import _withheld_note
+
+    run = SimpleNamespace(label="federated", disclosed={
+        "a": SimpleNamespace(pooled=True), "b": SimpleNamespace(pooled=True),
+        "c": SimpleNamespace(pooled=False)})
+    refused = {"reason": "refused: a secure sum needs at least 3 sites, 2 took part",
+               "sites": []}
+    [note] = _withheld_note(run, refused)  # type: ignore[arg-type]
+    assert note.startswith("federated: a, b withheld their test class counts")
+    assert "2 took part" in note and "in no figure of this report" in note
+    [note] = _withheld_note(run, {"sites": ["b", "c", "d"]})  # type: ignore[arg-type]
+    assert note.startswith("federated: a withheld") and "it summed b, c, d only" in note
+    assert _withheld_note(run, {"sites": ["a", "b", "c"]}) == []  # type: ignore[arg-type]

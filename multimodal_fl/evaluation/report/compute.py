@@ -18,7 +18,7 @@ import dataclasses
 import math
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -413,6 +413,21 @@ def _fairness(run: RunData, st: dict[str, Any]) -> FairnessReport:
                           _disparities(run, st["sensitive"]), thresholds, source, settings)
 
 
+def _withheld_note(run: RunData, overall: Mapping[str, Any]) -> list[str]:
+    """Sites that withheld their test counts for a secure sum that left them out (it was
+    refused, or they dropped out of it): their notes say they are in the pooled figures, which
+    they are not, so the reader is told where those counts went: nowhere."""
+    summed = set(overall.get("sites") or [])
+    missing = sorted(s for s, d in run.disclosed.items() if d.pooled and s not in summed)
+    if not missing:
+        return []
+    why = overall.get("reason") or (f"it summed {', '.join(sorted(summed))} only" if summed
+                                    else "it did not complete")
+    return [f"{run.label}: {', '.join(missing)} withheld their test class counts for the "
+            f"secure sum of the pooled figures, which does not hold them ({why}): those counts "
+            "are in no figure of this report"]
+
+
 def _run_notes(run: RunData, st: dict[str, Any]) -> list[str]:
     """What the reader should know about one run's figures."""
     notes = []
@@ -430,6 +445,7 @@ def _run_notes(run: RunData, st: dict[str, Any]) -> list[str]:
         left = "; ".join(f"{k} ({v})" for k, v in overall["excluded"].items())
         notes.append(f"{run.label}: the all-sites rows are pooled from the histograms of "
                      f"{', '.join(overall.get('sites') or []) or 'no site'} only; left out: {left}")
+    notes += _withheld_note(run, overall)
     if run.engine == "local":
         notes.append(f"{run.label}: each site has its own model and threshold; pooled figures "
                      "mix models")
