@@ -73,7 +73,8 @@ from tests.federated.conftest import REGISTERED, SecureDeployment
 #: Round fields that depend on the clock or on the process, not on the computation.
 TIMING_FIELDS = ("seconds", "server_seconds")
 #: Egress-log fields that depend on the clock or on random masks, not on what was released.
-LOG_VOLATILE = ("time", "bytes")
+#: differ between two runs of one experiment (``run``: its directory, Flower's run id)
+LOG_VOLATILE = ("time", "bytes", "run")
 
 
 def _rounds(run_dir: Path) -> list[dict[str, Any]]:
@@ -221,6 +222,10 @@ def _audit_both_engines(cfg: ExperimentConfig, data: dict[str, SiteData], cohort
                               for e in logs[engine][site]] for engine in ("Flower", "in-process"))
         assert {e["kind"] for e in flower} == {e["kind"] for e in inprocess}, site
         assert flower == inprocess, site
+        flower_runs = {json.dumps(e["run"], sort_keys=True) for e in logs["Flower"][site]}
+        assert len(flower_runs) == 1 and "flower_run_id" in json.loads(flower_runs.pop()), site
+        assert {e["run"]["dir"] for e in logs["in-process"][site]} == {
+            str(runs["in-process"][1])}, site
 
 
 def _secured_rounds_send_no_update(cfg: ExperimentConfig, data: dict[str, SiteData], root: Path,
