@@ -364,6 +364,13 @@ _VER_STATUS_SYSTEM = "http://terminology.hl7.org/CodeSystem/condition-ver-status
 ADMINISTRATIVE_GENDER = frozenset({"male", "female", "other", "unknown"})
 
 
+def _image_paths(res: dict[str, Any]) -> list[str]:
+    """The site-relative image paths an ImagingStudy names (``urn:mmfl:image-path``)."""
+    return [ident["value"] for ident in res.get("identifier") or []
+            if isinstance(ident, dict) and ident.get("system") == "urn:mmfl:image-path"
+            and isinstance(ident.get("value"), str)]
+
+
 def void_status(rt: str, res: dict[str, Any]) -> tuple[str, str] | None:
     """The status that says ``res`` did not happen or was entered in error, if it has one.
 
@@ -523,6 +530,8 @@ class FHIRReader:
                          "entered in error, so it is not used")
         for key in _alias_keys(rt, rid, full_url):
             self._void_refs[key] = code
+        if rt == "ImagingStudy":  # its files must not reach the patient another way
+            self.records.voided_images.update(_image_paths(res))
         return True
 
     def _defer(self, rt: str, res: dict[str, Any], label: str, rid: str,
@@ -736,11 +745,8 @@ class FHIRReader:
                 modality += tuple(_coding_list(series.get("modality")))
         self._pending.append(("study", ref, label, rid,
                               Coded(rid, label, modality, start, known=known)))
-        for ident in res.get("identifier") or []:
-            if isinstance(ident, dict) and ident.get("system") == "urn:mmfl:image-path" \
-                    and isinstance(ident.get("value"), str):
-                self._pending.append(("image", ref, label, rid,
-                                      ImageRef(ident["value"], known, label, rid)))
+        for path in _image_paths(res):
+            self._pending.append(("image", ref, label, rid, ImageRef(path, known, label, rid)))
 
     def _record_patient(self, res: dict[str, Any], label: str, rid: str,
                         full_url: str | None) -> None:

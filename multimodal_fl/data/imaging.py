@@ -242,8 +242,14 @@ def link_images(records: SiteRecords, site: SiteFiles, sink: ErrorSink,
                                   field="identifier.value", sink=sink)
             if path is not None and path not in linked:
                 add(pid, path, ref.time, "ImagingStudy")
+    voided = {(site.root / v).resolve() for v in records.voided_images}
     for path in site.image_files:
         if image_suffix(path) != ".dcm" or path.resolve() in linked:
+            continue
+        if path.resolve() in voided:
+            sink.report(site.rel(path), "", "<file>", "not_done_or_in_error",
+                        "an ImagingStudy that did not happen or was entered in error names this "
+                        "file: it is not linked by its DICOM PatientID either")
             continue
         if not path.resolve().is_relative_to(site.root):
             sink.report(site.rel(path), "", "<file>", "path_outside_site",

@@ -132,5 +132,8 @@ class SiteRecords:
     notes: dict[str, list[Note]] = field(default_factory=lambda: defaultdict(list))
     images: dict[str, list[ImageRef]] = field(default_factory=lambda: defaultdict(list))
     studies: dict[str, list[Coded]] = field(default_factory=lambda: defaultdict(list))
+    #: site-relative image paths named by an ImagingStudy that did not happen or was entered in
+    #: error: not linked to anyone by their DICOM PatientID either
+    voided_images: set[str] = field(default_factory=set)
     encounter_class: dict[tuple[str, str], str] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)

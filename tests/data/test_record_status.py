@@ -267,6 +267,27 @@ def test_a_cancelled_imaging_study_links_no_image(tmp_path: Path, covid_task: Ta
         ("is1", "status")]
 
 
+@pytest.mark.parametrize("status", ["cancelled", "entered-in-error"])
+def test_a_voided_studys_dicom_is_not_linked_by_its_patient_id_either(
+        tmp_path: Path, covid_task: TaskSpec, status: str) -> None:
+    """The file a voided ImagingStudy names carries the patient's DICOM PatientID: the third
+    linking rule (by header) must not bring it back."""
+    root = tmp_path / "site"
+    f.dicom(root / "images" / "p.dcm", "p", study_date="20200301", study_time="090000")
+    study = f.imaging_study("is1", "p", "images/p.dcm", "2020-03-01T09:00:00Z")
+    f.write_json(root / "fhir" / "b.json", f.bundle([*f.covid_patient("p"), study]))
+    assert _row(build_cohort(root, covid_task), "p")["has_image"]
+    f.write_json(root / "fhir" / "b.json",
+                 f.bundle([*f.covid_patient("p"), {**study, "status": status}]))
+    cohort = build_cohort(root, covid_task)
+    assert not _row(cohort, "p")["has_image"]
+    assert sorted((s.file, s.resource_id) for s in cohort.skipped if s.reason == VOID) == [
+        ("fhir/b.json", "is1"), ("images/p.dcm", "")]
+    # no ImagingStudy at all: the header links it
+    f.write_json(root / "fhir" / "b.json", f.bundle(f.covid_patient("p")))
+    assert _row(build_cohort(root, covid_task), "p")["has_image"]
+
+
 # ------------------------------------------------------------------ policy
 
 
