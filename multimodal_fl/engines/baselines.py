@@ -15,7 +15,11 @@ the federated engine, and write the run directory of :mod:`multimodal_fl.rundir`
 
 Both write each site's disclosed report document (``disclosed/<site>.json``) and the
 histogram-pooled test figures in ``metrics.json`` (``pooled_from_histograms``), so the report
-reads every engine's run the same way.
+reads every engine's run the same way. A site whose test histograms are in the pooled figures
+sends its document in the pooled form and no ``n_positive``, as a federated site that joins the
+secure sum does (the local-only job's sites answer the federated ``predict`` request; the
+centralized engine decides the same in process), so the pooled total minus the other sites'
+released counts never gives a count one site hides.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from multimodal_fl.engines.recalibration import (
     skipped,
 )
 from multimodal_fl.evaluation.disclosed import recalibration_summary, site_disclosure
-from multimodal_fl.evaluation.histograms import pooled_in_process
+from multimodal_fl.evaluation.histograms import pooled_in_process, pooled_sites_in_process
 from multimodal_fl.evaluation.recalibration import (
     Recalibration,
     RecalibrationError,
@@ -53,6 +57,7 @@ from multimodal_fl.evaluation.recalibration import (
 from multimodal_fl.federated.gather import StageFailed
 from multimodal_fl.federated.protocol import Doc
 from multimodal_fl.federated.server import Federation
+from multimodal_fl.federated.site import predict_metrics
 from multimodal_fl.fusion import FusionModel
 from multimodal_fl.pca.site import projection_arrays
 from multimodal_fl.pca.stage import apply_pca_stage, fit_pca_stage, run_pca_stage
@@ -63,7 +68,6 @@ from multimodal_fl.rundir import (
     RunWriter,
     default_run_dir,
     jsonable,
-    site_summary,
 )
 from multimodal_fl.training import (
     CohortDataset,
@@ -71,7 +75,6 @@ from multimodal_fl.training import (
     build_model,
     fit_tabular_standardizer,
     load_site_data,
-    metrics_by_split,
     predict,
     predictions_frame,
     torch_threads,
@@ -94,23 +97,45 @@ def _site_policy(cfg: ExperimentConfig, site: str) -> SitePolicy:
     return load_policy(paths[site]) if site in paths else SitePolicy()
 
 
-def _disclose(writer: RunWriter, cfg: ExperimentConfig, site: str,
-              frame: pd.DataFrame, recalibration: Mapping[str, Any]) -> dict[str, Any]:
-    """Write the site's disclosed report document, as a federated site discloses it."""
+def _disclose(writer: RunWriter, cfg: ExperimentConfig, site: str, frame: pd.DataFrame,
+              recalibration: Mapping[str, Any], *, pooled: bool) -> dict[str, Any]:
+    """Write the site's disclosed report document, as a federated site discloses it.
+
+    ``pooled``: the site's test histograms are in the pooled total
+    (:func:`_pooled_sites`), so it sends the pooled form, as a site that joins the secure sum.
+    """
     ev = cfg.evaluation
     policy = _site_policy(cfg, site)
     doc = site_disclosure(frame, site=site, sensitive=ev.sensitive,
                           min_cell=policy.effective_min_cell(ev.min_cell), n_boot=ev.n_boot,
                           seed=cfg.seed, threshold_rule=ev.threshold, n_bins=ev.histogram_bins,
-                          subgroup_summaries=policy.subgroup_summaries)
+                          subgroup_summaries=policy.subgroup_summaries, pooled=pooled)
     doc["recalibration"] = recalibration_summary(frame, doc, **recalibration)
     writer.write_disclosed(site, doc)
     return doc
 
 
+def _pooling(cfg: ExperimentConfig, frames: Mapping[str, pd.DataFrame]) -> dict[str, Any]:
+    """What decides which sites' test histograms are pooled in process, and how: each site's
+    test rows at its own policy's ``min_cell`` and subgroup summaries (one place, so the sites
+    that send the pooled form are exactly those in the total)."""
+    ev = cfg.evaluation
+    return {"tests": {name: frame[frame["split"] == "test"] for name, frame in frames.items()},
+            "sensitive": ev.sensitive,
+            "min_cell": {n: _site_policy(cfg, n).effective_min_cell(ev.min_cell) for n in frames},
+            "subgroups": {n: _site_policy(cfg, n).subgroup_summaries for n in frames},
+            "n_bins": ev.histogram_bins}
+
+
+def _pooled_sites(cfg: ExperimentConfig, frames: Mapping[str, pd.DataFrame]) -> set[str]:
+    """The sites whose test histograms the in-process pooled figures add (decided before any
+    document is written, as a federated site decides at ``predict``)."""
+    return set(pooled_sites_in_process(**_pooling(cfg, frames)))
+
+
 def _pooled_from_histograms(cfg: ExperimentConfig, frames: Mapping[str, pd.DataFrame],
-                            disclosed: Mapping[str, dict[str, Any]],
-                            writer_engine: str) -> dict[str, Any]:
+                            disclosed: Mapping[str, dict[str, Any]], writer_engine: str,
+                            pooled_sites: set[str]) -> dict[str, Any]:
     """The histogram-pooled test figures the federated engine reports, here in process.
 
     The same parts, the same rule of what may be summed and the same coarsening as the
@@ -119,19 +144,28 @@ def _pooled_from_histograms(cfg: ExperimentConfig, frames: Mapping[str, pd.DataF
     Sensitivity and specificity are pooled at one model's one threshold: the centralized
     model's (the sites' median, as its model card says), a local-only run's only when every
     site's model uses the same.
+
+    Raises
+    ------
+    RuntimeError
+        When a site in the total did not send the pooled form (``pooled_sites``): never
+        written, the total minus its counts would give another site's hidden ones.
     """
     if not frames:
         return {}
-    ev = cfg.evaluation
     thresholds = [d["threshold"] for d in disclosed.values()]
     common = statistics.median(thresholds) if writer_engine == "centralized" else (
         thresholds[0] if len(set(thresholds)) == 1 else None)
-    return pooled_in_process(
-        {name: frame[frame["split"] == "test"] for name, frame in frames.items()},
-        sensitive=ev.sensitive, min_cell={n: int(d["min_cell"]) for n, d in disclosed.items()},
-        subgroups={n: _site_policy(cfg, n).subgroup_summaries for n in frames},
-        n_bins=ev.histogram_bins, n_boot=ev.n_boot, seed=cfg.seed, threshold=common,
-        sites=[_site_row(n, d) for n, d in sorted(disclosed.items())]).to_dict()
+    out = pooled_in_process(**_pooling(cfg, frames), n_boot=cfg.evaluation.n_boot,
+                            seed=cfg.seed, threshold=common,
+                            sites=[_site_row(n, d) for n, d in sorted(disclosed.items())]
+                            ).to_dict()
+    summed = set(out["overall"].get("sites") or []).union(
+        *(c.get("sites") or [] for lv in out["subgroups"].values() for c in lv.values()))
+    if not summed <= pooled_sites:
+        raise RuntimeError(f"pooled figures over {sorted(summed - pooled_sites)}, whose "
+                           "documents are not in the pooled form: not written")
+    return out
 
 
 def _site_row(site: str, doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -147,46 +181,43 @@ def _finish(writer: RunWriter, cfg: ExperimentConfig, sites: Mapping[str, SiteDa
     """Write splits, predictions, disclosed documents and metrics; return the metrics document.
 
     Every site's scores go through ``recalibration`` (``extra["recalibration"]`` says what it
-    is, or why there is none) before they are written and disclosed.
+    is, or why there is none) before they are written and disclosed. What leaves a site is
+    what a federated site's ``predict`` reply carries: a site whose test histograms are in the
+    pooled figures sends the pooled form, and ``metrics.json``'s ``sites`` entry withholds
+    what its document withholds (:func:`~multimodal_fl.federated.site.predict_metrics`). No
+    figure of all sites' patients is computed from their predictions: the all-sites figures
+    are ``pooled_from_histograms`` only, as in the federated engine.
     """
     doc_recal = extra.get("recalibration") or {}
     status = {"method": str(doc_recal.get("method", "none")),
               "applied": recalibration is not None,
               "source": None if recalibration is None else recalibration.source,
               "reason": None if recalibration is not None else doc_recal.get("reason")}
-    per_site: dict[str, Any] = {}
-    frames = []
-    site_frames: dict[str, pd.DataFrame] = {}
-    disclosed: dict[str, dict[str, Any]] = {}
+    frames: dict[str, pd.DataFrame] = {}
     for name, data in sites.items():
         if name not in models:
             continue
         writer.write_splits(name, data)
-        frame = recalibrated_frame(
+        frames[name] = recalibrated_frame(
             predictions_frame(models[name], data, sensitive=cfg.evaluation.sensitive),
             recalibration)
-        writer.write_predictions(name, frame)
-        disclosed[name] = _disclose(writer, cfg, name, frame, status)
-        site_frames[name] = frame
-        frames.append(frame.assign(site=name))
+        writer.write_predictions(name, frames[name])
+    pooled_sites = _pooled_sites(cfg, frames)
+    per_site: dict[str, Any] = {}
+    disclosed: dict[str, dict[str, Any]] = {}
+    for name, frame in frames.items():
+        disclosed[name] = _disclose(writer, cfg, name, frame, status,
+                                    pooled=name in pooled_sites)
         # the site's own small-cell rule, as if its figures left it (the same suppression)
-        min_cell = _site_policy(cfg, name).effective_min_cell(cfg.evaluation.min_cell)
-        per_site[name] = {
-            **site_summary(data, min_cell=min_cell),
-            "metrics": metrics_by_split(frame, n_boot=cfg.evaluation.n_boot, seed=cfg.seed,
-                                        where=name, min_cell=min_cell),
-        }
-    pooled = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["split", "label", "score"])
+        per_site[name] = predict_metrics(frame, sites[name], disclosed[name],
+                                         min_cell=int(disclosed[name]["min_cell"]),
+                                         n_boot=cfg.evaluation.n_boot, seed=cfg.seed,
+                                         where=name)[1]
     doc = {
         "seed": cfg.seed,
         "sites": per_site,
-        "pooled": metrics_by_split(pooled, n_boot=cfg.evaluation.n_boot, seed=cfg.seed,
-                                   where="pooled",
-                                   min_cell=SitePolicy().effective_min_cell(
-                                       cfg.evaluation.min_cell)),
-        "pooled_from_histograms": _pooled_from_histograms(cfg, site_frames, disclosed,
-                                                          writer.engine),
+        "pooled_from_histograms": _pooled_from_histograms(cfg, frames, disclosed, writer.engine,
+                                                          pooled_sites),
         **extra,
     }
     writer.write_metrics(doc)
@@ -349,8 +380,10 @@ def run_centralized(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | Non
 
     It moves patient data between hospitals and is only a research baseline: it prints
     :data:`CENTRALIZED_WARNING` when it starts. Splits are the per-site splits (the same as
-    every other engine); validation uses the pooled validation patients; metrics are
-    reported per site and pooled.
+    every other engine); validation uses the pooled validation patients. What leaves each
+    site for ``metrics.json`` and ``disclosed/`` is what a federated site's ``predict`` reply
+    carries, in the pooled form where its test histograms are in the pooled figures; the
+    all-sites figures are the histogram-pooled ones only.
 
     Parameters
     ----------

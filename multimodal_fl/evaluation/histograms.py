@@ -83,6 +83,7 @@ __all__ = [
     "pooled_from_counts",
     "pooled_in_process",
     "pooled_metrics",
+    "pooled_sites_in_process",
     "refused_pooling",
     "summarise_site",
     "summarise_sites",
@@ -1399,22 +1400,9 @@ def pooled_in_process(
     PooledEvaluation
         ``settings["source"]`` is ``"in process"``.
     """
-    held: dict[str, dict[str, npt.NDArray[np.int64]]] = {}
-    excluded: dict[str, str] = {}
-    for site, test in sorted(tests.items()):
-        m = int(min_cell[site])
-        if len(test) < m:
-            excluded[site] = f"fewer than {m} test patients"
-            continue
-        cols = [c for c in sensitive if c in test.columns]
-        groups = {c: test[c].to_numpy() for c in cols} if cols and (
-            subgroups is None or subgroups.get(site, True)) else None
-        held[site] = histogram_parts(test["label"].to_numpy(), test["score"].to_numpy(),
-                                     groups=groups, n_bins=n_bins, min_cell=m)
+    held, excluded, kept, left_out = _in_process_parts(
+        tests, sensitive=sensitive, min_cell=min_cell, subgroups=subgroups, n_bins=n_bins)
     pooled_min = max([1, *(int(v) for v in min_cell.values())])
-    kept, left_out = complete_parts({s: frozenset(p) for s, p in held.items()})
-    # the secure sum's rule, in this process's words: no secure sum is run here
-    left_out = {k: v.replace("a secure sum needs", "pooling needs") for k, v in left_out.items()}
     if OVERALL not in kept:
         return refused_pooling(
             f"refused: pooled figures need at least {MIN_SITES} sites (fewer would let a site "
@@ -1427,6 +1415,68 @@ def pooled_in_process(
                              seed=seed, threshold=threshold)
     out.settings["source"] = "in process"
     return out
+
+
+def _in_process_parts(
+    tests: Mapping[str, pd.DataFrame], *, sensitive: Sequence[str], min_cell: Mapping[str, int],
+    subgroups: Mapping[str, bool] | None, n_bins: int,
+) -> tuple[dict[str, dict[str, npt.NDArray[np.int64]]], dict[str, str], frozenset[str],
+           dict[str, str]]:
+    """Each site's fine histograms, the sites left out and why, the parts summed and the parts
+    not summed and why (:func:`pooled_in_process`'s rule, in one place)."""
+    held: dict[str, dict[str, npt.NDArray[np.int64]]] = {}
+    excluded: dict[str, str] = {}
+    for site, test in sorted(tests.items()):
+        m = int(min_cell[site])
+        if len(test) < m:
+            excluded[site] = f"fewer than {m} test patients"
+            continue
+        cols = [c for c in sensitive if c in test.columns]
+        groups = {c: test[c].to_numpy() for c in cols} if cols and (
+            subgroups is None or subgroups.get(site, True)) else None
+        held[site] = histogram_parts(test["label"].to_numpy(), test["score"].to_numpy(),
+                                     groups=groups, n_bins=n_bins, min_cell=m)
+    kept, left_out = complete_parts({s: frozenset(p) for s, p in held.items()})
+    # the secure sum's rule, in this process's words: no secure sum is run here
+    left_out = {k: v.replace("a secure sum needs", "pooling needs") for k, v in left_out.items()}
+    return held, excluded, frozenset(kept), left_out
+
+
+def pooled_sites_in_process(
+    tests: Mapping[str, pd.DataFrame],
+    *,
+    sensitive: Sequence[str],
+    min_cell: Mapping[str, int],
+    subgroups: Mapping[str, bool] | None = None,
+    n_bins: int = DEFAULT_BINS,
+) -> list[str]:
+    """The sites whose test histograms :func:`pooled_in_process` adds into its total.
+
+    Decided by the same rule (the same call), before any site's document is written: each of
+    these sites releases its document in the pooled form
+    (:func:`~multimodal_fl.evaluation.disclosed.pooled_form`), as a federated site that joins
+    the secure sum does, or the pooled total minus the other sites' released counts would give
+    what one of them hides.
+
+    Parameters
+    ----------
+    tests : mapping of site to DataFrame
+    sensitive : sequence of str
+    min_cell : mapping of site to int
+    subgroups : mapping of site to bool, optional
+    n_bins : int
+        As for :func:`pooled_in_process`.
+
+    Returns
+    -------
+    list of str
+        The contributors of any part summed, sorted; empty when nothing is pooled (fewer than
+        three sites).
+    """
+    held, _, kept, _ = _in_process_parts(tests, sensitive=sensitive, min_cell=min_cell,
+                                         subgroups=subgroups, n_bins=n_bins)
+    return sorted(s for s, parts in held.items() if kept & parts.keys()) if OVERALL in kept \
+        else []
 
 
 def refused_pooling(reason: str, *, excluded: Mapping[str, str] | None = None,

@@ -192,6 +192,7 @@ __all__ = [
     "fusion_sites",
     "local_training_document",
     "norm_layer_keys",
+    "predict_metrics",
     "state_to_numpy",
 ]
 
@@ -709,9 +710,9 @@ class FusionSite:
             threshold_rule=str(request.config.get("threshold", ev.threshold)),
             subgroup_summaries=self.gate.policy.subgroup_summaries, pooled=pooled)
         disclosed["recalibration"] = recalibration_summary(frame, disclosed, **recalibration)
-        # the same cells suppressed as in the site's report document (its class rule too)
-        by_split = as_disclosed(metrics_by_split(frame, n_boot=ev.n_boot, seed=self.cfg.seed,
-                                                 where=self.name, min_cell=min_cell), disclosed)
+        by_split, site_doc = predict_metrics(frame, self.data, disclosed, min_cell=min_cell,
+                                             n_boot=ev.n_boot, seed=self.cfg.seed,
+                                             where=self.name)
         self._hold_test_histograms(frame, min_cell, pooled=pooled)
         flat: dict[str, float] = {}
         for split, values in by_split.items():
@@ -719,9 +720,6 @@ class FusionSite:
                 for part, number in (("", v.value), ("/lo", v.lo), ("/hi", v.hi)):
                     if number is not None and np.isfinite(number):
                         flat[f"{split}/{metric}{part}"] = float(number)
-        site_doc = {**site_summary(self.data, min_cell=min_cell), "metrics": by_split}
-        if pooled:  # with the training and validation positives it gives the test split's
-            site_doc["n_positive"] = None
         documents = {
             Doc.SITE_METRICS: pack_document(jsonable(site_doc)),
             Doc.DISCLOSED: pack_document(disclosed),
@@ -934,6 +932,49 @@ class FusionSite:
         return self._reply(request, n_samples=0 if pd.isna(row["n"]) else int(row["n"]),
                            metrics=metrics,
                            documents={Doc.CROSS_SITE: pack_document(doc)})
+
+
+def predict_metrics(frame: pd.DataFrame, data: SiteData, disclosed: Mapping[str, Any], *,
+                    min_cell: int, n_boot: int, seed: int, where: str
+                    ) -> tuple[dict[str, dict[str, MetricValue]], dict[str, Any]]:
+    """A site's metrics per split and its ``site_metrics`` document (``metrics.json``'s
+    ``sites`` entry), withholding what its report document withholds.
+
+    The cells suppressed are those of ``disclosed`` (:func:`as_disclosed`: its class rule, and
+    the pooled form's withheld threshold metrics); a site whose document is in the pooled form
+    (``disclosed["pooled"]``) releases no ``n_positive`` either: with the training and
+    validation positives it would give the test split's. The federated site's ``predict`` reply
+    and the in-process centralized engine both use it.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        The site's predictions (:func:`~multimodal_fl.training.predictions_frame`).
+    data : SiteData
+        The site's cohort (:func:`~multimodal_fl.rundir.site_summary`'s counts).
+    disclosed : mapping
+        The site's report document.
+    min_cell : int
+        The effective small-cell threshold.
+    n_boot, seed : int
+        The intervals' bootstrap.
+    where : str
+        Names the site in the bootstrap seeds.
+
+    Returns
+    -------
+    by_split : dict
+        ``{split: {metric: MetricValue}}``.
+    site_doc : dict
+        The cohort's counts and ``metrics`` (``by_split``).
+    """
+    # the same cells suppressed as in the site's report document (its class rule too)
+    by_split = as_disclosed(metrics_by_split(frame, n_boot=n_boot, seed=seed, where=where,
+                                             min_cell=min_cell), disclosed)
+    site_doc = {**site_summary(data, min_cell=min_cell), "metrics": by_split}
+    if disclosed.get("pooled"):  # with the training and validation positives: the test split's
+        site_doc["n_positive"] = None
+    return by_split, site_doc
 
 
 def as_disclosed(by_split: dict[str, dict[str, MetricValue]], disclosed: Mapping[str, Any]

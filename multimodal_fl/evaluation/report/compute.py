@@ -34,7 +34,7 @@ from multimodal_fl.evaluation.fairness import (
     CrossSiteResult,
     FairnessReport,
 )
-from multimodal_fl.evaluation.histograms import pooled_in_process
+from multimodal_fl.evaluation.histograms import pooled_in_process, pooled_sites_in_process
 from multimodal_fl.evaluation.metrics import HIGHER_IS_BETTER, METRIC_NAMES, check_binary_inputs
 from multimodal_fl.evaluation.report.compare import load_runs
 from multimodal_fl.evaluation.report.load import CROSS_COLUMNS, ReportConfig, RunData
@@ -656,7 +656,9 @@ def run_from_frame(frame: pd.DataFrame, *, label: str = FRAME_LABEL,
 
     Each site of the frame is summarised as a site of a run discloses itself
     (:func:`~multimodal_fl.evaluation.disclosed.site_disclosure`), and the all-sites figures
-    are pooled from histograms, so the report takes one path for both.
+    are pooled from histograms, so the report takes one path for both. A site whose test
+    histograms are in the pooled figures is summarised in the pooled form
+    (:func:`~multimodal_fl.evaluation.histograms.pooled_sites_in_process`), as in a run.
 
     Parameters
     ----------
@@ -705,12 +707,16 @@ def run_from_frame(frame: pd.DataFrame, *, label: str = FRAME_LABEL,
         pred["split"] = SPLIT
     check_binary_inputs(pred["label"].to_numpy(), pred["score"].to_numpy(), where="predictions")
     rule: str | float = "youden" if threshold is None else float(threshold)
+    tests = {str(site): d[d["split"] == SPLIT] for site, d in pred.groupby("site", sort=True)}
+    # a site whose test histograms are in the pooled figures sends the pooled form, as in a run
+    summed = set(pooled_sites_in_process(tests, sensitive=list(sensitive),
+                                         min_cell=dict.fromkeys(tests, min_cell),
+                                         n_bins=histogram_bins))
     disclosed = {
         str(site): read_disclosure(site_disclosure(
             d, site=str(site), sensitive=list(sensitive), min_cell=min_cell, n_boot=n_boot,
-            seed=seed, threshold_rule=rule, n_bins=histogram_bins))
+            seed=seed, threshold_rule=rule, n_bins=histogram_bins, pooled=str(site) in summed))
         for site, d in pred.groupby("site", sort=True)}
-    tests = {str(site): d[d["split"] == SPLIT] for site, d in pred.groupby("site", sort=True)}
     pooled = pooled_in_process(
         tests, sensitive=list(sensitive), min_cell=dict.fromkeys(tests, min_cell),
         n_bins=histogram_bins, n_boot=n_boot, seed=seed,
