@@ -188,7 +188,10 @@ def test_run_centralized_warns_and_writes_one_model(
     assert metrics["engine"] == "centralized" and set(metrics["history"]) == {"centralized"}
     counts = [json.loads((run / "sites" / s / "splits.json").read_text())["counts"]
               for s in SITES]
-    assert metrics["training"]["centralized"]["n_samples"] == sum(c["train"]["n"] for c in counts)
+    # no all-sites total of patients either (training size, recalibration source): minus the
+    # sites' released sizes it would give a site's hidden one
+    assert "n_samples" not in metrics["training"]["centralized"] and counts
+    assert not any(ch.isdigit() for ch in metrics["recalibration"].get("source", ""))
     # no all-sites figure from the patients' predictions (it would give a site's hidden test
     # size by subtraction): the all-sites figures are the histogram-pooled ones only
     assert "pooled" not in metrics and "pooled_from_histograms" in metrics

@@ -240,8 +240,8 @@ def _centralized_recalibration(cfg: ExperimentConfig, model: FusionModel,
     try:
         fitted = fit_on_scores(y, predict(model, pooled_val), method=method,
                                n_bins=cfg.evaluation.histogram_bins,
-                               source=f"the pooled validation split ({len(pooled_val)} "
-                                      "patients, in process)")
+                               source="the pooled validation split of every site (in "
+                                      "process)")
     except RecalibrationError as exc:
         return None, skipped(method, str(exc))
     return fitted, {**fitted.to_dict(), "applied": True}
@@ -434,7 +434,9 @@ def run_centralized(cfg: ExperimentConfig, out_dir: str | os.PathLike[str] | Non
             (writer.run_dir / RECALIBRATION_FILE).write_text(json.dumps(fitted.to_dict(),
                                                                         indent=2))
         doc = _finish(writer, cfg, sites, dict.fromkeys(sites, model), {
-            "training": {"centralized": result.to_dict()},
+            # no training-set total: minus the sites' released sizes it gives a hidden one
+            "training": {"centralized": {k: v for k, v in result.to_dict().items()
+                                         if k != "n_samples"}},
             "history": {"centralized": result.history},
             "warning": CENTRALIZED_WARNING,
             "recalibration": recalibration,
