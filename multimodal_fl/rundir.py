@@ -713,6 +713,9 @@ def prepare_run_dir(path: str | os.PathLike[str], *, overwrite: bool = False) ->
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise RunDirError(f"--out {p}: is a file; give a new or empty folder")
+    if overwrite and p.is_symlink():
+        raise RunDirError(f"--out {p}: is a symbolic link; give the run directory it points to "
+                          f"({p.resolve()}) to remove the run there")
     if not p.is_dir() or not any(e.name != RUN_LOCK for e in p.iterdir()):
         return p
     what, unfinished = _what_is_there(p)
@@ -730,7 +733,13 @@ def prepare_run_dir(path: str | os.PathLike[str], *, overwrite: bool = False) ->
                if foreign else f"it has no {MANIFEST}, so it is not known to be a run")
         raise RunDirError(f"--out {p}: not removed: {why}; --overwrite removes only a run "
                           "directory and nothing else (move those files, or give another --out)")
-    shutil.rmtree(p)
+    for entry in p.iterdir():  # all but the lock this run holds (a new lock file would not be)
+        if entry.name == RUN_LOCK:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
     return p
 
 

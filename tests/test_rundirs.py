@@ -232,6 +232,38 @@ def test_overwrite_removes_the_run_first(runs: dict[str, Path], tmp_path: Path) 
     assert models == {"centralized"}  # no local:* rows left behind
 
 
+def test_overwrite_keeps_holding_the_run_lock(runs: dict[str, Path], tmp_path: Path) -> None:
+    """--overwrite removed the whole folder, its own run.lock with it: a second process could
+    then lock a new file and --resume or --overwrite the run in progress (a bug hunt)."""
+    from filelock import FileLock, Timeout
+
+    from multimodal_fl.rundir import RUN_LOCK
+
+    target = tmp_path / "was-local"
+    shutil.copytree(runs["local"], target)
+    seen: list[str] = []
+
+    def progress(event: object) -> None:
+        if seen:
+            return
+        other = FileLock(target / RUN_LOCK)
+        try:
+            other.acquire(timeout=0)
+            seen.append("a second process got the lock")
+            other.release()
+        except Timeout:
+            seen.append("held")
+
+    run(load_config(runs["config"]), "centralized", out_dir=target, overwrite=True,
+        progress=progress, report=False)
+    assert seen == ["held"]
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    out = refused("train", str(runs["config"]), "--engine", "centralized", "--out", str(link),
+                  "--overwrite")
+    assert "is a symbolic link" in out and read_manifest(target) is not None
+
+
 def test_resume_of_a_local_run_is_refused(runs: dict[str, Path]) -> None:
     local = runs["local"]
     model = (local / "sites" / "site_a" / "model.safetensors").read_bytes()
