@@ -1423,7 +1423,15 @@ def main() -> None:
 
     A file-system error no command turned into its own message (an output path under a file,
     a folder that cannot be written) ends in one line naming the path, not a traceback.
+    SIGTERM (``kill``, ``docker stop``, a batch scheduler's time limit) ends a command as
+    Ctrl-C does: a run records that it stopped and releases its lock.
     """
+    import signal
+
+    def terminated(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
         app()
     except OSError as exc:

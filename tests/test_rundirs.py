@@ -561,3 +561,31 @@ def test_a_deployed_run_into_a_finished_run_is_refused_before_any_site_is_asked(
     with pytest.raises(RunDirError, match="another run is already there"):
         run_federated_experiment(cfg, old, federation=Recorder())  # type: ignore[arg-type]
     assert asked == [] and (old / "config.yaml").read_text() == "old: run\n"
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(tiny_config: Callable[..., Path],
+                                           tmp_path: Path) -> None:
+    """`kill`, `docker stop` or a scheduler's time limit left run.json 'running' for ever and
+    the lock behind (a bug hunt): the run now records how it stopped and frees its folder."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    config = tiny_config(federated={"rounds": 50})
+    proc = subprocess.Popen([sys.executable, "-m", "multimodal_fl", "train", str(config),
+                             "--out", str(out), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoint" / "checkpoint.json").is_file():
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "no round was checkpointed in time"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    assert "interrupted" in output and "--resume" in output
+    manifest = read_manifest(out)
+    assert manifest is not None and manifest.status == "failed"
+    assert "SIGTERM" in (manifest.error or "")
+    assert not (out / "run.lock").exists()
