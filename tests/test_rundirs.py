@@ -589,3 +589,19 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tiny_config: Callable[..., Path],
     assert manifest is not None and manifest.status == "failed"
     assert "SIGTERM" in (manifest.error or "")
     assert not (out / "run.lock").exists()
+
+
+def test_a_refused_resume_leaves_the_run_as_it_was(tiny_config: Callable[..., Path],
+                                                  tmp_path: Path) -> None:
+    """Resuming with fewer rounds than were done was accepted (the records then disagreed), and
+    a resume refused on the checkpoint had already rewritten config.yaml, so that even a plain
+    --resume failed afterwards (a bug hunt)."""
+    out = tmp_path / "run"
+    config = tiny_config(federated={"rounds": 4})
+    train(str(config), "--out", str(out), "--stop-after-round", "2")
+    saved = (out / "config.yaml").read_text()
+    msg = refused("train", "--resume", str(out), "--set", "federated.rounds=1")
+    assert "2 rounds are done already" in msg and "at least 2" in msg
+    assert (out / "config.yaml").read_text() == saved
+    train("--resume", str(out))
+    assert read_manifest(out).status == "completed"  # type: ignore[union-attr]

@@ -84,6 +84,7 @@ from multimodal_fl.federated.server import (
     Federation,
     RoundRecord,
     RunConfig,
+    check_resumable,
     run_federated,
 )
 from multimodal_fl.federated.site import LOCAL_MODEL, POOLED_TEST, fusion_sites
@@ -696,6 +697,12 @@ def _run_experiment(
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     if not resume:
         _refuse_a_run_there(run_dir)
+    else:  # before config.yaml is rewritten: a refused resume must leave the run as it was
+        found = load_checkpoint(run_dir / "checkpoint")
+        if found is not None:
+            check_resumable(found, dataclasses.replace(run_config(cfg),
+                                                       carry_evaluation=carry_evaluation),
+                            run_dir / "checkpoint")
     writer = RunWriter(run_dir, cfg, engine)
     writer.write_config()
     if federation is None:

@@ -63,6 +63,7 @@ __all__ = [
     "RoundRecord",
     "RunConfig",
     "Site",
+    "check_resumable",
     "run_federated",
     "select_sites",
 ]
@@ -391,6 +392,45 @@ def _history_from_json(rows: list[dict[str, Any]]) -> list[RoundRecord]:
     return [RoundRecord(**row) for row in rows]
 
 
+def check_resumable(found: Checkpoint, config: RunConfig, where: str | Path) -> None:
+    """Refuse to continue ``found`` with a ``config`` it was not trained with.
+
+    Only :data:`_RESUMABLE_CHANGES` may differ, and ``rounds`` may not fall below the rounds
+    already done.
+
+    Parameters
+    ----------
+    found : Checkpoint
+        The checkpoint to continue.
+    config : RunConfig
+        The loop's settings now.
+    where : str or Path
+        The checkpoint folder (for the message).
+
+    Raises
+    ------
+    CheckpointError
+        Naming what differs.
+    """
+    saved = dict(found.meta.get("config", {}))
+    config_json = config.to_json()
+    changed = sorted(k for k in set(saved) | set(config_json)
+                     if k not in _RESUMABLE_CHANGES and saved.get(k) != config_json.get(k))
+    if changed:
+        dp = (" (a DP run's planned steps follow federated.rounds: resume it with its own "
+              "rounds)" if "fit_config" in changed
+              and "dp_planned_steps" in (saved.get("fit_config") or {}) else "")
+        raise CheckpointError(
+            f"{where}: the run config differs from the checkpoint's in {changed} "
+            f"(checkpoint: {[saved.get(k) for k in changed]}, now: "
+            f"{[config_json.get(k) for k in changed]}); only {list(_RESUMABLE_CHANGES)} "
+            f"may change on resume{dp}")
+    if config.rounds < found.round:
+        raise CheckpointError(
+            f"{where}: {found.round} rounds are done already; federated.rounds "
+            f"{config.rounds} would end before them (resume with at least {found.round})")
+
+
 def run_federated(
     federation: Federation,
     initial_weights: Mapping[str, np.ndarray],
@@ -446,7 +486,6 @@ def run_federated(
     site_sizes: dict[str, int] = {}
     start = 1
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    config_json = config.to_json()
 
     if ckpt_root is not None:
         found = load_checkpoint(ckpt_root)
@@ -457,19 +496,7 @@ def run_federated(
             )
         if found is not None:
             _check_compatible(initial_weights, found.weights, ckpt_root)
-            saved = dict(found.meta.get("config", {}))
-            changed = sorted(
-                k
-                for k in set(saved) | set(config_json)
-                if k not in _RESUMABLE_CHANGES and saved.get(k) != config_json.get(k)
-            )
-            if changed:
-                raise CheckpointError(
-                    f"{ckpt_root}: the run config differs from the checkpoint's in {changed} "
-                    f"(checkpoint: {[saved.get(k) for k in changed]}, now: "
-                    f"{[config_json.get(k) for k in changed]}); only {list(_RESUMABLE_CHANGES)} "
-                    "may change on resume"
-                )
+            check_resumable(found, config, ckpt_root)
             weights = {k: found.weights[k] for k in initial_weights}
             opt_state = found.optimizer_state
             history = _history_from_json(found.meta.get("history", []))
