@@ -401,10 +401,7 @@ def _train_and_show(cfg: Any, chosen: str, *, out: Path | None, resume: bool = F
         fail(_why(exc))
         return
     except KeyboardInterrupt:
-        where = out if out is not None else "its run directory"
-        more = (f"; continue it with `mmfl train --resume {out}`"
-                if out is not None and spec.resumable else "")
-        fail(f"interrupted: the run in {where} stopped where it was{more}", code=130)
+        _interrupted(out, spec.resumable)
     if _print_stopped(outcome.metrics, outcome.run_dir):
         return
     _print_notes(outcome.metrics)
@@ -427,6 +424,24 @@ def _train_and_show(cfg: Any, chosen: str, *, out: Path | None, resume: bool = F
     console.print(table)
     console.print(f"run directory: {outcome.run_dir}")
     _print_finished(outcome.finished)
+
+
+def _interrupted(out: Path | None, resumable: bool) -> NoReturn:
+    """Ctrl-C (or SIGTERM) during ``mmfl train``: what became of the run, and what to do."""
+    from multimodal_fl.rundir import RunDirError, read_manifest
+
+    if out is None:
+        fail("interrupted: the run stopped where it was; its folder is under runs/ (give "
+             "--out to name it, and to resume it)", code=130)
+    try:
+        manifest = read_manifest(out)
+    except RunDirError:
+        manifest = None
+    if manifest is not None and manifest.status == "completed":
+        fail(f"interrupted after the run in {out} completed, before its report and model card "
+             f"were written: `mmfl report {out}` writes both", code=130)
+    more = f"; continue it with `mmfl train --resume {out}`" if resumable else ""
+    fail(f"interrupted: the run in {out} stopped where it was{more}", code=130)
 
 
 def _print_notes(metrics: dict[str, Any]) -> None:
@@ -508,6 +523,27 @@ def report_cmd(
     except (ValueError, KeyError, FileNotFoundError) as exc:
         fail(f"report: {_why(exc)}")
     console.print(f"report: {html_path}\n        {json_path}")
+    if out is None and len(run_dirs) == 1:
+        _refresh_model_card(run_dirs[0], json_path)
+
+
+def _refresh_model_card(run: Path, report_json: Path) -> None:
+    """The run's own report was (re)written: its model card repeats the report's per-site cells
+    (a run trained with --no-report, or interrupted before its end, gets its card here)."""
+    from multimodal_fl.config import ExperimentConfig
+    from multimodal_fl.engines.finish import write_model_card
+    from multimodal_fl.rundir import RunDirError, read_manifest
+
+    try:
+        manifest = read_manifest(run)
+    except RunDirError:
+        return
+    if manifest is None or manifest.status != "completed":
+        return
+    cfg = _load(run / "config.yaml", None, saved=True)
+    assert isinstance(cfg, ExperimentConfig)
+    _, card_md = write_model_card(run, cfg, manifest, report_json=report_json)
+    console.print(f"model card: {card_md}")
 
 
 @app.command("predict")

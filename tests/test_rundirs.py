@@ -605,3 +605,30 @@ def test_a_refused_resume_leaves_the_run_as_it_was(tiny_config: Callable[..., Pa
     assert (out / "config.yaml").read_text() == saved
     train("--resume", str(out))
     assert read_manifest(out).status == "completed"  # type: ignore[union-attr]
+
+
+def test_reporting_a_run_later_gives_its_model_card_the_reports_cells(
+        runs: dict[str, Path], tmp_path: Path) -> None:
+    """A run trained with --no-report (or interrupted before its end) never got the report's
+    cells in its model card, and no command wrote them (a bug hunt)."""
+    run = tmp_path / "fed"
+    shutil.copytree(runs["fed"], run)
+    assert json.loads((run / "model_card.json").read_text())["performance"]["report_sites"] is None
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    assert f"model card: {run / 'model_card.md'}" in result.output.replace("\n", "")
+    card = json.loads((run / "model_card.json").read_text())
+    assert card["performance"]["report_sites"]
+
+
+def test_an_interrupt_after_the_run_completed_says_how_to_finish_it(
+        runs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    import click
+
+    from multimodal_fl.cli import _interrupted
+
+    with pytest.raises(click.exceptions.Exit):
+        _interrupted(runs["local"], True)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "after the run in" in err and f"mmfl report {runs['local']}` writes both" in err
+    assert "--resume" not in err
