@@ -632,3 +632,28 @@ def test_an_interrupt_after_the_run_completed_says_how_to_finish_it(
     err = " ".join(capsys.readouterr().err.split())
     assert "after the run in" in err and f"mmfl report {runs['local']}` writes both" in err
     assert "--resume" not in err
+
+
+def test_the_model_card_of_a_dp_model_says_so(runs: dict[str, Path], tmp_path: Path) -> None:
+    """A DP-trained model's card never mentioned DP (a bug hunt): it now carries metrics.json's
+    privacy section, each site's epsilon included."""
+    from multimodal_fl.engines.finish import write_model_card
+
+    run = tmp_path / "fed"
+    shutil.copytree(runs["fed"], run)
+    cfg = load_config(run / "config.yaml", saved=True)
+    manifest = read_manifest(run)
+    assert manifest is not None
+    _, md = write_model_card(run, cfg, manifest)
+    assert "Differential privacy: none" in md.read_text()
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["privacy"] = {"dp": {
+        "noise_multiplier": 1.1, "target_epsilon": None, "max_grad_norm": 1.0,
+        "sites": {"site_a": {"epsilon": 2.99, "delta": 1e-5, "round": 3}},
+        "covers": "one patient's records at that site"}}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    card_json, md = write_model_card(run, cfg, manifest)
+    assert json.loads(card_json.read_text())["privacy"]["dp"]["sites"]["site_a"]["epsilon"] == 2.99
+    text = md.read_text()
+    assert "## Differential privacy" in text and "noise multiplier 1.1" in text
+    assert "| site_a | 2.99 | 1e-05 | 3 |" in text

@@ -228,6 +228,8 @@ def write_model_card(run_dir: str | os.PathLike[str], cfg: ExperimentConfig,
         "training": _training_settings(cfg, manifest.engine, metrics),
         "threshold": model_thresholds(run, manifest.engine, cfg.evaluation.threshold),
         "recalibration": metrics.get("recalibration"),
+        # a DP-trained model says so: the settings and each site's epsilon (metrics.json's)
+        "privacy": metrics.get("privacy"),
         "performance": {
             "split": SPLIT,
             "sites": _site_metrics(metrics),
@@ -254,6 +256,28 @@ def _value(cell: dict[str, Any] | None) -> str:
     return text
 
 
+def _privacy_lines(privacy: dict[str, Any] | None) -> list[str]:
+    """The card's privacy section: what differential privacy the model was trained under."""
+    if not privacy:
+        return ["Differential privacy: none (the model was trained without it).", ""]
+    lines = ["## Differential privacy", ""]
+    dp = privacy.get("dp")
+    if dp:
+        how = (f"noise multiplier {dp['noise_multiplier']}" if dp.get("noise_multiplier")
+               else f"target epsilon {dp.get('target_epsilon')}")
+        lines.append(f"DP-SGD at every site ({how}, max grad norm {dp.get('max_grad_norm')}); "
+                     f"{dp.get('covers', '')}".rstrip("; "))
+        lines += ["", "| site | epsilon | delta | round |", "| --- | --- | --- | --- |",
+                  *[f"| {s} | {v['epsilon']:.3g} | {v.get('delta')} | {v.get('round')} |"
+                    for s, v in sorted((dp.get("sites") or {}).items())], ""]
+    level = privacy.get("site_level")
+    if level:
+        lines += [f"Site-level DP: epsilon {level['epsilon']:.3g} at delta {level.get('delta')} "
+                  f"over {level.get('rounds')} rounds, updates clipped at the "
+                  f"{level.get('clipped_at')}; {level.get('covers', '')}".rstrip("; "), ""]
+    return lines
+
+
 def _card_markdown(card: dict[str, Any]) -> str:
     """The model card as a short Markdown page."""
     thr = card["threshold"]
@@ -268,6 +292,7 @@ def _card_markdown(card: dict[str, Any]) -> str:
         + ", ".join(f"{v:.4g}" for v in values) + f" ({thr['source']}).", "",
         (recalibration_line({"recalibration": card["recalibration"]})
          or "recalibration: none recorded (a run made before recalibration)") + ".", "",
+        *_privacy_lines(card.get("privacy")),
         "## Data", "", "| site | fingerprint | files |", "| --- | --- | --- |",
         *[f"| {s} | `{d.get('fingerprint', '')[:19]}` | {d.get('files')} |"
           for s, d in sorted(card["data"].items())], "",
