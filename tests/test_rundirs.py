@@ -657,3 +657,4 @@ def test_the_model_card_of_a_dp_model_says_so(runs: dict[str, Path], tmp_path: P
     text = md.read_text()
     assert "## Differential privacy" in text and "noise multiplier 1.1" in text
     assert "| site_a | 2.99 | 1e-05 | 3 |" in text
+    assert "| None |" not in text  # a withheld count is a dash, not Python's None

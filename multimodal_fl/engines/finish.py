@@ -304,7 +304,9 @@ def _card_markdown(card: dict[str, Any]) -> str:
     report = card["performance"]["report_sites"] or {}
     for site, row in card["performance"]["sites"].items():
         cells = report.get(site, {})
-        lines.append(f"| {site} | {row['n_patients']} | {row['n_positive']} | {row['n_test']} | "
+        counts = ["—" if row.get(k) is None else row[k]  # withheld: a dash, not None
+                  for k in ("n_patients", "n_positive", "n_test")]
+        lines.append(f"| {site} | {counts[0]} | {counts[1]} | {counts[2]} | "
                      f"{_value(row.get('auc'))} | {_value(cells.get('sensitivity'))} | "
                      f"{_value(cells.get('specificity'))} |")
     lines += ["", "## Limitations", "", *[f"- {x}" for x in card["limitations"]], "",
