@@ -250,19 +250,25 @@ def test_a_cancelled_report_is_no_note(covid_task: TaskSpec, status: str) -> Non
     assert _row(cohort, "p")["notes"] == [] and _voided(cohort) == [("b.json", "r1", "status")]
 
 
+def _voided_study(root: Path, image: str, status: str, task: TaskSpec) -> SiteCohort:
+    """The patient's image is linked by an ImagingStudy; then the study is voided: the cohort."""
+    study = f.imaging_study("is1", "p", image, "2020-03-01T09:00:00Z")
+    f.write_json(root / "fhir" / "b.json", f.bundle([*f.covid_patient("p"), study]))
+    assert _row(build_cohort(root, task), "p")["has_image"]
+    f.write_json(root / "fhir" / "b.json",
+                 f.bundle([*f.covid_patient("p"), {**study, "status": status}]))
+    cohort = build_cohort(root, task)
+    assert not _row(cohort, "p")["has_image"]
+    return cohort
+
+
 @pytest.mark.parametrize("status", ["cancelled", "entered-in-error"])
 def test_a_cancelled_imaging_study_links_no_image(tmp_path: Path, covid_task: TaskSpec,
                                                   status: str) -> None:
     root = tmp_path / "site"
     (root / "images").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(root / "images" / "p.png")
-    study = f.imaging_study("is1", "p", "images/p.png", "2020-03-01T09:00:00Z")
-    f.write_json(root / "fhir" / "b.json", f.bundle([*f.covid_patient("p"), study]))
-    assert _row(build_cohort(root, covid_task), "p")["has_image"]
-    f.write_json(root / "fhir" / "b.json",
-                 f.bundle([*f.covid_patient("p"), {**study, "status": status}]))
-    cohort = build_cohort(root, covid_task)
-    assert not _row(cohort, "p")["has_image"]
+    cohort = _voided_study(root, "images/p.png", status, covid_task)
     assert [(s.resource_id, s.field) for s in cohort.skipped if s.reason == VOID] == [
         ("is1", "status")]
 
@@ -274,13 +280,7 @@ def test_a_voided_studys_dicom_is_not_linked_by_its_patient_id_either(
     linking rule (by header) must not bring it back."""
     root = tmp_path / "site"
     f.dicom(root / "images" / "p.dcm", "p", study_date="20200301", study_time="090000")
-    study = f.imaging_study("is1", "p", "images/p.dcm", "2020-03-01T09:00:00Z")
-    f.write_json(root / "fhir" / "b.json", f.bundle([*f.covid_patient("p"), study]))
-    assert _row(build_cohort(root, covid_task), "p")["has_image"]
-    f.write_json(root / "fhir" / "b.json",
-                 f.bundle([*f.covid_patient("p"), {**study, "status": status}]))
-    cohort = build_cohort(root, covid_task)
-    assert not _row(cohort, "p")["has_image"]
+    cohort = _voided_study(root, "images/p.dcm", status, covid_task)
     assert sorted((s.file, s.resource_id) for s in cohort.skipped if s.reason == VOID) == [
         ("fhir/b.json", "is1"), ("images/p.dcm", "")]
     # no ImagingStudy at all: the header links it
