@@ -540,7 +540,11 @@ def _refresh_model_card(run: Path, report_json: Path) -> None:
         return
     if manifest is None or manifest.status != "completed":
         return
-    cfg = _load(run / "config.yaml", None, saved=True)
+    try:
+        cfg = load_config(run / "config.yaml", [], saved=True)
+    except ConfigError as exc:  # the report stands; only the card could not be refreshed
+        console.print(f"model card not rewritten: {exc}", highlight=False, soft_wrap=True)
+        return
     assert isinstance(cfg, ExperimentConfig)
     _, card_md = write_model_card(run, cfg, manifest, report_json=report_json)
     console.print(f"model card: {card_md}")
@@ -1320,11 +1324,11 @@ def flower_run(
 
 
 def _refuse_a_run_in(out: Path) -> None:
-    """As ``mmfl train``: one run per run directory (``flower run`` / ``local``, which have no
+    """As ``mmfl train``: one run per run directory (``flower run``, which has no
     ``--overwrite``), checked before Flower starts."""
     from multimodal_fl.rundir import RUN_LOCK, RunDirError, prepare_run_dir
 
-    if {e.name for e in out.iterdir()} <= {"flower", RUN_LOCK}:
+    if out.is_dir() and {e.name for e in out.iterdir()} <= {"flower", RUN_LOCK}:
         return  # the app of a submission that did not start a run: written again
     try:
         prepare_run_dir(out)
