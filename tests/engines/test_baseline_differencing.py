@@ -1,10 +1,10 @@
 """The differencing attack on the baselines' pooled figures (centralized and local-only).
 
-Both engines pool the sites' test histograms in process as the secure sum would (at least three
-sites, complete parts). A site whose histograms are in that total must release no count of the
-same patients, or the pooled total minus the other sites' released counts gives what one site
-hides. The attacker here reads only what leaves the sites: ``disclosed/<site>.json``,
-``metrics.json`` and ``report.json``.
+The centralized engine pools the sites' test histograms in process as the secure sum would (at
+least three sites, complete parts); the local-only job runs the secure sum itself. A site whose
+histograms are in that total must release no count of the same patients, or the pooled total
+minus the other sites' released counts gives what one site hides. The attacker here reads only
+what leaves the sites: ``disclosed/<site>.json``, ``metrics.json`` and ``report.json``.
 """
 
 from __future__ import annotations

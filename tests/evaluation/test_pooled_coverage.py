@@ -85,6 +85,27 @@ def test_no_pooled_row_that_lacks_a_site_is_labelled_all_sites() -> None:
     assert {c["site"] for c in cells if c["scope"] == "overall"} == {ALL_SITES}
 
 
+def test_a_level_cell_without_every_site_is_labelled_by_its_own_sites() -> None:
+    """A docs audit: a level only three of four sites hold was pooled over those three yet
+    labelled "(all sites)" with the overall cell."""
+    sites = {}
+    for i, name in enumerate(("site_001", "site_002", "site_003", "site_004"), 1):
+        d = _site((30, 12), (30, 12), i)
+        if name != "site_004":  # 10 patients of each of the first three sites: unknown sex
+            d.loc[d.index < 10, "sex"] = "unknown"
+        sites[name] = d
+    run = _frame_run(sites)
+    unknown = run.metrics["pooled_from_histograms"]["subgroups"]["sex"]["unknown"]
+    assert sorted(unknown["sites"]) == ["site_001", "site_002", "site_003"]
+    doc, _, _ = report_from_runs([run], sensitive=["sex"])
+    cells = next(iter(doc["fairness"].values()))["cells"]
+    labels = {(c["scope"], c["group"]): c["site"] for c in cells
+              if c["scope"] in ("overall", "subgroup")}
+    assert labels[("overall", None)] == ALL_SITES
+    assert labels[("subgroup", "unknown")] == "(pooled: site_001, site_002, site_003)"
+    assert labels[("subgroup", "male")] == ALL_SITES
+
+
 def test_a_site_without_positives_stays_in_the_pooled_overall_cell() -> None:
     sites = _hunt()
     sites["site_003"] = _site((20, 0), (19, 0), 3)

@@ -279,8 +279,11 @@ def _cells(run: RunData, sensitive: Sequence[str]) -> pd.DataFrame:
         for g, figures in sorted((pooled.get("subgroups") or {}).get(a, {}).items()):
             short = _short_of(figures, overall)
             shown = figures if short is None else {"reason": short}
+            # a level's cell holds the sites with patients of that level: labelled by them
+            own = label if short is not None or not figures.get("sites") \
+                else pooled_label(list(run.disclosed), figures)
             rows += _pooled_rows(shown, scope="subgroup", attribute=a, group=str(g),
-                                 site=label)
+                                 site=own)
     frames = [pd.DataFrame(rows, columns=list(CELL_COLUMNS))] if rows else []
     for doc in run.disclosed.values():
         c = doc.cells_frame()

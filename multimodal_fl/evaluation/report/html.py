@@ -823,8 +823,8 @@ def _section_bodies(doc: dict[str, Any], sec: dict[str, Any], figs: dict[str, An
         "calibration": _img(figs["calibration"], "Calibration curves") +
         "<p class='note'>A site's points are the calibration bins it disclosed (the same steps "
         "as its ROC points, each of at least the small-cell number of patients); all sites: "
-        f"the pooled 10 equal-width bins, those with fewer than {st['min_cell']} patients not "
-        "drawn.</p>" + _recalibration_body(doc),
+        f"the pooled fine bins merged until each holds 0 or at least {st['min_cell']} of each "
+        "class.</p>" + _recalibration_body(doc),
         "fairness": _fairness_body(sec, figs),
         "disparities": _disparities_body(sec),
         "generalisability": _generalisability_body(sec, figs),
