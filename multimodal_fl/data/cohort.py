@@ -279,6 +279,11 @@ def _build_cohort(site: SiteConfig | Path | str, task: TaskSpec, data: DataConfi
     sink = ErrorSink(on_error=data.on_error)
     reader = FHIRReader(task, sink, validation=data.validation, tz=site_timezone(data, files),
                         strict_ids=data.strict_ids)
+    for f in files.other_fhir_files:  # a compressed export, say: not read, and said so
+        sink.report(files.rel(f), "", "<file>", "unread_file",
+                    f"only .json and .ndjson files under fhir/ are read, not '{f.name}'"
+                    + ("; decompress it" if f.suffix.lower() in (".gz", ".zip", ".bz2", ".xz")
+                       else ""))
     n = len(files.fhir_files)
     for i, f in enumerate(files.fhir_files, start=1):
         reader.read_file(f, files.rel(f))

@@ -82,12 +82,19 @@ def image_suffix(path: Path) -> str | None:
     return None
 
 
+#: The suffixes of the FHIR files a site's ``fhir/`` folder is read for.
+FHIR_SUFFIXES = frozenset({".json", ".ndjson"})
+
+
 @dataclass
 class SiteFiles:
     """The files of one site directory, as the contract names them."""
 
     root: Path
     fhir_files: list[Path] = field(default_factory=list)
+    #: files under ``fhir/`` that are not read (not ``.json`` / ``.ndjson``: a compressed
+    #: export, say): reported, so that they are not taken for read
+    other_fhir_files: list[Path] = field(default_factory=list)
     image_files: list[Path] = field(default_factory=list)
     images_csv: Path | None = None
     notes_csv: Path | None = None
@@ -130,10 +137,11 @@ def discover_site(path: Path | str) -> SiteFiles:
     site = SiteFiles(root=root)
     fhir_dir = root / "fhir"
     if fhir_dir.is_dir():
-        site.fhir_files = sorted(
-            p for p in fhir_dir.rglob("*")
-            if p.is_file() and p.suffix.lower() in {".json", ".ndjson"}
-        )
+        found = [p for p in fhir_dir.rglob("*")
+                 if p.is_file() and not any(part.startswith(".") for part in
+                                            p.relative_to(fhir_dir).parts)]
+        site.fhir_files = sorted(p for p in found if p.suffix.lower() in FHIR_SUFFIXES)
+        site.other_fhir_files = sorted(p for p in found if p.suffix.lower() not in FHIR_SUFFIXES)
     img_dir = root / "images"
     if img_dir.is_dir():
         site.image_files = sorted(
@@ -145,9 +153,14 @@ def discover_site(path: Path | str) -> SiteFiles:
             setattr(site, name.replace(".", "_"), p)
     if not (site.fhir_files or site.image_files or site.images_csv or site.notes_csv
             or site.labels_csv):
+        others = ""
+        if site.other_fhir_files:
+            names = ", ".join(site.rel(p) for p in site.other_fhir_files[:3])
+            others = (f" (fhir/ holds {len(site.other_fhir_files)} other file(s), e.g. {names}: "
+                      "only .json and .ndjson files are read; decompress or convert them)")
         raise DataError(
             f"{root}: site directory is empty: no fhir/*.json or fhir/*.ndjson, no images/, "
-            "no images.csv, notes.csv or labels.csv"
+            f"no images.csv, notes.csv or labels.csv{others}"
         )
     return site
 

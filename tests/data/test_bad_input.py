@@ -81,6 +81,16 @@ def _ndjson_bad_line(root: Path) -> None:
     (root / "fhir" / "bad.ndjson").write_text(json.dumps(good) + "\n{not json\n")
 
 
+def _compressed_export(root: Path) -> None:
+    """A Bulk Data export left compressed was skipped without a word (a bug hunt); a hidden
+    file (.DS_Store) is no one's data and is not reported."""
+    import gzip
+
+    good = f.observation("obs-gz", "good", "9279-1", 20.0, "/min", "2020-03-01T09:00:00Z")
+    (root / "fhir" / "more.ndjson.gz").write_bytes(gzip.compress(json.dumps(good).encode()))
+    (root / "fhir" / ".DS_Store").write_bytes(b"\0")
+
+
 def _conflicting_patient(root: Path) -> None:
     f.write_json(root / "fhir" / "zz-dup.json", f.patient("good", birth="1999-01-01"))
 
@@ -113,6 +123,7 @@ CASES: dict[str, tuple[Writer, str, str, str, str]] = {
                               "obs-lt", "valueQuantity.comparator"),
     "ndjson_bad_line": (_ndjson_bad_line, "invalid_json", "fhir/bad.ndjson", "line 2",
                         "<json>"),
+    "compressed_export": (_compressed_export, "unread_file", "fhir/more.ndjson.gz", "", "<file>"),
     "conflicting_patient": (_conflicting_patient, "conflicting_patient", "fhir/zz-dup.json",
                             "good", "birthDate"),
     "unreadable_image": (_unreadable_image, "unreadable_image", "images/good.png", "good",
@@ -219,3 +230,13 @@ def test_a_value_with_a_comparator_is_a_bound_not_a_value(tmp_path: Path,
         ("bp", "component[1].valueQuantity.comparator", "value_with_comparator")]
     assert f"'{comparator}'" in cohort.skipped[0].detail
     assert cohort.counts["skipped_by_reason"] == {"value_with_comparator": 2}
+
+
+def test_a_site_with_only_a_compressed_export_says_why_it_is_empty(tmp_path: Path) -> None:
+    from multimodal_fl.data.sites import discover_site
+
+    (tmp_path / "site" / "fhir").mkdir(parents=True)
+    (tmp_path / "site" / "fhir" / "Patient.ndjson.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(DataError, match=r"fhir/Patient\.ndjson\.gz: only \.json and \.ndjson "
+                                        r"files are read; decompress or convert them"):
+        discover_site(tmp_path / "site")
