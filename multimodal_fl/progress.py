@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 __all__ = ["EventLog", "EventTail", "PrepareEvent", "ProgressCallback", "ProgressEvent",
-           "ReplyEvent", "StepEvent", "Tally", "event_from_json", "event_to_json"]
+           "ReplyEvent", "StepEvent", "Tally", "broadcast_reporter", "event_from_json",
+           "event_to_json"]
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,49 @@ class Tally:
             self.cache_hits = cache_hits
         self.done = self.total
         self._report()
+
+
+
+def broadcast_reporter(progress: ProgressCallback | None, requests: Mapping[str, Any]
+                       ) -> Callable[[str, bool], None]:
+    """Report a broadcast's start to ``progress`` (``answered == 0``); return what reports each
+    site's answer as it comes (both federations, in process and over Flower).
+
+    Parameters
+    ----------
+    progress : ProgressCallback or None
+        Where the :class:`ReplyEvent` go (``None`` or nothing asked: nowhere).
+    requests : Mapping[str, Request]
+        The broadcast: site -> request (its ``kind`` and ``round`` name the events).
+
+    Returns
+    -------
+    callable
+        ``report(site, ok)``: one more site answered (``ok`` False: a failure).
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> seen, fit = [], SimpleNamespace(kind="fit", round=3)
+    >>> report = broadcast_reporter(seen.append, {"site_a": fit, "site_b": fit})
+    >>> report("site_b", False)
+    >>> [(e.answered, e.site, e.ok) for e in seen]
+    [(0, None, True), (1, 'site_b', False)]
+    """
+    if progress is None or not requests:
+        return lambda site, ok: None
+    callback = progress
+    first = next(iter(requests.values()))
+    kind, rnd, asked = str(first.kind), int(first.round), len(requests)
+    callback(ReplyEvent(kind, rnd, 0, asked))
+    answered = 0
+
+    def report(site: str, ok: bool) -> None:
+        nonlocal answered
+        answered += 1
+        callback(ReplyEvent(kind, rnd, answered, asked, site=site, ok=ok))
+
+    return report
 
 
 _EVENT_TYPES: dict[str, type[PrepareEvent] | type[ReplyEvent] | type[StepEvent]] = {

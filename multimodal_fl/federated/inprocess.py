@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from multimodal_fl.federated.protocol import Reply, Request, SiteFailure
 from multimodal_fl.federated.server import Site
-from multimodal_fl.progress import ProgressCallback, ReplyEvent
+from multimodal_fl.progress import ProgressCallback, broadcast_reporter
 
 __all__ = ["InProcessFederation"]
 
@@ -82,23 +82,11 @@ class InProcessFederation:
         """
         answers: dict[str, Reply | SiteFailure] = {}
         self.last_site_seconds = {}
-        self._report(requests, answers)
+        report = broadcast_reporter(self.progress, requests)
         for name in sorted(requests):
             answers[name] = self._ask(name, requests[name], timeout)
-            self._report(requests, answers)
+            report(name, isinstance(answers[name], Reply))
         return answers
-
-    def _report(self, requests: Mapping[str, Request],
-                answers: dict[str, Reply | SiteFailure]) -> None:
-        """Report the start of a broadcast (no answer yet) or the latest site's answer."""
-        if self.progress is None or not requests:
-            return
-        first = next(iter(requests.values()))
-        latest = next(reversed(answers)) if answers else None
-        self.progress(ReplyEvent(
-            str(first.kind), first.round, len(answers), len(requests), site=latest,
-            ok=latest is None or isinstance(answers[latest], Reply),
-        ))
 
     def _ask(self, name: str, request: Request, timeout: float | None) -> Reply | SiteFailure:
         """One site's answer to its request, as the server will see it."""

@@ -32,7 +32,7 @@ from multimodal_fl.federated.flower.codec import (
     request_to_content,
 )
 from multimodal_fl.federated.protocol import Reply, Request, SiteFailure
-from multimodal_fl.progress import ProgressCallback, ReplyEvent
+from multimodal_fl.progress import ProgressCallback, broadcast_reporter
 
 __all__ = ["FlowerFederation"]
 
@@ -354,7 +354,7 @@ class FlowerFederation:
                 continue
             by_node[node] = requests[site]
             site_of[node] = site
-        report = self._reporter(requests)
+        report = broadcast_reporter(self.progress, requests)
         for site in answers:  # unknown sites: failed before anything was sent
             report(site, False)
         if by_node:
@@ -365,20 +365,3 @@ class FlowerFederation:
                 site = site_of[node]
                 answers[site] = SiteFailure(site, answer) if isinstance(answer, str) else answer
         return {site: answers[site] for site in sorted(answers)}
-
-    def _reporter(self, requests: Mapping[str, Request]) -> Callable[[str, bool], None]:
-        """Report the broadcast's start to :attr:`progress`; return what reports each answer."""
-        if self.progress is None or not requests:
-            return lambda site, ok: None
-        progress = self.progress
-        first = next(iter(requests.values()))
-        kind, rnd, asked = str(first.kind), first.round, len(requests)
-        progress(ReplyEvent(kind, rnd, 0, asked))
-        answered = 0
-
-        def report(site: str, ok: bool) -> None:
-            nonlocal answered
-            answered += 1
-            progress(ReplyEvent(kind, rnd, answered, asked, site=site, ok=ok))
-
-        return report
