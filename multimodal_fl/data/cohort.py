@@ -25,7 +25,13 @@ from multimodal_fl.data.fhir import FHIRReader
 from multimodal_fl.data.fhir_json import paused_gc, unpack_resources
 from multimodal_fl.data.imaging import link_images
 from multimodal_fl.data.records import Note
-from multimodal_fl.data.sites import SiteFiles, discover_site, read_csv, site_timezone
+from multimodal_fl.data.sites import (
+    FHIR_SUFFIXES,
+    SiteFiles,
+    discover_site,
+    read_csv,
+    site_timezone,
+)
 from multimodal_fl.data.tasks import apply_task, feature_names
 from multimodal_fl.data.text import load_url_notes, notes_from_csv
 
@@ -380,7 +386,7 @@ def _fhir_bytes(path: Path) -> int:
     if not fhir.is_dir():
         return 0
     return sum(p.stat().st_size for p in fhir.rglob("*")
-               if p.suffix.lower() in {".json", ".ndjson"} and p.is_file())
+               if p.suffix.lower() in FHIR_SUFFIXES and p.is_file())
 
 
 def cohort_workers(cfg: ExperimentConfig) -> int:
