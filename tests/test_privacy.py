@@ -383,3 +383,34 @@ def test_a_budgeted_site_refuses_a_fit_without_dp(tiny_config: Callable[..., Pat
     with pytest.raises(SiteRefused, match="max_epsilon=5 admits only DP-SGD"):
         site.handle(Request(Kind.FIT, 1, weights=weights, config=dict(fit)))
     assert np.array_equal(state_to_numpy(site.model)["head.weight"], weights["head.weight"])
+
+
+def test_a_fixed_noise_dp_run_may_be_resumed_for_more_rounds(
+        tiny_config: Callable[..., Path], tmp_path: Path) -> None:
+    """A DP run could not be resumed for more rounds: its fit config carried the planned steps,
+    which only a target epsilon uses. With a fixed noise multiplier the extension is sound (the
+    accountant keeps counting); with a target epsilon it stays refused."""
+    from multimodal_fl.engines import run
+    from multimodal_fl.federated.checkpoint import CheckpointError
+
+    staged = tmp_path / "staged"
+    run(load_config(_dp_config(tiny_config, federated={"rounds": 2})), "inprocess",
+        out_dir=staged, stop_after_round=1, report=False)
+    one = json.loads((staged / "metrics.json").read_text())["privacy"]["dp"]["sites"]
+    run(load_config(_dp_config(tiny_config, federated={"rounds": 3})), "inprocess",
+        out_dir=staged, resume=True, report=False)
+    three = json.loads((staged / "metrics.json").read_text())["privacy"]["dp"]["sites"]
+    for site, entry in three.items():
+        assert entry["round"] == 3 and entry["epsilon"] > one[site]["epsilon"]
+        ledger = json.loads((staged / "sites" / site / "privacy.json").read_text())
+        assert [f["round"] for f in ledger["fits"]] == [1, 2, 3]
+
+    target = {"dp": {"target_epsilon": 8.0, "max_grad_norm": 1.0}}
+    planned = tmp_path / "planned"
+    run(load_config(tiny_config(modalities={"text": {"enabled": False}}, privacy=target,
+                                federated={"rounds": 2})), "inprocess", out_dir=planned,
+        stop_after_round=1, report=False)
+    with pytest.raises(CheckpointError, match=r"target epsilon spreads it over federated\.rounds"):
+        run(load_config(tiny_config(modalities={"text": {"enabled": False}}, privacy=target,
+                                    federated={"rounds": 3})), "inprocess", out_dir=planned,
+            resume=True, report=False)

@@ -190,7 +190,10 @@ def fit_settings(cfg: ExperimentConfig, *, local_steps: int | None = None) -> Fi
         seed=cfg.seed, local_steps=steps, lr=cfg.training.lr,
         dp_max_grad_norm=dp.max_grad_norm, dp_noise_multiplier=dp.noise_multiplier or 0.0,
         dp_target_epsilon=dp.target_epsilon or 0.0,
-        dp_planned_steps=fed.rounds * fed.local_steps, dp_delta=dp.delta,
+        # planned steps matter only to a target epsilon (a fixed noise multiplier spends as it
+        # goes), so a run with a fixed multiplier may be resumed for more rounds
+        dp_planned_steps=fed.rounds * fed.local_steps if dp.target_epsilon else 0,
+        dp_delta=dp.delta,
         dp_accountant=dp.accountant)
 
 

@@ -253,7 +253,8 @@ class FitSettings:
     dp_target_epsilon : float
         The epsilon the site spends in ``dp_planned_steps`` steps (with no noise multiplier).
     dp_planned_steps : int
-        The steps ``dp_target_epsilon`` is spread over (rounds x local steps).
+        The steps ``dp_target_epsilon`` is spread over (rounds x local steps); 0 with a fixed
+        noise multiplier, which spends as it goes (so such a run may be resumed for more rounds).
     dp_delta : float
         The delta the site states epsilon at (its policy may lower it).
     dp_accountant : str

@@ -392,6 +392,15 @@ def _history_from_json(rows: list[dict[str, Any]]) -> list[RoundRecord]:
     return [RoundRecord(**row) for row in rows]
 
 
+def _without_unused_plan(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with its fit config's DP planned steps dropped where no target epsilon uses
+    them (checkpoints written before a fixed noise multiplier's runs sent 0 carry them)."""
+    fit = config.get("fit_config")
+    if isinstance(fit, dict) and not fit.get("dp_target_epsilon"):
+        config["fit_config"] = {k: v for k, v in fit.items() if k != "dp_planned_steps"}
+    return config
+
+
 def check_resumable(found: Checkpoint, config: RunConfig, where: str | Path) -> None:
     """Refuse to continue ``found`` with a ``config`` it was not trained with.
 
@@ -412,13 +421,14 @@ def check_resumable(found: Checkpoint, config: RunConfig, where: str | Path) -> 
     CheckpointError
         Naming what differs.
     """
-    saved = dict(found.meta.get("config", {}))
-    config_json = config.to_json()
+    saved = _without_unused_plan(dict(found.meta.get("config", {})))
+    config_json = _without_unused_plan(config.to_json())
     changed = sorted(k for k in set(saved) | set(config_json)
                      if k not in _RESUMABLE_CHANGES and saved.get(k) != config_json.get(k))
     if changed:
-        dp = (" (a DP run's planned steps follow federated.rounds: resume it with its own "
-              "rounds)" if "fit_config" in changed
+        dp = (" (a DP run with a target epsilon spreads it over federated.rounds: resume it "
+              "with its own rounds, or use privacy.dp.noise_multiplier, whose runs may be "
+              "resumed for more)" if "fit_config" in changed
               and "dp_planned_steps" in (saved.get("fit_config") or {}) else "")
         raise CheckpointError(
             f"{where}: the run config differs from the checkpoint's in {changed} "

@@ -190,3 +190,21 @@ def test_crash_between_weights_and_record_keeps_last_checkpoint(
     full = _uninterrupted()
     _same_bits(resumed.weights, full.weights)
     _same_history(resumed.history, full.history)
+
+
+def test_a_checkpoint_with_planned_steps_of_a_fixed_noise_run_still_resumes() -> None:
+    """Checkpoints written before a fixed noise multiplier's fit config dropped its (unused)
+    planned steps carry them; resuming such a run for more rounds is not refused for them, while
+    a target epsilon's planned steps still must match."""
+    from multimodal_fl.federated.server import RunConfig, check_resumable
+
+    fixed = {"dp_noise_multiplier": 1.0, "dp_target_epsilon": 0.0, "local_steps": 3}
+    now = RunConfig(rounds=5, fit_config={**fixed, "dp_planned_steps": 0})
+    old = {**now.to_json(), "rounds": 2, "fit_config": {**fixed, "dp_planned_steps": 6}}
+    check_resumable(Checkpoint(1, {}, meta={"config": old}), now, "ckpt")
+
+    target = {"dp_noise_multiplier": 0.0, "dp_target_epsilon": 3.0, "local_steps": 3}
+    now = RunConfig(rounds=5, fit_config={**target, "dp_planned_steps": 15})
+    old = {**now.to_json(), "rounds": 2, "fit_config": {**target, "dp_planned_steps": 6}}
+    with pytest.raises(CheckpointError, match="fit_config"):
+        check_resumable(Checkpoint(1, {}, meta={"config": old}), now, "ckpt")
