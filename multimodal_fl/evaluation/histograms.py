@@ -75,6 +75,7 @@ __all__ = [
     "histogram_threshold",
     "joint_partition",
     "label_counts",
+    "level_census",
     "named_levels",
     "part_name",
     "pool_histograms",
@@ -980,12 +981,42 @@ def named_levels(values: npt.ArrayLike, *, min_cell: int) -> tuple[npt.NDArray[n
     unnamed : int
         The number of distinct levels relabelled (the most that may leave about them).
     """
-    col = pd.Series(np.asarray(values, dtype=object))
-    labels = col.where(col.notna(), "(missing)").astype(str)
+    labels = _level_labels(values)
     counts = labels.value_counts()
     small = counts.index[counts < min_cell]
     out = labels.where(~labels.isin(small), UNNAMED).to_numpy(dtype=str)
     return out, len(small)
+
+
+def _level_labels(values: npt.ArrayLike) -> pd.Series:
+    """Each patient's level as a string, missing values as ``"(missing)"``."""
+    col = pd.Series(np.asarray(values, dtype=object))
+    return col.where(col.notna(), "(missing)").astype(str)
+
+
+def level_census(frame: pd.DataFrame, attributes: Sequence[str]) -> dict[str, dict[str, int]]:
+    """How many of these patients hold each level of each attribute (it stays at the site).
+
+    The levels are spelt as :func:`named_levels` spells them (strings, missing values as
+    ``"(missing)"``), so a level name that leaves the site can be looked up here: the
+    disclosure gate lets a name leave only where it counts at least ``min_cell`` patients of
+    the test split (:func:`~multimodal_fl.federated.disclosure.check_levels`).
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        One row per patient (the site's test split).
+    attributes : sequence of str
+        The columns to count; one absent from ``frame`` is skipped.
+
+    Returns
+    -------
+    dict of str to dict of str to int
+        ``{attribute: {level: patients}}``.
+    """
+    return {str(a): {str(k): int(v) for k, v in
+                     _level_labels(frame[a].to_numpy()).value_counts().items()}
+            for a in attributes if a in frame.columns}
 
 
 def part_name(attribute: str, level: str) -> str:
