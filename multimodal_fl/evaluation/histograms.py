@@ -466,6 +466,8 @@ def summarise_site(
         The site's labels and scores for one split.
     groups : DataFrame or mapping of str to array-like, optional
         Sensitive attributes, one value per patient (missing values become ``"(missing)"``).
+        A level is named only when at least ``min_cell`` of these patients hold it
+        (:func:`named_levels`); the others form one subgroup :data:`UNNAMED`.
     threshold : float or None
         Decision threshold (e.g. chosen by :func:`histogram_threshold` on pooled validation
         histograms); ``None`` leaves out sensitivity and specificity.
@@ -489,6 +491,7 @@ def summarise_site(
     Returns
     -------
     SiteEvaluation
+        ``subgroups`` keyed by the levels as named (small ones as :data:`UNNAMED`).
     """
     y, s = check_binary_inputs(y_true, y_score, where=f"site {site!r}")
     if n_bins < 1 or n_bins % ece_bins:
@@ -509,7 +512,7 @@ def summarise_site(
                 f"site {site!r}: groups has {len(gdf)} rows but there are {y.size} patients"
             )
         for a in gdf.columns:
-            col = gdf[a].astype(object).where(gdf[a].notna(), "(missing)").astype(str).to_numpy()
+            col, _ = named_levels(gdf[a].to_numpy(), min_cell=min_cell)
             subgroups[str(a)] = {
                 str(g): _group_summary(
                     y[col == g], s[col == g], seed=derive_seed(seed, site, a, g),
@@ -655,7 +658,9 @@ def pool_histograms(
         neg_sum += sm
         pi += list(zip(g.pos.start, g.pos.stop, g.pos.count, strict=True))
         ni += list(zip(g.neg.start, g.neg.stop, g.neg.count, strict=True))
-        sites.append(site)
+        if site not in sites:  # one site's unnamed levels are several cells of it
+            sites.append(site)
+    excluded = {site: why for site, why in excluded.items() if site not in sites}
     return PooledHistogram(n_bins, pos, neg, pos_sum, neg_sum, pi, ni, sites, excluded)
 
 
@@ -899,9 +904,16 @@ def pooled_metrics(
 
 
 def pooled_evaluation(
-    summaries: Sequence[SiteEvaluation], *, threshold: float | None = None
+    summaries: Sequence[SiteEvaluation], *, threshold: float | None = None,
+    min_cell: int | None = None,
 ) -> PooledEvaluation:
     """Server side: pool site summaries into overall and per-subgroup figures.
+
+    A site's level is pooled under its name only when the site's cell of it shows at least
+    ``min_cell`` patients (the naming rule of :func:`named_levels`); every other level of the
+    site joins the site's :data:`UNNAMED` subgroup, so no level is named in the pooled figures
+    that no site holds ``min_cell`` patients of (a summary made by hand, or before
+    :func:`summarise_site` named its levels, may carry such a level).
 
     Parameters
     ----------
@@ -909,6 +921,9 @@ def pooled_evaluation(
         One message per site, all of the same split and grid.
     threshold : float or None
         Threshold for pooled sensitivity/specificity; default the sites' common threshold.
+    min_cell : int or None
+        The naming rule's threshold; each site's own (``settings["min_cell"]``) where that is
+        larger (default: each site's own).
 
     Returns
     -------
@@ -925,14 +940,14 @@ def pooled_evaluation(
     ece_bins = int(summaries[0].settings.get("ece_bins", 10))
     overall = pooled_metrics(pool_histograms([(s.site, s.overall) for s in summaries]),
                              threshold=threshold, ece_bins=ece_bins)
-    attrs = sorted({a for s in summaries for a in s.subgroups})
+    named = [_named_subgroups(s, min_cell) for s in summaries]
     subgroups: dict[str, dict[str, dict[str, Any]]] = {}
-    for a in attrs:
-        levels = sorted({g for s in summaries for g in s.subgroups.get(a, {})})
+    for a in sorted({a for n in named for a in n}):
+        levels = sorted({g for n in named for g in n.get(a, {})})
         subgroups[a] = {}
         for g in levels:
-            parts = [(s.site, s.subgroups[a][g]) for s in summaries
-                     if g in s.subgroups.get(a, {})]
+            parts = [(s.site, cell) for s, n in zip(summaries, named, strict=True)
+                     for cell in n.get(a, {}).get(g, [])]
             subgroups[a][g] = pooled_metrics(pool_histograms(parts), threshold=threshold,
                                              ece_bins=ece_bins)
     sites = [
@@ -943,6 +958,19 @@ def pooled_evaluation(
     settings = {"split": splits.pop(), "threshold": threshold, "ece_bins": ece_bins,
                 "n_bins": summaries[0].n_bins}
     return PooledEvaluation(overall, subgroups, sites, settings)
+
+
+def _named_subgroups(summary: SiteEvaluation, min_cell: int | None
+                     ) -> dict[str, dict[str, list[GroupSummary]]]:
+    """A site's subgroup cells under the names that may leave: a level whose cell shows fewer
+    than the site's ``min_cell`` patients (or hides its size) is :data:`UNNAMED`."""
+    m = max(int(summary.settings.get("min_cell", 1)), int(min_cell or 0))
+    out: dict[str, dict[str, list[GroupSummary]]] = {}
+    for a, levels in summary.subgroups.items():
+        for g, cell in sorted(levels.items()):
+            name = g if g == UNNAMED or (cell.n is not None and cell.n >= m) else UNNAMED
+            out.setdefault(a, {}).setdefault(name, []).append(cell)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
