@@ -43,6 +43,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from multimodal_fl.config import SitePolicy
 from multimodal_fl.evaluation.metrics import (
     MetricValue,
     binary_metrics,
@@ -1422,6 +1423,7 @@ def pooled_in_process(
     sensitive: Sequence[str],
     min_cell: Mapping[str, int],
     subgroups: Mapping[str, bool] | None = None,
+    secure_sum: Mapping[str, bool] | None = None,
     n_bins: int = DEFAULT_BINS,
     n_boot: int = 0,
     seed: int = 0,
@@ -1432,7 +1434,9 @@ def pooled_in_process(
     would give them (the local-only and centralized engines, a user's predictions table).
 
     Each site's fine histograms are its :func:`histogram_parts` at its own ``min_cell`` (levels
-    under it unnamed); a site of fewer than ``min_cell`` test patients takes no part; the parts
+    under it unnamed); a site of fewer than ``min_cell`` test patients takes no part, nor does
+    a site whose policy does not answer ``secure_sum`` requests (it would join no secure sum on
+    the federated engine, and sends its document in the released form there); the parts
     summed are those :func:`~multimodal_fl.federated.pooling.complete_parts` lets a secure sum
     add (at least three sites, and an attribute's levels only when every pooled site's are in,
     so every shown subgroup cell covers every site the overall cell covers); the total is
@@ -1448,6 +1452,10 @@ def pooled_in_process(
         Each site's effective small-cell threshold; the pooled one is the largest.
     subgroups : mapping of site to bool, optional
         Whether each site's policy lets subgroup summaries leave (default: all).
+    secure_sum : mapping of site to bool, optional
+        Whether each site's policy answers ``secure_sum`` requests
+        (:meth:`~multimodal_fl.config.SitePolicy.answers_kind`; default: all). A site that
+        does not is excluded, the reason its policy's refusal.
     n_bins, n_boot, seed : int
     threshold : float or None
         For sensitivity and specificity (:func:`pooled_from_counts`).
@@ -1460,7 +1468,8 @@ def pooled_in_process(
         ``settings["source"]`` is ``"in process"``.
     """
     held, excluded, kept, left_out = _in_process_parts(
-        tests, sensitive=sensitive, min_cell=min_cell, subgroups=subgroups, n_bins=n_bins)
+        tests, sensitive=sensitive, min_cell=min_cell, subgroups=subgroups,
+        secure_sum=secure_sum, n_bins=n_bins)
     pooled_min = max([1, *(int(v) for v in min_cell.values())])
     if OVERALL not in kept:
         return refused_pooling(
@@ -1479,6 +1488,7 @@ def pooled_in_process(
 def _in_process_parts(
     tests: Mapping[str, pd.DataFrame], *, sensitive: Sequence[str], min_cell: Mapping[str, int],
     subgroups: Mapping[str, bool] | None, n_bins: int,
+    secure_sum: Mapping[str, bool] | None = None,
 ) -> tuple[dict[str, dict[str, npt.NDArray[np.int64]]], dict[str, str], frozenset[str],
            dict[str, str]]:
     """Each site's fine histograms, the sites left out and why, the parts summed and the parts
@@ -1487,6 +1497,9 @@ def _in_process_parts(
     excluded: dict[str, str] = {}
     for site, test in sorted(tests.items()):
         m = int(min_cell[site])
+        if secure_sum is not None and not secure_sum.get(site, True):
+            excluded[site] = SitePolicy.refusal("secure_sum")
+            continue
         if len(test) < m:
             excluded[site] = f"fewer than {m} test patients"
             continue
@@ -1507,6 +1520,7 @@ def pooled_sites_in_process(
     sensitive: Sequence[str],
     min_cell: Mapping[str, int],
     subgroups: Mapping[str, bool] | None = None,
+    secure_sum: Mapping[str, bool] | None = None,
     n_bins: int = DEFAULT_BINS,
 ) -> list[str]:
     """The sites whose test histograms :func:`pooled_in_process` adds into its total.
@@ -1523,8 +1537,10 @@ def pooled_sites_in_process(
     sensitive : sequence of str
     min_cell : mapping of site to int
     subgroups : mapping of site to bool, optional
+    secure_sum : mapping of site to bool, optional
     n_bins : int
-        As for :func:`pooled_in_process`.
+        As for :func:`pooled_in_process`: a site whose policy does not answer ``secure_sum``
+        is not among them, and releases its document in full.
 
     Returns
     -------
@@ -1533,7 +1549,8 @@ def pooled_sites_in_process(
         three sites).
     """
     held, _, kept, _ = _in_process_parts(tests, sensitive=sensitive, min_cell=min_cell,
-                                         subgroups=subgroups, n_bins=n_bins)
+                                         subgroups=subgroups, secure_sum=secure_sum,
+                                         n_bins=n_bins)
     return sorted(s for s, parts in held.items() if kept & parts.keys()) if OVERALL in kept \
         else []
 
