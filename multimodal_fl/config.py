@@ -1024,6 +1024,37 @@ class SitePolicy(_Strict):
         return min(float(requested), self.dp_delta) if self.dp_delta is not None \
             else float(requested)
 
+    def answers_kind(self, kind: str) -> bool:
+        """Whether the site answers requests of ``kind`` at all (``answers``; default: all).
+
+        Parameters
+        ----------
+        kind : str
+            A request kind (:data:`REQUEST_KINDS`), e.g. ``"secure_sum"``.
+
+        Returns
+        -------
+        bool
+        """
+        return self.answers is None or kind in self.answers
+
+    @staticmethod
+    def refusal(kind: str) -> str:
+        """Why the site declines requests of ``kind`` under ``answers``, in the words that cross.
+
+        The disclosure gate refuses with it, and the in-process pooling names it for a site
+        that it leaves out of the pooled total (the two engines say the same).
+
+        Parameters
+        ----------
+        kind : str
+
+        Returns
+        -------
+        str
+        """
+        return f"site policy does not answer {kind!r} requests"
+
     def effective_min_cell(self, *others: int | None) -> int:
         """The small-cell threshold in force: the largest of the floor, this policy and ``others``.
 

@@ -117,13 +117,17 @@ def _disclose(writer: RunWriter, cfg: ExperimentConfig, site: str, frame: pd.Dat
 
 def _pooling(cfg: ExperimentConfig, frames: Mapping[str, pd.DataFrame]) -> dict[str, Any]:
     """What decides which sites' test histograms are pooled in process, and how: each site's
-    test rows at its own policy's ``min_cell`` and subgroup summaries (one place, so the sites
-    that send the pooled form are exactly those in the total)."""
+    test rows at its own policy's ``min_cell`` and subgroup summaries, and only a site whose
+    policy answers ``secure_sum`` (one place, so the sites that send the pooled form are
+    exactly those in the total; a site that refuses the secure sum on the federated engine
+    stays out of it here too, and sends its document in full)."""
     ev = cfg.evaluation
+    policies = {n: _site_policy(cfg, n) for n in frames}
     return {"tests": {name: frame[frame["split"] == "test"] for name, frame in frames.items()},
             "sensitive": ev.sensitive,
-            "min_cell": {n: _site_policy(cfg, n).effective_min_cell(ev.min_cell) for n in frames},
-            "subgroups": {n: _site_policy(cfg, n).subgroup_summaries for n in frames},
+            "min_cell": {n: p.effective_min_cell(ev.min_cell) for n, p in policies.items()},
+            "subgroups": {n: p.subgroup_summaries for n, p in policies.items()},
+            "secure_sum": {n: p.answers_kind("secure_sum") for n, p in policies.items()},
             "n_bins": ev.histogram_bins}
 
 

@@ -43,6 +43,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from multimodal_fl.config import SitePolicy
 from multimodal_fl.evaluation.metrics import (
     MetricValue,
     binary_metrics,
@@ -75,6 +76,7 @@ __all__ = [
     "histogram_threshold",
     "joint_partition",
     "label_counts",
+    "level_census",
     "named_levels",
     "part_name",
     "pool_histograms",
@@ -465,6 +467,8 @@ def summarise_site(
         The site's labels and scores for one split.
     groups : DataFrame or mapping of str to array-like, optional
         Sensitive attributes, one value per patient (missing values become ``"(missing)"``).
+        A level is named only when at least ``min_cell`` of these patients hold it
+        (:func:`named_levels`); the others form one subgroup :data:`UNNAMED`.
     threshold : float or None
         Decision threshold (e.g. chosen by :func:`histogram_threshold` on pooled validation
         histograms); ``None`` leaves out sensitivity and specificity.
@@ -488,6 +492,7 @@ def summarise_site(
     Returns
     -------
     SiteEvaluation
+        ``subgroups`` keyed by the levels as named (small ones as :data:`UNNAMED`).
     """
     y, s = check_binary_inputs(y_true, y_score, where=f"site {site!r}")
     if n_bins < 1 or n_bins % ece_bins:
@@ -508,7 +513,7 @@ def summarise_site(
                 f"site {site!r}: groups has {len(gdf)} rows but there are {y.size} patients"
             )
         for a in gdf.columns:
-            col = gdf[a].astype(object).where(gdf[a].notna(), "(missing)").astype(str).to_numpy()
+            col, _ = named_levels(gdf[a].to_numpy(), min_cell=min_cell)
             subgroups[str(a)] = {
                 str(g): _group_summary(
                     y[col == g], s[col == g], seed=derive_seed(seed, site, a, g),
@@ -654,7 +659,9 @@ def pool_histograms(
         neg_sum += sm
         pi += list(zip(g.pos.start, g.pos.stop, g.pos.count, strict=True))
         ni += list(zip(g.neg.start, g.neg.stop, g.neg.count, strict=True))
-        sites.append(site)
+        if site not in sites:  # one site's unnamed levels are several cells of it
+            sites.append(site)
+    excluded = {site: why for site, why in excluded.items() if site not in sites}
     return PooledHistogram(n_bins, pos, neg, pos_sum, neg_sum, pi, ni, sites, excluded)
 
 
@@ -898,9 +905,16 @@ def pooled_metrics(
 
 
 def pooled_evaluation(
-    summaries: Sequence[SiteEvaluation], *, threshold: float | None = None
+    summaries: Sequence[SiteEvaluation], *, threshold: float | None = None,
+    min_cell: int | None = None,
 ) -> PooledEvaluation:
     """Server side: pool site summaries into overall and per-subgroup figures.
+
+    A site's level is pooled under its name only when the site's cell of it shows at least
+    ``min_cell`` patients (the naming rule of :func:`named_levels`); every other level of the
+    site joins the site's :data:`UNNAMED` subgroup, so no level is named in the pooled figures
+    that no site holds ``min_cell`` patients of (a summary made by hand, or before
+    :func:`summarise_site` named its levels, may carry such a level).
 
     Parameters
     ----------
@@ -908,6 +922,9 @@ def pooled_evaluation(
         One message per site, all of the same split and grid.
     threshold : float or None
         Threshold for pooled sensitivity/specificity; default the sites' common threshold.
+    min_cell : int or None
+        The naming rule's threshold; each site's own (``settings["min_cell"]``) where that is
+        larger (default: each site's own).
 
     Returns
     -------
@@ -924,14 +941,14 @@ def pooled_evaluation(
     ece_bins = int(summaries[0].settings.get("ece_bins", 10))
     overall = pooled_metrics(pool_histograms([(s.site, s.overall) for s in summaries]),
                              threshold=threshold, ece_bins=ece_bins)
-    attrs = sorted({a for s in summaries for a in s.subgroups})
+    named = [_named_subgroups(s, min_cell) for s in summaries]
     subgroups: dict[str, dict[str, dict[str, Any]]] = {}
-    for a in attrs:
-        levels = sorted({g for s in summaries for g in s.subgroups.get(a, {})})
+    for a in sorted({a for n in named for a in n}):
+        levels = sorted({g for n in named for g in n.get(a, {})})
         subgroups[a] = {}
         for g in levels:
-            parts = [(s.site, s.subgroups[a][g]) for s in summaries
-                     if g in s.subgroups.get(a, {})]
+            parts = [(s.site, cell) for s, n in zip(summaries, named, strict=True)
+                     for cell in n.get(a, {}).get(g, [])]
             subgroups[a][g] = pooled_metrics(pool_histograms(parts), threshold=threshold,
                                              ece_bins=ece_bins)
     sites = [
@@ -942,6 +959,19 @@ def pooled_evaluation(
     settings = {"split": splits.pop(), "threshold": threshold, "ece_bins": ece_bins,
                 "n_bins": summaries[0].n_bins}
     return PooledEvaluation(overall, subgroups, sites, settings)
+
+
+def _named_subgroups(summary: SiteEvaluation, min_cell: int | None
+                     ) -> dict[str, dict[str, list[GroupSummary]]]:
+    """A site's subgroup cells under the names that may leave: a level whose cell shows fewer
+    than the site's ``min_cell`` patients (or hides its size) is :data:`UNNAMED`."""
+    m = max(int(summary.settings.get("min_cell", 1)), int(min_cell or 0))
+    out: dict[str, dict[str, list[GroupSummary]]] = {}
+    for a, levels in summary.subgroups.items():
+        for g, cell in sorted(levels.items()):
+            name = g if g == UNNAMED or (cell.n is not None and cell.n >= m) else UNNAMED
+            out.setdefault(a, {}).setdefault(name, []).append(cell)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -980,12 +1010,42 @@ def named_levels(values: npt.ArrayLike, *, min_cell: int) -> tuple[npt.NDArray[n
     unnamed : int
         The number of distinct levels relabelled (the most that may leave about them).
     """
-    col = pd.Series(np.asarray(values, dtype=object))
-    labels = col.where(col.notna(), "(missing)").astype(str)
+    labels = _level_labels(values)
     counts = labels.value_counts()
     small = counts.index[counts < min_cell]
     out = labels.where(~labels.isin(small), UNNAMED).to_numpy(dtype=str)
     return out, len(small)
+
+
+def _level_labels(values: npt.ArrayLike) -> pd.Series:
+    """Each patient's level as a string, missing values as ``"(missing)"``."""
+    col = pd.Series(np.asarray(values, dtype=object))
+    return col.where(col.notna(), "(missing)").astype(str)
+
+
+def level_census(frame: pd.DataFrame, attributes: Sequence[str]) -> dict[str, dict[str, int]]:
+    """How many of these patients hold each level of each attribute (it stays at the site).
+
+    The levels are spelt as :func:`named_levels` spells them (strings, missing values as
+    ``"(missing)"``), so a level name that leaves the site can be looked up here: the
+    disclosure gate lets a name leave only where it counts at least ``min_cell`` patients of
+    the test split (:func:`~multimodal_fl.federated.disclosure.check_levels`).
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        One row per patient (the site's test split).
+    attributes : sequence of str
+        The columns to count; one absent from ``frame`` is skipped.
+
+    Returns
+    -------
+    dict of str to dict of str to int
+        ``{attribute: {level: patients}}``.
+    """
+    return {str(a): {str(k): int(v) for k, v in
+                     _level_labels(frame[a].to_numpy()).value_counts().items()}
+            for a in attributes if a in frame.columns}
 
 
 def part_name(attribute: str, level: str) -> str:
@@ -1363,6 +1423,7 @@ def pooled_in_process(
     sensitive: Sequence[str],
     min_cell: Mapping[str, int],
     subgroups: Mapping[str, bool] | None = None,
+    secure_sum: Mapping[str, bool] | None = None,
     n_bins: int = DEFAULT_BINS,
     n_boot: int = 0,
     seed: int = 0,
@@ -1373,7 +1434,9 @@ def pooled_in_process(
     would give them (the local-only and centralized engines, a user's predictions table).
 
     Each site's fine histograms are its :func:`histogram_parts` at its own ``min_cell`` (levels
-    under it unnamed); a site of fewer than ``min_cell`` test patients takes no part; the parts
+    under it unnamed); a site of fewer than ``min_cell`` test patients takes no part, nor does
+    a site whose policy does not answer ``secure_sum`` requests (it would join no secure sum on
+    the federated engine, and sends its document in the released form there); the parts
     summed are those :func:`~multimodal_fl.federated.pooling.complete_parts` lets a secure sum
     add (at least three sites, and an attribute's levels only when every pooled site's are in,
     so every shown subgroup cell covers every site the overall cell covers); the total is
@@ -1389,6 +1452,10 @@ def pooled_in_process(
         Each site's effective small-cell threshold; the pooled one is the largest.
     subgroups : mapping of site to bool, optional
         Whether each site's policy lets subgroup summaries leave (default: all).
+    secure_sum : mapping of site to bool, optional
+        Whether each site's policy answers ``secure_sum`` requests
+        (:meth:`~multimodal_fl.config.SitePolicy.answers_kind`; default: all). A site that
+        does not is excluded, the reason its policy's refusal.
     n_bins, n_boot, seed : int
     threshold : float or None
         For sensitivity and specificity (:func:`pooled_from_counts`).
@@ -1401,7 +1468,8 @@ def pooled_in_process(
         ``settings["source"]`` is ``"in process"``.
     """
     held, excluded, kept, left_out = _in_process_parts(
-        tests, sensitive=sensitive, min_cell=min_cell, subgroups=subgroups, n_bins=n_bins)
+        tests, sensitive=sensitive, min_cell=min_cell, subgroups=subgroups,
+        secure_sum=secure_sum, n_bins=n_bins)
     pooled_min = max([1, *(int(v) for v in min_cell.values())])
     if OVERALL not in kept:
         return refused_pooling(
@@ -1420,6 +1488,7 @@ def pooled_in_process(
 def _in_process_parts(
     tests: Mapping[str, pd.DataFrame], *, sensitive: Sequence[str], min_cell: Mapping[str, int],
     subgroups: Mapping[str, bool] | None, n_bins: int,
+    secure_sum: Mapping[str, bool] | None = None,
 ) -> tuple[dict[str, dict[str, npt.NDArray[np.int64]]], dict[str, str], frozenset[str],
            dict[str, str]]:
     """Each site's fine histograms, the sites left out and why, the parts summed and the parts
@@ -1428,6 +1497,9 @@ def _in_process_parts(
     excluded: dict[str, str] = {}
     for site, test in sorted(tests.items()):
         m = int(min_cell[site])
+        if secure_sum is not None and not secure_sum.get(site, True):
+            excluded[site] = SitePolicy.refusal("secure_sum")
+            continue
         if len(test) < m:
             excluded[site] = f"fewer than {m} test patients"
             continue
@@ -1448,6 +1520,7 @@ def pooled_sites_in_process(
     sensitive: Sequence[str],
     min_cell: Mapping[str, int],
     subgroups: Mapping[str, bool] | None = None,
+    secure_sum: Mapping[str, bool] | None = None,
     n_bins: int = DEFAULT_BINS,
 ) -> list[str]:
     """The sites whose test histograms :func:`pooled_in_process` adds into its total.
@@ -1464,8 +1537,10 @@ def pooled_sites_in_process(
     sensitive : sequence of str
     min_cell : mapping of site to int
     subgroups : mapping of site to bool, optional
+    secure_sum : mapping of site to bool, optional
     n_bins : int
-        As for :func:`pooled_in_process`.
+        As for :func:`pooled_in_process`: a site whose policy does not answer ``secure_sum``
+        is not among them, and releases its document in full.
 
     Returns
     -------
@@ -1474,7 +1549,8 @@ def pooled_sites_in_process(
         three sites).
     """
     held, _, kept, _ = _in_process_parts(tests, sensitive=sensitive, min_cell=min_cell,
-                                         subgroups=subgroups, n_bins=n_bins)
+                                         subgroups=subgroups, secure_sum=secure_sum,
+                                         n_bins=n_bins)
     return sorted(s for s, parts in held.items() if kept & parts.keys()) if OVERALL in kept \
         else []
 

@@ -13,12 +13,16 @@ forget the gate, on either engine. The gate:
 3. runs the handler; a failure leaves the site as :class:`SiteRefused` (its message is made
    from counts and policy names only) or as a scrubbed :class:`SiteError` that names the
    exception type and nothing else (the traceback stays in the site's log);
-4. applies the rule of the reply's kind (:data:`RULES`), then the backstop
+4. applies the rule of the reply's kind (:data:`RULES`), then the backstops
    (:func:`check_declared`: only the fields :data:`DECLARED` for the kind, or
-   :data:`SECURED_FIT` for a secured ``fit``, every count 0 or at least ``min_cell``), and
+   :data:`SECURED_FIT` for a secured ``fit``, every count 0 or at least ``min_cell``;
+   :func:`check_levels`: every level name of a sensitive attribute in a document, a cell's
+   group, a disparity's groups or a secure sum's part, is ``"(other)"`` or held by at least
+   ``min_cell`` of the site's test patients, by the site's own count where it has one), and
    records the released message in the site's egress log
-   (``sites/<site>/egress.jsonl``). A reply that breaks either never leaves: the site answers
-   with a scrubbed :class:`SiteError`.
+   (``sites/<site>/egress.jsonl``). A reply that breaks a rule or a backstop never leaves:
+   the site answers with a scrubbed :class:`SiteError`, or, where a rule or
+   :func:`check_levels` withholds it, a :class:`SiteRefused` that names the paths only.
 
 A ``fit`` request that carries the evaluation of the weights it sends
 (:func:`~multimodal_fl.federated.protocol.carry_evaluation`) passes the gate as two requests
@@ -48,7 +52,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -57,7 +61,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from multimodal_fl.config import POLICY_FILE, ConfigError, SitePolicy, load_policy
-from multimodal_fl.evaluation.histograms import counts_histogram
+from multimodal_fl.evaluation.histograms import UNNAMED, counts_histogram
 from multimodal_fl.federated.aggregation import group_of
 from multimodal_fl.federated.pca import SUMMARY_KEYS
 from multimodal_fl.federated.protocol import (
@@ -72,7 +76,11 @@ from multimodal_fl.federated.protocol import (
     pack_document,
     unpack_document,
 )
-from multimodal_fl.federated.secure_update import SECURED_FIT_METRICS
+from multimodal_fl.federated.secure_update import (
+    DELTA_PREFIX,
+    SECURED_FIT_METRICS,
+    WEIGHT_PREFIX,
+)
 
 __all__ = [
     "COUNT_KEYS",
@@ -84,6 +92,7 @@ __all__ = [
     "RULES",
     "SECURED_FIT",
     "VALIDATION_COUNTS",
+    "Census",
     "Declared",
     "DisclosureGate",
     "DisclosureViolation",
@@ -91,6 +100,7 @@ __all__ = [
     "SiteError",
     "SiteRefused",
     "check_declared",
+    "check_levels",
     "node_policy",
     "pca_rank_cap",
     "secured_fit",
@@ -480,6 +490,103 @@ def check_declared(kind: Kind, reply: Reply, min_cell: int, *, secured: bool = F
                                       f"{sorted(names)}")
 
 
+#: What a site knows of its own levels: ``{attribute: {level: patients of its test split}}``
+#: (:func:`~multimodal_fl.evaluation.histograms.level_census`); it never leaves the site.
+Census = Mapping[str, Mapping[str, int]]
+
+
+def _named(doc: Any, path: str) -> Iterator[tuple[str, str, str, Any]]:
+    """Every level name in a document: ``(path, attribute, level, count beside it)``.
+
+    The shapes that name levels: a cell (``attribute`` and ``group``, its ``n`` beside it), a
+    disparity (``attribute`` with ``groups_used`` / ``groups_suppressed``, no count) and a
+    ``subgroups`` mapping (``{attribute: {level: cell}}``, the cell's ``n``). The paths hold
+    indices, never the level itself, so a refusal naming them says nothing of the levels.
+    """
+    if isinstance(doc, dict):
+        attribute = doc.get("attribute")
+        if isinstance(attribute, str):
+            if isinstance(doc.get("group"), str):
+                yield f"{path}/group", attribute, doc["group"], doc.get("n")
+            for key in ("groups_used", "groups_suppressed"):
+                for i, level in enumerate(doc.get(key) or []):
+                    yield f"{path}/{key}/{i}", attribute, str(level), None
+        subgroups = doc.get("subgroups")
+        if isinstance(subgroups, dict):
+            for a, levels in subgroups.items():
+                for i, (level, cell) in enumerate(sorted((levels or {}).items())):
+                    n = cell.get("n") if isinstance(cell, dict) else None
+                    yield f"{path}/subgroups/{a}/{i}", str(a), str(level), n
+        for key, value in doc.items():
+            if key != "subgroups":
+                yield from _named(value, f"{path}/{key}")
+            elif isinstance(value, dict):
+                for a, levels in value.items():
+                    for i, (_, cell) in enumerate(sorted((levels or {}).items())):
+                        yield from _named(cell, f"{path}/subgroups/{a}/{i}")
+    elif isinstance(doc, list):
+        for i, value in enumerate(doc):
+            yield from _named(value, f"{path}/{i}")
+
+
+def _part_levels(doc: Any, path: str) -> Iterator[tuple[str, str, str, Any]]:
+    """The level names of a secure sum's parts (``"<attribute>=<level>"``) at ``advertise``.
+
+    A model update's parts (``d/<key>``, ``w/<key>``, ``n``...) name no level.
+    """
+    parts = doc.get("parts") if isinstance(doc, dict) else None
+    for i, part in enumerate(parts or []):
+        name = str(part)
+        if "=" in name and not name.startswith((DELTA_PREFIX, WEIGHT_PREFIX)):
+            attribute, _, level = name.partition("=")
+            yield f"{path}/parts/{i}", attribute, level, None
+
+
+def check_levels(reply: Reply, min_cell: int, *, census: Census | None = None) -> None:
+    """The backstop of level names: no reply names a level held by fewer than ``min_cell``.
+
+    A level of a sensitive attribute may leave a site only when its test split holds at least
+    ``min_cell`` patients with it, every other level as :data:`~multimodal_fl.evaluation.
+    histograms.UNNAMED` (the builders' rule, :func:`~multimodal_fl.evaluation.histograms.
+    named_levels`). Checked here on every reply, whatever built it: every level name in a
+    document (a cell's ``group``, a disparity's ``groups_used`` and ``groups_suppressed``, a
+    ``subgroups`` key, a secure sum's part ``"<attribute>=<level>"``) must be
+    :data:`~multimodal_fl.evaluation.histograms.UNNAMED` or backed by ``min_cell`` patients:
+    by the site's own ``census`` where it counts the attribute (the gate runs at the site:
+    names leave without a count beside them in the pooled form, in a complementary-suppressed
+    cell, in a disparity's groups and in a secure sum's layout), else by the count the reply
+    shows beside the name.
+
+    Parameters
+    ----------
+    reply : Reply
+        The reply as it would leave.
+    min_cell : int
+        The effective threshold.
+    census : Census or None
+        The site's level counts of its test split (``None``: only the reply's own counts).
+
+    Raises
+    ------
+    SiteRefused
+        The reply is withheld; the message names the documents' paths (indices, no level).
+    """
+    found: list[str] = []
+    for name, text in reply.documents.items():
+        doc = unpack_document(text)
+        levels = [*_named(doc, str(name)),
+                  *(_part_levels(doc, str(name)) if name == Doc.SECURE_SUM else ())]
+        for where, attribute, level, shown in levels:
+            known = (census or {}).get(attribute)
+            held = shown if known is None else known.get(level, 0)
+            if level != UNNAMED and not (_count(held) and held >= min_cell):
+                found.append(where)
+    if found:
+        raise SiteRefused(f"site {reply.site}: {Kind(reply.kind).value} reply withheld: a level "
+                          f"named without {min_cell} test patients of it at the site, at "
+                          f"{', '.join(sorted(found)[:5])}")
+
+
 #: A SuperNode's node-config keys of a site policy (``--node-config "min-cell=10 ..."``), and the
 #: :class:`~multimodal_fl.config.SitePolicy` field each sets.
 NODE_POLICY_KEYS: dict[str, str] = {
@@ -702,14 +809,20 @@ class DisclosureGate:
     run : mapping or None
         Which run the site answers (``dir``: the run directory; ``flower_run_id`` on Flower),
         written into every egress-log entry: one log may hold the lines of many runs.
+    census : callable or None
+        Returns what the site knows of its levels (:data:`Census`: the test split's patients
+        per level of each attribute) when a reply is checked by :func:`check_levels`;
+        ``None``: level names are backed only by the counts beside them in the reply.
     """
 
     def __init__(self, site: str, policy: SitePolicy, *, config_min_cell: int | None = None,
                  egress_log: str | Path | None = None,
                  rules: Mapping[Kind, Rule] | None = None,
                  on_record: Callable[[dict[str, Any]], None] | None = None,
-                 run: Mapping[str, Any] | None = None) -> None:
+                 run: Mapping[str, Any] | None = None,
+                 census: Callable[[], Census] | None = None) -> None:
         self.run = dict(run) if run else None
+        self.census = census
         self.site = site
         self.policy = policy
         self.config_min_cell = config_min_cell
@@ -753,9 +866,8 @@ class DisclosureGate:
         SiteError
             The handler failed (the message names the exception type only).
         """
-        allowed = self.policy.answers
-        if allowed is not None and request.kind.value not in allowed:
-            self._refuse(request, f"site policy does not answer {request.kind.value!r} requests")
+        if not self.policy.answers_kind(request.kind.value):
+            self._refuse(request, self.policy.refusal(request.kind.value))
         if (self.policy.secure_aggregation and request.kind == Kind.FIT
                 and not request.config.get("secure_aggregation")):
             self._refuse(request, "site policy requires secure aggregation (secure_aggregation: "
@@ -778,6 +890,8 @@ class DisclosureGate:
             released = self.rules.get(request.kind, _pass)(reply, min_cell, self.policy)
             check_declared(request.kind, released.reply, min_cell,
                            secured=secured_fit(request))
+            check_levels(released.reply, min_cell,
+                         census=None if self.census is None else self.census())
         except SiteRefused as exc:  # a rule withholds the whole reply, saying why
             self._record(request, min_cell, refused=str(exc))
             raise

@@ -113,7 +113,13 @@ from multimodal_fl.evaluation.disclosed import (
     released_metric,
     site_disclosure,
 )
-from multimodal_fl.evaluation.histograms import OVERALL, fine_counts, histogram_parts, label_counts
+from multimodal_fl.evaluation.histograms import (
+    OVERALL,
+    fine_counts,
+    histogram_parts,
+    label_counts,
+    level_census,
+)
 from multimodal_fl.evaluation.metrics import MetricValue, binary_metrics, derive_seed
 from multimodal_fl.evaluation.recalibration import (
     CONFIG_KEYS,
@@ -182,6 +188,7 @@ from multimodal_fl.training.privacy import (
 )
 
 __all__ = [
+    "CENSUS_KEY",
     "LOCAL_MODEL",
     "POOLED_TEST",
     "POOLED_VALIDATION",
@@ -205,6 +212,10 @@ PRIVACY_LEDGER = "privacy.json"
 log = logging.getLogger(__name__)
 #: Prefix of the AdamW moments in :meth:`FusionSite.export_state`.
 OPTIMIZER_PREFIX = "optimizer/"
+#: The key of the site's level census in :meth:`FusionSite.export_state` (JSON, as bytes).
+CENSUS_KEY = "census"
+#: The columns of a predictions frame that are not attributes of the patient.
+_NOT_ATTRIBUTES = frozenset({"patient_id", "split", "label", "score", "score_raw"})
 
 #: The secure-summed vector a site holds after ``predict``: its test split's fine score
 #: histograms (:func:`~multimodal_fl.evaluation.histograms.histogram_parts`).
@@ -317,11 +328,15 @@ class FusionSite:
             policy.state_dir, name, timeout=max(600.0, float(cfg.federated.timeout_s or 0)),
             writable=keep_state)
         self.secure = SecureSumParty(name, self.state)
+        #: the test split's patients per level of each attribute, counted at predict from the
+        #: frame the site's documents are built from: the gate backs level names with it
+        self.census: dict[str, dict[str, int]] = {}
         self.gate = DisclosureGate(
             name, policy, config_min_cell=cfg.evaluation.min_cell,
             egress_log=None if self.run_dir is None else
             self.run_dir / "sites" / name / EGRESS_LOG,
-            run=run if run is not None or self.run_dir is None else {"dir": str(self.run_dir)})
+            run=run if run is not None or self.run_dir is None else {"dir": str(self.run_dir)},
+            census=lambda: self.census)
 
     # ------------------------------------------------------------------ state
 
@@ -339,11 +354,14 @@ class FusionSite:
             after ``pca_apply``; ``secure_sum/...``: the vectors held for secure sums and the
             secrets of a sum under way (:meth:`SecureSumParty.export_state`);
             ``optimizer/<index>/<name>``: the AdamW moments of the last ``fit``
-            (``federated.keep_optimizer_state``).
+            (``federated.keep_optimizer_state``); ``census``: the level counts of the test
+            split the gate checks the names of a later ``secure_sum`` against (:attr:`census`).
         """
         moments = {f"{OPTIMIZER_PREFIX}{i}/{k}": v.detach().cpu().numpy()
                    for i, s in self._optimizer_state.items() for k, v in s.items()}
-        return {**self._pca_state, **self.secure.export_state(), **moments}
+        census = {CENSUS_KEY: np.frombuffer(json.dumps(self.census).encode(), np.uint8).copy()
+                  } if self.census else {}
+        return {**self._pca_state, **self.secure.export_state(), **moments, **census}
 
     def restore_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Re-apply a projection and take back the secure-sum state kept by :meth:`export_state`.
@@ -353,6 +371,8 @@ class FusionSite:
         arrays : dict of str to ndarray
         """
         self.secure.restore_state(arrays)
+        if CENSUS_KEY in arrays:
+            self.census = json.loads(np.asarray(arrays[CENSUS_KEY], dtype=np.uint8).tobytes())
         if "pca/modality" in arrays:
             modality = bytes(np.asarray(arrays["pca/modality"], dtype=np.uint8)).decode()
             proj = {k[4:]: v for k, v in arrays.items() if k.startswith("pca/") and
@@ -698,6 +718,8 @@ class FusionSite:
         ev = self.cfg.evaluation
         min_cell = int(request.config.get("min_cell", self.gate.min_cell(request)))
         frame = predictions_frame(self.model, self.data, sensitive=ev.sensitive)
+        self.census = level_census(frame[frame["split"] == "test"],
+                                   [c for c in frame.columns if c not in _NOT_ATTRIBUTES])
         frame, recalibration = self._recalibrate(frame, request, min_cell)
         if self.run_dir is not None:
             writer = RunWriter(self.run_dir, self.cfg, str(request.config.get("engine", "")))
@@ -733,9 +755,8 @@ class FusionSite:
         form (:func:`~multimodal_fl.evaluation.disclosed.pooled_form`), and a site that released
         its test class counts never joins a secure sum of the same patients.
         """
-        answers = self.gate.policy.answers
-        return bool(request.config.get("pooled", False)) and (
-            answers is None or Kind.SECURE_SUM.value in answers)
+        return bool(request.config.get("pooled", False)) and \
+            self.gate.policy.answers_kind(Kind.SECURE_SUM.value)
 
     def _hold_test_histograms(self, frame: Any, min_cell: int, *, pooled: bool) -> None:
         """Keep the test split's fine histograms for the secure sum (:data:`POOLED_TEST`)."""

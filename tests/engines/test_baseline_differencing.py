@@ -172,3 +172,69 @@ def test_local_only_releases_no_count_the_pooled_total_would_give_away(
                         lambda model, data, sensitive=(): FRAMES[data.site].copy())
     out = run_local(config(tmp_path), tmp_path / "l")
     _check(out.run_dir)
+
+
+#: site_d now has a test split of its own size and a policy that refuses the secure sum.
+REFUSING = {**FRAMES, "site_d": _frame(45, 18, 4)}
+
+
+@pytest.fixture(scope="module")
+def refusing_config(tmp_path_factory: pytest.TempPathFactory, tiny_sample: Path,
+                    tiny_bert: Path) -> Any:
+    """As ``config``, with site_d's ``policy.yaml`` answering every kind but ``secure_sum``."""
+    import shutil
+
+    import yaml
+
+    from multimodal_fl.config import REQUEST_KINDS
+    from tests.conftest import write_tiny_config
+
+    root = tmp_path_factory.mktemp("refusing_secure_sum")
+    sample = root / "sample"
+    shutil.copytree(tiny_sample / "covid_oxygen", sample / "covid_oxygen")
+    site_d = sample / "covid_oxygen" / "site_d"
+    shutil.copytree(sample / "covid_oxygen" / "site_c", site_d)
+    (site_d / "policy.yaml").write_text(yaml.safe_dump(
+        {"answers": [k for k in REQUEST_KINDS if k != "secure_sum"]}))
+    return load_config(write_tiny_config(root, sample, tiny_bert, "covid_oxygen",
+                                         evaluation={"min_cell": MIN_CELL, "n_boot": 0,
+                                                     "sensitive": ["sex"],
+                                                     "recalibrate": "none"}))
+
+
+def _check_refusing(run_dir: Path) -> None:
+    """site_d is out of the pooled total, says why by its policy, and sends its document in
+    the released form (its test positives shown, as a site not asked to pool); the other three
+    are pooled and send the pooled form."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    pooled = metrics["pooled_from_histograms"]
+    assert sorted(pooled["overall"]["sites"]) == ["site_a", "site_b", "site_c"]
+    assert "site policy does not answer 'secure_sum' requests" in \
+        pooled["overall"]["excluded"]["site_d"]
+    assert pooled["overall"]["n_pos"] == HIDDEN + 25 + 20
+    disclosed = {p.stem: json.loads(p.read_text())
+                 for p in sorted((run_dir / "disclosed").glob("*.json"))}
+    assert disclosed["site_d"]["pooled"] is False
+    assert disclosed["site_d"]["splits"]["test"]["n_pos"] == 18
+    assert [disclosed[s]["pooled"] for s in ("site_a", "site_b", "site_c")] == [True] * 3
+
+
+def test_centralized_leaves_out_a_site_whose_policy_refuses_the_secure_sum(
+    refusing_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the code before, the in-process total added site_d's test histograms, and site_d
+    sent the pooled form, while on the federated engine it joins no secure sum."""
+    monkeypatch.setattr(baselines, "predictions_frame",
+                        lambda model, data, sensitive=(): REFUSING[data.site].copy())
+    out = run_centralized(refusing_config, tmp_path / "c", warn=lambda _: None)
+    _check_refusing(out.run_dir)
+
+
+def test_local_only_leaves_out_a_site_whose_policy_refuses_the_secure_sum(
+    refusing_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The federated engine's behaviour, which the in-process pooling now agrees with."""
+    monkeypatch.setattr(site_module, "predictions_frame",
+                        lambda model, data, sensitive=(): REFUSING[data.site].copy())
+    out = run_local(refusing_config, tmp_path / "l")
+    _check_refusing(out.run_dir)

@@ -293,3 +293,55 @@ def test_joint_partition_keeps_every_histogram_safe() -> None:
             for n, q in hs:
                 for x in (n[a:b].sum(), q[a:b].sum()):
                     assert x == 0 or x >= 5
+
+
+def _with_rare_level(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` patients, half "F" and half "M", the last one of sex "X" (held by one patient)."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.5).astype(int)
+    s = np.clip(rng.normal(0.35 + 0.3 * y, 0.15), 0.01, 0.99)
+    sex = np.where(np.arange(n) % 2 == 0, "F", "M").astype(object)
+    sex[-1] = "X"
+    return y, s, sex
+
+
+def test_summarise_site_names_no_level_held_by_fewer_than_min_cell() -> None:
+    """On the code before, the subgroup cell of the one patient of sex "X" was named "X" (no
+    figure, but its name said such a patient exists at the site); now it is "(other)"."""
+    from multimodal_fl.evaluation.histograms import UNNAMED
+
+    y, s, sex = _with_rare_level(81, 0)
+    summary = summarise_site("a", y, s, groups={"sex": sex}, min_cell=10, n_boot=0)
+    assert set(summary.subgroups["sex"]) == {"F", "M", UNNAMED}
+    assert "X" not in json.dumps(summary.to_dict())
+    assert summary.subgroups["sex"][UNNAMED].n is None  # its one patient: no count either
+    assert summary.subgroups["sex"]["F"].n == 40
+    # a level held by min_cell patients is named (non-vacuity)
+    named = summarise_site("a", y, s, groups={"sex": sex}, min_cell=1, n_boot=0)
+    assert "X" in named.subgroups["sex"]
+
+
+def test_pooled_evaluation_names_no_level_no_site_holds_min_cell_of() -> None:
+    """Summaries that name a rare level (made at ``min_cell`` 1, or by hand): the pooled
+    figures name it only where a site shows ``min_cell`` patients of it; its patients are
+    pooled under "(other)". On the code before, "X" was a pooled subgroup."""
+    from multimodal_fl.evaluation.histograms import UNNAMED
+
+    sums = []
+    for site, seed in (("a", 1), ("b", 2), ("c", 3)):
+        y, s, sex = _with_rare_level(121, seed)
+        sums.append(summarise_site(site, y, s, groups={"sex": sex}, min_cell=1, n_boot=0))
+    assert all("X" in x.subgroups["sex"] for x in sums)
+    pooled = pooled_evaluation(sums, min_cell=10)
+    assert set(pooled.subgroups["sex"]) == {"F", "M", UNNAMED}
+    assert "X" not in json.dumps(pooled.to_dict())
+    assert pooled.subgroups["sex"]["F"]["n_pos"] + pooled.subgroups["sex"]["F"]["n_neg"] == 180
+    # at the summaries' own min_cell (1) the level is named: they hold it
+    assert "X" in pooled_evaluation(sums).subgroups["sex"]
+    # a hand-made summary whose small level hides its size is never named at its own min_cell
+    hidden = summarise_site("d", *_with_rare_level(61, 4)[:2], min_cell=10, n_boot=0)
+    cell = hidden.overall.__class__(n=None, n_pos=None, metrics={}, pos=None, neg=None,
+                                    reason="fewer than 10 patients")
+    by_hand = SiteEvaluation("d", "test", None, hidden.overall, {"sex": {"X": cell}},
+                             hidden.settings)
+    assert "X" not in pooled_evaluation([by_hand]).subgroups["sex"]

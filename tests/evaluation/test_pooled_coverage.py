@@ -155,3 +155,23 @@ def test_in_process_pooling_needs_three_sites() -> None:
     pooled = pooled_in_process(sites, sensitive=["sex"], min_cell=dict.fromkeys(sites, 5))
     assert pooled.overall["reason"].startswith("refused") and "auc" not in pooled.overall
     assert json.dumps(pooled.to_dict())  # JSON-ready
+
+
+def test_a_site_whose_policy_refuses_the_secure_sum_is_not_pooled_in_process() -> None:
+    """A site whose policy's ``answers`` leaves out ``secure_sum`` joins no secure sum on the
+    federated engine; on the code before, the in-process total added it all the same."""
+    from multimodal_fl.config import SitePolicy
+    from multimodal_fl.evaluation.histograms import pooled_sites_in_process
+
+    sites = _hunt()
+    tests = dict(sites)
+    refuses = {"site_001": True, "site_002": True, "site_003": True, "site_004": False}
+    kwargs = {"sensitive": ["sex"], "min_cell": dict.fromkeys(tests, 5)}
+    everyone = pooled_in_process(tests, **kwargs)
+    assert sorted(everyone.overall["sites"]) == sorted(sites)  # non-vacuity
+    out = pooled_in_process(tests, secure_sum=refuses, **kwargs)
+    assert sorted(out.overall["sites"]) == ["site_001", "site_002", "site_003"]
+    assert out.overall["excluded"]["site_004"] == SitePolicy.refusal("secure_sum")
+    assert out.overall["n_pos"] == 3 + 5 + 4 + 7 + 2 + 4
+    assert pooled_sites_in_process(tests, secure_sum=refuses, **kwargs) == [
+        "site_001", "site_002", "site_003"]

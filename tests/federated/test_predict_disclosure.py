@@ -496,3 +496,111 @@ def test_no_level_held_by_fewer_than_min_cell_patients_is_named_off_the_site(
     for a, levels in pooled["subgroups"].items():
         assert set(levels) <= {UNNAMED, *{str(v) for f in frames.values() for v in f[a]}}
         assert a != "age" or set(levels) <= {UNNAMED}
+
+
+# ------------------------------------------------- level names: the gate's backstop
+
+
+def _gate_reply(gate: Any, kind: Kind, documents: dict[str, Any]) -> Reply:
+    from multimodal_fl.federated.protocol import pack_document
+
+    return gate.release(Request(kind, 1), lambda r: Reply(
+        "a", kind, 1, documents={k: pack_document(v) for k, v in documents.items()}))
+
+
+def test_the_gate_withholds_a_level_named_without_min_cell_patients(tmp_path: Path) -> None:
+    """The backstop, on replies built by hand: a level held by one test patient ("unknown")
+    does not leave in a cell, a disparity's groups or a secure sum's part name, with or without
+    a count beside it; "(other)" and a level the site holds 30 of do (non-vacuity)."""
+    from multimodal_fl.config import SitePolicy
+    from multimodal_fl.federated.disclosure import DisclosureGate, SiteRefused
+
+    log = tmp_path / EGRESS_LOG
+    census = {"sex": {"female": 30, "male": 29, "unknown": 1}}
+    gate = DisclosureGate("a", SitePolicy(), config_min_cell=10, egress_log=log,
+                          census=lambda: census)
+
+    def cell(group: str, n: int | None) -> dict[str, Any]:
+        return {"scope": "site_subgroup", "attribute": "sex", "group": group, "n": n}
+
+    def disparity(*groups: str) -> dict[str, Any]:
+        return {"attribute": "sex", "groups_used": ["female", "male"],
+                "groups_suppressed": list(groups)}
+
+    ok = {Doc.DISCLOSED: {"cells": [cell("female", None), cell(UNNAMED, None)],
+                          "disparities": [disparity(UNNAMED)]}}
+    assert _gate_reply(gate, Kind.PREDICT, ok).documents  # the pooled form: no n, census backs
+    parts = {Doc.SECURE_SUM: {"parts": ["overall", "sex=female", f"sex={UNNAMED}",
+                                        "d/head.weight", "w/head"], "widths": [1] * 5}}
+    assert _gate_reply(gate, Kind.SECURE_SUM, parts).documents
+    evaluation = {Doc.EVALUATION: {"subgroups": {"sex": {"female": {"n": 30}}}}}
+    assert _gate_reply(gate, Kind.PREDICT, evaluation).documents
+    bad = [
+        (Kind.PREDICT, {Doc.DISCLOSED: {"cells": [cell("unknown", None)]}}),
+        # a count beside the name does not back it where the site's own count says otherwise
+        (Kind.PREDICT, {Doc.DISCLOSED: {"cells": [cell("unknown", 12)]}}),
+        (Kind.PREDICT, {Doc.DISCLOSED: {"disparities": [disparity("unknown")]}}),
+        (Kind.PREDICT, {Doc.EVALUATION: {"subgroups": {"sex": {"unknown": {"n": None}}}}}),
+        (Kind.SECURE_SUM, {Doc.SECURE_SUM: {"parts": ["overall", "sex=unknown"],
+                                            "widths": [1, 1]}}),
+        # a level the site has no patient of at all
+        (Kind.PREDICT, {Doc.DISCLOSED: {"cells": [cell("other-sex", 40)]}}),
+    ]
+    for kind, docs in bad:
+        with pytest.raises(SiteRefused, match="a level named without 10 test patients") as err:
+            _gate_reply(gate, kind, docs)
+        assert "unknown" not in str(err.value) and "other-sex" not in str(err.value)
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["released"] for e in entries] == [True] * 3 + [False] * len(bad)
+    assert "unknown" not in log.read_text()
+    # without a census (an attribute the site does not count), the count beside the name backs
+    bare = DisclosureGate("a", SitePolicy(), config_min_cell=10)
+    assert _gate_reply(bare, Kind.PREDICT, {Doc.DISCLOSED: {"cells": [cell("x", 12)]}})
+    with pytest.raises(SiteRefused, match="a level named without"):
+        _gate_reply(bare, Kind.PREDICT, {Doc.DISCLOSED: {"cells": [cell("x", None)]}})
+
+
+def test_a_builder_that_forgets_the_naming_rule_gets_no_level_past_the_gate(
+    tiny_sites: tuple[Any, Path, dict[str, FusionSite]], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The attack: the document builders and the secure sum's parts skip the naming rule, so
+    site_a's one patient of sex "unknown" is named in its cells, its disparity's groups and its
+    secure-sum part "sex=unknown". The gate withholds site_a's predict reply and its advertise
+    reply; the other sites, and site_a on the untouched code (non-vacuity, its census carried
+    through a site rebuilt per message as on Flower), still release."""
+    from multimodal_fl.evaluation import disclosed as disclosed_module
+    from multimodal_fl.evaluation import histograms as histograms_module
+    from multimodal_fl.federated.disclosure import SiteRefused
+    from multimodal_fl.federated.secure_sum import step_request
+    from multimodal_fl.federated.site import POOLED_TEST
+
+    cfg, _, sites = tiny_sites
+    frames = {"site_a": _frame(61, 1, unknown=True), "site_b": _frame(40, 2),
+              "site_c": _frame(36, 3)}
+    # non-vacuity: the rule kept, the pooled form's subgroup names leave without a count
+    recorders, pooled = _run_predict(cfg, tmp_path / "kept", sites, frames, monkeypatch,
+                                     fresh=("site_a",))
+    assert all(any(r.kind == Kind.PREDICT for r in rec.replies) for rec in recorders.values())
+    assert sorted(pooled["overall"]["sites"]) == sorted(frames)  # site_a advertised its parts
+    doc = next(r for r in recorders["site_a"].replies if r.kind == Kind.PREDICT)
+    assert doc.document(Doc.DISCLOSED)["pooled"] is True
+    assert any(c["group"] == UNNAMED for c in doc.document(Doc.DISCLOSED)["cells"])
+
+    def unnamed(values: Any, *, min_cell: int) -> tuple[Any, int]:
+        col = pd.Series(np.asarray(values, dtype=object))
+        return col.where(col.notna(), "(missing)").astype(str).to_numpy(dtype=str), 0
+
+    monkeypatch.setattr(disclosed_module, "name_test_levels",
+                        lambda frame, attributes, *, min_cell: (frame, []))
+    monkeypatch.setattr(histograms_module, "named_levels", unnamed)
+    recorders, _ = _run_predict(cfg, tmp_path / "forgot", sites, frames, monkeypatch)
+    assert not [r for r in recorders["site_a"].replies if r.kind == Kind.PREDICT]
+    assert [r for r in recorders["site_b"].replies if r.kind == Kind.PREDICT]
+    site_a = recorders["site_a"].site
+    assert "sex=unknown" in site_a.secure.held[POOLED_TEST].parts  # the builder's slip
+    with pytest.raises(SiteRefused, match="a level named without 10 test patients"):
+        site_a.handle(step_request("advertise", POOLED_TEST, 1))
+    left = [d for rec in recorders.values() for r in rec.replies for d in r.documents.values()]
+    left += [p.read_text() for p in (tmp_path / "forgot" / "sites").glob("*/egress.jsonl")]
+    assert "unknown" not in "\n".join(left).replace("unknown version", "")
