@@ -245,18 +245,28 @@ def iter_file_resources(path: Path, label: str, sink: ErrorSink
                         ) -> Iterator[tuple[dict[str, Any], str | None]]:
     """Yield ``(resource, fullUrl)`` from a ``.json`` Bundle/resource or an ``.ndjson`` file.
 
-    Invalid JSON and JSON that is not FHIR are reported to ``sink`` (file, line or entry)
-    and skipped; the rest of the file is still read.
+    An ``.ndjson`` file is read line by line (:func:`_ndjson_lines`): the reader holds one
+    line at a time, not the file, so a Bulk Data export of any size reads in the memory of
+    its longest line. A ``.json`` file is one JSON value and is read whole. Invalid JSON and
+    JSON that is not FHIR are reported to ``sink`` (file, line or entry) and skipped; the
+    rest of the file is still read.
+
+    Parameters
+    ----------
+    path
+        The file.
+    label
+        Its name in reports.
+    sink
+        Receives what cannot be read.
+
+    Yields
+    ------
+    tuple
+        ``(resource dict, the entry's fullUrl or None)``.
     """
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        sink.report(label, "", "<file>", "unreadable_file", f"cannot read file: {exc}")
-        return
     if path.suffix.lower() == ".ndjson":
-        for lineno, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
+        for lineno, line in _ndjson_lines(path, label, sink):
             try:
                 obj = orjson.loads(line)
             except orjson.JSONDecodeError as exc:
@@ -267,12 +277,40 @@ def iter_file_resources(path: Path, label: str, sink: ErrorSink
             yield from unpack_resources(obj, label, sink, where=f"line {lineno}")
         return
     try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        sink.report(label, "", "<file>", "unreadable_file", f"cannot read file: {exc}")
+        return
+    try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         sink.report(label, "", "<json>", "invalid_json",
                     f"not valid JSON ({exc}); expected a FHIR Bundle or resource")
         return
+    del raw  # the parsed value is all that is needed
     yield from unpack_resources(obj, label, sink, where="")
+
+
+def _ndjson_lines(path: Path, label: str, sink: ErrorSink) -> Iterator[tuple[int, bytes]]:
+    """The non-blank lines of an NDJSON file, numbered from 1, read one at a time.
+
+    Lines end at ``\\n``, ``\\r\\n`` or a lone ``\\r`` (as ``bytes.splitlines`` splits them),
+    so the numbers, and the bytes each line holds, are those of the whole file split at
+    once. A file that cannot be opened, or stops being readable part-way, is reported
+    (``unreadable_file``); the lines read before are kept.
+    """
+    lineno = 0
+    try:
+        with path.open("rb") as fh:
+            for physical in fh:
+                # the line without its ending; a lone '\r' inside it also ends a line
+                for line in physical.splitlines():
+                    lineno += 1
+                    if line.strip():
+                        yield lineno, line
+    except OSError as exc:
+        where = f"line {lineno + 1}" if lineno else ""
+        sink.report(label, where, "<file>", "unreadable_file", f"cannot read file: {exc}")
 
 
 def unpack_resources(obj: Any, label: str, sink: ErrorSink, where: str
