@@ -5,8 +5,9 @@ reader), :mod:`~multimodal_fl.data.text`, :mod:`~multimodal_fl.data.imaging` and
 :mod:`~multimodal_fl.data.cohort` build on it, and it imports none of them.
 
 - :func:`iter_file_resources` / :func:`unpack_resources`: a ``.json`` Bundle or resource,
-  or an ``.ndjson`` Bulk Data file, -> ``(resource, fullUrl)`` pairs; what is not FHIR is
-  reported and skipped.
+  or an ``.ndjson`` Bulk Data file (read a line at a time), -> ``(resource, fullUrl)``
+  pairs; Bundles inside Bundle entries are read to :data:`MAX_BUNDLE_DEPTH` levels; what is
+  not FHIR is reported and skipped.
 - :func:`parse_time` / :func:`first_time`: FHIR date / dateTime / instant values ->
   timezone-aware UTC datetimes; a bad value raises :class:`BadField`, which names the field.
   Values without an offset are read in the site's time zone (``tz``, default UTC). A partial
@@ -34,8 +35,8 @@ import orjson
 
 from multimodal_fl.data.errors import ErrorSink
 
-__all__ = ["BadField", "date_period", "first_time", "iter_file_resources", "parse_time",
-           "paused_gc", "shifted", "unpack_resources"]
+__all__ = ["MAX_BUNDLE_DEPTH", "BadField", "date_period", "first_time", "iter_file_resources",
+           "parse_time", "paused_gc", "shifted", "unpack_resources"]
 
 _PARTIAL_DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?$")
 
@@ -313,9 +314,19 @@ def _ndjson_lines(path: Path, label: str, sink: ErrorSink) -> Iterator[tuple[int
         sink.report(label, where, "<file>", "unreadable_file", f"cannot read file: {exc}")
 
 
+#: How deep Bundles are read inside one another: a Bundle is level 1, a Bundle in one of its
+#: entries (a ``collection`` of ``transaction`` Bundles) level 2. A Bundle deeper than this
+#: is reported (``bundle_too_deep``) and its entries are not read.
+MAX_BUNDLE_DEPTH = 5
+
+
 def unpack_resources(obj: Any, label: str, sink: ErrorSink, where: str
                      ) -> Iterator[tuple[dict[str, Any], str | None]]:
     """Yield ``(resource, fullUrl)`` from one parsed JSON value: a Bundle's entries, or itself.
+
+    A Bundle in an entry is read in turn (a ``collection`` of ``transaction`` Bundles), to
+    :data:`MAX_BUNDLE_DEPTH` levels; its entries are named by their path
+    (``entry[1].resource.entry[0]``) in reports.
 
     Parameters
     ----------
@@ -324,7 +335,8 @@ def unpack_resources(obj: Any, label: str, sink: ErrorSink, where: str
     label
         Its source (a file name) in reports.
     sink
-        Receives what is not FHIR (no ``resourceType``, a bad ``Bundle.entry``).
+        Receives what is not FHIR (no ``resourceType``, a bad ``Bundle.entry``) and Bundles
+        nested too deep.
     where
         Where ``obj`` sits in its source (``"line 3"`` of an NDJSON file, or ``""``).
 
@@ -341,15 +353,33 @@ def unpack_resources(obj: Any, label: str, sink: ErrorSink, where: str
     if obj["resourceType"] != "Bundle":
         yield obj, None
         return
-    entries = obj.get("entry") or []
+    yield from _bundle_entries(obj, label, sink, str(obj.get("id") or where), "", 1)
+
+
+def _bundle_entries(bundle: dict[str, Any], label: str, sink: ErrorSink, name: str,
+                    path: str, depth: int) -> Iterator[tuple[dict[str, Any], str | None]]:
+    """The entries of a Bundle at ``depth`` (1: the file's own), nested Bundles read in turn.
+
+    ``name`` names the Bundle in a report about its ``entry``; ``path`` prefixes its
+    entries' names (``""``, or ``"entry[1].resource."`` for a Bundle in an entry).
+    """
+    entries = bundle.get("entry") or []
     if not isinstance(entries, list):
-        sink.report(label, str(obj.get("id") or where), "entry", "not_fhir",
-                    "Bundle.entry must be a list")
+        sink.report(label, name, "entry", "not_fhir", "Bundle.entry must be a list")
         return
     for i, entry in enumerate(entries):
         res = entry.get("resource") if isinstance(entry, dict) else None
+        where = f"{path}entry[{i}]"
         if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
-            sink.report(label, f"entry[{i}]", "entry.resource.resourceType", "not_fhir",
+            sink.report(label, where, "entry.resource.resourceType", "not_fhir",
                         "bundle entry has no resource with a 'resourceType'")
             continue
-        yield res, entry.get("fullUrl")
+        if res["resourceType"] != "Bundle":
+            yield res, entry.get("fullUrl")
+        elif depth >= MAX_BUNDLE_DEPTH:
+            sink.report(label, where, "entry.resource", "bundle_too_deep",
+                        f"a Bundle nested {depth + 1} levels deep; Bundles inside Bundles are "
+                        f"read to {MAX_BUNDLE_DEPTH} levels, so its entries are not read")
+        else:
+            yield from _bundle_entries(res, label, sink, str(res.get("id") or where),
+                                       f"{where}.resource.", depth + 1)

@@ -13,15 +13,17 @@ from __future__ import annotations
 import json
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 
-from multimodal_fl.config import TaskSpec, load_task
-from multimodal_fl.data.cohort import SiteCohort
+from multimodal_fl.config import DataConfig, TaskSpec, load_task
+from multimodal_fl.data import DataError, build_cohort
+from multimodal_fl.data.cohort import SiteCohort, build_cohort_from_resources
 from multimodal_fl.data.errors import ErrorSink
 from multimodal_fl.data.fhir import FHIRReader
-from multimodal_fl.data.fhir_json import iter_file_resources
+from multimodal_fl.data.fhir_json import MAX_BUNDLE_DEPTH, iter_file_resources
 from tests.data import factory as f
 
 
@@ -78,3 +80,55 @@ def test_ndjson_lines_keep_their_numbers_and_endings(tmp_path: Path) -> None:
     assert [(s.resource_id, s.field, s.reason) for s in sink.skipped] == [
         ("line 4", "<json>", "invalid_json"), ("line 7", "resourceType", "not_fhir")]
     assert sink.skipped[0].detail.startswith("line 4 is not valid JSON (")
+
+
+# --------------------------------------------------------------------------- nested Bundles
+
+
+def _nested(resources: list[dict[str, Any]], levels: int) -> dict[str, Any]:
+    """``resources`` in a Bundle inside ``levels - 1`` collection Bundles (one entry each)."""
+    inner = f.bundle(resources, kind="transaction", urn=True)
+    for _ in range(levels - 1):
+        inner = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": inner}]}
+    return inner
+
+
+@pytest.mark.parametrize("validation", ["task", "all"])
+def test_a_collection_of_transaction_bundles_is_read(tmp_path: Path, covid_task: TaskSpec,
+                                                     validation: str) -> None:
+    """A Bundle whose entries are Bundles: every inner entry is read, with its fullUrl."""
+    outer = {"resourceType": "Bundle", "type": "collection", "entry": [
+        {"resource": f.bundle(f.covid_patient("a", oxygen_at="2020-03-01T12:00:00Z"),
+                              kind="transaction", urn=True)},
+        {"resource": f.bundle(f.covid_patient("b"), kind="transaction", urn=True)},
+        {"resource": _nested([*f.covid_patient("c")], 3)}]}
+    root = tmp_path / "site"
+    f.write_json(root / "fhir" / "export.json", outer)
+    cohort = build_cohort(root, covid_task, data=DataConfig(validation=validation))  # type: ignore[arg-type]
+    assert cohort.skipped == []
+    assert sorted(cohort.table.patient_id) == ["a", "b", "c"]
+    assert _row(cohort, "a")["label"] == 1 and _row(cohort, "b")["label"] == 0
+    assert _row(cohort, "c")["heart_rate"] == 80.0
+    assert _row(cohort, "a")["index_time"] == pd.Timestamp("2020-03-01T10:00:00Z")
+
+
+def test_bundles_nested_too_deep_are_named_and_the_rest_is_read(tmp_path: Path,
+                                                                covid_task: TaskSpec) -> None:
+    deepest = _nested(f.covid_patient("deep"), MAX_BUNDLE_DEPTH)  # in `outer`: one too deep
+    ok = _nested(f.covid_patient("ok"), MAX_BUNDLE_DEPTH - 1)
+    bad_entry = {"resourceType": "Bundle", "id": "inner", "type": "collection", "entry": [
+        {"fullUrl": "urn:uuid:nothing"}]}
+    outer = {"resourceType": "Bundle", "type": "collection",
+             "entry": [{"resource": deepest}, {"resource": ok}, {"resource": bad_entry}]}
+    cohort = build_cohort_from_resources([(outer, "export.json")], covid_task)
+    assert list(cohort.table.patient_id) == ["ok"]
+    path = ".".join(["entry[0].resource"] * (MAX_BUNDLE_DEPTH - 1)) + ".entry[0]"
+    assert [(s.file, s.resource_id, s.field, s.reason) for s in cohort.skipped] == [
+        ("export.json", path, "entry.resource", "bundle_too_deep"),
+        ("export.json", "entry[2].resource.entry[0]", "entry.resource.resourceType",
+         "not_fhir")]
+    assert f"nested {MAX_BUNDLE_DEPTH + 1} levels deep" in cohort.skipped[0].detail
+    with pytest.raises(DataError, match=r"export.json: resource 'entry\[0\]\.resource\..*', "
+                                        r"field 'entry.resource': a Bundle nested"):
+        build_cohort_from_resources([(outer, "export.json")], covid_task,
+                                    data=DataConfig(on_error="fail"))
