@@ -326,7 +326,9 @@ def unpack_resources(obj: Any, label: str, sink: ErrorSink, where: str
 
     A Bundle in an entry is read in turn (a ``collection`` of ``transaction`` Bundles), to
     :data:`MAX_BUNDLE_DEPTH` levels; its entries are named by their path
-    (``entry[1].resource.entry[0]``) in reports.
+    (``entry[1].resource.entry[0]``) in reports. An entry's resource without an ``id``
+    whose ``fullUrl`` is ``urn:uuid:<uuid>`` (a transaction's new resource) is yielded as
+    a copy with that uuid as its id.
 
     Parameters
     ----------
@@ -356,6 +358,23 @@ def unpack_resources(obj: Any, label: str, sink: ErrorSink, where: str
     yield from _bundle_entries(obj, label, sink, str(obj.get("id") or where), "", 1)
 
 
+_URN_UUID = "urn:uuid:"
+
+
+def _with_entry_id(res: dict[str, Any], full_url: Any) -> dict[str, Any]:
+    """``res``, or a copy whose ``id`` is its entry's ``urn:uuid`` when it has none.
+
+    A transaction or batch Bundle creates resources that have no id yet: the entry's
+    ``fullUrl: urn:uuid:<uuid>`` names the resource, and the other entries reference it by
+    that (``subject: {reference: urn:uuid:<uuid>}``). The uuid is its id here, so the
+    resource is joined and referenced as a resource with that id would be.
+    """
+    if res.get("id") or not isinstance(full_url, str) or not full_url.startswith(_URN_UUID):
+        return res
+    uuid = full_url[len(_URN_UUID):]
+    return {**res, "id": uuid} if uuid else res
+
+
 def _bundle_entries(bundle: dict[str, Any], label: str, sink: ErrorSink, name: str,
                     path: str, depth: int) -> Iterator[tuple[dict[str, Any], str | None]]:
     """The entries of a Bundle at ``depth`` (1: the file's own), nested Bundles read in turn.
@@ -374,8 +393,9 @@ def _bundle_entries(bundle: dict[str, Any], label: str, sink: ErrorSink, name: s
             sink.report(label, where, "entry.resource.resourceType", "not_fhir",
                         "bundle entry has no resource with a 'resourceType'")
             continue
+        full_url = entry.get("fullUrl")
         if res["resourceType"] != "Bundle":
-            yield res, entry.get("fullUrl")
+            yield _with_entry_id(res, full_url), full_url
         elif depth >= MAX_BUNDLE_DEPTH:
             sink.report(label, where, "entry.resource", "bundle_too_deep",
                         f"a Bundle nested {depth + 1} levels deep; Bundles inside Bundles are "

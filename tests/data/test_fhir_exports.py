@@ -132,3 +132,51 @@ def test_bundles_nested_too_deep_are_named_and_the_rest_is_read(tmp_path: Path,
                                         r"field 'entry.resource': a Bundle nested"):
         build_cohort_from_resources([(outer, "export.json")], covid_task,
                                     data=DataConfig(on_error="fail"))
+
+
+# --------------------------------------------------------------------------- transactions
+
+PATIENT_UUID = "6f1e4c1a-3d2b-4f5e-9a7c-0b1d2e3f4a5b"
+ENCOUNTER_UUID = "9c8b7a6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
+
+
+def _transaction_without_ids() -> dict[str, Any]:
+    """A transaction Bundle as a client POSTs it: no resource has an id; each entry has a
+    ``fullUrl: urn:uuid:...`` and the others reference it by that."""
+    res = f.covid_patient("p", oxygen_at="2020-03-01T12:00:00Z")
+    uuids = {"p": PATIENT_UUID, "p-enc": ENCOUNTER_UUID}
+    entries = []
+    for i, r in enumerate(res):
+        uuid = uuids.get(r["id"], f"00000000-0000-4000-8000-00000000000{i}")
+        r = {k: v for k, v in r.items() if k != "id"}
+        for key in ("subject", "patient"):
+            if key in r:
+                r[key] = {"reference": f"urn:uuid:{PATIENT_UUID}"}
+        if "encounter" in r:
+            r["encounter"] = {"reference": f"urn:uuid:{ENCOUNTER_UUID}"}
+        entries.append({"fullUrl": f"urn:uuid:{uuid}", "resource": r,
+                        "request": {"method": "POST", "url": r["resourceType"]}})
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+@pytest.mark.parametrize("validation", ["task", "all"])
+def test_transaction_entries_without_ids_take_them_from_their_urn_uuid(
+        covid_task: TaskSpec, validation: str) -> None:
+    """The fullUrl names the resource for the references of the Bundle: the patient is the
+    uuid, its Condition finds its Encounter, its label and features reach it."""
+    cohort = build_cohort_from_resources(
+        [(_transaction_without_ids(), "tx.json")], covid_task,
+        data=DataConfig(validation=validation))  # type: ignore[arg-type]
+    assert cohort.skipped == []
+    row = _row(cohort, PATIENT_UUID)
+    assert row["label"] == 1 and row["heart_rate"] == 80.0
+    assert row["index_time"] == pd.Timestamp("2020-03-01T10:00:00Z")
+
+
+def test_an_entry_without_an_id_or_a_urn_uuid_is_still_reported(covid_task: TaskSpec) -> None:
+    """Only a ``urn:uuid`` fullUrl names an id: a Patient with neither stays ``no_id``."""
+    bundle = _transaction_without_ids()
+    del bundle["entry"][0]["fullUrl"]
+    cohort = build_cohort_from_resources([(bundle, "tx.json")], covid_task)
+    assert cohort.counts["skipped_by_reason"]["no_id"] == 1
+    assert cohort.table.empty
