@@ -94,6 +94,12 @@ def _bundle_too_deep(root: Path) -> None:
 DEEP_ENTRY = ".".join(["entry[0].resource"] * (MAX_BUNDLE_DEPTH - 1)) + ".entry[0]"
 
 
+def _unknown_charset(root: Path) -> None:
+    doc = f.document("n-klingon", "good", "tlhIngan Hol", "2020-03-01T09:00:00Z")
+    doc["content"][0]["attachment"]["contentType"] = "text/plain; charset=klingon"
+    f.write_json(root / "fhir" / "bad.json", doc)
+
+
 def _compressed_export(root: Path) -> None:
     """A Bulk Data export left compressed was skipped without a word (a bug hunt); a hidden
     file (.DS_Store) is no one's data and is not reported."""
@@ -138,6 +144,8 @@ CASES: dict[str, tuple[Writer, str, str, str, str]] = {
                         "<json>"),
     "bundle_too_deep": (_bundle_too_deep, "bundle_too_deep", "fhir/bad.json", DEEP_ENTRY,
                         "entry.resource"),
+    "unknown_charset": (_unknown_charset, "unknown_charset", "fhir/bad.json", "n-klingon",
+                        "content[0].attachment.contentType"),
     "compressed_export": (_compressed_export, "unread_file", "fhir/more.ndjson.gz", "", "<file>"),
     "conflicting_patient": (_conflicting_patient, "conflicting_patient", "fhir/zz-dup.json",
                             "good", "birthDate"),

@@ -10,6 +10,7 @@ Bundle whose entries are Bundles), transaction entries that carry no ``id`` but 
 
 from __future__ import annotations
 
+import base64
 import json
 import tracemalloc
 from pathlib import Path
@@ -180,3 +181,64 @@ def test_an_entry_without_an_id_or_a_urn_uuid_is_still_reported(covid_task: Task
     cohort = build_cohort_from_resources([(bundle, "tx.json")], covid_task)
     assert cohort.counts["skipped_by_reason"]["no_id"] == 1
     assert cohort.table.empty
+
+
+# --------------------------------------------------------------------------- charsets
+
+FRENCH = "Patiente fébrile, toux sèche depuis trois jours, à surveiller"
+
+
+def _latin1_site(tmp_path: Path, content_type: str, *, text: str = FRENCH) -> Path:
+    """A patient with a base64 note, a note file and a report, all in ``content_type``."""
+    root = tmp_path / "site"
+    data = base64.b64encode(text.encode("latin-1")).decode()
+    doc = f.document("n1", "p", None, "2020-03-01T09:00:00Z")
+    doc["content"] = [{"attachment": {"contentType": content_type, "data": data}},
+                      {"attachment": {"contentType": content_type, "url": "notes/p.txt"}}]
+    report = f.report("r1", "p", "", "2020-03-01T09:30:00Z")
+    del report["conclusion"]
+    report["presentedForm"] = [{"contentType": content_type, "data": data}]
+    f.write_json(root / "fhir" / "p.json", f.bundle(f.covid_patient("p", extra=[doc, report])))
+    (root / "notes").mkdir()
+    (root / "notes" / "p.txt").write_bytes(("file: " + text).encode("latin-1"))
+    return root
+
+
+@pytest.mark.parametrize("content_type", ["text/plain; charset=latin-1",
+                                          'text/plain; charset="ISO-8859-1"',
+                                          "text/plain;charset=windows-1252"])
+def test_a_note_is_decoded_in_its_declared_charset(tmp_path: Path, covid_task: TaskSpec,
+                                                   content_type: str) -> None:
+    cohort = build_cohort(_latin1_site(tmp_path, content_type), covid_task)
+    assert cohort.skipped == []
+    assert sorted(_row(cohort, "p")["notes"]) == sorted([FRENCH, FRENCH, "file: " + FRENCH])
+
+
+def test_a_note_without_a_charset_is_utf8(tmp_path: Path, covid_task: TaskSpec) -> None:
+    """Latin-1 bytes declared as nothing are not UTF-8: reported as before, never guessed."""
+    cohort = build_cohort(_latin1_site(tmp_path, "text/plain"), covid_task)
+    assert _row(cohort, "p")["notes"] == []
+    assert [(s.resource_id, s.field, s.reason) for s in cohort.skipped] == [
+        ("n1", "content[0].attachment.data", "bad_attachment"),
+        ("r1", "presentedForm[0].data", "bad_attachment"),
+        ("n1", "content.attachment.url", "unreadable_file")]
+    assert "base64-encoded UTF-8 text" in cohort.skipped[0].detail
+    root = _latin1_site(tmp_path / "utf8", "text/plain", text="plain ascii")
+    assert len(_row(build_cohort(root, covid_task), "p")["notes"]) == 3
+
+
+@pytest.mark.parametrize("charset", ["klingon", "rot13", ""])
+def test_an_unknown_charset_is_named_and_the_rest_is_read(tmp_path: Path, covid_task: TaskSpec,
+                                                          charset: str) -> None:
+    root = _latin1_site(tmp_path, f"text/plain; charset={charset}")
+    cohort = build_cohort(root, covid_task)
+    row = _row(cohort, "p")
+    assert row["notes"] == [] and row["heart_rate"] == 80.0
+    assert [(s.file, s.resource_id, s.field, s.reason) for s in cohort.skipped] == [
+        ("fhir/p.json", "n1", "content[0].attachment.contentType", "unknown_charset"),
+        ("fhir/p.json", "n1", "content[1].attachment.contentType", "unknown_charset"),
+        ("fhir/p.json", "r1", "presentedForm[0].contentType", "unknown_charset")]
+    assert f"charset '{charset}'" in cohort.skipped[0].detail
+    with pytest.raises(DataError, match=r"fhir/p.json: resource 'n1', field "
+                                        r"'content\[0\].attachment.contentType': .*charset"):
+        build_cohort(root, covid_task, data=DataConfig(on_error="fail"))
