@@ -20,7 +20,8 @@ Patients are joined by ``Patient.id``; references may be ``Patient/<id>``,
 ``<Type>/<id>`` may be an absolute URL and version-specific (``.../_history/2``), for every
 type the reader follows (Patient, Encounter, Device, Medication). Encounter and Device ids
 are per patient: two patients' files may each hold an ``Encounter/e1``. A record whose
-status says it did not happen or was entered in error (:data:`VOID_STATUS`) is not used.
+status says it did not happen or was entered in error (:data:`VOID_STATUS`) is not used,
+nor is a MedicationRequest whose contained Medication's status says so.
 An id outside FHIR's id pattern ``[A-Za-z0-9-.]{1,64}`` (``OAS1_0018_MR1``: underscores are
 common in source ids) is kept as written, so the resource and every reference to it
 (``Patient/<id>``, its percent-encoded form, ``urn:uuid:<id>``) still meet, and noted
@@ -715,16 +716,10 @@ class FHIRReader:
                     rid, label, tuple(_codings(res.get("medicationCodeableConcept"))), t,
                     known=known)))
             elif med_ref.startswith("#"):  # a contained Medication
-                contained = [c for c in res.get("contained") or [] if isinstance(c, dict)
-                             and c.get("resourceType") == "Medication"
-                             and c.get("id") == med_ref[1:]]
-                if not contained:
-                    self.sink.report(label, rid, "medicationReference", "unresolved_reference",
-                                     f"references contained medication '{med_ref}', but the "
-                                     "MedicationRequest contains no Medication with that id")
-                    return
-                self._pending.append(("medication", ref, label, rid, Coded(
-                    rid, label, tuple(_codings(contained[0].get("code"))), t, known=known)))
+                drug = self._contained_medication(res, med_ref, label, rid)
+                if drug is not None:
+                    self._pending.append(("medication", ref, label, rid,
+                                          Coded(rid, label, drug, t, known=known)))
             else:  # resolved in finish(), once every Medication has been read
                 self._pending.append(("medication_ref", ref, label, rid,
                                       (Coded(rid, label, (), t, known=known), med_ref)))
@@ -735,6 +730,34 @@ class FHIRReader:
                 self._pending.append(("note", ref, label, rid, note))
         elif rt == "ImagingStudy":
             self._record_study(res, ref, label, rid)
+
+    def _contained_medication(self, res: dict[str, Any], med_ref: str, label: str,
+                              rid: str) -> tuple[Coding, ...] | None:
+        """Codes of the Medication a MedicationRequest contains as ``med_ref`` (``#<id>``).
+
+        None, reported, when the request contains no Medication with that id
+        (``unresolved_reference``) or when its status voids it as a top-level Medication's
+        would (:data:`VOID_STATUS`; ``not_done_or_in_error``, field ``contained[i].status``
+        of the request): the request then names no drug and is not used.
+        """
+        contained = res.get("contained")
+        for i, med in enumerate(contained if isinstance(contained, list) else ()):
+            if not (isinstance(med, dict) and med.get("resourceType") == "Medication"
+                    and med.get("id") == med_ref[1:]):
+                continue
+            void = void_status("Medication", med)
+            if void is not None:
+                fld, code = void
+                self.sink.report(label, rid, f"contained[{i}].{fld}", "not_done_or_in_error",
+                                 f"contained Medication '{med_ref}' {fld} is '{code}': the "
+                                 "record says it did not happen or was entered in error, so "
+                                 "the MedicationRequest names no drug and is not used")
+                return None
+            return tuple(_codings(med.get("code")))
+        self.sink.report(label, rid, "medicationReference", "unresolved_reference",
+                         f"references contained medication '{med_ref}', but the "
+                         "MedicationRequest contains no Medication with that id")
+        return None
 
     def _record_study(self, res: dict[str, Any], ref: str, label: str, rid: str) -> None:
         """An ImagingStudy: its modality and times (a scan index), and its linked image path."""

@@ -5,8 +5,9 @@ reader), :mod:`~multimodal_fl.data.text`, :mod:`~multimodal_fl.data.imaging` and
 :mod:`~multimodal_fl.data.cohort` build on it, and it imports none of them.
 
 - :func:`iter_file_resources` / :func:`unpack_resources`: a ``.json`` Bundle or resource,
-  or an ``.ndjson`` Bulk Data file, -> ``(resource, fullUrl)`` pairs; what is not FHIR is
-  reported and skipped.
+  or an ``.ndjson`` Bulk Data file (read a line at a time), -> ``(resource, fullUrl)``
+  pairs; Bundles inside Bundle entries are read to :data:`MAX_BUNDLE_DEPTH` levels; what is
+  not FHIR is reported and skipped.
 - :func:`parse_time` / :func:`first_time`: FHIR date / dateTime / instant values ->
   timezone-aware UTC datetimes; a bad value raises :class:`BadField`, which names the field.
   Values without an offset are read in the site's time zone (``tz``, default UTC). A partial
@@ -34,8 +35,8 @@ import orjson
 
 from multimodal_fl.data.errors import ErrorSink
 
-__all__ = ["BadField", "date_period", "first_time", "iter_file_resources", "parse_time",
-           "paused_gc", "shifted", "unpack_resources"]
+__all__ = ["MAX_BUNDLE_DEPTH", "BadField", "date_period", "first_time", "iter_file_resources",
+           "parse_time", "paused_gc", "shifted", "unpack_resources"]
 
 _PARTIAL_DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?$")
 
@@ -245,18 +246,28 @@ def iter_file_resources(path: Path, label: str, sink: ErrorSink
                         ) -> Iterator[tuple[dict[str, Any], str | None]]:
     """Yield ``(resource, fullUrl)`` from a ``.json`` Bundle/resource or an ``.ndjson`` file.
 
-    Invalid JSON and JSON that is not FHIR are reported to ``sink`` (file, line or entry)
-    and skipped; the rest of the file is still read.
+    An ``.ndjson`` file is read line by line (:func:`_ndjson_lines`): the reader holds one
+    line at a time, not the file, so a Bulk Data export of any size reads in the memory of
+    its longest line. A ``.json`` file is one JSON value and is read whole. Invalid JSON and
+    JSON that is not FHIR are reported to ``sink`` (file, line or entry) and skipped; the
+    rest of the file is still read.
+
+    Parameters
+    ----------
+    path
+        The file.
+    label
+        Its name in reports.
+    sink
+        Receives what cannot be read.
+
+    Yields
+    ------
+    tuple
+        ``(resource dict, the entry's fullUrl or None)``.
     """
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        sink.report(label, "", "<file>", "unreadable_file", f"cannot read file: {exc}")
-        return
     if path.suffix.lower() == ".ndjson":
-        for lineno, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
+        for lineno, line in _ndjson_lines(path, label, sink):
             try:
                 obj = orjson.loads(line)
             except orjson.JSONDecodeError as exc:
@@ -267,17 +278,57 @@ def iter_file_resources(path: Path, label: str, sink: ErrorSink
             yield from unpack_resources(obj, label, sink, where=f"line {lineno}")
         return
     try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        sink.report(label, "", "<file>", "unreadable_file", f"cannot read file: {exc}")
+        return
+    try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         sink.report(label, "", "<json>", "invalid_json",
                     f"not valid JSON ({exc}); expected a FHIR Bundle or resource")
         return
+    del raw  # the parsed value is all that is needed
     yield from unpack_resources(obj, label, sink, where="")
+
+
+def _ndjson_lines(path: Path, label: str, sink: ErrorSink) -> Iterator[tuple[int, bytes]]:
+    """The non-blank lines of an NDJSON file, numbered from 1, read one at a time.
+
+    Lines end at ``\\n``, ``\\r\\n`` or a lone ``\\r`` (as ``bytes.splitlines`` splits them),
+    so the numbers, and the bytes each line holds, are those of the whole file split at
+    once. A file that cannot be opened, or stops being readable part-way, is reported
+    (``unreadable_file``); the lines read before are kept.
+    """
+    lineno = 0
+    try:
+        with path.open("rb") as fh:
+            for physical in fh:
+                # the line without its ending; a lone '\r' inside it also ends a line
+                for line in physical.splitlines():
+                    lineno += 1
+                    if line.strip():
+                        yield lineno, line
+    except OSError as exc:
+        where = f"line {lineno + 1}" if lineno else ""
+        sink.report(label, where, "<file>", "unreadable_file", f"cannot read file: {exc}")
+
+
+#: How deep Bundles are read inside one another: a Bundle is level 1, a Bundle in one of its
+#: entries (a ``collection`` of ``transaction`` Bundles) level 2. A Bundle deeper than this
+#: is reported (``bundle_too_deep``) and its entries are not read.
+MAX_BUNDLE_DEPTH = 5
 
 
 def unpack_resources(obj: Any, label: str, sink: ErrorSink, where: str
                      ) -> Iterator[tuple[dict[str, Any], str | None]]:
     """Yield ``(resource, fullUrl)`` from one parsed JSON value: a Bundle's entries, or itself.
+
+    A Bundle in an entry is read in turn (a ``collection`` of ``transaction`` Bundles), to
+    :data:`MAX_BUNDLE_DEPTH` levels; its entries are named by their path
+    (``entry[1].resource.entry[0]``) in reports. An entry's resource without an ``id``
+    whose ``fullUrl`` is ``urn:uuid:<uuid>`` (a transaction's new resource) is yielded as
+    a copy with that uuid as its id.
 
     Parameters
     ----------
@@ -286,7 +337,8 @@ def unpack_resources(obj: Any, label: str, sink: ErrorSink, where: str
     label
         Its source (a file name) in reports.
     sink
-        Receives what is not FHIR (no ``resourceType``, a bad ``Bundle.entry``).
+        Receives what is not FHIR (no ``resourceType``, a bad ``Bundle.entry``) and Bundles
+        nested too deep.
     where
         Where ``obj`` sits in its source (``"line 3"`` of an NDJSON file, or ``""``).
 
@@ -303,15 +355,51 @@ def unpack_resources(obj: Any, label: str, sink: ErrorSink, where: str
     if obj["resourceType"] != "Bundle":
         yield obj, None
         return
-    entries = obj.get("entry") or []
+    yield from _bundle_entries(obj, label, sink, str(obj.get("id") or where), "", 1)
+
+
+_URN_UUID = "urn:uuid:"
+
+
+def _with_entry_id(res: dict[str, Any], full_url: Any) -> dict[str, Any]:
+    """``res``, or a copy whose ``id`` is its entry's ``urn:uuid`` when it has none.
+
+    A transaction or batch Bundle creates resources that have no id yet: the entry's
+    ``fullUrl: urn:uuid:<uuid>`` names the resource, and the other entries reference it by
+    that (``subject: {reference: urn:uuid:<uuid>}``). The uuid is its id here, so the
+    resource is joined and referenced as a resource with that id would be.
+    """
+    if res.get("id") or not isinstance(full_url, str) or not full_url.startswith(_URN_UUID):
+        return res
+    uuid = full_url[len(_URN_UUID):]
+    return {**res, "id": uuid} if uuid else res
+
+
+def _bundle_entries(bundle: dict[str, Any], label: str, sink: ErrorSink, name: str,
+                    path: str, depth: int) -> Iterator[tuple[dict[str, Any], str | None]]:
+    """The entries of a Bundle at ``depth`` (1: the file's own), nested Bundles read in turn.
+
+    ``name`` names the Bundle in a report about its ``entry``; ``path`` prefixes its
+    entries' names (``""``, or ``"entry[1].resource."`` for a Bundle in an entry).
+    """
+    entries = bundle.get("entry") or []
     if not isinstance(entries, list):
-        sink.report(label, str(obj.get("id") or where), "entry", "not_fhir",
-                    "Bundle.entry must be a list")
+        sink.report(label, name, "entry", "not_fhir", "Bundle.entry must be a list")
         return
     for i, entry in enumerate(entries):
         res = entry.get("resource") if isinstance(entry, dict) else None
+        where = f"{path}entry[{i}]"
         if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
-            sink.report(label, f"entry[{i}]", "entry.resource.resourceType", "not_fhir",
+            sink.report(label, where, "entry.resource.resourceType", "not_fhir",
                         "bundle entry has no resource with a 'resourceType'")
             continue
-        yield res, entry.get("fullUrl")
+        full_url = entry.get("fullUrl")
+        if res["resourceType"] != "Bundle":
+            yield _with_entry_id(res, full_url), full_url
+        elif depth >= MAX_BUNDLE_DEPTH:
+            sink.report(label, where, "entry.resource", "bundle_too_deep",
+                        f"a Bundle nested {depth + 1} levels deep; Bundles inside Bundles are "
+                        f"read to {MAX_BUNDLE_DEPTH} levels, so its entries are not read")
+        else:
+            yield from _bundle_entries(res, label, sink, str(res.get("id") or where),
+                                       f"{where}.resource.", depth + 1)

@@ -89,7 +89,11 @@ class ObservationValue:
 
 @dataclass(frozen=True)
 class Note:
-    """One clinical note with the time it was known (None when undated) and its source."""
+    """One clinical note with the time it was known (None when undated) and its source.
+
+    A url note (``url`` set) has no text until its file is read, in ``charset`` (the one its
+    attachment's ``contentType`` declares, else UTF-8).
+    """
 
     text: str
     time: datetime | None
@@ -97,6 +101,7 @@ class Note:
     resource_id: str
     url: str | None = None
     kind: str = ""
+    charset: str = "utf-8"
 
 
 @dataclass(frozen=True)

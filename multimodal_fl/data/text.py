@@ -2,11 +2,15 @@
 
 Sources
 -------
-- ``DocumentReference.content[].attachment``: inline base64 ``data`` (decoded as UTF-8
-  text), or ``url``: a path relative to the site directory (``notes/p001.txt``; a
-  ``file:`` URL is accepted, anything leading outside the site is refused and reported).
-  Only text attachments are read (``contentType`` ``text/*`` or absent).
-- ``DiagnosticReport.presentedForm[]`` (base64 text) and ``DiagnosticReport.conclusion``.
+- ``DocumentReference.content[].attachment``: inline base64 ``data``, or ``url``: a path
+  relative to the site directory (``notes/p001.txt``; a ``file:`` URL is accepted,
+  anything leading outside the site is refused and reported). Only text attachments are
+  read (``contentType`` ``text/*`` or absent), in the charset the ``contentType`` declares
+  (``text/plain; charset=iso-8859-1``), else UTF-8; a charset without a text codec is
+  reported (``unknown_charset``, field ``content[i].attachment.contentType``) and that
+  attachment is not read.
+- ``DiagnosticReport.presentedForm[]`` (base64 text, its charset as above) and
+  ``DiagnosticReport.conclusion``.
 - ``notes.csv``: ``patient_id,text[,date,kind]``.
 
 Dating (notes after the index are future information and are never used)
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.message
 from collections.abc import Iterable
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
@@ -43,18 +48,55 @@ from multimodal_fl.data.sites import SiteFiles, read_csv, resolve_inside
 __all__ = ["load_url_notes", "notes_from_csv", "notes_from_resource"]
 
 
-def _decode(data: str, label: str, rid: str, fld: str, sink: ErrorSink) -> str | None:
+def _decode(data: str, charset: str | None, label: str, rid: str, fld: str,
+            sink: ErrorSink) -> str | None:
+    """Base64 ``data`` decoded as text in ``charset`` (None: UTF-8); None, reported, if not."""
     try:
-        return base64.b64decode(data, validate=True).decode("utf-8")
+        return base64.b64decode(data, validate=True).decode(charset or "utf-8")
     except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
         sink.report(label, rid, fld, "bad_attachment",
-                    f"attachment data is not base64-encoded UTF-8 text ({exc})")
+                    f"attachment data is not base64-encoded {charset or 'UTF-8'} text ({exc})")
         return None
 
 
 def _is_text(att: dict[str, Any]) -> bool:
     ct = att.get("contentType")
     return ct is None or str(ct).lower().startswith("text/")
+
+
+class _UnknownCharset(LookupError):
+    """An attachment's declared charset names no text codec (the report is made)."""
+
+
+def _charset(att: dict[str, Any], label: str, rid: str, fld: str, sink: ErrorSink) -> str | None:
+    """The charset an attachment's ``contentType`` declares (``text/plain; charset=latin-1``).
+
+    Read as a MIME Content-Type header (quotes, case, RFC 2231 as :mod:`email` reads them).
+    None when none is declared: the text is UTF-8.
+
+    Raises
+    ------
+    _UnknownCharset
+        After reporting ``unknown_charset`` (field ``<fld>.contentType``), when Python has
+        no text codec of that name.
+    """
+    ct = att.get("contentType")
+    if not isinstance(ct, str) or "charset" not in ct.lower():
+        return None
+    header = email.message.Message()
+    header["content-type"] = ct
+    charset = header.get_content_charset()
+    if charset is None:
+        return None
+    try:  # an unknown name, or a codec that is not a text encoding (hex, rot13), raises
+        b"\0".decode(charset, "ignore")
+    except (LookupError, ValueError):
+        sink.report(label, rid, f"{fld}.contentType", "unknown_charset",
+                    f"contentType '{ct}' declares charset '{charset}', which names no text "
+                    "encoding known here (e.g. utf-8, iso-8859-1, windows-1252), so the note "
+                    "is not read")
+        raise _UnknownCharset(charset) from None
+    return charset
 
 
 def notes_from_resource(res: dict[str, Any], label: str, sink: ErrorSink, *,
@@ -68,7 +110,7 @@ def notes_from_resource(res: dict[str, Any], label: str, sink: ErrorSink, *,
     label
         Its file, for reports.
     sink
-        Receives undecodable attachments and undated notes.
+        Receives undecodable attachments, unknown charsets and undated notes.
     tz
         The site's time zone (a date without a time is the end of that local day).
 
@@ -99,16 +141,28 @@ def notes_from_resource(res: dict[str, Any], label: str, sink: ErrorSink, *,
                 sink.report(label, rid, f"{fld}.contentType", "unsupported_content_type",
                             f"contentType '{att.get('contentType')}' is not text/*")
                 continue
+            if not isinstance(att.get("data"), str) and not isinstance(att.get("url"), str):
+                continue
+            try:
+                charset = _charset(att, label, rid, fld, sink)
+            except _UnknownCharset:
+                continue
             if isinstance(att.get("data"), str):
-                text = _decode(att["data"], label, rid, f"{fld}.data", sink)
+                text = _decode(att["data"], charset, label, rid, f"{fld}.data", sink)
                 if text is not None:
                     out.append(Note(text, t, label, rid, kind=kind))
             elif isinstance(att.get("url"), str):
-                out.append(Note("", t, label, rid, url=att["url"], kind=kind))
+                out.append(Note("", t, label, rid, url=att["url"], kind=kind,
+                                charset=charset or "utf-8"))
     else:
         for i, att in enumerate(res.get("presentedForm") or []):
             if isinstance(att, dict) and isinstance(att.get("data"), str) and _is_text(att):
-                text = _decode(att["data"], label, rid, f"presentedForm[{i}].data", sink)
+                try:
+                    charset = _charset(att, label, rid, f"presentedForm[{i}]", sink)
+                except _UnknownCharset:
+                    continue
+                text = _decode(att["data"], charset, label, rid, f"presentedForm[{i}].data",
+                               sink)
                 if text is not None:
                     out.append(Note(text, t, label, rid, kind=kind))
         if isinstance(res.get("conclusion"), str) and res["conclusion"].strip():
@@ -134,7 +188,7 @@ def load_url_notes(records: SiteRecords, site: SiteFiles, sink: ErrorSink) -> No
             if path is None:
                 continue
             try:
-                text = path.read_text(encoding="utf-8")
+                text = path.read_text(encoding=note.charset)
             except (OSError, UnicodeDecodeError) as exc:
                 sink.report(note.source, note.resource_id, "content.attachment.url",
                             "unreadable_file", f"cannot read note '{note.url}': {exc}")

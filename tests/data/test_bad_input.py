@@ -12,6 +12,7 @@ import pytest
 
 from multimodal_fl.config import DataConfig, load_task
 from multimodal_fl.data import DataError, build_cohort
+from multimodal_fl.data.fhir_json import MAX_BUNDLE_DEPTH
 from tests.data import factory as f
 
 Writer = Callable[[Path], None]
@@ -81,6 +82,24 @@ def _ndjson_bad_line(root: Path) -> None:
     (root / "fhir" / "bad.ndjson").write_text(json.dumps(good) + "\n{not json\n")
 
 
+def _bundle_too_deep(root: Path) -> None:
+    """A Bundle inside Bundle entries one level beyond MAX_BUNDLE_DEPTH: its entries unread."""
+    inner = f.bundle([f.observation("obs-deep", "good", "9279-1", 20.0, "/min",
+                                    "2020-03-01T09:00:00Z")])
+    for _ in range(MAX_BUNDLE_DEPTH):
+        inner = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": inner}]}
+    f.write_json(root / "fhir" / "bad.json", inner)
+
+
+DEEP_ENTRY = ".".join(["entry[0].resource"] * (MAX_BUNDLE_DEPTH - 1)) + ".entry[0]"
+
+
+def _unknown_charset(root: Path) -> None:
+    doc = f.document("n-klingon", "good", "tlhIngan Hol", "2020-03-01T09:00:00Z")
+    doc["content"][0]["attachment"]["contentType"] = "text/plain; charset=klingon"
+    f.write_json(root / "fhir" / "bad.json", doc)
+
+
 def _compressed_export(root: Path) -> None:
     """A Bulk Data export left compressed was skipped without a word (a bug hunt); a hidden
     file (.DS_Store) is no one's data and is not reported."""
@@ -123,6 +142,10 @@ CASES: dict[str, tuple[Writer, str, str, str, str]] = {
                               "obs-lt", "valueQuantity.comparator"),
     "ndjson_bad_line": (_ndjson_bad_line, "invalid_json", "fhir/bad.ndjson", "line 2",
                         "<json>"),
+    "bundle_too_deep": (_bundle_too_deep, "bundle_too_deep", "fhir/bad.json", DEEP_ENTRY,
+                        "entry.resource"),
+    "unknown_charset": (_unknown_charset, "unknown_charset", "fhir/bad.json", "n-klingon",
+                        "content[0].attachment.contentType"),
     "compressed_export": (_compressed_export, "unread_file", "fhir/more.ndjson.gz", "", "<file>"),
     "conflicting_patient": (_conflicting_patient, "conflicting_patient", "fhir/zz-dup.json",
                             "good", "birthDate"),

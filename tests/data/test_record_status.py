@@ -230,6 +230,27 @@ def test_a_medication_in_error_names_no_drug(med_task: TaskSpec) -> None:
     assert "entered-in-error" in unresolved[0].detail
 
 
+@pytest.mark.parametrize("validation", VALIDATION)
+def test_a_contained_medication_in_error_names_no_drug(med_task: TaskSpec,
+                                                       validation: str) -> None:
+    """A contained Medication (``medicationReference: #id``) is voided as a top-level one."""
+    other = {"resourceType": "Medication", "id": "other", "code": {"coding": [{"code": "1"}]}}
+    med = {"resourceType": "Medication", "id": "m1", "status": "entered-in-error",
+           "code": {"coding": [{"code": "6902"}]}}
+    req = _request("rx", "active", contained=[other, med],
+                   medicationReference={"reference": "#m1"})
+    cohort = _cohort([*f.covid_patient("p"), req], med_task, validation)
+    assert _row(cohort, "p")["steroid"] == 0
+    assert _voided(cohort) == [("b.json", "rx", "contained[1].status")]
+    assert "contained Medication '#m1'" in cohort.skipped[0].detail
+    assert "'entered-in-error'" in cohort.skipped[0].detail
+    assert cohort.counts["skipped_by_reason"] == {VOID: 1}
+    for kept in ("active", "inactive"):  # any other status names the drug
+        med["status"] = kept
+        cohort = _cohort([*f.covid_patient("p"), req], med_task, validation)
+        assert _row(cohort, "p")["steroid"] == 1 and cohort.skipped == []
+
+
 # ------------------------------------------------------------------ notes and images
 
 
