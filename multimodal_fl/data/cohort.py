@@ -19,7 +19,7 @@ import pandas as pd
 from joblib import Parallel, delayed
 from joblib.externals.loky import get_reusable_executor
 
-from multimodal_fl.config import DataConfig, ExperimentConfig, SiteConfig, TaskSpec
+from multimodal_fl.config import COHORT_COLUMNS, DataConfig, ExperimentConfig, SiteConfig, TaskSpec
 from multimodal_fl.data.errors import DataError, ErrorSink, Skip
 from multimodal_fl.data.fhir import FHIRReader
 from multimodal_fl.data.fhir_json import paused_gc, unpack_resources
@@ -39,9 +39,7 @@ __all__ = ["META_COLUMNS", "POOL_MIN_BYTES", "DataError", "EmptySiteError", "Sit
            "available_cores", "build_cohort", "build_cohort_from_resources", "build_cohorts",
            "check_site_count", "cohort_workers", "empty_site_message", "empty_table"]
 
-META_COLUMNS = ["patient_id", "site", "index_time", "label", "image_path", "notes",
-                "has_image", "has_text", "has_tabular", "sex", "age", "age_band",
-                "max_feature_time"]
+META_COLUMNS = list(COHORT_COLUMNS)
 
 ProgressFn = Callable[[str, int, int], None]
 
