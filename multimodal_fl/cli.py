@@ -129,6 +129,14 @@ def data_summary(
         sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
     else:
         _print_summary_tables(cfg.task.name, summaries)
+    for s in summaries:
+        if s["counts"].get("features_without_value"):
+            names = ", ".join(f"'{n}'" for n in s["counts"]["features_without_value"])
+            err_console.print(
+                f"[bold yellow]warning:[/] {config} (task '{cfg.task.name}'): site "
+                f"'{s['site']}': no patient has a value of feature(s) {names}: their codes "
+                "match no record known by the cut-off there (a wrong code or unit, or data "
+                "the site does not record)", highlight=False, soft_wrap=True)
     empty = [s["empty"] for s in summaries if "empty" in s]
     for message in empty:
         err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
@@ -145,10 +153,10 @@ def _print_summary_tables(task: str, summaries: list[dict[str, Any]]) -> None:
         caption="n: patients; pos: positives; img/txt/tab: share of patients with the "
         "modality; valid/read: FHIR resources validated/read; skip: bad records; note: "
         "records kept with a note (nonconforming_id, unitless_value); excl: patients outside "
-        "the task",
+        "the task; csv/rule: labels from labels.csv / from the task's rule",
     )
-    for col in ("site", "n", "pos", "prev", "img", "txt", "tab", "valid/read", "skip",
-                "note", "excl"):
+    for col in ("site", "n", "pos", "prev", "img", "txt", "tab", "csv/rule", "valid/read",
+                "skip", "note", "excl"):
         table.add_column(col, justify="left" if col == "site" else "right", no_wrap=True)
     for s in summaries:
         counts = s["counts"]
@@ -160,12 +168,18 @@ def _print_summary_tables(task: str, summaries: list[dict[str, Any]]) -> None:
             str(s["positives"]),
             prev,
             *cov,
+            f"{counts['labels_from']['labels_csv']}/{counts['labels_from']['rule']}",
             f"{counts.get('resources_validated', 0)}/{counts.get('resources_read', 0)}",
             str(sum(counts["skipped_by_reason"].values())),
             str(sum(counts.get("noted_by_reason", {}).values())),
             str(sum(counts["excluded_by_reason"].values())),
         )
     console.print(table)
+    for s in summaries:
+        if "labels_csv_unused" in s["counts"]:
+            err_console.print(f"[bold yellow]warning:[/] {s['site']}: "
+                              f"{s['counts']['labels_csv_unused']}", highlight=False,
+                              soft_wrap=True)
     miss = Table(title="feature missingness (fraction of patients without a value)")
     miss.add_column("feature")
     for s in summaries:

@@ -293,9 +293,12 @@ class LabelRule(_Strict):
         "label window starts.",
     )
     labels_csv: Literal["prefer", "fallback", "ignore"] = Field(
-        default="prefer",
-        description="Use labels.csv: prefer (overrides the rule), fallback (only patients the "
-        "rule cannot label), ignore.",
+        default="ignore",
+        description="Whether a rule's label (events_after_index, condition_at_index) reads the "
+        "site's labels.csv: ignore (the default: the rule alone, a labels.csv is not read), "
+        "prefer (a patient's labels.csv label overrides the rule's; patients it does not list "
+        "get the rule's), fallback (only patients the rule cannot label). Not read for "
+        "kind=labels_csv, which uses labels.csv alone.",
     )
     labels_csv_column: str = Field(
         default="label",
