@@ -418,7 +418,7 @@ def _train_and_show(cfg: Any, chosen: str, *, out: Path | None, resume: bool = F
         _interrupted(out, spec.resumable)
     if _print_stopped(outcome.metrics, outcome.run_dir):
         return
-    _print_notes(outcome.metrics)
+    _print_notes(outcome.metrics, task=cfg.task.name)
     table = Table(title=f"{cfg.name}: {spec.label} — test AUC per site")
     table.add_column("site")
     table.add_column("test AUC [95% CI]")
@@ -458,10 +458,17 @@ def _interrupted(out: Path | None, resumable: bool) -> NoReturn:
     fail(f"interrupted: the run in {out} stopped where it was{more}", code=130)
 
 
-def _print_notes(metrics: dict[str, Any]) -> None:
-    """The run's model-selection note and what became of the recalibration."""
+def _print_notes(metrics: dict[str, Any], *, task: str) -> None:
+    """The features without a value at a site, the run's model-selection note and what
+    became of the recalibration."""
     from multimodal_fl.engines.recalibration import recalibration_line
 
+    unseen = (metrics.get("standardisation") or {}).get("features_without_value") or {}
+    for name, sites in unseen.items():
+        err_console.print(f"[bold yellow]warning:[/] task '{task}': "
+                          f"feature '{name}' has no value at site(s) {', '.join(sites)} "
+                          "(none, or fewer than the site's min_cell patients): its codes may "
+                          "match nothing there", highlight=False, soft_wrap=True)
     note = (metrics.get("selection_detail") or {}).get("note")
     if note:
         console.print(f"model selection: {note}", highlight=False, soft_wrap=True)
