@@ -916,6 +916,20 @@ def _one_site_per_patient(rows: list[ParsedRow]) -> int:
     return len(moved)
 
 
+def _nothing_imported(file: str, counts: Counter[str], skipped: list[Skip]) -> str:
+    """Why no row of ``file`` was imported: the most common failing column and reason."""
+    head = (f"{file}: 0 of {counts['rows_read']} rows imported ({counts['rows_skipped']} "
+            f"skipped, {counts['rows_not_kept']} not kept by keep_rows); nothing written")
+    if not skipped:
+        return f"{head}: no row passes the mapping's keep_rows filters"
+    common = Counter((s.field, s.reason) for s in skipped).most_common()
+    (column, reason), n = common[0]
+    first = next(s for s in skipped if (s.field, s.reason) == (column, reason))
+    others = f"; {len(common) - 1} other column/reason pair(s)" if len(common) > 1 else ""
+    return (f"{head}: most often column '{column}' ({reason}, {n} row(s)), e.g. "
+            f"{first.resource_id}: {first.detail or reason}{others}")
+
+
 def _check_out(out: Path) -> None:
     """``out`` is a new or empty directory that can be made (checked before any row is read)."""
     if out.exists() and not out.is_dir():
@@ -997,6 +1011,8 @@ def import_csv(csv_path: Path | str, mapping: CsvMapping | Path | str, out: Path
             parsed.append(row)
     if not counts["rows_read"]:
         raise DataError(f"{file}: the header has no data rows under it; nothing to import")
+    if not parsed:
+        raise DataError(_nothing_imported(file, counts, sink.skipped))
     counts["rows_imported"] = len(parsed)
     counts["images_not_found"] = parser.images_missing
     if split_by and m.rows == "per_event":

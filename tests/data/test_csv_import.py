@@ -176,6 +176,27 @@ def test_not_applicable_default_is_unknown(tmp_path: Path) -> None:
 BAD_AGE = [*ROWS[:2], "p9,2021-07-04,,1,abc,1,1,2,2,1,1,2,2021-08-01,4", ROWS[2]]
 
 
+def test_no_row_imported_is_an_error_naming_the_column_and_nothing_is_written(
+        tmp_path: Path) -> None:
+    """A forgotten source.date_format skipped every row ("400 read, 400 skipped, 0 imported")
+    and import-csv exited 0 with an empty site."""
+    day_first = [re.sub(r"2021-(\d\d)-(\d\d)", r"\2/\1/2021", r) for r in ROWS]
+    csv_file, mapping = _csv(tmp_path, day_first), _mapping(tmp_path)
+    out = tmp_path / "site"
+    with pytest.raises(DataError, match=r"data\.csv: 0 of 3 rows imported \(3 skipped, 0 not "
+                       r"kept by keep_rows\); nothing written: most often column 'admitted' "
+                       r"\(bad_date, 3 row\(s\)\), e.g. line 2: "):
+        import_csv(csv_file, mapping, out)
+    assert not out.exists()
+    result = CliRunner().invoke(app, ["data", "import-csv", str(csv_file), "--mapping",
+                                      str(mapping), "--out", str(out)])
+    assert result.exit_code != 0 and "most often column 'admitted'" in result.output
+    assert not out.exists()
+    filtered = MAPPING.replace("index:", 'keep_rows: [{column: sector, values: ["7"]}]\nindex:')
+    with pytest.raises(DataError, match="no row passes the mapping's keep_rows filters"):
+        import_csv(_csv(tmp_path, ROWS), _mapping(tmp_path, filtered), out)
+
+
 def test_bad_value_skipped_with_line_and_column(tmp_path: Path) -> None:
     out = tmp_path / "site"
     result = import_csv(_csv(tmp_path, BAD_AGE), _mapping(tmp_path), out)
