@@ -321,6 +321,12 @@ def test_missing_mapped_column(tmp_path: Path) -> None:
     ("codes: {present:", "codes: {yes:",
      "key 'codes.True' is a YAML boolean (unquoted yes/no/on/off/true/false): quote it, or "
      "use present/absent for codes"),
+    # a YAML boolean as a value was only 'Input should be a valid string (got True)'
+    ('codes: {present: ["1"]', "codes: {present: [yes]",
+     "'codes.present.0': Input should be a valid string (got the YAML boolean True: unquoted "
+     'yes/no/on/off/true/false are booleans in YAML; quote the value: "yes", "no")'),
+    ('{"4": IMSS, ', '{"4": off, ', "'site_names.sector.4': Input should be a valid string (got "
+     "the YAML boolean False"),
     # values FHIR or strptime would refuse only when the site is written (a bug hunt): at load
     ('code: "1988-5"', 'code: "1988  5"', "is not a FHIR code"),
     ("unit: mg/L,", "unit: 'mg  L',", "is not a FHIR code"),
