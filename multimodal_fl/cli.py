@@ -242,6 +242,8 @@ def data_import_csv(
         fail(str(exc))
     wall = time.perf_counter() - start
     doc = result.summary()
+    for line in result.warnings:
+        err_console.print(f"[bold yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
     if as_json:
         sys.stdout.write(json.dumps({**doc, "wall_seconds": round(wall, 1)}, indent=2) + "\n")
         return

@@ -197,6 +197,26 @@ def test_no_row_imported_is_an_error_naming_the_column_and_nothing_is_written(
         import_csv(_csv(tmp_path, ROWS), _mapping(tmp_path, filtered), out)
 
 
+def test_a_site_names_entry_matching_no_value_is_warned_with_the_nearest(tmp_path: Path
+                                                                          ) -> None:
+    """An entry that matched no value of the split column was ignored silently (the site
+    got the generated name)."""
+    text = MAPPING.replace('{"4": IMSS, ', '{"04": IMSS, ')
+    csv_file, mapping, out = _csv(tmp_path, ROWS), _mapping(tmp_path, text), tmp_path / "s"
+    result = import_csv(csv_file, mapping, out, split_by="sector")
+    expected = ('site_names.sector: "04" (-> IMSS) matches no value of column \'sector\' in the '
+                'imported rows, so it names no site; nearest: "4"')
+    assert [w[:len(expected)] for w in result.warnings] == [expected]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["SSA", "sector-4"]
+    assert json.loads((out / "import_report.json").read_text())["warnings"] == result.warnings
+    cli = CliRunner().invoke(app, ["data", "import-csv", str(csv_file), "--mapping",
+                                   str(mapping), "--out", str(tmp_path / "s2"),
+                                   "--split-by", "sector"])
+    assert cli.exit_code == 0 and expected in " ".join(cli.output.split())
+    assert import_csv(csv_file, _mapping(tmp_path), tmp_path / "s3", split_by="sector"
+                      ).warnings == []
+
+
 def test_bad_value_skipped_with_line_and_column(tmp_path: Path) -> None:
     out = tmp_path / "site"
     result = import_csv(_csv(tmp_path, BAD_AGE), _mapping(tmp_path), out)
