@@ -245,11 +245,12 @@ class FeatureSpec(_Strict):
     def _distinct_names(self) -> FeatureSpec:
         """Refuse a feature name that another column of the cohort table already has."""
         seen: dict[str, str] = {}
-        named = [(f"features.{kind}[{i}]", spec.name)
-                 for kind, specs in (("observations", self.observations),
-                                     ("conditions", self.conditions),
-                                     ("medications", self.medications))
-                 for i, spec in enumerate(specs)]
+        groups: tuple[tuple[str, list[str]], ...] = (
+            ("observations", [o.name for o in self.observations]),
+            ("conditions", [c.name for c in self.conditions]),
+            ("medications", [m.name for m in self.medications]))
+        named = [(f"features.{kind}[{i}]", name) for kind, names in groups
+                 for i, name in enumerate(names)]
         indicators = ({f"missing_{o.name}": f"the missing indicator of observation '{o.name}'"
                        for o in self.observations} if self.missing_indicators else {})
         for where, name in named:
