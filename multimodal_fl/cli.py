@@ -468,7 +468,8 @@ def _print_notes(metrics: dict[str, Any], *, task: str) -> None:
     unseen = (metrics.get("standardisation") or {}).get("features_without_value") or {}
     for name, sites in unseen.items():
         err_console.print(f"[bold yellow]warning:[/] task '{task}': "
-                          f"feature '{name}' has no value at site(s) {', '.join(sites)} "
+                          f"feature '{name}' has no value at site(s) "
+                          f"{', '.join(repr(s) for s in sites)} "
                           "(none, or fewer than the site's min_cell patients): its codes may "
                           "match nothing there", highlight=False, soft_wrap=True)
     note = (metrics.get("selection_detail") or {}).get("note")

@@ -302,7 +302,7 @@ def _standardise(
     for name, where in unseen.items():
         log.warning("task '%s': feature '%s' has no value at site(s) %s (none, or fewer than "
                     "the site's min_cell patients): its codes may match nothing there",
-                    cfg.task.name, name, ", ".join(where))
+                    cfg.task.name, name, ", ".join(repr(s) for s in where))
     if unseen:
         out["features_without_value"] = unseen
     return out
