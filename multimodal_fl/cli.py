@@ -129,6 +129,14 @@ def data_summary(
         sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
     else:
         _print_summary_tables(cfg.task.name, summaries)
+    for s in summaries:
+        if s["counts"].get("features_without_value"):
+            names = ", ".join(f"'{n}'" for n in s["counts"]["features_without_value"])
+            err_console.print(
+                f"[bold yellow]warning:[/] {config} (task '{cfg.task.name}'): site "
+                f"'{s['site']}': no patient has a value of feature(s) {names}: their codes "
+                "match no record known by the cut-off there (a wrong code or unit, or data "
+                "the site does not record)", highlight=False, soft_wrap=True)
     empty = [s["empty"] for s in summaries if "empty" in s]
     for message in empty:
         err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
@@ -145,10 +153,10 @@ def _print_summary_tables(task: str, summaries: list[dict[str, Any]]) -> None:
         caption="n: patients; pos: positives; img/txt/tab: share of patients with the "
         "modality; valid/read: FHIR resources validated/read; skip: bad records; note: "
         "records kept with a note (nonconforming_id, unitless_value); excl: patients outside "
-        "the task",
+        "the task; csv/rule: labels from labels.csv / from the task's rule",
     )
-    for col in ("site", "n", "pos", "prev", "img", "txt", "tab", "valid/read", "skip",
-                "note", "excl"):
+    for col in ("site", "n", "pos", "prev", "img", "txt", "tab", "csv/rule", "valid/read",
+                "skip", "note", "excl"):
         table.add_column(col, justify="left" if col == "site" else "right", no_wrap=True)
     for s in summaries:
         counts = s["counts"]
@@ -160,12 +168,18 @@ def _print_summary_tables(task: str, summaries: list[dict[str, Any]]) -> None:
             str(s["positives"]),
             prev,
             *cov,
+            f"{counts['labels_from']['labels_csv']}/{counts['labels_from']['rule']}",
             f"{counts.get('resources_validated', 0)}/{counts.get('resources_read', 0)}",
             str(sum(counts["skipped_by_reason"].values())),
             str(sum(counts.get("noted_by_reason", {}).values())),
             str(sum(counts["excluded_by_reason"].values())),
         )
     console.print(table)
+    for s in summaries:
+        if "labels_csv_unused" in s["counts"]:
+            err_console.print(f"[bold yellow]warning:[/] {s['site']}: "
+                              f"{s['counts']['labels_csv_unused']}", highlight=False,
+                              soft_wrap=True)
     miss = Table(title="feature missingness (fraction of patients without a value)")
     miss.add_column("feature")
     for s in summaries:
@@ -228,6 +242,8 @@ def data_import_csv(
         fail(str(exc))
     wall = time.perf_counter() - start
     doc = result.summary()
+    for line in result.warnings:
+        err_console.print(f"[bold yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
     if as_json:
         sys.stdout.write(json.dumps({**doc, "wall_seconds": round(wall, 1)}, indent=2) + "\n")
         return
@@ -404,7 +420,7 @@ def _train_and_show(cfg: Any, chosen: str, *, out: Path | None, resume: bool = F
         _interrupted(out, spec.resumable)
     if _print_stopped(outcome.metrics, outcome.run_dir):
         return
-    _print_notes(outcome.metrics)
+    _print_notes(outcome.metrics, task=cfg.task.name)
     table = Table(title=f"{cfg.name}: {spec.label} — test AUC per site")
     table.add_column("site")
     table.add_column("test AUC [95% CI]")
@@ -444,10 +460,18 @@ def _interrupted(out: Path | None, resumable: bool) -> NoReturn:
     fail(f"interrupted: the run in {out} stopped where it was{more}", code=130)
 
 
-def _print_notes(metrics: dict[str, Any]) -> None:
-    """The run's model-selection note and what became of the recalibration."""
+def _print_notes(metrics: dict[str, Any], *, task: str) -> None:
+    """The features without a value at a site, the run's model-selection note and what
+    became of the recalibration."""
     from multimodal_fl.engines.recalibration import recalibration_line
 
+    unseen = (metrics.get("standardisation") or {}).get("features_without_value") or {}
+    for name, sites in unseen.items():
+        err_console.print(f"[bold yellow]warning:[/] task '{task}': "
+                          f"feature '{name}' has no value at site(s) "
+                          f"{', '.join(repr(s) for s in sites)} "
+                          "(none, or fewer than the site's min_cell patients): its codes may "
+                          "match nothing there", highlight=False, soft_wrap=True)
     note = (metrics.get("selection_detail") or {}).get("note")
     if note:
         console.print(f"model selection: {note}", highlight=False, soft_wrap=True)

@@ -41,12 +41,14 @@ from pydantic import (
 )
 
 __all__ = [
+    "COHORT_COLUMNS",
     "DEFAULT_MIN_CELL",
     "IMAGE_MIN_SIZE",
     "IMAGING_MODALITY_CODES",
     "POLICY_FILE",
     "REMOVED_KEYS",
     "REQUEST_KINDS",
+    "RESERVED_FEATURE_NAMES",
     "CodeSet",
     "ConfigError",
     "DPConfig",
@@ -191,8 +193,29 @@ class IndexRule(_Strict):
         return self
 
 
+#: The columns of a site's cohort table besides the features (``data.cohort.META_COLUMNS``).
+COHORT_COLUMNS: tuple[str, ...] = (
+    "patient_id", "site", "index_time", "label", "image_path", "notes", "has_image", "has_text",
+    "has_tabular", "sex", "age", "age_band", "max_feature_time")
+
+#: Names a task feature may not take, and what each is: the cohort table's own columns, the
+#: demographic features, and the columns later stages add beside the features.
+RESERVED_FEATURE_NAMES: dict[str, str] = {
+    **{c: f"the cohort table's column '{c}'" for c in COHORT_COLUMNS},
+    "age": "the demographic feature and cohort column 'age' (age at the index)",
+    "sex_female": "the demographic feature 'sex_female'",
+    "row_id": "the column 'row_id' FHIRFeaturizer adds",
+    "split": "the column 'split' of the predictions",
+}
+
+
 class FeatureSpec(_Strict):
-    """Which features a task builds, all from data known by index + allowance."""
+    """Which features a task builds, all from data known by index + allowance.
+
+    Every feature name is a column of the cohort table, so names are unique, are not a
+    ``missing_<observation>`` indicator, and are none of :data:`RESERVED_FEATURE_NAMES`
+    (a comorbidity named ``label`` would otherwise replace the label).
+    """
 
     demographics: list[Literal["age", "sex"]] = Field(
         default_factory=lambda: ["age", "sex"],  # type: ignore[arg-type]
@@ -217,6 +240,28 @@ class FeatureSpec(_Strict):
     missing_indicators: bool = Field(
         default=True, description="Add a 0/1 'missing' column per observation feature."
     )
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> FeatureSpec:
+        """Refuse a feature name that another column of the cohort table already has."""
+        seen: dict[str, str] = {}
+        groups: tuple[tuple[str, list[str]], ...] = (
+            ("observations", [o.name for o in self.observations]),
+            ("conditions", [c.name for c in self.conditions]),
+            ("medications", [m.name for m in self.medications]))
+        named = [(f"features.{kind}[{i}]", name) for kind, names in groups
+                 for i, name in enumerate(names)]
+        indicators = ({f"missing_{o.name}": f"the missing indicator of observation '{o.name}'"
+                       for o in self.observations} if self.missing_indicators else {})
+        for where, name in named:
+            other = (RESERVED_FEATURE_NAMES.get(name) or indicators.get(name)
+                     or (f"the feature {seen[name]}" if name in seen else None))
+            if other is not None:
+                raise ValueError(f"{where} is named '{name}', the name of {other}: each "
+                                 "feature is a column of the cohort table and would replace "
+                                 "it; rename the feature")
+            seen[name] = f"{where}"
+        return self
 
 
 class LabelRule(_Strict):
@@ -249,9 +294,12 @@ class LabelRule(_Strict):
         "label window starts.",
     )
     labels_csv: Literal["prefer", "fallback", "ignore"] = Field(
-        default="prefer",
-        description="Use labels.csv: prefer (overrides the rule), fallback (only patients the "
-        "rule cannot label), ignore.",
+        default="ignore",
+        description="Whether a rule's label (events_after_index, condition_at_index) reads the "
+        "site's labels.csv: ignore (the default: the rule alone, a labels.csv is not read), "
+        "prefer (a patient's labels.csv label overrides the rule's; patients it does not list "
+        "get the rule's), fallback (only patients the rule cannot label). Not read for "
+        "kind=labels_csv, which uses labels.csv alone.",
     )
     labels_csv_column: str = Field(
         default="label",
@@ -297,6 +345,17 @@ class TaskSpec(_Strict):
     image_modality: Literal["cxr", "mri"] = Field(
         default="cxr", description="Which imaging preprocessing the task's images need."
     )
+
+    @model_validator(mode="after")
+    def _cohort_for_the_index(self) -> TaskSpec:
+        """``condition_encounter`` dates every patient by a cohort Condition: it needs some."""
+        if self.index.kind == "condition_encounter" and not self.cohort.conditions:
+            raise ValueError("index.kind 'condition_encounter' needs cohort.conditions (the "
+                             "index is the encounter of a cohort Condition; without one every "
+                             "patient is excluded as no_index_condition); add the cohort's "
+                             "condition codes, or use another index.kind (first_encounter, "
+                             "reference_date)")
+        return self
 
     @model_validator(mode="after")
     def _no_label_codes_as_features(self) -> TaskSpec:
@@ -1229,6 +1288,8 @@ def _format_errors(model: type[BaseModel], exc: ValidationError, source: str) ->
             )
         elif err["type"] == "missing":
             lines.append(f"  - missing required key '{where}'")
+        elif isinstance(err.get("input"), dict):  # a whole block: the message names the key
+            lines.append(f"  - '{where}': {err['msg']}")
         else:
             lines.append(f"  - '{where}': {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)

@@ -138,6 +138,42 @@ def test_label_codes_cannot_be_features(tmp_path: Path) -> None:
         load_task(task)
 
 
+@pytest.mark.parametrize(("kind", "name", "other"), [
+    ("conditions", "label", "the cohort table's column 'label'"),
+    ("observations", "age", "the demographic feature and cohort column 'age'"),
+    ("conditions", "glucose", r"the feature features\.observations\[3\]"),
+    ("medications", "missing_glucose", "the missing indicator of observation 'glucose'"),
+    ("observations", "patient_id", "the cohort table's column 'patient_id'"),
+    ("medications", "sex_female", "the demographic feature 'sex_female'"),
+])
+def test_a_feature_may_not_take_another_columns_name(tmp_path: Path, kind: str, name: str,
+                                                     other: str) -> None:
+    """A comorbidity named ``label`` replaced the label (AUC 1.0), an observation named ``age``
+    was thrown away, two features named alike crashed the summary: refused at load, naming
+    the file, the feature and what it collides with."""
+    task = load_task("alzheimers").model_dump(exclude_none=True)
+    assert task["features"]["observations"][3]["name"] == "glucose"
+    spec = {"name": name, "codes": ["X-1"]} | ({"unit": "1"} if kind == "observations" else {})
+    task["features"][kind].append(spec)
+    index = len(task["features"][kind]) - 1
+    path = tmp_path / "my_task.yaml"
+    path.write_text(yaml.safe_dump(task))
+    with pytest.raises(ConfigError, match=rf"my_task\.yaml.*\n.*features\.{kind}\[{index}\] is "
+                       rf"named '{name}', the name of {other}"):
+        load_task(str(path))
+
+
+def test_condition_encounter_index_needs_cohort_conditions(tmp_path: Path) -> None:
+    """Refused at load, like first_encounter without encounter_class, not after reading data."""
+    task = load_task("covid_oxygen_24h").model_dump(exclude_none=True)
+    task["cohort"]["conditions"] = []
+    path = tmp_path / "no_cohort.yaml"
+    path.write_text(yaml.safe_dump(task))
+    with pytest.raises(ConfigError, match=r"no_cohort\.yaml.*\n.*index\.kind "
+                       r"'condition_encounter' needs cohort\.conditions"):
+        load_task(str(path))
+
+
 def test_labels_csv_column_names_an_outcome_not_the_key() -> None:
     task = load_task("alzheimers").model_dump()
     assert task["label"]["labels_csv_column"] == "label"

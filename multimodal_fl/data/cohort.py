@@ -19,7 +19,7 @@ import pandas as pd
 from joblib import Parallel, delayed
 from joblib.externals.loky import get_reusable_executor
 
-from multimodal_fl.config import DataConfig, ExperimentConfig, SiteConfig, TaskSpec
+from multimodal_fl.config import COHORT_COLUMNS, DataConfig, ExperimentConfig, SiteConfig, TaskSpec
 from multimodal_fl.data.errors import DataError, ErrorSink, Skip
 from multimodal_fl.data.fhir import FHIRReader
 from multimodal_fl.data.fhir_json import paused_gc, unpack_resources
@@ -37,11 +37,10 @@ from multimodal_fl.data.text import load_url_notes, notes_from_csv
 
 __all__ = ["META_COLUMNS", "POOL_MIN_BYTES", "DataError", "EmptySiteError", "SiteCohort",
            "available_cores", "build_cohort", "build_cohort_from_resources", "build_cohorts",
-           "check_site_count", "cohort_workers", "empty_site_message", "empty_table"]
+           "check_site_count", "cohort_workers", "empty_site_message", "empty_table",
+           "features_without_value", "reads_labels_csv"]
 
-META_COLUMNS = ["patient_id", "site", "index_time", "label", "image_path", "notes",
-                "has_image", "has_text", "has_tabular", "sex", "age", "age_band",
-                "max_feature_time"]
+META_COLUMNS = list(COHORT_COLUMNS)
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -67,7 +66,10 @@ class SiteCohort:
         Every skipped file or record.
     counts
         Resources read / used / validated, skips by reason, exclusions by reason, notes by
-        reason (``noted_by_reason``).
+        reason (``noted_by_reason``), the task's features no patient has a value of
+        (``features_without_value``), the labels by source (``labels_from``: ``labels_csv``,
+        ``rule``), and ``labels_csv_unused`` (a line) when the site has a ``labels.csv``
+        that the task does not read.
     noted
         Every record kept with a note (``nonconforming_id``, ``unitless_value``).
     """
@@ -179,6 +181,36 @@ def empty_table(names: list[str]) -> pd.DataFrame:
     """An empty cohort table with the right columns."""
     return pd.DataFrame(columns=[*META_COLUMNS[:4], *[n for n in names if n not in META_COLUMNS],
                                  *META_COLUMNS[4:]])
+
+
+def features_without_value(task: TaskSpec, table: pd.DataFrame) -> list[str]:
+    """The task's features that no patient of ``table`` has: an observation feature missing
+    for all, a comorbidity or medication recorded for none (empty for an empty table).
+
+    Parameters
+    ----------
+    task
+        The task whose observation, condition and medication features are checked.
+    table
+        A site's cohort table.
+
+    Returns
+    -------
+    list of str
+        The feature names, in the task's order.
+    """
+    if table.empty:
+        return []
+    feats = task.features
+    flags = [c.name for c in (*feats.conditions, *feats.medications)]
+    return ([o.name for o in feats.observations if table[o.name].isna().all()]
+            + [n for n in flags if not (table[n] == 1.0).any()])
+
+
+def reads_labels_csv(task: TaskSpec) -> bool:
+    """Whether ``task``'s label reads a site's ``labels.csv`` (kind ``labels_csv``, or a rule
+    with ``label.labels_csv`` ``prefer`` or ``fallback``)."""
+    return task.label.kind == "labels_csv" or task.label.labels_csv != "ignore"
 
 
 def _read_labels(site: SiteFiles, sink: ErrorSink, known: set[str],
@@ -348,7 +380,8 @@ def _assemble(reader: FHIRReader, task: TaskSpec, sink: ErrorSink, site_name: st
                                              tz=reader.tz).items():
                 notes.setdefault(pid, []).extend(extra)
         images = link_images(records, files, sink, known, tz=reader.tz)
-        labels = _read_labels(files, sink, known, task.label.labels_csv_column)
+        if reads_labels_csv(task):
+            labels = _read_labels(files, sink, known, task.label.labels_csv_column)
     for pid, fhir_notes in records.notes.items():
         notes[pid] = [n for n in fhir_notes if n.url is None] + notes.get(pid, [])
     names = feature_names(task)
@@ -365,6 +398,14 @@ def _assemble(reader: FHIRReader, task: TaskSpec, sink: ErrorSink, site_name: st
     counts["noted_by_reason"] = dict(sorted(sink.noted_by_reason.items()))
     counts["excluded_by_reason"] = dict(sorted(result.excluded.items()))
     counts.update({k: v for k, v in result.counts.items() if v})
+    counts["features_without_value"] = features_without_value(task, table)
+    counts["labels_from"] = {"labels_csv": result.label_sources["labels_csv"],
+                             "rule": result.label_sources["rule"]}
+    if files is not None and files.labels_csv is not None and not reads_labels_csv(task):
+        counts["labels_csv_unused"] = (
+            f"{files.rel(files.labels_csv)} is present but not read: the task's label.kind "
+            f"'{task.label.kind}' has label.labels_csv 'ignore' (set prefer or fallback to use "
+            "it)")
     return SiteCohort(site=site_name, table=table, feature_names=names,
                       skipped=list(sink.skipped), counts=counts, noted=list(sink.noted))
 

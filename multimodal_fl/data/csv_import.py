@@ -889,12 +889,15 @@ class ImportResult:
     skipped: list[Skip]
     split_by: str | None = None
     min_site_size: int = 0
+    #: one line each: a mapping's ``site_names`` entry that names no value of the split column
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready mapping (written to ``import_report.json``)."""
         return {
             "csv": str(self.csv), "mapping": self.mapping, "out": str(self.out),
             "split_by": self.split_by, "min_site_size": self.min_site_size,
+            "warnings": self.warnings,
             "counts": dict(sorted(self.counts.items())),
             "sites": [s.to_dict() for s in self.sites],
             "skipped_by_reason": dict(sorted(Counter(s.reason for s in self.skipped).items())),
@@ -914,6 +917,50 @@ def _one_site_per_patient(rows: list[ParsedRow]) -> int:
     for row in rows:
         row.split_value = first[row.key].split_value
     return len(moved)
+
+
+def unmatched_site_names(column: str, names: dict[str, str], values: set[str]) -> list[str]:
+    """One line per ``site_names`` entry of ``column`` that matches none of its ``values``.
+
+    Parameters
+    ----------
+    column
+        The split column.
+    names
+        The mapping's ``site_names`` for it: raw value -> site name.
+    values
+        The column's values in the imported rows.
+
+    Returns
+    -------
+    list of str
+        E.g. ``site_names.hospital: "St. Mary's, Leeds" (-> st_marys) matches no value of
+        column 'hospital' ...; nearest: "St Mary's Leeds" ...``; empty when all match.
+    """
+    out: list[str] = []
+    for raw, site in names.items():
+        if raw in values:
+            continue
+        close = difflib.get_close_matches(raw, sorted(values), n=1, cutoff=0.0)
+        near = (f'; nearest: "{close[0]}" (values are compared exactly, spaces, case and '
+                "punctuation included)" if close else "")
+        out.append(f'site_names.{column}: "{raw}" (-> {site}) matches no value of column '
+                   f"'{column}' in the imported rows, so it names no site{near}")
+    return out
+
+
+def _nothing_imported(file: str, counts: Counter[str], skipped: list[Skip]) -> str:
+    """Why no row of ``file`` was imported: the most common failing column and reason."""
+    head = (f"{file}: 0 of {counts['rows_read']} rows imported ({counts['rows_skipped']} "
+            f"skipped, {counts['rows_not_kept']} not kept by keep_rows); nothing written")
+    if not skipped:
+        return f"{head}: no row passes the mapping's keep_rows filters"
+    common = Counter((s.field, s.reason) for s in skipped).most_common()
+    (column, reason), n = common[0]
+    first = next(s for s in skipped if (s.field, s.reason) == (column, reason))
+    others = f"; {len(common) - 1} other column/reason pair(s)" if len(common) > 1 else ""
+    return (f"{head}: most often column '{column}' ({reason}, {n} row(s)), e.g. "
+            f"{first.resource_id}: {first.detail or reason}{others}")
 
 
 def _check_out(out: Path) -> None:
@@ -997,6 +1044,8 @@ def import_csv(csv_path: Path | str, mapping: CsvMapping | Path | str, out: Path
             parsed.append(row)
     if not counts["rows_read"]:
         raise DataError(f"{file}: the header has no data rows under it; nothing to import")
+    if not parsed:
+        raise DataError(_nothing_imported(file, counts, sink.skipped))
     counts["rows_imported"] = len(parsed)
     counts["images_not_found"] = parser.images_missing
     if split_by and m.rows == "per_event":
@@ -1014,7 +1063,9 @@ def import_csv(csv_path: Path | str, mapping: CsvMapping | Path | str, out: Path
         raise DataError(f"{out}: cannot write the sites: {exc.strerror or exc}") from None
     for s in summaries:
         s.split_values = sites[s.name][1]
+    warnings = (unmatched_site_names(split_by, m.site_names.get(split_by, {}),
+                                     {r.split_value for r in parsed}) if split_by else [])
     result = ImportResult(csv_path, m.name, out, summaries, counts, list(sink.skipped),
-                          split_by, min_site_size)
+                          split_by, min_site_size, warnings)
     (out / "import_report.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
     return result

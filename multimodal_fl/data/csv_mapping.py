@@ -583,6 +583,10 @@ def _format(exc: ValidationError, source: str) -> str:
                          f"{', '.join(valid)})")
         elif err["type"] == "missing":
             lines.append(f"  - missing required key '{where}'")
+        elif isinstance(err.get("input"), bool):  # YAML's yes/no/on/off/true/false, unquoted
+            lines.append(f"  - '{where}': {err['msg']} (got the YAML boolean "
+                         f"{err['input']}: unquoted yes/no/on/off/true/false are booleans in "
+                         "YAML; quote the value: \"yes\", \"no\")")
         else:
             lines.append(f"  - '{where}': {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)

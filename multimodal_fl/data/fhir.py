@@ -840,6 +840,10 @@ class FHIRReader:
             codes = [c for _, c in _codings(node.get("code")) if c in self._obs]
             if not codes:
                 continue
+            if isinstance(node.get("valueBoolean"), bool):
+                self._boolean_values(node["valueBoolean"], codes[0], ref, label, rid,
+                                     fld.replace("valueQuantity", "valueBoolean"), t, known)
+                continue
             vq = node.get("valueQuantity")
             if not isinstance(vq, dict) or not isinstance(vq.get("value"), int | float):
                 self.records.counts["observations_without_quantity"] += 1
@@ -855,6 +859,23 @@ class FHIRReader:
                 if value is not None:
                     self._pending.append(("observation", ref, label, rid,
                                           ObservationValue(name, value, t, rid, known)))
+
+    def _boolean_values(self, value: bool, code: str, ref: str, label: str, rid: str,
+                        fld: str, t: datetime, known: datetime) -> None:
+        """A ``valueBoolean``: 1.0 / 0.0 for each feature of ``code`` whose unit is ``1``.
+
+        A yes/no is dimensionless; for a feature in any other unit it is reported
+        (``boolean_value``) and not used.
+        """
+        for name, target in self._obs[code]:
+            if target.strip() == "1":
+                self._pending.append(("observation", ref, label, rid,
+                                      ObservationValue(name, float(value), t, rid, known)))
+            else:
+                self.sink.report(label, rid, fld, "boolean_value",
+                                 f"value for feature '{name}' is a valueBoolean ({value}); a "
+                                 f"yes/no is read (as 1 / 0) only for a feature whose unit is "
+                                 f"'1', not '{target}'")
 
     def _feature_value(self, vq: dict[str, Any], name: str, target: str, label: str,
                        rid: str, fld: str) -> float | None:

@@ -35,8 +35,9 @@ Boundaries (also in ``docs/data-contract.md``):
 - ``condition_at_index``: positive when a label condition has onset on or before the
   cut-off. Notes known on or after the patient's first label-condition time (onset) are
   not used: a note written after the diagnosis can name it.
-- ``labels.csv``: ``prefer`` overrides the rule, ``fallback`` labels only patients the rule
-  cannot label, ``ignore``; label kind ``labels_csv`` uses it alone.
+- ``labels.csv``: ``ignore`` (the default: the rule alone), ``prefer`` overrides the rule
+  for the patients it lists, ``fallback`` labels only patients the rule cannot label; label
+  kind ``labels_csv`` uses it alone. Each label's source is counted (``labels_from``).
 
 Leakage is impossible by construction: every feature value is taken from a record known
 at or before the cut-off; the latest such known time is kept per patient
@@ -137,11 +138,15 @@ def index_time(task: TaskSpec, pid: str, records: SiteRecords) -> tuple[datetime
 
 @dataclass
 class TaskResult:
-    """Rows of the cohort table and the exclusions, for one site."""
+    """Rows of the cohort table and the exclusions, for one site.
+
+    ``label_sources`` counts the rows' labels by source: ``labels_csv`` or ``rule``.
+    """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     excluded: Counter[str] = field(default_factory=Counter)
     counts: Counter[str] = field(default_factory=Counter)
+    label_sources: Counter[str] = field(default_factory=Counter)
 
 
 def _in_cohort(task: TaskSpec, pid: str, records: SiteRecords, cutoff: datetime | None) -> bool:
@@ -204,7 +209,10 @@ def _window(task: TaskSpec, pid: str, records: SiteRecords) -> tuple[_Window | N
 
 def _label(task: TaskSpec, pid: str, records: SiteRecords, cutoff: datetime,
            csv_label: int | None) -> tuple[int | None, str]:
-    """The patient's 0/1 label by the task's rule and ``labels.csv``, or None with the reason."""
+    """The patient's 0/1 label by the task's rule and ``labels.csv``, or None with the reason.
+
+    The second item is the label's source (``labels_csv`` or ``rule``) when there is a label.
+    """
     label_rule = task.label
     label: int | None = None
     if label_rule.kind == "events_after_index":
@@ -225,16 +233,17 @@ def _label(task: TaskSpec, pid: str, records: SiteRecords, cutoff: datetime,
             c.time is not None and c.time <= cutoff
             and any(matches(c.codings, s) for s in label_rule.conditions)
             for c in records.conditions.get(pid, [])))
+    source = "rule"
     if label_rule.kind == "labels_csv" or label_rule.labels_csv == "prefer":
         if csv_label is not None:
-            label = csv_label
+            label, source = csv_label, "labels_csv"
         elif label_rule.kind == "labels_csv":
             label = None
-    elif label_rule.labels_csv == "fallback" and label is None:
-        label = csv_label
+    elif label_rule.labels_csv == "fallback" and label is None and csv_label is not None:
+        label, source = csv_label, "labels_csv"
     if label is None:
         return None, "no_label"
-    return label, ""
+    return label, source
 
 
 def _observation_features(row: dict[str, Any], task: TaskSpec, obs: list[ObservationValue],
@@ -412,6 +421,7 @@ def apply_task(
         if label is None:
             res.excluded[why] += 1
             continue
+        res.label_sources[why] += 1
         gender = records.patients[pid].gender
         sex = gender if gender in {"female", "male", "other"} else _UNKNOWN_SEX
         row: dict[str, Any] = {"patient_id": pid, "site": site, "index_time": window.index,

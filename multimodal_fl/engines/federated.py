@@ -50,6 +50,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from multimodal_fl.config import ExperimentConfig, SitePolicy
+from multimodal_fl.data.tasks import feature_names
 from multimodal_fl.engines.recalibration import (
     RECALIBRATION_FILE,
     predict_config,
@@ -295,7 +296,53 @@ def _standardise(
     moments = [(r.arrays["n"], r.arrays["sum"], r.arrays["sumsq"]) for r in replies.values()]
     for key, value in standardizer_state(moments, targets).items():
         weights[key] = value.astype(weights[key].dtype)
-    return {"sites": sorted(replies), "n_rows": {s: r.n_samples for s, r in replies.items()}}
+    out: dict[str, Any] = {"sites": sorted(replies),
+                           "n_rows": {s: r.n_samples for s, r in replies.items()}}
+    unseen = features_without_value(cfg, replies)
+    for name, where in unseen.items():
+        log.warning("task '%s': feature '%s' has no value at site(s) %s (none, or fewer than "
+                    "the site's min_cell patients): its codes may match nothing there",
+                    cfg.task.name, name, ", ".join(repr(s) for s in where))
+    if unseen:
+        out["features_without_value"] = unseen
+    return out
+
+
+def features_without_value(cfg: ExperimentConfig, replies: Mapping[str, Reply]
+                           ) -> dict[str, list[str]]:
+    """The task's features that a site's moments reply shows without a value, and those sites.
+
+    Read from what the sites sent, through their disclosure gates, and nothing more: an
+    observation feature of count 0 (none, or fewer than the site's ``min_cell`` patients,
+    which the gate sends as unseen), a comorbidity or medication of sum 0 (recorded for no
+    patient).
+
+    Parameters
+    ----------
+    cfg
+        The experiment (its task names the features, in the moments' column order).
+    replies
+        The sites' ``moments`` replies.
+
+    Returns
+    -------
+    dict
+        Feature name -> the sites without a value, sorted; only features with such a site.
+    """
+    columns = feature_names(cfg.task)
+    feats = cfg.task.features
+    flags = {c.name for c in (*feats.conditions, *feats.medications)}
+    checked = [o.name for o in feats.observations] + [n for n in columns if n in flags]
+    out: dict[str, list[str]] = {}
+    for site, reply in sorted(replies.items()):
+        n, total = np.asarray(reply.arrays["n"]), np.asarray(reply.arrays["sum"])
+        if n.shape != (len(columns),):
+            continue  # not the task's columns (a model without them): nothing to say
+        for name in checked:
+            j = columns.index(name)
+            if n[j] == 0 or (name in flags and total[j] == 0):
+                out.setdefault(name, []).append(site)
+    return out
 
 
 #: Sites whose disclosed validation a round's pooled validation AUC needs (fewer in a smaller

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from multimodal_fl.config import DataConfig, TaskSpec, load_task
@@ -243,6 +244,32 @@ def test_labels_csv_prefer_fallback_ignore(tmp_path: Path, covid_task: TaskSpec)
         labels[mode] = dict(zip(t.patient_id, t.label, strict=True))
     assert labels["prefer"] == {"p1": 1, "p2": 0}
     assert labels["fallback"] == labels["ignore"] == {"p1": 0, "p2": 0}
+
+
+def test_a_rule_label_ignores_labels_csv_unless_the_task_says_so(tmp_path: Path) -> None:
+    """A new task on a folder holding another task's labels.csv trained on those labels:
+    a rule's label reads labels.csv only with prefer / fallback, and the counts say each
+    label's source and that the file went unread."""
+    spec = yaml.safe_load((Path(__file__).parents[2] / "multimodal_fl" / "tasks"
+                           / "covid_oxygen_24h.yaml").read_text())
+    del spec["label"]["labels_csv"]
+    task = load_task(spec)
+    assert task.label.labels_csv == "ignore"
+    root = _site(tmp_path, [*f.covid_patient("p1"), *f.covid_patient("p2")])
+    (root / "labels.csv").write_text("patient_id,label\np1,1\np9,1\n")
+    cohort = build_cohort(root, task)
+    assert dict(zip(cohort.table.patient_id, cohort.table.label, strict=True)) == {
+        "p1": 0, "p2": 0}
+    assert cohort.counts["labels_from"] == {"labels_csv": 0, "rule": 2}
+    assert "labels.csv is present but not read" in cohort.counts["labels_csv_unused"]
+    assert cohort.skipped == []  # the unread file's unknown patient p9 is not reported
+    mixed = build_cohort(root, task.model_copy(update={"label": task.label.model_copy(
+        update={"labels_csv": "prefer"})}))
+    assert dict(zip(mixed.table.patient_id, mixed.table.label, strict=True)) == {
+        "p1": 1, "p2": 0}
+    assert mixed.counts["labels_from"] == {"labels_csv": 1, "rule": 1}
+    assert "labels_csv_unused" not in mixed.counts
+    assert [s.reason for s in mixed.skipped] == ["missing_patient"]
 
 
 def test_reference_date_task(tmp_path: Path) -> None:

@@ -176,6 +176,47 @@ def test_not_applicable_default_is_unknown(tmp_path: Path) -> None:
 BAD_AGE = [*ROWS[:2], "p9,2021-07-04,,1,abc,1,1,2,2,1,1,2,2021-08-01,4", ROWS[2]]
 
 
+def test_no_row_imported_is_an_error_naming_the_column_and_nothing_is_written(
+        tmp_path: Path) -> None:
+    """A forgotten source.date_format skipped every row ("400 read, 400 skipped, 0 imported")
+    and import-csv exited 0 with an empty site."""
+    day_first = [re.sub(r"2021-(\d\d)-(\d\d)", r"\2/\1/2021", r) for r in ROWS]
+    csv_file, mapping = _csv(tmp_path, day_first), _mapping(tmp_path)
+    out = tmp_path / "site"
+    with pytest.raises(DataError, match=r"data\.csv: 0 of 3 rows imported \(3 skipped, 0 not "
+                       r"kept by keep_rows\); nothing written: most often column 'admitted' "
+                       r"\(bad_date, 3 row\(s\)\), e.g. line 2: "):
+        import_csv(csv_file, mapping, out)
+    assert not out.exists()
+    result = CliRunner().invoke(app, ["data", "import-csv", str(csv_file), "--mapping",
+                                      str(mapping), "--out", str(out)])
+    assert result.exit_code != 0 and "most often column 'admitted'" in result.output
+    assert not out.exists()
+    filtered = MAPPING.replace("index:", 'keep_rows: [{column: sector, values: ["7"]}]\nindex:')
+    with pytest.raises(DataError, match="no row passes the mapping's keep_rows filters"):
+        import_csv(_csv(tmp_path, ROWS), _mapping(tmp_path, filtered), out)
+
+
+def test_a_site_names_entry_matching_no_value_is_warned_with_the_nearest(tmp_path: Path
+                                                                          ) -> None:
+    """An entry that matched no value of the split column was ignored silently (the site
+    got the generated name)."""
+    text = MAPPING.replace('{"4": IMSS, ', '{"04": IMSS, ')
+    csv_file, mapping, out = _csv(tmp_path, ROWS), _mapping(tmp_path, text), tmp_path / "s"
+    result = import_csv(csv_file, mapping, out, split_by="sector")
+    expected = ('site_names.sector: "04" (-> IMSS) matches no value of column \'sector\' in the '
+                'imported rows, so it names no site; nearest: "4"')
+    assert [w[:len(expected)] for w in result.warnings] == [expected]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["SSA", "sector-4"]
+    assert json.loads((out / "import_report.json").read_text())["warnings"] == result.warnings
+    cli = CliRunner().invoke(app, ["data", "import-csv", str(csv_file), "--mapping",
+                                   str(mapping), "--out", str(tmp_path / "s2"),
+                                   "--split-by", "sector"])
+    assert cli.exit_code == 0 and expected in " ".join(cli.output.split())
+    assert import_csv(csv_file, _mapping(tmp_path), tmp_path / "s3", split_by="sector"
+                      ).warnings == []
+
+
 def test_bad_value_skipped_with_line_and_column(tmp_path: Path) -> None:
     out = tmp_path / "site"
     result = import_csv(_csv(tmp_path, BAD_AGE), _mapping(tmp_path), out)
@@ -300,6 +341,12 @@ def test_missing_mapped_column(tmp_path: Path) -> None:
     ("codes: {present:", "codes: {yes:",
      "key 'codes.True' is a YAML boolean (unquoted yes/no/on/off/true/false): quote it, or "
      "use present/absent for codes"),
+    # a YAML boolean as a value was only 'Input should be a valid string (got True)'
+    ('codes: {present: ["1"]', "codes: {present: [yes]",
+     "'codes.present.0': Input should be a valid string (got the YAML boolean True: unquoted "
+     'yes/no/on/off/true/false are booleans in YAML; quote the value: "yes", "no")'),
+    ('{"4": IMSS, ', '{"4": off, ', "'site_names.sector.4': Input should be a valid string (got "
+     "the YAML boolean False"),
     # values FHIR or strptime would refuse only when the site is written (a bug hunt): at load
     ('code: "1988-5"', 'code: "1988  5"', "is not a FHIR code"),
     ("unit: mg/L,", "unit: 'mg  L',", "is not a FHIR code"),

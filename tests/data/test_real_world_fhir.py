@@ -142,6 +142,37 @@ def _unitless(oid: str, pid: str, code: str, value: float) -> dict[str, Any]:
     return obs
 
 
+def _yes_no(oid: str, pid: str, code: str, value: bool) -> dict[str, Any]:
+    obs = f.observation(oid, pid, code, 0, "", "2000-06-01", ucum=False)
+    del obs["valueQuantity"]
+    obs["valueBoolean"] = value
+    return obs
+
+
+def test_value_boolean_is_read_as_one_or_zero_for_a_feature_in_unit_one(tmp_path: Path) -> None:
+    """import-csv writes a boolean column as valueBoolean, which was never a feature (100 %
+    missing, no reason shown): read as 1 / 0 for a feature in '1', refused by name otherwise."""
+    task = TaskSpec.model_validate({
+        "name": "flags", "image_modality": "mri",
+        "index": {"kind": "reference_date", "reference_date": "2001-01-01"},
+        "features": {"observations": [
+            {"name": "insulin", "codes": ["on-insulin"], "unit": "1"},
+            {"name": "smoker", "codes": ["smoker"], "unit": "%"}]},
+        "label": {"kind": "labels_csv"}})
+    root = _site(tmp_path, [
+        f.patient("s1", birth="1930-01-01"), f.patient("s2", birth="1930-01-01"),
+        _yes_no("ins-1", "s1", "on-insulin", True), _yes_no("ins-2", "s2", "on-insulin", False),
+        _yes_no("smk-1", "s1", "smoker", True)])
+    (root / "labels.csv").write_text("patient_id,label\ns1,1\ns2,0\n")
+    cohort = build_cohort(root, task)
+    assert (_row(cohort.table, "s1")["insulin"], _row(cohort.table, "s2")["insulin"]) == (1.0, 0.0)
+    assert cohort.table["smoker"].isna().all()
+    assert cohort.counts["skipped_by_reason"] == {"boolean_value": 1}
+    (skip,) = cohort.skipped
+    assert (skip.resource_id, skip.field) == ("smk-1", "valueBoolean")
+    assert "feature 'smoker'" in skip.detail and "'%'" in skip.detail
+
+
 def test_unitless_values_only_for_dimensionless_features(tmp_path: Path) -> None:
     root = _site(tmp_path, [
         f.patient("s1", birth="1930-01-01"),
