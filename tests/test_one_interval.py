@@ -2,7 +2,8 @@
 
 The console and ``metrics.json`` (``metrics_by_split``), the site's disclosed document (its
 splits and its fairness cells), ``report.json`` and the model card each compute or copy a
-site's test-split interval; every bootstrap of a set of patients is seeded by one rule
+site's test-split interval, and a local-only model's cross-site cell on its own site scores
+the same patients; every bootstrap of a set of patients is seeded by one rule
 (:func:`~multimodal_fl.evaluation.metrics.bootstrap_seed`), so they agree. A small ``n_boot``
 (20) makes any difference of seeds visible: two draws of 20 resamples give other percentiles.
 """
@@ -71,3 +72,27 @@ def test_a_sites_test_interval_is_one_number_everywhere(
     assert pooled["value"] is not None and pooled["lo"] is not None
     for part in ("value", "lo", "hi"):
         assert _close(overall[part], pooled[part]), (part, overall, pooled)
+
+
+def test_a_local_models_own_cross_site_cell_is_its_sites_test_interval(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    # no validation split: no recalibration, so the cross-site cell of a site's own model
+    # scores the same patients with the same scores as its predict reply
+    cfg = _balanced_labels(_cfg(tiny_config, {"train": 0.5, "val": 0.0, "test": 0.5}),
+                           tmp_path)
+    out = run(cfg, engine="local", out_dir=tmp_path / "run", report=False).run_dir
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert not any(s["applied"] for s in metrics["recalibration"]["sites"].values())
+    cross = {(c["model"], c["test_site"]): c
+             for c in json.loads((out / "cross_site.json").read_text())["cells"]}
+    shown = 0
+    for site, doc in sorted(metrics["sites"].items()):
+        console = doc["metrics"]["test"]["auc"]
+        if console["value"] is None:
+            continue
+        shown += 1
+        cell = cross[f"local:{site}", site]
+        for part in ("value", "lo", "hi"):
+            assert _close(cell[part], console[part]), (site, part, cell, console)
+    assert shown >= 1

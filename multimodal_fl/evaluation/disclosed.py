@@ -527,7 +527,10 @@ def released_metric(y_true: npt.ArrayLike, y_score: npt.ArrayLike, *, metric: st
         The small-cell threshold: fewer patients hide the count too; a class metric needs
         ``min_cell`` patients of each class.
     n_boot, seed
-        Stratified bootstrap of the 95% interval.
+        Stratified bootstrap of the 95% interval; ``seed`` is the base seed, the bootstrap's
+        is derived from it and the scores
+        (:func:`~multimodal_fl.evaluation.metrics.bootstrap_seed`), so a site's own model on
+        its test split gives the interval of its disclosed test figure.
     threshold : float or None
         For sensitivity and specificity.
 
@@ -547,7 +550,7 @@ def released_metric(y_true: npt.ArrayLike, y_score: npt.ArrayLike, *, metric: st
     if why is not None:
         return empty | {"n": n, "reason": why}
     v = binary_metrics(y, s, metrics=(metric,), threshold=threshold, n_boot=n_boot,
-                       seed=seed)[metric]
+                       seed=bootstrap_seed(seed, s))[metric]
     return {"value": v.value, "lo": v.lo, "hi": v.hi, "n": n, "suppressed": v.value is None,
             "reason": v.reason}
 

@@ -919,7 +919,9 @@ def cross_site_matrix(
     min_cell : int
         Small-cell rule for each (model, test site) cell.
     n_boot, alpha, seed
-        Stratified bootstrap settings.
+        Stratified bootstrap settings; each cell's bootstrap is seeded by ``seed`` and its
+        scores (:func:`~multimodal_fl.evaluation.metrics.bootstrap_seed`), as a site's
+        ``cross_evaluate`` cell is.
 
     Returns
     -------
@@ -946,7 +948,7 @@ def cross_site_matrix(
                                 "reason": reason})
             continue
         v = binary_metrics(y, s, metrics=(metric,), threshold=threshold, n_boot=n_boot,
-                           alpha=alpha, seed=derive_seed(seed, model, site))[metric]
+                           alpha=alpha, seed=bootstrap_seed(seed, s))[metric]
         rows.append(base | {"value": v.value, "lo": v.lo, "hi": v.hi, "n": int(y.size),
                             "suppressed": v.value is None, "reason": v.reason})
     return CrossSiteResult(cross_site_frame(rows), metric)

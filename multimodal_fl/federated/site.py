@@ -116,7 +116,7 @@ from multimodal_fl.evaluation.disclosed import (
     site_disclosure,
 )
 from multimodal_fl.evaluation.histograms import OVERALL, fine_counts, histogram_parts, label_counts
-from multimodal_fl.evaluation.metrics import MetricValue, binary_metrics, derive_seed
+from multimodal_fl.evaluation.metrics import MetricValue, binary_metrics
 from multimodal_fl.evaluation.recalibration import (
     CONFIG_KEYS,
     Recalibration,
@@ -924,7 +924,7 @@ class FusionSite:
         row = released_metric(
             test["label"].to_numpy(), test["score"].to_numpy(), metric=metric,
             min_cell=min_cell, n_boot=int(c.get("n_boot", self.cfg.evaluation.n_boot)),
-            seed=derive_seed(int(c.get("seed", self.cfg.seed)), name, self.name))
+            seed=int(c.get("seed", self.cfg.seed)))
         values = {metric: row["value"], f"{metric}/lo": row["lo"], f"{metric}/hi": row["hi"]}
         metrics = {k: float(v) for k, v in values.items() if pd.notna(v) and np.isfinite(v)}
         doc = {"model": name, "test_site": self.name, "metric": metric,
