@@ -24,7 +24,6 @@ from multimodal_fl.engines.cross_site import WITHHELD
 from multimodal_fl.engines.federated import inprocess_federation
 from multimodal_fl.evaluation.disclosed import released_metric
 from multimodal_fl.evaluation.fairness import CrossSiteResult, cross_site_frame
-from multimodal_fl.evaluation.metrics import derive_seed
 from multimodal_fl.evaluation.report import build_report
 from multimodal_fl.federated.disclosure import DisclosureGate, SiteRefused
 from multimodal_fl.federated.protocol import Kind, Reply, Request, SiteFailure
@@ -88,7 +87,7 @@ def _direct_matrix(cfg: ExperimentConfig, run: Path) -> CrossSiteResult:
             name = f"local:{owner}"
             rows.append({"model": name, "test_site": site, **released_metric(
                 test["label"].to_numpy(), test["score"].to_numpy(), min_cell=ev.min_cell,
-                n_boot=ev.n_boot, seed=derive_seed(cfg.seed, name, site))})
+                n_boot=ev.n_boot, seed=cfg.seed)})
     return CrossSiteResult(cross_site_frame(rows), "auc")
 
 

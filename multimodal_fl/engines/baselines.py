@@ -215,8 +215,7 @@ def _finish(writer: RunWriter, cfg: ExperimentConfig, sites: Mapping[str, SiteDa
         # the site's own small-cell rule, as if its figures left it (the same suppression)
         per_site[name] = predict_metrics(frame, sites[name], disclosed[name],
                                          min_cell=int(disclosed[name]["min_cell"]),
-                                         n_boot=cfg.evaluation.n_boot, seed=cfg.seed,
-                                         where=name)[1]
+                                         n_boot=cfg.evaluation.n_boot, seed=cfg.seed)[1]
     doc = {
         "seed": cfg.seed,
         "sites": per_site,

@@ -86,9 +86,9 @@ from multimodal_fl.evaluation.metrics import (
     METRIC_NAMES,
     MetricValue,
     binary_metrics,
+    bootstrap_seed,
     calibration_bins,
     check_binary_inputs,
-    derive_seed,
     expected_calibration_error,
 )
 
@@ -527,7 +527,10 @@ def released_metric(y_true: npt.ArrayLike, y_score: npt.ArrayLike, *, metric: st
         The small-cell threshold: fewer patients hide the count too; a class metric needs
         ``min_cell`` patients of each class.
     n_boot, seed
-        Stratified bootstrap of the 95% interval.
+        Stratified bootstrap of the 95% interval; ``seed`` is the base seed, the bootstrap's
+        is derived from it and the scores
+        (:func:`~multimodal_fl.evaluation.metrics.bootstrap_seed`), so a site's own model on
+        its test split gives the interval of its disclosed test figure.
     threshold : float or None
         For sensitivity and specificity.
 
@@ -547,7 +550,7 @@ def released_metric(y_true: npt.ArrayLike, y_score: npt.ArrayLike, *, metric: st
     if why is not None:
         return empty | {"n": n, "reason": why}
     v = binary_metrics(y, s, metrics=(metric,), threshold=threshold, n_boot=n_boot,
-                       seed=seed)[metric]
+                       seed=bootstrap_seed(seed, s))[metric]
     return {"value": v.value, "lo": v.lo, "hi": v.hi, "n": n, "suppressed": v.value is None,
             "reason": v.reason}
 
@@ -715,9 +718,14 @@ def _metric_doc(v: MetricValue) -> DisclosedMetric:
                            n_skipped=v.n_skipped)
 
 
-def _splits(frame: pd.DataFrame, *, site: str, threshold: float, min_cell: int, n_boot: int,
+def _splits(frame: pd.DataFrame, *, threshold: float, min_cell: int, n_boot: int,
             seed: int, ece_bins: int) -> dict[str, SplitSummary]:
-    """Counts and metrics per split, with suppression across the splits."""
+    """Counts and metrics per split, with suppression across the splits.
+
+    A split's bootstrap is seeded by its scores
+    (:func:`~multimodal_fl.evaluation.metrics.bootstrap_seed`), as the fairness cells and
+    ``metrics.json`` are: the test split's figures equal the site's own cell.
+    """
     parts = {}
     for split in SPLITS:
         y = frame.loc[frame["split"] == split, "label"].to_numpy(dtype=np.int64)
@@ -732,9 +740,10 @@ def _splits(frame: pd.DataFrame, *, site: str, threshold: float, min_cell: int, 
             out[split] = SplitSummary(n=0, n_pos=0, reason="no patients")
             continue
         part = frame[frame["split"] == split]
-        vals = binary_metrics(part["label"].to_numpy(), part["score"].to_numpy(),
+        scores = part["score"].to_numpy(dtype=np.float64)
+        vals = binary_metrics(part["label"].to_numpy(), scores,
                               threshold=threshold, n_bins=ece_bins, n_boot=n_boot,
-                              seed=derive_seed(seed, site, split))
+                              seed=bootstrap_seed(seed, scores))
         hide_classes = split in sup.classes_hidden
         metrics = {}
         for m, v in vals.items():
@@ -894,7 +903,9 @@ def site_disclosure(
     n_boot : int
         Stratified bootstrap resamples of the 95% intervals (0: none).
     seed : int
-        Base seed of the bootstraps.
+        Base seed of the bootstraps; each set of patients' bootstrap is seeded by it and their
+        scores (:func:`~multimodal_fl.evaluation.metrics.bootstrap_seed`), so a figure here
+        equals the same patients' figure in ``metrics.json``.
     threshold_rule : str or float
         ``"youden"`` (chosen on the site's validation split), or a fixed threshold (``"0.5"``,
         or the value a request carries).
@@ -947,7 +958,7 @@ def site_disclosure(
         version=DISCLOSURE_VERSION, site=site, split=REPORT_SPLIT, min_cell=min_cell,
         n_boot=n_boot, n_bins=n_bins, sensitive=shown, subgroup_summaries=subgroup_summaries,
         threshold=threshold, threshold_source=source,
-        splits=_splits(frame, site=site, threshold=threshold, min_cell=min_cell, n_boot=n_boot,
+        splits=_splits(frame, threshold=threshold, min_cell=min_cell, n_boot=n_boot,
                        seed=seed, ece_bins=ece_bins),
         cells=cells, disparities=disparities, roc=roc, calibration=calibration, notes=notes,
         package_version=__version__)

@@ -29,7 +29,6 @@ unsuppressed groups).
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -49,6 +48,7 @@ from multimodal_fl.evaluation.metrics import (
     METRIC_NAMES,
     MetricValue,
     binary_metrics,
+    bootstrap_seed,
     check_binary_inputs,
     choose_threshold,
     derive_seed,
@@ -354,10 +354,9 @@ def _cell_fn(
             "n_pos": int(y.sum()) if shown else None,
             "metrics": {},
         }
-    cell_seed = derive_seed(seed, zlib.crc32(s.tobytes()), y.size)
     vals = binary_metrics(
         y, s, threshold=np.asarray(thr, dtype=np.float64), metrics=metrics, n_bins=ece_bins,
-        n_boot=n_boot, alpha=alpha, seed=cell_seed,
+        n_boot=n_boot, alpha=alpha, seed=bootstrap_seed(seed, s),
     )
     cache[_cell_key(y, s, thr)] = vals
     return {"reason": None, "n": int(y.size), "n_pos": int(y.sum()), "metrics": vals}
@@ -749,7 +748,9 @@ def fairness_report(
     ece_bins : int
         Equal-width bins of the expected calibration error.
     seed : int
-        Base seed; each cell's bootstrap seed is derived from it and the cell's data.
+        Base seed; each cell's bootstrap seed is derived from it and the cell's scores
+        (:func:`~multimodal_fl.evaluation.metrics.bootstrap_seed`, the rule of every per-site
+        interval).
     site_col, label_col, score_col, split_col : str
         Column names.
 
@@ -918,7 +919,9 @@ def cross_site_matrix(
     min_cell : int
         Small-cell rule for each (model, test site) cell.
     n_boot, alpha, seed
-        Stratified bootstrap settings.
+        Stratified bootstrap settings; each cell's bootstrap is seeded by ``seed`` and its
+        scores (:func:`~multimodal_fl.evaluation.metrics.bootstrap_seed`), as a site's
+        ``cross_evaluate`` cell is.
 
     Returns
     -------
@@ -945,7 +948,7 @@ def cross_site_matrix(
                                 "reason": reason})
             continue
         v = binary_metrics(y, s, metrics=(metric,), threshold=threshold, n_boot=n_boot,
-                           alpha=alpha, seed=derive_seed(seed, model, site))[metric]
+                           alpha=alpha, seed=bootstrap_seed(seed, s))[metric]
         rows.append(base | {"value": v.value, "lo": v.lo, "hi": v.hi, "n": int(y.size),
                             "suppressed": v.value is None, "reason": v.reason})
     return CrossSiteResult(cross_site_frame(rows), metric)

@@ -17,6 +17,10 @@ Conventions
   every resample keeps the original numbers of positives and negatives; percentile intervals at
   ``alpha / 2`` and ``1 - alpha / 2``. Resamples on which a metric is undefined are skipped and
   counted in :attr:`MetricValue.n_skipped`.
+* A set of patients' bootstrap is seeded by :func:`bootstrap_seed`: the base seed and the
+  scores resampled. Wherever the same patients' scores are bootstrapped (the console and
+  ``metrics.json``, the site's disclosed document, the report's cells), the resamples and so
+  the interval are the same.
 
 The built-in metrics (``auc``, ``average_precision``, ``brier``, ``ece``, ``sensitivity``,
 ``specificity``) are computed on all bootstrap resamples at once with numpy (rank-based AUC), so
@@ -43,6 +47,7 @@ __all__ = [
     "binary_metrics",
     "bootstrap_ci",
     "bootstrap_metrics",
+    "bootstrap_seed",
     "calibration_bins",
     "check_binary_inputs",
     "choose_threshold",
@@ -584,6 +589,29 @@ def derive_seed(seed: int, *keys: object) -> int:
     """
     text = "\x1f".join(str(k) for k in keys)
     return int(np.random.SeedSequence([seed, zlib.crc32(text.encode())]).generate_state(1)[0])
+
+
+def bootstrap_seed(seed: int, y_score: npt.ArrayLike) -> int:
+    """The bootstrap seed of one set of patients: the base seed and the scores resampled.
+
+    The one seeding rule of every per-site interval (a site's splits in ``metrics.json`` and in
+    its disclosed document, its fairness cells, a cross-site cell): the seed depends on the
+    patients' scores, in order, and their number only, so the same patients' same scores give
+    the same resamples, and the same interval, whichever code path bootstraps them.
+
+    Parameters
+    ----------
+    seed : int
+        Base seed (the experiment's ``seed``).
+    y_score : array-like
+        The scores of the patients resampled, as float64.
+
+    Returns
+    -------
+    int
+    """
+    s = np.ascontiguousarray(y_score, dtype=np.float64).ravel()
+    return derive_seed(seed, zlib.crc32(s.tobytes()), s.size)
 
 
 def _stratified_indices(y: IntArray, n_boot: int, rng: np.random.Generator) -> IntArray:

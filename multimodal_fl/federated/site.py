@@ -87,7 +87,9 @@ handlers compute with the effective threshold the gate writes into
 ``request.config["min_cell"]``, and a site with fewer than that many training patients
 declines ``init``, ``info``, ``moments`` and ``fit`` (``SiteRefused``) without training.
 
-Randomness: every generator is seeded from ``site_seed(seed, site, round)``.
+Randomness: every training generator is seeded from ``site_seed(seed, site, round)``; every
+bootstrap interval from :func:`~multimodal_fl.evaluation.metrics.bootstrap_seed` (the seed
+and the scores resampled).
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ from multimodal_fl.evaluation.histograms import (
     label_counts,
     level_census,
 )
-from multimodal_fl.evaluation.metrics import MetricValue, binary_metrics, derive_seed
+from multimodal_fl.evaluation.metrics import MetricValue, binary_metrics
 from multimodal_fl.evaluation.recalibration import (
     CONFIG_KEYS,
     Recalibration,
@@ -733,8 +735,7 @@ class FusionSite:
             subgroup_summaries=self.gate.policy.subgroup_summaries, pooled=pooled)
         disclosed["recalibration"] = recalibration_summary(frame, disclosed, **recalibration)
         by_split, site_doc = predict_metrics(frame, self.data, disclosed, min_cell=min_cell,
-                                             n_boot=ev.n_boot, seed=self.cfg.seed,
-                                             where=self.name)
+                                             n_boot=ev.n_boot, seed=self.cfg.seed)
         self._hold_test_histograms(frame, min_cell, pooled=pooled)
         flat: dict[str, float] = {}
         for split, values in by_split.items():
@@ -944,7 +945,7 @@ class FusionSite:
         row = released_metric(
             test["label"].to_numpy(), test["score"].to_numpy(), metric=metric,
             min_cell=min_cell, n_boot=int(c.get("n_boot", self.cfg.evaluation.n_boot)),
-            seed=derive_seed(int(c.get("seed", self.cfg.seed)), name, self.name))
+            seed=int(c.get("seed", self.cfg.seed)))
         values = {metric: row["value"], f"{metric}/lo": row["lo"], f"{metric}/hi": row["hi"]}
         metrics = {k: float(v) for k, v in values.items() if pd.notna(v) and np.isfinite(v)}
         doc = {"model": name, "test_site": self.name, "metric": metric,
@@ -956,7 +957,7 @@ class FusionSite:
 
 
 def predict_metrics(frame: pd.DataFrame, data: SiteData, disclosed: Mapping[str, Any], *,
-                    min_cell: int, n_boot: int, seed: int, where: str
+                    min_cell: int, n_boot: int, seed: int
                     ) -> tuple[dict[str, dict[str, MetricValue]], dict[str, Any]]:
     """A site's metrics per split and its ``site_metrics`` document (``metrics.json``'s
     ``sites`` entry), withholding what its report document withholds.
@@ -978,9 +979,8 @@ def predict_metrics(frame: pd.DataFrame, data: SiteData, disclosed: Mapping[str,
     min_cell : int
         The effective small-cell threshold.
     n_boot, seed : int
-        The intervals' bootstrap.
-    where : str
-        Names the site in the bootstrap seeds.
+        The intervals' bootstrap (``seed``: the base seed; each split's is derived from its
+        scores, as in ``disclosed``).
 
     Returns
     -------
@@ -990,7 +990,7 @@ def predict_metrics(frame: pd.DataFrame, data: SiteData, disclosed: Mapping[str,
         The cohort's counts and ``metrics`` (``by_split``).
     """
     # the same cells suppressed as in the site's report document (its class rule too)
-    by_split = as_disclosed(metrics_by_split(frame, n_boot=n_boot, seed=seed, where=where,
+    by_split = as_disclosed(metrics_by_split(frame, n_boot=n_boot, seed=seed,
                                              min_cell=min_cell), disclosed)
     site_doc = {**site_summary(data, min_cell=min_cell), "metrics": by_split}
     if disclosed.get("pooled"):  # with the training and validation positives: the test split's

@@ -19,7 +19,7 @@ from multimodal_fl.evaluation.disclosed import class_reason
 from multimodal_fl.evaluation.metrics import (
     MetricValue,
     binary_metrics,
-    derive_seed,
+    bootstrap_seed,
     suppress_cells,
 )
 from multimodal_fl.fusion import FusionModel
@@ -174,7 +174,7 @@ def predictions_frame(model: FusionModel, data: SiteData, *,
 
 
 def metrics_by_split(frame: pd.DataFrame, *, n_boot: int = 0, seed: int = 0,
-                     where: str = "", min_cell: int = 0) -> dict[str, dict[str, MetricValue]]:
+                     min_cell: int = 0) -> dict[str, dict[str, MetricValue]]:
     """AUC, AP, Brier and ECE per split of a :func:`predictions_frame` (undefined ones say why).
 
     Under the small-cell rule (``min_cell > 0``) a split of fewer than ``min_cell`` patients
@@ -193,8 +193,9 @@ def metrics_by_split(frame: pd.DataFrame, *, n_boot: int = 0, seed: int = 0,
     n_boot : int, default 0
         Bootstrap resamples for 95% intervals.
     seed : int, default 0
-    where : str
-        Names the cell in derived bootstrap seeds.
+        Base seed; a split's bootstrap is seeded by it and the split's scores
+        (:func:`~multimodal_fl.evaluation.metrics.bootstrap_seed`), as the site's disclosed
+        document and the report's cells are, so they show the same interval.
     min_cell : int, default 0
         The small-cell threshold in force (0: none).
 
@@ -212,10 +213,10 @@ def metrics_by_split(frame: pd.DataFrame, *, n_boot: int = 0, seed: int = 0,
             out[s] = {m: MetricValue.undefined(hidden[s]) for m in EVAL_METRICS}
             continue
         y = part["label"].to_numpy(dtype=np.int64)
+        scores = part["score"].to_numpy(dtype=np.float64)
         out[s] = binary_metrics(
-            y, part["score"].to_numpy(dtype=np.float64),
-            metrics=list(EVAL_METRICS), n_boot=n_boot, seed=derive_seed(seed, where, s),
-            min_cell=min_cell,
+            y, scores, metrics=list(EVAL_METRICS), n_boot=n_boot,
+            seed=bootstrap_seed(seed, scores), min_cell=min_cell,
         )
         if min_cell > 0:  # the rule of the site's report document: a class metric needs
             n_pos = int(y.sum())  # min_cell patients of each class
