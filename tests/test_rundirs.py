@@ -658,3 +658,27 @@ def test_the_model_card_of_a_dp_model_says_so(runs: dict[str, Path], tmp_path: P
     assert "## Differential privacy" in text and "noise multiplier 1.1" in text
     assert "| site_a | 2.99 | 1e-05 | 3 |" in text
     assert "| None |" not in text  # a withheld count is a dash, not Python's None
+
+
+def test_the_model_card_says_why_a_sites_patients_are_withheld(runs: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    """A site whose total its split counts would give away shows a dash for its patients, and
+    the card says what a dash means (it said nothing: a withheld total read as missing)."""
+    from multimodal_fl.engines.finish import WITHHELD_COUNT, write_model_card
+
+    run = tmp_path / "fed"
+    shutil.copytree(runs["fed"], run)
+    cfg = load_config(run / "config.yaml", saved=True)
+    manifest = read_manifest(run)
+    assert manifest is not None
+    metrics = json.loads((run / "metrics.json").read_text())
+    site = sorted(metrics["sites"])[0]
+    metrics["sites"][site]["n_patients"] = None  # as predict_metrics withholds it
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    card_json, md = write_model_card(run, cfg, manifest)
+    assert json.loads(card_json.read_text())["performance"]["sites"][site]["n_patients"] is None
+    text = md.read_text()
+    performance = text.split("## Per-site performance")[1]
+    row = next(line for line in performance.splitlines() if line.startswith(f"| {site} |"))
+    assert row.split("|")[2].strip() == "—"
+    assert WITHHELD_COUNT in text and "training count leaves with every fit" in text

@@ -39,6 +39,7 @@ __all__ = [
     "CARD_JSON",
     "CARD_MD",
     "REPORT_DIR",
+    "WITHHELD_COUNT",
     "FinishedRun",
     "finish_run",
     "model_files",
@@ -53,6 +54,13 @@ REPORT_DIR = "report"
 #: The model card, beside the weights.
 CARD_JSON = "model_card.json"
 CARD_MD = "model_card.md"
+#: What a dash in the card's counts means (``model_card.md``, below the per-site table).
+WITHHELD_COUNT = (
+    "A dash is a count the site withheld: one on fewer than `min_cell` patients, or one from "
+    "which such a count would follow by subtraction. A site's patients are withheld when its "
+    "small splits hold fewer than `min_cell` patients in all: its training count leaves with "
+    "every fit and its other splits' counts in its replies, so its total would give the small "
+    "splits away.")
 
 _LIMITATIONS = (
     "Measured only on the sites listed, on their test split; performance at any other site is "
@@ -302,13 +310,17 @@ def _card_markdown(card: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     report = card["performance"]["report_sites"] or {}
+    withheld = False
     for site, row in card["performance"]["sites"].items():
         cells = report.get(site, {})
         counts = ["—" if row.get(k) is None else row[k]  # withheld: a dash, not None
                   for k in ("n_patients", "n_positive", "n_test")]
+        withheld = withheld or "—" in counts
         lines.append(f"| {site} | {counts[0]} | {counts[1]} | {counts[2]} | "
                      f"{_value(row.get('auc'))} | {_value(cells.get('sensitivity'))} | "
                      f"{_value(cells.get('specificity'))} |")
+    if withheld:
+        lines += ["", WITHHELD_COUNT]
     lines += ["", "## Limitations", "", *[f"- {x}" for x in card["limitations"]], "",
               "Score new patients: `mmfl predict RUN_DIR SITE_DIR --out predictions.csv"
               + (" --model-site SITE" if card["engine"] == "local" else "") + "`.", ""]

@@ -39,7 +39,10 @@ least ``m`` patients):
   subtraction. When the suppressed groups of an attribute hold fewer than ``m`` patients in
   all, the next smallest group is suppressed too; when the groups whose class counts are
   hidden hold between 1 and ``m - 1`` positives (or negatives) in all, the next smallest group's
-  class counts are hidden too. The splits are treated the same way against the site's total;
+  class counts are hidden too. The splits are public (:func:`split_suppression`: the training
+  count leaves with every ``fit``, the validation count at ``evaluate``, the test count in the
+  cells), so where small splits hold fewer than ``m`` patients (or of a class) in all, the
+  site's total (its positives) is withheld instead, never another split;
 * the ROC points and the calibration bins share one partition of the score range into steps on
   the fine grid of ``n_bins`` bins (:func:`score_steps`): every step holds 0 or at least ``m``
   positives and 0 or at least ``m`` negatives, so no difference of released cumulative counts
@@ -61,7 +64,7 @@ released counts never gives what another site hides.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -119,6 +122,7 @@ __all__ = [
     "released_metric",
     "score_steps",
     "site_disclosure",
+    "split_suppression",
 ]
 
 #: The version of the document :func:`site_disclosure` writes and :func:`read_disclosure` reads.
@@ -422,11 +426,14 @@ class Suppression:
 
     hidden: dict[str, str]
     classes_hidden: dict[str, str]
+    total: str | None = None
+    total_classes: str | None = None
 
 
 def complementary_suppression(
     parts: Mapping[str, tuple[int, int]], *, min_cell: int, what: str = "group",
     total_released: bool = True, classes_released: bool = True,
+    public: Collection[str] = (),
 ) -> Suppression:
     """Cells to hide so that no released set of cells reveals a small one by subtraction.
 
@@ -444,15 +451,22 @@ def complementary_suppression(
         The total's patient count is released (the site's row is shown).
     classes_released : bool
         The total's class counts are released.
+    public : collection of str
+        Parts whose count (and class counts) leave the site elsewhere anyway when they are 0
+        or at least ``min_cell``: never hidden to protect another part (the splits: the
+        training count leaves with every ``fit``, the validation count at ``evaluate``, the
+        test count in the cells and the cross-site matrix). Where only public parts are left
+        to hide, the total is withheld instead (``total``, ``total_classes``).
 
     Returns
     -------
     Suppression
         ``hidden``: parts on 1 to ``min_cell - 1`` patients, and as many of the next
-        smallest as it takes for the hidden parts to hold ``min_cell`` patients in all;
-        ``classes_hidden``: parts whose class counts are not releasable (a class of 1 to
-        ``min_cell - 1``), and the next smallest until the hidden class counts add up to 0
-        or at least ``min_cell`` in each class.
+        smallest (not public) as it takes for the hidden parts to hold ``min_cell`` patients
+        in all; ``classes_hidden``: parts whose class counts are not releasable (a class of 1
+        to ``min_cell - 1``), and the next smallest until the hidden class counts add up to 0
+        or at least ``min_cell`` in each class; ``total`` (``total_classes``): why the total's
+        patient count (its class counts) must be withheld, when no part is left to hide.
     """
     order = sorted(parts, key=lambda g: (parts[g][0], g))
     hidden = {g: f"fewer than {min_cell} patients" for g in order
@@ -464,10 +478,15 @@ def complementary_suppression(
             classes[g] = f"fewer than {min_cell} {'positives' if 0 < p < min_cell else 'negatives'}"
     complementary = (f"complementary suppression: the other suppressed {what} cells hold fewer "
                      f"than {min_cell} patients")
+    total: str | None = None
+    total_classes: str | None = None
     while True:
         if total_released and hidden and sum(parts[g][0] for g in hidden) < min_cell:
-            rest = [g for g in order if g not in hidden and parts[g][0] > 0]
+            rest = [g for g in order if g not in hidden and parts[g][0] > 0 and g not in public]
             if not rest:
+                total = total_classes = (f"complementary suppression: the suppressed {what} "
+                                         f"cells hold fewer than {min_cell} patients and the "
+                                         f"other {what} counts leave the site")
                 break
             hidden[rest[0]] = complementary
             classes.pop(rest[0], None)
@@ -476,13 +495,50 @@ def complementary_suppression(
         if total_released and classes_released and covered:
             pos = sum(parts[g][1] for g in covered)
             neg = sum(parts[g][0] - parts[g][1] for g in covered)
-            rest = [g for g in order if g not in covered and parts[g][0] > 0]
-            if rest and not (_releasable(pos, min_cell) and _releasable(neg, min_cell)):
-                classes[rest[0]] = (f"complementary suppression: the {what} cells whose class "
-                                    f"counts are hidden hold fewer than {min_cell} of a class")
-                continue
+            if not (_releasable(pos, min_cell) and _releasable(neg, min_cell)):
+                rest = [g for g in order if g not in covered and parts[g][0] > 0
+                        and g not in public]
+                if rest:
+                    classes[rest[0]] = (f"complementary suppression: the {what} cells whose "
+                                        f"class counts are hidden hold fewer than {min_cell} "
+                                        "of a class")
+                    continue
+                total_classes = (f"complementary suppression: the {what} cells whose class "
+                                 f"counts are hidden hold fewer than {min_cell} of a class and "
+                                 f"the other {what} class counts leave the site")
         break
-    return Suppression(hidden, classes)
+    return Suppression(hidden, classes, total, total_classes)
+
+
+def split_suppression(frame: pd.DataFrame, *, min_cell: int) -> Suppression:
+    """What a site withholds of its split and total counts, over everything it sends in a run.
+
+    Each split's size is public once it is 0 or at least ``min_cell``: the training count
+    leaves with every ``fit`` (FedAvg weights by it; in a secured round too), ``info`` and
+    ``local_train``, the validation count at ``evaluate``, the test count in the fairness cells,
+    the pooled form and the cross-site matrix. So a small split is never protected by hiding
+    another split (its count has left already): the site's total (``n_patients``, the
+    ``predict`` reply's ``n_samples``, the model card's patients) is withheld instead when
+    the small splits hold fewer than ``min_cell`` patients in all, and its positives when the
+    splits whose class counts are hidden hold fewer than ``min_cell`` of a class.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        The site's predictions (``split``, ``label``).
+    min_cell : int
+        The effective small-cell threshold.
+
+    Returns
+    -------
+    Suppression
+        ``hidden`` and ``classes_hidden`` by split; ``total`` and ``total_classes``.
+    """
+    parts = {}
+    for split in SPLITS:
+        y = frame.loc[frame["split"] == split, "label"].to_numpy(dtype=np.int64)
+        parts[split] = (int(y.size), int(y.sum()))
+    return complementary_suppression(parts, min_cell=min_cell, what="split", public=SPLITS)
 
 
 def class_reason(metric: str, n_pos: int, n_neg: int, min_cell: int) -> str | None:
@@ -726,13 +782,11 @@ def _splits(frame: pd.DataFrame, *, threshold: float, min_cell: int, n_boot: int
     (:func:`~multimodal_fl.evaluation.metrics.bootstrap_seed`), as the fairness cells and
     ``metrics.json`` are: the test split's figures equal the site's own cell.
     """
-    parts = {}
+    sup = split_suppression(frame, min_cell=min_cell)
+    out: dict[str, SplitSummary] = {}
     for split in SPLITS:
         y = frame.loc[frame["split"] == split, "label"].to_numpy(dtype=np.int64)
-        parts[split] = (int(y.size), int(y.sum()))
-    sup = complementary_suppression(parts, min_cell=min_cell, what="split")
-    out: dict[str, SplitSummary] = {}
-    for split, (n, n_pos) in parts.items():
+        n, n_pos = int(y.size), int(y.sum())
         if split in sup.hidden:
             out[split] = SplitSummary(n=None, n_pos=None, reason=sup.hidden[split])
             continue

@@ -110,10 +110,10 @@ from torch import nn
 from multimodal_fl.config import ExperimentConfig, SitePolicy, load_policy
 from multimodal_fl.encoders.tabular import Standardizer
 from multimodal_fl.evaluation.disclosed import (
-    complementary_suppression,
     recalibration_summary,
     released_metric,
     site_disclosure,
+    split_suppression,
 )
 from multimodal_fl.evaluation.histograms import (
     OVERALL,
@@ -747,7 +747,9 @@ class FusionSite:
             Doc.SITE_METRICS: pack_document(jsonable(site_doc)),
             Doc.DISCLOSED: pack_document(disclosed),
         }
-        return self._reply(request, n_samples=len(frame), metrics=flat, documents=documents)
+        # the total only where the splits' counts that leave give no small cell from it
+        total = len(frame) if site_doc["n_patients"] is not None else 0
+        return self._reply(request, n_samples=total, metrics=flat, documents=documents)
 
     def _joins_pooling(self, request: Request) -> bool:
         """The server asks for pooled test figures and this site's policy answers ``secure_sum``.
@@ -803,17 +805,15 @@ class FusionSite:
         whose classes are each 0 or at least ``min_cell`` discloses its validation histogram
         at ``evaluate`` and its positives at ``predict`` (the server fits on those as
         disclosed), and the sum's total minus them would be the other sites' hidden counts.
-        A site whose validation size is withheld (below ``min_cell``, or as the complement
-        of a small split) does not join either: the total would give it.
+        A site whose validation size is withheld (below ``min_cell``) does not join either:
+        the total would give it. (A validation split of ``min_cell`` or more is never withheld
+        to protect another split: :func:`~multimodal_fl.evaluation.disclosed.
+        split_suppression`.)
         """
-        parts = {name: (len(split), int((split.labels > 0.5).sum()))
-                 for name, split in (("train", self.data.train), ("val", self.data.val),
-                                     ("test", self.data.test))}
-        n, pos = parts["val"]
+        val = self.data.val
+        n, pos = len(val), int((val.labels > 0.5).sum())
         if n < min_cell:
             return f"fewer than {min_cell} validation patients"
-        if "val" in complementary_suppression(parts, min_cell=min_cell, what="split").hidden:
-            return "the validation split's size is withheld (complementary suppression)"
         if (pos == 0 or pos >= min_cell) and (n - pos == 0 or n - pos >= min_cell):
             return ("this site's validation class counts are released (at evaluate and "
                     "predict): the server fits on its disclosed histogram, not on a sum")
@@ -965,8 +965,12 @@ def predict_metrics(frame: pd.DataFrame, data: SiteData, disclosed: Mapping[str,
     The cells suppressed are those of ``disclosed`` (:func:`as_disclosed`: its class rule, and
     the pooled form's withheld threshold metrics); a site whose document is in the pooled form
     (``disclosed["pooled"]``) releases no ``n_positive`` either: with the training and
-    validation positives it would give the test split's. The federated site's ``predict`` reply
-    and the in-process centralized engine both use it.
+    validation positives it would give the test split's. The site's total (``n_patients`` and
+    its ``modality_counts``; its ``n_positive``) is withheld where the split counts the site
+    sends anyway in a run would give a small split from it
+    (:func:`~multimodal_fl.evaluation.disclosed.split_suppression`: the training count leaves
+    with every fit). The federated site's ``predict`` reply and the in-process centralized
+    engine both use it.
 
     Parameters
     ----------
@@ -993,7 +997,12 @@ def predict_metrics(frame: pd.DataFrame, data: SiteData, disclosed: Mapping[str,
     by_split = as_disclosed(metrics_by_split(frame, n_boot=n_boot, seed=seed,
                                              min_cell=min_cell), disclosed)
     site_doc = {**site_summary(data, min_cell=min_cell), "metrics": by_split}
-    if disclosed.get("pooled"):  # with the training and validation positives: the test split's
+    sup = split_suppression(frame, min_cell=min_cell)
+    if sup.total is not None:  # the splits' sizes leave anyway: the total gives the small ones
+        site_doc["n_patients"] = None
+        site_doc["modality_counts"] = dict.fromkeys(site_doc["modality_counts"])
+    if disclosed.get("pooled") or sup.total_classes is not None:
+        # with the released positives of the splits: a hidden split's (or the test split's)
         site_doc["n_positive"] = None
     return by_split, site_doc
 

@@ -15,12 +15,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from multimodal_fl.evaluation.disclosed import class_reason
+from multimodal_fl.evaluation.disclosed import class_reason, split_suppression
 from multimodal_fl.evaluation.metrics import (
     MetricValue,
     binary_metrics,
     bootstrap_seed,
-    suppress_cells,
 )
 from multimodal_fl.fusion import FusionModel
 from multimodal_fl.training.dataset import CohortDataset, SiteData
@@ -179,9 +178,10 @@ def metrics_by_split(frame: pd.DataFrame, *, n_boot: int = 0, seed: int = 0,
 
     Under the small-cell rule (``min_cell > 0``) a split of fewer than ``min_cell`` patients
     shows no figure and no count (every metric undefined, reason ``"fewer than <min_cell>
-    patients"``), and neither does a split whose size would otherwise follow from the others
-    and the site's total (complementary suppression,
-    :func:`~multimodal_fl.evaluation.metrics.suppress_cells`); AUC and average precision also
+    patients"``); a larger split is shown, since its size leaves the site anyway (the training
+    count with every ``fit``), and the site's total is withheld instead where the small splits
+    would follow from it (:func:`~multimodal_fl.evaluation.disclosed.split_suppression`); AUC
+    and average precision also
     need ``min_cell`` patients of each class
     (:func:`~multimodal_fl.evaluation.disclosed.class_reason`, the rule of the site's report
     document), so the console, ``metrics.json`` and the report hide the same cells.
@@ -205,8 +205,7 @@ def metrics_by_split(frame: pd.DataFrame, *, n_boot: int = 0, seed: int = 0,
         ``{split: {metric: MetricValue}}`` for train, val, test.
     """
     parts = {s: frame[frame["split"] == s] for s in SPLITS}
-    hidden = suppress_cells({s: (len(p),) for s, p in parts.items()}, min_cell,
-                            total=(len(frame),)) if min_cell > 0 else {}
+    hidden = split_suppression(frame, min_cell=min_cell).hidden if min_cell > 0 else {}
     out: dict[str, dict[str, MetricValue]] = {}
     for s, part in parts.items():
         if s in hidden:
