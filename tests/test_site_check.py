@@ -237,8 +237,13 @@ def test_site_check_refuses_what_is_no_site_and_node_config_flower_would_drop(
     """Found by a CLI bug hunt: an empty folder showed the default policy; 'min-cell 20'
     (no '=') was dropped by Flower's parser and the site ran under min_cell 5; an unquoted
     text value got Flower's boxed message, naming no option."""
-    empty = runner.invoke(app, ["site", "check", str(tmp_path)])
+    (tmp_path / "nothing").mkdir()
+    empty = runner.invoke(app, ["site", "check", str(tmp_path / "nothing")])
     assert empty.exit_code == 2 and "site directory is empty" in empty.output
+    # a folder of sites is not "empty": it holds sites, one of which is wanted
+    sites = runner.invoke(app, ["site", "check", str(tmp_path)])
+    assert sites.exit_code == 2 and "holds 1 site folder(s) (site_b), not one site's data" in \
+        " ".join(sites.output.split())
     res = runner.invoke(app, ["site", "check", str(site_b), "--node-config", "min-cell 20"])
     assert res.exit_code == 2 and "'min-cell' is not key=value" in res.output
     res = runner.invoke(app, ["site", "check", str(site_b), "--node-config",
