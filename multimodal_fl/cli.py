@@ -687,9 +687,9 @@ def _state_line(state: dict[str, Any], budget: float | None) -> str:
 def _kind_line(kind: str, entry: dict[str, Any]) -> str:
     """One request kind's line of ``mmfl site check``."""
     if kind == "pca":
-        return "; ".join(f"{m}: {r['n']} patients, at most {r['rank_cap']} rows"
-                         + (" (declines)" if r["rank_cap"] == 0 else "")
-                         for m, r in entry.items())
+        return _pca_line(entry)
+    if kind == "secure_sum":
+        return _secure_sum_line(entry)
     if not entry.get("released"):
         return f"not answered: {entry.get('refused') or entry.get('failed')}"
     carried = [f"n_samples {entry['n_samples']}"] if entry.get("n_samples") else []
@@ -698,8 +698,36 @@ def _kind_line(kind: str, entry: dict[str, Any]) -> str:
         if entry.get(field):
             carried.append(f"{field} {', '.join(entry[field])}")
     line = "releases " + ("; ".join(carried) or "nothing")
-    suppressed = entry.get("suppressed", []) + entry.get("cells_suppressed", [])
+    if entry.get("holds"):
+        line += f" in its reply; holds {entry['holds']} for a secure sum (secure_sum below)"
+    suppressed = entry.get("suppressed", [])
     return line + "".join(f"\n      suppressed: {s}" for s in suppressed)
+
+
+def _pca_line(entry: dict[str, Any]) -> str:
+    """``mmfl site check``'s pca line: per modality and split, the rows, or the refusal."""
+    reasons = {r.get("refused") for r in entry.values()}
+    if entry and None not in reasons and len(reasons) == 1:
+        return f"not answered: {reasons.pop()}"
+    return "; ".join(f"{m}: {r['n']} patients, " + (
+        f"not answered: {r['refused']}" if r.get("refused") else
+        f"at most {r['rank_cap']} rows" + (" (declines)" if r["rank_cap"] == 0 else ""))
+        for m, r in entry.items())
+
+
+def _secure_sum_line(entry: dict[str, Any]) -> str:
+    """``mmfl site check``'s secure_sum line: each vector the site holds, joined or not."""
+    if not entry:
+        return "holds no vector to sum"
+    out = []
+    for vector, step in entry.items():
+        if step.get("released"):
+            out.append(f"{vector}: joins (its first step releases arrays "
+                       f"{', '.join(step.get('arrays', []))}: public keys; the vector leaves "
+                       "only masked, and only the total of at least 3 sites is unmasked)")
+        else:
+            out.append(f"{vector}: not answered: {step.get('refused') or step.get('failed')}")
+    return "per vector held, its first step:" + "".join(f"\n      {line}" for line in out)
 
 
 @app.command("pca")
