@@ -496,7 +496,7 @@ def report_cmd(
     matrix: the server's run directory of a deployment is enough.
     """
     from multimodal_fl.evaluation.report import OldRunDirectory, write_report
-    from multimodal_fl.rundir import RunDirError, read_manifest
+    from multimodal_fl.rundir import RunDirError, describe_status, read_manifest
 
     for run in run_dirs:
         if not run.exists():
@@ -510,7 +510,8 @@ def report_cmd(
         if manifest is None:
             fail(f"{run}: not a run directory (no metrics.json); run `mmfl train` first")
         why = f" ({manifest.error})" if manifest.error else ""
-        fail(f"{run}: the {manifest.engine} run there is {manifest.status}{why} and has no "
+        fail(f"{run}: the {manifest.engine} run there is {describe_status(run, manifest)}{why} "
+             "and has no "
              f"results yet; finish it with `mmfl train --resume {run}`")
     target = out or run_dirs[0] / "report"
     try:
