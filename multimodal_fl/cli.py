@@ -22,6 +22,32 @@ from rich.console import Console
 
 from multimodal_fl.config import ConfigError, config_schema, load_config
 
+
+def _keep_argument_help() -> None:
+    """Make ``typer.Argument(help=...)`` show in ``--help`` again.
+
+    typer 0.20's ``TyperArgument`` sets ``self.help`` and then calls ``click.Argument.__init__``
+    without it; click 8.2+ accepts ``help`` for arguments and sets it to ``None``, so every
+    argument's help string was dropped. The help is set again after click's own ``__init__``.
+    """
+    from typer.core import TyperArgument
+
+    init = TyperArgument.__init__
+    if getattr(init, "keeps_help", False):
+        return
+
+    def __init__(self: TyperArgument, *args: Any, help: str | None = None,
+                 **kwargs: Any) -> None:
+        init(self, *args, help=help, **kwargs)
+        if self.help is None:
+            self.help = help
+
+    __init__.keeps_help = True  # type: ignore[attr-defined]
+    TyperArgument.__init__ = __init__  # type: ignore[method-assign]
+
+
+_keep_argument_help()
+
 app = typer.Typer(
     rich_markup_mode="markdown",  # a docstring paragraph is reflowed, not cut where its source is
     name="mmfl",
