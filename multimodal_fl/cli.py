@@ -22,6 +22,32 @@ from rich.console import Console
 
 from multimodal_fl.config import ConfigError, config_schema, load_config
 
+
+def _keep_argument_help() -> None:
+    """Make ``typer.Argument(help=...)`` show in ``--help`` again.
+
+    typer 0.20's ``TyperArgument`` sets ``self.help`` and then calls ``click.Argument.__init__``
+    without it; click 8.2+ accepts ``help`` for arguments and sets it to ``None``, so every
+    argument's help string was dropped. The help is set again after click's own ``__init__``.
+    """
+    from typer.core import TyperArgument
+
+    init = TyperArgument.__init__
+    if getattr(init, "keeps_help", False):
+        return
+
+    def __init__(self: TyperArgument, *args: Any, help: str | None = None,
+                 **kwargs: Any) -> None:
+        init(self, *args, help=help, **kwargs)
+        if self.help is None:
+            self.help = help
+
+    __init__.keeps_help = True  # type: ignore[attr-defined]
+    TyperArgument.__init__ = __init__  # type: ignore[method-assign]
+
+
+_keep_argument_help()
+
 app = typer.Typer(
     rich_markup_mode="markdown",  # a docstring paragraph is reflowed, not cut where its source is
     name="mmfl",
@@ -303,13 +329,16 @@ def _starting(quiet: bool) -> Any:
 
 
 def _progress_view(quiet: bool, cfg: Any, stop_after_round: int | None) -> Any:
-    """The progress bars of ``mmfl train`` on stderr (``--quiet``: none; no callback)."""
+    """The progress bars of ``mmfl train`` (and ``mmfl predict``: ``cfg`` None, no rounds) on
+    stderr (``--quiet``: none; no callback)."""
     from contextlib import nullcontext
 
     from multimodal_fl.progress_view import ProgressView
 
     if quiet:
         return nullcontext(None)
+    if cfg is None:
+        return ProgressView(err_console)
     last = cfg.federated.rounds
     if stop_after_round is not None:
         last = min(last, stop_after_round)
@@ -520,7 +549,7 @@ def report_cmd(
     matrix: the server's run directory of a deployment is enough.
     """
     from multimodal_fl.evaluation.report import OldRunDirectory, write_report
-    from multimodal_fl.rundir import RunDirError, read_manifest
+    from multimodal_fl.rundir import RunDirError, describe_status, read_manifest
 
     for run in run_dirs:
         if not run.exists():
@@ -534,7 +563,8 @@ def report_cmd(
         if manifest is None:
             fail(f"{run}: not a run directory (no metrics.json); run `mmfl train` first")
         why = f" ({manifest.error})" if manifest.error else ""
-        fail(f"{run}: the {manifest.engine} run there is {manifest.status}{why} and has no "
+        fail(f"{run}: the {manifest.engine} run there is {describe_status(run, manifest)}{why} "
+             "and has no "
              f"results yet; finish it with `mmfl train --resume {run}`")
     target = out or run_dirs[0] / "report"
     try:
@@ -578,8 +608,9 @@ def _refresh_model_card(run: Path, report_json: Path) -> None:
 def predict_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A completed run directory.")],
     site_dir: Annotated[Path, typer.Argument(help="The site directory to score.")],
-    out: Annotated[Path, typer.Option("--out", help="CSV to write (patient_id, score, label, "
-                                      "predicted).")],
+    out: Annotated[Path, typer.Option("--out", help="CSV to write (patient_id, score, "
+                                      "score_raw, label, predicted); not inside RUN_DIR or "
+                                      "SITE_DIR.")],
     model_site: Annotated[
         str | None,
         typer.Option("--model-site", help="Local-only runs: whose model to use."),
@@ -587,31 +618,87 @@ def predict_cmd(
     site_name: Annotated[
         str | None, typer.Option("--site-name", help="The site's name (default: its folder's).")
     ] = None,
+    own_threshold: Annotated[bool, typer.Option(
+        "--own-threshold", help="With --site-name naming a training site of a global model: "
+        "its own threshold (the one its report applied), not the run's global one.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the file already at --out.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Score a site's patients with a trained model, at the run's decision threshold.
 
     A federated or centralized run has one global model; a local-only run one per site
     (choose with --model-site). The label column is the task's label as the site's records
-    give it; predicted is score >= the run's threshold (its model card's).
+    give it; predicted is score >= the run's threshold (its model card's: a global model's is
+    the sites' common threshold, else their median; --own-threshold uses a training site's
+    own). Prints the records skipped, the modalities present and why patients were not
+    scored. --out must be a new file outside RUN_DIR and SITE_DIR (--overwrite replaces a file).
     """
     from multimodal_fl.data.errors import DataError
-    from multimodal_fl.engines.predict import predict_site
 
-    if out.is_dir():
-        fail(f"--out {out}: is a folder; give a CSV file name")
+    _check_predict_out(out, run_dir, site_dir, overwrite=overwrite)
+    with _starting(quiet):
+        from multimodal_fl.engines.predict import predict_site
     try:
-        result = predict_site(run_dir, site_dir, model_site=model_site, site_name=site_name)
+        with _progress_view(quiet, None, None) as view:
+            result = predict_site(run_dir, site_dir, model_site=model_site, site_name=site_name,
+                                  own_threshold=own_threshold, progress=view)
     except (DataError, ConfigError, ValueError, RuntimeError) as exc:
         fail(_why(exc))
     out.parent.mkdir(parents=True, exist_ok=True)
     result.frame.to_csv(out, index=False)
+    _print_prediction(result)
+    console.print(f"wrote {out}", highlight=False, soft_wrap=True)
+
+
+def _check_predict_out(out: Path, run_dir: Path, site_dir: Path, *, overwrite: bool) -> None:
+    """``mmfl predict --out``: a CSV file that may be written, checked before any work.
+
+    Refused: a folder, a path inside the run or the site directory (the run's own files, and the
+    site's records, are never replaced), an existing file without ``--overwrite``, a parent
+    that is a file or not writable.
+    """
+    if out.is_dir():
+        fail(f"--out {out}: is a folder; give a CSV file name")
+    target = out.resolve()
+    for what, folder in (("RUN_DIR", run_dir), ("SITE_DIR", site_dir)):
+        if target.is_relative_to(folder.resolve()):
+            fail(f"--out {out}: inside {what} {folder}; predictions are never written into the "
+                 "run or the site directory: give a file outside both")
+    if out.exists() and not overwrite:
+        fail(f"--out {out}: a file is already there; give another --out or --overwrite to "
+             "replace it")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        fail(f"--out {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        fail(f"--out {out}: {parent} is not writable")
+
+
+def _print_prediction(result: Any) -> None:
+    """What ``mmfl predict`` did: the model, the threshold and why, and what the data lacked."""
     positive = int(result.frame["predicted"].sum())
-    console.print(f"site {result.site}: {len(result.frame)} patients scored with {result.model} "
-                  f"({result.excluded} not scored: outside the cohort or no usable data); "
-                  f"{positive} predicted positive at threshold {result.threshold:.4g} "
-                  f"({result.threshold_source}); recalibration: {result.recalibration}",
-                  highlight=False)
-    console.print(f"wrote {out}")
+    lines = [f"site {result.site}: {len(result.frame)} patients scored with {result.model}; "
+             f"{positive} predicted positive at threshold {result.threshold:.4g} "
+             f"({result.threshold_source}); recalibration: {result.recalibration}"]
+    if result.skipped:
+        lines.append("records skipped: " + ", ".join(
+            f"{reason} {n}" for reason, n in sorted(result.skipped.items(), key=lambda r: -r[1])))
+    n = len(result.frame)
+    have = ", ".join(f"{m} {k}/{n}" for m, k in result.modalities.items())
+    lines.append(f"modalities of the model: {have}")
+    absent = [m for m, k in result.modalities.items() if k == 0]
+    if absent:
+        lines.append(f"  no patient has {' or '.join(absent)}: every score is made without it, "
+                     "unlike the model's training data, so scores (and who is predicted "
+                     "positive) shift")
+    if result.excluded:
+        lines.append(f"{result.excluded} not scored: " + ", ".join(
+            f"{why} {k}" for why, k in sorted(result.not_scored.items(), key=lambda r: -r[1])))
+    console.print("\n".join(lines), highlight=False, soft_wrap=True, markup=False)
 
 
 site_app = typer.Typer(help="A hospital's own view of its site.", no_args_is_help=True)
@@ -711,9 +798,9 @@ def _state_line(state: dict[str, Any], budget: float | None) -> str:
 def _kind_line(kind: str, entry: dict[str, Any]) -> str:
     """One request kind's line of ``mmfl site check``."""
     if kind == "pca":
-        return "; ".join(f"{m}: {r['n']} patients, at most {r['rank_cap']} rows"
-                         + (" (declines)" if r["rank_cap"] == 0 else "")
-                         for m, r in entry.items())
+        return _pca_line(entry)
+    if kind == "secure_sum":
+        return _secure_sum_line(entry)
     if not entry.get("released"):
         return f"not answered: {entry.get('refused') or entry.get('failed')}"
     carried = [f"n_samples {entry['n_samples']}"] if entry.get("n_samples") else []
@@ -722,8 +809,36 @@ def _kind_line(kind: str, entry: dict[str, Any]) -> str:
         if entry.get(field):
             carried.append(f"{field} {', '.join(entry[field])}")
     line = "releases " + ("; ".join(carried) or "nothing")
-    suppressed = entry.get("suppressed", []) + entry.get("cells_suppressed", [])
+    if entry.get("holds"):
+        line += f" in its reply; holds {entry['holds']} for a secure sum (secure_sum below)"
+    suppressed = entry.get("suppressed", [])
     return line + "".join(f"\n      suppressed: {s}" for s in suppressed)
+
+
+def _pca_line(entry: dict[str, Any]) -> str:
+    """``mmfl site check``'s pca line: per modality and split, the rows, or the refusal."""
+    reasons = {r.get("refused") for r in entry.values()}
+    if entry and None not in reasons and len(reasons) == 1:
+        return f"not answered: {reasons.pop()}"
+    return "; ".join(f"{m}: {r['n']} patients, " + (
+        f"not answered: {r['refused']}" if r.get("refused") else
+        f"at most {r['rank_cap']} rows" + (" (declines)" if r["rank_cap"] == 0 else ""))
+        for m, r in entry.items())
+
+
+def _secure_sum_line(entry: dict[str, Any]) -> str:
+    """``mmfl site check``'s secure_sum line: each vector the site holds, joined or not."""
+    if not entry:
+        return "holds no vector to sum"
+    out = []
+    for vector, step in entry.items():
+        if step.get("released"):
+            out.append(f"{vector}: joins (its first step releases arrays "
+                       f"{', '.join(step.get('arrays', []))}: public keys; the vector leaves "
+                       "only masked, and only the total of at least 3 sites is unmasked)")
+        else:
+            out.append(f"{vector}: not answered: {step.get('refused') or step.get('failed')}")
+    return "per vector held, its first step:" + "".join(f"\n      {line}" for line in out)
 
 
 @app.command("pca")

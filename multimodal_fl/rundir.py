@@ -52,6 +52,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from filelock import FileLock, Timeout
 from safetensors.torch import save_file
 from torch import nn
 
@@ -79,12 +80,14 @@ __all__ = [
     "config_diff",
     "config_digest",
     "default_run_dir",
+    "describe_status",
     "digest_view",
     "flatten",
     "jsonable",
     "prepare_run_dir",
     "read_cross_site",
     "read_manifest",
+    "run_in_progress",
     "save_model",
     "site_fingerprint",
     "site_summary",
@@ -686,6 +689,58 @@ def _what_is_there(path: Path) -> tuple[str, bool]:
     if any((path / name).is_file() for name in (MANIFEST, "metrics.json", "config.yaml")):
         return "a run", False
     return "", False
+
+
+def run_in_progress(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether a process still writes the run: it holds ``RUN_DIR/run.lock``.
+
+    The lock is an OS file lock, released when its process ends however it ends (``kill -9``
+    included), so a run whose ``run.json`` still says ``running`` but whose lock is free was
+    stopped before it could record its end. Nothing is written (a missing lock file is not
+    created).
+
+    Parameters
+    ----------
+    run_dir : path-like
+
+    Returns
+    -------
+    bool
+        ``True`` when the lock is held (or cannot be tried), ``False`` when it is free or
+        absent.
+    """
+    path = Path(run_dir) / RUN_LOCK
+    if not path.is_file():
+        return False
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    except OSError:  # cannot tell: believe the manifest
+        return True
+    lock.release()
+    return False
+
+
+def describe_status(run_dir: str | os.PathLike[str], manifest: RunManifest) -> str:
+    """The run's status in words, for messages: ``running`` only while a process holds its lock.
+
+    Parameters
+    ----------
+    run_dir : path-like
+    manifest : RunManifest
+
+    Returns
+    -------
+    str
+        The manifest's status, or, for a ``running`` run no process writes any more,
+        ``interrupted (its run.json says running, but no process holds its run.lock: ...)``.
+    """
+    if manifest.status == "running" and not run_in_progress(run_dir):
+        return (f"interrupted (its {MANIFEST} says running, but no process holds its "
+                f"{RUN_LOCK}: it was killed, or its machine stopped, before it recorded its end)")
+    return manifest.status
 
 
 def prepare_run_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:

@@ -46,3 +46,18 @@ def test_help_paragraphs_are_filled(path: list[str]) -> None:
     for lines in paragraphs[1:]:
         short = [line for line in lines[:-1] if len(line) < 45]
         assert not short, f"mmfl {' '.join(path)} --help breaks a paragraph early: {short}"
+
+
+@pytest.mark.parametrize(("path", "shown"), [
+    (["predict"], ["A completed run directory.", "The site directory to score.", "score_raw"]),
+    (["site", "check"], ["The site directory."]),
+    (["train"], ["Experiment YAML file."]),
+])
+def test_arguments_help_is_shown(path: list[str], shown: list[str]) -> None:
+    """Found by a bug hunt: click 8.2+ reset typer's argument help to None, so no argument's
+    help string showed (and predict's --out listed its columns without score_raw)."""
+    result = CliRunner().invoke(app, [*path, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    for words in shown:
+        assert words in text, f"mmfl {' '.join(path)} --help lacks {words!r}"

@@ -237,8 +237,13 @@ def test_site_check_refuses_what_is_no_site_and_node_config_flower_would_drop(
     """Found by a CLI bug hunt: an empty folder showed the default policy; 'min-cell 20'
     (no '=') was dropped by Flower's parser and the site ran under min_cell 5; an unquoted
     text value got Flower's boxed message, naming no option."""
-    empty = runner.invoke(app, ["site", "check", str(tmp_path)])
+    (tmp_path / "nothing").mkdir()
+    empty = runner.invoke(app, ["site", "check", str(tmp_path / "nothing")])
     assert empty.exit_code == 2 and "site directory is empty" in empty.output
+    # a folder of sites is not "empty": it holds sites, one of which is wanted
+    sites = runner.invoke(app, ["site", "check", str(tmp_path)])
+    assert sites.exit_code == 2 and "holds 1 site folder(s) (site_b), not one site's data" in \
+        " ".join(sites.output.split())
     res = runner.invoke(app, ["site", "check", str(site_b), "--node-config", "min-cell 20"])
     assert res.exit_code == 2 and "'min-cell' is not key=value" in res.output
     res = runner.invoke(app, ["site", "check", str(site_b), "--node-config",
@@ -254,3 +259,28 @@ def test_site_check_refuses_what_is_no_site_and_node_config_flower_would_drop(
                               f"policy-file='{spaced}' subgroup-summaries=false"])
     assert res.exit_code == 0, res.output
     assert "min_cell: 17" in res.output and "subgroup_summaries: False" in res.output
+
+
+def test_site_check_follows_the_gate_for_pca_and_lists_the_secure_sums(
+    site_b: Path, tiny_config: Callable[..., Path]
+) -> None:
+    """Found by a bug hunt: pca showed as answered under a policy whose ``answers`` left it
+    out, and the secure sums a run asks for were never listed (calibrate "releases nothing"
+    while its histogram leaves, masked, through secure_sum)."""
+    config = str(tiny_config("covid_oxygen"))
+    args = ["site", "check", str(site_b), "--config", config, "--name", "site_b"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "calibrate: releases nothing in its reply; holds validation_histograms" in out
+    assert "secure_sum: per vector held, its first step:" in out
+    assert "validation_histograms: " in out.split("secure_sum:")[1]
+    (site_b / "policy.yaml").write_text("answers: [info, init, moments, fit, evaluate, "
+                                        "calibrate, predict]\n")
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "pca: not answered: site policy does not answer 'pca' requests" in res.output
+    assert "validation_histograms: not answered: site policy does not answer 'secure_sum' " \
+           "requests" in res.output
+    doc = json.loads(runner.invoke(app, [*args, "--json"]).output)
+    assert all(row["rank_cap"] == 0 and row["refused"] for row in doc["kinds"]["pca"].values())

@@ -108,6 +108,34 @@ class SiteFiles:
             return str(path)
 
 
+#: Names only a site directory holds at its top (a folder holding folders with them holds sites).
+_SITE_ENTRIES = ("fhir", "images", "images.csv", "notes.csv", "labels.csv")
+
+
+def _what_it_holds(root: Path) -> str:
+    """What a folder without site data holds, and what a site holds, for the message."""
+    expected = ("no fhir/*.json or fhir/*.ndjson, no images/, no images.csv, notes.csv or "
+                "labels.csv")
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    if all(p.name in _SITE_ENTRIES or p.name == "policy.yaml" for p in entries):
+        return f"site directory is empty: {expected}"  # its folders hold nothing to read
+    site = ("a site directory holds fhir/ (*.json, *.ndjson) and optional images/, "
+            "images.csv, notes.csv, labels.csv")
+    if (root / "run.json").is_file() or ((root / "config.yaml").is_file() and (
+            (root / "metrics.json").is_file() or (root / "sites").is_dir())):
+        return (f"holds a run directory (run.json, config.yaml), not a site's data: {expected}; "
+                f"{site}")
+    sites = [p.name for p in entries
+             if p.is_dir() and any((p / name).exists() for name in _SITE_ENTRIES)]
+    if sites:
+        more = f", +{len(sites) - 3} more" if len(sites) > 3 else ""
+        return (f"holds {len(sites)} site folder(s) ({', '.join(sites[:3])}{more}), not one "
+                f"site's data: {expected}; give one of them")
+    names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:5])
+    more = f", +{len(entries) - 5} more" if len(entries) > 5 else ""
+    return f"not a site directory: it holds {names}{more}; {expected}; {site}"
+
+
 def discover_site(path: Path | str) -> SiteFiles:
     """List a site directory's files per the contract.
 
@@ -158,10 +186,7 @@ def discover_site(path: Path | str) -> SiteFiles:
             names = ", ".join(site.rel(p) for p in site.other_fhir_files[:3])
             others = (f" (fhir/ holds {len(site.other_fhir_files)} other file(s), e.g. {names}: "
                       "only .json and .ndjson files are read; decompress or convert them)")
-        raise DataError(
-            f"{root}: site directory is empty: no fhir/*.json or fhir/*.ndjson, no images/, "
-            f"no images.csv, notes.csv or labels.csv{others}"
-        )
+        raise DataError(f"{root}: {_what_it_holds(root)}{others}")
     return site
 
 

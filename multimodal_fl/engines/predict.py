@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,14 +33,18 @@ from safetensors.torch import load_file as load_torch
 
 from multimodal_fl.config import ExperimentConfig, load_config
 from multimodal_fl.data import build_cohort
+from multimodal_fl.data.cohort import empty_site_message
+from multimodal_fl.data.sites import discover_site
 from multimodal_fl.engines.finish import model_files, model_thresholds, read_model_card
 from multimodal_fl.engines.recalibration import RECALIBRATION_FILE
 from multimodal_fl.evaluation.recalibration import Recalibration, RecalibrationError
 from multimodal_fl.pca.site import project_site_data
-from multimodal_fl.rundir import RunDirError, read_manifest
+from multimodal_fl.progress import PrepareEvent, ProgressCallback
+from multimodal_fl.rundir import RunDirError, describe_status, read_manifest
 from multimodal_fl.training import (
     SiteData,
     build_model,
+    enabled_modalities,
     load_weights,
     predict,
     prepare_site_data,
@@ -67,6 +72,8 @@ class Prediction:
         site's records give it, ``predicted`` is ``score >= threshold``.
     threshold : float
     threshold_source : str
+        Where the threshold comes from and why it is the one applied, in words (the model
+        card's note for a global model: the sites' common value, or their median).
     model : str
         Which weights, in words.
     site : str
@@ -74,6 +81,14 @@ class Prediction:
         Patients read but not scored (outside the task's cohort, or no usable modality).
     recalibration : str
         The recalibration applied to ``score`` (``score_raw`` is the model's own), in words.
+    skipped : dict of str to int
+        Records skipped while the site was read, by reason.
+    not_scored : dict of str to int
+        The patients not scored, by reason (they add up to ``excluded``).
+    modalities : dict of str to int
+        Per modality of the model, the scored patients that have it.
+    dropped : dict of str to str
+        The patients read into the cohort but not scored (no usable modality), with the reason.
     """
 
     frame: pd.DataFrame
@@ -83,6 +98,10 @@ class Prediction:
     site: str
     excluded: int
     recalibration: str = "none"
+    skipped: dict[str, int] = field(default_factory=dict)
+    not_scored: dict[str, int] = field(default_factory=dict)
+    modalities: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
 
 
 def _run_config(run: Path) -> tuple[ExperimentConfig, str]:
@@ -94,8 +113,8 @@ def _run_config(run: Path) -> tuple[ExperimentConfig, str]:
     except RunDirError as exc:
         raise PredictError(str(exc)) from None
     if manifest is not None and manifest.status != "completed":
-        raise PredictError(f"{run}: the run is {manifest.status}, it has no final model; "
-                           "finish it (mmfl train --resume RUN_DIR) first")
+        raise PredictError(f"{run}: the run is {describe_status(run, manifest)}; it has no "
+                           "final model: finish it (mmfl train --resume RUN_DIR) first")
     cfg = load_config(run / "config.yaml", saved=True)
     engine = manifest.engine if manifest is not None else cfg.federated.engine
     if cfg.federated.fedbn and engine in ("inprocess", "flower"):
@@ -124,29 +143,95 @@ def _weights(run: Path, engine: str, model_site: str | None) -> tuple[Path, str]
     return run / files["global"], f"the global model of the {engine} run"
 
 
-def _threshold(run: Path, cfg: ExperimentConfig, engine: str,
-               model_site: str | None) -> tuple[float, str]:
-    """The run's threshold for the chosen model (the card's; chosen afresh without one)."""
+def _read_weights(path: Path) -> dict[str, Any]:
+    """The model file's tensors (read before any data: a file cut short is named at once)."""
+    try:
+        return load_torch(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise PredictError(f"{path}: not a readable model file ({exc}); was the run stopped "
+                           "while writing it?") from None
+
+
+def _site_part(source: str, site: str) -> str:
+    """A site's own clause of a per-site threshold source (``per site: a: ...; b: ...``)."""
+    for part in source.removeprefix("per site: ").split("; "):
+        if part.startswith(f"{site}: "):
+            return part.removeprefix(f"{site}: ")
+    return source
+
+
+def _threshold(run: Path, cfg: ExperimentConfig, engine: str, model_site: str | None,
+               own: str | None = None) -> tuple[float, str]:
+    """The run's threshold for the chosen model (the card's; chosen afresh without one), and
+    where it comes from in words (the card's note on a global model's: common value or median).
+
+    ``own`` names a training site whose own threshold (the one its report applied) is used
+    instead of a global model's.
+    """
     card = read_model_card(run)
     doc = card["threshold"] if card is not None else model_thresholds(
         run, engine, cfg.evaluation.threshold)
     values: dict[str, float] = doc["values"]
+    source = str(doc["source"])
     if model_site is not None:
-        return float(values[model_site]), str(doc["source"])
+        return float(values[model_site]), f"site {model_site}'s: " + _site_part(
+            source, model_site)
+    if own is not None:
+        if own not in values:
+            raise PredictError(f"--own-threshold: {own!r} is not a training site of {run} "
+                               f"(its sites: {', '.join(sorted(values))}); give --site-name "
+                               "SITE of one of them, or leave --own-threshold out")
+        return float(values[own]), (f"site {own}'s own, as its report applied it: "
+                                    + _site_part(source, own))
+    notes = "; ".join(doc.get("notes") or [])
     if "global" in doc:  # the sites' common threshold, else their median
-        return float(doc["global"]), str(doc["source"])
+        return float(doc["global"]), notes or f"the sites' common threshold ({source})"
     distinct = sorted(set(values.values()))
     if len(distinct) != 1:
         raise PredictError(f"{run}: the run has one threshold per site ({values}); a global "
                            "model needs one")
-    return float(distinct[0]), str(doc["source"])
+    return float(distinct[0]), notes or f"the sites' common threshold ({source})"
+
+
+def _recorded(run: Path, engine: str, model_site: str | None) -> dict[str, Any] | None:
+    """What the run recorded of its recalibration (``metrics.json``, else the model card)."""
+    doc: dict[str, Any] | None = None
+    for name in ("metrics.json", "model_card.json"):
+        path = run / name
+        if path.is_file():
+            try:
+                doc = json.loads(path.read_text()).get("recalibration")
+            except (ValueError, AttributeError):
+                doc = None
+            if doc is not None:
+                break
+    if not isinstance(doc, dict):
+        return None
+    if engine == "local":
+        site = (doc.get("sites") or {}).get(model_site or "")
+        return {"method": doc.get("method"), **site} if isinstance(site, dict) else None
+    return doc
 
 
 def _recalibration(run: Path, engine: str, model_site: str | None) -> Recalibration | None:
-    """The run's stored recalibration of the chosen model (``None``: it applied none)."""
+    """The run's stored recalibration of the chosen model (``None``: it applied none).
+
+    A run that recorded its recalibration as applied but whose file is missing is refused:
+    scoring it raw would apply a threshold chosen on recalibrated scores to raw ones.
+    """
     folder = run / "sites" / model_site if engine == "local" and model_site else run
     path = folder / RECALIBRATION_FILE
     if not path.is_file():
+        record = _recorded(run, engine, model_site)
+        if record is not None and record.get("applied"):
+            fitted = ", ".join(f"{k}={record[k]:.4g}" for k in ("a", "b")
+                               if isinstance(record.get(k), float))
+            raise PredictError(
+                f"{path}: missing, but the run recorded its recalibration as applied "
+                f"({record.get('method', 'recalibration')}{', ' + fitted if fitted else ''}, "
+                f"fitted on {record.get('source')}): its threshold is one of recalibrated "
+                "scores; restore the file from the run's original directory (copy a run "
+                "whole)")
         return None
     try:
         return Recalibration.from_dict(json.loads(path.read_text()), where=str(path))
@@ -154,13 +239,41 @@ def _recalibration(run: Path, engine: str, model_site: str | None) -> Recalibrat
         raise PredictError(str(exc)) from None
 
 
-def _site_data(run: Path, cfg: ExperimentConfig, site_dir: Path, name: str) -> tuple[SiteData, int]:
-    """The site's cohort, prepared as the run's training data was; and how many were left out."""
-    cohort = build_cohort(site_dir, cfg.task, data=cfg.data, site_name=name)
+@dataclass(frozen=True)
+class _Prepared:
+    """The site's data prepared for the model, and what reading it left out."""
+
+    data: SiteData
+    skipped: dict[str, int]
+    not_scored: dict[str, int]
+
+
+def _cohort(cfg: ExperimentConfig, site_dir: Path, name: str,
+            progress: ProgressCallback | None) -> Any:
+    """The site's cohort for the run's task (refused when it has no patient of the task)."""
+    def files_read(site: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(PrepareEvent(site, "records", "read", done, total))
+
+    cohort = build_cohort(site_dir, cfg.task, data=cfg.data, site_name=name,
+                          progress=files_read)
     if cohort.n_patients == 0:
-        raise PredictError(f"site {name} ({site_dir}): no patient of task {cfg.task.name!r}; "
-                           f"excluded: {cohort.counts.get('excluded_by_reason', {})}")
-    data = prepare_site_data(cohort, cfg, cache=None, site=name, site_dir=site_dir)
+        raise PredictError(empty_site_message(name, cohort.counts)
+                           + f" for the run's task {cfg.task.name!r} ({site_dir}): is it a "
+                           "site of this task?")
+    return cohort
+
+
+def _site_data(run: Path, cfg: ExperimentConfig, site_dir: Path, name: str,
+               progress: ProgressCallback | None = None) -> _Prepared:
+    """The site's cohort, prepared as the run's training data was; and what was left out."""
+    cohort = _cohort(cfg, site_dir, name, progress)
+    data = prepare_site_data(cohort, cfg, cache=None, site=name, site_dir=site_dir,
+                             progress=progress)
+    if len(data.dataset) == 0:
+        raise PredictError(f"site {name} ({site_dir}): none of its {cohort.n_patients} "
+                           f"patient(s) of task {cfg.task.name!r} has any of the model's "
+                           f"modalities ({', '.join(enabled_modalities(cfg))})")
     if cfg.federated.pca.enabled:
         projection = run / "pca.safetensors"
         if not projection.is_file():
@@ -171,13 +284,28 @@ def _site_data(run: Path, cfg: ExperimentConfig, site_dir: Path, name: str) -> t
         except (SafetensorError, OSError) as exc:
             raise PredictError(f"{projection}: not a readable projection ({exc})") from None
         data = project_site_data(data, cfg.federated.pca.modality, stored)
-    excluded = sum(cohort.counts.get("excluded_by_reason", {}).values()) + len(data.dropped)
-    return data, excluded
+    not_scored = {f"excluded: {k}": int(v)
+                  for k, v in cohort.counts.get("excluded_by_reason", {}).items() if v}
+    for reason in data.dropped.values():
+        not_scored[reason] = not_scored.get(reason, 0) + 1
+    skipped = {k: int(v) for k, v in cohort.counts.get("skipped_by_reason", {}).items() if v}
+    return _Prepared(data, skipped, not_scored)
+
+
+def _coverage(data: SiteData) -> dict[str, int]:
+    """Per modality of the model: the scored patients that have it."""
+    ds = data.dataset
+    return {m: int(ds.mask[:, j].sum()) for j, m in enumerate(ds.modalities)}
 
 
 def predict_site(run_dir: str | os.PathLike[str], site_dir: str | os.PathLike[str], *,
-                 model_site: str | None = None, site_name: str | None = None) -> Prediction:
+                 model_site: str | None = None, site_name: str | None = None,
+                 own_threshold: bool = False,
+                 progress: ProgressCallback | None = None) -> Prediction:
     """Score every patient of a site with a completed run's model, at the run's threshold.
+
+    The run, its model file, its threshold and its recalibration are checked before the
+    site's data is read (reading and preparing it is the long part).
 
     Parameters
     ----------
@@ -189,6 +317,12 @@ def predict_site(run_dir: str | os.PathLike[str], site_dir: str | os.PathLike[st
         For a local-only run: whose model to use.
     site_name : str or None
         The site's name in the output (default: the folder's name).
+    own_threshold : bool
+        A global model's score at the threshold the training site ``site_name`` chose for
+        itself (the one its own report applied) instead of the run's global one.
+    progress : callable or None
+        Called with :class:`~multimodal_fl.progress.PrepareEvent` as the site's FHIR files
+        are read and its modalities prepared (as ``mmfl train`` shows them).
 
     Returns
     -------
@@ -204,25 +338,27 @@ def predict_site(run_dir: str | os.PathLike[str], site_dir: str | os.PathLike[st
     run, site = Path(run_dir), Path(site_dir)
     if not site.is_dir():
         raise PredictError(f"site directory {site} does not exist or is not a directory")
+    discover_site(site)  # a run directory or a cohort's root is no site: said at once
     cfg, engine = _run_config(run)
     weights_path, model = _weights(run, engine, model_site)
-    threshold, source = _threshold(run, cfg, engine, model_site)
     name = site_name or site.resolve().name
+    if own_threshold and engine == "local":
+        raise PredictError("--own-threshold: a local-only model is scored at its own site's "
+                           "threshold already; leave --own-threshold out")
+    threshold, source = _threshold(run, cfg, engine, model_site,
+                                   own=name if own_threshold else None)
+    recalibration = _recalibration(run, engine, model_site)
+    weights = _read_weights(weights_path)
     with torch_threads(cfg.training.num_threads):
-        data, excluded = _site_data(run, cfg, site, name)
+        prepared = _site_data(run, cfg, site, name, progress)
+        data = prepared.data
         net = build_model(cfg, data)
-        try:
-            weights = load_torch(str(weights_path))
-        except (SafetensorError, OSError) as exc:
-            raise PredictError(f"{weights_path}: not a readable model file ({exc}); was the "
-                               "run stopped while writing it?") from None
         try:
             load_weights(net, weights)
         except ValueError as exc:
             raise PredictError(f"{weights_path}: {exc} (the site's data gives the model "
                                "other inputs than the run's)") from None
         raw = predict(net, data.dataset, device=cfg.training.device)
-    recalibration = _recalibration(run, engine, model_site)
     scores = raw if recalibration is None else recalibration.apply(raw)
     frame = pd.DataFrame({
         "patient_id": data.dataset.patient_ids,
@@ -233,4 +369,7 @@ def predict_site(run_dir: str | os.PathLike[str], site_dir: str | os.PathLike[st
     })
     how = "none" if recalibration is None else (
         f"{recalibration.method} (a={recalibration.a:.4g}, b={recalibration.b:.4g})")
-    return Prediction(frame, threshold, source, model, name, excluded, how)
+    return Prediction(frame, threshold, source, model, name,
+                      sum(prepared.not_scored.values()), how, skipped=prepared.skipped,
+                      not_scored=prepared.not_scored, modalities=_coverage(data),
+                      dropped=dict(data.dropped))

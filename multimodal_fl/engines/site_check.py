@@ -20,18 +20,22 @@ from typing import Any
 
 from multimodal_fl.config import DEFAULT_MIN_CELL, ConfigError, ExperimentConfig, SiteConfig
 from multimodal_fl.engines.federated import fit_settings
-from multimodal_fl.evaluation.disclosed import SiteDisclosure, read_disclosure
 from multimodal_fl.federated.disclosure import pca_rank_cap, site_policy
 from multimodal_fl.federated.protocol import (
-    Doc,
     Kind,
     Reply,
     Request,
     SiteError,
     SiteRefused,
 )
+from multimodal_fl.federated.secure_sum import MIN_SITES, step_request
 from multimodal_fl.federated.secure_update import SecureAggregation
-from multimodal_fl.federated.site import FusionSite, state_to_numpy
+from multimodal_fl.federated.site import (
+    POOLED_TEST,
+    POOLED_VALIDATION,
+    FusionSite,
+    state_to_numpy,
+)
 from multimodal_fl.federated.site_state import SiteState, SiteStateError
 from multimodal_fl.training import SiteData, load_site_data
 
@@ -64,7 +68,10 @@ def site_check(
         site_state.SiteState.summary`: the epsilon spent and the sums recorded so far), and
         with ``cfg``: ``min_cell`` (floor, policy, config, effective), ``splits`` (patients and
         positives per split, and whether each count may leave) and ``kinds`` (per request
-        kind: released or refused, what it carries, what was suppressed).
+        kind, each asked through the site's own gate: released or refused, what it carries,
+        what was suppressed, and ``holds``: the vector it keeps for a secure sum; ``pca``:
+        per modality the rows it may carry, or the policy's refusal; ``secure_sum``: per
+        vector held, the gate's answer to its first step).
 
     Raises
     ------
@@ -85,6 +92,7 @@ def site_check(
     if cfg is None:
         return doc
     known = [s.name for s in cfg.sites if Path(s.path).resolve() == folder.resolve()]
+    pooled = len(cfg.sites) >= MIN_SITES  # a federated run's predict asks so (predict_stage)
     site_name = name or (known[0] if known else folder.name)
     doc["site"] = site_name
     cfg = cfg.model_copy(update={
@@ -102,7 +110,7 @@ def site_check(
         site = FusionSite(site_name, cfg, data, policy=policy, keep_state=False)
         site.gate.on_record = entries.append
         doc["splits"] = _splits(data, m)
-        doc["kinds"] = _ask_every_kind(site, cfg, entries, m)
+        doc["kinds"] = _ask_every_kind(site, cfg, entries, pooled=pooled)
     return doc
 
 
@@ -132,7 +140,7 @@ def _ask(site: FusionSite, request: Request, entries: list[dict[str, Any]]
 
 
 def _ask_every_kind(site: FusionSite, cfg: ExperimentConfig, entries: list[dict[str, Any]],
-                    min_cell: int) -> dict[str, Any]:
+                    *, pooled: bool) -> dict[str, Any]:
     """Each kind of a run, in a run's order, through the gate (nothing is written)."""
     kinds: dict[str, Any] = {}
     _, kinds["info"] = _ask(site, Request(Kind.INFO, 0), entries)
@@ -140,7 +148,7 @@ def _ask_every_kind(site: FusionSite, cfg: ExperimentConfig, entries: list[dict[
     weights = init.weights if init is not None else state_to_numpy(site.model)
     if "tabular" in site.data.train.modalities:
         _, kinds["moments"] = _ask(site, Request(Kind.MOMENTS, 0), entries)
-    kinds["pca"] = _pca_caps(site.data, min_cell)
+    kinds["pca"] = _pca(site)
     fit = fit_settings(cfg, local_steps=1).to_config()
     if cfg.federated.secure_aggregation:  # the update stays for the secure sum: none leaves
         fit.update(SecureAggregation(clip=cfg.federated.secure_clip).to_config())
@@ -148,30 +156,43 @@ def _ask_every_kind(site: FusionSite, cfg: ExperimentConfig, entries: list[dict[
                            entries)
     _, kinds["evaluate"] = _ask(site, Request(Kind.EVALUATE, 1, weights=weights), entries)
     _, kinds["calibrate"] = _ask(site, Request(Kind.CALIBRATE, 1, weights=weights), entries)
-    predict, kinds["predict"] = _ask(site, Request(Kind.PREDICT, 1, weights=weights), entries)
-    if predict is not None and Doc.DISCLOSED in predict.documents:
-        kinds["predict"]["cells_suppressed"] = _suppressed_cells(
-            read_disclosure(predict.document(Doc.DISCLOSED)))
+    _, kinds["predict"] = _ask(site, Request(Kind.PREDICT, 1, weights=weights,
+                                             config={"pooled": pooled}), entries)
+    kinds["secure_sum"] = _secure_sums(site, kinds, entries)
     return kinds
 
 
-def _pca_caps(data: SiteData, min_cell: int) -> dict[str, Any]:
-    """Per modality: the rows of ``S·Vᵀ`` a PCA summary may carry (0: the site declines)."""
-    out = {}
+def _pca(site: FusionSite) -> dict[str, Any]:
+    """Per modality and split: the rows of ``S·Vᵀ`` a PCA summary may carry (0: the site
+    declines) at the gate's ``min_cell`` for a ``pca`` request, or, when the gate's policy
+    does not answer ``pca`` requests (its ``answers``), that reason on every row."""
+    request = Request(Kind.PCA, 0)
+    answers = site.gate.policy.answers
+    declined = (None if answers is None or request.kind.value in answers
+                else f"site policy does not answer {request.kind.value!r} requests")
+    min_cell = site.gate.min_cell(request)
+    out: dict[str, Any] = {}
     for split in ("train", "all"):
-        part = data.part(split)
+        part = site.data.part(split)
         for j, modality in enumerate(part.modalities):
             n = int(part.mask[:, j].sum())
-            out[f"{modality} ({split})"] = {"n": n, "rank_cap": pca_rank_cap(n, min_cell)}
+            out[f"{modality} ({split})"] = (
+                {"n": n, "rank_cap": 0, "refused": declined} if declined
+                else {"n": n, "rank_cap": pca_rank_cap(n, min_cell)})
     return out
 
 
-def _suppressed_cells(doc: SiteDisclosure) -> list[str]:
-    """The test-split cells (the site, its subgroups) its report document shows without a
-    figure: one line per cell, the reason of its first suppressed metric."""
-    seen: dict[str, str] = {}
-    for cell in doc.cells:
-        name = "overall" if cell.attribute is None else f"{cell.attribute}={cell.group}"
-        if cell.suppressed and cell.reason and name not in seen:
-            seen[name] = cell.reason
-    return [f"{name}: {reason}" for name, reason in sorted(seen.items())]
+#: The vectors a site holds for a secure sum, by the kind whose request makes it hold them.
+HELD_BY = {POOLED_VALIDATION: "calibrate", POOLED_TEST: "predict"}
+
+
+def _secure_sums(site: FusionSite, kinds: dict[str, Any], entries: list[dict[str, Any]]
+                 ) -> dict[str, Any]:
+    """Each vector the site holds for a secure sum, through the gate: its first step."""
+    out: dict[str, Any] = {}
+    for vector in sorted(site.secure.held):
+        kind = HELD_BY.get(vector)
+        if kind in kinds:
+            kinds[kind]["holds"] = vector
+        _, out[vector] = _ask(site, step_request("advertise", vector, 1), entries)
+    return out

@@ -331,7 +331,22 @@ def _predict_rule(reply: Reply, min_cell: int, policy: SitePolicy) -> Released:
     if breaches:
         raise SiteRefused(f"site {reply.site}: predict reply withheld: a figure on fewer than "
                           f"{min_cell} patients at {', '.join(sorted(breaches)[:5])}")
-    return Released(reply)
+    return Released(reply, _disclosed_suppressions(docs.get(Doc.DISCLOSED)))
+
+
+def _disclosed_suppressions(doc: Any) -> list[str]:
+    """The cells a site's report document shows without a figure, suppressed by its builder
+    (``evaluation.disclosed``) at the site: one entry per cell (the site, a subgroup), the
+    reason of its first suppressed metric, for the egress log."""
+    seen: dict[str, str] = {}
+    cells = doc.get("cells") if isinstance(doc, dict) else None
+    for cell in cells if isinstance(cells, list) else []:
+        if not (isinstance(cell, dict) and cell.get("suppressed") and cell.get("reason")):
+            continue
+        name = ("overall" if cell.get("attribute") is None
+                else f"{cell.get('attribute')}={cell.get('group')}")
+        seen.setdefault(name, str(cell["reason"]))
+    return [f"{name}: {reason}" for name, reason in sorted(seen.items())]
 
 
 #: The rule applied to each kind's reply before it leaves the site (then :func:`check_declared`).

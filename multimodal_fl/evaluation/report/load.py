@@ -53,6 +53,7 @@ from multimodal_fl.evaluation.fairness import CrossSiteResult
 from multimodal_fl.rundir import (
     DISCLOSED_DIR,
     RunManifest,
+    describe_status,
     flatten,
     read_cross_site,
     read_manifest,
@@ -219,6 +220,12 @@ def read_report_config(path: str | os.PathLike[str]) -> ReportConfig | None:
 def _old_run_message(path: Path) -> str:
     """Why a run directory without ``disclosed/`` has no report, and what to do, in one line."""
     manifest = read_manifest(path)
+    if manifest is not None and manifest.package_version == __version__:
+        return (f"{path}: has no {DISCLOSED_DIR}/<site>.json, although multimodal_fl "
+                f"{__version__}, which made it and builds this report, writes them at the end "
+                "of every run: the folder was removed or not copied with the run. Copy the run "
+                f"directory whole ({DISCLOSED_DIR}/ included), or train it again (mmfl train "
+                "CONFIG)")
     made = (f"multimodal_fl {manifest.package_version}" if manifest is not None
             else "a multimodal_fl without a run manifest (no run.json)")
     return (f"{path}: made by {made}, before sites disclosed their report documents "
@@ -235,8 +242,9 @@ def _read_disclosed(path: Path) -> dict[str, SiteDisclosure]:
     if not files:
         manifest = read_manifest(path)
         if manifest is not None and manifest.status != "completed":
-            raise ValueError(f"{path}: the run is {manifest.status}; its sites disclose their "
-                             "report documents at the end (mmfl train --resume RUN_DIR)")
+            raise ValueError(f"{path}: the run is {describe_status(path, manifest)}; its sites "
+                             "disclose their report documents at the end (mmfl train --resume "
+                             "RUN_DIR)")
         if folder.is_dir() or (path / "metrics.json").is_file():
             raise OldRunDirectory(_old_run_message(path))
         raise ValueError(f"{path}: no {DISCLOSED_DIR}/<site>.json and no metrics.json; expected "
