@@ -96,3 +96,22 @@ def test_a_local_models_own_cross_site_cell_is_its_sites_test_interval(
         for part in ("value", "lo", "hi"):
             assert _close(cell[part], console[part]), (site, part, cell, console)
     assert shown >= 1
+
+
+def test_the_in_process_summary_gives_a_sites_interval_as_a_run_does() -> None:
+    """``summarise_site`` (the in-process helper) seeded its bootstrap by the site's name, so
+    the same scores got another interval than the run's ``metrics_by_split`` (a review)."""
+    import numpy as np
+    import pandas as pd
+
+    from multimodal_fl.evaluation.histograms import summarise_site
+    from multimodal_fl.training.inference import metrics_by_split
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 80)
+    s = np.clip(0.3 * y + rng.uniform(0, 0.7, 80), 0, 1)
+    frame = pd.DataFrame({"label": y, "score": s, "split": "test"})
+    run_auc = metrics_by_split(frame, n_boot=20, seed=0, min_cell=5)["test"]["auc"]
+    summary = summarise_site("site_a", y, s, n_boot=20, seed=0, min_cell=5)
+    helper_auc = summary.overall.metrics["auc"]
+    assert _close(run_auc.lo, helper_auc.lo) and _close(run_auc.hi, helper_auc.hi)

@@ -47,6 +47,7 @@ from multimodal_fl.config import SitePolicy
 from multimodal_fl.evaluation.metrics import (
     MetricValue,
     binary_metrics,
+    bootstrap_seed,
     calibration_bins,
     check_binary_inputs,
     derive_seed,
@@ -483,7 +484,8 @@ def summarise_site(
     ece_bins : int
         ECE bins.
     seed : int
-        Base seed (each cell's seed is derived from it, the site and the cell).
+        Base seed (each cell's bootstrap is seeded by it and the cell's scores,
+        :func:`~multimodal_fl.evaluation.metrics.bootstrap_seed`, as in a run).
     subgroup_histograms : bool
         Send histograms per subgroup too (needed for pooled subgroup AUC). Independently
         coarsened overlapping histograms can in principle be differenced; set ``False`` for
@@ -504,7 +506,7 @@ def summarise_site(
         "threshold": threshold, "n_bins": n_bins, "min_cell": min_cell, "n_boot": n_boot,
         "alpha": alpha, "ece_bins": ece_bins,
     }
-    overall = _group_summary(y, s, seed=derive_seed(seed, site), histograms=True, **common)
+    overall = _group_summary(y, s, seed=bootstrap_seed(seed, s), histograms=True, **common)
     subgroups: dict[str, dict[str, GroupSummary]] = {}
     if groups is not None:
         gdf = pd.DataFrame(groups)
@@ -516,7 +518,7 @@ def summarise_site(
             col, _ = named_levels(gdf[a].to_numpy(), min_cell=min_cell)
             subgroups[str(a)] = {
                 str(g): _group_summary(
-                    y[col == g], s[col == g], seed=derive_seed(seed, site, a, g),
+                    y[col == g], s[col == g], seed=bootstrap_seed(seed, s[col == g]),
                     histograms=subgroup_histograms, **common,
                 )
                 for g in sorted(set(col))

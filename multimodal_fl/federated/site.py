@@ -1001,10 +1001,34 @@ def predict_metrics(frame: pd.DataFrame, data: SiteData, disclosed: Mapping[str,
     if sup.total is not None:  # the splits' sizes leave anyway: the total gives the small ones
         site_doc["n_patients"] = None
         site_doc["modality_counts"] = dict.fromkeys(site_doc["modality_counts"])
+    elif min_cell > 0:
+        site_doc["modality_counts"] = _beside_training(site_doc["modality_counts"], data,
+                                                       min_cell)
     if disclosed.get("pooled") or sup.total_classes is not None:
         # with the released positives of the splits: a hidden split's (or the test split's)
         site_doc["n_positive"] = None
     return by_split, site_doc
+
+
+def _beside_training(counts: Mapping[str, int | None], data: SiteData, min_cell: int
+                     ) -> dict[str, int | None]:
+    """The site's patients per modality, each withheld where its training count gives a small
+    cell.
+
+    Every ``fit`` sends the training patients of each modality (its group counts, as
+    ``moments`` and ``pca`` send theirs), so a modality's count over the site minus it is the
+    patients outside training with the modality, and the patients outside training (whose
+    number the splits' sizes give) minus that, those without it: either in ``(0, min_cell)``
+    withholds the count.
+    """
+    train = data.train.modality_counts()
+    n_rest = len(data.dataset) - len(data.train)
+    out: dict[str, int | None] = {}
+    for m, k in counts.items():
+        rest = None if k is None else k - train.get(m, 0)
+        small = rest is not None and (0 < rest < min_cell or 0 < n_rest - rest < min_cell)
+        out[m] = None if small else k
+    return out
 
 
 def as_disclosed(by_split: dict[str, dict[str, MetricValue]], disclosed: Mapping[str, Any]

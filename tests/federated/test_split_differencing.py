@@ -8,6 +8,7 @@ sends in a run, of every request kind, and tries every sum and difference of the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -225,3 +226,47 @@ def test_the_adversary_holds_every_kind(tiny: tuple[ExperimentConfig, SiteData],
     n_train = replies["fit"].n_samples
     for kind in ("moments", "pca", "pca_scores"):
         assert MIN_CELL <= replies[kind].n_samples <= n_train
+
+
+def _with_images_outside_training(data: SiteData, keep: int) -> SiteData:
+    """``data`` with exactly ``keep`` of its patients outside training marked as holding an
+    image (the mask is what every count reads)."""
+    ds = copy.copy(data.dataset)
+    ds.mask = data.dataset.mask.clone()
+    j = list(ds.modalities).index("image")
+    outside = [i for i, p in enumerate(ds.patient_ids) if data.splits[p] != "train"]
+    for rank, i in enumerate(outside):
+        ds.mask[i, j] = rank < keep
+    return dataclasses.replace(data, dataset=ds, _parts={})
+
+
+def _image_counts(data: SiteData, cfg: ExperimentConfig, tmp_path: Path
+                  ) -> tuple[int, int | None]:
+    """The training patients with an image as ``fit`` sends them, and the site's total with an
+    image as ``predict`` sends it."""
+    site = FusionSite(data.site, cfg, data, run_dir=tmp_path)
+    init = site.handle(Request(Kind.INIT, 0))
+    fit = site.handle(Request(Kind.FIT, 1, weights=init.weights,
+                              config={"seed": 0, "local_steps": 2, "lr": 1e-3}))
+    predict = site.handle(Request(Kind.PREDICT, 1, weights=fit.weights))
+    counts = predict.document(Doc.SITE_METRICS)["modality_counts"]
+    return fit.group_counts["encoders.image."], counts["image"]
+
+
+def test_a_modality_count_minus_its_training_count_gives_no_small_cell(
+    tiny: tuple[ExperimentConfig, SiteData], tmp_path: Path
+) -> None:
+    """Every fit sends the training patients with an image (its group counts); the site's
+    total with an image, minus it, was the patients outside training with one: 1 of 10 here,
+    under min_cell 5 (a review). The total is now withheld; with every such cell large it
+    leaves (twin)."""
+    cfg, data = tiny
+    few = _with_images_outside_training(_resplit(data, MIN_CELL, MIN_CELL), keep=1)
+    in_training = int(few.train.modality_counts()["image"])
+    assert in_training >= MIN_CELL
+    sent, total = _image_counts(few, cfg, tmp_path / "few")
+    assert sent == in_training  # the count the adversary subtracts
+    assert total is None
+    many = _with_images_outside_training(_resplit(data, MIN_CELL, MIN_CELL), keep=MIN_CELL)
+    sent, total = _image_counts(many, cfg, tmp_path / "many")
+    assert total is not None and total - sent == MIN_CELL
