@@ -128,9 +128,12 @@ def data_summary(
     set_: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of tables.")] = False,
 ) -> None:
-    """Per site: patients, positives, prevalence, modality coverage, missingness, skips, notes.
+    """Per site: patients, positives, prevalence, modality coverage, labels by source, missingness,
+    skips, notes.
 
-    Exits with code 2 when a site has no patients, naming its top skip reasons.
+    Warns of task features no patient of a site has a value for, and of a labels.csv the task
+    does not read. Exits with code 2 when a site has no patients, naming its top skip and
+    exclusion reasons.
     """
     from rich.progress import Progress
 

@@ -920,7 +920,11 @@ def _one_site_per_patient(rows: list[ParsedRow]) -> int:
 
 
 def unmatched_site_names(column: str, names: dict[str, str], values: set[str]) -> list[str]:
-    """One line per ``site_names`` entry of ``column`` that matches none of its ``values``.
+    """One line per ``site_names`` entry of ``column`` that matches none of its ``values``,
+    when some value has no entry (a likely misspelling: that value's site got a generated name).
+
+    A mapping may name more values than one extract holds (a national code list imported for
+    one region): with every value named, entries that match nothing are not warned of.
 
     Parameters
     ----------
@@ -934,16 +938,20 @@ def unmatched_site_names(column: str, names: dict[str, str], values: set[str]) -
     Returns
     -------
     list of str
-        E.g. ``site_names.hospital: "St. Mary's, Leeds" (-> st_marys) matches no value of
-        column 'hospital' ...; nearest: "St Mary's Leeds" ...``; empty when all match.
+        E.g. ``site_names.hospital: "St Marys Leeds" (-> st_marys) matches no value of column
+        'hospital' ...; nearest unnamed value: "St. Mary's, Leeds" ...``; empty when every
+        value is named or every entry matches.
     """
+    unnamed = sorted(values - set(names))
+    if not unnamed:
+        return []
     out: list[str] = []
     for raw, site in names.items():
         if raw in values:
             continue
-        close = difflib.get_close_matches(raw, sorted(values), n=1, cutoff=0.0)
-        near = (f'; nearest: "{close[0]}" (values are compared exactly, spaces, case and '
-                "punctuation included)" if close else "")
+        close = difflib.get_close_matches(raw, unnamed, n=1, cutoff=0.0)
+        near = (f'; nearest unnamed value: "{close[0]}" (values are compared exactly, spaces, '
+                "case and punctuation included)" if close else "")
         out.append(f'site_names.{column}: "{raw}" (-> {site}) matches no value of column '
                    f"'{column}' in the imported rows, so it names no site{near}")
     return out
@@ -1010,7 +1018,9 @@ def import_csv(csv_path: Path | str, mapping: CsvMapping | Path | str, out: Path
     ------
     DataError
         When the CSV cannot be read, a mapped column is missing, the output directory is
-        not empty, or (``on_error: fail``) at the first bad row.
+        not empty, no row is imported (every row skipped or none kept by ``keep_rows``:
+        nothing is written; the message names the commonest failing column), or
+        (``on_error: fail``) at the first bad row.
     MappingError
         When the mapping file is invalid.
     """

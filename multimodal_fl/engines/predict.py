@@ -333,7 +333,8 @@ def predict_site(run_dir: str | os.PathLike[str], site_dir: str | os.PathLike[st
     PredictError
         For a run that cannot be used as asked (the message says why and what to do).
     multimodal_fl.data.DataError
-        For unreadable site data under ``data.on_error: fail``.
+        For a folder that is not a site directory (a run, a folder of sites, an empty one),
+        and for unreadable site data under ``data.on_error: fail``.
     """
     run, site = Path(run_dir), Path(site_dir)
     if not site.is_dir():

@@ -68,7 +68,8 @@ def site_check(
         site_state.SiteState.summary`: the epsilon spent and the sums recorded so far), and
         with ``cfg``: ``min_cell`` (floor, policy, config, effective), ``splits`` (patients and
         positives per split, and whether each count may leave) and ``kinds`` (per request
-        kind, each asked through the site's own gate: released or refused, what it carries,
+        kind, each asked through the site's own gate (``pca``: the gate's rank cap and refusal,
+        computed beside it): released or refused, what it carries,
         what was suppressed, and ``holds``: the vector it keeps for a secure sum; ``pca``:
         per modality the rows it may carry, or the policy's refusal; ``secure_sum``: per
         vector held, the gate's answer to its first step).

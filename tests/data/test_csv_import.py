@@ -205,7 +205,7 @@ def test_a_site_names_entry_matching_no_value_is_warned_with_the_nearest(tmp_pat
     csv_file, mapping, out = _csv(tmp_path, ROWS), _mapping(tmp_path, text), tmp_path / "s"
     result = import_csv(csv_file, mapping, out, split_by="sector")
     expected = ('site_names.sector: "04" (-> IMSS) matches no value of column \'sector\' in the '
-                'imported rows, so it names no site; nearest: "4"')
+                'imported rows, so it names no site; nearest unnamed value: "4"')
     assert [w[:len(expected)] for w in result.warnings] == [expected]
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["SSA", "sector-4"]
     assert json.loads((out / "import_report.json").read_text())["warnings"] == result.warnings
@@ -214,6 +214,11 @@ def test_a_site_names_entry_matching_no_value_is_warned_with_the_nearest(tmp_pat
                                    "--split-by", "sector"])
     assert cli.exit_code == 0 and expected in " ".join(cli.output.split())
     assert import_csv(csv_file, _mapping(tmp_path), tmp_path / "s3", split_by="sector"
+                      ).warnings == []
+    # a code list wider than the extract (a national list imported for one region): every
+    # value is named, so an entry matching nothing is no misspelling and is not warned of
+    wider = MAPPING.replace('"12": SSA}', '"12": SSA, "13": universitario}')
+    assert import_csv(csv_file, _mapping(tmp_path, wider), tmp_path / "s4", split_by="sector"
                       ).warnings == []
 
 
