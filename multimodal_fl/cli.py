@@ -177,33 +177,41 @@ def _print_summary_tables(task: str, summaries: list[dict[str, Any]]) -> None:
     """The console view of ``mmfl data summary``: cohorts, missingness, reasons per site."""
     from rich.table import Table
 
+    # the label sources only where some site reads labels.csv (a column fewer to squeeze)
+    sources = any(s["counts"]["labels_from"]["labels_csv"] for s in summaries)
+    columns = ["site", "n", "pos", "prev", "img", "txt", "tab",
+               *(["csv/rule"] if sources else []), "valid/read", "skip", "note", "excl"]
+    rows = []
+    for s in summaries:
+        counts = s["counts"]
+        prev = "-" if s["prevalence"] is None else f"{s['prevalence']:.2f}"
+        cov = ["-" if v is None else f"{v:.0%}" for v in s["coverage"].values()]
+        labels = counts["labels_from"]
+        rows.append([
+            s["site"], str(s["patients"]), str(s["positives"]), prev, *cov,
+            *([f"{labels['labels_csv']}/{labels['rule']}"] if sources else []),
+            f"{counts.get('resources_validated', 0)}/{counts.get('resources_read', 0)}",
+            str(sum(counts["skipped_by_reason"].values())),
+            str(sum(counts.get("noted_by_reason", {}).values())),
+            str(sum(counts["excluded_by_reason"].values())),
+        ])
     table = Table(
         title=f"{task}: cohorts per site",
         caption="n: patients; pos: positives; img/txt/tab: share of patients with the "
         "modality; valid/read: FHIR resources validated/read; skip: bad records; note: "
         "records kept with a note (nonconforming_id, unitless_value); excl: patients outside "
-        "the task; csv/rule: labels from labels.csv / from the task's rule",
+        "the task" + ("; csv/rule: labels from labels.csv / from the task's rule"
+                      if sources else ""),
     )
-    for col in ("site", "n", "pos", "prev", "img", "txt", "tab", "csv/rule", "valid/read",
-                "skip", "note", "excl"):
+    for col in columns:
         table.add_column(col, justify="left" if col == "site" else "right", no_wrap=True)
-    for s in summaries:
-        counts = s["counts"]
-        prev = "-" if s["prevalence"] is None else f"{s['prevalence']:.2f}"
-        cov = ["-" if v is None else f"{v:.0%}" for v in s["coverage"].values()]
-        table.add_row(
-            s["site"],
-            str(s["patients"]),
-            str(s["positives"]),
-            prev,
-            *cov,
-            f"{counts['labels_from']['labels_csv']}/{counts['labels_from']['rule']}",
-            f"{counts.get('resources_validated', 0)}/{counts.get('resources_read', 0)}",
-            str(sum(counts["skipped_by_reason"].values())),
-            str(sum(counts.get("noted_by_reason", {}).values())),
-            str(sum(counts["excluded_by_reason"].values())),
-        )
-    console.print(table)
+    for row in rows:
+        table.add_row(*row)
+    # in a log or a pipe (80 columns by default) the table takes the width it needs: a cell
+    # cut to "2…" says nothing; a terminal keeps its own width
+    need = console.measure(table, options=console.options.update_width(400)).maximum
+    out = console if console.is_terminal or need <= console.width else Console(width=need)
+    out.print(table)
     for s in summaries:
         if "labels_csv_unused" in s["counts"]:
             err_console.print(f"[bold yellow]warning:[/] {s['site']}: "

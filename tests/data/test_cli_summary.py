@@ -101,3 +101,21 @@ def test_summary_warns_of_a_feature_without_value(tmp_path: Path) -> None:
         empty = site["counts"]["features_without_value"]
         assert {"lactate", "ckd"} <= set(empty) and "heart_rate" not in empty
         assert empty[-1] == "ckd" and empty.index("lactate") < empty.index("hypertension")
+
+
+def test_summary_table_is_never_cut_in_a_log(tmp_path: Path) -> None:
+    """The csv/rule column pushed the table past 80 characters, and in a log or a pipe rich cut
+    every cell ("site…", "1…" for 194 patients). Outside a terminal the table now takes the
+    width it needs; the label sources show only where some site reads labels.csv."""
+    cfg = _own_task_config(tmp_path)
+    plain = CliRunner().invoke(app, ["data", "summary", str(cfg)])
+    assert plain.exit_code == 0, plain.output
+    assert "csv/rule" not in plain.stdout  # no site reads labels.csv under this task
+    task = yaml.safe_load((tmp_path / "mine.yaml").read_text())
+    task["label"]["labels_csv"] = "prefer"
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(task))
+    result = CliRunner().invoke(app, ["data", "summary", str(cfg)])
+    table = result.stdout.split("feature missingness")[0]
+    header = next(line for line in table.splitlines() if "site" in line and "csv/rule" in line)
+    assert "…" not in table and all(col in header for col in ("valid/read", "skip", "excl"))
+    assert any(line.lstrip("│ ").startswith("site_a") for line in table.splitlines())
