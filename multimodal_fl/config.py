@@ -260,7 +260,7 @@ class FeatureSpec(_Strict):
                 raise ValueError(f"{where} is named '{name}', the name of {other}: each "
                                  "feature is a column of the cohort table and would replace "
                                  "it; rename the feature")
-            seen[name] = f"{where}"
+            seen[name] = where
         return self
 
 

@@ -187,7 +187,6 @@ class Tally:
         self._report()
 
 
-
 def broadcast_reporter(progress: ProgressCallback | None, requests: Mapping[str, Any]
                        ) -> Callable[[str, bool], None]:
     """Report a broadcast's start to ``progress`` (``answered == 0``); return what reports each

@@ -292,12 +292,6 @@ def _site_data(run: Path, cfg: ExperimentConfig, site_dir: Path, name: str,
     return _Prepared(data, skipped, not_scored)
 
 
-def _coverage(data: SiteData) -> dict[str, int]:
-    """Per modality of the model: the scored patients that have it."""
-    ds = data.dataset
-    return {m: int(ds.mask[:, j].sum()) for j, m in enumerate(ds.modalities)}
-
-
 def predict_site(run_dir: str | os.PathLike[str], site_dir: str | os.PathLike[str], *,
                  model_site: str | None = None, site_name: str | None = None,
                  own_threshold: bool = False,
@@ -372,5 +366,6 @@ def predict_site(run_dir: str | os.PathLike[str], site_dir: str | os.PathLike[st
         f"{recalibration.method} (a={recalibration.a:.4g}, b={recalibration.b:.4g})")
     return Prediction(frame, threshold, source, model, name,
                       sum(prepared.not_scored.values()), how, skipped=prepared.skipped,
-                      not_scored=prepared.not_scored, modalities=_coverage(data),
+                      not_scored=prepared.not_scored,
+                      modalities=data.dataset.modality_counts(),
                       dropped=dict(data.dropped))

@@ -168,9 +168,9 @@ def _pca(site: FusionSite) -> dict[str, Any]:
     declines) at the gate's ``min_cell`` for a ``pca`` request, or, when the gate's policy
     does not answer ``pca`` requests (its ``answers``), that reason on every row."""
     request = Request(Kind.PCA, 0)
-    answers = site.gate.policy.answers
-    declined = (None if answers is None or request.kind.value in answers
-                else f"site policy does not answer {request.kind.value!r} requests")
+    policy = site.gate.policy
+    declined = (None if policy.answers_kind(request.kind.value)
+                else policy.refusal(request.kind.value))
     min_cell = site.gate.min_cell(request)
     out: dict[str, Any] = {}
     for split in ("train", "all"):
