@@ -54,7 +54,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 import orjson
 from pydantic import ValidationError
@@ -65,6 +65,7 @@ from multimodal_fl.data.fhir_json import (
     BadField,
     first_time,
     iter_file_resources,
+    literal_ref,
     parse_time,
     shifted,
 )
@@ -301,10 +302,6 @@ def _ref_key(ref: Any) -> str | None:
     return r
 
 
-# Type/id, or a URL ending in it, either version-specific (.../_history/<version>)
-_LITERAL_REF = re.compile(r"(?:^|/)([A-Za-z]+)/([^/]+)(?:/_history/[^/]+)?$")
-
-
 def _ref_id(ref: str, rt: str) -> str | None:
     """The id of the ``rt`` resource that a reference string names, read from its form.
 
@@ -315,10 +312,10 @@ def _ref_id(ref: str, rt: str) -> str | None:
     """
     if ref.startswith("urn:uuid:"):
         return ref[len("urn:uuid:"):] or None
-    match = _LITERAL_REF.search(ref)
-    if match is None or match.group(1) != rt:
+    named = literal_ref(ref)
+    if named is None or named[0] != rt:
         return None
-    return unquote(match.group(2))
+    return named[1]
 
 
 def _class_code(res: dict[str, Any]) -> str | None:

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 
@@ -359,20 +360,51 @@ def unpack_resources(obj: Any, label: str, sink: ErrorSink, where: str
 
 
 _URN_UUID = "urn:uuid:"
+# Type/id, or a URL ending in it, either version-specific (.../_history/<version>)
+_LITERAL_REF = re.compile(r"(?:^|/)([A-Za-z]+)/([^/]+)(?:/_history/[^/]+)?$")
+
+
+def literal_ref(ref: str) -> tuple[str, str] | None:
+    """``(type, id)`` of a literal reference or RESTful URL, None for another form.
+
+    ``Type/<id>`` or a URL ending in it (``https://host/fhir/Type/<id>``), either with
+    ``/_history/<version>``; a percent-encoded id is decoded.
+    """
+    match = _LITERAL_REF.search(ref)
+    if match is None:
+        return None
+    return match.group(1), unquote(match.group(2))
+
+
+def _entry_url_id(res: dict[str, Any], full_url: str) -> str | None:
+    """The id that an entry's ``fullUrl`` gives its resource, None when it gives none.
+
+    ``urn:uuid:<uuid>`` gives the uuid; a RESTful URL (``https://host/fhir/Patient/123``,
+    either with ``/_history/<version>``) gives ``123`` when its type is the resource's own
+    (FHIR: the fullUrl of a resource on a server is its base, type and id).
+    """
+    if full_url.startswith(_URN_UUID):
+        return full_url[len(_URN_UUID):] or None
+    named = literal_ref(full_url)
+    if named is None or named[0] != res.get("resourceType"):
+        return None
+    return named[1] or None
 
 
 def _with_entry_id(res: dict[str, Any], full_url: Any) -> dict[str, Any]:
-    """``res``, or a copy whose ``id`` is its entry's ``urn:uuid`` when it has none.
+    """``res``, or a copy whose ``id`` is the one its entry's ``fullUrl`` gives it.
 
     A transaction or batch Bundle creates resources that have no id yet: the entry's
     ``fullUrl: urn:uuid:<uuid>`` names the resource, and the other entries reference it by
     that (``subject: {reference: urn:uuid:<uuid>}``). The uuid is its id here, so the
-    resource is joined and referenced as a resource with that id would be.
+    resource is joined and referenced as a resource with that id would be. An entry read
+    from a server (a searchset, a PUT in a transaction) may omit ``id`` beside a fullUrl
+    ``https://host/fhir/Patient/123``: the id is ``123`` (see :func:`_entry_url_id`).
     """
-    if res.get("id") or not isinstance(full_url, str) or not full_url.startswith(_URN_UUID):
+    if res.get("id") or not isinstance(full_url, str):
         return res
-    uuid = full_url[len(_URN_UUID):]
-    return {**res, "id": uuid} if uuid else res
+    rid = _entry_url_id(res, full_url)
+    return {**res, "id": rid} if rid else res
 
 
 def _bundle_entries(bundle: dict[str, Any], label: str, sink: ErrorSink, name: str,

@@ -15,6 +15,7 @@ import json
 import tracemalloc
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pandas as pd
 import pytest
@@ -174,13 +175,52 @@ def test_transaction_entries_without_ids_take_them_from_their_urn_uuid(
     assert row["index_time"] == pd.Timestamp("2020-03-01T10:00:00Z")
 
 
-def test_an_entry_without_an_id_or_a_urn_uuid_is_still_reported(covid_task: TaskSpec) -> None:
-    """Only a ``urn:uuid`` fullUrl names an id: a Patient with neither stays ``no_id``."""
+def test_an_entry_without_an_id_or_a_fullurl_naming_one_is_still_reported(
+        covid_task: TaskSpec) -> None:
+    """A Patient with no id and no fullUrl, or a fullUrl naming another type, stays
+    ``no_id``."""
     bundle = _transaction_without_ids()
     del bundle["entry"][0]["fullUrl"]
     cohort = build_cohort_from_resources([(bundle, "tx.json")], covid_task)
     assert cohort.counts["skipped_by_reason"]["no_id"] == 1
     assert cohort.table.empty
+    bundle["entry"][0]["fullUrl"] = f"https://ehr.example.org/fhir/Group/{PATIENT_UUID}"
+    cohort = build_cohort_from_resources([(bundle, "tx.json")], covid_task)
+    assert cohort.counts["skipped_by_reason"]["no_id"] == 1
+
+
+BASE = "https://ehr.example.org/fhir"
+
+
+def _searchset_without_ids(*, history: bool) -> dict[str, Any]:
+    """A searchset as a server returns it, entries without ``id`` beside their RESTful
+    fullUrl (``BASE/Type/id``, version-specific when ``history``); the Encounter is
+    referenced by that absolute URL, the Patient as ``Patient/id``."""
+    entries = []
+    for r in f.covid_patient("p 1", oxygen_at="2020-03-01T12:00:00Z"):
+        rid = r.pop("id")
+        for key in ("subject", "patient"):
+            if key in r:
+                r[key] = {"reference": "Patient/p%201"}
+        if "encounter" in r:
+            r["encounter"] = {"reference": f"{BASE}/Encounter/p-enc"}
+        version = "/_history/2" if history else ""
+        entries.append({"fullUrl": f"{BASE}/{r['resourceType']}/{quote(rid, safe='')}{version}",
+                        "resource": r, "search": {"mode": "match"}})
+    return {"resourceType": "Bundle", "type": "searchset", "entry": entries}
+
+
+@pytest.mark.parametrize("history", [False, True])
+def test_searchset_entries_without_ids_take_them_from_their_restful_fullurl(
+        covid_task: TaskSpec, history: bool) -> None:
+    """``https://host/fhir/Patient/p%201`` names Patient ``p 1``: it is joined, and its
+    Condition finds its Encounter through the absolute reference."""
+    cohort = build_cohort_from_resources(
+        [(_searchset_without_ids(history=history), "search.json")], covid_task)
+    assert cohort.counts["skipped_by_reason"].get("no_id", 0) == 0
+    row = _row(cohort, "p 1")
+    assert row["label"] == 1 and row["heart_rate"] == 80.0
+    assert row["index_time"] == pd.Timestamp("2020-03-01T10:00:00Z")
 
 
 # --------------------------------------------------------------------------- charsets
