@@ -706,6 +706,12 @@ def _print_prediction(result: Any) -> None:
         lines.append(f"  no patient has {' or '.join(absent)}: every score is made without it, "
                      "unlike the model's training data, so scores (and who is predicted "
                      "positive) shift")
+    if result.features_without_value:
+        names = ", ".join(f"'{f}'" for f in result.features_without_value)
+        lines.append(f"  no patient has a value of feature(s) {names}: the model sees them "
+                     "missing for everyone (their codes match no record known by the cut-off "
+                     "here: a wrong code or unit, data the site does not record, or a site "
+                     "of another task)")
     if result.excluded:
         lines.append(f"{result.excluded} not scored: " + ", ".join(
             f"{why} {k}" for why, k in sorted(result.not_scored.items(), key=lambda r: -r[1])))

@@ -197,6 +197,7 @@ def test_what_the_sites_data_lacks_is_said(runs: dict[str, Path], tiny_sample: P
     scored = len(pd.read_csv(tmp_path / "p.csv"))
     assert "records skipped: unknown_unit" in out
     assert f"image 0/{scored}" in out and "no patient has image" in out
+    assert "no patient has a value of feature(s) 'wbc': the model sees them missing" in out
     assert "not scored: excluded: " in out
 
 

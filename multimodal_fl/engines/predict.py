@@ -89,6 +89,9 @@ class Prediction:
         Per modality of the model, the scored patients that have it.
     dropped : dict of str to str
         The patients read into the cohort but not scored (no usable modality), with the reason.
+    features_without_value : list of str
+        The task's tabular features (when the model has the tabular modality) that no patient
+        of the site has a value of: the model sees each as missing for everyone.
     """
 
     frame: pd.DataFrame
@@ -102,6 +105,7 @@ class Prediction:
     not_scored: dict[str, int] = field(default_factory=dict)
     modalities: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
+    features_without_value: list[str] = field(default_factory=list)
 
 
 def _run_config(run: Path) -> tuple[ExperimentConfig, str]:
@@ -246,6 +250,7 @@ class _Prepared:
     data: SiteData
     skipped: dict[str, int]
     not_scored: dict[str, int]
+    unvalued: list[str]
 
 
 def _cohort(cfg: ExperimentConfig, site_dir: Path, name: str,
@@ -289,7 +294,9 @@ def _site_data(run: Path, cfg: ExperimentConfig, site_dir: Path, name: str,
     for reason in data.dropped.values():
         not_scored[reason] = not_scored.get(reason, 0) + 1
     skipped = {k: int(v) for k, v in cohort.counts.get("skipped_by_reason", {}).items() if v}
-    return _Prepared(data, skipped, not_scored)
+    unvalued = (list(cohort.counts.get("features_without_value", []))
+                if "tabular" in enabled_modalities(cfg) else [])
+    return _Prepared(data, skipped, not_scored, unvalued)
 
 
 def predict_site(run_dir: str | os.PathLike[str], site_dir: str | os.PathLike[str], *,
@@ -368,4 +375,5 @@ def predict_site(run_dir: str | os.PathLike[str], site_dir: str | os.PathLike[st
                       sum(prepared.not_scored.values()), how, skipped=prepared.skipped,
                       not_scored=prepared.not_scored,
                       modalities=data.dataset.modality_counts(),
-                      dropped=dict(data.dropped))
+                      dropped=dict(data.dropped),
+                      features_without_value=prepared.unvalued)
