@@ -65,6 +65,7 @@ from multimodal_fl.config import ExperimentConfig, load_config
 from multimodal_fl.evaluation.metrics import (
     MetricValue,
     bootstrap_ci,
+    bootstrap_seed,
     derive_seed,
     paired_bootstrap_difference,
 )
@@ -348,15 +349,14 @@ def evaluate_rows(engine: str, seed: int, test: pd.DataFrame, *, n_boot: int, se
     -------
     EngineResult
     """
-    pooled = bootstrap_ci("auc", test["label"].to_numpy(np.int64),
-                          test["score"].to_numpy(np.float64), n_boot=n_boot,
-                          seed=derive_seed(seed, "pooled"))
-    per_site = {
-        str(site): bootstrap_ci("auc", part["label"].to_numpy(np.int64),
-                           part["score"].to_numpy(np.float64), n_boot=n_boot,
-                           seed=derive_seed(seed, site))
-        for site, part in test.groupby("site", sort=True)
-    }
+    def interval(part: pd.DataFrame) -> MetricValue:
+        # seeded as the engines seed a site's interval, so a site's here is its metrics.json's
+        scores = part["score"].to_numpy(np.float64)
+        return bootstrap_ci("auc", part["label"].to_numpy(np.int64), scores, n_boot=n_boot,
+                            seed=bootstrap_seed(seed, scores))
+
+    pooled = interval(test)
+    per_site = {str(site): interval(part) for site, part in test.groupby("site", sort=True)}
     return EngineResult(engine, seed, pooled, per_site, test, seconds)
 
 

@@ -61,7 +61,7 @@ from multimodal_fl.data import build_cohorts
 from multimodal_fl.data.csv_import import ImportResult, import_csv
 from multimodal_fl.engines import run
 from multimodal_fl.engines.predict import predict_site
-from multimodal_fl.evaluation.metrics import MetricValue, bootstrap_ci
+from multimodal_fl.evaluation.metrics import MetricValue, bootstrap_ci, bootstrap_seed
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CSV = REPO.parent / "shared" / "data" / "mexico_covid" / "covid19_mexico_bc_2021.csv"
@@ -80,9 +80,12 @@ def ci_text(m: MetricValue) -> str:
 
 
 def auc(y: Any, score: Any, *, n_boot: int, seed: int) -> MetricValue:
-    """Test AUC with a stratified percentile bootstrap 95% CI."""
-    return bootstrap_ci("auc", np.asarray(y, dtype=int), np.asarray(score, dtype=float),
-                        n_boot=n_boot, seed=seed)
+    """Test AUC with a stratified percentile bootstrap 95% CI, seeded as the engines seed a
+    site's (:func:`~multimodal_fl.evaluation.metrics.bootstrap_seed`), so a site's interval
+    here is the one in its run's ``metrics.json``."""
+    s = np.asarray(score, dtype=float)
+    return bootstrap_ci("auc", np.asarray(y, dtype=int), s, n_boot=n_boot,
+                        seed=bootstrap_seed(seed, s))
 
 
 def sample_rows(src: Path, dest: Path, fraction: float, seed: int) -> int:
