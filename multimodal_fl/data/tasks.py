@@ -49,6 +49,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -62,9 +63,12 @@ from multimodal_fl.data.fhir_json import shifted
 from multimodal_fl.data.imaging import check_readable, select_image
 from multimodal_fl.data.records import Note, ObservationValue, SiteRecords, known_time, matches
 
-__all__ = ["TaskResult", "age_band", "apply_task", "feature_names", "index_time"]
+__all__ = ["SEX_LEVELS", "TaskResult", "age_band", "age_band_levels", "apply_task",
+           "declared_levels", "feature_names", "index_time"]
 
 _UNKNOWN_SEX = "unknown"
+#: Every value of the cohort's ``sex`` column (any other ``Patient.gender`` is ``unknown``).
+SEX_LEVELS: tuple[str, ...] = ("female", "male", "other", _UNKNOWN_SEX)
 _IMAGE_FIELD = {"images.csv": "images.csv:path", "ImagingStudy": "ImagingStudy.identifier",
                 "DICOM PatientID": "DICOM PatientID"}
 
@@ -89,14 +93,47 @@ def feature_names(task: TaskSpec) -> list[str]:
     return names
 
 
+def _band_label(lo: float, hi: float) -> str:
+    return f"{lo:g}+" if hi >= 150 else f"{lo:g}-{hi - 1:g}"
+
+
 def age_band(age: float | None, edges: list[float]) -> str:
     """Age band label such as ``'40-59'`` from band edges ``[0, 40, 60, ...]``."""
     if age is None or math.isnan(age):
         return "unknown"
     for lo, hi in itertools.pairwise(edges):
         if lo <= age < hi:
-            return f"{lo:g}+" if hi >= 150 else f"{lo:g}-{hi - 1:g}"
+            return _band_label(lo, hi)
     return "unknown"
+
+
+def age_band_levels(edges: list[float]) -> tuple[str, ...]:
+    """Every label :func:`age_band` gives with band edges ``edges``, ``'unknown'`` last."""
+    return (*(_band_label(lo, hi) for lo, hi in itertools.pairwise(edges)), "unknown")
+
+
+def declared_levels(task: TaskSpec, attributes: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """The levels of the sensitive attributes that the task itself fixes, before any data.
+
+    ``sex`` takes :data:`SEX_LEVELS`, ``age_band`` the task's bands
+    (:func:`age_band_levels`); any other attribute's levels come from the data, so it has
+    none here. Every site of a run knows these, so a site can lay out one histogram part per
+    declared level, empty ones included, and the layout says nothing of its patients
+    (:func:`~multimodal_fl.evaluation.histograms.histogram_parts`).
+
+    Parameters
+    ----------
+    task : TaskSpec
+    attributes : iterable of str
+        The sensitive attributes in use (``evaluation.sensitive``).
+
+    Returns
+    -------
+    dict of str to tuple of str
+        ``{attribute: levels}`` for the attributes among ``sex`` and ``age_band``.
+    """
+    fixed = {"sex": SEX_LEVELS, "age_band": age_band_levels(task.age_bands)}
+    return {a: fixed[a] for a in attributes if a in fixed}
 
 
 def _years(a: datetime, b: datetime) -> float:
@@ -423,7 +460,7 @@ def apply_task(
             continue
         res.label_sources[why] += 1
         gender = records.patients[pid].gender
-        sex = gender if gender in {"female", "male", "other"} else _UNKNOWN_SEX
+        sex = gender if gender in SEX_LEVELS else _UNKNOWN_SEX
         row: dict[str, Any] = {"patient_id": pid, "site": site, "index_time": window.index,
                                "label": label}
         times = _tabular_features(row, task, pid, records, window, sex)

@@ -38,6 +38,7 @@ import pandas as pd
 from safetensors.numpy import save_file
 
 from multimodal_fl.config import ExperimentConfig, SitePolicy, load_policy
+from multimodal_fl.data.tasks import declared_levels
 from multimodal_fl.engines.cross_site import cross_site_validation, local_training_stage
 from multimodal_fl.engines.federated import inprocess_federation, predict_stage
 from multimodal_fl.engines.recalibration import (
@@ -128,7 +129,8 @@ def _pooling(cfg: ExperimentConfig, frames: Mapping[str, pd.DataFrame]) -> dict[
             "min_cell": {n: p.effective_min_cell(ev.min_cell) for n, p in policies.items()},
             "subgroups": {n: p.subgroup_summaries for n, p in policies.items()},
             "secure_sum": {n: p.answers_kind("secure_sum") for n, p in policies.items()},
-            "n_bins": ev.histogram_bins}
+            "n_bins": ev.histogram_bins,
+            "declared": declared_levels(cfg.task, ev.sensitive)}
 
 
 def _pooled_sites(cfg: ExperimentConfig, frames: Mapping[str, pd.DataFrame]) -> set[str]:

@@ -1019,10 +1019,51 @@ def named_levels(values: npt.ArrayLike, *, min_cell: int) -> tuple[npt.NDArray[n
     return out, len(small)
 
 
+#: The level of a patient whose value of an attribute is missing.
+MISSING = "(missing)"
+
+
 def _level_labels(values: npt.ArrayLike) -> pd.Series:
-    """Each patient's level as a string, missing values as ``"(missing)"``."""
+    """Each patient's level as a string, missing values as :data:`MISSING`."""
     col = pd.Series(np.asarray(values, dtype=object))
-    return col.where(col.notna(), "(missing)").astype(str)
+    return col.where(col.notna(), MISSING).astype(str)
+
+
+def declared_layout(levels: Sequence[str]) -> tuple[str, ...]:
+    """Every part name a site lays out for an attribute of declared ``levels``, in order.
+
+    The declared levels, then :data:`MISSING` and :data:`UNNAMED` (a value outside them):
+    the same at every site whatever its patients, so the names say nothing of them.
+
+    Parameters
+    ----------
+    levels : sequence of str
+        The attribute's levels fixed by the task
+        (:func:`~multimodal_fl.data.tasks.declared_levels`).
+
+    Returns
+    -------
+    tuple of str
+    """
+    return tuple(dict.fromkeys([*map(str, levels), MISSING, UNNAMED]))
+
+
+def declared_labels(values: npt.ArrayLike, levels: Sequence[str]) -> npt.NDArray[np.str_]:
+    """Each patient's level of an attribute of declared ``levels``; any other as UNNAMED.
+
+    Parameters
+    ----------
+    values : array-like
+        One value per patient.
+    levels : sequence of str
+        The attribute's declared levels.
+
+    Returns
+    -------
+    ndarray of str
+    """
+    labels = _level_labels(values)
+    return labels.where(labels.isin(declared_layout(levels)), UNNAMED).to_numpy(dtype=str)
 
 
 def level_census(frame: pd.DataFrame, attributes: Sequence[str]) -> dict[str, dict[str, int]]:
@@ -1087,7 +1128,7 @@ def fine_counts(y: npt.ArrayLike, s: npt.ArrayLike, n_bins: int) -> npt.NDArray[
 def histogram_parts(
     y_true: npt.ArrayLike, y_score: npt.ArrayLike, *,
     groups: pd.DataFrame | Mapping[str, npt.ArrayLike] | None = None, n_bins: int = DEFAULT_BINS,
-    min_cell: int,
+    min_cell: int, declared: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, npt.NDArray[np.int64]]:
     """A site's fine score histograms as the parts of one vector to secure-sum.
 
@@ -1106,21 +1147,32 @@ def histogram_parts(
     min_cell : int
         The site's effective small-cell threshold: a level held by fewer of these patients is
         not named (:func:`named_levels`), so no part's name carries a rare label.
+    declared : mapping of str to sequence of str, optional
+        Attributes whose levels the task fixes (``sex``, ``age_band``:
+        :func:`~multimodal_fl.data.tasks.declared_levels`): such an attribute has a part for
+        every name of :func:`declared_layout`, empty ones too, whatever the site holds, so
+        its small levels join the sum under their own names (the sum hides each site's
+        part; the layout is every site's).
 
     Returns
     -------
     dict of str to int64 array
         :data:`OVERALL` and one ``"<attribute>=<level>"`` part per level present
         (:func:`fine_counts` of its patients), the small levels together as
-        ``"<attribute>=(other)"``.
+        ``"<attribute>=(other)"``; per declared level for a declared attribute.
     """
     y, s = check_binary_inputs(y_true, y_score, where="histogram_parts")
     parts = {OVERALL: fine_counts(y, s, n_bins)}
     if groups is not None:
         gdf = pd.DataFrame(groups)
         for a in gdf.columns:
-            col, _ = named_levels(gdf[a].to_numpy(), min_cell=min_cell)
-            for g in sorted(set(col)):
+            levels = (declared or {}).get(str(a))
+            if levels is None:
+                col, _ = named_levels(gdf[a].to_numpy(), min_cell=min_cell)
+                names: Sequence[str] = sorted(set(col))
+            else:
+                col, names = declared_labels(gdf[a].to_numpy(), levels), declared_layout(levels)
+            for g in names:
                 parts[part_name(str(a), g)] = fine_counts(y[col == g], s[col == g], n_bins)
     return parts
 
@@ -1404,7 +1456,13 @@ def pooled_from_counts(
     for name, vector in parts.items():
         if name != OVERALL:
             attribute, _, level = name.partition("=")
-            levels.setdefault(attribute, {})[level] = np.asarray(vector, dtype=np.int64)
+            counts = np.asarray(vector, dtype=np.int64)
+            n = int(counts.sum())
+            # a level no pooled patient holds is no group; a named level under min_cell can
+            # only be a declared one (every site lays those out, empty or small): not named,
+            # its patients stay in the whole, under complementary suppression like any cell
+            if n > 0 and (n >= min_cell or level == UNNAMED):
+                levels.setdefault(attribute, {})[level] = counts
     subgroups = {a: _attribute_cells(a, lv, (neg, pos), min_cell=min_cell,
                                      contributors=contributors, n_boot=n_boot, alpha=alpha,
                                      seed=seed, threshold=threshold)
@@ -1431,6 +1489,7 @@ def pooled_in_process(
     seed: int = 0,
     threshold: float | None = None,
     sites: Sequence[Mapping[str, Any]] = (),
+    declared: Mapping[str, Sequence[str]] | None = None,
 ) -> PooledEvaluation:
     """The pooled test figures of sites whose predictions are in one process, as a secure sum
     would give them (the local-only and centralized engines, a user's predictions table).
@@ -1463,6 +1522,9 @@ def pooled_in_process(
         For sensitivity and specificity (:func:`pooled_from_counts`).
     sites : sequence of dict
         Per-site entries as each site disclosed them.
+    declared : mapping of str to sequence of str, optional
+        The attributes whose levels the task fixes (:func:`histogram_parts`): every site lays
+        out each of their levels, as a federated site does.
 
     Returns
     -------
@@ -1471,7 +1533,7 @@ def pooled_in_process(
     """
     held, excluded, kept, left_out = _in_process_parts(
         tests, sensitive=sensitive, min_cell=min_cell, subgroups=subgroups,
-        secure_sum=secure_sum, n_bins=n_bins)
+        secure_sum=secure_sum, n_bins=n_bins, declared=declared)
     pooled_min = max([1, *(int(v) for v in min_cell.values())])
     if OVERALL not in kept:
         return refused_pooling(
@@ -1491,6 +1553,7 @@ def _in_process_parts(
     tests: Mapping[str, pd.DataFrame], *, sensitive: Sequence[str], min_cell: Mapping[str, int],
     subgroups: Mapping[str, bool] | None, n_bins: int,
     secure_sum: Mapping[str, bool] | None = None,
+    declared: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[dict[str, dict[str, npt.NDArray[np.int64]]], dict[str, str], frozenset[str],
            dict[str, str]]:
     """Each site's fine histograms, the sites left out and why, the parts summed and the parts
@@ -1509,7 +1572,8 @@ def _in_process_parts(
         groups = {c: test[c].to_numpy() for c in cols} if cols and (
             subgroups is None or subgroups.get(site, True)) else None
         held[site] = histogram_parts(test["label"].to_numpy(), test["score"].to_numpy(),
-                                     groups=groups, n_bins=n_bins, min_cell=m)
+                                     groups=groups, n_bins=n_bins, min_cell=m,
+                                     declared=declared)
     kept, left_out = complete_parts({s: frozenset(p) for s, p in held.items()})
     # the secure sum's rule, in this process's words: no secure sum is run here
     left_out = {k: v.replace("a secure sum needs", "pooling needs") for k, v in left_out.items()}
@@ -1524,6 +1588,7 @@ def pooled_sites_in_process(
     subgroups: Mapping[str, bool] | None = None,
     secure_sum: Mapping[str, bool] | None = None,
     n_bins: int = DEFAULT_BINS,
+    declared: Mapping[str, Sequence[str]] | None = None,
 ) -> list[str]:
     """The sites whose test histograms :func:`pooled_in_process` adds into its total.
 
@@ -1541,6 +1606,7 @@ def pooled_sites_in_process(
     subgroups : mapping of site to bool, optional
     secure_sum : mapping of site to bool, optional
     n_bins : int
+    declared : mapping of str to sequence of str, optional
         As for :func:`pooled_in_process`: a site whose policy does not answer ``secure_sum``
         is not among them, and releases its document in full.
 
@@ -1552,7 +1618,7 @@ def pooled_sites_in_process(
     """
     held, _, kept, _ = _in_process_parts(tests, sensitive=sensitive, min_cell=min_cell,
                                          subgroups=subgroups, secure_sum=secure_sum,
-                                         n_bins=n_bins)
+                                         n_bins=n_bins, declared=declared)
     return sorted(s for s, parts in held.items() if kept & parts.keys()) if OVERALL in kept \
         else []
 

@@ -52,7 +52,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from multimodal_fl.config import POLICY_FILE, ConfigError, SitePolicy, load_policy
-from multimodal_fl.evaluation.histograms import UNNAMED, counts_histogram
+from multimodal_fl.evaluation.histograms import UNNAMED, counts_histogram, declared_layout
 from multimodal_fl.federated.aggregation import group_of
 from multimodal_fl.federated.pca import SUMMARY_KEYS
 from multimodal_fl.federated.protocol import (
@@ -557,7 +557,31 @@ def _part_levels(doc: Any, path: str) -> Iterator[tuple[str, str, str, Any]]:
             yield f"{path}/parts/{i}", attribute, level, None
 
 
-def check_levels(reply: Reply, min_cell: int, *, census: Census | None = None) -> None:
+def _secure_sum_layout(doc: Any, path: str, declared: Mapping[str, Sequence[str]]
+                       ) -> tuple[set[tuple[str, str]], list[str]]:
+    """The declared levels a secure sum's layout may name, and where it breaks the layout.
+
+    An attribute whose levels the task fixes is laid out with every name of
+    :func:`~multimodal_fl.evaluation.histograms.declared_layout` at every site, so its names
+    say nothing of the site's patients; a layout naming only some of them would say which the
+    site holds, and is withheld.
+    """
+    names = [str(p) for p in (doc.get("parts") or [])] if isinstance(doc, dict) else []
+    allowed: set[tuple[str, str]] = set()
+    broken: list[str] = []
+    for attribute, levels in declared.items():
+        full = set(declared_layout(levels))
+        held = {n.partition("=")[2] for n in names if n.partition("=")[0] == attribute
+                and "=" in n and not n.startswith((DELTA_PREFIX, WEIGHT_PREFIX))}
+        if held and held != full:
+            broken.append(f"{path}/parts (attribute {sorted(declared).index(attribute)} of "
+                          "the declared ones: not its whole layout)")
+        allowed |= {(attribute, level) for level in full}
+    return allowed, broken
+
+
+def check_levels(reply: Reply, min_cell: int, *, census: Census | None = None,
+                 declared: Mapping[str, Sequence[str]] | None = None) -> None:
     """The backstop of level names: no reply names a level held by fewer than ``min_cell``.
 
     A level of a sensitive attribute may leave a site only when its test split holds at least
@@ -580,6 +604,12 @@ def check_levels(reply: Reply, min_cell: int, *, census: Census | None = None) -
         The effective threshold.
     census : Census or None
         The site's level counts of its test split (``None``: only the reply's own counts).
+    declared : mapping of str to sequence of str, optional
+        The attributes whose levels the task fixes
+        (:func:`~multimodal_fl.data.tasks.declared_levels`): in a secure sum's layout their
+        names need no count, when the layout names every one of them
+        (:func:`~multimodal_fl.evaluation.histograms.declared_layout`, the same at every
+        site); a layout naming only some is withheld. Elsewhere they follow the census.
 
     Raises
     ------
@@ -589,8 +619,13 @@ def check_levels(reply: Reply, min_cell: int, *, census: Census | None = None) -
     found: list[str] = []
     for name, text in reply.documents.items():
         doc = unpack_document(text)
-        levels = [*_named(doc, str(name)),
-                  *(_part_levels(doc, str(name)) if name == Doc.SECURE_SUM else ())]
+        levels = list(_named(doc, str(name)))
+        laid_out: set[tuple[str, str]] = set()
+        if name == Doc.SECURE_SUM:
+            laid_out, broken = _secure_sum_layout(doc, str(name), declared or {})
+            found += broken
+            levels += [lv for lv in _part_levels(doc, str(name))
+                       if (lv[1], lv[2]) not in laid_out]
         for where, attribute, level, shown in levels:
             known = (census or {}).get(attribute)
             held = shown if known is None else known.get(level, 0)
@@ -828,6 +863,8 @@ class DisclosureGate:
         Returns what the site knows of its levels (:data:`Census`: the test split's patients
         per level of each attribute) when a reply is checked by :func:`check_levels`;
         ``None``: level names are backed only by the counts beside them in the reply.
+    declared : mapping of str to sequence of str, optional
+        The attributes whose levels the site's task fixes, for :func:`check_levels`.
     """
 
     def __init__(self, site: str, policy: SitePolicy, *, config_min_cell: int | None = None,
@@ -835,9 +872,11 @@ class DisclosureGate:
                  rules: Mapping[Kind, Rule] | None = None,
                  on_record: Callable[[dict[str, Any]], None] | None = None,
                  run: Mapping[str, Any] | None = None,
-                 census: Callable[[], Census] | None = None) -> None:
+                 census: Callable[[], Census] | None = None,
+                 declared: Mapping[str, Sequence[str]] | None = None) -> None:
         self.run = dict(run) if run else None
         self.census = census
+        self.declared = dict(declared or {})
         self.site = site
         self.policy = policy
         self.config_min_cell = config_min_cell
@@ -906,7 +945,8 @@ class DisclosureGate:
             check_declared(request.kind, released.reply, min_cell,
                            secured=secured_fit(request))
             check_levels(released.reply, min_cell,
-                         census=None if self.census is None else self.census())
+                         census=None if self.census is None else self.census(),
+                         declared=self.declared)
         except SiteRefused as exc:  # a rule withholds the whole reply, saying why
             self._record(request, min_cell, refused=str(exc))
             raise

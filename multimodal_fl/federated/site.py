@@ -108,6 +108,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from multimodal_fl.config import ExperimentConfig, SitePolicy, load_policy
+from multimodal_fl.data.tasks import declared_levels
 from multimodal_fl.encoders.tabular import Standardizer
 from multimodal_fl.evaluation.disclosed import (
     recalibration_summary,
@@ -338,7 +339,8 @@ class FusionSite:
             egress_log=None if self.run_dir is None else
             self.run_dir / "sites" / name / EGRESS_LOG,
             run=run if run is not None or self.run_dir is None else {"dir": str(self.run_dir)},
-            census=lambda: self.census)
+            census=lambda: self.census,
+            declared=declared_levels(cfg.task, cfg.evaluation.sensitive))
 
     # ------------------------------------------------------------------ state
 
@@ -778,7 +780,8 @@ class FusionSite:
                   if sensitive and self.gate.policy.subgroup_summaries else None)
         parts = histogram_parts(test["label"].to_numpy(), test["score"].to_numpy(),
                                 groups=groups, n_bins=self.cfg.evaluation.histogram_bins,
-                                min_cell=min_cell)
+                                min_cell=min_cell,
+                                declared=declared_levels(self.cfg.task, sensitive))
         self.secure.hold(POOLED_TEST, parts, min_cell=min_cell,
                          grid=self.cfg.evaluation.histogram_bins)
 

@@ -18,6 +18,7 @@ from multimodal_fl.evaluation.histograms import (
 )
 from multimodal_fl.evaluation.metrics import expected_calibration_error
 from multimodal_fl.evaluation.report.compute import report_from_runs, run_from_frame
+from tests.smallcells import small_figures
 
 
 def _site(n_female: tuple[int, int], n_male: tuple[int, int], seed: int) -> pd.DataFrame:
@@ -175,3 +176,40 @@ def test_a_site_whose_policy_refuses_the_secure_sum_is_not_pooled_in_process() -
     assert out.overall["n_pos"] == 3 + 5 + 4 + 7 + 2 + 4
     assert pooled_sites_in_process(tests, secure_sum=refuses, **kwargs) == [
         "site_001", "site_002", "site_003"]
+
+
+def _banded(counts: dict[str, tuple[int, int]], seed: int) -> pd.DataFrame:
+    """Test rows: (patients, positives) of each age band."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for band, (n, p) in counts.items():
+        y = np.array([1] * p + [0] * (n - p))
+        s = np.clip(rng.normal(0.3 + 0.3 * y, 0.15), 0.01, 0.99)
+        rows.append(pd.DataFrame({"label": y, "score": s, "age_band": band}))
+    return pd.concat(rows, ignore_index=True).assign(split="test")
+
+
+def test_a_small_band_of_one_site_joins_the_pooled_band_under_its_own_name() -> None:
+    """The Mexico cohort's shape: one institution holds 3 test patients aged 75+ (under its
+    min_cell 10), the others 20 each. Named by data, that site's 75+ was "(other)", the 75+
+    part was held by 2 sites, and the whole age_band attribute left the pooled report. The
+    task fixes the bands, so every site lays each one out and the pooled 75+ cell holds all
+    43 patients; the 3 are never shown as a cell of their own."""
+    from multimodal_fl.config import load_task
+    from multimodal_fl.data.tasks import declared_levels
+
+    big = {"0-39": (40, 12), "40-59": (40, 12), "60-74": (30, 10), "75+": (20, 10)}
+    tests = {"a": _banded(big, 1), "b": _banded(big, 2),
+             "c": _banded({**big, "75+": (3, 1)}, 3)}
+    kwargs = {"sensitive": ["age_band"], "min_cell": dict.fromkeys(tests, 10)}
+    by_data = pooled_in_process(tests, **kwargs)  # the rule before: levels named by data
+    assert "auc" not in by_data.subgroups["age_band"]["75+"]
+    assert "'age_band' left out" in by_data.subgroups["age_band"]["0-39"]["reason"]
+    declared = declared_levels(load_task("covid_oxygen_24h"), ["age_band"])
+    pooled = pooled_in_process(tests, declared=declared, **kwargs)
+    bands = pooled.subgroups["age_band"]
+    assert sorted(bands) == ["0-39", "40-59", "60-74", "75+"]  # no empty or "(other)" level
+    assert bands["75+"]["n_pos"] + bands["75+"]["n_neg"] == 43
+    assert sorted(bands["75+"]["sites"]) == ["a", "b", "c"]
+    assert all("auc" in c for c in bands.values())
+    assert small_figures(pooled.to_dict(), 10) == []

@@ -162,7 +162,9 @@ def test_differencing_a_61_patient_site_recovers_nothing_of_its_one_unknown_pati
     # the pooled figures: the unknown cell is not shown, nor is anything that gives it away
     sex = pooled["subgroups"]["sex"]
     assert "unknown" not in sex and "unknown" not in json.dumps(pooled)  # not named
-    assert "auc" not in sex[UNNAMED] and sex[UNNAMED]["reason"]
+    # sex's levels are the task's: the patient is in the "unknown" part of every site's layout,
+    # a pooled level of 1 patient that is not shown (nor an unnamed cell in its place)
+    assert UNNAMED not in sex
     shown = [c for c in sex.values() if "auc" in c]
     for key in ("n_pos", "n_neg"):
         rest = pooled["overall"][key] - sum(c[key] for c in shown)
@@ -433,13 +435,32 @@ def test_an_attribute_a_site_keeps_home_is_not_summed_so_no_site_histogram_is_th
     assert pooled["overall"]["auc"]["value"] is not None
 
 
+SEX_LAYOUT = ["sex=(missing)", "sex=(other)", "sex=female", "sex=male", "sex=other",
+              "sex=unknown"]
+
+
+def _without_sex_layout(replies: list[Reply], text: str) -> str:
+    """``text`` less the secure sum's ``sex`` part names, once every advertised layout is
+    shown to name all of the task's sex levels (the same at every site, so the names say
+    nothing of a site's patients; a partial layout keeps its names in the text)."""
+    for reply in replies:
+        if Doc.SECURE_SUM in reply.documents:
+            parts = [str(p) for p in reply.document(Doc.SECURE_SUM).get("parts") or []]
+            sex = sorted(p for p in parts if p.startswith("sex="))
+            if sex and sex != SEX_LAYOUT:
+                return text
+    return text.replace("sex=unknown", "")
+
+
 def test_every_attribute_summed_adds_up_to_the_whole(
     tiny_sites: tuple[Any, Path, dict[str, FusionSite]], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """What the server learns of the parts leaves nothing by subtraction: for each attribute
-    it sums, its levels add up to the overall total (site_a's one "unknown" patient, held by
-    one site, takes its attribute out of the sum)."""
+    it sums, its levels add up to the overall total. Both attributes' levels are the task's,
+    laid out in full at every site, so site_a's one "unknown" patient is summed under its own
+    level (a pooled level of 1, not shown: ``pooled_from_counts``) instead of taking ``sex``
+    out of the sum as a level held by one site did."""
     cfg, _, sites = tiny_sites
     frames = {"site_a": _frame(61, 1, unknown=True), "site_b": _frame(40, 2),
               "site_c": _frame(36, 3)}
@@ -447,7 +468,9 @@ def test_every_attribute_summed_adds_up_to_the_whole(
     _run_predict(cfg, tmp_path, sites, frames, monkeypatch)
     (total,) = totals
     attributes = {p.split("=", 1)[0] for p in total.parts if "=" in p}
-    assert attributes == {"age_band"}  # sex is left out: "unknown" is held by one site
+    assert attributes == {"age_band", "sex"}
+    assert sorted(p for p in total.parts if p.startswith("sex=")) == SEX_LAYOUT
+    assert sorted(total.contributors["sex=unknown"]) == sorted(frames)
     for a in attributes:
         rest = total.parts["overall"] - sum(v for p, v in total.parts.items()
                                             if p.startswith(a + "="))
@@ -481,7 +504,8 @@ def test_no_level_held_by_fewer_than_min_cell_patients_is_named_off_the_site(
     json_path, html_path = write_frame_report(report, tmp_path / "report", sensitive=["sex", "age"],
                                               min_cell=10, n_boot=0, threshold=0.5)
     left += [json_path.read_text(), html_path.read_text()]
-    text = "\n".join(left)
+    text = _without_sex_layout([r for rec in recorders.values() for r in rec.replies],
+                               "\n".join(left))
     ages = [a for f in frames.values() for a in f["age"]]
     assert not [a for a in ages if str(a) in text or f"{a:.4f}" in text]
     assert "unknown" not in text.replace("unknown version", "")  # one patient of sex unknown
@@ -560,6 +584,33 @@ def test_the_gate_withholds_a_level_named_without_min_cell_patients(tmp_path: Pa
         _gate_reply(bare, Kind.PREDICT, {Doc.DISCLOSED: {"cells": [cell("x", None)]}})
 
 
+def test_the_gate_lets_a_declared_attribute_into_a_secure_sum_only_laid_out_in_full(
+        tmp_path: Path) -> None:
+    """``sex``'s levels are the task's: a secure sum's layout may name them all, the one
+    patient of sex "unknown" included, because every site names them all; a layout naming
+    only the levels the site holds (which tells that it holds one "unknown" patient) is
+    withheld, and outside the secure sum the census still rules (non-vacuity)."""
+    from multimodal_fl.config import SitePolicy
+    from multimodal_fl.federated.disclosure import DisclosureGate, SiteRefused
+
+    census = {"sex": {"female": 30, "male": 29, "unknown": 1}}
+    gate = DisclosureGate("a", SitePolicy(), config_min_cell=10, egress_log=tmp_path / "log",
+                          census=lambda: census,
+                          declared={"sex": ("female", "male", "other", "unknown")})
+
+    def advert(parts: list[str]) -> dict[str, Any]:
+        return {Doc.SECURE_SUM: {"parts": parts, "widths": [1] * len(parts)}}
+
+    assert _gate_reply(gate, Kind.SECURE_SUM, advert(["overall", *SEX_LAYOUT])).documents
+    for partial in (["overall", "sex=female", "sex=male", "sex=unknown"],
+                    ["overall", *SEX_LAYOUT[:-1]]):
+        with pytest.raises(SiteRefused, match="not its whole layout"):
+            _gate_reply(gate, Kind.SECURE_SUM, advert(partial))
+    cell = {"scope": "site_subgroup", "attribute": "sex", "group": "unknown", "n": None}
+    with pytest.raises(SiteRefused, match="a level named without 10 test patients"):
+        _gate_reply(gate, Kind.PREDICT, {Doc.DISCLOSED: {"cells": [cell]}})
+
+
 def test_a_builder_that_forgets_the_naming_rule_gets_no_level_past_the_gate(
     tiny_sites: tuple[Any, Path, dict[str, FusionSite]], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -594,6 +645,8 @@ def test_a_builder_that_forgets_the_naming_rule_gets_no_level_past_the_gate(
     monkeypatch.setattr(disclosed_module, "name_test_levels",
                         lambda frame, attributes, *, min_cell: (frame, []))
     monkeypatch.setattr(histograms_module, "named_levels", unnamed)
+    # and the secure sum's builder forgets that sex's levels are laid out in full at every site
+    monkeypatch.setattr(site_module, "declared_levels", lambda task, attributes: {})
     recorders, _ = _run_predict(cfg, tmp_path / "forgot", sites, frames, monkeypatch)
     assert not [r for r in recorders["site_a"].replies if r.kind == Kind.PREDICT]
     assert [r for r in recorders["site_b"].replies if r.kind == Kind.PREDICT]
@@ -601,6 +654,8 @@ def test_a_builder_that_forgets_the_naming_rule_gets_no_level_past_the_gate(
     assert "sex=unknown" in site_a.secure.held[POOLED_TEST].parts  # the builder's slip
     with pytest.raises(SiteRefused, match="a level named without 10 test patients"):
         site_a.handle(step_request("advertise", POOLED_TEST, 1))
-    left = [d for rec in recorders.values() for r in rec.replies for d in r.documents.values()]
+    replies = [r for rec in recorders.values() for r in rec.replies]
+    left = [d for r in replies for d in r.documents.values()]
     left += [p.read_text() for p in (tmp_path / "forgot" / "sites").glob("*/egress.jsonl")]
-    assert "unknown" not in "\n".join(left).replace("unknown version", "")
+    text = _without_sex_layout(replies, "\n".join(left))
+    assert "unknown" not in text.replace("unknown version", "")
