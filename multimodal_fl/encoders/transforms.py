@@ -8,8 +8,9 @@ Two pipelines from one spec (:class:`ImageTransformSpec`):
   to RAS -> optional resampling to ``pixdim`` mm -> resize (or pad/crop after resampling)
   to ``size`` cubed -> z-score intensity over non-zero voxels.
 
-Training adds small random rotations, flips and intensity scale/shift. MONAI is imported
-when a pipeline is built, not when this module is imported.
+Reading inverts a MONOCHROME1 DICOM (low value = bright) to MONOCHROME2, as every other
+file is stored. Training adds small random rotations, flips and intensity scale/shift.
+MONAI is imported when a pipeline is built, not when this module is imported.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ IMAGE_SUFFIXES: dict[str, tuple[str, ...]] = {
     "NibabelReader": (".nii", ".nii.gz"),
 }
 
-_TRANSFORM_VERSION = "1"
+#: Enters ``ImageTransformSpec.describe()`` and so every cache fingerprint: bumped when the
+#: same file loads differently (2: MONOCHROME1 DICOM inverted).
+_TRANSFORM_VERSION = "2"
 
 #: How MONAI's ``PydicomReader`` warns, once per file, that a DICOM file has no
 #: ImageOrientationPatient / ImagePositionPatient (usual for 2D radiographs).
@@ -300,8 +303,45 @@ def build_transform(
     return mt.Compose(steps)
 
 
+def _dicom_photometric(path: Path) -> str | None:
+    """The PhotometricInterpretation of a DICOM file (or a series folder's first file).
+
+    Read from the header alone; ``None`` when there is none or the header is unreadable
+    (the pixels were read, so the image is used as stored).
+    """
+    import pydicom
+    import pydicom.misc
+
+    if path.is_dir():  # the files MONAI's PydicomReader reads from a folder
+        files = [f for f in sorted(path.iterdir()) if f.is_file() and pydicom.misc.is_dicom(f)]
+        if not files:
+            return None
+        path = files[0]
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["PhotometricInterpretation"])
+    except Exception:  # pydicom raises many kinds on a damaged header
+        return None
+    value = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    return value or None
+
+
+def _invert(img: torch.Tensor) -> torch.Tensor:
+    """Map a MONOCHROME1 image (low value = bright) to MONOCHROME2: ``max + min - x``.
+
+    The value range is kept, so the same picture stored either way loads the same after
+    min-max scaling.
+    """
+    return img.max() + img.min() - img
+
+
 class _Load:
-    """``LoadImage`` with the reader for the path's suffix and an error naming the file."""
+    """``LoadImage`` with the reader for the path's suffix and an error naming the file.
+
+    A DICOM image whose PhotometricInterpretation is MONOCHROME1 (low value = bright, as
+    many CR/DX radiographs are stored) is inverted to MONOCHROME2 (low value = dark), the
+    way every other file is read.
+    """
 
     def __init__(self) -> None:
         self._loader: Any = None
@@ -328,6 +368,9 @@ class _Load:
             ) from exc
         if not torch.isfinite(torch.as_tensor(img)).all():
             raise ImageReadError(f"{str(p)!r}: image contains NaN or infinite values")
+        dicom = p.is_dir() or p.name.lower().endswith(IMAGE_SUFFIXES["PydicomReader"])
+        if dicom and _dicom_photometric(p) == "MONOCHROME1":
+            img = _invert(img)
         return img
 
     def __getstate__(self) -> dict[str, Any]:
