@@ -48,7 +48,8 @@ IMAGE_SUFFIXES: dict[str, tuple[str, ...]] = {
 }
 
 #: Enters ``ImageTransformSpec.describe()`` and so every cache fingerprint: bumped when the
-#: same file loads differently (2: MONOCHROME1 DICOM inverted).
+#: same file loads differently (2: MONOCHROME1 DICOM inverted; RGBA to 3 channels keeps
+#: its colour).
 _TRANSFORM_VERSION = "2"
 
 #: How MONAI's ``PydicomReader`` warns, once per file, that a DICOM file has no
@@ -74,7 +75,8 @@ class ImageTransformSpec:
     size : int, default 64
         Output side length (``size``, ``size x size`` or ``size`` cubed).
     channels : int, default 1
-        Output channels: 1 (greyscale; colour is converted by luminance) or 3 (grey repeated).
+        Output channels: 1 (greyscale; colour is converted by luminance) or 3 (RGB kept,
+        RGBA's alpha dropped; a greyscale image repeated).
     pixdim : float or None, default None
         3D only: resample to this isotropic spacing (mm) before padding/cropping to ``size``
         cubed; ``None`` resizes the whole volume to ``size`` cubed.
@@ -190,7 +192,11 @@ class _ToSpatialDims:
 
 
 class _ToChannels:
-    """Convert channel-first images to 1 (luminance) or 3 channels."""
+    """Convert channel-first images to 1 (luminance) or 3 channels.
+
+    To 3 channels, RGB passes unchanged and RGBA drops its alpha (colour kept either way);
+    greyscale (and LA's luminance) is repeated.
+    """
 
     _LUMA = (0.299, 0.587, 0.114)
 
@@ -201,6 +207,8 @@ class _ToChannels:
         c = img.shape[0]
         if c == self.channels:
             return img
+        if c == 4 and self.channels == 3:  # RGBA: alpha dropped, colour kept as for RGB
+            return img[:3]
         if c in (3, 4):  # RGB / RGBA: alpha dropped
             w = torch.tensor(self._LUMA, dtype=img.dtype, device=img.device)
             grey = (img[:3] * w.view(3, *([1] * (img.ndim - 1)))).sum(0, keepdim=True)

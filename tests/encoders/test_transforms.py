@@ -192,3 +192,21 @@ def test_monochrome1_dicom_series_folder_is_inverted(tmp_path: Path) -> None:
     a = load_image(tmp_path / "MONOCHROME2", spec=spec)
     b = load_image(tmp_path / "MONOCHROME1", spec=spec)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_rgba_to_three_channels_keeps_colour_like_rgb(tmp_path: Path) -> None:
+    """channels=3: RGBA drops its alpha and keeps its colours, as RGB does (not grey x3)."""
+    from PIL import Image
+
+    rgb = (np.random.default_rng(1).random((30, 30, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    rgba = np.concatenate([rgb, np.full((30, 30, 1), 128, np.uint8)], -1)  # half transparent
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    x = load_image(tmp_path / "rgb.png", spatial_dims=2, size=32, channels=3)
+    y = load_image(tmp_path / "rgba.png", spatial_dims=2, size=32, channels=3)
+    assert not torch.equal(y[0], y[1])
+    torch.testing.assert_close(x, y, atol=0, rtol=0)
+    # greyscale + alpha has no colour: its luminance is repeated
+    Image.fromarray(rgb).convert("LA").save(tmp_path / "la.png")
+    z = load_image(tmp_path / "la.png", spatial_dims=2, size=8, channels=3)
+    assert torch.equal(z[0], z[1]) and torch.equal(z[0], z[2])
