@@ -117,3 +117,23 @@ def test_training_data_reads_monochrome1_dicom_like_monochrome2(tmp_path: Path) 
     pixels = prepare_site_data(cohort, cfg, cache=None).dataset.inputs["image"]
     assert pixels.shape == (2, 1, 8, 8) and float(pixels[0].std()) > 0.1
     torch.testing.assert_close(pixels[0], pixels[1], atol=1e-5, rtol=0)
+
+
+def test_training_data_takes_pd_na_image_path_as_no_image(tmp_path: Path) -> None:
+    """A "string" column's pd.NA is a patient without an image, not a file named '<NA>'."""
+    from PIL import Image
+
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(tmp_path / "a.png")
+    cohort = Cohort(pd.DataFrame({
+        "patient_id": ["p0", "p1"], "label": [0, 1],
+        "image_path": pd.Series([str(tmp_path / "a.png"), None], dtype="string"),
+        "has_image": True, "has_text": False, "has_tabular": False}))
+    cfg = ExperimentConfig.model_validate({
+        "task": load_task("covid_oxygen_24h"), "sites": [{"name": "site_a", "path": "."}],
+        "modalities": {"image": {"encoder": "tinycnn", "spatial_dims": 2, "size": 8,
+                                 "embed_dim": 4, "frozen": False},
+                       "tabular": {"enabled": False}, "text": {"enabled": False}},
+    })
+    sd = prepare_site_data(cohort, cfg, cache=None)
+    assert sd.image_errors == {}  # not "'<NA>': image file does not exist"
+    assert list(sd.dropped) == ["p1"] and "no usable modality" in sd.dropped["p1"]
