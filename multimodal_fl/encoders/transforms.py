@@ -55,6 +55,9 @@ _TRANSFORM_VERSION = "2"
 #: How MONAI's ``PydicomReader`` warns, once per file, that a DICOM file has no
 #: ImageOrientationPatient / ImagePositionPatient (usual for 2D radiographs).
 _MISSING_GEOMETRY = "PydicomReader: ImageOrientationPatient (0020,0037) and/or"
+#: How MONAI warns, each time a ``LoadImage`` is created (it creates every reader it knows,
+#: a PNG's included), that the optional GPU DICOM decoder (nvImageCodec) is not installed.
+_NO_NVIMGCODEC = r"NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register"
 #: Registry of the warnings re-emitted by :func:`_noting_missing_geometry` ("default" filters
 #: then show each once per location, as for a direct warning).
 _REEMITTED: dict[Any, Any] = {}
@@ -138,6 +141,19 @@ def _pil_converter(image: Any) -> Any:
     return image
 
 
+@contextmanager
+def _without_nvimgcodec_warning() -> Iterator[None]:
+    """Silence MONAI's warning that the optional GPU DICOM decoder is absent (only that one).
+
+    The decoder is an optional extra; without it pydicom decodes, as this package expects.
+    """
+    # MONAI also logs it on every PydicomReader
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_NVIMGCODEC, category=UserWarning)
+        yield
+
+
 def reader_for(path: str | os.PathLike[str]) -> Any:
     """Return a MONAI reader instance for a file (or DICOM series folder) by its suffix.
 
@@ -152,18 +168,17 @@ def reader_for(path: str | os.PathLike[str]) -> Any:
     ImageReadError
         For another suffix.
     """
-    # MONAI logs a warning on every PydicomReader when the optional GPU decoder is absent
-    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
-    from monai.data import NibabelReader, PILReader, PydicomReader
+    with _without_nvimgcodec_warning():
+        from monai.data import NibabelReader, PILReader, PydicomReader
 
-    p = Path(path)
-    name = p.name.lower()
-    if p.is_dir() or name.endswith(IMAGE_SUFFIXES["PydicomReader"]):
-        return PydicomReader()
-    if name.endswith(IMAGE_SUFFIXES["NibabelReader"]):
-        return NibabelReader()
-    if name.endswith(IMAGE_SUFFIXES["PILReader"]):
-        return PILReader(converter=_pil_converter)
+        p = Path(path)
+        name = p.name.lower()
+        if p.is_dir() or name.endswith(IMAGE_SUFFIXES["PydicomReader"]):
+            return PydicomReader()
+        if name.endswith(IMAGE_SUFFIXES["NibabelReader"]):
+            return NibabelReader()
+        if name.endswith(IMAGE_SUFFIXES["PILReader"]):
+            return PILReader(converter=_pil_converter)
     accepted = sorted(s for v in IMAGE_SUFFIXES.values() for s in v)
     raise ImageReadError(
         f"{str(p)!r}: unsupported image file type; accepted suffixes: {accepted} "
@@ -366,7 +381,8 @@ class _Load:
         if self._loader is None:
             from monai.transforms import LoadImage
 
-            self._loader = LoadImage(image_only=True, ensure_channel_first=True)
+            with _without_nvimgcodec_warning():  # LoadImage creates every MONAI reader
+                self._loader = LoadImage(image_only=True, ensure_channel_first=True)
         try:
             img: torch.Tensor = self._loader(str(p), reader=reader)
         except Exception as exc:

@@ -210,3 +210,17 @@ def test_rgba_to_three_channels_keeps_colour_like_rgb(tmp_path: Path) -> None:
     Image.fromarray(rgb).convert("LA").save(tmp_path / "la.png")
     z = load_image(tmp_path / "la.png", spatial_dims=2, size=8, channels=3)
     assert torch.equal(z[0], z[1]) and torch.equal(z[0], z[2])
+
+
+@pytest.mark.parametrize("key", ["grey_png", "dicom"])
+def test_reading_shows_no_gpu_dicom_decoder_warning(image_files: dict[str, Path],
+                                                     key: str) -> None:
+    """MONAI's "nvImageCodec ... did not register" (an optional extra) is not shown."""
+    import warnings
+
+    for notes in (None, []):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_image(image_files[key], spatial_dims=2, size=8, notes=notes)
+        shown = [str(w.message) for w in caught]
+        assert not [m for m in shown if "nvImageCodec" in m], shown
