@@ -95,3 +95,45 @@ def test_frozen_image_encoder_holds_a_chunk_of_pixels_at_a_time(
     with torch.no_grad():
         whole = torch.cat([frozen.image(pixels[:IMAGE_CHUNK]), frozen.image(pixels[IMAGE_CHUNK:])])
     torch.testing.assert_close(sd.dataset.inputs["image"], whole, rtol=0, atol=0)
+
+
+def test_training_data_reads_monochrome1_dicom_like_monochrome2(tmp_path: Path) -> None:
+    """The site data the models train on reads DICOM as load_image does: MONOCHROME1 inverted."""
+    from tests.encoders.conftest import write_dicom
+
+    img = np.random.default_rng(4).integers(0, 256, (20, 18)).astype(np.float64)
+    write_dicom(tmp_path / "m2.dcm", img * 100)
+    write_dicom(tmp_path / "m1.dcm", (255 - img) * 100, photometric="MONOCHROME1")
+    cohort = Cohort(pd.DataFrame({
+        "patient_id": ["p0", "p1"], "label": [0, 1],
+        "image_path": [str(tmp_path / "m2.dcm"), str(tmp_path / "m1.dcm")],
+        "has_image": True, "has_text": False, "has_tabular": False}))
+    cfg = ExperimentConfig.model_validate({
+        "task": load_task("covid_oxygen_24h"), "sites": [{"name": "site_a", "path": "."}],
+        "modalities": {"image": {"encoder": "tinycnn", "spatial_dims": 2, "size": 8,
+                                 "embed_dim": 4, "frozen": False},
+                       "tabular": {"enabled": False}, "text": {"enabled": False}},
+    })
+    pixels = prepare_site_data(cohort, cfg, cache=None).dataset.inputs["image"]
+    assert pixels.shape == (2, 1, 8, 8) and float(pixels[0].std()) > 0.1
+    torch.testing.assert_close(pixels[0], pixels[1], atol=1e-5, rtol=0)
+
+
+def test_training_data_takes_pd_na_image_path_as_no_image(tmp_path: Path) -> None:
+    """A "string" column's pd.NA is a patient without an image, not a file named '<NA>'."""
+    from PIL import Image
+
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(tmp_path / "a.png")
+    cohort = Cohort(pd.DataFrame({
+        "patient_id": ["p0", "p1"], "label": [0, 1],
+        "image_path": pd.Series([str(tmp_path / "a.png"), None], dtype="string"),
+        "has_image": True, "has_text": False, "has_tabular": False}))
+    cfg = ExperimentConfig.model_validate({
+        "task": load_task("covid_oxygen_24h"), "sites": [{"name": "site_a", "path": "."}],
+        "modalities": {"image": {"encoder": "tinycnn", "spatial_dims": 2, "size": 8,
+                                 "embed_dim": 4, "frozen": False},
+                       "tabular": {"enabled": False}, "text": {"enabled": False}},
+    })
+    sd = prepare_site_data(cohort, cfg, cache=None)
+    assert sd.image_errors == {}  # not "'<NA>': image file does not exist"
+    assert list(sd.dropped) == ["p1"] and "no usable modality" in sd.dropped["p1"]

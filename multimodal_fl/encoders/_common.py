@@ -1,4 +1,4 @@
-"""Helpers shared by the encoders: config sections, weight loading, fingerprints.
+"""Helpers shared by the encoders: config sections, weight loading, fingerprints, missing.
 
 Nothing here imports MONAI or transformers; both are imported lazily by the encoders
 that need them so that ``import multimodal_fl.encoders`` stays fast.
@@ -21,6 +21,29 @@ from torch import nn
 # safetensors is heavy to import: imported inside the functions that use it
 
 logger = logging.getLogger("multimodal_fl.encoders")
+
+
+def is_missing(item: Any) -> bool:
+    """Whether one sample's entry means "missing": ``None``, a float NaN or ``pd.NA``/``NaT``.
+
+    Parameters
+    ----------
+    item : object
+        One entry (a note, a path, ...). pandas' scalar missing values (``pd.NA``, as a
+        ``"string"`` column holds, and ``pd.NaT``) count like ``None``; strings, lists and
+        arrays are never missing here (an empty string is the caller's decision).
+
+    Returns
+    -------
+    bool
+    """
+    if item is None or (isinstance(item, float) and item != item):
+        return True
+    if type(item).__module__.split(".")[0] in ("pandas", "numpy"):  # pd.NA, NaT, np.float32
+        import pandas as pd
+
+        return bool(pd.api.types.is_scalar(item) and pd.isna(item))
+    return False
 
 
 @dataclass(frozen=True)

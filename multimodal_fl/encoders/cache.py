@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from multimodal_fl.encoders._common import is_missing
+
 __all__ = [
     "EmbeddingCache",
     "cache_folder_name",
@@ -118,7 +120,8 @@ def content_key(item: Any) -> str:
         A :class:`pathlib.Path` (or other ``os.PathLike``) is hashed by its file's bytes
         (a folder, e.g. a DICOM series, by its files' names and bytes); a ``str`` is hashed
         as text (an image path given as ``str`` is *text*: wrap it in ``Path``); ``bytes``
-        as is; a list/tuple (several notes) by its elements; ``None`` as "missing".
+        as is; a list/tuple (several notes) by its elements; ``None`` (or NaN, ``pd.NA``)
+        as "missing".
 
     Returns
     -------
@@ -139,7 +142,7 @@ def content_key(item: Any) -> str:
         return hashlib.sha256(b"text:" + item.encode("utf-8")).hexdigest()
     if isinstance(item, bytes | bytearray | memoryview):
         return hashlib.sha256(b"bytes:" + bytes(item)).hexdigest()
-    if item is None or (isinstance(item, float) and item != item):
+    if is_missing(item):
         return hashlib.sha256(b"missing").hexdigest()
     if isinstance(item, Sequence | np.ndarray):
         h = hashlib.sha256(b"seq:")

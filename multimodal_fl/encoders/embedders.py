@@ -8,8 +8,8 @@ they drop into ``Pipeline`` / ``ColumnTransformer``::
 
 Input is one entry per sample: a 1-D sequence (list, ``numpy`` array, ``pandas.Series``)
 or a 2-D array/DataFrame with a single column. Text entries are ``str`` (or a list of
-notes); image entries are file paths. A sample without text (``None``, ``""``, ``[]``) or
-without an image (``None``, ``""``, NaN) gets a zero row.
+notes); image entries are file paths. A sample without text or without an image (``None``,
+``""``, NaN, ``pd.NA``; ``[]`` for text) gets a zero row.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
+from multimodal_fl.encoders._common import is_missing
 from multimodal_fl.encoders.cache import EmbeddingCache
 from multimodal_fl.encoders.image import ImageEncoder
 from multimodal_fl.encoders.text import TextEncoder
@@ -65,29 +66,30 @@ def _column(X: Any, where: str) -> list[Any]:
 def _texts(X: Any, where: str) -> list[Any]:
     items = _column(X, where)
     for i, it in enumerate(items):
-        if it is None or isinstance(it, str) or (isinstance(it, float) and it != it):
+        if isinstance(it, str) or is_missing(it):
             continue
         if isinstance(it, list | tuple) and all(isinstance(n, str) for n in it):
             continue
         raise TypeError(
             f"{where}: sample {i} is a {type(it).__name__} ({it!r:.40}); accepted: a note (str), "
-            "a list of notes, or None/'' for a sample without text"
+            "a list of notes, or None/''/NaN/pd.NA for a sample without text"
         )
-    return [list(it) if isinstance(it, tuple) else it for it in items]
+    return [list(it) if isinstance(it, tuple) else None if is_missing(it) else it
+            for it in items]
 
 
 def _paths(X: Any, where: str) -> list[Path | None]:
     items = _column(X, where)
     out: list[Path | None] = []
     for i, it in enumerate(items):
-        if it is None or (isinstance(it, float) and it != it) or (isinstance(it, str) and not it):
+        if is_missing(it) or (isinstance(it, str) and not it):
             out.append(None)  # no image for this sample
         elif isinstance(it, str | os.PathLike):
             out.append(Path(it))
         else:
             raise TypeError(
                 f"{where}: sample {i} is a {type(it).__name__} ({it!r:.40}); accepted: an image "
-                "file path (str or Path), or None for a sample without an image"
+                "file path (str or Path), or None/''/NaN/pd.NA for a sample without an image"
             )
     return out
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from multimodal_fl.encoders._common import section_to_kwargs, state_fingerprint
+from multimodal_fl.encoders._common import is_missing, section_to_kwargs, state_fingerprint
 
 # transformers and the MiniLM package are heavy: imported inside the functions that use them
 
@@ -51,8 +51,11 @@ def default_text_model_path() -> Path:
 
 
 def normalize_notes(item: Any) -> list[str]:
-    """Return the non-empty notes of one patient's entry (``str``, list of ``str`` or missing)."""
-    if item is None or (isinstance(item, float) and item != item):  # None or NaN
+    """Return the non-empty notes of one patient's entry (``str``, list of ``str`` or missing).
+
+    Missing is ``None``, NaN or pandas' ``pd.NA`` (a ``"string"`` column's missing value).
+    """
+    if is_missing(item):
         return []
     if isinstance(item, str):
         return [item] if item.strip() else []
@@ -61,7 +64,9 @@ def normalize_notes(item: Any) -> list[str]:
         for note in item:
             notes += normalize_notes(note)
         return notes
-    raise TypeError(f"a text entry must be a str, a list of str or None, got {type(item).__name__}")
+    raise TypeError(
+        f"a text entry must be a str, a list of str or None/NaN/pd.NA, got {type(item).__name__}"
+    )
 
 
 def _layer_list(model: nn.Module) -> nn.ModuleList:

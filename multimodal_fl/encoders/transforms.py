@@ -8,8 +8,9 @@ Two pipelines from one spec (:class:`ImageTransformSpec`):
   to RAS -> optional resampling to ``pixdim`` mm -> resize (or pad/crop after resampling)
   to ``size`` cubed -> z-score intensity over non-zero voxels.
 
-Training adds small random rotations, flips and intensity scale/shift. MONAI is imported
-when a pipeline is built, not when this module is imported.
+Reading inverts a MONOCHROME1 DICOM (low value = bright) to MONOCHROME2, as every other
+file is stored. Training adds small random rotations, flips and intensity scale/shift.
+MONAI is imported when a pipeline is built, not when this module is imported.
 """
 
 from __future__ import annotations
@@ -46,11 +47,17 @@ IMAGE_SUFFIXES: dict[str, tuple[str, ...]] = {
     "NibabelReader": (".nii", ".nii.gz"),
 }
 
-_TRANSFORM_VERSION = "1"
+#: Enters ``ImageTransformSpec.describe()`` and so every cache fingerprint: bumped when the
+#: same file loads differently (2: MONOCHROME1 DICOM inverted; RGBA to 3 channels keeps
+#: its colour).
+_TRANSFORM_VERSION = "2"
 
 #: How MONAI's ``PydicomReader`` warns, once per file, that a DICOM file has no
 #: ImageOrientationPatient / ImagePositionPatient (usual for 2D radiographs).
 _MISSING_GEOMETRY = "PydicomReader: ImageOrientationPatient (0020,0037) and/or"
+#: How MONAI warns, each time a ``LoadImage`` is created (it creates every reader it knows,
+#: a PNG's included), that the optional GPU DICOM decoder (nvImageCodec) is not installed.
+_NO_NVIMGCODEC = r"NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register"
 #: Registry of the warnings re-emitted by :func:`_noting_missing_geometry` ("default" filters
 #: then show each once per location, as for a direct warning).
 _REEMITTED: dict[Any, Any] = {}
@@ -71,7 +78,8 @@ class ImageTransformSpec:
     size : int, default 64
         Output side length (``size``, ``size x size`` or ``size`` cubed).
     channels : int, default 1
-        Output channels: 1 (greyscale; colour is converted by luminance) or 3 (grey repeated).
+        Output channels: 1 (greyscale; colour is converted by luminance) or 3 (RGB kept,
+        RGBA's alpha dropped; a greyscale image repeated).
     pixdim : float or None, default None
         3D only: resample to this isotropic spacing (mm) before padding/cropping to ``size``
         cubed; ``None`` resizes the whole volume to ``size`` cubed.
@@ -133,6 +141,19 @@ def _pil_converter(image: Any) -> Any:
     return image
 
 
+@contextmanager
+def _without_nvimgcodec_warning() -> Iterator[None]:
+    """Silence MONAI's warning that the optional GPU DICOM decoder is absent (only that one).
+
+    The decoder is an optional extra; without it pydicom decodes, as this package expects.
+    """
+    # MONAI also logs it on every PydicomReader
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_NVIMGCODEC, category=UserWarning)
+        yield
+
+
 def reader_for(path: str | os.PathLike[str]) -> Any:
     """Return a MONAI reader instance for a file (or DICOM series folder) by its suffix.
 
@@ -147,18 +168,17 @@ def reader_for(path: str | os.PathLike[str]) -> Any:
     ImageReadError
         For another suffix.
     """
-    # MONAI logs a warning on every PydicomReader when the optional GPU decoder is absent
-    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
-    from monai.data import NibabelReader, PILReader, PydicomReader
+    with _without_nvimgcodec_warning():
+        from monai.data import NibabelReader, PILReader, PydicomReader
 
-    p = Path(path)
-    name = p.name.lower()
-    if p.is_dir() or name.endswith(IMAGE_SUFFIXES["PydicomReader"]):
-        return PydicomReader()
-    if name.endswith(IMAGE_SUFFIXES["NibabelReader"]):
-        return NibabelReader()
-    if name.endswith(IMAGE_SUFFIXES["PILReader"]):
-        return PILReader(converter=_pil_converter)
+        p = Path(path)
+        name = p.name.lower()
+        if p.is_dir() or name.endswith(IMAGE_SUFFIXES["PydicomReader"]):
+            return PydicomReader()
+        if name.endswith(IMAGE_SUFFIXES["NibabelReader"]):
+            return NibabelReader()
+        if name.endswith(IMAGE_SUFFIXES["PILReader"]):
+            return PILReader(converter=_pil_converter)
     accepted = sorted(s for v in IMAGE_SUFFIXES.values() for s in v)
     raise ImageReadError(
         f"{str(p)!r}: unsupported image file type; accepted suffixes: {accepted} "
@@ -187,7 +207,11 @@ class _ToSpatialDims:
 
 
 class _ToChannels:
-    """Convert channel-first images to 1 (luminance) or 3 channels."""
+    """Convert channel-first images to 1 (luminance) or 3 channels.
+
+    To 3 channels, RGB passes unchanged and RGBA drops its alpha (colour kept either way);
+    greyscale (and LA's luminance) is repeated.
+    """
 
     _LUMA = (0.299, 0.587, 0.114)
 
@@ -198,6 +222,8 @@ class _ToChannels:
         c = img.shape[0]
         if c == self.channels:
             return img
+        if c == 4 and self.channels == 3:  # RGBA: alpha dropped, colour kept as for RGB
+            return img[:3]
         if c in (3, 4):  # RGB / RGBA: alpha dropped
             w = torch.tensor(self._LUMA, dtype=img.dtype, device=img.device)
             grey = (img[:3] * w.view(3, *([1] * (img.ndim - 1)))).sum(0, keepdim=True)
@@ -300,8 +326,45 @@ def build_transform(
     return mt.Compose(steps)
 
 
+def _dicom_photometric(path: Path) -> str | None:
+    """The PhotometricInterpretation of a DICOM file (or a series folder's first file).
+
+    Read from the header alone; ``None`` when there is none or the header is unreadable
+    (the pixels were read, so the image is used as stored).
+    """
+    import pydicom
+    import pydicom.misc
+
+    if path.is_dir():  # the files MONAI's PydicomReader reads from a folder
+        files = [f for f in sorted(path.iterdir()) if f.is_file() and pydicom.misc.is_dicom(f)]
+        if not files:
+            return None
+        path = files[0]
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["PhotometricInterpretation"])
+    except Exception:  # pydicom raises many kinds on a damaged header
+        return None
+    value = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    return value or None
+
+
+def _invert(img: torch.Tensor) -> torch.Tensor:
+    """Map a MONOCHROME1 image (low value = bright) to MONOCHROME2: ``max + min - x``.
+
+    The value range is kept, so the same picture stored either way loads the same after
+    min-max scaling.
+    """
+    return img.max() + img.min() - img
+
+
 class _Load:
-    """``LoadImage`` with the reader for the path's suffix and an error naming the file."""
+    """``LoadImage`` with the reader for the path's suffix and an error naming the file.
+
+    A DICOM image whose PhotometricInterpretation is MONOCHROME1 (low value = bright, as
+    many CR/DX radiographs are stored) is inverted to MONOCHROME2 (low value = dark), the
+    way every other file is read.
+    """
 
     def __init__(self) -> None:
         self._loader: Any = None
@@ -318,7 +381,8 @@ class _Load:
         if self._loader is None:
             from monai.transforms import LoadImage
 
-            self._loader = LoadImage(image_only=True, ensure_channel_first=True)
+            with _without_nvimgcodec_warning():  # LoadImage creates every MONAI reader
+                self._loader = LoadImage(image_only=True, ensure_channel_first=True)
         try:
             img: torch.Tensor = self._loader(str(p), reader=reader)
         except Exception as exc:
@@ -328,6 +392,9 @@ class _Load:
             ) from exc
         if not torch.isfinite(torch.as_tensor(img)).all():
             raise ImageReadError(f"{str(p)!r}: image contains NaN or infinite values")
+        dicom = p.is_dir() or p.name.lower().endswith(IMAGE_SUFFIXES["PydicomReader"])
+        if dicom and _dicom_photometric(p) == "MONOCHROME1":
+            img = _invert(img)
         return img
 
     def __getstate__(self) -> dict[str, Any]:

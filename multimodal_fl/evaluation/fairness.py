@@ -248,10 +248,28 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
 # thresholds
 
 
+def _per_site_thresholds(threshold: Mapping[Any, float]) -> dict[str, float]:
+    """A ``{site: threshold}`` mapping keyed by ``str(site)``, as the site column is compared.
+
+    Integer site ids (``{1: 0.5}``) then match a column of integers; two keys naming one
+    site (``1`` and ``"1"``) with different thresholds are refused.
+    """
+    out: dict[str, float] = {}
+    for key, value in threshold.items():
+        site, t = str(key), float(value)
+        if site in out and out[site] != t:
+            raise ValueError(
+                f"threshold mapping gives site {site!r} two thresholds ({out[site]:g} and "
+                f"{t:g}): its keys {sorted(map(repr, threshold))} name sites as strings"
+            )
+        out[site] = t
+    return out
+
+
 def resolve_thresholds(
     df: pd.DataFrame,
     *,
-    threshold: float | Mapping[str, float] | None,
+    threshold: float | Mapping[Any, float] | None,
     rule: Literal["youden", "sensitivity", "specificity"] = "youden",
     split_col: str = "split",
     val_split: str = "val",
@@ -267,7 +285,8 @@ def resolve_thresholds(
     df : pandas.DataFrame
         All prediction rows (every split).
     threshold : float, mapping of site to float, or None
-        Fixed threshold(s); ``None`` chooses on validation rows with ``rule``.
+        Fixed threshold(s); ``None`` chooses on validation rows with ``rule``. A mapping's
+        keys are compared with the site column as strings (``{1: 0.5}`` for site ``1``).
     rule : str
         See :func:`~multimodal_fl.evaluation.metrics.choose_threshold`.
     split_col, val_split, site_col, label_col, score_col : str
@@ -290,13 +309,14 @@ def resolve_thresholds(
     sites = [str(s) for s in pd.unique(df[site_col])]
     if threshold is not None:
         if isinstance(threshold, Mapping):
-            missing = [s for s in sites if s not in threshold]
+            given = _per_site_thresholds(threshold)
+            missing = [s for s in sites if s not in given]
             if missing:
                 raise ValueError(
                     f"threshold mapping has no entry for site(s) {missing}; it has "
-                    f"{sorted(threshold)}"
+                    f"{sorted(given)}"
                 )
-            return {s: float(threshold[s]) for s in sites}, "given per site"
+            return {s: given[s] for s in sites}, "given per site"
         return {s: float(threshold) for s in sites}, f"given ({float(threshold):g})"
     if split_col not in df.columns:
         raise ValueError(
@@ -700,7 +720,7 @@ def fairness_report(
     *,
     sensitive: Sequence[str] = ("sex", "age_band"),
     min_cell: int = 10,
-    threshold: float | Mapping[str, float] | None = None,
+    threshold: float | Mapping[Any, float] | None = None,
     threshold_rule: Literal["youden", "sensitivity", "specificity"] = "youden",
     per_site_threshold: bool = False,
     split: str | None = "test",
@@ -729,7 +749,8 @@ def fairness_report(
     min_cell : int
         Cells with fewer patients, or without positives or negatives, are suppressed.
     threshold : float, mapping of site to float, or None
-        Decision threshold(s) for sensitivity, specificity and the disparity differences.
+        Decision threshold(s) for sensitivity, specificity and the disparity differences; a
+        mapping's keys are compared with the site column as strings (integer ids work).
         ``None`` chooses one on the ``val_split`` rows with ``threshold_rule``.
     threshold_rule : {"youden", "sensitivity", "specificity"}
         Rule for choosing the threshold on validation rows.

@@ -432,6 +432,40 @@ def _check_site_array(X: Any, site: Site) -> FloatArray:
     return arr
 
 
+def _column_names(X: Any) -> np.ndarray | None:
+    """A DataFrame's column names when all are strings (as scikit-learn keeps them), else None."""
+    columns = getattr(X, "columns", None)
+    if columns is None or not all(isinstance(c, str) for c in columns):
+        return None
+    return np.asarray(list(columns), dtype=object)
+
+
+def _sites_feature_names(sites: Sequence[Any]) -> np.ndarray | None:
+    """The feature names every site's DataFrame shares; None unless every site has names.
+
+    Raises
+    ------
+    SummaryError
+        When two sites' DataFrames name their columns differently (or in another order):
+        their features would be mixed column by column.
+    """
+    names = [_column_names(x) for x in sites]
+    named = [(i, n) for i, n in enumerate(names) if n is not None]
+    for i, n in named[1:]:
+        first, ref = named[0]
+        if len(n) == len(ref) and not np.array_equal(n, ref):
+            same = sorted(n.tolist()) == sorted(ref.tolist())
+            raise SummaryError(
+                i,
+                f"DataFrame columns {n.tolist()} differ from site {first}'s {ref.tolist()}"
+                + (" (the same names in another order)" if same else "")
+                + "; give every site the same columns in the same order",
+            )
+    if len(named) != len(names):
+        return None
+    return named[0][1]
+
+
 def _check_overflow(total_ss: float, x: FloatArray, site: Site) -> None:
     if not math.isfinite(total_ss):
         raise SummaryError(
@@ -763,7 +797,9 @@ class FederatedPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            New data.
+            New data. The first call keeps a DataFrame's column names in
+            ``feature_names_in_``; later calls are checked against them, as scikit-learn
+            checks ``transform``'s input.
         y : None
             Ignored.
 
@@ -773,7 +809,12 @@ class FederatedPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         """
         if hasattr(self, "summary_"):
             X = validate_data(self, X, dtype=np.float64, reset=False)
-        return self.partial_fit_summary(self.local_summary(X))
+            return self.partial_fit_summary(self.local_summary(X))
+        names = _column_names(X)
+        self.partial_fit_summary(self.local_summary(X))
+        if names is not None:
+            self.feature_names_in_ = names
+        return self
 
     def fit_sites(self, sites: Sequence[Any]) -> FederatedPCA:
         """Fit from in-memory site arrays: summarise each, merge, fit.
@@ -781,11 +822,20 @@ class FederatedPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         Parameters
         ----------
         sites : sequence of array-like, each of shape (n_k, n_features)
-            One array per site; all must share ``n_features``.
+            One array per site; all must share ``n_features``. When every site is a
+            DataFrame with the same (string) column names, they are kept in
+            ``feature_names_in_``, as :meth:`fit` keeps one DataFrame's.
 
         Returns
         -------
         self
+
+        Raises
+        ------
+        SummaryError
+            When a site's data is not a finite 2-D numeric array, its number of features
+            differs from site 0's, or two sites' DataFrames name their columns differently
+            (or in another order).
         """
         self._validate_params_()
         if isinstance(sites, np.ndarray) or not isinstance(sites, Sequence) or len(sites) == 0:
@@ -801,6 +851,7 @@ class FederatedPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
                     f"data has {arr.shape[1]} features but site 0 has {arrays[0].shape[1]}; "
                     "all sites must share the feature space",
                 )
+        names = _sites_feature_names(sites)
         summaries = [
             local_summary(x, self.site_rank, svd_solver=self.svd_solver, site=i)
             for i, x in enumerate(arrays)
@@ -808,6 +859,8 @@ class FederatedPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         if hasattr(self, "feature_names_in_"):
             del self.feature_names_in_
         self._fit_merged(merge(summaries, svd_solver=self.svd_solver))
+        if names is not None:
+            self.feature_names_in_ = names
         return self
 
     def fit(self, X: Any, y: Any = None) -> FederatedPCA:

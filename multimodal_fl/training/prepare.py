@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -127,7 +126,8 @@ class FrozenEncoders:
 
 
 def _image_path(raw: Any, site_dir: Path | None) -> Path | None:
-    if raw is None or (isinstance(raw, float) and math.isnan(raw)) or str(raw) == "":
+    """The image file of a table's ``image_path`` entry; ``None`` when missing (NaN, pd.NA, "")."""
+    if raw is None or (pd.api.types.is_scalar(raw) and pd.isna(raw)) or str(raw) == "":
         return None
     p = Path(str(raw))
     if not p.is_absolute() and site_dir is not None:

@@ -51,8 +51,8 @@ def tiny_text_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_text_model(tmp_path_factory.mktemp("tiny_bert"))
 
 
-def write_dicom(path: Path, array: np.ndarray) -> Path:
-    """Write a 2D uint16 greyscale DICOM file."""
+def write_dicom(path: Path, array: np.ndarray, *, photometric: str = "MONOCHROME2") -> Path:
+    """Write a 2D uint16 greyscale DICOM file (``photometric``: its PhotometricInterpretation)."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -68,7 +68,7 @@ def write_dicom(path: Path, array: np.ndarray) -> Path:
     arr = array.astype(np.uint16)
     ds.Rows, ds.Columns = arr.shape
     ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PhotometricInterpretation = photometric
     ds.BitsAllocated = 16
     ds.BitsStored = 16
     ds.HighBit = 15

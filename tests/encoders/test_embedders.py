@@ -175,3 +175,26 @@ def test_pipelines(image_files: dict[str, Path]) -> None:
     clf.fit(frame, y)
     assert clf.predict(frame).shape == (6,)
     assert features.transform(frame).shape == (6, 16 + 4 + 1)
+
+
+def test_pandas_na_is_a_missing_sample(image_files: dict[str, Path], tmp_path: Path) -> None:
+    """pd.NA (a "string" column's missing value) means "no text / no image", as None does."""
+    from multimodal_fl.encoders import TextEncoder, content_key
+    from multimodal_fl.encoders.text import normalize_notes
+
+    notes = pd.Series(["fever and cough", None], dtype="string")
+    assert notes[1] is pd.NA
+    text = TextEmbedder(str(_TINY), max_length=8, cache_dir=str(tmp_path / "t"))
+    out = text.fit(notes).transform(notes)
+    np.testing.assert_allclose(out, text.transform(["fever and cough", None]), rtol=1e-6)
+    assert np.count_nonzero(out[1]) == 0 and np.count_nonzero(out[0]) > 0
+    enc = TextEncoder(str(_TINY), max_length=8)
+    emb, present = enc.encode(list(notes))
+    assert present.tolist() == [True, False] and not emb[1].any()
+    assert normalize_notes(pd.NA) == [] and normalize_notes(pd.NaT) == []
+    assert content_key(pd.NA) == content_key(None) == content_key(float("nan"))
+
+    paths = pd.Series([str(image_files["grey_png"]), None], dtype="string")
+    image = ImageEmbedder("smallcnn", size=16, cache_dir=str(tmp_path / "i"))
+    rows = image.fit(paths).transform(paths)
+    assert np.count_nonzero(rows[1]) == 0 and np.count_nonzero(rows[0]) > 0

@@ -148,3 +148,79 @@ def test_2d_colour_channels_still_mix_by_luminance(tmp_path: Path) -> None:
     Image.fromarray(rgb).convert("LA").save(tmp_path / "la.png")
     for name in ("rgba.png", "la.png"):
         assert load_image(tmp_path / name, spatial_dims=2, size=8).shape == (1, 8, 8)
+
+
+def _radiograph() -> np.ndarray:
+    """A 2D picture with structure (a gradient and a bright square), values 0..255."""
+    yy, xx = np.mgrid[0:30, 0:26]
+    img = (xx * 6 + yy * 2).astype(np.float64)
+    img[8:16, 10:20] = 255
+    return np.clip(img, 0, 255)
+
+
+def test_monochrome1_dicom_loads_like_its_monochrome2_twin(tmp_path: Path) -> None:
+    """MONOCHROME1 (low value = bright, common for CR/DX) is inverted on reading."""
+    from tests.encoders.conftest import write_dicom
+
+    img = _radiograph()
+    m2 = write_dicom(tmp_path / "m2.dcm", img * 100)
+    m1 = write_dicom(tmp_path / "m1.dcm", (255 - img) * 100, photometric="MONOCHROME1")
+    a = load_image(m2, spatial_dims=2, size=16, notes=[])
+    b = load_image(m1, spatial_dims=2, size=16, notes=[])
+    assert float(a.std()) > 0.1
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # float32 rounding only
+
+
+def test_monochrome1_dicom_series_folder_is_inverted(tmp_path: Path) -> None:
+    import pydicom
+
+    from tests.encoders.conftest import write_dicom
+
+    rng = np.random.default_rng(2)
+    vols = rng.random((4, 12, 10)) * 1000 + 10
+    for photometric, stored in (("MONOCHROME2", vols), ("MONOCHROME1", 1010 - vols)):
+        (tmp_path / photometric).mkdir()
+        for z in range(len(vols)):
+            path = write_dicom(tmp_path / photometric / f"s{z}.dcm", stored[z],
+                               photometric=photometric)
+            ds = pydicom.dcmread(path)
+            ds.ImagePositionPatient = [0.0, 0.0, float(z)]
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+            ds.InstanceNumber = z + 1
+            ds.save_as(path)
+    spec = ImageTransformSpec(spatial_dims=3, size=6, normalize="minmax")
+    a = load_image(tmp_path / "MONOCHROME2", spec=spec)
+    b = load_image(tmp_path / "MONOCHROME1", spec=spec)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_rgba_to_three_channels_keeps_colour_like_rgb(tmp_path: Path) -> None:
+    """channels=3: RGBA drops its alpha and keeps its colours, as RGB does (not grey x3)."""
+    from PIL import Image
+
+    rgb = (np.random.default_rng(1).random((30, 30, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    rgba = np.concatenate([rgb, np.full((30, 30, 1), 128, np.uint8)], -1)  # half transparent
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    x = load_image(tmp_path / "rgb.png", spatial_dims=2, size=32, channels=3)
+    y = load_image(tmp_path / "rgba.png", spatial_dims=2, size=32, channels=3)
+    assert not torch.equal(y[0], y[1])
+    torch.testing.assert_close(x, y, atol=0, rtol=0)
+    # greyscale + alpha has no colour: its luminance is repeated
+    Image.fromarray(rgb).convert("LA").save(tmp_path / "la.png")
+    z = load_image(tmp_path / "la.png", spatial_dims=2, size=8, channels=3)
+    assert torch.equal(z[0], z[1]) and torch.equal(z[0], z[2])
+
+
+@pytest.mark.parametrize("key", ["grey_png", "dicom"])
+def test_reading_shows_no_gpu_dicom_decoder_warning(image_files: dict[str, Path],
+                                                     key: str) -> None:
+    """MONAI's "nvImageCodec ... did not register" (an optional extra) is not shown."""
+    import warnings
+
+    for notes in (None, []):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_image(image_files[key], spatial_dims=2, size=8, notes=notes)
+        shown = [str(w.message) for w in caught]
+        assert not [m for m in shown if "nvImageCodec" in m], shown

@@ -144,6 +144,25 @@ def test_threshold_chosen_on_validation_split(predictions: pd.DataFrame) -> None
         assert per.thresholds[str(site)] == choose_threshold(d.label, d.score)
 
 
+def test_per_site_thresholds_for_integer_site_ids() -> None:
+    """{1: 0.5, 2: 0.4} names sites 1 and 2 of an integer site column (compared as str)."""
+    rng = np.random.default_rng(0)
+    n = 200
+    df = pd.DataFrame({"site": rng.choice([1, 2], n), "label": rng.integers(0, 2, n),
+                       "score": rng.random(n), "sex": rng.choice(["F", "M"], n)})
+    rep = fairness_report(df, sensitive=["sex"], split=None, threshold={1: 0.5, 2: 0.4},
+                          n_boot=0)
+    assert rep.thresholds == {"1": 0.5, "2": 0.4}
+    as_str = fairness_report(df, sensitive=["sex"], split=None,
+                             threshold={"1": 0.5, "2": 0.4}, n_boot=0)
+    pd.testing.assert_frame_equal(rep.cells, as_str.cells)
+    with pytest.raises(ValueError, match=r"no entry for site\(s\) \['2'\]; it has \['1'\]"):
+        fairness_report(df, sensitive=["sex"], split=None, threshold={1: 0.5}, n_boot=0)
+    with pytest.raises(ValueError, match="site '1' two thresholds"):
+        fairness_report(df, sensitive=["sex"], split=None, threshold={1: 0.5, "1": 0.3, 2: 0.4},
+                        n_boot=0)
+
+
 def test_missing_column_and_empty_split_errors(predictions: pd.DataFrame) -> None:
     with pytest.raises(ValueError, match=r"lack column\(s\) \['ethnicity'\]"):
         fairness_report(predictions, sensitive=["ethnicity"], n_boot=0, threshold=0.5)

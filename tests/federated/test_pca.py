@@ -450,6 +450,34 @@ def test_accepts_float32_lists_and_dataframes() -> None:
     np.testing.assert_allclose(est.transform(frame), ref.transform(x), atol=1e-9)
 
 
+def test_fit_sites_and_partial_fit_keep_dataframe_feature_names() -> None:
+    """As fit(df) does: transform(df) then checks the names instead of warning."""
+    pd = pytest.importorskip("pandas")
+    cols = ["age", "bmi", "sbp", "crp"]
+    df = pd.DataFrame(make_sites([30], 4, seed=61, signal=2)[0], columns=cols)
+    sites = FederatedPCA(2).fit_sites([df.iloc[:20], df.iloc[20:]])
+    incremental = FederatedPCA(2)
+    incremental.partial_fit(df.iloc[:20])
+    incremental.partial_fit(df.iloc[20:])
+    for est in (sites, incremental):
+        assert list(est.feature_names_in_) == cols
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            est.transform(df)
+    # a site of plain arrays: no names (as fit(array)); refitting drops stale ones
+    assert not hasattr(sites.fit_sites([df.iloc[:20], df.iloc[20:].to_numpy()]),
+                       "feature_names_in_")
+    reordered = df.iloc[20:][cols[::-1]]
+    with pytest.raises(SummaryError, match=r"site 1.*columns \['crp', 'sbp', 'bmi', 'age'\] "
+                       r"differ from site 0's.*another order"):
+        FederatedPCA(2).fit_sites([df.iloc[:20], reordered])
+    renamed = df.iloc[20:].rename(columns={"crp": "ldh"})
+    with pytest.raises(SummaryError, match="differ from site 0's"):
+        FederatedPCA(2).fit_sites([df.iloc[:20], renamed])
+    with pytest.raises(ValueError, match="feature names"):
+        incremental.partial_fit(renamed)
+
+
 def test_default_n_components_keeps_what_truncated_summaries_carry() -> None:
     sites = make_sites([30, 40], 12, seed=59)
     with pytest.warns(TruncationWarning):
