@@ -1060,7 +1060,9 @@ def _flower_table(result: Any) -> None:
         table.add_row(
             str(row["round"]),
             ", ".join(row["replied"]),
-            ", ".join(sorted(row["failed"]) + sorted(row["rejected"])) or "-",
+            ", ".join(sorted(row["failed"]) + sorted(row["rejected"])
+                      + [f"{s} (evaluate)" for s in sorted(row.get("eval_failed") or {})])
+            or "-",
             "-" if loss is None else f"{loss:.4f}",
             f"{row['seconds']:.1f}",
         )

@@ -906,6 +906,7 @@ def _record_evaluation(record: RoundRecord, site: str, answer: Reply | SiteFailu
     """Check one site's evaluate answer and record it (or why it is missing) in ``record``."""
     if isinstance(answer, SiteFailure):
         record.eval_failed[site] = answer.reason
+        log.warning("round %d evaluation: site %s failed: %s", record.round, site, answer.reason)
         return
     try:
         check_evaluate_reply(answer, site=site, round=record.round)

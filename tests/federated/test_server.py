@@ -464,3 +464,29 @@ def test_a_site_that_connects_after_the_start_is_never_asked(
     lines = [r.getMessage() for r in caplog.records if "joined after" in r.getMessage()]
     assert lines == ["site c joined after the run's setup: left out of this run (start every "
                      "SuperNode before `mmfl flower run`)"]
+
+
+class DeclinesEvaluation:
+    """A toy site whose policy does not answer evaluate requests."""
+
+    def __init__(self, site: ToySite) -> None:
+        self.site = site
+
+    def handle(self, request: Request) -> Reply:
+        if request.kind == "evaluate":
+            raise RuntimeError("site c: does not answer 'evaluate' requests")
+        return self.site.handle(request)
+
+
+def test_every_failed_evaluation_is_logged_once_per_round(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """docs/deployment.md: each refusal has its line in the ServerApp's log; a declined
+    evaluation had none (the round table showed 'failed: -')."""
+    sites = {**_three(), "c": DeclinesEvaluation(ToySite("c", n=64, shift=0.6))}
+    with caplog.at_level("WARNING"):
+        _, history = _run(sites, rounds=2)  # type: ignore[arg-type]
+    assert [h.eval_failed for h in history] == [
+        {"c": "RuntimeError: site c: does not answer 'evaluate' requests"}] * 2
+    lines = [r.getMessage() for r in caplog.records if "evaluation: site" in r.getMessage()]
+    assert lines == [f"round {n} evaluation: site c failed: RuntimeError: site c: does not "
+                     "answer 'evaluate' requests" for n in (1, 2)]
