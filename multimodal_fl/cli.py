@@ -1060,7 +1060,9 @@ def _flower_table(result: Any) -> None:
         table.add_row(
             str(row["round"]),
             ", ".join(row["replied"]),
-            ", ".join(sorted(row["failed"]) + sorted(row["rejected"])) or "-",
+            ", ".join(sorted(row["failed"]) + sorted(row["rejected"])
+                      + [f"{s} (evaluate)" for s in sorted(row.get("eval_failed") or {})])
+            or "-",
             "-" if loss is None else f"{loss:.4f}",
             f"{row['seconds']:.1f}",
         )
@@ -1224,8 +1226,14 @@ def flower_supernode(
 
     Extra options go to flower-supernode (--max-retries, ...).
     """
-    if not site_dir.is_dir():
-        fail(f"site directory {site_dir} does not exist or is not a directory")
+    from multimodal_fl.data import DataError
+    from multimodal_fl.data.sites import discover_site
+
+    try:  # a wrong folder fails here, not in the first request of a run
+        discover_site(site_dir)
+    except DataError as exc:
+        fail(f"{exc}; give the site's data directory (`mmfl site check SITE_DIR --config "
+             "CONFIG` shows what it holds)")
     _check_node_policy(node_config)
     flower = _flower_module()
     if root_certificates is not None and insecure:

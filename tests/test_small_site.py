@@ -17,7 +17,7 @@ from tests.conftest import write_tiny_config
 SMALL = "site_d"
 #: metrics.json's documents of the predict stage (the predict slice of issue 12 suppresses
 #: their small cells); every other part of the server's documents is checked here.
-PREDICT_STAGE = ("sites", "pooled_from_histograms", "missing_sites")
+PREDICT_STAGE = ("sites", "pooled_from_histograms", "missing_sites", "missing_reasons")
 
 
 def small_site(source: Path, target: Path, n: int = 12) -> Path:

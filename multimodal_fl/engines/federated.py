@@ -83,6 +83,7 @@ from multimodal_fl.federated.secure_update import SecureAggregation
 from multimodal_fl.federated.server import (
     FederatedResult,
     Federation,
+    FixedSites,
     RoundRecord,
     RunConfig,
     check_resumable,
@@ -625,6 +626,7 @@ def _save_model(weights: StateDict, path: Path, engine: str, chosen_round: int) 
 def predict_stage(
     federation: Federation, cfg: ExperimentConfig, sites: list[str], weights: StateDict | None,
     round: int, engine: str, recalibration: Mapping[str, ConfigValue] | None = None,
+    left_out: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Every site scores its patients at home; the server keeps the disclosed documents and
     the pooled test figures of a secure sum of the sites' histograms (:func:`pooled_test`).
@@ -644,14 +646,19 @@ def predict_stage(
         The request's recalibration settings
         (:func:`~multimodal_fl.engines.recalibration.predict_config`): the server's fit, or
         the method each site fits at home for its local-only model, or the reason for none.
+    left_out : mapping or None
+        Sites not in ``sites`` that the run met and left out, with the reason (a site that
+        joined after the setup: :attr:`~multimodal_fl.federated.server.FixedSites.late`).
 
     Returns
     -------
     dict
         ``sites`` (each site's metrics document), ``pooled_from_histograms``,
-        ``missing_sites`` and ``disclosed`` (each site's report document, for
-        ``disclosed/<site>.json``).
+        ``missing_sites`` (every site of ``sites`` with no predict reply, and every site of
+        ``left_out``), ``missing_reasons`` (why, site by site) and ``disclosed`` (each site's
+        report document, for ``disclosed/<site>.json``).
     """
+    failed: dict[str, str] = {}
     own = {"model": LOCAL_MODEL} if weights is None else {}
     final = gather(
         federation,
@@ -660,13 +667,17 @@ def predict_stage(
                             "pooled": len(sites) >= MIN_SITES, **own,
                             **(recalibration or {})})
          for s in sites},
-        cfg.federated.timeout_s, stage=Kind.PREDICT, minimum=1,
+        cfg.federated.timeout_s, stage=Kind.PREDICT, minimum=1, failed=failed,
     )
+    missing = {s: f"no predictions: {failed.get(s, 'no reply')}" for s in sites
+               if s not in final}
+    missing.update({s: why for s, why in (left_out or {}).items() if s not in final})
     docs = {site: r.document(Doc.SITE_METRICS) for site, r in final.items()}
     return {
         "sites": docs,
         "pooled_from_histograms": pooled_test(federation, cfg, docs, round),
-        "missing_sites": sorted(set(sites) - set(final)),
+        "missing_sites": sorted(missing),
+        "missing_reasons": dict(sorted(missing.items())),
         "disclosed": {site: r.document(Doc.DISCLOSED) for site, r in final.items()},
     }
 
@@ -762,6 +773,9 @@ def _run_experiment(
     sites = sorted(federation.sites())
     if not sites:
         raise StageFailed("no sites in the federation")
+    # the run's sites are fixed now: one that connects later is never asked (logged once)
+    fixed = FixedSites(federation, sites)
+    federation = fixed
     weights, standardisation, pca_doc = _setup_stages(federation, cfg, sites, run_dir)
     result, chosen_round, final_weights, selection = _train_rounds(
         federation, cfg, weights, run_dir, resume=resume, stop_after_round=stop_after_round,
@@ -792,8 +806,10 @@ def _run_experiment(
             record=chosen[-1] if chosen else None)
         if fitted is not None:  # mmfl predict applies it
             (run_dir / RECALIBRATION_FILE).write_text(json.dumps(fitted.to_dict(), indent=2))
+        federation.sites()  # meets any site that connected since the last round
         stage = predict_stage(federation, cfg, sites, final_weights, result.completed_rounds,
-                              engine, predict_config(cfg, fitted, doc["recalibration"]))
+                              engine, predict_config(cfg, fitted, doc["recalibration"]),
+                              left_out=fixed.late)
         for site, disclosed in stage.pop("disclosed").items():  # the report's documents
             writer.write_disclosed(site, disclosed)
         doc.update(stage)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ from multimodal_fl.config import ExperimentConfig, SiteConfig
 from multimodal_fl.engines.baselines import run_local
 from multimodal_fl.engines.federated import run_federated_experiment
 from multimodal_fl.federated.checkpoint import CHECKPOINT_JSON
-from multimodal_fl.federated.disclosure import site_policy
+from multimodal_fl.federated.disclosure import EGRESS_LOG, site_policy
 from multimodal_fl.federated.flower import (
     FLOWER_RUN_ID,
     NODE_CONFIG_PREFIX,
@@ -55,7 +56,7 @@ from multimodal_fl.federated.flower import (
     run_loopback,
 )
 from multimodal_fl.federated.pca import SVD_SOLVERS
-from multimodal_fl.federated.protocol import ConfigValue
+from multimodal_fl.federated.protocol import ConfigValue, Request
 from multimodal_fl.federated.server import Federation, RoundRecord, Site
 from multimodal_fl.federated.site import FusionSite
 from multimodal_fl.pca.analysis import FEATURES, analysis_config, run_pca_analysis
@@ -251,6 +252,27 @@ def experiment_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) ->
         ``policy-file``), the stricter of each.
     """
     return _fusion_site(_experiment(run_config), name, site_dir, run_config)
+
+
+def _record_failure(name: str, site_dir: Path, run_config: Mapping[str, Any],
+                    request: Request, failed: str) -> None:
+    """Append one egress-log line for a request that failed before the site's gate saw it (the
+    site could not be built, its worker died): as the gate's lines, ``released`` false and
+    ``failed`` what happened (an exception's type, never its message)."""
+    cfg = _experiment(run_config)
+    path = site_output_dir(cfg, run_config) / "sites" / name / EGRESS_LOG
+    run = {"dir": str(run_config.get("run-dir") or site_output_dir(cfg, run_config)),
+           **({"flower_run_id": run_config[FLOWER_RUN_ID]} if FLOWER_RUN_ID in run_config
+              else {})}
+    entry = {"time": time.time(), "site": name, "kind": str(request.kind), "round": request.round,
+             "run": run, "released": False, "refused": None, "failed": failed}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps(entry) + "\n")
+
+
+# the ClientApp writes a failure no gate saw through it (client.RECORD_FAILURE)
+setattr(experiment_site, "record_failure", _record_failure)  # noqa: B010
 
 
 def node_config_of(run_config: Mapping[str, Any]) -> dict[str, Any]:

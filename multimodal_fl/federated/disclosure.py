@@ -990,7 +990,8 @@ class DisclosureGate:
         try:
             carried = self.release(evaluation, handlers[Kind.EVALUATE])
         except (SiteRefused, SiteError) as exc:  # both made to cross the boundary
-            carried = str(exc)
+            # the words a separate evaluate broadcast records: "SiteRefused: site a: ..."
+            carried = f"{type(exc).__name__}: {exc}"
         min_cell = self.min_cell(fit)
         reply = attach_evaluation(self.release(fit, handlers[Kind.FIT]), carried)
         check_declared(Kind.FIT, reply, min_cell, secured=secured_fit(fit))

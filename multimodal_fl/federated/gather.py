@@ -24,7 +24,7 @@ class StageFailed(RuntimeError):
 
 def gather(
     federation: Federation, requests: Mapping[str, Request], timeout: float | None,
-    *, stage: str, minimum: int,
+    *, stage: str, minimum: int, failed: dict[str, str] | None = None,
 ) -> dict[str, Reply]:
     """Broadcast one stage's requests and keep the good replies, in sorted site order.
 
@@ -40,6 +40,8 @@ def gather(
         Named in logs and errors.
     minimum : int
         Good replies needed.
+    failed : dict or None
+        Filled with site -> reason for each site that gave no good reply.
 
     Returns
     -------
@@ -52,7 +54,7 @@ def gather(
     """
     replies = federation.broadcast(requests, timeout)
     good: dict[str, Reply] = {}
-    failed: dict[str, str] = {}
+    failed = {} if failed is None else failed
     for site in sorted(requests):
         reply = replies.get(site)
         if isinstance(reply, Reply) and reply.site == site and reply.kind == requests[site].kind:

@@ -57,8 +57,10 @@ from multimodal_fl.federated.secure_update import (
 )
 
 __all__ = [
+    "LATE_SITE",
     "FederatedResult",
     "Federation",
+    "FixedSites",
     "RoundFailed",
     "RoundRecord",
     "RunConfig",
@@ -333,6 +335,88 @@ class RoundFailed(RuntimeError):
         self.round = round
 
 
+# --------------------------------------------------------------------------- the site list
+
+#: Why a site that connected after a run's setup is not in that run (``missing_reasons``).
+LATE_SITE = "joined after the run's setup: left out of this run"
+
+
+class FixedSites:
+    """A federation whose sites are fixed: those reachable when the run's setup began.
+
+    A site that connects later (its SuperNode started late) had no part in the setup: it
+    declared no training size (the cap on its fit replies' sample counts), and its data shaped
+    neither the initial model nor the standardisation. It is never asked anything in this run:
+    :meth:`sites` leaves it out and :meth:`broadcast` answers a request to it with a
+    :class:`~.protocol.SiteFailure`. The server logs it once, and :attr:`late` keeps it for
+    the run's ``missing_sites``. A site of the list that leaves and comes back is asked again.
+
+    Parameters
+    ----------
+    federation : Federation
+        How the sites are reached.
+    sites : list of str
+        The run's sites.
+    """
+
+    def __init__(self, federation: Federation, sites: list[str]) -> None:
+        self.federation = federation
+        self.roster = tuple(sorted(sites))
+        #: Site -> why it is not in this run, for every site met outside :attr:`roster`.
+        self.late: dict[str, str] = {}
+
+    def _met(self, site: str) -> None:
+        if site not in self.late:
+            self.late[site] = LATE_SITE
+            log.warning("site %s joined after the run's setup: left out of this run (start "
+                        "every SuperNode before `mmfl flower run`)", site)
+
+    def sites(self) -> list[str]:
+        """Return the run's sites that are reachable now, sorted (newcomers logged once).
+
+        Returns
+        -------
+        list[str]
+            Site names.
+        """
+        reachable = self.federation.sites()
+        for site in reachable:
+            if site not in self.roster:
+                self._met(site)
+        return sorted(s for s in reachable if s in self.roster)
+
+    def broadcast(
+        self, requests: Mapping[str, Request], timeout: float | None = None
+    ) -> dict[str, Reply | SiteFailure]:
+        """Send the requests to the run's sites; a request to another site is not sent.
+
+        Parameters
+        ----------
+        requests : Mapping[str, Request]
+            Site name -> request.
+        timeout : float or None
+            Seconds to wait for each reply.
+
+        Returns
+        -------
+        dict[str, Reply | SiteFailure]
+            One answer per requested site.
+        """
+        inside = {s: r for s, r in requests.items() if s in self.roster}
+        answers = self.federation.broadcast(inside, timeout) if inside else {}
+        for site in sorted(set(requests) - set(inside)):
+            self._met(site)
+            answers[site] = SiteFailure(site, LATE_SITE)
+        return answers
+
+
+def fixed_sites(federation: Federation) -> FixedSites:
+    """``federation`` with its site list fixed now (itself when it is fixed already)."""
+    if isinstance(federation, FixedSites):
+        return federation
+    return FixedSites(federation, federation.sites())
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -457,7 +541,9 @@ def run_federated(
     weights, check every reply (:func:`~.aggregation.check_fit_reply`; a bad one is logged,
     recorded under ``rejected`` and left out), aggregate the valid ones in sorted site order
     (:func:`~.aggregation.aggregate`), apply the server optimiser, evaluate if due, checkpoint,
-    call ``on_round``. A site that fails is simply asked again when next drawn.
+    call ``on_round``. A site that fails is simply asked again when next drawn. The sites are
+    those reachable when the loop starts (:class:`FixedSites`): one that connects later is
+    logged once and never asked.
 
     Parameters
     ----------
@@ -516,6 +602,7 @@ def run_federated(
         elif resume:
             log.info("no completed round in %s; starting at round 1", ckpt_root)
 
+    federation = fixed_sites(federation)  # a site that connects later is not in this run
     if config.ask_sizes and start == 1:
         site_sizes = _ask_sizes(federation, config)
 
@@ -819,6 +906,7 @@ def _record_evaluation(record: RoundRecord, site: str, answer: Reply | SiteFailu
     """Check one site's evaluate answer and record it (or why it is missing) in ``record``."""
     if isinstance(answer, SiteFailure):
         record.eval_failed[site] = answer.reason
+        log.warning("round %d evaluation: site %s failed: %s", record.round, site, answer.reason)
         return
     try:
         check_evaluate_reply(answer, site=site, round=record.round)

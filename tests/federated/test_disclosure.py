@@ -279,7 +279,8 @@ def test_a_carried_evaluation_passes_the_evaluate_rule_and_the_policy(
     no_eval = _site(tiny, tmp_path / "policy",
                     policy=SitePolicy(answers=["init", "fit"]))
     fit, carried = detach_evaluation(no_eval.handle(_carried_fit(init.weights)), 1)
-    assert carried == "site site_a: site policy does not answer 'evaluate' requests"
+    # as a separate evaluate request's refusal reads (a bug hunt: the type was missing)
+    assert carried == "SiteRefused: site site_a: site policy does not answer 'evaluate' requests"
     assert fit.weights and fit.n_samples > 0
 
 

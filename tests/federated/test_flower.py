@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -171,6 +172,17 @@ def counting_site(name: str, site_dir: Path, run_config: Mapping[str, Any]) -> C
     """Site factory of the state tests (a new object for every request, as in Flower)."""
     SITES.index(name)  # ValueError for a site it does not know
     return CountingSite(name, fail=run_config.get("fault-site") == name)
+
+
+def _record_failure(name: str, site_dir: Path, run_config: Mapping[str, Any],
+                    request: Request, failed: str) -> None:
+    """``counting_site``'s egress record of a failure no gate saw: a line in ``failure-log``."""
+    if run_config.get("failure-log"):
+        with open(str(run_config["failure-log"]), "a") as fh:
+            fh.write(json.dumps({"site": name, "kind": str(request.kind), "failed": failed}) + "\n")
+
+
+counting_site.record_failure = _record_failure  # type: ignore[attr-defined]
 
 
 class RefusingSite:
@@ -574,7 +586,7 @@ def test_the_client_app_imports_no_torch_and_no_server_side() -> None:
     assert sorted(heavy & set(out)) == []
 
 
-def test_site_worker_failures_become_site_failures(task_identity: None) -> None:
+def test_site_worker_failures_become_site_failures(task_identity: None, tmp_path: Path) -> None:
     from multimodal_fl.federated.flower.worker import stop_worker, worker_address
 
     run_config: dict[str, ConfigValue] = {
@@ -582,6 +594,7 @@ def test_site_worker_failures_become_site_failures(task_identity: None) -> None:
         "fault-site": "b",
         "site-worker": True,
         "site-worker-start": 60.0,
+        "failure-log": str(tmp_path / "failures.jsonl"),
     }
     federation, grid = fake_federation(run_config)
     grid.node_config[40] = {"site-name": "d", "site-dir": "/nowhere/d"}  # the factory knows no d
@@ -605,7 +618,12 @@ def test_site_worker_failures_become_site_failures(task_identity: None) -> None:
     # the log (a traceback quoting the factory's error) stays on the SuperNode, never leaves
     assert "x not in tuple" in dead.log.read_text()
     assert "x not in tuple" not in failure.reason and "Traceback" not in failure.reason
-    assert str(dead.log) in failure.reason
+    # no file name of the site's machine crosses either (a bug hunt: the log's path did), the
+    # log is the SuperNode user's only, and the site's egress record has the failure
+    assert dead.log.name not in failure.reason and str(dead.log.parent) not in failure.reason
+    assert stat.S_IMODE(dead.log.stat().st_mode) == 0o600
+    lines = [json.loads(x) for x in (tmp_path / "failures.jsonl").read_text().splitlines()]
+    assert lines == [{"site": "d", "kind": "info", "failed": "ValueError while building the site"}]
     for address in addresses:
         address.log.unlink(missing_ok=True)  # a crashed worker leaves its log for diagnosis
 

@@ -432,3 +432,61 @@ def test_a_failed_round_keeps_the_previous_round_and_its_carried_evaluation(
     plain, carried = run(False, tmp_path / "plain"), run(True, tmp_path / "carried")
     assert set(carried.eval_metrics) == {"a", "b", "c", "d"}
     assert carried.deterministic() == plain.deterministic()
+
+
+class JoinsLate:
+    """An in-process federation whose site ``late`` connects once round 1's fit is sent."""
+
+    def __init__(self, sites: Mapping[str, Site], late: str) -> None:
+        self.inner, self.late, self.connected = InProcessFederation(sites), late, False
+        self.asked: list[tuple[str, str]] = []
+
+    def sites(self) -> list[str]:
+        return [s for s in self.inner.sites() if self.connected or s != self.late]
+
+    def broadcast(self, requests: Mapping[str, Request], timeout: float | None = None
+                  ) -> dict[str, Reply | SiteFailure]:
+        self.asked += [(s, r.kind) for s, r in requests.items()]
+        self.connected |= any(r.kind == "fit" for r in requests.values())
+        return self.inner.broadcast(requests, timeout)
+
+
+def test_a_site_that_connects_after_the_start_is_never_asked(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Its SuperNode started late: it declared no size (no cap on its sample count) and the
+    run's setup never saw it, so it is left out of the run, logged once."""
+    federation = JoinsLate(_three(), "c")
+    with caplog.at_level("WARNING"):
+        result = run_federated(federation, initial_weights(0),  # type: ignore[arg-type]
+                               RunConfig(rounds=3, fit_config=FIT, seed=3))
+    assert [s for s, _ in federation.asked if s == "c"] == []
+    assert all(h.selected == ["a", "b"] for h in result.history)
+    lines = [r.getMessage() for r in caplog.records if "joined after" in r.getMessage()]
+    assert lines == ["site c joined after the run's setup: left out of this run (start every "
+                     "SuperNode before `mmfl flower run`)"]
+
+
+class DeclinesEvaluation:
+    """A toy site whose policy does not answer evaluate requests."""
+
+    def __init__(self, site: ToySite) -> None:
+        self.site = site
+
+    def handle(self, request: Request) -> Reply:
+        if request.kind == "evaluate":
+            raise RuntimeError("site c: does not answer 'evaluate' requests")
+        return self.site.handle(request)
+
+
+def test_every_failed_evaluation_is_logged_once_per_round(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """docs/deployment.md: each refusal has its line in the ServerApp's log; a declined
+    evaluation had none (the round table showed 'failed: -')."""
+    sites = {**_three(), "c": DeclinesEvaluation(ToySite("c", n=64, shift=0.6))}
+    with caplog.at_level("WARNING"):
+        _, history = _run(sites, rounds=2)  # type: ignore[arg-type]
+    assert [h.eval_failed for h in history] == [
+        {"c": "RuntimeError: site c: does not answer 'evaluate' requests"}] * 2
+    lines = [r.getMessage() for r in caplog.records if "evaluation: site" in r.getMessage()]
+    assert lines == [f"round {n} evaluation: site c failed: RuntimeError: site c: does not "
+                     "answer 'evaluate' requests" for n in (1, 2)]

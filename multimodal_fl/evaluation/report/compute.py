@@ -431,6 +431,17 @@ def _withheld_note(run: RunData, overall: Mapping[str, Any]) -> list[str]:
             "are in no figure of this report"]
 
 
+def _missing_sites_note(run: RunData) -> list[str]:
+    """The sites of the run in no figure of this report (``metrics.json``'s ``missing_sites``:
+    no predictions, or joined after the setup), with the reason where the run recorded one."""
+    missing = run.metrics.get("missing_sites") or []
+    if not missing:
+        return []
+    reasons = run.metrics.get("missing_reasons") or {}
+    listed = "; ".join(f"{s} ({reasons[s]})" if s in reasons else s for s in missing)
+    return [f"{run.label}: site(s) in no figure of this report: {listed}"]
+
+
 def _run_notes(run: RunData, st: dict[str, Any]) -> list[str]:
     """What the reader should know about one run's figures."""
     notes = []
@@ -449,6 +460,7 @@ def _run_notes(run: RunData, st: dict[str, Any]) -> list[str]:
         notes.append(f"{run.label}: the all-sites rows are pooled from the histograms of "
                      f"{', '.join(overall.get('sites') or []) or 'no site'} only; left out: {left}")
     notes += _withheld_note(run, overall)
+    notes += _missing_sites_note(run)
     if run.engine == "local":
         notes.append(f"{run.label}: each site has its own model and threshold; pooled figures "
                      "mix models")

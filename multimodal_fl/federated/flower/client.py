@@ -47,6 +47,7 @@ from multimodal_fl.federated.flower.codec import (  # noqa: E402
 )
 from multimodal_fl.federated.flower.factories import SiteFactory, load_object  # noqa: E402
 from multimodal_fl.federated.flower.worker import (  # noqa: E402
+    WorkerFailed,
     call_worker,
     stop_worker,
     worker_address,
@@ -91,6 +92,10 @@ NODE_SITE_DIR = "site-dir"
 #: The site factory sees Flower's run id in its run config under this key (e.g. for its egress
 #: log, which may hold the lines of many runs).
 FLOWER_RUN_ID = "flower-run-id"
+#: The attribute of a site factory that records, in its site's egress log, a request that
+#: failed before any gate saw it (the site could not be built, its worker died):
+#: ``factory.record_failure(site_name, site_dir, run_config, request, failed)``. Optional.
+RECORD_FAILURE = "record_failure"
 #: The site factory sees the SuperNode's node config in its run config under this prefix
 #: (``node.min-cell``, ...): how a hospital's SuperNode hands its own settings to its site.
 NODE_CONFIG_PREFIX = "node."
@@ -277,6 +282,19 @@ def _handle(msg: Message, context: Context) -> Message:
     return out
 
 
+def _record_failure(request: Request, name: str, site_dir: Path, opts: Mapping[str, Any],
+                    site_config: Mapping[str, Any], failed: str) -> None:
+    """Write a failure no gate saw into the site's egress log, through its factory's
+    :data:`RECORD_FAILURE` (nothing where the factory has none; never raises)."""
+    try:
+        factory = load_object(str(opts["site-factory"]), "site-factory")
+        record = getattr(factory, RECORD_FAILURE, None)
+        if callable(record):
+            record(name, site_dir, site_config, request, failed)
+    except Exception as exc:  # the failure itself is what the server must hear about
+        log.warning("site %s: could not record the failure in its egress log: %s", name, exc)
+
+
 def _site_reply(request: Request, context: Context, name: str, site_dir: Path,
                 opts: Mapping[str, Any], site_config: Mapping[str, Any],
                 work: dict[str, float]) -> Reply:
@@ -286,21 +304,31 @@ def _site_reply(request: Request, context: Context, name: str, site_dir: Path,
     worker answered).
     """
     if opts["site-worker"]:  # one long-lived process per (run, node) holds the site
-        return call_worker(
-            worker_address(context.run_id, context.node_id, name, dict(context.run_config)),
-            request,
-            site=name,
-            site_dir=site_dir,
-            factory=str(opts["site-factory"]),
-            run_config=site_config,
-            idle=float(opts["site-worker-idle"]),
-            start_timeout=float(opts["site-worker-start"]),
-            timing=work,
-        )
+        try:
+            return call_worker(
+                worker_address(context.run_id, context.node_id, name,
+                               dict(context.run_config)),
+                request,
+                site=name,
+                site_dir=site_dir,
+                factory=str(opts["site-factory"]),
+                run_config=site_config,
+                idle=float(opts["site-worker-idle"]),
+                start_timeout=float(opts["site-worker-start"]),
+                timing=work,
+            )
+        except WorkerFailed as exc:
+            _record_failure(request, name, site_dir, opts, site_config, exc.failed)
+            raise
     _set_torch_threads(int(opts["torch-threads"]))
     started = (time.perf_counter(), time.process_time())
     factory = cast(SiteFactory, load_object(str(opts["site-factory"]), "site-factory"))
-    site = factory(name, site_dir, site_config)
+    try:
+        site = factory(name, site_dir, site_config)
+    except Exception as exc:
+        _record_failure(request, name, site_dir, opts, site_config,
+                        f"{type(exc).__name__} while building the site")
+        raise
     # Opt-in: a site that keeps arrays between requests (e.g. FedBN's local layers) exports
     # them; they live in the SuperNode's per-run context state, since every message gets a
     # fresh ClientApp process. Nothing of it leaves the SuperNode.

@@ -41,7 +41,8 @@ from multimodal_fl.federated.protocol import (
     boundary_reason,
 )
 
-__all__ = ["WorkerAddress", "call_worker", "stop_worker", "worker_address", "worker_main"]
+__all__ = ["WorkerAddress", "WorkerFailed", "call_worker", "stop_worker", "worker_address",
+           "worker_main"]
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,10 @@ def _start(
         "idle": float(idle),
     }
     _write_private(address.spec, json.dumps(spec).encode())
-    with address.log.open("ab") as out:
+    # the log may quote the site's data: readable by the SuperNode's user only
+    fd = os.open(address.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)  # one left by an older version may be 0644
+    with os.fdopen(fd, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "multimodal_fl.federated.flower", str(address.spec)],
             stdout=out,
@@ -187,21 +191,41 @@ def _log_tail(address: WorkerAddress, n: int = 3000) -> str:
         return "(no log)"
 
 
-def _worker_failed(address: WorkerAddress, site: str, what: str) -> SiteError:
+class WorkerFailed(SiteError):
+    """The site's worker did not answer (it died, or never listened): no gate saw the request.
+
+    Parameters
+    ----------
+    message : str
+        What crosses the site boundary.
+    failed : str
+        What the site's egress log records: the exception type the worker recorded while
+        building the site, else what happened to the worker.
+    """
+
+    def __init__(self, message: str, failed: str) -> None:
+        super().__init__(message)
+        self.failed = failed
+
+
+def _worker_failed(address: WorkerAddress, site: str, what: str) -> WorkerFailed:
     """The failure of a worker that did not answer, as it may cross the site boundary.
 
     The end of the worker's log goes to this process's log (the SuperNode's), never into
-    the failure: a log line may name a patient or quote a file. What crosses is what happened,
-    the exception type the worker recorded (if any) and where its log is.
+    the failure: a log line may name a patient or quote a file, and the log's own path names a
+    file of the site's machine. What crosses is what happened and the exception type the worker
+    recorded (if any).
     """
     log.error("the site worker of %r %s; the end of its log (%s):\n%s", site, what,
               address.log, _log_tail(address))
     try:
-        built = f", {address.failure.read_text().strip()} while building the site"
+        kind = address.failure.read_text().strip()
     except OSError:
-        built = ""
-    return SiteError(f"the site worker of {site!r} {what}{built}; its log stays on the "
-                     f"SuperNode: {address.log}")
+        kind = ""
+    built = f", {kind} while building the site" if kind else ""
+    return WorkerFailed(f"the site worker of {site!r} {what}{built}; its log stays on the "
+                        "SuperNode (the SuperNode's log names it)",
+                        f"{kind} while building the site" if kind else f"site worker {what}")
 
 
 def call_worker(
