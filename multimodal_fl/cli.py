@@ -510,7 +510,8 @@ def _print_notes(metrics: dict[str, Any], *, task: str) -> None:
         err_console.print(f"[bold yellow]warning:[/] task '{task}': "
                           f"feature '{name}' has no value at site(s) "
                           f"{', '.join(repr(s) for s in sites)} "
-                          "(none, or fewer than the site's min_cell patients): its codes may "
+                          "(none, fewer than the site's min_cell patients, or a 0/1 feature "
+                          "with fewer than min_cell patients of a value): its codes may "
                           "match nothing there", highlight=False, soft_wrap=True)
     note = (metrics.get("selection_detail") or {}).get("note")
     if note:

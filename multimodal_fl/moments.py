@@ -18,7 +18,14 @@ from collections.abc import Iterable
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Moments", "column_moments", "pool_moments", "standardization"]
+__all__ = [
+    "Moments",
+    "column_moments",
+    "count_like",
+    "pool_moments",
+    "standardization",
+    "withheld_columns",
+]
 
 #: Per-feature ``(count, sum, sum of squares)``.
 Moments = tuple[npt.NDArray[np.int64] | npt.NDArray[np.float64], npt.NDArray[np.float64],
@@ -55,6 +62,63 @@ def column_moments(x: npt.ArrayLike, *, where: str = "column_moments") -> Moment
     present = ~np.isnan(arr)
     filled = np.where(present, arr, 0.0)
     return present.sum(axis=0).astype(np.int64), filled.sum(axis=0), (filled * filled).sum(axis=0)
+
+
+def count_like(n: npt.ArrayLike, sums: npt.ArrayLike, sumsq: npt.ArrayLike
+               ) -> npt.NDArray[np.bool_]:
+    """Which columns' moments are those of a 0/1 column: their ``sum`` counts patients.
+
+    A column whose observed values are all 0 or 1 has ``sum == sumsq``, an integer: ``sum`` is
+    the number of its patients with the value 1 (a condition, a medication, a missing-value
+    indicator, a sex). Recognised from the moments alone, so the disclosure gate can tell such
+    a column from the reply; any column whose moments look so is treated as one.
+
+    Parameters
+    ----------
+    n, sums, sumsq : array-like [F]
+        Per-column observed count, sum and sum of squares (:func:`column_moments`).
+
+    Returns
+    -------
+    numpy.ndarray of bool [F]
+        True for an observed column (``n > 0``) with ``sum == sumsq`` and ``sum`` an integer.
+    """
+    n_, s_, q_ = (np.asarray(v, dtype=np.float64).reshape(-1) for v in (n, sums, sumsq))
+    with np.errstate(invalid="ignore"):
+        out: npt.NDArray[np.bool_] = (n_ > 0) & (s_ == q_) & (s_ == np.round(s_))
+    return out
+
+
+def withheld_columns(n: npt.ArrayLike, sums: npt.ArrayLike, sumsq: npt.ArrayLike,
+                     min_cell: int) -> npt.NDArray[np.bool_]:
+    """Which columns a site sends as unseen under the small-cell rule (``min_cell``).
+
+    A column observed in fewer than ``min_cell`` patients (its moments are theirs), and a
+    :func:`count_like` column whose count ``sum`` or complement ``n - sum`` lies in
+    ``(0, min_cell)`` (its moments count so few patients with, or without, the value 1). The
+    ``moments`` rule of the disclosure gate sends such a column as ``n = sum = sumsq = 0``,
+    the PCA summary of the rows leaves it out, and a local-only model's standardiser does not
+    use it: one rule for every place a column's statistics leave a site.
+
+    Parameters
+    ----------
+    n, sums, sumsq : array-like [F]
+        Per-column observed count, sum and sum of squares of the site's rows.
+    min_cell : int
+        The small-cell threshold (``0`` or ``1``: nothing is withheld).
+
+    Returns
+    -------
+    numpy.ndarray of bool [F]
+    """
+    n_, s_, _ = (np.asarray(v, dtype=np.float64).reshape(-1) for v in (n, sums, sumsq))
+
+    def small(k: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
+        return (k > 0) & (k < min_cell)
+
+    out: npt.NDArray[np.bool_] = small(n_) | (count_like(n, sums, sumsq)
+                                              & (small(s_) | small(n_ - s_)))
+    return out
 
 
 def pool_moments(summaries: Iterable[tuple[npt.ArrayLike, npt.ArrayLike, npt.ArrayLike]]

@@ -15,7 +15,12 @@ from multimodal_fl.cli import app
 from multimodal_fl.config import load_config
 from multimodal_fl.data.cohort import build_cohorts
 from multimodal_fl.federated.pca import FederatedPCA, local_summary, subspace_error
-from multimodal_fl.moments import column_moments, pool_moments, standardization
+from multimodal_fl.moments import (
+    column_moments,
+    pool_moments,
+    standardization,
+    withheld_columns,
+)
 
 torch.set_num_threads(1)
 runner = CliRunner()
@@ -40,11 +45,12 @@ def _tabular_rows(cfg_path: Path) -> dict[str, np.ndarray]:
 def disclosed_standardisation(rows: list[np.ndarray], min_cell: int
                               ) -> tuple[np.ndarray, np.ndarray]:
     """The pooled standardisation from what each site's gate lets leave: per-feature moments,
-    a feature seen in fewer than ``min_cell`` of a site's patients sent as unseen."""
+    a feature seen in fewer than ``min_cell`` of a site's patients, or a 0/1 feature with fewer
+    than ``min_cell`` of either value, sent as unseen."""
     parts = []
     for x in rows:
         n, s1, s2 = column_moments(x)
-        small = (n > 0) & (n < min_cell)
+        small = withheld_columns(n, s1, s2, min_cell)
         parts.append((np.where(small, 0, n), np.where(small, 0.0, s1), np.where(small, 0.0, s2)))
     return standardization(*pool_moments(parts))
 
@@ -66,7 +72,9 @@ def test_mmfl_pca_tabular_equals_fit_sites_on_the_same_arrays(
     names = sorted(raw)
     m = load_config(cfg_path).evaluation.min_cell
     mean, scale = disclosed_standardisation([raw[s] for s in names], m)
-    arrays = [np.nan_to_num((raw[s] - mean) / scale, nan=0.0) for s in names]
+    # each site leaves out of its PCA rows the columns its moments reply hides
+    arrays = [np.where(withheld_columns(*column_moments(raw[s]), m), 0.0,
+                       np.nan_to_num((raw[s] - mean) / scale, nan=0.0)) for s in names]
     ref = FederatedPCA(3).fit_from_summaries([local_summary(a, len(a) // m) for a in arrays])
     comps = np.asarray(doc["components"])
     assert subspace_error(comps, ref.components_) < 1e-8

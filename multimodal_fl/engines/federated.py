@@ -301,8 +301,9 @@ def _standardise(
                            "n_rows": {s: r.n_samples for s, r in replies.items()}}
     unseen = features_without_value(cfg, replies)
     for name, where in unseen.items():
-        log.warning("task '%s': feature '%s' has no value at site(s) %s (none, or fewer than "
-                    "the site's min_cell patients): its codes may match nothing there",
+        log.warning("task '%s': feature '%s' has no value at site(s) %s (none, fewer than "
+                    "the site's min_cell patients, or a 0/1 feature with fewer than min_cell "
+                    "patients of a value): its codes may match nothing there",
                     cfg.task.name, name, ", ".join(repr(s) for s in where))
     if unseen:
         out["features_without_value"] = unseen

@@ -35,8 +35,11 @@ The rules, with ``m`` the effective threshold: a site with fewer than ``m`` trai
 declines ``info``, ``init``, ``moments`` and ``fit`` (its handler raises
 :class:`SiteRefused` before training; the rule checks the count); ``fit`` leaves out a
 modality group trained by fewer than ``m`` patients (count 0, its weights not sent);
-``moments`` sends a feature seen in fewer than ``m`` patients as unseen; ``pca`` carries at most
-``floor(n / m)`` rows (:func:`pca_rank_cap`, capped by the handler, checked here);
+``moments`` sends a feature seen in fewer than ``m`` patients as unseen, and a 0/1 feature with
+fewer than ``m`` patients of either value (its ``sum`` counts them); ``pca`` carries at most
+``floor(n / m)`` rows (:func:`pca_rank_cap`, capped by the handler, checked here) and nothing of
+a column the ``moments`` rule would hide (left out by the site, checked by
+:func:`check_withheld` against the site's own rows);
 ``pca_scores`` needs ``m`` patients; ``evaluate`` sends its metrics and its validation
 histograms (counts only, bins of 0 or at least ``m``) only when the split and each class
 count allow, else nothing; ``calibrate`` sends nothing at all (its validation counts stay at the
@@ -81,6 +84,7 @@ from multimodal_fl.federated.secure_update import (
     SECURED_FIT_METRICS,
     WEIGHT_PREFIX,
 )
+from multimodal_fl.moments import withheld_columns
 
 __all__ = [
     "COUNT_KEYS",
@@ -101,6 +105,7 @@ __all__ = [
     "SiteRefused",
     "check_declared",
     "check_levels",
+    "check_withheld",
     "node_policy",
     "pca_rank_cap",
     "secured_fit",
@@ -175,19 +180,31 @@ def _fit_rule(reply: Reply, min_cell: int, policy: SitePolicy) -> Released:
 
 
 def _moments_rule(reply: Reply, min_cell: int, policy: SitePolicy) -> Released:
-    """``moments``: a feature seen in fewer than ``min_cell`` patients is sent as unseen."""
+    """``moments``: a feature of fewer than ``min_cell`` patients is sent as unseen.
+
+    Unseen (``n = sum = sumsq = 0``): a feature seen in fewer than ``min_cell`` patients, and a
+    0/1 feature (:func:`~multimodal_fl.moments.count_like`, recognised from the reply) whose
+    count of ones or of zeros lies in ``(0, min_cell)``: its ``sum`` is that count
+    (:func:`~multimodal_fl.moments.withheld_columns`).
+    """
     _training_count(reply, min_cell)
-    n = np.asarray(reply.arrays["n"])
-    small = (n > 0) & (n < min_cell)
-    if not small.any():
+    n, s, ss = (np.asarray(reply.arrays[k]) for k in ("n", "sum", "sumsq"))
+    withheld = withheld_columns(n, s, ss, min_cell)
+    if not withheld.any():
         return Released(reply)
     arrays = dict(reply.arrays)
     for key in ("n", "sum", "sumsq"):
-        arrays[key] = np.where(small, np.zeros((), arrays[key].dtype), arrays[key])
-    where = np.flatnonzero(small).tolist()
-    return Released(replace(reply, arrays=arrays),
-                    [f"features {where}: seen in fewer than {min_cell} patients: sent as "
-                     "unseen (n=0, sum=0, sumsq=0)"])
+        arrays[key] = np.where(withheld, np.zeros((), arrays[key].dtype), arrays[key])
+    rare = (n > 0) & (n < min_cell)
+    lines = []
+    if rare.any():
+        lines.append(f"features {np.flatnonzero(rare).tolist()}: seen in fewer than {min_cell} "
+                     "patients: sent as unseen (n=0, sum=0, sumsq=0)")
+    if (withheld & ~rare).any():
+        lines.append(f"features {np.flatnonzero(withheld & ~rare).tolist()}: 0/1 with fewer "
+                     f"than {min_cell} patients of a value: sent as unseen (n=0, sum=0, "
+                     "sumsq=0)")
+    return Released(replace(reply, arrays=arrays), lines)
 
 
 def pca_rank_cap(n: int, min_cell: int) -> int:
@@ -220,6 +237,50 @@ def _pca_rule(reply: Reply, min_cell: int, policy: SitePolicy) -> Released:
             f"pca reply of {n} patients sends {rows} rows; at most floor(n / min_cell) = {cap} "
             f"may leave (min_cell={min_cell})")
     return Released(reply)
+
+
+def check_withheld(released: Released, withheld: np.ndarray | None) -> Released:
+    """The backstop of ``pca`` replies: the columns the site withholds carry nothing.
+
+    A column the site's ``moments`` reply would send as unseen
+    (:func:`~multimodal_fl.moments.withheld_columns` of its rows, before standardisation: a
+    0/1 column's PCA mean times ``n`` is its count) must be exactly 0 in the reply's ``mean``
+    and in every row of its ``block``, as the site's builder leaves it
+    (:func:`~multimodal_fl.pca.site.site_matrix`).
+
+    Parameters
+    ----------
+    released : Released
+        A ``pca`` reply as its rule lets it leave.
+    withheld : numpy.ndarray of bool or None
+        Per column of the summarised rows, whether the site withholds it (the site's own
+        computation; ``None``: not known, nothing checked).
+
+    Returns
+    -------
+    Released
+        ``released`` with a suppression line naming the withheld columns, if any.
+
+    Raises
+    ------
+    DisclosureViolation
+        A withheld column shows in the mean or the block.
+    """
+    if withheld is None or not np.asarray(withheld).any():
+        return released
+    cols = np.asarray(withheld, dtype=bool).reshape(-1)
+    mean = np.asarray(released.reply.arrays["mean"]).reshape(-1)
+    block = np.atleast_2d(np.asarray(released.reply.arrays["block"]))
+    if mean.shape != cols.shape or block.shape[1] != cols.size:
+        raise DisclosureViolation(f"pca reply of {mean.size} features; the site withholds "
+                                  f"columns of {cols.size}")
+    shown = np.flatnonzero(cols & ((mean != 0) | (block != 0).any(axis=0))).tolist()
+    if shown:
+        raise DisclosureViolation(f"pca reply shows features {shown}, which the site withholds "
+                                  "(fewer than min_cell patients of a value)")
+    return replace(released, suppressed=[
+        *released.suppressed, f"features {np.flatnonzero(cols).tolist()}: fewer than min_cell "
+        "patients of a value (or seen): left out of the PCA summary (0 in mean and block)"])
 
 
 def _count_rule(reply: Reply, min_cell: int, policy: SitePolicy) -> Released:
@@ -865,6 +926,10 @@ class DisclosureGate:
         ``None``: level names are backed only by the counts beside them in the reply.
     declared : mapping of str to sequence of str, optional
         The attributes whose levels the site's task fixes, for :func:`check_levels`.
+    withheld : callable or None
+        Called with a ``pca`` request (its ``min_cell`` written in): per column of the rows
+        it summarises, whether the site withholds it (:func:`check_withheld`); ``None``:
+        not checked.
     """
 
     def __init__(self, site: str, policy: SitePolicy, *, config_min_cell: int | None = None,
@@ -873,8 +938,10 @@ class DisclosureGate:
                  on_record: Callable[[dict[str, Any]], None] | None = None,
                  run: Mapping[str, Any] | None = None,
                  census: Callable[[], Census] | None = None,
-                 declared: Mapping[str, Sequence[str]] | None = None) -> None:
+                 declared: Mapping[str, Sequence[str]] | None = None,
+                 withheld: Callable[[Request], np.ndarray] | None = None) -> None:
         self.run = dict(run) if run else None
+        self.withheld = withheld
         self.census = census
         self.declared = dict(declared or {})
         self.site = site
@@ -942,6 +1009,8 @@ class DisclosureGate:
                             "(details in the site's own log)") from None
         try:
             released = self.rules.get(request.kind, _pass)(reply, min_cell, self.policy)
+            if request.kind is Kind.PCA and self.withheld is not None:
+                released = check_withheld(released, self.withheld(request))
             check_declared(request.kind, released.reply, min_cell,
                            secured=secured_fit(request))
             check_levels(released.reply, min_cell,

@@ -511,7 +511,8 @@ def local_summary(
     -------
     PCASummary
         ``n``, mean, block, exact total sum of squares, and the largest
-        dropped squared singular value as ``discarded_norm``.
+        dropped squared singular value as ``discarded_norm``. A column that is 0 in every
+        row is exactly 0 in ``mean`` and ``block``.
     """
     rank = _check_rank(site_rank)
     _check_solver(svd_solver)
@@ -535,9 +536,10 @@ def local_summary(
     if rank is not None and rank < s.shape[0]:
         discarded = float(s[rank] ** 2)
         s, vt = s[:rank], vt[:rank]
-    return PCASummary(
-        n=n, mean=mean, block=s[:, None] * vt, total_ss=total_ss, discarded_norm=discarded
-    )
+    block = s[:, None] * vt
+    # a column 0 in every row (one a site leaves out) carries no variance: 0, not rounding
+    block[:, ~x.any(axis=0)] = 0.0
+    return PCASummary(n=n, mean=mean, block=block, total_ss=total_ss, discarded_norm=discarded)
 
 
 def merge(summaries: Sequence[PCASummary], *, svd_solver: str = "auto") -> PCASummary:

@@ -164,6 +164,7 @@ from multimodal_fl.pca.site import (
     project_site_data,
     score_summary,
     site_matrix,
+    withheld_pca_columns,
 )
 from multimodal_fl.progress import ProgressCallback
 from multimodal_fl.rundir import RunWriter, jsonable, site_summary
@@ -339,7 +340,7 @@ class FusionSite:
             egress_log=None if self.run_dir is None else
             self.run_dir / "sites" / name / EGRESS_LOG,
             run=run if run is not None or self.run_dir is None else {"dir": str(self.run_dir)},
-            census=lambda: self.census,
+            census=lambda: self.census, withheld=self._pca_withheld,
             declared=declared_levels(cfg.task, cfg.evaluation.sensitive))
 
     # ------------------------------------------------------------------ state
@@ -504,8 +505,15 @@ class FusionSite:
             self._enough(request, present, f"patients with {modality} {what}")
         a = request.arrays
         std = (a[STANDARDIZE_MEAN], a[STANDARDIZE_SCALE]) if STANDARDIZE_MEAN in a else None
-        x = site_matrix(self._loaded, modality, split=split, standardize=std)
+        x = site_matrix(self._loaded, modality, split=split, standardize=std,
+                        min_cell=self._min_cell(request))
         return modality, x
+
+    def _pca_withheld(self, request: Request) -> np.ndarray:
+        """The columns a ``pca`` reply must carry nothing of (the gate checks them)."""
+        return withheld_pca_columns(self._loaded, str(request.config.get("modality", "image")),
+                                    split=str(request.config.get("split", "train")),
+                                    min_cell=self._min_cell(request))
 
     def _on_pca(self, request: Request) -> Reply:
         """The PCA summary with at most ``floor(n / min_cell)`` rows (none below ``min_cell``)."""

@@ -16,6 +16,7 @@ import torch
 
 from multimodal_fl.evaluation.histograms import coarsen_counts
 from multimodal_fl.federated.pca import FederatedPCA
+from multimodal_fl.moments import column_moments, withheld_columns
 from multimodal_fl.training import CohortDataset, SiteData
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "projection_arrays",
     "score_summary",
     "site_matrix",
+    "withheld_pca_columns",
 ]
 
 #: float64 arrays.
@@ -45,12 +47,70 @@ PROJECTION_KEYS = ("mean", "components", "scale")
 """The arrays of a projection (:func:`projection_arrays`)."""
 
 
+def _present_rows(data: SiteData, modality: str, split: str) -> FloatArray:
+    """The split's rows of patients with ``modality``, as loaded (float64)."""
+    part = data.part(split)
+    if modality not in part.modalities:
+        raise ValueError(
+            f"site {data.site}: no {modality!r} modality for PCA (it has {list(part.modalities)})"
+        )
+    if modality != "tabular" and modality not in part.precomputed:
+        raise ValueError(
+            f"site {data.site}: PCA of {modality!r} needs frozen (precomputed) embeddings; this "
+            f"site has precomputed {list(part.precomputed)} (set modalities.{modality}.frozen: "
+            "true)"
+        )
+    j = part.modalities.index(modality)
+    x: FloatArray = part.inputs[modality][part.mask[:, j]].numpy().astype(np.float64)
+    if x.shape[0] == 0:
+        raise ValueError(f"site {data.site}: no patient with {modality} in split {split!r}")
+    return x
+
+
+def withheld_pca_columns(data: SiteData, modality: str, *, split: str = "train",
+                         min_cell: int = 0) -> npt.NDArray[np.bool_]:
+    """The columns a site leaves out of its PCA rows: those its ``moments`` reply hides.
+
+    :func:`~multimodal_fl.moments.withheld_columns` of the rows as loaded (before any
+    standardisation): a column seen in fewer than ``min_cell`` patients, and a 0/1 column
+    (a condition, a medication, a missing-value indicator) with fewer than ``min_cell``
+    patients of either value, whose PCA mean would give that count.
+
+    Parameters
+    ----------
+    data : SiteData
+    modality : str
+    split : str, default "train"
+    min_cell : int, default 0
+        The site's effective small-cell threshold (0: nothing is withheld).
+
+    Returns
+    -------
+    numpy.ndarray of bool, shape (d,)
+
+    Raises
+    ------
+    ValueError
+        As :func:`site_matrix`.
+    """
+    return _withheld(_present_rows(data, modality, split), min_cell,
+                     where=f"site {data.site} {modality}")
+
+
+def _withheld(x: FloatArray, min_cell: int, *, where: str) -> npt.NDArray[np.bool_]:
+    """:func:`~multimodal_fl.moments.withheld_columns` of rows (none when ``min_cell <= 1``)."""
+    if min_cell <= 1:
+        return np.zeros(x.shape[1], dtype=bool)
+    return withheld_columns(*column_moments(x, where=where), min_cell)
+
+
 def site_matrix(
     data: SiteData,
     modality: str,
     *,
     split: str = "train",
     standardize: tuple[npt.ArrayLike, npt.ArrayLike] | None = None,
+    min_cell: int = 0,
 ) -> FloatArray:
     """The rows a site's PCA uses: one split, patients with the modality present, float64.
 
@@ -65,6 +125,10 @@ def site_matrix(
     standardize : (mean, scale) or None
         Required for ``tabular``: the pooled standardisation; the result is
         ``(x - mean) / scale`` with missing values (NaN) set to 0, i.e. to the pooled mean.
+    min_cell : int, default 0
+        The site's effective small-cell threshold: every column of
+        :func:`withheld_pca_columns` is 0 in every row (as if unseen), so the summary's mean
+        and ``S·Vᵀ`` carry nothing of it (0: nothing is withheld).
 
     Returns
     -------
@@ -77,21 +141,8 @@ def site_matrix(
         embeddings are not precomputed, or tabular data comes without a standardisation of
         the right width.
     """
-    part = data.part(split)
-    if modality not in part.modalities:
-        raise ValueError(
-            f"site {data.site}: no {modality!r} modality for PCA (it has {list(part.modalities)})"
-        )
-    if modality != "tabular" and modality not in part.precomputed:
-        raise ValueError(
-            f"site {data.site}: PCA of {modality!r} needs frozen (precomputed) embeddings; this "
-            f"site has precomputed {list(part.precomputed)} (set modalities.{modality}.frozen: "
-            "true)"
-        )
-    j = part.modalities.index(modality)
-    x = part.inputs[modality][part.mask[:, j]].numpy().astype(np.float64)
-    if x.shape[0] == 0:
-        raise ValueError(f"site {data.site}: no patient with {modality} in split {split!r}")
+    x = _present_rows(data, modality, split)
+    withheld = _withheld(x, min_cell, where=f"site {data.site} {modality}")
     if modality == "tabular":
         if standardize is None:
             raise ValueError(
@@ -106,6 +157,7 @@ def site_matrix(
                 f"{x.shape[1]} tabular features; positive scales of that length are expected"
             )
         x = np.nan_to_num((x - mean) / scale, nan=0.0)
+    x[:, withheld] = 0.0
     return x
 
 

@@ -131,13 +131,14 @@ def fit_pca_stage(cfg: ExperimentConfig, site_data: Mapping[str, SiteData]) -> F
     names: list[str] = []
     summaries: list[PCASummary] = []
     for name in sorted(site_data):
-        try:
-            x = site_matrix(site_data[name], modality)
+        policy = load_policy(paths[name]) if name in paths else SitePolicy()
+        min_cell = policy.effective_min_cell(cfg.evaluation.min_cell)
+        try:  # the columns its gate withholds left out, as in its federated reply
+            x = site_matrix(site_data[name], modality, min_cell=min_cell)
         except ValueError as exc:  # as its federated reply would fail
             log.warning("PCA stage: site %s left out: %s", name, exc)
             continue
-        policy = load_policy(paths[name]) if name in paths else SitePolicy()
-        cap = pca_rank_cap(x.shape[0], policy.effective_min_cell(cfg.evaluation.min_cell))
+        cap = pca_rank_cap(x.shape[0], min_cell)
         if cap == 0:  # as its federated reply would be refused
             log.warning("PCA stage: site %s left out: fewer than min_cell patients", name)
             continue

@@ -21,6 +21,7 @@ from torch import nn
 from multimodal_fl.encoders.image import ImageEncoder
 from multimodal_fl.encoders.tabular import Standardizer, TabularEncoder, combine_moments
 from multimodal_fl.fusion import FusionModel
+from multimodal_fl.moments import withheld_columns
 from multimodal_fl.training.dataset import Batch, CohortDataset, SiteData
 from multimodal_fl.training.privacy import make_private_compatible
 
@@ -176,10 +177,12 @@ def fit_tabular_standardizer(model: FusionModel, datasets: Sequence[CohortDatase
     datasets : sequence of CohortDataset
         Usually the training split(s).
     min_count : int, default 0
-        A feature observed in fewer than ``min_count`` rows of a dataset is left out of that
-        dataset's moments, as a site's ``moments`` reply leaves it out under its ``min_cell``:
-        a model whose weights leave the site (the local-only model) then carries no mean,
-        scale or count of fewer patients. ``0``: every observed value counts.
+        A feature observed in fewer than ``min_count`` rows of a dataset, or a 0/1 feature with
+        fewer than ``min_count`` rows of either value, is left out of that dataset's moments,
+        as a site's ``moments`` reply leaves it out under its ``min_cell``
+        (:func:`~multimodal_fl.moments.withheld_columns`): a model whose weights leave the site
+        (the local-only model) then carries no mean, scale or count of fewer patients. ``0``:
+        every observed value counts.
     """
     if "tabular" not in model.modalities or "tabular" in model.precomputed:
         return
@@ -189,7 +192,7 @@ def fit_tabular_standardizer(model: FusionModel, datasets: Sequence[CohortDatase
         j = d.modalities.index("tabular")
         x = d.inputs["tabular"][d.mask[:, j]]
         n, s, ss = Standardizer.site_moments(x.numpy())
-        rare = (n > 0) & (n < min_count)
+        rare = withheld_columns(n, s, ss, min_count)
         moments.append((np.where(rare, 0, n), np.where(rare, 0.0, s), np.where(rare, 0.0, ss)))
     if moments:
         enc.standardizer.set_moments(*combine_moments(moments))
