@@ -21,7 +21,10 @@ Patients are joined by ``Patient.id``; references may be ``Patient/<id>``,
 type the reader follows (Patient, Encounter, Device, Medication). Encounter and Device ids
 are per patient: two patients' files may each hold an ``Encounter/e1``. A record whose
 status says it did not happen or was entered in error (:data:`VOID_STATUS`) is not used,
-nor is a MedicationRequest whose contained Medication's status says so.
+nor is a MedicationRequest whose contained Medication's status says so. An Observation is
+one record per (patient, id): a later version (``meta.versionId``, else ``meta.lastUpdated``)
+replaces an earlier one, an identical copy is dropped, and another content without a version
+order is reported (``conflicting_observation``) with the first kept.
 An id outside FHIR's id pattern ``[A-Za-z0-9-.]{1,64}`` (``OAS1_0018_MR1``: underscores are
 common in source ids) is kept as written, so the resource and every reference to it
 (``Patient/<id>``, its percent-encoded form, ``urn:uuid:<id>``) still meet, and noted
@@ -50,7 +53,7 @@ import types
 import typing
 from collections import defaultdict
 from collections.abc import Container
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any, Literal
@@ -329,7 +332,8 @@ _DEFERRED = {"Encounter", "Observation"}
 # resource, file, id, subject reference, clinical time, known time (Observations)
 _Deferred = tuple[dict[str, Any], str, str, str, datetime | None, datetime | None]
 # clinical time first, then when the record became known (partial dates: end of the period)
-_OBS_CLINICAL = ("effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued")
+_OBS_CLINICAL = ("effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued",
+                 "effectivePeriod.end")
 _OBS_KNOWN = ("issued", "effectiveDateTime", "effectivePeriod.end", "effectivePeriod.start",
               "effectiveInstant")
 _COND_CLINICAL = ("onsetDateTime", "onsetPeriod.start", "recordedDate")
@@ -403,6 +407,48 @@ _PENDING_FIELD = {"procedure": "procedures", "medication": "medications",
                   "study": "studies"}
 
 
+@dataclass(frozen=True)
+class _ObsCopy:
+    """One read of an Observation: its file, version order and content (a hash per field).
+
+    ``version`` is ``meta.versionId``, ``updated`` ``meta.lastUpdated``; ``fields`` maps
+    each top-level field but ``meta`` to a hash of its JSON.
+    """
+
+    file: str
+    version: str | None
+    updated: datetime | None
+    fields: dict[str, int]
+
+
+def _obs_copy(res: dict[str, Any], label: str, tz: tzinfo) -> _ObsCopy:
+    """The :class:`_ObsCopy` of an Observation read from ``label``."""
+    meta = res.get("meta")
+    meta = meta if isinstance(meta, dict) else {}
+    version = meta.get("versionId")
+    try:
+        updated, _ = first_time(meta, ("lastUpdated",), tz=tz)
+    except BadField:
+        updated = None
+    fields = {k: hash(orjson.dumps(v, option=orjson.OPT_SORT_KEYS))
+              for k, v in res.items() if k != "meta"}
+    return _ObsCopy(label, None if version is None else str(version), updated, fields)
+
+
+def _version_order(old: _ObsCopy, new: _ObsCopy) -> int:
+    """1 when ``new`` is a later version than ``old``, -1 when earlier, 0 when unordered.
+
+    A higher ``meta.versionId`` (both whole numbers) is later; else a later
+    ``meta.lastUpdated``.
+    """
+    a, b = old.version, new.version
+    if a is not None and b is not None and a != b and a.isdigit() and b.isdigit():
+        return 1 if int(b) > int(a) else -1
+    if old.updated is not None and new.updated is not None and old.updated != new.updated:
+        return 1 if new.updated > old.updated else -1
+    return 0
+
+
 def _by_start(items: list[_Deferred]) -> list[_Deferred]:
     """Deferred encounters with a start, in start order (file order among equal starts)."""
     dated = [(it[4], i, it) for i, it in enumerate(items) if it[4] is not None]
@@ -465,6 +511,7 @@ class FHIRReader:
         self._dated_devices: set[tuple[str, str]] = set()
         self._elements = _ElementCache()
         self._void_refs: dict[str, str] = {}  # references to records not used: their status
+        self._obs_copies: dict[tuple[str, str], _ObsCopy] = {}  # (patient, Observation id) ->
 
     # ------------------------------------------------------------------ reading
 
@@ -824,10 +871,25 @@ class FHIRReader:
         self._device_uses.append((ref, dev, label, rid, t))
 
     def _record_observation(self, res: dict[str, Any], ref: str, label: str, rid: str) -> None:
+        """Read an Observation's feature values; its patient gets them in :meth:`finish`.
+
+        The values go as one pending item with the resource's :class:`_ObsCopy`, so that a
+        copy of the same Observation read again replaces them or is dropped
+        (:meth:`_keep_observation`).
+        """
+        values: list[ObservationValue] = []
+        self._observation_values(res, ref, label, rid, values)
+        self._pending.append(("observation", ref, label, rid,
+                              (values, _obs_copy(res, label, self.tz))))
+
+    def _observation_values(self, res: dict[str, Any], ref: str, label: str, rid: str,
+                            values: list[ObservationValue]) -> None:
+        """Append the feature values of Observation ``res`` to ``values``; report the rest."""
         t, known = self._times(res, _OBS_CLINICAL, _OBS_KNOWN)
         if t is None or known is None:
             self.sink.report(label, rid, "effectiveDateTime", "undated_event",
-                             "Observation has no effective[x] or issued time")
+                             "Observation has no effectiveDateTime, effectivePeriod.start or "
+                             "end, effectiveInstant or issued time")
             return
         parts: list[tuple[dict[str, Any], str]] = [(res, "valueQuantity")]
         for i, comp in enumerate(res.get("component") or []):
@@ -838,12 +900,12 @@ class FHIRReader:
             if not codes:
                 continue
             if isinstance(node.get("valueBoolean"), bool):
-                self._boolean_values(node["valueBoolean"], codes[0], ref, label, rid,
+                self._boolean_values(node["valueBoolean"], codes[0], values, label, rid,
                                      fld.replace("valueQuantity", "valueBoolean"), t, known)
                 continue
             vq = node.get("valueQuantity")
             if not isinstance(vq, dict) or not isinstance(vq.get("value"), int | float):
-                self.records.counts["observations_without_quantity"] += 1
+                self._non_quantity(node, codes[0], label, rid, fld)
                 continue
             if vq.get("comparator"):  # '<5': a bound (a detection limit), not a measurement
                 self.sink.report(label, rid, f"{fld}.comparator", "value_with_comparator",
@@ -854,11 +916,35 @@ class FHIRReader:
             for name, target in self._obs[codes[0]]:
                 value = self._feature_value(vq, name, target, label, rid, f"{fld}.code")
                 if value is not None:
-                    self._pending.append(("observation", ref, label, rid,
-                                          ObservationValue(name, value, t, rid, known)))
+                    values.append(ObservationValue(name, value, t, rid, known))
 
-    def _boolean_values(self, value: bool, code: str, ref: str, label: str, rid: str,
-                        fld: str, t: datetime, known: datetime) -> None:
+    def _non_quantity(self, node: dict[str, Any], code: str, label: str, rid: str,
+                      fld: str) -> None:
+        """Report a feature's value that is not a number in a ``valueQuantity``.
+
+        A ``valueString`` ("83.36"), a ``valueQuantity.value`` written as a string or a
+        ``valueCodeableConcept`` is reported (``non_quantity_value``, naming the field):
+        numbers are not guessed from text. A node without any ``value[x]`` (a panel, a
+        ``dataAbsentReason``) is only counted (``observations_without_quantity``).
+        """
+        self.records.counts["observations_without_quantity"] += 1
+        prefix = fld[:-len("valueQuantity")]
+        vq = node.get("valueQuantity")
+        if isinstance(vq, dict):
+            where, value = f"{fld}.value", vq.get("value")
+        else:
+            key = next((k for k in node if k.startswith("value")), None)
+            if key is None:
+                return
+            where, value = prefix + key, node[key]
+        self.sink.report(label, rid, where, "non_quantity_value",
+                         f"value for feature '{self._obs[code][0][0]}' is {where} "
+                         f"{orjson.dumps(value).decode()[:80]}, not a number in a "
+                         "valueQuantity; it is not used (numbers are not read from text: "
+                         "export a number in valueQuantity.value, with its unit)")
+
+    def _boolean_values(self, value: bool, code: str, values: list[ObservationValue],
+                        label: str, rid: str, fld: str, t: datetime, known: datetime) -> None:
         """A ``valueBoolean``: 1.0 / 0.0 for each feature of ``code`` whose unit is ``1``.
 
         A yes/no is dimensionless; for a feature in any other unit it is reported
@@ -866,8 +952,7 @@ class FHIRReader:
         """
         for name, target in self._obs[code]:
             if target.strip() == "1":
-                self._pending.append(("observation", ref, label, rid,
-                                      ObservationValue(name, float(value), t, rid, known)))
+                values.append(ObservationValue(name, float(value), t, rid, known))
             else:
                 self.sink.report(label, rid, fld, "boolean_value",
                                  f"value for feature '{name}' is a valueBoolean ({value}); a "
@@ -1012,13 +1097,7 @@ class FHIRReader:
                             *[o.lookback_days or 0.0 for o in task.features.observations]])
         allowance = timedelta(hours=task.index.allowance_hours)
         windows: dict[str, tuple[datetime, datetime] | None] = {}
-        for res, label, rid, ref, t, known in self._deferred_obs:
-            pid = self.resolve_patient(ref)
-            if pid is None:
-                self.sink.report(label, rid, "subject", "missing_patient",
-                                 f"references patient '{ref}', but no Patient with that id "
-                                 "was read at this site")
-                continue
+        for pid, (res, label, rid, _, t, known) in self._distinct_observations():
             if pid not in windows:
                 index, _ = index_time(task, pid, rec)
                 windows[pid] = None if index is None else (
@@ -1030,6 +1109,26 @@ class FHIRReader:
                 continue
             self._use("Observation", res, label, rid)
         self._deferred_obs.clear()
+
+    def _distinct_observations(self) -> list[tuple[str, _Deferred]]:
+        """The deferred Observations with their patient, one per (patient, id).
+
+        The version kept is the one :meth:`_keep_observation` keeps, chosen before the
+        feature windows so that a later version outside them removes an earlier one inside.
+        """
+        kept: dict[tuple[str, str], tuple[str, _Deferred]] = {}
+        for i, item in enumerate(self._deferred_obs):
+            res, label, rid, ref = item[:4]
+            pid = self.resolve_patient(ref)
+            if pid is None:
+                self.sink.report(label, rid, "subject", "missing_patient",
+                                 f"references patient '{ref}', but no Patient with that id "
+                                 "was read at this site")
+                continue
+            if self._keep_observation(pid, rid, _obs_copy(res, label, self.tz)):
+                kept[(pid, rid or f"#{i}")] = (pid, item)
+        self._obs_copies.clear()  # the kept ones are recorded afresh
+        return list(kept.values())
 
     def _resolve_pending(self) -> None:
         """Give each pending record to its patient, once every resource has been read."""
@@ -1078,8 +1177,48 @@ class FHIRReader:
             rec.medications[pid].append(replace(request, codings=codings))
         elif kind == "device_owner":
             self._record_device(pid, label, rid, item)
+        elif kind == "observation":
+            values, copy = item
+            earlier = rid != "" and (pid, rid) in self._obs_copies
+            if self._keep_observation(pid, rid, copy):
+                if earlier:  # a later version: its values replace the earlier one's
+                    rec.observations[pid] = [o for o in rec.observations[pid]
+                                             if o.resource_id != rid]
+                rec.observations[pid].extend(values)
         else:
             getattr(rec, _PENDING_FIELD[kind])[pid].append(item)
+
+    def _keep_observation(self, pid: str, rid: str, copy: _ObsCopy) -> bool:
+        """Whether this read of ``pid``'s Observation ``rid`` replaces the one kept so far.
+
+        One record per (patient, Observation id): the first read is kept, and a later
+        version (higher ``meta.versionId``, else later ``meta.lastUpdated``) replaces it. An
+        identical copy (an overlapping search page) is the same record read twice; another
+        content without a version order is reported (``conflicting_observation``, naming
+        the fields) and the first is kept. An Observation without an id is always kept.
+        """
+        if not rid:
+            return True
+        key = (pid, rid)
+        old = self._obs_copies.get(key)
+        if old is None:
+            self._obs_copies[key] = copy
+            return True
+        order = _version_order(old, copy)
+        if order:
+            if order > 0:
+                self._obs_copies[key] = copy
+            return order > 0
+        diff = sorted(k for k in old.fields.keys() | copy.fields.keys()
+                      if old.fields.get(k) != copy.fields.get(k))
+        if diff:
+            fld = ",".join(diff)
+            self.sink.report(copy.file, rid, fld, "conflicting_observation",
+                             f"Observation '{rid}' of patient '{pid}' conflicts with the same "
+                             f"id in {old.file} on {fld}, and neither is a later version "
+                             "(meta.versionId, meta.lastUpdated); kept the first "
+                             f"({old.file})")
+        return False
 
     def _record_device(self, pid: str, label: str, rid: str, dev: Coded) -> None:
         """Keep ``pid``'s Device ``rid``; the same id read again with another type is reported."""

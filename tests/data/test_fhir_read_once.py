@@ -1,0 +1,197 @@
+"""FHIR read as servers and exports write it: the same Observation twice, values that are
+not numbers, byte order marks, and records dated only by the end of a period.
+
+Each case is one a bug hunt found: search pages that overlap repeat entries, and an export
+holding two versions of one Observation counted both (a mean of duplicates, a ``last`` won
+by file-name order); a ``valueString`` feature was dropped with only a counter; a UTF-8 BOM
+lost a whole ``.json`` file; an Observation dated by ``effectivePeriod.end`` was undated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from multimodal_fl.config import DataConfig, TaskSpec, load_task
+from multimodal_fl.data.cohort import SiteCohort, build_cohort_from_resources
+from multimodal_fl.data.errors import ErrorSink
+from multimodal_fl.data.fhir_json import iter_file_resources
+from tests.data import factory as f
+
+HR = "8867-4"
+SPO2 = "2708-6"
+
+
+def _task(agg: str) -> TaskSpec:
+    """The COVID-19 task with ``heart_rate`` aggregated by ``agg``."""
+    spec = load_task("covid_oxygen_24h").model_dump()
+    for obs in spec["features"]["observations"]:
+        if obs["name"] == "heart_rate":
+            obs["agg"] = agg
+    return TaskSpec.model_validate(spec)
+
+
+def _row(cohort: SiteCohort, pid: str) -> pd.Series:
+    rows = cohort.table[cohort.table.patient_id == pid]
+    assert len(rows) == 1, f"patient {pid!r} not in the cohort: {list(cohort.table.patient_id)}"
+    return rows.iloc[0]
+
+
+def _hr(oid: str, value: float, when: str = "2020-03-01T09:30:00Z", *,
+        meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    obs = f.observation(oid, "p", HR, value, "/min", when)
+    if meta is not None:
+        obs["meta"] = meta
+    return obs
+
+
+def _build(files: list[tuple[list[dict[str, Any]], str]], task: TaskSpec,
+           validation: str = "task") -> SiteCohort:
+    return build_cohort_from_resources([(f.bundle(res), name) for res, name in files], task,
+                                       data=DataConfig(validation=validation))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- one record per id
+
+
+@pytest.mark.parametrize("validation", ["task", "all"])
+def test_an_observation_on_two_search_pages_counts_once(validation: str) -> None:
+    """Overlapping pages repeat an entry: it is the same record read twice, silently."""
+    page1 = [*f.covid_patient("p"), _hr("hr2", 100.0)]
+    page2 = [_hr("hr2", 100.0)]
+    cohort = _build([(page1, "page1.json"), (page2, "page2.json")], _task("mean"), validation)
+    assert _row(cohort, "p")["heart_rate"] == pytest.approx(90.0)  # (80 + 100) / 2
+    assert cohort.skipped == []
+
+
+@pytest.mark.parametrize("validation", ["task", "all"])
+@pytest.mark.parametrize("newer_first", [True, False])
+@pytest.mark.parametrize("meta", [
+    ({"versionId": "1"}, {"versionId": "2"}),
+    ({"versionId": "9"}, {"versionId": "10"}),  # numbers, not strings
+    ({"lastUpdated": "2020-03-01T09:40:00Z"}, {"lastUpdated": "2020-03-02T08:00:00+01:00"}),
+])
+def test_a_later_version_replaces_the_earlier(validation: str, newer_first: bool,
+                                              meta: tuple[dict[str, str], dict[str, str]]
+                                              ) -> None:
+    """Two versions of one Observation: the later one is the record, whatever the file order."""
+    old, new = _hr("hr2", 100.0, meta=meta[0]), _hr("hr2", 60.0, meta=meta[1])
+    files = [([new], "a.json"), ([old], "b.json")] if newer_first else \
+        [([old], "a.json"), ([new], "b.json")]
+    for agg, want in (("last", 60.0), ("mean", 70.0)):
+        cohort = _build([(f.covid_patient("p"), "p.json"), *files], _task(agg), validation)
+        assert _row(cohort, "p")["heart_rate"] == pytest.approx(want), agg
+        assert cohort.skipped == []
+
+
+@pytest.mark.parametrize("validation", ["task", "all"])
+def test_a_later_version_outside_the_window_removes_the_earlier(validation: str) -> None:
+    """Version 2 corrects the time to after the cut-off: version 1's value is not used."""
+    v1 = _hr("hr", 70.0, "2020-03-01T09:30:00Z", meta={"versionId": "1"})
+    v2 = _hr("hr", 70.0, "2020-03-05T09:30:00Z", meta={"versionId": "2"})
+    res = [r for r in f.covid_patient("p") if r["id"] != "p-hr"]
+    cohort = _build([(res, "p.json"), ([v1], "a.json"), ([v2], "b.json")], _task("last"),
+                    validation)
+    assert pd.isna(_row(cohort, "p")["heart_rate"])
+
+
+@pytest.mark.parametrize("validation", ["task", "all"])
+def test_two_contents_without_a_version_order_keep_the_first(validation: str) -> None:
+    cohort = _build([(f.covid_patient("p"), "p.json"), ([_hr("hr2", 100.0)], "a.json"),
+                     ([_hr("hr2", 60.0)], "b.json")], _task("mean"), validation)
+    assert _row(cohort, "p")["heart_rate"] == pytest.approx(90.0)  # 80 and the first, 100
+    assert [(s.file, s.resource_id, s.field, s.reason) for s in cohort.skipped] == [
+        ("b.json", "hr2", "valueQuantity", "conflicting_observation")]
+    assert "kept the first (a.json)" in cohort.skipped[0].detail
+
+
+def test_observations_of_two_patients_may_share_an_id() -> None:
+    """Ids are per patient here as for Encounters: two patients' ``o1`` are two records."""
+    a = f.observation("o1", "a", HR, 70.0, "/min", "2020-03-01T09:30:00Z")
+    b = f.observation("o1", "b", HR, 90.0, "/min", "2020-03-01T09:30:00Z")
+    res = [r for pid in "ab" for r in f.covid_patient(pid) if r["id"] != f"{pid}-hr"]
+    cohort = _build([(res, "p.json"), ([a, b], "o.json")], _task("last"))
+    assert _row(cohort, "a")["heart_rate"] == 70.0 and _row(cohort, "b")["heart_rate"] == 90.0
+    assert cohort.skipped == []
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _spo2(change: dict[str, Any]) -> dict[str, Any]:
+    obs = f.observation("sat", "p", SPO2, 95.0, "%", "2020-03-01T09:30:00Z")
+    obs.pop("valueQuantity")
+    return {**obs, **change}
+
+
+@pytest.mark.parametrize("validation", ["task", "all"])
+@pytest.mark.parametrize(("change", "field"), [
+    ({"valueString": "83.36"}, "valueString"),
+    ({"valueQuantity": {"value": "83.36", "unit": "%", "code": "%"}}, "valueQuantity.value"),
+    ({"valueCodeableConcept": {"text": "83"}}, "valueCodeableConcept"),
+])
+def test_a_feature_value_that_is_not_a_quantity_is_reported(validation: str,
+                                                           change: dict[str, Any],
+                                                           field: str) -> None:
+    """Not a number in a valueQuantity: reported with its field, never guessed from text."""
+    cohort = _build([([*f.covid_patient("p"), _spo2(change)], "p.json")], _task("last"),
+                    validation)
+    assert pd.isna(_row(cohort, "p")["spo2"])
+    assert [(s.resource_id, s.field, s.reason) for s in cohort.skipped] == [
+        ("sat", field, "non_quantity_value")]
+    assert "'spo2'" in cohort.skipped[0].detail
+
+
+def test_a_feature_without_any_value_is_only_counted() -> None:
+    obs = _spo2({"dataAbsentReason": {"text": "not measured"}})
+    cohort = _build([([*f.covid_patient("p"), obs], "p.json")], _task("last"))
+    assert cohort.skipped == []
+
+
+# --------------------------------------------------------------------------- dates
+
+
+@pytest.mark.parametrize("validation", ["task", "all"])
+def test_an_observation_dated_by_its_period_end_is_used(validation: str) -> None:
+    obs = f.observation("sat", "p", SPO2, 91.0, "%", "2020-03-01T09:30:00Z")
+    obs.pop("effectiveDateTime")
+    obs["effectivePeriod"] = {"end": "2020-03-01T09:30:00Z"}
+    cohort = _build([([*f.covid_patient("p"), obs], "p.json")], _task("last"), validation)
+    assert _row(cohort, "p")["spo2"] == 91.0
+    assert cohort.skipped == []
+
+
+# --------------------------------------------------------------------------- byte order marks
+
+
+def _export(tmp_path: Path, name: str, data: bytes) -> list[str]:
+    path = tmp_path / name
+    path.write_bytes(data)
+    sink = ErrorSink()
+    ids = [res["id"] for res, _ in iter_file_resources(path, name, sink)]
+    assert sink.skipped == [], [s.message() for s in sink.skipped]
+    return ids
+
+
+def test_a_utf8_bom_is_dropped(tmp_path: Path) -> None:
+    """Windows tools write a UTF-8 BOM: the file (or its first NDJSON line) is still read."""
+    resources = f.covid_patient("p")
+    bom = b"\xef\xbb\xbf"
+    assert _export(tmp_path, "p.json", bom + json.dumps(f.bundle(resources)).encode()) \
+        == [r["id"] for r in resources]
+    lines = b"\n".join(json.dumps(r).encode() for r in resources)
+    assert _export(tmp_path, "p.ndjson", bom + lines) == [r["id"] for r in resources]
+
+
+@pytest.mark.parametrize("name", ["p.json", "p.ndjson"])
+def test_a_utf16_file_says_to_export_utf8(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_text(json.dumps(f.patient("p")), encoding="utf-16")
+    sink = ErrorSink()
+    assert list(iter_file_resources(path, name, sink)) == []
+    assert [(s.file, s.reason) for s in sink.skipped] == [(name, "invalid_json")]
+    assert "UTF-16: export the file as UTF-8" in sink.skipped[0].detail
