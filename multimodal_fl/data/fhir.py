@@ -33,7 +33,8 @@ common in source ids) is kept as written, so the resource and every reference to
 All times become timezone-aware UTC datetimes; a date without a time, or a time without an
 offset, is read in the site's time zone (``tz``). Observations, Conditions and
 MedicationRequests keep two times (see :mod:`~multimodal_fl.data.records`): the clinical
-time (``effective[x]``, onset, ``authoredOn``; a partial date's first instant) for the index
+time (``effective[x]``, onset, ``authoredOn``; a partial date's first instant; an ``onsetAge``
+from the birth date) for the index
 and the labels, and the time they became known (``issued``, ``recordedDate``; a partial date's
 last second; never before the clinical time) for the feature cut-off.
 
@@ -336,8 +337,16 @@ _OBS_CLINICAL = ("effectiveDateTime", "effectivePeriod.start", "effectiveInstant
                  "effectivePeriod.end")
 _OBS_KNOWN = ("issued", "effectiveDateTime", "effectivePeriod.end", "effectivePeriod.start",
               "effectiveInstant")
-_COND_CLINICAL = ("onsetDateTime", "onsetPeriod.start", "recordedDate")
-_COND_KNOWN = ("recordedDate", "onsetDateTime", "onsetPeriod.start")
+_COND_CLINICAL = ("onsetDateTime", "onsetPeriod.start", "onsetPeriod.end", "recordedDate")
+_COND_KNOWN = ("recordedDate", "onsetDateTime", "onsetPeriod.start", "onsetPeriod.end")
+_PROC_CLINICAL = ("performedDateTime", "performedPeriod.start", "performedPeriod.end")
+# an Age's unit (UCUM, or as written) -> months per unit, or days per unit (second item)
+_AGE_UNITS: dict[str, tuple[int, float]] = {
+    "a": (12, 0.0), "yr": (12, 0.0), "year": (12, 0.0), "years": (12, 0.0),
+    "mo": (1, 0.0), "month": (1, 0.0), "months": (1, 0.0),
+    "wk": (0, 7.0), "week": (0, 7.0), "weeks": (0, 7.0),
+    "d": (0, 1.0), "day": (0, 1.0), "days": (0, 1.0),
+    "h": (0, 1 / 24), "min": (0, 1 / 1440)}
 
 
 #: Per resource type, the status fields and the codes of their FHIR R4 value sets that say
@@ -402,9 +411,13 @@ def void_status(rt: str, res: dict[str, Any]) -> tuple[str, str] | None:
 
 
 # pending kind -> the SiteRecords field it is appended to, per patient
-_PENDING_FIELD = {"procedure": "procedures", "medication": "medications",
-                  "observation": "observations", "note": "notes", "image": "images",
+_PENDING_FIELD = {"medication": "medications", "note": "notes", "image": "images",
                   "study": "studies"}
+
+
+def _choice(res: dict[str, Any], name: str) -> str:
+    """The key of ``res``'s ``<name>[x]`` choice present (``onsetString``), ``""`` when none."""
+    return next((k for k in res if k.startswith(name) and k[len(name):][:1].isupper()), "")
 
 
 @dataclass(frozen=True)
@@ -447,6 +460,59 @@ def _version_order(old: _ObsCopy, new: _ObsCopy) -> int:
     if old.updated is not None and new.updated is not None and old.updated != new.updated:
         return 1 if new.updated > old.updated else -1
     return 0
+
+
+def _add_months(t: datetime, months: int) -> datetime:
+    """``t`` that many calendar months later (the 29th-31st held at the month's last day)."""
+    year, month = divmod(t.month - 1 + months, 12)
+    day = t.day
+    while True:
+        try:
+            return t.replace(year=t.year + year, month=month + 1, day=day)
+        except ValueError:
+            day -= 1
+
+
+def at_age(birth: datetime, age: Any, tz: tzinfo, *, end: bool = False) -> datetime | None:
+    """When a patient born at ``birth`` reached a FHIR ``Age`` (``onsetAge``, ``performedAge``).
+
+    Parameters
+    ----------
+    birth
+        The patient's birth (the first instant of ``birthDate`` in the site's zone), UTC.
+    age
+        The Age: ``{"value": 59, "code": "a"}``; UCUM ``a``, ``mo``, ``wk``, ``d``, ``h``,
+        ``min`` (in ``code``, else ``unit``), or the words ``years``, ``months`` ....
+    tz
+        The site's time zone: years and months are counted on its calendar.
+    end
+        The last second of the age's period (a whole 59 years: the day before the 60th
+        birthday ends) instead of its first instant, as a partial date's known time.
+
+    Returns
+    -------
+    datetime or None
+        UTC; None when the value is not a number or the unit is not a time unit.
+    """
+    if not isinstance(age, dict) or not isinstance(age.get("value"), int | float) \
+            or isinstance(age.get("value"), bool):
+        return None
+    unit = _AGE_UNITS.get(str(age.get("code") or age.get("unit") or "").strip().lower())
+    if unit is None:
+        return None
+    value = float(age["value"]) + (1.0 if end and float(age["value"]).is_integer() else 0.0)
+    months, days = unit
+    local = birth.astimezone(tz)
+    try:
+        if months:
+            whole = int(value * months)
+            when = _add_months(local, whole) + timedelta(days=(value * months - whole) * 30.4375)
+        else:
+            when = local + timedelta(days=value * days)
+    except (OverflowError, ValueError):
+        return None
+    when = when.astimezone(UTC)
+    return when - timedelta(seconds=1) if end and float(age["value"]).is_integer() else when
 
 
 def _by_start(items: list[_Deferred]) -> list[_Deferred]:
@@ -738,16 +804,12 @@ class FHIRReader:
             self._name_encounter(rid, full_url, label)
             self._pending.append(("encounter", ref, label, rid, (enc, _class_code(res))))
         elif rt == "Condition":
-            onset, known = self._times(res, _COND_CLINICAL, _COND_KNOWN)
-            abate, _ = first_time(res, ("abatementDateTime", "abatementPeriod.end"), tz=self.tz)
-            enc_ref = _ref_key(res.get("encounter"))
-            self._pending.append(("condition", ref, label, rid,
-                                  Coded(rid, label, tuple(_codings(res.get("code"))), onset,
-                                        abate, enc_ref, known)))
+            self._record_condition(res, ref, label, rid)
         elif rt == "Procedure":
-            t, _ = first_time(res, ("performedDateTime", "performedPeriod.start"), tz=self.tz)
+            t, _ = first_time(res, _PROC_CLINICAL, tz=self.tz)
             self._pending.append(("procedure", ref, label, rid,
-                                  Coded(rid, label, tuple(_codings(res.get("code"))), t)))
+                                  (Coded(rid, label, tuple(_codings(res.get("code"))), t),
+                                   res.get("performedAge"), _choice(res, "performed"))))
         elif rt == "Device":
             dev = Coded(rid, label, tuple(_codings(res.get("type"))), None)
             self._name(self._dev_alias, "Device", rid, full_url, label)
@@ -774,6 +836,72 @@ class FHIRReader:
                 self._pending.append(("note", ref, label, rid, note))
         elif rt == "ImagingStudy":
             self._record_study(res, ref, label, rid)
+
+    def _record_condition(self, res: dict[str, Any], ref: str, label: str, rid: str) -> None:
+        """A Condition: its onset and abatement, dated in :meth:`_resolve_condition`.
+
+        ``onsetAge`` / ``abatementAge`` need the patient's birth date, known only once every
+        file has been read.
+        """
+        if "onsetAge" in res:  # onset[x] is one choice; recordedDate when it cannot be dated
+            onset, known = self._times(res, ("recordedDate",), ("recordedDate",))
+        else:
+            onset, known = self._times(res, _COND_CLINICAL, _COND_KNOWN)
+        abate, _ = first_time(res, ("abatementDateTime", "abatementPeriod.end"), tz=self.tz)
+        enc_ref = _ref_key(res.get("encounter"))
+        fact = Coded(rid, label, tuple(_codings(res.get("code"))), onset, abate, enc_ref, known)
+        self._pending.append(("condition", ref, label, rid,
+                              (fact, res.get("onsetAge"), res.get("abatementAge"),
+                               res.get("recordedDate"), _choice(res, "onset"))))
+
+    def _resolve_condition(self, pid: str, label: str, rid: str, item: Any) -> None:
+        """Date a Condition of ``pid`` (its ages from the birth date) and record it.
+
+        One that still has no clinical time is reported (``undated_event``): it is no
+        label, feature or cohort condition by its onset (an encounter still gives an index).
+        """
+        fact, onset_age, abate_age, recorded, onset_field = item
+        birth = self.records.patients[pid].birth
+        if onset_age is not None and birth is not None:
+            onset = at_age(birth, onset_age, self.tz)
+            if onset is not None:
+                known = fact.known if recorded is not None else at_age(
+                    birth, onset_age, self.tz, end=True)
+                fact = replace(fact, time=onset, known=max(known or onset, onset))
+        if abate_age is not None and birth is not None and fact.end is None:
+            fact = replace(fact, end=at_age(birth, abate_age, self.tz))
+        for name, age, dated in (("onsetAge", onset_age, fact.time is not None),
+                                 ("abatementAge", abate_age, fact.end is not None)):
+            if age is not None and not dated:
+                why = "the patient has no birthDate" if birth is None else \
+                    "its value is not a number of a time unit (a, mo, wk, d, h, min)"
+                self.sink.report(label, rid, name, "undated_event",
+                                 f"Condition {name} {age!r} cannot be dated: {why}")
+        if fact.time is None and onset_age is None:
+            self.sink.report(label, rid, onset_field or "onsetDateTime", "undated_event",
+                             "Condition has no onsetDateTime, onsetPeriod, onsetAge or "
+                             f"recordedDate{f' ({onset_field} is text)' if onset_field else ''}"
+                             "; it cannot be placed in time, so it is no label, feature or "
+                             "cohort condition by its onset")
+        self.records.conditions[pid].append(
+            replace(fact, encounter=self.encounter_id(fact.encounter)))
+
+    def _resolve_procedure(self, pid: str, label: str, rid: str, item: Any) -> None:
+        """Record a label Procedure of ``pid``; one that cannot be dated is reported."""
+        proc, age, performed = item
+        birth = self.records.patients[pid].birth
+        if proc.time is None and age is not None and birth is not None:
+            proc = replace(proc, time=at_age(birth, age, self.tz))
+        if proc.time is None:
+            what = f"its {performed} cannot be dated" + (
+                " (the patient has no birthDate)" if performed == "performedAge" else "") \
+                if performed else "it has no performed[x]"
+            self.sink.report(label, rid, performed or "performed[x]", "undated_event",
+                             f"Procedure {what}; expected performedDateTime, performedPeriod "
+                             "or performedAge: a label event that cannot be placed in time is "
+                             "not used")
+            return
+        self.records.procedures[pid].append(proc)
 
     def _contained_medication(self, res: dict[str, Any], med_ref: str, label: str,
                               rid: str) -> tuple[Coding, ...] | None:
@@ -1162,7 +1290,9 @@ class FHIRReader:
             if klass is not None:
                 rec.encounter_class[key] = klass
         elif kind == "condition":
-            rec.conditions[pid].append(replace(item, encounter=self.encounter_id(item.encounter)))
+            self._resolve_condition(pid, label, rid, item)
+        elif kind == "procedure":
+            self._resolve_procedure(pid, label, rid, item)
         elif kind == "medication_ref":
             request, med_ref = item
             codings = self.medication_codings(med_ref)

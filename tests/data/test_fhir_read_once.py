@@ -195,3 +195,108 @@ def test_a_utf16_file_says_to_export_utf8(tmp_path: Path, name: str) -> None:
     assert list(iter_file_resources(path, name, sink)) == []
     assert [(s.file, s.reason) for s in sink.skipped] == [(name, "invalid_json")]
     assert "UTF-16: export the file as UTF-8" in sink.skipped[0].detail
+
+
+# --------------------------------------------------------------------------- undatable events
+
+
+def _oxygen(change: dict[str, Any]) -> dict[str, Any]:
+    proc = f.procedure("o2", "p", f.OXYGEN, "2020-03-01T12:00:00Z")
+    proc.pop("performedPeriod")
+    return {**proc, **change}
+
+
+@pytest.mark.parametrize("validation", ["task", "all"])
+@pytest.mark.parametrize("performed", [
+    {"performedPeriod": {"end": "2020-03-01T12:00:00Z"}},
+    {"performedAge": {"value": 21670, "unit": "days", "system": "http://unitsofmeasure.org",
+                      "code": "d"}},  # 1960-05-01 + 21670 d = 2019-08-30: before the index
+])
+def test_a_procedure_dated_by_its_period_end_or_age_is_a_label_event(
+        validation: str, performed: dict[str, Any]) -> None:
+    cohort = _build([([*f.covid_patient("p"), _oxygen(performed)], "p.json")], _task("last"),
+                    validation)
+    assert cohort.skipped == []
+    if "performedAge" in performed:  # a prior event: the patient is already on oxygen
+        assert cohort.counts["excluded_by_reason"] == {"prior_event": 1}
+    else:
+        assert _row(cohort, "p")["label"] == 1
+
+
+@pytest.mark.parametrize("validation", ["task", "all"])
+@pytest.mark.parametrize(("performed", "field"), [
+    ({"performedString": "the afternoon of admission"}, "performedString"),
+    ({}, "performed[x]"),
+])
+def test_an_undatable_label_procedure_is_reported(validation: str, performed: dict[str, Any],
+                                                  field: str) -> None:
+    """Not silently a negative label: the skip names the record and its field."""
+    cohort = _build([([*f.covid_patient("p"), _oxygen(performed)], "p.json")], _task("last"),
+                    validation)
+    assert [(s.resource_id, s.field, s.reason) for s in cohort.skipped] == [
+        ("o2", field, "undated_event")]
+
+
+@pytest.fixture(scope="module")
+def ad_task() -> TaskSpec:
+    return load_task("alzheimers")
+
+
+def _ad_patient(cond: dict[str, Any], birth: str = "1940-06-15") -> list[dict[str, Any]]:
+    return [f.patient("p", birth=birth), cond]
+
+
+def _cond(code: str, **onset: Any) -> dict[str, Any]:
+    c = f.condition("c", "p", code, "2019-01-01")
+    c.pop("onsetDateTime")
+    return {**c, **onset}
+
+
+def _years(n: float) -> dict[str, Any]:
+    return {"value": n, "unit": "a", "system": "http://unitsofmeasure.org", "code": "a"}
+
+
+@pytest.mark.parametrize("validation", ["task", "all"])
+@pytest.mark.parametrize(("onset", "label"), [
+    ({"onsetAge": _years(75)}, 1),  # 2015: before the 2020-01-01 reference date
+    ({"onsetAge": _years(80)}, 0),  # 2020-06-15: after it
+    ({"onsetPeriod": {"end": "2018-05-01"}}, 1),
+])
+def test_a_label_condition_dated_by_age_or_period_end(ad_task: TaskSpec, validation: str,
+                                                      onset: dict[str, Any], label: int
+                                                      ) -> None:
+    cohort = _build([(_ad_patient(_cond(f.ALZHEIMERS, **onset)), "p.json")], ad_task,
+                    validation)
+    assert cohort.skipped == []
+    assert _row(cohort, "p")["label"] == label
+
+
+@pytest.mark.parametrize("validation", ["task", "all"])
+def test_an_undatable_condition_is_reported(ad_task: TaskSpec, validation: str) -> None:
+    cohort = _build([(_ad_patient(_cond(f.ALZHEIMERS, onsetString="in her seventies")),
+                      "p.json")], ad_task, validation)
+    assert [(s.resource_id, s.field, s.reason) for s in cohort.skipped] == [
+        ("c", "onsetString", "undated_event")]
+    assert _row(cohort, "p")["label"] == 0
+
+
+def test_an_onset_age_without_a_birth_date_is_reported(ad_task: TaskSpec) -> None:
+    pat = f.patient("p")
+    pat.pop("birthDate")
+    cohort = _build([([pat, _cond(f.ALZHEIMERS, onsetAge=_years(75))], "p.json")], ad_task)
+    assert [(s.resource_id, s.field, s.reason) for s in cohort.skipped] == [
+        ("c", "onsetAge", "undated_event")]
+
+
+@pytest.mark.parametrize("validation", ["task", "all"])
+@pytest.mark.parametrize(("abatement", "flag"), [
+    ({"abatementAge": _years(70)}, 0.0),  # 2010: resolved before the index
+    ({"abatementAge": _years(85)}, 1.0),  # 2025: still present at the index
+    ({}, 1.0),
+])
+def test_an_abatement_age_before_the_index_resolves_the_condition(
+        ad_task: TaskSpec, validation: str, abatement: dict[str, Any], flag: float) -> None:
+    hl = {**f.condition("hl", "p", "55822004", "2000-01-01"), **abatement}
+    cohort = _build([(_ad_patient(hl), "p.json")], ad_task, validation)
+    assert cohort.skipped == []
+    assert _row(cohort, "p")["hyperlipidemia"] == flag
