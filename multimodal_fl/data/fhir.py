@@ -103,6 +103,7 @@ __all__ = [
     "nonconforming_ids",
     "parse_time",
     "void_status",
+    "with_site_offsets",
 ]
 
 
@@ -282,6 +283,57 @@ def _with_stand_in_ids(res: dict[str, Any]) -> dict[str, Any]:
                             if isinstance(c, dict) and _nonconforming(c.get("id")) else c
                             for c in contained]
     return out
+
+
+_LOCAL_DATETIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?")
+
+
+def _local_offset(value: str, tz: tzinfo) -> str:
+    """``+hh:mm``: the offset of ``tz`` at the local time ``value`` (``""`` when not a time)."""
+    try:
+        z = datetime.fromisoformat(value).replace(tzinfo=tz).strftime("%z")
+    except (ValueError, OverflowError):
+        return ""  # not a time: the model reports it as written
+    return f"{z[:3]}:{z[3:5]}" if z else ""
+
+
+def with_site_offsets(node: Any, tz: tzinfo) -> Any:
+    """``node`` with each dateTime that has a time but no offset given ``tz``'s offset.
+
+    FHIR requires an offset on a dateTime with a time, so the R4B model refuses
+    ``2019-06-01T10:00:00``; the reader reads such a value in the site's time zone
+    (:func:`~multimodal_fl.data.fhir_json.parse_time`). Only the copy the model validates
+    gets the offset, as it gets stand-in ids (:func:`_with_stand_in_ids`); ``node`` itself is
+    returned, unchanged, when nothing in it needs one.
+
+    Parameters
+    ----------
+    node
+        A resource dict, or any JSON value inside one.
+    tz
+        The site's time zone.
+
+    Returns
+    -------
+    Any
+        ``node``, or a copy (shallow where unchanged) with the offsets added.
+    """
+    if isinstance(node, str):
+        if len(node) >= 19 and node[10] == "T" and _LOCAL_DATETIME.fullmatch(node):
+            return node + _local_offset(node, tz)
+        return node
+    if isinstance(node, dict):
+        out: dict[str, Any] | None = None
+        for key, value in node.items():
+            new = with_site_offsets(value, tz)
+            if new is not value:
+                out = dict(node) if out is None else out
+                out[key] = new
+        return node if out is None else out
+    if isinstance(node, list):
+        items = [with_site_offsets(v, tz) for v in node]
+        return node if all(a is b for a, b in zip(items, node, strict=True)) else items
+    return node
 
 
 def _alias_keys(rt: str, rid: str, full_url: str | None) -> list[str]:
@@ -740,7 +792,8 @@ class FHIRReader:
         """Validate ``res`` with its R4B model; report it when invalid.
 
         A nonconforming id is refused under ``strict_ids``; otherwise the model checks a
-        copy with a conforming stand-in id and the resource is kept, with a note.
+        copy with a conforming stand-in id and the resource is kept, with a note. A dateTime
+        without an offset is checked with the site's (:func:`with_site_offsets`).
         """
         self.records.counts["resources_validated"] += 1
         bad = nonconforming_ids(res)
@@ -752,7 +805,8 @@ class FHIRReader:
                              "keeps such ids)")
             return False
         try:
-            self._elements.validate(rt, _with_stand_in_ids(res) if bad else res)
+            self._elements.validate(
+                rt, with_site_offsets(_with_stand_in_ids(res) if bad else res, self.tz))
         except ValidationError as exc:
             err = exc.errors()[0]
             loc = ".".join(str(p) for p in err.get("loc", ())) or "<resource>"

@@ -300,3 +300,30 @@ def test_an_abatement_age_before_the_index_resolves_the_condition(
     cohort = _build([(_ad_patient(hl), "p.json")], ad_task, validation)
     assert cohort.skipped == []
     assert _row(cohort, "p")["hyperlipidemia"] == flag
+
+
+# --------------------------------------------------------------------------- no offset
+
+
+@pytest.mark.parametrize("validation", ["task", "all"])
+def test_a_datetime_without_an_offset_is_read_in_the_site_zone(validation: str) -> None:
+    """``2020-03-01T10:30:00`` in Paris is 09:30 UTC, before a 10:00 UTC index: used, not
+    refused by the R4B model (FHIR wants an offset with a time)."""
+    obs = _hr("hr2", 100.0, "2020-03-01T10:30:00")
+    res = [r for r in f.covid_patient("p") if r["id"] != "p-hr"]
+    cohort = build_cohort_from_resources(
+        [(f.bundle([*res, obs]), "p.json")], _task("last"),
+        data=DataConfig(validation=validation, timezone="Europe/Paris"))  # type: ignore[arg-type]
+    assert cohort.skipped == []
+    assert _row(cohort, "p")["heart_rate"] == 100.0
+
+
+@pytest.mark.parametrize("validation", ["task", "all"])
+def test_a_death_without_an_offset_keeps_the_patient(validation: str) -> None:
+    """A refused Patient took all its records with it; its death is read in the site zone."""
+    res = f.covid_patient("p", deceased="2020-03-02T08:00:00")  # 07:00 UTC, in the window
+    cohort = build_cohort_from_resources(
+        [(f.bundle(res), "p.json")], _task("last"),
+        data=DataConfig(validation=validation, timezone="Europe/Paris"))  # type: ignore[arg-type]
+    assert cohort.skipped == []
+    assert _row(cohort, "p")["label"] == 1  # death in the label window is positive
