@@ -382,7 +382,8 @@ def _class_code(res: dict[str, Any]) -> str | None:
 
 _SUBJECT_FIELD = {"Device": "patient", "Patient": ""}
 _DEFERRED = {"Encounter", "Observation"}
-# resource, file, id, subject reference, clinical time, known time (Observations)
+# resource, file, id, subject reference, clinical time (an Encounter's start), known time
+# (Observations) or period end (Encounters)
 _Deferred = tuple[dict[str, Any], str, str, str, datetime | None, datetime | None]
 # clinical time first, then when the record became known (partial dates: end of the period)
 _OBS_CLINICAL = ("effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued",
@@ -705,8 +706,9 @@ class FHIRReader:
             return
         if rt == "Encounter":
             start, _ = first_time(res, ("period.start", "period.end"), tz=self.tz)
+            end, _ = first_time(res, ("period.end",), tz=self.tz)
             self._name_encounter(rid, full_url, label)
-            self._deferred_enc.append((res, label, rid, ref, start, None))
+            self._deferred_enc.append((res, label, rid, ref, start, end))
         else:
             t, known = self._times(res, _OBS_CLINICAL, _OBS_KNOWN)
             self._deferred_obs.append((res, label, rid, ref, t, known))
@@ -1198,9 +1200,9 @@ class FHIRReader:
         """Validate and record each patient's index encounter (none for other index kinds).
 
         Mirrors :func:`~multimodal_fl.data.tasks.index_time`: for ``condition_encounter``
-        the earliest cohort Condition's encounter, else the first valid encounter starting
-        on or after its onset; for ``first_encounter`` the first valid encounter of the
-        configured class.
+        the earliest cohort Condition's encounter, else the valid encounter in progress at
+        its onset, else the first valid encounter starting on or after it; for
+        ``first_encounter`` the first valid encounter of the configured class.
         """
         by_pid: dict[str, list[_Deferred]] = defaultdict(list)
         for item in self._deferred_enc:
@@ -1256,7 +1258,8 @@ class FHIRReader:
         """The encounters that can be ``pid``'s ``condition_encounter`` index, best first.
 
         The earliest cohort Condition's own encounter when it has a start, else the
-        encounters starting on or after the Condition's onset.
+        encounters in progress at its onset (start at or before it, end at or after it;
+        latest start first), else those starting on or after the onset.
         """
         conds = [c for c in self.records.conditions.get(pid, [])
                  if any(matches(c.codings, cs) for cs in self.task.cohort.conditions)
@@ -1266,10 +1269,14 @@ class FHIRReader:
         first = min(conds, key=lambda c: (c.time is None, c.time or datetime.max))
         own = [it for it in items if it[2] == first.encounter and it[4] is not None][:1]
         onset = first.time
-        later = [] if onset is None else _by_start(
-            [it for it in items if it[4] is not None and it[4] >= onset
-             and all(it is not o for o in own)])
-        return own + later
+        if onset is None:
+            return own
+        rest = [it for it in items if all(it is not o for o in own)]
+        during = _by_start([it for it in rest if it[4] is not None and it[4] <= onset
+                            and it[5] is not None and onset <= it[5]])[::-1]
+        later = _by_start([it for it in rest if it[4] is not None and it[4] >= onset
+                           and all(it is not d for d in during)])
+        return own + during + later
 
     def _finish_observations(self) -> None:
         """Validate and record the deferred Observations inside some feature window."""

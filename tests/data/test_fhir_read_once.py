@@ -327,3 +327,32 @@ def test_a_death_without_an_offset_keeps_the_patient(validation: str) -> None:
         data=DataConfig(validation=validation, timezone="Europe/Paris"))  # type: ignore[arg-type]
     assert cohort.skipped == []
     assert _row(cohort, "p")["label"] == 1  # death in the label window is positive
+
+
+# --------------------------------------------------------------------------- index encounter
+
+
+@pytest.mark.parametrize("validation", ["task", "all"])
+def test_a_condition_without_encounter_takes_the_encounter_in_progress(validation: str) -> None:
+    """Diagnosed two hours into an admission: the index is the admission, not the next
+    visit a year later."""
+    covid = f.condition("p-covid", "p", f.COVID, "2020-03-01T12:00:00Z")
+    res = [f.patient("p"), covid,
+           f.encounter("old", "p", "2019-01-01T08:00:00Z", "2019-01-01T09:00:00Z"),
+           f.encounter("adm", "p", "2020-03-01T10:00:00Z", "2020-03-04T10:00:00Z"),
+           f.encounter("next", "p", "2021-03-01T10:00:00Z", "2021-03-01T11:00:00Z"),
+           f.observation("p-hr", "p", HR, 80.0, "/min", "2020-03-01T09:00:00Z")]
+    cohort = _build([(res, "p.json")], _task("last"), validation)
+    row = _row(cohort, "p")
+    assert row["index_time"] == pd.Timestamp("2020-03-01T10:00:00Z")
+    assert row["heart_rate"] == 80.0  # the index encounter's window, validated in time
+
+
+@pytest.mark.parametrize("validation", ["task", "all"])
+def test_without_an_encounter_in_progress_the_next_one_is_the_index(validation: str) -> None:
+    covid = f.condition("p-covid", "p", f.COVID, "2020-03-01T12:00:00Z")
+    res = [f.patient("p"), covid,
+           f.encounter("ended", "p", "2020-03-01T08:00:00Z", "2020-03-01T09:00:00Z"),
+           f.encounter("next", "p", "2020-03-02T10:00:00Z")]
+    cohort = _build([(res, "p.json")], _task("last"), validation)
+    assert _row(cohort, "p")["index_time"] == pd.Timestamp("2020-03-02T10:00:00Z")
