@@ -475,16 +475,16 @@ def _choice(res: dict[str, Any], name: str) -> str:
 
 @dataclass(frozen=True)
 class _ObsCopy:
-    """One read of an Observation: its file, version order and content (a hash per field).
+    """One read of an Observation: its file, version order and content.
 
-    ``version`` is ``meta.versionId``, ``updated`` ``meta.lastUpdated``; ``fields`` maps
-    each top-level field but ``meta`` to a hash of its JSON.
+    ``version`` is ``meta.versionId``, ``updated`` ``meta.lastUpdated``, ``res`` the
+    resource as read (compared field by field only when its id is read again).
     """
 
     file: str
     version: str | None
     updated: datetime | None
-    fields: dict[str, int]
+    res: dict[str, Any]
 
 
 def _obs_copy(res: dict[str, Any], label: str, tz: tzinfo) -> _ObsCopy:
@@ -496,9 +496,7 @@ def _obs_copy(res: dict[str, Any], label: str, tz: tzinfo) -> _ObsCopy:
         updated, _ = first_time(meta, ("lastUpdated",), tz=tz)
     except BadField:
         updated = None
-    fields = {k: hash(orjson.dumps(v, option=orjson.OPT_SORT_KEYS))
-              for k, v in res.items() if k != "meta"}
-    return _ObsCopy(label, None if version is None else str(version), updated, fields)
+    return _ObsCopy(label, None if version is None else str(version), updated, res)
 
 
 def _version_order(old: _ObsCopy, new: _ObsCopy) -> int:
@@ -1189,6 +1187,7 @@ class FHIRReader:
         self._resolve_pending()
         self._finish_deferred()
         self._resolve_pending()
+        self._obs_copies.clear()  # the Observations read, kept only to merge their copies
         return self.records
 
     def _finish_deferred(self) -> None:
@@ -1400,8 +1399,8 @@ class FHIRReader:
             if order > 0:
                 self._obs_copies[key] = copy
             return order > 0
-        diff = sorted(k for k in old.fields.keys() | copy.fields.keys()
-                      if old.fields.get(k) != copy.fields.get(k))
+        diff = sorted(k for k in old.res.keys() | copy.res.keys()
+                      if k != "meta" and old.res.get(k) != copy.res.get(k))
         if diff:
             fld = ",".join(diff)
             self.sink.report(copy.file, rid, fld, "conflicting_observation",
