@@ -356,3 +356,25 @@ def test_without_an_encounter_in_progress_the_next_one_is_the_index(validation: 
            f.encounter("next", "p", "2020-03-02T10:00:00Z")]
     cohort = _build([(res, "p.json")], _task("last"), validation)
     assert _row(cohort, "p")["index_time"] == pd.Timestamp("2020-03-02T10:00:00Z")
+
+
+def test_at_age_counts_on_the_site_calendar() -> None:
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    from multimodal_fl.data.fhir import at_age
+    from multimodal_fl.data.fhir_json import parse_time
+
+    paris = ZoneInfo("Europe/Paris")
+    birth = parse_time("2000-02-29", tz=paris)  # 2000-02-28 23:00 UTC
+    # the 75th birthday: 2075-02-28 (no 29th), local midnight; known until the 76th begins
+    assert at_age(birth, _years(75), paris) == datetime(2075, 2, 27, 23, tzinfo=UTC)
+    assert at_age(birth, _years(75), paris, end=True) == datetime(2076, 2, 28, 22, 59, 59,
+                                                                  tzinfo=UTC)
+    # months and days on the local calendar, across the switch to summer time
+    assert at_age(birth, {"value": 3, "code": "mo"}, paris) == datetime(2000, 5, 28, 22,
+                                                                        tzinfo=UTC)
+    assert at_age(birth, {"value": 2, "unit": "days"}, paris) == datetime(2000, 3, 1, 23,
+                                                                          tzinfo=UTC)
+    assert at_age(birth, {"value": 75, "code": "kg"}, paris) is None
+    assert at_age(birth, {"value": "75", "code": "a"}, paris) is None
