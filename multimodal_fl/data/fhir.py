@@ -97,6 +97,7 @@ __all__ = [
     "ObservationValue",
     "PatientRecord",
     "SiteRecords",
+    "at_age",
     "iter_file_resources",
     "known_resource_types",
     "matches",
@@ -516,12 +517,12 @@ def _version_order(old: _ObsCopy, new: _ObsCopy) -> int:
 def _add_months(t: datetime, months: int) -> datetime:
     """``t`` that many calendar months later (the 29th-31st held at the month's last day)."""
     year, month = divmod(t.month - 1 + months, 12)
-    day = t.day
-    while True:
+    for day in range(t.day, 28, -1):
         try:
             return t.replace(year=t.year + year, month=month + 1, day=day)
         except ValueError:
-            day -= 1
+            continue
+    return t.replace(year=t.year + year, month=month + 1, day=min(t.day, 28))  # may raise
 
 
 def at_age(birth: datetime, age: Any, tz: tzinfo, *, end: bool = False) -> datetime | None:

@@ -378,3 +378,4 @@ def test_at_age_counts_on_the_site_calendar() -> None:
                                                                           tzinfo=UTC)
     assert at_age(birth, {"value": 75, "code": "kg"}, paris) is None
     assert at_age(birth, {"value": "75", "code": "a"}, paris) is None
+    assert at_age(birth, _years(9000), paris) is None  # past year 9999
