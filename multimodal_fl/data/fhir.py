@@ -933,11 +933,11 @@ class FHIRReader:
                 self.sink.report(label, rid, name, "undated_event",
                                  f"Condition {name} {age!r} cannot be dated: {why}")
         if fact.time is None and onset_age is None:
+            which = f" ({onset_field} cannot be dated)" if onset_field else ""
             self.sink.report(label, rid, onset_field or "onsetDateTime", "undated_event",
                              "Condition has no onsetDateTime, onsetPeriod, onsetAge or "
-                             f"recordedDate{f' ({onset_field} is text)' if onset_field else ''}"
-                             "; it cannot be placed in time, so it is no label, feature or "
-                             "cohort condition by its onset")
+                             f"recordedDate{which}; it cannot be placed in time, so it is "
+                             "no label, feature or cohort condition by its onset")
         self.records.conditions[pid].append(
             replace(fact, encounter=self.encounter_id(fact.encounter)))
 
@@ -948,11 +948,12 @@ class FHIRReader:
         if proc.time is None and age is not None and birth is not None:
             proc = replace(proc, time=at_age(birth, age, self.tz))
         if proc.time is None:
-            what = f"its {performed} cannot be dated" + (
-                " (the patient has no birthDate)" if performed == "performedAge" else "") \
-                if performed else "it has no performed[x]"
+            why = "" if age is None else " (the patient has no birthDate)" if birth is None \
+                else " (its value is not a number of a time unit: a, mo, wk, d, h, min)"
+            what = f"'s {performed} cannot be dated{why}" if performed else \
+                " has no performed[x]"
             self.sink.report(label, rid, performed or "performed[x]", "undated_event",
-                             f"Procedure {what}; expected performedDateTime, performedPeriod "
+                             f"Procedure{what}; expected performedDateTime, performedPeriod "
                              "or performedAge: a label event that cannot be placed in time is "
                              "not used")
             return
