@@ -164,8 +164,10 @@ def data_summary(
             err_console.print(
                 f"[bold yellow]warning:[/] {config} (task '{cfg.task.name}'): site "
                 f"'{s['site']}': no patient has a value of feature(s) {names}: their codes "
-                "match no record known by the cut-off there (a wrong code or unit, or data "
-                "the site does not record)", highlight=False, soft_wrap=True)
+                "match no usable record known by the cut-off there (a wrong code or unit, "
+                "values that are not numbers in a valueQuantity, or data the site does not "
+                "record; the skipped records, e.g. non_quantity_value, unknown_unit, name "
+                "them)", highlight=False, soft_wrap=True)
     empty = [s["empty"] for s in summaries if "empty" in s]
     for message in empty:
         err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)

@@ -158,8 +158,9 @@ class IndexRule(_Strict):
     kind: Literal["condition_encounter", "reference_date", "first_imaging_study",
                   "first_encounter"] = Field(
         description="condition_encounter: start of the encounter the cohort Condition points "
-        "to, else the first encounter starting on or after the condition's onset, else the "
-        "onset. reference_date: one configured date for every patient. "
+        "to, else of the encounter in progress at the condition's onset, else of the first "
+        "encounter starting on or after the onset, else the onset. reference_date: one "
+        "configured date for every patient. "
         "first_imaging_study: per patient, when the first ImagingStudy of the task's "
         "image_modality (DICOM modality CR/DX for cxr, MR for mri) was known (started; a "
         "date alone at the end of its day), so ages are at the scan. first_encounter: per "

@@ -21,7 +21,10 @@ Patients are joined by ``Patient.id``; references may be ``Patient/<id>``,
 type the reader follows (Patient, Encounter, Device, Medication). Encounter and Device ids
 are per patient: two patients' files may each hold an ``Encounter/e1``. A record whose
 status says it did not happen or was entered in error (:data:`VOID_STATUS`) is not used,
-nor is a MedicationRequest whose contained Medication's status says so.
+nor is a MedicationRequest whose contained Medication's status says so. An Observation is
+one record per (patient, id): a later version (``meta.versionId``, else ``meta.lastUpdated``)
+replaces an earlier one, an identical copy is dropped, and another content without a version
+order is reported (``conflicting_observation``) with the first kept.
 An id outside FHIR's id pattern ``[A-Za-z0-9-.]{1,64}`` (``OAS1_0018_MR1``: underscores are
 common in source ids) is kept as written, so the resource and every reference to it
 (``Patient/<id>``, its percent-encoded form, ``urn:uuid:<id>``) still meet, and noted
@@ -30,7 +33,8 @@ common in source ids) is kept as written, so the resource and every reference to
 All times become timezone-aware UTC datetimes; a date without a time, or a time without an
 offset, is read in the site's time zone (``tz``). Observations, Conditions and
 MedicationRequests keep two times (see :mod:`~multimodal_fl.data.records`): the clinical
-time (``effective[x]``, onset, ``authoredOn``; a partial date's first instant) for the index
+time (``effective[x]``, onset, ``authoredOn``; a partial date's first instant; an ``onsetAge``
+from the birth date) for the index
 and the labels, and the time they became known (``issued``, ``recordedDate``; a partial date's
 last second; never before the clinical time) for the feature cut-off.
 
@@ -50,7 +54,7 @@ import types
 import typing
 from collections import defaultdict
 from collections.abc import Container
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any, Literal
@@ -93,12 +97,14 @@ __all__ = [
     "ObservationValue",
     "PatientRecord",
     "SiteRecords",
+    "at_age",
     "iter_file_resources",
     "known_resource_types",
     "matches",
     "nonconforming_ids",
     "parse_time",
     "void_status",
+    "with_site_offsets",
 ]
 
 
@@ -280,6 +286,57 @@ def _with_stand_in_ids(res: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_LOCAL_DATETIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?")
+
+
+def _local_offset(value: str, tz: tzinfo) -> str:
+    """``+hh:mm``: the offset of ``tz`` at the local time ``value`` (``""`` when not a time)."""
+    try:
+        z = datetime.fromisoformat(value).replace(tzinfo=tz).strftime("%z")
+    except (ValueError, OverflowError):
+        return ""  # not a time: the model reports it as written
+    return f"{z[:3]}:{z[3:5]}" if z else ""
+
+
+def with_site_offsets(node: Any, tz: tzinfo) -> Any:
+    """``node`` with each dateTime that has a time but no offset given ``tz``'s offset.
+
+    FHIR requires an offset on a dateTime with a time, so the R4B model refuses
+    ``2019-06-01T10:00:00``; the reader reads such a value in the site's time zone
+    (:func:`~multimodal_fl.data.fhir_json.parse_time`). Only the copy the model validates
+    gets the offset, as it gets stand-in ids (:func:`_with_stand_in_ids`); ``node`` itself is
+    returned, unchanged, when nothing in it needs one.
+
+    Parameters
+    ----------
+    node
+        A resource dict, or any JSON value inside one.
+    tz
+        The site's time zone.
+
+    Returns
+    -------
+    Any
+        ``node``, or a copy (shallow where unchanged) with the offsets added.
+    """
+    if isinstance(node, str):
+        if len(node) >= 19 and node[10] == "T" and _LOCAL_DATETIME.fullmatch(node):
+            return node + _local_offset(node, tz)
+        return node
+    if isinstance(node, dict):
+        out: dict[str, Any] | None = None
+        for key, value in node.items():
+            new = with_site_offsets(value, tz)
+            if new is not value:
+                out = dict(node) if out is None else out
+                out[key] = new
+        return node if out is None else out
+    if isinstance(node, list):
+        items = [with_site_offsets(v, tz) for v in node]
+        return node if all(a is b for a, b in zip(items, node, strict=True)) else items
+    return node
+
+
 def _alias_keys(rt: str, rid: str, full_url: str | None) -> list[str]:
     """The reference strings that name resource ``rt/rid``.
 
@@ -326,14 +383,24 @@ def _class_code(res: dict[str, Any]) -> str | None:
 
 _SUBJECT_FIELD = {"Device": "patient", "Patient": ""}
 _DEFERRED = {"Encounter", "Observation"}
-# resource, file, id, subject reference, clinical time, known time (Observations)
+# resource, file, id, subject reference, clinical time (an Encounter's start), known time
+# (Observations) or period end (Encounters)
 _Deferred = tuple[dict[str, Any], str, str, str, datetime | None, datetime | None]
 # clinical time first, then when the record became known (partial dates: end of the period)
-_OBS_CLINICAL = ("effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued")
+_OBS_CLINICAL = ("effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued",
+                 "effectivePeriod.end")
 _OBS_KNOWN = ("issued", "effectiveDateTime", "effectivePeriod.end", "effectivePeriod.start",
               "effectiveInstant")
-_COND_CLINICAL = ("onsetDateTime", "onsetPeriod.start", "recordedDate")
-_COND_KNOWN = ("recordedDate", "onsetDateTime", "onsetPeriod.start")
+_COND_CLINICAL = ("onsetDateTime", "onsetPeriod.start", "onsetPeriod.end", "recordedDate")
+_COND_KNOWN = ("recordedDate", "onsetDateTime", "onsetPeriod.start", "onsetPeriod.end")
+_PROC_CLINICAL = ("performedDateTime", "performedPeriod.start", "performedPeriod.end")
+# an Age's unit (UCUM, or as written) -> months per unit, or days per unit (second item)
+_AGE_UNITS: dict[str, tuple[int, float]] = {
+    "a": (12, 0.0), "yr": (12, 0.0), "year": (12, 0.0), "years": (12, 0.0),
+    "mo": (1, 0.0), "month": (1, 0.0), "months": (1, 0.0),
+    "wk": (0, 7.0), "week": (0, 7.0), "weeks": (0, 7.0),
+    "d": (0, 1.0), "day": (0, 1.0), "days": (0, 1.0),
+    "h": (0, 1 / 24), "min": (0, 1 / 1440)}
 
 
 #: Per resource type, the status fields and the codes of their FHIR R4 value sets that say
@@ -398,9 +465,106 @@ def void_status(rt: str, res: dict[str, Any]) -> tuple[str, str] | None:
 
 
 # pending kind -> the SiteRecords field it is appended to, per patient
-_PENDING_FIELD = {"procedure": "procedures", "medication": "medications",
-                  "observation": "observations", "note": "notes", "image": "images",
+_PENDING_FIELD = {"medication": "medications", "note": "notes", "image": "images",
                   "study": "studies"}
+
+
+def _choice(res: dict[str, Any], name: str) -> str:
+    """The key of ``res``'s ``<name>[x]`` choice present (``onsetString``), ``""`` when none."""
+    return next((k for k in res if k.startswith(name) and k[len(name):][:1].isupper()), "")
+
+
+@dataclass(frozen=True)
+class _ObsCopy:
+    """One read of an Observation: its file, version order and content.
+
+    ``version`` is ``meta.versionId``, ``updated`` ``meta.lastUpdated``, ``res`` the
+    resource as read (compared field by field only when its id is read again).
+    """
+
+    file: str
+    version: str | None
+    updated: datetime | None
+    res: dict[str, Any]
+
+
+def _obs_copy(res: dict[str, Any], label: str, tz: tzinfo) -> _ObsCopy:
+    """The :class:`_ObsCopy` of an Observation read from ``label``."""
+    meta = res.get("meta")
+    meta = meta if isinstance(meta, dict) else {}
+    version = meta.get("versionId")
+    try:
+        updated, _ = first_time(meta, ("lastUpdated",), tz=tz)
+    except BadField:
+        updated = None
+    return _ObsCopy(label, None if version is None else str(version), updated, res)
+
+
+def _version_order(old: _ObsCopy, new: _ObsCopy) -> int:
+    """1 when ``new`` is a later version than ``old``, -1 when earlier, 0 when unordered.
+
+    A higher ``meta.versionId`` (both whole numbers) is later; else a later
+    ``meta.lastUpdated``.
+    """
+    a, b = old.version, new.version
+    if a is not None and b is not None and a != b and a.isdigit() and b.isdigit():
+        return 1 if int(b) > int(a) else -1
+    if old.updated is not None and new.updated is not None and old.updated != new.updated:
+        return 1 if new.updated > old.updated else -1
+    return 0
+
+
+def _add_months(t: datetime, months: int) -> datetime:
+    """``t`` that many calendar months later (the 29th-31st held at the month's last day)."""
+    year, month = divmod(t.month - 1 + months, 12)
+    for day in range(t.day, 28, -1):
+        try:
+            return t.replace(year=t.year + year, month=month + 1, day=day)
+        except ValueError:
+            continue
+    return t.replace(year=t.year + year, month=month + 1, day=min(t.day, 28))  # may raise
+
+
+def at_age(birth: datetime, age: Any, tz: tzinfo, *, end: bool = False) -> datetime | None:
+    """When a patient born at ``birth`` reached a FHIR ``Age`` (``onsetAge``, ``performedAge``).
+
+    Parameters
+    ----------
+    birth
+        The patient's birth (the first instant of ``birthDate`` in the site's zone), UTC.
+    age
+        The Age: ``{"value": 59, "code": "a"}``; UCUM ``a``, ``mo``, ``wk``, ``d``, ``h``,
+        ``min`` (in ``code``, else ``unit``), or the words ``years``, ``months`` ....
+    tz
+        The site's time zone: years and months are counted on its calendar.
+    end
+        The last second of the age's period (a whole 59 years: the day before the 60th
+        birthday ends) instead of its first instant, as a partial date's known time.
+
+    Returns
+    -------
+    datetime or None
+        UTC; None when the value is not a number or the unit is not a time unit.
+    """
+    if not isinstance(age, dict) or not isinstance(age.get("value"), int | float) \
+            or isinstance(age.get("value"), bool):
+        return None
+    unit = _AGE_UNITS.get(str(age.get("code") or age.get("unit") or "").strip().lower())
+    if unit is None:
+        return None
+    value = float(age["value"]) + (1.0 if end and float(age["value"]).is_integer() else 0.0)
+    months, days = unit
+    local = birth.astimezone(tz)
+    try:
+        if months:
+            whole = int(value * months)
+            when = _add_months(local, whole) + timedelta(days=(value * months - whole) * 30.4375)
+        else:
+            when = local + timedelta(days=value * days)
+    except (OverflowError, ValueError):
+        return None
+    when = when.astimezone(UTC)
+    return when - timedelta(seconds=1) if end and float(age["value"]).is_integer() else when
 
 
 def _by_start(items: list[_Deferred]) -> list[_Deferred]:
@@ -465,6 +629,7 @@ class FHIRReader:
         self._dated_devices: set[tuple[str, str]] = set()
         self._elements = _ElementCache()
         self._void_refs: dict[str, str] = {}  # references to records not used: their status
+        self._obs_copies: dict[tuple[str, str], _ObsCopy] = {}  # (patient, Observation id) ->
 
     # ------------------------------------------------------------------ reading
 
@@ -540,8 +705,9 @@ class FHIRReader:
             return
         if rt == "Encounter":
             start, _ = first_time(res, ("period.start", "period.end"), tz=self.tz)
+            end, _ = first_time(res, ("period.end",), tz=self.tz)
             self._name_encounter(rid, full_url, label)
-            self._deferred_enc.append((res, label, rid, ref, start, None))
+            self._deferred_enc.append((res, label, rid, ref, start, end))
         else:
             t, known = self._times(res, _OBS_CLINICAL, _OBS_KNOWN)
             self._deferred_obs.append((res, label, rid, ref, t, known))
@@ -627,7 +793,8 @@ class FHIRReader:
         """Validate ``res`` with its R4B model; report it when invalid.
 
         A nonconforming id is refused under ``strict_ids``; otherwise the model checks a
-        copy with a conforming stand-in id and the resource is kept, with a note.
+        copy with a conforming stand-in id and the resource is kept, with a note. A dateTime
+        without an offset is checked with the site's (:func:`with_site_offsets`).
         """
         self.records.counts["resources_validated"] += 1
         bad = nonconforming_ids(res)
@@ -639,7 +806,8 @@ class FHIRReader:
                              "keeps such ids)")
             return False
         try:
-            self._elements.validate(rt, _with_stand_in_ids(res) if bad else res)
+            self._elements.validate(
+                rt, with_site_offsets(_with_stand_in_ids(res) if bad else res, self.tz))
         except ValidationError as exc:
             err = exc.errors()[0]
             loc = ".".join(str(p) for p in err.get("loc", ())) or "<resource>"
@@ -691,16 +859,12 @@ class FHIRReader:
             self._name_encounter(rid, full_url, label)
             self._pending.append(("encounter", ref, label, rid, (enc, _class_code(res))))
         elif rt == "Condition":
-            onset, known = self._times(res, _COND_CLINICAL, _COND_KNOWN)
-            abate, _ = first_time(res, ("abatementDateTime", "abatementPeriod.end"), tz=self.tz)
-            enc_ref = _ref_key(res.get("encounter"))
-            self._pending.append(("condition", ref, label, rid,
-                                  Coded(rid, label, tuple(_codings(res.get("code"))), onset,
-                                        abate, enc_ref, known)))
+            self._record_condition(res, ref, label, rid)
         elif rt == "Procedure":
-            t, _ = first_time(res, ("performedDateTime", "performedPeriod.start"), tz=self.tz)
+            t, _ = first_time(res, _PROC_CLINICAL, tz=self.tz)
             self._pending.append(("procedure", ref, label, rid,
-                                  Coded(rid, label, tuple(_codings(res.get("code"))), t)))
+                                  (Coded(rid, label, tuple(_codings(res.get("code"))), t),
+                                   res.get("performedAge"), _choice(res, "performed"))))
         elif rt == "Device":
             dev = Coded(rid, label, tuple(_codings(res.get("type"))), None)
             self._name(self._dev_alias, "Device", rid, full_url, label)
@@ -727,6 +891,73 @@ class FHIRReader:
                 self._pending.append(("note", ref, label, rid, note))
         elif rt == "ImagingStudy":
             self._record_study(res, ref, label, rid)
+
+    def _record_condition(self, res: dict[str, Any], ref: str, label: str, rid: str) -> None:
+        """A Condition: its onset and abatement, dated in :meth:`_resolve_condition`.
+
+        ``onsetAge`` / ``abatementAge`` need the patient's birth date, known only once every
+        file has been read.
+        """
+        if "onsetAge" in res:  # onset[x] is one choice; recordedDate when it cannot be dated
+            onset, known = self._times(res, ("recordedDate",), ("recordedDate",))
+        else:
+            onset, known = self._times(res, _COND_CLINICAL, _COND_KNOWN)
+        abate, _ = first_time(res, ("abatementDateTime", "abatementPeriod.end"), tz=self.tz)
+        enc_ref = _ref_key(res.get("encounter"))
+        fact = Coded(rid, label, tuple(_codings(res.get("code"))), onset, abate, enc_ref, known)
+        self._pending.append(("condition", ref, label, rid,
+                              (fact, res.get("onsetAge"), res.get("abatementAge"),
+                               res.get("recordedDate"), _choice(res, "onset"))))
+
+    def _resolve_condition(self, pid: str, label: str, rid: str, item: Any) -> None:
+        """Date a Condition of ``pid`` (its ages from the birth date) and record it.
+
+        One that still has no clinical time is reported (``undated_event``): it is no
+        label, feature or cohort condition by its onset (an encounter still gives an index).
+        """
+        fact, onset_age, abate_age, recorded, onset_field = item
+        birth = self.records.patients[pid].birth
+        if onset_age is not None and birth is not None:
+            onset = at_age(birth, onset_age, self.tz)
+            if onset is not None:
+                known = fact.known if recorded is not None else at_age(
+                    birth, onset_age, self.tz, end=True)
+                fact = replace(fact, time=onset, known=max(known or onset, onset))
+        if abate_age is not None and birth is not None and fact.end is None:
+            fact = replace(fact, end=at_age(birth, abate_age, self.tz))
+        for name, age, dated in (("onsetAge", onset_age, fact.time is not None),
+                                 ("abatementAge", abate_age, fact.end is not None)):
+            if age is not None and not dated:
+                why = "the patient has no birthDate" if birth is None else \
+                    "its value is not a number of a time unit (a, mo, wk, d, h, min)"
+                self.sink.report(label, rid, name, "undated_event",
+                                 f"Condition {name} {age!r} cannot be dated: {why}")
+        if fact.time is None and onset_age is None:
+            which = f" ({onset_field} cannot be dated)" if onset_field else ""
+            self.sink.report(label, rid, onset_field or "onsetDateTime", "undated_event",
+                             "Condition has no onsetDateTime, onsetPeriod, onsetAge or "
+                             f"recordedDate{which}; it cannot be placed in time, so it is "
+                             "no label, feature or cohort condition by its onset")
+        self.records.conditions[pid].append(
+            replace(fact, encounter=self.encounter_id(fact.encounter)))
+
+    def _resolve_procedure(self, pid: str, label: str, rid: str, item: Any) -> None:
+        """Record a label Procedure of ``pid``; one that cannot be dated is reported."""
+        proc, age, performed = item
+        birth = self.records.patients[pid].birth
+        if proc.time is None and age is not None and birth is not None:
+            proc = replace(proc, time=at_age(birth, age, self.tz))
+        if proc.time is None:
+            why = "" if age is None else " (the patient has no birthDate)" if birth is None \
+                else " (its value is not a number of a time unit: a, mo, wk, d, h, min)"
+            what = f"'s {performed} cannot be dated{why}" if performed else \
+                " has no performed[x]"
+            self.sink.report(label, rid, performed or "performed[x]", "undated_event",
+                             f"Procedure{what}; expected performedDateTime, performedPeriod "
+                             "or performedAge: a label event that cannot be placed in time is "
+                             "not used")
+            return
+        self.records.procedures[pid].append(proc)
 
     def _contained_medication(self, res: dict[str, Any], med_ref: str, label: str,
                               rid: str) -> tuple[Coding, ...] | None:
@@ -824,10 +1055,25 @@ class FHIRReader:
         self._device_uses.append((ref, dev, label, rid, t))
 
     def _record_observation(self, res: dict[str, Any], ref: str, label: str, rid: str) -> None:
+        """Read an Observation's feature values; its patient gets them in :meth:`finish`.
+
+        The values go as one pending item with the resource's :class:`_ObsCopy`, so that a
+        copy of the same Observation read again replaces them or is dropped
+        (:meth:`_keep_observation`).
+        """
+        values: list[ObservationValue] = []
+        self._observation_values(res, ref, label, rid, values)
+        self._pending.append(("observation", ref, label, rid,
+                              (values, _obs_copy(res, label, self.tz))))
+
+    def _observation_values(self, res: dict[str, Any], ref: str, label: str, rid: str,
+                            values: list[ObservationValue]) -> None:
+        """Append the feature values of Observation ``res`` to ``values``; report the rest."""
         t, known = self._times(res, _OBS_CLINICAL, _OBS_KNOWN)
         if t is None or known is None:
             self.sink.report(label, rid, "effectiveDateTime", "undated_event",
-                             "Observation has no effective[x] or issued time")
+                             "Observation has no effectiveDateTime, effectivePeriod.start or "
+                             "end, effectiveInstant or issued time")
             return
         parts: list[tuple[dict[str, Any], str]] = [(res, "valueQuantity")]
         for i, comp in enumerate(res.get("component") or []):
@@ -838,12 +1084,12 @@ class FHIRReader:
             if not codes:
                 continue
             if isinstance(node.get("valueBoolean"), bool):
-                self._boolean_values(node["valueBoolean"], codes[0], ref, label, rid,
+                self._boolean_values(node["valueBoolean"], codes[0], values, label, rid,
                                      fld.replace("valueQuantity", "valueBoolean"), t, known)
                 continue
             vq = node.get("valueQuantity")
             if not isinstance(vq, dict) or not isinstance(vq.get("value"), int | float):
-                self.records.counts["observations_without_quantity"] += 1
+                self._non_quantity(node, codes[0], label, rid, fld)
                 continue
             if vq.get("comparator"):  # '<5': a bound (a detection limit), not a measurement
                 self.sink.report(label, rid, f"{fld}.comparator", "value_with_comparator",
@@ -854,11 +1100,35 @@ class FHIRReader:
             for name, target in self._obs[codes[0]]:
                 value = self._feature_value(vq, name, target, label, rid, f"{fld}.code")
                 if value is not None:
-                    self._pending.append(("observation", ref, label, rid,
-                                          ObservationValue(name, value, t, rid, known)))
+                    values.append(ObservationValue(name, value, t, rid, known))
 
-    def _boolean_values(self, value: bool, code: str, ref: str, label: str, rid: str,
-                        fld: str, t: datetime, known: datetime) -> None:
+    def _non_quantity(self, node: dict[str, Any], code: str, label: str, rid: str,
+                      fld: str) -> None:
+        """Report a feature's value that is not a number in a ``valueQuantity``.
+
+        A ``valueString`` ("83.36"), a ``valueQuantity.value`` written as a string or a
+        ``valueCodeableConcept`` is reported (``non_quantity_value``, naming the field):
+        numbers are not guessed from text. A node without any ``value[x]`` (a panel, a
+        ``dataAbsentReason``) is only counted (``observations_without_quantity``).
+        """
+        self.records.counts["observations_without_quantity"] += 1
+        prefix = fld[:-len("valueQuantity")]
+        vq = node.get("valueQuantity")
+        if isinstance(vq, dict):
+            where, value = f"{fld}.value", vq.get("value")
+        else:
+            key = next((k for k in node if k.startswith("value")), None)
+            if key is None:
+                return
+            where, value = prefix + key, node[key]
+        self.sink.report(label, rid, where, "non_quantity_value",
+                         f"value for feature '{self._obs[code][0][0]}' is {where} "
+                         f"{orjson.dumps(value).decode()[:80]}, not a number in a "
+                         "valueQuantity; it is not used (numbers are not read from text: "
+                         "export a number in valueQuantity.value, with its unit)")
+
+    def _boolean_values(self, value: bool, code: str, values: list[ObservationValue],
+                        label: str, rid: str, fld: str, t: datetime, known: datetime) -> None:
         """A ``valueBoolean``: 1.0 / 0.0 for each feature of ``code`` whose unit is ``1``.
 
         A yes/no is dimensionless; for a feature in any other unit it is reported
@@ -866,8 +1136,7 @@ class FHIRReader:
         """
         for name, target in self._obs[code]:
             if target.strip() == "1":
-                self._pending.append(("observation", ref, label, rid,
-                                      ObservationValue(name, float(value), t, rid, known)))
+                values.append(ObservationValue(name, float(value), t, rid, known))
             else:
                 self.sink.report(label, rid, fld, "boolean_value",
                                  f"value for feature '{name}' is a valueBoolean ({value}); a "
@@ -920,6 +1189,7 @@ class FHIRReader:
         self._resolve_pending()
         self._finish_deferred()
         self._resolve_pending()
+        self._obs_copies.clear()  # the Observations read, kept only to merge their copies
         return self.records
 
     def _finish_deferred(self) -> None:
@@ -931,9 +1201,9 @@ class FHIRReader:
         """Validate and record each patient's index encounter (none for other index kinds).
 
         Mirrors :func:`~multimodal_fl.data.tasks.index_time`: for ``condition_encounter``
-        the earliest cohort Condition's encounter, else the first valid encounter starting
-        on or after its onset; for ``first_encounter`` the first valid encounter of the
-        configured class.
+        the earliest cohort Condition's encounter, else the valid encounter in progress at
+        its onset, else the first valid encounter starting on or after it; for
+        ``first_encounter`` the first valid encounter of the configured class.
         """
         by_pid: dict[str, list[_Deferred]] = defaultdict(list)
         for item in self._deferred_enc:
@@ -989,7 +1259,8 @@ class FHIRReader:
         """The encounters that can be ``pid``'s ``condition_encounter`` index, best first.
 
         The earliest cohort Condition's own encounter when it has a start, else the
-        encounters starting on or after the Condition's onset.
+        encounters in progress at its onset (start at or before it, end at or after it;
+        latest start first), else those starting on or after the onset.
         """
         conds = [c for c in self.records.conditions.get(pid, [])
                  if any(matches(c.codings, cs) for cs in self.task.cohort.conditions)
@@ -999,10 +1270,14 @@ class FHIRReader:
         first = min(conds, key=lambda c: (c.time is None, c.time or datetime.max))
         own = [it for it in items if it[2] == first.encounter and it[4] is not None][:1]
         onset = first.time
-        later = [] if onset is None else _by_start(
-            [it for it in items if it[4] is not None and it[4] >= onset
-             and all(it is not o for o in own)])
-        return own + later
+        if onset is None:
+            return own
+        rest = [it for it in items if all(it is not o for o in own)]
+        during = _by_start([it for it in rest if it[4] is not None and it[4] <= onset
+                            and it[5] is not None and onset <= it[5]])[::-1]
+        later = _by_start([it for it in rest if it[4] is not None and it[4] >= onset
+                           and all(it is not d for d in during)])
+        return own + during + later
 
     def _finish_observations(self) -> None:
         """Validate and record the deferred Observations inside some feature window."""
@@ -1012,13 +1287,7 @@ class FHIRReader:
                             *[o.lookback_days or 0.0 for o in task.features.observations]])
         allowance = timedelta(hours=task.index.allowance_hours)
         windows: dict[str, tuple[datetime, datetime] | None] = {}
-        for res, label, rid, ref, t, known in self._deferred_obs:
-            pid = self.resolve_patient(ref)
-            if pid is None:
-                self.sink.report(label, rid, "subject", "missing_patient",
-                                 f"references patient '{ref}', but no Patient with that id "
-                                 "was read at this site")
-                continue
+        for pid, (res, label, rid, _, t, known) in self._distinct_observations():
             if pid not in windows:
                 index, _ = index_time(task, pid, rec)
                 windows[pid] = None if index is None else (
@@ -1030,6 +1299,26 @@ class FHIRReader:
                 continue
             self._use("Observation", res, label, rid)
         self._deferred_obs.clear()
+
+    def _distinct_observations(self) -> list[tuple[str, _Deferred]]:
+        """The deferred Observations with their patient, one per (patient, id).
+
+        The version kept is the one :meth:`_keep_observation` keeps, chosen before the
+        feature windows so that a later version outside them removes an earlier one inside.
+        """
+        kept: dict[tuple[str, str], tuple[str, _Deferred]] = {}
+        for i, item in enumerate(self._deferred_obs):
+            res, label, rid, ref = item[:4]
+            pid = self.resolve_patient(ref)
+            if pid is None:
+                self.sink.report(label, rid, "subject", "missing_patient",
+                                 f"references patient '{ref}', but no Patient with that id "
+                                 "was read at this site")
+                continue
+            if self._keep_observation(pid, rid, _obs_copy(res, label, self.tz)):
+                kept[(pid, rid or f"#{i}")] = (pid, item)
+        self._obs_copies.clear()  # the kept ones are recorded afresh
+        return list(kept.values())
 
     def _resolve_pending(self) -> None:
         """Give each pending record to its patient, once every resource has been read."""
@@ -1063,7 +1352,9 @@ class FHIRReader:
             if klass is not None:
                 rec.encounter_class[key] = klass
         elif kind == "condition":
-            rec.conditions[pid].append(replace(item, encounter=self.encounter_id(item.encounter)))
+            self._resolve_condition(pid, label, rid, item)
+        elif kind == "procedure":
+            self._resolve_procedure(pid, label, rid, item)
         elif kind == "medication_ref":
             request, med_ref = item
             codings = self.medication_codings(med_ref)
@@ -1078,8 +1369,48 @@ class FHIRReader:
             rec.medications[pid].append(replace(request, codings=codings))
         elif kind == "device_owner":
             self._record_device(pid, label, rid, item)
+        elif kind == "observation":
+            values, copy = item
+            earlier = rid != "" and (pid, rid) in self._obs_copies
+            if self._keep_observation(pid, rid, copy):
+                if earlier:  # a later version: its values replace the earlier one's
+                    rec.observations[pid] = [o for o in rec.observations[pid]
+                                             if o.resource_id != rid]
+                rec.observations[pid].extend(values)
         else:
             getattr(rec, _PENDING_FIELD[kind])[pid].append(item)
+
+    def _keep_observation(self, pid: str, rid: str, copy: _ObsCopy) -> bool:
+        """Whether this read of ``pid``'s Observation ``rid`` replaces the one kept so far.
+
+        One record per (patient, Observation id): the first read is kept, and a later
+        version (higher ``meta.versionId``, else later ``meta.lastUpdated``) replaces it. An
+        identical copy (an overlapping search page) is the same record read twice; another
+        content without a version order is reported (``conflicting_observation``, naming
+        the fields) and the first is kept. An Observation without an id is always kept.
+        """
+        if not rid:
+            return True
+        key = (pid, rid)
+        old = self._obs_copies.get(key)
+        if old is None:
+            self._obs_copies[key] = copy
+            return True
+        order = _version_order(old, copy)
+        if order:
+            if order > 0:
+                self._obs_copies[key] = copy
+            return order > 0
+        diff = sorted(k for k in old.res.keys() | copy.res.keys()
+                      if k != "meta" and old.res.get(k) != copy.res.get(k))
+        if diff:
+            fld = ",".join(diff)
+            self.sink.report(copy.file, rid, fld, "conflicting_observation",
+                             f"Observation '{rid}' of patient '{pid}' conflicts with the same "
+                             f"id in {old.file} on {fld}, and neither is a later version "
+                             "(meta.versionId, meta.lastUpdated); kept the first "
+                             f"({old.file})")
+        return False
 
     def _record_device(self, pid: str, label: str, rid: str, dev: Coded) -> None:
         """Keep ``pid``'s Device ``rid``; the same id read again with another type is reported."""

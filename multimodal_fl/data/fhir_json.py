@@ -243,13 +243,20 @@ def first_time(res: dict[str, Any], fields: Iterable[str], *, tz: tzinfo = UTC,
     return None, ""
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_UTF16_MESSAGE = ("the file starts with a UTF-16 byte order mark; FHIR JSON is UTF-8 "
+                  "(UTF-16: export the file as UTF-8)")
+
+
 def iter_file_resources(path: Path, label: str, sink: ErrorSink
                         ) -> Iterator[tuple[dict[str, Any], str | None]]:
     """Yield ``(resource, fullUrl)`` from a ``.json`` Bundle/resource or an ``.ndjson`` file.
 
     An ``.ndjson`` file is read line by line (:func:`_ndjson_lines`): the reader holds one
     line at a time, not the file, so a Bulk Data export of any size reads in the memory of
-    its longest line. A ``.json`` file is one JSON value and is read whole. Invalid JSON and
+    its longest line. A ``.json`` file is one JSON value and is read whole. A leading UTF-8
+    byte order mark is dropped; a UTF-16 file is reported. Invalid JSON and
     JSON that is not FHIR are reported to ``sink`` (file, line or entry) and skipped; the
     rest of the file is still read.
 
@@ -283,8 +290,11 @@ def iter_file_resources(path: Path, label: str, sink: ErrorSink
     except OSError as exc:
         sink.report(label, "", "<file>", "unreadable_file", f"cannot read file: {exc}")
         return
+    if raw.startswith(_UTF16_BOMS):
+        sink.report(label, "", "<json>", "invalid_json", _UTF16_MESSAGE)
+        return
     try:
-        obj = orjson.loads(raw)
+        obj = orjson.loads(raw[len(_UTF8_BOM):] if raw.startswith(_UTF8_BOM) else raw)
     except orjson.JSONDecodeError as exc:
         sink.report(label, "", "<json>", "invalid_json",
                     f"not valid JSON ({exc}); expected a FHIR Bundle or resource")
@@ -296,6 +306,9 @@ def iter_file_resources(path: Path, label: str, sink: ErrorSink
 def _ndjson_lines(path: Path, label: str, sink: ErrorSink) -> Iterator[tuple[int, bytes]]:
     """The non-blank lines of an NDJSON file, numbered from 1, read one at a time.
 
+    A UTF-8 byte order mark before the first line is dropped; a UTF-16 file is reported
+    (``invalid_json``) and not read.
+
     Lines end at ``\\n``, ``\\r\\n`` or a lone ``\\r`` (as ``bytes.splitlines`` splits them),
     so the numbers, and the bytes each line holds, are those of the whole file split at
     once. A file that cannot be opened, or stops being readable part-way, is reported
@@ -305,6 +318,11 @@ def _ndjson_lines(path: Path, label: str, sink: ErrorSink) -> Iterator[tuple[int
     try:
         with path.open("rb") as fh:
             for physical in fh:
+                if lineno == 0 and physical.startswith(_UTF16_BOMS):
+                    sink.report(label, "", "<json>", "invalid_json", _UTF16_MESSAGE)
+                    return
+                if lineno == 0 and physical.startswith(_UTF8_BOM):
+                    physical = physical[len(_UTF8_BOM):]
                 # the line without its ending; a lone '\r' inside it also ends a line
                 for line in physical.splitlines():
                     lineno += 1

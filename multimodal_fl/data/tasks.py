@@ -12,7 +12,8 @@ at the cut-off counts; one known a second later does not.
 Boundaries (also in ``docs/data-contract.md``):
 
 - index: ``condition_encounter``: the start of the encounter the (earliest) cohort
-  Condition points to, else of the first encounter starting on or after its onset, else
+  Condition points to, else of the encounter in progress at its onset (start at or before,
+  end at or after it), else of the first encounter starting on or after its onset, else
   the onset; ``reference_date``: the configured date (00:00 UTC) for every patient, who
   must be born and alive then; ``first_imaging_study``: per patient, the known time of the
   first ImagingStudy of the task's ``image_modality`` (its ``started``; a date alone at the
@@ -168,8 +169,12 @@ def index_time(task: TaskSpec, pid: str, records: SiteRecords) -> tuple[datetime
         return enc.time, ""
     if first.time is None:
         return None, "no_index_time"
-    later = sorted(e.time for e in records.encounters.get(pid, [])
-                   if e.time is not None and e.time >= first.time)
+    spans = [(e.time, e.end) for e in records.encounters.get(pid, []) if e.time is not None]
+    during = [start for start, end in spans
+              if start <= first.time and end is not None and first.time <= end]
+    if during:  # the encounter in progress at the onset (the latest to start, if nested)
+        return max(during), ""
+    later = sorted(start for start, _ in spans if start >= first.time)
     return (later[0] if later else first.time), ""
 
 
