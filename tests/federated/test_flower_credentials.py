@@ -295,11 +295,18 @@ def test_cli_superlink_runs_tls_with_auth_and_refuses_plain_http_off_loopback(
     assert "warning: SuperLink on 127.0.0.1:8000 over plain HTTP" in " ".join(result.output.split())
 
 
+def _site(tmp_path: Path) -> Path:
+    """A site directory the SuperNode's start check accepts (one FHIR file; never read here)."""
+    site = tmp_path / "site_a"
+    (site / "fhir").mkdir(parents=True)
+    (site / "fhir" / "p.json").write_text('{"resourceType": "Patient", "id": "p"}')
+    return site
+
+
 def test_cli_supernode_takes_the_ca_and_the_site_key(
     creds: Path, execs: list[list[str]], tmp_path: Path
 ) -> None:
-    site = tmp_path / "site_a"
-    site.mkdir()
+    site = _site(tmp_path)
     result = mmfl("flower", "supernode", site, "--superlink", "link.example.org:8000",
                   "--root-certificates", creds / "certs" / "ca.crt",
                   "--auth-key", creds / "keys" / "site_a.key")  # fmt: skip
@@ -328,8 +335,7 @@ def test_cli_supernode_carries_the_sites_policy_in_its_node_config(
 
     from multimodal_fl.federated.disclosure import node_policy
 
-    site = tmp_path / "site_a"
-    site.mkdir()
+    site = _site(tmp_path)
     tls = ["--superlink", "link.example.org:8000", "--root-certificates",
            creds / "certs" / "ca.crt", "--auth-key", creds / "keys" / "site_a.key"]
     policy = "min-cell=20 max-epsilon=8 secure-aggregation=true answers='info,init,fit'"
