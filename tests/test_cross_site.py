@@ -22,7 +22,7 @@ from multimodal_fl.config import ExperimentConfig, SitePolicy, load_config
 from multimodal_fl.engines.baselines import run_local
 from multimodal_fl.engines.cross_site import WITHHELD
 from multimodal_fl.engines.federated import inprocess_federation
-from multimodal_fl.evaluation.disclosed import released_metric
+from multimodal_fl.evaluation.disclosed import coarse_rank, released_metric
 from multimodal_fl.evaluation.fairness import CrossSiteResult, cross_site_frame
 from multimodal_fl.evaluation.report import build_report
 from multimodal_fl.federated.disclosure import DisclosureGate, SiteRefused
@@ -132,15 +132,17 @@ def test_local_job_matrix_equals_the_direct_computation(
         assert (g["suppressed"], g["reason"], g["n"]) == (w["suppressed"], w["reason"], w["n"]), key
         for part in ("value", "lo", "hi"):
             assert (g[part] is None) == (w[part] is None), (key, part)
-            if w[part] is not None:
-                assert abs(g[part] - w[part]) <= 1e-6, (key, part, g[part], w[part])
+            if w[part] is not None:  # a cross-site AUC leaves with two decimals: no class
+                # counts beside it, so at full precision it would give them (coarse_rank)
+                assert abs(g[part] - coarse_rank(w[part])) <= 1e-9, (key, part, g[part], w[part])
     shown = [k for k, c in cells.items() if k[0] != f"local:{k[1]}" and c["value"] is not None]
     assert len(shown) >= 3, "too few cells with a figure for the comparison to mean much"
     # the report shows the disclosed matrix: every model on every site
     doc, _, _ = build_report([run])
     report = {(c["model"], c["test_site"]): c for c in doc["cross_site"]["cells"]}
-    for key, c in cells.items():
-        assert report[key]["value"] == c["value"], key
+    for key, c in cells.items():  # a site's own cell comes from its document: the same value,
+        # to more decimals where the document releases the class counts beside it
+        assert coarse_rank(report[key]["value"]) == c["value"], key
     # patient-level files stay in the sites' folders; the server side holds the matrix only
     assert not list(run.glob("sites/*/cross_predictions.csv"))
     metrics = json.loads((run / "metrics.json").read_text())

@@ -1065,14 +1065,49 @@ def name_test_levels(frame: pd.DataFrame, attributes: Sequence[str], *, min_cell
     return out, notes
 
 
+#: Metrics that order a split's positives against its negatives: with the patients' number,
+#: an exact value gives the class counts (AUC x positives x negatives is a whole number of pairs).
+RANK_METRICS = frozenset({"auc", "average_precision"})
+#: Decimals a rank metric keeps where the class counts behind it are withheld (the pooled form).
+RANK_DECIMALS = 2
+
+
+def coarse_rank(value: float | None) -> float | None:
+    """A rank metric (or a bound of its interval) to :data:`RANK_DECIMALS` decimals.
+
+    With ``m`` or more patients of each class (the class rule of every released AUC), a step of
+    0.01 spans at least one concordant pair for every split of the ``n`` patients into
+    positives and negatives, so the rounded value no longer singles out the class counts
+    behind it.
+
+    Parameters
+    ----------
+    value : float or None
+
+    Returns
+    -------
+    float or None
+    """
+    return None if value is None else round(float(value), RANK_DECIMALS)
+
+
+def _coarse_metric(metric: DisclosedMetric) -> DisclosedMetric:
+    return metric.model_copy(update={"value": coarse_rank(metric.value),
+                                     "lo": coarse_rank(metric.lo), "hi": coarse_rank(metric.hi)})
+
+
 def _pooled_cell(cell: DisclosedCell) -> DisclosedCell:
-    """A fairness cell of a pooled site: no class counts (no counts at all in a subgroup)."""
+    """A fairness cell of a pooled site: no class counts (no counts at all in a subgroup), and
+    its rank metrics coarsened (:func:`coarse_rank`)."""
     update: dict[str, Any] = {"n_pos": None, "n_neg": None}
     if cell.scope == "site_subgroup":
         update["n"] = None
     if cell.metric in THRESHOLD_METRICS and not cell.suppressed:
         update.update(value=None, lo=None, hi=None, suppressed=True, reason=POOLED_REASON,
                       n_boot=0, n_skipped=0)
+    elif cell.metric in RANK_METRICS:
+        update.update(value=coarse_rank(cell.value), lo=coarse_rank(cell.lo),
+                      hi=coarse_rank(cell.hi))
     return cell.model_copy(update=update)
 
 
@@ -1091,7 +1126,9 @@ def pooled_form(doc: SiteDisclosure) -> SiteDisclosure:
     rates, not counts), and calibration-in-the-large and slope; the class counts, threshold
     metrics, ROC points and calibration bins are the pooled figures'. The site's positives in
     all (``n_positive`` of its metrics document) go too, or they would give the test split's
-    by subtraction of the training and validation ones.
+    by subtraction of the training and validation ones. The rank metrics (AUC, average
+    precision) and their bounds keep :data:`RANK_DECIMALS` decimals (:func:`coarse_rank`): at
+    full precision, with the number of patients, they give the class counts withheld.
 
     Parameters
     ----------
@@ -1106,7 +1143,8 @@ def pooled_form(doc: SiteDisclosure) -> SiteDisclosure:
     test = splits.get(REPORT_SPLIT)
     if test is not None:
         metrics = {m: (DisclosedMetric(value=None, reason=POOLED_REASON)
-                       if m in THRESHOLD_METRICS and v.value is not None else v)
+                       if m in THRESHOLD_METRICS and v.value is not None else
+                       _coarse_metric(v) if m in RANK_METRICS else v)
                    for m, v in test.metrics.items()}
         splits[REPORT_SPLIT] = test.model_copy(update={"n_pos": None, "metrics": metrics})
     calibration = doc.calibration.model_copy(update={"bins": [], "reason": POOLED_REASON})

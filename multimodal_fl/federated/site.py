@@ -97,6 +97,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,8 @@ from multimodal_fl.config import ExperimentConfig, SitePolicy, load_policy
 from multimodal_fl.data.tasks import declared_levels
 from multimodal_fl.encoders.tabular import Standardizer
 from multimodal_fl.evaluation.disclosed import (
+    RANK_METRICS,
+    coarse_rank,
     recalibration_summary,
     released_metric,
     site_disclosure,
@@ -958,6 +961,8 @@ class FusionSite:
             min_cell=min_cell, n_boot=int(c.get("n_boot", self.cfg.evaluation.n_boot)),
             seed=int(c.get("seed", self.cfg.seed)))
         values = {metric: row["value"], f"{metric}/lo": row["lo"], f"{metric}/hi": row["hi"]}
+        if metric in RANK_METRICS:  # no class counts beside it: two decimals (coarse_rank)
+            values = {k: v if pd.isna(v) else coarse_rank(v) for k, v in values.items()}
         metrics = {k: float(v) for k, v in values.items() if pd.notna(v) and np.isfinite(v)}
         doc = {"model": name, "test_site": self.name, "metric": metric,
                "suppressed": bool(row["suppressed"]),
@@ -1074,6 +1079,10 @@ def as_disclosed(by_split: dict[str, dict[str, MetricValue]], disclosed: Mapping
             if value.value is not None and kept.get("value") is None:
                 reason = kept.get("reason") or doc.get("reason") or "withheld by the site"
                 value = MetricValue.undefined(str(reason), n=doc.get("n"))
+            elif value.value is not None and metric in RANK_METRICS and \
+                    kept.get("value") != value.value:  # coarsened by the pooled form
+                value = replace(value, value=kept.get("value"), lo=kept.get("lo"),
+                                hi=kept.get("hi"))
             out[split][metric] = value
     return out
 
